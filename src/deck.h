@@ -1,0 +1,166 @@
+/* deck: the YAML input deck parsed into a typed, validated struct.
+ *
+ * Every key the program knows is one row of a schema table in deck.c (its path, type,
+ * default, range, which phases require it, a help line). Parsing, command-line
+ * overrides (`train.lr=3e-5`), defaults, the resolved-deck printout of --dry-run and the
+ * help text all come from that table, so they cannot drift apart.
+ *
+ * Errors a user can cause are reported as `FILE:LINE:COL: message` naming the key; the
+ * caller exits with status 2 (EXIT_INPUT) and writes nothing. */
+#ifndef ESFT_DECK_H
+#define ESFT_DECK_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdio.h>
+
+enum phase { PHASE_INIT, PHASE_PREPARE, PHASE_SCORE, PHASE_SELECT, PHASE_TRAIN, PHASE_EVAL,
+             PHASE_COUNT };
+const char *phase_name(enum phase phase);
+
+enum dtype_choice { DTYPE_AUTO, DTYPE_FP32, DTYPE_BF16, DTYPE_FP16 };
+enum score_tokens { SCORE_TOKENS_ALL, SCORE_TOKENS_LOSS };
+enum score_function { SCORE_FUNCTION_TOKEN, SCORE_FUNCTION_GATE };
+enum train_method { METHOD_ESFT, METHOD_FULL, METHOD_FROZEN_ROUTER, METHOD_LORA,
+                    METHOD_DENSEMIXER };
+enum lr_schedule { LR_CONSTANT, LR_LINEAR, LR_COSINE };
+enum bad_rows { BAD_ROWS_ABORT, BAD_ROWS_SKIP };
+enum backend_choice { BACKEND_AUTO, BACKEND_CPU, BACKEND_CUDA };
+
+#define DECK_MAX_LIST 64 /* most entries in a list-valued key */
+
+struct deck_run {
+    char *name;       /* run name, used in file names and logs */
+    char *output_dir; /* every file the run writes goes here */
+    long long seed;
+    enum backend_choice backend;
+};
+
+struct deck_model {
+    char *path; /* Hugging Face checkpoint directory (read; `init` writes it) */
+    enum dtype_choice dtype; /* compute dtype; auto: fp32 on CPU, bf16 on CUDA */
+};
+
+struct deck_data {
+    char *path;  /* token dataset (HDF5) */
+    int seq_len; /* tokens per packed block */
+    bool pack;   /* pack samples with per-sample masks and position restarts */
+};
+
+struct deck_parallel {
+    int pp; /* pipeline stages */
+    int ep; /* expert-parallel group size */
+    int dp; /* derived: world / (pp * ep); not a key */
+};
+
+struct deck_init {
+    char *family; /* qwen2_moe, qwen3_moe, olmoe, mixtral */
+    int hidden_size, num_layers, num_heads, num_kv_heads, head_dim, vocab_size;
+    int intermediate_size;     /* dense MLP width (and mixtral/olmoe expert width) */
+    int moe_intermediate_size; /* expert width (qwen families) */
+    int shared_expert_intermediate_size; /* qwen2_moe; 0 = none */
+    int num_experts, top_k;
+    bool norm_topk_prob, tie_word_embeddings;
+    double rope_theta, init_std;
+    enum dtype_choice dtype; /* dtype of the written tensors (auto: bf16) */
+    int shards;              /* number of safetensors files */
+};
+
+struct deck_prepare {
+    char *inputs[DECK_MAX_LIST]; /* jsonl files */
+    int n_inputs;
+    char *output;   /* dataset written (HDF5) */
+    char *tokenizer; /* "byte" or a tokenizer.json path */
+    enum bad_rows bad_rows;
+};
+
+struct deck_score {
+    long long n_sample_tokens;
+    enum score_tokens tokens;
+    bool coactivation;
+    char *output; /* statistics file (HDF5), relative to run.output_dir */
+};
+
+struct deck_select {
+    char *stats[DECK_MAX_LIST]; /* statistics files; default: this run's score output */
+    int n_stats;
+    enum score_function score_function;
+    double top_p;
+    bool train_shared_experts, train_non_expert_modules, union_tasks;
+    char *output; /* expert_config.json, relative to run.output_dir */
+};
+
+struct deck_train {
+    enum train_method method;
+    char *expert_config; /* required for method esft */
+    double lr, weight_decay, beta1, beta2, eps, clip_grad, aux_loss_coef;
+    enum lr_schedule lr_schedule;
+    int warmup_steps, steps, global_batch, micro_batch;
+    int checkpoint_every, keep_checkpoints, eval_every, log_every;
+    double val_fraction;
+    char *resume; /* "auto", "never" or a checkpoint path */
+    bool export_merged, recompute;
+    int lora_rank;
+    double lora_alpha;
+};
+
+struct deck_eval {
+    char *adapter; /* optional trained-tensor safetensors applied on the base model */
+    int batch;
+};
+
+/* Where a value came from, for error messages on cross-checks made after parsing. */
+struct deck_origin {
+    int line, col; /* 1-based; 0 when not from the file */
+    enum { ORIGIN_DEFAULT, ORIGIN_FILE, ORIGIN_OVERRIDE } kind;
+};
+
+struct deck {
+    char *file; /* the deck's path, as given */
+    enum phase phases[PHASE_COUNT];
+    int n_phases;
+    struct deck_run run;
+    struct deck_model model;
+    struct deck_data data;
+    struct deck_parallel parallel;
+    struct deck_init init;
+    struct deck_prepare prepare;
+    struct deck_score score;
+    struct deck_select select;
+    struct deck_train train;
+    struct deck_eval eval;
+    struct deck_origin *origins; /* one per schema row (private to deck.c) */
+};
+
+/* Fills every key with its default. */
+void deck_defaults(struct deck *deck);
+
+/* Parses YAML text; file is the name used in messages. Returns the number of errors
+ * found (0 = success); messages are appended to err, one per line, each
+ * `FILE:LINE:COL: message`. Unknown keys, wrong types, out-of-range values, duplicate
+ * keys and malformed YAML are errors. */
+int deck_parse(struct deck *deck, const char *file, const char *text, size_t length,
+               char *err, size_t err_size);
+
+/* Applies one `key.path=value` override on top of the parsed deck (the value is read as
+ * a YAML scalar or flow sequence). Returns 0, or 1 with `command line: ...` in err. */
+int deck_override(struct deck *deck, const char *assignment, char *err, size_t err_size);
+
+/* Checks what needs the whole deck: keys required by the selected phases, keys that
+ * depend on each other. Returns the number of errors, messages as deck_parse. */
+int deck_finish(struct deck *deck, char *err, size_t err_size);
+
+/* Writes "FILE:LINE:COL" (or "FILE" for a default, "command line" for an override) for
+ * a key such as "parallel.ep", to prefix messages of checks made elsewhere. */
+void deck_where(const struct deck *deck, const char *key, char *buf, size_t size);
+
+/* The resolved deck as YAML that deck_parse reads back to the same struct; keys left at
+ * their default are marked with a `# default` comment. */
+void deck_print(const struct deck *deck, FILE *out);
+
+/* Every key with its type, default and help line (for --help-deck). */
+void deck_print_keys(FILE *out);
+
+void deck_free(struct deck *deck);
+
+#endif

@@ -1,0 +1,61 @@
+/* log: progress lines, warnings, fatal errors that end every rank, the checking macros,
+ * checked allocation, and the run's metrics file (JSON lines).
+ *
+ * Exit codes used by the whole program (see README, "Exit status"):
+ *   0 success, 1 runtime failure (I/O, MPI, CUDA, numerics), 2 bad input (deck, layout,
+ *   files a user supplied). */
+#ifndef ESFT_LOG_H
+#define ESFT_LOG_H
+
+#include <stddef.h>
+#include <stdio.h>
+
+#define EXIT_RUNTIME 1
+#define EXIT_INPUT 2
+
+/* Set once by main, after MPI_Init: the world rank is printed in error messages. */
+void log_init(int world_rank, int world_size);
+int log_rank(void);
+
+/* Rank 0 only, to stdout, flushed: "esft: message". */
+void log_info(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Any rank, to stderr: "esft: warning: message" (rank 0) or "esft: rank N: warning: ...". */
+void log_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* This rank alone found an error: print it once with the rank number and end every rank
+ * through MPI_Abort(MPI_COMM_WORLD, code) (plain exit when MPI is not initialised). */
+_Noreturn void fatal(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Every rank reached the same error on the same data (a bad deck, a bad layout): rank 0
+ * prints "esft: message", every rank finalises MPI and exits with code. Must be called
+ * by all ranks of MPI_COMM_WORLD, else it hangs: use fatal() when unsure. */
+_Noreturn void fatal_all(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Checking macros: report file, line and the library's message, then fatal(). */
+void check_mpi_failed(int err, const char *call, const char *file, int line);
+#define check_mpi(call)                                                                  \
+    do {                                                                                 \
+        int check_mpi_err_ = (call);                                                     \
+        if (check_mpi_err_ != 0) check_mpi_failed(check_mpi_err_, #call, __FILE__, __LINE__); \
+    } while (0)
+
+void *xmalloc_at(size_t size, const char *file, int line);
+void *xcalloc_at(size_t count, size_t size, const char *file, int line);
+char *xstrdup_at(const char *s, const char *file, int line);
+#define xmalloc(size) xmalloc_at((size), __FILE__, __LINE__)
+#define xcalloc(count, size) xcalloc_at((count), (size), __FILE__, __LINE__)
+#define xstrdup(s) xstrdup_at((s), __FILE__, __LINE__)
+
+/* Metrics: one JSON object per line in OUTPUT_DIR/metrics.jsonl, written by rank 0
+ * only (other ranks' calls do nothing). metrics_open creates output_dir if needed. */
+void metrics_open(const char *output_dir);
+/* Writes {"time": seconds since metrics_open, "event": event, <fields>} where fields is a
+ * printf-formatted fragment of JSON members, e.g. "\"step\": %d, \"loss\": %.6f". */
+void metrics_write(const char *event, const char *fields_fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+void metrics_close(void);
+
+/* Seconds from a monotonic clock. */
+double wall_time(void);
+
+#endif
