@@ -49,7 +49,9 @@ void comm_alltoallv(const struct comm *c, const void *send, const size_t *send_c
                     const size_t *recv_offsets, enum comm_type type, enum comm_memory memory);
 
 /* Point to point (not collective). tag is ignored for device buffers (NCCL orders
- * messages between a pair of ranks by call order). */
+ * messages between a pair of ranks by call order). Host tags are in [0, COMM_TAG_MAX]:
+ * the tag above it is reserved for the chunked all-to-all. */
+#define COMM_TAG_MAX 32766
 void comm_send(const struct comm *c, const void *buf, size_t count, enum comm_type type,
                int peer, int tag, enum comm_memory memory);
 void comm_recv(const struct comm *c, void *buf, size_t count, enum comm_type type, int peer,
@@ -58,5 +60,10 @@ void comm_recv(const struct comm *c, void *buf, size_t count, enum comm_type typ
 void comm_broadcast(const struct comm *c, void *buf, size_t count, enum comm_type type,
                     int root, enum comm_memory memory);
 void comm_barrier(const struct comm *c);
+
+/* Tests only: the most elements one MPI call carries (default INT_MAX, MPI's count
+ * type); longer host transfers are split into pieces of at most this many. Returns the
+ * previous limit. Not collective: every rank must set the same value. */
+size_t comm_set_chunk_limit(size_t elements);
 
 #endif

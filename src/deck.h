@@ -135,15 +135,17 @@ struct deck {
 /* Fills every key with its default. */
 void deck_defaults(struct deck *deck);
 
-/* Parses YAML text; file is the name used in messages. Returns the number of errors
- * found (0 = success); messages are appended to err, one per line, each
- * `FILE:LINE:COL: message`. Unknown keys, wrong types, out-of-range values, duplicate
- * keys and malformed YAML are errors. */
+/* Parses YAML text on top of a deck from deck_defaults (a zeroed struct is defaulted
+ * here); file is the name used in messages. Returns the number of errors found
+ * (0 = success); err is overwritten with this call's messages, one per line, each
+ * `FILE:LINE:COL: message`, cut to err_size (every error is still counted). Unknown
+ * keys, wrong types, out-of-range values, duplicate keys and malformed YAML are errors. */
 int deck_parse(struct deck *deck, const char *file, const char *text, size_t length,
                char *err, size_t err_size);
 
 /* Applies one `key.path=value` override on top of the parsed deck (the value is read as
- * a YAML scalar or flow sequence). Returns 0, or 1 with `command line: ...` in err. */
+ * a YAML scalar or flow sequence; an empty value unsets an optional string). Returns 0, or
+ * 1 with `command line: ...` in err (overwritten, as by deck_parse). */
 int deck_override(struct deck *deck, const char *assignment, char *err, size_t err_size);
 
 /* Checks what needs the whole deck: keys required by the selected phases, keys that

@@ -2,6 +2,8 @@
  * from the rank that has them, so a message is printed once and names its rank. */
 #include "log.h"
 
+#include "files.h"
+
 #include <errno.h>
 #include <mpi.h>
 #include <stdarg.h>
@@ -64,7 +66,7 @@ void log_warn(const char *fmt, ...)
     va_end(args);
 }
 
-_Noreturn void fatal(int code, const char *fmt, ...)
+void fatal(int code, const char *fmt, ...)
 {
     va_list args;
     va_start(args, fmt);
@@ -81,7 +83,7 @@ _Noreturn void fatal(int code, const char *fmt, ...)
     exit(code);
 }
 
-_Noreturn void fatal_all(int code, const char *fmt, ...)
+void fatal_all(int code, const char *fmt, ...)
 {
     if (world_rank == 0) {
         va_list args;
@@ -138,22 +140,6 @@ double wall_time(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* mkdir -p */
-static int make_directories(const char *path)
-{
-    char buf[4096];
-    size_t n = strlen(path);
-    if (n == 0 || n >= sizeof buf) return -1;
-    memcpy(buf, path, n + 1);
-    for (char *p = buf + 1; *p; p++) {
-        if (*p != '/') continue;
-        *p = '\0';
-        if (mkdir(buf, 0777) != 0 && errno != EEXIST) return -1;
-        *p = '/';
-    }
-    if (mkdir(buf, 0777) != 0 && errno != EEXIST) return -1;
-    return 0;
-}
 
 void metrics_open(const char *output_dir)
 {

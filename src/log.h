@@ -10,6 +10,10 @@
 #include <stddef.h>
 #include <stdio.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define EXIT_RUNTIME 1
 #define EXIT_INPUT 2
 
@@ -24,12 +28,12 @@ void log_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* This rank alone found an error: print it once with the rank number and end every rank
  * through MPI_Abort(MPI_COMM_WORLD, code) (plain exit when MPI is not initialised). */
-_Noreturn void fatal(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+__attribute__((noreturn)) void fatal(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* Every rank reached the same error on the same data (a bad deck, a bad layout): rank 0
  * prints "esft: message", every rank finalises MPI and exits with code. Must be called
  * by all ranks of MPI_COMM_WORLD, else it hangs: use fatal() when unsure. */
-_Noreturn void fatal_all(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+__attribute__((noreturn)) void fatal_all(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* Checking macros: report file, line and the library's message, then fatal(). */
 void check_mpi_failed(int err, const char *call, const char *file, int line);
@@ -57,5 +61,9 @@ void metrics_close(void);
 
 /* Seconds from a monotonic clock. */
 double wall_time(void);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

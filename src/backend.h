@@ -1,0 +1,100 @@
+/* backend: the table of numerical ops the model's forward (and, later, backward) is
+ * written against. The CPU backend (cpu_ops.c: fp32, OpenBLAS, OpenMP) is the readable
+ * reference; the CUDA backend implements the same table with kernels/ (bf16 storage,
+ * fp32 accumulation). Pointers are host memory for the CPU backend and device memory
+ * for the CUDA backend; shapes are row-major and written in each comment.
+ *
+ * Sizes: N tokens, H hidden, D a normalised width, nH / nKV heads, Dh head_dim,
+ * E experts, K top-k, I expert or MLP width, V vocabulary, M token-slots (N*K). */
+#ifndef ESFT_BACKEND_H
+#define ESFT_BACKEND_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "hfconfig.h"
+
+/* How a batch's tokens may attend: token i sees tokens [sample_start[i], i] of the
+ * flattened batch (causal, and never across packed samples or rows). */
+struct attention_mask {
+    const int32_t *sample_start; /* [N] */
+};
+
+struct backend {
+    const char *name;
+
+    /* x[N,H] = table[tokens[n], :] */
+    void (*embedding)(float *x, const int32_t *tokens, const float *table, int N, int H);
+
+    /* y[N,O] = x[N,I] @ w[O,I]^T + bias[O] (bias may be NULL); accumulate adds to y. */
+    void (*linear)(float *y, const float *x, const float *w, const float *bias, int N, int I,
+                   int O, bool accumulate);
+
+    /* y[R,D] = w[D] * x / sqrt(mean(x^2) + eps), per row of D; rstd[R] keeps 1/rms for
+     * the backward pass (may be NULL). y may alias x. */
+    void (*rmsnorm)(float *y, float *rstd, const float *x, const float *w, int R, int D,
+                    float eps);
+
+    /* In place on x[N, n_heads, Dh]: rotate the first rotary_dim dims of each head by
+     * position positions[n] (rotate-half pairs (i, i + rotary_dim/2)), cos and sin
+     * scaled by attention_scaling. inv_freq[rotary_dim/2]. */
+    void (*rope)(float *x, const int32_t *positions, const float *inv_freq,
+                 float attention_scaling, int N, int n_heads, int Dh, int rotary_dim);
+
+    /* out[N, nH*Dh] = softmax(q k^T * scale + mask) v per head; query head h reads KV
+     * head h / (nH/nKV). q[N, nH*Dh], k and v [N, nKV*Dh]. */
+    void (*attention)(float *out, const float *q, const float *k, const float *v,
+                      const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
+                      float scale);
+
+    /* From router logits[N,E]: probabilities, the top-k ids[N,K] (descending probability,
+     * ties to the lower id) and their weights[N,K] as the model multiplies the expert
+     * outputs by them (renormalised iff renormalise). probs[N,E] may be NULL. */
+    void (*router_topk)(int32_t *ids, float *weights, float *probs, const float *logits,
+                        int N, int E, int K, enum hf_router_kind kind, bool renormalise,
+                        float scaling);
+
+    /* Token-slots sorted by expert, stable in slot order: expert_offsets[E+1] (exclusive
+     * scan of the per-expert counts), slot_of_row[M] (row r of the permuted matrix is
+     * slot slot_of_row[r] = n*K + k), row_of_slot[M] (the inverse). */
+    void (*permute_by_expert)(int32_t *expert_offsets, int32_t *slot_of_row,
+                              int32_t *row_of_slot, const int32_t *ids, int N, int K, int E);
+
+    /* xs[M,H] = x[slot_of_row[r] / K, :] : gather each slot's token row. */
+    void (*gather_rows)(float *xs, const float *x, const int32_t *slot_of_row, int M, int K,
+                        int H);
+
+    /* Grouped expert GEMM: for each expert e with rows [offsets[e], offsets[e+1]):
+     * y[rows, O] = x[rows, I] @ w[e][O, I]^T. w holds E consecutive [O, I] matrices. */
+    void (*grouped_linear)(float *y, const float *x, const float *w, const int32_t *offsets,
+                           int E, int I, int O);
+
+    /* h[M,I] = act(gate[M,I]) * up[M,I]. */
+    void (*glu)(float *h, const float *gate, const float *up, size_t count,
+                enum hf_activation act);
+
+    /* out[N,H] (+)= sum_k weights[n,k] * ys[row_of_slot[n*K+k], :], summed in fp32 in k
+     * order (a gather: deterministic, no atomics). accumulate adds to out. */
+    void (*combine)(float *out, const float *ys, const float *weights,
+                    const int32_t *row_of_slot, int N, int K, int H, bool accumulate);
+
+    /* y[N,H] += sigmoid(gate_logit[N]) * s[N,H] (qwen2_moe's gated shared expert). */
+    void (*add_sigmoid_gated)(float *y, const float *s, const float *gate_logit, int N, int H);
+
+    /* x[i] = min(max(x[i], low), high) in place (olmoe's clip_qkv). */
+    void (*clamp)(float *x, size_t count, float low, float high);
+
+    /* y[n] = x[n] + r[n] for count elements (residual connections). */
+    void (*add)(float *y, const float *x, const float *r, size_t count);
+
+    /* Cross-entropy of logits[N,V] against labels[N] (-100 = ignored): returns the sum
+     * of -log softmax(logits)[label] over the counted tokens (double), and their count. */
+    double (*cross_entropy_sum)(const float *logits, const int32_t *labels, int N, int V,
+                                long long *counted);
+};
+
+/* The fp32 CPU backend. */
+const struct backend *backend_cpu(void);
+
+#endif

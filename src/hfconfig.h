@@ -1,0 +1,172 @@
+/* hfconfig: a Hugging Face config.json -> struct model_config, and back.
+ *
+ * Callers: the model loader (shapes, per-layer kinds, routing and rope parameters), the
+ * `init` phase (hfconfig_write), provenance records (cfg.hash).
+ *
+ * The struct describes every family in reference/moe-architectures.md so that later
+ * families only add parsing, not fields; this version parses qwen2_moe, qwen3_moe, olmoe
+ * and mixtral and rejects the others by name. It is plain data with fixed-size arrays:
+ * copy it, or broadcast it to other ranks as bytes.
+ *
+ * Sizes as in the model header: H hidden, I intermediate, E experts, K top-k, L layers,
+ * nH / nKV heads, Dh head_dim. */
+#ifndef ESFT_HFCONFIG_H
+#define ESFT_HFCONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define HFCONFIG_MAX_LAYERS 512
+
+enum hf_family {
+    HF_QWEN2_MOE,
+    HF_QWEN3_MOE,
+    HF_OLMOE,
+    HF_MIXTRAL,
+    /* described, not parsed yet */
+    HF_DEEPSEEK_V2,
+    HF_DEEPSEEK_V3,
+    HF_GLM4_MOE,
+    HF_GPT_OSS,
+    HF_FAMILY_COUNT
+};
+
+/* How router logits become top-k weights (table "Router" of the reference). */
+enum hf_router_kind {
+    ROUTER_SOFTMAX_TOPK,   /* softmax over E, top-k, renormalise iff norm_topk_prob */
+    ROUTER_GROUPED_GREEDY, /* deepseek_v2: softmax, group-limited greedy top-k, x scale */
+    ROUTER_SIGMOID_BIAS,   /* deepseek_v3/glm4_moe: sigmoid, bias-corrected group top-k */
+    ROUTER_TOPK_SOFTMAX    /* gpt_oss: top-k on logits (router has a bias), softmax over k */
+};
+
+enum hf_qk_norm {
+    QK_NORM_NONE,
+    QK_NORM_PER_HEAD,        /* qwen3_moe: RMSNorm(Dh) per head */
+    QK_NORM_WHOLE_PROJECTION /* olmoe: RMSNorm(nH*Dh) on q, RMSNorm(nKV*Dh) on k */
+};
+
+enum hf_attention_kind {
+    ATTENTION_GQA, /* q/k/v/o projections, nKV | nH */
+    ATTENTION_MLA  /* deepseek multi-head latent attention: see the *_rank fields */
+};
+
+enum hf_activation { ACT_SILU, ACT_GELU /* exact (erf) GELU, transformers "gelu" */ };
+
+enum hf_rope_type { ROPE_DEFAULT, ROPE_LINEAR, ROPE_YARN };
+
+/* Which elements form a rotation pair. */
+enum hf_rope_layout {
+    ROPE_ROTATE_HALF, /* (x_i, x_{i+r/2}) */
+    ROPE_INTERLEAVED  /* (x_2i, x_2i+1), deepseek */
+};
+
+/* The checkpoint's declared dtype ("dtype" in v5, "torch_dtype" in v4). */
+enum hf_dtype { HF_DTYPE_UNSET, HF_DTYPE_BF16, HF_DTYPE_F16, HF_DTYPE_F32 };
+
+struct hf_rope {
+    enum hf_rope_type type;
+    enum hf_rope_layout layout;
+    double theta;
+    double factor;                            /* linear, yarn (1 for default) */
+    int64_t original_max_position_embeddings; /* yarn */
+    double beta_fast, beta_slow;              /* yarn, defaults 32 and 1 */
+    bool has_attention_factor;                /* yarn: attention_factor given explicitly */
+    double attention_factor;
+    double mscale, mscale_all_dim; /* yarn, 0 when absent */
+    bool truncate;                 /* yarn, default true */
+    double partial_rotary_factor;  /* 1 unless the family rotates part of Dh */
+    int rotary_dim;                /* Dh * partial_rotary_factor, even */
+    /* What multiplies cos and sin: 1, or yarn's attention factor (explicit, or from
+     * factor/mscale as transformers' _compute_yarn_parameters). */
+    double attention_scaling;
+};
+
+struct model_config {
+    enum hf_family family;
+    char model_type[32];   /* as in the file */
+    char architecture[64]; /* e.g. "Qwen2MoeForCausalLM" */
+
+    int hidden_size;  /* H */
+    int num_layers;   /* L */
+    int num_heads;    /* nH */
+    int num_kv_heads; /* nKV */
+    int head_dim;     /* Dh */
+    int vocab_size;
+    int64_t max_position_embeddings;
+    double rms_norm_eps;
+    bool tie_word_embeddings;
+    enum hf_activation hidden_act;
+    double initializer_range;
+    enum hf_dtype dtype;
+    int bos_token_id, eos_token_id, pad_token_id; /* -1: none; eos: first of a list */
+
+    /* attention */
+    enum hf_attention_kind attention;
+    bool qkv_bias; /* q, k, v projections have biases */
+    bool o_bias;   /* o projection has a bias */
+    enum hf_qk_norm qk_norm;
+    double clip_qkv;               /* olmoe; 0: none */
+    bool attention_sinks;          /* gpt_oss */
+    int sliding_window;            /* keys i-W < j <= i on layers with is_sliding; 0: none */
+    bool use_sliding_window;       /* qwen2_moe / qwen3_moe switch, kept for writing back */
+    int max_window_layers;         /* qwen2_moe */
+    int q_lora_rank, kv_lora_rank; /* MLA; 0 when unused */
+    int qk_nope_head_dim, qk_rope_head_dim, v_head_dim;
+    struct hf_rope rope;
+
+    /* feed-forward */
+    int intermediate_size;               /* dense MLP width (layers with is_moe 0) */
+    int expert_intermediate_size;        /* width of each routed expert */
+    int num_experts;                     /* E */
+    int top_k;                           /* K */
+    int num_shared_experts;              /* 0, or the shared branch count */
+    int shared_expert_intermediate_size; /* total width of the shared branch */
+    bool shared_expert_gated; /* qwen2_moe: sigmoid(x . w_sg) gate on the shared branch */
+    enum hf_router_kind router;
+    bool norm_topk_prob;          /* renormalise the top-k weights (mixtral: always true) */
+    bool router_bias;             /* gpt_oss router linear has a bias */
+    double routed_scaling_factor; /* 1 unless deepseek/glm */
+    int n_group, topk_group;      /* grouped routing; 0 when unused */
+    int first_k_dense_replace;    /* deepseek/glm */
+    int decoder_sparse_step;      /* qwen */
+    int num_mlp_only_layers;
+    int mlp_only_layers[HFCONFIG_MAX_LAYERS]; /* as in the file (qwen) */
+    double router_aux_loss_coef;
+    bool output_router_logits;
+    double router_jitter_noise; /* mixtral; esft keeps 0 for parity */
+
+    /* per layer */
+    unsigned char is_moe[HFCONFIG_MAX_LAYERS];
+    unsigned char is_sliding[HFCONFIG_MAX_LAYERS];
+
+    uint64_t hash; /* FNV-1a 64 of the config.json bytes (0 for a config built in memory) */
+};
+
+/* "qwen2_moe", ... */
+const char *hfconfig_family_name(enum hf_family family);
+/* model_type -> family; -1 when unknown. */
+int hfconfig_family_parse(const char *model_type, enum hf_family *out);
+const char *hfconfig_dtype_name(enum hf_dtype dtype); /* "bfloat16", ...; NULL when unset */
+
+/* Reads DIR/config.json. 0, or -1 with "DIR/config.json: key 'K': ..." in err. */
+int hfconfig_load(const char *dir, struct model_config *cfg, char *err, size_t errsize);
+/* The same from JSON text; `source` names it in messages. hash stays 0. */
+int hfconfig_parse(const char *text, size_t len, const char *source, struct model_config *cfg,
+                   char *err, size_t errsize);
+
+/* Fills cfg with transformers' defaults for a family (the class defaults of
+ * configuration_<family>.py), derived fields computed. */
+void hfconfig_defaults(enum hf_family family, struct model_config *cfg);
+/* Recomputes head_dim-derived rope fields, is_moe and is_sliding after fields were set
+ * by hand, and validates as hfconfig_load does. */
+int hfconfig_finish(struct model_config *cfg, const char *source, char *err, size_t errsize);
+
+/* Writes DIR/config.json (v5 keys, as transformers 5.23 save_pretrained writes them) via
+ * a temporary file and rename. 0, or -1 with a message. */
+int hfconfig_write(const char *dir, const struct model_config *cfg, char *err, size_t errsize);
+
+/* FNV-1a 64 (for provenance hashes). */
+uint64_t hfconfig_fnv1a64(const void *data, size_t n);
+
+#endif

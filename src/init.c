@@ -1,0 +1,163 @@
+/* init: the `init` phase. Writes a random-initialised Hugging Face checkpoint of a
+ * supported family and size (config.json + safetensors, single file or sharded) at
+ * model.path, for tests, demos and benchmarks. The tensors are the model's parameter
+ * table, so names and shapes are exactly what the loader reads back; transformers loads
+ * the result (tests/golden/generate.py shows it once).
+ *
+ * Values as transformers' _init_weights: linear and embedding weights N(0, init_std),
+ * norm weights 1, biases 0. Rank 0 writes; the other ranks wait. */
+#include <errno.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "hfconfig.h"
+#include "files.h"
+#include "log.h"
+#include "model.h"
+#include "phases.h"
+#include "rng.h"
+#include "safetensors.h"
+
+/* The model description the deck's init section asks for. */
+static void config_from_deck(const struct deck *deck, struct model_config *cfg)
+{
+    const struct deck_init *in = &deck->init;
+    enum hf_family family;
+    if (hfconfig_family_parse(in->family, &family) != 0)
+        fatal_all(EXIT_INPUT, "init.family '%s' is not a supported family", in->family);
+    hfconfig_defaults(family, cfg);
+    cfg->hidden_size = in->hidden_size;
+    cfg->num_layers = in->num_layers;
+    cfg->num_heads = in->num_heads;
+    cfg->num_kv_heads = in->num_kv_heads;
+    cfg->head_dim = in->head_dim;
+    cfg->vocab_size = in->vocab_size;
+    cfg->intermediate_size = in->intermediate_size;
+    /* olmoe and mixtral experts are intermediate_size wide; the qwen families have a
+     * separate moe_intermediate_size */
+    cfg->expert_intermediate_size = family == HF_OLMOE || family == HF_MIXTRAL
+                                        ? in->intermediate_size
+                                        : in->moe_intermediate_size;
+    cfg->num_experts = in->num_experts;
+    cfg->top_k = in->top_k;
+    cfg->norm_topk_prob = family == HF_MIXTRAL ? true : in->norm_topk_prob;
+    cfg->tie_word_embeddings = in->tie_word_embeddings;
+    cfg->initializer_range = in->init_std;
+    cfg->rope.theta = in->rope_theta;
+    cfg->dtype = in->dtype == DTYPE_FP32 ? HF_DTYPE_F32 : in->dtype == DTYPE_FP16 ? HF_DTYPE_F16
+                                                                                : HF_DTYPE_BF16;
+    if (family == HF_QWEN2_MOE) {
+        cfg->shared_expert_intermediate_size = in->shared_expert_intermediate_size;
+        cfg->num_shared_experts = in->shared_expert_intermediate_size > 0;
+        cfg->shared_expert_gated = in->shared_expert_intermediate_size > 0;
+    }
+    /* qwen2_moe and olmoe have no head_dim key: it is always hidden / heads */
+    if ((family == HF_QWEN2_MOE || family == HF_OLMOE) &&
+        in->head_dim * in->num_heads != in->hidden_size) {
+        char where[4096];
+        deck_where(deck, "init.head_dim", where, sizeof where);
+        fatal_all(EXIT_INPUT, "%s: init.head_dim (%d) must be init.hidden_size / init.num_heads "
+                  "(%d) for %s, whose config has no head_dim key", where, in->head_dim,
+                  in->hidden_size / in->num_heads, in->family);
+    }
+    char err[1024];
+    if (hfconfig_finish(cfg, "init section", err, sizeof err) != 0)
+        fatal_all(EXIT_INPUT, "%s: %s", deck->file, err);
+}
+
+static void fill_random(struct model *m, uint64_t seed, double std)
+{
+    struct rng rng;
+    rng_seed(&rng, seed);
+    for (int i = 0; i < m->n_params; i++) {
+        struct param *p = &m->params[i];
+        bool norm = p->kind == PARAM_NORM || strstr(p->name, "_norm.weight");
+        bool bias = strstr(p->name, ".bias") != NULL;
+        for (size_t j = 0; j < p->numel; j++)
+            p->data[j] = norm ? 1.0f : bias ? 0.0f : (float)(std * rng_normal(&rng));
+    }
+}
+
+static int write_checkpoint(const struct deck *deck, struct model *m, char *err, size_t err_size)
+{
+    const struct model_config *cfg = &m->cfg;
+    enum st_dtype dtype = cfg->dtype == HF_DTYPE_F32 ? ST_F32 : cfg->dtype == HF_DTYPE_F16 ? ST_F16
+                                                                                          : ST_BF16;
+    uint16_t *half = NULL;
+    if (dtype != ST_F32) half = xmalloc(m->storage_floats * sizeof(uint16_t));
+    struct st_writer *w = st_writer_new();
+    size_t total_bytes = 0, offset = 0;
+    int rc = 0;
+    for (int i = 0; i < m->n_params && rc == 0; i++) {
+        struct param *p = &m->params[i];
+        const void *data = p->data;
+        if (half) {
+            uint16_t *out = half + offset;
+            if (dtype == ST_BF16)
+                st_f32_to_bf16_array(p->data, out, p->numel);
+            else
+                st_f32_to_f16_array(p->data, out, p->numel);
+            data = out;
+        }
+        offset += p->numel;
+        total_bytes += p->numel * st_dtype_size(dtype);
+        rc = st_writer_add(w, p->name, dtype, p->rank, p->shape, data, err, err_size);
+    }
+    if (rc == 0) {
+        size_t shard_bytes = deck->init.shards > 1
+                                 ? (total_bytes + (size_t)deck->init.shards - 1) / (size_t)deck->init.shards
+                                 : 0;
+        rc = st_writer_write_checkpoint(w, deck->model.path, shard_bytes, err, err_size);
+    }
+    /* config.json last: a directory with a config is a complete checkpoint */
+    if (rc == 0) rc = hfconfig_write(deck->model.path, cfg, err, err_size);
+    st_writer_free(w);
+    free(half);
+    return rc;
+}
+
+
+int phase_init(const struct deck *deck, const struct layout *layout)
+{
+    struct model_config cfg;
+    config_from_deck(deck, &cfg);
+    const char *dir = deck->model.path;
+    char config_path[4200];
+    snprintf(config_path, sizeof config_path, "%s/config.json", dir);
+    struct stat st;
+    if (stat(config_path, &st) == 0)
+        fatal_all(EXIT_INPUT, "init: %s already holds a checkpoint (%s); init never overwrites "
+                  "a model: remove it or choose another model.path", dir, config_path);
+
+    int status = 0;
+    char err[2048] = "";
+    if (layout->world_rank == 0) {
+        double start = wall_time();
+        struct layout_grid one = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
+        struct layout_coords me = {0, 0, 0};
+        struct model m;
+        model_create(&m, &cfg, &one, me);
+        size_t n_params = m.storage_floats;
+        log_info("init: %s, %d layers, hidden %d, %d experts top-%d, %.2fM parameters -> %s",
+                 hfconfig_family_name(cfg.family), cfg.num_layers, cfg.hidden_size,
+                 cfg.num_experts, cfg.top_k, (double)n_params / 1e6, dir);
+        fill_random(&m, (uint64_t)deck->run.seed, deck->init.init_std);
+        if (make_directories(dir) != 0) {
+            snprintf(err, sizeof err, "cannot create %s: %s", dir, strerror(errno));
+            status = EXIT_RUNTIME;
+        } else if (write_checkpoint(deck, &m, err, sizeof err) != 0) {
+            status = EXIT_RUNTIME;
+        }
+        if (status == 0) {
+            log_info("init: wrote %s in %.1f s", dir, wall_time() - start);
+            metrics_write("init", "\"model\": \"%s\", \"parameters\": %zu", dir, n_params);
+        }
+        model_free(&m);
+    }
+    check_mpi(MPI_Bcast(&status, 1, MPI_INT, 0, MPI_COMM_WORLD));
+    if (status != 0) fatal_all(status, "init: %s", err);
+    return 0;
+}

@@ -1,0 +1,312 @@
+/* main: the esft program. Starts MPI, reads the deck on rank 0 and shares it, applies
+ * command-line overrides, checks the rank layout against the model, then runs the
+ * deck's phases in order (or, with --dry-run, prints the resolved deck and the layout
+ * table and stops before anything is written).
+ *
+ * Every rank parses the same deck text, so every rank reaches the same verdict on bad
+ * input and they all exit together with status 2: nothing hangs waiting for a rank
+ * that has already left. */
+#include <errno.h>
+#include <jansson.h>
+#include <mpi.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config.h"
+#include "deck.h"
+#include "layout.h"
+#include "log.h"
+#include "phases.h"
+#include "version.h"
+
+#define MAX_OVERRIDES 256
+#define ERROR_BUFFER 16384
+
+struct options {
+    const char *deck_file;
+    const char *overrides[MAX_OVERRIDES];
+    int n_overrides;
+    bool dry_run;
+    int ranks; /* --ranks N: plan the layout for N ranks (dry run only); 0 = world size */
+};
+
+static void print_usage(FILE *out)
+{
+    fprintf(out,
+            "usage: esft [options] DECK.yaml [key.path=value ...]\n"
+            "       mpirun -np N esft DECK.yaml [key.path=value ...]\n"
+            "\n"
+            "Expert-Specialized Fine-Tuning of Mixture-of-Experts models. The deck's `phase`\n"
+            "selects what runs: init, prepare, score, select, train, eval (one or a list).\n"
+            "\n"
+            "options:\n"
+            "  --dry-run      print the resolved deck (defaults filled in) and the rank\n"
+            "                 layout table, check them, write nothing, exit 0\n"
+            "  --ranks N      with --dry-run: plan the layout for N ranks instead of the\n"
+            "                 number this job was started with\n"
+            "  --help-deck    list every deck key with its type, default and meaning\n"
+            "  --help         this text\n"
+            "  --version      version, backends and library versions\n"
+            "\n"
+            "key.path=value   overrides a deck key after the deck is read, e.g.\n"
+            "                 train.lr=3e-5 parallel.ep=4 phase=[score,select]\n"
+            "\n"
+            "exit status: 0 success, 1 run-time failure, 2 bad input (deck, layout, files)\n");
+}
+
+/* Returns -1 to continue, or the exit status when the options alone decide it. */
+static int parse_options(int argc, char **argv, struct options *opt, int rank)
+{
+    memset(opt, 0, sizeof *opt);
+    for (int i = 1; i < argc; i++) {
+        const char *arg = argv[i];
+        if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
+            if (rank == 0) print_usage(stdout);
+            return 0;
+        } else if (strcmp(arg, "--version") == 0) {
+            if (rank == 0) version_print(stdout);
+            return 0;
+        } else if (strcmp(arg, "--help-deck") == 0) {
+            if (rank == 0) deck_print_keys(stdout);
+            return 0;
+        } else if (strcmp(arg, "--dry-run") == 0) {
+            opt->dry_run = true;
+        } else if (strcmp(arg, "--ranks") == 0 || strncmp(arg, "--ranks=", 8) == 0) {
+            const char *value = arg[7] == '=' ? arg + 8 : (i + 1 < argc ? argv[++i] : "");
+            char *end = NULL;
+            long n = strtol(value, &end, 10);
+            if (!*value || *end || n < 1 || n > 1000000) {
+                if (rank == 0) fprintf(stderr, "esft: --ranks needs a rank count >= 1, got '%s'\n", value);
+                return EXIT_INPUT;
+            }
+            opt->ranks = (int)n;
+        } else if (arg[0] == '-' && arg[1] != '\0') {
+            if (rank == 0)
+                fprintf(stderr, "esft: unknown option '%s' (see esft --help)\n", arg);
+            return EXIT_INPUT;
+        } else if (strchr(arg, '=')) {
+            if (opt->n_overrides == MAX_OVERRIDES) {
+                if (rank == 0) fprintf(stderr, "esft: more than %d overrides\n", MAX_OVERRIDES);
+                return EXIT_INPUT;
+            }
+            opt->overrides[opt->n_overrides++] = arg;
+        } else if (!opt->deck_file) {
+            opt->deck_file = arg;
+        } else {
+            if (rank == 0)
+                fprintf(stderr, "esft: two decks given ('%s' and '%s'); run one deck at a time, "
+                        "or list the phases in one deck\n", opt->deck_file, arg);
+            return EXIT_INPUT;
+        }
+    }
+    if (!opt->deck_file) {
+        if (rank == 0) {
+            fprintf(stderr, "esft: no deck given\n");
+            print_usage(stderr);
+        }
+        return EXIT_INPUT;
+    }
+    if (opt->ranks && !opt->dry_run) {
+        if (rank == 0) fprintf(stderr, "esft: --ranks is only meaningful with --dry-run\n");
+        return EXIT_INPUT;
+    }
+    return -1;
+}
+
+/* Rank 0 reads the deck file and broadcasts its text, so a job of thousands of ranks
+ * opens the file once. Returns the text (NUL-terminated) or exits every rank. */
+static char *read_deck_text(const char *path, size_t *length)
+{
+    long long size = -1;
+    char *text = NULL;
+    char reason[512] = "";
+    if (log_rank() == 0) {
+        FILE *file = fopen(path, "rb");
+        if (!file) {
+            snprintf(reason, sizeof reason, "%s: cannot open deck: %s", path, strerror(errno));
+        } else {
+            if (fseek(file, 0, SEEK_END) == 0) size = ftell(file);
+            if (size < 0 || fseek(file, 0, SEEK_SET) != 0) {
+                snprintf(reason, sizeof reason, "%s: cannot read deck", path);
+                size = -1;
+            } else if (size > (16 << 20)) {
+                snprintf(reason, sizeof reason, "%s: deck is %lld bytes; a deck above 16 MiB "
+                         "is surely not a deck", path, size);
+                size = -1;
+            } else {
+                text = xmalloc((size_t)size + 1);
+                if (fread(text, 1, (size_t)size, file) != (size_t)size) {
+                    snprintf(reason, sizeof reason, "%s: read error: %s", path, strerror(errno));
+                    size = -1;
+                }
+            }
+            fclose(file);
+        }
+    }
+    check_mpi(MPI_Bcast(&size, 1, MPI_LONG_LONG, 0, MPI_COMM_WORLD));
+    if (size < 0) fatal_all(EXIT_INPUT, "%s", reason);
+    if (!text) text = xmalloc((size_t)size + 1);
+    check_mpi(MPI_Bcast(text, (int)size, MPI_CHAR, 0, MPI_COMM_WORLD));
+    text[size] = '\0';
+    *length = (size_t)size;
+    return text;
+}
+
+/* Rank 0 prints every message (one per line) of a failed parse step, then all ranks
+ * leave with status 2. */
+static void fail_on_deck_errors(int n_errors, const char *messages, const char *deck_file)
+{
+    if (n_errors == 0) return;
+    if (log_rank() == 0) {
+        fflush(stdout);
+        fputs(messages, stderr);
+        if (messages[0] && messages[strlen(messages) - 1] != '\n') fputc('\n', stderr);
+    }
+    fatal_all(EXIT_INPUT, "%d error%s in deck %s; nothing was run", n_errors,
+              n_errors == 1 ? "" : "s", deck_file);
+}
+
+/* The model dimensions a layout must fit: from the deck's init section when this run
+ * writes the model, else from the checkpoint's config.json. Returns false (with why)
+ * when the model is not there yet. Keys per the Hugging Face configs of the supported
+ * families: num_hidden_layers; num_experts (qwen2_moe, qwen3_moe, olmoe),
+ * num_local_experts (mixtral, gpt_oss), n_routed_experts (deepseek, glm4_moe). */
+static bool model_shape(const struct deck *deck, struct layout_model *model, char *why,
+                        size_t why_size)
+{
+    memset(model, 0, sizeof *model);
+    for (int i = 0; i < deck->n_phases; i++)
+        if (deck->phases[i] == PHASE_INIT) {
+            model->num_layers = deck->init.num_layers;
+            model->num_experts = deck->init.num_experts;
+            return true;
+        }
+    if (!deck->model.path || !deck->model.path[0]) {
+        snprintf(why, why_size, "model.path is not set");
+        return false;
+    }
+    char path[4096];
+    snprintf(path, sizeof path, "%s/config.json", deck->model.path);
+    json_error_t error;
+    json_t *config = json_load_file(path, 0, &error);
+    if (!config) {
+        snprintf(why, why_size, "%.2000s: %.1000s", path, error.text);
+        return false;
+    }
+    model->num_layers = (int)json_integer_value(json_object_get(config, "num_hidden_layers"));
+    const char *expert_keys[] = {"num_experts", "num_local_experts", "n_routed_experts"};
+    for (size_t k = 0; k < sizeof expert_keys / sizeof expert_keys[0]; k++) {
+        json_t *value = json_object_get(config, expert_keys[k]);
+        if (json_is_integer(value)) model->num_experts = (int)json_integer_value(value);
+    }
+    json_decref(config);
+    return true;
+}
+
+/* The phases this build can run. They land one issue at a time; a deck naming one that
+ * is not here yet is refused before anything is written. */
+static bool phase_available(enum phase phase)
+{
+    return phase == PHASE_INIT;
+}
+
+static int run_phase(enum phase phase, const struct deck *deck, const struct layout *layout)
+{
+    switch (phase) {
+    case PHASE_INIT: return phase_init(deck, layout);
+    default: fatal_all(EXIT_RUNTIME, "phase '%s' has no implementation", phase_name(phase));
+    }
+}
+
+int main(int argc, char **argv)
+{
+    check_mpi(MPI_Init(&argc, &argv));
+    int world_rank = 0, world_size = 1;
+    MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &world_size);
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    log_init(world_rank, world_size);
+
+    struct options opt;
+    int status = parse_options(argc, argv, &opt, world_rank);
+    if (status >= 0) {
+        MPI_Finalize();
+        return status;
+    }
+
+    size_t length = 0;
+    char *text = read_deck_text(opt.deck_file, &length);
+    struct deck deck;
+    deck_defaults(&deck);
+    char *messages = xcalloc(ERROR_BUFFER, 1);
+    fail_on_deck_errors(deck_parse(&deck, opt.deck_file, text, length, messages, ERROR_BUFFER),
+                        messages, opt.deck_file);
+    int n_errors = 0;
+    for (int i = 0; i < opt.n_overrides; i++) {
+        size_t used = strlen(messages);
+        n_errors += deck_override(&deck, opt.overrides[i], messages + used, ERROR_BUFFER - used);
+    }
+    fail_on_deck_errors(n_errors, messages, opt.deck_file);
+    fail_on_deck_errors(deck_finish(&deck, messages, ERROR_BUFFER), messages, opt.deck_file);
+    free(text);
+
+    /* The layout: pp and ep from the deck, dp from the number of ranks. */
+    int planned_ranks = opt.ranks ? opt.ranks : world_size;
+    struct layout_model model;
+    char why[4096] = "";
+    bool model_known = model_shape(&deck, &model, why, sizeof why);
+    if (!model_known && !opt.dry_run)
+        fatal_all(EXIT_INPUT, "cannot read the model's configuration: %s", why);
+    struct layout_grid grid;
+    char reason[1024];
+    if (layout_grid_make(planned_ranks, deck.parallel.pp, deck.parallel.ep,
+                         model_known ? &model : NULL, &grid, reason, sizeof reason) != 0) {
+        char where[4200];
+        deck_where(&deck, "parallel.ep", where, sizeof where);
+        fatal_all(EXIT_INPUT, "%s: layout for %d rank%s: %s", where, planned_ranks,
+                  planned_ranks == 1 ? "" : "s", reason);
+    }
+    deck.parallel.dp = grid.dp;
+
+    if (opt.dry_run) {
+        if (world_rank == 0) {
+            printf("# esft %s: resolved deck %s\n", PACKAGE_VERSION, opt.deck_file);
+            deck_print(&deck, stdout);
+            printf("\n");
+            if (!model_known)
+                printf("# model not read (%s): the layout is not checked against it\n", why);
+            layout_print(stdout, &grid, model_known ? &model : NULL);
+            fflush(stdout);
+        }
+        deck_free(&deck);
+        free(messages);
+        MPI_Finalize();
+        return 0;
+    }
+
+    for (int i = 0; i < deck.n_phases; i++)
+        if (!phase_available(deck.phases[i]))
+            fatal_all(EXIT_INPUT, "phase '%s' is not available in esft %s yet; "
+                      "`esft --dry-run %s` checks the deck and the layout", phase_name(deck.phases[i]),
+                      PACKAGE_VERSION, opt.deck_file);
+
+    struct layout layout;
+    layout_create(&layout, &grid);
+    metrics_open(deck.run.output_dir);
+    metrics_write("start", "\"deck\": \"%s\", \"world\": %d, \"pp\": %d, \"dp\": %d, \"ep\": %d",
+                  opt.deck_file, grid.world, grid.pp, grid.dp, grid.ep);
+    for (int i = 0; i < deck.n_phases; i++) {
+        log_info("phase %s", phase_name(deck.phases[i]));
+        status = run_phase(deck.phases[i], &deck, &layout);
+        if (status != 0) break;
+    }
+    metrics_write("end", "\"status\": %d", status);
+    metrics_close();
+    layout_destroy(&layout);
+    deck_free(&deck);
+    free(messages);
+    MPI_Finalize();
+    return status;
+}

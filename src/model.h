@@ -1,0 +1,130 @@
+/* model: a Mixture-of-Experts decoder as esft holds it: the parameter table (every
+ * tensor with its Hugging Face name, shape, kind, owner under a layout, trainable or
+ * frozen), the fp32 weights this rank holds, and the forward pass written once against
+ * the backend op table.
+ *
+ * Sizes (as in backend.h): N tokens, H hidden, L decoder layers, nH / nKV heads, Dh
+ * head_dim, E routed experts, K top-k, I expert width, V vocabulary. Linear weights are
+ * [out, in] as in the checkpoints. A layer's routed experts are held as three blocks,
+ * gate [E_local, I, H], up [E_local, I, H], down [E_local, H, I], so one grouped GEMM
+ * runs over all of them without restacking; the parameter table's per-expert entries
+ * point into those blocks. */
+#ifndef ESFT_MODEL_H
+#define ESFT_MODEL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "hfconfig.h"
+#include "layout.h"
+
+enum param_kind {
+    PARAM_EMBEDDING,
+    PARAM_ATTENTION,     /* q, k, v, o projections, their biases, QK-norm weights */
+    PARAM_NORM,          /* input / post-attention layer norms, the final norm */
+    PARAM_ROUTER,        /* mlp.gate */
+    PARAM_EXPERT,        /* routed expert e of layer l */
+    PARAM_SHARED_EXPERT, /* shared expert and its gate */
+    PARAM_DENSE_MLP,     /* the MLP of a non-MoE layer */
+    PARAM_LM_HEAD,
+    PARAM_KIND_COUNT
+};
+const char *param_kind_name(enum param_kind kind);
+
+/* Which matrix of an expert (routed or shared) or dense MLP an entry is. */
+enum mlp_part { MLP_NONE, MLP_GATE, MLP_UP, MLP_DOWN };
+
+#define PARAM_NAME_MAX 160
+
+struct param {
+    char name[PARAM_NAME_MAX]; /* Hugging Face name, per-expert spelling */
+    enum param_kind kind;
+    enum mlp_part part;
+    int layer;  /* decoder layer; -1 for embedding, final norm, lm_head */
+    int expert; /* routed expert; -1 otherwise */
+    int rank;   /* 1 or 2 */
+    int64_t shape[2];
+    size_t numel;
+    int stage;   /* pipeline stage that holds it */
+    int ep_rank; /* EP rank that holds it (routed experts); -1: every EP rank of the stage */
+    bool trainable;
+    float *data; /* fp32 weights on this rank; NULL when another rank holds it */
+};
+
+struct layer_weights {
+    float *input_norm, *post_norm;       /* [H] */
+    float *q, *k, *v, *o;                /* [nH*Dh, H], [nKV*Dh, H] x2, [H, nH*Dh] */
+    float *q_bias, *k_bias, *v_bias;     /* or NULL */
+    float *o_bias;                       /* [H] or NULL */
+    float *q_norm, *k_norm;              /* [Dh] per head or [nH*Dh] / [nKV*Dh]; or NULL */
+    float *router;                       /* [E, H]; MoE layers */
+    float *expert_gate, *expert_up;      /* [E_local, I, H] */
+    float *expert_down;                  /* [E_local, H, I] */
+    float *shared_gate, *shared_up, *shared_down; /* shared expert, or NULL */
+    float *shared_expert_gate;           /* [1, H] qwen2_moe, or NULL */
+    float *mlp_gate, *mlp_up, *mlp_down; /* dense layers */
+};
+
+struct model {
+    struct model_config cfg;
+    struct layout_grid grid;
+    struct layout_coords me;
+    int first_layer, n_layers; /* the decoder layers of this rank's stage */
+    int first_expert, n_local_experts;
+    int n_params;
+    struct param *params;
+    float *embedding, *final_norm, *lm_head; /* lm_head == embedding when tied */
+    struct layer_weights *layers;            /* [cfg.num_layers]; unheld layers all NULL */
+    float *inv_freq;                         /* [rotary_dim / 2] */
+    float *storage;                          /* every weight of this rank, one allocation */
+    size_t storage_floats;
+};
+
+/* Builds the parameter table for cfg under grid (no weights) and, for the rank at
+ * coords, allocates the storage of what it holds. Every entry starts frozen. */
+void model_create(struct model *model, const struct model_config *cfg,
+                  const struct layout_grid *grid, struct layout_coords coords);
+void model_free(struct model *model);
+
+/* Reads the weights this rank holds from a checkpoint directory (config.json already
+ * read into cfg). Accepts per-expert and fused expert tensors. Returns 0, or -1 with a
+ * message naming the file and tensor. */
+int model_load(struct model *model, const char *dir, char *err, size_t err_size);
+
+/* The entry for a Hugging Face name, or NULL. */
+struct param *model_find_param(struct model *model, const char *name);
+
+/* A batch of N tokens, flattened: rows and packed samples are runs of tokens. */
+struct batch {
+    int N;
+    const int32_t *tokens;       /* [N] */
+    const int32_t *positions;    /* [N] RoPE position (restarts at each sample) */
+    const int32_t *sample_start; /* [N] index of the first token of the token's sample */
+    const int32_t *targets;      /* [N] next-token target, or -100 (not counted); may be NULL */
+};
+
+/* What the forward pass leaves behind: logits, the loss sums and, per MoE layer, the
+ * routing of every token (the score phase's input). */
+struct forward_result {
+    float *logits;           /* [N, V] */
+    int32_t **topk_ids;      /* [L] -> [N, K] for MoE layers, NULL otherwise */
+    float **topk_weights;    /* [L] -> [N, K] */
+    float **router_logits;   /* [L] -> [N, E] */
+    double loss_sum;         /* sum of token cross-entropies over counted targets */
+    long long loss_count;    /* number of counted targets */
+};
+
+/* Workspace of the forward pass for up to max_tokens tokens, allocated once. */
+struct forward_workspace;
+struct forward_workspace *forward_workspace_new(const struct model *model, int max_tokens);
+void forward_workspace_free(struct forward_workspace *ws);
+
+/* The whole forward pass on one rank holding every layer and expert (pp = ep = 1).
+ * result's arrays live in ws and are overwritten by the next call. */
+void model_forward(const struct model *model, const struct backend *ops,
+                   struct forward_workspace *ws, const struct batch *batch,
+                   struct forward_result *result);
+
+#endif

@@ -1,0 +1,51 @@
+/* version: the --version report. Library versions are asked of the libraries at run
+ * time (not copied from configure), so a binary moved to another machine reports what
+ * it really loaded. */
+#include "version.h"
+
+#include <cblas.h>
+#include <hdf5.h>
+#include <jansson.h>
+#include <mpi.h>
+#include <string.h>
+#include <yaml.h>
+
+#include "config.h"
+#ifdef HAVE_CUDA
+#include "device.h"
+#endif
+
+/* OpenBLAS's own query; declared here because not every cblas.h declares it. */
+char *openblas_get_config(void);
+
+void version_print(FILE *out)
+{
+    fprintf(out, "%s\n", PACKAGE_STRING);
+#ifdef HAVE_CUDA
+    fprintf(out, "backends: cpu, cuda (built with CUDA %s for sm %s)\n", ESFT_BUILD_CUDA,
+            ESFT_BUILD_CUDA_ARCH);
+#else
+    fprintf(out, "backends: cpu (built without CUDA)\n");
+#endif
+    char mpi[MPI_MAX_LIBRARY_VERSION_STRING];
+    int length = 0;
+    MPI_Get_library_version(mpi, &length);
+    char *newline = strchr(mpi, '\n');
+    if (newline) *newline = '\0';
+    fprintf(out, "MPI: %s\n", mpi);
+    unsigned major = 0, minor = 0, release = 0;
+    H5get_libversion(&major, &minor, &release);
+    fprintf(out, "HDF5: %u.%u.%u%s\n", major, minor, release,
+#ifdef H5_HAVE_PARALLEL
+            " (parallel)"
+#else
+            " (serial)"
+#endif
+    );
+    fprintf(out, "libyaml: %s\n", yaml_get_version_string());
+    fprintf(out, "jansson: %s\n", jansson_version_str());
+    fprintf(out, "OpenBLAS: %s\n", openblas_get_config());
+#ifdef HAVE_CUDA
+    device_print_info(out);
+#endif
+}

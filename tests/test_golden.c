@@ -1,0 +1,203 @@
+/* test_golden: esft's CPU forward pass against transformers on the golden fixtures
+ * (tests/golden/, made by tests/golden/generate.py with transformers itself).
+ *
+ * For every fixture directory: load config.json and the checkpoint as the esft program
+ * does, run the forward pass on the stored batch (two rows, the second packing two
+ * samples), and compare with transformers' values:
+ *   logits           max |esft - hf| / max |hf| < 1e-4
+ *   router top-k ids identical, top-k weights within 1e-5 (absolute)
+ *   loss             within 1e-5 relative
+ * Usage: test_golden [GOLDEN_DIR] (default tests/golden). */
+#include <dirent.h>
+#include <math.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "backend.h"
+#include "check.h"
+#include "hfconfig.h"
+#include "layout.h"
+#include "log.h"
+#include "model.h"
+#include "safetensors.h"
+
+/* An int64 tensor of the expected file as int32. */
+static int32_t *read_i64(const struct st_checkpoint *expected, const char *name, size_t count)
+{
+    char err[512];
+    const struct st_tensor *t = st_get(expected, name, err, sizeof err);
+    if (!t || t->dtype != ST_I64 || (size_t)t->numel != count) {
+        CHECK(0, "expected tensor %s: %s", name, t ? "wrong dtype or size" : err);
+        return NULL;
+    }
+    int32_t *out = xmalloc(count * sizeof(int32_t));
+    for (size_t i = 0; i < count; i++) {
+        int64_t v;
+        memcpy(&v, (const char *)t->data + 8 * i, 8);
+        out[i] = (int32_t)v;
+    }
+    return out;
+}
+
+static float *read_f32(const struct st_checkpoint *expected, const char *name, size_t count)
+{
+    char err[512];
+    const struct st_tensor *t = st_get(expected, name, err, sizeof err);
+    if (!t || (size_t)t->numel != count) {
+        CHECK(0, "expected tensor %s: %s", name, t ? "wrong size" : err);
+        return NULL;
+    }
+    float *out = xmalloc(count * sizeof(float));
+    if (st_read_f32(t, out, count, err, sizeof err) != 0) CHECK(0, "%s", err);
+    return out;
+}
+
+static void check_fixture(const char *dir, const char *name)
+{
+    char err[1024];
+    struct model_config cfg;
+    if (hfconfig_load(dir, &cfg, err, sizeof err) != 0) {
+        CHECK(0, "%s: %s", name, err);
+        return;
+    }
+    char path[4096];
+    snprintf(path, sizeof path, "%s/expected.safetensors", dir);
+    struct st_file *file = st_open(path, err, sizeof err);
+    if (!file) {
+        CHECK(0, "%s: %s", name, err);
+        return;
+    }
+    /* view the expected file through the checkpoint lookup */
+    struct st_checkpoint expected = {.dir = path, .n_files = 1, .files = &file,
+                                     .n_tensors = file->n_tensors, .tensors = file->tensors};
+    const struct st_tensor *ids_t = st_find(&expected, "input_ids");
+    if (!ids_t || ids_t->rank != 2) {
+        CHECK(0, "%s: input_ids missing", name);
+        st_close(file);
+        return;
+    }
+    int B = (int)ids_t->shape[0], T = (int)ids_t->shape[1], N = B * T;
+    int32_t *tokens = read_i64(&expected, "input_ids", (size_t)N);
+    int32_t *positions = read_i64(&expected, "position_ids", (size_t)N);
+    int32_t *segments = read_i64(&expected, "segment_ids", (size_t)N);
+    int32_t *labels = read_i64(&expected, "labels", (size_t)N);
+    if (!tokens || !positions || !segments || !labels) goto done_inputs;
+
+    /* sample starts from segment ids; next-token targets from the transformers labels
+     * (logits[b,t] scored against labels[b,t+1]; the last position of a row scores
+     * nothing) */
+    int32_t *sample_start = xmalloc((size_t)N * sizeof(int32_t));
+    int32_t *targets = xmalloc((size_t)N * sizeof(int32_t));
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            int n = b * T + t;
+            bool new_sample = t == 0 || segments[n] != segments[n - 1];
+            sample_start[n] = new_sample ? n : sample_start[n - 1];
+            targets[n] = t + 1 < T ? labels[n + 1] : -100;
+        }
+
+    struct layout_grid grid = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
+    struct layout_coords me = {0, 0, 0};
+    struct model model;
+    model_create(&model, &cfg, &grid, me);
+    if (model_load(&model, dir, err, sizeof err) != 0) {
+        CHECK(0, "%s: %s", name, err);
+        model_free(&model);
+        free(sample_start);
+        free(targets);
+        goto done_inputs;
+    }
+    struct forward_workspace *ws = forward_workspace_new(&model, N);
+    struct batch batch = {.N = N, .tokens = tokens, .positions = positions,
+                          .sample_start = sample_start, .targets = targets};
+    struct forward_result result;
+    model_forward(&model, backend_cpu(), ws, &batch, &result);
+
+    int V = cfg.vocab_size, K = cfg.top_k;
+    float *logits = read_f32(&expected, "logits", (size_t)N * V);
+    if (logits) {
+        double max_diff = 0, max_ref = 0;
+        for (size_t i = 0; i < (size_t)N * V; i++) {
+            max_diff = fmax(max_diff, fabs((double)result.logits[i] - logits[i]));
+            max_ref = fmax(max_ref, fabs((double)logits[i]));
+        }
+        double rel = max_diff / max_ref;
+        printf("%s: logits max |diff| %.3g, relative %.3g\n", name, max_diff, rel);
+        CHECK(rel < 1e-4, "%s: logits relative error %.3g", name, rel);
+    }
+    for (int l = 0; l < cfg.num_layers; l++) {
+        if (!cfg.is_moe[l]) continue;
+        char tensor[128];
+        snprintf(tensor, sizeof tensor, "router.%d.topk_ids", l);
+        const struct st_tensor *t = st_get(&expected, tensor, err, sizeof err);
+        CHECK(t && t->dtype == ST_I32 && t->numel == (int64_t)N * K, "%s: %s", name, tensor);
+        if (!t) continue;
+        int mismatched = 0;
+        for (int i = 0; i < N * K; i++) {
+            int32_t id;
+            memcpy(&id, (const char *)t->data + 4 * i, 4);
+            mismatched += id != result.topk_ids[l][i];
+        }
+        CHECK(mismatched == 0, "%s: layer %d: %d of %d top-k ids differ", name, l, mismatched, N * K);
+        snprintf(tensor, sizeof tensor, "router.%d.topk_weights", l);
+        float *weights = read_f32(&expected, tensor, (size_t)N * K);
+        if (weights) {
+            double max_diff = 0;
+            for (int i = 0; i < N * K; i++)
+                max_diff = fmax(max_diff, fabs((double)weights[i] - result.topk_weights[l][i]));
+            CHECK(max_diff < 1e-5, "%s: layer %d: top-k weights differ by %.3g", name, l, max_diff);
+            free(weights);
+        }
+    }
+    float *loss = read_f32(&expected, "loss", 1);
+    if (loss) {
+        double ours = result.loss_sum / (double)result.loss_count;
+        printf("%s: loss %.7f (transformers %.7f, %lld targets)\n", name, ours, loss[0],
+               result.loss_count);
+        CHECK(check_close(ours, loss[0], 1e-5, 0), "%s: loss %.7f vs %.7f", name, ours, loss[0]);
+        free(loss);
+    }
+    free(logits);
+    forward_workspace_free(ws);
+    model_free(&model);
+    free(sample_start);
+    free(targets);
+done_inputs:
+    free(tokens);
+    free(positions);
+    free(segments);
+    free(labels);
+    st_close(file);
+}
+
+int main(int argc, char **argv)
+{
+    MPI_Init(&argc, &argv);
+    const char *golden = argc > 1 ? argv[1] : "tests/golden";
+    DIR *d = opendir(golden);
+    CHECK(d != NULL, "cannot open %s", golden);
+    int fixtures = 0;
+    char names[64][256];
+    struct dirent *entry;
+    while (d && (entry = readdir(d)) && fixtures < 64) {
+        char path[4096];
+        struct stat st;
+        snprintf(path, sizeof path, "%s/%s/expected.safetensors", golden, entry->d_name);
+        if (entry->d_name[0] != '.' && stat(path, &st) == 0)
+            snprintf(names[fixtures++], sizeof names[0], "%s", entry->d_name);
+    }
+    if (d) closedir(d);
+    qsort(names, (size_t)fixtures, sizeof names[0], (int (*)(const void *, const void *))strcmp);
+    for (int i = 0; i < fixtures; i++) {
+        char dir[4096];
+        snprintf(dir, sizeof dir, "%s/%s", golden, names[i]);
+        check_fixture(dir, names[i]);
+    }
+    CHECK(fixtures >= 6, "found %d fixtures in %s", fixtures, golden);
+    int status = check_done("test_golden");
+    MPI_Finalize();
+    return status;
+}

@@ -1,0 +1,656 @@
+/* test_hfconfig: config.json parsing, validation and writing.
+ *
+ * Configs are written by hand below (v4 and v5 spellings for each family); the expected
+ * fields are read off them and the transformers 5.23 class defaults, not taken from the
+ * program. With a directory argument (default tests/golden, or
+ * $ESFT_TOP_SRCDIR/tests/golden) every fixture's config must load, survive a write ->
+ * load round trip, and agree with its checkpoint (MoE layers have a router tensor,
+ * embedding and q_proj shapes).
+ *
+ * Usage: test_hfconfig [GOLDEN_DIR] */
+#include <dirent.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "../src/hfconfig.h"
+#include "../src/safetensors.h"
+#include "check.h"
+
+static char tmpdir[64];
+static int dir_counter = 0;
+
+/* Writes text as config.json in a fresh directory and returns the directory. */
+static const char *config_dir(const char *text)
+{
+    static char dir[256];
+    snprintf(dir, sizeof dir, "%s/c%03d", tmpdir, dir_counter++);
+    mkdir(dir, 0755);
+    char path[300];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    FILE *f = fopen(path, "wb");
+    if (!f) {
+        perror(path);
+        exit(1);
+    }
+    fputs(text, f);
+    fclose(f);
+    return dir;
+}
+
+static int load_text(const char *text, struct model_config *cfg, char *err, size_t errsize)
+{
+    return hfconfig_load(config_dir(text), cfg, err, errsize);
+}
+
+static void remove_tree(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        char p[1024];
+        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+        struct stat sb;
+        if (lstat(p, &sb) == 0 && S_ISDIR(sb.st_mode))
+            remove_tree(p);
+        else
+            unlink(p);
+    }
+    closedir(d);
+    rmdir(dir);
+}
+
+static int contains(const char *s, const char *part)
+{
+    return strstr(s, part) != NULL;
+}
+
+/* ---- the four families, v5 and v4 ------------------------------------------------- */
+
+static const char *qwen2_v5 =
+    "{\n"
+    "  \"architectures\": [\"Qwen2MoeForCausalLM\"],\n"
+    "  \"model_type\": \"qwen2_moe\",\n"
+    "  \"dtype\": \"bfloat16\",\n"
+    "  \"hidden_size\": 36, \"num_hidden_layers\": 4, \"num_attention_heads\": 6,\n"
+    "  \"num_key_value_heads\": 2, \"vocab_size\": 101, \"intermediate_size\": 30,\n"
+    "  \"moe_intermediate_size\": 22, \"shared_expert_intermediate_size\": 26,\n"
+    "  \"num_experts\": 7, \"num_experts_per_tok\": 2, \"norm_topk_prob\": true,\n"
+    "  \"decoder_sparse_step\": 2, \"mlp_only_layers\": [3],\n"
+    "  \"hidden_act\": \"gelu\", \"rms_norm_eps\": 1e-06, \"max_position_embeddings\": 64,\n"
+    "  \"tie_word_embeddings\": false, \"use_sliding_window\": false, \"sliding_window\": 0,\n"
+    "  \"rope_parameters\": {\"rope_theta\": 1000000.0, \"rope_type\": \"default\"},\n"
+    "  \"router_aux_loss_coef\": 0.01, \"output_router_logits\": true\n"
+    "}\n";
+
+static void test_qwen2_moe(void)
+{
+    char err[1024];
+    struct model_config c;
+    CHECK(load_text(qwen2_v5, &c, err, sizeof err) == 0, "%s", err);
+    CHECK(c.family == HF_QWEN2_MOE && strcmp(c.model_type, "qwen2_moe") == 0, "family");
+    CHECK(strcmp(c.architecture, "Qwen2MoeForCausalLM") == 0, "architecture %s", c.architecture);
+    CHECK(c.hidden_size == 36 && c.num_layers == 4 && c.num_heads == 6 && c.num_kv_heads == 2,
+          "sizes");
+    CHECK(c.head_dim == 6, "head_dim %d (36/6)", c.head_dim);
+    CHECK(c.vocab_size == 101 && c.intermediate_size == 30 && c.expert_intermediate_size == 22,
+          "widths");
+    CHECK(c.num_shared_experts == 1 && c.shared_expert_intermediate_size == 26 &&
+              c.shared_expert_gated,
+          "shared expert");
+    CHECK(c.num_experts == 7 && c.top_k == 2 && c.norm_topk_prob, "routing");
+    CHECK(c.router == ROUTER_SOFTMAX_TOPK && c.routed_scaling_factor == 1.0, "router kind");
+    /* layer l is MoE iff l not in mlp_only_layers and (l+1) % 2 == 0: only layer 1
+     * (layer 3 is listed in mlp_only_layers) */
+    CHECK(!c.is_moe[0] && c.is_moe[1] && !c.is_moe[2] && !c.is_moe[3], "is_moe %d%d%d%d",
+          c.is_moe[0], c.is_moe[1], c.is_moe[2], c.is_moe[3]);
+    CHECK(c.num_mlp_only_layers == 1 && c.mlp_only_layers[0] == 3, "mlp_only_layers");
+    CHECK(c.decoder_sparse_step == 2, "decoder_sparse_step");
+    CHECK(c.qkv_bias && !c.o_bias, "qkv_bias defaults to true, o_proj has none");
+    CHECK(c.qk_norm == QK_NORM_NONE, "qk_norm");
+    CHECK(c.hidden_act == ACT_GELU, "gelu");
+    CHECK(c.dtype == HF_DTYPE_BF16, "dtype");
+    CHECK(c.rms_norm_eps == 1e-6 && c.max_position_embeddings == 64, "eps, max pos");
+    CHECK(c.rope.type == ROPE_DEFAULT && c.rope.theta == 1e6 && c.rope.rotary_dim == 6 &&
+              c.rope.attention_scaling == 1.0 && c.rope.layout == ROPE_ROTATE_HALF,
+          "rope");
+    CHECK(c.router_aux_loss_coef == 0.01 && c.output_router_logits, "aux loss");
+    CHECK(c.sliding_window == 0 && !c.is_sliding[0] && !c.is_sliding[1], "no sliding window");
+    CHECK(c.bos_token_id == -1 && c.eos_token_id == -1, "token ids absent");
+    CHECK(c.initializer_range == 0.02, "initializer_range default");
+
+    /* v4: rope_theta + rope_scaling {type: yarn}, torch_dtype, swish; max_window_layers
+     * and use_sliding_window: odd (1-based) layers below max_window_layers slide */
+    const char *v4 =
+        "{\"model_type\": \"qwen2_moe\", \"torch_dtype\": \"float16\",\n"
+        " \"hidden_size\": 32, \"num_hidden_layers\": 3, \"num_attention_heads\": 4,\n"
+        " \"num_key_value_heads\": 4, \"vocab_size\": 50, \"intermediate_size\": 20,\n"
+        " \"moe_intermediate_size\": 10, \"shared_expert_intermediate_size\": 12,\n"
+        " \"num_experts\": 4, \"num_experts_per_tok\": 4, \"hidden_act\": \"swish\",\n"
+        " \"qkv_bias\": false, \"max_position_embeddings\": 128,\n"
+        " \"use_sliding_window\": true, \"sliding_window\": 16, \"max_window_layers\": 2,\n"
+        " \"rope_theta\": 500000.0,\n"
+        " \"rope_scaling\": {\"type\": \"yarn\", \"factor\": 4.0,\n"
+        "                  \"original_max_position_embeddings\": 32},\n"
+        " \"eos_token_id\": [7, 8], \"bos_token_id\": 3}";
+    CHECK(load_text(v4, &c, err, sizeof err) == 0, "%s", err);
+    CHECK(c.dtype == HF_DTYPE_F16 && c.hidden_act == ACT_SILU && !c.qkv_bias, "v4 basics");
+    CHECK(c.is_moe[0] && c.is_moe[1] && c.is_moe[2], "decoder_sparse_step 1: all MoE");
+    CHECK(c.rope.type == ROPE_YARN && c.rope.theta == 500000.0 && c.rope.factor == 4.0 &&
+              c.rope.original_max_position_embeddings == 32,
+          "v4 yarn");
+    CHECK(c.rope.beta_fast == 32.0 && c.rope.beta_slow == 1.0 && c.rope.truncate &&
+              !c.rope.has_attention_factor,
+          "yarn defaults");
+    /* 0.1 ln 4 + 1 */
+    CHECK(check_close(c.rope.attention_scaling, 1.138629436111989, 1e-12, 0),
+          "yarn attention scaling %.15g", c.rope.attention_scaling);
+    CHECK(c.sliding_window == 16 && c.is_sliding[0] && !c.is_sliding[1] && !c.is_sliding[2],
+          "sliding layers %d%d%d", c.is_sliding[0], c.is_sliding[1], c.is_sliding[2]);
+    CHECK(c.eos_token_id == 7 && c.bos_token_id == 3, "token ids");
+}
+
+static void test_qwen3_moe(void)
+{
+    char err[1024];
+    struct model_config c;
+    /* v5 as transformers 5.23 saves it: num_local_experts; explicit head_dim != H/nH;
+     * yarn with every optional key */
+    const char *v5 =
+        "{\"model_type\": \"qwen3_moe\", \"dtype\": \"float32\",\n"
+        " \"hidden_size\": 36, \"num_hidden_layers\": 3, \"num_attention_heads\": 4,\n"
+        " \"num_key_value_heads\": 2, \"head_dim\": 16, \"vocab_size\": 101,\n"
+        " \"intermediate_size\": 30, \"moe_intermediate_size\": 22, \"num_local_experts\": 9,\n"
+        " \"num_experts_per_tok\": 3, \"norm_topk_prob\": true, \"attention_bias\": true,\n"
+        " \"mlp_only_layers\": [], \"max_position_embeddings\": 256,\n"
+        " \"rope_parameters\": {\"rope_type\": \"yarn\", \"rope_theta\": 20000.0, \"factor\": "
+        "2.0,\n"
+        "   \"original_max_position_embeddings\": 128, \"beta_fast\": 16, \"beta_slow\": 2,\n"
+        "   \"attention_factor\": 0.8, \"truncate\": false},\n"
+        " \"sliding_window\": null, \"use_sliding_window\": false}";
+    CHECK(load_text(v5, &c, err, sizeof err) == 0, "%s", err);
+    CHECK(c.family == HF_QWEN3_MOE, "family");
+    CHECK(c.head_dim == 16 && c.rope.rotary_dim == 16, "explicit head_dim %d", c.head_dim);
+    CHECK(c.num_experts == 9 && c.top_k == 3 && c.norm_topk_prob, "experts");
+    CHECK(c.qkv_bias && c.o_bias, "attention_bias covers q, k, v and o");
+    CHECK(c.qk_norm == QK_NORM_PER_HEAD, "qk norm per head");
+    CHECK(c.num_shared_experts == 0, "no shared expert");
+    CHECK(c.is_moe[0] && c.is_moe[1] && c.is_moe[2], "all MoE");
+    CHECK(c.intermediate_size == 30 && c.expert_intermediate_size == 22, "widths");
+    CHECK(c.rope.type == ROPE_YARN && c.rope.theta == 20000.0 && c.rope.factor == 2.0 &&
+              c.rope.original_max_position_embeddings == 128 && c.rope.beta_fast == 16.0 &&
+              c.rope.beta_slow == 2.0 && !c.rope.truncate,
+          "yarn fields");
+    CHECK(c.rope.has_attention_factor && c.rope.attention_scaling == 0.8, "explicit factor");
+    CHECK(c.rms_norm_eps == 1e-6, "rms_norm_eps default 1e-6");
+    CHECK(c.router_aux_loss_coef == 0.001, "aux default 0.001");
+    CHECK(c.dtype == HF_DTYPE_F32, "dtype");
+
+    /* v4: num_experts, rope_theta, torch_dtype; yarn with mscale / mscale_all_dim, and a
+     * null factor = max_position / original = 2 */
+    const char *v4 =
+        "{\"model_type\": \"qwen3_moe\", \"torch_dtype\": \"bfloat16\",\n"
+        " \"hidden_size\": 40, \"num_hidden_layers\": 2, \"num_attention_heads\": 4,\n"
+        " \"num_key_value_heads\": 4, \"vocab_size\": 64, \"intermediate_size\": 24,\n"
+        " \"moe_intermediate_size\": 8, \"num_experts\": 8, \"num_experts_per_tok\": 2,\n"
+        " \"rope_theta\": 1000000.0, \"max_position_embeddings\": 64,\n"
+        " \"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": null,\n"
+        "   \"original_max_position_embeddings\": 32, \"mscale\": 1.0, \"mscale_all_dim\": 0.5}}";
+    CHECK(load_text(v4, &c, err, sizeof err) == 0, "%s", err);
+    CHECK(c.num_experts == 8 && c.head_dim == 10 && c.dtype == HF_DTYPE_BF16, "v4 fields");
+    CHECK(c.rope.theta == 1e6 && c.rope.factor == 2.0, "factor from lengths %g", c.rope.factor);
+    /* (0.1 * 1.0 * ln 2 + 1) / (0.1 * 0.5 * ln 2 + 1) = 1.0693147 / 1.0346574 */
+    CHECK(check_close(c.rope.attention_scaling, 1.0693147180559945 / 1.0346573590279973, 1e-12, 0),
+          "mscale ratio %.15g", c.rope.attention_scaling);
+    CHECK(!c.qkv_bias && !c.norm_topk_prob, "defaults false");
+
+    /* the real model's shape: mscale 1 / mscale_all_dim 0.707 at factor 40 */
+    const char *deepseek_style =
+        "{\"model_type\": \"qwen3_moe\", \"hidden_size\": 32, \"num_hidden_layers\": 1,\n"
+        " \"num_attention_heads\": 2, \"num_key_value_heads\": 2, \"vocab_size\": 10,\n"
+        " \"intermediate_size\": 8, \"moe_intermediate_size\": 4, \"num_experts\": 2,\n"
+        " \"num_experts_per_tok\": 1, \"rope_parameters\": {\"rope_type\": \"yarn\",\n"
+        " \"factor\": 40, \"original_max_position_embeddings\": 4096, \"mscale\": 1.0,\n"
+        " \"mscale_all_dim\": 0.707}}";
+    CHECK(load_text(deepseek_style, &c, err, sizeof err) == 0, "%s", err);
+    CHECK(check_close(c.rope.attention_scaling, 1.0857263992561355, 1e-12, 0), "mscale 40: %.15g",
+          c.rope.attention_scaling);
+    CHECK(c.rope.theta == 10000.0, "default theta 10000");
+
+    /* both spellings of the expert count must agree */
+    const char *both =
+        "{\"model_type\": \"qwen3_moe\", \"hidden_size\": 32, \"num_hidden_layers\": 1,"
+        " \"num_attention_heads\": 2, \"num_key_value_heads\": 2, \"vocab_size\": 10,"
+        " \"intermediate_size\": 8, \"moe_intermediate_size\": 4, \"num_experts\": 4,"
+        " \"num_local_experts\": 5, \"num_experts_per_tok\": 1}";
+    CHECK(load_text(both, &c, err, sizeof err) != 0 && contains(err, "num_local_experts") &&
+              contains(err, "disagree"),
+          "disagreeing expert counts: %s", err);
+}
+
+static void test_olmoe(void)
+{
+    char err[1024];
+    struct model_config c;
+    /* v5; no num_key_value_heads (None -> heads), no rms_norm_eps (1e-5), no
+     * router_aux_loss_coef (0.01), no eos_token_id (50279), no pad (1) */
+    const char *v5 = "{\"model_type\": \"olmoe\", \"dtype\": \"float32\",\n"
+                     " \"hidden_size\": 30, \"num_hidden_layers\": 2, \"num_attention_heads\": 3,\n"
+                     " \"vocab_size\": 77, \"intermediate_size\": 14, \"num_experts\": 6,\n"
+                     " \"num_experts_per_tok\": 2, \"clip_qkv\": 8.0, \"norm_topk_prob\": false,\n"
+                     " \"rope_parameters\": {\"rope_type\": \"default\", \"rope_theta\": 10000.0}}";
+    CHECK(load_text(v5, &c, err, sizeof err) == 0, "%s", err);
+    CHECK(c.family == HF_OLMOE && c.num_kv_heads == 3 && c.head_dim == 10, "kv %d, Dh %d",
+          c.num_kv_heads, c.head_dim);
+    CHECK(c.qk_norm == QK_NORM_WHOLE_PROJECTION && c.clip_qkv == 8.0, "qk norm, clip");
+    CHECK(c.expert_intermediate_size == 14 && c.num_experts == 6, "experts");
+    CHECK(c.is_moe[0] && c.is_moe[1], "every olmoe layer is MoE");
+    CHECK(c.rms_norm_eps == 1e-5 && c.router_aux_loss_coef == 0.01, "olmoe defaults");
+    CHECK(c.eos_token_id == 50279 && c.pad_token_id == 1 && c.bos_token_id == -1,
+          "olmoe token defaults");
+    CHECK(!c.qkv_bias && !c.o_bias && !c.norm_topk_prob, "no biases");
+    CHECK(c.max_position_embeddings == 4096, "max pos default 4096");
+
+    /* v4: num_key_value_heads null -> heads; num_local_experts alias; linear rope */
+    const char *v4 =
+        "{\"model_type\": \"olmoe\", \"torch_dtype\": \"float32\",\n"
+        " \"hidden_size\": 32, \"num_hidden_layers\": 1, \"num_attention_heads\": 4,\n"
+        " \"num_key_value_heads\": null, \"vocab_size\": 50, \"intermediate_size\": 8,\n"
+        " \"num_local_experts\": 4, \"num_experts_per_tok\": 2, \"clip_qkv\": null,\n"
+        " \"rope_theta\": 10000.0, \"rope_scaling\": {\"type\": \"linear\", \"factor\": 2.0}}";
+    CHECK(load_text(v4, &c, err, sizeof err) == 0, "%s", err);
+    CHECK(c.num_kv_heads == 4 && c.num_experts == 4 && c.clip_qkv == 0, "v4 olmoe");
+    CHECK(c.rope.type == ROPE_LINEAR && c.rope.factor == 2.0 && c.rope.attention_scaling == 1.0,
+          "linear rope");
+}
+
+static void test_mixtral(void)
+{
+    char err[1024];
+    struct model_config c;
+    /* v5; head_dim null -> H/nH; no rope_parameters -> default_theta 1e6; sliding window */
+    const char *v5 =
+        "{\"model_type\": \"mixtral\", \"dtype\": \"bfloat16\",\n"
+        " \"hidden_size\": 32, \"num_hidden_layers\": 3, \"num_attention_heads\": 4,\n"
+        " \"num_key_value_heads\": 2, \"head_dim\": null, \"vocab_size\": 101,\n"
+        " \"intermediate_size\": 22, \"num_local_experts\": 5, \"num_experts_per_tok\": 2,\n"
+        " \"sliding_window\": 7, \"router_jitter_noise\": 0.0, \"tie_word_embeddings\": true}";
+    CHECK(load_text(v5, &c, err, sizeof err) == 0, "%s", err);
+    CHECK(c.family == HF_MIXTRAL && c.head_dim == 8 && c.num_experts == 5, "mixtral fields");
+    CHECK(c.norm_topk_prob, "mixtral always renormalises");
+    CHECK(c.expert_intermediate_size == 22, "expert width = intermediate_size");
+    CHECK(c.rope.theta == 1e6 && c.rope.type == ROPE_DEFAULT, "default theta 1e6: %g",
+          c.rope.theta);
+    CHECK(c.sliding_window == 7 && c.is_sliding[0] && c.is_sliding[2], "sliding window");
+    CHECK(c.tie_word_embeddings, "tied");
+    CHECK(c.is_moe[0] && c.is_moe[1] && c.is_moe[2], "all MoE");
+    CHECK(c.bos_token_id == 1 && c.eos_token_id == 2, "mixtral token defaults");
+    CHECK(c.rms_norm_eps == 1e-5 && c.max_position_embeddings == 131072, "mixtral defaults");
+    CHECK(c.qk_norm == QK_NORM_NONE && !c.qkv_bias && !c.o_bias, "plain attention");
+
+    /* v4 as the fixture generator writes it: rope_scaling null, rope_theta, torch_dtype;
+     * "norm_topk_prob": false is ignored (MixtralTopKRouter always renormalises) */
+    const char *v4 =
+        "{\"model_type\": \"mixtral\", \"torch_dtype\": \"float32\",\n"
+        " \"hidden_size\": 36, \"num_hidden_layers\": 3, \"num_attention_heads\": 4,\n"
+        " \"num_key_value_heads\": 2, \"head_dim\": 14, \"vocab_size\": 101,\n"
+        " \"intermediate_size\": 22, \"num_local_experts\": 7, \"num_experts_per_tok\": 2,\n"
+        " \"rope_scaling\": null, \"rope_theta\": 10000.0, \"sliding_window\": null,\n"
+        " \"norm_topk_prob\": false, \"hidden_act\": \"silu\"}";
+    CHECK(load_text(v4, &c, err, sizeof err) == 0, "%s", err);
+    CHECK(c.head_dim == 14 && c.rope.theta == 10000.0 && c.sliding_window == 0 &&
+              !c.is_sliding[0] && c.norm_topk_prob && c.dtype == HF_DTYPE_F32,
+          "v4 mixtral");
+}
+
+/* ---- bad configs ------------------------------------------------------------------- */
+
+/* A valid qwen3_moe config with one replacement: "KEY": VALUE, or KEY removed when VALUE
+ * is NULL. */
+static void bad_config(const char *key, const char *value, const char *what, const char *part1,
+                       const char *part2)
+{
+    const char *keys[][2] = {
+        {"model_type", "\"qwen3_moe\""}, {"hidden_size", "32"},          {"num_hidden_layers", "2"},
+        {"num_attention_heads", "4"},    {"num_key_value_heads", "2"},   {"vocab_size", "50"},
+        {"intermediate_size", "16"},     {"moe_intermediate_size", "8"}, {"num_experts", "4"},
+        {"num_experts_per_tok", "2"},
+    };
+    char text[2048];
+    size_t used = (size_t)snprintf(text, sizeof text, "{");
+    int first = 1, replaced = 0;
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+        const char *v = keys[i][1];
+        if (strcmp(keys[i][0], key) == 0) {
+            replaced = 1;
+            if (!value) continue;
+            v = value;
+        }
+        used += (size_t)snprintf(text + used, sizeof text - used, "%s\"%s\": %s", first ? "" : ", ",
+                                 keys[i][0], v);
+        first = 0;
+    }
+    if (!replaced && value)
+        used += (size_t)snprintf(text + used, sizeof text - used, ", \"%s\": %s", key, value);
+    snprintf(text + used, sizeof text - used, "}");
+    char err[1024] = "";
+    struct model_config c;
+    CHECK(load_text(text, &c, err, sizeof err) != 0, "%s: accepted", what);
+    CHECK(contains(err, "config.json: "), "%s: message lacks the file: %s", what, err);
+    CHECK(!part1 || contains(err, part1), "%s: message lacks '%s': %s", what, part1, err);
+    CHECK(!part2 || contains(err, part2), "%s: message lacks '%s': %s", what, part2, err);
+}
+
+static void test_bad_configs(void)
+{
+    bad_config("model_type", "\"llama\"", "unknown family", "unknown model_type 'llama'",
+               "supported: qwen2_moe, qwen3_moe, olmoe, mixtral");
+    bad_config("model_type", "\"deepseek_v3\"", "deepseek_v3",
+               "family 'deepseek_v3' is not supported yet (supported: qwen2_moe, qwen3_moe, "
+               "olmoe, mixtral)",
+               NULL);
+    bad_config("model_type", "\"gpt_oss\"", "gpt_oss", "family 'gpt_oss' is not supported yet",
+               NULL);
+    bad_config("model_type", "\"glm4_moe\"", "glm4_moe", "family 'glm4_moe' is not supported yet",
+               NULL);
+    bad_config("model_type", NULL, "no model_type", "missing required key 'model_type'", NULL);
+    bad_config("model_type", "3", "model_type not string", "key 'model_type'", "got integer");
+    bad_config("hidden_size", NULL, "missing hidden_size", "missing required key 'hidden_size'",
+               NULL);
+    bad_config("num_experts", NULL, "missing experts", "missing required key 'num_experts'", NULL);
+    bad_config("num_experts_per_tok", "\"2\"", "top-k as string",
+               "config.json: key 'num_experts_per_tok': expected an integer, got string", NULL);
+    bad_config("hidden_size", "32.5", "real size",
+               "key 'hidden_size': expected an integer, got "
+               "real number",
+               NULL);
+    bad_config("num_key_value_heads", "3", "heads not divisible",
+               "key 'num_attention_heads': 4 is not divisible by num_key_value_heads (3)", NULL);
+    bad_config("num_experts_per_tok", "5", "top_k > E", "key 'num_experts_per_tok'",
+               "exceeds the number of experts (4)");
+    bad_config("hidden_size", "0", "zero hidden", "key 'hidden_size': must be positive", NULL);
+    bad_config("vocab_size", "-3", "negative vocab", "key 'vocab_size': must be positive", NULL);
+    bad_config("num_key_value_heads", "0", "zero kv heads", "key 'num_key_value_heads'",
+               "positive");
+    bad_config("head_dim", "9", "odd head_dim", "key 'head_dim': 9 is odd", NULL);
+    bad_config("hidden_act", "\"relu\"", "relu", "key 'hidden_act': 'relu' is not supported",
+               "silu, swish, gelu");
+    bad_config("hidden_act", "\"gelu_pytorch_tanh\"", "tanh gelu", "'gelu_pytorch_tanh'", NULL);
+    bad_config("dtype", "\"int8\"", "int8 dtype", "key 'dtype': 'int8' is not supported", NULL);
+    bad_config("rope_parameters", "{\"rope_type\": \"dynamic\", \"factor\": 2.0}", "dynamic rope",
+               "key 'rope_parameters.rope_type': 'dynamic' is not supported", NULL);
+    bad_config("rope_parameters", "{\"rope_type\": \"yarn\"}", "yarn without factor",
+               "missing required key 'rope_parameters.factor'", NULL);
+    bad_config("rope_parameters", "[1]", "rope not object", "key 'rope_parameters'",
+               "expected an object, got array");
+    bad_config("rope_scaling", "{\"type\": \"yarn\", \"factor\": \"4\"}", "factor as string",
+               "key 'rope_scaling.factor': expected a number, got string", NULL);
+    bad_config("rope_theta", "\"1e4\"", "theta as string", "key 'rope_theta'", "got string");
+    bad_config("mlp_only_layers", "{}", "mlp_only_layers object", "key 'mlp_only_layers'",
+               "expected an array");
+    bad_config("mlp_only_layers", "[1, \"x\"]", "mlp_only_layers entry", "key 'mlp_only_layers'",
+               "entry 1");
+    bad_config("norm_topk_prob", "1", "bool as int", "key 'norm_topk_prob': expected a boolean",
+               "got integer");
+    bad_config("decoder_sparse_step", "0", "sparse step 0", "key 'decoder_sparse_step'",
+               "positive");
+    bad_config("num_hidden_layers", "100000", "too many layers", "key 'num_hidden_layers'",
+               "limit");
+    bad_config("partial_rotary_factor", "0.5", "partial rotary", "partial_rotary_factor", NULL);
+    bad_config("rms_norm_eps", "0", "zero eps", "key 'rms_norm_eps'", "positive");
+
+    char err[1024] = "";
+    struct model_config c;
+    CHECK(load_text("{\"model_type\": ", &c, err, sizeof err) != 0 &&
+              contains(err, "config.json") && contains(err, "not valid JSON"),
+          "bad JSON: %s", err);
+    CHECK(load_text("[1, 2]", &c, err, sizeof err) != 0 && contains(err, "expected a JSON object"),
+          "array config: %s", err);
+    char missing[128];
+    snprintf(missing, sizeof missing, "%s/no-such-dir", tmpdir);
+    CHECK(hfconfig_load(missing, &c, err, sizeof err) != 0 && contains(err, "config.json") &&
+              contains(err, "cannot open"),
+          "missing file: %s", err);
+}
+
+/* ---- write -> load ----------------------------------------------------------------- */
+
+static void expect_same(const struct model_config *a, const struct model_config *b,
+                        const char *what)
+{
+    CHECK(a->family == b->family && strcmp(a->architecture, b->architecture) == 0, "%s: family",
+          what);
+    CHECK(a->hidden_size == b->hidden_size && a->num_layers == b->num_layers &&
+              a->num_heads == b->num_heads && a->num_kv_heads == b->num_kv_heads &&
+              a->head_dim == b->head_dim && a->vocab_size == b->vocab_size,
+          "%s: sizes", what);
+    CHECK(a->intermediate_size == b->intermediate_size &&
+              a->expert_intermediate_size == b->expert_intermediate_size &&
+              a->shared_expert_intermediate_size == b->shared_expert_intermediate_size &&
+              a->num_shared_experts == b->num_shared_experts,
+          "%s: widths", what);
+    CHECK(a->num_experts == b->num_experts && a->top_k == b->top_k &&
+              a->norm_topk_prob == b->norm_topk_prob && a->router == b->router,
+          "%s: routing", what);
+    CHECK(a->qkv_bias == b->qkv_bias && a->o_bias == b->o_bias && a->qk_norm == b->qk_norm &&
+              a->clip_qkv == b->clip_qkv,
+          "%s: attention", what);
+    CHECK(a->rms_norm_eps == b->rms_norm_eps && a->tie_word_embeddings == b->tie_word_embeddings &&
+              a->hidden_act == b->hidden_act && a->dtype == b->dtype &&
+              a->max_position_embeddings == b->max_position_embeddings &&
+              a->initializer_range == b->initializer_range,
+          "%s: misc", what);
+    CHECK(a->bos_token_id == b->bos_token_id && a->eos_token_id == b->eos_token_id &&
+              a->pad_token_id == b->pad_token_id,
+          "%s: token ids", what);
+    CHECK(a->router_aux_loss_coef == b->router_aux_loss_coef &&
+              a->output_router_logits == b->output_router_logits &&
+              a->router_jitter_noise == b->router_jitter_noise,
+          "%s: aux", what);
+    CHECK(a->decoder_sparse_step == b->decoder_sparse_step &&
+              a->num_mlp_only_layers == b->num_mlp_only_layers &&
+              memcmp(a->mlp_only_layers, b->mlp_only_layers,
+                     sizeof(int) * (size_t)a->num_mlp_only_layers) == 0,
+          "%s: sparse layout", what);
+    CHECK(memcmp(a->is_moe, b->is_moe, sizeof a->is_moe) == 0 &&
+              memcmp(a->is_sliding, b->is_sliding, sizeof a->is_sliding) == 0 &&
+              a->sliding_window == b->sliding_window,
+          "%s: per-layer kinds", what);
+    const struct hf_rope *p = &a->rope, *q = &b->rope;
+    CHECK(p->type == q->type && p->theta == q->theta && p->factor == q->factor &&
+              p->original_max_position_embeddings == q->original_max_position_embeddings &&
+              p->beta_fast == q->beta_fast && p->beta_slow == q->beta_slow &&
+              p->has_attention_factor == q->has_attention_factor &&
+              p->attention_factor == q->attention_factor && p->mscale == q->mscale &&
+              p->mscale_all_dim == q->mscale_all_dim && p->truncate == q->truncate &&
+              p->rotary_dim == q->rotary_dim && p->attention_scaling == q->attention_scaling,
+          "%s: rope", what);
+}
+
+static void round_trip(const char *dir_in, const char *what)
+{
+    char err[1024];
+    struct model_config a, b;
+    if (hfconfig_load(dir_in, &a, err, sizeof err) != 0) {
+        CHECK(0, "%s: %s", what, err);
+        return;
+    }
+    char out[256];
+    snprintf(out, sizeof out, "%s/rt%03d", tmpdir, dir_counter++);
+    mkdir(out, 0755);
+    CHECK(hfconfig_write(out, &a, err, sizeof err) == 0, "%s: write: %s", what, err);
+    char tmp[300];
+    snprintf(tmp, sizeof tmp, "%s/config.json.tmp", out);
+    CHECK(access(tmp, F_OK) != 0, "%s: temporary file left", what);
+    CHECK(hfconfig_load(out, &b, err, sizeof err) == 0, "%s: reload: %s", what, err);
+    expect_same(&a, &b, what);
+}
+
+static void test_round_trips(void)
+{
+    round_trip(config_dir(qwen2_v5), "qwen2_moe v5");
+    const char *yarn_qwen3 =
+        "{\"model_type\": \"qwen3_moe\", \"hidden_size\": 36, \"num_hidden_layers\": 3,\n"
+        " \"num_attention_heads\": 4, \"num_key_value_heads\": 2, \"head_dim\": 16,\n"
+        " \"vocab_size\": 101, \"intermediate_size\": 30, \"moe_intermediate_size\": 22,\n"
+        " \"num_experts\": 9, \"num_experts_per_tok\": 3, \"attention_bias\": true,\n"
+        " \"mlp_only_layers\": [0], \"decoder_sparse_step\": 1, \"max_position_embeddings\": 256,\n"
+        " \"use_sliding_window\": true, \"sliding_window\": 5,\n"
+        " \"rope_parameters\": {\"rope_type\": \"yarn\", \"rope_theta\": 20000.0, \"factor\": "
+        "2.0,\n"
+        "   \"original_max_position_embeddings\": 128, \"beta_fast\": 16, \"mscale\": 0.9,\n"
+        "   \"mscale_all_dim\": 0.7, \"truncate\": false}}";
+    round_trip(config_dir(yarn_qwen3), "qwen3_moe yarn");
+    const char *olmoe =
+        "{\"model_type\": \"olmoe\", \"hidden_size\": 30, \"num_hidden_layers\": 2,\n"
+        " \"num_attention_heads\": 3, \"vocab_size\": 77, \"intermediate_size\": 14,\n"
+        " \"num_experts\": 6, \"num_experts_per_tok\": 2, \"clip_qkv\": 8.0,\n"
+        " \"rope_scaling\": {\"type\": \"linear\", \"factor\": 3.0}}";
+    round_trip(config_dir(olmoe), "olmoe");
+    const char *mixtral =
+        "{\"model_type\": \"mixtral\", \"hidden_size\": 32, \"num_hidden_layers\": 3,\n"
+        " \"num_attention_heads\": 4, \"num_key_value_heads\": 2, \"vocab_size\": 101,\n"
+        " \"intermediate_size\": 22, \"num_local_experts\": 5,\n"
+        " \"num_experts_per_tok\": 2, \"sliding_window\": 7, \"torch_dtype\": \"float16\"}";
+    round_trip(config_dir(mixtral), "mixtral");
+
+    /* a config built in memory from defaults, as the init phase will */
+    struct model_config c, d;
+    char err[1024];
+    hfconfig_defaults(HF_QWEN2_MOE, &c);
+    c.hidden_size = 24;
+    c.num_heads = 4;
+    c.num_kv_heads = 2;
+    c.head_dim = 6;
+    c.num_layers = 2;
+    c.vocab_size = 33;
+    c.num_experts = 5;
+    c.top_k = 2;
+    c.dtype = HF_DTYPE_BF16;
+    CHECK(hfconfig_finish(&c, "built", err, sizeof err) == 0, "%s", err);
+    CHECK(c.is_moe[0] && c.is_moe[1] && !c.is_moe[2], "is_moe from finish");
+    char out[256];
+    snprintf(out, sizeof out, "%s/built", tmpdir);
+    mkdir(out, 0755);
+    CHECK(hfconfig_write(out, &c, err, sizeof err) == 0, "%s", err);
+    CHECK(hfconfig_load(out, &d, err, sizeof err) == 0, "%s", err);
+    expect_same(&c, &d, "built qwen2_moe");
+    CHECK(d.expert_intermediate_size == 1408 && d.shared_expert_intermediate_size == 5632,
+          "qwen2_moe class defaults 1408 / 5632");
+
+    hfconfig_defaults(HF_DEEPSEEK_V3, &c);
+    CHECK(hfconfig_write(out, &c, err, sizeof err) != 0 && contains(err, "deepseek_v3"),
+          "writing deepseek_v3 accepted: %s", err);
+}
+
+static void test_names_and_hash(void)
+{
+    CHECK(strcmp(hfconfig_family_name(HF_QWEN2_MOE), "qwen2_moe") == 0, "name");
+    CHECK(strcmp(hfconfig_family_name(HF_MIXTRAL), "mixtral") == 0, "name");
+    CHECK(strcmp(hfconfig_family_name(HF_DEEPSEEK_V3), "deepseek_v3") == 0, "name");
+    enum hf_family f;
+    CHECK(hfconfig_family_parse("olmoe", &f) == 0 && f == HF_OLMOE, "parse olmoe");
+    CHECK(hfconfig_family_parse("llama", &f) != 0, "parse llama");
+    /* FNV-1a 64 test vectors (Fowler/Noll/Vo): "" -> offset basis, "a" -> af63dc4c8601ec8c */
+    CHECK(hfconfig_fnv1a64("", 0) == 0xcbf29ce484222325ULL, "fnv empty");
+    CHECK(hfconfig_fnv1a64("a", 1) == 0xaf63dc4c8601ec8cULL, "fnv a");
+    CHECK(hfconfig_fnv1a64("foobar", 6) == 0x85944171f73967e8ULL, "fnv foobar");
+    struct model_config c;
+    char err[1024];
+    CHECK(load_text(qwen2_v5, &c, err, sizeof err) == 0, "%s", err);
+    CHECK(c.hash == hfconfig_fnv1a64(qwen2_v5, strlen(qwen2_v5)), "config hash");
+}
+
+/* ---- golden fixtures --------------------------------------------------------------- */
+
+static void test_golden(const char *golden)
+{
+    DIR *d = opendir(golden);
+    if (!d) {
+        printf("test_hfconfig: no fixtures at %s, golden checks skipped\n", golden);
+        return;
+    }
+    int fixtures = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.') continue;
+        char dir[1024], probe[1100];
+        snprintf(dir, sizeof dir, "%s/%s", golden, e->d_name);
+        snprintf(probe, sizeof probe, "%s/config.json", dir);
+        if (access(probe, F_OK) != 0) continue;
+        fixtures++;
+        char err[2048];
+        struct model_config c;
+        if (hfconfig_load(dir, &c, err, sizeof err) != 0) {
+            CHECK(0, "fixture %s: %s", dir, err);
+            continue;
+        }
+        CHECK(strncmp(e->d_name, c.model_type, strlen(c.model_type)) == 0,
+              "fixture %s: model_type %s", e->d_name, c.model_type);
+        round_trip(dir, e->d_name);
+
+        struct st_checkpoint *ck = st_checkpoint_open(dir, err, sizeof err);
+        CHECK(ck != NULL, "fixture %s: %s", dir, err);
+        if (!ck) continue;
+        const struct st_tensor *t = st_get(ck, "model.embed_tokens.weight", err, sizeof err);
+        CHECK(t && st_expect_shape(t, err, sizeof err, c.vocab_size, c.hidden_size) == 0,
+              "fixture %s: %s", dir, err);
+        for (int l = 0; l < c.num_layers; l++) {
+            char name[128];
+            snprintf(name, sizeof name, "model.layers.%d.self_attn.q_proj.weight", l);
+            t = st_get(ck, name, err, sizeof err);
+            CHECK(t && st_expect_shape(t, err, sizeof err, c.num_heads * c.head_dim,
+                                       c.hidden_size) == 0,
+                  "fixture %s: %s", dir, err);
+            snprintf(name, sizeof name,
+                     c.family == HF_MIXTRAL ? "model.layers.%d.block_sparse_moe.gate.weight"
+                                            : "model.layers.%d.mlp.gate.weight",
+                     l);
+            t = st_find(ck, name);
+            CHECK((t != NULL) == (c.is_moe[l] != 0), "fixture %s: layer %d is_moe %d, router %s",
+                  dir, l, c.is_moe[l], t ? "present" : "absent");
+            if (t)
+                CHECK(st_expect_shape(t, err, sizeof err, c.num_experts, c.hidden_size) == 0,
+                      "fixture %s: %s", dir, err);
+        }
+        CHECK((st_find(ck, "lm_head.weight") == NULL) == c.tie_word_embeddings,
+              "fixture %s: lm_head vs tie_word_embeddings", dir);
+        st_checkpoint_close(ck);
+    }
+    closedir(d);
+    printf("test_hfconfig: %d golden fixtures checked from %s\n", fixtures, golden);
+}
+
+int main(int argc, char **argv)
+{
+    snprintf(tmpdir, sizeof tmpdir, "/tmp/esft-test-hfc-XXXXXX");
+    if (!mkdtemp(tmpdir)) {
+        perror("mkdtemp");
+        return 1;
+    }
+    test_names_and_hash();
+    test_qwen2_moe();
+    test_qwen3_moe();
+    test_olmoe();
+    test_mixtral();
+    test_bad_configs();
+    test_round_trips();
+
+    char golden[1024];
+    const char *srcdir = getenv("ESFT_TOP_SRCDIR");
+    if (argc > 1)
+        snprintf(golden, sizeof golden, "%s", argv[1]);
+    else if (srcdir)
+        snprintf(golden, sizeof golden, "%s/tests/golden", srcdir);
+    else
+        snprintf(golden, sizeof golden, "tests/golden");
+    test_golden(golden);
+
+    remove_tree(tmpdir);
+    return check_done("test_hfconfig");
+}
