@@ -12,7 +12,9 @@ import math
 import os
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 
 # ---------------------------------------------------------------- settings
 B, T = 2, 13
@@ -57,9 +60,10 @@ FAMILIES = {
     "qwen3_moe": (transformers.Qwen3MoeConfig, dict(
         num_experts=EXPERTS, moe_intermediate_size=EXPERT_W, intermediate_size=DENSE_W,
         decoder_sparse_step=1, mlp_only_layers=[], head_dim=10, attention_bias=False,
-        norm_topk_prob=True, use_sliding_window=False, max_position_embeddings=32,
+        norm_topk_prob=True, use_sliding_window=False, max_position_embeddings=256,
+        # original 64 with head_dim 10 puts a fractional entry (0.5) in YaRN's ramp
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                         "original_max_position_embeddings": 8})),
+                         "original_max_position_embeddings": 64})),
     "olmoe": (transformers.OlmoeConfig, dict(
         num_experts=EXPERTS, intermediate_size=EXPERT_W, norm_topk_prob=False,
         attention_bias=False, clip_qkv=None,
@@ -412,6 +416,44 @@ def v4_config(cfg):
     return dict(sorted(out.items()))
 
 
+def init_fixture(inp):
+    """A checkpoint written by esft's init phase, loaded and run by transformers: shows
+    that init's output is a checkpoint transformers reads, and gives esft a fixture of
+    its own writing. Needs ./esft built; the deck's seed is raised until no router
+    near-tie remains."""
+    esft = os.path.join(ROOT, "esft")
+    if not os.access(esft, os.X_OK):
+        print("init_qwen2_moe: skipped (build ./esft first)")
+        return
+    deck = os.path.join(HERE, "init-qwen2-moe.yaml")
+    d = os.path.join(HERE, "init_qwen2_moe")
+    for seed in range(11, 61):
+        if os.path.isdir(d):
+            shutil.rmtree(d)
+        with tempfile.TemporaryDirectory() as out:
+            subprocess.run([esft, deck, f"model.path={d}", f"run.output_dir={out}",
+                            f"run.seed={seed}"], check=True, cwd=ROOT)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            d, attn_implementation="eager", experts_implementation="eager", dtype=torch.float32)
+        model.eval()
+        margin = min_margin(forward_routers(model, inp))
+        if margin > MIN_MARGIN:
+            break
+        print(f"  init_qwen2_moe: seed {seed} has a router near-tie ({margin:.2e}), reseeding")
+    else:
+        raise RuntimeError("no init seed without router near-ties")
+    ref = run_reference(model, inp)
+    pos = run_packed(model, inp, "posids")
+    w_pos = compare(ref, pos, "init_qwen2_moe packed(position_ids)")
+    tens = expected_tensors("qwen2_moe", model, inp, ref, pos)
+    save_file(tens, os.path.join(d, "expected.safetensors"), metadata={"fixture": "init_qwen2_moe"})
+    nparam = sum(p.numel() for p in model.parameters())
+    print(f"init_qwen2_moe: esft init seed {seed}, {nparam} parameters, loss "
+          f"{ref['loss'].item():.6f}; files {sorted(os.listdir(d))}; packed vs reference {w_pos}")
+    for f in os.listdir(d):
+        os.chmod(os.path.join(d, f), 0o644)
+
+
 def main():
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}")
     inp = make_inputs()
@@ -447,6 +489,7 @@ def main():
             for f in os.listdir(dst):
                 os.chmod(os.path.join(dst, f), 0o644)
             print("mixtral_v4config: v4-style config.json loads to the same model")
+    init_fixture(inp)
 
 
 if __name__ == "__main__":
