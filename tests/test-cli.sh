@@ -69,11 +69,16 @@ for deck in "$src"/tests/decks/bad/*.yaml; do
 done
 [ "$n_bad" -ge 10 ] && ok || fail "only $n_bad bad decks in tests/decks/bad"
 
-# Every example deck is valid and prints a layout.
+# Every example deck is valid and prints a layout (planned for 4 ranks).
 for deck in "$src"/input/*.yaml; do
-    expect 0 "$deck" "$esft" --dry-run "$deck"
-    contains "$tmp/out" "layout: world 1 = pp 1 x dp 1 x ep 1" "$deck"
+    expect 0 "$deck" "$esft" --dry-run --ranks 4 "$deck"
+    contains "$tmp/out" "layout: world 4 = pp 1 x dp " "$deck"
 done
+# input/train.yaml under 4 ranks: pp 1 x dp 2 x ep 2, every rank in the table.
+expect 0 "input/train.yaml on 4 ranks" $mpirun 4 "$esft" --dry-run "$src/input/train.yaml"
+contains "$tmp/out" "layout: world 4 = pp 1 x dp 2 x ep 2" "input/train.yaml on 4 ranks"
+n=$(grep -c -E '^ +[0-3] +0 +[01] +[01] ' "$tmp/out")
+[ "$n" = 4 ] && ok || fail "input/train.yaml on 4 ranks: $n rank lines in the table"
 
 # Overrides: applied after the deck, shown in the resolved deck; a bad one refused.
 expect 0 "override" "$esft" --dry-run "$src/input/demo.yaml" train.lr=3e-5 run.name=sweep-7
@@ -105,6 +110,38 @@ contains "$tmp/out" "layout: world 8 = pp 2 x dp 2 x ep 2" "--ranks 8"
 # A phase this version does not have yet: refused, and nothing is written.
 expect 2 "unavailable phase" "$esft" "$src/input/demo.yaml" "run.output_dir=$tmp/out-dir"
 [ -e "$tmp/out-dir" ] && fail "unavailable phase: output directory created" || ok
+
+
+# Fatal errors: one rank failing ends every rank (status 1, its rank named, once); a
+# collective error ends all with the given status and one message.
+expect 1 "fatal on the last rank" $mpirun 3 "$build/tests/test_fatal" last-rank
+contains "$tmp/err" "rank 2: error: deliberate failure on the last rank" "fatal on the last rank"
+n=$(grep -c "deliberate failure" "$tmp/err")
+[ "$n" = 1 ] && ok || fail "fatal on the last rank: message printed $n times"
+expect 2 "fatal_all" $mpirun 3 "$build/tests/test_fatal" all
+n=$(grep -c "every rank found the same problem" "$tmp/err")
+[ "$n" = 1 ] && ok || fail "fatal_all: message printed $n times"
+
+# init: a checkpoint written on 1 rank equals one written on 2; never overwrites; bad
+# sizes refused; the run's metrics file records it.
+init_deck="$src/tests/golden/init-qwen2-moe.yaml"
+expect 0 "init on 1 rank" "$esft" "$init_deck" "model.path=$tmp/m1" "run.output_dir=$tmp/o1"
+for f in config.json model.safetensors.index.json; do
+    [ -s "$tmp/m1/$f" ] && ok || fail "init: $f not written"
+done
+contains "$tmp/o1/metrics.jsonl" '"event": "init"' "init metrics"
+contains "$tmp/o1/metrics.jsonl" '"event": "end", "status": 0' "init metrics"
+expect 0 "init on 2 ranks" $mpirun 2 "$esft" "$init_deck" "model.path=$tmp/m2" "run.output_dir=$tmp/o2"
+for f in "$tmp"/m1/*; do
+    cmp -s "$f" "$tmp/m2/$(basename "$f")" && ok || fail "init: $(basename "$f") differs between 1 and 2 ranks"
+done
+cp "$tmp/m1/config.json" "$tmp/config.before"
+expect 2 "init over an existing model" "$esft" "$init_deck" "model.path=$tmp/m1" "run.output_dir=$tmp/o3" init.hidden_size=48 init.head_dim=8
+contains "$tmp/err" "already holds a checkpoint" "init over an existing model"
+cmp -s "$tmp/m1/config.json" "$tmp/config.before" && ok || fail "init over an existing model changed it"
+expect 2 "init with head_dim != hidden/heads for qwen2_moe" "$esft" "$init_deck" "model.path=$tmp/m4" "run.output_dir=$tmp/o4" init.head_dim=8
+contains "$tmp/err" "init.head_dim (8) must be init.hidden_size / init.num_heads" "init head_dim"
+[ -e "$tmp/m4" ] && fail "init with a bad head_dim created the model directory" || ok
 
 echo "test-cli: $passed checks passed, $failed failed"
 [ "$failed" = 0 ]

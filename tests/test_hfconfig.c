@@ -590,8 +590,9 @@ static void test_golden(const char *golden)
             CHECK(0, "fixture %s: %s", dir, err);
             continue;
         }
-        CHECK(strncmp(e->d_name, c.model_type, strlen(c.model_type)) == 0,
-              "fixture %s: model_type %s", e->d_name, c.model_type);
+        /* fixture directories are named after their family (init_qwen2_moe included) */
+        CHECK(strstr(e->d_name, c.model_type) != NULL, "fixture %s: model_type %s", e->d_name,
+              c.model_type);
         round_trip(dir, e->d_name);
 
         struct st_checkpoint *ck = st_checkpoint_open(dir, err, sizeof err);

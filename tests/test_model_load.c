@@ -1,0 +1,222 @@
+/* test_model_load: loading checkpoints into the model, good and bad.
+ *
+ * From the qwen3_moe golden fixture the test writes variants into a temporary directory
+ * and loads each as the program does (hfconfig_load + model_create + model_load):
+ *   - experts in the fused spelling (experts.gate_up_proj [E, 2I, H], down_proj
+ *     [E, H, I]) must load and give bit-identical logits to the per-expert original;
+ *   - a missing tensor, a config whose sizes disagree with the tensors, a truncated
+ *     file and an unsupported family must each fail with a message naming the file and
+ *     the tensor or key.
+ * Usage: test_model_load [GOLDEN_DIR] */
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "check.h"
+#include "hfconfig.h"
+#include "log.h"
+#include "model.h"
+#include "safetensors.h"
+
+static char tmp[256];
+
+static void write_text(const char *dir, const char *name, const char *text)
+{
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "w");
+    fputs(text, f);
+    fclose(f);
+}
+
+static char *read_text(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *text = xmalloc((size_t)n + 1);
+    size_t got = fread(text, 1, (size_t)n, f);
+    text[got] = '\0';
+    fclose(f);
+    return text;
+}
+
+/* A new directory under tmp holding config text and the given writer's tensors. */
+static void make_variant(const char *name, const char *config, struct st_writer *w, char *dir)
+{
+    snprintf(dir, 512, "%s/%s", tmp, name);
+    mkdir(dir, 0777);
+    write_text(dir, "config.json", config);
+    char err[512];
+    if (w) CHECK(st_writer_write_checkpoint(w, dir, 0, err, sizeof err) == 0, "%s", err);
+}
+
+/* Loads dir; returns 0 and fills logits[N*V] on success, else -1 with err. */
+static int load_and_run(const char *dir, float *logits, char *err, size_t err_size)
+{
+    struct model_config cfg;
+    if (hfconfig_load(dir, &cfg, err, err_size) != 0) return -1;
+    struct layout_grid grid = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
+    struct model model;
+    model_create(&model, &cfg, &grid, (struct layout_coords){0, 0, 0});
+    if (model_load(&model, dir, err, err_size) != 0) {
+        model_free(&model);
+        return -1;
+    }
+    enum { N = 9 };
+    int32_t tokens[N] = {3, 14, 15, 92, 65, 35, 89, 79, 32};
+    int32_t positions[N], starts[N];
+    for (int i = 0; i < N; i++) positions[i] = i, starts[i] = 0;
+    struct forward_workspace *ws = forward_workspace_new(&model, N);
+    struct batch batch = {.N = N, .tokens = tokens, .positions = positions, .sample_start = starts};
+    struct forward_result result;
+    model_forward(&model, backend_cpu(), ws, &batch, &result);
+    memcpy(logits, result.logits, sizeof(float) * N * (size_t)cfg.vocab_size);
+    forward_workspace_free(ws);
+    model_free(&model);
+    return 0;
+}
+
+static void expect_failure(const char *dir, const char *what, const char *needle1,
+                           const char *needle2)
+{
+    static float logits[9 * 1024];
+    char err[1024] = "";
+    int rc = load_and_run(dir, logits, err, sizeof err);
+    CHECK(rc != 0, "%s: loaded without error", what);
+    CHECK(strstr(err, needle1) != NULL, "%s: message '%s' lacks '%s'", what, err, needle1);
+    if (needle2) CHECK(strstr(err, needle2) != NULL, "%s: message '%s' lacks '%s'", what, err, needle2);
+    printf("%s: %s\n", what, err);
+}
+
+int main(int argc, char **argv)
+{
+    MPI_Init(&argc, &argv);
+    const char *golden = argc > 1 ? argv[1] : "tests/golden";
+    char fixture[512], err[1024];
+    snprintf(fixture, sizeof fixture, "%s/qwen3_moe", golden);
+    snprintf(tmp, sizeof tmp, "/tmp/esft-model-load.XXXXXX");
+    CHECK(mkdtemp(tmp) != NULL, "mkdtemp");
+
+    char config_path[600];
+    snprintf(config_path, sizeof config_path, "%s/config.json", fixture);
+    char *config = read_text(config_path);
+    struct model_config cfg;
+    CHECK(config && hfconfig_load(fixture, &cfg, err, sizeof err) == 0, "%s", err);
+    struct st_checkpoint *ckpt = st_checkpoint_open(fixture, err, sizeof err);
+    CHECK(ckpt != NULL, "%s", err);
+    if (!ckpt || !config) return check_done("test_model_load");
+    int V = cfg.vocab_size, E = cfg.num_experts, I = cfg.expert_intermediate_size, H = cfg.hidden_size;
+
+    static float original[9 * 1024], fused[9 * 1024];
+    CHECK(load_and_run(fixture, original, err, sizeof err) == 0, "original: %s", err);
+
+    /* Fused experts: every layer's per-expert matrices stacked as transformers 5 holds
+     * them in memory; everything else as it was. */
+    struct st_writer *w = st_writer_new();
+    float **stacks = xcalloc((size_t)cfg.num_layers * 2, sizeof(float *));
+    for (int i = 0; i < ckpt->n_tensors; i++)
+        if (!strstr(ckpt->tensors[i].name, ".experts."))
+            st_writer_add(w, ckpt->tensors[i].name, ckpt->tensors[i].dtype, ckpt->tensors[i].rank,
+                          ckpt->tensors[i].shape, ckpt->tensors[i].data, err, sizeof err);
+    for (int l = 0; l < cfg.num_layers; l++) {
+        float *gate_up = stacks[2 * l] = xmalloc(sizeof(float) * (size_t)E * 2 * I * H);
+        float *down = stacks[2 * l + 1] = xmalloc(sizeof(float) * (size_t)E * H * I);
+        for (int e = 0; e < E; e++) {
+            const char *parts[3] = {"gate_proj", "up_proj", "down_proj"};
+            float *dest[3] = {gate_up + (size_t)e * 2 * I * H, gate_up + (size_t)e * 2 * I * H + (size_t)I * H,
+                              down + (size_t)e * H * I};
+            for (int p = 0; p < 3; p++) {
+                char name[160];
+                snprintf(name, sizeof name, "model.layers.%d.mlp.experts.%d.%s.weight", l, e, parts[p]);
+                const struct st_tensor *t = st_get(ckpt, name, err, sizeof err);
+                CHECK(t && st_read_f32(t, dest[p], (size_t)I * H, err, sizeof err) == 0, "%s", err);
+            }
+        }
+        char name[160];
+        snprintf(name, sizeof name, "model.layers.%d.mlp.experts.gate_up_proj", l);
+        st_writer_add(w, name, ST_F32, 3, (int64_t[]){E, 2 * I, H}, gate_up, err, sizeof err);
+        snprintf(name, sizeof name, "model.layers.%d.mlp.experts.down_proj", l);
+        st_writer_add(w, name, ST_F32, 3, (int64_t[]){E, H, I}, down, err, sizeof err);
+    }
+    char dir[512];
+    make_variant("fused", config, w, dir);
+    st_writer_free(w);
+    CHECK(load_and_run(dir, fused, err, sizeof err) == 0, "fused: %s", err);
+    CHECK(memcmp(original, fused, sizeof(float) * 9 * (size_t)V) == 0,
+          "fused experts give other logits than per-expert ones");
+
+    /* A tensor missing. */
+    w = st_writer_new();
+    const char *dropped = "model.layers.1.self_attn.k_proj.weight";
+    for (int i = 0; i < ckpt->n_tensors; i++)
+        if (strcmp(ckpt->tensors[i].name, dropped) != 0)
+            st_writer_add(w, ckpt->tensors[i].name, ckpt->tensors[i].dtype, ckpt->tensors[i].rank,
+                          ckpt->tensors[i].shape, ckpt->tensors[i].data, err, sizeof err);
+    make_variant("missing", config, w, dir);
+    expect_failure(dir, "missing tensor", dropped, "not found");
+
+    /* config.json disagrees with the tensors: a wider expert than the file holds. */
+    char *wide = xstrdup(config);
+    char *at = strstr(wide, "\"moe_intermediate_size\": 22");
+    CHECK(at != NULL, "fixture config has moe_intermediate_size 22");
+    if (at) memcpy(at, "\"moe_intermediate_size\": 24", 27);
+    make_variant("wide", wide, w, dir);
+    expect_failure(dir, "shape disagrees with config", "experts.0.gate_proj.weight", "[24, 36]");
+    free(wide);
+    st_writer_free(w);
+
+    /* A truncated file. */
+    make_variant("truncated", config, NULL, dir);
+    char src[600], dst[600];
+    snprintf(src, sizeof src, "%s/model.safetensors", fixture);
+    snprintf(dst, sizeof dst, "%s/model.safetensors", dir);
+    char *bytes = NULL;
+    FILE *f = fopen(src, "rb");
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    bytes = xmalloc((size_t)size);
+    CHECK(fread(bytes, 1, (size_t)size, f) == (size_t)size, "read %s", src);
+    fclose(f);
+    f = fopen(dst, "wb");
+    fwrite(bytes, 1, (size_t)size / 2, f);
+    fclose(f);
+    free(bytes);
+    expect_failure(dir, "truncated file", "model.safetensors", NULL);
+
+    /* A family esft does not support. */
+    char *other = xstrdup(config);
+    at = strstr(other, "\"model_type\": \"qwen3_moe\"");
+    CHECK(at != NULL, "fixture config names its model_type");
+    const char *replacement = "\"model_type\": \"deepseek_v3\", \"x\": \"";
+    if (at) {
+        char *text = xmalloc(strlen(other) + 64);
+        size_t head = (size_t)(at - other);
+        memcpy(text, other, head);
+        strcpy(text + head, replacement);
+        strcat(text, at + strlen("\"model_type\": \""));
+        free(other);
+        other = text;
+    }
+    make_variant("family", other, NULL, dir);
+    expect_failure(dir, "unsupported family", "deepseek_v3", "not supported");
+    free(other);
+
+    for (int l = 0; l < 2 * cfg.num_layers; l++) free(stacks[l]);
+    free(stacks);
+    free(config);
+    st_checkpoint_close(ckpt);
+    char command[600];
+    snprintf(command, sizeof command, "rm -rf '%s'", tmp);
+    CHECK(system(command) == 0, "%s", command);
+    int status = check_done("test_model_load");
+    MPI_Finalize();
+    return status;
+}
