@@ -1,0 +1,128 @@
+/* test_params: the parameter table against the checkpoints and the layouts.
+ *
+ * For every golden fixture: the table's names are exactly the checkpoint's tensors
+ * (with fused experts spelled per expert), with the same shapes. Then, for every layout
+ * (pp, ep) the model admits, building the model once per rank coordinate must place
+ * each tensor on exactly the ranks that should hold it: a routed expert on one EP rank
+ * of one stage (the one layout_expert_owner names), everything else on every EP rank of
+ * its stage, embedding on the first stage, final norm and lm_head on the last; and the
+ * expert blocks of model.h must be contiguous per layer and part.
+ * Usage: test_params [GOLDEN_DIR] */
+#include <dirent.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "check.h"
+#include "hfconfig.h"
+#include "layout.h"
+#include "log.h"
+#include "model.h"
+#include "safetensors.h"
+
+static void check_against_checkpoint(const char *dir, const char *name)
+{
+    char err[1024];
+    struct model_config cfg;
+    if (hfconfig_load(dir, &cfg, err, sizeof err) != 0) {
+        CHECK(0, "%s", err);
+        return;
+    }
+    struct st_checkpoint *ckpt = st_checkpoint_open(dir, err, sizeof err);
+    if (!ckpt) {
+        CHECK(0, "%s", err);
+        return;
+    }
+    struct layout_grid one = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
+    struct model m;
+    model_create(&m, &cfg, &one, (struct layout_coords){0, 0, 0});
+    CHECK(m.n_params == ckpt->n_tensors, "%s: table has %d entries, checkpoint %d tensors", name,
+          m.n_params, ckpt->n_tensors);
+    for (int i = 0; i < m.n_params; i++) {
+        const struct param *p = &m.params[i];
+        const struct st_tensor *t = st_find(ckpt, p->name);
+        CHECK(t != NULL, "%s: table entry %s is not in the checkpoint", name, p->name);
+        if (!t) continue;
+        CHECK(t->rank == p->rank && t->shape[0] == p->shape[0] &&
+                  (p->rank == 1 || t->shape[1] == p->shape[1]),
+              "%s: %s shape differs from the checkpoint", name, p->name);
+        for (int j = 0; j < i; j++)
+            CHECK(strcmp(p->name, m.params[j].name) != 0, "%s: %s twice", name, p->name);
+    }
+    model_free(&m);
+    st_checkpoint_close(ckpt);
+
+    /* every layout this model admits, up to 8 stages and 8 EP ranks */
+    for (int pp = 1; pp <= 8 && pp <= cfg.num_layers; pp++)
+        for (int ep = 1; ep <= 8; ep++) {
+            if (cfg.num_experts % ep) continue;
+            struct layout_grid grid = {.world = pp * ep, .pp = pp, .dp = 1, .ep = ep};
+            int n = 0;
+            struct model *models = xcalloc((size_t)(pp * ep), sizeof *models);
+            for (int s = 0; s < pp; s++)
+                for (int r = 0; r < ep; r++)
+                    model_create(&models[n++], &cfg, &grid, (struct layout_coords){s, 0, r});
+            int wrong = 0;
+            for (int i = 0; i < models[0].n_params; i++) {
+                const struct param *p = &models[0].params[i];
+                int expected_stage = p->layer >= 0 ? -1 : p->kind == PARAM_EMBEDDING ? 0 : pp - 1;
+                if (p->layer >= 0)
+                    for (int s = 0; s < pp; s++) {
+                        int first, count;
+                        layout_layers_of(cfg.num_layers, pp, s, &first, &count);
+                        if (p->layer >= first && p->layer < first + count) expected_stage = s;
+                    }
+                for (int s = 0; s < pp; s++)
+                    for (int r = 0; r < ep; r++) {
+                        bool held = models[s * ep + r].params[i].data != NULL;
+                        bool should = s == expected_stage &&
+                                      (p->kind != PARAM_EXPERT ||
+                                       layout_expert_owner(cfg.num_experts, ep, p->expert) == r);
+                        wrong += held != should;
+                    }
+            }
+            CHECK(wrong == 0, "%s: pp %d ep %d: %d wrong placements", name, pp, ep, wrong);
+            /* per-layer expert blocks: expert e's matrix at block + (e - first) * size */
+            for (int k = 0; k < n; k++) {
+                const struct model *mk = &models[k];
+                for (int i = 0; i < mk->n_params; i++) {
+                    const struct param *p = &mk->params[i];
+                    if (p->kind != PARAM_EXPERT || !p->data) continue;
+                    const struct layer_weights *w = &mk->layers[p->layer];
+                    const float *block = p->part == MLP_GATE ? w->expert_gate
+                                         : p->part == MLP_UP ? w->expert_up : w->expert_down;
+                    CHECK(p->data == block + (size_t)(p->expert - mk->first_expert) * p->numel,
+                          "%s: pp %d ep %d: %s is not at its place in the layer's block", name,
+                          pp, ep, p->name);
+                }
+                model_free(&models[k]);
+            }
+            free(models);
+        }
+}
+
+int main(int argc, char **argv)
+{
+    MPI_Init(&argc, &argv);
+    const char *golden = argc > 1 ? argv[1] : "tests/golden";
+    DIR *d = opendir(golden);
+    CHECK(d != NULL, "cannot open %s", golden);
+    int fixtures = 0;
+    struct dirent *entry;
+    while (d && (entry = readdir(d))) {
+        char dir[4096], probe[4200];
+        struct stat st;
+        snprintf(dir, sizeof dir, "%s/%s", golden, entry->d_name);
+        snprintf(probe, sizeof probe, "%s/config.json", dir);
+        if (entry->d_name[0] == '.' || stat(probe, &st) != 0) continue;
+        check_against_checkpoint(dir, entry->d_name);
+        fixtures++;
+    }
+    if (d) closedir(d);
+    CHECK(fixtures >= 7, "found %d fixtures in %s", fixtures, golden);
+    int status = check_done("test_params");
+    MPI_Finalize();
+    return status;
+}
