@@ -141,22 +141,53 @@ double wall_time(void)
 }
 
 
+/* The file is created at the first event after "start", so a run refused before it did
+ * anything leaves no output directory behind; the start line waits in a buffer. */
+static char metrics_path[4096];
+static char metrics_pending[8192];
+
 void metrics_open(const char *output_dir)
 {
     metrics_start = wall_time();
     if (world_rank != 0) return;
-    if (make_directories(output_dir) != 0)
-        fatal(EXIT_RUNTIME, "cannot create output directory %s: %s", output_dir,
+    snprintf(metrics_path, sizeof metrics_path, "%s", output_dir);
+    metrics_pending[0] = '\0';
+}
+
+static void metrics_create(void)
+{
+    if (make_directories(metrics_path) != 0)
+        fatal(EXIT_RUNTIME, "cannot create output directory %s: %s", metrics_path,
               strerror(errno));
-    char path[4096];
-    snprintf(path, sizeof path, "%s/metrics.jsonl", output_dir);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", metrics_path);
     metrics_file = fopen(path, "a");
     if (!metrics_file) fatal(EXIT_RUNTIME, "cannot open %s: %s", path, strerror(errno));
+    fputs(metrics_pending, metrics_file);
+    metrics_pending[0] = '\0';
 }
 
 void metrics_write(const char *event, const char *fields_fmt, ...)
 {
-    if (!metrics_file) return;
+    if (world_rank != 0 || !metrics_path[0]) return;
+    if (!metrics_file && strcmp(event, "start") == 0) {
+        size_t used = strlen(metrics_pending);
+        int n = snprintf(metrics_pending + used, sizeof metrics_pending - used,
+                         "{\"time\": 0.000, \"event\": \"start\"");
+        va_list args;
+        va_start(args, fields_fmt);
+        if (n > 0 && fields_fmt && fields_fmt[0]) {
+            used = strlen(metrics_pending);
+            snprintf(metrics_pending + used, sizeof metrics_pending - used, ", ");
+            used = strlen(metrics_pending);
+            vsnprintf(metrics_pending + used, sizeof metrics_pending - used, fields_fmt, args);
+        }
+        va_end(args);
+        used = strlen(metrics_pending);
+        snprintf(metrics_pending + used, sizeof metrics_pending - used, "}\n");
+        return;
+    }
+    if (!metrics_file) metrics_create();
     fprintf(metrics_file, "{\"time\": %.3f, \"event\": \"%s\"", wall_time() - metrics_start,
             event);
     if (fields_fmt && fields_fmt[0]) {
@@ -174,4 +205,5 @@ void metrics_close(void)
 {
     if (metrics_file) fclose(metrics_file);
     metrics_file = NULL;
+    metrics_path[0] = '\0';
 }

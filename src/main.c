@@ -209,13 +209,24 @@ static bool model_shape(const struct deck *deck, struct layout_model *model, cha
  * is not here yet is refused before anything is written. */
 static bool phase_available(enum phase phase)
 {
-    return phase == PHASE_INIT;
+    return phase == PHASE_INIT || phase == PHASE_PREPARE || phase == PHASE_SCORE ||
+           phase == PHASE_SELECT;
+}
+
+/* Whether a phase reads the model at model.path (init writes it; prepare needs none;
+ * select only uses it, when set, to name tensors). */
+static bool phase_reads_model(enum phase phase)
+{
+    return phase == PHASE_SCORE || phase == PHASE_TRAIN || phase == PHASE_EVAL;
 }
 
 static int run_phase(enum phase phase, const struct deck *deck, const struct layout *layout)
 {
     switch (phase) {
     case PHASE_INIT: return phase_init(deck, layout);
+    case PHASE_PREPARE: return phase_prepare(deck, layout);
+    case PHASE_SCORE: return phase_score(deck, layout);
+    case PHASE_SELECT: return phase_select(deck, layout);
     default: fatal_all(EXIT_RUNTIME, "phase '%s' has no implementation", phase_name(phase));
     }
 }
@@ -257,7 +268,10 @@ int main(int argc, char **argv)
     struct layout_model model;
     char why[4096] = "";
     bool model_known = model_shape(&deck, &model, why, sizeof why);
-    if (!model_known && !opt.dry_run)
+    bool needs_model = false;
+    for (int i = 0; i < deck.n_phases; i++) needs_model |= phase_reads_model(deck.phases[i]);
+    /* a model that init writes later in this deck is known from the init section */
+    if (!model_known && needs_model && !opt.dry_run)
         fatal_all(EXIT_INPUT, "cannot read the model's configuration: %s", why);
     struct layout_grid grid;
     char reason[1024];

@@ -10,4 +10,13 @@
 /* init: a random-initialised Hugging Face checkpoint at model.path (init.c). */
 int phase_init(const struct deck *deck, const struct layout *layout);
 
+/* prepare: jsonl conversations -> token dataset (prepare.c). */
+int phase_prepare(const struct deck *deck, const struct layout *layout);
+
+/* score: routing statistics of model.path on data.path (score.c). */
+int phase_score(const struct deck *deck, const struct layout *layout);
+
+/* select: statistics -> expert_config.json, heatmap, trainable names (select.c). */
+int phase_select(const struct deck *deck, const struct layout *layout);
+
 #endif

@@ -1,0 +1,139 @@
+#!/bin/sh
+# test-prepare: the prepare phase through the esft program: a good run on 1 and 2 ranks
+# (same bytes), a bad row under bad_rows: abort (status 2, `FILE:LINE:` on stderr, nothing
+# written, an older dataset left as it was), the same under skip (warned, counted, at
+# most 20 printed), an input that cannot be opened, an unsupported tokenizer, inputs with
+# no usable row. Dataset contents are checked in tests/test_prepare.c.
+set -u
+src=${ESFT_TOP_SRCDIR:-.}
+build=${ESFT_TOP_BUILDDIR:-.}
+mpirun=${TESTMPIRUN:-mpiexec --oversubscribe -n}
+esft="$build/esft"
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/esft-prepare.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+passed=0
+failed=0
+
+ok() { passed=$((passed + 1)); }
+fail() {
+    failed=$((failed + 1))
+    echo "FAILED: $*"
+    [ -f "$tmp/err" ] && sed 's/^/    stderr: /' "$tmp/err" | head -n 12
+}
+# expect STATUS DESCRIPTION COMMAND...: runs COMMAND, stdout to $tmp/out, stderr to $tmp/err.
+expect() {
+    want=$1
+    what=$2
+    shift 2
+    "$@" >"$tmp/out" 2>"$tmp/err"
+    got=$?
+    if [ "$got" = "$want" ]; then ok; else fail "$what: exit status $got, expected $want"; fi
+}
+contains() { # FILE TEXT DESCRIPTION
+    if grep -F -q -- "$2" "$1"; then ok; else fail "$3: '$2' not in $(basename "$1")"; fi
+}
+absent() { # PATH DESCRIPTION
+    if [ -e "$1" ]; then fail "$2: $1 exists"; else ok; fi
+}
+# deck NAME INPUTS OUTPUT BAD_ROWS [TOKENIZER]: writes $tmp/NAME.yaml.
+deck() {
+    {
+        echo "phase: prepare"
+        echo "run:"
+        echo "  output_dir: $tmp/run-$1"
+        echo "prepare:"
+        echo "  inputs: [$2]"
+        echo "  output: $3"
+        echo "  bad_rows: $4"
+        [ $# -ge 5 ] && echo "  tokenizer: $5"
+    } >"$tmp/$1.yaml"
+}
+
+good='{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}'
+{
+    echo "$good"
+    echo '{"prompt": "2+2", "completion": "4"}'
+    echo '{"text": "unterminated"'
+    echo '{"text": "fine"}'
+} >"$tmp/bad.jsonl"
+
+# A good run: the example data, on 1 rank and on 2; the same file both times.
+deck good "$src/input/data/demo.jsonl" "$tmp/data/demo.h5" abort
+expect 0 "good run" "$esft" "$tmp/good.yaml"
+[ -s "$tmp/data/demo.h5" ] && ok || fail "good run: $tmp/data/demo.h5 not written"
+absent "$tmp/data/demo.h5.tmp" "good run"
+contains "$tmp/out" "demo.jsonl: 64 rows" "good run: per-file line"
+contains "$tmp/out" "prepare: 64 samples" "good run: summary"
+contains "$tmp/run-good/metrics.jsonl" '"event": "prepare"' "good run: metrics"
+contains "$tmp/run-good/metrics.jsonl" '"samples": 64' "good run: metrics"
+expect 0 "good run on 2 ranks" $mpirun 2 "$esft" "$tmp/good.yaml" "prepare.output=$tmp/data/demo-2.h5"
+cmp -s "$tmp/data/demo.h5" "$tmp/data/demo-2.h5" && ok || fail "1 and 2 ranks wrote different files"
+n=$(grep -c "prepare: 64 samples" "$tmp/out")
+[ "$n" = 1 ] && ok || fail "good run on 2 ranks: summary printed $n times"
+
+# A bad row under abort: status 2, FILE:LINE: on stderr, no output, no directory.
+deck abort "$tmp/bad.jsonl" "$tmp/abort-out/bad.h5" abort
+expect 2 "bad row, abort" "$esft" "$tmp/abort.yaml"
+contains "$tmp/err" "$tmp/bad.jsonl:3: invalid JSON" "bad row, abort"
+absent "$tmp/abort-out/bad.h5" "bad row, abort"
+absent "$tmp/abort-out" "bad row, abort"
+expect 2 "bad row, abort, 3 ranks" $mpirun 3 "$esft" "$tmp/abort.yaml"
+n=$(grep -c "$tmp/bad.jsonl:3:" "$tmp/err")
+[ "$n" = 1 ] && ok || fail "bad row, abort, 3 ranks: message printed $n times"
+absent "$tmp/abort-out" "bad row, abort, 3 ranks"
+# An older dataset at the output path is left as it was.
+cp "$tmp/data/demo.h5" "$tmp/data/before.h5"
+expect 2 "bad row over an existing dataset" "$esft" "$tmp/abort.yaml" "prepare.output=$tmp/data/demo.h5"
+cmp -s "$tmp/data/demo.h5" "$tmp/data/before.h5" && ok || fail "a refused run changed the existing dataset"
+
+# The same under skip: warned with FILE:LINE:, counted, the rest written.
+expect 0 "bad row, skip" "$esft" "$tmp/abort.yaml" prepare.bad_rows=skip
+contains "$tmp/err" "warning: $tmp/bad.jsonl:3: invalid JSON" "bad row, skip"
+contains "$tmp/out" "prepare: 3 samples" "bad row, skip"
+contains "$tmp/out" "1 bad rows skipped" "bad row, skip"
+[ -s "$tmp/abort-out/bad.h5" ] && ok || fail "bad row, skip: nothing written"
+contains "$tmp/run-abort/metrics.jsonl" '"rows_skipped": 1' "bad row, skip: metrics"
+
+# Many bad rows under skip: 20 printed, the rest counted.
+i=0
+: >"$tmp/many.jsonl"
+while [ $i -lt 25 ]; do
+    echo '{"messages": []}' >>"$tmp/many.jsonl"
+    echo "$good" >>"$tmp/many.jsonl"
+    i=$((i + 1))
+done
+deck many "$tmp/many.jsonl" "$tmp/many.h5" skip
+expect 0 "25 bad rows, skip" "$esft" "$tmp/many.yaml"
+n=$(grep -c "many.jsonl:[0-9]*: \"messages\" is an empty list" "$tmp/err")
+[ "$n" = 20 ] && ok || fail "25 bad rows, skip: $n warnings printed, expected 20"
+contains "$tmp/err" "5 more bad rows skipped" "25 bad rows, skip"
+contains "$tmp/out" "prepare: 25 samples" "25 bad rows, skip"
+contains "$tmp/err" "many.jsonl:39:" "25 bad rows, skip: line numbers"
+if grep -F -q "many.jsonl:41:" "$tmp/err"; then fail "25 bad rows, skip: the 21st printed"; else ok; fi
+
+# Nothing usable: status 2, nothing written.
+deck none "$tmp/bad.jsonl" "$tmp/none.h5" skip
+printf '\n[1]\n\n' >"$tmp/only-bad.jsonl"
+expect 2 "no usable row" "$esft" "$tmp/none.yaml" "prepare.inputs=[$tmp/only-bad.jsonl]"
+contains "$tmp/err" "no usable row" "no usable row"
+absent "$tmp/none.h5" "no usable row"
+
+# An input that cannot be opened: named, status 2, nothing written.
+deck missing "$tmp/bad.jsonl, $tmp/absent.jsonl" "$tmp/missing.h5" skip
+expect 2 "missing input" "$esft" "$tmp/missing.yaml"
+contains "$tmp/err" "$tmp/absent.jsonl: cannot open input" "missing input"
+absent "$tmp/missing.h5" "missing input"
+expect 2 "directory as input" "$esft" "$tmp/missing.yaml" "prepare.inputs=[$tmp]"
+contains "$tmp/err" "$tmp: is a directory" "directory as input"
+
+# A tokenizer this version does not have: named with the deck position.
+deck tok "$src/input/data/demo.jsonl" "$tmp/tok.h5" abort gpt2/tokenizer.json
+expect 2 "unsupported tokenizer" $mpirun 2 "$esft" "$tmp/tok.yaml"
+contains "$tmp/err" "$tmp/tok.yaml:8:3: prepare.tokenizer" "unsupported tokenizer"
+contains "$tmp/err" "tokenizer 'gpt2/tokenizer.json' is not supported yet; use byte" "unsupported tokenizer"
+n=$(grep -c "not supported yet" "$tmp/err")
+[ "$n" = 1 ] && ok || fail "unsupported tokenizer: message printed $n times"
+absent "$tmp/tok.h5" "unsupported tokenizer"
+
+echo "test-prepare: $passed checks passed, $failed failed"
+[ "$failed" = 0 ]

@@ -1,0 +1,96 @@
+#!/bin/sh
+# test-select: the select phase as a user meets it through the esft program: a deck whose
+# statistics file is missing (listed, or the default this run's score output) ends with
+# status 2, a message naming the file, and none of select's outputs written.
+# (tests/test_select.c covers the selection itself and the files a good run writes.)
+set -u
+src=${ESFT_TOP_SRCDIR:-.}
+build=${ESFT_TOP_BUILDDIR:-.}
+mpirun=${TESTMPIRUN:-mpiexec --oversubscribe -n}
+esft="$build/esft"
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/esft-select.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+passed=0
+failed=0
+
+ok() { passed=$((passed + 1)); }
+fail() {
+    failed=$((failed + 1))
+    echo "FAILED: $*"
+    [ -f "$tmp/err" ] && sed 's/^/    stderr: /' "$tmp/err" | head -n 12
+}
+# expect STATUS DESCRIPTION COMMAND...: runs COMMAND, stdout to $tmp/out, stderr to $tmp/err.
+expect() {
+    want=$1
+    what=$2
+    shift 2
+    "$@" >"$tmp/out" 2>"$tmp/err"
+    got=$?
+    if [ "$got" = "$want" ]; then ok; else fail "$what: exit status $got, expected $want"; fi
+}
+contains() { # FILE TEXT DESCRIPTION
+    if grep -F -q -- "$2" "$1"; then ok; else fail "$3: '$2' not in $(basename "$1")"; fi
+}
+# nothing_written DIR DESCRIPTION: none of select's outputs (nor their temporary files).
+nothing_written() {
+    for f in expert_config.json expert_config.svg trainable_tensors.txt \
+        expert_config.json.tmp expert_config.svg.tmp trainable_tensors.txt.tmp; do
+        if [ -e "$1/$f" ]; then fail "$2: $f written by a refused run"; else ok; fi
+    done
+}
+
+model="$src/tests/golden/qwen2_moe"
+
+# A listed statistics file that does not exist.
+cat >"$tmp/missing.yaml" <<EOF
+phase: select
+run:
+  output_dir: $tmp/out-missing
+model:
+  path: $model
+select:
+  stats: [$tmp/absent_stats.h5]
+  top_p: 0.2
+EOF
+expect 2 "missing stats file" "$esft" "$tmp/missing.yaml"
+contains "$tmp/err" "$tmp/absent_stats.h5" "missing stats file"
+contains "$tmp/err" "cannot open statistics file" "missing stats file"
+nothing_written "$tmp/out-missing" "missing stats file"
+
+# The same under 3 ranks: one message, every rank ends with status 2.
+expect 2 "missing stats file, 3 ranks" $mpirun 3 "$esft" "$tmp/missing.yaml"
+contains "$tmp/err" "$tmp/absent_stats.h5" "missing stats file, 3 ranks"
+n=$(grep -c "absent_stats.h5" "$tmp/err")
+[ "$n" = 1 ] && ok || fail "missing stats file, 3 ranks: message printed $n times"
+nothing_written "$tmp/out-missing" "missing stats file, 3 ranks"
+
+# No select.stats: the default is this run's score output, run.output_dir/score.output.
+cat >"$tmp/default.yaml" <<EOF
+phase: select
+run:
+  output_dir: $tmp/out-default
+model:
+  path: $model
+score:
+  output: math_stats.h5
+EOF
+expect 2 "default stats file missing" "$esft" "$tmp/default.yaml"
+contains "$tmp/err" "$tmp/out-default/math_stats.h5" "default stats file missing"
+nothing_written "$tmp/out-default" "default stats file missing"
+
+# A file that is not a statistics file (a model's config.json) is refused by name.
+cat >"$tmp/not-stats.yaml" <<EOF
+phase: select
+run:
+  output_dir: $tmp/out-not-stats
+model:
+  path: $model
+select:
+  stats: [$model/config.json]
+EOF
+expect 2 "not a statistics file" "$esft" "$tmp/not-stats.yaml"
+contains "$tmp/err" "$model/config.json: not an HDF5 file" "not a statistics file"
+nothing_written "$tmp/out-not-stats" "not a statistics file"
+
+echo "test-select: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
