@@ -143,5 +143,30 @@ expect 2 "init with head_dim != hidden/heads for qwen2_moe" "$esft" "$init_deck"
 contains "$tmp/err" "init.head_dim (8) must be init.hidden_size / init.num_heads" "init head_dim"
 [ -e "$tmp/m4" ] && fail "init with a bad head_dim created the model directory" || ok
 
+# The pipeline through select on the demo deck; score bitwise identical on 1 and 3 ranks.
+demo="$src/input/demo.yaml"
+d="$tmp/demo"
+paths="model.path=$d/model prepare.output=$d/data.h5 data.path=$d/data.h5 prepare.inputs=[$src/input/data/demo.jsonl]"
+# shellcheck disable=SC2086 # $paths is a list of overrides
+expect 0 "demo init + prepare" "$esft" "$demo" "phase=[init,prepare]" "run.output_dir=$d" $paths
+for np in 1 3; do
+    # shellcheck disable=SC2086
+    expect 0 "score on $np ranks" $mpirun $np "$esft" "$demo" phase=score "run.output_dir=$d/np$np" $paths
+done
+expect 0 "score 1 vs 3 ranks" "$build/tests/test_score" compare "$d/np1/routing_stats.h5" "$d/np3/routing_stats.h5"
+# shellcheck disable=SC2086
+expect 0 "select" "$esft" "$demo" phase=select "run.output_dir=$d/np3" $paths
+contains "$d/np3/expert_config.json" '"experts"' "select output"
+# score refuses a dataset whose tokens the model cannot embed, and a missing model.
+# shellcheck disable=SC2086
+expect 2 "score with too small a vocabulary" "$esft" "$demo" phase=score "run.output_dir=$d/v" $paths \
+    "model.path=$src/tests/golden/qwen3_moe"
+contains "$tmp/err" "vocabulary" "score with too small a vocabulary"
+[ -e "$d/v" ] && fail "refused score left $d/v behind" || ok
+# shellcheck disable=SC2086
+expect 2 "score without a model" "$esft" "$demo" phase=score "run.output_dir=$d/m" $paths "model.path=$d/absent"
+contains "$tmp/err" "$d/absent/config.json" "score without a model"
+[ -e "$d/m" ] && fail "refused score left $d/m behind" || ok
+
 echo "test-cli: $passed checks passed, $failed failed"
 [ "$failed" = 0 ]
