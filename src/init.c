@@ -89,7 +89,7 @@ static int write_checkpoint(const struct deck *deck, struct model *m, char *err,
     uint16_t *half = NULL;
     if (dtype != ST_F32) half = xmalloc(m->storage_floats * sizeof(uint16_t));
     struct st_writer *w = st_writer_new();
-    size_t total_bytes = 0, offset = 0;
+    size_t offset = 0;
     int rc = 0;
     for (int i = 0; i < m->n_params && rc == 0; i++) {
         struct param *p = &m->params[i];
@@ -103,14 +103,11 @@ static int write_checkpoint(const struct deck *deck, struct model *m, char *err,
             data = out;
         }
         offset += p->numel;
-        total_bytes += p->numel * st_dtype_size(dtype);
         rc = st_writer_add(w, p->name, dtype, p->rank, p->shape, data, err, err_size);
     }
     if (rc == 0) {
-        size_t shard_bytes = deck->init.shards > 1
-                                 ? (total_bytes + (size_t)deck->init.shards - 1) / (size_t)deck->init.shards
-                                 : 0;
-        rc = st_writer_write_checkpoint(w, deck->model.path, shard_bytes, err, err_size);
+        rc = st_writer_write_checkpoint(w, deck->model.path,
+                                        st_writer_shard_limit(w, deck->init.shards), err, err_size);
     }
     /* config.json last: a directory with a config is a complete checkpoint */
     if (rc == 0) rc = hfconfig_write(deck->model.path, cfg, err, err_size);

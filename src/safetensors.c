@@ -889,6 +889,49 @@ void st_shard_name(int index, int count, char *buf, size_t bufsize)
     snprintf(buf, bufsize, "model-%05d-of-%05d.safetensors", index, count);
 }
 
+/* Shards the greedy rule of st_writer_write_checkpoint makes under a byte limit. */
+static int count_shards(const struct st_entry **order, int n, size_t limit)
+{
+    int shards = 1;
+    size_t used = 0;
+    for (int i = 0; i < n; i++) {
+        if (used > 0 && used + order[i]->nbytes > limit) {
+            shards++;
+            used = 0;
+        }
+        used += order[i]->nbytes;
+    }
+    return shards;
+}
+
+size_t st_writer_shard_limit(const struct st_writer *w, int n_shards)
+{
+    char err[256];
+    const struct st_entry **order = sorted_entries(w, err, sizeof err);
+    if (!order || n_shards <= 1) {
+        free(order);
+        return 0;
+    }
+    size_t total = 0, largest = 0;
+    for (int i = 0; i < w->n; i++) {
+        total += order[i]->nbytes;
+        if (order[i]->nbytes > largest) largest = order[i]->nbytes;
+    }
+    /* the smallest limit giving at most n_shards: count_shards never rises as the limit
+     * grows, so bisect between the even share and the whole */
+    size_t low = total / (size_t)n_shards, high = total;
+    if (low < largest) low = largest;
+    while (low < high) {
+        size_t mid = low + (high - low) / 2;
+        if (count_shards(order, w->n, mid) <= n_shards)
+            high = mid;
+        else
+            low = mid + 1;
+    }
+    free(order);
+    return low;
+}
+
 int st_writer_write_checkpoint(const struct st_writer *w, const char *dir, size_t max_shard_bytes,
                                char *err, size_t errsize)
 {

@@ -143,6 +143,9 @@ int st_writer_write(const struct st_writer *w, const char *path, int with_metada
  * next one would pass the limit) and DIR/model.safetensors.index.json, the index last. */
 int st_writer_write_checkpoint(const struct st_writer *w, const char *dir, size_t max_shard_bytes,
                                char *err, size_t errsize);
+/* The smallest max_shard_bytes for which st_writer_write_checkpoint writes at most
+ * n_shards files (as many as the tensors allow); 0 when n_shards <= 1. */
+size_t st_writer_shard_limit(const struct st_writer *w, int n_shards);
 /* "model-00001-of-00002.safetensors" (1-based index, the transformers spelling). */
 void st_shard_name(int index, int count, char *buf, size_t bufsize);
 

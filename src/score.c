@@ -248,6 +248,13 @@ int phase_score(const struct deck *deck, const struct layout *layout)
         all.dp = dp;
         all.ep = grid->ep;
         all.n_ranks = dp;
+        /* the resolved deck, as --dry-run prints it, for provenance */
+        size_t deck_size = 0;
+        FILE *text = open_memstream(&all.deck, &deck_size);
+        if (text) {
+            deck_print(deck, text);
+            fclose(text);
+        }
         all.n_moe_layers = Lm;
         all.moe_layers = moe_layers;
         all.n_samples = draw.n;
@@ -296,6 +303,7 @@ int phase_score(const struct deck *deck, const struct layout *layout)
                   slowest > 0 ? total_tokens / slowest : 0.0, path);
 
     if (layout->world_rank == 0) {
+        free(all.deck);
         free(all.sample_tokens);
         free(all.sample_count);
         free(all.sample_gate);

@@ -129,6 +129,8 @@ expect 0 "init on 1 rank" "$esft" "$init_deck" "model.path=$tmp/m1" "run.output_
 for f in config.json model.safetensors.index.json; do
     [ -s "$tmp/m1/$f" ] && ok || fail "init: $f not written"
 done
+n=$(find "$tmp/m1" -name 'model-0000?-of-00002.safetensors' | wc -l)
+[ "$n" = 2 ] && ok || fail "init with init.shards 2 wrote $n shards of 2"
 contains "$tmp/o1/metrics.jsonl" '"event": "init"' "init metrics"
 contains "$tmp/o1/metrics.jsonl" '"event": "end", "status": 0' "init metrics"
 expect 0 "init on 2 ranks" $mpirun 2 "$esft" "$init_deck" "model.path=$tmp/m2" "run.output_dir=$tmp/o2"

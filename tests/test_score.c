@@ -83,6 +83,8 @@ static void check_against_golden(const char *stats_path, const struct st_file *e
     CHECK(s.n_moe_layers == 2 && s.moe_layers[0] == 0 && s.moe_layers[1] == 2,
           "MoE layers: %d", s.n_moe_layers);
     CHECK(s.num_experts == E && s.top_k == K && s.n_samples == 3, "sizes");
+    CHECK(s.deck && strstr(s.deck, "n_sample_tokens: 1000") && strstr(s.deck, "qwen2_moe"),
+          "the resolved deck is stored in the statistics file");
     /* the dataset's samples: 0 = row 0, 1 = row 1 [0, 6), 2 = row 1 [6, 13) */
     const int first[3] = {0, T, T + 6}, length[3] = {T, 6, 7};
     for (int m = 0; m < 2; m++) {
