@@ -92,6 +92,83 @@ struct backend {
      * of -log softmax(logits)[label] over the counted tokens (double), and their count. */
     double (*cross_entropy_sum)(const float *logits, const int32_t *labels, int N, int V,
                                 long long *counted);
+
+    /* ---- backward ----------------------------------------------------------------- *
+     * Each takes the gradient of the op's output and the forward's inputs (and what the
+     * forward saved), and writes input gradients. Weight gradients are ADDED to their
+     * buffers (gradient accumulation over micro-batches); a NULL weight-gradient buffer
+     * means the weight is frozen: no weight-gradient work at all. accumulate_dx adds
+     * the input gradient instead of writing it. */
+
+    /* dx[N,I] (+)= dy[N,O] @ w[O,I]; dw[O,I] += dy^T @ x; dbias[O] += column sums of dy.
+     * dx may be NULL (no input gradient needed, e.g. the first layer's input). */
+    void (*linear_backward)(float *dx, float *dw, float *dbias, const float *dy, const float *x,
+                            const float *w, int N, int I, int O, bool accumulate_dx);
+
+    /* RMSNorm: y = w * x * rstd. dx[R,D] (+)= ...; dw[D] += sum_r dy * x * rstd. rstd[R]
+     * as the forward saved it. dx may alias dy. */
+    void (*rmsnorm_backward)(float *dx, float *dw, const float *dy, const float *x,
+                             const float *w, const float *rstd, int R, int D, bool accumulate_dx);
+
+    /* In place on dx[N, n_heads, Dh]: the transpose of rope's rotation (rotate by -angle). */
+    void (*rope_backward)(float *dx, const int32_t *positions, const float *inv_freq,
+                          float attention_scaling, int N, int n_heads, int Dh, int rotary_dim);
+
+    /* dq[N, nH*Dh], dk and dv [N, nKV*Dh] (written, not added) from dout[N, nH*Dh], with
+     * the forward's q, k, v and out; probabilities recomputed block by block. */
+    void (*attention_backward)(float *dq, float *dk, float *dv, const float *dout,
+                               const float *q, const float *k, const float *v, const float *out,
+                               const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
+                               float scale);
+
+    /* dlogits[N,E] from dweights[N,K], through the top-k weights' dependence on the
+     * softmax probabilities probs[N,E] (saved by router_topk): the renormalisation when
+     * renormalise, the scaling, then the softmax. The top-k choice itself has no
+     * gradient. */
+    void (*router_topk_backward)(float *dlogits, const float *dweights, const float *probs,
+                                 const int32_t *ids, int N, int E, int K,
+                                 enum hf_router_kind kind, bool renormalise, float scaling);
+
+    /* Grouped GEMM backward: dx[M,I] = dy[M,O] @ w[e] per expert's rows (written), and
+     * dw[e][O,I] += dy_e^T @ x_e for each expert e whose dw[e] is not NULL (frozen
+     * experts: NULL, no weight-gradient GEMM). dx may be NULL. */
+    void (*grouped_linear_backward)(float *dx, float *const *dw, const float *dy,
+                                    const float *x, const float *w, const int32_t *offsets,
+                                    int E, int I, int O);
+
+    /* h = act(gate) * up: dgate, dup [count] (written) from dh. dgate may alias gate's
+     * buffer only if the forward values are not needed afterwards (they are not). */
+    void (*glu_backward)(float *dgate, float *dup, const float *dh, const float *gate,
+                         const float *up, size_t count, enum hf_activation act);
+
+    /* combine: out[n] = sum_k weights[n,k] ys[row_of_slot[n*K+k]]. dys[M,H] (written) and
+     * dweights[N,K] = <dout[n], ys[row]> (written). */
+    void (*combine_backward)(float *dys, float *dweights, const float *dout, const float *ys,
+                             const float *weights, const int32_t *row_of_slot, int N, int K,
+                             int H);
+
+    /* gather_rows: dx[N,H] (+)= sum_k dxs[row_of_slot[n*K+k]] (a gather in k order:
+     * deterministic, no atomics). */
+    void (*gather_rows_backward)(float *dx, const float *dxs, const int32_t *row_of_slot, int N,
+                                 int K, int H, bool accumulate);
+
+    /* y += sigmoid(g[n]) * s[n]: ds[N,H] = sigmoid(g) dy (written); dg[N] =
+     * <dy[n], s[n]> sigmoid(g) (1 - sigmoid(g)) (written). */
+    void (*add_sigmoid_gated_backward)(float *ds, float *dgate_logit, const float *dy,
+                                       const float *s, const float *gate_logit, int N, int H);
+
+    /* clamp: dx[i] = 0 where the forward's output y[i] sits at a bound (the input was
+     * clamped), in place. (An input exactly at the bound also gets 0; torch passes it.) */
+    void (*clamp_backward)(float *dx, const float *y, size_t count, float low, float high);
+
+    /* dlogits[N,V] = scale * (softmax(logits) - onehot(label)) for counted rows, 0 for
+     * ignored rows (label -100). scale is 1 / (loss-bearing tokens of the global batch). */
+    void (*cross_entropy_backward)(float *dlogits, const float *logits, const int32_t *labels,
+                                   int N, int V, float scale);
+
+    /* dtable[V,H] += dx[n] at row tokens[n], in token order (deterministic). */
+    void (*embedding_backward)(float *dtable, const float *dx, const int32_t *tokens, int N,
+                               int H);
 };
 
 /* The fp32 CPU backend. */
