@@ -254,6 +254,14 @@ void model_create(struct model *m, const struct model_config *cfg, const struct 
 
 void model_free(struct model *m)
 {
+    if (m->grads)
+        for (int l = 0; l < m->cfg.num_layers; l++) {
+            free(m->grads[l].expert_gate);
+            free(m->grads[l].expert_up);
+            free(m->grads[l].expert_down);
+        }
+    free(m->grads);
+    free(m->grad_storage);
     free(m->params);
     free(m->layers);
     free(m->storage);
@@ -266,6 +274,104 @@ struct param *model_find_param(struct model *m, const char *name)
     for (int i = 0; i < m->n_params; i++)
         if (strcmp(m->params[i].name, name) == 0) return &m->params[i];
     return NULL;
+}
+
+/* ---- gradients ---------------------------------------------------------------------- */
+
+/* The field of struct layer_grads (or the model's own) that holds a parameter's
+ * gradient; expert entries go to their slot in the per-expert arrays. */
+static void publish_grad(struct model *m, const struct param *p)
+{
+    if (p->layer < 0) {
+        if (p->kind == PARAM_EMBEDDING) m->embedding_grad = p->grad;
+        else if (p->kind == PARAM_LM_HEAD) m->lm_head_grad = p->grad;
+        else m->final_norm_grad = p->grad;
+        return;
+    }
+    struct layer_grads *g = &m->grads[p->layer];
+    if (p->kind == PARAM_EXPERT) {
+        float **slots = p->part == MLP_GATE ? g->expert_gate : p->part == MLP_UP ? g->expert_up
+                                                                                 : g->expert_down;
+        slots[p->expert - m->first_expert] = p->grad;
+        return;
+    }
+    /* the rest by the end of their name */
+    static const struct {
+        const char *suffix;
+        size_t offset;
+    } fields[] = {
+        {".input_layernorm.weight", offsetof(struct layer_grads, input_norm)},
+        {".post_attention_layernorm.weight", offsetof(struct layer_grads, post_norm)},
+        {".q_proj.weight", offsetof(struct layer_grads, q)},
+        {".k_proj.weight", offsetof(struct layer_grads, k)},
+        {".v_proj.weight", offsetof(struct layer_grads, v)},
+        {".o_proj.weight", offsetof(struct layer_grads, o)},
+        {".q_proj.bias", offsetof(struct layer_grads, q_bias)},
+        {".k_proj.bias", offsetof(struct layer_grads, k_bias)},
+        {".v_proj.bias", offsetof(struct layer_grads, v_bias)},
+        {".o_proj.bias", offsetof(struct layer_grads, o_bias)},
+        {".q_norm.weight", offsetof(struct layer_grads, q_norm)},
+        {".k_norm.weight", offsetof(struct layer_grads, k_norm)},
+        {".gate.weight", offsetof(struct layer_grads, router)},
+        {".shared_expert_gate.weight", offsetof(struct layer_grads, shared_expert_gate)},
+    };
+    size_t length = strlen(p->name);
+    if (p->kind == PARAM_SHARED_EXPERT && p->part != MLP_NONE) {
+        float **field = p->part == MLP_GATE ? &g->shared_gate : p->part == MLP_UP ? &g->shared_up
+                                                                                 : &g->shared_down;
+        *field = p->grad;
+        return;
+    }
+    if (p->kind == PARAM_DENSE_MLP) {
+        float **field = p->part == MLP_GATE ? &g->mlp_gate : p->part == MLP_UP ? &g->mlp_up
+                                                                              : &g->mlp_down;
+        *field = p->grad;
+        return;
+    }
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
+        size_t n = strlen(fields[i].suffix);
+        if (length >= n && strcmp(p->name + length - n, fields[i].suffix) == 0) {
+            *(float **)((char *)g + fields[i].offset) = p->grad;
+            return;
+        }
+    }
+    fatal(EXIT_RUNTIME, "model: no gradient slot for %s", p->name);
+}
+
+void model_set_trainable(struct model *m, const bool *trainable)
+{
+    if (!m->grads) {
+        m->grads = xcalloc((size_t)m->cfg.num_layers, sizeof *m->grads);
+        int local = m->n_local_experts > 0 ? m->n_local_experts : 1;
+        for (int l = 0; l < m->cfg.num_layers; l++) {
+            m->grads[l].expert_gate = xcalloc((size_t)local, sizeof(float *));
+            m->grads[l].expert_up = xcalloc((size_t)local, sizeof(float *));
+            m->grads[l].expert_down = xcalloc((size_t)local, sizeof(float *));
+        }
+    }
+    size_t total = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        m->params[i].trainable = trainable[i];
+        if (trainable[i] && m->params[i].data) total += m->params[i].numel;
+    }
+    free(m->grad_storage);
+    m->grad_storage = xcalloc(total ? total : 1, sizeof(float));
+    m->grad_floats = total;
+    size_t used = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        struct param *p = &m->params[i];
+        p->grad = NULL;
+        if (p->trainable && p->data) {
+            p->grad = m->grad_storage + used;
+            used += p->numel;
+        }
+        publish_grad(m, p);
+    }
+}
+
+void model_zero_grads(struct model *m)
+{
+    if (m->grad_storage) memset(m->grad_storage, 0, m->grad_floats * sizeof(float));
 }
 
 /* ---- loading ------------------------------------------------------------------------ */
@@ -353,88 +459,201 @@ int model_load(struct model *m, const char *dir, char *err, size_t err_size)
 
 /* ---- forward ------------------------------------------------------------------------ */
 
-struct forward_workspace {
-    int max_tokens, n_layers;
-    float *x, *xn, *h, *q, *k, *v, *attn, *ffn, *logits;
-    float *xs, *gate, *up, *ys;    /* token-slots, permuted by expert */
-    float *shared_a, *shared_b, *shared_logit;
+/* What one layer's forward leaves for its backward. In an inference workspace every
+ * layer's pointers name the same buffers. */
+struct layer_activations {
+    float *x;                  /* [N,H] layer input */
+    float *xn, *rstd_in;       /* [N,H], [N] input norm */
+    float *q_proj, *k_proj;    /* before QK-norm (QK-norm layers; else NULL) */
+    float *q_rstd, *k_rstd;    /* QK-norm's 1/rms */
+    float *q, *k, *v;          /* what attention read (after norm and RoPE) */
+    float *attn;               /* [N, nH*Dh] attention output */
+    float *h;                  /* [N,H] after the attention residual */
+    float *hn, *rstd_post;     /* [N,H], [N] post-attention norm */
+    float *probs;              /* [N,E] router probabilities */
     int32_t *offsets, *slot_of_row, *row_of_slot;
-    int32_t **topk_ids;
-    float **topk_weights, **router_logits;
+    float *gate, *up, *act;    /* [M,I] expert pre-activations and act(gate) * up */
+    float *ys;                 /* [M,H] expert outputs */
+    float *shared_gate, *shared_up, *shared_act, *shared_out, *shared_logit;
+    float *mlp_gate, *mlp_up, *mlp_act; /* dense layer */
+    float *ffn;                /* [N,H] feed-forward output */
 };
 
-struct forward_workspace *forward_workspace_new(const struct model *m, int max_tokens)
+struct forward_workspace {
+    int max_tokens, n_layers;
+    bool training;
+    struct layer_activations *layers; /* [L] */
+    float *x_final, *rstd_final, *xn_final, *logits;
+    float *xs;                        /* [M,H] gathered rows (scratch) */
+    int32_t **topk_ids;
+    float **topk_weights, **router_logits;
+    /* backward scratch */
+    float *dx, *dxn, *dq, *dk, *dv, *dattn, *dxs, *dxs2, *dys, *dact, *dgate, *dup;
+    float *dweights, *drouter, *dshared_a, *dshared_b, *dshared_act, *dshared_out, *dgate_logit;
+    void *allocations[64];
+    int n_allocations;
+};
+
+static void *ws_alloc(struct forward_workspace *ws, size_t bytes)
+{
+    if (ws->n_allocations == (int)(sizeof ws->allocations / sizeof ws->allocations[0]))
+        fatal(EXIT_RUNTIME, "forward workspace: too many buffers");
+    void *p = xcalloc(bytes ? bytes : 1, 1);
+    ws->allocations[ws->n_allocations++] = p;
+    return p;
+}
+
+/* Buffers of one layer's activations. */
+static void alloc_layer(struct forward_workspace *ws, const struct model_config *c, int N,
+                        bool moe, struct layer_activations *a)
+{
+    size_t H = (size_t)c->hidden_size, qw = (size_t)c->num_heads * c->head_dim,
+           kvw = (size_t)c->num_kv_heads * c->head_dim;
+    size_t K = (size_t)(c->top_k > 0 ? c->top_k : 1), E = (size_t)(c->num_experts > 0 ? c->num_experts : 1);
+    size_t M = (size_t)N * K, I = (size_t)c->expert_intermediate_size;
+    size_t S = (size_t)c->shared_expert_intermediate_size, D = (size_t)c->intermediate_size;
+    size_t f = sizeof(float);
+    a->x = ws_alloc(ws, N * H * f);
+    a->xn = ws_alloc(ws, N * H * f);
+    a->rstd_in = ws_alloc(ws, N * f);
+    if (c->qk_norm != QK_NORM_NONE) {
+        a->q_proj = ws_alloc(ws, N * qw * f);
+        a->k_proj = ws_alloc(ws, N * kvw * f);
+        a->q_rstd = ws_alloc(ws, N * (size_t)c->num_heads * f);
+        a->k_rstd = ws_alloc(ws, N * (size_t)c->num_kv_heads * f);
+    }
+    a->q = ws_alloc(ws, N * qw * f);
+    a->k = ws_alloc(ws, N * kvw * f);
+    a->v = ws_alloc(ws, N * kvw * f);
+    a->attn = ws_alloc(ws, N * qw * f);
+    a->h = ws_alloc(ws, N * H * f);
+    a->hn = ws_alloc(ws, N * H * f);
+    a->rstd_post = ws_alloc(ws, N * f);
+    a->ffn = ws_alloc(ws, N * H * f);
+    if (moe) {
+        a->probs = ws_alloc(ws, N * E * f);
+        a->offsets = ws_alloc(ws, (E + 1) * sizeof(int32_t));
+        a->slot_of_row = ws_alloc(ws, M * sizeof(int32_t));
+        a->row_of_slot = ws_alloc(ws, M * sizeof(int32_t));
+        a->gate = ws_alloc(ws, M * (I ? I : 1) * f);
+        a->up = ws_alloc(ws, M * (I ? I : 1) * f);
+        a->act = ws->training ? ws_alloc(ws, M * (I ? I : 1) * f) : a->gate;
+        a->ys = ws_alloc(ws, M * H * f);
+        if (S) {
+            a->shared_gate = ws_alloc(ws, N * S * f);
+            a->shared_up = ws_alloc(ws, N * S * f);
+            a->shared_act = ws->training ? ws_alloc(ws, N * S * f) : a->shared_gate;
+            a->shared_out = ws_alloc(ws, N * H * f);
+            a->shared_logit = ws_alloc(ws, N * f);
+        }
+    }
+    if (!moe || !ws->training) {
+        a->mlp_gate = ws_alloc(ws, N * (D ? D : 1) * f);
+        a->mlp_up = ws_alloc(ws, N * (D ? D : 1) * f);
+        a->mlp_act = ws->training ? ws_alloc(ws, N * (D ? D : 1) * f) : a->mlp_gate;
+    }
+}
+
+static struct forward_workspace *workspace_new(const struct model *m, int max_tokens, bool training)
 {
     const struct model_config *c = &m->cfg;
     struct forward_workspace *ws = xcalloc(1, sizeof *ws);
-    size_t N = (size_t)max_tokens, H = (size_t)c->hidden_size;
-    size_t q_width = (size_t)c->num_heads * c->head_dim, kv_width = (size_t)c->num_kv_heads * c->head_dim;
+    size_t N = (size_t)max_tokens, H = (size_t)c->hidden_size, f = sizeof(float);
     size_t K = (size_t)(c->top_k > 0 ? c->top_k : 1), E = (size_t)(c->num_experts > 0 ? c->num_experts : 1);
-    size_t I = (size_t)c->expert_intermediate_size;
-    size_t wide = (size_t)c->intermediate_size;
-    if ((size_t)c->shared_expert_intermediate_size > wide) wide = (size_t)c->shared_expert_intermediate_size;
+    size_t M = N * K, I = (size_t)(c->expert_intermediate_size ? c->expert_intermediate_size : 1);
     ws->max_tokens = max_tokens;
     ws->n_layers = c->num_layers;
-    ws->x = xmalloc(N * H * sizeof(float));
-    ws->xn = xmalloc(N * H * sizeof(float));
-    ws->h = xmalloc(N * H * sizeof(float));
-    ws->q = xmalloc(N * q_width * sizeof(float));
-    ws->k = xmalloc(N * kv_width * sizeof(float));
-    ws->v = xmalloc(N * kv_width * sizeof(float));
-    ws->attn = xmalloc(N * q_width * sizeof(float));
-    ws->ffn = xmalloc(N * H * sizeof(float));
-    ws->logits = xmalloc(N * (size_t)c->vocab_size * sizeof(float));
-    ws->xs = xmalloc(N * K * H * sizeof(float));
-    ws->gate = xmalloc(N * K * (I ? I : 1) * sizeof(float));
-    ws->up = xmalloc(N * K * (I ? I : 1) * sizeof(float));
-    ws->ys = xmalloc(N * K * H * sizeof(float));
-    ws->shared_a = xmalloc(N * (wide ? wide : 1) * sizeof(float));
-    ws->shared_b = xmalloc(N * (wide ? wide : 1) * sizeof(float));
-    ws->shared_logit = xmalloc(N * sizeof(float));
-    ws->offsets = xmalloc((E + 1) * sizeof(int32_t));
-    ws->slot_of_row = xmalloc(N * K * sizeof(int32_t));
-    ws->row_of_slot = xmalloc(N * K * sizeof(int32_t));
+    ws->training = training;
+    ws->layers = xcalloc((size_t)c->num_layers, sizeof *ws->layers);
+    if (training) {
+        for (int l = 0; l < c->num_layers; l++) alloc_layer(ws, c, max_tokens, c->is_moe[l], &ws->layers[l]);
+    } else {
+        /* one set for every layer; a model with MoE and dense layers needs both parts */
+        bool any_moe = false;
+        for (int l = 0; l < c->num_layers; l++) any_moe |= c->is_moe[l];
+        alloc_layer(ws, c, max_tokens, any_moe, &ws->layers[0]);
+        for (int l = 1; l < c->num_layers; l++) ws->layers[l] = ws->layers[0];
+    }
+    ws->x_final = ws_alloc(ws, N * H * f);
+    ws->rstd_final = ws_alloc(ws, N * f);
+    ws->xn_final = ws_alloc(ws, N * H * f);
+    ws->logits = ws_alloc(ws, N * (size_t)c->vocab_size * f);
+    ws->xs = ws_alloc(ws, M * H * f);
     ws->topk_ids = xcalloc((size_t)c->num_layers, sizeof *ws->topk_ids);
     ws->topk_weights = xcalloc((size_t)c->num_layers, sizeof *ws->topk_weights);
     ws->router_logits = xcalloc((size_t)c->num_layers, sizeof *ws->router_logits);
     for (int l = 0; l < c->num_layers; l++) {
         if (!c->is_moe[l]) continue;
-        ws->topk_ids[l] = xmalloc(N * K * sizeof(int32_t));
-        ws->topk_weights[l] = xmalloc(N * K * sizeof(float));
-        ws->router_logits[l] = xmalloc(N * E * sizeof(float));
+        /* per layer in both kinds of workspace: the score phase reads every layer's */
+        ws->topk_ids[l] = ws_alloc(ws, M * sizeof(int32_t));
+        ws->topk_weights[l] = ws_alloc(ws, M * f);
+        ws->router_logits[l] = ws_alloc(ws, N * E * f);
+    }
+    if (training) {
+        size_t qw = (size_t)c->num_heads * c->head_dim, kvw = (size_t)c->num_kv_heads * c->head_dim;
+        size_t wide = (size_t)c->intermediate_size;
+        if ((size_t)c->shared_expert_intermediate_size > wide) wide = (size_t)c->shared_expert_intermediate_size;
+        if (wide == 0) wide = 1;
+        ws->dx = ws_alloc(ws, N * H * f);
+        ws->dxn = ws_alloc(ws, N * H * f);
+        ws->dq = ws_alloc(ws, N * qw * f);
+        ws->dk = ws_alloc(ws, N * kvw * f);
+        ws->dv = ws_alloc(ws, N * kvw * f);
+        ws->dattn = ws_alloc(ws, N * qw * f);
+        ws->dxs = ws_alloc(ws, M * H * f);
+        ws->dxs2 = ws_alloc(ws, M * H * f);
+        ws->dys = ws_alloc(ws, M * H * f);
+        ws->dact = ws_alloc(ws, M * I * f);
+        ws->dgate = ws_alloc(ws, M * I * f);
+        ws->dup = ws_alloc(ws, M * I * f);
+        ws->dweights = ws_alloc(ws, M * f);
+        ws->drouter = ws_alloc(ws, N * E * f);
+        ws->dshared_a = ws_alloc(ws, N * wide * f);
+        ws->dshared_b = ws_alloc(ws, N * wide * f);
+        ws->dshared_act = ws_alloc(ws, N * wide * f);
+        ws->dshared_out = ws_alloc(ws, N * H * f);
+        ws->dgate_logit = ws_alloc(ws, N * f);
     }
     return ws;
+}
+
+struct forward_workspace *forward_workspace_new(const struct model *m, int max_tokens)
+{
+    return workspace_new(m, max_tokens, false);
+}
+
+struct forward_workspace *forward_workspace_new_training(const struct model *m, int max_tokens)
+{
+    if (m->cfg.clip_qkv > 0)
+        fatal(EXIT_INPUT, "training a model with clip_qkv (olmoe's q/k/v clamp) is not "
+              "supported yet");
+    return workspace_new(m, max_tokens, true);
 }
 
 void forward_workspace_free(struct forward_workspace *ws)
 {
     if (!ws) return;
-    free(ws->x); free(ws->xn); free(ws->h); free(ws->q); free(ws->k); free(ws->v);
-    free(ws->attn); free(ws->ffn); free(ws->logits); free(ws->xs); free(ws->gate);
-    free(ws->up); free(ws->ys); free(ws->shared_a); free(ws->shared_b); free(ws->shared_logit);
-    free(ws->offsets); free(ws->slot_of_row); free(ws->row_of_slot);
-    for (int l = 0; l < ws->n_layers; l++) {
-        free(ws->topk_ids[l]);
-        free(ws->topk_weights[l]);
-        free(ws->router_logits[l]);
-    }
-    free(ws->topk_ids); free(ws->topk_weights); free(ws->router_logits);
+    for (int i = 0; i < ws->n_allocations; i++) free(ws->allocations[i]);
+    free(ws->layers);
+    free(ws->topk_ids);
+    free(ws->topk_weights);
+    free(ws->router_logits);
     free(ws);
 }
 
 /* A dense SwiGLU-style MLP: out[N,H] = down(act(gate(x)) * up(x)), width W. */
 static void dense_mlp(const struct backend *ops, float *out, const float *x, const float *w_gate,
-                      const float *w_up, const float *w_down, float *a, float *b, int N, int H,
-                      int W, enum hf_activation act)
+                      const float *w_up, const float *w_down, float *gate, float *up, float *act,
+                      int N, int H, int W, enum hf_activation activation)
 {
-    ops->linear(a, x, w_gate, NULL, N, H, W, false);
-    ops->linear(b, x, w_up, NULL, N, H, W, false);
-    ops->glu(a, a, b, (size_t)N * W, act);
-    ops->linear(out, a, w_down, NULL, N, W, H, false);
+    ops->linear(gate, x, w_gate, NULL, N, H, W, false);
+    ops->linear(up, x, w_up, NULL, N, H, W, false);
+    ops->glu(act, gate, up, (size_t)N * W, activation);
+    ops->linear(out, act, w_down, NULL, N, W, H, false);
 }
 
 static void attention_block(const struct model *m, const struct backend *ops,
-                            struct forward_workspace *ws, const struct batch *batch, int l)
+                            struct layer_activations *a, const struct batch *batch, int l)
 {
     const struct model_config *c = &m->cfg;
     const struct layer_weights *w = &m->layers[l];
@@ -443,37 +662,37 @@ static void attention_block(const struct model *m, const struct backend *ops,
     int q_width = nH * Dh, kv_width = nKV * Dh;
     float eps = (float)c->rms_norm_eps;
 
-    ops->rmsnorm(ws->xn, NULL, ws->x, w->input_norm, N, H, eps);
-    ops->linear(ws->q, ws->xn, w->q, w->q_bias, N, H, q_width, false);
-    ops->linear(ws->k, ws->xn, w->k, w->k_bias, N, H, kv_width, false);
-    ops->linear(ws->v, ws->xn, w->v, w->v_bias, N, H, kv_width, false);
+    ops->rmsnorm(a->xn, a->rstd_in, a->x, w->input_norm, N, H, eps);
+    bool qk_norm = c->qk_norm != QK_NORM_NONE;
+    ops->linear(qk_norm ? a->q_proj : a->q, a->xn, w->q, w->q_bias, N, H, q_width, false);
+    ops->linear(qk_norm ? a->k_proj : a->k, a->xn, w->k, w->k_bias, N, H, kv_width, false);
+    ops->linear(a->v, a->xn, w->v, w->v_bias, N, H, kv_width, false);
     if (c->qk_norm == QK_NORM_PER_HEAD) {
-        ops->rmsnorm(ws->q, NULL, ws->q, w->q_norm, N * nH, Dh, eps);
-        ops->rmsnorm(ws->k, NULL, ws->k, w->k_norm, N * nKV, Dh, eps);
+        ops->rmsnorm(a->q, a->q_rstd, a->q_proj, w->q_norm, N * nH, Dh, eps);
+        ops->rmsnorm(a->k, a->k_rstd, a->k_proj, w->k_norm, N * nKV, Dh, eps);
     } else if (c->qk_norm == QK_NORM_WHOLE_PROJECTION) {
-        ops->rmsnorm(ws->q, NULL, ws->q, w->q_norm, N, q_width, eps);
-        ops->rmsnorm(ws->k, NULL, ws->k, w->k_norm, N, kv_width, eps);
+        ops->rmsnorm(a->q, a->q_rstd, a->q_proj, w->q_norm, N, q_width, eps);
+        ops->rmsnorm(a->k, a->k_rstd, a->k_proj, w->k_norm, N, kv_width, eps);
     }
     if (c->clip_qkv > 0) { /* olmoe: clamp q, k, v after the norms */
         float limit = (float)c->clip_qkv;
-        ops->clamp(ws->q, (size_t)N * q_width, -limit, limit);
-        ops->clamp(ws->k, (size_t)N * kv_width, -limit, limit);
-        ops->clamp(ws->v, (size_t)N * kv_width, -limit, limit);
+        ops->clamp(a->q, (size_t)N * q_width, -limit, limit);
+        ops->clamp(a->k, (size_t)N * kv_width, -limit, limit);
+        ops->clamp(a->v, (size_t)N * kv_width, -limit, limit);
     }
-    ops->rope(ws->q, batch->positions, m->inv_freq, (float)c->rope.attention_scaling, N, nH, Dh,
+    ops->rope(a->q, batch->positions, m->inv_freq, (float)c->rope.attention_scaling, N, nH, Dh,
               c->rope.rotary_dim);
-    ops->rope(ws->k, batch->positions, m->inv_freq, (float)c->rope.attention_scaling, N, nKV, Dh,
+    ops->rope(a->k, batch->positions, m->inv_freq, (float)c->rope.attention_scaling, N, nKV, Dh,
               c->rope.rotary_dim);
     struct attention_mask mask = {.sample_start = batch->sample_start};
-    ops->attention(ws->attn, ws->q, ws->k, ws->v, &mask, N, nH, nKV, Dh,
-                   1.0f / sqrtf((float)Dh));
-    ops->linear(ws->h, ws->attn, w->o, w->o_bias, N, q_width, H, false);
-    ops->add(ws->h, ws->h, ws->x, (size_t)N * H); /* h = x + attention */
+    ops->attention(a->attn, a->q, a->k, a->v, &mask, N, nH, nKV, Dh, 1.0f / sqrtf((float)Dh));
+    ops->linear(a->h, a->attn, w->o, w->o_bias, N, q_width, H, false);
+    ops->add(a->h, a->h, a->x, (size_t)N * H); /* h = x + attention */
 }
 
-/* Routed experts (+ shared expert) of a MoE layer on xn -> ffn. */
+/* Routed experts (+ shared expert) of a MoE layer on hn -> ffn. */
 static void moe_block(const struct model *m, const struct backend *ops,
-                      struct forward_workspace *ws, int N, int l)
+                      struct forward_workspace *ws, struct layer_activations *a, int N, int l)
 {
     const struct model_config *c = &m->cfg;
     const struct layer_weights *w = &m->layers[l];
@@ -481,27 +700,26 @@ static void moe_block(const struct model *m, const struct backend *ops,
     int M = N * K;
     bool renormalise = c->norm_topk_prob || c->family == HF_MIXTRAL;
 
-    ops->linear(ws->router_logits[l], ws->xn, w->router, NULL, N, H, E, false);
-    ops->router_topk(ws->topk_ids[l], ws->topk_weights[l], NULL, ws->router_logits[l], N, E, K,
-                     c->router, renormalise, (float)c->routed_scaling_factor);
-    ops->permute_by_expert(ws->offsets, ws->slot_of_row, ws->row_of_slot, ws->topk_ids[l], N, K, E);
-    ops->gather_rows(ws->xs, ws->xn, ws->slot_of_row, M, K, H);
-    ops->grouped_linear(ws->gate, ws->xs, w->expert_gate, ws->offsets, E, H, I);
-    ops->grouped_linear(ws->up, ws->xs, w->expert_up, ws->offsets, E, H, I);
-    ops->glu(ws->gate, ws->gate, ws->up, (size_t)M * I, c->hidden_act);
-    ops->grouped_linear(ws->ys, ws->gate, w->expert_down, ws->offsets, E, I, H);
-    ops->combine(ws->ffn, ws->ys, ws->topk_weights[l], ws->row_of_slot, N, K, H, false);
+    ops->linear(ws->router_logits[l], a->hn, w->router, NULL, N, H, E, false);
+    ops->router_topk(ws->topk_ids[l], ws->topk_weights[l], a->probs, ws->router_logits[l], N, E,
+                     K, c->router, renormalise, (float)c->routed_scaling_factor);
+    ops->permute_by_expert(a->offsets, a->slot_of_row, a->row_of_slot, ws->topk_ids[l], N, K, E);
+    ops->gather_rows(ws->xs, a->hn, a->slot_of_row, M, K, H);
+    ops->grouped_linear(a->gate, ws->xs, w->expert_gate, a->offsets, E, H, I);
+    ops->grouped_linear(a->up, ws->xs, w->expert_up, a->offsets, E, H, I);
+    ops->glu(a->act, a->gate, a->up, (size_t)M * I, c->hidden_act);
+    ops->grouped_linear(a->ys, a->act, w->expert_down, a->offsets, E, I, H);
+    ops->combine(a->ffn, a->ys, ws->topk_weights[l], a->row_of_slot, N, K, H, false);
 
     if (w->shared_gate) {
         int S = c->shared_expert_intermediate_size;
-        /* shared branch into xs (free again after the combine) */
-        dense_mlp(ops, ws->xs, ws->xn, w->shared_gate, w->shared_up, w->shared_down, ws->shared_a,
-                  ws->shared_b, N, H, S, c->hidden_act);
+        dense_mlp(ops, a->shared_out, a->hn, w->shared_gate, w->shared_up, w->shared_down,
+                  a->shared_gate, a->shared_up, a->shared_act, N, H, S, c->hidden_act);
         if (w->shared_expert_gate) {
-            ops->linear(ws->shared_logit, ws->xn, w->shared_expert_gate, NULL, N, H, 1, false);
-            ops->add_sigmoid_gated(ws->ffn, ws->xs, ws->shared_logit, N, H);
+            ops->linear(a->shared_logit, a->hn, w->shared_expert_gate, NULL, N, H, 1, false);
+            ops->add_sigmoid_gated(a->ffn, a->shared_out, a->shared_logit, N, H);
         } else {
-            ops->add(ws->ffn, ws->ffn, ws->xs, (size_t)N * H);
+            ops->add(a->ffn, a->ffn, a->shared_out, (size_t)N * H);
         }
     }
 }
@@ -510,26 +728,29 @@ void model_forward(const struct model *m, const struct backend *ops, struct forw
                    const struct batch *batch, struct forward_result *result)
 {
     const struct model_config *c = &m->cfg;
-    int N = batch->N, H = c->hidden_size, V = c->vocab_size;
+    int N = batch->N, H = c->hidden_size, V = c->vocab_size, L = c->num_layers;
     if (N > ws->max_tokens)
         fatal(EXIT_RUNTIME, "forward: batch of %d tokens exceeds the workspace (%d)", N, ws->max_tokens);
     if (m->grid.pp != 1 || m->grid.ep != 1)
         fatal(EXIT_RUNTIME, "forward: pipeline or expert parallelism is not supported yet");
 
-    ops->embedding(ws->x, batch->tokens, m->embedding, N, H);
-    for (int l = 0; l < c->num_layers; l++) {
+    ops->embedding(ws->layers[0].x, batch->tokens, m->embedding, N, H);
+    for (int l = 0; l < L; l++) {
         const struct layer_weights *w = &m->layers[l];
-        attention_block(m, ops, ws, batch, l);
-        ops->rmsnorm(ws->xn, NULL, ws->h, w->post_norm, N, H, (float)c->rms_norm_eps);
+        struct layer_activations *a = &ws->layers[l];
+        attention_block(m, ops, a, batch, l);
+        ops->rmsnorm(a->hn, a->rstd_post, a->h, w->post_norm, N, H, (float)c->rms_norm_eps);
         if (c->is_moe[l])
-            moe_block(m, ops, ws, N, l);
+            moe_block(m, ops, ws, a, N, l);
         else
-            dense_mlp(ops, ws->ffn, ws->xn, w->mlp_gate, w->mlp_up, w->mlp_down, ws->shared_a,
-                      ws->shared_b, N, H, c->intermediate_size, c->hidden_act);
-        ops->add(ws->x, ws->h, ws->ffn, (size_t)N * H); /* x = h + feed-forward */
+            dense_mlp(ops, a->ffn, a->hn, w->mlp_gate, w->mlp_up, w->mlp_down, a->mlp_gate,
+                      a->mlp_up, a->mlp_act, N, H, c->intermediate_size, c->hidden_act);
+        float *next = l + 1 < L ? ws->layers[l + 1].x : ws->x_final;
+        ops->add(next, a->h, a->ffn, (size_t)N * H); /* x = h + feed-forward */
     }
-    ops->rmsnorm(ws->xn, NULL, ws->x, m->final_norm, N, H, (float)c->rms_norm_eps);
-    ops->linear(ws->logits, ws->xn, m->lm_head, NULL, N, H, V, false);
+    ops->rmsnorm(ws->xn_final, ws->rstd_final, ws->x_final, m->final_norm, N, H,
+                 (float)c->rms_norm_eps);
+    ops->linear(ws->logits, ws->xn_final, m->lm_head, NULL, N, H, V, false);
 
     result->logits = ws->logits;
     result->topk_ids = ws->topk_ids;
@@ -539,4 +760,130 @@ void model_forward(const struct model *m, const struct backend *ops, struct forw
     result->loss_count = 0;
     if (batch->targets)
         result->loss_sum = ops->cross_entropy_sum(ws->logits, batch->targets, N, V, &result->loss_count);
+}
+
+/* ---- backward ----------------------------------------------------------------------- */
+
+/* Dense MLP backward: dy [N,H] -> dx (+)= ..., weight gradients where trainable. */
+static void dense_mlp_backward(const struct backend *ops, float *dx, bool accumulate_dx,
+                               const float *dy, const float *x, const float *w_gate,
+                               const float *w_up, const float *w_down, float *g_gate, float *g_up,
+                               float *g_down, const float *gate, const float *up, const float *act,
+                               float *dgate, float *dup, float *dact, int N, int H, int W,
+                               enum hf_activation activation)
+{
+    ops->linear_backward(dact, g_down, NULL, dy, act, w_down, N, W, H, false);
+    ops->glu_backward(dgate, dup, dact, gate, up, (size_t)N * W, activation);
+    ops->linear_backward(dx, g_gate, NULL, dgate, x, w_gate, N, H, W, accumulate_dx);
+    ops->linear_backward(dx, g_up, NULL, dup, x, w_up, N, H, W, true);
+}
+
+/* MoE backward: dy = d ffn [N,H] -> dhn [N,H] (written). */
+static void moe_backward(const struct model *m, const struct backend *ops,
+                         struct forward_workspace *ws, const struct layer_activations *a,
+                         const float *dy, float *dhn, int N, int l)
+{
+    const struct model_config *c = &m->cfg;
+    const struct layer_weights *w = &m->layers[l];
+    const struct layer_grads *g = &m->grads[l];
+    int H = c->hidden_size, E = c->num_experts, K = c->top_k, I = c->expert_intermediate_size;
+    int M = N * K;
+    bool renormalise = c->norm_topk_prob || c->family == HF_MIXTRAL;
+
+    ops->combine_backward(ws->dys, ws->dweights, dy, a->ys, ws->topk_weights[l], a->row_of_slot,
+                          N, K, H);
+    ops->grouped_linear_backward(ws->dact, g->expert_down, ws->dys, a->act, w->expert_down,
+                                 a->offsets, E, I, H);
+    ops->glu_backward(ws->dgate, ws->dup, ws->dact, a->gate, a->up, (size_t)M * I, c->hidden_act);
+    ops->gather_rows(ws->xs, a->hn, a->slot_of_row, M, K, H); /* the experts' inputs again */
+    ops->grouped_linear_backward(ws->dxs, g->expert_gate, ws->dgate, ws->xs, w->expert_gate,
+                                 a->offsets, E, H, I);
+    ops->grouped_linear_backward(ws->dxs2, g->expert_up, ws->dup, ws->xs, w->expert_up,
+                                 a->offsets, E, H, I);
+    ops->add(ws->dxs, ws->dxs, ws->dxs2, (size_t)M * H);
+    ops->gather_rows_backward(dhn, ws->dxs, a->row_of_slot, N, K, H, false);
+    /* the routing weights' gradient reaches the router input even when the router is
+     * frozen (g->router NULL: no weight gradient, the input gradient still flows) */
+    ops->router_topk_backward(ws->drouter, ws->dweights, a->probs, ws->topk_ids[l], N, E, K,
+                              c->router, renormalise, (float)c->routed_scaling_factor);
+    ops->linear_backward(dhn, g->router, NULL, ws->drouter, a->hn, w->router, N, H, E, true);
+
+    if (w->shared_gate) {
+        int S = c->shared_expert_intermediate_size;
+        const float *dshared = dy;
+        if (w->shared_expert_gate) {
+            ops->add_sigmoid_gated_backward(ws->dshared_out, ws->dgate_logit, dy, a->shared_out,
+                                            a->shared_logit, N, H);
+            ops->linear_backward(dhn, g->shared_expert_gate, NULL, ws->dgate_logit, a->hn,
+                                 w->shared_expert_gate, N, H, 1, true);
+            dshared = ws->dshared_out;
+        }
+        dense_mlp_backward(ops, dhn, true, dshared, a->hn, w->shared_gate, w->shared_up,
+                           w->shared_down, g->shared_gate, g->shared_up, g->shared_down,
+                           a->shared_gate, a->shared_up, a->shared_act, ws->dshared_a,
+                           ws->dshared_b, ws->dshared_act, N, H, S, c->hidden_act);
+    }
+}
+
+void model_backward(const struct model *m, const struct backend *ops, struct forward_workspace *ws,
+                    const struct batch *batch, float loss_scale)
+{
+    const struct model_config *c = &m->cfg;
+    if (!ws->training) fatal(EXIT_RUNTIME, "model_backward needs a training workspace");
+    if (!m->grads) fatal(EXIT_RUNTIME, "model_backward before model_set_trainable");
+    int N = batch->N, H = c->hidden_size, V = c->vocab_size, Dh = c->head_dim;
+    int nH = c->num_heads, nKV = c->num_kv_heads, q_width = nH * Dh, kv_width = nKV * Dh;
+
+    /* loss -> logits (in place) -> final norm */
+    ops->cross_entropy_backward(ws->logits, ws->logits, batch->targets, N, V, loss_scale);
+    float *lm_head_grad = c->tie_word_embeddings ? m->embedding_grad : m->lm_head_grad;
+    ops->linear_backward(ws->dxn, lm_head_grad, NULL, ws->logits, ws->xn_final, m->lm_head, N, H,
+                         V, false);
+    ops->rmsnorm_backward(ws->dx, m->final_norm_grad, ws->dxn, ws->x_final, m->final_norm,
+                          ws->rstd_final, N, H, false);
+
+    struct attention_mask mask = {.sample_start = batch->sample_start};
+    for (int l = c->num_layers - 1; l >= 0; l--) {
+        const struct layer_weights *w = &m->layers[l];
+        const struct layer_grads *g = &m->grads[l];
+        const struct layer_activations *a = &ws->layers[l];
+        /* x_next = h + ffn: ws->dx is both d h and d ffn */
+        if (c->is_moe[l])
+            moe_backward(m, ops, ws, a, ws->dx, ws->dxn, N, l);
+        else
+            dense_mlp_backward(ops, ws->dxn, false, ws->dx, a->hn, w->mlp_gate, w->mlp_up,
+                               w->mlp_down, g->mlp_gate, g->mlp_up, g->mlp_down, a->mlp_gate,
+                               a->mlp_up, a->mlp_act, ws->dgate, ws->dup, ws->dact, N, H,
+                               c->intermediate_size, c->hidden_act);
+        /* d h += post-norm backward */
+        ops->rmsnorm_backward(ws->dx, g->post_norm, ws->dxn, a->h, w->post_norm, a->rstd_post, N,
+                              H, true);
+        /* h = x + o(attn) */
+        ops->linear_backward(ws->dattn, g->o, g->o_bias, ws->dx, a->attn, w->o, N, q_width, H,
+                             false);
+        ops->attention_backward(ws->dq, ws->dk, ws->dv, ws->dattn, a->q, a->k, a->v, a->attn,
+                                &mask, N, nH, nKV, Dh, 1.0f / sqrtf((float)Dh));
+        ops->rope_backward(ws->dq, batch->positions, m->inv_freq, (float)c->rope.attention_scaling,
+                           N, nH, Dh, c->rope.rotary_dim);
+        ops->rope_backward(ws->dk, batch->positions, m->inv_freq, (float)c->rope.attention_scaling,
+                           N, nKV, Dh, c->rope.rotary_dim);
+        if (c->qk_norm == QK_NORM_PER_HEAD) {
+            ops->rmsnorm_backward(ws->dq, g->q_norm, ws->dq, a->q_proj, w->q_norm, a->q_rstd,
+                                  N * nH, Dh, false);
+            ops->rmsnorm_backward(ws->dk, g->k_norm, ws->dk, a->k_proj, w->k_norm, a->k_rstd,
+                                  N * nKV, Dh, false);
+        } else if (c->qk_norm == QK_NORM_WHOLE_PROJECTION) {
+            ops->rmsnorm_backward(ws->dq, g->q_norm, ws->dq, a->q_proj, w->q_norm, a->q_rstd, N,
+                                  q_width, false);
+            ops->rmsnorm_backward(ws->dk, g->k_norm, ws->dk, a->k_proj, w->k_norm, a->k_rstd, N,
+                                  kv_width, false);
+        }
+        ops->linear_backward(ws->dxn, g->q, g->q_bias, ws->dq, a->xn, w->q, N, H, q_width, false);
+        ops->linear_backward(ws->dxn, g->k, g->k_bias, ws->dk, a->xn, w->k, N, H, kv_width, true);
+        ops->linear_backward(ws->dxn, g->v, g->v_bias, ws->dv, a->xn, w->v, N, H, kv_width, true);
+        /* d x = d h + input-norm backward */
+        ops->rmsnorm_backward(ws->dx, g->input_norm, ws->dxn, a->x, w->input_norm, a->rstd_in, N,
+                              H, true);
+    }
+    if (m->embedding_grad) ops->embedding_backward(m->embedding_grad, ws->dx, batch->tokens, N, H);
 }

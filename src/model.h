@@ -38,6 +38,17 @@ enum mlp_part { MLP_NONE, MLP_GATE, MLP_UP, MLP_DOWN };
 
 #define PARAM_NAME_MAX 160
 
+/* The gradient buffers of a layer's trainable tensors (NULL = frozen: no gradient, no
+ * weight-gradient GEMM). Routed experts: one pointer per local expert. */
+struct layer_grads {
+    float *input_norm, *post_norm;
+    float *q, *k, *v, *o, *q_bias, *k_bias, *v_bias, *o_bias, *q_norm, *k_norm;
+    float *router;
+    float **expert_gate, **expert_up, **expert_down; /* [E_local] */
+    float *shared_gate, *shared_up, *shared_down, *shared_expert_gate;
+    float *mlp_gate, *mlp_up, *mlp_down;
+};
+
 struct param {
     char name[PARAM_NAME_MAX]; /* Hugging Face name, per-expert spelling */
     enum param_kind kind;
@@ -51,6 +62,7 @@ struct param {
     int ep_rank; /* EP rank that holds it (routed experts); -1: every EP rank of the stage */
     bool trainable;
     float *data; /* fp32 weights on this rank; NULL when another rank holds it */
+    float *grad; /* its gradient when trainable and held here, else NULL */
 };
 
 struct layer_weights {
@@ -80,6 +92,11 @@ struct model {
     float *inv_freq;                         /* [rotary_dim / 2] */
     float *storage;                          /* every weight of this rank, one allocation */
     size_t storage_floats;
+    /* gradients (model_set_trainable) */
+    struct layer_grads *grads;               /* [cfg.num_layers] */
+    float *embedding_grad, *final_norm_grad, *lm_head_grad;
+    float *grad_storage;                     /* every gradient of this rank, one allocation */
+    size_t grad_floats;
 };
 
 /* Builds the parameter table for cfg under grid (no weights) and, for the rank at
@@ -95,6 +112,13 @@ int model_load(struct model *model, const char *dir, char *err, size_t err_size)
 
 /* The entry for a Hugging Face name, or NULL. */
 struct param *model_find_param(struct model *model, const char *name);
+
+/* Marks the trainable tensors (trainable[i] for params[i]) and allocates zeroed gradient
+ * buffers for those this rank holds, in one allocation; frozen tensors get none. Call
+ * once, before the first model_backward. */
+void model_set_trainable(struct model *model, const bool *trainable);
+/* Sets every gradient to zero (the start of an optimizer step). */
+void model_zero_grads(struct model *model);
 
 /* A batch of N tokens, flattened: rows and packed samples are runs of tokens. */
 struct batch {
@@ -116,9 +140,13 @@ struct forward_result {
     long long loss_count;    /* number of counted targets */
 };
 
-/* Workspace of the forward pass for up to max_tokens tokens, allocated once. */
+/* Workspace of the forward pass for up to max_tokens tokens, allocated once. A training
+ * workspace keeps every layer's activations for model_backward; an inference workspace
+ * reuses one set for all layers. */
 struct forward_workspace;
 struct forward_workspace *forward_workspace_new(const struct model *model, int max_tokens);
+struct forward_workspace *forward_workspace_new_training(const struct model *model,
+                                                        int max_tokens);
 void forward_workspace_free(struct forward_workspace *ws);
 
 /* The whole forward pass on one rank holding every layer and expert (pp = ep = 1).
@@ -126,5 +154,13 @@ void forward_workspace_free(struct forward_workspace *ws);
 void model_forward(const struct model *model, const struct backend *ops,
                    struct forward_workspace *ws, const struct batch *batch,
                    struct forward_result *result);
+
+/* The backward pass of the last model_forward on ws (a training workspace) for the loss
+ * loss_scale * sum of the batch's token cross-entropies (loss_scale = 1 / loss-bearing
+ * tokens of the global batch makes it the global mean). Adds the gradients of the
+ * trainable tensors to their buffers; input gradients flow through frozen tensors.
+ * Overwrites the logits. */
+void model_backward(const struct model *model, const struct backend *ops,
+                    struct forward_workspace *ws, const struct batch *batch, float loss_scale);
 
 #endif

@@ -108,7 +108,10 @@ expect 0 "--ranks 8" "$esft" --dry-run --ranks 8 "$src/input/demo.yaml" parallel
 contains "$tmp/out" "layout: world 8 = pp 2 x dp 2 x ep 2" "--ranks 8"
 
 # A phase this version does not have yet: refused, and nothing is written.
-expect 2 "unavailable phase" "$esft" "$src/input/demo.yaml" "run.output_dir=$tmp/out-dir"
+# (select could run, eval cannot yet: nothing runs, nothing is written)
+expect 2 "unavailable phase" "$esft" "$src/input/demo.yaml" "phase=[select,eval]" \
+    "model.path=$src/tests/golden/qwen3_moe" "data.path=$tmp/none.h5" "run.output_dir=$tmp/out-dir"
+contains "$tmp/err" "phase 'eval' is not available" "unavailable phase"
 [ -e "$tmp/out-dir" ] && fail "unavailable phase: output directory created" || ok
 
 
