@@ -6,8 +6,9 @@
  * Threads: OpenMP owns every thread. OpenBLAS is kept single-threaded and called from
  * inside OpenMP loops over blocks of rows, experts or (sample, head) pairs; a threaded
  * OpenBLAS beside OpenMP's pool made the two spin against each other (measured: expert
- * GEMMs 1.3x faster on 2 cores when only one pool runs). A row's result does not depend
- * on how rows are split into blocks, so results do not change with the thread count. */
+ * GEMMs 1.3x faster on 2 cores when only one pool runs). Work is cut into blocks whose
+ * shapes depend only on the problem's sizes, so results do not change with the thread
+ * count (OpenBLAS's bits for an element depend on the shape of the call). */
 #include <cblas.h>
 /* OpenBLAS's cblas.h pulls in <complex.h>, whose macro I would replace the conventional
  * name of the input width. */
@@ -102,22 +103,36 @@ static void cpu_embedding(float *x, const int32_t *tokens, const float *table, i
  * OpenBLAS's kernels to run at speed, small enough to balance 2 to 64 threads. */
 enum { ROW_BLOCK = 64 };
 
-/* One contiguous range of rows per thread: each GEMM call streams the whole weight, so
- * fewer, taller calls read it fewer times (a 64-row split read lm_head's 64 MB weight
- * once per block). */
+/* The GEMM is cut into blocks that depend only on its sizes, never on the thread count:
+ * OpenBLAS's result for an element depends on the shape of the call that computes it, so
+ * a per-thread split would change results with OMP_NUM_THREADS. Wide outputs (lm_head)
+ * are cut into column blocks, so each slice of the weight is streamed once (a row split
+ * re-read lm_head's 64 MB weight once per block); narrow ones into row blocks. */
+enum { LINEAR_COLUMN_BLOCK = 1024, LINEAR_ROW_BLOCK = 256 };
+
 static void cpu_linear(float *y, const float *x, const float *w, const float *bias, int N,
                        int I, int O, bool accumulate)
 {
     if (N == 0 || O == 0) return;
-#pragma omp parallel
-    {
-        int threads = omp_get_num_threads(), t = omp_get_thread_num();
-        int per_thread = (N + threads - 1) / threads;
-        int first = t * per_thread, rows = N - first < per_thread ? N - first : per_thread;
-        if (rows > 0)
+    float beta = accumulate ? 1.0f : 0.0f;
+    if (O >= 2 * LINEAR_COLUMN_BLOCK) {
+        int blocks = (O + LINEAR_COLUMN_BLOCK - 1) / LINEAR_COLUMN_BLOCK;
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int b = 0; b < blocks; b++) {
+            int first = b * LINEAR_COLUMN_BLOCK;
+            int cols = O - first < LINEAR_COLUMN_BLOCK ? O - first : LINEAR_COLUMN_BLOCK;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, cols, I, 1.0f, x, I,
+                        w + (size_t)first * I, I, beta, y + first, O);
+        }
+    } else {
+        int blocks = (N + LINEAR_ROW_BLOCK - 1) / LINEAR_ROW_BLOCK;
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int b = 0; b < blocks; b++) {
+            int first = b * LINEAR_ROW_BLOCK;
+            int rows = N - first < LINEAR_ROW_BLOCK ? N - first : LINEAR_ROW_BLOCK;
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, O, I, 1.0f,
-                        x + (size_t)first * I, I, w, I, accumulate ? 1.0f : 0.0f,
-                        y + (size_t)first * O, O);
+                        x + (size_t)first * I, I, w, I, beta, y + (size_t)first * O, O);
+        }
     }
     if (!bias) return;
 #pragma omp parallel for schedule(static)
@@ -170,6 +185,21 @@ static _Thread_local float *attention_scratch = NULL;
 static _Thread_local size_t attention_scratch_size = 0;
 
 enum { QUERY_BLOCK = 64 };
+
+/* S[rows, keys] (scaled scores of queries first .. first+rows-1 of a sample against its
+ * keys 0 .. keys-1) -> probabilities in place: row r sees keys 0 .. first+r, the rest 0.
+ * The forward and the backward (which recomputes P) share it, so both see the same P. */
+static void causal_softmax_block(float *S, int rows, int keys, int first)
+{
+    for (int r = 0; r < rows; r++) {
+        float *row = S + (size_t)r * keys;
+        int visible = first + r + 1;
+        float sum = row_exp_store_sum(row, visible, row_max(row, visible));
+        float inverse = 1.0f / sum;
+        for (int j = 0; j < visible; j++) row[j] *= inverse;
+        for (int j = visible; j < keys; j++) row[j] = 0.0f;
+    }
+}
 
 /* Per (sample, head, block of QUERY_BLOCK queries): S = Q K^T * scale over the keys up to
  * the block's last query (one GEMM), causal softmax per row in fp32, O = P V (one GEMM).
@@ -228,14 +258,7 @@ static void cpu_attention(float *out, const float *q, const float *k, const floa
             const float *vs = v + (size_t)start * kv_stride + (size_t)kv * Dh;
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, Dh, scale, qb,
                         q_stride, ks, kv_stride, 0.0f, S, keys);
-            for (int r = 0; r < rows; r++) {
-                float *row = S + (size_t)r * keys;
-                int visible = first + r + 1;
-                float sum = row_exp_store_sum(row, visible, row_max(row, visible));
-                float inverse = 1.0f / sum;
-                for (int j = 0; j < visible; j++) row[j] *= inverse;
-                for (int j = visible; j < keys; j++) row[j] = 0.0f;
-            }
+            causal_softmax_block(S, rows, keys, first);
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, Dh, keys, 1.0f, S, keys,
                         vs, kv_stride, 0.0f, out + (size_t)(start + first) * q_stride + (size_t)h * Dh,
                         q_stride);
@@ -405,6 +428,445 @@ static double cpu_cross_entropy_sum(const float *logits, const int32_t *labels, 
     return total;
 }
 
+/* ---- backward ------------------------------------------------------------------------ *
+ * The transposes of the ops above, in the same order of operations (backend.h gives each
+ * op's contract). Determinism: every sum over rows (weight, bias and norm-weight
+ * gradients, dK/dV over query heads, embedding rows over tokens) runs in an order fixed by
+ * the data alone, never by the thread count: a GEMM splits only over output rows (each
+ * element's sum over rows stays inside one call), and column sums go through partial sums
+ * over fixed chunks of rows combined in chunk order. No atomics. */
+
+/* Rows per partial sum of a column reduction: a fixed partition, independent of threads. */
+enum { SUM_CHUNK = 256 };
+
+/* sum[D] += the column sums of partial[chunks, D], added in chunk order. */
+static void add_partial_sums(float *sum, const float *partial, int chunks, int D)
+{
+#pragma omp parallel for schedule(static)
+    for (int d = 0; d < D; d++) {
+        float total = 0.0f;
+        for (int c = 0; c < chunks; c++) total += partial[(size_t)c * D + d];
+        sum[d] += total;
+    }
+}
+
+/* sum[D] += column sums of x[R, D] */
+static void add_column_sums(float *sum, const float *x, int R, int D)
+{
+    int chunks = (R + SUM_CHUNK - 1) / SUM_CHUNK;
+    float *partial = xcalloc((size_t)chunks * D, sizeof(float));
+#pragma omp parallel for schedule(static)
+    for (int c = 0; c < chunks; c++) {
+        int end = (c + 1) * SUM_CHUNK < R ? (c + 1) * SUM_CHUNK : R;
+        float *p = partial + (size_t)c * D;
+        for (int r = c * SUM_CHUNK; r < end; r++)
+            for (int d = 0; d < D; d++) p[d] += x[(size_t)r * D + d];
+    }
+    add_partial_sums(sum, partial, chunks, D);
+    free(partial);
+}
+
+/* Rows per block when a GEMM is split over its output rows in the backward: fixed by the
+ * size alone, never by the thread count, because OpenBLAS's value for one element depends
+ * on the shape of the call it is computed in (measured: cpu_linear's per-thread split gives
+ * different bits on 1 and 3 threads). At most SPLIT_BLOCKS blocks, so that each call is
+ * tall enough to amortise packing the shared operand, and at least ROW_BLOCK rows. */
+enum { SPLIT_BLOCKS = 64 };
+
+static int split_rows(int n)
+{
+    int rows = (n + SPLIT_BLOCKS - 1) / SPLIT_BLOCKS;
+    return rows < ROW_BLOCK ? ROW_BLOCK : rows;
+}
+
+/* x[N,I], w[O,I], dy[N,O] -> dx[N,I] (+)= dy @ w, dw[O,I] += dy^T @ x, dbias[O] += sum_n dy.
+ * dx splits over blocks of rows N (a row of dx is one row of dy times w), dw over blocks of
+ * its rows O: each call sums over all N rows, so dw's summation order is fixed. */
+static void cpu_linear_backward(float *dx, float *dw, float *dbias, const float *dy, const float *x,
+                                const float *w, int N, int I, int O, bool accumulate_dx)
+{
+    if (N == 0) return;
+    if (O == 0) {
+        if (dx && !accumulate_dx) memset(dx, 0, (size_t)N * I * sizeof(float));
+        return;
+    }
+    int row_block = split_rows(N), output_block = split_rows(O);
+    int row_items = dx ? (N + row_block - 1) / row_block : 0;
+    int output_items = dw ? (O + output_block - 1) / output_block : 0;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int it = 0; it < row_items + output_items; it++) {
+        if (it < row_items) {
+            int first = it * row_block, rows = N - first < row_block ? N - first : row_block;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, I, O, 1.0f,
+                        dy + (size_t)first * O, O, w, I, accumulate_dx ? 1.0f : 0.0f,
+                        dx + (size_t)first * I, I);
+        } else {
+            int first = (it - row_items) * output_block;
+            int outputs = O - first < output_block ? O - first : output_block;
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, outputs, I, N, 1.0f, dy + first, O,
+                        x, I, 1.0f, dw + (size_t)first * I, I);
+        }
+    }
+    if (dbias) add_column_sums(dbias, dy, N, O);
+}
+
+/* y = w * (x * r), r = rstd: with xhat = x * r and dxhat = dy * w,
+ * dx = r * (dxhat - xhat * mean(dxhat * xhat)), dw += sum_rows dy * xhat. dx may alias dy
+ * (each row reads dy before writing dx), not together with accumulate_dx. */
+static void cpu_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
+                                 const float *w, const float *rstd, int R, int D,
+                                 bool accumulate_dx)
+{
+    int chunks = (R + SUM_CHUNK - 1) / SUM_CHUNK;
+    float *partial = dw ? xcalloc((size_t)chunks * D, sizeof(float)) : NULL;
+#pragma omp parallel for schedule(static)
+    for (int c = 0; c < chunks; c++) {
+        int end = (c + 1) * SUM_CHUNK < R ? (c + 1) * SUM_CHUNK : R;
+        for (int r = c * SUM_CHUNK; r < end; r++) {
+            const float *xr = x + (size_t)r * D, *dyr = dy + (size_t)r * D;
+            float inv = rstd[r];
+            if (partial) {
+                float *p = partial + (size_t)c * D;
+                for (int d = 0; d < D; d++) p[d] += dyr[d] * (xr[d] * inv);
+            }
+            if (!dx) continue;
+            float dot = 0.0f;
+            for (int d = 0; d < D; d++) dot += dyr[d] * w[d] * (xr[d] * inv);
+            float mean = dot / (float)D;
+            float *dxr = dx + (size_t)r * D;
+            for (int d = 0; d < D; d++) {
+                float g = inv * (dyr[d] * w[d] - (xr[d] * inv) * mean);
+                dxr[d] = accumulate_dx ? dxr[d] + g : g;
+            }
+        }
+    }
+    if (partial) {
+        add_partial_sums(dw, partial, chunks, D);
+        free(partial);
+    }
+}
+
+/* The forward maps (a, b) -> (a c - b s, b c + a s); its transpose maps the gradient
+ * (da, db) -> (da c + db s, db c - da s), with the forward's c and s (fp32 angle). */
+static void cpu_rope_backward(float *dx, const int32_t *positions, const float *inv_freq,
+                              float attention_scaling, int N, int n_heads, int Dh, int rotary_dim)
+{
+    int half = rotary_dim / 2;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float cosv[512], sinv[512];
+        for (int i = 0; i < half; i++) {
+            float angle = (float)positions[n] * inv_freq[i];
+            cosv[i] = cosf(angle) * attention_scaling;
+            sinv[i] = sinf(angle) * attention_scaling;
+        }
+        for (int h = 0; h < n_heads; h++) {
+            float *g = dx + ((size_t)n * n_heads + h) * Dh;
+            for (int i = 0; i < half; i++) {
+                float a = g[i], b = g[i + half];
+                g[i] = a * cosv[i] + b * sinv[i];
+                g[i + half] = b * cosv[i] - a * sinv[i];
+            }
+        }
+    }
+}
+
+static _Thread_local float *attention_backward_scratch = NULL;
+static _Thread_local size_t attention_backward_scratch_size = 0;
+
+/* Per (sample, KV head): for each query head of its group and each block of QUERY_BLOCK
+ * queries, P is recomputed exactly as the forward did, then (Dao, FlashAttention-2, alg. 2)
+ *   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - D) with D_i = <dO_i, O_i>,
+ *   dQ = scale dS K,  dK += scale dS^T Q.
+ * One work item owns its sample's dK and dV rows of that KV head, so the sums over the
+ * group's query heads and the blocks run in a fixed order, without races. */
+static void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout,
+                                   const float *q, const float *k, const float *v, const float *out,
+                                   const struct attention_mask *mask, int N, int nH, int nKV,
+                                   int Dh, float scale)
+{
+    int group = nH / nKV;
+    int q_stride = nH * Dh, kv_stride = nKV * Dh;
+    int n_items = 0, longest = 0;
+    for (int i = 0; i < N; i++)
+        if (mask->sample_start[i] == i) n_items += nKV;
+    int32_t *items = xmalloc((size_t)n_items * 3 * sizeof(int32_t)); /* start, length, kv */
+    int at = 0;
+    for (int i = 0; i < N; i++) {
+        if (mask->sample_start[i] != i) continue;
+        int end = i + 1;
+        while (end < N && mask->sample_start[end] == i) end++;
+        if (end - i > longest) longest = end - i;
+        for (int kv = 0; kv < nKV; kv++) {
+            items[3 * at] = i;
+            items[3 * at + 1] = end - i;
+            items[3 * at + 2] = kv;
+            at++;
+        }
+    }
+#pragma omp parallel
+    {
+        size_t need = 2 * (size_t)QUERY_BLOCK * (size_t)longest;
+        if (attention_backward_scratch_size < need) {
+            free(attention_backward_scratch);
+            attention_backward_scratch = xmalloc(need * sizeof(float));
+            attention_backward_scratch_size = need;
+        }
+        float *P = attention_backward_scratch;
+        float *dS = P + (size_t)QUERY_BLOCK * longest;
+#pragma omp for schedule(dynamic, 1)
+        for (int it = 0; it < n_items; it++) {
+            int start = items[3 * it], length = items[3 * it + 1], kv = items[3 * it + 2];
+            int blocks = (length + QUERY_BLOCK - 1) / QUERY_BLOCK;
+            const float *ks = k + (size_t)start * kv_stride + (size_t)kv * Dh;
+            const float *vs = v + (size_t)start * kv_stride + (size_t)kv * Dh;
+            float *dks = dk + (size_t)start * kv_stride + (size_t)kv * Dh;
+            float *dvs = dv + (size_t)start * kv_stride + (size_t)kv * Dh;
+            for (int j = 0; j < length; j++) {
+                memset(dks + (size_t)j * kv_stride, 0, (size_t)Dh * sizeof(float));
+                memset(dvs + (size_t)j * kv_stride, 0, (size_t)Dh * sizeof(float));
+            }
+            for (int h = kv * group; h < (kv + 1) * group; h++)
+                for (int b = 0; b < blocks; b++) {
+                    int first = b * QUERY_BLOCK;
+                    int rows = length - first < QUERY_BLOCK ? length - first : QUERY_BLOCK;
+                    int keys = first + rows;
+                    size_t offset = (size_t)(start + first) * q_stride + (size_t)h * Dh;
+                    const float *qb = q + offset, *dob = dout + offset, *ob = out + offset;
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, Dh, scale, qb,
+                                q_stride, ks, kv_stride, 0.0f, P, keys);
+                    causal_softmax_block(P, rows, keys, first);
+                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, Dh, rows, 1.0f, P,
+                                keys, dob, q_stride, 1.0f, dvs, kv_stride);
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, Dh, 1.0f, dob,
+                                q_stride, vs, kv_stride, 0.0f, dS, keys);
+                    for (int r = 0; r < rows; r++) {
+                        const float *dor = dob + (size_t)r * q_stride,
+                                    *orow = ob + (size_t)r * q_stride;
+                        float D = 0.0f;
+                        for (int d = 0; d < Dh; d++) D += dor[d] * orow[d];
+                        float *pr = P + (size_t)r * keys, *sr = dS + (size_t)r * keys;
+                        int visible = first + r + 1;
+                        for (int j = 0; j < visible; j++) sr[j] = pr[j] * (sr[j] - D);
+                        for (int j = visible; j < keys; j++) sr[j] = 0.0f;
+                    }
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, Dh, keys, scale,
+                                dS, keys, ks, kv_stride, 0.0f, dq + offset, q_stride);
+                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, Dh, rows, scale, dS,
+                                keys, qb, q_stride, 1.0f, dks, kv_stride);
+                }
+        }
+    }
+    free(items);
+}
+
+/* weights_k = scaling * p[id_k] / S, S = sum of the top-k p when renormalise (else 1):
+ * dp[id_k] = scaling * (dw_k / S - <dw, p[ids]> / S^2) (without renormalise: scaling *
+ * dw_k), 0 off the top-k; then the softmax's dz = p * (dp - <p, dp>). */
+static void cpu_router_topk_backward(float *dlogits, const float *dweights, const float *probs,
+                                     const int32_t *ids, int N, int E, int K,
+                                     enum hf_router_kind kind, bool renormalise, float scaling)
+{
+    if (kind != ROUTER_SOFTMAX_TOPK)
+        fatal(EXIT_RUNTIME, "cpu backend: router kind %d has no backward", (int)kind);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *p = probs + (size_t)n * E, *dw = dweights + (size_t)n * K;
+        const int32_t *id = ids + (size_t)n * K;
+        float *dz = dlogits + (size_t)n * E;
+        float total = 1.0f, correction = 0.0f;
+        if (renormalise) {
+            total = 0.0f; /* in k order, as the forward summed it */
+            for (int k = 0; k < K; k++) total += p[id[k]];
+            for (int k = 0; k < K; k++) correction += dw[k] * p[id[k]];
+            correction /= total * total;
+        }
+        for (int e = 0; e < E; e++) dz[e] = 0.0f;
+        float dot = 0.0f; /* <p, dp>, dp being 0 off the top-k */
+        for (int k = 0; k < K; k++) {
+            float dp = renormalise ? scaling * (dw[k] / total - correction) : scaling * dw[k];
+            dz[id[k]] = dp;
+            dot += p[id[k]] * dp;
+        }
+        for (int e = 0; e < E; e++) dz[e] = p[e] * (dz[e] - dot);
+    }
+}
+
+/* Per expert e: dx[rows] = dy[rows] @ w[e] (items: expert x block of ROW_BLOCK rows, as the
+ * forward), and dw[e] += dy_e^T @ x_e as one GEMM over all the expert's rows, split over
+ * blocks of OUTPUT_BLOCK output rows. Frozen experts (dw[e] NULL) and idle experts do no
+ * weight-gradient work. */
+enum { OUTPUT_BLOCK = 128 };
+
+static void cpu_grouped_linear_backward(float *dx, float *const *dw, const float *dy,
+                                        const float *x, const float *w, const int32_t *offsets,
+                                        int E, int I, int O)
+{
+    int row_items = 0, weight_items = 0, weight_blocks = (O + OUTPUT_BLOCK - 1) / OUTPUT_BLOCK;
+    for (int e = 0; e < E; e++) {
+        int rows = offsets[e + 1] - offsets[e];
+        if (dx) row_items += (rows + ROW_BLOCK - 1) / ROW_BLOCK;
+        if (dw && dw[e] && rows > 0) weight_items += weight_blocks;
+    }
+    int32_t *items = xmalloc(((size_t)row_items + weight_items) * 2 * sizeof(int32_t));
+    int at = 0; /* (expert, block) pairs: first the dx blocks, then the dw blocks */
+    for (int e = 0; e < E && dx; e++)
+        for (int b = 0; b < (offsets[e + 1] - offsets[e] + ROW_BLOCK - 1) / ROW_BLOCK; b++) {
+            items[2 * at] = e;
+            items[2 * at + 1] = b;
+            at++;
+        }
+    for (int e = 0; e < E && dw; e++)
+        if (dw[e] && offsets[e + 1] > offsets[e])
+            for (int b = 0; b < weight_blocks; b++) {
+                items[2 * at] = e;
+                items[2 * at + 1] = b;
+                at++;
+            }
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int it = 0; it < row_items + weight_items; it++) {
+        int e = items[2 * it], b = items[2 * it + 1];
+        const float *we = w + (size_t)e * O * I;
+        if (it < row_items) {
+            int first = offsets[e] + b * ROW_BLOCK;
+            int rows = offsets[e + 1] - first < ROW_BLOCK ? offsets[e + 1] - first : ROW_BLOCK;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, I, O, 1.0f,
+                        dy + (size_t)first * O, O, we, I, 0.0f, dx + (size_t)first * I, I);
+        } else {
+            int first = b * OUTPUT_BLOCK;
+            int outputs = O - first < OUTPUT_BLOCK ? O - first : OUTPUT_BLOCK;
+            int rows = offsets[e + 1] - offsets[e];
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, outputs, I, rows, 1.0f,
+                        dy + (size_t)offsets[e] * O + first, O, x + (size_t)offsets[e] * I, I, 1.0f,
+                        dw[e] + (size_t)first * I, I);
+        }
+    }
+    free(items);
+}
+
+/* h = act(g) * u: dg = dh * u * act'(g), du = dh * act(g), act(g) as the forward forms it.
+ * silu' = s (1 + g (1 - s)) with s = sigmoid(g); gelu' = Phi(g) + g phi(g). */
+static void cpu_glu_backward(float *dgate, float *dup, const float *dh, const float *gate,
+                             const float *up, size_t count, enum hf_activation act)
+{
+    if (act == ACT_SILU) {
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < count; i++) {
+            float g = gate[i], u = up[i], d = dh[i];
+            float s = 1.0f / (1.0f + expf(-g));
+            dup[i] = d * (g / (1.0f + expf(-g)));
+            dgate[i] = d * u * (s * (1.0f + g * (1.0f - s)));
+        }
+    } else {
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < count; i++) {
+            float g = gate[i], u = up[i], d = dh[i];
+            float cdf = 0.5f * (1.0f + erff(g * 0.70710678118654752440f));
+            float pdf = 0.39894228040143267794f * expf(-0.5f * g * g);
+            dup[i] = d * (0.5f * g * (1.0f + erff(g * 0.70710678118654752440f)));
+            dgate[i] = d * u * (cdf + g * pdf);
+        }
+    }
+}
+
+/* dys[row_of_slot[n,k]] = weights[n,k] dout[n]; dweights[n,k] = <dout[n], ys[row]>. */
+static void cpu_combine_backward(float *dys, float *dweights, const float *dout, const float *ys,
+                                 const float *weights, const int32_t *row_of_slot, int N, int K,
+                                 int H)
+{
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *g = dout + (size_t)n * H;
+        for (int k = 0; k < K; k++) {
+            size_t row = (size_t)row_of_slot[(size_t)n * K + k];
+            float w = weights[(size_t)n * K + k], dot = 0.0f;
+            const float *y = ys + row * H;
+            float *dy = dys + row * H;
+            for (int d = 0; d < H; d++) {
+                dot += g[d] * y[d];
+                dy[d] = w * g[d];
+            }
+            dweights[(size_t)n * K + k] = dot;
+        }
+    }
+}
+
+/* dx[n] (+)= sum_k dxs[row_of_slot[n,k]], summed in k order then added. */
+static void cpu_gather_rows_backward(float *dx, const float *dxs, const int32_t *row_of_slot, int N,
+                                     int K, int H, bool accumulate)
+{
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *o = dx + (size_t)n * H;
+        for (int d = 0; d < H; d++) {
+            float sum = 0.0f;
+            for (int k = 0; k < K; k++) sum += dxs[(size_t)row_of_slot[(size_t)n * K + k] * H + d];
+            o[d] = accumulate ? o[d] + sum : sum;
+        }
+    }
+}
+
+static void cpu_add_sigmoid_gated_backward(float *ds, float *dgate_logit, const float *dy,
+                                           const float *s, const float *gate_logit, int N, int H)
+{
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float g = 1.0f / (1.0f + expf(-gate_logit[n])), dot = 0.0f;
+        const float *dyn = dy + (size_t)n * H, *sn = s + (size_t)n * H;
+        for (int d = 0; d < H; d++) {
+            dot += dyn[d] * sn[d];
+            ds[(size_t)n * H + d] = g * dyn[d];
+        }
+        dgate_logit[n] = dot * g * (1.0f - g);
+    }
+}
+
+static void cpu_clamp_backward(float *dx, const float *y, size_t count, float low, float high)
+{
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < count; i++)
+        if (y[i] <= low || y[i] >= high) dx[i] = 0.0f;
+}
+
+/* softmax in fp32 as the forward's loss (same exponentials), then scale * (p - onehot) */
+static void cpu_cross_entropy_backward(float *dlogits, const float *logits, const int32_t *labels,
+                                       int N, int V, float scale)
+{
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *g = dlogits + (size_t)n * V;
+        if (labels[n] < 0) {
+            memset(g, 0, (size_t)V * sizeof(float));
+            continue;
+        }
+        const float *z = logits + (size_t)n * V;
+        if (g != z) memcpy(g, z, (size_t)V * sizeof(float));
+        float sum = row_exp_store_sum(g, V, row_max(g, V));
+        float factor = scale / sum;
+        for (int v = 0; v < V; v++) g[v] *= factor;
+        g[labels[n]] -= scale;
+    }
+}
+
+/* dtable[tokens[n]] += dx[n], in token order: threads split the columns, never the tokens,
+ * so a repeated token's rows are always added in the same order. */
+enum { COLUMN_BLOCK = 64 };
+
+static void cpu_embedding_backward(float *dtable, const float *dx, const int32_t *tokens, int N,
+                                   int H)
+{
+    int blocks = (H + COLUMN_BLOCK - 1) / COLUMN_BLOCK;
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        int first = b * COLUMN_BLOCK, end = first + COLUMN_BLOCK < H ? first + COLUMN_BLOCK : H;
+        for (int n = 0; n < N; n++) {
+            float *t = dtable + (size_t)tokens[n] * H;
+            const float *g = dx + (size_t)n * H;
+            for (int d = first; d < end; d++) t[d] += g[d];
+        }
+    }
+}
+
 const struct backend *backend_cpu(void)
 {
     /* OpenBLAS runs single-threaded inside OpenMP's loops (see the banner). */
@@ -426,6 +888,19 @@ const struct backend *backend_cpu(void)
         .clamp = cpu_clamp,
         .add = cpu_add,
         .cross_entropy_sum = cpu_cross_entropy_sum,
+        .linear_backward = cpu_linear_backward,
+        .rmsnorm_backward = cpu_rmsnorm_backward,
+        .rope_backward = cpu_rope_backward,
+        .attention_backward = cpu_attention_backward,
+        .router_topk_backward = cpu_router_topk_backward,
+        .grouped_linear_backward = cpu_grouped_linear_backward,
+        .glu_backward = cpu_glu_backward,
+        .combine_backward = cpu_combine_backward,
+        .gather_rows_backward = cpu_gather_rows_backward,
+        .add_sigmoid_gated_backward = cpu_add_sigmoid_gated_backward,
+        .clamp_backward = cpu_clamp_backward,
+        .cross_entropy_backward = cpu_cross_entropy_backward,
+        .embedding_backward = cpu_embedding_backward,
     };
     return &cpu;
 }

@@ -490,14 +490,18 @@ struct forward_workspace {
     /* backward scratch */
     float *dx, *dxn, *dq, *dk, *dv, *dattn, *dxs, *dxs2, *dys, *dact, *dgate, *dup;
     float *dweights, *drouter, *dshared_a, *dshared_b, *dshared_act, *dshared_out, *dgate_logit;
-    void *allocations[64];
+    void **allocations; /* every buffer, freed together */
+    int allocation_capacity;
     int n_allocations;
 };
 
 static void *ws_alloc(struct forward_workspace *ws, size_t bytes)
 {
-    if (ws->n_allocations == (int)(sizeof ws->allocations / sizeof ws->allocations[0]))
-        fatal(EXIT_RUNTIME, "forward workspace: too many buffers");
+    if (ws->n_allocations == ws->allocation_capacity) {
+        ws->allocation_capacity = ws->allocation_capacity ? 2 * ws->allocation_capacity : 64;
+        ws->allocations = realloc(ws->allocations, (size_t)ws->allocation_capacity * sizeof(void *));
+        if (!ws->allocations) fatal(EXIT_RUNTIME, "out of memory (forward workspace)");
+    }
     void *p = xcalloc(bytes ? bytes : 1, 1);
     ws->allocations[ws->n_allocations++] = p;
     return p;
@@ -634,6 +638,7 @@ void forward_workspace_free(struct forward_workspace *ws)
 {
     if (!ws) return;
     for (int i = 0; i < ws->n_allocations; i++) free(ws->allocations[i]);
+    free(ws->allocations);
     free(ws->layers);
     free(ws->topk_ids);
     free(ws->topk_weights);

@@ -8,6 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <omp.h>
+
 #include "backend.h"
 #include "check.h"
 #include "log.h"
@@ -154,6 +156,25 @@ static void test_router(const struct backend *ops)
           "renormalised %g %g", weights[0], weights[1]);
 }
 
+/* The same results with 1 and 3 threads, for the GEMM-based ops: wide (column blocks)
+ * and narrow (row blocks) linears, attention, grouped experts. */
+static void test_thread_independence(const struct backend *ops)
+{
+    const int shapes[3][3] = {{70, 19, 23}, {700, 33, 41}, {300, 16, 2500}};
+    for (int s = 0; s < 3; s++) {
+        int N = shapes[s][0], I = shapes[s][1], O = shapes[s][2];
+        float *x = random_array((size_t)N * I, 1.0), *w = random_array((size_t)O * I, 0.3);
+        float *y1 = xmalloc((size_t)N * O * sizeof(float)), *y3 = xmalloc((size_t)N * O * sizeof(float));
+        omp_set_num_threads(1);
+        ops->linear(y1, x, w, NULL, N, I, O, false);
+        omp_set_num_threads(3);
+        ops->linear(y3, x, w, NULL, N, I, O, false);
+        CHECK(memcmp(y1, y3, (size_t)N * O * sizeof(float)) == 0,
+              "linear %dx%dx%d differs between 1 and 3 threads", N, I, O);
+        free(x), free(w), free(y1), free(y3);
+    }
+}
+
 int main(int argc, char **argv)
 {
     MPI_Init(&argc, &argv);
@@ -164,6 +185,7 @@ int main(int argc, char **argv)
     test_linear(ops);
     test_cross_entropy(ops);
     test_router(ops);
+    test_thread_independence(ops);
     int status = check_done("test_cpu_ops");
     MPI_Finalize();
     return status;

@@ -1,0 +1,40 @@
+/* trainable: which tensors a training method updates (shared/reference/esft-semantics.md
+ * sections 3 and 5), and the expert configuration file that ESFT's choice comes from.
+ *
+ *   esft           the experts of expert_config.json; shared experts if its
+ *                  "shared_experts" is true; every non-expert tensor (attention, norms,
+ *                  embeddings, lm_head, dense MLPs, routers) if "non_expert_modules"
+ *   full           everything, routers included
+ *   frozen_router  everything but the routers
+ * lora and densemixer are refused until they exist. */
+#ifndef ESFT_TRAINABLE_H
+#define ESFT_TRAINABLE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "deck.h"
+#include "model.h"
+
+/* expert_config.json, the reference format: {"experts": {"LAYER": [ids...], ...},
+ * "shared_experts": bool, "non_expert_modules": bool} (other members ignored). */
+struct expert_config {
+    int num_layers;
+    int *n_experts;    /* [num_layers]: experts chosen in each decoder layer */
+    int **experts;     /* [num_layers] -> [n_experts[l]] */
+    bool shared_experts, non_expert_modules;
+};
+
+/* Reads and checks path against the model: every key a MoE layer of cfg, every id an
+ * expert of it, no duplicates. 0, or -1 with a message naming the file and key. */
+int expert_config_read(const char *path, const struct model_config *cfg,
+                       struct expert_config *ec, char *err, size_t err_size);
+void expert_config_free(struct expert_config *ec);
+bool expert_config_has(const struct expert_config *ec, int layer, int expert);
+
+/* trainable[i] for model->params[i] under a method (ec used by METHOD_ESFT only).
+ * Returns 0, or -1 with a message when the method is not available. */
+int trainable_select(const struct model *model, enum train_method method,
+                     const struct expert_config *ec, bool *trainable, char *err, size_t err_size);
+
+#endif
