@@ -108,7 +108,7 @@ enum { ROW_BLOCK = 64 };
  * a per-thread split would change results with OMP_NUM_THREADS. Wide outputs (lm_head)
  * are cut into column blocks, so each slice of the weight is streamed once (a row split
  * re-read lm_head's 64 MB weight once per block); narrow ones into row blocks. */
-enum { LINEAR_COLUMN_BLOCK = 1024, LINEAR_ROW_BLOCK = 256 };
+enum { LINEAR_COLUMN_BLOCK = 2048, LINEAR_ROW_BLOCK = 256 };
 
 static void cpu_linear(float *y, const float *x, const float *w, const float *bias, int N,
                        int I, int O, bool accumulate)
