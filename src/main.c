@@ -210,7 +210,7 @@ static bool model_shape(const struct deck *deck, struct layout_model *model, cha
 static bool phase_available(enum phase phase)
 {
     return phase == PHASE_INIT || phase == PHASE_PREPARE || phase == PHASE_SCORE ||
-           phase == PHASE_SELECT;
+           phase == PHASE_SELECT || phase == PHASE_TRAIN;
 }
 
 /* Whether a phase reads the model at model.path (init writes it; prepare needs none;
@@ -227,6 +227,7 @@ static int run_phase(enum phase phase, const struct deck *deck, const struct lay
     case PHASE_PREPARE: return phase_prepare(deck, layout);
     case PHASE_SCORE: return phase_score(deck, layout);
     case PHASE_SELECT: return phase_select(deck, layout);
+    case PHASE_TRAIN: return phase_train(deck, layout);
     default: fatal_all(EXIT_RUNTIME, "phase '%s' has no implementation", phase_name(phase));
     }
 }

@@ -19,4 +19,7 @@ int phase_score(const struct deck *deck, const struct layout *layout);
 /* select: statistics -> expert_config.json, heatmap, trainable names (select.c). */
 int phase_select(const struct deck *deck, const struct layout *layout);
 
+/* train: fine-tune the method's trainable tensors, checkpoint, export (train.c). */
+int phase_train(const struct deck *deck, const struct layout *layout);
+
 #endif

@@ -1,0 +1,1256 @@
+/* checkpoint: training checkpoints (HDF5), the adapter and merged exports (safetensors)
+ * and the loss-curve chart, for the train phase (see checkpoint.h for the file layout).
+ *
+ * A checkpoint is written by rank 0 alone with the serial HDF5 API (every rank holds the
+ * same trainable tensors in this version), to a dot-file in the checkpoint directory:
+ * HDF5 closes it, the bytes are fsynced, the file is renamed to its real name and the
+ * directory fsynced. A real name therefore only ever names a complete file. Object
+ * timestamps are off, so the same state gives the same bytes. Readers validate every
+ * attribute and tensor before they touch the model. */
+#include "checkpoint.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <hdf5.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "files.h"
+#include "hfconfig.h"
+#include "log.h"
+#include "safetensors.h"
+
+#define CHECKPOINT_FORMAT "esft-checkpoint"
+#define CHECKPOINT_VERSION 1
+#define CHECKPOINT_MESSAGE_MAX 2048
+#define CHECKPOINT_PATH_MAX 4200
+
+/* ---- HDF5 error messages ------------------------------------------------------------ */
+
+/* HDF5 prints its error stack by default; checkpoint calls turn that off for their
+ * duration and put the stack's first and deepest descriptions into the message. */
+struct h5_quiet {
+    H5E_auto2_t func;
+    void *data;
+};
+
+static void h5_quiet_begin(struct h5_quiet *q)
+{
+    H5Eget_auto2(H5E_DEFAULT, &q->func, &q->data);
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+}
+
+static void h5_quiet_end(const struct h5_quiet *q)
+{
+    H5Eset_auto2(H5E_DEFAULT, q->func, q->data);
+}
+
+struct h5_walk {
+    char first[256], deepest[256];
+    int n;
+};
+
+static herr_t h5_walk_entry(unsigned n, const H5E_error2_t *entry, void *data)
+{
+    struct h5_walk *w = data;
+    const char *desc = entry->desc ? entry->desc : "";
+    if (n == 0) snprintf(w->first, sizeof w->first, "%s", desc);
+    snprintf(w->deepest, sizeof w->deepest, "%s", desc);
+    w->n++;
+    return 0;
+}
+
+/* "FILE: what: the library's reason" into err (object may be NULL). */
+static void h5_fail(char *err, size_t err_size, const char *file, const char *object,
+                    const char *what)
+{
+    struct h5_walk w = {.n = 0};
+    H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD, h5_walk_entry, &w);
+    char reason[600];
+    if (w.n == 0)
+        snprintf(reason, sizeof reason, "HDF5 error");
+    else if (w.n == 1 || strcmp(w.first, w.deepest) == 0)
+        snprintf(reason, sizeof reason, "%s", w.first);
+    else
+        snprintf(reason, sizeof reason, "%s (%s)", w.first, w.deepest);
+    H5Eclear2(H5E_DEFAULT);
+    if (object)
+        snprintf(err, err_size, "%s: %s: %s: %s", file, object, what, reason);
+    else
+        snprintf(err, err_size, "%s: %s: %s", file, what, reason);
+}
+
+/* File access without HDF5's advisory locks: checkpoints are protected by the rename,
+ * and locks fail on some parallel file systems. */
+static hid_t file_access_plist(void)
+{
+    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
+#if (H5_VERS_MAJOR == 1 && H5_VERS_MINOR == 10 && H5_VERS_RELEASE >= 7) || H5_VERSION_GE(1, 12, 1)
+    H5Pset_file_locking(fapl, 0, 1);
+#endif
+    /* the 1.8 object format stores attributes of any size (the deck may pass 64 KiB) */
+    H5Pset_libver_bounds(fapl, H5F_LIBVER_V18, H5F_LIBVER_LATEST);
+    return fapl;
+}
+
+/* ---- small file-system helpers ------------------------------------------------------- */
+
+static int join(char *out, size_t size, const char *dir, const char *name, char *err,
+                size_t err_size)
+{
+    int n = snprintf(out, size, "%s/%s", dir, name);
+    if (n < 0 || (size_t)n >= size) {
+        snprintf(err, err_size, "%s/%s: path too long", dir, name);
+        return -1;
+    }
+    return 0;
+}
+
+static int fsync_path(const char *path, int flags)
+{
+    int fd = open(path, flags | O_CLOEXEC);
+    if (fd < 0) return -1;
+    int rc = fsync(fd);
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return rc;
+}
+
+static bool file_exists(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+/* Copies src to dst through dst.tmp, fsync and rename. */
+static int copy_file(const char *src, const char *dst, char *err, size_t err_size)
+{
+    FILE *in = fopen(src, "rb");
+    if (!in) {
+        snprintf(err, err_size, "%s: cannot open: %s", src, strerror(errno));
+        return -1;
+    }
+    char tmp[CHECKPOINT_PATH_MAX];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp", dst) >= (int)sizeof tmp) {
+        snprintf(err, err_size, "%s: path too long", dst);
+        fclose(in);
+        return -1;
+    }
+    FILE *out = fopen(tmp, "wb");
+    if (!out) {
+        snprintf(err, err_size, "%s: cannot create: %s", tmp, strerror(errno));
+        fclose(in);
+        return -1;
+    }
+    char buf[65536];
+    size_t n;
+    bool failed = false;
+    while (!failed && (n = fread(buf, 1, sizeof buf, in)) > 0) failed = fwrite(buf, 1, n, out) != n;
+    if (ferror(in)) {
+        snprintf(err, err_size, "%s: read failed: %s", src, strerror(errno));
+        fclose(in);
+        fclose(out);
+        remove(tmp);
+        return -1;
+    }
+    fclose(in);
+    if (!failed) failed = fflush(out) != 0 || fsync(fileno(out)) != 0;
+    int saved = errno;
+    if (fclose(out) != 0 && !failed) {
+        failed = true;
+        saved = errno;
+    }
+    if (failed) {
+        snprintf(err, err_size, "%s: write failed: %s", tmp, strerror(saved));
+        remove(tmp);
+        return -1;
+    }
+    if (rename(tmp, dst) != 0) {
+        snprintf(err, err_size, "cannot rename %s to %s: %s", tmp, dst, strerror(errno));
+        remove(tmp);
+        return -1;
+    }
+    return 0;
+}
+
+/* Only world rank 0 writes exports (a rank-local call would race on the same files). */
+static bool is_world_rank0(void)
+{
+    int initialized = 0, finalized = 0;
+    MPI_Initialized(&initialized);
+    if (initialized) MPI_Finalized(&finalized);
+    if (!initialized || finalized) return true;
+    int rank = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    return rank == 0;
+}
+
+/* ---- checkpoint names ------------------------------------------------------------------ */
+
+/* The step of a real checkpoint name "step-NNNNNNNN.h5" (the canonical %08lld spelling
+ * only: temporary files and look-alikes are not checkpoints). */
+static bool checkpoint_name_step(const char *name, long long *step)
+{
+    if (strncmp(name, "step-", 5) != 0) return false;
+    const char *p = name + 5;
+    long long value = 0;
+    int digits = 0;
+    while (*p >= '0' && *p <= '9') {
+        if (value > (LLONG_MAX - 9) / 10) return false;
+        value = value * 10 + (*p - '0');
+        p++;
+        digits++;
+    }
+    if (digits < 8 || strcmp(p, ".h5") != 0) return false;
+    char canonical[64];
+    snprintf(canonical, sizeof canonical, "step-%08lld.h5", value);
+    if (strcmp(canonical, name) != 0) return false;
+    *step = value;
+    return true;
+}
+
+/* A temporary file this module leaves when a write dies: ".step-<digits>.h5.tmp". */
+static bool checkpoint_temporary_name(const char *name)
+{
+    size_t n = strlen(name);
+    return strncmp(name, ".step-", 6) == 0 && n > 13 && strcmp(name + n - 7, ".h5.tmp") == 0;
+}
+
+struct step_list {
+    long long *steps;
+    int n, cap;
+};
+
+/* The steps of the real checkpoint names of dir; 0, -1 with errno on an unreadable
+ * directory (ENOENT: none yet). */
+static int list_checkpoints(const char *dir, struct step_list *list)
+{
+    list->steps = NULL;
+    list->n = list->cap = 0;
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    struct dirent *entry;
+    while ((entry = readdir(d)) != NULL) {
+        long long step;
+        if (!checkpoint_name_step(entry->d_name, &step)) continue;
+        if (list->n == list->cap) {
+            list->cap = list->cap ? 2 * list->cap : 16;
+            long long *grown = realloc(list->steps, (size_t)list->cap * sizeof *grown);
+            if (!grown) fatal(EXIT_RUNTIME, "out of memory listing %s", dir);
+            list->steps = grown;
+        }
+        list->steps[list->n++] = step;
+    }
+    closedir(d);
+    return 0;
+}
+
+static int compare_steps(const void *a, const void *b)
+{
+    long long x = *(const long long *)a, y = *(const long long *)b;
+    return (x > y) - (x < y);
+}
+
+/* ---- writing ------------------------------------------------------------------------ */
+
+static int put_attr_string(hid_t file, const char *name, const char *value, const char *path,
+                           char *err, size_t err_size)
+{
+    size_t n = strlen(value);
+    hid_t type = H5Tcopy(H5T_C_S1);
+    H5Tset_size(type, n > 0 ? n : 1);
+    H5Tset_strpad(type, H5T_STR_NULLTERM);
+    hid_t space = H5Screate(H5S_SCALAR);
+    hid_t attr = H5Acreate2(file, name, type, space, H5P_DEFAULT, H5P_DEFAULT);
+    int rc = 0;
+    if (attr < 0 || H5Awrite(attr, type, n > 0 ? value : "") < 0) {
+        h5_fail(err, err_size, path, name, "cannot write attribute");
+        rc = -1;
+    }
+    if (attr >= 0) H5Aclose(attr);
+    H5Sclose(space);
+    H5Tclose(type);
+    return rc;
+}
+
+/* An attribute of `count` elements (scalar when count is 1). */
+static int put_attr(hid_t file, const char *name, hid_t file_type, hid_t mem_type,
+                    const void *value, hsize_t count, const char *path, char *err, size_t err_size)
+{
+    hid_t space = count == 1 ? H5Screate(H5S_SCALAR) : H5Screate_simple(1, &count, NULL);
+    hid_t attr = H5Acreate2(file, name, file_type, space, H5P_DEFAULT, H5P_DEFAULT);
+    int rc = 0;
+    if (attr < 0 || H5Awrite(attr, mem_type, value) < 0) {
+        h5_fail(err, err_size, path, name, "cannot write attribute");
+        rc = -1;
+    }
+    if (attr >= 0) H5Aclose(attr);
+    H5Sclose(space);
+    return rc;
+}
+
+/* The tensors a checkpoint of this rank holds: trainable and held here (these are the
+ * tensors with a gradient, in the order of the gradient storage and the AdamW state). */
+static bool checkpointed(const struct param *p)
+{
+    return p->trainable && p->data != NULL;
+}
+
+/* /GROUP/<name> = data as fp32 with p's shape. */
+static int put_tensor(hid_t group, const char *group_name, const struct param *p, const float *data,
+                      hid_t dcpl, const char *path, char *err, size_t err_size)
+{
+    hsize_t dims[2] = {(hsize_t)p->shape[0], p->rank > 1 ? (hsize_t)p->shape[1] : 1};
+    hid_t space = H5Screate_simple(p->rank, dims, NULL);
+    hid_t dset = H5Dcreate2(group, p->name, H5T_IEEE_F32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+    int rc = 0;
+    if (dset < 0 || H5Dwrite(dset, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0) {
+        char object[PARAM_NAME_MAX + 32];
+        snprintf(object, sizeof object, "/%s/%s", group_name, p->name);
+        h5_fail(err, err_size, path, object, "cannot write");
+        rc = -1;
+    }
+    if (dset >= 0) H5Dclose(dset);
+    H5Sclose(space);
+    return rc;
+}
+
+/* Writes the whole checkpoint to path (rank 0). */
+static int write_checkpoint_file(const char *path, const struct model *model,
+                                 const struct adamw *opt, const struct train_position *position,
+                                 const char *method, const char *deck_text, char *err,
+                                 size_t err_size)
+{
+    hid_t fcpl = H5Pcreate(H5P_FILE_CREATE), fapl = file_access_plist();
+    hid_t gcpl = H5Pcreate(H5P_GROUP_CREATE), dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    /* no modification times: the same state writes the same bytes */
+    H5Pset_obj_track_times(fcpl, 0);
+    H5Pset_obj_track_times(gcpl, 0);
+    H5Pset_obj_track_times(dcpl, 0);
+    hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, fcpl, fapl);
+    int rc = 0;
+    if (file < 0) {
+        h5_fail(err, err_size, path, NULL, "cannot create checkpoint");
+        rc = -1;
+        goto done;
+    }
+    int32_t version = CHECKPOINT_VERSION;
+    int64_t step = position->step, epoch = position->epoch, block = position->block;
+    int64_t adam_step = opt->step;
+    uint64_t hash = model->cfg.hash;
+    if (put_attr_string(file, "format", CHECKPOINT_FORMAT, path, err, err_size) ||
+        put_attr(file, "version", H5T_STD_I32LE, H5T_NATIVE_INT32, &version, 1, path, err,
+                 err_size) ||
+        put_attr(file, "step", H5T_STD_I64LE, H5T_NATIVE_INT64, &step, 1, path, err, err_size) ||
+        put_attr(file, "epoch", H5T_STD_I64LE, H5T_NATIVE_INT64, &epoch, 1, path, err, err_size) ||
+        put_attr(file, "block", H5T_STD_I64LE, H5T_NATIVE_INT64, &block, 1, path, err, err_size) ||
+        put_attr(file, "rng", H5T_STD_U64LE, H5T_NATIVE_UINT64, position->rng, 4, path, err,
+                 err_size) ||
+        put_attr(file, "adam_step", H5T_STD_I64LE, H5T_NATIVE_INT64, &adam_step, 1, path, err,
+                 err_size) ||
+        put_attr(file, "config_hash", H5T_STD_U64LE, H5T_NATIVE_UINT64, &hash, 1, path, err,
+                 err_size) ||
+        put_attr_string(file, "method", method, path, err, err_size) ||
+        put_attr_string(file, "deck", deck_text ? deck_text : "", path, err, err_size)) {
+        rc = -1;
+        goto close_file;
+    }
+    const char *group_names[3] = {"tensors", "adam_m", "adam_v"};
+    hid_t groups[3] = {-1, -1, -1};
+    for (int g = 0; g < 3 && rc == 0; g++) {
+        groups[g] = H5Gcreate2(file, group_names[g], H5P_DEFAULT, gcpl, H5P_DEFAULT);
+        if (groups[g] < 0) {
+            h5_fail(err, err_size, path, group_names[g], "cannot create group");
+            rc = -1;
+        }
+    }
+    /* m and v: one run of numel entries per tensor with a gradient, in param order */
+    size_t offset = 0;
+    for (int i = 0; i < model->n_params && rc == 0; i++) {
+        const struct param *p = &model->params[i];
+        if (!checkpointed(p)) continue;
+        const float *sources[3] = {p->data, opt->m + offset, opt->v + offset};
+        for (int g = 0; g < 3 && rc == 0; g++)
+            rc = put_tensor(groups[g], group_names[g], p, sources[g], dcpl, path, err, err_size);
+        offset += p->numel;
+    }
+    for (int g = 0; g < 3; g++)
+        if (groups[g] >= 0) H5Gclose(groups[g]);
+close_file:
+    if (H5Fclose(file) < 0 && rc == 0) {
+        h5_fail(err, err_size, path, NULL, "cannot close checkpoint");
+        rc = -1;
+    }
+done:
+    H5Pclose(fcpl);
+    H5Pclose(fapl);
+    H5Pclose(gcpl);
+    H5Pclose(dcpl);
+    return rc;
+}
+
+/* What rank 0 checks before it writes: the state matches the model. */
+static int check_writable(const struct model *model, const struct adamw *opt,
+                          const struct train_position *position, const char *method, char *err,
+                          size_t err_size)
+{
+    if (!method || !method[0]) {
+        snprintf(err, err_size, "checkpoint_write: no method given");
+        return -1;
+    }
+    if (position->step < 0) {
+        snprintf(err, err_size, "checkpoint_write: negative step %lld", position->step);
+        return -1;
+    }
+    size_t held = 0;
+    for (int i = 0; i < model->n_params; i++) {
+        const struct param *p = &model->params[i];
+        if (p->trainable && !p->data) {
+            snprintf(err, err_size,
+                     "checkpoint_write: trainable tensor '%s' is not held on this rank under "
+                     "the layout pp %d, dp %d, ep %d; checkpoints need every trainable tensor "
+                     "on rank 0 (data parallelism only, pp = ep = 1)",
+                     p->name, model->grid.pp, model->grid.dp, model->grid.ep);
+            return -1;
+        }
+        if (checkpointed(p)) held += p->numel;
+    }
+    if (held != model->grad_floats || opt->n != held || (held > 0 && (!opt->m || !opt->v))) {
+        snprintf(err, err_size,
+                 "checkpoint_write: optimizer state of %zu values for %zu trainable values "
+                 "(adamw_init after model_set_trainable)",
+                 opt->n, held);
+        return -1;
+    }
+    return 0;
+}
+
+/* Deletes the oldest real checkpoints beyond `keep` and stray temporary files. Failures
+ * are warnings: the checkpoint just written is complete. */
+static void prune_checkpoints(const char *dir, int keep)
+{
+    struct step_list list;
+    if (list_checkpoints(dir, &list) != 0) {
+        log_warn("cannot list %s to delete old checkpoints: %s", dir, strerror(errno));
+        return;
+    }
+    qsort(list.steps, (size_t)list.n, sizeof *list.steps, compare_steps);
+    char path[CHECKPOINT_PATH_MAX];
+    for (int i = 0; i < list.n - keep; i++) {
+        snprintf(path, sizeof path, "%s/step-%08lld.h5", dir, list.steps[i]);
+        if (unlink(path) != 0 && errno != ENOENT)
+            log_warn("cannot delete old checkpoint %s: %s", path, strerror(errno));
+    }
+    free(list.steps);
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *entry;
+    while ((entry = readdir(d)) != NULL) {
+        if (!checkpoint_temporary_name(entry->d_name)) continue;
+        snprintf(path, sizeof path, "%s/%s", dir, entry->d_name);
+        if (unlink(path) != 0 && errno != ENOENT)
+            log_warn("cannot delete stray temporary file %s: %s", path, strerror(errno));
+    }
+    closedir(d);
+}
+
+/* Rank 0's part of checkpoint_write. */
+static int write_on_rank0(const char *output_dir, const struct model *model,
+                          const struct adamw *opt, const struct train_position *position,
+                          const char *method, const char *deck_text, int keep, char *err,
+                          size_t err_size)
+{
+    if (check_writable(model, opt, position, method, err, err_size)) return -1;
+    char dir[CHECKPOINT_PATH_MAX], name[64], tmp_name[64];
+    char path[CHECKPOINT_PATH_MAX], tmp[CHECKPOINT_PATH_MAX];
+    snprintf(name, sizeof name, "step-%08lld.h5", position->step);
+    snprintf(tmp_name, sizeof tmp_name, ".step-%08lld.h5.tmp", position->step);
+    if (join(dir, sizeof dir, output_dir, "checkpoints", err, err_size) ||
+        join(path, sizeof path, dir, name, err, err_size) ||
+        join(tmp, sizeof tmp, dir, tmp_name, err, err_size))
+        return -1;
+    struct stat st;
+    int failure = make_directories(dir) != 0 || stat(dir, &st) != 0 ? errno : 0;
+    if (failure == 0 && !S_ISDIR(st.st_mode)) failure = ENOTDIR; /* a file of that name */
+    if (failure != 0) {
+        snprintf(err, err_size, "%s: cannot create directory: %s", dir, strerror(failure));
+        return -1;
+    }
+    struct h5_quiet quiet;
+    h5_quiet_begin(&quiet);
+    int rc = write_checkpoint_file(tmp, model, opt, position, method, deck_text, err, err_size);
+    h5_quiet_end(&quiet);
+    if (rc != 0) {
+        unlink(tmp);
+        return -1;
+    }
+    if (fsync_path(tmp, O_RDONLY) != 0) {
+        snprintf(err, err_size, "%s: fsync failed: %s", tmp, strerror(errno));
+        unlink(tmp);
+        return -1;
+    }
+    if (rename(tmp, path) != 0) {
+        snprintf(err, err_size, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
+        unlink(tmp);
+        return -1;
+    }
+    if (fsync_path(dir, O_RDONLY | O_DIRECTORY) != 0) {
+        snprintf(err, err_size, "%s: fsync of the directory failed: %s", dir, strerror(errno));
+        return -1;
+    }
+    prune_checkpoints(dir, keep);
+    return 0;
+}
+
+int checkpoint_write(const char *output_dir, const struct model *model, const struct adamw *opt,
+                     const struct train_position *position, const char *method,
+                     const char *deck_text, int keep, MPI_Comm comm, char *err, size_t err_size)
+{
+    if (keep < 1) {
+        /* the same argument on every rank: every rank returns here */
+        snprintf(err, err_size, "checkpoint_write: keep must be at least 1, got %d", keep);
+        return -1;
+    }
+    int rank;
+    check_mpi(MPI_Comm_rank(comm, &rank));
+    struct {
+        int status;
+        char message[CHECKPOINT_MESSAGE_MAX];
+    } result = {0, ""};
+    if (rank == 0)
+        result.status = write_on_rank0(output_dir, model, opt, position, method, deck_text, keep,
+                                       result.message, sizeof result.message);
+    check_mpi(MPI_Bcast(&result, sizeof result, MPI_BYTE, 0, comm));
+    if (result.status != 0) {
+        snprintf(err, err_size, "%s", result.message);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- finding and reading -------------------------------------------------------------- */
+
+int checkpoint_latest(const char *output_dir, char *path, size_t path_size, char *err,
+                      size_t err_size)
+{
+    char dir[CHECKPOINT_PATH_MAX];
+    if (join(dir, sizeof dir, output_dir, "checkpoints", err, err_size)) return -1;
+    struct step_list list;
+    if (list_checkpoints(dir, &list) != 0) {
+        if (errno == ENOENT) return 0;
+        snprintf(err, err_size, "%s: cannot list checkpoints: %s", dir, strerror(errno));
+        return -1;
+    }
+    if (list.n == 0) {
+        free(list.steps);
+        return 0;
+    }
+    long long newest = list.steps[0];
+    for (int i = 1; i < list.n; i++)
+        if (list.steps[i] > newest) newest = list.steps[i];
+    free(list.steps);
+    int n = snprintf(path, path_size, "%s/step-%08lld.h5", dir, newest);
+    if (n < 0 || (size_t)n >= path_size) {
+        snprintf(err, err_size, "%s/step-%08lld.h5: path too long", dir, newest);
+        return -1;
+    }
+    return 1;
+}
+
+/* Opens attribute `name` of the file root; -1 with "PATH: attribute 'NAME' missing". */
+static hid_t open_attr(hid_t file, const char *name, const char *path, char *err, size_t err_size)
+{
+    htri_t exists = H5Aexists(file, name);
+    if (exists <= 0) {
+        H5Eclear2(H5E_DEFAULT);
+        snprintf(err, err_size, "%s: not an esft checkpoint: attribute '%s' missing", path, name);
+        return -1;
+    }
+    hid_t attr = H5Aopen(file, name, H5P_DEFAULT);
+    if (attr < 0) h5_fail(err, err_size, path, name, "cannot open attribute");
+    return attr;
+}
+
+/* A numeric attribute of `count` elements, converted to mem_type. */
+static int get_attr(hid_t file, const char *name, hid_t mem_type, void *value, hssize_t count,
+                    const char *path, char *err, size_t err_size)
+{
+    hid_t attr = open_attr(file, name, path, err, err_size);
+    if (attr < 0) return -1;
+    hid_t space = H5Aget_space(attr), type = H5Aget_type(attr);
+    int rc = 0;
+    H5T_class_t cls = H5Tget_class(type);
+    if (H5Sget_simple_extent_npoints(space) != count || (cls != H5T_INTEGER && cls != H5T_FLOAT)) {
+        snprintf(err, err_size, "%s: attribute '%s': expected %lld number%s", path, name,
+                 (long long)count, count == 1 ? "" : "s");
+        rc = -1;
+    } else if (H5Aread(attr, mem_type, value) < 0) {
+        h5_fail(err, err_size, path, name, "cannot read attribute");
+        rc = -1;
+    }
+    H5Tclose(type);
+    H5Sclose(space);
+    H5Aclose(attr);
+    return rc;
+}
+
+/* A fixed-length string attribute, returned in a new allocation. */
+static char *get_attr_string(hid_t file, const char *name, const char *path, char *err,
+                             size_t err_size)
+{
+    hid_t attr = open_attr(file, name, path, err, err_size);
+    if (attr < 0) return NULL;
+    hid_t space = H5Aget_space(attr), type = H5Aget_type(attr);
+    char *value = NULL;
+    if (H5Tget_class(type) != H5T_STRING || H5Tis_variable_str(type) != 0 ||
+        H5Sget_simple_extent_npoints(space) != 1) {
+        snprintf(err, err_size, "%s: attribute '%s': expected a fixed-length string", path, name);
+    } else {
+        size_t n = H5Tget_size(type);
+        value = xcalloc(n + 1, 1);
+        if (H5Aread(attr, type, value) < 0) {
+            h5_fail(err, err_size, path, name, "cannot read attribute");
+            free(value);
+            value = NULL;
+        }
+    }
+    H5Tclose(type);
+    H5Sclose(space);
+    H5Aclose(attr);
+    return value;
+}
+
+/* The identity attributes: format, version, config hash and method. */
+static int check_identity(hid_t file, const struct model *model, const char *method,
+                          const char *path, char *err, size_t err_size)
+{
+    char *format = get_attr_string(file, "format", path, err, err_size);
+    if (!format) return -1;
+    bool ours = strcmp(format, CHECKPOINT_FORMAT) == 0;
+    if (!ours)
+        snprintf(err, err_size, "%s: not an esft checkpoint (format '%s', expected '%s')", path,
+                 format, CHECKPOINT_FORMAT);
+    free(format);
+    if (!ours) return -1;
+    int32_t version;
+    if (get_attr(file, "version", H5T_NATIVE_INT32, &version, 1, path, err, err_size)) return -1;
+    if (version != CHECKPOINT_VERSION) {
+        snprintf(err, err_size, "%s: checkpoint format version %d; this esft reads version %d only",
+                 path, (int)version, CHECKPOINT_VERSION);
+        return -1;
+    }
+    uint64_t hash;
+    if (get_attr(file, "config_hash", H5T_NATIVE_UINT64, &hash, 1, path, err, err_size)) return -1;
+    if (hash != model->cfg.hash) {
+        snprintf(err, err_size,
+                 "%s: written for another base model (config hash %016" PRIx64
+                 ", this model's config.json hashes to %016" PRIx64 ")",
+                 path, hash, model->cfg.hash);
+        return -1;
+    }
+    char *written_method = get_attr_string(file, "method", path, err, err_size);
+    if (!written_method) return -1;
+    bool same = strcmp(written_method, method) == 0;
+    if (!same)
+        snprintf(err, err_size, "%s: written by a run of method '%s'; this run's method is '%s'",
+                 path, written_method, method);
+    free(written_method);
+    return same ? 0 : -1;
+}
+
+/* /GROUP/<p->name> exists, is floating point and has p's shape. */
+static int check_tensor(hid_t file, const char *group, const struct param *p, const char *path,
+                        char *err, size_t err_size)
+{
+    char object[PARAM_NAME_MAX + 32];
+    snprintf(object, sizeof object, "/%s/%s", group, p->name);
+    htri_t exists = H5Lexists(file, object, H5P_DEFAULT);
+    if (exists <= 0) {
+        H5Eclear2(H5E_DEFAULT);
+        snprintf(err, err_size,
+                 "%s: tensor '%s' missing from /%s (the checkpoint was written with another "
+                 "set of trainable tensors)",
+                 path, p->name, group);
+        return -1;
+    }
+    hid_t dset = H5Dopen2(file, object, H5P_DEFAULT);
+    if (dset < 0) {
+        h5_fail(err, err_size, path, object, "cannot open");
+        return -1;
+    }
+    hid_t space = H5Dget_space(dset), type = H5Dget_type(dset);
+    hsize_t dims[8] = {0};
+    int rank = H5Sget_simple_extent_ndims(space);
+    if (rank >= 0 && rank <= 8) H5Sget_simple_extent_dims(space, dims, NULL);
+    int rc = 0;
+    if (H5Tget_class(type) != H5T_FLOAT) {
+        snprintf(err, err_size, "%s: tensor '%s' in /%s is not floating point", path, p->name,
+                 group);
+        rc = -1;
+    } else if (rank != p->rank || (hsize_t)p->shape[0] != dims[0] ||
+               (p->rank > 1 && (hsize_t)p->shape[1] != dims[1])) {
+        char got[128] = "";
+        size_t used = 0;
+        for (int d = 0; d < rank && d < 8 && used < sizeof got; d++)
+            used += (size_t)snprintf(got + used, sizeof got - used, "%s%llu", d ? ", " : "",
+                                     (unsigned long long)dims[d]);
+        char want[64];
+        if (p->rank > 1)
+            snprintf(want, sizeof want, "%lld, %lld", (long long)p->shape[0],
+                     (long long)p->shape[1]);
+        else
+            snprintf(want, sizeof want, "%lld", (long long)p->shape[0]);
+        snprintf(err, err_size, "%s: tensor '%s' in /%s: expected shape [%s], got [%s]", path,
+                 p->name, group, want, got);
+        rc = -1;
+    }
+    H5Tclose(type);
+    H5Sclose(space);
+    H5Dclose(dset);
+    return rc;
+}
+
+struct extra_search {
+    struct model *model;
+    char extra[PARAM_NAME_MAX + 64];
+    int n;
+};
+
+static herr_t find_extra(hid_t group, const char *name, const H5L_info_t *info, void *data)
+{
+    (void)group;
+    (void)info;
+    struct extra_search *s = data;
+    s->n++;
+    const struct param *p = model_find_param(s->model, name);
+    if (p && checkpointed(p)) return 0;
+    snprintf(s->extra, sizeof s->extra, "%s", name);
+    return 1; /* stop: the first tensor the model does not train */
+}
+
+/* Every link of /GROUP is a trainable tensor held here. */
+static int check_no_extra(hid_t file, const char *group, struct model *model, const char *path,
+                          char *err, size_t err_size)
+{
+    hid_t g = H5Gopen2(file, group, H5P_DEFAULT);
+    if (g < 0) {
+        h5_fail(err, err_size, path, group, "cannot open group");
+        return -1;
+    }
+    struct extra_search search = {.model = model, .extra = "", .n = 0};
+    herr_t rc = H5Literate(g, H5_INDEX_NAME, H5_ITER_INC, NULL, find_extra, &search);
+    if (rc < 0) h5_fail(err, err_size, path, group, "cannot list group");
+    H5Gclose(g);
+    if (rc < 0) return -1;
+    if (search.extra[0]) {
+        const struct param *p = model_find_param(model, search.extra);
+        snprintf(err, err_size,
+                 "%s: tensor '%s' in /%s is %s (the checkpoint was written with another set "
+                 "of trainable tensors)",
+                 path, search.extra, group,
+                 !p ? "not a tensor of this model" : "not trainable in this run");
+        return -1;
+    }
+    return 0;
+}
+
+static int read_tensor(hid_t file, const char *group, const struct param *p, float *out,
+                       const char *path, char *err, size_t err_size)
+{
+    char object[PARAM_NAME_MAX + 32];
+    snprintf(object, sizeof object, "/%s/%s", group, p->name);
+    hid_t dset = H5Dopen2(file, object, H5P_DEFAULT);
+    int rc = 0;
+    if (dset < 0 || H5Dread(dset, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0) {
+        h5_fail(err, err_size, path, object, "cannot read");
+        rc = -1;
+    }
+    if (dset >= 0) H5Dclose(dset);
+    return rc;
+}
+
+static int read_checkpoint_file(hid_t file, const char *path, struct model *model,
+                                struct adamw *opt, struct train_position *position,
+                                const char *method, char *err, size_t err_size)
+{
+    if (check_identity(file, model, method, path, err, err_size)) return -1;
+    int64_t step, epoch, block, adam_step;
+    uint64_t rng[4];
+    if (get_attr(file, "step", H5T_NATIVE_INT64, &step, 1, path, err, err_size) ||
+        get_attr(file, "epoch", H5T_NATIVE_INT64, &epoch, 1, path, err, err_size) ||
+        get_attr(file, "block", H5T_NATIVE_INT64, &block, 1, path, err, err_size) ||
+        get_attr(file, "rng", H5T_NATIVE_UINT64, rng, 4, path, err, err_size) ||
+        get_attr(file, "adam_step", H5T_NATIVE_INT64, &adam_step, 1, path, err, err_size))
+        return -1;
+    if (step < 0 || epoch < 0 || block < 0 || adam_step < 0) {
+        snprintf(err, err_size, "%s: negative step, epoch, block or adam_step", path);
+        return -1;
+    }
+    /* everything is checked before the model and the optimizer are touched */
+    const char *groups[3] = {"tensors", "adam_m", "adam_v"};
+    size_t held = 0;
+    for (int i = 0; i < model->n_params; i++) {
+        const struct param *p = &model->params[i];
+        if (!checkpointed(p)) continue;
+        held += p->numel;
+        for (int g = 0; g < 3; g++)
+            if (check_tensor(file, groups[g], p, path, err, err_size)) return -1;
+    }
+    for (int g = 0; g < 3; g++)
+        if (check_no_extra(file, groups[g], model, path, err, err_size)) return -1;
+    if (opt->n != held || (held > 0 && (!opt->m || !opt->v))) {
+        snprintf(err, err_size,
+                 "%s: optimizer state of %zu values for %zu trainable values "
+                 "(adamw_init after model_set_trainable)",
+                 path, opt->n, held);
+        return -1;
+    }
+    size_t offset = 0;
+    for (int i = 0; i < model->n_params; i++) {
+        struct param *p = &model->params[i];
+        if (!checkpointed(p)) continue;
+        if (read_tensor(file, "tensors", p, p->data, path, err, err_size) ||
+            read_tensor(file, "adam_m", p, opt->m + offset, path, err, err_size) ||
+            read_tensor(file, "adam_v", p, opt->v + offset, path, err, err_size))
+            return -1;
+        offset += p->numel;
+    }
+    opt->step = adam_step;
+    position->step = step;
+    position->epoch = epoch;
+    position->block = block;
+    memcpy(position->rng, rng, sizeof rng);
+    return 0;
+}
+
+int checkpoint_read(const char *path, struct model *model, struct adamw *opt,
+                    struct train_position *position, const char *method, char *err, size_t err_size)
+{
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        snprintf(err, err_size, "%s: cannot open checkpoint: %s", path, strerror(errno));
+        return -1;
+    }
+    struct h5_quiet quiet;
+    h5_quiet_begin(&quiet);
+    int rc = -1;
+    htri_t is_hdf5 = H5Fis_hdf5(path);
+    if (is_hdf5 <= 0) {
+        H5Eclear2(H5E_DEFAULT);
+        snprintf(err, err_size, "%s: not an HDF5 file (a damaged or foreign checkpoint)", path);
+        goto done;
+    }
+    hid_t fapl = file_access_plist();
+    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, fapl);
+    /* the reason first: the next HDF5 call clears the error stack */
+    if (file < 0) h5_fail(err, err_size, path, NULL, "cannot open checkpoint");
+    H5Pclose(fapl);
+    if (file < 0) goto done;
+    rc = read_checkpoint_file(file, path, model, opt, position, method, err, err_size);
+    H5Fclose(file);
+    H5Eclear2(H5E_DEFAULT);
+done:
+    h5_quiet_end(&quiet);
+    return rc;
+}
+
+/* ---- exports -------------------------------------------------------------------------- */
+
+static enum st_dtype export_dtype(const struct model_config *cfg)
+{
+    switch (cfg->dtype) {
+    case HF_DTYPE_BF16:
+        return ST_BF16;
+    case HF_DTYPE_F16:
+        return ST_F16;
+    default:
+        return ST_F32;
+    }
+}
+
+/* Adds the tensors (all, or the trainable ones) to w in dtype; *buffer holds the
+ * converted copies (NULL for fp32: the weights themselves are written). */
+static int add_tensors(struct st_writer *w, const struct model *model, bool trainable_only,
+                       enum st_dtype dtype, void **buffer, char *err, size_t err_size)
+{
+    size_t total = 0;
+    for (int i = 0; i < model->n_params; i++) {
+        const struct param *p = &model->params[i];
+        if (p->data && (!trainable_only || p->trainable)) total += p->numel;
+    }
+    size_t element = st_dtype_size(dtype);
+    *buffer = dtype == ST_F32 ? NULL : xmalloc((total ? total : 1) * element);
+    uint16_t *half = *buffer;
+    for (int i = 0; i < model->n_params; i++) {
+        const struct param *p = &model->params[i];
+        if (!p->data || (trainable_only && !p->trainable)) continue;
+        const void *data = p->data;
+        if (dtype == ST_BF16) {
+            st_f32_to_bf16_array(p->data, half, p->numel);
+            data = half;
+            half += p->numel;
+        } else if (dtype == ST_F16) {
+            st_f32_to_f16_array(p->data, half, p->numel);
+            data = half;
+            half += p->numel;
+        }
+        if (st_writer_add(w, p->name, dtype, p->rank, p->shape, data, err, err_size)) return -1;
+    }
+    return 0;
+}
+
+int export_adapter(const char *dir, const struct model *model, const char *expert_config, char *err,
+                   size_t err_size)
+{
+    if (!is_world_rank0()) return 0;
+    char path[CHECKPOINT_PATH_MAX], config_path[CHECKPOINT_PATH_MAX];
+    if (join(path, sizeof path, dir, "adapter.safetensors", err, err_size) ||
+        join(config_path, sizeof config_path, dir, "expert_config.json", err, err_size))
+        return -1;
+    int n_trainable = 0;
+    for (int i = 0; i < model->n_params; i++) {
+        const struct param *p = &model->params[i];
+        if (p->trainable && !p->data) {
+            snprintf(err, err_size,
+                     "export_adapter: trainable tensor '%s' is not held on this rank under "
+                     "the layout pp %d, dp %d, ep %d",
+                     p->name, model->grid.pp, model->grid.dp, model->grid.ep);
+            return -1;
+        }
+        n_trainable += p->trainable;
+    }
+    if (n_trainable == 0) {
+        snprintf(err, err_size, "export_adapter: the model has no trainable tensors");
+        return -1;
+    }
+    if (make_directories(dir) != 0) {
+        snprintf(err, err_size, "%s: cannot create directory: %s", dir, strerror(errno));
+        return -1;
+    }
+    struct st_writer *w = st_writer_new();
+    void *buffer = NULL;
+    int rc = add_tensors(w, model, true, export_dtype(&model->cfg), &buffer, err, err_size);
+    if (rc == 0) rc = st_writer_write(w, path, 1, err, err_size);
+    st_writer_free(w);
+    free(buffer);
+    if (rc == 0 && expert_config) rc = copy_file(expert_config, config_path, err, err_size);
+    return rc;
+}
+
+/* Whether a and b name the same existing directory. */
+static bool same_directory(const char *a, const char *b)
+{
+    struct stat sa, sb;
+    if (stat(a, &sa) != 0 || stat(b, &sb) != 0) return false;
+    return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+int export_merged(const char *dir, const struct model *model, const char *base_dir,
+                  size_t max_shard_bytes, char *err, size_t err_size)
+{
+    if (!is_world_rank0()) return 0;
+    for (int i = 0; i < model->n_params; i++) {
+        const struct param *p = &model->params[i];
+        if (!p->data) {
+            snprintf(err, err_size,
+                     "export_merged: tensor '%s' is held by another rank under the layout "
+                     "pp %d, dp %d, ep %d; a merged export needs one rank holding every tensor "
+                     "(pp = ep = 1)",
+                     p->name, model->grid.pp, model->grid.dp, model->grid.ep);
+            return -1;
+        }
+    }
+    if (base_dir && (strcmp(dir, base_dir) == 0 || same_directory(dir, base_dir))) {
+        snprintf(err, err_size,
+                 "export_merged: %s is the base model's directory; the merged model goes to a "
+                 "new directory",
+                 dir);
+        return -1;
+    }
+    char path[CHECKPOINT_PATH_MAX];
+    if (join(path, sizeof path, dir, "config.json", err, err_size)) return -1;
+    if (file_exists(path)) {
+        snprintf(err, err_size,
+                 "export_merged: %s already holds a checkpoint (config.json); remove it or "
+                 "choose another directory",
+                 dir);
+        return -1;
+    }
+    if (make_directories(dir) != 0) {
+        snprintf(err, err_size, "%s: cannot create directory: %s", dir, strerror(errno));
+        return -1;
+    }
+    struct st_writer *w = st_writer_new();
+    void *buffer = NULL;
+    int rc = add_tensors(w, model, false, export_dtype(&model->cfg), &buffer, err, err_size);
+    if (rc == 0) rc = st_writer_write_checkpoint(w, dir, max_shard_bytes, err, err_size);
+    st_writer_free(w);
+    free(buffer);
+    static const char *const copied[] = {"tokenizer.json",
+                                         "tokenizer_config.json",
+                                         "special_tokens_map.json",
+                                         "vocab.json",
+                                         "merges.txt",
+                                         "tokenizer.model",
+                                         "generation_config.json",
+                                         "chat_template.jinja"};
+    for (size_t i = 0; rc == 0 && base_dir && i < sizeof copied / sizeof copied[0]; i++) {
+        char from[CHECKPOINT_PATH_MAX], to[CHECKPOINT_PATH_MAX];
+        if (join(from, sizeof from, base_dir, copied[i], err, err_size) ||
+            join(to, sizeof to, dir, copied[i], err, err_size)) {
+            rc = -1;
+            break;
+        }
+        if (file_exists(from)) rc = copy_file(from, to, err, err_size);
+    }
+    /* config.json last: a directory without it is an unfinished export, retried freely */
+    if (rc == 0) rc = hfconfig_write(dir, &model->cfg, err, err_size);
+    return rc;
+}
+
+/* ---- loss curve ------------------------------------------------------------------------- */
+
+/* A "nice" tick spacing (1, 2 or 5 x 10^k) giving about `target` intervals over span. */
+static double tick_spacing(double span, int target)
+{
+    double raw = span / target;
+    double magnitude = pow(10.0, floor(log10(raw)));
+    double fraction = raw / magnitude;
+    double nice = fraction <= 1 ? 1 : fraction <= 2 ? 2 : fraction <= 5 ? 5 : 10;
+    return nice * magnitude;
+}
+
+/* [lo, hi] widened to whole ticks; a single value gets a range around it. */
+static void axis_range(double *lo, double *hi, double *spacing, bool integral)
+{
+    if (!(*hi > *lo)) {
+        double pad = fabs(*lo) * 0.05;
+        if (pad < (integral ? 1.0 : 1e-3)) pad = integral ? 1.0 : 0.5;
+        *lo -= pad;
+        *hi += pad;
+    }
+    *spacing = tick_spacing(*hi - *lo, 5);
+    if (integral && *spacing < 1) *spacing = 1;
+    *lo = floor(*lo / *spacing) * *spacing;
+    *hi = ceil(*hi / *spacing) * *spacing;
+}
+
+static void xml_text(FILE *out, const char *s)
+{
+    for (; *s; s++) {
+        switch (*s) {
+        case '<':
+            fputs("&lt;", out);
+            break;
+        case '>':
+            fputs("&gt;", out);
+            break;
+        case '&':
+            fputs("&amp;", out);
+            break;
+        case '"':
+            fputs("&quot;", out);
+            break;
+        default:
+            fputc(*s, out);
+        }
+    }
+}
+
+struct chart {
+    const char *title;
+    const long long *steps;
+    const double *loss;
+    int n;
+    const long long *eval_steps;
+    const double *eval_loss;
+    int n_eval;
+};
+
+static void chart_body(FILE *out, const struct chart *c)
+{
+    const int width = 760, height = 460, left = 72, right = 24, top = 56, bottom = 56;
+    const int plot_w = width - left - right, plot_h = height - top - bottom;
+    /* data ranges over both series, finite losses only */
+    double x_lo = INFINITY, x_hi = -INFINITY, y_lo = INFINITY, y_hi = -INFINITY;
+    for (int s = 0; s < 2; s++) {
+        const long long *steps = s ? c->eval_steps : c->steps;
+        const double *loss = s ? c->eval_loss : c->loss;
+        int n = s ? c->n_eval : c->n;
+        for (int i = 0; i < n; i++) {
+            if (!isfinite(loss[i])) continue;
+            x_lo = fmin(x_lo, (double)steps[i]);
+            x_hi = fmax(x_hi, (double)steps[i]);
+            y_lo = fmin(y_lo, loss[i]);
+            y_hi = fmax(y_hi, loss[i]);
+        }
+    }
+    if (x_lo > x_hi) { /* nothing to draw: an empty unit chart */
+        x_lo = 0;
+        x_hi = 1;
+    }
+    if (y_lo > y_hi) {
+        y_lo = 0;
+        y_hi = 1;
+    }
+    double x_tick, y_tick;
+    axis_range(&x_lo, &x_hi, &x_tick, true);
+    axis_range(&y_lo, &y_hi, &y_tick, false);
+#define X_OF(v) (left + ((v)-x_lo) / (x_hi - x_lo) * plot_w)
+#define Y_OF(v) (top + plot_h - ((v)-y_lo) / (y_hi - y_lo) * plot_h)
+
+    fputs("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n", out);
+    fprintf(out,
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" "
+            "viewBox=\"0 0 %d %d\" font-family=\"DejaVu Sans, Arial, sans-serif\">\n",
+            width, height, width, height);
+    fprintf(out, "<rect width=\"%d\" height=\"%d\" fill=\"white\"/>\n", width, height);
+    fprintf(out, "<text x=\"%d\" y=\"28\" font-size=\"16\" font-weight=\"bold\">", left);
+    xml_text(out, c->title && c->title[0] ? c->title : "Training loss");
+    fputs("</text>\n", out);
+
+    /* grid lines and ticks */
+    fputs("<g font-size=\"10\" stroke-width=\"1\">\n", out);
+    for (int i = 0; i <= 40; i++) { /* about 5 ticks; the bound only guards the loop */
+        double v = y_lo + i * y_tick;
+        if (v > y_hi + y_tick * 1e-6) break;
+        double y = Y_OF(v);
+        fprintf(out,
+                "<line x1=\"%d\" y1=\"%.2f\" x2=\"%d\" y2=\"%.2f\" stroke=\"#e4e4e4\"/>\n"
+                "<line x1=\"%d\" y1=\"%.2f\" x2=\"%d\" y2=\"%.2f\" stroke=\"#444\"/>\n"
+                "<text x=\"%d\" y=\"%.2f\" text-anchor=\"end\" dominant-baseline=\"central\">"
+                "%.4g</text>\n",
+                left, y, left + plot_w, y, left - 4, y, left, y, left - 7, y,
+                fabs(v) < y_tick * 1e-6 ? 0.0 : v);
+    }
+    for (int i = 0; i <= 40; i++) {
+        double v = x_lo + i * x_tick;
+        if (v > x_hi + x_tick * 1e-6) break;
+        double x = X_OF(v);
+        fprintf(out,
+                "<line x1=\"%.2f\" y1=\"%d\" x2=\"%.2f\" y2=\"%d\" stroke=\"#e4e4e4\"/>\n"
+                "<line x1=\"%.2f\" y1=\"%d\" x2=\"%.2f\" y2=\"%d\" stroke=\"#444\"/>\n"
+                "<text x=\"%.2f\" y=\"%d\" text-anchor=\"middle\">%.10g</text>\n",
+                x, top, x, top + plot_h, x, top + plot_h, x, top + plot_h + 4, x, top + plot_h + 16,
+                v);
+    }
+    fputs("</g>\n", out);
+    fprintf(out,
+            "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"#444\"/>\n",
+            left, top, plot_w, plot_h);
+    fprintf(out, "<text x=\"%d\" y=\"%d\" font-size=\"12\" text-anchor=\"middle\">step</text>\n",
+            left + plot_w / 2, height - 16);
+    fprintf(out,
+            "<text x=\"18\" y=\"%d\" font-size=\"12\" text-anchor=\"middle\" "
+            "transform=\"rotate(-90 18 %d)\">loss</text>\n",
+            top + plot_h / 2, top + plot_h / 2);
+
+    /* training loss: one polyline (a lone point also gets a dot, which a polyline of
+     * one vertex does not draw) */
+    fputs("<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"", out);
+    int drawn = 0;
+    for (int i = 0; i < c->n; i++) {
+        if (!isfinite(c->loss[i])) continue;
+        fprintf(out, "%s%.2f,%.2f", drawn++ ? " " : "", X_OF((double)c->steps[i]),
+                Y_OF(c->loss[i]));
+    }
+    fputs("\"/>\n", out);
+    if (drawn == 1)
+        for (int i = 0; i < c->n; i++)
+            if (isfinite(c->loss[i]))
+                fprintf(out, "<circle cx=\"%.2f\" cy=\"%.2f\" r=\"2.5\" fill=\"#1f77b4\"/>\n",
+                        X_OF((double)c->steps[i]), Y_OF(c->loss[i]));
+
+    /* evaluation loss: points joined by a line */
+    if (c->n_eval > 0) {
+        fputs("<polyline fill=\"none\" stroke=\"#d62728\" stroke-width=\"1.5\" points=\"", out);
+        drawn = 0;
+        for (int i = 0; i < c->n_eval; i++) {
+            if (!isfinite(c->eval_loss[i])) continue;
+            fprintf(out, "%s%.2f,%.2f", drawn++ ? " " : "", X_OF((double)c->eval_steps[i]),
+                    Y_OF(c->eval_loss[i]));
+        }
+        fputs("\"/>\n<g fill=\"#d62728\">\n", out);
+        for (int i = 0; i < c->n_eval; i++) {
+            if (!isfinite(c->eval_loss[i])) continue;
+            fprintf(out,
+                    "<circle cx=\"%.2f\" cy=\"%.2f\" r=\"3.5\"><title>step %lld: %.6g"
+                    "</title></circle>\n",
+                    X_OF((double)c->eval_steps[i]), Y_OF(c->eval_loss[i]), c->eval_steps[i],
+                    c->eval_loss[i]);
+        }
+        fputs("</g>\n", out);
+    }
+#undef X_OF
+#undef Y_OF
+
+    /* legend, top right inside the plot */
+    int lx = left + plot_w - 150, ly = top + 10;
+    fprintf(out,
+            "<rect x=\"%d\" y=\"%d\" width=\"140\" height=\"%d\" fill=\"white\" "
+            "fill-opacity=\"0.85\" stroke=\"#bbb\"/>\n",
+            lx, ly, c->n_eval > 0 ? 46 : 26);
+    fprintf(out,
+            "<line x1=\"%d\" y1=\"%d\" x2=\"%d\" y2=\"%d\" stroke=\"#1f77b4\" "
+            "stroke-width=\"1.5\"/>\n<text x=\"%d\" y=\"%d\" font-size=\"11\" "
+            "dominant-baseline=\"central\">training loss</text>\n",
+            lx + 8, ly + 13, lx + 32, ly + 13, lx + 40, ly + 13);
+    if (c->n_eval > 0)
+        fprintf(out,
+                "<line x1=\"%d\" y1=\"%d\" x2=\"%d\" y2=\"%d\" stroke=\"#d62728\" "
+                "stroke-width=\"1.5\"/>\n<circle cx=\"%d\" cy=\"%d\" r=\"3.5\" "
+                "fill=\"#d62728\"/>\n<text x=\"%d\" y=\"%d\" font-size=\"11\" "
+                "dominant-baseline=\"central\">evaluation loss</text>\n",
+                lx + 8, ly + 33, lx + 32, ly + 33, lx + 20, ly + 33, lx + 40, ly + 33);
+    fputs("</svg>\n", out);
+}
+
+int plot_loss_curve(const char *path, const char *title, const long long *steps, const double *loss,
+                    int n, const long long *eval_steps, const double *eval_loss, int n_eval,
+                    char *err, size_t err_size)
+{
+    if (n < 0 || n_eval < 0 || (n > 0 && (!steps || !loss)) ||
+        (n_eval > 0 && (!eval_steps || !eval_loss))) {
+        snprintf(err, err_size, "%s: plot_loss_curve: no data arrays for %d and %d points", path, n,
+                 n_eval);
+        return -1;
+    }
+    char tmp[CHECKPOINT_PATH_MAX];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp) {
+        snprintf(err, err_size, "%s: path too long", path);
+        return -1;
+    }
+    FILE *out = fopen(tmp, "w");
+    if (!out) {
+        snprintf(err, err_size, "%s: cannot create: %s", tmp, strerror(errno));
+        return -1;
+    }
+    struct chart chart = {title, steps, loss, n, eval_steps, eval_loss, n_eval};
+    chart_body(out, &chart);
+    bool failed = ferror(out) != 0;
+    int saved = errno;
+    if (fclose(out) != 0 && !failed) {
+        failed = true;
+        saved = errno;
+    }
+    if (failed) {
+        snprintf(err, err_size, "%s: write failed: %s", tmp, strerror(saved));
+        remove(tmp);
+        return -1;
+    }
+    if (rename(tmp, path) != 0) {
+        snprintf(err, err_size, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
+        remove(tmp);
+        return -1;
+    }
+    return 0;
+}

@@ -1,0 +1,453 @@
+/* train: the `train` phase, ESFT step 3 (shared/reference/esft-semantics.md sections 3
+ * and 5): fine-tunes the method's trainable tensors (ESFT: the experts of an
+ * expert_config.json), everything else frozen, with data parallelism over the ranks.
+ *
+ * Data: the dataset's samples are split once, by a permutation seeded with run.seed,
+ * into validation (train.val_fraction) and training samples. Each epoch shuffles the
+ * training samples (seed and epoch number) and packs them, whole and in order, into
+ * blocks of at most data.seq_len tokens (a longer sample is cut), with causal attention
+ * inside each sample only and positions restarting per sample (data.pack false: one
+ * sample per block). A step takes train.global_batch blocks; block j of a step goes to
+ * rank j mod dp, in micro-batches of train.micro_batch blocks.
+ * Loss: the sum of token cross-entropies over the step's loss-bearing targets divided by
+ * their number over the whole global batch, so the loss and gradients are the same for
+ * any rank count. Gradients (trainable tensors only) are summed over the ranks, clipped
+ * to train.clip_grad by global norm, and AdamW takes the step.
+ * Checkpoints every train.checkpoint_every steps and when SIGUSR1 or SIGTERM arrives
+ * (then the run stops after writing it); train.resume auto continues from the newest. */
+#include <inttypes.h>
+#include <math.h>
+#include <mpi.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "checkpoint.h"
+#include "dataset.h"
+#include "files.h"
+#include "hfconfig.h"
+#include "log.h"
+#include "model.h"
+#include "optim.h"
+#include "phases.h"
+#include "rng.h"
+#include "trainable.h"
+
+static volatile sig_atomic_t stop_signal = 0;
+
+static void on_stop_signal(int signal_number) { stop_signal = signal_number; }
+
+/* ---- data ---------------------------------------------------------------------------- */
+
+struct block_plan {
+    int n_blocks;
+    int *first;    /* [n_blocks + 1]: block b packs order[first[b] .. first[b+1]) */
+    uint64_t *order; /* sample indices in packing order */
+};
+
+static void shuffle(uint64_t *a, uint64_t n, uint64_t seed)
+{
+    struct rng rng;
+    rng_seed(&rng, seed);
+    for (uint64_t i = n; i > 1; i--) {
+        uint64_t j = rng_below(&rng, i), t = a[i - 1];
+        a[i - 1] = a[j];
+        a[j] = t;
+    }
+}
+
+static uint64_t clipped_length(const struct dataset *ds, uint64_t sample, int seq_len)
+{
+    uint64_t n = dataset_sample_length(ds, sample);
+    return n > (uint64_t)seq_len ? (uint64_t)seq_len : n;
+}
+
+/* Packs samples (in the given order) greedily into blocks of at most seq_len tokens. */
+static void plan_blocks(const struct dataset *ds, const uint64_t *samples, uint64_t n, int seq_len,
+                        bool pack, struct block_plan *plan)
+{
+    free(plan->first);
+    free(plan->order);
+    plan->order = xmalloc((n ? n : 1) * sizeof *plan->order);
+    memcpy(plan->order, samples, n * sizeof *samples);
+    plan->first = xmalloc((n + 1) * sizeof *plan->first);
+    plan->n_blocks = 0;
+    uint64_t used = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t length = clipped_length(ds, samples[i], seq_len);
+        if (i == 0 || !pack || used + length > (uint64_t)seq_len) {
+            plan->first[plan->n_blocks++] = (int)i;
+            used = 0;
+        }
+        used += length;
+    }
+    plan->first[plan->n_blocks] = (int)n;
+}
+
+/* Token buffers of up to `capacity` tokens: a micro-batch of blocks laid end to end. */
+struct token_batch {
+    int capacity, N;
+    int32_t *tokens, *positions, *sample_start, *targets;
+    uint32_t *raw;
+    uint8_t *mask;
+    long long targets_counted;
+};
+
+static void token_batch_init(struct token_batch *b, int capacity)
+{
+    memset(b, 0, sizeof *b);
+    b->capacity = capacity;
+    b->tokens = xmalloc((size_t)capacity * sizeof(int32_t));
+    b->positions = xmalloc((size_t)capacity * sizeof(int32_t));
+    b->sample_start = xmalloc((size_t)capacity * sizeof(int32_t));
+    b->targets = xmalloc((size_t)capacity * sizeof(int32_t));
+    b->raw = xmalloc((size_t)capacity * sizeof(uint32_t));
+    b->mask = xmalloc((size_t)capacity);
+}
+
+static void token_batch_free(struct token_batch *b)
+{
+    free(b->tokens), free(b->positions), free(b->sample_start), free(b->targets);
+    free(b->raw), free(b->mask);
+}
+
+/* Appends block `block` of the plan. Token t's target is token t+1 of the same sample
+ * when that token is loss-bearing (the dataset's loss mask), else -100. */
+static void append_block(struct token_batch *b, const struct dataset *ds,
+                         const struct block_plan *plan, int block, int seq_len)
+{
+    char err[1024];
+    for (int i = plan->first[block]; i < plan->first[block + 1]; i++) {
+        uint64_t sample = plan->order[i];
+        uint64_t full = dataset_sample_length(ds, sample);
+        int n = (int)clipped_length(ds, sample, seq_len);
+        if (b->N + n > b->capacity) fatal(EXIT_RUNTIME, "train: batch buffer overflow");
+        /* read the whole sample (cut afterwards): the last kept token's target may be
+         * the first dropped one */
+        uint32_t *raw = full <= (uint64_t)b->capacity - b->N ? b->raw + b->N : NULL;
+        uint32_t *tmp_raw = NULL;
+        uint8_t *tmp_mask = NULL, *mask = b->mask + b->N;
+        if (!raw || full > (uint64_t)n) {
+            tmp_raw = xmalloc(full * sizeof *tmp_raw);
+            tmp_mask = xmalloc(full);
+            raw = tmp_raw;
+            mask = tmp_mask;
+        }
+        if (dataset_read_sample(ds, sample, raw, mask, err, sizeof err) != 0)
+            fatal(EXIT_RUNTIME, "train: %s", err);
+        int start = b->N;
+        for (int t = 0; t < n; t++) {
+            b->tokens[start + t] = (int32_t)raw[t];
+            b->positions[start + t] = t;
+            b->sample_start[start + t] = start;
+            bool has_next = (uint64_t)t + 1 < full && t + 1 < n;
+            b->targets[start + t] = has_next && mask[t + 1] ? (int32_t)raw[t + 1] : -100;
+            b->targets_counted += b->targets[start + t] >= 0;
+        }
+        b->N += n;
+        free(tmp_raw);
+        free(tmp_mask);
+    }
+}
+
+/* ---- the phase ----------------------------------------------------------------------- */
+
+struct curve {
+    int n, capacity;
+    long long *step;
+    double *loss;
+};
+
+static void curve_add(struct curve *c, long long step, double loss)
+{
+    if (c->n == c->capacity) {
+        c->capacity = c->capacity ? 2 * c->capacity : 64;
+        c->step = realloc(c->step, (size_t)c->capacity * sizeof *c->step);
+        c->loss = realloc(c->loss, (size_t)c->capacity * sizeof *c->loss);
+        if (!c->step || !c->loss) fatal(EXIT_RUNTIME, "out of memory (loss curve)");
+    }
+    c->step[c->n] = step;
+    c->loss[c->n++] = loss;
+}
+
+/* Mean loss over the validation blocks (every rank takes blocks j mod dp). */
+static double evaluate(const struct model *m, struct forward_workspace *ws,
+                       const struct dataset *ds, const struct block_plan *val, int seq_len,
+                       struct token_batch *b, int rank, int dp)
+{
+    double sums[2] = {0, 0};
+    for (int j = rank; j < val->n_blocks; j += dp) {
+        b->N = 0;
+        b->targets_counted = 0;
+        append_block(b, ds, val, j, seq_len);
+        struct batch batch = {.N = b->N, .tokens = b->tokens, .positions = b->positions,
+                              .sample_start = b->sample_start, .targets = b->targets};
+        struct forward_result r;
+        model_forward(m, backend_cpu(), ws, &batch, &r);
+        sums[0] += r.loss_sum;
+        sums[1] += (double)r.loss_count;
+    }
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, sums, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+    return sums[1] > 0 ? sums[0] / sums[1] : NAN;
+}
+
+int phase_train(const struct deck *deck, const struct layout *layout)
+{
+    const struct deck_train *tr = &deck->train;
+    const struct layout_grid *grid = &layout->grid;
+    int rank = layout->me.dp_rank, dp = grid->dp, seq_len = deck->data.seq_len;
+    char err[4096], where[4200];
+    if (grid->pp != 1 || grid->ep != 1)
+        fatal_all(EXIT_INPUT, "train: parallel.pp and parallel.ep must be 1 in this version "
+                  "(expert and pipeline parallelism come later)");
+    if (tr->global_batch % (tr->micro_batch * dp) != 0) {
+        deck_where(deck, "train.global_batch", where, sizeof where);
+        fatal_all(EXIT_INPUT, "%s: train.global_batch (%d) is not divisible by train.micro_batch "
+                  "x dp (%d x %d = %d)", where, tr->global_batch, tr->micro_batch, dp,
+                  tr->micro_batch * dp);
+    }
+    if (tr->aux_loss_coef > 0) {
+        deck_where(deck, "train.aux_loss_coef", where, sizeof where);
+        fatal_all(EXIT_INPUT, "%s: the load-balancing loss is not available yet; set "
+                  "train.aux_loss_coef: 0", where);
+    }
+
+    struct model_config cfg;
+    if (hfconfig_load(deck->model.path, &cfg, err, sizeof err) != 0)
+        fatal_all(EXIT_INPUT, "train: %s", err);
+    struct dataset ds;
+    if (dataset_open(&ds, deck->data.path, err, sizeof err) != 0)
+        fatal_all(EXIT_INPUT, "train: %s", err);
+    if (ds.vocab_size > (uint64_t)cfg.vocab_size)
+        fatal_all(EXIT_INPUT, "train: %s holds token ids up to %" PRIu64 " but the model's "
+                  "vocabulary has %d entries", deck->data.path, ds.vocab_size - 1, cfg.vocab_size);
+    struct expert_config ec = {0};
+    if (tr->method == METHOD_ESFT &&
+        expert_config_read(tr->expert_config, &cfg, &ec, err, sizeof err) != 0)
+        fatal_all(EXIT_INPUT, "train: %s", err);
+
+    /* validation / training split, fixed for the run */
+    uint64_t S = ds.n_samples;
+    uint64_t *all = xmalloc((S ? S : 1) * sizeof *all);
+    for (uint64_t i = 0; i < S; i++) all[i] = i;
+    shuffle(all, S, (uint64_t)deck->run.seed ^ 0x5eedULL);
+    uint64_t n_val = (uint64_t)ceil(tr->val_fraction * (double)S);
+    if (n_val >= S) n_val = S > 0 ? S - 1 : 0;
+    uint64_t n_train = S - n_val;
+    if (n_train == 0) fatal_all(EXIT_INPUT, "train: %s holds no training sample", deck->data.path);
+    struct block_plan val = {0}, epoch_plan = {0};
+    plan_blocks(&ds, all + n_train, n_val, seq_len, deck->data.pack, &val);
+    uint64_t *train_samples = xmalloc(n_train * sizeof *train_samples);
+
+    struct model model;
+    model_create(&model, &cfg, grid, layout->me);
+    int failed = model_load(&model, deck->model.path, err, sizeof err) != 0, any = 0;
+    check_mpi(MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
+    if (any) fatal_all(EXIT_INPUT, "train: %s", failed ? err : "loading the model failed");
+    bool *trainable = xcalloc((size_t)model.n_params, sizeof(bool));
+    if (trainable_select(&model, tr->method, tr->method == METHOD_ESFT ? &ec : NULL, trainable,
+                         err, sizeof err) != 0)
+        fatal_all(EXIT_INPUT, "train: %s", err);
+    model_set_trainable(&model, trainable);
+    size_t n_trainable = 0, n_total = 0;
+    int n_tensors = 0;
+    for (int i = 0; i < model.n_params; i++) {
+        n_total += model.params[i].numel;
+        if (trainable[i]) n_trainable += model.params[i].numel, n_tensors++;
+    }
+    struct adamw opt;
+    adamw_init(&opt, &model, tr);
+    const char *method = tr->method == METHOD_ESFT ? "esft" : tr->method == METHOD_FULL ? "full"
+                                                                                        : "frozen_router";
+    log_info("train: %s, %d trainable tensors, %.3fM of %.3fM parameters (%.2f%%); %" PRIu64
+             " training and %" PRIu64 " validation samples; global batch %d blocks of <= %d "
+             "tokens, micro-batch %d, dp %d", method, n_tensors, n_trainable / 1e6, n_total / 1e6,
+             100.0 * n_trainable / n_total, n_train, n_val, tr->global_batch, seq_len,
+             tr->micro_batch, dp);
+
+    /* the resolved deck, stored in checkpoints */
+    char *deck_text = NULL;
+    size_t deck_size = 0;
+    FILE *text = open_memstream(&deck_text, &deck_size);
+    if (text) {
+        deck_print(deck, text);
+        fclose(text);
+    }
+
+    struct train_position position = {0};
+    rng_seed((struct rng *)position.rng, (uint64_t)deck->run.seed);
+    char path[4200] = "";
+    int found = 0;
+    if (strcmp(tr->resume, "never") != 0) {
+        if (strcmp(tr->resume, "auto") == 0) {
+            found = checkpoint_latest(deck->run.output_dir, path, sizeof path, err, sizeof err);
+            if (found < 0) fatal_all(EXIT_RUNTIME, "train: %s", err);
+        } else {
+            snprintf(path, sizeof path, "%s", tr->resume);
+            found = 1;
+        }
+    }
+    if (found) {
+        failed = checkpoint_read(path, &model, &opt, &position, method, err, sizeof err) != 0;
+        check_mpi(MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
+        if (any) fatal_all(EXIT_INPUT, "train: %s", failed ? err : "reading the checkpoint failed");
+        log_info("train: resuming from %s at step %lld", path, position.step);
+    }
+
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = on_stop_signal;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGUSR1, &action, NULL);
+    sigaction(SIGTERM, &action, NULL);
+
+    int per_rank = tr->global_batch / dp, micro_batches = per_rank / tr->micro_batch;
+    int capacity = tr->micro_batch * seq_len;
+    struct token_batch micro[micro_batches > 0 ? micro_batches : 1];
+    for (int i = 0; i < micro_batches; i++) token_batch_init(&micro[i], capacity);
+    struct token_batch eval_batch;
+    token_batch_init(&eval_batch, seq_len);
+    struct forward_workspace *ws = forward_workspace_new_training(&model, capacity);
+    struct forward_workspace *eval_ws = forward_workspace_new(&model, seq_len);
+    const struct backend *ops = backend_cpu();
+    struct curve losses = {0}, eval_losses = {0};
+
+    if (val.n_blocks > 0 && !found) { /* the untrained model's loss, the curve's start */
+        double eval = evaluate(&model, eval_ws, &ds, &val, seq_len, &eval_batch, rank, dp);
+        curve_add(&eval_losses, 0, eval);
+        log_info("train: step 0  eval loss %.6f (%d validation blocks)", eval, val.n_blocks);
+        metrics_write("eval", "\"step\": 0, \"loss\": %.17g", eval);
+    }
+
+    long long planned_epoch = -1;
+    double start = wall_time(), tokens_done = 0;
+    long long first_step = position.step;
+    int status = 0;
+    while (position.step < tr->steps) {
+        /* gather this step's blocks: block j of the step goes to rank j mod dp */
+        for (int i = 0; i < micro_batches; i++) micro[i].N = 0, micro[i].targets_counted = 0;
+        for (int j = 0; j < tr->global_batch; j++) {
+            if (planned_epoch != position.epoch) {
+                memcpy(train_samples, all, n_train * sizeof *train_samples);
+                shuffle(train_samples, n_train, (uint64_t)deck->run.seed + 1000003ULL * (uint64_t)(position.epoch + 1));
+                plan_blocks(&ds, train_samples, n_train, seq_len, deck->data.pack, &epoch_plan);
+                planned_epoch = position.epoch;
+            }
+            if (j % dp == rank) {
+                int k = j / dp; /* this rank's k-th block of the step */
+                append_block(&micro[k / tr->micro_batch], &ds, &epoch_plan, (int)position.block, seq_len);
+            }
+            if (++position.block == epoch_plan.n_blocks) position.block = 0, position.epoch++;
+        }
+        double counts[2] = {0, 0}; /* loss-bearing targets, tokens */
+        for (int i = 0; i < micro_batches; i++) counts[0] += (double)micro[i].targets_counted, counts[1] += micro[i].N;
+        check_mpi(MPI_Allreduce(MPI_IN_PLACE, counts, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+        float scale = counts[0] > 0 ? (float)(1.0 / counts[0]) : 0.0f;
+
+        model_zero_grads(&model);
+        double loss_sum = 0;
+        for (int i = 0; i < micro_batches; i++) {
+            struct batch batch = {.N = micro[i].N, .tokens = micro[i].tokens,
+                                  .positions = micro[i].positions, .sample_start = micro[i].sample_start,
+                                  .targets = micro[i].targets};
+            if (batch.N == 0) continue;
+            struct forward_result r;
+            model_forward(&model, ops, ws, &batch, &r);
+            loss_sum += r.loss_sum;
+            model_backward(&model, ops, ws, &batch, scale);
+        }
+        check_mpi(MPI_Allreduce(MPI_IN_PLACE, &loss_sum, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+        if (dp > 1 && model.grad_floats > 0)
+            comm_allreduce(&layout->world, model.grad_storage, model.grad_floats, COMM_F32, COMM_SUM,
+                           COMM_HOST);
+        double norm = grad_norm(&model);
+        if (tr->clip_grad > 0 && norm > tr->clip_grad)
+            grad_scale(&model, (float)(tr->clip_grad / (norm + 1e-6)));
+        double lr = lr_at(tr, position.step);
+        adamw_step(&opt, &model, lr);
+        position.step++;
+
+        double loss = counts[0] > 0 ? loss_sum / counts[0] : NAN;
+        tokens_done += counts[1];
+        curve_add(&losses, position.step, loss);
+        double elapsed = wall_time() - start;
+        double rate = tokens_done / elapsed;
+        double eta = elapsed / (double)(position.step - first_step) * (double)(tr->steps - position.step);
+        if (position.step % tr->log_every == 0 || position.step == tr->steps)
+            log_info("train: step %lld/%d  loss %.6f  lr %.3g  grad norm %.4g  %.0f tokens/s  "
+                     "%.0f s left", position.step, tr->steps, loss, lr, norm, rate, eta);
+        metrics_write("step", "\"step\": %lld, \"loss\": %.17g, \"lr\": %.6g, \"grad_norm\": %.6g, "
+                      "\"tokens\": %.0f, \"tokens_per_second\": %.1f", position.step, loss, lr,
+                      norm, counts[1], rate);
+
+        bool last = position.step == tr->steps;
+        if (val.n_blocks > 0 && (position.step % tr->eval_every == 0 || last)) {
+            double eval = evaluate(&model, eval_ws, &ds, &val, seq_len, &eval_batch, rank, dp);
+            curve_add(&eval_losses, position.step, eval);
+            log_info("train: step %lld  eval loss %.6f (%d validation blocks)", position.step, eval,
+                     val.n_blocks);
+            metrics_write("eval", "\"step\": %lld, \"loss\": %.17g", position.step, eval);
+        }
+        int stop = stop_signal;
+        check_mpi(MPI_Allreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
+        if (position.step % tr->checkpoint_every == 0 || last || stop) {
+            if (checkpoint_write(deck->run.output_dir, &model, &opt, &position, method, deck_text,
+                                 tr->keep_checkpoints, MPI_COMM_WORLD, err, sizeof err) != 0)
+                fatal_all(EXIT_RUNTIME, "train: %s", err);
+            log_info("train: checkpoint at step %lld", position.step);
+        }
+        if (stop && !last) {
+            log_info("train: stopped by signal %d after step %lld; the next run with "
+                     "train.resume: auto continues from its checkpoint", stop, position.step);
+            status = 0;
+            goto done;
+        }
+    }
+
+    /* the trained tensors, and the curve */
+    if (layout->world_rank == 0) {
+        char dir[4200];
+        snprintf(dir, sizeof dir, "%s/adapter", deck->run.output_dir);
+        if (export_adapter(dir, &model, tr->method == METHOD_ESFT ? tr->expert_config : NULL, err,
+                           sizeof err) != 0)
+            status = EXIT_RUNTIME;
+        else
+            log_info("train: trained tensors -> %s/adapter.safetensors", dir);
+        if (status == 0 && tr->export_merged) {
+            snprintf(dir, sizeof dir, "%s/merged", deck->run.output_dir);
+            if (export_merged(dir, &model, deck->model.path, (size_t)5 << 30, err, sizeof err) != 0)
+                status = EXIT_RUNTIME;
+            else
+                log_info("train: merged checkpoint -> %s", dir);
+        }
+        snprintf(dir, sizeof dir, "%s/loss.svg", deck->run.output_dir);
+        if (status == 0 && losses.n > 0 &&
+            plot_loss_curve(dir, deck->run.name, losses.step, losses.loss, losses.n, eval_losses.step,
+                            eval_losses.loss, eval_losses.n, err, sizeof err) != 0)
+            status = EXIT_RUNTIME;
+    }
+    check_mpi(MPI_Bcast(&status, 1, MPI_INT, 0, MPI_COMM_WORLD));
+    if (status != 0) fatal_all(status, "train: %s", err);
+    metrics_write("train", "\"steps\": %lld, \"final_loss\": %.9g, \"seconds\": %.3f", position.step,
+                  losses.n ? losses.loss[losses.n - 1] : NAN, wall_time() - start);
+done:
+    signal(SIGUSR1, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+    for (int i = 0; i < micro_batches; i++) token_batch_free(&micro[i]);
+    token_batch_free(&eval_batch);
+    forward_workspace_free(ws);
+    forward_workspace_free(eval_ws);
+    free(losses.step), free(losses.loss), free(eval_losses.step), free(eval_losses.loss);
+    free(deck_text);
+    adamw_free(&opt);
+    free(trainable);
+    model_free(&model);
+    expert_config_free(&ec);
+    free(val.first), free(val.order), free(epoch_plan.first), free(epoch_plan.order);
+    free(all);
+    free(train_samples);
+    dataset_close(&ds);
+    return status;
+}

@@ -1,0 +1,141 @@
+#!/bin/sh
+# test-train: the train phase end to end on the demo task (a random qwen3_moe, the demo
+# conversations): ESFT lowers the validation loss; frozen tensors come out bitwise
+# unchanged and only trainable tensors have optimizer state; 2 ranks give the 1-rank loss
+# curve (global batch 8); a run stopped by SIGUSR1, or killed with SIGKILL mid-run,
+# resumes to the uninterrupted run's curve bit for bit; bad settings are refused.
+set -u
+src=${ESFT_TOP_SRCDIR:-.}
+build=${ESFT_TOP_BUILDDIR:-.}
+mpirun=${TESTMPIRUN:-mpiexec --oversubscribe -n}
+esft="$build/esft"
+check="$build/tests/test_train_check"
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/esft-train.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+passed=0
+failed=0
+ok() { passed=$((passed + 1)); }
+fail() {
+    failed=$((failed + 1))
+    echo "FAILED: $*"
+    [ -f "$tmp/err" ] && sed 's/^/    stderr: /' "$tmp/err" | tail -n 8
+}
+expect() {
+    want=$1
+    what=$2
+    shift 2
+    "$@" >"$tmp/out" 2>"$tmp/err"
+    got=$?
+    if [ "$got" = "$want" ]; then ok; else fail "$what: exit status $got, expected $want"; fi
+}
+# losses STEP-EVENT METRICS: "step loss" lines of the last occurrence of each step
+losses() {
+    sed -n "s/.*\"event\": \"$1\", \"step\": \([0-9]*\), \"loss\": \([^,}]*\).*/\1 \2/p" "$2" |
+        awk '{ loss[$1] = $2 } END { for (s in loss) print s, loss[s] }' | sort -n
+}
+# same_curve A B TOLERANCE [LAST]: the two curves have the same steps (up to LAST),
+# losses within a relative tolerance (0: identical text, so bitwise equal doubles)
+same_curve() {
+    last_step=${4:-1000000000}
+    losses step "$1" | awk -v m="$last_step" '$1 <= m' >"$tmp/a.txt"
+    losses step "$2" | awk -v m="$last_step" '$1 <= m' >"$tmp/b.txt"
+    [ -s "$tmp/a.txt" ] || return 1
+    if [ "$3" = 0 ]; then cmp -s "$tmp/a.txt" "$tmp/b.txt"; return; fi
+    join "$tmp/a.txt" "$tmp/b.txt" | awk -v tol="$3" -v n="$(wc -l <"$tmp/a.txt")" '
+        { d = $2 - $3; if (d < 0) d = -d; s = $2 < 0 ? -$2 : $2; if (d > tol * s) bad++; count++ }
+        END { exit (bad > 0 || count != n) }'
+}
+
+demo="$src/input/demo.yaml"
+d="$tmp/demo"
+common="model.path=$d/model prepare.output=$d/data.h5 data.path=$d/data.h5 prepare.inputs=[$src/input/data/demo.jsonl] train.expert_config=$d/expert_config.json"
+# shellcheck disable=SC2086 # $common is a list of overrides
+expect 0 "demo up to select" "$esft" "$demo" "phase=[init,prepare,score,select]" "run.output_dir=$d" $common
+
+# ESFT lowers the validation loss; exports the adapter, the merged model and the curve.
+# shellcheck disable=SC2086
+expect 0 "esft training" "$esft" "$demo" phase=train "run.output_dir=$d/esft" $common \
+    train.export_merged=true
+m="$d/esft/metrics.jsonl"
+first=$(losses eval "$m" | head -n 1 | cut -d' ' -f2)
+last=$(losses eval "$m" | tail -n 1 | cut -d' ' -f2)
+awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a) }' && ok ||
+    fail "esft did not lower the validation loss ($first -> $last)"
+echo "validation loss: $first -> $last"
+for f in adapter/adapter.safetensors adapter/expert_config.json merged/config.json loss.svg; do
+    [ -s "$d/esft/$f" ] && ok || fail "esft training: $f not written"
+done
+expect 0 "frozen tensors unchanged" "$check" frozen "$d/model" "$d/esft/merged" "$d/trainable_tensors.txt"
+latest=$(ls "$d/esft/checkpoints/"step-*.h5 | tail -n 1)
+expect 0 "optimizer state only for trainable tensors" "$check" optimizer "$latest" "$d/trainable_tensors.txt"
+
+# The same run on 2 ranks (global batch 8): the same loss curve within 1e-5.
+short="train.steps=10 train.global_batch=8 train.eval_every=100 train.checkpoint_every=100"
+# shellcheck disable=SC2086
+expect 0 "1 rank" "$esft" "$demo" phase=train "run.output_dir=$d/np1" $common $short
+# shellcheck disable=SC2086
+expect 0 "2 ranks" $mpirun 2 "$esft" "$demo" phase=train "run.output_dir=$d/np2" $common $short
+same_curve "$d/np1/metrics.jsonl" "$d/np2/metrics.jsonl" 1e-5 && ok ||
+    fail "2 ranks do not give the 1-rank loss curve: $(paste -d' ' "$tmp/a.txt" "$tmp/b.txt" | head -n 3)"
+
+# Resume: 8 steps straight; 4 steps then 8 with resume (same constant schedule); a run
+# stopped by SIGUSR1; a run killed with SIGKILL. All end on the same curve, bit for bit.
+base="train.steps=8 train.global_batch=4 train.checkpoint_every=2 train.eval_every=100"
+# shellcheck disable=SC2086
+expect 0 "straight run" "$esft" "$demo" phase=train "run.output_dir=$d/straight" $common $base
+# shellcheck disable=SC2086
+expect 0 "first half" "$esft" "$demo" phase=train "run.output_dir=$d/halves" $common $base train.steps=4
+# shellcheck disable=SC2086
+expect 0 "second half" "$esft" "$demo" phase=train "run.output_dir=$d/halves" $common $base
+contains_resume=$(grep -c "resuming from" "$tmp/out")
+[ "$contains_resume" = 1 ] && ok || fail "second half did not resume"
+same_curve "$d/straight/metrics.jsonl" "$d/halves/metrics.jsonl" 0 && ok ||
+    fail "resumed curve differs: $(diff "$tmp/a.txt" "$tmp/b.txt" | head -n 4)"
+
+for how in USR1 KILL; do
+    out="$d/signal-$how"
+    # a long run, stopped after step 3 (whichever step the signal lands on, the
+    # resumed run must reproduce steps 1-8 of the straight run)
+    # shellcheck disable=SC2086
+    "$esft" "$demo" phase=train "run.output_dir=$out" $common $base train.steps=400 >"$tmp/run.out" 2>&1 &
+    pid=$!
+    i=0
+    until [ -f "$out/metrics.jsonl" ] && grep -q '"step": 3,' "$out/metrics.jsonl"; do
+        i=$((i + 1))
+        [ $i -gt 600 ] && break
+        sleep 0.05
+    done
+    kill -"$how" $pid 2>/dev/null
+    wait $pid 2>/dev/null
+    status=$?
+    if [ "$how" = USR1 ]; then
+        [ "$status" = 0 ] && ok || fail "SIGUSR1: exit status $status"
+        grep -q "stopped by signal" "$tmp/run.out" && ok || fail "SIGUSR1: no stop message"
+    fi
+    for f in "$out"/checkpoints/step-*.h5; do
+        [ -e "$f" ] || continue
+        expect 0 "$how: $(basename "$f") reads" "$check" optimizer "$f" "$d/trainable_tensors.txt"
+    done
+    # shellcheck disable=SC2086
+    expect 0 "resume after $how" "$esft" "$demo" phase=train "run.output_dir=$out" $common $base \
+        train.steps=12
+    grep -q "resuming from" "$tmp/out" && ok || fail "after $how: no resume"
+    same_curve "$d/straight/metrics.jsonl" "$out/metrics.jsonl" 0 8 && ok ||
+        fail "after $how the curve differs: $(diff "$tmp/a.txt" "$tmp/b.txt" | head -n 4)"
+done
+
+# Refused settings: nothing trains, status 2, the deck position named.
+# shellcheck disable=SC2086
+expect 2 "indivisible global batch" $mpirun 2 "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common \
+    train.global_batch=5
+grep -q "train.global_batch (5) is not divisible" "$tmp/err" && ok || fail "indivisible global batch message"
+# shellcheck disable=SC2086
+expect 2 "missing expert config" "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common \
+    "train.expert_config=$d/absent.json"
+grep -q "absent.json" "$tmp/err" && ok || fail "missing expert config message"
+# shellcheck disable=SC2086
+expect 2 "lora not yet" "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common train.method=lora
+[ -e "$d/bad" ] && fail "a refused train run left $d/bad" || ok
+
+echo "test-train: $passed checks passed, $failed failed"
+[ "$failed" = 0 ]

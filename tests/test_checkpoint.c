@@ -1,0 +1,1035 @@
+/* test_checkpoint: training checkpoints, the exports and the loss curve (src/checkpoint.c).
+ * An MPI program: run it under any rank count (run-tests uses 1 and 2).
+ *   - a tiny qwen3_moe model built in memory with a hand-chosen trainable set (experts 1
+ *     of layer 0 and 2 of layer 1, and the final norm): write -> scramble -> read gives
+ *     back every trainable tensor, m, v, the AdamW step and the position bit for bit;
+ *     the same state writes the same bytes; frozen tensors are not touched;
+ *   - keep = 2 over 4 writes leaves the newest 2; stray temporary files and look-alike
+ *     names are not checkpoints, and a write removes the strays;
+ *   - refused reads (another method, another config hash, a missing or an extra tensor,
+ *     a wrong shape, another version, truncated and foreign files): a message naming
+ *     the file (and the tensor), the model left as it was;
+ *   - export_adapter (bf16, f16, f32), export_merged (one file and shards, tokenizer
+ *     files, refusals), plot_loss_curve (n = 1, constant losses, no data).
+ * Modes for tests/test-checkpoint-kill.sh:
+ *   test_checkpoint write-forever DIR   resumes from DIR's newest checkpoint, then writes
+ *                                       one (about 12 MB) per step until killed
+ *   test_checkpoint verify DIR          every checkpoint under a real name reads back
+ *                                       with the values its step implies */
+#include <ctype.h>
+#include <dirent.h>
+#include <errno.h>
+#include <hdf5.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "checkpoint.h"
+#include "deck.h"
+#include "hfconfig.h"
+#include "layout.h"
+#include "log.h"
+#include "model.h"
+#include "optim.h"
+#include "safetensors.h"
+
+static int world_rank, world_size;
+static char tmpdir[1024];
+
+static bool contains(const char *text, const char *part)
+{
+    return strstr(text, part) != NULL;
+}
+
+static bool file_exists(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+static long file_size(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 ? (long)st.st_size : -1;
+}
+
+/* The whole file in a new allocation (NUL-terminated); NULL when unreadable. */
+static char *slurp(const char *path, long *size)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *text = malloc((size_t)n + 1);
+    if (fread(text, 1, (size_t)n, f) != (size_t)n) n = 0;
+    text[n] = '\0';
+    fclose(f);
+    if (size) *size = n;
+    return text;
+}
+
+static void write_text(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        fprintf(stderr, "cannot create %s: %s\n", path, strerror(errno));
+        return;
+    }
+    fputs(text, f);
+    fclose(f);
+}
+
+/* Copies the first `size` bytes of src to dst (a truncated checkpoint). */
+static void copy_prefix(const char *src, const char *dst, long size)
+{
+    long n;
+    char *data = slurp(src, &n);
+    FILE *f = fopen(dst, "wb");
+    if (data && f && size <= n) fwrite(data, 1, (size_t)size, f);
+    if (f) fclose(f);
+    free(data);
+}
+
+/* ---- the models ------------------------------------------------------------------------ */
+
+/* The tiny qwen3_moe of the unit tests: H 8, L 2, nH 2, nKV 1, Dh 4, V 11, I 5, E 4, K 2. */
+static void tiny_config(struct model_config *cfg)
+{
+    char err[512];
+    hfconfig_defaults(HF_QWEN3_MOE, cfg);
+    cfg->hidden_size = 8;
+    cfg->num_layers = 2;
+    cfg->num_heads = 2;
+    cfg->num_kv_heads = 1;
+    cfg->head_dim = 4;
+    cfg->vocab_size = 11;
+    cfg->intermediate_size = 6;
+    cfg->expert_intermediate_size = 5;
+    cfg->num_experts = 4;
+    cfg->top_k = 2;
+    cfg->dtype = HF_DTYPE_BF16;
+    if (hfconfig_finish(cfg, "tiny", err, sizeof err) != 0) {
+        fprintf(stderr, "tiny config: %s\n", err);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    cfg->hash = 0x0123456789abcdefULL; /* as if read from a config.json */
+}
+
+/* Weights that differ per tensor and element, not representable exactly in bf16. */
+static void fill_weights(struct model *m)
+{
+    for (int i = 0; i < m->n_params; i++) {
+        struct param *p = &m->params[i];
+        if (!p->data) continue;
+        for (size_t j = 0; j < p->numel; j++)
+            p->data[j] = 0.01f * (float)(i + 1) + 0.0013f * (float)j - 0.3f;
+    }
+}
+
+/* A model with the trainable set named in `names`; the AdamW state initialised and m, v
+ * and the gradients given known values. */
+static void tiny_model(struct model *m, struct adamw *opt, const char *const *names, int n_names)
+{
+    struct model_config cfg;
+    tiny_config(&cfg);
+    struct layout_grid one = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
+    model_create(m, &cfg, &one, (struct layout_coords){0, 0, 0});
+    fill_weights(m);
+    bool *mask = xcalloc((size_t)m->n_params, sizeof *mask);
+    for (int k = 0; k < n_names; k++) {
+        struct param *p = model_find_param(m, names[k]);
+        if (!p) {
+            fprintf(stderr, "no tensor %s in the tiny model\n", names[k]);
+            MPI_Abort(MPI_COMM_WORLD, 1);
+        }
+        mask[p - m->params] = true;
+    }
+    model_set_trainable(m, mask);
+    free(mask);
+    struct deck_train train = {
+        .lr = 1e-4, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 0.1};
+    adamw_init(opt, m, &train);
+    for (size_t k = 0; k < opt->n; k++) {
+        opt->m[k] = 0.5f + 0.001f * (float)k;
+        opt->v[k] = 1e-4f * (float)(k + 1);
+        m->grad_storage[k] = -0.25f + 0.002f * (float)k;
+    }
+}
+
+#define EXPERT(l, e, part) "model.layers." #l ".mlp.experts." #e "." part ".weight"
+/* Mask A: experts 1 of layer 0 and 2 of layer 1, and the final norm. */
+static const char *const mask_a[] = {EXPERT(0, 1, "gate_proj"), EXPERT(0, 1, "up_proj"),
+                                     EXPERT(0, 1, "down_proj"), EXPERT(1, 2, "gate_proj"),
+                                     EXPERT(1, 2, "up_proj"),   EXPERT(1, 2, "down_proj"),
+                                     "model.norm.weight"};
+/* Mask B: expert 3 of layer 1 instead of 2 (A's layer-1 expert is missing). */
+static const char *const mask_b[] = {EXPERT(0, 1, "gate_proj"), EXPERT(0, 1, "up_proj"),
+                                     EXPERT(0, 1, "down_proj"), EXPERT(1, 3, "gate_proj"),
+                                     EXPERT(1, 3, "up_proj"),   EXPERT(1, 3, "down_proj"),
+                                     "model.norm.weight"};
+/* Mask C: A without the final norm (A's checkpoint has a tensor too many). */
+static const char *const mask_c[] = {EXPERT(0, 1, "gate_proj"), EXPERT(0, 1, "up_proj"),
+                                     EXPERT(0, 1, "down_proj"), EXPERT(1, 2, "gate_proj"),
+                                     EXPERT(1, 2, "up_proj"),   EXPERT(1, 2, "down_proj")};
+#define COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
+
+static const struct train_position position_a = {
+    .step = 7, .epoch = 1, .block = 3, .rng = {1, 2, 0x8000000000000000ULL, 0xffffffffffffffffULL}};
+
+/* A copy of everything a checkpoint holds, to compare after a read. */
+struct snapshot {
+    float *weights; /* every weight of the model (storage) */
+    float *m, *v;
+    long long adam_step;
+};
+
+static void take_snapshot(struct snapshot *s, const struct model *m, const struct adamw *opt)
+{
+    s->weights = xmalloc(m->storage_floats * sizeof(float));
+    memcpy(s->weights, m->storage, m->storage_floats * sizeof(float));
+    s->m = xmalloc((opt->n ? opt->n : 1) * sizeof(float));
+    s->v = xmalloc((opt->n ? opt->n : 1) * sizeof(float));
+    memcpy(s->m, opt->m, opt->n * sizeof(float));
+    memcpy(s->v, opt->v, opt->n * sizeof(float));
+    s->adam_step = opt->step;
+}
+
+static void free_snapshot(struct snapshot *s)
+{
+    free(s->weights);
+    free(s->m);
+    free(s->v);
+}
+
+static bool same_as_snapshot(const struct snapshot *s, const struct model *m,
+                             const struct adamw *opt)
+{
+    return memcmp(s->weights, m->storage, m->storage_floats * sizeof(float)) == 0 &&
+           memcmp(s->m, opt->m, opt->n * sizeof(float)) == 0 &&
+           memcmp(s->v, opt->v, opt->n * sizeof(float)) == 0 && s->adam_step == opt->step;
+}
+
+/* Every value a checkpoint holds changed; frozen weights too (a read must not touch them). */
+static void scramble(struct model *m, struct adamw *opt, struct train_position *position)
+{
+    for (size_t k = 0; k < m->storage_floats; k++) m->storage[k] = -9.0f - (float)k;
+    for (size_t k = 0; k < opt->n; k++) opt->m[k] = opt->v[k] = 42.0f;
+    opt->step = 99;
+    memset(position, 0, sizeof *position);
+}
+
+/* ---- round trip ------------------------------------------------------------------------ */
+
+static void test_round_trip(void)
+{
+    struct model m;
+    struct adamw opt;
+    tiny_model(&m, &opt, mask_a, COUNT(mask_a));
+    opt.step = 7;
+    CHECK(opt.n == 2 * 3 * (5 * 8) + 8,
+          "mask A: 2 experts x 3 matrices of 5 x 8, + norm 8 = 248, got %zu", opt.n);
+    /* a deck past HDF5's 64 KiB compact-attribute limit */
+    size_t deck_size = 100000;
+    char *deck = xmalloc(deck_size + 1);
+    for (size_t k = 0; k < deck_size; k++) deck[k] = k % 64 == 63 ? '\n' : (char)('a' + k % 26);
+    deck[deck_size] = '\0';
+
+    char out1[1200], out2[1200], path1[1300], path2[1300], err[2048];
+    snprintf(out1, sizeof out1, "%s/run1", tmpdir);
+    snprintf(out2, sizeof out2, "%s/run2", tmpdir);
+    snprintf(path1, sizeof path1, "%s/checkpoints/step-00000007.h5", out1);
+    snprintf(path2, sizeof path2, "%s/checkpoints/step-00000007.h5", out2);
+    int rc = checkpoint_write(out1, &m, &opt, &position_a, "esft", deck, 2, MPI_COMM_WORLD, err,
+                              sizeof err);
+    CHECK(rc == 0, "checkpoint_write: %s", err);
+    /* the second copy in a later second of the clock, so that a timestamp would show */
+    if (world_rank == 0) {
+        time_t first = time(NULL);
+        while (time(NULL) == first) nanosleep(&(struct timespec){0, 20000000}, NULL);
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    rc = checkpoint_write(out2, &m, &opt, &position_a, "esft", deck, 2, MPI_COMM_WORLD, err,
+                          sizeof err);
+    CHECK(rc == 0, "checkpoint_write (second directory): %s", err);
+    if (world_rank == 0) {
+        CHECK(file_exists(path1), "%s not written", path1);
+        char tmp[1300];
+        snprintf(tmp, sizeof tmp, "%s/checkpoints/.step-00000007.h5.tmp", out1);
+        CHECK(!file_exists(tmp), "%s left behind", tmp);
+        long n1, n2;
+        char *a = slurp(path1, &n1), *b = slurp(path2, &n2);
+        CHECK(a && b && n1 == n2 && memcmp(a, b, (size_t)n1) == 0,
+              "the same state wrote different bytes (%ld and %ld bytes)", n1, n2);
+        /* expected size: 3 x 248 floats of data at least */
+        CHECK(n1 > 3 * 248 * 4, "checkpoint of %ld bytes is too small", n1);
+        free(a);
+        free(b);
+        /* the deck attribute, read with HDF5 itself */
+        hid_t file = H5Fopen(path1, H5F_ACC_RDONLY, H5P_DEFAULT);
+        hid_t attr = H5Aopen(file, "deck", H5P_DEFAULT);
+        hid_t type = H5Aget_type(attr);
+        size_t n = H5Tget_size(type);
+        char *text = xcalloc(n + 1, 1);
+        H5Aread(attr, type, text);
+        CHECK(n == deck_size && strcmp(text, deck) == 0, "deck attribute of %zu bytes differs", n);
+        free(text);
+        H5Tclose(type);
+        H5Aclose(attr);
+        H5Fclose(file);
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+
+    struct snapshot want;
+    take_snapshot(&want, &m, &opt);
+    float frozen_before = m.params[0].data[0];
+    float grad_before = m.grad_storage[5];
+    struct train_position position;
+    scramble(&m, &opt, &position);
+    float frozen_scrambled = m.params[0].data[0];
+    rc = checkpoint_read(path1, &m, &opt, &position, "esft", err, sizeof err);
+    CHECK(rc == 0, "checkpoint_read: %s", err);
+    size_t offset = 0;
+    for (int i = 0; i < m.n_params; i++) {
+        const struct param *p = &m.params[i];
+        size_t at = (size_t)(p->data - m.storage);
+        if (p->trainable) {
+            CHECK(memcmp(p->data, want.weights + at, p->numel * sizeof(float)) == 0,
+                  "tensor %s differs after the read", p->name);
+            CHECK(memcmp(opt.m + offset, want.m + offset, p->numel * sizeof(float)) == 0,
+                  "adam m of %s differs", p->name);
+            CHECK(memcmp(opt.v + offset, want.v + offset, p->numel * sizeof(float)) == 0,
+                  "adam v of %s differs", p->name);
+            offset += p->numel;
+        } else {
+            CHECK(p->data[0] == -9.0f - (float)at, "frozen tensor %s was overwritten", p->name);
+        }
+    }
+    CHECK(offset == opt.n, "trainable values %zu, state %zu", offset, opt.n);
+    CHECK(frozen_scrambled != frozen_before && m.params[0].data[0] == frozen_scrambled,
+          "frozen embedding touched");
+    CHECK(m.grad_storage[5] == grad_before, "gradients touched");
+    CHECK(opt.step == 7, "adam step %lld, want 7", opt.step);
+    CHECK(position.step == 7 && position.epoch == 1 && position.block == 3,
+          "position %lld/%lld/%lld, want 7/1/3", position.step, position.epoch, position.block);
+    CHECK(memcmp(position.rng, position_a.rng, sizeof position.rng) == 0, "rng differs");
+    free_snapshot(&want);
+    free(deck);
+
+    /* keep < 1 is refused on every rank, nothing written */
+    char out3[1200];
+    snprintf(out3, sizeof out3, "%s/run3", tmpdir);
+    rc = checkpoint_write(out3, &m, &opt, &position_a, "esft", "", 0, MPI_COMM_WORLD, err,
+                          sizeof err);
+    CHECK(rc != 0 && contains(err, "keep"), "keep 0 accepted: %s", err);
+    CHECK(!file_exists(out3), "keep 0 wrote %s", out3);
+    adamw_free(&opt);
+    model_free(&m);
+}
+
+/* ---- keep and latest ------------------------------------------------------------------ */
+
+/* The names in dir, sorted, joined by spaces. */
+static void list_names(const char *dir, char *out, size_t size)
+{
+    out[0] = '\0';
+    struct dirent **entries;
+    int n = scandir(dir, &entries, NULL, alphasort);
+    for (int i = 0; i < n; i++) {
+        if (strcmp(entries[i]->d_name, ".") && strcmp(entries[i]->d_name, ".."))
+            snprintf(out + strlen(out), size - strlen(out), "%s%s", out[0] ? " " : "",
+                     entries[i]->d_name);
+        free(entries[i]);
+    }
+    if (n >= 0) free(entries);
+}
+
+static void test_keep_and_latest(void)
+{
+    struct model m;
+    struct adamw opt;
+    tiny_model(&m, &opt, mask_a, COUNT(mask_a));
+    char out[1200], dir[1300], path[1400], names[2048], err[2048];
+    snprintf(out, sizeof out, "%s/keep", tmpdir);
+    snprintf(dir, sizeof dir, "%s/checkpoints", out);
+
+    CHECK(checkpoint_latest(out, path, sizeof path, err, sizeof err) == 0,
+          "latest of a directory without checkpoints");
+    if (world_rank == 0) {
+        mkdir(out, 0755);
+        mkdir(dir, 0755);
+        /* a crash's leftover: removed by the next successful write */
+        snprintf(path, sizeof path, "%s/.step-00000015.h5.tmp", dir);
+        write_text(path, "torn");
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    for (long long step = 10; step <= 40; step += 10) {
+        struct train_position position = position_a;
+        position.step = step;
+        opt.step = step;
+        int rc = checkpoint_write(out, &m, &opt, &position, "esft", "deck", 2, MPI_COMM_WORLD, err,
+                                  sizeof err);
+        CHECK(rc == 0, "write step %lld: %s", step, err);
+    }
+    if (world_rank == 0) {
+        list_names(dir, names, sizeof names);
+        CHECK(strcmp(names, "step-00000030.h5 step-00000040.h5") == 0,
+              "keep 2 of steps 10..40 left: %s", names);
+        /* none of these is a checkpoint */
+        const char *others[] = {".step-00000099.h5.tmp", "step-00000100.h5.part",
+                                "step-123.h5",           "step-000000200.h5",
+                                "step-0000005x.h5",      "xstep-00000300.h5"};
+        for (int i = 0; i < COUNT(others); i++) {
+            snprintf(path, sizeof path, "%s/%s", dir, others[i]);
+            write_text(path, "not a checkpoint");
+        }
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    int found = checkpoint_latest(out, path, sizeof path, err, sizeof err);
+    char want[1400];
+    snprintf(want, sizeof want, "%s/step-00000040.h5", dir);
+    CHECK(found == 1 && strcmp(path, want) == 0, "latest: %d %s, want %s", found, path, want);
+    /* a step past 8 digits is still a checkpoint, and the newest */
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (world_rank == 0) {
+        snprintf(path, sizeof path, "%s/step-123456789.h5", dir);
+        write_text(path, "x");
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    found = checkpoint_latest(out, path, sizeof path, err, sizeof err);
+    CHECK(found == 1 && contains(path, "/step-123456789.h5"), "latest with 9 digits: %s", path);
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (world_rank == 0) remove(path);
+    /* a write deletes the stray temporary file and keeps the newest 2 */
+    struct train_position position = position_a;
+    position.step = 50;
+    CHECK(checkpoint_write(out, &m, &opt, &position, "esft", "deck", 2, MPI_COMM_WORLD, err,
+                           sizeof err) == 0,
+          "write step 50: %s", err);
+    if (world_rank == 0) {
+        snprintf(path, sizeof path, "%s/.step-00000099.h5.tmp", dir);
+        CHECK(!file_exists(path), "stray %s not deleted", path);
+        snprintf(path, sizeof path, "%s/step-00000030.h5", dir);
+        CHECK(!file_exists(path), "step 30 kept beyond keep 2");
+        snprintf(path, sizeof path, "%s/step-00000100.h5.part", dir);
+        CHECK(file_exists(path), "a file that is not esft's was deleted");
+    }
+    /* an unreadable checkpoint directory: an error, not "none" */
+    char bad[1300];
+    snprintf(bad, sizeof bad, "%s/file-not-dir", tmpdir);
+    if (world_rank == 0) {
+        mkdir(bad, 0755);
+        snprintf(path, sizeof path, "%s/checkpoints", bad);
+        write_text(path, "a file");
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    found = checkpoint_latest(bad, path, sizeof path, err, sizeof err);
+    CHECK(found == -1 && contains(err, bad), "checkpoints is a file: %d %s", found, err);
+    /* rank 0 cannot create the directory: every rank gets the failure and its message */
+    err[0] = '\0';
+    int rc = checkpoint_write(bad, &m, &opt, &position, "esft", "deck", 2, MPI_COMM_WORLD, err,
+                              sizeof err);
+    CHECK(rc == -1 && contains(err, bad) && contains(err, "cannot create directory"),
+          "write into an uncreatable directory: %d %s", rc, err);
+    adamw_free(&opt);
+    model_free(&m);
+}
+
+/* ---- refused reads ------------------------------------------------------------------- */
+
+/* checkpoint_read must fail with every part in err, leaving model and state unchanged. */
+static void expect_refused(const char *what, const char *path, struct model *m, struct adamw *opt,
+                           const char *method, const char *part1, const char *part2)
+{
+    struct snapshot before;
+    take_snapshot(&before, m, opt);
+    struct train_position position = {.step = -5};
+    char err[2048] = "";
+    int rc = checkpoint_read(path, m, opt, &position, method, err, sizeof err);
+    CHECK(rc != 0, "%s: read succeeded", what);
+    CHECK(contains(err, path), "%s: message does not name %s: %s", what, path, err);
+    CHECK(!part1 || contains(err, part1), "%s: message lacks '%s': %s", what, part1, err);
+    CHECK(!part2 || contains(err, part2), "%s: message lacks '%s': %s", what, part2, err);
+    CHECK(same_as_snapshot(&before, m, opt) && position.step == -5,
+          "%s: model or optimizer changed by a refused read", what);
+    free_snapshot(&before);
+}
+
+static void test_refused(void)
+{
+    struct model a, b, c;
+    struct adamw opt_a, opt_b, opt_c;
+    tiny_model(&a, &opt_a, mask_a, COUNT(mask_a));
+    tiny_model(&b, &opt_b, mask_b, COUNT(mask_b));
+    tiny_model(&c, &opt_c, mask_c, COUNT(mask_c));
+    char good[1300], path[1400], err[2048];
+    snprintf(good, sizeof good, "%s/run1/checkpoints/step-00000007.h5", tmpdir);
+
+    expect_refused("another method", good, &a, &opt_a, "fft", "'esft'", "'fft'");
+    a.cfg.hash ^= 1;
+    expect_refused("another config hash", good, &a, &opt_a, "esft", "config hash", NULL);
+    a.cfg.hash ^= 1;
+    /* B trains layer 1's expert 3, which A's checkpoint lacks */
+    expect_refused("missing tensor", good, &b, &opt_b, "esft",
+                   "'model.layers.1.mlp.experts.3.gate_proj.weight'", "missing");
+    /* C trains all of A's tensors but the final norm: one tensor too many */
+    expect_refused("extra tensor", good, &c, &opt_c, "esft", "'model.norm.weight'",
+                   "not trainable");
+    /* B's own checkpoint into A: A's layer-1 expert 2 is missing */
+    char out_b[1200];
+    snprintf(out_b, sizeof out_b, "%s/run-b", tmpdir);
+    CHECK(checkpoint_write(out_b, &b, &opt_b, &position_a, "esft", "", 1, MPI_COMM_WORLD, err,
+                           sizeof err) == 0,
+          "write B: %s", err);
+    snprintf(path, sizeof path, "%s/checkpoints/step-00000007.h5", out_b);
+    expect_refused("missing tensor (B's file)", path, &a, &opt_a, "esft",
+                   "'model.layers.1.mlp.experts.2.gate_proj.weight'", "missing");
+    expect_refused("no such file", "/nonexistent/step-00000001.h5", &a, &opt_a, "esft", NULL, NULL);
+
+    /* damaged copies made by rank 0 */
+    char trunc[4][1300], foreign[1300], version[1300], shape[1300], format[1300];
+    long size = file_size(good);
+    long cuts[4] = {0, 100, size / 2, size - 1};
+    for (int k = 0; k < 4; k++)
+        snprintf(trunc[k], sizeof trunc[k], "%s/truncated-%d.h5", tmpdir, k);
+    snprintf(foreign, sizeof foreign, "%s/foreign.h5", tmpdir);
+    snprintf(version, sizeof version, "%s/version2.h5", tmpdir);
+    snprintf(shape, sizeof shape, "%s/shape.h5", tmpdir);
+    snprintf(format, sizeof format, "%s/format.h5", tmpdir);
+    if (world_rank == 0) {
+        for (int k = 0; k < 4; k++) copy_prefix(good, trunc[k], cuts[k]);
+        write_text(foreign, "PK\003\004 not an HDF5 file at all, but long enough to be read");
+        copy_prefix(good, version, size);
+        copy_prefix(good, shape, size);
+        copy_prefix(good, format, size);
+        hid_t file = H5Fopen(version, H5F_ACC_RDWR, H5P_DEFAULT);
+        hid_t attr = H5Aopen(file, "version", H5P_DEFAULT);
+        int v = 2;
+        H5Awrite(attr, H5T_NATIVE_INT, &v);
+        H5Aclose(attr);
+        H5Fclose(file);
+        /* /tensors/model.norm.weight replaced by a [3] dataset */
+        file = H5Fopen(shape, H5F_ACC_RDWR, H5P_DEFAULT);
+        H5Ldelete(file, "/tensors/model.norm.weight", H5P_DEFAULT);
+        hsize_t three = 3;
+        hid_t space = H5Screate_simple(1, &three, NULL);
+        hid_t dset = H5Dcreate2(file, "/tensors/model.norm.weight", H5T_IEEE_F32LE, space,
+                                H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+        float zeros[3] = {0, 0, 0};
+        H5Dwrite(dset, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, zeros);
+        H5Dclose(dset);
+        H5Sclose(space);
+        H5Fclose(file);
+        /* another program's HDF5 file: no format attribute */
+        file = H5Fopen(format, H5F_ACC_RDWR, H5P_DEFAULT);
+        H5Adelete(file, "format");
+        H5Fclose(file);
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    for (int k = 0; k < 4; k++) {
+        char what[64];
+        snprintf(what, sizeof what, "truncated to %ld bytes", cuts[k]);
+        /* an empty file has no HDF5 signature; the others fail HDF5's end-of-file check */
+        expect_refused(what, trunc[k], &a, &opt_a, "esft",
+                       k == 0 ? "not an HDF5 file" : "truncated", NULL);
+    }
+    expect_refused("foreign file", foreign, &a, &opt_a, "esft", "not an HDF5 file", NULL);
+    expect_refused("version 2", version, &a, &opt_a, "esft", "version 2", NULL);
+    expect_refused("wrong shape", shape, &a, &opt_a, "esft", "'model.norm.weight'",
+                   "expected shape [8], got [3]");
+    expect_refused("no format attribute", format, &a, &opt_a, "esft", "'format'", NULL);
+    /* the good file still reads after all that */
+    struct train_position position;
+    CHECK(checkpoint_read(good, &a, &opt_a, &position, "esft", err, sizeof err) == 0,
+          "good checkpoint: %s", err);
+    adamw_free(&opt_a);
+    adamw_free(&opt_b);
+    adamw_free(&opt_c);
+    model_free(&a);
+    model_free(&b);
+    model_free(&c);
+}
+
+/* ---- exports -------------------------------------------------------------------------- */
+
+static void test_export_adapter(void)
+{
+    struct model m;
+    struct adamw opt;
+    tiny_model(&m, &opt, mask_a, COUNT(mask_a));
+    char dir[1200], path[1300], config[1300], copied[1300], err[2048];
+    snprintf(dir, sizeof dir, "%s/adapter/sub", tmpdir);
+    snprintf(path, sizeof path, "%s/adapter.safetensors", dir);
+    snprintf(config, sizeof config, "%s/expert_config-src.json", tmpdir);
+    snprintf(copied, sizeof copied, "%s/expert_config.json", dir);
+    const char *config_text =
+        "{\"experts\": {\"0\": [1], \"1\": [2]}, \"shared_experts\": false}\n";
+    if (world_rank == 0) write_text(config, config_text);
+    MPI_Barrier(MPI_COMM_WORLD);
+    int rc = export_adapter(dir, &m, config, err, sizeof err);
+    CHECK(rc == 0, "export_adapter: %s", err);
+    if (world_rank == 0) {
+        struct st_file *f = st_open(path, err, sizeof err);
+        CHECK(f != NULL, "st_open: %s", err);
+        if (f) {
+            CHECK(f->n_tensors == COUNT(mask_a), "adapter has %d tensors, want %d", f->n_tensors,
+                  COUNT(mask_a));
+            const char *format = st_file_metadata(f, "format");
+            CHECK(format && strcmp(format, "pt") == 0, "metadata format: %s",
+                  format ? format : "(none)");
+            for (int k = 0; k < COUNT(mask_a); k++) {
+                const struct param *p = model_find_param(&m, mask_a[k]);
+                const struct st_tensor *t = st_file_find(f, mask_a[k]);
+                CHECK(t != NULL, "adapter lacks %s", mask_a[k]);
+                if (!t) continue;
+                CHECK(t->dtype == ST_BF16 && t->rank == p->rank && t->shape[0] == p->shape[0] &&
+                          (p->rank == 1 || t->shape[1] == p->shape[1]),
+                      "%s: dtype or shape", p->name);
+                int wrong = 0;
+                for (size_t j = 0; j < p->numel && t->dtype == ST_BF16; j++) {
+                    uint16_t got;
+                    memcpy(&got, (const char *)t->data + 2 * j, 2);
+                    wrong += got != st_f32_to_bf16(p->data[j]);
+                }
+                CHECK(wrong == 0, "%s: %d bf16 values differ", p->name, wrong);
+            }
+            st_close(f);
+        }
+        char *text = slurp(copied, NULL);
+        CHECK(text && strcmp(text, config_text) == 0, "expert_config.json not copied");
+        free(text);
+    }
+    /* f32 and f16 bases, no expert config */
+    enum hf_dtype dtypes[2] = {HF_DTYPE_F32, HF_DTYPE_F16};
+    enum st_dtype want[2] = {ST_F32, ST_F16};
+    for (int d = 0; d < 2; d++) {
+        m.cfg.dtype = dtypes[d];
+        snprintf(dir, sizeof dir, "%s/adapter-%d", tmpdir, d);
+        snprintf(path, sizeof path, "%s/adapter.safetensors", dir);
+        MPI_Barrier(MPI_COMM_WORLD);
+        CHECK(export_adapter(dir, &m, NULL, err, sizeof err) == 0, "export %d: %s", d, err);
+        if (world_rank != 0) continue;
+        snprintf(copied, sizeof copied, "%s/expert_config.json", dir);
+        CHECK(!file_exists(copied), "expert_config.json without a source");
+        struct st_file *f = st_open(path, err, sizeof err);
+        CHECK(f != NULL, "st_open: %s", err);
+        if (!f) continue;
+        const struct param *p = model_find_param(&m, "model.norm.weight");
+        const struct st_tensor *t = st_file_find(f, p->name);
+        int wrong = 0;
+        for (size_t j = 0; t && t->dtype == want[d] && j < p->numel; j++) {
+            if (want[d] == ST_F32) {
+                float got;
+                memcpy(&got, (const char *)t->data + 4 * j, 4);
+                wrong += memcmp(&got, &p->data[j], 4) != 0;
+            } else {
+                uint16_t got;
+                memcpy(&got, (const char *)t->data + 2 * j, 2);
+                wrong += got != st_f32_to_f16(p->data[j]);
+            }
+        }
+        CHECK(t && t->dtype == want[d] && wrong == 0, "%s dtype %d: %d values differ", p->name, d,
+              wrong);
+        st_close(f);
+    }
+    adamw_free(&opt);
+    model_free(&m);
+}
+
+static void test_export_merged(void)
+{
+    struct model m;
+    struct adamw opt;
+    tiny_model(&m, &opt, mask_a, COUNT(mask_a));
+    char base[1200], dir[1200], path[1300], err[2048];
+    snprintf(base, sizeof base, "%s/base", tmpdir);
+    snprintf(dir, sizeof dir, "%s/merged", tmpdir);
+    const char *copied[] = {"tokenizer.json", "generation_config.json", "merges.txt"};
+    if (world_rank == 0) {
+        mkdir(base, 0755);
+        CHECK(hfconfig_write(base, &m.cfg, err, sizeof err) == 0, "base config: %s", err);
+        for (int k = 0; k < COUNT(copied); k++) {
+            snprintf(path, sizeof path, "%s/%s", base, copied[k]);
+            char text[128];
+            snprintf(text, sizeof text, "contents of %s\n", copied[k]);
+            write_text(path, text);
+        }
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    int rc = export_merged(dir, &m, base, 0, err, sizeof err);
+    CHECK(rc == 0, "export_merged: %s", err);
+    if (world_rank == 0) {
+        struct st_checkpoint *ck = st_checkpoint_open(dir, err, sizeof err);
+        CHECK(ck != NULL, "st_checkpoint_open: %s", err);
+        if (ck) {
+            CHECK(ck->n_tensors == m.n_params && ck->n_files == 1,
+                  "%d tensors in %d files, want %d in 1", ck->n_tensors, ck->n_files, m.n_params);
+            int wrong = 0;
+            for (int i = 0; i < m.n_params; i++) {
+                const struct param *p = &m.params[i];
+                const struct st_tensor *t = st_find(ck, p->name);
+                if (!t || t->dtype != ST_BF16 || t->numel != (int64_t)p->numel) {
+                    wrong++;
+                    continue;
+                }
+                for (size_t j = 0; j < p->numel; j++) {
+                    uint16_t got;
+                    memcpy(&got, (const char *)t->data + 2 * j, 2);
+                    wrong += got != st_f32_to_bf16(p->data[j]);
+                }
+            }
+            CHECK(wrong == 0, "merged checkpoint: %d wrong tensors or values", wrong);
+            st_checkpoint_close(ck);
+        }
+        struct model_config cfg;
+        CHECK(hfconfig_load(dir, &cfg, err, sizeof err) == 0, "config: %s", err);
+        CHECK(cfg.hidden_size == 8 && cfg.num_layers == 2 && cfg.num_heads == 2 &&
+                  cfg.num_kv_heads == 1 && cfg.head_dim == 4 && cfg.vocab_size == 11 &&
+                  cfg.expert_intermediate_size == 5 && cfg.num_experts == 4 && cfg.top_k == 2 &&
+                  cfg.family == HF_QWEN3_MOE && cfg.dtype == HF_DTYPE_BF16,
+              "merged config.json sizes differ");
+        for (int k = 0; k < COUNT(copied); k++) {
+            char from[1300];
+            snprintf(from, sizeof from, "%s/%s", base, copied[k]);
+            snprintf(path, sizeof path, "%s/%s", dir, copied[k]);
+            char *a = slurp(from, NULL), *b = slurp(path, NULL);
+            CHECK(a && b && strcmp(a, b) == 0, "%s not copied", copied[k]);
+            free(a);
+            free(b);
+        }
+        snprintf(path, sizeof path, "%s/vocab.json", dir);
+        CHECK(!file_exists(path), "vocab.json made up");
+
+        /* refusals: an existing checkpoint, the base directory itself */
+        rc = export_merged(dir, &m, base, 0, err, sizeof err);
+        CHECK(rc != 0 && contains(err, dir) && contains(err, "config.json"),
+              "export over an existing checkpoint: %s", err);
+        char base_alias[1300];
+        snprintf(base_alias, sizeof base_alias, "%s/./", base);
+        rc = export_merged(base_alias, &m, base, 0, err, sizeof err);
+        CHECK(rc != 0 && contains(err, "base"), "export into the base directory: %s", err);
+
+        /* shards of at most 600 bytes: the largest tensor (11 x 8 bf16 = 176 bytes) fits */
+        snprintf(dir, sizeof dir, "%s/merged-sharded", tmpdir);
+        rc = export_merged(dir, &m, NULL, 600, err, sizeof err);
+        CHECK(rc == 0, "sharded export: %s", err);
+        snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+        CHECK(file_exists(path), "no index for a sharded export");
+        ck = st_checkpoint_open(dir, err, sizeof err);
+        CHECK(ck && ck->n_tensors == m.n_params && ck->n_files > 1, "sharded: %s",
+              ck ? "wrong counts" : err);
+        if (ck) st_checkpoint_close(ck);
+        snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+        CHECK(!file_exists(path), "tokenizer.json without a base directory");
+    }
+    /* a layout where no rank holds every tensor */
+    struct model split;
+    struct layout_grid grid = {.world = 2, .pp = 1, .dp = 1, .ep = 2};
+    model_create(&split, &m.cfg, &grid, (struct layout_coords){0, 0, 0});
+    snprintf(dir, sizeof dir, "%s/merged-split", tmpdir);
+    rc = export_merged(dir, &split, base, 0, err, sizeof err);
+    if (world_rank == 0)
+        CHECK(rc != 0 && contains(err, "ep 2") && contains(err, "experts.2"),
+              "export of an EP-split model: %s", err);
+    CHECK(!file_exists(dir), "refused export created %s", dir);
+    model_free(&split);
+    adamw_free(&opt);
+    model_free(&m);
+}
+
+/* ---- loss curve ------------------------------------------------------------------------ */
+
+/* A printed NaN or infinity ("nan", "-nan", "inf") as a word of the SVG text. */
+static bool has_non_finite(const char *svg)
+{
+    const char *words[2] = {"nan", "inf"};
+    for (int w = 0; w < 2; w++)
+        for (const char *at = strstr(svg, words[w]); at; at = strstr(at + 1, words[w])) {
+            bool letter_before = at > svg && isalpha((unsigned char)at[-1]);
+            bool letter_after = isalpha((unsigned char)at[3]);
+            if (!letter_before && !letter_after) return true;
+        }
+    return false;
+}
+
+static void test_plot(void)
+{
+    char path[1300], err[1024];
+    snprintf(path, sizeof path, "%s/loss.svg", tmpdir);
+    long long steps[5] = {1, 2, 3, 4, 5}, eval_steps[2] = {2, 4};
+    double loss[5] = {4.0, 3.5, 3.25, 3.0, 2.875}, eval_loss[2] = {3.6, 3.1};
+    int rc = plot_loss_curve(path, "run <a> & b", steps, loss, 5, eval_steps, eval_loss, 2, err,
+                             sizeof err);
+    CHECK(rc == 0, "plot: %s", err);
+    char *svg = slurp(path, NULL);
+    CHECK(svg && (strncmp(svg, "<?xml", 5) == 0 || strncmp(svg, "<svg", 4) == 0),
+          "not an SVG file");
+    if (svg) {
+        CHECK(contains(svg, "<polyline") && contains(svg, "<circle") && contains(svg, "</svg>"),
+              "curve, eval points or the end missing");
+        CHECK(contains(svg, "run &lt;a&gt; &amp; b"), "title not escaped");
+        CHECK(contains(svg, ">step<") && contains(svg, ">loss<"), "axis labels missing");
+        CHECK(contains(svg, "evaluation loss") && contains(svg, "training loss"), "legend missing");
+        CHECK(!has_non_finite(svg), "non-finite coordinates");
+    }
+    free(svg);
+    char tmp[1400];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    CHECK(!file_exists(tmp), "%s left behind", tmp);
+
+    /* one point; constant losses; nothing at all */
+    rc = plot_loss_curve(path, "one", steps, loss, 1, NULL, NULL, 0, err, sizeof err);
+    svg = slurp(path, NULL);
+    CHECK(rc == 0 && svg && !has_non_finite(svg) && contains(svg, "<circle"), "n = 1: %s",
+          rc ? err : "bad file");
+    free(svg);
+    double flat[5] = {2, 2, 2, 2, 2};
+    rc = plot_loss_curve(path, "flat", steps, flat, 5, steps, flat, 1, err, sizeof err);
+    svg = slurp(path, NULL);
+    CHECK(rc == 0 && svg && !has_non_finite(svg), "constant losses: %s", rc ? err : "bad file");
+    free(svg);
+    rc = plot_loss_curve(path, "empty", NULL, NULL, 0, NULL, NULL, 0, err, sizeof err);
+    svg = slurp(path, NULL);
+    CHECK(rc == 0 && svg && contains(svg, "</svg>") && !has_non_finite(svg), "no data: %s",
+          rc ? err : "bad file");
+    free(svg);
+    snprintf(path, sizeof path, "%s/no/such/dir/loss.svg", tmpdir);
+    rc = plot_loss_curve(path, "x", steps, loss, 5, NULL, NULL, 0, err, sizeof err);
+    CHECK(rc != 0 && contains(err, "no/such/dir"), "unwritable path: %s", err);
+}
+
+/* ---- write-forever and verify (tests/test-checkpoint-kill.sh) ------------------------- */
+
+/* Big enough that a write takes a while: about 1 M trainable floats, 12 MB a file. */
+static void big_model(struct model *m, struct adamw *opt)
+{
+    struct model_config cfg;
+    char err[512];
+    hfconfig_defaults(HF_QWEN3_MOE, &cfg);
+    cfg.hidden_size = 64;
+    cfg.num_layers = 2;
+    cfg.num_heads = 4;
+    cfg.num_kv_heads = 2;
+    cfg.head_dim = 16;
+    cfg.vocab_size = 3000;
+    cfg.intermediate_size = 128;
+    cfg.expert_intermediate_size = 96;
+    cfg.num_experts = 16;
+    cfg.top_k = 2;
+    if (hfconfig_finish(&cfg, "big", err, sizeof err) != 0) {
+        fprintf(stderr, "big config: %s\n", err);
+        exit(1);
+    }
+    cfg.hash = 0x5eedULL;
+    struct layout_grid one = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
+    model_create(m, &cfg, &one, (struct layout_coords){0, 0, 0});
+    bool *mask = xmalloc((size_t)m->n_params * sizeof *mask);
+    for (int i = 0; i < m->n_params; i++) mask[i] = true;
+    model_set_trainable(m, mask);
+    free(mask);
+    struct deck_train train = {.lr = 1e-4, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8};
+    adamw_init(opt, m, &train);
+}
+
+/* The value of element j of tensor i in group g (0 weights, 1 m, 2 v) at `step`. */
+static float step_value(long long step, int i, size_t j, int g)
+{
+    return (float)((step * 31 + i * 17 + (long long)j + g * 5) % 100003) * 1e-4f;
+}
+
+static void fill_step(struct model *m, struct adamw *opt, long long step)
+{
+    size_t offset = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        struct param *p = &m->params[i];
+        for (size_t j = 0; j < p->numel; j++) {
+            p->data[j] = step_value(step, i, j, 0);
+            opt->m[offset + j] = step_value(step, i, j, 1);
+            opt->v[offset + j] = step_value(step, i, j, 2);
+        }
+        offset += p->numel;
+    }
+    opt->step = step;
+}
+
+/* Reads path and checks every value against its step; 0 when it all holds. */
+static int verify_file(const char *path, struct model *m, struct adamw *opt)
+{
+    char err[2048];
+    struct train_position position;
+    if (checkpoint_read(path, m, opt, &position, "esft", err, sizeof err) != 0) {
+        fprintf(stderr, "verify: %s\n", err);
+        return -1;
+    }
+    long long s = position.step;
+    int wrong = 0;
+    size_t offset = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        const struct param *p = &m->params[i];
+        for (size_t j = 0; j < p->numel; j++) {
+            float want[3] = {step_value(s, i, j, 0), step_value(s, i, j, 1),
+                             step_value(s, i, j, 2)};
+            wrong += memcmp(&p->data[j], &want[0], 4) != 0;
+            wrong += memcmp(&opt->m[offset + j], &want[1], 4) != 0;
+            wrong += memcmp(&opt->v[offset + j], &want[2], 4) != 0;
+        }
+        offset += p->numel;
+    }
+    char name[64];
+    snprintf(name, sizeof name, "/step-%08lld.h5", s);
+    bool name_matches = contains(path, name);
+    if (wrong || opt->step != s || position.epoch != s / 10 || position.block != s % 10 ||
+        position.rng[3] != (uint64_t)s + 3 || !name_matches) {
+        fprintf(stderr, "verify: %s: step %lld: %d wrong values, adam step %lld, epoch %lld%s\n",
+                path, s, wrong, opt->step, position.epoch,
+                name_matches ? "" : ", step differs from the name");
+        return -1;
+    }
+    return 0;
+}
+
+static int write_forever(const char *out)
+{
+    struct model m;
+    struct adamw opt;
+    big_model(&m, &opt);
+    char path[1400], err[2048];
+    long long step = 1;
+    int found = checkpoint_latest(out, path, sizeof path, err, sizeof err);
+    if (found < 0) {
+        fprintf(stderr, "write-forever: %s\n", err);
+        return 1;
+    }
+    if (found == 1) {
+        /* resume: the newest checkpoint must be whole */
+        if (verify_file(path, &m, &opt) != 0) return 1;
+        step = opt.step + 1;
+    }
+    /* the pid, for the killer: written whole (tmp + rename) */
+    if (world_rank == 0) {
+        char pid_path[1300], pid_tmp[1300];
+        snprintf(pid_path, sizeof pid_path, "%s/pid", out);
+        snprintf(pid_tmp, sizeof pid_tmp, "%s/pid.tmp", out);
+        mkdir(out, 0755);
+        FILE *f = fopen(pid_tmp, "w");
+        if (!f) return 1;
+        fprintf(f, "%ld\n", (long)getpid());
+        fclose(f);
+        rename(pid_tmp, pid_path);
+    }
+    /* until killed (a minute at most, in case the killer is gone) */
+    double start = wall_time();
+    for (; wall_time() - start < 60; step++) {
+        fill_step(&m, &opt, step);
+        struct train_position position = {.step = step, .epoch = step / 10, .block = step % 10};
+        for (int k = 0; k < 4; k++) position.rng[k] = (uint64_t)step + (uint64_t)k;
+        if (checkpoint_write(out, &m, &opt, &position, "esft", "deck: write-forever\n", 3,
+                             MPI_COMM_WORLD, err, sizeof err) != 0) {
+            fprintf(stderr, "write-forever: %s\n", err);
+            return 1;
+        }
+    }
+    adamw_free(&opt);
+    model_free(&m);
+    return 0;
+}
+
+static int verify(const char *out)
+{
+    struct model m;
+    struct adamw opt;
+    big_model(&m, &opt);
+    char path[1600], dir[1300], err[2048];
+    int found = checkpoint_latest(out, path, sizeof path, err, sizeof err);
+    if (found < 0) {
+        fprintf(stderr, "verify: %s\n", err);
+        return 1;
+    }
+    if (found == 0) {
+        printf("verify: no checkpoint yet\n");
+        return 0;
+    }
+    int failed = verify_file(path, &m, &opt) != 0;
+    long long newest = opt.step;
+    /* every file under a real name, not only the newest */
+    snprintf(dir, sizeof dir, "%s/checkpoints", out);
+    DIR *d = opendir(dir);
+    int n = 0, n_tmp = 0;
+    struct dirent *e;
+    while (d && (e = readdir(d)) != NULL) {
+        if (strncmp(e->d_name, "step-", 5) == 0) {
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            failed |= verify_file(path, &m, &opt) != 0;
+            n++;
+        } else if (e->d_name[0] == '.' && strstr(e->d_name, ".tmp")) {
+            n_tmp++;
+        }
+    }
+    if (d) closedir(d);
+    printf("verify: %d checkpoints read back whole (newest step %lld), %d temporary files\n", n,
+           newest, n_tmp);
+    adamw_free(&opt);
+    model_free(&m);
+    return failed;
+}
+
+int main(int argc, char **argv)
+{
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &world_size);
+    log_init(world_rank, world_size);
+    if (argc == 3 && (strcmp(argv[1], "write-forever") == 0 || strcmp(argv[1], "verify") == 0)) {
+        int rc = strcmp(argv[1], "verify") == 0 ? verify(argv[2]) : write_forever(argv[2]);
+        MPI_Finalize();
+        return rc;
+    }
+    if (argc != 1) {
+        if (world_rank == 0)
+            fprintf(stderr, "usage: test_checkpoint [write-forever DIR | verify DIR]\n");
+        MPI_Finalize();
+        return 2;
+    }
+
+    if (world_rank == 0) {
+        snprintf(tmpdir, sizeof tmpdir, "%s/esft-checkpoint.XXXXXX",
+                 getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
+        if (!mkdtemp(tmpdir)) tmpdir[0] = '\0';
+    }
+    MPI_Bcast(tmpdir, sizeof tmpdir, MPI_CHAR, 0, MPI_COMM_WORLD);
+    if (!tmpdir[0]) {
+        fprintf(stderr, "test_checkpoint: cannot create a temporary directory\n");
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+
+    test_round_trip();
+    MPI_Barrier(MPI_COMM_WORLD);
+    test_keep_and_latest();
+    MPI_Barrier(MPI_COMM_WORLD);
+    test_refused();
+    MPI_Barrier(MPI_COMM_WORLD);
+    test_export_adapter();
+    MPI_Barrier(MPI_COMM_WORLD);
+    test_export_merged();
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (world_rank == 0) test_plot();
+
+    int failed = check_failed_;
+    MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (world_rank == 0 && failed == 0 && !getenv("ESFT_KEEP_TMP")) {
+        char command[1200];
+        snprintf(command, sizeof command, "rm -rf '%s'", tmpdir);
+        if (system(command) != 0) fprintf(stderr, "could not remove %s\n", tmpdir);
+    }
+    char name[64];
+    snprintf(name, sizeof name, "test_checkpoint (rank %d of %d)", world_rank, world_size);
+    int rc = check_done(name);
+    MPI_Finalize();
+    return failed ? 1 : rc;
+}
