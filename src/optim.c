@@ -30,7 +30,9 @@ void adamw_free(struct adamw *opt)
 void adamw_step(struct adamw *opt, struct model *model, double lr)
 {
     opt->step++;
+    /* 1 - beta formed in double, as torch does: in float, 1 - 0.999f is off by 1.3e-5 */
     float b1 = (float)opt->beta1, b2 = (float)opt->beta2, eps = (float)opt->eps;
+    float one_minus_b1 = (float)(1.0 - opt->beta1), one_minus_b2 = (float)(1.0 - opt->beta2);
     float decay = (float)(1.0 - lr * opt->weight_decay);
     float step_size = (float)(lr / (1.0 - pow(opt->beta1, (double)opt->step)));
     float bias2_sqrt = (float)sqrt(1.0 - pow(opt->beta2, (double)opt->step));
@@ -44,8 +46,8 @@ void adamw_step(struct adamw *opt, struct model *model, double lr)
         for (size_t j = 0; j < p->numel; j++) {
             float g = p->grad[j];
             p->data[j] *= decay;
-            m[j] = b1 * m[j] + (1.0f - b1) * g;
-            v[j] = b2 * v[j] + (1.0f - b2) * g * g;
+            m[j] = b1 * m[j] + one_minus_b1 * g;
+            v[j] = b2 * v[j] + one_minus_b2 * g * g;
             float denom = sqrtf(v[j]) / bias2_sqrt + eps;
             p->data[j] -= step_size * m[j] / denom;
         }
