@@ -454,6 +454,52 @@ def init_fixture(inp):
         os.chmod(os.path.join(d, f), 0o644)
 
 
+def trained_fixture(inp):
+    """A checkpoint merged by esft's train phase (ESFT on the demo task), loaded and run by
+    transformers: shows that the merged export is a checkpoint transformers reads and that
+    its logits are the ones esft computes (test_golden checks the C side on it)."""
+    esft = os.path.join(ROOT, "esft")
+    if not os.access(esft, os.X_OK):
+        print("trained_qwen2_moe: skipped (build ./esft first)")
+        return
+    deck = os.path.join(HERE, "train-qwen2-moe.yaml")
+    d = os.path.join(HERE, "trained_qwen2_moe")
+    for seed in range(21, 71):
+        if os.path.isdir(d):
+            shutil.rmtree(d)
+        with tempfile.TemporaryDirectory() as out:
+            subprocess.run([esft, deck, f"run.output_dir={out}", f"model.path={out}/model",
+                            f"prepare.output={out}/data.h5", f"data.path={out}/data.h5",
+                            f"train.expert_config={out}/expert_config.json", f"run.seed={seed}"],
+                           check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+            shutil.copytree(os.path.join(out, "merged"), d)
+            base = transformers.AutoModelForCausalLM.from_pretrained(
+                os.path.join(out, "model"), attn_implementation="eager",
+                experts_implementation="eager", dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            d, attn_implementation="eager", experts_implementation="eager", dtype=torch.float32)
+        model.eval()
+        margin = min_margin(forward_routers(model, inp))
+        if margin > MIN_MARGIN:
+            break
+        print(f"  trained_qwen2_moe: seed {seed} has a router near-tie ({margin:.2e}), reseeding")
+    else:
+        raise RuntimeError("no train seed without router near-ties")
+    changed = [n for n, p in model.named_parameters()
+               if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert changed, "the merged export equals the base model: nothing trained"
+    ref = run_reference(model, inp)
+    pos = run_packed(model, inp, "posids")
+    compare(ref, pos, "trained_qwen2_moe packed(position_ids)")
+    tens = expected_tensors("qwen2_moe", model, inp, ref, pos)
+    save_file(tens, os.path.join(d, "expected.safetensors"), metadata={"fixture": "trained_qwen2_moe"})
+    print(f"trained_qwen2_moe: esft train seed {seed}; transformers loads the merged export; "
+          f"{len(changed)} parameter tensors differ from the base (in memory, fused experts "
+          f"count once per layer); loss {ref['loss'].item():.6f}")
+    for f in os.listdir(d):
+        os.chmod(os.path.join(d, f), 0o644)
+
+
 def main():
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}")
     inp = make_inputs()
@@ -490,6 +536,7 @@ def main():
                 os.chmod(os.path.join(dst, f), 0o644)
             print("mixtral_v4config: v4-style config.json loads to the same model")
     init_fixture(inp)
+    trained_fixture(inp)
 
 
 if __name__ == "__main__":
