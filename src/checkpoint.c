@@ -163,23 +163,7 @@ static int copy_file(const char *src, const char *dst, char *err, size_t err_siz
         return -1;
     }
     fclose(in);
-    if (!failed) failed = fflush(out) != 0 || fsync(fileno(out)) != 0;
-    int saved = errno;
-    if (fclose(out) != 0 && !failed) {
-        failed = true;
-        saved = errno;
-    }
-    if (failed) {
-        snprintf(err, err_size, "%s: write failed: %s", tmp, strerror(saved));
-        remove(tmp);
-        return -1;
-    }
-    if (rename(tmp, dst) != 0) {
-        snprintf(err, err_size, "cannot rename %s to %s: %s", tmp, dst, strerror(errno));
-        remove(tmp);
-        return -1;
-    }
-    return 0;
+    return file_commit(out, tmp, dst, err, err_size); /* a failed fwrite left ferror(out) set */
 }
 
 /* Only world rank 0 writes exports (a rank-local call would race on the same files). */
@@ -1236,21 +1220,5 @@ int plot_loss_curve(const char *path, const char *title, const long long *steps,
     }
     struct chart chart = {title, steps, loss, n, eval_steps, eval_loss, n_eval};
     chart_body(out, &chart);
-    bool failed = ferror(out) != 0;
-    int saved = errno;
-    if (fclose(out) != 0 && !failed) {
-        failed = true;
-        saved = errno;
-    }
-    if (failed) {
-        snprintf(err, err_size, "%s: write failed: %s", tmp, strerror(saved));
-        remove(tmp);
-        return -1;
-    }
-    if (rename(tmp, path) != 0) {
-        snprintf(err, err_size, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
-        remove(tmp);
-        return -1;
-    }
-    return 0;
+    return file_commit(out, tmp, path, err, err_size);
 }

@@ -310,23 +310,7 @@ static int write_atomically(const char *path, file_body body, const void *contex
         return -1;
     }
     body(out, context);
-    bool failed = ferror(out) != 0;
-    int saved = errno;
-    if (fclose(out) != 0 && !failed) {
-        failed = true;
-        saved = errno;
-    }
-    if (failed) {
-        snprintf(err, err_size, "cannot write %s: %s", tmp, strerror(saved));
-        remove(tmp);
-        return -1;
-    }
-    if (rename(tmp, path) != 0) {
-        snprintf(err, err_size, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
-        remove(tmp);
-        return -1;
-    }
-    return 0;
+    return file_commit(out, tmp, path, err, err_size);
 }
 
 /* The shortest %g form that reads back as the same double. */
