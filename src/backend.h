@@ -55,6 +55,12 @@ struct backend {
                         int N, int E, int K, enum hf_router_kind kind, bool renormalise,
                         float scaling);
 
+    /* The load-balancing loss's statistics of one MoE layer (transformers'
+     * load_balancing_loss_func): counts[e] = how many of the N*K slots chose expert e,
+     * prob_sums[e] = sum over tokens of probs[n,e] (summed in double, in token order). */
+    void (*router_balance_stats)(float *counts, float *prob_sums, const float *probs,
+                                 const int32_t *ids, int N, int E, int K);
+
     /* Token-slots sorted by expert, stable in slot order: expert_offsets[E+1] (exclusive
      * scan of the per-expert counts), slot_of_row[M] (row r of the permuted matrix is
      * slot slot_of_row[r] = n*K + k), row_of_slot[M] (the inverse). */
@@ -128,6 +134,12 @@ struct backend {
     void (*router_topk_backward)(float *dlogits, const float *dweights, const float *probs,
                                  const int32_t *ids, int N, int E, int K,
                                  enum hf_router_kind kind, bool renormalise, float scaling);
+
+    /* The load-balancing loss's gradient through the softmax: with d loss / d probs[n,e]
+     * = coef[e] (the same for every token), dlogits[n,e] += p[n,e] * (coef[e] -
+     * sum_j p[n,j] coef[j]). */
+    void (*router_balance_backward)(float *dlogits, const float *probs, const float *coef,
+                                    int N, int E);
 
     /* Grouped GEMM backward: dx[M,I] = dy[M,O] @ w[e] per expert's rows (written), and
      * dw[e][O,I] += dy_e^T @ x_e for each expert e whose dw[e] is not NULL (frozen

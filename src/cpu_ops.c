@@ -305,6 +305,18 @@ static void cpu_router_topk(int32_t *ids, float *weights, float *probs, const fl
     }
 }
 
+static void cpu_router_balance_stats(float *counts, float *prob_sums, const float *probs,
+                                     const int32_t *ids, int N, int E, int K)
+{
+    for (int e = 0; e < E; e++) {
+        double sum = 0.0;
+        for (int n = 0; n < N; n++) sum += probs[(size_t)n * E + e];
+        prob_sums[e] = (float)sum;
+        counts[e] = 0.0f;
+    }
+    for (size_t s = 0; s < (size_t)N * K; s++) counts[ids[s]] += 1.0f;
+}
+
 static void cpu_permute_by_expert(int32_t *expert_offsets, int32_t *slot_of_row,
                                   int32_t *row_of_slot, const int32_t *ids, int N, int K, int E)
 {
@@ -692,6 +704,18 @@ static void cpu_router_topk_backward(float *dlogits, const float *dweights, cons
     }
 }
 
+static void cpu_router_balance_backward(float *dlogits, const float *probs, const float *coef,
+                                        int N, int E)
+{
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *p = probs + (size_t)n * E;
+        float *dz = dlogits + (size_t)n * E, dot = 0.0f;
+        for (int e = 0; e < E; e++) dot += p[e] * coef[e];
+        for (int e = 0; e < E; e++) dz[e] += p[e] * (coef[e] - dot);
+    }
+}
+
 /* Per expert e: dx[rows] = dy[rows] @ w[e] (items: expert x block of ROW_BLOCK rows, as the
  * forward), and dw[e] += dy_e^T @ x_e as one GEMM over all the expert's rows, split over
  * blocks of OUTPUT_BLOCK output rows. Frozen experts (dw[e] NULL) and idle experts do no
@@ -879,6 +903,7 @@ const struct backend *backend_cpu(void)
         .rope = cpu_rope,
         .attention = cpu_attention,
         .router_topk = cpu_router_topk,
+        .router_balance_stats = cpu_router_balance_stats,
         .permute_by_expert = cpu_permute_by_expert,
         .gather_rows = cpu_gather_rows,
         .grouped_linear = cpu_grouped_linear,
@@ -893,6 +918,7 @@ const struct backend *backend_cpu(void)
         .rope_backward = cpu_rope_backward,
         .attention_backward = cpu_attention_backward,
         .router_topk_backward = cpu_router_topk_backward,
+        .router_balance_backward = cpu_router_balance_backward,
         .grouped_linear_backward = cpu_grouped_linear_backward,
         .glu_backward = cpu_glu_backward,
         .combine_backward = cpu_combine_backward,

@@ -467,6 +467,7 @@ struct layer_activations {
     float *q_proj, *k_proj;    /* before QK-norm (QK-norm layers; else NULL) */
     float *q_rstd, *k_rstd;    /* QK-norm's 1/rms */
     float *q, *k, *v;          /* what attention read (after norm and RoPE) */
+    float *q_clamped, *k_clamped; /* clip_qkv (training): q, k after the clamp, before RoPE */
     float *attn;               /* [N, nH*Dh] attention output */
     float *h;                  /* [N,H] after the attention residual */
     float *hn, *rstd_post;     /* [N,H], [N] post-attention norm */
@@ -487,6 +488,9 @@ struct forward_workspace {
     float *xs;                        /* [M,H] gathered rows (scratch) */
     int32_t **topk_ids;
     float **topk_weights, **router_logits;
+    float **balance_counts, **balance_probs; /* [L] -> [E]: load-balancing statistics */
+    float *balance_coef;                     /* [E]: d aux / d probs (backward) */
+    int balance_tokens;                      /* N of the last forward */
     /* backward scratch */
     float *dx, *dxn, *dq, *dk, *dv, *dattn, *dxs, *dxs2, *dys, *dact, *dgate, *dup;
     float *dweights, *drouter, *dshared_a, *dshared_b, *dshared_act, *dshared_out, *dgate_logit;
@@ -528,6 +532,10 @@ static void alloc_layer(struct forward_workspace *ws, const struct model_config 
     }
     a->q = ws_alloc(ws, N * qw * f);
     a->k = ws_alloc(ws, N * kvw * f);
+    if (c->clip_qkv > 0 && ws->training) {
+        a->q_clamped = ws_alloc(ws, N * qw * f);
+        a->k_clamped = ws_alloc(ws, N * kvw * f);
+    }
     a->v = ws_alloc(ws, N * kvw * f);
     a->attn = ws_alloc(ws, N * qw * f);
     a->h = ws_alloc(ws, N * H * f);
@@ -586,12 +594,17 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
     ws->topk_ids = xcalloc((size_t)c->num_layers, sizeof *ws->topk_ids);
     ws->topk_weights = xcalloc((size_t)c->num_layers, sizeof *ws->topk_weights);
     ws->router_logits = xcalloc((size_t)c->num_layers, sizeof *ws->router_logits);
+    ws->balance_counts = xcalloc((size_t)c->num_layers, sizeof *ws->balance_counts);
+    ws->balance_probs = xcalloc((size_t)c->num_layers, sizeof *ws->balance_probs);
+    ws->balance_coef = ws_alloc(ws, E * f);
     for (int l = 0; l < c->num_layers; l++) {
         if (!c->is_moe[l]) continue;
         /* per layer in both kinds of workspace: the score phase reads every layer's */
         ws->topk_ids[l] = ws_alloc(ws, M * sizeof(int32_t));
         ws->topk_weights[l] = ws_alloc(ws, M * f);
         ws->router_logits[l] = ws_alloc(ws, N * E * f);
+        ws->balance_counts[l] = ws_alloc(ws, E * f);
+        ws->balance_probs[l] = ws_alloc(ws, E * f);
     }
     if (training) {
         size_t qw = (size_t)c->num_heads * c->head_dim, kvw = (size_t)c->num_kv_heads * c->head_dim;
@@ -628,9 +641,6 @@ struct forward_workspace *forward_workspace_new(const struct model *m, int max_t
 
 struct forward_workspace *forward_workspace_new_training(const struct model *m, int max_tokens)
 {
-    if (m->cfg.clip_qkv > 0)
-        fatal(EXIT_INPUT, "training a model with clip_qkv (olmoe's q/k/v clamp) is not "
-              "supported yet");
     return workspace_new(m, max_tokens, true);
 }
 
@@ -643,6 +653,8 @@ void forward_workspace_free(struct forward_workspace *ws)
     free(ws->topk_ids);
     free(ws->topk_weights);
     free(ws->router_logits);
+    free(ws->balance_counts);
+    free(ws->balance_probs);
     free(ws);
 }
 
@@ -684,6 +696,10 @@ static void attention_block(const struct model *m, const struct backend *ops,
         ops->clamp(a->q, (size_t)N * q_width, -limit, limit);
         ops->clamp(a->k, (size_t)N * kv_width, -limit, limit);
         ops->clamp(a->v, (size_t)N * kv_width, -limit, limit);
+        if (a->q_clamped) { /* the backward needs to know where the clamp bit */
+            memcpy(a->q_clamped, a->q, (size_t)N * q_width * sizeof(float));
+            memcpy(a->k_clamped, a->k, (size_t)N * kv_width * sizeof(float));
+        }
     }
     ops->rope(a->q, batch->positions, m->inv_freq, (float)c->rope.attention_scaling, N, nH, Dh,
               c->rope.rotary_dim);
@@ -708,6 +724,8 @@ static void moe_block(const struct model *m, const struct backend *ops,
     ops->linear(ws->router_logits[l], a->hn, w->router, NULL, N, H, E, false);
     ops->router_topk(ws->topk_ids[l], ws->topk_weights[l], a->probs, ws->router_logits[l], N, E,
                      K, c->router, renormalise, (float)c->routed_scaling_factor);
+    ops->router_balance_stats(ws->balance_counts[l], ws->balance_probs[l], a->probs,
+                              ws->topk_ids[l], N, E, K);
     ops->permute_by_expert(a->offsets, a->slot_of_row, a->row_of_slot, ws->topk_ids[l], N, K, E);
     ops->gather_rows(ws->xs, a->hn, a->slot_of_row, M, K, H);
     ops->grouped_linear(a->gate, ws->xs, w->expert_gate, a->offsets, E, H, I);
@@ -727,6 +745,35 @@ static void moe_block(const struct model *m, const struct backend *ops,
             ops->add(a->ffn, a->ffn, a->shared_out, (size_t)N * H);
         }
     }
+}
+
+/* The load-balancing loss of the last forward from its per-layer statistics (summed in
+ * layer order, in double). With coef non-NULL also its gradient with respect to every
+ * router probability, times scale: coef[e] = scale * E * c_e / R^2 (d aux / d P_e; the
+ * counts carry no gradient). */
+static double balance_loss(const struct model *m, const struct forward_workspace *ws, float *coef,
+                           float scale)
+{
+    const struct model_config *c = &m->cfg;
+    int E = c->num_experts, moe_layers = 0;
+    for (int l = 0; l < c->num_layers; l++) moe_layers += c->is_moe[l];
+    if (moe_layers == 0 || ws->balance_tokens == 0) {
+        if (coef)
+            for (int e = 0; e < E; e++) coef[e] = 0.0f;
+        return 0.0;
+    }
+    double R = (double)moe_layers * ws->balance_tokens, aux = 0.0;
+    for (int e = 0; e < E; e++) {
+        double count = 0.0, prob = 0.0;
+        for (int l = 0; l < c->num_layers; l++) {
+            if (!c->is_moe[l]) continue;
+            count += ws->balance_counts[l][e];
+            prob += ws->balance_probs[l][e];
+        }
+        aux += (count / R) * (prob / R);
+        if (coef) coef[e] = (float)(scale * (double)E * count / (R * R));
+    }
+    return (double)E * aux;
 }
 
 void model_forward(const struct model *m, const struct backend *ops, struct forward_workspace *ws,
@@ -763,6 +810,8 @@ void model_forward(const struct model *m, const struct backend *ops, struct forw
     result->router_logits = ws->router_logits;
     result->loss_sum = 0.0;
     result->loss_count = 0;
+    ws->balance_tokens = N;
+    result->aux_loss = balance_loss(m, ws, NULL, 0.0f);
     if (batch->targets)
         result->loss_sum = ops->cross_entropy_sum(ws->logits, batch->targets, N, V, &result->loss_count);
 }
@@ -786,7 +835,7 @@ static void dense_mlp_backward(const struct backend *ops, float *dx, bool accumu
 /* MoE backward: dy = d ffn [N,H] -> dhn [N,H] (written). */
 static void moe_backward(const struct model *m, const struct backend *ops,
                          struct forward_workspace *ws, const struct layer_activations *a,
-                         const float *dy, float *dhn, int N, int l)
+                         const float *dy, float *dhn, int N, int l, bool balance)
 {
     const struct model_config *c = &m->cfg;
     const struct layer_weights *w = &m->layers[l];
@@ -811,6 +860,7 @@ static void moe_backward(const struct model *m, const struct backend *ops,
      * frozen (g->router NULL: no weight gradient, the input gradient still flows) */
     ops->router_topk_backward(ws->drouter, ws->dweights, a->probs, ws->topk_ids[l], N, E, K,
                               c->router, renormalise, (float)c->routed_scaling_factor);
+    if (balance) ops->router_balance_backward(ws->drouter, a->probs, ws->balance_coef, N, E);
     ops->linear_backward(dhn, g->router, NULL, ws->drouter, a->hn, w->router, N, H, E, true);
 
     if (w->shared_gate) {
@@ -831,13 +881,16 @@ static void moe_backward(const struct model *m, const struct backend *ops,
 }
 
 void model_backward(const struct model *m, const struct backend *ops, struct forward_workspace *ws,
-                    const struct batch *batch, float loss_scale)
+                    const struct batch *batch, float loss_scale, float aux_scale)
 {
     const struct model_config *c = &m->cfg;
     if (!ws->training) fatal(EXIT_RUNTIME, "model_backward needs a training workspace");
     if (!m->grads) fatal(EXIT_RUNTIME, "model_backward before model_set_trainable");
     int N = batch->N, H = c->hidden_size, V = c->vocab_size, Dh = c->head_dim;
     int nH = c->num_heads, nKV = c->num_kv_heads, q_width = nH * Dh, kv_width = nKV * Dh;
+
+    bool balance = aux_scale != 0.0f;
+    if (balance) balance_loss(m, ws, ws->balance_coef, aux_scale);
 
     /* loss -> logits (in place) -> final norm */
     ops->cross_entropy_backward(ws->logits, ws->logits, batch->targets, N, V, loss_scale);
@@ -854,7 +907,7 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
         const struct layer_activations *a = &ws->layers[l];
         /* x_next = h + ffn: ws->dx is both d h and d ffn */
         if (c->is_moe[l])
-            moe_backward(m, ops, ws, a, ws->dx, ws->dxn, N, l);
+            moe_backward(m, ops, ws, a, ws->dx, ws->dxn, N, l, balance);
         else
             dense_mlp_backward(ops, ws->dxn, false, ws->dx, a->hn, w->mlp_gate, w->mlp_up,
                                w->mlp_down, g->mlp_gate, g->mlp_up, g->mlp_down, a->mlp_gate,
@@ -872,6 +925,12 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
                            N, nH, Dh, c->rope.rotary_dim);
         ops->rope_backward(ws->dk, batch->positions, m->inv_freq, (float)c->rope.attention_scaling,
                            N, nKV, Dh, c->rope.rotary_dim);
+        if (c->clip_qkv > 0) { /* no gradient where the clamp bit */
+            float limit = (float)c->clip_qkv;
+            ops->clamp_backward(ws->dq, a->q_clamped, (size_t)N * q_width, -limit, limit);
+            ops->clamp_backward(ws->dk, a->k_clamped, (size_t)N * kv_width, -limit, limit);
+            ops->clamp_backward(ws->dv, a->v, (size_t)N * kv_width, -limit, limit);
+        }
         if (c->qk_norm == QK_NORM_PER_HEAD) {
             ops->rmsnorm_backward(ws->dq, g->q_norm, ws->dq, a->q_proj, w->q_norm, a->q_rstd,
                                   N * nH, Dh, false);

@@ -138,6 +138,12 @@ struct forward_result {
     float **router_logits;   /* [L] -> [N, E] */
     double loss_sum;         /* sum of token cross-entropies over counted targets */
     long long loss_count;    /* number of counted targets */
+    /* The load-balancing loss of this batch as transformers computes it for one forward
+     * call over all its tokens (load_balancing_loss_func): with c_e the number of top-k
+     * slots that chose expert e and P_e the sum of its softmax probabilities, both over
+     * every token of every MoE layer, and R = tokens x MoE layers,
+     * aux = E * sum_e (c_e / R) (P_e / R). 0 without MoE layers. */
+    double aux_loss;
 };
 
 /* Workspace of the forward pass for up to max_tokens tokens, allocated once. A training
@@ -156,11 +162,14 @@ void model_forward(const struct model *model, const struct backend *ops,
                    struct forward_result *result);
 
 /* The backward pass of the last model_forward on ws (a training workspace) for the loss
- * loss_scale * sum of the batch's token cross-entropies (loss_scale = 1 / loss-bearing
- * tokens of the global batch makes it the global mean). Adds the gradients of the
- * trainable tensors to their buffers; input gradients flow through frozen tensors.
+ * loss_scale * (sum of the batch's token cross-entropies) + aux_scale * aux_loss
+ * (loss_scale = 1 / loss-bearing tokens of the global batch makes the first term the
+ * global mean; aux_scale 0 leaves the load-balancing loss out). Adds the gradients of
+ * the trainable tensors to their buffers; input gradients flow through frozen tensors
+ * (the load-balancing loss's too: it reaches the router's input and everything below).
  * Overwrites the logits. */
 void model_backward(const struct model *model, const struct backend *ops,
-                    struct forward_workspace *ws, const struct batch *batch, float loss_scale);
+                    struct forward_workspace *ws, const struct batch *batch, float loss_scale,
+                    float aux_scale);
 
 #endif

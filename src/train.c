@@ -7,12 +7,17 @@
  * training samples (seed and epoch number) and packs them, whole and in order, into
  * blocks of at most data.seq_len tokens (a longer sample is cut), with causal attention
  * inside each sample only and positions restarting per sample (data.pack false: one
- * sample per block). A step takes train.global_batch blocks; block j of a step goes to
- * rank j mod dp, in micro-batches of train.micro_batch blocks.
+ * sample per block). A step takes train.global_batch blocks, cut in order into
+ * micro-batches of train.micro_batch blocks; micro-batch m goes to rank m mod dp. So a
+ * micro-batch holds the same blocks for any rank count.
  * Loss: the sum of token cross-entropies over the step's loss-bearing targets divided by
  * their number over the whole global batch, so the loss and gradients are the same for
- * any rank count. Gradients (trainable tensors only) are summed over the ranks, clipped
- * to train.clip_grad by global norm, and AdamW takes the step.
+ * any rank count. With train.aux_loss_coef > 0 the load-balancing loss is added as the
+ * reference (and transformers under gradient accumulation) does: each micro-batch's
+ * aux loss, computed over its tokens as one forward call of transformers would, averaged
+ * over the step's micro-batches, times the coefficient. It is reported either way.
+ * Gradients (trainable tensors only) are summed over the ranks, clipped to
+ * train.clip_grad by global norm, and AdamW takes the step.
  * Checkpoints every train.checkpoint_every steps and when SIGUSR1 or SIGTERM arrives
  * (then the run stops after writing it); train.resume auto continues from the newest. */
 #include <inttypes.h>
@@ -208,11 +213,6 @@ int phase_train(const struct deck *deck, const struct layout *layout)
                   "x dp (%d x %d = %d)", where, tr->global_batch, tr->micro_batch, dp,
                   tr->micro_batch * dp);
     }
-    if (tr->aux_loss_coef > 0) {
-        deck_where(deck, "train.aux_loss_coef", where, sizeof where);
-        fatal_all(EXIT_INPUT, "%s: the load-balancing loss is not available yet; set "
-                  "train.aux_loss_coef: 0", where);
-    }
 
     struct model_config cfg;
     if (hfconfig_load(deck->model.path, &cfg, err, sizeof err) != 0)
@@ -335,10 +335,9 @@ int phase_train(const struct deck *deck, const struct layout *layout)
                 plan_blocks(&ds, train_samples, n_train, seq_len, deck->data.pack, &epoch_plan);
                 planned_epoch = position.epoch;
             }
-            if (j % dp == rank) {
-                int k = j / dp; /* this rank's k-th block of the step */
-                append_block(&micro[k / tr->micro_batch], &ds, &epoch_plan, (int)position.block, seq_len);
-            }
+            int m = j / tr->micro_batch; /* the step's micro-batch that holds block j */
+            if (m % dp == rank)
+                append_block(&micro[m / dp], &ds, &epoch_plan, (int)position.block, seq_len);
             if (++position.block == epoch_plan.n_blocks) position.block = 0, position.epoch++;
         }
         double counts[2] = {0, 0}; /* loss-bearing targets, tokens */
@@ -346,8 +345,11 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         check_mpi(MPI_Allreduce(MPI_IN_PLACE, counts, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
         float scale = counts[0] > 0 ? (float)(1.0 / counts[0]) : 0.0f;
 
+        /* d loss / d aux of one micro-batch: the coefficient over the step's micro-batches */
+        int step_micro_batches = tr->global_batch / tr->micro_batch;
+        float aux_scale = (float)(tr->aux_loss_coef / step_micro_batches);
         model_zero_grads(&model);
-        double loss_sum = 0;
+        double sums[2] = {0, 0}; /* cross-entropy, aux losses */
         for (int i = 0; i < micro_batches; i++) {
             struct batch batch = {.N = micro[i].N, .tokens = micro[i].tokens,
                                   .positions = micro[i].positions, .sample_start = micro[i].sample_start,
@@ -355,10 +357,12 @@ int phase_train(const struct deck *deck, const struct layout *layout)
             if (batch.N == 0) continue;
             struct forward_result r;
             model_forward(&model, ops, ws, &batch, &r);
-            loss_sum += r.loss_sum;
-            model_backward(&model, ops, ws, &batch, scale);
+            sums[0] += r.loss_sum;
+            sums[1] += r.aux_loss;
+            model_backward(&model, ops, ws, &batch, scale, aux_scale);
         }
-        check_mpi(MPI_Allreduce(MPI_IN_PLACE, &loss_sum, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+        check_mpi(MPI_Allreduce(MPI_IN_PLACE, sums, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+        double aux = sums[1] / step_micro_batches;
         if (dp > 1 && model.grad_floats > 0)
             comm_allreduce(&layout->world, model.grad_storage, model.grad_floats, COMM_F32, COMM_SUM,
                            COMM_HOST);
@@ -369,18 +373,20 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         adamw_step(&opt, &model, lr);
         position.step++;
 
-        double loss = counts[0] > 0 ? loss_sum / counts[0] : NAN;
+        double loss = counts[0] > 0 ? sums[0] / counts[0] : NAN;
         tokens_done += counts[1];
         curve_add(&losses, position.step, loss);
         double elapsed = wall_time() - start;
         double rate = tokens_done / elapsed;
         double eta = elapsed / (double)(position.step - first_step) * (double)(tr->steps - position.step);
         if (position.step % tr->log_every == 0 || position.step == tr->steps)
-            log_info("train: step %lld/%d  loss %.6f  lr %.3g  grad norm %.4g  %.0f tokens/s  "
-                     "%.0f s left", position.step, tr->steps, loss, lr, norm, rate, eta);
-        metrics_write("step", "\"step\": %lld, \"loss\": %.17g, \"lr\": %.6g, \"grad_norm\": %.6g, "
-                      "\"tokens\": %.0f, \"tokens_per_second\": %.1f", position.step, loss, lr,
-                      norm, counts[1], rate);
+            log_info("train: step %lld/%d  loss %.6f  aux %.4f  lr %.3g  grad norm %.4g  "
+                     "%.0f tokens/s  %.0f s left", position.step, tr->steps, loss, aux, lr, norm,
+                     rate, eta);
+        metrics_write("step", "\"step\": %lld, \"loss\": %.17g, \"aux_loss\": %.17g, "
+                      "\"aux_loss_coef\": %.6g, \"lr\": %.6g, \"grad_norm\": %.6g, "
+                      "\"tokens\": %.0f, \"tokens_per_second\": %.1f", position.step, loss, aux,
+                      tr->aux_loss_coef, lr, norm, counts[1], rate);
 
         bool last = position.step == tr->steps;
         if (val.n_blocks > 0 && (position.step % tr->eval_every == 0 || last)) {

@@ -77,6 +77,20 @@ expect 0 "1 rank" "$esft" "$demo" phase=train "run.output_dir=$d/np1" $common $s
 expect 0 "2 ranks" $mpirun 2 "$esft" "$demo" phase=train "run.output_dir=$d/np2" $common $short
 same_curve "$d/np1/metrics.jsonl" "$d/np2/metrics.jsonl" 1e-5 && ok ||
     fail "2 ranks do not give the 1-rank loss curve: $(paste -d' ' "$tmp/a.txt" "$tmp/b.txt" | head -n 3)"
+grep -q '"aux_loss": [0-9]' "$d/np1/metrics.jsonl" && ok || fail "the aux loss is not reported when off"
+
+# With the load-balancing loss (2 micro-batches per rank on 2 ranks, 4 on 1): training
+# changes (its gradient reaches the selected experts of lower layers through the router
+# inputs), and 2 ranks still give the 1-rank curve: a micro-batch holds the same blocks
+# for any rank count.
+aux="train.aux_loss_coef=0.5 train.micro_batch=2"
+# shellcheck disable=SC2086
+expect 0 "aux, 1 rank" "$esft" "$demo" phase=train "run.output_dir=$d/aux1" $common $short $aux
+# shellcheck disable=SC2086
+expect 0 "aux, 2 ranks" $mpirun 2 "$esft" "$demo" phase=train "run.output_dir=$d/aux2" $common $short $aux
+same_curve "$d/aux1/metrics.jsonl" "$d/aux2/metrics.jsonl" 1e-5 && ok ||
+    fail "with the aux loss, 2 ranks do not give the 1-rank curve: $(paste -d' ' "$tmp/a.txt" "$tmp/b.txt" | head -n 3)"
+same_curve "$d/np1/metrics.jsonl" "$d/aux1/metrics.jsonl" 1e-9 && fail "the aux loss changed nothing" || ok
 
 # Resume: 8 steps straight; 4 steps then 8 with resume (same constant schedule); a run
 # stopped by SIGUSR1; a run killed with SIGKILL. All end on the same curve, bit for bit.

@@ -51,7 +51,7 @@ static void check_method(const char *name, const char *what, struct model *m,
     struct forward_workspace *ws = forward_workspace_new_training(m, batch->N);
     struct forward_result result;
     model_forward(m, backend_cpu(), ws, batch, &result);
-    model_backward(m, backend_cpu(), ws, batch, 1.0f / (float)result.loss_count);
+    model_backward(m, backend_cpu(), ws, batch, 1.0f / (float)result.loss_count, 0.0f);
     double worst = 0;
     int compared = 0;
     for (int i = 0; i < m->n_params; i++) {
@@ -81,6 +81,122 @@ static void check_method(const char *name, const char *what, struct model *m,
     }
     printf("%s %s: %d gradients, worst relative error %.2e\n", name, what, compared, worst);
     forward_workspace_free(ws);
+}
+
+/* Whether every MoE layer's top-k ids equal base's ([L] -> [N*K], NULL for dense). */
+static bool same_routing(const struct model *m, int32_t *const *base, int32_t *const *ids, int N)
+{
+    for (int l = 0; l < m->cfg.num_layers; l++)
+        if (base[l] && memcmp(base[l], ids[l], (size_t)N * m->cfg.top_k * sizeof(int32_t)) != 0)
+            return false;
+    return true;
+}
+
+static float read_scalar(const struct st_file *f, const char *name)
+{
+    const struct st_tensor *t = st_file_find(f, name);
+    float v = NAN;
+    char err[256];
+    CHECK(t && t->numel == 1 && st_read_f32(t, &v, 1, err, sizeof err) == 0, "%s", name);
+    return v;
+}
+
+/* The load-balancing loss: its value against transformers' `aux_loss`; its gradient alone
+ * (loss_scale 0) on every router against `grad_aux.<router>`; and, since transformers
+ * stores no aux gradient below the routers, the gradient it sends into the layers below
+ * (a query projection and an input norm of the first layer) against central finite
+ * differences of the aux loss computed by model_forward. */
+static void check_aux(const char *name, struct model *m, const struct st_file *expected,
+                      const struct batch *batch)
+{
+    bool *all = xmalloc((size_t)m->n_params * sizeof(bool));
+    for (int i = 0; i < m->n_params; i++) all[i] = true;
+    model_set_trainable(m, all);
+    model_zero_grads(m);
+    struct forward_workspace *ws = forward_workspace_new_training(m, batch->N);
+    struct forward_result result;
+    model_forward(m, backend_cpu(), ws, batch, &result);
+    float want = read_scalar(expected, "aux_loss");
+    CHECK(fabs(result.aux_loss - want) <= 1e-5 * fabs(want), "%s: aux loss %.9g, transformers %.9g",
+          name, result.aux_loss, want);
+    model_backward(m, backend_cpu(), ws, batch, 0.0f, 1.0f);
+    double worst = 0;
+    int routers = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        const struct param *p = &m->params[i];
+        if (p->kind != PARAM_ROUTER) continue;
+        char ref_name[PARAM_NAME_MAX + 16];
+        snprintf(ref_name, sizeof ref_name, "grad_aux.%s", p->name);
+        const struct st_tensor *t = st_file_find(expected, ref_name);
+        CHECK(t && (size_t)t->numel == p->numel, "%s: %s missing", name, ref_name);
+        if (!t) continue;
+        float *ref = xmalloc(p->numel * sizeof(float));
+        char err[256];
+        st_read_f32(t, ref, p->numel, err, sizeof err);
+        double diff = 0, scale = 0;
+        for (size_t j = 0; j < p->numel; j++) {
+            diff = fmax(diff, fabs((double)p->grad[j] - ref[j]));
+            scale = fmax(scale, fabs((double)ref[j]));
+        }
+        CHECK(scale > 0 && diff / scale < 1e-3, "%s: %s: relative error %.3g", name, ref_name,
+              diff / scale);
+        worst = fmax(worst, diff / scale);
+        routers++;
+        free(ref);
+    }
+    CHECK(routers > 0, "%s: no router compared", name);
+
+    /* below the routers: finite differences on the first layer */
+    int32_t **base = xcalloc((size_t)m->cfg.num_layers, sizeof *base);
+    for (int l = 0; l < m->cfg.num_layers; l++) {
+        if (!result.topk_ids[l]) continue;
+        size_t bytes = (size_t)batch->N * m->cfg.top_k * sizeof(int32_t);
+        base[l] = xmalloc(bytes);
+        memcpy(base[l], result.topk_ids[l], bytes);
+    }
+    struct forward_workspace *probe = forward_workspace_new(m, batch->N);
+    double fd_worst = 0;
+    int probes = 0;
+    const char *names[2] = {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.input_layernorm.weight"};
+    for (int t = 0; t < 2; t++) {
+        struct param *p = model_find_param(m, names[t]);
+        CHECK(p != NULL, "%s: no %s", name, names[t]);
+        if (!p) continue;
+        double diff = 0, scale = 0;
+        for (size_t j = 0; j < p->numel; j += p->numel / 7 + 1) {
+            /* the top-k choice is piecewise constant: a step that changes it is no
+             * derivative, so shrink the step until the routing stays that of the base */
+            float saved = p->data[j], h = 1e-2f;
+            double fd = NAN;
+            for (int tries = 0; tries < 4 && isnan(fd); tries++, h *= 0.25f) {
+                struct forward_result up, down;
+                p->data[j] = saved + h;
+                model_forward(m, backend_cpu(), probe, batch, &up);
+                bool same = same_routing(m, base, up.topk_ids, batch->N);
+                p->data[j] = saved - h;
+                model_forward(m, backend_cpu(), probe, batch, &down);
+                same = same && same_routing(m, base, down.topk_ids, batch->N);
+                p->data[j] = saved;
+                if (same) fd = (up.aux_loss - down.aux_loss) / (2.0 * h);
+            }
+            if (isnan(fd)) continue;
+            probes++;
+            diff = fmax(diff, fabs(fd - p->grad[j]));
+            scale = fmax(scale, fabs(fd));
+        }
+        CHECK(scale > 1e-6 && diff / scale < 2e-2, "%s: aux gradient of %s: finite differences "
+              "differ by %.3g relative (max %.3g)", name, names[t], diff / scale, scale);
+        fd_worst = fmax(fd_worst, diff / fmax(scale, 1e-30));
+    }
+    CHECK(probes >= 8, "%s: only %d finite-difference probes kept the routing", name, probes);
+    printf("%s aux: loss %.7f (transformers %.7f), %d routers, worst relative error %.2e; "
+           "first layer vs %d finite differences %.2e\n", name, result.aux_loss, want, routers,
+           worst, probes, fd_worst);
+    for (int l = 0; l < m->cfg.num_layers; l++) free(base[l]);
+    free(base);
+    forward_workspace_free(probe);
+    forward_workspace_free(ws);
+    free(all);
 }
 
 static void write_config(const char *path, const struct model_config *cfg, bool shared,
@@ -136,6 +252,7 @@ static void check_fixture(const char *dir, const char *name)
 
     CHECK(trainable_select(&m, METHOD_FULL, NULL, trainable, err, sizeof err) == 0, "%s", err);
     check_method(name, "full", &m, trainable, expected, &batch);
+    check_aux(name, &m, expected, &batch);
     CHECK(trainable_select(&m, METHOD_FROZEN_ROUTER, NULL, trainable, err, sizeof err) == 0, "%s", err);
     for (int i = 0; i < m.n_params; i++)
         CHECK(trainable[i] == (m.params[i].kind != PARAM_ROUTER), "frozen_router: %s", m.params[i].name);

@@ -34,6 +34,7 @@ EXPERTS, TOPK, EXPERT_W, DENSE_W, SHARED_W = 7, 2, 22, 30, 26
 INIT_STD, NORM_STD, ROUTER_STD = 0.2, 0.1, 0.25
 MIN_MARGIN = 1e-3                             # between consecutive sorted router probabilities
 TOL = 1e-5
+CLIP_QKV = 0.9                                # olmoe_clip_qkv: clamps a part of q, k and v
 INPUT_SEED = 1234
 # RoPE (rotate_half) needs an even head_dim, so 36/4 = 9 is impossible: qwen2_moe and olmoe (head_dim derived
 # as hidden/heads, olmoe's q_norm is sized hidden_size) use 6 heads; qwen3_moe and mixtral keep 4 heads / 2 KV
@@ -105,10 +106,11 @@ def block_causal_mask(segment_ids, dtype=torch.float32):
 
 
 # ---------------------------------------------------------------- model building
-def build_model(family, seed):
+def build_model(family, seed, extra=None):
     cls, kw = FAMILIES[family]
     args = dict(COMMON)
     args.update(kw)
+    args.update(extra or {})
     cfg = cls(**args)
     model = transformers.AutoModelForCausalLM.from_config(
         cfg, attn_implementation="eager", experts_implementation="eager", dtype=torch.float32)
@@ -317,10 +319,10 @@ def forward_routers(model, inp):
     return r
 
 
-def pick_model(family, inp, also_bf16=False):
+def pick_model(family, inp, also_bf16=False, extra=None):
     for attempt in range(50):
         seed = BASE_SEED[family] + attempt
-        model = build_model(family, seed)
+        model = build_model(family, seed, extra)
         margins = [min_margin(forward_routers(model, inp))]
         if also_bf16:
             margins.append(min_margin(forward_routers(round_to_bf16(model), inp)))
@@ -500,9 +502,26 @@ def trained_fixture(inp):
         os.chmod(os.path.join(d, f), 0o644)
 
 
+def clip_fixture(inp):
+    """olmoe with clip_qkv: q, k, v clamped to [-CLIP_QKV, CLIP_QKV] after the QK-norms, so
+    gradients pass through the clamp (zero where it bites). Checks that the clamp bites."""
+    model, seed, margin = pick_model("olmoe", inp, extra={"clip_qkv": CLIP_QKV})
+    print(f"olmoe_clip_qkv: weight seed {seed}, smallest router margin {margin:.2e}")
+    ref = save_fixture("olmoe_clip_qkv", "olmoe", model, inp)
+    model.config.clip_qkv = None           # read at forward time by the attention
+    unclipped = run_reference(model, inp)
+    model.config.clip_qkv = CLIP_QKV
+    diff = maxdiff(unclipped["logits"], ref["logits"])
+    assert diff > 1e-2, f"clip_qkv {CLIP_QKV} barely changes the logits ({diff})"
+    print(f"  the clamp changes the logits by up to {diff:.3f}")
+
+
 def main():
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}")
     inp = make_inputs()
+    if sys.argv[1:] == ["olmoe_clip_qkv"]:   # just this one (the others unchanged)
+        clip_fixture(inp)
+        return
     seeds = {}
     for family in FAMILIES:
         bf16 = family == "qwen3_moe"
@@ -535,6 +554,7 @@ def main():
             for f in os.listdir(dst):
                 os.chmod(os.path.join(dst, f), 0o644)
             print("mixtral_v4config: v4-style config.json loads to the same model")
+    clip_fixture(inp)
     init_fixture(inp)
     trained_fixture(inp)
 
