@@ -4,36 +4,8 @@
 # get), the example decks in input/, overrides, layouts under several rank counts and
 # the promise that a refused run writes nothing.
 set -u
-src=${ESFT_TOP_SRCDIR:-.}
-build=${ESFT_TOP_BUILDDIR:-.}
-mpirun=${TESTMPIRUN:-mpiexec --oversubscribe -n}
-esft="$build/esft"
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/esft-cli.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
-passed=0
-failed=0
-
-ok() { passed=$((passed + 1)); }
-fail() {
-    failed=$((failed + 1))
-    echo "FAILED: $*"
-    [ -f "$tmp/err" ] && sed 's/^/    stderr: /' "$tmp/err" | head -n 12
-}
-# expect STATUS DESCRIPTION COMMAND...: runs COMMAND, stdout to $tmp/out, stderr to $tmp/err.
-expect() {
-    want=$1
-    what=$2
-    shift 2
-    "$@" >"$tmp/out" 2>"$tmp/err"
-    got=$?
-    if [ "$got" = "$want" ]; then ok; else fail "$what: exit status $got, expected $want"; fi
-}
-contains() { # FILE TEXT DESCRIPTION
-    if grep -F -q -- "$2" "$1"; then ok; else fail "$3: '$2' not in $(basename "$1")"; fi
-}
-lacks() { # FILE TEXT DESCRIPTION
-    if grep -F -q -- "$2" "$1"; then fail "$3: '$2' found in $(basename "$1")"; else ok; fi
-}
+. "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
+test_begin cli
 
 # Help and version.
 expect 0 "--version" "$esft" --version
@@ -173,5 +145,4 @@ expect 2 "score without a model" "$esft" "$demo" phase=score "run.output_dir=$d/
 contains "$tmp/err" "$d/absent/config.json" "score without a model"
 [ -e "$d/m" ] && fail "refused score left $d/m behind" || ok
 
-echo "test-cli: $passed checks passed, $failed failed"
-[ "$failed" = 0 ]
+test_end test-cli

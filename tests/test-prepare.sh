@@ -5,36 +5,8 @@
 # most 20 printed), an input that cannot be opened, an unsupported tokenizer, inputs with
 # no usable row. Dataset contents are checked in tests/test_prepare.c.
 set -u
-src=${ESFT_TOP_SRCDIR:-.}
-build=${ESFT_TOP_BUILDDIR:-.}
-mpirun=${TESTMPIRUN:-mpiexec --oversubscribe -n}
-esft="$build/esft"
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/esft-prepare.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
-passed=0
-failed=0
-
-ok() { passed=$((passed + 1)); }
-fail() {
-    failed=$((failed + 1))
-    echo "FAILED: $*"
-    [ -f "$tmp/err" ] && sed 's/^/    stderr: /' "$tmp/err" | head -n 12
-}
-# expect STATUS DESCRIPTION COMMAND...: runs COMMAND, stdout to $tmp/out, stderr to $tmp/err.
-expect() {
-    want=$1
-    what=$2
-    shift 2
-    "$@" >"$tmp/out" 2>"$tmp/err"
-    got=$?
-    if [ "$got" = "$want" ]; then ok; else fail "$what: exit status $got, expected $want"; fi
-}
-contains() { # FILE TEXT DESCRIPTION
-    if grep -F -q -- "$2" "$1"; then ok; else fail "$3: '$2' not in $(basename "$1")"; fi
-}
-absent() { # PATH DESCRIPTION
-    if [ -e "$1" ]; then fail "$2: $1 exists"; else ok; fi
-}
+. "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
+test_begin prepare
 # deck NAME INPUTS OUTPUT BAD_ROWS [TOKENIZER]: writes $tmp/NAME.yaml.
 deck() {
     {
@@ -135,5 +107,4 @@ n=$(grep -c "not supported yet" "$tmp/err")
 [ "$n" = 1 ] && ok || fail "unsupported tokenizer: message printed $n times"
 absent "$tmp/tok.h5" "unsupported tokenizer"
 
-echo "test-prepare: $passed checks passed, $failed failed"
-[ "$failed" = 0 ]
+test_end test-prepare

@@ -4,33 +4,8 @@
 # status 2, a message naming the file, and none of select's outputs written.
 # (tests/test_select.c covers the selection itself and the files a good run writes.)
 set -u
-src=${ESFT_TOP_SRCDIR:-.}
-build=${ESFT_TOP_BUILDDIR:-.}
-mpirun=${TESTMPIRUN:-mpiexec --oversubscribe -n}
-esft="$build/esft"
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/esft-select.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
-passed=0
-failed=0
-
-ok() { passed=$((passed + 1)); }
-fail() {
-    failed=$((failed + 1))
-    echo "FAILED: $*"
-    [ -f "$tmp/err" ] && sed 's/^/    stderr: /' "$tmp/err" | head -n 12
-}
-# expect STATUS DESCRIPTION COMMAND...: runs COMMAND, stdout to $tmp/out, stderr to $tmp/err.
-expect() {
-    want=$1
-    what=$2
-    shift 2
-    "$@" >"$tmp/out" 2>"$tmp/err"
-    got=$?
-    if [ "$got" = "$want" ]; then ok; else fail "$what: exit status $got, expected $want"; fi
-}
-contains() { # FILE TEXT DESCRIPTION
-    if grep -F -q -- "$2" "$1"; then ok; else fail "$3: '$2' not in $(basename "$1")"; fi
-}
+. "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
+test_begin select
 # nothing_written DIR DESCRIPTION: none of select's outputs (nor their temporary files).
 nothing_written() {
     for f in expert_config.json expert_config.svg trainable_tensors.txt \
@@ -92,5 +67,4 @@ expect 2 "not a statistics file" "$esft" "$tmp/not-stats.yaml"
 contains "$tmp/err" "$model/config.json: not an HDF5 file" "not a statistics file"
 nothing_written "$tmp/out-not-stats" "not a statistics file"
 
-echo "test-select: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+test_end test-select

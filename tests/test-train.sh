@@ -5,46 +5,9 @@
 # curve (global batch 8); a run stopped by SIGUSR1, or killed with SIGKILL mid-run,
 # resumes to the uninterrupted run's curve bit for bit; bad settings are refused.
 set -u
-src=${ESFT_TOP_SRCDIR:-.}
-build=${ESFT_TOP_BUILDDIR:-.}
-mpirun=${TESTMPIRUN:-mpiexec --oversubscribe -n}
-esft="$build/esft"
+. "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
+test_begin train
 check="$build/tests/test_train_check"
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/esft-train.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
-passed=0
-failed=0
-ok() { passed=$((passed + 1)); }
-fail() {
-    failed=$((failed + 1))
-    echo "FAILED: $*"
-    [ -f "$tmp/err" ] && sed 's/^/    stderr: /' "$tmp/err" | tail -n 8
-}
-expect() {
-    want=$1
-    what=$2
-    shift 2
-    "$@" >"$tmp/out" 2>"$tmp/err"
-    got=$?
-    if [ "$got" = "$want" ]; then ok; else fail "$what: exit status $got, expected $want"; fi
-}
-# losses STEP-EVENT METRICS: "step loss" lines of the last occurrence of each step
-losses() {
-    sed -n "s/.*\"event\": \"$1\", \"step\": \([0-9]*\), \"loss\": \([^,}]*\).*/\1 \2/p" "$2" |
-        awk '{ loss[$1] = $2 } END { for (s in loss) print s, loss[s] }' | sort -n
-}
-# same_curve A B TOLERANCE [LAST]: the two curves have the same steps (up to LAST),
-# losses within a relative tolerance (0: identical text, so bitwise equal doubles)
-same_curve() {
-    last_step=${4:-1000000000}
-    losses step "$1" | awk -v m="$last_step" '$1 <= m' >"$tmp/a.txt"
-    losses step "$2" | awk -v m="$last_step" '$1 <= m' >"$tmp/b.txt"
-    [ -s "$tmp/a.txt" ] || return 1
-    if [ "$3" = 0 ]; then cmp -s "$tmp/a.txt" "$tmp/b.txt"; return; fi
-    join "$tmp/a.txt" "$tmp/b.txt" | awk -v tol="$3" -v n="$(wc -l <"$tmp/a.txt")" '
-        { d = $2 - $3; if (d < 0) d = -d; s = $2 < 0 ? -$2 : $2; if (d > tol * s) bad++; count++ }
-        END { exit (bad > 0 || count != n) }'
-}
 
 demo="$src/input/demo.yaml"
 d="$tmp/demo"
@@ -151,5 +114,4 @@ grep -q "absent.json" "$tmp/err" && ok || fail "missing expert config message"
 expect 2 "lora not yet" "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common train.method=lora
 [ -e "$d/bad" ] && fail "a refused train run left $d/bad" || ok
 
-echo "test-train: $passed checks passed, $failed failed"
-[ "$failed" = 0 ]
+test_end test-train

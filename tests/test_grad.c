@@ -41,6 +41,29 @@ static int32_t *read_i64(const struct st_file *f, const char *name, size_t n)
     return out;
 }
 
+/* max |p->grad - PREFIX.<name>| / max |PREFIX.<name>| (the difference itself when the
+ * reference is ~0; +inf when the reference is missing); *scale = max |reference|. */
+static double gradient_error(const struct st_file *expected, const char *prefix,
+                             const struct param *p, double *scale)
+{
+    char ref_name[PARAM_NAME_MAX + 16];
+    snprintf(ref_name, sizeof ref_name, "%s.%s", prefix, p->name);
+    const struct st_tensor *t = st_file_find(expected, ref_name);
+    *scale = 0;
+    CHECK(t && (size_t)t->numel == p->numel, "%s missing", ref_name);
+    if (!t || (size_t)t->numel != p->numel) return INFINITY;
+    float *ref = xmalloc(p->numel * sizeof(float));
+    char err[256];
+    CHECK(st_read_f32(t, ref, p->numel, err, sizeof err) == 0, "%s", err);
+    double diff = 0;
+    for (size_t j = 0; j < p->numel; j++) {
+        diff = fmax(diff, fabs((double)p->grad[j] - ref[j]));
+        *scale = fmax(*scale, fabs((double)ref[j]));
+    }
+    free(ref);
+    return *scale > 1e-8 ? diff / *scale : diff;
+}
+
 /* Runs forward + backward with the given trainable set and checks every gradient. */
 static void check_method(const char *name, const char *what, struct model *m,
                          const bool *trainable, const struct st_file *expected,
@@ -59,25 +82,11 @@ static void check_method(const char *name, const char *what, struct model *m,
         CHECK(trainable[i] == (p->grad != NULL), "%s %s: %s %s a gradient buffer", name, what,
               p->name, p->grad ? "has" : "lacks");
         if (!p->grad) continue;
-        char ref_name[PARAM_NAME_MAX + 8];
-        snprintf(ref_name, sizeof ref_name, "grad.%s", p->name);
-        const struct st_tensor *t = st_file_find(expected, ref_name);
-        CHECK(t && (size_t)t->numel == p->numel, "%s: %s missing", name, ref_name);
-        if (!t) continue;
-        float *ref = xmalloc(p->numel * sizeof(float));
-        char err[256];
-        st_read_f32(t, ref, p->numel, err, sizeof err);
-        double diff = 0, scale = 0;
-        for (size_t j = 0; j < p->numel; j++) {
-            diff = fmax(diff, fabs((double)p->grad[j] - ref[j]));
-            scale = fmax(scale, fabs((double)ref[j]));
-        }
-        double rel = scale > 1e-8 ? diff / scale : diff;
+        double scale, rel = gradient_error(expected, "grad", p, &scale);
         CHECK(rel < 1e-3, "%s %s: %s: relative error %.3g (max |grad| %.3g)", name, what, p->name,
               rel, scale);
         worst = fmax(worst, rel);
         compared++;
-        free(ref);
     }
     printf("%s %s: %d gradients, worst relative error %.2e\n", name, what, compared, worst);
     forward_workspace_free(ws);
@@ -125,24 +134,10 @@ static void check_aux(const char *name, struct model *m, const struct st_file *e
     for (int i = 0; i < m->n_params; i++) {
         const struct param *p = &m->params[i];
         if (p->kind != PARAM_ROUTER) continue;
-        char ref_name[PARAM_NAME_MAX + 16];
-        snprintf(ref_name, sizeof ref_name, "grad_aux.%s", p->name);
-        const struct st_tensor *t = st_file_find(expected, ref_name);
-        CHECK(t && (size_t)t->numel == p->numel, "%s: %s missing", name, ref_name);
-        if (!t) continue;
-        float *ref = xmalloc(p->numel * sizeof(float));
-        char err[256];
-        st_read_f32(t, ref, p->numel, err, sizeof err);
-        double diff = 0, scale = 0;
-        for (size_t j = 0; j < p->numel; j++) {
-            diff = fmax(diff, fabs((double)p->grad[j] - ref[j]));
-            scale = fmax(scale, fabs((double)ref[j]));
-        }
-        CHECK(scale > 0 && diff / scale < 1e-3, "%s: %s: relative error %.3g", name, ref_name,
-              diff / scale);
-        worst = fmax(worst, diff / scale);
+        double scale, rel = gradient_error(expected, "grad_aux", p, &scale);
+        CHECK(scale > 0 && rel < 1e-3, "%s: grad_aux.%s: relative error %.3g", name, p->name, rel);
+        worst = fmax(worst, rel);
         routers++;
-        free(ref);
     }
     CHECK(routers > 0, "%s: no router compared", name);
 

@@ -1,0 +1,61 @@
+# lib.sh: what the shell tests share, sourced by each (`. "$src/tests/lib.sh"`).
+#   test_begin NAME        a private temporary directory $tmp, removed at exit
+#   ok / fail TEXT         count a check; a failure prints TEXT and the last stderr
+#   expect STATUS WHAT COMMAND...   run COMMAND (stdout -> $tmp/out, stderr -> $tmp/err)
+#   contains / lacks FILE TEXT WHAT, absent PATH WHAT
+#   losses EVENT METRICS   "step loss" of each step's last EVENT line of a metrics file
+#   same_curve A B TOL [LAST]   the same steps (up to LAST), losses within a relative
+#                          tolerance (0: identical text, so bitwise equal doubles)
+#   test_end NAME          the closing line; the status says whether all passed
+src=${ESFT_TOP_SRCDIR:-.}
+build=${ESFT_TOP_BUILDDIR:-.}
+mpirun=${TESTMPIRUN:-mpiexec --oversubscribe -n}
+esft="$build/esft"
+passed=0
+failed=0
+
+test_begin() {
+    tmp=$(mktemp -d "${TMPDIR:-/tmp}/esft-$1.XXXXXX")
+    trap 'rm -rf "$tmp"' EXIT
+}
+ok() { passed=$((passed + 1)); }
+fail() {
+    failed=$((failed + 1))
+    echo "FAILED: $*"
+    [ -f "$tmp/err" ] && sed 's/^/    stderr: /' "$tmp/err" | tail -n 12
+}
+expect() {
+    want=$1
+    what=$2
+    shift 2
+    "$@" >"$tmp/out" 2>"$tmp/err"
+    got=$?
+    if [ "$got" = "$want" ]; then ok; else fail "$what: exit status $got, expected $want"; fi
+}
+contains() { # FILE TEXT DESCRIPTION
+    if grep -F -q -- "$2" "$1"; then ok; else fail "$3: '$2' not in $(basename "$1")"; fi
+}
+lacks() { # FILE TEXT DESCRIPTION
+    if grep -F -q -- "$2" "$1"; then fail "$3: '$2' found in $(basename "$1")"; else ok; fi
+}
+absent() { # PATH DESCRIPTION
+    if [ -e "$1" ]; then fail "$2: $1 exists"; else ok; fi
+}
+losses() {
+    sed -n "s/.*\"event\": \"$1\", \"step\": \([0-9]*\), \"loss\": \([^,}]*\).*/\1 \2/p" "$2" |
+        awk '{ loss[$1] = $2 } END { for (s in loss) print s, loss[s] }' | sort -n
+}
+same_curve() {
+    last_step=${4:-1000000000}
+    losses step "$1" | awk -v m="$last_step" '$1 <= m' >"$tmp/a.txt"
+    losses step "$2" | awk -v m="$last_step" '$1 <= m' >"$tmp/b.txt"
+    [ -s "$tmp/a.txt" ] || return 1
+    if [ "$3" = 0 ]; then cmp -s "$tmp/a.txt" "$tmp/b.txt"; return; fi
+    join "$tmp/a.txt" "$tmp/b.txt" | awk -v tol="$3" -v n="$(wc -l <"$tmp/a.txt")" '
+        { d = $2 - $3; if (d < 0) d = -d; s = $2 < 0 ? -$2 : $2; if (d > tol * s) bad++; count++ }
+        END { exit (bad > 0 || count != n) }'
+}
+test_end() {
+    echo "$1: $passed checks passed, $failed failed"
+    [ "$failed" = 0 ]
+}
