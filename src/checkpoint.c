@@ -1,12 +1,16 @@
 /* checkpoint: training checkpoints (HDF5), the adapter and merged exports (safetensors)
  * and the loss-curve chart, for the train phase (see checkpoint.h for the file layout).
  *
- * A checkpoint is written by rank 0 alone with the serial HDF5 API (every rank holds the
- * same trainable tensors in this version), to a dot-file in the checkpoint directory:
- * HDF5 closes it, the bytes are fsynced, the file is renamed to its real name and the
- * directory fsynced. A real name therefore only ever names a complete file. Object
- * timestamps are off, so the same state gives the same bytes. Readers validate every
- * attribute and tensor before they touch the model. */
+ * The files do not depend on the layout: tensors are stored whole under their Hugging
+ * Face names. World rank 0 writes them with the serial HDF5 API (or the safetensors
+ * writer); a tensor it does not hold comes from its holder on data-parallel slot 0, point
+ * to point, one tensor at a time in parameter-table order (gather_to_rank0), and every
+ * rank reads back exactly the tensors it holds under its own layout. A checkpoint goes
+ * to a dot-file in the checkpoint directory: HDF5 closes it, the bytes are fsynced, the
+ * file is renamed to its real name and the directory fsynced. A real name therefore
+ * only ever names a complete file. Object timestamps are off, so the same state gives
+ * the same bytes under any layout. Readers validate every attribute and tensor before
+ * they touch the model. */
 #include "checkpoint.h"
 
 #include <dirent.h>
@@ -166,18 +170,6 @@ static int copy_file(const char *src, const char *dst, char *err, size_t err_siz
     return file_commit(out, tmp, dst, err, err_size); /* a failed fwrite left ferror(out) set */
 }
 
-/* Only world rank 0 writes exports (a rank-local call would race on the same files). */
-static bool is_world_rank0(void)
-{
-    int initialized = 0, finalized = 0;
-    MPI_Initialized(&initialized);
-    if (initialized) MPI_Finalized(&finalized);
-    if (!initialized || finalized) return true;
-    int rank = 0;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    return rank == 0;
-}
-
 /* ---- checkpoint names ------------------------------------------------------------------ */
 
 /* The step of a real checkpoint name "step-NNNNNNNN.h5" (the canonical %08lld spelling
@@ -244,6 +236,137 @@ static int compare_steps(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
+/* ---- the layout: who sends which tensor to rank 0 ------------------------------------- */
+
+/* Tag of the point-to-point messages that carry tensors to rank 0. */
+#define TRANSFER_TAG 0x6573
+/* Floats per message at most: an MPI count is an int. */
+#define TRANSFER_CHUNK ((size_t)1 << 28)
+
+/* The model was built for comm: its grid has comm's size and this rank's coordinates
+ * name this rank of comm (the transfers below address ranks by their grid coordinates). */
+static int check_layout(const struct model *model, MPI_Comm comm, const char *who, char *err,
+                        size_t err_size)
+{
+    int rank, size;
+    check_mpi(MPI_Comm_rank(comm, &rank));
+    check_mpi(MPI_Comm_size(comm, &size));
+    const struct layout_grid *grid = &model->grid;
+    int built_for = layout_rank_of(grid, model->me);
+    if (grid->world != size || built_for != rank) {
+        snprintf(err, err_size,
+                 "%s: the model was built for rank %d of the layout pp %d, dp %d, ep %d (%d "
+                 "ranks) but is used on rank %d of %d",
+                 who, built_for, grid->pp, grid->dp, grid->ep, grid->world, rank, size);
+        return -1;
+    }
+    return 0;
+}
+
+/* The rank that sends p to rank 0: its holder on data-parallel slot 0 (every replica
+ * holds the same values), EP rank 0 of its stage for a tensor every EP rank holds. */
+static int provider_of(const struct model *model, const struct param *p)
+{
+    struct layout_coords holder = {p->stage, 0, p->ep_rank < 0 ? 0 : p->ep_rank};
+    return layout_rank_of(&model->grid, holder);
+}
+
+/* Collective over comm: 0 when status is 0 on every rank; otherwise -1 on every rank,
+ * with the message of the lowest-numbered failing rank in err. */
+static int agree(int status, char *err, size_t err_size, MPI_Comm comm)
+{
+    int rank, size;
+    check_mpi(MPI_Comm_rank(comm, &rank));
+    check_mpi(MPI_Comm_size(comm, &size));
+    int first = status != 0 ? rank : size;
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &first, 1, MPI_INT, MPI_MIN, comm));
+    if (first == size) return 0;
+    char message[CHECKPOINT_MESSAGE_MAX] = "";
+    if (rank == first) snprintf(message, sizeof message, "%s", err);
+    check_mpi(MPI_Bcast(message, sizeof message, MPI_CHAR, first, comm));
+    snprintf(err, err_size, "%s", message);
+    return -1;
+}
+
+static void send_floats(const float *data, size_t n, int to, MPI_Comm comm)
+{
+    for (size_t at = 0; at < n; at += TRANSFER_CHUNK) {
+        size_t count = n - at < TRANSFER_CHUNK ? n - at : TRANSFER_CHUNK;
+        check_mpi(MPI_Send(data + at, (int)count, MPI_FLOAT, to, TRANSFER_TAG, comm));
+    }
+}
+
+static void receive_floats(float *data, size_t n, int from, MPI_Comm comm)
+{
+    for (size_t at = 0; at < n; at += TRANSFER_CHUNK) {
+        size_t count = n - at < TRANSFER_CHUNK ? n - at : TRANSFER_CHUNK;
+        check_mpi(MPI_Recv(data + at, (int)count, MPI_FLOAT, from, TRANSFER_TAG, comm,
+                           MPI_STATUS_IGNORE));
+    }
+}
+
+/* The tensors of this rank's AdamW state: trainable and held here (the tensors with a
+ * gradient, in the order of the gradient storage and the AdamW state). */
+static bool checkpointed(const struct param *p)
+{
+    return p->trainable && p->data != NULL;
+}
+
+/* What rank 0 does with one tensor: parts[0] its weights, parts[1] and parts[2] its AdamW
+ * m and v when they were asked for. 0, or -1 with a message. */
+typedef int (*tensor_sink)(const struct param *p, const float *const *parts, void *sink, char *err,
+                           size_t err_size);
+
+/* Collective over comm. Brings the tensors to rank 0 one at a time, in parameter-table
+ * order (the trainable ones, or all), each with n_parts parts (1: the weights; 3: the
+ * weights and the AdamW m and v of opt), and hands each to `put` there. A tensor rank 0
+ * holds is handed over in place; any other is sent by its provider, point to point, into
+ * a scratch buffer the size of the largest such tensor: no rank ever holds more than its
+ * own tensors and one more. After a failed put rank 0 still receives the rest (a sender
+ * must not wait forever) but puts no more. Rank 0's status; 0 on the other ranks. */
+static int gather_to_rank0(const struct model *model, const struct adamw *opt, bool trainable_only,
+                           int n_parts, MPI_Comm comm, tensor_sink put, void *sink, char *err,
+                           size_t err_size)
+{
+    int rank;
+    check_mpi(MPI_Comm_rank(comm, &rank));
+    size_t scratch_floats = 0;
+    for (int i = 0; rank == 0 && i < model->n_params; i++) {
+        const struct param *p = &model->params[i];
+        if ((p->trainable || !trainable_only) && !p->data && p->numel > scratch_floats)
+            scratch_floats = p->numel;
+    }
+    float *scratch[3] = {NULL, NULL, NULL};
+    for (int k = 0; k < n_parts && scratch_floats > 0; k++)
+        scratch[k] = xmalloc(scratch_floats * sizeof(float));
+    int rc = 0;
+    size_t offset = 0; /* into this rank's AdamW state */
+    for (int i = 0; i < model->n_params; i++) {
+        const struct param *p = &model->params[i];
+        const float *parts[3] = {p->data, NULL, NULL};
+        if (checkpointed(p)) {
+            if (opt) {
+                parts[1] = opt->m + offset;
+                parts[2] = opt->v + offset;
+            }
+            offset += p->numel;
+        }
+        if (trainable_only && !p->trainable) continue;
+        int provider = provider_of(model, p);
+        if (rank == provider && provider != 0) {
+            for (int k = 0; k < n_parts; k++) send_floats(parts[k], p->numel, 0, comm);
+        } else if (rank == 0) {
+            for (int k = 0; k < n_parts && provider != 0; k++) {
+                receive_floats(scratch[k], p->numel, provider, comm);
+                parts[k] = scratch[k];
+            }
+            if (rc == 0) rc = put(p, parts, sink, err, err_size);
+        }
+    }
+    for (int k = 0; k < 3; k++) free(scratch[k]);
+    return rc;
+}
+
 /* ---- writing ------------------------------------------------------------------------ */
 
 static int put_attr_string(hid_t file, const char *name, const char *value, const char *path,
@@ -282,13 +405,6 @@ static int put_attr(hid_t file, const char *name, hid_t file_type, hid_t mem_typ
     return rc;
 }
 
-/* The tensors a checkpoint of this rank holds: trainable and held here (these are the
- * tensors with a gradient, in the order of the gradient storage and the AdamW state). */
-static bool checkpointed(const struct param *p)
-{
-    return p->trainable && p->data != NULL;
-}
-
 /* /GROUP/<name> = data as fp32 with p's shape. */
 static int put_tensor(hid_t group, const char *group_name, const struct param *p, const float *data,
                       hid_t dcpl, const char *path, char *err, size_t err_size)
@@ -308,25 +424,20 @@ static int put_tensor(hid_t group, const char *group_name, const struct param *p
     return rc;
 }
 
-/* Writes the whole checkpoint to path (rank 0). */
-static int write_checkpoint_file(const char *path, const struct model *model,
-                                 const struct adamw *opt, const struct train_position *position,
-                                 const char *method, const char *deck_text, char *err,
-                                 size_t err_size)
+static const char *const checkpoint_groups[3] = {"tensors", "adam_m", "adam_v"};
+
+/* Rank 0's checkpoint while it is written: the temporary file, open, and its real name. */
+struct checkpoint_out {
+    char dir[CHECKPOINT_PATH_MAX], path[CHECKPOINT_PATH_MAX], tmp[CHECKPOINT_PATH_MAX];
+    hid_t file, dcpl, groups[3];
+    struct h5_quiet quiet;
+};
+
+/* The attributes of the checkpoint. */
+static int put_attributes(hid_t file, const char *path, const struct model *model,
+                          const struct adamw *opt, const struct train_position *position,
+                          const char *method, const char *deck_text, char *err, size_t err_size)
 {
-    hid_t fcpl = H5Pcreate(H5P_FILE_CREATE), fapl = file_access_plist();
-    hid_t gcpl = H5Pcreate(H5P_GROUP_CREATE), dcpl = H5Pcreate(H5P_DATASET_CREATE);
-    /* no modification times: the same state writes the same bytes */
-    H5Pset_obj_track_times(fcpl, 0);
-    H5Pset_obj_track_times(gcpl, 0);
-    H5Pset_obj_track_times(dcpl, 0);
-    hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, fcpl, fapl);
-    int rc = 0;
-    if (file < 0) {
-        h5_fail(err, err_size, path, NULL, "cannot create checkpoint");
-        rc = -1;
-        goto done;
-    }
     int32_t version = CHECKPOINT_VERSION;
     int64_t step = position->step, epoch = position->epoch, block = position->block;
     int64_t adam_step = opt->step;
@@ -344,77 +455,82 @@ static int write_checkpoint_file(const char *path, const struct model *model,
         put_attr(file, "config_hash", H5T_STD_U64LE, H5T_NATIVE_UINT64, &hash, 1, path, err,
                  err_size) ||
         put_attr_string(file, "method", method, path, err, err_size) ||
-        put_attr_string(file, "deck", deck_text ? deck_text : "", path, err, err_size)) {
-        rc = -1;
-        goto close_file;
+        put_attr_string(file, "deck", deck_text ? deck_text : "", path, err, err_size))
+        return -1;
+    return 0;
+}
+
+/* Rank 0: creates the checkpoint directory and the temporary file with its attributes
+ * and (empty) groups; the tensors follow. On failure nothing is left open or on disk. */
+static int open_checkpoint(struct checkpoint_out *out, const char *output_dir,
+                           const struct model *model, const struct adamw *opt,
+                           const struct train_position *position, const char *method,
+                           const char *deck_text, char *err, size_t err_size)
+{
+    out->file = out->dcpl = -1;
+    for (int g = 0; g < 3; g++) out->groups[g] = -1;
+    char name[64], tmp_name[64];
+    snprintf(name, sizeof name, "step-%08lld.h5", position->step);
+    snprintf(tmp_name, sizeof tmp_name, ".step-%08lld.h5.tmp", position->step);
+    if (join(out->dir, sizeof out->dir, output_dir, "checkpoints", err, err_size) ||
+        join(out->path, sizeof out->path, out->dir, name, err, err_size) ||
+        join(out->tmp, sizeof out->tmp, out->dir, tmp_name, err, err_size))
+        return -1;
+    struct stat st;
+    int failure = make_directories(out->dir) != 0 || stat(out->dir, &st) != 0 ? errno : 0;
+    if (failure == 0 && !S_ISDIR(st.st_mode)) failure = ENOTDIR; /* a file of that name */
+    if (failure != 0) {
+        snprintf(err, err_size, "%s: cannot create directory: %s", out->dir, strerror(failure));
+        return -1;
     }
-    const char *group_names[3] = {"tensors", "adam_m", "adam_v"};
-    hid_t groups[3] = {-1, -1, -1};
+    h5_quiet_begin(&out->quiet);
+    hid_t fcpl = H5Pcreate(H5P_FILE_CREATE), fapl = file_access_plist();
+    hid_t gcpl = H5Pcreate(H5P_GROUP_CREATE);
+    out->dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    /* no modification times: the same state writes the same bytes */
+    H5Pset_obj_track_times(fcpl, 0);
+    H5Pset_obj_track_times(gcpl, 0);
+    H5Pset_obj_track_times(out->dcpl, 0);
+    out->file = H5Fcreate(out->tmp, H5F_ACC_TRUNC, fcpl, fapl);
+    int rc = 0;
+    if (out->file < 0) {
+        h5_fail(err, err_size, out->tmp, NULL, "cannot create checkpoint");
+        rc = -1;
+    }
+    if (rc == 0)
+        rc = put_attributes(out->file, out->tmp, model, opt, position, method, deck_text, err,
+                            err_size);
     for (int g = 0; g < 3 && rc == 0; g++) {
-        groups[g] = H5Gcreate2(file, group_names[g], H5P_DEFAULT, gcpl, H5P_DEFAULT);
-        if (groups[g] < 0) {
-            h5_fail(err, err_size, path, group_names[g], "cannot create group");
+        out->groups[g] =
+            H5Gcreate2(out->file, checkpoint_groups[g], H5P_DEFAULT, gcpl, H5P_DEFAULT);
+        if (out->groups[g] < 0) {
+            h5_fail(err, err_size, out->tmp, checkpoint_groups[g], "cannot create group");
             rc = -1;
         }
     }
-    /* m and v: one run of numel entries per tensor with a gradient, in param order */
-    size_t offset = 0;
-    for (int i = 0; i < model->n_params && rc == 0; i++) {
-        const struct param *p = &model->params[i];
-        if (!checkpointed(p)) continue;
-        const float *sources[3] = {p->data, opt->m + offset, opt->v + offset};
-        for (int g = 0; g < 3 && rc == 0; g++)
-            rc = put_tensor(groups[g], group_names[g], p, sources[g], dcpl, path, err, err_size);
-        offset += p->numel;
-    }
-    for (int g = 0; g < 3; g++)
-        if (groups[g] >= 0) H5Gclose(groups[g]);
-close_file:
-    if (H5Fclose(file) < 0 && rc == 0) {
-        h5_fail(err, err_size, path, NULL, "cannot close checkpoint");
-        rc = -1;
-    }
-done:
     H5Pclose(fcpl);
     H5Pclose(fapl);
     H5Pclose(gcpl);
-    H5Pclose(dcpl);
+    if (rc != 0) {
+        for (int g = 0; g < 3; g++)
+            if (out->groups[g] >= 0) H5Gclose(out->groups[g]);
+        if (out->file >= 0) H5Fclose(out->file);
+        H5Pclose(out->dcpl);
+        h5_quiet_end(&out->quiet);
+        unlink(out->tmp);
+    }
     return rc;
 }
 
-/* What rank 0 checks before it writes: the state matches the model. */
-static int check_writable(const struct model *model, const struct adamw *opt,
-                          const struct train_position *position, const char *method, char *err,
-                          size_t err_size)
+/* The tensor_sink of checkpoint_write: a tensor and its AdamW m and v into the file. */
+static int put_checkpoint_tensor(const struct param *p, const float *const *parts, void *sink,
+                                 char *err, size_t err_size)
 {
-    if (!method || !method[0]) {
-        snprintf(err, err_size, "checkpoint_write: no method given");
-        return -1;
-    }
-    if (position->step < 0) {
-        snprintf(err, err_size, "checkpoint_write: negative step %lld", position->step);
-        return -1;
-    }
-    size_t held = 0;
-    for (int i = 0; i < model->n_params; i++) {
-        const struct param *p = &model->params[i];
-        if (p->trainable && !p->data) {
-            snprintf(err, err_size,
-                     "checkpoint_write: trainable tensor '%s' is not held on this rank under "
-                     "the layout pp %d, dp %d, ep %d; checkpoints need every trainable tensor "
-                     "on rank 0 (data parallelism only, pp = ep = 1)",
-                     p->name, model->grid.pp, model->grid.dp, model->grid.ep);
+    struct checkpoint_out *out = sink;
+    for (int g = 0; g < 3; g++)
+        if (put_tensor(out->groups[g], checkpoint_groups[g], p, parts[g], out->dcpl, out->tmp, err,
+                       err_size))
             return -1;
-        }
-        if (checkpointed(p)) held += p->numel;
-    }
-    if (held != model->grad_floats || opt->n != held || (held > 0 && (!opt->m || !opt->v))) {
-        snprintf(err, err_size,
-                 "checkpoint_write: optimizer state of %zu values for %zu trainable values "
-                 "(adamw_init after model_set_trainable)",
-                 opt->n, held);
-        return -1;
-    }
     return 0;
 }
 
@@ -447,51 +563,65 @@ static void prune_checkpoints(const char *dir, int keep)
     closedir(d);
 }
 
-/* Rank 0's part of checkpoint_write. */
-static int write_on_rank0(const char *output_dir, const struct model *model,
-                          const struct adamw *opt, const struct train_position *position,
-                          const char *method, const char *deck_text, int keep, char *err,
-                          size_t err_size)
+/* Rank 0: closes the temporary file; when everything went in (rc 0), fsyncs it, renames
+ * it to its real name, fsyncs the directory and prunes; otherwise deletes it. */
+static int close_checkpoint(struct checkpoint_out *out, int rc, int keep, char *err,
+                            size_t err_size)
 {
-    if (check_writable(model, opt, position, method, err, err_size)) return -1;
-    char dir[CHECKPOINT_PATH_MAX], name[64], tmp_name[64];
-    char path[CHECKPOINT_PATH_MAX], tmp[CHECKPOINT_PATH_MAX];
-    snprintf(name, sizeof name, "step-%08lld.h5", position->step);
-    snprintf(tmp_name, sizeof tmp_name, ".step-%08lld.h5.tmp", position->step);
-    if (join(dir, sizeof dir, output_dir, "checkpoints", err, err_size) ||
-        join(path, sizeof path, dir, name, err, err_size) ||
-        join(tmp, sizeof tmp, dir, tmp_name, err, err_size))
-        return -1;
-    struct stat st;
-    int failure = make_directories(dir) != 0 || stat(dir, &st) != 0 ? errno : 0;
-    if (failure == 0 && !S_ISDIR(st.st_mode)) failure = ENOTDIR; /* a file of that name */
-    if (failure != 0) {
-        snprintf(err, err_size, "%s: cannot create directory: %s", dir, strerror(failure));
-        return -1;
+    for (int g = 0; g < 3; g++) H5Gclose(out->groups[g]);
+    if (H5Fclose(out->file) < 0 && rc == 0) {
+        h5_fail(err, err_size, out->tmp, NULL, "cannot close checkpoint");
+        rc = -1;
     }
-    struct h5_quiet quiet;
-    h5_quiet_begin(&quiet);
-    int rc = write_checkpoint_file(tmp, model, opt, position, method, deck_text, err, err_size);
-    h5_quiet_end(&quiet);
+    H5Pclose(out->dcpl);
+    h5_quiet_end(&out->quiet);
     if (rc != 0) {
-        unlink(tmp);
+        unlink(out->tmp);
         return -1;
     }
-    if (fsync_path(tmp, O_RDONLY) != 0) {
-        snprintf(err, err_size, "%s: fsync failed: %s", tmp, strerror(errno));
-        unlink(tmp);
+    if (fsync_path(out->tmp, O_RDONLY) != 0) {
+        snprintf(err, err_size, "%s: fsync failed: %s", out->tmp, strerror(errno));
+        unlink(out->tmp);
         return -1;
     }
-    if (rename(tmp, path) != 0) {
-        snprintf(err, err_size, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
-        unlink(tmp);
+    if (rename(out->tmp, out->path) != 0) {
+        snprintf(err, err_size, "cannot rename %s to %s: %s", out->tmp, out->path, strerror(errno));
+        unlink(out->tmp);
         return -1;
     }
-    if (fsync_path(dir, O_RDONLY | O_DIRECTORY) != 0) {
-        snprintf(err, err_size, "%s: fsync of the directory failed: %s", dir, strerror(errno));
+    if (fsync_path(out->dir, O_RDONLY | O_DIRECTORY) != 0) {
+        snprintf(err, err_size, "%s: fsync of the directory failed: %s", out->dir, strerror(errno));
         return -1;
     }
-    prune_checkpoints(dir, keep);
+    prune_checkpoints(out->dir, keep);
+    return 0;
+}
+
+/* What every rank checks before a write: the model was built for comm, and this rank's
+ * optimizer state matches the trainable tensors it holds. */
+static int check_writable(const struct model *model, const struct adamw *opt,
+                          const struct train_position *position, const char *method, MPI_Comm comm,
+                          char *err, size_t err_size)
+{
+    if (!method || !method[0]) {
+        snprintf(err, err_size, "checkpoint_write: no method given");
+        return -1;
+    }
+    if (position->step < 0) {
+        snprintf(err, err_size, "checkpoint_write: negative step %lld", position->step);
+        return -1;
+    }
+    if (check_layout(model, comm, "checkpoint_write", err, err_size)) return -1;
+    size_t held = 0;
+    for (int i = 0; i < model->n_params; i++)
+        if (checkpointed(&model->params[i])) held += model->params[i].numel;
+    if (held != model->grad_floats || opt->n != held || (held > 0 && (!opt->m || !opt->v))) {
+        snprintf(err, err_size,
+                 "checkpoint_write: optimizer state of %zu values for %zu trainable values "
+                 "(adamw_init after model_set_trainable)",
+                 opt->n, held);
+        return -1;
+    }
     return 0;
 }
 
@@ -506,19 +636,16 @@ int checkpoint_write(const char *output_dir, const struct model *model, const st
     }
     int rank;
     check_mpi(MPI_Comm_rank(comm, &rank));
-    struct {
-        int status;
-        char message[CHECKPOINT_MESSAGE_MAX];
-    } result = {0, ""};
+    int rc = check_writable(model, opt, position, method, comm, err, err_size);
+    if (agree(rc, err, err_size, comm)) return -1;
+    struct checkpoint_out out = {.file = -1};
     if (rank == 0)
-        result.status = write_on_rank0(output_dir, model, opt, position, method, deck_text, keep,
-                                       result.message, sizeof result.message);
-    check_mpi(MPI_Bcast(&result, sizeof result, MPI_BYTE, 0, comm));
-    if (result.status != 0) {
-        snprintf(err, err_size, "%s", result.message);
-        return -1;
-    }
-    return 0;
+        rc = open_checkpoint(&out, output_dir, model, opt, position, method, deck_text, err,
+                             err_size);
+    if (agree(rc, err, err_size, comm)) return -1;
+    rc = gather_to_rank0(model, opt, true, 3, comm, put_checkpoint_tensor, &out, err, err_size);
+    if (rank == 0) rc = close_checkpoint(&out, rc, keep, err, err_size);
+    return agree(rc, err, err_size, comm);
 }
 
 /* ---- finding and reading -------------------------------------------------------------- */
@@ -716,12 +843,12 @@ static herr_t find_extra(hid_t group, const char *name, const H5L_info_t *info, 
     struct extra_search *s = data;
     s->n++;
     const struct param *p = model_find_param(s->model, name);
-    if (p && checkpointed(p)) return 0;
+    if (p && p->trainable) return 0;
     snprintf(s->extra, sizeof s->extra, "%s", name);
     return 1; /* stop: the first tensor the model does not train */
 }
 
-/* Every link of /GROUP is a trainable tensor held here. */
+/* Every link of /GROUP is a trainable tensor of the model (held here or not). */
 static int check_no_extra(hid_t file, const char *group, struct model *model, const char *path,
                           char *err, size_t err_size)
 {
@@ -779,18 +906,19 @@ static int read_checkpoint_file(hid_t file, const char *path, struct model *mode
         snprintf(err, err_size, "%s: negative step, epoch, block or adam_step", path);
         return -1;
     }
-    /* everything is checked before the model and the optimizer are touched */
-    const char *groups[3] = {"tensors", "adam_m", "adam_v"};
+    /* everything is checked before the model and the optimizer are touched: the whole
+     * trainable set against the whole table (the same verdict on every rank, whatever
+     * the layout), then this rank's share of the state */
     size_t held = 0;
     for (int i = 0; i < model->n_params; i++) {
         const struct param *p = &model->params[i];
-        if (!checkpointed(p)) continue;
-        held += p->numel;
+        if (!p->trainable) continue;
+        if (checkpointed(p)) held += p->numel;
         for (int g = 0; g < 3; g++)
-            if (check_tensor(file, groups[g], p, path, err, err_size)) return -1;
+            if (check_tensor(file, checkpoint_groups[g], p, path, err, err_size)) return -1;
     }
     for (int g = 0; g < 3; g++)
-        if (check_no_extra(file, groups[g], model, path, err, err_size)) return -1;
+        if (check_no_extra(file, checkpoint_groups[g], model, path, err, err_size)) return -1;
     if (opt->n != held || (held > 0 && (!opt->m || !opt->v))) {
         snprintf(err, err_size,
                  "%s: optimizer state of %zu values for %zu trainable values "
@@ -861,73 +989,90 @@ static enum st_dtype export_dtype(const struct model_config *cfg)
     }
 }
 
-/* Adds the tensors (all, or the trainable ones) to w in dtype; *buffer holds the
- * converted copies (NULL for fp32: the weights themselves are written). */
-static int add_tensors(struct st_writer *w, const struct model *model, bool trainable_only,
-                       enum st_dtype dtype, void **buffer, char *err, size_t err_size)
+/* Rank 0's safetensors output while the tensors arrive: the writer and the copies it
+ * borrows (converted to the export dtype, or received from another rank). */
+struct export_out {
+    struct st_writer *writer;
+    enum st_dtype dtype;
+    char *copies;
+    size_t used;
+};
+
+/* The bytes of p's copy on rank 0: none for an fp32 tensor rank 0 holds (the weights
+ * themselves are written). */
+static size_t export_copy_bytes(const struct param *p, enum st_dtype dtype)
 {
+    return dtype == ST_F32 && p->data ? 0 : p->numel * st_dtype_size(dtype);
+}
+
+static void open_export(struct export_out *out, const struct model *model, bool trainable_only)
+{
+    out->writer = st_writer_new();
+    out->dtype = export_dtype(&model->cfg);
     size_t total = 0;
     for (int i = 0; i < model->n_params; i++) {
         const struct param *p = &model->params[i];
-        if (p->data && (!trainable_only || p->trainable)) total += p->numel;
+        if (p->trainable || !trainable_only) total += export_copy_bytes(p, out->dtype);
     }
-    size_t element = st_dtype_size(dtype);
-    *buffer = dtype == ST_F32 ? NULL : xmalloc((total ? total : 1) * element);
-    uint16_t *half = *buffer;
-    for (int i = 0; i < model->n_params; i++) {
-        const struct param *p = &model->params[i];
-        if (!p->data || (trainable_only && !p->trainable)) continue;
-        const void *data = p->data;
-        if (dtype == ST_BF16) {
-            st_f32_to_bf16_array(p->data, half, p->numel);
-            data = half;
-            half += p->numel;
-        } else if (dtype == ST_F16) {
-            st_f32_to_f16_array(p->data, half, p->numel);
-            data = half;
-            half += p->numel;
-        }
-        if (st_writer_add(w, p->name, dtype, p->rank, p->shape, data, err, err_size)) return -1;
-    }
-    return 0;
+    out->copies = xmalloc(total ? total : 1);
+    out->used = 0;
 }
 
-int export_adapter(const char *dir, const struct model *model, const char *expert_config, char *err,
-                   size_t err_size)
+static void close_export(struct export_out *out)
 {
-    if (!is_world_rank0()) return 0;
+    st_writer_free(out->writer);
+    free(out->copies);
+}
+
+/* The tensor_sink of the exports: one tensor into the writer, in the export dtype. */
+static int add_export_tensor(const struct param *p, const float *const *parts, void *sink,
+                             char *err, size_t err_size)
+{
+    struct export_out *out = sink;
+    size_t bytes = export_copy_bytes(p, out->dtype);
+    void *copy = out->copies + out->used;
+    out->used += bytes;
+    if (out->dtype == ST_BF16)
+        st_f32_to_bf16_array(parts[0], copy, p->numel);
+    else if (out->dtype == ST_F16)
+        st_f32_to_f16_array(parts[0], copy, p->numel);
+    else if (bytes > 0)
+        memcpy(copy, parts[0], bytes);
+    const void *data = bytes > 0 ? copy : parts[0];
+    return st_writer_add(out->writer, p->name, out->dtype, p->rank, p->shape, data, err, err_size);
+}
+
+int export_adapter(const char *dir, const struct model *model, const char *expert_config,
+                   MPI_Comm comm, char *err, size_t err_size)
+{
+    int rank;
+    check_mpi(MPI_Comm_rank(comm, &rank));
     char path[CHECKPOINT_PATH_MAX], config_path[CHECKPOINT_PATH_MAX];
-    if (join(path, sizeof path, dir, "adapter.safetensors", err, err_size) ||
-        join(config_path, sizeof config_path, dir, "expert_config.json", err, err_size))
-        return -1;
+    int rc = check_layout(model, comm, "export_adapter", err, err_size);
+    if (rc == 0 &&
+        (join(path, sizeof path, dir, "adapter.safetensors", err, err_size) ||
+         join(config_path, sizeof config_path, dir, "expert_config.json", err, err_size)))
+        rc = -1;
     int n_trainable = 0;
-    for (int i = 0; i < model->n_params; i++) {
-        const struct param *p = &model->params[i];
-        if (p->trainable && !p->data) {
-            snprintf(err, err_size,
-                     "export_adapter: trainable tensor '%s' is not held on this rank under "
-                     "the layout pp %d, dp %d, ep %d",
-                     p->name, model->grid.pp, model->grid.dp, model->grid.ep);
-            return -1;
-        }
-        n_trainable += p->trainable;
-    }
-    if (n_trainable == 0) {
+    for (int i = 0; i < model->n_params; i++) n_trainable += model->params[i].trainable;
+    if (rc == 0 && n_trainable == 0) {
         snprintf(err, err_size, "export_adapter: the model has no trainable tensors");
-        return -1;
+        rc = -1;
     }
-    if (make_directories(dir) != 0) {
+    if (rc == 0 && rank == 0 && make_directories(dir) != 0) {
         snprintf(err, err_size, "%s: cannot create directory: %s", dir, strerror(errno));
-        return -1;
+        rc = -1;
     }
-    struct st_writer *w = st_writer_new();
-    void *buffer = NULL;
-    int rc = add_tensors(w, model, true, export_dtype(&model->cfg), &buffer, err, err_size);
-    if (rc == 0) rc = st_writer_write(w, path, 1, err, err_size);
-    st_writer_free(w);
-    free(buffer);
-    if (rc == 0 && expert_config) rc = copy_file(expert_config, config_path, err, err_size);
-    return rc;
+    if (agree(rc, err, err_size, comm)) return -1;
+    struct export_out out = {.writer = NULL};
+    if (rank == 0) open_export(&out, model, true);
+    rc = gather_to_rank0(model, NULL, true, 1, comm, add_export_tensor, &out, err, err_size);
+    if (rank == 0) {
+        if (rc == 0) rc = st_writer_write(out.writer, path, 1, err, err_size);
+        close_export(&out);
+        if (rc == 0 && expert_config) rc = copy_file(expert_config, config_path, err, err_size);
+    }
+    return agree(rc, err, err_size, comm);
 }
 
 /* Whether a and b name the same existing directory. */
@@ -938,21 +1083,10 @@ static bool same_directory(const char *a, const char *b)
     return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }
 
-int export_merged(const char *dir, const struct model *model, const char *base_dir,
-                  size_t max_shard_bytes, char *err, size_t err_size)
+/* Rank 0's checks of the merged export's directory, which it then creates. */
+static int prepare_merged_directory(const char *dir, const char *base_dir, char *err,
+                                    size_t err_size)
 {
-    if (!is_world_rank0()) return 0;
-    for (int i = 0; i < model->n_params; i++) {
-        const struct param *p = &model->params[i];
-        if (!p->data) {
-            snprintf(err, err_size,
-                     "export_merged: tensor '%s' is held by another rank under the layout "
-                     "pp %d, dp %d, ep %d; a merged export needs one rank holding every tensor "
-                     "(pp = ep = 1)",
-                     p->name, model->grid.pp, model->grid.dp, model->grid.ep);
-            return -1;
-        }
-    }
     if (base_dir && (strcmp(dir, base_dir) == 0 || same_directory(dir, base_dir))) {
         snprintf(err, err_size,
                  "export_merged: %s is the base model's directory; the merged model goes to a "
@@ -973,12 +1107,14 @@ int export_merged(const char *dir, const struct model *model, const char *base_d
         snprintf(err, err_size, "%s: cannot create directory: %s", dir, strerror(errno));
         return -1;
     }
-    struct st_writer *w = st_writer_new();
-    void *buffer = NULL;
-    int rc = add_tensors(w, model, false, export_dtype(&model->cfg), &buffer, err, err_size);
-    if (rc == 0) rc = st_writer_write_checkpoint(w, dir, max_shard_bytes, err, err_size);
-    st_writer_free(w);
-    free(buffer);
+    return 0;
+}
+
+/* Rank 0: the base directory's tokenizer and generation files, then config.json (last:
+ * a directory without it is an unfinished export, retried freely). */
+static int finish_merged_directory(const char *dir, const struct model *model, const char *base_dir,
+                                   char *err, size_t err_size)
+{
     static const char *const copied[] = {"tokenizer.json",
                                          "tokenizer_config.json",
                                          "special_tokens_map.json",
@@ -987,18 +1123,34 @@ int export_merged(const char *dir, const struct model *model, const char *base_d
                                          "tokenizer.model",
                                          "generation_config.json",
                                          "chat_template.jinja"};
-    for (size_t i = 0; rc == 0 && base_dir && i < sizeof copied / sizeof copied[0]; i++) {
+    for (size_t i = 0; base_dir && i < sizeof copied / sizeof copied[0]; i++) {
         char from[CHECKPOINT_PATH_MAX], to[CHECKPOINT_PATH_MAX];
         if (join(from, sizeof from, base_dir, copied[i], err, err_size) ||
-            join(to, sizeof to, dir, copied[i], err, err_size)) {
-            rc = -1;
-            break;
-        }
-        if (file_exists(from)) rc = copy_file(from, to, err, err_size);
+            join(to, sizeof to, dir, copied[i], err, err_size))
+            return -1;
+        if (file_exists(from) && copy_file(from, to, err, err_size)) return -1;
     }
-    /* config.json last: a directory without it is an unfinished export, retried freely */
-    if (rc == 0) rc = hfconfig_write(dir, &model->cfg, err, err_size);
-    return rc;
+    return hfconfig_write(dir, &model->cfg, err, err_size);
+}
+
+int export_merged(const char *dir, const struct model *model, const char *base_dir,
+                  size_t max_shard_bytes, MPI_Comm comm, char *err, size_t err_size)
+{
+    int rank;
+    check_mpi(MPI_Comm_rank(comm, &rank));
+    int rc = check_layout(model, comm, "export_merged", err, err_size);
+    if (rc == 0 && rank == 0) rc = prepare_merged_directory(dir, base_dir, err, err_size);
+    if (agree(rc, err, err_size, comm)) return -1;
+    struct export_out out = {.writer = NULL};
+    if (rank == 0) open_export(&out, model, false);
+    rc = gather_to_rank0(model, NULL, false, 1, comm, add_export_tensor, &out, err, err_size);
+    if (rank == 0) {
+        if (rc == 0)
+            rc = st_writer_write_checkpoint(out.writer, dir, max_shard_bytes, err, err_size);
+        close_export(&out);
+        if (rc == 0) rc = finish_merged_directory(dir, model, base_dir, err, err_size);
+    }
+    return agree(rc, err, err_size, comm);
 }
 
 /* ---- loss curve ------------------------------------------------------------------------- */

@@ -401,6 +401,39 @@ void comm_send(const struct comm *c, const void *buf, size_t count, enum comm_ty
     } while (done < count);
 }
 
+void comm_send_start(const struct comm *c, const void *buf, size_t count, enum comm_type type,
+                     int peer, int tag, enum comm_memory memory, struct comm_request *request)
+{
+    request->pieces = NULL;
+    request->n = 0;
+    if (memory == COMM_DEVICE) {
+        comm_send(c, buf, count, type, peer, tag, memory);
+        return;
+    }
+    check_peer(c, peer, "comm_send_start");
+    check_tag(tag, "comm_send_start");
+    size_t element = comm_type_size(type), limit = chunk_limit;
+    size_t pieces = count == 0 ? 1 : (count + limit - 1) / limit;
+    request->pieces = xmalloc(pieces * sizeof *request->pieces);
+    const char *bytes = buf;
+    size_t done = 0;
+    do { /* the same pieces as comm_send, so comm_recv takes either */
+        size_t n = min_size(count - done, limit);
+        check_mpi(MPI_Isend(bytes + done * element, (int)n, mpi_type(type), peer, tag, c->mpi,
+                            &request->pieces[request->n++]));
+        done += n;
+    } while (done < count);
+}
+
+void comm_wait(struct comm_request *request)
+{
+    if (request->n > 0)
+        check_mpi(MPI_Waitall(request->n, request->pieces, MPI_STATUSES_IGNORE));
+    free(request->pieces);
+    request->pieces = NULL;
+    request->n = 0;
+}
+
 void comm_recv(const struct comm *c, void *buf, size_t count, enum comm_type type, int peer,
                int tag, enum comm_memory memory)
 {

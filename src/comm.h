@@ -57,6 +57,19 @@ void comm_send(const struct comm *c, const void *buf, size_t count, enum comm_ty
 void comm_recv(const struct comm *c, void *buf, size_t count, enum comm_type type, int peer,
                int tag, enum comm_memory memory);
 
+/* A send that returns at once (host buffers; on device buffers it completes before it
+ * returns, NCCL ordering sends by call order). buf must stay untouched until
+ * comm_wait(request). Lets a pipeline schedule post its sends and go on to its next
+ * receive, so no two stages wait on each other's sends. */
+struct comm_request {
+    MPI_Request *pieces; /* one per chunk of at most the chunk limit */
+    int n;
+};
+void comm_send_start(const struct comm *c, const void *buf, size_t count, enum comm_type type,
+                     int peer, int tag, enum comm_memory memory, struct comm_request *request);
+/* Waits for a comm_send_start to complete (a request with n == 0: returns at once). */
+void comm_wait(struct comm_request *request);
+
 void comm_broadcast(const struct comm *c, void *buf, size_t count, enum comm_type type,
                     int root, enum comm_memory memory);
 void comm_barrier(const struct comm *c);

@@ -134,6 +134,8 @@ static const struct key schema[] = {
      .help = "pipeline stages"},
     {KEY("parallel.ep", KEY_INT, parallel.ep), .def = "1", .bounds = LO, .lo = 1,
      .help = "expert-parallel group size (ranks sharing one layer's experts)"},
+    {KEY("parallel.stage_layers", KEY_LIST, parallel.stage_layers), COUNT(parallel.n_stage_layers),
+     .help = "decoder layers of each pipeline stage, e.g. [13, 11]; empty: balanced by cost"},
 
     /* init: the random model the init phase writes */
     {KEY("init.family", KEY_CHOICE, init.family), .def = "qwen3_moe", .names = family_names,

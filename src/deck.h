@@ -51,6 +51,8 @@ struct deck_parallel {
     int pp; /* pipeline stages */
     int ep; /* expert-parallel group size */
     int dp; /* derived: world / (pp * ep); not a key */
+    char *stage_layers[DECK_MAX_LIST]; /* decoder layers per stage; empty: balanced by cost */
+    int n_stage_layers;
 };
 
 struct deck_init {

@@ -110,6 +110,7 @@ int layout_grid_make(int world, int pp, int ep, const struct layout_model *model
             if (experts % e == 0 && (world / pp) % e == 0) append(err, err_size, " %d", e);
         return -1;
     }
+    memset(grid, 0, sizeof *grid);
     grid->world = world;
     grid->pp = pp;
     grid->ep = ep;
@@ -226,9 +227,19 @@ void layout_print(FILE *out, const struct layout_grid *grid, const struct layout
         struct layout_coords c = layout_coords_of(grid, rank);
         char layer_text[32] = "-", expert_text[32] = "-";
         if (layers > 0) {
-            int first, count;
-            layout_layers_of(layers, grid->pp, c.pp_rank, &first, &count);
-            format_range(layer_text, sizeof layer_text, first, count);
+            int first = -1, count = 0;
+            if (model->stage_first) {
+                first = model->stage_first[c.pp_rank];
+                count = model->stage_first[c.pp_rank + 1] - first;
+            } else if (grid->stage_layers[0] > 0) {
+                first = 0;
+                for (int s = 0; s < c.pp_rank; s++) first += grid->stage_layers[s];
+                count = grid->stage_layers[c.pp_rank];
+            } else if (grid->pp == 1) {
+                first = 0, count = layers;
+            }
+            if (first >= 0) format_range(layer_text, sizeof layer_text, first, count);
+            else snprintf(layer_text, sizeof layer_text, "by cost");
         }
         if (experts > 0 && experts % grid->ep == 0) {
             int first, count;

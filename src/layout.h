@@ -17,9 +17,14 @@
 
 #include "comm.h"
 
+#define LAYOUT_MAX_STAGES 64
+
 struct layout_grid {
     int world; /* pp * dp * ep */
     int pp, dp, ep;
+    /* decoder layers per stage from the deck (parallel.stage_layers); all 0: the model
+     * balances the stages by cost (model_create) */
+    int stage_layers[LAYOUT_MAX_STAGES];
 };
 
 struct layout_coords {
@@ -37,6 +42,9 @@ struct layout {
 struct layout_model {
     int num_layers;  /* decoder layers */
     int num_experts; /* routed experts per MoE layer (0: dense or unknown) */
+    /* the layer split [pp + 1] when known (model_split_layers); NULL: the deck's
+     * grid.stage_layers if set, else unknown for pp > 1 (balanced once the model is read) */
+    const int *stage_first;
 };
 
 /* Derives dp = world / (pp * ep) and checks that the grid divides the world and fits the

@@ -16,7 +16,9 @@
 
 #include "config.h"
 #include "deck.h"
+#include "hfconfig.h"
 #include "layout.h"
+#include "model.h"
 #include "log.h"
 #include "phases.h"
 #include "version.h"
@@ -284,6 +286,27 @@ int main(int argc, char **argv)
                   planned_ranks == 1 ? "" : "s", reason);
     }
     deck.parallel.dp = grid.dp;
+    if (deck.parallel.n_stage_layers > 0) { /* the deck's own split of the layers */
+        char where[4200];
+        deck_where(&deck, "parallel.stage_layers", where, sizeof where);
+        if (deck.parallel.n_stage_layers != grid.pp || grid.pp > LAYOUT_MAX_STAGES)
+            fatal_all(EXIT_INPUT, "%s: parallel.stage_layers has %d entries; it needs one per "
+                      "pipeline stage (pp %d)", where, deck.parallel.n_stage_layers, grid.pp);
+        int sum = 0;
+        for (int s = 0; s < grid.pp; s++) {
+            char *end;
+            long n = strtol(deck.parallel.stage_layers[s], &end, 10);
+            if (*end || end == deck.parallel.stage_layers[s] || n < 1 || n > HFCONFIG_MAX_LAYERS)
+                fatal_all(EXIT_INPUT, "%s: parallel.stage_layers entry %d is '%s'; each must be a "
+                          "whole number of layers, at least 1", where, s + 1,
+                          deck.parallel.stage_layers[s]);
+            grid.stage_layers[s] = (int)n;
+            sum += (int)n;
+        }
+        if (model_known && sum != model.num_layers)
+            fatal_all(EXIT_INPUT, "%s: parallel.stage_layers adds up to %d layers; the model has %d",
+                      where, sum, model.num_layers);
+    }
 
     if (opt.dry_run) {
         if (world_rank == 0) {
@@ -292,6 +315,16 @@ int main(int argc, char **argv)
             printf("\n");
             if (!model_known)
                 printf("# model not read (%s): the layout is not checked against it\n", why);
+            /* the stage split as the run will make it, when the config is there to read */
+            struct model_config cfg;
+            char ignored[256];
+            int split[LAYOUT_MAX_STAGES + 1];
+            if (model_known && grid.pp > 1 && deck.model.path &&
+                hfconfig_load(deck.model.path, &cfg, ignored, sizeof ignored) == 0 &&
+                cfg.num_layers == model.num_layers) {
+                model_split_layers(&cfg, &grid, split);
+                model.stage_first = split;
+            }
             layout_print(stdout, &grid, model_known ? &model : NULL);
             fflush(stdout);
         }

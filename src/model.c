@@ -64,11 +64,8 @@ static struct param *add_param(struct table_builder *b, float **slot, enum param
     p->ep_rank = -1;
     /* embedding on the first stage; final norm and lm_head on the last */
     if (layer >= 0) {
-        for (int s = 0; s < m->grid.pp; s++) {
-            int first, count;
-            layout_layers_of(m->cfg.num_layers, m->grid.pp, s, &first, &count);
-            if (layer >= first && layer < first + count) p->stage = s;
-        }
+        for (int s = 0; s < m->grid.pp; s++)
+            if (layer >= m->stage_first[s] && layer < m->stage_first[s + 1]) p->stage = s;
     } else {
         p->stage = kind == PARAM_EMBEDDING ? 0 : m->grid.pp - 1;
     }
@@ -200,6 +197,74 @@ static void rope_frequencies(const struct model_config *c, float *inv_freq)
     }
 }
 
+double model_layer_cost(const struct model_config *c, int l)
+{
+    double H = c->hidden_size, q = (double)c->num_heads * c->head_dim;
+    double kv = (double)c->num_kv_heads * c->head_dim;
+    double cost = H * (2 * q + 2 * kv); /* q, k, v, o */
+    if (c->is_moe[l])
+        cost += H * c->num_experts + 3.0 * H * c->expert_intermediate_size * c->top_k +
+                3.0 * H * c->shared_expert_intermediate_size;
+    else
+        cost += 3.0 * H * c->intermediate_size;
+    return cost;
+}
+
+double model_head_cost(const struct model_config *c)
+{
+    return (double)c->hidden_size * c->vocab_size;
+}
+
+void model_split_layers(const struct model_config *c, const struct layout_grid *grid, int *first)
+{
+    int L = c->num_layers, P = grid->pp;
+    if (P < 1 || P > L || P > LAYOUT_MAX_STAGES)
+        fatal(EXIT_RUNTIME, "model_split_layers: %d layers over pp %d (programming error)", L, P);
+    if (grid->stage_layers[0] > 0) { /* the deck's split, checked against the model by main */
+        first[0] = 0;
+        for (int s = 0; s < P; s++) first[s + 1] = first[s] + grid->stage_layers[s];
+        if (first[P] != L) fatal(EXIT_RUNTIME, "model_split_layers: the stage split does not cover %d layers", L);
+        return;
+    }
+    /* prefix[i]: cost of layers [0, i) */
+    double *prefix = xcalloc((size_t)L + 1, sizeof *prefix);
+    for (int l = 0; l < L; l++) prefix[l + 1] = prefix[l] + model_layer_cost(c, l);
+    double head = model_head_cost(c);
+    /* best[s][i]: the smallest largest-stage cost of layers [0, i) over stages 0..s;
+     * cut[s][i]: where stage s starts in that split (ties: the earliest cut) */
+    double *best = xcalloc((size_t)P * (L + 1), sizeof *best);
+    int *cut = xcalloc((size_t)P * (L + 1), sizeof *cut);
+    for (int i = 0; i <= L; i++) best[i] = i >= 1 ? prefix[i] : INFINITY;
+    for (int s = 1; s < P; s++)
+        for (int i = 0; i <= L; i++) {
+            double value = INFINITY;
+            int at = 0;
+            for (int j = s; j < i; j++) { /* stage s = layers [j, i), every stage >= 1 layer */
+                double stage = prefix[i] - prefix[j] + (s == P - 1 && i == L ? head : 0.0);
+                double worst = fmax(best[(size_t)(s - 1) * (L + 1) + j], stage);
+                if (worst < value) value = worst, at = j;
+            }
+            best[(size_t)s * (L + 1) + i] = value;
+            cut[(size_t)s * (L + 1) + i] = at;
+        }
+    first[P] = L;
+    for (int s = P - 1; s >= 1; s--) first[s] = cut[(size_t)s * (L + 1) + first[s + 1]];
+    first[0] = 0;
+    free(prefix), free(best), free(cut);
+}
+
+void model_log_stages(const struct model *m, const char *phase)
+{
+    if (m->grid.pp < 2) return;
+    char text[LAYOUT_MAX_STAGES * 16] = "";
+    size_t used = 0;
+    for (int s = 0; s < m->grid.pp && used < sizeof text; s++)
+        used += (size_t)snprintf(text + used, sizeof text - used, "%s%d-%d", s ? ", " : "",
+                                 m->stage_first[s], m->stage_first[s + 1] - 1);
+    log_info("%s: pipeline stages: layers %s%s", phase, text,
+             m->grid.stage_layers[0] > 0 ? " (parallel.stage_layers)" : " (balanced by cost)");
+}
+
 void model_create(struct model *m, const struct model_config *cfg, const struct layout_grid *grid,
                   struct layout_coords coords)
 {
@@ -207,7 +272,10 @@ void model_create(struct model *m, const struct model_config *cfg, const struct 
     m->cfg = *cfg;
     m->grid = *grid;
     m->me = coords;
-    layout_layers_of(cfg->num_layers, grid->pp, coords.pp_rank, &m->first_layer, &m->n_layers);
+    m->stage_first = xcalloc((size_t)grid->pp + 1, sizeof *m->stage_first);
+    model_split_layers(cfg, grid, m->stage_first);
+    m->first_layer = m->stage_first[coords.pp_rank];
+    m->n_layers = m->stage_first[coords.pp_rank + 1] - m->first_layer;
     if (cfg->num_experts > 0)
         layout_experts_of(cfg->num_experts, grid->ep, coords.ep_rank, &m->first_expert,
                           &m->n_local_experts);
@@ -254,6 +322,7 @@ void model_create(struct model *m, const struct model_config *cfg, const struct 
 
 void model_free(struct model *m)
 {
+    free(m->stage_first);
     if (m->grads)
         for (int l = 0; l < m->cfg.num_layers; l++) {
             free(m->grads[l].expert_gate);
@@ -282,6 +351,7 @@ struct param *model_find_param(struct model *m, const char *name)
  * gradient; expert entries go to their slot in the per-expert arrays. */
 static void publish_grad(struct model *m, const struct param *p)
 {
+    if (!p->data) return; /* held by another rank (stage or EP rank) */
     if (p->layer < 0) {
         if (p->kind == PARAM_EMBEDDING) m->embedding_grad = p->grad;
         else if (p->kind == PARAM_LM_HEAD) m->lm_head_grad = p->grad;
@@ -459,6 +529,24 @@ int model_load(struct model *m, const char *dir, char *err, size_t err_size)
 
 /* ---- forward ------------------------------------------------------------------------ */
 
+/* Message tags between pipeline stages (per pair of ranks, messages of one tag arrive in
+ * the order they were sent: the micro-batch order of the schedule). */
+enum { TAG_ACTIVATION = 1, TAG_BALANCE, TAG_GRADIENT, TAG_BALANCE_GRADIENT };
+
+/* Where a MoE layer's token rows travel under expert parallelism. Sender side: rows are
+ * sorted by expert (permute_by_expert), and EP rank d holds a contiguous block of experts,
+ * so the rows for rank d are one contiguous run. Receiver side: the rows from source s
+ * arrive in expert order ("source-major"); the local grouped GEMM wants them expert-major
+ * (expert e: the rows of source 0, then source 1, ...), a fixed order for a given batch. */
+struct ep_plan {
+    int rows;                    /* rows received = rows of the local experts */
+    int32_t *recv_counts;        /* [ep * E_local] rows from source s for local expert e */
+    int32_t *local_offsets;      /* [E_local + 1] expert-major offsets */
+    int32_t *expert_major;       /* [capacity] expert-major row -> source-major row */
+    int32_t *source_major;       /* [capacity] source-major row -> expert-major row */
+    size_t *send_rows, *send_first, *recv_rows, *recv_first; /* [ep] in rows */
+};
+
 /* What one layer's forward leaves for its backward. In an inference workspace every
  * layer's pointers name the same buffers. */
 struct layer_activations {
@@ -473,8 +561,11 @@ struct layer_activations {
     float *hn, *rstd_post;     /* [N,H], [N] post-attention norm */
     float *probs;              /* [N,E] router probabilities */
     int32_t *offsets, *slot_of_row, *row_of_slot;
-    float *gate, *up, *act;    /* [M,I] expert pre-activations and act(gate) * up */
-    float *ys;                 /* [M,H] expert outputs */
+    /* expert parallelism: the rows this rank's experts received, expert-major */
+    struct ep_plan *plan;      /* NULL when ep = 1 */
+    float *xe, *ye;            /* [rows,H] received inputs, their outputs (ep > 1) */
+    float *gate, *up, *act;    /* [rows,I] expert pre-activations and act(gate) * up */
+    float *ys;                 /* [M,H] expert outputs, in this rank's slot order */
     float *shared_gate, *shared_up, *shared_act, *shared_out, *shared_logit;
     float *mlp_gate, *mlp_up, *mlp_act; /* dense layer */
     float *ffn;                /* [N,H] feed-forward output */
@@ -491,9 +582,17 @@ struct forward_workspace {
     float **balance_counts, **balance_probs; /* [L] -> [E]: load-balancing statistics */
     float *balance_coef;                     /* [E]: d aux / d probs (backward) */
     int balance_tokens;                      /* N of the last forward */
+    /* pipeline parallelism: the earlier stages' load-balancing sums (counts, then prob
+     * sums: [2E]), received with the activations; the sends still in flight */
+    double *balance_before;
+    struct comm_request sends[2];
     /* backward scratch */
     float *dx, *dxn, *dq, *dk, *dv, *dattn, *dxs, *dxs2, *dys, *dact, *dgate, *dup;
     float *dweights, *drouter, *dshared_a, *dshared_b, *dshared_act, *dshared_out, *dgate_logit;
+    float *ep_rows;                   /* [capacity,H] exchange scratch (ep > 1) */
+    float *dye;                       /* [capacity,H] output gradients at the experts (ep > 1) */
+    size_t *ep_counts, *ep_offsets;   /* [2 * ep] element counts of one exchange */
+    int32_t *ep_send_counts;          /* [ep * E_local] rows for each rank's experts */
     void **allocations; /* every buffer, freed together */
     int allocation_capacity;
     int n_allocations;
@@ -511,10 +610,24 @@ static void *ws_alloc(struct forward_workspace *ws, size_t bytes)
     return p;
 }
 
-/* Buffers of one layer's activations. */
-static void alloc_layer(struct forward_workspace *ws, const struct model_config *c, int N,
-                        bool moe, struct layer_activations *a)
+/* The most token-slot rows this rank's experts can receive for batches of N tokens on
+ * each rank of the EP group: every token of every rank sends at most min(K, E_local)
+ * slots here. N * K when ep = 1. */
+static size_t expert_row_capacity(const struct model *m, int N)
 {
+    const struct model_config *c = &m->cfg;
+    int K = c->top_k > 0 ? c->top_k : 1, local = m->n_local_experts > 0 ? m->n_local_experts : 1;
+    return (size_t)m->grid.ep * (size_t)N * (size_t)(K < local ? K : local);
+}
+
+static struct ep_plan *ep_plan_new(struct forward_workspace *ws, const struct model *m, size_t capacity);
+
+/* Buffers of one layer's activations. */
+static void alloc_layer(struct forward_workspace *ws, const struct model *m, int N, bool moe,
+                        struct layer_activations *a)
+{
+    const struct model_config *c = &m->cfg;
+    size_t cap = expert_row_capacity(m, N);
     size_t H = (size_t)c->hidden_size, qw = (size_t)c->num_heads * c->head_dim,
            kvw = (size_t)c->num_kv_heads * c->head_dim;
     size_t K = (size_t)(c->top_k > 0 ? c->top_k : 1), E = (size_t)(c->num_experts > 0 ? c->num_experts : 1);
@@ -547,10 +660,15 @@ static void alloc_layer(struct forward_workspace *ws, const struct model_config 
         a->offsets = ws_alloc(ws, (E + 1) * sizeof(int32_t));
         a->slot_of_row = ws_alloc(ws, M * sizeof(int32_t));
         a->row_of_slot = ws_alloc(ws, M * sizeof(int32_t));
-        a->gate = ws_alloc(ws, M * (I ? I : 1) * f);
-        a->up = ws_alloc(ws, M * (I ? I : 1) * f);
-        a->act = ws->training ? ws_alloc(ws, M * (I ? I : 1) * f) : a->gate;
+        a->gate = ws_alloc(ws, cap * (I ? I : 1) * f);
+        a->up = ws_alloc(ws, cap * (I ? I : 1) * f);
+        a->act = ws->training ? ws_alloc(ws, cap * (I ? I : 1) * f) : a->gate;
         a->ys = ws_alloc(ws, M * H * f);
+        if (m->grid.ep > 1) {
+            a->plan = ep_plan_new(ws, m, cap);
+            a->xe = ws_alloc(ws, cap * H * f);
+            a->ye = ws_alloc(ws, cap * H * f);
+        }
         if (S) {
             a->shared_gate = ws_alloc(ws, N * S * f);
             a->shared_up = ws_alloc(ws, N * S * f);
@@ -573,31 +691,41 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
     size_t N = (size_t)max_tokens, H = (size_t)c->hidden_size, f = sizeof(float);
     size_t K = (size_t)(c->top_k > 0 ? c->top_k : 1), E = (size_t)(c->num_experts > 0 ? c->num_experts : 1);
     size_t M = N * K, I = (size_t)(c->expert_intermediate_size ? c->expert_intermediate_size : 1);
+    size_t cap = expert_row_capacity(m, max_tokens);
     ws->max_tokens = max_tokens;
     ws->n_layers = c->num_layers;
     ws->training = training;
     ws->layers = xcalloc((size_t)c->num_layers, sizeof *ws->layers);
+    int first = m->first_layer, end = m->first_layer + m->n_layers; /* this stage's layers */
+    bool last_stage = m->me.pp_rank == m->grid.pp - 1;
     if (training) {
-        for (int l = 0; l < c->num_layers; l++) alloc_layer(ws, c, max_tokens, c->is_moe[l], &ws->layers[l]);
+        for (int l = first; l < end; l++) alloc_layer(ws, m, max_tokens, c->is_moe[l], &ws->layers[l]);
     } else {
         /* one set for every layer; a model with MoE and dense layers needs both parts */
         bool any_moe = false;
-        for (int l = 0; l < c->num_layers; l++) any_moe |= c->is_moe[l];
-        alloc_layer(ws, c, max_tokens, any_moe, &ws->layers[0]);
-        for (int l = 1; l < c->num_layers; l++) ws->layers[l] = ws->layers[0];
+        for (int l = first; l < end; l++) any_moe |= c->is_moe[l];
+        alloc_layer(ws, m, max_tokens, any_moe, &ws->layers[first]);
+        for (int l = first + 1; l < end; l++) ws->layers[l] = ws->layers[first];
     }
-    ws->x_final = ws_alloc(ws, N * H * f);
+    ws->x_final = ws_alloc(ws, N * H * f); /* the stage's output */
     ws->rstd_final = ws_alloc(ws, N * f);
     ws->xn_final = ws_alloc(ws, N * H * f);
-    ws->logits = ws_alloc(ws, N * (size_t)c->vocab_size * f);
+    ws->logits = ws_alloc(ws, (last_stage ? N * (size_t)c->vocab_size : 1) * f);
+    ws->balance_before = ws_alloc(ws, 2 * E * sizeof(double));
     ws->xs = ws_alloc(ws, M * H * f);
+    if (m->grid.ep > 1) {
+        ws->ep_rows = ws_alloc(ws, cap * H * f);
+        ws->ep_counts = ws_alloc(ws, 2 * (size_t)m->grid.ep * sizeof(size_t));
+        ws->ep_offsets = ws_alloc(ws, 2 * (size_t)m->grid.ep * sizeof(size_t));
+        ws->ep_send_counts = ws_alloc(ws, (size_t)m->grid.ep * m->n_local_experts * sizeof(int32_t));
+    }
     ws->topk_ids = xcalloc((size_t)c->num_layers, sizeof *ws->topk_ids);
     ws->topk_weights = xcalloc((size_t)c->num_layers, sizeof *ws->topk_weights);
     ws->router_logits = xcalloc((size_t)c->num_layers, sizeof *ws->router_logits);
     ws->balance_counts = xcalloc((size_t)c->num_layers, sizeof *ws->balance_counts);
     ws->balance_probs = xcalloc((size_t)c->num_layers, sizeof *ws->balance_probs);
     ws->balance_coef = ws_alloc(ws, E * f);
-    for (int l = 0; l < c->num_layers; l++) {
+    for (int l = first; l < end; l++) {
         if (!c->is_moe[l]) continue;
         /* per layer in both kinds of workspace: the score phase reads every layer's */
         ws->topk_ids[l] = ws_alloc(ws, M * sizeof(int32_t));
@@ -617,12 +745,13 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
         ws->dk = ws_alloc(ws, N * kvw * f);
         ws->dv = ws_alloc(ws, N * kvw * f);
         ws->dattn = ws_alloc(ws, N * qw * f);
-        ws->dxs = ws_alloc(ws, M * H * f);
-        ws->dxs2 = ws_alloc(ws, M * H * f);
+        ws->dxs = ws_alloc(ws, cap * H * f);
+        ws->dxs2 = ws_alloc(ws, cap * H * f);
         ws->dys = ws_alloc(ws, M * H * f);
-        ws->dact = ws_alloc(ws, M * I * f);
-        ws->dgate = ws_alloc(ws, M * I * f);
-        ws->dup = ws_alloc(ws, M * I * f);
+        ws->dact = ws_alloc(ws, cap * I * f);
+        ws->dgate = ws_alloc(ws, cap * I * f);
+        ws->dup = ws_alloc(ws, cap * I * f);
+        if (m->grid.ep > 1) ws->dye = ws_alloc(ws, cap * H * f);
         ws->dweights = ws_alloc(ws, M * f);
         ws->drouter = ws_alloc(ws, N * E * f);
         ws->dshared_a = ws_alloc(ws, N * wide * f);
@@ -647,6 +776,7 @@ struct forward_workspace *forward_workspace_new_training(const struct model *m, 
 void forward_workspace_free(struct forward_workspace *ws)
 {
     if (!ws) return;
+    model_wait_sends(ws);
     for (int i = 0; i < ws->n_allocations; i++) free(ws->allocations[i]);
     free(ws->allocations);
     free(ws->layers);
@@ -711,6 +841,98 @@ static void attention_block(const struct model *m, const struct backend *ops,
     ops->add(a->h, a->h, a->x, (size_t)N * H); /* h = x + attention */
 }
 
+static struct ep_plan *ep_plan_new(struct forward_workspace *ws, const struct model *m, size_t capacity)
+{
+    int ep = m->grid.ep, local = m->n_local_experts;
+    struct ep_plan *p = ws_alloc(ws, sizeof *p);
+    p->recv_counts = ws_alloc(ws, (size_t)ep * local * sizeof(int32_t));
+    p->local_offsets = ws_alloc(ws, ((size_t)local + 1) * sizeof(int32_t));
+    p->expert_major = ws_alloc(ws, capacity * sizeof(int32_t));
+    p->source_major = ws_alloc(ws, capacity * sizeof(int32_t));
+    p->send_rows = ws_alloc(ws, (size_t)ep * sizeof(size_t));
+    p->send_first = ws_alloc(ws, (size_t)ep * sizeof(size_t));
+    p->recv_rows = ws_alloc(ws, (size_t)ep * sizeof(size_t));
+    p->recv_first = ws_alloc(ws, (size_t)ep * sizeof(size_t));
+    return p;
+}
+
+/* Fills a layer's plan from its per-expert offsets [E+1] (rows sorted by global expert):
+ * exchanges the per-expert row counts with the EP group, then lays out the received
+ * rows expert-major. Collective over the EP group. */
+static void ep_plan_make(const struct model *m, struct forward_workspace *ws, struct ep_plan *p,
+                         const int32_t *offsets)
+{
+    int ep = m->grid.ep, local = m->n_local_experts;
+    int32_t *send_counts = ws->ep_send_counts; /* [ep * local] */
+    size_t *counts = ws->ep_counts, *first = ws->ep_offsets;
+    for (int d = 0; d < ep; d++) {
+        int e0, n;
+        layout_experts_of(m->cfg.num_experts, ep, d, &e0, &n); /* local experts of rank d */
+        for (int e = 0; e < local; e++) send_counts[d * local + e] = offsets[e0 + e + 1] - offsets[e0 + e];
+        p->send_first[d] = (size_t)offsets[e0];
+        p->send_rows[d] = (size_t)(offsets[e0 + local] - offsets[e0]);
+        counts[d] = counts[ep + d] = (size_t)local;
+        first[d] = first[ep + d] = (size_t)d * local;
+    }
+    comm_alltoallv(m->ep_comm, send_counts, counts, first, p->recv_counts, counts + ep, first + ep,
+                   COMM_I32, COMM_HOST);
+    size_t total = 0;
+    for (int s = 0; s < ep; s++) {
+        p->recv_first[s] = total;
+        p->recv_rows[s] = 0;
+        for (int e = 0; e < local; e++) p->recv_rows[s] += (size_t)p->recv_counts[s * local + e];
+        total += p->recv_rows[s];
+    }
+    if (total > expert_row_capacity(m, ws->max_tokens))
+        fatal(EXIT_RUNTIME, "expert parallelism: %zu rows received, more than the workspace "
+              "holds (ranks of an EP group must use the same batch size)", total);
+    p->rows = (int)total;
+    /* expert-major: expert e takes source 0's rows for e, then source 1's, ... */
+    int r = 0;
+    p->local_offsets[0] = 0;
+    for (int e = 0; e < local; e++) {
+        for (int s = 0; s < ep; s++) {
+            size_t at = p->recv_first[s];
+            for (int j = 0; j < e; j++) at += (size_t)p->recv_counts[s * local + j];
+            for (int j = 0; j < p->recv_counts[s * local + e]; j++, r++) {
+                p->expert_major[r] = (int32_t)(at + (size_t)j);
+                p->source_major[at + (size_t)j] = r;
+            }
+        }
+        p->local_offsets[e + 1] = r;
+    }
+}
+
+/* Sends this rank's rows [M, width] (sorted by expert) to the ranks that hold their experts;
+ * out [rows, width] receives the local experts' rows, expert-major. Collective. */
+static void ep_dispatch(const struct model *m, const struct backend *ops, struct forward_workspace *ws,
+                        const struct ep_plan *p, const float *rows, float *out, int width)
+{
+    int ep = m->grid.ep;
+    size_t *sc = ws->ep_counts, *rc = ws->ep_counts + ep, *so = ws->ep_offsets, *ro = ws->ep_offsets + ep;
+    for (int d = 0; d < ep; d++) {
+        sc[d] = p->send_rows[d] * (size_t)width, so[d] = p->send_first[d] * (size_t)width;
+        rc[d] = p->recv_rows[d] * (size_t)width, ro[d] = p->recv_first[d] * (size_t)width;
+    }
+    comm_alltoallv(m->ep_comm, rows, sc, so, ws->ep_rows, rc, ro, COMM_F32, COMM_HOST);
+    ops->gather_rows(out, ws->ep_rows, p->expert_major, p->rows, 1, width);
+}
+
+/* The reverse of ep_dispatch: the local experts' rows [rows, width] (expert-major) go back
+ * to the ranks they came from; out [M, width] receives this rank's rows in its own order. */
+static void ep_return(const struct model *m, const struct backend *ops, struct forward_workspace *ws,
+                      const struct ep_plan *p, const float *rows, float *out, int width)
+{
+    int ep = m->grid.ep;
+    size_t *sc = ws->ep_counts, *rc = ws->ep_counts + ep, *so = ws->ep_offsets, *ro = ws->ep_offsets + ep;
+    ops->gather_rows(ws->ep_rows, rows, p->source_major, p->rows, 1, width);
+    for (int d = 0; d < ep; d++) {
+        sc[d] = p->recv_rows[d] * (size_t)width, so[d] = p->recv_first[d] * (size_t)width;
+        rc[d] = p->send_rows[d] * (size_t)width, ro[d] = p->send_first[d] * (size_t)width;
+    }
+    comm_alltoallv(m->ep_comm, ws->ep_rows, sc, so, out, rc, ro, COMM_F32, COMM_HOST);
+}
+
 /* Routed experts (+ shared expert) of a MoE layer on hn -> ffn. */
 static void moe_block(const struct model *m, const struct backend *ops,
                       struct forward_workspace *ws, struct layer_activations *a, int N, int l)
@@ -728,10 +950,22 @@ static void moe_block(const struct model *m, const struct backend *ops,
                               ws->topk_ids[l], N, E, K);
     ops->permute_by_expert(a->offsets, a->slot_of_row, a->row_of_slot, ws->topk_ids[l], N, K, E);
     ops->gather_rows(ws->xs, a->hn, a->slot_of_row, M, K, H);
-    ops->grouped_linear(a->gate, ws->xs, w->expert_gate, a->offsets, E, H, I);
-    ops->grouped_linear(a->up, ws->xs, w->expert_up, a->offsets, E, H, I);
-    ops->glu(a->act, a->gate, a->up, (size_t)M * I, c->hidden_act);
-    ops->grouped_linear(a->ys, a->act, w->expert_down, a->offsets, E, I, H);
+    /* the local experts' rows: this rank's own (ep = 1) or what the EP group sent */
+    const float *xe = ws->xs;
+    float *ye = a->ys;
+    const int32_t *offsets = a->offsets;
+    int rows = M, local = E;
+    if (a->plan) {
+        ep_plan_make(m, ws, a->plan, a->offsets);
+        ep_dispatch(m, ops, ws, a->plan, ws->xs, a->xe, H);
+        xe = a->xe, ye = a->ye, offsets = a->plan->local_offsets;
+        rows = a->plan->rows, local = m->n_local_experts;
+    }
+    ops->grouped_linear(a->gate, xe, w->expert_gate, offsets, local, H, I);
+    ops->grouped_linear(a->up, xe, w->expert_up, offsets, local, H, I);
+    ops->glu(a->act, a->gate, a->up, (size_t)rows * I, c->hidden_act);
+    ops->grouped_linear(ye, a->act, w->expert_down, offsets, local, I, H);
+    if (a->plan) ep_return(m, ops, ws, a->plan, a->ye, a->ys, H);
     ops->combine(a->ffn, a->ys, ws->topk_weights[l], a->row_of_slot, N, K, H, false);
 
     if (w->shared_gate) {
@@ -745,6 +979,24 @@ static void moe_block(const struct model *m, const struct backend *ops,
             ops->add(a->ffn, a->ffn, a->shared_out, (size_t)N * H);
         }
     }
+}
+
+/* The load-balancing sums up to the end of this stage, in layer order, in double:
+ * the earlier stages' (received; zero on the first stage), then this stage's layers.
+ * [2E]: counts, then prob sums. Freed by the caller. */
+static double *balance_sums(const struct model *m, const struct forward_workspace *ws)
+{
+    int E = m->cfg.num_experts;
+    double *sums = xmalloc(2 * (size_t)(E > 0 ? E : 1) * sizeof *sums);
+    memcpy(sums, ws->balance_before, 2 * (size_t)E * sizeof *sums);
+    for (int l = m->first_layer; l < m->first_layer + m->n_layers; l++) {
+        if (!m->cfg.is_moe[l]) continue;
+        for (int e = 0; e < E; e++) {
+            sums[e] += ws->balance_counts[l][e];
+            sums[E + e] += ws->balance_probs[l][e];
+        }
+    }
+    return sums;
 }
 
 /* The load-balancing loss of the last forward from its per-layer statistics (summed in
@@ -763,16 +1015,13 @@ static double balance_loss(const struct model *m, const struct forward_workspace
         return 0.0;
     }
     double R = (double)moe_layers * ws->balance_tokens, aux = 0.0;
+    double *sums = balance_sums(m, ws);
     for (int e = 0; e < E; e++) {
-        double count = 0.0, prob = 0.0;
-        for (int l = 0; l < c->num_layers; l++) {
-            if (!c->is_moe[l]) continue;
-            count += ws->balance_counts[l][e];
-            prob += ws->balance_probs[l][e];
-        }
+        double count = sums[e], prob = sums[E + e];
         aux += (count / R) * (prob / R);
         if (coef) coef[e] = (float)(scale * (double)E * count / (R * R));
     }
+    free(sums);
     return (double)E * aux;
 }
 
@@ -783,11 +1032,25 @@ void model_forward(const struct model *m, const struct backend *ops, struct forw
     int N = batch->N, H = c->hidden_size, V = c->vocab_size, L = c->num_layers;
     if (N > ws->max_tokens)
         fatal(EXIT_RUNTIME, "forward: batch of %d tokens exceeds the workspace (%d)", N, ws->max_tokens);
-    if (m->grid.pp != 1 || m->grid.ep != 1)
-        fatal(EXIT_RUNTIME, "forward: pipeline or expert parallelism is not supported yet");
+    if (m->grid.ep > 1 && !m->ep_comm)
+        fatal(EXIT_RUNTIME, "forward: expert parallelism without the EP group (model.ep_comm)");
+    if (m->grid.pp > 1 && !m->pp_comm)
+        fatal(EXIT_RUNTIME, "forward: pipeline parallelism without the stage chain (model.pp_comm)");
+    int stage = m->me.pp_rank, first = m->first_layer, end = m->first_layer + m->n_layers;
+    bool last_stage = stage == m->grid.pp - 1;
+    int E = c->num_experts > 0 ? c->num_experts : 1;
+    model_wait_sends(ws); /* this workspace's previous outputs have left */
 
-    ops->embedding(ws->layers[0].x, batch->tokens, m->embedding, N, H);
-    for (int l = 0; l < L; l++) {
+    if (stage == 0) {
+        ops->embedding(ws->layers[first].x, batch->tokens, m->embedding, N, H);
+        memset(ws->balance_before, 0, 2 * (size_t)E * sizeof(double));
+    } else { /* the previous stage's output, and its load-balancing sums */
+        comm_recv(m->pp_comm, ws->layers[first].x, (size_t)N * H, COMM_F32, stage - 1,
+                  TAG_ACTIVATION, COMM_HOST);
+        comm_recv(m->pp_comm, ws->balance_before, 2 * (size_t)E, COMM_F64, stage - 1,
+                  TAG_BALANCE, COMM_HOST);
+    }
+    for (int l = first; l < end; l++) {
         const struct layer_weights *w = &m->layers[l];
         struct layer_activations *a = &ws->layers[l];
         attention_block(m, ops, a, batch, l);
@@ -797,23 +1060,40 @@ void model_forward(const struct model *m, const struct backend *ops, struct forw
         else
             dense_mlp(ops, a->ffn, a->hn, w->mlp_gate, w->mlp_up, w->mlp_down, a->mlp_gate,
                       a->mlp_up, a->mlp_act, N, H, c->intermediate_size, c->hidden_act);
-        float *next = l + 1 < L ? ws->layers[l + 1].x : ws->x_final;
+        float *next = l + 1 < end ? ws->layers[l + 1].x : ws->x_final;
         ops->add(next, a->h, a->ffn, (size_t)N * H); /* x = h + feed-forward */
     }
-    ops->rmsnorm(ws->xn_final, ws->rstd_final, ws->x_final, m->final_norm, N, H,
-                 (float)c->rms_norm_eps);
-    ops->linear(ws->logits, ws->xn_final, m->lm_head, NULL, N, H, V, false);
-
-    result->logits = ws->logits;
+    (void)L;
+    result->logits = last_stage ? ws->logits : NULL;
     result->topk_ids = ws->topk_ids;
     result->topk_weights = ws->topk_weights;
     result->router_logits = ws->router_logits;
     result->loss_sum = 0.0;
     result->loss_count = 0;
+    result->aux_loss = 0.0;
     ws->balance_tokens = N;
+    if (!last_stage) { /* on to the next stage, without waiting for it */
+        double *sums = balance_sums(m, ws);
+        memcpy(ws->balance_before, sums, 2 * (size_t)E * sizeof(double)); /* the sent copy */
+        free(sums);
+        comm_send_start(m->pp_comm, ws->x_final, (size_t)N * H, COMM_F32, stage + 1, TAG_ACTIVATION,
+                        COMM_HOST, &ws->sends[0]);
+        comm_send_start(m->pp_comm, ws->balance_before, 2 * (size_t)E, COMM_F64, stage + 1,
+                        TAG_BALANCE, COMM_HOST, &ws->sends[1]);
+        return;
+    }
+    ops->rmsnorm(ws->xn_final, ws->rstd_final, ws->x_final, m->final_norm, N, H,
+                 (float)c->rms_norm_eps);
+    ops->linear(ws->logits, ws->xn_final, m->lm_head, NULL, N, H, V, false);
     result->aux_loss = balance_loss(m, ws, NULL, 0.0f);
     if (batch->targets)
         result->loss_sum = ops->cross_entropy_sum(ws->logits, batch->targets, N, V, &result->loss_count);
+}
+
+void model_wait_sends(struct forward_workspace *ws)
+{
+    comm_wait(&ws->sends[0]);
+    comm_wait(&ws->sends[1]);
 }
 
 /* ---- backward ----------------------------------------------------------------------- */
@@ -846,16 +1126,31 @@ static void moe_backward(const struct model *m, const struct backend *ops,
 
     ops->combine_backward(ws->dys, ws->dweights, dy, a->ys, ws->topk_weights[l], a->row_of_slot,
                           N, K, H);
-    ops->grouped_linear_backward(ws->dact, g->expert_down, ws->dys, a->act, w->expert_down,
-                                 a->offsets, E, I, H);
-    ops->glu_backward(ws->dgate, ws->dup, ws->dact, a->gate, a->up, (size_t)M * I, c->hidden_act);
-    ops->gather_rows(ws->xs, a->hn, a->slot_of_row, M, K, H); /* the experts' inputs again */
-    ops->grouped_linear_backward(ws->dxs, g->expert_gate, ws->dgate, ws->xs, w->expert_gate,
-                                 a->offsets, E, H, I);
-    ops->grouped_linear_backward(ws->dxs2, g->expert_up, ws->dup, ws->xs, w->expert_up,
-                                 a->offsets, E, H, I);
-    ops->add(ws->dxs, ws->dxs, ws->dxs2, (size_t)M * H);
-    ops->gather_rows_backward(dhn, ws->dxs, a->row_of_slot, N, K, H, false);
+    /* at the experts: the output gradients of their rows (sent over under EP) */
+    const float *dye = ws->dys, *xe = ws->xs;
+    const int32_t *offsets = a->offsets;
+    int rows = M, local = E;
+    if (a->plan) {
+        ep_dispatch(m, ops, ws, a->plan, ws->dys, ws->dye, H);
+        dye = ws->dye, xe = a->xe, offsets = a->plan->local_offsets;
+        rows = a->plan->rows, local = m->n_local_experts;
+    } else {
+        ops->gather_rows(ws->xs, a->hn, a->slot_of_row, M, K, H); /* the experts' inputs again */
+    }
+    ops->grouped_linear_backward(ws->dact, g->expert_down, dye, a->act, w->expert_down, offsets,
+                                 local, I, H);
+    ops->glu_backward(ws->dgate, ws->dup, ws->dact, a->gate, a->up, (size_t)rows * I, c->hidden_act);
+    ops->grouped_linear_backward(ws->dxs, g->expert_gate, ws->dgate, xe, w->expert_gate, offsets,
+                                 local, H, I);
+    ops->grouped_linear_backward(ws->dxs2, g->expert_up, ws->dup, xe, w->expert_up, offsets,
+                                 local, H, I);
+    ops->add(ws->dxs, ws->dxs, ws->dxs2, (size_t)rows * H);
+    const float *dxs = ws->dxs;
+    if (a->plan) { /* back to the ranks the rows came from (dys is free again) */
+        ep_return(m, ops, ws, a->plan, ws->dxs, ws->dys, H);
+        dxs = ws->dys;
+    }
+    ops->gather_rows_backward(dhn, dxs, a->row_of_slot, N, K, H, false);
     /* the routing weights' gradient reaches the router input even when the router is
      * frozen (g->router NULL: no weight gradient, the input gradient still flows) */
     ops->router_topk_backward(ws->drouter, ws->dweights, a->probs, ws->topk_ids[l], N, E, K,
@@ -890,18 +1185,28 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
     int nH = c->num_heads, nKV = c->num_kv_heads, q_width = nH * Dh, kv_width = nKV * Dh;
 
     bool balance = aux_scale != 0.0f;
-    if (balance) balance_loss(m, ws, ws->balance_coef, aux_scale);
+    int stage = m->me.pp_rank, first = m->first_layer, end = m->first_layer + m->n_layers;
+    int E = c->num_experts > 0 ? c->num_experts : 1;
+    model_wait_sends(ws); /* the previous gradient sent from this workspace has left */
 
-    /* loss -> logits (in place) -> final norm */
-    ops->cross_entropy_backward(ws->logits, ws->logits, batch->targets, N, V, loss_scale);
-    float *lm_head_grad = c->tie_word_embeddings ? m->embedding_grad : m->lm_head_grad;
-    ops->linear_backward(ws->dxn, lm_head_grad, NULL, ws->logits, ws->xn_final, m->lm_head, N, H,
-                         V, false);
-    ops->rmsnorm_backward(ws->dx, m->final_norm_grad, ws->dxn, ws->x_final, m->final_norm,
-                          ws->rstd_final, N, H, false);
+    if (stage == m->grid.pp - 1) {
+        if (balance) balance_loss(m, ws, ws->balance_coef, aux_scale);
+        /* loss -> logits (in place) -> final norm */
+        ops->cross_entropy_backward(ws->logits, ws->logits, batch->targets, N, V, loss_scale);
+        float *lm_head_grad = c->tie_word_embeddings ? m->embedding_grad : m->lm_head_grad;
+        ops->linear_backward(ws->dxn, lm_head_grad, NULL, ws->logits, ws->xn_final, m->lm_head, N,
+                             H, V, false);
+        ops->rmsnorm_backward(ws->dx, m->final_norm_grad, ws->dxn, ws->x_final, m->final_norm,
+                              ws->rstd_final, N, H, false);
+    } else { /* the gradient of this stage's output, and d aux / d probs, from the next */
+        comm_recv(m->pp_comm, ws->dx, (size_t)N * H, COMM_F32, stage + 1, TAG_GRADIENT, COMM_HOST);
+        if (balance)
+            comm_recv(m->pp_comm, ws->balance_coef, (size_t)E, COMM_F32, stage + 1, TAG_BALANCE_GRADIENT,
+                      COMM_HOST);
+    }
 
     struct attention_mask mask = {.sample_start = batch->sample_start};
-    for (int l = c->num_layers - 1; l >= 0; l--) {
+    for (int l = end - 1; l >= first; l--) {
         const struct layer_weights *w = &m->layers[l];
         const struct layer_grads *g = &m->grads[l];
         const struct layer_activations *a = &ws->layers[l];
@@ -949,5 +1254,13 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
         ops->rmsnorm_backward(ws->dx, g->input_norm, ws->dxn, a->x, w->input_norm, a->rstd_in, N,
                               H, true);
     }
-    if (m->embedding_grad) ops->embedding_backward(m->embedding_grad, ws->dx, batch->tokens, N, H);
+    if (stage > 0) { /* the gradient of this stage's input goes back */
+        comm_send_start(m->pp_comm, ws->dx, (size_t)N * H, COMM_F32, stage - 1, TAG_GRADIENT,
+                        COMM_HOST, &ws->sends[0]);
+        if (balance)
+            comm_send_start(m->pp_comm, ws->balance_coef, (size_t)E, COMM_F32, stage - 1,
+                            TAG_BALANCE_GRADIENT, COMM_HOST, &ws->sends[1]);
+    } else if (m->embedding_grad) {
+        ops->embedding_backward(m->embedding_grad, ws->dx, batch->tokens, N, H);
+    }
 }

@@ -84,6 +84,7 @@ struct model {
     struct layout_grid grid;
     struct layout_coords me;
     int first_layer, n_layers; /* the decoder layers of this rank's stage */
+    int *stage_first;          /* [pp + 1]: stage s holds layers [stage_first[s], stage_first[s+1]) */
     int first_expert, n_local_experts;
     int n_params;
     struct param *params;
@@ -97,7 +98,28 @@ struct model {
     float *embedding_grad, *final_norm_grad, *lm_head_grad;
     float *grad_storage;                     /* every gradient of this rank, one allocation */
     size_t grad_floats;
+    /* the EP group (grid.ep > 1): the ranks that hold the other experts and exchange
+     * tokens with this one. Set by the caller after model_create. */
+    const struct comm *ep_comm;
+    /* the chain of pipeline stages of this rank's data (grid.pp > 1), indexed by stage */
+    const struct comm *pp_comm;
 };
+
+/* The forward cost of decoder layer l per token (multiply-adds of its projections and
+ * active experts; attention scores, the same in every layer, left out), and of the
+ * final norm + lm_head that the last stage adds. */
+double model_layer_cost(const struct model_config *cfg, int layer);
+double model_head_cost(const struct model_config *cfg);
+
+/* The layer split over pp stages: grid->stage_layers when set (the deck's
+ * parallel.stage_layers), else contiguous blocks that minimise the largest stage's cost
+ * (the last stage counting the lm_head). first[pp + 1]. The one placement of layers,
+ * used by model_create and everything that asks which stage holds a layer. */
+void model_split_layers(const struct model_config *cfg, const struct layout_grid *grid, int *first);
+
+/* Logs (rank 0) the layers of each pipeline stage, "pipeline stages: layers 0-11,
+ * 12-23", when pp > 1. */
+void model_log_stages(const struct model *m, const char *phase);
 
 /* Builds the parameter table for cfg under grid (no weights) and, for the rank at
  * coords, allocates the storage of what it holds. Every entry starts frozen. */
@@ -155,7 +177,15 @@ struct forward_workspace *forward_workspace_new_training(const struct model *mod
                                                         int max_tokens);
 void forward_workspace_free(struct forward_workspace *ws);
 
-/* The whole forward pass on one rank holding every layer and expert (pp = ep = 1).
+/* The forward pass of this rank's stage. Under pipeline parallelism (grid.pp > 1) a stage
+ * after the first receives its input from the previous stage, and a stage before the
+ * last sends its output on (returning before it has left: model_wait_sends); only the
+ * last stage has logits and the losses (result->logits NULL elsewhere), and topk_ids
+ * etc. hold this stage's layers only. Every stage passes the same batch (tokens,
+ * positions, masks; targets are read on the last). Under expert parallelism (grid.ep > 1) each rank of the EP
+ * group passes its own batch: a MoE layer sends each token-slot's row to the rank that
+ * holds its expert and takes the results back (collective over model->ep_comm, so every
+ * rank of the group calls it the same number of times, with N = 0 if it has no tokens).
  * result's arrays live in ws and are overwritten by the next call. */
 void model_forward(const struct model *model, const struct backend *ops,
                    struct forward_workspace *ws, const struct batch *batch,
@@ -168,6 +198,12 @@ void model_forward(const struct model *model, const struct backend *ops,
  * the trainable tensors to their buffers; input gradients flow through frozen tensors
  * (the load-balancing loss's too: it reaches the router's input and everything below).
  * Overwrites the logits. */
+/* Waits until the activations or gradients that the last model_forward / model_backward
+ * on ws sent to a neighbouring stage have left (pp > 1; otherwise nothing to wait for).
+ * A later call on the same ws waits by itself; call this before freeing or at the end of
+ * a step. */
+void model_wait_sends(struct forward_workspace *ws);
+
 void model_backward(const struct model *model, const struct backend *ops,
                     struct forward_workspace *ws, const struct batch *batch, float loss_scale,
                     float aux_scale);

@@ -75,6 +75,7 @@ static void accumulate(const struct model_config *cfg, const int32_t *moe_layers
         int l = moe_layers[m];
         const int32_t *ids = r->topk_ids[l];
         const float *weights = r->topk_weights[l];
+        if (!ids) continue; /* a layer of another pipeline stage */
         for (int n = 0; n < N; n++) {
             if (counted && !counted[n]) continue;
             tokens[m]++;
@@ -93,9 +94,6 @@ static void accumulate(const struct model_config *cfg, const int32_t *moe_layers
 int phase_score(const struct deck *deck, const struct layout *layout)
 {
     const struct layout_grid *grid = &layout->grid;
-    if (grid->pp != 1 || grid->ep != 1)
-        fatal_all(EXIT_INPUT, "score: parallel.pp and parallel.ep must be 1 in this version "
-                  "(expert and pipeline parallelism come later); use data parallelism only");
     char err[4096];
     struct model_config cfg;
     int rc = hfconfig_load(deck->model.path, &cfg, err, sizeof err);
@@ -109,7 +107,18 @@ int phase_score(const struct deck *deck, const struct layout *layout)
                   "the model's vocabulary has %d entries", deck->data.path, ds.vocab_size - 1,
                   ds.tokenizer, cfg.vocab_size);
 
-    int E = cfg.num_experts, K = cfg.top_k, dp = grid->dp, rank = layout->me.dp_rank;
+    if (grid->pp > 1 && cfg.tie_word_embeddings)
+        fatal_all(EXIT_INPUT, "score: %s ties lm_head to the embedding (tie_word_embeddings); "
+                  "pipeline parallelism (parallel.pp %d) does not support tied embeddings yet",
+                  deck->model.path, grid->pp);
+    /* Every data rank (the dp * ep ranks of a stage) scores its own samples; the stages of
+     * one pipeline chain pass the same samples through their layers. Under EP the ranks
+     * of a group run the same number of forwards (the experts are exchanged in each), a
+     * rank out of samples passing empty batches. */
+    int E = cfg.num_experts, K = cfg.top_k, dp = grid->dp * grid->ep;
+    int rank = layout->me.dp_rank * grid->ep + layout->me.ep_rank;
+    MPI_Comm data_comm = layout->stage.mpi; /* this stage's data ranks, in data-rank order */
+    bool writer = layout->me.pp_rank == 0;  /* stage 0's ranks gather and write */
     int Lm = 0;
     int32_t moe_layers[HFCONFIG_MAX_LAYERS];
     for (int l = 0; l < cfg.num_layers; l++)
@@ -132,6 +141,9 @@ int phase_score(const struct deck *deck, const struct layout *layout)
         my_tokens += draw.tokens[i];
         if (draw.tokens[i] > longest) longest = draw.tokens[i];
     }
+    uint64_t longest_here = longest; /* the workspace must hold the EP group's longest */
+    check_mpi(MPI_Allreduce(&longest_here, &longest, 1, MPI_UINT64_T, MPI_MAX, MPI_COMM_WORLD));
+    uint64_t rounds = grid->ep > 1 ? (draw.n + (uint64_t)dp - 1) / (uint64_t)dp : mine;
     log_info("score: %" PRIu64 " samples, %" PRIu64 " tokens drawn (seed %lld) from %s; %d "
              "rank%s; %s tokens counted", draw.n, draw.total_tokens, deck->run.seed,
              deck->data.path, dp, dp == 1 ? "" : "s",
@@ -139,6 +151,9 @@ int phase_score(const struct deck *deck, const struct layout *layout)
 
     struct model model;
     model_create(&model, &cfg, grid, layout->me);
+    model.ep_comm = &layout->ep;
+    model.pp_comm = &layout->pp;
+    model_log_stages(&model, "score");
     rc = model_load(&model, deck->model.path, err, sizeof err);
     int failed = rc != 0, any_failed = 0;
     check_mpi(MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
@@ -162,7 +177,13 @@ int phase_score(const struct deck *deck, const struct layout *layout)
     const struct backend *ops = backend_cpu();
     double start = wall_time(), last_report = start;
     uint64_t done_tokens = 0;
-    for (uint64_t j = 0; j < mine; j++) {
+    for (uint64_t j = 0; j < rounds; j++) {
+        if (j >= mine) { /* out of samples: an empty batch for the EP group's exchanges */
+            struct batch none = {.N = 0, .tokens = tokens, .positions = positions, .sample_start = starts};
+            struct forward_result ignored;
+            model_forward(&model, ops, ws, &none, &ignored);
+            continue;
+        }
         uint64_t i = (uint64_t)rank + j * (uint64_t)dp;
         int N = (int)draw.tokens[i];
         if (dataset_read_sample(&ds, draw.index[i], tokens_u32, mask, err, sizeof err) != 0)
@@ -186,7 +207,17 @@ int phase_score(const struct deck *deck, const struct layout *layout)
             last_report = now;
         }
     }
+    model_wait_sends(ws);
     double seconds = wall_time() - start;
+    if (grid->pp > 1) { /* each stage counted its own layers: one whole row per sample */
+        MPI_Comm chain = layout->pp.mpi;
+        check_mpi(MPI_Allreduce(MPI_IN_PLACE, my_count, (int)((mine ? mine : 1) * LE), MPI_UINT32_T, MPI_SUM, chain));
+        check_mpi(MPI_Allreduce(MPI_IN_PLACE, my_gate, (int)((mine ? mine : 1) * LE), MPI_DOUBLE, MPI_SUM, chain));
+        check_mpi(MPI_Allreduce(MPI_IN_PLACE, my_sample_tokens, (int)(mine ? mine : 1), MPI_UINT64_T, MPI_SUM, chain));
+        check_mpi(MPI_Allreduce(MPI_IN_PLACE, layer_tokens, Lm, MPI_UINT64_T, MPI_SUM, chain));
+        if (coact) check_mpi(MPI_Allreduce(MPI_IN_PLACE, coact, (int)(LE * E), MPI_UINT64_T, MPI_SUM, chain));
+        if (!writer) done_tokens = 0; /* counted once, on stage 0 */
+    }
 
     /* Rank rows, then per-sample values gathered on rank 0 in drawn order. */
     uint64_t *rank_count = xcalloc(LE, sizeof *rank_count);
@@ -196,7 +227,7 @@ int phase_score(const struct deck *deck, const struct layout *layout)
             rank_count[x] += my_count[j * LE + x];
             rank_gate[x] += my_gate[j * LE + x];
         }
-    if (coact) check_mpi(MPI_Allreduce(MPI_IN_PLACE, coact, (int)(LE * E), MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD));
+    if (coact && writer) check_mpi(MPI_Allreduce(MPI_IN_PLACE, coact, (int)(LE * E), MPI_UINT64_T, MPI_SUM, data_comm));
 
     struct routing_stats all;
     memset(&all, 0, sizeof all);
@@ -223,10 +254,12 @@ int phase_score(const struct deck *deck, const struct layout *layout)
     check_mpi(MPI_Type_contiguous((int)LE, MPI_DOUBLE, &row_f64));
     check_mpi(MPI_Type_commit(&row_u32));
     check_mpi(MPI_Type_commit(&row_f64));
-    check_mpi(MPI_Gatherv(my_count, (int)mine, row_u32, gathered_count, counts, displs, row_u32, 0, MPI_COMM_WORLD));
-    check_mpi(MPI_Gatherv(my_gate, (int)mine, row_f64, gathered_gate, counts, displs, row_f64, 0, MPI_COMM_WORLD));
-    check_mpi(MPI_Gatherv(my_sample_tokens, (int)mine, MPI_UINT64_T, gathered_tokens, counts, displs,
-                          MPI_UINT64_T, 0, MPI_COMM_WORLD));
+    if (writer) {
+        check_mpi(MPI_Gatherv(my_count, (int)mine, row_u32, gathered_count, counts, displs, row_u32, 0, data_comm));
+        check_mpi(MPI_Gatherv(my_gate, (int)mine, row_f64, gathered_gate, counts, displs, row_f64, 0, data_comm));
+        check_mpi(MPI_Gatherv(my_sample_tokens, (int)mine, MPI_UINT64_T, gathered_tokens, counts,
+                              displs, MPI_UINT64_T, 0, data_comm));
+    }
     MPI_Type_free(&row_u32);
     MPI_Type_free(&row_f64);
 
@@ -289,8 +322,10 @@ int phase_score(const struct deck *deck, const struct layout *layout)
     if (layout->world_rank == 0 && make_directories(deck->run.output_dir) != 0)
         fatal(EXIT_RUNTIME, "score: cannot create %s", deck->run.output_dir);
     check_mpi(MPI_Barrier(MPI_COMM_WORLD));
-    rc = stats_write(path, MPI_COMM_WORLD, &all, &part, err, sizeof err);
-    if (rc != 0) fatal_all(EXIT_RUNTIME, "score: %s", err);
+    rc = writer ? stats_write(path, data_comm, &all, &part, err, sizeof err) : 0;
+    int any_failed_write = 0;
+    check_mpi(MPI_Allreduce(&rc, &any_failed_write, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+    if (any_failed_write != 0) fatal_all(EXIT_RUNTIME, "score: %s", rc != 0 ? err : "writing the statistics failed");
 
     uint64_t total_tokens = 0;
     check_mpi(MPI_Allreduce(&done_tokens, &total_tokens, 1, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD));

@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "backend.h"
 #include "checkpoint.h"
@@ -157,6 +158,54 @@ static void append_block(struct token_batch *b, const struct dataset *ds,
     }
 }
 
+/* ---- gradients ------------------------------------------------------------------------ */
+
+/* Sums the trainable gradients over the ranks that saw other data (DESIGN.md, "Process
+ * layout"): tensors every rank of a stage holds (non-expert, shared experts) over the
+ * stage group, routed experts over edp (the dp replicas of this EP rank). scratch holds
+ * grad_floats floats. Returns the global gradient norm, each tensor counted once. */
+static double reduce_gradients(struct model *m, const struct layout *layout, float *scratch)
+{
+    size_t n_replicated = 0, n_expert = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        const struct param *p = &m->params[i];
+        if (!p->grad) continue;
+        if (p->ep_rank < 0) n_replicated += p->numel;
+        else n_expert += p->numel;
+    }
+    float *replicated = scratch, *expert = scratch + n_replicated;
+    for (int pass = 0; pass < 2; pass++) { /* pack, then unpack */
+        size_t a = 0, b = 0;
+        for (int i = 0; i < m->n_params; i++) {
+            struct param *p = &m->params[i];
+            if (!p->grad) continue;
+            float *at = p->ep_rank < 0 ? replicated + a : expert + b;
+            if (pass == 0) memcpy(at, p->grad, p->numel * sizeof(float));
+            else memcpy(p->grad, at, p->numel * sizeof(float));
+            *(p->ep_rank < 0 ? &a : &b) += p->numel;
+        }
+        if (pass == 1) break;
+        if (layout->stage.size > 1 && n_replicated > 0)
+            comm_allreduce(&layout->stage, replicated, n_replicated, COMM_F32, COMM_SUM, COMM_HOST);
+        if (layout->edp.size > 1 && n_expert > 0)
+            comm_allreduce(&layout->edp, expert, n_expert, COMM_F32, COMM_SUM, COMM_HOST);
+    }
+    double squares[2] = {0, 0};
+    for (size_t j = 0; j < n_replicated; j++) squares[0] += (double)replicated[j] * replicated[j];
+    for (size_t j = 0; j < n_expert; j++) squares[1] += (double)expert[j] * expert[j];
+    /* one copy of each: stage rank 0's replicated tensors, dp rank 0's experts */
+    double mine = (layout->stage.rank == 0 ? squares[0] : 0.0) + (layout->me.dp_rank == 0 ? squares[1] : 0.0);
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &mine, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+    return sqrt(mine);
+}
+
+/* Peak resident memory of this process in MiB (Linux: ru_maxrss is in KiB). */
+static double peak_rss_mib(void)
+{
+    struct rusage usage;
+    return getrusage(RUSAGE_SELF, &usage) == 0 ? usage.ru_maxrss / 1024.0 : 0.0;
+}
+
 /* ---- the phase ----------------------------------------------------------------------- */
 
 struct curve {
@@ -183,10 +232,14 @@ static double evaluate(const struct model *m, struct forward_workspace *ws,
                        struct token_batch *b, int rank, int dp)
 {
     double sums[2] = {0, 0};
-    for (int j = rank; j < val->n_blocks; j += dp) {
+    /* every rank runs the same number of forwards (under EP they exchange tokens), a
+     * rank without a block an empty one */
+    for (int round = 0; round * dp < val->n_blocks; round++) {
+        int j = round * dp + rank;
         b->N = 0;
         b->targets_counted = 0;
-        append_block(b, ds, val, j, seq_len);
+        if (j < val->n_blocks) append_block(b, ds, val, j, seq_len);
+        else if (m->grid.ep == 1 && m->grid.pp == 1) continue;
         struct batch batch = {.N = b->N, .tokens = b->tokens, .positions = b->positions,
                               .sample_start = b->sample_start, .targets = b->targets};
         struct forward_result r;
@@ -194,6 +247,8 @@ static double evaluate(const struct model *m, struct forward_workspace *ws,
         sums[0] += r.loss_sum;
         sums[1] += (double)r.loss_count;
     }
+    model_wait_sends(ws);
+    /* the losses come from the last stage only */
     check_mpi(MPI_Allreduce(MPI_IN_PLACE, sums, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
     return sums[1] > 0 ? sums[0] / sums[1] : NAN;
 }
@@ -202,16 +257,15 @@ int phase_train(const struct deck *deck, const struct layout *layout)
 {
     const struct deck_train *tr = &deck->train;
     const struct layout_grid *grid = &layout->grid;
-    int rank = layout->me.dp_rank, dp = grid->dp, seq_len = deck->data.seq_len;
+    /* every rank of a stage (dp x ep of them) takes its own share of the data */
+    int rank = layout->me.dp_rank * grid->ep + layout->me.ep_rank, dp = grid->dp * grid->ep;
+    int seq_len = deck->data.seq_len;
     char err[4096], where[4200];
-    if (grid->pp != 1 || grid->ep != 1)
-        fatal_all(EXIT_INPUT, "train: parallel.pp and parallel.ep must be 1 in this version "
-                  "(expert and pipeline parallelism come later)");
     if (tr->global_batch % (tr->micro_batch * dp) != 0) {
         deck_where(deck, "train.global_batch", where, sizeof where);
         fatal_all(EXIT_INPUT, "%s: train.global_batch (%d) is not divisible by train.micro_batch "
-                  "x dp (%d x %d = %d)", where, tr->global_batch, tr->micro_batch, dp,
-                  tr->micro_batch * dp);
+                  "x dp x ep (%d x %d x %d = %d)", where, tr->global_batch, tr->micro_batch,
+                  grid->dp, grid->ep, tr->micro_batch * dp);
     }
 
     struct model_config cfg;
@@ -223,6 +277,10 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     if (ds.vocab_size > (uint64_t)cfg.vocab_size)
         fatal_all(EXIT_INPUT, "train: %s holds token ids up to %" PRIu64 " but the model's "
                   "vocabulary has %d entries", deck->data.path, ds.vocab_size - 1, cfg.vocab_size);
+    if (grid->pp > 1 && cfg.tie_word_embeddings)
+        fatal_all(EXIT_INPUT, "train: %s ties lm_head to the embedding (tie_word_embeddings); "
+                  "pipeline parallelism (parallel.pp %d) does not support tied embeddings yet",
+                  deck->model.path, grid->pp);
     struct expert_config ec = {0};
     if (tr->method == METHOD_ESFT &&
         expert_config_read(tr->expert_config, &cfg, &ec, err, sizeof err) != 0)
@@ -243,6 +301,9 @@ int phase_train(const struct deck *deck, const struct layout *layout)
 
     struct model model;
     model_create(&model, &cfg, grid, layout->me);
+    model.ep_comm = &layout->ep;
+    model.pp_comm = &layout->pp;
+    model_log_stages(&model, "train");
     int failed = model_load(&model, deck->model.path, err, sizeof err) != 0, any = 0;
     check_mpi(MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
     if (any) fatal_all(EXIT_INPUT, "train: %s", failed ? err : "loading the model failed");
@@ -257,8 +318,21 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         n_total += model.params[i].numel;
         if (trainable[i]) n_trainable += model.params[i].numel, n_tensors++;
     }
+    /* what this rank holds: the routed experts' share falls as 1/ep */
+    double held[2] = {0, 0}; /* MiB: all weights, routed experts */
+    for (int i = 0; i < model.n_params; i++)
+        if (model.params[i].data) {
+            double mib = (double)model.params[i].numel * sizeof(float) / 1048576.0;
+            held[0] += mib;
+            if (model.params[i].kind == PARAM_EXPERT) held[1] += mib;
+        }
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, held, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
+    log_info("train: weights per rank %.2f MiB (fp32), of which routed experts %.2f MiB", held[0],
+             held[1]);
+    metrics_write("memory", "\"weights_mib\": %.3f, \"expert_weights_mib\": %.3f", held[0], held[1]);
     struct adamw opt;
     adamw_init(&opt, &model, tr);
+    float *grad_scratch = xmalloc((model.grad_floats ? model.grad_floats : 1) * sizeof(float));
     const char *method = tr->method == METHOD_ESFT ? "esft" : tr->method == METHOD_FULL ? "full"
                                                                                         : "frozen_router";
     log_info("train: %s, %d trainable tensors, %.3fM of %.3fM parameters (%.2f%%); %" PRIu64
@@ -309,7 +383,11 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     for (int i = 0; i < micro_batches; i++) token_batch_init(&micro[i], capacity);
     struct token_batch eval_batch;
     token_batch_init(&eval_batch, seq_len);
-    struct forward_workspace *ws = forward_workspace_new_training(&model, capacity);
+    /* one training workspace per micro-batch a stage holds at once under 1F1B */
+    int n_ws = grid->pp - layout->me.pp_rank;
+    if (n_ws > micro_batches) n_ws = micro_batches > 0 ? micro_batches : 1;
+    struct forward_workspace *ws[n_ws];
+    for (int k = 0; k < n_ws; k++) ws[k] = forward_workspace_new_training(&model, capacity);
     struct forward_workspace *eval_ws = forward_workspace_new(&model, seq_len);
     const struct backend *ops = backend_cpu();
     struct curve losses = {0}, eval_losses = {0};
@@ -342,31 +420,45 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         }
         double counts[2] = {0, 0}; /* loss-bearing targets, tokens */
         for (int i = 0; i < micro_batches; i++) counts[0] += (double)micro[i].targets_counted, counts[1] += micro[i].N;
-        check_mpi(MPI_Allreduce(MPI_IN_PLACE, counts, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+        /* over the data ranks of the stage: every stage of a chain holds the same data */
+        check_mpi(MPI_Allreduce(MPI_IN_PLACE, counts, 2, MPI_DOUBLE, MPI_SUM, layout->stage.mpi));
         float scale = counts[0] > 0 ? (float)(1.0 / counts[0]) : 0.0f;
 
         /* d loss / d aux of one micro-batch: the coefficient over the step's micro-batches */
         int step_micro_batches = tr->global_batch / tr->micro_batch;
         float aux_scale = (float)(tr->aux_loss_coef / step_micro_batches);
         model_zero_grads(&model);
-        double sums[2] = {0, 0}; /* cross-entropy, aux losses */
-        for (int i = 0; i < micro_batches; i++) {
-            struct batch batch = {.N = micro[i].N, .tokens = micro[i].tokens,
-                                  .positions = micro[i].positions, .sample_start = micro[i].sample_start,
-                                  .targets = micro[i].targets};
-            if (batch.N == 0) continue;
-            struct forward_result r;
-            model_forward(&model, ops, ws, &batch, &r);
-            sums[0] += r.loss_sum;
-            sums[1] += r.aux_loss;
-            model_backward(&model, ops, ws, &batch, scale, aux_scale);
+        double sums[2] = {0, 0}; /* cross-entropy, aux losses (last stage) */
+        /* One forward-one backward (1F1B): stage s runs pp - 1 - s forwards ahead, then
+         * alternates a forward with the backward of its oldest micro-batch, then drains;
+         * micro-batch i lives in workspace i mod (pp - s). With pp = 1: forward, backward,
+         * forward, backward, ... */
+        int warmup = grid->pp - 1 - layout->me.pp_rank;
+        if (warmup > micro_batches) warmup = micro_batches;
+        for (int k = 0; k < micro_batches + warmup; k++) {
+            for (int pass = 0; pass < 2; pass++) {
+                int i = pass == 0 ? k : k - warmup; /* forward micro-batch k, backward k - warmup */
+                if (i < 0 || i >= micro_batches) continue;
+                struct batch batch = {.N = micro[i].N, .tokens = micro[i].tokens,
+                                      .positions = micro[i].positions,
+                                      .sample_start = micro[i].sample_start, .targets = micro[i].targets};
+                /* an empty micro-batch still exchanges under EP and PP */
+                if (batch.N == 0 && grid->ep == 1 && grid->pp == 1) continue;
+                struct forward_workspace *w = ws[i % n_ws];
+                if (pass == 0) {
+                    struct forward_result r;
+                    model_forward(&model, ops, w, &batch, &r);
+                    sums[0] += r.loss_sum;
+                    sums[1] += r.aux_loss;
+                } else {
+                    model_backward(&model, ops, w, &batch, scale, aux_scale);
+                }
+            }
         }
+        for (int k = 0; k < n_ws; k++) model_wait_sends(ws[k]);
         check_mpi(MPI_Allreduce(MPI_IN_PLACE, sums, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
         double aux = sums[1] / step_micro_batches;
-        if (dp > 1 && model.grad_floats > 0)
-            comm_allreduce(&layout->world, model.grad_storage, model.grad_floats, COMM_F32, COMM_SUM,
-                           COMM_HOST);
-        double norm = grad_norm(&model);
+        double norm = reduce_gradients(&model, layout, grad_scratch);
         if (tr->clip_grad > 0 && norm > tr->clip_grad)
             grad_scale(&model, (float)(tr->clip_grad / (norm + 1e-6)));
         double lr = lr_at(tr, position.step);
@@ -374,6 +466,8 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         position.step++;
 
         double loss = counts[0] > 0 ? sums[0] / counts[0] : NAN;
+        double peak_mib = peak_rss_mib(); /* the largest over the ranks */
+        check_mpi(MPI_Allreduce(MPI_IN_PLACE, &peak_mib, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
         tokens_done += counts[1];
         curve_add(&losses, position.step, loss);
         double elapsed = wall_time() - start;
@@ -381,12 +475,12 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         double eta = elapsed / (double)(position.step - first_step) * (double)(tr->steps - position.step);
         if (position.step % tr->log_every == 0 || position.step == tr->steps)
             log_info("train: step %lld/%d  loss %.6f  aux %.4f  lr %.3g  grad norm %.4g  "
-                     "%.0f tokens/s  %.0f s left", position.step, tr->steps, loss, aux, lr, norm,
-                     rate, eta);
+                     "%.0f tokens/s  %.0f MiB peak  %.0f s left", position.step, tr->steps, loss,
+                     aux, lr, norm, rate, peak_mib, eta);
         metrics_write("step", "\"step\": %lld, \"loss\": %.17g, \"aux_loss\": %.17g, "
                       "\"aux_loss_coef\": %.6g, \"lr\": %.6g, \"grad_norm\": %.6g, "
-                      "\"tokens\": %.0f, \"tokens_per_second\": %.1f", position.step, loss, aux,
-                      tr->aux_loss_coef, lr, norm, counts[1], rate);
+                      "\"tokens\": %.0f, \"tokens_per_second\": %.1f, \"peak_rss_mib\": %.1f",
+                      position.step, loss, aux, tr->aux_loss_coef, lr, norm, counts[1], rate, peak_mib);
 
         bool last = position.step == tr->steps;
         if (val.n_blocks > 0 && (position.step % tr->eval_every == 0 || last)) {
@@ -412,22 +506,24 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         }
     }
 
-    /* the trained tensors, and the curve */
-    if (layout->world_rank == 0) {
-        char dir[4200];
-        snprintf(dir, sizeof dir, "%s/adapter", deck->run.output_dir);
-        if (export_adapter(dir, &model, tr->method == METHOD_ESFT ? tr->expert_config : NULL, err,
-                           sizeof err) != 0)
+    /* the trained tensors (every rank takes part: rank 0 writes what the holders send),
+     * and the curve */
+    char dir[4200];
+    snprintf(dir, sizeof dir, "%s/adapter", deck->run.output_dir);
+    if (export_adapter(dir, &model, tr->method == METHOD_ESFT ? tr->expert_config : NULL,
+                       MPI_COMM_WORLD, err, sizeof err) != 0)
+        status = EXIT_RUNTIME;
+    else
+        log_info("train: trained tensors -> %s/adapter.safetensors", dir);
+    if (status == 0 && tr->export_merged) {
+        snprintf(dir, sizeof dir, "%s/merged", deck->run.output_dir);
+        if (export_merged(dir, &model, deck->model.path, (size_t)5 << 30, MPI_COMM_WORLD, err,
+                          sizeof err) != 0)
             status = EXIT_RUNTIME;
         else
-            log_info("train: trained tensors -> %s/adapter.safetensors", dir);
-        if (status == 0 && tr->export_merged) {
-            snprintf(dir, sizeof dir, "%s/merged", deck->run.output_dir);
-            if (export_merged(dir, &model, deck->model.path, (size_t)5 << 30, err, sizeof err) != 0)
-                status = EXIT_RUNTIME;
-            else
-                log_info("train: merged checkpoint -> %s", dir);
-        }
+            log_info("train: merged checkpoint -> %s", dir);
+    }
+    if (layout->world_rank == 0) {
         snprintf(dir, sizeof dir, "%s/loss.svg", deck->run.output_dir);
         if (status == 0 && losses.n > 0 &&
             plot_loss_curve(dir, deck->run.name, losses.step, losses.loss, losses.n, eval_losses.step,
@@ -443,11 +539,12 @@ done:
     signal(SIGTERM, SIG_DFL);
     for (int i = 0; i < micro_batches; i++) token_batch_free(&micro[i]);
     token_batch_free(&eval_batch);
-    forward_workspace_free(ws);
+    for (int k = 0; k < n_ws; k++) forward_workspace_free(ws[k]);
     forward_workspace_free(eval_ws);
     free(losses.step), free(losses.loss), free(eval_losses.step), free(eval_losses.loss);
     free(deck_text);
     adamw_free(&opt);
+    free(grad_scratch);
     free(trainable);
     model_free(&model);
     expert_config_free(&ec);

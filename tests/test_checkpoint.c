@@ -1,8 +1,9 @@
 /* test_checkpoint: training checkpoints, the exports and the loss curve (src/checkpoint.c).
- * An MPI program: run it under any rank count (run-tests uses 1 and 2).
- *   - a tiny qwen3_moe model built in memory with a hand-chosen trainable set (experts 1
- *     of layer 0 and 2 of layer 1, and the final norm): write -> scramble -> read gives
- *     back every trainable tensor, m, v, the AdamW step and the position bit for bit;
+ * An MPI program: run it under any rank count (run-tests uses 1, 2 and 4).
+ *   - a tiny qwen3_moe model built in memory, every tensor on every rank (data
+ *     parallelism), with a hand-chosen trainable set (experts 1 of layer 0 and 2 of
+ *     layer 1, and the final norm): write -> scramble -> read gives back every trainable
+ *     tensor, m, v, the AdamW step and the position bit for bit;
  *     the same state writes the same bytes; frozen tensors are not touched;
  *   - keep = 2 over 4 writes leaves the newest 2; stray temporary files and look-alike
  *     names are not checkpoints, and a write removes the strays;
@@ -10,7 +11,16 @@
  *     a wrong shape, another version, truncated and foreign files): a message naming
  *     the file (and the tensor), the model left as it was;
  *   - export_adapter (bf16, f16, f32), export_merged (one file and shards, tokenizer
- *     files, refusals), plot_loss_curve (n = 1, constant losses, no data).
+ *     files, refusals), plot_loss_curve (n = 1, constant losses, no data);
+ *   - layouts: under every (pp, dp, ep) of the world (on 2 ranks (1,2,1), (1,1,2),
+ *     (2,1,1)), with tensors spread over every stage and EP rank trainable, and with all
+ *     trainable: a checkpoint written under each layout (and by rank 0 alone, a 1-rank
+ *     model over MPI_COMM_SELF) is the same bytes, and reads back under every layout and
+ *     under 1 rank with every held weight, m and v bit for bit and frozen tensors
+ *     untouched; the adapter and merged exports under each layout hold every tensor
+ *     with its value; errors of one rank (its optimizer state, a model made for another
+ *     communicator) reach every rank, and a read refuses another trainable set on every
+ *     rank, even where only another rank holds the difference.
  * Modes for tests/test-checkpoint-kill.sh:
  *   test_checkpoint write-forever DIR   resumes from DIR's newest checkpoint, then writes
  *                                       one (about 12 MB) per step until killed
@@ -132,17 +142,17 @@ static void fill_weights(struct model *m)
     }
 }
 
-/* A model with the trainable set named in `names`; the AdamW state initialised and m, v
- * and the gradients given known values. */
-static void tiny_model(struct model *m, struct adamw *opt, const char *const *names, int n_names)
+/* The tiny model as rank `rank` of grid holds it, with the trainable set named in
+ * `names` (NULL: every tensor) and the AdamW state initialised (zero). */
+static void tiny_model_on(struct model *m, struct adamw *opt, const struct layout_grid *grid,
+                          int rank, const char *const *names, int n_names)
 {
     struct model_config cfg;
     tiny_config(&cfg);
-    struct layout_grid one = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
-    model_create(m, &cfg, &one, (struct layout_coords){0, 0, 0});
-    fill_weights(m);
+    model_create(m, &cfg, grid, layout_coords_of(grid, rank));
     bool *mask = xcalloc((size_t)m->n_params, sizeof *mask);
-    for (int k = 0; k < n_names; k++) {
+    for (int k = 0; k < m->n_params && !names; k++) mask[k] = true;
+    for (int k = 0; k < n_names && names; k++) {
         struct param *p = model_find_param(m, names[k]);
         if (!p) {
             fprintf(stderr, "no tensor %s in the tiny model\n", names[k]);
@@ -155,6 +165,15 @@ static void tiny_model(struct model *m, struct adamw *opt, const char *const *na
     struct deck_train train = {
         .lr = 1e-4, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 0.1};
     adamw_init(opt, m, &train);
+}
+
+/* A model with the trainable set named in `names`, every tensor on every rank (data
+ * parallelism over the world); weights, m, v and the gradients given known values. */
+static void tiny_model(struct model *m, struct adamw *opt, const char *const *names, int n_names)
+{
+    struct layout_grid data_parallel = {.world = world_size, .pp = 1, .dp = world_size, .ep = 1};
+    tiny_model_on(m, opt, &data_parallel, world_rank, names, n_names);
+    fill_weights(m);
     for (size_t k = 0; k < opt->n; k++) {
         opt->m[k] = 0.5f + 0.001f * (float)k;
         opt->v[k] = 1e-4f * (float)(k + 1);
@@ -571,7 +590,7 @@ static void test_export_adapter(void)
         "{\"experts\": {\"0\": [1], \"1\": [2]}, \"shared_experts\": false}\n";
     if (world_rank == 0) write_text(config, config_text);
     MPI_Barrier(MPI_COMM_WORLD);
-    int rc = export_adapter(dir, &m, config, err, sizeof err);
+    int rc = export_adapter(dir, &m, config, MPI_COMM_WORLD, err, sizeof err);
     CHECK(rc == 0, "export_adapter: %s", err);
     if (world_rank == 0) {
         struct st_file *f = st_open(path, err, sizeof err);
@@ -612,7 +631,8 @@ static void test_export_adapter(void)
         snprintf(dir, sizeof dir, "%s/adapter-%d", tmpdir, d);
         snprintf(path, sizeof path, "%s/adapter.safetensors", dir);
         MPI_Barrier(MPI_COMM_WORLD);
-        CHECK(export_adapter(dir, &m, NULL, err, sizeof err) == 0, "export %d: %s", d, err);
+        CHECK(export_adapter(dir, &m, NULL, MPI_COMM_WORLD, err, sizeof err) == 0, "export %d: %s",
+              d, err);
         if (world_rank != 0) continue;
         snprintf(copied, sizeof copied, "%s/expert_config.json", dir);
         CHECK(!file_exists(copied), "expert_config.json without a source");
@@ -661,7 +681,7 @@ static void test_export_merged(void)
         }
     }
     MPI_Barrier(MPI_COMM_WORLD);
-    int rc = export_merged(dir, &m, base, 0, err, sizeof err);
+    int rc = export_merged(dir, &m, base, 0, MPI_COMM_WORLD, err, sizeof err);
     CHECK(rc == 0, "export_merged: %s", err);
     if (world_rank == 0) {
         struct st_checkpoint *ck = st_checkpoint_open(dir, err, sizeof err);
@@ -704,42 +724,374 @@ static void test_export_merged(void)
         }
         snprintf(path, sizeof path, "%s/vocab.json", dir);
         CHECK(!file_exists(path), "vocab.json made up");
+    }
 
-        /* refusals: an existing checkpoint, the base directory itself */
-        rc = export_merged(dir, &m, base, 0, err, sizeof err);
-        CHECK(rc != 0 && contains(err, dir) && contains(err, "config.json"),
-              "export over an existing checkpoint: %s", err);
-        char base_alias[1300];
-        snprintf(base_alias, sizeof base_alias, "%s/./", base);
-        rc = export_merged(base_alias, &m, base, 0, err, sizeof err);
-        CHECK(rc != 0 && contains(err, "base"), "export into the base directory: %s", err);
+    /* refusals (rank 0's, on every rank): an existing checkpoint, the base directory */
+    rc = export_merged(dir, &m, base, 0, MPI_COMM_WORLD, err, sizeof err);
+    CHECK(rc != 0 && contains(err, dir) && contains(err, "config.json"),
+          "export over an existing checkpoint: %s", err);
+    char base_alias[1300];
+    snprintf(base_alias, sizeof base_alias, "%s/./", base);
+    rc = export_merged(base_alias, &m, base, 0, MPI_COMM_WORLD, err, sizeof err);
+    CHECK(rc != 0 && contains(err, "base"), "export into the base directory: %s", err);
 
-        /* shards of at most 600 bytes: the largest tensor (11 x 8 bf16 = 176 bytes) fits */
-        snprintf(dir, sizeof dir, "%s/merged-sharded", tmpdir);
-        rc = export_merged(dir, &m, NULL, 600, err, sizeof err);
-        CHECK(rc == 0, "sharded export: %s", err);
+    /* shards of at most 600 bytes: the largest tensor (11 x 8 bf16 = 176 bytes) fits */
+    snprintf(dir, sizeof dir, "%s/merged-sharded", tmpdir);
+    rc = export_merged(dir, &m, NULL, 600, MPI_COMM_WORLD, err, sizeof err);
+    CHECK(rc == 0, "sharded export: %s", err);
+    if (world_rank == 0) {
         snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
         CHECK(file_exists(path), "no index for a sharded export");
-        ck = st_checkpoint_open(dir, err, sizeof err);
+        struct st_checkpoint *ck = st_checkpoint_open(dir, err, sizeof err);
         CHECK(ck && ck->n_tensors == m.n_params && ck->n_files > 1, "sharded: %s",
               ck ? "wrong counts" : err);
         if (ck) st_checkpoint_close(ck);
         snprintf(path, sizeof path, "%s/tokenizer.json", dir);
         CHECK(!file_exists(path), "tokenizer.json without a base directory");
     }
-    /* a layout where no rank holds every tensor */
-    struct model split;
+    /* a model made for another layout than the communicator's */
+    struct model other;
     struct layout_grid grid = {.world = 2, .pp = 1, .dp = 1, .ep = 2};
-    model_create(&split, &m.cfg, &grid, (struct layout_coords){0, 0, 0});
-    snprintf(dir, sizeof dir, "%s/merged-split", tmpdir);
-    rc = export_merged(dir, &split, base, 0, err, sizeof err);
-    if (world_rank == 0)
-        CHECK(rc != 0 && contains(err, "ep 2") && contains(err, "experts.2"),
-              "export of an EP-split model: %s", err);
+    model_create(&other, &m.cfg, &grid, (struct layout_coords){0, 0, 1});
+    snprintf(dir, sizeof dir, "%s/merged-other-layout", tmpdir);
+    rc = export_merged(dir, &other, base, 0, MPI_COMM_SELF, err, sizeof err);
+    CHECK(rc != 0 && contains(err, "rank 1 of the layout pp 1, dp 1, ep 2") &&
+              contains(err, "rank 0 of 1"),
+          "export of a model made for another layout: %s", err);
     CHECK(!file_exists(dir), "refused export created %s", dir);
-    model_free(&split);
+    model_free(&other);
     adamw_free(&opt);
     model_free(&m);
+}
+
+/* ---- layouts ---------------------------------------------------------------------------- */
+
+/* The layouts of the tiny model on n ranks: every (pp, ep) that layout_grid_make accepts
+ * (pp up to its 2 layers, ep dividing its 4 experts). */
+static int tiny_grids(int n, struct layout_grid *grids, int max)
+{
+    struct layout_model fits = {.num_layers = 2, .num_experts = 4};
+    int count = 0;
+    for (int pp = 1; pp <= n; pp++)
+        for (int ep = 1; ep <= n; ep++) {
+            char err[1024];
+            struct layout_grid grid;
+            if (count < max && layout_grid_make(n, pp, ep, &fits, &grid, err, sizeof err) == 0)
+                grids[count++] = grid;
+        }
+    return count;
+}
+
+/* The value of element j of tensor i of the parameter table: part 0 the weights, 1 the
+ * AdamW m, 2 v. Distinct per tensor, element and part, the same under every layout, and
+ * not representable in bf16 (so a conversion would show). */
+static float layout_value(int i, size_t j, int part)
+{
+    return 0.001f * (float)((i * 131 + (long long)j * 7 + part * 977) % 10007) - 3.0001f;
+}
+
+/* The weights, m and v this rank holds, set to layout_value. */
+static void fill_layout_values(struct model *m, struct adamw *opt)
+{
+    size_t offset = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        struct param *p = &m->params[i];
+        if (!p->data) continue;
+        for (size_t j = 0; j < p->numel; j++) p->data[j] = layout_value(i, j, 0);
+        if (!p->trainable) continue;
+        for (size_t j = 0; j < p->numel; j++) {
+            opt->m[offset + j] = layout_value(i, j, 1);
+            opt->v[offset + j] = layout_value(i, j, 2);
+        }
+        offset += p->numel;
+    }
+    opt->step = 11;
+}
+
+/* The values a read must replace (and must leave alone in frozen tensors). */
+#define FROZEN_MARK (-7.5f)
+static void mark_layout_values(struct model *m, struct adamw *opt)
+{
+    for (size_t k = 0; k < m->storage_floats; k++) m->storage[k] = FROZEN_MARK;
+    for (size_t k = 0; k < opt->n; k++) opt->m[k] = opt->v[k] = 42.0f;
+    opt->step = 0;
+}
+
+/* The values this rank holds that differ from what fill_layout_values wrote, bit for bit:
+ * trainable weights, m and v read back, frozen weights still FROZEN_MARK. */
+static int wrong_layout_values(const struct model *m, const struct adamw *opt)
+{
+    int wrong = 0;
+    size_t offset = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        const struct param *p = &m->params[i];
+        if (!p->data) continue;
+        for (size_t j = 0; j < p->numel; j++) {
+            float want = p->trainable ? layout_value(i, j, 0) : FROZEN_MARK;
+            wrong += memcmp(&p->data[j], &want, sizeof want) != 0;
+        }
+        if (!p->trainable) continue;
+        for (size_t j = 0; j < p->numel; j++) {
+            float want_m = layout_value(i, j, 1), want_v = layout_value(i, j, 2);
+            wrong += memcmp(&opt->m[offset + j], &want_m, sizeof want_m) != 0;
+            wrong += memcmp(&opt->v[offset + j], &want_v, sizeof want_v) != 0;
+        }
+        offset += p->numel;
+    }
+    return wrong + (opt->step != 11);
+}
+
+static void grid_name(const struct layout_grid *grid, char *out, size_t size)
+{
+    snprintf(out, size, "pp%d-dp%d-ep%d", grid->pp, grid->dp, grid->ep);
+}
+
+/* Tensors on every stage and EP rank of the layouts: the embedding (first stage), layer
+ * 0's router and expert 1, layer 1's query and expert 2 (EP rank 1 under ep 2; the last
+ * stage under pp 2), the final norm and lm_head (last stage). */
+static const char *const mask_spread[] = {"model.embed_tokens.weight",
+                                          "model.layers.0.mlp.gate.weight",
+                                          EXPERT(0, 1, "gate_proj"),
+                                          EXPERT(0, 1, "up_proj"),
+                                          EXPERT(0, 1, "down_proj"),
+                                          "model.layers.1.self_attn.q_proj.weight",
+                                          EXPERT(1, 2, "gate_proj"),
+                                          EXPERT(1, 2, "up_proj"),
+                                          EXPERT(1, 2, "down_proj"),
+                                          "model.norm.weight",
+                                          "lm_head.weight"};
+/* mask_spread with layer 1's expert 3 for expert 2: under ep 2, both on EP rank 1 only. */
+static const char *const mask_spread_other[] = {"model.embed_tokens.weight",
+                                                "model.layers.0.mlp.gate.weight",
+                                                EXPERT(0, 1, "gate_proj"),
+                                                EXPERT(0, 1, "up_proj"),
+                                                EXPERT(0, 1, "down_proj"),
+                                                "model.layers.1.self_attn.q_proj.weight",
+                                                EXPERT(1, 3, "gate_proj"),
+                                                EXPERT(1, 3, "up_proj"),
+                                                EXPERT(1, 3, "down_proj"),
+                                                "model.norm.weight",
+                                                "lm_head.weight"};
+
+/* Reads path under grid (this rank's share) and checks every value it holds. */
+static void check_read_under(const char *path, const struct layout_grid *grid, int rank,
+                             const char *const *names, int n_names, const char *what)
+{
+    struct model m;
+    struct adamw opt;
+    tiny_model_on(&m, &opt, grid, rank, names, n_names);
+    mark_layout_values(&m, &opt);
+    struct train_position position = {.step = -1};
+    char err[2048], reader[64];
+    grid_name(grid, reader, sizeof reader);
+    int rc = checkpoint_read(path, &m, &opt, &position, "esft", err, sizeof err);
+    CHECK(rc == 0, "%s, read under %s on rank %d: %s", what, reader, rank, err);
+    int wrong = wrong_layout_values(&m, &opt);
+    CHECK(rc == 0 && wrong == 0, "%s, read under %s on rank %d: %d values differ", what, reader,
+          rank, wrong);
+    CHECK(position.step == position_a.step && position.block == position_a.block &&
+              memcmp(position.rng, position_a.rng, sizeof position.rng) == 0,
+          "%s, read under %s: position differs", what, reader);
+    adamw_free(&opt);
+    model_free(&m);
+}
+
+/* Every value of an export on rank 0 against layout_value (bf16, the tiny model's dtype):
+ * the trainable tensors (adapter) or all (merged), and no other tensor. */
+static void check_export(const struct model *table, bool trainable_only,
+                         const struct st_tensor *(*find)(const void *, const char *),
+                         const void *file, int n_tensors, const char *what)
+{
+    int n_want = 0, wrong = 0, missing = 0;
+    for (int i = 0; i < table->n_params; i++) {
+        const struct param *p = &table->params[i];
+        if (trainable_only && !p->trainable) continue;
+        n_want++;
+        const struct st_tensor *t = find(file, p->name);
+        if (!t || t->dtype != ST_BF16 || t->rank != p->rank || t->numel != (int64_t)p->numel) {
+            missing++;
+            continue;
+        }
+        for (size_t j = 0; j < p->numel; j++) {
+            uint16_t got;
+            memcpy(&got, (const char *)t->data + 2 * j, 2);
+            wrong += got != st_f32_to_bf16(layout_value(i, j, 0));
+        }
+    }
+    CHECK(n_tensors == n_want && missing == 0 && wrong == 0,
+          "%s: %d tensors, want %d; %d missing or misshapen, %d values differ", what, n_tensors,
+          n_want, missing, wrong);
+}
+
+static const struct st_tensor *find_in_file(const void *file, const char *name)
+{
+    return st_file_find(file, name);
+}
+
+static const struct st_tensor *find_in_checkpoint(const void *checkpoint, const char *name)
+{
+    return st_find(checkpoint, name);
+}
+
+/* Writes under every layout of the world and reads under every other (and under one
+ * rank, on rank 0); the files are the same bytes whatever the writer's layout. Then the
+ * exports under every layout. */
+static void test_layouts_with(const char *const *names, int n_names, const char *label)
+{
+    struct layout_grid grids[16];
+    int n_grids = tiny_grids(world_size, grids, 16);
+    CHECK(n_grids >= 1, "no layout of the tiny model on %d ranks", world_size);
+    struct layout_grid one = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
+    char out[1300], path[1400], first[1400] = "", err[2048], writer[64];
+    /* the one-rank model: the parameter table every layout shares */
+    struct model whole;
+    struct adamw whole_opt;
+    tiny_model_on(&whole, &whole_opt, &one, 0, names, n_names);
+    for (int w = 0; w <= n_grids; w++) {
+        /* w == n_grids: rank 0 alone writes a one-rank model over MPI_COMM_SELF */
+        bool alone = w == n_grids;
+        const struct layout_grid *grid = alone ? &one : &grids[w];
+        if (alone && world_rank != 0) break;
+        grid_name(grid, writer, sizeof writer);
+        snprintf(out, sizeof out, "%s/layouts-%s-%s%s", tmpdir, label, writer,
+                 alone ? "-self" : "");
+        snprintf(path, sizeof path, "%s/checkpoints/step-00000007.h5", out);
+        struct model m;
+        struct adamw opt;
+        tiny_model_on(&m, &opt, grid, alone ? 0 : world_rank, names, n_names);
+        CHECK(m.n_params == whole.n_params, "%s: %d tensors, the one-rank table %d", writer,
+              m.n_params, whole.n_params);
+        int same_names = 0;
+        for (int i = 0; i < m.n_params && i < whole.n_params; i++)
+            same_names += strcmp(m.params[i].name, whole.params[i].name) == 0;
+        CHECK(same_names == whole.n_params, "%s: the parameter table differs from one rank's",
+              writer);
+        fill_layout_values(&m, &opt);
+        int rc = checkpoint_write(out, &m, &opt, &position_a, "esft", "deck: layouts\n", 1,
+                                  alone ? MPI_COMM_SELF : MPI_COMM_WORLD, err, sizeof err);
+        CHECK(rc == 0, "write under %s: %s", writer, err);
+        adamw_free(&opt);
+        model_free(&m);
+        if (!alone) MPI_Barrier(MPI_COMM_WORLD);
+        /* the file does not depend on the layout: the same bytes as the first writer's */
+        if (world_rank == 0 && w == 0) snprintf(first, sizeof first, "%s", path);
+        if (world_rank == 0 && w > 0) {
+            long n1, n2;
+            char *a = slurp(first, &n1), *b = slurp(path, &n2);
+            CHECK(a && b && n1 == n2 && memcmp(a, b, (size_t)n1) == 0,
+                  "written under %s: not the bytes of %s", writer, first);
+            free(a);
+            free(b);
+        }
+        for (int r = 0; r < n_grids && !alone; r++)
+            check_read_under(path, &grids[r], world_rank, names, n_names, writer);
+        if (world_rank == 0) check_read_under(path, &one, 0, names, n_names, writer);
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+
+    /* the exports: rank 0 gets every tensor it lacks from its holder */
+    for (int w = 0; w < n_grids; w++) {
+        grid_name(&grids[w], writer, sizeof writer);
+        struct model m;
+        struct adamw opt;
+        tiny_model_on(&m, &opt, &grids[w], world_rank, names, n_names);
+        fill_layout_values(&m, &opt);
+        char adapter[1300], merged[1300], what[256];
+        snprintf(adapter, sizeof adapter, "%s/adapter-%s-%s", tmpdir, label, writer);
+        snprintf(merged, sizeof merged, "%s/merged-%s-%s", tmpdir, label, writer);
+        int rc = export_adapter(adapter, &m, NULL, MPI_COMM_WORLD, err, sizeof err);
+        CHECK(rc == 0, "export_adapter under %s: %s", writer, err);
+        rc = export_merged(merged, &m, NULL, 0, MPI_COMM_WORLD, err, sizeof err);
+        CHECK(rc == 0, "export_merged under %s: %s", writer, err);
+        if (world_rank == 0) {
+            snprintf(path, sizeof path, "%s/adapter.safetensors", adapter);
+            struct st_file *f = st_open(path, err, sizeof err);
+            CHECK(f != NULL, "adapter under %s: %s", writer, err);
+            snprintf(what, sizeof what, "adapter under %s", writer);
+            if (f) check_export(&whole, true, find_in_file, f, f->n_tensors, what);
+            if (f) st_close(f);
+            struct st_checkpoint *ck = st_checkpoint_open(merged, err, sizeof err);
+            CHECK(ck != NULL, "merged under %s: %s", writer, err);
+            snprintf(what, sizeof what, "merged under %s", writer);
+            if (ck) check_export(&whole, false, find_in_checkpoint, ck, ck->n_tensors, what);
+            if (ck) st_checkpoint_close(ck);
+        }
+        adamw_free(&opt);
+        model_free(&m);
+        MPI_Barrier(MPI_COMM_WORLD);
+    }
+    adamw_free(&whole_opt);
+    model_free(&whole);
+}
+
+/* Refusals under a split layout reach every rank with one message. */
+static void test_layout_refusals(void)
+{
+    struct layout_grid grids[16];
+    int n_grids = tiny_grids(world_size, grids, 16);
+    /* the layout with the most EP ranks: layer 1's experts 2 and 3 off rank 0 under ep 2 */
+    const struct layout_grid *grid = &grids[0];
+    for (int g = 1; g < n_grids; g++)
+        if (grids[g].ep > grid->ep) grid = &grids[g];
+    char out[1300], path[1400], err[2048];
+    snprintf(out, sizeof out, "%s/layout-refusals", tmpdir);
+    snprintf(path, sizeof path, "%s/checkpoints/step-00000007.h5", out);
+    struct model m;
+    struct adamw opt;
+    tiny_model_on(&m, &opt, grid, world_rank, mask_spread, COUNT(mask_spread));
+    fill_layout_values(&m, &opt);
+
+    /* the last rank's optimizer state does not match its tensors: every rank fails */
+    size_t n = opt.n;
+    if (world_rank == world_size - 1) opt.n = n + 1;
+    err[0] = '\0';
+    int rc = checkpoint_write(out, &m, &opt, &position_a, "esft", "", 1, MPI_COMM_WORLD, err,
+                              sizeof err);
+    CHECK(rc != 0 && contains(err, "optimizer state"), "a bad optimizer state on rank %d: %d %s",
+          world_size - 1, rc, err);
+    CHECK(!file_exists(path), "a refused write left %s", path);
+    opt.n = n;
+
+    /* a model made for another layout than the communicator's */
+    rc =
+        checkpoint_write(out, &m, &opt, &position_a, "esft", "", 1, MPI_COMM_SELF, err, sizeof err);
+    if (world_size > 1)
+        CHECK(rc != 0 && contains(err, "built for rank") && contains(err, "of 1"),
+              "a %d-rank model over MPI_COMM_SELF: %d %s", world_size, rc, err);
+    rc = export_adapter(out, &m, NULL, MPI_COMM_SELF, err, sizeof err);
+    if (world_size > 1)
+        CHECK(rc != 0 && contains(err, "built for rank"), "export_adapter over MPI_COMM_SELF: %s",
+              err);
+    MPI_Barrier(MPI_COMM_WORLD);
+
+    /* the trainable set is checked whole: rank 0 refuses a checkpoint of another set
+     * even where the difference lies in tensors only another rank holds */
+    rc = checkpoint_write(out, &m, &opt, &position_a, "esft", "", 1, MPI_COMM_WORLD, err,
+                          sizeof err);
+    CHECK(rc == 0, "write under ep %d: %s", grid->ep, err);
+    struct model other;
+    struct adamw other_opt;
+    tiny_model_on(&other, &other_opt, grid, world_rank, mask_spread_other,
+                  COUNT(mask_spread_other));
+    expect_refused("another set of experts, under a split layout", path, &other, &other_opt, "esft",
+                   "'model.layers.1.mlp.experts.3.gate_proj.weight'", "missing");
+    adamw_free(&other_opt);
+    model_free(&other);
+    tiny_model_on(&other, &other_opt, grid, world_rank, mask_spread, COUNT(mask_spread) - 1);
+    expect_refused("one tensor fewer, under a split layout", path, &other, &other_opt, "esft",
+                   "'lm_head.weight'", "not trainable");
+    adamw_free(&other_opt);
+    model_free(&other);
+    adamw_free(&opt);
+    model_free(&m);
+}
+
+static void test_layouts(void)
+{
+    test_layouts_with(mask_spread, COUNT(mask_spread), "spread");
+    test_layouts_with(NULL, 0, "all");
+    MPI_Barrier(MPI_COMM_WORLD);
+    test_layout_refusals();
 }
 
 /* ---- loss curve ------------------------------------------------------------------------ */
@@ -1016,6 +1368,8 @@ int main(int argc, char **argv)
     test_export_adapter();
     MPI_Barrier(MPI_COMM_WORLD);
     test_export_merged();
+    MPI_Barrier(MPI_COMM_WORLD);
+    test_layouts();
     MPI_Barrier(MPI_COMM_WORLD);
     if (world_rank == 0) test_plot();
 

@@ -64,16 +64,16 @@ static void check_against_checkpoint(const char *dir, const char *name)
             for (int s = 0; s < pp; s++)
                 for (int r = 0; r < ep; r++)
                     model_create(&models[n++], &cfg, &grid, (struct layout_coords){s, 0, r});
-            int wrong = 0;
+            int wrong = 0, split[LAYOUT_MAX_STAGES + 1];
+            model_split_layers(&cfg, &grid, split);
+            for (int k = 0; k < n; k++)
+                for (int s = 0; s <= pp; s++) wrong += models[k].stage_first[s] != split[s];
             for (int i = 0; i < models[0].n_params; i++) {
                 const struct param *p = &models[0].params[i];
                 int expected_stage = p->layer >= 0 ? -1 : p->kind == PARAM_EMBEDDING ? 0 : pp - 1;
                 if (p->layer >= 0)
-                    for (int s = 0; s < pp; s++) {
-                        int first, count;
-                        layout_layers_of(cfg.num_layers, pp, s, &first, &count);
-                        if (p->layer >= first && p->layer < first + count) expected_stage = s;
-                    }
+                    for (int s = 0; s < pp; s++) /* the split every model_create agrees on */
+                        if (p->layer >= split[s] && p->layer < split[s + 1]) expected_stage = s;
                 for (int s = 0; s < pp; s++)
                     for (int r = 0; r < ep; r++) {
                         bool held = models[s * ep + r].params[i].data != NULL;
@@ -103,6 +103,34 @@ static void check_against_checkpoint(const char *dir, const char *name)
         }
 }
 
+/* The stage split, worked by hand on a model of 3 equal layers of cost c whose lm_head
+ * costs h: pp 2 can split [1,2] (largest stage 2c + h) or [2,1] (largest max(2c, c + h)).
+ * h = 0: a tie at 2c, the earliest cut wins: [1,2]. h = c/2: [2,1] (2c against 2.5c).
+ * pp 3: one layer each. parallel.stage_layers overrides the balance. */
+static void check_split(const char *dir)
+{
+    struct model_config cfg;
+    char err[1024];
+    CHECK(hfconfig_load(dir, &cfg, err, sizeof err) == 0, "%s", err);
+    CHECK(cfg.num_layers == 3 && cfg.is_moe[0] && cfg.is_moe[1] && cfg.is_moe[2], "%s: 3 MoE layers", dir);
+    double c = model_layer_cost(&cfg, 0);
+    CHECK(c > 0 && c == model_layer_cost(&cfg, 2), "equal layer costs");
+    struct layout_grid grid = {.world = 2, .pp = 2, .dp = 1, .ep = 1};
+    int first[4];
+    cfg.vocab_size = 0;
+    model_split_layers(&cfg, &grid, first);
+    CHECK(first[0] == 0 && first[1] == 1 && first[2] == 3, "h = 0: split at %d, want 1", first[1]);
+    cfg.vocab_size = (int)(0.5 * c / cfg.hidden_size);
+    model_split_layers(&cfg, &grid, first);
+    CHECK(first[1] == 2 && first[2] == 3, "h = c/2: split at %d, want 2", first[1]);
+    grid.stage_layers[0] = 1, grid.stage_layers[1] = 2;
+    model_split_layers(&cfg, &grid, first);
+    CHECK(first[1] == 1 && first[2] == 3, "the deck's split: at %d, want 1", first[1]);
+    struct layout_grid three = {.world = 3, .pp = 3, .dp = 1, .ep = 1};
+    model_split_layers(&cfg, &three, first);
+    CHECK(first[1] == 1 && first[2] == 2 && first[3] == 3, "pp 3: one layer each");
+}
+
 int main(int argc, char **argv)
 {
     MPI_Init(&argc, &argv);
@@ -122,6 +150,9 @@ int main(int argc, char **argv)
     }
     if (d) closedir(d);
     CHECK(fixtures >= 7, "found %d fixtures in %s", fixtures, golden);
+    char qwen3[4200];
+    snprintf(qwen3, sizeof qwen3, "%s/qwen3_moe", golden);
+    check_split(qwen3);
     int status = check_done("test_params");
     MPI_Finalize();
     return status;
