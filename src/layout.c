@@ -159,16 +159,6 @@ int layout_expert_owner(int num_experts, int ep, int expert)
     return expert / (num_experts / ep);
 }
 
-void layout_layers_of(int num_layers, int pp, int stage, int *first, int *count)
-{
-    if (pp < 1 || stage < 0 || stage >= pp || num_layers < 0)
-        fatal(EXIT_RUNTIME, "layout_layers_of: %d layers over pp %d, stage %d (programming error)",
-              num_layers, pp, stage);
-    int base = num_layers / pp, extra = num_layers % pp;
-    *count = base + (stage < extra ? 1 : 0);
-    *first = stage * base + (stage < extra ? stage : extra);
-}
-
 /* Splits layout->world into one group: ranks with the same color, ordered by key. */
 static void split(const struct layout *layout, int color, int key, struct comm *group)
 {

@@ -1,6 +1,7 @@
 /* layout: the rank grid world = pp * dp * ep and its sub-communicators (DESIGN.md,
- * "Process layout"), and the placement functions every phase uses to decide which rank
- * holds which decoder layers and which experts.
+ * "Process layout"), and the placement function every phase uses to decide which rank
+ * holds which experts (the layers of each stage: model_split_layers, which needs the
+ * model's costs).
  *
  * Rank order: ep varies fastest, then dp, then pp:
  *   world_rank = (pp_rank * dp + dp_rank) * ep + ep_rank
@@ -62,9 +63,6 @@ void layout_experts_of(int num_experts, int ep, int ep_rank, int *first, int *co
 /* The EP rank that holds expert e. */
 int layout_expert_owner(int num_experts, int ep, int expert);
 
-/* Decoder layers of stage s: a contiguous block; the first num_layers % pp stages get
- * one layer more. (The parallelism issue replaces this with a cost-balanced split.) */
-void layout_layers_of(int num_layers, int pp, int stage, int *first, int *count);
 
 /* Collective over MPI_COMM_WORLD: builds the grid's communicators. */
 void layout_create(struct layout *layout, const struct layout_grid *grid);

@@ -8,7 +8,14 @@
  * shared experts and non-expert modules): exactly the configured tensors have gradient
  * buffers, and theirs equal transformers'. Gradients of a tensor do not depend on which
  * others train, so the same reference serves every method.
- * Usage: test_grad [GOLDEN_DIR] */
+ * Under mpirun with PP EP arguments the same comparison runs split over ranks (grid
+ * pp x 1 x ep): every stage passes the whole batch through its layers; under EP, EP rank
+ * 0 carries the batch and the others pass empty batches (their experts still receive
+ * rank 0's tokens), then the replicated gradients are summed over the EP group as the
+ * train phase does. Each rank compares the gradients of the tensors it holds (full
+ * fine-tuning, cross-entropy; then the aux loss on the routers). Fixtures with tied
+ * embeddings are skipped under pp > 1 (refused there).
+ * Usage: test_grad [GOLDEN_DIR [PP EP]] */
 #include <dirent.h>
 #include <math.h>
 #include <mpi.h>
@@ -194,6 +201,62 @@ static void check_aux(const char *name, struct model *m, const struct st_file *e
     free(all);
 }
 
+/* The layout variant (see the top): returns the number of gradients compared here. */
+static int check_layout(const char *name, const struct model_config *cfg, const char *dir,
+                        const struct st_file *expected, const struct batch *batch,
+                        const struct layout *layout)
+{
+    struct model m;
+    char err[1024];
+    model_create(&m, cfg, &layout->grid, layout->me);
+    m.ep_comm = &layout->ep;
+    m.pp_comm = &layout->pp;
+    CHECK(model_load(&m, dir, err, sizeof err) == 0, "%s", err);
+    bool *all = xmalloc((size_t)m.n_params * sizeof(bool));
+    for (int i = 0; i < m.n_params; i++) all[i] = true;
+    model_set_trainable(&m, all);
+    struct forward_workspace *ws = forward_workspace_new_training(&m, batch->N);
+    struct batch mine = *batch;
+    if (layout->me.ep_rank != 0) mine.N = 0; /* EP rank 0 carries the batch */
+    int compared = 0;
+    double worst = 0;
+    for (int pass = 0; pass < 2; pass++) { /* cross-entropy, then the aux loss alone */
+        model_zero_grads(&m);
+        struct forward_result r;
+        model_forward(&m, backend_cpu(), ws, &mine, &r);
+        long long count = r.loss_count; /* known on the last stage and EP rank 0: share it */
+        check_mpi(MPI_Allreduce(MPI_IN_PLACE, &count, 1, MPI_LONG_LONG, MPI_MAX, MPI_COMM_WORLD));
+        if (pass == 0) model_backward(&m, backend_cpu(), ws, &mine, 1.0f / (float)count, 0.0f);
+        else model_backward(&m, backend_cpu(), ws, &mine, 0.0f, 1.0f);
+        model_wait_sends(ws);
+        for (int i = 0; i < m.n_params; i++) { /* replicated tensors: sum over the EP group */
+            struct param *p = &m.params[i];
+            if (p->grad && p->ep_rank < 0 && layout->ep.size > 1)
+                comm_allreduce(&layout->ep, p->grad, p->numel, COMM_F32, COMM_SUM, COMM_HOST);
+        }
+        for (int i = 0; i < m.n_params; i++) {
+            const struct param *p = &m.params[i];
+            if (!p->grad || (pass == 1 && p->kind != PARAM_ROUTER)) continue;
+            double scale, rel = gradient_error(expected, pass == 0 ? "grad" : "grad_aux", p, &scale);
+            CHECK(rel < 1e-3, "%s pp %d ep %d rank %d: %s%s: relative error %.3g", name,
+                  layout->grid.pp, layout->grid.ep, layout->world_rank, pass ? "aux " : "",
+                  p->name, rel);
+            worst = fmax(worst, rel);
+            compared++;
+        }
+    }
+    int total = compared;
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD));
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &worst, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
+    if (layout->world_rank == 0)
+        printf("%s under pp %d ep %d: %d gradients over the ranks, worst relative error %.2e\n",
+               name, layout->grid.pp, layout->grid.ep, total, worst);
+    forward_workspace_free(ws);
+    free(all);
+    model_free(&m);
+    return compared;
+}
+
 static void write_config(const char *path, const struct model_config *cfg, bool shared,
                          bool non_expert)
 {
@@ -212,7 +275,7 @@ static void write_config(const char *path, const struct model_config *cfg, bool 
     fclose(f);
 }
 
-static void check_fixture(const char *dir, const char *name)
+static void check_fixture(const char *dir, const char *name, const struct layout *layout)
 {
     char err[1024], path[4200];
     struct model_config cfg;
@@ -239,6 +302,16 @@ static void check_fixture(const char *dir, const char *name)
         }
     struct batch batch = {.N = N, .tokens = tokens, .positions = positions,
                           .sample_start = starts, .targets = targets};
+    if (layout) {
+        if (layout->grid.pp > 1 && cfg.tie_word_embeddings) {
+            if (layout->world_rank == 0) printf("%s: tied embeddings, skipped under pp > 1\n", name);
+        } else {
+            check_layout(name, &cfg, dir, expected, &batch, layout);
+        }
+        free(tokens), free(positions), free(segments), free(labels), free(starts), free(targets);
+        st_close(expected);
+        return;
+    }
     struct layout_grid grid = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
     struct model m;
     model_create(&m, &cfg, &grid, (struct layout_coords){0, 0, 0});
@@ -286,6 +359,19 @@ int main(int argc, char **argv)
 {
     MPI_Init(&argc, &argv);
     const char *golden = argc > 1 ? argv[1] : "tests/golden";
+    struct layout layout, *split = NULL;
+    if (argc > 3) { /* the layout variant */
+        int world;
+        MPI_Comm_size(MPI_COMM_WORLD, &world);
+        struct layout_grid grid;
+        char err[1024];
+        if (layout_grid_make(world, atoi(argv[2]), atoi(argv[3]), NULL, &grid, err, sizeof err) != 0) {
+            fprintf(stderr, "test_grad: %s\n", err);
+            MPI_Abort(MPI_COMM_WORLD, 2);
+        }
+        layout_create(&layout, &grid);
+        split = &layout;
+    }
     CHECK(mkdtemp(tmp) != NULL, "mkdtemp");
     DIR *d = opendir(golden);
     CHECK(d != NULL, "cannot open %s", golden);
@@ -297,7 +383,7 @@ int main(int argc, char **argv)
         snprintf(dir, sizeof dir, "%s/%s", golden, entry->d_name);
         snprintf(probe, sizeof probe, "%s/expected.safetensors", dir);
         if (entry->d_name[0] == '.' || stat(probe, &st) != 0) continue;
-        check_fixture(dir, entry->d_name);
+        check_fixture(dir, entry->d_name, split);
         fixtures++;
     }
     if (d) closedir(d);
@@ -305,6 +391,7 @@ int main(int argc, char **argv)
     char command[128];
     snprintf(command, sizeof command, "rm -rf '%s'", tmp);
     CHECK(system(command) == 0, "%s", command);
+    if (split) layout_destroy(split);
     int status = check_done("test_grad");
     MPI_Finalize();
     return status;

@@ -9,6 +9,7 @@
  * expert blocks of model.h must be contiguous per layer and part.
  * Usage: test_params [GOLDEN_DIR] */
 #include <dirent.h>
+#include <math.h>
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -129,6 +130,40 @@ static void check_split(const char *dir)
     struct layout_grid three = {.world = 3, .pp = 3, .dp = 1, .ep = 1};
     model_split_layers(&cfg, &three, first);
     CHECK(first[1] == 1 && first[2] == 2 && first[3] == 3, "pp 3: one layer each");
+
+    /* Against every split, exhaustively: 9 layers, MoE and dense mixed (unequal costs),
+     * three lm_head costs, pp 1 to 4: contiguous blocks of at least one layer covering
+     * all layers, whose largest stage cost is the smallest any split achieves. */
+    cfg.num_layers = 9;
+    for (int l = 0; l < 9; l++) cfg.is_moe[l] = l % 3 != 1;
+    for (int pp = 1; pp <= 4; pp++)
+        for (int head = 0; head < 3; head++) {
+            cfg.vocab_size = head * (int)(model_layer_cost(&cfg, 0) / cfg.hidden_size);
+            struct layout_grid g = {.world = pp, .pp = pp, .dp = 1, .ep = 1};
+            int got[5];
+            model_split_layers(&cfg, &g, got);
+            double worst = 0, best = INFINITY;
+            bool valid = got[0] == 0 && got[pp] == 9;
+            for (int st = 0; st < pp; st++) {
+                valid = valid && got[st + 1] > got[st];
+                double stage = st == pp - 1 ? model_head_cost(&cfg) : 0;
+                for (int l = got[st]; l < got[st + 1]; l++) stage += model_layer_cost(&cfg, l);
+                worst = fmax(worst, stage);
+            }
+            /* every split: cut points as a bit mask over the 8 gaps */
+            for (int mask = 0; mask < 256; mask++) {
+                if (__builtin_popcount(mask) != pp - 1) continue;
+                double largest = 0, stage = 0;
+                for (int l = 0; l < 9; l++) {
+                    stage += model_layer_cost(&cfg, l);
+                    if (l == 8) stage += model_head_cost(&cfg);
+                    if (l == 8 || (mask >> l & 1)) largest = fmax(largest, stage), stage = 0;
+                }
+                best = fmin(best, largest);
+            }
+            CHECK(valid && worst == best, "pp %d, head %d: split's largest stage %g, best %g",
+                  pp, head, worst, best);
+        }
 }
 
 int main(int argc, char **argv)

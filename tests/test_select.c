@@ -691,7 +691,7 @@ static void test_names(const char *golden)
     snprintf(dir, sizeof dir, "%s/mixtral", golden);
     struct model_config cfg;
     CHECK(hfconfig_load(dir, &cfg, err, sizeof err) == 0, "%s", err);
-    struct layout_grid grid = {1, 1, 1, 1};
+    struct layout_grid grid = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
     struct model model;
     model_create(&model, &cfg, &grid, (struct layout_coords){0, 0, 0});
     /* one chosen expert (5) in every MoE layer */
