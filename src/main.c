@@ -207,14 +207,6 @@ static bool model_shape(const struct deck *deck, struct layout_model *model, cha
     return true;
 }
 
-/* The phases this build can run. They land one issue at a time; a deck naming one that
- * is not here yet is refused before anything is written. */
-static bool phase_available(enum phase phase)
-{
-    return phase == PHASE_INIT || phase == PHASE_PREPARE || phase == PHASE_SCORE ||
-           phase == PHASE_SELECT || phase == PHASE_TRAIN;
-}
-
 /* Whether a phase reads the model at model.path (init writes it; prepare needs none;
  * select only uses it, when set, to name tensors). */
 static bool phase_reads_model(enum phase phase)
@@ -230,6 +222,7 @@ static int run_phase(enum phase phase, const struct deck *deck, const struct lay
     case PHASE_SCORE: return phase_score(deck, layout);
     case PHASE_SELECT: return phase_select(deck, layout);
     case PHASE_TRAIN: return phase_train(deck, layout);
+    case PHASE_EVAL: return phase_eval(deck, layout);
     default: fatal_all(EXIT_RUNTIME, "phase '%s' has no implementation", phase_name(phase));
     }
 }
@@ -333,12 +326,6 @@ int main(int argc, char **argv)
         MPI_Finalize();
         return 0;
     }
-
-    for (int i = 0; i < deck.n_phases; i++)
-        if (!phase_available(deck.phases[i]))
-            fatal_all(EXIT_INPUT, "phase '%s' is not available in esft %s yet; "
-                      "`esft --dry-run %s` checks the deck and the layout", phase_name(deck.phases[i]),
-                      PACKAGE_VERSION, opt.deck_file);
 
     struct layout layout;
     layout_create(&layout, &grid);

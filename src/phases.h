@@ -21,5 +21,6 @@ int phase_select(const struct deck *deck, const struct layout *layout);
 
 /* train: fine-tune the method's trainable tensors, checkpoint, export (train.c). */
 int phase_train(const struct deck *deck, const struct layout *layout);
+int phase_eval(const struct deck *deck, const struct layout *layout);
 
 #endif

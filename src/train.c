@@ -30,6 +30,7 @@
 #include <sys/resource.h>
 
 #include "backend.h"
+#include "blocks.h"
 #include "checkpoint.h"
 #include "dataset.h"
 #include "files.h"
@@ -44,119 +45,6 @@
 static volatile sig_atomic_t stop_signal = 0;
 
 static void on_stop_signal(int signal_number) { stop_signal = signal_number; }
-
-/* ---- data ---------------------------------------------------------------------------- */
-
-struct block_plan {
-    int n_blocks;
-    int *first;    /* [n_blocks + 1]: block b packs order[first[b] .. first[b+1]) */
-    uint64_t *order; /* sample indices in packing order */
-};
-
-static void shuffle(uint64_t *a, uint64_t n, uint64_t seed)
-{
-    struct rng rng;
-    rng_seed(&rng, seed);
-    for (uint64_t i = n; i > 1; i--) {
-        uint64_t j = rng_below(&rng, i), t = a[i - 1];
-        a[i - 1] = a[j];
-        a[j] = t;
-    }
-}
-
-static uint64_t clipped_length(const struct dataset *ds, uint64_t sample, int seq_len)
-{
-    uint64_t n = dataset_sample_length(ds, sample);
-    return n > (uint64_t)seq_len ? (uint64_t)seq_len : n;
-}
-
-/* Packs samples (in the given order) greedily into blocks of at most seq_len tokens. */
-static void plan_blocks(const struct dataset *ds, const uint64_t *samples, uint64_t n, int seq_len,
-                        bool pack, struct block_plan *plan)
-{
-    free(plan->first);
-    free(plan->order);
-    plan->order = xmalloc((n ? n : 1) * sizeof *plan->order);
-    memcpy(plan->order, samples, n * sizeof *samples);
-    plan->first = xmalloc((n + 1) * sizeof *plan->first);
-    plan->n_blocks = 0;
-    uint64_t used = 0;
-    for (uint64_t i = 0; i < n; i++) {
-        uint64_t length = clipped_length(ds, samples[i], seq_len);
-        if (i == 0 || !pack || used + length > (uint64_t)seq_len) {
-            plan->first[plan->n_blocks++] = (int)i;
-            used = 0;
-        }
-        used += length;
-    }
-    plan->first[plan->n_blocks] = (int)n;
-}
-
-/* Token buffers of up to `capacity` tokens: a micro-batch of blocks laid end to end. */
-struct token_batch {
-    int capacity, N;
-    int32_t *tokens, *positions, *sample_start, *targets;
-    uint32_t *raw;
-    uint8_t *mask;
-    long long targets_counted;
-};
-
-static void token_batch_init(struct token_batch *b, int capacity)
-{
-    memset(b, 0, sizeof *b);
-    b->capacity = capacity;
-    b->tokens = xmalloc((size_t)capacity * sizeof(int32_t));
-    b->positions = xmalloc((size_t)capacity * sizeof(int32_t));
-    b->sample_start = xmalloc((size_t)capacity * sizeof(int32_t));
-    b->targets = xmalloc((size_t)capacity * sizeof(int32_t));
-    b->raw = xmalloc((size_t)capacity * sizeof(uint32_t));
-    b->mask = xmalloc((size_t)capacity);
-}
-
-static void token_batch_free(struct token_batch *b)
-{
-    free(b->tokens), free(b->positions), free(b->sample_start), free(b->targets);
-    free(b->raw), free(b->mask);
-}
-
-/* Appends block `block` of the plan. Token t's target is token t+1 of the same sample
- * when that token is loss-bearing (the dataset's loss mask), else -100. */
-static void append_block(struct token_batch *b, const struct dataset *ds,
-                         const struct block_plan *plan, int block, int seq_len)
-{
-    char err[1024];
-    for (int i = plan->first[block]; i < plan->first[block + 1]; i++) {
-        uint64_t sample = plan->order[i];
-        uint64_t full = dataset_sample_length(ds, sample);
-        int n = (int)clipped_length(ds, sample, seq_len);
-        if (b->N + n > b->capacity) fatal(EXIT_RUNTIME, "train: batch buffer overflow");
-        /* read the whole sample (cut afterwards): the last kept token's target may be
-         * the first dropped one */
-        uint32_t *raw = full <= (uint64_t)b->capacity - b->N ? b->raw + b->N : NULL;
-        uint32_t *tmp_raw = NULL;
-        uint8_t *tmp_mask = NULL, *mask = b->mask + b->N;
-        if (!raw || full > (uint64_t)n) {
-            tmp_raw = xmalloc(full * sizeof *tmp_raw);
-            tmp_mask = xmalloc(full);
-            raw = tmp_raw;
-            mask = tmp_mask;
-        }
-        if (dataset_read_sample(ds, sample, raw, mask, err, sizeof err) != 0)
-            fatal(EXIT_RUNTIME, "train: %s", err);
-        int start = b->N;
-        for (int t = 0; t < n; t++) {
-            b->tokens[start + t] = (int32_t)raw[t];
-            b->positions[start + t] = t;
-            b->sample_start[start + t] = start;
-            bool has_next = (uint64_t)t + 1 < full && t + 1 < n;
-            b->targets[start + t] = has_next && mask[t + 1] ? (int32_t)raw[t + 1] : -100;
-            b->targets_counted += b->targets[start + t] >= 0;
-        }
-        b->N += n;
-        free(tmp_raw);
-        free(tmp_mask);
-    }
-}
 
 /* ---- gradients ------------------------------------------------------------------------ */
 
@@ -290,7 +178,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     uint64_t S = ds.n_samples;
     uint64_t *all = xmalloc((S ? S : 1) * sizeof *all);
     for (uint64_t i = 0; i < S; i++) all[i] = i;
-    shuffle(all, S, (uint64_t)deck->run.seed ^ 0x5eedULL);
+    blocks_shuffle(all, S, (uint64_t)deck->run.seed ^ 0x5eedULL);
     uint64_t n_val = (uint64_t)ceil(tr->val_fraction * (double)S);
     if (n_val >= S) n_val = S > 0 ? S - 1 : 0;
     uint64_t n_train = S - n_val;
@@ -409,7 +297,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         for (int j = 0; j < tr->global_batch; j++) {
             if (planned_epoch != position.epoch) {
                 memcpy(train_samples, all, n_train * sizeof *train_samples);
-                shuffle(train_samples, n_train, (uint64_t)deck->run.seed + 1000003ULL * (uint64_t)(position.epoch + 1));
+                blocks_shuffle(train_samples, n_train, (uint64_t)deck->run.seed + 1000003ULL * (uint64_t)(position.epoch + 1));
                 plan_blocks(&ds, train_samples, n_train, seq_len, deck->data.pack, &epoch_plan);
                 planned_epoch = position.epoch;
             }

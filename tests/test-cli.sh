@@ -79,12 +79,11 @@ contains "$tmp/err" "7" "experts not divisible by ep"
 expect 0 "--ranks 8" "$esft" --dry-run --ranks 8 "$src/input/demo.yaml" parallel.ep=2 parallel.pp=2
 contains "$tmp/out" "layout: world 8 = pp 2 x dp 2 x ep 2" "--ranks 8"
 
-# A phase this version does not have yet: refused, and nothing is written.
-# (select could run, eval cannot yet: nothing runs, nothing is written)
-expect 2 "unavailable phase" "$esft" "$src/input/demo.yaml" "phase=[select,eval]" \
+# eval with a dataset that is not there: status 2, the file named, nothing written.
+expect 2 "eval, no dataset" "$esft" "$src/input/demo.yaml" phase=eval \
     "model.path=$src/tests/golden/qwen3_moe" "data.path=$tmp/none.h5" "run.output_dir=$tmp/out-dir"
-contains "$tmp/err" "phase 'eval' is not available" "unavailable phase"
-[ -e "$tmp/out-dir" ] && fail "unavailable phase: output directory created" || ok
+contains "$tmp/err" "$tmp/none.h5" "eval, no dataset"
+[ -e "$tmp/out-dir/eval.json" ] && fail "eval, no dataset: eval.json written" || ok
 
 
 # Fatal errors: one rank failing ends every rank (status 1, its rank named, once); a

@@ -32,6 +32,39 @@ expect 0 "frozen tensors unchanged" "$check" frozen "$d/model" "$d/esft/merged" 
 latest=$(ls "$d/esft/checkpoints/"step-*.h5 | tail -n 1)
 expect 0 "optimizer state only for trainable tensors" "$check" optimizer "$latest" "$d/trainable_tensors.txt"
 
+# Eval: the adapter over the base model gives the merged model's numbers exactly, and a
+# lower loss than the base model; under pp 2 and ep 2 the same loss; a bad adapter is
+# refused naming the tensor, with no eval.json.
+value() { sed -n "s/.*\"$1\": \([^,]*\),*/\1/p" "$2"; }
+evaldata="model.path=$d/model data.path=$d/data.h5"
+expect 0 "eval, base" "$esft" "$demo" phase=eval "run.output_dir=$d/eval-base" $evaldata
+expect 0 "eval, adapter" "$esft" "$demo" phase=eval "run.output_dir=$d/eval-adapter" $evaldata \
+    "eval.adapter=$d/esft/adapter/adapter.safetensors"
+expect 0 "eval, merged" "$esft" "$demo" phase=eval "run.output_dir=$d/eval-merged" \
+    "model.path=$d/esft/merged" "data.path=$d/data.h5"
+base=$(value loss "$d/eval-base/eval.json")
+adapted=$(value loss "$d/eval-adapter/eval.json")
+merged=$(value loss "$d/eval-merged/eval.json")
+[ -n "$adapted" ] && [ "$adapted" = "$merged" ] && ok || fail "eval: adapter $adapted, merged $merged"
+awk -v a="$adapted" -v b="$base" 'BEGIN { exit !(a < b) }' && ok || fail "eval: trained $adapted, base $base"
+echo "eval loss: base $base, trained $adapted"
+for layout in "2 1" "1 2"; do
+    set -- $layout
+    # shellcheck disable=SC2086
+    expect 0 "eval, pp $1 ep $2" $mpirun 2 "$esft" "$demo" phase=eval "run.output_dir=$d/eval-$1-$2" \
+        $evaldata "eval.adapter=$d/esft/adapter/adapter.safetensors" "parallel.pp=$1" "parallel.ep=$2"
+    other=$(value loss "$d/eval-$1-$2/eval.json")
+    awk -v a="$adapted" -v b="$other" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d <= 1e-6 * a) }' &&
+        ok || fail "eval under pp $1 ep $2: loss $other, one rank $adapted"
+done
+# (one tensor renamed in the header, its length kept: perl is in every Debian system)
+perl -0777 -pe 's/model\.layers\./model.lagers./' "$d/esft/adapter/adapter.safetensors" \
+    >"$tmp/bad-adapter.safetensors"
+expect 2 "eval, bad adapter" "$esft" "$demo" phase=eval "run.output_dir=$d/eval-bad" $evaldata \
+    "eval.adapter=$tmp/bad-adapter.safetensors"
+contains "$tmp/err" "is not a tensor of the model" "bad adapter message"
+absent "$d/eval-bad/eval.json" "a refused eval"
+
 # The same run on 2 ranks (global batch 8): the same loss curve within 1e-5.
 short="train.steps=10 train.global_batch=8 train.eval_every=100 train.checkpoint_every=100"
 # shellcheck disable=SC2086
