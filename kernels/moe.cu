@@ -1,0 +1,227 @@
+/* moe: the routing and data-movement kernels of a MoE layer (see moe.h). Never run on a
+ * GPU yet: compiled and linked only. */
+#include "moe.h"
+#include "moe_math.h"
+
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+
+static int report(const char *what, char *err, size_t err_size)
+{
+    cudaError_t status = cudaGetLastError();
+    if (status == cudaSuccess) return 0;
+    snprintf(err, err_size, "%s: %s", what, cudaGetErrorString(status));
+    return -1;
+}
+
+/* ---- router: one warp per token ------------------------------------------------------ */
+
+enum { ROUTER_THREADS = 256, MAX_PER_LANE = ROUTER_MAX_EXPERTS / WARP };
+
+__global__ void router_topk_kernel(int32_t *ids, float *weights, float *probs,
+                                   const float *logits, int N, int E, int K, int renormalise,
+                                   float scaling)
+{
+    int lane = threadIdx.x % WARP;
+    int n = blockIdx.x * warp_rows_per_block(blockDim.x) + threadIdx.x / WARP;
+    if (n >= N) return; /* a whole warp leaves together: n is the same for its lanes */
+    const float *z = logits + (size_t)n * E;
+    int per_lane = router_per_lane(E);
+    float p[MAX_PER_LANE];
+    float max = -INFINITY;
+    for (int j = 0; j < per_lane; j++) {
+        int e = lane + j * WARP;
+        p[j] = e < E ? z[e] : -INFINITY;
+        max = fmaxf(max, p[j]);
+    }
+    for (int step = WARP / 2; step > 0; step /= 2) max = fmaxf(max, __shfl_xor_sync(0xffffffffu, max, step));
+    float sum = 0.0f;
+    for (int j = 0; j < per_lane; j++) {
+        int e = lane + j * WARP;
+        p[j] = e < E ? expf(p[j] - max) : 0.0f;
+        sum += p[j];
+    }
+    for (int step = WARP / 2; step > 0; step /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, step);
+    for (int j = 0; j < per_lane; j++) {
+        int e = lane + j * WARP;
+        p[j] /= sum;
+        if (probs && e < E) probs[(size_t)n * E + e] = p[j];
+    }
+    /* k rounds of warp argmax over the untaken experts; ties to the lower id */
+    unsigned taken = 0; /* bit j: this lane's expert lane + j*32 is taken */
+    float total = 0.0f;
+    for (int k = 0; k < K; k++) {
+        float best = -1.0f;
+        int best_id = E;
+        for (int j = 0; j < per_lane; j++) {
+            int e = lane + j * WARP;
+            if (e < E && !(taken >> j & 1u) && (p[j] > best || (p[j] == best && e < best_id)))
+                best = p[j], best_id = e;
+        }
+        for (int step = WARP / 2; step > 0; step /= 2) {
+            float other = __shfl_xor_sync(0xffffffffu, best, step);
+            int other_id = __shfl_xor_sync(0xffffffffu, best_id, step);
+            if (other > best || (other == best && other_id < best_id)) best = other, best_id = other_id;
+        }
+        if (best_id % WARP == lane) taken |= 1u << (best_id / WARP);
+        if (lane == 0) {
+            ids[(size_t)n * K + k] = best_id;
+            weights[(size_t)n * K + k] = best;
+        }
+        total += best; /* in k order, as the CPU backend sums it */
+    }
+    if (lane == 0)
+        for (int k = 0; k < K; k++) {
+            float w = weights[(size_t)n * K + k];
+            if (renormalise) w /= total;
+            weights[(size_t)n * K + k] = w * scaling;
+        }
+}
+
+extern "C" int moe_router_topk(int32_t *ids, float *weights, float *probs, const float *logits,
+                               int N, int E, int K, int renormalise, float scaling, char *err,
+                               size_t err_size)
+{
+    if (E > ROUTER_MAX_EXPERTS || K > E || K > MAX_PER_LANE * WARP) {
+        snprintf(err, err_size, "moe_router_topk: %d experts, top-%d: at most %d experts", E, K,
+                 ROUTER_MAX_EXPERTS);
+        return -1;
+    }
+    if (N == 0) return 0;
+    router_topk_kernel<<<launch_warp_blocks(N, ROUTER_THREADS), ROUTER_THREADS>>>(
+        ids, weights, probs, logits, N, E, K, renormalise, scaling);
+    return report("moe_router_topk", err, err_size);
+}
+
+/* ---- permutation by expert ------------------------------------------------------------ */
+
+__global__ void permute_count_kernel(int *counts, const int32_t *ids, int M, int E)
+{
+    extern __shared__ int local[]; /* [E] */
+    for (int e = threadIdx.x; e < E; e += blockDim.x) local[e] = 0;
+    __syncthreads();
+    int s = blockIdx.x * PERMUTE_TILE + threadIdx.x;
+    if (threadIdx.x < PERMUTE_TILE && s < M) atomicAdd(&local[ids[s]], 1); /* integer: exact */
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) counts[blockIdx.x * E + e] = local[e];
+}
+
+/* One block: totals per expert, their exclusive scan, then each expert's run starts. */
+__global__ void permute_scan_kernel(int *start, int32_t *expert_offsets, const int *counts,
+                                    int tiles, int E)
+{
+    extern __shared__ int total[]; /* [E + 1] */
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        int sum = 0;
+        for (int t = 0; t < tiles; t++) sum += counts[t * E + e];
+        total[e] = sum;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) { /* E <= a few thousand: a serial scan is not the cost here */
+        int run = 0;
+        for (int e = 0; e < E; e++) {
+            int n = total[e];
+            total[e] = run;
+            expert_offsets[e] = run;
+            run += n;
+        }
+        expert_offsets[E] = run;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) permute_scan_expert(start, counts, tiles, E, e, total[e]);
+}
+
+__global__ void permute_place_kernel(int32_t *slot_of_row, int32_t *row_of_slot, const int32_t *ids,
+                                     const int *start, int M, int E)
+{
+    int s = blockIdx.x * PERMUTE_TILE + threadIdx.x;
+    if (threadIdx.x >= PERMUTE_TILE || s >= M) return;
+    int row = permute_row_of(ids, start, E, PERMUTE_TILE, s);
+    slot_of_row[row] = s;
+    row_of_slot[s] = row;
+}
+
+extern "C" size_t moe_permute_workspace(int M, int E)
+{
+    return 2 * (size_t)(permute_tiles(M, PERMUTE_TILE) > 0 ? permute_tiles(M, PERMUTE_TILE) : 1) *
+           (size_t)E * sizeof(int);
+}
+
+extern "C" int moe_permute_by_expert(int32_t *expert_offsets, int32_t *slot_of_row,
+                                     int32_t *row_of_slot, const int32_t *ids, int M, int E,
+                                     void *workspace, char *err, size_t err_size)
+{
+    int tiles = permute_tiles(M, PERMUTE_TILE);
+    int *counts = (int *)workspace, *start = counts + (size_t)(tiles > 0 ? tiles : 1) * E;
+    size_t shared = (size_t)(E + 1) * sizeof(int);
+    if (tiles > 0) permute_count_kernel<<<tiles, PERMUTE_TILE, shared>>>(counts, ids, M, E);
+    permute_scan_kernel<<<1, 256, shared>>>(start, expert_offsets, counts, tiles, E);
+    if (tiles > 0)
+        permute_place_kernel<<<tiles, PERMUTE_TILE>>>(slot_of_row, row_of_slot, ids, start, M, E);
+    return report("moe_permute_by_expert", err, err_size);
+}
+
+/* ---- gather, combine, SwiGLU ------------------------------------------------------------ */
+
+enum { THREADS = 256 };
+
+__global__ void gather_rows_kernel(float *xs, const float *x, const int32_t *slot_of_row, int M,
+                                   int K, int H)
+{
+    size_t total = (size_t)M * H;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / H, h = i % H;
+        xs[i] = x[(size_t)(slot_of_row[r] / K) * H + h];
+    }
+}
+
+extern "C" int moe_gather_rows(float *xs, const float *x, const int32_t *slot_of_row, int M, int K,
+                               int H, char *err, size_t err_size)
+{
+    if ((size_t)M * H == 0) return 0;
+    gather_rows_kernel<<<launch_blocks((size_t)M * H, THREADS), THREADS>>>(xs, x, slot_of_row, M, K, H);
+    return report("moe_gather_rows", err, err_size);
+}
+
+__global__ void combine_kernel(float *out, const float *ys, const float *weights,
+                               const int32_t *row_of_slot, int N, int K, int H, int accumulate)
+{
+    size_t total = (size_t)N * H;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t n = i / H, h = i % H;
+        float sum = 0.0f;
+        for (int k = 0; k < K; k++)
+            sum += weights[n * K + k] * ys[(size_t)row_of_slot[n * K + k] * H + h];
+        out[i] = accumulate ? out[i] + sum : sum;
+    }
+}
+
+extern "C" int moe_combine(float *out, const float *ys, const float *weights,
+                           const int32_t *row_of_slot, int N, int K, int H, int accumulate,
+                           char *err, size_t err_size)
+{
+    if ((size_t)N * H == 0) return 0;
+    combine_kernel<<<launch_blocks((size_t)N * H, THREADS), THREADS>>>(out, ys, weights, row_of_slot,
+                                                                      N, K, H, accumulate);
+    return report("moe_combine", err, err_size);
+}
+
+__global__ void swiglu_kernel(float *h, const float *gate, const float *up, size_t count)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float g = gate[i];
+        h[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+extern "C" int moe_swiglu(float *h, const float *gate, const float *up, size_t count, char *err,
+                          size_t err_size)
+{
+    if (count == 0) return 0;
+    swiglu_kernel<<<launch_blocks(count, THREADS), THREADS>>>(h, gate, up, count);
+    return report("moe_swiglu", err, err_size);
+}

@@ -1,0 +1,49 @@
+/* moe: CUDA kernels of the MoE layer's routing and data movement, fp32, C linkage. Each
+ * computes what the CPU backend's op of the same name computes (backend.h), on device
+ * pointers, on the current stream (0), and returns 0 or -1 with the CUDA error in err.
+ * Index math shared with the host: moe_math.h.
+ *
+ * STATUS: compiled and linked in the CUDA build; never run on a GPU (no GPU has been lent
+ * to this project's sessions yet). tests/test_device.c compares each with the CPU
+ * backend where a GPU is visible. */
+#ifndef ESFT_KERNELS_MOE_H
+#define ESFT_KERNELS_MOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Softmax over each row of logits[N,E] (E <= ROUTER_MAX_EXPERTS), the top-k ids[N,K]
+ * (descending probability, ties to the lower id) and weights[N,K] (renormalised over the
+ * top-k iff renormalise, times scaling); probs[N,E] may be NULL. One warp per token. */
+int moe_router_topk(int32_t *ids, float *weights, float *probs, const float *logits, int N, int E,
+                    int K, int renormalise, float scaling, char *err, size_t err_size);
+
+/* Token-slots sorted by expert, stable in slot order (see moe_math.h): expert_offsets[E+1],
+ * slot_of_row[M], row_of_slot[M] for ids[M = N*K]. workspace: at least
+ * moe_permute_workspace(M, E) bytes of device memory. */
+size_t moe_permute_workspace(int M, int E);
+int moe_permute_by_expert(int32_t *expert_offsets, int32_t *slot_of_row, int32_t *row_of_slot,
+                          const int32_t *ids, int M, int E, void *workspace, char *err,
+                          size_t err_size);
+
+/* xs[r,:] = x[slot_of_row[r] / K, :] for r < M. */
+int moe_gather_rows(float *xs, const float *x, const int32_t *slot_of_row, int M, int K, int H,
+                    char *err, size_t err_size);
+
+/* out[n,:] (+)= sum_k weights[n,k] ys[row_of_slot[n*K+k], :], summed in k order. */
+int moe_combine(float *out, const float *ys, const float *weights, const int32_t *row_of_slot,
+                int N, int K, int H, int accumulate, char *err, size_t err_size);
+
+/* h[i] = silu(gate[i]) * up[i]. */
+int moe_swiglu(float *h, const float *gate, const float *up, size_t count, char *err,
+               size_t err_size);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

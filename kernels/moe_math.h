@@ -1,0 +1,80 @@
+/* moe_math: the index arithmetic of the CUDA MoE kernels, written once for the device
+ * kernels (kernels/moe.cu) and the host, so the CPU build tests it (tests/test_moe_math.c)
+ * against the CPU backend without a GPU.
+ *
+ * Permutation by expert (the device version of backend.h's permute_by_expert): the M
+ * token-slots are cut into tiles of PERMUTE_TILE consecutive slots. Pass 1 counts each
+ * tile's slots per expert (counts[tile][e]); pass 2 scans them expert-major, tile-minor,
+ * giving each (expert, tile) the first row of its run and each expert its offset; pass 3
+ * places slot s at row = start[e][tile of s] + (slots of the same expert before s in its
+ * tile). Rows are therefore sorted by expert and, within an expert, in slot order: the
+ * CPU backend's order exactly, for any tile size.
+ *
+ * Launch arithmetic: grid sizes for element-wise kernels (grid-stride loops past the
+ * grid limit) and for one-warp-per-row kernels. Pure functions of their arguments. */
+#ifndef ESFT_KERNELS_MOE_MATH_H
+#define ESFT_KERNELS_MOE_MATH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#define MOE_HD __host__ __device__ static inline
+#else
+#define MOE_HD static inline
+#endif
+
+enum { PERMUTE_TILE = 256, WARP = 32, ROUTER_MAX_EXPERTS = 1024, MAX_GRID_BLOCKS = 65535 * 16 };
+
+/* Tiles of `tile` slots covering M slots. */
+MOE_HD int permute_tiles(int M, int tile) { return M > 0 ? (M + tile - 1) / tile : 0; }
+
+/* Pass 1, one tile: counts[e] += slots of [first, end) that chose e. */
+MOE_HD void permute_count_tile(int *counts, const int32_t *ids, int first, int end)
+{
+    for (int s = first; s < end; s++) counts[ids[s]]++;
+}
+
+/* Pass 2 for expert e: start[t * E + e] (t < tiles) = offset of e + slots of e in the
+ * tiles before t; returns the slots of e in all tiles. expert_offset is the sum of the
+ * totals of experts before e (the exclusive scan over experts, done by the caller). */
+MOE_HD int permute_scan_expert(int *start, const int *counts, int tiles, int E, int e,
+                               int expert_offset)
+{
+    int run = expert_offset;
+    for (int t = 0; t < tiles; t++) {
+        start[t * E + e] = run;
+        run += counts[t * E + e];
+    }
+    return run - expert_offset;
+}
+
+/* Pass 3, slot s of tile t (tile = its size): its row. */
+MOE_HD int permute_row_of(const int32_t *ids, const int *start, int E, int tile, int s)
+{
+    int t = s / tile, e = ids[s], before = 0;
+    for (int j = t * tile; j < s; j++) before += ids[j] == e;
+    return start[t * E + e] + before;
+}
+
+/* Blocks for n elements at `per_block` threads, one element per thread, capped at the
+ * grid limit (the kernels loop grid-stride past it). */
+MOE_HD int launch_blocks(size_t n, int per_block)
+{
+    size_t blocks = (n + (size_t)per_block - 1) / (size_t)per_block;
+    if (blocks < 1) blocks = 1;
+    return blocks > (size_t)MAX_GRID_BLOCKS ? MAX_GRID_BLOCKS : (int)blocks;
+}
+
+/* One warp per row: rows per block of `threads` threads, and the blocks for R rows. */
+MOE_HD int warp_rows_per_block(int threads) { return threads / WARP; }
+MOE_HD int launch_warp_blocks(int R, int threads)
+{
+    int per = warp_rows_per_block(threads);
+    return R > 0 ? (R + per - 1) / per : 1;
+}
+
+/* Router: lane l of a warp holds experts l, l + 32, ...: how many each lane holds. */
+MOE_HD int router_per_lane(int E) { return (E + WARP - 1) / WARP; }
+
+#endif
