@@ -34,6 +34,7 @@
 #include "checkpoint.h"
 #include "dataset.h"
 #include "files.h"
+#include "flops.h"
 #include "hfconfig.h"
 #include "log.h"
 #include "model.h"
@@ -288,7 +289,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     }
 
     long long planned_epoch = -1;
-    double start = wall_time(), tokens_done = 0;
+    double start = wall_time(), tokens_done = 0, flops_done = 0;
     long long first_step = position.step;
     int status = 0;
     while (position.step < tr->steps) {
@@ -306,10 +307,16 @@ int phase_train(const struct deck *deck, const struct layout *layout)
                 append_block(&micro[m / dp], &ds, &epoch_plan, (int)position.block, seq_len);
             if (++position.block == epoch_plan.n_blocks) position.block = 0, position.epoch++;
         }
-        double counts[2] = {0, 0}; /* loss-bearing targets, tokens */
-        for (int i = 0; i < micro_batches; i++) counts[0] += (double)micro[i].targets_counted, counts[1] += micro[i].N;
+        double counts[3] = {0, 0, 0}; /* loss-bearing targets, tokens, attended keys */
+        for (int i = 0; i < micro_batches; i++) {
+            counts[0] += (double)micro[i].targets_counted, counts[1] += micro[i].N;
+            for (int t = 0; t < micro[i].N; t++) counts[2] += t - micro[i].sample_start[t] + 1;
+        }
         /* over the data ranks of the stage: every stage of a chain holds the same data */
-        check_mpi(MPI_Allreduce(MPI_IN_PLACE, counts, 2, MPI_DOUBLE, MPI_SUM, layout->stage.mpi));
+        check_mpi(MPI_Allreduce(MPI_IN_PLACE, counts, 3, MPI_DOUBLE, MPI_SUM, layout->stage.mpi));
+        /* model FLOPs of the step, full fine-tuning equivalent (flops.h) */
+        double attended = counts[1] > 0 ? 2.0 * counts[2] / counts[1] : 0.0;
+        flops_done += counts[1] * token_flops(&cfg, attended).training;
         float scale = counts[0] > 0 ? (float)(1.0 / counts[0]) : 0.0f;
 
         /* d loss / d aux of one micro-batch: the coefficient over the step's micro-batches */
@@ -359,16 +366,17 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         tokens_done += counts[1];
         curve_add(&losses, position.step, loss);
         double elapsed = wall_time() - start;
-        double rate = tokens_done / elapsed;
+        double rate = tokens_done / elapsed, tflops = flops_done / elapsed / 1e12;
         double eta = elapsed / (double)(position.step - first_step) * (double)(tr->steps - position.step);
         if (position.step % tr->log_every == 0 || position.step == tr->steps)
             log_info("train: step %lld/%d  loss %.6f  aux %.4f  lr %.3g  grad norm %.4g  "
-                     "%.0f tokens/s  %.0f MiB peak  %.0f s left", position.step, tr->steps, loss,
-                     aux, lr, norm, rate, peak_mib, eta);
+                     "%.0f tokens/s  %.3g TFLOP/s  %.0f MiB peak  %.0f s left", position.step,
+                     tr->steps, loss, aux, lr, norm, rate, tflops, peak_mib, eta);
         metrics_write("step", "\"step\": %lld, \"loss\": %.17g, \"aux_loss\": %.17g, "
                       "\"aux_loss_coef\": %.6g, \"lr\": %.6g, \"grad_norm\": %.6g, "
-                      "\"tokens\": %.0f, \"tokens_per_second\": %.1f, \"peak_rss_mib\": %.1f",
-                      position.step, loss, aux, tr->aux_loss_coef, lr, norm, counts[1], rate, peak_mib);
+                      "\"tokens\": %.0f, \"tokens_per_second\": %.1f, \"model_tflops\": %.6g, "
+                      "\"peak_rss_mib\": %.1f", position.step, loss, aux, tr->aux_loss_coef, lr,
+                      norm, counts[1], rate, tflops, peak_mib);
 
         bool last = position.step == tr->steps;
         if (val.n_blocks > 0 && (position.step % tr->eval_every == 0 || last)) {
