@@ -18,69 +18,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "h5util.h"
 #include "log.h"
 
 #define STATS_FORMAT "esft-routing-stats"
 #define STATS_VERSION 1
 #define STATS_MESSAGE_MAX 1024
-
-/* ---- HDF5 error messages ------------------------------------------------------------ */
-
-/* HDF5 prints its error stack by default; these functions turn that off for their
- * duration and put the stack's first and deepest descriptions into the message. */
-struct h5_quiet {
-    H5E_auto2_t func;
-    void *data;
-};
-
-static void h5_quiet_begin(struct h5_quiet *q)
-{
-    H5Eget_auto2(H5E_DEFAULT, &q->func, &q->data);
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-}
-
-static void h5_quiet_end(const struct h5_quiet *q)
-{
-    H5Eset_auto2(H5E_DEFAULT, q->func, q->data);
-}
-
-struct h5_walk {
-    char first[256], deepest[256];
-    int n;
-};
-
-static herr_t h5_walk_entry(unsigned n, const H5E_error2_t *entry, void *data)
-{
-    struct h5_walk *w = data;
-    const char *desc = entry->desc ? entry->desc : "";
-    if (n == 0) snprintf(w->first, sizeof w->first, "%s", desc);
-    snprintf(w->deepest, sizeof w->deepest, "%s", desc);
-    w->n++;
-    return 0;
-}
-
-/* The library's own reason for the failure of the last HDF5 call. */
-static void h5_reason(char *buf, size_t size)
-{
-    struct h5_walk w = {.n = 0};
-    H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD, h5_walk_entry, &w);
-    if (w.n == 0)
-        snprintf(buf, size, "HDF5 error");
-    else if (w.n == 1 || strcmp(w.first, w.deepest) == 0)
-        snprintf(buf, size, "%s", w.first);
-    else
-        snprintf(buf, size, "%s (%s)", w.first, w.deepest);
-    H5Eclear2(H5E_DEFAULT);
-}
-
-/* "FILE: OBJECT: what: the library's reason" into err. */
-static void h5_fail(char *err, size_t err_size, const char *file, const char *object,
-                    const char *what)
-{
-    char reason[600];
-    h5_reason(reason, sizeof reason);
-    snprintf(err, err_size, "%s: %s: %s: %s", file, object, what, reason);
-}
 
 /* ---- writing ------------------------------------------------------------------------ */
 
