@@ -7,6 +7,8 @@
 #include <math.h>
 #include <stdio.h>
 
+#include "block_reduce.cuh"
+
 static int report(const char *what, char *err, size_t err_size)
 {
     cudaError_t status = cudaGetLastError();
@@ -213,8 +215,7 @@ __global__ void swiglu_kernel(float *h, const float *gate, const float *up, size
 {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count;
          i += (size_t)gridDim.x * blockDim.x) {
-        float g = gate[i];
-        h[i] = g / (1.0f + expf(-g)) * up[i];
+        h[i] = silu_glu(gate[i], up[i]);
     }
 }
 
@@ -224,4 +225,109 @@ extern "C" int moe_swiglu(float *h, const float *gate, const float *up, size_t c
     if (count == 0) return 0;
     swiglu_kernel<<<launch_blocks(count, THREADS), THREADS>>>(h, gate, up, count);
     return report("moe_swiglu", err, err_size);
+}
+
+/* ---- backward ----------------------------------------------------------------------------- */
+
+__global__ void swiglu_backward_kernel(float *dgate, float *dup, const float *dh, const float *gate,
+                                       const float *up, size_t count)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count;
+         i += (size_t)gridDim.x * blockDim.x)
+        silu_glu_backward(&dgate[i], &dup[i], dh[i], gate[i], up[i]);
+}
+
+extern "C" int moe_swiglu_backward(float *dgate, float *dup, const float *dh, const float *gate,
+                                   const float *up, size_t count, char *err, size_t err_size)
+{
+    if (count == 0) return 0;
+    swiglu_backward_kernel<<<launch_blocks(count, THREADS), THREADS>>>(dgate, dup, dh, gate, up, count);
+    return report("moe_swiglu_backward", err, err_size);
+}
+
+/* One block per slot (n, k): dys[row] = w dout[n], dweights[n,k] = <dout[n], ys[row]>. */
+__global__ void combine_backward_kernel(float *dys, float *dweights, const float *dout,
+                                        const float *ys, const float *weights,
+                                        const int32_t *row_of_slot, int K, int H)
+{
+    size_t slot = blockIdx.x, n = slot / K, row = (size_t)row_of_slot[slot];
+    const float *g = dout + n * H, *y = ys + row * H;
+    float *dy = dys + row * H, w = weights[slot], dot = 0.0f;
+    for (int d = threadIdx.x; d < H; d += blockDim.x) {
+        dot += g[d] * y[d];
+        dy[d] = w * g[d];
+    }
+    dot = block_sum(dot);
+    if (threadIdx.x == 0) dweights[slot] = dot;
+}
+
+extern "C" int moe_combine_backward(float *dys, float *dweights, const float *dout, const float *ys,
+                                    const float *weights, const int32_t *row_of_slot, int N, int K,
+                                    int H, char *err, size_t err_size)
+{
+    if ((size_t)N * K == 0) return 0;
+    combine_backward_kernel<<<(unsigned)((size_t)N * K), THREADS>>>(dys, dweights, dout, ys, weights,
+                                                                   row_of_slot, K, H);
+    return report("moe_combine_backward", err, err_size);
+}
+
+/* dx[n,h] (+)= sum over k, in k order, of dxs[row_of_slot[n,k], h]: the CPU's order. */
+__global__ void gather_rows_backward_kernel(float *dx, const float *dxs, const int32_t *row_of_slot,
+                                            int N, int K, int H, int accumulate)
+{
+    size_t total = (size_t)N * H;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t n = i / H, h = i % H;
+        float sum = 0.0f;
+        for (int k = 0; k < K; k++) sum += dxs[(size_t)row_of_slot[n * K + k] * H + h];
+        dx[i] = accumulate ? dx[i] + sum : sum;
+    }
+}
+
+extern "C" int moe_gather_rows_backward(float *dx, const float *dxs, const int32_t *row_of_slot,
+                                        int N, int K, int H, int accumulate, char *err,
+                                        size_t err_size)
+{
+    if ((size_t)N * H == 0) return 0;
+    gather_rows_backward_kernel<<<launch_blocks((size_t)N * H, THREADS), THREADS>>>(
+        dx, dxs, row_of_slot, N, K, H, accumulate);
+    return report("moe_gather_rows_backward", err, err_size);
+}
+
+/* One thread per token, the CPU backend's row function (E <= ROUTER_MAX_EXPERTS). */
+__global__ void router_topk_backward_kernel(float *dlogits, const float *dweights,
+                                            const float *probs, const int32_t *ids, int N, int E,
+                                            int K, int renormalise, float scaling)
+{
+    int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    router_topk_backward_row(dlogits + (size_t)n * E, dweights + (size_t)n * K,
+                             probs + (size_t)n * E, ids + (size_t)n * K, E, K, renormalise, scaling);
+}
+
+extern "C" int moe_router_topk_backward(float *dlogits, const float *dweights, const float *probs,
+                                        const int32_t *ids, int N, int E, int K, int renormalise,
+                                        float scaling, char *err, size_t err_size)
+{
+    if (N == 0) return 0;
+    router_topk_backward_kernel<<<(N + THREADS - 1) / THREADS, THREADS>>>(
+        dlogits, dweights, probs, ids, N, E, K, renormalise, scaling);
+    return report("moe_router_topk_backward", err, err_size);
+}
+
+__global__ void router_balance_backward_kernel(float *dlogits, const float *probs,
+                                               const float *coef, int N, int E)
+{
+    int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    router_balance_backward_row(dlogits + (size_t)n * E, probs + (size_t)n * E, coef, E);
+}
+
+extern "C" int moe_router_balance_backward(float *dlogits, const float *probs, const float *coef,
+                                           int N, int E, char *err, size_t err_size)
+{
+    if (N == 0) return 0;
+    router_balance_backward_kernel<<<(N + THREADS - 1) / THREADS, THREADS>>>(dlogits, probs, coef, N, E);
+    return report("moe_router_balance_backward", err, err_size);
 }

@@ -42,6 +42,31 @@ int moe_combine(float *out, const float *ys, const float *weights, const int32_t
 int moe_swiglu(float *h, const float *gate, const float *up, size_t count, char *err,
                size_t err_size);
 
+/* ---- backward: each the CPU backend's op of the same name (backend.h) ---------------- */
+
+/* dgate[i], dup[i] (written) from dh[i], through h = silu(gate) * up. */
+int moe_swiglu_backward(float *dgate, float *dup, const float *dh, const float *gate,
+                        const float *up, size_t count, char *err, size_t err_size);
+
+/* dys[M,H] and dweights[N,K] (written) from dout[N,H]. One block per slot. */
+int moe_combine_backward(float *dys, float *dweights, const float *dout, const float *ys,
+                         const float *weights, const int32_t *row_of_slot, int N, int K, int H,
+                         char *err, size_t err_size);
+
+/* dx[N,H] (+)= sum_k dxs[row_of_slot[n*K+k]], in k order (bit for bit the CPU's). */
+int moe_gather_rows_backward(float *dx, const float *dxs, const int32_t *row_of_slot, int N, int K,
+                             int H, int accumulate, char *err, size_t err_size);
+
+/* dlogits[N,E] (written) from dweights[N,K], through the top-k weights and the softmax;
+ * one thread per token running moe_math.h's router_topk_backward_row. */
+int moe_router_topk_backward(float *dlogits, const float *dweights, const float *probs,
+                             const int32_t *ids, int N, int E, int K, int renormalise,
+                             float scaling, char *err, size_t err_size);
+
+/* dlogits[N,E] += the load-balancing loss's gradient through the softmax. */
+int moe_router_balance_backward(float *dlogits, const float *probs, const float *coef, int N, int E,
+                                char *err, size_t err_size);
+
 #ifdef __cplusplus
 }
 #endif

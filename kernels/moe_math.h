@@ -15,6 +15,7 @@
 #ifndef ESFT_KERNELS_MOE_MATH_H
 #define ESFT_KERNELS_MOE_MATH_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -76,5 +77,51 @@ MOE_HD int launch_warp_blocks(int R, int threads)
 
 /* Router: lane l of a warp holds experts l, l + 32, ...: how many each lane holds. */
 MOE_HD int router_per_lane(int E) { return (E + WARP - 1) / WARP; }
+
+/* ---- element and row arithmetic shared with the CPU backend (src/cpu_ops.c) ----------- */
+
+/* silu(g) * u, and its gradients: dg = d u silu'(g), du = d silu(g), with silu' = s (1 +
+ * g (1 - s)), s = sigmoid(g); silu(g) formed as the forward forms it, g / (1 + e^-g). */
+MOE_HD float silu_glu(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+MOE_HD void silu_glu_backward(float *dg, float *du, float d, float g, float u)
+{
+    float s = 1.0f / (1.0f + expf(-g));
+    *du = d * (g / (1.0f + expf(-g)));
+    *dg = d * u * (s * (1.0f + g * (1.0f - s)));
+}
+
+/* The router's backward for one token (softmax then top-k, optionally renormalised, then
+ * scaled): weights_k = scaling p[id_k] / S, S = the sum of the top-k p when renormalise
+ * (else 1): dp[id_k] = scaling (dw_k / S - <dw, p[ids]> / S^2) (without renormalise:
+ * scaling dw_k), 0 off the top-k; then the softmax's dz = p (dp - <p, dp>). dz[E] is
+ * written. */
+MOE_HD void router_topk_backward_row(float *dz, const float *dw, const float *p,
+                                     const int32_t *id, int E, int K, int renormalise,
+                                     float scaling)
+{
+    float total = 1.0f, correction = 0.0f;
+    if (renormalise) {
+        total = 0.0f; /* in k order, as the forward summed it */
+        for (int k = 0; k < K; k++) total += p[id[k]];
+        for (int k = 0; k < K; k++) correction += dw[k] * p[id[k]];
+        correction /= total * total;
+    }
+    for (int e = 0; e < E; e++) dz[e] = 0.0f;
+    float dot = 0.0f; /* <p, dp>, dp being 0 off the top-k */
+    for (int k = 0; k < K; k++) {
+        float dp = renormalise ? scaling * (dw[k] / total - correction) : scaling * dw[k];
+        dz[id[k]] = dp;
+        dot += p[id[k]] * dp;
+    }
+    for (int e = 0; e < E; e++) dz[e] = p[e] * (dz[e] - dot);
+}
+
+/* The load-balancing loss through one token's softmax: dz[e] += p[e] (coef[e] - <p, coef>). */
+MOE_HD void router_balance_backward_row(float *dz, const float *p, const float *coef, int E)
+{
+    float dot = 0.0f;
+    for (int e = 0; e < E; e++) dot += p[e] * coef[e];
+    for (int e = 0; e < E; e++) dz[e] += p[e] * (coef[e] - dot);
+}
 
 #endif

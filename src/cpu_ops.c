@@ -19,6 +19,8 @@
 #include <string.h>
 
 #include "backend.h"
+#include "dense_math.h"
+#include "moe_math.h"
 #include "log.h"
 
 /* e^x for x <= 0, the arguments of a softmax after its maximum is subtracted, written so
@@ -149,10 +151,9 @@ static void cpu_rmsnorm(float *y, float *rstd, const float *x, const float *w, i
         float *yr = y + (size_t)r * D;
         float sum = 0.0f;
         for (int d = 0; d < D; d++) sum += xr[d] * xr[d];
-        float inv = 1.0f / sqrtf(sum / (float)D + eps);
+        float inv = rmsnorm_rstd(sum, D, eps);
         if (rstd) rstd[r] = inv;
-        /* transformers: weight * (x * rsqrt(var + eps)), the product formed first */
-        for (int d = 0; d < D; d++) yr[d] = w[d] * (xr[d] * inv);
+        for (int d = 0; d < D; d++) yr[d] = rmsnorm_out(xr[d], w[d], inv);
     }
 }
 
@@ -163,19 +164,11 @@ static void cpu_rope(float *x, const int32_t *positions, const float *inv_freq,
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         float cosv[512], sinv[512];
-        /* angle in fp32 as transformers forms it: inv_freq (fp32) x position (fp32) */
-        for (int i = 0; i < half; i++) {
-            float angle = (float)positions[n] * inv_freq[i];
-            cosv[i] = cosf(angle) * attention_scaling;
-            sinv[i] = sinf(angle) * attention_scaling;
-        }
+        for (int i = 0; i < half; i++)
+            rope_cos_sin(&cosv[i], &sinv[i], positions[n], inv_freq[i], attention_scaling);
         for (int h = 0; h < n_heads; h++) {
             float *xh = x + ((size_t)n * n_heads + h) * Dh;
-            for (int i = 0; i < half; i++) {
-                float a = xh[i], b = xh[i + half];
-                xh[i] = a * cosv[i] - b * sinv[i];
-                xh[i + half] = b * cosv[i] + a * sinv[i];
-            }
+            for (int i = 0; i < half; i++) rope_rotate(&xh[i], &xh[i + half], cosv[i], sinv[i]);
         }
     }
 }
@@ -370,10 +363,7 @@ static void cpu_glu(float *h, const float *gate, const float *up, size_t count,
 {
     if (act == ACT_SILU) {
 #pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < count; i++) {
-            float g = gate[i];
-            h[i] = g / (1.0f + expf(-g)) * up[i];
-        }
+        for (size_t i = 0; i < count; i++) h[i] = silu_glu(gate[i], up[i]);
     } else {
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < count; i++) {
@@ -433,7 +423,7 @@ static double cpu_cross_entropy_sum(const float *logits, const int32_t *labels, 
         /* fp32 exponentials as transformers' fp32 log_softmax, the row's log in double */
         float max = row_max(z, V);
         float sum = row_exp_sum(z, V, max);
-        total += log((double)sum) + max - z[labels[n]];
+        total += cross_entropy_row(max, sum, z[labels[n]]);
         count++;
     }
     *counted = count;
@@ -448,9 +438,8 @@ static double cpu_cross_entropy_sum(const float *logits, const int32_t *labels, 
  * element's sum over rows stays inside one call), and column sums go through partial sums
  * over fixed chunks of rows combined in chunk order. No atomics. */
 
-/* Rows per partial sum of a column reduction: a fixed partition, independent of threads. */
-enum { SUM_CHUNK = 256 };
-
+/* Column reductions take SUM_CHUNK rows per partial sum (dense_math.h): a fixed
+ * partition, independent of the thread count. */
 /* sum[D] += the column sums of partial[chunks, D], added in chunk order. */
 static void add_partial_sums(float *sum, const float *partial, int chunks, int D)
 {
@@ -539,7 +528,7 @@ static void cpu_rmsnorm_backward(float *dx, float *dw, const float *dy, const fl
             float inv = rstd[r];
             if (partial) {
                 float *p = partial + (size_t)c * D;
-                for (int d = 0; d < D; d++) p[d] += dyr[d] * (xr[d] * inv);
+                for (int d = 0; d < D; d++) p[d] += rmsnorm_dw_term(dyr[d], xr[d], inv);
             }
             if (!dx) continue;
             float dot = 0.0f;
@@ -547,7 +536,7 @@ static void cpu_rmsnorm_backward(float *dx, float *dw, const float *dy, const fl
             float mean = dot / (float)D;
             float *dxr = dx + (size_t)r * D;
             for (int d = 0; d < D; d++) {
-                float g = inv * (dyr[d] * w[d] - (xr[d] * inv) * mean);
+                float g = rmsnorm_dx(dyr[d], xr[d], w[d], inv, mean);
                 dxr[d] = accumulate_dx ? dxr[d] + g : g;
             }
         }
@@ -567,18 +556,12 @@ static void cpu_rope_backward(float *dx, const int32_t *positions, const float *
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         float cosv[512], sinv[512];
-        for (int i = 0; i < half; i++) {
-            float angle = (float)positions[n] * inv_freq[i];
-            cosv[i] = cosf(angle) * attention_scaling;
-            sinv[i] = sinf(angle) * attention_scaling;
-        }
+        for (int i = 0; i < half; i++)
+            rope_cos_sin(&cosv[i], &sinv[i], positions[n], inv_freq[i], attention_scaling);
         for (int h = 0; h < n_heads; h++) {
             float *g = dx + ((size_t)n * n_heads + h) * Dh;
-            for (int i = 0; i < half; i++) {
-                float a = g[i], b = g[i + half];
-                g[i] = a * cosv[i] + b * sinv[i];
-                g[i + half] = b * cosv[i] - a * sinv[i];
-            }
+            for (int i = 0; i < half; i++)
+                rope_rotate_transpose(&g[i], &g[i + half], cosv[i], sinv[i]);
         }
     }
 }
@@ -672,9 +655,7 @@ static void cpu_attention_backward(float *dq, float *dk, float *dv, const float 
     free(items);
 }
 
-/* weights_k = scaling * p[id_k] / S, S = sum of the top-k p when renormalise (else 1):
- * dp[id_k] = scaling * (dw_k / S - <dw, p[ids]> / S^2) (without renormalise: scaling *
- * dw_k), 0 off the top-k; then the softmax's dz = p * (dp - <p, dp>). */
+/* Row by row: moe_math.h's router_topk_backward_row, shared with the CUDA kernel. */
 static void cpu_router_topk_backward(float *dlogits, const float *dweights, const float *probs,
                                      const int32_t *ids, int N, int E, int K,
                                      enum hf_router_kind kind, bool renormalise, float scaling)
@@ -682,38 +663,18 @@ static void cpu_router_topk_backward(float *dlogits, const float *dweights, cons
     if (kind != ROUTER_SOFTMAX_TOPK)
         fatal(EXIT_RUNTIME, "cpu backend: router kind %d has no backward", (int)kind);
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float *p = probs + (size_t)n * E, *dw = dweights + (size_t)n * K;
-        const int32_t *id = ids + (size_t)n * K;
-        float *dz = dlogits + (size_t)n * E;
-        float total = 1.0f, correction = 0.0f;
-        if (renormalise) {
-            total = 0.0f; /* in k order, as the forward summed it */
-            for (int k = 0; k < K; k++) total += p[id[k]];
-            for (int k = 0; k < K; k++) correction += dw[k] * p[id[k]];
-            correction /= total * total;
-        }
-        for (int e = 0; e < E; e++) dz[e] = 0.0f;
-        float dot = 0.0f; /* <p, dp>, dp being 0 off the top-k */
-        for (int k = 0; k < K; k++) {
-            float dp = renormalise ? scaling * (dw[k] / total - correction) : scaling * dw[k];
-            dz[id[k]] = dp;
-            dot += p[id[k]] * dp;
-        }
-        for (int e = 0; e < E; e++) dz[e] = p[e] * (dz[e] - dot);
-    }
+    for (int n = 0; n < N; n++)
+        router_topk_backward_row(dlogits + (size_t)n * E, dweights + (size_t)n * K,
+                                 probs + (size_t)n * E, ids + (size_t)n * K, E, K, renormalise,
+                                 scaling);
 }
 
 static void cpu_router_balance_backward(float *dlogits, const float *probs, const float *coef,
                                         int N, int E)
 {
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float *p = probs + (size_t)n * E;
-        float *dz = dlogits + (size_t)n * E, dot = 0.0f;
-        for (int e = 0; e < E; e++) dot += p[e] * coef[e];
-        for (int e = 0; e < E; e++) dz[e] += p[e] * (coef[e] - dot);
-    }
+    for (int n = 0; n < N; n++)
+        router_balance_backward_row(dlogits + (size_t)n * E, probs + (size_t)n * E, coef, E);
 }
 
 /* Per expert e: dx[rows] = dy[rows] @ w[e] (items: expert x block of ROW_BLOCK rows, as the
@@ -775,12 +736,7 @@ static void cpu_glu_backward(float *dgate, float *dup, const float *dh, const fl
 {
     if (act == ACT_SILU) {
 #pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < count; i++) {
-            float g = gate[i], u = up[i], d = dh[i];
-            float s = 1.0f / (1.0f + expf(-g));
-            dup[i] = d * (g / (1.0f + expf(-g)));
-            dgate[i] = d * u * (s * (1.0f + g * (1.0f - s)));
-        }
+        for (size_t i = 0; i < count; i++) silu_glu_backward(&dgate[i], &dup[i], dh[i], gate[i], up[i]);
     } else {
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < count; i++) {
@@ -867,8 +823,7 @@ static void cpu_cross_entropy_backward(float *dlogits, const float *logits, cons
         if (g != z) memcpy(g, z, (size_t)V * sizeof(float));
         float sum = row_exp_store_sum(g, V, row_max(g, V));
         float factor = scale / sum;
-        for (int v = 0; v < V; v++) g[v] *= factor;
-        g[labels[n]] -= scale;
+        for (int v = 0; v < V; v++) g[v] = cross_entropy_dlogit(g[v], factor, v == labels[n], scale);
     }
 }
 

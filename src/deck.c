@@ -112,7 +112,7 @@ static const struct key schema[] = {
     {KEY("run.seed", KEY_INT64, run.seed), .def = "5934875", .bounds = LO, .lo = 0,
      .help = "seed of every random choice (init, sampling, shuffling); ESFT reference value"},
     {KEY("run.backend", KEY_ENUM, run.backend), .def = "auto", .names = backend_names,
-     .help = "compute backend; auto uses cuda when a GPU is visible, else cpu"},
+     .help = "compute backend; cuda is refused until a phase runs on the GPU; auto: cpu"},
 
     /* model */
     {KEY("model.path", KEY_STRING, model.path),
@@ -1387,6 +1387,17 @@ int deck_finish(struct deck *deck, char *err, size_t err_size)
         else
             errors_add(&errors, "%s: %s is required by phase %s", where, key->path,
                        phase_name(needing));
+    }
+
+    /* No phase computes on the GPU yet: the CUDA kernels exist (kernels/), the CUDA
+     * backend op table does not. A deck that asks for it is refused, not run on the CPU
+     * behind the user's back; auto means the CPU until then. */
+    if (deck->run.backend == BACKEND_CUDA) {
+        deck_where(deck, "run.backend", where, sizeof where);
+        errors_add(&errors,
+                   "%s: run.backend: cuda is not available in this version (no phase runs on "
+                   "the GPU yet); use cpu or auto",
+                   where);
     }
 
     /* Keys that constrain each other, checked for the phases that use them. */

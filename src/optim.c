@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "dense_math.h"
 #include "log.h"
 
 void adamw_init(struct adamw *opt, const struct model *model, const struct deck_train *train)
@@ -30,12 +31,8 @@ void adamw_free(struct adamw *opt)
 void adamw_step(struct adamw *opt, struct model *model, double lr)
 {
     opt->step++;
-    /* 1 - beta formed in double, as torch does: in float, 1 - 0.999f is off by 1.3e-5 */
-    float b1 = (float)opt->beta1, b2 = (float)opt->beta2, eps = (float)opt->eps;
-    float one_minus_b1 = (float)(1.0 - opt->beta1), one_minus_b2 = (float)(1.0 - opt->beta2);
-    float decay = (float)(1.0 - lr * opt->weight_decay);
-    float step_size = (float)(lr / (1.0 - pow(opt->beta1, (double)opt->step)));
-    float bias2_sqrt = (float)sqrt(1.0 - pow(opt->beta2, (double)opt->step));
+    struct adamw_coef coef = adamw_coefficients(lr, opt->beta1, opt->beta2, opt->eps,
+                                                opt->weight_decay, opt->step);
     size_t offset = 0;
     for (int i = 0; i < model->n_params; i++) {
         struct param *p = &model->params[i];
@@ -43,14 +40,7 @@ void adamw_step(struct adamw *opt, struct model *model, double lr)
         float *m = opt->m + offset, *v = opt->v + offset;
         offset += p->numel;
 #pragma omp parallel for schedule(static)
-        for (size_t j = 0; j < p->numel; j++) {
-            float g = p->grad[j];
-            p->data[j] *= decay;
-            m[j] = b1 * m[j] + one_minus_b1 * g;
-            v[j] = b2 * v[j] + one_minus_b2 * g * g;
-            float denom = sqrtf(v[j]) / bias2_sqrt + eps;
-            p->data[j] -= step_size * m[j] / denom;
-        }
+        for (size_t j = 0; j < p->numel; j++) adamw_update(&p->data[j], &m[j], &v[j], p->grad[j], &coef);
     }
 }
 
@@ -68,10 +58,21 @@ double lr_at(const struct deck_train *train, long long step)
 
 double grad_norm(const struct model *model)
 {
+    /* partial sums over fixed chunks of NORM_CHUNK elements, added in chunk order: the
+     * same value for any thread count, and the device kernel's (kernels/optimizer.cu) */
+    size_t n = model->grad_floats, chunks = (n + NORM_CHUNK - 1) / NORM_CHUNK;
+    double *partial = xmalloc((chunks ? chunks : 1) * sizeof(double));
+#pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < chunks; c++) {
+        size_t end = (c + 1) * NORM_CHUNK < n ? (c + 1) * NORM_CHUNK : n;
+        double sum = 0;
+        for (size_t j = c * NORM_CHUNK; j < end; j++)
+            sum += (double)model->grad_storage[j] * model->grad_storage[j];
+        partial[c] = sum;
+    }
     double sum = 0;
-    /* a fixed order: element by element through the gradient storage */
-    for (size_t j = 0; j < model->grad_floats; j++)
-        sum += (double)model->grad_storage[j] * model->grad_storage[j];
+    for (size_t c = 0; c < chunks; c++) sum += partial[c];
+    free(partial);
     return sqrt(sum);
 }
 

@@ -640,6 +640,9 @@ static void test_requirements(void)
                      err) == 1 &&
             has_error(err, "r.yaml:4:33: ", "train.warmup_steps (6) is more than train.steps (5)"),
         "%s", err);
+    CHECK(finish_count("phase: select\nrun:\n  backend: cuda\n", err) == 1 &&
+              has_error(err, "r.yaml:3:3: ", "run.backend: cuda is not available in this version"),
+          "%s", err);
     /* init keys are not checked when init does not run */
     CHECK(finish_count("phase: select\ninit: {top_k: 9}\n", err) == 0, "%s", err);
 }

@@ -2,7 +2,15 @@
  * reads it back, which proves the kernels were compiled for this GPU; then each MoE
  * kernel (kernels/moe.h) against the CPU backend on random inputs: the permutation bit
  * for bit, the router's ids equal and weights within 1e-6 relative, gather / combine /
- * SwiGLU within 1e-6. Skipped (exit 77) in the CPU-only build and where no GPU is
+ * SwiGLU within 1e-6; each dense kernel (kernels/dense.h) against the same backend, bit
+ * for bit where it does one operation an element (embedding and its backward, add, clamp)
+ * and within 1e-6 to 1e-5 relative where reductions or libm differ; the optimizer
+ * kernels (kernels/optimizer.h) against the host's AdamW, its chunked squared sum (exactly)
+ * and its scale (bit for bit); the MoE backward kernels (bit for bit where they only
+ * move or add in the CPU's order, 1e-5 where they reduce); the cuBLAS GEMMs (kernels/
+ * gemm.h), dense and grouped, forward and backward, fp32 and bf16 operands (the CPU
+ * given the same bf16-rounded values), to 1e-5; attention forward (1e-5) and backward
+ * (1e-4) over packed samples with grouped KV heads. Skipped (exit 77) in the CPU-only build and where no GPU is
  * visible. NEVER RUN YET: no GPU has been lent to this project's sessions. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,11 +21,16 @@
 #include <math.h>
 #include <string.h>
 
+#include "attention.h"
 #include "backend.h"
+#include "dense.h"
 #include "device.h"
+#include "gemm.h"
 #include "log.h"
 #include "moe.h"
+#include "optimizer.h"
 #include "rng.h"
+#include "safetensors.h"
 
 static float *to_device(const void *host, size_t bytes)
 {
@@ -137,6 +150,357 @@ static void check_moe(int N, int E, int K, int H, int I)
                             g_offsets, g_sor, g_ros, x, gate, up, ys, xs, h, out, g_xs, g_h, g_out};
     for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
 }
+/* n uniform floats in [low, high) */
+static float *random_floats(struct rng *rng, size_t n, float low, float high)
+{
+    float *x = xmalloc((n ? n : 1) * sizeof(float));
+    for (size_t i = 0; i < n; i++) x[i] = low + (float)rng_uniform(rng) * (high - low);
+    return x;
+}
+
+/* The device buffer d of n floats against want: worst relative error at most bound
+ * (bound 0: bit for bit). */
+static void expect_floats(const float *d, const float *want, size_t n, double bound,
+                          const char *what)
+{
+    float *got = from_device(d, n * sizeof(float));
+    if (bound == 0)
+        CHECK(memcmp(got, want, n * sizeof(float)) == 0, "%s: not bit for bit the CPU's", what);
+    else {
+        double worst = worst_relative(got, want, n);
+        CHECK(worst <= bound, "%s: relative error %.3g above %.3g", what, worst, bound);
+    }
+    free(got);
+}
+
+/* The dense kernels (kernels/dense.h) against the CPU backend: N tokens, width H, a
+ * vocabulary V, heads of Dh with a partial rotary dimension. */
+static void check_dense(int N, int H, int V, int n_heads, int Dh, int rotary_dim)
+{
+    const struct backend *cpu = backend_cpu();
+    char err[256];
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)N * 7919 + (uint64_t)H);
+    size_t NH = (size_t)N * H, NV = (size_t)N * V, NQ = (size_t)N * n_heads * Dh;
+    /* embedding, forward and backward (tokens repeat: the backward's sums in token order) */
+    int32_t *tokens = xmalloc((size_t)N * sizeof(int32_t));
+    for (int n = 0; n < N; n++) tokens[n] = (int32_t)rng_below(&rng, (uint64_t)(V < 7 ? V : 7));
+    float *table = random_floats(&rng, (size_t)V * H, -1, 1), *x = xmalloc(NH * sizeof(float));
+    cpu->embedding(x, tokens, table, N, H);
+    int32_t *d_tokens = (int32_t *)to_device(tokens, (size_t)N * sizeof(int32_t));
+    float *d_table = to_device(table, (size_t)V * H * sizeof(float)), *d_x = device_alloc(NH * sizeof(float));
+    CHECK(dense_embedding(d_x, d_tokens, d_table, N, H, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_x, x, NH, 0, "embedding");
+    float *dx = random_floats(&rng, NH, -1, 1), *d_dx = to_device(dx, NH * sizeof(float));
+    cpu->embedding_backward(table, dx, tokens, N, H);
+    CHECK(dense_embedding_backward(d_table, d_dx, d_tokens, N, H, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_table, table, (size_t)V * H, 0, "embedding backward");
+    /* RMSNorm: forward; backward from the CPU's rstd, dx apart and in place over dy */
+    float *w = random_floats(&rng, (size_t)H, 0.5f, 1.5f), *y = xmalloc(NH * sizeof(float));
+    float *rstd = xmalloc((size_t)N * sizeof(float));
+    cpu->rmsnorm(y, rstd, x, w, N, H, 1e-6f);
+    float *d_w = to_device(w, (size_t)H * sizeof(float)), *d_y = device_alloc(NH * sizeof(float));
+    float *d_rstd = device_alloc((size_t)N * sizeof(float));
+    CHECK(dense_rmsnorm(d_y, d_rstd, d_x, d_w, N, H, 1e-6f, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_y, y, NH, 1e-6, "rmsnorm");
+    expect_floats(d_rstd, rstd, (size_t)N, 1e-6, "rmsnorm rstd");
+    CHECK(device_copy_to_device(d_rstd, rstd, (size_t)N * sizeof(float)) == 0, "upload");
+    float *dy = random_floats(&rng, NH, -1, 1), *dw = random_floats(&rng, (size_t)H, -1, 1);
+    float *d_dy = to_device(dy, NH * sizeof(float)), *d_dw = to_device(dw, (size_t)H * sizeof(float));
+    void *workspace = device_alloc(dense_rmsnorm_workspace(N, H));
+    cpu->rmsnorm_backward(dx, dw, dy, x, w, rstd, N, H, false);
+    CHECK(dense_rmsnorm_backward(d_dx, d_dw, d_dy, d_x, d_w, d_rstd, N, H, 0, workspace, err,
+                                 sizeof err) == 0, "%s", err);
+    expect_floats(d_dx, dx, NH, 1e-5, "rmsnorm backward dx");
+    expect_floats(d_dw, dw, (size_t)H, 1e-5, "rmsnorm backward dw");
+    CHECK(dense_rmsnorm_backward(d_dy, NULL, d_dy, d_x, d_w, d_rstd, N, H, 0, workspace, err,
+                                 sizeof err) == 0, "%s", err);
+    expect_floats(d_dy, dx, NH, 1e-5, "rmsnorm backward, dx over dy");
+    /* RoPE, forward and its transpose */
+    int32_t *positions = xmalloc((size_t)N * sizeof(int32_t));
+    for (int n = 0; n < N; n++) positions[n] = (int32_t)rng_below(&rng, 4096);
+    float *inv_freq = xmalloc((size_t)(rotary_dim / 2) * sizeof(float));
+    for (int i = 0; i < rotary_dim / 2; i++) inv_freq[i] = powf(10000.0f, -2.0f * i / rotary_dim);
+    float *q = random_floats(&rng, NQ, -1, 1), *d_q = to_device(q, NQ * sizeof(float));
+    int32_t *d_positions = (int32_t *)to_device(positions, (size_t)N * sizeof(int32_t));
+    float *d_inv_freq = to_device(inv_freq, (size_t)(rotary_dim / 2) * sizeof(float));
+    for (int backward = 0; backward < 2; backward++) {
+        if (backward)
+            cpu->rope_backward(q, positions, inv_freq, 1.25f, N, n_heads, Dh, rotary_dim);
+        else
+            cpu->rope(q, positions, inv_freq, 1.25f, N, n_heads, Dh, rotary_dim);
+        CHECK(dense_rope(d_q, d_positions, d_inv_freq, 1.25f, N, n_heads, Dh, rotary_dim, backward,
+                         err, sizeof err) == 0, "%s", err);
+        expect_floats(d_q, q, NQ, 1e-5, backward ? "rope backward" : "rope");
+    }
+    /* add, clamp and its backward: one operation an element, bit for bit */
+    float *sum = xmalloc(NH * sizeof(float));
+    CHECK(device_copy_to_device(d_dy, dy, NH * sizeof(float)) == 0, "upload"); /* was overwritten */
+    cpu->add(sum, x, dy, NH);
+    CHECK(dense_add(d_y, d_x, d_dy, NH, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_y, sum, NH, 0, "add");
+    cpu->clamp(sum, NH, -0.5f, 0.5f);
+    CHECK(dense_clamp(d_y, NH, -0.5f, 0.5f, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_y, sum, NH, 0, "clamp");
+    CHECK(device_copy_to_device(d_dx, dy, NH * sizeof(float)) == 0, "upload");
+    cpu->clamp_backward(dy, sum, NH, -0.5f, 0.5f);
+    CHECK(dense_clamp_backward(d_dx, d_y, NH, -0.5f, 0.5f, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_dx, dy, NH, 0, "clamp backward");
+    /* cross-entropy: the loss, and the gradient apart and over the logits */
+    float *logits = random_floats(&rng, NV, -8, 8), *dlogits = xmalloc(NV * sizeof(float));
+    int32_t *labels = xmalloc((size_t)N * sizeof(int32_t));
+    for (int n = 0; n < N; n++) labels[n] = n % 5 == 3 ? -100 : (int32_t)rng_below(&rng, (uint64_t)V);
+    long long want_counted = 0, counted = 0;
+    double want_total = cpu->cross_entropy_sum(logits, labels, N, V, &want_counted), total = 0;
+    cpu->cross_entropy_backward(dlogits, logits, labels, N, V, 0.125f);
+    float *d_logits = to_device(logits, NV * sizeof(float)), *d_dlogits = device_alloc(NV * sizeof(float));
+    int32_t *d_labels = (int32_t *)to_device(labels, (size_t)N * sizeof(int32_t));
+    double *d_row_loss = device_alloc((size_t)N * sizeof(double));
+    for (int in_place = 0; in_place < 2; in_place++) {
+        float *target = in_place ? d_logits : d_dlogits;
+        CHECK(dense_cross_entropy(d_row_loss, target, d_logits, d_labels, N, V, 0.125f, err,
+                                  sizeof err) == 0, "%s", err);
+        CHECK(dense_sum_rows(&total, &counted, d_row_loss, d_labels, N, err, sizeof err) == 0, "%s", err);
+        CHECK(counted == want_counted && fabs(total - want_total) <= 1e-6 * fabs(want_total),
+              "cross-entropy: %.9g over %lld rows, the CPU %.9g over %lld", total, counted,
+              want_total, want_counted);
+        expect_floats(target, dlogits, NV, 1e-5, in_place ? "cross-entropy gradient over the logits"
+                                                          : "cross-entropy gradient");
+    }
+    printf("dense kernels, N %d H %d V %d heads %d x %d (rotary %d): compared with the CPU backend\n",
+           N, H, V, n_heads, Dh, rotary_dim);
+    void *device_buffers[] = {d_tokens, d_table, d_x, d_dx, d_w, d_y, d_rstd, d_dy, d_dw, workspace,
+                              d_q, d_positions, d_inv_freq, d_logits, d_dlogits, d_labels, d_row_loss};
+    for (size_t i = 0; i < sizeof device_buffers / sizeof device_buffers[0]; i++) device_free(device_buffers[i]);
+    void *host_buffers[] = {tokens, table, x, dx, w, y, rstd, dy, dw, positions, inv_freq, q, sum,
+                            logits, dlogits, labels};
+    for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
+}
+
+/* The optimizer kernels (kernels/optimizer.h) against the host's arithmetic on n elements:
+ * three AdamW steps, the squared sum, the scale. */
+static void check_optim(size_t n)
+{
+    char err[256];
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)n);
+    float *data = random_floats(&rng, n, -1, 1), *m = xcalloc(n ? n : 1, sizeof(float));
+    float *v = xcalloc(n ? n : 1, sizeof(float)), *grad = random_floats(&rng, n, -0.01f, 0.01f);
+    float *d_data = to_device(data, n * sizeof(float)), *d_m = to_device(m, n * sizeof(float));
+    float *d_v = to_device(v, n * sizeof(float)), *d_grad = to_device(grad, n * sizeof(float));
+    for (long long t = 1; t <= 3; t++) {
+        struct adamw_coef coef = adamw_coefficients(1e-3, 0.9, 0.999, 1e-8, 0.1, t);
+        for (size_t i = 0; i < n; i++) adamw_update(&data[i], &m[i], &v[i], grad[i], &coef);
+        CHECK(optim_adamw(d_data, d_m, d_v, d_grad, n, coef, err, sizeof err) == 0, "%s", err);
+    }
+    expect_floats(d_data, data, n, 1e-6, "AdamW parameters");
+    expect_floats(d_m, m, n, 1e-6, "AdamW first moments");
+    expect_floats(d_v, v, n, 1e-6, "AdamW second moments");
+    double want = 0, got = 0; /* the chunked sum, as src/optim.c's grad_norm forms it */
+    for (size_t c = 0; c * NORM_CHUNK < n; c++) {
+        double part = 0;
+        for (size_t i = c * NORM_CHUNK; i < n && i < (c + 1) * NORM_CHUNK; i++) part += (double)grad[i] * grad[i];
+        want += part;
+    }
+    void *workspace = device_alloc(optim_sum_squares_workspace(n));
+    CHECK(optim_sum_squares(&got, d_grad, n, workspace, err, sizeof err) == 0, "%s", err);
+    CHECK(got == want, "squared-gradient sum %.17g, the host's %.17g", got, want);
+    for (size_t i = 0; i < n; i++) grad[i] *= 0.375f;
+    CHECK(optim_scale(d_grad, n, 0.375f, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_grad, grad, n, 0, "gradient scale");
+    printf("optimizer kernels, %zu elements: compared with the host\n", n);
+    void *device_buffers[] = {d_data, d_m, d_v, d_grad, workspace};
+    for (size_t i = 0; i < sizeof device_buffers / sizeof device_buffers[0]; i++) device_free(device_buffers[i]);
+    free(data), free(m), free(v), free(grad);
+}
+/* x rounded to bf16 in place; returns the bf16 copy (for the device's bf16 operands). */
+static uint16_t *round_to_bf16(float *x, size_t n)
+{
+    uint16_t *h = xmalloc((n ? n : 1) * sizeof(uint16_t));
+    st_f32_to_bf16_array(x, h, n);
+    for (size_t i = 0; i < n; i++) x[i] = st_bf16_to_f32(h[i]);
+    return h;
+}
+
+/* The cuBLAS GEMMs (kernels/gemm.h) against the CPU backend, fp32 and bf16 operands: a
+ * linear layer with bias forward and backward, then E experts' grouped GEMMs over a
+ * random routing with empty and frozen experts. */
+static void check_gemm(int N, int I, int O, int E, enum gemm_type type)
+{
+    const struct backend *cpu = backend_cpu();
+    char err[256];
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)N * 31 + (uint64_t)I * 7 + (uint64_t)O + (uint64_t)type);
+    struct gemm_context *ctx = gemm_create(err, sizeof err);
+    CHECK(ctx != NULL, "%s", err);
+    if (!ctx) return;
+    size_t es = type == GEMM_BF16 ? 2 : 4;
+    float *x = random_floats(&rng, (size_t)N * I, -1, 1), *w = random_floats(&rng, (size_t)E * O * I, -1, 1);
+    float *dy = random_floats(&rng, (size_t)N * O, -1, 1), *bias = random_floats(&rng, (size_t)O, -1, 1);
+    const void *hx = x, *hw = w, *hdy = dy; /* the operands as the device gets them */
+    uint16_t *bx = NULL, *bw = NULL, *bdy = NULL;
+    if (type == GEMM_BF16) {
+        bx = round_to_bf16(x, (size_t)N * I), bw = round_to_bf16(w, (size_t)E * O * I);
+        bdy = round_to_bf16(dy, (size_t)N * O);
+        hx = bx, hw = bw, hdy = bdy;
+    }
+    void *d_x = to_device(hx, (size_t)N * I * es), *d_w = to_device(hw, (size_t)E * O * I * es);
+    void *d_dy = to_device(hdy, (size_t)N * O * es);
+    float *d_bias = to_device(bias, (size_t)O * sizeof(float));
+    /* dense: y = x w0^T + bias, then dx (accumulated), dw, dbias */
+    float *y = xmalloc((size_t)N * O * sizeof(float)), *d_y = device_alloc((size_t)N * O * sizeof(float));
+    cpu->linear(y, x, w, bias, N, I, O, false);
+    CHECK(gemm_linear(ctx, d_y, d_x, d_w, d_bias, N, I, O, 0, type, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_y, y, (size_t)N * O, 1e-5, "gemm_linear");
+    float *dx = random_floats(&rng, (size_t)N * I, -1, 1), *dw = random_floats(&rng, (size_t)O * I, -1, 1);
+    float *dbias = random_floats(&rng, (size_t)O, -1, 1);
+    float *d_dx = to_device(dx, (size_t)N * I * sizeof(float)), *d_dw = to_device(dw, (size_t)O * I * sizeof(float));
+    float *d_dbias = to_device(dbias, (size_t)O * sizeof(float));
+    void *workspace = device_alloc(gemm_bias_workspace(N, O));
+    cpu->linear_backward(dx, dw, type == GEMM_F32 ? dbias : NULL, dy, x, w, N, I, O, true);
+    CHECK(gemm_linear_backward(ctx, d_dx, d_dw, type == GEMM_F32 ? d_dbias : NULL, d_dy, d_x, d_w, N, I,
+                               O, 1, type, workspace, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_dx, dx, (size_t)N * I, 1e-5, "gemm_linear_backward dx");
+    expect_floats(d_dw, dw, (size_t)O * I, 1e-5, "gemm_linear_backward dw");
+    expect_floats(d_dbias, dbias, (size_t)O, type == GEMM_F32 ? 1e-6 : 0, "gemm_linear_backward dbias");
+    /* grouped: N rows over E experts, experts 1 and E - 1 empty, odd experts frozen */
+    int32_t *offsets = xcalloc((size_t)(E + 1), sizeof(int32_t));
+    for (int r = 0; r < N; r++) {
+        int e = (int)rng_below(&rng, (uint64_t)E);
+        offsets[(e == 1 || e == E - 1 ? 0 : e) + 1]++;
+    }
+    for (int e = 0; e < E; e++) offsets[e + 1] += offsets[e];
+    float *ys = xmalloc((size_t)N * O * sizeof(float));
+    cpu->grouped_linear(ys, x, w, offsets, E, I, O);
+    CHECK(gemm_grouped_linear(ctx, d_y, d_x, d_w, offsets, E, I, O, type, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_y, ys, (size_t)N * O, 1e-5, "gemm_grouped_linear");
+    float **dws = xcalloc((size_t)E, sizeof *dws), **d_dws = xcalloc((size_t)E, sizeof *d_dws);
+    for (int e = 0; e < E; e++)
+        if (e % 2 == 0) {
+            dws[e] = random_floats(&rng, (size_t)O * I, -1, 1);
+            d_dws[e] = to_device(dws[e], (size_t)O * I * sizeof(float));
+        }
+    cpu->grouped_linear_backward(dx, dws, dy, x, w, offsets, E, I, O);
+    CHECK(gemm_grouped_linear_backward(ctx, d_dx, d_dws, d_dy, d_x, d_w, offsets, E, I, O, type, err,
+                                       sizeof err) == 0, "%s", err);
+    expect_floats(d_dx, dx, (size_t)N * I, 1e-5, "gemm_grouped_linear_backward dx");
+    for (int e = 0; e < E; e += 2) expect_floats(d_dws[e], dws[e], (size_t)O * I, 1e-5, "grouped dw");
+    printf("cuBLAS GEMMs, N %d I %d O %d E %d, %s operands: compared with the CPU backend\n", N, I, O,
+           E, type == GEMM_BF16 ? "bf16" : "fp32");
+    for (int e = 0; e < E; e++) free(dws[e]), device_free(d_dws[e]);
+    free(dws), free(d_dws);
+    void *device_buffers[] = {d_x, d_w, d_dy, d_bias, d_y, d_dx, d_dw, d_dbias, workspace};
+    for (size_t i = 0; i < sizeof device_buffers / sizeof device_buffers[0]; i++) device_free(device_buffers[i]);
+    void *host_buffers[] = {x, w, dy, bias, bx, bw, bdy, y, dx, dw, dbias, offsets, ys};
+    for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
+    gemm_destroy(ctx);
+}
+
+/* The MoE backward kernels against the CPU backend on one random routing. */
+static void check_moe_backward(int N, int E, int K, int H, int I)
+{
+    const struct backend *cpu = backend_cpu();
+    char err[256];
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)N * 131 + (uint64_t)E);
+    int M = N * K;
+    float *logits = random_floats(&rng, (size_t)N * E, -4, 4), *probs = xmalloc((size_t)N * E * sizeof(float));
+    int32_t *ids = xmalloc((size_t)M * sizeof(int32_t));
+    float *weights = xmalloc((size_t)M * sizeof(float));
+    cpu->router_topk(ids, weights, probs, logits, N, E, K, ROUTER_SOFTMAX_TOPK, true, 2.5f);
+    int32_t *offsets = xmalloc((size_t)(E + 1) * sizeof(int32_t)), *sor = xmalloc((size_t)M * sizeof(int32_t));
+    int32_t *ros = xmalloc((size_t)M * sizeof(int32_t));
+    cpu->permute_by_expert(offsets, sor, ros, ids, N, K, E);
+    int32_t *d_ids = (int32_t *)to_device(ids, (size_t)M * sizeof(int32_t));
+    int32_t *d_ros = (int32_t *)to_device(ros, (size_t)M * sizeof(int32_t));
+    float *d_probs = to_device(probs, (size_t)N * E * sizeof(float)), *d_weights = to_device(weights, (size_t)M * sizeof(float));
+    /* SwiGLU */
+    size_t MI = (size_t)M * I;
+    float *gate = random_floats(&rng, MI, -4, 4), *up = random_floats(&rng, MI, -1, 1), *dh = random_floats(&rng, MI, -1, 1);
+    float *dgate = xmalloc(MI * sizeof(float)), *dup = xmalloc(MI * sizeof(float));
+    cpu->glu_backward(dgate, dup, dh, gate, up, MI, ACT_SILU);
+    float *d_gate = to_device(gate, MI * sizeof(float)), *d_up = to_device(up, MI * sizeof(float));
+    float *d_dh = to_device(dh, MI * sizeof(float)), *d_dgate = device_alloc(MI * sizeof(float)), *d_dup = device_alloc(MI * sizeof(float));
+    CHECK(moe_swiglu_backward(d_dgate, d_dup, d_dh, d_gate, d_up, MI, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_dgate, dgate, MI, 1e-6, "SwiGLU backward dgate");
+    expect_floats(d_dup, dup, MI, 1e-6, "SwiGLU backward dup");
+    /* combine and gather backward */
+    size_t MH = (size_t)M * H, NH = (size_t)N * H;
+    float *ys = random_floats(&rng, MH, -1, 1), *dout = random_floats(&rng, NH, -1, 1);
+    float *dys = xmalloc(MH * sizeof(float)), *dweights = xmalloc((size_t)M * sizeof(float));
+    cpu->combine_backward(dys, dweights, dout, ys, weights, ros, N, K, H);
+    float *d_ys = to_device(ys, MH * sizeof(float)), *d_dout = to_device(dout, NH * sizeof(float));
+    float *d_dys = device_alloc(MH * sizeof(float)), *d_dweights = device_alloc((size_t)M * sizeof(float));
+    CHECK(moe_combine_backward(d_dys, d_dweights, d_dout, d_ys, d_weights, d_ros, N, K, H, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_dys, dys, MH, 0, "combine backward dys");
+    expect_floats(d_dweights, dweights, (size_t)M, 1e-5, "combine backward dweights");
+    float *dx = random_floats(&rng, NH, -1, 1), *d_dx = to_device(dx, NH * sizeof(float));
+    cpu->gather_rows_backward(dx, dys, ros, N, K, H, true);
+    CHECK(moe_gather_rows_backward(d_dx, d_dys, d_ros, N, K, H, 1, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_dx, dx, NH, 0, "gather_rows backward");
+    /* router, then the balance loss added */
+    float *dlogits = xmalloc((size_t)N * E * sizeof(float)), *coef = random_floats(&rng, (size_t)E, -1, 1);
+    float *d_dlogits = device_alloc((size_t)N * E * sizeof(float)), *d_coef = to_device(coef, (size_t)E * sizeof(float));
+    CHECK(device_copy_to_device(d_dweights, dweights, (size_t)M * sizeof(float)) == 0, "upload");
+    cpu->router_topk_backward(dlogits, dweights, probs, ids, N, E, K, ROUTER_SOFTMAX_TOPK, true, 2.5f);
+    CHECK(moe_router_topk_backward(d_dlogits, d_dweights, d_probs, d_ids, N, E, K, 1, 2.5f, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_dlogits, dlogits, (size_t)N * E, 1e-5, "router backward");
+    CHECK(device_copy_to_device(d_dlogits, dlogits, (size_t)N * E * sizeof(float)) == 0, "upload");
+    cpu->router_balance_backward(dlogits, probs, coef, N, E);
+    CHECK(moe_router_balance_backward(d_dlogits, d_probs, d_coef, N, E, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_dlogits, dlogits, (size_t)N * E, 1e-5, "router balance backward");
+    printf("moe backward kernels, N %d E %d K %d H %d I %d: compared with the CPU backend\n", N, E, K, H, I);
+    void *device_buffers[] = {d_ids, d_ros, d_probs, d_weights, d_gate, d_up, d_dh, d_dgate, d_dup, d_ys,
+                              d_dout, d_dys, d_dweights, d_dx, d_dlogits, d_coef};
+    for (size_t i = 0; i < sizeof device_buffers / sizeof device_buffers[0]; i++) device_free(device_buffers[i]);
+    void *host_buffers[] = {logits, probs, ids, weights, offsets, sor, ros, gate, up, dh, dgate, dup, ys,
+                            dout, dys, dweights, dx, dlogits, coef};
+    for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
+}
+/* The attention kernels (kernels/attention.h) against the CPU backend: samples of the
+ * given lengths packed into one batch, nH query heads over nKV KV heads of Dh. */
+static void check_attention(const int *lengths, int n_samples, int nH, int nKV, int Dh)
+{
+    const struct backend *cpu = backend_cpu();
+    char err[256];
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)nH * 1009 + (uint64_t)Dh);
+    int N = 0;
+    for (int s = 0; s < n_samples; s++) N += lengths[s];
+    int32_t *start = xmalloc((size_t)N * sizeof(int32_t));
+    for (int s = 0, at = 0; s < n_samples; at += lengths[s], s++)
+        for (int j = 0; j < lengths[s]; j++) start[at + j] = at;
+    size_t nq = (size_t)N * nH * Dh, nkv = (size_t)N * nKV * Dh;
+    float *q = random_floats(&rng, nq, -2, 2), *k = random_floats(&rng, nkv, -2, 2);
+    float *v = random_floats(&rng, nkv, -1, 1), *dout = random_floats(&rng, nq, -1, 1);
+    float *out = xmalloc(nq * sizeof(float)), *dq = xmalloc(nq * sizeof(float));
+    float *dk = xmalloc(nkv * sizeof(float)), *dv = xmalloc(nkv * sizeof(float));
+    float scale = 1.0f / sqrtf((float)Dh);
+    struct attention_mask mask = {.sample_start = start};
+    cpu->attention(out, q, k, v, &mask, N, nH, nKV, Dh, scale);
+    cpu->attention_backward(dq, dk, dv, dout, q, k, v, out, &mask, N, nH, nKV, Dh, scale);
+    float *d_q = to_device(q, nq * sizeof(float)), *d_k = to_device(k, nkv * sizeof(float));
+    float *d_v = to_device(v, nkv * sizeof(float)), *d_dout = to_device(dout, nq * sizeof(float));
+    int32_t *d_start = (int32_t *)to_device(start, (size_t)N * sizeof(int32_t));
+    float *d_out = device_alloc(nq * sizeof(float)), *d_dq = device_alloc(nq * sizeof(float));
+    float *d_dk = device_alloc(nkv * sizeof(float)), *d_dv = device_alloc(nkv * sizeof(float));
+    void *workspace = device_alloc(attention_backward_workspace(N, nH));
+    CHECK(attention_forward(d_out, d_q, d_k, d_v, d_start, N, nH, nKV, Dh, scale, err, sizeof err) == 0,
+          "%s", err);
+    expect_floats(d_out, out, nq, 1e-5, "attention forward");
+    CHECK(device_copy_to_device(d_out, out, nq * sizeof(float)) == 0, "upload");
+    CHECK(attention_backward(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out, d_start, N, nH, nKV, Dh,
+                             scale, workspace, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_dq, dq, nq, 1e-4, "attention backward dq");
+    expect_floats(d_dk, dk, nkv, 1e-4, "attention backward dk");
+    expect_floats(d_dv, dv, nkv, 1e-5, "attention backward dv");
+    printf("attention kernels, %d tokens in %d samples, %d/%d heads of %d: compared with the CPU backend\n",
+           N, n_samples, nH, nKV, Dh);
+    void *device_buffers[] = {d_q, d_k, d_v, d_dout, d_start, d_out, d_dq, d_dk, d_dv, workspace};
+    for (size_t i = 0; i < sizeof device_buffers / sizeof device_buffers[0]; i++) device_free(device_buffers[i]);
+    void *host_buffers[] = {start, q, k, v, dout, out, dq, dk, dv};
+    for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
+}
 #endif
 
 int main(void)
@@ -167,6 +531,23 @@ int main(void)
     check_moe(1000, 128, 8, 64, 32);   /* Qwen3-30B-A3B's routing shape */
     check_moe(333, 60, 4, 48, 24);     /* experts not a multiple of the warp */
     check_moe(4097, 1024, 6, 8, 8);    /* the router's largest expert count */
+    check_dense(1, 64, 11, 1, 16, 16);
+    check_dense(300, 2048, 1000, 4, 128, 128);  /* Qwen3-30B-A3B's hidden and head widths */
+    check_dense(77, 200, 151936, 3, 64, 32);    /* a real vocabulary, a partial rotary */
+    check_optim(1);
+    check_optim(3 * NORM_CHUNK + 17);
+    check_optim(5000000);
+    check_moe_backward(1, 8, 2, 16, 8);
+    check_moe_backward(1000, 128, 8, 64, 32);
+    check_moe_backward(333, 60, 4, 48, 24);
+    check_attention((const int[]){1}, 1, 1, 1, 8);
+    check_attention((const int[]){5, 1, 130, 64}, 4, 4, 2, 64);   /* GQA, samples packed */
+    check_attention((const int[]){1000, 24}, 2, 32, 4, 128);      /* Qwen3-30B-A3B's heads */
+    check_attention((const int[]){40}, 1, 2, 2, 200);             /* head_dim not a multiple of 32 */
+    check_gemm(1, 1, 1, 2, GEMM_F32);
+    check_gemm(257, 96, 200, 8, GEMM_F32);
+    check_gemm(257, 96, 200, 8, GEMM_BF16);
+    check_gemm(4096, 2048, 768, 16, GEMM_BF16); /* Qwen3-30B-A3B's expert shape */
     return check_done("test_device");
 #endif
 }

@@ -1,0 +1,65 @@
+/* gemm: the linear layers' GEMMs on cuBLAS (fp32 accumulation; operands fp32 or bf16),
+ * dense and grouped by expert, forward and backward, C linkage. Each computes what the
+ * CPU backend's op of the same name computes (backend.h: linear, linear_backward,
+ * grouped_linear, grouped_linear_backward), on device pointers, and returns 0 or -1 with
+ * the cuBLAS or CUDA error in err. The row-major to column-major mapping: gemm_math.h.
+ *
+ * Grouped GEMMs take the experts' row offsets in HOST memory (the permutation's offsets,
+ * copied back: E + 1 integers) and issue one GEMM per expert with rows; experts without
+ * rows cost nothing, and frozen experts (dw[e] NULL) no weight-gradient GEMM.
+ *
+ * STATUS: compiled and linked in the CUDA build; never run on a GPU (no GPU has been lent
+ * to this project's sessions yet). tests/test_device.c compares each with the CPU
+ * backend where a GPU is visible. */
+#ifndef ESFT_KERNELS_GEMM_H
+#define ESFT_KERNELS_GEMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The element type of the x / w / dy operands; outputs (y, dx, dw) and accumulation are
+ * fp32 either way. */
+enum gemm_type { GEMM_F32, GEMM_BF16 };
+
+struct gemm_context; /* a cuBLAS handle and its workspace */
+
+/* NULL with the reason in err when cuBLAS cannot start. */
+struct gemm_context *gemm_create(char *err, size_t err_size);
+void gemm_destroy(struct gemm_context *ctx);
+
+/* y[N,O] (+)= x[N,I] w[O,I]^T + bias[O] (bias fp32, may be NULL). */
+int gemm_linear(struct gemm_context *ctx, float *y, const void *x, const void *w,
+                const float *bias, int N, int I, int O, int accumulate, enum gemm_type type,
+                char *err, size_t err_size);
+
+/* dx[N,I] (+)= dy w (dx may be NULL); dw[O,I] += dy^T x (NULL: frozen, no GEMM); dbias[O]
+ * += column sums of dy (fp32 dy only; NULL: none). dw is fp32 whatever the operands.
+ * workspace: gemm_bias_workspace(N, O) bytes of device memory when dbias is set. */
+size_t gemm_bias_workspace(int N, int O);
+int gemm_linear_backward(struct gemm_context *ctx, float *dx, float *dw, float *dbias,
+                         const void *dy, const void *x, const void *w, int N, int I, int O,
+                         int accumulate_dx, enum gemm_type type, void *workspace, char *err,
+                         size_t err_size);
+
+/* For each expert e with rows [offsets[e], offsets[e+1]) (offsets in host memory):
+ * y[rows, O] = x[rows, I] w[e]^T, w holding E consecutive [O, I] matrices. */
+int gemm_grouped_linear(struct gemm_context *ctx, float *y, const void *x, const void *w,
+                        const int32_t *offsets, int E, int I, int O, enum gemm_type type,
+                        char *err, size_t err_size);
+
+/* dx[rows, I] = dy[rows, O] w[e] (written; dx may be NULL); dw[e][O,I] += dy_e^T x_e for
+ * each e whose dw[e] (a host array of device pointers) is not NULL. */
+int gemm_grouped_linear_backward(struct gemm_context *ctx, float *dx, float *const *dw,
+                                 const void *dy, const void *x, const void *w,
+                                 const int32_t *offsets, int E, int I, int O,
+                                 enum gemm_type type, char *err, size_t err_size);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
