@@ -211,38 +211,105 @@ extern "C" int moe_combine(float *out, const float *ys, const float *weights,
     return report("moe_combine", err, err_size);
 }
 
-__global__ void swiglu_kernel(float *h, const float *gate, const float *up, size_t count)
+__global__ void glu_kernel(float *h, const float *gate, const float *up, size_t count, int gelu)
 {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count;
-         i += (size_t)gridDim.x * blockDim.x) {
-        h[i] = silu_glu(gate[i], up[i]);
-    }
+         i += (size_t)gridDim.x * blockDim.x)
+        h[i] = gelu ? gelu_glu(gate[i], up[i]) : silu_glu(gate[i], up[i]);
 }
 
-extern "C" int moe_swiglu(float *h, const float *gate, const float *up, size_t count, char *err,
-                          size_t err_size)
+extern "C" int moe_glu(float *h, const float *gate, const float *up, size_t count, int gelu,
+                       char *err, size_t err_size)
 {
     if (count == 0) return 0;
-    swiglu_kernel<<<launch_blocks(count, THREADS), THREADS>>>(h, gate, up, count);
-    return report("moe_swiglu", err, err_size);
+    glu_kernel<<<launch_blocks(count, THREADS), THREADS>>>(h, gate, up, count, gelu);
+    return report("moe_glu", err, err_size);
+}
+
+/* counts[e] = slots that chose e (one thread per expert, over the slots in order: an
+ * exact count); prob_sums[e] = sum over tokens, in token order, in double, of probs[n,e]. */
+__global__ void balance_stats_kernel(float *counts, float *prob_sums, const float *probs,
+                                     const int32_t *ids, int N, int E, int K)
+{
+    int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= E) return;
+    double sum = 0.0;
+    for (int n = 0; n < N; n++) sum += probs[(size_t)n * E + e];
+    int count = 0;
+    for (size_t s = 0; s < (size_t)N * K; s++) count += ids[s] == e;
+    prob_sums[e] = (float)sum;
+    counts[e] = (float)count;
+}
+
+extern "C" int moe_router_balance_stats(float *counts, float *prob_sums, const float *probs,
+                                        const int32_t *ids, int N, int E, int K, char *err,
+                                        size_t err_size)
+{
+    if (E == 0) return 0;
+    balance_stats_kernel<<<(E + THREADS - 1) / THREADS, THREADS>>>(counts, prob_sums, probs, ids, N, E, K);
+    return report("moe_router_balance_stats", err, err_size);
+}
+
+__global__ void add_sigmoid_gated_kernel(float *y, const float *s, const float *gate_logit, int N,
+                                         int H)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (size_t)N * H;
+         i += (size_t)gridDim.x * blockDim.x)
+        y[i] += gate_sigmoid(gate_logit[i / H]) * s[i];
+}
+
+extern "C" int moe_add_sigmoid_gated(float *y, const float *s, const float *gate_logit, int N, int H,
+                                     char *err, size_t err_size)
+{
+    if ((size_t)N * H == 0) return 0;
+    add_sigmoid_gated_kernel<<<launch_blocks((size_t)N * H, THREADS), THREADS>>>(y, s, gate_logit, N, H);
+    return report("moe_add_sigmoid_gated", err, err_size);
 }
 
 /* ---- backward ----------------------------------------------------------------------------- */
 
-__global__ void swiglu_backward_kernel(float *dgate, float *dup, const float *dh, const float *gate,
-                                       const float *up, size_t count)
+__global__ void glu_backward_kernel(float *dgate, float *dup, const float *dh, const float *gate,
+                                    const float *up, size_t count, int gelu)
 {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count;
-         i += (size_t)gridDim.x * blockDim.x)
-        silu_glu_backward(&dgate[i], &dup[i], dh[i], gate[i], up[i]);
+         i += (size_t)gridDim.x * blockDim.x) {
+        if (gelu)
+            gelu_glu_backward(&dgate[i], &dup[i], dh[i], gate[i], up[i]);
+        else
+            silu_glu_backward(&dgate[i], &dup[i], dh[i], gate[i], up[i]);
+    }
 }
 
-extern "C" int moe_swiglu_backward(float *dgate, float *dup, const float *dh, const float *gate,
-                                   const float *up, size_t count, char *err, size_t err_size)
+extern "C" int moe_glu_backward(float *dgate, float *dup, const float *dh, const float *gate,
+                                const float *up, size_t count, int gelu, char *err, size_t err_size)
 {
     if (count == 0) return 0;
-    swiglu_backward_kernel<<<launch_blocks(count, THREADS), THREADS>>>(dgate, dup, dh, gate, up, count);
-    return report("moe_swiglu_backward", err, err_size);
+    glu_backward_kernel<<<launch_blocks(count, THREADS), THREADS>>>(dgate, dup, dh, gate, up, count,
+                                                                  gelu);
+    return report("moe_glu_backward", err, err_size);
+}
+
+/* One block per token: ds = sigmoid(g) dy, dg = <dy, s> sigmoid(g) (1 - sigmoid(g)). */
+__global__ void add_sigmoid_gated_backward_kernel(float *ds, float *dgate_logit, const float *dy,
+                                                  const float *s, const float *gate_logit, int H)
+{
+    size_t n = blockIdx.x;
+    float g = gate_sigmoid(gate_logit[n]), dot = 0.0f;
+    for (int d = threadIdx.x; d < H; d += blockDim.x) {
+        dot += dy[n * H + d] * s[n * H + d];
+        ds[n * H + d] = g * dy[n * H + d];
+    }
+    dot = block_sum(dot);
+    if (threadIdx.x == 0) dgate_logit[n] = dot * g * (1.0f - g);
+}
+
+extern "C" int moe_add_sigmoid_gated_backward(float *ds, float *dgate_logit, const float *dy,
+                                              const float *s, const float *gate_logit, int N, int H,
+                                              char *err, size_t err_size)
+{
+    if (N == 0) return 0;
+    add_sigmoid_gated_backward_kernel<<<N, THREADS>>>(ds, dgate_logit, dy, s, gate_logit, H);
+    return report("moe_add_sigmoid_gated_backward", err, err_size);
 }
 
 /* One block per slot (n, k): dys[row] = w dout[n], dweights[n,k] = <dout[n], ys[row]>. */

@@ -38,15 +38,29 @@ int moe_gather_rows(float *xs, const float *x, const int32_t *slot_of_row, int M
 int moe_combine(float *out, const float *ys, const float *weights, const int32_t *row_of_slot,
                 int N, int K, int H, int accumulate, char *err, size_t err_size);
 
-/* h[i] = silu(gate[i]) * up[i]. */
-int moe_swiglu(float *h, const float *gate, const float *up, size_t count, char *err,
-               size_t err_size);
+/* h[i] = act(gate[i]) * up[i], act silu (gelu 0) or exact GELU (gelu 1). */
+int moe_glu(float *h, const float *gate, const float *up, size_t count, int gelu, char *err,
+            size_t err_size);
+
+/* The load-balancing statistics (backend.h's router_balance_stats): counts[E] and
+ * prob_sums[E] (in double, token order). One thread per expert. */
+int moe_router_balance_stats(float *counts, float *prob_sums, const float *probs,
+                             const int32_t *ids, int N, int E, int K, char *err, size_t err_size);
+
+/* y[N,H] += sigmoid(gate_logit[n]) * s[N,H] (the gated shared expert). */
+int moe_add_sigmoid_gated(float *y, const float *s, const float *gate_logit, int N, int H,
+                          char *err, size_t err_size);
 
 /* ---- backward: each the CPU backend's op of the same name (backend.h) ---------------- */
 
-/* dgate[i], dup[i] (written) from dh[i], through h = silu(gate) * up. */
-int moe_swiglu_backward(float *dgate, float *dup, const float *dh, const float *gate,
-                        const float *up, size_t count, char *err, size_t err_size);
+/* dgate[i], dup[i] (written) from dh[i], through h = act(gate) * up. */
+int moe_glu_backward(float *dgate, float *dup, const float *dh, const float *gate,
+                     const float *up, size_t count, int gelu, char *err, size_t err_size);
+
+/* ds[N,H] and dgate_logit[N] (written) from dy[N,H]. One block per token. */
+int moe_add_sigmoid_gated_backward(float *ds, float *dgate_logit, const float *dy,
+                                   const float *s, const float *gate_logit, int N, int H,
+                                   char *err, size_t err_size);
 
 /* dys[M,H] and dweights[N,K] (written) from dout[N,H]. One block per slot. */
 int moe_combine_backward(float *dys, float *dweights, const float *dout, const float *ys,

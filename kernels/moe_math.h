@@ -90,6 +90,23 @@ MOE_HD void silu_glu_backward(float *dg, float *du, float d, float g, float u)
     *dg = d * u * (s * (1.0f + g * (1.0f - s)));
 }
 
+/* gelu(g) * u (exact, erf GELU: transformers' "gelu") and its gradients: gelu' = Phi(g) +
+ * g phi(g). */
+MOE_HD float gelu_glu(float g, float u)
+{
+    return 0.5f * g * (1.0f + erff(g * 0.70710678118654752440f)) * u;
+}
+MOE_HD void gelu_glu_backward(float *dg, float *du, float d, float g, float u)
+{
+    float cdf = 0.5f * (1.0f + erff(g * 0.70710678118654752440f));
+    float pdf = 0.39894228040143267794f * expf(-0.5f * g * g);
+    *du = d * (0.5f * g * (1.0f + erff(g * 0.70710678118654752440f)));
+    *dg = d * u * (cdf + g * pdf);
+}
+
+/* The shared expert's gate: sigmoid of its logit, formed as the CPU forms it. */
+MOE_HD float gate_sigmoid(float logit) { return 1.0f / (1.0f + expf(-logit)); }
+
 /* The router's backward for one token (softmax then top-k, optionally renormalised, then
  * scaled): weights_k = scaling p[id_k] / S, S = the sum of the top-k p when renormalise
  * (else 1): dp[id_k] = scaling (dw_k / S - <dw, p[ids]> / S^2) (without renormalise:

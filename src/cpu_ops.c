@@ -366,10 +366,7 @@ static void cpu_glu(float *h, const float *gate, const float *up, size_t count,
         for (size_t i = 0; i < count; i++) h[i] = silu_glu(gate[i], up[i]);
     } else {
 #pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < count; i++) {
-            float g = gate[i];
-            h[i] = 0.5f * g * (1.0f + erff(g * 0.70710678118654752440f)) * up[i];
-        }
+        for (size_t i = 0; i < count; i++) h[i] = gelu_glu(gate[i], up[i]);
     }
 }
 
@@ -394,7 +391,7 @@ static void cpu_add_sigmoid_gated(float *y, const float *s, const float *gate_lo
 {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
-        float g = 1.0f / (1.0f + expf(-gate_logit[n]));
+        float g = gate_sigmoid(gate_logit[n]);
         for (int d = 0; d < H; d++) y[(size_t)n * H + d] += g * s[(size_t)n * H + d];
     }
 }
@@ -730,7 +727,7 @@ static void cpu_grouped_linear_backward(float *dx, float *const *dw, const float
 }
 
 /* h = act(g) * u: dg = dh * u * act'(g), du = dh * act(g), act(g) as the forward forms it.
- * silu' = s (1 + g (1 - s)) with s = sigmoid(g); gelu' = Phi(g) + g phi(g). */
+ * The element formulas: moe_math.h (silu_glu_backward, gelu_glu_backward). */
 static void cpu_glu_backward(float *dgate, float *dup, const float *dh, const float *gate,
                              const float *up, size_t count, enum hf_activation act)
 {
@@ -739,13 +736,7 @@ static void cpu_glu_backward(float *dgate, float *dup, const float *dh, const fl
         for (size_t i = 0; i < count; i++) silu_glu_backward(&dgate[i], &dup[i], dh[i], gate[i], up[i]);
     } else {
 #pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < count; i++) {
-            float g = gate[i], u = up[i], d = dh[i];
-            float cdf = 0.5f * (1.0f + erff(g * 0.70710678118654752440f));
-            float pdf = 0.39894228040143267794f * expf(-0.5f * g * g);
-            dup[i] = d * (0.5f * g * (1.0f + erff(g * 0.70710678118654752440f)));
-            dgate[i] = d * u * (cdf + g * pdf);
-        }
+        for (size_t i = 0; i < count; i++) gelu_glu_backward(&dgate[i], &dup[i], dh[i], gate[i], up[i]);
     }
 }
 
@@ -791,7 +782,7 @@ static void cpu_add_sigmoid_gated_backward(float *ds, float *dgate_logit, const 
 {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
-        float g = 1.0f / (1.0f + expf(-gate_logit[n])), dot = 0.0f;
+        float g = gate_sigmoid(gate_logit[n]), dot = 0.0f;
         const float *dyn = dy + (size_t)n * H, *sn = s + (size_t)n * H;
         for (int d = 0; d < H; d++) {
             dot += dyn[d] * sn[d];

@@ -10,7 +10,8 @@
  * move or add in the CPU's order, 1e-5 where they reduce); the cuBLAS GEMMs (kernels/
  * gemm.h), dense and grouped, forward and backward, fp32 and bf16 operands (the CPU
  * given the same bf16-rounded values), to 1e-5; attention forward (1e-5) and backward
- * (1e-4) over packed samples with grouped KV heads. Skipped (exit 77) in the CPU-only build and where no GPU is
+ * (1e-4) over packed samples with grouped KV heads; the CUDA op table (src/cuda_ops.c) on
+ * a MoE block, forward and backward, against the CPU op table. Skipped (exit 77) in the CPU-only build and where no GPU is
  * visible. NEVER RUN YET: no GPU has been lent to this project's sessions. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +24,7 @@
 
 #include "attention.h"
 #include "backend.h"
+#include "cuda_ops.h"
 #include "dense.h"
 #include "device.h"
 #include "gemm.h"
@@ -56,6 +58,22 @@ static double worst_relative(const float *a, const float *b, size_t n)
     return diff / scale;
 }
 
+/* Whether a token's probabilities p[E] leave a near-tie (1e-5 of the largest) within its
+ * top-k ids[K] or between the k-th and the best outside: there two correct backends (two
+ * libm's exp, two GEMMs) may order the experts either way. */
+static bool near_tie(const float *p, const int32_t *ids, int E, int K)
+{
+    double next = 0; /* the best probability outside the top-k */
+    for (int e = 0; e < E; e++) {
+        bool in = false;
+        for (int k = 0; k < K; k++) in |= ids[k] == e;
+        if (!in) next = fmax(next, p[e]);
+    }
+    double gap = p[ids[K - 1]] - next;
+    for (int k = 0; k + 1 < K; k++) gap = fmin(gap, p[ids[k]] - p[ids[k + 1]]);
+    return gap < 1e-5 * p[ids[0]];
+}
+
 /* The MoE kernels against the CPU backend on one random layer. */
 static void check_moe(int N, int E, int K, int H, int I)
 {
@@ -81,16 +99,7 @@ static void check_moe(int N, int E, int K, int H, int I)
      * next to the top-k: there the two libm's exp may order them either way */
     int differ = 0, near_ties = 0;
     for (int n = 0; n < N; n++) {
-        const float *p = probs + (size_t)n * E;
-        double next = 0; /* the best probability outside the top-k */
-        for (int e = 0; e < E; e++) {
-            bool in = false;
-            for (int k = 0; k < K; k++) in |= ids[n * K + k] == e;
-            if (!in) next = fmax(next, p[e]);
-        }
-        double gap = p[ids[n * K + K - 1]] - next;
-        for (int k = 0; k + 1 < K; k++) gap = fmin(gap, p[ids[n * K + k]] - p[ids[n * K + k + 1]]);
-        if (gap < 1e-5 * p[ids[n * K]]) {
+        if (near_tie(probs + (size_t)n * E, ids + n * K, E, K)) {
             near_ties++;
             continue;
         }
@@ -135,7 +144,7 @@ static void check_moe(int N, int E, int K, int H, int I)
     float *d_h = device_alloc((size_t)M * I * sizeof(float)), *d_ys = to_device(ys, (size_t)M * H * sizeof(float));
     float *d_out = device_alloc((size_t)N * H * sizeof(float)), *d_w = to_device(weights, (size_t)M * sizeof(float));
     CHECK(moe_gather_rows(d_xs, d_x, d_sor, M, K, H, err, sizeof err) == 0, "%s", err);
-    CHECK(moe_swiglu(d_h, d_gate, d_up, (size_t)M * I, err, sizeof err) == 0, "%s", err);
+    CHECK(moe_glu(d_h, d_gate, d_up, (size_t)M * I, 0, err, sizeof err) == 0, "%s", err);
     CHECK(moe_combine(d_out, d_ys, d_w, d_ros, N, K, H, 0, err, sizeof err) == 0, "%s", err);
     float *g_xs = from_device(d_xs, (size_t)M * H * sizeof(float)), *g_h = from_device(d_h, (size_t)M * I * sizeof(float));
     float *g_out = from_device(d_out, (size_t)N * H * sizeof(float));
@@ -421,9 +430,44 @@ static void check_moe_backward(int N, int E, int K, int H, int I)
     cpu->glu_backward(dgate, dup, dh, gate, up, MI, ACT_SILU);
     float *d_gate = to_device(gate, MI * sizeof(float)), *d_up = to_device(up, MI * sizeof(float));
     float *d_dh = to_device(dh, MI * sizeof(float)), *d_dgate = device_alloc(MI * sizeof(float)), *d_dup = device_alloc(MI * sizeof(float));
-    CHECK(moe_swiglu_backward(d_dgate, d_dup, d_dh, d_gate, d_up, MI, err, sizeof err) == 0, "%s", err);
+    CHECK(moe_glu_backward(d_dgate, d_dup, d_dh, d_gate, d_up, MI, 0, err, sizeof err) == 0, "%s", err);
     expect_floats(d_dgate, dgate, MI, 1e-6, "SwiGLU backward dgate");
     expect_floats(d_dup, dup, MI, 1e-6, "SwiGLU backward dup");
+    /* the same with GELU (gpt_oss-style activations) */
+    cpu->glu(dgate, gate, up, MI, ACT_GELU);
+    CHECK(moe_glu(d_dgate, d_gate, d_up, MI, 1, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_dgate, dgate, MI, 1e-6, "GELU GLU");
+    cpu->glu_backward(dgate, dup, dh, gate, up, MI, ACT_GELU);
+    CHECK(moe_glu_backward(d_dgate, d_dup, d_dh, d_gate, d_up, MI, 1, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_dgate, dgate, MI, 1e-6, "GELU GLU backward dgate");
+    expect_floats(d_dup, dup, MI, 1e-6, "GELU GLU backward dup");
+    /* load-balancing statistics: a count and a double sum in token order, bit for bit */
+    float *counts = xmalloc((size_t)E * sizeof(float)), *prob_sums = xmalloc((size_t)E * sizeof(float));
+    cpu->router_balance_stats(counts, prob_sums, probs, ids, N, E, K);
+    float *d_counts = device_alloc((size_t)E * sizeof(float)), *d_prob_sums = device_alloc((size_t)E * sizeof(float));
+    CHECK(moe_router_balance_stats(d_counts, d_prob_sums, d_probs, d_ids, N, E, K, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_counts, counts, (size_t)E, 0, "balance counts");
+    expect_floats(d_prob_sums, prob_sums, (size_t)E, 0, "balance probability sums");
+    /* the gated shared expert, forward and backward */
+    size_t NH0 = (size_t)N * H;
+    float *shared = random_floats(&rng, NH0, -1, 1), *glogit = random_floats(&rng, (size_t)N, -3, 3);
+    float *y0 = random_floats(&rng, NH0, -1, 1), *dsh = xmalloc(NH0 * sizeof(float));
+    float *dglogit = xmalloc((size_t)N * sizeof(float));
+    float *d_shared = to_device(shared, NH0 * sizeof(float)), *d_glogit = to_device(glogit, (size_t)N * sizeof(float));
+    float *d_y0 = to_device(y0, NH0 * sizeof(float)), *d_dsh = device_alloc(NH0 * sizeof(float));
+    float *d_dglogit = device_alloc((size_t)N * sizeof(float));
+    cpu->add_sigmoid_gated(y0, shared, glogit, N, H);
+    CHECK(moe_add_sigmoid_gated(d_y0, d_shared, d_glogit, N, H, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_y0, y0, NH0, 1e-6, "sigmoid-gated add");
+    cpu->add_sigmoid_gated_backward(dsh, dglogit, y0, shared, glogit, N, H); /* y0 as dy */
+    CHECK(moe_add_sigmoid_gated_backward(d_dsh, d_dglogit, d_y0, d_shared, d_glogit, N, H, err,
+                                         sizeof err) == 0, "%s", err);
+    expect_floats(d_dsh, dsh, NH0, 1e-6, "sigmoid-gated add backward ds");
+    expect_floats(d_dglogit, dglogit, (size_t)N, 1e-5, "sigmoid-gated add backward dgate");
+    void *gated_device[] = {d_counts, d_prob_sums, d_shared, d_glogit, d_y0, d_dsh, d_dglogit};
+    for (size_t i = 0; i < sizeof gated_device / sizeof gated_device[0]; i++) device_free(gated_device[i]);
+    void *gated_host[] = {counts, prob_sums, shared, glogit, y0, dsh, dglogit};
+    for (size_t i = 0; i < sizeof gated_host / sizeof gated_host[0]; i++) free(gated_host[i]);
     /* combine and gather backward */
     size_t MH = (size_t)M * H, NH = (size_t)N * H;
     float *ys = random_floats(&rng, MH, -1, 1), *dout = random_floats(&rng, NH, -1, 1);
@@ -501,6 +545,109 @@ static void check_attention(const int *lengths, int n_samples, int nH, int nKV, 
     void *host_buffers[] = {start, q, k, v, dout, out, dq, dk, dv};
     for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
 }
+/* ---- the CUDA op table (src/cuda_ops.c) on a whole MoE block --------------------------- */
+
+/* The buffers of one MoE block, forward and backward: host memory for the CPU backend,
+ * device memory for the CUDA one. The X-macro lists each with its element count. */
+#define BLOCK_INPUTS(X)                                                                        \
+    X(float, x, N * H) X(float, norm_w, H) X(float, router_w, E * H) X(float, w_gate, E * I * H) \
+    X(float, w_up, E * I * H) X(float, w_down, E * H * I) X(float, dout, N * H)
+#define BLOCK_OUTPUTS(X)                                                                       \
+    X(float, hn, N * H) X(float, rstd, N) X(float, logits, N * E) X(int32_t, ids, M)            \
+    X(float, weights, M) X(float, probs, N * E) X(float, counts, E) X(float, prob_sums, E)      \
+    X(int32_t, offsets, E + 1) X(int32_t, sor, M) X(int32_t, ros, M) X(float, xs, M * H)         \
+    X(float, gate, M * I) X(float, up, M * I) X(float, act, M * I) X(float, ys, M * H)          \
+    X(float, ffn, N * H) X(float, out, N * H) X(float, dys, M * H) X(float, dweights, M)       \
+    X(float, dact, M * I) X(float, dgate, M * I) X(float, dup, M * I) X(float, dxs, M * H)      \
+    X(float, dxs_up, M * H) X(float, dhn, N * H) X(float, dlogits, N * E) X(float, dx, N * H)   \
+    X(float, dw_down0, H * I) X(float, dw_norm, H)
+
+struct block {
+#define FIELD(type, name, count) type *name;
+    BLOCK_INPUTS(FIELD) BLOCK_OUTPUTS(FIELD)
+#undef FIELD
+};
+
+/* Forward and backward of a MoE block (pre-norm, softmax top-k router, SwiGLU experts,
+ * residual), expert 0's down projection trainable, the rest frozen. */
+static void run_block(const struct backend *ops, struct block *b, int N, int H, int E, int K, int I)
+{
+    int M = N * K;
+    ops->rmsnorm(b->hn, b->rstd, b->x, b->norm_w, N, H, 1e-6f);
+    ops->linear(b->logits, b->hn, b->router_w, NULL, N, H, E, false);
+    ops->router_topk(b->ids, b->weights, b->probs, b->logits, N, E, K, ROUTER_SOFTMAX_TOPK, true, 1.0f);
+    ops->router_balance_stats(b->counts, b->prob_sums, b->probs, b->ids, N, E, K);
+    ops->permute_by_expert(b->offsets, b->sor, b->ros, b->ids, N, K, E);
+    ops->gather_rows(b->xs, b->hn, b->sor, M, K, H);
+    ops->grouped_linear(b->gate, b->xs, b->w_gate, b->offsets, E, H, I);
+    ops->grouped_linear(b->up, b->xs, b->w_up, b->offsets, E, H, I);
+    ops->glu(b->act, b->gate, b->up, (size_t)M * I, ACT_SILU);
+    ops->grouped_linear(b->ys, b->act, b->w_down, b->offsets, E, I, H);
+    ops->combine(b->ffn, b->ys, b->weights, b->ros, N, K, H, false);
+    ops->add(b->out, b->x, b->ffn, (size_t)N * H);
+    /* backward from dout, through the feed-forward branch */
+    ops->combine_backward(b->dys, b->dweights, b->dout, b->ys, b->weights, b->ros, N, K, H);
+    float **dw = xcalloc((size_t)E, sizeof *dw);
+    dw[0] = b->dw_down0;
+    ops->grouped_linear_backward(b->dact, dw, b->dys, b->act, b->w_down, b->offsets, E, I, H);
+    ops->glu_backward(b->dgate, b->dup, b->dact, b->gate, b->up, (size_t)M * I, ACT_SILU);
+    ops->grouped_linear_backward(b->dxs, NULL, b->dgate, b->xs, b->w_gate, b->offsets, E, H, I);
+    ops->grouped_linear_backward(b->dxs_up, NULL, b->dup, b->xs, b->w_up, b->offsets, E, H, I);
+    ops->add(b->dxs, b->dxs, b->dxs_up, (size_t)M * H);
+    ops->gather_rows_backward(b->dhn, b->dxs, b->ros, N, K, H, false);
+    ops->router_topk_backward(b->dlogits, b->dweights, b->probs, b->ids, N, E, K, ROUTER_SOFTMAX_TOPK,
+                              true, 1.0f);
+    ops->linear_backward(b->dhn, NULL, NULL, b->dlogits, b->hn, b->router_w, N, H, E, true);
+    ops->rmsnorm_backward(b->dx, b->dw_norm, b->dhn, b->x, b->norm_w, b->rstd, N, H, false);
+    free(dw);
+}
+
+static void check_cuda_ops(int N, int H, int E, int K, int I)
+{
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)N * 17 + (uint64_t)E);
+    int M = N * K;
+    struct block host, dev;
+#define HOST_IN(type, name, count) host.name = (type *)random_floats(&rng, (size_t)(count), -1, 1);
+#define HOST_OUT(type, name, count) host.name = xcalloc((size_t)(count), sizeof(type));
+#define DEV_IN(type, name, count) dev.name = (type *)to_device(host.name, (size_t)(count) * sizeof(type));
+#define DEV_OUT(type, name, count) dev.name = (type *)to_device(host.name, (size_t)(count) * sizeof(type));
+    BLOCK_INPUTS(HOST_IN) BLOCK_OUTPUTS(HOST_OUT)
+    BLOCK_INPUTS(DEV_IN) BLOCK_OUTPUTS(DEV_OUT) /* the outputs start as the host's zeros */
+    run_block(backend_cpu(), &host, N, H, E, K, I);
+    run_block(backend_cuda(), &dev, N, H, E, K, I);
+    /* the routing must agree for the rest to be compared */
+    int32_t *ids = from_device(dev.ids, (size_t)M * sizeof(int32_t));
+    int differ = 0, tied = 0;
+    for (int n = 0; n < N; n++)
+        if (memcmp(ids + n * K, host.ids + n * K, (size_t)K * sizeof(int32_t)) != 0) {
+            differ++;
+            tied += near_tie(host.probs + (size_t)n * E, host.ids + n * K, E, K);
+        }
+    free(ids);
+    CHECK(differ == tied, "cuda ops block N %d E %d: the routing differs from the CPU's on %d tokens "
+          "without a near-tie", N, E, differ - tied);
+    if (differ > 0 && differ == tied)
+        printf("cuda ops block N %d E %d: %d near-tied tokens routed otherwise; the rest not "
+               "compared (both routings are right)\n", N, E, tied);
+    if (differ == 0) {
+        expect_floats(dev.out, host.out, (size_t)N * H, 1e-5, "cuda ops: block output");
+        expect_floats(dev.counts, host.counts, (size_t)E, 0, "cuda ops: balance counts");
+        expect_floats(dev.dw_down0, host.dw_down0, (size_t)H * I, 1e-4, "cuda ops: expert 0 dw_down");
+        expect_floats(dev.dx, host.dx, (size_t)N * H, 1e-4, "cuda ops: dx");
+        expect_floats(dev.dw_norm, host.dw_norm, (size_t)H, 1e-4, "cuda ops: norm weight gradient");
+    }
+    printf("cuda op table, MoE block N %d H %d E %d K %d I %d: compared with the CPU backend\n", N, H,
+           E, K, I);
+#define RELEASE(type, name, count) free(host.name), device_free(dev.name);
+    BLOCK_INPUTS(RELEASE) BLOCK_OUTPUTS(RELEASE)
+#undef HOST_IN
+#undef HOST_OUT
+#undef DEV_IN
+#undef DEV_OUT
+#undef RELEASE
+    backend_cuda_release();
+}
 #endif
 
 int main(void)
@@ -544,6 +691,8 @@ int main(void)
     check_attention((const int[]){5, 1, 130, 64}, 4, 4, 2, 64);   /* GQA, samples packed */
     check_attention((const int[]){1000, 24}, 2, 32, 4, 128);      /* Qwen3-30B-A3B's heads */
     check_attention((const int[]){40}, 1, 2, 2, 200);             /* head_dim not a multiple of 32 */
+    check_cuda_ops(64, 32, 8, 2, 48);
+    check_cuda_ops(512, 256, 64, 8, 96);
     check_gemm(1, 1, 1, 2, GEMM_F32);
     check_gemm(257, 96, 200, 8, GEMM_F32);
     check_gemm(257, 96, 200, 8, GEMM_BF16);

@@ -1,0 +1,369 @@
+/* cuda_ops: the CUDA backend's op table (backend.h) over the kernels of kernels/, fp32.
+ * Every pointer is one the GPU can read and write (device memory); the ops run on the
+ * current device's default stream.
+ *
+ * This first version synchronises after every op, so that the host code around the op
+ * table (the model's load-balancing sums, the EP exchange plan) may read what an op
+ * wrote, and it reports a failed launch at the op that caused it: slow but plain. The
+ * grouped GEMMs read the experts' offsets back to the host (E + 1 integers). Scratch
+ * for the ops that need it is one device buffer, grown on demand and kept; the ops are
+ * called from one thread.
+ *
+ * Routers: softmax top-k only (qwen2/3-MoE, OLMoE, Mixtral); the grouped, sigmoid and
+ * top-k-then-softmax routers end the run with a message until their kernels exist.
+ *
+ * STATUS: compiled and linked in the CUDA build; never run on a GPU (no GPU has been lent
+ * to this project's sessions yet), and no phase uses it: the model's tensors live in host
+ * memory (run.backend: cuda is refused by the deck checks). tests/test_device.c runs a
+ * MoE block through it against the CPU backend where a GPU is visible. */
+#include "cuda_ops.h"
+
+#include <stdlib.h>
+
+#include "attention.h"
+#include "check_cuda.h"
+#include "dense.h"
+#include "gemm.h"
+#include "log.h"
+#include "moe.h"
+
+static struct gemm_context *gemm_ctx;
+static void *scratch_buf;
+static size_t scratch_size;
+
+static void ok(int rc, const char *err)
+{
+    if (rc != 0) fatal(EXIT_RUNTIME, "cuda backend: %s", err);
+    check_cuda(cudaDeviceSynchronize());
+}
+
+static struct gemm_context *gemm(void)
+{
+    if (!gemm_ctx) {
+        char err[256];
+        gemm_ctx = gemm_create(err, sizeof err);
+        if (!gemm_ctx) fatal(EXIT_RUNTIME, "cuda backend: %s", err);
+    }
+    return gemm_ctx;
+}
+
+static void *scratch(size_t bytes)
+{
+    if (bytes > scratch_size) {
+        if (scratch_buf) check_cuda(cudaFree(scratch_buf));
+        scratch_buf = NULL;
+        check_cuda(cudaMalloc(&scratch_buf, bytes));
+        scratch_size = bytes;
+    }
+    return scratch_buf;
+}
+
+/* The experts' offsets[E+1], read back for the per-expert GEMMs. Freed by the caller. */
+static int32_t *host_offsets(const int32_t *offsets, int E)
+{
+    int32_t *host = xmalloc((size_t)(E + 1) * sizeof(int32_t));
+    check_cuda(cudaMemcpy(host, offsets, (size_t)(E + 1) * sizeof(int32_t), cudaMemcpyDefault));
+    return host;
+}
+
+static void need_softmax_topk(enum hf_router_kind kind)
+{
+    if (kind != ROUTER_SOFTMAX_TOPK)
+        fatal(EXIT_RUNTIME, "cuda backend: router kind %d has no CUDA kernel yet (softmax top-k only)",
+              (int)kind);
+}
+
+static void cuda_embedding(float *x, const int32_t *tokens, const float *table, int N, int H)
+{
+    char err[256];
+    ok(dense_embedding(x, tokens, table, N, H, err, sizeof err), err);
+}
+
+static void cuda_linear(float *y, const float *x, const float *w, const float *bias, int N, int I,
+                        int O, bool accumulate)
+{
+    char err[256];
+    ok(gemm_linear(gemm(), y, x, w, bias, N, I, O, accumulate, GEMM_F32, err, sizeof err), err);
+}
+
+static void cuda_rmsnorm(float *y, float *rstd, const float *x, const float *w, int R, int D,
+                         float eps)
+{
+    char err[256];
+    ok(dense_rmsnorm(y, rstd, x, w, R, D, eps, err, sizeof err), err);
+}
+
+static void cuda_rope(float *x, const int32_t *positions, const float *inv_freq,
+                      float attention_scaling, int N, int n_heads, int Dh, int rotary_dim)
+{
+    char err[256];
+    ok(dense_rope(x, positions, inv_freq, attention_scaling, N, n_heads, Dh, rotary_dim, 0, err,
+                  sizeof err),
+       err);
+}
+
+static void cuda_attention(float *out, const float *q, const float *k, const float *v,
+                           const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
+                           float scale)
+{
+    char err[256];
+    ok(attention_forward(out, q, k, v, mask->sample_start, N, nH, nKV, Dh, scale, err, sizeof err),
+       err);
+}
+
+static void cuda_router_topk(int32_t *ids, float *weights, float *probs, const float *logits, int N,
+                             int E, int K, enum hf_router_kind kind, bool renormalise,
+                             float scaling)
+{
+    char err[256];
+    need_softmax_topk(kind);
+    ok(moe_router_topk(ids, weights, probs, logits, N, E, K, renormalise, scaling, err, sizeof err),
+       err);
+}
+
+static void cuda_router_balance_stats(float *counts, float *prob_sums, const float *probs,
+                                      const int32_t *ids, int N, int E, int K)
+{
+    char err[256];
+    ok(moe_router_balance_stats(counts, prob_sums, probs, ids, N, E, K, err, sizeof err), err);
+}
+
+static void cuda_permute_by_expert(int32_t *expert_offsets, int32_t *slot_of_row,
+                                   int32_t *row_of_slot, const int32_t *ids, int N, int K, int E)
+{
+    char err[256];
+    int M = N * K;
+    ok(moe_permute_by_expert(expert_offsets, slot_of_row, row_of_slot, ids, M, E,
+                             scratch(moe_permute_workspace(M, E)), err, sizeof err),
+       err);
+}
+
+static void cuda_gather_rows(float *xs, const float *x, const int32_t *slot_of_row, int M, int K,
+                             int H)
+{
+    char err[256];
+    ok(moe_gather_rows(xs, x, slot_of_row, M, K, H, err, sizeof err), err);
+}
+
+static void cuda_grouped_linear(float *y, const float *x, const float *w, const int32_t *offsets,
+                                int E, int I, int O)
+{
+    char err[256];
+    int32_t *host = host_offsets(offsets, E);
+    int rc = gemm_grouped_linear(gemm(), y, x, w, host, E, I, O, GEMM_F32, err, sizeof err);
+    free(host);
+    ok(rc, err);
+}
+
+static void cuda_glu(float *h, const float *gate, const float *up, size_t count,
+                     enum hf_activation act)
+{
+    char err[256];
+    ok(moe_glu(h, gate, up, count, act == ACT_GELU, err, sizeof err), err);
+}
+
+static void cuda_combine(float *out, const float *ys, const float *weights,
+                         const int32_t *row_of_slot, int N, int K, int H, bool accumulate)
+{
+    char err[256];
+    ok(moe_combine(out, ys, weights, row_of_slot, N, K, H, accumulate, err, sizeof err), err);
+}
+
+static void cuda_add_sigmoid_gated(float *y, const float *s, const float *gate_logit, int N, int H)
+{
+    char err[256];
+    ok(moe_add_sigmoid_gated(y, s, gate_logit, N, H, err, sizeof err), err);
+}
+
+static void cuda_clamp(float *x, size_t count, float low, float high)
+{
+    char err[256];
+    ok(dense_clamp(x, count, low, high, err, sizeof err), err);
+}
+
+static void cuda_add(float *y, const float *x, const float *r, size_t count)
+{
+    char err[256];
+    ok(dense_add(y, x, r, count, err, sizeof err), err);
+}
+
+static double cuda_cross_entropy_sum(const float *logits, const int32_t *labels, int N, int V,
+                                     long long *counted)
+{
+    char err[256];
+    double *row_loss = scratch((size_t)(N > 0 ? N : 1) * sizeof(double)), total = 0;
+    ok(dense_cross_entropy(row_loss, NULL, logits, labels, N, V, 0.0f, err, sizeof err), err);
+    ok(dense_sum_rows(&total, counted, row_loss, labels, N, err, sizeof err), err);
+    return total;
+}
+
+static void cuda_linear_backward(float *dx, float *dw, float *dbias, const float *dy,
+                                 const float *x, const float *w, int N, int I, int O,
+                                 bool accumulate_dx)
+{
+    char err[256];
+    void *workspace = dbias ? scratch(gemm_bias_workspace(N, O)) : NULL;
+    ok(gemm_linear_backward(gemm(), dx, dw, dbias, dy, x, w, N, I, O, accumulate_dx, GEMM_F32,
+                            workspace, err, sizeof err),
+       err);
+}
+
+static void cuda_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
+                                  const float *w, const float *rstd, int R, int D,
+                                  bool accumulate_dx)
+{
+    char err[256];
+    void *workspace = dw ? scratch(dense_rmsnorm_workspace(R, D)) : NULL;
+    ok(dense_rmsnorm_backward(dx, dw, dy, x, w, rstd, R, D, accumulate_dx, workspace, err,
+                              sizeof err),
+       err);
+}
+
+static void cuda_rope_backward(float *dx, const int32_t *positions, const float *inv_freq,
+                               float attention_scaling, int N, int n_heads, int Dh, int rotary_dim)
+{
+    char err[256];
+    ok(dense_rope(dx, positions, inv_freq, attention_scaling, N, n_heads, Dh, rotary_dim, 1, err,
+                  sizeof err),
+       err);
+}
+
+static void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout,
+                                    const float *q, const float *k, const float *v,
+                                    const float *out, const struct attention_mask *mask, int N,
+                                    int nH, int nKV, int Dh, float scale)
+{
+    char err[256];
+    ok(attention_backward(dq, dk, dv, dout, q, k, v, out, mask->sample_start, N, nH, nKV, Dh, scale,
+                          scratch(attention_backward_workspace(N, nH)), err, sizeof err),
+       err);
+}
+
+static void cuda_router_topk_backward(float *dlogits, const float *dweights, const float *probs,
+                                      const int32_t *ids, int N, int E, int K,
+                                      enum hf_router_kind kind, bool renormalise, float scaling)
+{
+    char err[256];
+    need_softmax_topk(kind);
+    ok(moe_router_topk_backward(dlogits, dweights, probs, ids, N, E, K, renormalise, scaling, err,
+                                sizeof err),
+       err);
+}
+
+static void cuda_router_balance_backward(float *dlogits, const float *probs, const float *coef,
+                                         int N, int E)
+{
+    char err[256];
+    ok(moe_router_balance_backward(dlogits, probs, coef, N, E, err, sizeof err), err);
+}
+
+static void cuda_grouped_linear_backward(float *dx, float *const *dw, const float *dy,
+                                         const float *x, const float *w, const int32_t *offsets,
+                                         int E, int I, int O)
+{
+    char err[256];
+    int32_t *host = host_offsets(offsets, E);
+    int rc = gemm_grouped_linear_backward(gemm(), dx, dw, dy, x, w, host, E, I, O, GEMM_F32, err,
+                                          sizeof err);
+    free(host);
+    ok(rc, err);
+}
+
+static void cuda_glu_backward(float *dgate, float *dup, const float *dh, const float *gate,
+                              const float *up, size_t count, enum hf_activation act)
+{
+    char err[256];
+    ok(moe_glu_backward(dgate, dup, dh, gate, up, count, act == ACT_GELU, err, sizeof err), err);
+}
+
+static void cuda_combine_backward(float *dys, float *dweights, const float *dout, const float *ys,
+                                  const float *weights, const int32_t *row_of_slot, int N, int K,
+                                  int H)
+{
+    char err[256];
+    ok(moe_combine_backward(dys, dweights, dout, ys, weights, row_of_slot, N, K, H, err, sizeof err),
+       err);
+}
+
+static void cuda_gather_rows_backward(float *dx, const float *dxs, const int32_t *row_of_slot,
+                                      int N, int K, int H, bool accumulate)
+{
+    char err[256];
+    ok(moe_gather_rows_backward(dx, dxs, row_of_slot, N, K, H, accumulate, err, sizeof err), err);
+}
+
+static void cuda_add_sigmoid_gated_backward(float *ds, float *dgate_logit, const float *dy,
+                                            const float *s, const float *gate_logit, int N, int H)
+{
+    char err[256];
+    ok(moe_add_sigmoid_gated_backward(ds, dgate_logit, dy, s, gate_logit, N, H, err, sizeof err),
+       err);
+}
+
+static void cuda_clamp_backward(float *dx, const float *y, size_t count, float low, float high)
+{
+    char err[256];
+    ok(dense_clamp_backward(dx, y, count, low, high, err, sizeof err), err);
+}
+
+static void cuda_cross_entropy_backward(float *dlogits, const float *logits, const int32_t *labels,
+                                        int N, int V, float scale)
+{
+    char err[256];
+    double *row_loss = scratch((size_t)(N > 0 ? N : 1) * sizeof(double));
+    ok(dense_cross_entropy(row_loss, dlogits, logits, labels, N, V, scale, err, sizeof err), err);
+}
+
+static void cuda_embedding_backward(float *dtable, const float *dx, const int32_t *tokens, int N,
+                                    int H)
+{
+    char err[256];
+    ok(dense_embedding_backward(dtable, dx, tokens, N, H, err, sizeof err), err);
+}
+
+const struct backend *backend_cuda(void)
+{
+    static const struct backend cuda = {
+        .name = "cuda",
+        .embedding = cuda_embedding,
+        .linear = cuda_linear,
+        .rmsnorm = cuda_rmsnorm,
+        .rope = cuda_rope,
+        .attention = cuda_attention,
+        .router_topk = cuda_router_topk,
+        .router_balance_stats = cuda_router_balance_stats,
+        .permute_by_expert = cuda_permute_by_expert,
+        .gather_rows = cuda_gather_rows,
+        .grouped_linear = cuda_grouped_linear,
+        .glu = cuda_glu,
+        .combine = cuda_combine,
+        .add_sigmoid_gated = cuda_add_sigmoid_gated,
+        .clamp = cuda_clamp,
+        .add = cuda_add,
+        .cross_entropy_sum = cuda_cross_entropy_sum,
+        .linear_backward = cuda_linear_backward,
+        .rmsnorm_backward = cuda_rmsnorm_backward,
+        .rope_backward = cuda_rope_backward,
+        .attention_backward = cuda_attention_backward,
+        .router_topk_backward = cuda_router_topk_backward,
+        .router_balance_backward = cuda_router_balance_backward,
+        .grouped_linear_backward = cuda_grouped_linear_backward,
+        .glu_backward = cuda_glu_backward,
+        .combine_backward = cuda_combine_backward,
+        .gather_rows_backward = cuda_gather_rows_backward,
+        .add_sigmoid_gated_backward = cuda_add_sigmoid_gated_backward,
+        .clamp_backward = cuda_clamp_backward,
+        .cross_entropy_backward = cuda_cross_entropy_backward,
+        .embedding_backward = cuda_embedding_backward,
+    };
+    return &cuda;
+}
+
+void backend_cuda_release(void)
+{
+    gemm_destroy(gemm_ctx);
+    gemm_ctx = NULL;
+    if (scratch_buf) cudaFree(scratch_buf);
+    scratch_buf = NULL;
+    scratch_size = 0;
+}

@@ -1,0 +1,14 @@
+/* cuda_ops: the CUDA backend's op table (see cuda_ops.c for what it does and does not do
+ * yet). CUDA build only. */
+#ifndef ESFT_CUDA_OPS_H
+#define ESFT_CUDA_OPS_H
+
+#include "backend.h"
+
+/* The op table over device pointers. */
+const struct backend *backend_cuda(void);
+
+/* Frees the cuBLAS handle and the scratch buffer the ops keep between calls. */
+void backend_cuda_release(void);
+
+#endif
