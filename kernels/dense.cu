@@ -101,16 +101,19 @@ __global__ void rmsnorm_dx_kernel(float *dx, const float *dy, const float *x, co
     }
 }
 
-/* partial[c][d] = sum over the rows of chunk c, in row order, of dy * xhat. */
-__global__ void rmsnorm_dw_partial_kernel(float *partial, const float *dy, const float *x,
-                                          const float *rstd, int R, int D)
+/* partial[c][d] = sum over the rows of chunk c, in row order, of dy (x NULL: a plain
+ * column sum) or of dy * xhat (RMSNorm's weight gradient, x and rstd given). */
+__global__ void column_partial_kernel(float *partial, const float *dy, const float *x,
+                                      const float *rstd, int R, int D)
 {
     int d = blockIdx.x * blockDim.x + threadIdx.x, c = blockIdx.y;
     if (d >= D) return;
     int end = (c + 1) * SUM_CHUNK < R ? (c + 1) * SUM_CHUNK : R;
     float p = 0.0f;
-    for (int r = c * SUM_CHUNK; r < end; r++)
-        p += rmsnorm_dw_term(dy[(size_t)r * D + d], x[(size_t)r * D + d], rstd[r]);
+    for (int r = c * SUM_CHUNK; r < end; r++) {
+        float g = dy[(size_t)r * D + d];
+        p += x ? rmsnorm_dw_term(g, x[(size_t)r * D + d], rstd[r]) : g;
+    }
     partial[(size_t)c * D + d] = p;
 }
 
@@ -126,9 +129,29 @@ __global__ void add_partial_sums_kernel(float *sum, const float *partial, int ch
 
 static int sum_chunks(int R) { return (R + SUM_CHUNK - 1) / SUM_CHUNK; }
 
-extern "C" size_t dense_rmsnorm_workspace(int R, int D)
+/* The two kernels of a chunked column sum (see column_partial_kernel). */
+static void column_sums(float *sum, const float *dy, const float *x, const float *rstd, int R,
+                        int D, void *workspace)
+{
+    float *partial = (float *)workspace;
+    dim3 grid((D + THREADS - 1) / THREADS, sum_chunks(R));
+    column_partial_kernel<<<grid, THREADS>>>(partial, dy, x, rstd, R, D);
+    add_partial_sums_kernel<<<(D + THREADS - 1) / THREADS, THREADS>>>(sum, partial, sum_chunks(R), D);
+}
+
+extern "C" size_t dense_column_sums_workspace(int R, int D)
 {
     return (size_t)(sum_chunks(R) > 0 ? sum_chunks(R) : 1) * (size_t)D * sizeof(float);
+}
+
+extern "C" size_t dense_rmsnorm_workspace(int R, int D) { return dense_column_sums_workspace(R, D); }
+
+extern "C" int dense_column_sums(float *sum, const float *x, int R, int D, void *workspace,
+                                 char *err, size_t err_size)
+{
+    if (R == 0 || D == 0) return 0;
+    column_sums(sum, x, NULL, NULL, R, D, workspace);
+    return report("dense_column_sums", err, err_size);
 }
 
 extern "C" int dense_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
@@ -138,12 +161,7 @@ extern "C" int dense_rmsnorm_backward(float *dx, float *dw, const float *dy, con
 {
     if (R == 0) return 0;
     /* the weight gradient first: it reads dy, which dx may overwrite */
-    if (dw) {
-        float *partial = (float *)workspace;
-        dim3 grid((D + THREADS - 1) / THREADS, sum_chunks(R));
-        rmsnorm_dw_partial_kernel<<<grid, THREADS>>>(partial, dy, x, rstd, R, D);
-        add_partial_sums_kernel<<<(D + THREADS - 1) / THREADS, THREADS>>>(dw, partial, sum_chunks(R), D);
-    }
+    if (dw) column_sums(dw, dy, x, rstd, R, D, workspace);
     if (dx) rmsnorm_dx_kernel<<<R, ROW_THREADS>>>(dx, dy, x, w, rstd, D, accumulate_dx);
     return report("dense_rmsnorm_backward", err, err_size);
 }

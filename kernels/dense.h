@@ -40,6 +40,13 @@ int dense_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x
                            const float *rstd, int R, int D, int accumulate_dx, void *workspace,
                            char *err, size_t err_size);
 
+/* sum[D] += the column sums of x[R,D], per chunk of SUM_CHUNK rows then over the chunks
+ * in order (the CPU backend's partition for bias gradients). workspace:
+ * dense_column_sums_workspace(R, D) bytes of device memory. */
+size_t dense_column_sums_workspace(int R, int D);
+int dense_column_sums(float *sum, const float *x, int R, int D, void *workspace, char *err,
+                      size_t err_size);
+
 /* In place on x[N, n_heads, Dh]: rotate-half RoPE over the first rotary_dim dims, and its
  * transpose (backward). inv_freq[rotary_dim/2] in device memory. */
 int dense_rope(float *x, const int32_t *positions, const float *inv_freq, float attention_scaling,

@@ -1,7 +1,7 @@
 /* gemm: cuBLAS GEMMs of the linear layers (see gemm.h). Never run on a GPU yet: compiled
  * and linked only. */
 #include "gemm.h"
-#include "dense_math.h"
+#include "dense.h"
 #include "gemm_math.h"
 #include "moe_math.h"
 
@@ -103,31 +103,7 @@ extern "C" int gemm_linear(struct gemm_context *ctx, float *y, const void *x, co
     return 0;
 }
 
-/* Column sums of dy[N,O] per chunk of SUM_CHUNK rows, then over the chunks in order (the
- * CPU backend's partition). */
-__global__ void column_partial_kernel(float *partial, const float *dy, int N, int O)
-{
-    int o = blockIdx.x * blockDim.x + threadIdx.x, c = blockIdx.y;
-    if (o >= O) return;
-    float p = 0.0f;
-    for (int r = c * SUM_CHUNK; r < N && r < (c + 1) * SUM_CHUNK; r++) p += dy[(size_t)r * O + o];
-    partial[(size_t)c * O + o] = p;
-}
-
-__global__ void column_total_kernel(float *sum, const float *partial, int chunks, int O)
-{
-    int o = blockIdx.x * blockDim.x + threadIdx.x;
-    if (o >= O) return;
-    float total = 0.0f;
-    for (int c = 0; c < chunks; c++) total += partial[(size_t)c * O + o];
-    sum[o] += total;
-}
-
-extern "C" size_t gemm_bias_workspace(int N, int O)
-{
-    int chunks = (N + SUM_CHUNK - 1) / SUM_CHUNK;
-    return (size_t)(chunks > 0 ? chunks : 1) * (size_t)O * sizeof(float);
-}
+extern "C" size_t gemm_bias_workspace(int N, int O) { return dense_column_sums_workspace(N, O); }
 
 extern "C" int gemm_linear_backward(struct gemm_context *ctx, float *dx, float *dw, float *dbias,
                                     const void *dy, const void *x, const void *w, int N, int I,
@@ -145,12 +121,7 @@ extern "C" int gemm_linear_backward(struct gemm_context *ctx, float *dx, float *
             snprintf(err, err_size, "gemm_linear_backward: a bias gradient needs fp32 dy");
             return -1;
         }
-        int chunks = (N + SUM_CHUNK - 1) / SUM_CHUNK;
-        dim3 grid((O + THREADS - 1) / THREADS, chunks);
-        column_partial_kernel<<<grid, THREADS>>>((float *)workspace, (const float *)dy, N, O);
-        column_total_kernel<<<(O + THREADS - 1) / THREADS, THREADS>>>(dbias, (const float *)workspace,
-                                                                     chunks, O);
-        return cuda_failed("gemm_linear_backward dbias", err, err_size);
+        return dense_column_sums(dbias, (const float *)dy, N, O, workspace, err, err_size);
     }
     return 0;
 }

@@ -7,6 +7,7 @@
 #define ESFT_TESTS_CHECK_H
 
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 
 static int check_count_ = 0;
@@ -28,6 +29,18 @@ static inline int check_close(double a, double b, double tol, double floor_)
 {
     double scale = fmax(fmax(fabs(a), fabs(b)), floor_);
     return fabs(a - b) <= tol * scale;
+}
+
+/* max |a - b| over max |b| (floored at 1e-30): the worst error of a against the reference
+ * b, relative to b's largest element. */
+static inline double check_worst_relative(const float *a, const float *b, size_t n)
+{
+    double diff = 0, scale = 1e-30;
+    for (size_t i = 0; i < n; i++) {
+        diff = fmax(diff, fabs((double)a[i] - b[i]));
+        scale = fmax(scale, fabs((double)b[i]));
+    }
+    return diff / scale;
 }
 
 static inline int check_done(const char *name)

@@ -75,7 +75,7 @@ static void check_rmsnorm_dw(int R, int D, struct rng *rng)
     backend_cpu()->rmsnorm_backward(NULL, want, dy, x, w, rstd, R, D, false);
     int chunks = (R + SUM_CHUNK - 1) / SUM_CHUNK;
     float *partial = xmalloc((size_t)(chunks ? chunks : 1) * D * sizeof(float));
-    for (int c = 0; c < chunks; c++) /* rmsnorm_dw_partial_kernel, thread d of block c */
+    for (int c = 0; c < chunks; c++) /* column_partial_kernel, thread d of block c */
         for (int d = 0; d < D; d++) {
             float p = 0.0f;
             for (int r = c * SUM_CHUNK; r < R && r < (c + 1) * SUM_CHUNK; r++)
@@ -150,16 +150,6 @@ static void colmajor_gemm(struct gemm_plan p, const float *a, const float *b, fl
         }
 }
 
-static double worst_relative(const float *a, const float *b, size_t n)
-{
-    double diff = 0, scale = 1e-30;
-    for (size_t i = 0; i < n; i++) {
-        diff = fmax(diff, fabs((double)a[i] - b[i]));
-        scale = fmax(scale, fabs((double)b[i]));
-    }
-    return diff / scale;
-}
-
 static void check_gemm_plans(int N, int I, int O, struct rng *rng)
 {
     const struct backend *cpu = backend_cpu();
@@ -168,7 +158,7 @@ static void check_gemm_plans(int N, int I, int O, struct rng *rng)
     float *y = xmalloc((size_t)N * O * sizeof(float)), *y_plan = random_floats(rng, (size_t)N * O, -9, 9);
     cpu->linear(y, x, w, NULL, N, I, O, false);
     colmajor_gemm(gemm_plan_of(GEMM_FORWARD, N, I, O), w, x, y_plan, 0.0f);
-    CHECK(worst_relative(y_plan, y, (size_t)N * O) < 1e-5, "forward plan N %d I %d O %d", N, I, O);
+    CHECK(check_worst_relative(y_plan, y, (size_t)N * O) < 1e-5, "forward plan N %d I %d O %d", N, I, O);
     float *dx = random_floats(rng, (size_t)N * I, -1, 1), *dx_plan = xmalloc((size_t)N * I * sizeof(float));
     float *dw = random_floats(rng, (size_t)O * I, -1, 1), *dw_plan = xmalloc((size_t)O * I * sizeof(float));
     memcpy(dx_plan, dx, (size_t)N * I * sizeof(float)); /* accumulated into: beta 1 */
@@ -176,8 +166,8 @@ static void check_gemm_plans(int N, int I, int O, struct rng *rng)
     cpu->linear_backward(dx, dw, NULL, dy, x, w, N, I, O, true);
     colmajor_gemm(gemm_plan_of(GEMM_INPUT_GRAD, N, I, O), w, dy, dx_plan, 1.0f);
     colmajor_gemm(gemm_plan_of(GEMM_WEIGHT_GRAD, N, I, O), x, dy, dw_plan, 1.0f);
-    CHECK(worst_relative(dx_plan, dx, (size_t)N * I) < 1e-5, "input-gradient plan N %d I %d O %d", N, I, O);
-    CHECK(worst_relative(dw_plan, dw, (size_t)O * I) < 1e-5, "weight-gradient plan N %d I %d O %d", N, I, O);
+    CHECK(check_worst_relative(dx_plan, dx, (size_t)N * I) < 1e-5, "input-gradient plan N %d I %d O %d", N, I, O);
+    CHECK(check_worst_relative(dw_plan, dw, (size_t)O * I) < 1e-5, "weight-gradient plan N %d I %d O %d", N, I, O);
     free(x), free(w), free(dy), free(y), free(y_plan), free(dx), free(dx_plan), free(dw), free(dw_plan);
 }
 

@@ -48,16 +48,6 @@ static void *from_device(const void *device, size_t bytes)
     return h;
 }
 
-static double worst_relative(const float *a, const float *b, size_t n)
-{
-    double diff = 0, scale = 1e-30;
-    for (size_t i = 0; i < n; i++) {
-        diff = fmax(diff, fabs((double)a[i] - b[i]));
-        scale = fmax(scale, fabs((double)b[i]));
-    }
-    return diff / scale;
-}
-
 /* Whether a token's probabilities p[E] leave a near-tie (1e-5 of the largest) within its
  * top-k ids[K] or between the k-th and the best outside: there two correct backends (two
  * libm's exp, two GEMMs) may order the experts either way. */
@@ -112,8 +102,8 @@ static void check_moe(int N, int E, int K, int H, int I)
     for (int n = 0; n < N; n++)
         if (memcmp(g_ids + n * K, ids + n * K, (size_t)K * sizeof(int32_t)) != 0)
             memcpy(g_weights + n * K, weights + n * K, (size_t)K * sizeof(float));
-    CHECK(worst_relative(g_weights, weights, (size_t)M) < 1e-6, "router weights");
-    CHECK(worst_relative(g_probs, probs, (size_t)N * E) < 1e-6, "router probabilities");
+    CHECK(check_worst_relative(g_weights, weights, (size_t)M) < 1e-6, "router weights");
+    CHECK(check_worst_relative(g_probs, probs, (size_t)N * E) < 1e-6, "router probabilities");
     /* permutation, on the CPU's ids */
     int32_t *offsets = xmalloc((size_t)(E + 1) * sizeof(int32_t)), *sor = xmalloc((size_t)M * sizeof(int32_t)),
             *ros = xmalloc((size_t)M * sizeof(int32_t));
@@ -149,8 +139,8 @@ static void check_moe(int N, int E, int K, int H, int I)
     float *g_xs = from_device(d_xs, (size_t)M * H * sizeof(float)), *g_h = from_device(d_h, (size_t)M * I * sizeof(float));
     float *g_out = from_device(d_out, (size_t)N * H * sizeof(float));
     CHECK(memcmp(g_xs, xs, (size_t)M * H * sizeof(float)) == 0, "gather_rows");
-    CHECK(worst_relative(g_h, h, (size_t)M * I) < 1e-6, "SwiGLU");
-    CHECK(worst_relative(g_out, out, (size_t)N * H) < 1e-6, "combine");
+    CHECK(check_worst_relative(g_h, h, (size_t)M * I) < 1e-6, "SwiGLU");
+    CHECK(check_worst_relative(g_out, out, (size_t)N * H) < 1e-6, "combine");
     printf("moe kernels, N %d E %d K %d H %d I %d: compared with the CPU backend\n", N, E, K, H, I);
     void *device_buffers[] = {d_logits, d_ids, d_weights, d_probs, d_offsets, d_sor, d_ros, d_cpu_ids,
                               workspace, d_x, d_xs, d_gate, d_up, d_h, d_ys, d_out, d_w};
@@ -176,7 +166,7 @@ static void expect_floats(const float *d, const float *want, size_t n, double bo
     if (bound == 0)
         CHECK(memcmp(got, want, n * sizeof(float)) == 0, "%s: not bit for bit the CPU's", what);
     else {
-        double worst = worst_relative(got, want, n);
+        double worst = check_worst_relative(got, want, n);
         CHECK(worst <= bound, "%s: relative error %.3g above %.3g", what, worst, bound);
     }
     free(got);
