@@ -3,7 +3,8 @@
  *
  * Exit codes used by the whole program (see README, "Exit status"):
  *   0 success, 1 runtime failure (I/O, MPI, CUDA, numerics), 2 bad input (deck, layout,
- *   files a user supplied). */
+ *   files a user supplied), 3 stopped by a signal after writing a checkpoint: resumable
+ *   (job scripts requeue on it). */
 #ifndef ESFT_LOG_H
 #define ESFT_LOG_H
 
@@ -16,6 +17,7 @@ extern "C" {
 
 #define EXIT_RUNTIME 1
 #define EXIT_INPUT 2
+#define EXIT_STOPPED 3
 
 /* Set once by main, after MPI_Init: the world rank is printed in error messages. */
 void log_init(int world_rank, int world_size);
