@@ -69,33 +69,23 @@ void append_block(struct token_batch *b, const struct dataset *ds,
     char err[1024];
     for (int i = plan->first[block]; i < plan->first[block + 1]; i++) {
         uint64_t sample = plan->order[i];
-        uint64_t full = dataset_sample_length(ds, sample);
         int n = (int)clipped_length(ds, sample, seq_len);
         if (b->N + n > b->capacity) fatal(EXIT_RUNTIME, "train: batch buffer overflow");
-        /* read the whole sample (cut afterwards): the last kept token's target may be
-         * the first dropped one */
-        uint32_t *raw = full <= (uint64_t)b->capacity - b->N ? b->raw + b->N : NULL;
-        uint32_t *tmp_raw = NULL;
-        uint8_t *tmp_mask = NULL, *mask = b->mask + b->N;
-        if (!raw || full > (uint64_t)n) {
-            tmp_raw = xmalloc(full * sizeof *tmp_raw);
-            tmp_mask = xmalloc(full);
-            raw = tmp_raw;
-            mask = tmp_mask;
-        }
-        if (dataset_read_sample(ds, sample, raw, mask, err, sizeof err) != 0)
+        /* only the kept tokens: the last kept token has no target (the sample ends here
+         * for the model), so nothing past the cut is needed */
+        uint32_t *raw = b->raw + b->N;
+        uint8_t *mask = b->mask + b->N;
+        if (dataset_read_prefix(ds, sample, (uint64_t)n, raw, mask, err, sizeof err) != 0)
             fatal(EXIT_RUNTIME, "train: %s", err);
         int start = b->N;
         for (int t = 0; t < n; t++) {
             b->tokens[start + t] = (int32_t)raw[t];
             b->positions[start + t] = t;
             b->sample_start[start + t] = start;
-            bool has_next = (uint64_t)t + 1 < full && t + 1 < n;
+            bool has_next = t + 1 < n;
             b->targets[start + t] = has_next && mask[t + 1] ? (int32_t)raw[t + 1] : -100;
             b->targets_counted += b->targets[start + t] >= 0;
         }
         b->N += n;
-        free(tmp_raw);
-        free(tmp_mask);
     }
 }

@@ -370,12 +370,19 @@ static int read_range(const struct dataset *ds, const char *name, hid_t memtype,
 int dataset_read_sample(const struct dataset *ds, uint64_t i, uint32_t *tokens, uint8_t *loss_mask,
                         char *err, size_t err_size)
 {
+    return dataset_read_prefix(ds, i, UINT64_MAX, tokens, loss_mask, err, err_size);
+}
+
+int dataset_read_prefix(const struct dataset *ds, uint64_t i, uint64_t max_tokens,
+                        uint32_t *tokens, uint8_t *loss_mask, char *err, size_t err_size)
+{
     if (i >= ds->n_samples) {
         snprintf(err, err_size, "%s: sample %llu does not exist (the dataset has %llu)", ds->path,
                  (unsigned long long)i, (unsigned long long)ds->n_samples);
         return -1;
     }
     uint64_t start = ds->offsets[i], length = dataset_sample_length(ds, i);
+    if (length > max_tokens) length = max_tokens;
     if (length == 0) return 0;
     struct h5_quiet quiet;
     h5_quiet_begin(&quiet);

@@ -41,4 +41,9 @@ static inline uint64_t dataset_sample_length(const struct dataset *ds, uint64_t 
 int dataset_read_sample(const struct dataset *ds, uint64_t i, uint32_t *tokens,
                         uint8_t *loss_mask, char *err, size_t err_size);
 
+/* The same for the first min(dataset_sample_length(i), max_tokens) entries only: what a
+ * reader that cuts samples to data.seq_len needs, into buffers of max_tokens entries. */
+int dataset_read_prefix(const struct dataset *ds, uint64_t i, uint64_t max_tokens,
+                        uint32_t *tokens, uint8_t *loss_mask, char *err, size_t err_size);
+
 #endif

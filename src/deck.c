@@ -38,6 +38,7 @@ static const char *const method_names[] = {"esft", "full",       "frozen_router"
                                            "lora", "densemixer", NULL};
 static const char *const lr_schedule_names[] = {"constant", "linear", "cosine", NULL};
 static const char *const bad_rows_names[] = {"abort", "skip", NULL};
+static const char *const bad_steps_names[] = {"stop", "skip", NULL};
 
 #define N_NAMES(array) (sizeof(array) / sizeof((array)[0]) - 1)
 _Static_assert(N_NAMES(phase_names) == PHASE_COUNT, "phase names");
@@ -48,6 +49,7 @@ _Static_assert(N_NAMES(score_function_names) == SCORE_FUNCTION_GATE + 1, "score 
 _Static_assert(N_NAMES(method_names) == METHOD_DENSEMIXER + 1, "method names");
 _Static_assert(N_NAMES(lr_schedule_names) == LR_COSINE + 1, "lr schedule names");
 _Static_assert(N_NAMES(bad_rows_names) == BAD_ROWS_SKIP + 1, "bad_rows names");
+_Static_assert(N_NAMES(bad_steps_names) == BAD_STEPS_SKIP + 1, "bad_steps names");
 /* Enum fields are written through an int pointer. */
 _Static_assert(sizeof(enum train_method) == sizeof(int), "enum size");
 _Static_assert(sizeof(enum phase) == sizeof(int), "enum size");
@@ -95,9 +97,18 @@ struct key {
 #define COUNT(field) .count_offset = offsetof(struct deck, field)
 #define BY(phase) (1u << PHASE_##phase)
 
+static bool phase_listed(const struct deck *deck, enum phase phase)
+{
+    for (int i = 0; i < deck->n_phases; i++)
+        if (deck->phases[i] == phase) return true;
+    return false;
+}
+
+/* train.expert_config is needed by method esft, unless select runs in the same deck:
+ * then it defaults to select's output (deck_finish fills it in). */
 static bool method_is_esft(const struct deck *deck)
 {
-    return deck->train.method == METHOD_ESFT;
+    return deck->train.method == METHOD_ESFT && !phase_listed(deck, PHASE_SELECT);
 }
 
 static const struct key schema[] = {
@@ -107,8 +118,8 @@ static const struct key schema[] = {
     /* run */
     {KEY("run.name", KEY_STRING, run.name), .def = "esft",
      .help = "run name, used in file names and log lines"},
-    {KEY("run.output_dir", KEY_STRING, run.output_dir), .def = "out",
-     .help = "directory for every file the run writes"},
+    {KEY("run.output_dir", KEY_STRING, run.output_dir), .def = "out/{name}",
+     .help = "directory for every file the run writes; {name} stands for run.name"},
     {KEY("run.seed", KEY_INT64, run.seed), .def = "5934875", .bounds = LO, .lo = 0,
      .help = "seed of every random choice (init, sampling, shuffling); ESFT reference value"},
     {KEY("run.backend", KEY_ENUM, run.backend), .def = "auto", .names = backend_names,
@@ -217,7 +228,8 @@ static const struct key schema[] = {
      .help = "what trains: selected experts (esft), everything, all but routers, LoRA, DenseMixer"},
     {KEY("train.expert_config", KEY_STRING, train.expert_config), .required_by = BY(TRAIN),
      .required_if = method_is_esft, .required_why = "method esft",
-     .help = "expert_config.json naming the experts to train (method esft)"},
+     .help = "expert_config.json naming the experts to train (method esft); default with "
+             "select in the phase list: select's output"},
     {KEY("train.lr", KEY_DOUBLE, train.lr), .def = "1e-5", .bounds = LO, .lo = 0,
      .help = "peak learning rate"},
     {KEY("train.weight_decay", KEY_DOUBLE, train.weight_decay), .def = "0.1", .bounds = LO, .lo = 0,
@@ -255,6 +267,9 @@ static const struct key schema[] = {
      .help = "fraction of the samples held out for validation"},
     {KEY("train.resume", KEY_STRING, train.resume), .def = "auto",
      .help = "auto (latest checkpoint in run.output_dir, if any), never, or a checkpoint path"},
+    {KEY("train.bad_steps", KEY_ENUM, train.bad_steps), .def = "stop", .names = bad_steps_names,
+     .help = "a step with no loss-bearing target or a non-finite loss or gradient norm: stop "
+             "(checkpoint the last good step, exit 1) or skip its batch (counted)"},
     {KEY("train.export_merged", KEY_BOOL, train.export_merged), .def = "false",
      .help = "also export a merged, complete Hugging Face checkpoint"},
     {KEY("train.recompute", KEY_BOOL, train.recompute), .def = "true",
@@ -1091,13 +1106,60 @@ static const char *suggest_section(const char *name)
     return best ? best : suggest_key(NULL, name); /* a key written at the top level */
 }
 
+/* Names that users of the Python training stacks (transformers' TrainingArguments,
+ * ms-swift, PEFT) write, and what esft calls them: matched on the key's last part,
+ * wherever it is written. */
+static const struct foreign_key {
+    const char *name, *hint;
+} foreign_keys[] = {
+    {"learning_rate", "train.lr"},
+    {"max_steps", "train.steps"},
+    {"num_train_epochs", "train.steps (esft counts optimizer steps, not epochs)"},
+    {"per_device_train_batch_size", "train.micro_batch (blocks per forward/backward on one rank)"},
+    {"train_batch_size", "train.global_batch (blocks per optimizer step over all ranks)"},
+    {"gradient_accumulation_steps",
+     "train.global_batch (= micro_batch x accumulation steps x data ranks; esft derives the "
+     "accumulation)"},
+    {"warmup_ratio", "train.warmup_steps (a step count: the ratio times train.steps)"},
+    {"lr_scheduler_type", "train.lr_schedule"},
+    {"max_grad_norm", "train.clip_grad"},
+    {"adam_beta1", "train.beta1"},
+    {"adam_beta2", "train.beta2"},
+    {"adam_epsilon", "train.eps"},
+    {"save_steps", "train.checkpoint_every"},
+    {"save_total_limit", "train.keep_checkpoints"},
+    {"eval_steps", "train.eval_every"},
+    {"logging_steps", "train.log_every"},
+    {"resume_from_checkpoint", "train.resume"},
+    {"router_aux_loss_coef", "train.aux_loss_coef"},
+    {"output_router_logits", "train.aux_loss_coef (> 0 adds the load-balancing loss)"},
+    {"model_name_or_path", "model.path"},
+    {"max_seq_length", "data.seq_len"},
+    {"max_length", "data.seq_len"},
+    {"packing", "data.pack"},
+    {"lora_r", "train.lora_rank"},
+};
+
+static const char *foreign_hint(const char *path)
+{
+    const char *dot = strrchr(path, '.');
+    const char *leaf = dot ? dot + 1 : path;
+    for (size_t i = 0; i < sizeof foreign_keys / sizeof foreign_keys[0]; i++)
+        if (strcmp(leaf, foreign_keys[i].name) == 0) return foreign_keys[i].hint;
+    return NULL;
+}
+
 /* "unknown key train.lrr (did you mean train.lr?)", for a path split at its first dot. */
 static void report_unknown(const struct source *src, struct pos at, const char *path)
 {
     char shown[80];
     shown_text(path, shown, sizeof shown);
     const char *dot = strchr(path, '.');
-    const char *hint;
+    const char *hint = foreign_hint(path);
+    if (hint) {
+        report(src, at, NULL, "unknown key %s (did you mean %s?)", shown, hint);
+        return;
+    }
     if (!dot && !src->file) { /* a command-line key without a section */
         hint = suggest_section(path);
         if (hint)
@@ -1431,6 +1493,35 @@ int deck_finish(struct deck *deck, char *err, size_t err_size)
             errors_add(&errors, "%s: train.warmup_steps (%d) is more than train.steps (%d)", where,
                        tr->warmup_steps, tr->steps);
         }
+    }
+    if (errors.count) return errors.count;
+
+    /* Derived values: run.output_dir's {name} (so that `run.name=lr3e-5` alone gives a
+     * member of a sweep its own directory, and its own checkpoints to resume), then
+     * train.expert_config from select's output when select runs in the same deck. */
+    const char *placeholder = strstr(deck->run.output_dir, "{name}");
+    if (placeholder) {
+        size_t head = (size_t)(placeholder - deck->run.output_dir);
+        size_t size = strlen(deck->run.output_dir) + strlen(deck->run.name) + 1;
+        char *dir = xmalloc(size);
+        snprintf(dir, size, "%.*s%s%s", (int)head, deck->run.output_dir, deck->run.name,
+                 placeholder + strlen("{name}"));
+        free(deck->run.output_dir);
+        deck->run.output_dir = dir;
+    }
+    if (strstr(deck->run.output_dir, "{name}")) {
+        deck_where(deck, "run.output_dir", where, sizeof where);
+        errors_add(&errors, "%s: run.output_dir may hold {name} once", where);
+    }
+    if (deck->train.method == METHOD_ESFT && !deck->train.expert_config &&
+        phase_listed(deck, PHASE_SELECT)) {
+        size_t size = strlen(deck->run.output_dir) + strlen(deck->select.output) + 2;
+        deck->train.expert_config = xmalloc(size);
+        if (deck->select.output[0] == '/')
+            snprintf(deck->train.expert_config, size, "%s", deck->select.output);
+        else
+            snprintf(deck->train.expert_config, size, "%s/%s", deck->run.output_dir,
+                     deck->select.output);
     }
     return errors.count;
 }

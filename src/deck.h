@@ -25,13 +25,15 @@ enum train_method { METHOD_ESFT, METHOD_FULL, METHOD_FROZEN_ROUTER, METHOD_LORA,
                     METHOD_DENSEMIXER };
 enum lr_schedule { LR_CONSTANT, LR_LINEAR, LR_COSINE };
 enum bad_rows { BAD_ROWS_ABORT, BAD_ROWS_SKIP };
+enum bad_steps { BAD_STEPS_STOP, BAD_STEPS_SKIP };
 enum backend_choice { BACKEND_AUTO, BACKEND_CPU, BACKEND_CUDA };
 
 #define DECK_MAX_LIST 64 /* most entries in a list-valued key */
 
 struct deck_run {
     char *name;       /* run name, used in file names and logs */
-    char *output_dir; /* every file the run writes goes here */
+    char *output_dir; /* every file the run writes goes here; "{name}" in the deck stands
+                         for run.name (default out/{name}), replaced by deck_finish */
     long long seed;
     enum backend_choice backend;
 };
@@ -101,6 +103,8 @@ struct deck_train {
     int checkpoint_every, keep_checkpoints, eval_every, log_every;
     double val_fraction;
     char *resume; /* "auto", "never" or a checkpoint path */
+    enum bad_steps bad_steps; /* a step without loss-bearing targets or with a non-finite
+                                 loss or gradient norm: stop the run, or skip the batch */
     bool export_merged, recompute;
     int lora_rank;
     double lora_alpha;

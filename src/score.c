@@ -186,7 +186,7 @@ int phase_score(const struct deck *deck, const struct layout *layout)
         }
         uint64_t i = (uint64_t)rank + j * (uint64_t)dp;
         int N = (int)draw.tokens[i];
-        if (dataset_read_sample(&ds, draw.index[i], tokens_u32, mask, err, sizeof err) != 0)
+        if (dataset_read_prefix(&ds, draw.index[i], (uint64_t)N, tokens_u32, mask, err, sizeof err) != 0)
             fatal(EXIT_RUNTIME, "score: %s", err);
         for (int t = 0; t < N; t++) tokens[t] = (int32_t)tokens_u32[t];
         struct batch batch = {.N = N, .tokens = tokens, .positions = positions, .sample_start = starts};

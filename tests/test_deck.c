@@ -257,7 +257,7 @@ static void test_defaults(void)
     deck_defaults(&d);
     CHECK(d.n_phases == 0, "no default phase");
     CHECK(same_string(d.run.name, "esft"), "run.name %s", d.run.name);
-    CHECK(same_string(d.run.output_dir, "out"), "run.output_dir");
+    CHECK(same_string(d.run.output_dir, "out/{name}"), "run.output_dir");
     CHECK(d.run.seed == 5934875, "run.seed %lld", d.run.seed);
     CHECK(d.run.backend == BACKEND_AUTO, "run.backend");
     CHECK(d.model.path == NULL, "model.path unset");
@@ -647,6 +647,34 @@ static void test_requirements(void)
     CHECK(finish_count("phase: select\ninit: {top_k: 9}\n", err) == 0, "%s", err);
 }
 
+/* Values deck_finish derives: run.output_dir's {name}, and train.expert_config from
+ * select's output when select runs in the same deck. */
+static void test_derived(void)
+{
+    char err[ERR_SIZE];
+    struct deck d;
+    CHECK(parse(&d, "r.yaml", "phase: [select, train]\nmodel: {path: m}\ndata: {path: d}\n", err) == 0,
+          "%s", err);
+    CHECK(deck_override(&d, "run.name=lr3e-5", err, ERR_SIZE) == 0, "%s", err);
+    CHECK(deck_finish(&d, err, ERR_SIZE) == 0, "select then train needs no expert_config: %s", err);
+    CHECK(same_string(d.run.output_dir, "out/lr3e-5"), "output_dir follows run.name: %s",
+          d.run.output_dir);
+    CHECK(same_string(d.train.expert_config, "out/lr3e-5/expert_config.json"),
+          "expert_config from select: %s", d.train.expert_config);
+    deck_free(&d);
+    CHECK(parse(&d, "r.yaml", "phase: train\nrun:\n  name: a\n  output_dir: runs/{name}/x\n"
+                "model: {path: m}\ndata: {path: d}\ntrain: {method: full}\n", err) == 0, "%s", err);
+    CHECK(deck_finish(&d, err, ERR_SIZE) == 0, "%s", err);
+    CHECK(same_string(d.run.output_dir, "runs/a/x"), "{name} inside: %s", d.run.output_dir);
+    CHECK(d.train.expert_config == NULL, "no select, no default expert_config");
+    deck_free(&d);
+    CHECK(parse(&d, "r.yaml", "phase: train\nrun: {output_dir: fixed}\n"
+                "model: {path: m}\ndata: {path: d}\ntrain: {method: full}\n", err) == 0, "%s", err);
+    CHECK(deck_finish(&d, err, ERR_SIZE) == 0, "%s", err);
+    CHECK(same_string(d.run.output_dir, "fixed"), "an explicit directory stays: %s", d.run.output_dir);
+    deck_free(&d);
+}
+
 /* Every field, written out, so that a key the printer forgets shows up here. */
 static void check_same(const struct deck *a, const struct deck *b, const char *what)
 {
@@ -984,6 +1012,7 @@ int main(int argc, char **argv)
     test_overrides();
     test_where();
     test_requirements();
+    test_derived();
     test_round_trip();
     test_print_keys();
     test_bad_decks(bad_dir);
