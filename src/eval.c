@@ -60,15 +60,6 @@ static int apply_adapter(struct model *m, const char *path, int *applied, char *
     return rc;
 }
 
-/* The index of the largest logit (the lower id on ties). */
-static int argmax(const float *row, int V)
-{
-    int best = 0;
-    for (int v = 1; v < V; v++)
-        if (row[v] > row[best]) best = v;
-    return best;
-}
-
 int phase_eval(const struct deck *deck, const struct layout *layout)
 {
     const struct layout_grid *grid = &layout->grid;
@@ -139,9 +130,7 @@ int phase_eval(const struct deck *deck, const struct layout *layout)
         sums[0] += r.loss_sum;
         sums[1] += (double)r.loss_count;
         sums[3] += batch.N;
-        for (int n = 0; n < batch.N; n++)
-            if (batch.targets[n] >= 0)
-                sums[2] += argmax(r.logits + (size_t)n * cfg.vocab_size, cfg.vocab_size) == batch.targets[n];
+        sums[2] += (double)count_correct(r.logits, batch.targets, batch.N, cfg.vocab_size);
         double now = wall_time();
         if (now - last_report >= 10.0) {
             log_info("eval: round %d/%d, %.0f s left", round + 1, rounds,

@@ -4,13 +4,16 @@
 
 #include "files.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <mpi.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 static int world_rank = 0;
 static int world_size = 1;
@@ -140,19 +143,47 @@ double wall_time(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+struct duration_text duration_text(double seconds)
+{
+    struct duration_text d;
+    if (!(seconds >= 0) || seconds > 1e9) {
+        snprintf(d.text, sizeof d.text, "?");
+    } else if (seconds < 60) {
+        snprintf(d.text, sizeof d.text, "%.0f s", seconds);
+    } else if (seconds < 3600) {
+        long s = (long)(seconds + 0.5);
+        snprintf(d.text, sizeof d.text, "%ldm%02lds", s / 60, s % 60);
+    } else {
+        long m = (long)(seconds / 60 + 0.5);
+        snprintf(d.text, sizeof d.text, "%ldh%02ldm", m / 60, m % 60);
+    }
+    return d;
+}
 
 /* The file is created at the first event after "start", so a run refused before it did
- * anything leaves no output directory behind; the start line waits in a buffer. */
+ * anything leaves no output directory behind; the start line waits in a buffer. Every
+ * line carries the wall-clock time (UTC) and the run id (UTC start time and process id
+ * of rank 0), so the segments of a resumed run can be told apart in one file. */
 static char metrics_path[4096];
-static char metrics_pending[8192];
+static char *metrics_pending;
+static char metrics_run_id[64];
 
 void metrics_open(const char *output_dir)
 {
     metrics_start = wall_time();
     if (world_rank != 0) return;
     snprintf(metrics_path, sizeof metrics_path, "%s", output_dir);
-    metrics_pending[0] = '\0';
+    free(metrics_pending);
+    metrics_pending = NULL;
+    time_t now = time(NULL);
+    struct tm utc;
+    gmtime_r(&now, &utc);
+    char stamp[32];
+    strftime(stamp, sizeof stamp, "%Y%m%dT%H%M%SZ", &utc);
+    snprintf(metrics_run_id, sizeof metrics_run_id, "%s-%ld", stamp, (long)getpid());
 }
+
+const char *metrics_run(void) { return metrics_run_id; }
 
 static void metrics_create(void)
 {
@@ -163,42 +194,104 @@ static void metrics_create(void)
     snprintf(path, sizeof path, "%s/metrics.jsonl", metrics_path);
     metrics_file = fopen(path, "a");
     if (!metrics_file) fatal(EXIT_RUNTIME, "cannot open %s: %s", path, strerror(errno));
-    fputs(metrics_pending, metrics_file);
-    metrics_pending[0] = '\0';
+    if (metrics_pending) fputs(metrics_pending, metrics_file);
+    free(metrics_pending);
+    metrics_pending = NULL;
+}
+
+/* printf into a new buffer. */
+static char *format_new(const char *fmt, va_list args)
+{
+    va_list again;
+    va_copy(again, args);
+    int n = vsnprintf(NULL, 0, fmt, args);
+    char *text = n >= 0 ? malloc((size_t)n + 1) : NULL;
+    if (!text) fatal(EXIT_RUNTIME, "out of memory (metrics line)");
+    vsnprintf(text, (size_t)n + 1, fmt, again);
+    va_end(again);
+    return text;
+}
+
+static char *format_new_of(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static char *format_new_of(const char *fmt, ...)
+{
+    va_list args;
+    va_start(args, fmt);
+    char *text = format_new(fmt, args);
+    va_end(args);
+    return text;
+}
+
+/* JSON has no NaN or infinity: printf's nan, -nan, inf and -inf outside strings become
+ * null, so that every reader accepts every line. */
+char *json_null_nonfinite(const char *text)
+{
+    char *result = xmalloc(2 * strlen(text) + 1); /* "nan" -> "null" grows by a third */
+    char *out = result;
+    bool in_string = false;
+    for (const char *c = text; *c;) {
+        if (in_string) {
+            if (*c == '\\' && c[1]) *out++ = *c++;
+            else if (*c == '"') in_string = false;
+            *out++ = *c++;
+            continue;
+        }
+        if (*c == '"') {
+            in_string = true;
+            *out++ = *c++;
+            continue;
+        }
+        const char *word = c + (*c == '-' || *c == '+');
+        size_t n = 0;
+        if (strncmp(word, "nan", 3) == 0 || strncmp(word, "inf", 3) == 0) n = 3;
+        if (n && strncmp(word, "infinity", 8) == 0) n = 8;
+        bool alone = n && (c == text || !isalnum((unsigned char)c[-1])) &&
+                     !isalnum((unsigned char)word[n]);
+        if (alone) {
+            memcpy(out, "null", 4);
+            out += 4;
+            c = word + n;
+            continue;
+        }
+        *out++ = *c++;
+    }
+    *out = '\0';
+    return result;
 }
 
 void metrics_write(const char *event, const char *fields_fmt, ...)
 {
     if (world_rank != 0 || !metrics_path[0]) return;
-    if (!metrics_file && strcmp(event, "start") == 0) {
-        size_t used = strlen(metrics_pending);
-        int n = snprintf(metrics_pending + used, sizeof metrics_pending - used,
-                         "{\"time\": 0.000, \"event\": \"start\"");
-        va_list args;
-        va_start(args, fields_fmt);
-        if (n > 0 && fields_fmt && fields_fmt[0]) {
-            used = strlen(metrics_pending);
-            snprintf(metrics_pending + used, sizeof metrics_pending - used, ", ");
-            used = strlen(metrics_pending);
-            vsnprintf(metrics_pending + used, sizeof metrics_pending - used, fields_fmt, args);
-        }
-        va_end(args);
-        used = strlen(metrics_pending);
-        snprintf(metrics_pending + used, sizeof metrics_pending - used, "}\n");
-        return;
-    }
-    if (!metrics_file) metrics_create();
-    fprintf(metrics_file, "{\"time\": %.3f, \"event\": \"%s\"", wall_time() - metrics_start,
-            event);
+    char *fields = NULL;
     if (fields_fmt && fields_fmt[0]) {
         va_list args;
         va_start(args, fields_fmt);
-        fputs(", ", metrics_file);
-        vfprintf(metrics_file, fields_fmt, args);
+        char *raw = format_new(fields_fmt, args);
         va_end(args);
+        fields = json_null_nonfinite(raw);
+        free(raw);
     }
-    fputs("}\n", metrics_file);
+    time_t now = time(NULL);
+    struct tm utc;
+    gmtime_r(&now, &utc);
+    char stamp[32];
+    strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%SZ", &utc);
+    char *line = format_new_of("{\"time\": %.3f, \"wall_time\": \"%s\", \"run_id\": \"%s\", "
+                               "\"event\": \"%s\"%s%s}\n", wall_time() - metrics_start, stamp,
+                               metrics_run_id, event, fields ? ", " : "", fields ? fields : "");
+    free(fields);
+    if (!metrics_file && strcmp(event, "start") == 0) {
+        size_t old = metrics_pending ? strlen(metrics_pending) : 0;
+        metrics_pending = realloc(metrics_pending, old + strlen(line) + 1);
+        if (!metrics_pending) fatal(EXIT_RUNTIME, "out of memory (metrics line)");
+        strcpy(metrics_pending + old, line);
+        free(line);
+        return;
+    }
+    if (!metrics_file) metrics_create();
+    fputs(line, metrics_file);
     fflush(metrics_file);
+    free(line);
 }
 
 void metrics_close(void)

@@ -55,14 +55,27 @@ char *xstrdup_at(const char *s, const char *file, int line);
 /* Metrics: one JSON object per line in OUTPUT_DIR/metrics.jsonl, written by rank 0
  * only (other ranks' calls do nothing). metrics_open creates output_dir if needed. */
 void metrics_open(const char *output_dir);
-/* Writes {"time": seconds since metrics_open, "event": event, <fields>} where fields is a
- * printf-formatted fragment of JSON members, e.g. "\"step\": %d, \"loss\": %.6f". */
+/* Writes {"time": seconds since metrics_open, "wall_time": "UTC ISO 8601", "run_id":
+ * "...", "event": event, <fields>} where fields is a printf-formatted fragment of JSON
+ * members, e.g. "\"step\": %d, \"loss\": %.6f". A non-finite number printed there
+ * (nan, inf) is written as null: every line is valid JSON. */
 void metrics_write(const char *event, const char *fields_fmt, ...)
     __attribute__((format(printf, 2, 3)));
 void metrics_close(void);
+/* This run's id (rank 0; empty elsewhere): UTC start time and process id. */
+const char *metrics_run(void);
+/* A copy of text (to free) with printf's nan, -nan, inf, -inf outside JSON strings
+ * written as null. */
+char *json_null_nonfinite(const char *text);
 
 /* Seconds from a monotonic clock. */
 double wall_time(void);
+
+/* A duration for people: "42 s", "12m05s", "3h07m" ("?" when not finite). */
+struct duration_text {
+    char text[32];
+};
+struct duration_text duration_text(double seconds);
 
 #ifdef __cplusplus
 }

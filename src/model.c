@@ -1264,3 +1264,17 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
         ops->embedding_backward(m->embedding_grad, ws->dx, batch->tokens, N, H);
     }
 }
+
+long long count_correct(const float *logits, const int32_t *targets, int N, int V)
+{
+    long long correct = 0;
+    for (int n = 0; n < N; n++) {
+        if (targets[n] < 0) continue;
+        const float *row = logits + (size_t)n * V;
+        int best = 0;
+        for (int v = 1; v < V; v++)
+            if (row[v] > row[best]) best = v;
+        correct += best == targets[n];
+    }
+    return correct;
+}

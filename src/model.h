@@ -168,6 +168,10 @@ struct forward_result {
     double aux_loss;
 };
 
+/* Targets (>= 0) of a batch that are their logits row's argmax (ties to the lower id):
+ * token accuracy's numerator. logits: [N, V], targets: [N] (-100: not counted). */
+long long count_correct(const float *logits, const int32_t *targets, int N, int V);
+
 /* Workspace of the forward pass for up to max_tokens tokens, allocated once. A training
  * workspace keeps every layer's activations for model_backward; an inference workspace
  * reuses one set for all layers. */

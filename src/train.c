@@ -18,8 +18,12 @@
  * over the step's micro-batches, times the coefficient. It is reported either way.
  * Gradients (trainable tensors only) are summed over the ranks, clipped to
  * train.clip_grad by global norm, and AdamW takes the step.
- * Checkpoints every train.checkpoint_every steps and when SIGUSR1 or SIGTERM arrives
- * (then the run stops after writing it); train.resume auto continues from the newest. */
+ * Checkpoints every train.checkpoint_every steps (0: at the end only) and when SIGUSR1 or
+ * SIGTERM arrives (then the run stops after writing it, with EXIT_STOPPED);
+ * train.resume auto continues from the newest.
+ * A step whose global batch holds no loss-bearing target, or whose loss or gradient norm
+ * is not finite, updates nothing: train.bad_steps stop (the default) writes a checkpoint
+ * of the last good step and ends the run with an error; skip counts it and goes on. */
 #include <inttypes.h>
 #include <math.h>
 #include <mpi.h>
@@ -36,6 +40,7 @@
 #include "files.h"
 #include "flops.h"
 #include "hfconfig.h"
+#include "history.h"
 #include "log.h"
 #include "model.h"
 #include "optim.h"
@@ -96,24 +101,6 @@ static double peak_rss_mib(void)
 }
 
 /* ---- the phase ----------------------------------------------------------------------- */
-
-struct curve {
-    int n, capacity;
-    long long *step;
-    double *loss;
-};
-
-static void curve_add(struct curve *c, long long step, double loss)
-{
-    if (c->n == c->capacity) {
-        c->capacity = c->capacity ? 2 * c->capacity : 64;
-        c->step = realloc(c->step, (size_t)c->capacity * sizeof *c->step);
-        c->loss = realloc(c->loss, (size_t)c->capacity * sizeof *c->loss);
-        if (!c->step || !c->loss) fatal(EXIT_RUNTIME, "out of memory (loss curve)");
-    }
-    c->step[c->n] = step;
-    c->loss[c->n++] = loss;
-}
 
 /* Mean loss over the validation blocks (every rank takes blocks j mod dp). */
 static double evaluate(const struct model *m, struct forward_workspace *ws,
@@ -184,6 +171,12 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     if (n_val >= S) n_val = S > 0 ? S - 1 : 0;
     uint64_t n_train = S - n_val;
     if (n_train == 0) fatal_all(EXIT_INPUT, "train: %s holds no training sample", deck->data.path);
+    uint64_t n_cut = 0; /* samples longer than a block: cut to data.seq_len */
+    for (uint64_t i = 0; i < S; i++) n_cut += dataset_sample_length(&ds, i) > (uint64_t)seq_len;
+    if (n_cut)
+        log_warn("train: %" PRIu64 " of %" PRIu64 " samples of %s are longer than data.seq_len "
+                 "(%d) and are cut to it (their later tokens are not trained on)", n_cut, S,
+                 deck->data.path, seq_len);
     struct block_plan val = {0}, epoch_plan = {0};
     plan_blocks(&ds, all + n_train, n_val, seq_len, deck->data.pack, &val);
     uint64_t *train_samples = xmalloc(n_train * sizeof *train_samples);
@@ -207,6 +200,11 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         n_total += model.params[i].numel;
         if (trainable[i]) n_trainable += model.params[i].numel, n_tensors++;
     }
+    if (n_tensors == 0) /* every rank holds the whole table, so all agree */
+        fatal_all(EXIT_INPUT, "train: method %s%s%s selects no tensor of %s to train",
+                  tr->method == METHOD_ESFT ? "esft with " : "",
+                  tr->method == METHOD_ESFT ? tr->expert_config : "",
+                  tr->method == METHOD_ESFT ? "" : "", deck->model.path);
     /* what this rank holds: the routed experts' share falls as 1/ep */
     double held[2] = {0, 0}; /* MiB: all weights, routed experts */
     for (int i = 0; i < model.n_params; i++)
@@ -259,6 +257,14 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         log_info("train: resuming from %s at step %lld", path, position.step);
     }
 
+    if (position.step >= tr->steps)
+        log_info("train: %s is at step %lld, train.steps is %d: nothing to train (raise "
+                 "train.steps to train on; train.resume: never or another run.output_dir starts "
+                 "over); exporting its tensors again", path, position.step, tr->steps);
+    metrics_write("train_start", "\"from_step\": %lld, \"steps\": %d, \"method\": \"%s\", "
+                  "\"trainable_parameters\": %zu, \"samples_cut\": %" PRIu64, position.step,
+                  tr->steps, method, n_trainable, n_cut);
+
     struct sigaction action;
     memset(&action, 0, sizeof action);
     action.sa_handler = on_stop_signal;
@@ -279,20 +285,21 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     for (int k = 0; k < n_ws; k++) ws[k] = forward_workspace_new_training(&model, capacity);
     struct forward_workspace *eval_ws = forward_workspace_new(&model, seq_len);
     const struct backend *ops = backend_cpu();
-    struct curve losses = {0}, eval_losses = {0};
+    bool validate = val.n_blocks > 0 && tr->eval_every > 0; /* eval_every 0: never */
 
-    if (val.n_blocks > 0 && !found) { /* the untrained model's loss, the curve's start */
+    if (validate && !found) { /* the untrained model's loss, the curve's start */
         double eval = evaluate(&model, eval_ws, &ds, &val, seq_len, &eval_batch, rank, dp);
-        curve_add(&eval_losses, 0, eval);
         log_info("train: step 0  eval loss %.6f (%d validation blocks)", eval, val.n_blocks);
         metrics_write("eval", "\"step\": 0, \"loss\": %.17g", eval);
     }
 
     long long planned_epoch = -1;
     double start = wall_time(), tokens_done = 0, flops_done = 0;
-    long long first_step = position.step;
+    long long first_step = position.step, last_checkpoint = found ? position.step : -1;
+    long long skipped = 0; /* steps whose batch was skipped (train.bad_steps skip) */
     int status = 0;
     while (position.step < tr->steps) {
+        struct train_position before = position; /* the last good step, should this one fail */
         /* gather this step's blocks: block j of the step goes to rank j mod dp */
         for (int i = 0; i < micro_batches; i++) micro[i].N = 0, micro[i].targets_counted = 0;
         for (int j = 0; j < tr->global_batch; j++) {
@@ -323,7 +330,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         int step_micro_batches = tr->global_batch / tr->micro_batch;
         float aux_scale = (float)(tr->aux_loss_coef / step_micro_batches);
         model_zero_grads(&model);
-        double sums[2] = {0, 0}; /* cross-entropy, aux losses (last stage) */
+        double sums[3] = {0, 0, 0}; /* cross-entropy, aux losses, correct targets (last stage) */
         /* One forward-one backward (1F1B): stage s runs pp - 1 - s forwards ahead, then
          * alternates a forward with the backward of its oldest micro-batch, then drains;
          * micro-batch i lives in workspace i mod (pp - s). With pp = 1: forward, backward,
@@ -345,59 +352,97 @@ int phase_train(const struct deck *deck, const struct layout *layout)
                     model_forward(&model, ops, w, &batch, &r);
                     sums[0] += r.loss_sum;
                     sums[1] += r.aux_loss;
+                    if (r.logits)
+                        sums[2] += (double)count_correct(r.logits, batch.targets, batch.N,
+                                                         cfg.vocab_size);
                 } else {
                     model_backward(&model, ops, w, &batch, scale, aux_scale);
                 }
             }
         }
         for (int k = 0; k < n_ws; k++) model_wait_sends(ws[k]);
-        check_mpi(MPI_Allreduce(MPI_IN_PLACE, sums, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+        check_mpi(MPI_Allreduce(MPI_IN_PLACE, sums, 3, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
         double aux = sums[1] / step_micro_batches;
         double norm = reduce_gradients(&model, layout, grad_scratch);
-        if (tr->clip_grad > 0 && norm > tr->clip_grad)
-            grad_scale(&model, (float)(tr->clip_grad / (norm + 1e-6)));
+        double loss = counts[0] > 0 ? sums[0] / counts[0] : NAN;
+        double accuracy = counts[0] > 0 ? sums[2] / counts[0] : NAN;
         double lr = lr_at(tr, position.step);
-        adamw_step(&opt, &model, lr);
+        /* every rank holds the same sums and norm, so every rank decides alike */
+        const char *bad = counts[0] == 0 ? "its global batch holds no loss-bearing target"
+                          : !isfinite(loss) ? "its loss is not finite"
+                          : !isfinite(norm) || !isfinite(aux) ? "its gradient norm is not finite"
+                                                              : NULL;
+        if (bad && tr->bad_steps == BAD_STEPS_STOP) {
+            if (before.step > last_checkpoint &&
+                checkpoint_write(deck->run.output_dir, &model, &opt, &before, method, deck_text,
+                                 tr->keep_checkpoints, MPI_COMM_WORLD, err, sizeof err) != 0)
+                fatal_all(EXIT_RUNTIME, "train: %s", err);
+            metrics_write("bad_step", "\"step\": %lld, \"reason\": \"%s\", \"loss\": %.17g, "
+                          "\"grad_norm\": %.17g", before.step + 1, bad, loss, norm);
+            fatal_all(EXIT_RUNTIME, "train: step %lld stopped the run: %s (loss %g, grad norm %g, "
+                      "%.0f loss-bearing targets); the model is left at step %lld%s. "
+                      "train.bad_steps: skip skips such batches", before.step + 1, bad, loss,
+                      norm, counts[0], before.step,
+                      before.step > 0 ? ", checkpointed" : "");
+        }
+        if (bad) {
+            skipped++;
+            log_warn("train: step %lld skipped: %s (train.bad_steps: skip)", before.step + 1, bad);
+            metrics_write("bad_step", "\"step\": %lld, \"reason\": \"%s\", \"skipped\": true",
+                          before.step + 1, bad);
+        } else {
+            if (tr->clip_grad > 0 && norm > tr->clip_grad)
+                grad_scale(&model, (float)(tr->clip_grad / (norm + 1e-6)));
+            adamw_step(&opt, &model, lr);
+        }
         position.step++;
 
-        double loss = counts[0] > 0 ? sums[0] / counts[0] : NAN;
         double peak_mib = peak_rss_mib(); /* the largest over the ranks */
         check_mpi(MPI_Allreduce(MPI_IN_PLACE, &peak_mib, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
         tokens_done += counts[1];
-        curve_add(&losses, position.step, loss);
         double elapsed = wall_time() - start;
         double rate = tokens_done / elapsed, tflops = flops_done / elapsed / 1e12;
         double eta = elapsed / (double)(position.step - first_step) * (double)(tr->steps - position.step);
+        /* epochs consumed: whole epochs, and the samples of this epoch's blocks taken */
+        double epochs = (double)position.epoch +
+                        (epoch_plan.n_blocks ? (double)epoch_plan.first[position.block] / (double)n_train : 0);
         if (position.step % tr->log_every == 0 || position.step == tr->steps)
-            log_info("train: step %lld/%d  loss %.6f  aux %.4f  lr %.3g  grad norm %.4g  "
-                     "%.0f tokens/s  %.3g TFLOP/s  %.0f MiB peak  %.0f s left", position.step,
-                     tr->steps, loss, aux, lr, norm, rate, tflops, peak_mib, eta);
-        metrics_write("step", "\"step\": %lld, \"loss\": %.17g, \"aux_loss\": %.17g, "
-                      "\"aux_loss_coef\": %.6g, \"lr\": %.6g, \"grad_norm\": %.6g, "
-                      "\"tokens\": %.0f, \"tokens_per_second\": %.1f, \"model_tflops\": %.6g, "
-                      "\"peak_rss_mib\": %.1f", position.step, loss, aux, tr->aux_loss_coef, lr,
-                      norm, counts[1], rate, tflops, peak_mib);
+            log_info("train: step %lld/%d (%.0f%%)  loss %.6f  acc %.4f  aux %.4f  lr %.3g  grad "
+                     "norm %.4g  epoch %.2f  %.0f tokens/s  %.3g TFLOP/s  %.0f MiB peak  %s "
+                     "elapsed, %s left", position.step, tr->steps,
+                     100.0 * (double)position.step / tr->steps, loss, accuracy, aux, lr, norm,
+                     epochs, rate, tflops, peak_mib, duration_text(elapsed).text,
+                     duration_text(eta).text);
+        metrics_write("step", "\"step\": %lld, \"loss\": %.17g, \"accuracy\": %.9g, "
+                      "\"aux_loss\": %.17g, \"aux_loss_coef\": %.6g, \"lr\": %.6g, "
+                      "\"grad_norm\": %.6g, \"epoch\": %.6f, \"tokens\": %.0f, "
+                      "\"tokens_per_second\": %.1f, \"model_tflops\": %.6g, \"peak_rss_mib\": %.1f, "
+                      "\"skipped\": %s", position.step, loss, accuracy, aux, tr->aux_loss_coef,
+                      lr, norm, epochs, counts[1], rate, tflops, peak_mib, bad ? "true" : "false");
 
         bool last = position.step == tr->steps;
-        if (val.n_blocks > 0 && (position.step % tr->eval_every == 0 || last)) {
+        if (validate && (position.step % tr->eval_every == 0 || last)) {
             double eval = evaluate(&model, eval_ws, &ds, &val, seq_len, &eval_batch, rank, dp);
-            curve_add(&eval_losses, position.step, eval);
             log_info("train: step %lld  eval loss %.6f (%d validation blocks)", position.step, eval,
                      val.n_blocks);
             metrics_write("eval", "\"step\": %lld, \"loss\": %.17g", position.step, eval);
         }
         int stop = stop_signal;
         check_mpi(MPI_Allreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
-        if (position.step % tr->checkpoint_every == 0 || last || stop) {
+        bool periodic = tr->checkpoint_every > 0 && position.step % tr->checkpoint_every == 0;
+        if (periodic || last || stop) {
             if (checkpoint_write(deck->run.output_dir, &model, &opt, &position, method, deck_text,
                                  tr->keep_checkpoints, MPI_COMM_WORLD, err, sizeof err) != 0)
                 fatal_all(EXIT_RUNTIME, "train: %s", err);
+            last_checkpoint = position.step;
             log_info("train: checkpoint at step %lld", position.step);
         }
         if (stop && !last) {
             log_info("train: stopped by signal %d after step %lld; the next run with "
-                     "train.resume: auto continues from its checkpoint", stop, position.step);
-            status = 0;
+                     "train.resume: auto continues from its checkpoint (exit status %d)", stop,
+                     position.step, EXIT_STOPPED);
+            metrics_write("stopped", "\"step\": %lld, \"signal\": %d", position.step, stop);
+            status = EXIT_STOPPED;
             goto done;
         }
     }
@@ -419,17 +464,42 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         else
             log_info("train: merged checkpoint -> %s", dir);
     }
-    if (layout->world_rank == 0) {
+    /* the picture and the summary cover the whole history: every segment of a stopped
+     * and resumed training, read back from the metrics file */
+    struct curve losses = {0}, eval_losses = {0};
+    if (layout->world_rank == 0 && status == 0) {
         snprintf(dir, sizeof dir, "%s/loss.svg", deck->run.output_dir);
-        if (status == 0 && losses.n > 0 &&
-            plot_loss_curve(dir, deck->run.name, losses.step, losses.loss, losses.n, eval_losses.step,
-                            eval_losses.loss, eval_losses.n, err, sizeof err) != 0)
+        if (history_read(deck->run.output_dir, &losses, &eval_losses, err, sizeof err) != 0 ||
+            (losses.n > 0 &&
+             plot_loss_curve(dir, deck->run.name, losses.step, losses.loss, losses.n,
+                             eval_losses.step, eval_losses.loss, eval_losses.n, err, sizeof err) != 0))
             status = EXIT_RUNTIME;
     }
     check_mpi(MPI_Bcast(&status, 1, MPI_INT, 0, MPI_COMM_WORLD));
     if (status != 0) fatal_all(status, "train: %s", err);
-    metrics_write("train", "\"steps\": %lld, \"final_loss\": %.9g, \"seconds\": %.3f", position.step,
-                  losses.n ? losses.loss[losses.n - 1] : NAN, wall_time() - start);
+    if (layout->world_rank == 0) {
+        int best = -1;
+        for (int i = 0; i < eval_losses.n; i++)
+            if (best < 0 || eval_losses.loss[i] < eval_losses.loss[best]) best = i;
+        double seconds = wall_time() - start;
+        char best_text[96] = "no validation";
+        if (best >= 0)
+            snprintf(best_text, sizeof best_text, "best validation loss %.6f at step %lld",
+                     eval_losses.loss[best], eval_losses.step[best]);
+        log_info("train: done: step %lld, final loss %.6f, %s; this run %lld steps%s in %s, %.0f "
+                 "tokens; %.3fM trained parameters (%.2f%%)", position.step,
+                 losses.n ? losses.loss[losses.n - 1] : NAN, best_text, position.step - first_step,
+                 skipped ? " (some skipped)" : "", duration_text(seconds).text, tokens_done,
+                 n_trainable / 1e6, 100.0 * n_trainable / n_total);
+        metrics_write("train", "\"steps\": %lld, \"steps_this_run\": %lld, \"skipped_steps\": "
+                      "%lld, \"final_loss\": %.9g, \"best_eval_loss\": %.9g, \"best_eval_step\": "
+                      "%lld, \"seconds\": %.3f, \"tokens\": %.0f, \"trainable_parameters\": %zu",
+                      position.step, position.step - first_step, skipped,
+                      losses.n ? losses.loss[losses.n - 1] : NAN,
+                      best >= 0 ? eval_losses.loss[best] : NAN,
+                      best >= 0 ? eval_losses.step[best] : -1LL, seconds, tokens_done, n_trainable);
+    }
+    curve_free(&losses), curve_free(&eval_losses);
 done:
     signal(SIGUSR1, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
@@ -437,7 +507,6 @@ done:
     token_batch_free(&eval_batch);
     for (int k = 0; k < n_ws; k++) forward_workspace_free(ws[k]);
     forward_workspace_free(eval_ws);
-    free(losses.step), free(losses.loss), free(eval_losses.step), free(eval_losses.loss);
     free(deck_text);
     adamw_free(&opt);
     free(grad_scratch);

@@ -88,6 +88,18 @@ int expert_config_read(const char *path, const struct model_config *cfg,
             ec->experts[layer][ec->n_experts[layer]++] = (int)e;
         }
     }
+    if (ec->shared_experts && cfg->num_shared_experts == 0) {
+        snprintf(err, err_size, "%s: \"shared_experts\" is true but the model (%s) has no "
+                 "shared experts; set it to false", path, cfg->model_type);
+        goto done;
+    }
+    int chosen = 0;
+    for (int l = 0; l < ec->num_layers; l++) chosen += ec->n_experts[l];
+    if (chosen == 0 && !ec->shared_experts && !ec->non_expert_modules) {
+        snprintf(err, err_size, "%s: selects nothing to train (no expert in \"experts\", "
+                 "shared_experts and non_expert_modules false)", path);
+        goto done;
+    }
     rc = 0;
 done:
     json_decref(root);

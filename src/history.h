@@ -1,0 +1,32 @@
+/* history: the training history of an output directory, read back from its
+ * metrics.jsonl, for the loss picture and the run summary of the train phase.
+ *
+ * A training that was stopped and resumed appends one segment per run to the same
+ * metrics file. Each segment opens with a "train_start" line naming the step it starts
+ * from; a later segment replaces whatever an earlier one logged after that step (a run
+ * resumed from an older checkpoint replays those steps; a segment from step 0 starts a
+ * new history). So the curves are those of the
+ * lineage that led to the last segment, whatever was interrupted on the way. */
+#ifndef ESFT_HISTORY_H
+#define ESFT_HISTORY_H
+
+#include <stddef.h>
+
+struct curve {
+    int n, capacity;
+    long long *step;
+    double *loss;
+};
+
+void curve_add(struct curve *c, long long step, double loss);
+/* Drops the points after `step`. */
+void curve_cut_after(struct curve *c, long long step);
+void curve_free(struct curve *c);
+
+/* Reads OUTPUT_DIR/metrics.jsonl into the training loss per step and the validation
+ * loss (nulls skipped). A missing file gives empty curves. 0, or -1 with a message
+ * naming the file and line. */
+int history_read(const char *output_dir, struct curve *train, struct curve *eval, char *err,
+                 size_t err_size);
+
+#endif
