@@ -21,6 +21,7 @@
 #include "model.h"
 #include "log.h"
 #include "phases.h"
+#include "preflight.h"
 #include "version.h"
 
 #define MAX_OVERRIDES 256
@@ -166,7 +167,7 @@ static void fail_on_deck_errors(int n_errors, const char *messages, const char *
         fputs(messages, stderr);
         if (messages[0] && messages[strlen(messages) - 1] != '\n') fputc('\n', stderr);
     }
-    fatal_all(EXIT_INPUT, "%d error%s in deck %s; nothing was run", n_errors,
+    fatal_all(EXIT_INPUT, "%d problem%s with deck %s; nothing was run", n_errors,
               n_errors == 1 ? "" : "s", deck_file);
 }
 
@@ -301,6 +302,13 @@ int main(int argc, char **argv)
                       where, sum, model.num_layers);
     }
 
+    /* Everything every phase of the list needs, checked before the first one runs: rank
+     * 0 reads the files, every rank gets the verdict. */
+    int n_problems = 0;
+    if (world_rank == 0)
+        n_problems = preflight_check(&deck, &grid, messages, ERROR_BUFFER);
+    check_mpi(MPI_Bcast(&n_problems, 1, MPI_INT, 0, MPI_COMM_WORLD));
+
     if (opt.dry_run) {
         if (world_rank == 0) {
             printf("# esft %s: resolved deck %s\n", PACKAGE_VERSION, opt.deck_file);
@@ -321,11 +329,14 @@ int main(int argc, char **argv)
             layout_print(stdout, &grid, model_known ? &model : NULL);
             fflush(stdout);
         }
+        if (n_problems > 0) /* after the printout, so that a refused deck can be read too */
+            fail_on_deck_errors(n_problems, messages, opt.deck_file);
         deck_free(&deck);
         free(messages);
         MPI_Finalize();
         return 0;
     }
+    fail_on_deck_errors(n_problems, messages, opt.deck_file);
 
     struct layout layout;
     layout_create(&layout, &grid);

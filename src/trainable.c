@@ -107,14 +107,20 @@ done:
     return rc;
 }
 
-int trainable_select(const struct model *m, enum train_method method,
-                     const struct expert_config *ec, bool *trainable, char *err, size_t err_size)
+int trainable_method_available(enum train_method method, char *err, size_t err_size)
 {
     if (method == METHOD_LORA || method == METHOD_DENSEMIXER) {
         snprintf(err, err_size, "train.method %s is not available yet (esft, full, frozen_router "
                  "are)", method == METHOD_LORA ? "lora" : "densemixer");
         return -1;
     }
+    return 0;
+}
+
+int trainable_select(const struct model *m, enum train_method method,
+                     const struct expert_config *ec, bool *trainable, char *err, size_t err_size)
+{
+    if (trainable_method_available(method, err, err_size) != 0) return -1;
     if (method == METHOD_ESFT && !ec) {
         snprintf(err, err_size, "train.method esft needs an expert configuration");
         return -1;

@@ -33,6 +33,9 @@ int expert_config_read(const char *path, const struct model_config *cfg,
 void expert_config_free(struct expert_config *ec);
 bool expert_config_has(const struct expert_config *ec, int layer, int expert);
 
+/* 0 when this version trains with the method, else -1 with a message. */
+int trainable_method_available(enum train_method method, char *err, size_t err_size);
+
 /* trainable[i] for model->params[i] under a method (ec used by METHOD_ESFT only).
  * Returns 0, or -1 with a message when the method is not available. */
 int trainable_select(const struct model *model, enum train_method method,

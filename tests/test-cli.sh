@@ -41,16 +41,55 @@ for deck in "$src"/tests/decks/bad/*.yaml; do
 done
 [ "$n_bad" -ge 10 ] && ok || fail "only $n_bad bad decks in tests/decks/bad"
 
-# Every example deck is valid and prints a layout (planned for 4 ranks).
+# Every example deck prints its resolved deck and a layout (planned for 4 ranks), from a
+# directory that has input/ and nothing else. The decks whose phases make their own
+# inputs (init, prepare, the demo pipeline, the benchmark model) pass; those that read
+# a real model, dataset or earlier phase's output that is not here are refused with
+# status 2, each missing file named, before anything is written.
+mkdir -p "$tmp/fresh"
+ln -s "$src/input" "$tmp/fresh/input"
 for deck in "$src"/input/*.yaml; do
-    expect 0 "$deck" "$esft" --dry-run --ranks 4 "$deck"
-    contains "$tmp/out" "layout: world 4 = pp 1 x dp " "$deck"
+    name=$(basename "$deck" .yaml)
+    case $name in
+    demo | init | prepare | bench-100m) want=0 ;;
+    *) want=2 ;;
+    esac
+    (cd "$tmp/fresh" && "$esft" --dry-run --ranks 4 "input/$name.yaml" >"$tmp/out" 2>"$tmp/err")
+    got=$?
+    [ "$got" = "$want" ] && ok || fail "input/$name.yaml: dry run status $got, expected $want: $(cat "$tmp/err")"
+    contains "$tmp/out" "layout: world 4 = pp 1 x dp " "input/$name.yaml"
 done
-# input/train.yaml under 4 ranks: pp 1 x dp 2 x ep 2, every rank in the table.
-expect 0 "input/train.yaml on 4 ranks" $mpirun 4 "$esft" --dry-run "$src/input/train.yaml"
+for missing in "score: models/qwen3-moe/config.json" "score: data.path: data/math.h5"; do
+    (cd "$tmp/fresh" && "$esft" --dry-run --ranks 4 input/score.yaml >"$tmp/out" 2>"$tmp/err")
+    contains "$tmp/err" "$missing" "input/score.yaml dry run"
+done
+(cd "$tmp/fresh" && "$esft" --dry-run --ranks 4 input/train.yaml >"$tmp/out" 2>"$tmp/err")
+contains "$tmp/err" "train: train.expert_config: out/score-math/expert_config.json is not a file" \
+    "input/train.yaml dry run"
+contains "$tmp/err" "3 problems with deck input/train.yaml; nothing was run" "input/train.yaml dry run"
+n=$(find "$tmp/fresh" | wc -l)
+[ "$n" = 2 ] && ok || fail "dry runs wrote into their directory: $(find "$tmp/fresh")"
+# input/train.yaml under 4 ranks: pp 1 x dp 2 x ep 2, every rank in the table, then the
+# refusal (its model is not here), once.
+(cd "$tmp/fresh" && $mpirun 4 "$esft" --dry-run input/train.yaml >"$tmp/out" 2>"$tmp/err")
+[ $? = 2 ] && ok || fail "input/train.yaml on 4 ranks: not refused"
 contains "$tmp/out" "layout: world 4 = pp 1 x dp 2 x ep 2" "input/train.yaml on 4 ranks"
 n=$(grep -c -E '^ +[0-3] +0 +[01] +[01] ' "$tmp/out")
 [ "$n" = 4 ] && ok || fail "input/train.yaml on 4 ranks: $n rank lines in the table"
+n=$(grep -c "problems with deck" "$tmp/err")
+[ "$n" = 1 ] && ok || fail "input/train.yaml on 4 ranks: refusal printed $n times"
+
+# Phases refused at the start, not after the earlier phases of the list did their work:
+# a demo pipeline that ends with an unavailable method writes nothing at all.
+late="$tmp/late"
+expect 2 "lora at the end of a pipeline" "$esft" "$src/input/demo.yaml" "run.output_dir=$late" \
+    "model.path=$late/model" "prepare.output=$late/data.h5" "data.path=$late/data.h5" \
+    "prepare.inputs=[$src/input/data/demo.jsonl]" train.method=lora
+contains "$tmp/err" "train: train.method lora is not available yet" "lora at the end of a pipeline"
+absent "$late" "lora at the end of a pipeline"
+expect 2 "dry run, lora" "$esft" --dry-run "$src/input/demo.yaml" "run.output_dir=$late" \
+    "model.path=$late/model" train.method=lora
+absent "$late" "dry run, lora"
 
 # Overrides: applied after the deck, shown in the resolved deck; a bad one refused.
 expect 0 "override" "$esft" --dry-run "$src/input/demo.yaml" train.lr=3e-5 run.name=sweep-7

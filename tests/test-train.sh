@@ -119,7 +119,7 @@ for how in USR1 KILL; do
     wait $pid 2>/dev/null
     status=$?
     if [ "$how" = USR1 ]; then
-        [ "$status" = 0 ] && ok || fail "SIGUSR1: exit status $status"
+        [ "$status" = 3 ] && ok || fail "SIGUSR1: exit status $status, want 3 (stopped, resumable)"
         grep -q "stopped by signal" "$tmp/run.out" && ok || fail "SIGUSR1: no stop message"
     fi
     for f in "$out"/checkpoints/step-*.h5; do

@@ -1,0 +1,212 @@
+/* preflight: the checks made before any phase runs (see preflight.h). */
+#include "preflight.h"
+
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "dataset.h"
+#include "hfconfig.h"
+#include "log.h"
+#include "tokenizer.h"
+#include "trainable.h"
+
+struct problems {
+    char *text;
+    size_t size;
+    int count;
+};
+
+static void problem(struct problems *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void problem(struct problems *p, const char *fmt, ...)
+{
+    p->count++;
+    size_t used = strlen(p->text);
+    if (used + 1 >= p->size) return;
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(p->text + used, p->size - used, fmt, args);
+    va_end(args);
+    used = strlen(p->text);
+    if (used + 1 < p->size) strcat(p->text, "\n");
+}
+
+static bool is_file(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+/* The files the phases before `upto` in the deck's list write (as the phases name them). */
+struct produced {
+    bool model, data, stats, expert_config, adapter;
+};
+
+static void join(char *out, size_t size, const char *dir, const char *name)
+{
+    if (name[0] == '/')
+        snprintf(out, size, "%s", name);
+    else
+        snprintf(out, size, "%s/%s", dir, name);
+}
+
+/* The model's config, read once for every phase that needs it; false (and a problem
+ * reported once) when it cannot be read. */
+struct model_check {
+    bool tried, ok;
+    struct model_config cfg;
+};
+
+static bool model_config(const struct deck *deck, const struct produced *made,
+                         struct model_check *mc, enum phase phase, struct problems *p)
+{
+    if (made->model) return false; /* written by init in this run: nothing to read yet */
+    if (mc->tried) return mc->ok;
+    mc->tried = true;
+    char err[4096];
+    if (hfconfig_load(deck->model.path, &mc->cfg, err, sizeof err) != 0) {
+        problem(p, "%s: %s", phase_name(phase), err);
+        return false;
+    }
+    char weights[4200], index[4200];
+    snprintf(weights, sizeof weights, "%s/model.safetensors", deck->model.path);
+    snprintf(index, sizeof index, "%s/model.safetensors.index.json", deck->model.path);
+    if (!is_file(weights) && !is_file(index)) {
+        problem(p, "%s: %s has config.json but no weights (model.safetensors or "
+                "model.safetensors.index.json)", phase_name(phase), deck->model.path);
+        return false;
+    }
+    mc->ok = true;
+    return true;
+}
+
+static void check_data(const struct deck *deck, const struct produced *made,
+                       const struct model_check *mc, enum phase phase, struct problems *p)
+{
+    if (made->data) return;
+    char err[4096];
+    struct dataset ds;
+    if (dataset_open(&ds, deck->data.path, err, sizeof err) != 0) {
+        problem(p, "%s: data.path: %s", phase_name(phase), err);
+        return;
+    }
+    if (mc->ok && ds.vocab_size > (uint64_t)mc->cfg.vocab_size)
+        problem(p, "%s: %s holds token ids up to %" PRIu64 " (tokenizer %s) but the model's "
+                "vocabulary has %d entries", phase_name(phase), deck->data.path,
+                ds.vocab_size - 1, ds.tokenizer, mc->cfg.vocab_size);
+    else if (ds.n_samples == 0)
+        problem(p, "%s: %s holds no sample", phase_name(phase), deck->data.path);
+    dataset_close(&ds);
+}
+
+int preflight_check(const struct deck *deck, const struct layout_grid *grid, char *messages,
+                    size_t size)
+{
+    struct problems p = {messages, size, 0};
+    if (size) messages[0] = '\0';
+    struct produced made = {0};
+    struct model_check mc = {0};
+    char err[4096], path[4200];
+    char score_output[4200], select_output[4200], adapter[4200];
+    join(score_output, sizeof score_output, deck->run.output_dir, deck->score.output);
+    join(select_output, sizeof select_output, deck->run.output_dir, deck->select.output);
+    snprintf(adapter, sizeof adapter, "%s/adapter/adapter.safetensors", deck->run.output_dir);
+
+    for (int i = 0; i < deck->n_phases; i++) {
+        enum phase phase = deck->phases[i];
+        switch (phase) {
+        case PHASE_INIT:
+            snprintf(path, sizeof path, "%s/config.json", deck->model.path);
+            if (is_file(path))
+                problem(&p, "init: %s already holds a checkpoint (%s); init never overwrites a "
+                        "model: remove it or choose another model.path", deck->model.path, path);
+            made.model = true;
+            break;
+        case PHASE_PREPARE: {
+            for (int k = 0; k < deck->prepare.n_inputs; k++)
+                if (access(deck->prepare.inputs[k], R_OK) != 0 || !is_file(deck->prepare.inputs[k]))
+                    problem(&p, "prepare: prepare.inputs: %s is not a readable file",
+                            deck->prepare.inputs[k]);
+            struct tokenizer tok;
+            if (tokenizer_open(&tok, deck->prepare.tokenizer, err, sizeof err) != 0)
+                problem(&p, "prepare: prepare.tokenizer: %s", err);
+            else
+                tokenizer_close(&tok);
+            if (deck->data.path && strcmp(deck->data.path, deck->prepare.output) == 0)
+                made.data = true;
+            break;
+        }
+        case PHASE_SCORE:
+        case PHASE_EVAL:
+        case PHASE_TRAIN:
+            model_config(deck, &made, &mc, phase, &p);
+            check_data(deck, &made, &mc, phase, &p);
+            if (mc.ok && grid->pp > 1 && mc.cfg.tie_word_embeddings)
+                problem(&p, "%s: %s ties lm_head to the embedding (tie_word_embeddings); "
+                        "pipeline parallelism (parallel.pp %d) does not support tied "
+                        "embeddings yet", phase_name(phase), deck->model.path, grid->pp);
+            if (phase == PHASE_SCORE) {
+                if (mc.ok && mc.cfg.num_experts <= 0)
+                    problem(&p, "score: %s has no MoE layers", deck->model.path);
+                made.stats = true;
+            }
+            if (phase == PHASE_EVAL && deck->eval.adapter &&
+                !(made.adapter && strcmp(deck->eval.adapter, adapter) == 0) &&
+                !is_file(deck->eval.adapter))
+                problem(&p, "eval: eval.adapter: %s is not a file", deck->eval.adapter);
+            if (phase != PHASE_TRAIN) break;
+            {
+                const struct deck_train *tr = &deck->train;
+                int data_ranks = grid->dp * grid->ep;
+                if (tr->global_batch % (tr->micro_batch * data_ranks) != 0)
+                    problem(&p, "train: train.global_batch (%d) is not divisible by "
+                            "train.micro_batch x dp x ep (%d x %d x %d = %d)", tr->global_batch,
+                            tr->micro_batch, grid->dp, grid->ep, tr->micro_batch * data_ranks);
+                if (trainable_method_available(tr->method, err, sizeof err) != 0)
+                    problem(&p, "train: %s", err);
+                bool selected_here = made.expert_config && tr->expert_config &&
+                                     strcmp(tr->expert_config, select_output) == 0;
+                if (tr->method == METHOD_ESFT && !selected_here) {
+                    if (!is_file(tr->expert_config)) {
+                        problem(&p, "train: train.expert_config: %s is not a file%s%s%s",
+                                tr->expert_config,
+                                made.expert_config ? " (select in this deck writes " : "",
+                                made.expert_config ? select_output : "",
+                                made.expert_config ? "; leave train.expert_config unset to use it)"
+                                                   : "");
+                    } else if (mc.ok) {
+                        struct expert_config ec;
+                        if (expert_config_read(tr->expert_config, &mc.cfg, &ec, err, sizeof err) != 0)
+                            problem(&p, "train: train.expert_config: %s", err);
+                        else
+                            expert_config_free(&ec);
+                    }
+                }
+                made.adapter = true;
+            }
+            break;
+        case PHASE_SELECT:
+            if (deck->select.n_stats == 0) {
+                if (!made.stats && !is_file(score_output))
+                    problem(&p, "select: no statistics: select.stats is empty and %s (this "
+                            "run's score.output) does not exist; run score first or list "
+                            "select.stats", score_output);
+            } else {
+                for (int k = 0; k < deck->select.n_stats; k++) {
+                    const char *s = deck->select.stats[k];
+                    if (!(made.stats && strcmp(s, score_output) == 0) && !is_file(s))
+                        problem(&p, "select: select.stats: %s is not a file", s);
+                }
+            }
+            made.expert_config = true;
+            break;
+        default:
+            break;
+        }
+    }
+    return p.count;
+}
