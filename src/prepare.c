@@ -346,6 +346,15 @@ static int prepare_all(struct prepare_run *run)
     if (dataset_write(p->output, &contents, run->message, sizeof run->message) != 0)
         return EXIT_RUNTIME;
     double seconds = wall_time() - start;
+    /* what the later phases will cut (score, train and eval keep data.seq_len tokens) */
+    int seq_len = run->deck->data.seq_len;
+    unsigned long long longer = 0;
+    for (uint64_t i = 0; i < run->n_samples; i++)
+        longer += run->offsets[i + 1] - run->offsets[i] > (uint64_t)seq_len;
+    if (longer)
+        log_warn("prepare: %llu of %llu samples are longer than data.seq_len (%d): score, "
+                 "train and eval will cut them to it", longer,
+                 (unsigned long long)run->n_samples, seq_len);
     log_info("prepare: %llu samples, %llu tokens (%llu loss-bearing), %llu bad rows skipped, "
              "%llu samples with no loss-bearing token -> %s (%.2f s)",
              (unsigned long long)run->n_samples, (unsigned long long)run->all.n,
@@ -353,10 +362,11 @@ static int prepare_all(struct prepare_run *run)
              (unsigned long long)run->no_loss_samples, p->output, seconds);
     metrics_write("prepare",
                   "\"samples\": %llu, \"tokens\": %llu, \"loss_tokens\": %llu, "
-                  "\"rows_skipped\": %llu, \"no_loss_samples\": %llu, \"seconds\": %.3f",
+                  "\"rows_skipped\": %llu, \"no_loss_samples\": %llu, \"longer_than_seq_len\": "
+                  "%llu, \"seconds\": %.3f",
                   (unsigned long long)run->n_samples, (unsigned long long)run->all.n,
                   (unsigned long long)run->loss_tokens, (unsigned long long)run->rows_skipped,
-                  (unsigned long long)run->no_loss_samples, seconds);
+                  (unsigned long long)run->no_loss_samples, longer, seconds);
     return 0;
 }
 
