@@ -22,6 +22,7 @@
 #include "log.h"
 #include "phases.h"
 #include "preflight.h"
+#include "threads.h"
 #include "version.h"
 
 #define MAX_OVERRIDES 256
@@ -230,6 +231,7 @@ static int run_phase(enum phase phase, const struct deck *deck, const struct lay
 
 int main(int argc, char **argv)
 {
+    threads_set_wait_policy(argv); /* may start the program again, before MPI */
     check_mpi(MPI_Init(&argc, &argv));
     int world_rank = 0, world_size = 1;
     MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
@@ -340,9 +342,10 @@ int main(int argc, char **argv)
 
     struct layout layout;
     layout_create(&layout, &grid);
+    int threads = threads_choose(MPI_COMM_WORLD);
     metrics_open(deck.run.output_dir);
-    metrics_write("start", "\"deck\": \"%s\", \"world\": %d, \"pp\": %d, \"dp\": %d, \"ep\": %d",
-                  opt.deck_file, grid.world, grid.pp, grid.dp, grid.ep);
+    metrics_write("start", "\"deck\": \"%s\", \"world\": %d, \"pp\": %d, \"dp\": %d, \"ep\": %d, "
+                  "\"threads\": %d", opt.deck_file, grid.world, grid.pp, grid.dp, grid.ep, threads);
     for (int i = 0; i < deck.n_phases; i++) {
         log_info("phase %s", phase_name(deck.phases[i]));
         status = run_phase(deck.phases[i], &deck, &layout);

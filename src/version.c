@@ -7,6 +7,8 @@
 #include <hdf5.h>
 #include <jansson.h>
 #include <mpi.h>
+#include <omp.h>
+#include <stdlib.h>
 #include <string.h>
 #include <yaml.h>
 
@@ -45,6 +47,9 @@ void version_print(FILE *out)
     fprintf(out, "libyaml: %s\n", yaml_get_version_string());
     fprintf(out, "jansson: %s\n", jansson_version_str());
     fprintf(out, "OpenBLAS: %s\n", openblas_get_config());
+    const char *policy = getenv("OMP_WAIT_POLICY"), *spins = getenv("GOMP_SPINCOUNT");
+    fprintf(out, "OpenMP: up to %d threads, wait policy %s%s%s\n", omp_get_max_threads(),
+            policy ? policy : "default", spins ? ", GOMP_SPINCOUNT " : "", spins ? spins : "");
 #ifdef HAVE_CUDA
     device_print_info(out);
 #endif

@@ -119,4 +119,18 @@ points=$(grep -o '<polyline[^>]*points="[^"]*"' "$d/parts/loss.svg" | head -n 1 
 [ "$points" = 8 ] && ok || fail "loss.svg after a resume: $points training points, want 8"
 contains "$tmp/out" "best validation loss" "second part summary"
 
+# Threads on a shared node: the passive OpenMP wait policy unless the user chose one, and
+# no more threads on a node's ranks together than it has cores.
+env -u OMP_WAIT_POLICY -u GOMP_SPINCOUNT "$esft" --version >"$tmp/out" 2>&1
+contains "$tmp/out" "wait policy passive" "default wait policy"
+OMP_WAIT_POLICY=active "$esft" --version >"$tmp/out" 2>&1
+contains "$tmp/out" "wait policy active" "the user's wait policy"
+# shellcheck disable=SC2086
+expect 0 "2 ranks, threads not set" env -u OMP_NUM_THREADS $mpirun 2 "$esft" "$demo" phase=score \
+    "run.output_dir=$d/threads2" $common
+cores=$(nproc)
+want=$((cores / 2))
+[ "$want" -lt 1 ] && want=1
+contains "$d/threads2/metrics.jsonl" "\"threads\": $want}" "2 ranks share the node's $cores cores"
+
 test_end test-safety
