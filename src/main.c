@@ -47,7 +47,8 @@ static void print_usage(FILE *out)
             "\n"
             "options:\n"
             "  --dry-run      print the resolved deck (defaults filled in) and the rank\n"
-            "                 layout table, check them, write nothing, exit 0\n"
+            "                 layout table, check them and every file the phases need,\n"
+            "                 write nothing; exit 0, or 2 with what a run would refuse\n"
             "  --ranks N      with --dry-run: plan the layout for N ranks instead of the\n"
             "                 number this job was started with\n"
             "  --help-deck    list every deck key with its type, default and meaning\n"
@@ -57,7 +58,8 @@ static void print_usage(FILE *out)
             "key.path=value   overrides a deck key after the deck is read, e.g.\n"
             "                 train.lr=3e-5 parallel.ep=4 phase=[score,select]\n"
             "\n"
-            "exit status: 0 success, 1 run-time failure, 2 bad input (deck, layout, files)\n");
+            "exit status: 0 success, 1 run-time failure, 2 bad input (deck, layout, files),\n"
+            "             3 stopped by SIGUSR1/SIGTERM after writing a checkpoint (resumable)\n");
 }
 
 /* Returns -1 to continue, or the exit status when the options alone decide it. */
