@@ -1,56 +1,86 @@
 #!/bin/sh
-# test-jobs: jobs/esft-run builds the launch command a user expects from the layout on
-# its command line, refuses layouts that cannot run, and passes SIGUSR1 on to the ranks.
+# test-jobs: the Slurm job files under stand-in srun and mpirun commands.
+# jobs/esft-run builds the launch command a user expects from the layout on its command
+# line, refuses layouts that cannot run, passes SIGUSR1 on to the ranks and returns the
+# launcher's exit status (3 after a stop) unchanged.
 set -u
-src=${ESFT_TOP_SRCDIR:-.}
+. "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
+test_begin jobs
 run="$src/jobs/esft-run"
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/esft-jobs.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
-passed=0
-failed=0
-check() { # DESCRIPTION TEST...
-    what=$1
-    shift
-    if "$@"; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAILED: $what"; fi
-}
+# The caller's own settings must not steer the scripts under test.
+unset ESFT ESFT_LAUNCHER ESFT_LAUNCH_ECHO SLURM_JOB_ID
 
+# --- esft-run: command lines and refusals.
 out=$(ESFT_LAUNCH_ECHO=1 ESFT_LAUNCHER=srun ESFT=/opt/esft "$run" -N 2 -G 4 --ep 4 d.yaml train.lr=1e-5 2>"$tmp/err")
-check "srun exit status" [ $? = 0 ]
-check "srun command" [ "$out" = "srun --nodes=2 --ntasks-per-node=4 --gpus-per-task=1 --cpu-bind=cores --kill-on-bad-exit=1 /opt/esft d.yaml parallel.pp=1 parallel.ep=4 train.lr=1e-5" ]
-check "layout line" grep -q "8 ranks = pp 1 x dp 2 x ep 4" "$tmp/err"
+if [ $? = 0 ]; then ok; else fail "srun exit status"; fi
+if [ "$out" = "srun --nodes=2 --ntasks-per-node=4 --gpus-per-task=1 --cpu-bind=cores --kill-on-bad-exit=0 --wait=120 /opt/esft d.yaml parallel.pp=1 parallel.ep=4 train.lr=1e-5" ]; then
+    ok
+else
+    fail "srun command: $out"
+fi
+contains "$tmp/err" "8 ranks = pp 1 x dp 2 x ep 4" "layout line"
 
 out=$(ESFT_LAUNCH_ECHO=1 ESFT_LAUNCHER=mpirun ESFT=esft "$run" -N 1 -G 8 --pp 2 --ep 2 d.yaml 2>/dev/null)
-check "mpirun command" [ "$out" = "mpirun -np 8 --map-by ppr:8:node --bind-to core esft d.yaml parallel.pp=2 parallel.ep=2" ]
+if [ "$out" = "mpirun -np 8 --map-by ppr:8:node --bind-to core esft d.yaml parallel.pp=2 parallel.ep=2" ]; then
+    ok
+else
+    fail "mpirun command: $out"
+fi
 
-ESFT_LAUNCH_ECHO=1 "$run" -N 1 -G 6 --ep 4 d.yaml >/dev/null 2>"$tmp/err"
-check "indivisible layout refused" [ $? = 2 ]
-check "indivisible layout message" grep -q "6 ranks (1 nodes x 6 GPUs) are not divisible by pp x ep = 4" "$tmp/err"
-ESFT_LAUNCH_ECHO=1 "$run" -N 0 -G 6 d.yaml >/dev/null 2>&1
-check "zero nodes refused" [ $? = 2 ]
-"$run" -N 1 >/dev/null 2>&1
-check "missing deck refused" [ $? = 2 ]
+expect 2 "indivisible layout refused" env ESFT_LAUNCH_ECHO=1 "$run" -N 1 -G 6 --ep 4 d.yaml
+contains "$tmp/err" "6 ranks (1 nodes x 6 GPUs) are not divisible by pp x ep = 4" "indivisible layout message"
+expect 2 "zero nodes refused" env ESFT_LAUNCH_ECHO=1 "$run" -N 0 -G 6 d.yaml
+expect 2 "missing deck refused" "$run" -N 1
 
-# Signal forwarding: a stand-in launcher records the signal it gets.
-cat >"$tmp/fake-mpirun" <<'FAKE'
-#!/bin/sh
-trap 'echo USR1 >"$FAKE_LOG"; exit 0' USR1
-echo started >"$FAKE_LOG"
-i=0
-while [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-exit 3
-FAKE
-chmod +x "$tmp/fake-mpirun"
+# --- Stand-ins: srun and mpirun append their command line to $FAKE_LOG and exit with
+# $FAKE_STATUS, as the launcher does with the ranks' status.
 mkdir "$tmp/bin"
-ln -s "$tmp/fake-mpirun" "$tmp/bin/mpirun"
-PATH="$tmp/bin:$PATH" FAKE_LOG="$tmp/fake.log" ESFT_LAUNCHER=mpirun "$run" -N 1 -G 1 d.yaml 2>/dev/null &
-pid=$!
-i=0
-while [ ! -s "$tmp/fake.log" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
-kill -USR1 $pid
-wait $pid
-status=$?
-check "signal forwarded to the launcher" grep -q USR1 "$tmp/fake.log"
-check "launcher's exit status kept after the signal" [ $status = 0 ]
+cat >"$tmp/bin/srun" <<'FAKE'
+#!/bin/sh
+echo "$(basename "$0") $*" >>"$FAKE_LOG"
+exit "${FAKE_STATUS:-0}"
+FAKE
+chmod +x "$tmp/bin/srun"
+ln -s srun "$tmp/bin/mpirun"
+fake_path="$tmp/bin:/usr/bin:/bin"
 
-echo "test-jobs: $passed checks passed, $failed failed"
-[ "$failed" = 0 ]
+for status in 0 1 2 3; do
+    rm -f "$tmp/fake.log"
+    expect $status "esft-run returns the launcher's status $status" \
+        env PATH="$fake_path" FAKE_LOG="$tmp/fake.log" FAKE_STATUS=$status ESFT_LAUNCHER=srun \
+        "$run" -N 1 -G 2 d.yaml
+done
+contains "$tmp/fake.log" "srun --nodes=1 --ntasks-per-node=2" "esft-run started srun"
+
+# Signal forwarding: a stand-in launcher that stops at once on SIGUSR1 with status 3, as
+# esft does after its checkpoint. esft-run must pass the signal on and return that 3,
+# not the 128 + 10 of its own interrupted wait, though the launcher may be gone by the
+# time the trap returns (a race, so several tries, with each shell at hand).
+mkdir "$tmp/sig"
+cat >"$tmp/sig/mpirun" <<'FAKE'
+#!/bin/sh
+trap 'kill $sleeper; echo USR1 >>"$FAKE_LOG"; exit 3' USR1
+sleep 10 &
+sleeper=$!
+echo started >>"$FAKE_LOG"
+wait
+exit 5
+FAKE
+chmod +x "$tmp/sig/mpirun"
+for shell in sh bash; do
+    command -v $shell >/dev/null 2>&1 || continue
+    for try in 1 2 3 4 5; do
+        rm -f "$tmp/fake.log"
+        PATH="$tmp/sig:$PATH" FAKE_LOG="$tmp/fake.log" ESFT_LAUNCHER=mpirun $shell "$run" -N 1 -G 1 d.yaml 2>/dev/null &
+        pid=$!
+        i=0
+        while ! grep -q started "$tmp/fake.log" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+        kill -USR1 $pid
+        wait $pid
+        status=$?
+        if grep -q USR1 "$tmp/fake.log"; then ok; else fail "$shell, try $try: SIGUSR1 not forwarded to the launcher"; fi
+        if [ $status = 3 ]; then ok; else fail "$shell, try $try: exit status $status after the signal, expected the launcher's 3"; fi
+    done
+done
+
+test_end test-jobs
