@@ -2,13 +2,17 @@
 # test-jobs: the Slurm job files under stand-in srun and mpirun commands.
 # jobs/esft-run builds the launch command a user expects from the layout on its command
 # line, refuses layouts that cannot run, passes SIGUSR1 on to the ranks and returns the
-# launcher's exit status (3 after a stop) unchanged.
+# launcher's exit status (3 after a stop) unchanged. jobs/esft.sbatch, run as Slurm runs
+# it (a copy in a spool directory, started in a user directory without jobs/), finds
+# esft-run in an installation (`make install`), through ESFT_HOME, in a checkout and on
+# PATH.
 set -u
 . "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
 test_begin jobs
 run="$src/jobs/esft-run"
 # The caller's own settings must not steer the scripts under test.
-unset ESFT ESFT_LAUNCHER ESFT_LAUNCH_ECHO SLURM_JOB_ID
+unset ESFT ESFT_HOME ESFT_LAUNCHER ESFT_LAUNCH_ECHO SLURM_JOB_ID SLURM_SUBMIT_DIR \
+    SLURM_JOB_NUM_NODES SLURM_GPUS_ON_NODE SLURM_NTASKS_PER_NODE SLURM_CPUS_PER_TASK
 
 # --- esft-run: command lines and refusals.
 out=$(ESFT_LAUNCH_ECHO=1 ESFT_LAUNCHER=srun ESFT=/opt/esft "$run" -N 2 -G 4 --ep 4 d.yaml train.lr=1e-5 2>"$tmp/err")
@@ -34,7 +38,7 @@ expect 2 "missing deck refused" "$run" -N 1
 
 # --- Stand-ins: srun and mpirun append their command line to $FAKE_LOG and exit with
 # $FAKE_STATUS, as the launcher does with the ranks' status.
-mkdir "$tmp/bin"
+mkdir "$tmp/bin" "$tmp/spool" "$tmp/user"
 cat >"$tmp/bin/srun" <<'FAKE'
 #!/bin/sh
 echo "$(basename "$0") $*" >>"$FAKE_LOG"
@@ -82,5 +86,74 @@ for shell in sh bash; do
         if [ $status = 3 ]; then ok; else fail "$shell, try $try: exit status $status after the signal, expected the launcher's 3"; fi
     done
 done
+
+# --- esft.sbatch as Slurm runs it: a copy in the spool directory, started in the user's
+# directory (no jobs/ there), with the job's variables; the stand-ins on PATH.
+# batch TEMPLATE [VAR=VALUE ...]: exit status -> $batch_status, stderr -> $tmp/err, the
+# stand-ins' command lines -> $tmp/fake.log.
+batch() {
+    cp "$1" "$tmp/spool/slurm_script"
+    shift
+    rm -f "$tmp/fake.log"
+    (cd "$tmp/user" && env PATH="$fake_path" FAKE_LOG="$tmp/fake.log" SLURM_JOB_ID=42 \
+        SLURM_SUBMIT_DIR="$tmp/user" SLURM_JOB_NUM_NODES=1 SLURM_GPUS_ON_NODE=2 "$@" \
+        bash "$tmp/spool/slurm_script" d.yaml --ep 2 train.lr=1e-5) >/dev/null 2>"$tmp/err"
+    batch_status=$?
+}
+status_is() { # STATUS WHAT
+    if [ "$batch_status" = "$1" ]; then ok; else fail "$2: exit status $batch_status, expected $1"; fi
+}
+# launched_with ESFT_PATH WHAT: the job started that esft with the job's arguments.
+launched_with() {
+    contains "$tmp/fake.log" "--wait=120 $1 d.yaml parallel.pp=1 parallel.ep=2 train.lr=1e-5" "$2"
+}
+not_launched() { # WHAT
+    if [ -s "$tmp/fake.log" ]; then fail "$1: launched anyway"; else ok; fi
+}
+template="$src/jobs/esft.sbatch"
+
+# An installation: `make install` into a temporary prefix (the esft built for the tests
+# and these scripts). Its template knows where esft-run is; esft-run finds esft beside it.
+prefix="$tmp/prefix"
+if env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL make -C "$build" install prefix="$prefix" >"$tmp/install.log" 2>&1; then
+    ok
+else
+    fail "make install prefix=$prefix in $build: $(tail -n 3 "$tmp/install.log")"
+fi
+installed="$prefix/share/esft/esft.sbatch"
+for file in "$prefix/bin/esft" "$prefix/bin/esft-run" "$installed"; do
+    if [ -f "$file" ]; then ok; else fail "make install did not write $file"; fi
+done
+batch "$installed"
+status_is 0 "installed template"
+launched_with "$prefix/bin/esft" "installed template from a user directory runs the installed esft"
+
+# ESFT_HOME: an installation prefix, or a checkout (jobs/esft-run, esft built beside).
+batch "$template" ESFT_HOME="$prefix"
+launched_with "$prefix/bin/esft" "ESFT_HOME=installation prefix"
+checkout="$tmp/checkout"
+mkdir -p "$checkout/jobs"
+cp "$run" "$checkout/jobs/esft-run"
+printf '#!/bin/sh\nexit 0\n' >"$checkout/esft"
+chmod +x "$checkout/jobs/esft-run" "$checkout/esft"
+batch "$template" ESFT_HOME="$checkout"
+launched_with "$checkout/jobs/../esft" "ESFT_HOME=checkout"
+batch "$template" ESFT_HOME="$tmp/nowhere"
+status_is 2 "ESFT_HOME without esft-run"
+not_launched "ESFT_HOME without esft-run"
+contains "$tmp/err" "ESFT_HOME=$tmp/nowhere holds neither bin/esft-run" "ESFT_HOME without esft-run"
+
+# Submitted from the checkout (sbatch jobs/esft.sbatch there), the in-tree use.
+batch "$template" SLURM_SUBMIT_DIR="$checkout"
+launched_with "$checkout/jobs/../esft" "submitted from the checkout"
+
+# PATH, and nowhere at all.
+batch "$template" PATH="$prefix/bin:$fake_path"
+launched_with "$prefix/bin/esft" "esft-run on PATH"
+batch "$template"
+status_is 2 "no esft-run anywhere"
+not_launched "no esft-run anywhere"
+contains "$tmp/err" "esft-run not found" "no esft-run anywhere"
+contains "$tmp/err" "hint: set ESFT_HOME" "no esft-run anywhere"
 
 test_end test-jobs
