@@ -1,18 +1,20 @@
 #!/bin/sh
-# test-jobs: the Slurm job files under stand-in srun and mpirun commands.
+# test-jobs: the Slurm job files under stand-in srun, mpirun and scontrol commands.
 # jobs/esft-run builds the launch command a user expects from the layout on its command
 # line, refuses layouts that cannot run, passes SIGUSR1 on to the ranks and returns the
 # launcher's exit status (3 after a stop) unchanged. jobs/esft.sbatch, run as Slurm runs
 # it (a copy in a spool directory, started in a user directory without jobs/), finds
 # esft-run in an installation (`make install`), through ESFT_HOME, in a checkout and on
-# PATH.
+# PATH, and requeues its job when esft stopped (status 3), never otherwise, at most
+# ESFT_MAX_REQUEUES times.
 set -u
 . "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
 test_begin jobs
 run="$src/jobs/esft-run"
 # The caller's own settings must not steer the scripts under test.
-unset ESFT ESFT_HOME ESFT_LAUNCHER ESFT_LAUNCH_ECHO SLURM_JOB_ID SLURM_SUBMIT_DIR \
-    SLURM_JOB_NUM_NODES SLURM_GPUS_ON_NODE SLURM_NTASKS_PER_NODE SLURM_CPUS_PER_TASK
+unset ESFT ESFT_HOME ESFT_LAUNCHER ESFT_LAUNCH_ECHO ESFT_MAX_REQUEUES \
+    SLURM_JOB_ID SLURM_RESTART_COUNT SLURM_SUBMIT_DIR SLURM_JOB_NUM_NODES \
+    SLURM_GPUS_ON_NODE SLURM_NTASKS_PER_NODE SLURM_CPUS_PER_TASK
 
 # --- esft-run: command lines and refusals.
 out=$(ESFT_LAUNCH_ECHO=1 ESFT_LAUNCHER=srun ESFT=/opt/esft "$run" -N 2 -G 4 --ep 4 d.yaml train.lr=1e-5 2>"$tmp/err")
@@ -37,14 +39,19 @@ expect 2 "zero nodes refused" env ESFT_LAUNCH_ECHO=1 "$run" -N 0 -G 6 d.yaml
 expect 2 "missing deck refused" "$run" -N 1
 
 # --- Stand-ins: srun and mpirun append their command line to $FAKE_LOG and exit with
-# $FAKE_STATUS, as the launcher does with the ranks' status.
+# $FAKE_STATUS, as the launcher does with the ranks' status; scontrol appends its.
 mkdir "$tmp/bin" "$tmp/spool" "$tmp/user"
 cat >"$tmp/bin/srun" <<'FAKE'
 #!/bin/sh
 echo "$(basename "$0") $*" >>"$FAKE_LOG"
 exit "${FAKE_STATUS:-0}"
 FAKE
-chmod +x "$tmp/bin/srun"
+cat >"$tmp/bin/scontrol" <<'FAKE'
+#!/bin/sh
+echo "scontrol $*" >>"$FAKE_LOG"
+exit "${FAKE_SCONTROL_STATUS:-0}"
+FAKE
+chmod +x "$tmp/bin/srun" "$tmp/bin/scontrol"
 ln -s srun "$tmp/bin/mpirun"
 fake_path="$tmp/bin:/usr/bin:/bin"
 
@@ -110,6 +117,13 @@ launched_with() {
 not_launched() { # WHAT
     if [ -s "$tmp/fake.log" ]; then fail "$1: launched anyway"; else ok; fi
 }
+# requeued COUNT WHAT: scontrol was asked COUNT times (0 or 1) to requeue job 42.
+requeued() {
+    n=$(grep -c "^scontrol" "$tmp/fake.log" 2>/dev/null)
+    n=${n:-0}
+    if [ "$n" = "$1" ]; then ok; else fail "$2: scontrol called $n times, expected $1"; fi
+    if [ "$1" = 1 ]; then contains "$tmp/fake.log" "scontrol requeue 42" "$2"; fi
+}
 template="$src/jobs/esft.sbatch"
 
 # An installation: `make install` into a temporary prefix (the esft built for the tests
@@ -155,5 +169,50 @@ status_is 2 "no esft-run anywhere"
 not_launched "no esft-run anywhere"
 contains "$tmp/err" "esft-run not found" "no esft-run anywhere"
 contains "$tmp/err" "hint: set ESFT_HOME" "no esft-run anywhere"
+
+# Requeue on status 3 only, through `scontrol requeue` (which needs --requeue), with the
+# signal going to the ranks, not to the batch shell (no B:), so that it sees the status.
+for status in 0 1 2 3; do
+    batch "$template" ESFT_HOME="$prefix" FAKE_STATUS=$status
+    status_is $status "batch script returns esft's status $status"
+    if [ $status = 3 ]; then requeued 1 "status 3"; else requeued 0 "status $status"; fi
+done
+contains "$tmp/err" "requeueing job 42 (1 of at most 10)" "requeue message"
+contains "$template" "#SBATCH --requeue" "template asks for a requeueable job"
+contains "$template" "#SBATCH --open-mode=append" "template appends the requeued job's output"
+contains "$template" "#SBATCH --signal=USR1@" "template asks for SIGUSR1 before the limit"
+lacks "$template" "--signal=B:" "SIGUSR1 goes to the ranks, not to the batch shell"
+
+# The limit: SLURM_RESTART_COUNT requeues so far against ESFT_MAX_REQUEUES (default 10).
+batch "$template" ESFT_HOME="$prefix" FAKE_STATUS=3 SLURM_RESTART_COUNT=9
+requeued 1 "9 requeues so far, limit 10"
+contains "$tmp/err" "(10 of at most 10)" "9 requeues so far, limit 10"
+batch "$template" ESFT_HOME="$prefix" FAKE_STATUS=3 SLURM_RESTART_COUNT=10
+status_is 3 "limit reached"
+requeued 0 "10 requeues so far, limit 10"
+contains "$tmp/err" "not requeued: requeued 10 times already (ESFT_MAX_REQUEUES=10)" "limit reached"
+batch "$template" ESFT_HOME="$prefix" FAKE_STATUS=3 SLURM_RESTART_COUNT=2 ESFT_MAX_REQUEUES=2
+requeued 0 "ESFT_MAX_REQUEUES=2 after 2"
+batch "$template" ESFT_HOME="$prefix" FAKE_STATUS=3 SLURM_RESTART_COUNT=1 ESFT_MAX_REQUEUES=2
+requeued 1 "ESFT_MAX_REQUEUES=2 after 1"
+batch "$template" ESFT_HOME="$prefix" FAKE_STATUS=3 ESFT_MAX_REQUEUES=0
+requeued 0 "ESFT_MAX_REQUEUES=0"
+batch "$template" ESFT_HOME="$prefix" FAKE_STATUS=3 ESFT_MAX_REQUEUES=many
+status_is 2 "bad ESFT_MAX_REQUEUES"
+not_launched "bad ESFT_MAX_REQUEUES"
+contains "$tmp/err" "ESFT_MAX_REQUEUES must be a number >= 0, got 'many'" "bad ESFT_MAX_REQUEUES"
+
+# scontrol refused (a site that forbids requeueing): say how to resume, keep status 3.
+batch "$template" ESFT_HOME="$prefix" FAKE_STATUS=3 FAKE_SCONTROL_STATUS=1
+status_is 3 "failed requeue"
+contains "$tmp/err" "scontrol requeue 42 failed" "failed requeue"
+contains "$tmp/err" "hint: submit the same command again" "failed requeue"
+
+# Outside Slurm (bash esft.sbatch on a workstation, through mpirun): nothing to requeue.
+batch "$template" ESFT_HOME="$prefix" FAKE_STATUS=3 SLURM_JOB_ID=
+status_is 3 "stop outside Slurm"
+requeued 0 "outside Slurm"
+contains "$tmp/fake.log" "mpirun -np 2" "outside Slurm: mpirun"
+contains "$tmp/err" "not in a Slurm job: run the same command again to resume" "outside Slurm"
 
 test_end test-jobs
