@@ -15,6 +15,10 @@ run="$src/jobs/esft-run"
 unset ESFT ESFT_HOME ESFT_LAUNCHER ESFT_LAUNCH_ECHO ESFT_MAX_REQUEUES \
     SLURM_JOB_ID SLURM_RESTART_COUNT SLURM_SUBMIT_DIR SLURM_JOB_NUM_NODES \
     SLURM_GPUS_ON_NODE SLURM_NTASKS_PER_NODE SLURM_CPUS_PER_TASK
+# The launcher plumbing below runs stand-ins for decks that do not exist: esft-run's own
+# check of the deck (esft --dry-run) is tested on its own, at the end.
+ESFT_PREFLIGHT=0
+export ESFT_PREFLIGHT
 
 # --- esft-run: command lines and refusals.
 out=$(ESFT_LAUNCH_ECHO=1 ESFT_LAUNCHER=srun ESFT=/opt/esft "$run" -N 2 -G 4 --ep 4 d.yaml train.lr=1e-5 2>"$tmp/err")
@@ -214,5 +218,24 @@ status_is 3 "stop outside Slurm"
 requeued 0 "outside Slurm"
 contains "$tmp/fake.log" "mpirun -np 2" "outside Slurm: mpirun"
 contains "$tmp/err" "not in a Slurm job: run the same command again to resume" "outside Slurm"
+
+# esft-run checks the deck with esft --dry-run before it launches anything: a deck whose
+# model is not there is refused with status 2, and the launcher never starts; a deck
+# that a run would accept is launched.
+rm -f "$tmp/fake.log"
+expect 2 "esft-run refuses a deck a run would refuse" env PATH="$fake_path" FAKE_LOG="$tmp/fake.log" \
+    FAKE_STATUS=0 ESFT_LAUNCHER=mpirun ESFT_PREFLIGHT=1 ESFT="$esft" "$run" -N 1 -G 2 \
+    "$src/input/demo.yaml" phase=score "model.path=$tmp/no-model" "data.path=$tmp/no-data.h5" \
+    "run.output_dir=$tmp/never"
+contains "$tmp/err" "$tmp/no-model/config.json" "esft-run's check names the missing model"
+contains "$tmp/err" "nothing was launched" "esft-run's check"
+if [ -s "$tmp/fake.log" ]; then fail "esft-run launched a refused deck"; else ok; fi
+absent "$tmp/never" "esft-run's check"
+expect 0 "esft-run launches a deck a run would accept" env PATH="$fake_path" FAKE_LOG="$tmp/fake.log" \
+    FAKE_STATUS=0 ESFT_LAUNCHER=mpirun ESFT_PREFLIGHT=1 ESFT="$esft" "$run" -N 1 -G 2 \
+    "$src/input/demo.yaml" "run.output_dir=$tmp/demo-ok" "model.path=$tmp/demo-ok/model" \
+    "prepare.output=$tmp/demo-ok/data.h5" "data.path=$tmp/demo-ok/data.h5" \
+    "prepare.inputs=[$src/input/data/demo.jsonl]"
+contains "$tmp/fake.log" "mpirun -np 2" "esft-run launched the accepted deck"
 
 test_end test-jobs
