@@ -1,6 +1,7 @@
 /* preflight: the checks made before any phase runs (see preflight.h). */
 #include "preflight.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -127,15 +128,22 @@ int preflight_check(const struct deck *deck, const struct layout_grid *grid, cha
             made.model = true;
             break;
         case PHASE_PREPARE: {
-            for (int k = 0; k < deck->prepare.n_inputs; k++)
-                if (access(deck->prepare.inputs[k], R_OK) != 0 || !is_file(deck->prepare.inputs[k]))
-                    problem(&p, "prepare: prepare.inputs: %s is not a readable file",
-                            deck->prepare.inputs[k]);
+            for (int k = 0; k < deck->prepare.n_inputs; k++) {
+                const char *input = deck->prepare.inputs[k];
+                struct stat st;
+                if (stat(input, &st) != 0 || access(input, R_OK) != 0)
+                    problem(&p, "prepare: %s: cannot open input: %s", input, strerror(errno));
+                else if (S_ISDIR(st.st_mode))
+                    problem(&p, "prepare: %s: is a directory, not a jsonl file", input);
+            }
             struct tokenizer tok;
-            if (tokenizer_open(&tok, deck->prepare.tokenizer, err, sizeof err) != 0)
-                problem(&p, "prepare: prepare.tokenizer: %s", err);
-            else
+            if (tokenizer_open(&tok, deck->prepare.tokenizer, err, sizeof err) != 0) {
+                char where[4200];
+                deck_where(deck, "prepare.tokenizer", where, sizeof where);
+                problem(&p, "%s: prepare.tokenizer: %s", where, err);
+            } else {
                 tokenizer_close(&tok);
+            }
             if (deck->data.path && strcmp(deck->data.path, deck->prepare.output) == 0)
                 made.data = true;
             break;
@@ -199,7 +207,8 @@ int preflight_check(const struct deck *deck, const struct layout_grid *grid, cha
                 for (int k = 0; k < deck->select.n_stats; k++) {
                     const char *s = deck->select.stats[k];
                     if (!(made.stats && strcmp(s, score_output) == 0) && !is_file(s))
-                        problem(&p, "select: select.stats: %s is not a file", s);
+                        problem(&p, "select: %s: cannot open statistics file: %s", s,
+                                access(s, R_OK) != 0 ? strerror(errno) : "not a file");
                 }
             }
             made.expert_config = true;
