@@ -239,6 +239,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         fclose(text);
     }
 
+    struct checkpoint_run run = {.method = method, .deck_text = deck_text};
     struct train_position position = {0};
     rng_seed((struct rng *)position.rng, (uint64_t)deck->run.seed);
     char path[4200] = "";
@@ -389,7 +390,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         int stop = stop_signal;
         check_mpi(MPI_Allreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
         if (position.step % tr->checkpoint_every == 0 || last || stop) {
-            if (checkpoint_write(deck->run.output_dir, &model, &opt, &position, method, deck_text,
+            if (checkpoint_write(deck->run.output_dir, &model, &opt, &position, &run,
                                  tr->keep_checkpoints, MPI_COMM_WORLD, err, sizeof err) != 0)
                 fatal_all(EXIT_RUNTIME, "train: %s", err);
             log_info("train: checkpoint at step %lld", position.step);
