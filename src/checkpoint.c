@@ -9,8 +9,11 @@
  * to a dot-file in the checkpoint directory: HDF5 closes it, the bytes are fsynced, the
  * file is renamed to its real name and the directory fsynced. A real name therefore
  * only ever names a complete file. Object timestamps are off, so the same state gives
- * the same bytes under any layout. Readers validate every attribute and tensor before
- * they touch the model. */
+ * the same bytes under any layout. Every tensor carries the checksum of its values and
+ * the root the checksum of the attributes, computed by rank 0 from the values it writes,
+ * so that damage done after the write (the disk, a copy, a hand) is found on reading.
+ * Readers validate every attribute and the structure before they touch the model, and
+ * each tensor's checksum as they read it. */
 #include "checkpoint.h"
 
 #include <dirent.h>
@@ -27,6 +30,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "checksum.h"
 #include "files.h"
 #include "hfconfig.h"
 #include "h5util.h"
@@ -34,8 +38,10 @@
 #include "safetensors.h"
 
 #define CHECKPOINT_FORMAT "esft-checkpoint"
-#define CHECKPOINT_VERSION 1
-#define CHECKPOINT_MESSAGE_MAX 2048
+#define CHECKPOINT_VERSION 2
+/* the oldest version still read: 1, without checksums (read unverified) */
+#define CHECKPOINT_VERSION_OLDEST 1
+#define CHECKPOINT_MESSAGE_MAX 8192 /* a message checkpoint_agree carries: resume's refusals list keys */
 #define CHECKPOINT_PATH_MAX 4200
 
 /* ---- HDF5 files ---------------------------------------------------------------------- */
@@ -219,9 +225,7 @@ static int provider_of(const struct model *model, const struct param *p)
     return layout_rank_of(&model->grid, holder);
 }
 
-/* Collective over comm: 0 when status is 0 on every rank; otherwise -1 on every rank,
- * with the message of the lowest-numbered failing rank in err. */
-static int agree(int status, char *err, size_t err_size, MPI_Comm comm)
+int checkpoint_agree(int status, char *err, size_t err_size, MPI_Comm comm)
 {
     int rank, size;
     check_mpi(MPI_Comm_rank(comm, &rank));
@@ -231,9 +235,10 @@ static int agree(int status, char *err, size_t err_size, MPI_Comm comm)
     if (first == size) return 0;
     char message[CHECKPOINT_MESSAGE_MAX] = "";
     if (rank == first) snprintf(message, sizeof message, "%s", err);
+    check_mpi(MPI_Bcast(&status, 1, MPI_INT, first, comm));
     check_mpi(MPI_Bcast(message, sizeof message, MPI_CHAR, first, comm));
     snprintf(err, err_size, "%s", message);
-    return -1;
+    return status;
 }
 
 static void send_floats(const float *data, size_t n, int to, MPI_Comm comm)
@@ -353,19 +358,24 @@ static int put_attr(hid_t file, const char *name, hid_t file_type, hid_t mem_typ
     return rc;
 }
 
-/* /GROUP/<name> = data as fp32 with p's shape. */
+/* /GROUP/<name> = data as fp32 with p's shape, with the checksum of its bytes. */
 static int put_tensor(hid_t group, const char *group_name, const struct param *p, const float *data,
                       hid_t dcpl, const char *path, char *err, size_t err_size)
 {
     hsize_t dims[2] = {(hsize_t)p->shape[0], p->rank > 1 ? (hsize_t)p->shape[1] : 1};
     hid_t space = H5Screate_simple(p->rank, dims, NULL);
     hid_t dset = H5Dcreate2(group, p->name, H5T_IEEE_F32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+    char object[PARAM_NAME_MAX + 32];
+    snprintf(object, sizeof object, "/%s/%s", group_name, p->name);
     int rc = 0;
     if (dset < 0 || H5Dwrite(dset, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0) {
-        char object[PARAM_NAME_MAX + 32];
-        snprintf(object, sizeof object, "/%s/%s", group_name, p->name);
         h5_fail(err, err_size, path, object, "cannot write");
         rc = -1;
+    }
+    if (rc == 0) {
+        uint64_t sum = checksum64(data, p->numel * sizeof(float));
+        rc = put_attr(dset, "checksum", H5T_STD_U64LE, H5T_NATIVE_UINT64, &sum, 1, path, err,
+                      err_size);
     }
     if (dset >= 0) H5Dclose(dset);
     H5Sclose(space);
@@ -381,15 +391,44 @@ struct checkpoint_out {
     struct h5_quiet quiet;
 };
 
+/* The root checksum of a version-2 checkpoint over its attributes (checkpoint.h). */
+static uint64_t attributes_checksum(const struct checkpoint_info *info)
+{
+    int32_t version = info->version;
+    int64_t where[3] = {info->position.step, info->position.epoch, info->position.block};
+    int64_t adam_step = info->adam_step;
+    uint64_t hashes[3] = {info->config_hash, info->data_hash, info->expert_config_hash};
+    struct checksum c;
+    checksum_begin(&c);
+    checksum_add(&c, &version, sizeof version);
+    checksum_add(&c, where, sizeof where);
+    checksum_add(&c, info->position.rng, sizeof info->position.rng);
+    checksum_add(&c, &adam_step, sizeof adam_step);
+    checksum_add(&c, hashes, sizeof hashes);
+    checksum_add(&c, info->method, strlen(info->method) + 1);
+    checksum_add(&c, info->deck_text, strlen(info->deck_text) + 1);
+    return checksum_end(&c);
+}
+
 /* The attributes of the checkpoint. */
 static int put_attributes(hid_t file, const char *path, const struct model *model,
                           const struct adamw *opt, const struct train_position *position,
-                          const char *method, const char *deck_text, char *err, size_t err_size)
+                          const struct checkpoint_run *run, char *err, size_t err_size)
 {
     int32_t version = CHECKPOINT_VERSION;
     int64_t step = position->step, epoch = position->epoch, block = position->block;
     int64_t adam_step = opt->step;
     uint64_t hash = model->cfg.hash;
+    const char *deck_text = run->deck_text ? run->deck_text : "";
+    struct checkpoint_info info = {.version = version,
+                                   .position = *position,
+                                   .adam_step = adam_step,
+                                   .config_hash = hash,
+                                   .method = (char *)run->method,
+                                   .deck_text = (char *)deck_text,
+                                   .data_hash = run->data_hash,
+                                   .expert_config_hash = run->expert_config_hash};
+    uint64_t sum = attributes_checksum(&info);
     if (put_attr_string(file, "format", CHECKPOINT_FORMAT, path, err, err_size) ||
         put_attr(file, "version", H5T_STD_I32LE, H5T_NATIVE_INT32, &version, 1, path, err,
                  err_size) ||
@@ -402,8 +441,13 @@ static int put_attributes(hid_t file, const char *path, const struct model *mode
                  err_size) ||
         put_attr(file, "config_hash", H5T_STD_U64LE, H5T_NATIVE_UINT64, &hash, 1, path, err,
                  err_size) ||
-        put_attr_string(file, "method", method, path, err, err_size) ||
-        put_attr_string(file, "deck", deck_text ? deck_text : "", path, err, err_size))
+        put_attr_string(file, "method", run->method, path, err, err_size) ||
+        put_attr_string(file, "deck", deck_text, path, err, err_size) ||
+        put_attr(file, "data_hash", H5T_STD_U64LE, H5T_NATIVE_UINT64, &run->data_hash, 1, path, err,
+                 err_size) ||
+        put_attr(file, "expert_config_hash", H5T_STD_U64LE, H5T_NATIVE_UINT64,
+                 &run->expert_config_hash, 1, path, err, err_size) ||
+        put_attr(file, "checksum", H5T_STD_U64LE, H5T_NATIVE_UINT64, &sum, 1, path, err, err_size))
         return -1;
     return 0;
 }
@@ -412,8 +456,8 @@ static int put_attributes(hid_t file, const char *path, const struct model *mode
  * and (empty) groups; the tensors follow. On failure nothing is left open or on disk. */
 static int open_checkpoint(struct checkpoint_out *out, const char *output_dir,
                            const struct model *model, const struct adamw *opt,
-                           const struct train_position *position, const char *method,
-                           const char *deck_text, char *err, size_t err_size)
+                           const struct train_position *position, const struct checkpoint_run *run,
+                           char *err, size_t err_size)
 {
     out->file = out->dcpl = -1;
     for (int g = 0; g < 3; g++) out->groups[g] = -1;
@@ -445,9 +489,7 @@ static int open_checkpoint(struct checkpoint_out *out, const char *output_dir,
         h5_fail(err, err_size, out->tmp, NULL, "cannot create checkpoint");
         rc = -1;
     }
-    if (rc == 0)
-        rc = put_attributes(out->file, out->tmp, model, opt, position, method, deck_text, err,
-                            err_size);
+    if (rc == 0) rc = put_attributes(out->file, out->tmp, model, opt, position, run, err, err_size);
     for (int g = 0; g < 3 && rc == 0; g++) {
         out->groups[g] =
             H5Gcreate2(out->file, checkpoint_groups[g], H5P_DEFAULT, gcpl, H5P_DEFAULT);
@@ -548,10 +590,10 @@ static int close_checkpoint(struct checkpoint_out *out, int rc, int keep, char *
 /* What every rank checks before a write: the model was built for comm, and this rank's
  * optimizer state matches the trainable tensors it holds. */
 static int check_writable(const struct model *model, const struct adamw *opt,
-                          const struct train_position *position, const char *method, MPI_Comm comm,
-                          char *err, size_t err_size)
+                          const struct train_position *position, const struct checkpoint_run *run,
+                          MPI_Comm comm, char *err, size_t err_size)
 {
-    if (!method || !method[0]) {
+    if (!run || !run->method || !run->method[0]) {
         snprintf(err, err_size, "checkpoint_write: no method given");
         return -1;
     }
@@ -574,8 +616,8 @@ static int check_writable(const struct model *model, const struct adamw *opt,
 }
 
 int checkpoint_write(const char *output_dir, const struct model *model, const struct adamw *opt,
-                     const struct train_position *position, const char *method,
-                     const char *deck_text, int keep, MPI_Comm comm, char *err, size_t err_size)
+                     const struct train_position *position, const struct checkpoint_run *run,
+                     int keep, MPI_Comm comm, char *err, size_t err_size)
 {
     if (keep < 1) {
         /* the same argument on every rank: every rank returns here */
@@ -584,23 +626,21 @@ int checkpoint_write(const char *output_dir, const struct model *model, const st
     }
     int rank;
     check_mpi(MPI_Comm_rank(comm, &rank));
-    int rc = check_writable(model, opt, position, method, comm, err, err_size);
-    if (agree(rc, err, err_size, comm)) return -1;
+    int rc = check_writable(model, opt, position, run, comm, err, err_size);
+    if (checkpoint_agree(rc, err, err_size, comm)) return -1;
     struct checkpoint_out out = {.file = -1};
-    if (rank == 0)
-        rc = open_checkpoint(&out, output_dir, model, opt, position, method, deck_text, err,
-                             err_size);
-    if (agree(rc, err, err_size, comm)) return -1;
+    if (rank == 0) rc = open_checkpoint(&out, output_dir, model, opt, position, run, err, err_size);
+    if (checkpoint_agree(rc, err, err_size, comm)) return -1;
     rc = gather_to_rank0(model, opt, true, 3, comm, put_checkpoint_tensor, &out, err, err_size);
     if (rank == 0) rc = close_checkpoint(&out, rc, keep, err, err_size);
-    return agree(rc, err, err_size, comm);
+    return checkpoint_agree(rc, err, err_size, comm);
 }
 
 /* ---- finding and reading -------------------------------------------------------------- */
 
-int checkpoint_latest(const char *output_dir, char *path, size_t path_size, char *err,
-                      size_t err_size)
+int checkpoint_list(const char *output_dir, long long **steps, char *err, size_t err_size)
 {
+    *steps = NULL;
     char dir[CHECKPOINT_PATH_MAX];
     if (join(dir, sizeof dir, output_dir, "checkpoints", err, err_size)) return -1;
     struct step_list list;
@@ -609,20 +649,40 @@ int checkpoint_latest(const char *output_dir, char *path, size_t path_size, char
         snprintf(err, err_size, "%s: cannot list checkpoints: %s", dir, strerror(errno));
         return -1;
     }
+    qsort(list.steps, (size_t)list.n, sizeof *list.steps, compare_steps);
+    for (int i = 0; i < list.n / 2; i++) { /* newest first */
+        long long step = list.steps[i];
+        list.steps[i] = list.steps[list.n - 1 - i];
+        list.steps[list.n - 1 - i] = step;
+    }
     if (list.n == 0) {
         free(list.steps);
-        return 0;
+        list.steps = NULL;
     }
-    long long newest = list.steps[0];
-    for (int i = 1; i < list.n; i++)
-        if (list.steps[i] > newest) newest = list.steps[i];
-    free(list.steps);
-    int n = snprintf(path, path_size, "%s/step-%08lld.h5", dir, newest);
+    *steps = list.steps;
+    return list.n;
+}
+
+int checkpoint_path(const char *output_dir, long long step, char *path, size_t path_size, char *err,
+                    size_t err_size)
+{
+    int n = snprintf(path, path_size, "%s/checkpoints/step-%08lld.h5", output_dir, step);
     if (n < 0 || (size_t)n >= path_size) {
-        snprintf(err, err_size, "%s/step-%08lld.h5: path too long", dir, newest);
+        snprintf(err, err_size, "%s/checkpoints/step-%08lld.h5: path too long", output_dir, step);
         return -1;
     }
-    return 1;
+    return 0;
+}
+
+int checkpoint_latest(const char *output_dir, char *path, size_t path_size, char *err,
+                      size_t err_size)
+{
+    long long *steps;
+    int n = checkpoint_list(output_dir, &steps, err, err_size);
+    if (n <= 0) return n;
+    int rc = checkpoint_path(output_dir, steps[0], path, path_size, err, err_size);
+    free(steps);
+    return rc == 0 ? 1 : -1;
 }
 
 /* Opens attribute `name` of the file root; -1 with "PATH: attribute 'NAME' missing". */
@@ -688,42 +748,102 @@ static char *get_attr_string(hid_t file, const char *name, const char *path, cha
     return value;
 }
 
-/* The identity attributes: format, version, config hash and method. */
-static int check_identity(hid_t file, const struct model *model, const char *method,
-                          const char *path, char *err, size_t err_size)
+void checkpoint_info_free(struct checkpoint_info *info)
 {
+    free(info->method);
+    free(info->deck_text);
+    info->method = info->deck_text = NULL;
+}
+
+/* Every attribute of the open file into info, checked (the format, a version this esft
+ * reads, and in version 2 the attributes' checksum). 0, or CHECKPOINT_DAMAGED or
+ * CHECKPOINT_FOREIGN with a message; info holds no allocation on failure. */
+static int read_info(hid_t file, const char *path, struct checkpoint_info *info, char *err,
+                     size_t err_size)
+{
+    memset(info, 0, sizeof *info);
     char *format = get_attr_string(file, "format", path, err, err_size);
-    if (!format) return -1;
+    if (!format) return CHECKPOINT_DAMAGED;
     bool ours = strcmp(format, CHECKPOINT_FORMAT) == 0;
     if (!ours)
         snprintf(err, err_size, "%s: not an esft checkpoint (format '%s', expected '%s')", path,
                  format, CHECKPOINT_FORMAT);
     free(format);
-    if (!ours) return -1;
+    if (!ours) return CHECKPOINT_DAMAGED;
     int32_t version;
-    if (get_attr(file, "version", H5T_NATIVE_INT32, &version, 1, path, err, err_size)) return -1;
-    if (version != CHECKPOINT_VERSION) {
-        snprintf(err, err_size, "%s: checkpoint format version %d; this esft reads version %d only",
-                 path, (int)version, CHECKPOINT_VERSION);
-        return -1;
+    if (get_attr(file, "version", H5T_NATIVE_INT32, &version, 1, path, err, err_size))
+        return CHECKPOINT_DAMAGED;
+    if (version < CHECKPOINT_VERSION_OLDEST || version > CHECKPOINT_VERSION) {
+        snprintf(err, err_size,
+                 "%s: checkpoint format version %d; this esft reads versions %d to %d only", path,
+                 (int)version, CHECKPOINT_VERSION_OLDEST, CHECKPOINT_VERSION);
+        return CHECKPOINT_FOREIGN;
     }
-    uint64_t hash;
-    if (get_attr(file, "config_hash", H5T_NATIVE_UINT64, &hash, 1, path, err, err_size)) return -1;
-    if (hash != model->cfg.hash) {
+    info->version = version;
+    info->verified = version >= 2;
+    int64_t step, epoch, block, adam_step;
+    uint64_t stored_sum = 0;
+    if (get_attr(file, "step", H5T_NATIVE_INT64, &step, 1, path, err, err_size) ||
+        get_attr(file, "epoch", H5T_NATIVE_INT64, &epoch, 1, path, err, err_size) ||
+        get_attr(file, "block", H5T_NATIVE_INT64, &block, 1, path, err, err_size) ||
+        get_attr(file, "rng", H5T_NATIVE_UINT64, info->position.rng, 4, path, err, err_size) ||
+        get_attr(file, "adam_step", H5T_NATIVE_INT64, &adam_step, 1, path, err, err_size) ||
+        get_attr(file, "config_hash", H5T_NATIVE_UINT64, &info->config_hash, 1, path, err,
+                 err_size) ||
+        (info->verified &&
+         (get_attr(file, "data_hash", H5T_NATIVE_UINT64, &info->data_hash, 1, path, err,
+                   err_size) ||
+          get_attr(file, "expert_config_hash", H5T_NATIVE_UINT64, &info->expert_config_hash, 1,
+                   path, err, err_size) ||
+          get_attr(file, "checksum", H5T_NATIVE_UINT64, &stored_sum, 1, path, err, err_size))))
+        return CHECKPOINT_DAMAGED;
+    info->position.step = step;
+    info->position.epoch = epoch;
+    info->position.block = block;
+    info->adam_step = adam_step;
+    info->method = get_attr_string(file, "method", path, err, err_size);
+    info->deck_text = info->method ? get_attr_string(file, "deck", path, err, err_size) : NULL;
+    if (!info->deck_text) {
+        checkpoint_info_free(info);
+        return CHECKPOINT_DAMAGED;
+    }
+    if (info->verified) {
+        uint64_t sum = attributes_checksum(info);
+        if (sum != stored_sum) {
+            snprintf(err, err_size,
+                     "%s: damaged: its attributes (step, data position, random state, AdamW "
+                     "step, hashes, method, deck) do not match their checksum (stored %016" PRIx64
+                     ", computed %016" PRIx64 ")",
+                     path, stored_sum, sum);
+            checkpoint_info_free(info);
+            return CHECKPOINT_DAMAGED;
+        }
+    }
+    if (step < 0 || epoch < 0 || block < 0 || adam_step < 0) {
+        snprintf(err, err_size, "%s: negative step, epoch, block or adam_step", path);
+        checkpoint_info_free(info);
+        return CHECKPOINT_DAMAGED;
+    }
+    return 0;
+}
+
+/* The checkpoint belongs to this model (config hash) and this method. */
+static int check_identity(const struct checkpoint_info *info, const struct model *model,
+                          const char *method, const char *path, char *err, size_t err_size)
+{
+    if (info->config_hash != model->cfg.hash) {
         snprintf(err, err_size,
                  "%s: written for another base model (config hash %016" PRIx64
                  ", this model's config.json hashes to %016" PRIx64 ")",
-                 path, hash, model->cfg.hash);
-        return -1;
+                 path, info->config_hash, model->cfg.hash);
+        return CHECKPOINT_FOREIGN;
     }
-    char *written_method = get_attr_string(file, "method", path, err, err_size);
-    if (!written_method) return -1;
-    bool same = strcmp(written_method, method) == 0;
-    if (!same)
+    if (strcmp(info->method, method) != 0) {
         snprintf(err, err_size, "%s: written by a run of method '%s'; this run's method is '%s'",
-                 path, written_method, method);
-    free(written_method);
-    return same ? 0 : -1;
+                 path, info->method, method);
+        return CHECKPOINT_FOREIGN;
+    }
+    return 0;
 }
 
 /* /GROUP/<p->name> exists, is floating point and has p's shape. */
@@ -739,12 +859,12 @@ static int check_tensor(hid_t file, const char *group, const struct param *p, co
                  "%s: tensor '%s' missing from /%s (the checkpoint was written with another "
                  "set of trainable tensors)",
                  path, p->name, group);
-        return -1;
+        return CHECKPOINT_FOREIGN;
     }
     hid_t dset = H5Dopen2(file, object, H5P_DEFAULT);
     if (dset < 0) {
         h5_fail(err, err_size, path, object, "cannot open");
-        return -1;
+        return CHECKPOINT_DAMAGED;
     }
     hid_t space = H5Dget_space(dset), type = H5Dget_type(dset);
     hsize_t dims[8] = {0};
@@ -754,7 +874,7 @@ static int check_tensor(hid_t file, const char *group, const struct param *p, co
     if (H5Tget_class(type) != H5T_FLOAT) {
         snprintf(err, err_size, "%s: tensor '%s' in /%s is not floating point", path, p->name,
                  group);
-        rc = -1;
+        rc = CHECKPOINT_DAMAGED;
     } else if (rank != p->rank || (hsize_t)p->shape[0] != dims[0] ||
                (p->rank > 1 && (hsize_t)p->shape[1] != dims[1])) {
         char got[128] = "";
@@ -770,7 +890,7 @@ static int check_tensor(hid_t file, const char *group, const struct param *p, co
             snprintf(want, sizeof want, "%lld", (long long)p->shape[0]);
         snprintf(err, err_size, "%s: tensor '%s' in /%s: expected shape [%s], got [%s]", path,
                  p->name, group, want, got);
-        rc = -1;
+        rc = CHECKPOINT_FOREIGN;
     }
     H5Tclose(type);
     H5Sclose(space);
@@ -803,13 +923,13 @@ static int check_no_extra(hid_t file, const char *group, struct model *model, co
     hid_t g = H5Gopen2(file, group, H5P_DEFAULT);
     if (g < 0) {
         h5_fail(err, err_size, path, group, "cannot open group");
-        return -1;
+        return CHECKPOINT_DAMAGED;
     }
     struct extra_search search = {.model = model, .extra = "", .n = 0};
     herr_t rc = H5Literate(g, H5_INDEX_NAME, H5_ITER_INC, NULL, find_extra, &search);
     if (rc < 0) h5_fail(err, err_size, path, group, "cannot list group");
     H5Gclose(g);
-    if (rc < 0) return -1;
+    if (rc < 0) return CHECKPOINT_DAMAGED;
     if (search.extra[0]) {
         const struct param *p = model_find_param(model, search.extra);
         snprintf(err, err_size,
@@ -817,13 +937,14 @@ static int check_no_extra(hid_t file, const char *group, struct model *model, co
                  "of trainable tensors)",
                  path, search.extra, group,
                  !p ? "not a tensor of this model" : "not trainable in this run");
-        return -1;
+        return CHECKPOINT_FOREIGN;
     }
     return 0;
 }
 
+/* /GROUP/<p->name> into out; with `verify`, checked against the tensor's checksum. */
 static int read_tensor(hid_t file, const char *group, const struct param *p, float *out,
-                       const char *path, char *err, size_t err_size)
+                       bool verify, const char *path, char *err, size_t err_size)
 {
     char object[PARAM_NAME_MAX + 32];
     snprintf(object, sizeof object, "/%s/%s", group, p->name);
@@ -831,7 +952,24 @@ static int read_tensor(hid_t file, const char *group, const struct param *p, flo
     int rc = 0;
     if (dset < 0 || H5Dread(dset, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0) {
         h5_fail(err, err_size, path, object, "cannot read");
-        rc = -1;
+        rc = CHECKPOINT_DAMAGED;
+    }
+    if (rc == 0 && verify) {
+        uint64_t stored = 0, sum = checksum64(out, p->numel * sizeof(float));
+        if (H5Aexists(dset, "checksum") <= 0) {
+            H5Eclear2(H5E_DEFAULT);
+            snprintf(err, err_size, "%s: damaged: tensor '%s' in /%s has no checksum", path,
+                     p->name, group);
+            rc = CHECKPOINT_DAMAGED;
+        } else if (get_attr(dset, "checksum", H5T_NATIVE_UINT64, &stored, 1, path, err, err_size)) {
+            rc = CHECKPOINT_DAMAGED;
+        } else if (stored != sum) {
+            snprintf(err, err_size,
+                     "%s: damaged: tensor '%s' in /%s does not match its checksum (stored "
+                     "%016" PRIx64 ", computed %016" PRIx64 ")",
+                     path, p->name, group, stored, sum);
+            rc = CHECKPOINT_DAMAGED;
+        }
     }
     if (dset >= 0) H5Dclose(dset);
     return rc;
@@ -841,19 +979,12 @@ static int read_checkpoint_file(hid_t file, const char *path, struct model *mode
                                 struct adamw *opt, struct train_position *position,
                                 const char *method, char *err, size_t err_size)
 {
-    if (check_identity(file, model, method, path, err, err_size)) return -1;
-    int64_t step, epoch, block, adam_step;
-    uint64_t rng[4];
-    if (get_attr(file, "step", H5T_NATIVE_INT64, &step, 1, path, err, err_size) ||
-        get_attr(file, "epoch", H5T_NATIVE_INT64, &epoch, 1, path, err, err_size) ||
-        get_attr(file, "block", H5T_NATIVE_INT64, &block, 1, path, err, err_size) ||
-        get_attr(file, "rng", H5T_NATIVE_UINT64, rng, 4, path, err, err_size) ||
-        get_attr(file, "adam_step", H5T_NATIVE_INT64, &adam_step, 1, path, err, err_size))
-        return -1;
-    if (step < 0 || epoch < 0 || block < 0 || adam_step < 0) {
-        snprintf(err, err_size, "%s: negative step, epoch, block or adam_step", path);
-        return -1;
-    }
+    struct checkpoint_info info;
+    int rc = read_info(file, path, &info, err, err_size);
+    if (rc != 0) return rc;
+    rc = check_identity(&info, model, method, path, err, err_size);
+    checkpoint_info_free(&info);
+    if (rc != 0) return rc;
     /* everything is checked before the model and the optimizer are touched: the whole
      * trainable set against the whole table (the same verdict on every rank, whatever
      * the layout), then this rank's share of the state */
@@ -863,62 +994,86 @@ static int read_checkpoint_file(hid_t file, const char *path, struct model *mode
         if (!p->trainable) continue;
         if (checkpointed(p)) held += p->numel;
         for (int g = 0; g < 3; g++)
-            if (check_tensor(file, checkpoint_groups[g], p, path, err, err_size)) return -1;
+            if ((rc = check_tensor(file, checkpoint_groups[g], p, path, err, err_size))) return rc;
     }
     for (int g = 0; g < 3; g++)
-        if (check_no_extra(file, checkpoint_groups[g], model, path, err, err_size)) return -1;
+        if ((rc = check_no_extra(file, checkpoint_groups[g], model, path, err, err_size)))
+            return rc;
     if (opt->n != held || (held > 0 && (!opt->m || !opt->v))) {
         snprintf(err, err_size,
                  "%s: optimizer state of %zu values for %zu trainable values "
                  "(adamw_init after model_set_trainable)",
                  path, opt->n, held);
-        return -1;
+        return CHECKPOINT_FOREIGN;
     }
     size_t offset = 0;
     for (int i = 0; i < model->n_params; i++) {
         struct param *p = &model->params[i];
         if (!checkpointed(p)) continue;
-        if (read_tensor(file, "tensors", p, p->data, path, err, err_size) ||
-            read_tensor(file, "adam_m", p, opt->m + offset, path, err, err_size) ||
-            read_tensor(file, "adam_v", p, opt->v + offset, path, err, err_size))
-            return -1;
+        if ((rc = read_tensor(file, "tensors", p, p->data, info.verified, path, err, err_size)) ||
+            (rc = read_tensor(file, "adam_m", p, opt->m + offset, info.verified, path, err,
+                              err_size)) ||
+            (rc = read_tensor(file, "adam_v", p, opt->v + offset, info.verified, path, err,
+                              err_size)))
+            return rc;
         offset += p->numel;
     }
-    opt->step = adam_step;
-    position->step = step;
-    position->epoch = epoch;
-    position->block = block;
-    memcpy(position->rng, rng, sizeof rng);
+    opt->step = info.adam_step;
+    *position = info.position;
     return 0;
+}
+
+/* Opens a checkpoint read-only: *file, or CHECKPOINT_DAMAGED with a message (a missing
+ * file, not HDF5, truncated). Inside the caller's h5_quiet. */
+static int open_checkpoint_file(const char *path, hid_t *file, char *err, size_t err_size)
+{
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        snprintf(err, err_size, "%s: cannot open checkpoint: %s", path, strerror(errno));
+        return CHECKPOINT_DAMAGED;
+    }
+    htri_t is_hdf5 = H5Fis_hdf5(path);
+    if (is_hdf5 <= 0) {
+        H5Eclear2(H5E_DEFAULT);
+        snprintf(err, err_size, "%s: not an HDF5 file (a damaged or foreign checkpoint)", path);
+        return CHECKPOINT_DAMAGED;
+    }
+    hid_t fapl = file_access_plist();
+    *file = H5Fopen(path, H5F_ACC_RDONLY, fapl);
+    /* the reason first: the next HDF5 call clears the error stack */
+    if (*file < 0) h5_fail(err, err_size, path, NULL, "cannot open checkpoint");
+    H5Pclose(fapl);
+    return *file < 0 ? CHECKPOINT_DAMAGED : 0;
+}
+
+int checkpoint_read_info(const char *path, struct checkpoint_info *info, char *err, size_t err_size)
+{
+    memset(info, 0, sizeof *info);
+    struct h5_quiet quiet;
+    h5_quiet_begin(&quiet);
+    hid_t file;
+    int rc = open_checkpoint_file(path, &file, err, err_size);
+    if (rc == 0) {
+        rc = read_info(file, path, info, err, err_size);
+        H5Fclose(file);
+        H5Eclear2(H5E_DEFAULT);
+    }
+    h5_quiet_end(&quiet);
+    return rc;
 }
 
 int checkpoint_read(const char *path, struct model *model, struct adamw *opt,
                     struct train_position *position, const char *method, char *err, size_t err_size)
 {
-    struct stat st;
-    if (stat(path, &st) != 0) {
-        snprintf(err, err_size, "%s: cannot open checkpoint: %s", path, strerror(errno));
-        return -1;
-    }
     struct h5_quiet quiet;
     h5_quiet_begin(&quiet);
-    int rc = -1;
-    htri_t is_hdf5 = H5Fis_hdf5(path);
-    if (is_hdf5 <= 0) {
+    hid_t file;
+    int rc = open_checkpoint_file(path, &file, err, err_size);
+    if (rc == 0) {
+        rc = read_checkpoint_file(file, path, model, opt, position, method, err, err_size);
+        H5Fclose(file);
         H5Eclear2(H5E_DEFAULT);
-        snprintf(err, err_size, "%s: not an HDF5 file (a damaged or foreign checkpoint)", path);
-        goto done;
     }
-    hid_t fapl = file_access_plist();
-    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, fapl);
-    /* the reason first: the next HDF5 call clears the error stack */
-    if (file < 0) h5_fail(err, err_size, path, NULL, "cannot open checkpoint");
-    H5Pclose(fapl);
-    if (file < 0) goto done;
-    rc = read_checkpoint_file(file, path, model, opt, position, method, err, err_size);
-    H5Fclose(file);
-    H5Eclear2(H5E_DEFAULT);
-done:
     h5_quiet_end(&quiet);
     return rc;
 }
@@ -1011,7 +1166,7 @@ int export_adapter(const char *dir, const struct model *model, const char *exper
         snprintf(err, err_size, "%s: cannot create directory: %s", dir, strerror(errno));
         rc = -1;
     }
-    if (agree(rc, err, err_size, comm)) return -1;
+    if (checkpoint_agree(rc, err, err_size, comm)) return -1;
     struct export_out out = {.writer = NULL};
     if (rank == 0) open_export(&out, model, true);
     rc = gather_to_rank0(model, NULL, true, 1, comm, add_export_tensor, &out, err, err_size);
@@ -1020,7 +1175,7 @@ int export_adapter(const char *dir, const struct model *model, const char *exper
         close_export(&out);
         if (rc == 0 && expert_config) rc = copy_file(expert_config, config_path, err, err_size);
     }
-    return agree(rc, err, err_size, comm);
+    return checkpoint_agree(rc, err, err_size, comm);
 }
 
 /* Whether a and b name the same existing directory. */
@@ -1088,7 +1243,7 @@ int export_merged(const char *dir, const struct model *model, const char *base_d
     check_mpi(MPI_Comm_rank(comm, &rank));
     int rc = check_layout(model, comm, "export_merged", err, err_size);
     if (rc == 0 && rank == 0) rc = prepare_merged_directory(dir, base_dir, err, err_size);
-    if (agree(rc, err, err_size, comm)) return -1;
+    if (checkpoint_agree(rc, err, err_size, comm)) return -1;
     struct export_out out = {.writer = NULL};
     if (rank == 0) open_export(&out, model, false);
     rc = gather_to_rank0(model, NULL, false, 1, comm, add_export_tensor, &out, err, err_size);
@@ -1098,7 +1253,7 @@ int export_merged(const char *dir, const struct model *model, const char *base_d
         close_export(&out);
         if (rc == 0) rc = finish_merged_directory(dir, model, base_dir, err, err_size);
     }
-    return agree(rc, err, err_size, comm);
+    return checkpoint_agree(rc, err, err_size, comm);
 }
 
 /* ---- loss curve ------------------------------------------------------------------------- */

@@ -2,18 +2,27 @@
  * (safetensors), for the train phase.
  *
  * A checkpoint is OUTPUT_DIR/checkpoints/step-NNNNNNNN.h5 holding: attributes format =
- * "esft-checkpoint", version = 1, step, epoch, block (the data position: next block of
+ * "esft-checkpoint", version = 2, step, epoch, block (the data position: next block of
  * the epoch), rng (4 x uint64), adam_step, config_hash (the base model's), method, deck
- * (text); for every trainable tensor, /tensors/<HF name> (fp32, its shape), /adam_m/<HF
- * name> and /adam_v/<HF name> (fp32), each stored whole whatever the layout (pp, dp, ep)
- * that wrote it, so that a checkpoint resumes under any layout. It is written to a
- * temporary name, flushed and fsynced, renamed, and the directory fsynced: a crash leaves
- * the previous checkpoints and at most a stray temporary file, never a torn checkpoint
- * under a real name. */
+ * (text), data_hash, expert_config_hash (what the run trained on: struct checkpoint_run)
+ * and checksum (of all of these); for every trainable tensor, /tensors/<HF name> (fp32,
+ * its shape), /adam_m/<HF name> and /adam_v/<HF name> (fp32), each stored whole whatever
+ * the layout (pp, dp, ep) that wrote it, so that a checkpoint resumes under any layout,
+ * each with an attribute checksum (checksum64 of its fp32 values' little-endian bytes,
+ * checksum.h). The root checksum is checksum64 of, in order: version (int32), step,
+ * epoch, block, rng[4], adam_step, config_hash, data_hash, expert_config_hash (8 bytes
+ * each), then method and deck, each with its terminating NUL. Readers verify every
+ * checksum they come to: a damaged checkpoint is an error naming the file and the tensor
+ * (or the attributes), never values read silently. Version 1 checkpoints (no checksums,
+ * no data or expert_config hash) are still read, unverified: checkpoint_info says so.
+ * A checkpoint is written to a temporary name, flushed and fsynced, renamed, and the
+ * directory fsynced: a crash leaves the previous checkpoints and at most a stray
+ * temporary file, never a torn checkpoint under a real name. */
 #ifndef ESFT_CHECKPOINT_H
 #define ESFT_CHECKPOINT_H
 
 #include <mpi.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -27,6 +36,23 @@ struct train_position {
     uint64_t rng[4]; /* the train phase's random state */
 };
 
+/* Why a checkpoint was not read (the statuses below 0 of checkpoint_read and
+ * checkpoint_read_info): DAMAGED, it cannot be trusted (unreadable, truncated, not an
+ * esft checkpoint, a checksum that does not match), so an older checkpoint of the same
+ * run may serve instead; FOREIGN, it is whole but belongs to another run (another base
+ * model, method or trainable set, a newer format), so no checkpoint of its directory
+ * will do. */
+enum { CHECKPOINT_DAMAGED = -1, CHECKPOINT_FOREIGN = -2 };
+
+/* What a checkpoint records of the run that wrote it, beside its tensors and position:
+ * what a run that resumes compares with its own (resume.h). */
+struct checkpoint_run {
+    const char *method;          /* "esft", "full" or "frozen_router" */
+    const char *deck_text;       /* the resolved deck (deck_print) */
+    uint64_t data_hash;          /* dataset_hash of data.path */
+    uint64_t expert_config_hash; /* checksum64 of train.expert_config's bytes; 0: none */
+};
+
 /* Collective over comm, the communicator the model's layout was made for (its grid has
  * comm's size, and comm's rank r is the grid's rank r: MPI_COMM_WORLD in esft). World
  * rank 0 writes; every trainable tensor it does not hold, with its AdamW m and v, is sent
@@ -35,23 +61,60 @@ struct train_position {
  * status and message on every rank. Keeps the newest `keep` checkpoints of the directory
  * and deletes older ones. 0, or -1 with a message. */
 int checkpoint_write(const char *output_dir, const struct model *model, const struct adamw *opt,
-                     const struct train_position *position, const char *method,
-                     const char *deck_text, int keep, MPI_Comm comm, char *err, size_t err_size);
+                     const struct train_position *position, const struct checkpoint_run *run,
+                     int keep, MPI_Comm comm, char *err, size_t err_size);
 
 /* The newest complete checkpoint in OUTPUT_DIR/checkpoints (temporary files ignored):
  * 1 and its path, 0 when there is none, -1 with a message on an unreadable directory. */
 int checkpoint_latest(const char *output_dir, char *path, size_t path_size, char *err,
                       size_t err_size);
 
+/* The steps of the complete checkpoints in OUTPUT_DIR/checkpoints, newest first, in a
+ * new allocation (*steps, NULL when there are none): their number, or -1 with a message
+ * on an unreadable directory (a missing one holds none). */
+int checkpoint_list(const char *output_dir, long long **steps, char *err, size_t err_size);
+
+/* OUTPUT_DIR/checkpoints/step-NNNNNNNN.h5, the checkpoint of `step`. 0, or -1 with a
+ * message when it does not fit path_size. */
+int checkpoint_path(const char *output_dir, long long step, char *path, size_t path_size, char *err,
+                    size_t err_size);
+
+/* A checkpoint's attributes, read and verified without its tensors. */
+struct checkpoint_info {
+    int version;   /* of the format: 1 (unverified) or 2 */
+    bool verified; /* version 2: the attributes matched their checksum, and the
+                      tensors carry theirs; data_hash and expert_config_hash exist */
+    struct train_position position;
+    long long adam_step;
+    uint64_t config_hash; /* of the base model's config.json */
+    char *method, *deck_text;
+    uint64_t data_hash, expert_config_hash; /* 0 in version 1 */
+};
+
+/* Reads the attributes of a checkpoint (this rank alone). 0, or CHECKPOINT_DAMAGED or
+ * CHECKPOINT_FOREIGN (a newer format) with a message naming the file. */
+int checkpoint_read_info(const char *path, struct checkpoint_info *info, char *err,
+                         size_t err_size);
+void checkpoint_info_free(struct checkpoint_info *info);
+
 /* Reads a checkpoint into the trainable tensors this rank holds, their optimizer state
  * and the position; a checkpoint written under any layout reads under any other. Checks
  * that it belongs to this model (config hash), this method, and holds exactly the
- * model's trainable tensors (all of them, held here or not) with their shapes; nothing
- * is changed unless every check passes. Every rank reads, on its own (no communication):
- * the caller combines the ranks' results. 0, or -1. */
+ * model's trainable tensors (all of them, held here or not) with their shapes, before
+ * anything is changed: such a refusal (CHECKPOINT_FOREIGN) leaves the model as it was.
+ * The checksum of each tensor this rank reads is verified as it is read, so a damaged
+ * tensor (CHECKPOINT_DAMAGED) is found after some held tensors were overwritten: read
+ * another checkpoint or stop. Every rank reads, on its own (no communication): the
+ * caller combines the ranks' results (checkpoint_agree). 0, or CHECKPOINT_DAMAGED or
+ * CHECKPOINT_FOREIGN with a message naming the file (and the tensor). */
 int checkpoint_read(const char *path, struct model *model, struct adamw *opt,
                     struct train_position *position, const char *method, char *err,
                     size_t err_size);
+
+/* Collective over comm: one verdict from every rank's status. 0 when every rank's status
+ * is 0; otherwise, on every rank, the status and the message (in err) of the
+ * lowest-numbered rank whose status is not 0. */
+int checkpoint_agree(int status, char *err, size_t err_size, MPI_Comm comm);
 
 /* The adapter: the trainable tensors under their Hugging Face names in one safetensors
  * file (dtype of the base checkpoint: bf16, fp16 or fp32), and expert_config (when not

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "checksum.h"
 #include "dataset_write.h"
 #include "log.h"
 
@@ -412,6 +413,35 @@ int dataset_read_prefix(const struct dataset *ds, uint64_t i, uint64_t max_token
             return -1;
         }
     return 0;
+}
+
+/* Elements per slice of dataset_hash: 64 MiB of tokens at a time. */
+#define HASH_SLICE ((uint64_t)1 << 24)
+
+int dataset_hash(const struct dataset *ds, uint64_t *hash, char *err, size_t err_size)
+{
+    struct checksum c;
+    checksum_begin(&c);
+    checksum_add(&c, ds->offsets, (size_t)(ds->n_samples + 1) * sizeof *ds->offsets);
+    uint64_t slice = ds->n_tokens < HASH_SLICE ? ds->n_tokens : HASH_SLICE;
+    uint32_t *buf = xmalloc((slice ? slice : 1) * sizeof *buf);
+    struct h5_quiet quiet;
+    h5_quiet_begin(&quiet);
+    int status = 0;
+    for (int pass = 0; pass < 2 && status == 0; pass++) { /* tokens, then the loss mask */
+        const char *name = pass == 0 ? "tokens" : "loss_mask";
+        hid_t memtype = pass == 0 ? H5T_NATIVE_UINT32 : H5T_NATIVE_UINT8;
+        size_t size = pass == 0 ? sizeof(uint32_t) : sizeof(uint8_t);
+        for (uint64_t at = 0; at < ds->n_tokens && status == 0; at += slice) {
+            uint64_t count = ds->n_tokens - at < slice ? ds->n_tokens - at : slice;
+            status = read_range(ds, name, memtype, at, count, buf, err, err_size);
+            if (status == 0) checksum_add(&c, buf, (size_t)count * size);
+        }
+    }
+    h5_quiet_end(&quiet);
+    free(buf);
+    *hash = checksum_end(&c);
+    return status;
 }
 
 /* ---- writing ---------------------------------------------------------------------- */

@@ -46,4 +46,11 @@ int dataset_read_sample(const struct dataset *ds, uint64_t i, uint32_t *tokens,
 int dataset_read_prefix(const struct dataset *ds, uint64_t i, uint64_t max_tokens,
                         uint32_t *tokens, uint8_t *loss_mask, char *err, size_t err_size);
 
+/* The checksum of the dataset's contents: checksum64 (checksum.h) over the offsets
+ * (uint64 [S + 1]), then the tokens (uint32 [T]), then the loss mask (uint8 [T]), as
+ * little-endian bytes, read a slice at a time. Two files holding the same samples hash
+ * the same however they were written (chunking, attributes, sources); checkpoints record
+ * it, so that a run resumes only on the data it began with. 0, or -1 with a message. */
+int dataset_hash(const struct dataset *ds, uint64_t *hash, char *err, size_t err_size);
+
 #endif

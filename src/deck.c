@@ -266,7 +266,8 @@ static const struct key schema[] = {
      .bounds = LO | HI | HI_OPEN, .lo = 0, .hi = 1,
      .help = "fraction of the samples held out for validation"},
     {KEY("train.resume", KEY_STRING, train.resume), .def = "auto",
-     .help = "auto (latest checkpoint in run.output_dir, if any), never, or a checkpoint path"},
+     .help = "auto (the newest intact checkpoint in run.output_dir, if any), force (the same, "
+             "even if its deck differs), never, or a checkpoint path"},
     {KEY("train.bad_steps", KEY_ENUM, train.bad_steps), .def = "stop", .names = bad_steps_names,
      .help = "a step with no loss-bearing target or a non-finite loss or gradient norm: stop "
              "(checkpoint the last good step, exit 1) or skip its batch (counted)"},
@@ -1652,6 +1653,21 @@ static void print_line(const struct deck *deck, int row, const char *indent, FIL
     else
         fprintf(out, "%s\n", line);
     free(line);
+}
+
+int deck_value_text(const struct deck *deck, const char *key, char *buf, size_t size)
+{
+    int row = find_key(key);
+    if (row < 0 || size == 0) return -1;
+    char *text = NULL;
+    size_t length = 0;
+    FILE *mem = open_memstream(&text, &length);
+    if (!mem) fatal(EXIT_RUNTIME, "open_memstream: %s", strerror(errno));
+    print_value(deck, &schema[row], mem);
+    fclose(mem);
+    snprintf(buf, size, "%s", text);
+    free(text);
+    return 0;
 }
 
 void deck_print(const struct deck *deck, FILE *out)

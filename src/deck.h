@@ -102,7 +102,7 @@ struct deck_train {
     int warmup_steps, steps, global_batch, micro_batch;
     int checkpoint_every, keep_checkpoints, eval_every, log_every;
     double val_fraction;
-    char *resume; /* "auto", "never" or a checkpoint path */
+    char *resume; /* "auto", "force", "never" or a checkpoint path */
     enum bad_steps bad_steps; /* a step without loss-bearing targets or with a non-finite
                                  loss or gradient norm: stop the run, or skip the batch */
     bool export_merged, recompute;
@@ -165,6 +165,10 @@ void deck_where(const struct deck *deck, const char *key, char *buf, size_t size
 /* The resolved deck as YAML that deck_parse reads back to the same struct; keys left at
  * their default are marked with a `# default` comment. */
 void deck_print(const struct deck *deck, FILE *out);
+
+/* The value of a key such as "train.lr" as deck_print writes it, into buf (cut to size):
+ * for messages that compare two decks. 0, or -1 for a key the schema does not have. */
+int deck_value_text(const struct deck *deck, const char *key, char *buf, size_t size);
 
 /* Every key with its type, default and help line (for --help-deck). */
 void deck_print_keys(FILE *out);

@@ -45,6 +45,7 @@
 #include "model.h"
 #include "optim.h"
 #include "phases.h"
+#include "resume.h"
 #include "rng.h"
 #include "trainable.h"
 
@@ -237,25 +238,15 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         fclose(text);
     }
 
+    /* what checkpoints record of this run, and the checkpoint it continues from, if any:
+     * an intact one of the same run (resume.h) */
+    struct checkpoint_run run = {.method = method, .deck_text = deck_text};
+    resume_hash_inputs(deck, &ds, &run);
     struct train_position position = {0};
     rng_seed((struct rng *)position.rng, (uint64_t)deck->run.seed);
     char path[4200] = "";
-    int found = 0;
-    if (strcmp(tr->resume, "never") != 0) {
-        if (strcmp(tr->resume, "auto") == 0) {
-            found = checkpoint_latest(deck->run.output_dir, path, sizeof path, err, sizeof err);
-            if (found < 0) fatal_all(EXIT_RUNTIME, "train: %s", err);
-        } else {
-            snprintf(path, sizeof path, "%s", tr->resume);
-            found = 1;
-        }
-    }
-    if (found) {
-        failed = checkpoint_read(path, &model, &opt, &position, method, err, sizeof err) != 0;
-        check_mpi(MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
-        if (any) fatal_all(EXIT_INPUT, "train: %s", failed ? err : "reading the checkpoint failed");
-        log_info("train: resuming from %s at step %lld", path, position.step);
-    }
+    int found = resume_from_checkpoint(deck, &run, &model, &opt, &position, path, sizeof path);
+    if (found) log_info("train: resuming from %s at step %lld", path, position.step);
 
     if (position.step >= tr->steps)
         log_info("train: %s is at step %lld, train.steps is %d: nothing to train (raise "
@@ -374,7 +365,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
                                                               : NULL;
         if (bad && tr->bad_steps == BAD_STEPS_STOP) {
             if (before.step > last_checkpoint &&
-                checkpoint_write(deck->run.output_dir, &model, &opt, &before, method, deck_text,
+                checkpoint_write(deck->run.output_dir, &model, &opt, &before, &run,
                                  tr->keep_checkpoints, MPI_COMM_WORLD, err, sizeof err) != 0)
                 fatal_all(EXIT_RUNTIME, "train: %s", err);
             metrics_write("bad_step", "\"step\": %lld, \"reason\": \"%s\", \"loss\": %.17g, "
@@ -431,7 +422,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         check_mpi(MPI_Allreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
         bool periodic = tr->checkpoint_every > 0 && position.step % tr->checkpoint_every == 0;
         if (periodic || last || stop) {
-            if (checkpoint_write(deck->run.output_dir, &model, &opt, &position, method, deck_text,
+            if (checkpoint_write(deck->run.output_dir, &model, &opt, &position, &run,
                                  tr->keep_checkpoints, MPI_COMM_WORLD, err, sizeof err) != 0)
                 fatal_all(EXIT_RUNTIME, "train: %s", err);
             last_checkpoint = position.step;

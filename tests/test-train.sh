@@ -3,7 +3,9 @@
 # conversations): ESFT lowers the validation loss; frozen tensors come out bitwise
 # unchanged and only trainable tensors have optimizer state; 2 ranks give the 1-rank loss
 # curve (global batch 8); a run stopped by SIGUSR1, or killed with SIGKILL mid-run,
-# resumes to the uninterrupted run's curve bit for bit; bad settings are refused.
+# resumes to the uninterrupted run's curve bit for bit; a damaged checkpoint is refused by
+# name and passed over by train.resume: auto (back on the curve); a checkpoint of another
+# deck (lr, data) is refused unless forced; bad settings are refused.
 set -u
 . "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
 test_begin train
@@ -133,6 +135,117 @@ for how in USR1 KILL; do
     same_curve "$d/straight/metrics.jsonl" "$out/metrics.jsonl" 0 8 && ok ||
         fail "after $how the curve differs: $(diff "$tmp/a.txt" "$tmp/b.txt" | head -n 4)"
 done
+
+# Damaged checkpoints: 64 bytes of a tensor inverted on disk in the newest checkpoint of
+# a 4-step run. Resuming that file by name is refused, naming the file and the tensor;
+# train.resume: auto passes over it with a warning, falls back to step 2 and ends on the
+# straight run's curve bit for bit; with every checkpoint damaged, auto is an error
+# naming each. Under pp 2 only the last stage reads the damaged tensor: every rank
+# decides the same.
+damaged="$d/damaged"
+# shellcheck disable=SC2086
+expect 0 "damaged: first half" "$esft" "$demo" phase=train "run.output_dir=$damaged" $common $base \
+    train.steps=4
+tensor=$(head -n 1 "$d/trainable_tensors.txt")
+newest="$damaged/checkpoints/step-00000004.h5"
+expect 0 "damage step 4" "$check" damage "$newest" "/tensors/$tensor" 64
+# shellcheck disable=SC2086
+expect 2 "damaged checkpoint by name" "$esft" "$demo" phase=train "run.output_dir=$damaged" \
+    $common $base "train.resume=$newest"
+contains "$tmp/err" "$newest: damaged: tensor '$tensor' in /tensors does not match its checksum" \
+    "damaged checkpoint by name"
+# shellcheck disable=SC2086
+expect 0 "damaged: auto falls back" "$esft" "$demo" phase=train "run.output_dir=$damaged" $common \
+    $base
+contains "$tmp/err" "warning: $newest: damaged: tensor '$tensor'" "damaged: the warning"
+contains "$tmp/err" "falling back to $damaged/checkpoints/step-00000002.h5" "damaged: fallback"
+contains "$tmp/out" "resuming from $damaged/checkpoints/step-00000002.h5 at step 2" "damaged: resume"
+same_curve "$d/straight/metrics.jsonl" "$damaged/metrics.jsonl" 0 && ok ||
+    fail "after a fallback the curve differs: $(diff "$tmp/a.txt" "$tmp/b.txt" | head -n 4)"
+for step in 6 8; do
+    expect 0 "damage step $step" "$check" damage "$damaged/checkpoints/step-0000000$step.h5" \
+        "/adam_v/$tensor" 64
+done
+# shellcheck disable=SC2086
+expect 2 "every checkpoint damaged" "$esft" "$demo" phase=train "run.output_dir=$damaged" $common \
+    $base train.steps=10
+contains "$tmp/err" "no intact checkpoint in $damaged/checkpoints" "every checkpoint damaged"
+for step in 6 8; do
+    contains "$tmp/err" "step-0000000$step.h5: damaged: tensor '$tensor' in /adam_v" \
+        "every checkpoint damaged: step $step named"
+done
+last=$(tail -n 1 "$d/trainable_tensors.txt") # the highest layer's: the last stage holds it
+damaged="$d/damaged-pp2"
+newest="$damaged/checkpoints/step-00000004.h5"
+# shellcheck disable=SC2086
+expect 0 "damaged, pp 2: first half" $mpirun 2 "$esft" "$demo" phase=train \
+    "run.output_dir=$damaged" $common $base train.steps=4 parallel.pp=2
+expect 0 "damage step 4 (pp 2)" "$check" damage "$newest" "/tensors/$last" 64
+# shellcheck disable=SC2086
+expect 2 "damaged checkpoint by name, pp 2" $mpirun 2 "$esft" "$demo" phase=train \
+    "run.output_dir=$damaged" $common $base "train.resume=$newest" parallel.pp=2
+contains "$tmp/err" "$newest: damaged: tensor '$last' in /tensors" "damaged by name, pp 2"
+# shellcheck disable=SC2086
+expect 0 "damaged, pp 2: auto falls back" $mpirun 2 "$esft" "$demo" phase=train \
+    "run.output_dir=$damaged" $common $base train.steps=6 parallel.pp=2
+[ "$(grep -c "falling back to $damaged/checkpoints/step-00000002.h5" "$tmp/err")" = 1 ] && ok ||
+    fail "damaged, pp 2: not one fallback warning"
+same_curve "$d/straight/metrics.jsonl" "$damaged/metrics.jsonl" 1e-5 6 && ok ||
+    fail "damaged, pp 2: the curve differs: $(paste -d' ' "$tmp/a.txt" "$tmp/b.txt" | head -n 6)"
+
+# Another run's checkpoint (README's sweep in one output directory): after a run to step
+# 3, the same directory with another train.lr is refused before training (on 1 and on 2
+# ranks), naming the key with both values and the ways out; a longer train.steps
+# continues on the straight run's curve; the same data under another path continues;
+# another dataset is refused naming data.path; a train.steps below the checkpoint's is
+# refused; train.resume: force continues, with a warning listing the differences.
+sweep="$d/sweep"
+# shellcheck disable=SC2086
+expect 0 "sweep: 3 steps" "$esft" "$demo" phase=train "run.output_dir=$sweep" $common $base \
+    train.steps=3
+# shellcheck disable=SC2086
+expect 2 "another lr" "$esft" "$demo" phase=train "run.output_dir=$sweep" $common $base \
+    train.steps=6 train.lr=3e-5
+contains "$tmp/err" "step-00000003.h5 was written by a run whose deck differs" "another lr"
+grep -q "^  train.lr: checkpoint [0-9.e-]*, deck 3e-05$" "$tmp/err" && ok ||
+    fail "another lr: train.lr not named with both values"
+contains "$tmp/err" "train.resume: force" "another lr: the hint"
+lacks "$sweep/metrics.jsonl" '"step": 4,' "another lr: trained"
+# shellcheck disable=SC2086
+expect 2 "another lr and global batch, 2 ranks" $mpirun 2 "$esft" "$demo" phase=train "run.output_dir=$sweep" \
+    $common $base train.steps=6 train.lr=3e-5 train.global_batch=8
+contains "$tmp/err" "train.global_batch: checkpoint 4, deck 8" "another global batch, 2 ranks"
+contains "$tmp/err" "train.lr: checkpoint" "another lr, 2 ranks"
+# shellcheck disable=SC2086
+expect 0 "longer train.steps" "$esft" "$demo" phase=train "run.output_dir=$sweep" $common $base \
+    train.steps=5
+contains "$tmp/out" "resuming from $sweep/checkpoints/step-00000003.h5 at step 3" "longer steps"
+same_curve "$d/straight/metrics.jsonl" "$sweep/metrics.jsonl" 0 5 && ok ||
+    fail "longer train.steps: the curve differs: $(diff "$tmp/a.txt" "$tmp/b.txt" | head -n 4)"
+cp "$d/data.h5" "$tmp/moved.h5"
+# shellcheck disable=SC2086
+expect 0 "the same data moved" "$esft" "$demo" phase=train "run.output_dir=$sweep" $common $base \
+    train.steps=6 "data.path=$tmp/moved.h5"
+contains "$tmp/out" "resuming from $sweep/checkpoints/step-00000005.h5" "the same data moved"
+head -n 40 "$src/input/data/demo.jsonl" >"$tmp/other.jsonl"
+expect 0 "another dataset: prepare" "$esft" "$demo" phase=prepare "run.output_dir=$tmp/prepare" \
+    "prepare.inputs=[$tmp/other.jsonl]" "prepare.output=$tmp/other.h5"
+# shellcheck disable=SC2086
+expect 2 "another dataset" "$esft" "$demo" phase=train "run.output_dir=$sweep" $common $base \
+    train.steps=7 "data.path=$tmp/other.h5"
+contains "$tmp/err" "data.path: checkpoint data hash" "another dataset"
+contains "$tmp/err" "other.h5" "another dataset: its path"
+# shellcheck disable=SC2086
+expect 2 "a shorter train.steps" "$esft" "$demo" phase=train "run.output_dir=$sweep" $common \
+    $base train.steps=4
+contains "$tmp/err" "is at step 6, past this deck's train.steps (4): nothing to train" \
+    "a shorter train.steps"
+# shellcheck disable=SC2086
+expect 0 "force" "$esft" "$demo" phase=train "run.output_dir=$sweep" $common $base train.steps=7 \
+    train.lr=3e-5 train.resume=force
+contains "$tmp/err" "train.resume: force: continuing $sweep/checkpoints/step-00000006.h5" "force"
+contains "$tmp/err" "train.lr: checkpoint" "force: the difference listed"
+contains "$tmp/out" "resuming from $sweep/checkpoints/step-00000006.h5 at step 6" "force: resumed"
 
 # Refused settings: nothing trains, status 2, the deck position named.
 # shellcheck disable=SC2086

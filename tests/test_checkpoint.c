@@ -9,7 +9,14 @@
  *     names are not checkpoints, and a write removes the strays;
  *   - refused reads (another method, another config hash, a missing or an extra tensor,
  *     a wrong shape, another version, truncated and foreign files): a message naming
- *     the file (and the tensor), the model left as it was;
+ *     the file (and the tensor), the model left as it was, and the kind (damaged or
+ *     foreign);
+ *   - checksums: checksum64 against values worked out from its definition (and in any
+ *     pieces); the attributes read back (checkpoint_read_info); a tensor, m or v changed
+ *     behind the checksum's back, a changed attribute, a missing checksum: damaged,
+ *     naming the file and the tensor; a version-1 file (no checksums) still reads,
+ *     unverified; under a split layout only the rank holding a damaged tensor finds it,
+ *     and checkpoint_agree gives every rank its verdict and message;
  *   - export_adapter (bf16, f16, f32), export_merged (one file and shards, tokenizer
  *     files, refusals), plot_loss_curve (n = 1, constant losses, no data);
  *   - layouts: under every (pp, dp, ep) of the world (on 2 ranks (1,2,1), (1,1,2),
@@ -40,6 +47,7 @@
 
 #include "check.h"
 #include "checkpoint.h"
+#include "checksum.h"
 #include "deck.h"
 #include "hfconfig.h"
 #include "layout.h"
@@ -198,6 +206,9 @@ static const char *const mask_c[] = {EXPERT(0, 1, "gate_proj"), EXPERT(0, 1, "up
                                      EXPERT(1, 2, "up_proj"),   EXPERT(1, 2, "down_proj")};
 #define COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
 
+/* The run record of a checkpoint written with method and deck text (no input hashes). */
+#define RUN(method_, deck_) (&(struct checkpoint_run){.method = (method_), .deck_text = (deck_)})
+
 static const struct train_position position_a = {
     .step = 7, .epoch = 1, .block = 3, .rng = {1, 2, 0x8000000000000000ULL, 0xffffffffffffffffULL}};
 
@@ -264,8 +275,8 @@ static void test_round_trip(void)
     snprintf(out2, sizeof out2, "%s/run2", tmpdir);
     snprintf(path1, sizeof path1, "%s/checkpoints/step-00000007.h5", out1);
     snprintf(path2, sizeof path2, "%s/checkpoints/step-00000007.h5", out2);
-    int rc = checkpoint_write(out1, &m, &opt, &position_a, "esft", deck, 2, MPI_COMM_WORLD, err,
-                              sizeof err);
+    int rc = checkpoint_write(out1, &m, &opt, &position_a, RUN("esft", deck), 2, MPI_COMM_WORLD,
+                              err, sizeof err);
     CHECK(rc == 0, "checkpoint_write: %s", err);
     /* the second copy in a later second of the clock, so that a timestamp would show */
     if (world_rank == 0) {
@@ -273,7 +284,7 @@ static void test_round_trip(void)
         while (time(NULL) == first) nanosleep(&(struct timespec){0, 20000000}, NULL);
     }
     MPI_Barrier(MPI_COMM_WORLD);
-    rc = checkpoint_write(out2, &m, &opt, &position_a, "esft", deck, 2, MPI_COMM_WORLD, err,
+    rc = checkpoint_write(out2, &m, &opt, &position_a, RUN("esft", deck), 2, MPI_COMM_WORLD, err,
                           sizeof err);
     CHECK(rc == 0, "checkpoint_write (second directory): %s", err);
     if (world_rank == 0) {
@@ -343,7 +354,7 @@ static void test_round_trip(void)
     /* keep < 1 is refused on every rank, nothing written */
     char out3[1200];
     snprintf(out3, sizeof out3, "%s/run3", tmpdir);
-    rc = checkpoint_write(out3, &m, &opt, &position_a, "esft", "", 0, MPI_COMM_WORLD, err,
+    rc = checkpoint_write(out3, &m, &opt, &position_a, RUN("esft", ""), 0, MPI_COMM_WORLD, err,
                           sizeof err);
     CHECK(rc != 0 && contains(err, "keep"), "keep 0 accepted: %s", err);
     CHECK(!file_exists(out3), "keep 0 wrote %s", out3);
@@ -391,8 +402,8 @@ static void test_keep_and_latest(void)
         struct train_position position = position_a;
         position.step = step;
         opt.step = step;
-        int rc = checkpoint_write(out, &m, &opt, &position, "esft", "deck", 2, MPI_COMM_WORLD, err,
-                                  sizeof err);
+        int rc = checkpoint_write(out, &m, &opt, &position, RUN("esft", "deck"), 2, MPI_COMM_WORLD,
+                                  err, sizeof err);
         CHECK(rc == 0, "write step %lld: %s", step, err);
     }
     if (world_rank == 0) {
@@ -413,6 +424,13 @@ static void test_keep_and_latest(void)
     char want[1400];
     snprintf(want, sizeof want, "%s/step-00000040.h5", dir);
     CHECK(found == 1 && strcmp(path, want) == 0, "latest: %d %s, want %s", found, path, want);
+    long long *steps = NULL;
+    int n_steps = checkpoint_list(out, &steps, err, sizeof err);
+    CHECK(n_steps == 2 && steps[0] == 40 && steps[1] == 30, "list: %d checkpoints, newest %lld",
+          n_steps, n_steps > 0 ? steps[0] : -1);
+    free(steps);
+    CHECK(checkpoint_list(tmpdir, &steps, err, sizeof err) == 0 && steps == NULL,
+          "list of a directory without checkpoints");
     /* a step past 8 digits is still a checkpoint, and the newest */
     MPI_Barrier(MPI_COMM_WORLD);
     if (world_rank == 0) {
@@ -427,7 +445,7 @@ static void test_keep_and_latest(void)
     /* a write deletes the stray temporary file and keeps the newest 2 */
     struct train_position position = position_a;
     position.step = 50;
-    CHECK(checkpoint_write(out, &m, &opt, &position, "esft", "deck", 2, MPI_COMM_WORLD, err,
+    CHECK(checkpoint_write(out, &m, &opt, &position, RUN("esft", "deck"), 2, MPI_COMM_WORLD, err,
                            sizeof err) == 0,
           "write step 50: %s", err);
     if (world_rank == 0) {
@@ -451,7 +469,7 @@ static void test_keep_and_latest(void)
     CHECK(found == -1 && contains(err, bad), "checkpoints is a file: %d %s", found, err);
     /* rank 0 cannot create the directory: every rank gets the failure and its message */
     err[0] = '\0';
-    int rc = checkpoint_write(bad, &m, &opt, &position, "esft", "deck", 2, MPI_COMM_WORLD, err,
+    int rc = checkpoint_write(bad, &m, &opt, &position, RUN("esft", "deck"), 2, MPI_COMM_WORLD, err,
                               sizeof err);
     CHECK(rc == -1 && contains(err, bad) && contains(err, "cannot create directory"),
           "write into an uncreatable directory: %d %s", rc, err);
@@ -461,16 +479,18 @@ static void test_keep_and_latest(void)
 
 /* ---- refused reads ------------------------------------------------------------------- */
 
-/* checkpoint_read must fail with every part in err, leaving model and state unchanged. */
-static void expect_refused(const char *what, const char *path, struct model *m, struct adamw *opt,
-                           const char *method, const char *part1, const char *part2)
+/* checkpoint_read must fail with `status` and every part in err, leaving model and state
+ * unchanged. */
+static void expect_refused(const char *what, int status, const char *path, struct model *m,
+                           struct adamw *opt, const char *method, const char *part1,
+                           const char *part2)
 {
     struct snapshot before;
     take_snapshot(&before, m, opt);
     struct train_position position = {.step = -5};
     char err[2048] = "";
     int rc = checkpoint_read(path, m, opt, &position, method, err, sizeof err);
-    CHECK(rc != 0, "%s: read succeeded", what);
+    CHECK(rc == status, "%s: status %d, want %d (%s)", what, rc, status, err);
     CHECK(contains(err, path), "%s: message does not name %s: %s", what, path, err);
     CHECK(!part1 || contains(err, part1), "%s: message lacks '%s': %s", what, part1, err);
     CHECK(!part2 || contains(err, part2), "%s: message lacks '%s': %s", what, part2, err);
@@ -489,26 +509,29 @@ static void test_refused(void)
     char good[1300], path[1400], err[2048];
     snprintf(good, sizeof good, "%s/run1/checkpoints/step-00000007.h5", tmpdir);
 
-    expect_refused("another method", good, &a, &opt_a, "fft", "'esft'", "'fft'");
+    expect_refused("another method", CHECKPOINT_FOREIGN, good, &a, &opt_a, "fft", "'esft'",
+                   "'fft'");
     a.cfg.hash ^= 1;
-    expect_refused("another config hash", good, &a, &opt_a, "esft", "config hash", NULL);
+    expect_refused("another config hash", CHECKPOINT_FOREIGN, good, &a, &opt_a, "esft",
+                   "config hash", NULL);
     a.cfg.hash ^= 1;
     /* B trains layer 1's expert 3, which A's checkpoint lacks */
-    expect_refused("missing tensor", good, &b, &opt_b, "esft",
+    expect_refused("missing tensor", CHECKPOINT_FOREIGN, good, &b, &opt_b, "esft",
                    "'model.layers.1.mlp.experts.3.gate_proj.weight'", "missing");
     /* C trains all of A's tensors but the final norm: one tensor too many */
-    expect_refused("extra tensor", good, &c, &opt_c, "esft", "'model.norm.weight'",
-                   "not trainable");
+    expect_refused("extra tensor", CHECKPOINT_FOREIGN, good, &c, &opt_c, "esft",
+                   "'model.norm.weight'", "not trainable");
     /* B's own checkpoint into A: A's layer-1 expert 2 is missing */
     char out_b[1200];
     snprintf(out_b, sizeof out_b, "%s/run-b", tmpdir);
-    CHECK(checkpoint_write(out_b, &b, &opt_b, &position_a, "esft", "", 1, MPI_COMM_WORLD, err,
+    CHECK(checkpoint_write(out_b, &b, &opt_b, &position_a, RUN("esft", ""), 1, MPI_COMM_WORLD, err,
                            sizeof err) == 0,
           "write B: %s", err);
     snprintf(path, sizeof path, "%s/checkpoints/step-00000007.h5", out_b);
-    expect_refused("missing tensor (B's file)", path, &a, &opt_a, "esft",
+    expect_refused("missing tensor (B's file)", CHECKPOINT_FOREIGN, path, &a, &opt_a, "esft",
                    "'model.layers.1.mlp.experts.2.gate_proj.weight'", "missing");
-    expect_refused("no such file", "/nonexistent/step-00000001.h5", &a, &opt_a, "esft", NULL, NULL);
+    expect_refused("no such file", CHECKPOINT_DAMAGED, "/nonexistent/step-00000001.h5", &a, &opt_a,
+                   "esft", NULL, NULL);
 
     /* damaged copies made by rank 0 */
     char trunc[4][1300], foreign[1300], version[1300], shape[1300], format[1300];
@@ -517,7 +540,7 @@ static void test_refused(void)
     for (int k = 0; k < 4; k++)
         snprintf(trunc[k], sizeof trunc[k], "%s/truncated-%d.h5", tmpdir, k);
     snprintf(foreign, sizeof foreign, "%s/foreign.h5", tmpdir);
-    snprintf(version, sizeof version, "%s/version2.h5", tmpdir);
+    snprintf(version, sizeof version, "%s/version3.h5", tmpdir);
     snprintf(shape, sizeof shape, "%s/shape.h5", tmpdir);
     snprintf(format, sizeof format, "%s/format.h5", tmpdir);
     if (world_rank == 0) {
@@ -528,7 +551,7 @@ static void test_refused(void)
         copy_prefix(good, format, size);
         hid_t file = H5Fopen(version, H5F_ACC_RDWR, H5P_DEFAULT);
         hid_t attr = H5Aopen(file, "version", H5P_DEFAULT);
-        int v = 2;
+        int v = 3;
         H5Awrite(attr, H5T_NATIVE_INT, &v);
         H5Aclose(attr);
         H5Fclose(file);
@@ -554,14 +577,16 @@ static void test_refused(void)
         char what[64];
         snprintf(what, sizeof what, "truncated to %ld bytes", cuts[k]);
         /* an empty file has no HDF5 signature; the others fail HDF5's end-of-file check */
-        expect_refused(what, trunc[k], &a, &opt_a, "esft",
+        expect_refused(what, CHECKPOINT_DAMAGED, trunc[k], &a, &opt_a, "esft",
                        k == 0 ? "not an HDF5 file" : "truncated", NULL);
     }
-    expect_refused("foreign file", foreign, &a, &opt_a, "esft", "not an HDF5 file", NULL);
-    expect_refused("version 2", version, &a, &opt_a, "esft", "version 2", NULL);
-    expect_refused("wrong shape", shape, &a, &opt_a, "esft", "'model.norm.weight'",
-                   "expected shape [8], got [3]");
-    expect_refused("no format attribute", format, &a, &opt_a, "esft", "'format'", NULL);
+    expect_refused("foreign file", CHECKPOINT_DAMAGED, foreign, &a, &opt_a, "esft",
+                   "not an HDF5 file", NULL);
+    expect_refused("version 3", CHECKPOINT_FOREIGN, version, &a, &opt_a, "esft", "version 3", NULL);
+    expect_refused("wrong shape", CHECKPOINT_FOREIGN, shape, &a, &opt_a, "esft",
+                   "'model.norm.weight'", "expected shape [8], got [3]");
+    expect_refused("no format attribute", CHECKPOINT_DAMAGED, format, &a, &opt_a, "esft",
+                   "'format'", NULL);
     /* the good file still reads after all that */
     struct train_position position;
     CHECK(checkpoint_read(good, &a, &opt_a, &position, "esft", err, sizeof err) == 0,
@@ -572,6 +597,227 @@ static void test_refused(void)
     model_free(&a);
     model_free(&b);
     model_free(&c);
+}
+
+/* ---- checksums ------------------------------------------------------------------------ */
+
+static void test_checksum(void)
+{
+    /* worked out from checksum.h's definition by a separate implementation */
+    static const struct {
+        const char *text;
+        uint64_t sum;
+    } known[] = {{"", 0xf7e27bed97b0321eULL},
+                 {"a", 0x8baa873a8bf61041ULL},
+                 {"abc", 0x8f1fb3372f0d8200ULL},
+                 {"esft checkpoint", 0x3ed013607f5e3af8ULL}};
+    for (int k = 0; k < COUNT(known); k++) {
+        uint64_t sum = checksum64(known[k].text, strlen(known[k].text));
+        CHECK(sum == known[k].sum, "checksum64(\"%s\") = %016llx, want %016llx", known[k].text,
+              (unsigned long long)sum, (unsigned long long)known[k].sum);
+    }
+    unsigned char bytes[100];
+    for (int k = 0; k < 100; k++) bytes[k] = (unsigned char)k;
+    uint64_t whole = checksum64(bytes, sizeof bytes);
+    CHECK(whole == 0x1e350b86ad09b4d0ULL, "checksum64 of bytes 0..99 = %016llx",
+          (unsigned long long)whole);
+    int differ = 0;
+    for (int i = 0; i <= 100; i++)
+        for (int j = i; j <= 100; j++) { /* in three pieces, cut anywhere */
+            struct checksum c;
+            checksum_begin(&c);
+            checksum_add(&c, bytes, (size_t)i);
+            checksum_add(&c, bytes + i, (size_t)(j - i));
+            checksum_add(&c, bytes + j, (size_t)(100 - j));
+            differ += checksum_end(&c) != whole;
+        }
+    CHECK(differ == 0, "%d ways of cutting 100 bytes into 3 pieces change the checksum", differ);
+    /* two sign flips in the high halves of two words (which a plain multiply-xor chain
+     * would miss) */
+    float values[16];
+    for (int k = 0; k < 16; k++) values[k] = 0.5f + (float)k;
+    uint64_t before = checksum64(values, sizeof values);
+    values[1] = -values[1];
+    values[3] = -values[3];
+    CHECK(checksum64(values, sizeof values) != before, "two sign flips left the checksum");
+}
+
+/* Inverts the bits of the first `bytes` bytes of dataset `object`'s values through HDF5
+ * itself, leaving its checksum attribute as it was: damage a reader must find. */
+static void invert_values(const char *path, const char *object, size_t bytes)
+{
+    hid_t file = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    hid_t dset = H5Dopen2(file, object, H5P_DEFAULT);
+    hid_t space = H5Dget_space(dset);
+    size_t n = (size_t)H5Sget_simple_extent_npoints(space);
+    float *values = xmalloc(n * sizeof(float));
+    herr_t rc = H5Dread(dset, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, values);
+    unsigned char *b = (unsigned char *)values;
+    for (size_t k = 0; k < bytes && k < n * sizeof(float); k++) b[k] ^= 0xff;
+    if (rc >= 0) rc = H5Dwrite(dset, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, values);
+    CHECK(rc >= 0 && bytes <= n * sizeof(float), "cannot damage %s in %s", object, path);
+    free(values);
+    H5Sclose(space);
+    H5Dclose(dset);
+    H5Fclose(file);
+}
+
+/* checkpoint_read of a damaged file into mask A's model: CHECKPOINT_DAMAGED, naming the
+ * file and every part. */
+static void expect_damaged(const char *what, const char *path, const char *part1, const char *part2)
+{
+    struct model m;
+    struct adamw opt;
+    tiny_model(&m, &opt, mask_a, COUNT(mask_a));
+    struct train_position position;
+    char err[2048] = "";
+    int rc = checkpoint_read(path, &m, &opt, &position, "esft", err, sizeof err);
+    CHECK(rc == CHECKPOINT_DAMAGED, "%s: status %d, want damaged (%s)", what, rc, err);
+    CHECK(contains(err, path), "%s: message does not name %s: %s", what, path, err);
+    CHECK(!part1 || contains(err, part1), "%s: message lacks '%s': %s", what, part1, err);
+    CHECK(!part2 || contains(err, part2), "%s: message lacks '%s': %s", what, part2, err);
+    adamw_free(&opt);
+    model_free(&m);
+}
+
+static void test_damaged(void)
+{
+    char good[1300], err[2048];
+    snprintf(good, sizeof good, "%s/run1/checkpoints/step-00000007.h5", tmpdir);
+
+    /* the attributes, input hashes included, read back whole */
+    struct model m;
+    struct adamw opt;
+    tiny_model(&m, &opt, mask_a, COUNT(mask_a));
+    char out[1200], hashed[1300];
+    snprintf(out, sizeof out, "%s/hashes", tmpdir);
+    snprintf(hashed, sizeof hashed, "%s/checkpoints/step-00000007.h5", out);
+    struct checkpoint_run run = {.method = "esft",
+                                 .deck_text = "train: {lr: 3e-5}\n",
+                                 .data_hash = 0x0123456789abcdefULL,
+                                 .expert_config_hash = 0xfedcba9876543210ULL};
+    opt.step = 5;
+    CHECK(checkpoint_write(out, &m, &opt, &position_a, &run, 1, MPI_COMM_WORLD, err, sizeof err) ==
+              0,
+          "write with hashes: %s", err);
+    struct checkpoint_info info;
+    int rc = checkpoint_read_info(hashed, &info, err, sizeof err);
+    CHECK(rc == 0 && info.version == 2 && info.verified && info.position.step == 7 &&
+              info.position.epoch == 1 && info.position.block == 3 &&
+              memcmp(info.position.rng, position_a.rng, sizeof info.position.rng) == 0 &&
+              info.adam_step == 5 && info.config_hash == m.cfg.hash &&
+              info.data_hash == run.data_hash &&
+              info.expert_config_hash == run.expert_config_hash &&
+              strcmp(info.method, "esft") == 0 && strcmp(info.deck_text, run.deck_text) == 0,
+          "checkpoint_read_info: %d %s", rc, err);
+    checkpoint_info_free(&info);
+
+    /* the good file's values, to compare a version-1 read with */
+    struct train_position position;
+    CHECK(checkpoint_read(good, &m, &opt, &position, "esft", err, sizeof err) == 0, "good: %s",
+          err);
+    struct snapshot want;
+    take_snapshot(&want, &m, &opt);
+
+    char tensor[1300], adam_v[1300], step[1300], deck[1300], unsummed[1300], v1[1300];
+    snprintf(tensor, sizeof tensor, "%s/damaged-tensor.h5", tmpdir);
+    snprintf(adam_v, sizeof adam_v, "%s/damaged-adam-v.h5", tmpdir);
+    snprintf(step, sizeof step, "%s/damaged-step.h5", tmpdir);
+    snprintf(deck, sizeof deck, "%s/damaged-deck.h5", tmpdir);
+    snprintf(unsummed, sizeof unsummed, "%s/no-checksum.h5", tmpdir);
+    snprintf(v1, sizeof v1, "%s/version1.h5", tmpdir);
+    long size = file_size(good);
+    if (world_rank == 0) {
+        const char *copies[] = {tensor, adam_v, step, deck, unsummed, v1};
+        for (int k = 0; k < COUNT(copies); k++) copy_prefix(good, copies[k], size);
+        /* 64 bytes of an expert's weights, and one value of the norm's v */
+        invert_values(tensor, "/tensors/" EXPERT(1, 2, "up_proj"), 64);
+        invert_values(adam_v, "/adam_v/model.norm.weight", 4);
+        /* the step, and one character of the deck, rewritten in place */
+        hid_t file = H5Fopen(step, H5F_ACC_RDWR, H5P_DEFAULT);
+        hid_t attr = H5Aopen(file, "step", H5P_DEFAULT);
+        long long eight = 8;
+        H5Awrite(attr, H5T_NATIVE_LLONG, &eight);
+        H5Aclose(attr);
+        H5Fclose(file);
+        file = H5Fopen(deck, H5F_ACC_RDWR, H5P_DEFAULT);
+        attr = H5Aopen(file, "deck", H5P_DEFAULT);
+        hid_t type = H5Aget_type(attr);
+        char *text = xcalloc(H5Tget_size(type) + 1, 1);
+        H5Aread(attr, type, text);
+        text[10] = text[10] == 'x' ? 'y' : 'x';
+        H5Awrite(attr, type, text);
+        free(text);
+        H5Tclose(type);
+        H5Aclose(attr);
+        H5Fclose(file);
+        /* a tensor without its checksum */
+        file = H5Fopen(unsummed, H5F_ACC_RDWR, H5P_DEFAULT);
+        H5Adelete_by_name(file, "/adam_m/" EXPERT(0, 1, "down_proj"), "checksum", H5P_DEFAULT);
+        H5Fclose(file);
+        /* what esft wrote before checksums: version 1, no checksums, no input hashes */
+        file = H5Fopen(v1, H5F_ACC_RDWR, H5P_DEFAULT);
+        attr = H5Aopen(file, "version", H5P_DEFAULT);
+        int one = 1;
+        H5Awrite(attr, H5T_NATIVE_INT, &one);
+        H5Aclose(attr);
+        const char *root[] = {"checksum", "data_hash", "expert_config_hash"};
+        for (int k = 0; k < COUNT(root); k++) H5Adelete(file, root[k]);
+        const char *groups[] = {"tensors", "adam_m", "adam_v"};
+        for (int g = 0; g < COUNT(groups); g++)
+            for (int k = 0; k < COUNT(mask_a); k++) {
+                char object[256];
+                snprintf(object, sizeof object, "/%s/%s", groups[g], mask_a[k]);
+                H5Adelete_by_name(file, object, "checksum", H5P_DEFAULT);
+            }
+        H5Fclose(file);
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    expect_damaged("64 bytes of a tensor inverted", tensor, "'" EXPERT(1, 2, "up_proj") "'",
+                   "does not match its checksum");
+    expect_damaged("one value of adam_v inverted", adam_v, "'model.norm.weight' in /adam_v",
+                   "checksum");
+    expect_damaged("no checksum", unsummed, "'" EXPERT(0, 1, "down_proj") "' in /adam_m",
+                   "no checksum");
+    /* a damaged attribute is found before the model is touched */
+    struct model a;
+    struct adamw opt_a;
+    tiny_model(&a, &opt_a, mask_a, COUNT(mask_a));
+    expect_refused("the step rewritten", CHECKPOINT_DAMAGED, step, &a, &opt_a, "esft", "attributes",
+                   "checksum");
+    expect_refused("the deck rewritten", CHECKPOINT_DAMAGED, deck, &a, &opt_a, "esft", "attributes",
+                   "checksum");
+    rc = checkpoint_read_info(step, &info, err, sizeof err);
+    CHECK(rc == CHECKPOINT_DAMAGED && contains(err, step) && contains(err, "checksum"),
+          "checkpoint_read_info of a rewritten step: %d %s", rc, err);
+    checkpoint_info_free(&info);
+
+    /* version 1 reads, unverified, with every value */
+    rc = checkpoint_read_info(v1, &info, err, sizeof err);
+    CHECK(rc == 0 && info.version == 1 && !info.verified && info.data_hash == 0 &&
+              info.position.step == 7,
+          "checkpoint_read_info of version 1: %d %s", rc, err);
+    checkpoint_info_free(&info);
+    scramble(&m, &opt, &position);
+    rc = checkpoint_read(v1, &m, &opt, &position, "esft", err, sizeof err);
+    size_t offset = 0;
+    int wrong = 0;
+    for (int i = 0; i < m.n_params; i++) {
+        const struct param *p = &m.params[i];
+        if (!p->trainable) continue;
+        size_t at = (size_t)(p->data - m.storage);
+        wrong += memcmp(p->data, want.weights + at, p->numel * sizeof(float)) != 0 ||
+                 memcmp(opt.m + offset, want.m + offset, p->numel * sizeof(float)) != 0 ||
+                 memcmp(opt.v + offset, want.v + offset, p->numel * sizeof(float)) != 0;
+        offset += p->numel;
+    }
+    CHECK(rc == 0 && wrong == 0 && position.step == 7, "version 1: %d, %d tensors differ: %s", rc,
+          wrong, err);
+    free_snapshot(&want);
+    adamw_free(&opt_a);
+    model_free(&a);
+    adamw_free(&opt);
+    model_free(&m);
 }
 
 /* ---- exports -------------------------------------------------------------------------- */
@@ -967,7 +1213,7 @@ static void test_layouts_with(const char *const *names, int n_names, const char 
         CHECK(same_names == whole.n_params, "%s: the parameter table differs from one rank's",
               writer);
         fill_layout_values(&m, &opt);
-        int rc = checkpoint_write(out, &m, &opt, &position_a, "esft", "deck: layouts\n", 1,
+        int rc = checkpoint_write(out, &m, &opt, &position_a, RUN("esft", "deck: layouts\n"), 1,
                                   alone ? MPI_COMM_SELF : MPI_COMM_WORLD, err, sizeof err);
         CHECK(rc == 0, "write under %s: %s", writer, err);
         adamw_free(&opt);
@@ -1045,7 +1291,7 @@ static void test_layout_refusals(void)
     size_t n = opt.n;
     if (world_rank == world_size - 1) opt.n = n + 1;
     err[0] = '\0';
-    int rc = checkpoint_write(out, &m, &opt, &position_a, "esft", "", 1, MPI_COMM_WORLD, err,
+    int rc = checkpoint_write(out, &m, &opt, &position_a, RUN("esft", ""), 1, MPI_COMM_WORLD, err,
                               sizeof err);
     CHECK(rc != 0 && contains(err, "optimizer state"), "a bad optimizer state on rank %d: %d %s",
           world_size - 1, rc, err);
@@ -1053,8 +1299,8 @@ static void test_layout_refusals(void)
     opt.n = n;
 
     /* a model made for another layout than the communicator's */
-    rc =
-        checkpoint_write(out, &m, &opt, &position_a, "esft", "", 1, MPI_COMM_SELF, err, sizeof err);
+    rc = checkpoint_write(out, &m, &opt, &position_a, RUN("esft", ""), 1, MPI_COMM_SELF, err,
+                          sizeof err);
     if (world_size > 1)
         CHECK(rc != 0 && contains(err, "built for rank") && contains(err, "of 1"),
               "a %d-rank model over MPI_COMM_SELF: %d %s", world_size, rc, err);
@@ -1066,22 +1312,54 @@ static void test_layout_refusals(void)
 
     /* the trainable set is checked whole: rank 0 refuses a checkpoint of another set
      * even where the difference lies in tensors only another rank holds */
-    rc = checkpoint_write(out, &m, &opt, &position_a, "esft", "", 1, MPI_COMM_WORLD, err,
+    rc = checkpoint_write(out, &m, &opt, &position_a, RUN("esft", ""), 1, MPI_COMM_WORLD, err,
                           sizeof err);
     CHECK(rc == 0, "write under ep %d: %s", grid->ep, err);
     struct model other;
     struct adamw other_opt;
     tiny_model_on(&other, &other_opt, grid, world_rank, mask_spread_other,
                   COUNT(mask_spread_other));
-    expect_refused("another set of experts, under a split layout", path, &other, &other_opt, "esft",
-                   "'model.layers.1.mlp.experts.3.gate_proj.weight'", "missing");
+    expect_refused("another set of experts, under a split layout", CHECKPOINT_FOREIGN, path, &other,
+                   &other_opt, "esft", "'model.layers.1.mlp.experts.3.gate_proj.weight'",
+                   "missing");
     adamw_free(&other_opt);
     model_free(&other);
     tiny_model_on(&other, &other_opt, grid, world_rank, mask_spread, COUNT(mask_spread) - 1);
-    expect_refused("one tensor fewer, under a split layout", path, &other, &other_opt, "esft",
-                   "'lm_head.weight'", "not trainable");
+    expect_refused("one tensor fewer, under a split layout", CHECKPOINT_FOREIGN, path, &other,
+                   &other_opt, "esft", "'lm_head.weight'", "not trainable");
     adamw_free(&other_opt);
     model_free(&other);
+
+    /* a damaged tensor only some ranks hold: those ranks find it, and checkpoint_agree
+     * gives every rank their verdict and message */
+    char damaged[1400];
+    snprintf(damaged, sizeof damaged, "%s/damaged-spread.h5", out);
+    if (world_rank == 0) {
+        copy_prefix(path, damaged, file_size(path));
+        invert_values(damaged, "/tensors/" EXPERT(1, 2, "gate_proj"), 64);
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    struct train_position position;
+    rc = checkpoint_read(damaged, &m, &opt, &position, "esft", err, sizeof err);
+    bool holder = model_find_param(&m, EXPERT(1, 2, "gate_proj"))->data != NULL;
+    CHECK(rc == (holder ? CHECKPOINT_DAMAGED : 0), "rank %d (%s the tensor): status %d: %s",
+          world_rank, holder ? "holding" : "without", rc, err);
+    rc = checkpoint_agree(rc, err, sizeof err, MPI_COMM_WORLD);
+    CHECK(rc == CHECKPOINT_DAMAGED && contains(err, damaged) &&
+              contains(err, "'" EXPERT(1, 2, "gate_proj") "'"),
+          "agreed verdict on rank %d: %d %s", world_rank, rc, err);
+    /* the lowest failing rank's status and message */
+    snprintf(err, sizeof err, "rank %d", world_rank);
+    rc = checkpoint_agree(world_rank == world_size - 1 ? CHECKPOINT_FOREIGN : 0, err, sizeof err,
+                          MPI_COMM_WORLD);
+    char want[32];
+    snprintf(want, sizeof want, "rank %d", world_size - 1);
+    CHECK(rc == CHECKPOINT_FOREIGN && strcmp(err, want) == 0, "agree: %d '%s', want '%s'", rc, err,
+          want);
+    snprintf(err, sizeof err, "unchanged");
+    CHECK(checkpoint_agree(0, err, sizeof err, MPI_COMM_WORLD) == 0 &&
+              strcmp(err, "unchanged") == 0,
+          "agree with no failure: %s", err);
     adamw_free(&opt);
     model_free(&m);
 }
@@ -1280,7 +1558,7 @@ static int write_forever(const char *out)
         fill_step(&m, &opt, step);
         struct train_position position = {.step = step, .epoch = step / 10, .block = step % 10};
         for (int k = 0; k < 4; k++) position.rng[k] = (uint64_t)step + (uint64_t)k;
-        if (checkpoint_write(out, &m, &opt, &position, "esft", "deck: write-forever\n", 3,
+        if (checkpoint_write(out, &m, &opt, &position, RUN("esft", "deck: write-forever\n"), 3,
                              MPI_COMM_WORLD, err, sizeof err) != 0) {
             fprintf(stderr, "write-forever: %s\n", err);
             return 1;
@@ -1364,6 +1642,9 @@ int main(int argc, char **argv)
     test_keep_and_latest();
     MPI_Barrier(MPI_COMM_WORLD);
     test_refused();
+    MPI_Barrier(MPI_COMM_WORLD);
+    test_checksum();
+    test_damaged();
     MPI_Barrier(MPI_COMM_WORLD);
     test_export_adapter();
     MPI_Barrier(MPI_COMM_WORLD);

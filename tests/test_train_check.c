@@ -6,11 +6,17 @@
  *       one differs from it somewhere (it trained).
  *   test_train_check optimizer CHECKPOINT.h5 NAMES.txt
  *       the checkpoint's /tensors, /adam_m and /adam_v hold exactly the listed names.
- * Exit 0 when the checks hold. */
+ *   test_train_check damage CHECKPOINT.h5 OBJECT BYTES
+ *       inverts the first BYTES bytes of dataset OBJECT's raw data (/tensors/<name>, ...)
+ *       in the file itself, behind HDF5's back, as a failing disk or a bad copy would:
+ *       the file stays a valid HDF5 file holding other values.
+ * Exit 0 when the checks hold (damage: when the bytes were inverted). */
+#include <fcntl.h>
 #include <hdf5.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "check.h"
 #include "log.h"
@@ -105,6 +111,36 @@ static void optimizer(const char *checkpoint)
     H5Fclose(file);
 }
 
+static void damage(const char *checkpoint, const char *object, long bytes)
+{
+    hid_t file = H5Fopen(checkpoint, H5F_ACC_RDONLY, H5P_DEFAULT);
+    CHECK(file >= 0, "cannot open %s", checkpoint);
+    if (file < 0) return;
+    hid_t dset = H5Dopen2(file, object, H5P_DEFAULT);
+    CHECK(dset >= 0, "%s: no dataset %s", checkpoint, object);
+    haddr_t offset = dset >= 0 ? H5Dget_offset(dset) : HADDR_UNDEF;
+    hsize_t size = dset >= 0 ? H5Dget_storage_size(dset) : 0;
+    if (dset >= 0) H5Dclose(dset);
+    H5Fclose(file);
+    CHECK(offset != HADDR_UNDEF && bytes > 0 && (hsize_t)bytes <= size,
+          "%s: %s is not %ld contiguous bytes (%llu stored)", checkpoint, object, bytes,
+          (unsigned long long)size);
+    if (offset == HADDR_UNDEF || bytes <= 0 || (hsize_t)bytes > size) return;
+    unsigned char buf[4096];
+    if (bytes > (long)sizeof buf) bytes = sizeof buf;
+    int fd = open(checkpoint, O_RDWR);
+    CHECK(fd >= 0, "cannot open %s for writing", checkpoint);
+    if (fd < 0) return;
+    ssize_t got = pread(fd, buf, (size_t)bytes, (off_t)offset);
+    for (long k = 0; k < bytes; k++) buf[k] ^= 0xff;
+    ssize_t put = got == bytes ? pwrite(fd, buf, (size_t)bytes, (off_t)offset) : -1;
+    close(fd);
+    CHECK(put == bytes, "%s: cannot rewrite %ld bytes at %llu", checkpoint, bytes,
+          (unsigned long long)offset);
+    printf("damage: %ld bytes of %s inverted at offset %llu of %s\n", bytes, object,
+           (unsigned long long)offset, checkpoint);
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 5 && strcmp(argv[1], "frozen") == 0) {
@@ -113,8 +149,11 @@ int main(int argc, char **argv)
     } else if (argc == 4 && strcmp(argv[1], "optimizer") == 0) {
         read_names(argv[3]);
         optimizer(argv[2]);
+    } else if (argc == 5 && strcmp(argv[1], "damage") == 0) {
+        damage(argv[2], argv[3], atol(argv[4]));
     } else {
-        fprintf(stderr, "usage: test_train_check frozen BASE MERGED NAMES | optimizer CKPT NAMES\n");
+        fprintf(stderr, "usage: test_train_check frozen BASE MERGED NAMES | optimizer CKPT NAMES "
+                        "| damage CKPT OBJECT BYTES\n");
         return 2;
     }
     return check_done("test_train_check");
