@@ -100,6 +100,27 @@ void fatal_all(int code, const char *fmt, ...)
     exit(code);
 }
 
+void fail_if_any(int failed, int code, const char *fmt, ...)
+{
+    char message[8192] = "";
+    if (failed) {
+        va_list args;
+        va_start(args, fmt);
+        vsnprintf(message, sizeof message, fmt, args);
+        va_end(args);
+    }
+    if (!mpi_active() || world_size == 1) {
+        if (failed) fatal_all(code, "%s", message);
+        return;
+    }
+    int first = failed ? world_rank : world_size;
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+    if (first == world_size) return;
+    if (first != 0) check_mpi(MPI_Bcast(message, sizeof message, MPI_CHAR, first, MPI_COMM_WORLD));
+    if (first == 0) fatal_all(code, "%s", message);
+    fatal_all(code, "rank %d: %s", first, message);
+}
+
 void check_mpi_failed(int err, const char *call, const char *file, int line)
 {
     char message[MPI_MAX_ERROR_STRING] = "";

@@ -37,6 +37,14 @@ __attribute__((noreturn)) void fatal(int code, const char *fmt, ...) __attribute
  * by all ranks of MPI_COMM_WORLD, else it hangs: use fatal() when unsure. */
 __attribute__((noreturn)) void fatal_all(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* An error that only some ranks may have found (a tensor one EP rank loads, a file one
+ * rank reads). Collective over MPI_COMM_WORLD: every rank says whether it failed, and when
+ * none did, it returns. Otherwise the message of the lowest-numbered failing rank
+ * (formatted from fmt on that rank; the others' fmt is not used) travels to rank 0, which
+ * prints it once, "esft: rank N: message" ("esft: message" when N is 0), and every rank
+ * finalises MPI and exits with code, as fatal_all: no MPI_Abort, no rank left waiting. */
+void fail_if_any(int failed, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
 /* Checking macros: report file, line and the library's message, then fatal(). */
 void check_mpi_failed(int err, const char *call, const char *file, int line);
 #define check_mpi(call)                                                                  \

@@ -193,9 +193,8 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     model.ep_comm = &layout->ep;
     model.pp_comm = &layout->pp;
     model_log_stages(&model, "train");
-    int failed = model_load(&model, deck->model.path, err, sizeof err) != 0, any = 0;
-    check_mpi(MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
-    if (any) fatal_all(EXIT_INPUT, "train: %s", failed ? err : "loading the model failed");
+    fail_if_any(model_load(&model, deck->model.path, err, sizeof err) != 0, EXIT_INPUT, "train: %s",
+                err);
     bool *trainable = xcalloc((size_t)model.n_params, sizeof(bool));
     if (trainable_select(&model, tr->method, tr->method == METHOD_ESFT ? &ec : NULL, trainable,
                          err, sizeof err) != 0)
@@ -253,9 +252,8 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         }
     }
     if (found) {
-        failed = checkpoint_read(path, &model, &opt, &position, method, err, sizeof err) != 0;
-        check_mpi(MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
-        if (any) fatal_all(EXIT_INPUT, "train: %s", failed ? err : "reading the checkpoint failed");
+        fail_if_any(checkpoint_read(path, &model, &opt, &position, method, err, sizeof err) != 0,
+                    EXIT_INPUT, "train: %s", err);
         log_info("train: resuming from %s at step %lld", path, position.step);
     }
 

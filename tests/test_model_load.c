@@ -7,7 +7,9 @@
  *   - a missing tensor, a config whose sizes disagree with the tensors, a truncated
  *     file and an unsupported family must each fail with a message naming the file and
  *     the tensor or key.
- * Usage: test_model_load [GOLDEN_DIR] */
+ * Usage: test_model_load [GOLDEN_DIR]
+ *        test_model_load drop SRC DST NAME   (for the shell tests: a copy of checkpoint
+ *        SRC in the new directory DST, one file, without tensor NAME) */
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -95,8 +97,40 @@ static void expect_failure(const char *dir, const char *what, const char *needle
     printf("%s: %s\n", what, err);
 }
 
+/* The checkpoint at src copied to dst (config.json and every tensor but `dropped`). */
+static int drop_tensor(const char *src, const char *dst, const char *dropped)
+{
+    char err[1024], path[600];
+    snprintf(path, sizeof path, "%s/config.json", src);
+    char *config = read_text(path);
+    struct st_checkpoint *ckpt = st_checkpoint_open(src, err, sizeof err);
+    if (!config || !ckpt || mkdir(dst, 0777) != 0) {
+        fprintf(stderr, "test_model_load drop: cannot copy %s to %s: %s\n", src, dst,
+                ckpt ? "no config.json, or the copy exists" : err);
+        return 1;
+    }
+    write_text(dst, "config.json", config);
+    struct st_writer *w = st_writer_new();
+    int found = 0, rc = 0;
+    for (int i = 0; i < ckpt->n_tensors && rc == 0; i++) {
+        const struct st_tensor *t = &ckpt->tensors[i];
+        if (strcmp(t->name, dropped) == 0)
+            found = 1;
+        else
+            rc = st_writer_add(w, t->name, t->dtype, t->rank, t->shape, t->data, err, sizeof err);
+    }
+    if (rc == 0) rc = st_writer_write_checkpoint(w, dst, 0, err, sizeof err);
+    if (rc == 0 && !found) snprintf(err, sizeof err, "%s has no tensor '%s'", src, dropped);
+    if (rc != 0 || !found) fprintf(stderr, "test_model_load drop: %s\n", err);
+    st_writer_free(w);
+    st_checkpoint_close(ckpt);
+    free(config);
+    return rc != 0 || !found;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc == 5 && strcmp(argv[1], "drop") == 0) return drop_tensor(argv[2], argv[3], argv[4]);
     MPI_Init(&argc, &argv);
     const char *golden = argc > 1 ? argv[1] : "tests/golden";
     char fixture[512], err[1024];
