@@ -91,6 +91,9 @@ int phase_eval(const struct deck *deck, const struct layout *layout)
                   "vocabulary has %d entries", deck->data.path, ds.vocab_size - 1, cfg.vocab_size);
     if (ds.n_samples == 0) fatal_all(EXIT_INPUT, "eval: %s holds no sample", deck->data.path);
 
+    /* the tensors this rank will load, from the headers, before allocating for them */
+    fail_if_any(model_check_checkpoint(&cfg, grid, layout->me, deck->model.path, err, sizeof err),
+                EXIT_INPUT, "eval: %s", err);
     struct model model;
     model_create(&model, &cfg, grid, layout->me);
     model.ep_comm = &layout->ep;

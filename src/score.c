@@ -149,6 +149,9 @@ int phase_score(const struct deck *deck, const struct layout *layout)
              deck->data.path, dp, dp == 1 ? "" : "s",
              deck->score.tokens == SCORE_TOKENS_LOSS ? "loss-bearing" : "all");
 
+    /* the tensors this rank will load, from the headers, before allocating for them */
+    fail_if_any(model_check_checkpoint(&cfg, grid, layout->me, deck->model.path, err, sizeof err),
+                EXIT_INPUT, "score: %s", err);
     struct model model;
     model_create(&model, &cfg, grid, layout->me);
     model.ep_comm = &layout->ep;

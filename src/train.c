@@ -188,6 +188,9 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     plan_blocks(&ds, all + n_train, n_val, seq_len, deck->data.pack, &val);
     uint64_t *train_samples = xmalloc(n_train * sizeof *train_samples);
 
+    /* the tensors this rank will load, from the headers, before allocating for them */
+    fail_if_any(model_check_checkpoint(&cfg, grid, layout->me, deck->model.path, err, sizeof err),
+                EXIT_INPUT, "train: %s", err);
     struct model model;
     model_create(&model, &cfg, grid, layout->me);
     model.ep_comm = &layout->ep;
