@@ -18,9 +18,10 @@
 #include <stdint.h>
 
 /* The largest sizes esft accepts, from config.json or the deck's init section. Generous
- * next to the published MoE models (hidden 7168, 384 experts, vocabularies of 256K, 94
- * layers, dense widths of 53248), and small enough that a size no real model has (a
- * corrupt or hand-edited config) is refused by name before anything is allocated for it.
+ * next to the published MoE models (DeepSeek-V3: hidden 7168; Kimi K2: 384 experts;
+ * Qwen3-235B: 94 layers; vocabularies of a few hundred thousand), and small enough that a
+ * size no real model has (a corrupt or hand-edited config) is refused by name before
+ * anything is allocated for it.
  * Every product of these limits fits in 64 bits; the parameter and tensor counts are
  * checked against their own limits besides. */
 #define HFCONFIG_MAX_LAYERS 512              /* num_hidden_layers */
