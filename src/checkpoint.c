@@ -227,18 +227,7 @@ static int provider_of(const struct model *model, const struct param *p)
 
 int checkpoint_agree(int status, char *err, size_t err_size, MPI_Comm comm)
 {
-    int rank, size;
-    check_mpi(MPI_Comm_rank(comm, &rank));
-    check_mpi(MPI_Comm_size(comm, &size));
-    int first = status != 0 ? rank : size;
-    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &first, 1, MPI_INT, MPI_MIN, comm));
-    if (first == size) return 0;
-    char message[CHECKPOINT_MESSAGE_MAX] = "";
-    if (rank == first) snprintf(message, sizeof message, "%s", err);
-    check_mpi(MPI_Bcast(&status, 1, MPI_INT, first, comm));
-    check_mpi(MPI_Bcast(message, sizeof message, MPI_CHAR, first, comm));
-    snprintf(err, err_size, "%s", message);
-    return status;
+    return ranks_agree(status, err, err_size, comm);
 }
 
 static void send_floats(const float *data, size_t n, int to, MPI_Comm comm)

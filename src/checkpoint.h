@@ -111,9 +111,9 @@ int checkpoint_read(const char *path, struct model *model, struct adamw *opt,
                     struct train_position *position, const char *method, char *err,
                     size_t err_size);
 
-/* Collective over comm: one verdict from every rank's status. 0 when every rank's status
- * is 0; otherwise, on every rank, the status and the message (in err) of the
- * lowest-numbered rank whose status is not 0. */
+/* Collective over comm: one verdict from every rank's status (ranks_agree, log.h). 0 when
+ * every rank's status is 0; otherwise, on every rank, the status and the message (in err,
+ * "rank N: " before it when N is not rank 0) of the lowest-numbered failing rank. */
 int checkpoint_agree(int status, char *err, size_t err_size, MPI_Comm comm);
 
 /* The adapter: the trainable tensors under their Hugging Face names in one safetensors

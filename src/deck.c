@@ -22,6 +22,7 @@
 #include <strings.h>
 #include <yaml.h>
 
+#include "hfconfig.h"
 #include "log.h"
 
 /* ---------------------------------------------------------------------------------- */
@@ -151,26 +152,31 @@ static const struct key schema[] = {
     /* init: the random model the init phase writes */
     {KEY("init.family", KEY_CHOICE, init.family), .def = "qwen3_moe", .names = family_names,
      .help = "model family (architecture and tensor names)"},
-    {KEY("init.hidden_size", KEY_INT, init.hidden_size), .def = "64", .bounds = LO, .lo = 1,
-     .help = "hidden size H"},
-    {KEY("init.num_layers", KEY_INT, init.num_layers), .def = "2", .bounds = LO, .lo = 1,
-     .help = "decoder layers"},
-    {KEY("init.num_heads", KEY_INT, init.num_heads), .def = "4", .bounds = LO, .lo = 1,
-     .help = "attention (query) heads"},
-    {KEY("init.num_kv_heads", KEY_INT, init.num_kv_heads), .def = "2", .bounds = LO, .lo = 1,
+    {KEY("init.hidden_size", KEY_INT, init.hidden_size), .def = "64", .bounds = LO | HI, .lo = 1,
+     .hi = HFCONFIG_MAX_HIDDEN, .help = "hidden size H"},
+    {KEY("init.num_layers", KEY_INT, init.num_layers), .def = "2", .bounds = LO | HI, .lo = 1,
+     .hi = HFCONFIG_MAX_LAYERS, .help = "decoder layers"},
+    {KEY("init.num_heads", KEY_INT, init.num_heads), .def = "4", .bounds = LO | HI, .lo = 1,
+     .hi = HFCONFIG_MAX_HEADS, .help = "attention (query) heads"},
+    {KEY("init.num_kv_heads", KEY_INT, init.num_kv_heads), .def = "2", .bounds = LO | HI, .lo = 1,
+     .hi = HFCONFIG_MAX_HEADS,
      .help = "key/value heads (grouped-query attention); must divide num_heads"},
-    {KEY("init.head_dim", KEY_INT, init.head_dim), .def = "16", .bounds = LO, .lo = 2,
-     .help = "width of one attention head (even, for RoPE)"},
-    {KEY("init.vocab_size", KEY_INT, init.vocab_size), .def = "320", .bounds = LO, .lo = 1,
+    {KEY("init.head_dim", KEY_INT, init.head_dim), .def = "16", .bounds = LO | HI, .lo = 2,
+     .hi = HFCONFIG_MAX_HEAD_DIM, .help = "width of one attention head (even, for RoPE)"},
+    {KEY("init.vocab_size", KEY_INT, init.vocab_size), .def = "320", .bounds = LO | HI, .lo = 1,
+     .hi = HFCONFIG_MAX_VOCAB,
      .help = "vocabulary size (the byte tokenizer needs 256 plus its special tokens)"},
-    {KEY("init.intermediate_size", KEY_INT, init.intermediate_size), .def = "128", .bounds = LO,
-     .lo = 1, .help = "dense MLP width (and the expert width of mixtral and olmoe)"},
+    {KEY("init.intermediate_size", KEY_INT, init.intermediate_size), .def = "128",
+     .bounds = LO | HI, .lo = 1, .hi = HFCONFIG_MAX_INTERMEDIATE,
+     .help = "dense MLP width (and the expert width of mixtral and olmoe)"},
     {KEY("init.moe_intermediate_size", KEY_INT, init.moe_intermediate_size), .def = "32",
-     .bounds = LO, .lo = 1, .help = "expert width (qwen families)"},
+     .bounds = LO | HI, .lo = 1, .hi = HFCONFIG_MAX_INTERMEDIATE,
+     .help = "expert width (qwen families)"},
     {KEY("init.shared_expert_intermediate_size", KEY_INT, init.shared_expert_intermediate_size),
-     .def = "0", .bounds = LO, .lo = 0, .help = "shared expert width (qwen2_moe); 0: none"},
-    {KEY("init.num_experts", KEY_INT, init.num_experts), .def = "8", .bounds = LO, .lo = 1,
-     .help = "routed experts per MoE layer E"},
+     .def = "0", .bounds = LO | HI, .lo = 0, .hi = HFCONFIG_MAX_INTERMEDIATE,
+     .help = "shared expert width (qwen2_moe); 0: none"},
+    {KEY("init.num_experts", KEY_INT, init.num_experts), .def = "8", .bounds = LO | HI, .lo = 1,
+     .hi = HFCONFIG_MAX_EXPERTS, .help = "routed experts per MoE layer E"},
     {KEY("init.top_k", KEY_INT, init.top_k), .def = "2", .bounds = LO, .lo = 1,
      .help = "experts chosen per token K (at most num_experts)"},
     {KEY("init.norm_topk_prob", KEY_BOOL, init.norm_topk_prob), .def = "true",
@@ -739,12 +745,12 @@ static void format_range(const struct key *key, char *buf, size_t size)
 {
     unsigned b = key->bounds;
     if ((b & LO) && (b & HI))
-        snprintf(buf, size, "in %c%g, %g%c", (b & LO_OPEN) ? '(' : '[', key->lo, key->hi,
+        snprintf(buf, size, "in %c%.10g, %.10g%c", (b & LO_OPEN) ? '(' : '[', key->lo, key->hi,
                  (b & HI_OPEN) ? ')' : ']');
     else if (b & LO)
         snprintf(buf, size, "%s %g", (b & LO_OPEN) ? ">" : ">=", key->lo);
     else if (b & HI)
-        snprintf(buf, size, "%s %g", (b & HI_OPEN) ? "<" : "<=", key->hi);
+        snprintf(buf, size, "%s %.10g", (b & HI_OPEN) ? "<" : "<=", key->hi);
     else
         snprintf(buf, size, "any value");
 }

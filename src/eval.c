@@ -82,20 +82,20 @@ int phase_eval(const struct deck *deck, const struct layout *layout)
                   "vocabulary has %d entries", deck->data.path, ds.vocab_size - 1, cfg.vocab_size);
     if (ds.n_samples == 0) fatal_all(EXIT_INPUT, "eval: %s holds no sample", deck->data.path);
 
+    /* the tensors this rank will load, from the headers, before allocating for them */
+    fail_if_any(model_check_checkpoint(&cfg, grid, layout->me, deck->model.path, err, sizeof err),
+                EXIT_INPUT, "eval: %s", err);
     struct model model;
     model_create(&model, &cfg, grid, layout->me);
     model.ep_comm = &layout->ep;
     model.pp_comm = &layout->pp;
     model_log_stages(&model, "eval");
-    int failed = model_load(&model, deck->model.path, err, sizeof err) != 0, any = 0;
-    check_mpi(MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
-    if (any) fatal_all(EXIT_INPUT, "eval: %s", failed ? err : "loading the model failed on another rank");
+    fail_if_any(model_load(&model, deck->model.path, err, sizeof err) != 0, EXIT_INPUT, "eval: %s",
+                err);
     int applied = 0;
-    if (deck->eval.adapter) {
-        failed = apply_adapter(&model, deck->eval.adapter, &applied, err, sizeof err) != 0;
-        check_mpi(MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
-        if (any) fatal_all(EXIT_INPUT, "eval: %s", failed ? err : "reading the adapter failed on another rank");
-    }
+    if (deck->eval.adapter)
+        fail_if_any(apply_adapter(&model, deck->eval.adapter, &applied, err, sizeof err) != 0,
+                    EXIT_INPUT, "eval: %s", err);
 
     uint64_t *order = xmalloc(ds.n_samples * sizeof *order);
     for (uint64_t i = 0; i < ds.n_samples; i++) order[i] = i;

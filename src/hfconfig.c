@@ -353,8 +353,75 @@ static double yarn_mscale(double scale, double mscale)
     return 0.1 * mscale * log(scale) + 1.0;
 }
 
+/* *sum += a * b; false when that does not fit in 64 bits. */
+static bool add_product(uint64_t *sum, uint64_t a, uint64_t b)
+{
+    if (a != 0 && b > UINT64_MAX / a) return false;
+    if (*sum > UINT64_MAX - a * b) return false;
+    *sum += a * b;
+    return true;
+}
+
+int hfconfig_count(const struct model_config *c, uint64_t *parameters, uint64_t *tensors)
+{
+    uint64_t H = (uint64_t)c->hidden_size, V = (uint64_t)c->vocab_size;
+    uint64_t Dh = (uint64_t)c->head_dim, q_width = (uint64_t)c->num_heads * Dh;
+    uint64_t kv_width = (uint64_t)c->num_kv_heads * Dh;
+    uint64_t E = (uint64_t)c->num_experts, I = (uint64_t)c->expert_intermediate_size;
+    uint64_t S = (uint64_t)c->shared_expert_intermediate_size;
+    uint64_t D = (uint64_t)c->intermediate_size;
+    uint64_t n = 0, t = 0;
+    bool ok = add_product(&n, V, H) && add_product(&n, 1, H); /* embedding, final norm */
+    t += 2;
+    if (!c->tie_word_embeddings) {
+        ok &= add_product(&n, V, H);
+        t++;
+    }
+    for (int l = 0; l < c->num_layers && l < HFCONFIG_MAX_LAYERS; l++) {
+        /* two norms; q and o; k and v */
+        ok &= add_product(&n, 2, H) && add_product(&n, 2 * q_width, H) &&
+              add_product(&n, 2 * kv_width, H);
+        t += 6;
+        if (c->qkv_bias) {
+            ok &= add_product(&n, 1, q_width + 2 * kv_width);
+            t += 3;
+        }
+        if (c->o_bias) {
+            ok &= add_product(&n, 1, H);
+            t++;
+        }
+        if (c->qk_norm != QK_NORM_NONE) {
+            ok &= add_product(&n, 1, c->qk_norm == QK_NORM_PER_HEAD ? 2 * Dh : q_width + kv_width);
+            t += 2;
+        }
+        if (!c->is_moe[l]) { /* dense MLP */
+            ok &= add_product(&n, 3 * D, H);
+            t += 3;
+            continue;
+        }
+        /* router, the routed experts' three matrices each, the shared expert and its gate */
+        ok &= add_product(&n, E, H) && add_product(&n, 3 * E, I * H);
+        t += 1 + 3 * E;
+        if (S > 0) {
+            ok &= add_product(&n, 3 * S, H);
+            t += 3;
+        }
+        if (S > 0 && c->shared_expert_gated) {
+            ok &= add_product(&n, 1, H);
+            t++;
+        }
+    }
+    *parameters = n;
+    *tensors = t;
+    return ok ? 0 : -1;
+}
+
 static int finish(struct model_config *c, const struct reader *r)
 {
+    const char *expert_width_key = c->family == HF_QWEN2_MOE || c->family == HF_QWEN3_MOE
+                                       ? "moe_intermediate_size"
+                                       : "intermediate_size";
+    const char *experts_key = c->family == HF_MIXTRAL ? "num_local_experts" : "num_experts";
     struct {
         const char *key;
         int64_t value;
@@ -366,10 +433,8 @@ static int finish(struct model_config *c, const struct reader *r)
         {"head_dim", c->head_dim},
         {"vocab_size", c->vocab_size},
         {"intermediate_size", c->intermediate_size},
-        {c->family == HF_QWEN2_MOE || c->family == HF_QWEN3_MOE ? "moe_intermediate_size"
-                                                                : "intermediate_size",
-         c->expert_intermediate_size},
-        {c->family == HF_MIXTRAL ? "num_local_experts" : "num_experts", c->num_experts},
+        {expert_width_key, c->expert_intermediate_size},
+        {experts_key, c->num_experts},
         {"num_experts_per_tok", c->top_k},
         {"decoder_sparse_step", c->decoder_sparse_step},
         {"max_position_embeddings", c->max_position_embeddings},
@@ -384,6 +449,25 @@ static int finish(struct model_config *c, const struct reader *r)
     if (c->num_layers > HFCONFIG_MAX_LAYERS)
         return fail(r, "key 'num_hidden_layers': %d exceeds esft's limit of %d layers",
                     c->num_layers, HFCONFIG_MAX_LAYERS);
+    struct {
+        const char *key;
+        int value, limit;
+    } bounded[] = {
+        {"hidden_size", c->hidden_size, HFCONFIG_MAX_HIDDEN},
+        {"num_attention_heads", c->num_heads, HFCONFIG_MAX_HEADS},
+        {"num_key_value_heads", c->num_kv_heads, HFCONFIG_MAX_HEADS},
+        {"head_dim", c->head_dim, HFCONFIG_MAX_HEAD_DIM},
+        {"vocab_size", c->vocab_size, HFCONFIG_MAX_VOCAB},
+        {"intermediate_size", c->intermediate_size, HFCONFIG_MAX_INTERMEDIATE},
+        {expert_width_key, c->expert_intermediate_size, HFCONFIG_MAX_INTERMEDIATE},
+        {"shared_expert_intermediate_size", c->shared_expert_intermediate_size,
+         HFCONFIG_MAX_INTERMEDIATE},
+        {experts_key, c->num_experts, HFCONFIG_MAX_EXPERTS},
+    };
+    for (size_t i = 0; i < sizeof bounded / sizeof bounded[0]; i++)
+        if (bounded[i].value > bounded[i].limit)
+            return fail(r, "key '%s': %d exceeds esft's limit of %d", bounded[i].key,
+                        bounded[i].value, bounded[i].limit);
     if (c->num_heads % c->num_kv_heads != 0)
         return fail(r, "key 'num_attention_heads': %d is not divisible by num_key_value_heads (%d)",
                     c->num_heads, c->num_kv_heads);
@@ -449,6 +533,24 @@ static int finish(struct model_config *c, const struct reader *r)
         c->is_moe[l] = (unsigned char)moe;
         if (l >= c->num_layers || c->sliding_window == 0) c->is_sliding[l] = 0;
     }
+
+    /* Each size is within its limit; their products must be too, before the model's
+     * storage is sized from them. */
+    uint64_t parameters = 0, tensors = 0;
+    if (hfconfig_count(c, &parameters, &tensors) != 0 || parameters > HFCONFIG_MAX_PARAMETERS)
+        return fail(r,
+                    "the sizes (hidden_size %d, num_hidden_layers %d, %s %d, %s %d, "
+                    "intermediate_size %d, vocab_size %d) give %.4g parameters, more than "
+                    "esft's limit of %.4g (2^41)",
+                    c->hidden_size, c->num_layers, experts_key, c->num_experts, expert_width_key,
+                    c->expert_intermediate_size, c->intermediate_size, c->vocab_size,
+                    (double)parameters, (double)HFCONFIG_MAX_PARAMETERS);
+    if (tensors > HFCONFIG_MAX_TENSORS)
+        return fail(r,
+                    "num_hidden_layers %d and %s %d give %llu tensors (three per routed "
+                    "expert and layer), more than esft's limit of %d",
+                    c->num_layers, experts_key, c->num_experts, (unsigned long long)tensors,
+                    HFCONFIG_MAX_TENSORS);
     return 0;
 }
 

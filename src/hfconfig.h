@@ -17,7 +17,22 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define HFCONFIG_MAX_LAYERS 512
+/* The largest sizes esft accepts, from config.json or the deck's init section. Generous
+ * next to the published MoE models (DeepSeek-V3: hidden 7168; Kimi K2: 384 experts;
+ * Qwen3-235B: 94 layers; vocabularies of a few hundred thousand), and small enough that a
+ * size no real model has (a corrupt or hand-edited config) is refused by name before
+ * anything is allocated for it.
+ * Every product of these limits fits in 64 bits; the parameter and tensor counts are
+ * checked against their own limits besides. */
+#define HFCONFIG_MAX_LAYERS 512              /* num_hidden_layers */
+#define HFCONFIG_MAX_HIDDEN 65536            /* hidden_size, 2^16 */
+#define HFCONFIG_MAX_HEADS 1024              /* num_attention_heads, num_key_value_heads */
+#define HFCONFIG_MAX_HEAD_DIM 1024           /* head_dim */
+#define HFCONFIG_MAX_VOCAB 4194304           /* vocab_size, 2^22 */
+#define HFCONFIG_MAX_INTERMEDIATE 262144     /* every MLP and expert width, 2^18 */
+#define HFCONFIG_MAX_EXPERTS 4096            /* routed experts per layer, 2^12 */
+#define HFCONFIG_MAX_PARAMETERS (1ULL << 41) /* about 2.2 trillion */
+#define HFCONFIG_MAX_TENSORS (1 << 20)       /* entries of the parameter table */
 
 enum hf_family {
     HF_QWEN2_MOE,
@@ -161,6 +176,11 @@ void hfconfig_defaults(enum hf_family family, struct model_config *cfg);
 /* Recomputes head_dim-derived rope fields, is_moe and is_sliding after fields were set
  * by hand, and validates as hfconfig_load does. */
 int hfconfig_finish(struct model_config *cfg, const char *source, char *err, size_t errsize);
+
+/* The parameters and tensors of the model cfg describes, as the parameter table
+ * (model.h) holds them: routed experts one tensor per matrix. -1 when a count does not fit
+ * in 64 bits (never within the limits above). */
+int hfconfig_count(const struct model_config *cfg, uint64_t *parameters, uint64_t *tensors);
 
 /* Writes DIR/config.json (v5 keys, as transformers 5.23 save_pretrained writes them) via
  * a temporary file and rename. 0, or -1 with a message. */

@@ -21,13 +21,14 @@
 #include "rng.h"
 #include "safetensors.h"
 
-/* The model description the deck's init section asks for. */
-static void config_from_deck(const struct deck *deck, struct model_config *cfg)
+int init_config(const struct deck *deck, struct model_config *cfg, char *err, size_t err_size)
 {
     const struct deck_init *in = &deck->init;
     enum hf_family family;
-    if (hfconfig_family_parse(in->family, &family) != 0)
-        fatal_all(EXIT_INPUT, "init.family '%s' is not a supported family", in->family);
+    if (hfconfig_family_parse(in->family, &family) != 0) {
+        snprintf(err, err_size, "init.family '%s' is not a supported family", in->family);
+        return -1;
+    }
     hfconfig_defaults(family, cfg);
     cfg->hidden_size = in->hidden_size;
     cfg->num_layers = in->num_layers;
@@ -59,13 +60,18 @@ static void config_from_deck(const struct deck *deck, struct model_config *cfg)
         in->head_dim * in->num_heads != in->hidden_size) {
         char where[4096];
         deck_where(deck, "init.head_dim", where, sizeof where);
-        fatal_all(EXIT_INPUT, "%s: init.head_dim (%d) must be init.hidden_size / init.num_heads "
-                  "(%d) for %s, whose config has no head_dim key", where, in->head_dim,
-                  in->hidden_size / in->num_heads, in->family);
+        snprintf(err, err_size,
+                 "%s: init.head_dim (%d) must be init.hidden_size / init.num_heads "
+                 "(%d) for %s, whose config has no head_dim key",
+                 where, in->head_dim, in->hidden_size / in->num_heads, in->family);
+        return -1;
     }
-    char err[1024];
-    if (hfconfig_finish(cfg, "init section", err, sizeof err) != 0)
-        fatal_all(EXIT_INPUT, "%s: %s", deck->file, err);
+    char why[1024];
+    if (hfconfig_finish(cfg, "init section", why, sizeof why) != 0) {
+        snprintf(err, err_size, "%s: %s", deck->file ? deck->file : "command line", why);
+        return -1;
+    }
+    return 0;
 }
 
 static void fill_random(struct model *m, uint64_t seed, double std)
@@ -120,7 +126,8 @@ static int write_checkpoint(const struct deck *deck, struct model *m, char *err,
 int phase_init(const struct deck *deck, const struct layout *layout)
 {
     struct model_config cfg;
-    config_from_deck(deck, &cfg);
+    char err[2048] = "";
+    if (init_config(deck, &cfg, err, sizeof err) != 0) fatal_all(EXIT_INPUT, "%s", err);
     const char *dir = deck->model.path;
     char config_path[4200];
     snprintf(config_path, sizeof config_path, "%s/config.json", dir);
@@ -130,7 +137,6 @@ int phase_init(const struct deck *deck, const struct layout *layout)
                   "a model: remove it or choose another model.path", dir, config_path);
 
     int status = 0;
-    char err[2048] = "";
     if (layout->world_rank == 0) {
         double start = wall_time();
         struct layout_grid one = {.world = 1, .pp = 1, .dp = 1, .ep = 1};

@@ -103,6 +103,51 @@ void fatal_all(int code, const char *fmt, ...)
     exit(code);
 }
 
+int ranks_agree(int status, char *err, size_t err_size, MPI_Comm comm)
+{
+    int rank = 0, size = 1;
+    check_mpi(MPI_Comm_rank(comm, &rank));
+    check_mpi(MPI_Comm_size(comm, &size));
+    int first = status != 0 ? rank : size;
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &first, 1, MPI_INT, MPI_MIN, comm));
+    if (first == size) return 0;
+    char message[8192] = "";
+    if (rank == first) snprintf(message, sizeof message, "%s", err);
+    check_mpi(MPI_Bcast(&status, 1, MPI_INT, first, comm));
+    check_mpi(MPI_Bcast(message, sizeof message, MPI_CHAR, first, comm));
+    int world = 0;
+    if (first != 0) { /* name the failing rank as the user knows it: its world rank */
+        MPI_Group group, world_group;
+        check_mpi(MPI_Comm_group(comm, &group));
+        check_mpi(MPI_Comm_group(MPI_COMM_WORLD, &world_group));
+        check_mpi(MPI_Group_translate_ranks(group, 1, &first, world_group, &world));
+        MPI_Group_free(&group);
+        MPI_Group_free(&world_group);
+    }
+    if (world != 0)
+        snprintf(err, err_size, "rank %d: %s", world, message);
+    else
+        snprintf(err, err_size, "%s", message);
+    return status;
+}
+
+void fail_if_any(int failed, int code, const char *fmt, ...)
+{
+    char message[8192] = "";
+    if (failed) {
+        va_list args;
+        va_start(args, fmt);
+        vsnprintf(message, sizeof message, fmt, args);
+        va_end(args);
+    }
+    if (!mpi_active() || world_size == 1) {
+        if (failed) fatal_all(code, "%s", message);
+        return;
+    }
+    if (ranks_agree(failed ? code : 0, message, sizeof message, MPI_COMM_WORLD) != 0)
+        fatal_all(code, "%s", message);
+}
+
 void check_mpi_failed(int err, const char *call, const char *file, int line)
 {
     char message[MPI_MAX_ERROR_STRING] = "";

@@ -8,6 +8,7 @@
 #ifndef ESFT_LOG_H
 #define ESFT_LOG_H
 
+#include <mpi.h>
 #include <stddef.h>
 #include <stdio.h>
 
@@ -36,6 +37,19 @@ __attribute__((noreturn)) void fatal(int code, const char *fmt, ...) __attribute
  * prints "esft: message", every rank finalises MPI and exits with code. Must be called
  * by all ranks of MPI_COMM_WORLD, else it hangs: use fatal() when unsure. */
 __attribute__((noreturn)) void fatal_all(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* An error that only some ranks may have found (a tensor one EP rank loads, a file one
+ * rank reads). Collective over MPI_COMM_WORLD: every rank says whether it failed, and when
+ * none did, it returns. Otherwise the message of the lowest-numbered failing rank
+ * (formatted from fmt on that rank; the others' fmt is not used) travels to rank 0, which
+ * prints it once, "esft: rank N: message" ("esft: message" when N is 0), and every rank
+ * finalises MPI and exits with code, as fatal_all: no MPI_Abort, no rank left waiting. */
+void fail_if_any(int failed, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* The verdict of fail_if_any without leaving: collective over comm, 0 when every rank's
+ * status is 0; otherwise, on every rank, the status of the lowest-numbered failing rank
+ * and its message in err, prefixed "rank N: " (N its world rank) unless N is 0. */
+int ranks_agree(int status, char *err, size_t err_size, MPI_Comm comm);
 
 /* Checking macros: report file, line and the library's message, then fatal(). */
 void check_mpi_failed(int err, const char *call, const char *file, int line);

@@ -19,6 +19,7 @@
 #include "hfconfig.h"
 #include "layout.h"
 #include "model.h"
+#include "modelpath.h"
 #include "log.h"
 #include "phases.h"
 #include "preflight.h"
@@ -263,12 +264,18 @@ int main(int argc, char **argv)
     fail_on_deck_errors(n_errors, messages, opt.deck_file);
     fail_on_deck_errors(deck_finish(&deck, messages, ERROR_BUFFER), messages, opt.deck_file);
     free(text);
+    /* model.path: a hub id becomes its snapshot in the Hugging Face cache; config.json (or
+     * the init section) is checked now, --dry-run included; model_absent says why it is
+     * not there, when there is more to say */
+    char model_absent[8192];
+    modelpath_prepare(&deck, opt.dry_run, model_absent, sizeof model_absent);
 
     /* The layout: pp and ep from the deck, dp from the number of ranks. */
     int planned_ranks = opt.ranks ? opt.ranks : world_size;
     struct layout_model model;
     char why[4096] = "";
     bool model_known = model_shape(&deck, &model, why, sizeof why);
+    if (!model_known && model_absent[0]) snprintf(why, sizeof why, "%s", model_absent);
     bool needs_model = false;
     for (int i = 0; i < deck.n_phases; i++) needs_model |= phase_reads_model(deck.phases[i]);
     /* a model that init writes later in this deck is known from the init section */

@@ -265,8 +265,17 @@ void model_log_stages(const struct model *m, const char *phase)
              m->grid.stage_layers[0] > 0 ? " (parallel.stage_layers)" : " (balanced by cost)");
 }
 
-void model_create(struct model *m, const struct model_config *cfg, const struct layout_grid *grid,
-                  struct layout_coords coords)
+/* Whether the rank at coords holds p: its stage, and its EP rank for a routed expert. */
+static bool holds(const struct param *p, struct layout_coords coords)
+{
+    return p->stage == coords.pp_rank && (p->ep_rank < 0 || p->ep_rank == coords.ep_rank);
+}
+
+/* The parameter table of cfg under grid, and the stage split, for the rank at coords; no
+ * weights yet. b->slots says where each entry's storage is to be published. */
+static void build_table(struct model *m, const struct model_config *cfg,
+                        const struct layout_grid *grid, struct layout_coords coords,
+                        struct table_builder *b)
 {
     memset(m, 0, sizeof *m);
     m->cfg = *cfg;
@@ -281,34 +290,40 @@ void model_create(struct model *m, const struct model_config *cfg, const struct 
                           &m->n_local_experts);
     m->layers = xcalloc((size_t)cfg->num_layers, sizeof *m->layers);
 
-    struct table_builder b = {.model = m};
+    *b = (struct table_builder){.model = m};
     int64_t V = cfg->vocab_size, H = cfg->hidden_size;
-    add_param(&b, &m->embedding, PARAM_EMBEDDING, MLP_NONE, -1, -1, V, H, "model.embed_tokens.weight");
+    add_param(b, &m->embedding, PARAM_EMBEDDING, MLP_NONE, -1, -1, V, H,
+              "model.embed_tokens.weight");
     for (int l = 0; l < cfg->num_layers; l++) {
         struct layer_weights *w = &m->layers[l];
-        add_param(&b, &w->input_norm, PARAM_NORM, MLP_NONE, l, -1, H, 0, "model.layers.%d.input_layernorm.weight", l);
-        add_attention(&b, l);
-        add_param(&b, &w->post_norm, PARAM_NORM, MLP_NONE, l, -1, H, 0, "model.layers.%d.post_attention_layernorm.weight", l);
-        add_feed_forward(&b, l);
+        add_param(b, &w->input_norm, PARAM_NORM, MLP_NONE, l, -1, H, 0,
+                  "model.layers.%d.input_layernorm.weight", l);
+        add_attention(b, l);
+        add_param(b, &w->post_norm, PARAM_NORM, MLP_NONE, l, -1, H, 0,
+                  "model.layers.%d.post_attention_layernorm.weight", l);
+        add_feed_forward(b, l);
     }
-    add_param(&b, &m->final_norm, PARAM_NORM, MLP_NONE, -1, -1, H, 0, "model.norm.weight");
+    add_param(b, &m->final_norm, PARAM_NORM, MLP_NONE, -1, -1, H, 0, "model.norm.weight");
     if (!cfg->tie_word_embeddings)
-        add_param(&b, &m->lm_head, PARAM_LM_HEAD, MLP_NONE, -1, -1, V, H, "lm_head.weight");
+        add_param(b, &m->lm_head, PARAM_LM_HEAD, MLP_NONE, -1, -1, V, H, "lm_head.weight");
+}
+
+void model_create(struct model *m, const struct model_config *cfg, const struct layout_grid *grid,
+                  struct layout_coords coords)
+{
+    struct table_builder b;
+    build_table(m, cfg, grid, coords, &b);
 
     /* One allocation for everything this rank holds, handed out in table order. */
     size_t total = 0;
-    for (int i = 0; i < m->n_params; i++) {
-        struct param *p = &m->params[i];
-        bool held = p->stage == coords.pp_rank && (p->ep_rank < 0 || p->ep_rank == coords.ep_rank);
-        if (held) total += p->numel;
-    }
+    for (int i = 0; i < m->n_params; i++)
+        if (holds(&m->params[i], coords)) total += m->params[i].numel;
     m->storage = xcalloc(total ? total : 1, sizeof(float));
     m->storage_floats = total;
     size_t used = 0;
     for (int i = 0; i < m->n_params; i++) {
         struct param *p = &m->params[i];
-        bool held = p->stage == coords.pp_rank && (p->ep_rank < 0 || p->ep_rank == coords.ep_rank);
-        if (!held) continue;
+        if (!holds(p, coords)) continue;
         p->data = m->storage + used;
         used += p->numel;
         if (b.slots[i]) *b.slots[i] = p->data;
@@ -474,31 +489,132 @@ static int read_range_f32(const struct st_tensor *t, size_t offset, size_t count
     return 0;
 }
 
-/* A routed expert's matrix from the fused spelling (transformers 5 in memory):
- * experts.gate_up_proj [E, 2I, H] (gate rows first, then up) and experts.down_proj
- * [E, H, I]. */
-static int load_fused_expert(const struct model *m, const struct st_checkpoint *ckpt,
-                             const struct param *p, char *err, size_t err_size)
+/* The config.json keys behind p's shape, for messages ("vocab_size x hidden_size"). */
+static const char *shape_keys(const struct model_config *c, const struct param *p)
+{
+    bool qwen = c->family == HF_QWEN2_MOE || c->family == HF_QWEN3_MOE, down = p->part == MLP_DOWN;
+    switch (p->kind) {
+    case PARAM_EMBEDDING:
+    case PARAM_LM_HEAD:
+        return "vocab_size x hidden_size";
+    case PARAM_NORM:
+        return "hidden_size";
+    case PARAM_ROUTER:
+        return c->family == HF_MIXTRAL ? "num_local_experts x hidden_size"
+                                       : "num_experts x hidden_size";
+    case PARAM_EXPERT:
+        if (qwen)
+            return down ? "hidden_size x moe_intermediate_size"
+                        : "moe_intermediate_size x hidden_size";
+        return down ? "hidden_size x intermediate_size" : "intermediate_size x hidden_size";
+    case PARAM_SHARED_EXPERT:
+        if (p->part == MLP_NONE) return "1 x hidden_size";
+        return down ? "hidden_size x shared_expert_intermediate_size"
+                    : "shared_expert_intermediate_size x hidden_size";
+    case PARAM_DENSE_MLP:
+        return down ? "hidden_size x intermediate_size" : "intermediate_size x hidden_size";
+    case PARAM_ATTENTION:
+        if (strstr(p->name, "norm.weight"))
+            return c->qk_norm == QK_NORM_PER_HEAD ? "head_dim"
+                   : strstr(p->name, "q_norm")    ? "num_attention_heads * head_dim"
+                                                  : "num_key_value_heads * head_dim";
+        if (strstr(p->name, "o_proj.weight")) return "hidden_size x num_attention_heads * head_dim";
+        if (strstr(p->name, "o_proj.bias")) return "hidden_size";
+        if (strstr(p->name, "q_proj.weight")) return "num_attention_heads * head_dim x hidden_size";
+        if (strstr(p->name, "q_proj.bias")) return "num_attention_heads * head_dim";
+        if (strstr(p->name, ".weight")) return "num_key_value_heads * head_dim x hidden_size";
+        return "num_key_value_heads * head_dim";
+    default:
+        return "?";
+    }
+}
+
+static bool is_float_dtype(enum st_dtype dtype)
+{
+    return dtype == ST_F32 || dtype == ST_BF16 || dtype == ST_F16 || dtype == ST_F64;
+}
+
+/* Where p's weights are in the checkpoint: its own tensor from offset 0, or a routed
+ * expert's matrix in the fused spelling (transformers 5 in memory): experts.gate_up_proj
+ * [E, 2I, H] (gate rows first, then up) and experts.down_proj [E, H, I]. Checks that the
+ * tensor is there, has the shape config.json gives and a floating-point dtype: from the
+ * header alone, so before anything is allocated for it. */
+static int locate(const struct model *m, const struct st_checkpoint *ckpt, const struct param *p,
+                  const struct st_tensor **tensor, size_t *offset, char *err, size_t err_size)
 {
     const struct model_config *c = &m->cfg;
-    int64_t E = c->num_experts, I = c->expert_intermediate_size, H = c->hidden_size;
-    char name[PARAM_NAME_MAX + 32];
-    bool down = p->part == MLP_DOWN;
-    snprintf(name, sizeof name, "model.layers.%d.%s.experts.%s", p->layer, moe_module(c),
-             down ? "down_proj" : "gate_up_proj");
-    const struct st_tensor *t = st_find(ckpt, name);
-    if (!t) {
-        snprintf(err, err_size, "%s: tensor '%s' not found (nor the fused '%s')", ckpt->dir,
-                 p->name, name);
+    const struct st_tensor *t = st_find(ckpt, p->name);
+    *offset = 0;
+    int rc = 0;
+    if (t) {
+        rc = p->rank == 2 ? st_expect_shape(t, err, err_size, p->shape[0], p->shape[1])
+                          : st_expect_shape(t, err, err_size, p->shape[0]);
+        if (rc != 0) {
+            size_t n = strlen(err);
+            snprintf(err + n, err_size - n, " (%s of %s/config.json)", shape_keys(c, p), ckpt->dir);
+        }
+    } else if (p->kind == PARAM_EXPERT) {
+        int64_t E = c->num_experts, I = c->expert_intermediate_size, H = c->hidden_size;
+        char name[PARAM_NAME_MAX + 32];
+        bool down = p->part == MLP_DOWN;
+        snprintf(name, sizeof name, "model.layers.%d.%s.experts.%s", p->layer, moe_module(c),
+                 down ? "down_proj" : "gate_up_proj");
+        t = st_find(ckpt, name);
+        if (!t) {
+            snprintf(err, err_size, "%s: tensor '%s' not found (nor the fused '%s')", ckpt->dir,
+                     p->name, name);
+            return -1;
+        }
+        rc = down ? st_expect_shape(t, err, err_size, E, H, I)
+                  : st_expect_shape(t, err, err_size, E, 2 * I, H);
+        if (rc != 0) {
+            const char *experts = c->family == HF_MIXTRAL ? "num_local_experts" : "num_experts";
+            const char *width = c->family == HF_QWEN2_MOE || c->family == HF_QWEN3_MOE
+                                    ? "moe_intermediate_size"
+                                    : "intermediate_size";
+            size_t n = strlen(err);
+            if (down)
+                snprintf(err + n, err_size - n, " (%s x hidden_size x %s of %s/config.json)",
+                         experts, width, ckpt->dir);
+            else
+                snprintf(err + n, err_size - n, " (%s x 2 * %s x hidden_size of %s/config.json)",
+                         experts, width, ckpt->dir);
+        }
+        *offset = (size_t)p->expert * (size_t)(down ? H * I : 2 * I * H);
+        if (p->part == MLP_UP) *offset += (size_t)(I * H);
+    } else {
+        snprintf(err, err_size, "%s: tensor '%s' not found in the checkpoint", ckpt->dir, p->name);
         return -1;
     }
-    int rc = down ? st_expect_shape(t, err, err_size, E, H, I)
-                  : st_expect_shape(t, err, err_size, E, 2 * I, H);
     if (rc != 0) return -1;
-    size_t per_expert = down ? (size_t)(H * I) : (size_t)(2 * I * H);
-    size_t offset = (size_t)p->expert * per_expert;
-    if (p->part == MLP_UP) offset += (size_t)(I * H);
-    return read_range_f32(t, offset, p->numel, p->data, err, err_size);
+    if (!is_float_dtype(t->dtype)) {
+        snprintf(err, err_size, "%s: tensor '%s': dtype %s is not a floating-point weight", t->file,
+                 t->name, st_dtype_name(t->dtype));
+        return -1;
+    }
+    *tensor = t;
+    return 0;
+}
+
+int model_check_checkpoint(const struct model_config *cfg, const struct layout_grid *grid,
+                           struct layout_coords coords, const char *dir, char *err, size_t err_size)
+{
+    struct st_checkpoint *ckpt = st_checkpoint_open(dir, err, err_size);
+    if (!ckpt) return -1;
+    struct model m;
+    struct table_builder b;
+    build_table(&m, cfg, grid, coords, &b);
+    free(b.slots);
+    int rc = 0;
+    for (int i = 0; i < m.n_params && rc == 0; i++) {
+        const struct st_tensor *t;
+        size_t offset;
+        if (holds(&m.params[i], coords))
+            rc = locate(&m, ckpt, &m.params[i], &t, &offset, err, err_size);
+    }
+    model_free(&m);
+    st_checkpoint_close(ckpt);
+    return rc;
 }
 
 int model_load(struct model *m, const char *dir, char *err, size_t err_size)
@@ -508,20 +624,11 @@ int model_load(struct model *m, const char *dir, char *err, size_t err_size)
     int rc = 0;
     for (int i = 0; i < m->n_params && rc == 0; i++) {
         const struct param *p = &m->params[i];
+        const struct st_tensor *t;
+        size_t offset;
         if (!p->data) continue;
-        const struct st_tensor *t = st_find(ckpt, p->name);
-        if (!t && p->kind == PARAM_EXPERT) {
-            rc = load_fused_expert(m, ckpt, p, err, err_size);
-            continue;
-        }
-        if (!t) {
-            snprintf(err, err_size, "%s: tensor '%s' not found in the checkpoint", dir, p->name);
-            rc = -1;
-            break;
-        }
-        rc = p->rank == 2 ? st_expect_shape(t, err, err_size, p->shape[0], p->shape[1])
-                          : st_expect_shape(t, err, err_size, p->shape[0]);
-        if (rc == 0) rc = read_range_f32(t, 0, p->numel, p->data, err, err_size);
+        rc = locate(m, ckpt, p, &t, &offset, err, err_size);
+        if (rc == 0) rc = read_range_f32(t, offset, p->numel, p->data, err, err_size);
     }
     st_checkpoint_close(ckpt);
     return rc;

@@ -132,6 +132,14 @@ void model_free(struct model *model);
  * message naming the file and tensor. */
 int model_load(struct model *model, const char *dir, char *err, size_t err_size);
 
+/* What model_load will find, known before model_create allocates for it: every tensor the
+ * rank at coords holds under grid is in the checkpoint at dir, with the shape cfg gives
+ * and a floating-point dtype. Reads the safetensors headers only. Returns 0, or -1 with a
+ * message naming the file, the tensor and the config.json keys of its shape. */
+int model_check_checkpoint(const struct model_config *cfg, const struct layout_grid *grid,
+                           struct layout_coords coords, const char *dir, char *err,
+                           size_t err_size);
+
 /* The entry for a Hugging Face name, or NULL. */
 struct param *model_find_param(struct model *model, const char *name);
 

@@ -5,10 +5,14 @@
 #define ESFT_PHASES_H
 
 #include "deck.h"
+#include "hfconfig.h"
 #include "layout.h"
 
 /* init: a random-initialised Hugging Face checkpoint at model.path (init.c). */
 int phase_init(const struct deck *deck, const struct layout *layout);
+/* The model the deck's init section describes, checked as config.json is (the size
+ * limits of hfconfig.h included). 0, or -1 with a message naming the deck and key. */
+int init_config(const struct deck *deck, struct model_config *cfg, char *err, size_t err_size);
 
 /* prepare: jsonl conversations -> token dataset (prepare.c). */
 int phase_prepare(const struct deck *deck, const struct layout *layout);

@@ -149,16 +149,16 @@ int phase_score(const struct deck *deck, const struct layout *layout)
              deck->data.path, dp, dp == 1 ? "" : "s",
              deck->score.tokens == SCORE_TOKENS_LOSS ? "loss-bearing" : "all");
 
+    /* the tensors this rank will load, from the headers, before allocating for them */
+    fail_if_any(model_check_checkpoint(&cfg, grid, layout->me, deck->model.path, err, sizeof err),
+                EXIT_INPUT, "score: %s", err);
     struct model model;
     model_create(&model, &cfg, grid, layout->me);
     model.ep_comm = &layout->ep;
     model.pp_comm = &layout->pp;
     model_log_stages(&model, "score");
-    rc = model_load(&model, deck->model.path, err, sizeof err);
-    int failed = rc != 0, any_failed = 0;
-    check_mpi(MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
-    if (failed) fatal(EXIT_INPUT, "score: %s", err);
-    if (any_failed) fatal_all(EXIT_INPUT, "score: loading the model failed on another rank");
+    fail_if_any(model_load(&model, deck->model.path, err, sizeof err) != 0, EXIT_INPUT, "score: %s",
+                err);
 
     /* Buffers sized once for the longest sample of this rank. */
     struct forward_workspace *ws = forward_workspace_new(&model, (int)longest);
@@ -319,13 +319,10 @@ int phase_score(const struct deck *deck, const struct layout *layout)
                                    .gate = rank_gate};
     char path[4200];
     snprintf(path, sizeof path, "%s/%s", deck->run.output_dir, deck->score.output);
-    if (layout->world_rank == 0 && make_directories(deck->run.output_dir) != 0)
-        fatal(EXIT_RUNTIME, "score: cannot create %s", deck->run.output_dir);
-    check_mpi(MPI_Barrier(MPI_COMM_WORLD));
+    fail_if_any(layout->world_rank == 0 && make_directories(deck->run.output_dir) != 0,
+                EXIT_RUNTIME, "score: cannot create %s", deck->run.output_dir);
     rc = writer ? stats_write(path, data_comm, &all, &part, err, sizeof err) : 0;
-    int any_failed_write = 0;
-    check_mpi(MPI_Allreduce(&rc, &any_failed_write, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
-    if (any_failed_write != 0) fatal_all(EXIT_RUNTIME, "score: %s", rc != 0 ? err : "writing the statistics failed");
+    fail_if_any(rc != 0, EXIT_RUNTIME, "score: %s", err);
 
     uint64_t total_tokens = 0;
     check_mpi(MPI_Allreduce(&done_tokens, &total_tokens, 1, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD));

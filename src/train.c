@@ -182,14 +182,16 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     plan_blocks(&ds, all + n_train, n_val, seq_len, deck->data.pack, &val);
     uint64_t *train_samples = xmalloc(n_train * sizeof *train_samples);
 
+    /* the tensors this rank will load, from the headers, before allocating for them */
+    fail_if_any(model_check_checkpoint(&cfg, grid, layout->me, deck->model.path, err, sizeof err),
+                EXIT_INPUT, "train: %s", err);
     struct model model;
     model_create(&model, &cfg, grid, layout->me);
     model.ep_comm = &layout->ep;
     model.pp_comm = &layout->pp;
     model_log_stages(&model, "train");
-    int failed = model_load(&model, deck->model.path, err, sizeof err) != 0, any = 0;
-    check_mpi(MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
-    if (any) fatal_all(EXIT_INPUT, "train: %s", failed ? err : "loading the model failed");
+    fail_if_any(model_load(&model, deck->model.path, err, sizeof err) != 0, EXIT_INPUT, "train: %s",
+                err);
     bool *trainable = xcalloc((size_t)model.n_params, sizeof(bool));
     if (trainable_select(&model, tr->method, tr->method == METHOD_ESFT ? &ec : NULL, trainable,
                          err, sizeof err) != 0)

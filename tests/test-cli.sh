@@ -134,6 +134,18 @@ n=$(grep -c "deliberate failure" "$tmp/err")
 expect 2 "fatal_all" $mpirun 3 "$build/tests/test_fatal" all
 n=$(grep -c "every rank found the same problem" "$tmp/err")
 [ "$n" = 1 ] && ok || fail "fatal_all: message printed $n times"
+# An error some ranks found (fail_if_any): the lowest failing rank's own message, once,
+# with its number unless it is rank 0; status 2; nothing when no rank failed.
+expect 2 "fail_if_any on ranks 1 and 2" $mpirun 3 "$build/tests/test_fatal" some
+contains "$tmp/err" "esft: rank 1: rank 1's own reason" "fail_if_any on ranks 1 and 2"
+n=$(grep -c "own reason" "$tmp/err")
+[ "$n" = 1 ] && ok || fail "fail_if_any on ranks 1 and 2: $n messages"
+lacks "$tmp/err" "MPI_ABORT" "fail_if_any on ranks 1 and 2"
+expect 2 "fail_if_any on every rank" $mpirun 3 "$build/tests/test_fatal" first
+contains "$tmp/err" "esft: rank 0's own reason" "fail_if_any on every rank"
+n=$(grep -c "own reason" "$tmp/err")
+[ "$n" = 1 ] && ok || fail "fail_if_any on every rank: $n messages"
+expect 0 "fail_if_any on no rank" $mpirun 3 "$build/tests/test_fatal" none
 
 # init: a checkpoint written on 1 rank equals one written on 2; never overwrites; bad
 # sizes refused; the run's metrics file records it.

@@ -1348,12 +1348,15 @@ static void test_layout_refusals(void)
     CHECK(rc == CHECKPOINT_DAMAGED && contains(err, damaged) &&
               contains(err, "'" EXPERT(1, 2, "gate_proj") "'"),
           "agreed verdict on rank %d: %d %s", world_rank, rc, err);
-    /* the lowest failing rank's status and message */
-    snprintf(err, sizeof err, "rank %d", world_rank);
+    /* the lowest failing rank's status and message, its rank named unless it is 0 */
+    snprintf(err, sizeof err, "message of rank %d", world_rank);
     rc = checkpoint_agree(world_rank == world_size - 1 ? CHECKPOINT_FOREIGN : 0, err, sizeof err,
                           MPI_COMM_WORLD);
-    char want[32];
-    snprintf(want, sizeof want, "rank %d", world_size - 1);
+    char want[64];
+    if (world_size > 1)
+        snprintf(want, sizeof want, "rank %d: message of rank %d", world_size - 1, world_size - 1);
+    else
+        snprintf(want, sizeof want, "message of rank 0");
     CHECK(rc == CHECKPOINT_FOREIGN && strcmp(err, want) == 0, "agree: %d '%s', want '%s'", rc, err,
           want);
     snprintf(err, sizeof err, "unchanged");

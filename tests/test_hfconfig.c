@@ -402,6 +402,18 @@ static void test_bad_configs(void)
     bad_config("num_hidden_layers", "100000", "too many layers", "key 'num_hidden_layers'",
                "limit");
     bad_config("partial_rotary_factor", "0.5", "partial rotary", "partial_rotary_factor", NULL);
+    /* sizes no real model has, refused by name before anything is sized from them */
+    bad_config("hidden_size", "2147483647", "hidden_size 2^31-1",
+               "key 'hidden_size': 2147483647 exceeds esft's limit of 65536", NULL);
+    bad_config("num_experts", "2147483647", "num_experts 2^31-1",
+               "key 'num_experts': 2147483647 exceeds esft's limit of 4096", NULL);
+    bad_config("vocab_size", "2147483647", "vocab_size 2^31-1",
+               "key 'vocab_size': 2147483647 exceeds esft's limit of 4194304", NULL);
+    bad_config("moe_intermediate_size", "1000000", "expert width 10^6",
+               "key 'moe_intermediate_size': 1000000 exceeds esft's limit of 262144", NULL);
+    bad_config("num_key_value_heads", "4096", "4096 kv heads", "key 'num_key_value_heads'",
+               "limit");
+    bad_config("head_dim", "4096", "head_dim 4096", "key 'head_dim'", "limit");
     bad_config("rms_norm_eps", "0", "zero eps", "key 'rms_norm_eps'", "positive");
 
     char err[1024] = "";
@@ -411,6 +423,31 @@ static void test_bad_configs(void)
           "bad JSON: %s", err);
     CHECK(load_text("[1, 2]", &c, err, sizeof err) != 0 && contains(err, "expected a JSON object"),
           "array config: %s", err);
+    /* Each size within its limit, their products not: 3 x 4096 experts x 262144 x 65536
+     * per layer over 512 layers is 1.1e17 parameters (the parameter table's sum of sizes
+     * would pass 2^64 with a few sizes more); 512 layers x 4096 experts of tiny matrices
+     * are 6.3 million tensors. */
+    CHECK(load_text("{\"model_type\": \"qwen3_moe\", \"hidden_size\": 65536, "
+                    "\"num_hidden_layers\": 512, \"num_attention_heads\": 64, "
+                    "\"num_key_value_heads\": 8, \"vocab_size\": 4194304, "
+                    "\"intermediate_size\": 262144, \"moe_intermediate_size\": 262144, "
+                    "\"num_experts\": 4096, \"num_experts_per_tok\": 8}",
+                    &c, err, sizeof err) != 0 &&
+              contains(err, "config.json: the sizes (hidden_size 65536, num_hidden_layers 512, "
+                            "num_experts 4096, moe_intermediate_size 262144") &&
+              contains(err, "more than esft's limit of 2.199e+12 (2^41)"),
+          "sizes whose product passes the parameter limit: %s", err);
+    CHECK(load_text("{\"model_type\": \"qwen3_moe\", \"hidden_size\": 32, "
+                    "\"num_hidden_layers\": 512, \"num_attention_heads\": 4, "
+                    "\"num_key_value_heads\": 2, \"vocab_size\": 50, "
+                    "\"intermediate_size\": 16, \"moe_intermediate_size\": 8, "
+                    "\"num_experts\": 4096, \"num_experts_per_tok\": 2}",
+                    &c, err, sizeof err) != 0 &&
+              contains(err, "config.json: num_hidden_layers 512 and num_experts 4096 give "
+                            "6296067 tensors") &&
+              contains(err, "limit of 1048576"),
+          "too many tensors: %s", err);
+
     char missing[128];
     snprintf(missing, sizeof missing, "%s/no-such-dir", tmpdir);
     CHECK(hfconfig_load(missing, &c, err, sizeof err) != 0 && contains(err, "config.json") &&

@@ -1,13 +1,16 @@
 /* test_model_load: loading checkpoints into the model, good and bad.
  *
  * From the qwen3_moe golden fixture the test writes variants into a temporary directory
- * and loads each as the program does (hfconfig_load + model_create + model_load):
+ * and loads each as the program does (hfconfig_load + model_check_checkpoint +
+ * model_create + model_load):
  *   - experts in the fused spelling (experts.gate_up_proj [E, 2I, H], down_proj
  *     [E, H, I]) must load and give bit-identical logits to the per-expert original;
  *   - a missing tensor, a config whose sizes disagree with the tensors, a truncated
  *     file and an unsupported family must each fail with a message naming the file and
  *     the tensor or key.
- * Usage: test_model_load [GOLDEN_DIR] */
+ * Usage: test_model_load [GOLDEN_DIR]
+ *        test_model_load drop SRC DST NAME   (for the shell tests: a copy of checkpoint
+ *        SRC in the new directory DST, one file, without tensor NAME) */
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,6 +50,20 @@ static char *read_text(const char *path)
     return text;
 }
 
+/* text with its one occurrence of `from` replaced by `to` (a new string). */
+static char *replaced(const char *text, const char *from, const char *to)
+{
+    const char *at = strstr(text, from);
+    CHECK(at != NULL, "'%s' not in the fixture's config", from);
+    if (!at) return xstrdup(text);
+    char *out = xmalloc(strlen(text) + strlen(to) + 1);
+    size_t head = (size_t)(at - text);
+    memcpy(out, text, head);
+    strcpy(out + head, to);
+    strcat(out, at + strlen(from));
+    return out;
+}
+
 /* A new directory under tmp holding config text and the given writer's tensors. */
 static void make_variant(const char *name, const char *config, struct st_writer *w, char *dir)
 {
@@ -63,6 +80,8 @@ static int load_and_run(const char *dir, float *logits, char *err, size_t err_si
     struct model_config cfg;
     if (hfconfig_load(dir, &cfg, err, err_size) != 0) return -1;
     struct layout_grid grid = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
+    if (model_check_checkpoint(&cfg, &grid, (struct layout_coords){0, 0, 0}, dir, err, err_size))
+        return -1;
     struct model model;
     model_create(&model, &cfg, &grid, (struct layout_coords){0, 0, 0});
     if (model_load(&model, dir, err, err_size) != 0) {
@@ -95,8 +114,40 @@ static void expect_failure(const char *dir, const char *what, const char *needle
     printf("%s: %s\n", what, err);
 }
 
+/* The checkpoint at src copied to dst (config.json and every tensor but `dropped`). */
+static int drop_tensor(const char *src, const char *dst, const char *dropped)
+{
+    char err[1024], path[600];
+    snprintf(path, sizeof path, "%s/config.json", src);
+    char *config = read_text(path);
+    struct st_checkpoint *ckpt = st_checkpoint_open(src, err, sizeof err);
+    if (!config || !ckpt || mkdir(dst, 0777) != 0) {
+        fprintf(stderr, "test_model_load drop: cannot copy %s to %s: %s\n", src, dst,
+                ckpt ? "no config.json, or the copy exists" : err);
+        return 1;
+    }
+    write_text(dst, "config.json", config);
+    struct st_writer *w = st_writer_new();
+    int found = 0, rc = 0;
+    for (int i = 0; i < ckpt->n_tensors && rc == 0; i++) {
+        const struct st_tensor *t = &ckpt->tensors[i];
+        if (strcmp(t->name, dropped) == 0)
+            found = 1;
+        else
+            rc = st_writer_add(w, t->name, t->dtype, t->rank, t->shape, t->data, err, sizeof err);
+    }
+    if (rc == 0) rc = st_writer_write_checkpoint(w, dst, 0, err, sizeof err);
+    if (rc == 0 && !found) snprintf(err, sizeof err, "%s has no tensor '%s'", src, dropped);
+    if (rc != 0 || !found) fprintf(stderr, "test_model_load drop: %s\n", err);
+    st_writer_free(w);
+    st_checkpoint_close(ckpt);
+    free(config);
+    return rc != 0 || !found;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc == 5 && strcmp(argv[1], "drop") == 0) return drop_tensor(argv[2], argv[3], argv[4]);
     MPI_Init(&argc, &argv);
     const char *golden = argc > 1 ? argv[1] : "tests/golden";
     char fixture[512], err[1024];
@@ -147,6 +198,8 @@ int main(int argc, char **argv)
     }
     char dir[512];
     make_variant("fused", config, w, dir);
+    char fused_dir[512];
+    snprintf(fused_dir, sizeof fused_dir, "%s", dir);
     st_writer_free(w);
     CHECK(load_and_run(dir, fused, err, sizeof err) == 0, "fused: %s", err);
     CHECK(memcmp(original, fused, sizeof(float) * 9 * (size_t)V) == 0,
@@ -169,8 +222,36 @@ int main(int argc, char **argv)
     if (at) memcpy(at, "\"moe_intermediate_size\": 24", 27);
     make_variant("wide", wide, w, dir);
     expect_failure(dir, "shape disagrees with config", "experts.0.gate_proj.weight", "[24, 36]");
+    /* the same config over fused experts: the fused block's shape, and which keys give it */
+    make_variant("fused-wide", wide, NULL, dir);
+    char target[600], link_path[600];
+    snprintf(target, sizeof target, "%s/model.safetensors", fused_dir);
+    snprintf(link_path, sizeof link_path, "%s/model.safetensors", dir);
+    CHECK(symlink(target, link_path) == 0, "symlink %s", link_path);
+    expect_failure(dir, "fused shape disagrees with config", "experts.gate_up_proj",
+                   "expected shape [7, 48, 36], got [7, 44, 36] (num_experts x 2 * "
+                   "moe_intermediate_size x hidden_size of ");
     free(wide);
     st_writer_free(w);
+
+    /* Sizes within every limit that disagree with the tensors by a terabyte (hidden 65536
+     * and a vocabulary of 2^22: 2^38 floats of embedding alone): refused from the headers,
+     * naming the tensor and the config keys, before model_create would allocate them. */
+    char *wider = replaced(config, "\"hidden_size\": 36", "\"hidden_size\": 65536");
+    char *huge = replaced(wider, "\"vocab_size\": 101", "\"vocab_size\": 4194304");
+    w = st_writer_new();
+    for (int i = 0; i < ckpt->n_tensors; i++)
+        st_writer_add(w, ckpt->tensors[i].name, ckpt->tensors[i].dtype, ckpt->tensors[i].rank,
+                      ckpt->tensors[i].shape, ckpt->tensors[i].data, err, sizeof err);
+    make_variant("huge", huge, w, dir);
+    st_writer_free(w);
+    struct model_config huge_cfg;
+    CHECK(hfconfig_load(dir, &huge_cfg, err, sizeof err) == 0, "huge but within the limits: %s",
+          err);
+    expect_failure(dir, "sizes the tensors do not have", "model.embed_tokens.weight",
+                   "expected shape [4194304, 65536], got [101, 36] (vocab_size x hidden_size of ");
+    free(wider);
+    free(huge);
 
     /* A truncated file. */
     make_variant("truncated", config, NULL, dir);

@@ -6,7 +6,8 @@
  * each tensor on exactly the ranks that should hold it: a routed expert on one EP rank
  * of one stage (the one layout_expert_owner names), everything else on every EP rank of
  * its stage, embedding on the first stage, final norm and lm_head on the last; and the
- * expert blocks of model.h must be contiguous per layer and part.
+ * expert blocks of model.h must be contiguous per layer and part. hfconfig_count, which
+ * the size limits are checked with, counts the table's tensors and parameters.
  * Usage: test_params [GOLDEN_DIR] */
 #include <dirent.h>
 #include <math.h>
@@ -52,6 +53,13 @@ static void check_against_checkpoint(const char *dir, const char *name)
         for (int j = 0; j < i; j++)
             CHECK(strcmp(p->name, m.params[j].name) != 0, "%s: %s twice", name, p->name);
     }
+    uint64_t parameters = 0, tensors = 0, table_parameters = 0;
+    for (int i = 0; i < m.n_params; i++) table_parameters += m.params[i].numel;
+    CHECK(hfconfig_count(&cfg, &parameters, &tensors) == 0, "%s: hfconfig_count failed", name);
+    CHECK(tensors == (uint64_t)m.n_params && parameters == table_parameters,
+          "%s: hfconfig_count gives %llu tensors, %llu parameters; the table has %d, %llu", name,
+          (unsigned long long)tensors, (unsigned long long)parameters, m.n_params,
+          (unsigned long long)table_parameters);
     model_free(&m);
     st_checkpoint_close(ckpt);
 
