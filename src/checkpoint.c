@@ -1,5 +1,5 @@
-/* checkpoint: training checkpoints (HDF5), the adapter and merged exports (safetensors)
- * and the loss-curve chart, for the train phase (see checkpoint.h for the file layout).
+/* checkpoint: training checkpoints (HDF5), for the train phase (see checkpoint.h for the
+ * file layout; the exports are in export.c, the loss chart in history.c).
  *
  * The files do not depend on the layout: tensors are stored whole under their Hugging
  * Face names. World rank 0 writes them with the serial HDF5 API (or the safetensors
@@ -32,6 +32,7 @@
 
 #include "checksum.h"
 #include "files.h"
+#include "gather.h"
 #include "hfconfig.h"
 #include "h5util.h"
 #include "log.h"
@@ -57,71 +58,6 @@ static hid_t file_access_plist(void)
     /* the 1.8 object format stores attributes of any size (the deck may pass 64 KiB) */
     H5Pset_libver_bounds(fapl, H5F_LIBVER_V18, H5F_LIBVER_LATEST);
     return fapl;
-}
-
-/* ---- small file-system helpers ------------------------------------------------------- */
-
-static int join(char *out, size_t size, const char *dir, const char *name, char *err,
-                size_t err_size)
-{
-    int n = snprintf(out, size, "%s/%s", dir, name);
-    if (n < 0 || (size_t)n >= size) {
-        snprintf(err, err_size, "%s/%s: path too long", dir, name);
-        return -1;
-    }
-    return 0;
-}
-
-static int fsync_path(const char *path, int flags)
-{
-    int fd = open(path, flags | O_CLOEXEC);
-    if (fd < 0) return -1;
-    int rc = fsync(fd);
-    int saved = errno;
-    close(fd);
-    errno = saved;
-    return rc;
-}
-
-static bool file_exists(const char *path)
-{
-    struct stat st;
-    return stat(path, &st) == 0;
-}
-
-/* Copies src to dst through dst.tmp, fsync and rename. */
-static int copy_file(const char *src, const char *dst, char *err, size_t err_size)
-{
-    FILE *in = fopen(src, "rb");
-    if (!in) {
-        snprintf(err, err_size, "%s: cannot open: %s", src, strerror(errno));
-        return -1;
-    }
-    char tmp[CHECKPOINT_PATH_MAX];
-    if (snprintf(tmp, sizeof tmp, "%s.tmp", dst) >= (int)sizeof tmp) {
-        snprintf(err, err_size, "%s: path too long", dst);
-        fclose(in);
-        return -1;
-    }
-    FILE *out = fopen(tmp, "wb");
-    if (!out) {
-        snprintf(err, err_size, "%s: cannot create: %s", tmp, strerror(errno));
-        fclose(in);
-        return -1;
-    }
-    char buf[65536];
-    size_t n;
-    bool failed = false;
-    while (!failed && (n = fread(buf, 1, sizeof buf, in)) > 0) failed = fwrite(buf, 1, n, out) != n;
-    if (ferror(in)) {
-        snprintf(err, err_size, "%s: read failed: %s", src, strerror(errno));
-        fclose(in);
-        fclose(out);
-        remove(tmp);
-        return -1;
-    }
-    fclose(in);
-    return file_commit(out, tmp, dst, err, err_size); /* a failed fwrite left ferror(out) set */
 }
 
 /* ---- checkpoint names ------------------------------------------------------------------ */
@@ -190,123 +126,9 @@ static int compare_steps(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* ---- the layout: who sends which tensor to rank 0 ------------------------------------- */
-
-/* Tag of the point-to-point messages that carry tensors to rank 0. */
-#define TRANSFER_TAG 0x6573
-/* Floats per message at most: an MPI count is an int. */
-#define TRANSFER_CHUNK ((size_t)1 << 28)
-
-/* The model was built for comm: its grid has comm's size and this rank's coordinates
- * name this rank of comm (the transfers below address ranks by their grid coordinates). */
-static int check_layout(const struct model *model, MPI_Comm comm, const char *who, char *err,
-                        size_t err_size)
-{
-    int rank, size;
-    check_mpi(MPI_Comm_rank(comm, &rank));
-    check_mpi(MPI_Comm_size(comm, &size));
-    const struct layout_grid *grid = &model->grid;
-    int built_for = layout_rank_of(grid, model->me);
-    if (grid->world != size || built_for != rank) {
-        snprintf(err, err_size,
-                 "%s: the model was built for rank %d of the layout pp %d, dp %d, ep %d (%d "
-                 "ranks) but is used on rank %d of %d",
-                 who, built_for, grid->pp, grid->dp, grid->ep, grid->world, rank, size);
-        return -1;
-    }
-    return 0;
-}
-
-/* The rank that sends p to rank 0: its holder on data-parallel slot 0 (every replica
- * holds the same values), EP rank 0 of its stage for a tensor every EP rank holds. */
-static int provider_of(const struct model *model, const struct param *p)
-{
-    struct layout_coords holder = {p->stage, 0, p->ep_rank < 0 ? 0 : p->ep_rank};
-    return layout_rank_of(&model->grid, holder);
-}
-
 int checkpoint_agree(int status, char *err, size_t err_size, MPI_Comm comm)
 {
     return ranks_agree(status, err, err_size, comm);
-}
-
-static void send_floats(const float *data, size_t n, int to, MPI_Comm comm)
-{
-    for (size_t at = 0; at < n; at += TRANSFER_CHUNK) {
-        size_t count = n - at < TRANSFER_CHUNK ? n - at : TRANSFER_CHUNK;
-        check_mpi(MPI_Send(data + at, (int)count, MPI_FLOAT, to, TRANSFER_TAG, comm));
-    }
-}
-
-static void receive_floats(float *data, size_t n, int from, MPI_Comm comm)
-{
-    for (size_t at = 0; at < n; at += TRANSFER_CHUNK) {
-        size_t count = n - at < TRANSFER_CHUNK ? n - at : TRANSFER_CHUNK;
-        check_mpi(MPI_Recv(data + at, (int)count, MPI_FLOAT, from, TRANSFER_TAG, comm,
-                           MPI_STATUS_IGNORE));
-    }
-}
-
-/* The tensors of this rank's AdamW state: trainable and held here (the tensors with a
- * gradient, in the order of the gradient storage and the AdamW state). */
-static bool checkpointed(const struct param *p)
-{
-    return p->trainable && p->data != NULL;
-}
-
-/* What rank 0 does with one tensor: parts[0] its weights, parts[1] and parts[2] its AdamW
- * m and v when they were asked for. 0, or -1 with a message. */
-typedef int (*tensor_sink)(const struct param *p, const float *const *parts, void *sink, char *err,
-                           size_t err_size);
-
-/* Collective over comm. Brings the tensors to rank 0 one at a time, in parameter-table
- * order (the trainable ones, or all), each with n_parts parts (1: the weights; 3: the
- * weights and the AdamW m and v of opt), and hands each to `put` there. A tensor rank 0
- * holds is handed over in place; any other is sent by its provider, point to point, into
- * a scratch buffer the size of the largest such tensor: no rank ever holds more than its
- * own tensors and one more. After a failed put rank 0 still receives the rest (a sender
- * must not wait forever) but puts no more. Rank 0's status; 0 on the other ranks. */
-static int gather_to_rank0(const struct model *model, const struct adamw *opt, bool trainable_only,
-                           int n_parts, MPI_Comm comm, tensor_sink put, void *sink, char *err,
-                           size_t err_size)
-{
-    int rank;
-    check_mpi(MPI_Comm_rank(comm, &rank));
-    size_t scratch_floats = 0;
-    for (int i = 0; rank == 0 && i < model->n_params; i++) {
-        const struct param *p = &model->params[i];
-        if ((p->trainable || !trainable_only) && !p->data && p->numel > scratch_floats)
-            scratch_floats = p->numel;
-    }
-    float *scratch[3] = {NULL, NULL, NULL};
-    for (int k = 0; k < n_parts && scratch_floats > 0; k++)
-        scratch[k] = xmalloc(scratch_floats * sizeof(float));
-    int rc = 0;
-    size_t offset = 0; /* into this rank's AdamW state */
-    for (int i = 0; i < model->n_params; i++) {
-        const struct param *p = &model->params[i];
-        const float *parts[3] = {p->data, NULL, NULL};
-        if (checkpointed(p)) {
-            if (opt) {
-                parts[1] = opt->m + offset;
-                parts[2] = opt->v + offset;
-            }
-            offset += p->numel;
-        }
-        if (trainable_only && !p->trainable) continue;
-        int provider = provider_of(model, p);
-        if (rank == provider && provider != 0) {
-            for (int k = 0; k < n_parts; k++) send_floats(parts[k], p->numel, 0, comm);
-        } else if (rank == 0) {
-            for (int k = 0; k < n_parts && provider != 0; k++) {
-                receive_floats(scratch[k], p->numel, provider, comm);
-                parts[k] = scratch[k];
-            }
-            if (rc == 0) rc = put(p, parts, sink, err, err_size);
-        }
-    }
-    for (int k = 0; k < 3; k++) free(scratch[k]);
-    return rc;
 }
 
 /* ---- writing ------------------------------------------------------------------------ */
@@ -453,9 +275,9 @@ static int open_checkpoint(struct checkpoint_out *out, const char *output_dir,
     char name[64], tmp_name[64];
     snprintf(name, sizeof name, "step-%08lld.h5", position->step);
     snprintf(tmp_name, sizeof tmp_name, ".step-%08lld.h5.tmp", position->step);
-    if (join(out->dir, sizeof out->dir, output_dir, "checkpoints", err, err_size) ||
-        join(out->path, sizeof out->path, out->dir, name, err, err_size) ||
-        join(out->tmp, sizeof out->tmp, out->dir, tmp_name, err, err_size))
+    if (path_join(out->dir, sizeof out->dir, output_dir, "checkpoints", err, err_size) ||
+        path_join(out->path, sizeof out->path, out->dir, name, err, err_size) ||
+        path_join(out->tmp, sizeof out->tmp, out->dir, tmp_name, err, err_size))
         return -1;
     struct stat st;
     int failure = make_directories(out->dir) != 0 || stat(out->dir, &st) != 0 ? errno : 0;
@@ -590,10 +412,10 @@ static int check_writable(const struct model *model, const struct adamw *opt,
         snprintf(err, err_size, "checkpoint_write: negative step %lld", position->step);
         return -1;
     }
-    if (check_layout(model, comm, "checkpoint_write", err, err_size)) return -1;
+    if (gather_check_layout(model, comm, "checkpoint_write", err, err_size)) return -1;
     size_t held = 0;
     for (int i = 0; i < model->n_params; i++)
-        if (checkpointed(&model->params[i])) held += model->params[i].numel;
+        if (gather_checkpointed(&model->params[i])) held += model->params[i].numel;
     if (held != model->grad_floats || opt->n != held || (held > 0 && (!opt->m || !opt->v))) {
         snprintf(err, err_size,
                  "checkpoint_write: optimizer state of %zu values for %zu trainable values "
@@ -631,7 +453,7 @@ int checkpoint_list(const char *output_dir, long long **steps, char *err, size_t
 {
     *steps = NULL;
     char dir[CHECKPOINT_PATH_MAX];
-    if (join(dir, sizeof dir, output_dir, "checkpoints", err, err_size)) return -1;
+    if (path_join(dir, sizeof dir, output_dir, "checkpoints", err, err_size)) return -1;
     struct step_list list;
     if (list_checkpoints(dir, &list) != 0) {
         if (errno == ENOENT) return 0;
@@ -981,7 +803,7 @@ static int read_checkpoint_file(hid_t file, const char *path, struct model *mode
     for (int i = 0; i < model->n_params; i++) {
         const struct param *p = &model->params[i];
         if (!p->trainable) continue;
-        if (checkpointed(p)) held += p->numel;
+        if (gather_checkpointed(p)) held += p->numel;
         for (int g = 0; g < 3; g++)
             if ((rc = check_tensor(file, checkpoint_groups[g], p, path, err, err_size))) return rc;
     }
@@ -998,7 +820,7 @@ static int read_checkpoint_file(hid_t file, const char *path, struct model *mode
     size_t offset = 0;
     for (int i = 0; i < model->n_params; i++) {
         struct param *p = &model->params[i];
-        if (!checkpointed(p)) continue;
+        if (!gather_checkpointed(p)) continue;
         if ((rc = read_tensor(file, "tensors", p, p->data, info.verified, path, err, err_size)) ||
             (rc = read_tensor(file, "adam_m", p, opt->m + offset, info.verified, path, err,
                               err_size)) ||
@@ -1067,402 +889,3 @@ int checkpoint_read(const char *path, struct model *model, struct adamw *opt,
     return rc;
 }
 
-/* ---- exports -------------------------------------------------------------------------- */
-
-static enum st_dtype export_dtype(const struct model_config *cfg)
-{
-    switch (cfg->dtype) {
-    case HF_DTYPE_BF16:
-        return ST_BF16;
-    case HF_DTYPE_F16:
-        return ST_F16;
-    default:
-        return ST_F32;
-    }
-}
-
-/* Rank 0's safetensors output while the tensors arrive: the writer and the copies it
- * borrows (converted to the export dtype, or received from another rank). */
-struct export_out {
-    struct st_writer *writer;
-    enum st_dtype dtype;
-    char *copies;
-    size_t used;
-};
-
-/* The bytes of p's copy on rank 0: none for an fp32 tensor rank 0 holds (the weights
- * themselves are written). */
-static size_t export_copy_bytes(const struct param *p, enum st_dtype dtype)
-{
-    return dtype == ST_F32 && p->data ? 0 : p->numel * st_dtype_size(dtype);
-}
-
-static void open_export(struct export_out *out, const struct model *model, bool trainable_only)
-{
-    out->writer = st_writer_new();
-    out->dtype = export_dtype(&model->cfg);
-    size_t total = 0;
-    for (int i = 0; i < model->n_params; i++) {
-        const struct param *p = &model->params[i];
-        if (p->trainable || !trainable_only) total += export_copy_bytes(p, out->dtype);
-    }
-    out->copies = xmalloc(total ? total : 1);
-    out->used = 0;
-}
-
-static void close_export(struct export_out *out)
-{
-    st_writer_free(out->writer);
-    free(out->copies);
-}
-
-/* The tensor_sink of the exports: one tensor into the writer, in the export dtype. */
-static int add_export_tensor(const struct param *p, const float *const *parts, void *sink,
-                             char *err, size_t err_size)
-{
-    struct export_out *out = sink;
-    size_t bytes = export_copy_bytes(p, out->dtype);
-    void *copy = out->copies + out->used;
-    out->used += bytes;
-    if (out->dtype == ST_BF16)
-        st_f32_to_bf16_array(parts[0], copy, p->numel);
-    else if (out->dtype == ST_F16)
-        st_f32_to_f16_array(parts[0], copy, p->numel);
-    else if (bytes > 0)
-        memcpy(copy, parts[0], bytes);
-    const void *data = bytes > 0 ? copy : parts[0];
-    return st_writer_add(out->writer, p->name, out->dtype, p->rank, p->shape, data, err, err_size);
-}
-
-int export_adapter(const char *dir, const struct model *model, const char *expert_config,
-                   MPI_Comm comm, char *err, size_t err_size)
-{
-    int rank;
-    check_mpi(MPI_Comm_rank(comm, &rank));
-    char path[CHECKPOINT_PATH_MAX], config_path[CHECKPOINT_PATH_MAX];
-    int rc = check_layout(model, comm, "export_adapter", err, err_size);
-    if (rc == 0 &&
-        (join(path, sizeof path, dir, "adapter.safetensors", err, err_size) ||
-         join(config_path, sizeof config_path, dir, "expert_config.json", err, err_size)))
-        rc = -1;
-    int n_trainable = 0;
-    for (int i = 0; i < model->n_params; i++) n_trainable += model->params[i].trainable;
-    if (rc == 0 && n_trainable == 0) {
-        snprintf(err, err_size, "export_adapter: the model has no trainable tensors");
-        rc = -1;
-    }
-    if (rc == 0 && rank == 0 && make_directories(dir) != 0) {
-        snprintf(err, err_size, "%s: cannot create directory: %s", dir, strerror(errno));
-        rc = -1;
-    }
-    if (checkpoint_agree(rc, err, err_size, comm)) return -1;
-    struct export_out out = {.writer = NULL};
-    if (rank == 0) open_export(&out, model, true);
-    rc = gather_to_rank0(model, NULL, true, 1, comm, add_export_tensor, &out, err, err_size);
-    if (rank == 0) {
-        if (rc == 0) rc = st_writer_write(out.writer, path, 1, err, err_size);
-        close_export(&out);
-        if (rc == 0 && expert_config) rc = copy_file(expert_config, config_path, err, err_size);
-    }
-    return checkpoint_agree(rc, err, err_size, comm);
-}
-
-/* Whether a and b name the same existing directory. */
-static bool same_directory(const char *a, const char *b)
-{
-    struct stat sa, sb;
-    if (stat(a, &sa) != 0 || stat(b, &sb) != 0) return false;
-    return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
-}
-
-/* Rank 0's checks of the merged export's directory, which it then creates. */
-static int prepare_merged_directory(const char *dir, const char *base_dir, char *err,
-                                    size_t err_size)
-{
-    if (base_dir && (strcmp(dir, base_dir) == 0 || same_directory(dir, base_dir))) {
-        snprintf(err, err_size,
-                 "export_merged: %s is the base model's directory; the merged model goes to a "
-                 "new directory",
-                 dir);
-        return -1;
-    }
-    char path[CHECKPOINT_PATH_MAX];
-    if (join(path, sizeof path, dir, "config.json", err, err_size)) return -1;
-    if (file_exists(path)) {
-        snprintf(err, err_size,
-                 "export_merged: %s already holds a checkpoint (config.json); remove it or "
-                 "choose another directory",
-                 dir);
-        return -1;
-    }
-    if (make_directories(dir) != 0) {
-        snprintf(err, err_size, "%s: cannot create directory: %s", dir, strerror(errno));
-        return -1;
-    }
-    return 0;
-}
-
-/* Rank 0: the base directory's tokenizer and generation files, then config.json (last:
- * a directory without it is an unfinished export, retried freely). */
-static int finish_merged_directory(const char *dir, const struct model *model, const char *base_dir,
-                                   char *err, size_t err_size)
-{
-    static const char *const copied[] = {"tokenizer.json",
-                                         "tokenizer_config.json",
-                                         "special_tokens_map.json",
-                                         "vocab.json",
-                                         "merges.txt",
-                                         "tokenizer.model",
-                                         "generation_config.json",
-                                         "chat_template.jinja"};
-    for (size_t i = 0; base_dir && i < sizeof copied / sizeof copied[0]; i++) {
-        char from[CHECKPOINT_PATH_MAX], to[CHECKPOINT_PATH_MAX];
-        if (join(from, sizeof from, base_dir, copied[i], err, err_size) ||
-            join(to, sizeof to, dir, copied[i], err, err_size))
-            return -1;
-        if (file_exists(from) && copy_file(from, to, err, err_size)) return -1;
-    }
-    return hfconfig_write(dir, &model->cfg, err, err_size);
-}
-
-int export_merged(const char *dir, const struct model *model, const char *base_dir,
-                  size_t max_shard_bytes, MPI_Comm comm, char *err, size_t err_size)
-{
-    int rank;
-    check_mpi(MPI_Comm_rank(comm, &rank));
-    int rc = check_layout(model, comm, "export_merged", err, err_size);
-    if (rc == 0 && rank == 0) rc = prepare_merged_directory(dir, base_dir, err, err_size);
-    if (checkpoint_agree(rc, err, err_size, comm)) return -1;
-    struct export_out out = {.writer = NULL};
-    if (rank == 0) open_export(&out, model, false);
-    rc = gather_to_rank0(model, NULL, false, 1, comm, add_export_tensor, &out, err, err_size);
-    if (rank == 0) {
-        if (rc == 0)
-            rc = st_writer_write_checkpoint(out.writer, dir, max_shard_bytes, err, err_size);
-        close_export(&out);
-        if (rc == 0) rc = finish_merged_directory(dir, model, base_dir, err, err_size);
-    }
-    return checkpoint_agree(rc, err, err_size, comm);
-}
-
-/* ---- loss curve ------------------------------------------------------------------------- */
-
-/* A "nice" tick spacing (1, 2 or 5 x 10^k) giving about `target` intervals over span. */
-static double tick_spacing(double span, int target)
-{
-    double raw = span / target;
-    double magnitude = pow(10.0, floor(log10(raw)));
-    double fraction = raw / magnitude;
-    double nice = fraction <= 1 ? 1 : fraction <= 2 ? 2 : fraction <= 5 ? 5 : 10;
-    return nice * magnitude;
-}
-
-/* [lo, hi] widened to whole ticks; a single value gets a range around it. */
-static void axis_range(double *lo, double *hi, double *spacing, bool integral)
-{
-    if (!(*hi > *lo)) {
-        double pad = fabs(*lo) * 0.05;
-        if (pad < (integral ? 1.0 : 1e-3)) pad = integral ? 1.0 : 0.5;
-        *lo -= pad;
-        *hi += pad;
-    }
-    *spacing = tick_spacing(*hi - *lo, 5);
-    if (integral && *spacing < 1) *spacing = 1;
-    *lo = floor(*lo / *spacing) * *spacing;
-    *hi = ceil(*hi / *spacing) * *spacing;
-}
-
-static void xml_text(FILE *out, const char *s)
-{
-    for (; *s; s++) {
-        switch (*s) {
-        case '<':
-            fputs("&lt;", out);
-            break;
-        case '>':
-            fputs("&gt;", out);
-            break;
-        case '&':
-            fputs("&amp;", out);
-            break;
-        case '"':
-            fputs("&quot;", out);
-            break;
-        default:
-            fputc(*s, out);
-        }
-    }
-}
-
-struct chart {
-    const char *title;
-    const long long *steps;
-    const double *loss;
-    int n;
-    const long long *eval_steps;
-    const double *eval_loss;
-    int n_eval;
-};
-
-static void chart_body(FILE *out, const struct chart *c)
-{
-    const int width = 760, height = 460, left = 72, right = 24, top = 56, bottom = 56;
-    const int plot_w = width - left - right, plot_h = height - top - bottom;
-    /* data ranges over both series, finite losses only */
-    double x_lo = INFINITY, x_hi = -INFINITY, y_lo = INFINITY, y_hi = -INFINITY;
-    for (int s = 0; s < 2; s++) {
-        const long long *steps = s ? c->eval_steps : c->steps;
-        const double *loss = s ? c->eval_loss : c->loss;
-        int n = s ? c->n_eval : c->n;
-        for (int i = 0; i < n; i++) {
-            if (!isfinite(loss[i])) continue;
-            x_lo = fmin(x_lo, (double)steps[i]);
-            x_hi = fmax(x_hi, (double)steps[i]);
-            y_lo = fmin(y_lo, loss[i]);
-            y_hi = fmax(y_hi, loss[i]);
-        }
-    }
-    if (x_lo > x_hi) { /* nothing to draw: an empty unit chart */
-        x_lo = 0;
-        x_hi = 1;
-    }
-    if (y_lo > y_hi) {
-        y_lo = 0;
-        y_hi = 1;
-    }
-    double x_tick, y_tick;
-    axis_range(&x_lo, &x_hi, &x_tick, true);
-    axis_range(&y_lo, &y_hi, &y_tick, false);
-#define X_OF(v) (left + ((v)-x_lo) / (x_hi - x_lo) * plot_w)
-#define Y_OF(v) (top + plot_h - ((v)-y_lo) / (y_hi - y_lo) * plot_h)
-
-    fputs("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n", out);
-    fprintf(out,
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" "
-            "viewBox=\"0 0 %d %d\" font-family=\"DejaVu Sans, Arial, sans-serif\">\n",
-            width, height, width, height);
-    fprintf(out, "<rect width=\"%d\" height=\"%d\" fill=\"white\"/>\n", width, height);
-    fprintf(out, "<text x=\"%d\" y=\"28\" font-size=\"16\" font-weight=\"bold\">", left);
-    xml_text(out, c->title && c->title[0] ? c->title : "Training loss");
-    fputs("</text>\n", out);
-
-    /* grid lines and ticks */
-    fputs("<g font-size=\"10\" stroke-width=\"1\">\n", out);
-    for (int i = 0; i <= 40; i++) { /* about 5 ticks; the bound only guards the loop */
-        double v = y_lo + i * y_tick;
-        if (v > y_hi + y_tick * 1e-6) break;
-        double y = Y_OF(v);
-        fprintf(out,
-                "<line x1=\"%d\" y1=\"%.2f\" x2=\"%d\" y2=\"%.2f\" stroke=\"#e4e4e4\"/>\n"
-                "<line x1=\"%d\" y1=\"%.2f\" x2=\"%d\" y2=\"%.2f\" stroke=\"#444\"/>\n"
-                "<text x=\"%d\" y=\"%.2f\" text-anchor=\"end\" dominant-baseline=\"central\">"
-                "%.4g</text>\n",
-                left, y, left + plot_w, y, left - 4, y, left, y, left - 7, y,
-                fabs(v) < y_tick * 1e-6 ? 0.0 : v);
-    }
-    for (int i = 0; i <= 40; i++) {
-        double v = x_lo + i * x_tick;
-        if (v > x_hi + x_tick * 1e-6) break;
-        double x = X_OF(v);
-        fprintf(out,
-                "<line x1=\"%.2f\" y1=\"%d\" x2=\"%.2f\" y2=\"%d\" stroke=\"#e4e4e4\"/>\n"
-                "<line x1=\"%.2f\" y1=\"%d\" x2=\"%.2f\" y2=\"%d\" stroke=\"#444\"/>\n"
-                "<text x=\"%.2f\" y=\"%d\" text-anchor=\"middle\">%.10g</text>\n",
-                x, top, x, top + plot_h, x, top + plot_h, x, top + plot_h + 4, x, top + plot_h + 16,
-                v);
-    }
-    fputs("</g>\n", out);
-    fprintf(out,
-            "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"#444\"/>\n",
-            left, top, plot_w, plot_h);
-    fprintf(out, "<text x=\"%d\" y=\"%d\" font-size=\"12\" text-anchor=\"middle\">step</text>\n",
-            left + plot_w / 2, height - 16);
-    fprintf(out,
-            "<text x=\"18\" y=\"%d\" font-size=\"12\" text-anchor=\"middle\" "
-            "transform=\"rotate(-90 18 %d)\">loss</text>\n",
-            top + plot_h / 2, top + plot_h / 2);
-
-    /* training loss: one polyline (a lone point also gets a dot, which a polyline of
-     * one vertex does not draw) */
-    fputs("<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"", out);
-    int drawn = 0;
-    for (int i = 0; i < c->n; i++) {
-        if (!isfinite(c->loss[i])) continue;
-        fprintf(out, "%s%.2f,%.2f", drawn++ ? " " : "", X_OF((double)c->steps[i]),
-                Y_OF(c->loss[i]));
-    }
-    fputs("\"/>\n", out);
-    if (drawn == 1)
-        for (int i = 0; i < c->n; i++)
-            if (isfinite(c->loss[i]))
-                fprintf(out, "<circle cx=\"%.2f\" cy=\"%.2f\" r=\"2.5\" fill=\"#1f77b4\"/>\n",
-                        X_OF((double)c->steps[i]), Y_OF(c->loss[i]));
-
-    /* evaluation loss: points joined by a line */
-    if (c->n_eval > 0) {
-        fputs("<polyline fill=\"none\" stroke=\"#d62728\" stroke-width=\"1.5\" points=\"", out);
-        drawn = 0;
-        for (int i = 0; i < c->n_eval; i++) {
-            if (!isfinite(c->eval_loss[i])) continue;
-            fprintf(out, "%s%.2f,%.2f", drawn++ ? " " : "", X_OF((double)c->eval_steps[i]),
-                    Y_OF(c->eval_loss[i]));
-        }
-        fputs("\"/>\n<g fill=\"#d62728\">\n", out);
-        for (int i = 0; i < c->n_eval; i++) {
-            if (!isfinite(c->eval_loss[i])) continue;
-            fprintf(out,
-                    "<circle cx=\"%.2f\" cy=\"%.2f\" r=\"3.5\"><title>step %lld: %.6g"
-                    "</title></circle>\n",
-                    X_OF((double)c->eval_steps[i]), Y_OF(c->eval_loss[i]), c->eval_steps[i],
-                    c->eval_loss[i]);
-        }
-        fputs("</g>\n", out);
-    }
-#undef X_OF
-#undef Y_OF
-
-    /* legend, top right inside the plot */
-    int lx = left + plot_w - 150, ly = top + 10;
-    fprintf(out,
-            "<rect x=\"%d\" y=\"%d\" width=\"140\" height=\"%d\" fill=\"white\" "
-            "fill-opacity=\"0.85\" stroke=\"#bbb\"/>\n",
-            lx, ly, c->n_eval > 0 ? 46 : 26);
-    fprintf(out,
-            "<line x1=\"%d\" y1=\"%d\" x2=\"%d\" y2=\"%d\" stroke=\"#1f77b4\" "
-            "stroke-width=\"1.5\"/>\n<text x=\"%d\" y=\"%d\" font-size=\"11\" "
-            "dominant-baseline=\"central\">training loss</text>\n",
-            lx + 8, ly + 13, lx + 32, ly + 13, lx + 40, ly + 13);
-    if (c->n_eval > 0)
-        fprintf(out,
-                "<line x1=\"%d\" y1=\"%d\" x2=\"%d\" y2=\"%d\" stroke=\"#d62728\" "
-                "stroke-width=\"1.5\"/>\n<circle cx=\"%d\" cy=\"%d\" r=\"3.5\" "
-                "fill=\"#d62728\"/>\n<text x=\"%d\" y=\"%d\" font-size=\"11\" "
-                "dominant-baseline=\"central\">evaluation loss</text>\n",
-                lx + 8, ly + 33, lx + 32, ly + 33, lx + 20, ly + 33, lx + 40, ly + 33);
-    fputs("</svg>\n", out);
-}
-
-int plot_loss_curve(const char *path, const char *title, const long long *steps, const double *loss,
-                    int n, const long long *eval_steps, const double *eval_loss, int n_eval,
-                    char *err, size_t err_size)
-{
-    if (n < 0 || n_eval < 0 || (n > 0 && (!steps || !loss)) ||
-        (n_eval > 0 && (!eval_steps || !eval_loss))) {
-        snprintf(err, err_size, "%s: plot_loss_curve: no data arrays for %d and %d points", path, n,
-                 n_eval);
-        return -1;
-    }
-    char tmp[CHECKPOINT_PATH_MAX];
-    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp) {
-        snprintf(err, err_size, "%s: path too long", path);
-        return -1;
-    }
-    FILE *out = fopen(tmp, "w");
-    if (!out) {
-        snprintf(err, err_size, "%s: cannot create: %s", tmp, strerror(errno));
-        return -1;
-    }
-    struct chart chart = {title, steps, loss, n, eval_steps, eval_loss, n_eval};
-    chart_body(out, &chart);
-    return file_commit(out, tmp, path, err, err_size);
-}

@@ -1,5 +1,5 @@
-/* checkpoint: training checkpoints (HDF5) and the export of trained tensors
- * (safetensors), for the train phase.
+/* checkpoint: training checkpoints (HDF5), for the train phase (the exports of trained
+ * tensors: export.h).
  *
  * A checkpoint is OUTPUT_DIR/checkpoints/step-NNNNNNNN.h5 holding: attributes format =
  * "esft-checkpoint", version = 2, step, epoch, block (the data position: next block of
@@ -115,27 +115,5 @@ int checkpoint_read(const char *path, struct model *model, struct adamw *opt,
  * every rank's status is 0; otherwise, on every rank, the status and the message (in err,
  * "rank N: " before it when N is not rank 0) of the lowest-numbered failing rank. */
 int checkpoint_agree(int status, char *err, size_t err_size, MPI_Comm comm);
-
-/* The adapter: the trainable tensors under their Hugging Face names in one safetensors
- * file (dtype of the base checkpoint: bf16, fp16 or fp32), and expert_config (when not
- * NULL) copied beside it as expert_config.json. Collective over comm (as for
- * checkpoint_write): world rank 0 writes, the tensors it does not hold sent to it one
- * at a time; the same status and message on every rank. 0, or -1. */
-int export_adapter(const char *dir, const struct model *model, const char *expert_config,
-                   MPI_Comm comm, char *err, size_t err_size);
-
-/* A complete Hugging Face checkpoint of the trained model: every tensor, sharded
- * safetensors (+ index when sharded, shards of at most max_shard_bytes), config.json,
- * and the base directory's tokenizer and generation files copied. Collective over comm
- * like export_adapter; rank 0 keeps a copy of every tensor in the export dtype until the
- * write (the safetensors writer takes them all at once). 0, or -1. */
-int export_merged(const char *dir, const struct model *model, const char *base_dir,
-                  size_t max_shard_bytes, MPI_Comm comm, char *err, size_t err_size);
-
-/* An SVG line chart of the training loss per step and the evaluation loss (points at
- * eval_steps), for a person to open in a browser. 0, or -1. */
-int plot_loss_curve(const char *path, const char *title, const long long *steps,
-                    const double *loss, int n, const long long *eval_steps,
-                    const double *eval_loss, int n_eval, char *err, size_t err_size);
 
 #endif

@@ -2,6 +2,8 @@
 #include "files.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
 #include <stdbool.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -45,4 +47,67 @@ int file_commit(FILE *out, const char *tmp, const char *path, char *err, size_t 
         return -1;
     }
     return 0;
+}
+
+int path_join(char *out, size_t size, const char *dir, const char *name, char *err,
+                size_t err_size)
+{
+    int n = snprintf(out, size, "%s/%s", dir, name);
+    if (n < 0 || (size_t)n >= size) {
+        snprintf(err, err_size, "%s/%s: path too long", dir, name);
+        return -1;
+    }
+    return 0;
+}
+
+int fsync_path(const char *path, int flags)
+{
+    int fd = open(path, flags | O_CLOEXEC);
+    if (fd < 0) return -1;
+    int rc = fsync(fd);
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return rc;
+}
+
+bool path_exists(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+/* Copies src to dst through dst.tmp, fsync and rename. */
+int copy_file(const char *src, const char *dst, char *err, size_t err_size)
+{
+    FILE *in = fopen(src, "rb");
+    if (!in) {
+        snprintf(err, err_size, "%s: cannot open: %s", src, strerror(errno));
+        return -1;
+    }
+    char tmp[4200];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp", dst) >= (int)sizeof tmp) {
+        snprintf(err, err_size, "%s: path too long", dst);
+        fclose(in);
+        return -1;
+    }
+    FILE *out = fopen(tmp, "wb");
+    if (!out) {
+        snprintf(err, err_size, "%s: cannot create: %s", tmp, strerror(errno));
+        fclose(in);
+        return -1;
+    }
+    char buf[65536];
+    size_t n;
+    bool failed = false;
+    while (!failed && (n = fread(buf, 1, sizeof buf, in)) > 0) failed = fwrite(buf, 1, n, out) != n;
+    if (ferror(in)) {
+        snprintf(err, err_size, "%s: read failed: %s", src, strerror(errno));
+        fclose(in);
+        fclose(out);
+        remove(tmp);
+        return -1;
+    }
+    fclose(in);
+    return file_commit(out, tmp, dst, err, err_size); /* a failed fwrite left ferror(out) set */
 }

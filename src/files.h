@@ -5,6 +5,7 @@
 /* mkdir -p: creates path and its missing parents. 0, or -1 with errno set. */
 int make_directories(const char *path);
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
 
@@ -12,5 +13,14 @@ int make_directories(const char *path);
  * fsyncs, closes, and renames it to path, so readers see the old file or the whole new
  * one. On any failure tmp is removed. Closes out in every case. 0, or -1 with a message. */
 int file_commit(FILE *out, const char *tmp, const char *path, char *err, size_t err_size);
+
+/* dir/name into out; -1 with a message when it does not fit. */
+int path_join(char *out, size_t size, const char *dir, const char *name, char *err,
+              size_t err_size);
+/* fsync of a file or (flags O_RDONLY | O_DIRECTORY) a directory; -1 with errno set. */
+int fsync_path(const char *path, int flags);
+bool path_exists(const char *path);
+/* Copies src to dst through dst.tmp (file_commit). 0, or -1 with a message. */
+int copy_file(const char *src, const char *dst, char *err, size_t err_size);
 
 #endif

@@ -1,5 +1,6 @@
 /* history: the training history of an output directory, read back from its
- * metrics.jsonl, for the loss picture and the run summary of the train phase.
+ * metrics.jsonl, and drawn (loss.svg), for the loss picture and the run summary of the
+ * train phase.
  *
  * A training that was stopped and resumed appends one segment per run to the same
  * metrics file. Each segment opens with a "train_start" line naming the step it starts
@@ -28,5 +29,11 @@ void curve_free(struct curve *c);
  * naming the file and line. */
 int history_read(const char *output_dir, struct curve *train, struct curve *eval, char *err,
                  size_t err_size);
+
+/* An SVG line chart of the training loss per step and the evaluation loss (points at
+ * eval_steps), for a person to open in a browser. 0, or -1. */
+int plot_loss_curve(const char *path, const char *title, const long long *steps,
+                    const double *loss, int n, const long long *eval_steps,
+                    const double *eval_loss, int n_eval, char *err, size_t err_size);
 
 #endif

@@ -36,6 +36,7 @@
 #include "backend.h"
 #include "blocks.h"
 #include "checkpoint.h"
+#include "export.h"
 #include "dataset.h"
 #include "files.h"
 #include "flops.h"

@@ -47,6 +47,8 @@
 
 #include "check.h"
 #include "checkpoint.h"
+#include "export.h"
+#include "history.h"
 #include "checksum.h"
 #include "deck.h"
 #include "hfconfig.h"

@@ -1,0 +1,193 @@
+/* export: the trained tensors as files other tools load (see export.h). Rank 0 writes
+ * them with the safetensors writer, in the base checkpoint's dtype; the tensors it does
+ * not hold arrive one at a time from their holders (gather.h). */
+#include "export.h"
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "files.h"
+#include "gather.h"
+#include "hfconfig.h"
+#include "log.h"
+#include "safetensors.h"
+
+static enum st_dtype export_dtype(const struct model_config *cfg)
+{
+    switch (cfg->dtype) {
+    case HF_DTYPE_BF16:
+        return ST_BF16;
+    case HF_DTYPE_F16:
+        return ST_F16;
+    default:
+        return ST_F32;
+    }
+}
+
+/* Rank 0's safetensors output while the tensors arrive: the writer and the copies it
+ * borrows (converted to the export dtype, or received from another rank). */
+struct export_out {
+    struct st_writer *writer;
+    enum st_dtype dtype;
+    char *copies;
+    size_t used;
+};
+
+/* The bytes of p's copy on rank 0: none for an fp32 tensor rank 0 holds (the weights
+ * themselves are written). */
+static size_t export_copy_bytes(const struct param *p, enum st_dtype dtype)
+{
+    return dtype == ST_F32 && p->data ? 0 : p->numel * st_dtype_size(dtype);
+}
+
+static void open_export(struct export_out *out, const struct model *model, bool trainable_only)
+{
+    out->writer = st_writer_new();
+    out->dtype = export_dtype(&model->cfg);
+    size_t total = 0;
+    for (int i = 0; i < model->n_params; i++) {
+        const struct param *p = &model->params[i];
+        if (p->trainable || !trainable_only) total += export_copy_bytes(p, out->dtype);
+    }
+    out->copies = xmalloc(total ? total : 1);
+    out->used = 0;
+}
+
+static void close_export(struct export_out *out)
+{
+    st_writer_free(out->writer);
+    free(out->copies);
+}
+
+/* The tensor_sink of the exports: one tensor into the writer, in the export dtype. */
+static int add_export_tensor(const struct param *p, const float *const *parts, void *sink,
+                             char *err, size_t err_size)
+{
+    struct export_out *out = sink;
+    size_t bytes = export_copy_bytes(p, out->dtype);
+    void *copy = out->copies + out->used;
+    out->used += bytes;
+    if (out->dtype == ST_BF16)
+        st_f32_to_bf16_array(parts[0], copy, p->numel);
+    else if (out->dtype == ST_F16)
+        st_f32_to_f16_array(parts[0], copy, p->numel);
+    else if (bytes > 0)
+        memcpy(copy, parts[0], bytes);
+    const void *data = bytes > 0 ? copy : parts[0];
+    return st_writer_add(out->writer, p->name, out->dtype, p->rank, p->shape, data, err, err_size);
+}
+
+int export_adapter(const char *dir, const struct model *model, const char *expert_config,
+                   MPI_Comm comm, char *err, size_t err_size)
+{
+    int rank;
+    check_mpi(MPI_Comm_rank(comm, &rank));
+    char path[4200], config_path[4200];
+    int rc = gather_check_layout(model, comm, "export_adapter", err, err_size);
+    if (rc == 0 &&
+        (path_join(path, sizeof path, dir, "adapter.safetensors", err, err_size) ||
+         path_join(config_path, sizeof config_path, dir, "expert_config.json", err, err_size)))
+        rc = -1;
+    int n_trainable = 0;
+    for (int i = 0; i < model->n_params; i++) n_trainable += model->params[i].trainable;
+    if (rc == 0 && n_trainable == 0) {
+        snprintf(err, err_size, "export_adapter: the model has no trainable tensors");
+        rc = -1;
+    }
+    if (rc == 0 && rank == 0 && make_directories(dir) != 0) {
+        snprintf(err, err_size, "%s: cannot create directory: %s", dir, strerror(errno));
+        rc = -1;
+    }
+    if (ranks_agree(rc, err, err_size, comm)) return -1;
+    struct export_out out = {.writer = NULL};
+    if (rank == 0) open_export(&out, model, true);
+    rc = gather_to_rank0(model, NULL, true, 1, comm, add_export_tensor, &out, err, err_size);
+    if (rank == 0) {
+        if (rc == 0) rc = st_writer_write(out.writer, path, 1, err, err_size);
+        close_export(&out);
+        if (rc == 0 && expert_config) rc = copy_file(expert_config, config_path, err, err_size);
+    }
+    return ranks_agree(rc, err, err_size, comm);
+}
+
+/* Whether a and b name the same existing directory. */
+static bool same_directory(const char *a, const char *b)
+{
+    struct stat sa, sb;
+    if (stat(a, &sa) != 0 || stat(b, &sb) != 0) return false;
+    return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+/* Rank 0's checks of the merged export's directory, which it then creates. */
+static int prepare_merged_directory(const char *dir, const char *base_dir, char *err,
+                                    size_t err_size)
+{
+    if (base_dir && (strcmp(dir, base_dir) == 0 || same_directory(dir, base_dir))) {
+        snprintf(err, err_size,
+                 "export_merged: %s is the base model's directory; the merged model goes to a "
+                 "new directory",
+                 dir);
+        return -1;
+    }
+    char path[4200];
+    if (path_join(path, sizeof path, dir, "config.json", err, err_size)) return -1;
+    if (path_exists(path)) {
+        snprintf(err, err_size,
+                 "export_merged: %s already holds a checkpoint (config.json); remove it or "
+                 "choose another directory",
+                 dir);
+        return -1;
+    }
+    if (make_directories(dir) != 0) {
+        snprintf(err, err_size, "%s: cannot create directory: %s", dir, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* Rank 0: the base directory's tokenizer and generation files, then config.json (last:
+ * a directory without it is an unfinished export, retried freely). */
+static int finish_merged_directory(const char *dir, const struct model *model, const char *base_dir,
+                                   char *err, size_t err_size)
+{
+    static const char *const copied[] = {"tokenizer.json",
+                                         "tokenizer_config.json",
+                                         "special_tokens_map.json",
+                                         "vocab.json",
+                                         "merges.txt",
+                                         "tokenizer.model",
+                                         "generation_config.json",
+                                         "chat_template.jinja"};
+    for (size_t i = 0; base_dir && i < sizeof copied / sizeof copied[0]; i++) {
+        char from[4200], to[4200];
+        if (path_join(from, sizeof from, base_dir, copied[i], err, err_size) ||
+            path_join(to, sizeof to, dir, copied[i], err, err_size))
+            return -1;
+        if (path_exists(from) && copy_file(from, to, err, err_size)) return -1;
+    }
+    return hfconfig_write(dir, &model->cfg, err, err_size);
+}
+
+int export_merged(const char *dir, const struct model *model, const char *base_dir,
+                  size_t max_shard_bytes, MPI_Comm comm, char *err, size_t err_size)
+{
+    int rank;
+    check_mpi(MPI_Comm_rank(comm, &rank));
+    int rc = gather_check_layout(model, comm, "export_merged", err, err_size);
+    if (rc == 0 && rank == 0) rc = prepare_merged_directory(dir, base_dir, err, err_size);
+    if (ranks_agree(rc, err, err_size, comm)) return -1;
+    struct export_out out = {.writer = NULL};
+    if (rank == 0) open_export(&out, model, false);
+    rc = gather_to_rank0(model, NULL, false, 1, comm, add_export_tensor, &out, err, err_size);
+    if (rank == 0) {
+        if (rc == 0)
+            rc = st_writer_write_checkpoint(out.writer, dir, max_shard_bytes, err, err_size);
+        close_export(&out);
+        if (rc == 0) rc = finish_merged_directory(dir, model, base_dir, err, err_size);
+    }
+    return ranks_agree(rc, err, err_size, comm);
+}

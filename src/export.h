@@ -1,0 +1,28 @@
+/* export: the trained tensors in files other tools load, for the train phase: the
+ * adapter (the trained tensors only) and the merged checkpoint (the whole trained model).
+ * Both are layout-free: a run under any (pp, dp, ep) writes the same files. */
+#ifndef ESFT_EXPORT_H
+#define ESFT_EXPORT_H
+
+#include <mpi.h>
+#include <stddef.h>
+
+#include "model.h"
+
+/* The adapter: the trainable tensors under their Hugging Face names in one safetensors
+ * file (dtype of the base checkpoint: bf16, fp16 or fp32), and expert_config (when not
+ * NULL) copied beside it as expert_config.json. Collective over comm (as for
+ * checkpoint_write): world rank 0 writes, the tensors it does not hold sent to it one
+ * at a time; the same status and message on every rank. 0, or -1. */
+int export_adapter(const char *dir, const struct model *model, const char *expert_config,
+                   MPI_Comm comm, char *err, size_t err_size);
+
+/* A complete Hugging Face checkpoint of the trained model: every tensor, sharded
+ * safetensors (+ index when sharded, shards of at most max_shard_bytes), config.json,
+ * and the base directory's tokenizer and generation files copied. Collective over comm
+ * like export_adapter; rank 0 keeps a copy of every tensor in the export dtype until the
+ * write (the safetensors writer takes them all at once). 0, or -1. */
+int export_merged(const char *dir, const struct model *model, const char *base_dir,
+                  size_t max_shard_bytes, MPI_Comm comm, char *err, size_t err_size);
+
+#endif
