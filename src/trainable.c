@@ -30,7 +30,7 @@ int expert_config_read(const char *path, const struct model_config *cfg,
 {
     memset(ec, 0, sizeof *ec);
     json_error_t error;
-    json_t *root = json_load_file(path, 0, &error);
+    json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &error);
     if (!root) {
         if (error.line > 0)
             snprintf(err, err_size, "%s:%d:%d: %s", path, error.line, error.column, error.text);
@@ -60,11 +60,18 @@ int expert_config_read(const char *path, const struct model_config *cfg,
     const char *key;
     json_t *list;
     json_object_foreach(experts, key, list) {
-        char *end = NULL;
+        /* A key is the layer index in decimal, as select writes it (esft-semantics.md,
+         * section 2). Other spellings of a number ("02", "+2", " 2") are refused, so no
+         * two keys name one layer: the second would overrun the first one's list. */
+        char *end = NULL, plain[24];
         long layer = strtol(key, &end, 10);
-        if (!*key || *end || layer < 0 || layer >= cfg->num_layers || !cfg->is_moe[layer]) {
-            snprintf(err, err_size, "%s: experts key \"%s\" is not a MoE layer of the model "
-                     "(decoder layers 0-%d)", path, key, cfg->num_layers - 1);
+        snprintf(plain, sizeof plain, "%ld", layer);
+        if (!*key || *end || strcmp(key, plain) != 0 || layer < 0 || layer >= cfg->num_layers ||
+            !cfg->is_moe[layer]) {
+            snprintf(err, err_size,
+                     "%s: experts key \"%s\" is not a MoE layer of the model "
+                     "(decoder layers 0-%d, written in decimal)",
+                     path, key, cfg->num_layers - 1);
             goto done;
         }
         if (!json_is_array(list)) {

@@ -25,9 +25,10 @@ struct expert_config {
     bool shared_experts, non_expert_modules;
 };
 
-/* Reads and checks path against the model: every key a MoE layer of cfg, every id an
- * expert of it, no duplicates, "shared_experts" only for a model that has them, and
- * something to train. 0, or -1 with a message naming the file and key. */
+/* Reads and checks path against the model: every key a MoE layer of cfg written in
+ * plain decimal ("2", not "02"), every id an expert of it, no duplicate key or id,
+ * "shared_experts" only for a model that has them, and something to train. 0, or -1
+ * with a message naming the file and key. */
 int expert_config_read(const char *path, const struct model_config *cfg,
                        struct expert_config *ec, char *err, size_t err_size);
 void expert_config_free(struct expert_config *ec);

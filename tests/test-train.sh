@@ -256,6 +256,12 @@ grep -q "train.global_batch (5) is not divisible" "$tmp/err" && ok || fail "indi
 expect 2 "missing expert config" "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common \
     "train.expert_config=$d/absent.json"
 grep -q "absent.json" "$tmp/err" && ok || fail "missing expert config message"
+# One layer under two spellings ("2" and "02") is refused (it overflowed the layer's list).
+printf '{"experts": {"2": [1], "02": [3]}}\n' >"$tmp/twice.json"
+# shellcheck disable=SC2086
+expect 2 "a layer spelled twice" "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common \
+    "train.expert_config=$tmp/twice.json"
+grep -q 'experts key "02" is not a MoE layer' "$tmp/err" && ok || fail "a layer spelled twice message"
 # shellcheck disable=SC2086
 expect 2 "lora not yet" "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common train.method=lora
 [ -e "$d/bad" ] && fail "a refused train run left $d/bad" || ok
