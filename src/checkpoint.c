@@ -344,7 +344,7 @@ static void prune_checkpoints(const char *dir, int keep)
         log_warn("cannot list %s to delete old checkpoints: %s", dir, strerror(errno));
         return;
     }
-    qsort(list.steps, (size_t)list.n, sizeof *list.steps, compare_steps);
+    if (list.n > 1) qsort(list.steps, (size_t)list.n, sizeof *list.steps, compare_steps);
     char path[CHECKPOINT_PATH_MAX];
     for (int i = 0; i < list.n - keep; i++) {
         snprintf(path, sizeof path, "%s/step-%08lld.h5", dir, list.steps[i]);
@@ -460,7 +460,7 @@ int checkpoint_list(const char *output_dir, long long **steps, char *err, size_t
         snprintf(err, err_size, "%s: cannot list checkpoints: %s", dir, strerror(errno));
         return -1;
     }
-    qsort(list.steps, (size_t)list.n, sizeof *list.steps, compare_steps);
+    if (list.n > 1) qsort(list.steps, (size_t)list.n, sizeof *list.steps, compare_steps);
     for (int i = 0; i < list.n / 2; i++) { /* newest first */
         long long step = list.steps[i];
         list.steps[i] = list.steps[list.n - 1 - i];

@@ -32,15 +32,19 @@ static inline float exp_nonpositive(float x)
 {
     x = x < -87.0f ? -87.0f : x;
     const float round = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    float n = (x * 1.44269504088896341f + round) - round;
+    union {
+        float f;
+        uint32_t u;
+    } shifted = {.f = x * 1.44269504088896341f + round}, scale;
+    float n = shifted.f - round;
     float r = x - n * 0.693145751953125f; /* ln 2 in two parts, so n * ln2 is exact */
     r = r - n * 1.42860682030941723e-6f;
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.66666672e-1f + r * (4.16666679e-2f +
                                                    r * (8.33333377e-3f + r * 1.38888892e-3f)))));
-    union {
-        int32_t i;
-        float f;
-    } scale = {.i = ((int32_t)n + 127) << 23};
+    /* 2^n from the integer n in the low mantissa bits of n + 1.5 * 2^23 (bits 0x4B400000
+     * + n), in unsigned arithmetic: a NaN x (a diverged model) gives a NaN p and so a NaN
+     * result, never a float-to-int conversion out of range */
+    scale.u = (shifted.u - 0x4B400000u + 127u) << 23;
     return p * scale.f;
 }
 

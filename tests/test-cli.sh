@@ -92,7 +92,11 @@ expect 2 "dry run, lora" "$esft" --dry-run "$src/input/demo.yaml" "run.output_di
 absent "$late" "dry run, lora"
 
 # Overrides: applied after the deck, shown in the resolved deck; a bad one refused.
-expect 0 "override" "$esft" --dry-run "$src/input/demo.yaml" train.lr=3e-5 run.name=sweep-7
+# (the demo deck's own paths are relative to where it is run: these runs point them at
+# the source tree and a scratch directory, so they pass from any build directory)
+here="model.path=$tmp/dm/model prepare.inputs=[$src/input/data/demo.jsonl]"
+# shellcheck disable=SC2086 # $here is a list of overrides
+expect 0 "override" "$esft" --dry-run "$src/input/demo.yaml" $here train.lr=3e-5 run.name=sweep-7
 contains "$tmp/out" "sweep-7" "override run.name"
 contains "$tmp/out" "lr: 3e-05" "override train.lr"
 expect 2 "bad override value" "$esft" --dry-run "$src/input/demo.yaml" train.lr=fast
@@ -102,7 +106,8 @@ expect 2 "unknown override key" "$esft" --dry-run "$src/input/demo.yaml" train.l
 contains "$tmp/err" "train.learning_rate" "unknown override key"
 
 # Layouts: pp 1, ep 2 on 4 ranks gives dp 2; printed once, by rank 0.
-expect 0 "np 4 layout" $mpirun 4 "$esft" --dry-run "$src/input/demo.yaml" parallel.ep=2
+# shellcheck disable=SC2086
+expect 0 "np 4 layout" $mpirun 4 "$esft" --dry-run "$src/input/demo.yaml" $here parallel.ep=2
 contains "$tmp/out" "layout: world 4 = pp 1 x dp 2 x ep 2" "np 4 layout"
 n=$(grep -c "layout: world" "$tmp/out")
 [ "$n" = 1 ] && ok || fail "np 4 layout: printed $n times"
@@ -115,7 +120,8 @@ expect 2 "experts not divisible by ep" "$esft" --dry-run --ranks 2 "$src/input/d
     parallel.ep=2 init.num_experts=7
 contains "$tmp/err" "7" "experts not divisible by ep"
 # Planning a layout for a larger job without launching it.
-expect 0 "--ranks 8" "$esft" --dry-run --ranks 8 "$src/input/demo.yaml" parallel.ep=2 parallel.pp=2
+# shellcheck disable=SC2086
+expect 0 "--ranks 8" "$esft" --dry-run --ranks 8 "$src/input/demo.yaml" $here parallel.ep=2 parallel.pp=2
 contains "$tmp/out" "layout: world 8 = pp 2 x dp 2 x ep 2" "--ranks 8"
 
 # eval with a dataset that is not there: status 2, the file named, nothing written.
