@@ -111,3 +111,25 @@ int copy_file(const char *src, const char *dst, char *err, size_t err_size)
     fclose(in);
     return file_commit(out, tmp, dst, err, err_size); /* a failed fwrite left ferror(out) set */
 }
+
+void xml_write_text(FILE *out, const char *s)
+{
+    for (; *s; s++) {
+        switch (*s) {
+        case '&':
+            fputs("&amp;", out);
+            break;
+        case '<':
+            fputs("&lt;", out);
+            break;
+        case '>':
+            fputs("&gt;", out);
+            break;
+        case '"':
+            fputs("&quot;", out);
+            break;
+        default:
+            fputc(*s, out);
+        }
+    }
+}

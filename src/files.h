@@ -23,4 +23,7 @@ bool path_exists(const char *path);
 /* Copies src to dst through dst.tmp (file_commit). 0, or -1 with a message. */
 int copy_file(const char *src, const char *dst, char *err, size_t err_size);
 
+/* Text into an XML or SVG file: & < > " escaped (the pictures of select and train). */
+void xml_write_text(FILE *out, const char *s);
+
 #endif

@@ -118,28 +118,6 @@ static void axis_range(double *lo, double *hi, double *spacing, bool integral)
     *hi = ceil(*hi / *spacing) * *spacing;
 }
 
-static void xml_text(FILE *out, const char *s)
-{
-    for (; *s; s++) {
-        switch (*s) {
-        case '<':
-            fputs("&lt;", out);
-            break;
-        case '>':
-            fputs("&gt;", out);
-            break;
-        case '&':
-            fputs("&amp;", out);
-            break;
-        case '"':
-            fputs("&quot;", out);
-            break;
-        default:
-            fputc(*s, out);
-        }
-    }
-}
-
 struct chart {
     const char *title;
     const long long *steps;
@@ -189,7 +167,7 @@ static void chart_body(FILE *out, const struct chart *c)
             width, height, width, height);
     fprintf(out, "<rect width=\"%d\" height=\"%d\" fill=\"white\"/>\n", width, height);
     fprintf(out, "<text x=\"%d\" y=\"28\" font-size=\"16\" font-weight=\"bold\">", left);
-    xml_text(out, c->title && c->title[0] ? c->title : "Training loss");
+    xml_write_text(out, c->title && c->title[0] ? c->title : "Training loss");
     fputs("</text>\n", out);
 
     /* grid lines and ticks */

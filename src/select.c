@@ -443,28 +443,6 @@ static void colour_of(double t, char out[8])
     snprintf(out, 8, "#%02x%02x%02x", rgb[0] & 255, rgb[1] & 255, rgb[2] & 255);
 }
 
-static void xml_text(FILE *out, const char *s)
-{
-    for (; *s; s++) {
-        switch (*s) {
-        case '&':
-            fputs("&amp;", out);
-            break;
-        case '<':
-            fputs("&lt;", out);
-            break;
-        case '>':
-            fputs("&gt;", out);
-            break;
-        case '"':
-            fputs("&quot;", out);
-            break;
-        default:
-            if ((unsigned char)*s >= 0x20 || *s == '\t') fputc(*s, out);
-        }
-    }
-}
-
 static int clamp_int(int v, int lo, int hi)
 {
     return v < lo ? lo : v > hi ? hi : v;
@@ -501,7 +479,7 @@ static void svg_body(FILE *out, const void *context)
             left, score_function_label(r->score_function), number,
             r->union_tasks ? " (union of tasks)" : "");
     fprintf(out, "<text x=\"%d\" y=\"44\" font-size=\"11\" fill=\"#444\">", left);
-    xml_text(out, r->model_path && r->model_path[0] ? r->model_path : "model");
+    xml_write_text(out, r->model_path && r->model_path[0] ? r->model_path : "model");
     fprintf(out, ": %d of %d experts chosen in %d MoE layers; outlined = chosen</text>\n",
             select_count(s), Lm * E, Lm);
 
