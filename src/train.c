@@ -131,6 +131,15 @@ static double evaluate(const struct model *m, struct forward_workspace *ws,
     return sums[1] > 0 ? sums[0] / sums[1] : NAN;
 }
 
+static void log_eval(long long step, double loss, int n_blocks)
+{
+    if (isnan(loss)) /* data.seq_len cut away every validation target */
+        log_info("train: step %lld  no loss-bearing target in the %d validation blocks", step,
+                 n_blocks);
+    else
+        log_info("train: step %lld  eval loss %.6f (%d validation blocks)", step, loss, n_blocks);
+}
+
 int phase_train(const struct deck *deck, const struct layout *layout)
 {
     const struct deck_train *tr = &deck->train;
@@ -283,7 +292,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
 
     if (validate && !found) { /* the untrained model's loss, the curve's start */
         double eval = evaluate(&model, eval_ws, &ds, &val, seq_len, &eval_batch, rank, dp);
-        log_info("train: step 0  eval loss %.6f (%d validation blocks)", eval, val.n_blocks);
+        log_eval(0, eval, val.n_blocks);
         metrics_write("eval", "\"step\": 0, \"loss\": %.17g", eval);
     }
 
@@ -417,8 +426,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         bool last = position.step == tr->steps;
         if (validate && (position.step % tr->eval_every == 0 || last)) {
             double eval = evaluate(&model, eval_ws, &ds, &val, seq_len, &eval_batch, rank, dp);
-            log_info("train: step %lld  eval loss %.6f (%d validation blocks)", position.step, eval,
-                     val.n_blocks);
+            log_eval(position.step, eval, val.n_blocks);
             metrics_write("eval", "\"step\": %lld, \"loss\": %.17g", position.step, eval);
         }
         int stop = stop_signal;
