@@ -488,9 +488,11 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         if (best >= 0)
             snprintf(best_text, sizeof best_text, "best validation loss %.6f at step %lld",
                      eval_losses.loss[best], eval_losses.step[best]);
-        log_info("train: done: step %lld, final loss %.6f, %s; this run %lld steps%s in %s, %.0f "
+        char final_text[64] = "no step with a loss";
+        if (losses.n > 0) snprintf(final_text, sizeof final_text, "final loss %.6f", losses.loss[losses.n - 1]);
+        log_info("train: done: step %lld, %s, %s; this run %lld steps%s in %s, %.0f "
                  "tokens; %.3fM trained parameters (%.2f%%)", position.step,
-                 losses.n ? losses.loss[losses.n - 1] : NAN, best_text, position.step - first_step,
+                 final_text, best_text, position.step - first_step,
                  skipped ? " (some skipped)" : "", duration_text(seconds).text, tokens_done,
                  n_trainable / 1e6, 100.0 * n_trainable / n_total);
         metrics_write("train", "\"steps\": %lld, \"steps_this_run\": %lld, \"skipped_steps\": "
