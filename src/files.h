@@ -25,5 +25,7 @@ int copy_file(const char *src, const char *dst, char *err, size_t err_size);
 
 /* Text into an XML or SVG file: & < > " escaped (the pictures of select and train). */
 void xml_write_text(FILE *out, const char *s);
+/* The opening of an SVG picture on a white background (closed by "</svg>"). */
+void svg_begin(FILE *out, int width, int height);
 
 #endif

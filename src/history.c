@@ -160,12 +160,7 @@ static void chart_body(FILE *out, const struct chart *c)
 #define X_OF(v) (left + ((v)-x_lo) / (x_hi - x_lo) * plot_w)
 #define Y_OF(v) (top + plot_h - ((v)-y_lo) / (y_hi - y_lo) * plot_h)
 
-    fputs("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n", out);
-    fprintf(out,
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" "
-            "viewBox=\"0 0 %d %d\" font-family=\"DejaVu Sans, Arial, sans-serif\">\n",
-            width, height, width, height);
-    fprintf(out, "<rect width=\"%d\" height=\"%d\" fill=\"white\"/>\n", width, height);
+    svg_begin(out, width, height);
     fprintf(out, "<text x=\"%d\" y=\"28\" font-size=\"16\" font-weight=\"bold\">", left);
     xml_write_text(out, c->title && c->title[0] ? c->title : "Training loss");
     fputs("</text>\n", out);

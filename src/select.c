@@ -466,12 +466,7 @@ static void svg_body(FILE *out, const void *context)
     double scale = max_score > 0 ? max_score : 1;
     char colour[8], number[40];
 
-    fputs("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n", out);
-    fprintf(out,
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" "
-            "viewBox=\"0 0 %d %d\" font-family=\"DejaVu Sans, Arial, sans-serif\">\n",
-            width, height, width, height);
-    fprintf(out, "<rect width=\"%d\" height=\"%d\" fill=\"white\"/>\n", width, height);
+    svg_begin(out, width, height);
     format_double(r->top_p, number, sizeof number);
     fprintf(out,
             "<text x=\"%d\" y=\"24\" font-size=\"16\" font-weight=\"bold\">ESFT expert "

@@ -213,11 +213,11 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         n_total += model.params[i].numel;
         if (trainable[i]) n_trainable += model.params[i].numel, n_tensors++;
     }
+    const char *method = tr->method == METHOD_ESFT ? "esft" : tr->method == METHOD_FULL ? "full"
+                                                                                        : "frozen_router";
     if (n_tensors == 0) /* every rank holds the whole table, so all agree */
-        fatal_all(EXIT_INPUT, "train: method %s%s%s selects no tensor of %s to train",
-                  tr->method == METHOD_ESFT ? "esft with " : "",
-                  tr->method == METHOD_ESFT ? tr->expert_config : "",
-                  tr->method == METHOD_ESFT ? "" : "", deck->model.path);
+        fatal_all(EXIT_INPUT, "train: method %s selects no tensor of %s to train", method,
+                  deck->model.path);
     /* what this rank holds: the routed experts' share falls as 1/ep */
     double held[2] = {0, 0}; /* MiB: all weights, routed experts */
     for (int i = 0; i < model.n_params; i++)
@@ -233,8 +233,6 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     struct adamw opt;
     adamw_init(&opt, &model, tr);
     float *grad_scratch = xmalloc((model.grad_floats ? model.grad_floats : 1) * sizeof(float));
-    const char *method = tr->method == METHOD_ESFT ? "esft" : tr->method == METHOD_FULL ? "full"
-                                                                                        : "frozen_router";
     log_info("train: %s, %d trainable tensors, %.3fM of %.3fM parameters (%.2f%%); %" PRIu64
              " training and %" PRIu64 " validation samples; global batch %d blocks of <= %d "
              "tokens, micro-batch %d, dp %d", method, n_tensors, n_trainable / 1e6, n_total / 1e6,
@@ -373,7 +371,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         /* every rank holds the same sums and norm, so every rank decides alike */
         const char *bad = counts[0] == 0 ? "its global batch holds no loss-bearing target"
                           : !isfinite(loss) ? "its loss is not finite"
-                          : !isfinite(norm) || !isfinite(aux) ? "its gradient norm is not finite"
+                          : !isfinite(norm) || !isfinite(aux) ? "its gradient norm or aux loss is not finite"
                                                               : NULL;
         if (bad && tr->bad_steps == BAD_STEPS_STOP) {
             if (before.step > last_checkpoint &&
