@@ -1,8 +1,9 @@
-/* backend: the table of numerical ops the model's forward (and, later, backward) is
- * written against. The CPU backend (cpu_ops.c: fp32, OpenBLAS, OpenMP) is the readable
- * reference; the CUDA backend implements the same table with kernels/ (bf16 storage,
- * fp32 accumulation). Pointers are host memory for the CPU backend and device memory
- * for the CUDA backend; shapes are row-major and written in each comment.
+/* backend: the table of numerical ops the model's forward and backward are written
+ * against, and the memory they work on. The CPU backend (cpu_ops.c: fp32, OpenBLAS,
+ * OpenMP) is the readable reference; the CUDA backend implements the same table with
+ * kernels/; the device simulator (devsim.c) runs the CPU ops on buffers the host cannot
+ * dereference. Every pointer an op takes is one of the backend's buffers (alloc below),
+ * except where a comment says host; shapes are row-major and written in each comment.
  *
  * Sizes: N tokens, H hidden, D a normalised width, nH / nKV heads, Dh head_dim,
  * E experts, K top-k, I expert or MLP width, V vocabulary, M token-slots (N*K). */
@@ -181,9 +182,46 @@ struct backend {
     /* dtable[V,H] += dx[n] at row tokens[n], in token order (deterministic). */
     void (*embedding_backward)(float *dtable, const float *dx, const int32_t *tokens, int N,
                                int H);
+
+    /* Targets (>= 0) of labels[N] that are their logits[N,V] row's argmax (ties to the
+     * lower id): token accuracy's numerator, returned to the host. */
+    long long (*count_correct)(const float *logits, const int32_t *labels, int N, int V);
+
+    /* ---- memory ------------------------------------------------------------------- *
+     * host_visible: the host may dereference the backend's buffers (the CPU backend).
+     * Otherwise only the ops above and these transfers touch them, and every value the
+     * host needs comes through download (counted: backend_traffic). */
+    bool host_visible;
+    void *(*alloc)(size_t bytes); /* zeroed; ends the run when memory is short */
+    void (*release)(void *p);     /* p may be NULL */
+    void (*upload)(void *dst, const void *host_src, size_t bytes);
+    void (*download)(void *host_dst, const void *src, size_t bytes);
+    void (*copy)(void *dst, const void *src, size_t bytes);
+    void (*zero)(void *p, size_t bytes);
+    /* Bytes the backend's buffers take now and at most so far (for the progress line). */
+    void (*memory)(size_t *in_use, size_t *peak);
 };
 
 /* The fp32 CPU backend. */
 const struct backend *backend_cpu(void);
+
+/* The device simulator: the CPU ops on buffers whose addresses the host cannot
+ * dereference (any host read of one is a crash), so that code run on it is known to
+ * reach device memory only through the ops and the transfers. */
+const struct backend *backend_devsim(void);
+
+/* The backend of a deck's run.backend name ("cpu", "cpu-devsim", "cuda"), or NULL with a
+ * reason in err (an unknown name, or cuda in a build without it / with no device). */
+const struct backend *backend_named(const char *name, char *err, size_t err_size);
+
+/* Transfers between host and the backend's buffers since the start (non-host-visible
+ * backends count them). */
+struct backend_traffic {
+    long long uploads, downloads;
+    double upload_bytes, download_bytes;
+};
+struct backend_traffic backend_traffic(void);
+void backend_count_upload(size_t bytes);
+void backend_count_download(size_t bytes);
 
 #endif

@@ -841,6 +841,41 @@ static void cpu_embedding_backward(float *dtable, const float *dx, const int32_t
     }
 }
 
+static long long cpu_count_correct(const float *logits, const int32_t *labels, int N, int V)
+{
+    long long correct = 0;
+    for (int n = 0; n < N; n++) {
+        if (labels[n] < 0) continue;
+        const float *row = logits + (size_t)n * V;
+        int best = 0;
+        for (int v = 1; v < V; v++)
+            if (row[v] > row[best]) best = v;
+        correct += best == labels[n];
+    }
+    return correct;
+}
+
+/* Memory: the host's own. */
+static void *cpu_alloc(size_t bytes)
+{
+    return xcalloc(bytes ? bytes : 1, 1);
+}
+
+static void cpu_release(void *p)
+{
+    free(p);
+}
+
+static void cpu_transfer(void *dst, const void *src, size_t bytes)
+{
+    if (dst != src && bytes) memcpy(dst, src, bytes);
+}
+
+static void cpu_zero(void *p, size_t bytes)
+{
+    if (bytes) memset(p, 0, bytes);
+}
+
 const struct backend *backend_cpu(void)
 {
     /* OpenBLAS runs single-threaded inside OpenMP's loops (see the banner). */
@@ -877,6 +912,14 @@ const struct backend *backend_cpu(void)
         .clamp_backward = cpu_clamp_backward,
         .cross_entropy_backward = cpu_cross_entropy_backward,
         .embedding_backward = cpu_embedding_backward,
+        .count_correct = cpu_count_correct,
+        .host_visible = true,
+        .alloc = cpu_alloc,
+        .release = cpu_release,
+        .upload = cpu_transfer,
+        .download = cpu_transfer,
+        .copy = cpu_transfer,
+        .zero = cpu_zero,
     };
     return &cpu;
 }

@@ -25,6 +25,7 @@
 #include "dense.h"
 #include "gemm.h"
 #include "log.h"
+#include "metrics.h"
 #include "moe.h"
 
 static struct gemm_context *gemm_ctx;
@@ -321,6 +322,73 @@ static void cuda_embedding_backward(float *dtable, const float *dx, const int32_
     ok(dense_embedding_backward(dtable, dx, tokens, N, H, err, sizeof err), err);
 }
 
+static long long cuda_count_correct(const float *logits, const int32_t *labels, int N, int V)
+{
+    char err[256];
+    unsigned long long *correct = scratch(sizeof *correct), host = 0;
+    ok(metrics_count_correct(correct, logits, labels, N, V, err, sizeof err), err);
+    check_cuda(cudaMemcpy(&host, correct, sizeof host, cudaMemcpyDeviceToHost));
+    backend_count_download(sizeof host);
+    return (long long)host;
+}
+
+/* ---- memory: cudaMalloc'd buffers, synchronous copies ---------------------------------- */
+
+static size_t peak_in_use;
+
+static void cuda_memory(size_t *in_use, size_t *peak)
+{
+    size_t free_bytes = 0, total = 0;
+    check_cuda(cudaMemGetInfo(&free_bytes, &total));
+    *in_use = total - free_bytes; /* the whole device: buffers, cuBLAS, the context */
+    if (*in_use > peak_in_use) peak_in_use = *in_use;
+    *peak = peak_in_use;
+}
+
+static void *cuda_alloc(size_t bytes)
+{
+    void *p = NULL;
+    cudaError_t status = cudaMalloc(&p, bytes ? bytes : 1);
+    if (status != cudaSuccess) {
+        size_t free_bytes = 0, total = 0;
+        cudaMemGetInfo(&free_bytes, &total);
+        fatal(EXIT_RUNTIME, "cuda backend: allocating %.1f MiB of device memory failed (%s); "
+              "%.1f of %.1f MiB free", bytes / 1048576.0, cudaGetErrorString(status),
+              free_bytes / 1048576.0, total / 1048576.0);
+    }
+    check_cuda(cudaMemset(p, 0, bytes ? bytes : 1));
+    size_t in_use, peak;
+    cuda_memory(&in_use, &peak);
+    return p;
+}
+
+static void cuda_release(void *p)
+{
+    if (p) check_cuda(cudaFree(p));
+}
+
+static void cuda_upload(void *dst, const void *host_src, size_t bytes)
+{
+    if (bytes) check_cuda(cudaMemcpy(dst, host_src, bytes, cudaMemcpyHostToDevice));
+    backend_count_upload(bytes);
+}
+
+static void cuda_download(void *host_dst, const void *src, size_t bytes)
+{
+    if (bytes) check_cuda(cudaMemcpy(host_dst, src, bytes, cudaMemcpyDeviceToHost));
+    backend_count_download(bytes);
+}
+
+static void cuda_copy(void *dst, const void *src, size_t bytes)
+{
+    if (bytes) check_cuda(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
+}
+
+static void cuda_zero(void *p, size_t bytes)
+{
+    if (bytes) check_cuda(cudaMemset(p, 0, bytes));
+}
+
 const struct backend *backend_cuda(void)
 {
     static const struct backend cuda = {
@@ -355,6 +423,15 @@ const struct backend *backend_cuda(void)
         .clamp_backward = cuda_clamp_backward,
         .cross_entropy_backward = cuda_cross_entropy_backward,
         .embedding_backward = cuda_embedding_backward,
+        .count_correct = cuda_count_correct,
+        .host_visible = false,
+        .alloc = cuda_alloc,
+        .release = cuda_release,
+        .upload = cuda_upload,
+        .download = cuda_download,
+        .copy = cuda_copy,
+        .zero = cuda_zero,
+        .memory = cuda_memory,
     };
     return &cuda;
 }

@@ -26,7 +26,9 @@ enum train_method { METHOD_ESFT, METHOD_FULL, METHOD_FROZEN_ROUTER, METHOD_LORA,
 enum lr_schedule { LR_CONSTANT, LR_LINEAR, LR_COSINE };
 enum bad_rows { BAD_ROWS_ABORT, BAD_ROWS_SKIP };
 enum bad_steps { BAD_STEPS_STOP, BAD_STEPS_SKIP };
-enum backend_choice { BACKEND_AUTO, BACKEND_CPU, BACKEND_CUDA };
+enum backend_choice { BACKEND_AUTO, BACKEND_CPU, BACKEND_CUDA, BACKEND_DEVSIM };
+/* The deck name of a backend choice ("auto", "cpu", "cuda", "cpu-devsim"). */
+const char *deck_backend_name(enum backend_choice choice);
 
 #define DECK_MAX_LIST 64 /* most entries in a list-valued key */
 

@@ -96,6 +96,8 @@ int phase_eval(const struct deck *deck, const struct layout *layout)
     if (deck->eval.adapter)
         fail_if_any(apply_adapter(&model, deck->eval.adapter, &applied, err, sizeof err) != 0,
                     EXIT_INPUT, "eval: %s", err);
+    const struct backend *ops = phase_backend(deck, "eval");
+    model_attach(&model, ops);
 
     uint64_t *order = xmalloc(ds.n_samples * sizeof *order);
     for (uint64_t i = 0; i < ds.n_samples; i++) order[i] = i;
@@ -125,12 +127,12 @@ int phase_eval(const struct deck *deck, const struct layout *layout)
         struct batch in = {.N = batch.N, .tokens = batch.tokens, .positions = batch.positions,
                            .sample_start = batch.sample_start, .targets = batch.targets};
         struct forward_result r;
-        model_forward(&model, backend_cpu(), ws, &in, &r);
+        model_forward(&model, ops, ws, &in, &r);
         if (!last_stage) continue;
         sums[0] += r.loss_sum;
         sums[1] += (double)r.loss_count;
         sums[3] += batch.N;
-        sums[2] += (double)count_correct(r.logits, batch.targets, batch.N, cfg.vocab_size);
+        sums[2] += (double)r.correct;
         double now = wall_time();
         if (now - last_report >= 10.0) {
             log_info("eval: round %d/%d, %.0f s left", round + 1, rounds,

@@ -337,6 +337,11 @@ void model_create(struct model *m, const struct model_config *cfg, const struct 
 
 void model_free(struct model *m)
 {
+    if (m->ops && !m->ops->host_visible) {
+        m->ops->release(m->device_storage);
+        m->ops->release(m->device_grad_storage);
+        m->ops->release(m->device_inv_freq);
+    }
     free(m->stage_first);
     if (m->grads)
         for (int l = 0; l < m->cfg.num_layers; l++) {
@@ -425,6 +430,9 @@ static void publish_grad(struct model *m, const struct param *p)
 
 void model_set_trainable(struct model *m, const bool *trainable)
 {
+    if (m->device_storage)
+        fatal(EXIT_RUNTIME, "model_set_trainable after model_attach (the gradients would stay "
+              "on the host)");
     if (!m->grads) {
         m->grads = xcalloc((size_t)m->cfg.num_layers, sizeof *m->grads);
         int local = m->n_local_experts > 0 ? m->n_local_experts : 1;
@@ -457,6 +465,92 @@ void model_set_trainable(struct model *m, const bool *trainable)
 void model_zero_grads(struct model *m)
 {
     if (m->grad_storage) memset(m->grad_storage, 0, m->grad_floats * sizeof(float));
+    if (m->device_grad_storage) m->ops->zero(m->device_grad_storage, m->grad_floats * sizeof(float));
+}
+
+/* ---- the compute view on a backend ------------------------------------------------- */
+
+/* The backend's copy of p, a pointer into the host block [from, from + floats). */
+static float *moved(float *p, const float *from, size_t floats, float *to)
+{
+    if (!p) return NULL;
+    if (p < from || p >= from + (floats ? floats : 1))
+        fatal(EXIT_RUNTIME, "model: a tensor outside the storage it belongs to");
+    return to + (p - from);
+}
+
+void model_attach(struct model *m, const struct backend *ops)
+{
+    if (m->ops) fatal(EXIT_RUNTIME, "model_attach: the model is attached already");
+    m->ops = ops;
+    if (ops->host_visible) return; /* the host storage is the backend's */
+
+    size_t W = m->storage_floats;
+    m->device_storage = ops->alloc(W * sizeof(float));
+    ops->upload(m->device_storage, m->storage, W * sizeof(float));
+    size_t n_freq = (size_t)m->cfg.rope.rotary_dim / 2 + 1;
+    m->device_inv_freq = ops->alloc(n_freq * sizeof(float));
+    ops->upload(m->device_inv_freq, m->inv_freq, n_freq * sizeof(float));
+    float *dev = m->device_storage;
+    bool tied = m->lm_head == m->embedding;
+    m->embedding = moved(m->embedding, m->storage, W, dev);
+    m->final_norm = moved(m->final_norm, m->storage, W, dev);
+    m->lm_head = tied ? m->embedding : moved(m->lm_head, m->storage, W, dev);
+    for (int l = 0; l < m->cfg.num_layers; l++) {
+        struct layer_weights *w = &m->layers[l];
+        float **fields[] = {&w->input_norm, &w->post_norm, &w->q, &w->k, &w->v, &w->o,
+                            &w->q_bias, &w->k_bias, &w->v_bias, &w->o_bias, &w->q_norm,
+                            &w->k_norm, &w->router, &w->expert_gate, &w->expert_up,
+                            &w->expert_down, &w->shared_gate, &w->shared_up, &w->shared_down,
+                            &w->shared_expert_gate, &w->mlp_gate, &w->mlp_up, &w->mlp_down};
+        _Static_assert(sizeof fields / sizeof fields[0] == sizeof(struct layer_weights) / sizeof(float *),
+                       "every field of struct layer_weights");
+        for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++)
+            *fields[i] = moved(*fields[i], m->storage, W, dev);
+    }
+    if (!m->grads) return; /* nothing trainable (score, eval) */
+
+    size_t G = m->grad_floats;
+    m->device_grad_storage = ops->alloc(G * sizeof(float));
+    float *gdev = m->device_grad_storage;
+    m->embedding_grad = moved(m->embedding_grad, m->grad_storage, G, gdev);
+    m->final_norm_grad = moved(m->final_norm_grad, m->grad_storage, G, gdev);
+    m->lm_head_grad = moved(m->lm_head_grad, m->grad_storage, G, gdev);
+    int local = m->n_local_experts > 0 ? m->n_local_experts : 1;
+    for (int l = 0; l < m->cfg.num_layers; l++) {
+        struct layer_grads *g = &m->grads[l];
+        float **fields[] = {&g->input_norm, &g->post_norm, &g->q, &g->k, &g->v, &g->o,
+                            &g->q_bias, &g->k_bias, &g->v_bias, &g->o_bias, &g->q_norm,
+                            &g->k_norm, &g->router, &g->shared_gate, &g->shared_up,
+                            &g->shared_down, &g->shared_expert_gate, &g->mlp_gate, &g->mlp_up,
+                            &g->mlp_down};
+        _Static_assert(sizeof fields / sizeof fields[0] + 3 == sizeof(struct layer_grads) / sizeof(float *),
+                       "every field of struct layer_grads (and its three expert arrays)");
+        for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++)
+            *fields[i] = moved(*fields[i], m->grad_storage, G, gdev);
+        for (int e = 0; e < local; e++) {
+            g->expert_gate[e] = moved(g->expert_gate[e], m->grad_storage, G, gdev);
+            g->expert_up[e] = moved(g->expert_up[e], m->grad_storage, G, gdev);
+            g->expert_down[e] = moved(g->expert_down[e], m->grad_storage, G, gdev);
+        }
+    }
+}
+
+void model_download_grads(struct model *m)
+{
+    if (m->device_grad_storage)
+        m->ops->download(m->grad_storage, m->device_grad_storage, m->grad_floats * sizeof(float));
+}
+
+void model_upload_trainable(struct model *m)
+{
+    if (!m->device_storage) return;
+    for (int i = 0; i < m->n_params; i++) {
+        struct param *p = &m->params[i];
+        if (p->trainable && p->data)
+            m->ops->upload(moved(p->data, m->storage, m->storage_floats, m->device_storage),
+                           p->data, p->numel * sizeof(float));
+    }
 }
 
 /* ---- loading ------------------------------------------------------------------------ */
@@ -651,6 +745,9 @@ struct ep_plan {
     int32_t *local_offsets;      /* [E_local + 1] expert-major offsets */
     int32_t *expert_major;       /* [capacity] expert-major row -> source-major row */
     int32_t *source_major;       /* [capacity] source-major row -> expert-major row */
+    /* the backend's copies of the three above, which the ops read (the same pointers
+     * when the backend is host-visible) */
+    int32_t *dev_local_offsets, *dev_expert_major, *dev_source_major;
     size_t *send_rows, *send_first, *recv_rows, *recv_first; /* [ep] in rows */
 };
 
@@ -681,6 +778,21 @@ struct layer_activations {
 struct forward_workspace {
     int max_tokens, n_layers;
     bool training;
+    /* where the buffers live: the model's backend (NULL: host memory), and whether the
+     * host cannot read them (staged: results and exchanges go through host copies) */
+    const struct backend *mem;
+    bool staged;
+    unsigned keep;                        /* FORWARD_KEEP_* */
+    int vocab_size, top_k, n_experts;     /* of the logits (last stage; else 0) and routing */
+    int32_t *tokens, *positions, *sample_start, *targets; /* [N] the batch's copies (staged) */
+    float *h_send, *h_recv;               /* [N,H] host side of the stage exchange (staged) */
+    float *h_ep_send, *h_ep_recv;         /* [capacity,H] host side of the EP exchange (staged) */
+    int32_t *h_offsets;                   /* [E+1] a layer's expert offsets, read back (staged) */
+    float *h_logits;                      /* [N,V] (staged, FORWARD_KEEP_LOGITS) */
+    int32_t **h_topk_ids;                 /* host copies (staged, FORWARD_KEEP_ROUTING) */
+    float **h_topk_weights, **h_router_logits;
+    float *balance_block, *h_balance_block; /* [L][2E] counts, prob sums; its host copy */
+    float *h_balance_coef;                /* [E] d aux / d probs as the host computes it */
     struct layer_activations *layers; /* [L] */
     float *x_final, *rstd_final, *xn_final, *logits;
     float *xs;                        /* [M,H] gathered rows (scratch) */
@@ -700,20 +812,38 @@ struct forward_workspace {
     float *dye;                       /* [capacity,H] output gradients at the experts (ep > 1) */
     size_t *ep_counts, *ep_offsets;   /* [2 * ep] element counts of one exchange */
     int32_t *ep_send_counts;          /* [ep * E_local] rows for each rank's experts */
-    void **allocations; /* every buffer, freed together */
-    int allocation_capacity;
-    int n_allocations;
+    /* every allocation, freed together: host memory, and the backend's buffers */
+    struct ws_allocations {
+        void **at;
+        int capacity, count;
+    } host, buffers;
 };
 
+static void remember(struct ws_allocations *list, void *p)
+{
+    if (list->count == list->capacity) {
+        list->capacity = list->capacity ? 2 * list->capacity : 64;
+        list->at = realloc(list->at, (size_t)list->capacity * sizeof(void *));
+        if (!list->at) fatal(EXIT_RUNTIME, "out of memory (forward workspace)");
+    }
+    list->at[list->count++] = p;
+}
+
+/* Host memory of the workspace (plans, counts, staging), zeroed. */
+static void *ws_host(struct forward_workspace *ws, size_t bytes)
+{
+    void *p = xcalloc(bytes ? bytes : 1, 1);
+    remember(&ws->host, p);
+    return p;
+}
+
+/* A buffer the ops work on: the backend's, zeroed (host memory when the model is not
+ * attached to a backend). */
 static void *ws_alloc(struct forward_workspace *ws, size_t bytes)
 {
-    if (ws->n_allocations == ws->allocation_capacity) {
-        ws->allocation_capacity = ws->allocation_capacity ? 2 * ws->allocation_capacity : 64;
-        ws->allocations = realloc(ws->allocations, (size_t)ws->allocation_capacity * sizeof(void *));
-        if (!ws->allocations) fatal(EXIT_RUNTIME, "out of memory (forward workspace)");
-    }
-    void *p = xcalloc(bytes ? bytes : 1, 1);
-    ws->allocations[ws->n_allocations++] = p;
+    if (!ws->mem) return ws_host(ws, bytes);
+    void *p = ws->mem->alloc(bytes ? bytes : 1);
+    remember(&ws->buffers, p);
     return p;
 }
 
@@ -802,6 +932,11 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
     ws->max_tokens = max_tokens;
     ws->n_layers = c->num_layers;
     ws->training = training;
+    ws->mem = m->ops;
+    ws->staged = m->ops && !m->ops->host_visible;
+    ws->vocab_size = m->me.pp_rank == m->grid.pp - 1 ? c->vocab_size : 0;
+    ws->top_k = (int)K;
+    ws->n_experts = (int)E;
     ws->layers = xcalloc((size_t)c->num_layers, sizeof *ws->layers);
     int first = m->first_layer, end = m->first_layer + m->n_layers; /* this stage's layers */
     bool last_stage = m->me.pp_rank == m->grid.pp - 1;
@@ -818,29 +953,58 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
     ws->rstd_final = ws_alloc(ws, N * f);
     ws->xn_final = ws_alloc(ws, N * H * f);
     ws->logits = ws_alloc(ws, (last_stage ? N * (size_t)c->vocab_size : 1) * f);
-    ws->balance_before = ws_alloc(ws, 2 * E * sizeof(double));
+    ws->balance_before = ws_host(ws, 2 * E * sizeof(double));
     ws->xs = ws_alloc(ws, M * H * f);
     if (m->grid.ep > 1) {
         ws->ep_rows = ws_alloc(ws, cap * H * f);
-        ws->ep_counts = ws_alloc(ws, 2 * (size_t)m->grid.ep * sizeof(size_t));
-        ws->ep_offsets = ws_alloc(ws, 2 * (size_t)m->grid.ep * sizeof(size_t));
-        ws->ep_send_counts = ws_alloc(ws, (size_t)m->grid.ep * m->n_local_experts * sizeof(int32_t));
+        ws->ep_counts = ws_host(ws, 2 * (size_t)m->grid.ep * sizeof(size_t));
+        ws->ep_offsets = ws_host(ws, 2 * (size_t)m->grid.ep * sizeof(size_t));
+        ws->ep_send_counts = ws_host(ws, (size_t)m->grid.ep * m->n_local_experts * sizeof(int32_t));
+    }
+    if (ws->staged) { /* the host's side of what crosses between host and backend */
+        ws->tokens = ws_alloc(ws, N * sizeof(int32_t));
+        ws->positions = ws_alloc(ws, N * sizeof(int32_t));
+        ws->sample_start = ws_alloc(ws, N * sizeof(int32_t));
+        ws->targets = ws_alloc(ws, N * sizeof(int32_t));
+        ws->h_offsets = ws_host(ws, (E + 1) * sizeof(int32_t));
+        if (m->grid.pp > 1) {
+            ws->h_send = ws_host(ws, N * H * f);
+            ws->h_recv = ws_host(ws, N * H * f);
+        }
+        if (m->grid.ep > 1) {
+            ws->h_ep_send = ws_host(ws, cap * H * f);
+            ws->h_ep_recv = ws_host(ws, cap * H * f);
+        }
     }
     ws->topk_ids = xcalloc((size_t)c->num_layers, sizeof *ws->topk_ids);
     ws->topk_weights = xcalloc((size_t)c->num_layers, sizeof *ws->topk_weights);
     ws->router_logits = xcalloc((size_t)c->num_layers, sizeof *ws->router_logits);
+    ws->h_topk_ids = xcalloc((size_t)c->num_layers, sizeof *ws->h_topk_ids);
+    ws->h_topk_weights = xcalloc((size_t)c->num_layers, sizeof *ws->h_topk_weights);
+    ws->h_router_logits = xcalloc((size_t)c->num_layers, sizeof *ws->h_router_logits);
     ws->balance_counts = xcalloc((size_t)c->num_layers, sizeof *ws->balance_counts);
     ws->balance_probs = xcalloc((size_t)c->num_layers, sizeof *ws->balance_probs);
     ws->balance_coef = ws_alloc(ws, E * f);
+    ws->h_balance_coef = ws->staged ? ws_host(ws, E * f) : ws->balance_coef;
+    /* every layer's load-balancing statistics in one block, read back in one piece */
+    size_t block = (size_t)c->num_layers * 2 * E;
+    ws->balance_block = ws_alloc(ws, block * f);
+    ws->h_balance_block = ws->staged ? ws_host(ws, block * f) : ws->balance_block;
     for (int l = first; l < end; l++) {
         if (!c->is_moe[l]) continue;
         /* per layer in both kinds of workspace: the score phase reads every layer's */
         ws->topk_ids[l] = ws_alloc(ws, M * sizeof(int32_t));
         ws->topk_weights[l] = ws_alloc(ws, M * f);
         ws->router_logits[l] = ws_alloc(ws, N * E * f);
-        ws->balance_counts[l] = ws_alloc(ws, E * f);
-        ws->balance_probs[l] = ws_alloc(ws, E * f);
+        ws->balance_counts[l] = ws->balance_block + (size_t)l * 2 * E;
+        ws->balance_probs[l] = ws->balance_counts[l] + E;
+        if (!ws->staged) { /* the host reads the results where they are */
+            ws->h_topk_ids[l] = ws->topk_ids[l];
+            ws->h_topk_weights[l] = ws->topk_weights[l];
+            ws->h_router_logits[l] = ws->router_logits[l];
+        }
     }
+    ws->h_logits = ws->staged ? NULL : ws->logits;
     if (training) {
         size_t qw = (size_t)c->num_heads * c->head_dim, kvw = (size_t)c->num_kv_heads * c->head_dim;
         size_t wide = (size_t)c->intermediate_size;
@@ -880,12 +1044,34 @@ struct forward_workspace *forward_workspace_new_training(const struct model *m, 
     return workspace_new(m, max_tokens, true);
 }
 
+void forward_workspace_keep(struct forward_workspace *ws, unsigned what)
+{
+    unsigned added = what & ~ws->keep;
+    ws->keep |= what;
+    if (!ws->staged) return; /* the results are host memory already */
+    size_t N = (size_t)ws->max_tokens, f = sizeof(float);
+    if ((added & FORWARD_KEEP_LOGITS) && ws->vocab_size)
+        ws->h_logits = ws_host(ws, N * (size_t)ws->vocab_size * f);
+    if (added & FORWARD_KEEP_ROUTING)
+        for (int l = 0; l < ws->n_layers; l++) {
+            if (!ws->topk_ids[l]) continue;
+            ws->h_topk_ids[l] = ws_host(ws, N * (size_t)ws->top_k * sizeof(int32_t));
+            ws->h_topk_weights[l] = ws_host(ws, N * (size_t)ws->top_k * f);
+            ws->h_router_logits[l] = ws_host(ws, N * (size_t)ws->n_experts * f);
+        }
+}
+
 void forward_workspace_free(struct forward_workspace *ws)
 {
     if (!ws) return;
     model_wait_sends(ws);
-    for (int i = 0; i < ws->n_allocations; i++) free(ws->allocations[i]);
-    free(ws->allocations);
+    for (int i = 0; i < ws->host.count; i++) free(ws->host.at[i]);
+    for (int i = 0; i < ws->buffers.count; i++) ws->mem->release(ws->buffers.at[i]);
+    free(ws->host.at);
+    free(ws->buffers.at);
+    free(ws->h_topk_ids);
+    free(ws->h_topk_weights);
+    free(ws->h_router_logits);
     free(ws->layers);
     free(ws->topk_ids);
     free(ws->topk_weights);
@@ -904,6 +1090,55 @@ static void dense_mlp(const struct backend *ops, float *out, const float *x, con
     ops->linear(up, x, w_up, NULL, N, H, W, false);
     ops->glu(act, gate, up, (size_t)N * W, activation);
     ops->linear(out, act, w_down, NULL, N, W, H, false);
+}
+
+/* The rotary frequencies as the ops read them. */
+static const float *inv_freq(const struct model *m)
+{
+    return m->device_inv_freq ? m->device_inv_freq : m->inv_freq;
+}
+
+/* The batch as the ops read it: the caller's host arrays, or (staged) the workspace's
+ * copies that model_forward uploaded. */
+static struct batch ops_batch(const struct forward_workspace *ws, const struct batch *b)
+{
+    if (!ws->staged) return *b;
+    return (struct batch){.N = b->N, .tokens = ws->tokens, .positions = ws->positions,
+                          .sample_start = ws->sample_start,
+                          .targets = b->targets ? ws->targets : NULL};
+}
+
+static void upload_batch(struct forward_workspace *ws, const struct batch *b)
+{
+    size_t bytes = (size_t)b->N * sizeof(int32_t);
+    if (!ws->staged || bytes == 0) return;
+    ws->mem->upload(ws->tokens, b->tokens, bytes);
+    ws->mem->upload(ws->positions, b->positions, bytes);
+    ws->mem->upload(ws->sample_start, b->sample_start, bytes);
+    if (b->targets) ws->mem->upload(ws->targets, b->targets, bytes);
+}
+
+/* Point-to-point between pipeline stages, of count floats in the backend's buffer buf:
+ * directly on host memory, through the workspace's host copies when staged. */
+static void stage_recv(const struct model *m, struct forward_workspace *ws, float *buf, size_t count,
+                       int from, int tag)
+{
+    if (!ws->staged) {
+        comm_recv(m->pp_comm, buf, count, COMM_F32, from, tag, COMM_HOST);
+        return;
+    }
+    comm_recv(m->pp_comm, ws->h_recv, count, COMM_F32, from, tag, COMM_HOST);
+    ws->mem->upload(buf, ws->h_recv, count * sizeof(float));
+}
+
+static void stage_send_start(const struct model *m, struct forward_workspace *ws, const float *buf,
+                             size_t count, int to, int tag, struct comm_request *request)
+{
+    if (ws->staged) {
+        ws->mem->download(ws->h_send, buf, count * sizeof(float));
+        buf = ws->h_send;
+    }
+    comm_send_start(m->pp_comm, buf, count, COMM_F32, to, tag, COMM_HOST, request);
 }
 
 static void attention_block(const struct model *m, const struct backend *ops,
@@ -934,13 +1169,13 @@ static void attention_block(const struct model *m, const struct backend *ops,
         ops->clamp(a->k, (size_t)N * kv_width, -limit, limit);
         ops->clamp(a->v, (size_t)N * kv_width, -limit, limit);
         if (a->q_clamped) { /* the backward needs to know where the clamp bit */
-            memcpy(a->q_clamped, a->q, (size_t)N * q_width * sizeof(float));
-            memcpy(a->k_clamped, a->k, (size_t)N * kv_width * sizeof(float));
+            ops->copy(a->q_clamped, a->q, (size_t)N * q_width * sizeof(float));
+            ops->copy(a->k_clamped, a->k, (size_t)N * kv_width * sizeof(float));
         }
     }
-    ops->rope(a->q, batch->positions, m->inv_freq, (float)c->rope.attention_scaling, N, nH, Dh,
+    ops->rope(a->q, batch->positions, inv_freq(m), (float)c->rope.attention_scaling, N, nH, Dh,
               c->rope.rotary_dim);
-    ops->rope(a->k, batch->positions, m->inv_freq, (float)c->rope.attention_scaling, N, nKV, Dh,
+    ops->rope(a->k, batch->positions, inv_freq(m), (float)c->rope.attention_scaling, N, nKV, Dh,
               c->rope.rotary_dim);
     struct attention_mask mask = {.sample_start = batch->sample_start};
     ops->attention(a->attn, a->q, a->k, a->v, &mask, N, nH, nKV, Dh, 1.0f / sqrtf((float)Dh));
@@ -951,15 +1186,23 @@ static void attention_block(const struct model *m, const struct backend *ops,
 static struct ep_plan *ep_plan_new(struct forward_workspace *ws, const struct model *m, size_t capacity)
 {
     int ep = m->grid.ep, local = m->n_local_experts;
-    struct ep_plan *p = ws_alloc(ws, sizeof *p);
-    p->recv_counts = ws_alloc(ws, (size_t)ep * local * sizeof(int32_t));
-    p->local_offsets = ws_alloc(ws, ((size_t)local + 1) * sizeof(int32_t));
-    p->expert_major = ws_alloc(ws, capacity * sizeof(int32_t));
-    p->source_major = ws_alloc(ws, capacity * sizeof(int32_t));
-    p->send_rows = ws_alloc(ws, (size_t)ep * sizeof(size_t));
-    p->send_first = ws_alloc(ws, (size_t)ep * sizeof(size_t));
-    p->recv_rows = ws_alloc(ws, (size_t)ep * sizeof(size_t));
-    p->recv_first = ws_alloc(ws, (size_t)ep * sizeof(size_t));
+    struct ep_plan *p = ws_host(ws, sizeof *p);
+    p->recv_counts = ws_host(ws, (size_t)ep * local * sizeof(int32_t));
+    p->local_offsets = ws_host(ws, ((size_t)local + 1) * sizeof(int32_t));
+    p->expert_major = ws_host(ws, capacity * sizeof(int32_t));
+    p->source_major = ws_host(ws, capacity * sizeof(int32_t));
+    p->send_rows = ws_host(ws, (size_t)ep * sizeof(size_t));
+    p->send_first = ws_host(ws, (size_t)ep * sizeof(size_t));
+    p->recv_rows = ws_host(ws, (size_t)ep * sizeof(size_t));
+    p->recv_first = ws_host(ws, (size_t)ep * sizeof(size_t));
+    p->dev_local_offsets = p->local_offsets;
+    p->dev_expert_major = p->expert_major;
+    p->dev_source_major = p->source_major;
+    if (ws->staged) {
+        p->dev_local_offsets = ws_alloc(ws, ((size_t)local + 1) * sizeof(int32_t));
+        p->dev_expert_major = ws_alloc(ws, capacity * sizeof(int32_t));
+        p->dev_source_major = ws_alloc(ws, capacity * sizeof(int32_t));
+    }
     return p;
 }
 
@@ -970,6 +1213,10 @@ static void ep_plan_make(const struct model *m, struct forward_workspace *ws, st
                          const int32_t *offsets)
 {
     int ep = m->grid.ep, local = m->n_local_experts;
+    if (ws->staged) { /* the plan is made on the host */
+        ws->mem->download(ws->h_offsets, offsets, ((size_t)m->cfg.num_experts + 1) * sizeof(int32_t));
+        offsets = ws->h_offsets;
+    }
     int32_t *send_counts = ws->ep_send_counts; /* [ep * local] */
     size_t *counts = ws->ep_counts, *first = ws->ep_offsets;
     for (int d = 0; d < ep; d++) {
@@ -1008,6 +1255,31 @@ static void ep_plan_make(const struct model *m, struct forward_workspace *ws, st
         }
         p->local_offsets[e + 1] = r;
     }
+    if (ws->staged) { /* what the ops read of it */
+        ws->mem->upload(p->dev_local_offsets, p->local_offsets, ((size_t)local + 1) * sizeof(int32_t));
+        ws->mem->upload(p->dev_expert_major, p->expert_major, total * sizeof(int32_t));
+        ws->mem->upload(p->dev_source_major, p->source_major, total * sizeof(int32_t));
+    }
+}
+
+/* All-to-all of rows over the EP group: directly on host memory, through the workspace's
+ * host copies when staged. Counts and offsets in floats, as comm_alltoallv takes them. */
+static void exchange_rows(const struct model *m, struct forward_workspace *ws, const float *send,
+                          const size_t *sc, const size_t *so, float *recv, const size_t *rc,
+                          const size_t *ro)
+{
+    if (!ws->staged) {
+        comm_alltoallv(m->ep_comm, send, sc, so, recv, rc, ro, COMM_F32, COMM_HOST);
+        return;
+    }
+    size_t out = 0, in = 0;
+    for (int d = 0; d < m->grid.ep; d++) {
+        if (so[d] + sc[d] > out) out = so[d] + sc[d];
+        if (ro[d] + rc[d] > in) in = ro[d] + rc[d];
+    }
+    ws->mem->download(ws->h_ep_send, send, out * sizeof(float));
+    comm_alltoallv(m->ep_comm, ws->h_ep_send, sc, so, ws->h_ep_recv, rc, ro, COMM_F32, COMM_HOST);
+    ws->mem->upload(recv, ws->h_ep_recv, in * sizeof(float));
 }
 
 /* Sends this rank's rows [M, width] (sorted by expert) to the ranks that hold their experts;
@@ -1021,8 +1293,8 @@ static void ep_dispatch(const struct model *m, const struct backend *ops, struct
         sc[d] = p->send_rows[d] * (size_t)width, so[d] = p->send_first[d] * (size_t)width;
         rc[d] = p->recv_rows[d] * (size_t)width, ro[d] = p->recv_first[d] * (size_t)width;
     }
-    comm_alltoallv(m->ep_comm, rows, sc, so, ws->ep_rows, rc, ro, COMM_F32, COMM_HOST);
-    ops->gather_rows(out, ws->ep_rows, p->expert_major, p->rows, 1, width);
+    exchange_rows(m, ws, rows, sc, so, ws->ep_rows, rc, ro);
+    ops->gather_rows(out, ws->ep_rows, p->dev_expert_major, p->rows, 1, width);
 }
 
 /* The reverse of ep_dispatch: the local experts' rows [rows, width] (expert-major) go back
@@ -1032,12 +1304,12 @@ static void ep_return(const struct model *m, const struct backend *ops, struct f
 {
     int ep = m->grid.ep;
     size_t *sc = ws->ep_counts, *rc = ws->ep_counts + ep, *so = ws->ep_offsets, *ro = ws->ep_offsets + ep;
-    ops->gather_rows(ws->ep_rows, rows, p->source_major, p->rows, 1, width);
+    ops->gather_rows(ws->ep_rows, rows, p->dev_source_major, p->rows, 1, width);
     for (int d = 0; d < ep; d++) {
         sc[d] = p->recv_rows[d] * (size_t)width, so[d] = p->recv_first[d] * (size_t)width;
         rc[d] = p->send_rows[d] * (size_t)width, ro[d] = p->send_first[d] * (size_t)width;
     }
-    comm_alltoallv(m->ep_comm, ws->ep_rows, sc, so, out, rc, ro, COMM_F32, COMM_HOST);
+    exchange_rows(m, ws, ws->ep_rows, sc, so, out, rc, ro);
 }
 
 /* Routed experts (+ shared expert) of a MoE layer on hn -> ffn. */
@@ -1065,7 +1337,7 @@ static void moe_block(const struct model *m, const struct backend *ops,
     if (a->plan) {
         ep_plan_make(m, ws, a->plan, a->offsets);
         ep_dispatch(m, ops, ws, a->plan, ws->xs, a->xe, H);
-        xe = a->xe, ye = a->ye, offsets = a->plan->local_offsets;
+        xe = a->xe, ye = a->ye, offsets = a->plan->dev_local_offsets;
         rows = a->plan->rows, local = m->n_local_experts;
     }
     ops->grouped_linear(a->gate, xe, w->expert_gate, offsets, local, H, I);
@@ -1098,9 +1370,10 @@ static double *balance_sums(const struct model *m, const struct forward_workspac
     memcpy(sums, ws->balance_before, 2 * (size_t)E * sizeof *sums);
     for (int l = m->first_layer; l < m->first_layer + m->n_layers; l++) {
         if (!m->cfg.is_moe[l]) continue;
+        const float *stats = ws->h_balance_block + (size_t)l * 2 * ws->n_experts; /* counts, probs */
         for (int e = 0; e < E; e++) {
-            sums[e] += ws->balance_counts[l][e];
-            sums[E + e] += ws->balance_probs[l][e];
+            sums[e] += stats[e];
+            sums[E + e] += stats[ws->n_experts + e];
         }
     }
     return sums;
@@ -1146,14 +1419,19 @@ void model_forward(const struct model *m, const struct backend *ops, struct forw
     int stage = m->me.pp_rank, first = m->first_layer, end = m->first_layer + m->n_layers;
     bool last_stage = stage == m->grid.pp - 1;
     int E = c->num_experts > 0 ? c->num_experts : 1;
+    if (ws->staged && ops != ws->mem)
+        fatal(EXIT_RUNTIME, "forward: the workspace belongs to backend %s, the call names %s",
+              ws->mem->name, ops->name);
     model_wait_sends(ws); /* this workspace's previous outputs have left */
+    upload_batch(ws, batch);
+    const struct batch dev_batch = ops_batch(ws, batch);
+    batch = &dev_batch; /* what the ops read */
 
     if (stage == 0) {
         ops->embedding(ws->layers[first].x, batch->tokens, m->embedding, N, H);
         memset(ws->balance_before, 0, 2 * (size_t)E * sizeof(double));
     } else { /* the previous stage's output, and its load-balancing sums */
-        comm_recv(m->pp_comm, ws->layers[first].x, (size_t)N * H, COMM_F32, stage - 1,
-                  TAG_ACTIVATION, COMM_HOST);
+        stage_recv(m, ws, ws->layers[first].x, (size_t)N * H, stage - 1, TAG_ACTIVATION);
         comm_recv(m->pp_comm, ws->balance_before, 2 * (size_t)E, COMM_F64, stage - 1,
                   TAG_BALANCE, COMM_HOST);
     }
@@ -1171,20 +1449,32 @@ void model_forward(const struct model *m, const struct backend *ops, struct forw
         ops->add(next, a->h, a->ffn, (size_t)N * H); /* x = h + feed-forward */
     }
     (void)L;
-    result->logits = last_stage ? ws->logits : NULL;
-    result->topk_ids = ws->topk_ids;
-    result->topk_weights = ws->topk_weights;
-    result->router_logits = ws->router_logits;
+    if (ws->staged) { /* what the host reads of this forward */
+        size_t stats = (size_t)c->num_layers * 2 * ws->n_experts * sizeof(float);
+        ws->mem->download(ws->h_balance_block, ws->balance_block, stats);
+        for (int l = first; l < end && (ws->keep & FORWARD_KEEP_ROUTING); l++) {
+            if (!ws->topk_ids[l]) continue;
+            size_t slots = (size_t)N * ws->top_k;
+            ws->mem->download(ws->h_topk_ids[l], ws->topk_ids[l], slots * sizeof(int32_t));
+            ws->mem->download(ws->h_topk_weights[l], ws->topk_weights[l], slots * sizeof(float));
+            ws->mem->download(ws->h_router_logits[l], ws->router_logits[l],
+                              (size_t)N * ws->n_experts * sizeof(float));
+        }
+    }
+    result->logits = NULL;
+    result->topk_ids = ws->h_topk_ids;
+    result->topk_weights = ws->h_topk_weights;
+    result->router_logits = ws->h_router_logits;
     result->loss_sum = 0.0;
     result->loss_count = 0;
+    result->correct = 0;
     result->aux_loss = 0.0;
     ws->balance_tokens = N;
     if (!last_stage) { /* on to the next stage, without waiting for it */
         double *sums = balance_sums(m, ws);
         memcpy(ws->balance_before, sums, 2 * (size_t)E * sizeof(double)); /* the sent copy */
         free(sums);
-        comm_send_start(m->pp_comm, ws->x_final, (size_t)N * H, COMM_F32, stage + 1, TAG_ACTIVATION,
-                        COMM_HOST, &ws->sends[0]);
+        stage_send_start(m, ws, ws->x_final, (size_t)N * H, stage + 1, TAG_ACTIVATION, &ws->sends[0]);
         comm_send_start(m->pp_comm, ws->balance_before, 2 * (size_t)E, COMM_F64, stage + 1,
                         TAG_BALANCE, COMM_HOST, &ws->sends[1]);
         return;
@@ -1193,8 +1483,13 @@ void model_forward(const struct model *m, const struct backend *ops, struct forw
                  (float)c->rms_norm_eps);
     ops->linear(ws->logits, ws->xn_final, m->lm_head, NULL, N, H, V, false);
     result->aux_loss = balance_loss(m, ws, NULL, 0.0f);
-    if (batch->targets)
+    if (batch->targets) {
         result->loss_sum = ops->cross_entropy_sum(ws->logits, batch->targets, N, V, &result->loss_count);
+        result->correct = ops->count_correct(ws->logits, batch->targets, N, V);
+    }
+    if (ws->staged && (ws->keep & FORWARD_KEEP_LOGITS))
+        ws->mem->download(ws->h_logits, ws->logits, (size_t)N * V * sizeof(float));
+    result->logits = ws->h_logits;
 }
 
 void model_wait_sends(struct forward_workspace *ws)
@@ -1239,7 +1534,7 @@ static void moe_backward(const struct model *m, const struct backend *ops,
     int rows = M, local = E;
     if (a->plan) {
         ep_dispatch(m, ops, ws, a->plan, ws->dys, ws->dye, H);
-        dye = ws->dye, xe = a->xe, offsets = a->plan->local_offsets;
+        dye = ws->dye, xe = a->xe, offsets = a->plan->dev_local_offsets;
         rows = a->plan->rows, local = m->n_local_experts;
     } else {
         ops->gather_rows(ws->xs, a->hn, a->slot_of_row, M, K, H); /* the experts' inputs again */
@@ -1295,9 +1590,14 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
     int stage = m->me.pp_rank, first = m->first_layer, end = m->first_layer + m->n_layers;
     int E = c->num_experts > 0 ? c->num_experts : 1;
     model_wait_sends(ws); /* the previous gradient sent from this workspace has left */
+    const struct batch dev_batch = ops_batch(ws, batch); /* uploaded by the forward */
+    batch = &dev_batch;
 
     if (stage == m->grid.pp - 1) {
-        if (balance) balance_loss(m, ws, ws->balance_coef, aux_scale);
+        if (balance) {
+            balance_loss(m, ws, ws->h_balance_coef, aux_scale);
+            if (ws->staged) ws->mem->upload(ws->balance_coef, ws->h_balance_coef, (size_t)E * sizeof(float));
+        }
         /* loss -> logits (in place) -> final norm */
         ops->cross_entropy_backward(ws->logits, ws->logits, batch->targets, N, V, loss_scale);
         float *lm_head_grad = c->tie_word_embeddings ? m->embedding_grad : m->lm_head_grad;
@@ -1306,10 +1606,12 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
         ops->rmsnorm_backward(ws->dx, m->final_norm_grad, ws->dxn, ws->x_final, m->final_norm,
                               ws->rstd_final, N, H, false);
     } else { /* the gradient of this stage's output, and d aux / d probs, from the next */
-        comm_recv(m->pp_comm, ws->dx, (size_t)N * H, COMM_F32, stage + 1, TAG_GRADIENT, COMM_HOST);
-        if (balance)
-            comm_recv(m->pp_comm, ws->balance_coef, (size_t)E, COMM_F32, stage + 1, TAG_BALANCE_GRADIENT,
-                      COMM_HOST);
+        stage_recv(m, ws, ws->dx, (size_t)N * H, stage + 1, TAG_GRADIENT);
+        if (balance) {
+            comm_recv(m->pp_comm, ws->h_balance_coef, (size_t)E, COMM_F32, stage + 1,
+                      TAG_BALANCE_GRADIENT, COMM_HOST);
+            if (ws->staged) ws->mem->upload(ws->balance_coef, ws->h_balance_coef, (size_t)E * sizeof(float));
+        }
     }
 
     struct attention_mask mask = {.sample_start = batch->sample_start};
@@ -1333,9 +1635,9 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
                              false);
         ops->attention_backward(ws->dq, ws->dk, ws->dv, ws->dattn, a->q, a->k, a->v, a->attn,
                                 &mask, N, nH, nKV, Dh, 1.0f / sqrtf((float)Dh));
-        ops->rope_backward(ws->dq, batch->positions, m->inv_freq, (float)c->rope.attention_scaling,
+        ops->rope_backward(ws->dq, batch->positions, inv_freq(m), (float)c->rope.attention_scaling,
                            N, nH, Dh, c->rope.rotary_dim);
-        ops->rope_backward(ws->dk, batch->positions, m->inv_freq, (float)c->rope.attention_scaling,
+        ops->rope_backward(ws->dk, batch->positions, inv_freq(m), (float)c->rope.attention_scaling,
                            N, nKV, Dh, c->rope.rotary_dim);
         if (c->clip_qkv > 0) { /* no gradient where the clamp bit */
             float limit = (float)c->clip_qkv;
@@ -1362,26 +1664,11 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
                               H, true);
     }
     if (stage > 0) { /* the gradient of this stage's input goes back */
-        comm_send_start(m->pp_comm, ws->dx, (size_t)N * H, COMM_F32, stage - 1, TAG_GRADIENT,
-                        COMM_HOST, &ws->sends[0]);
+        stage_send_start(m, ws, ws->dx, (size_t)N * H, stage - 1, TAG_GRADIENT, &ws->sends[0]);
         if (balance)
-            comm_send_start(m->pp_comm, ws->balance_coef, (size_t)E, COMM_F32, stage - 1,
+            comm_send_start(m->pp_comm, ws->h_balance_coef, (size_t)E, COMM_F32, stage - 1,
                             TAG_BALANCE_GRADIENT, COMM_HOST, &ws->sends[1]);
     } else if (m->embedding_grad) {
         ops->embedding_backward(m->embedding_grad, ws->dx, batch->tokens, N, H);
     }
-}
-
-long long count_correct(const float *logits, const int32_t *targets, int N, int V)
-{
-    long long correct = 0;
-    for (int n = 0; n < N; n++) {
-        if (targets[n] < 0) continue;
-        const float *row = logits + (size_t)n * V;
-        int best = 0;
-        for (int v = 1; v < V; v++)
-            if (row[v] > row[best]) best = v;
-        correct += best == targets[n];
-    }
-    return correct;
 }

@@ -88,6 +88,11 @@ struct model {
     int first_expert, n_local_experts;
     int n_params;
     struct param *params;
+    /* The compute view: what the forward and backward read and write. The host storage
+     * below (params[i].data and .grad name it too) until model_attach moves it to a
+     * backend whose buffers the host cannot read; then these name the backend's copies
+     * and params[i] keeps naming the host copy (model_download_grads and
+     * model_upload_trainable keep the two in step). */
     float *embedding, *final_norm, *lm_head; /* lm_head == embedding when tied */
     struct layer_weights *layers;            /* [cfg.num_layers]; unheld layers all NULL */
     float *inv_freq;                         /* [rotary_dim / 2] */
@@ -98,6 +103,10 @@ struct model {
     float *embedding_grad, *final_norm_grad, *lm_head_grad;
     float *grad_storage;                     /* every gradient of this rank, one allocation */
     size_t grad_floats;
+    /* model_attach: the backend, and its copies of storage, grad_storage and inv_freq
+     * (NULL when it is host-visible or the model is not attached: host memory) */
+    const struct backend *ops;
+    float *device_storage, *device_grad_storage, *device_inv_freq;
     /* the EP group (grid.ep > 1): the ranks that hold the other experts and exchange
      * tokens with this one. Set by the caller after model_create. */
     const struct comm *ep_comm;
@@ -147,8 +156,20 @@ struct param *model_find_param(struct model *model, const char *name);
  * buffers for those this rank holds, in one allocation; frozen tensors get none. Call
  * once, before the first model_backward. */
 void model_set_trainable(struct model *model, const bool *trainable);
-/* Sets every gradient to zero (the start of an optimizer step). */
+/* Sets every gradient to zero (the start of an optimizer step), on the host and, when
+ * attached, in the backend's copy. */
 void model_zero_grads(struct model *model);
+
+/* Moves the compute view to ops: on a backend that is not host-visible, allocates its
+ * copies of the weights (and of the gradients, when model_set_trainable came first) and
+ * uploads the weights; on the CPU backend nothing moves. Call after the weights are
+ * loaded (and a checkpoint restored), before the first workspace; once. */
+void model_attach(struct model *model, const struct backend *ops);
+/* Brings the backend's gradients to params[i].grad (the host copy) for the reduction and
+ * the optimizer; the weights the optimizer changed go back with model_upload_trainable.
+ * Nothing to do on a host-visible backend. */
+void model_download_grads(struct model *model);
+void model_upload_trainable(struct model *model);
 
 /* A batch of N tokens, flattened: rows and packed samples are runs of tokens. */
 struct batch {
@@ -168,6 +189,7 @@ struct forward_result {
     float **router_logits;   /* [L] -> [N, E] */
     double loss_sum;         /* sum of token cross-entropies over counted targets */
     long long loss_count;    /* number of counted targets */
+    long long correct;       /* counted targets that are their row's argmax (accuracy) */
     /* The load-balancing loss of this batch as transformers computes it for one forward
      * call over all its tokens (load_balancing_loss_func): with c_e the number of top-k
      * slots that chose expert e and P_e the sum of its softmax probabilities, both over
@@ -175,10 +197,6 @@ struct forward_result {
      * aux = E * sum_e (c_e / R) (P_e / R). 0 without MoE layers. */
     double aux_loss;
 };
-
-/* Targets (>= 0) of a batch that are their logits row's argmax (ties to the lower id):
- * token accuracy's numerator. logits: [N, V], targets: [N] (-100: not counted). */
-long long count_correct(const float *logits, const int32_t *targets, int N, int V);
 
 /* Workspace of the forward pass for up to max_tokens tokens, allocated once. A training
  * workspace keeps every layer's activations for model_backward; an inference workspace
@@ -189,6 +207,14 @@ struct forward_workspace *forward_workspace_new_training(const struct model *mod
                                                         int max_tokens);
 void forward_workspace_free(struct forward_workspace *ws);
 
+/* What the host reads of a forward_result when the model is attached to a backend whose
+ * buffers it cannot read: those results are copied back after each forward only when
+ * asked for (on a host-visible backend they are always there, without copies).
+ * FORWARD_KEEP_ROUTING: topk_ids, topk_weights, router_logits; FORWARD_KEEP_LOGITS:
+ * logits. */
+enum { FORWARD_KEEP_ROUTING = 1, FORWARD_KEEP_LOGITS = 2 };
+void forward_workspace_keep(struct forward_workspace *ws, unsigned what);
+
 /* The forward pass of this rank's stage. Under pipeline parallelism (grid.pp > 1) a stage
  * after the first receives its input from the previous stage, and a stage before the
  * last sends its output on (returning before it has left: model_wait_sends); only the
@@ -198,7 +224,8 @@ void forward_workspace_free(struct forward_workspace *ws);
  * group passes its own batch: a MoE layer sends each token-slot's row to the rank that
  * holds its expert and takes the results back (collective over model->ep_comm, so every
  * rank of the group calls it the same number of times, with N = 0 if it has no tokens).
- * result's arrays live in ws and are overwritten by the next call. */
+ * result's arrays live in ws and are overwritten by the next call; they are host memory
+ * (see forward_workspace_keep). The batch's arrays are host memory. */
 void model_forward(const struct model *model, const struct backend *ops,
                    struct forward_workspace *ws, const struct batch *batch,
                    struct forward_result *result);

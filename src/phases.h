@@ -27,4 +27,10 @@ int phase_select(const struct deck *deck, const struct layout *layout);
 int phase_train(const struct deck *deck, const struct layout *layout);
 int phase_eval(const struct deck *deck, const struct layout *layout);
 
+/* The backend of the deck's run.backend for a phase that computes (score, train, eval),
+ * named in the log; a backend that cannot be had (cuda without a build or device for
+ * it) ends every rank with the reason. */
+struct backend;
+const struct backend *phase_backend(const struct deck *deck, const char *phase);
+
 #endif

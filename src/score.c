@@ -159,9 +159,12 @@ int phase_score(const struct deck *deck, const struct layout *layout)
     model_log_stages(&model, "score");
     fail_if_any(model_load(&model, deck->model.path, err, sizeof err) != 0, EXIT_INPUT, "score: %s",
                 err);
+    const struct backend *ops = phase_backend(deck, "score");
+    model_attach(&model, ops);
 
     /* Buffers sized once for the longest sample of this rank. */
     struct forward_workspace *ws = forward_workspace_new(&model, (int)longest);
+    forward_workspace_keep(ws, FORWARD_KEEP_ROUTING); /* the statistics are counted on the host */
     uint32_t *tokens_u32 = xmalloc(longest * sizeof *tokens_u32);
     uint8_t *mask = xmalloc(longest);
     int32_t *tokens = xmalloc(longest * sizeof *tokens);
@@ -174,7 +177,6 @@ int phase_score(const struct deck *deck, const struct layout *layout)
     uint64_t *coact = deck->score.coactivation ? xcalloc(LE * E, sizeof *coact) : NULL;
     uint64_t *layer_tokens = xcalloc((size_t)Lm, sizeof *layer_tokens);
 
-    const struct backend *ops = backend_cpu();
     double start = wall_time(), last_report = start;
     uint64_t done_tokens = 0;
     for (uint64_t j = 0; j < rounds; j++) {

@@ -105,7 +105,7 @@ static double peak_rss_mib(void)
 /* ---- the phase ----------------------------------------------------------------------- */
 
 /* Mean loss over the validation blocks (every rank takes blocks j mod dp). */
-static double evaluate(const struct model *m, struct forward_workspace *ws,
+static double evaluate(const struct model *m, const struct backend *ops, struct forward_workspace *ws,
                        const struct dataset *ds, const struct block_plan *val, int seq_len,
                        struct token_batch *b, int rank, int dp)
 {
@@ -121,7 +121,7 @@ static double evaluate(const struct model *m, struct forward_workspace *ws,
         struct batch batch = {.N = b->N, .tokens = b->tokens, .positions = b->positions,
                               .sample_start = b->sample_start, .targets = b->targets};
         struct forward_result r;
-        model_forward(m, backend_cpu(), ws, &batch, &r);
+        model_forward(m, ops, ws, &batch, &r);
         sums[0] += r.loss_sum;
         sums[1] += (double)r.loss_count;
     }
@@ -257,6 +257,9 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     char path[4200] = "";
     int found = resume_from_checkpoint(deck, &run, &model, &opt, &position, path, sizeof path);
     if (found) log_info("train: resuming from %s at step %lld", path, position.step);
+    /* the weights as loaded (and restored) go to the backend: the steps run there */
+    const struct backend *ops = phase_backend(deck, "train");
+    model_attach(&model, ops);
 
     if (position.step >= tr->steps)
         log_info("train: %s is at step %lld, train.steps is %d: nothing to train (raise "
@@ -285,11 +288,10 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     struct forward_workspace *ws[n_ws];
     for (int k = 0; k < n_ws; k++) ws[k] = forward_workspace_new_training(&model, capacity);
     struct forward_workspace *eval_ws = forward_workspace_new(&model, seq_len);
-    const struct backend *ops = backend_cpu();
     bool validate = val.n_blocks > 0 && tr->eval_every > 0; /* eval_every 0: never */
 
     if (validate && !found) { /* the untrained model's loss, the curve's start */
-        double eval = evaluate(&model, eval_ws, &ds, &val, seq_len, &eval_batch, rank, dp);
+        double eval = evaluate(&model, ops, eval_ws, &ds, &val, seq_len, &eval_batch, rank, dp);
         log_eval(0, eval, val.n_blocks);
         metrics_write("eval", "\"step\": 0, \"loss\": %.17g", eval);
     }
@@ -353,15 +355,14 @@ int phase_train(const struct deck *deck, const struct layout *layout)
                     model_forward(&model, ops, w, &batch, &r);
                     sums[0] += r.loss_sum;
                     sums[1] += r.aux_loss;
-                    if (r.logits)
-                        sums[2] += (double)count_correct(r.logits, batch.targets, batch.N,
-                                                         cfg.vocab_size);
+                    sums[2] += (double)r.correct;
                 } else {
                     model_backward(&model, ops, w, &batch, scale, aux_scale);
                 }
             }
         }
         for (int k = 0; k < n_ws; k++) model_wait_sends(ws[k]);
+        model_download_grads(&model); /* reduced and applied on the host */
         check_mpi(MPI_Allreduce(MPI_IN_PLACE, sums, 3, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
         double aux = sums[1] / step_micro_batches;
         double norm = reduce_gradients(&model, layout, grad_scratch);
@@ -395,6 +396,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
             if (tr->clip_grad > 0 && norm > tr->clip_grad)
                 grad_scale(&model, (float)(tr->clip_grad / (norm + 1e-6)));
             adamw_step(&opt, &model, lr);
+            model_upload_trainable(&model);
         }
         position.step++;
 
@@ -423,7 +425,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
 
         bool last = position.step == tr->steps;
         if (validate && (position.step % tr->eval_every == 0 || last)) {
-            double eval = evaluate(&model, eval_ws, &ds, &val, seq_len, &eval_batch, rank, dp);
+            double eval = evaluate(&model, ops, eval_ws, &ds, &val, seq_len, &eval_batch, rank, dp);
             log_eval(position.step, eval, val.n_blocks);
             metrics_write("eval", "\"step\": %lld, \"loss\": %.17g", position.step, eval);
         }

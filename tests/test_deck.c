@@ -5,6 +5,9 @@
  * tests/decks/bad and tests/decks/good): each bad deck's first line is
  * `# expect: LINE:COL: TEXT`, and parsing it must report `PATH:LINE:COL: ...TEXT...`;
  * each good deck must parse and finish with no error. */
+#ifdef HAVE_CONFIG_H
+#include "config.h"
+#endif
 #include <dirent.h>
 #include <stdlib.h>
 #include <string.h>
@@ -640,9 +643,23 @@ static void test_requirements(void)
                      err) == 1 &&
             has_error(err, "r.yaml:4:33: ", "train.warmup_steps (6) is more than train.steps (5)"),
         "%s", err);
+#ifdef HAVE_CUDA
+    CHECK(finish_count("phase: select\nrun:\n  backend: cuda\n", err) == 0, "%s", err);
+#else
     CHECK(finish_count("phase: select\nrun:\n  backend: cuda\n", err) == 1 &&
-              has_error(err, "r.yaml:3:3: ", "run.backend: cuda is not available in this version"),
+              has_error(err, "r.yaml:3:3: ", "run.backend: cuda: this esft was built without CUDA"),
           "%s", err);
+#endif
+    CHECK(finish_count("phase: select\nrun:\n  backend: cpu-devsim\n", err) == 0, "%s", err);
+    /* run.backend auto: the environment's ESFT_BACKEND, which must name a backend */
+    const char *saved = getenv("ESFT_BACKEND");
+    setenv("ESFT_BACKEND", "gpu", 1);
+    CHECK(finish_count("phase: select\n", err) == 1 &&
+              has_error(err, "", "ESFT_BACKEND=gpu names no backend"), "%s", err);
+    setenv("ESFT_BACKEND", "cpu-devsim", 1);
+    CHECK(finish_count("phase: select\nrun:\n  backend: cpu\n", err) == 0, "%s", err);
+    if (saved) setenv("ESFT_BACKEND", saved, 1);
+    else unsetenv("ESFT_BACKEND");
     /* init keys are not checked when init does not run */
     CHECK(finish_count("phase: select\ninit: {top_k: 9}\n", err) == 0, "%s", err);
 }

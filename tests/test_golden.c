@@ -110,11 +110,18 @@ static void check_fixture(const char *dir, const char *name)
         free(targets);
         goto done_inputs;
     }
+    /* the backend the environment names (ESFT_BACKEND: cpu-devsim, or cuda on a GPU), as
+     * the phases attach it; the CPU by default */
+    const struct backend *ops = backend_named(getenv("ESFT_BACKEND"), err, sizeof err);
+    CHECK(ops != NULL, "%s", err);
+    if (!ops) ops = backend_cpu();
+    model_attach(&model, ops);
     struct forward_workspace *ws = forward_workspace_new(&model, N);
+    forward_workspace_keep(ws, FORWARD_KEEP_LOGITS | FORWARD_KEEP_ROUTING);
     struct batch batch = {.N = N, .tokens = tokens, .positions = positions,
                           .sample_start = sample_start, .targets = targets};
     struct forward_result result;
-    model_forward(&model, backend_cpu(), ws, &batch, &result);
+    model_forward(&model, ops, ws, &batch, &result);
 
     int V = cfg.vocab_size, K = cfg.top_k;
     float *logits = read_f32(&expected, "logits", (size_t)N * V);

@@ -215,6 +215,13 @@ static int check_layout(const char *name, const struct model_config *cfg, const 
     bool *all = xmalloc((size_t)m.n_params * sizeof(bool));
     for (int i = 0; i < m.n_params; i++) all[i] = true;
     model_set_trainable(&m, all);
+    /* the backend the environment names (ESFT_BACKEND=cpu-devsim: the simulator), as the
+     * phases attach it */
+    const char *backend_name = getenv("ESFT_BACKEND");
+    const struct backend *ops = backend_named(backend_name, err, sizeof err);
+    CHECK(ops != NULL, "%s", err);
+    if (!ops) ops = backend_cpu();
+    model_attach(&m, ops);
     struct forward_workspace *ws = forward_workspace_new_training(&m, batch->N);
     struct batch mine = *batch;
     if (layout->me.ep_rank != 0) mine.N = 0; /* EP rank 0 carries the batch */
@@ -223,12 +230,13 @@ static int check_layout(const char *name, const struct model_config *cfg, const 
     for (int pass = 0; pass < 2; pass++) { /* cross-entropy, then the aux loss alone */
         model_zero_grads(&m);
         struct forward_result r;
-        model_forward(&m, backend_cpu(), ws, &mine, &r);
+        model_forward(&m, ops, ws, &mine, &r);
         long long count = r.loss_count; /* known on the last stage and EP rank 0: share it */
         check_mpi(MPI_Allreduce(MPI_IN_PLACE, &count, 1, MPI_LONG_LONG, MPI_MAX, MPI_COMM_WORLD));
-        if (pass == 0) model_backward(&m, backend_cpu(), ws, &mine, 1.0f / (float)count, 0.0f);
-        else model_backward(&m, backend_cpu(), ws, &mine, 0.0f, 1.0f);
+        if (pass == 0) model_backward(&m, ops, ws, &mine, 1.0f / (float)count, 0.0f);
+        else model_backward(&m, ops, ws, &mine, 0.0f, 1.0f);
         model_wait_sends(ws);
+        model_download_grads(&m);
         for (int i = 0; i < m.n_params; i++) { /* replicated tensors: sum over the EP group */
             struct param *p = &m.params[i];
             if (p->grad && p->ep_rank < 0 && layout->ep.size > 1)
@@ -249,8 +257,8 @@ static int check_layout(const char *name, const struct model_config *cfg, const 
     check_mpi(MPI_Allreduce(MPI_IN_PLACE, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD));
     check_mpi(MPI_Allreduce(MPI_IN_PLACE, &worst, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
     if (layout->world_rank == 0)
-        printf("%s under pp %d ep %d: %d gradients over the ranks, worst relative error %.2e\n",
-               name, layout->grid.pp, layout->grid.ep, total, worst);
+        printf("%s under pp %d ep %d on %s: %d gradients over the ranks, worst relative error "
+               "%.2e\n", name, layout->grid.pp, layout->grid.ep, ops->name, total, worst);
     forward_workspace_free(ws);
     free(all);
     model_free(&m);

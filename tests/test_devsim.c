@@ -1,0 +1,281 @@
+/* test_devsim: the device simulator holds code to the rule that the host reaches the
+ * backend's buffers only through the transfers, and gives the CPU backend's numbers.
+ *
+ * 1. A host read and a host write of a simulator buffer end the process with SIGSEGV
+ *    (in a child), and a host pointer handed to a simulator op is refused (exit status
+ *    EXIT_RUNTIME, in a child): the two ways code goes wrong on a GPU.
+ * 2. On every golden fixture (one rank): the forward (loss, token accuracy, logits,
+ *    routing, aux loss) and the backward (every gradient of full fine-tuning, with the
+ *    cross-entropy and with the load-balancing loss) on the simulator equal the CPU
+ *    backend's bit for bit, with the model attached to each backend as the phases do it.
+ *    The transfers are counted: a forward that keeps no result reads back only the
+ *    load-balancing statistics and the loss sums.
+ * Usage: test_devsim [GOLDEN_DIR] */
+#include <dirent.h>
+#include <math.h>
+#include <mpi.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "check.h"
+#include "hfconfig.h"
+#include "log.h"
+#include "model.h"
+#include "safetensors.h"
+#include "trainable.h"
+
+/* Runs body in a child; returns its wait status. */
+static int in_child(void (*body)(void))
+{
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        body();
+        _exit(0);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return status;
+}
+
+static volatile float sink;
+
+static void host_read(void)
+{
+    const struct backend *sim = backend_devsim();
+    float *buf = sim->alloc(64 * sizeof(float));
+    sink = buf[3]; /* the planted mistake */
+}
+
+static void host_write(void)
+{
+    const struct backend *sim = backend_devsim();
+    float *buf = sim->alloc(64 * sizeof(float));
+    buf[3] = 1.0f;
+}
+
+static void host_pointer_to_op(void)
+{
+    const struct backend *sim = backend_devsim();
+    float *dev = sim->alloc(16 * sizeof(float));
+    float host[16] = {0};
+    sim->add(dev, host, dev, 16); /* host memory where a buffer belongs */
+}
+
+/* The child died of the access: SIGSEGV, or under AddressSanitizer (which catches the
+ * signal and reports it) a failing exit. */
+static bool crashed(int status)
+{
+#if defined(__SANITIZE_ADDRESS__)
+    if (WIFEXITED(status) && WEXITSTATUS(status) != 0 && WEXITSTATUS(status) != EXIT_RUNTIME)
+        return true;
+#endif
+    return WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV;
+}
+
+/* Before MPI starts: the children must not inherit a running MPI. */
+static void check_faults(void)
+{
+    int status = in_child(host_read);
+    CHECK(crashed(status), "a host read of a simulator buffer: wait status %#x, not SIGSEGV", status);
+    status = in_child(host_write);
+    CHECK(crashed(status), "a host write of a simulator buffer: wait status %#x, not SIGSEGV", status);
+    status = in_child(host_pointer_to_op);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == EXIT_RUNTIME,
+          "a host pointer given to a simulator op: wait status %#x, not exit %d", status,
+          EXIT_RUNTIME);
+    /* and the transfers themselves are exact */
+    const struct backend *sim = backend_devsim();
+    float in[5] = {1.5f, -2.0f, NAN, 3.25f, 0.0f}, out[5];
+    float *buf = sim->alloc(sizeof in);
+    sim->upload(buf, in, sizeof in);
+    sim->download(out, buf, sizeof out);
+    CHECK(memcmp(in, out, sizeof in) == 0, "upload then download changed the bytes");
+    sim->release(buf);
+}
+
+static int32_t *read_i64(const struct st_file *f, const char *name, size_t n)
+{
+    const struct st_tensor *t = st_file_find(f, name);
+    CHECK(t && t->dtype == ST_I64 && (size_t)t->numel == n, "%s", name);
+    int32_t *out = xcalloc(n ? n : 1, sizeof *out);
+    for (size_t i = 0; t && i < n; i++) {
+        int64_t v;
+        memcpy(&v, (const char *)t->data + 8 * i, 8);
+        out[i] = (int32_t)v;
+    }
+    return out;
+}
+
+/* What one backend computes on a fixture: forward results and both kinds of gradient. */
+struct outcome {
+    double loss_sum, aux;
+    long long counted, correct;
+    float *logits, *grads[2]; /* cross-entropy, then the aux loss alone */
+    size_t n_logits, n_grads;
+    int32_t *ids;            /* every MoE layer's top-k ids, concatenated */
+    float *weights, *router; /* and their weights, router logits */
+    size_t n_ids, n_router;
+    struct backend_traffic traffic; /* of one forward that keeps nothing */
+};
+
+static void run_backend(const char *dir, const struct model_config *cfg, const struct batch *batch,
+                        const struct backend *ops, struct outcome *o)
+{
+    char err[1024];
+    struct layout_grid grid = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
+    struct model m;
+    model_create(&m, cfg, &grid, (struct layout_coords){0, 0, 0});
+    CHECK(model_load(&m, dir, err, sizeof err) == 0, "%s", err);
+    bool *all = xcalloc((size_t)m.n_params, sizeof(bool));
+    CHECK(trainable_select(&m, METHOD_FULL, NULL, all, err, sizeof err) == 0, "%s", err);
+    model_set_trainable(&m, all);
+    model_attach(&m, ops);
+    struct forward_workspace *ws = forward_workspace_new_training(&m, batch->N);
+    forward_workspace_keep(ws, FORWARD_KEEP_LOGITS | FORWARD_KEEP_ROUTING);
+    memset(o, 0, sizeof *o);
+    for (int pass = 0; pass < 2; pass++) {
+        model_zero_grads(&m);
+        struct forward_result r;
+        model_forward(&m, ops, ws, batch, &r);
+        if (pass == 0) {
+            o->loss_sum = r.loss_sum, o->aux = r.aux_loss;
+            o->counted = r.loss_count, o->correct = r.correct;
+            o->n_logits = (size_t)batch->N * cfg->vocab_size;
+            o->logits = xmalloc(o->n_logits * sizeof(float));
+            memcpy(o->logits, r.logits, o->n_logits * sizeof(float));
+            int moe = 0;
+            for (int l = 0; l < cfg->num_layers; l++) moe += cfg->is_moe[l];
+            size_t slots = (size_t)batch->N * cfg->top_k, rows = (size_t)batch->N * cfg->num_experts;
+            o->n_ids = moe * slots, o->n_router = moe * rows;
+            o->ids = xcalloc(o->n_ids + 1, sizeof(int32_t));
+            o->weights = xcalloc(o->n_ids + 1, sizeof(float));
+            o->router = xcalloc(o->n_router + 1, sizeof(float));
+            for (int l = 0, k = 0; l < cfg->num_layers; l++) {
+                if (!cfg->is_moe[l]) continue;
+                memcpy(o->ids + k * slots, r.topk_ids[l], slots * sizeof(int32_t));
+                memcpy(o->weights + k * slots, r.topk_weights[l], slots * sizeof(float));
+                memcpy(o->router + k * rows, r.router_logits[l], rows * sizeof(float));
+                k++;
+            }
+        }
+        model_backward(&m, ops, ws, batch, pass == 0 ? 1.0f / (float)r.loss_count : 0.0f,
+                       pass == 0 ? 0.0f : 1.0f);
+        model_download_grads(&m);
+        o->n_grads = m.grad_floats;
+        o->grads[pass] = xmalloc((m.grad_floats ? m.grad_floats : 1) * sizeof(float));
+        memcpy(o->grads[pass], m.grad_storage, m.grad_floats * sizeof(float));
+    }
+    forward_workspace_free(ws);
+    /* one forward that keeps nothing: what crosses from the backend to the host */
+    ws = forward_workspace_new(&m, batch->N);
+    struct backend_traffic before = backend_traffic();
+    struct forward_result r;
+    model_forward(&m, ops, ws, batch, &r);
+    struct backend_traffic after = backend_traffic();
+    o->traffic.downloads = after.downloads - before.downloads;
+    o->traffic.download_bytes = after.download_bytes - before.download_bytes;
+    o->traffic.uploads = after.uploads - before.uploads;
+    forward_workspace_free(ws);
+    free(all);
+    model_free(&m);
+}
+
+static void outcome_free(struct outcome *o)
+{
+    free(o->logits), free(o->grads[0]), free(o->grads[1]);
+    free(o->ids), free(o->weights), free(o->router);
+}
+
+static void check_fixture(const char *dir, const char *name)
+{
+    char err[1024], path[4200];
+    struct model_config cfg;
+    if (hfconfig_load(dir, &cfg, err, sizeof err) != 0) {
+        CHECK(0, "%s", err);
+        return;
+    }
+    snprintf(path, sizeof path, "%s/expected.safetensors", dir);
+    struct st_file *expected = st_open(path, err, sizeof err);
+    CHECK(expected != NULL, "%s", err);
+    if (!expected) return;
+    const struct st_tensor *ids = st_file_find(expected, "input_ids");
+    int B = (int)ids->shape[0], T = (int)ids->shape[1], N = B * T;
+    int32_t *tokens = read_i64(expected, "input_ids", (size_t)N);
+    int32_t *positions = read_i64(expected, "position_ids", (size_t)N);
+    int32_t *segments = read_i64(expected, "segment_ids", (size_t)N);
+    int32_t *labels = read_i64(expected, "labels", (size_t)N);
+    int32_t *starts = xmalloc((size_t)N * sizeof *starts), *targets = xmalloc((size_t)N * sizeof *targets);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            int n = b * T + t;
+            starts[n] = t == 0 || segments[n] != segments[n - 1] ? n : starts[n - 1];
+            targets[n] = t + 1 < T ? labels[n + 1] : -100;
+        }
+    struct batch batch = {.N = N, .tokens = tokens, .positions = positions,
+                          .sample_start = starts, .targets = targets};
+    struct outcome cpu, sim;
+    run_backend(dir, &cfg, &batch, backend_cpu(), &cpu);
+    run_backend(dir, &cfg, &batch, backend_devsim(), &sim);
+    CHECK(memcmp(&cpu.loss_sum, &sim.loss_sum, sizeof(double)) == 0 && cpu.counted == sim.counted,
+          "%s: loss %.17g over %lld on the CPU, %.17g over %lld on the simulator", name,
+          cpu.loss_sum, cpu.counted, sim.loss_sum, sim.counted);
+    CHECK(memcmp(&cpu.aux, &sim.aux, sizeof(double)) == 0, "%s: aux loss %.17g vs %.17g", name,
+          cpu.aux, sim.aux);
+    CHECK(cpu.correct == sim.correct, "%s: %lld vs %lld correct", name, cpu.correct, sim.correct);
+    CHECK(memcmp(cpu.logits, sim.logits, cpu.n_logits * sizeof(float)) == 0, "%s: logits differ", name);
+    CHECK(memcmp(cpu.ids, sim.ids, cpu.n_ids * sizeof(int32_t)) == 0 &&
+              memcmp(cpu.weights, sim.weights, cpu.n_ids * sizeof(float)) == 0 &&
+              memcmp(cpu.router, sim.router, cpu.n_router * sizeof(float)) == 0,
+          "%s: routing differs", name);
+    for (int pass = 0; pass < 2; pass++)
+        CHECK(cpu.n_grads == sim.n_grads &&
+                  memcmp(cpu.grads[pass], sim.grads[pass], cpu.n_grads * sizeof(float)) == 0,
+              "%s: %s gradients differ", name, pass ? "aux-loss" : "cross-entropy");
+    /* a forward that keeps nothing reads back the [L][2E] statistics block and the two
+     * sums of the loss; the CPU backend counts nothing (it moves nothing) */
+    CHECK(sim.traffic.downloads == 3 && cpu.traffic.downloads == 0,
+          "%s: %lld reads back from the simulator in one forward (want 3), %lld from the CPU",
+          name, sim.traffic.downloads, cpu.traffic.downloads);
+    CHECK(sim.traffic.uploads == 4, "%s: %lld uploads in one forward (want the batch's 4)", name,
+          sim.traffic.uploads);
+    printf("%s: simulator = CPU bit for bit (loss %.9g, %zu logits, %zu gradients x 2); one "
+           "forward reads back %lld times, %.0f bytes\n", name, cpu.loss_sum / cpu.counted,
+           cpu.n_logits, cpu.n_grads, sim.traffic.downloads, sim.traffic.download_bytes);
+    outcome_free(&cpu);
+    outcome_free(&sim);
+    free(tokens), free(positions), free(segments), free(labels), free(starts), free(targets);
+    st_close(expected);
+}
+
+int main(int argc, char **argv)
+{
+    check_faults();
+    MPI_Init(&argc, &argv);
+    const char *golden = argc > 1 ? argv[1] : "tests/golden";
+    DIR *d = opendir(golden);
+    CHECK(d != NULL, "cannot open %s", golden);
+    int fixtures = 0;
+    struct dirent *entry;
+    while (d && (entry = readdir(d))) {
+        char dir[4096], probe[4200];
+        struct stat st;
+        snprintf(dir, sizeof dir, "%s/%s", golden, entry->d_name);
+        snprintf(probe, sizeof probe, "%s/expected.safetensors", dir);
+        if (entry->d_name[0] == '.' || stat(probe, &st) != 0) continue;
+        check_fixture(dir, entry->d_name);
+        fixtures++;
+    }
+    if (d) closedir(d);
+    CHECK(fixtures >= 7, "found %d fixtures", fixtures);
+    int status = check_done("test_devsim");
+    MPI_Finalize();
+    return status;
+}
