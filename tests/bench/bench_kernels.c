@@ -742,31 +742,52 @@ static void bench_experts(struct gemm_context *ctx)
                                 .w_down = t ? (void *)wd.bf16 : (void *)wd.f32};
         a.dy_gate = t ? (void *)dyg.bf16 : (void *)dyg.f32;
         a.dy_down = t ? (void *)dyd.bf16 : (void *)dyd.f32;
+        int grouped = 1; /* 0 once cuBLAS refuses the grouped call for this type */
         for (int i = 0; i < 2; i++) { /* one run of each from zero dw, for the comparison */
             a.variant = i ? GROUPED : LOOP;
             a.dx_gate = dxg[i], a.dx_down = dxd[i], a.dw_gate = pg[i], a.dw_up = pu[i], a.dw_down = pd[i];
+            snprintf(name, sizeof name, "experts bwd %s grouped", tn);
+            if (i == 1 && try_once(0, &a, name) != 0) {
+                grouped = 0;
+                break;
+            }
             check_cuda(cudaMemset(dwg[i], 0, wn * 4));
             check_cuda(cudaMemset(dwu[i], 0, wn * 4));
             check_cuda(cudaMemset(dwd[i], 0, wn * 4));
             poison(dxg[i], large * 4), poison(dxd[i], small * 4);
-            snprintf(name, sizeof name, "experts bwd %s grouped", tn);
-            if (i == 1 && try_once(0, &a, name) != 0) break;
-            if (i == 1) { /* try_once ran the gate projection: start again from zero */
-                check_cuda(cudaMemset(dwg[i], 0, wn * 4));
-                poison(dxg[i], large * 4);
-            }
             run_experts_backward(&a);
             check_cuda(cudaDeviceSynchronize());
-            if (i == 1) {
-                snprintf(name, sizeof name, "experts bwd %s grouped vs loop: dx down", tn);
-                compare(name, dxd[1], 0, dxd[0], 0, small, 1e-4);
-                snprintf(name, sizeof name, "experts bwd %s grouped vs loop: dw down", tn);
-                compare(name, dwd[1], 0, dwd[0], 0, wn, 1e-4);
-                snprintf(name, sizeof name, "experts bwd %s grouped vs loop: dw gate", tn);
-                compare(name, dwg[1], 0, dwg[0], 0, wn, 1e-4);
-            }
+        }
+        if (grouped) {
+            snprintf(name, sizeof name, "experts bwd %s grouped vs loop: dx down", tn);
+            compare(name, dxd[1], 0, dxd[0], 0, small, 1e-4);
+            snprintf(name, sizeof name, "experts bwd %s grouped vs loop: dx gate", tn);
+            compare(name, dxg[1], 0, dxg[0], 0, large, 1e-4);
+            snprintf(name, sizeof name, "experts bwd %s grouped vs loop: dw down", tn);
+            compare(name, dwd[1], 0, dwd[0], 0, wn, 1e-4);
+            snprintf(name, sizeof name, "experts bwd %s grouped vs loop: dw gate", tn);
+            compare(name, dwg[1], 0, dwg[0], 0, wn, 1e-4);
+        }
+        for (int i = 0; i < 1 + grouped; i++) { /* timed: dw accumulates, as in a step */
+            a.variant = i ? GROUPED : LOOP;
+            a.dx_gate = dxg[i], a.dx_down = dxd[i], a.dw_gate = pg[i], a.dw_up = pu[i], a.dw_down = pd[i];
             snprintf(name, sizeof name, "experts bwd %s %s", tn, i ? "grouped" : "loop");
             record(name, time_ms(run_experts_backward, &a), bflops, FLOPS, "dx + dw, every expert");
+        }
+        /* ESFT: the weight gradients of 16 of the 128 experts only (the rest frozen: NULL) */
+        float *eg[EXPERTS], *eu[EXPERTS], *ed[EXPERTS];
+        double esft_flops = flops; /* the input gradients: the forward's FLOPs */
+        for (int e = 0; e < EXPERTS; e++) {
+            int trained = e % 8 == 3;
+            eg[e] = trained ? pg[0][e] : NULL, eu[e] = trained ? pu[0][e] : NULL;
+            ed[e] = trained ? pd[0][e] : NULL;
+            if (trained) esft_flops += 3.0 * 2.0 * (offsets[e + 1] - offsets[e]) * (double)HIDDEN * EXPERT_WIDTH;
+        }
+        a.dx_gate = dxg[0], a.dx_down = dxd[0], a.dw_gate = eg, a.dw_up = eu, a.dw_down = ed;
+        for (int i = 0; i < 1 + grouped; i++) {
+            a.variant = i ? GROUPED : LOOP;
+            snprintf(name, sizeof name, "experts bwd %s %s ESFT 16/128", tn, i ? "grouped" : "loop");
+            record(name, time_ms(run_experts_backward, &a), esft_flops, FLOPS, "dx + dw of 16 experts");
         }
         a.variant = DENSE_SAME_FLOPS;
         a.dx_gate = dxg[0], a.dx_down = dxd[0], a.dw_dense_gate = dwg[0], a.dw_dense_down = dwd[0];
@@ -806,6 +827,8 @@ static void run_attention_backward(void *p)
 
 static void bench_attention(void)
 {
+    int warmup = opt_warmup;
+    opt_warmup = warmup < 1 ? warmup : 1; /* the slowest lines: one untimed call is enough */
     printf("attention: %d samples of %d tokens, %d/%d heads of %d, causal, fp32\n", SAMPLES, SEQ,
            HEADS, KV_HEADS, HEAD_DIM);
     size_t qn = (size_t)TOKENS * HEADS * HEAD_DIM, kn = (size_t)TOKENS * KV_HEADS * HEAD_DIM;
@@ -847,6 +870,7 @@ static void bench_attention(void)
     dev_free(a.sample_start, TOKENS * sizeof(int32_t));
     if (a.workspace) dev_free(a.workspace, ws);
     tensor_free(&q), tensor_free(&k), tensor_free(&v), tensor_free(&dout);
+    opt_warmup = warmup;
 }
 
 /* ---- LM head and cross-entropy (M6) ---------------------------------------------- */
@@ -910,7 +934,7 @@ static void bench_lm_head(struct gemm_context *ctx)
         }
         for (int o = 0; o < VOCAB; o++) sum += exp((double)row[o] - max_logit);
         host_loss[r] = max_logit + log(sum) - row[labels[n]];
-        int ok = bad == 0 && worst < 1e-5;
+        int ok = bad == 0 && worst < 1e-4; /* fp32 accumulation of 2048 terms: ~1e-6 */
         printf("  check lm head row %5d (element %zu): max |d| / sum|x w| %.3g, non-finite %zu: %s\n",
                n, (size_t)n * VOCAB, worst, bad, ok ? "ok" : "FAILED");
         failures += !ok;
