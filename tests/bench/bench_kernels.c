@@ -147,7 +147,9 @@ static void record(const char *name, double ms, double work, enum unit unit, con
     snprintf(r->name, sizeof r->name, "%s", name);
     r->ms = ms;
     r->unit = unit;
-    r->rate = unit == FLOPS ? work / (ms * 1e-3) / 1e12 : unit == BYTES ? work / (ms * 1e-3) / 1e9 : 0;
+    r->rate = unit == FLOPS   ? work / (ms * 1e-3) / 1e12
+              : unit == BYTES ? work / (ms * 1e-3) / 1e9
+                              : 0;
     snprintf(r->note, sizeof r->note, "%s", note ? note : "");
     if (unit == LATENCY)
         printf("  %-34s %10.4f ms  %s\n", name, ms, r->note);
@@ -233,7 +235,10 @@ static uint64_t splitmix64(uint64_t *state)
     return z ^ (z >> 31);
 }
 
-static double uniform01(uint64_t *state) { return (double)(splitmix64(state) >> 11) * 0x1.0p-53; }
+static double uniform01(uint64_t *state)
+{
+    return (double)(splitmix64(state) >> 11) * 0x1.0p-53;
+}
 
 static double gaussian(uint64_t *state)
 {
@@ -315,7 +320,10 @@ static void tensor_free(struct tensor *t)
     dev_free(t->bf16, t->n * sizeof(uint16_t));
 }
 
-static void poison(void *p, size_t bytes) { check_cuda(cudaMemset(p, 0xFF, bytes)); /* NaN */ }
+static void poison(void *p, size_t bytes)
+{
+    check_cuda(cudaMemset(p, 0xFF, bytes)); /* NaN */
+}
 
 /* Downloads n fp32 or bf16 values as float. */
 static float *download(const void *p, size_t n, int bf16)
@@ -411,8 +419,8 @@ static void bench_ceilings(cublasHandle_t handle)
     struct tensor a = random_tensor((size_t)n * n, 1.0f, 101, NULL);
     struct tensor b = random_tensor((size_t)n * n, 1.0f, 102, NULL);
     void *cmat = dev_alloc((size_t)n * n * sizeof(float));
-    struct cublas_arg g = {handle, n, n, n, a.bf16, b.bf16, cmat, CUDA_R_16BF, CUDA_R_16BF,
-                           CUBLAS_COMPUTE_32F, 1};
+    struct cublas_arg g = {
+        handle, n, n, n, a.bf16, b.bf16, cmat, CUDA_R_16BF, CUDA_R_16BF, CUBLAS_COMPUTE_32F, 1};
     double flops = 2.0 * n * (double)n * n;
     ms = time_ms(run_cublas, &g);
     record("gemm 8192^3 bf16 -> bf16", ms, flops, FLOPS, "ceiling");
@@ -473,8 +481,8 @@ struct linear_arg {
 static void run_linear(void *p)
 {
     struct linear_arg *l = p;
-    check_op(gemm_linear(l->ctx, l->y, l->x, l->w, NULL, l->N, l->I, l->O, 0, l->type, err,
-                         sizeof err));
+    check_op(
+        gemm_linear(l->ctx, l->y, l->x, l->w, NULL, l->N, l->I, l->O, 0, l->type, err, sizeof err));
 }
 
 static void bench_dense(struct gemm_context *ctx, cublasHandle_t handle)
@@ -487,8 +495,9 @@ static void bench_dense(struct gemm_context *ctx, cublasHandle_t handle)
     double flops = 2.0 * TOKENS * (double)HIDDEN * DENSE_OUT;
     struct linear_arg l = {ctx, y, x.f32, w.f32, TOKENS, HIDDEN, DENSE_OUT, GEMM_F32};
     record("dense fp32 (gemm_linear)", time_ms(run_linear, &l), flops, FLOPS, "CUBLAS_COMPUTE_32F");
-    struct cublas_arg g = {handle, DENSE_OUT, TOKENS, HIDDEN, w.f32, x.f32, y_tf32, CUDA_R_32F,
-                           CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32, 1};
+    struct cublas_arg g = {handle, DENSE_OUT, TOKENS,     HIDDEN,     w.f32,
+                           x.f32,  y_tf32,    CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32,
+                           1};
     record("dense tf32", time_ms(run_cublas, &g), flops, FLOPS, "COMPUTE_32F_FAST_TF32");
     compare("dense tf32 vs fp32", y_tf32, 0, y, 0, (size_t)TOKENS * DENSE_OUT, 1e-2);
     l.x = x.bf16, l.w = w.bf16, l.type = GEMM_BF16, l.y = y_tf32;
@@ -517,8 +526,10 @@ static void draw_routing(int32_t *offsets)
         int lo = 0, hi = EXPERTS - 1;
         while (lo < hi) {
             int mid = (lo + hi) / 2;
-            if (cumulative[mid] > u) hi = mid;
-            else lo = mid + 1;
+            if (cumulative[mid] > u)
+                hi = mid;
+            else
+                lo = mid + 1;
         }
         while (weight[lo] == 0) lo = (lo + 1) % EXPERTS;
         count[lo]++;
@@ -530,8 +541,8 @@ static void draw_routing(int32_t *offsets)
         if (count[e] < lo_count) lo_count = count[e];
         if (count[e] > hi_count) hi_count = count[e];
     }
-    printf("  routing: %d slots over %d experts, rows per expert min %d, mean %d, max %d\n",
-           SLOTS, EXPERTS, lo_count, SLOTS / EXPERTS, hi_count);
+    printf("  routing: %d slots over %d experts, rows per expert min %d, mean %d, max %d\n", SLOTS,
+           EXPERTS, lo_count, SLOTS / EXPERTS, hi_count);
 }
 
 enum expert_variant { LOOP, GROUPED, GROUPED_BF16_OUT, DENSE_SAME_FLOPS };
@@ -540,8 +551,8 @@ struct experts_arg {
     struct gemm_context *ctx;
     enum expert_variant variant;
     enum gemm_type type;
-    const int32_t *offsets;   /* host */
-    const void *xs, *h;       /* [SLOTS, HIDDEN], [SLOTS, EXPERT_WIDTH] in `type` */
+    const int32_t *offsets; /* host */
+    const void *xs, *h;     /* [SLOTS, HIDDEN], [SLOTS, EXPERT_WIDTH] in `type` */
     const void *w_gate, *w_up, *w_down;
     void *y_gate, *y_up, *y_down; /* fp32, or bf16 for GROUPED_BF16_OUT */
     /* backward */
@@ -592,11 +603,14 @@ static void run_experts_backward(void *p)
     if (a->variant == DENSE_SAME_FLOPS) {
         float *dwg[1] = {a->dw_dense_gate}, *dwd[1] = {a->dw_dense_down};
         check_op(gemm_grouped_linear_backward(a->ctx, a->dx_gate, dwg, a->dy_gate, a->xs, a->w_gate,
-                                              one, 1, HIDDEN, EXPERT_WIDTH, a->type, err, sizeof err));
+                                              one, 1, HIDDEN, EXPERT_WIDTH, a->type, err,
+                                              sizeof err));
         check_op(gemm_grouped_linear_backward(a->ctx, a->dx_gate, dwg, a->dy_gate, a->xs, a->w_up,
-                                              one, 1, HIDDEN, EXPERT_WIDTH, a->type, err, sizeof err));
+                                              one, 1, HIDDEN, EXPERT_WIDTH, a->type, err,
+                                              sizeof err));
         check_op(gemm_grouped_linear_backward(a->ctx, a->dx_down, dwd, a->dy_down, a->h, a->w_down,
-                                              one, 1, EXPERT_WIDTH, HIDDEN, a->type, err, sizeof err));
+                                              one, 1, EXPERT_WIDTH, HIDDEN, a->type, err,
+                                              sizeof err));
         return;
     }
     int (*fn)(struct gemm_context *, float *, float *const *, const void *, const void *,
@@ -657,7 +671,8 @@ static void bench_experts(struct gemm_context *ctx)
     size_t wn = (size_t)EXPERTS * EXPERT_WIDTH * HIDDEN;
     struct tensor xs = random_tensor((size_t)SLOTS * HIDDEN, 1.0f, 301, NULL);
     struct tensor h = random_tensor((size_t)SLOTS * EXPERT_WIDTH, 1.0f, 302, NULL);
-    struct tensor wg = random_tensor(wn, 0.03f, 303, NULL), wu = random_tensor(wn, 0.03f, 304, NULL);
+    struct tensor wg = random_tensor(wn, 0.03f, 303, NULL),
+                  wu = random_tensor(wn, 0.03f, 304, NULL);
     struct tensor wd = random_tensor(wn, 0.03f, 305, NULL);
     size_t small = (size_t)SLOTS * EXPERT_WIDTH, large = (size_t)SLOTS * HIDDEN;
     /* outputs: [0] the loop's, [1] the grouped call's */
@@ -673,13 +688,18 @@ static void bench_experts(struct gemm_context *ctx)
         enum gemm_type type = t ? GEMM_BF16 : GEMM_F32;
         const char *tn = t ? "bf16" : "fp32";
         double tol = 1e-4; /* the same fp32 accumulation, maybe in another order */
-        struct experts_arg a = {.ctx = ctx, .variant = LOOP, .type = type, .offsets = offsets,
+        struct experts_arg a = {.ctx = ctx,
+                                .variant = LOOP,
+                                .type = type,
+                                .offsets = offsets,
                                 .xs = t ? (void *)xs.bf16 : (void *)xs.f32,
                                 .h = t ? (void *)h.bf16 : (void *)h.f32,
                                 .w_gate = t ? (void *)wg.bf16 : (void *)wg.f32,
                                 .w_up = t ? (void *)wu.bf16 : (void *)wu.f32,
                                 .w_down = t ? (void *)wd.bf16 : (void *)wd.f32,
-                                .y_gate = yg[0], .y_up = yu[0], .y_down = yd[0]};
+                                .y_gate = yg[0],
+                                .y_up = yu[0],
+                                .y_down = yd[0]};
         poison(yg[0], small * 4), poison(yu[0], small * 4), poison(yd[0], large * 4);
         snprintf(name, sizeof name, "experts fwd %s loop", tn);
         record(name, time_ms(run_experts_forward, &a), flops, FLOPS, "gemm_grouped_linear");
@@ -734,7 +754,10 @@ static void bench_experts(struct gemm_context *ctx)
     for (int t = 0; t < 2; t++) {
         enum gemm_type type = t ? GEMM_BF16 : GEMM_F32;
         const char *tn = t ? "bf16" : "fp32";
-        struct experts_arg a = {.ctx = ctx, .variant = LOOP, .type = type, .offsets = offsets,
+        struct experts_arg a = {.ctx = ctx,
+                                .variant = LOOP,
+                                .type = type,
+                                .offsets = offsets,
                                 .xs = t ? (void *)xs.bf16 : (void *)xs.f32,
                                 .h = t ? (void *)h.bf16 : (void *)h.f32,
                                 .w_gate = t ? (void *)wg.bf16 : (void *)wg.f32,
@@ -742,10 +765,11 @@ static void bench_experts(struct gemm_context *ctx)
                                 .w_down = t ? (void *)wd.bf16 : (void *)wd.f32};
         a.dy_gate = t ? (void *)dyg.bf16 : (void *)dyg.f32;
         a.dy_down = t ? (void *)dyd.bf16 : (void *)dyd.f32;
-        int grouped = 1; /* 0 once cuBLAS refuses the grouped call for this type */
+        int grouped = 1;              /* 0 once cuBLAS refuses the grouped call for this type */
         for (int i = 0; i < 2; i++) { /* one run of each from zero dw, for the comparison */
             a.variant = i ? GROUPED : LOOP;
-            a.dx_gate = dxg[i], a.dx_down = dxd[i], a.dw_gate = pg[i], a.dw_up = pu[i], a.dw_down = pd[i];
+            a.dx_gate = dxg[i], a.dx_down = dxd[i], a.dw_gate = pg[i], a.dw_up = pu[i],
+            a.dw_down = pd[i];
             snprintf(name, sizeof name, "experts bwd %s grouped", tn);
             if (i == 1 && try_once(0, &a, name) != 0) {
                 grouped = 0;
@@ -770,7 +794,8 @@ static void bench_experts(struct gemm_context *ctx)
         }
         for (int i = 0; i < 1 + grouped; i++) { /* timed: dw accumulates, as in a step */
             a.variant = i ? GROUPED : LOOP;
-            a.dx_gate = dxg[i], a.dx_down = dxd[i], a.dw_gate = pg[i], a.dw_up = pu[i], a.dw_down = pd[i];
+            a.dx_gate = dxg[i], a.dx_down = dxd[i], a.dw_gate = pg[i], a.dw_up = pu[i],
+            a.dw_down = pd[i];
             snprintf(name, sizeof name, "experts bwd %s %s", tn, i ? "grouped" : "loop");
             record(name, time_ms(run_experts_backward, &a), bflops, FLOPS, "dx + dw, every expert");
         }
@@ -781,13 +806,17 @@ static void bench_experts(struct gemm_context *ctx)
             int trained = e % 8 == 3;
             eg[e] = trained ? pg[0][e] : NULL, eu[e] = trained ? pu[0][e] : NULL;
             ed[e] = trained ? pd[0][e] : NULL;
-            if (trained) esft_flops += 3.0 * 2.0 * (offsets[e + 1] - offsets[e]) * (double)HIDDEN * EXPERT_WIDTH;
+            if (trained)
+                esft_flops +=
+                    3.0 * 2.0 * (offsets[e + 1] - offsets[e]) * (double)HIDDEN * EXPERT_WIDTH;
         }
         a.dx_gate = dxg[0], a.dx_down = dxd[0], a.dw_gate = eg, a.dw_up = eu, a.dw_down = ed;
         for (int i = 0; i < 1 + grouped; i++) {
             a.variant = i ? GROUPED : LOOP;
-            snprintf(name, sizeof name, "experts bwd %s %s ESFT 16/128", tn, i ? "grouped" : "loop");
-            record(name, time_ms(run_experts_backward, &a), esft_flops, FLOPS, "dx + dw of 16 experts");
+            snprintf(name, sizeof name, "experts bwd %s %s ESFT 16/128", tn,
+                     i ? "grouped" : "loop");
+            record(name, time_ms(run_experts_backward, &a), esft_flops, FLOPS,
+                   "dx + dw of 16 experts");
         }
         a.variant = DENSE_SAME_FLOPS;
         a.dx_gate = dxg[0], a.dx_down = dxd[0], a.dw_dense_gate = dwg[0], a.dw_dense_down = dwd[0];
@@ -834,8 +863,13 @@ static void bench_attention(void)
     size_t qn = (size_t)TOKENS * HEADS * HEAD_DIM, kn = (size_t)TOKENS * KV_HEADS * HEAD_DIM;
     struct tensor q = random_tensor(qn, 1.0f, 401, NULL), k = random_tensor(kn, 1.0f, 402, NULL);
     struct tensor v = random_tensor(kn, 1.0f, 403, NULL), dout = random_tensor(qn, 1.0f, 404, NULL);
-    struct attention_arg a = {.out = dev_alloc(qn * 4), .q = q.f32, .k = k.f32, .v = v.f32,
-                              .dout = dout.f32, .dq = dev_alloc(qn * 4), .dk = dev_alloc(kn * 4),
+    struct attention_arg a = {.out = dev_alloc(qn * 4),
+                              .q = q.f32,
+                              .k = k.f32,
+                              .v = v.f32,
+                              .dout = dout.f32,
+                              .dq = dev_alloc(qn * 4),
+                              .dk = dev_alloc(kn * 4),
                               .dv = dev_alloc(kn * 4)};
     int32_t *start = malloc(TOKENS * sizeof *start);
     if (!start) fail("out of host memory");
@@ -864,7 +898,8 @@ static void bench_attention(void)
     for (size_t i = 0; i < qn; i++) bad += !isfinite(g[0][i]);
     for (size_t i = 0; i < kn; i++) bad += !isfinite(g[1][i]) + !isfinite(g[2][i]);
     free(g[0]), free(g[1]), free(g[2]);
-    printf("  check attention backward: %zu non-finite gradients: %s\n", bad, bad ? "FAILED" : "ok");
+    printf("  check attention backward: %zu non-finite gradients: %s\n", bad,
+           bad ? "FAILED" : "ok");
     failures += bad != 0;
     dev_free(a.out, qn * 4), dev_free(a.dq, qn * 4), dev_free(a.dk, kn * 4), dev_free(a.dv, kn * 4);
     dev_free(a.sample_start, TOKENS * sizeof(int32_t));
@@ -923,7 +958,8 @@ static void bench_lm_head(struct gemm_context *ctx)
         for (int o = 0; o < VOCAB; o++) {
             double ref = 0, scale = 0;
             const float *xr = hx + (size_t)n * HIDDEN, *wr = hw + (size_t)o * HIDDEN;
-            for (int i = 0; i < HIDDEN; i++) ref += (double)xr[i] * wr[i], scale += fabs((double)xr[i] * wr[i]);
+            for (int i = 0; i < HIDDEN; i++)
+                ref += (double)xr[i] * wr[i], scale += fabs((double)xr[i] * wr[i]);
             if (!isfinite(row[o])) {
                 bad++;
                 continue;
@@ -935,19 +971,22 @@ static void bench_lm_head(struct gemm_context *ctx)
         for (int o = 0; o < VOCAB; o++) sum += exp((double)row[o] - max_logit);
         host_loss[r] = max_logit + log(sum) - row[labels[n]];
         int ok = bad == 0 && worst < 1e-4; /* fp32 accumulation of 2048 terms: ~1e-6 */
-        printf("  check lm head row %5d (element %zu): max |d| / sum|x w| %.3g, non-finite %zu: %s\n",
-               n, (size_t)n * VOCAB, worst, bad, ok ? "ok" : "FAILED");
+        printf(
+            "  check lm head row %5d (element %zu): max |d| / sum|x w| %.3g, non-finite %zu: %s\n",
+            n, (size_t)n * VOCAB, worst, bad, ok ? "ok" : "FAILED");
         failures += !ok;
     }
     free(row), free(hx), free(hw);
 
-    struct ce_arg c = {.row_loss = dev_alloc(TOKENS * sizeof(double)), .logits = y,
+    struct ce_arg c = {.row_loss = dev_alloc(TOKENS * sizeof(double)),
+                       .logits = y,
                        .labels = dev_alloc(TOKENS * sizeof(int32_t))};
     check_cuda(cudaMemcpy(c.labels, labels, TOKENS * sizeof(int32_t), cudaMemcpyHostToDevice));
     run_cross_entropy(&c);
     for (int r = 0; r < 3; r++) {
         double device_loss;
-        check_cuda(cudaMemcpy(&device_loss, c.row_loss + rows[r], sizeof(double), cudaMemcpyDeviceToHost));
+        check_cuda(
+            cudaMemcpy(&device_loss, c.row_loss + rows[r], sizeof(double), cudaMemcpyDeviceToHost));
         double d = fabs(device_loss - host_loss[r]) / fabs(host_loss[r]);
         int ok = isfinite(device_loss) && d < 1e-5;
         printf("  check cross-entropy row %5d: device %.7f, host (double, device logits) %.7f, "
@@ -971,11 +1010,16 @@ static void bench_lm_head(struct gemm_context *ctx)
 int main(int argc, char **argv)
 {
     for (int i = 1; i < argc; i++) {
-        if (i + 1 < argc && !strcmp(argv[i], "--sections")) opt_sections = argv[++i];
-        else if (i + 1 < argc && !strcmp(argv[i], "--warmup")) opt_warmup = atoi(argv[++i]);
-        else if (i + 1 < argc && !strcmp(argv[i], "--iters")) opt_iters = atoi(argv[++i]);
-        else if (i + 1 < argc && !strcmp(argv[i], "--budget-ms")) opt_budget_ms = atof(argv[++i]);
-        else if (i + 1 < argc && !strcmp(argv[i], "--seed")) opt_seed = strtoull(argv[++i], NULL, 10);
+        if (i + 1 < argc && !strcmp(argv[i], "--sections"))
+            opt_sections = argv[++i];
+        else if (i + 1 < argc && !strcmp(argv[i], "--warmup"))
+            opt_warmup = atoi(argv[++i]);
+        else if (i + 1 < argc && !strcmp(argv[i], "--iters"))
+            opt_iters = atoi(argv[++i]);
+        else if (i + 1 < argc && !strcmp(argv[i], "--budget-ms"))
+            opt_budget_ms = atof(argv[++i]);
+        else if (i + 1 < argc && !strcmp(argv[i], "--seed"))
+            opt_seed = strtoull(argv[++i], NULL, 10);
         else {
             fprintf(stderr,
                     "usage: %s [--sections ceilings,sync,dense,experts,attention,lmhead] "
@@ -988,7 +1032,8 @@ int main(int argc, char **argv)
     cudaError_t status = cudaGetDeviceCount(&count);
     if (status == cudaErrorNoDevice || status == cudaErrorInsufficientDriver ||
         (status == cudaSuccess && count == 0)) {
-        printf("skipped: no device (%s)\n", status == cudaSuccess ? "no CUDA device" : cudaGetErrorString(status));
+        printf("skipped: no device (%s)\n",
+               status == cudaSuccess ? "no CUDA device" : cudaGetErrorString(status));
         return 0;
     }
     check_cuda(status);
