@@ -6,7 +6,10 @@
  *
  * Grouped GEMMs take the experts' row offsets in HOST memory (the permutation's offsets,
  * copied back: E + 1 integers) and issue one GEMM per expert with rows; experts without
- * rows cost nothing, and frozen experts (dw[e] NULL) no weight-gradient GEMM.
+ * rows cost nothing, and frozen experts (dw[e] NULL) no weight-gradient GEMM. The
+ * *_batched forms compute the same in one cublasGemmGroupedBatchedEx call (one group per
+ * expert with rows, since each expert's product has its own shape) instead of one cuBLAS
+ * call per expert; tests/bench/bench_kernels times and compares the two.
  *
  * STATUS: compiled and linked in the CUDA build; never run on a GPU (no GPU has been lent
  * to this project's sessions yet). tests/test_device.c compares each with the CPU
@@ -57,6 +60,22 @@ int gemm_grouped_linear_backward(struct gemm_context *ctx, float *dx, float *con
                                  const void *dy, const void *x, const void *w,
                                  const int32_t *offsets, int E, int I, int O,
                                  enum gemm_type type, char *err, size_t err_size);
+
+/* gemm_grouped_linear in one cuBLAS call. y_type: GEMM_F32 computes exactly what
+ * gemm_grouped_linear computes; GEMM_BF16 (bf16 operands only) writes y in bf16, the
+ * output type cuBLAS's grouped GEMM is documented for with bf16 operands (fp32 output with
+ * bf16 operands may be refused with CUBLAS_STATUS_NOT_SUPPORTED: the error says so).
+ * Keeps host and device arrays of 3 x E entries in ctx, grown on first use. */
+int gemm_grouped_linear_batched(struct gemm_context *ctx, void *y, enum gemm_type y_type,
+                                const void *x, const void *w, const int32_t *offsets, int E,
+                                int I, int O, enum gemm_type type, char *err, size_t err_size);
+
+/* gemm_grouped_linear_backward in one cuBLAS call (dx and the dw of every expert with rows
+ * and a non-NULL dw[e] together); outputs fp32 as there. */
+int gemm_grouped_linear_backward_batched(struct gemm_context *ctx, float *dx, float *const *dw,
+                                         const void *dy, const void *x, const void *w,
+                                         const int32_t *offsets, int E, int I, int O,
+                                         enum gemm_type type, char *err, size_t err_size);
 
 #ifdef __cplusplus
 }
