@@ -58,6 +58,9 @@ def parse():
     p.add_argument("--modes", default="score,full,esft")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--save", metavar="DIR",
+                   help="also write the randomly initialised model (bf16 safetensors) to DIR, "
+                        "so that esft can be timed on the same weights")
     return p.parse_args()
 
 
@@ -162,6 +165,11 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e9:.3f}e9 parameters, built in {time.perf_counter() - t0:.1f} s, "
           f"experts implementation {model.config._experts_implementation}")
+
+    if args.save:
+        t1 = time.perf_counter()
+        model.save_pretrained(args.save)
+        print(f"model written to {args.save} in {time.perf_counter() - t1:.1f} s")
 
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     input_ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen).to(device)
