@@ -400,8 +400,18 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         }
         position.step++;
 
-        double peak_mib = peak_rss_mib(); /* the largest over the ranks */
-        check_mpi(MPI_Allreduce(MPI_IN_PLACE, &peak_mib, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
+        /* the largest over the ranks: host memory, and the backend's buffers (its own
+         * count; the device's whole use for cuda) where it keeps them apart */
+        double peak[2] = {peak_rss_mib(), 0};
+        if (ops->memory) {
+            size_t in_use, most;
+            ops->memory(&in_use, &most);
+            peak[1] = (double)most / 1048576.0;
+        }
+        check_mpi(MPI_Allreduce(MPI_IN_PLACE, peak, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
+        double peak_mib = peak[0];
+        char device_peak[64] = "";
+        if (ops->memory) snprintf(device_peak, sizeof device_peak, ", %.0f MiB on %s", peak[1], ops->name);
         tokens_done += counts[1];
         double elapsed = wall_time() - start;
         double rate = tokens_done / elapsed, tflops = flops_done / elapsed / 1e12;
@@ -411,17 +421,18 @@ int phase_train(const struct deck *deck, const struct layout *layout)
                         (epoch_plan.n_blocks ? (double)epoch_plan.first[position.block] / (double)n_train : 0);
         if (position.step % tr->log_every == 0 || position.step == tr->steps)
             log_info("train: step %lld/%d (%.0f%%)  loss %.6f  acc %.4f  aux %.4f  lr %.3g  grad "
-                     "norm %.4g  epoch %.2f  %.0f tokens/s  %.3g TFLOP/s  %.0f MiB peak  %s "
+                     "norm %.4g  epoch %.2f  %.0f tokens/s  %.3g TFLOP/s  %.0f MiB peak%s  %s "
                      "elapsed, %s left", position.step, tr->steps,
                      100.0 * (double)position.step / tr->steps, loss, accuracy, aux, lr, norm,
-                     epochs, rate, tflops, peak_mib, duration_text(elapsed).text,
+                     epochs, rate, tflops, peak_mib, device_peak, duration_text(elapsed).text,
                      duration_text(eta).text);
         metrics_write("step", "\"step\": %lld, \"loss\": %.17g, \"accuracy\": %.9g, "
                       "\"aux_loss\": %.17g, \"aux_loss_coef\": %.6g, \"lr\": %.6g, "
                       "\"grad_norm\": %.6g, \"epoch\": %.6f, \"tokens\": %.0f, "
                       "\"tokens_per_second\": %.1f, \"model_tflops\": %.6g, \"peak_rss_mib\": %.1f, "
-                      "\"skipped\": %s", position.step, loss, accuracy, aux, tr->aux_loss_coef,
-                      lr, norm, epochs, counts[1], rate, tflops, peak_mib, bad ? "true" : "false");
+                      "\"backend_peak_mib\": %.1f, \"skipped\": %s", position.step, loss, accuracy,
+                      aux, tr->aux_loss_coef, lr, norm, epochs, counts[1], rate, tflops, peak_mib,
+                      peak[1], bad ? "true" : "false");
 
         bool last = position.step == tr->steps;
         if (validate && (position.step % tr->eval_every == 0 || last)) {
