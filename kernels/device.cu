@@ -18,7 +18,8 @@ extern "C" int device_count(void)
     if (status == cudaSuccess) return count;
     cudaGetLastError(); /* clear the error, it is not sticky */
     int driver = -1;
-    if (status == cudaErrorNoDevice || (cudaDriverGetVersion(&driver) == cudaSuccess && driver == 0))
+    if (status == cudaErrorNoDevice ||
+        (cudaDriverGetVersion(&driver) == cudaSuccess && driver == 0))
         return 0;
     return -1;
 }
@@ -58,7 +59,8 @@ extern "C" int device_select(int local_rank, char *err, size_t err_size)
     }
     if (count < 0) {
         int n = 0;
-        snprintf(err, err_size, "cudaGetDeviceCount: %s", cudaGetErrorString(cudaGetDeviceCount(&n)));
+        snprintf(err, err_size, "cudaGetDeviceCount: %s",
+                 cudaGetErrorString(cudaGetDeviceCount(&n)));
         cudaGetLastError();
         return -1;
     }

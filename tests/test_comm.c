@@ -400,7 +400,8 @@ static int device_usable(void)
 static void test_device_ordering(struct comm *world)
 {
     const size_t count = (size_t)64 << 20; /* int32 elements, divided among the ranks */
-    size_t per_rank = count / (size_t)world_size, bytes = per_rank * (size_t)world_size * sizeof(int32_t);
+    size_t per_rank = count / (size_t)world_size,
+           bytes = per_rank * (size_t)world_size * sizeof(int32_t);
     void *send = NULL, *recv = NULL;
     CHECK(cudaMalloc(&send, bytes) == cudaSuccess && cudaMalloc(&recv, bytes) == cudaSuccess,
           "cudaMalloc of 2 x %zu bytes", bytes);
@@ -408,18 +409,22 @@ static void test_device_ordering(struct comm *world)
         cudaFree(send), cudaFree(recv);
         return;
     }
-    size_t *counts = xmalloc((size_t)world_size * sizeof(size_t)), *offsets = xmalloc((size_t)world_size * sizeof(size_t));
+    size_t *counts = xmalloc((size_t)world_size * sizeof(size_t)),
+           *offsets = xmalloc((size_t)world_size * sizeof(size_t));
     for (int r = 0; r < world_size; r++) counts[r] = per_rank, offsets[r] = (size_t)r * per_rank;
     CHECK(cudaMemset(send, 0, bytes) == cudaSuccess && cudaMemset(recv, 0, bytes) == cudaSuccess &&
-              cudaDeviceSynchronize() == cudaSuccess, "cudaMemset");
+              cudaDeviceSynchronize() == cudaSuccess,
+          "cudaMemset");
     CHECK(cudaMemsetAsync(send, 0x41, bytes, 0) == cudaSuccess, "cudaMemsetAsync");
     comm_alltoallv(world, send, counts, offsets, recv, counts, offsets, COMM_I32, COMM_DEVICE);
     int32_t *host = xmalloc(bytes);
     CHECK(cudaMemcpy(host, recv, bytes, cudaMemcpyDeviceToHost) == cudaSuccess, "cudaMemcpy");
     size_t stale = 0;
     for (size_t i = 0; i < per_rank * (size_t)world_size; i++) stale += host[i] != 0x41414141;
-    CHECK(stale == 0, "device all-to-all after an asynchronous memset on the default stream: %zu of "
-          "%zu elements stale", stale, per_rank * (size_t)world_size);
+    CHECK(stale == 0,
+          "device all-to-all after an asynchronous memset on the default stream: %zu of "
+          "%zu elements stale",
+          stale, per_rank * (size_t)world_size);
     free(host), free(counts), free(offsets);
     cudaFree(send), cudaFree(recv);
 }

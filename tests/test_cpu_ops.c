@@ -166,13 +166,16 @@ static void test_cross_entropy_vocabulary(const struct backend *ops)
     double got = ops->cross_entropy_sum(z, labels, N, V, &counted);
     CHECK(counted == N && fabsl(got - ref) <= N * 1e-6L,
           "cross-entropy over %d rows of %d logits: %.9f, long-double reference %.9Lf (%.3Lg per "
-          "row)", N, V, got, ref, (got - ref) / N);
+          "row)",
+          N, V, got, ref, (got - ref) / N);
     ops->cross_entropy_backward(g, z, labels, N, V, 1.0f);
     for (int n = 0; n < N; n++) {
         double softmax_sum = 1.0; /* the gradient is softmax - onehot */
         for (int v = 0; v < V; v++) softmax_sum += g[(size_t)n * V + v];
-        CHECK(fabs(softmax_sum - 1.0) <= 1e-6, "cross-entropy gradient row %d: softmax sums to "
-              "1 %+.3g", n, softmax_sum - 1.0);
+        CHECK(fabs(softmax_sum - 1.0) <= 1e-6,
+              "cross-entropy gradient row %d: softmax sums to "
+              "1 %+.3g",
+              n, softmax_sum - 1.0);
     }
     free(z), free(g);
 }

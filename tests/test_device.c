@@ -190,13 +190,15 @@ static void check_moe(int N, int E, int K, int H, int I)
     CHECK(check_worst_relative(g_weights, weights, (size_t)M) < 1e-6, "router weights");
     double *reference = router_reference(logits, N, E), bound = router_probability_bound(E);
     double worst = worst_elementwise_relative(g_probs, reference, (size_t)N * E);
-    CHECK(worst <= bound, "router N %d E %d: probabilities %.3g from the double reference, above %.3g",
-          N, E, worst, bound);
+    CHECK(worst <= bound,
+          "router N %d E %d: probabilities %.3g from the double reference, above %.3g", N, E, worst,
+          bound);
     /* OLMoE's and qwen2_moe's routing: weights not renormalised, scaled, no probabilities
      * kept; the same ids, and weights p * scaling (one rounding more) at them */
     int32_t *d_ids2 = device_alloc((size_t)M * sizeof(int32_t));
     float *d_weights2 = device_alloc((size_t)M * sizeof(float));
-    CHECK(moe_router_topk(d_ids2, d_weights2, NULL, d_logits, N, E, K, 0, 2.5f, err, sizeof err) == 0,
+    CHECK(moe_router_topk(d_ids2, d_weights2, NULL, d_logits, N, E, K, 0, 2.5f, err, sizeof err) ==
+              0,
           "%s", err);
     int32_t *g_ids2 = from_device(d_ids2, (size_t)M * sizeof(int32_t));
     float *g_weights2 = from_device(d_weights2, (size_t)M * sizeof(float));
@@ -211,8 +213,10 @@ static void check_moe(int N, int E, int K, int H, int I)
         double want = 2.5 * reference[(size_t)(s / K) * E + g_ids[s]];
         worst = fmax(worst, fabs(g_weights2[s] - want) / want);
     }
-    CHECK(worst <= bound + 0x1p-24, "router N %d E %d: weights without renormalisation, scaled: %.3g "
-          "from the double reference", N, E, worst);
+    CHECK(worst <= bound + 0x1p-24,
+          "router N %d E %d: weights without renormalisation, scaled: %.3g "
+          "from the double reference",
+          N, E, worst);
     void *variant_buffers[] = {d_ids2, d_weights2};
     FREE_ON_DEVICE(variant_buffers);
     free(g_ids2), free(g_weights2), free(reference);
@@ -281,12 +285,16 @@ static void check_router_nan(int E, int K)
     for (int e = 0; e < E; e++) logits[2 * E + e] = NAN;
     logits[3 * E + E - 1] = INFINITY;
     int32_t *ids = xmalloc((size_t)M * sizeof(int32_t));
-    float *weights = xmalloc((size_t)M * sizeof(float)), *probs = xmalloc((size_t)N * E * sizeof(float));
+    float *weights = xmalloc((size_t)M * sizeof(float)),
+          *probs = xmalloc((size_t)N * E * sizeof(float));
     cpu->router_topk(ids, weights, probs, logits, N, E, K, ROUTER_SOFTMAX_TOPK, true, 1.0f);
-    float *d_logits = to_device(logits, (size_t)N * E * sizeof(float)), *d_probs = device_alloc((size_t)N * E * sizeof(float));
+    float *d_logits = to_device(logits, (size_t)N * E * sizeof(float)),
+          *d_probs = device_alloc((size_t)N * E * sizeof(float));
     int32_t *d_ids = device_alloc((size_t)M * sizeof(int32_t));
     float *d_weights = device_alloc((size_t)M * sizeof(float));
-    CHECK(moe_router_topk(d_ids, d_weights, d_probs, d_logits, N, E, K, 1, 1.0f, err, sizeof err) == 0, "%s", err);
+    CHECK(moe_router_topk(d_ids, d_weights, d_probs, d_logits, N, E, K, 1, 1.0f, err, sizeof err) ==
+              0,
+          "%s", err);
     int32_t *g_ids = from_device(d_ids, (size_t)M * sizeof(int32_t));
     float *g_weights = from_device(d_weights, (size_t)M * sizeof(float));
     int out_of_range = 0, nan_differ = 0;
@@ -294,33 +302,44 @@ static void check_router_nan(int E, int K)
         out_of_range += g_ids[s] < 0 || g_ids[s] >= E;
         nan_differ += !isnan(g_weights[s]) != !isnan(weights[s]);
     }
-    CHECK(out_of_range == 0, "router E %d with NaN logits: %d ids out of [0, %d)", E, out_of_range, E);
+    CHECK(out_of_range == 0, "router E %d with NaN logits: %d ids out of [0, %d)", E, out_of_range,
+          E);
     CHECK(memcmp(g_ids + K, ids + K, (size_t)(M - K) * sizeof(int32_t)) == 0,
           "router E %d with NaN logits: ids differ from the CPU backend's", E);
     CHECK(nan_differ == 0 && isnan(weights[K]) && isnan(weights[2 * K]) && isnan(weights[3 * K]),
           "router E %d with NaN logits: %d weights NaN on one backend only", E, nan_differ);
     if (!near_tie(probs, ids, E, K)) { /* row 0, finite */
-        CHECK(memcmp(g_ids, ids, (size_t)K * sizeof(int32_t)) == 0, "router E %d: the finite row's ids", E);
-        CHECK(check_worst_relative(g_weights, weights, (size_t)K) < 1e-6, "router E %d: the finite row's weights", E);
+        CHECK(memcmp(g_ids, ids, (size_t)K * sizeof(int32_t)) == 0,
+              "router E %d: the finite row's ids", E);
+        CHECK(check_worst_relative(g_weights, weights, (size_t)K) < 1e-6,
+              "router E %d: the finite row's weights", E);
     }
-    int32_t *offsets = xmalloc((size_t)(E + 1) * sizeof(int32_t)), *sor = xmalloc((size_t)M * sizeof(int32_t)),
+    int32_t *offsets = xmalloc((size_t)(E + 1) * sizeof(int32_t)),
+            *sor = xmalloc((size_t)M * sizeof(int32_t)),
             *ros = xmalloc((size_t)M * sizeof(int32_t));
     cpu->permute_by_expert(offsets, sor, ros, ids, N, K, E);
-    int32_t *d_offsets = device_alloc((size_t)(E + 1) * sizeof(int32_t)), *d_sor = device_alloc((size_t)M * sizeof(int32_t)),
+    int32_t *d_offsets = device_alloc((size_t)(E + 1) * sizeof(int32_t)),
+            *d_sor = device_alloc((size_t)M * sizeof(int32_t)),
             *d_ros = device_alloc((size_t)M * sizeof(int32_t));
     void *workspace = device_alloc(moe_permute_workspace(M, E));
     if (out_of_range == 0) { /* else the permutation would write out of bounds */
-        CHECK(moe_permute_by_expert(d_offsets, d_sor, d_ros, d_ids, M, E, workspace, err, sizeof err) == 0,
+        CHECK(moe_permute_by_expert(d_offsets, d_sor, d_ros, d_ids, M, E, workspace, err,
+                                    sizeof err) == 0,
               "%s", err);
         int32_t *g_offsets = from_device(d_offsets, (size_t)(E + 1) * sizeof(int32_t));
-        int32_t *g_sor = from_device(d_sor, (size_t)M * sizeof(int32_t)), *g_ros = from_device(d_ros, (size_t)M * sizeof(int32_t));
+        int32_t *g_sor = from_device(d_sor, (size_t)M * sizeof(int32_t)),
+                *g_ros = from_device(d_ros, (size_t)M * sizeof(int32_t));
         CHECK(memcmp(g_offsets, offsets, (size_t)(E + 1) * sizeof(int32_t)) == 0 &&
-                  memcmp(g_sor, sor, (size_t)M * sizeof(int32_t)) == 0 && memcmp(g_ros, ros, (size_t)M * sizeof(int32_t)) == 0,
+                  memcmp(g_sor, sor, (size_t)M * sizeof(int32_t)) == 0 &&
+                  memcmp(g_ros, ros, (size_t)M * sizeof(int32_t)) == 0,
               "router E %d with NaN logits: the permutation differs from the CPU backend's", E);
         free(g_offsets), free(g_sor), free(g_ros);
     }
-    printf("router kernel, E %d K %d, rows with NaN and infinite logits: compared with the CPU backend\n", E, K);
-    void *device_buffers[] = {d_logits, d_probs, d_ids, d_weights, d_offsets, d_sor, d_ros, workspace};
+    printf("router kernel, E %d K %d, rows with NaN and infinite logits: compared with the CPU "
+           "backend\n",
+           E, K);
+    void *device_buffers[] = {d_logits,  d_probs, d_ids, d_weights,
+                              d_offsets, d_sor,   d_ros, workspace};
     FREE_ON_DEVICE(device_buffers);
     void *host_buffers[] = {logits, ids, weights, probs, g_ids, g_weights, offsets, sor, ros};
     for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
@@ -388,7 +407,8 @@ static void check_dense(int N, int H, int V, int n_heads, int Dh, int rotary_dim
     CHECK(device_copy_to_device(d_dy, dy, NH * sizeof(float)) == 0, "upload");
     cpu->rmsnorm_backward(dx, dw, dy, x, w, rstd, N, H, true);
     CHECK(dense_rmsnorm_backward(d_dx, d_dw, d_dy, d_x, d_w, d_rstd, N, H, 1, workspace, err,
-                                 sizeof err) == 0, "%s", err);
+                                 sizeof err) == 0,
+          "%s", err);
     expect_floats(d_dx, dx, NH, 1e-5, "rmsnorm backward dx, accumulated");
     expect_floats(d_dw, dw, (size_t)H, 1e-5, "rmsnorm backward dw, accumulated");
     /* RoPE, forward and its transpose */
@@ -444,9 +464,11 @@ static void check_dense(int N, int H, int V, int n_heads, int Dh, int rotary_dim
     }
     /* the loss alone (the op table's cross_entropy_sum): no gradient, the logits untouched */
     CHECK(device_copy_to_device(d_logits, logits, NV * sizeof(float)) == 0, "upload");
-    CHECK(dense_cross_entropy(d_row_loss, NULL, d_logits, d_labels, N, V, 0.125f, err, sizeof err) == 0,
+    CHECK(dense_cross_entropy(d_row_loss, NULL, d_logits, d_labels, N, V, 0.125f, err,
+                              sizeof err) == 0,
           "%s", err);
-    CHECK(dense_sum_rows(&total, &counted, d_row_loss, d_labels, N, err, sizeof err) == 0, "%s", err);
+    CHECK(dense_sum_rows(&total, &counted, d_row_loss, d_labels, N, err, sizeof err) == 0, "%s",
+          err);
     CHECK(counted == want_counted && cross_entropy_close(total, want_total, want_counted),
           "cross-entropy without gradient: %.9g over %lld rows, the CPU %.9g over %lld", total,
           counted, want_total, want_counted);
@@ -668,8 +690,11 @@ static void check_moe_backward(int N, int E, int K, int H, int I)
     cpu->router_balance_backward(dlogits, probs, coef, N, E);
     CHECK(moe_router_balance_backward(d_dlogits, d_probs, d_coef, N, E, err, sizeof err) == 0, "%s", err);
     expect_floats(d_dlogits, dlogits, (size_t)N * E, 1e-5, "router balance backward");
-    cpu->router_topk_backward(dlogits, dweights, probs, ids, N, E, K, ROUTER_SOFTMAX_TOPK, false, 2.5f);
-    CHECK(moe_router_topk_backward(d_dlogits, d_dweights, d_probs, d_ids, N, E, K, 0, 2.5f, err, sizeof err) == 0, "%s", err);
+    cpu->router_topk_backward(dlogits, dweights, probs, ids, N, E, K, ROUTER_SOFTMAX_TOPK, false,
+                              2.5f);
+    CHECK(moe_router_topk_backward(d_dlogits, d_dweights, d_probs, d_ids, N, E, K, 0, 2.5f, err,
+                                   sizeof err) == 0,
+          "%s", err);
     expect_floats(d_dlogits, dlogits, (size_t)N * E, 1e-5, "router backward, not renormalised");
     printf("moe backward kernels, N %d E %d K %d H %d I %d: compared with the CPU backend\n", N, E, K, H, I);
     void *device_buffers[] = {d_ids, d_ros, d_probs, d_weights, d_gate, d_up, d_dh, d_dgate, d_dup, d_ys,
@@ -859,43 +884,55 @@ static struct results kernel_chain(void)
     rng_seed(&rng, 20261126);
     struct results r = {NULL, 0};
     /* router */
-    float *logits = random_floats(&rng, (size_t)N * E, -4, 4), *d_logits = to_device(logits, (size_t)N * E * sizeof(float));
+    float *logits = random_floats(&rng, (size_t)N * E, -4, 4),
+          *d_logits = to_device(logits, (size_t)N * E * sizeof(float));
     int32_t *d_ids = device_alloc((size_t)N * K * sizeof(int32_t));
-    float *d_weights = device_alloc((size_t)N * K * sizeof(float)), *d_probs = device_alloc((size_t)N * E * sizeof(float));
-    CHECK(moe_router_topk(d_ids, d_weights, d_probs, d_logits, N, E, K, 1, 1.0f, err, sizeof err) == 0, "%s", err);
+    float *d_weights = device_alloc((size_t)N * K * sizeof(float)),
+          *d_probs = device_alloc((size_t)N * E * sizeof(float));
+    CHECK(moe_router_topk(d_ids, d_weights, d_probs, d_logits, N, E, K, 1, 1.0f, err, sizeof err) ==
+              0,
+          "%s", err);
     keep(&r, d_ids, (size_t)N * K * sizeof(int32_t));
     keep(&r, d_weights, (size_t)N * K * sizeof(float));
     keep(&r, d_probs, (size_t)N * E * sizeof(float));
     /* RMSNorm forward and backward (dw: column sums) */
-    float *x = random_floats(&rng, (size_t)N * H, -1, 1), *w = random_floats(&rng, (size_t)H, 0.5f, 1.5f);
+    float *x = random_floats(&rng, (size_t)N * H, -1, 1),
+          *w = random_floats(&rng, (size_t)H, 0.5f, 1.5f);
     float *dy = random_floats(&rng, (size_t)N * H, -1, 1);
-    float *d_x = to_device(x, (size_t)N * H * sizeof(float)), *d_w = to_device(w, (size_t)H * sizeof(float));
-    float *d_dy = to_device(dy, (size_t)N * H * sizeof(float)), *d_y = device_alloc((size_t)N * H * sizeof(float));
-    float *d_rstd = device_alloc((size_t)N * sizeof(float)), *d_dx = device_alloc((size_t)N * H * sizeof(float));
+    float *d_x = to_device(x, (size_t)N * H * sizeof(float)),
+          *d_w = to_device(w, (size_t)H * sizeof(float));
+    float *d_dy = to_device(dy, (size_t)N * H * sizeof(float)),
+          *d_y = device_alloc((size_t)N * H * sizeof(float));
+    float *d_rstd = device_alloc((size_t)N * sizeof(float)),
+          *d_dx = device_alloc((size_t)N * H * sizeof(float));
     float *d_dw = device_alloc((size_t)H * sizeof(float));
     void *norm_workspace = device_alloc(dense_rmsnorm_workspace(N, H));
     CHECK(device_copy_to_device(d_dw, w, (size_t)H * sizeof(float)) == 0, "upload");
     CHECK(dense_rmsnorm(d_y, d_rstd, d_x, d_w, N, H, 1e-6f, err, sizeof err) == 0, "%s", err);
     CHECK(dense_rmsnorm_backward(d_dx, d_dw, d_dy, d_x, d_w, d_rstd, N, H, 0, norm_workspace, err,
-                                 sizeof err) == 0, "%s", err);
+                                 sizeof err) == 0,
+          "%s", err);
     keep(&r, d_y, (size_t)N * H * sizeof(float));
     keep(&r, d_rstd, (size_t)N * sizeof(float));
     keep(&r, d_dx, (size_t)N * H * sizeof(float));
     keep(&r, d_dw, (size_t)H * sizeof(float));
     /* cross-entropy */
-    float *z = random_floats(&rng, (size_t)ROWS * V, -8, 8), *d_z = to_device(z, (size_t)ROWS * V * sizeof(float));
+    float *z = random_floats(&rng, (size_t)ROWS * V, -8, 8),
+          *d_z = to_device(z, (size_t)ROWS * V * sizeof(float));
     int32_t labels[ROWS];
     for (int n = 0; n < ROWS; n++) labels[n] = (int32_t)rng_below(&rng, V);
     int32_t *d_labels = (int32_t *)to_device(labels, sizeof labels);
     double *d_row_loss = device_alloc(ROWS * sizeof(double));
-    CHECK(dense_cross_entropy(d_row_loss, d_z, d_z, d_labels, ROWS, V, 0.25f, err, sizeof err) == 0, "%s", err);
+    CHECK(dense_cross_entropy(d_row_loss, d_z, d_z, d_labels, ROWS, V, 0.25f, err, sizeof err) == 0,
+          "%s", err);
     keep(&r, d_row_loss, ROWS * sizeof(double));
     keep(&r, d_z, (size_t)ROWS * V * sizeof(float));
     /* attention forward and backward over two packed samples (dk, dv: sums over queries) */
     int32_t start[N];
     for (int n = 0; n < N; n++) start[n] = n < 300 ? 0 : 300;
     size_t nq = (size_t)N * nH * Dh, nkv = (size_t)N * nKV * Dh;
-    float *q = random_floats(&rng, nq, -2, 2), *k = random_floats(&rng, nkv, -2, 2), *v = random_floats(&rng, nkv, -1, 1);
+    float *q = random_floats(&rng, nq, -2, 2), *k = random_floats(&rng, nkv, -2, 2),
+          *v = random_floats(&rng, nkv, -1, 1);
     float *dout = random_floats(&rng, nq, -1, 1);
     float *d_q = to_device(q, nq * sizeof(float)), *d_k = to_device(k, nkv * sizeof(float));
     float *d_v = to_device(v, nkv * sizeof(float)), *d_dout = to_device(dout, nq * sizeof(float));
@@ -904,9 +941,12 @@ static struct results kernel_chain(void)
     float *d_dk = device_alloc(nkv * sizeof(float)), *d_dv = device_alloc(nkv * sizeof(float));
     void *attention_workspace = device_alloc(attention_backward_workspace(N, nH));
     float scale = 1.0f / sqrtf((float)Dh);
-    CHECK(attention_forward(d_out, d_q, d_k, d_v, d_start, N, nH, nKV, Dh, scale, err, sizeof err) == 0, "%s", err);
-    CHECK(attention_backward(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out, d_start, N, nH, nKV, Dh,
-                             scale, attention_workspace, err, sizeof err) == 0, "%s", err);
+    CHECK(attention_forward(d_out, d_q, d_k, d_v, d_start, N, nH, nKV, Dh, scale, err,
+                            sizeof err) == 0,
+          "%s", err);
+    CHECK(attention_backward(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out, d_start, N, nH, nKV,
+                             Dh, scale, attention_workspace, err, sizeof err) == 0,
+          "%s", err);
     keep(&r, d_out, nq * sizeof(float));
     keep(&r, d_dq, nq * sizeof(float));
     keep(&r, d_dk, nkv * sizeof(float));
@@ -915,10 +955,13 @@ static struct results kernel_chain(void)
     struct gemm_context *ctx = gemm_create(err, sizeof err);
     CHECK(ctx != NULL, "%s", err);
     if (ctx) {
-        float *lw = random_floats(&rng, (size_t)H * H, -1, 1), *d_lw = to_device(lw, (size_t)H * H * sizeof(float));
-        float *zeros = xcalloc((size_t)H * H, sizeof(float)), *d_ldw = to_device(zeros, (size_t)H * H * sizeof(float));
-        CHECK(gemm_linear_backward(ctx, d_dx, d_ldw, NULL, d_dy, d_x, d_lw, N, H, H, 0, GEMM_F32, NULL,
-                                   err, sizeof err) == 0, "%s", err);
+        float *lw = random_floats(&rng, (size_t)H * H, -1, 1),
+              *d_lw = to_device(lw, (size_t)H * H * sizeof(float));
+        float *zeros = xcalloc((size_t)H * H, sizeof(float)),
+              *d_ldw = to_device(zeros, (size_t)H * H * sizeof(float));
+        CHECK(gemm_linear_backward(ctx, d_dx, d_ldw, NULL, d_dy, d_x, d_lw, N, H, H, 0, GEMM_F32,
+                                   NULL, err, sizeof err) == 0,
+              "%s", err);
         keep(&r, d_dx, (size_t)N * H * sizeof(float));
         keep(&r, d_ldw, (size_t)H * H * sizeof(float));
         void *gemm_buffers[] = {d_lw, d_ldw};
@@ -929,11 +972,35 @@ static struct results kernel_chain(void)
     /* the squared sum of the gradient norm */
     double squares = 0;
     void *squares_workspace = device_alloc(optim_sum_squares_workspace((size_t)N * H));
-    CHECK(optim_sum_squares(&squares, d_dy, (size_t)N * H, squares_workspace, err, sizeof err) == 0, "%s", err);
+    CHECK(optim_sum_squares(&squares, d_dy, (size_t)N * H, squares_workspace, err, sizeof err) == 0,
+          "%s", err);
     memcpy(grow(&r, sizeof squares), &squares, sizeof squares);
-    void *device_buffers[] = {d_logits, d_ids, d_weights, d_probs, d_x, d_w, d_dy, d_y, d_rstd, d_dx, d_dw,
-                              norm_workspace, d_z, d_labels, d_row_loss, d_q, d_k, d_v, d_dout, d_start,
-                              d_out, d_dq, d_dk, d_dv, attention_workspace, squares_workspace};
+    void *device_buffers[] = {d_logits,
+                              d_ids,
+                              d_weights,
+                              d_probs,
+                              d_x,
+                              d_w,
+                              d_dy,
+                              d_y,
+                              d_rstd,
+                              d_dx,
+                              d_dw,
+                              norm_workspace,
+                              d_z,
+                              d_labels,
+                              d_row_loss,
+                              d_q,
+                              d_k,
+                              d_v,
+                              d_dout,
+                              d_start,
+                              d_out,
+                              d_dq,
+                              d_dk,
+                              d_dv,
+                              attention_workspace,
+                              squares_workspace};
     FREE_ON_DEVICE(device_buffers);
     void *host_buffers[] = {logits, x, w, dy, z, q, k, v, dout};
     for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
@@ -944,11 +1011,13 @@ static void check_determinism(void)
 {
     struct results first = kernel_chain(), second = kernel_chain();
     size_t differ = 0;
-    for (size_t i = 0; i < first.size && i < second.size; i++) differ += first.bytes[i] != second.bytes[i];
+    for (size_t i = 0; i < first.size && i < second.size; i++)
+        differ += first.bytes[i] != second.bytes[i];
     CHECK(first.size == second.size && differ == 0,
           "the same kernels on the same inputs twice: %zu of %zu bytes differ", differ, first.size);
     printf("determinism: router, rmsnorm, cross-entropy, attention, cuBLAS and squared-sum results "
-           "(%zu bytes) bit for bit the same twice\n", first.size);
+           "(%zu bytes) bit for bit the same twice\n",
+           first.size);
     free(first.bytes), free(second.bytes);
 }
 
