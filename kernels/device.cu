@@ -6,14 +6,22 @@
 #include <cuda_runtime.h>
 #include <stdio.h>
 
+/* Only "no device" and "no driver at all" mean zero devices. cudaGetDeviceCount says
+ * "insufficient driver" both where no driver is installed (a build machine) and where the
+ * installed one is older than the runtime (CUDA 13 needs driver 580 or newer); the driver
+ * version, 0 when none is installed, tells the two apart. The second is an error: a test
+ * that skipped there would hide a machine that cannot run the kernels. */
 extern "C" int device_count(void)
 {
     int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess) {
-        cudaGetLastError(); /* clear the sticky "no device" error */
+    cudaError_t status = cudaGetDeviceCount(&count);
+    if (status == cudaSuccess) return count;
+    cudaGetLastError(); /* clear the error, it is not sticky */
+    int driver = -1;
+    if (status == cudaErrorNoDevice ||
+        (cudaDriverGetVersion(&driver) == cudaSuccess && driver == 0))
         return 0;
-    }
-    return count;
+    return -1;
 }
 
 extern "C" void device_print_info(FILE *out)
@@ -47,6 +55,13 @@ extern "C" int device_select(int local_rank, char *err, size_t err_size)
     int count = device_count();
     if (count == 0) {
         snprintf(err, err_size, "no CUDA device is visible to this process");
+        return -1;
+    }
+    if (count < 0) {
+        int n = 0;
+        snprintf(err, err_size, "cudaGetDeviceCount: %s",
+                 cudaGetErrorString(cudaGetDeviceCount(&n)));
+        cudaGetLastError();
         return -1;
     }
     int device = local_rank % count;
@@ -89,7 +104,15 @@ extern "C" void *device_alloc(size_t bytes)
     return p;
 }
 
-extern "C" void device_free(void *p) { cudaFree(p); }
+/* cudaFree returns the context's sticky error (an earlier illegal address, say) as well as
+ * its own: reported, so that a test does not read on past a dead context in silence. */
+extern "C" int device_free(void *p)
+{
+    cudaError_t status = cudaFree(p);
+    if (status == cudaSuccess) return 0;
+    fprintf(stderr, "device_free: cudaFree: %s\n", cudaGetErrorString(status));
+    return -1;
+}
 
 extern "C" int device_copy_to_host(void *host, const void *device, size_t bytes)
 {

@@ -10,7 +10,9 @@
 extern "C" {
 #endif
 
-/* Number of visible CUDA devices; 0 when there is no driver or no device (never fails). */
+/* Number of visible CUDA devices; 0 when no driver is installed or no device is visible;
+ * -1 on any other error (a driver older than the runtime, a broken installation), whose
+ * message device_print_info shows. */
 int device_count(void);
 
 /* Runtime and driver versions and each visible device (name, memory, compute
@@ -25,9 +27,10 @@ int device_select(int local_rank, char *err, size_t err_size);
  * reason in err (the CUDA error string). */
 int device_fill_f32(float *x, size_t n, float value, char *err, size_t err_size);
 
-/* Device memory helpers for tests and the comm layer: return NULL / -1 on failure. */
+/* Device memory helpers for tests and the comm layer: return NULL / -1 on failure
+ * (device_free also prints cudaFree's message to stderr). */
 void *device_alloc(size_t bytes);
-void device_free(void *p);
+int device_free(void *p);
 int device_copy_to_host(void *host, const void *device, size_t bytes);
 int device_copy_to_device(void *device, const void *host, size_t bytes);
 

@@ -50,28 +50,35 @@ __global__ void router_topk_kernel(int32_t *ids, float *weights, float *probs,
         p[j] /= sum;
         if (probs && e < E) probs[(size_t)n * E + e] = p[j];
     }
-    /* k rounds of warp argmax over the untaken experts; ties to the lower id */
+    /* k rounds of warp argmax over the untaken experts; ties to the lower id. A NaN logit
+     * makes the row's sum and so every probability NaN: NaN ranks as -inf here, so such a
+     * row takes the lowest untaken ids (0, 1, ...) with NaN weights, as the CPU backend
+     * does, and an id is never E (the permutation would write out of bounds). */
     unsigned taken = 0; /* bit j: this lane's expert lane + j*32 is taken */
     float total = 0.0f;
     for (int k = 0; k < K; k++) {
-        float best = -1.0f;
+        float best = -INFINITY; /* the rank of best_id: its probability, -inf for NaN */
         int best_id = E;
         for (int j = 0; j < per_lane; j++) {
             int e = lane + j * WARP;
-            if (e < E && !(taken >> j & 1u) && (p[j] > best || (p[j] == best && e < best_id)))
-                best = p[j], best_id = e;
+            float rank = isnan(p[j]) ? -INFINITY : p[j];
+            if (e < E && !(taken >> j & 1u) && (rank > best || (rank == best && e < best_id)))
+                best = rank, best_id = e;
         }
         for (int step = WARP / 2; step > 0; step /= 2) {
             float other = __shfl_xor_sync(0xffffffffu, best, step);
             int other_id = __shfl_xor_sync(0xffffffffu, best_id, step);
             if (other > best || (other == best && other_id < best_id)) best = other, best_id = other_id;
         }
+        /* every lane holds the same best_id (K <= E leaves an untaken expert, so < E);
+         * its probability comes from the lane that owns it */
+        float weight = __shfl_sync(0xffffffffu, p[best_id / WARP], best_id % WARP);
         if (best_id % WARP == lane) taken |= 1u << (best_id / WARP);
         if (lane == 0) {
             ids[(size_t)n * K + k] = best_id;
-            weights[(size_t)n * K + k] = best;
+            weights[(size_t)n * K + k] = weight;
         }
-        total += best; /* in k order, as the CPU backend sums it */
+        total += weight; /* in k order, as the CPU backend sums it */
     }
     if (lane == 0)
         for (int k = 0; k < K; k++) {

@@ -13,7 +13,7 @@ AC_ARG_WITH([cuda],
   [], [with_cuda=check])
 AC_ARG_VAR([NVCC], [CUDA compiler])
 AC_ARG_VAR([NVCCFLAGS], [extra flags for nvcc])
-AC_ARG_VAR([CUDA_ARCH], [GPU architectures to compile for, space separated compute capabilities (default: 90)])
+AC_ARG_VAR([CUDA_ARCH], [GPU architectures to compile for, space separated compute capabilities; each gets its machine code and its PTX (default: 90)])
 : ${CUDA_ARCH="90"}
 
 esft_cuda=no
@@ -55,7 +55,8 @@ AS_IF([test "x$esft_cuda" = xyes], [
   for esft_arch in $CUDA_ARCH; do
     AS_CASE([$esft_arch], [*[[!0-9a]]*|""],
       [AC_MSG_ERROR([CUDA_ARCH entry '$esft_arch' is not a compute capability like 90 or 100a])])
-    NVCC_GENCODE="$NVCC_GENCODE -gencode arch=compute_$esft_arch,code=sm_$esft_arch"
+    dnl machine code for the architecture, and its PTX for newer GPUs to JIT-compile
+    NVCC_GENCODE="$NVCC_GENCODE -gencode arch=compute_$esft_arch,code=sm_$esft_arch -gencode arch=compute_$esft_arch,code=compute_$esft_arch"
   done
   AC_DEFINE([HAVE_CUDA], [1], [Define to 1 to build the CUDA backend.])
 ])

@@ -68,10 +68,13 @@ void comm_device_enable(struct comm *c)
     ncclUniqueId id;
     if (c->rank == 0) check_nccl(ncclGetUniqueId(&id));
     check_mpi(MPI_Bcast(&id, (int)sizeof id, MPI_BYTE, 0, c->mpi));
-    /* Non-blocking: the group's traffic must not serialise with the legacy default
-     * stream that other libraries may use. */
+    /* A blocking stream (not cudaStreamNonBlocking): the kernels, cuBLAS and every
+     * cudaMemcpy run on the legacy default stream, and a collective must start only after
+     * the work that produced its buffer. A pageable host-to-device cudaMemcpy may return
+     * before its DMA lands; only a blocking stream is ordered after it. The stream sync
+     * after each call orders what follows. */
     cudaStream_t stream;
-    check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamDefault));
     ncclComm_t nccl;
     check_nccl(ncclCommInitRank(&nccl, c->size, id, c->rank));
     c->nccl = nccl;

@@ -49,8 +49,12 @@ static inline float exp_nonpositive(float x)
 }
 
 /* Row reductions of the softmaxes, with eight running partial results so that gcc
- * vectorises them at -O2 (it does not reorder a single float accumulator). The
- * summation order is fixed, so results are the same on every run. */
+ * vectorises them at -O2 (it does not reorder a single accumulator). The summation
+ * order is fixed, so results are the same on every run. The exponential sums accumulate
+ * in double: over a real vocabulary (151936 terms, about 19k per lane) fp32 totals near
+ * 1e3 drop every term below half their ulp, which left each row's sum about 1.8e-5 low
+ * and biased the loss by as much (tests/test_cpu_ops.c holds this). The exponentials stay
+ * fp32, as transformers' fp32 softmax forms them. */
 enum { LANES = 8 };
 
 static float row_max(const float *x, int n)
@@ -69,33 +73,33 @@ static float row_max(const float *x, int n)
 /* sum of e^(x[i] - max) */
 static float row_exp_sum(const float *x, int n, float max)
 {
-    float lane[LANES] = {0};
+    double lane[LANES] = {0};
     int i = 0;
     for (; i + LANES <= n; i += LANES)
         for (int l = 0; l < LANES; l++) lane[l] += exp_nonpositive(x[i + l] - max);
-    float sum = 0.0f;
+    double sum = 0.0;
     for (; i < n; i++) sum += exp_nonpositive(x[i] - max);
     for (int l = 0; l < LANES; l++) sum += lane[l];
-    return sum;
+    return (float)sum;
 }
 
 /* x[i] = e^(x[i] - max) in place; returns their sum */
 static float row_exp_store_sum(float *x, int n, float max)
 {
-    float lane[LANES] = {0};
+    double lane[LANES] = {0};
     int i = 0;
     for (; i + LANES <= n; i += LANES)
         for (int l = 0; l < LANES; l++) {
             x[i + l] = exp_nonpositive(x[i + l] - max);
             lane[l] += x[i + l];
         }
-    float sum = 0.0f;
+    double sum = 0.0;
     for (; i < n; i++) {
         x[i] = exp_nonpositive(x[i] - max);
         sum += x[i];
     }
     for (int l = 0; l < LANES; l++) sum += lane[l];
-    return sum;
+    return (float)sum;
 }
 
 static void cpu_embedding(float *x, const int32_t *tokens, const float *table, int N, int H)

@@ -440,7 +440,7 @@ void backend_cuda_release(void)
 {
     gemm_destroy(gemm_ctx);
     gemm_ctx = NULL;
-    if (scratch_buf) cudaFree(scratch_buf);
+    if (scratch_buf) check_cuda(cudaFree(scratch_buf)); /* a sticky error shows here */
     scratch_buf = NULL;
     scratch_size = 0;
 }

@@ -18,6 +18,8 @@
 
 #ifdef HAVE_CUDA
 #include <cuda_runtime.h>
+
+#include "device.h"
 #endif
 
 #include "check.h"
@@ -378,12 +380,53 @@ static int device_usable(void)
     MPI_Comm_rank(node, &local_rank);
     MPI_Comm_size(node, &local_size);
     MPI_Comm_free(&node);
-    if (cudaGetDeviceCount(&devices) != cudaSuccess) devices = 0;
+    devices = device_count(); /* 0: no driver or no device; < 0: a driver CUDA cannot use */
+    CHECK(devices >= 0, "rank %d: CUDA cannot count the devices (an old driver?)", world_rank);
+    if (devices < 0) {
+        device_print_info(stderr);
+        devices = 0;
+    }
     /* NCCL refuses two ranks of one communicator on one GPU. */
     int ok = devices >= local_size, all = 0;
     MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD);
     if (all) cudaSetDevice(local_rank);
     return all;
+}
+
+/* The NCCL stream must run after the work already queued on the legacy default stream,
+ * where the kernels, cuBLAS and cudaMemset run: an asynchronous memset of 256 MiB, then at
+ * once an all-to-all out of the buffer it writes. On a stream not ordered after the
+ * memset (cudaStreamNonBlocking), NCCL would read what was there before. */
+static void test_device_ordering(struct comm *world)
+{
+    const size_t count = (size_t)64 << 20; /* int32 elements, divided among the ranks */
+    size_t per_rank = count / (size_t)world_size,
+           bytes = per_rank * (size_t)world_size * sizeof(int32_t);
+    void *send = NULL, *recv = NULL;
+    CHECK(cudaMalloc(&send, bytes) == cudaSuccess && cudaMalloc(&recv, bytes) == cudaSuccess,
+          "cudaMalloc of 2 x %zu bytes", bytes);
+    if (!send || !recv) {
+        cudaFree(send), cudaFree(recv);
+        return;
+    }
+    size_t *counts = xmalloc((size_t)world_size * sizeof(size_t)),
+           *offsets = xmalloc((size_t)world_size * sizeof(size_t));
+    for (int r = 0; r < world_size; r++) counts[r] = per_rank, offsets[r] = (size_t)r * per_rank;
+    CHECK(cudaMemset(send, 0, bytes) == cudaSuccess && cudaMemset(recv, 0, bytes) == cudaSuccess &&
+              cudaDeviceSynchronize() == cudaSuccess,
+          "cudaMemset");
+    CHECK(cudaMemsetAsync(send, 0x41, bytes, 0) == cudaSuccess, "cudaMemsetAsync");
+    comm_alltoallv(world, send, counts, offsets, recv, counts, offsets, COMM_I32, COMM_DEVICE);
+    int32_t *host = xmalloc(bytes);
+    CHECK(cudaMemcpy(host, recv, bytes, cudaMemcpyDeviceToHost) == cudaSuccess, "cudaMemcpy");
+    size_t stale = 0;
+    for (size_t i = 0; i < per_rank * (size_t)world_size; i++) stale += host[i] != 0x41414141;
+    CHECK(stale == 0,
+          "device all-to-all after an asynchronous memset on the default stream: %zu of "
+          "%zu elements stale",
+          stale, per_rank * (size_t)world_size);
+    free(host), free(counts), free(offsets);
+    cudaFree(send), cudaFree(recv);
 }
 
 static void test_device(struct comm *world)
@@ -409,6 +452,7 @@ static void test_device(struct comm *world)
     cudaFree(dev);
     test_alltoallv(world, 1, COMM_I32, COMM_DEVICE);
     test_alltoallv(world, 4, COMM_I64, COMM_DEVICE);
+    test_device_ordering(world);
 }
 #endif
 

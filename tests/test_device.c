@@ -11,16 +11,30 @@
  * gemm.h), dense and grouped, forward and backward, fp32 and bf16 operands (the CPU
  * given the same bf16-rounded values), to 1e-5; attention forward (1e-5) and backward
  * (1e-4) over packed samples with grouped KV heads; the CUDA op table (src/cuda_ops.c) on
- * a MoE block, forward and backward, against the CPU op table. Skipped (exit 77) in the CPU-only build and where no GPU is
- * visible. NEVER RUN YET: no GPU has been lent to this project's sessions. */
+ * a MoE block, forward and backward, against the CPU op table. The router's probabilities
+ * are held to a double reference within a bound derived from the kernel's order of
+ * summation; router rows with NaN logits must route as the CPU does; a determinism group
+ * runs a chain of reducing kernels twice and wants the same bits.
+ *
+ * Usage: tests/test_device [--list] [GROUP...] (default: every group). Several groups run
+ * each in a child process, in the list's order with the op table ("ops") last, so that a
+ * crash, a fatal() or a sticky CUDA error in one group cannot hide the others; each
+ * group prints one line (checks, failed, seconds), and the exit status is 1 when any
+ * failed. Skipped (exit 77) in the CPU-only build and where no driver or no GPU is
+ * present; a driver that CUDA cannot use (older than the runtime) is a failure. A first
+ * run on a new machine: CUDA_LAUNCH_BLOCKING=1, so that an error shows at its kernel. */
 #include <stdio.h>
 #include <stdlib.h>
 
 #include "check.h"
 #include "config.h"
 #ifdef HAVE_CUDA
+#include <errno.h>
 #include <math.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "attention.h"
 #include "backend.h"
@@ -46,6 +60,77 @@ static void *from_device(const void *device, size_t bytes)
     void *h = xmalloc(bytes ? bytes : 4);
     CHECK(device_copy_to_host(h, device, bytes) == 0, "download of %zu bytes", bytes);
     return h;
+}
+
+/* cudaFree of each buffer: its error (the context's sticky one, an earlier illegal
+ * address, say) fails the check here rather than hiding. */
+static void free_on_device(void *const *buffers, size_t count)
+{
+    int failed = 0;
+    for (size_t i = 0; i < count; i++) failed += device_free(buffers[i]) != 0;
+    CHECK(failed == 0, "cudaFree failed on %d of %zu buffers", failed, count);
+}
+#define FREE_ON_DEVICE(array) free_on_device(array, sizeof array / sizeof array[0])
+
+/* The router's probabilities p[N,E] in double, from the same fp32 arguments z - max that
+ * both backends exponentiate. */
+static double *router_reference(const float *logits, int N, int E)
+{
+    double *p = xmalloc((size_t)N * E * sizeof(double));
+    for (int n = 0; n < N; n++) {
+        const float *z = logits + (size_t)n * E;
+        double *row = p + (size_t)n * E, sum = 0;
+        float max = -INFINITY;
+        for (int e = 0; e < E; e++) max = fmaxf(max, z[e]);
+        for (int e = 0; e < E; e++) sum += row[e] = exp((double)(z[e] - max));
+        for (int e = 0; e < E; e++) row[e] /= sum;
+    }
+    return p;
+}
+
+/* The kernel's error on a probability against router_reference, elementwise relative, from
+ * its order of operations (u = 2^-24, to first order): each lane adds ceil(E/32)
+ * exponentials one after another and the warp adds the lanes' totals in 5 xor steps, so
+ * the sum of these positive terms is within (ceil(E/32) + 4) u; CUDA's expf is within 2 ulp
+ * (4u) in the numerator and in every term of the sum, 8u; the division u; one u for the
+ * second-order terms. E = 1024 gives 46u = 2.7e-6. The CPU backend's single fp32 running
+ * sum over E terms is no better a reference (it is good to about 1e-6 at E = 1024, and the
+ * summation orders alone put the two backends 1.36e-6 apart), so the kernel is held to the
+ * double reference instead. */
+static double router_probability_bound(int E)
+{
+    return ((E + 31) / 32 + 14) * 0x1p-24;
+}
+
+/* The worst of |got - want| / |want| over n values (want never 0 here). */
+static double worst_elementwise_relative(const float *got, const double *want, size_t n)
+{
+    double worst = 0;
+    for (size_t i = 0; i < n; i++) worst = fmax(worst, fabs(got[i] - want[i]) / fabs(want[i]));
+    return worst;
+}
+
+/* n uniform floats in [low, high) */
+static float *random_floats(struct rng *rng, size_t n, float low, float high)
+{
+    float *x = xmalloc((n ? n : 1) * sizeof(float));
+    for (size_t i = 0; i < n; i++) x[i] = low + (float)rng_uniform(rng) * (high - low);
+    return x;
+}
+
+/* The device buffer d of n floats against want: worst relative error at most bound
+ * (bound 0: bit for bit). */
+static void expect_floats(const float *d, const float *want, size_t n, double bound,
+                          const char *what)
+{
+    float *got = from_device(d, n * sizeof(float));
+    if (bound == 0)
+        CHECK(memcmp(got, want, n * sizeof(float)) == 0, "%s: not bit for bit the CPU's", what);
+    else {
+        double worst = check_worst_relative(got, want, n);
+        CHECK(worst <= bound, "%s: relative error %.3g above %.3g", what, worst, bound);
+    }
+    free(got);
 }
 
 /* Whether a token's probabilities p[E] leave a near-tie (1e-5 of the largest) within its
@@ -103,7 +188,38 @@ static void check_moe(int N, int E, int K, int H, int I)
         if (memcmp(g_ids + n * K, ids + n * K, (size_t)K * sizeof(int32_t)) != 0)
             memcpy(g_weights + n * K, weights + n * K, (size_t)K * sizeof(float));
     CHECK(check_worst_relative(g_weights, weights, (size_t)M) < 1e-6, "router weights");
-    CHECK(check_worst_relative(g_probs, probs, (size_t)N * E) < 1e-6, "router probabilities");
+    double *reference = router_reference(logits, N, E), bound = router_probability_bound(E);
+    double worst = worst_elementwise_relative(g_probs, reference, (size_t)N * E);
+    CHECK(worst <= bound,
+          "router N %d E %d: probabilities %.3g from the double reference, above %.3g", N, E, worst,
+          bound);
+    /* OLMoE's and qwen2_moe's routing: weights not renormalised, scaled, no probabilities
+     * kept; the same ids, and weights p * scaling (one rounding more) at them */
+    int32_t *d_ids2 = device_alloc((size_t)M * sizeof(int32_t));
+    float *d_weights2 = device_alloc((size_t)M * sizeof(float));
+    CHECK(moe_router_topk(d_ids2, d_weights2, NULL, d_logits, N, E, K, 0, 2.5f, err, sizeof err) ==
+              0,
+          "%s", err);
+    int32_t *g_ids2 = from_device(d_ids2, (size_t)M * sizeof(int32_t));
+    float *g_weights2 = from_device(d_weights2, (size_t)M * sizeof(float));
+    CHECK(memcmp(g_ids2, g_ids, (size_t)M * sizeof(int32_t)) == 0,
+          "router N %d E %d: ids without renormalisation differ from the kernel's own", N, E);
+    worst = 0;
+    for (int s = 0; s < M; s++) {
+        if (g_ids[s] < 0 || g_ids[s] >= E) { /* reported with the ids above */
+            worst = INFINITY;
+            continue;
+        }
+        double want = 2.5 * reference[(size_t)(s / K) * E + g_ids[s]];
+        worst = fmax(worst, fabs(g_weights2[s] - want) / want);
+    }
+    CHECK(worst <= bound + 0x1p-24,
+          "router N %d E %d: weights without renormalisation, scaled: %.3g "
+          "from the double reference",
+          N, E, worst);
+    void *variant_buffers[] = {d_ids2, d_weights2};
+    FREE_ON_DEVICE(variant_buffers);
+    free(g_ids2), free(g_weights2), free(reference);
     /* permutation, on the CPU's ids */
     int32_t *offsets = xmalloc((size_t)(E + 1) * sizeof(int32_t)), *sor = xmalloc((size_t)M * sizeof(int32_t)),
             *ros = xmalloc((size_t)M * sizeof(int32_t));
@@ -141,35 +257,105 @@ static void check_moe(int N, int E, int K, int H, int I)
     CHECK(memcmp(g_xs, xs, (size_t)M * H * sizeof(float)) == 0, "gather_rows");
     CHECK(check_worst_relative(g_h, h, (size_t)M * I) < 1e-6, "SwiGLU");
     CHECK(check_worst_relative(g_out, out, (size_t)N * H) < 1e-6, "combine");
+    cpu->combine(out, ys, weights, ros, N, K, H, true); /* added to the first combine's out */
+    CHECK(moe_combine(d_out, d_ys, d_w, d_ros, N, K, H, 1, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_out, out, (size_t)N * H, 1e-6, "combine, accumulated");
     printf("moe kernels, N %d E %d K %d H %d I %d: compared with the CPU backend\n", N, E, K, H, I);
     void *device_buffers[] = {d_logits, d_ids, d_weights, d_probs, d_offsets, d_sor, d_ros, d_cpu_ids,
                               workspace, d_x, d_xs, d_gate, d_up, d_h, d_ys, d_out, d_w};
-    for (size_t i = 0; i < sizeof device_buffers / sizeof device_buffers[0]; i++) device_free(device_buffers[i]);
+    FREE_ON_DEVICE(device_buffers);
     void *host_buffers[] = {logits, ids, weights, probs, g_ids, g_weights, g_probs, offsets, sor, ros,
                             g_offsets, g_sor, g_ros, x, gate, up, ys, xs, h, out, g_xs, g_h, g_out};
     for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
 }
-/* n uniform floats in [low, high) */
-static float *random_floats(struct rng *rng, size_t n, float low, float high)
+/* Router rows with a NaN logit, all NaN logits, or an infinite one: every probability of
+ * such a row is NaN, and the kernel must pick the ids the CPU backend picks there (the
+ * lowest untaken, 0, 1, ...), never id E, which sends the permutation out of bounds. The
+ * permutation then runs on the kernel's ids. */
+static void check_router_nan(int E, int K)
 {
-    float *x = xmalloc((n ? n : 1) * sizeof(float));
-    for (size_t i = 0; i < n; i++) x[i] = low + (float)rng_uniform(rng) * (high - low);
-    return x;
+    const struct backend *cpu = backend_cpu();
+    char err[256];
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)E * 977 + (uint64_t)K);
+    enum { N = 4 };
+    int M = N * K;
+    float *logits = random_floats(&rng, (size_t)N * E, -4, 4);
+    logits[1 * E + E / 2] = NAN;
+    for (int e = 0; e < E; e++) logits[2 * E + e] = NAN;
+    logits[3 * E + E - 1] = INFINITY;
+    int32_t *ids = xmalloc((size_t)M * sizeof(int32_t));
+    float *weights = xmalloc((size_t)M * sizeof(float)),
+          *probs = xmalloc((size_t)N * E * sizeof(float));
+    cpu->router_topk(ids, weights, probs, logits, N, E, K, ROUTER_SOFTMAX_TOPK, true, 1.0f);
+    float *d_logits = to_device(logits, (size_t)N * E * sizeof(float)),
+          *d_probs = device_alloc((size_t)N * E * sizeof(float));
+    int32_t *d_ids = device_alloc((size_t)M * sizeof(int32_t));
+    float *d_weights = device_alloc((size_t)M * sizeof(float));
+    CHECK(moe_router_topk(d_ids, d_weights, d_probs, d_logits, N, E, K, 1, 1.0f, err, sizeof err) ==
+              0,
+          "%s", err);
+    int32_t *g_ids = from_device(d_ids, (size_t)M * sizeof(int32_t));
+    float *g_weights = from_device(d_weights, (size_t)M * sizeof(float));
+    int out_of_range = 0, nan_differ = 0;
+    for (int s = 0; s < M; s++) {
+        out_of_range += g_ids[s] < 0 || g_ids[s] >= E;
+        nan_differ += !isnan(g_weights[s]) != !isnan(weights[s]);
+    }
+    CHECK(out_of_range == 0, "router E %d with NaN logits: %d ids out of [0, %d)", E, out_of_range,
+          E);
+    CHECK(memcmp(g_ids + K, ids + K, (size_t)(M - K) * sizeof(int32_t)) == 0,
+          "router E %d with NaN logits: ids differ from the CPU backend's", E);
+    CHECK(nan_differ == 0 && isnan(weights[K]) && isnan(weights[2 * K]) && isnan(weights[3 * K]),
+          "router E %d with NaN logits: %d weights NaN on one backend only", E, nan_differ);
+    if (!near_tie(probs, ids, E, K)) { /* row 0, finite */
+        CHECK(memcmp(g_ids, ids, (size_t)K * sizeof(int32_t)) == 0,
+              "router E %d: the finite row's ids", E);
+        CHECK(check_worst_relative(g_weights, weights, (size_t)K) < 1e-6,
+              "router E %d: the finite row's weights", E);
+    }
+    int32_t *offsets = xmalloc((size_t)(E + 1) * sizeof(int32_t)),
+            *sor = xmalloc((size_t)M * sizeof(int32_t)),
+            *ros = xmalloc((size_t)M * sizeof(int32_t));
+    cpu->permute_by_expert(offsets, sor, ros, ids, N, K, E);
+    int32_t *d_offsets = device_alloc((size_t)(E + 1) * sizeof(int32_t)),
+            *d_sor = device_alloc((size_t)M * sizeof(int32_t)),
+            *d_ros = device_alloc((size_t)M * sizeof(int32_t));
+    void *workspace = device_alloc(moe_permute_workspace(M, E));
+    if (out_of_range == 0) { /* else the permutation would write out of bounds */
+        CHECK(moe_permute_by_expert(d_offsets, d_sor, d_ros, d_ids, M, E, workspace, err,
+                                    sizeof err) == 0,
+              "%s", err);
+        int32_t *g_offsets = from_device(d_offsets, (size_t)(E + 1) * sizeof(int32_t));
+        int32_t *g_sor = from_device(d_sor, (size_t)M * sizeof(int32_t)),
+                *g_ros = from_device(d_ros, (size_t)M * sizeof(int32_t));
+        CHECK(memcmp(g_offsets, offsets, (size_t)(E + 1) * sizeof(int32_t)) == 0 &&
+                  memcmp(g_sor, sor, (size_t)M * sizeof(int32_t)) == 0 &&
+                  memcmp(g_ros, ros, (size_t)M * sizeof(int32_t)) == 0,
+              "router E %d with NaN logits: the permutation differs from the CPU backend's", E);
+        free(g_offsets), free(g_sor), free(g_ros);
+    }
+    printf("router kernel, E %d K %d, rows with NaN and infinite logits: compared with the CPU "
+           "backend\n",
+           E, K);
+    void *device_buffers[] = {d_logits,  d_probs, d_ids, d_weights,
+                              d_offsets, d_sor,   d_ros, workspace};
+    FREE_ON_DEVICE(device_buffers);
+    void *host_buffers[] = {logits, ids, weights, probs, g_ids, g_weights, offsets, sor, ros};
+    for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
 }
 
-/* The device buffer d of n floats against want: worst relative error at most bound
- * (bound 0: bit for bit). */
-static void expect_floats(const float *d, const float *want, size_t n, double bound,
-                          const char *what)
+/* The cross-entropy total of the kernel (a 256-thread tree sum of fp32 exponentials a
+ * row) against the CPU backend's (fp32 exponentials summed in double, within about 1e-7
+ * of exact): the total's error is the sum over rows of each row's log-sum-exp error, which
+ * is the relative error of the row's sum of exponentials. Replaying the kernel's order on
+ * the host (V = 151936, logits in [-8, 8]) puts that at -4.6e-7 a row on average, 5.5e-7
+ * at worst; CUDA's expf (2 ulp) adds noise that averages out over the row. So the bound is
+ * 2e-6 a counted row, in absolute terms (a relative bound on the total would depend on
+ * how large the loss is). The CPU's former fp32 sum was 1.8e-5 off a row. */
+static bool cross_entropy_close(double total, double want, long long counted)
 {
-    float *got = from_device(d, n * sizeof(float));
-    if (bound == 0)
-        CHECK(memcmp(got, want, n * sizeof(float)) == 0, "%s: not bit for bit the CPU's", what);
-    else {
-        double worst = check_worst_relative(got, want, n);
-        CHECK(worst <= bound, "%s: relative error %.3g above %.3g", what, worst, bound);
-    }
-    free(got);
+    return fabs(total - want) <= 2e-6 * (double)counted;
 }
 
 /* The dense kernels (kernels/dense.h) against the CPU backend: N tokens, width H, a
@@ -203,6 +389,8 @@ static void check_dense(int N, int H, int V, int n_heads, int Dh, int rotary_dim
     CHECK(dense_rmsnorm(d_y, d_rstd, d_x, d_w, N, H, 1e-6f, err, sizeof err) == 0, "%s", err);
     expect_floats(d_y, y, NH, 1e-6, "rmsnorm");
     expect_floats(d_rstd, rstd, (size_t)N, 1e-6, "rmsnorm rstd");
+    CHECK(dense_rmsnorm(d_y, NULL, d_x, d_w, N, H, 1e-6f, err, sizeof err) == 0, "%s", err);
+    expect_floats(d_y, y, NH, 1e-6, "rmsnorm without rstd");
     CHECK(device_copy_to_device(d_rstd, rstd, (size_t)N * sizeof(float)) == 0, "upload");
     float *dy = random_floats(&rng, NH, -1, 1), *dw = random_floats(&rng, (size_t)H, -1, 1);
     float *d_dy = to_device(dy, NH * sizeof(float)), *d_dw = to_device(dw, (size_t)H * sizeof(float));
@@ -215,6 +403,14 @@ static void check_dense(int N, int H, int V, int n_heads, int Dh, int rotary_dim
     CHECK(dense_rmsnorm_backward(d_dy, NULL, d_dy, d_x, d_w, d_rstd, N, H, 0, workspace, err,
                                  sizeof err) == 0, "%s", err);
     expect_floats(d_dy, dx, NH, 1e-5, "rmsnorm backward, dx over dy");
+    /* accumulate_dx: dx += the gradient (dw always accumulates) */
+    CHECK(device_copy_to_device(d_dy, dy, NH * sizeof(float)) == 0, "upload");
+    cpu->rmsnorm_backward(dx, dw, dy, x, w, rstd, N, H, true);
+    CHECK(dense_rmsnorm_backward(d_dx, d_dw, d_dy, d_x, d_w, d_rstd, N, H, 1, workspace, err,
+                                 sizeof err) == 0,
+          "%s", err);
+    expect_floats(d_dx, dx, NH, 1e-5, "rmsnorm backward dx, accumulated");
+    expect_floats(d_dw, dw, (size_t)H, 1e-5, "rmsnorm backward dw, accumulated");
     /* RoPE, forward and its transpose */
     int32_t *positions = xmalloc((size_t)N * sizeof(int32_t));
     for (int n = 0; n < N; n++) positions[n] = (int32_t)rng_below(&rng, 4096);
@@ -260,17 +456,28 @@ static void check_dense(int N, int H, int V, int n_heads, int Dh, int rotary_dim
         CHECK(dense_cross_entropy(d_row_loss, target, d_logits, d_labels, N, V, 0.125f, err,
                                   sizeof err) == 0, "%s", err);
         CHECK(dense_sum_rows(&total, &counted, d_row_loss, d_labels, N, err, sizeof err) == 0, "%s", err);
-        CHECK(counted == want_counted && fabs(total - want_total) <= 1e-6 * fabs(want_total),
+        CHECK(counted == want_counted && cross_entropy_close(total, want_total, want_counted),
               "cross-entropy: %.9g over %lld rows, the CPU %.9g over %lld", total, counted,
               want_total, want_counted);
         expect_floats(target, dlogits, NV, 1e-5, in_place ? "cross-entropy gradient over the logits"
                                                           : "cross-entropy gradient");
     }
+    /* the loss alone (the op table's cross_entropy_sum): no gradient, the logits untouched */
+    CHECK(device_copy_to_device(d_logits, logits, NV * sizeof(float)) == 0, "upload");
+    CHECK(dense_cross_entropy(d_row_loss, NULL, d_logits, d_labels, N, V, 0.125f, err,
+                              sizeof err) == 0,
+          "%s", err);
+    CHECK(dense_sum_rows(&total, &counted, d_row_loss, d_labels, N, err, sizeof err) == 0, "%s",
+          err);
+    CHECK(counted == want_counted && cross_entropy_close(total, want_total, want_counted),
+          "cross-entropy without gradient: %.9g over %lld rows, the CPU %.9g over %lld", total,
+          counted, want_total, want_counted);
+    expect_floats(d_logits, logits, NV, 0, "cross-entropy without gradient: the logits");
     printf("dense kernels, N %d H %d V %d heads %d x %d (rotary %d): compared with the CPU backend\n",
            N, H, V, n_heads, Dh, rotary_dim);
     void *device_buffers[] = {d_tokens, d_table, d_x, d_dx, d_w, d_y, d_rstd, d_dy, d_dw, workspace,
                               d_q, d_positions, d_inv_freq, d_logits, d_dlogits, d_labels, d_row_loss};
-    for (size_t i = 0; i < sizeof device_buffers / sizeof device_buffers[0]; i++) device_free(device_buffers[i]);
+    FREE_ON_DEVICE(device_buffers);
     void *host_buffers[] = {tokens, table, x, dx, w, y, rstd, dy, dw, positions, inv_freq, q, sum,
                             logits, dlogits, labels};
     for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
@@ -309,7 +516,7 @@ static void check_optim(size_t n)
     expect_floats(d_grad, grad, n, 0, "gradient scale");
     printf("optimizer kernels, %zu elements: compared with the host\n", n);
     void *device_buffers[] = {d_data, d_m, d_v, d_grad, workspace};
-    for (size_t i = 0; i < sizeof device_buffers / sizeof device_buffers[0]; i++) device_free(device_buffers[i]);
+    FREE_ON_DEVICE(device_buffers);
     free(data), free(m), free(v), free(grad);
 }
 /* x rounded to bf16 in place; returns the bf16 copy (for the device's bf16 operands). */
@@ -389,7 +596,7 @@ static void check_gemm(int N, int I, int O, int E, enum gemm_type type)
     for (int e = 0; e < E; e++) free(dws[e]), device_free(d_dws[e]);
     free(dws), free(d_dws);
     void *device_buffers[] = {d_x, d_w, d_dy, d_bias, d_y, d_dx, d_dw, d_dbias, workspace};
-    for (size_t i = 0; i < sizeof device_buffers / sizeof device_buffers[0]; i++) device_free(device_buffers[i]);
+    FREE_ON_DEVICE(device_buffers);
     void *host_buffers[] = {x, w, dy, bias, bx, bw, bdy, y, dx, dw, dbias, offsets, ys};
     for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
     gemm_destroy(ctx);
@@ -455,7 +662,7 @@ static void check_moe_backward(int N, int E, int K, int H, int I)
     expect_floats(d_dsh, dsh, NH0, 1e-6, "sigmoid-gated add backward ds");
     expect_floats(d_dglogit, dglogit, (size_t)N, 1e-5, "sigmoid-gated add backward dgate");
     void *gated_device[] = {d_counts, d_prob_sums, d_shared, d_glogit, d_y0, d_dsh, d_dglogit};
-    for (size_t i = 0; i < sizeof gated_device / sizeof gated_device[0]; i++) device_free(gated_device[i]);
+    FREE_ON_DEVICE(gated_device);
     void *gated_host[] = {counts, prob_sums, shared, glogit, y0, dsh, dglogit};
     for (size_t i = 0; i < sizeof gated_host / sizeof gated_host[0]; i++) free(gated_host[i]);
     /* combine and gather backward */
@@ -483,10 +690,16 @@ static void check_moe_backward(int N, int E, int K, int H, int I)
     cpu->router_balance_backward(dlogits, probs, coef, N, E);
     CHECK(moe_router_balance_backward(d_dlogits, d_probs, d_coef, N, E, err, sizeof err) == 0, "%s", err);
     expect_floats(d_dlogits, dlogits, (size_t)N * E, 1e-5, "router balance backward");
+    cpu->router_topk_backward(dlogits, dweights, probs, ids, N, E, K, ROUTER_SOFTMAX_TOPK, false,
+                              2.5f);
+    CHECK(moe_router_topk_backward(d_dlogits, d_dweights, d_probs, d_ids, N, E, K, 0, 2.5f, err,
+                                   sizeof err) == 0,
+          "%s", err);
+    expect_floats(d_dlogits, dlogits, (size_t)N * E, 1e-5, "router backward, not renormalised");
     printf("moe backward kernels, N %d E %d K %d H %d I %d: compared with the CPU backend\n", N, E, K, H, I);
     void *device_buffers[] = {d_ids, d_ros, d_probs, d_weights, d_gate, d_up, d_dh, d_dgate, d_dup, d_ys,
                               d_dout, d_dys, d_dweights, d_dx, d_dlogits, d_coef};
-    for (size_t i = 0; i < sizeof device_buffers / sizeof device_buffers[0]; i++) device_free(device_buffers[i]);
+    FREE_ON_DEVICE(device_buffers);
     void *host_buffers[] = {logits, probs, ids, weights, offsets, sor, ros, gate, up, dh, dgate, dup, ys,
                             dout, dys, dweights, dx, dlogits, coef};
     for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
@@ -531,7 +744,7 @@ static void check_attention(const int *lengths, int n_samples, int nH, int nKV, 
     printf("attention kernels, %d tokens in %d samples, %d/%d heads of %d: compared with the CPU backend\n",
            N, n_samples, nH, nKV, Dh);
     void *device_buffers[] = {d_q, d_k, d_v, d_dout, d_start, d_out, d_dq, d_dk, d_dv, workspace};
-    for (size_t i = 0; i < sizeof device_buffers / sizeof device_buffers[0]; i++) device_free(device_buffers[i]);
+    FREE_ON_DEVICE(device_buffers);
     void *host_buffers[] = {start, q, k, v, dout, out, dq, dk, dv};
     for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
 }
@@ -638,55 +851,381 @@ static void check_cuda_ops(int N, int H, int E, int K, int I)
 #undef RELEASE
     backend_cuda_release();
 }
-#endif
+/* ---- determinism: the same inputs twice, the same bits ---------------------------------- */
 
-int main(void)
+/* Device results downloaded one after another into one host buffer. */
+struct results {
+    unsigned char *bytes;
+    size_t size;
+};
+
+static unsigned char *grow(struct results *r, size_t bytes)
 {
-#ifndef HAVE_CUDA
-    printf("test_device: skipped: this is the CPU-only build\n");
-    return 77;
-#else
-    if (device_count() == 0) {
-        printf("test_device: skipped: no CUDA device visible\n");
-        return 77;
-    }
+    unsigned char *grown = realloc(r->bytes, r->size + bytes);
+    if (!grown) fatal(EXIT_RUNTIME, "test_device: out of memory for %zu bytes", r->size + bytes);
+    r->bytes = grown;
+    r->size += bytes;
+    return grown + r->size - bytes;
+}
+
+static void keep(struct results *r, const void *device, size_t bytes)
+{
+    CHECK(device_copy_to_host(grow(r, bytes), device, bytes) == 0, "download of %zu bytes", bytes);
+}
+
+/* A chain of the kernels whose results hang on an order of reduction (warp butterflies,
+ * block sums, column sums over row chunks, cuBLAS, the sum of squares) on inputs drawn
+ * from a fixed seed; returns every output. */
+static struct results kernel_chain(void)
+{
+    enum { N = 512, E = 128, K = 8, H = 256, V = 32000, ROWS = 16, nH = 8, nKV = 2, Dh = 64 };
     char err[256];
-    CHECK(device_select(0, err, sizeof err) == 0, "%s", err);
+    struct rng rng;
+    rng_seed(&rng, 20261126);
+    struct results r = {NULL, 0};
+    /* router */
+    float *logits = random_floats(&rng, (size_t)N * E, -4, 4),
+          *d_logits = to_device(logits, (size_t)N * E * sizeof(float));
+    int32_t *d_ids = device_alloc((size_t)N * K * sizeof(int32_t));
+    float *d_weights = device_alloc((size_t)N * K * sizeof(float)),
+          *d_probs = device_alloc((size_t)N * E * sizeof(float));
+    CHECK(moe_router_topk(d_ids, d_weights, d_probs, d_logits, N, E, K, 1, 1.0f, err, sizeof err) ==
+              0,
+          "%s", err);
+    keep(&r, d_ids, (size_t)N * K * sizeof(int32_t));
+    keep(&r, d_weights, (size_t)N * K * sizeof(float));
+    keep(&r, d_probs, (size_t)N * E * sizeof(float));
+    /* RMSNorm forward and backward (dw: column sums) */
+    float *x = random_floats(&rng, (size_t)N * H, -1, 1),
+          *w = random_floats(&rng, (size_t)H, 0.5f, 1.5f);
+    float *dy = random_floats(&rng, (size_t)N * H, -1, 1);
+    float *d_x = to_device(x, (size_t)N * H * sizeof(float)),
+          *d_w = to_device(w, (size_t)H * sizeof(float));
+    float *d_dy = to_device(dy, (size_t)N * H * sizeof(float)),
+          *d_y = device_alloc((size_t)N * H * sizeof(float));
+    float *d_rstd = device_alloc((size_t)N * sizeof(float)),
+          *d_dx = device_alloc((size_t)N * H * sizeof(float));
+    float *d_dw = device_alloc((size_t)H * sizeof(float));
+    void *norm_workspace = device_alloc(dense_rmsnorm_workspace(N, H));
+    CHECK(device_copy_to_device(d_dw, w, (size_t)H * sizeof(float)) == 0, "upload");
+    CHECK(dense_rmsnorm(d_y, d_rstd, d_x, d_w, N, H, 1e-6f, err, sizeof err) == 0, "%s", err);
+    CHECK(dense_rmsnorm_backward(d_dx, d_dw, d_dy, d_x, d_w, d_rstd, N, H, 0, norm_workspace, err,
+                                 sizeof err) == 0,
+          "%s", err);
+    keep(&r, d_y, (size_t)N * H * sizeof(float));
+    keep(&r, d_rstd, (size_t)N * sizeof(float));
+    keep(&r, d_dx, (size_t)N * H * sizeof(float));
+    keep(&r, d_dw, (size_t)H * sizeof(float));
+    /* cross-entropy */
+    float *z = random_floats(&rng, (size_t)ROWS * V, -8, 8),
+          *d_z = to_device(z, (size_t)ROWS * V * sizeof(float));
+    int32_t labels[ROWS];
+    for (int n = 0; n < ROWS; n++) labels[n] = (int32_t)rng_below(&rng, V);
+    int32_t *d_labels = (int32_t *)to_device(labels, sizeof labels);
+    double *d_row_loss = device_alloc(ROWS * sizeof(double));
+    CHECK(dense_cross_entropy(d_row_loss, d_z, d_z, d_labels, ROWS, V, 0.25f, err, sizeof err) == 0,
+          "%s", err);
+    keep(&r, d_row_loss, ROWS * sizeof(double));
+    keep(&r, d_z, (size_t)ROWS * V * sizeof(float));
+    /* attention forward and backward over two packed samples (dk, dv: sums over queries) */
+    int32_t start[N];
+    for (int n = 0; n < N; n++) start[n] = n < 300 ? 0 : 300;
+    size_t nq = (size_t)N * nH * Dh, nkv = (size_t)N * nKV * Dh;
+    float *q = random_floats(&rng, nq, -2, 2), *k = random_floats(&rng, nkv, -2, 2),
+          *v = random_floats(&rng, nkv, -1, 1);
+    float *dout = random_floats(&rng, nq, -1, 1);
+    float *d_q = to_device(q, nq * sizeof(float)), *d_k = to_device(k, nkv * sizeof(float));
+    float *d_v = to_device(v, nkv * sizeof(float)), *d_dout = to_device(dout, nq * sizeof(float));
+    int32_t *d_start = (int32_t *)to_device(start, sizeof start);
+    float *d_out = device_alloc(nq * sizeof(float)), *d_dq = device_alloc(nq * sizeof(float));
+    float *d_dk = device_alloc(nkv * sizeof(float)), *d_dv = device_alloc(nkv * sizeof(float));
+    void *attention_workspace = device_alloc(attention_backward_workspace(N, nH));
+    float scale = 1.0f / sqrtf((float)Dh);
+    CHECK(attention_forward(d_out, d_q, d_k, d_v, d_start, N, nH, nKV, Dh, scale, err,
+                            sizeof err) == 0,
+          "%s", err);
+    CHECK(attention_backward(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out, d_start, N, nH, nKV,
+                             Dh, scale, attention_workspace, err, sizeof err) == 0,
+          "%s", err);
+    keep(&r, d_out, nq * sizeof(float));
+    keep(&r, d_dq, nq * sizeof(float));
+    keep(&r, d_dk, nkv * sizeof(float));
+    keep(&r, d_dv, nkv * sizeof(float));
+    /* cuBLAS: a linear layer's backward, dw summed over the N rows */
+    struct gemm_context *ctx = gemm_create(err, sizeof err);
+    CHECK(ctx != NULL, "%s", err);
+    if (ctx) {
+        float *lw = random_floats(&rng, (size_t)H * H, -1, 1),
+              *d_lw = to_device(lw, (size_t)H * H * sizeof(float));
+        float *zeros = xcalloc((size_t)H * H, sizeof(float)),
+              *d_ldw = to_device(zeros, (size_t)H * H * sizeof(float));
+        CHECK(gemm_linear_backward(ctx, d_dx, d_ldw, NULL, d_dy, d_x, d_lw, N, H, H, 0, GEMM_F32,
+                                   NULL, err, sizeof err) == 0,
+              "%s", err);
+        keep(&r, d_dx, (size_t)N * H * sizeof(float));
+        keep(&r, d_ldw, (size_t)H * H * sizeof(float));
+        void *gemm_buffers[] = {d_lw, d_ldw};
+        FREE_ON_DEVICE(gemm_buffers);
+        free(lw), free(zeros);
+        gemm_destroy(ctx);
+    }
+    /* the squared sum of the gradient norm */
+    double squares = 0;
+    void *squares_workspace = device_alloc(optim_sum_squares_workspace((size_t)N * H));
+    CHECK(optim_sum_squares(&squares, d_dy, (size_t)N * H, squares_workspace, err, sizeof err) == 0,
+          "%s", err);
+    memcpy(grow(&r, sizeof squares), &squares, sizeof squares);
+    void *device_buffers[] = {d_logits,
+                              d_ids,
+                              d_weights,
+                              d_probs,
+                              d_x,
+                              d_w,
+                              d_dy,
+                              d_y,
+                              d_rstd,
+                              d_dx,
+                              d_dw,
+                              norm_workspace,
+                              d_z,
+                              d_labels,
+                              d_row_loss,
+                              d_q,
+                              d_k,
+                              d_v,
+                              d_dout,
+                              d_start,
+                              d_out,
+                              d_dq,
+                              d_dk,
+                              d_dv,
+                              attention_workspace,
+                              squares_workspace};
+    FREE_ON_DEVICE(device_buffers);
+    void *host_buffers[] = {logits, x, w, dy, z, q, k, v, dout};
+    for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
+    return r;
+}
+
+static void check_determinism(void)
+{
+    struct results first = kernel_chain(), second = kernel_chain();
+    size_t differ = 0;
+    for (size_t i = 0; i < first.size && i < second.size; i++)
+        differ += first.bytes[i] != second.bytes[i];
+    CHECK(first.size == second.size && differ == 0,
+          "the same kernels on the same inputs twice: %zu of %zu bytes differ", differ, first.size);
+    printf("determinism: router, rmsnorm, cross-entropy, attention, cuBLAS and squared-sum results "
+           "(%zu bytes) bit for bit the same twice\n",
+           first.size);
+    free(first.bytes), free(second.bytes);
+}
+
+/* ---- groups ----------------------------------------------------------------------------- */
+
+static void group_fill(void)
+{
+    char err[256];
     const size_t n = 1000003; /* odd: not a multiple of the block size */
     float *x = device_alloc(n * sizeof(float));
     CHECK(x != NULL, "cudaMalloc of %zu floats", n);
-    if (!x) return check_done("test_device");
+    if (!x) return;
     CHECK(device_fill_f32(x, n, 3.25f, err, sizeof err) == 0, "%s", err);
-    float *host = malloc(n * sizeof(float));
+    float *host = xmalloc(n * sizeof(float));
     CHECK(device_copy_to_host(host, x, n * sizeof(float)) == 0, "copy back");
     size_t wrong = 0;
     for (size_t i = 0; i < n; i++) wrong += host[i] != 3.25f;
     CHECK(wrong == 0, "%zu of %zu elements not filled", wrong, n);
     free(host);
-    device_free(x);
+    void *device_buffers[] = {x};
+    FREE_ON_DEVICE(device_buffers);
+}
+
+static void group_moe(void)
+{
     check_moe(1, 8, 2, 16, 8);
-    check_moe(1000, 128, 8, 64, 32);   /* Qwen3-30B-A3B's routing shape */
-    check_moe(333, 60, 4, 48, 24);     /* experts not a multiple of the warp */
-    check_moe(4097, 1024, 6, 8, 8);    /* the router's largest expert count */
+    check_moe(1000, 128, 8, 64, 32); /* Qwen3-30B-A3B's routing shape */
+    check_moe(333, 60, 4, 48, 24);   /* experts not a multiple of the warp */
+    check_moe(4097, 1024, 6, 8, 8);  /* the router's largest expert count */
+    check_router_nan(60, 4);
+    check_router_nan(1024, 8);
+}
+
+static void group_dense(void)
+{
     check_dense(1, 64, 11, 1, 16, 16);
-    check_dense(300, 2048, 1000, 4, 128, 128);  /* Qwen3-30B-A3B's hidden and head widths */
-    check_dense(77, 200, 151936, 3, 64, 32);    /* a real vocabulary, a partial rotary */
+    check_dense(300, 2048, 1000, 4, 128, 128); /* Qwen3-30B-A3B's hidden and head widths */
+    check_dense(77, 200, 151936, 3, 64, 32);   /* a real vocabulary, a partial rotary */
+}
+
+static void group_optimizer(void)
+{
     check_optim(1);
     check_optim(3 * NORM_CHUNK + 17);
     check_optim(5000000);
+}
+
+static void group_moe_backward(void)
+{
     check_moe_backward(1, 8, 2, 16, 8);
     check_moe_backward(1000, 128, 8, 64, 32);
     check_moe_backward(333, 60, 4, 48, 24);
+}
+
+static void group_attention(void)
+{
     check_attention((const int[]){1}, 1, 1, 1, 8);
-    check_attention((const int[]){5, 1, 130, 64}, 4, 4, 2, 64);   /* GQA, samples packed */
-    check_attention((const int[]){1000, 24}, 2, 32, 4, 128);      /* Qwen3-30B-A3B's heads */
-    check_attention((const int[]){40}, 1, 2, 2, 200);             /* head_dim not a multiple of 32 */
-    check_cuda_ops(64, 32, 8, 2, 48);
-    check_cuda_ops(512, 256, 64, 8, 96);
+    check_attention((const int[]){5, 1, 130, 64}, 4, 4, 2, 64); /* GQA, samples packed */
+    check_attention((const int[]){1000, 24}, 2, 32, 4, 128);    /* Qwen3-30B-A3B's heads */
+    check_attention((const int[]){40}, 1, 2, 2, 200);           /* head_dim not a multiple of 32 */
+}
+
+static void group_gemm(void)
+{
     check_gemm(1, 1, 1, 2, GEMM_F32);
     check_gemm(257, 96, 200, 8, GEMM_F32);
     check_gemm(257, 96, 200, 8, GEMM_BF16);
     check_gemm(4096, 2048, 768, 16, GEMM_BF16); /* Qwen3-30B-A3B's expert shape */
-    return check_done("test_device");
+}
+
+/* Last: the op table reports its errors through fatal(), which ends the process. */
+static void group_ops(void)
+{
+    check_cuda_ops(64, 32, 8, 2, 48);
+    check_cuda_ops(512, 256, 64, 8, 96);
+}
+
+static const struct group {
+    const char *name;
+    void (*run)(void);
+} groups[] = {
+    {"fill", group_fill},
+    {"moe", group_moe},
+    {"dense", group_dense},
+    {"optimizer", group_optimizer},
+    {"moe-backward", group_moe_backward},
+    {"attention", group_attention},
+    {"gemm", group_gemm},
+    {"determinism", check_determinism},
+    {"ops", group_ops},
+};
+enum { N_GROUPS = sizeof groups / sizeof groups[0] };
+
+static double seconds_now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* The group running in this process, for its summary line; printed at exit, so that a
+ * group that the op table's fatal() ends still reports what it checked. */
+static const struct group *current_group;
+static double current_start;
+static bool current_finished;
+
+static void print_summary(void)
+{
+    if (!current_group) return;
+    printf("group %-12s %5d checks, %3d failed, %6.2f s%s\n", current_group->name, check_count_,
+           check_failed_, seconds_now() - current_start,
+           current_finished ? "" : ", ended early by the error above");
+    fflush(stdout);
+}
+
+/* One group in this process, with its summary line; returns the exit status. */
+static int run_group(const struct group *g)
+{
+    char err[256];
+    current_group = g;
+    current_start = seconds_now();
+    atexit(print_summary);
+    CHECK(device_select(0, err, sizeof err) >= 0, "%s", err);
+    if (check_failed_ == 0) g->run();
+    current_finished = true;
+    return check_failed_ ? 1 : 0;
+}
+
+/* Several groups: each in a child process of its own (this program with the group's name),
+ * so that a crash, a fatal() or a sticky CUDA error in one cannot hide the others. */
+static int run_groups(const char *self, const bool *selected)
+{
+    int failed = 0, ran = 0;
+    char failed_names[512] = "";
+    double start = seconds_now();
+    for (int i = 0; i < N_GROUPS; i++) {
+        if (!selected[i]) continue;
+        ran++;
+        fflush(stdout);
+        fflush(stderr);
+        pid_t child = fork();
+        if (child == 0) {
+            execl("/proc/self/exe", self, groups[i].name, (char *)NULL);
+            execl(self, self, groups[i].name, (char *)NULL);
+            fprintf(stderr, "test_device: cannot run %s: %s\n", self, strerror(errno));
+            _exit(127);
+        }
+        int status = 0;
+        bool ok = child > 0 && waitpid(child, &status, 0) == child;
+        if (ok && WIFEXITED(status) && WEXITSTATUS(status) == 0) continue;
+        failed++;
+        size_t used = strlen(failed_names);
+        snprintf(failed_names + used, sizeof failed_names - used, " %s", groups[i].name);
+        if (!ok)
+            printf("group %-12s could not be run: %s\n", groups[i].name, strerror(errno));
+        else if (WIFSIGNALED(status))
+            printf("group %-12s ended by signal %d (%s)\n", groups[i].name, WTERMSIG(status),
+                   strsignal(WTERMSIG(status)));
+        else if (WEXITSTATUS(status) != 1) /* else the group printed its own summary */
+            printf("group %-12s ended with exit status %d\n", groups[i].name, WEXITSTATUS(status));
+    }
+    printf("test_device: %d groups, %d failed%s%s, %.2f s\n", ran, failed, failed ? ":" : "",
+           failed_names, seconds_now() - start);
+    return failed ? 1 : 0;
+}
+#endif
+
+/* tests/test_device [--list] [GROUP...]: the named groups (default: all), always in the
+ * order of the list, the op table last. */
+int main(int argc, char **argv)
+{
+#ifndef HAVE_CUDA
+    (void)argc, (void)argv;
+    printf("test_device: skipped: this is the CPU-only build\n");
+    return 77;
+#else
+    bool selected[N_GROUPS] = {false};
+    int n_selected = 0;
+    for (int a = 1; a < argc; a++) {
+        if (strcmp(argv[a], "--list") == 0) {
+            for (int i = 0; i < N_GROUPS; i++) printf("%s\n", groups[i].name);
+            return 0;
+        }
+        int found = -1;
+        for (int i = 0; i < N_GROUPS; i++)
+            if (strcmp(argv[a], groups[i].name) == 0) found = i;
+        if (found < 0) {
+            fprintf(stderr, "test_device: no group '%s' (--list shows them)\n", argv[a]);
+            return 1;
+        }
+        n_selected += !selected[found];
+        selected[found] = true;
+    }
+    if (n_selected == 0)
+        for (int i = 0; i < N_GROUPS; i++) selected[i] = true, n_selected++;
+    int devices = device_count();
+    if (devices == 0) {
+        printf("test_device: skipped: no CUDA device visible\n");
+        return 77;
+    }
+    if (devices < 0) { /* an old driver, say: a failure, never a skip */
+        device_print_info(stderr);
+        fprintf(stderr, "test_device: CUDA cannot count the devices (see above)\n");
+        return 1;
+    }
+    if (n_selected > 1) return run_groups(argv[0], selected);
+    for (int i = 0; i < N_GROUPS; i++)
+        if (selected[i]) return run_group(&groups[i]);
+    return 1;
 #endif
 }
