@@ -13,7 +13,9 @@
 #   esft-version    the bundled esft starts (an MPI singleton) and sees the GPU
 #   test_device     the kernels against the CPU backend, with CUDA_LAUNCH_BLOCKING=1 (an
 #                   error is reported at the kernel that made it), then without; group by
-#                   group where test_device lists its groups (`test_device --list`)
+#                   group (`test_device GROUP`) where test_device lists its groups, one a
+#                   line, for `test_device --list` (asked with no GPU visible, so that a
+#                   test_device without groups only skips)
 #   test_comm       the comm layer as an MPI singleton: host paths and NCCL on the GPU
 #   cpu-reference   the demo deck (input/demo.yaml, trimmed) on the CPU backend: init,
 #                   prepare, score, select, train, eval; the curve the GPU must follow
@@ -233,6 +235,7 @@ esft=("${bundle_env[@]}" "$b/esft")
 # Nothing may be missing but the CUDA libraries, and those only where no GPU is.
 check_libraries() {
     for f in "$b/esft" "$b"/tests/test_* "$b"/tests/bench/bench_* "$b/bin/orted" "$b"/lib/openmpi3/*.so; do
+        case $f in *.py | *.sh) continue ;; esac
         [ -f "$f" ] || continue
         echo "== ${f#"$b"/}"
         "${bundle_env[@]}" ldd "$f" 2>&1
