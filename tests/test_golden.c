@@ -115,6 +115,7 @@ static void check_fixture(const char *dir, const char *name)
     const struct backend *ops = backend_named(getenv("ESFT_BACKEND"), err, sizeof err);
     CHECK(ops != NULL, "%s", err);
     if (!ops) ops = backend_cpu();
+    printf("%s: backend: %s\n", name, ops->name);
     model_attach(&model, ops);
     struct forward_workspace *ws = forward_workspace_new(&model, N);
     forward_workspace_keep(ws, FORWARD_KEEP_LOGITS | FORWARD_KEEP_ROUTING);

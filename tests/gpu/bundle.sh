@@ -65,7 +65,7 @@ cp -R "$ompi_share" "$root/share/openmpi"
 
 # The data and scripts they read.
 cp "$src"/tests/bench/*.py "$src"/tests/bench/*.sh "$root/tests/bench/" 2>/dev/null || true
-cp "$src/tests/gpu/device-check.sh" "$root/tests/gpu/"
+cp "$src"/tests/gpu/*.sh "$src"/tests/gpu/*.yaml "$root/tests/gpu/"
 cp "$src"/tests/*.sh "$src/tests/run-tests" "$root/tests/"
 cp -R "$src/tests/golden" "$src/tests/decks" "$root/tests/"
 cp -R "$src/input" "$root/"
