@@ -39,6 +39,30 @@ int attention_backward(float *dq, float *dk, float *dv, const float *dout, const
                        const int32_t *sample_start, int N, int nH, int nKV, int Dh, float scale,
                        void *workspace, char *err, size_t err_size);
 
+/* The same two ops through cuBLAS (kernels/attention_gemm.cu), what the CUDA backend
+ * runs: per sample, per block of at most ATTENTION_GEMM_ROWS query rows, per KV head,
+ * the scores of the block's query heads against the keys they see (a strided-batched
+ * GEMM, the KV head's keys shared by stride 0), the causal softmax in place (a row
+ * kernel), then out = P V (a second GEMM). The backward recomputes P the same way and
+ * forms dP = dout V^T, dS = P (dP - rowsum(P dP)), dq = scale dS K (written), and
+ * dk += scale dS^T q, dv += P^T dout over the heads of the group (dk, dv zeroed first);
+ * every product fp32 (CUBLAS's default math mode of the handle). Scores of one block are
+ * in the workspace, never all at once: attention_gemm_workspace(longest sample, nH, nKV)
+ * bytes of device memory serve both directions.
+ *
+ * Samples in HOST memory: attention_gemm_samples turns sample_start[N] (copied back)
+ * into starts[count + 1] (starts[count] = N; room for N + 1) and the longest length. */
+enum { ATTENTION_GEMM_ROWS = 1024 };
+int attention_gemm_samples(const int32_t *host_sample_start, int N, int *starts, int *longest);
+size_t attention_gemm_workspace(int longest, int nH, int nKV);
+int attention_gemm_forward(void *cublas, float *out, const float *q, const float *k, const float *v,
+                           const int *starts, int count, int nH, int nKV, int Dh, float scale,
+                           void *workspace, char *err, size_t err_size);
+int attention_gemm_backward(void *cublas, float *dq, float *dk, float *dv, const float *dout,
+                            const float *q, const float *k, const float *v, const int *starts,
+                            int count, int nH, int nKV, int Dh, float scale, void *workspace,
+                            char *err, size_t err_size);
+
 #ifdef __cplusplus
 }
 #endif

@@ -27,6 +27,7 @@ struct grouped_call {
 
 struct gemm_context {
     cublasHandle_t handle;
+    int tf32; /* fp32 products on TF32 tensor cores (gemm_set_tf32) */
     struct grouped_call grouped;
 };
 
@@ -118,8 +119,23 @@ static int run_plan(struct gemm_context *ctx, struct gemm_plan p, const void *a,
     cublasStatus_t status = cublasGemmEx(
         ctx->handle, p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
         p.m, p.n, p.k, &alpha, a, cuda_type(type), p.lda, b, cuda_type(type), p.ldb, &beta, c,
-        CUDA_R_32F, p.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        CUDA_R_32F, p.ldc,
+        type == GEMM_F32 && ctx->tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F,
+        CUBLAS_GEMM_DEFAULT);
     return cublas_failed(status, what, err, err_size);
+}
+
+extern "C" int gemm_set_tf32(struct gemm_context *ctx, int on, char *err, size_t err_size)
+{
+    ctx->tf32 = on;
+    return cublas_failed(cublasSetMathMode(ctx->handle, on ? CUBLAS_TF32_TENSOR_OP_MATH
+                                                           : CUBLAS_DEFAULT_MATH),
+                         "cublasSetMathMode", err, err_size);
+}
+
+extern "C" void *gemm_cublas(struct gemm_context *ctx)
+{
+    return ctx->handle;
 }
 
 enum { THREADS = 256 };
@@ -289,7 +305,7 @@ static int grouped_run(struct gemm_context *ctx, enum gemm_type type, enum gemm_
         ctx->handle, g->trans_a, g->trans_b, g->m, g->n, g->k, g->alpha,
         (const void *const *)dev_a, cuda_type(type), g->lda, (const void *const *)dev_b,
         cuda_type(type), g->ldb, g->beta, dev_c, cuda_type(c_type), g->ldc, count, g->group_size,
-        CUBLAS_COMPUTE_32F);
+        type == GEMM_F32 && ctx->tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F);
     return cublas_failed(status, what, err, err_size);
 }
 

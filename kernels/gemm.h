@@ -34,6 +34,13 @@ struct gemm_context; /* a cuBLAS handle and its workspace */
 struct gemm_context *gemm_create(char *err, size_t err_size);
 void gemm_destroy(struct gemm_context *ctx);
 
+/* on: fp32 operands are multiplied on the TF32 tensor cores (10-bit mantissas, fp32
+ * accumulation: about 3e-4 relative on a 2048-long product) in every GEMM of ctx, the
+ * handle's own Sgemm calls included; off (the default): true fp32 products. */
+int gemm_set_tf32(struct gemm_context *ctx, int on, char *err, size_t err_size);
+/* The cuBLAS handle (a cublasHandle_t) for kernels that issue their own GEMMs. */
+void *gemm_cublas(struct gemm_context *ctx);
+
 /* y[N,O] (+)= x[N,I] w[O,I]^T + bias[O] (bias fp32, may be NULL). */
 int gemm_linear(struct gemm_context *ctx, float *y, const void *x, const void *w,
                 const float *bias, int N, int I, int O, int accumulate, enum gemm_type type,

@@ -103,13 +103,33 @@ static void cuda_rope(float *x, const int32_t *positions, const float *inv_freq,
        err);
 }
 
+/* The samples of a batch, from sample_start copied back (N integers): starts[count + 1]
+ * and the longest sample; freed by the caller. */
+static int *batch_samples(const int32_t *sample_start, int N, int *count, int *longest)
+{
+    int32_t *host = xmalloc((size_t)(N > 0 ? N : 1) * sizeof *host);
+    int *starts = xmalloc((size_t)(N + 1) * sizeof *starts);
+    if (N > 0) check_cuda(cudaMemcpy(host, sample_start, (size_t)N * sizeof *host, cudaMemcpyDeviceToHost));
+    backend_count_download((size_t)N * sizeof *host);
+    *count = attention_gemm_samples(host, N, starts, longest);
+    free(host);
+    return starts;
+}
+
+/* Attention by cuBLAS GEMMs and a row softmax (kernels/attention_gemm.cu): the scores of
+ * a block of queries at a time, on the tensor cores' fp32 path (or TF32). */
 static void cuda_attention(float *out, const float *q, const float *k, const float *v,
                            const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
                            float scale)
 {
     char err[256];
-    ok(attention_forward(out, q, k, v, mask->sample_start, N, nH, nKV, Dh, scale, err, sizeof err),
+    int count, longest;
+    int *starts = batch_samples(mask->sample_start, N, &count, &longest);
+    void *ws = scratch(attention_gemm_workspace(longest, nH, nKV));
+    ok(attention_gemm_forward(gemm_cublas(gemm()), out, q, k, v, starts, count, nH, nKV, Dh, scale,
+                              ws, err, sizeof err),
        err);
+    free(starts);
 }
 
 static void cuda_router_topk(int32_t *ids, float *weights, float *probs, const float *logits, int N,
@@ -235,9 +255,14 @@ static void cuda_attention_backward(float *dq, float *dk, float *dv, const float
                                     int nH, int nKV, int Dh, float scale)
 {
     char err[256];
-    ok(attention_backward(dq, dk, dv, dout, q, k, v, out, mask->sample_start, N, nH, nKV, Dh, scale,
-                          scratch(attention_backward_workspace(N, nH)), err, sizeof err),
+    (void)out;
+    int count, longest;
+    int *starts = batch_samples(mask->sample_start, N, &count, &longest);
+    void *ws = scratch(attention_gemm_workspace(longest, nH, nKV));
+    ok(attention_gemm_backward(gemm_cublas(gemm()), dq, dk, dv, dout, q, k, v, starts, count, nH,
+                               nKV, Dh, scale, ws, err, sizeof err),
        err);
+    free(starts);
 }
 
 static void cuda_router_topk_backward(float *dlogits, const float *dweights, const float *probs,
@@ -434,6 +459,12 @@ const struct backend *backend_cuda(void)
         .memory = cuda_memory,
     };
     return &cuda;
+}
+
+void backend_cuda_set_tf32(bool on)
+{
+    char err[256];
+    if (gemm_set_tf32(gemm(), on, err, sizeof err) != 0) fatal(EXIT_RUNTIME, "cuda backend: %s", err);
 }
 
 void backend_cuda_release(void)

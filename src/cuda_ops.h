@@ -8,6 +8,10 @@
 /* The op table over device pointers. */
 const struct backend *backend_cuda(void);
 
+/* on: fp32 GEMMs (linear layers, experts, attention) on the TF32 tensor cores
+ * (model.dtype: tf32); off: true fp32 products, the default. */
+void backend_cuda_set_tf32(bool on);
+
 /* Frees the cuBLAS handle and the scratch buffer the ops keep between calls. */
 void backend_cuda_release(void);
 

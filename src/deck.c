@@ -35,6 +35,7 @@ static const char *const phase_names[] = {"init",  "prepare", "score", "select",
                                           "train", "eval",    NULL};
 static const char *const backend_names[] = {"auto", "cpu", "cuda", "cpu-devsim", NULL};
 static const char *const dtype_names[] = {"auto", "fp32", "bf16", "fp16", NULL};
+static const char *const compute_names[] = {"auto", "fp32", "bf16", "fp16", "tf32", NULL};
 static const char *const family_names[] = {"qwen2_moe", "qwen3_moe", "olmoe", "mixtral", NULL};
 static const char *const score_tokens_names[] = {"all", "loss", NULL};
 static const char *const score_function_names[] = {"token", "gate", NULL};
@@ -48,6 +49,7 @@ static const char *const bad_steps_names[] = {"stop", "skip", NULL};
 _Static_assert(N_NAMES(phase_names) == PHASE_COUNT, "phase names");
 _Static_assert(N_NAMES(backend_names) == BACKEND_DEVSIM + 1, "backend names");
 _Static_assert(N_NAMES(dtype_names) == DTYPE_FP16 + 1, "dtype names");
+_Static_assert(N_NAMES(compute_names) == DTYPE_TF32 + 1, "compute dtype names");
 _Static_assert(N_NAMES(score_tokens_names) == SCORE_TOKENS_LOSS + 1, "score.tokens names");
 _Static_assert(N_NAMES(score_function_names) == SCORE_FUNCTION_GATE + 1, "score function names");
 _Static_assert(N_NAMES(method_names) == METHOD_DENSEMIXER + 1, "method names");
@@ -135,8 +137,10 @@ static const struct key schema[] = {
     {KEY("model.path", KEY_STRING, model.path),
      .required_by = BY(INIT) | BY(SCORE) | BY(TRAIN) | BY(EVAL),
      .help = "Hugging Face checkpoint directory (read; the init phase writes it)"},
-    {KEY("model.dtype", KEY_ENUM, model.dtype), .def = "auto", .names = dtype_names,
-     .help = "compute dtype; auto: fp32 on cpu, bf16 on cuda"},
+    {KEY("model.dtype", KEY_ENUM, model.dtype), .def = "auto", .names = compute_names,
+     .help = "compute dtype: fp32 (auto), or tf32 with run.backend cuda (fp32 weights and "
+             "activations, products on the TF32 tensor cores); bf16 and fp16 are not "
+             "implemented yet"},
 
     /* data */
     {KEY("data.path", KEY_STRING, data.path), .required_by = BY(SCORE) | BY(TRAIN) | BY(EVAL),
@@ -1482,6 +1486,19 @@ int deck_finish(struct deck *deck, char *err, size_t err_size)
             else
                 deck->run.backend = (enum backend_choice)found;
         }
+    }
+    if ((selected & (BY(SCORE) | BY(TRAIN) | BY(EVAL))) &&
+        (deck->model.dtype == DTYPE_BF16 || deck->model.dtype == DTYPE_FP16)) {
+        deck_where(deck, "model.dtype", where, sizeof where);
+        errors_add(&errors, "%s: model.dtype: %s is not implemented yet (the weights and "
+                   "activations are fp32); use fp32, or tf32 with run.backend cuda", where,
+                   compute_names[deck->model.dtype]);
+    }
+    if ((selected & (BY(SCORE) | BY(TRAIN) | BY(EVAL))) && deck->model.dtype == DTYPE_TF32 &&
+        deck->run.backend != BACKEND_CUDA) {
+        deck_where(deck, "model.dtype", where, sizeof where);
+        errors_add(&errors, "%s: model.dtype: tf32 is a mode of the GPU's tensor cores: it needs "
+                   "run.backend: cuda (run.backend is %s)", where, backend_names[deck->run.backend]);
     }
 #ifndef HAVE_CUDA
     if (deck->run.backend == BACKEND_CUDA) {

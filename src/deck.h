@@ -18,7 +18,7 @@ enum phase { PHASE_INIT, PHASE_PREPARE, PHASE_SCORE, PHASE_SELECT, PHASE_TRAIN, 
              PHASE_COUNT };
 const char *phase_name(enum phase phase);
 
-enum dtype_choice { DTYPE_AUTO, DTYPE_FP32, DTYPE_BF16, DTYPE_FP16 };
+enum dtype_choice { DTYPE_AUTO, DTYPE_FP32, DTYPE_BF16, DTYPE_FP16, DTYPE_TF32 };
 enum score_tokens { SCORE_TOKENS_ALL, SCORE_TOKENS_LOSS };
 enum score_function { SCORE_FUNCTION_TOKEN, SCORE_FUNCTION_GATE };
 enum train_method { METHOD_ESFT, METHOD_FULL, METHOD_FROZEN_ROUTER, METHOD_LORA,
@@ -42,7 +42,7 @@ struct deck_run {
 
 struct deck_model {
     char *path; /* Hugging Face checkpoint directory (read; `init` writes it) */
-    enum dtype_choice dtype; /* compute dtype; auto: fp32 on CPU, bf16 on CUDA */
+    enum dtype_choice dtype; /* compute dtype: fp32 (auto), or tf32 on cuda */
 };
 
 struct deck_data {

@@ -404,6 +404,9 @@ const struct backend *phase_backend(const struct deck *deck, const char *phase)
     char err[512];
     const struct backend *ops = backend_named(deck_backend_name(deck->run.backend), err, sizeof err);
     fail_if_any(!ops, EXIT_INPUT, "%s: %s", phase, err);
-    log_info("%s: backend %s", phase, ops->name);
+#ifdef HAVE_CUDA
+    if (deck->run.backend == BACKEND_CUDA) backend_cuda_set_tf32(deck->model.dtype == DTYPE_TF32);
+#endif
+    log_info("%s: backend %s%s", phase, ops->name, deck->model.dtype == DTYPE_TF32 ? " (tf32)" : "");
     return ops;
 }

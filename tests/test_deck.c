@@ -63,7 +63,7 @@ static const char *full_deck = "phase: [prepare, score, select, train, eval]\n" 
                                "  backend: cpu\n"
                                "model:\n"
                                "  path: /models/tiny\n"
-                               "  dtype: bf16\n"
+                               "  dtype: fp32\n"
                                "data:\n" /* 10 */
                                "  path: data/tokens.h5\n"
                                "  seq_len: 512\n"
@@ -161,7 +161,7 @@ static void test_full_deck(void)
     CHECK(d.run.backend == BACKEND_CPU, "run.backend");
 
     CHECK(same_string(d.model.path, "/models/tiny"), "model.path");
-    CHECK(d.model.dtype == DTYPE_BF16, "model.dtype");
+    CHECK(d.model.dtype == DTYPE_FP32, "model.dtype");
 
     CHECK(same_string(d.data.path, "data/tokens.h5"), "data.path");
     CHECK(d.data.seq_len == 512, "data.seq_len %d", d.data.seq_len);
@@ -651,6 +651,17 @@ static void test_requirements(void)
           "%s", err);
 #endif
     CHECK(finish_count("phase: select\nrun:\n  backend: cpu-devsim\n", err) == 0, "%s", err);
+    /* model.dtype: fp32, or tf32 on the GPU; bf16 and fp16 are refused, not ignored */
+    CHECK(finish_count("phase: eval\nmodel: {path: m, dtype: bf16}\ndata: {path: d}\n", err) == 1 &&
+              has_error(err, "r.yaml:2:18: ", "model.dtype: bf16 is not implemented yet"), "%s", err);
+    CHECK(finish_count("phase: eval\nmodel: {path: m, dtype: tf32}\ndata: {path: d}\n", err) == 1 &&
+              has_error(err, "r.yaml:2:18: ", "model.dtype: tf32 is a mode of the GPU's tensor cores"),
+          "%s", err);
+    CHECK(finish_count("phase: select\nmodel: {dtype: bf16}\n", err) == 0, "%s", err);
+#ifdef HAVE_CUDA
+    CHECK(finish_count("phase: eval\nrun: {backend: cuda}\nmodel: {path: m, dtype: tf32}\n"
+                       "data: {path: d}\n", err) == 0, "%s", err);
+#endif
     /* run.backend auto: the environment's ESFT_BACKEND, which must name a backend */
     const char *saved = getenv("ESFT_BACKEND");
     setenv("ESFT_BACKEND", "gpu", 1);

@@ -741,9 +741,37 @@ static void check_attention(const int *lengths, int n_samples, int nH, int nKV, 
     expect_floats(d_dq, dq, nq, 1e-4, "attention backward dq");
     expect_floats(d_dk, dk, nkv, 1e-4, "attention backward dk");
     expect_floats(d_dv, dv, nkv, 1e-5, "attention backward dv");
-    printf("attention kernels, %d tokens in %d samples, %d/%d heads of %d: compared with the CPU backend\n",
-           N, n_samples, nH, nKV, Dh);
-    void *device_buffers[] = {d_q, d_k, d_v, d_dout, d_start, d_out, d_dq, d_dk, d_dv, workspace};
+    /* the same through cuBLAS (attention_gemm.cu, what the CUDA backend runs): fp32, then
+     * on the TF32 tensor cores (about 3e-4 per product: a looser bound) */
+    struct gemm_context *ctx = gemm_create(err, sizeof err);
+    CHECK(ctx != NULL, "%s", err);
+    int *starts = xmalloc((size_t)(N + 1) * sizeof *starts), longest = 0;
+    int count = attention_gemm_samples(start, N, starts, &longest);
+    CHECK(count == n_samples, "attention_gemm_samples: %d samples, want %d", count, n_samples);
+    void *gemm_ws = device_alloc(attention_gemm_workspace(longest, nH, nKV));
+    for (int tf32 = 0; ctx && tf32 < 2; tf32++) {
+        CHECK(gemm_set_tf32(ctx, tf32, err, sizeof err) == 0, "%s", err);
+        double f = tf32 ? 1e-2 : 1e-5, b = tf32 ? 1e-2 : 1e-4;
+        const char *mode = tf32 ? "tf32" : "fp32";
+        CHECK(device_fill_f32(d_out, nq, NAN, err, sizeof err) == 0, "%s", err);
+        CHECK(attention_gemm_forward(gemm_cublas(ctx), d_out, d_q, d_k, d_v, starts, count, nH, nKV,
+                                     Dh, scale, gemm_ws, err, sizeof err) == 0, "%s", err);
+        expect_floats(d_out, out, nq, f, tf32 ? "attention gemm forward (tf32)" : "attention gemm forward");
+        CHECK(device_fill_f32(d_dq, nq, NAN, err, sizeof err) == 0, "%s", err);
+        CHECK(device_fill_f32(d_dk, nkv, NAN, err, sizeof err) == 0, "%s", err);
+        CHECK(attention_gemm_backward(gemm_cublas(ctx), d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v,
+                                      starts, count, nH, nKV, Dh, scale, gemm_ws, err, sizeof err) == 0,
+              "%s", err);
+        expect_floats(d_dq, dq, nq, b, tf32 ? "attention gemm dq (tf32)" : "attention gemm dq");
+        expect_floats(d_dk, dk, nkv, b, tf32 ? "attention gemm dk (tf32)" : "attention gemm dk");
+        expect_floats(d_dv, dv, nkv, tf32 ? b : 1e-5, tf32 ? "attention gemm dv (tf32)" : "attention gemm dv");
+        (void)mode;
+    }
+    gemm_destroy(ctx);
+    free(starts);
+    printf("attention kernels and cuBLAS attention (fp32, tf32), %d tokens in %d samples, %d/%d heads "
+           "of %d: compared with the CPU backend\n", N, n_samples, nH, nKV, Dh);
+    void *device_buffers[] = {d_q, d_k, d_v, d_dout, d_start, d_out, d_dq, d_dk, d_dv, workspace, gemm_ws};
     FREE_ON_DEVICE(device_buffers);
     void *host_buffers[] = {start, q, k, v, dout, out, dq, dk, dv};
     for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
@@ -1078,6 +1106,7 @@ static void group_attention(void)
     check_attention((const int[]){5, 1, 130, 64}, 4, 4, 2, 64); /* GQA, samples packed */
     check_attention((const int[]){1000, 24}, 2, 32, 4, 128);    /* Qwen3-30B-A3B's heads */
     check_attention((const int[]){40}, 1, 2, 2, 200);           /* head_dim not a multiple of 32 */
+    check_attention((const int[]){2100, 7}, 2, 4, 2, 64); /* more rows than one cuBLAS block */
 }
 
 static void group_gemm(void)

@@ -192,6 +192,15 @@ int main(int argc, char **argv)
         deck.score.output = xstrdup(loss_only ? "loss.h5" : "all.h5");
         deck.score.tokens = loss_only ? SCORE_TOKENS_LOSS : SCORE_TOKENS_ALL;
         deck.score.n_sample_tokens = 1000;
+        /* the backend the environment names (ESFT_BACKEND: cpu-devsim, or cuda on a GPU) */
+        const char *backend = getenv("ESFT_BACKEND");
+        if (backend && *backend) {
+            char setting[128];
+            snprintf(setting, sizeof setting, "run.backend=%s", backend);
+            CHECK(deck_override(&deck, setting, err, sizeof err) == 0, "%s", err);
+        }
+        if (rank == 0 && loss_only == 0)
+            printf("test_score: backend: %s\n", deck_backend_name(deck.run.backend));
         struct layout_grid grid = {.world = size, .pp = 1, .dp = size, .ep = 1};
         struct layout layout;
         layout_create(&layout, &grid);
