@@ -18,6 +18,8 @@
 
 /* How a batch's tokens may attend: token i sees tokens [sample_start[i], i] of the
  * flattened batch (causal, and never across packed samples or rows). */
+struct adamw_coef; /* dense_math.h */
+
 struct attention_mask {
     const int32_t *sample_start; /* [N] */
 };
@@ -182,6 +184,18 @@ struct backend {
     /* dtable[V,H] += dx[n] at row tokens[n], in token order (deterministic). */
     void (*embedding_backward)(float *dtable, const float *dx, const int32_t *tokens, int N,
                                int H);
+
+    /* ---- optimizer, on the backend's copies of weights, moments and gradients ------- */
+
+    /* One AdamW step on n elements (dense_math.h's adamw_update): data, m, v in place. */
+    void (*adamw)(float *data, float *m, float *v, const float *grad, size_t n,
+                  const struct adamw_coef *coef);
+    /* Sum of x^2 in double, returned to the host: a partial sum per NORM_CHUNK elements
+     * (dense_math.h) in element order, the partials added in chunk order, so every
+     * backend and thread count gives the same value. */
+    double (*sum_squares)(const float *x, size_t n);
+    /* x[i] *= factor (gradient clipping). */
+    void (*scale)(float *x, size_t n, float factor);
 
     /* Targets (>= 0) of labels[N] that are their logits[N,V] row's argmax (ties to the
      * lower id): token accuracy's numerator, returned to the host. */

@@ -845,6 +845,36 @@ static void cpu_embedding_backward(float *dtable, const float *dx, const int32_t
     }
 }
 
+static void cpu_adamw(float *data, float *m, float *v, const float *grad, size_t n,
+                      const struct adamw_coef *coef)
+{
+#pragma omp parallel for schedule(static)
+    for (size_t j = 0; j < n; j++) adamw_update(&data[j], &m[j], &v[j], grad[j], coef);
+}
+
+static double cpu_sum_squares(const float *x, size_t n)
+{
+    size_t chunks = (n + NORM_CHUNK - 1) / NORM_CHUNK;
+    double *partial = xmalloc((chunks ? chunks : 1) * sizeof(double));
+#pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < chunks; c++) {
+        size_t end = (c + 1) * NORM_CHUNK < n ? (c + 1) * NORM_CHUNK : n;
+        double sum = 0;
+        for (size_t j = c * NORM_CHUNK; j < end; j++) sum += (double)x[j] * x[j];
+        partial[c] = sum;
+    }
+    double sum = 0;
+    for (size_t c = 0; c < chunks; c++) sum += partial[c];
+    free(partial);
+    return sum;
+}
+
+static void cpu_scale(float *x, size_t n, float factor)
+{
+#pragma omp parallel for schedule(static)
+    for (size_t j = 0; j < n; j++) x[j] *= factor;
+}
+
 static long long cpu_count_correct(const float *logits, const int32_t *labels, int N, int V)
 {
     long long correct = 0;
@@ -916,6 +946,9 @@ const struct backend *backend_cpu(void)
         .clamp_backward = cpu_clamp_backward,
         .cross_entropy_backward = cpu_cross_entropy_backward,
         .embedding_backward = cpu_embedding_backward,
+        .adamw = cpu_adamw,
+        .sum_squares = cpu_sum_squares,
+        .scale = cpu_scale,
         .count_correct = cpu_count_correct,
         .host_visible = true,
         .alloc = cpu_alloc,

@@ -27,6 +27,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "moe.h"
+#include "optimizer.h"
 
 static struct gemm_context *gemm_ctx;
 static void *scratch_buf;
@@ -347,6 +348,28 @@ static void cuda_embedding_backward(float *dtable, const float *dx, const int32_
     ok(dense_embedding_backward(dtable, dx, tokens, N, H, err, sizeof err), err);
 }
 
+static void cuda_adamw(float *data, float *m, float *v, const float *grad, size_t n,
+                       const struct adamw_coef *coef)
+{
+    char err[256];
+    ok(optim_adamw(data, m, v, grad, n, *coef, err, sizeof err), err);
+}
+
+static double cuda_sum_squares(const float *x, size_t n)
+{
+    char err[256];
+    double sum = 0;
+    ok(optim_sum_squares(&sum, x, n, scratch(optim_sum_squares_workspace(n)), err, sizeof err), err);
+    backend_count_download(sizeof sum);
+    return sum;
+}
+
+static void cuda_scale(float *x, size_t n, float factor)
+{
+    char err[256];
+    ok(optim_scale(x, n, factor, err, sizeof err), err);
+}
+
 static long long cuda_count_correct(const float *logits, const int32_t *labels, int N, int V)
 {
     char err[256];
@@ -448,6 +471,9 @@ const struct backend *backend_cuda(void)
         .clamp_backward = cuda_clamp_backward,
         .cross_entropy_backward = cuda_cross_entropy_backward,
         .embedding_backward = cuda_embedding_backward,
+        .adamw = cuda_adamw,
+        .sum_squares = cuda_sum_squares,
+        .scale = cuda_scale,
         .count_correct = cuda_count_correct,
         .host_visible = false,
         .alloc = cuda_alloc,

@@ -318,6 +318,23 @@ static void sim_embedding_backward(float *dtable, const float *dx, const int32_t
     cpu->embedding_backward(U(dtable), U(dx), U(tokens), N, H);
 }
 
+static void sim_adamw(float *data, float *m, float *v, const float *grad, size_t n,
+                      const struct adamw_coef *coef)
+{
+    cpu->adamw(U(data), U(m), U(v), U(grad), n, coef);
+}
+
+static double sim_sum_squares(const float *x, size_t n)
+{
+    backend_count_download(sizeof(double));
+    return cpu->sum_squares(U(x), n);
+}
+
+static void sim_scale(float *x, size_t n, float factor)
+{
+    cpu->scale(U(x), n, factor);
+}
+
 static long long sim_count_correct(const float *logits, const int32_t *labels, int N, int V)
 {
     backend_count_download(sizeof(long long));
@@ -359,6 +376,9 @@ const struct backend *backend_devsim(void)
         .clamp_backward = sim_clamp_backward,
         .cross_entropy_backward = sim_cross_entropy_backward,
         .embedding_backward = sim_embedding_backward,
+        .adamw = sim_adamw,
+        .sum_squares = sim_sum_squares,
+        .scale = sim_scale,
         .count_correct = sim_count_correct,
         .host_visible = false,
         .alloc = sim_alloc,

@@ -542,15 +542,33 @@ void model_download_grads(struct model *m)
         m->ops->download(m->grad_storage, m->device_grad_storage, m->grad_floats * sizeof(float));
 }
 
-void model_upload_trainable(struct model *m)
+float *model_compute_data(const struct model *m, const struct param *p)
+{
+    return m->device_storage ? moved(p->data, m->storage, m->storage_floats, m->device_storage)
+                             : p->data;
+}
+
+float *model_compute_grad(const struct model *m, const struct param *p)
+{
+    return m->device_grad_storage
+               ? moved(p->grad, m->grad_storage, m->grad_floats, m->device_grad_storage)
+               : p->grad;
+}
+
+void model_download_trainable(struct model *m)
 {
     if (!m->device_storage) return;
     for (int i = 0; i < m->n_params; i++) {
         struct param *p = &m->params[i];
         if (p->trainable && p->data)
-            m->ops->upload(moved(p->data, m->storage, m->storage_floats, m->device_storage),
-                           p->data, p->numel * sizeof(float));
+            m->ops->download(p->data, model_compute_data(m, p), p->numel * sizeof(float));
     }
+}
+
+void model_upload_grads(struct model *m)
+{
+    if (m->device_grad_storage)
+        m->ops->upload(m->device_grad_storage, m->grad_storage, m->grad_floats * sizeof(float));
 }
 
 /* ---- loading ------------------------------------------------------------------------ */

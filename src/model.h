@@ -165,11 +165,17 @@ void model_zero_grads(struct model *model);
  * uploads the weights; on the CPU backend nothing moves. Call after the weights are
  * loaded (and a checkpoint restored), before the first workspace; once. */
 void model_attach(struct model *model, const struct backend *ops);
-/* Brings the backend's gradients to params[i].grad (the host copy) for the reduction and
- * the optimizer; the weights the optimizer changed go back with model_upload_trainable.
- * Nothing to do on a host-visible backend. */
+/* Brings the backend's gradients to params[i].grad (the host copy) for a reduction over
+ * ranks on the host, and the reduced ones back. Nothing to do on a host-visible backend. */
 void model_download_grads(struct model *model);
-void model_upload_trainable(struct model *model);
+void model_upload_grads(struct model *model);
+/* The trained weights back to params[i].data, for checkpoints and exports when the
+ * optimizer updated them on the backend. Nothing to do on a host-visible backend. */
+void model_download_trainable(struct model *model);
+/* The compute view of a parameter's weights and gradient: the backend's copies after
+ * model_attach, else params[i].data / .grad themselves. */
+float *model_compute_data(const struct model *model, const struct param *p);
+float *model_compute_grad(const struct model *model, const struct param *p);
 
 /* A batch of N tokens, flattened: rows and packed samples are runs of tokens. */
 struct batch {

@@ -21,8 +21,30 @@ void adamw_init(struct adamw *opt, const struct model *model, const struct deck_
     opt->v = xcalloc(opt->n ? opt->n : 1, sizeof(float));
 }
 
+void adamw_attach(struct adamw *opt, const struct model *model)
+{
+    if (!model->device_grad_storage) return; /* the host's own */
+    opt->ops = model->ops;
+    size_t bytes = (opt->n ? opt->n : 1) * sizeof(float);
+    opt->device_m = opt->ops->alloc(bytes);
+    opt->device_v = opt->ops->alloc(bytes);
+    opt->ops->upload(opt->device_m, opt->m, opt->n * sizeof(float));
+    opt->ops->upload(opt->device_v, opt->v, opt->n * sizeof(float));
+}
+
+void adamw_download(struct adamw *opt)
+{
+    if (!opt->device_m) return;
+    opt->ops->download(opt->m, opt->device_m, opt->n * sizeof(float));
+    opt->ops->download(opt->v, opt->device_v, opt->n * sizeof(float));
+}
+
 void adamw_free(struct adamw *opt)
 {
+    if (opt->device_m) {
+        opt->ops->release(opt->device_m);
+        opt->ops->release(opt->device_v);
+    }
     free(opt->m);
     free(opt->v);
     memset(opt, 0, sizeof *opt);
@@ -37,8 +59,14 @@ void adamw_step(struct adamw *opt, struct model *model, double lr)
     for (int i = 0; i < model->n_params; i++) {
         struct param *p = &model->params[i];
         if (!p->grad) continue;
-        float *m = opt->m + offset, *v = opt->v + offset;
+        size_t at = offset;
         offset += p->numel;
+        if (opt->device_m) { /* on the backend's copies */
+            opt->ops->adamw(model_compute_data(model, p), opt->device_m + at, opt->device_v + at,
+                            model_compute_grad(model, p), p->numel, &coef);
+            continue;
+        }
+        float *m = opt->m + at, *v = opt->v + at;
 #pragma omp parallel for schedule(static)
         for (size_t j = 0; j < p->numel; j++) adamw_update(&p->data[j], &m[j], &v[j], p->grad[j], &coef);
     }
@@ -78,6 +106,10 @@ double grad_norm(const struct model *model)
 
 void grad_scale(struct model *model, float factor)
 {
+    if (model->device_grad_storage) {
+        model->ops->scale(model->device_grad_storage, model->grad_floats, factor);
+        return;
+    }
 #pragma omp parallel for schedule(static)
     for (size_t j = 0; j < model->grad_floats; j++) model->grad_storage[j] *= factor;
 }

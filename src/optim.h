@@ -15,11 +15,21 @@ struct adamw {
     long long step;  /* steps taken */
     float *m, *v;    /* [model->grad_floats] */
     size_t n;
+    /* adamw_attach: the moments on the model's backend (NULL: the steps run on the host) */
+    const struct backend *ops;
+    float *device_m, *device_v;
 };
 
 /* State for the model's trainable tensors (after model_set_trainable). */
 void adamw_init(struct adamw *opt, const struct model *model, const struct deck_train *train);
 void adamw_free(struct adamw *opt);
+
+/* Moves the moments to the model's backend when the model is attached to one the host
+ * cannot read (after a restored checkpoint filled m and v): then adamw_step and
+ * grad_scale run there, on the backend's weights and gradients, and adamw_download
+ * brings m and v back for a checkpoint (model_download_trainable the weights). */
+void adamw_attach(struct adamw *opt, const struct model *model);
+void adamw_download(struct adamw *opt);
 
 /* One step at learning rate lr on every trainable tensor, in torch.optim.AdamW's order:
  * p *= 1 - lr * weight_decay; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;

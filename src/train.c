@@ -95,6 +95,14 @@ static double reduce_gradients(struct model *m, const struct layout *layout, flo
     return sqrt(mine);
 }
 
+/* The trained weights and the optimizer's moments to the host copies that checkpoints
+ * and exports read (nothing moves when the steps run on the host). */
+static void state_to_host(struct model *m, struct adamw *opt)
+{
+    model_download_trainable(m);
+    adamw_download(opt);
+}
+
 /* Peak resident memory of this process in MiB (Linux: ru_maxrss is in KiB). */
 static double peak_rss_mib(void)
 {
@@ -260,6 +268,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     /* the weights as loaded (and restored) go to the backend: the steps run there */
     const struct backend *ops = phase_backend(deck, "train");
     model_attach(&model, ops);
+    adamw_attach(&opt, &model); /* the steps run where the weights are */
 
     if (position.step >= tr->steps)
         log_info("train: %s is at step %lld, train.steps is %d: nothing to train (raise "
@@ -362,10 +371,21 @@ int phase_train(const struct deck *deck, const struct layout *layout)
             }
         }
         for (int k = 0; k < n_ws; k++) model_wait_sends(ws[k]);
-        model_download_grads(&model); /* reduced and applied on the host */
         check_mpi(MPI_Allreduce(MPI_IN_PLACE, sums, 3, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
         double aux = sums[1] / step_micro_batches;
-        double norm = reduce_gradients(&model, layout, grad_scratch);
+        double norm;
+        if (layout->stage.size > 1 || layout->edp.size > 1) {
+            /* summed over ranks on the host: down, reduce, back up */
+            model_download_grads(&model);
+            norm = reduce_gradients(&model, layout, grad_scratch);
+            model_upload_grads(&model);
+        } else { /* every gradient is this rank's alone: its norm where it is */
+            double squares = ops->sum_squares(model.device_grad_storage ? model.device_grad_storage
+                                                                        : model.grad_storage,
+                                              model.grad_floats);
+            check_mpi(MPI_Allreduce(MPI_IN_PLACE, &squares, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+            norm = sqrt(squares);
+        }
         double loss = counts[0] > 0 ? sums[0] / counts[0] : NAN;
         double accuracy = counts[0] > 0 ? sums[2] / counts[0] : NAN;
         double lr = lr_at(tr, position.step);
@@ -375,6 +395,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
                           : !isfinite(norm) || !isfinite(aux) ? "its gradient norm or aux loss is not finite"
                                                               : NULL;
         if (bad && tr->bad_steps == BAD_STEPS_STOP) {
+            state_to_host(&model, &opt);
             if (before.step > last_checkpoint &&
                 checkpoint_write(deck->run.output_dir, &model, &opt, &before, &run,
                                  tr->keep_checkpoints, MPI_COMM_WORLD, err, sizeof err) != 0)
@@ -396,7 +417,6 @@ int phase_train(const struct deck *deck, const struct layout *layout)
             if (tr->clip_grad > 0 && norm > tr->clip_grad)
                 grad_scale(&model, (float)(tr->clip_grad / (norm + 1e-6)));
             adamw_step(&opt, &model, lr);
-            model_upload_trainable(&model);
         }
         position.step++;
 
@@ -444,6 +464,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         check_mpi(MPI_Allreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
         bool periodic = tr->checkpoint_every > 0 && position.step % tr->checkpoint_every == 0;
         if (periodic || last || stop) {
+            state_to_host(&model, &opt);
             if (checkpoint_write(deck->run.output_dir, &model, &opt, &position, &run,
                                  tr->keep_checkpoints, MPI_COMM_WORLD, err, sizeof err) != 0)
                 fatal_all(EXIT_RUNTIME, "train: %s", err);
@@ -463,6 +484,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     /* the trained tensors (every rank takes part: rank 0 writes what the holders send),
      * and the curve */
     char dir[4200];
+    state_to_host(&model, &opt);
     snprintf(dir, sizeof dir, "%s/adapter", deck->run.output_dir);
     if (export_adapter(dir, &model, tr->method == METHOD_ESFT ? tr->expert_config : NULL,
                        MPI_COMM_WORLD, err, sizeof err) != 0)
