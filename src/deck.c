@@ -288,8 +288,9 @@ static const struct key schema[] = {
              "(checkpoint the last good step, exit 1) or skip its batch (counted)"},
     {KEY("train.export_merged", KEY_BOOL, train.export_merged), .def = "false",
      .help = "also export a merged, complete Hugging Face checkpoint"},
-    {KEY("train.recompute", KEY_BOOL, train.recompute), .def = "true",
-     .help = "recompute activations in the backward pass (gradient checkpointing)"},
+    {KEY("train.recompute", KEY_BOOL, train.recompute), .def = "false",
+     .help = "recompute activations in the backward pass (gradient checkpointing): not "
+             "implemented yet, so true is refused; every layer's activations are kept"},
     {KEY("train.lora_rank", KEY_INT, train.lora_rank), .def = "64", .bounds = LO, .lo = 1,
      .help = "LoRA rank r (method lora)"},
     {KEY("train.lora_alpha", KEY_DOUBLE, train.lora_alpha), .def = "16", .bounds = LO | LO_OPEN,
@@ -1486,6 +1487,11 @@ int deck_finish(struct deck *deck, char *err, size_t err_size)
             else
                 deck->run.backend = (enum backend_choice)found;
         }
+    }
+    if ((selected & BY(TRAIN)) && deck->train.recompute) {
+        deck_where(deck, "train.recompute", where, sizeof where);
+        errors_add(&errors, "%s: train.recompute: true is not implemented yet (every layer's "
+                   "activations are kept for the backward); leave it false", where);
     }
     if ((selected & (BY(SCORE) | BY(TRAIN) | BY(EVAL))) &&
         (deck->model.dtype == DTYPE_BF16 || deck->model.dtype == DTYPE_FP16)) {

@@ -24,10 +24,10 @@ void version_print(FILE *out)
 {
     fprintf(out, "%s\n", PACKAGE_STRING);
 #ifdef HAVE_CUDA
-    fprintf(out, "backends: cpu, cuda (built with CUDA %s for sm %s)\n", ESFT_BUILD_CUDA,
+    fprintf(out, "backends: cpu, cpu-devsim, cuda (built with CUDA %s for sm %s)\n", ESFT_BUILD_CUDA,
             ESFT_BUILD_CUDA_ARCH);
 #else
-    fprintf(out, "backends: cpu (built without CUDA)\n");
+    fprintf(out, "backends: cpu, cpu-devsim (built without CUDA)\n");
 #endif
     char mpi[MPI_MAX_LIBRARY_VERSION_STRING];
     int length = 0;
