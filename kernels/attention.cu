@@ -1,5 +1,4 @@
-/* attention: causal attention within packed samples (see attention.h). Never run on a
- * GPU yet: compiled and linked only. */
+/* attention: causal attention within packed samples (see attention.h). */
 #include "attention.h"
 #include "moe_math.h"
 

@@ -1,4 +1,4 @@
-/* dense: the dense kernels (see dense.h). Never run on a GPU yet: compiled and linked only. */
+/* dense: the dense kernels (see dense.h). */
 #include "dense.h"
 #include "dense_math.h"
 #include "moe_math.h"

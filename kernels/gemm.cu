@@ -1,5 +1,4 @@
-/* gemm: cuBLAS GEMMs of the linear layers (see gemm.h). Never run on a GPU yet: compiled
- * and linked only. */
+/* gemm: cuBLAS GEMMs of the linear layers (see gemm.h). */
 #include "gemm.h"
 #include "dense.h"
 #include "gemm_math.h"

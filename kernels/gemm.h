@@ -11,9 +11,8 @@
  * expert with rows, since each expert's product has its own shape) instead of one cuBLAS
  * call per expert; tests/bench/bench_kernels times and compares the two.
  *
- * STATUS: compiled and linked in the CUDA build; never run on a GPU (no GPU has been lent
- * to this project's sessions yet). tests/test_device.c compares each with the CPU
- * backend where a GPU is visible. */
+ * STATUS: ran on an NVIDIA H200 on 2026-11-26, where tests/test_device.c's comparison
+ * with the CPU backend passed; it runs that comparison wherever a GPU is visible. */
 #ifndef ESFT_KERNELS_GEMM_H
 #define ESFT_KERNELS_GEMM_H
 

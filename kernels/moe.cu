@@ -1,5 +1,4 @@
-/* moe: the routing and data-movement kernels of a MoE layer (see moe.h). Never run on a
- * GPU yet: compiled and linked only. */
+/* moe: the routing and data-movement kernels of a MoE layer (see moe.h). */
 #include "moe.h"
 #include "moe_math.h"
 

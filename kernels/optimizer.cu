@@ -1,5 +1,4 @@
-/* optimizer: AdamW, squared-gradient sum, scale (see optimizer.h). Never run on a GPU
- * yet: compiled and linked only. */
+/* optimizer: AdamW, squared-gradient sum, scale (see optimizer.h). */
 #include "optimizer.h"
 #include "moe_math.h"
 

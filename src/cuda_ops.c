@@ -1,4 +1,5 @@
-/* cuda_ops: the CUDA backend's op table (backend.h) over the kernels of kernels/, fp32.
+/* cuda_ops: the CUDA backend's op table (backend.h) over the kernels of kernels/, fp32
+ * (TF32 tensor-core products with backend_cuda_set_tf32).
  * Every pointer is one the GPU can read and write (device memory); the ops run on the
  * current device's default stream.
  *
@@ -12,10 +13,11 @@
  * Routers: softmax top-k only (qwen2/3-MoE, OLMoE, Mixtral); the grouped, sigmoid and
  * top-k-then-softmax routers end the run with a message until their kernels exist.
  *
- * STATUS: compiled and linked in the CUDA build; never run on a GPU (no GPU has been lent
- * to this project's sessions yet), and no phase uses it: the model's tensors live in host
- * memory (run.backend: cuda is refused by the deck checks). tests/test_device.c runs a
- * MoE block through it against the CPU backend where a GPU is visible. */
+ * Memory: cudaMalloc'd buffers (zeroed), synchronous copies counted as transfers
+ * (backend_traffic). The phases run on it with run.backend: cuda (model_attach); on an
+ * NVIDIA H200 (2026-11-26) the golden fixtures' forward, gradients, eval and score and
+ * the demo's curve matched the CPU backend to fp32 rounding (tests/gpu/device-check.sh).
+ * tests/test_device.c runs a MoE block through it against the CPU backend. */
 #include "cuda_ops.h"
 
 #include <stdlib.h>
