@@ -25,6 +25,7 @@
 
 #include "backend.h"
 #include "check.h"
+#include "fixture.h"
 #include "hfconfig.h"
 #include "log.h"
 #include "model.h"
@@ -99,19 +100,6 @@ static void check_faults(void)
     sim->download(out, buf, sizeof out);
     CHECK(memcmp(in, out, sizeof in) == 0, "upload then download changed the bytes");
     sim->release(buf);
-}
-
-static int32_t *read_i64(const struct st_file *f, const char *name, size_t n)
-{
-    const struct st_tensor *t = st_file_find(f, name);
-    CHECK(t && t->dtype == ST_I64 && (size_t)t->numel == n, "%s", name);
-    int32_t *out = xcalloc(n ? n : 1, sizeof *out);
-    for (size_t i = 0; t && i < n; i++) {
-        int64_t v;
-        memcpy(&v, (const char *)t->data + 8 * i, 8);
-        out[i] = (int32_t)v;
-    }
-    return out;
 }
 
 /* What one backend computes on a fixture: forward results and both kinds of gradient. */
@@ -194,33 +182,14 @@ static void outcome_free(struct outcome *o)
     free(o->ids), free(o->weights), free(o->router);
 }
 
-static void check_fixture(const char *dir, const char *name)
+static void check_fixture(const char *dir, const char *name, void *context)
 {
-    char err[1024], path[4200];
+    (void)context;
     struct model_config cfg;
-    if (hfconfig_load(dir, &cfg, err, sizeof err) != 0) {
-        CHECK(0, "%s", err);
-        return;
-    }
-    snprintf(path, sizeof path, "%s/expected.safetensors", dir);
-    struct st_file *expected = st_open(path, err, sizeof err);
-    CHECK(expected != NULL, "%s", err);
+    struct fixture_batch fb;
+    struct st_file *expected = fixture_open(dir, &cfg, &fb);
     if (!expected) return;
-    const struct st_tensor *ids = st_file_find(expected, "input_ids");
-    int B = (int)ids->shape[0], T = (int)ids->shape[1], N = B * T;
-    int32_t *tokens = read_i64(expected, "input_ids", (size_t)N);
-    int32_t *positions = read_i64(expected, "position_ids", (size_t)N);
-    int32_t *segments = read_i64(expected, "segment_ids", (size_t)N);
-    int32_t *labels = read_i64(expected, "labels", (size_t)N);
-    int32_t *starts = xmalloc((size_t)N * sizeof *starts), *targets = xmalloc((size_t)N * sizeof *targets);
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++) {
-            int n = b * T + t;
-            starts[n] = t == 0 || segments[n] != segments[n - 1] ? n : starts[n - 1];
-            targets[n] = t + 1 < T ? labels[n + 1] : -100;
-        }
-    struct batch batch = {.N = N, .tokens = tokens, .positions = positions,
-                          .sample_start = starts, .targets = targets};
+    const struct batch batch = fb.batch;
     struct outcome cpu, sim;
     run_backend(dir, &cfg, &batch, backend_cpu(), &cpu);
     run_backend(dir, &cfg, &batch, backend_devsim(), &sim);
@@ -251,7 +220,7 @@ static void check_fixture(const char *dir, const char *name)
            cpu.n_logits, cpu.n_grads, sim.traffic.downloads, sim.traffic.download_bytes);
     outcome_free(&cpu);
     outcome_free(&sim);
-    free(tokens), free(positions), free(segments), free(labels), free(starts), free(targets);
+    fixture_batch_free(&fb);
     st_close(expected);
 }
 
@@ -260,20 +229,7 @@ int main(int argc, char **argv)
     check_faults();
     MPI_Init(&argc, &argv);
     const char *golden = argc > 1 ? argv[1] : "tests/golden";
-    DIR *d = opendir(golden);
-    CHECK(d != NULL, "cannot open %s", golden);
-    int fixtures = 0;
-    struct dirent *entry;
-    while (d && (entry = readdir(d))) {
-        char dir[4096], probe[4200];
-        struct stat st;
-        snprintf(dir, sizeof dir, "%s/%s", golden, entry->d_name);
-        snprintf(probe, sizeof probe, "%s/expected.safetensors", dir);
-        if (entry->d_name[0] == '.' || stat(probe, &st) != 0) continue;
-        check_fixture(dir, entry->d_name);
-        fixtures++;
-    }
-    if (d) closedir(d);
+    int fixtures = fixture_each(golden, "expected.safetensors", check_fixture, NULL);
     CHECK(fixtures >= 7, "found %d fixtures", fixtures);
     int status = check_done("test_devsim");
     MPI_Finalize();

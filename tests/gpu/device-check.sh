@@ -385,8 +385,6 @@ else
 fi
 
 # ---- (c) the golden fixtures on backend cuda -------------------------------------------------
-# bf16 tolerances: weights and activations rounded to 8 mantissa bits (2^-9 relative each),
-# accumulated in fp32, a few roundings deep per layer over 3 layers.
 # The CUDA backend computes in fp32 (cuBLAS with fp32 compute, fp32 kernels), so the
 # programs' own tolerances hold: logits 1e-4 of the largest, gradients 1e-3, loss 1e-5.
 golden_tolerance="the CPU's (fp32)"
