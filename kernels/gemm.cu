@@ -5,6 +5,7 @@
 #include "moe_math.h"
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -130,6 +131,22 @@ extern "C" int gemm_set_tf32(struct gemm_context *ctx, int on, char *err, size_t
     return cublas_failed(cublasSetMathMode(ctx->handle, on ? CUBLAS_TF32_TENSOR_OP_MATH
                                                            : CUBLAS_DEFAULT_MATH),
                          "cublasSetMathMode", err, err_size);
+}
+
+__global__ void to_bf16_kernel(__nv_bfloat16 *out, const float *in, size_t n)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        out[i] = __float2bfloat16_rn(in[i]);
+}
+
+extern "C" int gemm_to_bf16(void *out, const float *in, size_t n, char *err, size_t err_size)
+{
+    if (n == 0) return 0;
+    size_t blocks = (n + 255) / 256;
+    to_bf16_kernel<<<(unsigned)(blocks < 65535 * 16 ? blocks : 65535 * 16), 256>>>(
+        (__nv_bfloat16 *)out, in, n);
+    return cuda_status_failed(cudaGetLastError(), "gemm_to_bf16", err, err_size);
 }
 
 extern "C" void *gemm_cublas(struct gemm_context *ctx)

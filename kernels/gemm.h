@@ -37,6 +37,8 @@ void gemm_destroy(struct gemm_context *ctx);
  * accumulation: about 3e-4 relative on a 2048-long product) in every GEMM of ctx, the
  * handle's own Sgemm calls included; off (the default): true fp32 products. */
 int gemm_set_tf32(struct gemm_context *ctx, int on, char *err, size_t err_size);
+/* out[n] (bf16) = in[n] rounded to nearest even: an operand for the GEMM_BF16 forms. */
+int gemm_to_bf16(void *out, const float *in, size_t n, char *err, size_t err_size);
 /* The cuBLAS handle (a cublasHandle_t) for kernels that issue their own GEMMs. */
 void *gemm_cublas(struct gemm_context *ctx);
 

@@ -212,6 +212,10 @@ struct backend {
     void (*download)(void *host_dst, const void *src, size_t bytes);
     void (*copy)(void *dst, const void *src, size_t bytes);
     void (*zero)(void *p, size_t bytes);
+    /* The floats [p, p + count) keep their values for the rest of the run (frozen
+     * weights, declared by model_attach): a backend may keep a cheaper copy of them (the
+     * CUDA backend's bf16 mode multiplies by a bf16 copy). May be NULL: nothing kept. */
+    void (*constant)(const float *p, size_t count);
     /* Bytes the backend's buffers take now and at most so far (for the progress line). */
     void (*memory)(size_t *in_use, size_t *peak);
 };

@@ -83,10 +83,80 @@ static void cuda_embedding(float *x, const int32_t *tokens, const float *table, 
     ok(dense_embedding(x, tokens, table, N, H, err, sizeof err), err);
 }
 
+/* ---- bf16 mode: frozen weights multiplied as bf16 ------------------------------------ *
+ * With backend_cuda_set_bf16 on, every run of frozen weights that the model declares
+ * (cuda_constant; adjacent runs merged) gets a bf16 copy on first use, and a GEMM whose
+ * weight lies in one runs on bf16 operands: the weight's copy, and the activation or
+ * output gradient rounded to bf16 into a buffer of its own; outputs and sums stay fp32.
+ * Trainable weights and every weight gradient stay fp32 (TF32 products). */
+struct constant_run {
+    const float *p;
+    size_t n;
+    void *bf16; /* its copy, made on first use; NULL until then */
+};
+static struct constant_run *constants;
+static int n_constants, constants_capacity;
+static bool bf16_mode;
+static void *operand_buf; /* activations rounded to bf16 */
+static size_t operand_size;
+
+static void cuda_constant(const float *p, size_t n)
+{
+    if (!bf16_mode || n == 0) return;
+    struct constant_run *last = n_constants ? &constants[n_constants - 1] : NULL;
+    if (last && !last->bf16 && last->p + last->n == p) { /* the next tensor in storage */
+        last->n += n;
+        return;
+    }
+    if (n_constants == constants_capacity) {
+        constants_capacity = constants_capacity ? 2 * constants_capacity : 256;
+        constants = realloc(constants, (size_t)constants_capacity * sizeof *constants);
+        if (!constants) fatal(EXIT_RUNTIME, "cuda backend: out of host memory");
+    }
+    constants[n_constants++] = (struct constant_run){p, n, NULL};
+}
+
+/* The bf16 copy of the n floats at w, when they lie in a declared run; else NULL. */
+static const void *bf16_weight(const float *w, size_t n)
+{
+    if (!bf16_mode) return NULL;
+    for (int i = 0; i < n_constants; i++) {
+        struct constant_run *r = &constants[i];
+        if (w < r->p || w + n > r->p + r->n) continue;
+        if (!r->bf16) {
+            char err[256];
+            check_cuda(cudaMalloc(&r->bf16, r->n * 2));
+            ok(gemm_to_bf16(r->bf16, r->p, r->n, err, sizeof err), err);
+        }
+        return (const char *)r->bf16 + (size_t)(w - r->p) * 2;
+    }
+    return NULL;
+}
+
+/* x[n] rounded to bf16 in the operand buffer. */
+static const void *bf16_operand(const float *x, size_t n)
+{
+    if (n * 2 > operand_size) {
+        if (operand_buf) check_cuda(cudaFree(operand_buf));
+        check_cuda(cudaMalloc(&operand_buf, n * 2));
+        operand_size = n * 2;
+    }
+    char err[256];
+    ok(gemm_to_bf16(operand_buf, x, n, err, sizeof err), err);
+    return operand_buf;
+}
+
 static void cuda_linear(float *y, const float *x, const float *w, const float *bias, int N, int I,
                         int O, bool accumulate)
 {
     char err[256];
+    const void *wb = bf16_weight(w, (size_t)O * I);
+    if (wb) {
+        ok(gemm_linear(gemm(), y, bf16_operand(x, (size_t)N * I), wb, bias, N, I, O, accumulate,
+                       GEMM_BF16, err, sizeof err),
+           err);
+        return;
+    }
     ok(gemm_linear(gemm(), y, x, w, bias, N, I, O, accumulate, GEMM_F32, err, sizeof err), err);
 }
 
@@ -174,7 +244,23 @@ static void cuda_grouped_linear(float *y, const float *x, const float *w, const 
 {
     char err[256];
     int32_t *host = host_offsets(offsets, E);
-    int rc = gemm_grouped_linear(gemm(), y, x, w, host, E, I, O, GEMM_F32, err, sizeof err);
+    int rc = 0;
+    if (bf16_mode) { /* expert by expert: a frozen one on bf16, a trained one on fp32 */
+        const char *xb = host[E] > 0 ? bf16_operand(x, (size_t)host[E] * I) : NULL;
+        for (int e = 0; e < E && rc == 0; e++) {
+            int rows = host[e + 1] - host[e];
+            if (rows == 0) continue;
+            const float *we = w + (size_t)e * O * I;
+            const void *wb = bf16_weight(we, (size_t)O * I);
+            float *ye = y + (size_t)host[e] * O;
+            rc = wb ? gemm_linear(gemm(), ye, xb + (size_t)host[e] * I * 2, wb, NULL, rows, I, O, 0,
+                                  GEMM_BF16, err, sizeof err)
+                    : gemm_linear(gemm(), ye, x + (size_t)host[e] * I, we, NULL, rows, I, O, 0,
+                                  GEMM_F32, err, sizeof err);
+        }
+    } else {
+        rc = gemm_grouped_linear(gemm(), y, x, w, host, E, I, O, GEMM_F32, err, sizeof err);
+    }
     free(host);
     ok(rc, err);
 }
@@ -226,6 +312,13 @@ static void cuda_linear_backward(float *dx, float *dw, float *dbias, const float
                                  bool accumulate_dx)
 {
     char err[256];
+    const void *wb = !dw && !dbias && dx ? bf16_weight(w, (size_t)O * I) : NULL;
+    if (wb) { /* a frozen weight: only dx = dy w, on bf16 operands */
+        ok(gemm_linear_backward(gemm(), dx, NULL, NULL, bf16_operand(dy, (size_t)N * O), NULL, wb,
+                                N, I, O, accumulate_dx, GEMM_BF16, NULL, err, sizeof err),
+           err);
+        return;
+    }
     void *workspace = dbias ? scratch(gemm_bias_workspace(N, O)) : NULL;
     ok(gemm_linear_backward(gemm(), dx, dw, dbias, dy, x, w, N, I, O, accumulate_dx, GEMM_F32,
                             workspace, err, sizeof err),
@@ -292,8 +385,28 @@ static void cuda_grouped_linear_backward(float *dx, float *const *dw, const floa
 {
     char err[256];
     int32_t *host = host_offsets(offsets, E);
-    int rc = gemm_grouped_linear_backward(gemm(), dx, dw, dy, x, w, host, E, I, O, GEMM_F32, err,
+    int rc = 0;
+    if (bf16_mode) { /* expert by expert: dx of a frozen one on bf16; a trained one on fp32 */
+        const char *dyb = dx && host[E] > 0 ? bf16_operand(dy, (size_t)host[E] * O) : NULL;
+        for (int e = 0; e < E && rc == 0; e++) {
+            int rows = host[e + 1] - host[e];
+            if (rows == 0) continue;
+            const float *we = w + (size_t)e * O * I;
+            float *dwe = dw ? dw[e] : NULL;
+            const void *wb = !dwe && dx ? bf16_weight(we, (size_t)O * I) : NULL;
+            float *dxe = dx ? dx + (size_t)host[e] * I : NULL;
+            if (wb)
+                rc = gemm_linear_backward(gemm(), dxe, NULL, NULL, dyb + (size_t)host[e] * O * 2, NULL,
+                                          wb, rows, I, O, 0, GEMM_BF16, NULL, err, sizeof err);
+            else if (dxe || dwe)
+                rc = gemm_linear_backward(gemm(), dxe, dwe, NULL, dy + (size_t)host[e] * O,
+                                          x + (size_t)host[e] * I, we, rows, I, O, 0, GEMM_F32,
+                                          NULL, err, sizeof err);
+        }
+    } else {
+        rc = gemm_grouped_linear_backward(gemm(), dx, dw, dy, x, w, host, E, I, O, GEMM_F32, err,
                                           sizeof err);
+    }
     free(host);
     ok(rc, err);
 }
@@ -485,8 +598,14 @@ const struct backend *backend_cuda(void)
         .copy = cuda_copy,
         .zero = cuda_zero,
         .memory = cuda_memory,
+        .constant = cuda_constant,
     };
     return &cuda;
+}
+
+void backend_cuda_set_bf16(bool on)
+{
+    bf16_mode = on;
 }
 
 void backend_cuda_set_tf32(bool on)
@@ -499,6 +618,14 @@ void backend_cuda_release(void)
 {
     gemm_destroy(gemm_ctx);
     gemm_ctx = NULL;
+    for (int i = 0; i < n_constants; i++)
+        if (constants[i].bf16) check_cuda(cudaFree(constants[i].bf16));
+    free(constants);
+    constants = NULL;
+    n_constants = constants_capacity = 0;
+    if (operand_buf) check_cuda(cudaFree(operand_buf));
+    operand_buf = NULL;
+    operand_size = 0;
     if (scratch_buf) check_cuda(cudaFree(scratch_buf)); /* a sticky error shows here */
     scratch_buf = NULL;
     scratch_size = 0;

@@ -138,9 +138,10 @@ static const struct key schema[] = {
      .required_by = BY(INIT) | BY(SCORE) | BY(TRAIN) | BY(EVAL),
      .help = "Hugging Face checkpoint directory (read; the init phase writes it)"},
     {KEY("model.dtype", KEY_ENUM, model.dtype), .def = "auto", .names = compute_names,
-     .help = "compute dtype: fp32 (auto), or tf32 with run.backend cuda (fp32 weights and "
-             "activations, products on the TF32 tensor cores); bf16 and fp16 are not "
-             "implemented yet"},
+     .help = "compute dtype: fp32 (auto); with run.backend cuda also tf32 (fp32 weights and "
+             "activations, products on the TF32 tensor cores) or bf16 (GEMMs against frozen "
+             "weights on bf16 operands, the rest tf32; fp32 weights, activations and sums); "
+             "fp16 is not implemented"},
 
     /* data */
     {KEY("data.path", KEY_STRING, data.path), .required_by = BY(SCORE) | BY(TRAIN) | BY(EVAL),
@@ -1493,18 +1494,18 @@ int deck_finish(struct deck *deck, char *err, size_t err_size)
         errors_add(&errors, "%s: train.recompute: true is not implemented yet (every layer's "
                    "activations are kept for the backward); leave it false", where);
     }
-    if ((selected & (BY(SCORE) | BY(TRAIN) | BY(EVAL))) &&
-        (deck->model.dtype == DTYPE_BF16 || deck->model.dtype == DTYPE_FP16)) {
+    if ((selected & (BY(SCORE) | BY(TRAIN) | BY(EVAL))) && deck->model.dtype == DTYPE_FP16) {
         deck_where(deck, "model.dtype", where, sizeof where);
-        errors_add(&errors, "%s: model.dtype: %s is not implemented yet (the weights and "
-                   "activations are fp32); use fp32, or tf32 with run.backend cuda", where,
-                   compute_names[deck->model.dtype]);
+        errors_add(&errors, "%s: model.dtype: fp16 is not implemented (use fp32, or tf32 or "
+                   "bf16 with run.backend cuda)", where);
     }
-    if ((selected & (BY(SCORE) | BY(TRAIN) | BY(EVAL))) && deck->model.dtype == DTYPE_TF32 &&
+    if ((selected & (BY(SCORE) | BY(TRAIN) | BY(EVAL))) &&
+        (deck->model.dtype == DTYPE_TF32 || deck->model.dtype == DTYPE_BF16) &&
         deck->run.backend != BACKEND_CUDA) {
         deck_where(deck, "model.dtype", where, sizeof where);
-        errors_add(&errors, "%s: model.dtype: tf32 is a mode of the GPU's tensor cores: it needs "
-                   "run.backend: cuda (run.backend is %s)", where, backend_names[deck->run.backend]);
+        errors_add(&errors, "%s: model.dtype: %s is a mode of the GPU's tensor cores: it needs "
+                   "run.backend: cuda (run.backend is %s; the CPU computes in fp32)", where,
+                   compute_names[deck->model.dtype], backend_names[deck->run.backend]);
     }
 #ifndef HAVE_CUDA
     if (deck->run.backend == BACKEND_CUDA) {

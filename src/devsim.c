@@ -425,8 +425,16 @@ const struct backend *phase_backend(const struct deck *deck, const char *phase)
     const struct backend *ops = backend_named(deck_backend_name(deck->run.backend), err, sizeof err);
     fail_if_any(!ops, EXIT_INPUT, "%s: %s", phase, err);
 #ifdef HAVE_CUDA
-    if (deck->run.backend == BACKEND_CUDA) backend_cuda_set_tf32(deck->model.dtype == DTYPE_TF32);
+    if (deck->run.backend == BACKEND_CUDA) {
+        /* bf16: the frozen weights' GEMMs on bf16 operands, the rest on TF32 */
+        bool bf16 = deck->model.dtype == DTYPE_BF16;
+        backend_cuda_set_tf32(bf16 || deck->model.dtype == DTYPE_TF32);
+        backend_cuda_set_bf16(bf16);
+    }
 #endif
-    log_info("%s: backend %s%s", phase, ops->name, deck->model.dtype == DTYPE_TF32 ? " (tf32)" : "");
+    log_info("%s: backend %s%s", phase, ops->name,
+             deck->model.dtype == DTYPE_TF32   ? " (tf32)"
+             : deck->model.dtype == DTYPE_BF16 ? " (bf16 frozen weights, tf32)"
+                                               : "");
     return ops;
 }

@@ -508,6 +508,10 @@ void model_attach(struct model *m, const struct backend *ops)
         for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++)
             *fields[i] = moved(*fields[i], m->storage, W, dev);
     }
+    if (ops->constant) /* the frozen weights, as the backend may keep them */
+        for (int i = 0; i < m->n_params; i++)
+            if (m->params[i].data && !m->params[i].trainable)
+                ops->constant(model_compute_data(m, &m->params[i]), m->params[i].numel);
     if (!m->grads) return; /* nothing trainable (score, eval) */
 
     size_t G = m->grad_floats;

@@ -469,29 +469,32 @@ else
     cp "$d/cuda/run/metrics.jsonl" "$extras/metrics-cuda.jsonl" 2>/dev/null
     record phases-cuda "$v" "$seconds" "${figures#; }"
 
-    # the same training on the TF32 tensor cores (model.dtype: tf32): the CPU's curve
-    # within the looser bound of 10-bit products
-    tf32_phases() {
-        cd "$work" && "${esft[@]}" "$demo_deck" "phase=[train,eval]" run.backend=cuda model.dtype=tf32 \
-            "run.output_dir=$d/tf32" "${files[@]}" "train.expert_config=$d/cpu/expert_config.json" \
-            "${short[@]}" "eval.adapter=$d/tf32/adapter/adapter.safetensors"
-    }
-    run_step phases-cuda-tf32 90 tf32_phases
-    v=$(verdict)
-    figures=""
-    if [ -s "$d/tf32/metrics.jsonl" ]; then
-        curve "$d/tf32/metrics.jsonl" >"$extras/curve-tf32.txt"
-        worst=$(join "$extras/curve-cpu.txt" "$extras/curve-tf32.txt" |
-            awk '{ d = $2 - $3; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2); if (r > w) w = r; n++ }
-                 END { printf "%.3g %d", w, n }')
-        figures="train curve: ${worst#* } steps, worst relative difference ${worst% *} (tolerance $curve_tolerance)"
-        awk -v w="${worst% *}" -v t="$curve_tolerance" 'BEGIN { exit !(w <= t) }' || v="failed: tf32 train curve off the CPU's"
-    fi
-    if [ -s "$d/tf32/eval.json" ]; then
-        tf32_eval=$(value loss "$d/tf32/eval.json")
-        figures="$figures; eval loss tf32 $tf32_eval, CPU $cpu_eval"
-    fi
-    record phases-cuda-tf32 "$v" "$seconds" "${figures#; }"
+    # the same training on the tensor cores: model.dtype tf32 (10-bit products), then
+    # bf16 (frozen weights' GEMMs on bf16 operands): the CPU's curve within the bound
+    for dtype in tf32 bf16; do
+        eval "${dtype}_phases() {
+            cd \"\$work\" && \"\${esft[@]}\" \"\$demo_deck\" 'phase=[train,eval]' run.backend=cuda \
+                model.dtype=$dtype \"run.output_dir=\$d/$dtype\" \"\${files[@]}\" \
+                \"train.expert_config=\$d/cpu/expert_config.json\" \"\${short[@]}\" \
+                \"eval.adapter=\$d/$dtype/adapter/adapter.safetensors\"
+        }"
+        run_step "phases-cuda-$dtype" 90 "${dtype}_phases"
+        v=$(verdict)
+        figures=""
+        if [ -s "$d/$dtype/metrics.jsonl" ]; then
+            curve "$d/$dtype/metrics.jsonl" >"$extras/curve-$dtype.txt"
+            worst=$(join "$extras/curve-cpu.txt" "$extras/curve-$dtype.txt" |
+                awk '{ d = $2 - $3; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2); if (r > w) w = r; n++ }
+                     END { printf "%.3g %d", w, n }')
+            figures="train curve: ${worst#* } steps, worst relative difference ${worst% *} (tolerance $curve_tolerance)"
+            awk -v w="${worst% *}" -v t="$curve_tolerance" 'BEGIN { exit !(w <= t) }' ||
+                v="failed: $dtype train curve off the CPU's"
+        fi
+        if [ -s "$d/$dtype/eval.json" ]; then
+            figures="$figures; eval loss $dtype $(value loss "$d/$dtype/eval.json"), CPU $cpu_eval"
+        fi
+        record "phases-cuda-$dtype" "$v" "$seconds" "${figures#; }"
+    done
 fi
 [ -s "$d/cpu/run/metrics.jsonl" ] && cp "$d/cpu/run/metrics.jsonl" "$extras/metrics-cpu.jsonl"
 [ -s "$d/cpu/expert_config.json" ] && cp "$d/cpu/expert_config.json" "$extras/expert_config-cpu.json"
@@ -545,16 +548,18 @@ else
     run_step esft-bench 200 esft_bench
     record esft-bench "$(verdict)" "$seconds" "$(grep -E 'score: [0-9]+ tokens in|train: step [0-9]+/' "$output" |
         sed 's/.*\(score: \|train: step \)/\1/' | cut -c 1-150 | paste -sd ';' -)"
-    # the same score and steps on the TF32 tensor cores
-    esft_bench_tf32() {
-        e="$work/bench-esft"
-        cd "$work" && "${esft[@]}" "$b/tests/gpu/bench-esft.yaml" "phase=[score,train]" model.dtype=tf32 \
-            "run.output_dir=$e/tf32" "model.path=$bench_model" "data.path=$e/data.h5" \
-            "train.expert_config=$e/out/expert_config.json"
-    }
-    run_step esft-bench-tf32 120 esft_bench_tf32
-    record esft-bench-tf32 "$(verdict)" "$seconds" "$(grep -E 'score: [0-9]+ tokens in|train: step [0-9]+/' "$output" |
-        sed 's/.*\(score: \|train: step \)/\1/' | cut -c 1-150 | paste -sd ';' -)"
+    # the same score and steps on the tensor cores: tf32, then bf16
+    for dtype in tf32 bf16; do
+        eval "esft_bench_$dtype() {
+            e=\"\$work/bench-esft\"
+            cd \"\$work\" && \"\${esft[@]}\" \"\$b/tests/gpu/bench-esft.yaml\" 'phase=[score,train]' \
+                model.dtype=$dtype \"run.output_dir=\$e/$dtype\" \"model.path=\$bench_model\" \
+                \"data.path=\$e/data.h5\" \"train.expert_config=\$e/out/expert_config.json\"
+        }"
+        run_step "esft-bench-$dtype" 120 "esft_bench_$dtype"
+        record "esft-bench-$dtype" "$(verdict)" "$seconds" "$(grep -E 'score: [0-9]+ tokens in|train: step [0-9]+/' "$output" |
+            sed 's/.*\(score: \|train: step \)/\1/' | cut -c 1-150 | paste -sd ';' -)"
+    done
 fi
 
 # ---- the end -------------------------------------------------------------------------
