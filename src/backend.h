@@ -214,7 +214,9 @@ struct backend {
     void (*zero)(void *p, size_t bytes);
     /* The floats [p, p + count) keep their values for the rest of the run (frozen
      * weights, declared by model_attach): a backend may keep a cheaper copy of them (the
-     * CUDA backend's bf16 mode multiplies by a bf16 copy). May be NULL: nothing kept. */
+     * CUDA backend's bf16 mode multiplies by a bf16 copy). constant(NULL, 0) ends every
+     * declaration (the model that made them is freed, and its memory may be handed out
+     * again). May be NULL: nothing kept. */
     void (*constant)(const float *p, size_t count);
     /* Bytes the backend's buffers take now and at most so far (for the progress line). */
     void (*memory)(size_t *in_use, size_t *peak);

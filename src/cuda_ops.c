@@ -100,8 +100,20 @@ static bool bf16_mode;
 static void *operand_buf; /* activations rounded to bf16 */
 static size_t operand_size;
 
+/* Forgets every declared run and frees the copies. */
+static void forget_constants(void)
+{
+    for (int i = 0; i < n_constants; i++)
+        if (constants[i].bf16) check_cuda(cudaFree(constants[i].bf16));
+    n_constants = 0;
+}
+
 static void cuda_constant(const float *p, size_t n)
 {
+    if (!p) { /* the model is freed: its memory may come back as anything */
+        forget_constants();
+        return;
+    }
     if (!bf16_mode || n == 0) return;
     struct constant_run *last = n_constants ? &constants[n_constants - 1] : NULL;
     if (last && !last->bf16 && last->p + last->n == p) { /* the next tensor in storage */
@@ -618,11 +630,10 @@ void backend_cuda_release(void)
 {
     gemm_destroy(gemm_ctx);
     gemm_ctx = NULL;
-    for (int i = 0; i < n_constants; i++)
-        if (constants[i].bf16) check_cuda(cudaFree(constants[i].bf16));
+    forget_constants();
     free(constants);
     constants = NULL;
-    n_constants = constants_capacity = 0;
+    constants_capacity = 0;
     if (operand_buf) check_cuda(cudaFree(operand_buf));
     operand_buf = NULL;
     operand_size = 0;

@@ -337,6 +337,7 @@ void model_create(struct model *m, const struct model_config *cfg, const struct 
 
 void model_free(struct model *m)
 {
+    if (m->ops && m->ops->constant) m->ops->constant(NULL, 0); /* its weights are going */
     if (m->ops && !m->ops->host_visible) {
         m->ops->release(m->device_storage);
         m->ops->release(m->device_grad_storage);

@@ -470,10 +470,12 @@ else
     record phases-cuda "$v" "$seconds" "${figures#; }"
 
     # the same training on the tensor cores: model.dtype tf32 (10-bit products), then
-    # bf16 (frozen weights' GEMMs on bf16 operands): the CPU's curve within the bound
+    # bf16 (frozen weights' GEMMs on bf16 operands): the CPU's curve within the bound;
+    # score first in the same process, so train and eval run on models made after one
+    # was freed (the bf16 copies must not outlive their model)
     for dtype in tf32 bf16; do
         eval "${dtype}_phases() {
-            cd \"\$work\" && \"\${esft[@]}\" \"\$demo_deck\" 'phase=[train,eval]' run.backend=cuda \
+            cd \"\$work\" && \"\${esft[@]}\" \"\$demo_deck\" 'phase=[score,train,eval]' run.backend=cuda \
                 model.dtype=$dtype \"run.output_dir=\$d/$dtype\" \"\${files[@]}\" \
                 \"train.expert_config=\$d/cpu/expert_config.json\" \"\${short[@]}\" \
                 \"eval.adapter=\$d/$dtype/adapter/adapter.safetensors\"
