@@ -91,8 +91,8 @@ struct model {
     /* The compute view: what the forward and backward read and write. The host storage
      * below (params[i].data and .grad name it too) until model_attach moves it to a
      * backend whose buffers the host cannot read; then these name the backend's copies
-     * and params[i] keeps naming the host copy (model_download_grads and
-     * model_upload_trainable keep the two in step). */
+     * and params[i] keeps naming the host copy (model_download_trainable and the
+     * gradient transfers bring the two in step where the host needs them). */
     float *embedding, *final_norm, *lm_head; /* lm_head == embedding when tied */
     struct layer_weights *layers;            /* [cfg.num_layers]; unheld layers all NULL */
     float *inv_freq;                         /* [rotary_dim / 2] */
