@@ -238,6 +238,13 @@ static const struct key schema[] = {
      .help = "with several statistics files: one config, the union of each task's experts"},
     {KEY("select.output", KEY_STRING, select.output), .def = "expert_config.json",
      .help = "expert configuration written, relative to run.output_dir"},
+    {KEY("select.bootstrap", KEY_INT, select.bootstrap), .def = "0", .bounds = LO | HI, .lo = 0,
+     .hi = 100000,
+     .help = "resamples of the scored samples for the selection's stability (0: none); "
+             "seeded by run.seed"},
+    {KEY("select.stability_target", KEY_DOUBLE, select.stability_target), .def = "0.9",
+     .bounds = LO | LO_OPEN | HI, .lo = 0, .hi = 1,
+     .help = "mean Jaccard similarity at which enough tokens were scored"},
 
     /* train */
     {KEY("train.method", KEY_ENUM, train.method), .def = "esft", .names = method_names,
@@ -1488,6 +1495,11 @@ int deck_finish(struct deck *deck, char *err, size_t err_size)
             else
                 deck->run.backend = (enum backend_choice)found;
         }
+    }
+    if ((selected & BY(SELECT)) && deck->select.bootstrap > 0 && deck->select.union_tasks) {
+        deck_where(deck, "select.bootstrap", where, sizeof where);
+        errors_add(&errors, "%s: select.bootstrap with select.union_tasks is not implemented "
+                   "yet (the stability of a summed selection only)", where);
     }
     if ((selected & BY(TRAIN)) && deck->train.recompute) {
         deck_where(deck, "train.recompute", where, sizeof where);

@@ -94,6 +94,8 @@ struct deck_select {
     double top_p;
     bool train_shared_experts, train_non_expert_modules, union_tasks;
     char *output; /* expert_config.json, relative to run.output_dir */
+    int bootstrap;           /* resamples for the stability figures; 0: none */
+    double stability_target; /* mean Jaccard that counts as stable */
 };
 
 struct deck_train {

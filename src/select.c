@@ -19,6 +19,7 @@
 #include "files.h"
 #include "hfconfig.h"
 #include "log.h"
+#include "stability.h"
 
 #define SELECT_ERR_MAX 4096
 
@@ -346,6 +347,47 @@ struct config_context {
     const struct select_report *report;
 };
 
+/* The "stability" member: select.bootstrap's figures (stability.h). */
+static void stability_json(FILE *out, const struct expert_selection *s, const struct stability *st)
+{
+    char number[40];
+    int E = s->num_experts;
+    fprintf(out, ",\n  \"stability\": {\n    \"resamples\": %d, \"seed\": %" PRIu64
+            ", \"samples\": %" PRIu64 ",\n", st->resamples, st->seed, st->n_samples);
+    format_double(st->mean_jaccard, number, sizeof number);
+    fprintf(out, "    \"mean_jaccard\": %s,\n    \"layer_jaccard\": {", number);
+    for (int l = 0; l < s->n_moe_layers; l++) {
+        format_double(st->layer_jaccard[l], number, sizeof number);
+        fprintf(out, "%s\"%d\": %s", l ? ", " : "", (int)s->moe_layers[l], number);
+    }
+    fputs("},\n    \"inclusion\": {", out);
+    for (int l = 0; l < s->n_moe_layers; l++) {
+        fprintf(out, "%s\n      \"%d\": [", l ? "," : "", (int)s->moe_layers[l]);
+        for (int e = 0; e < E; e++) {
+            format_double(st->inclusion[(size_t)l * E + e], number, sizeof number);
+            fprintf(out, "%s%s", e ? ", " : "", number);
+        }
+        fputc(']', out);
+    }
+    fputs("\n    },\n    \"by_fraction\": [", out);
+    for (int f = 0; f < STABILITY_FRACTIONS; f++) {
+        char tokens[40], jac[40];
+        format_double(st->fraction[f], number, sizeof number);
+        format_double(st->fraction_tokens[f], tokens, sizeof tokens);
+        format_double(st->fraction_jaccard[f], jac, sizeof jac);
+        fprintf(out, "%s\n      {\"fraction\": %s, \"tokens\": %s, \"mean_jaccard\": %s}",
+                f ? "," : "", number, tokens, jac);
+    }
+    format_double(st->target, number, sizeof number);
+    fprintf(out, "\n    ],\n    \"target\": %s, \"tokens_needed\": ", number);
+    if (st->tokens_needed < 0) fputs("null", out);
+    else {
+        format_double(st->tokens_needed, number, sizeof number);
+        fputs(number, out);
+    }
+    fputs("\n  }", out);
+}
+
 static void config_body(FILE *out, const void *context)
 {
     const struct config_context *c = context;
@@ -394,6 +436,7 @@ static void config_body(FILE *out, const void *context)
     }
     fputs("\n  ],\n  \"model_path\": ", out);
     json_string(out, r->model_path ? r->model_path : "");
+    if (r->stability) stability_json(out, s, r->stability);
     fputs("\n}\n", out);
 }
 
@@ -648,6 +691,8 @@ static int select_on_rank0(const struct deck *deck, char *err, size_t err_size)
     struct routing_stats *stats = xcalloc((size_t)n_stats, sizeof *stats);
     const struct routing_stats **views = xcalloc((size_t)n_stats, sizeof *views);
     struct expert_selection selection = {0};
+    struct stability stability;
+    bool have_stability = false;
     struct model model;
     bool have_model = false;
     char **names = NULL;
@@ -688,6 +733,13 @@ static int select_on_rank0(const struct deck *deck, char *err, size_t err_size)
     }
 
     select_experts(views, n_stats, in->score_function, in->top_p, in->union_tasks, &selection);
+    if (in->bootstrap > 0) {
+        if (stability_run(views, paths, n_stats, in->score_function, in->top_p, &selection,
+                          in->bootstrap, (uint64_t)deck->run.seed, in->stability_target,
+                          &stability, err, err_size) != 0)
+            goto done;
+        have_stability = true;
+    }
     names = select_tensor_names(&selection, have_model ? &model : NULL, in->train_shared_experts,
                                 in->train_non_expert_modules, &n_names);
 
@@ -715,7 +767,8 @@ static int select_on_rank0(const struct deck *deck, char *err, size_t err_size)
                                    .non_expert_modules = in->train_non_expert_modules,
                                    .model_path = model_path ? model_path : stats[0].model_path,
                                    .n_sources = n_stats,
-                                   .sources = sources};
+                                   .sources = sources,
+                                   .stability = have_stability ? &stability : NULL};
     int rc = select_write_config(config_path, &selection, &report, err, err_size);
     if (rc == 0) rc = select_write_svg(svg_path, &selection, &report, err, err_size);
     if (rc == 0) rc = select_write_names(names_path, names, n_names, err, err_size);
@@ -745,6 +798,26 @@ static int select_on_rank0(const struct deck *deck, char *err, size_t err_size)
         log_info("select: %6d  %3d/%-3d  %10.4f  %s", (int)selection.moe_layers[l],
                  selection.n_chosen[l], E, selection.cumulative[l], ids);
     }
+    if (have_stability) {
+        int worst = 0;
+        for (int l = 1; l < selection.n_moe_layers; l++)
+            if (stability.layer_jaccard[l] < stability.layer_jaccard[worst]) worst = l;
+        log_info("select: selection stability: mean Jaccard %.3f (layer min %.3f at layer %d) "
+                 "over %d resamples of the %" PRIu64 " scored samples (%.1f s)",
+                 stability.mean_jaccard, stability.layer_jaccard[worst],
+                 (int)selection.moe_layers[worst], stability.resamples, stability.n_samples,
+                 stability.seconds);
+        for (int f = 0; f < STABILITY_FRACTIONS; f++)
+            log_info("select:   %5.3f of the samples (%.0f tokens): mean Jaccard %.3f",
+                     stability.fraction[f], stability.fraction_tokens[f],
+                     stability.fraction_jaccard[f]);
+        if (stability.tokens_needed >= 0)
+            log_info("select: mean Jaccard %.3g reached with about %.0f scored tokens",
+                     stability.target, stability.tokens_needed);
+        else
+            log_info("select: mean Jaccard %.3g not reached with the tokens scored: score more "
+                     "(score.n_sample_tokens)", stability.target);
+    }
     int chosen = select_count(&selection), total = selection.n_moe_layers * E;
     log_info("select: %d of %d experts (%.1f%%) -> %s, %s, %s (%d tensors)", chosen, total,
              100.0 * chosen / total, config_path, svg_path, names_path, n_names);
@@ -758,6 +831,7 @@ static int select_on_rank0(const struct deck *deck, char *err, size_t err_size)
     status = 0;
 
 done:
+    if (have_stability) stability_free(&stability);
     select_free_names(names, n_names);
     if (have_model) model_free(&model);
     expert_selection_free(&selection);

@@ -33,6 +33,8 @@
 #include "model.h"
 #include "stats.h"
 
+struct stability;
+
 /* The chosen experts of every MoE layer. Lm MoE layers, E experts. */
 struct expert_selection {
     int n_moe_layers;    /* Lm */
@@ -106,6 +108,7 @@ struct select_report {
     const char *model_path;
     int n_sources;
     const struct select_source *sources;
+    const struct stability *stability; /* select.bootstrap's figures, or NULL */
 };
 
 /* expert_config.json (reference format + score_function, top_p, union_tasks, scores,

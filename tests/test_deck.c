@@ -661,6 +661,10 @@ static void test_requirements(void)
               has_error(err, "r.yaml:2:18: ", "model.dtype: tf32 is a mode of the GPU's tensor cores"),
           "%s", err);
     CHECK(finish_count("phase: select\nmodel: {dtype: fp16}\n", err) == 0, "%s", err);
+    CHECK(finish_count("phase: select\nselect: {bootstrap: 100, union_tasks: true}\n", err) == 1 &&
+              has_error(err, "", "select.bootstrap with select.union_tasks is not implemented"),
+          "%s", err);
+    CHECK(finish_count("phase: select\nselect: {bootstrap: 100}\n", err) == 0, "%s", err);
     CHECK(finish_count("phase: train\nmodel: {path: m}\ndata: {path: d}\n"
                        "train: {method: full, recompute: true}\n", err) == 1 &&
               has_error(err, "", "train.recompute: true is not implemented yet"), "%s", err);
