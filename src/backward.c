@@ -1,0 +1,181 @@
+/* backward: the model's backward pass over the backend's ops (model.h). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "model_compute.h"
+
+/* Dense MLP backward: dy [N,H] -> dx (+)= ..., weight gradients where trainable. */
+static void dense_mlp_backward(const struct backend *ops, float *dx, bool accumulate_dx,
+                               const float *dy, const float *x, const float *w_gate,
+                               const float *w_up, const float *w_down, float *g_gate, float *g_up,
+                               float *g_down, const float *gate, const float *up, const float *act,
+                               float *dgate, float *dup, float *dact, int N, int H, int W,
+                               enum hf_activation activation)
+{
+    ops->linear_backward(dact, g_down, NULL, dy, act, w_down, N, W, H, false);
+    ops->glu_backward(dgate, dup, dact, gate, up, (size_t)N * W, activation);
+    ops->linear_backward(dx, g_gate, NULL, dgate, x, w_gate, N, H, W, accumulate_dx);
+    ops->linear_backward(dx, g_up, NULL, dup, x, w_up, N, H, W, true);
+}
+
+/* MoE backward: dy = d ffn [N,H] -> dhn [N,H] (written). */
+static void moe_backward(const struct model *m, const struct backend *ops,
+                         struct forward_workspace *ws, const struct layer_activations *a,
+                         const float *dy, float *dhn, int N, int l, bool balance)
+{
+    const struct model_config *c = &m->cfg;
+    const struct layer_weights *w = &m->layers[l];
+    const struct layer_grads *g = &m->grads[l];
+    int H = c->hidden_size, E = c->num_experts, K = c->top_k, I = c->expert_intermediate_size;
+    int M = N * K;
+    bool renormalise = c->norm_topk_prob || c->family == HF_MIXTRAL;
+
+    ops->combine_backward(ws->dys, ws->dweights, dy, a->ys, ws->topk_weights[l], a->row_of_slot,
+                          N, K, H);
+    /* at the experts: the output gradients of their rows (sent over under EP) */
+    const float *dye = ws->dys, *xe = ws->xs;
+    const int32_t *offsets = a->offsets;
+    int rows = M, local = E;
+    if (a->plan) {
+        ws_ep_dispatch(m, ops, ws, a->plan, ws->dys, ws->dye, H);
+        dye = ws->dye, xe = a->xe, offsets = a->plan->dev_local_offsets;
+        rows = a->plan->rows, local = m->n_local_experts;
+    } else {
+        ops->gather_rows(ws->xs, a->hn, a->slot_of_row, M, K, H); /* the experts' inputs again */
+    }
+    ops->grouped_linear_backward(ws->dact, g->expert_down, dye, a->act, w->expert_down, offsets,
+                                 local, I, H);
+    ops->glu_backward(ws->dgate, ws->dup, ws->dact, a->gate, a->up, (size_t)rows * I, c->hidden_act);
+    ops->grouped_linear_backward(ws->dxs, g->expert_gate, ws->dgate, xe, w->expert_gate, offsets,
+                                 local, H, I);
+    ops->grouped_linear_backward(ws->dxs2, g->expert_up, ws->dup, xe, w->expert_up, offsets,
+                                 local, H, I);
+    ops->add(ws->dxs, ws->dxs, ws->dxs2, (size_t)rows * H);
+    const float *dxs = ws->dxs;
+    if (a->plan) { /* back to the ranks the rows came from (dys is free again) */
+        ws_ep_return(m, ops, ws, a->plan, ws->dxs, ws->dys, H);
+        dxs = ws->dys;
+    }
+    ops->gather_rows_backward(dhn, dxs, a->row_of_slot, N, K, H, false);
+    /* the routing weights' gradient reaches the router input even when the router is
+     * frozen (g->router NULL: no weight gradient, the input gradient still flows) */
+    ops->router_topk_backward(ws->drouter, ws->dweights, a->probs, ws->topk_ids[l], N, E, K,
+                              c->router, renormalise, (float)c->routed_scaling_factor);
+    if (balance) ops->router_balance_backward(ws->drouter, a->probs, ws->balance_coef, N, E);
+    ops->linear_backward(dhn, g->router, NULL, ws->drouter, a->hn, w->router, N, H, E, true);
+
+    if (w->shared_gate) {
+        int S = c->shared_expert_intermediate_size;
+        const float *dshared = dy;
+        if (w->shared_expert_gate) {
+            ops->add_sigmoid_gated_backward(ws->dshared_out, ws->dgate_logit, dy, a->shared_out,
+                                            a->shared_logit, N, H);
+            ops->linear_backward(dhn, g->shared_expert_gate, NULL, ws->dgate_logit, a->hn,
+                                 w->shared_expert_gate, N, H, 1, true);
+            dshared = ws->dshared_out;
+        }
+        dense_mlp_backward(ops, dhn, true, dshared, a->hn, w->shared_gate, w->shared_up,
+                           w->shared_down, g->shared_gate, g->shared_up, g->shared_down,
+                           a->shared_gate, a->shared_up, a->shared_act, ws->dshared_a,
+                           ws->dshared_b, ws->dshared_act, N, H, S, c->hidden_act);
+    }
+}
+
+void model_backward(const struct model *m, const struct backend *ops, struct forward_workspace *ws,
+                    const struct batch *batch, float loss_scale, float aux_scale)
+{
+    const struct model_config *c = &m->cfg;
+    if (!ws->training) fatal(EXIT_RUNTIME, "model_backward needs a training workspace");
+    if (!m->grads) fatal(EXIT_RUNTIME, "model_backward before model_set_trainable");
+    int N = batch->N, H = c->hidden_size, V = c->vocab_size, Dh = c->head_dim;
+    int nH = c->num_heads, nKV = c->num_kv_heads, q_width = nH * Dh, kv_width = nKV * Dh;
+
+    bool balance = aux_scale != 0.0f;
+    int stage = m->me.pp_rank, first = m->first_layer, end = m->first_layer + m->n_layers;
+    int E = c->num_experts > 0 ? c->num_experts : 1;
+    model_wait_sends(ws); /* the previous gradient sent from this workspace has left */
+    const struct batch dev_batch = ws_ops_batch(ws, batch); /* uploaded by the forward */
+    batch = &dev_batch;
+
+    if (stage == m->grid.pp - 1) {
+        if (balance) {
+            ws_balance_loss(m, ws, ws->h_balance_coef, aux_scale);
+            if (ws->staged) ws->mem->upload(ws->balance_coef, ws->h_balance_coef, (size_t)E * sizeof(float));
+        }
+        /* loss -> logits (in place) -> final norm */
+        ops->cross_entropy_backward(ws->logits, ws->logits, batch->targets, N, V, loss_scale);
+        float *lm_head_grad = c->tie_word_embeddings ? m->embedding_grad : m->lm_head_grad;
+        ops->linear_backward(ws->dxn, lm_head_grad, NULL, ws->logits, ws->xn_final, m->lm_head, N,
+                             H, V, false);
+        ops->rmsnorm_backward(ws->dx, m->final_norm_grad, ws->dxn, ws->x_final, m->final_norm,
+                              ws->rstd_final, N, H, false);
+    } else { /* the gradient of this stage's output, and d aux / d probs, from the next */
+        ws_stage_recv(m, ws, ws->dx, (size_t)N * H, stage + 1, TAG_GRADIENT);
+        if (balance) {
+            comm_recv(m->pp_comm, ws->h_balance_coef, (size_t)E, COMM_F32, stage + 1,
+                      TAG_BALANCE_GRADIENT, COMM_HOST);
+            if (ws->staged) ws->mem->upload(ws->balance_coef, ws->h_balance_coef, (size_t)E * sizeof(float));
+        }
+    }
+
+    struct attention_mask mask = {.sample_start = batch->sample_start};
+    for (int l = end - 1; l >= first; l--) {
+        const struct layer_weights *w = &m->layers[l];
+        const struct layer_grads *g = &m->grads[l];
+        const struct layer_activations *a = &ws->layers[l];
+        /* x_next = h + ffn: ws->dx is both d h and d ffn */
+        if (c->is_moe[l])
+            moe_backward(m, ops, ws, a, ws->dx, ws->dxn, N, l, balance);
+        else
+            dense_mlp_backward(ops, ws->dxn, false, ws->dx, a->hn, w->mlp_gate, w->mlp_up,
+                               w->mlp_down, g->mlp_gate, g->mlp_up, g->mlp_down, a->mlp_gate,
+                               a->mlp_up, a->mlp_act, ws->dgate, ws->dup, ws->dact, N, H,
+                               c->intermediate_size, c->hidden_act);
+        /* d h += post-norm backward */
+        ops->rmsnorm_backward(ws->dx, g->post_norm, ws->dxn, a->h, w->post_norm, a->rstd_post, N,
+                              H, true);
+        /* h = x + o(attn) */
+        ops->linear_backward(ws->dattn, g->o, g->o_bias, ws->dx, a->attn, w->o, N, q_width, H,
+                             false);
+        ops->attention_backward(ws->dq, ws->dk, ws->dv, ws->dattn, a->q, a->k, a->v, a->attn,
+                                &mask, N, nH, nKV, Dh, 1.0f / sqrtf((float)Dh));
+        ops->rope_backward(ws->dq, batch->positions, model_inv_freq(m), (float)c->rope.attention_scaling,
+                           N, nH, Dh, c->rope.rotary_dim);
+        ops->rope_backward(ws->dk, batch->positions, model_inv_freq(m), (float)c->rope.attention_scaling,
+                           N, nKV, Dh, c->rope.rotary_dim);
+        if (c->clip_qkv > 0) { /* no gradient where the clamp bit */
+            float limit = (float)c->clip_qkv;
+            ops->clamp_backward(ws->dq, a->q_clamped, (size_t)N * q_width, -limit, limit);
+            ops->clamp_backward(ws->dk, a->k_clamped, (size_t)N * kv_width, -limit, limit);
+            ops->clamp_backward(ws->dv, a->v, (size_t)N * kv_width, -limit, limit);
+        }
+        if (c->qk_norm == QK_NORM_PER_HEAD) {
+            ops->rmsnorm_backward(ws->dq, g->q_norm, ws->dq, a->q_proj, w->q_norm, a->q_rstd,
+                                  N * nH, Dh, false);
+            ops->rmsnorm_backward(ws->dk, g->k_norm, ws->dk, a->k_proj, w->k_norm, a->k_rstd,
+                                  N * nKV, Dh, false);
+        } else if (c->qk_norm == QK_NORM_WHOLE_PROJECTION) {
+            ops->rmsnorm_backward(ws->dq, g->q_norm, ws->dq, a->q_proj, w->q_norm, a->q_rstd, N,
+                                  q_width, false);
+            ops->rmsnorm_backward(ws->dk, g->k_norm, ws->dk, a->k_proj, w->k_norm, a->k_rstd, N,
+                                  kv_width, false);
+        }
+        ops->linear_backward(ws->dxn, g->q, g->q_bias, ws->dq, a->xn, w->q, N, H, q_width, false);
+        ops->linear_backward(ws->dxn, g->k, g->k_bias, ws->dk, a->xn, w->k, N, H, kv_width, true);
+        ops->linear_backward(ws->dxn, g->v, g->v_bias, ws->dv, a->xn, w->v, N, H, kv_width, true);
+        /* d x = d h + input-norm backward */
+        ops->rmsnorm_backward(ws->dx, g->input_norm, ws->dxn, a->x, w->input_norm, a->rstd_in, N,
+                              H, true);
+    }
+    if (stage > 0) { /* the gradient of this stage's input goes back */
+        ws_stage_send_start(m, ws, ws->dx, (size_t)N * H, stage - 1, TAG_GRADIENT, &ws->sends[0]);
+        if (balance)
+            comm_send_start(m->pp_comm, ws->h_balance_coef, (size_t)E, COMM_F32, stage - 1,
+                            TAG_BALANCE_GRADIENT, COMM_HOST, &ws->sends[1]);
+    } else if (m->embedding_grad) {
+        ops->embedding_backward(m->embedding_grad, ws->dx, batch->tokens, N, H);
+    }
+}

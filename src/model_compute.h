@@ -1,0 +1,130 @@
+/* model_compute: what the model's compute files share (workspace.c, forward.c,
+ * backward.c; model.h is the public surface): the workspace's layout, the EP plan, the
+ * pipeline message tags, and the helpers the forward and the backward both call. */
+#ifndef ESFT_MODEL_COMPUTE_H
+#define ESFT_MODEL_COMPUTE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "comm.h"
+#include "model.h"
+
+/* Message tags between pipeline stages (per pair of ranks, messages of one tag arrive in
+ * the order they were sent: the micro-batch order of the schedule). */
+enum { TAG_ACTIVATION = 1, TAG_BALANCE, TAG_GRADIENT, TAG_BALANCE_GRADIENT };
+
+/* Where a MoE layer's token rows travel under expert parallelism. Sender side: rows are
+ * sorted by expert (permute_by_expert), and EP rank d holds a contiguous block of experts,
+ * so the rows for rank d are one contiguous run. Receiver side: the rows from source s
+ * arrive in expert order ("source-major"); the local grouped GEMM wants them expert-major
+ * (expert e: the rows of source 0, then source 1, ...), a fixed order for a given batch. */
+struct ep_plan {
+    int rows;                    /* rows received = rows of the local experts */
+    int32_t *recv_counts;        /* [ep * E_local] rows from source s for local expert e */
+    int32_t *local_offsets;      /* [E_local + 1] expert-major offsets */
+    int32_t *expert_major;       /* [capacity] expert-major row -> source-major row */
+    int32_t *source_major;       /* [capacity] source-major row -> expert-major row */
+    /* the backend's copies of the three above, which the ops read (the same pointers
+     * when the backend is host-visible) */
+    int32_t *dev_local_offsets, *dev_expert_major, *dev_source_major;
+    size_t *send_rows, *send_first, *recv_rows, *recv_first; /* [ep] in rows */
+};
+
+/* What one layer's forward leaves for its backward. In an inference workspace every
+ * layer's pointers name the same buffers. */
+struct layer_activations {
+    float *x;                  /* [N,H] layer input */
+    float *xn, *rstd_in;       /* [N,H], [N] input norm */
+    float *q_proj, *k_proj;    /* before QK-norm (QK-norm layers; else NULL) */
+    float *q_rstd, *k_rstd;    /* QK-norm's 1/rms */
+    float *q, *k, *v;          /* what attention read (after norm and RoPE) */
+    float *q_clamped, *k_clamped; /* clip_qkv (training): q, k after the clamp, before RoPE */
+    float *attn;               /* [N, nH*Dh] attention output */
+    float *h;                  /* [N,H] after the attention residual */
+    float *hn, *rstd_post;     /* [N,H], [N] post-attention norm */
+    float *probs;              /* [N,E] router probabilities */
+    int32_t *offsets, *slot_of_row, *row_of_slot;
+    /* expert parallelism: the rows this rank's experts received, expert-major */
+    struct ep_plan *plan;      /* NULL when ep = 1 */
+    float *xe, *ye;            /* [rows,H] received inputs, their outputs (ep > 1) */
+    float *gate, *up, *act;    /* [rows,I] expert pre-activations and act(gate) * up */
+    float *ys;                 /* [M,H] expert outputs, in this rank's slot order */
+    float *shared_gate, *shared_up, *shared_act, *shared_out, *shared_logit;
+    float *mlp_gate, *mlp_up, *mlp_act; /* dense layer */
+    float *ffn;                /* [N,H] feed-forward output */
+};
+
+struct forward_workspace {
+    int max_tokens, n_layers;
+    bool training;
+    /* where the buffers live: the model's backend (NULL: host memory), and whether the
+     * host cannot read them (staged: results and exchanges go through host copies) */
+    const struct backend *mem;
+    bool staged;
+    unsigned keep;                        /* FORWARD_KEEP_* */
+    int vocab_size, top_k, n_experts;     /* of the logits (last stage; else 0) and routing */
+    int32_t *tokens, *positions, *sample_start, *targets; /* [N] the batch's copies (staged) */
+    float *h_send, *h_recv;               /* [N,H] host side of the stage exchange (staged) */
+    float *h_ep_send, *h_ep_recv;         /* [capacity,H] host side of the EP exchange (staged) */
+    int32_t *h_offsets;                   /* [E+1] a layer's expert offsets, read back (staged) */
+    float *h_logits;                      /* [N,V] (staged, FORWARD_KEEP_LOGITS) */
+    int32_t **h_topk_ids;                 /* host copies (staged, FORWARD_KEEP_ROUTING) */
+    float **h_topk_weights, **h_router_logits;
+    float *balance_block, *h_balance_block; /* [L][2E] counts, prob sums; its host copy */
+    float *h_balance_coef;                /* [E] d aux / d probs as the host computes it */
+    struct layer_activations *layers; /* [L] */
+    float *x_final, *rstd_final, *xn_final, *logits;
+    float *xs;                        /* [M,H] gathered rows (scratch) */
+    int32_t **topk_ids;
+    float **topk_weights, **router_logits;
+    float **balance_counts, **balance_probs; /* [L] -> [E]: load-balancing statistics */
+    float *balance_coef;                     /* [E]: d aux / d probs (backward) */
+    int balance_tokens;                      /* N of the last forward */
+    /* pipeline parallelism: the earlier stages' load-balancing sums (counts, then prob
+     * sums: [2E]), received with the activations; the sends still in flight */
+    double *balance_before;
+    struct comm_request sends[2];
+    /* backward scratch */
+    float *dx, *dxn, *dq, *dk, *dv, *dattn, *dxs, *dxs2, *dys, *dact, *dgate, *dup;
+    float *dweights, *drouter, *dshared_a, *dshared_b, *dshared_act, *dshared_out, *dgate_logit;
+    float *ep_rows;                   /* [capacity,H] exchange scratch (ep > 1) */
+    float *dye;                       /* [capacity,H] output gradients at the experts (ep > 1) */
+    size_t *ep_counts, *ep_offsets;   /* [2 * ep] element counts of one exchange */
+    int32_t *ep_send_counts;          /* [ep * E_local] rows for each rank's experts */
+    /* every allocation, freed together: host memory, and the backend's buffers */
+    struct ws_allocations {
+        void **at;
+        int capacity, count;
+    } host, buffers;
+};
+
+
+/* The most token-slot rows this rank's experts can receive for batches of N tokens on
+ * each rank of the EP group (N * K when ep = 1). */
+size_t ws_row_capacity(const struct model *m, int N);
+/* The rotary frequencies as the ops read them. */
+const float *model_inv_freq(const struct model *m);
+/* The batch as the ops read it: the caller's host arrays, or (staged) the workspace's
+ * copies that model_forward uploaded. */
+struct batch ws_ops_batch(const struct forward_workspace *ws, const struct batch *b);
+/* Point-to-point between pipeline stages of count floats in the backend's buffer buf,
+ * through the workspace's host copies when staged. */
+void ws_stage_recv(const struct model *m, struct forward_workspace *ws, float *buf, size_t count,
+                   int from, int tag);
+void ws_stage_send_start(const struct model *m, struct forward_workspace *ws, const float *buf,
+                         size_t count, int to, int tag, struct comm_request *request);
+/* The load-balancing loss of the last forward, and with coef its gradient (forward.c). */
+double ws_balance_loss(const struct model *m, const struct forward_workspace *ws, float *coef,
+                       float scale);
+/* The EP exchange of a layer's rows (forward.c): to the experts' ranks and back. */
+void ws_ep_dispatch(const struct model *m, const struct backend *ops, struct forward_workspace *ws,
+                    const struct ep_plan *p, const float *rows, float *out, int width);
+void ws_ep_return(const struct model *m, const struct backend *ops, struct forward_workspace *ws,
+                  const struct ep_plan *p, const float *rows, float *out, int width);
+/* A layer's EP plan, in the workspace (workspace.c). */
+struct ep_plan *ws_ep_plan_new(struct forward_workspace *ws, const struct model *m, size_t capacity);
+
+#endif
