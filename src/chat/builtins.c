@@ -1,8 +1,7 @@
 /* src/chat/builtins.c: the filters, tests, globals and str/dict methods that chat templates call,
  * each with the behaviour of its python jinja2 3.x / Python 3 counterpart (tojson as transformers
- * overrides it: json.dumps with ensure_ascii=False). Case mapping (upper, lower, title,
- * capitalize) covers ASCII, Latin-1, Latin Extended-A, Greek and basic Cyrillic letters; other
- * characters count as uncased and pass through unchanged. */
+ * overrides it: json.dumps with ensure_ascii=False). The str operations themselves are in
+ * text.c. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,268 +56,6 @@ static struct value *need_string(struct args *a, struct value *v, const char *ro
     return v;
 }
 
-static bool is_py_space(const char *s, size_t n, size_t i, size_t *len)
-{
-    unsigned char c = (unsigned char)s[i];
-    *len = 1;
-    if (c == ' ' || (c >= 0x09 && c <= 0x0d) || (c >= 0x1c && c <= 0x1f)) return true;
-    if (c == 0xC2 && i + 1 < n &&
-        ((unsigned char)s[i + 1] == 0x85 || (unsigned char)s[i + 1] == 0xA0)) {
-        *len = 2;
-        return true;
-    }
-    if (c == 0xE2 && i + 2 < n) {
-        unsigned char d = (unsigned char)s[i + 1], e = (unsigned char)s[i + 2];
-        if ((d == 0x80 && (e <= 0x8A || e == 0xA8 || e == 0xA9 || e == 0xAF)) ||
-            (d == 0x81 && e == 0x9F)) {
-            *len = 3;
-            return true;
-        }
-    }
-    if (c == 0xE3 && i + 2 < n && (unsigned char)s[i + 1] == 0x80 &&
-        (unsigned char)s[i + 2] == 0x80) {
-        *len = 3;
-        return true;
-    }
-    if (c == 0xE1 && i + 2 < n && (unsigned char)s[i + 1] == 0x9A &&
-        (unsigned char)s[i + 2] == 0x80) {
-        *len = 3;
-        return true;
-    }
-    return false;
-}
-
-static size_t cp_len(const char *s, size_t n, size_t i)
-{
-    size_t j = i + 1;
-    while (j < n && ((unsigned char)s[j] & 0xC0) == 0x80) j++;
-    return j - i;
-}
-
-/* Does the code point at s[i] occur in the set chars? */
-static bool in_chars(const char *s, size_t i, size_t len, const struct value *chars)
-{
-    for (size_t k = 0; k < chars->as.str.n;) {
-        size_t m = cp_len(chars->as.str.s, chars->as.str.n, k);
-        if (m == len && !memcmp(chars->as.str.s + k, s + i, len)) return true;
-        k += m;
-    }
-    return false;
-}
-
-/* str.strip / lstrip / rstrip with chars (NULL or None: whitespace). */
-static struct value *strip(struct render *r, struct value *str, struct value *chars, bool left,
-                           bool right)
-{
-    const char *s = str->as.str.s;
-    size_t n = str->as.str.n, a = 0, b = n;
-    bool ws = !chars || chars->kind == V_NONE;
-    if (left)
-        while (a < b) {
-            size_t len;
-            if (ws ? !is_py_space(s, n, a, &len) : !in_chars(s, a, (len = cp_len(s, n, a)), chars))
-                break;
-            a += len;
-        }
-    if (right)
-        while (b > a) {
-            size_t start = b - 1;
-            while (start > a && ((unsigned char)s[start] & 0xC0) == 0x80) start--;
-            size_t len;
-            if (ws ? !(is_py_space(s, n, start, &len) && start + len == b)
-                   : !in_chars(s, start, b - start, chars))
-                break;
-            b = start;
-        }
-    return value_string(r, s + a, b - a);
-}
-
-static struct value *str_split(struct render *r, struct value *str, struct value *sep,
-                               int64_t maxsplit, int line)
-{
-    const char *s = str->as.str.s;
-    size_t n = str->as.str.n;
-    struct value *out = value_list(r, 0);
-    if (!sep || sep->kind == V_NONE) {
-        size_t i = 0;
-        while (i < n) {
-            size_t len;
-            while (i < n && is_py_space(s, n, i, &len)) i += len;
-            if (i >= n) break;
-            if (maxsplit >= 0 && (int64_t)out->as.list.n == maxsplit) {
-                size_t e = n;
-                while (e > i) {
-                    size_t st = e - 1;
-                    while (st > i && ((unsigned char)s[st] & 0xC0) == 0x80) st--;
-                    if (!(is_py_space(s, n, st, &len) && st + len == e)) break;
-                    e = st;
-                }
-                list_push(r, out, value_string(r, s + i, e - i));
-                break;
-            }
-            size_t j = i;
-            while (j < n && !is_py_space(s, n, j, &len)) j += cp_len(s, n, j);
-            list_push(r, out, value_string(r, s + i, j - i));
-            i = j;
-        }
-        return out;
-    }
-    if (sep->kind != V_STRING)
-        render_fail(r, line, "must be str or None, not %s", value_type_name(sep));
-    if (sep->as.str.n == 0) render_fail(r, line, "empty separator");
-    size_t start = 0;
-    for (size_t i = 0; i + sep->as.str.n <= n;) {
-        if ((maxsplit < 0 || (int64_t)out->as.list.n < maxsplit) &&
-            !memcmp(s + i, sep->as.str.s, sep->as.str.n)) {
-            list_push(r, out, value_string(r, s + start, i - start));
-            i += sep->as.str.n;
-            start = i;
-        } else {
-            i++;
-        }
-    }
-    list_push(r, out, value_string(r, s + start, n - start));
-    return out;
-}
-
-static struct value *str_replace(struct render *r, struct value *str, struct value *old,
-                                 struct value *new, int64_t count)
-{
-    struct strbuf b = {0};
-    strbuf_add(r, &b, "", 0);
-    const char *s = str->as.str.s;
-    size_t n = str->as.str.n, m = old->as.str.n;
-    int64_t done = 0;
-    if (m == 0) {
-        /* Python inserts new between every code point and at both ends. */
-        for (size_t i = 0; i <= n;) {
-            if (count < 0 || done < count) {
-                strbuf_add(r, &b, new->as.str.s, new->as.str.n);
-                done++;
-            }
-            if (i == n) break;
-            size_t len = cp_len(s, n, i);
-            strbuf_add(r, &b, s + i, len);
-            i += len;
-        }
-        return value_string(r, b.s, b.n);
-    }
-    size_t i = 0;
-    while (i < n) {
-        if ((count < 0 || done < count) && i + m <= n && !memcmp(s + i, old->as.str.s, m)) {
-            strbuf_add(r, &b, new->as.str.s, new->as.str.n);
-            i += m;
-            done++;
-        } else {
-            strbuf_add(r, &b, s + i, 1);
-            i++;
-        }
-    }
-    return value_string(r, b.s, b.n);
-}
-
-enum case_map { CASE_UPPER, CASE_LOWER, CASE_TITLE, CASE_CAPITALIZE };
-
-/* Simple case pairs of ASCII, Latin-1, Latin Extended-A, Greek and basic Cyrillic (Python's
- * str.upper/lower on those); other code points count as uncased and stay as they are. */
-static uint32_t lower_of(uint32_t c)
-{
-    if ((c >= 'A' && c <= 'Z') || (c >= 0xC0 && c <= 0xDE && c != 0xD7) ||
-        (c >= 0x391 && c <= 0x3A9 && c != 0x3A2) || (c >= 0x410 && c <= 0x42F))
-        return c + 0x20;
-    if (c >= 0x400 && c <= 0x40F) return c + 0x50;
-    if (c == 0x178) return 0xFF;
-    if ((c >= 0x100 && c <= 0x12F) || (c >= 0x132 && c <= 0x137) || (c >= 0x14A && c <= 0x177))
-        return c | 1;
-    if ((c >= 0x139 && c <= 0x148) || (c >= 0x179 && c <= 0x17E)) return (c & 1) ? c + 1 : c;
-    return c;
-}
-static uint32_t upper_of(uint32_t c)
-{
-    if ((c >= 'a' && c <= 'z') || (c >= 0xE0 && c <= 0xFE && c != 0xF7) ||
-        (c >= 0x3B1 && c <= 0x3C9 && c != 0x3C2) || (c >= 0x430 && c <= 0x44F))
-        return c - 0x20;
-    if (c == 0x3C2) return 0x3A3;
-    if (c >= 0x450 && c <= 0x45F) return c - 0x50;
-    if (c == 0xFF) return 0x178;
-    if ((c >= 0x100 && c <= 0x12F) || (c >= 0x132 && c <= 0x137) || (c >= 0x14A && c <= 0x177))
-        return c & ~(uint32_t)1;
-    if ((c >= 0x139 && c <= 0x148) || (c >= 0x179 && c <= 0x17E)) return (c & 1) ? c : c - 1;
-    return c;
-}
-static bool is_cased(uint32_t c)
-{
-    return lower_of(c) != c || upper_of(c) != c || c == 0xDF;
-}
-
-static uint32_t decode_cp(const char *s, size_t n, size_t *i)
-{
-    unsigned char c = (unsigned char)s[*i];
-    size_t len = cp_len(s, n, *i);
-    uint32_t cp = len == 1 ? c : len == 2 ? c & 0x1F : len == 3 ? c & 0x0F : c & 0x07;
-    for (size_t k = 1; k < len; k++) cp = (cp << 6) | ((unsigned char)s[*i + k] & 0x3F);
-    *i += len;
-    return cp;
-}
-
-static void encode_cp(struct render *r, struct strbuf *b, uint32_t cp)
-{
-    char u[4];
-    size_t n;
-    if (cp < 0x80) {
-        u[0] = (char)cp;
-        n = 1;
-    } else if (cp < 0x800) {
-        u[0] = (char)(0xC0 | (cp >> 6));
-        u[1] = (char)(0x80 | (cp & 0x3F));
-        n = 2;
-    } else if (cp < 0x10000) {
-        u[0] = (char)(0xE0 | (cp >> 12));
-        u[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
-        u[2] = (char)(0x80 | (cp & 0x3F));
-        n = 3;
-    } else {
-        u[0] = (char)(0xF0 | (cp >> 18));
-        u[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
-        u[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
-        u[3] = (char)(0x80 | (cp & 0x3F));
-        n = 4;
-    }
-    strbuf_add(r, b, u, n);
-}
-
-static struct value *map_case(struct render *r, struct value *str, enum case_map how)
-{
-    struct strbuf b = {0};
-    strbuf_add(r, &b, "", 0);
-    bool prev_cased = false, first = true;
-    for (size_t i = 0; i < str->as.str.n;) {
-        size_t at = i;
-        uint32_t c = decode_cp(str->as.str.s, str->as.str.n, &i);
-        bool up;
-        if (how == CASE_UPPER)
-            up = true;
-        else if (how == CASE_LOWER)
-            up = false;
-        else if (how == CASE_TITLE)
-            up = !prev_cased;
-        else
-            up = first;
-        if (c == 0xDF && up) {
-            strbuf_add(r, &b, how == CASE_UPPER ? "SS" : "Ss", 2);
-        } else {
-            uint32_t m = up ? upper_of(c) : lower_of(c);
-            if (m == c)
-                strbuf_add(r, &b, str->as.str.s + at, i - at);
-            else
-                encode_cp(r, &b, m);
-        }
-        prev_cased = is_cased(c);
-        first = false;
-    }
-    return value_string(r, b.s, b.n);
-}
-
 static bool starts_or_ends(struct args *a, struct value *self, bool ends)
 {
     struct value *p = arg(a, 0, NULL);
@@ -364,19 +101,19 @@ METHOD(m_strip)
 {
     ARGS("str.strip");
     check_arity(&a, 1, NULL);
-    return strip(r, self, chars_arg(&a), true, true);
+    return text_strip(r, self, chars_arg(&a), true, true);
 }
 METHOD(m_lstrip)
 {
     ARGS("str.lstrip");
     check_arity(&a, 1, NULL);
-    return strip(r, self, chars_arg(&a), true, false);
+    return text_strip(r, self, chars_arg(&a), true, false);
 }
 METHOD(m_rstrip)
 {
     ARGS("str.rstrip");
     check_arity(&a, 1, NULL);
-    return strip(r, self, chars_arg(&a), false, true);
+    return text_strip(r, self, chars_arg(&a), false, true);
 }
 METHOD(m_split)
 {
@@ -384,7 +121,7 @@ METHOD(m_split)
     static const char *const names[] = {"sep", "maxsplit", NULL};
     check_arity(&a, 2, names);
     struct value *m = arg(&a, 1, "maxsplit");
-    return str_split(r, self, arg(&a, 0, "sep"), m ? m->as.integer : -1, line);
+    return text_split(r, self, arg(&a, 0, "sep"), m ? m->as.integer : -1, line);
 }
 METHOD(m_replace)
 {
@@ -392,32 +129,32 @@ METHOD(m_replace)
     check_arity(&a, 3, NULL);
     struct value *old = arg(&a, 0, NULL), *new = arg(&a, 1, NULL), *count = arg(&a, 2, NULL);
     if (!old || !new) render_fail(r, line, "str.replace expects 2 arguments");
-    return str_replace(r, self, need_string(&a, old, "old"), need_string(&a, new, "new"),
-                       count ? count->as.integer : -1);
+    return text_replace(r, self, need_string(&a, old, "old"), need_string(&a, new, "new"),
+                        count ? count->as.integer : -1);
 }
 METHOD(m_upper)
 {
     ARGS("str.upper");
     check_arity(&a, 0, NULL);
-    return map_case(r, self, CASE_UPPER);
+    return text_map_case(r, self, CASE_UPPER);
 }
 METHOD(m_lower)
 {
     ARGS("str.lower");
     check_arity(&a, 0, NULL);
-    return map_case(r, self, CASE_LOWER);
+    return text_map_case(r, self, CASE_LOWER);
 }
 METHOD(m_title)
 {
     ARGS("str.title");
     check_arity(&a, 0, NULL);
-    return map_case(r, self, CASE_TITLE);
+    return text_map_case(r, self, CASE_TITLE);
 }
 METHOD(m_capitalize)
 {
     ARGS("str.capitalize");
     check_arity(&a, 0, NULL);
-    return map_case(r, self, CASE_CAPITALIZE);
+    return text_map_case(r, self, CASE_CAPITALIZE);
 }
 METHOD(m_find)
 {
@@ -773,9 +510,6 @@ struct value *apply_filter(struct render *r, const char *name, struct value *v, 
         value_json(r, &b, v, ind, item_sep, key_sep, sort && value_truthy(sort), 0, line);
         return value_string(r, b.s, b.n);
     }
-    if (v->kind == V_UNDEFINED && strcmp(name, "items") && strcmp(name, "list") &&
-        strcmp(name, "join") && strcmp(name, "first") && strcmp(name, "last"))
-        render_fail(r, line, "%s", v->as.undefined.hint ? v->as.undefined.hint : "undefined");
     if (!strcmp(name, "join")) {
         static const char *const names[] = {"d", "attribute", NULL};
         check_arity(&a, 2, names);
@@ -884,6 +618,8 @@ struct value *apply_filter(struct render *r, const char *name, struct value *v, 
     if (!strcmp(name, "int") || !strcmp(name, "float")) {
         check_arity(&a, 1, NULL);
         bool want_int = name[0] == 'i';
+        if (v->kind == V_UNDEFINED)
+            render_fail(r, line, "%s", v->as.undefined.hint ? v->as.undefined.hint : "undefined");
         struct value *d = arg(&a, 0, "default");
         if (v->kind == V_INT || v->kind == V_BOOL)
             return want_int
@@ -891,7 +627,7 @@ struct value *apply_filter(struct render *r, const char *name, struct value *v, 
                        : value_float(r, v->kind == V_INT ? (double)v->as.integer : v->as.boolean);
         if (v->kind == V_FLOAT) return want_int ? value_int(r, (int64_t)v->as.real) : v;
         if (v->kind == V_STRING) {
-            struct value *t = strip(r, v, NULL, true, true);
+            struct value *t = text_strip(r, v, NULL, true, true);
             char *end;
             if (want_int) {
                 long long x = strtoll(t->as.str.s, &end, 10);
@@ -914,19 +650,19 @@ struct value *apply_filter(struct render *r, const char *name, struct value *v, 
     struct value *s = value_to_string(r, v);
     if (!strcmp(name, "trim")) {
         check_arity(&a, 1, NULL);
-        return strip(r, s, chars_arg(&a), true, true);
+        return text_strip(r, s, chars_arg(&a), true, true);
     }
-    if (!strcmp(name, "upper")) return map_case(r, s, CASE_UPPER);
-    if (!strcmp(name, "lower")) return map_case(r, s, CASE_LOWER);
-    if (!strcmp(name, "title")) return map_case(r, s, CASE_TITLE);
-    if (!strcmp(name, "capitalize")) return map_case(r, s, CASE_CAPITALIZE);
+    if (!strcmp(name, "upper")) return text_map_case(r, s, CASE_UPPER);
+    if (!strcmp(name, "lower")) return text_map_case(r, s, CASE_LOWER);
+    if (!strcmp(name, "title")) return text_title(r, s);
+    if (!strcmp(name, "capitalize")) return text_map_case(r, s, CASE_CAPITALIZE);
     if (!strcmp(name, "replace")) {
         check_arity(&a, 3, NULL);
         struct value *old = arg(&a, 0, "old"), *new = arg(&a, 1, "new"),
                      *count = arg(&a, 2, "count");
         if (!old || !new) render_fail(r, line, "%s expects 2 arguments", what);
-        return str_replace(r, s, value_to_string(r, old), value_to_string(r, new),
-                           count && count->kind == V_INT ? count->as.integer : -1);
+        return text_replace(r, s, value_to_string(r, old), value_to_string(r, new),
+                            count && count->kind == V_INT ? count->as.integer : -1);
     }
     render_fail(r, line, "internal error: filter '%s' has no implementation", name);
 }
@@ -1000,7 +736,7 @@ bool apply_test(struct render *r, const char *name, struct value *v, struct valu
     }
     if (!strcmp(name, "lower") || !strcmp(name, "upper")) {
         if (v->kind != V_STRING) return false;
-        struct value *m = map_case(r, v, name[0] == 'l' ? CASE_LOWER : CASE_UPPER);
+        struct value *m = text_map_case(r, v, name[0] == 'l' ? CASE_LOWER : CASE_UPPER);
         return !memcmp(m->as.str.s, v->as.str.s, v->as.str.n);
     }
     render_fail(r, line, "internal error: test '%s' has no implementation", name);

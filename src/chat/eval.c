@@ -697,6 +697,11 @@ static enum flow exec_body(struct render *r, struct scope *s, const struct node_
             struct value *ns = eval(r, s, n->b);
             if (ns->kind != V_NAMESPACE)
                 render_fail(r, n->line, "cannot assign attribute on non-namespace object");
+            if (n->name[0] == '_')
+                render_fail(r, n->line,
+                            "Chat templates cannot store underscore-prefixed attributes on a "
+                            "namespace, but got '%s'. Please rename the attribute.",
+                            n->name);
             dict_set(r, ns, value_cstring(r, n->name), eval(r, s, n->a));
             break;
         }
@@ -751,7 +756,7 @@ char *chat_template_render(const struct chat_template *tpl, const json_t *contex
                            const struct chat_render_options *options, char *err, size_t errlen)
 {
     static const struct chat_render_options defaults = {0};
-    struct render *r = calloc(1, sizeof *r);
+    struct render *volatile r = calloc(1, sizeof *r); /* used after a longjmp */
     if (!r) {
         snprintf(err, errlen, "%s: out of memory", tpl->name);
         return NULL;
@@ -760,7 +765,7 @@ char *chat_template_render(const struct chat_template *tpl, const json_t *contex
     r->options = options ? options : &defaults;
     r->err = err;
     r->errlen = errlen;
-    char *result = NULL;
+    char *volatile result = NULL; /* read after a longjmp */
     if (setjmp(r->fail) == 0) {
         if (context && !json_is_object(context))
             render_fail(r, 0, "%s: the render context is not a JSON object", tpl->name);

@@ -252,4 +252,22 @@ struct value *call_value(struct render *r, struct value *fn, struct value **args
 size_t utf8_length(const char *s, size_t n);
 struct value *value_iterable(struct render *r, struct value *v, int line);
 
+/* Python str operations (text.c). */
+enum case_map { CASE_UPPER, CASE_LOWER, CASE_TITLE, CASE_CAPITALIZE };
+/* Is the code point at s[i] whitespace to Python? *len: its byte length. */
+bool text_is_space(const char *s, size_t n, size_t i, size_t *len);
+size_t text_cp_len(const char *s, size_t n, size_t i);
+/* str.strip / lstrip / rstrip; chars NULL or None strips whitespace. */
+struct value *text_strip(struct render *r, struct value *str, struct value *chars, bool left,
+                         bool right);
+/* str.split(sep, maxsplit); maxsplit < 0: no limit. */
+struct value *text_split(struct render *r, struct value *str, struct value *sep, int64_t maxsplit,
+                         int line);
+/* str.replace(old, new, count); count < 0: all. */
+struct value *text_replace(struct render *r, struct value *str, struct value *old,
+                           struct value *new_text, int64_t count);
+struct value *text_map_case(struct render *r, struct value *str, enum case_map how);
+/* jinja2's title filter. */
+struct value *text_title(struct render *r, struct value *str);
+
 #endif

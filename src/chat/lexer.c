@@ -306,7 +306,11 @@ int chat_lex(struct arena *a, const char *text, const char *name, struct token_l
         size_t text_end = open ? p : lx.len;
         size_t text_begin = lx.pos;
         if (strip_next)
-            while (text_begin < text_end && is_space(src[text_begin])) text_begin++;
+            while (text_begin < text_end) {
+                size_t len;
+                if (!text_is_space(src, text_end, text_begin, &len)) break;
+                text_begin += len;
+            }
         else if (trim_next && text_begin < text_end && src[text_begin] == '\n')
             text_begin++;
         strip_next = trim_next = false;
@@ -314,7 +318,13 @@ int chat_lex(struct arena *a, const char *text, const char *name, struct token_l
         char kind = open ? open[1] : 0;
         char modifier = open && p + 2 < lx.len ? src[p + 2] : 0;
         if (open && modifier == '-') {
-            while (kept_end > text_begin && is_space(src[kept_end - 1])) kept_end--;
+            /* Python's whitespace, as jinja2's rstrip() and \\s* take it */
+            while (kept_end > text_begin) {
+                size_t start = kept_end - 1, len;
+                while (start > text_begin && ((unsigned char)src[start] & 0xC0) == 0x80) start--;
+                if (!text_is_space(src, kept_end, start, &len) || start + len != kept_end) break;
+                kept_end = start;
+            }
         } else if (open && kind != '{' && modifier != '+') {
             /* lstrip_blocks: only spaces and tabs between the line start and the tag. */
             size_t line_start = text_end;
