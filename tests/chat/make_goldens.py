@@ -198,6 +198,8 @@ def conversations():
     yield "tool_content_list", [u("q"), a("", tool_calls=[call("now", {})]),
                                 t([{"output": "first"}, "second"])], {"tools": [NO_PARAM_TOOL]}
     yield "nothink_suffix", [u("short answer /nothink")], {}
+    yield "nonstring_content", [u(5), a(1.5), u(True), a(None)], {}
+    yield "extra_keys", [dict(u("q"), name="alice", id=7), dict(a("a"), mask=1, weight=0.5)], {}
 
 
 def variants(spec, name):
