@@ -12,8 +12,9 @@
 
 /* ---- small containers (hf_util.c) ---- */
 
-/* realloc that ends the program when memory runs out (calloc semantics not implied). */
+/* realloc and calloc that end the program when memory runs out. */
 void *hf_realloc(void *p, size_t size);
+void *hf_calloc(size_t count, size_t size);
 
 /* A growing byte string (not NUL-terminated unless said). */
 struct hf_string {

@@ -114,7 +114,7 @@ static int load_normalizer(struct loader *L, json_t *obj, const char *where,
         json_t *steps = json_object_get(obj, "normalizers");
         if (!json_is_array(steps))
             return fail(L, "%s (Sequence) has no \"normalizers\" list", where);
-        nm->steps = calloc(json_array_size(steps) + 1, sizeof *nm->steps);
+        nm->steps = hf_calloc(json_array_size(steps) + 1, sizeof *nm->steps);
         for (size_t i = 0; i < json_array_size(steps); i++) {
             snprintf(inner, sizeof inner, "%s.normalizers[%zu]", where, i);
             nm->n_steps++;
@@ -144,7 +144,7 @@ static int load_pre_tokenizer(struct loader *L, json_t *obj, const char *where,
         json_t *steps = json_object_get(obj, "pretokenizers");
         if (!json_is_array(steps))
             return fail(L, "%s (Sequence) has no \"pretokenizers\" list", where);
-        pt->steps = calloc(json_array_size(steps) + 1, sizeof *pt->steps);
+        pt->steps = hf_calloc(json_array_size(steps) + 1, sizeof *pt->steps);
         for (size_t i = 0; i < json_array_size(steps); i++) {
             snprintf(inner, sizeof inner, "%s.pretokenizers[%zu]", where, i);
             pt->n_steps++;
@@ -228,7 +228,7 @@ static int load_post_processor(struct loader *L, json_t *obj, const char *where,
         json_t *steps = json_object_get(obj, "processors");
         if (!json_is_array(steps))
             return fail(L, "%s (Sequence) has no \"processors\" list", where);
-        pp->steps = calloc(json_array_size(steps) + 1, sizeof *pp->steps);
+        pp->steps = hf_calloc(json_array_size(steps) + 1, sizeof *pp->steps);
         for (size_t i = 0; i < json_array_size(steps); i++) {
             snprintf(inner, sizeof inner, "%s.processors[%zu]", where, i);
             pp->n_steps++;
@@ -315,9 +315,8 @@ static int load_model(struct loader *L, json_t *model)
         if ((uint32_t)id + 1 > n_ids) n_ids = (uint32_t)id + 1;
     }
     bpe->n_ids = n_ids;
-    bpe->id_text = calloc(n_ids + 1, sizeof *bpe->id_text);
-    bpe->id_length = calloc(n_ids + 1, sizeof *bpe->id_length);
-    if (!bpe->id_text || !bpe->id_length) return fail(L, "out of memory for the vocabulary");
+    bpe->id_text = hf_calloc(n_ids + 1, sizeof *bpe->id_text);
+    bpe->id_length = hf_calloc(n_ids + 1, sizeof *bpe->id_length);
     json_object_foreach(vocab, key, value)
     {
         size_t len = strlen(key);
@@ -395,7 +394,7 @@ static int load_added_tokens(struct loader *L, json_t *list)
         json_incref(list);
     int rc = 0;
     if (!json_is_array(list)) rc = fail(L, "added_tokens is not a list");
-    tok->added = calloc(json_array_size(list) + 1, sizeof *tok->added);
+    tok->added = hf_calloc(json_array_size(list) + 1, sizeof *tok->added);
     hf_string_map_init(&tok->added_by_content, json_array_size(list));
     hf_string_map_init(&tok->special_contents, json_array_size(list));
     for (size_t i = 0; rc == 0 && i < json_array_size(list); i++) {
@@ -467,17 +466,17 @@ static int load_root(struct loader *L, json_t *root)
     if (load_added_tokens(L, json_object_get(root, "added_tokens"))) return -1;
     json_t *v = json_object_get(root, "normalizer");
     if (v && !json_is_null(v)) {
-        tok->normalizer = calloc(1, sizeof *tok->normalizer);
+        tok->normalizer = hf_calloc(1, sizeof *tok->normalizer);
         if (load_normalizer(L, v, "normalizer", tok->normalizer)) return -1;
     }
     v = json_object_get(root, "pre_tokenizer");
     if (v && !json_is_null(v)) {
-        tok->pre_tokenizer = calloc(1, sizeof *tok->pre_tokenizer);
+        tok->pre_tokenizer = hf_calloc(1, sizeof *tok->pre_tokenizer);
         if (load_pre_tokenizer(L, v, "pre_tokenizer", tok->pre_tokenizer)) return -1;
     }
     v = json_object_get(root, "post_processor");
     if (v && !json_is_null(v)) {
-        tok->post_processor = calloc(1, sizeof *tok->post_processor);
+        tok->post_processor = hf_calloc(1, sizeof *tok->post_processor);
         if (load_post_processor(L, v, "post_processor", tok->post_processor)) return -1;
     }
     v = json_object_get(root, "decoder");

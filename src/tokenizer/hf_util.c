@@ -27,6 +27,13 @@ void *hf_realloc(void *p, size_t size)
     return q;
 }
 
+void *hf_calloc(size_t count, size_t size)
+{
+    void *p = calloc(count ? count : 1, size ? size : 1);
+    if (!p) die("out of memory (tokenizer, %zu x %zu bytes)", count, size);
+    return p;
+}
+
 static void *grow(void *p, size_t *capacity, size_t need, size_t item)
 {
     if (need <= *capacity) return p;
