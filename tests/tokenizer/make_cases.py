@@ -25,6 +25,8 @@ TEXTS = [
     "word <mask> word", "[SEP]x[SEP]", "new  <pad>  line\n<pad>\n", "<s><s></s>",
     "the quick brown fox jumps over the lazy dog", "mixed 中文 and English 123",
     "   many     spaces   ", "punctuation!!! ??? ... ---", "\u00a0nbsp\u3000ideographic",
+    # marks of characters newer than Unicode 9.0 (the library's NFC tables): no reordering
+    "a\u0308\U00010f46 o\u031b\ua82c x\u0313\U00011943 m\u036b\U00016ff1 \U00011935\U00011930",
 ]
 
 TRAIN = TEXTS * 20 + ["the then there these those this that thing think thought"] * 50
