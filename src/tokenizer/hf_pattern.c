@@ -5,7 +5,9 @@
  *
  * Regexes run on Oniguruma, the engine `tokenizers` itself uses (through the onig crate:
  * Regex::new, that is Oniguruma's default syntax (ONIG_SYNTAX_ONIGURUMA), UTF-8, no
- * options), so `(?i:...)`, `\p{L}`, `\p{N}` and `(?!\S)` mean what they mean there. */
+ * options), so `(?i:...)` and `(?!\S)` mean what they mean there. The Unicode properties
+ * \p{L}, \p{N}, ... are written out as the code points the library's (newer) Oniguruma
+ * puts in them (hf_unicode_props.c), since Debian's tables are older. */
 #include <oniguruma.h>
 #include <stdio.h>
 #include <string.h>
@@ -23,16 +25,92 @@ static void onig_once(void)
     }
 }
 
+static void append_ranges(struct hf_string *out, const int32_t (*ranges)[2], size_t n)
+{
+    char item[40];
+    for (size_t i = 0; i < n; i++) {
+        if (ranges[i][0] == ranges[i][1])
+            snprintf(item, sizeof item, "\\x{%X}", ranges[i][0]);
+        else
+            snprintf(item, sizeof item, "\\x{%X}-\\x{%X}", ranges[i][0], ranges[i][1]);
+        hf_string_append(out, item, strlen(item));
+    }
+}
+
+/* Writes the pattern with each \p{X} (\P{X}, \p{^X}) of hf_unicode_props.c replaced by
+ * the library's own code points for X: inside brackets the ranges, outside in brackets of
+ * their own. Other escapes and properties are copied as they are. */
+static int expand_properties(const char *regex, size_t length, struct hf_string *out, char *err,
+                             size_t err_size)
+{
+    int depth = 0; /* inside how many [...] */
+    for (size_t i = 0; i < length;) {
+        char c = regex[i];
+        if (c == '\\' && i + 1 < length) {
+            char kind = regex[i + 1];
+            const char *close = NULL;
+            if ((kind == 'p' || kind == 'P') && i + 3 < length && regex[i + 2] == '{')
+                close = memchr(regex + i + 3, '}', length - i - 3);
+            if (close) {
+                const char *name = regex + i + 3;
+                bool negated = kind == 'P';
+                if (*name == '^') {
+                    negated = !negated;
+                    name++;
+                }
+                const int32_t(*ranges)[2];
+                size_t n = hf_unicode_property(name, (size_t)(close - name), &ranges);
+                size_t next = (size_t)(close - regex) + 1;
+                if (n && depth == 0) {
+                    hf_string_append(out, negated ? "[^" : "[", negated ? 2 : 1);
+                    append_ranges(out, ranges, n);
+                    hf_string_append(out, "]", 1);
+                    i = next;
+                    continue;
+                }
+                if (n && !negated) {
+                    append_ranges(out, ranges, n);
+                    i = next;
+                    continue;
+                }
+                if (n) {
+                    snprintf(err, err_size,
+                             "regex /%.*s/: a negated property inside brackets is not implemented",
+                             (int)length, regex);
+                    return -1;
+                }
+            }
+            hf_string_append(out, regex + i, 2);
+            i += 2;
+            continue;
+        }
+        if (c == '[')
+            depth++;
+        else if (c == ']' && depth > 0)
+            depth--;
+        hf_string_append(out, &c, 1);
+        i++;
+    }
+    return 0;
+}
+
 int hf_pattern_regex(struct hf_pattern *p, const char *regex, size_t length, char *err,
                      size_t err_size)
 {
     onig_once();
     memset(p, 0, sizeof *p);
     p->kind = HF_PATTERN_REGEX;
+    struct hf_string expanded = {0};
+    hf_string_append(&expanded, "", 0);
+    if (expand_properties(regex, length, &expanded, err, err_size)) {
+        hf_string_free(&expanded);
+        return -1;
+    }
     regex_t *re;
     OnigErrorInfo info;
-    int rc = onig_new(&re, (const UChar *)regex, (const UChar *)regex + length, ONIG_OPTION_NONE,
-                      ONIG_ENCODING_UTF8, ONIG_SYNTAX_DEFAULT, &info);
+    int rc = onig_new(&re, (const UChar *)expanded.data, (const UChar *)expanded.data + expanded.n,
+                      ONIG_OPTION_NONE, ONIG_ENCODING_UTF8, ONIG_SYNTAX_DEFAULT, &info);
+    hf_string_free(&expanded);
     if (rc != ONIG_NORMAL) {
         UChar message[ONIG_MAX_ERROR_MESSAGE_LEN];
         onig_error_code_to_str(message, rc, &info);

@@ -27,6 +27,8 @@ TEXTS = [
     "   many     spaces   ", "punctuation!!! ??? ... ---", "\u00a0nbsp\u3000ideographic",
     # marks of characters newer than Unicode 9.0 (the library's NFC tables): no reordering
     "a\u0308\U00010f46 o\u031b\ua82c x\u0313\U00011943 m\u036b\U00016ff1 \U00011935\U00011930",
+    # letters and digits newer than Debian's Oniguruma tables (Unicode 15 and later)
+    "1\U0001d2c5\U0001d2c6 2 x\U00031350\U00031351y \U0002ebf0z \U00011f04\U00011f05 kawi",
 ]
 
 TRAIN = TEXTS * 20 + ["the then there these those this that thing think thought"] * 50

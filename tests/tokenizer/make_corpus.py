@@ -9,7 +9,8 @@ Russian, Greek, Arabic, Hebrew, Hindi, Chinese, Japanese, Korean, Thai, source c
 numbers and digit runs, runs of spaces and tabs, LF/CR/CRLF line ends, emoji (with ZWJ and
 skin tones), combining marks in decomposed form (NFC changes them), contractions in both
 cases, special tokens of both fixtures written inside the text, and raw bytes that are not
-UTF-8 (a lone continuation byte, a truncated sequence, an overlong form, a surrogate, 0xFF).
+UTF-8 (a lone continuation byte, a truncated sequence, an overlong form, a surrogate, 0xFF),
+and runs of arbitrary code points of planes 0-3 (new scripts, unassigned ones).
 
 Invalid UTF-8: the tokenizers library takes Python str, so bytes reach it decoded with
 bytes.decode("utf-8", errors="replace"), which puts U+FFFD for each maximal invalid
@@ -86,8 +87,23 @@ def fragment(rng):
         return rng.choice(SPECIAL).encode()
     if kind < 96:
         return rng.choice(INVALID)
-    return "".join(chr(rng.randrange(0x20, 0x3000)) for _ in range(rng.randrange(1, 8))) \
-        .encode("utf-8", "replace")
+    if kind < 98:
+        return "".join(chr(rng.randrange(0x20, 0x3000)) for _ in range(rng.randrange(1, 8))) \
+            .encode("utf-8", "replace")
+    # any code point of planes 0-3 (new scripts, marks and ideographs, unassigned ones),
+    # mixed with combining marks, spaces and letters: the Unicode tables of NFC and of the
+    # regex properties must be the library's
+    out = []
+    for _ in range(rng.randrange(1, 20)):
+        k = rng.random()
+        if k < 0.6:
+            c = rng.randrange(0x20, 0x40000)
+        elif k < 0.8:
+            c = rng.randrange(0x300, 0x370)
+        else:
+            c = rng.choice([0x20, 0x0A, 0x0D, 0x09, 0xA0, 0x3000, 0x2028, 0x85, 0x27, 0x73])
+        out.append(chr(0x41 if 0xD800 <= c < 0xE000 or c == 0x1E else c))
+    return "".join(out).encode()
 
 
 def record(rng):
