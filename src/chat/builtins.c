@@ -370,22 +370,7 @@ static void add_global(struct render *r, struct scope *s, const char *name, buil
     struct value *v = value_dict(r, V_BUILTIN);
     v->as.builtin.name = name;
     v->as.builtin.fn = fn;
-    /* scope_set is private to eval.c; globals are appended directly. */
-    size_t cap = s->cap ? s->cap : 8;
-    if (s->n == s->cap) {
-        cap = s->cap ? 2 * s->cap : 8;
-        const char **names = arena_alloc(&r->arena, cap * sizeof *names);
-        struct value **values = arena_alloc(&r->arena, cap * sizeof *values);
-        if (s->n) {
-            memcpy(names, s->names, s->n * sizeof *names);
-            memcpy(values, s->values, s->n * sizeof *values);
-        }
-        s->names = names;
-        s->values = values;
-        s->cap = cap;
-    }
-    s->names[s->n] = name;
-    s->values[s->n++] = v;
+    scope_set(r, s, name, v);
 }
 
 void install_globals(struct render *r, struct scope *root)

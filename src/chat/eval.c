@@ -30,7 +30,7 @@ static struct scope *scope_new(struct render *r, struct scope *parent)
     return s;
 }
 
-static void scope_set(struct render *r, struct scope *s, const char *name, struct value *v)
+void scope_set(struct render *r, struct scope *s, const char *name, struct value *v)
 {
     for (size_t i = 0; i < s->n; i++)
         if (!strcmp(s->names[i], name)) {

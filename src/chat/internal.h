@@ -245,6 +245,8 @@ bool apply_test(struct render *r, const char *name, struct value *v, struct valu
                 size_t n_args, int line);
 /* Attribute lookup falls back to these: str/dict/list methods as bound builtins, or NULL. */
 struct value *method_lookup(struct render *r, struct value *self, const char *name, int line);
+/* Binds name to v in scope s (eval.c): replaces a binding of that name, else adds one. */
+void scope_set(struct render *r, struct scope *s, const char *name, struct value *v);
 void install_globals(struct render *r, struct scope *root);
 struct value *call_value(struct render *r, struct value *fn, struct value **args, size_t n_args,
                          const char **kw_names, struct value **kw_values, size_t n_kw, int line);

@@ -1,6 +1,7 @@
 /* hf_util: the containers the tokenizer stages share (growing strings, id lists and
  * spans, an arena for the vocabulary's strings, the string and pair hash maps) and the
  * UTF-8 rules (validity, U+FFFD replacement). */
+#include <stdbool.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -274,26 +275,34 @@ void hf_pair_map_free(struct hf_pair_map *m)
     memset(m, 0, sizeof *m);
 }
 
-/* Unicode 15, table 3-7: the well-formed byte sequences. */
+/* Unicode 15, table 3-7: a lead byte's sequence length and the range of its second
+ * byte; false for a byte that cannot start a multi-byte sequence. */
+static bool lead_byte(unsigned char b, size_t *len, unsigned char *lo, unsigned char *hi)
+{
+    *lo = 0x80, *hi = 0xBF;
+    if (b >= 0xC2 && b <= 0xDF)
+        *len = 2;
+    else if (b >= 0xE0 && b <= 0xEF) {
+        *len = 3;
+        if (b == 0xE0) *lo = 0xA0;
+        if (b == 0xED) *hi = 0x9F;
+    } else if (b >= 0xF0 && b <= 0xF4) {
+        *len = 4;
+        if (b == 0xF0) *lo = 0x90;
+        if (b == 0xF4) *hi = 0x8F;
+    } else
+        return false;
+    return true;
+}
+
+/* The well-formed byte sequences (Unicode 15, table 3-7). */
 size_t hf_utf8_valid_length(const unsigned char *s, size_t n)
 {
     if (n == 0) return 0;
-    unsigned char b = s[0];
+    unsigned char b = s[0], lo, hi;
     if (b < 0x80) return 1;
     size_t len;
-    unsigned char lo = 0x80, hi = 0xBF;
-    if (b >= 0xC2 && b <= 0xDF)
-        len = 2;
-    else if (b >= 0xE0 && b <= 0xEF) {
-        len = 3;
-        if (b == 0xE0) lo = 0xA0;
-        if (b == 0xED) hi = 0x9F;
-    } else if (b >= 0xF0 && b <= 0xF4) {
-        len = 4;
-        if (b == 0xF0) lo = 0x90;
-        if (b == 0xF4) hi = 0x8F;
-    } else
-        return 0;
+    if (!lead_byte(b, &len, &lo, &hi)) return 0;
     if (n < len) return 0;
     if (s[1] < lo || s[1] > hi) return 0;
     for (size_t i = 2; i < len; i++)
@@ -305,21 +314,9 @@ size_t hf_utf8_valid_length(const unsigned char *s, size_t n)
  * (at least 1 byte), the unit that becomes one U+FFFD. */
 static size_t maximal_subpart(const unsigned char *s, size_t n)
 {
-    unsigned char b = s[0];
+    unsigned char lo, hi;
     size_t len;
-    unsigned char lo = 0x80, hi = 0xBF;
-    if (b >= 0xC2 && b <= 0xDF)
-        len = 2;
-    else if (b >= 0xE0 && b <= 0xEF) {
-        len = 3;
-        if (b == 0xE0) lo = 0xA0;
-        if (b == 0xED) hi = 0x9F;
-    } else if (b >= 0xF0 && b <= 0xF4) {
-        len = 4;
-        if (b == 0xF0) lo = 0x90;
-        if (b == 0xF4) hi = 0x8F;
-    } else
-        return 1;
+    if (!lead_byte(s[0], &len, &lo, &hi)) return 1;
     size_t i = 1;
     if (i < n && i < len && s[i] >= lo && s[i] <= hi) {
         i++;
