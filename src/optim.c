@@ -84,24 +84,18 @@ double lr_at(const struct deck_train *train, long long step)
     return lr * 0.5 * (1.0 + cos(3.14159265358979323846 * progress));
 }
 
+double grad_sum_squares(const struct model *model)
+{
+    /* the backend's chunked sum (backend.h), where the gradients are */
+    const struct backend *ops = model->ops ? model->ops : backend_cpu();
+    return ops->sum_squares(model->device_grad_storage ? model->device_grad_storage
+                                                       : model->grad_storage,
+                            model->grad_floats);
+}
+
 double grad_norm(const struct model *model)
 {
-    /* partial sums over fixed chunks of NORM_CHUNK elements, added in chunk order: the
-     * same value for any thread count, and the device kernel's (kernels/optimizer.cu) */
-    size_t n = model->grad_floats, chunks = (n + NORM_CHUNK - 1) / NORM_CHUNK;
-    double *partial = xmalloc((chunks ? chunks : 1) * sizeof(double));
-#pragma omp parallel for schedule(static)
-    for (size_t c = 0; c < chunks; c++) {
-        size_t end = (c + 1) * NORM_CHUNK < n ? (c + 1) * NORM_CHUNK : n;
-        double sum = 0;
-        for (size_t j = c * NORM_CHUNK; j < end; j++)
-            sum += (double)model->grad_storage[j] * model->grad_storage[j];
-        partial[c] = sum;
-    }
-    double sum = 0;
-    for (size_t c = 0; c < chunks; c++) sum += partial[c];
-    free(partial);
-    return sqrt(sum);
+    return sqrt(grad_sum_squares(model));
 }
 
 void grad_scale(struct model *model, float factor)

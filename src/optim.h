@@ -45,6 +45,9 @@ double lr_at(const struct deck_train *train, long long step);
  * clip_grad_norm_: factor max_norm / (norm + 1e-6) when below 1). Returns the norm
  * before clipping. */
 double grad_norm(const struct model *model);
+/* The sum of squares behind it: a partial sum per NORM_CHUNK elements in element order,
+ * the partials added in chunk order (backend.h's sum_squares), on the model's backend. */
+double grad_sum_squares(const struct model *model);
 void grad_scale(struct model *model, float factor);
 
 #endif

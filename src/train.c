@@ -380,9 +380,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
             norm = reduce_gradients(&model, layout, grad_scratch);
             model_upload_grads(&model);
         } else { /* every gradient is this rank's alone: its norm where it is */
-            double squares = ops->sum_squares(model.device_grad_storage ? model.device_grad_storage
-                                                                        : model.grad_storage,
-                                              model.grad_floats);
+            double squares = grad_sum_squares(&model);
             check_mpi(MPI_Allreduce(MPI_IN_PLACE, &squares, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
             norm = sqrt(squares);
         }
