@@ -1,6 +1,8 @@
 /* checksum: the 64-bit checksum of esft's files (definition in checksum.h). */
 #include "checksum.h"
 
+#include <errno.h>
+#include <stdio.h>
 #include <string.h>
 
 /* words are the bytes read little-endian: memcpy into a uint64_t is that on this host */
@@ -72,4 +74,26 @@ uint64_t checksum64(const void *data, size_t n)
     checksum_begin(&c);
     checksum_add(&c, data, n);
     return checksum_end(&c);
+}
+
+int checksum_file(const char *path, uint64_t *sum, char *err, size_t err_size)
+{
+    FILE *in = fopen(path, "rb");
+    if (!in) {
+        snprintf(err, err_size, "%s: cannot open: %s", path, strerror(errno));
+        return -1;
+    }
+    struct checksum c;
+    checksum_begin(&c);
+    char buf[65536];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, in)) > 0) checksum_add(&c, buf, n);
+    int failed = ferror(in);
+    fclose(in);
+    if (failed) {
+        snprintf(err, err_size, "%s: read failed", path);
+        return -1;
+    }
+    *sum = checksum_end(&c);
+    return 0;
 }

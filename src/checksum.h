@@ -33,4 +33,8 @@ uint64_t checksum_end(const struct checksum *c);
 /* The checksum of n bytes in one call. */
 uint64_t checksum64(const void *data, size_t n);
 
+/* checksum64 of a file's bytes, read a slice at a time. 0, or -1 with a message naming
+ * the file. */
+int checksum_file(const char *path, uint64_t *sum, char *err, size_t err_size);
+
 #endif

@@ -18,9 +18,10 @@
 #include "checksum.h"
 #include "dataset_write.h"
 #include "log.h"
+#include "tokenizer.h"
 
 #define FORMAT_NAME "esft-tokens"
-#define FORMAT_VERSION 1
+#define FORMAT_VERSION 2 /* 2 adds tokenizer_checksum and special_tokens; 1 is read */
 
 /* ---- HDF5 error handling ---------------------------------------------------------- */
 
@@ -260,8 +261,9 @@ static int open_checked(struct dataset *ds, const char *path, char *err, size_t 
     if (!right_format) return -1;
     uint64_t version = 0;
     if (read_integer_attribute(file, path, "version", &version, err, err_size) != 0) return -1;
-    if (version != FORMAT_VERSION) {
-        snprintf(err, err_size, "%s: attribute 'version' is %llu; this esft reads version %d", path,
+    if (version != FORMAT_VERSION && version != 1) {
+        snprintf(err, err_size,
+                 "%s: attribute 'version' is %llu; this esft reads versions 1 and %d", path,
                  (unsigned long long)version, FORMAT_VERSION);
         return -1;
     }
@@ -296,6 +298,16 @@ static int open_checked(struct dataset *ds, const char *path, char *err, size_t 
         read_string_attribute(file, path, "sources", &sources, err, err_size) != 0)
         return -1;
     free(sources);
+    /* version 1 predates tokenizer files: its datasets are the byte tokenizer's */
+    if (version >= 2 && (read_string_attribute(file, path, "tokenizer_checksum",
+                                               &ds->tokenizer_checksum, err, err_size) != 0 ||
+                         read_string_attribute(file, path, "special_tokens", &ds->special_tokens,
+                                               err, err_size) != 0))
+        return -1;
+    if (version < 2) {
+        ds->tokenizer_checksum = xstrdup("");
+        ds->special_tokens = xstrdup("");
+    }
     if (ds->vocab_size == 0) {
         snprintf(err, err_size, "%s: attribute 'vocab_size' is 0", path);
         return -1;
@@ -330,6 +342,36 @@ int dataset_open(struct dataset *ds, const char *path, char *err, size_t err_siz
     return status;
 }
 
+int dataset_check_model(const struct dataset *ds, const char *model_dir, int model_vocab_size,
+                        char *err, size_t err_size)
+{
+    char model_sum[17], why[1024];
+    int has = tokenizer_model_identity(model_dir, model_sum, why, sizeof why);
+    if (has < 0) {
+        snprintf(err, err_size, "%s", why);
+        return -1;
+    }
+    const char *sum = ds->tokenizer_checksum ? ds->tokenizer_checksum : "";
+    if (has && strcmp(sum, model_sum) != 0) {
+        snprintf(err, err_size,
+                 "%s was tokenized by %s (%s%s) but the model %s has its own tokenizer "
+                 "(%s/tokenizer.json, checksum %s): its ids would mean other tokens to the "
+                 "model; run prepare with prepare.tokenizer: auto (or that file)",
+                 ds->path, ds->tokenizer, sum[0] ? "checksum " : "the built-in byte tokenizer",
+                 sum, model_dir, model_dir, model_sum);
+        return -1;
+    }
+    if (ds->vocab_size > (uint64_t)model_vocab_size) {
+        snprintf(err, err_size,
+                 "%s holds token ids up to %llu (tokenizer %s) but the model's vocabulary has %d "
+                 "entries",
+                 ds->path, (unsigned long long)ds->vocab_size - 1, ds->tokenizer,
+                 model_vocab_size);
+        return -1;
+    }
+    return 0;
+}
+
 void dataset_close(struct dataset *ds)
 {
     if (ds->file >= 0) {
@@ -341,6 +383,8 @@ void dataset_close(struct dataset *ds)
     free(ds->path);
     free(ds->offsets);
     free(ds->tokenizer);
+    free(ds->tokenizer_checksum);
+    free(ds->special_tokens);
     memset(ds, 0, sizeof *ds);
     ds->file = -1;
 }
@@ -532,6 +576,12 @@ static herr_t write_all(hid_t file, const struct dataset_contents *c, const char
     if (status >= 0)
         status = write_integer_attribute(file, "version", H5T_STD_I32LE, FORMAT_VERSION);
     if (status >= 0) status = write_string_attribute(file, "tokenizer", c->tokenizer);
+    if (status >= 0)
+        status = write_string_attribute(file, "tokenizer_checksum",
+                                        c->tokenizer_checksum ? c->tokenizer_checksum : "");
+    if (status >= 0)
+        status = write_string_attribute(file, "special_tokens",
+                                        c->special_tokens ? c->special_tokens : "");
     if (status >= 0)
         status = write_integer_attribute(file, "vocab_size", H5T_STD_U64LE, c->vocab_size);
     if (status >= 0) status = write_string_attribute(file, "sources", sources);

@@ -4,9 +4,13 @@
  *   /tokens     uint32 [T]       every sample's tokens, concatenated
  *   /offsets    uint64 [S + 1]   sample i is tokens [offsets[i], offsets[i+1]); offsets[0] = 0
  *   /loss_mask  uint8  [T]       1 where the token is a target the loss counts (completion)
- *   attributes on /: format = "esft-tokens", version = 1, tokenizer (name or path),
- *     vocab_size (uint64: every token < vocab_size), sources (the input files, one string
- *     joined by newlines), n_samples, n_tokens, rows_skipped (bad rows skipped by prepare).
+ *   attributes on /: format = "esft-tokens", version = 2, tokenizer (name or path),
+ *     tokenizer_checksum (the tokenizer's identity, tokenizer.h: 16 hex digits of its
+ *     tokenizer.json's checksum, "" for the byte tokenizer), special_tokens ("bos=ID
+ *     eos=ID" or ""), vocab_size (uint64: every token < vocab_size), sources (the input
+ *     files, one string joined by newlines), n_samples, n_tokens, rows_skipped (bad rows
+ *     skipped by prepare). Version 1 files (no tokenizer_checksum, special_tokens) are
+ *     read as the byte tokenizer's, the only one esft had then.
  * A sample is one conversation or document, already formatted and tokenized. */
 #ifndef ESFT_DATASET_H
 #define ESFT_DATASET_H
@@ -22,6 +26,8 @@ struct dataset {
     uint64_t *offsets;  /* [S + 1], read at open */
     uint64_t vocab_size;
     char *tokenizer;
+    char *tokenizer_checksum; /* "" for the byte tokenizer */
+    char *special_tokens;
 };
 
 /* Opens a dataset read-only (serial HDF5: each rank opens it for itself) and reads its
@@ -29,6 +35,13 @@ struct dataset {
  * at the token count. Returns 0, or -1 with a message naming the file and dataset. */
 int dataset_open(struct dataset *ds, const char *path, char *err, size_t err_size);
 void dataset_close(struct dataset *ds);
+
+/* Whether the dataset's ids are the model's: refused (-1 with a message naming both)
+ * when the model directory carries a tokenizer.json and the dataset was made with
+ * another tokenizer (or the byte tokenizer), or when the dataset's ids reach the model's
+ * vocab_size. 0 when they fit. */
+int dataset_check_model(const struct dataset *ds, const char *model_dir, int model_vocab_size,
+                        char *err, size_t err_size);
 
 /* Tokens of sample i: offsets[i+1] - offsets[i]. */
 static inline uint64_t dataset_sample_length(const struct dataset *ds, uint64_t i)

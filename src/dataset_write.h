@@ -17,6 +17,8 @@ struct dataset_contents {
     const uint64_t *offsets;  /* [n_samples + 1]: 0, ..., n_tokens, never decreasing */
     uint64_t n_samples;       /* S */
     const char *tokenizer;    /* name or path */
+    const char *tokenizer_checksum; /* identity (tokenizer.h): hex, "" for byte */
+    const char *special_tokens;     /* "bos=ID eos=ID", or "" */
     uint64_t vocab_size;
     const char *const *sources; /* [n_sources] input files, stored joined by newlines */
     int n_sources;

@@ -43,6 +43,7 @@ static const char *const method_names[] = {"esft", "full",       "frozen_router"
                                            "lora", "densemixer", NULL};
 static const char *const lr_schedule_names[] = {"constant", "linear", "cosine", NULL};
 static const char *const bad_rows_names[] = {"abort", "skip", NULL};
+static const char *const prepare_format_names[] = {"template", "esft_reference", NULL};
 static const char *const bad_steps_names[] = {"stop", "skip", NULL};
 
 #define N_NAMES(array) (sizeof(array) / sizeof((array)[0]) - 1)
@@ -55,6 +56,7 @@ _Static_assert(N_NAMES(score_function_names) == SCORE_FUNCTION_GATE + 1, "score 
 _Static_assert(N_NAMES(method_names) == METHOD_DENSEMIXER + 1, "method names");
 _Static_assert(N_NAMES(lr_schedule_names) == LR_COSINE + 1, "lr schedule names");
 _Static_assert(N_NAMES(bad_rows_names) == BAD_ROWS_SKIP + 1, "bad_rows names");
+_Static_assert(N_NAMES(prepare_format_names) == FORMAT_ESFT_REFERENCE + 1, "format names");
 _Static_assert(N_NAMES(bad_steps_names) == BAD_STEPS_SKIP + 1, "bad_steps names");
 /* Enum fields are written through an int pointer. */
 _Static_assert(sizeof(enum train_method) == sizeof(int), "enum size");
@@ -207,8 +209,21 @@ static const struct key schema[] = {
      .required_by = BY(PREPARE), .help = "jsonl files of conversations (a path or a list)"},
     {KEY("prepare.output", KEY_STRING, prepare.output), .required_by = BY(PREPARE),
      .help = "token dataset written (HDF5)"},
-    {KEY("prepare.tokenizer", KEY_STRING, prepare.tokenizer), .def = "byte",
-     .help = "\"byte\", or the path of a Hugging Face tokenizer.json"},
+    {KEY("prepare.tokenizer", KEY_STRING, prepare.tokenizer), .def = "auto",
+     .help = "auto (model.path's tokenizer.json if it has one, else byte), byte, or a "
+             "tokenizer.json or the directory holding it"},
+    {KEY("prepare.format", KEY_ENUM, prepare.format), .def = "template",
+     .names = prepare_format_names,
+     .help = "template: the tokenizer's chat template; esft_reference: the ESFT reference's "
+             "User:/Assistant: layout"},
+    {KEY("prepare.chat_template", KEY_STRING, prepare.chat_template),
+     .help = "a named chat template of tokenizer_config.json, or a .jinja file; unset: the "
+             "tokenizer's default"},
+    {KEY("prepare.template_kwargs", KEY_LIST, prepare.template_kwargs),
+     COUNT(prepare.n_template_kwargs),
+     .help = "name=value variables for the chat template (enable_thinking=false, ...)"},
+    {KEY("prepare.date", KEY_STRING, prepare.date),
+     .help = "YYYY-MM-DD the template's strftime_now gives; unset: today"},
     {KEY("prepare.bad_rows", KEY_ENUM, prepare.bad_rows), .def = "abort", .names = bad_rows_names,
      .help = "what a malformed jsonl row does: abort the run, or skip it with a warning"},
 

@@ -25,6 +25,7 @@ enum train_method { METHOD_ESFT, METHOD_FULL, METHOD_FROZEN_ROUTER, METHOD_LORA,
                     METHOD_DENSEMIXER };
 enum lr_schedule { LR_CONSTANT, LR_LINEAR, LR_COSINE };
 enum bad_rows { BAD_ROWS_ABORT, BAD_ROWS_SKIP };
+enum prepare_format { FORMAT_TEMPLATE, FORMAT_ESFT_REFERENCE };
 enum bad_steps { BAD_STEPS_STOP, BAD_STEPS_SKIP };
 enum backend_choice { BACKEND_AUTO, BACKEND_CPU, BACKEND_CUDA, BACKEND_DEVSIM };
 /* The deck name of a backend choice ("auto", "cpu", "cuda", "cpu-devsim"). */
@@ -76,7 +77,12 @@ struct deck_prepare {
     char *inputs[DECK_MAX_LIST]; /* jsonl files */
     int n_inputs;
     char *output;   /* dataset written (HDF5) */
-    char *tokenizer; /* "byte" or a tokenizer.json path */
+    char *tokenizer; /* "auto", "byte", or a tokenizer.json (or its directory) */
+    enum prepare_format format; /* the chat template, or the ESFT reference's layout */
+    char *chat_template;        /* a named template of tokenizer_config.json, or a file */
+    char *template_kwargs[DECK_MAX_LIST]; /* "name=value" passed to the chat template */
+    int n_template_kwargs;
+    char *date; /* YYYY-MM-DD that strftime_now formats; unset: today */
     enum bad_rows bad_rows;
 };
 

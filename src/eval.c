@@ -77,9 +77,8 @@ int phase_eval(const struct deck *deck, const struct layout *layout)
     struct dataset ds;
     if (dataset_open(&ds, deck->data.path, err, sizeof err) != 0)
         fatal_all(EXIT_INPUT, "eval: %s", err);
-    if (ds.vocab_size > (uint64_t)cfg.vocab_size)
-        fatal_all(EXIT_INPUT, "eval: %s holds token ids up to %" PRIu64 " but the model's "
-                  "vocabulary has %d entries", deck->data.path, ds.vocab_size - 1, cfg.vocab_size);
+    if (dataset_check_model(&ds, deck->model.path, cfg.vocab_size, err, sizeof err) != 0)
+        fatal_all(EXIT_INPUT, "eval: %s", err);
     if (ds.n_samples == 0) fatal_all(EXIT_INPUT, "eval: %s holds no sample", deck->data.path);
 
     /* the tensors this rank will load, from the headers, before allocating for them */

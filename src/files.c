@@ -5,9 +5,12 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdbool.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include "log.h"
 
 int make_directories(const char *path)
 {
@@ -142,4 +145,40 @@ void svg_begin(FILE *out, int width, int height)
             "viewBox=\"0 0 %d %d\" font-family=\"DejaVu Sans, Arial, sans-serif\">\n",
             width, height, width, height);
     fprintf(out, "<rect width=\"%d\" height=\"%d\" fill=\"white\"/>\n", width, height);
+}
+
+char *file_read(const char *path, size_t max_bytes, size_t *length, char *err, size_t err_size)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        snprintf(err, err_size, "%s: cannot open: %s", path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 1 << 16, len = 0;
+    char *text = xmalloc(cap + 1);
+    for (;;) {
+        size_t k = fread(text + len, 1, cap - len, f);
+        len += k;
+        if (len < cap) break;
+        if (cap >= max_bytes) {
+            fclose(f);
+            free(text);
+            snprintf(err, err_size, "%s: larger than %zu bytes", path, max_bytes);
+            return NULL;
+        }
+        cap *= 2;
+        char *grown = realloc(text, cap + 1);
+        if (!grown) fatal(EXIT_RUNTIME, "out of memory reading %s", path);
+        text = grown;
+    }
+    int failed = ferror(f);
+    fclose(f);
+    if (failed) {
+        snprintf(err, err_size, "%s: read error", path);
+        free(text);
+        return NULL;
+    }
+    text[len] = '\0';
+    *length = len;
+    return text;
 }

@@ -19,6 +19,7 @@
 #include "hfconfig.h"
 #include "layout.h"
 #include "model.h"
+#include "inspect.h"
 #include "modelpath.h"
 #include "log.h"
 #include "phases.h"
@@ -34,6 +35,7 @@ struct options {
     const char *overrides[MAX_OVERRIDES];
     int n_overrides;
     bool dry_run;
+    long long inspect; /* --inspect N: show sample N as prepare makes it; -1: not asked */
     int ranks; /* --ranks N: plan the layout for N ranks (dry run only); 0 = world size */
 };
 
@@ -52,6 +54,9 @@ static void print_usage(FILE *out)
             "                 write nothing; exit 0, or 2 with what a run would refuse\n"
             "  --ranks N      with --dry-run: plan the layout for N ranks instead of the\n"
             "                 number this job was started with\n"
+            "  --inspect N    print sample N (from 0) as prepare makes it from the deck's\n"
+            "                 prepare.inputs: its text with the loss-bearing tokens marked\n"
+            "                 [[ ]], and its token ids; write nothing\n"
             "  --help-deck    list every deck key with its type, default and meaning\n"
             "  --help         this text\n"
             "  --version      version, backends and library versions\n"
@@ -67,6 +72,7 @@ static void print_usage(FILE *out)
 static int parse_options(int argc, char **argv, struct options *opt, int rank)
 {
     memset(opt, 0, sizeof *opt);
+    opt->inspect = -1;
     for (int i = 1; i < argc; i++) {
         const char *arg = argv[i];
         if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
@@ -89,6 +95,17 @@ static int parse_options(int argc, char **argv, struct options *opt, int rank)
                 return EXIT_INPUT;
             }
             opt->ranks = (int)n;
+        } else if (strcmp(arg, "--inspect") == 0 || strncmp(arg, "--inspect=", 10) == 0) {
+            const char *value = arg[9] == '=' ? arg + 10 : (i + 1 < argc ? argv[++i] : "");
+            char *end = NULL;
+            long long n = strtoll(value, &end, 10);
+            if (!*value || *end || n < 0) {
+                if (rank == 0)
+                    fprintf(stderr, "esft: --inspect needs a sample number >= 0, got '%s'\n",
+                            value);
+                return EXIT_INPUT;
+            }
+            opt->inspect = n;
         } else if (arg[0] == '-' && arg[1] != '\0') {
             if (rank == 0)
                 fprintf(stderr, "esft: unknown option '%s' (see esft --help)\n", arg);
@@ -269,6 +286,17 @@ int main(int argc, char **argv)
      * not there, when there is more to say */
     char model_absent[8192];
     modelpath_prepare(&deck, opt.dry_run, model_absent, sizeof model_absent);
+    if (opt.inspect >= 0) { /* rank 0 looks; every rank leaves with its status */
+        char *why_not = xcalloc(8192, 1);
+        int inspected = world_rank == 0 ? inspect_sample(&deck, (uint64_t)opt.inspect, stdout,
+                                                         why_not, 8192)
+                                        : 0;
+        fflush(stdout);
+        check_mpi(MPI_Bcast(&inspected, 1, MPI_INT, 0, MPI_COMM_WORLD));
+        if (inspected != 0) fatal_all(inspected, "%s", why_not);
+        MPI_Finalize();
+        return 0;
+    }
 
     /* The layout: pp and ep from the deck, dp from the number of ranks. */
     int planned_ranks = opt.ranks ? opt.ranks : world_size;

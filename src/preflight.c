@@ -13,6 +13,7 @@
 #include "dataset.h"
 #include "hfconfig.h"
 #include "log.h"
+#include "prepare.h"
 #include "tokenizer.h"
 #include "trainable.h"
 
@@ -45,6 +46,9 @@ static bool is_file(const char *path)
 /* The files the phases before `upto` in the deck's list write (as the phases name them). */
 struct produced {
     bool model, data, stats, expert_config, adapter;
+    /* the dataset prepare writes in this run: its tokenizer's identity */
+    char data_tokenizer[4200], data_checksum[17];
+    uint64_t data_vocab_size;
 };
 
 static void join(char *out, size_t size, const char *dir, const char *name)
@@ -88,17 +92,27 @@ static bool model_config(const struct deck *deck, const struct produced *made,
 static void check_data(const struct deck *deck, const struct produced *made,
                        const struct model_check *mc, enum phase phase, struct problems *p)
 {
-    if (made->data) return;
     char err[4096];
     struct dataset ds;
+    if (made->data) {
+        /* what prepare will write, judged by the tokenizer it will use */
+        if (made->model || !mc->ok) return;
+        memset(&ds, 0, sizeof ds);
+        ds.path = deck->data.path;
+        ds.tokenizer = (char *)made->data_tokenizer;
+        ds.tokenizer_checksum = (char *)made->data_checksum;
+        ds.vocab_size = made->data_vocab_size;
+        if (dataset_check_model(&ds, deck->model.path, mc->cfg.vocab_size, err, sizeof err))
+            problem(p, "%s: %s (as prepare is set up in this deck)", phase_name(phase), err);
+        return;
+    }
     if (dataset_open(&ds, deck->data.path, err, sizeof err) != 0) {
         problem(p, "%s: data.path: %s", phase_name(phase), err);
         return;
     }
-    if (mc->ok && ds.vocab_size > (uint64_t)mc->cfg.vocab_size)
-        problem(p, "%s: %s holds token ids up to %" PRIu64 " (tokenizer %s) but the model's "
-                "vocabulary has %d entries", phase_name(phase), deck->data.path,
-                ds.vocab_size - 1, ds.tokenizer, mc->cfg.vocab_size);
+    if (mc->ok && !made->model &&
+        dataset_check_model(&ds, deck->model.path, mc->cfg.vocab_size, err, sizeof err))
+        problem(p, "%s: %s", phase_name(phase), err);
     else if (ds.n_samples == 0)
         problem(p, "%s: %s holds no sample", phase_name(phase), deck->data.path);
     dataset_close(&ds);
@@ -137,11 +151,12 @@ int preflight_check(const struct deck *deck, const struct layout_grid *grid, cha
                     problem(&p, "prepare: %s: is a directory, not a jsonl file", input);
             }
             struct tokenizer tok;
-            if (tokenizer_open(&tok, deck->prepare.tokenizer, err, sizeof err) != 0) {
-                char where[4200];
-                deck_where(deck, "prepare.tokenizer", where, sizeof where);
-                problem(&p, "%s: prepare.tokenizer: %s", where, err);
+            if (prepare_open_tokenizer(deck, made.model, &tok, err, sizeof err) != 0) {
+                problem(&p, "%s", err);
             } else {
+                snprintf(made.data_tokenizer, sizeof made.data_tokenizer, "%s", tok.name);
+                snprintf(made.data_checksum, sizeof made.data_checksum, "%s", tok.checksum);
+                made.data_vocab_size = tok.vocab_size;
                 tokenizer_close(&tok);
             }
             if (deck->data.path && strcmp(deck->data.path, deck->prepare.output) == 0)

@@ -1,37 +1,45 @@
-/* prepare: the `prepare` phase, jsonl conversations -> token dataset (dataset.h).
+/* prepare: the `prepare` phase, jsonl rows -> token dataset (dataset.h).
  *
- * Rows (one JSON object per line; blank lines are skipped; keys other than these are
- * ignored, so rows may carry ids or metadata):
- *   {"messages": [{"role": "system"|"user"|"assistant", "content": STRING,
- *                  "mask": 0|1 (optional; 1 on an assistant turn: not trained)}, ...]}
- *   {"prompt": STRING, "completion": STRING}
- *   {"text": STRING}
- * Formatting and the loss mask are the tokenizer's chat template (tokenizer.h). Empty
- * strings are allowed. A row is bad when it is not valid UTF-8 or not valid JSON (a
- * duplicate key included), is not an object, has none or more than one of the three
- * formats, has a value of the wrong type, an empty "messages" list, a message that is not
- * an object, an unknown role, or a "mask" other than 0 or 1. */
+ * Rows: one JSON object per line, in any shape conversation.h accepts (messages,
+ * ShareGPT conversations, prompt/completion, Alpaca, text; system and tools beside them);
+ * blank lines are skipped and a UTF-8 byte order mark at the start of a file is ignored.
+ * Formatting and the loss mask: sample.h, with the tokenizer prepare.tokenizer names
+ * (tokenizer.h). A key of a row that is not used is reported (FILE:LINE, once per key)
+ * and counted. A row is bad when it is not valid UTF-8 or JSON (a duplicate key
+ * included), is not an object, has none or more than one shape, has a value of the wrong
+ * type, an empty conversation, an unknown role, a bad loss switch, or when its template
+ * or format refuses it (the template's own message). */
 #ifndef ESFT_PREPARE_H
 #define ESFT_PREPARE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #include "deck.h"
 #include "layout.h"
 #include "tokenizer.h"
 
-/* Reads deck->prepare.inputs on rank 0 and writes deck->prepare.output; the other ranks
- * wait. Bad rows: with prepare.bad_rows abort, the first ends every rank with status 2
+/* Reads deck->prepare.inputs on every rank, each formatting its share of the rows, and
+ * writes deck->prepare.output from rank 0 (the same file for any number of ranks). Bad
+ * rows: with prepare.bad_rows abort, the first ends every rank with status 2
  * (`FILE:LINE: message`) and nothing is written; with skip, each is warned about (the
  * first 20 printed), counted and stored as the dataset's rows_skipped. An input that
  * cannot be opened, or inputs with no usable row, end with status 2; a failed write with
  * status 1. Collective over MPI_COMM_WORLD; returns 0. */
 int phase_prepare(const struct deck *deck, const struct layout *layout);
 
-/* Formats one jsonl row (length bytes, no newline) into one sample appended to out.
- * Returns 0, or -1 with the reason in err (no file or line prefix); out is then
- * unchanged. */
-int prepare_format_row(const struct tokenizer *tok, const char *line, size_t length,
-                       struct token_buffer *out, char *err, size_t err_size);
+/* Formats one jsonl row (length bytes, no newline) into one sample appended to out, and
+ * writes the keys of the row it did not use into dropped (comma separated; "" if none;
+ * dropped may be NULL). Returns 0, or -1 with the reason in err (no file or line prefix);
+ * out is then unchanged. */
+int prepare_format_row(const struct tokenizer *tok, enum prepare_format format, const char *line,
+                       size_t length, struct token_buffer *out, char *dropped,
+                       size_t dropped_size, char *err, size_t err_size);
+
+/* Opens the tokenizer the deck's prepare section names (model_made: init writes
+ * model.path in this run, so it has no tokenizer files yet). Returns 0, or -1 with
+ * "DECK:LINE:COL: prepare.tokenizer: what is wrong" in err. */
+int prepare_open_tokenizer(const struct deck *deck, bool model_made, struct tokenizer *tok,
+                           char *err, size_t err_size);
 
 #endif

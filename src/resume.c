@@ -18,29 +18,6 @@
 
 /* ---- what the run trains on --------------------------------------------------------- */
 
-/* checksum64 of a file's bytes, read a slice at a time. 0, or -1 with a message. */
-static int file_checksum(const char *path, uint64_t *sum, char *err, size_t err_size)
-{
-    FILE *in = fopen(path, "rb");
-    if (!in) {
-        snprintf(err, err_size, "%s: cannot open: %s", path, strerror(errno));
-        return -1;
-    }
-    struct checksum c;
-    checksum_begin(&c);
-    char buf[65536];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, in)) > 0) checksum_add(&c, buf, n);
-    int failed = ferror(in);
-    fclose(in);
-    if (failed) {
-        snprintf(err, err_size, "%s: read failed", path);
-        return -1;
-    }
-    *sum = checksum_end(&c);
-    return 0;
-}
-
 void resume_hash_inputs(const struct deck *deck, const struct dataset *ds,
                         struct checkpoint_run *run)
 {
@@ -52,7 +29,7 @@ void resume_hash_inputs(const struct deck *deck, const struct dataset *ds,
     if (rank == 0) {
         rc = dataset_hash(ds, &hashes[0], err, sizeof err);
         if (rc == 0 && deck->train.method == METHOD_ESFT)
-            rc = file_checksum(deck->train.expert_config, &hashes[1], err, sizeof err);
+            rc = checksum_file(deck->train.expert_config, &hashes[1], err, sizeof err);
     }
     if (checkpoint_agree(rc, err, sizeof err, MPI_COMM_WORLD) != 0)
         fatal_all(EXIT_INPUT, "train: %s", err);

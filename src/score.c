@@ -102,10 +102,8 @@ int phase_score(const struct deck *deck, const struct layout *layout)
     struct dataset ds;
     rc = dataset_open(&ds, deck->data.path, err, sizeof err);
     if (rc != 0) fatal_all(EXIT_INPUT, "score: %s", err);
-    if (ds.vocab_size > (uint64_t)cfg.vocab_size)
-        fatal_all(EXIT_INPUT, "score: %s holds token ids up to %" PRIu64 " (tokenizer %s) but "
-                  "the model's vocabulary has %d entries", deck->data.path, ds.vocab_size - 1,
-                  ds.tokenizer, cfg.vocab_size);
+    if (dataset_check_model(&ds, deck->model.path, cfg.vocab_size, err, sizeof err) != 0)
+        fatal_all(EXIT_INPUT, "score: %s", err);
 
     if (grid->pp > 1 && cfg.tie_word_embeddings)
         fatal_all(EXIT_INPUT, "score: %s ties lm_head to the embedding (tie_word_embeddings); "

@@ -1,24 +1,22 @@
-/* tokenizer: the built-in byte tokenizer and the fixed chat template (see tokenizer.h),
- * for the `prepare` phase. */
+/* tokenizer: the byte tokenizer, a checkpoint's tokenizer.json with its configuration and
+ * chat template, and their identity (see tokenizer.h). */
 #include "tokenizer.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
+#include "chat/template.h"
+#include "checksum.h"
+#include "files.h"
 #include "log.h"
+#include "tokenizer/hf_tokenizer.h"
 
-enum {
-    BYTE_BEGIN_OF_TEXT = 256,
-    BYTE_END_OF_TEXT = 257,
-    BYTE_SYSTEM = 258,
-    BYTE_USER = 259,
-    BYTE_ASSISTANT = 260,
-    BYTE_END_OF_TURN = 261,
-    BYTE_VOCAB_SIZE = 262,
-};
+#define CONFIG_MAX_BYTES ((size_t)64 << 20)
 
-static void token_buffer_reserve(struct token_buffer *buf, size_t extra)
+void token_buffer_reserve(struct token_buffer *buf, size_t extra)
 {
     if (buf->n + extra <= buf->capacity) return;
     size_t capacity = buf->capacity ? buf->capacity : 256;
@@ -46,19 +44,6 @@ void token_buffer_free(struct token_buffer *buf)
     free(buf->ids);
     free(buf->loss_mask);
     memset(buf, 0, sizeof *buf);
-}
-
-int chat_role_parse(const char *name, enum chat_role *role)
-{
-    if (strcmp(name, "system") == 0)
-        *role = ROLE_SYSTEM;
-    else if (strcmp(name, "user") == 0)
-        *role = ROLE_USER;
-    else if (strcmp(name, "assistant") == 0)
-        *role = ROLE_ASSISTANT;
-    else
-        return -1;
-    return 0;
 }
 
 /* RFC 3629, section 4: the well-formed byte sequences. The second byte's range depends
@@ -101,84 +86,345 @@ bool utf8_valid(const char *text, size_t length, size_t *bad_offset)
     return true;
 }
 
-/* Byte tokenizer: each byte of the UTF-8 text is its own id. */
-static int byte_encode(const struct tokenizer *tok, const char *text, size_t length, uint8_t loss,
-                       struct token_buffer *out, char *err, size_t err_size)
+/* ---- encoding ------------------------------------------------------------------------ */
+
+int tokenizer_encode(const struct tokenizer *tok, const char *text, size_t length, uint8_t loss,
+                     struct token_buffer *out, char *err, size_t err_size)
 {
-    (void)tok;
     size_t bad;
     if (!utf8_valid(text, length, &bad)) {
         snprintf(err, err_size, "invalid UTF-8 at byte %zu of the text (0x%02x)", bad + 1,
                  (unsigned char)text[bad]);
         return -1;
     }
-    token_buffer_reserve(out, length);
-    for (size_t i = 0; i < length; i++) {
-        out->ids[out->n + i] = (unsigned char)text[i];
+    if (!tok->hf) { /* each byte of the UTF-8 text is its own id */
+        token_buffer_reserve(out, length);
+        for (size_t i = 0; i < length; i++) {
+            out->ids[out->n + i] = (unsigned char)text[i];
+            out->loss_mask[out->n + i] = loss;
+        }
+        out->n += length;
+        return 0;
+    }
+    struct hf_ids ids = {0};
+    if (hf_tokenizer_encode(tok->hf, text, length, false, &ids, err, err_size) != 0) {
+        hf_ids_free(&ids);
+        return -1;
+    }
+    token_buffer_reserve(out, ids.n);
+    for (size_t i = 0; i < ids.n; i++) {
+        out->ids[out->n + i] = ids.ids[i];
         out->loss_mask[out->n + i] = loss;
     }
-    out->n += length;
+    out->n += ids.n;
+    hf_ids_free(&ids);
     return 0;
 }
 
-int tokenizer_chat_template(const struct tokenizer *tok, const struct chat_message *messages,
-                            int n_messages, struct token_buffer *out, char *err, size_t err_size)
+char *tokenizer_decode(const struct tokenizer *tok, const uint32_t *ids, size_t n, size_t *length)
 {
-    size_t start = out->n;
-    token_buffer_append(out, tok->begin_of_text, 0);
-    for (int m = 0; m < n_messages; m++) {
-        const struct chat_message *msg = &messages[m];
-        uint8_t loss = msg->role == ROLE_ASSISTANT && !msg->no_loss;
-        uint32_t role = msg->role == ROLE_SYSTEM ? tok->system
-                        : msg->role == ROLE_USER ? tok->user
-                                                 : tok->assistant;
-        token_buffer_append(out, role, 0);
-        char why[256];
-        if (tok->encode(tok, msg->content, msg->length, loss, out, why, sizeof why) != 0) {
-            snprintf(err, err_size, "message %d: %s", m + 1, why);
-            out->n = start;
+    static const char *const byte_specials[] = {"<|begin_of_text|>", "<|end_of_text|>",
+                                                "<|system|>",        "<|user|>",
+                                                "<|assistant|>",     "<|end_of_turn|>"};
+    if (tok->hf) {
+        char err[256];
+        char *text = hf_tokenizer_decode(tok->hf, ids, n, false, length, err, sizeof err);
+        if (text) return text;
+        *length = 0;
+        return xstrdup("");
+    }
+    size_t size = 1;
+    for (size_t i = 0; i < n; i++) size += ids[i] < 256 ? 1 : 20;
+    char *text = xmalloc(size);
+    size_t at = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (ids[i] < 256)
+            text[at++] = (char)ids[i];
+        else if (ids[i] < BYTE_VOCAB_SIZE)
+            at += (size_t)sprintf(text + at, "%s", byte_specials[ids[i] - 256]);
+    }
+    text[at] = '\0';
+    *length = at;
+    return text;
+}
+
+/* ---- opening ------------------------------------------------------------------------- */
+
+static bool is_directory(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+static bool is_regular(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+static void open_byte(struct tokenizer *tok)
+{
+    tok->name = xstrdup("byte");
+    tok->vocab_size = BYTE_VOCAB_SIZE;
+    tok->bos = BYTE_BEGIN_OF_TEXT;
+    tok->eos = BYTE_END_OF_TEXT;
+}
+
+/* bos_token / eos_token of tokenizer_config.json: a string, {"content": ...} or null. */
+static int special_token(struct tokenizer *tok, const json_t *config, const char *key,
+                         const char *config_path, int64_t *id, char *err, size_t err_size)
+{
+    *id = -1;
+    const json_t *v = json_object_get(config, key);
+    if (json_is_object(v)) v = json_object_get(v, "content");
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_string(v)) {
+        snprintf(err, err_size, "%s: \"%s\" is %s; expected a string or {\"content\": ...}",
+                 config_path, key, json_is_object(v) ? "an object" : "not a string");
+        return -1;
+    }
+    int64_t found = hf_tokenizer_token_to_id(tok->hf, json_string_value(v), json_string_length(v));
+    if (found < 0) {
+        snprintf(err, err_size, "%s: %s \"%s\" is not a token of %s", config_path, key,
+                 json_string_value(v), tok->name);
+        return -1;
+    }
+    *id = found;
+    json_object_set(tok->template_vars, key, (json_t *)v);
+    return 0;
+}
+
+/* name=value of prepare.template_kwargs, the value read as YAML reads a plain scalar:
+ * true/false, null, an integer, a number, else the text. */
+static int template_kwarg(json_t *vars, const char *entry, char *err, size_t err_size)
+{
+    const char *eq = strchr(entry, '=');
+    if (!eq || eq == entry) {
+        snprintf(err, err_size, "prepare.template_kwargs: \"%s\" is not name=value", entry);
+        return -1;
+    }
+    char *name = xstrdup(entry);
+    name[eq - entry] = '\0';
+    const char *text = eq + 1;
+    json_t *value;
+    char *end;
+    long long integer = strtoll(text, &end, 10);
+    if (!strcmp(text, "true") || !strcmp(text, "True"))
+        value = json_true();
+    else if (!strcmp(text, "false") || !strcmp(text, "False"))
+        value = json_false();
+    else if (!strcmp(text, "null") || !strcmp(text, "~") || !strcmp(text, "None"))
+        value = json_null();
+    else if (*text && !*end)
+        value = json_integer(integer);
+    else {
+        double number = strtod(text, &end);
+        value = *text && !*end ? json_real(number) : json_string(text);
+    }
+    json_object_set_new(vars, name, value);
+    free(name);
+    return 0;
+}
+
+/* The chat template: prepare.chat_template (a file, or a name in the config's list),
+ * else chat_template.jinja beside the tokenizer, else the config's chat_template (a
+ * string, or the entry named "default" of a list). None is no error: the formatter says
+ * so if a conversation needs one. */
+static int load_template(struct tokenizer *tok, const char *dir, const json_t *config,
+                         const char *config_path, const char *wanted, char *err,
+                         size_t err_size)
+{
+    char path[4200];
+    char *text = NULL;
+    size_t length;
+    const json_t *entry = json_object_get(config, "chat_template");
+    if (wanted && is_regular(wanted)) {
+        text = file_read(wanted, CONFIG_MAX_BYTES, &length, err, err_size);
+        if (!text) return -1;
+        tok->chat_name = xstrdup(wanted);
+    } else if (wanted) {
+        const json_t *item;
+        size_t i;
+        json_array_foreach(entry, i, item) {
+            const json_t *name = json_object_get(item, "name");
+            const json_t *body = json_object_get(item, "template");
+            if (json_is_string(name) && json_is_string(body) &&
+                !strcmp(json_string_value(name), wanted)) {
+                text = xstrdup(json_string_value(body));
+                snprintf(path, sizeof path, "%s (template \"%s\")", config_path, wanted);
+                tok->chat_name = xstrdup(path);
+            }
+        }
+        if (!text) {
+            snprintf(err, err_size,
+                     "prepare.chat_template: \"%s\" is neither a file nor a template named in "
+                     "%s",
+                     wanted, config_path);
             return -1;
         }
-        token_buffer_append(out, tok->end_of_turn, loss);
+    } else {
+        snprintf(path, sizeof path, "%s/chat_template.jinja", dir);
+        if (is_regular(path)) {
+            text = file_read(path, CONFIG_MAX_BYTES, &length, err, err_size);
+            if (!text) return -1;
+            tok->chat_name = xstrdup(path);
+        } else if (json_is_string(entry)) {
+            text = xstrdup(json_string_value(entry));
+            tok->chat_name = xstrdup(config_path);
+        } else if (json_is_array(entry)) {
+            const json_t *item;
+            size_t i;
+            json_array_foreach(entry, i, item) {
+                const json_t *name = json_object_get(item, "name");
+                const json_t *body = json_object_get(item, "template");
+                if (json_is_string(name) && json_is_string(body) &&
+                    !strcmp(json_string_value(name), "default")) {
+                    text = xstrdup(json_string_value(body));
+                    snprintf(path, sizeof path, "%s (template \"default\")", config_path);
+                    tok->chat_name = xstrdup(path);
+                }
+            }
+        }
     }
-    token_buffer_append(out, tok->end_of_text, 0);
-    return 0;
+    if (!text) return 0;
+    tok->chat = chat_template_compile(text, tok->chat_name, err, err_size);
+    free(text);
+    return tok->chat ? 0 : -1;
 }
 
-int tokenizer_format_text(const struct tokenizer *tok, const char *text, size_t length,
-                          struct token_buffer *out, char *err, size_t err_size)
+/* prepare.date: YYYY-MM-DD -> noon UTC of that day. */
+static int parse_date(const char *date, time_t *now, char *err, size_t err_size)
 {
-    size_t start = out->n;
-    token_buffer_append(out, tok->begin_of_text, 0);
-    if (tok->encode(tok, text, length, 1, out, err, err_size) != 0) {
-        out->n = start;
+    int y, m, d;
+    char tail;
+    if (sscanf(date, "%4d-%2d-%2d%c", &y, &m, &d, &tail) != 3 || m < 1 || m > 12 || d < 1 ||
+        d > 31) {
+        snprintf(err, err_size, "prepare.date: \"%s\" is not a date YYYY-MM-DD", date);
         return -1;
     }
-    token_buffer_append(out, tok->end_of_text, 1);
+    /* days since 1970-01-01 of the proleptic Gregorian date (Howard Hinnant's
+     * days_from_civil), then noon */
+    int yy = y - (m <= 2);
+    int era = (yy >= 0 ? yy : yy - 399) / 400;
+    int yoe = yy - era * 400;
+    int doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    int doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    long long days = (long long)era * 146097 + doe - 719468;
+    *now = (time_t)(days * 86400 + 12 * 3600);
     return 0;
 }
 
-int tokenizer_open(struct tokenizer *tok, const char *spec, char *err, size_t err_size)
+static int open_hf(struct tokenizer *tok, const char *file, const struct tokenizer_options *o,
+                   char *err, size_t err_size)
+{
+    tok->name = xstrdup(file);
+    uint64_t sum;
+    if (checksum_file(file, &sum, err, err_size) != 0) return -1;
+    snprintf(tok->checksum, sizeof tok->checksum, "%016llx", (unsigned long long)sum);
+    tok->hf = hf_tokenizer_load(file, err, err_size);
+    if (!tok->hf) return -1;
+    tok->vocab_size = hf_tokenizer_vocab_size(tok->hf);
+    tok->template_vars = json_object();
+    char *dir = xstrdup(file);
+    char *slash = strrchr(dir, '/');
+    if (slash)
+        *slash = '\0';
+    else
+        strcpy(dir, ".");
+    char config_path[4200];
+    snprintf(config_path, sizeof config_path, "%s/tokenizer_config.json", dir);
+    json_t *config = NULL;
+    int rc = 0;
+    if (is_regular(config_path)) {
+        json_error_t error;
+        config = json_load_file(config_path, JSON_REJECT_DUPLICATES, &error);
+        if (!config || !json_is_object(config)) {
+            snprintf(err, err_size, "%s:%d: %s", config_path, error.line,
+                     config ? "not a JSON object" : error.text);
+            rc = -1;
+        }
+    }
+    if (rc == 0) rc = special_token(tok, config, "bos_token", config_path, &tok->bos, err, err_size);
+    if (rc == 0) rc = special_token(tok, config, "eos_token", config_path, &tok->eos, err, err_size);
+    /* transformers passes the other special tokens too (its special_tokens_map) */
+    static const char *const others[] = {"unk_token", "pad_token", "sep_token", "cls_token",
+                                         "mask_token"};
+    for (size_t i = 0; rc == 0 && i < sizeof others / sizeof others[0]; i++) {
+        const json_t *v = json_object_get(config, others[i]);
+        if (json_is_object(v)) v = json_object_get(v, "content");
+        if (json_is_string(v)) json_object_set(tok->template_vars, others[i], (json_t *)v);
+    }
+    if (rc == 0)
+        rc = load_template(tok, dir, config, config_path, o->chat_template, err, err_size);
+    for (int i = 0; rc == 0 && i < o->n_template_kwargs; i++)
+        rc = template_kwarg(tok->template_vars, o->template_kwargs[i], err, err_size);
+    json_decref(config);
+    free(dir);
+    return rc;
+}
+
+int tokenizer_open(struct tokenizer *tok, const struct tokenizer_options *o, char *err,
+                   size_t err_size)
 {
     memset(tok, 0, sizeof *tok);
-    if (!spec || strcmp(spec, "byte") != 0) {
-        snprintf(err, err_size, "tokenizer '%s' is not supported yet; use byte", spec ? spec : "");
-        return -1;
+    tok->bos = tok->eos = -1;
+    const char *spec = o->spec ? o->spec : "auto";
+    char file[4200];
+    int rc = 0;
+    if (o->date && parse_date(o->date, &tok->now, err, err_size) != 0) return -1;
+    if (!strcmp(spec, "byte")) {
+        open_byte(tok);
+    } else if (!strcmp(spec, "auto")) {
+        snprintf(file, sizeof file, "%s/tokenizer.json", o->model_path ? o->model_path : "");
+        if (o->model_path && !o->model_made && is_regular(file))
+            rc = open_hf(tok, file, o, err, err_size);
+        else
+            open_byte(tok);
+    } else {
+        if (is_directory(spec))
+            snprintf(file, sizeof file, "%s/tokenizer.json", spec);
+        else
+            snprintf(file, sizeof file, "%s", spec);
+        if (!is_regular(file)) {
+            snprintf(err, err_size, "%s: %s", file,
+                     path_exists(file) ? "not a regular file"
+                                       : "no such file (expected auto, byte, or a "
+                                         "tokenizer.json or its directory)");
+            rc = -1;
+        } else {
+            rc = open_hf(tok, file, o, err, err_size);
+        }
     }
-    tok->name = "byte";
-    tok->vocab_size = BYTE_VOCAB_SIZE;
-    tok->begin_of_text = BYTE_BEGIN_OF_TEXT;
-    tok->end_of_text = BYTE_END_OF_TEXT;
-    tok->system = BYTE_SYSTEM;
-    tok->user = BYTE_USER;
-    tok->assistant = BYTE_ASSISTANT;
-    tok->end_of_turn = BYTE_END_OF_TURN;
-    tok->encode = byte_encode;
-    tok->format_chat = tokenizer_chat_template;
-    return 0;
+    if (rc == 0 && !tok->hf && (o->chat_template || o->n_template_kwargs)) {
+        snprintf(err, err_size,
+                 "prepare.%s is set but the tokenizer is the built-in byte tokenizer, whose "
+                 "chat template is fixed",
+                 o->chat_template ? "chat_template" : "template_kwargs");
+        rc = -1;
+    }
+    if (rc != 0) tokenizer_close(tok);
+    return rc;
 }
 
 void tokenizer_close(struct tokenizer *tok)
 {
+    free(tok->name);
+    free(tok->chat_name);
+    hf_tokenizer_free(tok->hf);
+    chat_template_free(tok->chat);
+    json_decref(tok->template_vars);
     memset(tok, 0, sizeof *tok);
+    tok->bos = tok->eos = -1;
+}
+
+int tokenizer_model_identity(const char *model_dir, char checksum[17], char *err, size_t err_size)
+{
+    char file[4200];
+    snprintf(file, sizeof file, "%s/tokenizer.json", model_dir);
+    checksum[0] = '\0';
+    if (!path_exists(file)) return 0;
+    uint64_t sum;
+    if (checksum_file(file, &sum, err, err_size) != 0) return -1;
+    snprintf(checksum, 17, "%016llx", (unsigned long long)sum);
+    return 1;
 }

@@ -1,34 +1,32 @@
-/* tokenizer: text -> token ids, and the chat template that turns a conversation into one
- * sample with its loss mask. Callers: the `prepare` phase (and its tests).
+/* tokenizer: the tokenizer prepare encodes with, and its identity, which the dataset
+ * records and score, train and eval compare with the model's. Callers: prepare, sample.c
+ * (formatting), the phases that read a dataset, and the tests.
  *
- * A tokenizer is a small table: its name, vocab_size, the ids of its special tokens, an
- * `encode` function (UTF-8 text -> ids appended to a buffer) and a `format_chat` function
- * (a conversation -> one sample). The built-in byte tokenizer fills the table here; a
- * Hugging Face tokenizer.json (BPE) implementation plugs in later by filling the same
- * table from the file (tokenizer_open dispatches on the spec) and, where its model has a
- * chat template of its own, its own format_chat.
+ * Two kinds:
+ *   byte   built in (vocab_size 262): ids 0..255 are the bytes of the UTF-8 text, then
+ *          256 <|begin_of_text|> 257 <|end_of_text|> 258 <|system|> 259 <|user|>
+ *          260 <|assistant|> 261 <|end_of_turn|>; its chat template is fixed (sample.h).
+ *   hf     a Hugging Face tokenizer.json (src/tokenizer/hf_tokenizer.h) with, from the
+ *          same directory, tokenizer_config.json (bos_token, eos_token, chat_template: a
+ *          string or a list of named templates) and chat_template.jinja (which, when
+ *          present, is the default template, as transformers reads it).
+ * prepare.tokenizer: `auto` is model.path's tokenizer.json when the checkpoint has one,
+ * else byte (a model init writes has none); `byte`; or a tokenizer.json or the directory
+ * holding it.
  *
- * The byte tokenizer ("byte", vocab_size 262):
- *   ids 0..255   the bytes of the UTF-8 text
- *   256 <|begin_of_text|>  257 <|end_of_text|>  258 <|system|>  259 <|user|>
- *   260 <|assistant|>      261 <|end_of_turn|>
- *
- * The chat template (fixed, every tokenizer that does not bring its own):
- *   BOS, then for each message: ROLE, content tokens, END_OF_TURN; then EOS.
- * Loss mask: 1 on the content tokens of each assistant message and on that message's
- * END_OF_TURN, unless the message carries "mask": 1 (then 0 for the whole turn); 0 on
- * everything else (BOS, role tokens, system and user turns, EOS).
- *   {"prompt": P, "completion": C}  is the conversation [user P, assistant C].
- *   {"text": T}                     is BOS, T's tokens, EOS with loss 1 on T and EOS.
- * Empty content is allowed (the turn is ROLE, END_OF_TURN). Text must be valid UTF-8
- * (RFC 3629: no overlong forms, no surrogates, nothing above U+10FFFF, no truncated
- * sequence); anything else is refused. */
+ * Identity: a tokenizer.json is known by the checksum64 (checksum.h) of its bytes, as 16
+ * hex digits; the byte tokenizer by the empty string. */
 #ifndef ESFT_TOKENIZER_H
 #define ESFT_TOKENIZER_H
 
+#include <jansson.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
+
+struct hf_tokenizer;
+struct chat_template;
 
 /* A growing sample: token ids and the loss mask beside them. */
 struct token_buffer {
@@ -38,55 +36,64 @@ struct token_buffer {
 };
 
 void token_buffer_append(struct token_buffer *buf, uint32_t id, uint8_t loss);
+void token_buffer_reserve(struct token_buffer *buf, size_t extra);
 void token_buffer_free(struct token_buffer *buf);
 
-enum chat_role { ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT };
-
-/* "system", "user", "assistant" -> role; -1 for anything else. */
-int chat_role_parse(const char *name, enum chat_role *role);
-
-struct chat_message {
-    enum chat_role role;
-    const char *content; /* UTF-8, length bytes (need not be NUL-terminated) */
-    size_t length;
-    bool no_loss; /* "mask": 1 on an assistant message: the turn is not trained */
-};
-
 struct tokenizer {
-    const char *name;    /* "byte", or the tokenizer.json path */
+    char *name;          /* "byte", or the tokenizer.json path */
+    char checksum[17];   /* identity: hex checksum of tokenizer.json; "" for byte */
     uint64_t vocab_size; /* every id is < vocab_size */
-    /* special token ids */
-    uint32_t begin_of_text, end_of_text, system, user, assistant, end_of_turn;
-    /* Appends the tokens of `length` bytes of UTF-8 text to out, each with loss mask
-     * `loss`. Returns 0, or -1 with the reason in err (out then unchanged). */
-    int (*encode)(const struct tokenizer *tok, const char *text, size_t length, uint8_t loss,
-                  struct token_buffer *out, char *err, size_t err_size);
-    /* Appends one formatted conversation (one sample) to out. Same return convention. */
-    int (*format_chat)(const struct tokenizer *tok, const struct chat_message *messages,
-                       int n_messages, struct token_buffer *out, char *err, size_t err_size);
-    void *state; /* the implementation's own data (a BPE vocabulary and merges) */
+    int64_t bos, eos;    /* ids of bos_token and eos_token; -1: none */
+    struct hf_tokenizer *hf; /* NULL: the byte tokenizer */
+    /* the chat template (hf only; NULL: the tokenizer has none) and what it is called */
+    struct chat_template *chat;
+    char *chat_name;
+    json_t *template_vars; /* bos_token, eos_token and prepare.template_kwargs */
+    time_t now;            /* what strftime_now formats (0: the current time) */
 };
 
-/* Opens the tokenizer a deck names: "byte" (built in). Anything else: -1 with a message
- * (Hugging Face tokenizer.json files are not supported yet). */
-int tokenizer_open(struct tokenizer *tok, const char *spec, char *err, size_t err_size);
+struct tokenizer_options {
+    const char *spec;       /* prepare.tokenizer */
+    const char *model_path; /* model.path, or NULL */
+    bool model_made;        /* init writes the model in this run (no tokenizer files) */
+    const char *chat_template;             /* prepare.chat_template, or NULL */
+    char *const *template_kwargs;          /* prepare.template_kwargs */
+    int n_template_kwargs;
+    const char *date;                      /* prepare.date, or NULL */
+};
+
+/* Opens the tokenizer the options name. Returns 0, or -1 with a message naming the file
+ * and what is wrong in err. */
+int tokenizer_open(struct tokenizer *tok, const struct tokenizer_options *options, char *err,
+                   size_t err_size);
 void tokenizer_close(struct tokenizer *tok);
 
-/* The fixed chat template above, written against any tokenizer's encode and special ids. */
-int tokenizer_chat_template(const struct tokenizer *tok, const struct chat_message *messages,
-                            int n_messages, struct token_buffer *out, char *err, size_t err_size);
+/* Appends the tokens of `length` bytes of UTF-8 text (no special tokens added) to out,
+ * each with loss mask `loss`. Returns 0, or -1 with the reason in err (out unchanged). */
+int tokenizer_encode(const struct tokenizer *tok, const char *text, size_t length, uint8_t loss,
+                     struct token_buffer *out, char *err, size_t err_size);
 
-/* One conversation, through tok->format_chat. */
-static inline int tokenizer_format_chat(const struct tokenizer *tok,
-                                        const struct chat_message *messages, int n_messages,
-                                        struct token_buffer *out, char *err, size_t err_size)
-{
-    return tok->format_chat(tok, messages, n_messages, out, err, err_size);
-}
+/* The text of n ids, special tokens written out (the byte tokenizer's by the names
+ * above; bytes that are not UTF-8 as they are, an hf tokenizer's as U+FFFD): a malloc'd,
+ * NUL-terminated string with its length. */
+char *tokenizer_decode(const struct tokenizer *tok, const uint32_t *ids, size_t n, size_t *length);
 
-/* One plain document: BOS, text, EOS; loss 1 on the text's tokens and on EOS. */
-int tokenizer_format_text(const struct tokenizer *tok, const char *text, size_t length,
-                          struct token_buffer *out, char *err, size_t err_size);
+/* The byte tokenizer's special ids. */
+enum {
+    BYTE_BEGIN_OF_TEXT = 256,
+    BYTE_END_OF_TEXT = 257,
+    BYTE_SYSTEM = 258,
+    BYTE_USER = 259,
+    BYTE_ASSISTANT = 260,
+    BYTE_END_OF_TURN = 261,
+    BYTE_VOCAB_SIZE = 262,
+};
+
+/* The identity of the tokenizer a checkpoint directory carries: 1 with the checksum of
+ * its tokenizer.json in checksum, 0 when it has none, -1 with a message when it cannot be
+ * read. */
+int tokenizer_model_identity(const char *model_dir, char checksum[17], char *err,
+                             size_t err_size);
 
 /* Checks that `length` bytes are well-formed UTF-8. Returns true, or false with the byte
  * offset of the first bad sequence in *bad_offset (may be NULL). */

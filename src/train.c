@@ -169,9 +169,8 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     struct dataset ds;
     if (dataset_open(&ds, deck->data.path, err, sizeof err) != 0)
         fatal_all(EXIT_INPUT, "train: %s", err);
-    if (ds.vocab_size > (uint64_t)cfg.vocab_size)
-        fatal_all(EXIT_INPUT, "train: %s holds token ids up to %" PRIu64 " but the model's "
-                  "vocabulary has %d entries", deck->data.path, ds.vocab_size - 1, cfg.vocab_size);
+    if (dataset_check_model(&ds, deck->model.path, cfg.vocab_size, err, sizeof err) != 0)
+        fatal_all(EXIT_INPUT, "train: %s", err);
     if (grid->pp > 1 && cfg.tie_word_embeddings)
         fatal_all(EXIT_INPUT, "train: %s ties lm_head to the embedding (tie_word_embeddings); "
                   "pipeline parallelism (parallel.pp %d) does not support tied embeddings yet",

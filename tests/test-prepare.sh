@@ -2,8 +2,9 @@
 # test-prepare: the prepare phase through the esft program: a good run on 1 and 2 ranks
 # (same bytes), a bad row under bad_rows: abort (status 2, `FILE:LINE:` on stderr, nothing
 # written, an older dataset left as it was), the same under skip (warned, counted, at
-# most 20 printed), an input that cannot be opened, an unsupported tokenizer, inputs with
-# no usable row. Dataset contents are checked in tests/test_prepare.c.
+# most 20 printed), an input that cannot be opened, missing and bad tokenizer files, a
+# checkpoint's tokenizer and template (1 and 3 ranks, same bytes; --inspect; unused keys
+# reported), inputs with no usable row. Dataset contents are checked in tests/test_prepare.c.
 set -u
 . "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
 test_begin prepare
@@ -98,13 +99,65 @@ absent "$tmp/missing.h5" "missing input"
 expect 2 "directory as input" "$esft" "$tmp/missing.yaml" "prepare.inputs=[$tmp]"
 contains "$tmp/err" "$tmp: is a directory" "directory as input"
 
-# A tokenizer this version does not have: named with the deck position.
+# A tokenizer file that is not there: named with the deck position, once over 2 ranks.
 deck tok "$src/input/data/demo.jsonl" "$tmp/tok.h5" abort gpt2/tokenizer.json
-expect 2 "unsupported tokenizer" $mpirun 2 "$esft" "$tmp/tok.yaml"
-contains "$tmp/err" "$tmp/tok.yaml:8:3: prepare.tokenizer" "unsupported tokenizer"
-contains "$tmp/err" "tokenizer 'gpt2/tokenizer.json' is not supported yet; use byte" "unsupported tokenizer"
-n=$(grep -c "not supported yet" "$tmp/err")
-[ "$n" = 1 ] && ok || fail "unsupported tokenizer: message printed $n times"
-absent "$tmp/tok.h5" "unsupported tokenizer"
+expect 2 "missing tokenizer" $mpirun 2 "$esft" "$tmp/tok.yaml"
+contains "$tmp/err" "$tmp/tok.yaml:8:3: prepare.tokenizer" "missing tokenizer"
+contains "$tmp/err" "gpt2/tokenizer.json: no such file" "missing tokenizer"
+n=$(grep -c "no such file" "$tmp/err")
+[ "$n" = 1 ] && ok || fail "missing tokenizer: message printed $n times"
+absent "$tmp/tok.h5" "missing tokenizer"
+
+# Bad tokenizer files: each named with what is wrong, status 2, nothing written.
+mkdir -p "$tmp/tk"
+cat >"$tmp/tk/good.json" <<'JSON'
+{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+ "pre_tokenizer":{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":true},
+ "post_processor":null,"decoder":{"type":"ByteLevel","add_prefix_space":true,"trim_offsets":true,"use_regex":true},
+ "model":{"type":"BPE","dropout":null,"unk_token":null,"continuing_subword_prefix":null,"end_of_word_suffix":null,"fuse_unk":false,"byte_fallback":false,"ignore_merges":false,"vocab":{"a":0,"b":1,"ab":2},"merges":["a b"]}}
+JSON
+head -c 200 "$tmp/tk/good.json" >"$tmp/tk/truncated.json"
+sed 's/"type":"BPE"/"type":"Unigram"/' "$tmp/tk/good.json" >"$tmp/tk/unigram.json"
+sed 's/"pre_tokenizer":{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":true}/"pre_tokenizer":{"type":"Split","pattern":{"Regex":"(a"},"behavior":"Isolated","invert":false}/' \
+    "$tmp/tk/good.json" >"$tmp/tk/regex.json"
+sed 's/"merges":\["a b"\]/"merges":["a c"]/' "$tmp/tk/good.json" >"$tmp/tk/merges.json"
+for bad in "truncated:not valid JSON" "unigram:model type \"Unigram\" is not implemented" \
+    "regex:does not compile" "merges:token \"c\" is not in the vocabulary"; do
+    name=${bad%%:*}
+    expect 2 "tokenizer $name" "$esft" "$tmp/tok.yaml" "prepare.tokenizer=$tmp/tk/$name.json"
+    contains "$tmp/err" "$tmp/tk/$name.json" "tokenizer $name"
+    contains "$tmp/err" "${bad#*:}" "tokenizer $name"
+    absent "$tmp/tok.h5" "tokenizer $name"
+done
+# A tokenizer without a chat template cannot format conversations: said at the first one.
+expect 2 "no chat template" "$esft" "$tmp/tok.yaml" "prepare.tokenizer=$tmp/tk/good.json"
+contains "$tmp/err" "demo.jsonl:1: $tmp/tk/good.json has no chat template" "no chat template"
+
+# A checkpoint's tokenizer and template (Qwen3): the same file from 1 and 3 ranks, the
+# tokenizer's identity recorded, and a byte-tokenized dataset refused by a model that
+# carries the tokenizer, before any work.
+mkdir -p "$tmp/qwen"
+gzip -dc "$src/tests/tokenizer/qwen/tokenizer.json.gz" >"$tmp/qwen/tokenizer.json"
+cp "$src/tests/chat/qwen3_moe.jinja" "$tmp/qwen/chat_template.jinja"
+echo '{"bos_token": null, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}' \
+    >"$tmp/qwen/tokenizer_config.json"
+deck qwen "$src/input/data/demo.jsonl" "$tmp/data/qwen-1.h5" abort "$tmp/qwen"
+expect 0 "qwen tokenizer" "$esft" "$tmp/qwen.yaml"
+contains "$tmp/out" "tokenizer $tmp/qwen/tokenizer.json (vocabulary 151669, chat template" "qwen tokenizer"
+expect 0 "qwen tokenizer, 3 ranks" $mpirun 3 "$esft" "$tmp/qwen.yaml" "prepare.output=$tmp/data/qwen-3.h5"
+cmp -s "$tmp/data/qwen-1.h5" "$tmp/data/qwen-3.h5" && ok || fail "qwen: 1 and 3 ranks wrote different files"
+expect 0 "qwen inspect" "$esft" --inspect 1 "$tmp/qwen.yaml"
+contains "$tmp/out" "<|im_start|>assistant" "qwen inspect"
+contains "$tmp/out" "[[<think>" "qwen inspect"
+contains "$tmp/out" "<|im_end|>]]" "qwen inspect"
+# unused keys: warned once per key with FILE:LINE, counted
+printf '%s\n' '{"prompt": "a", "completion": "b", "id": 1}' '{"prompt": "c", "completion": "d", "id": 2, "src": "x"}' \
+    >"$tmp/extra.jsonl"
+expect 0 "unused keys" $mpirun 2 "$esft" "$tmp/qwen.yaml" "prepare.inputs=[$tmp/extra.jsonl]" "prepare.output=$tmp/data/extra.h5"
+contains "$tmp/err" "$tmp/extra.jsonl:1: key \"id\" is not used" "unused keys"
+contains "$tmp/err" "$tmp/extra.jsonl:2: key \"src\" is not used" "unused keys"
+contains "$tmp/err" "2 rows had keys dropped" "unused keys"
+n=$(grep -c 'key "id"' "$tmp/err")
+[ "$n" = 1 ] && ok || fail "unused keys: id reported $n times"
 
 test_end test-prepare

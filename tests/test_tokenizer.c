@@ -1,8 +1,8 @@
-/* test_tokenizer: the byte tokenizer, the chat template and its loss mask, the row
- * formats of prepare, and the UTF-8 check. Every expected id and mask below was worked
- * out by hand from the template in tokenizer.h:
- *   256 BOS  257 EOS  258 <|system|>  259 <|user|>  260 <|assistant|>  261 END_OF_TURN */
-#include <stdint.h>
+/* test_tokenizer: the byte tokenizer, the row shapes of prepare (conversation.c), the
+ * fixed chat layout and the ESFT reference layout (sample.c) with their loss masks, and
+ * the UTF-8 check. Every expected id and mask below was worked out by hand from the
+ * layouts in tokenizer.h and sample.h:
+ *   256 BOS  257 EOS  258 <|system|>  259 <|user|>  260 <|assistant|>  261 END_OF_TURN */#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -46,18 +46,31 @@ static void print_buffer(const char *what, const struct token_buffer *buf)
 
 static void test_open(struct tokenizer *tok)
 {
-    char err[256];
-    CHECK(tokenizer_open(tok, "byte", err, sizeof err) == 0, "byte: %s", err);
+    char err[512];
+    struct tokenizer_options byte = {.spec = "byte"};
+    CHECK(tokenizer_open(tok, &byte, err, sizeof err) == 0, "byte: %s", err);
     CHECK(strcmp(tok->name, "byte") == 0, "name %s", tok->name);
     CHECK(tok->vocab_size == 262, "vocab_size %llu", (unsigned long long)tok->vocab_size);
-    CHECK(tok->begin_of_text == BOS && tok->end_of_text == EOS && tok->system == SYS &&
-              tok->user == USR && tok->assistant == AST && tok->end_of_turn == EOT,
-          "special ids");
+    CHECK(tok->bos == BOS && tok->eos == EOS && !tok->hf && tok->checksum[0] == '\0',
+          "byte identity");
+    /* auto without a model directory, or with one init writes in this run: byte */
     struct tokenizer other;
-    CHECK(tokenizer_open(&other, "gpt2/tokenizer.json", err, sizeof err) != 0,
-          "a tokenizer.json is not supported yet");
-    CHECK(strstr(err, "tokenizer 'gpt2/tokenizer.json' is not supported yet; use byte") != NULL,
+    struct tokenizer_options automatic = {.spec = "auto", .model_path = "/nonexistent"};
+    CHECK(tokenizer_open(&other, &automatic, err, sizeof err) == 0, "auto: %s", err);
+    CHECK(!other.hf && !strcmp(other.name, "byte"), "auto without tokenizer.json: %s", other.name);
+    tokenizer_close(&other);
+    struct tokenizer_options missing = {.spec = "gpt2/tokenizer.json"};
+    CHECK(tokenizer_open(&other, &missing, err, sizeof err) != 0, "a missing file accepted");
+    CHECK(strstr(err, "gpt2/tokenizer.json: no such file") != NULL, "message: %s", err);
+    char *kwargs[] = {"enable_thinking=false"};
+    struct tokenizer_options byte_kwargs = {.spec = "byte", .template_kwargs = kwargs,
+                                            .n_template_kwargs = 1};
+    CHECK(tokenizer_open(&other, &byte_kwargs, err, sizeof err) != 0, "kwargs for byte accepted");
+    CHECK(strstr(err, "template_kwargs is set but the tokenizer is the built-in byte") != NULL,
           "message: %s", err);
+    struct tokenizer_options bad_date = {.spec = "byte", .date = "2026-13-01"};
+    CHECK(tokenizer_open(&other, &bad_date, err, sizeof err) != 0, "bad date accepted");
+    CHECK(strstr(err, "prepare.date: \"2026-13-01\" is not a date") != NULL, "message: %s", err);
 }
 
 static void test_encode(const struct tokenizer *tok)
@@ -65,62 +78,124 @@ static void test_encode(const struct tokenizer *tok)
     char err[256];
     struct token_buffer buf = {0};
     /* "Hi!" = 0x48 0x69 0x21 */
-    CHECK(tok->encode(tok, "Hi!", 3, 1, &buf, err, sizeof err) == 0, "%s", err);
+    CHECK(tokenizer_encode(tok, "Hi!", 3, 1, &buf, err, sizeof err) == 0, "%s", err);
     const uint32_t ascii[] = {72, 105, 33};
     const uint8_t ascii_mask[] = {1, 1, 1};
     CHECK_SAMPLE(&buf, ascii, ascii_mask, "ascii");
     /* e-acute U+00E9 = C3 A9; euro U+20AC = E2 82 AC; grinning face U+1F600 = F0 9F 98 80 */
     buf.n = 0;
     const char *text = "\xC3\xA9\xE2\x82\xAC\xF0\x9F\x98\x80";
-    CHECK(tok->encode(tok, text, strlen(text), 0, &buf, err, sizeof err) == 0, "%s", err);
+    CHECK(tokenizer_encode(tok, text, strlen(text), 0, &buf, err, sizeof err) == 0, "%s", err);
     const uint32_t multi[] = {195, 169, 226, 130, 172, 240, 159, 152, 128};
     const uint8_t multi_mask[] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
     CHECK_SAMPLE(&buf, multi, multi_mask, "multi-byte");
     /* A failed encode leaves the buffer as it was. */
-    CHECK(tok->encode(tok, "ok\xC3", 3, 1, &buf, err, sizeof err) != 0, "truncated accepted");
+    CHECK(tokenizer_encode(tok, "ok\xC3", 3, 1, &buf, err, sizeof err) != 0, "truncated accepted");
     CHECK(buf.n == 9, "buffer changed by a failed encode: %zu", buf.n);
     CHECK(strstr(err, "invalid UTF-8 at byte 3") != NULL, "message: %s", err);
     token_buffer_free(&buf);
 }
 
+/* One row through prepare_format_row; returns its status, err and dropped filled. */
+static int row(const struct tokenizer *tok, enum prepare_format format, const char *line,
+               struct token_buffer *buf, char *dropped, char *err, size_t err_size)
+{
+    char ignored[512];
+    return prepare_format_row(tok, format, line, strlen(line), buf, dropped ? dropped : ignored,
+                              512, err, err_size);
+}
+
 static void test_chat(const struct tokenizer *tok)
 {
-    char err[256];
+    char err[512], dropped[512];
     struct token_buffer buf = {0};
     /* system "S", user "Hi", assistant "Yo" */
-    struct chat_message conversation[] = {{ROLE_SYSTEM, "S", 1, false},
-                                          {ROLE_USER, "Hi", 2, false},
-                                          {ROLE_ASSISTANT, "Yo", 2, false}};
-    CHECK(tokenizer_format_chat(tok, conversation, 3, &buf, err, sizeof err) == 0, "%s", err);
+    const char *three = "{\"messages\": [{\"role\": \"system\", \"content\": \"S\"}, "
+                        "{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", "
+                        "\"content\": \"Yo\"}]}";
+    CHECK(row(tok, FORMAT_TEMPLATE, three, &buf, NULL, err, sizeof err) == 0, "%s", err);
     const uint32_t ids[] = {BOS, SYS, 83, EOT, USR, 72, 105, EOT, AST, 89, 111, EOT, EOS};
     const uint8_t mask[] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0};
     CHECK_SAMPLE(&buf, ids, mask, "system + two turns");
 
-    /* Two exchanges, the first answer carrying "mask": 1; an empty user message. */
+    /* The same as ShareGPT, with the system prompt as a key of the row. */
     buf.n = 0;
-    struct chat_message masked[] = {{ROLE_USER, "a", 1, false},
-                                    {ROLE_ASSISTANT, "b", 1, true},
-                                    {ROLE_USER, "", 0, false},
-                                    {ROLE_ASSISTANT, "d", 1, false}};
-    CHECK(tokenizer_format_chat(tok, masked, 4, &buf, err, sizeof err) == 0, "%s", err);
+    const char *sharegpt = "{\"system\": \"S\", \"conversations\": [{\"from\": \"human\", "
+                           "\"value\": \"Hi\"}, {\"from\": \"gpt\", \"value\": \"Yo\"}]}";
+    CHECK(row(tok, FORMAT_TEMPLATE, sharegpt, &buf, NULL, err, sizeof err) == 0, "%s", err);
+    CHECK_SAMPLE(&buf, ids, mask, "ShareGPT with system");
+
+    /* Content as text parts, joined. */
+    buf.n = 0;
+    const char *parts = "{\"messages\": [{\"role\": \"system\", \"content\": \"S\"}, "
+                        "{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": "
+                        "\"H\"}, {\"type\": \"text\", \"text\": \"i\"}]}, {\"role\": "
+                        "\"assistant\", \"content\": \"Yo\"}]}";
+    CHECK(row(tok, FORMAT_TEMPLATE, parts, &buf, NULL, err, sizeof err) == 0, "%s", err);
+    CHECK_SAMPLE(&buf, ids, mask, "content parts");
+
+    /* Two exchanges, the first answer without loss ("loss": false, and the ESFT reference's
+     * "mask": 1); an empty user message. */
+    const char *no_loss[] = {
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": "
+        "\"assistant\", \"content\": \"b\", \"loss\": false}, {\"role\": \"user\", "
+        "\"content\": \"\"}, {\"role\": \"assistant\", \"content\": \"d\"}]}",
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": "
+        "\"assistant\", \"content\": \"b\", \"mask\": 1}, {\"role\": \"user\", "
+        "\"content\": \"\"}, {\"role\": \"assistant\", \"content\": \"d\", \"mask\": 0}]}",
+    };
     const uint32_t ids2[] = {BOS, USR, 97, EOT, AST, 98, EOT, USR, EOT, AST, 100, EOT, EOS};
     const uint8_t mask2[] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0};
-    CHECK_SAMPLE(&buf, ids2, mask2, "mask: 1");
+    for (int i = 0; i < 2; i++) {
+        buf.n = 0;
+        CHECK(row(tok, FORMAT_TEMPLATE, no_loss[i], &buf, NULL, err, sizeof err) == 0, "%s", err);
+        CHECK_SAMPLE(&buf, ids2, mask2, i ? "mask: 1" : "loss: false");
+    }
 
-    /* Invalid content: refused, buffer untouched. */
-    size_t before = buf.n;
-    struct chat_message bad[] = {{ROLE_USER, "q", 1, false},
-                                 {ROLE_ASSISTANT, "\xED\xA0\x80", 3, false}};
-    CHECK(tokenizer_format_chat(tok, bad, 2, &buf, err, sizeof err) != 0, "surrogate accepted");
-    CHECK(buf.n == before, "buffer changed by a failed format: %zu", buf.n);
-    CHECK(strstr(err, "message 2: invalid UTF-8") != NULL, "message: %s", err);
+    /* Alpaca: instruction "2+2", input "x" -> user "2+2\nx"; output "4". Unused keys are
+     * reported. */
+    buf.n = 0;
+    const char *alpaca = "{\"instruction\": \"2+2\", \"input\": \"x\", \"output\": \"4\", "
+                         "\"id\": 7, \"source\": \"s\"}";
+    CHECK(row(tok, FORMAT_TEMPLATE, alpaca, &buf, dropped, err, sizeof err) == 0, "%s", err);
+    const uint32_t ids3[] = {BOS, USR, 50, 43, 50, 10, 120, EOT, AST, 52, EOT, EOS};
+    const uint8_t mask3[] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0};
+    CHECK_SAMPLE(&buf, ids3, mask3, "alpaca");
+    CHECK(!strcmp(dropped, "id, source"), "dropped: '%s'", dropped);
+
+    /* Keys of a message the fixed layout has no place for are reported too. */
+    buf.n = 0;
+    const char *extra = "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, "
+                        "{\"role\": \"assistant\", \"content\": \"b\", \"reasoning_content\": "
+                        "\"r\"}], \"tools\": []}";
+    CHECK(row(tok, FORMAT_TEMPLATE, extra, &buf, dropped, err, sizeof err) == 0, "%s", err);
+    CHECK(!strcmp(dropped, "tools, messages[].reasoning_content"), "dropped: '%s'", dropped);
+
+    /* The ESFT reference layout: BOS, "User: " q.strip() "\n\nAssistant:", " " a.strip(),
+     * EOS; loss on the answer and its EOS. */
+    buf.n = 0;
+    const char *reference = "{\"messages\": [{\"role\": \"user\", \"content\": \" q\\n\"}, "
+                            "{\"role\": \"assistant\", \"content\": \"a \"}]}";
+    CHECK(row(tok, FORMAT_ESFT_REFERENCE, reference, &buf, NULL, err, sizeof err) == 0, "%s", err);
+    const uint32_t ids4[] = {BOS, 85, 115, 101, 114, 58, 32, 113, 10, 10, 65, 115, 115, 105,
+                             115, 116, 97, 110, 116, 58, 32, 97, EOS};
+    const uint8_t mask4[] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                             0, 0, 0, 0, 0, 0, 1, 1, 1};
+    CHECK_SAMPLE(&buf, ids4, mask4, "esft_reference");
+    buf.n = 0;
+    CHECK(row(tok, FORMAT_ESFT_REFERENCE, three, &buf, NULL, err, sizeof err) != 0,
+          "a system message accepted by esft_reference");
+    CHECK(strstr(err, "message 1: role \"system\": prepare.format esft_reference has only user") !=
+              NULL,
+          "message: %s", err);
 
     /* Plain text: loss on every byte and on EOS. */
     buf.n = 0;
-    CHECK(tokenizer_format_text(tok, "ok", 2, &buf, err, sizeof err) == 0, "%s", err);
-    const uint32_t ids3[] = {BOS, 111, 107, EOS};
-    const uint8_t mask3[] = {0, 1, 1, 1};
-    CHECK_SAMPLE(&buf, ids3, mask3, "text");
+    CHECK(row(tok, FORMAT_TEMPLATE, "{\"text\": \"ok\"}", &buf, NULL, err, sizeof err) == 0,
+          "%s", err);
+    const uint32_t ids5[] = {BOS, 111, 107, EOS};
+    const uint8_t mask5[] = {0, 1, 1, 1};
+    CHECK_SAMPLE(&buf, ids5, mask5, "text");
     token_buffer_free(&buf);
 }
 
@@ -174,14 +249,14 @@ static void test_rows(const struct tokenizer *tok)
     char err[512];
     struct token_buffer buf = {0};
     const char *prompt = "{\"prompt\": \"2+2\", \"completion\": \"4\", \"id\": 7}";
-    CHECK(prepare_format_row(tok, prompt, strlen(prompt), &buf, err, sizeof err) == 0, "%s", err);
+    CHECK(row(tok, FORMAT_TEMPLATE, prompt, &buf, NULL, err, sizeof err) == 0, "%s", err);
     const uint32_t ids[] = {BOS, USR, 50, 43, 50, EOT, AST, 52, EOT, EOS};
     const uint8_t mask[] = {0, 0, 0, 0, 0, 0, 0, 1, 1, 0};
     CHECK_SAMPLE(&buf, ids, mask, "prompt/completion");
 
     buf.n = 0;
     const char *text = "{\"text\": \"\\u00e9!\"}"; /* an escaped e-acute: C3 A9 */
-    CHECK(prepare_format_row(tok, text, strlen(text), &buf, err, sizeof err) == 0, "%s", err);
+    CHECK(row(tok, FORMAT_TEMPLATE, text, &buf, NULL, err, sizeof err) == 0, "%s", err);
     const uint32_t ids2[] = {BOS, 195, 169, 33, EOS};
     const uint8_t mask2[] = {0, 1, 1, 1, 1};
     CHECK_SAMPLE(&buf, ids2, mask2, "text with an escape");
@@ -191,7 +266,7 @@ static void test_rows(const struct tokenizer *tok)
                        "\"assistant\", \"content\": \"y\", \"mask\": 1}, {\"role\": \"user\", "
                        "\"content\": \"z\"}, {\"role\": \"assistant\", \"content\": \"w\", "
                        "\"mask\": 0}]}";
-    CHECK(prepare_format_row(tok, chat, strlen(chat), &buf, err, sizeof err) == 0, "%s", err);
+    CHECK(row(tok, FORMAT_TEMPLATE, chat, &buf, NULL, err, sizeof err) == 0, "%s", err);
     const uint32_t ids3[] = {BOS, USR, 120, EOT, AST, 121, EOT, USR, 122, EOT, AST, 119, EOT, EOS};
     const uint8_t mask3[] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0};
     CHECK_SAMPLE(&buf, ids3, mask3, "messages with mask 1 and mask 0");
@@ -203,10 +278,10 @@ static void test_rows(const struct tokenizer *tok)
     } bad[] = {
         {"{\"text\": \"x\"", "invalid JSON"},
         {"{\"text\": \"x\"} trailing", "invalid JSON"},
-        {"[1, 2]", "the row is an array; it must be an object"},
+        {"[1, 2]", "the row is a list; it must be an object"},
         {"\"text\"", "the row is a string"},
         {"{\"id\": 3}", "none of \"messages\""},
-        {"{\"text\": \"a\", \"prompt\": \"b\", \"completion\": \"c\"}", "mixes formats"},
+        {"{\"text\": \"a\", \"prompt\": \"b\", \"completion\": \"c\"}", "mixes shapes"},
         {"{\"text\": \"a\", \"text\": \"b\"}", "invalid JSON"}, /* duplicate key */
         {"{\"text\": 5}", "\"text\" is an integer; it must be a string"},
         {"{\"prompt\": \"a\"}", "\"prompt\" without \"completion\""},
@@ -217,7 +292,26 @@ static void test_rows(const struct tokenizer *tok)
         {"{\"messages\": [\"hi\"]}", "message 1 is a string, not an object"},
         {"{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"tool\", "
          "\"content\": \"b\"}]}",
-         "message 2: unknown role \"tool\""},
+         "message 2: role \"tool\": the byte tokenizer's fixed template has only"},
+        {"{\"messages\": [{\"role\": \"robot\", \"content\": \"a\"}]}",
+         "message 1: unknown role \"robot\""},
+        {"{\"conversations\": [{\"from\": \"bot\", \"value\": \"a\"}]}",
+         "message 1: unknown from \"bot\""},
+        {"{\"messages\": [{\"role\": \"user\", \"content\": \"a\", \"loss\": true}]}",
+         "message 1: \"loss\" must be false (only assistant messages carry loss)"},
+        {"{\"messages\": [{\"role\": \"assistant\", \"content\": \"a\", \"loss\": true, "
+         "\"mask\": 1}]}",
+         "message 1: \"loss\" and \"mask\" disagree"},
+        {"{\"system\": \"s\", \"messages\": [{\"role\": \"system\", \"content\": \"a\"}]}",
+         "\"system\" is given twice"},
+        {"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image\"}]}]}",
+         "message 1: content part 1 is not {\"type\": \"text\""},
+        {"{\"tools\": 3, \"prompt\": \"a\", \"completion\": \"b\"}",
+         "\"tools\" is an integer; it must be a list"},
+        {"{\"tools\": \"[\", \"prompt\": \"a\", \"completion\": \"b\"}",
+         "\"tools\" is a string that is not JSON"},
+        {"{\"text\": \"a\", \"system\": \"s\"}", "\"system\" goes with a conversation"},
+        {"{\"instruction\": \"a\"}", "\"output\" is missing"},
         {"{\"messages\": [{\"content\": \"a\"}]}", "message 1: \"role\" is missing"},
         {"{\"messages\": [{\"role\": \"user\"}]}", "message 1: \"content\" is missing"},
         {"{\"messages\": [{\"role\": \"user\", \"content\": null}]}",
@@ -234,7 +328,7 @@ static void test_rows(const struct tokenizer *tok)
     buf.n = 0;
     for (size_t i = 0; i < N(bad); i++) {
         err[0] = '\0';
-        int status = prepare_format_row(tok, bad[i].row, strlen(bad[i].row), &buf, err, sizeof err);
+        int status = row(tok, FORMAT_TEMPLATE, bad[i].row, &buf, NULL, err, sizeof err);
         CHECK(status != 0, "accepted: %s", bad[i].row);
         CHECK(strstr(err, bad[i].reason) != NULL, "%s: message '%s', expected '%s'", bad[i].row,
               err, bad[i].reason);

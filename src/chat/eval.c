@@ -712,7 +712,22 @@ static enum flow exec_body(struct render *r, struct scope *s, const struct node_
             break;
         }
         case N_GENERATION: {
+            /* transformers records a block's offsets in the rendered chat, so a block
+             * rendered into anything else (a macro's or a call's result) has none */
+            if (out != r->top)
+                render_fail(r, n->line,
+                            "a {%% generation %%} block inside a macro or a captured value is "
+                            "not supported");
+            size_t start = out->n;
             enum flow f = exec_body(r, s, &n->body, out);
+            if (r->n_spans == r->spans_cap) {
+                size_t cap = r->spans_cap ? 2 * r->spans_cap : 8;
+                struct chat_span *grown = realloc(r->spans, cap * sizeof *grown);
+                if (!grown) render_fail(r, n->line, "out of memory");
+                r->spans = grown;
+                r->spans_cap = cap;
+            }
+            r->spans[r->n_spans++] = (struct chat_span){start, out->n};
             if (f != FLOW_NORMAL) return f;
             break;
         }
@@ -742,6 +757,10 @@ struct chat_template *chat_template_compile(const char *text, const char *name, 
         chat_template_free(tpl);
         return NULL;
     }
+    for (size_t i = 0; i + 1 < tokens.n; i++)
+        if (tokens.items[i].type == TOK_BLOCK_BEGIN && tokens.items[i + 1].type == TOK_NAME &&
+            tokens.items[i + 1].len == 10 && !memcmp(tokens.items[i + 1].text, "generation", 10))
+            tpl->has_generation = true;
     return tpl;
 }
 
@@ -752,8 +771,21 @@ void chat_template_free(struct chat_template *tpl)
     free(tpl);
 }
 
+bool chat_template_has_generation(const struct chat_template *tpl)
+{
+    return tpl->has_generation;
+}
+
 char *chat_template_render(const struct chat_template *tpl, const json_t *context,
                            const struct chat_render_options *options, char *err, size_t errlen)
+{
+    return chat_template_render_spans(tpl, context, options, NULL, NULL, err, errlen);
+}
+
+char *chat_template_render_spans(const struct chat_template *tpl, const json_t *context,
+                                 const struct chat_render_options *options,
+                                 struct chat_span **spans, size_t *n_spans, char *err,
+                                 size_t errlen)
 {
     static const struct chat_render_options defaults = {0};
     struct render *volatile r = calloc(1, sizeof *r); /* used after a longjmp */
@@ -780,12 +812,19 @@ char *chat_template_render(const struct chat_template *tpl, const json_t *contex
         }
         struct strbuf out = {0};
         strbuf_add(r, &out, "", 0);
+        r->top = &out;
         exec_body(r, r->root, &tpl->body, &out);
         result = malloc(out.n + 1);
         if (result)
             memcpy(result, out.s, out.n + 1);
         else
             snprintf(err, errlen, "%s: out of memory", tpl->name);
+    }
+    if (result && spans) {
+        *spans = r->spans;
+        *n_spans = r->n_spans;
+    } else {
+        free(r->spans);
     }
     arena_free(&r->arena);
     free(r);

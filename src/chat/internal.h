@@ -121,6 +121,7 @@ struct chat_template {
     struct arena arena;
     char *name;
     struct node_list body;
+    bool has_generation; /* a {% generation %} block appears */
 };
 
 /* Returns 0, or -1 with err filled. */
@@ -197,6 +198,9 @@ struct render {
     char *err;
     size_t errlen;
     int depth;
+    const struct strbuf *top; /* the output of the whole template */
+    struct chat_span *spans;  /* what {% generation %} blocks wrote into top */
+    size_t n_spans, spans_cap;
 };
 
 /* Stop the render with "NAME:LINE: message" (line 0: the message alone). */

@@ -11,6 +11,7 @@
 #define ESFT_CHAT_TEMPLATE_H
 
 #include <jansson.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <time.h>
 
@@ -34,5 +35,25 @@ struct chat_render_options {
  * "NAME:LINE: what went wrong". options may be NULL. */
 char *chat_template_render(const struct chat_template *tpl, const json_t *context,
                            const struct chat_render_options *options, char *err, size_t errlen);
+
+/* A byte range [start, end) of rendered text. */
+struct chat_span {
+    size_t start, end;
+};
+
+/* Whether the template marks assistant text with {% generation %} blocks. */
+bool chat_template_has_generation(const struct chat_template *tpl);
+
+/* chat_template_render, and the byte ranges of the result that {% generation %} blocks
+ * wrote (transformers' generation indices, in bytes), in render order: *spans is
+ * malloc'd (the caller frees it), *n_spans its length. */
+char *chat_template_render_spans(const struct chat_template *tpl, const json_t *context,
+                                 const struct chat_render_options *options,
+                                 struct chat_span **spans, size_t *n_spans, char *err,
+                                 size_t errlen);
+
+/* Python's str.strip() on UTF-8 text: [*begin, *end) is s without leading and trailing
+ * whitespace (str.isspace()). */
+void chat_py_strip(const char *s, size_t n, size_t *begin, size_t *end);
 
 #endif

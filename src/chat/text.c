@@ -299,3 +299,21 @@ struct value *text_title(struct render *r, struct value *str)
     }
     return value_string(r, b.s, b.n);
 }
+
+void chat_py_strip(const char *s, size_t n, size_t *begin, size_t *end)
+{
+    size_t a = 0, b = n, len;
+    while (a < b && text_is_space(s, n, a, &len)) a += len;
+    /* a space character ends where b is: try each possible start behind it */
+    for (bool moved = true; moved && a < b;) {
+        moved = false;
+        for (size_t k = 1; k <= 3 && k <= b - a; k++)
+            if (text_is_space(s, n, b - k, &len) && len == k) {
+                b -= k;
+                moved = true;
+                break;
+            }
+    }
+    *begin = a;
+    *end = b;
+}

@@ -149,6 +149,62 @@ static void byte_level_token(const char *text, size_t n, struct hf_string *bytes
     }
 }
 
+int hf_tokenizer_token_ends(const struct hf_tokenizer *tok, const uint32_t *ids, size_t n,
+                            size_t *ends)
+{
+    struct hf_string bytes = {0};
+    size_t total = 0;
+    int rc = 0;
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        size_t len;
+        const char *token = hf_tokenizer_id_to_token(tok, ids[i], &len);
+        if (!token) {
+            rc = -1;
+            break;
+        }
+        bytes.n = 0;
+        if (tok->decoder == HF_DECODER_BYTE_LEVEL)
+            byte_level_token(token, len, &bytes);
+        else
+            hf_string_append(&bytes, token, len);
+        total += bytes.n;
+        ends[i] = total;
+    }
+    hf_string_free(&bytes);
+    return rc;
+}
+
+char *hf_tokenizer_normalize(const struct hf_tokenizer *tok, const char *text, size_t length,
+                             size_t *out_length, char *err, size_t err_size)
+{
+    struct hf_string clean = {0}, normalized = {0}, out = {0};
+    struct hf_spans raw = {0};
+    int rc = 0;
+    hf_string_append(&out, "", 0);
+    hf_utf8_replace_invalid(text, length, &clean);
+    hf_added_split(&tok->raw_set, tok->added, clean.data, clean.n, &raw);
+    for (size_t i = 0; i < raw.n && rc == 0; i++) {
+        const char *piece = clean.data + raw.start[i];
+        size_t n = raw.end[i] - raw.start[i];
+        if (raw.value[i] >= 0 || !tok->normalizer) {
+            hf_string_append(&out, piece, n);
+        } else if (n) {
+            rc = hf_normalize(tok->normalizer, piece, n, &normalized, err, err_size);
+            if (rc == 0) hf_string_append(&out, normalized.data, normalized.n);
+        }
+    }
+    hf_string_free(&clean);
+    hf_string_free(&normalized);
+    hf_spans_free(&raw);
+    if (rc) {
+        hf_string_free(&out);
+        return NULL;
+    }
+    hf_string_append(&out, "", 1);
+    *out_length = out.n - 1;
+    return out.data;
+}
+
 char *hf_tokenizer_decode(const struct hf_tokenizer *tok, const uint32_t *ids, size_t n,
                           bool skip_special_tokens, size_t *length, char *err, size_t err_size)
 {

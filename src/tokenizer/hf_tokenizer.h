@@ -54,6 +54,20 @@ int hf_tokenizer_encode(const struct hf_tokenizer *tok, const char *text, size_t
 char *hf_tokenizer_decode(const struct hf_tokenizer *tok, const uint32_t *ids, size_t n,
                           bool skip_special_tokens, size_t *length, char *err, size_t err_size);
 
+/* Where each of n ids ends in the text it spells: ends[i] is the byte length of the
+ * first i + 1 tokens' bytes (the decoder's bytes before UTF-8 repair; an added token its
+ * content). Equal to the offsets in hf_tokenizer_normalize's text when the pre-tokenizer
+ * neither drops nor adds bytes; callers compare the total to be sure. Returns 0, or -1 if
+ * an id has no token. */
+int hf_tokenizer_token_ends(const struct hf_tokenizer *tok, const uint32_t *ids, size_t n,
+                            size_t *ends);
+
+/* The text the tokens of `length` bytes of text spell: invalid UTF-8 repaired, added
+ * tokens kept, the normalizer applied to the rest. A malloc'd, NUL-terminated string with
+ * its length, or NULL with the reason in err. */
+char *hf_tokenizer_normalize(const struct hf_tokenizer *tok, const char *text, size_t length,
+                             size_t *out_length, char *err, size_t err_size);
+
 /* One more than the largest id of the vocabulary and the added tokens. */
 uint32_t hf_tokenizer_vocab_size(const struct hf_tokenizer *tok);
 

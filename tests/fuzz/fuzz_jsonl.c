@@ -1,5 +1,6 @@
 /* fuzz_jsonl: libFuzzer harness for the jsonl rows of the `prepare` phase (src/prepare.c,
- * prepare_format_row, with the byte tokenizer of src/tokenizer.c). The input is a jsonl
+ * prepare_format_row: conversation.c and sample.c with the byte tokenizer, in both
+ * layouts). The input is a jsonl
  * file, cut into rows as the phase cuts it (newline, then a CR before it, blank rows
  * skipped). What prepare.h promises is checked on each row: a refused row leaves the
  * samples as they were; an accepted one appends ids below vocab_size and a 0/1 mask.
@@ -25,7 +26,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     static int ready;
     char err[1024];
     if (!ready) {
-        fuzz_require(tokenizer_open(&tok, "byte", err, sizeof err) == 0);
+        struct tokenizer_options byte = {.spec = "byte"};
+        fuzz_require(tokenizer_open(&tok, &byte, err, sizeof err) == 0);
         ready = 1;
     }
     struct token_buffer samples = {0};
@@ -39,7 +41,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (blank(line, length)) continue;
         size_t before = samples.n;
         err[0] = '\0';
-        if (prepare_format_row(&tok, line, length, &samples, err, sizeof err) != 0) {
+        char dropped[512];
+        enum prepare_format format = (length & 1) ? FORMAT_TEMPLATE : FORMAT_ESFT_REFERENCE;
+        if (prepare_format_row(&tok, format, line, length, &samples, dropped, sizeof dropped, err,
+                               sizeof err) != 0) {
             fuzz_require(samples.n == before && err[0] != '\0');
             continue;
         }
