@@ -22,6 +22,15 @@ static const char *content_of(const json_t *msg, size_t *length)
     return json_is_string(content) ? json_string_value(content) : "";
 }
 
+/* A role a fixed layout has no place for: the message in err; -1. */
+static int refuse_role(size_t m, const char *role, const char *layout, const char *roles,
+                       char *err, size_t err_size)
+{
+    snprintf(err, err_size, "message %zu: role \"%s\": %s has only %s", m + 1, role, layout,
+             roles);
+    return -1;
+}
+
 /* Keys of a message that a fixed layout has no place for. */
 static void drop_message_keys(struct conversation *c, const json_t *msg)
 {
@@ -87,13 +96,11 @@ static int format_byte_chat(const struct tokenizer *tok, struct conversation *c,
                       : !strcmp(role, "assistant") ? BYTE_ASSISTANT
                                                    : 0;
         if (!id) {
-            snprintf(err, err_size,
-                     "message %zu: role \"%s\": the byte tokenizer's fixed template has only "
-                     "system, user and assistant (use a checkpoint's tokenizer and its chat "
-                     "template)",
-                     m + 1, role);
             out->n = start;
-            return -1;
+            return refuse_role(m, role, "the byte tokenizer's fixed template",
+                               "system, user and assistant (use a checkpoint's tokenizer and "
+                               "its chat template)",
+                               err, err_size);
         }
         drop_message_keys(c, msg);
         uint8_t loss = c->loss[m];
@@ -132,12 +139,10 @@ static int format_esft_reference(const struct tokenizer *tok, struct conversatio
         const char *role = role_of(msg);
         bool user = !strcmp(role, "user");
         if (!user && strcmp(role, "assistant")) {
-            snprintf(err, err_size,
-                     "message %zu: role \"%s\": prepare.format esft_reference has only user and "
-                     "assistant messages (as the ESFT reference)",
-                     m + 1, role);
             out->n = start;
-            return -1;
+            return refuse_role(m, role, "prepare.format esft_reference",
+                               "user and assistant messages (as the ESFT reference)", err,
+                               err_size);
         }
         drop_message_keys(c, msg);
         size_t length, a, b;

@@ -226,6 +226,27 @@ static int template_kwarg(json_t *vars, const char *entry, char *err, size_t err
     return 0;
 }
 
+/* The template named `name` in a list of {"name", "template"} (tokenizer_config.json's
+ * chat_template in its list form): a copy of its text and, in *label, what messages call
+ * it; NULL when the list has none of that name. */
+static char *named_template(const json_t *list, const char *name, const char *config_path,
+                            char **label)
+{
+    const json_t *item;
+    size_t i;
+    json_array_foreach(list, i, item) {
+        const json_t *key = json_object_get(item, "name");
+        const json_t *body = json_object_get(item, "template");
+        if (json_is_string(key) && json_is_string(body) && !strcmp(json_string_value(key), name)) {
+            char text[4200];
+            snprintf(text, sizeof text, "%s (template \"%s\")", config_path, name);
+            *label = xstrdup(text);
+            return xstrdup(json_string_value(body));
+        }
+    }
+    return NULL;
+}
+
 /* The chat template: prepare.chat_template (a file, or a name in the config's list),
  * else chat_template.jinja beside the tokenizer, else the config's chat_template (a
  * string, or the entry named "default" of a list). None is no error: the formatter says
@@ -238,23 +259,13 @@ static int load_template(struct tokenizer *tok, const char *dir, const json_t *c
     char *text = NULL;
     size_t length;
     const json_t *entry = json_object_get(config, "chat_template");
+    snprintf(path, sizeof path, "%s/chat_template.jinja", dir);
     if (wanted && is_regular(wanted)) {
         text = file_read(wanted, CONFIG_MAX_BYTES, &length, err, err_size);
         if (!text) return -1;
         tok->chat_name = xstrdup(wanted);
     } else if (wanted) {
-        const json_t *item;
-        size_t i;
-        json_array_foreach(entry, i, item) {
-            const json_t *name = json_object_get(item, "name");
-            const json_t *body = json_object_get(item, "template");
-            if (json_is_string(name) && json_is_string(body) &&
-                !strcmp(json_string_value(name), wanted)) {
-                text = xstrdup(json_string_value(body));
-                snprintf(path, sizeof path, "%s (template \"%s\")", config_path, wanted);
-                tok->chat_name = xstrdup(path);
-            }
-        }
+        text = named_template(entry, wanted, config_path, &tok->chat_name);
         if (!text) {
             snprintf(err, err_size,
                      "prepare.chat_template: \"%s\" is neither a file nor a template named in "
@@ -262,29 +273,15 @@ static int load_template(struct tokenizer *tok, const char *dir, const json_t *c
                      wanted, config_path);
             return -1;
         }
-    } else {
-        snprintf(path, sizeof path, "%s/chat_template.jinja", dir);
-        if (is_regular(path)) {
-            text = file_read(path, CONFIG_MAX_BYTES, &length, err, err_size);
-            if (!text) return -1;
-            tok->chat_name = xstrdup(path);
-        } else if (json_is_string(entry)) {
-            text = xstrdup(json_string_value(entry));
-            tok->chat_name = xstrdup(config_path);
-        } else if (json_is_array(entry)) {
-            const json_t *item;
-            size_t i;
-            json_array_foreach(entry, i, item) {
-                const json_t *name = json_object_get(item, "name");
-                const json_t *body = json_object_get(item, "template");
-                if (json_is_string(name) && json_is_string(body) &&
-                    !strcmp(json_string_value(name), "default")) {
-                    text = xstrdup(json_string_value(body));
-                    snprintf(path, sizeof path, "%s (template \"default\")", config_path);
-                    tok->chat_name = xstrdup(path);
-                }
-            }
-        }
+    } else if (is_regular(path)) {
+        text = file_read(path, CONFIG_MAX_BYTES, &length, err, err_size);
+        if (!text) return -1;
+        tok->chat_name = xstrdup(path);
+    } else if (json_is_string(entry)) {
+        text = xstrdup(json_string_value(entry));
+        tok->chat_name = xstrdup(config_path);
+    } else if (json_is_array(entry)) {
+        text = named_template(entry, "default", config_path, &tok->chat_name);
     }
     if (!text) return 0;
     tok->chat = chat_template_compile(text, tok->chat_name, err, err_size);
@@ -297,8 +294,9 @@ static int parse_date(const char *date, time_t *now, char *err, size_t err_size)
 {
     int y, m, d;
     char tail;
+    static const int days_in[] = {31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
     if (sscanf(date, "%4d-%2d-%2d%c", &y, &m, &d, &tail) != 3 || m < 1 || m > 12 || d < 1 ||
-        d > 31) {
+        d > days_in[m - 1] || (m == 2 && d == 29 && (y % 4 || (y % 100 == 0 && y % 400)))) {
         snprintf(err, err_size, "prepare.date: \"%s\" is not a date YYYY-MM-DD", date);
         return -1;
     }

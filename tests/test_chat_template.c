@@ -196,6 +196,22 @@ static void template_errors(void)
     render_case(
         "{% set l = [] %}{{ l.append(1) }}", "{}", NULL,
         "t.jinja:1: access to a method that modifies a value is unsafe (the sandbox is immutable)");
+
+    /* esft's bounds where Python would go on (big integers) or run for hours (a runaway
+     * loop): an error naming the line, never a wrapped number or a hang */
+    render_case("\n{{ 9223372036854775807 + 1 }}", "{}", NULL,
+                "t.jinja:2: integer overflow: the template computes a number beyond 64 bits");
+    render_case("{{ 2 ** 64 }}", "{}", NULL,
+                "t.jinja:1: integer overflow: the template computes a number beyond 64 bits");
+    render_case("{{ -x // -1 }}", "{\"x\": 9223372036854775807}", "9223372036854775807", NULL);
+    render_case("{{ 1 ** 1000000000000 }}|{{ (-1) ** 3 }}|{{ '' * 1000000000000 }}", "{}", "1|-1|",
+                NULL);
+    render_case("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                "{}", NULL,
+                "t.jinja:1: the template ran more than 500000 statements and loop iterations: a "
+                "runaway loop (one conversation needs far fewer)");
+    render_case("{{ 'x' * 300000000 }}", "{}", NULL,
+                "t.jinja: the template builds a text of more than 256 MiB");
 }
 
 int main(int argc, char **argv)

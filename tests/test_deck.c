@@ -282,7 +282,10 @@ static void test_defaults(void)
     CHECK(d.init.rope_theta == 10000.0 && d.init.init_std == 0.02, "init doubles");
     CHECK(d.init.dtype == DTYPE_AUTO && d.init.shards == 1, "init dtype, shards");
     CHECK(d.prepare.n_inputs == 0 && d.prepare.output == NULL, "prepare unset");
-    CHECK(same_string(d.prepare.tokenizer, "byte"), "prepare.tokenizer");
+    CHECK(same_string(d.prepare.tokenizer, "auto"), "prepare.tokenizer");
+    CHECK(d.prepare.format == FORMAT_TEMPLATE && d.prepare.chat_template == NULL &&
+              d.prepare.n_template_kwargs == 0 && d.prepare.date == NULL,
+          "prepare.format, chat_template, template_kwargs, date");
     CHECK(d.prepare.bad_rows == BAD_ROWS_ABORT, "prepare.bad_rows");
     CHECK(d.score.n_sample_tokens == 131072, "score.n_sample_tokens");
     CHECK(d.score.tokens == SCORE_TOKENS_ALL && d.score.coactivation == true, "score");

@@ -182,7 +182,10 @@ static void test_phase(int rank)
         H5Fclose(file);
         /* a:4, a:6, a:7, a:8, a:10, b:1 */
         CHECK(skipped == 6, "rows_skipped %llu", (unsigned long long)skipped);
-        CHECK(version == 1, "version %llu", (unsigned long long)version);
+        CHECK(version == 2, "version %llu", (unsigned long long)version);
+        char *checksum = string_attribute(output, "tokenizer_checksum");
+        CHECK(strcmp(checksum, "") == 0, "the byte tokenizer's identity is '%s'", checksum);
+        free(checksum);
         char *format = string_attribute(output, "format");
         CHECK(strcmp(format, "esft-tokens") == 0, "format %s", format);
         free(format);
@@ -202,6 +205,7 @@ enum fault {
     FAULT_NO_TOKENS,
     FAULT_FORMAT,
     FAULT_VERSION,
+    FAULT_NO_CHECKSUM, /* version 2 without the tokenizer's identity */
     FAULT_NO_TOKENIZER,
     FAULT_OFFSETS_DECREASE,
     FAULT_OFFSETS_OVERRUN,
@@ -268,7 +272,8 @@ static void write_raw(const char *path, enum fault fault)
         array(file, "loss_mask", H5T_STD_U8LE, H5T_NATIVE_UINT8, 1,
               fault == FAULT_MASK_LENGTH ? 5 : 6, mask);
     attr_string(file, "format", fault == FAULT_FORMAT ? "other-tokens" : "esft-tokens");
-    attr_integer(file, "version", H5T_STD_I64LE, fault == FAULT_VERSION ? 2 : 1);
+    attr_integer(file, "version", H5T_STD_I64LE,
+                 fault == FAULT_VERSION ? 3 : fault == FAULT_NO_CHECKSUM ? 2 : 1);
     if (fault != FAULT_NO_TOKENIZER) attr_string(file, "tokenizer", "byte");
     attr_integer(file, "vocab_size", H5T_STD_U64LE, 262);
     attr_string(file, "sources", "x.jsonl");
@@ -305,7 +310,8 @@ static void test_malformed(int rank)
         {FAULT_NO_LOSS_MASK, "dataset /loss_mask is missing"},
         {FAULT_NO_TOKENS, "dataset /tokens is missing"},
         {FAULT_FORMAT, "attribute 'format' is 'other-tokens', expected 'esft-tokens'"},
-        {FAULT_VERSION, "attribute 'version' is 2"},
+        {FAULT_VERSION, "attribute 'version' is 3; this esft reads versions 1 and 2"},
+        {FAULT_NO_CHECKSUM, "attribute 'tokenizer_checksum' is missing"},
         {FAULT_NO_TOKENIZER, "attribute 'tokenizer' is missing"},
         {FAULT_OFFSETS_DECREASE, "/offsets[2] = 6 is less than /offsets[1] = 7"},
         {FAULT_OFFSETS_OVERRUN, "/offsets[2] = 7, must equal the length of /tokens (6)"},

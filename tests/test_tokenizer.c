@@ -4,7 +4,9 @@
  * layouts in tokenizer.h and sample.h:
  *   256 BOS  257 EOS  258 <|system|>  259 <|user|>  260 <|assistant|>  261 END_OF_TURN */#include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "check.h"
 #include "prepare.h"
@@ -199,6 +201,99 @@ static void test_chat(const struct tokenizer *tok)
     token_buffer_free(&buf);
 }
 
+/* Where the chat template comes from: tokenizer_config.json's string, its list (the
+ * "default" entry, or the one prepare.chat_template names), a chat_template.jinja beside
+ * the tokenizer (taken before the config's), or a file prepare.chat_template names. A
+ * tiny byte-level tokenizer.json in a temporary directory stands for a checkpoint. */
+static void write_text(const char *dir, const char *name, const char *text)
+{
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "w");
+    CHECK(f != NULL, "cannot write %s", path);
+    if (!f) return;
+    fputs(text, f);
+    fclose(f);
+}
+
+static void expect_template(const char *dir, const char *wanted, const char *rendered_start,
+                            const char *what)
+{
+    struct tokenizer tok;
+    char err[1024];
+    struct tokenizer_options o = {.spec = dir, .chat_template = wanted};
+    int rc = tokenizer_open(&tok, &o, err, sizeof err);
+    CHECK(rc == 0, "%s: %s", what, err);
+    if (rc) return;
+    CHECK(tok.bos == 0 && tok.eos == 1, "%s: bos %lld eos %lld", what, (long long)tok.bos,
+          (long long)tok.eos);
+    struct token_buffer buf = {0};
+    const char *row = "{\"messages\": [{\"role\": \"user\", \"content\": \"ab\"}, "
+                      "{\"role\": \"assistant\", \"content\": \"ba\"}]}";
+    char dropped[512];
+    rc = prepare_format_row(&tok, FORMAT_TEMPLATE, row, strlen(row), &buf, dropped,
+                            sizeof dropped, err, sizeof err);
+    CHECK(rc == 0, "%s: %s", what, err);
+    size_t length = 0;
+    char *text = rc == 0 ? tokenizer_decode(&tok, buf.ids, buf.n, &length) : NULL;
+    CHECK(text && !strncmp(text, rendered_start, strlen(rendered_start)),
+          "%s: rendered '%s', expected it to start '%s'", what, text ? text : "", rendered_start);
+    free(text);
+    token_buffer_free(&buf);
+    tokenizer_close(&tok);
+}
+
+static void test_template_sources(void)
+{
+    char dir[] = "/tmp/esft-tok.XXXXXX";
+    CHECK(mkdtemp(dir) != NULL, "mkdtemp");
+    write_text(dir, "tokenizer.json",
+               "{\"version\":\"1.0\",\"added_tokens\":[{\"id\":0,\"content\":\"<s>\","
+               "\"single_word\":false,\"lstrip\":false,\"rstrip\":false,\"normalized\":false,"
+               "\"special\":true},{\"id\":1,\"content\":\"</s>\",\"single_word\":false,"
+               "\"lstrip\":false,\"rstrip\":false,\"normalized\":false,\"special\":true}],"
+               "\"normalizer\":null,\"pre_tokenizer\":{\"type\":\"ByteLevel\","
+               "\"add_prefix_space\":false,\"trim_offsets\":true,\"use_regex\":true},"
+               "\"post_processor\":null,\"decoder\":{\"type\":\"ByteLevel\"},\"model\":{"
+               "\"type\":\"BPE\",\"unk_token\":null,\"fuse_unk\":false,\"byte_fallback\":"
+               "false,\"vocab\":{\"a\":2,\"b\":3,\"A\":4,\"B\":5,\"C\":6,\":\":7},"
+               "\"merges\":[]}}");
+    const char *named = "{\"bos_token\": \"<s>\", \"eos_token\": {\"content\": \"</s>\"}, "
+                        "\"chat_template\": [{\"name\": \"default\", \"template\": \"A"
+                        "{% for m in messages %}{{ m.content }}{% endfor %}\"}, {\"name\": "
+                        "\"tool_use\", \"template\": \"B{% for m in messages %}{{ m.content }}"
+                        "{% endfor %}\"}]}";
+    write_text(dir, "tokenizer_config.json", named);
+    expect_template(dir, NULL, "Aabba", "list: default");
+    expect_template(dir, "tool_use", "Babba", "list: named");
+    struct tokenizer tok;
+    char err[1024];
+    struct tokenizer_options missing = {.spec = dir, .chat_template = "rag"};
+    CHECK(tokenizer_open(&tok, &missing, err, sizeof err) != 0, "an unknown template name");
+    CHECK(strstr(err, "\"rag\" is neither a file nor a template named in") != NULL, "%s", err);
+    write_text(dir, "tokenizer_config.json",
+               "{\"bos_token\": \"<s>\", \"eos_token\": \"</s>\", \"chat_template\": "
+               "\"C{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}\"}");
+    expect_template(dir, NULL, "C<s>abba", "string");
+    write_text(dir, "chat_template.jinja",
+               "{{ eos_token }}{% for m in messages %}{{ m.content }}{% endfor %}");
+    expect_template(dir, NULL, "</s>abba", "chat_template.jinja first");
+    char file[512];
+    snprintf(file, sizeof file, "%s/chat_template.jinja", dir);
+    expect_template(dir, file, "</s>abba", "a file named");
+    write_text(dir, "tokenizer_config.json", "{\"bos_token\": \"<x>\"}");
+    struct tokenizer_options plain = {.spec = dir};
+    CHECK(tokenizer_open(&tok, &plain, err, sizeof err) != 0, "an unknown bos_token");
+    CHECK(strstr(err, "tokenizer_config.json: bos_token \"<x>\" is not a token of") != NULL,
+          "%s", err);
+    const char *names[] = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"};
+    for (int i = 0; i < 3; i++) {
+        snprintf(file, sizeof file, "%s/%s", dir, names[i]);
+        unlink(file);
+    }
+    rmdir(dir);
+}
+
 static void test_utf8(void)
 {
     struct {
@@ -345,6 +440,7 @@ int main(void)
     test_chat(&tok);
     test_utf8();
     test_rows(&tok);
+    test_template_sources();
     tokenizer_close(&tok);
     return check_done("test_tokenizer");
 }

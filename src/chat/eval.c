@@ -22,6 +22,16 @@ void render_fail(struct render *r, int line, const char *fmt, ...)
     longjmp(r->fail, 1);
 }
 
+/* Python's integers do not overflow; esft's are 64 bits: a result that does not fit ends
+ * the render rather than wrapping. Returns *value when overflowed is false (read after
+ * the call's arguments, so it may be written by one of them). */
+static int64_t checked(struct render *r, int line, bool overflowed, const int64_t *value)
+{
+    if (overflowed)
+        render_fail(r, line, "integer overflow: the template computes a number beyond 64 bits");
+    return *value;
+}
+
 static struct scope *scope_new(struct render *r, struct scope *parent)
 {
     struct scope *s = arena_alloc(&r->arena, sizeof *s);
@@ -358,9 +368,10 @@ static struct value *binary_op(struct render *r, const char *op, struct value *a
     if (a->kind == V_UNDEFINED) fail_undefined(r, a, line);
     if (b->kind == V_UNDEFINED) fail_undefined(r, b, line);
     bool ints = (a->kind == V_INT || a->kind == V_BOOL) && (b->kind == V_INT || b->kind == V_BOOL);
+    int64_t z = 0; /* an integer result, checked for overflow */
     bool nums = is_numeric(a) && is_numeric(b);
     if (!strcmp(op, "+")) {
-        if (ints) return value_int(r, inum(a) + inum(b));
+        if (ints) return value_int(r, checked(r, line, __builtin_add_overflow(inum(a), inum(b), &z), &z));
         if (nums) return value_float(r, num(a) + num(b));
         if (a->kind == V_STRING && b->kind == V_STRING) {
             struct strbuf s = {0};
@@ -376,17 +387,20 @@ static struct value *binary_op(struct render *r, const char *op, struct value *a
             return l;
         }
     } else if (!strcmp(op, "-")) {
-        if (ints) return value_int(r, inum(a) - inum(b));
+        if (ints) return value_int(r, checked(r, line, __builtin_sub_overflow(inum(a), inum(b), &z), &z));
         if (nums) return value_float(r, num(a) - num(b));
     } else if (!strcmp(op, "*")) {
-        if (ints) return value_int(r, inum(a) * inum(b));
+        if (ints) return value_int(r, checked(r, line, __builtin_mul_overflow(inum(a), inum(b), &z), &z));
         if (nums) return value_float(r, num(a) * num(b));
         struct value *s = a->kind == V_STRING ? a : b->kind == V_STRING ? b : NULL;
         struct value *k = s == a ? b : a;
         if (s && (k->kind == V_INT || k->kind == V_BOOL)) {
             struct strbuf out = {0};
             strbuf_add(r, &out, "", 0);
-            for (int64_t i = 0; i < inum(k); i++) strbuf_add(r, &out, s->as.str.s, s->as.str.n);
+            for (int64_t i = 0; i < inum(k); i++) {
+                strbuf_add(r, &out, s->as.str.s, s->as.str.n);
+                if (!s->as.str.n) break; /* the empty string repeated is empty */
+            }
             return value_string(r, out.s, out.n);
         }
     } else if (!strcmp(op, "/")) {
@@ -398,6 +412,7 @@ static struct value *binary_op(struct render *r, const char *op, struct value *a
         if (ints) {
             int64_t x = inum(a), y = inum(b);
             if (y == 0) render_fail(r, line, "integer division or modulo by zero");
+            if (x == INT64_MIN && y == -1) checked(r, line, true, &y);
             int64_t q = x / y, m = x % y;
             if (m != 0 && ((m < 0) != (y < 0))) {
                 q--;
@@ -417,7 +432,9 @@ static struct value *binary_op(struct render *r, const char *op, struct value *a
     } else if (!strcmp(op, "**")) {
         if (ints && inum(b) >= 0) {
             int64_t x = inum(a), e = inum(b), p = 1;
-            while (e-- > 0) p *= x;
+            if (x == 0 || x == 1) return value_int(r, e == 0 ? 1 : x);
+            if (x == -1) return value_int(r, e % 2 ? -1 : 1);
+            while (e-- > 0) p = checked(r, line, __builtin_mul_overflow(p, x, &z), &z);
             return value_int(r, p);
         }
         if (nums) return value_float(r, pow(num(a), num(b)));
@@ -540,7 +557,10 @@ static struct value *eval(struct render *r, struct scope *s, const struct node *
         struct value *v = eval(r, s, n->a);
         if (v->kind == V_UNDEFINED) fail_undefined(r, v, n->line);
         if (v->kind == V_INT || v->kind == V_BOOL)
-            return value_int(r, n->kind == E_NEG ? -inum(v) : inum(v));
+            return value_int(r, n->kind == E_NEG && inum(v) == INT64_MIN
+                                    ? checked(r, n->line, true, &v->as.integer)
+                                : n->kind == E_NEG ? -inum(v)
+                                                   : inum(v));
         if (v->kind == V_FLOAT) return value_float(r, n->kind == E_NEG ? -v->as.real : v->as.real);
         render_fail(r, n->line, "bad operand type for unary %c: '%s'", n->kind == E_NEG ? '-' : '+',
                     value_type_name(v));
@@ -617,6 +637,14 @@ static void assign_targets(struct render *r, struct scope *s, const struct node 
     for (size_t i = 0; i < n->n_names; i++) scope_set(r, s, n->names[i], items->as.list.items[i]);
 }
 
+_Noreturn static void fail_steps(struct render *r, int line)
+{
+    render_fail(r, line,
+                "the template ran more than %d statements and loop iterations: a runaway loop "
+                "(one conversation needs far fewer)",
+                CHAT_MAX_STEPS);
+}
+
 static enum flow exec_for(struct render *r, struct scope *s, const struct node *n,
                           struct strbuf *out)
 {
@@ -636,6 +664,7 @@ static enum flow exec_for(struct render *r, struct scope *s, const struct node *
         return FLOW_NORMAL;
     }
     for (size_t i = 0; i < len; i++) {
+        if (++r->steps > CHAT_MAX_STEPS) fail_steps(r, n->line);
         struct scope *it = scope_new(r, s);
         struct value *loop = value_dict(r, V_DICT);
         static const char *const keys[] = {"index",  "index0",   "revindex", "revindex0",
@@ -667,6 +696,7 @@ static enum flow exec_body(struct render *r, struct scope *s, const struct node_
 {
     for (size_t i = 0; i < body->n; i++) {
         const struct node *n = body->items[i];
+        if (++r->steps > CHAT_MAX_STEPS) fail_steps(r, n->line);
         switch (n->kind) {
         case N_TEXT:
             strbuf_add(r, out, n->text, n->text_len);

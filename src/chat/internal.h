@@ -187,6 +187,11 @@ struct scope {
     size_t n, cap;
 };
 
+/* Bounds on one render, far above what a conversation needs, so that a template that
+ * loops without end fails instead of hanging prepare. */
+#define CHAT_MAX_STEPS 500000 /* a 1,000-message Qwen3 conversation: ~60,000 */
+#define CHAT_MAX_TEXT ((size_t)256 << 20) /* bytes of any one string being built */
+
 struct render {
     struct arena arena;
     const struct chat_template *tpl;
@@ -198,6 +203,7 @@ struct render {
     char *err;
     size_t errlen;
     int depth;
+    long long steps;          /* statements run, against CHAT_MAX_STEPS */
     const struct strbuf *top; /* the output of the whole template */
     struct chat_span *spans;  /* what {% generation %} blocks wrote into top */
     size_t n_spans, spans_cap;

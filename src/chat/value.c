@@ -309,6 +309,9 @@ const char *value_type_name(const struct value *v)
 
 void strbuf_add(struct render *r, struct strbuf *b, const char *s, size_t n)
 {
+    if (n > CHAT_MAX_TEXT || b->n + n > CHAT_MAX_TEXT)
+        render_fail(r, 0, "%s: the template builds a text of more than %zu MiB",
+                    r->tpl->name, CHAT_MAX_TEXT >> 20);
     if (b->n + n + 1 > b->cap) {
         size_t cap = b->cap ? b->cap : 256;
         while (cap < b->n + n + 1) cap *= 2;
