@@ -184,6 +184,55 @@ static int parse_expected(char *line, uint32_t **ids, size_t *n, char **decoded,
     return 0;
 }
 
+/* A SentencePiece-style token's bytes as hf_tokenizer.h documents them: its text with
+ * each "▁" a space, a byte-fallback token "<0xNN>" that one byte. */
+static void metaspace_bytes(const char *token, size_t n, char *out, size_t *length)
+{
+    unsigned value;
+    if (n == 6 && sscanf(token, "<0x%2X>", &value) == 1) {
+        out[0] = (char)value;
+        *length = 1;
+        return;
+    }
+    *length = 0;
+    for (size_t i = 0; i < n;) {
+        bool space = n - i >= 3 && !memcmp(token + i, "\xE2\x96\x81", 3);
+        out[(*length)++] = space ? ' ' : token[i];
+        i += space ? 3 : 1;
+    }
+}
+
+/* The tokens of text (no special tokens added) spell hf_tokenizer_normalize's text byte
+ * for byte, as the loss masks need (prepare's mark_tokens): the total of
+ * hf_tokenizer_token_ends, and with `metaspace` each token's bytes by the rule above. */
+static bool spells_normalized(const struct hf_tokenizer *tok, const char *text, size_t length,
+                              bool metaspace)
+{
+    struct hf_ids ids = {0};
+    char err[512];
+    size_t spelled_length = 0;
+    char *spelled = hf_tokenizer_normalize(tok, text, length, &spelled_length, err, sizeof err);
+    bool same =
+        spelled && hf_tokenizer_encode(tok, text, length, false, &ids, err, sizeof err) == 0;
+    size_t *ends = malloc((ids.n + 1) * sizeof *ends);
+    same = same && hf_tokenizer_token_ends(tok, ids.ids, ids.n, ends) == 0 &&
+           (ids.n ? ends[ids.n - 1] : 0) == spelled_length;
+    for (size_t i = 0, at = 0; same && metaspace && i < ids.n; i++) {
+        size_t n, got;
+        const char *token = hf_tokenizer_id_to_token(tok, ids.ids[i], &n);
+        char bytes[256];
+        same = token && n < sizeof bytes;
+        if (!same) break;
+        metaspace_bytes(token, n, bytes, &got);
+        same = ends[i] == at + got && !memcmp(spelled + at, bytes, got);
+        at += got;
+    }
+    free(ends);
+    free(spelled);
+    hf_ids_free(&ids);
+    return same;
+}
+
 static void corpus(const char *dir, const char *family)
 {
     char path[4096];
@@ -205,7 +254,7 @@ static void corpus(const char *dir, const char *family)
         return;
     }
     uint32_t *ids = malloc((expected_size / 2 + 1) * sizeof *ids);
-    size_t records = 0, same = 0, tokens = 0;
+    size_t records = 0, same = 0, tokens = 0, spelled = 0;
     char *record = text, *line = expected;
     while (record < text + corpus_size) {
         char *end = memchr(record, 0x1E, (size_t)(text + corpus_size - record));
@@ -230,6 +279,8 @@ static void corpus(const char *dir, const char *family)
             snprintf(label, sizeof label, "%s record %zu", family, records + 1);
             same += compare_one(tok, label, record, (size_t)(end - record), ids, n, decoded,
                                 decoded_length);
+            spelled += spells_normalized(tok, record, (size_t)(end - record),
+                                         !strncmp(family, "mixtral", 7));
             tokens += n;
             json_decref(holder);
         }
@@ -241,6 +292,9 @@ static void corpus(const char *dir, const char *family)
            family, same, records, tokens, corpus_size, hf_tokenizer_vocab_size(tok), load_s);
     CHECK(records > 1000 && same == records, "%s: %zu of %zu records differ", family,
           records - same, records);
+    CHECK(spelled == records,
+          "%s: the tokens of %zu of %zu records do not spell the normalized text", family,
+          records - spelled, records);
     free(ids);
     free(text);
     free(expected);
@@ -283,8 +337,18 @@ static void bad_files(void)
             "token \"ab\" is not in the vocabulary");
     snprintf(json, sizeof json, "{%s, \"normalizer\": {\"type\": \"Lowercase\"}}", bpe);
     refused("lowercase.json", json, "normalizer type \"Lowercase\" is not implemented");
-    snprintf(json, sizeof json, "{%s, \"pre_tokenizer\": {\"type\": \"Metaspace\"}}", bpe);
-    refused("metaspace.json", json, "pre_tokenizer type \"Metaspace\" is not implemented");
+    snprintf(json, sizeof json, "{%s, \"pre_tokenizer\": {\"type\": \"Whitespace\"}}", bpe);
+    refused("whitespace.json", json, "pre_tokenizer type \"Whitespace\" is not implemented");
+    snprintf(json, sizeof json,
+             "{%s, \"pre_tokenizer\": {\"type\": \"Metaspace\", \"replacement\": \"_\", "
+             "\"prepend_scheme\": \"sometimes\"}}",
+             bpe);
+    refused("metaspace-scheme.json", json, "prepend_scheme \"sometimes\" is unknown");
+    snprintf(json, sizeof json,
+             "{%s, \"decoder\": {\"type\": \"Sequence\", \"decoders\": [{\"type\": "
+             "\"Strip\", \"content\": \"ab\", \"start\": 1, \"stop\": 0}]}}",
+             bpe);
+    refused("strip.json", json, "decoder.decoders[0].content \"ab\" is not one character");
     snprintf(json, sizeof json, "{%s, \"decoder\": {\"type\": \"WordPiece\"}}", bpe);
     refused("decoder.json", json, "decoder type \"WordPiece\" is not implemented");
     snprintf(json, sizeof json, "{%s, \"post_processor\": {\"type\": \"BertProcessing\"}}", bpe);
@@ -309,5 +373,7 @@ int main(int argc, char **argv)
     small_cases(argv[1]);
     corpus(argv[1], "olmoe");
     corpus(argv[1], "qwen");
+    corpus(argv[1], "mixtral");
+    corpus(argv[1], "mixtral_metaspace");
     return check_done("test_hf_tokenizer");
 }
