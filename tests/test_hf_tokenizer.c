@@ -5,8 +5,11 @@
  *   DIR/cases.json.gz: small tokenizers, one per construct (Split behaviors and invert,
  *     Digits, ByteLevel options, normalizers, added-token flags, TemplateProcessing,
  *     byte_fallback, unk), each with texts and the library's ids and decoded text;
- *   DIR/corpus.bin.gz and DIR/{olmoe,qwen}/: real tokenizers, the corpus, and per record
- *     the library's ids and decoded text;
+ *   DIR/metaspace_cases.json.gz: the same for SentencePiece-style constructs (Metaspace's
+ *     prepend_scheme and split, the Mixtral decoders);
+ *   DIR/corpus.bin.gz and DIR/{olmoe,qwen,mixtral,mixtral_metaspace}/: real tokenizers,
+ *     the corpus, and per record the library's ids and decoded text (and the tokens
+ *     spelling hf_tokenizer_normalize's text);
  *   bad tokenizer files, each refused with a message naming the file and the fault. */
 #include <jansson.h>
 #include <stdbool.h>
@@ -112,10 +115,10 @@ static size_t json_ids(json_t *list, uint32_t **ids)
 }
 
 /* cases.json: [{"name", "tokenizer": {...}, "texts": [{"text", "ids", "decoded"}]}] */
-static void small_cases(const char *dir)
+static void small_cases(const char *dir, const char *file)
 {
     char path[4096];
-    snprintf(path, sizeof path, "%s/cases.json.gz", dir);
+    snprintf(path, sizeof path, "%s/%s", dir, file);
     size_t size;
     char *data = read_gz(path, &size);
     CHECK(data != NULL, "cannot read %s", path);
@@ -153,7 +156,7 @@ static void small_cases(const char *dir)
         hf_tokenizer_free(tok);
     }
     json_decref(cases);
-    printf("small cases: %zu of %zu texts as the library\n", n_same, n_texts);
+    printf("small cases (%s): %zu of %zu texts as the library\n", file, n_same, n_texts);
     CHECK(n_texts > 0 && n_same == n_texts, "%zu of %zu texts differ", n_texts - n_same, n_texts);
 }
 
@@ -370,7 +373,8 @@ int main(int argc, char **argv)
         return 2;
     }
     bad_files();
-    small_cases(argv[1]);
+    small_cases(argv[1], "cases.json.gz");
+    small_cases(argv[1], "metaspace_cases.json.gz");
     corpus(argv[1], "olmoe");
     corpus(argv[1], "qwen");
     corpus(argv[1], "mixtral");
