@@ -5,8 +5,11 @@
  *   DIR/cases.json.gz: small tokenizers, one per construct (Split behaviors and invert,
  *     Digits, ByteLevel options, normalizers, added-token flags, TemplateProcessing,
  *     byte_fallback, unk), each with texts and the library's ids and decoded text;
- *   DIR/corpus.bin.gz and DIR/{olmoe,qwen}/: real tokenizers, the corpus, and per record
- *     the library's ids and decoded text;
+ *   DIR/metaspace_cases.json.gz: the same for SentencePiece-style constructs (Metaspace's
+ *     prepend_scheme and split, the Mixtral decoders);
+ *   DIR/corpus.bin.gz and DIR/{olmoe,qwen,mixtral,mixtral_metaspace}/: real tokenizers,
+ *     the corpus, and per record the library's ids and decoded text (and the tokens
+ *     spelling hf_tokenizer_normalize's text);
  *   bad tokenizer files, each refused with a message naming the file and the fault. */
 #include <jansson.h>
 #include <stdbool.h>
@@ -112,10 +115,10 @@ static size_t json_ids(json_t *list, uint32_t **ids)
 }
 
 /* cases.json: [{"name", "tokenizer": {...}, "texts": [{"text", "ids", "decoded"}]}] */
-static void small_cases(const char *dir)
+static void small_cases(const char *dir, const char *file)
 {
     char path[4096];
-    snprintf(path, sizeof path, "%s/cases.json.gz", dir);
+    snprintf(path, sizeof path, "%s/%s", dir, file);
     size_t size;
     char *data = read_gz(path, &size);
     CHECK(data != NULL, "cannot read %s", path);
@@ -153,7 +156,7 @@ static void small_cases(const char *dir)
         hf_tokenizer_free(tok);
     }
     json_decref(cases);
-    printf("small cases: %zu of %zu texts as the library\n", n_same, n_texts);
+    printf("small cases (%s): %zu of %zu texts as the library\n", file, n_same, n_texts);
     CHECK(n_texts > 0 && n_same == n_texts, "%zu of %zu texts differ", n_texts - n_same, n_texts);
 }
 
@@ -184,6 +187,55 @@ static int parse_expected(char *line, uint32_t **ids, size_t *n, char **decoded,
     return 0;
 }
 
+/* A SentencePiece-style token's bytes as hf_tokenizer.h documents them: its text with
+ * each "▁" a space, a byte-fallback token "<0xNN>" that one byte. */
+static void metaspace_bytes(const char *token, size_t n, char *out, size_t *length)
+{
+    unsigned value;
+    if (n == 6 && sscanf(token, "<0x%2X>", &value) == 1) {
+        out[0] = (char)value;
+        *length = 1;
+        return;
+    }
+    *length = 0;
+    for (size_t i = 0; i < n;) {
+        bool space = n - i >= 3 && !memcmp(token + i, "\xE2\x96\x81", 3);
+        out[(*length)++] = space ? ' ' : token[i];
+        i += space ? 3 : 1;
+    }
+}
+
+/* The tokens of text (no special tokens added) spell hf_tokenizer_normalize's text byte
+ * for byte, as the loss masks need (prepare's mark_tokens): the total of
+ * hf_tokenizer_token_ends, and with `metaspace` each token's bytes by the rule above. */
+static bool spells_normalized(const struct hf_tokenizer *tok, const char *text, size_t length,
+                              bool metaspace)
+{
+    struct hf_ids ids = {0};
+    char err[512];
+    size_t spelled_length = 0;
+    char *spelled = hf_tokenizer_normalize(tok, text, length, &spelled_length, err, sizeof err);
+    bool same =
+        spelled && hf_tokenizer_encode(tok, text, length, false, &ids, err, sizeof err) == 0;
+    size_t *ends = malloc((ids.n + 1) * sizeof *ends);
+    same = same && hf_tokenizer_token_ends(tok, ids.ids, ids.n, ends) == 0 &&
+           (ids.n ? ends[ids.n - 1] : 0) == spelled_length;
+    for (size_t i = 0, at = 0; same && metaspace && i < ids.n; i++) {
+        size_t n, got;
+        const char *token = hf_tokenizer_id_to_token(tok, ids.ids[i], &n);
+        char bytes[256];
+        same = token && n < sizeof bytes;
+        if (!same) break;
+        metaspace_bytes(token, n, bytes, &got);
+        same = ends[i] == at + got && !memcmp(spelled + at, bytes, got);
+        at += got;
+    }
+    free(ends);
+    free(spelled);
+    hf_ids_free(&ids);
+    return same;
+}
+
 static void corpus(const char *dir, const char *family)
 {
     char path[4096];
@@ -205,7 +257,7 @@ static void corpus(const char *dir, const char *family)
         return;
     }
     uint32_t *ids = malloc((expected_size / 2 + 1) * sizeof *ids);
-    size_t records = 0, same = 0, tokens = 0;
+    size_t records = 0, same = 0, tokens = 0, spelled = 0;
     char *record = text, *line = expected;
     while (record < text + corpus_size) {
         char *end = memchr(record, 0x1E, (size_t)(text + corpus_size - record));
@@ -230,6 +282,8 @@ static void corpus(const char *dir, const char *family)
             snprintf(label, sizeof label, "%s record %zu", family, records + 1);
             same += compare_one(tok, label, record, (size_t)(end - record), ids, n, decoded,
                                 decoded_length);
+            spelled += spells_normalized(tok, record, (size_t)(end - record),
+                                         !strncmp(family, "mixtral", 7));
             tokens += n;
             json_decref(holder);
         }
@@ -241,6 +295,9 @@ static void corpus(const char *dir, const char *family)
            family, same, records, tokens, corpus_size, hf_tokenizer_vocab_size(tok), load_s);
     CHECK(records > 1000 && same == records, "%s: %zu of %zu records differ", family,
           records - same, records);
+    CHECK(spelled == records,
+          "%s: the tokens of %zu of %zu records do not spell the normalized text", family,
+          records - spelled, records);
     free(ids);
     free(text);
     free(expected);
@@ -283,8 +340,18 @@ static void bad_files(void)
             "token \"ab\" is not in the vocabulary");
     snprintf(json, sizeof json, "{%s, \"normalizer\": {\"type\": \"Lowercase\"}}", bpe);
     refused("lowercase.json", json, "normalizer type \"Lowercase\" is not implemented");
-    snprintf(json, sizeof json, "{%s, \"pre_tokenizer\": {\"type\": \"Metaspace\"}}", bpe);
-    refused("metaspace.json", json, "pre_tokenizer type \"Metaspace\" is not implemented");
+    snprintf(json, sizeof json, "{%s, \"pre_tokenizer\": {\"type\": \"Whitespace\"}}", bpe);
+    refused("whitespace.json", json, "pre_tokenizer type \"Whitespace\" is not implemented");
+    snprintf(json, sizeof json,
+             "{%s, \"pre_tokenizer\": {\"type\": \"Metaspace\", \"replacement\": \"_\", "
+             "\"prepend_scheme\": \"sometimes\"}}",
+             bpe);
+    refused("metaspace-scheme.json", json, "prepend_scheme \"sometimes\" is unknown");
+    snprintf(json, sizeof json,
+             "{%s, \"decoder\": {\"type\": \"Sequence\", \"decoders\": [{\"type\": "
+             "\"Strip\", \"content\": \"ab\", \"start\": 1, \"stop\": 0}]}}",
+             bpe);
+    refused("strip.json", json, "decoder.decoders[0].content \"ab\" is not one character");
     snprintf(json, sizeof json, "{%s, \"decoder\": {\"type\": \"WordPiece\"}}", bpe);
     refused("decoder.json", json, "decoder type \"WordPiece\" is not implemented");
     snprintf(json, sizeof json, "{%s, \"post_processor\": {\"type\": \"BertProcessing\"}}", bpe);
@@ -306,8 +373,11 @@ int main(int argc, char **argv)
         return 2;
     }
     bad_files();
-    small_cases(argv[1]);
+    small_cases(argv[1], "cases.json.gz");
+    small_cases(argv[1], "metaspace_cases.json.gz");
     corpus(argv[1], "olmoe");
     corpus(argv[1], "qwen");
+    corpus(argv[1], "mixtral");
+    corpus(argv[1], "mixtral_metaspace");
     return check_done("test_hf_tokenizer");
 }

@@ -154,7 +154,17 @@ void hf_normalizer_free(struct hf_normalizer *nm);
 
 /* ---- pre-tokenizers (hf_pretokenizer.c) ---- */
 
-enum hf_pre_kind { HF_PRE_SEQUENCE, HF_PRE_SPLIT, HF_PRE_BYTE_LEVEL, HF_PRE_DIGITS };
+enum hf_pre_kind {
+    HF_PRE_SEQUENCE,
+    HF_PRE_SPLIT,
+    HF_PRE_BYTE_LEVEL,
+    HF_PRE_DIGITS,
+    HF_PRE_METASPACE
+};
+
+/* Metaspace's prepend_scheme: where its replacement goes before a piece that does not
+ * start with it: every piece, only a piece at the very start of the input, or none. */
+enum hf_prepend_scheme { HF_PREPEND_ALWAYS, HF_PREPEND_FIRST, HF_PREPEND_NEVER };
 
 enum hf_split_behavior {
     HF_REMOVED,
@@ -166,14 +176,21 @@ enum hf_split_behavior {
 
 struct hf_pre_tokenizer {
     enum hf_pre_kind kind;
-    struct hf_pattern pattern; /* Split; ByteLevel's GPT-2 regex; Digits' numeric chars */
+    /* Split; ByteLevel's GPT-2 regex; Digits' numeric chars; Metaspace's replacement (a
+     * string pattern of one character) */
+    struct hf_pattern pattern;
     enum hf_split_behavior behavior;
     bool invert, add_prefix_space, use_regex;
-    struct hf_pre_tokenizer *steps; /* Sequence */
+    enum hf_prepend_scheme prepend_scheme; /* Metaspace */
+    bool split;                            /* Metaspace: cut before each replacement */
+    struct hf_pre_tokenizer *steps;        /* Sequence */
     int n_steps;
 };
 
-/* Pieces of text: piece i is text.data[spans.start[i], spans.end[i]). */
+/* Pieces of text: piece i is text.data[spans.start[i], spans.end[i]). In the
+ * pre-tokenizers, spans.value[i] is 1 when the piece begins at the start of the input (the
+ * library's offsets_original().0 == 0, which Metaspace's prepend_scheme "first" reads), else
+ * 0. */
 struct hf_pieces {
     struct hf_string text;
     struct hf_spans spans;
@@ -215,7 +232,29 @@ struct hf_post_processor {
     int n_steps;
 };
 
-enum hf_decoder_kind { HF_DECODER_NONE, HF_DECODER_BYTE_LEVEL };
+enum hf_decoder_kind {
+    HF_DECODER_BYTE_LEVEL,
+    HF_DECODER_REPLACE,
+    HF_DECODER_BYTE_FALLBACK,
+    HF_DECODER_FUSE,
+    HF_DECODER_STRIP,
+    HF_DECODER_METASPACE,
+    HF_DECODER_SEQUENCE
+};
+
+struct hf_decoder {
+    enum hf_decoder_kind kind;
+    struct hf_pattern pattern; /* Replace's pattern; Metaspace's replacement (a string) */
+    const char *content;       /* Replace's replacement */
+    size_t content_length;
+    int32_t strip_char;                    /* Strip's content */
+    size_t strip_start, strip_stop;        /* Strip: at most this many from each end */
+    enum hf_prepend_scheme prepend_scheme; /* Metaspace */
+    struct hf_decoder *steps;              /* Sequence */
+    int n_steps;
+};
+
+void hf_decoder_free(struct hf_decoder *dec);
 
 /* ---- the tokenizer ---- */
 
@@ -232,7 +271,7 @@ struct hf_tokenizer {
     struct hf_pre_tokenizer *pre_tokenizer; /* NULL: none */
     struct hf_bpe bpe;
     struct hf_post_processor *post_processor; /* NULL: none */
-    enum hf_decoder_kind decoder;
+    struct hf_decoder *decoder;               /* NULL: none */
     uint32_t vocab_size;
 };
 

@@ -54,6 +54,52 @@ static int get_bool(struct loader *L, json_t *obj, const char *key, const char *
     return 0;
 }
 
+/* A member holding exactly one character (a Rust `char` in the library), kept as a string
+ * pattern (Metaspace's replacement) and its code point. */
+static int get_char(struct loader *L, json_t *obj, const char *key, const char *where,
+                    struct hf_pattern *p, int32_t *codepoint)
+{
+    const char *value;
+    size_t length;
+    if (get_string(L, obj, key, where, &value, &length)) return -1;
+    if (!value) return fail(L, "%s has no \"%s\"", where, key);
+    if (length == 0 || hf_utf8_valid_length((const unsigned char *)value, length) != length)
+        return fail(L, "%s.%s \"%s\" is not one character", where, key, value);
+    hf_utf8_decode(value, codepoint);
+    memset(p, 0, sizeof *p);
+    p->kind = HF_PATTERN_STRING;
+    p->literal = hf_arena_copy(&L->tok->arena, value, length);
+    p->literal_length = length;
+    return 0;
+}
+
+/* Metaspace's prepend_scheme, or the older add_prefix_space (false means "never"); the
+ * library's default is "always" (tokenizers/src/pre_tokenizers/metaspace.rs). */
+static int get_prepend_scheme(struct loader *L, json_t *obj, const char *where,
+                              enum hf_prepend_scheme *scheme)
+{
+    static const char *names[] = {"always", "first", "never"};
+    const char *name;
+    bool add_prefix_space;
+    if (get_string(L, obj, "prepend_scheme", where, &name, NULL) ||
+        get_bool(L, obj, "add_prefix_space", where, true, &add_prefix_space))
+        return -1;
+    *scheme = HF_PREPEND_ALWAYS;
+    if (name) {
+        int k = -1;
+        for (int i = 0; i < 3; i++)
+            if (!strcmp(name, names[i])) k = i;
+        if (k < 0) return fail(L, "%s: prepend_scheme \"%s\" is unknown", where, name);
+        *scheme = (enum hf_prepend_scheme)k;
+    }
+    /* as in the library, add_prefix_space false needs prepend_scheme "never" beside it
+     * (absent, the scheme is "always" and the file does not load there either) */
+    if (!add_prefix_space && *scheme != HF_PREPEND_NEVER)
+        return fail(L, "%s: add_prefix_space false contradicts prepend_scheme \"%s\"", where,
+                    names[*scheme]);
+    return 0;
+}
+
 static int get_type(struct loader *L, json_t *obj, const char *where, const char **type)
 {
     if (!json_is_object(obj)) return fail(L, "%s is not an object", where);
@@ -187,9 +233,18 @@ static int load_pre_tokenizer(struct loader *L, json_t *obj, const char *where,
         pt->behavior = individual ? HF_ISOLATED : HF_CONTIGUOUS;
         return 0;
     }
+    if (!strcmp(type, "Metaspace")) {
+        int32_t replacement;
+        pt->kind = HF_PRE_METASPACE;
+        if (get_char(L, obj, "replacement", where, &pt->pattern, &replacement) ||
+            get_prepend_scheme(L, obj, where, &pt->prepend_scheme) ||
+            get_bool(L, obj, "split", where, true, &pt->split))
+            return -1;
+        return 0;
+    }
     return fail(L,
                 "%s: pre_tokenizer type \"%s\" is not implemented (Sequence, Split, "
-                "ByteLevel, Digits are)",
+                "ByteLevel, Digits, Metaspace are)",
                 where, type);
 }
 
@@ -276,6 +331,90 @@ void hf_post_processor_free(struct hf_post_processor *pp)
     for (int i = 0; i < pp->n_steps; i++) hf_post_processor_free(&pp->steps[i]);
     free(pp->steps);
     memset(pp, 0, sizeof *pp);
+}
+
+/* A non-negative integer member, `fallback` when absent. */
+static int get_count(struct loader *L, json_t *obj, const char *key, const char *where,
+                     size_t fallback, size_t *value)
+{
+    json_t *v = json_object_get(obj, key);
+    *value = fallback;
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_integer(v) || json_integer_value(v) < 0)
+        return fail(L, "%s.%s is not a non-negative integer", where, key);
+    *value = (size_t)json_integer_value(v);
+    return 0;
+}
+
+static int load_decoder(struct loader *L, json_t *obj, const char *where, struct hf_decoder *dec)
+{
+    const char *type;
+    memset(dec, 0, sizeof *dec);
+    if (get_type(L, obj, where, &type)) return -1;
+    char inner[256];
+    if (!strcmp(type, "ByteLevel")) {
+        /* its add_prefix_space, trim_offsets and use_regex change offsets, not the text */
+        dec->kind = HF_DECODER_BYTE_LEVEL;
+        return 0;
+    }
+    if (!strcmp(type, "ByteFallback")) {
+        dec->kind = HF_DECODER_BYTE_FALLBACK;
+        return 0;
+    }
+    if (!strcmp(type, "Fuse")) {
+        dec->kind = HF_DECODER_FUSE;
+        return 0;
+    }
+    if (!strcmp(type, "Replace")) {
+        dec->kind = HF_DECODER_REPLACE;
+        if (get_string(L, obj, "content", where, &dec->content, &dec->content_length)) return -1;
+        if (!dec->content) return fail(L, "%s (Replace) has no \"content\"", where);
+        dec->content = hf_arena_copy(&L->tok->arena, dec->content, dec->content_length);
+        snprintf(inner, sizeof inner, "%s.pattern", where);
+        return load_pattern(L, json_object_get(obj, "pattern"), inner, &dec->pattern);
+    }
+    if (!strcmp(type, "Strip")) {
+        struct hf_pattern unused;
+        dec->kind = HF_DECODER_STRIP;
+        return get_char(L, obj, "content", where, &unused, &dec->strip_char) ||
+                       get_count(L, obj, "start", where, 0, &dec->strip_start) ||
+                       get_count(L, obj, "stop", where, 0, &dec->strip_stop)
+                   ? -1
+                   : 0;
+    }
+    if (!strcmp(type, "Metaspace")) {
+        int32_t replacement;
+        dec->kind = HF_DECODER_METASPACE;
+        return get_char(L, obj, "replacement", where, &dec->pattern, &replacement) ||
+                       get_prepend_scheme(L, obj, where, &dec->prepend_scheme)
+                   ? -1
+                   : 0;
+    }
+    if (!strcmp(type, "Sequence")) {
+        dec->kind = HF_DECODER_SEQUENCE;
+        json_t *steps = json_object_get(obj, "decoders");
+        if (!json_is_array(steps)) return fail(L, "%s (Sequence) has no \"decoders\" list", where);
+        dec->steps = hf_calloc(json_array_size(steps) + 1, sizeof *dec->steps);
+        for (size_t i = 0; i < json_array_size(steps); i++) {
+            snprintf(inner, sizeof inner, "%s.decoders[%zu]", where, i);
+            dec->n_steps++;
+            if (load_decoder(L, json_array_get(steps, i), inner, &dec->steps[i])) return -1;
+        }
+        return 0;
+    }
+    return fail(L,
+                "%s: decoder type \"%s\" is not implemented (ByteLevel, Replace, ByteFallback, "
+                "Fuse, Strip, Metaspace, Sequence are)",
+                where, type);
+}
+
+void hf_decoder_free(struct hf_decoder *dec)
+{
+    if (!dec) return;
+    hf_pattern_free(&dec->pattern);
+    for (int i = 0; i < dec->n_steps; i++) hf_decoder_free(&dec->steps[i]);
+    free(dec->steps);
+    memset(dec, 0, sizeof *dec);
 }
 
 static int check_unset(struct loader *L, json_t *obj, const char *key, const char *where)
@@ -480,13 +619,9 @@ static int load_root(struct loader *L, json_t *root)
         if (load_post_processor(L, v, "post_processor", tok->post_processor)) return -1;
     }
     v = json_object_get(root, "decoder");
-    tok->decoder = HF_DECODER_NONE;
     if (v && !json_is_null(v)) {
-        const char *type;
-        if (get_type(L, v, "decoder", &type)) return -1;
-        if (strcmp(type, "ByteLevel"))
-            return fail(L, "decoder type \"%s\" is not implemented (ByteLevel is)", type);
-        tok->decoder = HF_DECODER_BYTE_LEVEL;
+        tok->decoder = hf_calloc(1, sizeof *tok->decoder);
+        if (load_decoder(L, v, "decoder", tok->decoder)) return -1;
     }
     if (normalize_added(L)) return -1;
     hf_added_set_build(&tok->raw_set, tok->added, tok->n_added, false);
@@ -566,6 +701,8 @@ void hf_tokenizer_free(struct hf_tokenizer *tok)
     free(tok->pre_tokenizer);
     hf_post_processor_free(tok->post_processor);
     free(tok->post_processor);
+    hf_decoder_free(tok->decoder);
+    free(tok->decoder);
     hf_bpe_free(&tok->bpe);
     hf_arena_free(&tok->arena);
     free(tok);

@@ -1,7 +1,8 @@
 /* hf_pretokenizer: the pre-tokenizers of tokenizer.json: Split (a regex or string, every
  * behavior, invert), ByteLevel (add_prefix_space, the GPT-2 regex when use_regex, then
- * each byte as its printable character), Digits and Sequence. Each applies to every piece
- * the previous stage left; empty pieces are dropped, as the library drops them. */
+ * each byte as its printable character), Digits, Metaspace (SentencePiece's spaces, every
+ * prepend_scheme, split or not) and Sequence. Each applies to every piece the previous
+ * stage left; empty pieces are dropped, as the library drops them. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -49,15 +50,16 @@ const char *hf_byte_level_char(unsigned char byte, size_t *length)
     return table[byte];
 }
 
-static void push_piece(struct hf_pieces *out, const char *text, size_t n)
+/* `first`: the piece begins at the start of the input (see struct hf_pieces). */
+static void push_piece(struct hf_pieces *out, const char *text, size_t n, bool first)
 {
     if (!n) return;
     size_t at = out->text.n;
     hf_string_append(&out->text, text, n);
-    hf_spans_push(&out->spans, at, at + n, 0);
+    hf_spans_push(&out->spans, at, at + n, first);
 }
 
-static void push_byte_level(struct hf_pieces *out, const char *text, size_t n)
+static void push_byte_level(struct hf_pieces *out, const char *text, size_t n, bool first)
 {
     if (!n) return;
     size_t at = out->text.n;
@@ -66,7 +68,7 @@ static void push_byte_level(struct hf_pieces *out, const char *text, size_t n)
         const char *c = hf_byte_level_char((unsigned char)text[i], &len);
         hf_string_append(&out->text, c, len);
     }
-    hf_spans_push(&out->spans, at, out->text.n, 0);
+    hf_spans_push(&out->spans, at, out->text.n, first);
 }
 
 /* The library's split with a behavior: `m` covers the text, value 1 on matches. Writes
@@ -138,29 +140,67 @@ static size_t apply_behavior(struct hf_spans *m, enum hf_split_behavior behavior
     return n;
 }
 
+/* Only a part that begins where its piece begins can begin the input: a removed match in
+ * front moves the part's start in the original text too. */
 static void split_piece(const struct hf_pattern *pattern, enum hf_split_behavior behavior,
-                        bool invert, bool byte_level, const char *text, size_t n,
+                        bool invert, bool byte_level, const char *text, size_t n, bool first,
                         struct hf_pieces *out)
 {
     struct hf_spans m = {0};
     hf_pattern_find(pattern, text, n, &m);
     size_t count = apply_behavior(&m, behavior, invert);
     for (size_t i = 0; i < count; i++) {
+        bool at_start = first && m.start[i] == 0;
         if (byte_level)
-            push_byte_level(out, text + m.start[i], m.end[i] - m.start[i]);
+            push_byte_level(out, text + m.start[i], m.end[i] - m.start[i], at_start);
         else
-            push_piece(out, text + m.start[i], m.end[i] - m.start[i]);
+            push_piece(out, text + m.start[i], m.end[i] - m.start[i], at_start);
     }
     hf_spans_free(&m);
 }
 
+/* Metaspace (tokenizers/src/pre_tokenizers/metaspace.rs): every space becomes the
+ * replacement; the replacement goes in front of a piece that does not start with it
+ * (prepend_scheme "always"; "first": only if the piece begins the input, so not the text
+ * after an added token; "never": not at all); with split, the piece is then cut before
+ * each replacement (MergedWithNext: "▁a▁▁b" -> "▁a", "▁", "▁b"). Writes the rewritten
+ * piece into `scratch`. */
+static void metaspace_piece(const struct hf_pre_tokenizer *pt, const char *text, size_t n,
+                            bool first, struct hf_string *scratch, struct hf_pieces *out)
+{
+    const char *rep = pt->pattern.literal;
+    size_t rep_length = pt->pattern.literal_length;
+    scratch->n = 0;
+    /* whether the piece starts with the replacement once its spaces are replaced */
+    bool starts = n > 0 && (text[0] == ' ' || (n >= rep_length && !memcmp(text, rep, rep_length)));
+    bool prepend = pt->prepend_scheme == HF_PREPEND_ALWAYS ||
+                   (pt->prepend_scheme == HF_PREPEND_FIRST && first);
+    /* the library's NormalizedString::prepend leaves an empty text alone */
+    if (prepend && n > 0 && !starts) hf_string_append(scratch, rep, rep_length);
+    for (size_t i = 0; i < n;) {
+        size_t k = i;
+        while (k < n && text[k] != ' ') k++;
+        hf_string_append(scratch, text + i, k - i);
+        if (k < n) hf_string_append(scratch, rep, rep_length);
+        i = k + 1;
+    }
+    if (pt->split)
+        split_piece(&pt->pattern, HF_MERGED_WITH_NEXT, false, false, scratch->data, scratch->n,
+                    first, out);
+    else
+        push_piece(out, scratch->data, scratch->n, first);
+}
+
 static void pre_tokenize_piece(const struct hf_pre_tokenizer *pt, const char *text, size_t n,
-                               struct hf_pieces *out)
+                               bool first, struct hf_string *scratch, struct hf_pieces *out)
 {
     switch (pt->kind) {
     case HF_PRE_SPLIT:
     case HF_PRE_DIGITS:
-        split_piece(&pt->pattern, pt->behavior, pt->invert, false, text, n, out);
+        split_piece(&pt->pattern, pt->behavior, pt->invert, false, text, n, first, out);
+        return;
+    case HF_PRE_METASPACE:
+        metaspace_piece(pt, text, n, first, scratch, out);
         return;
     case HF_PRE_BYTE_LEVEL: {
         struct hf_string prefixed = {0};
@@ -171,9 +211,9 @@ static void pre_tokenize_piece(const struct hf_pre_tokenizer *pt, const char *te
             n = prefixed.n;
         }
         if (pt->use_regex)
-            split_piece(&pt->pattern, HF_ISOLATED, false, true, text, n, out);
+            split_piece(&pt->pattern, HF_ISOLATED, false, true, text, n, first, out);
         else
-            push_byte_level(out, text, n);
+            push_byte_level(out, text, n, first);
         hf_string_free(&prefixed);
         return;
     }
@@ -193,9 +233,12 @@ void hf_pre_tokenize(const struct hf_pre_tokenizer *pt, const struct hf_pieces *
 {
     clear(out);
     if (pt->kind != HF_PRE_SEQUENCE) {
+        struct hf_string scratch = {0};
         for (size_t i = 0; i < in->spans.n; i++)
             pre_tokenize_piece(pt, in->text.data + in->spans.start[i],
-                               in->spans.end[i] - in->spans.start[i], out);
+                               in->spans.end[i] - in->spans.start[i], in->spans.value[i] != 0,
+                               &scratch, out);
+        hf_string_free(&scratch);
         return;
     }
     /* Sequence: each step on all the pieces the step before left */
@@ -208,7 +251,7 @@ void hf_pre_tokenize(const struct hf_pre_tokenizer *pt, const struct hf_pieces *
     }
     for (size_t i = 0; i < from->spans.n; i++)
         push_piece(out, from->text.data + from->spans.start[i],
-                   from->spans.end[i] - from->spans.start[i]);
+                   from->spans.end[i] - from->spans.start[i], from->spans.value[i] != 0);
     hf_string_free(&a.text);
     hf_spans_free(&a.spans);
     hf_string_free(&b.text);
