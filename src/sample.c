@@ -179,6 +179,28 @@ static int format_esft_reference(const struct tokenizer *tok, struct conversatio
 
 /* ---- the checkpoint's chat template ------------------------------------------------------ */
 
+/* A message as transformers hands it to a template (5.x, chat_template_utils'
+ * _alias_reasoning_fields): when it has reasoning under "reasoning_content", "thinking" or
+ * "reasoning" (the first not null, in that order), "thinking" (read by gpt-oss's template)
+ * and "reasoning_content" (read by Qwen3's) both hold it. A new reference. */
+static json_t *alias_reasoning(const json_t *msg)
+{
+    static const char *const fields[] = {"reasoning_content", "thinking", "reasoning"};
+    const json_t *reasoning = NULL;
+    for (int i = 0; i < 3 && !reasoning; i++) {
+        const json_t *v = json_object_get(msg, fields[i]);
+        if (v && !json_is_null(v)) reasoning = v;
+    }
+    if (!reasoning) return json_incref((json_t *)msg);
+    json_t *out = json_object();
+    if (!json_object_get(msg, "thinking")) json_object_set(out, "thinking", (json_t *)reasoning);
+    const char *key;
+    json_t *value;
+    json_object_foreach((json_t *)msg, key, value) json_object_set(out, key, value);
+    json_object_set(out, "reasoning_content", (json_t *)reasoning);
+    return out;
+}
+
 /* Renders messages[:n_messages] (all: n_messages = c->n_messages). */
 static char *render(const struct tokenizer *tok, const struct conversation *c, size_t n_messages,
                     bool add_generation_prompt, struct chat_span **spans, size_t *n_spans,
@@ -187,7 +209,7 @@ static char *render(const struct tokenizer *tok, const struct conversation *c, s
     json_t *context = json_copy(tok->template_vars);
     json_t *messages = json_array();
     for (size_t i = 0; i < n_messages; i++)
-        json_array_append(messages, json_array_get(c->messages, i));
+        json_array_append_new(messages, alias_reasoning(json_array_get(c->messages, i)));
     json_object_set_new(context, "messages", messages);
     if (c->tools) json_object_set(context, "tools", c->tools);
     json_object_set_new(context, "add_generation_prompt", json_boolean(add_generation_prompt));

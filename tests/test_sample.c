@@ -71,6 +71,7 @@ static void run_case(struct tokenizer *tok, const json_t *base_vars, const char 
     const char *row = json_string_value(json_object_get(c, "row"));
     const char *format = json_string_value(json_object_get(c, "format"));
     const json_t *error = json_object_get(c, "error");
+    const json_t *error_kind = json_object_get(c, "error_kind"); /* a Python exception */
     json_t *vars = json_deep_copy(base_vars);
     json_object_update(vars, json_object_get(c, "kwargs"));
     json_t *saved = tok->template_vars;
@@ -83,6 +84,12 @@ static void run_case(struct tokenizer *tok, const json_t *base_vars, const char 
                                 sizeof err);
     tok->template_vars = saved;
     json_decref(vars);
+    if (error_kind) { /* the template failed in Python: esft must refuse too, in its words */
+        CHECK(rc != 0, "%s/%s (%s): accepted, expected a refusal (Python's %s)", setup, name,
+              format, json_string_value(error_kind));
+        token_buffer_free(&buf);
+        return;
+    }
     if (error) {
         /* the generator's wording is its own; the reason is the same */
         const char *expected = json_string_value(error);

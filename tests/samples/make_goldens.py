@@ -28,7 +28,10 @@ import json
 import os
 import sys
 
+import jinja2
+
 from transformers import PreTrainedTokenizerFast
+from transformers.utils import chat_template_utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(os.path.dirname(HERE))
@@ -48,6 +51,18 @@ def load_tokenizer(family, config, template):
         with open(template, encoding="utf-8") as f:
             tok.chat_template = f.read()
     return tok
+
+
+class _PinnedClock(datetime.datetime):
+    """transformers' strftime_now reads datetime.now(): pinned to NOW (UTC), the day
+    test_sample passes as prepare.date."""
+
+    @classmethod
+    def now(cls, tz=None):
+        return datetime.datetime.fromtimestamp(NOW, datetime.timezone.utc)
+
+
+chat_template_utils.datetime = _PinnedClock
 
 
 def render(tok, messages, tools, agp, kwargs):
@@ -92,8 +107,13 @@ def template_case(tok, row, kwargs, marked):
     tools = row.get("tools")
     try:
         full = render(tok, messages, tools, False, kwargs)
-    except Exception as e:  # raise_exception: the template's own message
-        return {"error": str(e)}
+    except jinja2.exceptions.TemplateError as e:
+        # raise_exception raises exactly TemplateError: its message is the template's own
+        if type(e) is jinja2.exceptions.TemplateError:
+            return {"error": str(e)}
+        return {"error_kind": type(e).__name__}
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        return {"error_kind": type(e).__name__}
     out = tok.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
                                   add_generation_prompt=False,
                                   return_assistant_tokens_mask=marked, **kwargs)
@@ -229,6 +249,16 @@ SETUPS = [
     ("qwen3_generation", "qwen", {"bos_token": None, "eos_token": "<|im_end|>",
                                   "pad_token": "<|endoftext|>"},
      os.path.join(HERE, "qwen3_moe_generation.jinja"), True),
+    ("deepseek_v2", "deepseek-v2", {"bos_token": "<｜begin▁of▁sentence｜>",
+                                    "eos_token": "<｜end▁of▁sentence｜>"},
+     os.path.join(TOP, "tests", "chat", "deepseek_v2_chat.jinja"), False),
+    ("mixtral", "mixtral", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+     os.path.join(TOP, "tests", "chat", "mixtral_8x7b_instruct_v0_1.jinja"), False),
+    ("glm45", "glm45", {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+     os.path.join(TOP, "tests", "chat", "glm_4_5.jinja"), False),
+    ("gpt_oss", "gpt-oss", {"bos_token": "<|startoftext|>", "eos_token": "<|return|>",
+                            "pad_token": "<|endoftext|>"},
+     os.path.join(TOP, "tests", "chat", "gpt_oss.jinja"), False),
     ("olmoe_tulu", "olmoe", {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
                              "pad_token": "<|padding|>"},
      os.path.join(HERE, "tulu.jinja"), False),
