@@ -272,6 +272,16 @@ int phase_score(const struct deck *deck, const struct layout *layout)
         all.top_k = K;
         all.norm_topk_prob = cfg.norm_topk_prob;
         snprintf(all.dataset, sizeof all.dataset, "%s", deck->data.path);
+        /* provenance for select's expert_config.json: which data, tokenized how */
+        uint64_t data_sum = 0;
+        char why[1024];
+        if (dataset_hash(&ds, &data_sum, why, sizeof why) == 0)
+            snprintf(all.dataset_checksum, sizeof all.dataset_checksum, "%016" PRIx64, data_sum);
+        else
+            log_warn("score: the dataset's checksum is not recorded: %s", why);
+        snprintf(all.tokenizer, sizeof all.tokenizer, "%s", ds.tokenizer);
+        snprintf(all.tokenizer_checksum, sizeof all.tokenizer_checksum, "%s",
+                 ds.tokenizer_checksum);
         all.seed = deck->run.seed;
         all.n_sample_tokens = deck->score.n_sample_tokens;
         snprintf(all.tokens_scored, sizeof all.tokens_scored, "%s",

@@ -16,6 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "checksum.h"
+#include "config.h"
 #include "files.h"
 #include "hfconfig.h"
 #include "log.h"
@@ -428,14 +430,30 @@ static void config_body(FILE *out, const void *context)
         const struct select_source *src = &r->sources[i];
         fprintf(out, "%s\n    {\"path\": ", i ? "," : "");
         json_string(out, src->path);
+        const struct routing_stats *st = src->stats;
+        fprintf(out, ", \"checksum\": \"%s\",\n     \"model_path\": ", src->checksum);
+        json_string(out, st->model_path);
+        fputs(", \"model_type\": ", out);
+        json_string(out, st->model_type);
         fprintf(out,
-                ", \"config_hash\": \"%016" PRIx64 "\", \"tokens\": %" PRIu64 ", \"dataset\": ",
-                src->config_hash, src->tokens);
-        json_string(out, src->dataset ? src->dataset : "");
-        fputc('}', out);
+                ", \"config_hash\": \"%016" PRIx64 "\",\n     \"dataset\": ", src->config_hash);
+        json_string(out, st->dataset);
+        fputs(", \"dataset_checksum\": ", out);
+        json_string(out, st->dataset_checksum);
+        fputs(",\n     \"tokenizer\": ", out);
+        json_string(out, st->tokenizer);
+        fputs(", \"tokenizer_checksum\": ", out);
+        json_string(out, st->tokenizer_checksum);
+        fprintf(out,
+                ",\n     \"seed\": %lld, \"n_sample_tokens\": %lld, \"tokens_scored\": \"%s\", "
+                "\"tokens\": %" PRIu64 ", \"ranks\": {\"world\": %d, \"pp\": %d, \"dp\": %d, "
+                "\"ep\": %d}}",
+                st->seed, st->n_sample_tokens, st->tokens_scored, src->tokens, st->world, st->pp,
+                st->dp, st->ep);
     }
     fputs("\n  ],\n  \"model_path\": ", out);
     json_string(out, r->model_path ? r->model_path : "");
+    fprintf(out, ",\n  \"esft_version\": \"%s\"", PACKAGE_VERSION);
     if (r->stability) stability_json(out, s, r->stability);
     fputs("\n}\n", out);
 }
@@ -757,9 +775,18 @@ static int select_on_rank0(const struct deck *deck, char *err, size_t err_size)
         goto done;
     }
     struct select_source *sources = xcalloc((size_t)n_stats, sizeof *sources);
-    for (int i = 0; i < n_stats; i++)
-        sources[i] = (struct select_source){paths[i], stats[i].config_hash, stats[i].tokens[0],
-                                            stats[i].dataset};
+    for (int i = 0; i < n_stats; i++) {
+        uint64_t sum = 0;
+        if (checksum_file(paths[i], &sum, err, err_size) != 0) {
+            free(sources);
+            goto done;
+        }
+        sources[i] = (struct select_source){.path = paths[i],
+                                            .config_hash = stats[i].config_hash,
+                                            .tokens = stats[i].tokens[0],
+                                            .stats = &stats[i]};
+        snprintf(sources[i].checksum, sizeof sources[i].checksum, "%016" PRIx64, sum);
+    }
     struct select_report report = {.score_function = in->score_function,
                                    .top_p = in->top_p,
                                    .union_tasks = in->union_tasks,

@@ -94,9 +94,10 @@ void select_free_names(char **names, int n_names);
 /* One statistics file behind a selection, for the provenance in the outputs. */
 struct select_source {
     const char *path;
+    char checksum[17]; /* of the statistics file (checksum.h), hex */
     uint64_t config_hash;
     uint64_t tokens; /* tokens seen by the first MoE layer (every token passes each one) */
-    const char *dataset;
+    const struct routing_stats *stats; /* the rest of its provenance */
 };
 
 /* What the output files say besides the selection. */

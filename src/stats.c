@@ -22,7 +22,7 @@
 #include "log.h"
 
 #define STATS_FORMAT "esft-routing-stats"
-#define STATS_VERSION 1
+#define STATS_VERSION 2 /* 2 adds dataset_checksum, tokenizer, tokenizer_checksum */
 #define STATS_MESSAGE_MAX 1024
 
 /* ---- writing ------------------------------------------------------------------------ */
@@ -99,6 +99,10 @@ static int put_attributes(hid_t file, const struct routing_stats *id, const char
         put_attr(file, "norm_topk_prob", H5T_STD_U8LE, H5T_NATIVE_UINT8, &norm, path, err,
                  err_size) ||
         put_attr_string(file, "dataset", id->dataset, path, err, err_size) ||
+        put_attr_string(file, "dataset_checksum", id->dataset_checksum, path, err, err_size) ||
+        put_attr_string(file, "tokenizer", id->tokenizer, path, err, err_size) ||
+        put_attr_string(file, "tokenizer_checksum", id->tokenizer_checksum, path, err,
+                        err_size) ||
         put_attr(file, "seed", H5T_STD_I64LE, H5T_NATIVE_INT64, &seed, path, err, err_size) ||
         put_attr(file, "n_sample_tokens", H5T_STD_I64LE, H5T_NATIVE_INT64, &n_sample_tokens, path,
                  err, err_size) ||
@@ -699,13 +703,19 @@ static int read_attributes(struct reader *r, struct routing_stats *s)
         return -1;
     }
     if (get_attr_integer(r, "version", &version, NULL) != 0) return -1;
-    if (version != STATS_VERSION) {
+    if (version != STATS_VERSION && version != 1) {
         snprintf(r->err, r->err_size,
-                 "%s: statistics format version %lld; this esft reads "
-                 "version %d",
+                 "%s: statistics format version %lld; this esft reads versions 1 and %d",
                  r->path, version, STATS_VERSION);
         return -1;
     }
+    if (version >= 2 &&
+        (get_attr_string(r, "dataset_checksum", s->dataset_checksum,
+                         sizeof s->dataset_checksum) ||
+         get_attr_string(r, "tokenizer", s->tokenizer, sizeof s->tokenizer) ||
+         get_attr_string(r, "tokenizer_checksum", s->tokenizer_checksum,
+                         sizeof s->tokenizer_checksum)))
+        return -1;
     if (get_attr_string(r, "model_path", s->model_path, sizeof s->model_path) ||
         get_attr_string(r, "model_type", s->model_type, sizeof s->model_type) ||
         get_attr_integer(r, "config_hash", NULL, &s->config_hash) ||

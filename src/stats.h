@@ -2,9 +2,11 @@
  *
  * One HDF5 file per score run. Lm is the number of MoE layers, E experts, R ranks that
  * scored (the data-parallel ranks), S scored samples.
- *   attributes on /: format = "esft-routing-stats", version = 1, model_path,
+ *   attributes on /: format = "esft-routing-stats", version = 2, model_path,
  *     model_type, config_hash (uint64, FNV-1a of config.json), num_layers (decoder
- *     layers), num_experts, top_k, norm_topk_prob (uint8), dataset, seed,
+ *     layers), num_experts, top_k, norm_topk_prob (uint8), dataset, dataset_checksum
+ *     (16 hex digits of dataset_hash, dataset.h), tokenizer and tokenizer_checksum (the
+ *     dataset's, tokenizer.h), seed,
  *     n_sample_tokens (asked), tokens_scored ("all" or "loss"), world, pp, dp, ep,
  *     deck (the resolved deck text)
  *   /moe_layers        int32   [Lm]        decoder-layer index of each MoE layer
@@ -22,7 +24,8 @@
  *   /samples/count     uint32  [S, Lm, E]  per-sample counts
  *   /samples/gate      float64 [S, Lm, E]  per-sample gate sums
  * Totals are reduced from the per-sample values in the drawn order, so they are
- * bitwise identical for any rank count. The per-rank datasets are written by each rank
+ * bitwise identical for any rank count. Version 1 files (without dataset_checksum,
+ * tokenizer, tokenizer_checksum) are read with those empty. The per-rank datasets are written by each rank
  * with parallel HDF5 (collective create, independent writes of one's own row). */
 #ifndef ESFT_STATS_H
 #define ESFT_STATS_H
@@ -40,6 +43,9 @@ struct routing_stats {
     int num_layers, num_experts, top_k;
     bool norm_topk_prob;
     char dataset[4096];
+    char dataset_checksum[17]; /* "" when not known (a version 1 file) */
+    char tokenizer[4096];
+    char tokenizer_checksum[17];
     long long seed, n_sample_tokens;
     char tokens_scored[8]; /* "all" or "loss" */
     int world, pp, dp, ep;

@@ -27,6 +27,9 @@ expect 0 "prepare to train" "$esft" "$demo" "phase=[prepare,score,select,train]"
 contains "$tmp/out" "prepare: tokenizer $m/tokenizer.json (vocabulary 151669, chat template $m/chat_template.jinja)" "prepare to train"
 contains "$tmp/out" "prepare: 64 samples" "prepare to train"
 [ -s "$d/expert_config.json" ] && ok || fail "select wrote no expert_config.json"
+# the selection says what produced it: the dataset and the tokenizer it was made with
+contains "$d/expert_config.json" "\"tokenizer\": \"$m/tokenizer.json\"" "provenance"
+contains "$d/expert_config.json" "\"dataset\": \"$d/data.h5\"" "provenance"
 [ -s "$d/adapter/adapter.safetensors" ] && ok || fail "train wrote no adapter"
 # shellcheck disable=SC2086
 expect 0 "eval" "$esft" "$demo" phase=eval $common "eval.adapter=$d/adapter/adapter.safetensors"

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "checksum.h"
 #include "deck.h"
 #include "hfconfig.h"
 #include "layout.h"
@@ -243,6 +244,9 @@ static void fill_all(struct routing_stats *s, int R)
     s->top_k = RT_K;
     s->norm_topk_prob = true;
     snprintf(s->dataset, sizeof s->dataset, "data/math.h5");
+    snprintf(s->dataset_checksum, sizeof s->dataset_checksum, "0123456789abcdef");
+    snprintf(s->tokenizer, sizeof s->tokenizer, "models/q/tokenizer.json");
+    snprintf(s->tokenizer_checksum, sizeof s->tokenizer_checksum, "fedcba9876543210");
     s->seed = -5934875;
     s->n_sample_tokens = 131072;
     snprintf(s->tokens_scored, sizeof s->tokens_scored, "loss");
@@ -343,6 +347,11 @@ static void test_stats_round_trip(void)
               got.n_sample_tokens == all.n_sample_tokens && strcmp(got.tokens_scored, "loss") == 0,
           "dataset '%s' seed %lld n_sample_tokens %lld tokens_scored '%s'", got.dataset, got.seed,
           got.n_sample_tokens, got.tokens_scored);
+    CHECK(!strcmp(got.dataset_checksum, "0123456789abcdef") &&
+              !strcmp(got.tokenizer, "models/q/tokenizer.json") &&
+              !strcmp(got.tokenizer_checksum, "fedcba9876543210"),
+          "provenance: dataset_checksum '%s' tokenizer '%s' tokenizer_checksum '%s'",
+          got.dataset_checksum, got.tokenizer, got.tokenizer_checksum);
     CHECK(got.world == world_size && got.pp == 1 && got.dp == world_size && got.ep == 1,
           "layout %d %d %d %d", got.world, got.pp, got.dp, got.ep);
     CHECK(got.deck && strcmp(got.deck, all.deck) == 0, "deck text '%s'",
@@ -540,7 +549,8 @@ static void check_lines(const char *what, const char *path, const char *const *w
     free(text);
 }
 
-static void check_config(const char *path, bool shared, size_t n_sources)
+static void check_config(const char *path, bool shared, size_t n_sources,
+                         const char *stats_path)
 {
     json_error_t error;
     json_t *root = json_load_file(path, 0, &error);
@@ -581,6 +591,28 @@ static void check_config(const char *path, bool shared, size_t n_sources)
               json_integer_value(json_object_get(json_array_get(sources, 0), "tokens")) == 10,
           "sources");
     CHECK(json_is_string(json_object_get(root, "model_path")), "model_path");
+    /* provenance: what produced the statistics, and the statistics file itself */
+    uint64_t sum = 0;
+    char err[512], hex[17];
+    CHECK(checksum_file(stats_path, &sum, err, sizeof err) == 0, "%s", err);
+    snprintf(hex, sizeof hex, "%016llx", (unsigned long long)sum);
+    for (size_t i = 0; i < n_sources; i++) {
+        const json_t *src = json_array_get(sources, i);
+        const char *got = json_string_value(json_object_get(src, "checksum"));
+        CHECK(got && !strcmp(got, hex), "sources[%zu].checksum %s, the file's is %s", i,
+              got ? got : "(none)", hex);
+        CHECK(!strcmp(json_string_value(json_object_get(src, "dataset")), "data/math.h5") &&
+                  !strcmp(json_string_value(json_object_get(src, "dataset_checksum")),
+                          "0123456789abcdef") &&
+                  !strcmp(json_string_value(json_object_get(src, "tokenizer")),
+                          "models/q/tokenizer.json") &&
+                  !strcmp(json_string_value(json_object_get(src, "tokenizer_checksum")),
+                          "fedcba9876543210") &&
+                  json_integer_value(json_object_get(src, "seed")) == -5934875 &&
+                  !strcmp(json_string_value(json_object_get(src, "model_type")), "qwen2_moe"),
+              "sources[%zu]: dataset, tokenizer, seed, model_type", i);
+    }
+    CHECK(json_is_string(json_object_get(root, "esft_version")), "esft_version");
     json_decref(root);
 }
 
@@ -611,7 +643,7 @@ static void test_phase(const char *golden)
     char path[1400];
     if (world_rank == 0) {
         snprintf(path, sizeof path, "%s/expert_config.json", out);
-        check_config(path, true, 1);
+        check_config(path, true, 1, stats_path);
         /* qwen2_moe's parameter table order: per layer, gate of every chosen expert, then
          * up, then down; then the shared expert (train_shared_experts) */
         const char *want[] = {"model.layers.0.mlp.experts.1.gate_proj.weight",
@@ -663,7 +695,7 @@ static void test_phase(const char *golden)
     if (world_rank == 0) {
         /* the same file twice, summed: the same scores, the same selection */
         snprintf(path, sizeof path, "%s/configs/math.json", out);
-        check_config(path, false, 2);
+        check_config(path, false, 2, stats_path);
         const char *want[] = {"model.layers.0.mlp.experts.1.gate_proj.weight",
                               "model.layers.0.mlp.experts.3.gate_proj.weight",
                               "model.layers.0.mlp.experts.1.up_proj.weight",
