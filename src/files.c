@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -145,6 +146,25 @@ void svg_begin(FILE *out, int width, int height)
             "viewBox=\"0 0 %d %d\" font-family=\"DejaVu Sans, Arial, sans-serif\">\n",
             width, height, width, height);
     fprintf(out, "<rect width=\"%d\" height=\"%d\" fill=\"white\"/>\n", width, height);
+}
+
+/* Colour of t in [0, 1]: the viridis colour map (matplotlib), sampled at nine points and
+ * interpolated linearly. */
+void svg_viridis(double t, char out[8])
+{
+    static const unsigned char stops[9][3] = {{68, 1, 84},    {71, 44, 122},  {59, 81, 139},
+                                              {44, 113, 142}, {33, 144, 141}, {39, 173, 129},
+                                              {92, 200, 99},  {170, 220, 50}, {253, 231, 37}};
+    if (!(t > 0)) t = 0;
+    if (t > 1) t = 1;
+    double x = t * 8;
+    int i = (int)x;
+    if (i > 7) i = 7;
+    double f = x - i;
+    int rgb[3];
+    for (int k = 0; k < 3; k++)
+        rgb[k] = (int)lround(stops[i][k] + f * (stops[i + 1][k] - stops[i][k]));
+    snprintf(out, 8, "#%02x%02x%02x", rgb[0] & 255, rgb[1] & 255, rgb[2] & 255);
 }
 
 char *file_read(const char *path, size_t max_bytes, size_t *length, char *err, size_t err_size)

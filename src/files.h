@@ -30,5 +30,7 @@ int copy_file(const char *src, const char *dst, char *err, size_t err_size);
 void xml_write_text(FILE *out, const char *s);
 /* The opening of an SVG picture on a white background (closed by "</svg>"). */
 void svg_begin(FILE *out, int width, int height);
+/* The colour of t in [0, 1] on the viridis colour map, as "#rrggbb" (out: 8 bytes). */
+void svg_viridis(double t, char out[8]);
 
 #endif

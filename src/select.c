@@ -485,25 +485,6 @@ int select_write_names(const char *path, char *const *names, int n_names, char *
 
 /* ---- the heatmap ------------------------------------------------------------------- */
 
-/* Colour of t in [0, 1]: the viridis colour map (matplotlib), sampled at nine points and
- * interpolated linearly. */
-static void colour_of(double t, char out[8])
-{
-    static const unsigned char stops[9][3] = {{68, 1, 84},    {71, 44, 122},  {59, 81, 139},
-                                              {44, 113, 142}, {33, 144, 141}, {39, 173, 129},
-                                              {92, 200, 99},  {170, 220, 50}, {253, 231, 37}};
-    if (!(t > 0)) t = 0;
-    if (t > 1) t = 1;
-    double x = t * 8;
-    int i = (int)x;
-    if (i > 7) i = 7;
-    double f = x - i;
-    int rgb[3];
-    for (int k = 0; k < 3; k++)
-        rgb[k] = (int)lround(stops[i][k] + f * (stops[i + 1][k] - stops[i][k]));
-    snprintf(out, 8, "#%02x%02x%02x", rgb[0] & 255, rgb[1] & 255, rgb[2] & 255);
-}
-
 static int clamp_int(int v, int lo, int hi)
 {
     return v < lo ? lo : v > hi ? hi : v;
@@ -567,7 +548,7 @@ static void svg_body(FILE *out, const void *context)
     for (int l = 0; l < Lm; l++)
         for (int e = 0; e < E; e++) {
             double score = s->scores[(size_t)l * E + e];
-            colour_of(score / scale, colour);
+            svg_viridis(score / scale, colour);
             format_double(score, number, sizeof number);
             fprintf(out,
                     "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"%s\">"
@@ -589,7 +570,7 @@ static void svg_body(FILE *out, const void *context)
     int bar_h = 160, bar_y = top;
     fputs("<defs><linearGradient id=\"scale\" x1=\"0\" y1=\"1\" x2=\"0\" y2=\"0\">\n", out);
     for (int i = 0; i <= 8; i++) {
-        colour_of(i / 8.0, colour);
+        svg_viridis(i / 8.0, colour);
         fprintf(out, "<stop offset=\"%.3f\" stop-color=\"%s\"/>\n", i / 8.0, colour);
     }
     fputs("</linearGradient></defs>\n", out);
@@ -798,6 +779,12 @@ static int select_on_rank0(const struct deck *deck, char *err, size_t err_size)
                                    .stability = have_stability ? &stability : NULL};
     int rc = select_write_config(config_path, &selection, &report, err, err_size);
     if (rc == 0) rc = select_write_svg(svg_path, &selection, &report, err, err_size);
+    char stability_svg[4400] = "";
+    if (have_stability) snprintf(stability_svg, sizeof stability_svg, "%.*s_stability.svg", stem,
+                                 config_path);
+    if (rc == 0 && have_stability)
+        rc = stability_write_svg(stability_svg, &stability, &selection, report.model_path, err,
+                                 err_size);
     if (rc == 0) rc = select_write_names(names_path, names, n_names, err, err_size);
     free(sources);
     if (rc != 0) goto done;
@@ -844,6 +831,7 @@ static int select_on_rank0(const struct deck *deck, char *err, size_t err_size)
         else
             log_info("select: mean Jaccard %.3g not reached with the tokens scored: score more "
                      "(score.n_sample_tokens)", stability.target);
+        log_info("select: stability picture -> %s", stability_svg);
     }
     int chosen = select_count(&selection), total = selection.n_moe_layers * E;
     log_info("select: %d of %d experts (%.1f%%) -> %s, %s, %s (%d tensors)", chosen, total,

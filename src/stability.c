@@ -1,12 +1,14 @@
 /* stability: bootstrap of the expert selection over the scored samples (see stability.h). */
 #include "stability.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "files.h"
 #include "log.h"
 #include "rng.h"
 
@@ -149,4 +151,180 @@ void stability_free(struct stability *s)
     free(s->layer_jaccard);
     free(s->inclusion);
     memset(s, 0, sizeof *s);
+}
+
+/* ---- the picture ------------------------------------------------------------------- */
+
+/* Whether the full-data choice and most resamples disagree about expert e of layer l. */
+static bool unstable(const struct stability *st, const struct expert_selection *full, int l,
+                     int e)
+{
+    bool chosen = select_is_chosen(full, full->moe_layers[l], e);
+    double freq = st->inclusion[(size_t)l * st->num_experts + e];
+    return chosen ? freq < 0.5 : freq >= 0.5;
+}
+
+/* Inclusion frequencies (layers x experts, the full-data choice outlined, disagreements
+ * dotted, each layer's mean Jaccard at the right) and the curve of mean Jaccard against
+ * tokens scored with the target. */
+static void stability_svg(FILE *out, const struct stability *st,
+                          const struct expert_selection *full, const char *label)
+{
+    int Lm = st->n_moe_layers, E = st->num_experts;
+    int cell_w = E * 7 > 900 ? 7 : 900 / E > 28 ? 28 : 900 / E;
+    int cell_h = Lm * 12 > 560 ? 12 : 560 / Lm > 28 ? 28 : 560 / Lm;
+    int left = 64, top = 84, map_w = cell_w * E, map_h = cell_h * Lm;
+    int jac_x = left + map_w + 8, plot_x = jac_x + 80, plot_w = 300, plot_h = 200;
+    int width = plot_x + plot_w + 40, height = top + (map_h > plot_h + 60 ? map_h : plot_h + 60) + 90;
+    if (width < 1000) width = 1000; /* room for the title and the note */
+    char colour[8];
+    svg_begin(out, width, height);
+    fprintf(out,
+            "<text x=\"%d\" y=\"24\" font-size=\"16\" font-weight=\"bold\">Selection stability: "
+            "mean Jaccard %.3f over %d resamples of %" PRIu64 " samples</text>\n",
+            left, st->mean_jaccard, st->resamples, st->n_samples);
+    fprintf(out, "<text x=\"%d\" y=\"44\" font-size=\"11\" fill=\"#444\">", left);
+    xml_write_text(out, label);
+    fprintf(out,
+            ": colour = share of resamples choosing the expert; outlined = chosen from all the "
+            "data; dot = most resamples disagree</text>\n");
+    fprintf(out,
+            "<text x=\"14\" y=\"%d\" font-size=\"12\" text-anchor=\"middle\" "
+            "transform=\"rotate(-90 14 %d)\">decoder layer</text>\n",
+            top + map_h / 2, top + map_h / 2);
+    fprintf(out, "<text x=\"%d\" y=\"%d\" font-size=\"11\">Jaccard</text>\n", jac_x, top - 8);
+    for (int l = 0; l < Lm; l++) {
+        int y = top + l * cell_h + cell_h / 2;
+        fprintf(out,
+                "<text x=\"%d\" y=\"%d\" font-size=\"9\" text-anchor=\"end\" "
+                "dominant-baseline=\"central\">%d</text>\n",
+                left - 6, y, (int)full->moe_layers[l]);
+        fprintf(out,
+                "<text x=\"%d\" y=\"%d\" font-size=\"9\" dominant-baseline=\"central\"%s>%.3f"
+                "</text>\n",
+                jac_x, y, st->layer_jaccard[l] < st->target ? " fill=\"#c00000\"" : "",
+                st->layer_jaccard[l]);
+    }
+    int step = 1;
+    while (step * cell_w < 22) step *= 2;
+    for (int e = 0; e < E; e += step)
+        fprintf(out,
+                "<text x=\"%d\" y=\"%d\" font-size=\"9\" text-anchor=\"middle\">%d</text>\n",
+                left + e * cell_w + cell_w / 2, top + map_h + 12, e);
+    fprintf(out, "<text x=\"%d\" y=\"%d\" font-size=\"12\" text-anchor=\"middle\">expert</text>\n",
+            left + map_w / 2, top + map_h + 28);
+    /* the colour scale: share of resamples, 0 to 1 */
+    int scale_y = top + map_h + 44;
+    for (int i = 0; i < 10; i++) {
+        svg_viridis(i / 9.0, colour);
+        fprintf(out, "<rect x=\"%d\" y=\"%d\" width=\"16\" height=\"10\" fill=\"%s\"/>\n",
+                left + 16 * i, scale_y, colour);
+    }
+    fprintf(out,
+            "<text x=\"%d\" y=\"%d\" font-size=\"9\">0</text><text x=\"%d\" y=\"%d\" "
+            "font-size=\"9\">1 = every resample chose it</text>\n",
+            left, scale_y + 22, left + 150, scale_y + 22);
+    fputs("<g shape-rendering=\"crispEdges\">\n", out);
+    for (int l = 0; l < Lm; l++)
+        for (int e = 0; e < E; e++) {
+            double freq = st->inclusion[(size_t)l * E + e];
+            svg_viridis(freq, colour);
+            fprintf(out,
+                    "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"%s\">"
+                    "<title>layer %d, expert %d: chosen in %.1f%% of resamples%s</title></rect>\n",
+                    left + e * cell_w, top + l * cell_h, cell_w, cell_h, colour,
+                    (int)full->moe_layers[l], e, 100 * freq,
+                    select_is_chosen(full, full->moe_layers[l], e) ? " (chosen)" : "");
+        }
+    fputs("</g>\n<g fill=\"none\" stroke=\"#ff2020\" stroke-width=\"1.5\">\n", out);
+    for (int l = 0; l < Lm; l++)
+        for (int i = 0; i < full->n_chosen[l]; i++) {
+            int e = full->chosen[(size_t)l * E + i];
+            fprintf(out, "<rect x=\"%.2f\" y=\"%.2f\" width=\"%.2f\" height=\"%.2f\"/>\n",
+                    left + e * cell_w + 0.75, top + l * cell_h + 0.75, cell_w - 1.5,
+                    cell_h - 1.5);
+        }
+    fputs("</g>\n<g fill=\"#ffffff\" stroke=\"#000000\" stroke-width=\"0.6\">\n", out);
+    double radius = (cell_w < cell_h ? cell_w : cell_h) / 5.0;
+    for (int l = 0; l < Lm; l++)
+        for (int e = 0; e < E; e++)
+            if (unstable(st, full, l, e))
+                fprintf(out, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"%.1f\"/>\n",
+                        left + e * cell_w + cell_w / 2.0, top + l * cell_h + cell_h / 2.0,
+                        radius < 1.5 ? 1.5 : radius);
+    fputs("</g>\n", out);
+
+    /* the curve: mean Jaccard (0..1) against the tokens of a resample (0..the most) */
+    int py = top + 20;
+    double most = 0;
+    for (int f = 0; f < STABILITY_FRACTIONS; f++)
+        if (st->fraction_tokens[f] > most) most = st->fraction_tokens[f];
+    if (!(most > 0)) most = 1;
+    fprintf(out,
+            "<text x=\"%d\" y=\"%d\" font-size=\"12\" font-weight=\"bold\">Mean Jaccard "
+            "against tokens scored</text>\n",
+            plot_x, py - 10);
+    fprintf(out,
+            "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" "
+            "stroke=\"#444\"/>\n",
+            plot_x, py, plot_w, plot_h);
+    for (int i = 0; i <= 4; i++) {
+        int y = py + plot_h - plot_h * i / 4;
+        fprintf(out,
+                "<text x=\"%d\" y=\"%d\" font-size=\"9\" text-anchor=\"end\" "
+                "dominant-baseline=\"central\">%.2f</text>\n",
+                plot_x - 4, y, i / 4.0);
+    }
+    int ty = py + plot_h - (int)lround(plot_h * st->target);
+    fprintf(out,
+            "<line x1=\"%d\" y1=\"%d\" x2=\"%d\" y2=\"%d\" stroke=\"#c00000\" "
+            "stroke-dasharray=\"4 3\"/><text x=\"%d\" y=\"%d\" font-size=\"9\" "
+            "fill=\"#c00000\">target %.2f</text>\n",
+            plot_x, ty, plot_x + plot_w, ty, plot_x + 4, ty - 4, st->target);
+    fputs("<polyline fill=\"none\" stroke=\"#1f4e99\" stroke-width=\"1.5\" points=\"", out);
+    for (int f = 0; f < STABILITY_FRACTIONS; f++)
+        fprintf(out, "%s%.1f,%.1f", f ? " " : "", plot_x + plot_w * st->fraction_tokens[f] / most,
+                py + plot_h - plot_h * st->fraction_jaccard[f]);
+    fputs("\"/>\n", out);
+    for (int f = 0; f < STABILITY_FRACTIONS; f++) {
+        double x = plot_x + plot_w * st->fraction_tokens[f] / most;
+        double y = py + plot_h - plot_h * st->fraction_jaccard[f];
+        fprintf(out,
+                "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"#1f4e99\"><title>%.0f tokens: "
+                "%.3f</title></circle>\n",
+                x, y, st->fraction_tokens[f], st->fraction_jaccard[f]);
+        fprintf(out,
+                "<text x=\"%.1f\" y=\"%d\" font-size=\"9\" text-anchor=\"middle\">%.0f</text>\n",
+                x, py + plot_h + 12, st->fraction_tokens[f]);
+    }
+    fprintf(out,
+            "<text x=\"%d\" y=\"%d\" font-size=\"11\" text-anchor=\"middle\">tokens in a "
+            "resample</text>\n",
+            plot_x + plot_w / 2, py + plot_h + 28);
+    if (st->tokens_needed >= 0)
+        fprintf(out,
+                "<text x=\"%d\" y=\"%d\" font-size=\"11\">target reached with about %.0f "
+                "scored tokens</text>\n",
+                plot_x, py + plot_h + 46, st->tokens_needed);
+    else
+        fprintf(out,
+                "<text x=\"%d\" y=\"%d\" font-size=\"11\" fill=\"#c00000\">target not reached: "
+                "score more tokens</text>\n",
+                plot_x, py + plot_h + 46);
+    fputs("</svg>\n", out);
+}
+
+int stability_write_svg(const char *path, const struct stability *st,
+                        const struct expert_selection *full, const char *label, char *err,
+                        size_t err_size)
+{
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *out = fopen(tmp, "w");
+    if (!out) {
+        snprintf(err, err_size, "cannot create %s: %s", tmp, strerror(errno));
+        return -1;
+    }
+    stability_svg(out, st, full, label);
+    return file_commit(out, tmp, path, err, err_size);
 }

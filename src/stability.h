@@ -50,4 +50,14 @@ int stability_run(const struct routing_stats *const *stats, const char *const *p
                   double target, struct stability *out, char *err, size_t err_size);
 void stability_free(struct stability *s);
 
+/* The picture of the figures (SVG) at path, via path.tmp: each expert's inclusion
+ * frequency per MoE layer (colour), the full-data choice outlined, a dot where most
+ * resamples disagree with it (chosen but in fewer than half, or not chosen but in half or
+ * more), each layer's mean Jaccard (red below the target); and the mean Jaccard against
+ * the tokens of a resample, with the target. label names the model. 0, or -1 with a
+ * message. */
+int stability_write_svg(const char *path, const struct stability *st,
+                        const struct expert_selection *full, const char *label, char *err,
+                        size_t err_size);
+
 #endif
