@@ -167,6 +167,20 @@ void svg_viridis(double t, char out[8])
     snprintf(out, 8, "#%02x%02x%02x", rgb[0] & 255, rgb[1] & 255, rgb[2] & 255);
 }
 
+int file_write_atomically(const char *path, file_body body, const void *context, char *err,
+                          size_t err_size)
+{
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *out = fopen(tmp, "w");
+    if (!out) {
+        snprintf(err, err_size, "cannot create %s: %s", tmp, strerror(errno));
+        return -1;
+    }
+    body(out, context);
+    return file_commit(out, tmp, path, err, err_size);
+}
+
 char *file_read(const char *path, size_t max_bytes, size_t *length, char *err, size_t err_size)
 {
     FILE *f = fopen(path, "rb");

@@ -23,6 +23,11 @@ bool path_exists(const char *path);
 /* The whole of a file as a malloc'd, NUL-terminated string (its length in *length),
  * refusing files above max_bytes. NULL with "PATH: what is wrong" in err. */
 char *file_read(const char *path, size_t max_bytes, size_t *length, char *err, size_t err_size);
+/* Writes path through path.tmp: `body` fills the open file, then file_commit renames
+ * it. 0, or -1 with a message. */
+typedef void (*file_body)(FILE *out, const void *context);
+int file_write_atomically(const char *path, file_body body, const void *context, char *err,
+                          size_t err_size);
 /* Copies src to dst through dst.tmp (file_commit). 0, or -1 with a message. */
 int copy_file(const char *src, const char *dst, char *err, size_t err_size);
 

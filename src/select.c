@@ -299,23 +299,6 @@ void select_free_names(char **names, int n_names)
 
 /* ---- output files ------------------------------------------------------------------ */
 
-/* Writes path through path.tmp: `body` fills the open file; rename on success. */
-typedef void (*file_body)(FILE *out, const void *context);
-
-static int write_atomically(const char *path, file_body body, const void *context, char *err,
-                            size_t err_size)
-{
-    char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *out = fopen(tmp, "w");
-    if (!out) {
-        snprintf(err, err_size, "cannot create %s: %s", tmp, strerror(errno));
-        return -1;
-    }
-    body(out, context);
-    return file_commit(out, tmp, path, err, err_size);
-}
-
 /* The shortest %g form that reads back as the same double. */
 static void format_double(double value, char *buf, size_t size)
 {
@@ -462,7 +445,7 @@ int select_write_config(const char *path, const struct expert_selection *selecti
                         const struct select_report *report, char *err, size_t err_size)
 {
     struct config_context context = {selection, report};
-    return write_atomically(path, config_body, &context, err, err_size);
+    return file_write_atomically(path, config_body, &context, err, err_size);
 }
 
 struct names_context {
@@ -480,7 +463,7 @@ int select_write_names(const char *path, char *const *names, int n_names, char *
                        size_t err_size)
 {
     struct names_context context = {names, n_names};
-    return write_atomically(path, names_body, &context, err, err_size);
+    return file_write_atomically(path, names_body, &context, err, err_size);
 }
 
 /* ---- the heatmap ------------------------------------------------------------------- */
@@ -605,7 +588,7 @@ int select_write_svg(const char *path, const struct expert_selection *selection,
                      const struct select_report *report, char *err, size_t err_size)
 {
     struct config_context context = {selection, report};
-    return write_atomically(path, svg_body, &context, err, err_size);
+    return file_write_atomically(path, svg_body, &context, err, err_size);
 }
 
 /* ---- the phase ----------------------------------------------------------------------- */

@@ -1,7 +1,6 @@
 /* stability: bootstrap of the expert selection over the scored samples (see stability.h). */
 #include "stability.h"
 
-#include <errno.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
@@ -314,17 +313,22 @@ static void stability_svg(FILE *out, const struct stability *st,
     fputs("</svg>\n", out);
 }
 
+struct picture {
+    const struct stability *st;
+    const struct expert_selection *full;
+    const char *label;
+};
+
+static void picture_body(FILE *out, const void *context)
+{
+    const struct picture *p = context;
+    stability_svg(out, p->st, p->full, p->label);
+}
+
 int stability_write_svg(const char *path, const struct stability *st,
                         const struct expert_selection *full, const char *label, char *err,
                         size_t err_size)
 {
-    char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *out = fopen(tmp, "w");
-    if (!out) {
-        snprintf(err, err_size, "cannot create %s: %s", tmp, strerror(errno));
-        return -1;
-    }
-    stability_svg(out, st, full, label);
-    return file_commit(out, tmp, path, err, err_size);
+    struct picture p = {st, full, label};
+    return file_write_atomically(path, picture_body, &p, err, err_size);
 }

@@ -80,6 +80,50 @@ static void close_to(double got, double want, const char *what)
           what, got, want);
 }
 
+/* The picture: one outline per chosen expert, one dot per expert where most resamples
+ * disagree with the full-data choice (counted here from the figures), the mean Jaccard in
+ * the title. */
+static void check_picture(const struct stability *st, const struct expert_selection *full)
+{
+    char err[512], path[] = "/tmp/esft-stability-XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0, "mkstemp");
+    if (fd >= 0) close(fd);
+    CHECK(stability_write_svg(path, st, full, "synthetic model", err, sizeof err) == 0, "%s",
+          err);
+    int disagree = 0;
+    for (int l = 0; l < LM; l++)
+        for (int e = 0; e < E; e++) {
+            double freq = st->inclusion[l * E + e];
+            disagree += select_is_chosen(full, l, e) ? freq < 0.5 : freq >= 0.5;
+        }
+    FILE *f = fopen(path, "r");
+    CHECK(f != NULL, "%s not written", path);
+    int outlines = 0, dots = 0, title = 0;
+    char line[4096], want_title[64];
+    snprintf(want_title, sizeof want_title, "mean Jaccard %.3f over %d resamples", st->mean_jaccard,
+             B);
+    while (f && fgets(line, sizeof line, f)) {
+        float x, y, w, h, r;
+        char end[8];
+        if (sscanf(line, "<rect x=\"%f\" y=\"%f\" width=\"%f\" height=\"%f\"%7s", &x, &y, &w,
+                   &h, end) == 5 &&
+            !strcmp(end, "/>"))
+            outlines++;
+        if (sscanf(line, "<circle cx=\"%f\" cy=\"%f\" r=\"%f\"%7s", &x, &y, &r, end) == 4 &&
+            !strcmp(end, "/>"))
+            dots++;
+        title += strstr(line, want_title) != NULL;
+    }
+    if (f) fclose(f);
+    CHECK(outlines == select_count(full), "%d outlines for %d chosen experts", outlines,
+          select_count(full));
+    CHECK(dots == disagree, "%d dots for %d disagreements", dots, disagree);
+    CHECK(title == 1, "the title does not say '%s'", want_title);
+    printf("picture: %d outlines, %d disagreements marked\n", outlines, dots);
+    unlink(path);
+}
+
 static void test_reference(void)
 {
     struct routing_stats s;
@@ -113,6 +157,7 @@ static void test_reference(void)
     printf("bootstrap: mean Jaccard %.4f, by fraction %.4f %.4f %.4f %.4f: the reference's\n",
            st.mean_jaccard, st.fraction_jaccard[0], st.fraction_jaccard[1],
            st.fraction_jaccard[2], st.fraction_jaccard[3]);
+    check_picture(&st, &full);
     stability_free(&st);
 
     /* the tokens needed never fall as the target rises (unreachable counts as infinite) */
@@ -178,66 +223,9 @@ static void test_identical(void)
     stats_free(&s);
 }
 
-/* The picture: one outline per chosen expert, one dot per expert where most resamples
- * disagree with the full-data choice (counted here from the figures), the mean Jaccard in
- * the title. */
-static void test_picture(void)
-{
-    struct routing_stats s;
-    make_stats(&s, false);
-    const struct routing_stats *views[1] = {&s};
-    const char *paths[1] = {"synthetic.h5"};
-    struct expert_selection full;
-    select_experts(views, 1, SCORE_FUNCTION_TOKEN, TOP_P, false, &full);
-    struct stability st;
-    char err[512], path[] = "/tmp/esft-stability-XXXXXX";
-    CHECK(stability_run(views, paths, 1, SCORE_FUNCTION_TOKEN, TOP_P, &full, B, SEED, 0.45, &st,
-                        err, sizeof err) == 0, "%s", err);
-    int fd = mkstemp(path);
-    CHECK(fd >= 0, "mkstemp");
-    if (fd >= 0) close(fd);
-    CHECK(stability_write_svg(path, &st, &full, "synthetic model", err, sizeof err) == 0, "%s",
-          err);
-    int disagree = 0;
-    for (int l = 0; l < LM; l++)
-        for (int e = 0; e < E; e++) {
-            double freq = st.inclusion[l * E + e];
-            disagree += select_is_chosen(&full, l, e) ? freq < 0.5 : freq >= 0.5;
-        }
-    FILE *f = fopen(path, "r");
-    CHECK(f != NULL, "%s not written", path);
-    int outlines = 0, dots = 0, title = 0;
-    char line[4096], want_title[64];
-    snprintf(want_title, sizeof want_title, "mean Jaccard %.3f over %d resamples", st.mean_jaccard,
-             B);
-    while (f && fgets(line, sizeof line, f)) {
-        float x, y, w, h, r;
-        char end[8];
-        if (sscanf(line, "<rect x=\"%f\" y=\"%f\" width=\"%f\" height=\"%f\"%7s", &x, &y, &w,
-                   &h, end) == 5 &&
-            !strcmp(end, "/>"))
-            outlines++;
-        if (sscanf(line, "<circle cx=\"%f\" cy=\"%f\" r=\"%f\"%7s", &x, &y, &r, end) == 4 &&
-            !strcmp(end, "/>"))
-            dots++;
-        title += strstr(line, want_title) != NULL;
-    }
-    if (f) fclose(f);
-    CHECK(outlines == select_count(&full), "%d outlines for %d chosen experts", outlines,
-          select_count(&full));
-    CHECK(dots == disagree, "%d dots for %d disagreements", dots, disagree);
-    CHECK(title == 1, "the title does not say '%s'", want_title);
-    printf("picture: %d outlines, %d disagreements marked\n", outlines, dots);
-    unlink(path);
-    stability_free(&st);
-    expert_selection_free(&full);
-    stats_free(&s);
-}
-
 int main(void)
 {
     test_reference();
     test_identical();
-    test_picture();
     return check_done("test_stability");
 }

@@ -24,6 +24,8 @@ struct hf_string {
 
 void hf_string_append(struct hf_string *s, const char *bytes, size_t n);
 void hf_string_free(struct hf_string *s);
+/* Exchanges two strings (the ping-pong buffers of a Sequence of steps). */
+void hf_string_swap(struct hf_string *a, struct hf_string *b);
 void hf_ids_push(struct hf_ids *ids, uint32_t id);
 
 /* Spans of a text: [start, end) with a flag (an added token's id, or "is a match"). */

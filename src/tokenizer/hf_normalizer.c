@@ -90,9 +90,7 @@ static int normalize_step(const struct hf_normalizer *nm, const char *text, size
                 hf_string_free(&b);
                 return -1;
             }
-            struct hf_string t = a;
-            a = b;
-            b = t;
+            hf_string_swap(&a, &b);
         }
         hf_string_append(out, a.data, a.n);
         hf_string_free(&a);

@@ -429,9 +429,7 @@ static void spell(const struct hf_decoder *dec, const char *text, size_t n, bool
         for (int i = 0; i < dec->n_steps; i++) {
             b.n = 0;
             spell(&dec->steps[i], a.data, a.n, whole_token, &b);
-            struct hf_string t = a;
-            a = b;
-            b = t;
+            hf_string_swap(&a, &b);
         }
         hf_string_append(out, a.data, a.n);
         hf_string_free(&a);

@@ -54,6 +54,13 @@ void hf_string_append(struct hf_string *s, const char *bytes, size_t n)
     s->data[s->n] = 0;
 }
 
+void hf_string_swap(struct hf_string *a, struct hf_string *b)
+{
+    struct hf_string t = *a;
+    *a = *b;
+    *b = t;
+}
+
 void hf_string_free(struct hf_string *s)
 {
     free(s->data);
