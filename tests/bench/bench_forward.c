@@ -195,8 +195,11 @@ static struct backend timed_backend(const struct backend *ops, const struct mode
     model_V = cfg->vocab_size;
     model_E = cfg->num_experts;
     model_H = cfg->hidden_size;
-    struct backend timed = {
-        .name = "cpu (timed)",
+    /* every op of the inner table (memory, statistics, backward, ...), the forward's
+     * compute ops replaced by their timed wrappers */
+    struct backend timed = *ops;
+    timed.name = "cpu (timed)";
+    struct backend wrappers = {
         .embedding = timed_embedding,
         .linear = timed_linear,
         .rmsnorm = timed_rmsnorm,
@@ -213,6 +216,21 @@ static struct backend timed_backend(const struct backend *ops, const struct mode
         .add = timed_add,
         .cross_entropy_sum = timed_cross_entropy_sum,
     };
+    timed.embedding = wrappers.embedding;
+    timed.linear = wrappers.linear;
+    timed.rmsnorm = wrappers.rmsnorm;
+    timed.rope = wrappers.rope;
+    timed.attention = wrappers.attention;
+    timed.router_topk = wrappers.router_topk;
+    timed.permute_by_expert = wrappers.permute_by_expert;
+    timed.gather_rows = wrappers.gather_rows;
+    timed.grouped_linear = wrappers.grouped_linear;
+    timed.glu = wrappers.glu;
+    timed.combine = wrappers.combine;
+    timed.add_sigmoid_gated = wrappers.add_sigmoid_gated;
+    timed.clamp = wrappers.clamp;
+    timed.add = wrappers.add;
+    timed.cross_entropy_sum = wrappers.cross_entropy_sum;
     return timed;
 }
 
