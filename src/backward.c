@@ -21,7 +21,25 @@ static void dense_mlp_backward(const struct backend *ops, float *dx, bool accumu
     ops->linear_backward(dx, g_up, NULL, dup, x, w_up, N, H, W, true);
 }
 
-/* MoE backward: dy = d ffn [N,H] -> dhn [N,H] (written). */
+/* qwen2_moe's gated shared expert: y += sigmoid(gate_logit) * shared. The gradient of
+ * the shared expert's output (returned, in ws->dshared_out) and of its gate's weight; the
+ * gate's input gradient is added to dhn (NULL: not needed). */
+static const float *shared_output_gradient_into(const struct backend *ops,
+                                               struct forward_workspace *ws,
+                                               const struct layer_activations *a,
+                                               const struct layer_weights *w,
+                                               const struct layer_grads *g, const float *dy,
+                                               float *dhn, int N, int H)
+{
+    ops->add_sigmoid_gated_backward(ws->dshared_out, ws->dgate_logit, dy, a->shared_out,
+                                    a->shared_logit, N, H);
+    ops->linear_backward(dhn, g->shared_expert_gate, NULL, ws->dgate_logit, a->hn,
+                         w->shared_expert_gate, N, H, 1, true);
+    return ws->dshared_out;
+}
+
+/* MoE backward: dy = d ffn [N,H] -> dhn [N,H] (written). dhn NULL: only the weight
+ * gradients (nothing below needs the input gradient: model.h's backward_floor). */
 static void moe_backward(const struct model *m, const struct backend *ops,
                          struct forward_workspace *ws, const struct layer_activations *a,
                          const float *dy, float *dhn, int N, int l, bool balance)
@@ -49,10 +67,23 @@ static void moe_backward(const struct model *m, const struct backend *ops,
     ops->grouped_linear_backward(ws->dact, g->expert_down, dye, a->act, w->expert_down, offsets,
                                  local, I, H);
     ops->glu_backward(ws->dgate, ws->dup, ws->dact, a->gate, a->up, (size_t)rows * I, c->hidden_act);
-    ops->grouped_linear_backward(ws->dxs, g->expert_gate, ws->dgate, xe, w->expert_gate, offsets,
-                                 local, H, I);
-    ops->grouped_linear_backward(ws->dxs2, g->expert_up, ws->dup, xe, w->expert_up, offsets,
-                                 local, H, I);
+    ops->grouped_linear_backward(dhn ? ws->dxs : NULL, g->expert_gate, ws->dgate, xe,
+                                 w->expert_gate, offsets, local, H, I);
+    ops->grouped_linear_backward(dhn ? ws->dxs2 : NULL, g->expert_up, ws->dup, xe, w->expert_up,
+                                 offsets, local, H, I);
+    if (!dhn) { /* the weight gradients are all that is needed */
+        if (w->shared_gate)
+            dense_mlp_backward(ops, NULL, false,
+                               w->shared_expert_gate
+                                   ? shared_output_gradient_into(ops, ws, a, w, g, dy, NULL, N, H)
+                                   : dy,
+                               a->hn, w->shared_gate, w->shared_up, w->shared_down,
+                               g->shared_gate, g->shared_up, g->shared_down, a->shared_gate,
+                               a->shared_up, a->shared_act, ws->dshared_a, ws->dshared_b,
+                               ws->dshared_act, N, H, c->shared_expert_intermediate_size,
+                               c->hidden_act);
+        return;
+    }
     ops->add(ws->dxs, ws->dxs, ws->dxs2, (size_t)rows * H);
     const float *dxs = ws->dxs;
     if (a->plan) { /* back to the ranks the rows came from (dys is free again) */
@@ -69,14 +100,9 @@ static void moe_backward(const struct model *m, const struct backend *ops,
 
     if (w->shared_gate) {
         int S = c->shared_expert_intermediate_size;
-        const float *dshared = dy;
-        if (w->shared_expert_gate) {
-            ops->add_sigmoid_gated_backward(ws->dshared_out, ws->dgate_logit, dy, a->shared_out,
-                                            a->shared_logit, N, H);
-            ops->linear_backward(dhn, g->shared_expert_gate, NULL, ws->dgate_logit, a->hn,
-                                 w->shared_expert_gate, N, H, 1, true);
-            dshared = ws->dshared_out;
-        }
+        const float *dshared =
+            w->shared_expert_gate ? shared_output_gradient_into(ops, ws, a, w, g, dy, dhn, N, H)
+                                  : dy;
         dense_mlp_backward(ops, dhn, true, dshared, a->hn, w->shared_gate, w->shared_up,
                            w->shared_down, g->shared_gate, g->shared_up, g->shared_down,
                            a->shared_gate, a->shared_up, a->shared_act, ws->dshared_a,
@@ -96,6 +122,10 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
     bool balance = aux_scale != 0.0f;
     int stage = m->me.pp_rank, first = m->first_layer, end = m->first_layer + m->n_layers;
     int E = c->num_experts > 0 ? c->num_experts : 1;
+    /* Nothing below the floor trains: no gradient goes there (model.h). A stage whose
+     * layers all lie below it has no backward at all; the stage above it sends none. */
+    int floor = m->backward_floor;
+    if (stage < m->grid.pp - 1 && end <= floor) return;
     model_wait_sends(ws); /* the previous gradient sent from this workspace has left */
     const struct batch dev_batch = ws_ops_batch(ws, batch); /* uploaded by the forward */
     batch = &dev_batch;
@@ -122,18 +152,21 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
     }
 
     struct attention_mask mask = {.sample_start = batch->sample_start};
-    for (int l = end - 1; l >= first; l--) {
+    for (int l = end - 1; l >= first && l >= floor; l--) {
         const struct layer_weights *w = &m->layers[l];
         const struct layer_grads *g = &m->grads[l];
         const struct layer_activations *a = &ws->layers[l];
+        /* the lowest trainable layer, training only its MLP: no input gradient at all */
+        float *dhn = l == floor && m->floor_mlp_only ? NULL : ws->dxn;
         /* x_next = h + ffn: ws->dx is both d h and d ffn */
         if (c->is_moe[l])
-            moe_backward(m, ops, ws, a, ws->dx, ws->dxn, N, l, balance);
+            moe_backward(m, ops, ws, a, ws->dx, dhn, N, l, balance);
         else
-            dense_mlp_backward(ops, ws->dxn, false, ws->dx, a->hn, w->mlp_gate, w->mlp_up,
+            dense_mlp_backward(ops, dhn, false, ws->dx, a->hn, w->mlp_gate, w->mlp_up,
                                w->mlp_down, g->mlp_gate, g->mlp_up, g->mlp_down, a->mlp_gate,
                                a->mlp_up, a->mlp_act, ws->dgate, ws->dup, ws->dact, N, H,
                                c->intermediate_size, c->hidden_act);
+        if (!dhn) break;
         /* d h += post-norm backward */
         ops->rmsnorm_backward(ws->dx, g->post_norm, ws->dxn, a->h, w->post_norm, a->rstd_post, N,
                               H, true);
@@ -170,12 +203,12 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
         ops->rmsnorm_backward(ws->dx, g->input_norm, ws->dxn, a->x, w->input_norm, a->rstd_in, N,
                               H, true);
     }
-    if (stage > 0) { /* the gradient of this stage's input goes back */
+    if (stage > 0 && first > floor) { /* the gradient of this stage's input goes back */
         ws_stage_send_start(m, ws, ws->dx, (size_t)N * H, stage - 1, TAG_GRADIENT, &ws->sends[0]);
         if (balance)
             comm_send_start(m->pp_comm, ws->h_balance_coef, (size_t)E, COMM_F32, stage - 1,
                             TAG_BALANCE_GRADIENT, COMM_HOST, &ws->sends[1]);
-    } else if (m->embedding_grad) {
+    } else if (stage == 0 && m->embedding_grad) {
         ops->embedding_backward(m->embedding_grad, ws->dx, batch->tokens, N, H);
     }
 }

@@ -431,6 +431,28 @@ static void publish_grad(struct model *m, const struct param *p)
     fatal(EXIT_RUNTIME, "model: no gradient slot for %s", p->name);
 }
 
+/* The lowest decoder layer holding a trainable tensor (every rank's table lists every
+ * tensor, so every rank finds the same), and what trains there. */
+static void set_backward_floor(struct model *m)
+{
+    int floor = m->cfg.num_layers;
+    bool embedding = false;
+    for (int i = 0; i < m->n_params; i++) {
+        const struct param *p = &m->params[i];
+        if (!p->trainable) continue;
+        if (p->kind == PARAM_EMBEDDING) embedding = true;
+        if (p->layer >= 0 && p->layer < floor) floor = p->layer;
+    }
+    m->backward_floor = embedding ? -1 : floor;
+    m->floor_mlp_only = !embedding;
+    for (int i = 0; i < m->n_params; i++) {
+        const struct param *p = &m->params[i];
+        if (p->trainable && p->layer == floor &&
+            (p->kind == PARAM_ATTENTION || p->kind == PARAM_NORM))
+            m->floor_mlp_only = false;
+    }
+}
+
 void model_set_trainable(struct model *m, const bool *trainable)
 {
     if (m->device_storage)
@@ -463,6 +485,7 @@ void model_set_trainable(struct model *m, const bool *trainable)
         }
         publish_grad(m, p);
     }
+    set_backward_floor(m);
 }
 
 void model_zero_grads(struct model *m)

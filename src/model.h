@@ -100,6 +100,12 @@ struct model {
     size_t storage_floats;
     /* gradients (model_set_trainable) */
     struct layer_grads *grads;               /* [cfg.num_layers] */
+    /* Where the backward may stop (model_set_trainable): nothing below decoder layer
+     * backward_floor trains, so no gradient is computed below it; -1 when the embedding
+     * trains (no stop). floor_mlp_only: in that layer only MLP / expert / router tensors
+     * train, so its attention and the MLP's input gradient are skipped too. */
+    int backward_floor;
+    bool floor_mlp_only;
     float *embedding_grad, *final_norm_grad, *lm_head_grad;
     float *grad_storage;                     /* every gradient of this rank, one allocation */
     size_t grad_floats;

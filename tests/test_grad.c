@@ -189,9 +189,13 @@ static void check_aux(const char *name, struct model *m, const struct st_file *e
 }
 
 /* The layout variant (see the top): returns the number of gradients compared here. */
+/* top_only: only the routed experts of the last MoE layer train, so the backward stops
+ * there (model.h's backward_floor): the stages below it do no backward, and that layer's
+ * attention and input gradient are skipped; the gradients that remain must still be
+ * transformers'. Otherwise every tensor trains. */
 static int check_layout(const char *name, const struct model_config *cfg, const char *dir,
                         const struct st_file *expected, const struct batch *batch,
-                        const struct layout *layout)
+                        const struct layout *layout, bool top_only)
 {
     struct model m;
     char err[1024];
@@ -199,9 +203,16 @@ static int check_layout(const char *name, const struct model_config *cfg, const 
     m.ep_comm = &layout->ep;
     m.pp_comm = &layout->pp;
     CHECK(model_load(&m, dir, err, sizeof err) == 0, "%s", err);
+    int top = -1;
+    for (int l = 0; l < cfg->num_layers; l++)
+        if (cfg->is_moe[l]) top = l;
     bool *all = xmalloc((size_t)m.n_params * sizeof(bool));
-    for (int i = 0; i < m.n_params; i++) all[i] = true;
+    for (int i = 0; i < m.n_params; i++)
+        all[i] = !top_only || (m.params[i].kind == PARAM_EXPERT && m.params[i].layer == top);
     model_set_trainable(&m, all);
+    if (top_only)
+        CHECK(m.backward_floor == top && m.floor_mlp_only, "%s: backward floor %d (mlp only %d), "
+              "expected the last MoE layer %d", name, m.backward_floor, m.floor_mlp_only, top);
     /* the backend the environment names (ESFT_BACKEND=cpu-devsim: the simulator), as the
      * phases attach it */
     const char *backend_name = getenv("ESFT_BACKEND");
@@ -244,8 +255,10 @@ static int check_layout(const char *name, const struct model_config *cfg, const 
     check_mpi(MPI_Allreduce(MPI_IN_PLACE, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD));
     check_mpi(MPI_Allreduce(MPI_IN_PLACE, &worst, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
     if (layout->world_rank == 0)
-        printf("%s under pp %d ep %d on %s: %d gradients over the ranks, worst relative error "
-               "%.2e\n", name, layout->grid.pp, layout->grid.ep, ops->name, total, worst);
+        printf("%s under pp %d ep %d on %s%s: %d gradients over the ranks, worst relative "
+               "error %.2e\n", name, layout->grid.pp, layout->grid.ep, ops->name,
+               top_only ? ", last layer's experts only" : "", total, worst);
+    if (top_only) CHECK(total > 0, "%s: no gradient compared", name);
     forward_workspace_free(ws);
     free(all);
     model_free(&m);
@@ -283,7 +296,8 @@ static void check_fixture(const char *dir, const char *name, void *context)
         if (layout->grid.pp > 1 && cfg.tie_word_embeddings) {
             if (layout->world_rank == 0) printf("%s: tied embeddings, skipped under pp > 1\n", name);
         } else {
-            check_layout(name, &cfg, dir, expected, &batch, layout);
+            check_layout(name, &cfg, dir, expected, &batch, layout, false);
+            check_layout(name, &cfg, dir, expected, &batch, layout, true);
         }
         fixture_batch_free(&fb);
         st_close(expected);
