@@ -21,6 +21,7 @@
 #include "files.h"
 #include "hfconfig.h"
 #include "log.h"
+#include "overlap.h"
 #include "stability.h"
 
 #define SELECT_ERR_MAX 4096
@@ -373,6 +374,61 @@ static void stability_json(FILE *out, const struct expert_selection *s, const st
     fputs("\n  }", out);
 }
 
+/* A [T, T] matrix as rows of numbers. */
+static void json_matrix(FILE *out, const double *m, int T)
+{
+    char number[40];
+    fputc('[', out);
+    for (int a = 0; a < T; a++) {
+        fputs(a ? ", [" : "[", out);
+        for (int b = 0; b < T; b++) {
+            format_double(m[(size_t)a * T + b], number, sizeof number);
+            fprintf(out, "%s%s", b ? ", " : "", number);
+        }
+        fputc(']', out);
+    }
+    fputc(']', out);
+}
+
+/* The "tasks" member: tasks side by side (overlap.h). Row a, column b; mean_* over the
+ * MoE layers. */
+static void tasks_json(FILE *out, const struct task_overlap *o)
+{
+    int T = o->n_tasks, Lm = o->n_moe_layers, E = o->num_experts;
+    const int32_t *layers = o->tasks[0].moe_layers;
+    fputs(",\n  \"tasks\": {\n    \"paths\": [", out);
+    for (int a = 0; a < T; a++) {
+        if (a) fputs(", ", out);
+        json_string(out, o->paths[a]);
+    }
+    fputs("],\n    \"experts\": [", out);
+    for (int a = 0; a < T; a++) {
+        const struct expert_selection *s = &o->tasks[a];
+        fprintf(out, "%s\n      {", a ? "," : "");
+        for (int l = 0; l < Lm; l++) {
+            fprintf(out, "%s\"%d\": [", l ? ", " : "", (int)layers[l]);
+            for (int i = 0; i < s->n_chosen[l]; i++)
+                fprintf(out, "%s%d", i ? ", " : "", s->chosen[(size_t)l * E + i]);
+            fputc(']', out);
+        }
+        fputc('}', out);
+    }
+    fputs("\n    ]", out);
+    static const char *names[2] = {"jaccard", "share"};
+    const double *per_layer[2] = {o->jaccard, o->share},
+                 *mean[2] = {o->mean_jaccard, o->mean_share};
+    for (int k = 0; k < 2; k++) {
+        fprintf(out, ",\n    \"%s\": {", names[k]);
+        for (int l = 0; l < Lm; l++) {
+            fprintf(out, "%s\n      \"%d\": ", l ? "," : "", (int)layers[l]);
+            json_matrix(out, per_layer[k] + (size_t)l * T * T, T);
+        }
+        fprintf(out, "\n    },\n    \"mean_%s\": ", names[k]);
+        json_matrix(out, mean[k], T);
+    }
+    fputs("\n  }", out);
+}
+
 static void config_body(FILE *out, const void *context)
 {
     const struct config_context *c = context;
@@ -438,6 +494,7 @@ static void config_body(FILE *out, const void *context)
     json_string(out, r->model_path ? r->model_path : "");
     fprintf(out, ",\n  \"esft_version\": \"%s\"", PACKAGE_VERSION);
     if (r->stability) stability_json(out, s, r->stability);
+    if (r->tasks) tasks_json(out, r->tasks);
     fputs("\n}\n", out);
 }
 
@@ -675,6 +732,8 @@ static int select_on_rank0(const struct deck *deck, char *err, size_t err_size)
     struct expert_selection selection = {0};
     struct stability stability;
     bool have_stability = false;
+    struct task_overlap tasks;
+    bool have_tasks = false;
     struct model model;
     bool have_model = false;
     char **names = NULL;
@@ -722,6 +781,10 @@ static int select_on_rank0(const struct deck *deck, char *err, size_t err_size)
             goto done;
         have_stability = true;
     }
+    if (n_stats >= 2) {
+        overlap_run(views, paths, n_stats, in->score_function, in->top_p, &tasks);
+        have_tasks = true;
+    }
     names = select_tensor_names(&selection, have_model ? &model : NULL, in->train_shared_experts,
                                 in->train_non_expert_modules, &n_names);
 
@@ -759,7 +822,8 @@ static int select_on_rank0(const struct deck *deck, char *err, size_t err_size)
                                    .model_path = model_path ? model_path : stats[0].model_path,
                                    .n_sources = n_stats,
                                    .sources = sources,
-                                   .stability = have_stability ? &stability : NULL};
+                                   .stability = have_stability ? &stability : NULL,
+                                   .tasks = have_tasks ? &tasks : NULL};
     int rc = select_write_config(config_path, &selection, &report, err, err_size);
     if (rc == 0) rc = select_write_svg(svg_path, &selection, &report, err, err_size);
     char stability_svg[4400] = "";
@@ -768,6 +832,9 @@ static int select_on_rank0(const struct deck *deck, char *err, size_t err_size)
     if (rc == 0 && have_stability)
         rc = stability_write_svg(stability_svg, &stability, &selection, report.model_path, err,
                                  err_size);
+    char tasks_svg[4400] = "";
+    if (have_tasks) snprintf(tasks_svg, sizeof tasks_svg, "%.*s_tasks.svg", stem, config_path);
+    if (rc == 0 && have_tasks) rc = overlap_write_svg(tasks_svg, &tasks, err, err_size);
     if (rc == 0) rc = select_write_names(names_path, names, n_names, err, err_size);
     free(sources);
     if (rc != 0) goto done;
@@ -816,6 +883,10 @@ static int select_on_rank0(const struct deck *deck, char *err, size_t err_size)
                      "(score.n_sample_tokens)", stability.target);
         log_info("select: stability picture -> %s", stability_svg);
     }
+    if (have_tasks) {
+        overlap_log(&tasks);
+        log_info("select: tasks picture -> %s", tasks_svg);
+    }
     int chosen = select_count(&selection), total = selection.n_moe_layers * E;
     log_info("select: %d of %d experts (%.1f%%) -> %s, %s, %s (%d tensors)", chosen, total,
              100.0 * chosen / total, config_path, svg_path, names_path, n_names);
@@ -830,6 +901,7 @@ static int select_on_rank0(const struct deck *deck, char *err, size_t err_size)
 
 done:
     if (have_stability) stability_free(&stability);
+    if (have_tasks) overlap_free(&tasks);
     select_free_names(names, n_names);
     if (have_model) model_free(&model);
     expert_selection_free(&selection);

@@ -20,7 +20,9 @@
  *
  * Output, in run.output_dir: the expert configuration (select.output, the reference
  * format plus scores and provenance), a heatmap beside it (<stem>.svg), and
- * trainable_tensors.txt (the Hugging Face names of the tensors ESFT will train). */
+ * trainable_tensors.txt (the Hugging Face names of the tensors ESFT will train). With
+ * 2 or more files, also the tasks side by side (overlap.h): a "tasks" member in the
+ * configuration and its picture, <stem>_tasks.svg. */
 #ifndef ESFT_SELECT_H
 #define ESFT_SELECT_H
 
@@ -34,6 +36,7 @@
 #include "stats.h"
 
 struct stability;
+struct task_overlap;
 
 /* The chosen experts of every MoE layer. Lm MoE layers, E experts. */
 struct expert_selection {
@@ -110,11 +113,12 @@ struct select_report {
     int n_sources;
     const struct select_source *sources;
     const struct stability *stability; /* select.bootstrap's figures, or NULL */
+    const struct task_overlap *tasks;  /* tasks side by side (2+ files), or NULL */
 };
 
 /* expert_config.json (reference format + score_function, top_p, union_tasks, scores,
- * cumulative, sources, model_path) at path, via path.tmp and rename. 0, or -1 with a
- * message. */
+ * cumulative, sources, model_path, and stability and tasks when given) at path, via
+ * path.tmp and rename. 0, or -1 with a message. */
 int select_write_config(const char *path, const struct expert_selection *selection,
                         const struct select_report *report, char *err, size_t err_size);
 /* The heatmap (MoE layers x experts, colour = score, chosen experts outlined) at path,

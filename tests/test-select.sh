@@ -8,8 +8,9 @@ set -u
 test_begin select
 # nothing_written DIR DESCRIPTION: none of select's outputs (nor their temporary files).
 nothing_written() {
-    for f in expert_config.json expert_config.svg trainable_tensors.txt \
-        expert_config.json.tmp expert_config.svg.tmp trainable_tensors.txt.tmp; do
+    for f in expert_config.json expert_config.svg trainable_tensors.txt expert_config_tasks.svg \
+        expert_config.json.tmp expert_config.svg.tmp trainable_tensors.txt.tmp \
+        expert_config_tasks.svg.tmp; do
         if [ -e "$1/$f" ]; then fail "$2: $f written by a refused run"; else ok; fi
     done
 }
@@ -38,6 +39,21 @@ contains "$tmp/err" "$tmp/absent_stats.h5" "missing stats file, 3 ranks"
 n=$(grep -c "absent_stats.h5" "$tmp/err")
 [ "$n" = 1 ] && ok || fail "missing stats file, 3 ranks: message printed $n times"
 nothing_written "$tmp/out-missing" "missing stats file, 3 ranks"
+
+# Two task files, both missing: refused, naming the first, and no tasks picture.
+cat >"$tmp/missing-task.yaml" <<EOF
+phase: select
+run:
+  output_dir: $tmp/out-missing-task
+model:
+  path: $model
+select:
+  stats: [$tmp/absent_math.h5, $tmp/absent_code.h5]
+  union_tasks: true
+EOF
+expect 2 "missing task file" "$esft" "$tmp/missing-task.yaml"
+contains "$tmp/err" "$tmp/absent_math.h5" "missing task file"
+nothing_written "$tmp/out-missing-task" "missing task file"
 
 # No select.stats: the default is this run's score output, run.output_dir/score.output.
 cat >"$tmp/default.yaml" <<EOF

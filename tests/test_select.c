@@ -6,7 +6,8 @@
  *     union; the reference's layer-axis normalisation must not happen;
  *   - stats_write on MPI_COMM_WORLD (each rank its own /ranks/ row) -> stats_read, every
  *     array equal; stats_read's errors on a damaged file;
- *   - phase_select end to end on a file written here, against tests/golden/qwen2_moe.
+ *   - phase_select end to end on a file written here, against tests/golden/qwen2_moe;
+ *     with two task files, the tasks side by side (the "tasks" member and its picture).
  * Usage: test_select GOLDEN_DIR (tests/golden). */
 #include <hdf5.h>
 #include <jansson.h>
@@ -493,10 +494,13 @@ static char *read_text(const char *path)
 }
 
 /* A statistics file for tests/golden/qwen2_moe: decoder layers 0 and 2 are MoE, 7 experts,
- * top-2, 10 tokens (20 slots) per layer.
+ * top-2, 10 tokens (20 slots) per layer, counts [2, 7] as given.
+ * golden_counts:
  * layer 0 counts 1 7 2 5 0 3 2 -> T .05 .35 .1 .25 0 .15 .1 -> top_p 0.5: [1, 3] (0.6)
  * layer 2 counts 0 2 2 2 12 2 0 -> T 0 .1 .1 .1 .6 .1 0  -> [4] (0.6) */
-static void write_golden_stats(const char *path, const struct model_config *cfg)
+static const uint64_t golden_counts[14] = {1, 7, 2, 5, 0, 3, 2, 0, 2, 2, 2, 12, 2, 0};
+static void write_golden_stats(const char *path, const struct model_config *cfg,
+                               const uint64_t counts[14])
 {
     struct routing_stats all;
     fill_all(&all, world_size);
@@ -510,11 +514,10 @@ static void write_golden_stats(const char *path, const struct model_config *cfg)
     all.top_k = 2;
     all.moe_layers[0] = 0;
     all.moe_layers[1] = 2;
-    const uint64_t counts[14] = {1, 7, 2, 5, 0, 3, 2, 0, 2, 2, 2, 12, 2, 0};
     free(all.count);
     free(all.gate);
-    all.count = xmalloc(sizeof counts);
-    memcpy(all.count, counts, sizeof counts);
+    all.count = xmalloc(14 * sizeof *all.count);
+    memcpy(all.count, counts, 14 * sizeof *all.count);
     all.gate = xcalloc(14, sizeof *all.gate);
     all.tokens[0] = all.tokens[1] = 10;
     uint64_t row_tokens[2] = {0, 0}, row_count[14] = {0};
@@ -616,6 +619,112 @@ static void check_config(const char *path, bool shared, size_t n_sources,
     json_decref(root);
 }
 
+static double matrix_at(const json_t *m, int a, int b)
+{
+    return json_number_value(json_array_get(json_array_get(m, (size_t)a), (size_t)b));
+}
+
+static bool experts_are(const json_t *list, const int *want, int n)
+{
+    if (json_array_size(list) != (size_t)n) return false;
+    for (int i = 0; i < n; i++)
+        if (json_integer_value(json_array_get(list, (size_t)i)) != want[i]) return false;
+    return true;
+}
+
+/* Two tasks through phase_select with select.union_tasks: the "tasks" member and the
+ * picture. Task 1 is golden_counts (chosen: layer 0 [1, 3], layer 2 [4]); task 2:
+ * layer 0 counts 0 2 8 6 0 2 2 -> T 0 .1 .4 .3 0 .1 .1 -> [2, 3] (.7)
+ * layer 2 counts 2 2 2 2 10 2 0 -> T .1 .1 .1 .1 .5 .1 0 -> [4] (.5)
+ * Jaccard: layer 0 {1,3} vs {2,3} = 1/3, layer 2 {4} vs {4} = 1; overall 2/3.
+ * Share of row task's score on column task's experts:
+ *   layer 0: 1 on 2 {2,3} .1+.25 = .35, 2 on 1 {1,3} .1+.3 = .4, diagonal .6 and .7
+ *   layer 2: 1 on 2 {4} .6, 2 on 1 {4} .5, diagonal .6 and .5
+ *   overall: 1 on 2 (.35+.6)/2 = .475, 2 on 1 (.4+.5)/2 = .45, diagonal .6 and .6
+ * The union (layer 0 {1,2,3} by summed count 9, 10, 11) is [3, 2, 1]. */
+static void test_tasks(const char *model_path, const struct model_config *cfg,
+                       const struct layout *layout)
+{
+    static const uint64_t task2_counts[14] = {0, 2, 8, 6, 0, 2, 2, 2, 2, 2, 2, 10, 2, 0};
+    char stats1[1200], stats2[1200], out[1200], deck_text[4096], path[1400];
+    snprintf(stats1, sizeof stats1, "%s/math_stats.h5", tmpdir);
+    snprintf(stats2, sizeof stats2, "%s/code_stats.h5", tmpdir);
+    snprintf(out, sizeof out, "%s/select-tasks", tmpdir);
+    write_golden_stats(stats1, cfg, golden_counts);
+    write_golden_stats(stats2, cfg, task2_counts);
+    struct deck deck;
+    snprintf(deck_text, sizeof deck_text,
+             "phase: select\nrun:\n  output_dir: %s\nmodel:\n  path: %s\nselect:\n"
+             "  stats: [%s, %s]\n  top_p: 0.5\n  union_tasks: true\n",
+             out, model_path, stats1, stats2);
+    parse_deck(&deck, deck_text);
+    CHECK(phase_select(&deck, layout) == 0, "phase_select, two tasks");
+    deck_free(&deck);
+    if (world_rank == 0) {
+        snprintf(path, sizeof path, "%s/expert_config.json", out);
+        json_error_t error;
+        json_t *root = json_load_file(path, 0, &error);
+        CHECK(root != NULL, "%s: %s", path, error.text);
+        json_t *tasks = json_object_get(root, "tasks");
+        CHECK(json_is_object(tasks), "a \"tasks\" member");
+        json_t *paths = json_object_get(tasks, "paths");
+        CHECK(json_array_size(paths) == 2 &&
+                  !strcmp(json_string_value(json_array_get(paths, 0)), stats1) &&
+                  !strcmp(json_string_value(json_array_get(paths, 1)), stats2),
+              "tasks.paths");
+        static const int union0[3] = {3, 2, 1}, first0[2] = {1, 3}, second0[2] = {2, 3},
+                         both2[1] = {4};
+        CHECK(experts_are(json_object_get(json_object_get(root, "experts"), "0"), union0, 3),
+              "the union of the tasks in layer 0");
+        json_t *experts = json_object_get(tasks, "experts");
+        CHECK(json_array_size(experts) == 2 &&
+                  experts_are(json_object_get(json_array_get(experts, 0), "0"), first0, 2) &&
+                  experts_are(json_object_get(json_array_get(experts, 0), "2"), both2, 1) &&
+                  experts_are(json_object_get(json_array_get(experts, 1), "0"), second0, 2) &&
+                  experts_are(json_object_get(json_array_get(experts, 1), "2"), both2, 1),
+              "each task's own experts");
+        json_t *jaccard = json_object_get(tasks, "jaccard"),
+               *share = json_object_get(tasks, "share");
+        json_t *j0 = json_object_get(jaccard, "0"), *j2 = json_object_get(jaccard, "2");
+        CHECK(check_close(matrix_at(j0, 0, 1), 1.0 / 3, 1e-15, 0) &&
+                  check_close(matrix_at(j0, 1, 0), 1.0 / 3, 1e-15, 0) && matrix_at(j0, 0, 0) == 1 &&
+                  matrix_at(j2, 0, 1) == 1 && json_object_size(jaccard) == 2,
+              "tasks.jaccard per layer");
+        json_t *s0 = json_object_get(share, "0"), *s2 = json_object_get(share, "2");
+        CHECK(check_close(matrix_at(s0, 0, 1), 0.35, 1e-14, 0) &&
+                  check_close(matrix_at(s0, 1, 0), 0.4, 1e-14, 0) &&
+                  check_close(matrix_at(s0, 1, 1), 0.7, 1e-14, 0) &&
+                  check_close(matrix_at(s2, 0, 1), 0.6, 1e-14, 0) &&
+                  check_close(matrix_at(s2, 1, 0), 0.5, 1e-14, 0),
+              "tasks.share per layer");
+        json_t *mj = json_object_get(tasks, "mean_jaccard"),
+               *ms = json_object_get(tasks, "mean_share");
+        CHECK(check_close(matrix_at(mj, 0, 1), 2.0 / 3, 1e-15, 0) && matrix_at(mj, 1, 1) == 1,
+              "tasks.mean_jaccard");
+        CHECK(check_close(matrix_at(ms, 0, 1), 0.475, 1e-14, 0) &&
+                  check_close(matrix_at(ms, 1, 0), 0.45, 1e-14, 0) &&
+                  check_close(matrix_at(ms, 0, 0), 0.6, 1e-14, 0) &&
+                  check_close(matrix_at(ms, 1, 1), 0.6, 1e-14, 0),
+              "tasks.mean_share");
+        json_decref(root);
+        snprintf(path, sizeof path, "%s/expert_config_tasks.svg", out);
+        char *svg = read_text(path);
+        CHECK(svg != NULL, "%s not written", path);
+        if (svg) {
+            CHECK(strstr(svg, "<svg xmlns=\"http://www.w3.org/2000/svg\"") && strstr(svg, "</svg>"),
+                  "tasks picture: standalone SVG");
+            CHECK(strstr(svg, "math_stats.h5") && strstr(svg, "code_stats.h5"),
+                  "tasks picture: the tasks named");
+            CHECK(strstr(svg, ">0.67</text>") && strstr(svg, ">0.45</text>"),
+                  "tasks picture: overall Jaccard 2/3 and share .45 in cells");
+            free(svg);
+        }
+        snprintf(path, sizeof path, "%s/expert_config_tasks.svg.tmp", out);
+        CHECK(!file_exists(path), "temporary file left");
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+}
+
 static void test_phase(const char *golden)
 {
     char model_path[1200], stats_path[1200], out[1200], deck_text[4096];
@@ -627,7 +736,7 @@ static void test_phase(const char *golden)
     int rc = hfconfig_load(model_path, &cfg, err, sizeof err);
     CHECK(rc == 0, "%s", err);
     if (rc != 0) return;
-    write_golden_stats(stats_path, &cfg);
+    write_golden_stats(stats_path, &cfg, golden_counts);
 
     struct layout layout;
     memset(&layout, 0, sizeof layout);
@@ -644,6 +753,12 @@ static void test_phase(const char *golden)
     if (world_rank == 0) {
         snprintf(path, sizeof path, "%s/expert_config.json", out);
         check_config(path, true, 1, stats_path);
+        /* one file: no tasks side by side */
+        char *text = read_text(path);
+        CHECK(text && !strstr(text, "\"tasks\""), "one statistics file: no \"tasks\" member");
+        free(text);
+        snprintf(path, sizeof path, "%s/expert_config_tasks.svg", out);
+        CHECK(!file_exists(path), "one statistics file: %s written", path);
         /* qwen2_moe's parameter table order: per layer, gate of every chosen expert, then
          * up, then down; then the shared expert (train_shared_experts) */
         const char *want[] = {"model.layers.0.mlp.experts.1.gate_proj.weight",
@@ -710,8 +825,19 @@ static void test_phase(const char *golden)
                     (int)(sizeof want / sizeof want[0]));
         snprintf(path, sizeof path, "%s/configs/math.svg", out);
         CHECK(file_exists(path), "%s not written", path);
+        /* two files (summed): the tasks side by side, here one task twice */
+        snprintf(path, sizeof path, "%s/configs/math_tasks.svg", out);
+        CHECK(file_exists(path), "%s not written", path);
+        snprintf(path, sizeof path, "%s/configs/math.json", out);
+        json_t *root = json_load_file(path, 0, NULL);
+        json_t *mean = json_object_get(json_object_get(root, "tasks"), "mean_jaccard");
+        CHECK(json_array_size(mean) == 2 &&
+                  json_number_value(json_array_get(json_array_get(mean, 0), 1)) == 1.0,
+              "the same file twice: tasks.mean_jaccard[0][1] is 1");
+        json_decref(root);
     }
     MPI_Barrier(MPI_COMM_WORLD);
+    test_tasks(model_path, &cfg, &layout);
 }
 
 /* Names through other families' parameter tables: mixtral's w1/w2/w3 under
