@@ -10,7 +10,7 @@ python=${PYTHON:-python3}
 seconds=${SECONDS_PER_RUN:-3}
 corpus="$srcdir/tests/tokenizer/corpus.bin.gz"
 echo "tokenizer encode throughput, $(date -u +%Y-%m-%d), $(uname -n), $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | sed 's/.*: //')"
-for family in olmoe qwen; do
+for family in olmoe qwen mixtral mixtral_metaspace deepseek-v2 deepseek-v3 glm45 gpt-oss; do
     json="$srcdir/tests/tokenizer/$family/tokenizer.json.gz"
     "$bench" "$json" "$corpus" "$seconds" || exit 1
     if "$python" -c 'import tokenizers' 2>/dev/null; then
