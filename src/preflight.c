@@ -154,6 +154,13 @@ int preflight_check(const struct deck *deck, const struct layout_grid *grid, cha
             if (prepare_open_tokenizer(deck, made.model, &tok, err, sizeof err) != 0) {
                 problem(&p, "%s", err);
             } else {
+                char row[4200];
+                if (tok.hf && !tok.chat && deck->prepare.format == FORMAT_TEMPLATE &&
+                    prepare_first_conversation(deck, 1000, row, sizeof row))
+                    problem(&p, "prepare: %s is a conversation, and %s has no chat template "
+                            "(no chat_template in tokenizer_config.json, no chat_template.jinja "
+                            "beside it): set prepare.chat_template to a .jinja file, or "
+                            "prepare.format: esft_reference", row, tok.name);
                 snprintf(made.data_tokenizer, sizeof made.data_tokenizer, "%s", tok.name);
                 snprintf(made.data_checksum, sizeof made.data_checksum, "%s", tok.checksum);
                 made.data_vocab_size = tok.vocab_size;

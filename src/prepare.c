@@ -432,6 +432,41 @@ static int write_dataset(const struct deck *deck, const struct tokenizer *tok,
     return 0;
 }
 
+int prepare_first_conversation(const struct deck *deck, int max_rows, char *where,
+                               size_t where_size)
+{
+    int looked = 0;
+    for (int i = 0; i < deck->prepare.n_inputs && looked < max_rows; i++) {
+        FILE *file = fopen(deck->prepare.inputs[i], "rb");
+        if (!file) continue;
+        char *line = NULL;
+        size_t capacity = 0;
+        ssize_t got;
+        uint64_t number = 0;
+        int found = 0;
+        while (!found && looked < max_rows && (got = getline(&line, &capacity, file)) >= 0) {
+            number++;
+            size_t length = (size_t)got;
+            while (length > 0 && (line[length - 1] == '\n' || line[length - 1] == '\r')) length--;
+            if (blank(line, length)) continue;
+            looked++;
+            struct conversation c;
+            char err[256];
+            if (conversation_parse(line, length, &c, err, sizeof err) != 0) continue;
+            found = !c.is_text;
+            conversation_free(&c);
+        }
+        free(line);
+        fclose(file);
+        if (found) {
+            snprintf(where, where_size, "%s:%llu", deck->prepare.inputs[i],
+                     (unsigned long long)number);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 int prepare_open_tokenizer(const struct deck *deck, bool model_made, struct tokenizer *tok,
                            char *err, size_t err_size)
 {

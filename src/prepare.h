@@ -36,6 +36,13 @@ int prepare_format_row(const struct tokenizer *tok, enum prepare_format format, 
                        size_t length, struct token_buffer *out, char *dropped,
                        size_t dropped_size, char *err, size_t err_size);
 
+/* Whether one of the first max_rows rows of prepare.inputs is a conversation (not a
+ * "text" row; a row with a UTF-8 byte order mark or that does not parse is passed over):
+ * 1 with "FILE:LINE" in where, else 0. For the check before any work that a tokenizer
+ * without a chat template is not asked to format conversations. */
+int prepare_first_conversation(const struct deck *deck, int max_rows, char *where,
+                               size_t where_size);
+
 /* Opens the tokenizer the deck's prepare section names (model_made: init writes
  * model.path in this run, so it has no tokenizer files yet). Returns 0, or -1 with
  * "DECK:LINE:COL: prepare.tokenizer: what is wrong" in err. */

@@ -129,9 +129,11 @@ for bad in "truncated:not valid JSON" "unigram:model type \"Unigram\" is not imp
     contains "$tmp/err" "${bad#*:}" "tokenizer $name"
     absent "$tmp/tok.h5" "tokenizer $name"
 done
-# A tokenizer without a chat template cannot format conversations: said at the first one.
+# A tokenizer without a chat template cannot format conversations: said before any work,
+# naming the first conversation row.
 expect 2 "no chat template" "$esft" "$tmp/tok.yaml" "prepare.tokenizer=$tmp/tk/good.json"
-contains "$tmp/err" "demo.jsonl:1: $tmp/tk/good.json has no chat template" "no chat template"
+contains "$tmp/err" "demo.jsonl:1 is a conversation, and $tmp/tk/good.json has no chat template" "no chat template"
+absent "$tmp/tok.h5" "no chat template"
 
 # A checkpoint's tokenizer and template (Qwen3): the same file from 1 and 3 ranks, the
 # tokenizer's identity recorded, and a byte-tokenized dataset refused by a model that
