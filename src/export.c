@@ -35,6 +35,11 @@ struct export_out {
     enum st_dtype dtype;
     char *copies;
     size_t used;
+    /* the ESFT reference's layout of the same tensors (NULL: not written): the keys of
+     * its DeepseekV2Model, i.e. the names without "model."; outside names the first
+     * tensor it cannot hold */
+    struct st_writer *reference;
+    char outside[PARAM_NAME_MAX];
 };
 
 /* The bytes of p's copy on rank 0: none for an fp32 tensor rank 0 holds (the weights
@@ -60,6 +65,7 @@ static void open_export(struct export_out *out, const struct model *model, bool 
 static void close_export(struct export_out *out)
 {
     st_writer_free(out->writer);
+    if (out->reference) st_writer_free(out->reference);
     free(out->copies);
 }
 
@@ -78,7 +84,39 @@ static int add_export_tensor(const struct param *p, const float *const *parts, v
     else if (bytes > 0)
         memcpy(copy, parts[0], bytes);
     const void *data = bytes > 0 ? copy : parts[0];
+    if (out->reference && !out->outside[0]) {
+        if (strncmp(p->name, "model.", 6) != 0)
+            snprintf(out->outside, sizeof out->outside, "%s", p->name);
+        else if (st_writer_add(out->reference, p->name + 6, out->dtype, p->rank, p->shape, data,
+                               err, err_size) != 0)
+            return -1;
+    }
     return st_writer_add(out->writer, p->name, out->dtype, p->rank, p->shape, data, err, err_size);
+}
+
+/* The ESFT reference's adapter directory (deepseek-ai/ESFT esft.py, load_esft_model /
+ * add_adapter): expert_cfg.json, and safetensors files whose keys are those of the
+ * model's inner module (model.model.load_state_dict, strict): the trained tensors' names
+ * without "model.". A tensor outside the inner module (lm_head) has no place there: the
+ * layout is then left out, with a warning naming it. */
+static int write_reference_layout(const char *dir, const struct export_out *out,
+                                  const char *expert_config, char *err, size_t err_size)
+{
+    if (out->outside[0]) {
+        log_warn("train: no ESFT-reference layout of the adapter: %s is outside the model's "
+                 "inner module, which the reference loads the adapter into", out->outside);
+        return 0;
+    }
+    char sub[4200], path[4300];
+    if (path_join(sub, sizeof sub, dir, "esft_reference", err, err_size)) return -1;
+    if (make_directories(sub) != 0) {
+        snprintf(err, err_size, "%s: cannot create directory: %s", sub, strerror(errno));
+        return -1;
+    }
+    snprintf(path, sizeof path, "%s/adapter.safetensors", sub);
+    if (st_writer_write(out->reference, path, 1, err, err_size) != 0) return -1;
+    snprintf(path, sizeof path, "%s/expert_cfg.json", sub);
+    return copy_file(expert_config, path, err, err_size);
 }
 
 int export_adapter(const char *dir, const struct model *model, const char *expert_config,
@@ -104,12 +142,17 @@ int export_adapter(const char *dir, const struct model *model, const char *exper
     }
     if (ranks_agree(rc, err, err_size, comm)) return -1;
     struct export_out out = {.writer = NULL};
-    if (rank == 0) open_export(&out, model, true);
+    if (rank == 0) {
+        open_export(&out, model, true);
+        if (expert_config) out.reference = st_writer_new();
+    }
     rc = gather_to_rank0(model, NULL, true, 1, comm, add_export_tensor, &out, err, err_size);
     if (rank == 0) {
         if (rc == 0) rc = st_writer_write(out.writer, path, 1, err, err_size);
-        close_export(&out);
         if (rc == 0 && expert_config) rc = copy_file(expert_config, config_path, err, err_size);
+        if (rc == 0 && expert_config)
+            rc = write_reference_layout(dir, &out, expert_config, err, err_size);
+        close_export(&out);
     }
     return ranks_agree(rc, err, err_size, comm);
 }

@@ -11,7 +11,11 @@
 
 /* The adapter: the trainable tensors under their Hugging Face names in one safetensors
  * file (dtype of the base checkpoint: bf16, fp16 or fp32), and expert_config (when not
- * NULL) copied beside it as expert_config.json. Collective over comm (as for
+ * NULL) copied beside it as expert_config.json. With an expert_config, also the ESFT
+ * reference's layout in DIR/esft_reference/: expert_cfg.json and adapter.safetensors
+ * keyed as the reference's loader (deepseek-ai/ESFT esft.py) loads them into the model's
+ * inner module: the names without "model." (left out, with a warning, when a trained
+ * tensor lies outside it). Collective over comm (as for
  * checkpoint_write): world rank 0 writes, the tensors it does not hold sent to it one
  * at a time; the same status and message on every rank. 0, or -1. */
 int export_adapter(const char *dir, const struct model *model, const char *expert_config,

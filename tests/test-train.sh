@@ -33,6 +33,8 @@ done
 expect 0 "frozen tensors unchanged" "$check" frozen "$d/model" "$d/esft/merged" "$d/trainable_tensors.txt"
 latest=$(ls "$d/esft/checkpoints/"step-*.h5 | tail -n 1)
 expect 0 "optimizer state only for trainable tensors" "$check" optimizer "$latest" "$d/trainable_tensors.txt"
+# the ESFT reference's own adapter layout loads by its rule (strict), with esft's values
+expect 0 "ESFT reference layout" "$check" reference "$d/model" "$d/esft/adapter"
 
 # Eval: the adapter over the base model gives the merged model's numbers exactly, and a
 # lower loss than the base model; under pp 2 and ep 2 the same loss; a bad adapter is

@@ -6,6 +6,13 @@
  *       one differs from it somewhere (it trained).
  *   test_train_check optimizer CHECKPOINT.h5 NAMES.txt
  *       the checkpoint's /tensors, /adam_m and /adam_v hold exactly the listed names.
+ *   test_train_check reference BASE_DIR ADAPTER_DIR
+ *       ADAPTER_DIR/esft_reference loads as the ESFT reference loads an adapter
+ *       (deepseek-ai/ESFT esft.py, its rule written again here): expert_cfg.json's
+ *       "experts", "shared_experts", "non_expert_modules" make the parameters of the base
+ *       model's inner module (its "model." tensors, named without the prefix) trainable;
+ *       model.model.load_state_dict (strict) then needs the adapter's keys to be exactly
+ *       those, and each tensor must equal esft's own adapter's "model." one bit for bit.
  *   test_train_check damage CHECKPOINT.h5 OBJECT BYTES
  *       inverts the first BYTES bytes of dataset OBJECT's raw data (/tensors/<name>, ...)
  *       in the file itself, behind HDF5's back, as a failing disk or a bad copy would:
@@ -13,6 +20,8 @@
  * Exit 0 when the checks hold (damage: when the bytes were inverted). */
 #include <fcntl.h>
 #include <hdf5.h>
+#include <jansson.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -141,6 +150,63 @@ static void damage(const char *checkpoint, const char *object, long bytes)
            (unsigned long long)offset, checkpoint);
 }
 
+/* Whether the reference's to_esft makes inner-module tensor `name` a parameter. */
+static int reference_trains(const char *name, const json_t *cfg)
+{
+    int layer = -1, expert = -1, used = 0;
+    bool shared = strstr(name, ".mlp.shared_expert") != NULL;
+    if (sscanf(name, "layers.%d.mlp.experts.%d.%n", &layer, &expert, &used) == 2 && used > 0) {
+        char key[16];
+        snprintf(key, sizeof key, "%d", layer);
+        size_t i;
+        const json_t *id;
+        json_array_foreach(json_object_get(json_object_get(cfg, "experts"), key), i, id) {
+            if (json_integer_value(id) == expert) return 1;
+        }
+        return 0;
+    }
+    if (shared) return json_is_true(json_object_get(cfg, "shared_experts"));
+    return json_is_true(json_object_get(cfg, "non_expert_modules"));
+}
+
+static void reference(const char *base_dir, const char *adapter_dir)
+{
+    char err[1024], path[4200];
+    struct st_checkpoint *base = st_checkpoint_open(base_dir, err, sizeof err);
+    snprintf(path, sizeof path, "%s/esft_reference/adapter.safetensors", adapter_dir);
+    struct st_file *ref = st_open(path, err, sizeof err);
+    CHECK(ref != NULL, "%s", err);
+    snprintf(path, sizeof path, "%s/adapter.safetensors", adapter_dir);
+    struct st_file *own = st_open(path, err, sizeof err);
+    snprintf(path, sizeof path, "%s/esft_reference/expert_cfg.json", adapter_dir);
+    json_error_t jerr;
+    json_t *cfg = json_load_file(path, 0, &jerr);
+    CHECK(base && own && cfg, "cannot read the base model, the adapter or %s", path);
+    if (!base || !ref || !own || !cfg) return;
+    int wanted = 0;
+    for (int i = 0; i < base->n_tensors; i++) {
+        const char *name = base->tensors[i].name;
+        if (strncmp(name, "model.", 6) != 0 || !reference_trains(name + 6, cfg)) continue;
+        wanted++;
+        const struct st_tensor *r = st_file_find(ref, name + 6);
+        CHECK(r != NULL, "strict load: %s is missing from the reference layout", name + 6);
+        const struct st_tensor *o = st_file_find(own, name);
+        CHECK(o != NULL, "%s is missing from esft's adapter", name);
+        if (r && o)
+            CHECK(r->nbytes == o->nbytes && r->dtype == o->dtype &&
+                      memcmp(r->data, o->data, r->nbytes) == 0,
+                  "%s differs from esft's %s", name + 6, name);
+    }
+    CHECK(ref->n_tensors == wanted, "strict load: the reference layout holds %d tensors, the "
+          "rule makes %d parameters", ref->n_tensors, wanted);
+    CHECK(wanted > 0, "no trained tensor");
+    printf("reference: %d tensors, keys and values as the ESFT reference loads them\n", wanted);
+    json_decref(cfg);
+    st_close(own);
+    st_close(ref);
+    st_checkpoint_close(base);
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 5 && strcmp(argv[1], "frozen") == 0) {
@@ -149,11 +215,13 @@ int main(int argc, char **argv)
     } else if (argc == 4 && strcmp(argv[1], "optimizer") == 0) {
         read_names(argv[3]);
         optimizer(argv[2]);
+    } else if (argc == 4 && strcmp(argv[1], "reference") == 0) {
+        reference(argv[2], argv[3]);
     } else if (argc == 5 && strcmp(argv[1], "damage") == 0) {
         damage(argv[2], argv[3], atol(argv[4]));
     } else {
         fprintf(stderr, "usage: test_train_check frozen BASE MERGED NAMES | optimizer CKPT NAMES "
-                        "| damage CKPT OBJECT BYTES\n");
+                        "| reference BASE ADAPTER | damage CKPT OBJECT BYTES\n");
         return 2;
     }
     return check_done("test_train_check");
