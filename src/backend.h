@@ -181,6 +181,23 @@ struct backend {
     void (*cross_entropy_backward)(float *dlogits, const float *logits, const int32_t *labels,
                                    int N, int V, float scale);
 
+    /* lm_head and cross-entropy one vocabulary chunk at a time, so that the [N, V] logits
+     * are never held (optional: a backend without them keeps the whole-logits path).
+     * state[N, 4] per token: the running max, the running sum of exp(z - max) (fp32,
+     * rescaled when the max grows), the label's logit, the largest logit; best[N] its
+     * vocabulary index (the first of equal ones, as count_correct). ce_chunk_update
+     * folds the chunk logits[N, C] of vocabulary ids [v0, v0 + C) in (v0 == 0 starts
+     * afresh); ce_chunk_finish gives the loss sum over the counted tokens (labels >= 0,
+     * as cross_entropy_sum) with their count and how many had the label as their best;
+     * ce_chunk_backward turns the same chunk's logits into scale * (softmax - onehot)
+     * from the final state (in place allowed), as cross_entropy_backward does. */
+    void (*ce_chunk_update)(float *state, int32_t *best, const float *logits,
+                            const int32_t *labels, int N, int C, int v0);
+    double (*ce_chunk_finish)(const float *state, const int32_t *best, const int32_t *labels,
+                              int N, long long *counted, long long *correct);
+    void (*ce_chunk_backward)(float *dlogits, const float *logits, const float *state,
+                              const int32_t *labels, int N, int C, int v0, float scale);
+
     /* dtable[V,H] += dx[n] at row tokens[n], in token order (deterministic). */
     void (*embedding_backward)(float *dtable, const float *dx, const int32_t *tokens, int N,
                                int H);

@@ -136,10 +136,22 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
             if (ws->staged) ws->mem->upload(ws->balance_coef, ws->h_balance_coef, (size_t)E * sizeof(float));
         }
         /* loss -> logits (in place) -> final norm */
-        ops->cross_entropy_backward(ws->logits, ws->logits, batch->targets, N, V, loss_scale);
         float *lm_head_grad = c->tie_word_embeddings ? m->embedding_grad : m->lm_head_grad;
-        ops->linear_backward(ws->dxn, lm_head_grad, NULL, ws->logits, ws->xn_final, m->lm_head, N,
-                             H, V, false);
+        if (ws->ce_chunked) { /* each chunk's logits again, then its part of the gradients */
+            for (int v0 = 0; v0 < V; v0 += ws->vocab_chunk) {
+                int C = V - v0 < ws->vocab_chunk ? V - v0 : ws->vocab_chunk;
+                const float *w = m->lm_head + (size_t)v0 * H;
+                ops->linear(ws->logits, ws->xn_final, w, NULL, N, H, C, false);
+                ops->ce_chunk_backward(ws->logits, ws->logits, ws->ce_state, batch->targets, N,
+                                       C, v0, loss_scale);
+                ops->linear_backward(ws->dxn, lm_head_grad ? lm_head_grad + (size_t)v0 * H : NULL,
+                                     NULL, ws->logits, ws->xn_final, w, N, H, C, v0 > 0);
+            }
+        } else {
+            ops->cross_entropy_backward(ws->logits, ws->logits, batch->targets, N, V, loss_scale);
+            ops->linear_backward(ws->dxn, lm_head_grad, NULL, ws->logits, ws->xn_final,
+                                 m->lm_head, N, H, V, false);
+        }
         ops->rmsnorm_backward(ws->dx, m->final_norm_grad, ws->dxn, ws->x_final, m->final_norm,
                               ws->rstd_final, N, H, false);
     } else { /* the gradient of this stage's output, and d aux / d probs, from the next */

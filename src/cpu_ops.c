@@ -435,6 +435,73 @@ static double cpu_cross_entropy_sum(const float *logits, const int32_t *labels, 
     return total;
 }
 
+/* The vocabulary-chunked cross-entropy (backend.h). Per token, in fp32 as the whole-row
+ * op: the max, the sum of exp(z - max) rescaled by exp(old max - new max) when a chunk
+ * raises the max, the label's logit; the log in double at the end. */
+static void cpu_ce_chunk_update(float *state, int32_t *best, const float *logits,
+                                const int32_t *labels, int N, int C, int v0)
+{
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *z = logits + (size_t)n * C;
+        float *st = state + (size_t)n * 4;
+        float chunk_max = row_max(z, C);
+        if (v0 == 0) {
+            st[0] = chunk_max;
+            st[1] = row_exp_sum(z, C, chunk_max);
+            st[2] = 0.0f;
+            st[3] = -INFINITY;
+            best[n] = -1;
+        } else {
+            float max = chunk_max > st[0] ? chunk_max : st[0];
+            st[1] = st[1] * expf(st[0] - max) + row_exp_sum(z, C, max);
+            st[0] = max;
+        }
+        int label = labels[n] - v0;
+        if (label >= 0 && label < C) st[2] = z[label];
+        for (int v = 0; v < C; v++)
+            if (z[v] > st[3]) {
+                st[3] = z[v];
+                best[n] = v0 + v;
+            }
+    }
+}
+
+static double cpu_ce_chunk_finish(const float *state, const int32_t *best, const int32_t *labels,
+                                  int N, long long *counted, long long *correct)
+{
+    double total = 0.0;
+    long long count = 0, right = 0;
+    for (int n = 0; n < N; n++) { /* in token order: the same sum for any thread count */
+        if (labels[n] < 0) continue;
+        const float *st = state + (size_t)n * 4;
+        total += cross_entropy_row(st[0], st[1], st[2]);
+        count++;
+        right += best[n] == labels[n];
+    }
+    *counted = count;
+    *correct = right;
+    return total;
+}
+
+static void cpu_ce_chunk_backward(float *dlogits, const float *logits, const float *state,
+                                  const int32_t *labels, int N, int C, int v0, float scale)
+{
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *g = dlogits + (size_t)n * C;
+        const float *z = logits + (size_t)n * C;
+        if (labels[n] < 0) {
+            memset(g, 0, (size_t)C * sizeof(float));
+            continue;
+        }
+        const float *st = state + (size_t)n * 4;
+        float max = st[0], factor = scale / st[1];
+        for (int v = 0; v < C; v++)
+            g[v] = cross_entropy_dlogit(expf(z[v] - max), factor, v0 + v == labels[n], scale);
+    }
+}
+
 /* ---- backward ------------------------------------------------------------------------ *
  * The transposes of the ops above, in the same order of operations (backend.h gives each
  * op's contract). Determinism: every sum over rows (weight, bias and norm-weight
@@ -945,6 +1012,9 @@ const struct backend *backend_cpu(void)
         .add_sigmoid_gated_backward = cpu_add_sigmoid_gated_backward,
         .clamp_backward = cpu_clamp_backward,
         .cross_entropy_backward = cpu_cross_entropy_backward,
+        .ce_chunk_update = cpu_ce_chunk_update,
+        .ce_chunk_finish = cpu_ce_chunk_finish,
+        .ce_chunk_backward = cpu_ce_chunk_backward,
         .embedding_backward = cpu_embedding_backward,
         .adamw = cpu_adamw,
         .sum_squares = cpu_sum_squares,

@@ -312,6 +312,26 @@ static void sim_cross_entropy_backward(float *dlogits, const float *logits, cons
     cpu->cross_entropy_backward(U(dlogits), U(logits), U(labels), N, V, scale);
 }
 
+static void sim_ce_chunk_update(float *state, int32_t *best, const float *logits,
+                                const int32_t *labels, int N, int C, int v0)
+{
+    cpu->ce_chunk_update(U(state), U(best), U(logits), U(labels), N, C, v0);
+}
+
+static double sim_ce_chunk_finish(const float *state, const int32_t *best, const int32_t *labels,
+                                  int N, long long *counted, long long *correct)
+{
+    /* the sum and both counts come back */
+    backend_count_download(sizeof(double) + 2 * sizeof(long long));
+    return cpu->ce_chunk_finish(U(state), U(best), U(labels), N, counted, correct);
+}
+
+static void sim_ce_chunk_backward(float *dlogits, const float *logits, const float *state,
+                                  const int32_t *labels, int N, int C, int v0, float scale)
+{
+    cpu->ce_chunk_backward(U(dlogits), U(logits), U(state), U(labels), N, C, v0, scale);
+}
+
 static void sim_embedding_backward(float *dtable, const float *dx, const int32_t *tokens, int N,
                                    int H)
 {
@@ -375,6 +395,9 @@ const struct backend *backend_devsim(void)
         .add_sigmoid_gated_backward = sim_add_sigmoid_gated_backward,
         .clamp_backward = sim_clamp_backward,
         .cross_entropy_backward = sim_cross_entropy_backward,
+        .ce_chunk_update = sim_ce_chunk_update,
+        .ce_chunk_finish = sim_ce_chunk_finish,
+        .ce_chunk_backward = sim_ce_chunk_backward,
         .embedding_backward = sim_embedding_backward,
         .adamw = sim_adamw,
         .sum_squares = sim_sum_squares,

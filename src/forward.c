@@ -387,8 +387,22 @@ void model_forward(const struct model *m, const struct backend *ops, struct forw
     }
     ops->rmsnorm(ws->xn_final, ws->rstd_final, ws->x_final, m->final_norm, N, H,
                  (float)c->rms_norm_eps);
-    ops->linear(ws->logits, ws->xn_final, m->lm_head, NULL, N, H, V, false);
     result->aux_loss = ws_balance_loss(m, ws, NULL, 0.0f);
+    ws->ce_chunked = ws->vocab_chunk < V;
+    if (ws->ce_chunked) { /* lm_head and the loss a vocabulary chunk at a time */
+        result->logits = NULL;
+        if (!batch->targets) return; /* nothing reads logits that are not kept */
+        for (int v0 = 0; v0 < V; v0 += ws->vocab_chunk) {
+            int C = V - v0 < ws->vocab_chunk ? V - v0 : ws->vocab_chunk;
+            ops->linear(ws->logits, ws->xn_final, m->lm_head + (size_t)v0 * H, NULL, N, H, C,
+                        false);
+            ops->ce_chunk_update(ws->ce_state, ws->ce_best, ws->logits, batch->targets, N, C, v0);
+        }
+        result->loss_sum = ops->ce_chunk_finish(ws->ce_state, ws->ce_best, batch->targets, N,
+                                                &result->loss_count, &result->correct);
+        return;
+    }
+    ops->linear(ws->logits, ws->xn_final, m->lm_head, NULL, N, H, V, false);
     if (batch->targets) {
         result->loss_sum = ops->cross_entropy_sum(ws->logits, batch->targets, N, V, &result->loss_count);
         result->correct = ops->count_correct(ws->logits, batch->targets, N, V);

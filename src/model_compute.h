@@ -57,6 +57,9 @@ struct layer_activations {
     float *ffn;                /* [N,H] feed-forward output */
 };
 
+/* Vocabulary ids per chunk of the chunked lm_head and cross-entropy. */
+enum { WS_VOCAB_CHUNK = 4096 };
+
 struct forward_workspace {
     int max_tokens, n_layers;
     bool training;
@@ -76,7 +79,15 @@ struct forward_workspace {
     float *balance_block, *h_balance_block; /* [L][2E] counts, prob sums; its host copy */
     float *h_balance_coef;                /* [E] d aux / d probs as the host computes it */
     struct layer_activations *layers; /* [L] */
-    float *x_final, *rstd_final, *xn_final, *logits;
+    float *x_final, *rstd_final, *xn_final;
+    /* logits: [N, vocab_chunk] when the backend has the chunked cross-entropy (backend.h)
+     * and no one asked for whole logits; else [N, V]. ce_state [N, 4], ce_best [N] hold
+     * the chunked loss between the forward and the backward; ce_chunked says which path
+     * the last forward took. */
+    float *logits, *ce_state;
+    int32_t *ce_best;
+    int vocab_chunk;
+    bool ce_chunked;
     float *xs;                        /* [M,H] gathered rows (scratch) */
     int32_t **topk_ids;
     float **topk_weights, **router_logits;

@@ -109,6 +109,15 @@ static void alloc_layer(struct forward_workspace *ws, const struct model *m, int
     }
 }
 
+/* Vocabulary ids per chunk: WS_VOCAB_CHUNK, or ESFT_VOCAB_CHUNK from the environment (the
+ * tests set it small so that their small vocabularies take the chunked path too). */
+static int vocab_chunk_size(void)
+{
+    const char *text = getenv("ESFT_VOCAB_CHUNK");
+    long value = text ? strtol(text, NULL, 10) : 0;
+    return value > 0 && value < (1L << 30) ? (int)value : WS_VOCAB_CHUNK;
+}
+
 static struct forward_workspace *workspace_new(const struct model *m, int max_tokens, bool training)
 {
     const struct model_config *c = &m->cfg;
@@ -140,7 +149,15 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
     ws->x_final = ws_alloc(ws, N * H * f); /* the stage's output */
     ws->rstd_final = ws_alloc(ws, N * f);
     ws->xn_final = ws_alloc(ws, N * H * f);
-    ws->logits = ws_alloc(ws, (last_stage ? N * (size_t)c->vocab_size : 1) * f);
+    /* the logits a vocabulary chunk at a time when the backend can (the [N, V] block is
+     * the largest of a training step: 2.4 GB for 4096 tokens of a 151,936 vocabulary) */
+    ws->vocab_chunk = c->vocab_size;
+    int chunk = vocab_chunk_size();
+    const struct backend *ops = m->ops ? m->ops : backend_cpu(); /* unattached: the CPU's */
+    if (ops->ce_chunk_update && c->vocab_size > chunk) ws->vocab_chunk = chunk;
+    ws->logits = ws_alloc(ws, (last_stage ? N * (size_t)ws->vocab_chunk : 1) * f);
+    ws->ce_state = ws_alloc(ws, (last_stage ? N * 4 : 1) * f);
+    ws->ce_best = ws_alloc(ws, (last_stage ? N : 1) * sizeof(int32_t));
     ws->balance_before = ws_host(ws, 2 * E * sizeof(double));
     ws->xs = ws_alloc(ws, M * H * f);
     if (m->grid.ep > 1) {
@@ -236,8 +253,14 @@ void forward_workspace_keep(struct forward_workspace *ws, unsigned what)
 {
     unsigned added = what & ~ws->keep;
     ws->keep |= what;
-    if (!ws->staged) return; /* the results are host memory already */
     size_t N = (size_t)ws->max_tokens, f = sizeof(float);
+    if ((added & FORWARD_KEEP_LOGITS) && ws->vocab_size && ws->vocab_chunk < ws->vocab_size) {
+        /* whole logits wanted: the chunked buffer gives way to a whole one */
+        ws->vocab_chunk = ws->vocab_size;
+        ws->logits = ws_alloc(ws, N * (size_t)ws->vocab_size * f);
+        if (!ws->staged) ws->h_logits = ws->logits;
+    }
+    if (!ws->staged) return; /* the results are host memory already */
     if ((added & FORWARD_KEEP_LOGITS) && ws->vocab_size)
         ws->h_logits = ws_host(ws, N * (size_t)ws->vocab_size * f);
     if (added & FORWARD_KEEP_ROUTING)
