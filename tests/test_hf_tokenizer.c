@@ -345,6 +345,15 @@ static void bad_files(void)
             "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1}, "
             "\"merges\": [[\"a\", \"b\"]]}}",
             "token \"ab\" is not in the vocabulary");
+    /* a TemplateProcessing special token whose id no token has (found by fuzz_tokenizer) */
+    snprintf(json, sizeof json,
+             "{%s, \"post_processor\": {\"type\": \"TemplateProcessing\", \"single\": "
+             "[{\"SpecialToken\": {\"id\": \"<s>\", \"type_id\": 0}}, {\"Sequence\": "
+             "{\"id\": \"A\", \"type_id\": 0}}], \"pair\": [], \"special_tokens\": {\"<s>\": "
+             "{\"id\": \"<s>\", \"ids\": [7], \"tokens\": [\"<s>\"]}}}}",
+             bpe);
+    refused("post-id.json", json,
+            "TemplateProcessing adds token id 7, which is not in the vocabulary");
     snprintf(json, sizeof json, "{%s, \"normalizer\": {\"type\": \"Lowercase\"}}", bpe);
     refused("lowercase.json", json, "normalizer type \"Lowercase\" is not implemented");
     snprintf(json, sizeof json, "{%s, \"pre_tokenizer\": {\"type\": \"Whitespace\"}}", bpe);

@@ -267,6 +267,26 @@ static int template_ids(struct loader *L, json_t *specials, const char *name, co
     return 0;
 }
 
+/* Every id a TemplateProcessing adds names a token of the vocabulary or the added tokens
+ * (the library would emit it regardless; esft's ids all lie below the vocabulary size). */
+static int check_post_ids(struct loader *L, const struct hf_post_processor *pp,
+                          uint32_t vocab_size)
+{
+    for (int i = 0; i < pp->n_steps; i++)
+        if (check_post_ids(L, &pp->steps[i], vocab_size)) return -1;
+    for (int side = 0; side < 2; side++) {
+        const uint32_t *ids = side ? pp->after : pp->before;
+        size_t n = side ? pp->n_after : pp->n_before;
+        for (size_t k = 0; k < n; k++)
+            if (ids[k] >= vocab_size)
+                return fail(L,
+                            "post_processor: TemplateProcessing adds token id %u, which is not "
+                            "in the vocabulary nor the added tokens (ids below %u)",
+                            ids[k], vocab_size);
+    }
+    return 0;
+}
+
 static int load_post_processor(struct loader *L, json_t *obj, const char *where,
                                struct hf_post_processor *pp)
 {
@@ -632,6 +652,8 @@ static int load_root(struct loader *L, json_t *root)
     tok->added_index = hf_realloc(NULL, (size_t)tok->vocab_size * sizeof *tok->added_index);
     for (uint32_t i = 0; i < tok->vocab_size; i++) tok->added_index[i] = -1;
     for (int i = 0; i < tok->n_added; i++) tok->added_index[tok->added[i].id] = i;
+    if (tok->post_processor && check_post_ids(L, tok->post_processor, tok->vocab_size))
+        return -1;
     return 0;
 }
 
