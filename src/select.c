@@ -334,6 +334,18 @@ struct config_context {
 };
 
 /* The "stability" member: select.bootstrap's figures (stability.h). */
+/* n numbers as a JSON list, each in its shortest exact form. */
+static void json_numbers(FILE *out, const double *v, int n)
+{
+    char number[40];
+    fputc('[', out);
+    for (int i = 0; i < n; i++) {
+        format_double(v[i], number, sizeof number);
+        fprintf(out, "%s%s", i ? ", " : "", number);
+    }
+    fputc(']', out);
+}
+
 static void stability_json(FILE *out, const struct expert_selection *s, const struct stability *st)
 {
     char number[40];
@@ -348,12 +360,8 @@ static void stability_json(FILE *out, const struct expert_selection *s, const st
     }
     fputs("},\n    \"inclusion\": {", out);
     for (int l = 0; l < s->n_moe_layers; l++) {
-        fprintf(out, "%s\n      \"%d\": [", l ? "," : "", (int)s->moe_layers[l]);
-        for (int e = 0; e < E; e++) {
-            format_double(st->inclusion[(size_t)l * E + e], number, sizeof number);
-            fprintf(out, "%s%s", e ? ", " : "", number);
-        }
-        fputc(']', out);
+        fprintf(out, "%s\n      \"%d\": ", l ? "," : "", (int)s->moe_layers[l]);
+        json_numbers(out, st->inclusion + (size_t)l * E, E);
     }
     fputs("\n    },\n    \"by_fraction\": [", out);
     for (int f = 0; f < STABILITY_FRACTIONS; f++) {
@@ -377,15 +385,10 @@ static void stability_json(FILE *out, const struct expert_selection *s, const st
 /* A [T, T] matrix as rows of numbers. */
 static void json_matrix(FILE *out, const double *m, int T)
 {
-    char number[40];
     fputc('[', out);
     for (int a = 0; a < T; a++) {
-        fputs(a ? ", [" : "[", out);
-        for (int b = 0; b < T; b++) {
-            format_double(m[(size_t)a * T + b], number, sizeof number);
-            fprintf(out, "%s%s", b ? ", " : "", number);
-        }
-        fputc(']', out);
+        if (a) fputs(", ", out);
+        json_numbers(out, m + (size_t)a * T, T);
     }
     fputc(']', out);
 }
@@ -452,12 +455,8 @@ static void config_body(FILE *out, const void *context)
     fprintf(out, "  \"top_p\": %s,\n  \"union_tasks\": %s,\n  \"scores\": {", number,
             r->union_tasks ? "true" : "false");
     for (int l = 0; l < Lm; l++) {
-        fprintf(out, "%s\n    \"%d\": [", l ? "," : "", (int)s->moe_layers[l]);
-        for (int e = 0; e < E; e++) {
-            format_double(s->scores[(size_t)l * E + e], number, sizeof number);
-            fprintf(out, "%s%s", e ? ", " : "", number);
-        }
-        fputc(']', out);
+        fprintf(out, "%s\n    \"%d\": ", l ? "," : "", (int)s->moe_layers[l]);
+        json_numbers(out, s->scores + (size_t)l * E, E);
     }
     fputs("\n  },\n  \"cumulative\": {", out);
     for (int l = 0; l < Lm; l++) {

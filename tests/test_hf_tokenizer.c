@@ -19,35 +19,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <zlib.h>
 
 #include "check.h"
+#include "gzfile.h"
 #include "tokenizer/hf_tokenizer.h"
-
-/* The whole of a gzip (or plain) file, NUL-terminated; NULL if it cannot be read. */
-static char *read_gz(const char *path, size_t *size)
-{
-    gzFile f = gzopen(path, "rb");
-    if (!f) return NULL;
-    size_t n = 0, capacity = 1 << 20;
-    char *data = malloc(capacity + 1);
-    int got;
-    while ((got = gzread(f, data + n, (unsigned)(capacity - n))) > 0) {
-        n += (size_t)got;
-        if (n == capacity) {
-            capacity *= 2;
-            data = realloc(data, capacity + 1);
-        }
-    }
-    gzclose(f);
-    if (got < 0) {
-        free(data);
-        return NULL;
-    }
-    data[n] = 0;
-    *size = n;
-    return data;
-}
 
 static struct hf_tokenizer *load_gz(const char *path)
 {

@@ -12,9 +12,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-#include <zlib.h>
 
 #include "check.h"
+#include "gzfile.h"
 #include "prepare.h"
 #include "tokenizer.h"
 
@@ -29,15 +29,11 @@ static int write_file(const char *path, const char *data, size_t n)
 /* gunzip src into dst. */
 static int gunzip(const char *src, const char *dst)
 {
-    gzFile in = gzopen(src, "rb");
-    FILE *out = fopen(dst, "wb");
-    int ok = in && out;
-    char buf[1 << 16];
-    int got;
-    while (ok && (got = gzread(in, buf, sizeof buf)) > 0) ok = fwrite(buf, 1, (size_t)got, out) == (size_t)got;
-    if (in) gzclose(in);
-    if (out && fclose(out) != 0) ok = 0;
-    return ok ? 0 : -1;
+    size_t n;
+    char *data = read_gz(src, &n);
+    int rc = data ? write_file(dst, data, n) : -1;
+    free(data);
+    return rc;
 }
 
 static int copy(const char *src, const char *dst)

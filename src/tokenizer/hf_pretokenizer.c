@@ -73,6 +73,27 @@ static void push_byte_level(struct hf_pieces *out, const char *text, size_t n, b
 
 /* The library's split with a behavior: `m` covers the text, value 1 on matches. Writes
  * the resulting offsets back into m (value unused) and returns their count. */
+
+/* Left-to-right folding of pieces: a piece joins the one before it when it is a match
+ * following a non-match (MergedWithPrevious), or of the same kind (Contiguous). */
+static size_t fold_forward(struct hf_spans *m, bool contiguous)
+{
+    size_t n = 0;
+    bool previous_match = false;
+    for (size_t i = 0; i < m->n; i++) {
+        bool match = m->value[i] != 0;
+        bool joins = contiguous ? match == previous_match : match && !previous_match;
+        if (joins && n > 0)
+            m->end[n - 1] = m->end[i];
+        else {
+            m->start[n] = m->start[i];
+            m->end[n++] = m->end[i];
+        }
+        previous_match = match;
+    }
+    return n;
+}
+
 static size_t apply_behavior(struct hf_spans *m, enum hf_split_behavior behavior, bool invert)
 {
     size_t n = 0;
@@ -88,20 +109,8 @@ static size_t apply_behavior(struct hf_spans *m, enum hf_split_behavior behavior
         return n;
     case HF_ISOLATED:
         return m->n;
-    case HF_MERGED_WITH_PREVIOUS: {
-        bool previous_match = false;
-        for (size_t i = 0; i < m->n; i++) {
-            bool match = m->value[i] != 0;
-            if (match && !previous_match && n > 0)
-                m->end[n - 1] = m->end[i];
-            else {
-                m->start[n] = m->start[i];
-                m->end[n++] = m->end[i];
-            }
-            previous_match = match;
-        }
-        return n;
-    }
+    case HF_MERGED_WITH_PREVIOUS:
+        return fold_forward(m, false);
     case HF_MERGED_WITH_NEXT: {
         /* the same fold from the right: a match joins the piece that follows it */
         bool previous_match = false;
@@ -122,20 +131,8 @@ static size_t apply_behavior(struct hf_spans *m, enum hf_split_behavior behavior
         memmove(m->end, m->end + k, n * sizeof *m->end);
         return n;
     }
-    case HF_CONTIGUOUS: {
-        bool previous_match = false;
-        for (size_t i = 0; i < m->n; i++) {
-            bool match = m->value[i] != 0;
-            if (match == previous_match && n > 0)
-                m->end[n - 1] = m->end[i];
-            else {
-                m->start[n] = m->start[i];
-                m->end[n++] = m->end[i];
-            }
-            previous_match = match;
-        }
-        return n;
-    }
+    case HF_CONTIGUOUS:
+        return fold_forward(m, true);
     }
     return n;
 }

@@ -10,29 +10,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <zlib.h>
 
+#include "../gzfile.h"
 #include "tokenizer/hf_tokenizer.h"
-
-static char *read_gz(const char *path, size_t *size)
-{
-    gzFile f = gzopen(path, "rb");
-    if (!f) return NULL;
-    size_t n = 0, capacity = 1 << 20;
-    char *data = malloc(capacity + 1);
-    int got;
-    while (data && (got = gzread(f, data + n, (unsigned)(capacity - n))) > 0) {
-        n += (size_t)got;
-        if (n == capacity) {
-            capacity *= 2;
-            data = realloc(data, capacity + 1);
-        }
-    }
-    gzclose(f);
-    if (data) data[n] = 0;
-    *size = n;
-    return data;
-}
 
 static double now(void)
 {
