@@ -181,6 +181,18 @@ int file_write_atomically(const char *path, file_body body, const void *context,
     return file_commit(out, tmp, path, err, err_size);
 }
 
+bool is_directory(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+bool is_regular_file(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
 char *file_read(const char *path, size_t max_bytes, size_t *length, char *err, size_t err_size)
 {
     FILE *f = fopen(path, "rb");

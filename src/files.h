@@ -20,6 +20,9 @@ int path_join(char *out, size_t size, const char *dir, const char *name, char *e
 /* fsync of a file or (flags O_RDONLY | O_DIRECTORY) a directory; -1 with errno set. */
 int fsync_path(const char *path, int flags);
 bool path_exists(const char *path);
+/* Whether path names a directory / a regular file (following links). */
+bool is_directory(const char *path);
+bool is_regular_file(const char *path);
 /* The whole of a file as a malloc'd, NUL-terminated string (its length in *length),
  * refusing files above max_bytes. NULL with "PATH: what is wrong" in err. */
 char *file_read(const char *path, size_t max_bytes, size_t *length, char *err, size_t err_size);

@@ -1,7 +1,6 @@
 /* inspect: one sample as prepare would make it (see inspect.h). */
 #include "inspect.h"
 
-#include <errno.h>
 #include <stdio.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -10,13 +9,6 @@
 #include "log.h"
 #include "prepare.h"
 #include "tokenizer.h"
-
-static bool blank(const char *line, size_t length)
-{
-    for (size_t i = 0; i < length; i++)
-        if (line[i] != ' ' && line[i] != '\t' && line[i] != '\r') return false;
-    return true;
-}
 
 static void print_sample(const struct tokenizer *tok, const struct token_buffer *buf,
                          const char *path, uint64_t line, uint64_t n, FILE *out)
@@ -59,44 +51,33 @@ int inspect_sample(const struct deck *deck, uint64_t n, FILE *out, char *err, si
     int status = -1;
     struct token_buffer buf = {0};
     for (int f = 0; f < p->n_inputs && status < 0; f++) {
-        FILE *file = fopen(p->inputs[f], "rb");
-        if (!file) {
-            snprintf(err, err_size, "%s: cannot open input: %s", p->inputs[f], strerror(errno));
+        struct jsonl_reader reader;
+        if (jsonl_open(&reader, p->inputs[f], err, err_size) != 0) {
             status = EXIT_INPUT;
             break;
         }
-        char *line = NULL;
-        size_t capacity = 0;
-        ssize_t got;
-        uint64_t line_number = 0;
-        while (status < 0 && (got = getline(&line, &capacity, file)) >= 0) {
-            line_number++;
-            char *text = line;
-            size_t length = (size_t)got;
-            if (line_number == 1 && length >= 3 && !memcmp(text, "\xEF\xBB\xBF", 3)) {
-                text += 3;
-                length -= 3;
-            }
-            if (length > 0 && text[length - 1] == '\n') length--;
-            if (length > 0 && text[length - 1] == '\r') length--;
-            if (blank(text, length)) continue;
+        const char *text;
+        size_t length;
+        int got = 0;
+        while (status < 0 && (got = jsonl_next(&reader, &text, &length, err, err_size)) > 0) {
             char why[2048], dropped[512];
             buf.n = 0;
             if (prepare_format_row(&tok, p->format, text, length, &buf, dropped, sizeof dropped,
                                    why, sizeof why) != 0) {
                 if (p->bad_rows == BAD_ROWS_SKIP) continue;
-                snprintf(err, err_size, "%s:%llu: %s (prepare.bad_rows is abort: prepare stops here)",
-                          p->inputs[f], (unsigned long long)line_number, why);
+                snprintf(err, err_size,
+                         "%s:%llu: %s (prepare.bad_rows is abort: prepare stops here)",
+                         p->inputs[f], (unsigned long long)reader.line_number, why);
                 status = EXIT_INPUT;
                 break;
             }
             if (samples++ < n) continue;
-            print_sample(&tok, &buf, p->inputs[f], line_number, n, out);
+            print_sample(&tok, &buf, p->inputs[f], reader.line_number, n, out);
             if (dropped[0]) fprintf(out, "keys not used (dropped): %s\n", dropped);
             status = 0;
         }
-        free(line);
-        fclose(file);
+        if (status < 0 && got < 0) status = EXIT_RUNTIME;
+        jsonl_close(&reader);
     }
     if (status < 0) {
         snprintf(err, err_size, "--inspect %llu: prepare.inputs hold %llu samples (numbered from 0)",

@@ -15,15 +15,10 @@
 #include "hfconfig.h"
 #include "log.h"
 #include "model.h"
+#include "files.h"
 #include "phases.h"
 
 #define MODELPATH_MAX 4096
-
-static bool is_directory(const char *path)
-{
-    struct stat st;
-    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
-}
 
 /* "owner/name" as the Hub spells repository ids: two parts of letters, digits, '.', '_'
  * and '-', each starting with a letter or digit, at most 96 characters. */

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "dataset.h"
+#include "files.h"
 #include "hfconfig.h"
 #include "log.h"
 #include "prepare.h"
@@ -35,12 +36,6 @@ static void problem(struct problems *p, const char *fmt, ...)
     va_end(args);
     used = strlen(p->text);
     if (used + 1 < p->size) strcat(p->text, "\n");
-}
-
-static bool is_file(const char *path)
-{
-    struct stat st;
-    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
 }
 
 /* The files the phases before `upto` in the deck's list write (as the phases name them). */
@@ -80,7 +75,7 @@ static bool model_config(const struct deck *deck, const struct produced *made,
     char weights[4200], index[4200];
     snprintf(weights, sizeof weights, "%s/model.safetensors", deck->model.path);
     snprintf(index, sizeof index, "%s/model.safetensors.index.json", deck->model.path);
-    if (!is_file(weights) && !is_file(index)) {
+    if (!is_regular_file(weights) && !is_regular_file(index)) {
         problem(p, "%s: %s has config.json but no weights (model.safetensors or "
                 "model.safetensors.index.json)", phase_name(phase), deck->model.path);
         return false;
@@ -136,7 +131,7 @@ int preflight_check(const struct deck *deck, const struct layout_grid *grid, cha
         switch (phase) {
         case PHASE_INIT:
             snprintf(path, sizeof path, "%s/config.json", deck->model.path);
-            if (is_file(path))
+            if (is_regular_file(path))
                 problem(&p, "init: %s already holds a checkpoint (%s); init never overwrites a "
                         "model: remove it or choose another model.path", deck->model.path, path);
             made.model = true;
@@ -186,7 +181,7 @@ int preflight_check(const struct deck *deck, const struct layout_grid *grid, cha
             }
             if (phase == PHASE_EVAL && deck->eval.adapter &&
                 !(made.adapter && strcmp(deck->eval.adapter, adapter) == 0) &&
-                !is_file(deck->eval.adapter))
+                !is_regular_file(deck->eval.adapter))
                 problem(&p, "eval: eval.adapter: %s is not a file", deck->eval.adapter);
             if (phase != PHASE_TRAIN) break;
             {
@@ -201,7 +196,7 @@ int preflight_check(const struct deck *deck, const struct layout_grid *grid, cha
                 bool selected_here = made.expert_config && tr->expert_config &&
                                      strcmp(tr->expert_config, select_output) == 0;
                 if (tr->method == METHOD_ESFT && !selected_here) {
-                    if (!is_file(tr->expert_config)) {
+                    if (!is_regular_file(tr->expert_config)) {
                         problem(&p, "train: train.expert_config: %s is not a file%s%s%s",
                                 tr->expert_config,
                                 made.expert_config ? " (select in this deck writes " : "",
@@ -221,14 +216,14 @@ int preflight_check(const struct deck *deck, const struct layout_grid *grid, cha
             break;
         case PHASE_SELECT:
             if (deck->select.n_stats == 0) {
-                if (!made.stats && !is_file(score_output))
+                if (!made.stats && !is_regular_file(score_output))
                     problem(&p, "select: no statistics: select.stats is empty and %s (this "
                             "run's score.output) does not exist; run score first or list "
                             "select.stats", score_output);
             } else {
                 for (int k = 0; k < deck->select.n_stats; k++) {
                     const char *s = deck->select.stats[k];
-                    if (!(made.stats && strcmp(s, score_output) == 0) && !is_file(s))
+                    if (!(made.stats && strcmp(s, score_output) == 0) && !is_regular_file(s))
                         problem(&p, "select: %s: cannot open statistics file: %s", s,
                                 access(s, R_OK) != 0 ? strerror(errno) : "not a file");
                 }

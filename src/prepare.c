@@ -107,41 +107,74 @@ static bool blank(const char *line, size_t length)
     return true;
 }
 
+int jsonl_open(struct jsonl_reader *r, const char *path, char *err, size_t err_size)
+{
+    memset(r, 0, sizeof *r);
+    r->path = path;
+    r->file = fopen(path, "rb");
+    if (!r->file) {
+        snprintf(err, err_size, "%s: cannot open input: %s", path, strerror(errno));
+        return -1;
+    }
+    struct stat info;
+    if (fstat(fileno(r->file), &info) == 0 && S_ISDIR(info.st_mode)) {
+        snprintf(err, err_size, "%s: is a directory, not a jsonl file", path);
+        fclose(r->file);
+        r->file = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+int jsonl_next(struct jsonl_reader *r, const char **text, size_t *length, char *err,
+               size_t err_size)
+{
+    ssize_t got;
+    while ((got = getline(&r->line, &r->capacity, r->file)) >= 0) {
+        r->line_number++;
+        char *t = r->line;
+        size_t n = (size_t)got;
+        if (r->line_number == 1 && n >= 3 && !memcmp(t, "\xEF\xBB\xBF", 3)) {
+            t += 3; /* a UTF-8 byte order mark */
+            n -= 3;
+        }
+        if (n > 0 && t[n - 1] == '\n') n--;
+        if (n > 0 && t[n - 1] == '\r') n--;
+        if (blank(t, n)) continue;
+        *text = t;
+        *length = n;
+        return 1;
+    }
+    if (ferror(r->file)) {
+        snprintf(err, err_size, "%s: read error after line %llu: %s", r->path,
+                 (unsigned long long)r->line_number, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+void jsonl_close(struct jsonl_reader *r)
+{
+    free(r->line);
+    if (r->file) fclose(r->file);
+    memset(r, 0, sizeof *r);
+}
+
 /* One input file: counts its rows and formats this rank's. Returns 0, or the exit
  * status with message set (every rank reaches the same verdict on opening a file). */
 static int read_input(const struct deck *deck, const struct tokenizer *tok, int file_index,
                       int rank, int size, struct share *sh, char *message, size_t message_size)
 {
     const char *path = deck->prepare.inputs[file_index];
-    FILE *file = fopen(path, "rb");
-    if (!file) {
-        snprintf(message, message_size, "%s: cannot open input: %s", path, strerror(errno));
-        return EXIT_INPUT;
-    }
-    struct stat info;
-    if (fstat(fileno(file), &info) == 0 && S_ISDIR(info.st_mode)) {
-        snprintf(message, message_size, "%s: is a directory, not a jsonl file", path);
-        fclose(file);
-        return EXIT_INPUT;
-    }
-    uint64_t *counts = sh->per_file + 3 * file_index, line_number = 0;
+    struct jsonl_reader reader;
+    if (jsonl_open(&reader, path, message, message_size) != 0) return EXIT_INPUT;
+    uint64_t *counts = sh->per_file + 3 * file_index;
     bool abort_on_bad = deck->prepare.bad_rows == BAD_ROWS_ABORT;
-    char *line = NULL;
-    size_t line_capacity = 0;
-    ssize_t got;
-    int status = 0;
-    while ((got = getline(&line, &line_capacity, file)) >= 0) {
-        line_number++;
-        char *text = line;
-        size_t length = (size_t)got;
-        if (line_number == 1 && length >= 3 && !memcmp(text, "\xEF\xBB\xBF", 3)) {
-            text += 3; /* a UTF-8 byte order mark */
-            length -= 3;
-        }
-        if (length > 0 && text[length - 1] == '\n') length--;
-        if (length > 0 && text[length - 1] == '\r') length--;
-        if (blank(text, length)) continue;
-        uint64_t row = sh->n_rows++;
+    const char *text;
+    size_t length;
+    int got;
+    while ((got = jsonl_next(&reader, &text, &length, message, message_size)) > 0) {
+        uint64_t row = sh->n_rows++, line_number = reader.line_number;
         if ((int)(row % (uint64_t)size) != rank) continue;
         if (abort_on_bad && sh->n_bad) continue; /* this rank's verdict is in */
         char why[1024], dropped[512];
@@ -163,14 +196,8 @@ static int read_input(const struct deck *deck, const struct tokenizer *tok, int 
         counts[0]++;
         counts[1] += sh->all.n - sample_start;
     }
-    if (ferror(file)) {
-        snprintf(message, message_size, "%s: read error after line %llu: %s", path,
-                 (unsigned long long)line_number, strerror(errno));
-        status = EXIT_RUNTIME;
-    }
-    free(line);
-    fclose(file);
-    return status;
+    jsonl_close(&reader);
+    return got < 0 ? EXIT_RUNTIME : 0;
 }
 
 /* Creates the directory that will hold path. */
@@ -437,32 +464,25 @@ int prepare_first_conversation(const struct deck *deck, int max_rows, char *wher
 {
     int looked = 0;
     for (int i = 0; i < deck->prepare.n_inputs && looked < max_rows; i++) {
-        FILE *file = fopen(deck->prepare.inputs[i], "rb");
-        if (!file) continue;
-        char *line = NULL;
-        size_t capacity = 0;
-        ssize_t got;
-        uint64_t number = 0;
+        struct jsonl_reader reader;
+        char err[512];
+        if (jsonl_open(&reader, deck->prepare.inputs[i], err, sizeof err) != 0) continue;
+        const char *text;
+        size_t length;
         int found = 0;
-        while (!found && looked < max_rows && (got = getline(&line, &capacity, file)) >= 0) {
-            number++;
-            size_t length = (size_t)got;
-            while (length > 0 && (line[length - 1] == '\n' || line[length - 1] == '\r')) length--;
-            if (blank(line, length)) continue;
+        while (!found && looked < max_rows &&
+               jsonl_next(&reader, &text, &length, err, sizeof err) > 0) {
             looked++;
             struct conversation c;
-            char err[256];
-            if (conversation_parse(line, length, &c, err, sizeof err) != 0) continue;
+            if (conversation_parse(text, length, &c, err, sizeof err) != 0) continue;
             found = !c.is_text;
             conversation_free(&c);
         }
-        free(line);
-        fclose(file);
-        if (found) {
-            snprintf(where, where_size, "%s:%llu", deck->prepare.inputs[i],
-                     (unsigned long long)number);
-            return 1;
-        }
+        if (found)
+            snprintf(where, where_size, "%s:%llu", reader.path,
+                     (unsigned long long)reader.line_number);
+        jsonl_close(&reader);
+        if (found) return 1;
     }
     return 0;
 }

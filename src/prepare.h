@@ -14,6 +14,8 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
 
 #include "deck.h"
 #include "layout.h"
@@ -36,8 +38,27 @@ int prepare_format_row(const struct tokenizer *tok, enum prepare_format format, 
                        size_t length, struct token_buffer *out, char *dropped,
                        size_t dropped_size, char *err, size_t err_size);
 
+/* The rows of one jsonl input as prepare reads them: a UTF-8 byte order mark at the start
+ * of the file dropped, the line's LF or CRLF cut, blank lines skipped. */
+struct jsonl_reader {
+    const char *path;
+    FILE *file;
+    char *line;
+    size_t capacity;
+    uint64_t line_number; /* of the row last returned */
+};
+
+/* Opens path. 0, or -1 with "PATH: cannot open input: ..." or "PATH: is a directory"
+ * in err. */
+int jsonl_open(struct jsonl_reader *r, const char *path, char *err, size_t err_size);
+/* The next non-blank row (valid until the next call): 1; 0 at the end; -1 with a read
+ * error in err. */
+int jsonl_next(struct jsonl_reader *r, const char **text, size_t *length, char *err,
+               size_t err_size);
+void jsonl_close(struct jsonl_reader *r);
+
 /* Whether one of the first max_rows rows of prepare.inputs is a conversation (not a
- * "text" row; a row with a UTF-8 byte order mark or that does not parse is passed over):
+ * "text" row; a row that does not parse is passed over):
  * 1 with "FILE:LINE" in where, else 0. For the check before any work that a tokenizer
  * without a chat template is not asked to format conversations. */
 int prepare_first_conversation(const struct deck *deck, int max_rows, char *where,

@@ -6,7 +6,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #include "chat/template.h"
 #include "checksum.h"
@@ -150,18 +149,6 @@ char *tokenizer_decode(const struct tokenizer *tok, const uint32_t *ids, size_t 
 
 /* ---- opening ------------------------------------------------------------------------- */
 
-static bool is_directory(const char *path)
-{
-    struct stat st;
-    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
-}
-
-static bool is_regular(const char *path)
-{
-    struct stat st;
-    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
-}
-
 static void open_byte(struct tokenizer *tok)
 {
     tok->name = xstrdup("byte");
@@ -260,7 +247,7 @@ static int load_template(struct tokenizer *tok, const char *dir, const json_t *c
     size_t length;
     const json_t *entry = json_object_get(config, "chat_template");
     snprintf(path, sizeof path, "%s/chat_template.jinja", dir);
-    if (wanted && is_regular(wanted)) {
+    if (wanted && is_regular_file(wanted)) {
         text = file_read(wanted, CONFIG_MAX_BYTES, &length, err, err_size);
         if (!text) return -1;
         tok->chat_name = xstrdup(wanted);
@@ -273,7 +260,7 @@ static int load_template(struct tokenizer *tok, const char *dir, const json_t *c
                      wanted, config_path);
             return -1;
         }
-    } else if (is_regular(path)) {
+    } else if (is_regular_file(path)) {
         text = file_read(path, CONFIG_MAX_BYTES, &length, err, err_size);
         if (!text) return -1;
         tok->chat_name = xstrdup(path);
@@ -333,7 +320,7 @@ static int open_hf(struct tokenizer *tok, const char *file, const struct tokeniz
     snprintf(config_path, sizeof config_path, "%s/tokenizer_config.json", dir);
     json_t *config = NULL;
     int rc = 0;
-    if (is_regular(config_path)) {
+    if (is_regular_file(config_path)) {
         json_error_t error;
         config = json_load_file(config_path, JSON_REJECT_DUPLICATES, &error);
         if (!config || !json_is_object(config)) {
@@ -374,7 +361,7 @@ int tokenizer_open(struct tokenizer *tok, const struct tokenizer_options *o, cha
         open_byte(tok);
     } else if (!strcmp(spec, "auto")) {
         snprintf(file, sizeof file, "%s/tokenizer.json", o->model_path ? o->model_path : "");
-        if (o->model_path && !o->model_made && is_regular(file))
+        if (o->model_path && !o->model_made && is_regular_file(file))
             rc = open_hf(tok, file, o, err, err_size);
         else
             open_byte(tok);
@@ -383,7 +370,7 @@ int tokenizer_open(struct tokenizer *tok, const struct tokenizer_options *o, cha
             snprintf(file, sizeof file, "%s/tokenizer.json", spec);
         else
             snprintf(file, sizeof file, "%s", spec);
-        if (!is_regular(file)) {
+        if (!is_regular_file(file)) {
             snprintf(err, err_size, "%s: %s", file,
                      path_exists(file) ? "not a regular file"
                                        : "no such file (expected auto, byte, or a "

@@ -161,5 +161,9 @@ contains "$tmp/err" "$tmp/extra.jsonl:2: key \"src\" is not used" "unused keys"
 contains "$tmp/err" "2 rows had keys dropped" "unused keys"
 n=$(grep -c 'key "id"' "$tmp/err")
 [ "$n" = 1 ] && ok || fail "unused keys: id reported $n times"
+# a UTF-8 byte order mark at the start of a file, CRLF line ends, blank lines: the rows
+printf '\357\273\277{"prompt": "a", "completion": "b"}\r\n\r\n  \n{"text": "c"}\r\n' >"$tmp/bom.jsonl"
+expect 0 "byte order mark" "$esft" "$tmp/qwen.yaml" "prepare.inputs=[$tmp/bom.jsonl]" "prepare.output=$tmp/data/bom.h5"
+contains "$tmp/out" "prepare: 2 samples" "byte order mark"
 
 test_end test-prepare
