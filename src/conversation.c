@@ -326,28 +326,15 @@ static int add_system_and_tools(struct conversation *c, const json_t *row, size_
                      "\"system\" is given twice: as a key of the row and as the first message");
             return -1;
         }
-        json_t *old = c->messages;
-        bool *old_loss = c->loss;
-        size_t n_old = c->n_messages;
-        c->messages = json_array();
-        c->loss = NULL;
-        c->n_messages = 0;
-        *capacity = 0;
-        int rc = add_text(c, "system", json_string_value(system), json_string_length(system),
-                          capacity, err, err_size);
-        for (size_t i = 0; rc == 0 && i < n_old; i++) {
-            json_array_append(c->messages, json_array_get(old, i));
-            if (c->n_messages == *capacity) {
-                *capacity = 2 * *capacity + 8;
-                bool *grown = realloc(c->loss, *capacity * sizeof *grown);
-                if (!grown) fatal(EXIT_RUNTIME, "out of memory reading a conversation");
-                c->loss = grown;
-            }
-            c->loss[c->n_messages++] = old_loss[i];
-        }
-        json_decref(old);
-        free(old_loss);
-        if (rc) return rc;
+        /* appended like any message, then moved to the front */
+        if (add_text(c, "system", json_string_value(system), json_string_length(system),
+                     capacity, err, err_size))
+            return -1;
+        size_t last = c->n_messages - 1;
+        json_array_insert(c->messages, 0, json_array_get(c->messages, last));
+        json_array_remove(c->messages, last + 1);
+        memmove(c->loss + 1, c->loss, last * sizeof *c->loss);
+        c->loss[0] = false;
     }
     const json_t *tools = json_object_get(row, "tools");
     if (tools) {
