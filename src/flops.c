@@ -3,12 +3,14 @@
 
 struct token_flops token_flops(const struct model_config *c, double attended)
 {
-    double H = c->hidden_size, q = (double)c->num_heads * c->head_dim;
-    double kv = (double)c->num_kv_heads * c->head_dim;
+    double H = c->hidden_size, nH = c->num_heads;
+    /* per head: the query-key width and the value width (MLA: qk_nope + qk_rope, v_head) */
+    double qk = c->attention == ATTENTION_MLA ? c->qk_nope_head_dim + c->qk_rope_head_dim : c->head_dim;
+    double dv = c->attention == ATTENTION_MLA ? c->v_head_dim : c->head_dim;
     double active = 0, routed = 0, attention = 0;
     for (int l = 0; l < c->num_layers; l++) {
-        active += H * q * 2 + H * kv * 2; /* q, o; k, v */
-        attention += 2.0 * q * attended;  /* QK^T and AV, causal: half of 2 x 2 d L */
+        active += hfconfig_attention_weights(c); /* q, k, v, o */
+        attention += nH * (qk + dv) * attended;  /* QK^T and AV, causal: half of 2 x 2 d L */
         if (c->is_moe[l]) {
             double experts = 3.0 * H * c->expert_intermediate_size * c->top_k;
             active += H * c->num_experts + experts + 3.0 * H * c->shared_expert_intermediate_size +

@@ -25,6 +25,27 @@
  *     max_position 131072, 0.02, 1e-5, bos 1, eos 2, pad None, tie false, sliding_window
  *     None, top-k 2, num_local_experts 8, aux 0.001, router_jitter_noise 0,
  *     default_theta 1e6. attribute_map num_experts -> num_local_experts.
+ *   models/deepseek_v2/configuration_deepseek_v2.py (5.24): vocab 102400, hidden 4096,
+ *     intermediate 11008, layers 32, heads 32, kv heads None (= heads), silu, max_position
+ *     2048, rms_norm_eps 1e-6, bos 1, eos 2, tie false, attention_bias false,
+ *     first_k_dense_replace 0, kv_lora_rank 512, q_lora_rank 1536, n_group None,
+ *     n_routed_experts 64, n_shared_experts 2, qk_nope_head_dim 128, qk_rope_head_dim 64,
+ *     routed_scaling_factor 1.0, topk_group None, topk_method "greedy", norm_topk_prob
+ *     false, v_head_dim 128, moe_intermediate 1407; head_dim = qk_rope_head_dim (the
+ *     rotary width). attribute_map num_experts -> n_routed_experts.
+ *   models/deepseek_v3/configuration_deepseek_v3.py: vocab 129280, hidden 7168,
+ *     intermediate 18432, moe_intermediate 2048, layers 61, heads 128, kv heads 128,
+ *     n_shared_experts 1, n_routed_experts 256, routed_scaling_factor 2.5, kv_lora_rank
+ *     512, q_lora_rank 1536, qk_rope 64, v_head 128, qk_nope 128, n_group 8, topk_group 4,
+ *     top-k 8, first_k_dense_replace 3, norm_topk_prob true, max_position 4096, 1e-6, bos
+ *     0, eos 1, rope_interleave true, num_nextn_predict_layers 1. attribute_map
+ *     num_local_experts -> n_routed_experts.
+ *   models/glm4_moe/configuration_glm4_moe.py: vocab 151552, hidden 4096, intermediate
+ *     10944, layers 46, heads 96, kv heads 8, silu, max_position 131072, 1e-5,
+ *     attention_bias false, moe_intermediate 1408, top-k 8, n_shared_experts 1,
+ *     n_routed_experts 128, routed_scaling_factor 1.0, n_group 1, topk_group 1,
+ *     first_k_dense_replace 1, norm_topk_prob true, use_qk_norm false,
+ *     partial_rotary_factor 0.5 when absent, num_nextn_predict_layers 1.
  *   modeling_rope_utils.py: default_theta 10000; rope_type "default"; yarn beta_fast 32,
  *     beta_slow 1, truncate true, original_max_position_embeddings = max_position,
  *     factor None -> max_position / original.
@@ -59,13 +80,14 @@ static const struct {
     [HF_QWEN3_MOE] = {"qwen3_moe", "Qwen3MoeForCausalLM", true},
     [HF_OLMOE] = {"olmoe", "OlmoeForCausalLM", true},
     [HF_MIXTRAL] = {"mixtral", "MixtralForCausalLM", true},
-    [HF_DEEPSEEK_V2] = {"deepseek_v2", "DeepseekV2ForCausalLM", false},
-    [HF_DEEPSEEK_V3] = {"deepseek_v3", "DeepseekV3ForCausalLM", false},
-    [HF_GLM4_MOE] = {"glm4_moe", "Glm4MoeForCausalLM", false},
+    [HF_DEEPSEEK_V2] = {"deepseek_v2", "DeepseekV2ForCausalLM", true},
+    [HF_DEEPSEEK_V3] = {"deepseek_v3", "DeepseekV3ForCausalLM", true},
+    [HF_GLM4_MOE] = {"glm4_moe", "Glm4MoeForCausalLM", true},
     [HF_GPT_OSS] = {"gpt_oss", "GptOssForCausalLM", false},
 };
 
-#define SUPPORTED_FAMILIES "qwen2_moe, qwen3_moe, olmoe, mixtral"
+#define SUPPORTED_FAMILIES \
+    "qwen2_moe, qwen3_moe, olmoe, mixtral, deepseek_v2, deepseek_v3, glm4_moe"
 
 const char *hfconfig_family_name(enum hf_family family)
 {
@@ -336,11 +358,82 @@ void hfconfig_defaults(enum hf_family family, struct model_config *cfg)
         cfg->norm_topk_prob = true; /* MixtralTopKRouter always renormalises */
         cfg->rope.theta = 1e6;      /* MixtralConfig.default_theta */
         break;
+    case HF_DEEPSEEK_V2:
+    case HF_DEEPSEEK_V3:
+        cfg->attention = ATTENTION_MLA;
+        cfg->rope.layout = ROPE_INTERLEAVED;
+        cfg->kv_lora_rank = 512;
+        cfg->q_lora_rank = 1536;
+        cfg->qk_nope_head_dim = 128;
+        cfg->qk_rope_head_dim = 64;
+        cfg->v_head_dim = 128;
+        cfg->rms_norm_eps = 1e-6;
+        if (family == HF_DEEPSEEK_V2) {
+            cfg->vocab_size = 102400;
+            cfg->hidden_size = 4096;
+            cfg->intermediate_size = 11008;
+            cfg->num_layers = 32;
+            cfg->num_heads = cfg->num_kv_heads = 32;
+            cfg->max_position_embeddings = 2048;
+            cfg->bos_token_id = 1;
+            cfg->eos_token_id = 2;
+            cfg->num_experts = 64;
+            cfg->num_shared_experts = 2;
+            cfg->expert_intermediate_size = 1407;
+            cfg->top_k = 6;
+        } else {
+            cfg->vocab_size = 129280;
+            cfg->hidden_size = 7168;
+            cfg->intermediate_size = 18432;
+            cfg->num_layers = 61;
+            cfg->num_heads = cfg->num_kv_heads = 128;
+            cfg->max_position_embeddings = 4096;
+            cfg->bos_token_id = 0;
+            cfg->eos_token_id = 1;
+            cfg->num_experts = 256;
+            cfg->num_shared_experts = 1;
+            cfg->expert_intermediate_size = 2048;
+            cfg->top_k = 8;
+            cfg->router = ROUTER_SIGMOID_BIAS;
+            cfg->routed_scaling_factor = 2.5;
+            cfg->n_group = 8;
+            cfg->topk_group = 4;
+            cfg->first_k_dense_replace = 3;
+            cfg->norm_topk_prob = true;
+            cfg->num_mtp_layers = 1;
+        }
+        break;
+    case HF_GLM4_MOE:
+        cfg->vocab_size = 151552;
+        cfg->hidden_size = 4096;
+        cfg->intermediate_size = 10944;
+        cfg->num_layers = 46;
+        cfg->num_heads = 96;
+        cfg->num_kv_heads = 8;
+        cfg->max_position_embeddings = 131072;
+        cfg->rms_norm_eps = 1e-5;
+        cfg->expert_intermediate_size = 1408;
+        cfg->top_k = 8;
+        cfg->num_shared_experts = 1;
+        cfg->num_experts = 128;
+        cfg->router = ROUTER_SIGMOID_BIAS;
+        cfg->first_k_dense_replace = 1;
+        cfg->norm_topk_prob = true;
+        cfg->num_mtp_layers = 1;
+        cfg->rope.partial_rotary_factor = 0.5; /* Glm4MoeConfig.__post_init__ */
+        break;
     default:
         break;
     }
+    if (cfg->n_group == 0) cfg->n_group = cfg->topk_group = 1;
+    cfg->shared_expert_intermediate_size = cfg->family == HF_QWEN2_MOE
+                                               ? cfg->shared_expert_intermediate_size
+                                               : cfg->num_shared_experts * cfg->expert_intermediate_size;
     cfg->head_dim = cfg->num_heads ? cfg->hidden_size / cfg->num_heads : 0;
-    cfg->rope.rotary_dim = cfg->head_dim;
+    if (cfg->attention == ATTENTION_MLA) cfg->head_dim = cfg->qk_rope_head_dim;
+    /* 4096 / 96 heads does not divide: the released GLM-4.5 configs give head_dim 128 */
+    if (family == HF_GLM4_MOE) cfg->head_dim = 128;
+    cfg->rope.rotary_dim = (int)(cfg->head_dim * cfg->rope.partial_rotary_factor);
     for (int l = 0; l < cfg->num_layers && l < HFCONFIG_MAX_LAYERS; l++) cfg->is_moe[l] = 1;
 }
 
@@ -378,13 +471,36 @@ int hfconfig_count(const struct model_config *c, uint64_t *parameters, uint64_t 
         t++;
     }
     for (int l = 0; l < c->num_layers && l < HFCONFIG_MAX_LAYERS; l++) {
-        /* two norms; q and o; k and v */
-        ok &= add_product(&n, 2, H) && add_product(&n, 2 * q_width, H) &&
-              add_product(&n, 2 * kv_width, H);
-        t += 6;
-        if (c->qkv_bias) {
-            ok &= add_product(&n, 1, q_width + 2 * kv_width);
-            t += 3;
+        if (c->attention == ATTENTION_MLA) {
+            /* two norms; q (or q_a, its norm, q_b); kv_a, its norm, kv_b; o */
+            uint64_t nH = (uint64_t)c->num_heads, R = (uint64_t)c->q_lora_rank;
+            uint64_t C = (uint64_t)c->kv_lora_rank, dr = (uint64_t)c->qk_rope_head_dim;
+            uint64_t qk = (uint64_t)c->qk_nope_head_dim + dr, dv = (uint64_t)c->v_head_dim;
+            ok &= add_product(&n, 2, H);
+            t += 2;
+            if (R > 0) {
+                ok &= add_product(&n, R, H) && add_product(&n, 1, R) && add_product(&n, nH * qk, R);
+                t += 3;
+            } else {
+                ok &= add_product(&n, nH * qk, H);
+                t++;
+            }
+            ok &= add_product(&n, C + dr, H) && add_product(&n, 1, C) &&
+                  add_product(&n, nH * (qk - dr + dv), C) && add_product(&n, H, nH * dv);
+            t += 4;
+            if (c->qkv_bias) { /* q_a_proj (with q_lora_rank) and kv_a_proj_with_mqa */
+                ok &= add_product(&n, 1, R + C + dr);
+                t += R > 0 ? 2 : 1;
+            }
+        } else {
+            /* two norms; q and o; k and v */
+            ok &= add_product(&n, 2, H) && add_product(&n, 2 * q_width, H) &&
+                  add_product(&n, 2 * kv_width, H);
+            t += 6;
+            if (c->qkv_bias) {
+                ok &= add_product(&n, 1, q_width + 2 * kv_width);
+                t += 3;
+            }
         }
         if (c->o_bias) {
             ok &= add_product(&n, 1, H);
@@ -402,6 +518,10 @@ int hfconfig_count(const struct model_config *c, uint64_t *parameters, uint64_t 
         /* router, the routed experts' three matrices each, the shared expert and its gate */
         ok &= add_product(&n, E, H) && add_product(&n, 3 * E, I * H);
         t += 1 + 3 * E;
+        if (c->router == ROUTER_SIGMOID_BIAS) { /* e_score_correction_bias */
+            ok &= add_product(&n, 1, E);
+            t++;
+        }
         if (S > 0) {
             ok &= add_product(&n, 3 * S, H);
             t += 3;
@@ -416,12 +536,86 @@ int hfconfig_count(const struct model_config *c, uint64_t *parameters, uint64_t 
     return ok ? 0 : -1;
 }
 
+const char *hfconfig_expert_width_key(const struct model_config *c)
+{
+    return c->family == HF_OLMOE || c->family == HF_MIXTRAL ? "intermediate_size"
+                                                            : "moe_intermediate_size";
+}
+
+const char *hfconfig_experts_key(const struct model_config *c)
+{
+    switch (c->family) {
+    case HF_MIXTRAL: return "num_local_experts";
+    case HF_DEEPSEEK_V2:
+    case HF_DEEPSEEK_V3:
+    case HF_GLM4_MOE: return "n_routed_experts";
+    default: return "num_experts";
+    }
+}
+
+/* MLA's shapes and the grouped routers' groups (deepseek / glm). */
+static int check_mla_and_groups(const struct model_config *c, const struct reader *r)
+{
+    if (c->attention == ATTENTION_MLA) {
+        struct {
+            const char *key;
+            int value;
+        } positive[] = {{"kv_lora_rank", c->kv_lora_rank},
+                        {"qk_rope_head_dim", c->qk_rope_head_dim},
+                        {"v_head_dim", c->v_head_dim}};
+        for (size_t i = 0; i < sizeof positive / sizeof positive[0]; i++) {
+            if (positive[i].value <= 0)
+                return fail(r, "key '%s': must be positive, got %d", positive[i].key,
+                            positive[i].value);
+            if (positive[i].value > HFCONFIG_MAX_HIDDEN)
+                return fail(r, "key '%s': %d exceeds esft's limit of %d", positive[i].key,
+                            positive[i].value, HFCONFIG_MAX_HIDDEN);
+        }
+        if (c->q_lora_rank < 0 || c->q_lora_rank > HFCONFIG_MAX_HIDDEN)
+            return fail(r, "key 'q_lora_rank': must be null or in [1, %d], got %d",
+                        HFCONFIG_MAX_HIDDEN, c->q_lora_rank);
+        if (c->qk_nope_head_dim < 0 || c->qk_nope_head_dim > HFCONFIG_MAX_HEAD_DIM)
+            return fail(r, "key 'qk_nope_head_dim': must be in [0, %d], got %d",
+                        HFCONFIG_MAX_HEAD_DIM, c->qk_nope_head_dim);
+        if (c->qk_rope_head_dim % 2 != 0)
+            return fail(r, "key 'qk_rope_head_dim': %d is odd, but rotary embeddings rotate "
+                        "pairs", c->qk_rope_head_dim);
+    }
+    if (c->router == ROUTER_SOFTMAX_TOPK && c->n_group == 1) return 0;
+    const char *E = hfconfig_experts_key(c);
+    if (c->n_group <= 0) return fail(r, "key 'n_group': must be positive, got %d", c->n_group);
+    if (c->num_experts % c->n_group != 0)
+        return fail(r, "key 'n_group': %d groups do not divide the %d experts (%s)", c->n_group,
+                    c->num_experts, E);
+    if (c->topk_group <= 0 || c->topk_group > c->n_group)
+        return fail(r, "key 'topk_group': %d must be in [1, n_group = %d]", c->topk_group,
+                    c->n_group);
+    int group = c->num_experts / c->n_group;
+    if (c->top_k > c->topk_group * group)
+        return fail(r, "key 'num_experts_per_tok': %d exceeds the %d experts of the topk_group "
+                    "(%d) groups of %d", c->top_k, c->topk_group * group, c->topk_group, group);
+    if (c->router == ROUTER_SIGMOID_BIAS && group < 2)
+        return fail(r, "key 'n_group': groups of %d expert(s); the group score sums each "
+                    "group's two best experts, so groups need at least 2 (%s %d, n_group %d)",
+                    group, E, c->num_experts, c->n_group);
+    return 0;
+}
+
+double hfconfig_attention_weights(const struct model_config *c)
+{
+    double H = c->hidden_size, nH = c->num_heads;
+    if (c->attention != ATTENTION_MLA)
+        return H * nH * c->head_dim * 2 + H * (double)c->num_kv_heads * c->head_dim * 2;
+    double R = c->q_lora_rank, C = c->kv_lora_rank, dr = c->qk_rope_head_dim;
+    double qk = c->qk_nope_head_dim + dr, dv = c->v_head_dim;
+    return (R > 0 ? H * R + R * nH * qk : H * nH * qk) + H * (C + dr) + C * nH * (qk - dr + dv) +
+           nH * dv * H;
+}
+
 static int finish(struct model_config *c, const struct reader *r)
 {
-    const char *expert_width_key = c->family == HF_QWEN2_MOE || c->family == HF_QWEN3_MOE
-                                       ? "moe_intermediate_size"
-                                       : "intermediate_size";
-    const char *experts_key = c->family == HF_MIXTRAL ? "num_local_experts" : "num_experts";
+    const char *expert_width_key = hfconfig_expert_width_key(c);
+    const char *experts_key = hfconfig_experts_key(c);
     struct {
         const char *key;
         int64_t value;
@@ -468,6 +662,9 @@ static int finish(struct model_config *c, const struct reader *r)
         if (bounded[i].value > bounded[i].limit)
             return fail(r, "key '%s': %d exceeds esft's limit of %d", bounded[i].key,
                         bounded[i].value, bounded[i].limit);
+    if (check_mla_and_groups(c, r) != 0) return -1;
+    c->renormalise = c->family == HF_MIXTRAL ||
+                     (c->family != HF_DEEPSEEK_V2 && c->norm_topk_prob);
     if (c->num_heads % c->num_kv_heads != 0)
         return fail(r, "key 'num_attention_heads': %d is not divisible by num_key_value_heads (%d)",
                     c->num_heads, c->num_kv_heads);
@@ -489,8 +686,8 @@ static int finish(struct model_config *c, const struct reader *r)
                     rope->partial_rotary_factor);
     rope->rotary_dim = (int)(c->head_dim * rope->partial_rotary_factor);
     if (c->head_dim % 2 != 0 || rope->rotary_dim % 2 != 0)
-        return fail(r, "key 'head_dim': %d is odd, but rotary embeddings rotate pairs",
-                    c->head_dim);
+        return fail(r, "key 'head_dim': %d (x partial_rotary_factor %g) is odd, but rotary "
+                    "embeddings rotate pairs", c->head_dim, rope->partial_rotary_factor);
     rope->attention_scaling = 1.0;
     if (rope->type == ROPE_YARN) {
         if (rope->original_max_position_embeddings <= 0)
@@ -830,6 +1027,95 @@ static int parse_common(const struct reader *r, json_t *root, struct model_confi
     return 0;
 }
 
+/* An integer key that may be null (null: *out = null_value). */
+static int get_int_null_as(const struct reader *r, json_t *root, const char *key, int null_value,
+                           int *out)
+{
+    bool is_null;
+    if (get_int_or_null(r, root, key, out, &is_null) != 0) return -1;
+    if (is_null) *out = null_value;
+    return 0;
+}
+
+/* deepseek_v2, deepseek_v3, glm4_moe: fine-grained experts with shared experts and dense
+ * first layers; MLA (deepseek) or GQA with partial rotary (glm); softmax routers with
+ * group-limited greedy selection (deepseek_v2) or sigmoid routers with a selection bias
+ * (deepseek_v3, glm4_moe). */
+static int parse_deepseek_glm(const struct reader *r, json_t *root, struct model_config *c)
+{
+    bool v2 = c->family == HF_DEEPSEEK_V2, glm = c->family == HF_GLM4_MOE;
+    c->expert_intermediate_size = 0;
+    if (get_int(r, root, "moe_intermediate_size", true, &c->expert_intermediate_size) != 0 ||
+        parse_num_experts(r, root, c, "n_routed_experts", v2 ? "num_experts" : "num_local_experts") != 0 ||
+        get_int_null_as(r, root, "n_shared_experts", 0, &c->num_shared_experts) != 0 ||
+        get_int(r, root, "first_k_dense_replace", false, &c->first_k_dense_replace) != 0 ||
+        get_number(r, root, "", "routed_scaling_factor", &c->routed_scaling_factor) != 0 ||
+        get_bool(r, root, "", "norm_topk_prob", &c->norm_topk_prob) != 0 ||
+        get_int_null_as(r, root, "n_group", 1, &c->n_group) != 0 ||
+        get_int_null_as(r, root, "topk_group", 1, &c->topk_group) != 0 ||
+        get_bool(r, root, "", "attention_bias", &c->qkv_bias) != 0)
+        return -1;
+    /* num_nextn_predict_layers, or its attribute_map alias num_mtp_layers */
+    const char *mtp = json_object_get(root, "num_nextn_predict_layers") ? "num_nextn_predict_layers"
+                                                                        : "num_mtp_layers";
+    if (get_int_null_as(r, root, mtp, 0, &c->num_mtp_layers) != 0) return -1;
+    if (c->num_shared_experts < 0)
+        return fail(r, "key 'n_shared_experts': must not be negative, got %d", c->num_shared_experts);
+    if (c->first_k_dense_replace < 0)
+        return fail(r, "key 'first_k_dense_replace': must not be negative, got %d",
+                    c->first_k_dense_replace);
+    if (!(c->routed_scaling_factor > 0))
+        return fail(r, "key 'routed_scaling_factor': must be positive, got %g",
+                    c->routed_scaling_factor);
+    if (c->num_mtp_layers < 0)
+        return fail(r, "key '%s': must not be negative, got %d", mtp, c->num_mtp_layers);
+    int freq = 1; /* DeepSeek's own code: MoE where layer % moe_layer_freq == 0 */
+    if (get_int_null_as(r, root, "moe_layer_freq", 1, &freq) != 0) return -1;
+    if (freq != 1)
+        return fail(r, "key 'moe_layer_freq': %d is not supported (transformers ignores the key "
+                    "and makes every layer from first_k_dense_replace on a MoE layer; "
+                    "DeepSeek's own code does not: esft will not guess)", freq);
+    c->shared_expert_intermediate_size = c->num_shared_experts * c->expert_intermediate_size;
+    if (v2) {
+        const char *method = "greedy";
+        if (get_string(r, root, "", "topk_method", &method) != 0) return -1;
+        if (strcmp(method, "greedy") == 0)
+            c->router = ROUTER_SOFTMAX_TOPK;
+        else if (strcmp(method, "group_limited_greedy") == 0)
+            c->router = ROUTER_GROUPED_GREEDY;
+        else
+            return fail(r, "key 'topk_method': '%s' is not supported for deepseek_v2 "
+                        "(supported: greedy, group_limited_greedy)", method);
+        if (c->router == ROUTER_SOFTMAX_TOPK) c->n_group = c->topk_group = 1;
+    }
+    if (glm) {
+        bool qk_norm = false;
+        if (get_bool(r, root, "", "use_qk_norm", &qk_norm) != 0) return -1;
+        c->qk_norm = qk_norm ? QK_NORM_PER_HEAD : QK_NORM_NONE;
+        c->o_bias = false; /* attention_bias covers q, k, v only (modeling_glm4_moe.py) */
+        return 0;
+    }
+    /* multi-head latent attention */
+    c->o_bias = c->qkv_bias; /* attention_bias: q_a_proj, kv_a_proj_with_mqa, o_proj */
+    if (get_int(r, root, "kv_lora_rank", true, &c->kv_lora_rank) != 0 ||
+        get_int(r, root, "qk_nope_head_dim", true, &c->qk_nope_head_dim) != 0 ||
+        get_int(r, root, "qk_rope_head_dim", true, &c->qk_rope_head_dim) != 0 ||
+        get_int(r, root, "v_head_dim", true, &c->v_head_dim) != 0)
+        return -1;
+    if (!json_object_get(root, "q_lora_rank"))
+        return fail(r, "missing required key 'q_lora_rank' (null for a model without the "
+                    "low-rank query path)");
+    if (get_int_null_as(r, root, "q_lora_rank", 0, &c->q_lora_rank) != 0) return -1;
+    if (c->family == HF_DEEPSEEK_V3) {
+        bool interleave = true;
+        if (get_bool(r, root, "", "rope_interleave", &interleave) != 0) return -1;
+        c->rope.layout = interleave ? ROPE_INTERLEAVED : ROPE_ROTATE_HALF;
+    }
+    c->num_kv_heads = c->num_heads; /* every head has its own key and value */
+    c->head_dim = c->qk_rope_head_dim; /* the rotary width, as the configs set it */
+    return 0;
+}
+
 static int parse_family(const struct reader *r, json_t *root, struct model_config *c)
 {
     bool is_null;
@@ -901,6 +1187,11 @@ static int parse_family(const struct reader *r, json_t *root, struct model_confi
         c->sliding_window = is_null ? 0 : window;
         default_sliding_layers(c);
         break;
+    case HF_DEEPSEEK_V2:
+    case HF_DEEPSEEK_V3:
+    case HF_GLM4_MOE:
+        if (parse_deepseek_glm(r, root, c) != 0) return -1;
+        break;
     default:
         break;
     }
@@ -945,7 +1236,7 @@ int hfconfig_parse(const char *text, size_t len, const char *source, struct mode
     if (parse_common(&r, root, cfg) != 0 || parse_family(&r, root, cfg) != 0 ||
         parse_rope(&r, root, cfg) != 0)
         goto done;
-    if (cfg->rope.partial_rotary_factor != 1.0) {
+    if (cfg->rope.partial_rotary_factor != 1.0 && cfg->family != HF_GLM4_MOE) {
         /* the default rope of these families ignores it (modeling_*: dim = head_dim) */
         fail(&r, "key 'partial_rotary_factor': %g is not supported for %s",
              cfg->rope.partial_rotary_factor, json_string_value(mt));
@@ -1014,6 +1305,8 @@ static json_t *rope_json(const struct hf_rope *rope)
         [ROPE_DEFAULT] = "default", [ROPE_LINEAR] = "linear", [ROPE_YARN] = "yarn"};
     json_object_set_new(o, "rope_type", json_string(types[rope->type]));
     json_object_set_new(o, "rope_theta", json_real(rope->theta));
+    if (rope->partial_rotary_factor != 1.0)
+        json_object_set_new(o, "partial_rotary_factor", json_real(rope->partial_rotary_factor));
     if (rope->type == ROPE_LINEAR || rope->type == ROPE_YARN)
         json_object_set_new(o, "factor", json_real(rope->factor));
     if (rope->type == ROPE_YARN) {
@@ -1029,6 +1322,43 @@ static json_t *rope_json(const struct hf_rope *rope)
             json_object_set_new(o, "mscale_all_dim", json_real(rope->mscale_all_dim));
     }
     return o;
+}
+
+static json_t *int_or_null(int value)
+{
+    return value > 0 ? json_integer(value) : json_null();
+}
+
+/* The keys of deepseek_v2, deepseek_v3 and glm4_moe (their configuration_*.py). */
+static void deepseek_glm_json(json_t *o, const struct model_config *c)
+{
+    bool grouped = c->router != ROUTER_SOFTMAX_TOPK;
+    json_object_set_new(o, "intermediate_size", json_integer(c->intermediate_size));
+    json_object_set_new(o, "moe_intermediate_size", json_integer(c->expert_intermediate_size));
+    json_object_set_new(o, "n_routed_experts", json_integer(c->num_experts));
+    json_object_set_new(o, "n_shared_experts", json_integer(c->num_shared_experts));
+    json_object_set_new(o, "first_k_dense_replace", json_integer(c->first_k_dense_replace));
+    json_object_set_new(o, "routed_scaling_factor", json_real(c->routed_scaling_factor));
+    json_object_set_new(o, "n_group", grouped ? json_integer(c->n_group) : json_null());
+    json_object_set_new(o, "topk_group", grouped ? json_integer(c->topk_group) : json_null());
+    json_object_set_new(o, "attention_bias", json_boolean(c->qkv_bias));
+    if (c->family != HF_DEEPSEEK_V2)
+        json_object_set_new(o, "num_nextn_predict_layers", json_integer(c->num_mtp_layers));
+    if (c->family == HF_GLM4_MOE) {
+        json_object_set_new(o, "use_qk_norm", json_boolean(c->qk_norm != QK_NORM_NONE));
+        return;
+    }
+    if (c->family == HF_DEEPSEEK_V2)
+        json_object_set_new(o, "topk_method", json_string(c->router == ROUTER_GROUPED_GREEDY
+                                                              ? "group_limited_greedy"
+                                                              : "greedy"));
+    else
+        json_object_set_new(o, "rope_interleave", json_boolean(c->rope.layout == ROPE_INTERLEAVED));
+    json_object_set_new(o, "kv_lora_rank", json_integer(c->kv_lora_rank));
+    json_object_set_new(o, "q_lora_rank", int_or_null(c->q_lora_rank));
+    json_object_set_new(o, "qk_nope_head_dim", json_integer(c->qk_nope_head_dim));
+    json_object_set_new(o, "qk_rope_head_dim", json_integer(c->qk_rope_head_dim));
+    json_object_set_new(o, "v_head_dim", json_integer(c->v_head_dim));
 }
 
 static json_t *config_json(const struct model_config *c)
@@ -1116,6 +1446,11 @@ static json_t *config_json(const struct model_config *c)
         json_object_set_new(o, "num_local_experts", json_integer(c->num_experts));
         json_object_set_new(o, "router_jitter_noise", json_real(c->router_jitter_noise));
         json_object_set(o, "sliding_window", window);
+        break;
+    case HF_DEEPSEEK_V2:
+    case HF_DEEPSEEK_V3:
+    case HF_GLM4_MOE:
+        deepseek_glm_json(o, c);
         break;
     default:
         break;

@@ -4,8 +4,8 @@
  * `init` phase (hfconfig_write), provenance records (cfg.hash).
  *
  * The struct describes every family in reference/moe-architectures.md so that later
- * families only add parsing, not fields; this version parses qwen2_moe, qwen3_moe, olmoe
- * and mixtral and rejects the others by name. It is plain data with fixed-size arrays:
+ * families only add parsing, not fields; this version parses qwen2_moe, qwen3_moe, olmoe,
+ * mixtral, deepseek_v2, deepseek_v3 and glm4_moe, and rejects gpt_oss by name. It is plain data with fixed-size arrays:
  * copy it, or broadcast it to other ranks as bytes.
  *
  * Sizes as in the model header: H hidden, I intermediate, E experts, K top-k, L layers,
@@ -39,10 +39,10 @@ enum hf_family {
     HF_QWEN3_MOE,
     HF_OLMOE,
     HF_MIXTRAL,
-    /* described, not parsed yet */
     HF_DEEPSEEK_V2,
     HF_DEEPSEEK_V3,
     HF_GLM4_MOE,
+    /* described, not parsed yet */
     HF_GPT_OSS,
     HF_FAMILY_COUNT
 };
@@ -139,11 +139,16 @@ struct model_config {
     int shared_expert_intermediate_size; /* total width of the shared branch */
     bool shared_expert_gated; /* qwen2_moe: sigmoid(x . w_sg) gate on the shared branch */
     enum hf_router_kind router;
-    bool norm_topk_prob;          /* renormalise the top-k weights (mixtral: always true) */
+    bool norm_topk_prob;          /* as in the file (mixtral: always true) */
+    /* whether the model renormalises the top-k weights: norm_topk_prob, except mixtral
+     * (always) and deepseek_v2 (never: transformers' DeepseekV2TopkRouter ignores the key) */
+    bool renormalise;
     bool router_bias;             /* gpt_oss router linear has a bias */
     double routed_scaling_factor; /* 1 unless deepseek/glm */
-    int n_group, topk_group;      /* grouped routing; 0 when unused */
+    int n_group, topk_group;      /* grouped routing (1 and 1 when ungrouped) */
     int first_k_dense_replace;    /* deepseek/glm */
+    int num_mtp_layers;           /* deepseek_v3/glm4_moe: layers past num_hidden_layers that
+                                   * the checkpoint carries and transformers ignores */
     int decoder_sparse_step;      /* qwen */
     int num_mlp_only_layers;
     int mlp_only_layers[HFCONFIG_MAX_LAYERS]; /* as in the file (qwen) */
@@ -181,6 +186,15 @@ int hfconfig_finish(struct model_config *cfg, const char *source, char *err, siz
  * (model.h) holds them: routed experts one tensor per matrix. -1 when a count does not fit
  * in 64 bits (never within the limits above). */
 int hfconfig_count(const struct model_config *cfg, uint64_t *parameters, uint64_t *tensors);
+
+/* The config.json keys of the routed experts' width and count ("moe_intermediate_size",
+ * "n_routed_experts", ...), for messages. */
+const char *hfconfig_expert_width_key(const struct model_config *cfg);
+const char *hfconfig_experts_key(const struct model_config *cfg);
+
+/* The weights of one layer's attention projections (q, k, v, o; MLA: q or q_a and q_b,
+ * kv_a, kv_b, o), biases and norms left out: the multiply-adds per token they cost. */
+double hfconfig_attention_weights(const struct model_config *cfg);
 
 /* Writes DIR/config.json (v5 keys, as transformers 5.23 save_pretrained writes them) via
  * a temporary file and rename. 0, or -1 with a message. */

@@ -90,9 +90,40 @@ static const char *expert_matrix_name(const struct model_config *cfg, enum mlp_p
     return part == MLP_GATE ? "gate_proj" : part == MLP_UP ? "up_proj" : "down_proj";
 }
 
+/* DeepSeek's multi-head latent attention (modeling_deepseek_v2.py DeepseekV2Attention). */
+static void add_mla(struct table_builder *b, int l)
+{
+    const struct model_config *c = &b->model->cfg;
+    struct layer_weights *w = &b->model->layers[l];
+    int64_t H = c->hidden_size, nH = c->num_heads, R = c->q_lora_rank, C = c->kv_lora_rank;
+    int64_t dr = c->qk_rope_head_dim, qk = c->qk_nope_head_dim + dr, dv = c->v_head_dim;
+    const char *P = "model.layers";
+    if (R > 0) {
+        add_param(b, &w->q_a, PARAM_ATTENTION, MLP_NONE, l, -1, R, H, "%s.%d.self_attn.q_a_proj.weight", P, l);
+        if (c->qkv_bias)
+            add_param(b, &w->q_a_bias, PARAM_ATTENTION, MLP_NONE, l, -1, R, 0, "%s.%d.self_attn.q_a_proj.bias", P, l);
+        add_param(b, &w->q_a_norm, PARAM_ATTENTION, MLP_NONE, l, -1, R, 0, "%s.%d.self_attn.q_a_layernorm.weight", P, l);
+        add_param(b, &w->q_b, PARAM_ATTENTION, MLP_NONE, l, -1, nH * qk, R, "%s.%d.self_attn.q_b_proj.weight", P, l);
+    } else {
+        add_param(b, &w->q, PARAM_ATTENTION, MLP_NONE, l, -1, nH * qk, H, "%s.%d.self_attn.q_proj.weight", P, l);
+    }
+    add_param(b, &w->kv_a, PARAM_ATTENTION, MLP_NONE, l, -1, C + dr, H, "%s.%d.self_attn.kv_a_proj_with_mqa.weight", P, l);
+    if (c->qkv_bias)
+        add_param(b, &w->kv_a_bias, PARAM_ATTENTION, MLP_NONE, l, -1, C + dr, 0, "%s.%d.self_attn.kv_a_proj_with_mqa.bias", P, l);
+    add_param(b, &w->kv_a_norm, PARAM_ATTENTION, MLP_NONE, l, -1, C, 0, "%s.%d.self_attn.kv_a_layernorm.weight", P, l);
+    add_param(b, &w->kv_b, PARAM_ATTENTION, MLP_NONE, l, -1, nH * (qk - dr + dv), C, "%s.%d.self_attn.kv_b_proj.weight", P, l);
+    add_param(b, &w->o, PARAM_ATTENTION, MLP_NONE, l, -1, H, nH * dv, "%s.%d.self_attn.o_proj.weight", P, l);
+    if (c->o_bias)
+        add_param(b, &w->o_bias, PARAM_ATTENTION, MLP_NONE, l, -1, H, 0, "%s.%d.self_attn.o_proj.bias", P, l);
+}
+
 static void add_attention(struct table_builder *b, int l)
 {
     const struct model_config *c = &b->model->cfg;
+    if (c->attention == ATTENTION_MLA) {
+        add_mla(b, l);
+        return;
+    }
     struct layer_weights *w = &b->model->layers[l];
     int64_t H = c->hidden_size, q_width = (int64_t)c->num_heads * c->head_dim,
             kv_width = (int64_t)c->num_kv_heads * c->head_dim;
@@ -133,6 +164,9 @@ static void add_feed_forward(struct table_builder *b, int l)
     const char *moe = moe_module(c);
     int64_t I = c->expert_intermediate_size;
     add_param(b, &w->router, PARAM_ROUTER, MLP_NONE, l, -1, c->num_experts, H, "%s.%d.%s.gate.weight", P, l, moe);
+    if (c->router == ROUTER_SIGMOID_BIAS)
+        add_param(b, &w->router_bias, PARAM_ROUTER, MLP_NONE, l, -1, c->num_experts, 0,
+                  "%s.%d.%s.gate.e_score_correction_bias", P, l, moe)->buffer = true;
     /* One part at a time over all experts, so each part's local experts are contiguous:
      * the [E_local, out, in] blocks of model.h. */
     const enum mlp_part parts[3] = {MLP_GATE, MLP_UP, MLP_DOWN};
@@ -201,9 +235,8 @@ static void rope_frequencies(const struct model_config *c, float *inv_freq)
 
 double model_layer_cost(const struct model_config *c, int l)
 {
-    double H = c->hidden_size, q = (double)c->num_heads * c->head_dim;
-    double kv = (double)c->num_kv_heads * c->head_dim;
-    double cost = H * (2 * q + 2 * kv); /* q, k, v, o */
+    double H = c->hidden_size;
+    double cost = hfconfig_attention_weights(c);
     if (c->is_moe[l])
         cost += H * c->num_experts + 3.0 * H * c->expert_intermediate_size * c->top_k +
                 3.0 * H * c->shared_expert_intermediate_size;
@@ -406,6 +439,14 @@ static void publish_grad(struct model *m, const struct param *p)
         {".q_norm.weight", offsetof(struct layer_grads, q_norm)},
         {".k_norm.weight", offsetof(struct layer_grads, k_norm)},
         {".gate.weight", offsetof(struct layer_grads, router)},
+        {".q_a_proj.weight", offsetof(struct layer_grads, q_a)},
+        {".q_a_proj.bias", offsetof(struct layer_grads, q_a_bias)},
+        {".q_a_layernorm.weight", offsetof(struct layer_grads, q_a_norm)},
+        {".q_b_proj.weight", offsetof(struct layer_grads, q_b)},
+        {".kv_a_proj_with_mqa.weight", offsetof(struct layer_grads, kv_a)},
+        {".kv_a_proj_with_mqa.bias", offsetof(struct layer_grads, kv_a_bias)},
+        {".kv_a_layernorm.weight", offsetof(struct layer_grads, kv_a_norm)},
+        {".kv_b_proj.weight", offsetof(struct layer_grads, kv_b)},
         {".shared_expert_gate.weight", offsetof(struct layer_grads, shared_expert_gate)},
     };
     size_t length = strlen(p->name);
@@ -469,8 +510,8 @@ void model_set_trainable(struct model *m, const bool *trainable)
     }
     size_t total = 0;
     for (int i = 0; i < m->n_params; i++) {
-        m->params[i].trainable = trainable[i];
-        if (trainable[i] && m->params[i].data) total += m->params[i].numel;
+        m->params[i].trainable = trainable[i] && !m->params[i].buffer;
+        if (m->params[i].trainable && m->params[i].data) total += m->params[i].numel;
     }
     free(m->grad_storage);
     m->grad_storage = xcalloc(total ? total : 1, sizeof(float));
@@ -526,7 +567,9 @@ void model_attach(struct model *m, const struct backend *ops)
         struct layer_weights *w = &m->layers[l];
         float **fields[] = {&w->input_norm, &w->post_norm, &w->q, &w->k, &w->v, &w->o,
                             &w->q_bias, &w->k_bias, &w->v_bias, &w->o_bias, &w->q_norm,
-                            &w->k_norm, &w->router, &w->expert_gate, &w->expert_up,
+                            &w->k_norm, &w->q_a, &w->q_a_bias, &w->q_a_norm, &w->q_b,
+                            &w->kv_a, &w->kv_a_bias, &w->kv_a_norm, &w->kv_b, &w->router,
+                            &w->router_bias, &w->expert_gate, &w->expert_up,
                             &w->expert_down, &w->shared_gate, &w->shared_up, &w->shared_down,
                             &w->shared_expert_gate, &w->mlp_gate, &w->mlp_up, &w->mlp_down};
         _Static_assert(sizeof fields / sizeof fields[0] == sizeof(struct layer_weights) / sizeof(float *),
@@ -551,7 +594,9 @@ void model_attach(struct model *m, const struct backend *ops)
         struct layer_grads *g = &m->grads[l];
         float **fields[] = {&g->input_norm, &g->post_norm, &g->q, &g->k, &g->v, &g->o,
                             &g->q_bias, &g->k_bias, &g->v_bias, &g->o_bias, &g->q_norm,
-                            &g->k_norm, &g->router, &g->shared_gate, &g->shared_up,
+                            &g->k_norm, &g->q_a, &g->q_a_bias, &g->q_a_norm, &g->q_b,
+                            &g->kv_a, &g->kv_a_bias, &g->kv_a_norm, &g->kv_b,
+                            &g->router, &g->shared_gate, &g->shared_up,
                             &g->shared_down, &g->shared_expert_gate, &g->mlp_gate, &g->mlp_up,
                             &g->mlp_down};
         _Static_assert(sizeof fields / sizeof fields[0] + 3 == sizeof(struct layer_grads) / sizeof(float *),
@@ -634,7 +679,30 @@ static int read_range_f32(const struct st_tensor *t, size_t offset, size_t count
 /* The config.json keys behind p's shape, for messages ("vocab_size x hidden_size"). */
 static const char *shape_keys(const struct model_config *c, const struct param *p)
 {
-    bool qwen = c->family == HF_QWEN2_MOE || c->family == HF_QWEN3_MOE, down = p->part == MLP_DOWN;
+    bool down = p->part == MLP_DOWN;
+    static char text[3][96]; /* messages of one thread */
+    const char *E = hfconfig_experts_key(c), *I = hfconfig_expert_width_key(c);
+    if (c->attention == ATTENTION_MLA && p->kind == PARAM_ATTENTION) {
+        static const struct {
+            const char *suffix, *keys;
+        } mla[] = {
+            {".q_proj.weight", "num_attention_heads * (qk_nope_head_dim + qk_rope_head_dim) x hidden_size"},
+            {".q_a_proj.weight", "q_lora_rank x hidden_size"},
+            {".q_a_proj.bias", "q_lora_rank"},
+            {".q_a_layernorm.weight", "q_lora_rank"},
+            {".q_b_proj.weight", "num_attention_heads * (qk_nope_head_dim + qk_rope_head_dim) x q_lora_rank"},
+            {".kv_a_proj_with_mqa.weight", "kv_lora_rank + qk_rope_head_dim x hidden_size"},
+            {".kv_a_proj_with_mqa.bias", "kv_lora_rank + qk_rope_head_dim"},
+            {".kv_a_layernorm.weight", "kv_lora_rank"},
+            {".kv_b_proj.weight", "num_attention_heads * (qk_nope_head_dim + v_head_dim) x kv_lora_rank"},
+            {".o_proj.weight", "hidden_size x num_attention_heads * v_head_dim"},
+            {".o_proj.bias", "hidden_size"},
+        };
+        for (size_t i = 0; i < sizeof mla / sizeof mla[0]; i++) {
+            size_t n = strlen(p->name), k = strlen(mla[i].suffix);
+            if (n >= k && strcmp(p->name + n - k, mla[i].suffix) == 0) return mla[i].keys;
+        }
+    }
     switch (p->kind) {
     case PARAM_EMBEDDING:
     case PARAM_LM_HEAD:
@@ -642,15 +710,18 @@ static const char *shape_keys(const struct model_config *c, const struct param *
     case PARAM_NORM:
         return "hidden_size";
     case PARAM_ROUTER:
-        return c->family == HF_MIXTRAL ? "num_local_experts x hidden_size"
-                                       : "num_experts x hidden_size";
+        snprintf(text[0], sizeof text[0], p->buffer ? "%s" : "%s x hidden_size", E);
+        return text[0];
     case PARAM_EXPERT:
-        if (qwen)
-            return down ? "hidden_size x moe_intermediate_size"
-                        : "moe_intermediate_size x hidden_size";
-        return down ? "hidden_size x intermediate_size" : "intermediate_size x hidden_size";
+        snprintf(text[1], sizeof text[1], down ? "hidden_size x %s" : "%s x hidden_size", I);
+        return text[1];
     case PARAM_SHARED_EXPERT:
         if (p->part == MLP_NONE) return "1 x hidden_size";
+        if (c->family != HF_QWEN2_MOE) {
+            snprintf(text[2], sizeof text[2],
+                     down ? "hidden_size x n_shared_experts * %s" : "n_shared_experts * %s x hidden_size", I);
+            return text[2];
+        }
         return down ? "hidden_size x shared_expert_intermediate_size"
                     : "shared_expert_intermediate_size x hidden_size";
     case PARAM_DENSE_MLP:
@@ -710,10 +781,7 @@ static int locate(const struct model *m, const struct st_checkpoint *ckpt, const
         rc = down ? st_expect_shape(t, err, err_size, E, H, I)
                   : st_expect_shape(t, err, err_size, E, 2 * I, H);
         if (rc != 0) {
-            const char *experts = c->family == HF_MIXTRAL ? "num_local_experts" : "num_experts";
-            const char *width = c->family == HF_QWEN2_MOE || c->family == HF_QWEN3_MOE
-                                    ? "moe_intermediate_size"
-                                    : "intermediate_size";
+            const char *experts = hfconfig_experts_key(c), *width = hfconfig_expert_width_key(c);
             size_t n = strlen(err);
             if (down)
                 snprintf(err + n, err_size - n, " (%s x hidden_size x %s of %s/config.json)",

@@ -43,6 +43,7 @@ enum mlp_part { MLP_NONE, MLP_GATE, MLP_UP, MLP_DOWN };
 struct layer_grads {
     float *input_norm, *post_norm;
     float *q, *k, *v, *o, *q_bias, *k_bias, *v_bias, *o_bias, *q_norm, *k_norm;
+    float *q_a, *q_a_bias, *q_a_norm, *q_b, *kv_a, *kv_a_bias, *kv_a_norm, *kv_b; /* MLA */
     float *router;
     float **expert_gate, **expert_up, **expert_down; /* [E_local] */
     float *shared_gate, *shared_up, *shared_down, *shared_expert_gate;
@@ -61,6 +62,8 @@ struct param {
     int stage;   /* pipeline stage that holds it */
     int ep_rank; /* EP rank that holds it (routed experts); -1: every EP rank of the stage */
     bool trainable;
+    bool buffer; /* a fixed tensor of the model that never trains (deepseek_v3 / glm4_moe
+                  * mlp.gate.e_score_correction_bias: selection only, no gradient) */
     float *data; /* fp32 weights on this rank; NULL when another rank holds it */
     float *grad; /* its gradient when trainable and held here, else NULL */
 };
@@ -71,7 +74,15 @@ struct layer_weights {
     float *q_bias, *k_bias, *v_bias;     /* or NULL */
     float *o_bias;                       /* [H] or NULL */
     float *q_norm, *k_norm;              /* [Dh] per head or [nH*Dh] / [nKV*Dh]; or NULL */
+    /* multi-head latent attention (cfg.attention ATTENTION_MLA; q above is q_proj when
+     * q_lora_rank is 0): R q_lora_rank, C kv_lora_rank, dn / dr / dv the nope, rope and
+     * value head dims */
+    float *q_a, *q_a_bias, *q_a_norm;    /* [R, H], [R] or NULL, [R] */
+    float *q_b;                          /* [nH*(dn+dr), R] */
+    float *kv_a, *kv_a_bias, *kv_a_norm; /* [C+dr, H], [C+dr] or NULL, [C] */
+    float *kv_b;                         /* [nH*(dn+dv), C] */
     float *router;                       /* [E, H]; MoE layers */
+    float *router_bias;                  /* [E] e_score_correction_bias, or NULL */
     float *expert_gate, *expert_up;      /* [E_local, I, H] */
     float *expert_down;                  /* [E_local, H, I] */
     float *shared_gate, *shared_up, *shared_down; /* shared expert, or NULL */

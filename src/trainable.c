@@ -146,7 +146,7 @@ int trainable_select(const struct model *m, enum train_method method,
             else
                 on = ec->non_expert_modules;
         }
-        trainable[i] = on;
+        trainable[i] = on && !p->buffer; /* e_score_correction_bias: never trained */
     }
     return 0;
 }

@@ -346,17 +346,123 @@ static void bad_config(const char *key, const char *value, const char *what, con
     CHECK(!part2 || contains(err, part2), "%s: message lacks '%s': %s", what, part2, err);
 }
 
+/* A small deepseek_v2 config with one key replaced (value NULL: removed). */
+static int deepseek_config(const char *key, const char *value, struct model_config *c, char *err,
+                           size_t err_size)
+{
+    const char *keys[][2] = {
+        {"model_type", "\"deepseek_v2\""}, {"hidden_size", "32"},       {"num_hidden_layers", "3"},
+        {"num_attention_heads", "4"},       {"vocab_size", "50"},        {"intermediate_size", "24"},
+        {"moe_intermediate_size", "8"},     {"n_routed_experts", "8"},   {"num_experts_per_tok", "2"},
+        {"n_shared_experts", "2"},          {"first_k_dense_replace", "1"}, {"kv_lora_rank", "12"},
+        {"q_lora_rank", "null"},            {"qk_nope_head_dim", "6"},   {"qk_rope_head_dim", "4"},
+        {"v_head_dim", "8"},                {"topk_method", "\"group_limited_greedy\""},
+        {"n_group", "4"},                   {"topk_group", "2"},         {"routed_scaling_factor", "1.5"},
+        {"norm_topk_prob", "true"},
+    };
+    char text[2048];
+    size_t used = (size_t)snprintf(text, sizeof text, "{");
+    int first = 1, replaced = 0;
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+        const char *v = keys[i][1];
+        if (strcmp(keys[i][0], key) == 0) {
+            replaced = 1;
+            if (!value) continue;
+            v = value;
+        }
+        used += (size_t)snprintf(text + used, sizeof text - used, "%s\"%s\": %s", first ? "" : ", ",
+                                 keys[i][0], v);
+        first = 0;
+    }
+    if (!replaced && value)
+        used += (size_t)snprintf(text + used, sizeof text - used, ", \"%s\": %s", key, value);
+    snprintf(text + used, sizeof text - used, "}");
+    return load_text(text, c, err, err_size);
+}
+
+static void test_deepseek_glm(void)
+{
+    struct model_config c;
+    char err[512];
+    CHECK(deepseek_config("", NULL, &c, err, sizeof err) == 0, "%s", err);
+    CHECK(c.attention == ATTENTION_MLA && c.rope.layout == ROPE_INTERLEAVED, "deepseek_v2: MLA");
+    CHECK(c.head_dim == 4 && c.rope.rotary_dim == 4 && c.num_kv_heads == 4,
+          "rotary width qk_rope_head_dim, a key and value per head: %d %d %d", c.head_dim,
+          c.rope.rotary_dim, c.num_kv_heads);
+    CHECK(c.router == ROUTER_GROUPED_GREEDY && c.n_group == 4 && c.topk_group == 2,
+          "group-limited greedy");
+    /* DeepseekV2TopkRouter never renormalises, whatever norm_topk_prob says */
+    CHECK(c.norm_topk_prob && !c.renormalise && c.routed_scaling_factor == 1.5, "no renormalising");
+    CHECK(!c.is_moe[0] && c.is_moe[1] && c.is_moe[2], "first_k_dense_replace 1");
+    CHECK(c.num_shared_experts == 2 && c.shared_expert_intermediate_size == 16,
+          "shared width = moe_intermediate_size x n_shared_experts");
+    uint64_t params, tensors;
+    CHECK(hfconfig_count(&c, &params, &tensors) == 0, "count");
+    /* embed + lm_head 2*50*32, final norm 32; per layer: norms 64, q_proj 40*32, kv_a 16*32,
+     * kv_a_layernorm 12, kv_b 56*12, o 32*32; dense layer 3*24*32; MoE layers: router
+     * 8*32, experts 8*3*8*32, shared 3*16*32 */
+    uint64_t attention = 64 + 1280 + 512 + 12 + 672 + 1024;
+    uint64_t expected = 3200 + 32 + 3 * attention + 2304 + 2 * (256 + 6144 + 1536);
+    CHECK(params == expected, "parameters %llu, expected %llu", (unsigned long long)params,
+          (unsigned long long)expected);
+
+    struct {
+        const char *key, *value, *message;
+    } bad[] = {
+        {"kv_lora_rank", NULL, "missing required key 'kv_lora_rank'"},
+        {"q_lora_rank", NULL, "missing required key 'q_lora_rank'"},
+        {"topk_group", "5", "key 'topk_group': 5 must be in [1, n_group = 4]"},
+        {"n_group", "3", "key 'n_group': 3 groups do not divide the 8 experts (n_routed_experts)"},
+        {"num_experts_per_tok", "5", "key 'num_experts_per_tok': 5 exceeds the 4 experts"},
+        {"topk_method", "\"noaux_tc\"", "key 'topk_method': 'noaux_tc' is not supported"},
+        {"qk_rope_head_dim", "3", "key 'qk_rope_head_dim': 3 is odd"},
+        {"v_head_dim", "0", "key 'v_head_dim': must be positive"},
+        {"moe_layer_freq", "2", "key 'moe_layer_freq': 2 is not supported"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        err[0] = 0;
+        CHECK(deepseek_config(bad[i].key, bad[i].value, &c, err, sizeof err) != 0 &&
+                  contains(err, bad[i].message) && contains(err, "config.json"),
+              "%s: message '%s' lacks '%s'", bad[i].key, err, bad[i].message);
+    }
+
+    /* deepseek_v3 and glm4_moe: sigmoid routers; groups of one expert cannot be scored */
+    const char *v3 =
+        "{\"model_type\": \"deepseek_v3\", \"hidden_size\": 32, \"num_hidden_layers\": 2,\n"
+        " \"num_attention_heads\": 4, \"vocab_size\": 50, \"intermediate_size\": 24,\n"
+        " \"moe_intermediate_size\": 8, \"n_routed_experts\": 8, \"num_experts_per_tok\": 2,\n"
+        " \"kv_lora_rank\": 12, \"q_lora_rank\": 16, \"qk_nope_head_dim\": 6,\n"
+        " \"qk_rope_head_dim\": 4, \"v_head_dim\": 8, \"n_group\": 8, \"topk_group\": 2,\n"
+        " \"rope_interleave\": false}";
+    CHECK(load_text(v3, &c, err, sizeof err) != 0 && contains(err, "groups of 1 expert(s)"),
+          "v3 single-expert groups: %s", err);
+    const char *glm =
+        "{\"model_type\": \"glm4_moe\", \"hidden_size\": 32, \"num_hidden_layers\": 2,\n"
+        " \"num_attention_heads\": 4, \"num_key_value_heads\": 2, \"head_dim\": 12,\n"
+        " \"vocab_size\": 50, \"intermediate_size\": 24, \"moe_intermediate_size\": 8,\n"
+        " \"n_routed_experts\": 8, \"num_experts_per_tok\": 2, \"use_qk_norm\": true,\n"
+        " \"attention_bias\": true, \"num_nextn_predict_layers\": 1}";
+    CHECK(load_text(glm, &c, err, sizeof err) == 0, "%s", err);
+    CHECK(c.router == ROUTER_SIGMOID_BIAS && c.renormalise && c.first_k_dense_replace == 1,
+          "glm4_moe class defaults: sigmoid router, norm_topk_prob, first layer dense");
+    CHECK(c.rope.partial_rotary_factor == 0.5 && c.rope.rotary_dim == 6,
+          "glm4_moe: partial_rotary_factor 0.5 when absent: rotary %d", c.rope.rotary_dim);
+    CHECK(c.qk_norm == QK_NORM_PER_HEAD && c.qkv_bias && !c.o_bias && c.num_mtp_layers == 1,
+          "glm4_moe attention: qk norm per head, q/k/v bias, no o bias");
+}
+
 static void test_bad_configs(void)
 {
     bad_config("model_type", "\"llama\"", "unknown family", "unknown model_type 'llama'",
                "supported: qwen2_moe, qwen3_moe, olmoe, mixtral");
+    bad_config("model_type", "\"gpt_oss\"", "gpt_oss",
+               "family 'gpt_oss' is not supported yet (supported: qwen2_moe, qwen3_moe, "
+               "olmoe, mixtral, deepseek_v2, deepseek_v3, glm4_moe)",
+               NULL);
+    /* the qwen3 keys do not make a deepseek or glm config: their expert count is named */
     bad_config("model_type", "\"deepseek_v3\"", "deepseek_v3",
-               "family 'deepseek_v3' is not supported yet (supported: qwen2_moe, qwen3_moe, "
-               "olmoe, mixtral)",
-               NULL);
-    bad_config("model_type", "\"gpt_oss\"", "gpt_oss", "family 'gpt_oss' is not supported yet",
-               NULL);
-    bad_config("model_type", "\"glm4_moe\"", "glm4_moe", "family 'glm4_moe' is not supported yet",
+               "missing required key 'n_routed_experts'", NULL);
+    bad_config("model_type", "\"glm4_moe\"", "glm4_moe", "missing required key 'n_routed_experts'",
                NULL);
     bad_config("model_type", NULL, "no model_type", "missing required key 'model_type'", NULL);
     bad_config("model_type", "3", "model_type not string", "key 'model_type'", "got integer");
@@ -377,7 +483,7 @@ static void test_bad_configs(void)
     bad_config("vocab_size", "-3", "negative vocab", "key 'vocab_size': must be positive", NULL);
     bad_config("num_key_value_heads", "0", "zero kv heads", "key 'num_key_value_heads'",
                "positive");
-    bad_config("head_dim", "9", "odd head_dim", "key 'head_dim': 9 is odd", NULL);
+    bad_config("head_dim", "9", "odd head_dim", "key 'head_dim': 9", "is odd");
     bad_config("hidden_act", "\"relu\"", "relu", "key 'hidden_act': 'relu' is not supported",
                "silu, swish, gelu");
     bad_config("hidden_act", "\"gelu_pytorch_tanh\"", "tanh gelu", "'gelu_pytorch_tanh'", NULL);
@@ -580,9 +686,28 @@ static void test_round_trips(void)
     CHECK(d.expert_intermediate_size == 1408 && d.shared_expert_intermediate_size == 5632,
           "qwen2_moe class defaults 1408 / 5632");
 
-    hfconfig_defaults(HF_DEEPSEEK_V3, &c);
-    CHECK(hfconfig_write(out, &c, err, sizeof err) != 0 && contains(err, "deepseek_v3"),
-          "writing deepseek_v3 accepted: %s", err);
+    hfconfig_defaults(HF_GPT_OSS, &c);
+    CHECK(hfconfig_write(out, &c, err, sizeof err) != 0 && contains(err, "gpt_oss"),
+          "writing gpt_oss accepted: %s", err);
+
+    /* the class defaults of the deepseek and glm families survive a write and a load */
+    const enum hf_family written[] = {HF_DEEPSEEK_V2, HF_DEEPSEEK_V3, HF_GLM4_MOE};
+    for (size_t i = 0; i < sizeof written / sizeof written[0]; i++) {
+        hfconfig_defaults(written[i], &c);
+        CHECK(hfconfig_finish(&c, "defaults", err, sizeof err) == 0, "%s", err);
+        CHECK(hfconfig_write(out, &c, err, sizeof err) == 0, "%s", err);
+        CHECK(hfconfig_load(out, &d, err, sizeof err) == 0, "%s", err);
+        expect_same(&c, &d, hfconfig_family_name(written[i]));
+        CHECK(d.attention == c.attention && d.q_lora_rank == c.q_lora_rank &&
+                  d.kv_lora_rank == c.kv_lora_rank && d.qk_nope_head_dim == c.qk_nope_head_dim &&
+                  d.qk_rope_head_dim == c.qk_rope_head_dim && d.v_head_dim == c.v_head_dim &&
+                  d.rope.layout == c.rope.layout && d.n_group == c.n_group &&
+                  d.topk_group == c.topk_group && d.first_k_dense_replace == c.first_k_dense_replace &&
+                  d.routed_scaling_factor == c.routed_scaling_factor &&
+                  d.num_mtp_layers == c.num_mtp_layers && d.renormalise == c.renormalise &&
+                  d.rope.partial_rotary_factor == c.rope.partial_rotary_factor,
+              "%s: MLA, routing and rotary fields", hfconfig_family_name(written[i]));
+    }
 }
 
 static void test_names_and_hash(void)
@@ -677,6 +802,7 @@ int main(int argc, char **argv)
     test_olmoe();
     test_mixtral();
     test_bad_configs();
+    test_deepseek_glm();
     test_round_trips();
 
     char golden[1024];

@@ -276,7 +276,7 @@ int main(int argc, char **argv)
     char *other = xstrdup(config);
     at = strstr(other, "\"model_type\": \"qwen3_moe\"");
     CHECK(at != NULL, "fixture config names its model_type");
-    const char *replacement = "\"model_type\": \"deepseek_v3\", \"x\": \"";
+    const char *replacement = "\"model_type\": \"gpt_oss\", \"x\": \"";
     if (at) {
         char *text = xmalloc(strlen(other) + 64);
         size_t head = (size_t)(at - other);
@@ -287,7 +287,7 @@ int main(int argc, char **argv)
         other = text;
     }
     make_variant("family", other, NULL, dir);
-    expect_failure(dir, "unsupported family", "deepseek_v3", "not supported");
+    expect_failure(dir, "unsupported family", "gpt_oss", "not supported");
     free(other);
 
     for (int l = 0; l < 2 * cfg.num_layers; l++) free(stacks[l]);
