@@ -107,6 +107,136 @@ MOE_HD void gelu_glu_backward(float *dg, float *du, float d, float g, float u)
 /* The shared expert's gate: sigmoid of its logit, formed as the CPU forms it. */
 MOE_HD float gate_sigmoid(float logit) { return 1.0f / (1.0f + expf(-logit)); }
 
+/* ---- the routers, one token per call (backend.h's struct router_params) --------------
+ * Written once for the CPU backend (src/cpu_router.c) and the device. No allocation: the
+ * caller passes the scratch rows (the CPU keeps them on its stack, sized by
+ * HFCONFIG_MAX_EXPERTS). */
+
+/* p[E] = softmax(z[E]) in fp32: the maximum, e^(z - max) summed in index order, then
+ * divided (torch's softmax(dtype=float32) up to rounding). */
+MOE_HD void router_softmax_row(float *p, const float *z, int E)
+{
+    float max = -INFINITY;
+    for (int e = 0; e < E; e++) max = z[e] > max ? z[e] : max;
+    float sum = 0.0f;
+    for (int e = 0; e < E; e++) {
+        p[e] = expf(z[e] - max);
+        sum += p[e];
+    }
+    for (int e = 0; e < E; e++) p[e] /= sum;
+}
+
+/* s[E] = sigmoid(z[E]) and the selection scores c[E] = s + bias[E] (bias NULL: c = s). */
+MOE_HD void router_sigmoid_row(float *s, float *c, const float *z, const float *bias, int E)
+{
+    for (int e = 0; e < E; e++) {
+        s[e] = 1.0f / (1.0f + expf(-z[e]));
+        c[e] = bias ? s[e] + bias[e] : s[e];
+    }
+}
+
+/* The score of the group c[first .. first + size): its largest value, or with top_two the
+ * sum of its two largest (torch's topk(2).sum(); a repeated value counts twice). */
+MOE_HD float router_group_score(const float *c, int first, int size, int top_two)
+{
+    float largest = -INFINITY, second = -INFINITY;
+    for (int e = first; e < first + size; e++) {
+        if (c[e] > largest) {
+            second = largest;
+            largest = c[e];
+        } else if (c[e] > second) {
+            second = c[e];
+        }
+    }
+    return top_two ? largest + second : largest;
+}
+
+/* Group-limited routing on c[E]: of n_group contiguous groups of E / n_group, the
+ * topk_group with the best router_group_score stay (ties to the lower group); every
+ * value of the others becomes `masked`. group_score[n_group] is scratch. */
+MOE_HD void router_mask_groups_row(float *c, float *group_score, int E, int n_group, int topk_group,
+                                   int top_two, float masked)
+{
+    if (topk_group >= n_group) return;
+    int size = E / n_group;
+    for (int g = 0; g < n_group; g++)
+        group_score[g] = router_group_score(c, g * size, size, top_two);
+    for (int g = 0; g < n_group; g++) {
+        int better = 0; /* groups ranked before g */
+        for (int h = 0; h < n_group; h++)
+            better +=
+                group_score[h] > group_score[g] || (group_score[h] == group_score[g] && h < g);
+        if (better >= topk_group)
+            for (int e = g * size; e < (g + 1) * size; e++) c[e] = masked;
+    }
+}
+
+/* id[K]: the K largest of c[E], in descending order, ties to the lower id (K rounds of
+ * argmax; strict > keeps the lower id). taken[E] is scratch. */
+MOE_HD void router_select_row(int32_t *id, const float *c, unsigned char *taken, int E, int K)
+{
+    for (int e = 0; e < E; e++) taken[e] = 0;
+    for (int k = 0; k < K; k++) {
+        int best = -1;
+        for (int e = 0; e < E; e++)
+            if (!taken[e] && (best < 0 || c[e] > c[best])) best = e;
+        taken[best] = 1;
+        id[k] = best;
+    }
+}
+
+/* w[K] = v[id] (divided by their sum, taken in k order, plus epsilon when renormalise),
+ * times scaling. */
+MOE_HD void router_weights_row(float *w, const float *v, const int32_t *id, int K, int renormalise,
+                               float epsilon, float scaling)
+{
+    float total = 0.0f;
+    for (int k = 0; k < K; k++) {
+        w[k] = v[id[k]];
+        total += w[k];
+    }
+    total += epsilon;
+    for (int k = 0; k < K; k++) {
+        if (renormalise) w[k] /= total;
+        w[k] *= scaling;
+    }
+}
+
+/* One token through a softmax router: ROUTER_SOFTMAX_TOPK (n_group = topk_group = 1) or
+ * ROUTER_GROUPED_GREEDY (DeepseekV2TopkRouter's group_limited_greedy: the probabilities
+ * outside the kept groups become 0 for the choice). p[E] = softmax(z) is written;
+ * choice[E], group_score[n_group] and taken[E] are scratch. */
+MOE_HD void router_softmax_topk_row(int32_t *id, float *w, float *p, float *choice,
+                                    float *group_score, unsigned char *taken, const float *z, int E,
+                                    int K, int n_group, int topk_group, int renormalise,
+                                    float scaling)
+{
+    router_softmax_row(p, z, E);
+    const float *c = p;
+    if (topk_group < n_group) {
+        for (int e = 0; e < E; e++) choice[e] = p[e];
+        router_mask_groups_row(choice, group_score, E, n_group, topk_group, 0, 0.0f);
+        c = choice;
+    }
+    router_select_row(id, c, taken, E, K);
+    router_weights_row(w, p, id, K, renormalise, 0.0f, scaling);
+}
+
+/* One token through ROUTER_SIGMOID_BIAS (DeepseekV3TopkRouter, Glm4MoeTopkRouter): s[E] =
+ * sigmoid(z) is written; the choice is made on c = s + bias with the groups outside the
+ * kept ones at -inf; the weights are s[id] (over their sum + 1e-20 when renormalise) times
+ * scaling. choice[E], group_score[n_group] and taken[E] are scratch. */
+MOE_HD void router_sigmoid_bias_row(int32_t *id, float *w, float *s, float *choice,
+                                    float *group_score, unsigned char *taken, const float *z,
+                                    const float *bias, int E, int K, int n_group, int topk_group,
+                                    int renormalise, float scaling)
+{
+    router_sigmoid_row(s, choice, z, bias, E);
+    router_mask_groups_row(choice, group_score, E, n_group, topk_group, 1, -INFINITY);
+    router_select_row(id, choice, taken, E, K);
+    router_weights_row(w, s, id, K, renormalise, 1e-20f, scaling);
+}
+
 /* The router's backward for one token (softmax then top-k, optionally renormalised, then
  * scaled): weights_k = scaling p[id_k] / S, S = the sum of the top-k p when renormalise
  * (else 1): dp[id_k] = scaling (dw_k / S - <dw, p[ids]> / S^2) (without renormalise:
@@ -131,6 +261,31 @@ MOE_HD void router_topk_backward_row(float *dz, const float *dw, const float *p,
         dot += p[id[k]] * dp;
     }
     for (int e = 0; e < E; e++) dz[e] = p[e] * (dz[e] - dot);
+}
+
+/* ROUTER_SIGMOID_BIAS's backward for one token: weights_k = scaling s[id_k] / D, D = the
+ * sum of the top-k s + 1e-20 when renormalise (else 1): ds[id_k] = scaling (dw_k / D -
+ * <dw, s[ids]> / D^2) (without renormalise: scaling dw_k), 0 off the top-k; then the
+ * sigmoid's dz = ds s (1 - s). The bias and the choice have no gradient. dz[E] is
+ * written. */
+MOE_HD void router_sigmoid_backward_row(float *dz, const float *dw, const float *s,
+                                        const int32_t *id, int E, int K, int renormalise,
+                                        float scaling)
+{
+    float total = 1.0f, correction = 0.0f;
+    if (renormalise) {
+        total = 0.0f; /* in k order, as the forward summed it */
+        for (int k = 0; k < K; k++) total += s[id[k]];
+        total += 1e-20f;
+        for (int k = 0; k < K; k++) correction += dw[k] * s[id[k]];
+        correction /= total * total;
+    }
+    for (int e = 0; e < E; e++) dz[e] = 0.0f;
+    for (int k = 0; k < K; k++) {
+        float sk = s[id[k]];
+        float ds = renormalise ? scaling * (dw[k] / total - correction) : scaling * dw[k];
+        dz[id[k]] = ds * sk * (1.0f - sk);
+    }
 }
 
 /* The load-balancing loss through one token's softmax: dz[e] += p[e] (coef[e] - <p, coef>). */

@@ -24,6 +24,23 @@ struct attention_mask {
     const int32_t *sample_start; /* [N] */
 };
 
+/* How one MoE layer routes (hfconfig.h's enum hf_router_kind; transformers 5.24's
+ * routers): ROUTER_SOFTMAX_TOPK: softmax, top-k (groups ignored). ROUTER_GROUPED_GREEDY
+ * (DeepseekV2TopkRouter, group_limited_greedy): softmax; a group's score is its largest
+ * probability; the probabilities outside the topk_group best of n_group contiguous
+ * groups become 0, then top-k. ROUTER_SIGMOID_BIAS (DeepseekV3TopkRouter,
+ * Glm4MoeTopkRouter): s = sigmoid(logits), c = s + bias; a group's score is the sum of
+ * its two largest c; c outside the kept groups becomes -inf; top-k of c; the weights
+ * are s[id], divided by (their sum + 1e-20) when renormalising. Every router then
+ * multiplies the weights by scaling. */
+struct router_params {
+    enum hf_router_kind kind;
+    bool renormalise;        /* divide the top-k weights by their sum */
+    float scaling;           /* routed_scaling_factor */
+    int n_group, topk_group; /* 1 and 1 when ungrouped */
+    const float *bias;       /* [E] backend buffer: e_score_correction_bias (sigmoid), or NULL */
+};
+
 struct backend {
     const char *name;
 
@@ -51,12 +68,14 @@ struct backend {
                       const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
                       float scale);
 
-    /* From router logits[N,E]: probabilities, the top-k ids[N,K] (descending probability,
-     * ties to the lower id) and their weights[N,K] as the model multiplies the expert
-     * outputs by them (renormalised iff renormalise). probs[N,E] may be NULL. */
-    void (*router_topk)(int32_t *ids, float *weights, float *probs, const float *logits,
-                        int N, int E, int K, enum hf_router_kind kind, bool renormalise,
-                        float scaling);
+    /* From router logits[N,E]: the top-k ids[N,K] and their weights[N,K] as the model
+     * multiplies the expert outputs by them, routed as rp describes (see struct
+     * router_params). ids are in descending selection score (the group-masked
+     * probability or bias-corrected sigmoid), ties to the lower id. probs[N,E] keeps what
+     * router_topk_backward needs: the softmax probabilities, or the sigmoid scores for
+     * ROUTER_SIGMOID_BIAS; it may be NULL when no backward follows. */
+    void (*router_topk)(int32_t *ids, float *weights, float *probs, const float *logits, int N,
+                        int E, int K, const struct router_params *rp);
 
     /* The load-balancing loss's statistics of one MoE layer (transformers'
      * load_balancing_loss_func): counts[e] = how many of the N*K slots chose expert e,
@@ -130,13 +149,13 @@ struct backend {
                                const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
                                float scale);
 
-    /* dlogits[N,E] from dweights[N,K], through the top-k weights' dependence on the
-     * softmax probabilities probs[N,E] (saved by router_topk): the renormalisation when
-     * renormalise, the scaling, then the softmax. The top-k choice itself has no
-     * gradient. */
+    /* dlogits[N,E] (written) from dweights[N,K], through the top-k weights' dependence on
+     * probs[N,E] (saved by router_topk): the renormalisation when rp->renormalise, the
+     * scaling, then the softmax or the sigmoid. The choice of experts (groups, bias) has
+     * no gradient. */
     void (*router_topk_backward)(float *dlogits, const float *dweights, const float *probs,
                                  const int32_t *ids, int N, int E, int K,
-                                 enum hf_router_kind kind, bool renormalise, float scaling);
+                                 const struct router_params *rp);
 
     /* The load-balancing loss's gradient through the softmax: with d loss / d probs[n,e]
      * = coef[e] (the same for every token), dlogits[n,e] += p[n,e] * (coef[e] -

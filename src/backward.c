@@ -49,7 +49,7 @@ static void moe_backward(const struct model *m, const struct backend *ops,
     const struct layer_grads *g = &m->grads[l];
     int H = c->hidden_size, E = c->num_experts, K = c->top_k, I = c->expert_intermediate_size;
     int M = N * K;
-    bool renormalise = c->norm_topk_prob || c->family == HF_MIXTRAL;
+    struct router_params route = model_router_params(m, l);
 
     ops->combine_backward(ws->dys, ws->dweights, dy, a->ys, ws->topk_weights[l], a->row_of_slot,
                           N, K, H);
@@ -94,7 +94,7 @@ static void moe_backward(const struct model *m, const struct backend *ops,
     /* the routing weights' gradient reaches the router input even when the router is
      * frozen (g->router NULL: no weight gradient, the input gradient still flows) */
     ops->router_topk_backward(ws->drouter, ws->dweights, a->probs, ws->topk_ids[l], N, E, K,
-                              c->router, renormalise, (float)c->routed_scaling_factor);
+                              &route);
     if (balance) ops->router_balance_backward(ws->drouter, a->probs, ws->balance_coef, N, E);
     ops->linear_backward(dhn, g->router, NULL, ws->drouter, a->hn, w->router, N, H, E, true);
 

@@ -19,9 +19,10 @@
 #include <string.h>
 
 #include "backend.h"
+#include "cpu_router.h"
 #include "dense_math.h"
-#include "moe_math.h"
 #include "log.h"
+#include "moe_math.h"
 
 /* e^x for x <= 0, the arguments of a softmax after its maximum is subtracted, written so
  * that loops over it vectorise (libm's expf does not). x = n ln2 + r with |r| <= ln2/2;
@@ -266,56 +267,6 @@ static void cpu_attention(float *out, const float *q, const float *k, const floa
         }
     }
     free(items);
-}
-
-static void cpu_router_topk(int32_t *ids, float *weights, float *probs, const float *logits,
-                            int N, int E, int K, enum hf_router_kind kind, bool renormalise,
-                            float scaling)
-{
-    if (kind != ROUTER_SOFTMAX_TOPK)
-        fatal(EXIT_RUNTIME, "cpu backend: router kind %d is not implemented", (int)kind);
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        float p[1024];
-        const float *z = logits + (size_t)n * E;
-        float max = -INFINITY;
-        for (int e = 0; e < E; e++) max = z[e] > max ? z[e] : max;
-        float sum = 0.0f;
-        for (int e = 0; e < E; e++) {
-            p[e] = expf(z[e] - max);
-            sum += p[e];
-        }
-        for (int e = 0; e < E; e++) p[e] /= sum;
-        if (probs) memcpy(probs + (size_t)n * E, p, (size_t)E * sizeof(float));
-        /* k rounds of argmax; strict > keeps the lower id on ties */
-        unsigned char taken[1024] = {0};
-        float total = 0.0f;
-        for (int k = 0; k < K; k++) {
-            int best = -1;
-            for (int e = 0; e < E; e++)
-                if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
-            taken[best] = 1;
-            ids[(size_t)n * K + k] = best;
-            weights[(size_t)n * K + k] = p[best];
-            total += p[best];
-        }
-        for (int k = 0; k < K; k++) {
-            if (renormalise) weights[(size_t)n * K + k] /= total;
-            weights[(size_t)n * K + k] *= scaling;
-        }
-    }
-}
-
-static void cpu_router_balance_stats(float *counts, float *prob_sums, const float *probs,
-                                     const int32_t *ids, int N, int E, int K)
-{
-    for (int e = 0; e < E; e++) {
-        double sum = 0.0;
-        for (int n = 0; n < N; n++) sum += probs[(size_t)n * E + e];
-        prob_sums[e] = (float)sum;
-        counts[e] = 0.0f;
-    }
-    for (size_t s = 0; s < (size_t)N * K; s++) counts[ids[s]] += 1.0f;
 }
 
 static void cpu_permute_by_expert(int32_t *expert_offsets, int32_t *slot_of_row,
@@ -725,28 +676,6 @@ static void cpu_attention_backward(float *dq, float *dk, float *dv, const float 
         }
     }
     free(items);
-}
-
-/* Row by row: moe_math.h's router_topk_backward_row, shared with the CUDA kernel. */
-static void cpu_router_topk_backward(float *dlogits, const float *dweights, const float *probs,
-                                     const int32_t *ids, int N, int E, int K,
-                                     enum hf_router_kind kind, bool renormalise, float scaling)
-{
-    if (kind != ROUTER_SOFTMAX_TOPK)
-        fatal(EXIT_RUNTIME, "cpu backend: router kind %d has no backward", (int)kind);
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++)
-        router_topk_backward_row(dlogits + (size_t)n * E, dweights + (size_t)n * K,
-                                 probs + (size_t)n * E, ids + (size_t)n * K, E, K, renormalise,
-                                 scaling);
-}
-
-static void cpu_router_balance_backward(float *dlogits, const float *probs, const float *coef,
-                                        int N, int E)
-{
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++)
-        router_balance_backward_row(dlogits + (size_t)n * E, probs + (size_t)n * E, coef, E);
 }
 
 /* Per expert e: dx[rows] = dy[rows] @ w[e] (items: expert x block of ROW_BLOCK rows, as the

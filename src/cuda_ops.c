@@ -70,11 +70,18 @@ static int32_t *host_offsets(const int32_t *offsets, int E)
     return host;
 }
 
-static void need_softmax_topk(enum hf_router_kind kind)
+/* The CUDA kernels route by softmax top-k only; the grouped and sigmoid routers run on
+ * the CPU backend (moe_math.h holds their rows for the kernels to come). */
+static void need_softmax_topk(const struct router_params *rp)
 {
-    if (kind != ROUTER_SOFTMAX_TOPK)
-        fatal(EXIT_RUNTIME, "cuda backend: router kind %d has no CUDA kernel yet (softmax top-k only)",
-              (int)kind);
+    if (rp->kind != ROUTER_SOFTMAX_TOPK)
+        fatal(EXIT_RUNTIME,
+              "cuda backend: router kind %s is not implemented yet (softmax "
+              "top-k only; hint: use the cpu backend)",
+              rp->kind == ROUTER_GROUPED_GREEDY ? "group_limited_greedy (deepseek_v2)"
+              : rp->kind == ROUTER_SIGMOID_BIAS
+                  ? "sigmoid with selection bias (deepseek_v3, glm4_moe)"
+                  : "top-k then softmax (gpt_oss)");
 }
 
 static void cuda_embedding(float *x, const int32_t *tokens, const float *table, int N, int H)
@@ -218,12 +225,12 @@ static void cuda_attention(float *out, const float *q, const float *k, const flo
 }
 
 static void cuda_router_topk(int32_t *ids, float *weights, float *probs, const float *logits, int N,
-                             int E, int K, enum hf_router_kind kind, bool renormalise,
-                             float scaling)
+                             int E, int K, const struct router_params *rp)
 {
     char err[256];
-    need_softmax_topk(kind);
-    ok(moe_router_topk(ids, weights, probs, logits, N, E, K, renormalise, scaling, err, sizeof err),
+    need_softmax_topk(rp);
+    ok(moe_router_topk(ids, weights, probs, logits, N, E, K, rp->renormalise, rp->scaling, err,
+                       sizeof err),
        err);
 }
 
@@ -375,12 +382,12 @@ static void cuda_attention_backward(float *dq, float *dk, float *dv, const float
 
 static void cuda_router_topk_backward(float *dlogits, const float *dweights, const float *probs,
                                       const int32_t *ids, int N, int E, int K,
-                                      enum hf_router_kind kind, bool renormalise, float scaling)
+                                      const struct router_params *rp)
 {
     char err[256];
-    need_softmax_topk(kind);
-    ok(moe_router_topk_backward(dlogits, dweights, probs, ids, N, E, K, renormalise, scaling, err,
-                                sizeof err),
+    need_softmax_topk(rp);
+    ok(moe_router_topk_backward(dlogits, dweights, probs, ids, N, E, K, rp->renormalise,
+                                rp->scaling, err, sizeof err),
        err);
 }
 

@@ -154,11 +154,12 @@ static void sim_attention(float *out, const float *q, const float *k, const floa
     cpu->attention(U(out), U(q), U(k), U(v), &host, N, nH, nKV, Dh, scale);
 }
 
-static void sim_router_topk(int32_t *ids, float *weights, float *probs, const float *logits,
-                            int N, int E, int K, enum hf_router_kind kind, bool renormalise,
-                            float scaling)
+static void sim_router_topk(int32_t *ids, float *weights, float *probs, const float *logits, int N,
+                            int E, int K, const struct router_params *rp)
 {
-    cpu->router_topk(U(ids), U(weights), U(probs), U(logits), N, E, K, kind, renormalise, scaling);
+    struct router_params host = *rp;
+    host.bias = U(rp->bias);
+    cpu->router_topk(U(ids), U(weights), U(probs), U(logits), N, E, K, &host);
 }
 
 static void sim_router_balance_stats(float *counts, float *prob_sums, const float *probs,
@@ -252,10 +253,11 @@ static void sim_attention_backward(float *dq, float *dk, float *dv, const float 
 
 static void sim_router_topk_backward(float *dlogits, const float *dweights, const float *probs,
                                      const int32_t *ids, int N, int E, int K,
-                                     enum hf_router_kind kind, bool renormalise, float scaling)
+                                     const struct router_params *rp)
 {
-    cpu->router_topk_backward(U(dlogits), U(dweights), U(probs), U(ids), N, E, K, kind,
-                              renormalise, scaling);
+    struct router_params host = *rp;
+    host.bias = U(rp->bias);
+    cpu->router_topk_backward(U(dlogits), U(dweights), U(probs), U(ids), N, E, K, &host);
 }
 
 static void sim_router_balance_backward(float *dlogits, const float *probs, const float *coef,

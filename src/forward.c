@@ -27,6 +27,18 @@ const float *model_inv_freq(const struct model *m)
     return m->device_inv_freq ? m->device_inv_freq : m->inv_freq;
 }
 
+/* How MoE layer l routes, as the router ops read it (its bias a backend buffer). */
+struct router_params model_router_params(const struct model *m, int l)
+{
+    const struct model_config *c = &m->cfg;
+    return (struct router_params){.kind = c->router,
+                                  .renormalise = c->renormalise,
+                                  .scaling = (float)c->routed_scaling_factor,
+                                  .n_group = c->n_group,
+                                  .topk_group = c->topk_group,
+                                  .bias = m->layers[l].router_bias};
+}
+
 /* The batch as the ops read it: the caller's host arrays, or (staged) the workspace's
  * copies that model_forward uploaded. */
 struct batch ws_ops_batch(const struct forward_workspace *ws, const struct batch *b)
@@ -226,11 +238,11 @@ static void moe_block(const struct model *m, const struct backend *ops,
     const struct layer_weights *w = &m->layers[l];
     int H = c->hidden_size, E = c->num_experts, K = c->top_k, I = c->expert_intermediate_size;
     int M = N * K;
-    bool renormalise = c->norm_topk_prob || c->family == HF_MIXTRAL;
+    struct router_params route = model_router_params(m, l);
 
     ops->linear(ws->router_logits[l], a->hn, w->router, NULL, N, H, E, false);
-    ops->router_topk(ws->topk_ids[l], ws->topk_weights[l], a->probs, ws->router_logits[l], N, E,
-                     K, c->router, renormalise, (float)c->routed_scaling_factor);
+    ops->router_topk(ws->topk_ids[l], ws->topk_weights[l], a->probs, ws->router_logits[l], N, E, K,
+                     &route);
     ops->router_balance_stats(ws->balance_counts[l], ws->balance_probs[l], a->probs,
                               ws->topk_ids[l], N, E, K);
     ops->permute_by_expert(a->offsets, a->slot_of_row, a->row_of_slot, ws->topk_ids[l], N, K, E);

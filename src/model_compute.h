@@ -118,6 +118,8 @@ struct forward_workspace {
 size_t ws_row_capacity(const struct model *m, int N);
 /* The rotary frequencies as the ops read them. */
 const float *model_inv_freq(const struct model *m);
+/* How MoE layer l routes, as the router ops read it (its bias a backend buffer). */
+struct router_params model_router_params(const struct model *m, int l);
 /* The batch as the ops read it: the caller's host arrays, or (staged) the workspace's
  * copies that model_forward uploaded. */
 struct batch ws_ops_batch(const struct forward_workspace *ws, const struct batch *b);

@@ -425,13 +425,16 @@ static void test_router_case(const struct backend *ops, bool renormalise, float 
     float *logits = random_array(N * E, 1.5), *g = random_array(N * K, 1.0);
     float weights[N * K], probs[N * E], *dz[2];
     int32_t ids[N * K];
-    ops->router_topk(ids, weights, probs, logits, N, E, K, ROUTER_SOFTMAX_TOPK, renormalise,
-                     scaling);
+    struct router_params route = {.kind = ROUTER_SOFTMAX_TOPK,
+                                  .renormalise = renormalise,
+                                  .scaling = scaling,
+                                  .n_group = 1,
+                                  .topk_group = 1};
+    ops->router_topk(ids, weights, probs, logits, N, E, K, &route);
     for (int pass = 0; pass < 2; pass++) {
         omp_set_num_threads(pass ? 3 : 1);
         dz[pass] = filled(N * E, 7.0f);
-        ops->router_topk_backward(dz[pass], g, probs, ids, N, E, K, ROUTER_SOFTMAX_TOPK,
-                                  renormalise, scaling);
+        ops->router_topk_backward(dz[pass], g, probs, ids, N, E, K, &route);
     }
     check_threads(op, "dlogits", dz[0], dz[1], N * E);
     rt.E = E, rt.K = K, rt.renormalise = renormalise, rt.scaling = scaling, rt.ids = ids;

@@ -187,12 +187,15 @@ static void test_router(const struct backend *ops)
     float logits[8] = {0.0f, logf(2), logf(3), logf(4), 1.0f, 1.0f, 0.0f, 0.0f};
     int32_t ids[4];
     float weights[4], probs[8];
-    ops->router_topk(ids, weights, probs, logits, 2, 4, 2, ROUTER_SOFTMAX_TOPK, false, 1.0f);
+    struct router_params route = {
+        .kind = ROUTER_SOFTMAX_TOPK, .scaling = 1.0f, .n_group = 1, .topk_group = 1};
+    ops->router_topk(ids, weights, probs, logits, 2, 4, 2, &route);
     CHECK(ids[0] == 3 && ids[1] == 2, "top-2 ids %d %d, expected 3 2", ids[0], ids[1]);
     CHECK(fabsf(weights[0] - 0.4f) < 1e-6f && fabsf(weights[1] - 0.3f) < 1e-6f, "weights %g %g",
           weights[0], weights[1]);
     CHECK(ids[2] == 0 && ids[3] == 1, "tie: ids %d %d, expected 0 1", ids[2], ids[3]);
-    ops->router_topk(ids, weights, NULL, logits, 1, 4, 2, ROUTER_SOFTMAX_TOPK, true, 1.0f);
+    route.renormalise = true;
+    ops->router_topk(ids, weights, NULL, logits, 1, 4, 2, &route);
     CHECK(fabsf(weights[0] - 4.0f / 7) < 1e-6f && fabsf(weights[1] - 3.0f / 7) < 1e-6f,
           "renormalised %g %g", weights[0], weights[1]);
 }

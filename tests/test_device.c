@@ -48,6 +48,12 @@
 #include "rng.h"
 #include "safetensors.h"
 
+/* The softmax top-k router, the only one the CUDA kernels implement. */
+static const struct router_params
+    SOFTMAX_RENORM = {ROUTER_SOFTMAX_TOPK, true, 1.0f, 1, 1, NULL},
+    SOFTMAX_RENORM_X25 = {ROUTER_SOFTMAX_TOPK, true, 2.5f, 1, 1, NULL},
+    SOFTMAX_PLAIN_X25 = {ROUTER_SOFTMAX_TOPK, false, 2.5f, 1, 1, NULL};
+
 static float *to_device(const void *host, size_t bytes)
 {
     float *d = device_alloc(bytes ? bytes : 4);
@@ -162,7 +168,7 @@ static void check_moe(int N, int E, int K, int H, int I)
     /* router */
     int32_t *ids = xmalloc((size_t)M * sizeof(int32_t));
     float *weights = xmalloc((size_t)M * sizeof(float)), *probs = xmalloc((size_t)N * E * sizeof(float));
-    cpu->router_topk(ids, weights, probs, logits, N, E, K, ROUTER_SOFTMAX_TOPK, true, 1.0f);
+    cpu->router_topk(ids, weights, probs, logits, N, E, K, &SOFTMAX_RENORM);
     float *d_logits = to_device(logits, (size_t)N * E * sizeof(float));
     int32_t *d_ids = device_alloc((size_t)M * sizeof(int32_t));
     float *d_weights = device_alloc((size_t)M * sizeof(float)), *d_probs = device_alloc((size_t)N * E * sizeof(float));
@@ -287,7 +293,7 @@ static void check_router_nan(int E, int K)
     int32_t *ids = xmalloc((size_t)M * sizeof(int32_t));
     float *weights = xmalloc((size_t)M * sizeof(float)),
           *probs = xmalloc((size_t)N * E * sizeof(float));
-    cpu->router_topk(ids, weights, probs, logits, N, E, K, ROUTER_SOFTMAX_TOPK, true, 1.0f);
+    cpu->router_topk(ids, weights, probs, logits, N, E, K, &SOFTMAX_RENORM);
     float *d_logits = to_device(logits, (size_t)N * E * sizeof(float)),
           *d_probs = device_alloc((size_t)N * E * sizeof(float));
     int32_t *d_ids = device_alloc((size_t)M * sizeof(int32_t));
@@ -613,7 +619,7 @@ static void check_moe_backward(int N, int E, int K, int H, int I)
     float *logits = random_floats(&rng, (size_t)N * E, -4, 4), *probs = xmalloc((size_t)N * E * sizeof(float));
     int32_t *ids = xmalloc((size_t)M * sizeof(int32_t));
     float *weights = xmalloc((size_t)M * sizeof(float));
-    cpu->router_topk(ids, weights, probs, logits, N, E, K, ROUTER_SOFTMAX_TOPK, true, 2.5f);
+    cpu->router_topk(ids, weights, probs, logits, N, E, K, &SOFTMAX_RENORM_X25);
     int32_t *offsets = xmalloc((size_t)(E + 1) * sizeof(int32_t)), *sor = xmalloc((size_t)M * sizeof(int32_t));
     int32_t *ros = xmalloc((size_t)M * sizeof(int32_t));
     cpu->permute_by_expert(offsets, sor, ros, ids, N, K, E);
@@ -683,15 +689,14 @@ static void check_moe_backward(int N, int E, int K, int H, int I)
     float *dlogits = xmalloc((size_t)N * E * sizeof(float)), *coef = random_floats(&rng, (size_t)E, -1, 1);
     float *d_dlogits = device_alloc((size_t)N * E * sizeof(float)), *d_coef = to_device(coef, (size_t)E * sizeof(float));
     CHECK(device_copy_to_device(d_dweights, dweights, (size_t)M * sizeof(float)) == 0, "upload");
-    cpu->router_topk_backward(dlogits, dweights, probs, ids, N, E, K, ROUTER_SOFTMAX_TOPK, true, 2.5f);
+    cpu->router_topk_backward(dlogits, dweights, probs, ids, N, E, K, &SOFTMAX_RENORM_X25);
     CHECK(moe_router_topk_backward(d_dlogits, d_dweights, d_probs, d_ids, N, E, K, 1, 2.5f, err, sizeof err) == 0, "%s", err);
     expect_floats(d_dlogits, dlogits, (size_t)N * E, 1e-5, "router backward");
     CHECK(device_copy_to_device(d_dlogits, dlogits, (size_t)N * E * sizeof(float)) == 0, "upload");
     cpu->router_balance_backward(dlogits, probs, coef, N, E);
     CHECK(moe_router_balance_backward(d_dlogits, d_probs, d_coef, N, E, err, sizeof err) == 0, "%s", err);
     expect_floats(d_dlogits, dlogits, (size_t)N * E, 1e-5, "router balance backward");
-    cpu->router_topk_backward(dlogits, dweights, probs, ids, N, E, K, ROUTER_SOFTMAX_TOPK, false,
-                              2.5f);
+    cpu->router_topk_backward(dlogits, dweights, probs, ids, N, E, K, &SOFTMAX_PLAIN_X25);
     CHECK(moe_router_topk_backward(d_dlogits, d_dweights, d_probs, d_ids, N, E, K, 0, 2.5f, err,
                                    sizeof err) == 0,
           "%s", err);
@@ -806,7 +811,7 @@ static void run_block(const struct backend *ops, struct block *b, int N, int H, 
     int M = N * K;
     ops->rmsnorm(b->hn, b->rstd, b->x, b->norm_w, N, H, 1e-6f);
     ops->linear(b->logits, b->hn, b->router_w, NULL, N, H, E, false);
-    ops->router_topk(b->ids, b->weights, b->probs, b->logits, N, E, K, ROUTER_SOFTMAX_TOPK, true, 1.0f);
+    ops->router_topk(b->ids, b->weights, b->probs, b->logits, N, E, K, &SOFTMAX_RENORM);
     ops->router_balance_stats(b->counts, b->prob_sums, b->probs, b->ids, N, E, K);
     ops->permute_by_expert(b->offsets, b->sor, b->ros, b->ids, N, K, E);
     ops->gather_rows(b->xs, b->hn, b->sor, M, K, H);
@@ -826,8 +831,7 @@ static void run_block(const struct backend *ops, struct block *b, int N, int H, 
     ops->grouped_linear_backward(b->dxs_up, NULL, b->dup, b->xs, b->w_up, b->offsets, E, H, I);
     ops->add(b->dxs, b->dxs, b->dxs_up, (size_t)M * H);
     ops->gather_rows_backward(b->dhn, b->dxs, b->ros, N, K, H, false);
-    ops->router_topk_backward(b->dlogits, b->dweights, b->probs, b->ids, N, E, K, ROUTER_SOFTMAX_TOPK,
-                              true, 1.0f);
+    ops->router_topk_backward(b->dlogits, b->dweights, b->probs, b->ids, N, E, K, &SOFTMAX_RENORM);
     ops->linear_backward(b->dhn, NULL, NULL, b->dlogits, b->hn, b->router_w, N, H, E, true);
     ops->rmsnorm_backward(b->dx, b->dw_norm, b->dhn, b->x, b->norm_w, b->rstd, N, H, false);
     free(dw);

@@ -108,11 +108,10 @@ static void timed_attention(float *out, const float *q, const float *k, const fl
 }
 
 static void timed_router_topk(int32_t *ids, float *weights, float *probs, const float *logits,
-                              int N, int E, int K, enum hf_router_kind kind, bool renormalise,
-                              float scaling)
+                              int N, int E, int K, const struct router_params *rp)
 {
     double t = omp_get_wtime();
-    inner->router_topk(ids, weights, probs, logits, N, E, K, kind, renormalise, scaling);
+    inner->router_topk(ids, weights, probs, logits, N, E, K, rp);
     charge(PART_ROUTER, t);
 }
 
