@@ -200,6 +200,187 @@ static void test_router(const struct backend *ops)
           "renormalised %g %g", weights[0], weights[1]);
 }
 
+/* ---- grouped and sigmoid routers ------------------------------------------------------
+ * The reference below is written from transformers 5.24's DeepseekV2TopkRouter
+ * (group_limited_greedy) and DeepseekV3TopkRouter / Glm4MoeTopkRouter, in double, by
+ * sorting instead of the backend's rounds of argmax. */
+
+struct ranked {
+    double value;
+    int index;
+};
+
+/* descending value, ties to the lower index */
+static int by_value(const void *a, const void *b)
+{
+    const struct ranked *x = a, *y = b;
+    if (x->value != y->value) return x->value < y->value ? 1 : -1;
+    return x->index - y->index;
+}
+
+/* One token: ids[K], weights[K], score[E] (softmax probabilities or sigmoid scores). */
+static void naive_route(int32_t *ids, double *weights, double *score, const float *z, int E, int K,
+                        const struct router_params *rp)
+{
+    bool sigmoid = rp->kind == ROUTER_SIGMOID_BIAS;
+    struct ranked *choice = xmalloc((size_t)E * sizeof *choice);
+    double max = -INFINITY, sum = 0;
+    for (int e = 0; e < E; e++) max = fmax(max, z[e]);
+    for (int e = 0; e < E; e++) sum += exp((double)z[e] - max);
+    for (int e = 0; e < E; e++) {
+        score[e] = sigmoid ? 1.0 / (1.0 + exp(-(double)z[e])) : exp((double)z[e] - max) / sum;
+        choice[e] = (struct ranked){score[e] + (sigmoid && rp->bias ? rp->bias[e] : 0.0), e};
+    }
+    if (rp->kind != ROUTER_SOFTMAX_TOPK) {
+        int size = E / rp->n_group;
+        struct ranked *group = xmalloc((size_t)rp->n_group * sizeof *group);
+        struct ranked *members = xmalloc((size_t)size * sizeof *members);
+        for (int g = 0; g < rp->n_group; g++) {
+            memcpy(members, choice + g * size, (size_t)size * sizeof *members);
+            qsort(members, (size_t)size, sizeof *members, by_value);
+            /* v2: the group's best probability; v3: the sum of its best two scores */
+            group[g] = (struct ranked){
+                sigmoid ? members[0].value + members[1].value : members[0].value, g};
+        }
+        qsort(group, (size_t)rp->n_group, sizeof *group, by_value);
+        for (int r = rp->topk_group; r < rp->n_group; r++)
+            for (int e = group[r].index * size; e < (group[r].index + 1) * size; e++)
+                choice[e].value = sigmoid ? -INFINITY : 0.0;
+        free(group), free(members);
+    }
+    qsort(choice, (size_t)E, sizeof *choice, by_value);
+    double total = sigmoid ? 1e-20 : 0.0;
+    for (int k = 0; k < K; k++) total += score[ids[k] = choice[k].index];
+    for (int k = 0; k < K; k++)
+        weights[k] = rp->scaling * score[ids[k]] / (rp->renormalise ? total : 1.0);
+    free(choice);
+}
+
+/* The backend against naive_route on random logits (and a random bias) for one routing. */
+static void check_router_against_naive(const struct backend *ops, const char *what, int N, int E,
+                                       int K, const struct router_params *rp)
+{
+    float *logits = random_array((size_t)N * E, 2.0), *weights = xmalloc((size_t)N * K * 4);
+    float *probs = xmalloc((size_t)N * E * sizeof(float));
+    int32_t *ids = xmalloc((size_t)N * K * sizeof(int32_t)), want_ids[64];
+    double want_weights[64], *score = xmalloc((size_t)E * sizeof(double));
+    ops->router_topk(ids, weights, probs, logits, N, E, K, rp);
+    int wrong_ids = 0;
+    double weight_error = 0, score_error = 0;
+    for (int n = 0; n < N; n++) {
+        naive_route(want_ids, want_weights, score, logits + (size_t)n * E, E, K, rp);
+        for (int k = 0; k < K; k++) {
+            wrong_ids += ids[(size_t)n * K + k] != want_ids[k];
+            weight_error = fmax(weight_error, fabs(weights[(size_t)n * K + k] - want_weights[k]) /
+                                                  fmax(1e-30, fabs(want_weights[k])));
+        }
+        for (int e = 0; e < E; e++)
+            score_error = fmax(score_error, fabs(probs[(size_t)n * E + e] - score[e]));
+    }
+    printf("router %-34s %d tokens: %d ids differ, weights max relative error %.2e, "
+           "scores max error %.2e\n",
+           what, N, wrong_ids, weight_error, score_error);
+    CHECK(wrong_ids == 0, "router %s: %d of %d ids differ from the reference", what, wrong_ids,
+          N * K);
+    CHECK(weight_error < 1e-6 && score_error < 1e-6,
+          "router %s: weights relative error %.3g, scores error %.3g", what, weight_error,
+          score_error);
+    free(logits), free(weights), free(probs), free(ids), free(score);
+}
+
+static float logit_of(double s)
+{
+    return (float)log(s / (1 - s));
+}
+
+static void test_grouped_routers(const struct backend *ops)
+{
+    /* Hand-worked, E = 8 in 4 groups of 2, keep 2 groups, K = 3.
+     * deepseek_v2: probabilities (9 2 8 1 7 7 1 1)/36; group maxima 9 8 7 1 keep groups
+     * 0 and 1: ids 0 2 1 (ungrouped top-3 would be 0 2 4); weights p x 2, unnormalised. */
+    const double raw[8] = {9, 2, 8, 1, 7, 7, 1, 1};
+    float logits[8];
+    for (int e = 0; e < 8; e++) logits[e] = (float)log(raw[e]);
+    int32_t ids[3];
+    float weights[3], probs[8];
+    struct router_params v2 = {ROUTER_GROUPED_GREEDY, false, 2.0f, 4, 2, NULL};
+    ops->router_topk(ids, weights, probs, logits, 1, 8, 3, &v2);
+    CHECK(ids[0] == 0 && ids[1] == 2 && ids[2] == 1, "grouped greedy ids %d %d %d, want 0 2 1",
+          ids[0], ids[1], ids[2]);
+    CHECK(fabsf(weights[0] - 0.5f) < 1e-6f && fabsf(weights[1] - 16.0f / 36) < 1e-6f &&
+              fabsf(weights[2] - 4.0f / 36) < 1e-6f,
+          "grouped greedy weights %g %g %g, want .5 .4444 .1111", weights[0], weights[1],
+          weights[2]);
+    v2.n_group = v2.topk_group = 1; /* one group: plain top-k */
+    ops->router_topk(ids, weights, probs, logits, 1, 8, 3, &v2);
+    CHECK(ids[0] == 0 && ids[1] == 2 && ids[2] == 4, "ungrouped ids %d %d %d, want 0 2 4", ids[0],
+          ids[1], ids[2]);
+
+    /* deepseek_v3: s = .9 .1 .8 .7 .6 .55 .95 .05, bias -.5 on expert 6: c = .9 .1 .8 .7 .6
+     * .55 .45 .05; group sums of the best two 1.0 1.5 1.15 .5 keep groups 1 and 2: ids 2 3 4
+     * (by c ungrouped: 0 2 3; without the bias: 6 0 2); weights s / (.8 + .7 + .6) x 2.5 */
+    const double s[8] = {.9, .1, .8, .7, .6, .55, .95, .05};
+    float bias[8] = {0, 0, 0, 0, 0, 0, -0.5f, 0};
+    for (int e = 0; e < 8; e++) logits[e] = logit_of(s[e]);
+    struct router_params v3 = {ROUTER_SIGMOID_BIAS, true, 2.5f, 4, 2, bias};
+    ops->router_topk(ids, weights, probs, logits, 1, 8, 3, &v3);
+    CHECK(ids[0] == 2 && ids[1] == 3 && ids[2] == 4, "sigmoid ids %d %d %d, want 2 3 4", ids[0],
+          ids[1], ids[2]);
+    CHECK(fabsf(weights[0] - 2.5f * .8f / 2.1f) < 1e-6f &&
+              fabsf(weights[1] - 2.5f * .7f / 2.1f) < 1e-6f &&
+              fabsf(weights[2] - 2.5f * .6f / 2.1f) < 1e-6f,
+          "sigmoid weights %g %g %g, want .952381 .833333 .714286", weights[0], weights[1],
+          weights[2]);
+    CHECK(fabsf(probs[6] - 0.95f) < 1e-6f, "sigmoid keeps s, not s + bias: %g", probs[6]);
+    v3.n_group = v3.topk_group = 1;
+    ops->router_topk(ids, weights, probs, logits, 1, 8, 3, &v3);
+    CHECK(ids[0] == 0 && ids[1] == 2 && ids[2] == 3, "sigmoid ungrouped ids %d %d %d, want 0 2 3",
+          ids[0], ids[1], ids[2]);
+    /* every corrected score negative (bias -2): the groups masked with -inf, not 0, so the
+     * kept groups still win: ids 2 3 4, the same weights, unnormalised: s x 2.5 */
+    for (int e = 0; e < 8; e++) bias[e] = -2.0f;
+    v3 = (struct router_params){ROUTER_SIGMOID_BIAS, false, 2.5f, 4, 2, bias};
+    ops->router_topk(ids, weights, probs, logits, 1, 8, 3, &v3);
+    CHECK(ids[0] == 2 && ids[1] == 3 && ids[2] == 4, "negative scores: ids %d %d %d, want 2 3 4",
+          ids[0], ids[1], ids[2]);
+    CHECK(fabsf(weights[0] - 2.0f) < 1e-6f && fabsf(weights[1] - 1.75f) < 1e-6f &&
+              fabsf(weights[2] - 1.5f) < 1e-6f,
+          "negative scores: weights %g %g %g, want 2 1.75 1.5", weights[0], weights[1], weights[2]);
+
+    /* random logits and biases, grouped as the released configs (and smaller) */
+    enum { N = 67 };
+    float *random_bias = random_array(64, 0.3);
+    for (int e = 0; e < 64; e++) random_bias[e] -= 0.4f; /* many corrected scores below 0 */
+    struct {
+        const char *what;
+        int E, K;
+        struct router_params rp;
+    } cases[] = {
+        {"softmax top-k renormalised x1", 16, 4, {ROUTER_SOFTMAX_TOPK, true, 1.0f, 1, 1, NULL}},
+        {"group_limited_greedy 8/3 x2.5", 64, 6, {ROUTER_GROUPED_GREEDY, false, 2.5f, 8, 3, NULL}},
+        {"group_limited_greedy 4/1 x1", 16, 3, {ROUTER_GROUPED_GREEDY, false, 1.0f, 4, 1, NULL}},
+        {"sigmoid bias 8/4 renormalised x2.5",
+         64,
+         8,
+         {ROUTER_SIGMOID_BIAS, true, 2.5f, 8, 4, random_bias}},
+        {"sigmoid bias 8/4 plain x2.5",
+         64,
+         8,
+         {ROUTER_SIGMOID_BIAS, false, 2.5f, 8, 4, random_bias}},
+        {"sigmoid bias 1/1 renormalised x1",
+         64,
+         8,
+         {ROUTER_SIGMOID_BIAS, true, 1.0f, 1, 1, random_bias}},
+        {"sigmoid bias 32/1 (groups of 2) x1",
+         64,
+         2,
+         {ROUTER_SIGMOID_BIAS, true, 1.0f, 32, 1, random_bias}},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+        check_router_against_naive(ops, cases[c].what, N, cases[c].E, cases[c].K, &cases[c].rp);
+    free(random_bias);
+}
+
 /* The same results with 1 and 3 threads, for the GEMM-based ops: wide (column blocks)
  * and narrow (row blocks) linears, attention, grouped experts. */
 static void test_thread_independence(const struct backend *ops)
@@ -230,6 +411,7 @@ int main(int argc, char **argv)
     test_cross_entropy(ops);
     test_cross_entropy_vocabulary(ops);
     test_router(ops);
+    test_grouped_routers(ops);
     test_thread_independence(ops);
     int status = check_done("test_cpu_ops");
     MPI_Finalize();
