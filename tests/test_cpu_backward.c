@@ -394,20 +394,23 @@ static void test_attention(const struct backend *ops)
 
 static struct {
     int E, K;
-    bool renormalise;
+    bool renormalise, sigmoid;
     double scaling, *logits, *g;
     const int32_t *ids;
 } rt;
 
+/* sum_k g_k weight_k of one token, the top-k choice held fixed (it has no gradient, nor has
+ * the sigmoid router's bias, which only chooses): softmax or sigmoid scores p, weight_k =
+ * scaling p[id_k] / (sum of the top-k p (+ 1e-20 for the sigmoid) when renormalising). */
 static double router_loss(int tensor, size_t index)
 {
     (void)tensor;
-    int n = (int)(index / rt.E); /* the top-k choice is held fixed: it has no gradient */
+    int n = (int)(index / rt.E);
     const double *z = rt.logits + (size_t)n * rt.E;
-    double max = -INFINITY, sum = 0, p[64], total = 0, loss = 0;
+    double max = -INFINITY, sum = 0, p[64], total = rt.sigmoid ? 1e-20 : 0, loss = 0;
     for (int e = 0; e < rt.E; e++) max = fmax(max, z[e]);
     for (int e = 0; e < rt.E; e++) sum += p[e] = exp(z[e] - max);
-    for (int e = 0; e < rt.E; e++) p[e] /= sum;
+    for (int e = 0; e < rt.E; e++) p[e] = rt.sigmoid ? 1 / (1 + exp(-z[e])) : p[e] / sum;
     for (int k = 0; k < rt.K; k++) total += p[rt.ids[(size_t)n * rt.K + k]];
     for (int k = 0; k < rt.K; k++) {
         double w = rt.scaling * p[rt.ids[(size_t)n * rt.K + k]] / (rt.renormalise ? total : 1.0);
@@ -416,39 +419,49 @@ static double router_loss(int tensor, size_t index)
     return loss;
 }
 
-static void test_router_case(const struct backend *ops, bool renormalise, float scaling)
+static void test_router_case(const struct backend *ops, const char *kind, int E, int K,
+                             const struct router_params *route)
 {
-    enum { N = 37, E = 7, K = 2 };
+    enum { N = 37 };
     char op[64];
-    snprintf(op, sizeof op, "router_backward %s x%.1f", renormalise ? "renorm" : "plain",
-             (double)scaling);
-    float *logits = random_array(N * E, 1.5), *g = random_array(N * K, 1.0);
-    float weights[N * K], probs[N * E], *dz[2];
-    int32_t ids[N * K];
-    struct router_params route = {.kind = ROUTER_SOFTMAX_TOPK,
-                                  .renormalise = renormalise,
-                                  .scaling = scaling,
-                                  .n_group = 1,
-                                  .topk_group = 1};
-    ops->router_topk(ids, weights, probs, logits, N, E, K, &route);
+    snprintf(op, sizeof op, "router %s %s x%.1f", kind, route->renormalise ? "renorm" : "plain",
+             (double)route->scaling);
+    float *logits = random_array((size_t)N * E, 1.5), *g = random_array((size_t)N * K, 1.0);
+    float *weights = xmalloc((size_t)N * K * sizeof(float));
+    float *probs = xmalloc((size_t)N * E * sizeof(float)), *dz[2];
+    int32_t *ids = xmalloc((size_t)N * K * sizeof(int32_t));
+    ops->router_topk(ids, weights, probs, logits, N, E, K, route);
     for (int pass = 0; pass < 2; pass++) {
         omp_set_num_threads(pass ? 3 : 1);
-        dz[pass] = filled(N * E, 7.0f);
-        ops->router_topk_backward(dz[pass], g, probs, ids, N, E, K, &route);
+        dz[pass] = filled((size_t)N * E, 7.0f);
+        ops->router_topk_backward(dz[pass], g, probs, ids, N, E, K, route);
     }
-    check_threads(op, "dlogits", dz[0], dz[1], N * E);
-    rt.E = E, rt.K = K, rt.renormalise = renormalise, rt.scaling = scaling, rt.ids = ids;
-    rt.logits = to_double(logits, N * E), rt.g = to_double(g, N * K);
-    report(op, "dlogits", fd_error(router_loss, 0, rt.logits, N * E, dz[0], NULL));
-    free(logits), free(g), free(dz[0]), free(dz[1]), free(rt.logits), free(rt.g);
+    check_threads(op, "dlogits", dz[0], dz[1], (size_t)N * E);
+    rt.E = E, rt.K = K, rt.renormalise = route->renormalise, rt.scaling = route->scaling;
+    rt.sigmoid = route->kind == ROUTER_SIGMOID_BIAS, rt.ids = ids;
+    rt.logits = to_double(logits, (size_t)N * E), rt.g = to_double(g, (size_t)N * K);
+    report(op, "dlogits", fd_error(router_loss, 0, rt.logits, (size_t)N * E, dz[0], NULL));
+    free(logits), free(g), free(weights), free(probs), free(ids), free(dz[0]), free(dz[1]);
+    free(rt.logits), free(rt.g);
 }
 
+/* The softmax top-k router (E 7, K 2), deepseek_v2's group-limited greedy and the sigmoid
+ * router with a selection bias (E 8 in 4 groups, 2 kept, K 3), renormalised or not,
+ * scaled or not. */
 static void test_router(const struct backend *ops)
 {
-    for (int renormalise = 0; renormalise < 2; renormalise++) {
-        test_router_case(ops, renormalise, 1.0f);
-        test_router_case(ops, renormalise, 2.5f);
-    }
+    float bias[8] = {0.3f, -0.2f, 0.0f, -1.5f, 0.1f, 0.4f, -0.6f, 0.2f};
+    for (int renormalise = 0; renormalise < 2; renormalise++)
+        for (int scaled = 0; scaled < 2; scaled++) {
+            float scaling = scaled ? 2.5f : 1.0f;
+            struct router_params softmax = {ROUTER_SOFTMAX_TOPK, renormalise, scaling, 1, 1, NULL};
+            struct router_params grouped = {
+                ROUTER_GROUPED_GREEDY, renormalise, scaling, 4, 2, NULL};
+            struct router_params sigmoid = {ROUTER_SIGMOID_BIAS, renormalise, scaling, 4, 2, bias};
+            test_router_case(ops, "softmax", 7, 2, &softmax);
+            test_router_case(ops, "grouped", 8, 3, &grouped);
+            test_router_case(ops, "sigmoid", 8, 3, &sigmoid);
+        }
 }
 
 /* ---- grouped linear -------------------------------------------------------------------- */
