@@ -29,6 +29,7 @@
 #include "hfconfig.h"
 #include "log.h"
 #include "model.h"
+#include "rng.h"
 #include "safetensors.h"
 #include "trainable.h"
 
@@ -106,6 +107,55 @@ static void check_faults(void)
     sim->download(out, buf, sizeof out);
     CHECK(memcmp(in, out, sizeof in) == 0, "upload then download changed the bytes");
     sim->release(buf);
+}
+
+/* The routers on the simulator equal the CPU backend's bits, forward (ids, weights, probs)
+ * and backward, for every kind the CPU implements; the sigmoid router's bias is a
+ * simulator buffer like the rest (the fixtures do not reach the grouped routers yet). */
+static void check_router_ops(void)
+{
+    enum { N = 29, E = 64, K = 6 };
+    const struct backend *cpu = backend_cpu(), *sim = backend_devsim();
+    static float logits[N * E], bias[E], dweights[N * K];
+    struct rng rng;
+    rng_seed(&rng, 7);
+    for (int i = 0; i < N * E; i++) logits[i] = (float)(2.0 * rng_normal(&rng));
+    for (int e = 0; e < E; e++) bias[e] = (float)(0.3 * rng_normal(&rng) - 0.2);
+    for (int i = 0; i < N * K; i++) dweights[i] = (float)rng_normal(&rng);
+    float *d_logits = sim->alloc(sizeof logits), *d_bias = sim->alloc(sizeof bias);
+    float *d_dweights = sim->alloc(sizeof dweights), *d_weights = sim->alloc(N * K * sizeof(float));
+    float *d_probs = sim->alloc(N * E * sizeof(float)),
+          *d_dlogits = sim->alloc(N * E * sizeof(float));
+    int32_t *d_ids = sim->alloc(N * K * sizeof(int32_t));
+    sim->upload(d_logits, logits, sizeof logits);
+    sim->upload(d_bias, bias, sizeof bias);
+    sim->upload(d_dweights, dweights, sizeof dweights);
+    const struct router_params kinds[3] = {{ROUTER_SOFTMAX_TOPK, true, 1.0f, 1, 1, NULL},
+                                           {ROUTER_GROUPED_GREEDY, false, 2.5f, 8, 3, NULL},
+                                           {ROUTER_SIGMOID_BIAS, true, 2.5f, 8, 4, bias}};
+    for (int r = 0; r < 3; r++) {
+        static int32_t ids[2][N * K];
+        static float weights[2][N * K], probs[2][N * E], dlogits[2][N * E];
+        struct router_params on_sim = kinds[r];
+        on_sim.bias = kinds[r].bias ? d_bias : NULL;
+        cpu->router_topk(ids[0], weights[0], probs[0], logits, N, E, K, &kinds[r]);
+        cpu->router_topk_backward(dlogits[0], dweights, probs[0], ids[0], N, E, K, &kinds[r]);
+        sim->router_topk(d_ids, d_weights, d_probs, d_logits, N, E, K, &on_sim);
+        sim->router_topk_backward(d_dlogits, d_dweights, d_probs, d_ids, N, E, K, &on_sim);
+        sim->download(ids[1], d_ids, sizeof ids[1]);
+        sim->download(weights[1], d_weights, sizeof weights[1]);
+        sim->download(probs[1], d_probs, sizeof probs[1]);
+        sim->download(dlogits[1], d_dlogits, sizeof dlogits[1]);
+        CHECK(memcmp(ids[0], ids[1], sizeof ids[0]) == 0 &&
+                  memcmp(weights[0], weights[1], sizeof weights[0]) == 0 &&
+                  memcmp(probs[0], probs[1], sizeof probs[0]) == 0 &&
+                  memcmp(dlogits[0], dlogits[1], sizeof dlogits[0]) == 0,
+              "router kind %d: the simulator's routing or its backward differs from the CPU's",
+              (int)kinds[r].kind);
+    }
+    printf("routers (softmax, grouped greedy, sigmoid with bias): simulator = CPU bit for bit\n");
+    void *buffers[] = {d_logits, d_bias, d_dweights, d_weights, d_probs, d_dlogits, d_ids};
+    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) sim->release(buffers[i]);
 }
 
 /* What one backend computes on a fixture: forward results and both kinds of gradient. */
@@ -234,6 +284,7 @@ int main(int argc, char **argv)
 {
     check_faults();
     MPI_Init(&argc, &argv);
+    check_router_ops();
     const char *golden = argc > 1 ? argv[1] : "tests/golden";
     int fixtures = fixture_each(golden, "expected.safetensors", check_fixture, NULL);
     CHECK(fixtures >= 7, "found %d fixtures", fixtures);
