@@ -25,6 +25,10 @@ int phase_select(const struct deck *deck, const struct layout *layout);
 
 /* train: fine-tune the method's trainable tensors, checkpoint, export (train.c). */
 int phase_train(const struct deck *deck, const struct layout *layout);
+/* What the train section may not ask of this model (preflight and train both ask): 0, or
+ * -1 with a message naming the deck's key. */
+int train_check_model(const struct deck *deck, const struct model_config *cfg, char *err,
+                      size_t err_size);
 int phase_eval(const struct deck *deck, const struct layout *layout);
 
 /* The backend of the deck's run.backend for a phase that computes (score, train, eval),

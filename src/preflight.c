@@ -14,6 +14,7 @@
 #include "files.h"
 #include "hfconfig.h"
 #include "log.h"
+#include "phases.h"
 #include "prepare.h"
 #include "tokenizer.h"
 #include "trainable.h"
@@ -192,6 +193,8 @@ int preflight_check(const struct deck *deck, const struct layout_grid *grid, cha
                             "train.micro_batch x dp x ep (%d x %d x %d = %d)", tr->global_batch,
                             tr->micro_batch, grid->dp, grid->ep, tr->micro_batch * data_ranks);
                 if (trainable_method_available(tr->method, err, sizeof err) != 0)
+                    problem(&p, "train: %s", err);
+                if (mc.ok && train_check_model(deck, &mc.cfg, err, sizeof err) != 0)
                     problem(&p, "train: %s", err);
                 bool selected_here = made.expert_config && tr->expert_config &&
                                      strcmp(tr->expert_config, select_output) == 0;

@@ -148,6 +148,29 @@ static void log_eval(long long step, double loss, int n_blocks)
         log_info("train: step %lld  eval loss %.6f (%d validation blocks)", step, loss, n_blocks);
 }
 
+/* The load-balancing loss esft adds is transformers' load_balancing_loss_func over the
+ * softmax probabilities. The deepseek and glm routers add no aux loss in transformers
+ * (5.24), and the ESFT reference's sequence-level aux loss for them is another formula:
+ * a coefficient would train a term that matches neither. */
+int train_check_model(const struct deck *deck, const struct model_config *cfg, char *err,
+                      size_t err_size)
+{
+    bool no_aux = cfg->family == HF_DEEPSEEK_V2 || cfg->family == HF_DEEPSEEK_V3 ||
+                  cfg->family == HF_GLM4_MOE;
+    if (no_aux && deck->train.aux_loss_coef > 0) {
+        char where[4200];
+        deck_where(deck, "train.aux_loss_coef", where, sizeof where);
+        snprintf(err, err_size,
+                 "%s: train.aux_loss_coef (%g) must be 0 for %s (%s): the ESFT reference's "
+                 "sequence-level aux loss for these families is not implemented yet, and "
+                 "transformers adds none",
+                 where, deck->train.aux_loss_coef, hfconfig_family_name(cfg->family),
+                 deck->model.path);
+        return -1;
+    }
+    return 0;
+}
+
 int phase_train(const struct deck *deck, const struct layout *layout)
 {
     const struct deck_train *tr = &deck->train;
@@ -170,6 +193,8 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     if (dataset_open(&ds, deck->data.path, err, sizeof err) != 0)
         fatal_all(EXIT_INPUT, "train: %s", err);
     if (dataset_check_model(&ds, deck->model.path, cfg.vocab_size, err, sizeof err) != 0)
+        fatal_all(EXIT_INPUT, "train: %s", err);
+    if (train_check_model(deck, &cfg, err, sizeof err) != 0)
         fatal_all(EXIT_INPUT, "train: %s", err);
     if (grid->pp > 1 && cfg.tie_word_embeddings)
         fatal_all(EXIT_INPUT, "train: %s ties lm_head to the embedding (tie_word_embeddings); "

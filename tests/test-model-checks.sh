@@ -55,6 +55,26 @@ for dry in --dry-run ""; do
     absent "$tmp/out-no-experts" "num_experts 0 $dry"
 done
 
+# train.aux_loss_coef > 0 on a deepseek / glm router is refused before anything runs:
+# transformers adds no aux loss there, and esft's softmax balance loss would be another.
+# preflight reads only config.json and sees that a weights file exists.
+mkdir -p "$tmp/glm"
+cat >"$tmp/glm/config.json" <<'EOF'
+{"model_type": "glm4_moe", "architectures": ["Glm4MoeForCausalLM"], "hidden_size": 64,
+ "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+ "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 272,
+ "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
+ "n_shared_experts": 1, "first_k_dense_replace": 1}
+EOF
+: >"$tmp/glm/model.safetensors"
+# shellcheck disable=SC2086 # $paths is a list of overrides
+expect 2 "aux loss on glm4_moe" "$esft" "$demo" phase=train "model.path=$tmp/glm" \
+    "run.output_dir=$tmp/out-glm" train.method=full train.aux_loss_coef=0.01 $paths
+contains "$tmp/err" "train.aux_loss_coef (0.01) must be 0 for glm4_moe ($tmp/glm): the ESFT \
+reference's sequence-level aux loss for these families is not implemented yet, and \
+transformers adds none" "aux loss on glm4_moe"
+absent "$tmp/out-glm" "aux loss on glm4_moe"
+
 # Sizes beyond esft's limits: refused by name, status 2 (not 'out of memory', status 1).
 variant wide 's/"hidden_size": 64/"hidden_size": 2147483647/'
 # shellcheck disable=SC2086
