@@ -408,6 +408,7 @@ struct param *model_find_param(struct model *m, const char *name)
 static void publish_grad(struct model *m, const struct param *p)
 {
     if (!p->data) return; /* held by another rank (stage or EP rank) */
+    if (p->buffer) return;  /* e_score_correction_bias: never trained, no gradient slot */
     if (p->layer < 0) {
         if (p->kind == PARAM_EMBEDDING) m->embedding_grad = p->grad;
         else if (p->kind == PARAM_LM_HEAD) m->lm_head_grad = p->grad;
