@@ -173,10 +173,11 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
         /* x_next = h + ffn: ws->dx is both d h and d ffn */
         if (c->is_moe[l])
             moe_backward(m, ops, ws, a, ws->dx, dhn, N, l, balance);
-        else
-            dense_mlp_backward(ops, dhn, false, ws->dx, a->hn, w->mlp_gate, w->mlp_up,
-                               w->mlp_down, g->mlp_gate, g->mlp_up, g->mlp_down, a->mlp_gate,
-                               a->mlp_up, a->mlp_act, ws->dgate, ws->dup, ws->dact, N, H,
+        else /* the dshared buffers hold N x max(intermediate, shared width); the expert
+              * ones (N K x expert width) can be narrower than a dense layer (glm4_moe) */
+            dense_mlp_backward(ops, dhn, false, ws->dx, a->hn, w->mlp_gate, w->mlp_up, w->mlp_down,
+                               g->mlp_gate, g->mlp_up, g->mlp_down, a->mlp_gate, a->mlp_up,
+                               a->mlp_act, ws->dshared_a, ws->dshared_b, ws->dshared_act, N, H,
                                c->intermediate_size, c->hidden_act);
         if (!dhn) break;
         /* d h += post-norm backward */
