@@ -56,17 +56,29 @@ struct backend {
     void (*rmsnorm)(float *y, float *rstd, const float *x, const float *w, int R, int D,
                     float eps);
 
-    /* In place on x[N, n_heads, Dh]: rotate the first rotary_dim dims of each head by
-     * position positions[n] (rotate-half pairs (i, i + rotary_dim/2)), cos and sin
-     * scaled by attention_scaling. inv_freq[rotary_dim/2]. */
+    /* In place on x[N, n_heads, Dh]: rotate the first rotary_dim dims of each head (the
+     * rotary_dim floats from x + (n * n_heads + h) * Dh) by position positions[n], cos
+     * and sin scaled by attention_scaling. inv_freq[rotary_dim/2]. Dh is the head's
+     * stride, so x may point into a head (MLA's q + dn, stride dn + dr, rotates each
+     * head's last dr dims). layout ROPE_ROTATE_HALF: pairs (i, i + rotary_dim/2);
+     * ROPE_INTERLEAVED: pairs (2i, 2i+1) (deepseek's complex multiply); pair i turns by
+     * position * inv_freq[i]. */
     void (*rope)(float *x, const int32_t *positions, const float *inv_freq,
-                 float attention_scaling, int N, int n_heads, int Dh, int rotary_dim);
+                 float attention_scaling, int N, int n_heads, int Dh, int rotary_dim,
+                 enum hf_rope_layout layout);
 
-    /* out[N, nH*Dh] = softmax(q k^T * scale + mask) v per head; query head h reads KV
-     * head h / (nH/nKV). q[N, nH*Dh], k and v [N, nKV*Dh]. */
+    /* out[N, nH*Dv] = softmax(q k^T * scale + mask) v per head; query head h reads KV
+     * head h / (nH/nKV). q[N, nH*Dh], k [N, nKV*Dh], v [N, nKV*Dv] (Dv: the value and
+     * output head width; MLA's differs from the query-key width Dh). */
     void (*attention)(float *out, const float *q, const float *k, const float *v,
                       const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
-                      float scale);
+                      int Dv, float scale);
+
+    /* dst[r*dst_ld + c] (+)= src[r*src_ld + c] for r < rows, c < cols: a strided 2D copy
+     * (cudaMemcpy2D's), to assemble MLA's keys and values and to split or sum their
+     * gradients. accumulate adds instead of writing. */
+    void (*copy_columns)(float *dst, int dst_ld, const float *src, int src_ld, int rows,
+                         int cols, bool accumulate);
 
     /* From router logits[N,E]: the top-k ids[N,K] and their weights[N,K] as the model
      * multiplies the expert outputs by them, routed as rp describes (see struct
@@ -138,16 +150,19 @@ struct backend {
     void (*rmsnorm_backward)(float *dx, float *dw, const float *dy, const float *x,
                              const float *w, const float *rstd, int R, int D, bool accumulate_dx);
 
-    /* In place on dx[N, n_heads, Dh]: the transpose of rope's rotation (rotate by -angle). */
+    /* In place on dx[N, n_heads, Dh] (Dh the stride, as rope): the transpose of rope's
+     * rotation (rotate by -angle), same layout. */
     void (*rope_backward)(float *dx, const int32_t *positions, const float *inv_freq,
-                          float attention_scaling, int N, int n_heads, int Dh, int rotary_dim);
+                          float attention_scaling, int N, int n_heads, int Dh, int rotary_dim,
+                          enum hf_rope_layout layout);
 
-    /* dq[N, nH*Dh], dk and dv [N, nKV*Dh] (written, not added) from dout[N, nH*Dh], with
-     * the forward's q, k, v and out; probabilities recomputed block by block. */
+    /* dq[N, nH*Dh], dk [N, nKV*Dh], dv [N, nKV*Dv] (written, not added) from dout
+     * [N, nH*Dv], with the forward's q, k, v and out; probabilities recomputed block by
+     * block. */
     void (*attention_backward)(float *dq, float *dk, float *dv, const float *dout,
                                const float *q, const float *k, const float *v, const float *out,
                                const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
-                               float scale);
+                               int Dv, float scale);
 
     /* dlogits[N,E] (written) from dweights[N,K], through the top-k weights' dependence on
      * probs[N,E] (saved by router_topk): the renormalisation when rp->renormalise, the

@@ -116,8 +116,7 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
     const struct model_config *c = &m->cfg;
     if (!ws->training) fatal(EXIT_RUNTIME, "model_backward needs a training workspace");
     if (!m->grads) fatal(EXIT_RUNTIME, "model_backward before model_set_trainable");
-    int N = batch->N, H = c->hidden_size, V = c->vocab_size, Dh = c->head_dim;
-    int nH = c->num_heads, nKV = c->num_kv_heads, q_width = nH * Dh, kv_width = nKV * Dh;
+    int N = batch->N, H = c->hidden_size, V = c->vocab_size;
 
     bool balance = aux_scale != 0.0f;
     int stage = m->me.pp_rank, first = m->first_layer, end = m->first_layer + m->n_layers;
@@ -163,7 +162,6 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
         }
     }
 
-    struct attention_mask mask = {.sample_start = batch->sample_start};
     for (int l = end - 1; l >= first && l >= floor; l--) {
         const struct layer_weights *w = &m->layers[l];
         const struct layer_grads *g = &m->grads[l];
@@ -183,35 +181,11 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
         /* d h += post-norm backward */
         ops->rmsnorm_backward(ws->dx, g->post_norm, ws->dxn, a->h, w->post_norm, a->rstd_post, N,
                               H, true);
-        /* h = x + o(attn) */
-        ops->linear_backward(ws->dattn, g->o, g->o_bias, ws->dx, a->attn, w->o, N, q_width, H,
-                             false);
-        ops->attention_backward(ws->dq, ws->dk, ws->dv, ws->dattn, a->q, a->k, a->v, a->attn,
-                                &mask, N, nH, nKV, Dh, 1.0f / sqrtf((float)Dh));
-        ops->rope_backward(ws->dq, batch->positions, model_inv_freq(m), (float)c->rope.attention_scaling,
-                           N, nH, Dh, c->rope.rotary_dim);
-        ops->rope_backward(ws->dk, batch->positions, model_inv_freq(m), (float)c->rope.attention_scaling,
-                           N, nKV, Dh, c->rope.rotary_dim);
-        if (c->clip_qkv > 0) { /* no gradient where the clamp bit */
-            float limit = (float)c->clip_qkv;
-            ops->clamp_backward(ws->dq, a->q_clamped, (size_t)N * q_width, -limit, limit);
-            ops->clamp_backward(ws->dk, a->k_clamped, (size_t)N * kv_width, -limit, limit);
-            ops->clamp_backward(ws->dv, a->v, (size_t)N * kv_width, -limit, limit);
-        }
-        if (c->qk_norm == QK_NORM_PER_HEAD) {
-            ops->rmsnorm_backward(ws->dq, g->q_norm, ws->dq, a->q_proj, w->q_norm, a->q_rstd,
-                                  N * nH, Dh, false);
-            ops->rmsnorm_backward(ws->dk, g->k_norm, ws->dk, a->k_proj, w->k_norm, a->k_rstd,
-                                  N * nKV, Dh, false);
-        } else if (c->qk_norm == QK_NORM_WHOLE_PROJECTION) {
-            ops->rmsnorm_backward(ws->dq, g->q_norm, ws->dq, a->q_proj, w->q_norm, a->q_rstd, N,
-                                  q_width, false);
-            ops->rmsnorm_backward(ws->dk, g->k_norm, ws->dk, a->k_proj, w->k_norm, a->k_rstd, N,
-                                  kv_width, false);
-        }
-        ops->linear_backward(ws->dxn, g->q, g->q_bias, ws->dq, a->xn, w->q, N, H, q_width, false);
-        ops->linear_backward(ws->dxn, g->k, g->k_bias, ws->dk, a->xn, w->k, N, H, kv_width, true);
-        ops->linear_backward(ws->dxn, g->v, g->v_bias, ws->dv, a->xn, w->v, N, H, kv_width, true);
+        /* h = x + attention(input norm(x)): the family's attention backward -> dxn */
+        if (c->attention == ATTENTION_MLA)
+            mla_backward(m, ops, ws, a, batch, l, ws->dx, ws->dxn, false);
+        else
+            gqa_backward(m, ops, ws, a, batch, l, ws->dx, ws->dxn, false);
         /* d x = d h + input-norm backward */
         ops->rmsnorm_backward(ws->dx, g->input_norm, ws->dxn, a->x, w->input_norm, a->rstd_in, N,
                               H, true);

@@ -23,6 +23,7 @@
 #include "dense_math.h"
 #include "log.h"
 #include "moe_math.h"
+#include "cpu_ops_internal.h"
 
 /* e^x for x <= 0, the arguments of a softmax after its maximum is subtracted, written so
  * that loops over it vectorise (libm's expf does not). x = n ln2 + r with |r| <= ln2/2;
@@ -166,22 +167,6 @@ static void cpu_rmsnorm(float *y, float *rstd, const float *x, const float *w, i
     }
 }
 
-static void cpu_rope(float *x, const int32_t *positions, const float *inv_freq,
-                     float attention_scaling, int N, int n_heads, int Dh, int rotary_dim)
-{
-    int half = rotary_dim / 2;
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        float cosv[512], sinv[512];
-        for (int i = 0; i < half; i++)
-            rope_cos_sin(&cosv[i], &sinv[i], positions[n], inv_freq[i], attention_scaling);
-        for (int h = 0; h < n_heads; h++) {
-            float *xh = x + ((size_t)n * n_heads + h) * Dh;
-            for (int i = 0; i < half; i++) rope_rotate(&xh[i], &xh[i + half], cosv[i], sinv[i]);
-        }
-    }
-}
-
 /* Scratch of the attention scores, one per thread, grown when a longer sample comes. */
 static _Thread_local float *attention_scratch = NULL;
 static _Thread_local size_t attention_scratch_size = 0;
@@ -209,10 +194,10 @@ static void causal_softmax_block(float *S, int rows, int keys, int first)
  * touched, which is the per-sample mask of packed batches. */
 static void cpu_attention(float *out, const float *q, const float *k, const float *v,
                           const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
-                          float scale)
+                          int Dv, float scale)
 {
     int group = nH / nKV;
-    int q_stride = nH * Dh, kv_stride = nKV * Dh;
+    int q_stride = nH * Dh, kv_stride = nKV * Dh, v_stride = nKV * Dv, out_stride = nH * Dv;
     /* samples are runs of tokens: token i starts one when sample_start[i] == i */
     int n_items = 0, longest = 0;
     for (int i = 0; i < N; i++) {
@@ -257,13 +242,13 @@ static void cpu_attention(float *out, const float *q, const float *k, const floa
             int keys = first + rows;     /* keys 0 .. last query of the block */
             const float *qb = q + (size_t)(start + first) * q_stride + (size_t)h * Dh;
             const float *ks = k + (size_t)start * kv_stride + (size_t)kv * Dh;
-            const float *vs = v + (size_t)start * kv_stride + (size_t)kv * Dh;
+            const float *vs = v + (size_t)start * v_stride + (size_t)kv * Dv;
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, Dh, scale, qb,
                         q_stride, ks, kv_stride, 0.0f, S, keys);
             causal_softmax_block(S, rows, keys, first);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, Dh, keys, 1.0f, S, keys,
-                        vs, kv_stride, 0.0f, out + (size_t)(start + first) * q_stride + (size_t)h * Dh,
-                        q_stride);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, Dv, keys, 1.0f, S, keys,
+                        vs, v_stride, 0.0f, out + (size_t)(start + first) * out_stride + (size_t)h * Dv,
+                        out_stride);
         }
     }
     free(items);
@@ -570,25 +555,6 @@ static void cpu_rmsnorm_backward(float *dx, float *dw, const float *dy, const fl
     }
 }
 
-/* The forward maps (a, b) -> (a c - b s, b c + a s); its transpose maps the gradient
- * (da, db) -> (da c + db s, db c - da s), with the forward's c and s (fp32 angle). */
-static void cpu_rope_backward(float *dx, const int32_t *positions, const float *inv_freq,
-                              float attention_scaling, int N, int n_heads, int Dh, int rotary_dim)
-{
-    int half = rotary_dim / 2;
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        float cosv[512], sinv[512];
-        for (int i = 0; i < half; i++)
-            rope_cos_sin(&cosv[i], &sinv[i], positions[n], inv_freq[i], attention_scaling);
-        for (int h = 0; h < n_heads; h++) {
-            float *g = dx + ((size_t)n * n_heads + h) * Dh;
-            for (int i = 0; i < half; i++)
-                rope_rotate_transpose(&g[i], &g[i + half], cosv[i], sinv[i]);
-        }
-    }
-}
-
 static _Thread_local float *attention_backward_scratch = NULL;
 static _Thread_local size_t attention_backward_scratch_size = 0;
 
@@ -601,10 +567,10 @@ static _Thread_local size_t attention_backward_scratch_size = 0;
 static void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                                    const float *q, const float *k, const float *v, const float *out,
                                    const struct attention_mask *mask, int N, int nH, int nKV,
-                                   int Dh, float scale)
+                                   int Dh, int Dv, float scale)
 {
     int group = nH / nKV;
-    int q_stride = nH * Dh, kv_stride = nKV * Dh;
+    int q_stride = nH * Dh, kv_stride = nKV * Dh, v_stride = nKV * Dv, out_stride = nH * Dv;
     int n_items = 0, longest = 0;
     for (int i = 0; i < N; i++)
         if (mask->sample_start[i] == i) n_items += nKV;
@@ -637,12 +603,12 @@ static void cpu_attention_backward(float *dq, float *dk, float *dv, const float 
             int start = items[3 * it], length = items[3 * it + 1], kv = items[3 * it + 2];
             int blocks = (length + QUERY_BLOCK - 1) / QUERY_BLOCK;
             const float *ks = k + (size_t)start * kv_stride + (size_t)kv * Dh;
-            const float *vs = v + (size_t)start * kv_stride + (size_t)kv * Dh;
+            const float *vs = v + (size_t)start * v_stride + (size_t)kv * Dv;
             float *dks = dk + (size_t)start * kv_stride + (size_t)kv * Dh;
-            float *dvs = dv + (size_t)start * kv_stride + (size_t)kv * Dh;
+            float *dvs = dv + (size_t)start * v_stride + (size_t)kv * Dv;
             for (int j = 0; j < length; j++) {
                 memset(dks + (size_t)j * kv_stride, 0, (size_t)Dh * sizeof(float));
-                memset(dvs + (size_t)j * kv_stride, 0, (size_t)Dh * sizeof(float));
+                memset(dvs + (size_t)j * v_stride, 0, (size_t)Dv * sizeof(float));
             }
             for (int h = kv * group; h < (kv + 1) * group; h++)
                 for (int b = 0; b < blocks; b++) {
@@ -650,19 +616,20 @@ static void cpu_attention_backward(float *dq, float *dk, float *dv, const float 
                     int rows = length - first < QUERY_BLOCK ? length - first : QUERY_BLOCK;
                     int keys = first + rows;
                     size_t offset = (size_t)(start + first) * q_stride + (size_t)h * Dh;
-                    const float *qb = q + offset, *dob = dout + offset, *ob = out + offset;
+                    size_t out_offset = (size_t)(start + first) * out_stride + (size_t)h * Dv;
+                    const float *qb = q + offset, *dob = dout + out_offset, *ob = out + out_offset;
                     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, Dh, scale, qb,
                                 q_stride, ks, kv_stride, 0.0f, P, keys);
                     causal_softmax_block(P, rows, keys, first);
-                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, Dh, rows, 1.0f, P,
-                                keys, dob, q_stride, 1.0f, dvs, kv_stride);
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, Dh, 1.0f, dob,
-                                q_stride, vs, kv_stride, 0.0f, dS, keys);
+                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, Dv, rows, 1.0f, P,
+                                keys, dob, out_stride, 1.0f, dvs, v_stride);
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, Dv, 1.0f, dob,
+                                out_stride, vs, v_stride, 0.0f, dS, keys);
                     for (int r = 0; r < rows; r++) {
-                        const float *dor = dob + (size_t)r * q_stride,
-                                    *orow = ob + (size_t)r * q_stride;
+                        const float *dor = dob + (size_t)r * out_stride,
+                                    *orow = ob + (size_t)r * out_stride;
                         float D = 0.0f;
-                        for (int d = 0; d < Dh; d++) D += dor[d] * orow[d];
+                        for (int d = 0; d < Dv; d++) D += dor[d] * orow[d];
                         float *pr = P + (size_t)r * keys, *sr = dS + (size_t)r * keys;
                         int visible = first + r + 1;
                         for (int j = 0; j < visible; j++) sr[j] = pr[j] * (sr[j] - D);
@@ -917,6 +884,7 @@ const struct backend *backend_cpu(void)
         .rmsnorm = cpu_rmsnorm,
         .rope = cpu_rope,
         .attention = cpu_attention,
+        .copy_columns = cpu_copy_columns,
         .router_topk = cpu_router_topk,
         .router_balance_stats = cpu_router_balance_stats,
         .permute_by_expert = cpu_permute_by_expert,

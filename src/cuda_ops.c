@@ -20,6 +20,7 @@
  * tests/test_device.c runs a MoE block through it against the CPU backend. */
 #include "cuda_ops.h"
 
+#include <cublas_v2.h>
 #include <stdlib.h>
 
 #include "attention.h"
@@ -186,10 +187,28 @@ static void cuda_rmsnorm(float *y, float *rstd, const float *x, const float *w, 
     ok(dense_rmsnorm(y, rstd, x, w, R, D, eps, err, sizeof err), err);
 }
 
+/* The kernels rotate rotate-half pairs only; deepseek's interleaved pairs have none yet. */
+static void need_rotate_half(enum hf_rope_layout layout, const char *op)
+{
+    if (layout != ROPE_ROTATE_HALF)
+        fatal(EXIT_RUNTIME, "cuda backend: %s with interleaved pairs is not implemented yet "
+              "(deepseek MLA)", op);
+}
+
+/* The attention kernels take one head width for keys and values. */
+static void need_equal_widths(int Dh, int Dv, const char *op)
+{
+    if (Dv != Dh)
+        fatal(EXIT_RUNTIME, "cuda backend: %s with a value width (%d) other than the query-key "
+              "width (%d) is not implemented yet (deepseek MLA)", op, Dv, Dh);
+}
+
 static void cuda_rope(float *x, const int32_t *positions, const float *inv_freq,
-                      float attention_scaling, int N, int n_heads, int Dh, int rotary_dim)
+                      float attention_scaling, int N, int n_heads, int Dh, int rotary_dim,
+                      enum hf_rope_layout layout)
 {
     char err[256];
+    need_rotate_half(layout, "rope");
     ok(dense_rope(x, positions, inv_freq, attention_scaling, N, n_heads, Dh, rotary_dim, 0, err,
                   sizeof err),
        err);
@@ -212,9 +231,10 @@ static int *batch_samples(const int32_t *sample_start, int N, int *count, int *l
  * a block of queries at a time, on the tensor cores' fp32 path (or TF32). */
 static void cuda_attention(float *out, const float *q, const float *k, const float *v,
                            const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
-                           float scale)
+                           int Dv, float scale)
 {
     char err[256];
+    need_equal_widths(Dh, Dv, "attention");
     int count, longest;
     int *starts = batch_samples(mask->sample_start, N, &count, &longest);
     void *ws = scratch(attention_gemm_workspace(longest, nH, nKV));
@@ -222,6 +242,29 @@ static void cuda_attention(float *out, const float *q, const float *k, const flo
                               ws, err, sizeof err),
        err);
     free(starts);
+}
+
+/* copy_columns: a strided 2D copy (cudaMemcpy2D); accumulate by cuBLAS's geam, which
+ * adds in place (C = B, ldc = ldb): row-major [rows, cols] with stride ld is column-major
+ * [cols, rows] with the same ld. */
+static void cuda_copy_columns(float *dst, int dst_ld, const float *src, int src_ld, int rows,
+                              int cols, bool accumulate)
+{
+    if (rows <= 0 || cols <= 0) return;
+    if (!accumulate) {
+        check_cuda(cudaMemcpy2D(dst, (size_t)dst_ld * sizeof(float), src,
+                                (size_t)src_ld * sizeof(float), (size_t)cols * sizeof(float),
+                                (size_t)rows, cudaMemcpyDeviceToDevice));
+        return;
+    }
+    const float one = 1.0f;
+    cublasStatus_t status = cublasSgeam((cublasHandle_t)gemm_cublas(gemm()), CUBLAS_OP_N,
+                                        CUBLAS_OP_N, cols, rows, &one, src, src_ld, &one, dst,
+                                        dst_ld, dst, dst_ld);
+    if (status != CUBLAS_STATUS_SUCCESS)
+        fatal(EXIT_RUNTIME, "cuda backend: copy_columns: cublasSgeam failed (status %d)",
+              (int)status);
+    check_cuda(cudaDeviceSynchronize());
 }
 
 static void cuda_router_topk(int32_t *ids, float *weights, float *probs, const float *logits, int N,
@@ -356,9 +399,11 @@ static void cuda_rmsnorm_backward(float *dx, float *dw, const float *dy, const f
 }
 
 static void cuda_rope_backward(float *dx, const int32_t *positions, const float *inv_freq,
-                               float attention_scaling, int N, int n_heads, int Dh, int rotary_dim)
+                               float attention_scaling, int N, int n_heads, int Dh, int rotary_dim,
+                               enum hf_rope_layout layout)
 {
     char err[256];
+    need_rotate_half(layout, "rope_backward");
     ok(dense_rope(dx, positions, inv_freq, attention_scaling, N, n_heads, Dh, rotary_dim, 1, err,
                   sizeof err),
        err);
@@ -367,9 +412,10 @@ static void cuda_rope_backward(float *dx, const int32_t *positions, const float 
 static void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                                     const float *q, const float *k, const float *v,
                                     const float *out, const struct attention_mask *mask, int N,
-                                    int nH, int nKV, int Dh, float scale)
+                                    int nH, int nKV, int Dh, int Dv, float scale)
 {
     char err[256];
+    need_equal_widths(Dh, Dv, "attention_backward");
     (void)out;
     int count, longest;
     int *starts = batch_samples(mask->sample_start, N, &count, &longest);
@@ -579,6 +625,7 @@ const struct backend *backend_cuda(void)
         .linear = cuda_linear,
         .rmsnorm = cuda_rmsnorm,
         .rope = cuda_rope,
+        .copy_columns = cuda_copy_columns,
         .attention = cuda_attention,
         .router_topk = cuda_router_topk,
         .router_balance_stats = cuda_router_balance_stats,

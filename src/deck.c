@@ -36,7 +36,8 @@ static const char *const phase_names[] = {"init",  "prepare", "score", "select",
 static const char *const backend_names[] = {"auto", "cpu", "cuda", "cpu-devsim", NULL};
 static const char *const dtype_names[] = {"auto", "fp32", "bf16", "fp16", NULL};
 static const char *const compute_names[] = {"auto", "fp32", "bf16", "fp16", "tf32", NULL};
-static const char *const family_names[] = {"qwen2_moe", "qwen3_moe", "olmoe", "mixtral", NULL};
+static const char *const family_names[] = {"qwen2_moe",   "qwen3_moe",   "olmoe",    "mixtral",
+                                           "deepseek_v2", "deepseek_v3", "glm4_moe", NULL};
 static const char *const score_tokens_names[] = {"all", "loss", NULL};
 static const char *const score_function_names[] = {"token", "gate", NULL};
 static const char *const method_names[] = {"esft", "full",       "frozen_router",
@@ -183,7 +184,30 @@ static const struct key schema[] = {
      .help = "dense MLP width (and the expert width of mixtral and olmoe)"},
     {KEY("init.moe_intermediate_size", KEY_INT, init.moe_intermediate_size), .def = "32",
      .bounds = LO | HI, .lo = 1, .hi = HFCONFIG_MAX_INTERMEDIATE,
-     .help = "expert width (qwen families)"},
+     .help = "expert width (qwen, deepseek and glm families)"},
+    {KEY("init.n_shared_experts", KEY_INT, init.n_shared_experts), .def = "1", .bounds = LO | HI,
+     .lo = 0, .hi = 64, .help = "shared experts, each moe_intermediate_size wide (deepseek, glm)"},
+    {KEY("init.first_k_dense_replace", KEY_INT, init.first_k_dense_replace), .def = "1",
+     .bounds = LO | HI, .lo = 0, .hi = HFCONFIG_MAX_LAYERS,
+     .help = "leading dense (non-MoE) layers (deepseek, glm)"},
+    {KEY("init.n_group", KEY_INT, init.n_group), .def = "1", .bounds = LO | HI, .lo = 1,
+     .hi = HFCONFIG_MAX_EXPERTS,
+     .help = "expert groups of the router (deepseek, glm; deepseek_v2 with more than 1: "
+             "group_limited_greedy)"},
+    {KEY("init.topk_group", KEY_INT, init.topk_group), .def = "1", .bounds = LO | HI, .lo = 1,
+     .hi = HFCONFIG_MAX_EXPERTS, .help = "groups a token may route to (at most n_group)"},
+    {KEY("init.routed_scaling_factor", KEY_DOUBLE, init.routed_scaling_factor), .def = "1",
+     .bounds = LO | LO_OPEN, .lo = 0, .help = "factor on the routed experts' weights (deepseek, glm)"},
+    {KEY("init.kv_lora_rank", KEY_INT, init.kv_lora_rank), .def = "32", .bounds = LO | HI, .lo = 1,
+     .hi = HFCONFIG_MAX_HIDDEN, .help = "compressed key-value width (deepseek MLA)"},
+    {KEY("init.q_lora_rank", KEY_INT, init.q_lora_rank), .def = "0", .bounds = LO | HI, .lo = 0,
+     .hi = HFCONFIG_MAX_HIDDEN, .help = "compressed query width (deepseek MLA); 0: a plain q_proj"},
+    {KEY("init.qk_nope_head_dim", KEY_INT, init.qk_nope_head_dim), .def = "16", .bounds = LO | HI,
+     .lo = 0, .hi = HFCONFIG_MAX_HEAD_DIM, .help = "query/key width without RoPE (deepseek MLA)"},
+    {KEY("init.qk_rope_head_dim", KEY_INT, init.qk_rope_head_dim), .def = "8", .bounds = LO | HI,
+     .lo = 2, .hi = HFCONFIG_MAX_HEAD_DIM, .help = "query/key width with RoPE (deepseek MLA; even)"},
+    {KEY("init.v_head_dim", KEY_INT, init.v_head_dim), .def = "16", .bounds = LO | HI, .lo = 1,
+     .hi = HFCONFIG_MAX_HEAD_DIM, .help = "value width per head (deepseek MLA)"},
     {KEY("init.shared_expert_intermediate_size", KEY_INT, init.shared_expert_intermediate_size),
      .def = "0", .bounds = LO | HI, .lo = 0, .hi = HFCONFIG_MAX_INTERMEDIATE,
      .help = "shared expert width (qwen2_moe); 0: none"},

@@ -61,11 +61,15 @@ struct deck_parallel {
 };
 
 struct deck_init {
-    char *family; /* qwen2_moe, qwen3_moe, olmoe, mixtral */
+    char *family; /* qwen2_moe, qwen3_moe, olmoe, mixtral, deepseek_v2, deepseek_v3, glm4_moe */
     int hidden_size, num_layers, num_heads, num_kv_heads, head_dim, vocab_size;
     int intermediate_size;     /* dense MLP width (and mixtral/olmoe expert width) */
     int moe_intermediate_size; /* expert width (qwen families) */
     int shared_expert_intermediate_size; /* qwen2_moe; 0 = none */
+    /* deepseek_v2 / deepseek_v3 / glm4_moe */
+    int n_shared_experts, first_k_dense_replace, n_group, topk_group;
+    double routed_scaling_factor;
+    int kv_lora_rank, q_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim; /* MLA */
     int num_experts, top_k;
     bool norm_topk_prob, tie_word_embeddings;
     double rope_theta, init_std;

@@ -141,17 +141,25 @@ static void sim_rmsnorm(float *y, float *rstd, const float *x, const float *w, i
 }
 
 static void sim_rope(float *x, const int32_t *positions, const float *inv_freq,
-                     float attention_scaling, int N, int n_heads, int Dh, int rotary_dim)
+                     float attention_scaling, int N, int n_heads, int Dh, int rotary_dim,
+                     enum hf_rope_layout layout)
 {
-    cpu->rope(U(x), U(positions), U(inv_freq), attention_scaling, N, n_heads, Dh, rotary_dim);
+    cpu->rope(U(x), U(positions), U(inv_freq), attention_scaling, N, n_heads, Dh, rotary_dim,
+              layout);
 }
 
 static void sim_attention(float *out, const float *q, const float *k, const float *v,
                           const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
-                          float scale)
+                          int Dv, float scale)
 {
     struct attention_mask host = {.sample_start = U(mask->sample_start)};
-    cpu->attention(U(out), U(q), U(k), U(v), &host, N, nH, nKV, Dh, scale);
+    cpu->attention(U(out), U(q), U(k), U(v), &host, N, nH, nKV, Dh, Dv, scale);
+}
+
+static void sim_copy_columns(float *dst, int dst_ld, const float *src, int src_ld, int rows,
+                             int cols, bool accumulate)
+{
+    cpu->copy_columns(U(dst), dst_ld, U(src), src_ld, rows, cols, accumulate);
 }
 
 static void sim_router_topk(int32_t *ids, float *weights, float *probs, const float *logits, int N,
@@ -235,20 +243,21 @@ static void sim_rmsnorm_backward(float *dx, float *dw, const float *dy, const fl
 }
 
 static void sim_rope_backward(float *dx, const int32_t *positions, const float *inv_freq,
-                              float attention_scaling, int N, int n_heads, int Dh, int rotary_dim)
+                              float attention_scaling, int N, int n_heads, int Dh, int rotary_dim,
+                              enum hf_rope_layout layout)
 {
     cpu->rope_backward(U(dx), U(positions), U(inv_freq), attention_scaling, N, n_heads, Dh,
-                       rotary_dim);
+                       rotary_dim, layout);
 }
 
 static void sim_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                                    const float *q, const float *k, const float *v,
                                    const float *out, const struct attention_mask *mask, int N,
-                                   int nH, int nKV, int Dh, float scale)
+                                   int nH, int nKV, int Dh, int Dv, float scale)
 {
     struct attention_mask host = {.sample_start = U(mask->sample_start)};
     cpu->attention_backward(U(dq), U(dk), U(dv), U(dout), U(q), U(k), U(v), U(out), &host, N, nH,
-                            nKV, Dh, scale);
+                            nKV, Dh, Dv, scale);
 }
 
 static void sim_router_topk_backward(float *dlogits, const float *dweights, const float *probs,
@@ -373,6 +382,7 @@ const struct backend *backend_devsim(void)
         .rmsnorm = sim_rmsnorm,
         .rope = sim_rope,
         .attention = sim_attention,
+        .copy_columns = sim_copy_columns,
         .router_topk = sim_router_topk,
         .router_balance_stats = sim_router_balance_stats,
         .permute_by_expert = sim_permute_by_expert,

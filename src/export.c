@@ -212,6 +212,13 @@ static int finish_merged_directory(const char *dir, const struct model *model, c
             return -1;
         if (path_exists(from) && copy_file(from, to, err, err_size)) return -1;
     }
+    /* The base model's config.json as it is (its unknown keys kept: the export changes
+     * weights, not the architecture), or one written from the configuration. */
+    char from[4200], to[4200];
+    if (base_dir && (path_join(from, sizeof from, base_dir, "config.json", err, err_size) ||
+                     path_join(to, sizeof to, dir, "config.json", err, err_size)))
+        return -1;
+    if (base_dir && path_exists(from)) return copy_file(from, to, err, err_size);
     return hfconfig_write(dir, &model->cfg, err, err_size);
 }
 

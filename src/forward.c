@@ -82,45 +82,18 @@ void ws_stage_send_start(const struct model *m, struct forward_workspace *ws, co
     comm_send_start(m->pp_comm, buf, count, COMM_F32, to, tag, COMM_HOST, request);
 }
 
+/* input norm, the family's attention (attention_gqa.c or attention_mla.c: a->h = its
+ * o_proj output), then the residual */
 static void attention_block(const struct model *m, const struct backend *ops,
                             struct layer_activations *a, const struct batch *batch, int l)
 {
     const struct model_config *c = &m->cfg;
-    const struct layer_weights *w = &m->layers[l];
-    int N = batch->N, H = c->hidden_size, Dh = c->head_dim;
-    int nH = c->num_heads, nKV = c->num_kv_heads;
-    int q_width = nH * Dh, kv_width = nKV * Dh;
-    float eps = (float)c->rms_norm_eps;
-
-    ops->rmsnorm(a->xn, a->rstd_in, a->x, w->input_norm, N, H, eps);
-    bool qk_norm = c->qk_norm != QK_NORM_NONE;
-    ops->linear(qk_norm ? a->q_proj : a->q, a->xn, w->q, w->q_bias, N, H, q_width, false);
-    ops->linear(qk_norm ? a->k_proj : a->k, a->xn, w->k, w->k_bias, N, H, kv_width, false);
-    ops->linear(a->v, a->xn, w->v, w->v_bias, N, H, kv_width, false);
-    if (c->qk_norm == QK_NORM_PER_HEAD) {
-        ops->rmsnorm(a->q, a->q_rstd, a->q_proj, w->q_norm, N * nH, Dh, eps);
-        ops->rmsnorm(a->k, a->k_rstd, a->k_proj, w->k_norm, N * nKV, Dh, eps);
-    } else if (c->qk_norm == QK_NORM_WHOLE_PROJECTION) {
-        ops->rmsnorm(a->q, a->q_rstd, a->q_proj, w->q_norm, N, q_width, eps);
-        ops->rmsnorm(a->k, a->k_rstd, a->k_proj, w->k_norm, N, kv_width, eps);
-    }
-    if (c->clip_qkv > 0) { /* olmoe: clamp q, k, v after the norms */
-        float limit = (float)c->clip_qkv;
-        ops->clamp(a->q, (size_t)N * q_width, -limit, limit);
-        ops->clamp(a->k, (size_t)N * kv_width, -limit, limit);
-        ops->clamp(a->v, (size_t)N * kv_width, -limit, limit);
-        if (a->q_clamped) { /* the backward needs to know where the clamp bit */
-            ops->copy(a->q_clamped, a->q, (size_t)N * q_width * sizeof(float));
-            ops->copy(a->k_clamped, a->k, (size_t)N * kv_width * sizeof(float));
-        }
-    }
-    ops->rope(a->q, batch->positions, model_inv_freq(m), (float)c->rope.attention_scaling, N, nH, Dh,
-              c->rope.rotary_dim);
-    ops->rope(a->k, batch->positions, model_inv_freq(m), (float)c->rope.attention_scaling, N, nKV, Dh,
-              c->rope.rotary_dim);
-    struct attention_mask mask = {.sample_start = batch->sample_start};
-    ops->attention(a->attn, a->q, a->k, a->v, &mask, N, nH, nKV, Dh, 1.0f / sqrtf((float)Dh));
-    ops->linear(a->h, a->attn, w->o, w->o_bias, N, q_width, H, false);
+    int N = batch->N, H = c->hidden_size;
+    ops->rmsnorm(a->xn, a->rstd_in, a->x, m->layers[l].input_norm, N, H, (float)c->rms_norm_eps);
+    if (c->attention == ATTENTION_MLA)
+        mla_forward(m, ops, a, batch, l);
+    else
+        gqa_forward(m, ops, a, batch, l);
     ops->add(a->h, a->h, a->x, (size_t)N * H); /* h = x + attention */
 }
 

@@ -55,6 +55,26 @@ int init_config(const struct deck *deck, struct model_config *cfg, char *err, si
         cfg->num_shared_experts = in->shared_expert_intermediate_size > 0;
         cfg->shared_expert_gated = in->shared_expert_intermediate_size > 0;
     }
+    if (family == HF_DEEPSEEK_V2 || family == HF_DEEPSEEK_V3 || family == HF_GLM4_MOE) {
+        cfg->num_shared_experts = in->n_shared_experts;
+        cfg->first_k_dense_replace = in->first_k_dense_replace;
+        cfg->n_group = in->n_group;
+        cfg->topk_group = in->topk_group;
+        cfg->routed_scaling_factor = in->routed_scaling_factor;
+        cfg->num_mtp_layers = 0; /* init writes no multi-token-prediction layer */
+        if (family == HF_DEEPSEEK_V2)
+            cfg->router = in->n_group > 1 ? ROUTER_GROUPED_GREEDY : ROUTER_SOFTMAX_TOPK;
+        cfg->shared_expert_intermediate_size = in->n_shared_experts * in->moe_intermediate_size;
+    }
+    if (cfg->attention == ATTENTION_MLA) { /* head_dim and num_kv_heads do not apply */
+        cfg->kv_lora_rank = in->kv_lora_rank;
+        cfg->q_lora_rank = in->q_lora_rank;
+        cfg->qk_nope_head_dim = in->qk_nope_head_dim;
+        cfg->qk_rope_head_dim = in->qk_rope_head_dim;
+        cfg->v_head_dim = in->v_head_dim;
+        cfg->head_dim = in->qk_rope_head_dim;
+        cfg->num_kv_heads = in->num_heads;
+    }
     /* qwen2_moe and olmoe have no head_dim key: it is always hidden / heads */
     if ((family == HF_QWEN2_MOE || family == HF_OLMOE) &&
         in->head_dim * in->num_heads != in->hidden_size) {
@@ -80,8 +100,10 @@ static void fill_random(struct model *m, uint64_t seed, double std)
     rng_seed(&rng, seed);
     for (int i = 0; i < m->n_params; i++) {
         struct param *p = &m->params[i];
-        bool norm = p->kind == PARAM_NORM || strstr(p->name, "_norm.weight");
-        bool bias = strstr(p->name, ".bias") != NULL;
+        bool norm = p->kind == PARAM_NORM || strstr(p->name, "_norm.weight") ||
+                    strstr(p->name, "layernorm.weight");
+        /* biases, and deepseek_v3 / glm4_moe's selection bias (a zero buffer at init) */
+        bool bias = strstr(p->name, ".bias") != NULL || p->buffer;
         for (size_t j = 0; j < p->numel; j++)
             p->data[j] = norm ? 1.0f : bias ? 0.0f : (float)(std * rng_normal(&rng));
     }

@@ -828,10 +828,32 @@ int model_check_checkpoint(const struct model_config *cfg, const struct layout_g
     return rc;
 }
 
+/* Logs the tensors of decoder layers past num_hidden_layers: the multi-token-prediction
+ * layers deepseek_v3 and glm4_moe checkpoints carry (GLM-4.5: model.layers.92.*), which
+ * transformers does not build and esft does not read. */
+static void log_unused_layers(const struct model_config *c, const struct st_checkpoint *ckpt)
+{
+    int count = 0, lowest = -1, highest = -1;
+    for (int i = 0; i < ckpt->n_tensors; i++) {
+        int layer;
+        if (sscanf(ckpt->tensors[i].name, "model.layers.%d.", &layer) != 1 || layer < c->num_layers)
+            continue;
+        count++;
+        if (lowest < 0 || layer < lowest) lowest = layer;
+        if (layer > highest) highest = layer;
+    }
+    if (count == 0) return;
+    log_info("model: %d tensors of layer%s %d%s%.0d past num_hidden_layers %d are not used "
+             "(multi-token prediction, num_nextn_predict_layers %d: transformers ignores them too)",
+             count, highest > lowest ? "s" : "", lowest, highest > lowest ? "-" : "",
+             highest > lowest ? highest : 0, c->num_layers, c->num_mtp_layers);
+}
+
 int model_load(struct model *m, const char *dir, char *err, size_t err_size)
 {
     struct st_checkpoint *ckpt = st_checkpoint_open(dir, err, err_size);
     if (!ckpt) return -1;
+    log_unused_layers(&m->cfg, ckpt);
     int rc = 0;
     for (int i = 0; i < m->n_params && rc == 0; i++) {
         const struct param *p = &m->params[i];

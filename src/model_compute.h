@@ -40,9 +40,15 @@ struct layer_activations {
     float *xn, *rstd_in;       /* [N,H], [N] input norm */
     float *q_proj, *k_proj;    /* before QK-norm (QK-norm layers; else NULL) */
     float *q_rstd, *k_rstd;    /* QK-norm's 1/rms */
-    float *q, *k, *v;          /* what attention read (after norm and RoPE) */
+    float *q, *k, *v;          /* what attention read (after norm and RoPE); MLA: q, k
+                                * [N, nH*(dn+dr)], v [N, nH*dv] */
     float *q_clamped, *k_clamped; /* clip_qkv (training): q, k after the clamp, before RoPE */
-    float *attn;               /* [N, nH*Dh] attention output */
+    float *attn;               /* [N, nH*Dh] attention output (MLA: [N, nH*dv]) */
+    /* multi-head latent attention (attention_mla.c): R q_lora_rank, C kv_lora_rank */
+    float *q_latent, *q_latent_norm, *q_latent_rstd;    /* [N,R] q_a(xn), its norm, [N] */
+    float *kv_latent, *kv_latent_norm, *kv_latent_rstd; /* [N,C] kv_a's latent, its norm, [N] */
+    float *k_rope;             /* [N, dr] the key's rope part, one for all heads, after RoPE */
+    float *kv;                 /* [N, nH*(dn+dv)] kv_b: per head k_nope, then the value */
     float *h;                  /* [N,H] after the attention residual */
     float *hn, *rstd_post;     /* [N,H], [N] post-attention norm */
     float *probs;              /* [N,E] router probabilities */
@@ -100,6 +106,7 @@ struct forward_workspace {
     struct comm_request sends[2];
     /* backward scratch */
     float *dx, *dxn, *dq, *dk, *dv, *dattn, *dxs, *dxs2, *dys, *dact, *dgate, *dup;
+    float *dq_latent, *dkv_latent, *dk_rope, *dkv; /* MLA: [N,R], [N,C], [N,dr], [N,nH*(dn+dv)] */
     float *dweights, *drouter, *dshared_a, *dshared_b, *dshared_act, *dshared_out, *dgate_logit;
     float *ep_rows;                   /* [capacity,H] exchange scratch (ep > 1) */
     float *dye;                       /* [capacity,H] output gradients at the experts (ep > 1) */
@@ -137,6 +144,24 @@ void ws_ep_dispatch(const struct model *m, const struct backend *ops, struct for
                     const struct ep_plan *p, const float *rows, float *out, int width);
 void ws_ep_return(const struct model *m, const struct backend *ops, struct forward_workspace *ws,
                   const struct ep_plan *p, const float *rows, float *out, int width);
+/* A layer's attention, after the input norm (a->xn) and before the residual: a->h =
+ * the o_proj output. The backward takes dy = d h [N,H] and writes (accumulate_dxn: adds)
+ * the input norm's output gradient dxn [N,H], adding the weight gradients where the
+ * layer's grads are not NULL; ws holds its scratch. Grouped-query attention
+ * (attention_gqa.c) and deepseek's multi-head latent attention (attention_mla.c). */
+void gqa_forward(const struct model *m, const struct backend *ops, struct layer_activations *a,
+                 const struct batch *batch, int l);
+void gqa_backward(const struct model *m, const struct backend *ops, struct forward_workspace *ws,
+                  const struct layer_activations *a, const struct batch *batch, int l,
+                  const float *dy, float *dxn, bool accumulate_dxn);
+void mla_forward(const struct model *m, const struct backend *ops, struct layer_activations *a,
+                 const struct batch *batch, int l);
+void mla_backward(const struct model *m, const struct backend *ops, struct forward_workspace *ws,
+                  const struct layer_activations *a, const struct batch *batch, int l,
+                  const float *dy, float *dxn, bool accumulate_dxn);
+/* MLA's softmax scale: (dn + dr)^-0.5, times mscale^2 under yarn (attention_mla.c). */
+float mla_softmax_scale(const struct model_config *c);
+
 /* A layer's EP plan, in the workspace (workspace.c). */
 struct ep_plan *ws_ep_plan_new(struct forward_workspace *ws, const struct model *m, size_t capacity);
 

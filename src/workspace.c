@@ -47,14 +47,48 @@ size_t ws_row_capacity(const struct model *m, int N)
     return (size_t)m->grid.ep * (size_t)N * (size_t)(K < local ? K : local);
 }
 
+/* The attention's widths per token: queries, keys, values and the attention output.
+ * MLA: every head has its own key and value (nH of each), query-key heads dn + dr wide,
+ * value heads dv. */
+static void attention_widths(const struct model_config *c, size_t *q, size_t *k, size_t *v,
+                             size_t *out)
+{
+    size_t nH = (size_t)c->num_heads;
+    if (c->attention == ATTENTION_MLA) {
+        *q = *k = nH * (size_t)(c->qk_nope_head_dim + c->qk_rope_head_dim);
+        *v = *out = nH * (size_t)c->v_head_dim;
+        return;
+    }
+    *q = *out = nH * (size_t)c->head_dim;
+    *k = *v = (size_t)c->num_kv_heads * c->head_dim;
+}
+
+/* MLA's own activations: the latents, the shared rope key, kv_b's output. */
+static void alloc_mla(struct forward_workspace *ws, const struct model_config *c, size_t N,
+                      struct layer_activations *a)
+{
+    size_t R = (size_t)c->q_lora_rank, C = (size_t)c->kv_lora_rank, f = sizeof(float);
+    size_t kv = (size_t)c->num_heads * (size_t)(c->qk_nope_head_dim + c->v_head_dim);
+    if (R > 0) {
+        a->q_latent = ws_alloc(ws, N * R * f);
+        a->q_latent_norm = ws_alloc(ws, N * R * f);
+        a->q_latent_rstd = ws_alloc(ws, N * f);
+    }
+    a->kv_latent = ws_alloc(ws, N * C * f);
+    a->kv_latent_norm = ws_alloc(ws, N * C * f);
+    a->kv_latent_rstd = ws_alloc(ws, N * f);
+    a->k_rope = ws_alloc(ws, N * (size_t)c->qk_rope_head_dim * f);
+    a->kv = ws_alloc(ws, N * kv * f);
+}
+
 /* Buffers of one layer's activations. */
 static void alloc_layer(struct forward_workspace *ws, const struct model *m, int N, bool moe,
                         struct layer_activations *a)
 {
     const struct model_config *c = &m->cfg;
     size_t cap = ws_row_capacity(m, N);
-    size_t H = (size_t)c->hidden_size, qw = (size_t)c->num_heads * c->head_dim,
-           kvw = (size_t)c->num_kv_heads * c->head_dim;
+    size_t H = (size_t)c->hidden_size, qw, kvw, vw, aw;
+    attention_widths(c, &qw, &kvw, &vw, &aw);
     size_t K = (size_t)(c->top_k > 0 ? c->top_k : 1), E = (size_t)(c->num_experts > 0 ? c->num_experts : 1);
     size_t M = (size_t)N * K, I = (size_t)c->expert_intermediate_size;
     size_t S = (size_t)c->shared_expert_intermediate_size, D = (size_t)c->intermediate_size;
@@ -74,8 +108,9 @@ static void alloc_layer(struct forward_workspace *ws, const struct model *m, int
         a->q_clamped = ws_alloc(ws, N * qw * f);
         a->k_clamped = ws_alloc(ws, N * kvw * f);
     }
-    a->v = ws_alloc(ws, N * kvw * f);
-    a->attn = ws_alloc(ws, N * qw * f);
+    a->v = ws_alloc(ws, N * vw * f);
+    a->attn = ws_alloc(ws, N * aw * f);
+    if (c->attention == ATTENTION_MLA) alloc_mla(ws, c, (size_t)N, a);
     a->h = ws_alloc(ws, N * H * f);
     a->hn = ws_alloc(ws, N * H * f);
     a->rstd_post = ws_alloc(ws, N * f);
@@ -211,7 +246,8 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
     }
     ws->h_logits = ws->staged ? NULL : ws->logits;
     if (training) {
-        size_t qw = (size_t)c->num_heads * c->head_dim, kvw = (size_t)c->num_kv_heads * c->head_dim;
+        size_t qw, kvw, vw, aw;
+        attention_widths(c, &qw, &kvw, &vw, &aw);
         size_t wide = (size_t)c->intermediate_size;
         if ((size_t)c->shared_expert_intermediate_size > wide) wide = (size_t)c->shared_expert_intermediate_size;
         if (wide == 0) wide = 1;
@@ -219,8 +255,16 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
         ws->dxn = ws_alloc(ws, N * H * f);
         ws->dq = ws_alloc(ws, N * qw * f);
         ws->dk = ws_alloc(ws, N * kvw * f);
-        ws->dv = ws_alloc(ws, N * kvw * f);
-        ws->dattn = ws_alloc(ws, N * qw * f);
+        ws->dv = ws_alloc(ws, N * vw * f);
+        ws->dattn = ws_alloc(ws, N * aw * f);
+        if (c->attention == ATTENTION_MLA) {
+            size_t R = (size_t)c->q_lora_rank, C = (size_t)c->kv_lora_rank;
+            size_t kv = (size_t)c->num_heads * (size_t)(c->qk_nope_head_dim + c->v_head_dim);
+            ws->dq_latent = ws_alloc(ws, N * (R ? R : 1) * f);
+            ws->dkv_latent = ws_alloc(ws, N * C * f);
+            ws->dk_rope = ws_alloc(ws, N * (size_t)c->qk_rope_head_dim * f);
+            ws->dkv = ws_alloc(ws, N * kv * f);
+        }
         ws->dxs = ws_alloc(ws, cap * H * f);
         ws->dxs2 = ws_alloc(ws, cap * H * f);
         ws->dys = ws_alloc(ws, M * H * f);

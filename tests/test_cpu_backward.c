@@ -253,8 +253,11 @@ static void test_rmsnorm(const struct backend *ops)
 
 /* ---- rope ------------------------------------------------------------------------------ */
 
+/* Heads of stride Dh whose rotary dims are [offset, offset + rotary): the op is called on
+ * x + offset with stride Dh (MLA's q_pe inside each query head). Pairs per layout. */
 static struct {
-    int N, heads, Dh, rotary;
+    int N, heads, Dh, rotary, offset;
+    enum hf_rope_layout layout;
     double scaling, *x, *g;
     const int32_t *positions;
     const float *inv_freq;
@@ -268,17 +271,21 @@ static double rope_loss(int tensor, size_t index)
     const double *x = rp.x + ((size_t)n * rp.heads + h) * rp.Dh;
     const double *g = rp.g + ((size_t)n * rp.heads + h) * rp.Dh;
     double loss = 0;
+    for (int d = 0; d < rp.Dh; d++) /* the dims outside the rotary block pass through */
+        if (d < rp.offset || d >= rp.offset + rp.rotary) loss += g[d] * x[d];
     for (int i = 0; i < half; i++) {
         /* the angle in fp32 as the forward forms it, the rest in double */
         float angle = (float)rp.positions[n] * rp.inv_freq[i];
         double c = cos((double)angle) * rp.scaling, s = sin((double)angle) * rp.scaling;
-        loss += g[i] * (x[i] * c - x[i + half] * s) + g[i + half] * (x[i + half] * c + x[i] * s);
+        int a = rp.offset + (rp.layout == ROPE_INTERLEAVED ? 2 * i : i);
+        int b = rp.offset + (rp.layout == ROPE_INTERLEAVED ? 2 * i + 1 : i + half);
+        loss += g[a] * (x[a] * c - x[b] * s) + g[b] * (x[b] * c + x[a] * s);
     }
-    for (int d = rp.rotary; d < rp.Dh; d++) loss += g[d] * x[d];
     return loss;
 }
 
-static void test_rope_case(const struct backend *ops, const char *op, int rotary, float scaling)
+static void test_rope_case(const struct backend *ops, const char *op, int rotary, int offset,
+                           enum hf_rope_layout layout, float scaling)
 {
     enum { N = 13, heads = 3, Dh = 10 };
     size_t count = (size_t)N * heads * Dh;
@@ -287,29 +294,49 @@ static void test_rope_case(const struct backend *ops, const char *op, int rotary
     float inv_freq[Dh / 2];
     for (int i = 0; i < rotary / 2; i++) inv_freq[i] = (float)pow(10000.0, -2.0 * i / rotary);
     float *x = random_array(count, 1.0), *g = random_array(count, 1.0), *dx[2];
+    /* the forward against the same naive rotation: L(x) is linear in x, so the forward's
+     * output dotted with g is L at x */
+    float *y = copy_of(x, count);
+    ops->rope(y + offset, positions, inv_freq, scaling, N, heads, Dh, rotary, layout);
     for (int pass = 0; pass < 2; pass++) {
         omp_set_num_threads(pass ? 3 : 1);
         dx[pass] = copy_of(g, count);
-        ops->rope_backward(dx[pass], positions, inv_freq, scaling, N, heads, Dh, rotary);
+        ops->rope_backward(dx[pass] + offset, positions, inv_freq, scaling, N, heads, Dh, rotary,
+                           layout);
     }
     check_threads(op, "dx", dx[0], dx[1], count);
     rp.N = N, rp.heads = heads, rp.Dh = Dh, rp.rotary = rotary, rp.scaling = scaling;
+    rp.offset = offset, rp.layout = layout;
     rp.positions = positions, rp.inv_freq = inv_freq;
     rp.x = to_double(x, count), rp.g = to_double(g, count);
     report(op, "dx", fd_error(rope_loss, 0, rp.x, count, dx[0], NULL));
-    free(x), free(g), free(dx[0]), free(dx[1]), free(rp.x), free(rp.g);
+    /* forward: per (token, head), <g, rope(x)> against the naive loss */
+    double worst = 0, scale = 0;
+    for (size_t row = 0; row < (size_t)N * heads; row++) {
+        double got = 0;
+        for (int d = 0; d < Dh; d++) got += rp.g[row * Dh + d] * (double)y[row * Dh + d];
+        double want = rope_loss(0, row * Dh);
+        worst = fmax(worst, fabs(got - want)), scale = fmax(scale, fabs(want));
+    }
+    report(op, "forward", worst / (scale > 0 ? scale : 1));
+    free(x), free(g), free(y), free(dx[0]), free(dx[1]), free(rp.x), free(rp.g);
 }
 
 static void test_rope(const struct backend *ops)
 {
-    test_rope_case(ops, "rope_backward full", 10, 1.0f);
-    test_rope_case(ops, "rope_backward rotary 6/10", 6, 1.3f);
+    test_rope_case(ops, "rope_backward full", 10, 0, ROPE_ROTATE_HALF, 1.0f);
+    test_rope_case(ops, "rope_backward rotary 6/10", 6, 0, ROPE_ROTATE_HALF, 1.3f);
+    test_rope_case(ops, "rope_backward interleaved", 10, 0, ROPE_INTERLEAVED, 1.2f);
+    /* MLA's q_pe: the last 4 dims of each 10-wide head, both layouts */
+    test_rope_case(ops, "rope_backward interleaved last 4/10", 4, 6, ROPE_INTERLEAVED, 1.1f);
+    test_rope_case(ops, "rope_backward rotate-half last 4/10", 4, 6, ROPE_ROTATE_HALF, 0.9f);
 }
 
 /* ---- attention ------------------------------------------------------------------------- */
 
+/* q, k [., Dh] per head; v, out [., Dv] per head (MLA: Dv != Dh) */
 static struct {
-    int N, nH, nKV, Dh;
+    int N, nH, nKV, Dh, Dv;
     double scale, *q, *k, *v, *g;
     const int32_t *starts;
 } att;
@@ -317,7 +344,7 @@ static struct {
 /* sum over queries i of [i0, i1) and query heads [h0, h1) of <g_i, out_i> */
 static double attention_loss_region(int i0, int i1, int h0, int h1)
 {
-    int group = att.nH / att.nKV, Dh = att.Dh;
+    int group = att.nH / att.nKV, Dh = att.Dh, Dv = att.Dv;
     double *p = xmalloc((size_t)att.N * sizeof(double)), loss = 0;
     for (int i = i0; i < i1; i++)
         for (int h = h0; h < h1; h++) {
@@ -332,10 +359,10 @@ static double attention_loss_region(int i0, int i1, int h0, int h1)
                 max = fmax(max, p[j]);
             }
             for (int j = att.starts[i]; j <= i; j++) sum += p[j] = exp(p[j] - max);
-            const double *gi = att.g + ((size_t)i * att.nH + h) * Dh;
+            const double *gi = att.g + ((size_t)i * att.nH + h) * Dv;
             for (int j = att.starts[i]; j <= i; j++)
-                for (int d = 0; d < Dh; d++)
-                    loss += gi[d] * p[j] / sum * att.v[((size_t)j * att.nKV + kv) * Dh + d];
+                for (int d = 0; d < Dv; d++)
+                    loss += gi[d] * p[j] / sum * att.v[((size_t)j * att.nKV + kv) * Dv + d];
         }
     free(p);
     return loss;
@@ -349,45 +376,55 @@ static double attention_loss(int tensor, size_t index)
         return attention_loss_region(i, i + 1, h, h + 1);
     }
     /* k or v of token j, KV head c: the later queries of j's sample, c's query heads */
-    int j = (int)(index / ((size_t)att.nKV * att.Dh)), c = (int)(index / att.Dh % att.nKV);
+    int width = tensor == 1 ? att.Dh : att.Dv;
+    int j = (int)(index / ((size_t)att.nKV * width)), c = (int)(index / width % att.nKV);
     int end = j + 1;
     while (end < att.N && att.starts[end] == att.starts[j]) end++;
     return attention_loss_region(j, end, c * group, (c + 1) * group);
 }
 
-static void test_attention(const struct backend *ops)
+static void test_attention_case(const struct backend *ops, const char *op, int nH, int nKV, int Dh,
+                                int Dv)
 {
-    enum { N = 104, nH = 6, nKV = 2, Dh = 10 };
-    const char *op = "attention_backward";
+    enum { N = 104 };
     const int lengths[3] = {70, 1, 33};
     int32_t starts[N];
     for (int s = 0, at = 0; s < 3; at += lengths[s++])
         for (int i = 0; i < lengths[s]; i++) starts[at + i] = at;
-    size_t nq = (size_t)N * nH * Dh, nkv = (size_t)N * nKV * Dh;
-    float *q = random_array(nq, 1.0), *k = random_array(nkv, 1.0), *v = random_array(nkv, 1.0);
-    float *g = random_array(nq, 1.0), *out = xmalloc(nq * sizeof(float));
+    size_t nq = (size_t)N * nH * Dh, nk = (size_t)N * nKV * Dh, nv = (size_t)N * nKV * Dv;
+    size_t nout = (size_t)N * nH * Dv;
+    float *q = random_array(nq, 1.0), *k = random_array(nk, 1.0), *v = random_array(nv, 1.0);
+    float *g = random_array(nout, 1.0), *out = xmalloc(nout * sizeof(float));
     float scale = 1.0f / sqrtf((float)Dh);
     struct attention_mask mask = {.sample_start = starts};
-    ops->attention(out, q, k, v, &mask, N, nH, nKV, Dh, scale);
+    ops->attention(out, q, k, v, &mask, N, nH, nKV, Dh, Dv, scale);
     float *dq[2], *dk[2], *dv[2];
     for (int pass = 0; pass < 2; pass++) {
         omp_set_num_threads(pass ? 3 : 1);
-        dq[pass] = filled(nq, 7.0f), dk[pass] = filled(nkv, 7.0f), dv[pass] = filled(nkv, 7.0f);
+        dq[pass] = filled(nq, 7.0f), dk[pass] = filled(nk, 7.0f), dv[pass] = filled(nv, 7.0f);
         ops->attention_backward(dq[pass], dk[pass], dv[pass], g, q, k, v, out, &mask, N, nH, nKV,
-                                Dh, scale);
+                                Dh, Dv, scale);
     }
     check_threads(op, "dq", dq[0], dq[1], nq);
-    check_threads(op, "dk", dk[0], dk[1], nkv);
-    check_threads(op, "dv", dv[0], dv[1], nkv);
-    att.N = N, att.nH = nH, att.nKV = nKV, att.Dh = Dh, att.scale = scale, att.starts = starts;
-    att.q = to_double(q, nq), att.k = to_double(k, nkv), att.v = to_double(v, nkv);
-    att.g = to_double(g, nq);
+    check_threads(op, "dk", dk[0], dk[1], nk);
+    check_threads(op, "dv", dv[0], dv[1], nv);
+    att.N = N, att.nH = nH, att.nKV = nKV, att.Dh = Dh, att.Dv = Dv, att.scale = scale;
+    att.starts = starts;
+    att.q = to_double(q, nq), att.k = to_double(k, nk), att.v = to_double(v, nv);
+    att.g = to_double(g, nout);
     report(op, "dq", fd_error(attention_loss, 0, att.q, nq, dq[0], NULL));
-    report(op, "dk", fd_error(attention_loss, 1, att.k, nkv, dk[0], NULL));
-    report(op, "dv", fd_error(attention_loss, 2, att.v, nkv, dv[0], NULL));
+    report(op, "dk", fd_error(attention_loss, 1, att.k, nk, dk[0], NULL));
+    report(op, "dv", fd_error(attention_loss, 2, att.v, nv, dv[0], NULL));
     for (int pass = 0; pass < 2; pass++) free(dq[pass]), free(dk[pass]), free(dv[pass]);
     free(q), free(k), free(v), free(g), free(out);
     free(att.q), free(att.k), free(att.v), free(att.g);
+}
+
+static void test_attention(const struct backend *ops)
+{
+    test_attention_case(ops, "attention_backward", 6, 2, 10, 10);
+    /* MLA's shape: as many KV heads as query heads, values narrower than the keys */
+    test_attention_case(ops, "attention_backward Dv 6 != Dh 10", 3, 3, 10, 6);
 }
 
 /* ---- router ---------------------------------------------------------------------------- */

@@ -34,21 +34,23 @@ static double max_relative(const float *a, const double *ref, size_t n)
     return diff / (scale > 0 ? scale : 1);
 }
 
-static void test_attention(const struct backend *ops)
+/* Attention against a naive softmax: q, k [., Dh] per head, v and out [., Dv] per head
+ * (MLA: Dv != Dh). */
+static void test_attention_case(const struct backend *ops, int nH, int nKV, int Dh, int Dv)
 {
-    /* samples of 150, 64, 1 and 77 tokens packed in one batch; 6 query heads on 2 KV heads */
-    enum { N = 292, nH = 6, nKV = 2, Dh = 10 };
+    /* samples of 150, 64, 1 and 77 tokens packed in one batch */
+    enum { N = 292 };
     const int lengths[4] = {150, 64, 1, 77};
     int32_t starts[N];
     for (int s = 0, at = 0; s < 4; at += lengths[s++])
         for (int i = 0; i < lengths[s]; i++) starts[at + i] = at;
     float *q = random_array((size_t)N * nH * Dh, 1.0), *k = random_array((size_t)N * nKV * Dh, 1.0);
-    float *v = random_array((size_t)N * nKV * Dh, 1.0);
-    float *out = xcalloc((size_t)N * nH * Dh, sizeof(float));
-    double *ref = xcalloc((size_t)N * nH * Dh, sizeof(double));
+    float *v = random_array((size_t)N * nKV * Dv, 1.0);
+    float *out = xcalloc((size_t)N * nH * Dv, sizeof(float));
+    double *ref = xcalloc((size_t)N * nH * Dv, sizeof(double));
     float scale = 1.0f / sqrtf((float)Dh);
     struct attention_mask mask = {.sample_start = starts};
-    ops->attention(out, q, k, v, &mask, N, nH, nKV, Dh, scale);
+    ops->attention(out, q, k, v, &mask, N, nH, nKV, Dh, Dv, scale);
     double p[N];
     for (int i = 0; i < N; i++)
         for (int h = 0; h < nH; h++) {
@@ -62,13 +64,48 @@ static void test_attention(const struct backend *ops)
             }
             for (int j = starts[i]; j <= i; j++) sum += p[j] = exp(p[j] - max);
             for (int j = starts[i]; j <= i; j++)
-                for (int d = 0; d < Dh; d++)
-                    ref[(i * nH + h) * Dh + d] += p[j] / sum * v[(j * nKV + kv) * Dh + d];
+                for (int d = 0; d < Dv; d++)
+                    ref[(i * nH + h) * Dv + d] += p[j] / sum * v[(j * nKV + kv) * Dv + d];
         }
-    double err = max_relative(out, ref, (size_t)N * nH * Dh);
-    CHECK(err < 1e-5, "attention: relative error %.3g", err);
-    printf("attention (packed 150+64+1+77, GQA 6/2): max relative error %.2e\n", err);
+    double err = max_relative(out, ref, (size_t)N * nH * Dv);
+    CHECK(err < 1e-5, "attention nH %d nKV %d Dh %d Dv %d: relative error %.3g", nH, nKV, Dh, Dv,
+          err);
+    printf("attention (packed 150+64+1+77, heads %d/%d, Dh %d, Dv %d): max relative error %.2e\n",
+           nH, nKV, Dh, Dv, err);
     free(q), free(k), free(v), free(out), free(ref);
+}
+
+static void test_attention(const struct backend *ops)
+{
+    test_attention_case(ops, 6, 2, 10, 10); /* GQA */
+    test_attention_case(ops, 4, 4, 12, 7);  /* MLA's shape: values narrower than the keys */
+    test_attention_case(ops, 2, 2, 6, 9);   /* and wider */
+}
+
+/* copy_columns: a block of a strided matrix into another, written and added; what lies
+ * outside the block is untouched. */
+static void test_copy_columns(const struct backend *ops)
+{
+    enum { rows = 37, src_ld = 11, dst_ld = 9, cols = 5, src_at = 4, dst_at = 3 };
+    float *src = random_array((size_t)rows * src_ld, 1.0), *dst = random_array((size_t)rows * dst_ld, 1.0);
+    float *before = xmalloc((size_t)rows * dst_ld * sizeof(float));
+    memcpy(before, dst, (size_t)rows * dst_ld * sizeof(float));
+    for (int accumulate = 0; accumulate < 2; accumulate++) {
+        ops->copy_columns(dst + dst_at, dst_ld, src + src_at, src_ld, rows, cols, accumulate);
+        int wrong = 0;
+        for (int r = 0; r < rows; r++)
+            for (int c = 0; c < dst_ld; c++) {
+                float want = before[r * dst_ld + c];
+                if (c >= dst_at && c < dst_at + cols) {
+                    float s = src[r * src_ld + src_at + c - dst_at];
+                    want = accumulate ? s + s : s; /* the second call adds onto the first */
+                }
+                wrong += dst[r * dst_ld + c] != want;
+            }
+        CHECK(wrong == 0, "copy_columns%s: %d elements wrong", accumulate ? " accumulate" : "",
+              wrong);
+    }
+    free(src), free(dst), free(before);
 }
 
 static void test_grouped_linear(const struct backend *ops)
@@ -406,6 +443,7 @@ int main(int argc, char **argv)
     rng_seed(&rng, 2026);
     const struct backend *ops = backend_cpu();
     test_attention(ops);
+    test_copy_columns(ops);
     test_grouped_linear(ops);
     test_linear(ops);
     test_cross_entropy(ops);

@@ -41,9 +41,11 @@ static void check_rope(int N, int n_heads, int Dh, int rotary_dim, struct rng *r
     memcpy(got, want, count * sizeof(float));
     for (int backward = 0; backward < 2; backward++) {
         if (backward)
-            backend_cpu()->rope_backward(want, positions, inv_freq, 1.1f, N, n_heads, Dh, rotary_dim);
+            backend_cpu()->rope_backward(want, positions, inv_freq, 1.1f, N, n_heads, Dh, rotary_dim,
+                                         ROPE_ROTATE_HALF);
         else
-            backend_cpu()->rope(want, positions, inv_freq, 1.1f, N, n_heads, Dh, rotary_dim);
+            backend_cpu()->rope(want, positions, inv_freq, 1.1f, N, n_heads, Dh, rotary_dim,
+                                ROPE_ROTATE_HALF);
         /* the kernel's threads, one by one */
         for (size_t i = 0; i < (size_t)N * n_heads * half; i++) {
             size_t row, pair, token;

@@ -427,9 +427,10 @@ static void check_dense(int N, int H, int V, int n_heads, int Dh, int rotary_dim
     float *d_inv_freq = to_device(inv_freq, (size_t)(rotary_dim / 2) * sizeof(float));
     for (int backward = 0; backward < 2; backward++) {
         if (backward)
-            cpu->rope_backward(q, positions, inv_freq, 1.25f, N, n_heads, Dh, rotary_dim);
+            cpu->rope_backward(q, positions, inv_freq, 1.25f, N, n_heads, Dh, rotary_dim,
+                               ROPE_ROTATE_HALF);
         else
-            cpu->rope(q, positions, inv_freq, 1.25f, N, n_heads, Dh, rotary_dim);
+            cpu->rope(q, positions, inv_freq, 1.25f, N, n_heads, Dh, rotary_dim, ROPE_ROTATE_HALF);
         CHECK(dense_rope(d_q, d_positions, d_inv_freq, 1.25f, N, n_heads, Dh, rotary_dim, backward,
                          err, sizeof err) == 0, "%s", err);
         expect_floats(d_q, q, NQ, 1e-5, backward ? "rope backward" : "rope");
@@ -729,8 +730,8 @@ static void check_attention(const int *lengths, int n_samples, int nH, int nKV, 
     float *dk = xmalloc(nkv * sizeof(float)), *dv = xmalloc(nkv * sizeof(float));
     float scale = 1.0f / sqrtf((float)Dh);
     struct attention_mask mask = {.sample_start = start};
-    cpu->attention(out, q, k, v, &mask, N, nH, nKV, Dh, scale);
-    cpu->attention_backward(dq, dk, dv, dout, q, k, v, out, &mask, N, nH, nKV, Dh, scale);
+    cpu->attention(out, q, k, v, &mask, N, nH, nKV, Dh, Dh, scale);
+    cpu->attention_backward(dq, dk, dv, dout, q, k, v, out, &mask, N, nH, nKV, Dh, Dh, scale);
     float *d_q = to_device(q, nq * sizeof(float)), *d_k = to_device(k, nkv * sizeof(float));
     float *d_v = to_device(v, nkv * sizeof(float)), *d_dout = to_device(dout, nq * sizeof(float));
     int32_t *d_start = (int32_t *)to_device(start, (size_t)N * sizeof(int32_t));

@@ -110,6 +110,26 @@ static void check_fixture(const char *dir, const char *name)
         free(targets);
         goto done_inputs;
     }
+    /* the rotary frequencies and their cos/sin factor, where the fixture stores them */
+    const struct st_tensor *freq_t = st_find(&expected, "inv_freq");
+    if (freq_t) {
+        int half = cfg.rope.rotary_dim / 2;
+        CHECK(freq_t->numel == half, "%s: inv_freq has %lld entries, rotary width %d", name,
+              (long long)freq_t->numel, cfg.rope.rotary_dim);
+        float *freq = read_f32(&expected, "inv_freq", (size_t)half);
+        for (int i = 0; freq && i < half; i++)
+            CHECK(fabsf(model.inv_freq[i] - freq[i]) <= 1e-6f * fabsf(freq[i]),
+                  "%s: inv_freq[%d] %.9g, transformers %.9g", name, i, model.inv_freq[i], freq[i]);
+        free(freq);
+    }
+    if (st_find(&expected, "rope_attention_scaling")) {
+        float *s = read_f32(&expected, "rope_attention_scaling", 1);
+        if (s)
+            CHECK(fabs(cfg.rope.attention_scaling - s[0]) <= 1e-6 * fabs(s[0]),
+                  "%s: rope attention scaling %.9g, transformers %.9g", name,
+                  cfg.rope.attention_scaling, s[0]);
+        free(s);
+    }
     /* the backend the environment names (ESFT_BACKEND: cpu-devsim, or cuda on a GPU), as
      * the phases attach it; the CPU by default */
     const struct backend *ops = backend_named(getenv("ESFT_BACKEND"), err, sizeof err);

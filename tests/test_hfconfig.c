@@ -765,11 +765,27 @@ static void test_golden(const char *golden)
               "fixture %s: %s", dir, err);
         for (int l = 0; l < c.num_layers; l++) {
             char name[128];
-            snprintf(name, sizeof name, "model.layers.%d.self_attn.q_proj.weight", l);
-            t = st_get(ck, name, err, sizeof err);
-            CHECK(t && st_expect_shape(t, err, sizeof err, c.num_heads * c.head_dim,
-                                       c.hidden_size) == 0,
-                  "fixture %s: %s", dir, err);
+            if (c.attention == ATTENTION_MLA) { /* the query width is nope + rope per head */
+                int64_t qk = c.qk_nope_head_dim + c.qk_rope_head_dim;
+                snprintf(name, sizeof name, c.q_lora_rank ? "model.layers.%d.self_attn.q_b_proj.weight"
+                                                          : "model.layers.%d.self_attn.q_proj.weight", l);
+                t = st_get(ck, name, err, sizeof err);
+                CHECK(t && st_expect_shape(t, err, sizeof err, c.num_heads * qk,
+                                           c.q_lora_rank ? c.q_lora_rank : c.hidden_size) == 0,
+                      "fixture %s: %s", dir, err);
+                snprintf(name, sizeof name, "model.layers.%d.self_attn.kv_b_proj.weight", l);
+                t = st_get(ck, name, err, sizeof err);
+                CHECK(t && st_expect_shape(t, err, sizeof err,
+                                           c.num_heads * (c.qk_nope_head_dim + c.v_head_dim),
+                                           c.kv_lora_rank) == 0,
+                      "fixture %s: %s", dir, err);
+            } else {
+                snprintf(name, sizeof name, "model.layers.%d.self_attn.q_proj.weight", l);
+                t = st_get(ck, name, err, sizeof err);
+                CHECK(t && st_expect_shape(t, err, sizeof err, c.num_heads * c.head_dim,
+                                           c.hidden_size) == 0,
+                      "fixture %s: %s", dir, err);
+            }
             snprintf(name, sizeof name,
                      c.family == HF_MIXTRAL ? "model.layers.%d.block_sparse_moe.gate.weight"
                                             : "model.layers.%d.mlp.gate.weight",

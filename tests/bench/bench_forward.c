@@ -91,19 +91,20 @@ static void timed_rmsnorm(float *y, float *rstd, const float *x, const float *w,
 }
 
 static void timed_rope(float *x, const int32_t *positions, const float *inv_freq,
-                       float attention_scaling, int N, int n_heads, int Dh, int rotary_dim)
+                       float attention_scaling, int N, int n_heads, int Dh, int rotary_dim,
+                       enum hf_rope_layout layout)
 {
     double t = omp_get_wtime();
-    inner->rope(x, positions, inv_freq, attention_scaling, N, n_heads, Dh, rotary_dim);
+    inner->rope(x, positions, inv_freq, attention_scaling, N, n_heads, Dh, rotary_dim, layout);
     charge(PART_ROPE, t);
 }
 
 static void timed_attention(float *out, const float *q, const float *k, const float *v,
                             const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
-                            float scale)
+                            int Dv, float scale)
 {
     double t = omp_get_wtime();
-    inner->attention(out, q, k, v, mask, N, nH, nKV, Dh, scale);
+    inner->attention(out, q, k, v, mask, N, nH, nKV, Dh, Dv, scale);
     charge(PART_ATTENTION, t);
 }
 
