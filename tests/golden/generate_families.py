@@ -13,11 +13,15 @@ comparison, the checkpoint-name mapping and the reload check are generate.py's; 
 See tests/golden/README.md.
 """
 
+import json
 import math
 import os
+import re
 import shutil
 import sys
+import tempfile
 
+import numpy as np
 import torch
 import transformers
 from safetensors import safe_open
@@ -418,14 +422,196 @@ def save_fixture(name, model, seed, inp):
     return ref, tens, nparam
 
 
+# ---------------------------------------------------------------- fp8 (DeepSeek-V3's block-quantised checkpoints)
+# name: (fixture whose model is quantised, weight_block_size). Blocks [8, 24]: not square (a loader that swaps
+# the two sizes fails), and partial edge blocks both ways: rows 36, 20, 30, 10 are no multiple of 8, columns 36,
+# 32, 30 no multiple of 24 and 16, 12, 10, 20 narrower than one block. (Of the small block sizes tried, [8, 16],
+# [16, 8], [16, 16], [12, 16], [4, 16] give the dequantised model a router near-tie below G.MIN_MARGIN.)
+FP8_FIXTURES = {"deepseek_v3_fp8": ("deepseek_v3", [8, 24])}
+FP8_MAX = 448.0                               # torch.finfo(torch.float8_e4m3fn).max
+# the linear layers DeepSeek-V3 stores in fp8: attention projections, routed / shared expert and dense MLP
+# matrices of decoder layers; not the embedding, lm_head, norms, router gate or its correction bias
+FP8_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|"
+                        r"o_proj)|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight")
+FP8_BF16_SCALE = "model.layers.2.self_attn.o_proj.weight"   # its scale stored in bf16 (some checkpoints do)
+
+
+def checkpoint_state(model):
+    """The tensors save_pretrained writes, under their checkpoint names: parameters and persistent buffers."""
+    state = model.state_dict()
+    out = G.to_checkpoint_names(model.config.model_type, dict(model.named_parameters()))
+    out.update({k: v for k, v in model.named_buffers() if k in state})
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def quantise_fp8(w, block, scale_dtype=torch.float32):
+    """DeepSeek's weight_quant (inference/kernel.py) for one [R, C] matrix and blocks [b0, b1], partial edge
+    blocks included: per block s = amax / 448, q = e4m3(w / s) (round to nearest even). Returns (q, scale_inv
+    [ceil(R/b0), ceil(C/b1)]) with scale_inv = s in scale_dtype, the value q is divided by."""
+    R, C = w.shape
+    b0, b1 = block
+    s = torch.empty((-(-R // b0), -(-C // b1)), dtype=torch.float32)
+    q = torch.empty((R, C), dtype=torch.float8_e4m3fn)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            blk = w[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1].float()
+            amax = blk.abs().max()
+            scale = (amax / FP8_MAX if amax > 0 else torch.tensor(1.0)).to(scale_dtype).float()
+            s[i, j] = scale
+            q[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1] = (blk / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, s.to(scale_dtype)
+
+
+def dequantise_torch(q, s, block):
+    """w = q * scale_inv of its block, one fp32 product per element (transformers' Fp8Dequantize arithmetic)."""
+    R, C = q.shape
+    full = s.float().repeat_interleave(block[0], 0)[:R].repeat_interleave(block[1], 1)[:, :C]
+    return q.float() * full
+
+
+def e4m3_numpy(byte):
+    """An independent e4m3 decode: 1 sign, 4 exponent bits (bias 7), 3 mantissa bits, subnormals, S.1111.111 NaN."""
+    sign = -1.0 if byte & 0x80 else 1.0
+    e, m = (byte >> 3) & 0xF, byte & 0x7
+    if e == 0xF and m == 0x7:
+        return np.nan
+    if e == 0:
+        return sign * m * 2.0 ** -9
+    return sign * (1 + m / 8) * 2.0 ** (e - 7)
+
+
+def dequantise_numpy(q, s, block):
+    """The same, element by element in numpy from the raw bytes (checks dequantise_torch and torch's decode)."""
+    table = np.array([e4m3_numpy(b) for b in range(256)], dtype=np.float64)
+    raw = q.view(torch.uint8).numpy()
+    sc = s.float().numpy()
+    out = np.empty(raw.shape, dtype=np.float32)
+    for i in range(raw.shape[0]):
+        for j in range(raw.shape[1]):
+            out[i, j] = np.float32(table[raw[i, j]]) * sc[i // block[0], j // block[1]]   # exact fp8 -> fp32, one rounding
+    return torch.from_numpy(out)
+
+
+def quantised_checkpoint(state, block, bf16_scale=None):
+    """{checkpoint name: tensor} -> (fp8 checkpoint tensors, {name: dequantised fp32}) for the FP8_LINEAR names."""
+    out, deq = {}, {}
+    for k, v in state.items():
+        if not FP8_LINEAR.fullmatch(k):
+            out[k] = v
+            continue
+        q, s = quantise_fp8(v, block, torch.bfloat16 if k == bf16_scale else torch.float32)
+        d = dequantise_torch(q, s, block)
+        assert torch.equal(d, dequantise_numpy(q, s, block)), k
+        out[k], out[k + "_scale_inv"], deq[k] = q.contiguous(), s.contiguous(), d.contiguous()
+    return out, deq
+
+
+def write_config(d, extra):
+    """config.json with extra keys, in transformers' layout (to_json_string: indent 2, sorted keys)."""
+    path = os.path.join(d, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg.update(extra)
+    with open(path, "w") as f:
+        f.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def load_dequantised(d, **kw):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        d, attn_implementation="eager", experts_implementation="eager", dtype=torch.float32, **kw)
+
+
+def check_transformers_fp8(model, block, tmp):
+    """What transformers 5.24 does with an fp8 checkpoint on CPU: with blocks that divide every shape it
+    dequantises on load (FineGrainedFP8Config(dequantize=True), which the quantizer also switches on by itself
+    without a GPU) to exactly the weights of dequantise_numpy; with partial edge blocks it refuses. Returns
+    the refusal's message for the fixture's block size."""
+    state = checkpoint_state(model)
+    for b, ok in (([2, 2], True), (block, False)):
+        d = os.path.join(tmp, f"fp8_{b[0]}x{b[1]}")
+        model.save_pretrained(d)
+        quant, deq = quantised_checkpoint(state, b)
+        save_file(quant, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+        write_config(d, {"quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                                 "quant_method": "fp8", "weight_block_size": b}})
+        for how, kw in (("dequantize=True", dict(quantization_config=transformers.FineGrainedFP8Config(
+                dequantize=True, weight_block_size=tuple(b)))), ("config.json alone", {})):
+            try:
+                m = load_dequantised(d, **kw)
+            except RuntimeError as e:   # the load report's summary of Fp8Dequantize's ValueErrors, one per tensor
+                assert not ok and "conversion of the weights" in str(e), f"blocks {b}, {how}: {e}"
+                refusal = ("from_pretrained raises RuntimeError (conversion errors): Fp8Dequantize's ValueError "
+                           "'Weight shape (R, C) not divisible by scale grid' for the matrices with partial blocks")
+                print(f"  transformers, blocks {b}, {how}: refused ({e})")
+                continue
+            assert ok, f"blocks {b}, {how}: transformers loaded partial blocks"
+            got = G.to_checkpoint_names("deepseek_v3", dict(m.named_parameters()))
+            for k, v in deq.items():
+                assert torch.equal(got[k].detach(), v), f"blocks {b}, {how}: {k}"
+            print(f"  transformers, blocks {b}, {how}: {len(deq)} dequantised weights bit-identical to numpy's")
+    return refusal
+
+
+def fp8_fixture(name, inp):
+    base_name, block = FP8_FIXTURES[name]
+    family = FIXTURES[base_name][0]
+    model, seed, _, _, _ = pick_model(base_name, inp)
+    base, _ = G.read_checkpoint(os.path.join(HERE, base_name))
+    state = checkpoint_state(model)
+    assert base.keys() == state.keys() and all(torch.equal(base[k], state[k]) for k in base), \
+        f"the model of seed {seed} is not the {base_name} fixture's"
+    quant, deq = quantised_checkpoint(state, block, FP8_BF16_SCALE)
+    d = os.path.join(HERE, name)
+    if os.path.isdir(d):
+        shutil.rmtree(d)
+    with tempfile.TemporaryDirectory() as tmp:
+        refusal = check_transformers_fp8(model, block, tmp)
+        # the dequantised model, through transformers' own loading of an fp32 checkpoint
+        fp32 = os.path.join(tmp, "dequantised")
+        model.save_pretrained(fp32)
+        save_file({k: deq.get(k, v) for k, v in state.items()}, os.path.join(fp32, "model.safetensors"),
+                  metadata={"format": "pt"})
+        model = load_dequantised(fp32)
+        model.eval()
+        got = checkpoint_state(model)
+        assert all(torch.equal(got[k], deq.get(k, state[k])) for k in state)
+        ref = run_reference(model, inp)
+        mg, me = min_margins(model, ref["routers"])
+        assert min(mg, me) > G.MIN_MARGIN, f"dequantised model has a router near-tie ({mg}, {me})"
+        w_pos = G.compare(ref, run_packed(model, inp, "posids"), f"{name} packed(position_ids)")
+        w_4d = G.compare(ref, run_packed(model, inp, "4d"), f"{name} packed(4D mask)")
+        tens = expected_tensors(family, model, inp, ref)
+        model.save_pretrained(d)
+    save_file(quant, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+    write_config(d, {"quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                             "weight_block_size": block}})
+    save_file(tens, os.path.join(d, "expected.safetensors"), metadata={"fixture": name})
+    save_file({f"dequantized.{k}": v for k, v in deq.items()}, os.path.join(d, "dequantized.safetensors"),
+              metadata={"fixture": name})
+    worst = max((deq[k] - state[k]).abs().max().item() / state[k].abs().max().item() for k in deq)
+    sizes = {f: os.path.getsize(os.path.join(d, f)) for f in sorted(os.listdir(d))}
+    for f in sizes:
+        os.chmod(os.path.join(d, f), 0o644)
+    print(f"{name}: {base_name}'s model (seed {seed}), {len(deq)} fp8 tensors in blocks {block}, worst relative "
+          f"quantisation error {worst:.3f}; dequantised model: loss {ref['loss'].item():.6f}, margins group "
+          f"{mg:.2e} expert {me:.2e}; packed vs reference: {w_pos} / {w_4d}; files {sizes}\n"
+          f"  transformers with these blocks: {refusal}")
+    return ref, tens
+
+
 def main():
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}")
-    names = sys.argv[1:] or list(FIXTURES)
-    unknown = set(names) - set(FIXTURES)
-    assert not unknown, f"unknown fixtures {sorted(unknown)}; known: {list(FIXTURES)}"
+    names = sys.argv[1:] or list(FIXTURES) + list(FP8_FIXTURES)
+    unknown = set(names) - set(FIXTURES) - set(FP8_FIXTURES)
+    assert not unknown, f"unknown fixtures {sorted(unknown)}; known: {list(FIXTURES) + list(FP8_FIXTURES)}"
     inp = G.make_inputs()
     table = []
     for name in names:
+        if name in FP8_FIXTURES:
+            ref, tens = fp8_fixture(name, inp)
+            table.append(f"| {name} | {sum(t.numel() for k, t in tens.items() if k.startswith('grad.'))} | "
+                         f"{ref['loss'].item():.6f} | {tens['scaling'].item():.7f} |")
+            continue
         model, seed, mg, me, bite = pick_model(name, inp)
         print(f"{name}: weight seed {seed}, smallest margins: group {mg:.2e}, expert {me:.2e}; tokens whose "
               f"expert set changes without the group limit / the bias / with the other mask value: "
