@@ -4,6 +4,7 @@
 #include "export.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -192,6 +193,63 @@ static int prepare_merged_directory(const char *dir, const char *base_dir, char 
     return 0;
 }
 
+/* Whether every real number in v prints back to itself with 15 significant digits (the
+ * decimals config files hold: 1e-06 stays 1e-06 rather than 9.9999999999999995e-07). */
+static bool reals_fit_15_digits(json_t *v)
+{
+    if (json_is_real(v)) {
+        char text[40];
+        snprintf(text, sizeof text, "%.15g", json_real_value(v));
+        return strtod(text, NULL) == json_real_value(v);
+    }
+    const char *key;
+    json_t *item;
+    size_t i;
+    if (json_is_object(v))
+        json_object_foreach(v, key, item) if (!reals_fit_15_digits(item)) return false;
+    if (json_is_array(v))
+        json_array_foreach(v, i, item) if (!reals_fit_15_digits(item)) return false;
+    return true;
+}
+
+static void write_json_text(FILE *out, const void *context)
+{
+    fputs(context, out);
+    fputc('\n', out);
+}
+
+/* The base model's config.json at `to`: as it is, or, when it declares a
+ * quantization_config (DeepSeek-V3's fp8), without that key, since the merged export's
+ * weights are dequantised (the export dtype) and a loader would look for scales that are
+ * not there. Rewritten as transformers writes a config (to_json_string: indent 2, sorted
+ * keys, ASCII); the other keys and values are kept. */
+static int copy_base_config(const char *from, const char *to, enum st_dtype dtype, char *err,
+                            size_t err_size)
+{
+    json_error_t jerr;
+    json_t *config = json_load_file(from, 0, &jerr);
+    if (!config || !json_is_object(config) || !json_object_get(config, "quantization_config")) {
+        json_decref(config);
+        return copy_file(from, to, err, err_size);
+    }
+    json_object_del(config, "quantization_config");
+    size_t flags = JSON_INDENT(2) | JSON_SORT_KEYS | JSON_ENSURE_ASCII |
+                   JSON_REAL_PRECISION(reals_fit_15_digits(config) ? 15 : 17);
+    char *text = json_dumps(config, flags);
+    json_decref(config);
+    if (!text) {
+        snprintf(err, err_size, "%s: cannot encode the configuration", to);
+        return -1;
+    }
+    int rc = file_write_atomically(to, write_json_text, text, err, err_size);
+    free(text);
+    if (rc == 0)
+        log_info("export_merged: the weights are written dequantised (%s), so %s has no "
+                 "quantization_config (the base's fp8 block quantisation)",
+                 st_dtype_name(dtype), to);
+    return rc;
+}
+
 /* Rank 0: the base directory's tokenizer and generation files, then config.json (last:
  * a directory without it is an unfinished export, retried freely). */
 static int finish_merged_directory(const char *dir, const struct model *model, const char *base_dir,
@@ -212,13 +270,15 @@ static int finish_merged_directory(const char *dir, const struct model *model, c
             return -1;
         if (path_exists(from) && copy_file(from, to, err, err_size)) return -1;
     }
-    /* The base model's config.json as it is (its unknown keys kept: the export changes
-     * weights, not the architecture), or one written from the configuration. */
+    /* The base model's config.json (its unknown keys kept: the export changes weights, not
+     * the architecture; its quantization_config dropped), or one written from the
+     * configuration. */
     char from[4200], to[4200];
     if (base_dir && (path_join(from, sizeof from, base_dir, "config.json", err, err_size) ||
                      path_join(to, sizeof to, dir, "config.json", err, err_size)))
         return -1;
-    if (base_dir && path_exists(from)) return copy_file(from, to, err, err_size);
+    if (base_dir && path_exists(from))
+        return copy_base_config(from, to, export_dtype(&model->cfg), err, err_size);
     return hfconfig_write(dir, &model->cfg, err, err_size);
 }
 

@@ -67,6 +67,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -815,6 +816,71 @@ static int parse_dtype(const struct reader *r, json_t *root, struct model_config
     return 0;
 }
 
+/* "quantization_config": only transformers' FineGrainedFP8Config (quant_method "fp8"),
+ * with its defaults (finegrained_fp8: weight_block_size (128, 128), activation_scheme
+ * "dynamic", scale_fmt "float", expert_dtype "fp8"). The activation scheme does not
+ * matter here: esft computes in fp32 on the dequantised weights, as transformers does
+ * with dequantize=True. */
+static int parse_quantization(const struct reader *r, json_t *root, struct model_config *c)
+{
+    json_t *q = json_object_get(root, "quantization_config");
+    c->quantization = (struct hf_quantization){.fp8 = false};
+    if (!q || json_is_null(q)) return 0;
+    if (!json_is_object(q))
+        return fail(r, "key 'quantization_config': expected an object, got %s", kind(q));
+    const char *method = NULL;
+    if (get_string(r, q, "quantization_config.", "quant_method", &method) != 0) return -1;
+    if (!method) return fail(r, "key 'quantization_config': no 'quant_method'");
+    if (strcmp(method, "fp8") != 0)
+        return fail(r,
+                    "key 'quantization_config.quant_method': '%s' is not supported (esft "
+                    "reads fp8 block-quantised checkpoints, quant_method \"fp8\", and "
+                    "unquantised ones)",
+                    method);
+    static const struct {
+        const char *key, *allowed[3];
+    } strings[] = {
+        {"fmt", {"e4m3"}}, /* DeepSeek's own key; transformers ignores it */
+        {"activation_scheme", {"dynamic", "static"}},
+        {"scale_fmt", {"float"}},
+        {"expert_dtype", {"fp8"}},
+    };
+    for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++) {
+        const char *value = NULL;
+        if (get_string(r, q, "quantization_config.", strings[i].key, &value) != 0) return -1;
+        if (!value) continue;
+        bool known = false;
+        for (int k = 0; k < 3 && strings[i].allowed[k]; k++)
+            known |= strcasecmp(value, strings[i].allowed[k]) == 0;
+        if (!known)
+            return fail(
+                r, "key 'quantization_config.%s': '%s' is not supported (supported: %s%s%s)",
+                strings[i].key, value, strings[i].allowed[0], strings[i].allowed[1] ? ", " : "",
+                strings[i].allowed[1] ? strings[i].allowed[1] : "");
+    }
+    c->quantization.fp8 = true;
+    c->quantization.block[0] = c->quantization.block[1] = 128;
+    json_t *b = json_object_get(q, "weight_block_size");
+    if (!b) return 0;
+    if (json_is_null(b))
+        return fail(r, "key 'quantization_config.weight_block_size': null (one scale per "
+                       "tensor) is not supported; esft reads block scales");
+    if (!json_is_array(b) || json_array_size(b) != 2 || !json_is_integer(json_array_get(b, 0)) ||
+        !json_is_integer(json_array_get(b, 1)))
+        return fail(r, "key 'quantization_config.weight_block_size': expected two integers "
+                       "[rows, columns]");
+    for (int k = 0; k < 2; k++) {
+        json_int_t v = json_integer_value(json_array_get(b, (size_t)k));
+        if (v < 1 || v > HFCONFIG_MAX_INTERMEDIATE)
+            return fail(r,
+                        "key 'quantization_config.weight_block_size': %lld is not a block "
+                        "size (1..%d)",
+                        (long long)v, HFCONFIG_MAX_INTERMEDIATE);
+        c->quantization.block[k] = (int)v;
+    }
+    return 0;
+}
+
 static int parse_rope(const struct reader *r, json_t *root, struct model_config *c)
 {
     struct hf_rope *rope = &c->rope;
@@ -1234,7 +1300,7 @@ int hfconfig_parse(const char *text, size_t len, const char *source, struct mode
     }
     hfconfig_defaults(family, cfg);
     if (parse_common(&r, root, cfg) != 0 || parse_family(&r, root, cfg) != 0 ||
-        parse_rope(&r, root, cfg) != 0)
+        parse_rope(&r, root, cfg) != 0 || parse_quantization(&r, root, cfg) != 0)
         goto done;
     if (cfg->rope.partial_rotary_factor != 1.0 && cfg->family != HF_GLM4_MOE) {
         /* the default rope of these families ignores it (modeling_*: dim = head_dim) */

@@ -5,8 +5,8 @@
  *
  * The struct describes every family in reference/moe-architectures.md so that later
  * families only add parsing, not fields; this version parses qwen2_moe, qwen3_moe, olmoe,
- * mixtral, deepseek_v2, deepseek_v3 and glm4_moe, and rejects gpt_oss by name. It is plain data with fixed-size arrays:
- * copy it, or broadcast it to other ranks as bytes.
+ * mixtral, deepseek_v2, deepseek_v3 and glm4_moe, and rejects gpt_oss by name. It is plain data
+ * with fixed-size arrays: copy it, or broadcast it to other ranks as bytes.
  *
  * Sizes as in the model header: H hidden, I intermediate, E experts, K top-k, L layers,
  * nH / nKV heads, Dh head_dim. */
@@ -97,6 +97,17 @@ struct hf_rope {
     double attention_scaling;
 };
 
+/* config.json "quantization_config" (transformers FineGrainedFP8Config, DeepSeek-V3's
+ * {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+ * "weight_block_size": [128, 128]}): linear weights stored as fp8 with a
+ * "<name>_scale_inv" tensor of one float per block; the real weight is
+ * q[i][j] * scale_inv[i / block[0]][j / block[1]]. esft dequantises on load and trains
+ * in fp32 (transformers' dequantize=True). Other quant_method values are refused. */
+struct hf_quantization {
+    bool fp8;     /* a quantization_config with quant_method "fp8" */
+    int block[2]; /* weight_block_size: rows, columns of a block (128, 128 by default) */
+};
+
 struct model_config {
     enum hf_family family;
     char model_type[32];   /* as in the file */
@@ -114,6 +125,7 @@ struct model_config {
     enum hf_activation hidden_act;
     double initializer_range;
     enum hf_dtype dtype;
+    struct hf_quantization quantization;
     int bos_token_id, eos_token_id, pad_token_id; /* -1: none; eos: first of a list */
 
     /* attention */
@@ -139,7 +151,7 @@ struct model_config {
     int shared_expert_intermediate_size; /* total width of the shared branch */
     bool shared_expert_gated; /* qwen2_moe: sigmoid(x . w_sg) gate on the shared branch */
     enum hf_router_kind router;
-    bool norm_topk_prob;          /* as in the file (mixtral: always true) */
+    bool norm_topk_prob; /* as in the file (mixtral: always true) */
     /* whether the model renormalises the top-k weights: norm_topk_prob, except mixtral
      * (always) and deepseek_v2 (never: transformers' DeepseekV2TopkRouter ignores the key) */
     bool renormalise;

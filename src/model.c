@@ -649,14 +649,69 @@ void model_upload_grads(struct model *m)
 
 /* ---- loading ------------------------------------------------------------------------ */
 
-/* count elements of t starting at element offset, converted to fp32. */
-static int read_range_f32(const struct st_tensor *t, size_t offset, size_t count, float *out,
-                          char *err, size_t err_size)
+/* Where a parameter's values are: its tensor from an element offset and, for an fp8
+ * tensor, the scale tensor that multiplies it (NULL otherwise). */
+struct weight_source {
+    const struct st_tensor *tensor;
+    size_t offset;
+    const struct st_tensor *scale; /* [..., ceil(R / block[0]), ceil(C / block[1])] */
+    int block[2];
+};
+
+static float scalar_f32(const struct st_tensor *t, size_t i)
 {
+    const unsigned char *at = (const unsigned char *)t->data + i * st_dtype_size(t->dtype);
+    uint16_t h;
+    float f;
+    switch (t->dtype) {
+    case ST_BF16:
+        memcpy(&h, at, 2);
+        return st_bf16_to_f32(h);
+    case ST_F16:
+        memcpy(&h, at, 2);
+        return st_f16_to_f32(h);
+    default:
+        memcpy(&f, at, 4);
+        return f; /* F32: locate admits no other scale dtype */
+    }
+}
+
+/* count elements of an fp8 tensor [..., R, C] from element offset, dequantised:
+ * w[r][c] = q[r][c] * scale[r / block[0]][c / block[1]], one fp32 product as transformers'
+ * Fp8Dequantize (q.to(float32) * scale.to(float32)). Blocks at the right and bottom edges
+ * may be partial (the scale grid rounds up, as DeepSeek's weight_dequant). */
+static void dequantise_range(const struct weight_source *src, size_t count, float *out)
+{
+    const struct st_tensor *t = src->tensor;
+    size_t R = (size_t)t->shape[t->rank - 2], C = (size_t)t->shape[t->rank - 1];
+    size_t SR = (size_t)src->scale->shape[t->rank - 2], SC = (size_t)src->scale->shape[t->rank - 1];
+    const uint8_t *q = (const uint8_t *)t->data;
+    size_t f = src->offset;
+    size_t matrix = f / (R * C), r = f / C % R, c = f % C;
+    for (size_t i = 0; i < count; i++, f++) {
+        float v = t->dtype == ST_F8_E4M3 ? st_f8_e4m3_to_f32(q[f]) : st_f8_e5m2_to_f32(q[f]);
+        size_t block = (matrix * SR + r / (size_t)src->block[0]) * SC + c / (size_t)src->block[1];
+        out[i] = v * scalar_f32(src->scale, block);
+        if (++c == C) {
+            c = 0;
+            if (++r == R) r = 0, matrix++;
+        }
+    }
+}
+
+/* count elements of the source, converted (or dequantised) to fp32. */
+static int read_range_f32(const struct weight_source *src, size_t count, float *out, char *err,
+                          size_t err_size)
+{
+    const struct st_tensor *t = src->tensor;
+    if (src->scale) {
+        dequantise_range(src, count, out);
+        return 0;
+    }
     const unsigned char *base = (const unsigned char *)t->data;
     size_t size = st_dtype_size(t->dtype);
     for (size_t i = 0; i < count; i++) {
-        const unsigned char *at = base + (offset + i) * size;
+        const unsigned char *at = base + (src->offset + i) * size;
         uint16_t h;
         switch (t->dtype) {
         case ST_F32: memcpy(&out[i], at, 4); break;
@@ -748,17 +803,102 @@ static bool is_float_dtype(enum st_dtype dtype)
     return dtype == ST_F32 || dtype == ST_BF16 || dtype == ST_F16 || dtype == ST_F64;
 }
 
+static bool is_fp8_dtype(enum st_dtype dtype)
+{
+    return dtype == ST_F8_E4M3 || dtype == ST_F8_E5M2;
+}
+
+/* The matrices DeepSeek-V3 stores in fp8: the linear layers of the decoder layers
+ * (attention projections, routed and shared experts, dense MLPs). Embedding, lm_head,
+ * norms, biases and the router stay in a float dtype there, and transformers' fp8
+ * integration leaves them unconverted (lm_head in modules_to_not_convert; the others are
+ * no nn.Linear). */
+static bool may_be_fp8(const struct param *p)
+{
+    if (p->rank != 2) return false;
+    switch (p->kind) {
+    case PARAM_ATTENTION:
+    case PARAM_EXPERT:
+    case PARAM_DENSE_MLP:
+        return true;
+    case PARAM_SHARED_EXPERT:
+        return p->part != MLP_NONE; /* not qwen2_moe's shared_expert_gate [1, H] */
+    default:
+        return false;
+    }
+}
+
+/* The fp8 tensor t's scale: "<t's name>_scale_inv", i.e. "<module>.weight_scale_inv"
+ * (DeepSeek-V3, transformers' Fp8Quantize) or "experts.gate_up_proj_scale_inv" for fused
+ * experts; a float tensor with one entry per block, [..., ceil(R / B0), ceil(C / B1)]. */
+static int locate_scale(const struct model_config *c, const struct st_checkpoint *ckpt,
+                        const struct param *p, struct weight_source *src, char *err,
+                        size_t err_size)
+{
+    const struct st_tensor *t = src->tensor;
+    if (!c->quantization.fp8) {
+        snprintf(err, err_size,
+                 "%s: tensor '%s' is %s (fp8), but %s/config.json has no "
+                 "quantization_config (fp8 weights need its quant_method \"fp8\" and "
+                 "weight_block_size)",
+                 t->file, t->name, st_dtype_name(t->dtype), ckpt->dir);
+        return -1;
+    }
+    if (!may_be_fp8(p)) {
+        snprintf(err, err_size,
+                 "%s: tensor '%s' is %s (fp8), where esft needs a float "
+                 "weight: only the linear layers of decoder layers may be fp8, not a %s%s",
+                 t->file, t->name, st_dtype_name(t->dtype), param_kind_name(p->kind),
+                 p->rank == 1 ? " vector" : "");
+        return -1;
+    }
+    char name[PARAM_NAME_MAX + 48];
+    snprintf(name, sizeof name, "%s_scale_inv", t->name);
+    const struct st_tensor *s = st_find(ckpt, name);
+    if (!s) {
+        snprintf(err, err_size,
+                 "%s: tensor '%s' is %s (fp8), but its scale '%s' is not in the "
+                 "checkpoint",
+                 t->file, t->name, st_dtype_name(t->dtype), name);
+        return -1;
+    }
+    if (s->dtype != ST_F32 && s->dtype != ST_BF16 && s->dtype != ST_F16) {
+        snprintf(err, err_size, "%s: tensor '%s': dtype %s; an fp8 scale is F32, BF16 or F16",
+                 s->file, s->name, st_dtype_name(s->dtype));
+        return -1;
+    }
+    int64_t grid[ST_MAX_RANK];
+    const int *B = c->quantization.block;
+    for (int k = 0; k < t->rank - 2; k++) grid[k] = t->shape[k];
+    grid[t->rank - 2] = (t->shape[t->rank - 2] + B[0] - 1) / B[0];
+    grid[t->rank - 1] = (t->shape[t->rank - 1] + B[1] - 1) / B[1];
+    if (st_check_shape(s, t->rank, grid, err, err_size) != 0) {
+        size_t used = strlen(err);
+        snprintf(err + used, err_size - used,
+                 " (one scale per block of %s [%lld, %lld] in blocks "
+                 "of [%d, %d], quantization_config.weight_block_size of %s/config.json)",
+                 t->name, (long long)t->shape[t->rank - 2], (long long)t->shape[t->rank - 1], B[0],
+                 B[1], ckpt->dir);
+        return -1;
+    }
+    src->scale = s;
+    src->block[0] = B[0];
+    src->block[1] = B[1];
+    return 0;
+}
+
 /* Where p's weights are in the checkpoint: its own tensor from offset 0, or a routed
  * expert's matrix in the fused spelling (transformers 5 in memory): experts.gate_up_proj
  * [E, 2I, H] (gate rows first, then up) and experts.down_proj [E, H, I]. Checks that the
  * tensor is there, has the shape config.json gives and a floating-point dtype: from the
  * header alone, so before anything is allocated for it. */
 static int locate(const struct model *m, const struct st_checkpoint *ckpt, const struct param *p,
-                  const struct st_tensor **tensor, size_t *offset, char *err, size_t err_size)
+                  struct weight_source *src, char *err, size_t err_size)
 {
     const struct model_config *c = &m->cfg;
     const struct st_tensor *t = st_find(ckpt, p->name);
-    *offset = 0;
+    *src = (struct weight_source){.tensor = NULL};
+    size_t *offset = &src->offset;
     int rc = 0;
     if (t) {
         rc = p->rank == 2 ? st_expect_shape(t, err, err_size, p->shape[0], p->shape[1])
@@ -798,12 +938,13 @@ static int locate(const struct model *m, const struct st_checkpoint *ckpt, const
         return -1;
     }
     if (rc != 0) return -1;
+    src->tensor = t;
+    if (is_fp8_dtype(t->dtype)) return locate_scale(c, ckpt, p, src, err, err_size);
     if (!is_float_dtype(t->dtype)) {
         snprintf(err, err_size, "%s: tensor '%s': dtype %s is not a floating-point weight", t->file,
                  t->name, st_dtype_name(t->dtype));
         return -1;
     }
-    *tensor = t;
     return 0;
 }
 
@@ -818,10 +959,8 @@ int model_check_checkpoint(const struct model_config *cfg, const struct layout_g
     free(b.slots);
     int rc = 0;
     for (int i = 0; i < m.n_params && rc == 0; i++) {
-        const struct st_tensor *t;
-        size_t offset;
-        if (holds(&m.params[i], coords))
-            rc = locate(&m, ckpt, &m.params[i], &t, &offset, err, err_size);
+        struct weight_source src;
+        if (holds(&m.params[i], coords)) rc = locate(&m, ckpt, &m.params[i], &src, err, err_size);
     }
     model_free(&m);
     st_checkpoint_close(ckpt);
@@ -854,15 +993,19 @@ int model_load(struct model *m, const char *dir, char *err, size_t err_size)
     struct st_checkpoint *ckpt = st_checkpoint_open(dir, err, err_size);
     if (!ckpt) return -1;
     log_unused_layers(&m->cfg, ckpt);
-    int rc = 0;
+    int rc = 0, dequantised = 0;
     for (int i = 0; i < m->n_params && rc == 0; i++) {
         const struct param *p = &m->params[i];
-        const struct st_tensor *t;
-        size_t offset;
+        struct weight_source src;
         if (!p->data) continue;
-        rc = locate(m, ckpt, p, &t, &offset, err, err_size);
-        if (rc == 0) rc = read_range_f32(t, offset, p->numel, p->data, err, err_size);
+        rc = locate(m, ckpt, p, &src, err, err_size);
+        if (rc == 0) rc = read_range_f32(&src, p->numel, p->data, err, err_size);
+        dequantised += rc == 0 && src.scale;
     }
+    if (rc == 0 && dequantised > 0)
+        log_info("model: %d fp8 tensors dequantised to fp32 (rank 0's; blocks of [%d, %d], "
+                 "quantization_config of %s/config.json)",
+                 dequantised, m->cfg.quantization.block[0], m->cfg.quantization.block[1], dir);
     st_checkpoint_close(ckpt);
     return rc;
 }

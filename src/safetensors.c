@@ -48,10 +48,11 @@ static const struct {
     const char *name;
     size_t size;
 } dtype_table[ST_DTYPE_COUNT] = {
-    [ST_BOOL] = {"BOOL", 1}, [ST_U8] = {"U8", 1},   [ST_I8] = {"I8", 1},     [ST_I16] = {"I16", 2},
-    [ST_U16] = {"U16", 2},   [ST_F16] = {"F16", 2}, [ST_BF16] = {"BF16", 2}, [ST_I32] = {"I32", 4},
-    [ST_U32] = {"U32", 4},   [ST_F32] = {"F32", 4}, [ST_F64] = {"F64", 8},   [ST_I64] = {"I64", 8},
-    [ST_U64] = {"U64", 8},
+    [ST_BOOL] = {"BOOL", 1}, [ST_U8] = {"U8", 1},           [ST_I8] = {"I8", 1},
+    [ST_I16] = {"I16", 2},   [ST_U16] = {"U16", 2},         [ST_F16] = {"F16", 2},
+    [ST_BF16] = {"BF16", 2}, [ST_I32] = {"I32", 4},         [ST_U32] = {"U32", 4},
+    [ST_F32] = {"F32", 4},   [ST_F64] = {"F64", 8},         [ST_I64] = {"I64", 8},
+    [ST_U64] = {"U64", 8},   [ST_F8_E4M3] = {"F8_E4M3", 1}, [ST_F8_E5M2] = {"F8_E5M2", 1},
 };
 
 const char *st_dtype_name(enum st_dtype dtype)
@@ -115,6 +116,27 @@ float st_f16_to_f32(uint16_t h)
     }
     if (exponent == 31) return bits_f32(sign | 0x7f800000u | (mantissa << 13));
     return bits_f32(sign | ((exponent - 15 + 127) << 23) | (mantissa << 13));
+}
+
+float st_f8_e4m3_to_f32(uint8_t b)
+{
+    uint32_t sign = (uint32_t)(b & 0x80u) << 24;
+    uint32_t exponent = (b >> 3) & 0xfu;
+    uint32_t mantissa = b & 0x7u;
+    /* NaN: the exponent field all ones, as torch widens it (0x7F -> 0x7FF00000, quiet) */
+    if (exponent == 0xfu && mantissa == 0x7u)
+        return bits_f32(sign | 0x7f800000u | (mantissa << 20));
+    if (exponent == 0) {
+        /* subnormal: mantissa * 2^-9, exact in binary32 */
+        float magnitude = (float)mantissa * 0x1p-9f;
+        return sign ? -magnitude : magnitude;
+    }
+    return bits_f32(sign | ((exponent - 7 + 127) << 23) | (mantissa << 20));
+}
+
+float st_f8_e5m2_to_f32(uint8_t b)
+{
+    return st_f16_to_f32((uint16_t)(b << 8));
 }
 
 uint16_t st_f32_to_bf16(float f)
@@ -639,6 +661,12 @@ int st_read_f32(const struct st_tensor *t, float *out, size_t count, char *err, 
             out[i] = (float)d;
         }
         return 0;
+    case ST_F8_E4M3:
+    case ST_F8_E5M2:
+        return fail(err, errsize,
+                    "%s: tensor '%s': dtype %s is block-quantised: its values need their "
+                    "weight_scale_inv tensor (only model weights are read that way)",
+                    t->file, t->name, st_dtype_name(t->dtype));
     default:
         return fail(err, errsize, "%s: tensor '%s': dtype %s is not a floating-point type", t->file,
                     t->name, st_dtype_name(t->dtype));

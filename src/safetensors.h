@@ -18,7 +18,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* The dtypes esft accepts; safetensors' F8_* and sub-byte types are rejected on read. */
+/* The dtypes esft accepts; safetensors' sub-byte types and F8_E8M0 are rejected on read.
+ * The fp8 ones hold block-quantised weights (DeepSeek-V3): the loader multiplies them by
+ * their scale tensor; st_read_f32 refuses them, since a value alone is not the weight. */
 enum st_dtype {
     ST_BOOL,
     ST_U8,
@@ -33,6 +35,8 @@ enum st_dtype {
     ST_F64,
     ST_I64,
     ST_U64,
+    ST_F8_E4M3, /* torch.float8_e4m3fn */
+    ST_F8_E5M2, /* torch.float8_e5m2 */
     ST_DTYPE_COUNT
 };
 
@@ -102,7 +106,8 @@ const struct st_tensor *st_find(const struct st_checkpoint *ckpt, const char *na
 const struct st_tensor *st_get(const struct st_checkpoint *ckpt, const char *name, char *err,
                                size_t errsize);
 
-/* Converts a BF16/F16/F32/F64 tensor to fp32; count must equal numel. 0 or -1 + err. */
+/* Converts a BF16/F16/F32/F64 tensor to fp32; count must equal numel. 0 or -1 + err
+ * (also for an fp8 tensor: its values mean nothing without their scales). */
 int st_read_f32(const struct st_tensor *t, float *out, size_t count, char *err, size_t errsize);
 
 /* 0 when t has exactly this shape, else -1 and "FILE: tensor 'NAME': expected shape
@@ -120,6 +125,12 @@ float st_bf16_to_f32(uint16_t h);
 float st_f16_to_f32(uint16_t h);
 uint16_t st_f32_to_bf16(float f);
 uint16_t st_f32_to_f16(float f);
+/* fp8, exact (every fp8 value is a float). E4M3 as torch.float8_e4m3fn (OCP FP8 "E4M3"):
+ * 1 sign, 4 exponent bits (bias 7), 3 mantissa bits, subnormals m * 2^-9, no infinities,
+ * 0x7F and 0xFF NaN, largest 448. E5M2 (torch.float8_e5m2): the top byte of an IEEE
+ * binary16, infinities and NaNs included. */
+float st_f8_e4m3_to_f32(uint8_t b);
+float st_f8_e5m2_to_f32(uint8_t b);
 /* Array forms for writers. */
 void st_f32_to_bf16_array(const float *in, uint16_t *out, size_t n);
 void st_f32_to_f16_array(const float *in, uint16_t *out, size_t n);

@@ -37,6 +37,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <hdf5.h>
+#include <jansson.h>
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,11 +48,11 @@
 
 #include "check.h"
 #include "checkpoint.h"
-#include "export.h"
-#include "history.h"
 #include "checksum.h"
 #include "deck.h"
+#include "export.h"
 #include "hfconfig.h"
+#include "history.h"
 #include "layout.h"
 #include "log.h"
 #include "model.h"
@@ -972,6 +973,40 @@ static void test_export_merged(void)
         }
         snprintf(path, sizeof path, "%s/vocab.json", dir);
         CHECK(!file_exists(path), "vocab.json made up");
+    }
+
+    /* a base config.json with a quantization_config (fp8, as DeepSeek-V3's): the merged
+     * weights are unquantised, so the copy drops that key and keeps everything else in
+     * transformers' layout, here the very bytes hfconfig_write wrote before the key */
+    char base_q[1200], dir_q[1200];
+    snprintf(base_q, sizeof base_q, "%s/base-fp8", tmpdir);
+    snprintf(dir_q, sizeof dir_q, "%s/merged-from-fp8", tmpdir);
+    char *plain = NULL;
+    if (world_rank == 0) {
+        mkdir(base_q, 0755);
+        CHECK(hfconfig_write(base_q, &m.cfg, err, sizeof err) == 0, "base config: %s", err);
+        snprintf(path, sizeof path, "%s/config.json", base_q);
+        plain = slurp(path, NULL);
+        json_t *config = json_load_file(path, 0, NULL);
+        json_object_set_new(config, "quantization_config",
+                            json_pack("{s:s, s:s, s:s, s:[i, i]}", "quant_method", "fp8", "fmt",
+                                      "e4m3", "activation_scheme", "dynamic", "weight_block_size",
+                                      128, 128));
+        CHECK(json_dump_file(config, path, JSON_INDENT(2) | JSON_SORT_KEYS) == 0, "%s", path);
+        json_decref(config);
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    rc = export_merged(dir_q, &m, base_q, 0, MPI_COMM_WORLD, err, sizeof err);
+    CHECK(rc == 0, "export_merged from an fp8 base: %s", err);
+    if (world_rank == 0) {
+        snprintf(path, sizeof path, "%s/config.json", dir_q);
+        char *merged = slurp(path, NULL);
+        CHECK(plain && merged && strcmp(plain, merged) == 0,
+              "config.json of an export from an fp8 base: not the base's without "
+              "quantization_config:\n%s",
+              merged ? merged : "(none)");
+        free(merged);
+        free(plain);
     }
 
     /* refusals (rank 0's, on every rank): an existing checkpoint, the base directory */

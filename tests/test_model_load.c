@@ -1,5 +1,10 @@
 /* test_model_load: loading checkpoints into the model, good and bad.
  *
+ * From deepseek_v3_fp8 (fp8 weights in blocks of [8, 24] with their weight_scale_inv):
+ * every dequantised weight equal bit for bit to the generator's dequantized.<name>, and a
+ * missing scale, a scale grid of the wrong shape, another block size in config.json, fp8
+ * without quantization_config, an unknown quant_method and an fp8 norm each refused by name.
+ *
  * From the qwen3_moe golden fixture the test writes variants into a temporary directory
  * and loads each as the program does (hfconfig_load + model_check_checkpoint +
  * model_create + model_load):
@@ -143,6 +148,153 @@ static int drop_tensor(const char *src, const char *dst, const char *dropped)
     st_checkpoint_close(ckpt);
     free(config);
     return rc != 0 || !found;
+}
+
+/* ---- fp8 block-quantised checkpoints (the deepseek_v3_fp8 fixture) --------------------- */
+
+/* hfconfig_load + model_check_checkpoint + model_create + model_load, no forward (the MLA
+ * forward is not needed to check the weights). */
+static int load_weights(const char *dir, struct model *model, char *err, size_t err_size)
+{
+    struct model_config cfg;
+    if (hfconfig_load(dir, &cfg, err, err_size) != 0) return -1;
+    struct layout_grid grid = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
+    if (model_check_checkpoint(&cfg, &grid, (struct layout_coords){0, 0, 0}, dir, err, err_size))
+        return -1;
+    model_create(model, &cfg, &grid, (struct layout_coords){0, 0, 0});
+    if (model_load(model, dir, err, err_size) == 0) return 0;
+    model_free(model);
+    return -1;
+}
+
+/* A variant of ckpt in tmp/name with config text: every tensor but `dropped` (may be NULL),
+ * plus `added` (may be NULL) in its place. */
+static void fp8_variant(const char *name, const char *config, const struct st_checkpoint *ckpt,
+                        const char *dropped, const char *added, enum st_dtype dtype, int rank,
+                        const int64_t *shape, const void *data, char *dir)
+{
+    char err[512];
+    struct st_writer *w = st_writer_new();
+    for (int i = 0; i < ckpt->n_tensors; i++) {
+        const struct st_tensor *t = &ckpt->tensors[i];
+        if (!dropped || strcmp(t->name, dropped) != 0)
+            CHECK(st_writer_add(w, t->name, t->dtype, t->rank, t->shape, t->data, err, sizeof err) == 0,
+                  "%s", err);
+    }
+    if (added) CHECK(st_writer_add(w, added, dtype, rank, shape, data, err, sizeof err) == 0, "%s", err);
+    make_variant(name, config, w, dir);
+    st_writer_free(w);
+}
+
+static void test_fp8(const char *golden)
+{
+    char fixture[512], base[512], path[600], err[1024];
+    snprintf(fixture, sizeof fixture, "%s/deepseek_v3_fp8", golden);
+    snprintf(base, sizeof base, "%s/deepseek_v3", golden);
+
+    /* Every quantised weight bit for bit as the generator's dequantisation (q * scale in
+     * fp32, partial edge blocks, one bf16 scale), every other one as the fp32 original. */
+    struct model m;
+    int rc = load_weights(fixture, &m, err, sizeof err);
+    CHECK(rc == 0, "deepseek_v3_fp8: %s", err);
+    snprintf(path, sizeof path, "%s/dequantized.safetensors", fixture);
+    struct st_file *reference = st_open(path, err, sizeof err);
+    CHECK(reference != NULL, "%s", err);
+    struct st_checkpoint *original = st_checkpoint_open(base, err, sizeof err);
+    CHECK(original != NULL, "%s", err);
+    if (rc != 0 || !reference || !original) return;
+    int quantised = 0, plain = 0, differ = 0;
+    for (int i = 0; i < m.n_params; i++) {
+        const struct param *p = &m.params[i];
+        char name[PARAM_NAME_MAX + 16];
+        snprintf(name, sizeof name, "dequantized.%s", p->name);
+        const struct st_tensor *t = st_file_find(reference, name);
+        if (t)
+            quantised++;
+        else
+            t = st_find(original, p->name), plain++;
+        float *want = xmalloc(p->numel * sizeof(float));
+        CHECK(t && st_read_f32(t, want, p->numel, err, sizeof err) == 0, "%s: %s", p->name, err);
+        if (t && memcmp(want, p->data, p->numel * sizeof(float)) != 0) {
+            size_t k = 0;
+            while (memcmp(&want[k], &p->data[k], sizeof(float)) == 0) k++;
+            if (differ++ < 5)
+                CHECK(0, "%s[%zu]: loaded %.9g, reference %.9g", p->name, k, p->data[k], want[k]);
+        }
+        free(want);
+    }
+    CHECK(differ == 0, "deepseek_v3_fp8: %d tensors differ from the reference", differ);
+    CHECK(quantised == 72 && quantised == reference->n_tensors,
+          "deepseek_v3_fp8: %d dequantised tensors compared, the reference has %d", quantised,
+          reference->n_tensors);
+    printf("deepseek_v3_fp8: %d fp8 tensors dequantised bit for bit, %d float tensors as stored\n",
+           quantised, plain);
+    model_free(&m);
+    st_close(reference);
+    st_checkpoint_close(original);
+
+    struct st_checkpoint *ckpt = st_checkpoint_open(fixture, err, sizeof err);
+    snprintf(path, sizeof path, "%s/config.json", fixture);
+    char *config = read_text(path);
+    CHECK(ckpt && config, "%s", err);
+    if (!ckpt || !config) return;
+    char dir[512];
+
+    /* a weight without its scale */
+    const char *scale = "model.layers.1.mlp.experts.5.up_proj.weight_scale_inv";
+    fp8_variant("fp8-no-scale", config, ckpt, scale, NULL, ST_F32, 0, NULL, NULL, dir);
+    expect_failure(dir, "fp8 weight without its scale", "'model.layers.1.mlp.experts.5.up_proj.weight'",
+                   "its scale 'model.layers.1.mlp.experts.5.up_proj.weight_scale_inv' is not in");
+
+    /* a scale grid of the wrong shape: kv_a_proj_with_mqa [20, 36] in blocks [8, 24] has
+     * [3, 2] blocks */
+    static const float ones[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+    scale = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv";
+    fp8_variant("fp8-scale-shape", config, ckpt, scale, scale, ST_F32, 2, (int64_t[]){3, 1}, ones, dir);
+    expect_failure(dir, "fp8 scale of the wrong shape", scale,
+                   "expected shape [3, 2], got [3, 1] (one scale per block of "
+                   "model.layers.0.self_attn.kv_a_proj_with_mqa.weight [20, 36] in blocks of [8, 24]");
+
+    /* the config's block size is the one used: [8, 16] makes the same scales wrong */
+    char *other_block = replaced(config, "      24\n", "      16\n");
+    make_variant("fp8-block", other_block, NULL, dir);
+    char target[600], link_path[600];
+    snprintf(target, sizeof target, "%s/model.safetensors", fixture);
+    snprintf(link_path, sizeof link_path, "%s/model.safetensors", dir);
+    if (target[0] != '/') {
+        char cwd[400];
+        CHECK(getcwd(cwd, sizeof cwd) != NULL, "getcwd");
+        snprintf(target, sizeof target, "%s/%s/model.safetensors", cwd, fixture);
+    }
+    CHECK(symlink(target, link_path) == 0, "symlink %s", link_path);
+    expect_failure(dir, "fp8 scales for another block size", "in blocks of [8, 16]",
+                   "weight_block_size");
+    free(other_block);
+
+    /* fp8 weights under a config without quantization_config */
+    char *unquantised = replaced(config, "\"quantization_config\"", "\"quantization_config_not\"");
+    make_variant("fp8-no-config", unquantised, NULL, dir);
+    snprintf(link_path, sizeof link_path, "%s/model.safetensors", dir);
+    CHECK(symlink(target, link_path) == 0, "symlink %s", link_path);
+    expect_failure(dir, "fp8 weights, no quantization_config", "is F8_E4M3 (fp8)",
+                   "has no quantization_config");
+    free(unquantised);
+
+    /* a quantisation esft does not read */
+    char *awq = replaced(config, "\"quant_method\": \"fp8\"", "\"quant_method\": \"awq\"");
+    make_variant("fp8-awq", awq, NULL, dir);
+    expect_failure(dir, "unknown quant_method", "quantization_config.quant_method", "'awq' is not supported");
+    free(awq);
+
+    /* an fp8 norm (DeepSeek-V3 keeps norms, the router, embedding and lm_head in bf16) */
+    uint8_t q[36];
+    memset(q, 0x38, sizeof q); /* 1.0 */
+    const char *norm = "model.layers.1.input_layernorm.weight";
+    fp8_variant("fp8-norm", config, ckpt, norm, norm, ST_F8_E4M3, 1, (int64_t[]){36}, q, dir);
+    expect_failure(dir, "fp8 norm", norm, "where esft needs a float weight");
+
+    free(config);
+    st_checkpoint_close(ckpt);
 }
 
 int main(int argc, char **argv)
@@ -289,6 +441,8 @@ int main(int argc, char **argv)
     make_variant("family", other, NULL, dir);
     expect_failure(dir, "unsupported family", "gpt_oss", "not supported");
     free(other);
+
+    test_fp8(golden);
 
     for (int l = 0; l < 2 * cfg.num_layers; l++) free(stacks[l]);
     free(stacks);

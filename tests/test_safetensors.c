@@ -179,6 +179,93 @@ static int contains(const char *s, const char *part)
     return strstr(s, part) != NULL;
 }
 
+/* Every fp8 e4m3 byte as torch widens it to float32 (the bits of
+ * torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float(), torch 2.15). */
+static const uint32_t torch_e4m3[256] = {
+    0x00000000, 0x3B000000, 0x3B800000, 0x3BC00000, 0x3C000000, 0x3C200000, 0x3C400000, 0x3C600000,
+    0x3C800000, 0x3C900000, 0x3CA00000, 0x3CB00000, 0x3CC00000, 0x3CD00000, 0x3CE00000, 0x3CF00000,
+    0x3D000000, 0x3D100000, 0x3D200000, 0x3D300000, 0x3D400000, 0x3D500000, 0x3D600000, 0x3D700000,
+    0x3D800000, 0x3D900000, 0x3DA00000, 0x3DB00000, 0x3DC00000, 0x3DD00000, 0x3DE00000, 0x3DF00000,
+    0x3E000000, 0x3E100000, 0x3E200000, 0x3E300000, 0x3E400000, 0x3E500000, 0x3E600000, 0x3E700000,
+    0x3E800000, 0x3E900000, 0x3EA00000, 0x3EB00000, 0x3EC00000, 0x3ED00000, 0x3EE00000, 0x3EF00000,
+    0x3F000000, 0x3F100000, 0x3F200000, 0x3F300000, 0x3F400000, 0x3F500000, 0x3F600000, 0x3F700000,
+    0x3F800000, 0x3F900000, 0x3FA00000, 0x3FB00000, 0x3FC00000, 0x3FD00000, 0x3FE00000, 0x3FF00000,
+    0x40000000, 0x40100000, 0x40200000, 0x40300000, 0x40400000, 0x40500000, 0x40600000, 0x40700000,
+    0x40800000, 0x40900000, 0x40A00000, 0x40B00000, 0x40C00000, 0x40D00000, 0x40E00000, 0x40F00000,
+    0x41000000, 0x41100000, 0x41200000, 0x41300000, 0x41400000, 0x41500000, 0x41600000, 0x41700000,
+    0x41800000, 0x41900000, 0x41A00000, 0x41B00000, 0x41C00000, 0x41D00000, 0x41E00000, 0x41F00000,
+    0x42000000, 0x42100000, 0x42200000, 0x42300000, 0x42400000, 0x42500000, 0x42600000, 0x42700000,
+    0x42800000, 0x42900000, 0x42A00000, 0x42B00000, 0x42C00000, 0x42D00000, 0x42E00000, 0x42F00000,
+    0x43000000, 0x43100000, 0x43200000, 0x43300000, 0x43400000, 0x43500000, 0x43600000, 0x43700000,
+    0x43800000, 0x43900000, 0x43A00000, 0x43B00000, 0x43C00000, 0x43D00000, 0x43E00000, 0x7FF00000,
+    0x80000000, 0xBB000000, 0xBB800000, 0xBBC00000, 0xBC000000, 0xBC200000, 0xBC400000, 0xBC600000,
+    0xBC800000, 0xBC900000, 0xBCA00000, 0xBCB00000, 0xBCC00000, 0xBCD00000, 0xBCE00000, 0xBCF00000,
+    0xBD000000, 0xBD100000, 0xBD200000, 0xBD300000, 0xBD400000, 0xBD500000, 0xBD600000, 0xBD700000,
+    0xBD800000, 0xBD900000, 0xBDA00000, 0xBDB00000, 0xBDC00000, 0xBDD00000, 0xBDE00000, 0xBDF00000,
+    0xBE000000, 0xBE100000, 0xBE200000, 0xBE300000, 0xBE400000, 0xBE500000, 0xBE600000, 0xBE700000,
+    0xBE800000, 0xBE900000, 0xBEA00000, 0xBEB00000, 0xBEC00000, 0xBED00000, 0xBEE00000, 0xBEF00000,
+    0xBF000000, 0xBF100000, 0xBF200000, 0xBF300000, 0xBF400000, 0xBF500000, 0xBF600000, 0xBF700000,
+    0xBF800000, 0xBF900000, 0xBFA00000, 0xBFB00000, 0xBFC00000, 0xBFD00000, 0xBFE00000, 0xBFF00000,
+    0xC0000000, 0xC0100000, 0xC0200000, 0xC0300000, 0xC0400000, 0xC0500000, 0xC0600000, 0xC0700000,
+    0xC0800000, 0xC0900000, 0xC0A00000, 0xC0B00000, 0xC0C00000, 0xC0D00000, 0xC0E00000, 0xC0F00000,
+    0xC1000000, 0xC1100000, 0xC1200000, 0xC1300000, 0xC1400000, 0xC1500000, 0xC1600000, 0xC1700000,
+    0xC1800000, 0xC1900000, 0xC1A00000, 0xC1B00000, 0xC1C00000, 0xC1D00000, 0xC1E00000, 0xC1F00000,
+    0xC2000000, 0xC2100000, 0xC2200000, 0xC2300000, 0xC2400000, 0xC2500000, 0xC2600000, 0xC2700000,
+    0xC2800000, 0xC2900000, 0xC2A00000, 0xC2B00000, 0xC2C00000, 0xC2D00000, 0xC2E00000, 0xC2F00000,
+    0xC3000000, 0xC3100000, 0xC3200000, 0xC3300000, 0xC3400000, 0xC3500000, 0xC3600000, 0xC3700000,
+    0xC3800000, 0xC3900000, 0xC3A00000, 0xC3B00000, 0xC3C00000, 0xC3D00000, 0xC3E00000, 0xFFF00000,
+
+};
+
+static void test_f8(void)
+{
+    int wrong = 0;
+    for (int b = 0; b < 256; b++) {
+        uint32_t got = bits(st_f8_e4m3_to_f32((uint8_t)b));
+        if (got != torch_e4m3[b] && wrong++ < 8)
+            CHECK(0, "e4m3 0x%02X -> 0x%08X, torch 0x%08X", b, got, torch_e4m3[b]);
+    }
+    CHECK(wrong == 0, "%d of 256 e4m3 bytes differ from torch", wrong);
+    /* by hand: 1.0 = 0 0111 000; 448 = 0 1111 110 (1.75 * 2^8), the largest; subnormals
+     * m * 2^-9; 0x7F / 0xFF NaN (no infinities); 0x80 negative zero */
+    CHECK(st_f8_e4m3_to_f32(0x38) == 1.0f, "e4m3 0x38 is 1");
+    CHECK(st_f8_e4m3_to_f32(0x7E) == 448.0f && st_f8_e4m3_to_f32(0xFE) == -448.0f, "e4m3 +-448");
+    CHECK(st_f8_e4m3_to_f32(0x01) == 0x1p-9f && st_f8_e4m3_to_f32(0x07) == 7 * 0x1p-9f,
+          "e4m3 subnormals");
+    CHECK(st_f8_e4m3_to_f32(0x08) == 0x1p-6f, "e4m3 smallest normal 2^-6");
+    CHECK(isnan(st_f8_e4m3_to_f32(0x7F)) && isnan(st_f8_e4m3_to_f32(0xFF)), "e4m3 NaN");
+    CHECK(st_f8_e4m3_to_f32(0x80) == 0.0f && signbit(st_f8_e4m3_to_f32(0x80)), "e4m3 -0");
+    CHECK(st_f8_e4m3_to_f32(0x77) == 240.0f, "e4m3 0x77 = 1.875 * 2^7");
+    /* e5m2 = the top byte of a binary16 */
+    CHECK(st_f8_e5m2_to_f32(0x3C) == 1.0f && st_f8_e5m2_to_f32(0x7B) == 57344.0f, "e5m2 1, max");
+    CHECK(st_f8_e5m2_to_f32(0x01) == 0x1p-16f, "e5m2 smallest subnormal");
+    CHECK(isinf(st_f8_e5m2_to_f32(0x7C)) && st_f8_e5m2_to_f32(0xFC) < 0, "e5m2 infinities");
+    CHECK(isnan(st_f8_e5m2_to_f32(0x7D)) && isnan(st_f8_e5m2_to_f32(0xFF)), "e5m2 NaN");
+
+    /* a file holding fp8: the header is accepted, st_read_f32 refuses without the scale */
+    char path[300], err[512];
+    snprintf(path, sizeof path, "%s/f8.safetensors", tmpdir);
+    uint8_t q[4] = {0x38, 0x7E, 0x01, 0x80};
+    struct st_writer *w = st_writer_new();
+    CHECK(st_writer_add(w, "w", ST_F8_E4M3, 2, (int64_t[]){2, 2}, q, err, sizeof err) == 0, "%s",
+          err);
+    CHECK(st_writer_add(w, "v", ST_F8_E5M2, 1, (int64_t[]){4}, q, err, sizeof err) == 0, "%s", err);
+    CHECK(st_writer_write(w, path, 0, err, sizeof err) == 0, "%s", err);
+    st_writer_free(w);
+    struct st_file *f = st_open(path, err, sizeof err);
+    CHECK(f != NULL, "fp8 file: %s", err);
+    if (!f) return;
+    const struct st_tensor *t = st_file_find(f, "w");
+    CHECK(t && t->dtype == ST_F8_E4M3 && t->nbytes == 4 && memcmp(t->data, q, 4) == 0,
+          "F8_E4M3 view");
+    t = st_file_find(f, "v");
+    CHECK(t && t->dtype == ST_F8_E5M2, "F8_E5M2 view");
+    float out[4];
+    CHECK(t && st_read_f32(t, out, 4, err, sizeof err) != 0 && contains(err, "weight_scale_inv"),
+          "st_read_f32 on fp8: %s", err);
+    st_close(f);
+}
+
 static void test_round_trip(void)
 {
     char err[1024];
@@ -412,10 +499,10 @@ static void test_malformed_files(void)
     expect_bad_file("array.safetensors", "header not an object", "expected a JSON object", NULL);
 
     write_crafted(path_in(tmpdir, "dtype.safetensors"),
-                  "{\"w.fp8\":{\"dtype\":\"F8_E4M3\",\"shape\":[2],\"data_offsets\":[0,2]}}", -1,
+                  "{\"w.e8m0\":{\"dtype\":\"F8_E8M0\",\"shape\":[2],\"data_offsets\":[0,2]}}", -1,
                   2);
-    expect_bad_file("dtype.safetensors", "unknown dtype", "'w.fp8'",
-                    "dtype 'F8_E4M3' is not supported");
+    expect_bad_file("dtype.safetensors", "unknown dtype", "'w.e8m0'",
+                    "dtype 'F8_E8M0' is not supported");
 
     write_crafted(path_in(tmpdir, "size.safetensors"),
                   "{\"w.size\":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,12]}}", -1,
@@ -646,6 +733,7 @@ int main(int argc, char **argv)
     }
     test_bf16();
     test_f16();
+    test_f8();
     test_round_trip();
     test_sharded();
     test_malformed_files();
