@@ -22,6 +22,7 @@
 #include "layout.h"
 #include "log.h"
 #include "model.h"
+#include "model_compute.h"
 #include "safetensors.h"
 
 /* An int64 tensor of the expected file as int32. */
@@ -121,6 +122,13 @@ static void check_fixture(const char *dir, const char *name)
             CHECK(fabsf(model.inv_freq[i] - freq[i]) <= 1e-6f * fabsf(freq[i]),
                   "%s: inv_freq[%d] %.9g, transformers %.9g", name, i, model.inv_freq[i], freq[i]);
         free(freq);
+    }
+    if (st_find(&expected, "scaling") && cfg.attention == ATTENTION_MLA) { /* with YaRN's m^2 */
+        float *s = read_f32(&expected, "scaling", 1);
+        if (s)
+            CHECK(fabsf(mla_softmax_scale(&cfg) - s[0]) <= 1e-6f * fabsf(s[0]),
+                  "%s: MLA softmax scale %.9g, transformers %.9g", name, mla_softmax_scale(&cfg), s[0]);
+        free(s);
     }
     if (st_find(&expected, "rope_attention_scaling")) {
         float *s = read_f32(&expected, "rope_attention_scaling", 1);

@@ -1,0 +1,99 @@
+#!/bin/sh
+# test-families: the deepseek_v2, deepseek_v3 and glm4_moe families through every phase.
+# For each, init writes a small model of the family (deepseek_v2: MLA without q_lora_rank,
+# group-limited greedy routing; deepseek_v3: MLA with q_lora_rank, sigmoid routing with
+# groups; glm4_moe: GQA with partial rotary, sigmoid routing; all with a shared expert and
+# a dense first layer); the score phase's statistics under (pp, dp, ep) = (1,1,2) and
+# (2,1,1) select what one rank's select (token and gate scores, within 1e-6), 5 ESFT steps
+# under those layouts give the 1-rank loss curve within 1e-5, the merged export loads
+# back, and eval runs on it. The golden fixtures (test_golden, test_grad) hold the math to
+# transformers; this holds the phases and the layouts to one rank.
+set -u
+. "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
+test_begin families
+# scores CONFIG: the per-layer score lists of an expert_config.json, one number a line
+scores() {
+    sed -n '/"scores"/,/}/p' "$1" | grep -o '[0-9][0-9.e+-]*' | grep -v '^[0-9]$'
+}
+# same_scores A B: the same scores within 1e-6 (relative)
+same_scores() {
+    scores "$1" >"$tmp/a.txt"
+    scores "$2" >"$tmp/b.txt"
+    paste -d' ' "$tmp/a.txt" "$tmp/b.txt" | awk -v n="$(wc -l <"$tmp/a.txt")" '
+        { d = $1 - $2; if (d < 0) d = -d; if (d > 1e-6 * ($1 < 0 ? -$1 : $1) + 1e-12) bad++; count++ }
+        END { exit (bad > 0 || count != n || n == 0) }'
+}
+
+demo="$src/input/demo.yaml"
+data="$tmp/data.h5"
+# shellcheck disable=SC2086
+expect 0 "prepare the demo data" "$esft" "$demo" phase=prepare "run.output_dir=$tmp/prep" \
+    "prepare.output=$data" "prepare.inputs=[$src/input/data/demo.jsonl]"
+
+shape="init.num_layers=4 init.num_experts=8 init.top_k=2 init.n_shared_experts=1 init.first_k_dense_replace=1 init.init_std=0.2"
+for family in deepseek_v2 deepseek_v3 glm4_moe; do
+    case $family in
+    deepseek_v2) extra="init.n_group=4 init.topk_group=2 init.routed_scaling_factor=1.5 init.kv_lora_rank=24 init.qk_nope_head_dim=8 init.qk_rope_head_dim=8 init.v_head_dim=12" ;;
+    deepseek_v3) extra="init.n_group=4 init.topk_group=2 init.routed_scaling_factor=2.5 init.q_lora_rank=24 init.kv_lora_rank=24 init.qk_nope_head_dim=8 init.qk_rope_head_dim=8 init.v_head_dim=12 init.top_k=3" ;;
+    glm4_moe) extra="init.n_group=2 init.topk_group=1 init.routed_scaling_factor=1.8 init.num_kv_heads=2 init.head_dim=16" ;;
+    esac
+    d="$tmp/$family"
+    common="model.path=$d/model data.path=$data init.family=$family $shape $extra"
+    # shellcheck disable=SC2086
+    expect 0 "$family: init and score" "$esft" "$demo" "phase=[init,score]" "run.output_dir=$d" $common
+    grep -q "\"model_type\": \"$family\"" "$d/model/config.json" && ok || fail "$family: config.json model_type"
+    # Score under EP and PP: the same statistics as one rank's.
+    for layout in "2 1 2" "2 2 1"; do
+        set -- $layout
+        out="$d/score-$2-$3"
+        # shellcheck disable=SC2086
+        expect 0 "$family: score, pp $2, ep $3" $mpirun "$1" "$esft" "$demo" phase=score \
+            "run.output_dir=$out" $common "parallel.pp=$2" "parallel.ep=$3"
+        for f in token gate; do
+            for run in "$d" "$out"; do
+                [ -s "$run/select-$f/expert_config.json" ] && continue
+                # shellcheck disable=SC2086
+                "$esft" "$demo" phase=select "run.output_dir=$run/select-$f" $common \
+                    "select.stats=[$run/routing_stats.h5]" "select.score_function=$f" >/dev/null 2>&1 ||
+                    fail "$family: select ($f) on $run"
+            done
+            same_scores "$d/select-$f/expert_config.json" "$out/select-$f/expert_config.json" && ok ||
+                fail "$family: pp $2, ep $3: $f scores differ from one rank's"
+        done
+    done
+    # Train: the 1-rank curve under EP and PP.
+    # shellcheck disable=SC2086
+    "$esft" "$demo" phase=select "run.output_dir=$d" $common "select.stats=[$d/routing_stats.h5]" \
+        select.top_p=0.5 >/dev/null 2>&1 && ok || fail "$family: select"
+    short="train.expert_config=$d/expert_config.json train.steps=5 train.global_batch=4 train.eval_every=100 train.checkpoint_every=100"
+    # shellcheck disable=SC2086
+    expect 0 "$family: esft on 1 rank" "$esft" "$demo" phase=train "run.output_dir=$d/train-1" \
+        $common $short train.export_merged=true
+    for layout in "2 1 2" "2 2 1"; do
+        set -- $layout
+        out="$d/train-$2-$3"
+        # shellcheck disable=SC2086
+        expect 0 "$family: esft, pp $2, ep $3" $mpirun "$1" "$esft" "$demo" phase=train \
+            "run.output_dir=$out" $common $short "parallel.pp=$2" "parallel.ep=$3"
+        same_curve "$d/train-1/metrics.jsonl" "$out/metrics.jsonl" 1e-5 && ok ||
+            fail "$family, pp $2, ep $3: not the 1-rank curve: $(paste -d' ' "$tmp/a.txt" "$tmp/b.txt" | head -n 3)"
+    done
+    # The merged export: the base config.json as it was, and a checkpoint eval reads.
+    cmp -s "$d/model/config.json" "$d/train-1/merged/config.json" && ok ||
+        fail "$family: the merged export's config.json is not the base model's"
+    # shellcheck disable=SC2086
+    expect 0 "$family: eval on the merged export" "$esft" "$demo" phase=eval \
+        "run.output_dir=$d/eval" $common "model.path=$d/train-1/merged"
+    [ -s "$d/eval/eval.json" ] && ok || fail "$family: no eval.json"
+done
+
+# The CUDA backend lacks these families' ops: refused before anything runs (or, in a
+# build without CUDA, refused for that).
+expect 2 "deepseek_v2 on the cuda backend" "$esft" "$demo" phase=score run.backend=cuda \
+    "run.output_dir=$tmp/cuda" "model.path=$tmp/deepseek_v2/model" "data.path=$data"
+grep -q "built without CUDA" "$tmp/err" ||
+    grep -q "run.backend cuda: deepseek_v2 models run on the CPU backend only" "$tmp/err" && ok ||
+    fail "cuda backend with deepseek_v2: message"
+[ -e "$tmp/cuda" ] && fail "a refused run left $tmp/cuda" || ok
+
+test_end test-families
