@@ -42,8 +42,9 @@ static const float *shared_output_gradient_into(const struct backend *ops,
  * gradients (nothing below needs the input gradient: model.h's backward_floor). */
 static void moe_backward(const struct model *m, const struct backend *ops,
                          struct forward_workspace *ws, const struct layer_activations *a,
-                         const float *dy, float *dhn, int N, int l, bool balance)
+                         const float *dy, float *dhn, int N, int l, float aux_scale)
 {
+    bool balance = aux_scale != 0.0f;
     const struct model_config *c = &m->cfg;
     const struct layer_weights *w = &m->layers[l];
     const struct layer_grads *g = &m->grads[l];
@@ -95,7 +96,10 @@ static void moe_backward(const struct model *m, const struct backend *ops,
      * frozen (g->router NULL: no weight gradient, the input gradient still flows) */
     ops->router_topk_backward(ws->drouter, ws->dweights, a->probs, ws->topk_ids[l], N, E, K,
                               &route);
-    if (balance) ops->router_balance_backward(ws->drouter, a->probs, ws->balance_coef, N, E);
+    if (balance && c->aux == AUX_SEQUENCE)
+        seq_aux_backward(m, ops, ws, l, ws->drouter, a->probs, aux_scale);
+    else if (balance)
+        ops->router_balance_backward(ws->drouter, a->probs, ws->balance_coef, N, E);
     ops->linear_backward(dhn, g->router, NULL, ws->drouter, a->hn, w->router, N, H, E, true);
 
     if (w->shared_gate) {
@@ -170,7 +174,7 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
         float *dhn = l == floor && m->floor_mlp_only ? NULL : ws->dxn;
         /* x_next = h + ffn: ws->dx is both d h and d ffn */
         if (c->is_moe[l])
-            moe_backward(m, ops, ws, a, ws->dx, dhn, N, l, balance);
+            moe_backward(m, ops, ws, a, ws->dx, dhn, N, l, aux_scale);
         else /* the dshared buffers hold N x max(intermediate, shared width); the expert
               * ones (N K x expert width) can be narrower than a dense layer (glm4_moe) */
             dense_mlp_backward(ops, dhn, false, ws->dx, a->hn, w->mlp_gate, w->mlp_up, w->mlp_down,

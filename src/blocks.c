@@ -53,6 +53,7 @@ void token_batch_init(struct token_batch *b, int capacity)
     b->positions = xmalloc((size_t)capacity * sizeof(int32_t));
     b->sample_start = xmalloc((size_t)capacity * sizeof(int32_t));
     b->targets = xmalloc((size_t)capacity * sizeof(int32_t));
+    b->block_start = xmalloc((size_t)capacity * sizeof(int32_t));
     b->raw = xmalloc((size_t)capacity * sizeof(uint32_t));
     b->mask = xmalloc((size_t)capacity);
 }
@@ -60,6 +61,7 @@ void token_batch_init(struct token_batch *b, int capacity)
 void token_batch_free(struct token_batch *b)
 {
     free(b->tokens), free(b->positions), free(b->sample_start), free(b->targets);
+    free(b->block_start);
     free(b->raw), free(b->mask);
 }
 
@@ -67,6 +69,7 @@ void append_block(struct token_batch *b, const struct dataset *ds,
                          const struct block_plan *plan, int block, int seq_len)
 {
     char err[1024];
+    int first = b->N; /* the block's first token */
     for (int i = plan->first[block]; i < plan->first[block + 1]; i++) {
         uint64_t sample = plan->order[i];
         int n = (int)clipped_length(ds, sample, seq_len);
@@ -82,6 +85,7 @@ void append_block(struct token_batch *b, const struct dataset *ds,
             b->tokens[start + t] = (int32_t)raw[t];
             b->positions[start + t] = t;
             b->sample_start[start + t] = start;
+            b->block_start[start + t] = first;
             bool has_next = t + 1 < n;
             b->targets[start + t] = has_next && mask[t + 1] ? (int32_t)raw[t + 1] : -100;
             b->targets_counted += b->targets[start + t] >= 0;

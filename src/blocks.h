@@ -27,7 +27,7 @@ void blocks_shuffle(uint64_t *a, uint64_t n, uint64_t seed);
 /* Token buffers of up to `capacity` tokens: a micro-batch of blocks laid end to end. */
 struct token_batch {
     int capacity, N;
-    int32_t *tokens, *positions, *sample_start, *targets;
+    int32_t *tokens, *positions, *sample_start, *targets, *block_start;
     uint32_t *raw;
     uint8_t *mask;
     long long targets_counted;

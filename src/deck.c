@@ -305,7 +305,10 @@ static const struct key schema[] = {
     {KEY("train.clip_grad", KEY_DOUBLE, train.clip_grad), .def = "1.0", .bounds = LO, .lo = 0,
      .help = "global gradient-norm clip; 0: off"},
     {KEY("train.aux_loss_coef", KEY_DOUBLE, train.aux_loss_coef), .def = "0", .bounds = LO, .lo = 0,
-     .help = "load-balancing loss weight (the reference adds it; off by default)"},
+     .help = "balance loss weight, off by default: transformers' load_balancing_loss_func "
+             "(qwen, olmoe, mixtral); for deepseek_v2 the ESFT reference's sequence-level "
+             "loss (aux_loss_alpha, 0.001 in DeepSeek-V2-Lite); refused for deepseek_v3 and "
+             "glm4_moe"},
     {KEY("train.lr_schedule", KEY_ENUM, train.lr_schedule), .def = "constant",
      .names = lr_schedule_names, .help = "learning-rate schedule after warmup"},
     {KEY("train.warmup_steps", KEY_INT, train.warmup_steps), .def = "0", .bounds = LO, .lo = 0,

@@ -216,6 +216,7 @@ static void moe_block(const struct model *m, const struct backend *ops,
     ops->linear(ws->router_logits[l], a->hn, w->router, NULL, N, H, E, false);
     ops->router_topk(ws->topk_ids[l], ws->topk_weights[l], a->probs, ws->router_logits[l], N, E, K,
                      &route);
+    seq_aux_layer(m, ops, ws, l, a->probs, ws->topk_ids[l]); /* deepseek_v2 */
     ops->router_balance_stats(ws->balance_counts[l], ws->balance_probs[l], a->probs,
                               ws->topk_ids[l], N, E, K);
     ops->permute_by_expert(a->offsets, a->slot_of_row, a->row_of_slot, ws->topk_ids[l], N, K, E);
@@ -253,12 +254,14 @@ static void moe_block(const struct model *m, const struct backend *ops,
 
 /* The load-balancing sums up to the end of this stage, in layer order, in double:
  * the earlier stages' (received; zero on the first stage), then this stage's layers.
- * [2E]: counts, then prob sums. Freed by the caller. */
+ * [2E + 1]: counts, prob sums, then the sequence-level aux (deepseek_v2) of the layers so
+ * far. Freed by the caller. */
 static double *balance_sums(const struct model *m, const struct forward_workspace *ws)
 {
     int E = m->cfg.num_experts;
-    double *sums = xmalloc(2 * (size_t)(E > 0 ? E : 1) * sizeof *sums);
-    memcpy(sums, ws->balance_before, 2 * (size_t)E * sizeof *sums);
+    double *sums = xmalloc((2 * (size_t)(E > 0 ? E : 1) + 1) * sizeof *sums);
+    memcpy(sums, ws->balance_before, (2 * (size_t)E + 1) * sizeof *sums);
+    sums[2 * E] += seq_aux_stage_sum(ws);
     for (int l = m->first_layer; l < m->first_layer + m->n_layers; l++) {
         if (!m->cfg.is_moe[l]) continue;
         const float *stats = ws->h_balance_block + (size_t)l * 2 * ws->n_experts; /* counts, probs */
@@ -270,20 +273,28 @@ static double *balance_sums(const struct model *m, const struct forward_workspac
     return sums;
 }
 
-/* The load-balancing loss of the last forward from its per-layer statistics (summed in
- * layer order, in double). With coef non-NULL also its gradient with respect to every
- * router probability, times scale: coef[e] = scale * E * c_e / R^2 (d aux / d P_e; the
- * counts carry no gradient). */
+/* The balance loss of the last forward: transformers' load-balancing loss from the
+ * per-layer statistics (summed in layer order, in double), with coef non-NULL also its
+ * gradient with respect to every router probability, times scale: coef[e] = scale * E *
+ * c_e / R^2 (d aux / d P_e; the counts carry no gradient). For the families without it
+ * (hfconfig.h, enum hf_aux_kind) coef is 0: deepseek_v2's sequence-level loss (its
+ * gradient is balance_seq.c's), or none. */
 double ws_balance_loss(const struct model *m, const struct forward_workspace *ws, float *coef,
                            float scale)
 {
     const struct model_config *c = &m->cfg;
     int E = c->num_experts, moe_layers = 0;
     for (int l = 0; l < c->num_layers; l++) moe_layers += c->is_moe[l];
-    if (moe_layers == 0 || ws->balance_tokens == 0) {
+    if (moe_layers == 0 || ws->balance_tokens == 0 || c->aux != AUX_GLOBAL) {
+        double aux = 0.0;
+        if (c->aux == AUX_SEQUENCE && moe_layers > 0) {
+            double *sums = balance_sums(m, ws);
+            aux = sums[2 * E];
+            free(sums);
+        }
         if (coef)
             for (int e = 0; e < E; e++) coef[e] = 0.0f;
-        return 0.0;
+        return aux;
     }
     double R = (double)moe_layers * ws->balance_tokens, aux = 0.0;
     double *sums = balance_sums(m, ws);
@@ -320,12 +331,13 @@ void model_forward(const struct model *m, const struct backend *ops, struct forw
 
     if (stage == 0) {
         ops->embedding(ws->layers[first].x, batch->tokens, m->embedding, N, H);
-        memset(ws->balance_before, 0, 2 * (size_t)E * sizeof(double));
+        memset(ws->balance_before, 0, (2 * (size_t)E + 1) * sizeof(double));
     } else { /* the previous stage's output, and its load-balancing sums */
         ws_stage_recv(m, ws, ws->layers[first].x, (size_t)N * H, stage - 1, TAG_ACTIVATION);
-        comm_recv(m->pp_comm, ws->balance_before, 2 * (size_t)E, COMM_F64, stage - 1,
+        comm_recv(m->pp_comm, ws->balance_before, 2 * (size_t)E + 1, COMM_F64, stage - 1,
                   TAG_BALANCE, COMM_HOST);
     }
+    seq_aux_begin(m, ws, batch);
     for (int l = first; l < end; l++) {
         const struct layer_weights *w = &m->layers[l];
         struct layer_activations *a = &ws->layers[l];
@@ -363,10 +375,10 @@ void model_forward(const struct model *m, const struct backend *ops, struct forw
     ws->balance_tokens = N;
     if (!last_stage) { /* on to the next stage, without waiting for it */
         double *sums = balance_sums(m, ws);
-        memcpy(ws->balance_before, sums, 2 * (size_t)E * sizeof(double)); /* the sent copy */
+        memcpy(ws->balance_before, sums, (2 * (size_t)E + 1) * sizeof(double)); /* the sent copy */
         free(sums);
         ws_stage_send_start(m, ws, ws->x_final, (size_t)N * H, stage + 1, TAG_ACTIVATION, &ws->sends[0]);
-        comm_send_start(m->pp_comm, ws->balance_before, 2 * (size_t)E, COMM_F64, stage + 1,
+        comm_send_start(m->pp_comm, ws->balance_before, 2 * (size_t)E + 1, COMM_F64, stage + 1,
                         TAG_BALANCE, COMM_HOST, &ws->sends[1]);
         return;
     }

@@ -664,6 +664,9 @@ static int finish(struct model_config *c, const struct reader *r)
             return fail(r, "key '%s': %d exceeds esft's limit of %d", bounded[i].key,
                         bounded[i].value, bounded[i].limit);
     if (check_mla_and_groups(c, r) != 0) return -1;
+    c->aux = c->family == HF_DEEPSEEK_V2                                ? AUX_SEQUENCE
+             : c->family == HF_DEEPSEEK_V3 || c->family == HF_GLM4_MOE ? AUX_NONE
+                                                                       : AUX_GLOBAL;
     c->renormalise = c->family == HF_MIXTRAL ||
                      (c->family != HF_DEEPSEEK_V2 && c->norm_topk_prob);
     if (c->num_heads % c->num_kv_heads != 0)

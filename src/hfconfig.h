@@ -66,6 +66,13 @@ enum hf_attention_kind {
     ATTENTION_MLA  /* deepseek multi-head latent attention: see the *_rank fields */
 };
 
+/* The balance loss a trainer adds for the family (train.aux_loss_coef): transformers'
+ * load_balancing_loss_func over the whole batch (qwen, olmoe, mixtral); for deepseek_v2,
+ * which transformers gives none, the ESFT reference's sequence-level loss
+ * (deepseek-ai/ESFT deepseek/modeling_deepseek.py, MoEGate with seq_aux); none for the
+ * sigmoid routers (deepseek_v3, glm4_moe). */
+enum hf_aux_kind { AUX_GLOBAL, AUX_SEQUENCE, AUX_NONE };
+
 enum hf_activation { ACT_SILU, ACT_GELU /* exact (erf) GELU, transformers "gelu" */ };
 
 enum hf_rope_type { ROPE_DEFAULT, ROPE_LINEAR, ROPE_YARN };
@@ -165,6 +172,7 @@ struct model_config {
     int num_mlp_only_layers;
     int mlp_only_layers[HFCONFIG_MAX_LAYERS]; /* as in the file (qwen) */
     double router_aux_loss_coef;
+    enum hf_aux_kind aux; /* derived from the family */
     bool output_router_logits;
     double router_jitter_noise; /* mixtral; esft keeps 0 for parity */
 

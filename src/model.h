@@ -201,6 +201,10 @@ struct batch {
     const int32_t *positions;    /* [N] RoPE position (restarts at each sample) */
     const int32_t *sample_start; /* [N] index of the first token of the token's sample */
     const int32_t *targets;      /* [N] next-token target, or -100 (not counted); may be NULL */
+    /* [N] index of the first token of the token's block (a training row of data.seq_len
+     * tokens at most, packing samples), host memory; NULL: the batch is one block. The
+     * sequence-level balance loss (deepseek_v2) is taken per block. */
+    const int32_t *block_start;
 };
 
 /* What the forward pass leaves behind: logits, the loss sums and, per MoE layer, the

@@ -100,6 +100,7 @@ struct forward_workspace {
     float **balance_counts, **balance_probs; /* [L] -> [E]: load-balancing statistics */
     float *balance_coef;                     /* [E]: d aux / d probs (backward) */
     int balance_tokens;                      /* N of the last forward */
+    struct seq_aux *seq;                     /* deepseek_v2's per-block balance loss, or NULL */
     /* pipeline parallelism: the earlier stages' load-balancing sums (counts, then prob
      * sums: [2E]), received with the activations; the sends still in flight */
     double *balance_before;
@@ -137,6 +138,19 @@ void ws_stage_recv(const struct model *m, struct forward_workspace *ws, float *b
 void ws_stage_send_start(const struct model *m, struct forward_workspace *ws, const float *buf,
                          size_t count, int to, int tag, struct comm_request *request);
 /* The load-balancing loss of the last forward, and with coef its gradient (forward.c). */
+/* The sequence-level balance loss of deepseek_v2 (balance_seq.c; training workspaces of
+ * AUX_SEQUENCE models only, a no-op otherwise): the batch's blocks at the start of a
+ * forward; a MoE layer's term from its router probabilities and choices; the sum of this
+ * stage's terms; in the backward, scale times a layer's gradient added to the router
+ * logits' (dlogits [N,E]); the buffers freed with the workspace. */
+void seq_aux_begin(const struct model *m, struct forward_workspace *ws, const struct batch *b);
+void seq_aux_layer(const struct model *m, const struct backend *ops, struct forward_workspace *ws,
+                   int l, const float *probs, const int32_t *ids);
+double seq_aux_stage_sum(const struct forward_workspace *ws);
+void seq_aux_backward(const struct model *m, const struct backend *ops,
+                      struct forward_workspace *ws, int l, float *dlogits, const float *probs,
+                      float scale);
+void seq_aux_free(struct forward_workspace *ws);
 double ws_balance_loss(const struct model *m, const struct forward_workspace *ws, float *coef,
                        float scale);
 /* The EP exchange of a layer's rows (forward.c): to the experts' ranks and back. */

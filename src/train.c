@@ -127,7 +127,8 @@ static double evaluate(const struct model *m, const struct backend *ops, struct 
         if (j < val->n_blocks) append_block(b, ds, val, j, seq_len);
         else if (m->grid.ep == 1 && m->grid.pp == 1) continue;
         struct batch batch = {.N = b->N, .tokens = b->tokens, .positions = b->positions,
-                              .sample_start = b->sample_start, .targets = b->targets};
+                              .sample_start = b->sample_start, .targets = b->targets,
+                              .block_start = b->block_start};
         struct forward_result r;
         model_forward(m, ops, ws, &batch, &r);
         sums[0] += r.loss_sum;
@@ -148,22 +149,19 @@ static void log_eval(long long step, double loss, int n_blocks)
         log_info("train: step %lld  eval loss %.6f (%d validation blocks)", step, loss, n_blocks);
 }
 
-/* The load-balancing loss esft adds is transformers' load_balancing_loss_func over the
- * softmax probabilities. The deepseek and glm routers add no aux loss in transformers
- * (5.24), and the ESFT reference's sequence-level aux loss for them is another formula:
- * a coefficient would train a term that matches neither. */
+/* The balance loss esft adds is the family's (hfconfig.h, enum hf_aux_kind). The sigmoid
+ * routers of deepseek_v3 and glm4_moe have none in transformers (5.24), and the ESFT
+ * reference trains DeepSeek-V2 only: a coefficient would train a term nobody defines. */
 int train_check_model(const struct deck *deck, const struct model_config *cfg, char *err,
                       size_t err_size)
 {
-    bool no_aux = cfg->family == HF_DEEPSEEK_V2 || cfg->family == HF_DEEPSEEK_V3 ||
-                  cfg->family == HF_GLM4_MOE;
-    if (no_aux && deck->train.aux_loss_coef > 0) {
+    if (cfg->aux == AUX_NONE && deck->train.aux_loss_coef > 0) {
         char where[4200];
         deck_where(deck, "train.aux_loss_coef", where, sizeof where);
         snprintf(err, err_size,
-                 "%s: train.aux_loss_coef (%g) must be 0 for %s (%s): the ESFT reference's "
-                 "sequence-level aux loss for these families is not implemented yet, and "
-                 "transformers adds none",
+                 "%s: train.aux_loss_coef (%g) must be 0 for %s (%s): its sigmoid router has "
+                 "no balance loss in transformers, and the ESFT reference's sequence-level loss "
+                 "is DeepSeek-V2's (softmax scores)",
                  where, deck->train.aux_loss_coef, hfconfig_family_name(cfg->family),
                  deck->model.path);
         return -1;
@@ -379,7 +377,8 @@ int phase_train(const struct deck *deck, const struct layout *layout)
                 if (i < 0 || i >= micro_batches) continue;
                 struct batch batch = {.N = micro[i].N, .tokens = micro[i].tokens,
                                       .positions = micro[i].positions,
-                                      .sample_start = micro[i].sample_start, .targets = micro[i].targets};
+                                      .sample_start = micro[i].sample_start, .targets = micro[i].targets,
+                                      .block_start = micro[i].block_start};
                 /* an empty micro-batch still exchanges under EP and PP */
                 if (batch.N == 0 && grid->ep == 1 && grid->pp == 1) continue;
                 struct forward_workspace *w = ws[i % n_ws];

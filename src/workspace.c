@@ -193,7 +193,7 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
     ws->logits = ws_alloc(ws, (last_stage ? N * (size_t)ws->vocab_chunk : 1) * f);
     ws->ce_state = ws_alloc(ws, (last_stage ? N * 4 : 1) * f);
     ws->ce_best = ws_alloc(ws, (last_stage ? N : 1) * sizeof(int32_t));
-    ws->balance_before = ws_host(ws, 2 * E * sizeof(double));
+    ws->balance_before = ws_host(ws, (2 * E + 1) * sizeof(double)); /* + the sequence aux */
     ws->xs = ws_alloc(ws, M * H * f);
     if (m->grid.ep > 1) {
         ws->ep_rows = ws_alloc(ws, cap * H * f);
@@ -322,6 +322,7 @@ void forward_workspace_free(struct forward_workspace *ws)
     model_wait_sends(ws);
     for (int i = 0; i < ws->host.count; i++) free(ws->host.at[i]);
     for (int i = 0; i < ws->buffers.count; i++) ws->mem->release(ws->buffers.at[i]);
+    seq_aux_free(ws);
     free(ws->host.at);
     free(ws->buffers.at);
     free(ws->h_topk_ids);

@@ -78,6 +78,26 @@ for family in deepseek_v2 deepseek_v3 glm4_moe; do
         same_curve "$d/train-1/metrics.jsonl" "$out/metrics.jsonl" 1e-5 && ok ||
             fail "$family, pp $2, ep $3: not the 1-rank curve: $(paste -d' ' "$tmp/a.txt" "$tmp/b.txt" | head -n 3)"
     done
+    if [ "$family" = deepseek_v2 ]; then
+        # The ESFT reference's sequence-level balance loss (train.aux_loss_coef): each
+        # layer's term is its own, so EP, PP and the device simulator give the 1-rank curve.
+        aux="train.aux_loss_coef=0.05"
+        # shellcheck disable=SC2086
+        expect 0 "$family: aux loss on 1 rank" "$esft" "$demo" phase=train \
+            "run.output_dir=$d/aux-1" $common $short $aux
+        grep -q '"aux_loss": [1-9]' "$d/aux-1/metrics.jsonl" && ok || fail "$family: no aux loss reported"
+        for layout in "2 1 2" "2 2 1" "1 1 1 cpu-devsim"; do
+            set -- $layout
+            # shellcheck disable=SC2086
+            expect 0 "$family: aux loss, pp $2, ep $3 ${4:-}" $mpirun "$1" "$esft" "$demo" \
+                phase=train "run.output_dir=$d/aux-$2-$3" $common $short $aux "parallel.pp=$2" \
+                "parallel.ep=$3" "run.backend=${4:-cpu}"
+            same_curve "$d/aux-1/metrics.jsonl" "$d/aux-$2-$3/metrics.jsonl" 1e-5 && ok ||
+                fail "$family, aux loss, pp $2, ep $3 ${4:-}: not the 1-rank curve"
+        done
+        same_curve "$d/train-1/metrics.jsonl" "$d/aux-1/metrics.jsonl" 1e-9 &&
+            fail "$family: the aux loss changed nothing" || ok
+    fi
     # The merged export: the base config.json as it was, and a checkpoint eval reads.
     cmp -s "$d/model/config.json" "$d/train-1/merged/config.json" && ok ||
         fail "$family: the merged export's config.json is not the base model's"

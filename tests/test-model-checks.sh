@@ -70,9 +70,9 @@ EOF
 # shellcheck disable=SC2086 # $paths is a list of overrides
 expect 2 "aux loss on glm4_moe" "$esft" "$demo" phase=train "model.path=$tmp/glm" \
     "run.output_dir=$tmp/out-glm" train.method=full train.aux_loss_coef=0.01 $paths
-contains "$tmp/err" "train.aux_loss_coef (0.01) must be 0 for glm4_moe ($tmp/glm): the ESFT \
-reference's sequence-level aux loss for these families is not implemented yet, and \
-transformers adds none" "aux loss on glm4_moe"
+contains "$tmp/err" "train.aux_loss_coef (0.01) must be 0 for glm4_moe ($tmp/glm): its sigmoid \
+router has no balance loss in transformers, and the ESFT reference's sequence-level loss is \
+DeepSeek-V2's (softmax scores)" "aux loss on glm4_moe"
 absent "$tmp/out-glm" "aux loss on glm4_moe"
 
 # Sizes beyond esft's limits: refused by name, status 2 (not 'out of memory', status 1).

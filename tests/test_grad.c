@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "backend.h"
 #include "check.h"
@@ -192,6 +193,54 @@ static void check_aux(const char *name, struct model *m, const struct st_file *e
     free(all);
 }
 
+/* deepseek_v2's sequence-level balance loss (balance_seq.c) against the hand-written
+ * PyTorch version of the ESFT reference's formula (tests/golden/seq_aux_reference.py, in
+ * the fixture's seq_aux.safetensors): the sequences are the fixture's rows, passed as
+ * blocks; its value, and its gradient alone (loss_scale 0) on every weight. */
+static void check_seq_aux(const char *name, const char *dir, struct model *m,
+                          const struct st_file *expected, const struct batch *batch)
+{
+    char path[4200], err[512];
+    snprintf(path, sizeof path, "%s/seq_aux.safetensors", dir);
+    if (access(path, R_OK) != 0) return;
+    struct st_file *want = st_open(path, err, sizeof err);
+    CHECK(want != NULL, "%s", err);
+    if (!want) return;
+    const struct st_tensor *ids = st_file_find(expected, "input_ids");
+    int T = (int)ids->shape[1];
+    int32_t *rows = xmalloc((size_t)batch->N * sizeof(int32_t));
+    for (int n = 0; n < batch->N; n++) rows[n] = n - n % T;
+    struct batch blocks = *batch;
+    blocks.block_start = rows;
+    bool *all = xmalloc((size_t)m->n_params * sizeof(bool));
+    for (int i = 0; i < m->n_params; i++) all[i] = true;
+    model_set_trainable(m, all);
+    model_zero_grads(m);
+    struct forward_workspace *ws = forward_workspace_new_training(m, batch->N);
+    struct forward_result result;
+    model_forward(m, backend_cpu(), ws, &blocks, &result);
+    float loss = read_scalar(want, "seq_aux_loss");
+    CHECK(fabs(result.aux_loss - loss) <= 1e-5 * fabs(loss),
+          "%s: sequence aux loss %.9g, the reference formula %.9g", name, result.aux_loss, loss);
+    model_backward(m, backend_cpu(), ws, &blocks, 0.0f, 1.0f);
+    double worst = 0;
+    int compared = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        const struct param *p = &m->params[i];
+        if (!p->grad) continue;
+        double scale, rel = gradient_error(want, "grad_seq_aux", p, &scale);
+        CHECK(rel < 1e-3, "%s: grad_seq_aux.%s: relative error %.3g", name, p->name, rel);
+        worst = fmax(worst, rel);
+        compared++;
+    }
+    printf("%s sequence aux: %.7f (reference %.7f), %d gradients, worst relative error %.2e\n",
+           name, result.aux_loss, loss, compared, worst);
+    forward_workspace_free(ws);
+    free(all);
+    free(rows);
+    st_close(want);
+}
+
 /* The layout variant (see the top): returns the number of gradients compared here. */
 /* top_only: only the routed experts of the last MoE layer train, so the backward stops
  * there (model.h's backward_floor): the stages below it do no backward, and that layer's
@@ -322,6 +371,7 @@ static void check_fixture(const char *dir, const char *name, void *context)
     CHECK(trainable_select(&m, METHOD_FULL, NULL, trainable, err, sizeof err) == 0, "%s", err);
     check_method(name, "full", &m, trainable, expected, &batch);
     check_aux(name, &m, expected, &batch);
+    check_seq_aux(name, dir, &m, expected, &batch);
     CHECK(trainable_select(&m, METHOD_FROZEN_ROUTER, NULL, trainable, err, sizeof err) == 0, "%s", err);
     for (int i = 0; i < m.n_params; i++)
         CHECK(trainable[i] == (m.params[i].kind != PARAM_ROUTER), "frozen_router: %s", m.params[i].name);
