@@ -1,9 +1,9 @@
 /* hfconfig: see hfconfig.h. Parses config.json the way transformers 5.23 does (class
  * defaults for absent keys, v4 and v5 spellings of rope and dtype keys, attribute_map
- * aliases) and validates it; writes it back in the form save_pretrained produces.
+ * aliases) and validates it. The families' class defaults and their own keys are in
+ * hfconfig_families.c; writing config.json back is hfconfig_write.c.
  *
- * The families' class defaults and their own keys are in hfconfig_families.c.
- *
+ * Defaults and precedence shared by every family (transformers 5.23.0):
  *   modeling_rope_utils.py: default_theta 10000; rope_type "default"; yarn beta_fast 32,
  *     beta_slow 1, truncate true, original_max_position_embeddings = max_position,
  *     factor None -> max_position / original.
