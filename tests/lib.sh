@@ -59,3 +59,28 @@ test_end() {
     echo "$1: $passed checks passed, $failed failed"
     [ "$failed" = 0 ]
 }
+# scores CONFIG: the per-layer score lists of an expert_config.json, one number a line
+scores() {
+    sed -n '/"scores"/,/}/p' "$1" | grep -o '[0-9][0-9.e+-]*' | grep -v '^[0-9]$'
+}
+# same_scores A B TOL: two expert_config.json files' scores, within TOL relative (and 1e-12)
+same_scores() {
+    scores "$1" >"$tmp/a.txt"
+    scores "$2" >"$tmp/b.txt"
+    paste -d' ' "$tmp/a.txt" "$tmp/b.txt" | awk -v n="$(wc -l <"$tmp/a.txt")" -v tol="$3" '
+        { d = $1 - $2; if (d < 0) d = -d; if (d > tol * ($1 < 0 ? -$1 : $1) + 1e-12) bad++; count++ }
+        END { exit (bad > 0 || count != n || n == 0) }'
+}
+# select_both DECK RUN OVERRIDES...: select with the token and with the gate score on
+# RUN/routing_stats.h5, into RUN/select-token and RUN/select-gate (once)
+select_both() {
+    deck=$1
+    run=$2
+    shift 2
+    for f in token gate; do
+        [ -s "$run/select-$f/expert_config.json" ] && continue
+        "$esft" "$deck" phase=select "run.output_dir=$run/select-$f" "$@" \
+            "select.stats=[$run/routing_stats.h5]" "select.score_function=$f" >/dev/null 2>&1 ||
+            fail "select ($f) on $run"
+    done
+}

@@ -11,19 +11,6 @@
 set -u
 . "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
 test_begin families
-# scores CONFIG: the per-layer score lists of an expert_config.json, one number a line
-scores() {
-    sed -n '/"scores"/,/}/p' "$1" | grep -o '[0-9][0-9.e+-]*' | grep -v '^[0-9]$'
-}
-# same_scores A B: the same scores within 1e-6 (relative)
-same_scores() {
-    scores "$1" >"$tmp/a.txt"
-    scores "$2" >"$tmp/b.txt"
-    paste -d' ' "$tmp/a.txt" "$tmp/b.txt" | awk -v n="$(wc -l <"$tmp/a.txt")" '
-        { d = $1 - $2; if (d < 0) d = -d; if (d > 1e-6 * ($1 < 0 ? -$1 : $1) + 1e-12) bad++; count++ }
-        END { exit (bad > 0 || count != n || n == 0) }'
-}
-
 demo="$src/input/demo.yaml"
 data="$tmp/data.h5"
 # shellcheck disable=SC2086
@@ -49,16 +36,13 @@ for family in deepseek_v2 deepseek_v3 glm4_moe; do
         # shellcheck disable=SC2086
         expect 0 "$family: score, pp $2, ep $3" $mpirun "$1" "$esft" "$demo" phase=score \
             "run.output_dir=$out" $common "parallel.pp=$2" "parallel.ep=$3"
+        for run in "$d" "$out"; do
+            # shellcheck disable=SC2086
+            select_both "$demo" "$run" $common
+        done
         for f in token gate; do
-            for run in "$d" "$out"; do
-                [ -s "$run/select-$f/expert_config.json" ] && continue
-                # shellcheck disable=SC2086
-                "$esft" "$demo" phase=select "run.output_dir=$run/select-$f" $common \
-                    "select.stats=[$run/routing_stats.h5]" "select.score_function=$f" >/dev/null 2>&1 ||
-                    fail "$family: select ($f) on $run"
-            done
-            same_scores "$d/select-$f/expert_config.json" "$out/select-$f/expert_config.json" && ok ||
-                fail "$family: pp $2, ep $3: $f scores differ from one rank's"
+            same_scores "$d/select-$f/expert_config.json" "$out/select-$f/expert_config.json" 1e-6 &&
+                ok || fail "$family: pp $2, ep $3: $f scores differ from one rank's"
         done
     done
     # Train: the 1-rank curve under EP and PP.

@@ -11,11 +11,6 @@
 set -u
 . "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
 test_begin parallel
-# scores CONFIG: the per-layer score lists of an expert_config.json, one number a line
-scores() {
-    sed -n '/"scores"/,/}/p' "$1" | grep -o '[0-9][0-9.e+-]*' | grep -v '^[0-9]$'
-}
-
 demo="$src/input/demo.yaml"
 d="$tmp/demo"
 common="model.path=$d/model data.path=$d/data.h5 prepare.output=$d/data.h5 prepare.inputs=[$src/input/data/demo.jsonl]"
@@ -29,24 +24,13 @@ for layout in "2 1 2" "4 1 2" "2 2 1" "4 2 2"; do
     # shellcheck disable=SC2086
     expect 0 "score on $1 ranks, pp $2, ep $3" $mpirun "$1" "$esft" "$demo" phase=score \
         "run.output_dir=$out" $common "parallel.pp=$2" "parallel.ep=$3"
-    for f in token gate; do
-        for run in "$d" "$out"; do
-            [ -s "$run/select-$f/expert_config.json" ] && continue
-            # shellcheck disable=SC2086
-            "$esft" "$demo" phase=select "run.output_dir=$run/select-$f" $common \
-                "select.stats=[$run/routing_stats.h5]" "select.score_function=$f" >/dev/null 2>&1 ||
-                fail "select ($f) on $run"
-        done
+    for run in "$d" "$out"; do
+        # shellcheck disable=SC2086
+        select_both "$demo" "$run" $common
     done
-    scores "$d/select-token/expert_config.json" >"$tmp/a.txt"
-    scores "$out/select-token/expert_config.json" >"$tmp/b.txt"
-    [ -s "$tmp/a.txt" ] && cmp -s "$tmp/a.txt" "$tmp/b.txt" && ok ||
+    same_scores "$d/select-token/expert_config.json" "$out/select-token/expert_config.json" 0 && ok ||
         fail "$1 ranks, pp $2, ep $3: token scores differ from one rank's"
-    scores "$d/select-gate/expert_config.json" >"$tmp/a.txt"
-    scores "$out/select-gate/expert_config.json" >"$tmp/b.txt"
-    paste -d' ' "$tmp/a.txt" "$tmp/b.txt" | awk -v n="$(wc -l <"$tmp/a.txt")" '
-        { d = $1 - $2; if (d < 0) d = -d; if (d > 1e-6 * ($1 < 0 ? -$1 : $1) + 1e-12) bad++; count++ }
-        END { exit (bad > 0 || count != n || n == 0) }' && ok ||
+    same_scores "$d/select-gate/expert_config.json" "$out/select-gate/expert_config.json" 1e-6 && ok ||
         fail "$1 ranks, pp $2, ep $3: gate scores differ from one rank's by more than 1e-6"
 done
 

@@ -105,6 +105,21 @@ static float read_scalar(const struct st_file *f, const char *name)
     return v;
 }
 
+/* Every tensor trainable, gradients zeroed, and the forward of batch on the CPU backend in
+ * a training workspace (returned, for the backward). */
+static struct forward_workspace *forward_all_trainable(struct model *m, const struct batch *batch,
+                                                       struct forward_result *result)
+{
+    bool *all = xmalloc((size_t)m->n_params * sizeof(bool));
+    for (int i = 0; i < m->n_params; i++) all[i] = true;
+    model_set_trainable(m, all);
+    free(all);
+    model_zero_grads(m);
+    struct forward_workspace *ws = forward_workspace_new_training(m, batch->N);
+    model_forward(m, backend_cpu(), ws, batch, result);
+    return ws;
+}
+
 /* The load-balancing loss: its value against transformers' `aux_loss`; its gradient alone
  * (loss_scale 0) on every router against `grad_aux.<router>`; and, since transformers
  * stores no aux gradient below the routers, the gradient it sends into the layers below
@@ -117,13 +132,8 @@ static void check_aux(const char *name, struct model *m, const struct st_file *e
         printf("%s aux: none in transformers for this family, not checked\n", name);
         return;
     }
-    bool *all = xmalloc((size_t)m->n_params * sizeof(bool));
-    for (int i = 0; i < m->n_params; i++) all[i] = true;
-    model_set_trainable(m, all);
-    model_zero_grads(m);
-    struct forward_workspace *ws = forward_workspace_new_training(m, batch->N);
     struct forward_result result;
-    model_forward(m, backend_cpu(), ws, batch, &result);
+    struct forward_workspace *ws = forward_all_trainable(m, batch, &result);
     float want = read_scalar(expected, "aux_loss");
     CHECK(fabs(result.aux_loss - want) <= 1e-5 * fabs(want), "%s: aux loss %.9g, transformers %.9g",
           name, result.aux_loss, want);
@@ -190,7 +200,6 @@ static void check_aux(const char *name, struct model *m, const struct st_file *e
     free(base);
     forward_workspace_free(probe);
     forward_workspace_free(ws);
-    free(all);
 }
 
 /* deepseek_v2's sequence-level balance loss (balance_seq.c) against the hand-written
@@ -212,13 +221,8 @@ static void check_seq_aux(const char *name, const char *dir, struct model *m,
     for (int n = 0; n < batch->N; n++) rows[n] = n - n % T;
     struct batch blocks = *batch;
     blocks.block_start = rows;
-    bool *all = xmalloc((size_t)m->n_params * sizeof(bool));
-    for (int i = 0; i < m->n_params; i++) all[i] = true;
-    model_set_trainable(m, all);
-    model_zero_grads(m);
-    struct forward_workspace *ws = forward_workspace_new_training(m, batch->N);
     struct forward_result result;
-    model_forward(m, backend_cpu(), ws, &blocks, &result);
+    struct forward_workspace *ws = forward_all_trainable(m, &blocks, &result);
     float loss = read_scalar(want, "seq_aux_loss");
     CHECK(fabs(result.aux_loss - loss) <= 1e-5 * fabs(loss),
           "%s: sequence aux loss %.9g, the reference formula %.9g", name, result.aux_loss, loss);
@@ -236,7 +240,6 @@ static void check_seq_aux(const char *name, const char *dir, struct model *m,
     printf("%s sequence aux: %.7f (reference %.7f), %d gradients, worst relative error %.2e\n",
            name, result.aux_loss, loss, compared, worst);
     forward_workspace_free(ws);
-    free(all);
     free(rows);
     st_close(want);
 }

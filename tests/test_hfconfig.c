@@ -312,32 +312,39 @@ static void test_mixtral(void)
 
 /* A valid qwen3_moe config with one replacement: "KEY": VALUE, or KEY removed when VALUE
  * is NULL. */
-static void bad_config(const char *key, const char *value, const char *what, const char *part1,
-                       const char *part2)
+/* A config.json text from keys[n][2] (name, JSON value) with key's value replaced by
+ * value (NULL: the key removed; a key not in the list: added). */
+static void config_text(const char *const (*keys)[2], size_t n, const char *key,
+                        const char *value, char *text, size_t size)
 {
-    const char *keys[][2] = {
-        {"model_type", "\"qwen3_moe\""}, {"hidden_size", "32"},          {"num_hidden_layers", "2"},
-        {"num_attention_heads", "4"},    {"num_key_value_heads", "2"},   {"vocab_size", "50"},
-        {"intermediate_size", "16"},     {"moe_intermediate_size", "8"}, {"num_experts", "4"},
-        {"num_experts_per_tok", "2"},
-    };
-    char text[2048];
-    size_t used = (size_t)snprintf(text, sizeof text, "{");
+    size_t used = (size_t)snprintf(text, size, "{");
     int first = 1, replaced = 0;
-    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+    for (size_t i = 0; i < n; i++) {
         const char *v = keys[i][1];
         if (strcmp(keys[i][0], key) == 0) {
             replaced = 1;
             if (!value) continue;
             v = value;
         }
-        used += (size_t)snprintf(text + used, sizeof text - used, "%s\"%s\": %s", first ? "" : ", ",
+        used += (size_t)snprintf(text + used, size - used, "%s\"%s\": %s", first ? "" : ", ",
                                  keys[i][0], v);
         first = 0;
     }
-    if (!replaced && value)
-        used += (size_t)snprintf(text + used, sizeof text - used, ", \"%s\": %s", key, value);
-    snprintf(text + used, sizeof text - used, "}");
+    if (!replaced && value) used += (size_t)snprintf(text + used, size - used, ", \"%s\": %s", key, value);
+    snprintf(text + used, size - used, "}");
+}
+
+static void bad_config(const char *key, const char *value, const char *what, const char *part1,
+                       const char *part2)
+{
+    static const char *const keys[][2] = {
+        {"model_type", "\"qwen3_moe\""}, {"hidden_size", "32"},          {"num_hidden_layers", "2"},
+        {"num_attention_heads", "4"},    {"num_key_value_heads", "2"},   {"vocab_size", "50"},
+        {"intermediate_size", "16"},     {"moe_intermediate_size", "8"}, {"num_experts", "4"},
+        {"num_experts_per_tok", "2"},
+    };
+    char text[2048];
+    config_text(keys, sizeof keys / sizeof keys[0], key, value, text, sizeof text);
     char err[1024] = "";
     struct model_config c;
     CHECK(load_text(text, &c, err, sizeof err) != 0, "%s: accepted", what);
@@ -350,7 +357,7 @@ static void bad_config(const char *key, const char *value, const char *what, con
 static int deepseek_config(const char *key, const char *value, struct model_config *c, char *err,
                            size_t err_size)
 {
-    const char *keys[][2] = {
+    static const char *const keys[][2] = {
         {"model_type", "\"deepseek_v2\""}, {"hidden_size", "32"},       {"num_hidden_layers", "3"},
         {"num_attention_heads", "4"},       {"vocab_size", "50"},        {"intermediate_size", "24"},
         {"moe_intermediate_size", "8"},     {"n_routed_experts", "8"},   {"num_experts_per_tok", "2"},
@@ -361,22 +368,7 @@ static int deepseek_config(const char *key, const char *value, struct model_conf
         {"norm_topk_prob", "true"},
     };
     char text[2048];
-    size_t used = (size_t)snprintf(text, sizeof text, "{");
-    int first = 1, replaced = 0;
-    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
-        const char *v = keys[i][1];
-        if (strcmp(keys[i][0], key) == 0) {
-            replaced = 1;
-            if (!value) continue;
-            v = value;
-        }
-        used += (size_t)snprintf(text + used, sizeof text - used, "%s\"%s\": %s", first ? "" : ", ",
-                                 keys[i][0], v);
-        first = 0;
-    }
-    if (!replaced && value)
-        used += (size_t)snprintf(text + used, sizeof text - used, ", \"%s\": %s", key, value);
-    snprintf(text + used, sizeof text - used, "}");
+    config_text(keys, sizeof keys / sizeof keys[0], key, value, text, sizeof text);
     return load_text(text, c, err, err_size);
 }
 

@@ -181,8 +181,8 @@ def router_weights(mod, per_expert, ids):
     return w
 
 
-class Capture:
-    """Forward hooks on every router: (logits, topk weights, topk ids) per layer, per call, each token's ids
+class Capture(G.Capture):
+    """generate.py's capture with these routers' hooks: (logits, topk weights, topk ids) per layer, per call, each token's ids
     sorted by descending selection score (weights in the same order). Checks the module's chosen set and
     weights against selection()/router_weights()."""
 
@@ -209,14 +209,6 @@ class Capture:
             self.data.setdefault(layer, []).append((logits, w_s, ids_s))
         return hook
 
-    def take(self):
-        d = {l: tuple(torch.cat([c[i] for c in calls], 0) for i in range(3)) for l, calls in self.data.items()}
-        self.data = {}
-        return dict(sorted(d.items()))
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
 
 
 def min_margins(model, routers):
