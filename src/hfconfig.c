@@ -43,7 +43,7 @@ static const struct {
     [HF_DEEPSEEK_V2] = {"deepseek_v2", "DeepseekV2ForCausalLM", true},
     [HF_DEEPSEEK_V3] = {"deepseek_v3", "DeepseekV3ForCausalLM", true},
     [HF_GLM4_MOE] = {"glm4_moe", "Glm4MoeForCausalLM", true},
-    [HF_GPT_OSS] = {"gpt_oss", "GptOssForCausalLM", false},
+    [HF_GPT_OSS] = {"gpt_oss", "GptOssForCausalLM", true},
 };
 
 bool hfconfig_family_supported(enum hf_family family)
@@ -298,6 +298,10 @@ int hfconfig_count(const struct model_config *c, uint64_t *parameters, uint64_t 
             ok &= add_product(&n, 1, c->qk_norm == QK_NORM_PER_HEAD ? 2 * Dh : q_width + kv_width);
             t += 2;
         }
+        if (c->attention_sinks) { /* one logit per query head */
+            ok &= add_product(&n, 1, (uint64_t)c->num_heads);
+            t++;
+        }
         if (!c->is_moe[l]) { /* dense MLP */
             ok &= add_product(&n, 3 * D, H);
             t += 3;
@@ -306,9 +310,14 @@ int hfconfig_count(const struct model_config *c, uint64_t *parameters, uint64_t 
         /* router, the routed experts' three matrices each, the shared expert and its gate */
         ok &= add_product(&n, E, H) && add_product(&n, 3 * E, I * H);
         t += 1 + 3 * E;
-        if (c->router == ROUTER_SIGMOID_BIAS) { /* e_score_correction_bias */
+        if (c->router == ROUTER_SIGMOID_BIAS || c->router_bias) { /* e_score_correction_bias,
+                                                                    * or the router's bias */
             ok &= add_product(&n, 1, E);
             t++;
+        }
+        if (c->expert_bias) { /* each routed expert's gate, up and down biases */
+            ok &= add_product(&n, E, 2 * I + H);
+            t += 3 * E;
         }
         if (S > 0) {
             ok &= add_product(&n, 3 * S, H);
@@ -326,14 +335,16 @@ int hfconfig_count(const struct model_config *c, uint64_t *parameters, uint64_t 
 
 const char *hfconfig_expert_width_key(const struct model_config *c)
 {
-    return c->family == HF_OLMOE || c->family == HF_MIXTRAL ? "intermediate_size"
-                                                            : "moe_intermediate_size";
+    return c->family == HF_OLMOE || c->family == HF_MIXTRAL || c->family == HF_GPT_OSS
+               ? "intermediate_size"
+               : "moe_intermediate_size";
 }
 
 const char *hfconfig_experts_key(const struct model_config *c)
 {
     switch (c->family) {
-    case HF_MIXTRAL: return "num_local_experts";
+    case HF_MIXTRAL:
+    case HF_GPT_OSS: return "num_local_experts";
     case HF_DEEPSEEK_V2:
     case HF_DEEPSEEK_V3:
     case HF_GLM4_MOE: return "n_routed_experts";
@@ -608,11 +619,21 @@ static int parse_quantization(const struct reader *r, json_t *root, struct model
     const char *method = NULL;
     if (hf_get_string(r, q, "quantization_config.", "quant_method", &method) != 0) return -1;
     if (!method) return hf_fail(r, "key 'quantization_config': no 'quant_method'");
+    if (strcmp(method, "mxfp4") == 0) {
+        /* Mxfp4Config: modules_to_not_convert and dequantize change nothing here (esft
+         * always dequantises the experts' blocks; everything else is stored unquantised) */
+        if (c->family != HF_GPT_OSS)
+            return hf_fail(r, "key 'quantization_config.quant_method': 'mxfp4' is only "
+                           "supported for gpt_oss (its fused experts), not for %s",
+                           hfconfig_family_name(c->family));
+        c->quantization.mxfp4 = true;
+        return 0;
+    }
     if (strcmp(method, "fp8") != 0)
         return hf_fail(r,
                     "key 'quantization_config.quant_method': '%s' is not supported (esft "
-                    "reads fp8 block-quantised checkpoints, quant_method \"fp8\", and "
-                    "unquantised ones)",
+                    "reads fp8 block-quantised checkpoints, quant_method \"fp8\", gpt_oss's "
+                    "mxfp4 experts, and unquantised ones)",
                     method);
     static const struct {
         const char *key, *allowed[3];
@@ -682,6 +703,15 @@ static int parse_rope(const struct reader *r, json_t *root, struct model_config 
     if (!dict) {
         rope->partial_rotary_factor = partial;
         return 0;
+    }
+    if (c->family == HF_GPT_OSS) {
+        /* GptOssConfig's yarn defaults apply only when rope_parameters is absent; a given
+         * dict is read as any other (truncate true unless it says otherwise) */
+        double theta = rope->theta;
+        *rope = (struct hf_rope){.type = ROPE_DEFAULT, .layout = ROPE_ROTATE_HALF,
+                                 .theta = theta, .factor = 1.0, .beta_fast = 32.0,
+                                 .beta_slow = 1.0, .truncate = true,
+                                 .partial_rotary_factor = 1.0, .attention_scaling = 1.0};
     }
     if (hf_get_number(r, dict, prefix, "rope_theta", &rope->theta) != 0) return -1;
     if (hf_get_number(r, dict, prefix, "partial_rotary_factor", &partial) != 0) return -1;
@@ -778,9 +808,11 @@ static int parse_common(const struct reader *r, json_t *root, struct model_confi
     } else if (!json_object_get(root, "num_key_value_heads") && c->family == HF_OLMOE) {
         c->num_kv_heads = c->num_heads;
     }
-    /* head_dim: explicit, else hidden_size / num_attention_heads (getattr in modeling) */
-    c->head_dim = 0;
+    /* head_dim: explicit, else hidden_size / num_attention_heads (getattr in modeling);
+     * gpt_oss's class default is 64, and only a null gives hidden / heads (__post_init__) */
+    c->head_dim = c->family == HF_GPT_OSS ? 64 : 0;
     if (hf_get_int_or_null(r, root, "head_dim", &c->head_dim, &is_null) != 0) return -1;
+    if (is_null) c->head_dim = 0;
     if (c->head_dim == 0 && c->num_heads > 0) c->head_dim = c->hidden_size / c->num_heads;
 
     if (hf_get_int64(r, root, "", "max_position_embeddings", false, &c->max_position_embeddings) != 0)

@@ -5,7 +5,7 @@
  *
  * The struct describes every family in reference/moe-architectures.md so that later
  * families only add parsing, not fields; this version parses qwen2_moe, qwen3_moe, olmoe,
- * mixtral, deepseek_v2, deepseek_v3 and glm4_moe, and rejects gpt_oss by name. It is plain data
+ * mixtral, deepseek_v2, deepseek_v3, glm4_moe and gpt_oss. It is plain data
  * with fixed-size arrays: copy it, or broadcast it to other ranks as bytes.
  *
  * Sizes as in the model header: H hidden, I intermediate, E experts, K top-k, L layers,
@@ -42,7 +42,6 @@ enum hf_family {
     HF_DEEPSEEK_V2,
     HF_DEEPSEEK_V3,
     HF_GLM4_MOE,
-    /* described, not parsed yet */
     HF_GPT_OSS,
     HF_FAMILY_COUNT
 };
@@ -113,6 +112,11 @@ struct hf_rope {
 struct hf_quantization {
     bool fp8;     /* a quantization_config with quant_method "fp8" */
     int block[2]; /* weight_block_size: rows, columns of a block (128, 128 by default) */
+    /* quant_method "mxfp4" (transformers Mxfp4Config, the released gpt-oss checkpoints):
+     * the routed experts' fused matrices stored as "<name>_blocks" (two E2M1 values a
+     * byte, 32 values a block) and "<name>_scales" (one E8M0 exponent a block); esft
+     * dequantises on load (integrations/mxfp4.py convert_moe_packed_tensors). gpt_oss only. */
+    bool mxfp4;
 };
 
 struct model_config {
@@ -163,6 +167,11 @@ struct model_config {
      * (always) and deepseek_v2 (never: transformers' DeepseekV2TopkRouter ignores the key) */
     bool renormalise;
     bool router_bias;             /* gpt_oss router linear has a bias */
+    /* gpt_oss experts' clamped SwiGLU (GptOssExperts._apply_gate): g = min(gate, limit),
+     * u = clamp(up, -limit, limit), h = (u + 1) g sigmoid(alpha g); experts with biases */
+    bool clamped_swiglu;
+    double swiglu_alpha, swiglu_limit;
+    bool expert_bias; /* gpt_oss: each routed expert's gate, up and down have biases */
     double routed_scaling_factor; /* 1 unless deepseek/glm */
     int n_group, topk_group;      /* grouped routing (1 and 1 when ungrouped) */
     int first_k_dense_replace;    /* deepseek/glm */

@@ -47,8 +47,17 @@
  *     n_routed_experts 128, routed_scaling_factor 1.0, n_group 1, topk_group 1,
  *     first_k_dense_replace 1, norm_topk_prob true, use_qk_norm false,
  *     partial_rotary_factor 0.5 when absent, num_nextn_predict_layers 1.
+ *   models/gpt_oss/configuration_gpt_oss.py (5.24): layers 36, num_local_experts 128,
+ *     vocab 201088, hidden 2880, intermediate 2880 (the expert width), head_dim 64, heads
+ *     64, kv heads 8, sliding_window 128, tie false, silu, 0.02, max_position 131072,
+ *     rms_norm_eps 1e-5, top-k 4, swiglu_alpha 1.702, swiglu_limit 7.0, aux 0.001,
+ *     attention_bias true (q, k, v and o), default_theta 150000, bos/eos/pad None;
+ *     __post_init__: layer_types sliding at even layer indices ((i + 1) % 2), rope
+ *     {yarn, factor 32, beta_fast 32, beta_slow 1, truncate false, original 4096} when
+ *     rope_parameters is None. attribute_map num_experts -> num_local_experts.
  */
 #include <jansson.h>
+#include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
@@ -213,6 +222,33 @@ void hfconfig_defaults(enum hf_family family, struct model_config *cfg)
         cfg->num_mtp_layers = 1;
         cfg->rope.partial_rotary_factor = 0.5; /* Glm4MoeConfig.__post_init__ */
         break;
+    case HF_GPT_OSS:
+        cfg->vocab_size = 201088;
+        cfg->hidden_size = 2880;
+        cfg->intermediate_size = 2880;
+        cfg->expert_intermediate_size = 2880;
+        cfg->num_layers = 36;
+        cfg->num_heads = 64;
+        cfg->num_kv_heads = 8;
+        cfg->max_position_embeddings = 131072;
+        cfg->rms_norm_eps = 1e-5;
+        cfg->sliding_window = 128;
+        cfg->top_k = 4;
+        cfg->num_experts = 128;
+        cfg->qkv_bias = cfg->o_bias = true;
+        cfg->attention_sinks = true;
+        cfg->router = ROUTER_TOPK_SOFTMAX;
+        cfg->router_bias = true;
+        cfg->expert_bias = true;
+        cfg->clamped_swiglu = true;
+        cfg->swiglu_alpha = 1.702;
+        cfg->swiglu_limit = 7.0;
+        cfg->rope.theta = 150000.0; /* GptOssConfig.default_theta */
+        cfg->rope.type = ROPE_YARN;
+        cfg->rope.factor = 32.0;
+        cfg->rope.truncate = false;
+        cfg->rope.original_max_position_embeddings = 4096;
+        break;
     default:
         break;
     }
@@ -221,6 +257,7 @@ void hfconfig_defaults(enum hf_family family, struct model_config *cfg)
                                                ? cfg->shared_expert_intermediate_size
                                                : cfg->num_shared_experts * cfg->expert_intermediate_size;
     cfg->head_dim = cfg->num_heads ? cfg->hidden_size / cfg->num_heads : 0;
+    if (family == HF_GPT_OSS) cfg->head_dim = 64;
     if (cfg->attention == ATTENTION_MLA) cfg->head_dim = cfg->qk_rope_head_dim;
     /* 4096 / 96 heads does not divide: the released GLM-4.5 configs give head_dim 128 */
     if (family == HF_GLM4_MOE) cfg->head_dim = 128;
@@ -229,13 +266,16 @@ void hfconfig_defaults(enum hf_family family, struct model_config *cfg)
 }
 
 /* The family's default layer_types: qwen2_moe slides odd-numbered (1-based) layers below
- * max_window_layers (Qwen2MoeConfig.__post_init__); the others slide every layer when a
+ * max_window_layers (Qwen2MoeConfig.__post_init__); gpt_oss slides the even-indexed
+ * layers 0, 2, ... (GptOssConfig.__post_init__); the others slide every layer when a
  * window is set. */
 void hf_default_sliding_layers(struct model_config *c)
 {
     for (int l = 0; l < c->num_layers && l < HFCONFIG_MAX_LAYERS; l++) {
         if (c->family == HF_QWEN2_MOE)
             c->is_sliding[l] = ((l + 1) % 2) && l < c->max_window_layers && c->use_sliding_window;
+        else if (c->family == HF_GPT_OSS)
+            c->is_sliding[l] = (l + 1) % 2;
         else
             c->is_sliding[l] = 1;
     }
@@ -396,6 +436,32 @@ static int parse_deepseek_glm(const struct reader *r, json_t *root, struct model
     return 0;
 }
 
+/* gpt_oss: every layer MoE, experts of width intermediate_size with biases and a clamped
+ * SwiGLU, a router with a bias, attention with q/k/v/o biases and per-head sinks, sliding
+ * and full layers alternating (modeling_gpt_oss.py). */
+static int parse_gpt_oss(const struct reader *r, json_t *root, struct model_config *c)
+{
+    bool is_null;
+    int window = c->sliding_window;
+    if (parse_num_experts(r, root, c, "num_local_experts", "num_experts") != 0 ||
+        hf_get_bool(r, root, "", "attention_bias", &c->qkv_bias) != 0 ||
+        hf_get_number(r, root, "", "swiglu_alpha", &c->swiglu_alpha) != 0 ||
+        hf_get_number(r, root, "", "swiglu_limit", &c->swiglu_limit) != 0 ||
+        hf_get_int_or_null(r, root, "sliding_window", &window, &is_null) != 0)
+        return -1;
+    c->o_bias = c->qkv_bias; /* attention_bias: q_proj, k_proj, v_proj and o_proj */
+    c->expert_intermediate_size = c->intermediate_size;
+    c->sliding_window = is_null ? 0 : window;
+    if (!(c->swiglu_limit > 0))
+        return hf_fail(r, "key 'swiglu_limit': must be positive, got %g", c->swiglu_limit);
+    if (!isfinite(c->swiglu_alpha))
+        return hf_fail(r, "key 'swiglu_alpha': must be a finite number, got %g", c->swiglu_alpha);
+    bool given;
+    if (parse_layer_types(r, root, c, &given) != 0) return -1;
+    if (!given) hf_default_sliding_layers(c);
+    return 0;
+}
+
 int hf_parse_family(const struct reader *r, json_t *root, struct model_config *c)
 {
     bool is_null;
@@ -471,6 +537,9 @@ int hf_parse_family(const struct reader *r, json_t *root, struct model_config *c
     case HF_DEEPSEEK_V3:
     case HF_GLM4_MOE:
         if (parse_deepseek_glm(r, root, c) != 0) return -1;
+        break;
+    case HF_GPT_OSS:
+        if (parse_gpt_oss(r, root, c) != 0) return -1;
         break;
     default:
         break;

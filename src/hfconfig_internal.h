@@ -11,7 +11,7 @@
 #include "hfconfig.h"
 
 #define SUPPORTED_FAMILIES \
-    "qwen2_moe, qwen3_moe, olmoe, mixtral, deepseek_v2, deepseek_v3, glm4_moe"
+    "qwen2_moe, qwen3_moe, olmoe, mixtral, deepseek_v2, deepseek_v3, glm4_moe, gpt_oss"
 
 /* Where messages go: "SOURCE: message" into err. */
 struct reader {

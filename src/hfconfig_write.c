@@ -194,6 +194,13 @@ int hfconfig_write(const char *dir, const struct model_config *cfg, char *err, s
              hfconfig_family_name(cfg->family));
         goto out;
     }
+    if (cfg->family == HF_GPT_OSS) {
+        /* esft reads gpt_oss checkpoints; writing one (init, merged export in the fused
+         * expert layout) is not implemented */
+        hf_fail(&r, "writing a gpt_oss config.json is not supported yet (esft reads gpt_oss "
+                "checkpoints; init and the merged export of gpt_oss are not implemented)");
+        goto out;
+    }
     json_t *o = config_json(cfg);
     /* sorted keys, indent 2: the layout of transformers' to_json_string; 15 significant
      * digits print 1e-06 rather than 9.9999999999999995e-07 and round-trip any decimal

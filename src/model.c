@@ -83,6 +83,12 @@ static const char *moe_module(const struct model_config *cfg)
     return cfg->family == HF_MIXTRAL ? "block_sparse_moe" : "mlp";
 }
 
+/* The router inside it: "gate" (mlp.gate), gpt_oss's "router" (GptOssTopKRouter). */
+static const char *router_module(const struct model_config *cfg)
+{
+    return cfg->family == HF_GPT_OSS ? "router" : "gate";
+}
+
 /* Names of a routed expert's three matrices: mixtral's w1 (gate), w3 (up), w2 (down). */
 static const char *expert_matrix_name(const struct model_config *cfg, enum mlp_part part)
 {
@@ -139,6 +145,8 @@ static void add_attention(struct table_builder *b, int l)
     }
     if (c->o_bias)
         add_param(b, &w->o_bias, PARAM_ATTENTION, MLP_NONE, l, -1, H, 0, "%s.%d.self_attn.o_proj.bias", P, l);
+    if (c->attention_sinks)
+        add_param(b, &w->sinks, PARAM_ATTENTION, MLP_NONE, l, -1, c->num_heads, 0, "%s.%d.self_attn.sinks", P, l);
     if (c->qk_norm == QK_NORM_PER_HEAD) {
         add_param(b, &w->q_norm, PARAM_ATTENTION, MLP_NONE, l, -1, c->head_dim, 0, "%s.%d.self_attn.q_norm.weight", P, l);
         add_param(b, &w->k_norm, PARAM_ATTENTION, MLP_NONE, l, -1, c->head_dim, 0, "%s.%d.self_attn.k_norm.weight", P, l);
@@ -161,9 +169,12 @@ static void add_feed_forward(struct table_builder *b, int l)
         add_param(b, &w->mlp_down, PARAM_DENSE_MLP, MLP_DOWN, l, -1, H, I, "%s.%d.mlp.down_proj.weight", P, l);
         return;
     }
-    const char *moe = moe_module(c);
+    const char *moe = moe_module(c), *router = router_module(c);
     int64_t I = c->expert_intermediate_size;
-    add_param(b, &w->router, PARAM_ROUTER, MLP_NONE, l, -1, c->num_experts, H, "%s.%d.%s.gate.weight", P, l, moe);
+    add_param(b, &w->router, PARAM_ROUTER, MLP_NONE, l, -1, c->num_experts, H, "%s.%d.%s.%s.weight", P, l, moe, router);
+    if (c->router_bias) /* gpt_oss: trains with the router */
+        add_param(b, &w->router_logit_bias, PARAM_ROUTER, MLP_NONE, l, -1, c->num_experts, 0,
+                  "%s.%d.%s.%s.bias", P, l, moe, router);
     if (c->router == ROUTER_SIGMOID_BIAS)
         add_param(b, &w->router_bias, PARAM_ROUTER, MLP_NONE, l, -1, c->num_experts, 0,
                   "%s.%d.%s.gate.e_score_correction_bias", P, l, moe)->buffer = true;
@@ -178,6 +189,20 @@ static void add_feed_forward(struct table_builder *b, int l)
             int first_local = owner * (c->num_experts / b->model->grid.ep);
             add_param(b, e == first_local ? blocks[i] : NULL, PARAM_EXPERT, parts[i], l, e, out, in,
                       "%s.%d.%s.experts.%d.%s.weight", P, l, moe, e, expert_matrix_name(c, parts[i]));
+        }
+    }
+    /* gpt_oss: the experts' biases, after the matrices, each part's local experts one
+     * contiguous [E_local, out] block; they belong to their expert (its EP rank holds
+     * them, ESFT trains them with it) */
+    float **bias_blocks[3] = {&w->expert_gate_bias, &w->expert_up_bias, &w->expert_down_bias};
+    for (int i = 0; i < 3 && c->expert_bias; i++) {
+        int64_t out = parts[i] == MLP_DOWN ? H : I;
+        for (int e = 0; e < c->num_experts; e++) {
+            int owner = layout_expert_owner(c->num_experts, b->model->grid.ep, e);
+            int first_local = owner * (c->num_experts / b->model->grid.ep);
+            add_param(b, e == first_local ? bias_blocks[i] : NULL, PARAM_EXPERT, parts[i], l, e,
+                      out, 0, "%s.%d.%s.experts.%d.%s.bias", P, l, moe, e,
+                      expert_matrix_name(c, parts[i]));
         }
     }
     if (c->shared_expert_intermediate_size > 0) {
@@ -384,6 +409,9 @@ void model_free(struct model *m)
             free(m->grads[l].expert_gate);
             free(m->grads[l].expert_up);
             free(m->grads[l].expert_down);
+            free(m->grads[l].expert_gate_bias);
+            free(m->grads[l].expert_up_bias);
+            free(m->grads[l].expert_down_bias);
         }
     free(m->grads);
     free(m->grad_storage);
@@ -419,6 +447,10 @@ static void publish_grad(struct model *m, const struct param *p)
     if (p->kind == PARAM_EXPERT) {
         float **slots = p->part == MLP_GATE ? g->expert_gate : p->part == MLP_UP ? g->expert_up
                                                                                  : g->expert_down;
+        if (p->rank == 1) /* gpt_oss's expert biases */
+            slots = p->part == MLP_GATE ? g->expert_gate_bias
+                    : p->part == MLP_UP ? g->expert_up_bias
+                                        : g->expert_down_bias;
         slots[p->expert - m->first_expert] = p->grad;
         return;
     }
@@ -440,6 +472,9 @@ static void publish_grad(struct model *m, const struct param *p)
         {".q_norm.weight", offsetof(struct layer_grads, q_norm)},
         {".k_norm.weight", offsetof(struct layer_grads, k_norm)},
         {".gate.weight", offsetof(struct layer_grads, router)},
+        {".router.weight", offsetof(struct layer_grads, router)},
+        {".router.bias", offsetof(struct layer_grads, router_logit_bias)},
+        {".self_attn.sinks", offsetof(struct layer_grads, sinks)},
         {".q_a_proj.weight", offsetof(struct layer_grads, q_a)},
         {".q_a_proj.bias", offsetof(struct layer_grads, q_a_bias)},
         {".q_a_layernorm.weight", offsetof(struct layer_grads, q_a_norm)},
@@ -507,6 +542,9 @@ void model_set_trainable(struct model *m, const bool *trainable)
             m->grads[l].expert_gate = xcalloc((size_t)local, sizeof(float *));
             m->grads[l].expert_up = xcalloc((size_t)local, sizeof(float *));
             m->grads[l].expert_down = xcalloc((size_t)local, sizeof(float *));
+            m->grads[l].expert_gate_bias = xcalloc((size_t)local, sizeof(float *));
+            m->grads[l].expert_up_bias = xcalloc((size_t)local, sizeof(float *));
+            m->grads[l].expert_down_bias = xcalloc((size_t)local, sizeof(float *));
         }
     }
     size_t total = 0;
@@ -569,9 +607,11 @@ void model_attach(struct model *m, const struct backend *ops)
         float **fields[] = {&w->input_norm, &w->post_norm, &w->q, &w->k, &w->v, &w->o,
                             &w->q_bias, &w->k_bias, &w->v_bias, &w->o_bias, &w->q_norm,
                             &w->k_norm, &w->q_a, &w->q_a_bias, &w->q_a_norm, &w->q_b,
-                            &w->kv_a, &w->kv_a_bias, &w->kv_a_norm, &w->kv_b, &w->router,
-                            &w->router_bias, &w->expert_gate, &w->expert_up,
-                            &w->expert_down, &w->shared_gate, &w->shared_up, &w->shared_down,
+                            &w->kv_a, &w->kv_a_bias, &w->kv_a_norm, &w->kv_b, &w->sinks,
+                            &w->router, &w->router_bias, &w->router_logit_bias,
+                            &w->expert_gate, &w->expert_up, &w->expert_down,
+                            &w->expert_gate_bias, &w->expert_up_bias, &w->expert_down_bias,
+                            &w->shared_gate, &w->shared_up, &w->shared_down,
                             &w->shared_expert_gate, &w->mlp_gate, &w->mlp_up, &w->mlp_down};
         _Static_assert(sizeof fields / sizeof fields[0] == sizeof(struct layer_weights) / sizeof(float *),
                        "every field of struct layer_weights");
@@ -597,17 +637,20 @@ void model_attach(struct model *m, const struct backend *ops)
                             &g->q_bias, &g->k_bias, &g->v_bias, &g->o_bias, &g->q_norm,
                             &g->k_norm, &g->q_a, &g->q_a_bias, &g->q_a_norm, &g->q_b,
                             &g->kv_a, &g->kv_a_bias, &g->kv_a_norm, &g->kv_b,
-                            &g->router, &g->shared_gate, &g->shared_up,
-                            &g->shared_down, &g->shared_expert_gate, &g->mlp_gate, &g->mlp_up,
-                            &g->mlp_down};
-        _Static_assert(sizeof fields / sizeof fields[0] + 3 == sizeof(struct layer_grads) / sizeof(float *),
-                       "every field of struct layer_grads (and its three expert arrays)");
+                            &g->router, &g->router_logit_bias, &g->sinks, &g->shared_gate,
+                            &g->shared_up, &g->shared_down, &g->shared_expert_gate,
+                            &g->mlp_gate, &g->mlp_up, &g->mlp_down};
+        _Static_assert(sizeof fields / sizeof fields[0] + 6 == sizeof(struct layer_grads) / sizeof(float *),
+                       "every field of struct layer_grads (and its six expert arrays)");
         for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++)
             *fields[i] = moved(*fields[i], m->grad_storage, G, gdev);
         for (int e = 0; e < local; e++) {
             g->expert_gate[e] = moved(g->expert_gate[e], m->grad_storage, G, gdev);
             g->expert_up[e] = moved(g->expert_up[e], m->grad_storage, G, gdev);
             g->expert_down[e] = moved(g->expert_down[e], m->grad_storage, G, gdev);
+            g->expert_gate_bias[e] = moved(g->expert_gate_bias[e], m->grad_storage, G, gdev);
+            g->expert_up_bias[e] = moved(g->expert_up_bias[e], m->grad_storage, G, gdev);
+            g->expert_down_bias[e] = moved(g->expert_down_bias[e], m->grad_storage, G, gdev);
         }
     }
 }
@@ -766,9 +809,10 @@ static const char *shape_keys(const struct model_config *c, const struct param *
     case PARAM_NORM:
         return "hidden_size";
     case PARAM_ROUTER:
-        snprintf(text[0], sizeof text[0], p->buffer ? "%s" : "%s x hidden_size", E);
+        snprintf(text[0], sizeof text[0], p->rank == 1 ? "%s" : "%s x hidden_size", E);
         return text[0];
     case PARAM_EXPERT:
+        if (p->rank == 1) return down ? "hidden_size" : I; /* gpt_oss's expert biases */
         snprintf(text[1], sizeof text[1], down ? "hidden_size x %s" : "%s x hidden_size", I);
         return text[1];
     case PARAM_SHARED_EXPERT:
@@ -783,6 +827,7 @@ static const char *shape_keys(const struct model_config *c, const struct param *
     case PARAM_DENSE_MLP:
         return down ? "hidden_size x intermediate_size" : "intermediate_size x hidden_size";
     case PARAM_ATTENTION:
+        if (strstr(p->name, ".sinks")) return "num_attention_heads";
         if (strstr(p->name, "norm.weight"))
             return c->qk_norm == QK_NORM_PER_HEAD ? "head_dim"
                    : strstr(p->name, "q_norm")    ? "num_attention_heads * head_dim"

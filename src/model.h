@@ -8,7 +8,7 @@
  * [out, in] as in the checkpoints. A layer's routed experts are held as three blocks,
  * gate [E_local, I, H], up [E_local, I, H], down [E_local, H, I], so one grouped GEMM
  * runs over all of them without restacking; the parameter table's per-expert entries
- * point into those blocks. */
+ * point into those blocks (gpt_oss's expert biases likewise: [E_local, I], [E_local, H]). */
 #ifndef ESFT_MODEL_H
 #define ESFT_MODEL_H
 
@@ -44,8 +44,9 @@ struct layer_grads {
     float *input_norm, *post_norm;
     float *q, *k, *v, *o, *q_bias, *k_bias, *v_bias, *o_bias, *q_norm, *k_norm;
     float *q_a, *q_a_bias, *q_a_norm, *q_b, *kv_a, *kv_a_bias, *kv_a_norm, *kv_b; /* MLA */
-    float *router;
+    float *router, *router_logit_bias, *sinks;
     float **expert_gate, **expert_up, **expert_down; /* [E_local] */
+    float **expert_gate_bias, **expert_up_bias, **expert_down_bias; /* [E_local] (gpt_oss) */
     float *shared_gate, *shared_up, *shared_down, *shared_expert_gate;
     float *mlp_gate, *mlp_up, *mlp_down;
 };
@@ -81,10 +82,14 @@ struct layer_weights {
     float *q_b;                          /* [nH*(dn+dr), R] */
     float *kv_a, *kv_a_bias, *kv_a_norm; /* [C+dr, H], [C+dr] or NULL, [C] */
     float *kv_b;                         /* [nH*(dn+dv), C] */
+    float *sinks;                        /* [nH] attention sink logits (gpt_oss), or NULL */
     float *router;                       /* [E, H]; MoE layers */
     float *router_bias;                  /* [E] e_score_correction_bias, or NULL */
+    float *router_logit_bias;            /* [E] the router linear's bias (gpt_oss), or NULL */
     float *expert_gate, *expert_up;      /* [E_local, I, H] */
     float *expert_down;                  /* [E_local, H, I] */
+    float *expert_gate_bias, *expert_up_bias; /* [E_local, I] (gpt_oss), or NULL */
+    float *expert_down_bias;             /* [E_local, H] (gpt_oss), or NULL */
     float *shared_gate, *shared_up, *shared_down; /* shared expert, or NULL */
     float *shared_expert_gate;           /* [1, H] qwen2_moe, or NULL */
     float *mlp_gate, *mlp_up, *mlp_down; /* dense layers */
