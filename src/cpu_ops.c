@@ -196,6 +196,8 @@ static void cpu_attention(float *out, const float *q, const float *k, const floa
                           const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
                           int Dv, float scale)
 {
+    if (mask->window || mask->sinks)
+        fatal(EXIT_RUNTIME, "cpu backend: attention with a window or sinks is not implemented yet");
     int group = nH / nKV;
     int q_stride = nH * Dh, kv_stride = nKV * Dh, v_stride = nKV * Dv, out_stride = nH * Dv;
     /* samples are runs of tokens: token i starts one when sample_start[i] == i */
@@ -569,6 +571,9 @@ static void cpu_attention_backward(float *dq, float *dk, float *dv, const float 
                                    const struct attention_mask *mask, int N, int nH, int nKV,
                                    int Dh, int Dv, float scale)
 {
+    if (mask->window || mask->sinks)
+        fatal(EXIT_RUNTIME,
+              "cpu backend: attention_backward with a window or sinks is not implemented yet");
     int group = nH / nKV;
     int q_stride = nH * Dh, kv_stride = nKV * Dh, v_stride = nKV * Dv, out_stride = nH * Dv;
     int n_items = 0, longest = 0;
@@ -890,7 +895,9 @@ const struct backend *backend_cpu(void)
         .permute_by_expert = cpu_permute_by_expert,
         .gather_rows = cpu_gather_rows,
         .grouped_linear = cpu_grouped_linear,
+        .grouped_bias = cpu_grouped_bias,
         .glu = cpu_glu,
+        .glu_clamped = cpu_glu_clamped,
         .combine = cpu_combine,
         .add_sigmoid_gated = cpu_add_sigmoid_gated,
         .clamp = cpu_clamp,
@@ -903,7 +910,9 @@ const struct backend *backend_cpu(void)
         .router_topk_backward = cpu_router_topk_backward,
         .router_balance_backward = cpu_router_balance_backward,
         .grouped_linear_backward = cpu_grouped_linear_backward,
+        .grouped_bias_backward = cpu_grouped_bias_backward,
         .glu_backward = cpu_glu_backward,
+        .glu_clamped_backward = cpu_glu_clamped_backward,
         .combine_backward = cpu_combine_backward,
         .gather_rows_backward = cpu_gather_rows_backward,
         .add_sigmoid_gated_backward = cpu_add_sigmoid_gated_backward,
