@@ -104,6 +104,28 @@ MOE_HD void gelu_glu_backward(float *dg, float *du, float d, float g, float u)
     *dg = d * u * (cdf + g * pdf);
 }
 
+/* gpt_oss's clamped GLU (transformers' GptOssExperts._apply_gate): g = min(gate, limit),
+ * u = clamp(up, -limit, limit), h = (u + 1) * (g * sigmoid(alpha g)), in that order. The
+ * gradients pass where a clamp does not bite: gate <= limit for dg, -limit <= up <= limit
+ * for du (torch.clamp's backward passes a value sitting exactly on a bound):
+ * dh/du = g s, dh/dg = (u + 1) (s + alpha g s (1 - s)), s = sigmoid(alpha g). */
+MOE_HD float glu_clamped(float gate, float up, float alpha, float limit)
+{
+    float g = gate > limit ? limit : gate;
+    float u = up > limit ? limit : (up < -limit ? -limit : up);
+    float glu = g * (1.0f / (1.0f + expf(-(g * alpha))));
+    return (u + 1.0f) * glu;
+}
+MOE_HD void glu_clamped_backward(float *dg, float *du, float d, float gate, float up, float alpha,
+                                 float limit)
+{
+    float g = gate > limit ? limit : gate;
+    float u = up > limit ? limit : (up < -limit ? -limit : up);
+    float s = 1.0f / (1.0f + expf(-(g * alpha)));
+    *du = up >= -limit && up <= limit ? d * (g * s) : 0.0f;
+    *dg = gate <= limit ? d * (u + 1.0f) * (s + alpha * g * s * (1.0f - s)) : 0.0f;
+}
+
 /* The shared expert's gate: sigmoid of its logit, formed as the CPU forms it. */
 MOE_HD float gate_sigmoid(float logit) { return 1.0f / (1.0f + expf(-logit)); }
 

@@ -16,12 +16,23 @@
 
 #include "hfconfig.h"
 
-/* How a batch's tokens may attend: token i sees tokens [sample_start[i], i] of the
- * flattened batch (causal, and never across packed samples or rows). */
 struct adamw_coef; /* dense_math.h */
 
+/* How a batch's tokens may attend: token i sees tokens [sample_start[i], i] of the
+ * flattened batch (causal, and never across packed samples or rows). With a window W > 0,
+ * query i (position i within its sample) sees only the keys j of its sample with
+ * i - W < j <= i: its own and the W - 1 before it (transformers 5.24's
+ * sliding_window_overlay, kv_idx > q_idx - sliding_window, with the causal mask).
+ * With sinks (gpt_oss), each query head h adds one logit sinks[h] to every row's softmax
+ * and drops its probability: p_ij = e^(s_ij - m) / (sum_j' e^(s_ij' - m) + e^(sinks[h] - m)),
+ * m the row's largest score or sink (transformers' gpt_oss eager_attention_forward).
+ * attention_backward adds d loss / d sinks[h] = -sum_i P_sink(i) <dO_i, O_i> over head h's
+ * queries to dsinks[h]. A zeroed struct's window, sinks and dsinks mean none. */
 struct attention_mask {
     const int32_t *sample_start; /* [N] */
+    int window;                  /* 0: no window; W > 0: keys i - W < j <= i */
+    const float *sinks;          /* [nH] backend buffer, or NULL: no sinks */
+    float *dsinks;               /* [nH] backend buffer, ADDED to (backward), or NULL */
 };
 
 /* How one MoE layer routes (hfconfig.h's enum hf_router_kind; transformers 5.24's
@@ -110,9 +121,18 @@ struct backend {
     void (*grouped_linear)(float *y, const float *x, const float *w, const int32_t *offsets,
                            int E, int I, int O);
 
+    /* Per expert e: rows [offsets[e], offsets[e+1]) of y[rows, O] += bias[e*O .. e*O+O)
+     * (bias: E consecutive [O] vectors; gpt_oss's expert biases). */
+    void (*grouped_bias)(float *y, const float *bias, const int32_t *offsets, int E, int O);
+
     /* h[M,I] = act(gate[M,I]) * up[M,I]. */
     void (*glu)(float *h, const float *gate, const float *up, size_t count,
                 enum hf_activation act);
+
+    /* gpt_oss's expert activation (GptOssExperts._apply_gate), elementwise on count:
+     * g = min(gate, limit), u = clamp(up, -limit, limit), h = (u + 1) * g * sigmoid(alpha g). */
+    void (*glu_clamped)(float *h, const float *gate, const float *up, size_t count, float alpha,
+                        float limit);
 
     /* out[N,H] (+)= sum_k weights[n,k] * ys[row_of_slot[n*K+k], :], summed in fp32 in k
      * order (a gather: deterministic, no atomics). accumulate adds to out. */
@@ -185,10 +205,22 @@ struct backend {
                                     const float *x, const float *w, const int32_t *offsets,
                                     int E, int I, int O);
 
+    /* grouped_bias: dbias[e][o] += sum over expert e's rows r of dy[r, o], rows summed in
+     * order (the same bits on any thread count); dbias is a host array of E buffers,
+     * dbias[e] NULL: expert e frozen, skipped. */
+    void (*grouped_bias_backward)(float *const *dbias, const float *dy, const int32_t *offsets,
+                                  int E, int O);
+
     /* h = act(gate) * up: dgate, dup [count] (written) from dh. dgate may alias gate's
      * buffer only if the forward values are not needed afterwards (they are not). */
     void (*glu_backward)(float *dgate, float *dup, const float *dh, const float *gate,
                          const float *up, size_t count, enum hf_activation act);
+
+    /* glu_clamped: dgate, dup [count] (written) from dh. A clamp that bites passes no
+     * gradient: dgate = 0 where gate > limit, dup = 0 where |up| > limit; a value exactly
+     * at a bound passes it (torch.clamp's backward: min <= x <= max). */
+    void (*glu_clamped_backward)(float *dgate, float *dup, const float *dh, const float *gate,
+                                 const float *up, size_t count, float alpha, float limit);
 
     /* combine: out[n] = sum_k weights[n,k] ys[row_of_slot[n*K+k]]. dys[M,H] (written) and
      * dweights[N,K] = <dout[n], ys[row]> (written). */

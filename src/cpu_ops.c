@@ -173,25 +173,52 @@ static _Thread_local size_t attention_scratch_size = 0;
 
 enum { QUERY_BLOCK = 64 };
 
+/* The keys a block of queries first .. last (within the sample) reads: from the first
+ * query's earliest visible key (0 without a window) to the last query. */
+static int block_first_key(const struct attention_mask *mask, int first)
+{
+    return mask->window && first - mask->window + 1 > 0 ? first - mask->window + 1 : 0;
+}
+
+/* The keys query i (within the sample) sees, as [*begin, *end) of a block's keys lo .. */
+static void visible_keys(int *begin, int *end, int i, int lo, int window)
+{
+    *begin = window && i - window + 1 > lo ? i - window + 1 - lo : 0;
+    *end = i + 1 - lo;
+}
+
 /* S[rows, keys] (scaled scores of queries first .. first+rows-1 of a sample against its
- * keys 0 .. keys-1) -> probabilities in place: row r sees keys 0 .. first+r, the rest 0.
- * The forward and the backward (which recomputes P) share it, so both see the same P. */
-static void causal_softmax_block(float *S, int rows, int keys, int first)
+ * keys lo .. lo+keys-1) -> probabilities in place: query i = first + r sees keys
+ * max(lo, i - window + 1) .. i (window 0: lo = 0 and all keys up to i), the rest 0. With
+ * a sink (its logit: *sink), the row's max and denominator include it, and sink_prob[r]
+ * gets its probability (which out drops). The forward and the backward (which recomputes
+ * P) share it, so both see the same P. */
+static void causal_softmax_block(float *S, float *sink_prob, int rows, int keys, int first,
+                                 int lo, int window, const float *sink)
 {
     for (int r = 0; r < rows; r++) {
         float *row = S + (size_t)r * keys;
-        int visible = first + r + 1;
-        float sum = row_exp_store_sum(row, visible, row_max(row, visible));
+        int begin, end;
+        visible_keys(&begin, &end, first + r, lo, window);
+        int visible = end - begin;
+        float max = row_max(row + begin, visible);
+        if (sink && *sink > max) max = *sink;
+        float sum = row_exp_store_sum(row + begin, visible, max);
+        float sink_exp = sink ? exp_nonpositive(*sink - max) : 0.0f;
+        if (sink) sum += sink_exp;
         float inverse = 1.0f / sum;
-        for (int j = 0; j < visible; j++) row[j] *= inverse;
-        for (int j = visible; j < keys; j++) row[j] = 0.0f;
+        if (sink_prob) sink_prob[r] = sink_exp * inverse;
+        for (int j = 0; j < begin; j++) row[j] = 0.0f;
+        for (int j = begin; j < end; j++) row[j] *= inverse;
+        for (int j = end; j < keys; j++) row[j] = 0.0f;
     }
 }
 
 /* Per (sample, head, block of QUERY_BLOCK queries): S = Q K^T * scale over the keys up to
- * the block's last query (one GEMM), causal softmax per row in fp32, O = P V (one GEMM).
- * Keys past a query's own position get probability 0; keys of other samples are never
- * touched, which is the per-sample mask of packed batches. */
+ * the block's last query (from its first query's window start with a window; one GEMM),
+ * causal softmax per row in fp32, O = P V (one GEMM). Keys past a query's own position or
+ * before its window get probability 0; keys of other samples are never touched, which is
+ * the per-sample mask of packed batches. */
 static void cpu_attention(float *out, const float *q, const float *k, const float *v,
                           const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
                           int Dv, float scale)
@@ -239,13 +266,15 @@ static void cpu_attention(float *out, const float *q, const float *k, const floa
             int kv = h / group;
             int first = b * QUERY_BLOCK; /* first query of the block, within the sample */
             int rows = length - first < QUERY_BLOCK ? length - first : QUERY_BLOCK;
-            int keys = first + rows;     /* keys 0 .. last query of the block */
+            int lo = block_first_key(mask, first);
+            int keys = first + rows - lo; /* keys lo .. last query of the block */
             const float *qb = q + (size_t)(start + first) * q_stride + (size_t)h * Dh;
-            const float *ks = k + (size_t)start * kv_stride + (size_t)kv * Dh;
-            const float *vs = v + (size_t)start * v_stride + (size_t)kv * Dv;
+            const float *ks = k + (size_t)(start + lo) * kv_stride + (size_t)kv * Dh;
+            const float *vs = v + (size_t)(start + lo) * v_stride + (size_t)kv * Dv;
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, Dh, scale, qb,
                         q_stride, ks, kv_stride, 0.0f, S, keys);
-            causal_softmax_block(S, rows, keys, first);
+            causal_softmax_block(S, NULL, rows, keys, first, lo, mask->window,
+                                 mask->sinks ? mask->sinks + h : NULL);
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, Dv, keys, 1.0f, S, keys,
                         vs, v_stride, 0.0f, out + (size_t)(start + first) * out_stride + (size_t)h * Dv,
                         out_stride);
@@ -562,8 +591,10 @@ static _Thread_local size_t attention_backward_scratch_size = 0;
  * queries, P is recomputed exactly as the forward did, then (Dao, FlashAttention-2, alg. 2)
  *   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - D) with D_i = <dO_i, O_i>,
  *   dQ = scale dS K,  dK += scale dS^T Q.
- * One work item owns its sample's dK and dV rows of that KV head, so the sums over the
- * group's query heads and the blocks run in a fixed order, without races. */
+ * A sink adds a column with no value, so dS keeps its form, and d sink = -sum_i
+ * P_sink(i) D_i (the sink's own dS). One work item owns its sample's dK and dV rows of
+ * that KV head, so the sums over the group's query heads and the blocks run in a fixed
+ * order, without races; the sinks' sums are kept per item and added in sample order. */
 static void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                                    const float *q, const float *k, const float *v, const float *out,
                                    const struct attention_mask *mask, int N, int nH, int nKV,
@@ -588,9 +619,12 @@ static void cpu_attention_backward(float *dq, float *dk, float *dv, const float 
             at++;
         }
     }
+    /* per item, per query head of its group: the item's share of d sinks */
+    double *dsink_parts = mask->sinks && mask->dsinks
+                              ? xcalloc((size_t)n_items * group, sizeof(double)) : NULL;
 #pragma omp parallel
     {
-        size_t need = 2 * (size_t)QUERY_BLOCK * (size_t)longest;
+        size_t need = (2 * (size_t)longest + 1) * QUERY_BLOCK;
         if (attention_backward_scratch_size < need) {
             free(attention_backward_scratch);
             attention_backward_scratch = xmalloc(need * sizeof(float));
@@ -598,6 +632,7 @@ static void cpu_attention_backward(float *dq, float *dk, float *dv, const float 
         }
         float *P = attention_backward_scratch;
         float *dS = P + (size_t)QUERY_BLOCK * longest;
+        float *sink_prob = dS + (size_t)QUERY_BLOCK * longest;
 #pragma omp for schedule(dynamic, 1)
         for (int it = 0; it < n_items; it++) {
             int start = items[3 * it], length = items[3 * it + 1], kv = items[3 * it + 2];
@@ -614,35 +649,49 @@ static void cpu_attention_backward(float *dq, float *dk, float *dv, const float 
                 for (int b = 0; b < blocks; b++) {
                     int first = b * QUERY_BLOCK;
                     int rows = length - first < QUERY_BLOCK ? length - first : QUERY_BLOCK;
-                    int keys = first + rows;
+                    int lo = block_first_key(mask, first), keys = first + rows - lo;
                     size_t offset = (size_t)(start + first) * q_stride + (size_t)h * Dh;
                     size_t out_offset = (size_t)(start + first) * out_stride + (size_t)h * Dv;
                     const float *qb = q + offset, *dob = dout + out_offset, *ob = out + out_offset;
+                    const float *kb = ks + (size_t)lo * kv_stride, *vb = vs + (size_t)lo * v_stride;
                     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, Dh, scale, qb,
-                                q_stride, ks, kv_stride, 0.0f, P, keys);
-                    causal_softmax_block(P, rows, keys, first);
+                                q_stride, kb, kv_stride, 0.0f, P, keys);
+                    causal_softmax_block(P, sink_prob, rows, keys, first, lo, mask->window,
+                                         mask->sinks ? mask->sinks + h : NULL);
                     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, Dv, rows, 1.0f, P,
-                                keys, dob, out_stride, 1.0f, dvs, v_stride);
+                                keys, dob, out_stride, 1.0f, dvs + (size_t)lo * v_stride, v_stride);
                     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, Dv, 1.0f, dob,
-                                out_stride, vs, v_stride, 0.0f, dS, keys);
+                                out_stride, vb, v_stride, 0.0f, dS, keys);
                     for (int r = 0; r < rows; r++) {
                         const float *dor = dob + (size_t)r * out_stride,
                                     *orow = ob + (size_t)r * out_stride;
                         float D = 0.0f;
                         for (int d = 0; d < Dv; d++) D += dor[d] * orow[d];
                         float *pr = P + (size_t)r * keys, *sr = dS + (size_t)r * keys;
-                        int visible = first + r + 1;
-                        for (int j = 0; j < visible; j++) sr[j] = pr[j] * (sr[j] - D);
-                        for (int j = visible; j < keys; j++) sr[j] = 0.0f;
+                        int begin, end;
+                        visible_keys(&begin, &end, first + r, lo, mask->window);
+                        for (int j = 0; j < begin; j++) sr[j] = 0.0f;
+                        for (int j = begin; j < end; j++) sr[j] = pr[j] * (sr[j] - D);
+                        for (int j = end; j < keys; j++) sr[j] = 0.0f;
+                        if (dsink_parts)
+                            dsink_parts[(size_t)it * group + h - kv * group] -= (double)sink_prob[r] * D;
                     }
                     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, Dh, keys, scale,
-                                dS, keys, ks, kv_stride, 0.0f, dq + offset, q_stride);
+                                dS, keys, kb, kv_stride, 0.0f, dq + offset, q_stride);
                     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, Dh, rows, scale, dS,
-                                keys, qb, q_stride, 1.0f, dks, kv_stride);
+                                keys, qb, q_stride, 1.0f, dks + (size_t)lo * kv_stride, kv_stride);
                 }
         }
     }
     free(items);
+    if (!dsink_parts) return;
+    for (int h = 0; h < nH; h++) { /* items: sample by sample, KV heads in order */
+        double total = 0.0;
+        for (int it = h / group; it < n_items; it += nKV)
+            total += dsink_parts[(size_t)it * group + h % group];
+        mask->dsinks[h] += (float)total;
+    }
+    free(dsink_parts);
 }
 
 /* Per expert e: dx[rows] = dy[rows] @ w[e] (items: expert x block of ROW_BLOCK rows, as the
@@ -890,7 +939,9 @@ const struct backend *backend_cpu(void)
         .permute_by_expert = cpu_permute_by_expert,
         .gather_rows = cpu_gather_rows,
         .grouped_linear = cpu_grouped_linear,
+        .grouped_bias = cpu_grouped_bias,
         .glu = cpu_glu,
+        .glu_clamped = cpu_glu_clamped,
         .combine = cpu_combine,
         .add_sigmoid_gated = cpu_add_sigmoid_gated,
         .clamp = cpu_clamp,
@@ -903,7 +954,9 @@ const struct backend *backend_cpu(void)
         .router_topk_backward = cpu_router_topk_backward,
         .router_balance_backward = cpu_router_balance_backward,
         .grouped_linear_backward = cpu_grouped_linear_backward,
+        .grouped_bias_backward = cpu_grouped_bias_backward,
         .glu_backward = cpu_glu_backward,
+        .glu_clamped_backward = cpu_glu_clamped_backward,
         .combine_backward = cpu_combine_backward,
         .gather_rows_backward = cpu_gather_rows_backward,
         .add_sigmoid_gated_backward = cpu_add_sigmoid_gated_backward,

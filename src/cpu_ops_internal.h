@@ -4,6 +4,7 @@
 #define ESFT_CPU_OPS_INTERNAL_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "hfconfig.h"
@@ -16,5 +17,14 @@ void cpu_rope_backward(float *dx, const int32_t *positions, const float *inv_fre
                        enum hf_rope_layout layout);
 void cpu_copy_columns(float *dst, int dst_ld, const float *src, int src_ld, int rows, int cols,
                       bool accumulate);
+
+/* cpu_ops_moe.c: gpt_oss's clamped GLU and per-expert biases */
+void cpu_glu_clamped(float *h, const float *gate, const float *up, size_t count, float alpha,
+                     float limit);
+void cpu_glu_clamped_backward(float *dgate, float *dup, const float *dh, const float *gate,
+                              const float *up, size_t count, float alpha, float limit);
+void cpu_grouped_bias(float *y, const float *bias, const int32_t *offsets, int E, int O);
+void cpu_grouped_bias_backward(float *const *dbias, const float *dy, const int32_t *offsets,
+                               int E, int O);
 
 #endif

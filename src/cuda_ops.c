@@ -203,6 +203,14 @@ static void need_equal_widths(int Dh, int Dv, const char *op)
               "width (%d) is not implemented yet (deepseek MLA)", op, Dv, Dh);
 }
 
+/* The attention kernels know neither sliding windows nor sinks (gpt_oss). */
+static void need_plain_mask(const struct attention_mask *mask, const char *op)
+{
+    if (mask->window || mask->sinks)
+        fatal(EXIT_RUNTIME, "cuda backend: %s with a sliding window or sinks is not implemented "
+              "yet (gpt_oss)", op);
+}
+
 static void cuda_rope(float *x, const int32_t *positions, const float *inv_freq,
                       float attention_scaling, int N, int n_heads, int Dh, int rotary_dim,
                       enum hf_rope_layout layout)
@@ -235,6 +243,7 @@ static void cuda_attention(float *out, const float *q, const float *k, const flo
 {
     char err[256];
     need_equal_widths(Dh, Dv, "attention");
+    need_plain_mask(mask, "attention");
     int count, longest;
     int *starts = batch_samples(mask->sample_start, N, &count, &longest);
     void *ws = scratch(attention_gemm_workspace(longest, nH, nKV));
@@ -334,6 +343,19 @@ static void cuda_glu(float *h, const float *gate, const float *up, size_t count,
     ok(moe_glu(h, gate, up, count, act == ACT_GELU, err, sizeof err), err);
 }
 
+static void cuda_glu_clamped(float *h, const float *gate, const float *up, size_t count,
+                             float alpha, float limit)
+{
+    (void)h, (void)gate, (void)up, (void)count, (void)alpha, (void)limit;
+    fatal(EXIT_RUNTIME, "cuda backend: glu_clamped is not implemented yet (gpt_oss)");
+}
+
+static void cuda_grouped_bias(float *y, const float *bias, const int32_t *offsets, int E, int O)
+{
+    (void)y, (void)bias, (void)offsets, (void)E, (void)O;
+    fatal(EXIT_RUNTIME, "cuda backend: grouped_bias is not implemented yet (gpt_oss)");
+}
+
 static void cuda_combine(float *out, const float *ys, const float *weights,
                          const int32_t *row_of_slot, int N, int K, int H, bool accumulate)
 {
@@ -416,6 +438,7 @@ static void cuda_attention_backward(float *dq, float *dk, float *dv, const float
 {
     char err[256];
     need_equal_widths(Dh, Dv, "attention_backward");
+    need_plain_mask(mask, "attention_backward");
     (void)out;
     int count, longest;
     int *starts = batch_samples(mask->sample_start, N, &count, &longest);
@@ -505,6 +528,21 @@ static void cuda_add_sigmoid_gated_backward(float *ds, float *dgate_logit, const
     char err[256];
     ok(moe_add_sigmoid_gated_backward(ds, dgate_logit, dy, s, gate_logit, N, H, err, sizeof err),
        err);
+}
+
+static void cuda_glu_clamped_backward(float *dgate, float *dup, const float *dh,
+                                      const float *gate, const float *up, size_t count,
+                                      float alpha, float limit)
+{
+    (void)dgate, (void)dup, (void)dh, (void)gate, (void)up, (void)count, (void)alpha, (void)limit;
+    fatal(EXIT_RUNTIME, "cuda backend: glu_clamped_backward is not implemented yet (gpt_oss)");
+}
+
+static void cuda_grouped_bias_backward(float *const *dbias, const float *dy,
+                                       const int32_t *offsets, int E, int O)
+{
+    (void)dbias, (void)dy, (void)offsets, (void)E, (void)O;
+    fatal(EXIT_RUNTIME, "cuda backend: grouped_bias_backward is not implemented yet (gpt_oss)");
 }
 
 static void cuda_clamp_backward(float *dx, const float *y, size_t count, float low, float high)
@@ -632,7 +670,9 @@ const struct backend *backend_cuda(void)
         .permute_by_expert = cuda_permute_by_expert,
         .gather_rows = cuda_gather_rows,
         .grouped_linear = cuda_grouped_linear,
+        .grouped_bias = cuda_grouped_bias,
         .glu = cuda_glu,
+        .glu_clamped = cuda_glu_clamped,
         .combine = cuda_combine,
         .add_sigmoid_gated = cuda_add_sigmoid_gated,
         .clamp = cuda_clamp,
@@ -645,7 +685,9 @@ const struct backend *backend_cuda(void)
         .router_topk_backward = cuda_router_topk_backward,
         .router_balance_backward = cuda_router_balance_backward,
         .grouped_linear_backward = cuda_grouped_linear_backward,
+        .grouped_bias_backward = cuda_grouped_bias_backward,
         .glu_backward = cuda_glu_backward,
+        .glu_clamped_backward = cuda_glu_clamped_backward,
         .combine_backward = cuda_combine_backward,
         .gather_rows_backward = cuda_gather_rows_backward,
         .add_sigmoid_gated_backward = cuda_add_sigmoid_gated_backward,

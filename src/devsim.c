@@ -152,7 +152,10 @@ static void sim_attention(float *out, const float *q, const float *k, const floa
                           const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
                           int Dv, float scale)
 {
-    struct attention_mask host = {.sample_start = U(mask->sample_start)};
+    struct attention_mask host = {.sample_start = U(mask->sample_start),
+                                  .window = mask->window,
+                                  .sinks = U(mask->sinks),
+                                  .dsinks = U(mask->dsinks)};
     cpu->attention(U(out), U(q), U(k), U(v), &host, N, nH, nKV, Dh, Dv, scale);
 }
 
@@ -194,10 +197,21 @@ static void sim_grouped_linear(float *y, const float *x, const float *w, const i
     cpu->grouped_linear(U(y), U(x), U(w), U(offsets), E, I, O);
 }
 
+static void sim_grouped_bias(float *y, const float *bias, const int32_t *offsets, int E, int O)
+{
+    cpu->grouped_bias(U(y), U(bias), U(offsets), E, O);
+}
+
 static void sim_glu(float *h, const float *gate, const float *up, size_t count,
                     enum hf_activation act)
 {
     cpu->glu(U(h), U(gate), U(up), count, act);
+}
+
+static void sim_glu_clamped(float *h, const float *gate, const float *up, size_t count,
+                            float alpha, float limit)
+{
+    cpu->glu_clamped(U(h), U(gate), U(up), count, alpha, limit);
 }
 
 static void sim_combine(float *out, const float *ys, const float *weights,
@@ -255,7 +269,10 @@ static void sim_attention_backward(float *dq, float *dk, float *dv, const float 
                                    const float *out, const struct attention_mask *mask, int N,
                                    int nH, int nKV, int Dh, int Dv, float scale)
 {
-    struct attention_mask host = {.sample_start = U(mask->sample_start)};
+    struct attention_mask host = {.sample_start = U(mask->sample_start),
+                                  .window = mask->window,
+                                  .sinks = U(mask->sinks),
+                                  .dsinks = U(mask->dsinks)};
     cpu->attention_backward(U(dq), U(dk), U(dv), U(dout), U(q), U(k), U(v), U(out), &host, N, nH,
                             nKV, Dh, Dv, scale);
 }
@@ -287,10 +304,26 @@ static void sim_grouped_linear_backward(float *dx, float *const *dw, const float
     free(host_dw);
 }
 
+static void sim_grouped_bias_backward(float *const *dbias, const float *dy,
+                                      const int32_t *offsets, int E, int O)
+{
+    /* dbias is a host array of buffers (one per expert, NULL when frozen) */
+    float **host_dbias = xmalloc((size_t)(E > 0 ? E : 1) * sizeof *host_dbias);
+    for (int e = 0; e < E; e++) host_dbias[e] = U(dbias[e]);
+    cpu->grouped_bias_backward(host_dbias, U(dy), U(offsets), E, O);
+    free(host_dbias);
+}
+
 static void sim_glu_backward(float *dgate, float *dup, const float *dh, const float *gate,
                              const float *up, size_t count, enum hf_activation act)
 {
     cpu->glu_backward(U(dgate), U(dup), U(dh), U(gate), U(up), count, act);
+}
+
+static void sim_glu_clamped_backward(float *dgate, float *dup, const float *dh, const float *gate,
+                                     const float *up, size_t count, float alpha, float limit)
+{
+    cpu->glu_clamped_backward(U(dgate), U(dup), U(dh), U(gate), U(up), count, alpha, limit);
 }
 
 static void sim_combine_backward(float *dys, float *dweights, const float *dout, const float *ys,
@@ -388,7 +421,9 @@ const struct backend *backend_devsim(void)
         .permute_by_expert = sim_permute_by_expert,
         .gather_rows = sim_gather_rows,
         .grouped_linear = sim_grouped_linear,
+        .grouped_bias = sim_grouped_bias,
         .glu = sim_glu,
+        .glu_clamped = sim_glu_clamped,
         .combine = sim_combine,
         .add_sigmoid_gated = sim_add_sigmoid_gated,
         .clamp = sim_clamp,
@@ -401,7 +436,9 @@ const struct backend *backend_devsim(void)
         .router_topk_backward = sim_router_topk_backward,
         .router_balance_backward = sim_router_balance_backward,
         .grouped_linear_backward = sim_grouped_linear_backward,
+        .grouped_bias_backward = sim_grouped_bias_backward,
         .glu_backward = sim_glu_backward,
+        .glu_clamped_backward = sim_glu_clamped_backward,
         .combine_backward = sim_combine_backward,
         .gather_rows_backward = sim_gather_rows_backward,
         .add_sigmoid_gated_backward = sim_add_sigmoid_gated_backward,
