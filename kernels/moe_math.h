@@ -244,6 +244,39 @@ MOE_HD void router_softmax_topk_row(int32_t *id, float *w, float *p, float *choi
     router_weights_row(w, p, id, K, renormalise, 0.0f, scaling);
 }
 
+/* One token through ROUTER_TOPK_SOFTMAX (GptOssTopKRouter): the K largest logits z[E]
+ * (the router's bias already in them), descending, ties to the lower id; w[K] = their
+ * softmax (the maximum is the first; e^(z - max) summed in k order, then divided).
+ * p[E] = softmax(z) over every expert is written too: the load-balancing loss's
+ * probabilities (transformers' load_balancing_loss_func softmaxes the recorded logits),
+ * and what the backward recovers the weights from. taken[E] is scratch. */
+MOE_HD void router_topk_softmax_row(int32_t *id, float *w, float *p, unsigned char *taken,
+                                    const float *z, int E, int K)
+{
+    router_softmax_row(p, z, E);
+    router_select_row(id, z, taken, E, K);
+    float max = z[id[0]], sum = 0.0f;
+    for (int k = 0; k < K; k++) {
+        w[k] = expf(z[id[k]] - max);
+        sum += w[k];
+    }
+    for (int k = 0; k < K; k++) w[k] /= sum;
+}
+
+/* ROUTER_TOPK_SOFTMAX's backward for one token: through the softmax over the K chosen
+ * logits only, dz[id_k] = w_k (dw_k - <w, dw>), 0 for every other expert (the choice has
+ * no gradient). w_k = p[id_k] / sum_j p[id_j], the same softmax recovered from the saved
+ * probabilities. dz[E] is written. */
+MOE_HD void router_topk_softmax_backward_row(float *dz, const float *dw, const float *p,
+                                             const int32_t *id, int E, int K)
+{
+    float total = 0.0f, dot = 0.0f;
+    for (int k = 0; k < K; k++) total += p[id[k]];
+    for (int k = 0; k < K; k++) dot += dw[k] * (p[id[k]] / total);
+    for (int e = 0; e < E; e++) dz[e] = 0.0f;
+    for (int k = 0; k < K; k++) dz[id[k]] = (p[id[k]] / total) * (dw[k] - dot);
+}
+
 /* One token through ROUTER_SIGMOID_BIAS (DeepseekV3TopkRouter, Glm4MoeTopkRouter): s[E] =
  * sigmoid(z) is written; the choice is made on c = s + bias with the groups outside the
  * kept ones at -inf; the weights are s[id] (over their sum + 1e-20 when renormalise) times

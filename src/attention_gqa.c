@@ -1,11 +1,26 @@
 /* attention_gqa: grouped-query attention's forward and backward (every family but
  * deepseek's MLA, attention_mla.c), for forward.c's and backward.c's layer loops:
  * q, k, v projections (with biases), the optional QK-norm (per head or over the whole
- * projection), olmoe's clip_qkv, RoPE, causal attention per packed sample, o_proj.
+ * projection), olmoe's clip_qkv, RoPE, causal attention per packed sample (with gpt_oss's
+ * sliding window and sinks), o_proj.
  * Tensor names follow the families' Hugging Face modeling code. */
 #include <math.h>
 
 #include "model_compute.h"
+
+/* Who sees whom in layer l: causal within each packed sample, the sliding window on the
+ * layers that slide (gpt_oss: every other layer), the layer's sink logits (gpt_oss:
+ * GptOssAttention.sinks, one extra softmax column per head), and where their gradient
+ * goes (dsinks NULL: frozen or no sinks). */
+static struct attention_mask layer_mask(const struct model *m, const struct batch *batch, int l,
+                                        float *dsinks)
+{
+    const struct model_config *c = &m->cfg;
+    return (struct attention_mask){.sample_start = batch->sample_start,
+                                   .window = c->is_sliding[l] ? c->sliding_window : 0,
+                                   .sinks = m->layers[l].sinks,
+                                   .dsinks = dsinks};
+}
 
 void gqa_forward(const struct model *m, const struct backend *ops, struct layer_activations *a,
                  const struct batch *batch, int l)
@@ -42,7 +57,7 @@ void gqa_forward(const struct model *m, const struct backend *ops, struct layer_
               Dh, c->rope.rotary_dim, c->rope.layout);
     ops->rope(a->k, batch->positions, model_inv_freq(m), (float)c->rope.attention_scaling, N, nKV,
               Dh, c->rope.rotary_dim, c->rope.layout);
-    struct attention_mask mask = {.sample_start = batch->sample_start};
+    struct attention_mask mask = layer_mask(m, batch, l, NULL);
     ops->attention(a->attn, a->q, a->k, a->v, &mask, N, nH, nKV, Dh, Dh, 1.0f / sqrtf((float)Dh));
     ops->linear(a->h, a->attn, w->o, w->o_bias, N, q_width, H, false);
 }
@@ -56,7 +71,7 @@ void gqa_backward(const struct model *m, const struct backend *ops, struct forwa
     const struct layer_grads *g = &m->grads[l];
     int N = batch->N, H = c->hidden_size, Dh = c->head_dim;
     int nH = c->num_heads, nKV = c->num_kv_heads, q_width = nH * Dh, kv_width = nKV * Dh;
-    struct attention_mask mask = {.sample_start = batch->sample_start};
+    struct attention_mask mask = layer_mask(m, batch, l, g->sinks);
 
     /* h = x + o(attn) */
     ops->linear_backward(ws->dattn, g->o, g->o_bias, dy, a->attn, w->o, N, q_width, H, false);

@@ -65,9 +65,19 @@ static void moe_backward(const struct model *m, const struct backend *ops,
     } else {
         ops->gather_rows(ws->xs, a->hn, a->slot_of_row, M, K, H); /* the experts' inputs again */
     }
+    if (w->expert_down_bias) ops->grouped_bias_backward(g->expert_down_bias, dye, offsets, local, H);
     ops->grouped_linear_backward(ws->dact, g->expert_down, dye, a->act, w->expert_down, offsets,
                                  local, I, H);
-    ops->glu_backward(ws->dgate, ws->dup, ws->dact, a->gate, a->up, (size_t)rows * I, c->hidden_act);
+    if (c->clamped_swiglu)
+        ops->glu_clamped_backward(ws->dgate, ws->dup, ws->dact, a->gate, a->up, (size_t)rows * I,
+                                  (float)c->swiglu_alpha, (float)c->swiglu_limit);
+    else
+        ops->glu_backward(ws->dgate, ws->dup, ws->dact, a->gate, a->up, (size_t)rows * I,
+                          c->hidden_act);
+    if (w->expert_gate_bias) {
+        ops->grouped_bias_backward(g->expert_gate_bias, ws->dgate, offsets, local, I);
+        ops->grouped_bias_backward(g->expert_up_bias, ws->dup, offsets, local, I);
+    }
     ops->grouped_linear_backward(dhn ? ws->dxs : NULL, g->expert_gate, ws->dgate, xe,
                                  w->expert_gate, offsets, local, H, I);
     ops->grouped_linear_backward(dhn ? ws->dxs2 : NULL, g->expert_up, ws->dup, xe, w->expert_up,
@@ -100,7 +110,8 @@ static void moe_backward(const struct model *m, const struct backend *ops,
         seq_aux_backward(m, ops, ws, l, ws->drouter, a->probs, aux_scale);
     else if (balance)
         ops->router_balance_backward(ws->drouter, a->probs, ws->balance_coef, N, E);
-    ops->linear_backward(dhn, g->router, NULL, ws->drouter, a->hn, w->router, N, H, E, true);
+    ops->linear_backward(dhn, g->router, g->router_logit_bias, ws->drouter, a->hn, w->router, N,
+                         H, E, true);
 
     if (w->shared_gate) {
         int S = c->shared_expert_intermediate_size;

@@ -16,7 +16,7 @@ enum { ROUTER_ROW = HFCONFIG_MAX_EXPERTS };
 static void check_kind(const struct router_params *rp, const char *op)
 {
     if (rp->kind != ROUTER_SOFTMAX_TOPK && rp->kind != ROUTER_GROUPED_GREEDY &&
-        rp->kind != ROUTER_SIGMOID_BIAS)
+        rp->kind != ROUTER_SIGMOID_BIAS && rp->kind != ROUTER_TOPK_SOFTMAX)
         fatal(EXIT_RUNTIME, "cpu backend: %s: router kind %d is not implemented", op,
               (int)rp->kind);
 }
@@ -27,7 +27,7 @@ void cpu_router_topk(int32_t *ids, float *weights, float *probs, const float *lo
     check_kind(rp, "router_topk");
     if (E > ROUTER_ROW) fatal(EXIT_RUNTIME, "cpu backend: %d experts, at most %d", E, ROUTER_ROW);
     /* softmax top-k ignores the groups: they only select in the grouped routers */
-    int grouped = rp->kind != ROUTER_SOFTMAX_TOPK;
+    int grouped = rp->kind == ROUTER_GROUPED_GREEDY || rp->kind == ROUTER_SIGMOID_BIAS;
     int n_group = grouped ? rp->n_group : 1, topk_group = grouped ? rp->topk_group : 1;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
@@ -40,6 +40,8 @@ void cpu_router_topk(int32_t *ids, float *weights, float *probs, const float *lo
         if (rp->kind == ROUTER_SIGMOID_BIAS)
             router_sigmoid_bias_row(id, w, p, choice, group_score, taken, z, rp->bias, E, K,
                                     n_group, topk_group, rp->renormalise, rp->scaling);
+        else if (rp->kind == ROUTER_TOPK_SOFTMAX) /* gpt_oss: no renormalisation, no scaling */
+            router_topk_softmax_row(id, w, p, taken, z, E, K);
         else
             router_softmax_topk_row(id, w, p, choice, group_score, taken, z, E, K, n_group,
                                     topk_group, rp->renormalise, rp->scaling);
@@ -72,6 +74,8 @@ void cpu_router_topk_backward(float *dlogits, const float *dweights, const float
         const int32_t *id = ids + (size_t)n * K;
         if (rp->kind == ROUTER_SIGMOID_BIAS)
             router_sigmoid_backward_row(dz, dw, p, id, E, K, rp->renormalise, rp->scaling);
+        else if (rp->kind == ROUTER_TOPK_SOFTMAX)
+            router_topk_softmax_backward_row(dz, dw, p, id, E, K);
         else
             router_topk_backward_row(dz, dw, p, id, E, K, rp->renormalise, rp->scaling);
     }

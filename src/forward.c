@@ -213,7 +213,7 @@ static void moe_block(const struct model *m, const struct backend *ops,
     int M = N * K;
     struct router_params route = model_router_params(m, l);
 
-    ops->linear(ws->router_logits[l], a->hn, w->router, NULL, N, H, E, false);
+    ops->linear(ws->router_logits[l], a->hn, w->router, w->router_logit_bias, N, H, E, false);
     ops->router_topk(ws->topk_ids[l], ws->topk_weights[l], a->probs, ws->router_logits[l], N, E, K,
                      &route);
     seq_aux_layer(m, ops, ws, l, a->probs, ws->topk_ids[l]); /* deepseek_v2 */
@@ -234,8 +234,17 @@ static void moe_block(const struct model *m, const struct backend *ops,
     }
     ops->grouped_linear(a->gate, xe, w->expert_gate, offsets, local, H, I);
     ops->grouped_linear(a->up, xe, w->expert_up, offsets, local, H, I);
-    ops->glu(a->act, a->gate, a->up, (size_t)rows * I, c->hidden_act);
+    if (w->expert_gate_bias) { /* gpt_oss: gate_up_proj_bias */
+        ops->grouped_bias(a->gate, w->expert_gate_bias, offsets, local, I);
+        ops->grouped_bias(a->up, w->expert_up_bias, offsets, local, I);
+    }
+    if (c->clamped_swiglu) /* gpt_oss: GptOssExperts._apply_gate */
+        ops->glu_clamped(a->act, a->gate, a->up, (size_t)rows * I, (float)c->swiglu_alpha,
+                         (float)c->swiglu_limit);
+    else
+        ops->glu(a->act, a->gate, a->up, (size_t)rows * I, c->hidden_act);
     ops->grouped_linear(ye, a->act, w->expert_down, offsets, local, I, H);
+    if (w->expert_down_bias) ops->grouped_bias(ye, w->expert_down_bias, offsets, local, H);
     if (a->plan) ws_ep_return(m, ops, ws, a->plan, a->ye, a->ys, H);
     ops->combine(a->ffn, a->ys, ws->topk_weights[l], a->row_of_slot, N, K, H, false);
 

@@ -693,13 +693,38 @@ void model_upload_grads(struct model *m)
 /* ---- loading ------------------------------------------------------------------------ */
 
 /* Where a parameter's values are: its tensor from an element offset and, for an fp8
- * tensor, the scale tensor that multiplies it (NULL otherwise). */
+ * tensor, the scale tensor that multiplies it (NULL otherwise). A strided source (cols >
+ * 0) reads the parameter's element (r, c) (r < numel / cols) from tensor element offset +
+ * r * row_stride + c * col_stride: gpt_oss's fused experts, whose matrices esft holds
+ * transposed or de-interleaved. An MXFP4 source (mxfp4_scales non-NULL; tensor is the
+ * blocks) counts elements of the dequantised tensor. */
 struct weight_source {
     const struct st_tensor *tensor;
     size_t offset;
     const struct st_tensor *scale; /* [..., ceil(R / block[0]), ceil(C / block[1])] */
     int block[2];
+    size_t cols, row_stride, col_stride;
+    const struct st_tensor *mxfp4_scales; /* [..., R, C / 32] u8 E8M0 exponents */
 };
+
+/* FP4 E2M1 values by their 4 bits (transformers integrations/mxfp4.py FP4_VALUES). */
+static const float FP4_E2M1[16] = {+0.0f, +0.5f, +1.0f, +1.5f, +2.0f, +3.0f, +4.0f, +6.0f,
+                                   -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+/* Element f of an MXFP4 tensor dequantised ([..., R, C] flattened; blocks [..., R, C / 32,
+ * 16], scales [..., R, C / 32]): block f / 32 holds 16 bytes, the low nibble the even
+ * element and the high nibble the odd one, and one exponent e: FP4_E2M1[nibble] * 2^(e -
+ * 127). As convert_moe_packed_tensors: lut[nibble] times torch.ldexp's 2^(e - 127)
+ * (2.0 ** 128 = inf for e = 255, as torch.pow gives). */
+static float mxfp4_value(const struct weight_source *src, size_t f)
+{
+    const uint8_t *blocks = (const uint8_t *)src->tensor->data;
+    const uint8_t *scales = (const uint8_t *)src->mxfp4_scales->data;
+    size_t block = f / 32, within = f % 32;
+    uint8_t byte = blocks[block * 16 + within / 2];
+    int nibble = within % 2 ? byte >> 4 : byte & 0x0F;
+    return FP4_E2M1[nibble] * ldexpf(1.0f, (int)scales[block] - 127);
+}
 
 static float scalar_f32(const struct st_tensor *t, size_t i)
 {
@@ -742,6 +767,26 @@ static void dequantise_range(const struct weight_source *src, size_t count, floa
     }
 }
 
+/* Element f of a float tensor, in fp32 (locate admits only float dtypes here). */
+static float float_value(const struct st_tensor *t, size_t f)
+{
+    if (t->dtype != ST_F64) return scalar_f32(t, f);
+    double d;
+    memcpy(&d, (const unsigned char *)t->data + f * 8, 8);
+    return (float)d;
+}
+
+/* count elements of a strided or MXFP4 source (see struct weight_source), in fp32. */
+static void read_strided(const struct weight_source *src, size_t count, float *out)
+{
+    size_t cols = src->cols ? src->cols : count;
+    size_t row_stride = src->cols ? src->row_stride : 0, col_stride = src->cols ? src->col_stride : 1;
+    for (size_t i = 0; i < count; i++) {
+        size_t f = src->offset + (i / cols) * row_stride + (i % cols) * col_stride;
+        out[i] = src->mxfp4_scales ? mxfp4_value(src, f) : float_value(src->tensor, f);
+    }
+}
+
 /* count elements of the source, converted (or dequantised) to fp32. */
 static int read_range_f32(const struct weight_source *src, size_t count, float *out, char *err,
                           size_t err_size)
@@ -749,6 +794,10 @@ static int read_range_f32(const struct weight_source *src, size_t count, float *
     const struct st_tensor *t = src->tensor;
     if (src->scale) {
         dequantise_range(src, count, out);
+        return 0;
+    }
+    if (src->cols || src->mxfp4_scales) {
+        read_strided(src, count, out);
         return 0;
     }
     const unsigned char *base = (const unsigned char *)t->data;
@@ -932,6 +981,140 @@ static int locate_scale(const struct model_config *c, const struct st_checkpoint
     return 0;
 }
 
+/* The MXFP4 pair "<fused>_blocks" [E, R, C / 32, 16] and "<fused>_scales" [E, R, C / 32],
+ * both u8, of the matrix that dequantises to [E, R, C] (gate_up_proj: R = 2I, C = H;
+ * down_proj: R = H, C = I; transformers transposes the last two dims after, esft reads
+ * the [R, C] rows as they are). src->tensor = the blocks. Named errors for a missing
+ * half, a wrong dtype or shape, or a C that is not whole blocks. */
+static int locate_mxfp4(const struct model_config *c, const struct st_checkpoint *ckpt,
+                        const char *fused, int64_t R, int64_t C, const char *dims,
+                        struct weight_source *src, char *err, size_t err_size)
+{
+    char blocks_name[PARAM_NAME_MAX + 48], scales_name[PARAM_NAME_MAX + 48];
+    snprintf(blocks_name, sizeof blocks_name, "%s_blocks", fused);
+    snprintf(scales_name, sizeof scales_name, "%s_scales", fused);
+    const struct st_tensor *blocks = st_find(ckpt, blocks_name), *scales = st_find(ckpt, scales_name);
+    int64_t E = c->num_experts;
+    if (!blocks || !scales) {
+        snprintf(err, err_size, "%s: MXFP4 tensor '%s' not found (nor '%s'; %s/config.json "
+                 "quantization_config is mxfp4, which stores each fused expert matrix as "
+                 "_blocks and _scales)", ckpt->dir, blocks ? scales_name : blocks_name, fused,
+                 ckpt->dir);
+        return -1;
+    }
+    if (!c->quantization.mxfp4) {
+        snprintf(err, err_size, "%s: tensor '%s' is MXFP4, but %s/config.json has no "
+                 "quantization_config with quant_method \"mxfp4\"", blocks->file, blocks_name,
+                 ckpt->dir);
+        return -1;
+    }
+    const struct st_tensor *pair[2] = {blocks, scales};
+    for (int i = 0; i < 2; i++)
+        if (pair[i]->dtype != ST_U8) {
+            snprintf(err, err_size, "%s: tensor '%s': dtype %s; MXFP4 %s are U8", pair[i]->file,
+                     pair[i]->name, st_dtype_name(pair[i]->dtype), i ? "scales" : "blocks");
+            return -1;
+        }
+    if (C % 32 != 0) {
+        snprintf(err, err_size, "%s: tensor '%s': rows of %lld values are not whole MXFP4 "
+                 "blocks of 32 (%s of %s/config.json)", blocks->file, blocks_name, (long long)C,
+                 dims, ckpt->dir);
+        return -1;
+    }
+    if (st_expect_shape(blocks, err, err_size, E, R, C / 32, 16) != 0 ||
+        st_expect_shape(scales, err, err_size, E, R, C / 32) != 0) {
+        size_t n = strlen(err);
+        snprintf(err + n, err_size - n, " (MXFP4 of the [%s] matrix: blocks [E, R, C/32, 16], "
+                 "scales [E, R, C/32]; %s of %s/config.json)", dims, dims, ckpt->dir);
+        return -1;
+    }
+    src->tensor = blocks;
+    src->mxfp4_scales = scales;
+    return 0;
+}
+
+/* A gpt_oss routed expert's entry in transformers' fused layout (GptOssExperts, saved as
+ * is by 5.24): mlp.experts.gate_up_proj [E, H, 2I] used as x @ W, gate the even columns
+ * and up the odd ones, gate_up_proj_bias [E, 2I] (even / odd likewise), down_proj
+ * [E, I, H], down_proj_bias [E, H]; or with MXFP4 the _blocks / _scales pairs of
+ * gate_up_proj [E, 2I, H] and down_proj [E, H, I] before transformers' transpose. esft's
+ * gate [I, H] is then gate[i][h] = gate_up_proj[e][h][2i], and down [H, I] is
+ * down[h][i] = down_proj[e][i][h]. */
+static int locate_gpt_oss_expert(const struct model *m, const struct st_checkpoint *ckpt,
+                                 const struct param *p, struct weight_source *src, char *err,
+                                 size_t err_size)
+{
+    const struct model_config *c = &m->cfg;
+    size_t E = (size_t)c->num_experts, I = (size_t)c->expert_intermediate_size;
+    size_t H = (size_t)c->hidden_size, e = (size_t)p->expert;
+    bool down = p->part == MLP_DOWN, up = p->part == MLP_UP, bias = p->rank == 1;
+    char fused[PARAM_NAME_MAX + 32];
+    snprintf(fused, sizeof fused, "model.layers.%d.mlp.experts.%s%s", p->layer,
+             down ? "down_proj" : "gate_up_proj", bias ? "_bias" : "");
+    const struct st_tensor *t = st_find(ckpt, fused);
+    int rc = 0;
+    if (bias) {
+        if (!t) {
+            snprintf(err, err_size, "%s: tensor '%s' not found (nor the fused '%s')", ckpt->dir,
+                     p->name, fused);
+            return -1;
+        }
+        rc = down ? st_expect_shape(t, err, err_size, E, H) : st_expect_shape(t, err, err_size, E, 2 * I);
+        if (rc != 0) {
+            size_t n = strlen(err);
+            snprintf(err + n, err_size - n, " (num_local_experts x %s of %s/config.json)",
+                     down ? "hidden_size" : "2 * intermediate_size", ckpt->dir);
+            return -1;
+        }
+        src->tensor = t;
+        if (down) {
+            src->offset = e * H;
+        } else { /* gate_up_proj_bias[e][2i (+1)] */
+            src->offset = e * 2 * I + (up ? 1 : 0);
+            src->cols = I, src->row_stride = 0, src->col_stride = 2;
+        }
+    } else if (t) {
+        rc = down ? st_expect_shape(t, err, err_size, E, I, H)
+                  : st_expect_shape(t, err, err_size, E, H, 2 * I);
+        if (rc != 0) {
+            size_t n = strlen(err);
+            snprintf(err + n, err_size - n, " (num_local_experts x %s of %s/config.json)",
+                     down ? "intermediate_size x hidden_size" : "hidden_size x 2 * intermediate_size",
+                     ckpt->dir);
+            return -1;
+        }
+        src->tensor = t;
+        if (down) { /* down[h][i] = down_proj[e][i][h] */
+            src->offset = e * I * H;
+            src->cols = I, src->row_stride = 1, src->col_stride = H;
+        } else { /* gate[i][h] = gate_up_proj[e][h][2i], up: 2i + 1 */
+            src->offset = e * H * 2 * I + (up ? 1 : 0);
+            src->cols = H, src->row_stride = 2, src->col_stride = 2 * I;
+        }
+    } else if (down) { /* MXFP4: down_proj dequantises to [E, H, I], esft's [H, I] rows */
+        if (locate_mxfp4(c, ckpt, fused, (int64_t)H, (int64_t)I,
+                         "num_local_experts x hidden_size x intermediate_size", src, err,
+                         err_size) != 0)
+            return -1;
+        src->offset = e * H * I;
+    } else { /* MXFP4: gate_up_proj dequantises to [E, 2I, H]: gate row i is row 2i */
+        if (locate_mxfp4(c, ckpt, fused, 2 * (int64_t)I, (int64_t)H,
+                         "num_local_experts x 2 * intermediate_size x hidden_size", src, err,
+                         err_size) != 0)
+            return -1;
+        src->offset = e * 2 * I * H + (up ? H : 0);
+        src->cols = H, src->row_stride = 2 * H, src->col_stride = 1;
+    }
+    if (src->mxfp4_scales) return 0;
+    if (!is_float_dtype(t->dtype)) {
+        snprintf(err, err_size, "%s: tensor '%s': dtype %s is not a floating-point weight%s",
+                 t->file, t->name, st_dtype_name(t->dtype),
+                 is_fp8_dtype(t->dtype) ? " (fp8 is not read for gpt_oss's fused experts)" : "");
+        return -1;
+    }
+    return 0;
+}
+
 /* Where p's weights are in the checkpoint: its own tensor from offset 0, or a routed
  * expert's matrix in the fused spelling (transformers 5 in memory): experts.gate_up_proj
  * [E, 2I, H] (gate rows first, then up) and experts.down_proj [E, H, I]. Checks that the
@@ -952,6 +1135,8 @@ static int locate(const struct model *m, const struct st_checkpoint *ckpt, const
             size_t n = strlen(err);
             snprintf(err + n, err_size - n, " (%s of %s/config.json)", shape_keys(c, p), ckpt->dir);
         }
+    } else if (p->kind == PARAM_EXPERT && c->family == HF_GPT_OSS) {
+        return locate_gpt_oss_expert(m, ckpt, p, src, err, err_size);
     } else if (p->kind == PARAM_EXPERT) {
         int64_t E = c->num_experts, I = c->expert_intermediate_size, H = c->hidden_size;
         char name[PARAM_NAME_MAX + 32];
