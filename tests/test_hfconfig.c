@@ -447,10 +447,12 @@ static void test_bad_configs(void)
 {
     bad_config("model_type", "\"llama\"", "unknown family", "unknown model_type 'llama'",
                "supported: qwen2_moe, qwen3_moe, olmoe, mixtral");
-    bad_config("model_type", "\"gpt_oss\"", "gpt_oss",
-               "family 'gpt_oss' is not supported yet (supported: qwen2_moe, qwen3_moe, "
-               "olmoe, mixtral, deepseek_v2, deepseek_v3, glm4_moe)",
+    bad_config("model_type", "\"grok\"", "grok",
+               "unknown model_type 'grok' (supported: qwen2_moe, qwen3_moe, olmoe, mixtral, "
+               "deepseek_v2, deepseek_v3, glm4_moe, gpt_oss)",
                NULL);
+    bad_config("quantization_config", "{\"quant_method\": \"mxfp4\"}", "mxfp4 on qwen3_moe",
+               "'mxfp4' is only supported for gpt_oss", NULL);
     /* the qwen3 keys do not make a deepseek or glm config: their expert count is named */
     bad_config("model_type", "\"deepseek_v3\"", "deepseek_v3",
                "missing required key 'n_routed_experts'", NULL);
@@ -626,6 +628,60 @@ static void round_trip(const char *dir_in, const char *what)
     expect_same(&a, &b, what);
 }
 
+/* gpt_oss: the class defaults of GptOssConfig (5.24) where keys are absent, and what
+ * __post_init__ derives: layer_types sliding at even layers, the yarn rope only when
+ * rope_parameters is absent, head_dim 64 unless null. */
+static void test_gpt_oss(void)
+{
+    char err[1024];
+    struct model_config c;
+    const char *bare =
+        "{\"model_type\": \"gpt_oss\", \"hidden_size\": 32, \"num_hidden_layers\": 3,\n"
+        " \"num_attention_heads\": 16, \"vocab_size\": 50, \"intermediate_size\": 16,\n"
+        " \"num_local_experts\": 4, \"num_experts_per_tok\": 2}\n";
+    CHECK(load_text(bare, &c, err, sizeof err) == 0, "gpt_oss: %s", err);
+    CHECK(c.family == HF_GPT_OSS && c.head_dim == 64 && c.num_kv_heads == 8,
+          "gpt_oss class defaults: head_dim %d (64), kv heads %d (8)", c.head_dim, c.num_kv_heads);
+    CHECK(c.expert_intermediate_size == 16 && c.num_experts == 4 && c.top_k == 2,
+          "gpt_oss experts: width intermediate_size");
+    CHECK(c.qkv_bias && c.o_bias && c.attention_sinks && c.router_bias && c.expert_bias,
+          "gpt_oss: attention_bias covers q, k, v and o; sinks; router and expert biases");
+    CHECK(c.router == ROUTER_TOPK_SOFTMAX && c.aux == AUX_GLOBAL && c.clamped_swiglu &&
+              c.swiglu_alpha == 1.702 && c.swiglu_limit == 7.0 && c.router_aux_loss_coef == 0.001,
+          "gpt_oss router and activation");
+    CHECK(c.sliding_window == 128 && c.is_sliding[0] && !c.is_sliding[1] && c.is_sliding[2],
+          "gpt_oss: window 128 on the even layers");
+    CHECK(c.rope.type == ROPE_YARN && c.rope.factor == 32.0 && c.rope.theta == 150000.0 &&
+              !c.rope.truncate && c.rope.original_max_position_embeddings == 4096 &&
+              c.rope.beta_fast == 32.0 && c.rope.beta_slow == 1.0,
+          "gpt_oss default rope: yarn, factor 32, theta 150000, truncate false");
+    CHECK(fabs(c.rope.attention_scaling - (0.1 * log(32.0) + 1.0)) < 1e-12, "yarn mscale");
+    CHECK(c.is_moe[0] && c.is_moe[1] && c.is_moe[2] && !c.quantization.mxfp4, "every layer MoE");
+
+    const char *given =
+        "{\"model_type\": \"gpt_oss\", \"hidden_size\": 32, \"num_hidden_layers\": 2,\n"
+        " \"num_attention_heads\": 4, \"num_key_value_heads\": 2, \"head_dim\": null,\n"
+        " \"vocab_size\": 50, \"intermediate_size\": 16, \"num_experts\": 4,\n"
+        " \"num_experts_per_tok\": 2, \"sliding_window\": 4, \"attention_bias\": false,\n"
+        " \"layer_types\": [\"full_attention\", \"sliding_attention\"],\n"
+        " \"swiglu_alpha\": 1.5, \"swiglu_limit\": 3.0,\n"
+        " \"rope_parameters\": {\"rope_type\": \"yarn\", \"factor\": 4.0, \"rope_theta\": 1000.0,\n"
+        "   \"original_max_position_embeddings\": 64},\n"
+        " \"quantization_config\": {\"quant_method\": \"mxfp4\", \"modules_to_not_convert\": []}}\n";
+    CHECK(load_text(given, &c, err, sizeof err) == 0, "gpt_oss: %s", err);
+    CHECK(c.head_dim == 8 && c.num_kv_heads == 2 && !c.qkv_bias && !c.o_bias,
+          "gpt_oss: null head_dim is hidden / heads (%d); attention_bias false", c.head_dim);
+    CHECK(c.sliding_window == 4 && !c.is_sliding[0] && c.is_sliding[1], "gpt_oss layer_types");
+    CHECK(c.swiglu_alpha == 1.5 && c.swiglu_limit == 3.0, "gpt_oss swiglu keys");
+    CHECK(c.rope.type == ROPE_YARN && c.rope.factor == 4.0 && c.rope.theta == 1000.0 &&
+              c.rope.truncate && c.rope.original_max_position_embeddings == 64,
+          "gpt_oss: a given rope dict as any other (truncate true when absent)");
+    CHECK(c.quantization.mxfp4 && !c.quantization.fp8, "mxfp4 quantization_config");
+    CHECK(hfconfig_write(tmpdir, &c, err, sizeof err) != 0 &&
+              contains(err, "writing a gpt_oss config.json is not supported yet"),
+          "writing gpt_oss refused by name: %s", err);
+}
+
 static void test_round_trips(void)
 {
     round_trip(config_dir(qwen2_v5), "qwen2_moe v5");
@@ -747,7 +803,11 @@ static void test_golden(const char *golden)
         /* fixture directories are named after their family (init_qwen2_moe included) */
         CHECK(strstr(e->d_name, c.model_type) != NULL, "fixture %s: model_type %s", e->d_name,
               c.model_type);
-        round_trip(dir, e->d_name);
+        if (c.family == HF_GPT_OSS) /* esft does not write gpt_oss configs (yet) */
+            CHECK(hfconfig_write(tmpdir, &c, err, sizeof err) != 0 && contains(err, "gpt_oss"),
+                  "fixture %s: writing gpt_oss refused by name: %s", dir, err);
+        else
+            round_trip(dir, e->d_name);
 
         struct st_checkpoint *ck = st_checkpoint_open(dir, err, sizeof err);
         CHECK(ck != NULL, "fixture %s: %s", dir, err);
@@ -779,8 +839,9 @@ static void test_golden(const char *golden)
                       "fixture %s: %s", dir, err);
             }
             snprintf(name, sizeof name,
-                     c.family == HF_MIXTRAL ? "model.layers.%d.block_sparse_moe.gate.weight"
-                                            : "model.layers.%d.mlp.gate.weight",
+                     c.family == HF_MIXTRAL   ? "model.layers.%d.block_sparse_moe.gate.weight"
+                     : c.family == HF_GPT_OSS ? "model.layers.%d.mlp.router.weight"
+                                              : "model.layers.%d.mlp.gate.weight",
                      l);
             t = st_find(ck, name);
             CHECK((t != NULL) == (c.is_moe[l] != 0), "fixture %s: layer %d is_moe %d, router %s",
@@ -811,6 +872,7 @@ int main(int argc, char **argv)
     test_mixtral();
     test_bad_configs();
     test_deepseek_glm();
+    test_gpt_oss();
     test_round_trips();
 
     char golden[1024];

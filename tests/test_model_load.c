@@ -428,7 +428,7 @@ int main(int argc, char **argv)
     char *other = xstrdup(config);
     at = strstr(other, "\"model_type\": \"qwen3_moe\"");
     CHECK(at != NULL, "fixture config names its model_type");
-    const char *replacement = "\"model_type\": \"gpt_oss\", \"x\": \"";
+    const char *replacement = "\"model_type\": \"grok\", \"x\": \"";
     if (at) {
         char *text = xmalloc(strlen(other) + 64);
         size_t head = (size_t)(at - other);
@@ -439,7 +439,7 @@ int main(int argc, char **argv)
         other = text;
     }
     make_variant("family", other, NULL, dir);
-    expect_failure(dir, "unsupported family", "gpt_oss", "not supported");
+    expect_failure(dir, "unsupported family", "grok", "unknown model_type");
     free(other);
 
     test_fp8(golden);
