@@ -334,14 +334,17 @@ static void test_rope(const struct backend *ops)
 
 /* ---- attention ------------------------------------------------------------------------- */
 
-/* q, k [., Dh] per head; v, out [., Dv] per head (MLA: Dv != Dh) */
+/* q, k [., Dh] per head; v, out [., Dv] per head (MLA: Dv != Dh); gpt_oss's sliding
+ * window (0: none) and per-head sinks (NULL: none) */
 static struct {
-    int N, nH, nKV, Dh, Dv;
-    double scale, *q, *k, *v, *g;
+    int N, nH, nKV, Dh, Dv, window;
+    double scale, *q, *k, *v, *g, *sinks;
     const int32_t *starts;
 } att;
 
-/* sum over queries i of [i0, i1) and query heads [h0, h1) of <g_i, out_i> */
+/* sum over queries i of [i0, i1) and query heads [h0, h1) of <g_i, out_i>; written from
+ * transformers' masks (query i sees keys j of its sample with i - window < j <= i) and
+ * gpt_oss's eager_attention_forward (the sink a softmax column of its own, dropped) */
 static double attention_loss_region(int i0, int i1, int h0, int h1)
 {
     int group = att.nH / att.nKV, Dh = att.Dh, Dv = att.Dv;
@@ -350,17 +353,20 @@ static double attention_loss_region(int i0, int i1, int h0, int h1)
         for (int h = h0; h < h1; h++) {
             int kv = h / group;
             const double *qi = att.q + ((size_t)i * att.nH + h) * Dh;
-            double max = -INFINITY, sum = 0;
-            for (int j = att.starts[i]; j <= i; j++) {
+            double max = att.sinks ? att.sinks[h] : -INFINITY, sum = 0;
+            int first = att.starts[i];
+            if (att.window && i - att.window + 1 > first) first = i - att.window + 1;
+            for (int j = first; j <= i; j++) {
                 double s = 0;
                 for (int d = 0; d < Dh; d++)
                     s += qi[d] * att.k[((size_t)j * att.nKV + kv) * Dh + d];
                 p[j] = s * att.scale;
                 max = fmax(max, p[j]);
             }
-            for (int j = att.starts[i]; j <= i; j++) sum += p[j] = exp(p[j] - max);
+            for (int j = first; j <= i; j++) sum += p[j] = exp(p[j] - max);
+            if (att.sinks) sum += exp(att.sinks[h] - max);
             const double *gi = att.g + ((size_t)i * att.nH + h) * Dv;
-            for (int j = att.starts[i]; j <= i; j++)
+            for (int j = first; j <= i; j++)
                 for (int d = 0; d < Dv; d++)
                     loss += gi[d] * p[j] / sum * att.v[((size_t)j * att.nKV + kv) * Dv + d];
         }
@@ -370,6 +376,7 @@ static double attention_loss_region(int i0, int i1, int h0, int h1)
 
 static double attention_loss(int tensor, size_t index)
 {
+    if (tensor == 3) return attention_loss_region(0, att.N, (int)index, (int)index + 1); /* a sink */
     int group = att.nH / att.nKV;
     if (tensor == 0) { /* q of one token and head: that query only */
         int i = (int)(index / ((size_t)att.nH * att.Dh)), h = (int)(index / att.Dh % att.nH);
@@ -383,8 +390,9 @@ static double attention_loss(int tensor, size_t index)
     return attention_loss_region(j, end, c * group, (c + 1) * group);
 }
 
+/* window 0: none; sinks: gpt_oss's per-head sink logits, with their gradient */
 static void test_attention_case(const struct backend *ops, const char *op, int nH, int nKV, int Dh,
-                                int Dv)
+                                int Dv, int window, bool sinks)
 {
     enum { N = 104 };
     const int lengths[3] = {70, 1, 33};
@@ -396,35 +404,63 @@ static void test_attention_case(const struct backend *ops, const char *op, int n
     float *q = random_array(nq, 1.0), *k = random_array(nk, 1.0), *v = random_array(nv, 1.0);
     float *g = random_array(nout, 1.0), *out = xmalloc(nout * sizeof(float));
     float scale = 1.0f / sqrtf((float)Dh);
-    struct attention_mask mask = {.sample_start = starts};
+    /* sinks around the scores' size, one far above them (its row max is the sink) */
+    float *sink = sinks ? random_array((size_t)nH, 1.5) : NULL;
+    if (sink) sink[nH - 1] = 6.0f;
+    struct attention_mask mask = {.sample_start = starts, .window = window, .sinks = sink};
     ops->attention(out, q, k, v, &mask, N, nH, nKV, Dh, Dv, scale);
-    float *dq[2], *dk[2], *dv[2];
+    float *dq[2], *dk[2], *dv[2], *dsink[2] = {NULL, NULL};
     for (int pass = 0; pass < 2; pass++) {
         omp_set_num_threads(pass ? 3 : 1);
         dq[pass] = filled(nq, 7.0f), dk[pass] = filled(nk, 7.0f), dv[pass] = filled(nv, 7.0f);
+        mask.dsinks = sinks ? dsink[pass] = filled((size_t)nH, 7.0f) : NULL; /* added to */
         ops->attention_backward(dq[pass], dk[pass], dv[pass], g, q, k, v, out, &mask, N, nH, nKV,
                                 Dh, Dv, scale);
     }
     check_threads(op, "dq", dq[0], dq[1], nq);
     check_threads(op, "dk", dk[0], dk[1], nk);
     check_threads(op, "dv", dv[0], dv[1], nv);
+    if (sinks) check_threads(op, "dsinks", dsink[0], dsink[1], (size_t)nH);
     att.N = N, att.nH = nH, att.nKV = nKV, att.Dh = Dh, att.Dv = Dv, att.scale = scale;
-    att.starts = starts;
+    att.starts = starts, att.window = window;
     att.q = to_double(q, nq), att.k = to_double(k, nk), att.v = to_double(v, nv);
-    att.g = to_double(g, nout);
+    att.g = to_double(g, nout), att.sinks = sinks ? to_double(sink, (size_t)nH) : NULL;
     report(op, "dq", fd_error(attention_loss, 0, att.q, nq, dq[0], NULL));
     report(op, "dk", fd_error(attention_loss, 1, att.k, nk, dk[0], NULL));
     report(op, "dv", fd_error(attention_loss, 2, att.v, nv, dv[0], NULL));
-    for (int pass = 0; pass < 2; pass++) free(dq[pass]), free(dk[pass]), free(dv[pass]);
-    free(q), free(k), free(v), free(g), free(out);
-    free(att.q), free(att.k), free(att.v), free(att.g);
+    if (sinks) {
+        float *base = filled((size_t)nH, 7.0f);
+        report(op, "dsinks", fd_error(attention_loss, 3, att.sinks, (size_t)nH, dsink[0], base));
+        free(base);
+    }
+    for (int pass = 0; pass < 2; pass++)
+        free(dq[pass]), free(dk[pass]), free(dv[pass]), free(dsink[pass]);
+    free(q), free(k), free(v), free(g), free(out), free(sink);
+    free(att.q), free(att.k), free(att.v), free(att.g), free(att.sinks);
+    att.window = 0, att.sinks = NULL;
 }
 
 static void test_attention(const struct backend *ops)
 {
-    test_attention_case(ops, "attention_backward", 6, 2, 10, 10);
+    test_attention_case(ops, "attention_backward", 6, 2, 10, 10, 0, false);
     /* MLA's shape: as many KV heads as query heads, values narrower than the keys */
-    test_attention_case(ops, "attention_backward Dv 6 != Dh 10", 3, 3, 10, 6);
+    test_attention_case(ops, "attention_backward Dv 6 != Dh 10", 3, 3, 10, 6, 0, false);
+}
+
+/* gpt_oss: sliding windows (1: a token sees itself only; 5 and 20: bands that start past
+ * key 0 in the second 64-query block of the 70-token sample; 67: a band wider than a
+ * query block; 200: wider than every sample) and sinks, alone and together; GQA */
+static void test_attention_gpt_oss(const struct backend *ops)
+{
+    const int windows[5] = {1, 5, 20, 67, 200};
+    char op[64];
+    for (int w = 0; w < 5; w++) {
+        snprintf(op, sizeof op, "attention_backward window %d", windows[w]);
+        test_attention_case(ops, op, 6, 2, 10, 10, windows[w], false);
+        snprintf(op, sizeof op, "attention_backward w %d+sinks", windows[w]);
+        test_attention_case(ops, op, 6, 2, 10, 10, windows[w], true);
+    }
+    test_attention_case(ops, "attention_backward sinks", 6, 2, 10, 10, 0, true);
 }
 
 /* ---- router ---------------------------------------------------------------------------- */
@@ -874,6 +910,106 @@ static void test_embedding(const struct backend *ops)
     free(emb.g);
 }
 
+/* ---- gpt_oss's clamped GLU and per-expert biases ---------------------------------------- */
+
+enum { GC_COUNT = 301 };
+static const double GC_ALPHA = 1.702, GC_LIMIT = 7.0;
+
+static struct {
+    double *gate, *up, *g;
+} gc;
+
+/* g_i h_i for one element, h = (clamp(up) + 1) min(gate, limit) sigmoid(alpha min(gate,
+ * limit)) (transformers' GptOssExperts._apply_gate) */
+static double glu_clamped_loss(int tensor, size_t i)
+{
+    (void)tensor;
+    double g = fmin(gc.gate[i], GC_LIMIT), u = fmax(fmin(gc.up[i], GC_LIMIT), -GC_LIMIT);
+    return gc.g[i] * (u + 1) * g / (1 + exp(-GC_ALPHA * g));
+}
+
+/* inputs on both sides of every clamp (|x| up to about 20 against the limit 7), and at
+ * the bounds exactly, where torch.clamp passes the gradient */
+static void test_glu_clamped(const struct backend *ops)
+{
+    const char *op = "glu_clamped_backward";
+    float *gate = random_array(GC_COUNT, 8.0), *up = random_array(GC_COUNT, 8.0);
+    float *g = random_array(GC_COUNT, 1.0), *dgate[2], *dup[2];
+    float alpha = (float)GC_ALPHA, limit = (float)GC_LIMIT;
+    gate[0] = limit, up[1] = limit, up[2] = -limit, gate[3] = 2 * limit, up[4] = -2 * limit;
+    for (int pass = 0; pass < 2; pass++) {
+        omp_set_num_threads(pass ? 3 : 1);
+        dgate[pass] = filled(GC_COUNT, 7.0f), dup[pass] = filled(GC_COUNT, 7.0f);
+        ops->glu_clamped_backward(dgate[pass], dup[pass], g, gate, up, GC_COUNT, alpha, limit);
+    }
+    check_threads(op, "dgate", dgate[0], dgate[1], GC_COUNT);
+    check_threads(op, "dup", dup[0], dup[1], GC_COUNT);
+    int clamped_gate = 0, clamped_up = 0, wrong_zero = 0, wrong_bound = 0;
+    for (int i = 0; i < GC_COUNT; i++) {
+        clamped_gate += gate[i] > limit, clamped_up += fabsf(up[i]) > limit;
+        wrong_zero += (gate[i] > limit && dgate[0][i] != 0) || (fabsf(up[i]) > limit && dup[0][i] != 0);
+    }
+    /* at a bound: the one-sided derivative from inside, as torch passes it */
+    float s = 1.0f / (1.0f + expf(-alpha * limit));
+    double want_dgate0 = g[0] * (fmax(fmin(up[0], limit), -limit) + 1) *
+                         (s + alpha * limit * s * (1 - s));
+    double want_dup1 = g[1] * fmin(gate[1], limit) / (1 + exp(-GC_ALPHA * fmin(gate[1], limit)));
+    wrong_bound += !check_close(dgate[0][0], want_dgate0, 1e-5, 1e-6);
+    wrong_bound += !check_close(dup[0][1], want_dup1, 1e-5, 1e-6);
+    wrong_bound += dup[0][2] == 0.0f && gate[2] != 0.0f;
+    CHECK(clamped_gate > 10 && clamped_up > 10, "only %d gates and %d ups past the limit",
+          clamped_gate, clamped_up);
+    CHECK(wrong_zero == 0, "%s: %d gradients through a biting clamp not 0", op, wrong_zero);
+    CHECK(wrong_bound == 0, "%s: %d gradients at a bound wrong", op, wrong_bound);
+    printf("%-28s clamped: %d gates, %d ups of %d; gradients there 0, at the bounds passed\n", op,
+           clamped_gate, clamped_up, GC_COUNT);
+    /* finite differences away from the kinks (a difference across one is meaningless) */
+    gc.gate = to_double(gate, GC_COUNT), gc.up = to_double(up, GC_COUNT), gc.g = to_double(g, GC_COUNT);
+    for (int i = 0; i < GC_COUNT; i++) {
+        if (fabs(fabs(gc.gate[i]) - GC_LIMIT) < 1e-2) gc.gate[i] = gate[i] = 0.5f;
+        if (fabs(fabs(gc.up[i]) - GC_LIMIT) < 1e-2) gc.up[i] = up[i] = -0.5f;
+    }
+    ops->glu_clamped_backward(dgate[0], dup[0], g, gate, up, GC_COUNT, alpha, limit);
+    report(op, "dgate", fd_error(glu_clamped_loss, 0, gc.gate, GC_COUNT, dgate[0], NULL));
+    report(op, "dup", fd_error(glu_clamped_loss, 1, gc.up, GC_COUNT, dup[0], NULL));
+    for (int pass = 0; pass < 2; pass++) free(dgate[pass]), free(dup[pass]);
+    free(gate), free(up), free(g), free(gc.gate), free(gc.up), free(gc.g);
+}
+
+/* grouped_bias_backward against a naive double sum: experts holding 0, 70, 1 and 300 rows
+ * (more than a partial-sum chunk), O wider than one column block, one expert frozen;
+ * added to the buffers; the same bits on 1 and 3 threads */
+static void test_grouped_bias(const struct backend *ops)
+{
+    enum { E = 4, O = 300 };
+    const char *op = "grouped_bias_backward";
+    const int32_t offsets[E + 1] = {0, 0, 70, 71, 371};
+    int M = offsets[E], frozen = 2;
+    float *dy = random_array((size_t)M * O, 1.0), *base = random_array((size_t)E * O, 1.0);
+    float *buffer[2], *dbias[2][E];
+    for (int pass = 0; pass < 2; pass++) {
+        omp_set_num_threads(pass ? 3 : 1);
+        buffer[pass] = copy_of(base, (size_t)E * O);
+        for (int e = 0; e < E; e++) dbias[pass][e] = e == frozen ? NULL : buffer[pass] + (size_t)e * O;
+        ops->grouped_bias_backward(dbias[pass], dy, offsets, E, O);
+    }
+    check_threads(op, "dbias", buffer[0], buffer[1], (size_t)E * O);
+    double diff = 0, scale = 0;
+    for (int e = 0; e < E; e++)
+        for (int o = 0; o < O; o++) {
+            double want = base[e * O + o];
+            if (e != frozen)
+                for (int r = offsets[e]; r < offsets[e + 1]; r++) want += dy[(size_t)r * O + o];
+            diff = fmax(diff, fabs(buffer[0][e * O + o] - want));
+            scale = fmax(scale, fabs(want));
+        }
+    report(op, "dbias", diff / scale);
+    check_same(op, "frozen expert's buffer", buffer[0] + frozen * O, base + frozen * O,
+               O * sizeof(float));
+    for (int pass = 0; pass < 2; pass++) free(buffer[pass]);
+    free(dy), free(base);
+}
+
 int main(int argc, char **argv)
 {
     MPI_Init(&argc, &argv);
@@ -891,6 +1027,9 @@ int main(int argc, char **argv)
     test_clamp(ops);
     test_cross_entropy(ops);
     test_embedding(ops);
+    test_attention_gpt_oss(ops);
+    test_glu_clamped(ops);
+    test_grouped_bias(ops);
     int status = check_done("test_cpu_backward");
     MPI_Finalize();
     return status;

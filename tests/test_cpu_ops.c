@@ -437,6 +437,113 @@ static void test_thread_independence(const struct backend *ops)
     }
 }
 
+/* ---- gpt_oss: sliding windows, sinks, the clamped GLU, per-expert biases ----------------
+ * The references are written from transformers 5.24: masking_utils' sliding window (query
+ * i sees keys j with i - window < j <= i, with the causal mask), gpt_oss's
+ * eager_attention_forward (the sink a softmax column of its own, in the row max, dropped
+ * after the softmax) and GptOssExperts._apply_gate. */
+
+static void test_attention_window_sinks_case(const struct backend *ops, int window, bool sinks)
+{
+    enum { N = 292, nH = 6, nKV = 2, Dh = 10 };
+    const int lengths[4] = {150, 64, 1, 77};
+    int32_t starts[N];
+    for (int s = 0, at = 0; s < 4; at += lengths[s++])
+        for (int i = 0; i < lengths[s]; i++) starts[at + i] = at;
+    float *q = random_array((size_t)N * nH * Dh, 1.0), *k = random_array((size_t)N * nKV * Dh, 1.0);
+    float *v = random_array((size_t)N * nKV * Dh, 1.0), *sink = random_array(nH, 2.0);
+    sink[0] = 8.0f; /* above every score: the row max is the sink */
+    float *out = xcalloc((size_t)N * nH * Dh, sizeof(float));
+    double *ref = xcalloc((size_t)N * nH * Dh, sizeof(double));
+    float scale = 1.0f / sqrtf((float)Dh);
+    struct attention_mask mask = {.sample_start = starts, .window = window,
+                                  .sinks = sinks ? sink : NULL};
+    ops->attention(out, q, k, v, &mask, N, nH, nKV, Dh, Dh, scale);
+    double p[N];
+    for (int i = 0; i < N; i++)
+        for (int h = 0; h < nH; h++) {
+            int kv = h / (nH / nKV);
+            double max = sinks ? sink[h] : -INFINITY, sum = 0;
+            for (int j = starts[i]; j <= i; j++) {
+                if (window && !(j - starts[i] > (i - starts[i]) - window)) continue;
+                double s = 0;
+                for (int d = 0; d < Dh; d++) s += (double)q[(i * nH + h) * Dh + d] * k[(j * nKV + kv) * Dh + d];
+                p[j] = s * scale;
+                max = fmax(max, p[j]);
+            }
+            for (int j = starts[i]; j <= i; j++)
+                if (!window || j - starts[i] > (i - starts[i]) - window) sum += p[j] = exp(p[j] - max);
+            if (sinks) sum += exp(sink[h] - max);
+            for (int j = starts[i]; j <= i; j++)
+                if (!window || j - starts[i] > (i - starts[i]) - window)
+                    for (int d = 0; d < Dh; d++)
+                        ref[(i * nH + h) * Dh + d] += p[j] / sum * v[(j * nKV + kv) * Dh + d];
+        }
+    double err = max_relative(out, ref, (size_t)N * nH * Dh);
+    CHECK(err < 1e-5, "attention window %d sinks %d: relative error %.3g", window, sinks, err);
+    printf("attention (packed 150+64+1+77, heads 6/2, window %d%s): max relative error %.2e\n",
+           window, sinks ? ", sinks" : "", err);
+    /* a window as wide as the longest sample changes nothing, bit for bit */
+    if (window >= 150 && !sinks) {
+        float *plain = xmalloc((size_t)N * nH * Dh * sizeof(float));
+        struct attention_mask none = {.sample_start = starts};
+        ops->attention(plain, q, k, v, &none, N, nH, nKV, Dh, Dh, scale);
+        CHECK(memcmp(plain, out, (size_t)N * nH * Dh * sizeof(float)) == 0,
+              "attention with window %d differs from none", window);
+        free(plain);
+    }
+    free(q), free(k), free(v), free(sink), free(out), free(ref);
+}
+
+static void test_attention_window_sinks(const struct backend *ops)
+{
+    const int windows[6] = {0, 1, 7, 64, 100, 150};
+    for (int w = 0; w < 6; w++)
+        for (int sinks = 0; sinks < 2; sinks++)
+            if (windows[w] || sinks) test_attention_window_sinks_case(ops, windows[w], sinks);
+    test_attention_window_sinks_case(ops, 1000, false);
+}
+
+static void test_glu_clamped(const struct backend *ops)
+{
+    enum { count = 1001 };
+    const float alpha = 1.702f, limit = 7.0f;
+    float *gate = random_array(count, 8.0), *up = random_array(count, 8.0);
+    float *h = xmalloc(count * sizeof(float));
+    gate[0] = limit, up[1] = limit, up[2] = -limit;
+    ops->glu_clamped(h, gate, up, count, alpha, limit);
+    double err = 0;
+    int clamped = 0;
+    for (int i = 0; i < count; i++) {
+        double g = fmin(gate[i], limit), u = fmax(fmin(up[i], limit), -limit);
+        double want = (u + 1) * g / (1 + exp(-alpha * g));
+        err = fmax(err, fabs(h[i] - want) / fmax(fabs(want), 1.0));
+        clamped += gate[i] > limit || fabsf(up[i]) > limit;
+    }
+    CHECK(err < 1e-6, "glu_clamped: relative error %.3g", err);
+    CHECK(clamped > 100, "glu_clamped: only %d inputs past a clamp", clamped);
+    printf("glu_clamped (%d of %d elements clamped): max relative error %.2e\n", clamped, count,
+           err);
+    free(gate), free(up), free(h);
+}
+
+static void test_grouped_bias(const struct backend *ops)
+{
+    enum { E = 5, O = 29 };
+    const int32_t offsets[E + 1] = {0, 0, 130, 131, 195, 395};
+    int M = offsets[E];
+    float *y = random_array((size_t)M * O, 1.0), *bias = random_array((size_t)E * O, 1.0);
+    float *before = xmalloc((size_t)M * O * sizeof(float));
+    memcpy(before, y, (size_t)M * O * sizeof(float));
+    ops->grouped_bias(y, bias, offsets, E, O);
+    int wrong = 0;
+    for (int e = 0; e < E; e++)
+        for (int r = offsets[e]; r < offsets[e + 1]; r++)
+            for (int o = 0; o < O; o++) wrong += y[r * O + o] != before[r * O + o] + bias[e * O + o];
+    CHECK(wrong == 0, "grouped_bias: %d elements wrong", wrong);
+    free(y), free(bias), free(before);
+}
+
 int main(int argc, char **argv)
 {
     MPI_Init(&argc, &argv);
@@ -451,6 +558,9 @@ int main(int argc, char **argv)
     test_router(ops);
     test_grouped_routers(ops);
     test_thread_independence(ops);
+    test_attention_window_sinks(ops);
+    test_glu_clamped(ops);
+    test_grouped_bias(ops);
     int status = check_done("test_cpu_ops");
     MPI_Finalize();
     return status;

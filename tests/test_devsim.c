@@ -158,6 +158,92 @@ static void check_router_ops(void)
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) sim->release(buffers[i]);
 }
 
+/* A simulator buffer holding a copy of host[count] (released by the caller). */
+static float *on_sim(const struct backend *sim, const float *host, size_t count)
+{
+    float *d = sim->alloc(count * sizeof(float));
+    sim->upload(d, host, count * sizeof(float));
+    return d;
+}
+
+/* The simulator's result of count floats equals the CPU's, bit for bit. */
+static bool sim_equal(const struct backend *sim, const float *d, const float *cpu_result,
+                      size_t count)
+{
+    float *host = xmalloc(count * sizeof(float));
+    sim->download(host, d, count * sizeof(float));
+    bool same = memcmp(host, cpu_result, count * sizeof(float)) == 0;
+    free(host);
+    return same;
+}
+
+/* gpt_oss's ops on the simulator equal the CPU backend's bits (the fixtures do not reach
+ * them yet): attention with a sliding window and sinks, forward and backward with d sinks
+ * (its sinks, d sinks and sample starts simulator buffers); the clamped GLU; the
+ * per-expert bias with a frozen expert. */
+static void check_gpt_oss_ops(void)
+{
+    enum { N = 90, nH = 4, nKV = 2, Dh = 8, E = 3, O = 70 };
+    const struct backend *cpu = backend_cpu(), *sim = backend_devsim();
+    struct rng rng;
+    rng_seed(&rng, 11);
+    size_t nq = (size_t)N * nH * Dh, nk = (size_t)N * nKV * Dh, n_all = nq + 2 * nk + nq + nH;
+    float *x = xmalloc(n_all * sizeof(float)); /* q, k, v, dout, sinks */
+    for (size_t i = 0; i < n_all; i++) x[i] = (float)(2.0 * rng_normal(&rng));
+    float *q = x, *k = q + nq, *v = k + nk, *dout = v + nk, *sinks = dout + nq;
+    static int32_t starts[N];
+    for (int i = 0; i < N; i++) starts[i] = i < 70 ? 0 : 70; /* samples of 70 and 20 */
+    static float out[N * nH * Dh], dq[N * nH * Dh], dk[N * nKV * Dh], dv[N * nKV * Dh], ds[nH];
+    struct attention_mask mask = {.sample_start = starts, .window = 5, .sinks = sinks, .dsinks = ds};
+    cpu->attention(out, q, k, v, &mask, N, nH, nKV, Dh, Dh, 0.35f);
+    cpu->attention_backward(dq, dk, dv, dout, q, k, v, out, &mask, N, nH, nKV, Dh, Dh, 0.35f);
+    float *d_x = on_sim(sim, x, n_all), *d_out = sim->alloc(sizeof out);
+    float *d_dq = sim->alloc(sizeof dq), *d_dk = sim->alloc(sizeof dk), *d_dv = sim->alloc(sizeof dv);
+    float *d_ds = sim->alloc(sizeof ds);
+    int32_t *d_starts = sim->alloc(sizeof starts);
+    sim->upload(d_starts, starts, sizeof starts);
+    struct attention_mask d_mask = {.sample_start = d_starts, .window = 5,
+                                    .sinks = d_x + (sinks - x), .dsinks = d_ds};
+    sim->attention(d_out, d_x, d_x + (k - x), d_x + (v - x), &d_mask, N, nH, nKV, Dh, Dh, 0.35f);
+    sim->attention_backward(d_dq, d_dk, d_dv, d_x + (dout - x), d_x, d_x + (k - x), d_x + (v - x),
+                            d_out, &d_mask, N, nH, nKV, Dh, Dh, 0.35f);
+    CHECK(sim_equal(sim, d_out, out, nq) && sim_equal(sim, d_dq, dq, nq) &&
+              sim_equal(sim, d_dk, dk, nk) && sim_equal(sim, d_dv, dv, nk) &&
+              sim_equal(sim, d_ds, ds, nH),
+          "attention with a window and sinks: the simulator differs from the CPU");
+    /* the clamped GLU on q and k's first nk values as gate and up, dout as dh */
+    static float h[N * nKV * Dh], dgate[N * nKV * Dh], dup[N * nKV * Dh];
+    cpu->glu_clamped(h, q, k, nk, 1.702f, 3.0f);
+    cpu->glu_clamped_backward(dgate, dup, dout, q, k, nk, 1.702f, 3.0f);
+    float *d_h = sim->alloc(sizeof h), *d_dgate = sim->alloc(sizeof dgate), *d_dup = sim->alloc(sizeof dup);
+    sim->glu_clamped(d_h, d_x, d_x + (k - x), nk, 1.702f, 3.0f);
+    sim->glu_clamped_backward(d_dgate, d_dup, d_x + (dout - x), d_x, d_x + (k - x), nk, 1.702f, 3.0f);
+    CHECK(sim_equal(sim, d_h, h, nk) && sim_equal(sim, d_dgate, dgate, nk) &&
+              sim_equal(sim, d_dup, dup, nk),
+          "glu_clamped: the simulator differs from the CPU");
+    /* per-expert biases on y[40, O] (q's first values): experts of 10, 1 and 29 rows, the
+     * second frozen; k's first values as the biases, dout's as dy */
+    const int32_t offsets[E + 1] = {0, 10, 11, 40};
+    static float y[40 * O], dbias[E * O];
+    memcpy(y, q, sizeof y);
+    float *dbias_of[E] = {dbias, NULL, dbias + 2 * O}, *d_dbias = sim->alloc(sizeof dbias);
+    float *d_dbias_of[E] = {d_dbias, NULL, d_dbias + 2 * O}, *d_y = on_sim(sim, y, 40 * O);
+    int32_t *d_offsets = sim->alloc(sizeof offsets);
+    sim->upload(d_offsets, offsets, sizeof offsets);
+    cpu->grouped_bias(y, k, offsets, E, O);
+    cpu->grouped_bias_backward(dbias_of, dout, offsets, E, O);
+    sim->grouped_bias(d_y, d_x + (k - x), d_offsets, E, O);
+    sim->grouped_bias_backward(d_dbias_of, d_x + (dout - x), d_offsets, E, O);
+    CHECK(sim_equal(sim, d_y, y, 40 * O) && sim_equal(sim, d_dbias, dbias, E * O),
+          "grouped_bias: the simulator differs from the CPU");
+    printf("gpt_oss ops (attention window 5 + sinks, glu_clamped, grouped_bias; forward and "
+           "backward): simulator = CPU bit for bit\n");
+    void *buffers[] = {d_x, d_out, d_dq, d_dk, d_dv, d_ds, d_starts, d_h, d_dgate, d_dup,
+                       d_dbias, d_y, d_offsets};
+    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) sim->release(buffers[i]);
+    free(x);
+}
+
 /* What one backend computes on a fixture: forward results and both kinds of gradient. */
 struct outcome {
     double loss_sum, aux;
@@ -285,6 +371,7 @@ int main(int argc, char **argv)
     check_faults();
     MPI_Init(&argc, &argv);
     check_router_ops();
+    check_gpt_oss_ops();
     const char *golden = argc > 1 ? argv[1] : "tests/golden";
     int fixtures = fixture_each(golden, "expected.safetensors", check_fixture, NULL);
     CHECK(fixtures >= 7, "found %d fixtures", fixtures);
