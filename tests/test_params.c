@@ -24,6 +24,44 @@
 #include "model.h"
 #include "safetensors.h"
 
+/* gpt_oss's routed experts are stored fused (transformers 5.24 GptOssExperts):
+ * mlp.experts.gate_up_proj and its _bias hold each expert's gate and up, down_proj and its
+ * _bias its down; an MXFP4 checkpoint stores the two matrices as _blocks (beside _scales,
+ * which are no entry of their own). How many table entries a checkpoint tensor stands for
+ * (0 for the scales), and the fused tensor that holds table entry p (NULL: none). */
+static int fused_entries(const struct model_config *c, const char *tensor)
+{
+    int layer, n = 0;
+    char rest[64] = "";
+    if (c->family != HF_GPT_OSS ||
+        sscanf(tensor, "model.layers.%d.mlp.experts.%63s%n", &layer, rest, &n) != 2)
+        return 1;
+    if (strcmp(rest, "gate_up_proj") == 0 || strcmp(rest, "gate_up_proj_bias") == 0 ||
+        strcmp(rest, "gate_up_proj_blocks") == 0)
+        return 2 * c->num_experts;
+    if (strcmp(rest, "down_proj") == 0 || strcmp(rest, "down_proj_bias") == 0 ||
+        strcmp(rest, "down_proj_blocks") == 0)
+        return c->num_experts;
+    if (strcmp(rest, "gate_up_proj_scales") == 0 || strcmp(rest, "down_proj_scales") == 0)
+        return 0;
+    return 1;
+}
+
+static const struct st_tensor *fused_origin(const struct model_config *c,
+                                            const struct st_checkpoint *ckpt,
+                                            const struct param *p)
+{
+    if (c->family != HF_GPT_OSS || p->kind != PARAM_EXPERT) return NULL;
+    char fused[PARAM_NAME_MAX + 32];
+    const char *matrix = p->part == MLP_DOWN ? "down_proj" : "gate_up_proj";
+    snprintf(fused, sizeof fused, "model.layers.%d.mlp.experts.%s%s", p->layer, matrix,
+             p->rank == 1 ? "_bias" : "");
+    const struct st_tensor *t = st_find(ckpt, fused);
+    if (t || p->rank == 1) return t;
+    snprintf(fused, sizeof fused, "model.layers.%d.mlp.experts.%s_blocks", p->layer, matrix);
+    return st_find(ckpt, fused);
+}
+
 static void check_against_checkpoint(const char *dir, const char *name)
 {
     char err[1024];
@@ -43,7 +81,7 @@ static void check_against_checkpoint(const char *dir, const char *name)
     /* every checkpoint tensor is in the table, except fp8 scales (a <name>_scale_inv beside
      * each quantised weight) and the tensors of the multi-token-prediction layers past
      * num_hidden_layers (glm4_moe's fixture carries some; nobody reads them) */
-    int scales = 0, mtp = 0;
+    int scales = 0, mtp = 0, entries = 0;
     for (int i = 0; i < ckpt->n_tensors; i++) {
         size_t n = strlen(ckpt->tensors[i].name);
         int layer;
@@ -51,16 +89,20 @@ static void check_against_checkpoint(const char *dir, const char *name)
             mtp++;
         else if (n > 10 && strcmp(ckpt->tensors[i].name + n - 10, "_scale_inv") == 0)
             scales++;
+        else
+            entries += fused_entries(&cfg, ckpt->tensors[i].name);
     }
     CHECK(mtp == 0 || cfg.num_mtp_layers > 0, "%s: %d tensors past the last layer, and no MTP layer",
           name, mtp);
-    CHECK(m.n_params == ckpt->n_tensors - scales - mtp,
-          "%s: table has %d entries, checkpoint %d tensors (%d fp8 scales, %d of MTP layers)", name,
-          m.n_params, ckpt->n_tensors, scales, mtp);
+    CHECK(m.n_params == entries,
+          "%s: table has %d entries, checkpoint %d tensors (%d fp8 scales, %d of MTP layers; "
+          "fused experts count once per expert)", name, m.n_params, ckpt->n_tensors, scales, mtp);
     for (int i = 0; i < m.n_params; i++) {
         const struct param *p = &m.params[i];
         const struct st_tensor *t = st_find(ckpt, p->name);
-        CHECK(t != NULL, "%s: table entry %s is not in the checkpoint", name, p->name);
+        /* a fused expert's shape is the loader's to check (model_check_checkpoint, below) */
+        CHECK(t != NULL || fused_origin(&cfg, ckpt, p) != NULL,
+              "%s: table entry %s is not in the checkpoint", name, p->name);
         if (!t) continue;
         CHECK(t->rank == p->rank && t->shape[0] == p->shape[0] &&
                   (p->rank == 1 || t->shape[1] == p->shape[1]),
@@ -77,6 +119,9 @@ static void check_against_checkpoint(const char *dir, const char *name)
           (unsigned long long)table_parameters);
     model_free(&m);
     st_checkpoint_close(ckpt);
+    CHECK(model_check_checkpoint(&cfg, &one, (struct layout_coords){0, 0, 0}, dir, err,
+                                 sizeof err) == 0,
+          "%s: %s", name, err);
 
     /* every layout this model admits, up to 8 stages and 8 EP ranks */
     for (int pp = 1; pp <= 8 && pp <= cfg.num_layers; pp++)
@@ -117,6 +162,9 @@ static void check_against_checkpoint(const char *dir, const char *name)
                     const struct layer_weights *w = &mk->layers[p->layer];
                     const float *block = p->part == MLP_GATE ? w->expert_gate
                                          : p->part == MLP_UP ? w->expert_up : w->expert_down;
+                    if (p->rank == 1) /* gpt_oss's expert biases: their own blocks */
+                        block = p->part == MLP_GATE ? w->expert_gate_bias
+                                : p->part == MLP_UP ? w->expert_up_bias : w->expert_down_bias;
                     CHECK(p->data == block + (size_t)(p->expert - mk->first_expert) * p->numel,
                           "%s: pp %d ep %d: %s is not at its place in the layer's block", name,
                           pp, ep, p->name);
