@@ -996,10 +996,9 @@ static int locate_mxfp4(const struct model_config *c, const struct st_checkpoint
     const struct st_tensor *blocks = st_find(ckpt, blocks_name), *scales = st_find(ckpt, scales_name);
     int64_t E = c->num_experts;
     if (!blocks || !scales) {
-        snprintf(err, err_size, "%s: MXFP4 tensor '%s' not found (nor '%s'; %s/config.json "
-                 "quantization_config is mxfp4, which stores each fused expert matrix as "
-                 "_blocks and _scales)", ckpt->dir, blocks ? scales_name : blocks_name, fused,
-                 ckpt->dir);
+        snprintf(err, err_size, "%s: MXFP4 tensor '%s' not found (nor the unquantised '%s'; "
+                 "an MXFP4 checkpoint stores each fused expert matrix as _blocks and _scales)",
+                 ckpt->dir, blocks ? scales_name : blocks_name, fused);
         return -1;
     }
     if (!c->quantization.mxfp4) {
@@ -1024,8 +1023,8 @@ static int locate_mxfp4(const struct model_config *c, const struct st_checkpoint
     if (st_expect_shape(blocks, err, err_size, E, R, C / 32, 16) != 0 ||
         st_expect_shape(scales, err, err_size, E, R, C / 32) != 0) {
         size_t n = strlen(err);
-        snprintf(err + n, err_size - n, " (MXFP4 of the [%s] matrix: blocks [E, R, C/32, 16], "
-                 "scales [E, R, C/32]; %s of %s/config.json)", dims, dims, ckpt->dir);
+        snprintf(err + n, err_size - n, " (MXFP4 of the %s matrix of %s/config.json: blocks "
+                 "[E, R, C/32, 16], scales [E, R, C/32])", dims, ckpt->dir);
         return -1;
     }
     src->tensor = blocks;

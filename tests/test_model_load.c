@@ -297,6 +297,107 @@ static void test_fp8(const char *golden)
     st_checkpoint_close(ckpt);
 }
 
+/* ---- MXFP4 experts (the gpt_oss_mxfp4 fixture) ------------------------------------------ */
+
+/* Every routed expert matrix bit for bit as transformers' dequantisation (the fixture's
+ * dequantized.safetensors: gate_up_proj [E, H, 2I] and down_proj [E, I, H] after its
+ * transpose, bf16), read back into esft's layout (gate[i][h] = gate_up_proj[e][h][2i], up
+ * the odd columns, down[h][i] = down_proj[e][i][h]); then malformed MXFP4 tensors, each
+ * with an error naming the file, the tensor and what is wrong. */
+static void test_mxfp4(const char *golden)
+{
+    char fixture[512], path[600], err[1024];
+    snprintf(fixture, sizeof fixture, "%s/gpt_oss_mxfp4", golden);
+    struct model m;
+    int rc = load_weights(fixture, &m, err, sizeof err);
+    CHECK(rc == 0, "gpt_oss_mxfp4: %s", err);
+    snprintf(path, sizeof path, "%s/dequantized.safetensors", fixture);
+    struct st_file *reference = st_open(path, err, sizeof err);
+    CHECK(reference != NULL, "%s", err);
+    if (rc != 0 || !reference) return;
+    size_t E = (size_t)m.cfg.num_experts, I = (size_t)m.cfg.expert_intermediate_size;
+    size_t H = (size_t)m.cfg.hidden_size;
+    int compared = 0, differ = 0;
+    for (int i = 0; i < m.n_params; i++) {
+        const struct param *p = &m.params[i];
+        if (p->kind != PARAM_EXPERT || p->rank != 2) continue;
+        bool down = p->part == MLP_DOWN;
+        char name[PARAM_NAME_MAX + 64];
+        snprintf(name, sizeof name, "dequantized.model.layers.%d.mlp.experts.%s", p->layer,
+                 down ? "down_proj" : "gate_up_proj");
+        const struct st_tensor *t = st_file_find(reference, name);
+        size_t total = E * I * H * (down ? 1 : 2), e = (size_t)p->expert;
+        CHECK(t && (size_t)t->numel == total, "%s missing from the reference", name);
+        if (!t || (size_t)t->numel != total) continue;
+        float *all = xmalloc(total * sizeof(float));
+        CHECK(st_read_f32(t, all, total, err, sizeof err) == 0, "%s", err);
+        for (size_t j = 0; j < p->numel; j++) {
+            size_t r = j / (down ? I : H), c = j % (down ? I : H);
+            float want = down ? all[(e * I + c) * H + r]
+                              : all[(e * H + c) * 2 * I + 2 * r + (p->part == MLP_UP)];
+            if (memcmp(&want, &p->data[j], sizeof want) != 0 && differ++ < 5)
+                CHECK(0, "%s[%zu]: loaded %.9g, transformers %.9g", p->name, j, p->data[j], want);
+        }
+        compared++;
+        free(all);
+    }
+    CHECK(differ == 0, "gpt_oss_mxfp4: %d values differ from transformers' dequantisation", differ);
+    CHECK(compared == m.cfg.num_layers * m.cfg.num_experts * 3,
+          "gpt_oss_mxfp4: %d expert matrices compared", compared);
+    printf("gpt_oss_mxfp4: %d MXFP4 expert matrices dequantised bit for bit\n", compared);
+    model_free(&m);
+    st_close(reference);
+
+    struct st_checkpoint *ckpt = st_checkpoint_open(fixture, err, sizeof err);
+    snprintf(path, sizeof path, "%s/config.json", fixture);
+    char *config = read_text(path);
+    CHECK(ckpt && config, "%s", err);
+    if (!ckpt || !config) return;
+    char dir[512];
+    uint8_t *zeros = xcalloc(E * 2 * I * H, 1);
+
+    /* scales of the wrong shape: one exponent per row where there are H / 32 = 2 blocks */
+    const char *scales = "model.layers.0.mlp.experts.gate_up_proj_scales";
+    fp8_variant("mxfp4-scales-shape", config, ckpt, scales, scales, ST_U8, 3,
+                (int64_t[]){(int64_t)E, 2 * (int64_t)I, 1}, zeros, dir);
+    expect_failure(dir, "MXFP4 scales of the wrong shape", scales,
+                   "expected shape [8, 64, 2], got [8, 64, 1]");
+
+    /* blocks truncated: 8 bytes a block (16 values) where MXFP4 packs 32 in 16 */
+    const char *blocks = "model.layers.2.mlp.experts.down_proj_blocks";
+    fp8_variant("mxfp4-blocks-truncated", config, ckpt, blocks, blocks, ST_U8, 4,
+                (int64_t[]){(int64_t)E, (int64_t)H, (int64_t)I / 32, 8}, zeros, dir);
+    expect_failure(dir, "MXFP4 blocks truncated", blocks, "expected shape [8, 64, 1, 16], got [8, 64, 1, 8]");
+
+    /* blocks of another shape: the matrix of another expert width */
+    fp8_variant("mxfp4-blocks-shape", config, ckpt, blocks, blocks, ST_U8, 4,
+                (int64_t[]){(int64_t)E, (int64_t)H, 2, 16}, zeros, dir);
+    expect_failure(dir, "MXFP4 blocks of the wrong shape", "model.safetensors: tensor '" "model.layers.2.mlp.experts.down_proj_blocks'",
+                   "num_local_experts x hidden_size x intermediate_size");
+
+    /* blocks without their scales */
+    scales = "model.layers.1.mlp.experts.down_proj_scales";
+    fp8_variant("mxfp4-no-scales", config, ckpt, scales, NULL, ST_U8, 0, NULL, NULL, dir);
+    expect_failure(dir, "MXFP4 blocks without scales",
+                   "MXFP4 tensor 'model.layers.1.mlp.experts.down_proj_scales' not found", "_blocks and _scales");
+
+    /* blocks in another dtype */
+    blocks = "model.layers.1.mlp.experts.gate_up_proj_blocks";
+    fp8_variant("mxfp4-blocks-dtype", config, ckpt, blocks, blocks, ST_I8, 4,
+                (int64_t[]){(int64_t)E, 2 * (int64_t)I, (int64_t)H / 32, 16}, zeros, dir);
+    expect_failure(dir, "MXFP4 blocks of dtype I8", blocks, "dtype I8; MXFP4 blocks are U8");
+
+    /* MXFP4 tensors under a config that does not say so */
+    char *plain = replaced(config, "\"quantization_config\"", "\"quantization_config_not\"");
+    fp8_variant("mxfp4-no-config", plain, ckpt, NULL, NULL, ST_U8, 0, NULL, NULL, dir);
+    expect_failure(dir, "MXFP4 tensors, no quantization_config", "gate_up_proj_blocks' is MXFP4",
+                   "no quantization_config with quant_method \"mxfp4\"");
+    free(plain);
+    free(zeros);
+    free(config);
+    st_checkpoint_close(ckpt);
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 5 && strcmp(argv[1], "drop") == 0) return drop_tensor(argv[2], argv[3], argv[4]);
@@ -443,6 +544,7 @@ int main(int argc, char **argv)
     free(other);
 
     test_fp8(golden);
+    test_mxfp4(golden);
 
     for (int l = 0; l < 2 * cfg.num_layers; l++) free(stacks[l]);
     free(stacks);
