@@ -115,8 +115,9 @@ static void check_data(const struct deck *deck, const struct produced *made,
 }
 
 /* The families whose ops the CUDA backend does not have yet (multi-head latent
- * attention, interleaved RoPE, the grouped and sigmoid routers): refused on it before
- * anything loads, rather than at the first forward. */
+ * attention, interleaved RoPE, the grouped and sigmoid routers; gpt_oss's sinks, sliding
+ * window, top-k-then-softmax router, expert biases and clamped SwiGLU): refused on it
+ * before anything loads, rather than at the first forward. */
 static void check_backend(const struct deck *deck, const struct produced *made,
                           const struct model_check *mc, enum phase phase, struct problems *p)
 {
@@ -129,12 +130,15 @@ static void check_backend(const struct deck *deck, const struct produced *made,
         return;
     }
     if (deck->run.backend == BACKEND_CUDA &&
-        (family == HF_DEEPSEEK_V2 || family == HF_DEEPSEEK_V3 || family == HF_GLM4_MOE))
+        (family == HF_DEEPSEEK_V2 || family == HF_DEEPSEEK_V3 || family == HF_GLM4_MOE ||
+         family == HF_GPT_OSS))
         problem(p, "%s: run.backend cuda: %s models run on the CPU backend only so far (the "
                 "CUDA backend lacks %s); use run.backend cpu", phase_name(phase),
                 hfconfig_family_name(family),
-                family == HF_GLM4_MOE ? "the sigmoid router"
-                                      : "multi-head latent attention and these routers");
+                family == HF_GLM4_MOE  ? "the sigmoid router"
+                : family == HF_GPT_OSS ? "attention sinks and sliding windows, the top-k-then-"
+                                         "softmax router, expert biases and the clamped SwiGLU"
+                                       : "multi-head latent attention and these routers");
 }
 
 int preflight_check(const struct deck *deck, const struct layout_grid *grid, char *messages,
