@@ -547,7 +547,7 @@ static int finish(struct model_config *c, const struct reader *r)
     if (tensors > HFCONFIG_MAX_TENSORS)
         return hf_fail(r,
                     "num_hidden_layers %d and %s %d give %llu tensors (three per routed "
-                    "expert and layer), more than esft's limit of %d",
+                    "expert and layer, six with gpt_oss's biases), more than esft's limit of %d",
                     c->num_layers, experts_key, c->num_experts, (unsigned long long)tensors,
                     HFCONFIG_MAX_TENSORS);
     return 0;
