@@ -82,6 +82,26 @@ static void deepseek_glm_json(json_t *o, const struct model_config *c)
     json_object_set_new(o, "v_head_dim", json_integer(c->v_head_dim));
 }
 
+/* The keys of GptOssConfig (configuration_gpt_oss.py, 5.24) beyond the common ones:
+ * experts of width intermediate_size, attention_bias for q/k/v/o, the clamped SwiGLU's
+ * alpha and limit, and the window with the layers it applies to. quantization_config is
+ * never written: esft writes its checkpoints unquantised. */
+static void gpt_oss_json(json_t *o, const struct model_config *c)
+{
+    json_object_set_new(o, "intermediate_size", json_integer(c->expert_intermediate_size));
+    json_object_set_new(o, "num_local_experts", json_integer(c->num_experts));
+    json_object_set_new(o, "attention_bias", json_boolean(c->qkv_bias));
+    json_object_set_new(o, "swiglu_alpha", json_real(c->swiglu_alpha));
+    json_object_set_new(o, "swiglu_limit", json_real(c->swiglu_limit));
+    json_object_set_new(o, "sliding_window",
+                        c->sliding_window > 0 ? json_integer(c->sliding_window) : json_null());
+    json_t *types = json_array();
+    for (int l = 0; l < c->num_layers; l++)
+        json_array_append_new(types,
+                              json_string(c->is_sliding[l] ? "sliding_attention" : "full_attention"));
+    json_object_set_new(o, "layer_types", types);
+}
+
 static json_t *config_json(const struct model_config *c)
 {
     json_t *o = json_object();
@@ -112,8 +132,8 @@ static json_t *config_json(const struct model_config *c)
     json_object_set_new(o, "pad_token_id", token_json(c->pad_token_id));
     json_object_set_new(o, "rope_parameters", rope_json(&c->rope));
     json_object_set_new(o, "num_experts_per_tok", json_integer(c->top_k));
-    /* mixtral has no such key: its router always renormalises */
-    if (c->family != HF_MIXTRAL)
+    /* mixtral has no such key: its router always renormalises; gpt_oss's never does */
+    if (c->family != HF_MIXTRAL && c->family != HF_GPT_OSS)
         json_object_set_new(o, "norm_topk_prob", json_boolean(c->norm_topk_prob));
     json_object_set_new(o, "router_aux_loss_coef", json_real(c->router_aux_loss_coef));
     json_object_set_new(o, "output_router_logits", json_boolean(c->output_router_logits));
@@ -173,6 +193,9 @@ static json_t *config_json(const struct model_config *c)
     case HF_GLM4_MOE:
         deepseek_glm_json(o, c);
         break;
+    case HF_GPT_OSS:
+        gpt_oss_json(o, c);
+        break;
     default:
         break;
     }
@@ -192,13 +215,6 @@ int hfconfig_write(const char *dir, const struct model_config *cfg, char *err, s
     if (!hfconfig_family_supported(cfg->family)) {
         hf_fail(&r, "family '%s' is not supported yet (supported: " SUPPORTED_FAMILIES ")",
              hfconfig_family_name(cfg->family));
-        goto out;
-    }
-    if (cfg->family == HF_GPT_OSS) {
-        /* esft reads gpt_oss checkpoints; writing one (init, merged export in the fused
-         * expert layout) is not implemented */
-        hf_fail(&r, "writing a gpt_oss config.json is not supported yet (esft reads gpt_oss "
-                "checkpoints; init and the merged export of gpt_oss are not implemented)");
         goto out;
     }
     json_t *o = config_json(cfg);

@@ -598,6 +598,11 @@ static void expect_same(const struct model_config *a, const struct model_config 
               memcmp(a->is_sliding, b->is_sliding, sizeof a->is_sliding) == 0 &&
               a->sliding_window == b->sliding_window,
           "%s: per-layer kinds", what);
+    CHECK(a->attention_sinks == b->attention_sinks && a->router_bias == b->router_bias &&
+              a->expert_bias == b->expert_bias && a->clamped_swiglu == b->clamped_swiglu &&
+              a->swiglu_alpha == b->swiglu_alpha && a->swiglu_limit == b->swiglu_limit &&
+              a->renormalise == b->renormalise && a->aux == b->aux,
+          "%s: gpt_oss's sinks, biases and clamped SwiGLU", what);
     const struct hf_rope *p = &a->rope, *q = &b->rope;
     CHECK(p->type == q->type && p->theta == q->theta && p->factor == q->factor &&
               p->original_max_position_embeddings == q->original_max_position_embeddings &&
@@ -677,9 +682,17 @@ static void test_gpt_oss(void)
               c.rope.truncate && c.rope.original_max_position_embeddings == 64,
           "gpt_oss: a given rope dict as any other (truncate true when absent)");
     CHECK(c.quantization.mxfp4 && !c.quantization.fp8, "mxfp4 quantization_config");
-    CHECK(hfconfig_write(tmpdir, &c, err, sizeof err) != 0 &&
-              contains(err, "writing a gpt_oss config.json is not supported yet"),
-          "writing gpt_oss refused by name: %s", err);
+    round_trip(config_dir(given), "gpt_oss given keys");
+    round_trip(config_dir(bare), "gpt_oss class defaults");
+    const char *no_window =
+        "{\"model_type\": \"gpt_oss\", \"hidden_size\": 32, \"num_hidden_layers\": 2,\n"
+        " \"num_attention_heads\": 4, \"vocab_size\": 50, \"intermediate_size\": 16,\n"
+        " \"num_key_value_heads\": 2, \"num_local_experts\": 4, \"num_experts_per_tok\": 2,\n"
+        " \"sliding_window\": null,\n"
+        " \"tie_word_embeddings\": true, \"eos_token_id\": [7, 8],\n"
+        " \"rope_parameters\": {\"rope_type\": \"yarn\", \"factor\": 8.0, \"rope_theta\": 500.0,\n"
+        "   \"original_max_position_embeddings\": 32, \"truncate\": true}}\n";
+    round_trip(config_dir(no_window), "gpt_oss without a window");
 }
 
 static void test_round_trips(void)
@@ -734,12 +747,9 @@ static void test_round_trips(void)
     CHECK(d.expert_intermediate_size == 1408 && d.shared_expert_intermediate_size == 5632,
           "qwen2_moe class defaults 1408 / 5632");
 
-    hfconfig_defaults(HF_GPT_OSS, &c);
-    CHECK(hfconfig_write(out, &c, err, sizeof err) != 0 && contains(err, "gpt_oss"),
-          "writing gpt_oss accepted: %s", err);
-
-    /* the class defaults of the deepseek and glm families survive a write and a load */
-    const enum hf_family written[] = {HF_DEEPSEEK_V2, HF_DEEPSEEK_V3, HF_GLM4_MOE};
+    /* the class defaults of the deepseek, glm and gpt_oss families survive a write and a
+     * load */
+    const enum hf_family written[] = {HF_DEEPSEEK_V2, HF_DEEPSEEK_V3, HF_GLM4_MOE, HF_GPT_OSS};
     for (size_t i = 0; i < sizeof written / sizeof written[0]; i++) {
         hfconfig_defaults(written[i], &c);
         CHECK(hfconfig_finish(&c, "defaults", err, sizeof err) == 0, "%s", err);
@@ -803,11 +813,7 @@ static void test_golden(const char *golden)
         /* fixture directories are named after their family (init_qwen2_moe included) */
         CHECK(strstr(e->d_name, c.model_type) != NULL, "fixture %s: model_type %s", e->d_name,
               c.model_type);
-        if (c.family == HF_GPT_OSS) /* esft does not write gpt_oss configs (yet) */
-            CHECK(hfconfig_write(tmpdir, &c, err, sizeof err) != 0 && contains(err, "gpt_oss"),
-                  "fixture %s: writing gpt_oss refused by name: %s", dir, err);
-        else
-            round_trip(dir, e->d_name);
+        round_trip(dir, e->d_name);
 
         struct st_checkpoint *ck = st_checkpoint_open(dir, err, sizeof err);
         CHECK(ck != NULL, "fixture %s: %s", dir, err);
