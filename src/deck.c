@@ -36,8 +36,9 @@ static const char *const phase_names[] = {"init",  "prepare", "score", "select",
 static const char *const backend_names[] = {"auto", "cpu", "cuda", "cpu-devsim", NULL};
 static const char *const dtype_names[] = {"auto", "fp32", "bf16", "fp16", NULL};
 static const char *const compute_names[] = {"auto", "fp32", "bf16", "fp16", "tf32", NULL};
-static const char *const family_names[] = {"qwen2_moe",   "qwen3_moe",   "olmoe",    "mixtral",
-                                           "deepseek_v2", "deepseek_v3", "glm4_moe", NULL};
+static const char *const family_names[] = {"qwen2_moe",   "qwen3_moe",   "olmoe",
+                                           "mixtral",     "deepseek_v2", "deepseek_v3",
+                                           "glm4_moe",    "gpt_oss",     NULL};
 static const char *const score_tokens_names[] = {"all", "loss", NULL};
 static const char *const score_function_names[] = {"token", "gate", NULL};
 static const char *const method_names[] = {"esft", "full",       "frozen_router",
@@ -181,7 +182,7 @@ static const struct key schema[] = {
      .help = "vocabulary size (the byte tokenizer needs 256 plus its special tokens)"},
     {KEY("init.intermediate_size", KEY_INT, init.intermediate_size), .def = "128",
      .bounds = LO | HI, .lo = 1, .hi = HFCONFIG_MAX_INTERMEDIATE,
-     .help = "dense MLP width (and the expert width of mixtral and olmoe)"},
+     .help = "dense MLP width (and the expert width of mixtral, olmoe and gpt_oss)"},
     {KEY("init.moe_intermediate_size", KEY_INT, init.moe_intermediate_size), .def = "32",
      .bounds = LO | HI, .lo = 1, .hi = HFCONFIG_MAX_INTERMEDIATE,
      .help = "expert width (qwen, deepseek and glm families)"},
@@ -219,6 +220,11 @@ static const struct key schema[] = {
      .help = "renormalise the top-k routing weights to sum to 1"},
     {KEY("init.tie_word_embeddings", KEY_BOOL, init.tie_word_embeddings), .def = "false",
      .help = "share the embedding matrix with lm_head"},
+    {KEY("init.sliding_window", KEY_INT, init.sliding_window), .def = "128", .bounds = LO | HI,
+     .lo = 0, .hi = 1 << 30,
+     .help = "attention window of the sliding layers (gpt_oss: layers 0, 2, ...); 0: none"},
+    {KEY("init.swiglu_limit", KEY_DOUBLE, init.swiglu_limit), .def = "7", .bounds = LO | LO_OPEN,
+     .lo = 0, .help = "clamp of the experts' SwiGLU (gpt_oss)"},
     {KEY("init.rope_theta", KEY_DOUBLE, init.rope_theta), .def = "10000", .bounds = LO | LO_OPEN,
      .lo = 0, .help = "RoPE base"},
     {KEY("init.init_std", KEY_DOUBLE, init.init_std), .def = "0.02", .bounds = LO | LO_OPEN,

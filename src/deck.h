@@ -61,9 +61,12 @@ struct deck_parallel {
 };
 
 struct deck_init {
-    char *family; /* qwen2_moe, qwen3_moe, olmoe, mixtral, deepseek_v2, deepseek_v3, glm4_moe */
+    char *family; /* qwen2_moe, qwen3_moe, olmoe, mixtral, deepseek_v2, deepseek_v3, glm4_moe,
+                   * gpt_oss */
     int hidden_size, num_layers, num_heads, num_kv_heads, head_dim, vocab_size;
-    int intermediate_size;     /* dense MLP width (and mixtral/olmoe expert width) */
+    int intermediate_size;     /* dense MLP width (and mixtral/olmoe/gpt_oss expert width) */
+    int sliding_window;        /* gpt_oss: window of the sliding layers; 0 = none */
+    double swiglu_limit;       /* gpt_oss: clamp of the experts' SwiGLU */
     int moe_intermediate_size; /* expert width (qwen families) */
     int shared_expert_intermediate_size; /* qwen2_moe; 0 = none */
     /* deepseek_v2 / deepseek_v3 / glm4_moe */

@@ -13,6 +13,7 @@
 
 #include "files.h"
 #include "gather.h"
+#include "gpt_oss_layout.h"
 #include "hfconfig.h"
 #include "log.h"
 #include "safetensors.h"
@@ -41,23 +42,34 @@ struct export_out {
      * tensor it cannot hold */
     struct st_writer *reference;
     char outside[PARAM_NAME_MAX];
+    /* the merged export of a gpt_oss model: its routed experts in transformers' fused
+     * layout (NULL otherwise, and for the adapter, which keeps esft's per-expert names) */
+    struct gpt_oss_fuser *fuser;
 };
 
 /* The bytes of p's copy on rank 0: none for an fp32 tensor rank 0 holds (the weights
- * themselves are written). */
-static size_t export_copy_bytes(const struct param *p, enum st_dtype dtype)
+ * themselves are written), unless it is fused into another (fused). */
+static size_t export_copy_bytes(const struct param *p, enum st_dtype dtype, bool fused)
 {
-    return dtype == ST_F32 && p->data ? 0 : p->numel * st_dtype_size(dtype);
+    return dtype == ST_F32 && p->data && !fused ? 0 : p->numel * st_dtype_size(dtype);
 }
 
-static void open_export(struct export_out *out, const struct model *model, bool trainable_only)
+static int add_fused_tensor(const char *name, int rank, const int64_t *shape, const float *data,
+                            size_t numel, void *sink, char *err, size_t err_size);
+
+/* fuse: write gpt_oss's routed experts in transformers' fused layout (the merged export) */
+static void open_export(struct export_out *out, const struct model *model, bool trainable_only,
+                        bool fuse)
 {
     out->writer = st_writer_new();
     out->dtype = export_dtype(&model->cfg);
+    if (fuse && model->cfg.family == HF_GPT_OSS)
+        out->fuser = gpt_oss_fuser_new(&model->cfg, add_fused_tensor, out);
     size_t total = 0;
     for (int i = 0; i < model->n_params; i++) {
         const struct param *p = &model->params[i];
-        if (p->trainable || !trainable_only) total += export_copy_bytes(p, out->dtype);
+        if (p->trainable || !trainable_only)
+            total += export_copy_bytes(p, out->dtype, gpt_oss_fuser_takes(out->fuser, p));
     }
     out->copies = xmalloc(total ? total : 1);
     out->used = 0;
@@ -67,6 +79,7 @@ static void close_export(struct export_out *out)
 {
     st_writer_free(out->writer);
     if (out->reference) st_writer_free(out->reference);
+    gpt_oss_fuser_free(out->fuser);
     free(out->copies);
 }
 
@@ -75,7 +88,9 @@ static int add_export_tensor(const struct param *p, const float *const *parts, v
                              char *err, size_t err_size)
 {
     struct export_out *out = sink;
-    size_t bytes = export_copy_bytes(p, out->dtype);
+    if (gpt_oss_fuser_takes(out->fuser, p))
+        return gpt_oss_fuser_take(out->fuser, p, parts[0], err, err_size);
+    size_t bytes = export_copy_bytes(p, out->dtype, false);
     void *copy = out->copies + out->used;
     out->used += bytes;
     if (out->dtype == ST_BF16)
@@ -93,6 +108,23 @@ static int add_export_tensor(const struct param *p, const float *const *parts, v
             return -1;
     }
     return st_writer_add(out->writer, p->name, out->dtype, p->rank, p->shape, data, err, err_size);
+}
+
+/* The gpt_oss fuser's sink: one fused tensor (fp32, valid during the call) copied into
+ * the export dtype, then into the writer. */
+static int add_fused_tensor(const char *name, int rank, const int64_t *shape, const float *data,
+                            size_t numel, void *sink, char *err, size_t err_size)
+{
+    struct export_out *out = sink;
+    void *copy = out->copies + out->used;
+    out->used += numel * st_dtype_size(out->dtype);
+    if (out->dtype == ST_BF16)
+        st_f32_to_bf16_array(data, copy, numel);
+    else if (out->dtype == ST_F16)
+        st_f32_to_f16_array(data, copy, numel);
+    else
+        memcpy(copy, data, numel * sizeof(float));
+    return st_writer_add(out->writer, name, out->dtype, rank, shape, copy, err, err_size);
 }
 
 /* The ESFT reference's adapter directory (deepseek-ai/ESFT esft.py, load_esft_model /
@@ -144,7 +176,7 @@ int export_adapter(const char *dir, const struct model *model, const char *exper
     if (ranks_agree(rc, err, err_size, comm)) return -1;
     struct export_out out = {.writer = NULL};
     if (rank == 0) {
-        open_export(&out, model, true);
+        open_export(&out, model, true, false);
         if (expert_config) out.reference = st_writer_new();
     }
     rc = gather_to_rank0(model, NULL, true, 1, comm, add_export_tensor, &out, err, err_size);
@@ -219,7 +251,7 @@ static void write_json_text(FILE *out, const void *context)
 }
 
 /* The base model's config.json at `to`: as it is, or, when it declares a
- * quantization_config (DeepSeek-V3's fp8), without that key, since the merged export's
+ * quantization_config (DeepSeek-V3's fp8, gpt_oss's mxfp4), without that key, since the merged export's
  * weights are dequantised (the export dtype) and a loader would look for scales that are
  * not there. Rewritten as transformers writes a config (to_json_string: indent 2, sorted
  * keys, ASCII); the other keys and values are kept. */
@@ -232,6 +264,12 @@ static int copy_base_config(const char *from, const char *to, enum st_dtype dtyp
         json_decref(config);
         return copy_file(from, to, err, err_size);
     }
+    json_t *method = json_object_get(json_object_get(config, "quantization_config"), "quant_method");
+    char quantisation[64];
+    snprintf(quantisation, sizeof quantisation, "%s",
+             json_is_string(method) && strcmp(json_string_value(method), "mxfp4") == 0
+                 ? "gpt_oss's mxfp4 experts"
+                 : "fp8 block quantisation");
     json_object_del(config, "quantization_config");
     size_t flags = JSON_INDENT(2) | JSON_SORT_KEYS | JSON_ENSURE_ASCII |
                    JSON_REAL_PRECISION(reals_fit_15_digits(config) ? 15 : 17);
@@ -245,8 +283,8 @@ static int copy_base_config(const char *from, const char *to, enum st_dtype dtyp
     free(text);
     if (rc == 0)
         log_info("export_merged: the weights are written dequantised (%s), so %s has no "
-                 "quantization_config (the base's fp8 block quantisation)",
-                 st_dtype_name(dtype), to);
+                 "quantization_config (the base's %s)",
+                 st_dtype_name(dtype), to, quantisation);
     return rc;
 }
 
@@ -287,19 +325,14 @@ int export_merged(const char *dir, const struct model *model, const char *base_d
 {
     int rank;
     check_mpi(MPI_Comm_rank(comm, &rank));
-    if (model->cfg.family == HF_GPT_OSS) { /* train_check_model refuses it before training */
-        snprintf(err, err_size, "export_merged: gpt_oss is not supported yet (the merged "
-                 "export in transformers' fused expert layout is not implemented; the adapter "
-                 "export is)");
-        return -1;
-    }
     int rc = gather_check_layout(model, comm, "export_merged", err, err_size);
     if (rc == 0 && rank == 0) rc = prepare_merged_directory(dir, base_dir, err, err_size);
     if (ranks_agree(rc, err, err_size, comm)) return -1;
     struct export_out out = {.writer = NULL};
-    if (rank == 0) open_export(&out, model, false);
+    if (rank == 0) open_export(&out, model, false, true);
     rc = gather_to_rank0(model, NULL, false, 1, comm, add_export_tensor, &out, err, err_size);
     if (rank == 0) {
+        if (rc == 0 && out.fuser) rc = gpt_oss_fuser_finish(out.fuser, err, err_size);
         if (rc == 0)
             rc = st_writer_write_checkpoint(out.writer, dir, max_shard_bytes, err, err_size);
         close_export(&out);

@@ -5,7 +5,9 @@
  * the result (tests/golden/generate.py shows it once).
  *
  * Values as transformers' _init_weights: linear and embedding weights N(0, init_std),
- * norm weights 1, biases 0. Rank 0 writes; the other ranks wait. */
+ * norm weights 1, biases 0 (gpt_oss: router bias and attention sinks N(0, init_std)).
+ * gpt_oss's routed experts are written in transformers' fused layout. Rank 0 writes; the
+ * other ranks wait. */
 #include <errno.h>
 #include <mpi.h>
 #include <stdio.h>
@@ -15,6 +17,7 @@
 
 #include "hfconfig.h"
 #include "files.h"
+#include "gpt_oss_layout.h"
 #include "log.h"
 #include "model.h"
 #include "phases.h"
@@ -37,11 +40,12 @@ int init_config(const struct deck *deck, struct model_config *cfg, char *err, si
     cfg->head_dim = in->head_dim;
     cfg->vocab_size = in->vocab_size;
     cfg->intermediate_size = in->intermediate_size;
-    /* olmoe and mixtral experts are intermediate_size wide; the qwen families have a
-     * separate moe_intermediate_size */
-    cfg->expert_intermediate_size = family == HF_OLMOE || family == HF_MIXTRAL
-                                        ? in->intermediate_size
-                                        : in->moe_intermediate_size;
+    /* olmoe, mixtral and gpt_oss experts are intermediate_size wide; the qwen families
+     * have a separate moe_intermediate_size */
+    cfg->expert_intermediate_size =
+        family == HF_OLMOE || family == HF_MIXTRAL || family == HF_GPT_OSS
+            ? in->intermediate_size
+            : in->moe_intermediate_size;
     cfg->num_experts = in->num_experts;
     cfg->top_k = in->top_k;
     cfg->norm_topk_prob = family == HF_MIXTRAL ? true : in->norm_topk_prob;
@@ -65,6 +69,12 @@ int init_config(const struct deck *deck, struct model_config *cfg, char *err, si
         if (family == HF_DEEPSEEK_V2)
             cfg->router = in->n_group > 1 ? ROUTER_GROUPED_GREEDY : ROUTER_SOFTMAX_TOPK;
         cfg->shared_expert_intermediate_size = in->n_shared_experts * in->moe_intermediate_size;
+    }
+    if (family == HF_GPT_OSS) {
+        /* the family's other defaults stay (GptOssConfig): attention biases and sinks,
+         * alternating sliding and full layers (hfconfig_finish), the yarn rope */
+        cfg->sliding_window = in->sliding_window;
+        cfg->swiglu_limit = in->swiglu_limit;
     }
     if (cfg->attention == ATTENTION_MLA) { /* head_dim and num_kv_heads do not apply */
         cfg->kv_lora_rank = in->kv_lora_rank;
@@ -102,48 +112,70 @@ static void fill_random(struct model *m, uint64_t seed, double std)
         struct param *p = &m->params[i];
         bool norm = p->kind == PARAM_NORM || strstr(p->name, "_norm.weight") ||
                     strstr(p->name, "layernorm.weight");
-        /* biases, and deepseek_v3 / glm4_moe's selection bias (a zero buffer at init) */
-        bool bias = strstr(p->name, ".bias") != NULL || p->buffer;
+        /* biases, and deepseek_v3 / glm4_moe's selection bias (a zero buffer at init);
+         * gpt_oss's router bias is drawn like its weight (GptOssPreTrainedModel._init_weights,
+         * which also draws the attention sinks N(0, std): neither norm nor bias here) */
+        bool bias = (strstr(p->name, ".bias") != NULL && p->kind != PARAM_ROUTER) || p->buffer;
         for (size_t j = 0; j < p->numel; j++)
             p->data[j] = norm ? 1.0f : bias ? 0.0f : (float)(std * rng_normal(&rng));
     }
 }
 
+/* Where init's tensors go: the writer, and the checkpoint-dtype copies it borrows. */
+struct init_out {
+    struct st_writer *writer;
+    enum st_dtype dtype;
+    char *copies;
+    size_t used;
+};
+
+/* One tensor (fp32) into the writer, converted to the checkpoint dtype. */
+static int add_tensor(const char *name, int rank, const int64_t *shape, const float *data,
+                      size_t numel, void *context, char *err, size_t err_size)
+{
+    struct init_out *out = context;
+    void *copy = out->copies + out->used;
+    out->used += numel * st_dtype_size(out->dtype);
+    if (out->dtype == ST_BF16)
+        st_f32_to_bf16_array(data, copy, numel);
+    else if (out->dtype == ST_F16)
+        st_f32_to_f16_array(data, copy, numel);
+    else
+        memcpy(copy, data, numel * sizeof(float));
+    return st_writer_add(out->writer, name, out->dtype, rank, shape, copy, err, err_size);
+}
+
+/* The parameter table's tensors, except gpt_oss's routed experts, which go in
+ * transformers' fused layout (gpt_oss_layout.h), as the published checkpoints have them. */
 static int write_checkpoint(const struct deck *deck, struct model *m, char *err, size_t err_size)
 {
     const struct model_config *cfg = &m->cfg;
-    enum st_dtype dtype = cfg->dtype == HF_DTYPE_F32 ? ST_F32 : cfg->dtype == HF_DTYPE_F16 ? ST_F16
-                                                                                          : ST_BF16;
-    uint16_t *half = NULL;
-    if (dtype != ST_F32) half = xmalloc(m->storage_floats * sizeof(uint16_t));
-    struct st_writer *w = st_writer_new();
-    size_t offset = 0;
+    struct init_out out = {.writer = st_writer_new()};
+    out.dtype = cfg->dtype == HF_DTYPE_F32 ? ST_F32 : cfg->dtype == HF_DTYPE_F16 ? ST_F16 : ST_BF16;
+    out.copies = xmalloc(m->storage_floats * st_dtype_size(out.dtype) + 1);
+    struct gpt_oss_fuser *fuser =
+        cfg->family == HF_GPT_OSS ? gpt_oss_fuser_new(cfg, add_tensor, &out) : NULL;
     int rc = 0;
     for (int i = 0; i < m->n_params && rc == 0; i++) {
         struct param *p = &m->params[i];
-        const void *data = p->data;
-        if (half) {
-            uint16_t *out = half + offset;
-            if (dtype == ST_BF16)
-                st_f32_to_bf16_array(p->data, out, p->numel);
-            else
-                st_f32_to_f16_array(p->data, out, p->numel);
-            data = out;
-        }
-        offset += p->numel;
-        rc = st_writer_add(w, p->name, dtype, p->rank, p->shape, data, err, err_size);
+        if (gpt_oss_fuser_takes(fuser, p))
+            rc = gpt_oss_fuser_take(fuser, p, p->data, err, err_size);
+        else
+            rc = add_tensor(p->name, p->rank, p->shape, p->data, p->numel, &out, err, err_size);
     }
+    if (rc == 0 && fuser) rc = gpt_oss_fuser_finish(fuser, err, err_size);
     if (rc == 0) {
-        rc = st_writer_write_checkpoint(w, deck->model.path,
-                                        st_writer_shard_limit(w, deck->init.shards), err, err_size);
+        rc = st_writer_write_checkpoint(out.writer, deck->model.path,
+                                        st_writer_shard_limit(out.writer, deck->init.shards), err,
+                                        err_size);
     }
     /* config.json last: a directory with a config is a complete checkpoint */
     if (rc == 0) rc = hfconfig_write(deck->model.path, cfg, err, err_size);
-    st_writer_free(w);
-    free(half);
+    gpt_oss_fuser_free(fuser);
+    st_writer_free(out.writer);
+    free(out.copies);
     return rc;
 }
-
 
 int phase_init(const struct deck *deck, const struct layout *layout)
 {

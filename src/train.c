@@ -166,18 +166,6 @@ int train_check_model(const struct deck *deck, const struct model_config *cfg, c
                  deck->model.path);
         return -1;
     }
-    if (cfg->family == HF_GPT_OSS && deck->train.export_merged) {
-        /* before training, not after it: the merged export would need transformers' fused
-         * expert layout (gate_up_proj [E, H, 2I] interleaved, down_proj [E, I, H]) */
-        char where[4200];
-        deck_where(deck, "train.export_merged", where, sizeof where);
-        snprintf(err, err_size,
-                 "%s: train.export_merged is not supported for gpt_oss yet (%s): the merged "
-                 "export in transformers' fused expert layout is not implemented; the adapter "
-                 "export (per-expert tensor names) is, so set train.export_merged false",
-                 where, deck->model.path);
-        return -1;
-    }
     return 0;
 }
 

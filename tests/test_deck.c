@@ -747,6 +747,8 @@ static void check_same(const struct deck *a, const struct deck *b, const char *w
     SAME(init.head_dim);
     SAME(init.vocab_size);
     SAME(init.intermediate_size);
+    SAME(init.sliding_window);
+    SAME_DOUBLE(init.swiglu_limit);
     SAME(init.moe_intermediate_size);
     SAME(init.shared_expert_intermediate_size);
     SAME(init.num_experts);
