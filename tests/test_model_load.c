@@ -13,6 +13,9 @@
  *   - a missing tensor, a config whose sizes disagree with the tensors, a truncated
  *     file and an unsupported family must each fail with a message naming the file and
  *     the tensor or key.
+ * From the gpt_oss fixture (transformers' fused experts in bf16): esft's fused writer
+ * (gpt_oss_layout.h) gives back transformers' own four tensors of every layer bit for bit,
+ * and the written checkpoint loads back into every tensor of the original, biases included.
  * Usage: test_model_load [GOLDEN_DIR]
  *        test_model_load drop SRC DST NAME   (for the shell tests: a copy of checkpoint
  *        SRC in the new directory DST, one file, without tensor NAME) */
@@ -27,6 +30,7 @@
 #include "check.h"
 #include "hfconfig.h"
 #include "log.h"
+#include "gpt_oss_layout.h"
 #include "model.h"
 #include "safetensors.h"
 
@@ -398,6 +402,101 @@ static void test_mxfp4(const char *golden)
     st_checkpoint_close(ckpt);
 }
 
+/* The fuser's sink of the gpt_oss test: the fused tensor in bf16 into the writer. */
+struct fused_out {
+    struct st_writer *writer;
+    uint16_t *copies;
+    size_t used;
+};
+
+static int add_fused_bf16(const char *name, int rank, const int64_t *shape, const float *data,
+                          size_t numel, void *context, char *err, size_t err_size)
+{
+    struct fused_out *out = context;
+    uint16_t *copy = out->copies + out->used;
+    out->used += numel;
+    st_f32_to_bf16_array(data, copy, numel);
+    return st_writer_add(out->writer, name, ST_BF16, rank, shape, copy, err, err_size);
+}
+
+/* gpt_oss: load the fixture, write its per-expert tensors through the fuser in bf16 (its
+ * dtype), compare the fused tensors with transformers' bytes, then load the written
+ * checkpoint and compare every tensor with the first load. */
+static void test_gpt_oss_fused_writer(const char *golden)
+{
+    char fixture[512], dir[600], err[1024];
+    snprintf(fixture, sizeof fixture, "%s/gpt_oss", golden);
+    struct model a, b;
+    if (load_weights(fixture, &a, err, sizeof err) != 0) {
+        CHECK(0, "gpt_oss fixture: %s", err);
+        return;
+    }
+    struct fused_out out = {.writer = st_writer_new()};
+    out.copies = xmalloc(a.storage_floats * sizeof(uint16_t));
+    struct gpt_oss_fuser *fuser = gpt_oss_fuser_new(&a.cfg, add_fused_bf16, &out);
+    int rc = 0;
+    for (int i = 0; i < a.n_params && rc == 0; i++) {
+        const struct param *p = &a.params[i];
+        rc = gpt_oss_fuser_takes(fuser, p)
+                 ? gpt_oss_fuser_take(fuser, p, p->data, err, sizeof err)
+                 : add_fused_bf16(p->name, p->rank, p->shape, p->data, p->numel, &out, err,
+                                  sizeof err);
+    }
+    CHECK(rc == 0 && gpt_oss_fuser_finish(fuser, err, sizeof err) == 0, "gpt_oss fuse: %s", err);
+    CHECK(out.used == a.storage_floats && gpt_oss_fused_numel(&a.cfg) > 0,
+          "gpt_oss fuse: %zu values written of %zu", out.used, a.storage_floats);
+    snprintf(dir, sizeof dir, "%s/gpt_oss_written", tmp);
+    mkdir(dir, 0777);
+    CHECK(st_writer_write_checkpoint(out.writer, dir, 0, err, sizeof err) == 0, "%s", err);
+    CHECK(hfconfig_write(dir, &a.cfg, err, sizeof err) == 0, "%s", err);
+    gpt_oss_fuser_free(fuser);
+    st_writer_free(out.writer);
+    free(out.copies);
+
+    /* transformers' fused tensors, bit for bit */
+    struct st_checkpoint *theirs = st_checkpoint_open(fixture, err, sizeof err);
+    struct st_checkpoint *ours = st_checkpoint_open(dir, err, sizeof err);
+    CHECK(theirs && ours, "%s", err);
+    int compared = 0;
+    for (int l = 0; theirs && ours && l < a.cfg.num_layers; l++) {
+        static const char *const fused[] = {"gate_up_proj", "gate_up_proj_bias", "down_proj",
+                                            "down_proj_bias"};
+        for (int t = 0; t < 4; t++) {
+            char name[128];
+            snprintf(name, sizeof name, "model.layers.%d.mlp.experts.%s", l, fused[t]);
+            const struct st_tensor *x = st_find(theirs, name), *y = st_find(ours, name);
+            CHECK(x && y && x->dtype == y->dtype && x->rank == y->rank &&
+                      memcmp(x->shape, y->shape, sizeof(int64_t) * (size_t)x->rank) == 0 &&
+                      x->nbytes == y->nbytes && memcmp(x->data, y->data, x->nbytes) == 0,
+                  "gpt_oss fused writer: %s differs from transformers' (or is missing)", name);
+            compared++;
+        }
+        char per_expert[128];
+        snprintf(per_expert, sizeof per_expert, "model.layers.%d.mlp.experts.0.gate_proj.weight", l);
+        CHECK(!st_find(ours, per_expert), "gpt_oss fused writer: per-expert %s written", per_expert);
+    }
+    CHECK(compared == 4 * a.cfg.num_layers, "gpt_oss fused tensors compared: %d", compared);
+    if (theirs) st_checkpoint_close(theirs);
+    if (ours) st_checkpoint_close(ours);
+
+    /* and esft reads back what it wrote */
+    if (load_weights(dir, &b, err, sizeof err) != 0) {
+        CHECK(0, "gpt_oss written: %s", err);
+        model_free(&a);
+        return;
+    }
+    int differing = 0;
+    for (int i = 0; i < a.n_params; i++)
+        if (strcmp(a.params[i].name, b.params[i].name) != 0 ||
+            memcmp(a.params[i].data, b.params[i].data, a.params[i].numel * sizeof(float)) != 0) {
+            if (differing++ < 3) CHECK(0, "gpt_oss written: %s differs", a.params[i].name);
+        }
+    CHECK(differing == 0 && a.n_params == b.n_params,
+          "gpt_oss written and read back: %d of %d tensors differ", differing, a.n_params);
+    model_free(&a);
+    model_free(&b);
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 5 && strcmp(argv[1], "drop") == 0) return drop_tensor(argv[2], argv[3], argv[4]);
@@ -545,6 +644,7 @@ int main(int argc, char **argv)
 
     test_fp8(golden);
     test_mxfp4(golden);
+    test_gpt_oss_fused_writer(golden);
 
     for (int l = 0; l < 2 * cfg.num_layers; l++) free(stacks[l]);
     free(stacks);
