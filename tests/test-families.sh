@@ -1,5 +1,6 @@
 #!/bin/sh
-# test-families: the deepseek_v2, deepseek_v3 and glm4_moe families through every phase.
+# test-families: the deepseek_v2, deepseek_v3, glm4_moe and gpt_oss families through every
+# phase (gpt_oss: sinks, biases, a sliding window that bites, fused experts written).
 # For each, init writes a small model of the family (deepseek_v2: MLA without q_lora_rank,
 # group-limited greedy routing; deepseek_v3: MLA with q_lora_rank, sigmoid routing with
 # groups; glm4_moe: GQA with partial rotary, sigmoid routing; all with a shared expert and
@@ -18,17 +19,26 @@ expect 0 "prepare the demo data" "$esft" "$demo" phase=prepare "run.output_dir=$
     "prepare.output=$data" "prepare.inputs=[$src/input/data/demo.jsonl]"
 
 shape="init.num_layers=4 init.num_experts=8 init.top_k=2 init.n_shared_experts=1 init.first_k_dense_replace=1 init.init_std=0.2"
-for family in deepseek_v2 deepseek_v3 glm4_moe; do
+for family in deepseek_v2 deepseek_v3 glm4_moe gpt_oss; do
     case $family in
     deepseek_v2) extra="init.n_group=4 init.topk_group=2 init.routed_scaling_factor=1.5 init.kv_lora_rank=24 init.qk_nope_head_dim=8 init.qk_rope_head_dim=8 init.v_head_dim=12" ;;
     deepseek_v3) extra="init.n_group=4 init.topk_group=2 init.routed_scaling_factor=2.5 init.q_lora_rank=24 init.kv_lora_rank=24 init.qk_nope_head_dim=8 init.qk_rope_head_dim=8 init.v_head_dim=12 init.top_k=3" ;;
     glm4_moe) extra="init.n_group=2 init.topk_group=1 init.routed_scaling_factor=1.8 init.num_kv_heads=2 init.head_dim=16" ;;
+    # sinks, biases, a window of 6 (below the demo samples' lengths) on layers 0 and 2,
+    # experts written fused (gate_up_proj, down_proj and their biases)
+    gpt_oss) extra="init.intermediate_size=32 init.num_kv_heads=2 init.head_dim=16 init.sliding_window=6 init.swiglu_limit=7" ;;
     esac
     d="$tmp/$family"
     common="model.path=$d/model data.path=$data init.family=$family $shape $extra"
     # shellcheck disable=SC2086
     expect 0 "$family: init and score" "$esft" "$demo" "phase=[init,score]" "run.output_dir=$d" $common
     grep -q "\"model_type\": \"$family\"" "$d/model/config.json" && ok || fail "$family: config.json model_type"
+    if [ "$family" = gpt_oss ]; then
+        grep -q '"sliding_window": 6' "$d/model/config.json" && ok || fail "gpt_oss: sliding_window"
+        "$src/tests/test_model_load" drop "$d/model" "$d/no-fused" \
+            model.layers.1.mlp.experts.gate_up_proj_bias >/dev/null 2>&1 && ok ||
+            fail "gpt_oss: init did not write the fused model.layers.1.mlp.experts.gate_up_proj_bias"
+    fi
     # Score under EP and PP: the same statistics as one rank's.
     for layout in "2 1 2" "2 2 1"; do
         set -- $layout
@@ -85,6 +95,11 @@ for family in deepseek_v2 deepseek_v3 glm4_moe; do
     # The merged export: the base config.json as it was, and a checkpoint eval reads.
     cmp -s "$d/model/config.json" "$d/train-1/merged/config.json" && ok ||
         fail "$family: the merged export's config.json is not the base model's"
+    if [ "$family" = gpt_oss ]; then
+        "$src/tests/test_model_load" drop "$d/train-1/merged" "$d/merged-no-fused" \
+            model.layers.0.mlp.experts.down_proj >/dev/null 2>&1 && ok ||
+            fail "gpt_oss: the merged export has no fused model.layers.0.mlp.experts.down_proj"
+    fi
     # shellcheck disable=SC2086
     expect 0 "$family: eval on the merged export" "$esft" "$demo" phase=eval \
         "run.output_dir=$d/eval" $common "model.path=$d/train-1/merged"

@@ -75,16 +75,6 @@ router has no balance loss in transformers, and the ESFT reference's sequence-le
 DeepSeek-V2's (softmax scores)" "aux loss on glm4_moe"
 absent "$tmp/out-glm" "aux loss on glm4_moe"
 
-# gpt_oss trains and exports its adapter, but the merged export (transformers' fused
-# expert layout) is not written yet: refused before training, by name.
-# shellcheck disable=SC2086 # $paths is a list of overrides
-expect 2 "merged export of gpt_oss" "$esft" "$demo" phase=train \
-    "model.path=$src/tests/golden/gpt_oss" "run.output_dir=$tmp/out-gpt-oss" train.method=full \
-    train.export_merged=true $paths
-contains "$tmp/err" "train.export_merged is not supported for gpt_oss yet ($src/tests/golden/gpt_oss)" \
-    "merged export of gpt_oss"
-absent "$tmp/out-gpt-oss" "merged export of gpt_oss"
-
 # Sizes beyond esft's limits: refused by name, status 2 (not 'out of memory', status 1).
 variant wide 's/"hidden_size": 64/"hidden_size": 2147483647/'
 # shellcheck disable=SC2086
