@@ -31,9 +31,13 @@ struct gpt_oss_fuser *gpt_oss_fuser_new(const struct model_config *cfg, gpt_oss_
                                         void *context)
 {
     struct gpt_oss_fuser *f = xmalloc(sizeof *f);
-    *f = (struct gpt_oss_fuser){.L = cfg->num_layers, .E = cfg->num_experts,
-                                .H = cfg->hidden_size, .I = cfg->expert_intermediate_size,
-                                .bias = cfg->expert_bias, .sink = sink, .context = context};
+    *f = (struct gpt_oss_fuser){.L = cfg->num_layers,
+                                .E = cfg->num_experts,
+                                .H = cfg->hidden_size,
+                                .I = cfg->expert_intermediate_size,
+                                .bias = cfg->expert_bias,
+                                .sink = sink,
+                                .context = context};
     f->layers = xcalloc((size_t)f->L, sizeof *f->layers);
     return f;
 }
@@ -113,16 +117,18 @@ static int hand_over(struct gpt_oss_fuser *f, int l, char *err, size_t err_size)
     return rc;
 }
 
-int gpt_oss_fuser_take(struct gpt_oss_fuser *f, const struct param *p, const float *data,
-                       char *err, size_t err_size)
+int gpt_oss_fuser_take(struct gpt_oss_fuser *f, const struct param *p, const float *data, char *err,
+                       size_t err_size)
 {
     size_t E = (size_t)f->E, H = (size_t)f->H, I = (size_t)f->I, e = (size_t)p->expert;
     struct fused_layer *layer = &f->layers[p->layer];
     bool bias = p->rank == 1;
     int slot = (p->part == MLP_GATE ? 0 : p->part == MLP_UP ? 1 : 2) + (bias ? 3 : 0);
     if (layer->done || p->expert < 0 || e >= E || p->part == MLP_NONE || (bias && !f->bias)) {
-        snprintf(err, err_size, "gpt_oss fused layout: tensor %s does not fit layer %d's "
-                 "fused experts (given twice, or not an expert tensor)", p->name, p->layer);
+        snprintf(err, err_size,
+                 "gpt_oss fused layout: tensor %s does not fit layer %d's "
+                 "fused experts (given twice, or not an expert tensor)",
+                 p->name, p->layer);
         return -1;
     }
     if (!layer->seen) {
@@ -149,13 +155,15 @@ int gpt_oss_fuser_take(struct gpt_oss_fuser *f, const struct param *p, const flo
         break;
     case 3: /* gate bias [I] -> gate_up_proj_bias[e][2i] */
     case 4: /* up bias [I] -> gate_up_proj_bias[e][2i + 1] */
-        for (size_t i = 0; i < I; i++) layer->gate_up_bias[e * 2 * I + 2 * i + (size_t)(slot - 3)] = data[i];
+        for (size_t i = 0; i < I; i++)
+            layer->gate_up_bias[e * 2 * I + 2 * i + (size_t)(slot - 3)] = data[i];
         break;
     default: /* down bias [H] */
         memcpy(layer->down_bias + e * H, data, H * sizeof(float));
         break;
     }
-    if (++layer->arrived == (int)E * (f->bias ? 6 : 3)) return hand_over(f, p->layer, err, err_size);
+    if (++layer->arrived == (int)E * (f->bias ? 6 : 3))
+        return hand_over(f, p->layer, err, err_size);
     return 0;
 }
 
@@ -163,8 +171,10 @@ int gpt_oss_fuser_finish(const struct gpt_oss_fuser *f, char *err, size_t err_si
 {
     for (int l = 0; l < f->L; l++) {
         if (f->layers[l].done) continue;
-        snprintf(err, err_size, "gpt_oss fused layout: layer %d's experts are incomplete (%d of "
-                 "%d expert tensors arrived)", l, f->layers[l].arrived, f->E * (f->bias ? 6 : 3));
+        snprintf(err, err_size,
+                 "gpt_oss fused layout: layer %d's experts are incomplete (%d of "
+                 "%d expert tensors arrived)",
+                 l, f->layers[l].arrived, f->E * (f->bias ? 6 : 3));
         return -1;
     }
     return 0;
