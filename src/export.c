@@ -93,12 +93,7 @@ static int add_export_tensor(const struct param *p, const float *const *parts, v
     size_t bytes = export_copy_bytes(p, out->dtype, false);
     void *copy = out->copies + out->used;
     out->used += bytes;
-    if (out->dtype == ST_BF16)
-        st_f32_to_bf16_array(parts[0], copy, p->numel);
-    else if (out->dtype == ST_F16)
-        st_f32_to_f16_array(parts[0], copy, p->numel);
-    else if (bytes > 0)
-        memcpy(copy, parts[0], bytes);
+    if (bytes > 0) st_f32_to_dtype_array(parts[0], copy, p->numel, out->dtype);
     const void *data = bytes > 0 ? copy : parts[0];
     if (out->reference && !out->outside[0]) {
         if (strncmp(p->name, "model.", 6) != 0)
@@ -118,12 +113,7 @@ static int add_fused_tensor(const char *name, int rank, const int64_t *shape, co
     struct export_out *out = sink;
     void *copy = out->copies + out->used;
     out->used += numel * st_dtype_size(out->dtype);
-    if (out->dtype == ST_BF16)
-        st_f32_to_bf16_array(data, copy, numel);
-    else if (out->dtype == ST_F16)
-        st_f32_to_f16_array(data, copy, numel);
-    else
-        memcpy(copy, data, numel * sizeof(float));
+    st_f32_to_dtype_array(data, copy, numel, out->dtype);
     return st_writer_add(out->writer, name, out->dtype, rank, shape, copy, err, err_size);
 }
 

@@ -136,12 +136,7 @@ static int add_tensor(const char *name, int rank, const int64_t *shape, const fl
     struct init_out *out = context;
     void *copy = out->copies + out->used;
     out->used += numel * st_dtype_size(out->dtype);
-    if (out->dtype == ST_BF16)
-        st_f32_to_bf16_array(data, copy, numel);
-    else if (out->dtype == ST_F16)
-        st_f32_to_f16_array(data, copy, numel);
-    else
-        memcpy(copy, data, numel * sizeof(float));
+    st_f32_to_dtype_array(data, copy, numel, out->dtype);
     return st_writer_add(out->writer, name, out->dtype, rank, shape, copy, err, err_size);
 }
 

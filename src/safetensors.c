@@ -180,6 +180,16 @@ void st_f32_to_bf16_array(const float *in, uint16_t *out, size_t n)
     for (size_t i = 0; i < n; i++) out[i] = st_f32_to_bf16(in[i]);
 }
 
+void st_f32_to_dtype_array(const float *in, void *out, size_t n, enum st_dtype dtype)
+{
+    if (dtype == ST_BF16)
+        st_f32_to_bf16_array(in, out, n);
+    else if (dtype == ST_F16)
+        st_f32_to_f16_array(in, out, n);
+    else
+        memcpy(out, in, n * sizeof(float));
+}
+
 void st_f32_to_f16_array(const float *in, uint16_t *out, size_t n)
 {
     for (size_t i = 0; i < n; i++) out[i] = st_f32_to_f16(in[i]);

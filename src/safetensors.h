@@ -134,6 +134,8 @@ float st_f8_e5m2_to_f32(uint8_t b);
 /* Array forms for writers. */
 void st_f32_to_bf16_array(const float *in, uint16_t *out, size_t n);
 void st_f32_to_f16_array(const float *in, uint16_t *out, size_t n);
+/* in[n] fp32 -> out in dtype (ST_BF16, ST_F16 rounded as above; anything else: fp32 as is). */
+void st_f32_to_dtype_array(const float *in, void *out, size_t n, enum st_dtype dtype);
 
 /* Writer: collect (name, dtype, shape, data) entries, then write one file, or shards and
  * an index. The data pointers are borrowed and must stay valid until the write. */
