@@ -106,8 +106,9 @@ MOE_HD void gelu_glu_backward(float *dg, float *du, float d, float g, float u)
 
 /* gpt_oss's clamped GLU (transformers' GptOssExperts._apply_gate): g = min(gate, limit),
  * u = clamp(up, -limit, limit), h = (u + 1) * (g * sigmoid(alpha g)), in that order. The
- * gradients pass where a clamp does not bite: gate <= limit for dg, -limit <= up <= limit
- * for du (torch.clamp's backward passes a value sitting exactly on a bound):
+ * gradients pass strictly inside the clamps: gate < limit for dg, -limit < up < limit for
+ * du (torch 2.15's clamp backward gives 0 to a value sitting exactly on a bound too:
+ * x.clamp(-3, 3) at x = 3 or -3 has gradient 0):
  * dh/du = g s, dh/dg = (u + 1) (s + alpha g s (1 - s)), s = sigmoid(alpha g). */
 MOE_HD float glu_clamped(float gate, float up, float alpha, float limit)
 {
@@ -122,8 +123,8 @@ MOE_HD void glu_clamped_backward(float *dg, float *du, float d, float gate, floa
     float g = gate > limit ? limit : gate;
     float u = up > limit ? limit : (up < -limit ? -limit : up);
     float s = 1.0f / (1.0f + expf(-(g * alpha)));
-    *du = up >= -limit && up <= limit ? d * (g * s) : 0.0f;
-    *dg = gate <= limit ? d * (u + 1.0f) * (s + alpha * g * s * (1.0f - s)) : 0.0f;
+    *du = up > -limit && up < limit ? d * (g * s) : 0.0f;
+    *dg = gate < limit ? d * (u + 1.0f) * (s + alpha * g * s * (1.0f - s)) : 0.0f;
 }
 
 /* The shared expert's gate: sigmoid of its logit, formed as the CPU forms it. */
