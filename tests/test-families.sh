@@ -35,7 +35,7 @@ for family in deepseek_v2 deepseek_v3 glm4_moe gpt_oss; do
     grep -q "\"model_type\": \"$family\"" "$d/model/config.json" && ok || fail "$family: config.json model_type"
     if [ "$family" = gpt_oss ]; then
         grep -q '"sliding_window": 6' "$d/model/config.json" && ok || fail "gpt_oss: sliding_window"
-        "$src/tests/test_model_load" drop "$d/model" "$d/no-fused" \
+        "$build/tests/test_model_load" drop "$d/model" "$d/no-fused" \
             model.layers.1.mlp.experts.gate_up_proj_bias >/dev/null 2>&1 && ok ||
             fail "gpt_oss: init did not write the fused model.layers.1.mlp.experts.gate_up_proj_bias"
     fi
@@ -96,7 +96,7 @@ for family in deepseek_v2 deepseek_v3 glm4_moe gpt_oss; do
     cmp -s "$d/model/config.json" "$d/train-1/merged/config.json" && ok ||
         fail "$family: the merged export's config.json is not the base model's"
     if [ "$family" = gpt_oss ]; then
-        "$src/tests/test_model_load" drop "$d/train-1/merged" "$d/merged-no-fused" \
+        "$build/tests/test_model_load" drop "$d/train-1/merged" "$d/merged-no-fused" \
             model.layers.0.mlp.experts.down_proj >/dev/null 2>&1 && ok ||
             fail "gpt_oss: the merged export has no fused model.layers.0.mlp.experts.down_proj"
     fi
