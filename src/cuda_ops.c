@@ -3,10 +3,15 @@
  * Every pointer is one the GPU can read and write (device memory); the ops run on the
  * current device's default stream.
  *
- * This first version synchronises after every op, so that the host code around the op
- * table (the model's load-balancing sums, the EP exchange plan) may read what an op
- * wrote, and it reports a failed launch at the op that caused it: slow but plain. The
- * grouped GEMMs read the experts' offsets back to the host (E + 1 integers). Scratch
+ * The ops are ordered by the legacy default stream alone: no op waits for the device.
+ * The host sees device values only through synchronous copies on that stream (download,
+ * the losses, the norms, the experts' offsets), which wait for every op before them, so
+ * no host code reads what an op has not finished. A launch error is reported at the op
+ * that made it (cudaGetLastError); an error inside a kernel at the next synchronous copy.
+ * ESFT_CUDA_SYNC=1 restores a device synchronisation after every op (a kernel's fault
+ * then names its op); ESFT_CUDA_PROFILE=1 does too, and times each op (the table is
+ * logged at backend_cuda_release). The grouped GEMMs read the experts' offsets back to
+ * the host (E + 1 integers). Scratch
  * for the ops that need it is one device buffer, grown on demand and kept; the ops are
  * called from one thread.
  *
@@ -22,6 +27,8 @@
 
 #include <cublas_v2.h>
 #include <stdlib.h>
+#include <string.h>
+#include <time.h>
 
 #include "attention.h"
 #include "check_cuda.h"
@@ -36,11 +43,109 @@ static struct gemm_context *gemm_ctx;
 static void *scratch_buf;
 static size_t scratch_size;
 
-static void ok(int rc, const char *err)
+/* ---- after each op: errors, and the optional synchronisation and profile ------------- */
+enum op_sync { SYNC_UNSET, SYNC_NONE, SYNC_EACH, SYNC_PROFILE };
+static enum op_sync op_sync;
+
+struct op_time {
+    const char *op; /* the op's function name: a string literal, compared by address */
+    long long calls;
+    double seconds, fastest; /* in all; the fastest call */
+};
+static struct op_time op_times[96];
+static int n_op_times;
+static double last_mark; /* when the previous op or transfer ended */
+
+static double now_seconds(void)
 {
-    if (rc != 0) fatal(EXIT_RUNTIME, "cuda backend: %s", err);
-    check_cuda(cudaDeviceSynchronize());
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + 1e-9 * t.tv_nsec;
 }
+
+/* Adds one call of `seconds` to op's line of the profile. */
+static void charge(const char *op, double seconds)
+{
+    int i = 0;
+    while (i < n_op_times && op_times[i].op != op) i++;
+    if (i == n_op_times) {
+        if (n_op_times == (int)(sizeof op_times / sizeof op_times[0])) i = n_op_times - 1;
+        else op_times[n_op_times++] = (struct op_time){op, 0, 0, seconds};
+    }
+    op_times[i].calls++;
+    op_times[i].seconds += seconds;
+    if (seconds < op_times[i].fastest) op_times[i].fastest = seconds;
+}
+
+static enum op_sync sync_mode(void)
+{
+    if (op_sync == SYNC_UNSET) {
+        const char *profile = getenv("ESFT_CUDA_PROFILE"), *each = getenv("ESFT_CUDA_SYNC");
+        op_sync = profile && strcmp(profile, "0") != 0 ? SYNC_PROFILE
+                  : each && strcmp(each, "0") != 0     ? SYNC_EACH
+                                                       : SYNC_NONE;
+        last_mark = now_seconds();
+    }
+    return op_sync;
+}
+
+/* An op begins: under the profile, the time since the previous op ended goes to the
+ * host's bucket (model code, MPI, the phases between ops). */
+static void op_begin(void)
+{
+    if (sync_mode() != SYNC_PROFILE) return;
+    check_cuda(cudaDeviceSynchronize());
+    double t = now_seconds();
+    charge("(host, between ops)", t - last_mark);
+    last_mark = t;
+}
+
+/* An op (or transfer) has been issued: report a launch error; under ESFT_CUDA_SYNC or
+ * ESFT_CUDA_PROFILE wait for it, and under the profile charge the time since the previous
+ * op ended to this one (so it holds the host's time between the two as well). */
+static void op_end(const char *op)
+{
+    enum op_sync mode = sync_mode();
+    if (mode == SYNC_NONE) {
+        check_cuda(cudaGetLastError());
+        return;
+    }
+    check_cuda(cudaDeviceSynchronize());
+    if (mode != SYNC_PROFILE) return;
+    double t = now_seconds();
+    charge(op, t - last_mark);
+    last_mark = t;
+}
+
+static int by_time(const void *a, const void *b)
+{
+    double x = ((const struct op_time *)a)->seconds, y = ((const struct op_time *)b)->seconds;
+    return (x < y) - (x > y);
+}
+
+/* The profile's table, most expensive op first; then it starts again. */
+static void log_profile(void)
+{
+    if (op_sync != SYNC_PROFILE || n_op_times == 0) return;
+    qsort(op_times, (size_t)n_op_times, sizeof op_times[0], by_time);
+    double total = 0;
+    for (int i = 0; i < n_op_times; i++) total += op_times[i].seconds;
+    log_info("cuda profile (ESFT_CUDA_PROFILE: a device sync before and after each op): "
+             "%.3f s in all; op, calls, total, mean and fastest call, share", total);
+    for (int i = 0; i < n_op_times; i++)
+        log_info("cuda profile: %-30s %7lld %10.3f ms %9.4f ms %9.4f ms %5.1f%%", op_times[i].op,
+                 op_times[i].calls, 1e3 * op_times[i].seconds,
+                 1e3 * op_times[i].seconds / (double)op_times[i].calls, 1e3 * op_times[i].fastest,
+                 total > 0 ? 100 * op_times[i].seconds / total : 0);
+    n_op_times = 0;
+}
+
+static void ok_in(int rc, const char *err, const char *op)
+{
+    if (rc != 0) fatal(EXIT_RUNTIME, "cuda backend: %s: %s", op, err);
+    op_end(op);
+}
+#define ok(rc, err) ok_in((rc), (err), __func__)
 
 static struct gemm_context *gemm(void)
 {
@@ -87,6 +192,7 @@ static void need_softmax_topk(const struct router_params *rp)
 
 static void cuda_embedding(float *x, const int32_t *tokens, const float *table, int N, int H)
 {
+    op_begin();
     char err[256];
     ok(dense_embedding(x, tokens, table, N, H, err, sizeof err), err);
 }
@@ -118,7 +224,9 @@ static void forget_constants(void)
 
 static void cuda_constant(const float *p, size_t n)
 {
+    op_begin();
     if (!p) { /* the model is freed: its memory may come back as anything */
+        log_profile(); /* and its phase has ended: the profile so far */
         forget_constants();
         return;
     }
@@ -169,6 +277,7 @@ static const void *bf16_operand(const float *x, size_t n)
 static void cuda_linear(float *y, const float *x, const float *w, const float *bias, int N, int I,
                         int O, bool accumulate)
 {
+    op_begin();
     char err[256];
     const void *wb = bf16_weight(w, (size_t)O * I);
     if (wb) {
@@ -183,6 +292,7 @@ static void cuda_linear(float *y, const float *x, const float *w, const float *b
 static void cuda_rmsnorm(float *y, float *rstd, const float *x, const float *w, int R, int D,
                          float eps)
 {
+    op_begin();
     char err[256];
     ok(dense_rmsnorm(y, rstd, x, w, R, D, eps, err, sizeof err), err);
 }
@@ -215,6 +325,7 @@ static void cuda_rope(float *x, const int32_t *positions, const float *inv_freq,
                       float attention_scaling, int N, int n_heads, int Dh, int rotary_dim,
                       enum hf_rope_layout layout)
 {
+    op_begin();
     char err[256];
     need_rotate_half(layout, "rope");
     ok(dense_rope(x, positions, inv_freq, attention_scaling, N, n_heads, Dh, rotary_dim, 0, err,
@@ -241,6 +352,7 @@ static void cuda_attention(float *out, const float *q, const float *k, const flo
                            const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
                            int Dv, float scale)
 {
+    op_begin();
     char err[256];
     need_equal_widths(Dh, Dv, "attention");
     need_plain_mask(mask, "attention");
@@ -259,11 +371,13 @@ static void cuda_attention(float *out, const float *q, const float *k, const flo
 static void cuda_copy_columns(float *dst, int dst_ld, const float *src, int src_ld, int rows,
                               int cols, bool accumulate)
 {
+    op_begin();
     if (rows <= 0 || cols <= 0) return;
     if (!accumulate) {
         check_cuda(cudaMemcpy2D(dst, (size_t)dst_ld * sizeof(float), src,
                                 (size_t)src_ld * sizeof(float), (size_t)cols * sizeof(float),
                                 (size_t)rows, cudaMemcpyDeviceToDevice));
+        op_end(__func__);
         return;
     }
     const float one = 1.0f;
@@ -273,12 +387,13 @@ static void cuda_copy_columns(float *dst, int dst_ld, const float *src, int src_
     if (status != CUBLAS_STATUS_SUCCESS)
         fatal(EXIT_RUNTIME, "cuda backend: copy_columns: cublasSgeam failed (status %d)",
               (int)status);
-    check_cuda(cudaDeviceSynchronize());
+    op_end(__func__);
 }
 
 static void cuda_router_topk(int32_t *ids, float *weights, float *probs, const float *logits, int N,
                              int E, int K, const struct router_params *rp)
 {
+    op_begin();
     char err[256];
     need_softmax_topk(rp);
     ok(moe_router_topk(ids, weights, probs, logits, N, E, K, rp->renormalise, rp->scaling, err,
@@ -289,6 +404,7 @@ static void cuda_router_topk(int32_t *ids, float *weights, float *probs, const f
 static void cuda_router_balance_stats(float *counts, float *prob_sums, const float *probs,
                                       const int32_t *ids, int N, int E, int K)
 {
+    op_begin();
     char err[256];
     ok(moe_router_balance_stats(counts, prob_sums, probs, ids, N, E, K, err, sizeof err), err);
 }
@@ -296,6 +412,7 @@ static void cuda_router_balance_stats(float *counts, float *prob_sums, const flo
 static void cuda_permute_by_expert(int32_t *expert_offsets, int32_t *slot_of_row,
                                    int32_t *row_of_slot, const int32_t *ids, int N, int K, int E)
 {
+    op_begin();
     char err[256];
     int M = N * K;
     ok(moe_permute_by_expert(expert_offsets, slot_of_row, row_of_slot, ids, M, E,
@@ -306,6 +423,7 @@ static void cuda_permute_by_expert(int32_t *expert_offsets, int32_t *slot_of_row
 static void cuda_gather_rows(float *xs, const float *x, const int32_t *slot_of_row, int M, int K,
                              int H)
 {
+    op_begin();
     char err[256];
     ok(moe_gather_rows(xs, x, slot_of_row, M, K, H, err, sizeof err), err);
 }
@@ -313,6 +431,7 @@ static void cuda_gather_rows(float *xs, const float *x, const int32_t *slot_of_r
 static void cuda_grouped_linear(float *y, const float *x, const float *w, const int32_t *offsets,
                                 int E, int I, int O)
 {
+    op_begin();
     char err[256];
     int32_t *host = host_offsets(offsets, E);
     int rc = 0;
@@ -339,6 +458,7 @@ static void cuda_grouped_linear(float *y, const float *x, const float *w, const 
 static void cuda_glu(float *h, const float *gate, const float *up, size_t count,
                      enum hf_activation act)
 {
+    op_begin();
     char err[256];
     ok(moe_glu(h, gate, up, count, act == ACT_GELU, err, sizeof err), err);
 }
@@ -346,12 +466,14 @@ static void cuda_glu(float *h, const float *gate, const float *up, size_t count,
 static void cuda_glu_clamped(float *h, const float *gate, const float *up, size_t count,
                              float alpha, float limit)
 {
+    op_begin();
     (void)h, (void)gate, (void)up, (void)count, (void)alpha, (void)limit;
     fatal(EXIT_RUNTIME, "cuda backend: glu_clamped is not implemented yet (gpt_oss)");
 }
 
 static void cuda_grouped_bias(float *y, const float *bias, const int32_t *offsets, int E, int O)
 {
+    op_begin();
     (void)y, (void)bias, (void)offsets, (void)E, (void)O;
     fatal(EXIT_RUNTIME, "cuda backend: grouped_bias is not implemented yet (gpt_oss)");
 }
@@ -359,24 +481,28 @@ static void cuda_grouped_bias(float *y, const float *bias, const int32_t *offset
 static void cuda_combine(float *out, const float *ys, const float *weights,
                          const int32_t *row_of_slot, int N, int K, int H, bool accumulate)
 {
+    op_begin();
     char err[256];
     ok(moe_combine(out, ys, weights, row_of_slot, N, K, H, accumulate, err, sizeof err), err);
 }
 
 static void cuda_add_sigmoid_gated(float *y, const float *s, const float *gate_logit, int N, int H)
 {
+    op_begin();
     char err[256];
     ok(moe_add_sigmoid_gated(y, s, gate_logit, N, H, err, sizeof err), err);
 }
 
 static void cuda_clamp(float *x, size_t count, float low, float high)
 {
+    op_begin();
     char err[256];
     ok(dense_clamp(x, count, low, high, err, sizeof err), err);
 }
 
 static void cuda_add(float *y, const float *x, const float *r, size_t count)
 {
+    op_begin();
     char err[256];
     ok(dense_add(y, x, r, count, err, sizeof err), err);
 }
@@ -384,6 +510,7 @@ static void cuda_add(float *y, const float *x, const float *r, size_t count)
 static double cuda_cross_entropy_sum(const float *logits, const int32_t *labels, int N, int V,
                                      long long *counted)
 {
+    op_begin();
     char err[256];
     double *row_loss = scratch((size_t)(N > 0 ? N : 1) * sizeof(double)), total = 0;
     ok(dense_cross_entropy(row_loss, NULL, logits, labels, N, V, 0.0f, err, sizeof err), err);
@@ -395,6 +522,7 @@ static void cuda_linear_backward(float *dx, float *dw, float *dbias, const float
                                  const float *x, const float *w, int N, int I, int O,
                                  bool accumulate_dx)
 {
+    op_begin();
     char err[256];
     const void *wb = !dw && !dbias && dx ? bf16_weight(w, (size_t)O * I) : NULL;
     if (wb) { /* a frozen weight: only dx = dy w, on bf16 operands */
@@ -413,6 +541,7 @@ static void cuda_rmsnorm_backward(float *dx, float *dw, const float *dy, const f
                                   const float *w, const float *rstd, int R, int D,
                                   bool accumulate_dx)
 {
+    op_begin();
     char err[256];
     void *workspace = dw ? scratch(dense_rmsnorm_workspace(R, D)) : NULL;
     ok(dense_rmsnorm_backward(dx, dw, dy, x, w, rstd, R, D, accumulate_dx, workspace, err,
@@ -424,6 +553,7 @@ static void cuda_rope_backward(float *dx, const int32_t *positions, const float 
                                float attention_scaling, int N, int n_heads, int Dh, int rotary_dim,
                                enum hf_rope_layout layout)
 {
+    op_begin();
     char err[256];
     need_rotate_half(layout, "rope_backward");
     ok(dense_rope(dx, positions, inv_freq, attention_scaling, N, n_heads, Dh, rotary_dim, 1, err,
@@ -436,6 +566,7 @@ static void cuda_attention_backward(float *dq, float *dk, float *dv, const float
                                     const float *out, const struct attention_mask *mask, int N,
                                     int nH, int nKV, int Dh, int Dv, float scale)
 {
+    op_begin();
     char err[256];
     need_equal_widths(Dh, Dv, "attention_backward");
     need_plain_mask(mask, "attention_backward");
@@ -453,6 +584,7 @@ static void cuda_router_topk_backward(float *dlogits, const float *dweights, con
                                       const int32_t *ids, int N, int E, int K,
                                       const struct router_params *rp)
 {
+    op_begin();
     char err[256];
     need_softmax_topk(rp);
     ok(moe_router_topk_backward(dlogits, dweights, probs, ids, N, E, K, rp->renormalise,
@@ -463,6 +595,7 @@ static void cuda_router_topk_backward(float *dlogits, const float *dweights, con
 static void cuda_router_balance_backward(float *dlogits, const float *probs, const float *coef,
                                          int N, int E)
 {
+    op_begin();
     char err[256];
     ok(moe_router_balance_backward(dlogits, probs, coef, N, E, err, sizeof err), err);
 }
@@ -471,6 +604,7 @@ static void cuda_grouped_linear_backward(float *dx, float *const *dw, const floa
                                          const float *x, const float *w, const int32_t *offsets,
                                          int E, int I, int O)
 {
+    op_begin();
     char err[256];
     int32_t *host = host_offsets(offsets, E);
     int rc = 0;
@@ -502,6 +636,7 @@ static void cuda_grouped_linear_backward(float *dx, float *const *dw, const floa
 static void cuda_glu_backward(float *dgate, float *dup, const float *dh, const float *gate,
                               const float *up, size_t count, enum hf_activation act)
 {
+    op_begin();
     char err[256];
     ok(moe_glu_backward(dgate, dup, dh, gate, up, count, act == ACT_GELU, err, sizeof err), err);
 }
@@ -510,6 +645,7 @@ static void cuda_combine_backward(float *dys, float *dweights, const float *dout
                                   const float *weights, const int32_t *row_of_slot, int N, int K,
                                   int H)
 {
+    op_begin();
     char err[256];
     ok(moe_combine_backward(dys, dweights, dout, ys, weights, row_of_slot, N, K, H, err, sizeof err),
        err);
@@ -518,6 +654,7 @@ static void cuda_combine_backward(float *dys, float *dweights, const float *dout
 static void cuda_gather_rows_backward(float *dx, const float *dxs, const int32_t *row_of_slot,
                                       int N, int K, int H, bool accumulate)
 {
+    op_begin();
     char err[256];
     ok(moe_gather_rows_backward(dx, dxs, row_of_slot, N, K, H, accumulate, err, sizeof err), err);
 }
@@ -525,6 +662,7 @@ static void cuda_gather_rows_backward(float *dx, const float *dxs, const int32_t
 static void cuda_add_sigmoid_gated_backward(float *ds, float *dgate_logit, const float *dy,
                                             const float *s, const float *gate_logit, int N, int H)
 {
+    op_begin();
     char err[256];
     ok(moe_add_sigmoid_gated_backward(ds, dgate_logit, dy, s, gate_logit, N, H, err, sizeof err),
        err);
@@ -534,6 +672,7 @@ static void cuda_glu_clamped_backward(float *dgate, float *dup, const float *dh,
                                       const float *gate, const float *up, size_t count,
                                       float alpha, float limit)
 {
+    op_begin();
     (void)dgate, (void)dup, (void)dh, (void)gate, (void)up, (void)count, (void)alpha, (void)limit;
     fatal(EXIT_RUNTIME, "cuda backend: glu_clamped_backward is not implemented yet (gpt_oss)");
 }
@@ -541,12 +680,14 @@ static void cuda_glu_clamped_backward(float *dgate, float *dup, const float *dh,
 static void cuda_grouped_bias_backward(float *const *dbias, const float *dy,
                                        const int32_t *offsets, int E, int O)
 {
+    op_begin();
     (void)dbias, (void)dy, (void)offsets, (void)E, (void)O;
     fatal(EXIT_RUNTIME, "cuda backend: grouped_bias_backward is not implemented yet (gpt_oss)");
 }
 
 static void cuda_clamp_backward(float *dx, const float *y, size_t count, float low, float high)
 {
+    op_begin();
     char err[256];
     ok(dense_clamp_backward(dx, y, count, low, high, err, sizeof err), err);
 }
@@ -554,6 +695,7 @@ static void cuda_clamp_backward(float *dx, const float *y, size_t count, float l
 static void cuda_cross_entropy_backward(float *dlogits, const float *logits, const int32_t *labels,
                                         int N, int V, float scale)
 {
+    op_begin();
     char err[256];
     double *row_loss = scratch((size_t)(N > 0 ? N : 1) * sizeof(double));
     ok(dense_cross_entropy(row_loss, dlogits, logits, labels, N, V, scale, err, sizeof err), err);
@@ -562,6 +704,7 @@ static void cuda_cross_entropy_backward(float *dlogits, const float *logits, con
 static void cuda_embedding_backward(float *dtable, const float *dx, const int32_t *tokens, int N,
                                     int H)
 {
+    op_begin();
     char err[256];
     ok(dense_embedding_backward(dtable, dx, tokens, N, H, err, sizeof err), err);
 }
@@ -569,12 +712,14 @@ static void cuda_embedding_backward(float *dtable, const float *dx, const int32_
 static void cuda_adamw(float *data, float *m, float *v, const float *grad, size_t n,
                        const struct adamw_coef *coef)
 {
+    op_begin();
     char err[256];
     ok(optim_adamw(data, m, v, grad, n, *coef, err, sizeof err), err);
 }
 
 static double cuda_sum_squares(const float *x, size_t n)
 {
+    op_begin();
     char err[256];
     double sum = 0;
     ok(optim_sum_squares(&sum, x, n, scratch(optim_sum_squares_workspace(n)), err, sizeof err), err);
@@ -584,12 +729,14 @@ static double cuda_sum_squares(const float *x, size_t n)
 
 static void cuda_scale(float *x, size_t n, float factor)
 {
+    op_begin();
     char err[256];
     ok(optim_scale(x, n, factor, err, sizeof err), err);
 }
 
 static long long cuda_count_correct(const float *logits, const int32_t *labels, int N, int V)
 {
+    op_begin();
     char err[256];
     unsigned long long *correct = scratch(sizeof *correct), host = 0;
     ok(metrics_count_correct(correct, logits, labels, N, V, err, sizeof err), err);
@@ -613,6 +760,7 @@ static void cuda_memory(size_t *in_use, size_t *peak)
 
 static void *cuda_alloc(size_t bytes)
 {
+    op_begin();
     void *p = NULL;
     cudaError_t status = cudaMalloc(&p, bytes ? bytes : 1);
     if (status != cudaSuccess) {
@@ -630,29 +778,38 @@ static void *cuda_alloc(size_t bytes)
 
 static void cuda_release(void *p)
 {
+    op_begin();
     if (p) check_cuda(cudaFree(p));
 }
 
 static void cuda_upload(void *dst, const void *host_src, size_t bytes)
 {
+    op_begin();
     if (bytes) check_cuda(cudaMemcpy(dst, host_src, bytes, cudaMemcpyHostToDevice));
     backend_count_upload(bytes);
+    op_end(__func__);
 }
 
 static void cuda_download(void *host_dst, const void *src, size_t bytes)
 {
+    op_begin();
     if (bytes) check_cuda(cudaMemcpy(host_dst, src, bytes, cudaMemcpyDeviceToHost));
     backend_count_download(bytes);
+    op_end(__func__);
 }
 
 static void cuda_copy(void *dst, const void *src, size_t bytes)
 {
+    op_begin();
     if (bytes) check_cuda(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
+    op_end(__func__);
 }
 
 static void cuda_zero(void *p, size_t bytes)
 {
+    op_begin();
     if (bytes) check_cuda(cudaMemset(p, 0, bytes));
+    op_end(__func__);
 }
 
 const struct backend *backend_cuda(void)
@@ -724,6 +881,7 @@ void backend_cuda_set_tf32(bool on)
 
 void backend_cuda_release(void)
 {
+    log_profile();
     gemm_destroy(gemm_ctx);
     gemm_ctx = NULL;
     forget_constants();

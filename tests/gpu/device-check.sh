@@ -562,6 +562,19 @@ else
         record "esft-bench-$dtype" "$(verdict)" "$seconds" "$(grep -E 'score: [0-9]+ tokens in|train: step [0-9]+/' "$output" |
             sed 's/.*\(score: \|train: step \)/\1/' | cut -c 1-150 | paste -sd ';' -)"
     done
+    # where the time goes: the same training, 8 steps, under ESFT_CUDA_PROFILE=1 (a device
+    # sync before and after each op, each op timed); the table is in the step's output
+    for dtype in tf32 bf16; do
+        eval "esft_profile_$dtype() {
+            e=\"\$work/bench-esft\"
+            cd \"\$work\" && ESFT_CUDA_PROFILE=1 \"\${esft[@]}\" \"\$b/tests/gpu/bench-esft.yaml\" 'phase=[train]' train.steps=8 \
+                model.dtype=$dtype \"run.output_dir=\$e/profile-$dtype\" \"model.path=\$bench_model\" \
+                \"data.path=\$e/data.h5\" \"train.expert_config=\$e/out/expert_config.json\"
+        }"
+        run_step "esft-profile-$dtype" 120 "esft_profile_$dtype"
+        record "esft-profile-$dtype" "$(verdict)" "$seconds" "$(grep 'cuda profile' "$output" | sed -n '2,5p' |
+            sed 's/.*cuda profile: *//' | tr -s ' ' | cut -c 1-70 | paste -sd ';' -)"
+    done
 fi
 
 # ---- the end -------------------------------------------------------------------------
