@@ -428,6 +428,19 @@ static void cuda_gather_rows(float *xs, const float *x, const int32_t *slot_of_r
     ok(moe_gather_rows(xs, x, slot_of_row, M, K, H, err, sizeof err), err);
 }
 
+/* The experts' fp32 (or TF32) GEMMs: all in one cublasGemmGroupedBatchedEx, or
+ * ESFT_CUDA_GROUPED=loop one cuBLAS call per expert. At a few hundred rows an expert the
+ * loop is bound by its launches (128 experts: 128 calls where one would do). */
+static bool grouped_batched(void)
+{
+    static int batched = -1;
+    if (batched < 0) {
+        const char *v = getenv("ESFT_CUDA_GROUPED");
+        batched = !(v && strcmp(v, "loop") == 0);
+    }
+    return batched;
+}
+
 static void cuda_grouped_linear(float *y, const float *x, const float *w, const int32_t *offsets,
                                 int E, int I, int O)
 {
@@ -448,6 +461,9 @@ static void cuda_grouped_linear(float *y, const float *x, const float *w, const 
                     : gemm_linear(gemm(), ye, x + (size_t)host[e] * I, we, NULL, rows, I, O, 0,
                                   GEMM_F32, err, sizeof err);
         }
+    } else if (grouped_batched()) {
+        rc = gemm_grouped_linear_batched(gemm(), y, GEMM_F32, x, w, host, E, I, O, GEMM_F32, err,
+                                         sizeof err);
     } else {
         rc = gemm_grouped_linear(gemm(), y, x, w, host, E, I, O, GEMM_F32, err, sizeof err);
     }
@@ -625,6 +641,9 @@ static void cuda_grouped_linear_backward(float *dx, float *const *dw, const floa
                                           x + (size_t)host[e] * I, we, rows, I, O, 0, GEMM_F32,
                                           NULL, err, sizeof err);
         }
+    } else if (grouped_batched()) {
+        rc = gemm_grouped_linear_backward_batched(gemm(), dx, dw, dy, x, w, host, E, I, O, GEMM_F32,
+                                                  err, sizeof err);
     } else {
         rc = gemm_grouped_linear_backward(gemm(), dx, dw, dy, x, w, host, E, I, O, GEMM_F32, err,
                                           sizeof err);

@@ -598,6 +598,24 @@ static void check_gemm(int N, int I, int O, int E, enum gemm_type type)
                                        sizeof err) == 0, "%s", err);
     expect_floats(d_dx, dx, (size_t)N * I, 1e-5, "gemm_grouped_linear_backward dx");
     for (int e = 0; e < E; e += 2) expect_floats(d_dws[e], dws[e], (size_t)O * I, 1e-5, "grouped dw");
+    if (type == GEMM_F32) { /* the same in one cublasGemmGroupedBatchedEx (fp32 in and out) */
+        CHECK(gemm_grouped_linear_batched(ctx, d_y, GEMM_F32, d_x, d_w, offsets, E, I, O, type, err,
+                                          sizeof err) == 0, "%s", err);
+        expect_floats(d_y, ys, (size_t)N * O, 1e-5, "gemm_grouped_linear_batched");
+        for (int e = 0; e < E; e += 2) { /* dw accumulates: once more from the same start */
+            float *again = random_floats(&rng, (size_t)O * I, -1, 1);
+            device_free(d_dws[e]);
+            d_dws[e] = to_device(again, (size_t)O * I * sizeof(float));
+            memcpy(dws[e], again, (size_t)O * I * sizeof(float));
+            free(again);
+        }
+        cpu->grouped_linear_backward(dx, dws, dy, x, w, offsets, E, I, O);
+        CHECK(gemm_grouped_linear_backward_batched(ctx, d_dx, d_dws, d_dy, d_x, d_w, offsets, E, I, O,
+                                                   type, err, sizeof err) == 0, "%s", err);
+        expect_floats(d_dx, dx, (size_t)N * I, 1e-5, "gemm_grouped_linear_backward_batched dx");
+        for (int e = 0; e < E; e += 2)
+            expect_floats(d_dws[e], dws[e], (size_t)O * I, 1e-5, "grouped batched dw");
+    }
     printf("cuBLAS GEMMs, N %d I %d O %d E %d, %s operands: compared with the CPU backend\n", N, I, O,
            E, type == GEMM_BF16 ? "bf16" : "fp32");
     for (int e = 0; e < E; e++) free(dws[e]), device_free(d_dws[e]);
