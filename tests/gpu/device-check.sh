@@ -529,6 +529,13 @@ else
     record torch-qwen3-moe "$(verdict)" "$seconds" "$(figures "$output")"
 fi
 
+# steady FILE: the mean step time over the second half of the training steps, from the
+# cumulative tokens/s that esft logs after each step (step n at rate r: n * 4096 / r s).
+steady() {
+    sed -n 's/.*train: step \([0-9]*\)\/\([0-9]*\) .* \([0-9.]*\) tokens\/s.*/\1 \2 \3/p' "$1" |
+        awk '{ t[$1] = $1 * 4096 / $3; n = $2 } END { h = int(n / 2); if (n < 2 || !(n in t)) { print "no step times"; exit }
+               printf "steps %d-%d: %.1f ms/step (%.0f tokens/s)", h + 1, n, 1e3 * (t[n] - t[h]) / (n - h), (n - h) * 4096 / (t[n] - t[h]) }'
+}
 # ---- (e') esft on the same model -----------------------------------------------------------
 bench_model="$work/bench-model"
 if ! want esft-bench; then
@@ -550,29 +557,39 @@ else
     run_step esft-bench 200 esft_bench
     record esft-bench "$(verdict)" "$seconds" "$(grep -E 'score: [0-9]+ tokens in|train: step [0-9]+/' "$output" |
         sed 's/.*\(score: \|train: step \)/\1/' | cut -c 1-150 | paste -sd ';' -)"
-    # the same score and steps on the tensor cores: tf32, then bf16
-    for dtype in tf32 bf16; do
-        eval "esft_bench_$dtype() {
+    # the same score and steps on the tensor cores: tf32, then bf16; then tf32 with the
+    # experts' GEMMs one call per expert (ESFT_CUDA_GROUPED=loop), the baseline of the
+    # grouped call
+    for variant in tf32 bf16 tf32-loop; do
+        dtype=${variant%-loop}
+        grouped=batched
+        [ "$variant" = tf32-loop ] && grouped=loop
+        eval "esft_bench_${variant//-/_}() {
             e=\"\$work/bench-esft\"
-            cd \"\$work\" && \"\${esft[@]}\" \"\$b/tests/gpu/bench-esft.yaml\" 'phase=[score,train]' \
-                model.dtype=$dtype \"run.output_dir=\$e/$dtype\" \"model.path=\$bench_model\" \
-                \"data.path=\$e/data.h5\" \"train.expert_config=\$e/out/expert_config.json\"
+            cd \"\$work\" && ESFT_CUDA_GROUPED=$grouped \"\${esft[@]}\" \"\$b/tests/gpu/bench-esft.yaml\" \
+                'phase=[score,train]' model.dtype=$dtype \"run.output_dir=\$e/$variant\" \
+                \"model.path=\$bench_model\" \"data.path=\$e/data.h5\" \
+                \"train.expert_config=\$e/out/expert_config.json\"
         }"
-        run_step "esft-bench-$dtype" 120 "esft_bench_$dtype"
-        record "esft-bench-$dtype" "$(verdict)" "$seconds" "$(grep -E 'score: [0-9]+ tokens in|train: step [0-9]+/' "$output" |
-            sed 's/.*\(score: \|train: step \)/\1/' | cut -c 1-150 | paste -sd ';' -)"
+        run_step "esft-bench-$variant" 120 "esft_bench_${variant//-/_}"
+        record "esft-bench-$variant" "$(verdict)" "$seconds" "$(steady "$output"); $(grep -E 'score: [0-9]+ tokens in' "$output" |
+            sed 's/.*\(score: \)/\1/' | cut -c 1-80)"
     done
-    # where the time goes: the same training, 8 steps, under ESFT_CUDA_PROFILE=1 (a device
-    # sync before and after each op, each op timed); the table is in the step's output
-    for dtype in tf32 bf16; do
-        eval "esft_profile_$dtype() {
+    # where the time goes: the same training under ESFT_CUDA_PROFILE=1 (a device sync
+    # before and after each op, each op timed); the table is in the step's output
+    for variant in tf32 bf16 tf32-loop; do
+        dtype=${variant%-loop}
+        grouped=batched
+        [ "$variant" = tf32-loop ] && grouped=loop
+        eval "esft_profile_${variant//-/_}() {
             e=\"\$work/bench-esft\"
-            cd \"\$work\" && ESFT_CUDA_PROFILE=1 \"\${esft[@]}\" \"\$b/tests/gpu/bench-esft.yaml\" 'phase=[train]' train.steps=8 \
-                model.dtype=$dtype \"run.output_dir=\$e/profile-$dtype\" \"model.path=\$bench_model\" \
+            cd \"\$work\" && ESFT_CUDA_PROFILE=1 ESFT_CUDA_GROUPED=$grouped \"\${esft[@]}\" \
+                \"\$b/tests/gpu/bench-esft.yaml\" 'phase=[train]' model.dtype=$dtype \
+                \"run.output_dir=\$e/profile-$variant\" \"model.path=\$bench_model\" \
                 \"data.path=\$e/data.h5\" \"train.expert_config=\$e/out/expert_config.json\"
         }"
-        run_step "esft-profile-$dtype" 120 "esft_profile_$dtype"
-        record "esft-profile-$dtype" "$(verdict)" "$seconds" "$(grep 'cuda profile' "$output" | sed -n '2,5p' |
+        run_step "esft-profile-$variant" 120 "esft_profile_${variant//-/_}"
+        record "esft-profile-$variant" "$(verdict)" "$seconds" "$(grep 'cuda profile' "$output" | sed -n '2,6p' |
             sed 's/.*cuda profile: *//' | tr -s ' ' | cut -c 1-70 | paste -sd ';' -)"
     done
 fi
