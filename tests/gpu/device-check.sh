@@ -559,15 +559,17 @@ else
         sed 's/.*\(score: \|train: step \)/\1/' | cut -c 1-150 | paste -sd ';' -)"
     # the same score and steps on the tensor cores: tf32, then bf16; then tf32 with the
     # experts' GEMMs one call per expert (ESFT_CUDA_GROUPED=loop), the baseline of the
-    # grouped call
-    for variant in tf32 bf16 tf32-loop; do
-        dtype=${variant%-loop}
+    # grouped call; and a full fine-tuning step (tf32; every parameter trained, AdamW on all)
+    for variant in tf32 bf16 tf32-loop tf32-full; do
+        dtype=${variant%-*}
         grouped=batched
         [ "$variant" = tf32-loop ] && grouped=loop
+        phases="'phase=[score,train]'"
+        [ "$variant" = tf32-full ] && phases="'phase=[train]' train.method=full"
         eval "esft_bench_${variant//-/_}() {
             e=\"\$work/bench-esft\"
             cd \"\$work\" && ESFT_CUDA_GROUPED=$grouped \"\${esft[@]}\" \"\$b/tests/gpu/bench-esft.yaml\" \
-                'phase=[score,train]' model.dtype=$dtype \"run.output_dir=\$e/$variant\" \
+                $phases model.dtype=$dtype \"run.output_dir=\$e/$variant\" \
                 \"model.path=\$bench_model\" \"data.path=\$e/data.h5\" \
                 \"train.expert_config=\$e/out/expert_config.json\"
         }"
@@ -578,7 +580,7 @@ else
     # where the time goes: the same training under ESFT_CUDA_PROFILE=1 (a device sync
     # before and after each op, each op timed); the table is in the step's output
     for variant in tf32 bf16 tf32-loop; do
-        dtype=${variant%-loop}
+        dtype=${variant%-*}
         grouped=batched
         [ "$variant" = tf32-loop ] && grouped=loop
         eval "esft_profile_${variant//-/_}() {
