@@ -181,6 +181,11 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
         const struct layer_weights *w = &m->layers[l];
         const struct layer_grads *g = &m->grads[l];
         const struct layer_activations *a = &ws->layers[l];
+        if (ws->recompute && l < end - 1) { /* the shared set holds the last layer's forward */
+            ws->recomputing = true;
+            ws_layer_forward(m, ops, ws, batch, l);
+            ws->recomputing = false;
+        }
         /* the lowest trainable layer, training only its MLP: no input gradient at all */
         float *dhn = l == floor && m->floor_mlp_only ? NULL : ws->dxn;
         /* x_next = h + ffn: ws->dx is both d h and d ffn */

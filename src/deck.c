@@ -345,8 +345,9 @@ static const struct key schema[] = {
     {KEY("train.export_merged", KEY_BOOL, train.export_merged), .def = "false",
      .help = "also export a merged, complete Hugging Face checkpoint"},
     {KEY("train.recompute", KEY_BOOL, train.recompute), .def = "false",
-     .help = "recompute activations in the backward pass (gradient checkpointing): not "
-             "implemented yet, so true is refused; every layer's activations are kept"},
+     .help = "recompute each layer's forward in the backward pass (activation "
+             "checkpointing): keep only each layer's input, one layer's activations in all; "
+             "gradients bitwise unchanged, about one more forward per step"},
     {KEY("train.lora_rank", KEY_INT, train.lora_rank), .def = "64", .bounds = LO, .lo = 1,
      .help = "LoRA rank r (method lora)"},
     {KEY("train.lora_alpha", KEY_DOUBLE, train.lora_alpha), .def = "16", .bounds = LO | LO_OPEN,
@@ -1548,11 +1549,6 @@ int deck_finish(struct deck *deck, char *err, size_t err_size)
         deck_where(deck, "select.bootstrap", where, sizeof where);
         errors_add(&errors, "%s: select.bootstrap with select.union_tasks is not implemented "
                    "yet (the stability of a summed selection only)", where);
-    }
-    if ((selected & BY(TRAIN)) && deck->train.recompute) {
-        deck_where(deck, "train.recompute", where, sizeof where);
-        errors_add(&errors, "%s: train.recompute: true is not implemented yet (every layer's "
-                   "activations are kept for the backward); leave it false", where);
     }
     if ((selected & (BY(SCORE) | BY(TRAIN) | BY(EVAL))) && deck->model.dtype == DTYPE_FP16) {
         deck_where(deck, "model.dtype", where, sizeof where);

@@ -316,6 +316,22 @@ double ws_balance_loss(const struct model *m, const struct forward_workspace *ws
     return (double)E * aux;
 }
 
+void ws_layer_forward(const struct model *m, const struct backend *ops,
+                      struct forward_workspace *ws, const struct batch *batch, int l)
+{
+    const struct model_config *c = &m->cfg;
+    const struct layer_weights *w = &m->layers[l];
+    struct layer_activations *a = &ws->layers[l];
+    int N = batch->N, H = c->hidden_size;
+    attention_block(m, ops, a, batch, l);
+    ops->rmsnorm(a->hn, a->rstd_post, a->h, w->post_norm, N, H, (float)c->rms_norm_eps);
+    if (c->is_moe[l])
+        moe_block(m, ops, ws, a, N, l);
+    else
+        dense_mlp(ops, a->ffn, a->hn, w->mlp_gate, w->mlp_up, w->mlp_down, a->mlp_gate,
+                  a->mlp_up, a->mlp_act, N, H, c->intermediate_size, c->hidden_act);
+}
+
 void model_forward(const struct model *m, const struct backend *ops, struct forward_workspace *ws,
                    const struct batch *batch, struct forward_result *result)
 {
@@ -348,15 +364,8 @@ void model_forward(const struct model *m, const struct backend *ops, struct forw
     }
     seq_aux_begin(m, ws, batch);
     for (int l = first; l < end; l++) {
-        const struct layer_weights *w = &m->layers[l];
         struct layer_activations *a = &ws->layers[l];
-        attention_block(m, ops, a, batch, l);
-        ops->rmsnorm(a->hn, a->rstd_post, a->h, w->post_norm, N, H, (float)c->rms_norm_eps);
-        if (c->is_moe[l])
-            moe_block(m, ops, ws, a, N, l);
-        else
-            dense_mlp(ops, a->ffn, a->hn, w->mlp_gate, w->mlp_up, w->mlp_down, a->mlp_gate,
-                      a->mlp_up, a->mlp_act, N, H, c->intermediate_size, c->hidden_act);
+        ws_layer_forward(m, ops, ws, batch, l);
         float *next = l + 1 < end ? ws->layers[l + 1].x : ws->x_final;
         ops->add(next, a->h, a->ffn, (size_t)N * H); /* x = h + feed-forward */
     }

@@ -237,6 +237,14 @@ struct forward_workspace;
 struct forward_workspace *forward_workspace_new(const struct model *model, int max_tokens);
 struct forward_workspace *forward_workspace_new_training(const struct model *model,
                                                         int max_tokens);
+/* A training workspace that keeps only each layer's input (activation checkpointing,
+ * train.recompute): one set of the other activations serves every layer, and
+ * model_backward runs each layer's forward again, from its input, before the layer's
+ * backward. The gradients are bitwise those of forward_workspace_new_training (the
+ * same ops on the same values); activations take one layer's memory plus an [N, H]
+ * input per layer. */
+struct forward_workspace *forward_workspace_new_recompute(const struct model *model,
+                                                         int max_tokens);
 void forward_workspace_free(struct forward_workspace *ws);
 
 /* What the host reads of a forward_result when the model is attached to a backend whose

@@ -69,6 +69,8 @@ enum { WS_VOCAB_CHUNK = 4096 };
 struct forward_workspace {
     int max_tokens, n_layers;
     bool training;
+    bool recompute;   /* one activation set for all layers, inputs kept (train.recompute) */
+    bool recomputing; /* model_backward is running a layer's forward again */
     /* where the buffers live: the model's backend (NULL: host memory), and whether the
      * host cannot read them (staged: results and exchanges go through host copies) */
     const struct backend *mem;
@@ -120,6 +122,11 @@ struct forward_workspace {
     } host, buffers;
 };
 
+
+/* Layer l's forward, from ws->layers[l].x to its feed-forward output ws->layers[l].ffn
+ * (the caller adds the residual); forward.c, and backward.c when it recomputes. */
+void ws_layer_forward(const struct model *m, const struct backend *ops,
+                      struct forward_workspace *ws, const struct batch *batch, int l);
 
 /* The most token-slot rows this rank's experts can receive for batches of N tokens on
  * each rank of the EP group (N * K when ep = 1). */

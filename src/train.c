@@ -317,7 +317,9 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     int n_ws = grid->pp - layout->me.pp_rank;
     if (n_ws > micro_batches) n_ws = micro_batches > 0 ? micro_batches : 1;
     struct forward_workspace *ws[n_ws];
-    for (int k = 0; k < n_ws; k++) ws[k] = forward_workspace_new_training(&model, capacity);
+    for (int k = 0; k < n_ws; k++)
+        ws[k] = tr->recompute ? forward_workspace_new_recompute(&model, capacity)
+                              : forward_workspace_new_training(&model, capacity);
     struct forward_workspace *eval_ws = forward_workspace_new(&model, seq_len);
     bool validate = val.n_blocks > 0 && tr->eval_every > 0; /* eval_every 0: never */
 

@@ -669,8 +669,7 @@ static void test_requirements(void)
           "%s", err);
     CHECK(finish_count("phase: select\nselect: {bootstrap: 100}\n", err) == 0, "%s", err);
     CHECK(finish_count("phase: train\nmodel: {path: m}\ndata: {path: d}\n"
-                       "train: {method: full, recompute: true}\n", err) == 1 &&
-              has_error(err, "", "train.recompute: true is not implemented yet"), "%s", err);
+                       "train: {method: full, recompute: true}\n", err) == 0, "%s", err);
 #ifdef HAVE_CUDA
     CHECK(finish_count("phase: eval\nrun: {backend: cuda}\nmodel: {path: m, dtype: tf32}\n"
                        "data: {path: d}\n", err) == 0, "%s", err);
