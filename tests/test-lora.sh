@@ -4,7 +4,8 @@
 # (adapter_model.safetensors + adapter_config.json) and the merged checkpoint are written,
 # and the merged model's eval loss is below the base model's; a run stopped at step 4 and
 # resumed writes the uninterrupted run's adapter and merged weights bit for bit; pp 2 (its
-# own gradient path across stages) writes the same adapter bit for bit; routed-expert
+# own gradient path across stages) and the device simulator write the same adapter bit for
+# bit; train_router adds the routers as modules_to_save; routed-expert
 # targets and unknown targets are refused with the reason. The numbers against PEFT
 # itself are test_lora's (golden fixtures).
 set -u
@@ -61,6 +62,22 @@ expect 0 "lora, pp 2" $mpirun 2 "$esft" "$demo" phase=train "run.output_dir=$d/p
     parallel.pp=2 train.export_merged=false
 cmp -s "$d/lora/adapter/adapter_model.safetensors" "$d/pp2/adapter/adapter_model.safetensors" && ok ||
     fail "pp 2: the adapter differs from 1 rank's"
+
+# the device simulator (the backend orchestration the CUDA backend runs) writes the same
+# adapter as the CPU backend
+# shellcheck disable=SC2086
+expect 0 "lora, cpu-devsim" "$esft" "$demo" phase=train "run.output_dir=$d/devsim" $common $lora \
+    run.backend=cpu-devsim train.export_merged=false
+cmp -s "$d/lora/adapter/adapter_model.safetensors" "$d/devsim/adapter/adapter_model.safetensors" &&
+    ok || fail "cpu-devsim: the adapter differs from the CPU backend's"
+
+# train.lora.train_router: the routers train in full, saved as PEFT's modules_to_save
+# shellcheck disable=SC2086
+expect 0 "lora + routers" "$esft" "$demo" phase=train "run.output_dir=$d/router" $common $lora \
+    train.steps=2 train.export_merged=false train.lora.train_router=true
+contains "$d/router/adapter/adapter_config.json" '"model.layers.0.mlp.gate"' "modules_to_save"
+contains "$d/router/adapter/adapter_model.safetensors" 'base_model.model.model.layers.0.mlp.gate.weight' \
+    "the router's modules_to_save copy"
 
 # shellcheck disable=SC2086
 expect 2 "routed experts refused" "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common \
