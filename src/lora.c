@@ -115,8 +115,8 @@ void lora_forward(const struct backend *ops, float *y, float *t, const float *x,
 }
 
 void lora_backward(const struct backend *ops, float *dx, float *da, float *db, float *dt,
-                   const float *dy, const float *x, const float *t, const float *a,
-                   const float *b, int N, int I, int O, int r, float scale)
+                   const float *dy, const float *x, const float *t, const float *a, const float *b,
+                   int N, int I, int O, int r, float scale)
 {
     if (N == 0) return;
     /* y += t B^T: dt = dy B, dB += dy^T t */
@@ -141,6 +141,5 @@ void lora_adapt_backward(const struct model *m, const struct backend *ops, int l
     if (!m->lora || !m->lora[l].a[target]) return;
     const struct layer_lora *g = m->lora_grads ? &m->lora_grads[l] : NULL;
     lora_backward(ops, dx, g ? g->a[target] : NULL, g ? g->b[target] : NULL, dt, dy, x, t,
-                  m->lora[l].a[target], m->lora[l].b[target], N, I, O, m->lora_rank,
-                  m->lora_scale);
+                  m->lora[l].a[target], m->lora[l].b[target], N, I, O, m->lora_rank, m->lora_scale);
 }

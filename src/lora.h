@@ -79,7 +79,7 @@ void lora_forward(const struct backend *ops, float *y, float *t, const float *x,
  * (dy B)^T x, and dx[N,I] += scale * (dy B) A when dx is not NULL (always added: the base
  * linear's backward wrote it first). dt [N,r] is scratch. */
 void lora_backward(const struct backend *ops, float *dx, float *da, float *db, float *dt,
-                   const float *dy, const float *x, const float *t, const float *a,
-                   const float *b, int N, int I, int O, int r, float scale);
+                   const float *dy, const float *x, const float *t, const float *a, const float *b,
+                   int N, int I, int O, int r, float scale);
 
 #endif

@@ -71,8 +71,10 @@ static void check_fixture(const char *dir, const char *name, void *context)
     struct st_file *ref = st_open(path, err, sizeof err);
     CHECK(ref != NULL, "%s", err);
     if (!ref) return;
-    struct lora_spec spec = {.r = (int)scalar(ref, "lora.r"), .alpha = scalar(ref, "lora.alpha"),
-                             .rslora = scalar(ref, "lora.rslora") != 0, .targets = ALL_TARGETS};
+    struct lora_spec spec = {.r = (int)scalar(ref, "lora.r"),
+                             .alpha = scalar(ref, "lora.alpha"),
+                             .rslora = scalar(ref, "lora.rslora") != 0,
+                             .targets = ALL_TARGETS};
     struct layout_grid grid = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
     struct model m;
     model_create_lora(&m, &cfg, &grid, (struct layout_coords){0, 0, 0}, &spec, 7);
@@ -85,8 +87,8 @@ static void check_fixture(const char *dir, const char *name, void *context)
         adapters++;
         const struct st_tensor *t = st_file_find(ref, p->name);
         CHECK(t && (size_t)t->numel == p->numel && t->rank == 2 && t->shape[0] == p->shape[0],
-              "%s: %s not in PEFT's adapter as [%lld, %lld]", name, p->name,
-              (long long)p->shape[0], (long long)p->shape[1]);
+              "%s: %s not in PEFT's adapter as [%lld, %lld]", name, p->name, (long long)p->shape[0],
+              (long long)p->shape[1]);
         if (t && (size_t)t->numel == p->numel)
             CHECK(st_read_f32(t, p->data, p->numel, err, sizeof err) == 0, "%s", err);
     }
@@ -124,7 +126,8 @@ static void check_fixture(const char *dir, const char *name, void *context)
         double scale, diff = max_diff(p->grad, g, p->numel, &scale);
         double rel = scale > 1e-8 ? diff / scale : diff;
         CHECK(scale > 0, "%s: PEFT's gradient of %s is zero (B must be nonzero)", name, p->name);
-        CHECK(rel < 1e-3, "%s: %s: relative error %.3g (max |grad| %.3g)", name, p->name, rel, scale);
+        CHECK(rel < 1e-3, "%s: %s: relative error %.3g (max |grad| %.3g)", name, p->name, rel,
+              scale);
         worst = fmax(worst, rel);
         free(g);
     }
@@ -147,10 +150,12 @@ static void check_fixture(const char *dir, const char *name, void *context)
     CHECK(model_load(&plain, out, err, sizeof err) == 0, "%s", err);
     float *merged = logits_of(&plain, &fb.batch);
     size_t n = (size_t)fb.batch.N * (size_t)cfg.vocab_size;
-    double scale, d1 = max_diff(merged_here, adapted, n, &scale), d2 = max_diff(merged, adapted, n, &scale);
+    double scale, d1 = max_diff(merged_here, adapted, n, &scale),
+                  d2 = max_diff(merged, adapted, n, &scale);
     CHECK(d1 < 1e-4 * scale && d2 < 1e-4 * scale,
           "%s: merged logits differ from the adapter-applied ones by %.3g (in place) and %.3g "
-          "(exported), max |logit| %.3g", name, d1, d2, scale);
+          "(exported), max |logit| %.3g",
+          name, d1, d2, scale);
     printf("%s: merged export vs adapter-applied logits: max difference %.2e (max |logit| %.2f)\n",
            name, d2, scale);
     free(adapted), free(merged_here), free(merged);
@@ -188,12 +193,16 @@ static void check_init(const char *golden)
             if (p->lora_b) CHECK(p->data[j] == 0.0f, "%s: B not zero", p->name);
             most = fmax(most, fabs(p->data[j]));
             differ += p->data[j] != b.params[i].data[j];
-            if (c.params[i].data) CHECK(c.params[i].data[j] == p->data[j], "%s: layout-dependent", p->name);
+            if (c.params[i].data)
+                CHECK(c.params[i].data[j] == p->data[j], "%s: layout-dependent", p->name);
         }
-        if (!p->lora_b) CHECK(most <= bound && most > 0.5 * bound, "%s: max |A| %g, bound %g", p->name, most, bound);
+        if (!p->lora_b)
+            CHECK(most <= bound && most > 0.5 * bound, "%s: max |A| %g, bound %g", p->name, most,
+                  bound);
         checked++;
     }
-    CHECK(checked == 42 && differ > 0, "init: %d adapters, %d values differ by seed", checked, differ);
+    CHECK(checked == 42 && differ > 0, "init: %d adapters, %d values differ by seed", checked,
+          differ);
     model_free(&a), model_free(&b), model_free(&c);
 
     unsigned t;
@@ -203,12 +212,15 @@ static void check_init(const char *golden)
     CHECK(lora_parse_targets(bad, 2, &t, err, sizeof err) != 0 && strstr(err, "routed experts") &&
               strstr(err, "target_parameters"),
           "experts refused with the reason: %s", err);
-    CHECK(lora_parse_targets(unknown, 1, &t, err, sizeof err) != 0 && strstr(err, "'w1'"), "%s", err);
+    CHECK(lora_parse_targets(unknown, 1, &t, err, sizeof err) != 0 && strstr(err, "'w1'"), "%s",
+          err);
     CHECK(lora_target_of("model.layers.0.mlp.experts.3.gate_proj.weight", ALL_TARGETS) < 0,
           "routed experts are not dense MLPs");
     CHECK(lora_target_of("model.layers.0.mlp.shared_expert.up_proj.weight", ALL_TARGETS) ==
-              LORA_SHARED_UP, "shared expert");
-    CHECK(fabsf(lora_scale(&(struct lora_spec){.r = 16, .alpha = 8, .rslora = true}) - 2.0f) < 1e-7f &&
+              LORA_SHARED_UP,
+          "shared expert");
+    CHECK(fabsf(lora_scale(&(struct lora_spec){.r = 16, .alpha = 8, .rslora = true}) - 2.0f) <
+                  1e-7f &&
               fabsf(lora_scale(&(struct lora_spec){.r = 16, .alpha = 8}) - 0.5f) < 1e-7f,
           "scale alpha/r, rsLoRA alpha/sqrt(r)");
 }
