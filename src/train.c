@@ -150,9 +150,6 @@ static void log_eval(long long step, double loss, int n_blocks)
         log_info("train: step %lld  eval loss %.6f (%d validation blocks)", step, loss, n_blocks);
 }
 
-/* The balance loss esft adds is the family's (hfconfig.h, enum hf_aux_kind). The sigmoid
- * routers of deepseek_v3 and glm4_moe have none in transformers (5.24), and the ESFT
- * reference trains DeepSeek-V2 only: a coefficient would train a term nobody defines. */
 /* Method lora: the adapters the deck asks for, and whether this model's modules take
  * them (multi-head latent attention has no q/k/v/o projections of the GQA form esft
  * adapts). */
@@ -180,6 +177,9 @@ static int lora_spec_of(const struct deck *deck, const struct model_config *cfg,
     return 0;
 }
 
+/* The balance loss esft adds is the family's (hfconfig.h, enum hf_aux_kind). The sigmoid
+ * routers of deepseek_v3 and glm4_moe have none in transformers (5.24), and the ESFT
+ * reference trains DeepSeek-V2 only: a coefficient would train a term nobody defines. */
 int train_check_model(const struct deck *deck, const struct model_config *cfg, char *err,
                       size_t err_size)
 {
@@ -283,10 +283,10 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         n_total += model.params[i].numel;
         if (trainable[i]) n_trainable += model.params[i].numel, n_tensors++;
     }
-    const char *method = tr->method == METHOD_ESFT           ? "esft"
-                         : tr->method == METHOD_FULL         ? "full"
-                         : tr->method == METHOD_LORA         ? "lora"
-                                                             : "frozen_router";
+    const char *method = tr->method == METHOD_ESFT   ? "esft"
+                         : tr->method == METHOD_FULL ? "full"
+                         : tr->method == METHOD_LORA ? "lora"
+                                                     : "frozen_router";
     if (n_tensors == 0) /* every rank holds the whole table, so all agree */
         fatal_all(EXIT_INPUT, "train: method %s selects no tensor of %s to train", method,
                   deck->model.path);
