@@ -137,6 +137,8 @@ static void alloc_layer(struct forward_workspace *ws, const struct model *m, int
             a->shared_logit = ws_alloc(ws, N * f);
         }
     }
+    for (int t = 0; m->lora && t < LORA_TARGET_COUNT; t++) /* N x r each, every target */
+        a->lora_t[t] = ws_alloc(ws, N * (size_t)m->lora_rank * f);
     if (!moe || !ws->training || ws->recompute) { /* a shared set may serve dense layers */
         a->mlp_gate = ws_alloc(ws, N * (D ? D : 1) * f);
         a->mlp_up = ws_alloc(ws, N * (D ? D : 1) * f);
@@ -278,6 +280,7 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
         ws->dgate = ws_alloc(ws, cap * I * f);
         ws->dup = ws_alloc(ws, cap * I * f);
         if (m->grid.ep > 1) ws->dye = ws_alloc(ws, cap * H * f);
+        if (m->lora) ws->dlora = ws_alloc(ws, N * (size_t)m->lora_rank * f);
         ws->dweights = ws_alloc(ws, M * f);
         ws->drouter = ws_alloc(ws, N * E * f);
         ws->dshared_a = ws_alloc(ws, N * wide * f);

@@ -11,7 +11,8 @@
  * gemm.h), dense and grouped, forward and backward, fp32 and bf16 operands (the CPU
  * given the same bf16-rounded values), to 1e-5; attention forward (1e-5) and backward
  * (1e-4) over packed samples with grouped KV heads; the CUDA op table (src/cuda_ops.c) on
- * a MoE block, forward and backward, against the CPU op table. The router's probabilities
+ * a MoE block, forward and backward, against the CPU op table; LoRA's adapter path
+ * (lora.h: linear, scale, linear_backward of the op table) against the CPU's. The router's probabilities
  * are held to a double reference within a bound derived from the kernel's order of
  * summation; router rows with NaN logits must route as the CPU does; a determinism group
  * runs a chain of reducing kernels twice and wants the same bits.
@@ -43,6 +44,7 @@
 #include "device.h"
 #include "gemm.h"
 #include "log.h"
+#include "lora.h"
 #include "moe.h"
 #include "optimizer.h"
 #include "rng.h"
@@ -902,6 +904,43 @@ static void check_cuda_ops(int N, int H, int E, int K, int I)
 #undef RELEASE
     backend_cuda_release();
 }
+/* ---- LoRA: the adapter path (lora.h) through the CUDA op table -------------------------- */
+
+/* lora_forward and lora_backward on x [N,I], A [r,I], B [O,r] from dy [N,O], on the CUDA
+ * op table and the CPU's: y (added to a random base output), t, dx (added to a random
+ * base input gradient), dA, dB (added to random earlier gradients). */
+static void check_lora(int N, int I, int O, int r, float scale)
+{
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)N * 31 + (uint64_t)r);
+    size_t nx = (size_t)N * I, ny = (size_t)N * O, nt = (size_t)N * r, na = (size_t)r * I,
+           nb = (size_t)O * r;
+    float *x = random_floats(&rng, nx, -1, 1), *a = random_floats(&rng, na, -0.5f, 0.5f);
+    float *b = random_floats(&rng, nb, -0.5f, 0.5f), *dy = random_floats(&rng, ny, -1, 1);
+    float *y = random_floats(&rng, ny, -1, 1), *dx = random_floats(&rng, nx, -1, 1);
+    float *da = random_floats(&rng, na, -0.1f, 0.1f), *db = random_floats(&rng, nb, -0.1f, 0.1f);
+    float *t = xcalloc(nt, sizeof(float)), *dt = xcalloc(nt, sizeof(float));
+    float *d_x = to_device(x, nx * 4), *d_a = to_device(a, na * 4), *d_b = to_device(b, nb * 4);
+    float *d_dy = to_device(dy, ny * 4), *d_y = to_device(y, ny * 4), *d_dx = to_device(dx, nx * 4);
+    float *d_da = to_device(da, na * 4), *d_db = to_device(db, nb * 4), *d_t = to_device(t, nt * 4);
+    float *d_dt = to_device(dt, nt * 4);
+    lora_forward(backend_cpu(), y, t, x, a, b, N, I, O, r, scale);
+    lora_backward(backend_cpu(), dx, da, db, dt, dy, x, t, a, b, N, I, O, r, scale);
+    lora_forward(backend_cuda(), d_y, d_t, d_x, d_a, d_b, N, I, O, r, scale);
+    lora_backward(backend_cuda(), d_dx, d_da, d_db, d_dt, d_dy, d_x, d_t, d_a, d_b, N, I, O, r,
+                  scale);
+    expect_floats(d_y, y, ny, 1e-5, "lora: y");
+    expect_floats(d_t, t, nt, 1e-5, "lora: t");
+    expect_floats(d_dx, dx, nx, 1e-4, "lora: dx");
+    expect_floats(d_da, da, na, 1e-4, "lora: dA");
+    expect_floats(d_db, db, nb, 1e-4, "lora: dB");
+    printf("lora N %d I %d O %d r %d: compared with the CPU backend\n", N, I, O, r);
+    void *device_buffers[] = {d_x, d_a, d_b, d_dy, d_y, d_dx, d_da, d_db, d_t, d_dt};
+    FREE_ON_DEVICE(device_buffers);
+    free(x), free(a), free(b), free(dy), free(y), free(dx), free(da), free(db), free(t), free(dt);
+    backend_cuda_release();
+}
+
 /* ---- determinism: the same inputs twice, the same bits ---------------------------------- */
 
 /* Device results downloaded one after another into one host buffer. */
@@ -1140,6 +1179,13 @@ static void group_gemm(void)
     check_gemm(4096, 2048, 768, 16, GEMM_BF16); /* Qwen3-30B-A3B's expert shape */
 }
 
+static void group_lora(void)
+{
+    check_lora(1, 16, 24, 1, 2.0f);
+    check_lora(300, 2048, 512, 16, 0.5f); /* Qwen3-30B-A3B's hidden to its k/v width */
+    check_lora(77, 96, 200, 8, 4.0f);
+}
+
 /* Last: the op table reports its errors through fatal(), which ends the process. */
 static void group_ops(void)
 {
@@ -1159,6 +1205,7 @@ static const struct group {
     {"attention", group_attention},
     {"gemm", group_gemm},
     {"determinism", check_determinism},
+    {"lora", group_lora},
     {"ops", group_ops},
 };
 enum { N_GROUPS = sizeof groups / sizeof groups[0] };
