@@ -19,7 +19,12 @@
  * (backend_traffic). The phases run on it with run.backend: cuda (model_attach); on an
  * NVIDIA H200 (2026-11-26) the golden fixtures' forward, gradients, eval and score and
  * the demo's curve matched the CPU backend to fp32 rounding (tests/gpu/device-check.sh).
- * tests/test_device.c runs a MoE block through it against the CPU backend. */
+ * tests/test_device.c runs a MoE block through it against the CPU backend. The ops of
+ * deepseek_v2/v3, glm4_moe and gpt_oss (the row routers, interleaved RoPE, MLA's value
+ * width, windows and sinks, the clamped GLU, per-expert biases) and the chunked
+ * cross-entropy came later: test_device's groups routers, heads, attention-mask,
+ * gpt-oss-experts and ce-chunks hold them to the CPU op table, but they have not run on a
+ * GPU yet. */
 #include "cuda_ops.h"
 
 #include <cublas_v2.h>
