@@ -15,14 +15,21 @@
  * for the ops that need it is one device buffer, grown on demand and kept; the ops are
  * called from one thread.
  *
- * Routers: softmax top-k only (qwen2/3-MoE, OLMoE, Mixtral); the grouped, sigmoid and
- * top-k-then-softmax routers end the run with a message until their kernels exist.
+ * Routers: softmax top-k (qwen2/3-MoE, OLMoE, Mixtral) by one warp per token; the
+ * grouped (deepseek_v2), sigmoid (deepseek_v3, glm4_moe) and top-k-then-softmax (gpt_oss)
+ * routers by one thread per token running moe_math.h's rows, the CPU backend's own.
+ * Attention takes MLA's value width, gpt_oss's sliding window and sinks (attention_gemm.cu).
  *
  * Memory: cudaMalloc'd buffers (zeroed), synchronous copies counted as transfers
  * (backend_traffic). The phases run on it with run.backend: cuda (model_attach); on an
  * NVIDIA H200 (2026-11-26) the golden fixtures' forward, gradients, eval and score and
  * the demo's curve matched the CPU backend to fp32 rounding (tests/gpu/device-check.sh).
- * tests/test_device.c runs a MoE block through it against the CPU backend. */
+ * tests/test_device.c runs a MoE block through it against the CPU backend. The ops of
+ * deepseek_v2/v3, glm4_moe and gpt_oss (the row routers, interleaved RoPE, MLA's value
+ * width, windows and sinks, the clamped GLU, per-expert biases) and the chunked
+ * cross-entropy came later: test_device's groups routers, heads, attention-mask,
+ * gpt-oss-experts and ce-chunks hold them to the CPU op table, but they have not run on a
+ * GPU yet. */
 #include "cuda_ops.h"
 
 #include <cublas_v2.h>
@@ -33,6 +40,7 @@
 #include "attention.h"
 #include "check_cuda.h"
 #include "dense.h"
+#include "dense_math.h"
 #include "gemm.h"
 #include "log.h"
 #include "metrics.h"
@@ -40,6 +48,7 @@
 #include "optimizer.h"
 
 static struct gemm_context *gemm_ctx;
+static void cuda_download(void *host_dst, const void *src, size_t bytes);
 static void *scratch_buf;
 static size_t scratch_size;
 
@@ -176,18 +185,21 @@ static int32_t *host_offsets(const int32_t *offsets, int E)
     return host;
 }
 
-/* The CUDA kernels route by softmax top-k only; the grouped and sigmoid routers run on
- * the CPU backend (moe_math.h holds their rows for the kernels to come). */
-static void need_softmax_topk(const struct router_params *rp)
+/* The row kernels' description of a router (moe.h), from the op table's. */
+static struct moe_router row_router(const struct router_params *rp)
 {
-    if (rp->kind != ROUTER_SOFTMAX_TOPK)
-        fatal(EXIT_RUNTIME,
-              "cuda backend: router kind %s is not implemented yet (softmax "
-              "top-k only; hint: use the cpu backend)",
-              rp->kind == ROUTER_GROUPED_GREEDY ? "group_limited_greedy (deepseek_v2)"
-              : rp->kind == ROUTER_SIGMOID_BIAS
-                  ? "sigmoid with selection bias (deepseek_v3, glm4_moe)"
-                  : "top-k then softmax (gpt_oss)");
+    struct moe_router r = {MOE_ROUTER_SOFTMAX, rp->renormalise, rp->scaling, 1, 1, rp->bias};
+    if (rp->kind == ROUTER_SIGMOID_BIAS)
+        r.kind = MOE_ROUTER_SIGMOID_BIAS;
+    else if (rp->kind == ROUTER_TOPK_SOFTMAX)
+        r.kind = MOE_ROUTER_TOPK_SOFTMAX;
+    else if (rp->kind != ROUTER_GROUPED_GREEDY)
+        fatal(EXIT_RUNTIME, "cuda backend: router kind %d is not implemented", (int)rp->kind);
+    if (rp->kind == ROUTER_GROUPED_GREEDY || rp->kind == ROUTER_SIGMOID_BIAS) {
+        r.n_group = rp->n_group; /* softmax top-k and gpt_oss's router ignore the groups */
+        r.topk_group = rp->topk_group;
+    }
+    return r;
 }
 
 static void cuda_embedding(float *x, const int32_t *tokens, const float *table, int N, int H)
@@ -297,39 +309,14 @@ static void cuda_rmsnorm(float *y, float *rstd, const float *x, const float *w, 
     ok(dense_rmsnorm(y, rstd, x, w, R, D, eps, err, sizeof err), err);
 }
 
-/* The kernels rotate rotate-half pairs only; deepseek's interleaved pairs have none yet. */
-static void need_rotate_half(enum hf_rope_layout layout, const char *op)
-{
-    if (layout != ROPE_ROTATE_HALF)
-        fatal(EXIT_RUNTIME, "cuda backend: %s with interleaved pairs is not implemented yet "
-              "(deepseek MLA)", op);
-}
-
-/* The attention kernels take one head width for keys and values. */
-static void need_equal_widths(int Dh, int Dv, const char *op)
-{
-    if (Dv != Dh)
-        fatal(EXIT_RUNTIME, "cuda backend: %s with a value width (%d) other than the query-key "
-              "width (%d) is not implemented yet (deepseek MLA)", op, Dv, Dh);
-}
-
-/* The attention kernels know neither sliding windows nor sinks (gpt_oss). */
-static void need_plain_mask(const struct attention_mask *mask, const char *op)
-{
-    if (mask->window || mask->sinks)
-        fatal(EXIT_RUNTIME, "cuda backend: %s with a sliding window or sinks is not implemented "
-              "yet (gpt_oss)", op);
-}
-
 static void cuda_rope(float *x, const int32_t *positions, const float *inv_freq,
                       float attention_scaling, int N, int n_heads, int Dh, int rotary_dim,
                       enum hf_rope_layout layout)
 {
     op_begin();
     char err[256];
-    need_rotate_half(layout, "rope");
-    ok(dense_rope(x, positions, inv_freq, attention_scaling, N, n_heads, Dh, rotary_dim, 0, err,
-                  sizeof err),
+    ok(dense_rope(x, positions, inv_freq, attention_scaling, N, n_heads, Dh, rotary_dim,
+                  layout == ROPE_INTERLEAVED, 0, err, sizeof err),
        err);
 }
 
@@ -346,21 +333,34 @@ static int *batch_samples(const int32_t *sample_start, int N, int *count, int *l
     return starts;
 }
 
+/* The scratch of the cuBLAS attention: the score blocks, then (a backward with dsinks)
+ * the per-(token, head) sink terms; *gm the mask's window and sinks. */
+static void *attention_scratch(const struct attention_mask *mask, struct attention_gemm_mask *gm,
+                               int longest, int N, int nH, int nKV, bool backward)
+{
+    size_t blocks = attention_gemm_workspace(longest, nH, nKV);
+    bool terms = backward && mask->sinks && mask->dsinks;
+    char *ws = scratch(blocks + (terms ? (size_t)N * nH * sizeof(float) : 0));
+    *gm = (struct attention_gemm_mask){mask->window, mask->sinks, backward ? mask->dsinks : NULL,
+                                       terms ? (float *)(ws + blocks) : NULL};
+    return ws;
+}
+
 /* Attention by cuBLAS GEMMs and a row softmax (kernels/attention_gemm.cu): the scores of
- * a block of queries at a time, on the tensor cores' fp32 path (or TF32). */
+ * a block of queries at a time, on the tensor cores' fp32 path (or TF32); value widths,
+ * windows and sinks included. */
 static void cuda_attention(float *out, const float *q, const float *k, const float *v,
                            const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
                            int Dv, float scale)
 {
     op_begin();
     char err[256];
-    need_equal_widths(Dh, Dv, "attention");
-    need_plain_mask(mask, "attention");
     int count, longest;
     int *starts = batch_samples(mask->sample_start, N, &count, &longest);
-    void *ws = scratch(attention_gemm_workspace(longest, nH, nKV));
-    ok(attention_gemm_forward(gemm_cublas(gemm()), out, q, k, v, starts, count, nH, nKV, Dh, scale,
-                              ws, err, sizeof err),
+    struct attention_gemm_mask gm;
+    void *ws = attention_scratch(mask, &gm, longest, N, nH, nKV, false);
+    ok(attention_gemm_forward(gemm_cublas(gemm()), out, q, k, v, starts, count, nH, nKV, Dh, Dv,
+                              scale, &gm, ws, err, sizeof err),
        err);
     free(starts);
 }
@@ -395,9 +395,15 @@ static void cuda_router_topk(int32_t *ids, float *weights, float *probs, const f
 {
     op_begin();
     char err[256];
-    need_softmax_topk(rp);
-    ok(moe_router_topk(ids, weights, probs, logits, N, E, K, rp->renormalise, rp->scaling, err,
-                       sizeof err),
+    if (rp->kind == ROUTER_SOFTMAX_TOPK) {
+        ok(moe_router_topk(ids, weights, probs, logits, N, E, K, rp->renormalise, rp->scaling, err,
+                           sizeof err),
+           err);
+        return;
+    }
+    struct moe_router r = row_router(rp);
+    ok(moe_router_rows(ids, weights, probs, logits, N, E, K, &r,
+                       scratch(moe_router_rows_workspace(N, E, r.n_group)), err, sizeof err),
        err);
 }
 
@@ -483,15 +489,19 @@ static void cuda_glu_clamped(float *h, const float *gate, const float *up, size_
                              float alpha, float limit)
 {
     op_begin();
-    (void)h, (void)gate, (void)up, (void)count, (void)alpha, (void)limit;
-    fatal(EXIT_RUNTIME, "cuda backend: glu_clamped is not implemented yet (gpt_oss)");
+    char err[256];
+    ok(moe_glu_clamped(h, gate, up, count, alpha, limit, err, sizeof err), err);
 }
 
+/* The rows' count comes back with the offsets (E + 1 integers), as the grouped GEMMs'. */
 static void cuda_grouped_bias(float *y, const float *bias, const int32_t *offsets, int E, int O)
 {
     op_begin();
-    (void)y, (void)bias, (void)offsets, (void)E, (void)O;
-    fatal(EXIT_RUNTIME, "cuda backend: grouped_bias is not implemented yet (gpt_oss)");
+    char err[256];
+    int32_t *host = host_offsets(offsets, E);
+    int rows = host[E];
+    free(host);
+    ok(moe_grouped_bias(y, bias, offsets, E, O, rows, err, sizeof err), err);
 }
 
 static void cuda_combine(float *out, const float *ys, const float *weights,
@@ -571,9 +581,8 @@ static void cuda_rope_backward(float *dx, const int32_t *positions, const float 
 {
     op_begin();
     char err[256];
-    need_rotate_half(layout, "rope_backward");
-    ok(dense_rope(dx, positions, inv_freq, attention_scaling, N, n_heads, Dh, rotary_dim, 1, err,
-                  sizeof err),
+    ok(dense_rope(dx, positions, inv_freq, attention_scaling, N, n_heads, Dh, rotary_dim,
+                  layout == ROPE_INTERLEAVED, 1, err, sizeof err),
        err);
 }
 
@@ -584,14 +593,13 @@ static void cuda_attention_backward(float *dq, float *dk, float *dv, const float
 {
     op_begin();
     char err[256];
-    need_equal_widths(Dh, Dv, "attention_backward");
-    need_plain_mask(mask, "attention_backward");
     (void)out;
     int count, longest;
     int *starts = batch_samples(mask->sample_start, N, &count, &longest);
-    void *ws = scratch(attention_gemm_workspace(longest, nH, nKV));
+    struct attention_gemm_mask gm;
+    void *ws = attention_scratch(mask, &gm, longest, N, nH, nKV, true);
     ok(attention_gemm_backward(gemm_cublas(gemm()), dq, dk, dv, dout, q, k, v, starts, count, nH,
-                               nKV, Dh, scale, ws, err, sizeof err),
+                               nKV, Dh, Dv, scale, &gm, ws, err, sizeof err),
        err);
     free(starts);
 }
@@ -602,10 +610,14 @@ static void cuda_router_topk_backward(float *dlogits, const float *dweights, con
 {
     op_begin();
     char err[256];
-    need_softmax_topk(rp);
-    ok(moe_router_topk_backward(dlogits, dweights, probs, ids, N, E, K, rp->renormalise,
-                                rp->scaling, err, sizeof err),
-       err);
+    if (rp->kind == ROUTER_SOFTMAX_TOPK) {
+        ok(moe_router_topk_backward(dlogits, dweights, probs, ids, N, E, K, rp->renormalise,
+                                    rp->scaling, err, sizeof err),
+           err);
+        return;
+    }
+    struct moe_router r = row_router(rp);
+    ok(moe_router_rows_backward(dlogits, dweights, probs, ids, N, E, K, &r, err, sizeof err), err);
 }
 
 static void cuda_router_balance_backward(float *dlogits, const float *probs, const float *coef,
@@ -692,16 +704,21 @@ static void cuda_glu_clamped_backward(float *dgate, float *dup, const float *dh,
                                       float alpha, float limit)
 {
     op_begin();
-    (void)dgate, (void)dup, (void)dh, (void)gate, (void)up, (void)count, (void)alpha, (void)limit;
-    fatal(EXIT_RUNTIME, "cuda backend: glu_clamped_backward is not implemented yet (gpt_oss)");
+    char err[256];
+    ok(moe_glu_clamped_backward(dgate, dup, dh, gate, up, count, alpha, limit, err, sizeof err),
+       err);
 }
 
+/* dbias is a host array of E device pointers: copied to the scratch for the kernel. */
 static void cuda_grouped_bias_backward(float *const *dbias, const float *dy,
                                        const int32_t *offsets, int E, int O)
 {
     op_begin();
-    (void)dbias, (void)dy, (void)offsets, (void)E, (void)O;
-    fatal(EXIT_RUNTIME, "cuda backend: grouped_bias_backward is not implemented yet (gpt_oss)");
+    char err[256];
+    if (E <= 0) return;
+    float **pointers = scratch((size_t)E * sizeof *pointers);
+    check_cuda(cudaMemcpy(pointers, dbias, (size_t)E * sizeof *pointers, cudaMemcpyHostToDevice));
+    ok(moe_grouped_bias_backward(pointers, dy, offsets, E, O, err, sizeof err), err);
 }
 
 static void cuda_clamp_backward(float *dx, const float *y, size_t count, float low, float high)
@@ -718,6 +735,49 @@ static void cuda_cross_entropy_backward(float *dlogits, const float *logits, con
     char err[256];
     double *row_loss = scratch((size_t)(N > 0 ? N : 1) * sizeof(double));
     ok(dense_cross_entropy(row_loss, dlogits, logits, labels, N, V, scale, err, sizeof err), err);
+}
+
+static void cuda_ce_chunk_update(float *state, int32_t *best, const float *logits,
+                                 const int32_t *labels, int N, int C, int v0)
+{
+    op_begin();
+    char err[256];
+    ok(dense_ce_chunk_update(state, best, logits, labels, N, C, v0, err, sizeof err), err);
+}
+
+/* The loss of the chunked cross-entropy: the state, best ids and labels downloaded (6 N
+ * numbers), summed on the host in token order as the CPU backend sums them. */
+static double cuda_ce_chunk_finish(const float *state, const int32_t *best, const int32_t *labels,
+                                   int N, long long *counted, long long *correct)
+{
+    op_begin();
+    float *st = xmalloc((size_t)(N > 0 ? N : 1) * 4 * sizeof(float));
+    int32_t *host_best = xmalloc((size_t)(N > 0 ? N : 1) * sizeof(int32_t));
+    int32_t *host_labels = xmalloc((size_t)(N > 0 ? N : 1) * sizeof(int32_t));
+    cuda_download(st, state, (size_t)N * 4 * sizeof(float));
+    cuda_download(host_best, best, (size_t)N * sizeof(int32_t));
+    cuda_download(host_labels, labels, (size_t)N * sizeof(int32_t));
+    double total = 0.0;
+    long long count = 0, right = 0;
+    for (int n = 0; n < N; n++) {
+        if (host_labels[n] < 0) continue;
+        total += cross_entropy_row(st[4 * n], st[4 * n + 1], st[4 * n + 2]);
+        count++;
+        right += host_best[n] == host_labels[n];
+    }
+    free(st), free(host_best), free(host_labels);
+    *counted = count;
+    *correct = right;
+    return total;
+}
+
+static void cuda_ce_chunk_backward(float *dlogits, const float *logits, const float *state,
+                                   const int32_t *labels, int N, int C, int v0, float scale)
+{
+    op_begin();
+    char err[256];
+    ok(dense_ce_chunk_backward(dlogits, logits, state, labels, N, C, v0, scale, err, sizeof err),
+       err);
 }
 
 static void cuda_embedding_backward(float *dtable, const float *dx, const int32_t *tokens, int N,
@@ -869,6 +929,9 @@ const struct backend *backend_cuda(void)
         .add_sigmoid_gated_backward = cuda_add_sigmoid_gated_backward,
         .clamp_backward = cuda_clamp_backward,
         .cross_entropy_backward = cuda_cross_entropy_backward,
+        .ce_chunk_update = cuda_ce_chunk_update,
+        .ce_chunk_finish = cuda_ce_chunk_finish,
+        .ce_chunk_backward = cuda_ce_chunk_backward,
         .embedding_backward = cuda_embedding_backward,
         .adamw = cuda_adamw,
         .sum_squares = cuda_sum_squares,

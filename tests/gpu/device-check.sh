@@ -24,7 +24,10 @@
 #                   cuda (test_golden, test_grad 1 1, test_eval, test_score with
 #                   ESFT_BACKEND=cuda) against transformers' committed values, to the
 #                   programs' own (CPU) tolerances: the CUDA backend computes in fp32; a
-#                   program must say that it ran on cuda to be believed
+#                   program must say that it ran on cuda to be believed, and test_golden
+#                   and test_grad must name every fixture (the deepseek_v2, deepseek_v3,
+#                   glm4_moe and gpt_oss ones included: MLA, the grouped, sigmoid and
+#                   top-k-then-softmax routers, sinks and windows on the GPU)
 #   phases-cuda     score and select, then train and eval, on backend cuda from the same
 #                   model, data and (for train) the CPU's expert selection, against the CPU
 #                   reference: the same selection, the train loss curve and the eval loss
@@ -404,6 +407,17 @@ else
         if ! grep -q -E 'backend:? cuda|on cuda' "$output"; then
             v="failed: $program does not say it ran on backend cuda"
         fi
+        # test_golden and test_grad name each fixture they ran (every tests/golden/*/
+        # with an expected.safetensors: deepseek_v2/v3, glm4_moe, gpt_oss and their
+        # variants too); one missing means the program stopped early
+        missing=""
+        if [ $program = test_golden ] || [ $program = test_grad ]; then
+            for fixture in "$b"/tests/golden/*/expected.safetensors; do
+                name=$(basename "$(dirname "$fixture")")
+                grep -q "^$name[: ]" "$output" || missing="$missing $name"
+            done
+        fi
+        [ -n "$missing" ] && v="failed: $program did not run the fixtures$missing"
         record "golden-cuda-$program" "$v" "$seconds" "tolerances: $golden_tolerance; $(checks "$output")"
     done
 fi
