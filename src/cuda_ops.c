@@ -10,6 +10,12 @@
  * for the ops that need it is one device buffer, grown on demand and kept; the ops are
  * called from one thread.
  *
+ * Attention: in the tf32 and bf16 modes, where the heads are 64 or 128 wide (keys and
+ * values alike) and there is no window and no sinks, the tiled bf16 kernels of
+ * kernels/attention_flash.cu (no score matrix in memory); otherwise, and always in fp32
+ * mode, the cuBLAS GEMMs of kernels/attention_gemm.cu. ESFT_CUDA_ATTENTION=gemm or flash
+ * forces one (flash still only where the shape allows), to compare the two on a device.
+ *
  * Routers: softmax top-k only (qwen2/3-MoE, OLMoE, Mixtral); the grouped, sigmoid and
  * top-k-then-softmax routers end the run with a message until their kernels exist.
  *
@@ -22,8 +28,10 @@
 
 #include <cublas_v2.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "attention.h"
+#include "attention_flash.h"
 #include "check_cuda.h"
 #include "dense.h"
 #include "gemm.h"
@@ -105,6 +113,7 @@ struct constant_run {
 static struct constant_run *constants;
 static int n_constants, constants_capacity;
 static bool bf16_mode;
+static bool tf32_mode;
 static void *operand_buf; /* activations rounded to bf16 */
 static size_t operand_size;
 
@@ -237,11 +246,34 @@ static int *batch_samples(const int32_t *sample_start, int N, int *count, int *l
 
 /* Attention by cuBLAS GEMMs and a row softmax (kernels/attention_gemm.cu): the scores of
  * a block of queries at a time, on the tensor cores' fp32 path (or TF32). */
+/* Whether attention runs on the tiled bf16 kernels (attention_flash.h): in the tf32 and
+ * bf16 modes, or when ESFT_CUDA_ATTENTION=flash, for the shapes they cover; never with
+ * ESFT_CUDA_ATTENTION=gemm. fp32 mode keeps the cuBLAS path's fp32 products by default. */
+static bool use_flash(const struct attention_mask *mask, int Dh, int Dv)
+{
+    const char *choice = getenv("ESFT_CUDA_ATTENTION");
+    bool forced = false;
+    if (choice && *choice) {
+        if (strcmp(choice, "gemm") == 0) return false;
+        if (strcmp(choice, "flash") != 0)
+            fatal(EXIT_RUNTIME, "ESFT_CUDA_ATTENTION=%s: not gemm or flash", choice);
+        forced = true;
+    }
+    bool fits = Dv == Dh && attention_flash_supports(Dh) && !mask->window && !mask->sinks;
+    return fits && (forced || tf32_mode || bf16_mode);
+}
+
 static void cuda_attention(float *out, const float *q, const float *k, const float *v,
                            const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
                            int Dv, float scale)
 {
     char err[256];
+    if (use_flash(mask, Dh, Dv)) {
+        ok(attention_flash_forward(out, NULL, q, k, v, mask->sample_start, N, nH, nKV, Dh, scale,
+                                   err, sizeof err),
+           err);
+        return;
+    }
     need_equal_widths(Dh, Dv, "attention");
     need_plain_mask(mask, "attention");
     int count, longest;
@@ -437,9 +469,15 @@ static void cuda_attention_backward(float *dq, float *dk, float *dv, const float
                                     int nH, int nKV, int Dh, int Dv, float scale)
 {
     char err[256];
+    if (use_flash(mask, Dh, Dv)) { /* the log-sum-exp recomputed: the op table has no slot */
+        ok(attention_flash_backward(dq, dk, dv, dout, q, k, v, out, NULL, mask->sample_start, N,
+                                    nH, nKV, Dh, scale, scratch(attention_flash_workspace(N, nH)),
+                                    err, sizeof err),
+           err);
+        return;
+    }
     need_equal_widths(Dh, Dv, "attention_backward");
     need_plain_mask(mask, "attention_backward");
-    (void)out;
     int count, longest;
     int *starts = batch_samples(mask->sample_start, N, &count, &longest);
     void *ws = scratch(attention_gemm_workspace(longest, nH, nKV));
@@ -720,6 +758,7 @@ void backend_cuda_set_tf32(bool on)
 {
     char err[256];
     if (gemm_set_tf32(gemm(), on, err, sizeof err) != 0) fatal(EXIT_RUNTIME, "cuda backend: %s", err);
+    tf32_mode = on;
 }
 
 void backend_cuda_release(void)
