@@ -15,13 +15,13 @@
  *
  * Scores are kept in the log2 domain (scale * log2(e) folded into one factor) so that
  * every exponential is one exp2f; the log-sum-exp is stored in natural log. */
-#include "attention_flash.h"
-
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
+
+#include "attention_flash.h"
 
 enum {
     FLASH_WARPS = 4,
@@ -57,8 +57,7 @@ __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], const uint3
 }
 
 /* The A fragment of the 16x16 block at (row0, col0) of a row-major bf16 matrix m[.][ld]. */
-__device__ __forceinline__ void load_a(uint32_t a[4], const uint16_t *m, int ld, int row0,
-                                       int col0)
+__device__ __forceinline__ void load_a(uint32_t a[4], const uint16_t *m, int ld, int row0, int col0)
 {
     int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const uint16_t *p = m + (row0 + g) * ld + col0 + 2 * t;
@@ -92,8 +91,8 @@ __device__ __forceinline__ void a_from_c(uint32_t a[4], const float c0[4], const
  * or past N are zeros. width and col are multiples of 4, so each row is 16-byte aligned
  * when x is. */
 template <int R, int D>
-__device__ void load_tile(uint16_t *s, int ld, uint16_t *st, int ldt, const float *x,
-                          size_t width, int col, int row0, int N)
+__device__ void load_tile(uint16_t *s, int ld, uint16_t *st, int ldt, const float *x, size_t width,
+                          int col, int row0, int N)
 {
     bool vector = (reinterpret_cast<uintptr_t>(x) & 15) == 0;
     for (int e = threadIdx.x; e < R * D / 4; e += FLASH_THREADS) {
@@ -121,8 +120,7 @@ __device__ void load_tile(uint16_t *s, int ld, uint16_t *st, int ldt, const floa
 
 /* ---- forward ---------------------------------------------------------------------- */
 
-template <int D>
-struct forward_smem {
+template <int D> struct forward_smem {
     static constexpr int LD = D + FLASH_PAD, LDT = FLASH_TILE + FLASH_PAD;
     static constexpr size_t bytes =
         2 * ((size_t)FLASH_ROWS * LD + (size_t)FLASH_TILE * LD + (size_t)D * LDT);
@@ -245,8 +243,8 @@ __global__ void __launch_bounds__(FLASH_THREADS)
 
 /* delta[h, i] = <dout[i, h], out[i, h]> = sum_j P_ij dP_ij (the softmax backward's row
  * term), one warp per (token, head), in fp32. */
-__global__ void flash_delta_kernel(float *delta, const float *dout, const float *out, int N,
-                                   int nH, int Dh)
+__global__ void flash_delta_kernel(float *delta, const float *dout, const float *out, int N, int nH,
+                                   int Dh)
 {
     long item = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (item >= (long)N * nH) return;
@@ -259,8 +257,7 @@ __global__ void flash_delta_kernel(float *delta, const float *dout, const float 
     if (lane == 0) delta[(size_t)h * N + i] = sum;
 }
 
-template <int D>
-struct dq_smem {
+template <int D> struct dq_smem {
     static constexpr int LD = D + FLASH_PAD, LDT = FLASH_TILE + FLASH_PAD;
     static constexpr size_t bytes =
         2 * (2 * (size_t)FLASH_ROWS * LD + 2 * (size_t)FLASH_TILE * LD + (size_t)D * LDT);
@@ -357,8 +354,7 @@ __global__ void __launch_bounds__(FLASH_THREADS)
     }
 }
 
-template <int D, int Q>
-struct dkdv_smem {
+template <int D, int Q> struct dkdv_smem {
     static constexpr int LD = D + FLASH_PAD, LDT = Q + FLASH_PAD;
     static constexpr size_t bytes =
         2 * (2 * (size_t)FLASH_ROWS * LD + 2 * (size_t)Q * LD + 2 * (size_t)D * LDT);
@@ -492,8 +488,7 @@ __global__ void __launch_bounds__(FLASH_THREADS)
 
 /* Queries per tile of the dk-dv kernel: 64 at Dh 64; 32 at Dh 128, where dk and dv's
  * accumulators alone take 128 registers a thread. */
-template <int D>
-struct dkdv_queries {
+template <int D> struct dkdv_queries {
     static constexpr int value = D == 128 ? 32 : 64;
 };
 
@@ -557,7 +552,7 @@ static int backward(float *dq, float *dk, float *dv, const float *dout, const fl
         return -1;
     dim3 grid_kv((N + FLASH_ROWS - 1) / FLASH_ROWS, nKV);
     flash_dkdv_kernel<D, Q><<<grid_kv, FLASH_THREADS, bytes>>>(dk, dv, dout, q, k, v, lse, delta,
-                                                              sample_start, N, nH, nKV, scale);
+                                                               sample_start, N, nH, nKV, scale);
     if (report("attention flash dk dv", err, err_size)) return -1;
     bytes = dq_smem<D>::bytes;
     if (allow_smem(flash_dq_kernel<D>, bytes, "attention flash dq", err, err_size)) return -1;
@@ -578,9 +573,8 @@ extern "C" size_t attention_flash_workspace(int N, int nH)
 }
 
 extern "C" int attention_flash_forward(float *out, float *lse, const float *q, const float *k,
-                                       const float *v, const int32_t *sample_start, int N,
-                                       int nH, int nKV, int Dh, float scale, char *err,
-                                       size_t err_size)
+                                       const float *v, const int32_t *sample_start, int N, int nH,
+                                       int nKV, int Dh, float scale, char *err, size_t err_size)
 {
     if (check_shape("attention flash forward", N, nH, nKV, Dh, err, err_size)) return -1;
     if (N == 0) return 0;
@@ -592,16 +586,15 @@ extern "C" int attention_flash_forward(float *out, float *lse, const float *q, c
 extern "C" int attention_flash_backward(float *dq, float *dk, float *dv, const float *dout,
                                         const float *q, const float *k, const float *v,
                                         const float *out, const float *lse,
-                                        const int32_t *sample_start, int N, int nH, int nKV,
-                                        int Dh, float scale, void *workspace, char *err,
-                                        size_t err_size)
+                                        const int32_t *sample_start, int N, int nH, int nKV, int Dh,
+                                        float scale, void *workspace, char *err, size_t err_size)
 {
     if (check_shape("attention flash backward", N, nH, nKV, Dh, err, err_size)) return -1;
     if (N == 0) return 0;
     float *own_lse = (float *)workspace, *delta = own_lse + (size_t)N * nH;
     if (!lse) {
-        int failed = Dh == 64 ? forward<64, false>(NULL, own_lse, q, k, v, sample_start, N, nH,
-                                                   nKV, scale, err, err_size)
+        int failed = Dh == 64 ? forward<64, false>(NULL, own_lse, q, k, v, sample_start, N, nH, nKV,
+                                                   scale, err, err_size)
                               : forward<128, false>(NULL, own_lse, q, k, v, sample_start, N, nH,
                                                     nKV, scale, err, err_size);
         if (failed) return -1;
@@ -611,8 +604,8 @@ extern "C" int attention_flash_backward(float *dq, float *dk, float *dv, const f
     flash_delta_kernel<<<(unsigned)((items + 7) / 8), 256>>>(delta, dout, out, N, nH, Dh);
     if (report("attention flash delta", err, err_size)) return -1;
     if (Dh == 64)
-        return backward<64>(dq, dk, dv, dout, q, k, v, lse, delta, sample_start, N, nH, nKV,
-                            scale, err, err_size);
+        return backward<64>(dq, dk, dv, dout, q, k, v, lse, delta, sample_start, N, nH, nKV, scale,
+                            err, err_size);
     return backward<128>(dq, dk, dv, dout, q, k, v, lse, delta, sample_start, N, nH, nKV, scale,
                          err, err_size);
 }
