@@ -126,8 +126,8 @@ template <int D> struct forward_smem {
         2 * ((size_t)FLASH_ROWS * LD + (size_t)FLASH_TILE * LD + (size_t)D * LDT);
 };
 
-/* Block (blockIdx.x: queries [64 x, 64 x + 64), blockIdx.y: head h). Warp w owns rows
- * 16 w .. 16 w + 15; this thread rows g and g + 8 of them (r = 0, 1 below). The keys run
+/* Block (x = gridDim.x - 1 - blockIdx.x: queries [64 x, 64 x + 64); blockIdx.y: head h). Warp w
+ * owns rows 16 w .. 16 w + 15; this thread rows g and g + 8 of them (r = 0, 1 below). The keys run
  * from the first query's sample start to the last query, in tiles of 64; the mask
  * (key j visible to query i when sample_start[i] <= j <= i) does the rest. With OUTPUT
  * false only lse is written (the backward's recomputation): no values are read. */
@@ -143,7 +143,9 @@ __global__ void __launch_bounds__(FLASH_THREADS)
     uint16_t *svt = sk + FLASH_TILE * S::LD;
     __shared__ int row_start[FLASH_ROWS];
 
-    int q0 = blockIdx.x * FLASH_ROWS, h = blockIdx.y, kvh = h / (nH / nKV);
+    /* the last query blocks first: within a sample they see the most keys, so the long
+     * blocks start early and the short ones fill in behind them */
+    int q0 = (gridDim.x - 1 - blockIdx.x) * FLASH_ROWS, h = blockIdx.y, kvh = h / (nH / nKV);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     size_t qw = (size_t)nH * D, kvw = (size_t)nKV * D;
 
@@ -263,8 +265,9 @@ template <int D> struct dq_smem {
         2 * (2 * (size_t)FLASH_ROWS * LD + 2 * (size_t)FLASH_TILE * LD + (size_t)D * LDT);
 };
 
-/* dq for queries [64 x, 64 x + 64) of head blockIdx.y: per key tile, the probabilities
- * p = exp(s - lse) again, dp = dout v^T, ds = p (dp - delta), dq += ds k; dq = scale dq. */
+/* dq for queries [64 x, 64 x + 64) (x counted from the last block) of head blockIdx.y: per key
+ * tile, the probabilities p = exp(s - lse) again, dp = dout v^T, ds = p (dp - delta), dq += ds k;
+ * dq = scale dq. */
 template <int D>
 __global__ void __launch_bounds__(FLASH_THREADS)
     flash_dq_kernel(float *dq, const float *dout, const float *q, const float *k, const float *v,
@@ -280,7 +283,9 @@ __global__ void __launch_bounds__(FLASH_THREADS)
     uint16_t *skt = sv + FLASH_TILE * S::LD;
     __shared__ int row_start[FLASH_ROWS];
 
-    int q0 = blockIdx.x * FLASH_ROWS, h = blockIdx.y, kvh = h / (nH / nKV);
+    /* the last query blocks first: within a sample they see the most keys, so the long
+     * blocks start early and the short ones fill in behind them */
+    int q0 = (gridDim.x - 1 - blockIdx.x) * FLASH_ROWS, h = blockIdx.y, kvh = h / (nH / nKV);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     size_t qw = (size_t)nH * D, kvw = (size_t)nKV * D;
     float scale_log2 = scale * FLASH_LOG2E;
