@@ -244,8 +244,6 @@ static int *batch_samples(const int32_t *sample_start, int N, int *count, int *l
     return starts;
 }
 
-/* Attention by cuBLAS GEMMs and a row softmax (kernels/attention_gemm.cu): the scores of
- * a block of queries at a time, on the tensor cores' fp32 path (or TF32). */
 /* Whether attention runs on the tiled bf16 kernels (attention_flash.h): in the tf32 and
  * bf16 modes, or when ESFT_CUDA_ATTENTION=flash, for the shapes they cover; never with
  * ESFT_CUDA_ATTENTION=gemm. fp32 mode keeps the cuBLAS path's fp32 products by default. */
@@ -263,6 +261,9 @@ static bool use_flash(const struct attention_mask *mask, int Dh, int Dv)
     return fits && (forced || tf32_mode || bf16_mode);
 }
 
+/* Attention on the tiled kernels where use_flash says so; else by cuBLAS GEMMs and a row
+ * softmax (kernels/attention_gemm.cu): the scores of a block of queries at a time, on the
+ * tensor cores' fp32 path (or TF32). */
 static void cuda_attention(float *out, const float *q, const float *k, const float *v,
                            const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
                            int Dv, float scale)
@@ -765,6 +766,7 @@ void backend_cuda_release(void)
 {
     gemm_destroy(gemm_ctx);
     gemm_ctx = NULL;
+    tf32_mode = false; /* a new context starts with fp32 products */
     forget_constants();
     free(constants);
     constants = NULL;
