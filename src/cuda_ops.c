@@ -38,6 +38,7 @@
 #include <time.h>
 
 #include "attention.h"
+#include "attention_flash.h"
 #include "check_cuda.h"
 #include "dense.h"
 #include "dense_math.h"
@@ -223,6 +224,7 @@ struct constant_run {
 static struct constant_run *constants;
 static int n_constants, constants_capacity;
 static bool bf16_mode;
+static bool tf32_mode;
 static void *operand_buf; /* activations rounded to bf16 */
 static size_t operand_size;
 
@@ -346,15 +348,38 @@ static void *attention_scratch(const struct attention_mask *mask, struct attenti
     return ws;
 }
 
-/* Attention by cuBLAS GEMMs and a row softmax (kernels/attention_gemm.cu): the scores of
- * a block of queries at a time, on the tensor cores' fp32 path (or TF32); value widths,
- * windows and sinks included. */
+/* Whether attention runs on the tiled bf16 kernels (attention_flash.h): in the tf32 and
+ * bf16 modes, or when ESFT_CUDA_ATTENTION=flash, for the shapes they cover; never with
+ * ESFT_CUDA_ATTENTION=gemm. fp32 mode keeps the cuBLAS path's fp32 products by default. */
+static bool use_flash(const struct attention_mask *mask, int Dh, int Dv)
+{
+    const char *choice = getenv("ESFT_CUDA_ATTENTION");
+    bool forced = false;
+    if (choice && *choice) {
+        if (strcmp(choice, "gemm") == 0) return false;
+        if (strcmp(choice, "flash") != 0)
+            fatal(EXIT_RUNTIME, "ESFT_CUDA_ATTENTION=%s: not gemm or flash", choice);
+        forced = true;
+    }
+    bool fits = Dv == Dh && attention_flash_supports(Dh) && !mask->window && !mask->sinks;
+    return fits && (forced || tf32_mode || bf16_mode);
+}
+
+/* Attention on the tiled kernels where use_flash says so; else by cuBLAS GEMMs and a row
+ * softmax (kernels/attention_gemm.cu): the scores of a block of queries at a time, on the
+ * tensor cores' fp32 path (or TF32). */
 static void cuda_attention(float *out, const float *q, const float *k, const float *v,
                            const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
                            int Dv, float scale)
 {
     op_begin();
     char err[256];
+    if (use_flash(mask, Dh, Dv)) {
+        ok(attention_flash_forward(out, NULL, q, k, v, mask->sample_start, N, nH, nKV, Dh, scale,
+                                   err, sizeof err),
+           err);
+        return;
+    }
     int count, longest;
     int *starts = batch_samples(mask->sample_start, N, &count, &longest);
     struct attention_gemm_mask gm;
@@ -593,7 +618,13 @@ static void cuda_attention_backward(float *dq, float *dk, float *dv, const float
 {
     op_begin();
     char err[256];
-    (void)out;
+    if (use_flash(mask, Dh, Dv)) { /* the log-sum-exp recomputed: the op table has no slot */
+        ok(attention_flash_backward(dq, dk, dv, dout, q, k, v, out, NULL, mask->sample_start, N,
+                                    nH, nKV, Dh, scale, scratch(attention_flash_workspace(N, nH)),
+                                    err, sizeof err),
+           err);
+        return;
+    }
     int count, longest;
     int *starts = batch_samples(mask->sample_start, N, &count, &longest);
     struct attention_gemm_mask gm;
@@ -959,6 +990,7 @@ void backend_cuda_set_tf32(bool on)
 {
     char err[256];
     if (gemm_set_tf32(gemm(), on, err, sizeof err) != 0) fatal(EXIT_RUNTIME, "cuda backend: %s", err);
+    tf32_mode = on;
 }
 
 void backend_cuda_release(void)
@@ -966,6 +998,7 @@ void backend_cuda_release(void)
     log_profile();
     gemm_destroy(gemm_ctx);
     gemm_ctx = NULL;
+    tf32_mode = false; /* a new context starts with fp32 products */
     forget_constants();
     free(constants);
     constants = NULL;

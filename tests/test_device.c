@@ -10,7 +10,10 @@
  * move or add in the CPU's order, 1e-5 where they reduce); the cuBLAS GEMMs (kernels/
  * gemm.h), dense and grouped, forward and backward, fp32 and bf16 operands (the CPU
  * given the same bf16-rounded values), to 1e-5; attention forward (1e-5) and backward
- * (1e-4) over packed samples with grouped KV heads; the CUDA op table (src/cuda_ops.c) on
+ * (1e-4) over packed samples with grouped KV heads; the tiled bf16 attention (kernels/
+ * attention_flash.h), forward, log-sum-exp and backward, to bf16 accuracy (relative L2
+ * error 1e-2 forward, 2e-2 gradients), its outputs poisoned with NaN, its backward bit
+ * for bit the same twice, and the op table's choice between it and cuBLAS; the CUDA op table (src/cuda_ops.c) on
  * a MoE block, forward and backward, against the CPU op table; LoRA's adapter path
  * (lora.h: linear, scale, linear_backward of the op table) against the CPU's. The router's probabilities
  * are held to a double reference within a bound derived from the kernel's order of
@@ -44,6 +47,7 @@
 #include <unistd.h>
 
 #include "attention.h"
+#include "attention_flash.h"
 #include "backend.h"
 #include "cuda_ops.h"
 #include "dense.h"
@@ -813,6 +817,195 @@ static void check_attention(const int *lengths, int n_samples, int nH, int nKV, 
     void *host_buffers[] = {start, q, k, v, dout, out, dq, dk, dv};
     for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
 }
+/* ---- tiled bf16 attention (kernels/attention_flash.h) ------------------------------------ */
+
+/* The relative L2 error sqrt(sum (got - want)^2 / sum want^2) of the device buffer d of n
+ * floats against want, held to bound; every element must be finite (the outputs are
+ * poisoned with NaN first, so an element the kernel never wrote fails here). */
+static double expect_l2(const float *d, const float *want, size_t n, double bound, const char *what)
+{
+    float *got = from_device(d, n * sizeof(float));
+    double num = 0, den = 0;
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(got[i])) bad++;
+        else num += ((double)got[i] - want[i]) * ((double)got[i] - want[i]);
+        den += (double)want[i] * want[i];
+    }
+    double rel = sqrt(num / fmax(den, 1e-300));
+    CHECK(bad == 0, "%s: %zu of %zu elements not finite (unwritten?)", what, bad, n);
+    CHECK(rel <= bound, "%s: relative L2 error %.3g above %.3g", what, rel, bound);
+    free(got);
+    return rel;
+}
+
+/* lse[h * N + i] = log sum_j e^(scale q_i.k_j) over the keys query i sees, in double. */
+static double *reference_lse(const float *q, const float *k, const int32_t *start, int N, int nH,
+                             int nKV, int Dh, float scale)
+{
+    double *lse = xmalloc((size_t)N * nH * sizeof(double));
+    double *s = xmalloc((size_t)(N > 0 ? N : 1) * sizeof(double));
+    for (int h = 0; h < nH; h++)
+        for (int i = 0; i < N; i++) {
+            const float *qi = q + ((size_t)i * nH + h) * Dh;
+            double m = -INFINITY, sum = 0;
+            for (int j = start[i]; j <= i; j++) {
+                const float *kj = k + ((size_t)j * nKV + h / (nH / nKV)) * Dh;
+                double dot = 0;
+                for (int d = 0; d < Dh; d++) dot += (double)qi[d] * kj[d];
+                s[j] = scale * dot;
+                m = fmax(m, s[j]);
+            }
+            for (int j = start[i]; j <= i; j++) sum += exp(s[j] - m);
+            lse[(size_t)h * N + i] = m + log(sum);
+        }
+    free(s);
+    return lse;
+}
+
+/* The tiled kernels against the CPU backend on packed samples of the given lengths: the
+ * output and the log-sum-exp, then dq, dk, dv from the forward's lse and from a
+ * recomputed one, to bf16 operands' accuracy (relative L2 error 1e-2 forward, 2e-2
+ * gradients; the CPU is fp32 throughout). Outputs are poisoned with NaN before each
+ * call; two backward runs must agree bit for bit (no atomics). */
+static void check_flash(const int *lengths, int n_samples, int nH, int nKV, int Dh)
+{
+    const struct backend *cpu = backend_cpu();
+    char err[256];
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)nH * 7919 + (uint64_t)Dh * 31 + (uint64_t)n_samples);
+    int N = 0;
+    for (int s = 0; s < n_samples; s++) N += lengths[s];
+    int32_t *start = xmalloc((size_t)N * sizeof(int32_t));
+    for (int s = 0, at = 0; s < n_samples; at += lengths[s], s++)
+        for (int j = 0; j < lengths[s]; j++) start[at + j] = at;
+    size_t nq = (size_t)N * nH * Dh, nkv = (size_t)N * nKV * Dh, nl = (size_t)N * nH;
+    float *q = random_floats(&rng, nq, -2, 2), *k = random_floats(&rng, nkv, -2, 2);
+    float *v = random_floats(&rng, nkv, -1, 1), *dout = random_floats(&rng, nq, -1, 1);
+    float *out = xmalloc(nq * sizeof(float)), *dq = xmalloc(nq * sizeof(float));
+    float *dk = xmalloc(nkv * sizeof(float)), *dv = xmalloc(nkv * sizeof(float));
+    float scale = 1.0f / sqrtf((float)Dh);
+    struct attention_mask mask = {.sample_start = start};
+    cpu->attention(out, q, k, v, &mask, N, nH, nKV, Dh, Dh, scale);
+    cpu->attention_backward(dq, dk, dv, dout, q, k, v, out, &mask, N, nH, nKV, Dh, Dh, scale);
+    double *lse = reference_lse(q, k, start, N, nH, nKV, Dh, scale);
+
+    float *d_q = to_device(q, nq * sizeof(float)), *d_k = to_device(k, nkv * sizeof(float));
+    float *d_v = to_device(v, nkv * sizeof(float)), *d_dout = to_device(dout, nq * sizeof(float));
+    int32_t *d_start = (int32_t *)to_device(start, (size_t)N * sizeof(int32_t));
+    float *d_out = device_alloc(nq * sizeof(float)), *d_lse = device_alloc(nl * sizeof(float));
+    float *d_dq = device_alloc(nq * sizeof(float)), *d_dk = device_alloc(nkv * sizeof(float));
+    float *d_dv = device_alloc(nkv * sizeof(float));
+    void *workspace = device_alloc(attention_flash_workspace(N, nH));
+    CHECK(device_fill_f32(d_out, nq, NAN, err, sizeof err) == 0, "%s", err);
+    CHECK(device_fill_f32(d_lse, nl, NAN, err, sizeof err) == 0, "%s", err);
+    CHECK(attention_flash_forward(d_out, d_lse, d_q, d_k, d_v, d_start, N, nH, nKV, Dh, scale, err,
+                                  sizeof err) == 0, "%s", err);
+    double e_out = expect_l2(d_out, out, nq, 1e-2, "flash forward");
+    float *got_lse = from_device(d_lse, nl * sizeof(float));
+    double e_lse = 0;
+    for (size_t i = 0; i < nl; i++) e_lse = fmax(e_lse, isfinite(got_lse[i]) ? fabs(got_lse[i] - lse[i]) : INFINITY);
+    CHECK(e_lse <= 2e-2, "flash forward lse: worst error %.3g above 2e-2", e_lse);
+    free(got_lse);
+
+    /* the backward from the CPU's output (what the op table gives it), with the kernel's
+     * lse, then with lse recomputed; twice, for the bits */
+    CHECK(device_copy_to_device(d_out, out, nq * sizeof(float)) == 0, "upload");
+    double e_grad[3] = {0, 0, 0};
+    float *first[3] = {NULL, NULL, NULL};
+    const char *names[3] = {"dq", "dk", "dv"};
+    float *d_grad[3] = {d_dq, d_dk, d_dv}, *want[3] = {dq, dk, dv};
+    size_t count[3] = {nq, nkv, nkv};
+    for (int run = 0; run < 3; run++) {
+        for (int g = 0; g < 3; g++)
+            CHECK(device_fill_f32(d_grad[g], count[g], NAN, err, sizeof err) == 0, "%s", err);
+        CHECK(attention_flash_backward(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out,
+                                       run == 0 ? d_lse : NULL, d_start, N, nH, nKV, Dh, scale,
+                                       workspace, err, sizeof err) == 0, "%s", err);
+        for (int g = 0; g < 3; g++) {
+            char what[64];
+            snprintf(what, sizeof what, "flash backward %s (%s lse)", names[g],
+                     run == 0 ? "the forward's" : "recomputed");
+            e_grad[g] = fmax(e_grad[g], expect_l2(d_grad[g], want[g], count[g], 2e-2, what));
+            if (run == 1) first[g] = from_device(d_grad[g], count[g] * sizeof(float));
+            if (run == 2) {
+                float *again = from_device(d_grad[g], count[g] * sizeof(float));
+                CHECK(memcmp(again, first[g], count[g] * sizeof(float)) == 0,
+                      "flash backward %s: two runs differ", names[g]);
+                free(again);
+                free(first[g]);
+            }
+        }
+    }
+    printf("flash attention, %d tokens in %d samples, %d/%d heads of %d: relative L2 out %.2e, "
+           "dq %.2e, dk %.2e, dv %.2e; lse within %.2e\n", N, n_samples, nH, nKV, Dh, e_out,
+           e_grad[0], e_grad[1], e_grad[2], e_lse);
+    void *device_buffers[] = {d_q, d_k, d_v, d_dout, d_start, d_out, d_lse, d_dq, d_dk, d_dv, workspace};
+    FREE_ON_DEVICE(device_buffers);
+    void *host_buffers[] = {start, q, k, v, dout, out, dq, dk, dv, lse};
+    for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
+}
+
+/* The op table's choice of attention (src/cuda_ops.c): fp32 mode keeps the cuBLAS path
+ * (the CPU's output to 1e-5), tf32 mode takes the tiled kernels (bf16 accuracy, and not
+ * the cuBLAS path's bits), ESFT_CUDA_ATTENTION=gemm brings cuBLAS back in tf32 mode. */
+static void check_flash_dispatch(void)
+{
+    const struct backend *cpu = backend_cpu(), *cuda = backend_cuda();
+    int lengths[] = {100, 3, 156}, n_samples = 3, nH = 4, nKV = 2, Dh = 64, N = 259;
+    struct rng rng;
+    rng_seed(&rng, 20);
+    int32_t *start = xmalloc((size_t)N * sizeof(int32_t));
+    for (int s = 0, at = 0; s < n_samples; at += lengths[s], s++)
+        for (int j = 0; j < lengths[s]; j++) start[at + j] = at;
+    size_t nq = (size_t)N * nH * Dh, nkv = (size_t)N * nKV * Dh;
+    float *q = random_floats(&rng, nq, -2, 2), *k = random_floats(&rng, nkv, -2, 2);
+    float *v = random_floats(&rng, nkv, -1, 1), *dout = random_floats(&rng, nq, -1, 1);
+    float *out = xmalloc(nq * sizeof(float)), *dq = xmalloc(nq * sizeof(float));
+    float *dk = xmalloc(nkv * sizeof(float)), *dv = xmalloc(nkv * sizeof(float));
+    float scale = 1.0f / sqrtf((float)Dh);
+    struct attention_mask mask = {.sample_start = start};
+    cpu->attention(out, q, k, v, &mask, N, nH, nKV, Dh, Dh, scale);
+    cpu->attention_backward(dq, dk, dv, dout, q, k, v, out, &mask, N, nH, nKV, Dh, Dh, scale);
+    float *d_q = to_device(q, nq * sizeof(float)), *d_k = to_device(k, nkv * sizeof(float));
+    float *d_v = to_device(v, nkv * sizeof(float)), *d_dout = to_device(dout, nq * sizeof(float));
+    float *d_out = device_alloc(nq * sizeof(float)), *d_dq = device_alloc(nq * sizeof(float));
+    float *d_dk = device_alloc(nkv * sizeof(float)), *d_dv = device_alloc(nkv * sizeof(float));
+    struct attention_mask d_mask = {.sample_start = (int32_t *)to_device(start, (size_t)N * sizeof(int32_t))};
+    float *outs[3];
+    for (int mode = 0; mode < 3; mode++) { /* fp32; tf32; tf32 with ESFT_CUDA_ATTENTION=gemm */
+        const char *name = mode == 0 ? "fp32" : mode == 1 ? "tf32" : "tf32, ESFT_CUDA_ATTENTION=gemm";
+        backend_cuda_set_tf32(mode > 0);
+        if (mode == 2) setenv("ESFT_CUDA_ATTENTION", "gemm", 1);
+        char what[96], err[256];
+        CHECK(device_fill_f32(d_out, nq, NAN, err, sizeof err) == 0, "%s", err);
+        cuda->attention(d_out, d_q, d_k, d_v, &d_mask, N, nH, nKV, Dh, Dh, scale);
+        cuda->attention_backward(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out, &d_mask, N, nH, nKV,
+                                 Dh, Dh, scale);
+        double f = mode == 0 ? 1e-5 : 1e-2, b = mode == 0 ? 1e-4 : 2e-2;
+        snprintf(what, sizeof what, "op table attention (%s)", name);
+        expect_l2(d_out, out, nq, f, what);
+        snprintf(what, sizeof what, "op table attention dq (%s)", name);
+        expect_l2(d_dq, dq, nq, b, what);
+        snprintf(what, sizeof what, "op table attention dk (%s)", name);
+        expect_l2(d_dk, dk, nkv, b, what);
+        snprintf(what, sizeof what, "op table attention dv (%s)", name);
+        expect_l2(d_dv, dv, nkv, b, what);
+        outs[mode] = from_device(d_out, nq * sizeof(float));
+    }
+    unsetenv("ESFT_CUDA_ATTENTION");
+    backend_cuda_set_tf32(false);
+    CHECK(memcmp(outs[1], outs[2], nq * sizeof(float)) != 0,
+          "op table attention: tf32 mode gave the cuBLAS path's bits (the tiled kernels unused?)");
+    printf("cuda op table attention: cuBLAS in fp32 mode and with ESFT_CUDA_ATTENTION=gemm, the "
+           "tiled kernels in tf32 mode\n");
+    void *device_buffers[] = {d_q, d_k, d_v, d_dout, d_out, d_dq, d_dk, d_dv, (void *)d_mask.sample_start};
+    FREE_ON_DEVICE(device_buffers);
+    void *host_buffers[] = {start, q, k, v, dout, out, dq, dk, dv, outs[0], outs[1], outs[2]};
+    for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
+    backend_cuda_release();
+}
+
 /* ---- the op table's variants of deepseek_v2/v3, glm4_moe and gpt_oss ------------------- *
  * Each check runs one op of the CUDA op table (src/cuda_ops.c) and of the CPU one on the
  * same random inputs. The routers share their row code with the CPU (moe_math.h), so
@@ -1544,6 +1737,22 @@ static void group_attention(void)
     check_attention((const int[]){2100, 7}, 2, 4, 2, 64); /* more rows than one cuBLAS block */
 }
 
+static void group_attention_flash(void)
+{
+    /* a one-token sample, packed: alone, its dq and dk are exactly 0 on the CPU and of
+     * rounding size here (dp in bf16 against delta in fp32), which no relative bound fits */
+    check_flash((const int[]){1, 40}, 2, 1, 1, 64);
+    check_flash((const int[]){5, 1, 130, 64, 77}, 5, 4, 2, 64); /* GQA, tiles across samples */
+    check_flash((const int[]){64, 64, 65}, 3, 2, 1, 64);        /* samples on tile edges */
+    check_flash((const int[]){300, 1, 211}, 3, 8, 2, 128);
+    check_flash((const int[]){520, 24}, 2, 32, 4, 128); /* Qwen3-30B-A3B's heads */
+}
+
+static void group_attention_flash_ops(void)
+{
+    check_flash_dispatch();
+}
+
 static void group_gemm(void)
 {
     check_gemm(1, 1, 1, 2, GEMM_F32);
@@ -1636,6 +1845,7 @@ static const struct group {
     {"optimizer", group_optimizer},
     {"moe-backward", group_moe_backward},
     {"attention", group_attention},
+    {"attention-flash", group_attention_flash},
     {"gemm", group_gemm},
     {"determinism", check_determinism},
     {"lora", group_lora},
@@ -1644,6 +1854,7 @@ static const struct group {
     {"attention-mask", group_attention_mask},
     {"gpt-oss-experts", group_gpt_oss_experts},
     {"ce-chunks", group_ce_chunks},
+    {"attention-flash-ops", group_attention_flash_ops},
     {"ops", group_ops},
 };
 enum { N_GROUPS = sizeof groups / sizeof groups[0] };
