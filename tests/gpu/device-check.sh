@@ -63,6 +63,7 @@
 #   ESFT_DEVICE_GROUPS  test_device groups to run one by one (default: what --list says,
 #                       else the whole program at once)
 #   ESFT_KEEP=1         keep the unpacked bundle (its path is printed)
+#   ESFT_BENCH_KERNELS_ARGS  arguments of bench_kernels (e.g. "--sections attention")
 #   ESFT_CHECK_STEPS    the steps to run, by name (test_device test_comm golden-cuda
 #                       phases-cuda bench_kernels torch-qwen3-moe esft-bench; default all):
 #                       a short lease runs the checks and the benchmarks in two calls; the
@@ -527,7 +528,8 @@ elif [ ! -x "$b/tests/bench/bench_kernels" ]; then
 elif [ $device = no ]; then
     skip_gpu bench_kernels
 else
-    run_step bench_kernels 120 "${bundle_env[@]}" "$b/tests/bench/bench_kernels"
+    # shellcheck disable=SC2086 # ESFT_BENCH_KERNELS_ARGS is a list of arguments
+    run_step bench_kernels 120 "${bundle_env[@]}" "$b/tests/bench/bench_kernels" ${ESFT_BENCH_KERNELS_ARGS:-}
     record bench_kernels "$(gpu_verdict)" "$seconds" "$(figures "$output")"
 fi
 if ! want torch-qwen3-moe; then
