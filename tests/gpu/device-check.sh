@@ -575,13 +575,14 @@ else
         sed 's/.*\(score: \|train: step \)/\1/' | cut -c 1-150 | paste -sd ';' -)"
     # the same score and steps on the tensor cores: tf32, then bf16; then tf32 with the
     # experts' GEMMs one call per expert (ESFT_CUDA_GROUPED=loop), the baseline of the
-    # grouped call; and a full fine-tuning step (tf32; every parameter trained, AdamW on all)
-    for variant in tf32 bf16 tf32-loop tf32-full; do
+    # grouped call; a full fine-tuning step; and the ESFT step with train.recompute
+    for variant in tf32 bf16 tf32-loop tf32-full tf32-recompute; do
         dtype=${variant%-*}
         grouped=batched
         [ "$variant" = tf32-loop ] && grouped=loop
         phases="'phase=[score,train]'"
         [ "$variant" = tf32-full ] && phases="'phase=[train]' train.method=full"
+        [ "$variant" = tf32-recompute ] && phases="'phase=[train]' train.recompute=true"
         eval "esft_bench_${variant//-/_}() {
             e=\"\$work/bench-esft\"
             cd \"\$work\" && ESFT_CUDA_GROUPED=$grouped \"\${esft[@]}\" \"\$b/tests/gpu/bench-esft.yaml\" \
