@@ -619,7 +619,9 @@ static void cpu_linear_backward(float *dx, float *dw, float *dbias, const float 
         return;
     }
     if (weight_is_bf16(w)) {
-        if (dw || dbias) fatal(EXIT_RUNTIME, "linear_backward: a bf16 weight has no gradient");
+        if (dw || dbias)
+            fatal(EXIT_RUNTIME, "linear_backward: a weight held as bf16 has no gradient, nor its "
+                  "bias");
         if (dx) linear_backward_bf16(dx, dy, weight_bf16_data(w), N, I, O, accumulate_dx);
         return;
     }

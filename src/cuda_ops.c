@@ -408,6 +408,9 @@ static void cuda_linear_backward(float *dx, float *dw, float *dbias, const float
                                  bool accumulate_dx)
 {
     char err[256];
+    if (weight_is_bf16(w) && (dw || dbias))
+        fatal(EXIT_RUNTIME, "linear_backward: a weight held as bf16 has no gradient, nor its bias");
+    if (weight_is_bf16(w) && !dx) return; /* a frozen weight without an input gradient */
     const void *wb = !dw && !dbias && dx ? bf16_weight(w, (size_t)O * I) : NULL;
     if (wb) { /* a frozen weight: only dx = dy w, on bf16 operands */
         ok(gemm_linear_backward(gemm(), dx, NULL, NULL, bf16_operand(dy, (size_t)N * O), NULL, wb,
