@@ -178,8 +178,8 @@ static void add_feed_forward(struct table_builder *b, int l)
     if (c->router == ROUTER_SIGMOID_BIAS)
         add_param(b, &w->router_bias, PARAM_ROUTER, MLP_NONE, l, -1, c->num_experts, 0,
                   "%s.%d.%s.gate.e_score_correction_bias", P, l, moe)->buffer = true;
-    /* One part at a time over all experts, so each part's local experts are contiguous:
-     * the [E_local, out, in] blocks of model.h. */
+    /* One part at a time over all experts, so each part's local experts are contiguous
+     * in fp32 storage (the [E_local, out, in] blocks of model.h). */
     const enum mlp_part parts[3] = {MLP_GATE, MLP_UP, MLP_DOWN};
     for (int i = 0; i < 3; i++) { /* their compute view: publish_weights' per-expert arrays */
         int64_t out = parts[i] == MLP_DOWN ? H : I, in = parts[i] == MLP_DOWN ? I : H;

@@ -6,9 +6,12 @@
  * Sizes (as in backend.h): N tokens, H hidden, L decoder layers, nH / nKV heads, Dh
  * head_dim, E routed experts, K top-k, I expert width, V vocabulary. Linear weights are
  * [out, in] as in the checkpoints. A layer's routed experts are held as three blocks,
- * gate [E_local, I, H], up [E_local, I, H], down [E_local, H, I], so one grouped GEMM
- * runs over all of them without restacking; the parameter table's per-expert entries
- * point into those blocks (gpt_oss's expert biases likewise: [E_local, I], [E_local, H]). */
+ * gate [E_local, I, H], up [E_local, I, H], down [E_local, H, I] (gpt_oss's expert biases
+ * likewise: [E_local, I], [E_local, H]), the parameter table's per-expert entries pointing
+ * into them; the grouped GEMMs take the matrices through per-expert arrays
+ * (layer_weights.expert_gate[e], ...), since with frozen weights held as bf16
+ * (model_store_frozen_bf16) the frozen experts' matrices live apart from the trained
+ * ones'. */
 #ifndef ESFT_MODEL_H
 #define ESFT_MODEL_H
 

@@ -306,5 +306,16 @@ else
 fi
 same_curve "$b/np1/metrics.jsonl" "$b/fp32/metrics.jsonl" 1e-2 && ok ||
     fail "bf16 frozen weights: the curve is not within 1e-2 of fp32's"
+# eval with the adapter over bf16 frozen weights (the adapter's tensors rounded as the
+# base's): within 1e-2 of the fp32 eval, and not equal to it
+for fw in fp32 bf16; do
+    expect 0 "eval, adapter, $fw frozen weights" "$esft" "$demo" phase=eval \
+        "run.output_dir=$b/eval-$fw" "model.path=$b/model" "data.path=$d/data.h5" \
+        "eval.adapter=$b/np1/adapter/adapter.safetensors" "model.frozen_weights=$fw"
+done
+e32=$(value loss "$b/eval-fp32/eval.json")
+e16=$(value loss "$b/eval-bf16/eval.json")
+awk -v a="$e32" -v b="$e16" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(a != b && d < 1e-2 * a) }' &&
+    ok || fail "eval with bf16 frozen weights: loss $e16, fp32 $e32"
 
 test_end test-train
