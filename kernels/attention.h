@@ -51,18 +51,38 @@ int attention_backward(float *dq, float *dk, float *dv, const float *dout, const
  * in the workspace, never all at once: attention_gemm_workspace(longest sample, nH, nKV)
  * bytes of device memory serve both directions.
  *
+ * Widths: q, k [N, n*Dh], v [N, nKV*Dv], out [N, nH*Dv] (MLA's value width Dv differs
+ * from its query-key width Dh). mask (NULL: none) adds backend.h's struct
+ * attention_mask's sliding window (a block's scores start at its first query's earliest
+ * visible key) and gpt_oss's sinks (a logit per query head in each row's max and
+ * denominator, its probability dropped); the backward adds d loss / d sinks[h] = -sum_i
+ * P_sink(i) rowsum(P dP)_i to dsinks[h], each (query, head)'s term kept in sink_terms
+ * [N * nH] (device memory) and summed per head in token order (in double), so the sum
+ * does not depend on the launch.
+ *
+ * The value width, windows and sinks came later and have not run on a GPU yet
+ * (test_device group attention-mask).
+ *
  * Samples in HOST memory: attention_gemm_samples turns sample_start[N] (copied back)
  * into starts[count + 1] (starts[count] = N; room for N + 1) and the longest length. */
 enum { ATTENTION_GEMM_ROWS = 1024 };
+struct attention_gemm_mask {
+    int window;         /* 0: none; W > 0: query i sees keys i - W < j <= i of its sample */
+    const float *sinks; /* [nH] or NULL */
+    float *dsinks;      /* [nH], added to by the backward, or NULL */
+    float *sink_terms;  /* [N * nH] scratch of the backward with dsinks */
+};
 int attention_gemm_samples(const int32_t *host_sample_start, int N, int *starts, int *longest);
 size_t attention_gemm_workspace(int longest, int nH, int nKV);
 int attention_gemm_forward(void *cublas, float *out, const float *q, const float *k, const float *v,
-                           const int *starts, int count, int nH, int nKV, int Dh, float scale,
-                           void *workspace, char *err, size_t err_size);
+                           const int *starts, int count, int nH, int nKV, int Dh, int Dv,
+                           float scale, const struct attention_gemm_mask *mask, void *workspace,
+                           char *err, size_t err_size);
 int attention_gemm_backward(void *cublas, float *dq, float *dk, float *dv, const float *dout,
                             const float *q, const float *k, const float *v, const int *starts,
-                            int count, int nH, int nKV, int Dh, float scale, void *workspace,
-                            char *err, size_t err_size);
+                            int count, int nH, int nKV, int Dh, int Dv, float scale,
+                            const struct attention_gemm_mask *mask, void *workspace, char *err,
+                            size_t err_size);
 
 #ifdef __cplusplus
 }

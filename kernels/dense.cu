@@ -171,7 +171,7 @@ extern "C" int dense_rmsnorm_backward(float *dx, float *dw, const float *dy, con
 /* One thread per (token, head, pair). */
 __global__ void rope_kernel(float *x, const int32_t *positions, const float *inv_freq,
                             float attention_scaling, int N, int n_heads, int Dh, int half,
-                            int backward)
+                            int interleaved, int backward)
 {
     GRID_STRIDE(i, (size_t)N * n_heads * half)
     {
@@ -180,23 +180,25 @@ __global__ void rope_kernel(float *x, const int32_t *positions, const float *inv
         float c, s;
         rope_cos_sin(&c, &s, positions[n], inv_freq[pair], attention_scaling);
         float *xh = x + row * Dh;
+        size_t a, b;
+        rope_pair_at(interleaved, pair, half, &a, &b);
         if (backward)
-            rope_rotate_transpose(&xh[pair], &xh[pair + half], c, s);
+            rope_rotate_transpose(&xh[a], &xh[b], c, s);
         else
-            rope_rotate(&xh[pair], &xh[pair + half], c, s);
+            rope_rotate(&xh[a], &xh[b], c, s);
     }
 }
 
 extern "C" int dense_rope(float *x, const int32_t *positions, const float *inv_freq,
                           float attention_scaling, int N, int n_heads, int Dh, int rotary_dim,
-                          int backward, char *err, size_t err_size)
+                          int interleaved, int backward, char *err, size_t err_size)
 {
     int half = rotary_dim / 2;
     size_t total = (size_t)N * n_heads * half;
     if (total == 0) return 0;
     rope_kernel<<<launch_blocks(total, THREADS), THREADS>>>(x, positions, inv_freq,
                                                             attention_scaling, N, n_heads, Dh,
-                                                            half, backward);
+                                                            half, interleaved, backward);
     return report("dense_rope", err, err_size);
 }
 
@@ -281,6 +283,89 @@ extern "C" int dense_cross_entropy(double *row_loss, float *dlogits, const float
     if (N == 0) return 0;
     cross_entropy_kernel<<<N, ROW_THREADS>>>(row_loss, dlogits, logits, labels, V, scale);
     return report("dense_cross_entropy", err, err_size);
+}
+
+/* ---- the vocabulary-chunked cross-entropy (backend.h's ce_chunk_*) --------------------- */
+
+template <typename T> struct reduce_min {
+    __device__ static T apply(T a, T b) { return a < b ? a : b; }
+    __device__ static T identity() { return (T)0x7fffffff; }
+};
+
+/* One block per token: the chunk's max and sum of exponentials folded into the running
+ * state (rescaled when the max grows, as the CPU backend does), the label's logit when it
+ * falls in the chunk, and the best logit: the chunk's first largest when it beats the
+ * running one (the CPU's strict > in index order). */
+__global__ void ce_chunk_update_kernel(float *state, int32_t *best, const float *logits,
+                                       const int32_t *labels, int C, int v0)
+{
+    size_t row = blockIdx.x;
+    const float *z = logits + row * C;
+    float *st = state + row * 4;
+    float old_max = v0 == 0 ? -INFINITY : st[0], old_sum = v0 == 0 ? 0.0f : st[1];
+    float old_best = v0 == 0 ? -INFINITY : st[3];
+    float chunk_max = -INFINITY;
+    for (int v = threadIdx.x; v < C; v += blockDim.x) chunk_max = fmaxf(chunk_max, z[v]);
+    chunk_max = block_max(chunk_max);
+    float max = v0 == 0 ? chunk_max : fmaxf(chunk_max, old_max);
+    float sum = 0.0f;
+    for (int v = threadIdx.x; v < C; v += blockDim.x) sum += expf(z[v] - max);
+    sum = block_sum(sum);
+    int first = 0x7fffffff; /* the first index holding the chunk's max */
+    for (int v = threadIdx.x; v < C; v += blockDim.x)
+        if (z[v] == chunk_max && v < first) first = v;
+    first = block_reduce<int, reduce_min<int> >(first);
+    if (threadIdx.x != 0) return;
+    st[0] = max;
+    st[1] = v0 == 0 ? sum : old_sum * expf(old_max - max) + sum;
+    if (v0 == 0) st[2] = 0.0f;
+    int label = labels[row] - v0;
+    if (label >= 0 && label < C) st[2] = z[label];
+    if (v0 == 0) best[row] = -1;
+    if (chunk_max > old_best && first < C) {
+        st[3] = chunk_max;
+        best[row] = v0 + first;
+    } else if (v0 == 0) {
+        st[3] = -INFINITY;
+    }
+}
+
+extern "C" int dense_ce_chunk_update(float *state, int32_t *best, const float *logits,
+                                     const int32_t *labels, int N, int C, int v0, char *err,
+                                     size_t err_size)
+{
+    if (N == 0) return 0;
+    ce_chunk_update_kernel<<<N, ROW_THREADS>>>(state, best, logits, labels, C, v0);
+    return report("dense_ce_chunk_update", err, err_size);
+}
+
+/* One thread per logit of the chunk: scale * (softmax - onehot) from the final state. */
+__global__ void ce_chunk_backward_kernel(float *dlogits, const float *logits, const float *state,
+                                         const int32_t *labels, int N, int C, int v0, float scale)
+{
+    GRID_STRIDE(i, (size_t)N * C)
+    {
+        size_t row = i / C;
+        int v = (int)(i % C), label = labels[row];
+        if (label < 0) {
+            dlogits[i] = 0.0f;
+            continue;
+        }
+        const float *st = state + row * 4;
+        dlogits[i] = cross_entropy_dlogit(expf(logits[i] - st[0]), scale / st[1], v0 + v == label,
+                                          scale);
+    }
+}
+
+extern "C" int dense_ce_chunk_backward(float *dlogits, const float *logits, const float *state,
+                                       const int32_t *labels, int N, int C, int v0, float scale,
+                                       char *err, size_t err_size)
+{
+    size_t total = (size_t)N * C;
+    if (total == 0) return 0;
+    ce_chunk_backward_kernel<<<launch_blocks(total, THREADS), THREADS>>>(dlogits, logits, state,
+                                                                        labels, N, C, v0, scale);
+    return report("dense_ce_chunk_backward", err, err_size);
 }
 
 extern "C" int dense_sum_rows(double *total, long long *counted, const double *row_loss,

@@ -5,7 +5,9 @@
  * shared with the CPU backend: dense_math.h.
  *
  * STATUS: ran on an NVIDIA H200 on 2026-11-26, where tests/test_device.c's comparison
- * with the CPU backend passed; it runs that comparison wherever a GPU is visible. */
+ * with the CPU backend passed; it runs that comparison wherever a GPU is visible
+ * The interleaved RoPE pairs and the chunked cross-entropy (ce_chunk_*) came later and
+ * have not run on a GPU yet (test_device groups dense, ce-chunks). */
 #ifndef ESFT_KERNELS_DENSE_H
 #define ESFT_KERNELS_DENSE_H
 
@@ -46,11 +48,12 @@ size_t dense_column_sums_workspace(int R, int D);
 int dense_column_sums(float *sum, const float *x, int R, int D, void *workspace, char *err,
                       size_t err_size);
 
-/* In place on x[N, n_heads, Dh]: rotate-half RoPE over the first rotary_dim dims, and its
- * transpose (backward). inv_freq[rotary_dim/2] in device memory. */
+/* In place on x[N, n_heads, Dh] (Dh the head's stride): RoPE over the first rotary_dim
+ * dims of each head, pairs rotate-half (interleaved 0) or consecutive (interleaved 1,
+ * deepseek's), and its transpose (backward). inv_freq[rotary_dim/2] in device memory. */
 int dense_rope(float *x, const int32_t *positions, const float *inv_freq, float attention_scaling,
-               int N, int n_heads, int Dh, int rotary_dim, int backward, char *err,
-               size_t err_size);
+               int N, int n_heads, int Dh, int rotary_dim, int interleaved, int backward,
+               char *err, size_t err_size);
 
 /* y[i] = x[i] + r[i] */
 int dense_add(float *y, const float *x, const float *r, size_t count, char *err, size_t err_size);
@@ -73,6 +76,17 @@ int dense_cross_entropy(double *row_loss, float *dlogits, const float *logits,
  * counted rows in row order (the CPU backend's sum) and their count. -1 on a copy error. */
 int dense_sum_rows(double *total, long long *counted, const double *row_loss,
                    const int32_t *labels, int N, char *err, size_t err_size);
+
+/* The vocabulary-chunked cross-entropy of backend.h (ce_chunk_update, ce_chunk_backward):
+ * state[N, 4] (running max, running sum of exp(z - max), the label's logit, the best
+ * logit) and best[N] folded from the chunk logits[N, C] of ids [v0, v0 + C), one block a
+ * token; the backward's scale * (softmax - onehot) of the chunk from the final state
+ * (dlogits may be logits). The loss itself is summed on the host (cuda_ops.c). */
+int dense_ce_chunk_update(float *state, int32_t *best, const float *logits, const int32_t *labels,
+                          int N, int C, int v0, char *err, size_t err_size);
+int dense_ce_chunk_backward(float *dlogits, const float *logits, const float *state,
+                            const int32_t *labels, int N, int C, int v0, float scale, char *err,
+                            size_t err_size);
 
 #ifdef __cplusplus
 }

@@ -41,6 +41,18 @@ DENSE_HD void rope_cos_sin(float *c, float *s, int position, float inv_freq,
     *s = sinf(angle) * attention_scaling;
 }
 
+/* Where pair i of a head's rotary dims sits: rotate-half (i, i + half), as transformers'
+ * rotate_half; interleaved (2i, 2i+1), as deepseek_v2's complex multiply
+ * (modeling_deepseek_v2.py apply_rotary_emb: view_as_complex of consecutive pairs). */
+DENSE_HD void rope_pair_at(int interleaved, size_t i, int half, size_t *a, size_t *b)
+{
+    if (interleaved) {
+        *a = 2 * i, *b = 2 * i + 1;
+    } else {
+        *a = i, *b = i + (size_t)half;
+    }
+}
+
 /* The device kernel's thread i of N * n_heads * half: its head row (token * n_heads +
  * head, the row of x[N * n_heads, Dh]), its pair and its token. */
 DENSE_HD void rope_pair_of(size_t i, int half, int n_heads, size_t *row, size_t *pair,

@@ -4,7 +4,9 @@
  * Index math shared with the host: moe_math.h.
  *
  * STATUS: ran on an NVIDIA H200 on 2026-11-26, where tests/test_device.c's comparison
- * with the CPU backend passed; it runs that comparison wherever a GPU is visible. */
+ * with the CPU backend passed; it runs that comparison wherever a GPU is visible
+ * The row routers (moe_router_rows*), the clamped GLU and the grouped bias came later and
+ * have not run on a GPU yet (test_device groups routers, gpt-oss-experts). */
 #ifndef ESFT_KERNELS_MOE_H
 #define ESFT_KERNELS_MOE_H
 
@@ -20,6 +22,55 @@ extern "C" {
  * top-k iff renormalise, times scaling); probs[N,E] may be NULL. One warp per token. */
 int moe_router_topk(int32_t *ids, float *weights, float *probs, const float *logits, int N, int E,
                     int K, int renormalise, float scaling, char *err, size_t err_size);
+
+/* The routers other than plain softmax top-k (backend.h's struct router_params), one
+ * thread per token running moe_math.h's row function, the CPU backend's own
+ * (src/cpu_router.c): the same operations in the same order, so the two differ only by
+ * libm's expf against CUDA's and by nvcc's fused multiply-adds. kind: MOE_ROUTER_SOFTMAX
+ * (softmax top-k, group-limited greedy when topk_group < n_group: deepseek_v2),
+ * MOE_ROUTER_SIGMOID_BIAS (deepseek_v3, glm4_moe), MOE_ROUTER_TOPK_SOFTMAX (gpt_oss; no
+ * renormalisation or scaling). bias[E] in device memory or NULL. */
+enum moe_router_kind { MOE_ROUTER_SOFTMAX, MOE_ROUTER_SIGMOID_BIAS, MOE_ROUTER_TOPK_SOFTMAX };
+struct moe_router {
+    enum moe_router_kind kind;
+    int renormalise;
+    float scaling;
+    int n_group, topk_group;
+    const float *bias;
+};
+
+/* ids[N,K], weights[N,K], probs[N,E] (may be NULL: the row's own scratch holds them) from
+ * logits[N,E]. workspace: moe_router_rows_workspace(N, E, n_group) bytes of device
+ * memory (the rows' scratch, for at most ROUTER_ROW_THREADS tokens at a time). */
+size_t moe_router_rows_workspace(int N, int E, int n_group);
+int moe_router_rows(int32_t *ids, float *weights, float *probs, const float *logits, int N, int E,
+                    int K, const struct moe_router *r, void *workspace, char *err,
+                    size_t err_size);
+
+/* dlogits[N,E] (written) from dweights[N,K], through the weights' dependence on probs
+ * (router_topk_backward_row, router_sigmoid_backward_row or
+ * router_topk_softmax_backward_row by kind). One thread per token. */
+int moe_router_rows_backward(float *dlogits, const float *dweights, const float *probs,
+                             const int32_t *ids, int N, int E, int K, const struct moe_router *r,
+                             char *err, size_t err_size);
+
+/* gpt_oss's clamped GLU (moe_math.h's glu_clamped), elementwise on count, and its
+ * backward (glu_clamped_backward: 0 at and beyond a clamp's bound). */
+int moe_glu_clamped(float *h, const float *gate, const float *up, size_t count, float alpha,
+                    float limit, char *err, size_t err_size);
+int moe_glu_clamped_backward(float *dgate, float *dup, const float *dh, const float *gate,
+                             const float *up, size_t count, float alpha, float limit, char *err,
+                             size_t err_size);
+
+/* y[rows, O] += bias[e*O ..] on expert e's rows [offsets[e], offsets[e+1]) (offsets[E+1]
+ * in device memory; rows = offsets[E], known to the caller). Backward: dbias[e][o] += the
+ * sum over expert e's rows, in row order, of dy[r, o] (fp32 from 0, then added: the CPU
+ * backend's order, so the same bits); dbias[E] a DEVICE array of device pointers, NULL
+ * for a frozen expert. */
+int moe_grouped_bias(float *y, const float *bias, const int32_t *offsets, int E, int O, int rows,
+                     char *err, size_t err_size);
+int moe_grouped_bias_backward(float *const *dbias, const float *dy, const int32_t *offsets, int E,
+                              int O, char *err, size_t err_size);
 
 /* Token-slots sorted by expert, stable in slot order (see moe_math.h): expert_offsets[E+1],
  * slot_of_row[M], row_of_slot[M] for ids[M = N*K]. workspace: at least

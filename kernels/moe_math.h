@@ -78,6 +78,21 @@ MOE_HD int launch_warp_blocks(int R, int threads)
 /* Router: lane l of a warp holds experts l, l + 32, ...: how many each lane holds. */
 MOE_HD int router_per_lane(int E) { return (E + WARP - 1) / WARP; }
 
+/* The expert whose rows [offsets[e], offsets[e+1]) hold row r < offsets[E]: the last e
+ * with offsets[e] <= r (an empty expert before it shares its offset), by bisection. */
+MOE_HD int expert_of_row(const int32_t *offsets, int E, int r)
+{
+    int low = 0, high = E - 1; /* offsets[low] <= r always (offsets[0] = 0) */
+    while (low < high) {
+        int mid = (low + high + 1) / 2;
+        if (offsets[mid] <= r)
+            low = mid;
+        else
+            high = mid - 1;
+    }
+    return low;
+}
+
 /* ---- element and row arithmetic shared with the CPU backend (src/cpu_ops.c) ----------- */
 
 /* silu(g) * u, and its gradients: dg = d u silu'(g), du = d silu(g), with silu' = s (1 +

@@ -36,6 +36,11 @@ void gqa_forward(const struct model *m, const struct backend *ops, struct layer_
     ops->linear(qk_norm ? a->q_proj : a->q, a->xn, w->q, w->q_bias, N, H, q_width, false);
     ops->linear(qk_norm ? a->k_proj : a->k, a->xn, w->k, w->k_bias, N, H, kv_width, false);
     ops->linear(a->v, a->xn, w->v, w->v_bias, N, H, kv_width, false);
+    lora_adapt_forward(m, ops, l, LORA_Q, qk_norm ? a->q_proj : a->q, a->lora_t[LORA_Q], a->xn, N,
+                       H, q_width);
+    lora_adapt_forward(m, ops, l, LORA_K, qk_norm ? a->k_proj : a->k, a->lora_t[LORA_K], a->xn, N,
+                       H, kv_width);
+    lora_adapt_forward(m, ops, l, LORA_V, a->v, a->lora_t[LORA_V], a->xn, N, H, kv_width);
     if (c->qk_norm == QK_NORM_PER_HEAD) {
         ops->rmsnorm(a->q, a->q_rstd, a->q_proj, w->q_norm, N * nH, Dh, eps);
         ops->rmsnorm(a->k, a->k_rstd, a->k_proj, w->k_norm, N * nKV, Dh, eps);
@@ -60,6 +65,7 @@ void gqa_forward(const struct model *m, const struct backend *ops, struct layer_
     struct attention_mask mask = layer_mask(m, batch, l, NULL);
     ops->attention(a->attn, a->q, a->k, a->v, &mask, N, nH, nKV, Dh, Dh, 1.0f / sqrtf((float)Dh));
     ops->linear(a->h, a->attn, w->o, w->o_bias, N, q_width, H, false);
+    lora_adapt_forward(m, ops, l, LORA_O, a->h, a->lora_t[LORA_O], a->attn, N, q_width, H);
 }
 
 void gqa_backward(const struct model *m, const struct backend *ops, struct forward_workspace *ws,
@@ -75,6 +81,8 @@ void gqa_backward(const struct model *m, const struct backend *ops, struct forwa
 
     /* h = x + o(attn) */
     ops->linear_backward(ws->dattn, g->o, g->o_bias, dy, a->attn, w->o, N, q_width, H, false);
+    lora_adapt_backward(m, ops, l, LORA_O, ws->dattn, ws->dlora, dy, a->attn, a->lora_t[LORA_O], N,
+                        q_width, H);
     ops->attention_backward(ws->dq, ws->dk, ws->dv, ws->dattn, a->q, a->k, a->v, a->attn, &mask, N,
                             nH, nKV, Dh, Dh, 1.0f / sqrtf((float)Dh));
     ops->rope_backward(ws->dq, batch->positions, model_inv_freq(m),
@@ -103,4 +111,10 @@ void gqa_backward(const struct model *m, const struct backend *ops, struct forwa
     ops->linear_backward(dxn, g->q, g->q_bias, ws->dq, a->xn, w->q, N, H, q_width, accumulate_dxn);
     ops->linear_backward(dxn, g->k, g->k_bias, ws->dk, a->xn, w->k, N, H, kv_width, true);
     ops->linear_backward(dxn, g->v, g->v_bias, ws->dv, a->xn, w->v, N, H, kv_width, true);
+    lora_adapt_backward(m, ops, l, LORA_Q, dxn, ws->dlora, ws->dq, a->xn, a->lora_t[LORA_Q], N, H,
+                        q_width);
+    lora_adapt_backward(m, ops, l, LORA_K, dxn, ws->dlora, ws->dk, a->xn, a->lora_t[LORA_K], N, H,
+                        kv_width);
+    lora_adapt_backward(m, ops, l, LORA_V, dxn, ws->dlora, ws->dv, a->xn, a->lora_t[LORA_V], N, H,
+                        kv_width);
 }

@@ -249,8 +249,8 @@ struct backend {
                          const float *up, size_t count, enum hf_activation act);
 
     /* glu_clamped: dgate, dup [count] (written) from dh. A clamp that bites passes no
-     * gradient: dgate = 0 where gate > limit, dup = 0 where |up| > limit; a value exactly
-     * at a bound passes it (torch.clamp's backward: min <= x <= max). */
+     * gradient: dgate = 0 where gate >= limit, dup = 0 where |up| >= limit; a value
+     * exactly at a bound gets 0 too (torch 2.15's clamp backward; moe_math.h). */
     void (*glu_clamped_backward)(float *dgate, float *dup, const float *dh, const float *gate,
                                  const float *up, size_t count, float alpha, float limit);
 

@@ -8,17 +8,28 @@
 #include "model_compute.h"
 
 /* Dense MLP backward: dy [N,H] -> dx (+)= ..., weight gradients where trainable. */
-static void dense_mlp_backward(const struct backend *ops, float *dx, bool accumulate_dx,
-                               const float *dy, const float *x, const float *w_gate,
-                               const float *w_up, const float *w_down, float *g_gate, float *g_up,
-                               float *g_down, const float *gate, const float *up, const float *act,
-                               float *dgate, float *dup, float *dact, int N, int H, int W,
-                               enum hf_activation activation)
+/* Its adapters (forward.c's dense_mlp): layer l's targets lt, lt + 1, lt + 2, their t. */
+struct mlp_adapters {
+    const struct model *m;
+    int l, lt;
+    float *const *t;
+    float *dt; /* [N,r] scratch */
+};
+
+static void dense_mlp_backward(const struct backend *ops, const struct mlp_adapters *ad, float *dx,
+                               bool accumulate_dx, const float *dy, const float *x,
+                               const float *w_gate, const float *w_up, const float *w_down,
+                               float *g_gate, float *g_up, float *g_down, const float *gate,
+                               const float *up, const float *act, float *dgate, float *dup,
+                               float *dact, int N, int H, int W, enum hf_activation activation)
 {
     ops->linear_backward(dact, g_down, NULL, dy, act, w_down, N, W, H, false);
+    lora_adapt_backward(ad->m, ops, ad->l, ad->lt + 2, dact, ad->dt, dy, act, ad->t[2], N, W, H);
     ops->glu_backward(dgate, dup, dact, gate, up, (size_t)N * W, activation);
     ops->linear_backward(dx, g_gate, NULL, dgate, x, w_gate, N, H, W, accumulate_dx);
     ops->linear_backward(dx, g_up, NULL, dup, x, w_up, N, H, W, true);
+    lora_adapt_backward(ad->m, ops, ad->l, ad->lt, dx, ad->dt, dgate, x, ad->t[0], N, H, W);
+    lora_adapt_backward(ad->m, ops, ad->l, ad->lt + 1, dx, ad->dt, dup, x, ad->t[1], N, H, W);
 }
 
 /* qwen2_moe's gated shared expert: y += sigmoid(gate_logit) * shared. The gradient of
@@ -51,6 +62,8 @@ static void moe_backward(const struct model *m, const struct backend *ops,
     int H = c->hidden_size, E = c->num_experts, K = c->top_k, I = c->expert_intermediate_size;
     int M = N * K;
     struct router_params route = model_router_params(m, l);
+    struct mlp_adapters shared_adapters = {m, l, LORA_SHARED_GATE, a->lora_t + LORA_SHARED_GATE,
+                                           ws->dlora};
 
     ops->combine_backward(ws->dys, ws->dweights, dy, a->ys, ws->topk_weights[l], a->row_of_slot,
                           N, K, H);
@@ -84,7 +97,7 @@ static void moe_backward(const struct model *m, const struct backend *ops,
                                  offsets, local, H, I);
     if (!dhn) { /* the weight gradients are all that is needed */
         if (w->shared_gate)
-            dense_mlp_backward(ops, NULL, false,
+            dense_mlp_backward(ops, &shared_adapters, NULL, false,
                                w->shared_expert_gate
                                    ? shared_output_gradient_into(ops, ws, a, w, g, dy, NULL, N, H)
                                    : dy,
@@ -118,7 +131,7 @@ static void moe_backward(const struct model *m, const struct backend *ops,
         const float *dshared =
             w->shared_expert_gate ? shared_output_gradient_into(ops, ws, a, w, g, dy, dhn, N, H)
                                   : dy;
-        dense_mlp_backward(ops, dhn, true, dshared, a->hn, w->shared_gate, w->shared_up,
+        dense_mlp_backward(ops, &shared_adapters, dhn, true, dshared, a->hn, w->shared_gate, w->shared_up,
                            w->shared_down, g->shared_gate, g->shared_up, g->shared_down,
                            a->shared_gate, a->shared_up, a->shared_act, ws->dshared_a,
                            ws->dshared_b, ws->dshared_act, N, H, S, c->hidden_act);
@@ -181,14 +194,20 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
         const struct layer_weights *w = &m->layers[l];
         const struct layer_grads *g = &m->grads[l];
         const struct layer_activations *a = &ws->layers[l];
+        if (ws->recompute && l < end - 1) { /* the shared set holds the last layer's forward */
+            ws->recomputing = true;
+            ws_layer_forward(m, ops, ws, batch, l);
+            ws->recomputing = false;
+        }
         /* the lowest trainable layer, training only its MLP: no input gradient at all */
         float *dhn = l == floor && m->floor_mlp_only ? NULL : ws->dxn;
+        struct mlp_adapters adapters = {m, l, LORA_MLP_GATE, a->lora_t + LORA_MLP_GATE, ws->dlora};
         /* x_next = h + ffn: ws->dx is both d h and d ffn */
         if (c->is_moe[l])
             moe_backward(m, ops, ws, a, ws->dx, dhn, N, l, aux_scale);
         else /* the dshared buffers hold N x max(intermediate, shared width); the expert
               * ones (N K x expert width) can be narrower than a dense layer (glm4_moe) */
-            dense_mlp_backward(ops, dhn, false, ws->dx, a->hn, w->mlp_gate, w->mlp_up, w->mlp_down,
+            dense_mlp_backward(ops, &adapters, dhn, false, ws->dx, a->hn, w->mlp_gate, w->mlp_up, w->mlp_down,
                                g->mlp_gate, g->mlp_up, g->mlp_down, a->mlp_gate, a->mlp_up,
                                a->mlp_act, ws->dshared_a, ws->dshared_b, ws->dshared_act, N, H,
                                c->intermediate_size, c->hidden_act);

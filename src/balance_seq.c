@@ -82,7 +82,9 @@ void seq_aux_layer(const struct model *m, const struct backend *ops, struct forw
                    int l, const float *probs, const int32_t *ids)
 {
     struct seq_aux *s = ws->seq;
-    if (m->cfg.aux != AUX_SEQUENCE || !ws->training || !s || s->n_blocks == 0) return;
+    /* a recomputed layer's coefficients are those of its forward, already kept */
+    if (m->cfg.aux != AUX_SEQUENCE || !ws->training || !s || s->n_blocks == 0 || ws->recomputing)
+        return;
     int E = m->cfg.num_experts, K = m->cfg.top_k, B = s->n_blocks;
     for (int b = 0; b < B; b++)
         ops->router_balance_stats(s->stats + (size_t)b * 2 * E, s->stats + (size_t)b * 2 * E + E,

@@ -9,18 +9,6 @@
 #include "cpu_ops_internal.h"
 #include "dense_math.h"
 
-/* Where pair i of a head's rotary dims sits: rotate-half (i, i + half), as
- * transformers' rotate_half; interleaved (2i, 2i+1), as deepseek_v2's complex multiply
- * (modeling_deepseek_v2.py apply_rotary_emb: view_as_complex of consecutive pairs). */
-static inline void pair_at(enum hf_rope_layout layout, int i, int half, int *a, int *b)
-{
-    if (layout == ROPE_INTERLEAVED) {
-        *a = 2 * i, *b = 2 * i + 1;
-    } else {
-        *a = i, *b = i + half;
-    }
-}
-
 /* Rotates (transpose: by the opposite angle, the backward) each head's pairs. The forward
  * maps (a, b) -> (a c - b s, b c + a s); its transpose maps the gradient (da, db) ->
  * (da c + db s, db c - da s), with the forward's c and s (fp32 angle). */
@@ -37,8 +25,8 @@ static void rope_pass(float *x, const int32_t *positions, const float *inv_freq,
         for (int h = 0; h < n_heads; h++) {
             float *xh = x + ((size_t)n * n_heads + h) * Dh;
             for (int i = 0; i < half; i++) {
-                int a, b;
-                pair_at(layout, i, half, &a, &b);
+                size_t a, b;
+                rope_pair_at(layout == ROPE_INTERLEAVED, (size_t)i, half, &a, &b);
                 if (transpose)
                     rope_rotate_transpose(&xh[a], &xh[b], cosv[i], sinv[i]);
                 else

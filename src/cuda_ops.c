@@ -3,29 +3,45 @@
  * Every pointer is one the GPU can read and write (device memory); the ops run on the
  * current device's default stream.
  *
- * This first version synchronises after every op, so that the host code around the op
- * table (the model's load-balancing sums, the EP exchange plan) may read what an op
- * wrote, and it reports a failed launch at the op that caused it: slow but plain. The
- * grouped GEMMs read the experts' offsets back to the host (E + 1 integers). Scratch
+ * The ops are ordered by the legacy default stream alone: no op waits for the device.
+ * The host sees device values only through synchronous copies on that stream (download,
+ * the losses, the norms, the experts' offsets), which wait for every op before them, so
+ * no host code reads what an op has not finished. A launch error is reported at the op
+ * that made it (cudaGetLastError); an error inside a kernel at the next synchronous copy.
+ * ESFT_CUDA_SYNC=1 restores a device synchronisation after every op (a kernel's fault
+ * then names its op); ESFT_CUDA_PROFILE=1 does too, and times each op (the table is
+ * logged at backend_cuda_release). The grouped GEMMs read the experts' offsets back to
+ * the host (E + 1 integers). Scratch
  * for the ops that need it is one device buffer, grown on demand and kept; the ops are
  * called from one thread.
  *
- * Routers: softmax top-k only (qwen2/3-MoE, OLMoE, Mixtral); the grouped, sigmoid and
- * top-k-then-softmax routers end the run with a message until their kernels exist.
+ * Routers: softmax top-k (qwen2/3-MoE, OLMoE, Mixtral) by one warp per token; the
+ * grouped (deepseek_v2), sigmoid (deepseek_v3, glm4_moe) and top-k-then-softmax (gpt_oss)
+ * routers by one thread per token running moe_math.h's rows, the CPU backend's own.
+ * Attention takes MLA's value width, gpt_oss's sliding window and sinks (attention_gemm.cu).
  *
  * Memory: cudaMalloc'd buffers (zeroed), synchronous copies counted as transfers
  * (backend_traffic). The phases run on it with run.backend: cuda (model_attach); on an
  * NVIDIA H200 (2026-11-26) the golden fixtures' forward, gradients, eval and score and
  * the demo's curve matched the CPU backend to fp32 rounding (tests/gpu/device-check.sh).
- * tests/test_device.c runs a MoE block through it against the CPU backend. */
+ * tests/test_device.c runs a MoE block through it against the CPU backend. The ops of
+ * deepseek_v2/v3, glm4_moe and gpt_oss (the row routers, interleaved RoPE, MLA's value
+ * width, windows and sinks, the clamped GLU, per-expert biases) and the chunked
+ * cross-entropy came later: test_device's groups routers, heads, attention-mask,
+ * gpt-oss-experts and ce-chunks hold them to the CPU op table, but they have not run on a
+ * GPU yet. */
 #include "cuda_ops.h"
 
 #include <cublas_v2.h>
 #include <stdlib.h>
+#include <string.h>
+#include <time.h>
 
 #include "attention.h"
+#include "attention_flash.h"
 #include "check_cuda.h"
 #include "dense.h"
+#include "dense_math.h"
 #include "gemm.h"
 #include "log.h"
 #include "metrics.h"
@@ -33,14 +49,113 @@
 #include "optimizer.h"
 
 static struct gemm_context *gemm_ctx;
+static void cuda_download(void *host_dst, const void *src, size_t bytes);
 static void *scratch_buf;
 static size_t scratch_size;
 
-static void ok(int rc, const char *err)
+/* ---- after each op: errors, and the optional synchronisation and profile ------------- */
+enum op_sync { SYNC_UNSET, SYNC_NONE, SYNC_EACH, SYNC_PROFILE };
+static enum op_sync op_sync;
+
+struct op_time {
+    const char *op; /* the op's function name: a string literal, compared by address */
+    long long calls;
+    double seconds, fastest; /* in all; the fastest call */
+};
+static struct op_time op_times[96];
+static int n_op_times;
+static double last_mark; /* when the previous op or transfer ended */
+
+static double now_seconds(void)
 {
-    if (rc != 0) fatal(EXIT_RUNTIME, "cuda backend: %s", err);
-    check_cuda(cudaDeviceSynchronize());
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + 1e-9 * t.tv_nsec;
 }
+
+/* Adds one call of `seconds` to op's line of the profile. */
+static void charge(const char *op, double seconds)
+{
+    int i = 0;
+    while (i < n_op_times && op_times[i].op != op) i++;
+    if (i == n_op_times) {
+        if (n_op_times == (int)(sizeof op_times / sizeof op_times[0])) i = n_op_times - 1;
+        else op_times[n_op_times++] = (struct op_time){op, 0, 0, seconds};
+    }
+    op_times[i].calls++;
+    op_times[i].seconds += seconds;
+    if (seconds < op_times[i].fastest) op_times[i].fastest = seconds;
+}
+
+static enum op_sync sync_mode(void)
+{
+    if (op_sync == SYNC_UNSET) {
+        const char *profile = getenv("ESFT_CUDA_PROFILE"), *each = getenv("ESFT_CUDA_SYNC");
+        op_sync = profile && strcmp(profile, "0") != 0 ? SYNC_PROFILE
+                  : each && strcmp(each, "0") != 0     ? SYNC_EACH
+                                                       : SYNC_NONE;
+        last_mark = now_seconds();
+    }
+    return op_sync;
+}
+
+/* An op begins: under the profile, the time since the previous op ended goes to the
+ * host's bucket (model code, MPI, the phases between ops). */
+static void op_begin(void)
+{
+    if (sync_mode() != SYNC_PROFILE) return;
+    check_cuda(cudaDeviceSynchronize());
+    double t = now_seconds();
+    charge("(host, between ops)", t - last_mark);
+    last_mark = t;
+}
+
+/* An op (or transfer) has been issued: report a launch error; under ESFT_CUDA_SYNC or
+ * ESFT_CUDA_PROFILE wait for it, and under the profile charge the time since the previous
+ * op ended to this one (so it holds the host's time between the two as well). */
+static void op_end(const char *op)
+{
+    enum op_sync mode = sync_mode();
+    if (mode == SYNC_NONE) {
+        check_cuda(cudaGetLastError());
+        return;
+    }
+    check_cuda(cudaDeviceSynchronize());
+    if (mode != SYNC_PROFILE) return;
+    double t = now_seconds();
+    charge(op, t - last_mark);
+    last_mark = t;
+}
+
+static int by_time(const void *a, const void *b)
+{
+    double x = ((const struct op_time *)a)->seconds, y = ((const struct op_time *)b)->seconds;
+    return (x < y) - (x > y);
+}
+
+/* The profile's table, most expensive op first; then it starts again. */
+static void log_profile(void)
+{
+    if (op_sync != SYNC_PROFILE || n_op_times == 0) return;
+    qsort(op_times, (size_t)n_op_times, sizeof op_times[0], by_time);
+    double total = 0;
+    for (int i = 0; i < n_op_times; i++) total += op_times[i].seconds;
+    log_info("cuda profile (ESFT_CUDA_PROFILE: a device sync before and after each op): "
+             "%.3f s in all; op, calls, total, mean and fastest call, share", total);
+    for (int i = 0; i < n_op_times; i++)
+        log_info("cuda profile: %-30s %7lld %10.3f ms %9.4f ms %9.4f ms %5.1f%%", op_times[i].op,
+                 op_times[i].calls, 1e3 * op_times[i].seconds,
+                 1e3 * op_times[i].seconds / (double)op_times[i].calls, 1e3 * op_times[i].fastest,
+                 total > 0 ? 100 * op_times[i].seconds / total : 0);
+    n_op_times = 0;
+}
+
+static void ok_in(int rc, const char *err, const char *op)
+{
+    if (rc != 0) fatal(EXIT_RUNTIME, "cuda backend: %s: %s", op, err);
+    op_end(op);
+}
+#define ok(rc, err) ok_in((rc), (err), __func__)
 
 static struct gemm_context *gemm(void)
 {
@@ -71,22 +186,26 @@ static int32_t *host_offsets(const int32_t *offsets, int E)
     return host;
 }
 
-/* The CUDA kernels route by softmax top-k only; the grouped and sigmoid routers run on
- * the CPU backend (moe_math.h holds their rows for the kernels to come). */
-static void need_softmax_topk(const struct router_params *rp)
+/* The row kernels' description of a router (moe.h), from the op table's. */
+static struct moe_router row_router(const struct router_params *rp)
 {
-    if (rp->kind != ROUTER_SOFTMAX_TOPK)
-        fatal(EXIT_RUNTIME,
-              "cuda backend: router kind %s is not implemented yet (softmax "
-              "top-k only; hint: use the cpu backend)",
-              rp->kind == ROUTER_GROUPED_GREEDY ? "group_limited_greedy (deepseek_v2)"
-              : rp->kind == ROUTER_SIGMOID_BIAS
-                  ? "sigmoid with selection bias (deepseek_v3, glm4_moe)"
-                  : "top-k then softmax (gpt_oss)");
+    struct moe_router r = {MOE_ROUTER_SOFTMAX, rp->renormalise, rp->scaling, 1, 1, rp->bias};
+    if (rp->kind == ROUTER_SIGMOID_BIAS)
+        r.kind = MOE_ROUTER_SIGMOID_BIAS;
+    else if (rp->kind == ROUTER_TOPK_SOFTMAX)
+        r.kind = MOE_ROUTER_TOPK_SOFTMAX;
+    else if (rp->kind != ROUTER_GROUPED_GREEDY)
+        fatal(EXIT_RUNTIME, "cuda backend: router kind %d is not implemented", (int)rp->kind);
+    if (rp->kind == ROUTER_GROUPED_GREEDY || rp->kind == ROUTER_SIGMOID_BIAS) {
+        r.n_group = rp->n_group; /* softmax top-k and gpt_oss's router ignore the groups */
+        r.topk_group = rp->topk_group;
+    }
+    return r;
 }
 
 static void cuda_embedding(float *x, const int32_t *tokens, const float *table, int N, int H)
 {
+    op_begin();
     char err[256];
     ok(dense_embedding(x, tokens, table, N, H, err, sizeof err), err);
 }
@@ -105,6 +224,7 @@ struct constant_run {
 static struct constant_run *constants;
 static int n_constants, constants_capacity;
 static bool bf16_mode;
+static bool tf32_mode;
 static void *operand_buf; /* activations rounded to bf16 */
 static size_t operand_size;
 
@@ -118,7 +238,9 @@ static void forget_constants(void)
 
 static void cuda_constant(const float *p, size_t n)
 {
+    op_begin();
     if (!p) { /* the model is freed: its memory may come back as anything */
+        log_profile(); /* and its phase has ended: the profile so far */
         forget_constants();
         return;
     }
@@ -170,6 +292,7 @@ static const void *bf16_operand(const float *x, size_t n)
 static void cuda_linear(float *y, const float *x, const float *w, const float *bias, int N, int I,
                         int O, bool accumulate)
 {
+    op_begin();
     char err[256];
     const void *wb = bf16_weight(w, (size_t)O * I);
     if (wb) {
@@ -184,42 +307,19 @@ static void cuda_linear(float *y, const float *x, const float *w, const float *b
 static void cuda_rmsnorm(float *y, float *rstd, const float *x, const float *w, int R, int D,
                          float eps)
 {
+    op_begin();
     char err[256];
     ok(dense_rmsnorm(y, rstd, x, w, R, D, eps, err, sizeof err), err);
-}
-
-/* The kernels rotate rotate-half pairs only; deepseek's interleaved pairs have none yet. */
-static void need_rotate_half(enum hf_rope_layout layout, const char *op)
-{
-    if (layout != ROPE_ROTATE_HALF)
-        fatal(EXIT_RUNTIME, "cuda backend: %s with interleaved pairs is not implemented yet "
-              "(deepseek MLA)", op);
-}
-
-/* The attention kernels take one head width for keys and values. */
-static void need_equal_widths(int Dh, int Dv, const char *op)
-{
-    if (Dv != Dh)
-        fatal(EXIT_RUNTIME, "cuda backend: %s with a value width (%d) other than the query-key "
-              "width (%d) is not implemented yet (deepseek MLA)", op, Dv, Dh);
-}
-
-/* The attention kernels know neither sliding windows nor sinks (gpt_oss). */
-static void need_plain_mask(const struct attention_mask *mask, const char *op)
-{
-    if (mask->window || mask->sinks)
-        fatal(EXIT_RUNTIME, "cuda backend: %s with a sliding window or sinks is not implemented "
-              "yet (gpt_oss)", op);
 }
 
 static void cuda_rope(float *x, const int32_t *positions, const float *inv_freq,
                       float attention_scaling, int N, int n_heads, int Dh, int rotary_dim,
                       enum hf_rope_layout layout)
 {
+    op_begin();
     char err[256];
-    need_rotate_half(layout, "rope");
-    ok(dense_rope(x, positions, inv_freq, attention_scaling, N, n_heads, Dh, rotary_dim, 0, err,
-                  sizeof err),
+    ok(dense_rope(x, positions, inv_freq, attention_scaling, N, n_heads, Dh, rotary_dim,
+                  layout == ROPE_INTERLEAVED, 0, err, sizeof err),
        err);
 }
 
@@ -236,20 +336,57 @@ static int *batch_samples(const int32_t *sample_start, int N, int *count, int *l
     return starts;
 }
 
-/* Attention by cuBLAS GEMMs and a row softmax (kernels/attention_gemm.cu): the scores of
- * a block of queries at a time, on the tensor cores' fp32 path (or TF32). */
+/* The scratch of the cuBLAS attention: the score blocks, then (a backward with dsinks)
+ * the per-(token, head) sink terms; *gm the mask's window and sinks. */
+static void *attention_scratch(const struct attention_mask *mask, struct attention_gemm_mask *gm,
+                               int longest, int N, int nH, int nKV, bool backward)
+{
+    size_t blocks = attention_gemm_workspace(longest, nH, nKV);
+    bool terms = backward && mask->sinks && mask->dsinks;
+    char *ws = scratch(blocks + (terms ? (size_t)N * nH * sizeof(float) : 0));
+    *gm = (struct attention_gemm_mask){mask->window, mask->sinks, backward ? mask->dsinks : NULL,
+                                       terms ? (float *)(ws + blocks) : NULL};
+    return ws;
+}
+
+/* Whether attention runs on the tiled bf16 kernels (attention_flash.h): in the tf32 and
+ * bf16 modes, or when ESFT_CUDA_ATTENTION=flash, for the shapes they cover; never with
+ * ESFT_CUDA_ATTENTION=gemm. fp32 mode keeps the cuBLAS path's fp32 products by default. */
+static bool use_flash(const struct attention_mask *mask, int Dh, int Dv)
+{
+    const char *choice = getenv("ESFT_CUDA_ATTENTION");
+    bool forced = false;
+    if (choice && *choice) {
+        if (strcmp(choice, "gemm") == 0) return false;
+        if (strcmp(choice, "flash") != 0)
+            fatal(EXIT_RUNTIME, "ESFT_CUDA_ATTENTION=%s: not gemm or flash", choice);
+        forced = true;
+    }
+    bool fits = Dv == Dh && attention_flash_supports(Dh) && !mask->window && !mask->sinks;
+    return fits && (forced || tf32_mode || bf16_mode);
+}
+
+/* Attention on the tiled kernels where use_flash says so; else by cuBLAS GEMMs and a row
+ * softmax (kernels/attention_gemm.cu): the scores of a block of queries at a time, on the
+ * tensor cores' fp32 path (or TF32). */
 static void cuda_attention(float *out, const float *q, const float *k, const float *v,
                            const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
                            int Dv, float scale)
 {
+    op_begin();
     char err[256];
-    need_equal_widths(Dh, Dv, "attention");
-    need_plain_mask(mask, "attention");
+    if (use_flash(mask, Dh, Dv)) {
+        ok(attention_flash_forward(out, NULL, q, k, v, mask->sample_start, N, nH, nKV, Dh, scale,
+                                   err, sizeof err),
+           err);
+        return;
+    }
     int count, longest;
     int *starts = batch_samples(mask->sample_start, N, &count, &longest);
-    void *ws = scratch(attention_gemm_workspace(longest, nH, nKV));
-    ok(attention_gemm_forward(gemm_cublas(gemm()), out, q, k, v, starts, count, nH, nKV, Dh, scale,
-                              ws, err, sizeof err),
+    struct attention_gemm_mask gm;
+    void *ws = attention_scratch(mask, &gm, longest, N, nH, nKV, false);
+    ok(attention_gemm_forward(gemm_cublas(gemm()), out, q, k, v, starts, count, nH, nKV, Dh, Dv,
+                              scale, &gm, ws, err, sizeof err),
        err);
     free(starts);
 }
@@ -260,11 +397,13 @@ static void cuda_attention(float *out, const float *q, const float *k, const flo
 static void cuda_copy_columns(float *dst, int dst_ld, const float *src, int src_ld, int rows,
                               int cols, bool accumulate)
 {
+    op_begin();
     if (rows <= 0 || cols <= 0) return;
     if (!accumulate) {
         check_cuda(cudaMemcpy2D(dst, (size_t)dst_ld * sizeof(float), src,
                                 (size_t)src_ld * sizeof(float), (size_t)cols * sizeof(float),
                                 (size_t)rows, cudaMemcpyDeviceToDevice));
+        op_end(__func__);
         return;
     }
     const float one = 1.0f;
@@ -274,22 +413,30 @@ static void cuda_copy_columns(float *dst, int dst_ld, const float *src, int src_
     if (status != CUBLAS_STATUS_SUCCESS)
         fatal(EXIT_RUNTIME, "cuda backend: copy_columns: cublasSgeam failed (status %d)",
               (int)status);
-    check_cuda(cudaDeviceSynchronize());
+    op_end(__func__);
 }
 
 static void cuda_router_topk(int32_t *ids, float *weights, float *probs, const float *logits, int N,
                              int E, int K, const struct router_params *rp)
 {
+    op_begin();
     char err[256];
-    need_softmax_topk(rp);
-    ok(moe_router_topk(ids, weights, probs, logits, N, E, K, rp->renormalise, rp->scaling, err,
-                       sizeof err),
+    if (rp->kind == ROUTER_SOFTMAX_TOPK) {
+        ok(moe_router_topk(ids, weights, probs, logits, N, E, K, rp->renormalise, rp->scaling, err,
+                           sizeof err),
+           err);
+        return;
+    }
+    struct moe_router r = row_router(rp);
+    ok(moe_router_rows(ids, weights, probs, logits, N, E, K, &r,
+                       scratch(moe_router_rows_workspace(N, E, r.n_group)), err, sizeof err),
        err);
 }
 
 static void cuda_router_balance_stats(float *counts, float *prob_sums, const float *probs,
                                       const int32_t *ids, int N, int E, int K)
 {
+    op_begin();
     char err[256];
     ok(moe_router_balance_stats(counts, prob_sums, probs, ids, N, E, K, err, sizeof err), err);
 }
@@ -297,6 +444,7 @@ static void cuda_router_balance_stats(float *counts, float *prob_sums, const flo
 static void cuda_permute_by_expert(int32_t *expert_offsets, int32_t *slot_of_row,
                                    int32_t *row_of_slot, const int32_t *ids, int N, int K, int E)
 {
+    op_begin();
     char err[256];
     int M = N * K;
     ok(moe_permute_by_expert(expert_offsets, slot_of_row, row_of_slot, ids, M, E,
@@ -307,6 +455,7 @@ static void cuda_permute_by_expert(int32_t *expert_offsets, int32_t *slot_of_row
 static void cuda_gather_rows(float *xs, const float *x, const int32_t *slot_of_row, int M, int K,
                              int H)
 {
+    op_begin();
     char err[256];
     ok(moe_gather_rows(xs, x, slot_of_row, M, K, H, err, sizeof err), err);
 }
@@ -320,9 +469,24 @@ static bool experts_in_one_block(const float *const *w, int E, size_t size)
     return true;
 }
 
+/* The experts' fp32 (or TF32) GEMMs when they are one fp32 block (else expert by expert):
+ * all in one cublasGemmGroupedBatchedEx, or ESFT_CUDA_GROUPED=loop one cuBLAS call per
+ * expert. At a few hundred rows an expert the loop is bound by its launches (128 experts:
+ * 128 calls where one would do). */
+static bool grouped_batched(void)
+{
+    static int batched = -1;
+    if (batched < 0) {
+        const char *v = getenv("ESFT_CUDA_GROUPED");
+        batched = !(v && strcmp(v, "loop") == 0);
+    }
+    return batched;
+}
+
 static void cuda_grouped_linear(float *y, const float *x, const float *const *w,
                                 const int32_t *offsets, int E, int I, int O)
 {
+    op_begin();
     char err[256];
     int32_t *host = host_offsets(offsets, E);
     int rc = 0;
@@ -340,6 +504,9 @@ static void cuda_grouped_linear(float *y, const float *x, const float *const *w,
                     : gemm_linear(gemm(), ye, x + (size_t)host[e] * I, we, NULL, rows, I, O, 0,
                                   GEMM_F32, err, sizeof err);
         }
+    } else if (grouped_batched()) {
+        rc = gemm_grouped_linear_batched(gemm(), y, GEMM_F32, x, E ? w[0] : NULL, host, E, I, O,
+                                         GEMM_F32, err, sizeof err); /* one block from w[0] */
     } else {
         rc = gemm_grouped_linear(gemm(), y, x, E ? w[0] : NULL, host, E, I, O, GEMM_F32, err,
                                  sizeof err);
@@ -351,6 +518,7 @@ static void cuda_grouped_linear(float *y, const float *x, const float *const *w,
 static void cuda_glu(float *h, const float *gate, const float *up, size_t count,
                      enum hf_activation act)
 {
+    op_begin();
     char err[256];
     ok(moe_glu(h, gate, up, count, act == ACT_GELU, err, sizeof err), err);
 }
@@ -358,37 +526,47 @@ static void cuda_glu(float *h, const float *gate, const float *up, size_t count,
 static void cuda_glu_clamped(float *h, const float *gate, const float *up, size_t count,
                              float alpha, float limit)
 {
-    (void)h, (void)gate, (void)up, (void)count, (void)alpha, (void)limit;
-    fatal(EXIT_RUNTIME, "cuda backend: glu_clamped is not implemented yet (gpt_oss)");
+    op_begin();
+    char err[256];
+    ok(moe_glu_clamped(h, gate, up, count, alpha, limit, err, sizeof err), err);
 }
 
+/* The rows' count comes back with the offsets (E + 1 integers), as the grouped GEMMs'. */
 static void cuda_grouped_bias(float *y, const float *bias, const int32_t *offsets, int E, int O)
 {
-    (void)y, (void)bias, (void)offsets, (void)E, (void)O;
-    fatal(EXIT_RUNTIME, "cuda backend: grouped_bias is not implemented yet (gpt_oss)");
+    op_begin();
+    char err[256];
+    int32_t *host = host_offsets(offsets, E);
+    int rows = host[E];
+    free(host);
+    ok(moe_grouped_bias(y, bias, offsets, E, O, rows, err, sizeof err), err);
 }
 
 static void cuda_combine(float *out, const float *ys, const float *weights,
                          const int32_t *row_of_slot, int N, int K, int H, bool accumulate)
 {
+    op_begin();
     char err[256];
     ok(moe_combine(out, ys, weights, row_of_slot, N, K, H, accumulate, err, sizeof err), err);
 }
 
 static void cuda_add_sigmoid_gated(float *y, const float *s, const float *gate_logit, int N, int H)
 {
+    op_begin();
     char err[256];
     ok(moe_add_sigmoid_gated(y, s, gate_logit, N, H, err, sizeof err), err);
 }
 
 static void cuda_clamp(float *x, size_t count, float low, float high)
 {
+    op_begin();
     char err[256];
     ok(dense_clamp(x, count, low, high, err, sizeof err), err);
 }
 
 static void cuda_add(float *y, const float *x, const float *r, size_t count)
 {
+    op_begin();
     char err[256];
     ok(dense_add(y, x, r, count, err, sizeof err), err);
 }
@@ -396,6 +574,7 @@ static void cuda_add(float *y, const float *x, const float *r, size_t count)
 static double cuda_cross_entropy_sum(const float *logits, const int32_t *labels, int N, int V,
                                      long long *counted)
 {
+    op_begin();
     char err[256];
     double *row_loss = scratch((size_t)(N > 0 ? N : 1) * sizeof(double)), total = 0;
     ok(dense_cross_entropy(row_loss, NULL, logits, labels, N, V, 0.0f, err, sizeof err), err);
@@ -407,6 +586,7 @@ static void cuda_linear_backward(float *dx, float *dw, float *dbias, const float
                                  const float *x, const float *w, int N, int I, int O,
                                  bool accumulate_dx)
 {
+    op_begin();
     char err[256];
     if (weight_is_bf16(w) && (dw || dbias))
         fatal(EXIT_RUNTIME, "linear_backward: a weight held as bf16 has no gradient, nor its bias");
@@ -428,6 +608,7 @@ static void cuda_rmsnorm_backward(float *dx, float *dw, const float *dy, const f
                                   const float *w, const float *rstd, int R, int D,
                                   bool accumulate_dx)
 {
+    op_begin();
     char err[256];
     void *workspace = dw ? scratch(dense_rmsnorm_workspace(R, D)) : NULL;
     ok(dense_rmsnorm_backward(dx, dw, dy, x, w, rstd, R, D, accumulate_dx, workspace, err,
@@ -439,10 +620,10 @@ static void cuda_rope_backward(float *dx, const int32_t *positions, const float 
                                float attention_scaling, int N, int n_heads, int Dh, int rotary_dim,
                                enum hf_rope_layout layout)
 {
+    op_begin();
     char err[256];
-    need_rotate_half(layout, "rope_backward");
-    ok(dense_rope(dx, positions, inv_freq, attention_scaling, N, n_heads, Dh, rotary_dim, 1, err,
-                  sizeof err),
+    ok(dense_rope(dx, positions, inv_freq, attention_scaling, N, n_heads, Dh, rotary_dim,
+                  layout == ROPE_INTERLEAVED, 1, err, sizeof err),
        err);
 }
 
@@ -451,15 +632,21 @@ static void cuda_attention_backward(float *dq, float *dk, float *dv, const float
                                     const float *out, const struct attention_mask *mask, int N,
                                     int nH, int nKV, int Dh, int Dv, float scale)
 {
+    op_begin();
     char err[256];
-    need_equal_widths(Dh, Dv, "attention_backward");
-    need_plain_mask(mask, "attention_backward");
-    (void)out;
+    if (use_flash(mask, Dh, Dv)) { /* the log-sum-exp recomputed: the op table has no slot */
+        ok(attention_flash_backward(dq, dk, dv, dout, q, k, v, out, NULL, mask->sample_start, N,
+                                    nH, nKV, Dh, scale, scratch(attention_flash_workspace(N, nH)),
+                                    err, sizeof err),
+           err);
+        return;
+    }
     int count, longest;
     int *starts = batch_samples(mask->sample_start, N, &count, &longest);
-    void *ws = scratch(attention_gemm_workspace(longest, nH, nKV));
+    struct attention_gemm_mask gm;
+    void *ws = attention_scratch(mask, &gm, longest, N, nH, nKV, true);
     ok(attention_gemm_backward(gemm_cublas(gemm()), dq, dk, dv, dout, q, k, v, starts, count, nH,
-                               nKV, Dh, scale, ws, err, sizeof err),
+                               nKV, Dh, Dv, scale, &gm, ws, err, sizeof err),
        err);
     free(starts);
 }
@@ -468,16 +655,22 @@ static void cuda_router_topk_backward(float *dlogits, const float *dweights, con
                                       const int32_t *ids, int N, int E, int K,
                                       const struct router_params *rp)
 {
+    op_begin();
     char err[256];
-    need_softmax_topk(rp);
-    ok(moe_router_topk_backward(dlogits, dweights, probs, ids, N, E, K, rp->renormalise,
-                                rp->scaling, err, sizeof err),
-       err);
+    if (rp->kind == ROUTER_SOFTMAX_TOPK) {
+        ok(moe_router_topk_backward(dlogits, dweights, probs, ids, N, E, K, rp->renormalise,
+                                    rp->scaling, err, sizeof err),
+           err);
+        return;
+    }
+    struct moe_router r = row_router(rp);
+    ok(moe_router_rows_backward(dlogits, dweights, probs, ids, N, E, K, &r, err, sizeof err), err);
 }
 
 static void cuda_router_balance_backward(float *dlogits, const float *probs, const float *coef,
                                          int N, int E)
 {
+    op_begin();
     char err[256];
     ok(moe_router_balance_backward(dlogits, probs, coef, N, E, err, sizeof err), err);
 }
@@ -486,6 +679,7 @@ static void cuda_grouped_linear_backward(float *dx, float *const *dw, const floa
                                          const float *x, const float *const *w,
                                          const int32_t *offsets, int E, int I, int O)
 {
+    op_begin();
     char err[256];
     int32_t *host = host_offsets(offsets, E);
     int rc = 0;
@@ -507,6 +701,9 @@ static void cuda_grouped_linear_backward(float *dx, float *const *dw, const floa
                                           x + (size_t)host[e] * I, we, rows, I, O, 0, GEMM_F32,
                                           NULL, err, sizeof err);
         }
+    } else if (grouped_batched()) {
+        rc = gemm_grouped_linear_backward_batched(gemm(), dx, dw, dy, x, E ? w[0] : NULL, host, E,
+                                                  I, O, GEMM_F32, err, sizeof err);
     } else {
         rc = gemm_grouped_linear_backward(gemm(), dx, dw, dy, x, E ? w[0] : NULL, host, E, I, O,
                                           GEMM_F32, err, sizeof err);
@@ -518,6 +715,7 @@ static void cuda_grouped_linear_backward(float *dx, float *const *dw, const floa
 static void cuda_glu_backward(float *dgate, float *dup, const float *dh, const float *gate,
                               const float *up, size_t count, enum hf_activation act)
 {
+    op_begin();
     char err[256];
     ok(moe_glu_backward(dgate, dup, dh, gate, up, count, act == ACT_GELU, err, sizeof err), err);
 }
@@ -526,6 +724,7 @@ static void cuda_combine_backward(float *dys, float *dweights, const float *dout
                                   const float *weights, const int32_t *row_of_slot, int N, int K,
                                   int H)
 {
+    op_begin();
     char err[256];
     ok(moe_combine_backward(dys, dweights, dout, ys, weights, row_of_slot, N, K, H, err, sizeof err),
        err);
@@ -534,6 +733,7 @@ static void cuda_combine_backward(float *dys, float *dweights, const float *dout
 static void cuda_gather_rows_backward(float *dx, const float *dxs, const int32_t *row_of_slot,
                                       int N, int K, int H, bool accumulate)
 {
+    op_begin();
     char err[256];
     ok(moe_gather_rows_backward(dx, dxs, row_of_slot, N, K, H, accumulate, err, sizeof err), err);
 }
@@ -541,6 +741,7 @@ static void cuda_gather_rows_backward(float *dx, const float *dxs, const int32_t
 static void cuda_add_sigmoid_gated_backward(float *ds, float *dgate_logit, const float *dy,
                                             const float *s, const float *gate_logit, int N, int H)
 {
+    op_begin();
     char err[256];
     ok(moe_add_sigmoid_gated_backward(ds, dgate_logit, dy, s, gate_logit, N, H, err, sizeof err),
        err);
@@ -550,19 +751,27 @@ static void cuda_glu_clamped_backward(float *dgate, float *dup, const float *dh,
                                       const float *gate, const float *up, size_t count,
                                       float alpha, float limit)
 {
-    (void)dgate, (void)dup, (void)dh, (void)gate, (void)up, (void)count, (void)alpha, (void)limit;
-    fatal(EXIT_RUNTIME, "cuda backend: glu_clamped_backward is not implemented yet (gpt_oss)");
+    op_begin();
+    char err[256];
+    ok(moe_glu_clamped_backward(dgate, dup, dh, gate, up, count, alpha, limit, err, sizeof err),
+       err);
 }
 
+/* dbias is a host array of E device pointers: copied to the scratch for the kernel. */
 static void cuda_grouped_bias_backward(float *const *dbias, const float *dy,
                                        const int32_t *offsets, int E, int O)
 {
-    (void)dbias, (void)dy, (void)offsets, (void)E, (void)O;
-    fatal(EXIT_RUNTIME, "cuda backend: grouped_bias_backward is not implemented yet (gpt_oss)");
+    op_begin();
+    char err[256];
+    if (E <= 0) return;
+    float **pointers = scratch((size_t)E * sizeof *pointers);
+    check_cuda(cudaMemcpy(pointers, dbias, (size_t)E * sizeof *pointers, cudaMemcpyHostToDevice));
+    ok(moe_grouped_bias_backward(pointers, dy, offsets, E, O, err, sizeof err), err);
 }
 
 static void cuda_clamp_backward(float *dx, const float *y, size_t count, float low, float high)
 {
+    op_begin();
     char err[256];
     ok(dense_clamp_backward(dx, y, count, low, high, err, sizeof err), err);
 }
@@ -570,14 +779,59 @@ static void cuda_clamp_backward(float *dx, const float *y, size_t count, float l
 static void cuda_cross_entropy_backward(float *dlogits, const float *logits, const int32_t *labels,
                                         int N, int V, float scale)
 {
+    op_begin();
     char err[256];
     double *row_loss = scratch((size_t)(N > 0 ? N : 1) * sizeof(double));
     ok(dense_cross_entropy(row_loss, dlogits, logits, labels, N, V, scale, err, sizeof err), err);
 }
 
+static void cuda_ce_chunk_update(float *state, int32_t *best, const float *logits,
+                                 const int32_t *labels, int N, int C, int v0)
+{
+    op_begin();
+    char err[256];
+    ok(dense_ce_chunk_update(state, best, logits, labels, N, C, v0, err, sizeof err), err);
+}
+
+/* The loss of the chunked cross-entropy: the state, best ids and labels downloaded (6 N
+ * numbers), summed on the host in token order as the CPU backend sums them. */
+static double cuda_ce_chunk_finish(const float *state, const int32_t *best, const int32_t *labels,
+                                   int N, long long *counted, long long *correct)
+{
+    op_begin();
+    float *st = xmalloc((size_t)(N > 0 ? N : 1) * 4 * sizeof(float));
+    int32_t *host_best = xmalloc((size_t)(N > 0 ? N : 1) * sizeof(int32_t));
+    int32_t *host_labels = xmalloc((size_t)(N > 0 ? N : 1) * sizeof(int32_t));
+    cuda_download(st, state, (size_t)N * 4 * sizeof(float));
+    cuda_download(host_best, best, (size_t)N * sizeof(int32_t));
+    cuda_download(host_labels, labels, (size_t)N * sizeof(int32_t));
+    double total = 0.0;
+    long long count = 0, right = 0;
+    for (int n = 0; n < N; n++) {
+        if (host_labels[n] < 0) continue;
+        total += cross_entropy_row(st[4 * n], st[4 * n + 1], st[4 * n + 2]);
+        count++;
+        right += host_best[n] == host_labels[n];
+    }
+    free(st), free(host_best), free(host_labels);
+    *counted = count;
+    *correct = right;
+    return total;
+}
+
+static void cuda_ce_chunk_backward(float *dlogits, const float *logits, const float *state,
+                                   const int32_t *labels, int N, int C, int v0, float scale)
+{
+    op_begin();
+    char err[256];
+    ok(dense_ce_chunk_backward(dlogits, logits, state, labels, N, C, v0, scale, err, sizeof err),
+       err);
+}
+
 static void cuda_embedding_backward(float *dtable, const float *dx, const int32_t *tokens, int N,
                                     int H)
 {
+    op_begin();
     char err[256];
     ok(dense_embedding_backward(dtable, dx, tokens, N, H, err, sizeof err), err);
 }
@@ -585,12 +839,14 @@ static void cuda_embedding_backward(float *dtable, const float *dx, const int32_
 static void cuda_adamw(float *data, float *m, float *v, const float *grad, size_t n,
                        const struct adamw_coef *coef)
 {
+    op_begin();
     char err[256];
     ok(optim_adamw(data, m, v, grad, n, *coef, err, sizeof err), err);
 }
 
 static double cuda_sum_squares(const float *x, size_t n)
 {
+    op_begin();
     char err[256];
     double sum = 0;
     ok(optim_sum_squares(&sum, x, n, scratch(optim_sum_squares_workspace(n)), err, sizeof err), err);
@@ -600,12 +856,14 @@ static double cuda_sum_squares(const float *x, size_t n)
 
 static void cuda_scale(float *x, size_t n, float factor)
 {
+    op_begin();
     char err[256];
     ok(optim_scale(x, n, factor, err, sizeof err), err);
 }
 
 static long long cuda_count_correct(const float *logits, const int32_t *labels, int N, int V)
 {
+    op_begin();
     char err[256];
     unsigned long long *correct = scratch(sizeof *correct), host = 0;
     ok(metrics_count_correct(correct, logits, labels, N, V, err, sizeof err), err);
@@ -629,6 +887,7 @@ static void cuda_memory(size_t *in_use, size_t *peak)
 
 static void *cuda_alloc(size_t bytes)
 {
+    op_begin();
     void *p = NULL;
     cudaError_t status = cudaMalloc(&p, bytes ? bytes : 1);
     if (status != cudaSuccess) {
@@ -646,29 +905,38 @@ static void *cuda_alloc(size_t bytes)
 
 static void cuda_release(void *p)
 {
+    op_begin();
     if (p) check_cuda(cudaFree(p));
 }
 
 static void cuda_upload(void *dst, const void *host_src, size_t bytes)
 {
+    op_begin();
     if (bytes) check_cuda(cudaMemcpy(dst, host_src, bytes, cudaMemcpyHostToDevice));
     backend_count_upload(bytes);
+    op_end(__func__);
 }
 
 static void cuda_download(void *host_dst, const void *src, size_t bytes)
 {
+    op_begin();
     if (bytes) check_cuda(cudaMemcpy(host_dst, src, bytes, cudaMemcpyDeviceToHost));
     backend_count_download(bytes);
+    op_end(__func__);
 }
 
 static void cuda_copy(void *dst, const void *src, size_t bytes)
 {
+    op_begin();
     if (bytes) check_cuda(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
+    op_end(__func__);
 }
 
 static void cuda_zero(void *p, size_t bytes)
 {
+    op_begin();
     if (bytes) check_cuda(cudaMemset(p, 0, bytes));
+    op_end(__func__);
 }
 
 const struct backend *backend_cuda(void)
@@ -709,6 +977,9 @@ const struct backend *backend_cuda(void)
         .add_sigmoid_gated_backward = cuda_add_sigmoid_gated_backward,
         .clamp_backward = cuda_clamp_backward,
         .cross_entropy_backward = cuda_cross_entropy_backward,
+        .ce_chunk_update = cuda_ce_chunk_update,
+        .ce_chunk_finish = cuda_ce_chunk_finish,
+        .ce_chunk_backward = cuda_ce_chunk_backward,
         .embedding_backward = cuda_embedding_backward,
         .adamw = cuda_adamw,
         .sum_squares = cuda_sum_squares,
@@ -736,12 +1007,15 @@ void backend_cuda_set_tf32(bool on)
 {
     char err[256];
     if (gemm_set_tf32(gemm(), on, err, sizeof err) != 0) fatal(EXIT_RUNTIME, "cuda backend: %s", err);
+    tf32_mode = on;
 }
 
 void backend_cuda_release(void)
 {
+    log_profile();
     gemm_destroy(gemm_ctx);
     gemm_ctx = NULL;
+    tf32_mode = false; /* a new context starts with fp32 products */
     forget_constants();
     free(constants);
     constants = NULL;

@@ -353,12 +353,21 @@ static const struct key schema[] = {
     {KEY("train.export_merged", KEY_BOOL, train.export_merged), .def = "false",
      .help = "also export a merged, complete Hugging Face checkpoint"},
     {KEY("train.recompute", KEY_BOOL, train.recompute), .def = "false",
-     .help = "recompute activations in the backward pass (gradient checkpointing): not "
-             "implemented yet, so true is refused; every layer's activations are kept"},
-    {KEY("train.lora_rank", KEY_INT, train.lora_rank), .def = "64", .bounds = LO, .lo = 1,
+     .help = "recompute each layer's forward in the backward pass (activation "
+             "checkpointing): keep only each layer's input, one layer's activations in all; "
+             "gradients bitwise unchanged, about one more forward per step"},
+    {KEY("train.lora.r", KEY_INT, train.lora_rank), .def = "8", .bounds = LO, .lo = 1,
      .help = "LoRA rank r (method lora)"},
-    {KEY("train.lora_alpha", KEY_DOUBLE, train.lora_alpha), .def = "16", .bounds = LO | LO_OPEN,
-     .lo = 0, .help = "LoRA alpha; the update is scaled by alpha / r (method lora)"},
+    {KEY("train.lora.alpha", KEY_DOUBLE, train.lora_alpha), .def = "16", .bounds = LO | LO_OPEN,
+     .lo = 0, .help = "LoRA alpha; the update B A is scaled by alpha / r (method lora)"},
+    {KEY("train.lora.rslora", KEY_BOOL, train.lora_rslora), .def = "false",
+     .help = "rank-stabilised LoRA: scale by alpha / sqrt(r) instead (PEFT's use_rslora)"},
+    {KEY("train.lora.targets", KEY_LIST, train.lora_targets), COUNT(train.n_lora_targets),
+     .def = "[q_proj, k_proj, v_proj, o_proj]",
+     .help = "modules that get adapters: q_proj, k_proj, v_proj, o_proj, attention, "
+             "gate_proj, up_proj, down_proj, dense_mlp (non-MoE layers), shared_experts"},
+    {KEY("train.lora.train_router", KEY_BOOL, train.lora_train_router), .def = "false",
+     .help = "method lora: train the MoE routers too (in full; PEFT modules_to_save)"},
 
     /* eval */
     {KEY("eval.adapter", KEY_STRING, eval.adapter),
@@ -1218,7 +1227,10 @@ static const struct foreign_key {
     {"max_seq_length", "data.seq_len"},
     {"max_length", "data.seq_len"},
     {"packing", "data.pack"},
-    {"lora_r", "train.lora_rank"},
+    {"lora_r", "train.lora.r"},
+    {"lora_alpha", "train.lora.alpha"},
+    {"use_rslora", "train.lora.rslora"},
+    {"target_modules", "train.lora.targets"},
 };
 
 static const char *foreign_hint(const char *path)
@@ -1320,8 +1332,17 @@ static void read_key(struct deck *deck, int row, const struct node *k, const str
         deck->origins[row] = (struct deck_origin){k->pos.line, k->pos.col, ORIGIN_FILE};
 }
 
-static void read_section(struct deck *deck, int s, const struct node *map, const struct source *src,
-                         struct pos *first)
+/* Whether some key's path starts with prefix + ".": a nested mapping (train: {lora: {r: 8}}). */
+static bool is_key_group(const char *prefix)
+{
+    size_t n = strlen(prefix);
+    for (int i = 0; i < N_KEYS; i++)
+        if (strncmp(schema[i].path, prefix, n) == 0 && schema[i].path[n] == '.') return true;
+    return false;
+}
+
+static void read_mapping(struct deck *deck, int s, const char *prefix, const struct node *map,
+                         const struct source *src, struct pos *first)
 {
     for (int i = 0; i + 1 < map->n_items; i += 2) {
         const struct node *k = map->items[i], *v = map->items[i + 1];
@@ -1335,13 +1356,16 @@ static void read_section(struct deck *deck, int s, const struct node *map, const
                    describe(k, got, sizeof got));
             continue;
         }
-        size_t size = strlen(sections[s].name) + strlen(k->text) + 2;
+        size_t size = strlen(prefix) + strlen(k->text) + 2;
         char *path = xmalloc(size);
-        snprintf(path, size, "%s.%s", sections[s].name, k->text);
+        snprintf(path, size, "%s.%s", prefix, k->text);
         int row = find_key(path);
         const char *derived = derived_message(path);
         if (derived)
             report(src, k->pos, NULL, "%s", derived);
+        else if (row < 0 && v->kind == NODE_MAPPING && !v->alias && !v->anchored &&
+                 is_key_group(path))
+            read_mapping(deck, s, path, v, src, first);
         else if (row < 0)
             report_unknown(src, k->pos, path);
         else
@@ -1395,7 +1419,7 @@ static void read_deck(struct deck *deck, const struct node *root, const struct s
         if (v->alias || v->anchored) {
             report(src, v->pos, sections[s].name, "anchors and aliases are not supported");
         } else if (v->kind == NODE_MAPPING) {
-            read_section(deck, s, v, src, first);
+            read_mapping(deck, s, sections[s].name, v, src, first);
         } else if (!is_null(v)) { /* `eval:` with nothing under it is an empty section */
             report(src, v->pos, sections[s].name, "expected a mapping of keys, got %s",
                    describe(v, got, sizeof got));
@@ -1556,11 +1580,6 @@ int deck_finish(struct deck *deck, char *err, size_t err_size)
         deck_where(deck, "select.bootstrap", where, sizeof where);
         errors_add(&errors, "%s: select.bootstrap with select.union_tasks is not implemented "
                    "yet (the stability of a summed selection only)", where);
-    }
-    if ((selected & BY(TRAIN)) && deck->train.recompute) {
-        deck_where(deck, "train.recompute", where, sizeof where);
-        errors_add(&errors, "%s: train.recompute: true is not implemented yet (every layer's "
-                   "activations are kept for the backward); leave it false", where);
     }
     if ((selected & (BY(SCORE) | BY(TRAIN) | BY(EVAL))) && deck->model.dtype == DTYPE_FP16) {
         deck_where(deck, "model.dtype", where, sizeof where);

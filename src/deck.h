@@ -127,8 +127,13 @@ struct deck_train {
     enum bad_steps bad_steps; /* a step without loss-bearing targets or with a non-finite
                                  loss or gradient norm: stop the run, or skip the batch */
     bool export_merged, recompute;
+    /* method lora (lora.h): rank, alpha, rsLoRA scaling, the adapted modules, and
+     * whether the routers train too */
     int lora_rank;
     double lora_alpha;
+    bool lora_rslora, lora_train_router;
+    char *lora_targets[DECK_MAX_LIST];
+    int n_lora_targets;
 };
 
 struct deck_eval {

@@ -45,6 +45,7 @@ struct export_out {
     /* the merged export of a gpt_oss model: its routed experts in transformers' fused
      * layout (NULL otherwise, and for the adapter, which keeps esft's per-expert names) */
     struct gpt_oss_fuser *fuser;
+    bool drop_adapters; /* the merged export: LoRA adapters are folded in, not written */
 };
 
 /* The bytes of p's copy on rank 0: none for an fp32 tensor rank 0 holds (the weights
@@ -59,10 +60,10 @@ static int add_fused_tensor(const char *name, int rank, const int64_t *shape, co
 
 /* fuse: write gpt_oss's routed experts in transformers' fused layout (the merged export) */
 static void open_export(struct export_out *out, const struct model *model, bool trainable_only,
-                        bool fuse)
+                        bool fuse, enum st_dtype dtype)
 {
     out->writer = st_writer_new();
-    out->dtype = export_dtype(&model->cfg);
+    out->dtype = dtype;
     if (fuse && model->cfg.family == HF_GPT_OSS)
         out->fuser = gpt_oss_fuser_new(&model->cfg, add_fused_tensor, out);
     size_t total = 0;
@@ -88,6 +89,7 @@ static int add_export_tensor(const struct param *p, const float *const *parts, v
                              char *err, size_t err_size)
 {
     struct export_out *out = sink;
+    if (out->drop_adapters && p->kind == PARAM_LORA) return 0; /* merged into their bases */
     if (gpt_oss_fuser_takes(out->fuser, p))
         return gpt_oss_fuser_take(out->fuser, p, parts[0], err, err_size);
     size_t bytes = export_copy_bytes(p, out->dtype, false);
@@ -166,7 +168,7 @@ int export_adapter(const char *dir, const struct model *model, const char *exper
     if (ranks_agree(rc, err, err_size, comm)) return -1;
     struct export_out out = {.writer = NULL};
     if (rank == 0) {
-        open_export(&out, model, true, false);
+        open_export(&out, model, true, false, export_dtype(&model->cfg));
         if (expert_config) out.reference = st_writer_new();
     }
     rc = gather_to_rank0(model, NULL, true, 1, comm, add_export_tensor, &out, err, err_size);
@@ -319,7 +321,10 @@ int export_merged(const char *dir, const struct model *model, const char *base_d
     if (rc == 0 && rank == 0) rc = prepare_merged_directory(dir, base_dir, err, err_size);
     if (ranks_agree(rc, err, err_size, comm)) return -1;
     struct export_out out = {.writer = NULL};
-    if (rank == 0) open_export(&out, model, false, true);
+    if (rank == 0) {
+        open_export(&out, model, false, true, export_dtype(&model->cfg));
+        out.drop_adapters = true;
+    }
     rc = gather_to_rank0(model, NULL, false, 1, comm, add_export_tensor, &out, err, err_size);
     if (rank == 0) {
         if (rc == 0 && out.fuser) rc = gpt_oss_fuser_finish(out.fuser, err, err_size);
@@ -327,6 +332,95 @@ int export_merged(const char *dir, const struct model *model, const char *base_d
             rc = st_writer_write_checkpoint(out.writer, dir, max_shard_bytes, err, err_size);
         close_export(&out);
         if (rc == 0) rc = finish_merged_directory(dir, model, base_dir, err, err_size);
+    }
+    return ranks_agree(rc, err, err_size, comm);
+}
+
+/* ---- the LoRA adapter in PEFT's format -------------------------------------------------- */
+
+/* export_lora_adapter's sink: adapters under their own (PEFT) names; a trained router
+ * as PEFT saves a modules_to_save copy, base_model.model.<name>. */
+static int add_lora_tensor(const struct param *p, const float *const *parts, void *sink, char *err,
+                           size_t err_size)
+{
+    if (p->kind == PARAM_LORA) return add_export_tensor(p, parts, sink, err, err_size);
+    struct param renamed = *p;
+    snprintf(renamed.name, sizeof renamed.name, "base_model.model.%s", p->name);
+    return add_export_tensor(&renamed, parts, sink, err, err_size);
+}
+
+/* adapter_config.json as PEFT (0.17 and later) reads it: target_modules the exact module
+ * paths (PEFT matches a list entry by equality or a ".entry" suffix), routers trained in
+ * full as modules_to_save. */
+static int write_adapter_config(const char *path, const struct model *model,
+                                const struct lora_spec *spec, const char *base_path, char *err,
+                                size_t err_size)
+{
+    json_t *root = json_object(), *targets = json_array(), *save = json_array();
+    for (int i = 0; i < model->n_params; i++) {
+        const struct param *p = &model->params[i];
+        const char *prefix = "base_model.model.", *suffix = ".lora_A.weight";
+        if (p->kind == PARAM_LORA && !p->lora_b) {
+            size_t n = strlen(p->name) - strlen(prefix) - strlen(suffix);
+            char module[PARAM_NAME_MAX];
+            snprintf(module, sizeof module, "%.*s", (int)n, p->name + strlen(prefix));
+            json_array_append_new(targets, json_string(module));
+        } else if (p->trainable && p->kind == PARAM_ROUTER) {
+            char module[PARAM_NAME_MAX];
+            const char *dot = strrchr(p->name, '.');
+            snprintf(module, sizeof module, "%.*s", (int)(dot - p->name), p->name);
+            size_t k = json_array_size(save);
+            if (k == 0 || strcmp(json_string_value(json_array_get(save, k - 1)), module) != 0)
+                json_array_append_new(save, json_string(module));
+        }
+    }
+    json_object_set_new(root, "peft_type", json_string("LORA"));
+    json_object_set_new(root, "task_type", json_string("CAUSAL_LM"));
+    json_object_set_new(root, "base_model_name_or_path", json_string(base_path));
+    json_object_set_new(root, "r", json_integer(spec->r));
+    json_object_set_new(root, "lora_alpha", json_real(spec->alpha));
+    json_object_set_new(root, "lora_dropout", json_real(0.0));
+    json_object_set_new(root, "target_modules", targets);
+    json_object_set_new(root, "bias", json_string("none"));
+    json_object_set_new(root, "fan_in_fan_out", json_false());
+    json_object_set_new(root, "use_rslora", json_boolean(spec->rslora));
+    json_object_set_new(root, "use_dora", json_false());
+    json_object_set_new(root, "init_lora_weights", json_true());
+    json_object_set_new(root, "rank_pattern", json_object());
+    json_object_set_new(root, "alpha_pattern", json_object());
+    json_object_set_new(root, "modules_to_save", json_array_size(save) ? save : json_null());
+    if (!json_array_size(save)) json_decref(save);
+    json_object_set_new(root, "target_parameters", json_null());
+    json_object_set_new(root, "inference_mode", json_true());
+    int rc = json_dump_file(root, path, JSON_INDENT(2) | JSON_SORT_KEYS);
+    json_decref(root);
+    if (rc != 0) snprintf(err, err_size, "%s: cannot write: %s", path, strerror(errno));
+    return rc != 0 ? -1 : 0;
+}
+
+int export_lora_adapter(const char *dir, const struct model *model, const struct lora_spec *spec,
+                        const char *base_path, MPI_Comm comm, char *err, size_t err_size)
+{
+    int rank;
+    check_mpi(MPI_Comm_rank(comm, &rank));
+    char path[4200], config_path[4200];
+    int rc = gather_check_layout(model, comm, "export_lora_adapter", err, err_size);
+    if (rc == 0 &&
+        (path_join(path, sizeof path, dir, "adapter_model.safetensors", err, err_size) ||
+         path_join(config_path, sizeof config_path, dir, "adapter_config.json", err, err_size)))
+        rc = -1;
+    if (rc == 0 && rank == 0 && make_directories(dir) != 0) {
+        snprintf(err, err_size, "%s: cannot create directory: %s", dir, strerror(errno));
+        rc = -1;
+    }
+    if (ranks_agree(rc, err, err_size, comm)) return -1;
+    struct export_out out = {.writer = NULL};
+    if (rank == 0) open_export(&out, model, true, false, ST_F32); /* adapters kept in fp32 */
+    rc = gather_to_rank0(model, NULL, true, 1, comm, add_lora_tensor, &out, err, err_size);
+    if (rank == 0) {
+        if (rc == 0) rc = st_writer_write(out.writer, path, 1, err, err_size);
+        if (rc == 0) rc = write_adapter_config(config_path, model, spec, base_path, err, err_size);
+        close_export(&out);
     }
     return ranks_agree(rc, err, err_size, comm);
 }

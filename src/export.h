@@ -29,4 +29,12 @@ int export_adapter(const char *dir, const struct model *model, const char *exper
 int export_merged(const char *dir, const struct model *model, const char *base_dir,
                   size_t max_shard_bytes, MPI_Comm comm, char *err, size_t err_size);
 
+/* Method lora's adapter as PEFT (0.17 and later) loads it with PeftModel.from_pretrained:
+ * DIR/adapter_model.safetensors (fp32; base_model.model.<module>.lora_A.weight [r, in],
+ * lora_B.weight [out, r]; trained routers as modules_to_save copies,
+ * base_model.model.<name>) and DIR/adapter_config.json. Collective like export_adapter.
+ * 0, or -1. */
+int export_lora_adapter(const char *dir, const struct model *model, const struct lora_spec *spec,
+                        const char *base_path, MPI_Comm comm, char *err, size_t err_size);
+
 #endif

@@ -10,15 +10,21 @@
 #include "log.h"
 #include "model_compute.h"
 
-/* A dense SwiGLU-style MLP: out[N,H] = down(act(gate(x)) * up(x)), width W. */
-static void dense_mlp(const struct backend *ops, float *out, const float *x, const float *w_gate,
+/* A dense SwiGLU-style MLP: out[N,H] = down(act(gate(x)) * up(x)), width W; with layer
+ * l's adapters on targets lt (gate), lt + 1 (up), lt + 2 (down) where it has them (lora.h;
+ * t: a->lora_t + lt). */
+static void dense_mlp(const struct model *m, const struct backend *ops, int l, int lt,
+                      float *const *t, float *out, const float *x, const float *w_gate,
                       const float *w_up, const float *w_down, float *gate, float *up, float *act,
                       int N, int H, int W, enum hf_activation activation)
 {
     ops->linear(gate, x, w_gate, NULL, N, H, W, false);
+    lora_adapt_forward(m, ops, l, lt, gate, t[0], x, N, H, W);
     ops->linear(up, x, w_up, NULL, N, H, W, false);
+    lora_adapt_forward(m, ops, l, lt + 1, up, t[1], x, N, H, W);
     ops->glu(act, gate, up, (size_t)N * W, activation);
     ops->linear(out, act, w_down, NULL, N, W, H, false);
+    lora_adapt_forward(m, ops, l, lt + 2, out, t[2], act, N, W, H);
 }
 
 /* The rotary frequencies as the ops read them. */
@@ -250,7 +256,7 @@ static void moe_block(const struct model *m, const struct backend *ops,
 
     if (w->shared_gate) {
         int S = c->shared_expert_intermediate_size;
-        dense_mlp(ops, a->shared_out, a->hn, w->shared_gate, w->shared_up, w->shared_down,
+        dense_mlp(m, ops, l, LORA_SHARED_GATE, a->lora_t + LORA_SHARED_GATE, a->shared_out, a->hn, w->shared_gate, w->shared_up, w->shared_down,
                   a->shared_gate, a->shared_up, a->shared_act, N, H, S, c->hidden_act);
         if (w->shared_expert_gate) {
             ops->linear(a->shared_logit, a->hn, w->shared_expert_gate, NULL, N, H, 1, false);
@@ -316,6 +322,23 @@ double ws_balance_loss(const struct model *m, const struct forward_workspace *ws
     return (double)E * aux;
 }
 
+void ws_layer_forward(const struct model *m, const struct backend *ops,
+                      struct forward_workspace *ws, const struct batch *batch, int l)
+{
+    const struct model_config *c = &m->cfg;
+    const struct layer_weights *w = &m->layers[l];
+    struct layer_activations *a = &ws->layers[l];
+    int N = batch->N, H = c->hidden_size;
+    attention_block(m, ops, a, batch, l);
+    ops->rmsnorm(a->hn, a->rstd_post, a->h, w->post_norm, N, H, (float)c->rms_norm_eps);
+    if (c->is_moe[l])
+        moe_block(m, ops, ws, a, N, l);
+    else
+        dense_mlp(m, ops, l, LORA_MLP_GATE, a->lora_t + LORA_MLP_GATE, a->ffn, a->hn, w->mlp_gate,
+                  w->mlp_up, w->mlp_down, a->mlp_gate, a->mlp_up, a->mlp_act, N, H,
+                  c->intermediate_size, c->hidden_act);
+}
+
 void model_forward(const struct model *m, const struct backend *ops, struct forward_workspace *ws,
                    const struct batch *batch, struct forward_result *result)
 {
@@ -348,15 +371,8 @@ void model_forward(const struct model *m, const struct backend *ops, struct forw
     }
     seq_aux_begin(m, ws, batch);
     for (int l = first; l < end; l++) {
-        const struct layer_weights *w = &m->layers[l];
         struct layer_activations *a = &ws->layers[l];
-        attention_block(m, ops, a, batch, l);
-        ops->rmsnorm(a->hn, a->rstd_post, a->h, w->post_norm, N, H, (float)c->rms_norm_eps);
-        if (c->is_moe[l])
-            moe_block(m, ops, ws, a, N, l);
-        else
-            dense_mlp(ops, a->ffn, a->hn, w->mlp_gate, w->mlp_up, w->mlp_down, a->mlp_gate,
-                      a->mlp_up, a->mlp_act, N, H, c->intermediate_size, c->hidden_act);
+        ws_layer_forward(m, ops, ws, batch, l);
         float *next = l + 1 < end ? ws->layers[l + 1].x : ws->x_final;
         ops->add(next, a->h, a->ffn, (size_t)N * H); /* x = h + feed-forward */
     }

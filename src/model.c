@@ -20,7 +20,7 @@ const char *param_kind_name(enum param_kind kind)
 {
     static const char *names[PARAM_KIND_COUNT] = {
         "embedding", "attention", "norm", "router", "expert", "shared_expert", "dense_mlp",
-        "lm_head"};
+        "lm_head", "lora"};
     return kind < PARAM_KIND_COUNT ? names[kind] : "?";
 }
 
@@ -398,7 +398,9 @@ static void publish_weights(struct model *m)
 }
 
 /* Hands out the fp32 and bf16 blocks to the tensors this rank holds, in table order
- * (so a part's local expert biases stay one contiguous block). */
+ * (so a part's local expert biases stay one contiguous block). A tensor that stays fp32
+ * keeps its values (a LoRA A is initialised at creation); one that becomes bf16 had none
+ * yet (model_store_frozen_bf16 comes before model_load). */
 static void lay_out_storage(struct model *m, bool bf16)
 {
     size_t floats = 0, halves = 0;
@@ -408,7 +410,7 @@ static void lay_out_storage(struct model *m, bool bf16)
         if (bf16 && model_stores_bf16(p)) halves += p->numel;
         else floats += p->numel;
     }
-    free(m->storage);
+    float *old = m->storage;
     free(m->storage_bf16);
     m->storage = xcalloc(floats ? floats : 1, sizeof(float));
     m->storage_floats = floats;
@@ -417,6 +419,7 @@ static void lay_out_storage(struct model *m, bool bf16)
     size_t used = 0, used_halves = 0;
     for (int i = 0; i < m->n_params; i++) {
         struct param *p = &m->params[i];
+        float *before = p->data; /* in the old block, or NULL */
         p->data = NULL;
         p->data_bf16 = NULL;
         if (!model_holds(p, m->me)) continue;
@@ -426,16 +429,48 @@ static void lay_out_storage(struct model *m, bool bf16)
         } else {
             p->data = m->storage + used;
             used += p->numel;
+            if (before) memcpy(p->data, before, p->numel * sizeof(float));
         }
     }
+    free(old);
     publish_weights(m);
 }
 
-void model_create(struct model *m, const struct model_config *cfg, const struct layout_grid *grid,
-                  struct layout_coords coords)
+/* The adapters of spec after the base tensors: for each base weight a target names, A
+ * [r, in] then B [out, r], named as PEFT saves them, on the stage of their base (and
+ * every EP rank of it, as the base). */
+static void add_adapters(struct table_builder *b, const struct lora_spec *spec)
+{
+    struct model *m = b->model;
+    m->lora = xcalloc((size_t)m->cfg.num_layers, sizeof *m->lora);
+    m->lora_rank = spec->r;
+    m->lora_scale = lora_scale(spec);
+    int n_base = m->n_params;
+    for (int i = 0; i < n_base; i++) {
+        int target = lora_target_of(m->params[i].name, spec->targets);
+        if (target < 0) continue;
+        char module[PARAM_NAME_MAX];
+        snprintf(module, sizeof module, "%.*s", (int)(strlen(m->params[i].name) - 7),
+                 m->params[i].name); /* without ".weight" */
+        int layer = m->params[i].layer;
+        int64_t out = m->params[i].shape[0], in = m->params[i].shape[1];
+        struct layer_lora *ll = &m->lora[layer];
+        struct param *a = add_param(b, &ll->a[target], PARAM_LORA, MLP_NONE, layer, -1, spec->r,
+                                    in, "base_model.model.%s.lora_A.weight", module);
+        a->lora_target = target;
+        struct param *bp = add_param(b, &ll->b[target], PARAM_LORA, MLP_NONE, layer, -1, out,
+                                     spec->r, "base_model.model.%s.lora_B.weight", module);
+        bp->lora_target = target;
+        bp->lora_b = true;
+    }
+}
+
+static void create(struct model *m, const struct model_config *cfg, const struct layout_grid *grid,
+                   struct layout_coords coords, const struct lora_spec *spec, uint64_t seed)
 {
     struct table_builder b;
     build_table(m, cfg, grid, coords, &b);
+    if (spec) add_adapters(&b, spec);
     m->weight_slots = b.slots;
     int local = m->n_local_experts > 0 ? m->n_local_experts : 1;
     for (int l = 0; l < cfg->num_layers; l++) {
@@ -448,12 +483,29 @@ void model_create(struct model *m, const struct model_config *cfg, const struct 
 
     m->inv_freq = xcalloc((size_t)cfg->rope.rotary_dim / 2 + 1, sizeof(float));
     rope_frequencies(cfg, m->inv_freq);
+    for (int i = 0; i < m->n_params; i++) /* B stays zero */
+        if (m->params[i].kind == PARAM_LORA && !m->params[i].lora_b && m->params[i].data)
+            lora_init_a(m->params[i].data, (int)m->params[i].shape[0],
+                        (int)m->params[i].shape[1], seed, i);
+}
+
+void model_create(struct model *m, const struct model_config *cfg, const struct layout_grid *grid,
+                  struct layout_coords coords)
+{
+    create(m, cfg, grid, coords, NULL, 0);
+}
+
+void model_create_lora(struct model *m, const struct model_config *cfg,
+                       const struct layout_grid *grid, struct layout_coords coords,
+                       const struct lora_spec *spec, uint64_t seed)
+{
+    create(m, cfg, grid, coords, spec, seed);
 }
 
 bool model_stores_bf16(const struct param *p)
 {
     return !p->trainable && !p->buffer && p->rank == 2 && p->shape[0] > 1 &&
-           p->kind != PARAM_ROUTER && p->kind != PARAM_EMBEDDING;
+           p->kind != PARAM_ROUTER && p->kind != PARAM_EMBEDDING && p->kind != PARAM_LORA;
 }
 
 void model_store_frozen_bf16(struct model *m)
@@ -461,7 +513,7 @@ void model_store_frozen_bf16(struct model *m)
     if (m->ops) fatal(EXIT_RUNTIME, "model_store_frozen_bf16 after model_attach");
     if (m->checkpoint_dir)
         fatal(EXIT_RUNTIME, "model_store_frozen_bf16 after model_load (the weights would go)");
-    lay_out_storage(m, true); /* the first block was never written: nothing is lost */
+    lay_out_storage(m, true); /* no weight was read yet; adapters keep their init */
 }
 
 void model_free(struct model *m)
@@ -484,6 +536,8 @@ void model_free(struct model *m)
             free(m->grads[l].expert_down_bias);
         }
     free(m->grads);
+    free(m->lora);
+    free(m->lora_grads);
     free(m->grad_storage);
     free(m->params);
     for (int l = 0; m->layers && l < m->cfg.num_layers; l++) {
@@ -515,6 +569,11 @@ static void publish_grad(struct model *m, const struct param *p)
 {
     if (!p->data) return; /* held by another rank (stage or EP rank) */
     if (p->buffer) return;  /* e_score_correction_bias: never trained, no gradient slot */
+    if (p->kind == PARAM_LORA) {
+        struct layer_lora *g = &m->lora_grads[p->layer];
+        *(p->lora_b ? &g->b[p->lora_target] : &g->a[p->lora_target]) = p->grad;
+        return;
+    }
     if (p->layer < 0) {
         if (p->kind == PARAM_EMBEDDING) m->embedding_grad = p->grad;
         else if (p->kind == PARAM_LM_HEAD) m->lm_head_grad = p->grad;
@@ -603,7 +662,8 @@ static void set_backward_floor(struct model *m)
     for (int i = 0; i < m->n_params; i++) {
         const struct param *p = &m->params[i];
         if (p->trainable && p->layer == floor &&
-            (p->kind == PARAM_ATTENTION || p->kind == PARAM_NORM))
+            (p->kind == PARAM_ATTENTION || p->kind == PARAM_NORM ||
+             (p->kind == PARAM_LORA && p->lora_target <= LORA_O)))
             m->floor_mlp_only = false;
     }
 }
@@ -625,6 +685,8 @@ void model_set_trainable(struct model *m, const bool *trainable)
             m->grads[l].expert_down_bias = xcalloc((size_t)local, sizeof(float *));
         }
     }
+    if (m->lora && !m->lora_grads)
+        m->lora_grads = xcalloc((size_t)m->cfg.num_layers, sizeof *m->lora_grads);
     size_t total = 0;
     for (int i = 0; i < m->n_params; i++) {
         if (trainable[i] && m->params[i].data_bf16)
@@ -720,6 +782,11 @@ void model_attach(struct model *m, const struct backend *ops)
             w->expert_down[e] = moved_weight(m, w->expert_down[e]);
         }
     }
+    for (int l = 0; m->lora && l < m->cfg.num_layers; l++)
+        for (int t = 0; t < LORA_TARGET_COUNT; t++) {
+            m->lora[l].a[t] = moved_weight(m, m->lora[l].a[t]);
+            m->lora[l].b[t] = moved_weight(m, m->lora[l].b[t]);
+        }
     if (ops->constant) /* the frozen fp32 weights, as the backend may keep them */
         for (int i = 0; i < m->n_params; i++)
             if (m->params[i].data && !m->params[i].trainable)
@@ -746,6 +813,10 @@ void model_attach(struct model *m, const struct backend *ops)
                        "every field of struct layer_grads (and its six expert arrays)");
         for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++)
             *fields[i] = moved(*fields[i], m->grad_storage, G, gdev);
+        for (int t = 0; m->lora_grads && t < LORA_TARGET_COUNT; t++) {
+            m->lora_grads[l].a[t] = moved(m->lora_grads[l].a[t], m->grad_storage, G, gdev);
+            m->lora_grads[l].b[t] = moved(m->lora_grads[l].b[t], m->grad_storage, G, gdev);
+        }
         for (int e = 0; e < local; e++) {
             g->expert_gate[e] = moved(g->expert_gate[e], m->grad_storage, G, gdev);
             g->expert_up[e] = moved(g->expert_up[e], m->grad_storage, G, gdev);
@@ -789,4 +860,30 @@ void model_upload_grads(struct model *m)
 {
     if (m->device_grad_storage)
         m->ops->upload(m->device_grad_storage, m->grad_storage, m->grad_floats * sizeof(float));
+}
+
+/* ---- LoRA --------------------------------------------------------------------------- */
+
+void model_merge_lora(struct model *m)
+{
+    const char *prefix = "base_model.model.", *suffix = ".lora_A.weight";
+    for (int i = 0; i + 1 < m->n_params; i++) {
+        struct param *a = &m->params[i], *b = &m->params[i + 1]; /* add_adapters: A, then B */
+        if (a->kind != PARAM_LORA || a->lora_b || !a->data) continue;
+        char name[PARAM_NAME_MAX];
+        size_t n = strlen(a->name) - strlen(prefix) - strlen(suffix);
+        snprintf(name, sizeof name, "%.*s.weight", (int)n, a->name + strlen(prefix));
+        struct param *w = model_find_param(m, name);
+        if (!w || !w->data || !b->lora_b)
+            fatal(EXIT_RUNTIME, "model_merge_lora: no base weight %s held with %s", name, a->name);
+        int64_t out = w->shape[0], in = w->shape[1], r = a->shape[0];
+        for (int64_t o = 0; o < out; o++)
+            for (int64_t j = 0; j < in; j++) {
+                double sum = 0;
+                for (int64_t k = 0; k < r; k++)
+                    sum += (double)b->data[o * r + k] * (double)a->data[k * in + j];
+                w->data[o * in + j] += (float)(m->lora_scale * sum);
+            }
+        memset(b->data, 0, b->numel * sizeof(float)); /* its update is in W now */
+    }
 }

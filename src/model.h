@@ -22,6 +22,7 @@
 #include "backend.h"
 #include "hfconfig.h"
 #include "layout.h"
+#include "lora.h"
 
 enum param_kind {
     PARAM_EMBEDDING,
@@ -32,6 +33,7 @@ enum param_kind {
     PARAM_SHARED_EXPERT, /* shared expert and its gate */
     PARAM_DENSE_MLP,     /* the MLP of a non-MoE layer */
     PARAM_LM_HEAD,
+    PARAM_LORA,          /* a LoRA adapter's A or B (lora.h), after every base tensor */
     PARAM_KIND_COUNT
 };
 const char *param_kind_name(enum param_kind kind);
@@ -72,6 +74,10 @@ struct param {
                   * they are held as bf16 (data_bf16) */
     uint16_t *data_bf16; /* the weights as bf16 (model_store_frozen_bf16), else NULL */
     float *grad; /* its gradient when trainable and held here, else NULL */
+    /* PARAM_LORA: the module it adapts (enum lora_target), and whether it is B [out, r]
+     * (else A [r, in]); `layer` is its base weight's */
+    int lora_target;
+    bool lora_b;
 };
 
 struct layer_weights {
@@ -144,6 +150,11 @@ struct model {
     const struct comm *ep_comm;
     /* the chain of pipeline stages of this rank's data (grid.pp > 1), indexed by stage */
     const struct comm *pp_comm;
+    /* LoRA (model_create_lora): rank, scale, the adapters of each layer and their
+     * gradients, in the compute view ([cfg.num_layers] each; NULL without adapters) */
+    int lora_rank;
+    float lora_scale;
+    struct layer_lora *lora, *lora_grads;
 };
 
 /* The forward cost of decoder layer l per token (multiply-adds of its projections and
@@ -166,6 +177,12 @@ void model_log_stages(const struct model *m, const char *phase);
  * coords, allocates the storage of what it holds. Every entry starts frozen. */
 void model_create(struct model *model, const struct model_config *cfg,
                   const struct layout_grid *grid, struct layout_coords coords);
+/* model_create, and LoRA adapters (lora.h) on the modules spec->targets names, added to
+ * the table after the base tensors, each held where its base weight is; A initialised as
+ * PEFT does from seed (lora_init_a), B zero. model_load leaves them as they are. */
+void model_create_lora(struct model *model, const struct model_config *cfg,
+                       const struct layout_grid *grid, struct layout_coords coords,
+                       const struct lora_spec *spec, uint64_t seed);
 void model_free(struct model *model);
 
 /* Reads the weights this rank holds from a checkpoint directory (config.json already
@@ -213,6 +230,11 @@ struct st_checkpoint;
 struct st_checkpoint *model_open_original(const struct model *model, char *err, size_t err_size);
 int model_read_original(const struct model *model, const struct st_checkpoint *checkpoint,
                         const struct param *p, float *out, char *err, size_t err_size);
+
+/* Folds every adapter this rank holds into its base weight, W += scale B A (host copies,
+ * params[i].data; in double, rounded once), and zeroes its B, so that the forward is
+ * unchanged and the merged export (which leaves adapters out) holds the trained model. */
+void model_merge_lora(struct model *model);
 
 /* The entry for a Hugging Face name, or NULL. */
 struct param *model_find_param(struct model *model, const char *name);
@@ -281,6 +303,14 @@ struct forward_workspace;
 struct forward_workspace *forward_workspace_new(const struct model *model, int max_tokens);
 struct forward_workspace *forward_workspace_new_training(const struct model *model,
                                                         int max_tokens);
+/* A training workspace that keeps only each layer's input (activation checkpointing,
+ * train.recompute): one set of the other activations serves every layer, and
+ * model_backward runs each layer's forward again, from its input, before the layer's
+ * backward. The gradients are bitwise those of forward_workspace_new_training (the
+ * same ops on the same values); activations take one layer's memory plus an [N, H]
+ * input per layer. */
+struct forward_workspace *forward_workspace_new_recompute(const struct model *model,
+                                                         int max_tokens);
 void forward_workspace_free(struct forward_workspace *ws);
 
 /* What the host reads of a forward_result when the model is attached to a backend whose

@@ -61,6 +61,7 @@ struct layer_activations {
     float *shared_gate, *shared_up, *shared_act, *shared_out, *shared_logit;
     float *mlp_gate, *mlp_up, *mlp_act; /* dense layer */
     float *ffn;                /* [N,H] feed-forward output */
+    float *lora_t[LORA_TARGET_COUNT]; /* [N,r] scale * A x of each adapter (lora.h), or NULL */
 };
 
 /* Vocabulary ids per chunk of the chunked lm_head and cross-entropy. */
@@ -69,6 +70,8 @@ enum { WS_VOCAB_CHUNK = 4096 };
 struct forward_workspace {
     int max_tokens, n_layers;
     bool training;
+    bool recompute;   /* one activation set for all layers, inputs kept (train.recompute) */
+    bool recomputing; /* model_backward is running a layer's forward again */
     /* where the buffers live: the model's backend (NULL: host memory), and whether the
      * host cannot read them (staged: results and exchanges go through host copies) */
     const struct backend *mem;
@@ -108,6 +111,7 @@ struct forward_workspace {
     /* backward scratch */
     float *dx, *dxn, *dq, *dk, *dv, *dattn, *dxs, *dxs2, *dys, *dact, *dgate, *dup;
     float *dq_latent, *dkv_latent, *dk_rope, *dkv; /* MLA: [N,R], [N,C], [N,dr], [N,nH*(dn+dv)] */
+    float *dlora;                     /* [N,r] an adapter's scratch (lora_backward) */
     float *dweights, *drouter, *dshared_a, *dshared_b, *dshared_act, *dshared_out, *dgate_logit;
     float *ep_rows;                   /* [capacity,H] exchange scratch (ep > 1) */
     float *dye;                       /* [capacity,H] output gradients at the experts (ep > 1) */
@@ -120,6 +124,11 @@ struct forward_workspace {
     } host, buffers;
 };
 
+
+/* Layer l's forward, from ws->layers[l].x to its feed-forward output ws->layers[l].ffn
+ * (the caller adds the residual); forward.c, and backward.c when it recomputes. */
+void ws_layer_forward(const struct model *m, const struct backend *ops,
+                      struct forward_workspace *ws, const struct batch *batch, int l);
 
 /* The most token-slot rows this rank's experts can receive for batches of N tokens on
  * each rank of the EP group (N * K when ep = 1). */
@@ -175,6 +184,15 @@ void mla_backward(const struct model *m, const struct backend *ops, struct forwa
                   const float *dy, float *dxn, bool accumulate_dxn);
 /* MLA's softmax scale: (dn + dr)^-0.5, times mscale^2 under yarn (attention_mla.c). */
 float mla_softmax_scale(const struct model_config *c);
+
+/* Layer l's adapter on `target` (lora.c; nothing when it has none): y[N,O] += scale * B
+ * (A x) with x [N,I], keeping scale * A x in t; and its backward from dy, adding to dx
+ * (NULL: no input gradient) and to the adapter's gradients (dt: scratch [N,r]). */
+void lora_adapt_forward(const struct model *m, const struct backend *ops, int l, int target,
+                        float *y, float *t, const float *x, int N, int I, int O);
+void lora_adapt_backward(const struct model *m, const struct backend *ops, int l, int target,
+                         float *dx, float *dt, const float *dy, const float *x, const float *t,
+                         int N, int I, int O);
 
 /* A layer's EP plan, in the workspace (workspace.c). */
 struct ep_plan *ws_ep_plan_new(struct forward_workspace *ws, const struct model *m, size_t capacity);

@@ -554,7 +554,7 @@ int model_load(struct model *m, const char *dir, char *err, size_t err_size)
     for (int i = 0; i < m->n_params && rc == 0; i++) {
         const struct param *p = &m->params[i];
         struct weight_source src;
-        if (!param_held(p)) continue;
+        if (!param_held(p) || p->kind == PARAM_LORA) continue; /* adapters: not in the base */
         rc = locate(m, ckpt, p, &src, err, err_size);
         if (rc == 0) rc = read_range_f32(&src, p->numel, p->data ? p->data : values, err, err_size);
         if (rc == 0 && p->data_bf16) st_f32_to_bf16_array(values, p->data_bf16, p->numel);

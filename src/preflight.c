@@ -114,33 +114,6 @@ static void check_data(const struct deck *deck, const struct produced *made,
     dataset_close(&ds);
 }
 
-/* The families whose ops the CUDA backend does not have yet (multi-head latent
- * attention, interleaved RoPE, the grouped and sigmoid routers; gpt_oss's sinks, sliding
- * window, top-k-then-softmax router, expert biases and clamped SwiGLU): refused on it
- * before anything loads, rather than at the first forward. */
-static void check_backend(const struct deck *deck, const struct produced *made,
-                          const struct model_check *mc, enum phase phase, struct problems *p)
-{
-    enum hf_family family;
-    if (made->model) {
-        if (hfconfig_family_parse(deck->init.family, &family) != 0) return;
-    } else if (mc->ok) {
-        family = mc->cfg.family;
-    } else {
-        return;
-    }
-    if (deck->run.backend == BACKEND_CUDA &&
-        (family == HF_DEEPSEEK_V2 || family == HF_DEEPSEEK_V3 || family == HF_GLM4_MOE ||
-         family == HF_GPT_OSS))
-        problem(p, "%s: run.backend cuda: %s models run on the CPU backend only so far (the "
-                "CUDA backend lacks %s); use run.backend cpu", phase_name(phase),
-                hfconfig_family_name(family),
-                family == HF_GLM4_MOE  ? "the sigmoid router"
-                : family == HF_GPT_OSS ? "attention sinks and sliding windows, the top-k-then-"
-                                         "softmax router, expert biases and the clamped SwiGLU"
-                                       : "multi-head latent attention and these routers");
-}
-
 int preflight_check(const struct deck *deck, const struct layout_grid *grid, char *messages,
                     size_t size)
 {
@@ -202,7 +175,6 @@ int preflight_check(const struct deck *deck, const struct layout_grid *grid, cha
                 problem(&p, "%s: %s ties lm_head to the embedding (tie_word_embeddings); "
                         "pipeline parallelism (parallel.pp %d) does not support tied "
                         "embeddings yet", phase_name(phase), deck->model.path, grid->pp);
-            check_backend(deck, &made, &mc, phase, &p);
             if (phase == PHASE_SCORE) {
                 if (mc.ok && mc.cfg.num_experts <= 0)
                     problem(&p, "score: %s has no MoE layers", deck->model.path);

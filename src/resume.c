@@ -48,7 +48,7 @@ void resume_hash_inputs(const struct deck *deck, const struct dataset *ds,
  *     data.pack (the blocks); train.method, lr, lr_schedule, warmup_steps, weight_decay,
  *     beta1, beta2, eps, clip_grad, aux_loss_coef, global_batch, micro_batch (the aux
  *     loss is taken per micro-batch, and the sums' order follows them), val_fraction
- *     (the split); train.lora_rank and lora_alpha under method lora (below);
+ *     (the split); train.lora.* under method lora (below);
  *   compared by content, not by path, so that a moved file is the same input (below):
  *     model.path (the config.json hash the checkpoint records; checkpoint_read also
  *     checks every trainable tensor's shape against the model), data.path (the dataset's
@@ -83,7 +83,8 @@ static const char *const compared_keys[] = {
     "train.micro_batch",
     "train.val_fraction",
 };
-static const char *const lora_keys[] = {"train.lora_rank", "train.lora_alpha"};
+static const char *const lora_keys[] = {"train.lora.r", "train.lora.alpha", "train.lora.rslora",
+                                        "train.lora.targets", "train.lora.train_router"};
 
 /* The differences found, one line each, for the refusal or force's warning. */
 struct differences {

@@ -43,6 +43,7 @@
 #include "hfconfig.h"
 #include "history.h"
 #include "log.h"
+#include "lora.h"
 #include "model.h"
 #include "optim.h"
 #include "phases.h"
@@ -149,12 +150,53 @@ static void log_eval(long long step, double loss, int n_blocks)
         log_info("train: step %lld  eval loss %.6f (%d validation blocks)", step, loss, n_blocks);
 }
 
+/* Method lora: the adapters the deck asks for, and whether this model's modules take
+ * them (multi-head latent attention has no q/k/v/o projections of the GQA form esft
+ * adapts). */
+static int lora_spec_of(const struct deck *deck, const struct model_config *cfg,
+                        struct lora_spec *spec, char *err, size_t err_size)
+{
+    const struct deck_train *tr = &deck->train;
+    *spec = (struct lora_spec){.r = tr->lora_rank, .alpha = tr->lora_alpha,
+                               .rslora = tr->lora_rslora, .train_router = tr->lora_train_router};
+    char where[4200];
+    deck_where(deck, "train.lora.targets", where, sizeof where);
+    char why[1024];
+    if (lora_parse_targets(tr->lora_targets, tr->n_lora_targets, &spec->targets, why,
+                           sizeof why) != 0) {
+        snprintf(err, err_size, "%s: %s", where, why);
+        return -1;
+    }
+    unsigned attention = (1u << LORA_Q) | (1u << LORA_K) | (1u << LORA_V) | (1u << LORA_O);
+    if (cfg->attention == ATTENTION_MLA && (spec->targets & attention)) {
+        snprintf(err, err_size, "%s: %s (%s) uses multi-head latent attention, whose projections "
+                 "esft does not adapt yet; name dense_mlp or shared_experts", where,
+                 deck->model.path, hfconfig_family_name(cfg->family));
+        return -1;
+    }
+    return 0;
+}
+
 /* The balance loss esft adds is the family's (hfconfig.h, enum hf_aux_kind). The sigmoid
  * routers of deepseek_v3 and glm4_moe have none in transformers (5.24), and the ESFT
  * reference trains DeepSeek-V2 only: a coefficient would train a term nobody defines. */
 int train_check_model(const struct deck *deck, const struct model_config *cfg, char *err,
                       size_t err_size)
 {
+    struct lora_spec spec;
+    if (deck->train.method == METHOD_LORA && lora_spec_of(deck, cfg, &spec, err, err_size) != 0)
+        return -1;
+    if (deck->train.method == METHOD_LORA && deck->train.export_merged &&
+        deck->model.frozen_weights == FROZEN_BF16) {
+        char where[4200];
+        deck_where(deck, "train.export_merged", where, sizeof where);
+        snprintf(err, err_size,
+                 "%s: train.export_merged with train.method lora and model.frozen_weights bf16 "
+                 "is not supported yet (the merge folds B A into base weights that are held as "
+                 "bf16); export the adapter alone, or merge with model.frozen_weights fp32",
+                 where);
+        return -1;
+    }
     if (cfg->aux == AUX_NONE && deck->train.aux_loss_coef > 0) {
         char where[4200];
         deck_where(deck, "train.aux_loss_coef", where, sizeof where);
@@ -226,7 +268,15 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     fail_if_any(model_check_checkpoint(&cfg, grid, layout->me, deck->model.path, err, sizeof err),
                 EXIT_INPUT, "train: %s", err);
     struct model model;
-    model_create(&model, &cfg, grid, layout->me);
+    struct lora_spec lora = {0};
+    if (tr->method == METHOD_LORA) {
+        if (lora_spec_of(deck, &cfg, &lora, err, sizeof err) != 0)
+            fatal_all(EXIT_INPUT, "train: %s", err);
+        /* A drawn as PEFT draws it, from run.seed (lora.h) */
+        model_create_lora(&model, &cfg, grid, layout->me, &lora, (uint64_t)deck->run.seed);
+    } else {
+        model_create(&model, &cfg, grid, layout->me);
+    }
     model.ep_comm = &layout->ep;
     model.pp_comm = &layout->pp;
     model_log_stages(&model, "train");
@@ -236,6 +286,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     if (trainable_select(&model, tr->method, tr->method == METHOD_ESFT ? &ec : NULL, trainable,
                          err, sizeof err) != 0)
         fatal_all(EXIT_INPUT, "train: %s", err);
+    if (tr->method == METHOD_LORA && lora.train_router) trainable_add_routers(&model, trainable);
     model_set_trainable(&model, trainable);
     if (deck->model.frozen_weights == FROZEN_BF16) model_store_frozen_bf16(&model);
     fail_if_any(model_load(&model, deck->model.path, err, sizeof err) != 0, EXIT_INPUT, "train: %s",
@@ -246,8 +297,10 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         n_total += model.params[i].numel;
         if (trainable[i]) n_trainable += model.params[i].numel, n_tensors++;
     }
-    const char *method = tr->method == METHOD_ESFT ? "esft" : tr->method == METHOD_FULL ? "full"
-                                                                                        : "frozen_router";
+    const char *method = tr->method == METHOD_ESFT   ? "esft"
+                         : tr->method == METHOD_FULL ? "full"
+                         : tr->method == METHOD_LORA ? "lora"
+                                                     : "frozen_router";
     if (n_tensors == 0) /* every rank holds the whole table, so all agree */
         fatal_all(EXIT_INPUT, "train: method %s selects no tensor of %s to train", method,
                   deck->model.path);
@@ -323,7 +376,9 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     int n_ws = grid->pp - layout->me.pp_rank;
     if (n_ws > micro_batches) n_ws = micro_batches > 0 ? micro_batches : 1;
     struct forward_workspace *ws[n_ws];
-    for (int k = 0; k < n_ws; k++) ws[k] = forward_workspace_new_training(&model, capacity);
+    for (int k = 0; k < n_ws; k++)
+        ws[k] = tr->recompute ? forward_workspace_new_recompute(&model, capacity)
+                              : forward_workspace_new_training(&model, capacity);
     struct forward_workspace *eval_ws = forward_workspace_new(&model, seq_len);
     bool validate = val.n_blocks > 0 && tr->eval_every > 0; /* eval_every 0: never */
 
@@ -513,13 +568,20 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     char dir[4200];
     state_to_host(&model, &opt);
     snprintf(dir, sizeof dir, "%s/adapter", deck->run.output_dir);
-    if (export_adapter(dir, &model, tr->method == METHOD_ESFT ? tr->expert_config : NULL,
-                       MPI_COMM_WORLD, err, sizeof err) != 0)
+    if (tr->method == METHOD_LORA) {
+        if (export_lora_adapter(dir, &model, &lora, deck->model.path, MPI_COMM_WORLD, err,
+                                sizeof err) != 0)
+            status = EXIT_RUNTIME;
+        else
+            log_info("train: LoRA adapter (PEFT) -> %s/adapter_model.safetensors", dir);
+    } else if (export_adapter(dir, &model, tr->method == METHOD_ESFT ? tr->expert_config : NULL,
+                              MPI_COMM_WORLD, err, sizeof err) != 0)
         status = EXIT_RUNTIME;
     else
         log_info("train: trained tensors -> %s/adapter.safetensors", dir);
     if (status == 0 && tr->export_merged) {
         snprintf(dir, sizeof dir, "%s/merged", deck->run.output_dir);
+        model_merge_lora(&model); /* W += scale B A; the adapters then drop out of the export */
         if (export_merged(dir, &model, deck->model.path, (size_t)5 << 30, MPI_COMM_WORLD, err,
                           sizeof err) != 0)
             status = EXIT_RUNTIME;

@@ -116,9 +116,9 @@ done:
 
 int trainable_method_available(enum train_method method, char *err, size_t err_size)
 {
-    if (method == METHOD_LORA || method == METHOD_DENSEMIXER) {
-        snprintf(err, err_size, "train.method %s is not available yet (esft, full, frozen_router "
-                 "are)", method == METHOD_LORA ? "lora" : "densemixer");
+    if (method == METHOD_DENSEMIXER) {
+        snprintf(err, err_size, "train.method densemixer is not available yet (esft, full, "
+                 "frozen_router, lora are)");
         return -1;
     }
     return 0;
@@ -136,8 +136,9 @@ int trainable_select(const struct model *m, enum train_method method,
         const struct param *p = &m->params[i];
         bool on;
         switch (method) {
-        case METHOD_FULL: on = true; break;
+        case METHOD_FULL: on = p->kind != PARAM_LORA; break;
         case METHOD_FROZEN_ROUTER: on = p->kind != PARAM_ROUTER; break;
+        case METHOD_LORA: on = p->kind == PARAM_LORA; break;
         default: /* esft */
             if (p->kind == PARAM_EXPERT)
                 on = expert_config_has(ec, p->layer, p->expert);
@@ -149,4 +150,10 @@ int trainable_select(const struct model *m, enum train_method method,
         trainable[i] = on && !p->buffer; /* e_score_correction_bias: never trained */
     }
     return 0;
+}
+
+void trainable_add_routers(const struct model *m, bool *trainable)
+{
+    for (int i = 0; i < m->n_params; i++)
+        if (m->params[i].kind == PARAM_ROUTER && !m->params[i].buffer) trainable[i] = true;
 }

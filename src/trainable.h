@@ -6,7 +6,9 @@
  *                  embeddings, lm_head, dense MLPs, routers) if "non_expert_modules"
  *   full           everything, routers included
  *   frozen_router  everything but the routers
- * lora and densemixer are refused until they exist. */
+ *   lora           the LoRA adapters (lora.h) only, the base frozen; with
+ *                  train.lora.train_router the routers too (trainable_add_routers)
+ * densemixer is refused until it exists. */
 #ifndef ESFT_TRAINABLE_H
 #define ESFT_TRAINABLE_H
 
@@ -41,5 +43,8 @@ int trainable_method_available(enum train_method method, char *err, size_t err_s
  * Returns 0, or -1 with a message when the method is not available. */
 int trainable_select(const struct model *model, enum train_method method,
                      const struct expert_config *ec, bool *trainable, char *err, size_t err_size);
+
+/* Marks every router trainable (method lora with train.lora.train_router). */
+void trainable_add_routers(const struct model *model, bool *trainable);
 
 #endif

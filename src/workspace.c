@@ -137,7 +137,9 @@ static void alloc_layer(struct forward_workspace *ws, const struct model *m, int
             a->shared_logit = ws_alloc(ws, N * f);
         }
     }
-    if (!moe || !ws->training) {
+    for (int t = 0; m->lora && t < LORA_TARGET_COUNT; t++) /* N x r each, every target */
+        a->lora_t[t] = ws_alloc(ws, N * (size_t)m->lora_rank * f);
+    if (!moe || !ws->training || ws->recompute) { /* a shared set may serve dense layers */
         a->mlp_gate = ws_alloc(ws, N * (D ? D : 1) * f);
         a->mlp_up = ws_alloc(ws, N * (D ? D : 1) * f);
         a->mlp_act = ws->training ? ws_alloc(ws, N * (D ? D : 1) * f) : a->mlp_gate;
@@ -153,7 +155,8 @@ static int vocab_chunk_size(void)
     return value > 0 && value < (1L << 30) ? (int)value : WS_VOCAB_CHUNK;
 }
 
-static struct forward_workspace *workspace_new(const struct model *m, int max_tokens, bool training)
+static struct forward_workspace *workspace_new(const struct model *m, int max_tokens, bool training,
+                                               bool recompute)
 {
     const struct model_config *c = &m->cfg;
     struct forward_workspace *ws = xcalloc(1, sizeof *ws);
@@ -164,6 +167,7 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
     ws->max_tokens = max_tokens;
     ws->n_layers = c->num_layers;
     ws->training = training;
+    ws->recompute = recompute;
     ws->mem = m->ops;
     ws->staged = m->ops && !m->ops->host_visible;
     ws->vocab_size = m->me.pp_rank == m->grid.pp - 1 ? c->vocab_size : 0;
@@ -172,14 +176,18 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
     ws->layers = xcalloc((size_t)c->num_layers, sizeof *ws->layers);
     int first = m->first_layer, end = m->first_layer + m->n_layers; /* this stage's layers */
     bool last_stage = m->me.pp_rank == m->grid.pp - 1;
-    if (training) {
+    if (training && !recompute) {
         for (int l = first; l < end; l++) alloc_layer(ws, m, max_tokens, c->is_moe[l], &ws->layers[l]);
     } else {
         /* one set for every layer; a model with MoE and dense layers needs both parts */
         bool any_moe = false;
         for (int l = first; l < end; l++) any_moe |= c->is_moe[l];
         alloc_layer(ws, m, max_tokens, any_moe, &ws->layers[first]);
-        for (int l = first + 1; l < end; l++) ws->layers[l] = ws->layers[first];
+        for (int l = first + 1; l < end; l++) {
+            ws->layers[l] = ws->layers[first];
+            /* recompute: each layer's input is its own, the rest is shared */
+            if (recompute) ws->layers[l].x = ws_alloc(ws, N * H * f);
+        }
     }
     ws->x_final = ws_alloc(ws, N * H * f); /* the stage's output */
     ws->rstd_final = ws_alloc(ws, N * f);
@@ -272,6 +280,7 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
         ws->dgate = ws_alloc(ws, cap * I * f);
         ws->dup = ws_alloc(ws, cap * I * f);
         if (m->grid.ep > 1) ws->dye = ws_alloc(ws, cap * H * f);
+        if (m->lora) ws->dlora = ws_alloc(ws, N * (size_t)m->lora_rank * f);
         ws->dweights = ws_alloc(ws, M * f);
         ws->drouter = ws_alloc(ws, N * E * f);
         ws->dshared_a = ws_alloc(ws, N * wide * f);
@@ -285,12 +294,17 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
 
 struct forward_workspace *forward_workspace_new(const struct model *m, int max_tokens)
 {
-    return workspace_new(m, max_tokens, false);
+    return workspace_new(m, max_tokens, false, false);
 }
 
 struct forward_workspace *forward_workspace_new_training(const struct model *m, int max_tokens)
 {
-    return workspace_new(m, max_tokens, true);
+    return workspace_new(m, max_tokens, true, false);
+}
+
+struct forward_workspace *forward_workspace_new_recompute(const struct model *m, int max_tokens)
+{
+    return workspace_new(m, max_tokens, true, true);
 }
 
 void forward_workspace_keep(struct forward_workspace *ws, unsigned what)

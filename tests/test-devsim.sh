@@ -5,7 +5,8 @@
 # statistics (through select's scores and choice), train's loss, accuracy, aux loss and
 # gradient norm at every step and its eval losses (ESFT with the load-balancing loss),
 # the exported adapter's bytes, and eval of that adapter; and a run stopped at step 3 that
-# resumes from its checkpoint on the simulator continues the CPU's uninterrupted curve.
+# resumes from its checkpoint on the simulator continues the CPU's uninterrupted curve;
+# and train.recompute gives the same curve and adapter under three layouts.
 set -u
 . "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
 test_begin devsim
@@ -57,6 +58,36 @@ for layout in "1 1 1" "2 1 2" "2 2 1" "4 2 2"; do
     a=$(grep -o -E '"(loss|accuracy|perplexity|tokens)": [^,}]*' "$cpu/eval/eval.json" | tr '\n' ' ')
     b=$(grep -o -E '"(loss|accuracy|perplexity|tokens)": [^,}]*' "$sim/eval/eval.json" | tr '\n' ' ')
     [ -n "$a" ] && [ "$a" = "$b" ] && ok || fail "layout $layout: eval: cpu [$a] simulator [$b]"
+done
+
+# train.recompute (activation checkpointing): the same curve and adapter bit for bit,
+# on the CPU and on the simulator, with EP (the recomputed MoE layers exchange their rows
+# again) and PP; the simulator's buffers (its own count, backend_peak_mib) shrink.
+peak() { # the largest backend_peak_mib of a metrics file
+    grep -o '"backend_peak_mib": [0-9.]*' "$1" | sed 's/.*: //' | sort -n | tail -n 1
+}
+for layout in "1 1 1" "2 1 2" "4 2 2"; do
+    set -- $layout
+    for backend in cpu cpu-devsim; do
+        base="$tmp/run-$1-$2-$3-$backend"
+        out="$tmp/recompute-$1-$2-$3-$backend"
+        # shellcheck disable=SC2086
+        expect 0 "train with recompute on $backend, $1 ranks, pp $2, ep $3" $mpirun "$1" "$esft" \
+            "$demo" "phase=[train]" "run.output_dir=$out" "run.backend=$backend" $common $train \
+            "train.expert_config=$base/expert_config.json" train.recompute=true \
+            "parallel.pp=$2" "parallel.ep=$3"
+        a=$(numbers "$base/metrics.jsonl")
+        b=$(numbers "$out/metrics.jsonl")
+        [ -n "$a" ] && [ "$a" = "$b" ] && ok ||
+            fail "layout $layout on $backend: recompute changed the curve: [$a] against [$b]"
+        cmp -s "$base/adapter/adapter.safetensors" "$out/adapter/adapter.safetensors" && ok ||
+            fail "layout $layout on $backend: recompute changed the adapter"
+    done
+    kept=$(peak "$tmp/run-$1-$2-$3-cpu-devsim/metrics.jsonl")
+    less=$(peak "$tmp/recompute-$1-$2-$3-cpu-devsim/metrics.jsonl")
+    awk -v a="$kept" -v b="$less" 'BEGIN { exit !(a > 0 && b > 0 && b < a) }' && ok ||
+        fail "layout $layout: the simulator's peak with recompute ($less MiB) is not below without ($kept MiB)"
+    echo "# layout $layout: simulator's peak buffers $kept MiB kept, $less MiB recomputed"
 done
 
 # Resume on the simulator: stop after step 3 (train.steps 3), then go on to step 6 from

@@ -133,8 +133,9 @@ static const char *full_deck = "phase: [prepare, score, select, train, eval]\n" 
                                "  resume: never\n"
                                "  export_merged: true\n"
                                "  recompute: false\n"
-                               "  lora_rank: 8\n"
-                               "  lora_alpha: 32.5\n" /* 80 */
+                               "  lora.r: 8\n"
+                               "  lora: {alpha: 32.5, rslora: true, targets: [q_proj, dense_mlp], "
+                               "train_router: true}\n" /* 80 */
                                "eval:\n"
                                "  adapter: out/adapter.safetensors\n"
                                "  batch: 4\n";
@@ -233,8 +234,12 @@ static void test_full_deck(void)
     CHECK(same_string(d.train.resume, "never"), "train.resume");
     CHECK(d.train.export_merged == true, "train.export_merged");
     CHECK(d.train.recompute == false, "train.recompute");
-    CHECK(d.train.lora_rank == 8, "train.lora_rank");
-    CHECK(d.train.lora_alpha == 32.5, "train.lora_alpha");
+    CHECK(d.train.lora_rank == 8, "train.lora.r");
+    CHECK(d.train.lora_alpha == 32.5, "train.lora.alpha (a nested mapping)");
+    CHECK(d.train.lora_rslora && d.train.lora_train_router, "train.lora.rslora, train_router");
+    CHECK(d.train.n_lora_targets == 2 && same_string(d.train.lora_targets[0], "q_proj") &&
+              same_string(d.train.lora_targets[1], "dense_mlp"),
+          "train.lora.targets");
 
     CHECK(same_string(d.eval.adapter, "out/adapter.safetensors"), "eval.adapter");
     CHECK(d.eval.batch == 4, "eval.batch");
@@ -305,7 +310,10 @@ static void test_defaults(void)
           "steps, batches");
     CHECK(same_string(d.train.resume, "auto"), "train.resume");
     CHECK(d.train.recompute == false && d.train.export_merged == false, "train bools");
-    CHECK(d.train.lora_rank == 64 && d.train.lora_alpha == 16.0, "lora");
+    CHECK(d.train.lora_rank == 8 && d.train.lora_alpha == 16.0 && !d.train.lora_rslora &&
+              !d.train.lora_train_router && d.train.n_lora_targets == 4 &&
+              same_string(d.train.lora_targets[3], "o_proj"),
+          "lora");
     CHECK(d.eval.adapter == NULL && d.eval.batch == 1, "eval");
     CHECK(d.origins != NULL && d.origins[0].kind == ORIGIN_DEFAULT, "origins default");
     deck_free(&d);
@@ -687,8 +695,7 @@ static void test_requirements(void)
           "%s", err);
     CHECK(finish_count("phase: select\nselect: {bootstrap: 100}\n", err) == 0, "%s", err);
     CHECK(finish_count("phase: train\nmodel: {path: m}\ndata: {path: d}\n"
-                       "train: {method: full, recompute: true}\n", err) == 1 &&
-              has_error(err, "", "train.recompute: true is not implemented yet"), "%s", err);
+                       "train: {method: full, recompute: true}\n", err) == 0, "%s", err);
 #ifdef HAVE_CUDA
     CHECK(finish_count("phase: eval\nrun: {backend: cuda}\nmodel: {path: m, dtype: tf32}\n"
                        "data: {path: d}\n", err) == 0, "%s", err);
@@ -818,6 +825,9 @@ static void check_same(const struct deck *a, const struct deck *b, const char *w
     SAME(train.recompute);
     SAME(train.lora_rank);
     SAME_DOUBLE(train.lora_alpha);
+    SAME(train.lora_rslora);
+    SAME(train.lora_train_router);
+    SAME(train.n_lora_targets);
     SAME_STR(eval.adapter);
     SAME(eval.batch);
 #undef SAME
@@ -934,7 +944,7 @@ static void test_print_keys(void)
                             "(0, 1]",
                             "train.expert_config",
                             "method esft",
-                            "train.lora_alpha",
+                            "train.lora.alpha",
                             "eval.batch",
                             "5934875"};
     for (size_t i = 0; i < sizeof expect / sizeof expect[0]; i++)

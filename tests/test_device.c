@@ -10,11 +10,21 @@
  * move or add in the CPU's order, 1e-5 where they reduce); the cuBLAS GEMMs (kernels/
  * gemm.h), dense and grouped, forward and backward, fp32 and bf16 operands (the CPU
  * given the same bf16-rounded values), to 1e-5; attention forward (1e-5) and backward
- * (1e-4) over packed samples with grouped KV heads; the CUDA op table (src/cuda_ops.c) on
- * a MoE block, forward and backward, against the CPU op table. The router's probabilities
+ * (1e-4) over packed samples with grouped KV heads; the tiled bf16 attention (kernels/
+ * attention_flash.h), forward, log-sum-exp and backward, to bf16 accuracy (relative L2
+ * error 1e-2 forward, 2e-2 gradients), its outputs poisoned with NaN, its backward bit
+ * for bit the same twice, and the op table's choice between it and cuBLAS; the CUDA op table (src/cuda_ops.c) on
+ * a MoE block, forward and backward, against the CPU op table; LoRA's adapter path
+ * (lora.h: linear, scale, linear_backward of the op table) against the CPU's. The router's probabilities
  * are held to a double reference within a bound derived from the kernel's order of
  * summation; router rows with NaN logits must route as the CPU does; a determinism group
- * runs a chain of reducing kernels twice and wants the same bits.
+ * runs a chain of reducing kernels twice and wants the same bits. The op table's variants
+ * of deepseek_v2/v3, glm4_moe and gpt_oss, each against the CPU op table: the grouped,
+ * sigmoid and top-k-then-softmax routers forward and backward, with NaN rows ("routers");
+ * RoPE in both pair layouts with a head stride, and copy_columns ("heads"); attention with
+ * a value width, sliding windows and sinks, forward and backward ("attention-mask");
+ * the clamped GLU and the per-expert bias ("gpt-oss-experts"); the chunked cross-entropy
+ * ("ce-chunks"). Their tolerances are stated at each check.
  *
  * Usage: tests/test_device [--list] [GROUP...] (default: every group). Several groups run
  * each in a child process, in the list's order with the op table ("ops") last, so that a
@@ -37,18 +47,21 @@
 #include <unistd.h>
 
 #include "attention.h"
+#include "attention_flash.h"
 #include "backend.h"
 #include "cuda_ops.h"
 #include "dense.h"
 #include "device.h"
 #include "gemm.h"
 #include "log.h"
+#include "lora.h"
 #include "moe.h"
+#include "moe_math.h"
 #include "optimizer.h"
 #include "rng.h"
 #include "safetensors.h"
 
-/* The softmax top-k router, the only one the CUDA kernels implement. */
+/* The softmax top-k router of the warp kernel (the other routers: group_routers). */
 static const struct router_params
     SOFTMAX_RENORM = {ROUTER_SOFTMAX_TOPK, true, 1.0f, 1, 1, NULL},
     SOFTMAX_RENORM_X25 = {ROUTER_SOFTMAX_TOPK, true, 2.5f, 1, 1, NULL},
@@ -433,15 +446,18 @@ static void check_dense(int N, int H, int V, int n_heads, int Dh, int rotary_dim
     float *q = random_floats(&rng, NQ, -1, 1), *d_q = to_device(q, NQ * sizeof(float));
     int32_t *d_positions = (int32_t *)to_device(positions, (size_t)N * sizeof(int32_t));
     float *d_inv_freq = to_device(inv_freq, (size_t)(rotary_dim / 2) * sizeof(float));
-    for (int backward = 0; backward < 2; backward++) {
+    for (int pass = 0; pass < 4; pass++) { /* rotate-half, then interleaved (deepseek) */
+        int backward = pass % 2, interleaved = pass / 2;
+        enum hf_rope_layout layout = interleaved ? ROPE_INTERLEAVED : ROPE_ROTATE_HALF;
         if (backward)
-            cpu->rope_backward(q, positions, inv_freq, 1.25f, N, n_heads, Dh, rotary_dim,
-                               ROPE_ROTATE_HALF);
+            cpu->rope_backward(q, positions, inv_freq, 1.25f, N, n_heads, Dh, rotary_dim, layout);
         else
-            cpu->rope(q, positions, inv_freq, 1.25f, N, n_heads, Dh, rotary_dim, ROPE_ROTATE_HALF);
-        CHECK(dense_rope(d_q, d_positions, d_inv_freq, 1.25f, N, n_heads, Dh, rotary_dim, backward,
-                         err, sizeof err) == 0, "%s", err);
-        expect_floats(d_q, q, NQ, 1e-5, backward ? "rope backward" : "rope");
+            cpu->rope(q, positions, inv_freq, 1.25f, N, n_heads, Dh, rotary_dim, layout);
+        CHECK(dense_rope(d_q, d_positions, d_inv_freq, 1.25f, N, n_heads, Dh, rotary_dim,
+                         interleaved, backward, err, sizeof err) == 0, "%s", err);
+        expect_floats(d_q, q, NQ, 1e-5,
+                      backward ? (interleaved ? "rope backward, interleaved" : "rope backward")
+                               : (interleaved ? "rope, interleaved" : "rope"));
     }
     /* add, clamp and its backward: one operation an element, bit for bit */
     float *sum = xmalloc(NH * sizeof(float));
@@ -603,11 +619,29 @@ static void check_gemm(int N, int I, int O, int E, enum gemm_type type)
             d_dws[e] = to_device(dws[e], (size_t)O * I * sizeof(float));
         }
     cpu->grouped_linear_backward(dx, dws, dy, x, experts, offsets, E, I, O);
-    free((void *)experts);
     CHECK(gemm_grouped_linear_backward(ctx, d_dx, d_dws, d_dy, d_x, d_w, offsets, E, I, O, type, err,
                                        sizeof err) == 0, "%s", err);
     expect_floats(d_dx, dx, (size_t)N * I, 1e-5, "gemm_grouped_linear_backward dx");
     for (int e = 0; e < E; e += 2) expect_floats(d_dws[e], dws[e], (size_t)O * I, 1e-5, "grouped dw");
+    if (type == GEMM_F32) { /* the same in one cublasGemmGroupedBatchedEx (fp32 in and out) */
+        CHECK(gemm_grouped_linear_batched(ctx, d_y, GEMM_F32, d_x, d_w, offsets, E, I, O, type, err,
+                                          sizeof err) == 0, "%s", err);
+        expect_floats(d_y, ys, (size_t)N * O, 1e-5, "gemm_grouped_linear_batched");
+        for (int e = 0; e < E; e += 2) { /* dw accumulates: once more from the same start */
+            float *again = random_floats(&rng, (size_t)O * I, -1, 1);
+            device_free(d_dws[e]);
+            d_dws[e] = to_device(again, (size_t)O * I * sizeof(float));
+            memcpy(dws[e], again, (size_t)O * I * sizeof(float));
+            free(again);
+        }
+        cpu->grouped_linear_backward(dx, dws, dy, x, experts, offsets, E, I, O);
+        CHECK(gemm_grouped_linear_backward_batched(ctx, d_dx, d_dws, d_dy, d_x, d_w, offsets, E, I, O,
+                                                   type, err, sizeof err) == 0, "%s", err);
+        expect_floats(d_dx, dx, (size_t)N * I, 1e-5, "gemm_grouped_linear_backward_batched dx");
+        for (int e = 0; e < E; e += 2)
+            expect_floats(d_dws[e], dws[e], (size_t)O * I, 1e-5, "grouped batched dw");
+    }
+    free((void *)experts);
     printf("cuBLAS GEMMs, N %d I %d O %d E %d, %s operands: compared with the CPU backend\n", N, I, O,
            E, type == GEMM_BF16 ? "bf16" : "fp32");
     for (int e = 0; e < E; e++) free(dws[e]), device_free(d_dws[e]);
@@ -771,12 +805,13 @@ static void check_attention(const int *lengths, int n_samples, int nH, int nKV, 
         const char *mode = tf32 ? "tf32" : "fp32";
         CHECK(device_fill_f32(d_out, nq, NAN, err, sizeof err) == 0, "%s", err);
         CHECK(attention_gemm_forward(gemm_cublas(ctx), d_out, d_q, d_k, d_v, starts, count, nH, nKV,
-                                     Dh, scale, gemm_ws, err, sizeof err) == 0, "%s", err);
+                                     Dh, Dh, scale, NULL, gemm_ws, err, sizeof err) == 0, "%s", err);
         expect_floats(d_out, out, nq, f, tf32 ? "attention gemm forward (tf32)" : "attention gemm forward");
         CHECK(device_fill_f32(d_dq, nq, NAN, err, sizeof err) == 0, "%s", err);
         CHECK(device_fill_f32(d_dk, nkv, NAN, err, sizeof err) == 0, "%s", err);
         CHECK(attention_gemm_backward(gemm_cublas(ctx), d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v,
-                                      starts, count, nH, nKV, Dh, scale, gemm_ws, err, sizeof err) == 0,
+                                      starts, count, nH, nKV, Dh, Dh, scale, NULL, gemm_ws, err,
+                                      sizeof err) == 0,
               "%s", err);
         expect_floats(d_dq, dq, nq, b, tf32 ? "attention gemm dq (tf32)" : "attention gemm dq");
         expect_floats(d_dk, dk, nkv, b, tf32 ? "attention gemm dk (tf32)" : "attention gemm dk");
@@ -791,6 +826,557 @@ static void check_attention(const int *lengths, int n_samples, int nH, int nKV, 
     FREE_ON_DEVICE(device_buffers);
     void *host_buffers[] = {start, q, k, v, dout, out, dq, dk, dv};
     for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
+}
+/* ---- tiled bf16 attention (kernels/attention_flash.h) ------------------------------------ */
+
+/* The relative L2 error sqrt(sum (got - want)^2 / sum want^2) of the device buffer d of n
+ * floats against want, held to bound; every element must be finite (the outputs are
+ * poisoned with NaN first, so an element the kernel never wrote fails here). */
+static double expect_l2(const float *d, const float *want, size_t n, double bound, const char *what)
+{
+    float *got = from_device(d, n * sizeof(float));
+    double num = 0, den = 0;
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(got[i])) bad++;
+        else num += ((double)got[i] - want[i]) * ((double)got[i] - want[i]);
+        den += (double)want[i] * want[i];
+    }
+    double rel = sqrt(num / fmax(den, 1e-300));
+    CHECK(bad == 0, "%s: %zu of %zu elements not finite (unwritten?)", what, bad, n);
+    CHECK(rel <= bound, "%s: relative L2 error %.3g above %.3g", what, rel, bound);
+    free(got);
+    return rel;
+}
+
+/* lse[h * N + i] = log sum_j e^(scale q_i.k_j) over the keys query i sees, in double. */
+static double *reference_lse(const float *q, const float *k, const int32_t *start, int N, int nH,
+                             int nKV, int Dh, float scale)
+{
+    double *lse = xmalloc((size_t)N * nH * sizeof(double));
+    double *s = xmalloc((size_t)(N > 0 ? N : 1) * sizeof(double));
+    for (int h = 0; h < nH; h++)
+        for (int i = 0; i < N; i++) {
+            const float *qi = q + ((size_t)i * nH + h) * Dh;
+            double m = -INFINITY, sum = 0;
+            for (int j = start[i]; j <= i; j++) {
+                const float *kj = k + ((size_t)j * nKV + h / (nH / nKV)) * Dh;
+                double dot = 0;
+                for (int d = 0; d < Dh; d++) dot += (double)qi[d] * kj[d];
+                s[j] = scale * dot;
+                m = fmax(m, s[j]);
+            }
+            for (int j = start[i]; j <= i; j++) sum += exp(s[j] - m);
+            lse[(size_t)h * N + i] = m + log(sum);
+        }
+    free(s);
+    return lse;
+}
+
+/* The tiled kernels against the CPU backend on packed samples of the given lengths: the
+ * output and the log-sum-exp, then dq, dk, dv from the forward's lse and from a
+ * recomputed one, to bf16 operands' accuracy (relative L2 error 1e-2 forward, 2e-2
+ * gradients; the CPU is fp32 throughout). Outputs are poisoned with NaN before each
+ * call; two backward runs must agree bit for bit (no atomics). */
+static void check_flash(const int *lengths, int n_samples, int nH, int nKV, int Dh)
+{
+    const struct backend *cpu = backend_cpu();
+    char err[256];
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)nH * 7919 + (uint64_t)Dh * 31 + (uint64_t)n_samples);
+    int N = 0;
+    for (int s = 0; s < n_samples; s++) N += lengths[s];
+    int32_t *start = xmalloc((size_t)N * sizeof(int32_t));
+    for (int s = 0, at = 0; s < n_samples; at += lengths[s], s++)
+        for (int j = 0; j < lengths[s]; j++) start[at + j] = at;
+    size_t nq = (size_t)N * nH * Dh, nkv = (size_t)N * nKV * Dh, nl = (size_t)N * nH;
+    float *q = random_floats(&rng, nq, -2, 2), *k = random_floats(&rng, nkv, -2, 2);
+    float *v = random_floats(&rng, nkv, -1, 1), *dout = random_floats(&rng, nq, -1, 1);
+    float *out = xmalloc(nq * sizeof(float)), *dq = xmalloc(nq * sizeof(float));
+    float *dk = xmalloc(nkv * sizeof(float)), *dv = xmalloc(nkv * sizeof(float));
+    float scale = 1.0f / sqrtf((float)Dh);
+    struct attention_mask mask = {.sample_start = start};
+    cpu->attention(out, q, k, v, &mask, N, nH, nKV, Dh, Dh, scale);
+    cpu->attention_backward(dq, dk, dv, dout, q, k, v, out, &mask, N, nH, nKV, Dh, Dh, scale);
+    double *lse = reference_lse(q, k, start, N, nH, nKV, Dh, scale);
+
+    float *d_q = to_device(q, nq * sizeof(float)), *d_k = to_device(k, nkv * sizeof(float));
+    float *d_v = to_device(v, nkv * sizeof(float)), *d_dout = to_device(dout, nq * sizeof(float));
+    int32_t *d_start = (int32_t *)to_device(start, (size_t)N * sizeof(int32_t));
+    float *d_out = device_alloc(nq * sizeof(float)), *d_lse = device_alloc(nl * sizeof(float));
+    float *d_dq = device_alloc(nq * sizeof(float)), *d_dk = device_alloc(nkv * sizeof(float));
+    float *d_dv = device_alloc(nkv * sizeof(float));
+    void *workspace = device_alloc(attention_flash_workspace(N, nH));
+    CHECK(device_fill_f32(d_out, nq, NAN, err, sizeof err) == 0, "%s", err);
+    CHECK(device_fill_f32(d_lse, nl, NAN, err, sizeof err) == 0, "%s", err);
+    CHECK(attention_flash_forward(d_out, d_lse, d_q, d_k, d_v, d_start, N, nH, nKV, Dh, scale, err,
+                                  sizeof err) == 0, "%s", err);
+    double e_out = expect_l2(d_out, out, nq, 1e-2, "flash forward");
+    float *got_lse = from_device(d_lse, nl * sizeof(float));
+    double e_lse = 0;
+    for (size_t i = 0; i < nl; i++) e_lse = fmax(e_lse, isfinite(got_lse[i]) ? fabs(got_lse[i] - lse[i]) : INFINITY);
+    CHECK(e_lse <= 2e-2, "flash forward lse: worst error %.3g above 2e-2", e_lse);
+    free(got_lse);
+
+    /* the backward from the CPU's output (what the op table gives it), with the kernel's
+     * lse, then with lse recomputed; twice, for the bits */
+    CHECK(device_copy_to_device(d_out, out, nq * sizeof(float)) == 0, "upload");
+    double e_grad[3] = {0, 0, 0};
+    float *first[3] = {NULL, NULL, NULL};
+    const char *names[3] = {"dq", "dk", "dv"};
+    float *d_grad[3] = {d_dq, d_dk, d_dv}, *want[3] = {dq, dk, dv};
+    size_t count[3] = {nq, nkv, nkv};
+    for (int run = 0; run < 3; run++) {
+        for (int g = 0; g < 3; g++)
+            CHECK(device_fill_f32(d_grad[g], count[g], NAN, err, sizeof err) == 0, "%s", err);
+        CHECK(attention_flash_backward(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out,
+                                       run == 0 ? d_lse : NULL, d_start, N, nH, nKV, Dh, scale,
+                                       workspace, err, sizeof err) == 0, "%s", err);
+        for (int g = 0; g < 3; g++) {
+            char what[64];
+            snprintf(what, sizeof what, "flash backward %s (%s lse)", names[g],
+                     run == 0 ? "the forward's" : "recomputed");
+            e_grad[g] = fmax(e_grad[g], expect_l2(d_grad[g], want[g], count[g], 2e-2, what));
+            if (run == 1) first[g] = from_device(d_grad[g], count[g] * sizeof(float));
+            if (run == 2) {
+                float *again = from_device(d_grad[g], count[g] * sizeof(float));
+                CHECK(memcmp(again, first[g], count[g] * sizeof(float)) == 0,
+                      "flash backward %s: two runs differ", names[g]);
+                free(again);
+                free(first[g]);
+            }
+        }
+    }
+    printf("flash attention, %d tokens in %d samples, %d/%d heads of %d: relative L2 out %.2e, "
+           "dq %.2e, dk %.2e, dv %.2e; lse within %.2e\n", N, n_samples, nH, nKV, Dh, e_out,
+           e_grad[0], e_grad[1], e_grad[2], e_lse);
+    void *device_buffers[] = {d_q, d_k, d_v, d_dout, d_start, d_out, d_lse, d_dq, d_dk, d_dv, workspace};
+    FREE_ON_DEVICE(device_buffers);
+    void *host_buffers[] = {start, q, k, v, dout, out, dq, dk, dv, lse};
+    for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
+}
+
+/* The op table's choice of attention (src/cuda_ops.c): fp32 mode keeps the cuBLAS path
+ * (the CPU's output to 1e-5), tf32 mode takes the tiled kernels (bf16 accuracy, and not
+ * the cuBLAS path's bits), ESFT_CUDA_ATTENTION=gemm brings cuBLAS back in tf32 mode. */
+static void check_flash_dispatch(void)
+{
+    const struct backend *cpu = backend_cpu(), *cuda = backend_cuda();
+    int lengths[] = {100, 3, 156}, n_samples = 3, nH = 4, nKV = 2, Dh = 64, N = 259;
+    struct rng rng;
+    rng_seed(&rng, 20);
+    int32_t *start = xmalloc((size_t)N * sizeof(int32_t));
+    for (int s = 0, at = 0; s < n_samples; at += lengths[s], s++)
+        for (int j = 0; j < lengths[s]; j++) start[at + j] = at;
+    size_t nq = (size_t)N * nH * Dh, nkv = (size_t)N * nKV * Dh;
+    float *q = random_floats(&rng, nq, -2, 2), *k = random_floats(&rng, nkv, -2, 2);
+    float *v = random_floats(&rng, nkv, -1, 1), *dout = random_floats(&rng, nq, -1, 1);
+    float *out = xmalloc(nq * sizeof(float)), *dq = xmalloc(nq * sizeof(float));
+    float *dk = xmalloc(nkv * sizeof(float)), *dv = xmalloc(nkv * sizeof(float));
+    float scale = 1.0f / sqrtf((float)Dh);
+    struct attention_mask mask = {.sample_start = start};
+    cpu->attention(out, q, k, v, &mask, N, nH, nKV, Dh, Dh, scale);
+    cpu->attention_backward(dq, dk, dv, dout, q, k, v, out, &mask, N, nH, nKV, Dh, Dh, scale);
+    float *d_q = to_device(q, nq * sizeof(float)), *d_k = to_device(k, nkv * sizeof(float));
+    float *d_v = to_device(v, nkv * sizeof(float)), *d_dout = to_device(dout, nq * sizeof(float));
+    float *d_out = device_alloc(nq * sizeof(float)), *d_dq = device_alloc(nq * sizeof(float));
+    float *d_dk = device_alloc(nkv * sizeof(float)), *d_dv = device_alloc(nkv * sizeof(float));
+    struct attention_mask d_mask = {.sample_start = (int32_t *)to_device(start, (size_t)N * sizeof(int32_t))};
+    float *outs[3];
+    for (int mode = 0; mode < 3; mode++) { /* fp32; tf32; tf32 with ESFT_CUDA_ATTENTION=gemm */
+        const char *name = mode == 0 ? "fp32" : mode == 1 ? "tf32" : "tf32, ESFT_CUDA_ATTENTION=gemm";
+        backend_cuda_set_tf32(mode > 0);
+        if (mode == 2) setenv("ESFT_CUDA_ATTENTION", "gemm", 1);
+        char what[96], err[256];
+        CHECK(device_fill_f32(d_out, nq, NAN, err, sizeof err) == 0, "%s", err);
+        cuda->attention(d_out, d_q, d_k, d_v, &d_mask, N, nH, nKV, Dh, Dh, scale);
+        cuda->attention_backward(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out, &d_mask, N, nH, nKV,
+                                 Dh, Dh, scale);
+        double f = mode == 0 ? 1e-5 : 1e-2, b = mode == 0 ? 1e-4 : 2e-2;
+        snprintf(what, sizeof what, "op table attention (%s)", name);
+        expect_l2(d_out, out, nq, f, what);
+        snprintf(what, sizeof what, "op table attention dq (%s)", name);
+        expect_l2(d_dq, dq, nq, b, what);
+        snprintf(what, sizeof what, "op table attention dk (%s)", name);
+        expect_l2(d_dk, dk, nkv, b, what);
+        snprintf(what, sizeof what, "op table attention dv (%s)", name);
+        expect_l2(d_dv, dv, nkv, b, what);
+        outs[mode] = from_device(d_out, nq * sizeof(float));
+    }
+    unsetenv("ESFT_CUDA_ATTENTION");
+    backend_cuda_set_tf32(false);
+    CHECK(memcmp(outs[1], outs[2], nq * sizeof(float)) != 0,
+          "op table attention: tf32 mode gave the cuBLAS path's bits (the tiled kernels unused?)");
+    printf("cuda op table attention: cuBLAS in fp32 mode and with ESFT_CUDA_ATTENTION=gemm, the "
+           "tiled kernels in tf32 mode\n");
+    void *device_buffers[] = {d_q, d_k, d_v, d_dout, d_out, d_dq, d_dk, d_dv, (void *)d_mask.sample_start};
+    FREE_ON_DEVICE(device_buffers);
+    void *host_buffers[] = {start, q, k, v, dout, out, dq, dk, dv, outs[0], outs[1], outs[2]};
+    for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
+    backend_cuda_release();
+}
+
+/* ---- the op table's variants of deepseek_v2/v3, glm4_moe and gpt_oss ------------------- *
+ * Each check runs one op of the CUDA op table (src/cuda_ops.c) and of the CPU one on the
+ * same random inputs. The routers share their row code with the CPU (moe_math.h), so
+ * only expf and fused multiply-adds differ: ids equal except where the CPU's own
+ * selection scores are within 1e-5 of each other (at most 1% of the tokens), weights,
+ * probabilities and the backward within 1e-5 of the largest value; rows with NaN or
+ * infinite logits route exactly as on the CPU, every id in [0, E). */
+
+/* Whether the ids a backend chose for one token (got) differ from the CPU's (want) only
+ * among near-equal selection scores: the CPU's choice row (moe_math.h on the host: the
+ * probabilities, the bias-corrected sigmoid or the logits, group-masked), at each k, within
+ * 1e-5 of the row's best score. */
+static bool selection_near_tie(const float *z, const struct router_params *rp, const int32_t *want,
+                               const int32_t *got, int E, int K)
+{
+    float *c = xmalloc((size_t)E * sizeof(float)), *s = xmalloc((size_t)E * sizeof(float));
+    float *group_score = xmalloc((size_t)E * sizeof(float));
+    if (rp->kind == ROUTER_SIGMOID_BIAS) {
+        router_sigmoid_row(s, c, z, rp->bias, E);
+        router_mask_groups_row(c, group_score, E, rp->n_group, rp->topk_group, 1, -INFINITY);
+    } else if (rp->kind == ROUTER_TOPK_SOFTMAX) {
+        memcpy(c, z, (size_t)E * sizeof(float));
+    } else {
+        router_softmax_row(c, z, E);
+        router_mask_groups_row(c, group_score, E, rp->n_group, rp->topk_group, 0, 0.0f);
+    }
+    bool tie = true;
+    double best = fabs((double)c[want[0]]);
+    for (int k = 0; k < K; k++)
+        tie = tie && got[k] >= 0 && got[k] < E &&
+              fabs((double)c[got[k]] - c[want[k]]) <= 1e-5 * best;
+    free(c), free(s), free(group_score);
+    return tie;
+}
+
+/* NaN where the two differ in NaN-ness is counted; both set to 0 there and where both
+ * are NaN, so that check_worst_relative compares the finite values. */
+static int nan_mismatches(float *got, float *want, size_t n)
+{
+    int differ = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isnan(got[i]) && !isnan(want[i])) continue;
+        differ += !isnan(got[i]) != !isnan(want[i]);
+        got[i] = want[i] = 0.0f;
+    }
+    return differ;
+}
+
+/* One router of the op table (rp's bias: a host array of E, or NULL) on N random tokens,
+ * forward (with and without the probabilities kept), backward from the CPU's routing, and
+ * four rows of NaN and infinite logits. */
+static void check_router_variant(const char *what, int N, int E, int K, struct router_params rp)
+{
+    const struct backend *cpu = backend_cpu(), *cuda = backend_cuda();
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)N * 31 + (uint64_t)E * 7 + (uint64_t)rp.kind);
+    int M = N * K;
+    size_t NE = (size_t)N * E;
+    float *bias = rp.kind == ROUTER_SIGMOID_BIAS ? random_floats(&rng, (size_t)E, -0.1f, 0.1f) : NULL;
+    struct router_params host_rp = rp, dev_rp = rp;
+    host_rp.bias = bias;
+    float *d_bias = bias ? to_device(bias, (size_t)E * sizeof(float)) : NULL;
+    dev_rp.bias = d_bias;
+    float *logits = random_floats(&rng, NE, -4, 4), *d_logits = to_device(logits, NE * sizeof(float));
+    int32_t *ids = xmalloc((size_t)M * sizeof(int32_t)), *d_ids = device_alloc((size_t)M * sizeof(int32_t));
+    float *weights = xmalloc((size_t)M * sizeof(float)), *probs = xmalloc(NE * sizeof(float));
+    float *d_weights = device_alloc((size_t)M * sizeof(float)), *d_probs = device_alloc(NE * sizeof(float));
+    cpu->router_topk(ids, weights, probs, logits, N, E, K, &host_rp);
+    cuda->router_topk(d_ids, d_weights, d_probs, d_logits, N, E, K, &dev_rp);
+    int32_t *g_ids = from_device(d_ids, (size_t)M * sizeof(int32_t));
+    float *g_weights = from_device(d_weights, (size_t)M * sizeof(float));
+    int out_of_range = 0, differ = 0, tied = 0;
+    for (int s = 0; s < M; s++) out_of_range += g_ids[s] < 0 || g_ids[s] >= E;
+    for (int n = 0; n < N; n++) {
+        if (memcmp(g_ids + n * K, ids + n * K, (size_t)K * sizeof(int32_t)) == 0) continue;
+        if (selection_near_tie(logits + (size_t)n * E, &host_rp, ids + n * K, g_ids + n * K, E, K))
+            tied++;
+        else
+            differ++;
+        memcpy(g_weights + n * K, weights + n * K, (size_t)K * sizeof(float)); /* not compared */
+    }
+    CHECK(out_of_range == 0, "%s: %d ids out of [0, %d)", what, out_of_range, E);
+    CHECK(differ == 0, "%s N %d E %d K %d: ids differ from the CPU's on %d tokens without a "
+          "near-tie (%d near-ties)", what, N, E, K, differ, tied);
+    CHECK(tied * 100 <= N, "%s: %d of %d tokens near-tied", what, tied, N);
+    expect_floats(d_probs, probs, NE, 1e-5, what);
+    CHECK(check_worst_relative(g_weights, weights, (size_t)M) <= 1e-5, "%s: weights", what);
+    /* without the probabilities kept: the same ids and weights, bit for bit */
+    int32_t *d_ids2 = device_alloc((size_t)M * sizeof(int32_t));
+    float *d_weights2 = device_alloc((size_t)M * sizeof(float));
+    cuda->router_topk(d_ids2, d_weights2, NULL, d_logits, N, E, K, &dev_rp);
+    int32_t *g_ids2 = from_device(d_ids2, (size_t)M * sizeof(int32_t));
+    float *g_weights2 = from_device(d_weights2, (size_t)M * sizeof(float));
+    float *g_weights1 = from_device(d_weights, (size_t)M * sizeof(float));
+    CHECK(memcmp(g_ids2, g_ids, (size_t)M * sizeof(int32_t)) == 0 &&
+              memcmp(g_weights2, g_weights1, (size_t)M * sizeof(float)) == 0,
+          "%s: without probs, the routing differs from the kernel's own", what);
+    /* backward from the CPU's routing and probabilities */
+    float *dweights = random_floats(&rng, (size_t)M, -1, 1), *dlogits = xmalloc(NE * sizeof(float));
+    float *d_dweights = to_device(dweights, (size_t)M * sizeof(float));
+    float *d_cpu_probs = to_device(probs, NE * sizeof(float)), *d_dlogits = device_alloc(NE * sizeof(float));
+    int32_t *d_cpu_ids = (int32_t *)to_device(ids, (size_t)M * sizeof(int32_t));
+    cpu->router_topk_backward(dlogits, dweights, probs, ids, N, E, K, &host_rp);
+    cuda->router_topk_backward(d_dlogits, d_dweights, d_cpu_probs, d_cpu_ids, N, E, K, &dev_rp);
+    expect_floats(d_dlogits, dlogits, NE, 1e-5, what);
+    /* rows of NaN and infinite logits: token 1 one NaN, token 2 all NaN, token 3 one +inf */
+    if (N >= 4) {
+        logits[1 * E + E / 2] = NAN;
+        for (int e = 0; e < E; e++) logits[2 * E + e] = NAN;
+        logits[3 * E + E - 1] = INFINITY;
+        CHECK(device_copy_to_device(d_logits, logits, NE * sizeof(float)) == 0, "upload");
+        cpu->router_topk(ids, weights, probs, logits, N, E, K, &host_rp);
+        cuda->router_topk(d_ids, d_weights, d_probs, d_logits, N, E, K, &dev_rp);
+        free(g_ids), free(g_weights);
+        g_ids = from_device(d_ids, (size_t)M * sizeof(int32_t));
+        g_weights = from_device(d_weights, (size_t)M * sizeof(float));
+        out_of_range = 0;
+        for (int s = 0; s < M; s++) out_of_range += g_ids[s] < 0 || g_ids[s] >= E;
+        CHECK(out_of_range == 0, "%s with NaN logits: %d ids out of [0, %d)", what, out_of_range, E);
+        CHECK(memcmp(g_ids + K, ids + K, (size_t)3 * K * sizeof(int32_t)) == 0,
+              "%s with NaN and infinite logits: ids differ from the CPU's", what);
+        CHECK(nan_mismatches(g_weights + K, weights + K, (size_t)3 * K) == 0,
+              "%s with NaN logits: weights NaN on one backend only", what);
+    }
+    printf("%s, N %d E %d K %d (groups %d, keep %d): op table compared with the CPU backend\n",
+           what, N, E, K, rp.n_group, rp.topk_group);
+    void *device_buffers[] = {d_logits, d_ids, d_weights, d_probs, d_ids2, d_weights2,
+                              d_dweights, d_cpu_probs, d_dlogits, d_cpu_ids};
+    FREE_ON_DEVICE(device_buffers);
+    if (d_bias) device_free(d_bias);
+    void *host_buffers[] = {bias, logits, ids, weights, probs, g_ids, g_weights, g_ids2,
+                            g_weights2, g_weights1, dweights, dlogits};
+    for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
+    backend_cuda_release();
+}
+
+/* RoPE of the op table with a head stride (MLA rotates the last dr dims of each head of
+ * width dn + dr, and a key of one head of dr) in both pair layouts, forward and backward;
+ * copy_columns (MLA's assembly of keys and values, and its gradient sum) bit for bit. */
+static void check_heads(int N, int nH, int dn, int dr)
+{
+    const struct backend *cpu = backend_cpu(), *cuda = backend_cuda();
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)N * 13 + (uint64_t)dr);
+    int Dh = dn + dr;
+    size_t NQ = (size_t)N * nH * Dh;
+    int32_t *positions = xmalloc((size_t)N * sizeof(int32_t));
+    for (int n = 0; n < N; n++) positions[n] = (int32_t)rng_below(&rng, 8192);
+    float *inv_freq = xmalloc((size_t)(dr / 2) * sizeof(float));
+    for (int i = 0; i < dr / 2; i++) inv_freq[i] = powf(10000.0f, -2.0f * i / dr);
+    float *q = random_floats(&rng, NQ, -1, 1), *d_q = to_device(q, NQ * sizeof(float));
+    int32_t *d_positions = (int32_t *)to_device(positions, (size_t)N * sizeof(int32_t));
+    float *d_inv_freq = to_device(inv_freq, (size_t)(dr / 2) * sizeof(float));
+    for (int pass = 0; pass < 4; pass++) {
+        enum hf_rope_layout layout = pass / 2 ? ROPE_ROTATE_HALF : ROPE_INTERLEAVED;
+        if (pass % 2) {
+            cpu->rope_backward(q + dn, positions, inv_freq, 0.75f, N, nH, Dh, dr, layout);
+            cuda->rope_backward(d_q + dn, d_positions, d_inv_freq, 0.75f, N, nH, Dh, dr, layout);
+        } else {
+            cpu->rope(q + dn, positions, inv_freq, 0.75f, N, nH, Dh, dr, layout);
+            cuda->rope(d_q + dn, d_positions, d_inv_freq, 0.75f, N, nH, Dh, dr, layout);
+        }
+        char what[96];
+        snprintf(what, sizeof what, "rope%s, %s pairs, the last %d of heads of %d",
+                 pass % 2 ? " backward" : "", pass / 2 ? "rotate-half" : "interleaved", dr, Dh);
+        expect_floats(d_q, q, NQ, 1e-5, what);
+    }
+    /* copy_columns: the rope part of the keys into [N, nH, Dh] rows, then added again */
+    size_t NK = (size_t)N * nH * Dh;
+    float *dst = random_floats(&rng, NK, -1, 1), *d_dst = to_device(dst, NK * sizeof(float));
+    cpu->copy_columns(dst + dn, Dh, q + dn, Dh, N * nH, dr, false);
+    cuda->copy_columns(d_dst + dn, Dh, d_q + dn, Dh, N * nH, dr, false);
+    expect_floats(d_dst, dst, NK, 0, "copy_columns");
+    cpu->copy_columns(dst, nH * Dh, q, nH * Dh, N, nH * Dh - 3, true);
+    cuda->copy_columns(d_dst, nH * Dh, d_q, nH * Dh, N, nH * Dh - 3, true);
+    expect_floats(d_dst, dst, NK, 0, "copy_columns, accumulated");
+    printf("rope (interleaved and rotate-half, head stride %d) and copy_columns, N %d, %d heads: "
+           "op table compared with the CPU backend\n", Dh, N, nH);
+    void *device_buffers[] = {d_q, d_positions, d_inv_freq, d_dst};
+    FREE_ON_DEVICE(device_buffers);
+    free(positions), free(inv_freq), free(q), free(dst);
+    backend_cuda_release();
+}
+
+/* Attention of the op table with a value width Dv (MLA), a sliding window and sinks
+ * (gpt_oss), forward and backward, against the CPU backend: out and dv within 1e-5 of the
+ * largest value, dq and dk 1e-4 (the bounds of the plain attention above), dsinks (added
+ * to a random start) 1e-4. */
+static void check_attention_mask(const int *lengths, int n_samples, int nH, int nKV, int Dh,
+                                 int Dv, int window, bool sinks)
+{
+    const struct backend *cpu = backend_cpu(), *cuda = backend_cuda();
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)nH * 1013 + (uint64_t)Dv * 7 + (uint64_t)window);
+    int N = 0;
+    for (int s = 0; s < n_samples; s++) N += lengths[s];
+    int32_t *start = xmalloc((size_t)N * sizeof(int32_t));
+    for (int s = 0, at = 0; s < n_samples; at += lengths[s], s++)
+        for (int j = 0; j < lengths[s]; j++) start[at + j] = at;
+    size_t nq = (size_t)N * nH * Dh, nk = (size_t)N * nKV * Dh, nv = (size_t)N * nKV * Dv,
+           no = (size_t)N * nH * Dv;
+    float *q = random_floats(&rng, nq, -2, 2), *k = random_floats(&rng, nk, -2, 2);
+    float *v = random_floats(&rng, nv, -1, 1), *dout = random_floats(&rng, no, -1, 1);
+    float *sink = sinks ? random_floats(&rng, (size_t)nH, -1, 3) : NULL;
+    float *dsink = sinks ? random_floats(&rng, (size_t)nH, -1, 1) : NULL;
+    float *out = xmalloc(no * sizeof(float)), *dq = xmalloc(nq * sizeof(float));
+    float *dk = xmalloc(nk * sizeof(float)), *dv = xmalloc(nv * sizeof(float));
+    float scale = 1.0f / sqrtf((float)Dh);
+    float *d_q = to_device(q, nq * sizeof(float)), *d_k = to_device(k, nk * sizeof(float));
+    float *d_v = to_device(v, nv * sizeof(float)), *d_dout = to_device(dout, no * sizeof(float));
+    int32_t *d_start = (int32_t *)to_device(start, (size_t)N * sizeof(int32_t));
+    float *d_sink = sinks ? to_device(sink, (size_t)nH * sizeof(float)) : NULL;
+    float *d_dsink = sinks ? to_device(dsink, (size_t)nH * sizeof(float)) : NULL;
+    float *d_out = device_alloc(no * sizeof(float)), *d_dq = device_alloc(nq * sizeof(float));
+    float *d_dk = device_alloc(nk * sizeof(float)), *d_dv = device_alloc(nv * sizeof(float));
+    struct attention_mask mask = {start, window, sink, dsink};
+    struct attention_mask d_mask = {d_start, window, d_sink, d_dsink};
+    cpu->attention(out, q, k, v, &mask, N, nH, nKV, Dh, Dv, scale);
+    cpu->attention_backward(dq, dk, dv, dout, q, k, v, out, &mask, N, nH, nKV, Dh, Dv, scale);
+    CHECK(device_fill_f32(d_out, no, NAN, (char[256]){0}, 256) == 0, "fill");
+    cuda->attention(d_out, d_q, d_k, d_v, &d_mask, N, nH, nKV, Dh, Dv, scale);
+    char what[160];
+    snprintf(what, sizeof what, "attention, %d/%d heads of %d (values %d), window %d%s", nH, nKV, Dh,
+             Dv, window, sinks ? ", sinks" : "");
+    expect_floats(d_out, out, no, 1e-5, what);
+    cuda->attention_backward(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out, &d_mask, N, nH, nKV,
+                             Dh, Dv, scale);
+    expect_floats(d_dq, dq, nq, 1e-4, "attention backward dq");
+    expect_floats(d_dk, dk, nk, 1e-4, "attention backward dk");
+    expect_floats(d_dv, dv, nv, 1e-5, "attention backward dv");
+    if (sinks) expect_floats(d_dsink, dsink, (size_t)nH, 1e-4, "attention backward dsinks");
+    printf("%s, %d tokens in %d samples: op table compared with the CPU backend\n", what, N,
+           n_samples);
+    void *device_buffers[] = {d_q, d_k, d_v, d_dout, d_start, d_out, d_dq, d_dk, d_dv};
+    FREE_ON_DEVICE(device_buffers);
+    if (sinks) device_free(d_sink), device_free(d_dsink);
+    void *host_buffers[] = {start, q, k, v, dout, sink, dsink, out, dq, dk, dv};
+    for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
+    backend_cuda_release();
+}
+
+/* gpt_oss's experts: the clamped GLU and its backward (within 1e-6 of the largest value;
+ * a gradient exactly 0 at and beyond a clamp's bound, as the CPU's), the per-expert bias
+ * and its gradient (bit for bit: one add an element; the rows summed in the CPU's order),
+ * with empty experts and a frozen one. */
+static void check_gpt_oss_experts(size_t count, int O)
+{
+    const struct backend *cpu = backend_cpu(), *cuda = backend_cuda();
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)count + (uint64_t)O);
+    const float alpha = 1.702f, limit = 7.0f;
+    float *gate = random_floats(&rng, count, -10, 10), *up = random_floats(&rng, count, -10, 10);
+    gate[0] = limit, gate[1] = limit + 1, gate[2] = -limit;
+    up[0] = limit, up[1] = -limit, up[2] = limit + 0.5f, up[3] = -limit - 0.5f;
+    float *h = xmalloc(count * sizeof(float)), *dh = random_floats(&rng, count, -1, 1);
+    float *dgate = xmalloc(count * sizeof(float)), *dup = xmalloc(count * sizeof(float));
+    float *d_gate = to_device(gate, count * sizeof(float)), *d_up = to_device(up, count * sizeof(float));
+    float *d_dh = to_device(dh, count * sizeof(float)), *d_h = device_alloc(count * sizeof(float));
+    float *d_dgate = device_alloc(count * sizeof(float)), *d_dup = device_alloc(count * sizeof(float));
+    cpu->glu_clamped(h, gate, up, count, alpha, limit);
+    cuda->glu_clamped(d_h, d_gate, d_up, count, alpha, limit);
+    expect_floats(d_h, h, count, 1e-6, "glu_clamped");
+    cpu->glu_clamped_backward(dgate, dup, dh, gate, up, count, alpha, limit);
+    cuda->glu_clamped_backward(d_dgate, d_dup, d_dh, d_gate, d_up, count, alpha, limit);
+    expect_floats(d_dgate, dgate, count, 1e-6, "glu_clamped backward dgate");
+    expect_floats(d_dup, dup, count, 1e-6, "glu_clamped backward dup");
+    float *g_dgate = from_device(d_dgate, count * sizeof(float));
+    float *g_dup = from_device(d_dup, count * sizeof(float));
+    CHECK(g_dgate[0] == 0 && g_dgate[1] == 0 && g_dgate[2] != 0,
+          "glu_clamped backward: dgate at the gate's bound %g, beyond %g, at -limit %g", g_dgate[0],
+          g_dgate[1], g_dgate[2]);
+    CHECK(g_dup[0] == 0 && g_dup[1] == 0 && g_dup[2] == 0 && g_dup[3] == 0,
+          "glu_clamped backward: dup at and beyond the bounds %g %g %g %g", g_dup[0], g_dup[1],
+          g_dup[2], g_dup[3]);
+    /* grouped_bias: 8 experts, two of them empty, expert 3 frozen in the backward */
+    enum { E = 8 };
+    const int rows_of[E] = {5, 0, 17, 1, 0, 300, 2, 9};
+    int32_t offsets[E + 1] = {0};
+    for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + rows_of[e];
+    int rows = offsets[E];
+    float *y = random_floats(&rng, (size_t)rows * O, -1, 1);
+    float *bias = random_floats(&rng, (size_t)E * O, -1, 1);
+    float *d_y = to_device(y, (size_t)rows * O * sizeof(float));
+    float *d_bias = to_device(bias, (size_t)E * O * sizeof(float));
+    int32_t *d_offsets = (int32_t *)to_device(offsets, sizeof offsets);
+    cpu->grouped_bias(y, bias, offsets, E, O);
+    cuda->grouped_bias(d_y, d_bias, d_offsets, E, O);
+    expect_floats(d_y, y, (size_t)rows * O, 0, "grouped_bias");
+    float *dbias[E], *d_dbias[E];
+    for (int e = 0; e < E; e++) {
+        dbias[e] = e == 3 ? NULL : random_floats(&rng, (size_t)O, -1, 1);
+        d_dbias[e] = dbias[e] ? to_device(dbias[e], (size_t)O * sizeof(float)) : NULL;
+    }
+    cpu->grouped_bias_backward(dbias, y, offsets, E, O);
+    cuda->grouped_bias_backward(d_dbias, d_y, d_offsets, E, O);
+    for (int e = 0; e < E; e++)
+        if (dbias[e]) expect_floats(d_dbias[e], dbias[e], (size_t)O, 0, "grouped_bias backward");
+    printf("glu_clamped (%zu elements) and grouped_bias (%d rows of %d): op table compared with the "
+           "CPU backend\n", count, rows, O);
+    void *device_buffers[] = {d_gate, d_up, d_dh, d_h, d_dgate, d_dup, d_y, d_bias, d_offsets};
+    FREE_ON_DEVICE(device_buffers);
+    for (int e = 0; e < E; e++)
+        if (d_dbias[e]) device_free(d_dbias[e]), free(dbias[e]);
+    void *host_buffers[] = {gate, up, h, dh, dgate, dup, g_dgate, g_dup, y, bias};
+    for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
+    backend_cuda_release();
+}
+/* The vocabulary-chunked cross-entropy of the op table (ce_chunk_update, _finish,
+ * _backward) against the CPU backend's, chunk by chunk over a vocabulary of V in chunks of
+ * C (the last one shorter), some labels ignored: the state within 1e-6 of the largest
+ * value (the running max exact, the sums' orders differ), the best ids and the counts
+ * equal, the loss within cross_entropy_close's 2e-6 a row, each chunk's gradient 1e-5. */
+static void check_ce_chunks(int N, int V, int C)
+{
+    const struct backend *cpu = backend_cpu(), *cuda = backend_cuda();
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)N * 101 + (uint64_t)V);
+    float *logits = random_floats(&rng, (size_t)N * V, -8, 8);
+    int32_t *labels = xmalloc((size_t)N * sizeof(int32_t));
+    for (int n = 0; n < N; n++) labels[n] = n % 5 == 3 ? -100 : (int32_t)rng_below(&rng, (uint64_t)V);
+    float *state = xmalloc((size_t)N * 4 * sizeof(float)), *chunk = xmalloc((size_t)N * C * sizeof(float));
+    float *grad = xmalloc((size_t)N * C * sizeof(float));
+    int32_t *best = xmalloc((size_t)N * sizeof(int32_t));
+    float *d_state = device_alloc((size_t)N * 4 * sizeof(float)), *d_chunk = device_alloc((size_t)N * C * sizeof(float));
+    int32_t *d_best = device_alloc((size_t)N * sizeof(int32_t));
+    int32_t *d_labels = (int32_t *)to_device(labels, (size_t)N * sizeof(int32_t));
+    for (int pass = 0; pass < 2; pass++) /* 0: the forward's update, 1: the backward */
+        for (int v0 = 0; v0 < V; v0 += C) {
+            int width = V - v0 < C ? V - v0 : C;
+            for (int n = 0; n < N; n++)
+                memcpy(chunk + (size_t)n * width, logits + (size_t)n * V + v0, (size_t)width * sizeof(float));
+            CHECK(device_copy_to_device(d_chunk, chunk, (size_t)N * width * sizeof(float)) == 0, "upload");
+            if (pass == 0) {
+                cpu->ce_chunk_update(state, best, chunk, labels, N, width, v0);
+                cuda->ce_chunk_update(d_state, d_best, d_chunk, d_labels, N, width, v0);
+                expect_floats(d_state, state, (size_t)N * 4, 1e-6, "ce_chunk_update state");
+                int32_t *g_best = from_device(d_best, (size_t)N * sizeof(int32_t));
+                CHECK(memcmp(g_best, best, (size_t)N * sizeof(int32_t)) == 0,
+                      "ce_chunk_update: best ids differ at chunk %d", v0);
+                free(g_best);
+                /* the next chunk folds into the same state on both */
+                CHECK(device_copy_to_device(d_state, state, (size_t)N * 4 * sizeof(float)) == 0, "upload");
+            } else {
+                cpu->ce_chunk_backward(grad, chunk, state, labels, N, width, v0, 0.125f);
+                cuda->ce_chunk_backward(d_chunk, d_chunk, d_state, d_labels, N, width, v0, 0.125f);
+                expect_floats(d_chunk, grad, (size_t)N * width, 1e-5, "ce_chunk_backward");
+            }
+        }
+    long long counted = 0, correct = 0, g_counted = -1, g_correct = -1;
+    double total = cpu->ce_chunk_finish(state, best, labels, N, &counted, &correct);
+    double g_total = cuda->ce_chunk_finish(d_state, d_best, d_labels, N, &g_counted, &g_correct);
+    CHECK(g_counted == counted && g_correct == correct, "ce_chunk_finish: %lld counted, %lld right "
+          "(CPU %lld, %lld)", g_counted, g_correct, counted, correct);
+    CHECK(cross_entropy_close(g_total, total, counted), "ce_chunk_finish: loss %.9g, CPU %.9g",
+          g_total, total);
+    printf("chunked cross-entropy, N %d V %d in chunks of %d: op table compared with the CPU "
+           "backend\n", N, V, C);
+    void *device_buffers[] = {d_state, d_chunk, d_best, d_labels};
+    FREE_ON_DEVICE(device_buffers);
+    free(logits), free(labels), free(state), free(chunk), free(grad), free(best);
+    backend_cuda_release();
 }
 /* ---- the CUDA op table (src/cuda_ops.c) on a whole MoE block --------------------------- */
 
@@ -1000,6 +1586,43 @@ static void group_bf16_weights(void)
     check_bf16_weights(1, 16, 8, 2);
     check_bf16_weights(257, 96, 200, 8);
     check_bf16_weights(1024, 2048, 768, 8); /* Qwen3-30B-A3B's expert shape */
+}
+
+/* ---- LoRA: the adapter path (lora.h) through the CUDA op table -------------------------- */
+
+/* lora_forward and lora_backward on x [N,I], A [r,I], B [O,r] from dy [N,O], on the CUDA
+ * op table and the CPU's: y (added to a random base output), t, dx (added to a random
+ * base input gradient), dA, dB (added to random earlier gradients). */
+static void check_lora(int N, int I, int O, int r, float scale)
+{
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)N * 31 + (uint64_t)r);
+    size_t nx = (size_t)N * I, ny = (size_t)N * O, nt = (size_t)N * r, na = (size_t)r * I,
+           nb = (size_t)O * r;
+    float *x = random_floats(&rng, nx, -1, 1), *a = random_floats(&rng, na, -0.5f, 0.5f);
+    float *b = random_floats(&rng, nb, -0.5f, 0.5f), *dy = random_floats(&rng, ny, -1, 1);
+    float *y = random_floats(&rng, ny, -1, 1), *dx = random_floats(&rng, nx, -1, 1);
+    float *da = random_floats(&rng, na, -0.1f, 0.1f), *db = random_floats(&rng, nb, -0.1f, 0.1f);
+    float *t = xcalloc(nt, sizeof(float)), *dt = xcalloc(nt, sizeof(float));
+    float *d_x = to_device(x, nx * 4), *d_a = to_device(a, na * 4), *d_b = to_device(b, nb * 4);
+    float *d_dy = to_device(dy, ny * 4), *d_y = to_device(y, ny * 4), *d_dx = to_device(dx, nx * 4);
+    float *d_da = to_device(da, na * 4), *d_db = to_device(db, nb * 4), *d_t = to_device(t, nt * 4);
+    float *d_dt = to_device(dt, nt * 4);
+    lora_forward(backend_cpu(), y, t, x, a, b, N, I, O, r, scale);
+    lora_backward(backend_cpu(), dx, da, db, dt, dy, x, t, a, b, N, I, O, r, scale);
+    lora_forward(backend_cuda(), d_y, d_t, d_x, d_a, d_b, N, I, O, r, scale);
+    lora_backward(backend_cuda(), d_dx, d_da, d_db, d_dt, d_dy, d_x, d_t, d_a, d_b, N, I, O, r,
+                  scale);
+    expect_floats(d_y, y, ny, 1e-5, "lora: y");
+    expect_floats(d_t, t, nt, 1e-5, "lora: t");
+    expect_floats(d_dx, dx, nx, 1e-4, "lora: dx");
+    expect_floats(d_da, da, na, 1e-4, "lora: dA");
+    expect_floats(d_db, db, nb, 1e-4, "lora: dB");
+    printf("lora N %d I %d O %d r %d: compared with the CPU backend\n", N, I, O, r);
+    void *device_buffers[] = {d_x, d_a, d_b, d_dy, d_y, d_dx, d_da, d_db, d_t, d_dt};
+    FREE_ON_DEVICE(device_buffers);
+    free(x), free(a), free(b), free(dy), free(y), free(dx), free(da), free(db), free(t), free(dt);
+    backend_cuda_release();
 }
 
 /* ---- determinism: the same inputs twice, the same bits ---------------------------------- */
@@ -1232,12 +1855,95 @@ static void group_attention(void)
     check_attention((const int[]){2100, 7}, 2, 4, 2, 64); /* more rows than one cuBLAS block */
 }
 
+static void group_attention_flash(void)
+{
+    /* a one-token sample, packed: alone, its dq and dk are exactly 0 on the CPU and of
+     * rounding size here (dp in bf16 against delta in fp32), which no relative bound fits */
+    check_flash((const int[]){1, 40}, 2, 1, 1, 64);
+    check_flash((const int[]){5, 1, 130, 64, 77}, 5, 4, 2, 64); /* GQA, tiles across samples */
+    check_flash((const int[]){64, 64, 65}, 3, 2, 1, 64);        /* samples on tile edges */
+    check_flash((const int[]){300, 1, 211}, 3, 8, 2, 128);
+    check_flash((const int[]){520, 24}, 2, 32, 4, 128); /* Qwen3-30B-A3B's heads */
+}
+
+static void group_attention_flash_ops(void)
+{
+    check_flash_dispatch();
+}
+
 static void group_gemm(void)
 {
     check_gemm(1, 1, 1, 2, GEMM_F32);
     check_gemm(257, 96, 200, 8, GEMM_F32);
     check_gemm(257, 96, 200, 8, GEMM_BF16);
     check_gemm(4096, 2048, 768, 16, GEMM_BF16); /* Qwen3-30B-A3B's expert shape */
+}
+
+static void group_lora(void)
+{
+    check_lora(1, 16, 24, 1, 2.0f);
+    check_lora(300, 2048, 512, 16, 0.5f); /* Qwen3-30B-A3B's hidden to its k/v width */
+    check_lora(77, 96, 200, 8, 4.0f);
+}
+
+/* deepseek_v2's group-limited greedy (160 experts in 8 groups, keep 3: DeepSeek-V2's;
+ * scaling 16 as its routed_scaling_factor) and plain greedy; deepseek_v3's sigmoid router
+ * (256 in 8 groups, keep 4, 2.5), glm4_moe's (128, one group), one not renormalised;
+ * gpt_oss's top-k then softmax (32 experts, top-4; 60: not a multiple of the warp). */
+static void group_routers(void)
+{
+    check_router_variant("group-limited greedy", 1000, 160, 6,
+                         (struct router_params){ROUTER_GROUPED_GREEDY, false, 16.0f, 8, 3, NULL});
+    check_router_variant("group-limited greedy, renormalised", 333, 64, 6,
+                         (struct router_params){ROUTER_GROUPED_GREEDY, true, 1.0f, 8, 3, NULL});
+    check_router_variant("greedy", 200, 64, 6,
+                         (struct router_params){ROUTER_GROUPED_GREEDY, false, 1.0f, 1, 1, NULL});
+    check_router_variant("sigmoid with bias, grouped", 1000, 256, 8,
+                         (struct router_params){ROUTER_SIGMOID_BIAS, true, 2.5f, 8, 4, NULL});
+    check_router_variant("sigmoid with bias", 500, 128, 8,
+                         (struct router_params){ROUTER_SIGMOID_BIAS, true, 1.0f, 1, 1, NULL});
+    check_router_variant("sigmoid with bias, not renormalised", 300, 64, 6,
+                         (struct router_params){ROUTER_SIGMOID_BIAS, false, 2.5f, 4, 2, NULL});
+    check_router_variant("top-k then softmax", 1000, 32, 4,
+                         (struct router_params){ROUTER_TOPK_SOFTMAX, false, 1.0f, 1, 1, NULL});
+    check_router_variant("top-k then softmax", 77, 60, 4,
+                         (struct router_params){ROUTER_TOPK_SOFTMAX, false, 1.0f, 1, 1, NULL});
+    check_router_variant("sigmoid with bias, one token", 1, 16, 2,
+                         (struct router_params){ROUTER_SIGMOID_BIAS, true, 1.0f, 4, 2, NULL});
+}
+
+/* MLA's head layout (DeepSeek-V2's 128 + 64 and a small one) and a partial rotary. */
+static void group_heads(void)
+{
+    check_heads(1, 1, 0, 8);
+    check_heads(300, 16, 128, 64);
+    check_heads(77, 3, 16, 8);
+}
+
+/* MLA's value width (DeepSeek-V2's 192 / 128, a small one), windows (one crossing the
+ * cuBLAS path's blocks of rows), sinks, and gpt_oss's combination of both. */
+static void group_attention_mask(void)
+{
+    check_attention_mask((const int[]){5, 70, 1}, 3, 4, 4, 24, 16, 0, false);
+    check_attention_mask((const int[]){300}, 1, 16, 16, 192, 128, 0, false);
+    check_attention_mask((const int[]){200, 37, 1}, 3, 4, 2, 64, 64, 16, false);
+    check_attention_mask((const int[]){100, 3}, 2, 4, 1, 64, 64, 0, true);
+    check_attention_mask((const int[]){300, 50}, 2, 8, 2, 64, 64, 128, true);
+    check_attention_mask((const int[]){2100, 9}, 2, 2, 1, 64, 64, 128, true);
+}
+
+static void group_gpt_oss_experts(void)
+{
+    check_gpt_oss_experts(7, 1);
+    check_gpt_oss_experts(1000003, 96);
+}
+
+/* A small vocabulary and a real one (151936 = Qwen's) in chunks with a short last one. */
+static void group_ce_chunks(void)
+{
+    check_ce_chunks(1, 10, 4);
+    check_ce_chunks(37, 1000, 256);
+    check_ce_chunks(64, 151936, 32768);
 }
 
 /* Last: the op table reports its errors through fatal(), which ends the process. */
@@ -1257,9 +1963,17 @@ static const struct group {
     {"optimizer", group_optimizer},
     {"moe-backward", group_moe_backward},
     {"attention", group_attention},
+    {"attention-flash", group_attention_flash},
     {"gemm", group_gemm},
     {"determinism", check_determinism},
     {"bf16-weights", group_bf16_weights},
+    {"lora", group_lora},
+    {"routers", group_routers},
+    {"heads", group_heads},
+    {"attention-mask", group_attention_mask},
+    {"gpt-oss-experts", group_gpt_oss_experts},
+    {"ce-chunks", group_ce_chunks},
+    {"attention-flash-ops", group_attention_flash_ops},
     {"ops", group_ops},
 };
 enum { N_GROUPS = sizeof groups / sizeof groups[0] };

@@ -98,6 +98,22 @@ static double gradient_error(const struct st_file *expected, const char *prefix,
     return *scale > 1e-8 ? diff / *scale : diff;
 }
 
+/* The gradients of one forward and backward (the loss, plus 0.01 x the balance loss),
+ * kept activations or recomputed (forward_workspace_new_recompute): a copy of them all. */
+static float *gradients_of(struct model *m, const struct batch *batch, bool recompute)
+{
+    model_zero_grads(m);
+    struct forward_workspace *ws = recompute ? forward_workspace_new_recompute(m, batch->N)
+                                             : forward_workspace_new_training(m, batch->N);
+    struct forward_result result;
+    model_forward(m, backend_cpu(), ws, batch, &result);
+    model_backward(m, backend_cpu(), ws, batch, 1.0f / (float)result.loss_count, 0.01f);
+    forward_workspace_free(ws);
+    float *copy = xmalloc((m->grad_floats ? m->grad_floats : 1) * sizeof(float));
+    memcpy(copy, m->grad_storage, m->grad_floats * sizeof(float));
+    return copy;
+}
+
 /* Runs forward + backward with the given trainable set and checks every gradient. */
 static void check_method(const char *name, const char *what, struct model *m,
                          const bool *trainable, const struct st_file *expected,
@@ -124,6 +140,18 @@ static void check_method(const char *name, const char *what, struct model *m,
     }
     printf("%s %s: %d gradients, worst relative error %.2e\n", name, what, compared, worst);
     forward_workspace_free(ws);
+
+    /* train.recompute: the same gradients bit for bit, with the balance loss on too (the
+     * sequence-level one of deepseek_v2 included) */
+    float *kept = gradients_of(m, batch, false), *again = gradients_of(m, batch, true);
+    size_t differ = 0;
+    for (size_t j = 0; j < m->grad_floats; j++)
+        differ += memcmp(&kept[j], &again[j], sizeof(float)) != 0;
+    CHECK(differ == 0, "%s %s: %zu of %zu gradient values differ under recompute", name, what,
+          differ, m->grad_floats);
+    if (differ == 0)
+        printf("%s %s: recompute: %zu gradient values bitwise equal\n", name, what, m->grad_floats);
+    free(kept), free(again);
 }
 
 /* Whether every MoE layer's top-k ids equal base's ([L] -> [N*K], NULL for dense). */

@@ -100,6 +100,24 @@ static void check_launch(void)
     }
 }
 
+/* expert_of_row (the device grouped bias's lookup) against a walk of the offsets, with
+ * empty experts first, inside and last. */
+static void check_expert_of_row(struct rng *rng)
+{
+    enum { E = 9 };
+    for (int trial = 0; trial < 50; trial++) {
+        int32_t offsets[E + 1] = {0};
+        for (int e = 0; e < E; e++)
+            offsets[e + 1] = offsets[e] + (rng_below(rng, 3) == 0 ? 0 : (int)rng_below(rng, 5));
+        for (int r = 0; r < offsets[E]; r++) {
+            int want = 0;
+            while (!(offsets[want] <= r && r < offsets[want + 1])) want++;
+            CHECK(expert_of_row(offsets, E, r) == want, "trial %d row %d: expert %d, want %d",
+                  trial, r, expert_of_row(offsets, E, r), want);
+        }
+    }
+}
+
 int main(void)
 {
     struct rng rng;
@@ -110,5 +128,6 @@ int main(void)
             check_permutation(shapes[i][0], shapes[i][1], shapes[i][2], skew, &rng);
     check_permutation(0, 2, 8, 0, &rng);
     check_launch();
+    check_expert_of_row(&rng);
     return check_done("test_moe_math");
 }

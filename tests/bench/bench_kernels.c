@@ -20,6 +20,9 @@
  *             against one dense GEMM of the same FLOPs, forward and backward (dx + dw),
  *             fp32 and bf16 operands; grouped results are compared with the loop's: S4;
  *   attention attention_forward and attention_backward on 4 causal samples of 4096: S2;
+ *             then the same through cuBLAS with TF32 products (attention_gemm.cu) and
+ *             through the tiled bf16 kernels (attention_flash.cu), whose results are
+ *             compared with cuBLAS's (relative L2 error, 2e-2 at most);
  *   lmhead    the LM head y[16384,151936] (2.49e9 fp32 logits, more than 2^31) with bf16
  *             and fp32 operands, 3 rows (the first, the first wholly past 2^31 elements,
  *             the last) checked against a double-precision host product, then the fused
@@ -58,6 +61,7 @@ int main(void)
 #include <cuda_runtime.h>
 
 #include "attention.h"
+#include "attention_flash.h"
 #include "dense.h"
 #include "device.h"
 #include "gemm.h"
@@ -863,7 +867,120 @@ static void run_attention_backward(void *p)
                                 a->workspace, err, sizeof err));
 }
 
-static void bench_attention(void)
+/* The same on cuBLAS (attention_gemm.cu) and on the tiled bf16 kernels (attention_flash.cu). */
+static const struct attention_gemm_mask no_mask = {0, NULL, NULL, NULL}; /* causal only */
+struct attention_paths {
+    struct attention_arg *a;
+    struct gemm_context *ctx;
+    int *starts, count;
+    void *gemm_workspace, *flash_workspace;
+};
+static void run_gemm_forward(void *p)
+{
+    struct attention_paths *t = p;
+    struct attention_arg *a = t->a;
+    check_op(attention_gemm_forward(gemm_cublas(t->ctx), a->out, a->q, a->k, a->v, t->starts,
+                                    t->count, HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, a->scale,
+                                    &no_mask, t->gemm_workspace, err, sizeof err));
+}
+static void run_gemm_backward(void *p)
+{
+    struct attention_paths *t = p;
+    struct attention_arg *a = t->a;
+    check_op(attention_gemm_backward(gemm_cublas(t->ctx), a->dq, a->dk, a->dv, a->dout, a->q, a->k,
+                                     a->v, t->starts, t->count, HEADS, KV_HEADS, HEAD_DIM,
+                                     HEAD_DIM, a->scale, &no_mask, t->gemm_workspace, err,
+                                     sizeof err));
+}
+static void run_flash_forward(void *p)
+{
+    struct attention_paths *t = p;
+    struct attention_arg *a = t->a;
+    check_op(attention_flash_forward(a->out, NULL, a->q, a->k, a->v, a->sample_start, TOKENS, HEADS,
+                                     KV_HEADS, HEAD_DIM, a->scale, err, sizeof err));
+}
+static void run_flash_backward(void *p)
+{
+    struct attention_paths *t = p;
+    struct attention_arg *a = t->a;
+    check_op(attention_flash_backward(a->dq, a->dk, a->dv, a->dout, a->q, a->k, a->v, a->out, NULL,
+                                      a->sample_start, TOKENS, HEADS, KV_HEADS, HEAD_DIM, a->scale,
+                                      t->flash_workspace, err, sizeof err));
+}
+
+/* sqrt(sum (a - b)^2 / sum b^2) of two device buffers of n floats; inf when a has a
+ * non-finite element. */
+static double relative_l2(const float *a, const float *b, size_t n)
+{
+    float *x = download(a, n, 0), *y = download(b, n, 0);
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(x[i])) num = INFINITY;
+        num += ((double)x[i] - y[i]) * ((double)x[i] - y[i]);
+        den += (double)y[i] * y[i];
+    }
+    free(x), free(y);
+    return sqrt(num / (den > 0 ? den : 1e-300));
+}
+
+/* cuBLAS attention with TF32 products (what tf32 mode ran before the tiled kernels) and the
+ * tiled bf16 kernels (what tf32 and bf16 modes run now), same shape; the tiled results
+ * compared with cuBLAS's (relative L2, bf16 operands: 2e-2 at most). */
+static void bench_attention_paths(struct attention_arg *a, struct gemm_context *ctx,
+                                  double forward)
+{
+    size_t qn = (size_t)TOKENS * HEADS * HEAD_DIM, kn = (size_t)TOKENS * KV_HEADS * HEAD_DIM;
+    struct attention_paths t = {.a = a, .ctx = ctx};
+    int32_t *start = malloc(TOKENS * sizeof *start);
+    t.starts = malloc((TOKENS + 1) * sizeof *t.starts);
+    if (!start || !t.starts) fail("out of host memory");
+    check_cuda(cudaMemcpy(start, a->sample_start, TOKENS * sizeof *start, cudaMemcpyDeviceToHost));
+    int longest = 0;
+    t.count = attention_gemm_samples(start, TOKENS, t.starts, &longest);
+    free(start);
+    size_t gemm_ws = attention_gemm_workspace(longest, HEADS, KV_HEADS);
+    size_t flash_ws = attention_flash_workspace(TOKENS, HEADS);
+    t.gemm_workspace = dev_alloc(gemm_ws);
+    t.flash_workspace = dev_alloc(flash_ws);
+    printf("attention paths: cuBLAS scores workspace %.1f MiB, tiled kernels' %.1f MiB\n",
+           gemm_ws / 1048576.0, flash_ws / 1048576.0);
+    if (gemm_set_tf32(ctx, 1, err, sizeof err)) fail(err);
+    float *ref[4] = {dev_alloc(qn * 4), dev_alloc(qn * 4), dev_alloc(kn * 4), dev_alloc(kn * 4)};
+    float *got[4] = {a->out, a->dq, a->dk, a->dv};
+    size_t n[4] = {qn, qn, kn, kn};
+    poison(a->out, qn * 4);
+    record("attention gemm forward (tf32)", time_ms(run_gemm_forward, &t), forward, FLOPS,
+           "causal FLOPs");
+    poison(a->dq, qn * 4), poison(a->dk, kn * 4), poison(a->dv, kn * 4);
+    record("attention gemm backward (tf32)", time_ms(run_gemm_backward, &t), 2.5 * forward, FLOPS,
+           "2.5x forward FLOPs");
+    for (int i = 0; i < 4; i++)
+        check_cuda(cudaMemcpy(ref[i], got[i], n[i] * 4, cudaMemcpyDeviceToDevice));
+    if (gemm_set_tf32(ctx, 0, err, sizeof err)) fail(err);
+    poison(a->out, qn * 4);
+    record("attention flash forward (bf16)", time_ms(run_flash_forward, &t), forward, FLOPS,
+           "causal FLOPs");
+    /* the backward from the same out as cuBLAS's, so that only the kernels differ */
+    check_cuda(cudaMemcpy(a->out, ref[0], qn * 4, cudaMemcpyDeviceToDevice));
+    poison(a->dq, qn * 4), poison(a->dk, kn * 4), poison(a->dv, kn * 4);
+    record("attention flash backward (bf16)", time_ms(run_flash_backward, &t), 2.5 * forward,
+           FLOPS, "2.5x fwd; runs 8 products (lse again)");
+    poison(a->out, qn * 4);
+    run_flash_forward(&t);
+    check_cuda(cudaDeviceSynchronize());
+    const char *names[4] = {"out", "dq", "dk", "dv"};
+    for (int i = 0; i < 4; i++) {
+        double e = relative_l2(got[i], ref[i], n[i]);
+        printf("  check attention flash %s against cuBLAS: relative L2 %.2e: %s\n", names[i], e,
+               e <= 2e-2 ? "ok" : "FAILED");
+        failures += !(e <= 2e-2);
+        dev_free(ref[i], n[i] * 4);
+    }
+    dev_free(t.gemm_workspace, gemm_ws), dev_free(t.flash_workspace, flash_ws);
+    free(t.starts);
+}
+
+static void bench_attention(struct gemm_context *ctx)
 {
     int warmup = opt_warmup;
     opt_warmup = warmup < 1 ? warmup : 1; /* the slowest lines: one untimed call is enough */
@@ -910,6 +1027,7 @@ static void bench_attention(void)
     printf("  check attention backward: %zu non-finite gradients: %s\n", bad,
            bad ? "FAILED" : "ok");
     failures += bad != 0;
+    bench_attention_paths(&a, ctx, forward);
     dev_free(a.out, qn * 4), dev_free(a.dq, qn * 4), dev_free(a.dk, kn * 4), dev_free(a.dv, kn * 4);
     dev_free(a.sample_start, TOKENS * sizeof(int32_t));
     if (a.workspace) dev_free(a.workspace, ws);
@@ -1061,7 +1179,7 @@ int main(int argc, char **argv)
     if (section_on("sync")) bench_sync();
     if (section_on("dense")) bench_dense(ctx, handle);
     if (section_on("experts")) bench_experts(ctx);
-    if (section_on("attention")) bench_attention();
+    if (section_on("attention")) bench_attention(ctx);
     if (section_on("lmhead")) bench_lm_head(ctx);
 
     gemm_destroy(ctx);

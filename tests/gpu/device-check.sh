@@ -24,7 +24,10 @@
 #                   cuda (test_golden, test_grad 1 1, test_eval, test_score with
 #                   ESFT_BACKEND=cuda) against transformers' committed values, to the
 #                   programs' own (CPU) tolerances: the CUDA backend computes in fp32; a
-#                   program must say that it ran on cuda to be believed
+#                   program must say that it ran on cuda to be believed, and test_golden
+#                   and test_grad must name every fixture (the deepseek_v2, deepseek_v3,
+#                   glm4_moe and gpt_oss ones included: MLA, the grouped, sigmoid and
+#                   top-k-then-softmax routers, sinks and windows on the GPU)
 #   phases-cuda     score and select, then train and eval, on backend cuda from the same
 #                   model, data and (for train) the CPU's expert selection, against the CPU
 #                   reference: the same selection, the train loss curve and the eval loss
@@ -404,6 +407,17 @@ else
         if ! grep -q -E 'backend:? cuda|on cuda' "$output"; then
             v="failed: $program does not say it ran on backend cuda"
         fi
+        # test_golden and test_grad name each fixture they ran (every tests/golden/*/
+        # with an expected.safetensors: deepseek_v2/v3, glm4_moe, gpt_oss and their
+        # variants too); one missing means the program stopped early
+        missing=""
+        if [ $program = test_golden ] || [ $program = test_grad ]; then
+            for fixture in "$b"/tests/golden/*/expected.safetensors; do
+                name=$(basename "$(dirname "$fixture")")
+                grep -q "^$name[: ]" "$output" || missing="$missing $name"
+            done
+        fi
+        [ -n "$missing" ] && v="failed: $program did not run the fixtures$missing"
         record "golden-cuda-$program" "$v" "$seconds" "tolerances: $golden_tolerance; $(checks "$output")"
     done
 fi
@@ -529,6 +543,13 @@ else
     record torch-qwen3-moe "$(verdict)" "$seconds" "$(figures "$output")"
 fi
 
+# steady FILE: the mean step time over the second half of the training steps, from the
+# cumulative tokens/s that esft logs after each step (step n at rate r: n * 4096 / r s).
+steady() {
+    sed -n 's/.*train: step \([0-9]*\)\/\([0-9]*\) .* \([0-9.]*\) tokens\/s.*/\1 \2 \3/p' "$1" |
+        awk '{ t[$1] = $1 * 4096 / $3; n = $2 } END { h = int(n / 2); if (n < 2 || !(n in t)) { print "no step times"; exit }
+               printf "steps %d-%d: %.1f ms/step (%.0f tokens/s)", h + 1, n, 1e3 * (t[n] - t[h]) / (n - h), (n - h) * 4096 / (t[n] - t[h]) }'
+}
 # ---- (e') esft on the same model -----------------------------------------------------------
 bench_model="$work/bench-model"
 if ! want esft-bench; then
@@ -550,17 +571,42 @@ else
     run_step esft-bench 200 esft_bench
     record esft-bench "$(verdict)" "$seconds" "$(grep -E 'score: [0-9]+ tokens in|train: step [0-9]+/' "$output" |
         sed 's/.*\(score: \|train: step \)/\1/' | cut -c 1-150 | paste -sd ';' -)"
-    # the same score and steps on the tensor cores: tf32, then bf16
-    for dtype in tf32 bf16; do
-        eval "esft_bench_$dtype() {
+    # the same score and steps on the tensor cores: tf32, then bf16; then tf32 with the
+    # experts' GEMMs one call per expert (ESFT_CUDA_GROUPED=loop), the baseline of the
+    # grouped call; and a full fine-tuning step (tf32; every parameter trained, AdamW on all)
+    for variant in tf32 bf16 tf32-loop tf32-full; do
+        dtype=${variant%-*}
+        grouped=batched
+        [ "$variant" = tf32-loop ] && grouped=loop
+        phases="'phase=[score,train]'"
+        [ "$variant" = tf32-full ] && phases="'phase=[train]' train.method=full"
+        eval "esft_bench_${variant//-/_}() {
             e=\"\$work/bench-esft\"
-            cd \"\$work\" && \"\${esft[@]}\" \"\$b/tests/gpu/bench-esft.yaml\" 'phase=[score,train]' \
-                model.dtype=$dtype \"run.output_dir=\$e/$dtype\" \"model.path=\$bench_model\" \
+            cd \"\$work\" && ESFT_CUDA_GROUPED=$grouped \"\${esft[@]}\" \"\$b/tests/gpu/bench-esft.yaml\" \
+                $phases model.dtype=$dtype \"run.output_dir=\$e/$variant\" \
+                \"model.path=\$bench_model\" \"data.path=\$e/data.h5\" \
+                \"train.expert_config=\$e/out/expert_config.json\"
+        }"
+        run_step "esft-bench-$variant" 120 "esft_bench_${variant//-/_}"
+        record "esft-bench-$variant" "$(verdict)" "$seconds" "$(steady "$output"); $(grep -E 'score: [0-9]+ tokens in' "$output" |
+            sed 's/.*\(score: \)/\1/' | cut -c 1-80)"
+    done
+    # where the time goes: the same training under ESFT_CUDA_PROFILE=1 (a device sync
+    # before and after each op, each op timed); the table is in the step's output
+    for variant in tf32 bf16 tf32-loop; do
+        dtype=${variant%-*}
+        grouped=batched
+        [ "$variant" = tf32-loop ] && grouped=loop
+        eval "esft_profile_${variant//-/_}() {
+            e=\"\$work/bench-esft\"
+            cd \"\$work\" && ESFT_CUDA_PROFILE=1 ESFT_CUDA_GROUPED=$grouped \"\${esft[@]}\" \
+                \"\$b/tests/gpu/bench-esft.yaml\" 'phase=[train]' model.dtype=$dtype \
+                \"run.output_dir=\$e/profile-$variant\" \"model.path=\$bench_model\" \
                 \"data.path=\$e/data.h5\" \"train.expert_config=\$e/out/expert_config.json\"
         }"
-        run_step "esft-bench-$dtype" 120 "esft_bench_$dtype"
-        record "esft-bench-$dtype" "$(verdict)" "$seconds" "$(grep -E 'score: [0-9]+ tokens in|train: step [0-9]+/' "$output" |
-            sed 's/.*\(score: \|train: step \)/\1/' | cut -c 1-150 | paste -sd ';' -)"
+        run_step "esft-profile-$variant" 120 "esft_profile_${variant//-/_}"
+        record "esft-profile-$variant" "$(verdict)" "$seconds" "$(grep 'cuda profile' "$output" | sed -n '2,6p' |
+            sed 's/.*cuda profile: *//' | tr -s ' ' | cut -c 1-70 | paste -sd ';' -)"
     done
 fi
 

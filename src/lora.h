@@ -1,0 +1,85 @@
+/* lora: low-rank adapters (train.method lora), as PEFT defines them (peft 0.21,
+ * shared/reference/methods-lora-densemixer.md): a frozen linear y = W x gains
+ * y += scale * B (A x), A [r, in], B [out, r], scale = alpha / r (rsLoRA: alpha / sqrt(r)),
+ * dropout 0. Init as PEFT's default (init_lora_weights true): A Kaiming-uniform with
+ * a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)) (torch.nn.init.kaiming_uniform_: gain
+ * sqrt(2 / (1 + a^2)), bound gain * sqrt(3 / fan_in)), B zero.
+ *
+ * The adapters are entries of the model's parameter table (kind PARAM_LORA, named as PEFT
+ * saves them: base_model.model.<module>.lora_A.weight), held by the rank that holds their
+ * base weight, so gradients, clipping, AdamW, checkpoints and exports treat them like any
+ * trainable tensor. This file holds the targets, the init, and the adapter's forward and
+ * backward over the backend's ops (linear, linear_backward, scale), which the model's
+ * forward and backward call beside each adapted linear. */
+#ifndef ESFT_LORA_H
+#define ESFT_LORA_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+
+/* The linear modules an adapter can sit on. */
+enum lora_target {
+    LORA_Q,
+    LORA_K,
+    LORA_V,
+    LORA_O,
+    LORA_MLP_GATE, /* dense (non-MoE) layers' MLP */
+    LORA_MLP_UP,
+    LORA_MLP_DOWN,
+    LORA_SHARED_GATE, /* shared experts */
+    LORA_SHARED_UP,
+    LORA_SHARED_DOWN,
+    LORA_TARGET_COUNT
+};
+
+/* What the deck asks for (train.lora.*). */
+struct lora_spec {
+    int r;
+    double alpha;
+    bool rslora;
+    unsigned targets; /* bit (1 << enum lora_target) */
+    bool train_router;
+};
+
+/* The adapters of one decoder layer (NULL: none on that module, or not held here), and
+ * their gradients in the same shape. */
+struct layer_lora {
+    float *a[LORA_TARGET_COUNT]; /* [r, in] */
+    float *b[LORA_TARGET_COUNT]; /* [out, r] */
+};
+
+/* The factor of B A in the forward. */
+float lora_scale(const struct lora_spec *spec);
+
+/* Reads train.lora.targets' names into spec->targets: q_proj, k_proj, v_proj, o_proj,
+ * attention (the four), gate_proj, up_proj, down_proj, dense_mlp (the three, non-MoE
+ * layers), shared_experts (their gate, up and down). experts and selected (routed
+ * experts) are refused: transformers 5 fuses them into gate_up_proj / down_proj
+ * parameters, and esft does not yet write PEFT's target_parameters form for them. 0, or -1
+ * with a message naming the entry. */
+int lora_parse_targets(char *const *names, int n, unsigned *targets, char *err, size_t err_size);
+
+/* Which target a Hugging Face base weight name (model.layers.L....weight) is for a given
+ * spec, or -1. */
+int lora_target_of(const char *name, unsigned targets);
+
+/* PEFT's init of one adapter: A [r, in] Kaiming-uniform(a = sqrt(5)) from the project's
+ * xoshiro256** seeded with seed mixed with the tensor's index in the parameter table
+ * (so every rank and layout draws the same values), B zero. Host memory. */
+void lora_init_a(float *a, int r, int in, uint64_t seed, int table_index);
+
+/* y[N,O] += scale * (x[N,I] A^T) B^T; t[N,r] keeps scale * x A^T for the backward. */
+void lora_forward(const struct backend *ops, float *y, float *t, const float *x, const float *a,
+                  const float *b, int N, int I, int O, int r, float scale);
+
+/* The backward of lora_forward from dy [N,O]: db[O,r] += dy^T t, da[r,I] += scale *
+ * (dy B)^T x, and dx[N,I] += scale * (dy B) A when dx is not NULL (always added: the base
+ * linear's backward wrote it first). dt [N,r] is scratch. */
+void lora_backward(const struct backend *ops, float *dx, float *da, float *db, float *dt,
+                   const float *dy, const float *x, const float *t, const float *a, const float *b,
+                   int N, int I, int O, int r, float scale);
+
+#endif

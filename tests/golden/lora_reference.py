@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""LoRA golden fixtures for esft: PEFT adapters on the golden models, their gradients by autograd.
+
+Run from the repository root (after tests/golden/generate.py made the fixtures):
+    python3 tests/golden/lora_reference.py
+Needs torch, transformers (5.x), peft (0.17 or later), safetensors. For each fixture in
+FIXTURES it loads tests/golden/<name>/ with transformers, wraps it with PEFT's LoRA on
+every q/k/v/o projection, dense MLP and shared-expert projection, sets A and B to seeded
+random values (B nonzero, so that A has a gradient), runs the golden batch as
+generate.py's reference does (each packed sample its own forward pass) and writes
+tests/golden/<name>/lora_expected.safetensors:
+    lora.r, lora.alpha, lora.rslora     scalars (float32)
+    <PEFT name>                         the adapter, e.g.
+                                        base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+    grad.<PEFT name>                    d loss / d adapter, loss = mean CE over the labels
+    loss                                that loss
+
+    python3 tests/golden/lora_reference.py --check-adapter ADAPTER_DIR BASE_DIR DATA_JSON
+loads an adapter esft wrote (adapter_model.safetensors + adapter_config.json) with
+PeftModel.from_pretrained on BASE_DIR and prints the mean cross-entropy over the samples
+of DATA_JSON ({"samples": [{"tokens": [...], "loss_mask": [...]}, ...]}, one forward per
+sample, target t+1 counted when loss_mask[t+1] is 1), which the test compares with esft's
+eval loss of the merged model on the same samples.
+"""
+
+import json
+import os
+import sys
+
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import generate as G  # noqa: E402  (the golden batch and loss conventions)
+
+# one rsLoRA case; different ranks and alphas so a wrong scale shows
+FIXTURES = {
+    "qwen2_moe": dict(r=4, alpha=8.0, rslora=False),
+    "qwen3_moe": dict(r=3, alpha=5.0, rslora=True),
+    "olmoe": dict(r=4, alpha=16.0, rslora=False),
+}
+# esft's train.lora.targets [attention, dense_mlp, shared_experts] as module paths
+TARGETS = r".*\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|mlp\.shared_experts?\.(gate|up|down)_proj)"
+A_STD, B_STD, SEED = 0.2, 0.1, 4242
+
+torch.set_num_threads(1)
+
+
+def load(d):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        d, attn_implementation="eager", experts_implementation="eager", dtype=torch.float32).eval()
+
+
+def peft_name(n):
+    return n.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+
+
+def reference(model, inp):
+    """Each packed sample its own forward (generate.run_reference's way); loss as generate.ce_loss."""
+    rows = []
+    for b, segs in enumerate(G.SEGMENTS):
+        pieces = []
+        for start, n in segs:
+            ids = inp["input_ids"][b:b + 1, start:start + n]
+            pieces.append(model(input_ids=ids, position_ids=torch.arange(n)[None], use_cache=False).logits)
+        rows.append(torch.cat(pieces, 1))
+    logits = torch.cat(rows, 0)
+    return G.ce_loss(model, logits, inp["labels"])
+
+
+def make_fixture(name, spec, index, inp):
+    d = os.path.join(HERE, name)
+    cfg = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], use_rslora=spec["rslora"], lora_dropout=0.0,
+                     target_modules=TARGETS, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(load(d), cfg)
+    g = torch.Generator().manual_seed(SEED + index)
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for n, p in sorted(lora.items()):
+            p.copy_((A_STD if ".lora_A." in n else B_STD) * torch.randn(p.shape, generator=g))
+    loss = reference(model.base_model.model, inp)
+    grads = torch.autograd.grad(loss, list(lora.values()))
+    out = {"lora.r": torch.tensor(float(spec["r"])), "lora.alpha": torch.tensor(float(spec["alpha"])),
+           "lora.rslora": torch.tensor(1.0 if spec["rslora"] else 0.0), "loss": loss.detach().reshape(())}
+    for (n, p), gr in zip(lora.items(), grads):
+        out[peft_name(n)] = p.detach().contiguous()
+        out["grad." + peft_name(n)] = gr.contiguous()
+    save_file(out, os.path.join(d, "lora_expected.safetensors"), metadata={"format": "pt"})
+    print(f"{name}: {len(lora)} adapter tensors, loss {loss.item():.6f}")
+
+
+def check_adapter(adapter_dir, base_dir, data_json):
+    model = PeftModel.from_pretrained(load(base_dir), adapter_dir).eval()
+    loaded = sum(1 for n, _ in model.named_parameters() if "lora_" in n)
+    samples = json.load(open(data_json))["samples"]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in samples:
+            ids = torch.tensor(s["tokens"])[None]
+            logits = model(input_ids=ids, use_cache=False).logits[0].double()
+            mask = torch.tensor(s["loss_mask"][1:], dtype=torch.bool)
+            targets = ids[0, 1:]
+            logp = torch.log_softmax(logits[:-1], -1).gather(1, targets[:, None])[:, 0]
+            total += -logp[mask].sum().item()
+            count += int(mask.sum())
+    print(json.dumps({"adapter_tensors": loaded, "targets": count, "loss": total / count}))
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--check-adapter":
+        check_adapter(*sys.argv[2:5])
+        return
+    inp = G.make_inputs()
+    for index, (name, spec) in enumerate(FIXTURES.items()):
+        make_fixture(name, spec, index, inp)
+
+
+if __name__ == "__main__":
+    main()

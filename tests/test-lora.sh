@@ -1,0 +1,115 @@
+#!/bin/sh
+# test-lora: train.method lora end to end on the demo task (a random qwen3_moe, the demo
+# conversations): the adapters lower the validation loss; the PEFT adapter
+# (adapter_model.safetensors + adapter_config.json) and the merged checkpoint are written,
+# and the merged model's eval loss is below the base model's; a run stopped at step 4 and
+# resumed writes the uninterrupted run's adapter and merged weights bit for bit; pp 2 (its
+# own gradient path across stages) and the device simulator write the same adapter bit for
+# bit; train_router adds the routers as modules_to_save; over bf16 frozen weights
+# (model.frozen_weights) the adapters train and the merged export is refused; routed-expert
+# targets and unknown targets are refused with the reason. The numbers against PEFT itself
+# are test_lora's (golden fixtures).
+set -u
+. "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
+test_begin lora
+
+demo="$src/input/demo.yaml"
+d="$tmp/demo"
+common="model.path=$d/model prepare.output=$d/data.h5 data.path=$d/data.h5 prepare.inputs=[$src/input/data/demo.jsonl]"
+lora="train.method=lora train.lora.r=4 train.lora.alpha=8 train.lora.targets=[attention] train.steps=8 train.eval_every=4 train.checkpoint_every=4 train.export_merged=true train.lr=1.0e-2"
+# shellcheck disable=SC2086 # $common and $lora are lists of overrides
+expect 0 "demo model and data" "$esft" "$demo" "phase=[init,prepare]" "run.output_dir=$d" $common
+
+# shellcheck disable=SC2086
+expect 0 "lora training" "$esft" "$demo" phase=train "run.output_dir=$d/lora" $common $lora
+m="$d/lora/metrics.jsonl"
+first=$(losses eval "$m" | head -n 1 | cut -d' ' -f2)
+last=$(losses eval "$m" | tail -n 1 | cut -d' ' -f2)
+awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a) }' && ok ||
+    fail "lora did not lower the validation loss ($first -> $last)"
+echo "validation loss: $first -> $last"
+for f in adapter/adapter_model.safetensors adapter/adapter_config.json merged/config.json; do
+    [ -s "$d/lora/$f" ] && ok || fail "lora training: $f not written"
+done
+contains "$d/lora/adapter/adapter_config.json" '"peft_type": "LORA"' "adapter_config.json"
+contains "$d/lora/adapter/adapter_config.json" '"model.layers.0.self_attn.q_proj"' "adapter_config.json"
+contains "$d/lora/adapter/adapter_model.safetensors" \
+    'base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight' "adapter names"
+
+value() { sed -n "s/.*\"$1\": \([^,]*\),*/\1/p" "$2"; }
+expect 0 "eval, base" "$esft" "$demo" phase=eval "run.output_dir=$d/eval-base" "model.path=$d/model" \
+    "data.path=$d/data.h5"
+expect 0 "eval, merged" "$esft" "$demo" phase=eval "run.output_dir=$d/eval-merged" \
+    "model.path=$d/lora/merged" "data.path=$d/data.h5"
+base=$(value loss "$d/eval-base/eval.json")
+merged=$(value loss "$d/eval-merged/eval.json")
+awk -v a="$merged" -v b="$base" 'BEGIN { exit !(a < b) }' && ok || fail "eval: merged $merged, base $base"
+echo "eval loss: base $base, merged lora $merged"
+
+# stopped at step 4, resumed to 8: the same files as the uninterrupted run
+# shellcheck disable=SC2086
+expect 0 "lora, 4 steps" "$esft" "$demo" phase=train "run.output_dir=$d/resumed" $common $lora \
+    train.steps=4 train.export_merged=false
+# shellcheck disable=SC2086
+expect 0 "lora, resumed to 8" "$esft" "$demo" phase=train "run.output_dir=$d/resumed" $common $lora
+contains "$tmp/out" "resuming from" "lora resume"
+for f in adapter/adapter_model.safetensors merged/model.safetensors; do
+    cmp -s "$d/lora/$f" "$d/resumed/$f" && ok || fail "resumed run: $f differs"
+done
+
+# pipeline parallel: the adapters of each stage's layers live there
+# shellcheck disable=SC2086
+expect 0 "lora, pp 2" $mpirun 2 "$esft" "$demo" phase=train "run.output_dir=$d/pp2" $common $lora \
+    parallel.pp=2 train.export_merged=false
+cmp -s "$d/lora/adapter/adapter_model.safetensors" "$d/pp2/adapter/adapter_model.safetensors" && ok ||
+    fail "pp 2: the adapter differs from 1 rank's"
+
+# the device simulator (the backend orchestration the CUDA backend runs) writes the same
+# adapter as the CPU backend
+# shellcheck disable=SC2086
+expect 0 "lora, cpu-devsim" "$esft" "$demo" phase=train "run.output_dir=$d/devsim" $common $lora \
+    run.backend=cpu-devsim train.export_merged=false
+cmp -s "$d/lora/adapter/adapter_model.safetensors" "$d/devsim/adapter/adapter_model.safetensors" &&
+    ok || fail "cpu-devsim: the adapter differs from the CPU backend's"
+
+# train.lora.train_router: the routers train in full, saved as PEFT's modules_to_save
+# shellcheck disable=SC2086
+expect 0 "lora + routers" "$esft" "$demo" phase=train "run.output_dir=$d/router" $common $lora \
+    train.steps=2 train.export_merged=false train.lora.train_router=true
+contains "$d/router/adapter/adapter_config.json" '"model.layers.0.mlp.gate"' "modules_to_save"
+contains "$d/router/adapter/adapter_model.safetensors" 'base_model.model.model.layers.0.mlp.gate.weight' \
+    "the router's modules_to_save copy"
+
+# over frozen weights held as bf16 (model.frozen_weights): the adapters stay fp32 and keep
+# their initial A (the storage is laid out again for bf16), so they train: the validation
+# loss falls and ends within 1e-2 (relative) of the fp32 run's; the merged export, which
+# would fold B A into the bf16 weights, is refused before anything is written
+# shellcheck disable=SC2086
+expect 0 "lora, bf16 frozen weights" "$esft" "$demo" phase=train "run.output_dir=$d/bf16" $common \
+    $lora model.frozen_weights=bf16 train.export_merged=false
+m16="$d/bf16/metrics.jsonl"
+first16=$(losses eval "$m16" | head -n 1 | cut -d' ' -f2)
+last16=$(losses eval "$m16" | tail -n 1 | cut -d' ' -f2)
+awk -v a="$first16" -v b="$last16" 'BEGIN { exit !(b < a) }' && ok ||
+    fail "lora over bf16 weights did not lower the validation loss ($first16 -> $last16)"
+awk -v a="$last16" -v b="$last" 'BEGIN { d = (a - b) / b; exit !(d < 1e-2 && d > -1e-2) }' && ok ||
+    fail "lora over bf16 weights: final validation loss $last16, fp32 $last"
+echo "validation loss over bf16 frozen weights: $first16 -> $last16 (fp32: $last)"
+# shellcheck disable=SC2086
+expect 2 "lora, bf16, merged export refused" "$esft" "$demo" phase=train \
+    "run.output_dir=$d/bad" $common $lora model.frozen_weights=bf16
+contains "$tmp/err" "model.frozen_weights bf16 is not supported yet" "bf16 merged export refused"
+absent "$d/bad" "bf16 merged export refused"
+
+# shellcheck disable=SC2086
+expect 2 "routed experts refused" "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common \
+    train.method=lora "train.lora.targets=[attention, experts]"
+contains "$tmp/err" "routed experts" "routed experts refused"
+contains "$tmp/err" "target_parameters" "routed experts refused"
+absent "$d/bad" "routed experts refused"
+# shellcheck disable=SC2086
+expect 2 "unknown target refused" "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common \
+    train.method=lora "train.lora.targets=[w1]"
+contains "$tmp/err" "unknown target 'w1'" "unknown target refused"
+
+test_end test-lora

@@ -1,0 +1,242 @@
+/* test_lora: method lora (lora.h) against PEFT. For each golden fixture with a
+ * lora_expected.safetensors (tests/golden/lora_reference.py: PEFT's LoRA with seeded
+ * random A and B on every attention projection, dense MLP and shared expert), esft's
+ * adapters are set to the same values and the fixture batch's loss and the gradients of
+ * every A and B must equal PEFT + transformers autograd within 1e-3 relative; the base
+ * gets no gradient. Then the merged checkpoint (export_merged after model_merge_lora),
+ * loaded as a plain model, must give the adapter-applied model's logits. Also: PEFT's
+ * init (A in +-1/sqrt(in), the same for a seed whatever the layout, B zero) and the
+ * target names refused or taken. */
+#include <math.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "check.h"
+#include "export.h"
+#include "fixture.h"
+#include "lora.h"
+#include "model.h"
+#include "trainable.h"
+
+static char tmp[64] = "/tmp/esft-lora.XXXXXX";
+
+static const unsigned ALL_TARGETS = (1u << LORA_TARGET_COUNT) - 1;
+
+static float scalar(const struct st_file *f, const char *name)
+{
+    const struct st_tensor *t = st_file_find(f, name);
+    float v = NAN;
+    char err[256];
+    CHECK(t && st_read_f32(t, &v, 1, err, sizeof err) == 0, "%s", name);
+    return v;
+}
+
+/* The logits of the fixture batch ([N, V], caller frees). */
+static float *logits_of(const struct model *m, const struct batch *batch)
+{
+    struct forward_workspace *ws = forward_workspace_new(m, batch->N);
+    forward_workspace_keep(ws, FORWARD_KEEP_LOGITS);
+    struct forward_result r;
+    model_forward(m, backend_cpu(), ws, batch, &r);
+    size_t n = (size_t)batch->N * (size_t)m->cfg.vocab_size;
+    float *out = xmalloc(n * sizeof(float));
+    memcpy(out, r.logits, n * sizeof(float));
+    forward_workspace_free(ws);
+    return out;
+}
+
+static double max_diff(const float *a, const float *b, size_t n, double *scale)
+{
+    double d = 0;
+    *scale = 0;
+    for (size_t i = 0; i < n; i++) {
+        d = fmax(d, fabs((double)a[i] - b[i]));
+        *scale = fmax(*scale, fabs((double)b[i]));
+    }
+    return d;
+}
+
+static void check_fixture(const char *dir, const char *name, void *context)
+{
+    (void)context;
+    char err[1024], path[4200];
+    struct model_config cfg;
+    struct fixture_batch fb;
+    struct st_file *expected = fixture_open(dir, &cfg, &fb);
+    if (!expected) return;
+    snprintf(path, sizeof path, "%s/lora_expected.safetensors", dir);
+    struct st_file *ref = st_open(path, err, sizeof err);
+    CHECK(ref != NULL, "%s", err);
+    if (!ref) return;
+    struct lora_spec spec = {.r = (int)scalar(ref, "lora.r"),
+                             .alpha = scalar(ref, "lora.alpha"),
+                             .rslora = scalar(ref, "lora.rslora") != 0,
+                             .targets = ALL_TARGETS};
+    struct layout_grid grid = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
+    struct model m;
+    model_create_lora(&m, &cfg, &grid, (struct layout_coords){0, 0, 0}, &spec, 7);
+    CHECK(model_load(&m, dir, err, sizeof err) == 0, "%s", err);
+    /* the adapters PEFT made, and no other */
+    int adapters = 0;
+    for (int i = 0; i < m.n_params; i++) {
+        struct param *p = &m.params[i];
+        if (p->kind != PARAM_LORA) continue;
+        adapters++;
+        const struct st_tensor *t = st_file_find(ref, p->name);
+        CHECK(t && (size_t)t->numel == p->numel && t->rank == 2 && t->shape[0] == p->shape[0],
+              "%s: %s not in PEFT's adapter as [%lld, %lld]", name, p->name, (long long)p->shape[0],
+              (long long)p->shape[1]);
+        if (t && (size_t)t->numel == p->numel)
+            CHECK(st_read_f32(t, p->data, p->numel, err, sizeof err) == 0, "%s", err);
+    }
+    int in_file = 0;
+    for (int i = 0; i < ref->n_tensors; i++)
+        in_file += strstr(ref->tensors[i].name, ".lora_") &&
+                   strncmp(ref->tensors[i].name, "grad.", 5) != 0;
+    CHECK(adapters == in_file && adapters > 0, "%s: %d adapters, PEFT has %d", name, adapters,
+          in_file);
+
+    bool *trainable = xcalloc((size_t)m.n_params, sizeof(bool));
+    CHECK(trainable_select(&m, METHOD_LORA, NULL, trainable, err, sizeof err) == 0, "%s", err);
+    model_set_trainable(&m, trainable);
+    model_zero_grads(&m);
+    struct forward_workspace *ws = forward_workspace_new_training(&m, fb.batch.N);
+    struct forward_result result;
+    model_forward(&m, backend_cpu(), ws, &fb.batch, &result);
+    double loss = result.loss_sum / (double)result.loss_count, want = scalar(ref, "loss");
+    CHECK(fabs(loss - want) < 1e-5 * fabs(want), "%s: loss %.7f, PEFT %.7f", name, loss, want);
+    model_backward(&m, backend_cpu(), ws, &fb.batch, 1.0f / (float)result.loss_count, 0.0f);
+    forward_workspace_free(ws);
+    double worst = 0;
+    for (int i = 0; i < m.n_params; i++) {
+        const struct param *p = &m.params[i];
+        CHECK((p->grad != NULL) == (p->kind == PARAM_LORA), "%s: %s %s a gradient", name, p->name,
+              p->grad ? "has" : "lacks");
+        if (!p->grad) continue;
+        char gname[PARAM_NAME_MAX + 8];
+        snprintf(gname, sizeof gname, "grad.%s", p->name);
+        const struct st_tensor *t = st_file_find(ref, gname);
+        CHECK(t && (size_t)t->numel == p->numel, "%s missing", gname);
+        if (!t || (size_t)t->numel != p->numel) continue;
+        float *g = xmalloc(p->numel * sizeof(float));
+        CHECK(st_read_f32(t, g, p->numel, err, sizeof err) == 0, "%s", err);
+        double scale, diff = max_diff(p->grad, g, p->numel, &scale);
+        double rel = scale > 1e-8 ? diff / scale : diff;
+        CHECK(scale > 0, "%s: PEFT's gradient of %s is zero (B must be nonzero)", name, p->name);
+        CHECK(rel < 1e-3, "%s: %s: relative error %.3g (max |grad| %.3g)", name, p->name, rel,
+              scale);
+        worst = fmax(worst, rel);
+        free(g);
+    }
+    printf("%s: loss %.6f (PEFT %.6f), %d adapter gradients, worst relative error %.2e\n", name,
+           loss, want, adapters, worst);
+
+    /* merged = adapter-applied: W + scale B A written by the merged export, read back as a
+     * plain model */
+    float *adapted = logits_of(&m, &fb.batch);
+    model_merge_lora(&m);
+    float *merged_here = logits_of(&m, &fb.batch);
+    char out[128];
+    snprintf(out, sizeof out, "%s/%s-merged", tmp, name);
+    CHECK(export_merged(out, &m, dir, (size_t)1 << 30, MPI_COMM_WORLD, err, sizeof err) == 0, "%s",
+          err);
+    struct model_config merged_cfg;
+    CHECK(hfconfig_load(out, &merged_cfg, err, sizeof err) == 0, "%s", err);
+    struct model plain;
+    model_create(&plain, &merged_cfg, &grid, (struct layout_coords){0, 0, 0});
+    CHECK(model_load(&plain, out, err, sizeof err) == 0, "%s", err);
+    float *merged = logits_of(&plain, &fb.batch);
+    size_t n = (size_t)fb.batch.N * (size_t)cfg.vocab_size;
+    double scale, d1 = max_diff(merged_here, adapted, n, &scale),
+                  d2 = max_diff(merged, adapted, n, &scale);
+    CHECK(d1 < 1e-4 * scale && d2 < 1e-4 * scale,
+          "%s: merged logits differ from the adapter-applied ones by %.3g (in place) and %.3g "
+          "(exported), max |logit| %.3g",
+          name, d1, d2, scale);
+    printf("%s: merged export vs adapter-applied logits: max difference %.2e (max |logit| %.2f)\n",
+           name, d2, scale);
+    free(adapted), free(merged_here), free(merged);
+    model_free(&plain);
+    free(trainable);
+    model_free(&m);
+    st_close(ref);
+    fixture_batch_free(&fb);
+    st_close(expected);
+}
+
+/* PEFT's init: A ~ U(-1/sqrt(in), 1/sqrt(in)) from the seed, the same on every layout's
+ * holder of a tensor; B zero; model_load leaves them. */
+static void check_init(const char *golden)
+{
+    char dir[4200], err[1024];
+    snprintf(dir, sizeof dir, "%s/qwen2_moe", golden);
+    struct model_config cfg;
+    CHECK(hfconfig_load(dir, &cfg, err, sizeof err) == 0, "%s", err);
+    struct lora_spec spec = {.r = 4, .alpha = 8, .targets = ALL_TARGETS};
+    struct layout_grid one = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
+    struct layout_grid two = {.world = 2, .pp = 2, .dp = 1, .ep = 1};
+    struct model a, b, c;
+    model_create_lora(&a, &cfg, &one, (struct layout_coords){0, 0, 0}, &spec, 11);
+    CHECK(model_load(&a, dir, err, sizeof err) == 0, "%s", err);
+    model_create_lora(&b, &cfg, &one, (struct layout_coords){0, 0, 0}, &spec, 12);
+    model_create_lora(&c, &cfg, &two, (struct layout_coords){1, 0, 0}, &spec, 11);
+    int checked = 0, differ = 0;
+    for (int i = 0; i < a.n_params; i++) {
+        const struct param *p = &a.params[i];
+        if (p->kind != PARAM_LORA) continue;
+        CHECK(strcmp(p->name, c.params[i].name) == 0, "the same table on every layout");
+        double bound = 1.0 / sqrt((double)p->shape[1]), most = 0;
+        for (size_t j = 0; j < p->numel; j++) {
+            if (p->lora_b) CHECK(p->data[j] == 0.0f, "%s: B not zero", p->name);
+            most = fmax(most, fabs(p->data[j]));
+            differ += p->data[j] != b.params[i].data[j];
+            if (c.params[i].data)
+                CHECK(c.params[i].data[j] == p->data[j], "%s: layout-dependent", p->name);
+        }
+        if (!p->lora_b)
+            CHECK(most <= bound && most > 0.5 * bound, "%s: max |A| %g, bound %g", p->name, most,
+                  bound);
+        checked++;
+    }
+    CHECK(checked == 42 && differ > 0, "init: %d adapters, %d values differ by seed", checked,
+          differ);
+    model_free(&a), model_free(&b), model_free(&c);
+
+    unsigned t;
+    char *ok[] = {"attention", "dense_mlp", "shared_experts"}, *bad[] = {"q_proj", "experts"},
+         *unknown[] = {"w1"};
+    CHECK(lora_parse_targets(ok, 3, &t, err, sizeof err) == 0 && t == ALL_TARGETS, "%s", err);
+    CHECK(lora_parse_targets(bad, 2, &t, err, sizeof err) != 0 && strstr(err, "routed experts") &&
+              strstr(err, "target_parameters"),
+          "experts refused with the reason: %s", err);
+    CHECK(lora_parse_targets(unknown, 1, &t, err, sizeof err) != 0 && strstr(err, "'w1'"), "%s",
+          err);
+    CHECK(lora_target_of("model.layers.0.mlp.experts.3.gate_proj.weight", ALL_TARGETS) < 0,
+          "routed experts are not dense MLPs");
+    CHECK(lora_target_of("model.layers.0.mlp.shared_expert.up_proj.weight", ALL_TARGETS) ==
+              LORA_SHARED_UP,
+          "shared expert");
+    CHECK(fabsf(lora_scale(&(struct lora_spec){.r = 16, .alpha = 8, .rslora = true}) - 2.0f) <
+                  1e-7f &&
+              fabsf(lora_scale(&(struct lora_spec){.r = 16, .alpha = 8}) - 0.5f) < 1e-7f,
+          "scale alpha/r, rsLoRA alpha/sqrt(r)");
+}
+
+int main(int argc, char **argv)
+{
+    MPI_Init(&argc, &argv);
+    const char *golden = argc > 1 ? argv[1] : "tests/golden";
+    CHECK(mkdtemp(tmp) != NULL, "mkdtemp");
+    check_init(golden);
+    int fixtures = fixture_each(golden, "lora_expected.safetensors", check_fixture, NULL);
+    CHECK(fixtures >= 2, "found %d LoRA fixtures", fixtures);
+    char command[128];
+    snprintf(command, sizeof command, "rm -rf '%s'", tmp);
+    CHECK(system(command) == 0, "%s", command);
+    int status = check_done("test_lora");
+    MPI_Finalize();
+    return status;
+}
