@@ -78,8 +78,8 @@ void mla_forward(const struct model *m, const struct backend *ops, struct layer_
     /* kv_a: the latent c (rows [0, C) of the weight) and the shared rope key (rows
      * [C, C + dr)), then kv_b on the normalised latent */
     ops->linear(a->kv_latent, a->xn, w->kv_a, w->kv_a_bias, N, H, C, false);
-    ops->linear(a->k_rope, a->xn, w->kv_a + (size_t)C * H, offset_or_null(w->kv_a_bias, C), N, H,
-                dr, false);
+    ops->linear(a->k_rope, a->xn, weight_offset(w->kv_a, (size_t)C * H),
+                offset_or_null(w->kv_a_bias, C), N, H, dr, false);
     ops->rope(a->k_rope, batch->positions, inv_freq, rope_scaling, N, 1, dr, dr, c->rope.layout);
     ops->rmsnorm(a->kv_latent_norm, a->kv_latent_rstd, a->kv_latent, w->kv_a_norm, N, C,
                  MLA_LATENT_NORM_EPS);
@@ -147,5 +147,5 @@ void mla_backward(const struct model *m, const struct backend *ops, struct forwa
     ops->linear_backward(dxn, g->kv_a, g->kv_a_bias, ws->dkv_latent, a->xn, w->kv_a, N, H, C, true);
     ops->linear_backward(dxn, offset_or_null(g->kv_a, (size_t)C * H),
                          offset_or_null(g->kv_a_bias, C), ws->dk_rope, a->xn,
-                         w->kv_a + (size_t)C * H, N, H, dr, true);
+                         weight_offset(w->kv_a, (size_t)C * H), N, H, dr, true);
 }

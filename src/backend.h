@@ -52,13 +52,42 @@ struct router_params {
     const float *bias;       /* [E] backend buffer: e_score_correction_bias (sigmoid), or NULL */
 };
 
+/* Weights stored as bf16 (model.frozen_weights: bf16): a frozen weight matrix kept as
+ * bf16 values (uint16_t, the upper half of the fp32 bits) reaches the ops that multiply
+ * by a weight (linear, linear_backward, grouped_linear, grouped_linear_backward) through
+ * their `const float *` weight argument as its address with the lowest bit set: the
+ * dtype travels with the pointer, so the forward and backward read the same for both.
+ * fp32 weights are 4-byte aligned, so the bit is free; a device simulator's tag (bit
+ * 62) leaves it alone. Only these helpers make or read such a pointer; a bf16 weight
+ * never has a gradient (the ops take it with dw NULL). */
+#define WEIGHT_BF16_BIT ((uintptr_t)1)
+static inline float *weight_bf16(uint16_t *p)
+{
+    return p ? (float *)((uintptr_t)p | WEIGHT_BF16_BIT) : NULL;
+}
+static inline bool weight_is_bf16(const float *w)
+{
+    return ((uintptr_t)w & WEIGHT_BF16_BIT) != 0;
+}
+static inline const uint16_t *weight_bf16_data(const float *w)
+{
+    return (const uint16_t *)((uintptr_t)w & ~WEIGHT_BF16_BIT);
+}
+/* The weight `elements` values after w, in w's own dtype (a row block of a matrix). */
+static inline const float *weight_offset(const float *w, size_t elements)
+{
+    if (!weight_is_bf16(w)) return w + elements;
+    return (const float *)((uintptr_t)(weight_bf16_data(w) + elements) | WEIGHT_BF16_BIT);
+}
+
 struct backend {
     const char *name;
 
     /* x[N,H] = table[tokens[n], :] */
     void (*embedding)(float *x, const int32_t *tokens, const float *table, int N, int H);
 
-    /* y[N,O] = x[N,I] @ w[O,I]^T + bias[O] (bias may be NULL); accumulate adds to y. */
+    /* y[N,O] = x[N,I] @ w[O,I]^T + bias[O] (bias may be NULL); accumulate adds to y. w
+     * fp32 or bf16 (weight_bf16 above); the products and sums are fp32 either way. */
     void (*linear)(float *y, const float *x, const float *w, const float *bias, int N, int I,
                    int O, bool accumulate);
 
@@ -117,9 +146,10 @@ struct backend {
                         int H);
 
     /* Grouped expert GEMM: for each expert e with rows [offsets[e], offsets[e+1]):
-     * y[rows, O] = x[rows, I] @ w[e][O, I]^T. w holds E consecutive [O, I] matrices. */
-    void (*grouped_linear)(float *y, const float *x, const float *w, const int32_t *offsets,
-                           int E, int I, int O);
+     * y[rows, O] = x[rows, I] @ w[e][O, I]^T. w is a host array of E weights, each fp32
+     * or bf16 (weight_bf16): a trained expert's fp32 beside frozen ones' bf16. */
+    void (*grouped_linear)(float *y, const float *x, const float *const *w,
+                           const int32_t *offsets, int E, int I, int O);
 
     /* Per expert e: rows [offsets[e], offsets[e+1]) of y[rows, O] += bias[e*O .. e*O+O)
      * (bias: E consecutive [O] vectors; gpt_oss's expert biases). */
@@ -161,7 +191,8 @@ struct backend {
      * the input gradient instead of writing it. */
 
     /* dx[N,I] (+)= dy[N,O] @ w[O,I]; dw[O,I] += dy^T @ x; dbias[O] += column sums of dy.
-     * dx may be NULL (no input gradient needed, e.g. the first layer's input). */
+     * dx may be NULL (no input gradient needed, e.g. the first layer's input). A bf16 w
+     * (weight_bf16) comes with dw and dbias NULL. */
     void (*linear_backward)(float *dx, float *dw, float *dbias, const float *dy, const float *x,
                             const float *w, int N, int I, int O, bool accumulate_dx);
 
@@ -200,10 +231,11 @@ struct backend {
 
     /* Grouped GEMM backward: dx[M,I] = dy[M,O] @ w[e] per expert's rows (written), and
      * dw[e][O,I] += dy_e^T @ x_e for each expert e whose dw[e] is not NULL (frozen
-     * experts: NULL, no weight-gradient GEMM). dx may be NULL. */
+     * experts: NULL, no weight-gradient GEMM; a bf16 w[e] is always frozen). w as in
+     * grouped_linear. dx may be NULL. */
     void (*grouped_linear_backward)(float *dx, float *const *dw, const float *dy,
-                                    const float *x, const float *w, const int32_t *offsets,
-                                    int E, int I, int O);
+                                    const float *x, const float *const *w,
+                                    const int32_t *offsets, int E, int I, int O);
 
     /* grouped_bias: dbias[e][o] += sum over expert e's rows r of dy[r, o], rows summed in
      * order (the same bits on any thread count); dbias is a host array of E buffers,

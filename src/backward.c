@@ -167,7 +167,7 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
         if (ws->ce_chunked) { /* each chunk's logits again, then its part of the gradients */
             for (int v0 = 0; v0 < V; v0 += ws->vocab_chunk) {
                 int C = V - v0 < ws->vocab_chunk ? V - v0 : ws->vocab_chunk;
-                const float *w = m->lm_head + (size_t)v0 * H;
+                const float *w = weight_offset(m->lm_head, (size_t)v0 * H);
                 ops->linear(ws->logits, ws->xn_final, w, NULL, N, H, C, false);
                 ops->ce_chunk_backward(ws->logits, ws->logits, ws->ce_state, batch->targets, N,
                                        C, v0, loss_scale);

@@ -122,12 +122,93 @@ enum { ROW_BLOCK = 64 };
  * re-read lm_head's 64 MB weight once per block); narrow ones into row blocks. */
 enum { LINEAR_COLUMN_BLOCK = 2048, LINEAR_ROW_BLOCK = 256 };
 
+/* ---- bf16 weights (backend.h's weight_bf16) ------------------------------------------ *
+ * A bf16 weight is multiplied in fp32: WEIGHT_BLOCK_FLOATS of it at a time (whole rows)
+ * are widened to fp32 into one workspace, exactly (bf16 is the upper half of an fp32),
+ * and sgemm runs on that block. The blocks depend on the shapes alone, so the results do
+ * not depend on the thread count; the installed OpenBLAS exports no bf16 GEMM
+ * (cblas_sbgemm) to use instead. */
+enum { WEIGHT_BLOCK_FLOATS = 1 << 20 };
+static float *weight_workspace; /* [WEIGHT_BLOCK_FLOATS], allocated at the first use */
+
+static float bf16_value(uint16_t h)
+{
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Rows [first, first + rows) of the bf16 matrix w[., I] widened into the workspace. */
+static const float *widen_rows(const uint16_t *w, int first, int rows, int I)
+{
+    if (!weight_workspace) weight_workspace = xmalloc(WEIGHT_BLOCK_FLOATS * sizeof(float));
+    const uint16_t *from = w + (size_t)first * I;
+    size_t count = (size_t)rows * I;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < count; i++) weight_workspace[i] = bf16_value(from[i]);
+    return weight_workspace;
+}
+
+/* Whole rows of a [., I] matrix per widened block. */
+static int weight_block_rows(int I)
+{
+    if (I > WEIGHT_BLOCK_FLOATS)
+        fatal(EXIT_RUNTIME, "cpu backend: a bf16 weight row of %d values exceeds the %d-value "
+              "workspace", I, WEIGHT_BLOCK_FLOATS);
+    return WEIGHT_BLOCK_FLOATS / (I > 0 ? I : 1);
+}
+
+/* y[N,O] (+)= x[N,I] @ w[O,I]^T for a bf16 w: per block of the weight's rows, the output
+ * columns it gives, in row blocks of N over the threads. */
+static void linear_bf16(float *y, const float *x, const uint16_t *w, int N, int I, int O,
+                        bool accumulate)
+{
+    int block = weight_block_rows(I), row_blocks = (N + LINEAR_ROW_BLOCK - 1) / LINEAR_ROW_BLOCK;
+    for (int o = 0; o < O; o += block) {
+        int cols = O - o < block ? O - o : block;
+        const float *wf = widen_rows(w, o, cols, I);
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int b = 0; b < row_blocks; b++) {
+            int first = b * LINEAR_ROW_BLOCK;
+            int rows = N - first < LINEAR_ROW_BLOCK ? N - first : LINEAR_ROW_BLOCK;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, cols, I, 1.0f,
+                        x + (size_t)first * I, I, wf, I, accumulate ? 1.0f : 0.0f,
+                        y + (size_t)first * O + o, O);
+        }
+    }
+}
+
+static int split_rows(int n);
+
+/* dx[N,I] (+)= dy[N,O] @ w[O,I] for a bf16 w: the products of each block of the weight's
+ * rows added in block order (the first writes unless accumulate_dx). */
+static void linear_backward_bf16(float *dx, const float *dy, const uint16_t *w, int N, int I,
+                                 int O, bool accumulate_dx)
+{
+    int block = weight_block_rows(I), row_block = split_rows(N);
+    int row_blocks = (N + row_block - 1) / row_block;
+    for (int o = 0; o < O; o += block) {
+        int outputs = O - o < block ? O - o : block;
+        const float *wf = widen_rows(w, o, outputs, I);
+        float beta = o > 0 || accumulate_dx ? 1.0f : 0.0f;
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int b = 0; b < row_blocks; b++) {
+            int first = b * row_block, rows = N - first < row_block ? N - first : row_block;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, I, outputs, 1.0f,
+                        dy + (size_t)first * O + o, O, wf, I, beta, dx + (size_t)first * I, I);
+        }
+    }
+}
+
 static void cpu_linear(float *y, const float *x, const float *w, const float *bias, int N,
                        int I, int O, bool accumulate)
 {
     if (N == 0 || O == 0) return;
     float beta = accumulate ? 1.0f : 0.0f;
-    if (O >= 2 * LINEAR_COLUMN_BLOCK) {
+    if (weight_is_bf16(w)) {
+        linear_bf16(y, x, weight_bf16_data(w), N, I, O, accumulate);
+    } else if (O >= 2 * LINEAR_COLUMN_BLOCK) {
         int blocks = (O + LINEAR_COLUMN_BLOCK - 1) / LINEAR_COLUMN_BLOCK;
 #pragma omp parallel for schedule(dynamic, 1)
         for (int b = 0; b < blocks; b++) {
@@ -308,27 +389,36 @@ static void cpu_gather_rows(float *xs, const float *x, const int32_t *slot_of_ro
         memcpy(xs + (size_t)r * H, x + (size_t)(slot_of_row[r] / K) * H, (size_t)H * sizeof(float));
 }
 
-static void cpu_grouped_linear(float *y, const float *x, const float *w, const int32_t *offsets,
-                               int E, int I, int O)
+/* The rows of expert e that the fp32 item loops below take: none for a bf16 expert. */
+static int fp32_rows(const float *const *w, const int32_t *offsets, int e)
 {
-    /* work items: (expert, block of ROW_BLOCK rows), so a busy expert spreads over threads
-     * and idle experts cost nothing */
+    return weight_is_bf16(w[e]) ? 0 : offsets[e + 1] - offsets[e];
+}
+
+static void cpu_grouped_linear(float *y, const float *x, const float *const *w,
+                               const int32_t *offsets, int E, int I, int O)
+{
+    /* work items: (fp32 expert, block of ROW_BLOCK rows), so a busy expert spreads over
+     * threads and idle experts cost nothing; then the bf16 experts one by one */
     int n_items = 0;
-    for (int e = 0; e < E; e++) n_items += (offsets[e + 1] - offsets[e] + ROW_BLOCK - 1) / ROW_BLOCK;
+    for (int e = 0; e < E; e++) n_items += (fp32_rows(w, offsets, e) + ROW_BLOCK - 1) / ROW_BLOCK;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int it = 0; it < n_items; it++) {
         int e = 0, index = it;
         for (;; e++) {
-            int blocks = (offsets[e + 1] - offsets[e] + ROW_BLOCK - 1) / ROW_BLOCK;
+            int blocks = (fp32_rows(w, offsets, e) + ROW_BLOCK - 1) / ROW_BLOCK;
             if (index < blocks) break;
             index -= blocks;
         }
         int first = offsets[e] + index * ROW_BLOCK;
         int rows = offsets[e + 1] - first < ROW_BLOCK ? offsets[e + 1] - first : ROW_BLOCK;
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, O, I, 1.0f,
-                    x + (size_t)first * I, I, w + (size_t)e * O * I, I, 0.0f,
-                    y + (size_t)first * O, O);
+                    x + (size_t)first * I, I, w[e], I, 0.0f, y + (size_t)first * O, O);
     }
+    for (int e = 0; e < E; e++)
+        if (weight_is_bf16(w[e]) && offsets[e + 1] > offsets[e])
+            linear_bf16(y + (size_t)offsets[e] * O, x + (size_t)offsets[e] * I,
+                        weight_bf16_data(w[e]), offsets[e + 1] - offsets[e], I, O, false);
 }
 
 static void cpu_glu(float *h, const float *gate, const float *up, size_t count,
@@ -528,6 +618,13 @@ static void cpu_linear_backward(float *dx, float *dw, float *dbias, const float 
         if (dx && !accumulate_dx) memset(dx, 0, (size_t)N * I * sizeof(float));
         return;
     }
+    if (weight_is_bf16(w)) {
+        if (dw || dbias)
+            fatal(EXIT_RUNTIME, "linear_backward: a weight held as bf16 has no gradient, nor its "
+                  "bias");
+        if (dx) linear_backward_bf16(dx, dy, weight_bf16_data(w), N, I, O, accumulate_dx);
+        return;
+    }
     int row_block = split_rows(N), output_block = split_rows(O);
     int row_items = dx ? (N + row_block - 1) / row_block : 0;
     int output_items = dw ? (O + output_block - 1) / output_block : 0;
@@ -701,19 +798,21 @@ static void cpu_attention_backward(float *dq, float *dk, float *dv, const float 
 enum { OUTPUT_BLOCK = 128 };
 
 static void cpu_grouped_linear_backward(float *dx, float *const *dw, const float *dy,
-                                        const float *x, const float *w, const int32_t *offsets,
-                                        int E, int I, int O)
+                                        const float *x, const float *const *w,
+                                        const int32_t *offsets, int E, int I, int O)
 {
     int row_items = 0, weight_items = 0, weight_blocks = (O + OUTPUT_BLOCK - 1) / OUTPUT_BLOCK;
     for (int e = 0; e < E; e++) {
         int rows = offsets[e + 1] - offsets[e];
-        if (dx) row_items += (rows + ROW_BLOCK - 1) / ROW_BLOCK;
+        if (dw && dw[e] && weight_is_bf16(w[e]))
+            fatal(EXIT_RUNTIME, "grouped_linear_backward: a bf16 weight has no gradient");
+        if (dx) row_items += (fp32_rows(w, offsets, e) + ROW_BLOCK - 1) / ROW_BLOCK;
         if (dw && dw[e] && rows > 0) weight_items += weight_blocks;
     }
     int32_t *items = xmalloc(((size_t)row_items + weight_items) * 2 * sizeof(int32_t));
-    int at = 0; /* (expert, block) pairs: first the dx blocks, then the dw blocks */
+    int at = 0; /* (expert, block) pairs: first the fp32 dx blocks, then the dw blocks */
     for (int e = 0; e < E && dx; e++)
-        for (int b = 0; b < (offsets[e + 1] - offsets[e] + ROW_BLOCK - 1) / ROW_BLOCK; b++) {
+        for (int b = 0; b < (fp32_rows(w, offsets, e) + ROW_BLOCK - 1) / ROW_BLOCK; b++) {
             items[2 * at] = e;
             items[2 * at + 1] = b;
             at++;
@@ -728,7 +827,7 @@ static void cpu_grouped_linear_backward(float *dx, float *const *dw, const float
 #pragma omp parallel for schedule(dynamic, 1)
     for (int it = 0; it < row_items + weight_items; it++) {
         int e = items[2 * it], b = items[2 * it + 1];
-        const float *we = w + (size_t)e * O * I;
+        const float *we = w[e];
         if (it < row_items) {
             int first = offsets[e] + b * ROW_BLOCK;
             int rows = offsets[e + 1] - first < ROW_BLOCK ? offsets[e + 1] - first : ROW_BLOCK;
@@ -744,6 +843,10 @@ static void cpu_grouped_linear_backward(float *dx, float *const *dw, const float
         }
     }
     free(items);
+    for (int e = 0; e < E && dx; e++)
+        if (weight_is_bf16(w[e]) && offsets[e + 1] > offsets[e])
+            linear_backward_bf16(dx + (size_t)offsets[e] * I, dy + (size_t)offsets[e] * O,
+                                 weight_bf16_data(w[e]), offsets[e + 1] - offsets[e], I, O, false);
 }
 
 /* h = act(g) * u: dg = dh * u * act'(g), du = dh * act(g), act(g) as the forward forms it.

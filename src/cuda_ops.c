@@ -261,6 +261,7 @@ static void cuda_constant(const float *p, size_t n)
 /* The bf16 copy of the n floats at w, when they lie in a declared run; else NULL. */
 static const void *bf16_weight(const float *w, size_t n)
 {
+    if (weight_is_bf16(w)) return weight_bf16_data(w); /* stored so (model.frozen_weights) */
     if (!bf16_mode) return NULL;
     for (int i = 0; i < n_constants; i++) {
         struct constant_run *r = &constants[i];
@@ -459,9 +460,19 @@ static void cuda_gather_rows(float *xs, const float *x, const int32_t *slot_of_r
     ok(moe_gather_rows(xs, x, slot_of_row, M, K, H, err, sizeof err), err);
 }
 
-/* The experts' fp32 (or TF32) GEMMs: all in one cublasGemmGroupedBatchedEx, or
- * ESFT_CUDA_GROUPED=loop one cuBLAS call per expert. At a few hundred rows an expert the
- * loop is bound by its launches (128 experts: 128 calls where one would do). */
+/* Whether the E expert weights are fp32 [size] matrices one after the other (one grouped
+ * call), rather than some stored as bf16 or apart. */
+static bool experts_in_one_block(const float *const *w, int E, size_t size)
+{
+    for (int e = 0; e < E; e++)
+        if (weight_is_bf16(w[e]) || w[e] != w[0] + (size_t)e * size) return false;
+    return true;
+}
+
+/* The experts' fp32 (or TF32) GEMMs when they are one fp32 block (else expert by expert):
+ * all in one cublasGemmGroupedBatchedEx, or ESFT_CUDA_GROUPED=loop one cuBLAS call per
+ * expert. At a few hundred rows an expert the loop is bound by its launches (128 experts:
+ * 128 calls where one would do). */
 static bool grouped_batched(void)
 {
     static int batched = -1;
@@ -472,19 +483,20 @@ static bool grouped_batched(void)
     return batched;
 }
 
-static void cuda_grouped_linear(float *y, const float *x, const float *w, const int32_t *offsets,
-                                int E, int I, int O)
+static void cuda_grouped_linear(float *y, const float *x, const float *const *w,
+                                const int32_t *offsets, int E, int I, int O)
 {
     op_begin();
     char err[256];
     int32_t *host = host_offsets(offsets, E);
     int rc = 0;
-    if (bf16_mode) { /* expert by expert: a frozen one on bf16, a trained one on fp32 */
+    if (bf16_mode || !experts_in_one_block(w, E, (size_t)O * I)) {
+        /* expert by expert: a frozen one on bf16, a trained one on fp32 */
         const char *xb = host[E] > 0 ? bf16_operand(x, (size_t)host[E] * I) : NULL;
         for (int e = 0; e < E && rc == 0; e++) {
             int rows = host[e + 1] - host[e];
             if (rows == 0) continue;
-            const float *we = w + (size_t)e * O * I;
+            const float *we = w[e];
             const void *wb = bf16_weight(we, (size_t)O * I);
             float *ye = y + (size_t)host[e] * O;
             rc = wb ? gemm_linear(gemm(), ye, xb + (size_t)host[e] * I * 2, wb, NULL, rows, I, O, 0,
@@ -493,10 +505,11 @@ static void cuda_grouped_linear(float *y, const float *x, const float *w, const 
                                   GEMM_F32, err, sizeof err);
         }
     } else if (grouped_batched()) {
-        rc = gemm_grouped_linear_batched(gemm(), y, GEMM_F32, x, w, host, E, I, O, GEMM_F32, err,
-                                         sizeof err);
+        rc = gemm_grouped_linear_batched(gemm(), y, GEMM_F32, x, E ? w[0] : NULL, host, E, I, O,
+                                         GEMM_F32, err, sizeof err); /* one block from w[0] */
     } else {
-        rc = gemm_grouped_linear(gemm(), y, x, w, host, E, I, O, GEMM_F32, err, sizeof err);
+        rc = gemm_grouped_linear(gemm(), y, x, E ? w[0] : NULL, host, E, I, O, GEMM_F32, err,
+                                 sizeof err);
     }
     free(host);
     ok(rc, err);
@@ -575,6 +588,9 @@ static void cuda_linear_backward(float *dx, float *dw, float *dbias, const float
 {
     op_begin();
     char err[256];
+    if (weight_is_bf16(w) && (dw || dbias))
+        fatal(EXIT_RUNTIME, "linear_backward: a weight held as bf16 has no gradient, nor its bias");
+    if (weight_is_bf16(w) && !dx) return; /* a frozen weight without an input gradient */
     const void *wb = !dw && !dbias && dx ? bf16_weight(w, (size_t)O * I) : NULL;
     if (wb) { /* a frozen weight: only dx = dy w, on bf16 operands */
         ok(gemm_linear_backward(gemm(), dx, NULL, NULL, bf16_operand(dy, (size_t)N * O), NULL, wb,
@@ -660,19 +676,20 @@ static void cuda_router_balance_backward(float *dlogits, const float *probs, con
 }
 
 static void cuda_grouped_linear_backward(float *dx, float *const *dw, const float *dy,
-                                         const float *x, const float *w, const int32_t *offsets,
-                                         int E, int I, int O)
+                                         const float *x, const float *const *w,
+                                         const int32_t *offsets, int E, int I, int O)
 {
     op_begin();
     char err[256];
     int32_t *host = host_offsets(offsets, E);
     int rc = 0;
-    if (bf16_mode) { /* expert by expert: dx of a frozen one on bf16; a trained one on fp32 */
+    if (bf16_mode || !experts_in_one_block(w, E, (size_t)O * I)) {
+        /* expert by expert: dx of a frozen one on bf16; a trained one on fp32 */
         const char *dyb = dx && host[E] > 0 ? bf16_operand(dy, (size_t)host[E] * O) : NULL;
         for (int e = 0; e < E && rc == 0; e++) {
             int rows = host[e + 1] - host[e];
             if (rows == 0) continue;
-            const float *we = w + (size_t)e * O * I;
+            const float *we = w[e];
             float *dwe = dw ? dw[e] : NULL;
             const void *wb = !dwe && dx ? bf16_weight(we, (size_t)O * I) : NULL;
             float *dxe = dx ? dx + (size_t)host[e] * I : NULL;
@@ -685,11 +702,11 @@ static void cuda_grouped_linear_backward(float *dx, float *const *dw, const floa
                                           NULL, err, sizeof err);
         }
     } else if (grouped_batched()) {
-        rc = gemm_grouped_linear_backward_batched(gemm(), dx, dw, dy, x, w, host, E, I, O, GEMM_F32,
-                                                  err, sizeof err);
+        rc = gemm_grouped_linear_backward_batched(gemm(), dx, dw, dy, x, E ? w[0] : NULL, host, E,
+                                                  I, O, GEMM_F32, err, sizeof err);
     } else {
-        rc = gemm_grouped_linear_backward(gemm(), dx, dw, dy, x, w, host, E, I, O, GEMM_F32, err,
-                                          sizeof err);
+        rc = gemm_grouped_linear_backward(gemm(), dx, dw, dy, x, E ? w[0] : NULL, host, E, I, O,
+                                          GEMM_F32, err, sizeof err);
     }
     free(host);
     ok(rc, err);

@@ -47,12 +47,14 @@ static const char *const lr_schedule_names[] = {"constant", "linear", "cosine", 
 static const char *const bad_rows_names[] = {"abort", "skip", NULL};
 static const char *const prepare_format_names[] = {"template", "esft_reference", NULL};
 static const char *const bad_steps_names[] = {"stop", "skip", NULL};
+static const char *const frozen_weights_names[] = {"fp32", "bf16", NULL};
 
 #define N_NAMES(array) (sizeof(array) / sizeof((array)[0]) - 1)
 _Static_assert(N_NAMES(phase_names) == PHASE_COUNT, "phase names");
 _Static_assert(N_NAMES(backend_names) == BACKEND_DEVSIM + 1, "backend names");
 _Static_assert(N_NAMES(dtype_names) == DTYPE_FP16 + 1, "dtype names");
 _Static_assert(N_NAMES(compute_names) == DTYPE_TF32 + 1, "compute dtype names");
+_Static_assert(N_NAMES(frozen_weights_names) == FROZEN_BF16 + 1, "frozen weight dtype names");
 _Static_assert(N_NAMES(score_tokens_names) == SCORE_TOKENS_LOSS + 1, "score.tokens names");
 _Static_assert(N_NAMES(score_function_names) == SCORE_FUNCTION_GATE + 1, "score function names");
 _Static_assert(N_NAMES(method_names) == METHOD_DENSEMIXER + 1, "method names");
@@ -146,6 +148,12 @@ static const struct key schema[] = {
              "activations, products on the TF32 tensor cores) or bf16 (GEMMs against frozen "
              "weights on bf16 operands, the rest tf32; fp32 weights, activations and sums); "
              "fp16 is not implemented"},
+    {KEY("model.frozen_weights", KEY_ENUM, model.frozen_weights), .def = "fp32",
+     .names = frozen_weights_names,
+     .help = "how the frozen weight matrices are held (score, train, eval; every backend): fp32, "
+             "or bf16 (half their memory: attention, expert, shared and dense MLP matrices and an "
+             "untied lm_head that do not train are rounded to bf16 and multiplied as such with "
+             "fp32 sums; norms, biases, routers, the embedding and trainable tensors stay fp32)"},
 
     /* data */
     {KEY("data.path", KEY_STRING, data.path), .required_by = BY(SCORE) | BY(TRAIN) | BY(EVAL),

@@ -41,9 +41,13 @@ struct deck_run {
     enum backend_choice backend;
 };
 
+/* How the frozen weight matrices are held (model.frozen_weights; model_store_frozen_bf16). */
+enum frozen_weights_choice { FROZEN_FP32, FROZEN_BF16 };
+
 struct deck_model {
     char *path; /* Hugging Face checkpoint directory (read; `init` writes it) */
     enum dtype_choice dtype; /* compute dtype: fp32 (auto), or tf32 on cuda */
+    enum frozen_weights_choice frozen_weights; /* fp32, or bf16 (half the memory) */
 };
 
 struct deck_data {

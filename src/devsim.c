@@ -191,10 +191,20 @@ static void sim_gather_rows(float *xs, const float *x, const int32_t *slot_of_ro
     cpu->gather_rows(U(xs), U(x), U(slot_of_row), M, K, H);
 }
 
-static void sim_grouped_linear(float *y, const float *x, const float *w, const int32_t *offsets,
-                               int E, int I, int O)
+/* The host addresses of a host array of E expert weights (their bf16 bit kept). */
+static const float **host_weights(const float *const *w, int E, const char *op)
 {
-    cpu->grouped_linear(U(y), U(x), U(w), U(offsets), E, I, O);
+    const float **host = xmalloc((size_t)(E > 0 ? E : 1) * sizeof *host);
+    for (int e = 0; e < E; e++) host[e] = host_of(w[e], op);
+    return host;
+}
+
+static void sim_grouped_linear(float *y, const float *x, const float *const *w,
+                               const int32_t *offsets, int E, int I, int O)
+{
+    const float **host_w = host_weights(w, E, __func__);
+    cpu->grouped_linear(U(y), U(x), host_w, U(offsets), E, I, O);
+    free(host_w);
 }
 
 static void sim_grouped_bias(float *y, const float *bias, const int32_t *offsets, int E, int O)
@@ -293,15 +303,17 @@ static void sim_router_balance_backward(float *dlogits, const float *probs, cons
 }
 
 static void sim_grouped_linear_backward(float *dx, float *const *dw, const float *dy,
-                                        const float *x, const float *w, const int32_t *offsets,
-                                        int E, int I, int O)
+                                        const float *x, const float *const *w,
+                                        const int32_t *offsets, int E, int I, int O)
 {
-    /* dw is a host array of buffers (one per expert, NULL when frozen) */
+    /* dw is a host array of buffers (one per expert, NULL when frozen), w one of weights */
     float **host_dw = xmalloc((size_t)(E > 0 ? E : 1) * sizeof *host_dw);
     for (int e = 0; e < E; e++) host_dw[e] = dw ? U(dw[e]) : NULL;
-    cpu->grouped_linear_backward(U(dx), dw ? host_dw : NULL, U(dy), U(x), U(w), U(offsets), E, I,
-                                 O);
+    const float **host_w = host_weights(w, E, __func__);
+    cpu->grouped_linear_backward(U(dx), dw ? host_dw : NULL, U(dy), U(x), host_w, U(offsets), E,
+                                 I, O);
     free(host_dw);
+    free(host_w);
 }
 
 static void sim_grouped_bias_backward(float *const *dbias, const float *dy,

@@ -54,6 +54,12 @@ static int apply_adapter(struct model *m, const char *path, int *applied, char *
             break;
         }
         if (p->data) rc = st_read_f32(t, p->data, p->numel, err, err_size);
+        if (p->data_bf16) { /* held as bf16 (model.frozen_weights): rounded as the base was */
+            float *values = xmalloc(p->numel * sizeof(float));
+            rc = st_read_f32(t, values, p->numel, err, err_size);
+            if (rc == 0) st_f32_to_bf16_array(values, p->data_bf16, p->numel);
+            free(values);
+        }
         (*applied)++;
     }
     st_close(file);
@@ -89,6 +95,7 @@ int phase_eval(const struct deck *deck, const struct layout *layout)
     model.ep_comm = &layout->ep;
     model.pp_comm = &layout->pp;
     model_log_stages(&model, "eval");
+    if (deck->model.frozen_weights == FROZEN_BF16) model_store_frozen_bf16(&model); /* all frozen */
     fail_if_any(model_load(&model, deck->model.path, err, sizeof err) != 0, EXIT_INPUT, "eval: %s",
                 err);
     int applied = 0;

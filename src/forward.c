@@ -416,8 +416,8 @@ void model_forward(const struct model *m, const struct backend *ops, struct forw
         if (!batch->targets) return; /* nothing reads logits that are not kept */
         for (int v0 = 0; v0 < V; v0 += ws->vocab_chunk) {
             int C = V - v0 < ws->vocab_chunk ? V - v0 : ws->vocab_chunk;
-            ops->linear(ws->logits, ws->xn_final, m->lm_head + (size_t)v0 * H, NULL, N, H, C,
-                        false);
+            ops->linear(ws->logits, ws->xn_final, weight_offset(m->lm_head, (size_t)v0 * H),
+                        NULL, N, H, C, false);
             ops->ce_chunk_update(ws->ce_state, ws->ce_best, ws->logits, batch->targets, N, C, v0);
         }
         result->loss_sum = ops->ce_chunk_finish(ws->ce_state, ws->ce_best, batch->targets, N,

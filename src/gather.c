@@ -4,6 +4,7 @@
 #include <stdlib.h>
 
 #include "log.h"
+#include "safetensors.h"
 
 /* Tag of the point-to-point messages that carry tensors to rank 0. */
 #define TRANSFER_TAG 0x6573
@@ -75,16 +76,21 @@ int gather_to_rank0(const struct model *model, const struct adamw *opt, bool tra
 {
     int rank;
     check_mpi(MPI_Comm_rank(comm, &rank));
-    size_t scratch_floats = 0;
-    for (int i = 0; rank == 0 && i < model->n_params; i++) {
+    size_t scratch_floats = 0, original_floats = 0;
+    for (int i = 0; i < model->n_params; i++) {
         const struct param *p = &model->params[i];
-        if ((p->trainable || !trainable_only) && !p->data && p->numel > scratch_floats)
-            scratch_floats = p->numel;
+        if (!p->trainable && trainable_only) continue;
+        if (rank == 0 && !p->data && p->numel > scratch_floats) scratch_floats = p->numel;
+        if (p->data_bf16 && p->numel > original_floats) original_floats = p->numel;
     }
     float *scratch[3] = {NULL, NULL, NULL};
     for (int k = 0; k < n_parts && scratch_floats > 0; k++)
         scratch[k] = xmalloc(scratch_floats * sizeof(float));
-    int rc = 0;
+    /* a tensor held as bf16 goes out with the checkpoint's values, read again: never the
+     * rounded ones (model_store_frozen_bf16) */
+    float *original = original_floats ? xcalloc(original_floats, sizeof(float)) : NULL;
+    struct st_checkpoint *checkpoint = NULL;
+    int rc = 0, read_rc = 0;
     size_t offset = 0; /* into this rank's AdamW state */
     for (int i = 0; i < model->n_params; i++) {
         const struct param *p = &model->params[i];
@@ -98,6 +104,15 @@ int gather_to_rank0(const struct model *model, const struct adamw *opt, bool tra
         }
         if (trainable_only && !p->trainable) continue;
         int provider = provider_of(model, p);
+        if (p->data_bf16 && rank == provider) {
+            if (read_rc == 0 && !checkpoint &&
+                !(checkpoint = model_open_original(model, err, err_size)))
+                read_rc = -1;
+            if (read_rc == 0 && model_read_original(model, checkpoint, p, original, err, err_size))
+                read_rc = -1;
+            if (read_rc != 0 && rank == 0) rc = -1; /* its message is in err */
+            parts[0] = original;
+        }
         if (rank == provider && provider != 0) {
             for (int k = 0; k < n_parts; k++) send_floats(parts[k], p->numel, 0, comm);
         } else if (rank == 0) {
@@ -109,5 +124,9 @@ int gather_to_rank0(const struct model *model, const struct adamw *opt, bool tra
         }
     }
     for (int k = 0; k < 3; k++) free(scratch[k]);
+    free(original);
+    if (checkpoint) st_checkpoint_close(checkpoint);
+    if (read_rc != 0) /* this rank's message; rank 0 learns of it through ranks_agree */
+        return -1;
     return rc;
 }

@@ -178,18 +178,14 @@ static void add_feed_forward(struct table_builder *b, int l)
     if (c->router == ROUTER_SIGMOID_BIAS)
         add_param(b, &w->router_bias, PARAM_ROUTER, MLP_NONE, l, -1, c->num_experts, 0,
                   "%s.%d.%s.gate.e_score_correction_bias", P, l, moe)->buffer = true;
-    /* One part at a time over all experts, so each part's local experts are contiguous:
-     * the [E_local, out, in] blocks of model.h. */
+    /* One part at a time over all experts, so each part's local experts are contiguous
+     * in fp32 storage (the [E_local, out, in] blocks of model.h). */
     const enum mlp_part parts[3] = {MLP_GATE, MLP_UP, MLP_DOWN};
-    float **blocks[3] = {&w->expert_gate, &w->expert_up, &w->expert_down};
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 3; i++) { /* their compute view: publish_weights' per-expert arrays */
         int64_t out = parts[i] == MLP_DOWN ? H : I, in = parts[i] == MLP_DOWN ? I : H;
-        for (int e = 0; e < c->num_experts; e++) {
-            int owner = layout_expert_owner(c->num_experts, b->model->grid.ep, e);
-            int first_local = owner * (c->num_experts / b->model->grid.ep);
-            add_param(b, e == first_local ? blocks[i] : NULL, PARAM_EXPERT, parts[i], l, e, out, in,
+        for (int e = 0; e < c->num_experts; e++)
+            add_param(b, NULL, PARAM_EXPERT, parts[i], l, e, out, in,
                       "%s.%d.%s.experts.%d.%s.weight", P, l, moe, e, expert_matrix_name(c, parts[i]));
-        }
     }
     /* gpt_oss: the experts' biases, after the matrices, each part's local experts one
      * contiguous [E_local, out] block; they belong to their expert (its EP rank holds
@@ -376,6 +372,70 @@ void model_table(struct model *m, const struct model_config *cfg, const struct l
     free(b.slots);
 }
 
+/* The compute view of p's weights in host memory: its fp32 data, or its bf16 tagged. */
+static float *host_view(const struct param *p)
+{
+    return p->data ? p->data : weight_bf16(p->data_bf16);
+}
+
+/* Points the compute view (struct layer_weights, the model's own fields, the routed
+ * experts' per-expert arrays) at the storage params[i].data / .data_bf16 name. */
+static void publish_weights(struct model *m)
+{
+    for (int i = 0; i < m->n_params; i++) {
+        struct param *p = &m->params[i];
+        if (!param_held(p)) continue;
+        if (m->weight_slots[i]) *m->weight_slots[i] = host_view(p);
+        if (p->kind == PARAM_EXPERT && p->rank == 2) {
+            struct layer_weights *w = &m->layers[p->layer];
+            const float **experts = p->part == MLP_GATE ? w->expert_gate
+                              : p->part == MLP_UP ? w->expert_up
+                                                  : w->expert_down;
+            experts[p->expert - m->first_expert] = host_view(p);
+        }
+    }
+    if (m->cfg.tie_word_embeddings) m->lm_head = m->embedding;
+}
+
+/* Hands out the fp32 and bf16 blocks to the tensors this rank holds, in table order
+ * (so a part's local expert biases stay one contiguous block). A tensor that stays fp32
+ * keeps its values (a LoRA A is initialised at creation); one that becomes bf16 had none
+ * yet (model_store_frozen_bf16 comes before model_load). */
+static void lay_out_storage(struct model *m, bool bf16)
+{
+    size_t floats = 0, halves = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        const struct param *p = &m->params[i];
+        if (!model_holds(p, m->me)) continue;
+        if (bf16 && model_stores_bf16(p)) halves += p->numel;
+        else floats += p->numel;
+    }
+    float *old = m->storage;
+    free(m->storage_bf16);
+    m->storage = xcalloc(floats ? floats : 1, sizeof(float));
+    m->storage_floats = floats;
+    m->storage_bf16 = halves ? xcalloc(halves, sizeof(uint16_t)) : NULL;
+    m->storage_halves = halves;
+    size_t used = 0, used_halves = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        struct param *p = &m->params[i];
+        float *before = p->data; /* in the old block, or NULL */
+        p->data = NULL;
+        p->data_bf16 = NULL;
+        if (!model_holds(p, m->me)) continue;
+        if (bf16 && model_stores_bf16(p)) {
+            p->data_bf16 = m->storage_bf16 + used_halves;
+            used_halves += p->numel;
+        } else {
+            p->data = m->storage + used;
+            used += p->numel;
+            if (before) memcpy(p->data, before, p->numel * sizeof(float));
+        }
+    }
+    free(old);
+    publish_weights(m);
+}
+
 /* The adapters of spec after the base tensors: for each base weight a target names, A
  * [r, in] then B [out, r], named as PEFT saves them, on the stage of their base (and
  * every EP rank of it, as the base). */
@@ -411,23 +471,15 @@ static void create(struct model *m, const struct model_config *cfg, const struct
     struct table_builder b;
     build_table(m, cfg, grid, coords, &b);
     if (spec) add_adapters(&b, spec);
-
-    /* One allocation for everything this rank holds, handed out in table order. */
-    size_t total = 0;
-    for (int i = 0; i < m->n_params; i++)
-        if (model_holds(&m->params[i], coords)) total += m->params[i].numel;
-    m->storage = xcalloc(total ? total : 1, sizeof(float));
-    m->storage_floats = total;
-    size_t used = 0;
-    for (int i = 0; i < m->n_params; i++) {
-        struct param *p = &m->params[i];
-        if (!model_holds(p, coords)) continue;
-        p->data = m->storage + used;
-        used += p->numel;
-        if (b.slots[i]) *b.slots[i] = p->data;
+    m->weight_slots = b.slots;
+    int local = m->n_local_experts > 0 ? m->n_local_experts : 1;
+    for (int l = 0; l < cfg->num_layers; l++) {
+        m->layers[l].expert_gate = xcalloc((size_t)local, sizeof(const float *));
+        m->layers[l].expert_up = xcalloc((size_t)local, sizeof(const float *));
+        m->layers[l].expert_down = xcalloc((size_t)local, sizeof(const float *));
     }
-    if (cfg->tie_word_embeddings) m->lm_head = m->embedding;
-    free(b.slots);
+    /* One allocation for everything this rank holds, handed out in table order. */
+    lay_out_storage(m, false);
 
     m->inv_freq = xcalloc((size_t)cfg->rope.rotary_dim / 2 + 1, sizeof(float));
     rope_frequencies(cfg, m->inv_freq);
@@ -450,10 +502,25 @@ void model_create_lora(struct model *m, const struct model_config *cfg,
     create(m, cfg, grid, coords, spec, seed);
 }
 
+bool model_stores_bf16(const struct param *p)
+{
+    return !p->trainable && !p->buffer && p->rank == 2 && p->shape[0] > 1 &&
+           p->kind != PARAM_ROUTER && p->kind != PARAM_EMBEDDING && p->kind != PARAM_LORA;
+}
+
+void model_store_frozen_bf16(struct model *m)
+{
+    if (m->ops) fatal(EXIT_RUNTIME, "model_store_frozen_bf16 after model_attach");
+    if (m->checkpoint_dir)
+        fatal(EXIT_RUNTIME, "model_store_frozen_bf16 after model_load (the weights would go)");
+    lay_out_storage(m, true); /* no weight was read yet; adapters keep their init */
+}
+
 void model_free(struct model *m)
 {
     if (m->ops && m->ops->constant) m->ops->constant(NULL, 0); /* its weights are going */
     if (m->ops && !m->ops->host_visible) {
+        m->ops->release(m->device_storage_bf16);
         m->ops->release(m->device_storage);
         m->ops->release(m->device_grad_storage);
         m->ops->release(m->device_inv_freq);
@@ -473,8 +540,16 @@ void model_free(struct model *m)
     free(m->lora_grads);
     free(m->grad_storage);
     free(m->params);
+    for (int l = 0; m->layers && l < m->cfg.num_layers; l++) {
+        free((void *)m->layers[l].expert_gate);
+        free((void *)m->layers[l].expert_up);
+        free((void *)m->layers[l].expert_down);
+    }
     free(m->layers);
+    free(m->weight_slots);
+    free(m->checkpoint_dir);
     free(m->storage);
+    free(m->storage_bf16);
     free(m->inv_freq);
     memset(m, 0, sizeof *m);
 }
@@ -614,6 +689,9 @@ void model_set_trainable(struct model *m, const bool *trainable)
         m->lora_grads = xcalloc((size_t)m->cfg.num_layers, sizeof *m->lora_grads);
     size_t total = 0;
     for (int i = 0; i < m->n_params; i++) {
+        if (trainable[i] && m->params[i].data_bf16)
+            fatal(EXIT_RUNTIME, "model_set_trainable: %s is held as bf16 (model_store_frozen_bf16 "
+                  "comes after model_set_trainable)", m->params[i].name);
         m->params[i].trainable = trainable[i] && !m->params[i].buffer;
         if (m->params[i].trainable && m->params[i].data) total += m->params[i].numel;
     }
@@ -650,6 +728,18 @@ static float *moved(float *p, const float *from, size_t floats, float *to)
     return to + (p - from);
 }
 
+/* The backend's copy of a compute-view weight pointer into the host storage: fp32 or
+ * weight_bf16 (attach has allocated both device blocks). */
+static float *moved_weight(const struct model *m, const float *w)
+{
+    if (!w || !weight_is_bf16(w))
+        return moved((float *)w, m->storage, m->storage_floats, m->device_storage);
+    const uint16_t *h = weight_bf16_data(w);
+    if (h < m->storage_bf16 || h >= m->storage_bf16 + m->storage_halves)
+        fatal(EXIT_RUNTIME, "model: a bf16 tensor outside the storage it belongs to");
+    return weight_bf16(m->device_storage_bf16 + (h - m->storage_bf16));
+}
+
 void model_attach(struct model *m, const struct backend *ops)
 {
     if (m->ops) fatal(EXIT_RUNTIME, "model_attach: the model is attached already");
@@ -659,14 +749,18 @@ void model_attach(struct model *m, const struct backend *ops)
     size_t W = m->storage_floats;
     m->device_storage = ops->alloc(W * sizeof(float));
     ops->upload(m->device_storage, m->storage, W * sizeof(float));
+    if (m->storage_halves) {
+        m->device_storage_bf16 = ops->alloc(m->storage_halves * sizeof(uint16_t));
+        ops->upload(m->device_storage_bf16, m->storage_bf16, m->storage_halves * sizeof(uint16_t));
+    }
     size_t n_freq = (size_t)m->cfg.rope.rotary_dim / 2 + 1;
     m->device_inv_freq = ops->alloc(n_freq * sizeof(float));
     ops->upload(m->device_inv_freq, m->inv_freq, n_freq * sizeof(float));
-    float *dev = m->device_storage;
     bool tied = m->lm_head == m->embedding;
-    m->embedding = moved(m->embedding, m->storage, W, dev);
-    m->final_norm = moved(m->final_norm, m->storage, W, dev);
-    m->lm_head = tied ? m->embedding : moved(m->lm_head, m->storage, W, dev);
+    m->embedding = moved_weight(m, m->embedding);
+    m->final_norm = moved_weight(m, m->final_norm);
+    m->lm_head = tied ? m->embedding : moved_weight(m, m->lm_head);
+    int local_experts = m->n_local_experts > 0 ? m->n_local_experts : 1;
     for (int l = 0; l < m->cfg.num_layers; l++) {
         struct layer_weights *w = &m->layers[l];
         float **fields[] = {&w->input_norm, &w->post_norm, &w->q, &w->k, &w->v, &w->o,
@@ -674,21 +768,26 @@ void model_attach(struct model *m, const struct backend *ops)
                             &w->k_norm, &w->q_a, &w->q_a_bias, &w->q_a_norm, &w->q_b,
                             &w->kv_a, &w->kv_a_bias, &w->kv_a_norm, &w->kv_b, &w->sinks,
                             &w->router, &w->router_bias, &w->router_logit_bias,
-                            &w->expert_gate, &w->expert_up, &w->expert_down,
                             &w->expert_gate_bias, &w->expert_up_bias, &w->expert_down_bias,
                             &w->shared_gate, &w->shared_up, &w->shared_down,
                             &w->shared_expert_gate, &w->mlp_gate, &w->mlp_up, &w->mlp_down};
-        _Static_assert(sizeof fields / sizeof fields[0] == sizeof(struct layer_weights) / sizeof(float *),
-                       "every field of struct layer_weights");
+        _Static_assert(sizeof fields / sizeof fields[0] + 3 ==
+                           sizeof(struct layer_weights) / sizeof(float *),
+                       "every field of struct layer_weights (and its three expert arrays)");
         for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++)
-            *fields[i] = moved(*fields[i], m->storage, W, dev);
+            *fields[i] = moved_weight(m, *fields[i]);
+        for (int e = 0; e < local_experts; e++) {
+            w->expert_gate[e] = moved_weight(m, w->expert_gate[e]);
+            w->expert_up[e] = moved_weight(m, w->expert_up[e]);
+            w->expert_down[e] = moved_weight(m, w->expert_down[e]);
+        }
     }
     for (int l = 0; m->lora && l < m->cfg.num_layers; l++)
         for (int t = 0; t < LORA_TARGET_COUNT; t++) {
-            m->lora[l].a[t] = moved(m->lora[l].a[t], m->storage, W, dev);
-            m->lora[l].b[t] = moved(m->lora[l].b[t], m->storage, W, dev);
+            m->lora[l].a[t] = moved_weight(m, m->lora[l].a[t]);
+            m->lora[l].b[t] = moved_weight(m, m->lora[l].b[t]);
         }
-    if (ops->constant) /* the frozen weights, as the backend may keep them */
+    if (ops->constant) /* the frozen fp32 weights, as the backend may keep them */
         for (int i = 0; i < m->n_params; i++)
             if (m->params[i].data && !m->params[i].trainable)
                 ops->constant(model_compute_data(m, &m->params[i]), m->params[i].numel);
@@ -737,8 +836,7 @@ void model_download_grads(struct model *m)
 
 float *model_compute_data(const struct model *m, const struct param *p)
 {
-    return m->device_storage ? moved(p->data, m->storage, m->storage_floats, m->device_storage)
-                             : p->data;
+    return m->device_storage ? moved_weight(m, host_view(p)) : host_view(p);
 }
 
 float *model_compute_grad(const struct model *m, const struct param *p)

@@ -6,9 +6,12 @@
  * Sizes (as in backend.h): N tokens, H hidden, L decoder layers, nH / nKV heads, Dh
  * head_dim, E routed experts, K top-k, I expert width, V vocabulary. Linear weights are
  * [out, in] as in the checkpoints. A layer's routed experts are held as three blocks,
- * gate [E_local, I, H], up [E_local, I, H], down [E_local, H, I], so one grouped GEMM
- * runs over all of them without restacking; the parameter table's per-expert entries
- * point into those blocks (gpt_oss's expert biases likewise: [E_local, I], [E_local, H]). */
+ * gate [E_local, I, H], up [E_local, I, H], down [E_local, H, I] (gpt_oss's expert biases
+ * likewise: [E_local, I], [E_local, H]), the parameter table's per-expert entries pointing
+ * into them; the grouped GEMMs take the matrices through per-expert arrays
+ * (layer_weights.expert_gate[e], ...), since with frozen weights held as bf16
+ * (model_store_frozen_bf16) the frozen experts' matrices live apart from the trained
+ * ones'. */
 #ifndef ESFT_MODEL_H
 #define ESFT_MODEL_H
 
@@ -67,7 +70,9 @@ struct param {
     bool trainable;
     bool buffer; /* a fixed tensor of the model that never trains (deepseek_v3 / glm4_moe
                   * mlp.gate.e_score_correction_bias: selection only, no gradient) */
-    float *data; /* fp32 weights on this rank; NULL when another rank holds it */
+    float *data; /* fp32 weights on this rank; NULL when another rank holds it, or when
+                  * they are held as bf16 (data_bf16) */
+    uint16_t *data_bf16; /* the weights as bf16 (model_store_frozen_bf16), else NULL */
     float *grad; /* its gradient when trainable and held here, else NULL */
     /* PARAM_LORA: the module it adapts (enum lora_target), and whether it is B [out, r]
      * (else A [r, in]); `layer` is its base weight's */
@@ -92,8 +97,8 @@ struct layer_weights {
     float *router;                       /* [E, H]; MoE layers */
     float *router_bias;                  /* [E] e_score_correction_bias, or NULL */
     float *router_logit_bias;            /* [E] the router linear's bias (gpt_oss), or NULL */
-    float *expert_gate, *expert_up;      /* [E_local, I, H] */
-    float *expert_down;                  /* [E_local, H, I] */
+    const float **expert_gate, **expert_up; /* [E_local] -> [I, H] each: per local expert, */
+    const float **expert_down;              /* [E_local] -> [H, I]  fp32 or weight_bf16 */
     float *expert_gate_bias, *expert_up_bias; /* [E_local, I] (gpt_oss), or NULL */
     float *expert_down_bias;             /* [E_local, H] (gpt_oss), or NULL */
     float *shared_gate, *shared_up, *shared_down; /* shared expert, or NULL */
@@ -118,8 +123,12 @@ struct model {
     float *embedding, *final_norm, *lm_head; /* lm_head == embedding when tied */
     struct layer_weights *layers;            /* [cfg.num_layers]; unheld layers all NULL */
     float *inv_freq;                         /* [rotary_dim / 2] */
-    float *storage;                          /* every weight of this rank, one allocation */
+    float *storage;                          /* every fp32 weight of this rank, one allocation */
     size_t storage_floats;
+    uint16_t *storage_bf16;                  /* every bf16 weight (model_store_frozen_bf16) */
+    size_t storage_halves;
+    float ***weight_slots;                   /* [n_params]: each one's compute-view field, or NULL */
+    char *checkpoint_dir;                    /* where model_load read the weights */
     /* gradients (model_set_trainable) */
     struct layer_grads *grads;               /* [cfg.num_layers] */
     /* Where the backward may stop (model_set_trainable): nothing below decoder layer
@@ -135,6 +144,7 @@ struct model {
      * (NULL when it is host-visible or the model is not attached: host memory) */
     const struct backend *ops;
     float *device_storage, *device_grad_storage, *device_inv_freq;
+    uint16_t *device_storage_bf16;
     /* the EP group (grid.ep > 1): the ranks that hold the other experts and exchange
      * tokens with this one. Set by the caller after model_create. */
     const struct comm *ep_comm;
@@ -188,6 +198,39 @@ int model_check_checkpoint(const struct model_config *cfg, const struct layout_g
                            struct layout_coords coords, const char *dir, char *err,
                            size_t err_size);
 
+/* Whether this rank holds p's weights (as fp32 or as bf16). */
+static inline bool param_held(const struct param *p)
+{
+    return p->data || p->data_bf16;
+}
+
+/* Whether model_store_frozen_bf16 keeps p as bf16: a frozen weight matrix that a GEMM
+ * reads (attention projections, routed, shared and dense MLP matrices, an untied
+ * lm_head). What stays fp32: trainable tensors (fp32 master weights), norms, biases,
+ * sinks and e_score_correction_bias (vectors), the router (its choice of experts is
+ * discrete, a bf16 rounding could flip it; and it is small), gated shared experts'
+ * [1, H] gate, and the embedding table (read by a lookup, not a GEMM; tied to lm_head
+ * it stays fp32 for both). */
+bool model_stores_bf16(const struct param *p);
+
+/* model.frozen_weights: bf16: holds every tensor model_stores_bf16 names as bf16,
+ * halving their memory; the rest stays fp32. Call after model_set_trainable (without it
+ * every tensor is frozen) and before model_load and model_attach: it lays the storage
+ * out again (the fp32 block shrinks), so that no fp32 copy of those tensors is ever
+ * held. model_load rounds the checkpoint's values to bf16 (to nearest even: exact when
+ * the checkpoint is bf16); exports read the checkpoint again for them
+ * (model_read_original), so they are written from the original values. */
+void model_store_frozen_bf16(struct model *model);
+
+/* The checkpoint model_load read (model->checkpoint_dir), opened again (close with
+ * st_checkpoint_close), and p's values as model_load read them from it, in fp32 into
+ * out[p->numel]: what an export writes for a tensor held as bf16. NULL / -1 with a
+ * message. */
+struct st_checkpoint;
+struct st_checkpoint *model_open_original(const struct model *model, char *err, size_t err_size);
+int model_read_original(const struct model *model, const struct st_checkpoint *checkpoint,
+                        const struct param *p, float *out, char *err, size_t err_size);
+
 /* Folds every adapter this rank holds into its base weight, W += scale B A (host copies,
  * params[i].data; in double, rounded once), and zeroes its B, so that the forward is
  * unchanged and the merged export (which leaves adapters out) holds the trained model. */
@@ -217,7 +260,8 @@ void model_upload_grads(struct model *model);
  * optimizer updated them on the backend. Nothing to do on a host-visible backend. */
 void model_download_trainable(struct model *model);
 /* The compute view of a parameter's weights and gradient: the backend's copies after
- * model_attach, else params[i].data / .grad themselves. */
+ * model_attach, else params[i].data / .grad themselves; a weight held as bf16 as a
+ * weight_bf16 pointer (backend.h). */
 float *model_compute_data(const struct model *model, const struct param *p);
 float *model_compute_grad(const struct model *model, const struct param *p);
 

@@ -543,19 +543,46 @@ int model_load(struct model *m, const char *dir, char *err, size_t err_size)
     struct st_checkpoint *ckpt = st_checkpoint_open(dir, err, err_size);
     if (!ckpt) return -1;
     log_unused_layers(&m->cfg, ckpt);
+    free(m->checkpoint_dir);
+    m->checkpoint_dir = xstrdup(dir);
+    /* a tensor held as bf16 is read in fp32 into one buffer, then rounded */
+    size_t widest = 0;
+    for (int i = 0; i < m->n_params; i++)
+        if (m->params[i].data_bf16 && m->params[i].numel > widest) widest = m->params[i].numel;
+    float *values = widest ? xmalloc(widest * sizeof(float)) : NULL;
     int rc = 0, dequantised = 0;
     for (int i = 0; i < m->n_params && rc == 0; i++) {
         const struct param *p = &m->params[i];
         struct weight_source src;
-        if (!p->data || p->kind == PARAM_LORA) continue; /* adapters: not in the base */
+        if (!param_held(p) || p->kind == PARAM_LORA) continue; /* adapters: not in the base */
         rc = locate(m, ckpt, p, &src, err, err_size);
-        if (rc == 0) rc = read_range_f32(&src, p->numel, p->data, err, err_size);
+        if (rc == 0) rc = read_range_f32(&src, p->numel, p->data ? p->data : values, err, err_size);
+        if (rc == 0 && p->data_bf16) st_f32_to_bf16_array(values, p->data_bf16, p->numel);
         dequantised += rc == 0 && src.scale;
     }
+    free(values);
     if (rc == 0 && dequantised > 0)
         log_info("model: %d fp8 tensors dequantised to fp32 (rank 0's; blocks of [%d, %d], "
                  "quantization_config of %s/config.json)",
                  dequantised, m->cfg.quantization.block[0], m->cfg.quantization.block[1], dir);
     st_checkpoint_close(ckpt);
+    return rc;
+}
+
+struct st_checkpoint *model_open_original(const struct model *m, char *err, size_t err_size)
+{
+    if (!m->checkpoint_dir) {
+        snprintf(err, err_size, "the model was not loaded from a checkpoint");
+        return NULL;
+    }
+    return st_checkpoint_open(m->checkpoint_dir, err, err_size);
+}
+
+int model_read_original(const struct model *m, const struct st_checkpoint *ckpt,
+                        const struct param *p, float *out, char *err, size_t err_size)
+{
+    struct weight_source src;
+    int rc = locate(m, ckpt, p, &src, err, err_size);
+    if (rc == 0) rc = read_range_f32(&src, p->numel, out, err, err_size);
     return rc;
 }

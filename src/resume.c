@@ -58,7 +58,9 @@ void resume_hash_inputs(const struct deck *deck, const struct dataset *ds,
  *     nothing is left to train;
  *   free to differ, since they change how a run computes, reports or writes but not what
  *     it trains: phase, run.name, run.output_dir, run.backend, model.dtype (the
- *     checkpoint holds fp32 state whatever the compute dtype), parallel.* (checkpoints do
+ *     checkpoint holds fp32 state whatever the compute dtype), model.frozen_weights
+ *     (only the trainable tensors and their moments are checkpointed, fp32 either way;
+ *     the frozen ones are read from model.path again), parallel.* (checkpoints do
  *     not depend on the layout), train.checkpoint_every, keep_checkpoints, eval_every,
  *     log_every, resume, export_merged, recompute, and the init, prepare, score, select
  *     and eval sections (select's choices reach training only through the

@@ -155,6 +155,7 @@ int phase_score(const struct deck *deck, const struct layout *layout)
     model.ep_comm = &layout->ep;
     model.pp_comm = &layout->pp;
     model_log_stages(&model, "score");
+    if (deck->model.frozen_weights == FROZEN_BF16) model_store_frozen_bf16(&model); /* all frozen */
     fail_if_any(model_load(&model, deck->model.path, err, sizeof err) != 0, EXIT_INPUT, "score: %s",
                 err);
     const struct backend *ops = phase_backend(deck, "score");

@@ -186,6 +186,17 @@ int train_check_model(const struct deck *deck, const struct model_config *cfg, c
     struct lora_spec spec;
     if (deck->train.method == METHOD_LORA && lora_spec_of(deck, cfg, &spec, err, err_size) != 0)
         return -1;
+    if (deck->train.method == METHOD_LORA && deck->train.export_merged &&
+        deck->model.frozen_weights == FROZEN_BF16) {
+        char where[4200];
+        deck_where(deck, "train.export_merged", where, sizeof where);
+        snprintf(err, err_size,
+                 "%s: train.export_merged with train.method lora and model.frozen_weights bf16 "
+                 "is not supported yet (the merge folds B A into base weights that are held as "
+                 "bf16); export the adapter alone, or merge with model.frozen_weights fp32",
+                 where);
+        return -1;
+    }
     if (cfg->aux == AUX_NONE && deck->train.aux_loss_coef > 0) {
         char where[4200];
         deck_where(deck, "train.aux_loss_coef", where, sizeof where);
@@ -269,14 +280,17 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     model.ep_comm = &layout->ep;
     model.pp_comm = &layout->pp;
     model_log_stages(&model, "train");
-    fail_if_any(model_load(&model, deck->model.path, err, sizeof err) != 0, EXIT_INPUT, "train: %s",
-                err);
+    /* what trains is known from the table alone, before the weights are read: the frozen
+     * ones may then be held as bf16 from the start (model.frozen_weights) */
     bool *trainable = xcalloc((size_t)model.n_params, sizeof(bool));
     if (trainable_select(&model, tr->method, tr->method == METHOD_ESFT ? &ec : NULL, trainable,
                          err, sizeof err) != 0)
         fatal_all(EXIT_INPUT, "train: %s", err);
     if (tr->method == METHOD_LORA && lora.train_router) trainable_add_routers(&model, trainable);
     model_set_trainable(&model, trainable);
+    if (deck->model.frozen_weights == FROZEN_BF16) model_store_frozen_bf16(&model);
+    fail_if_any(model_load(&model, deck->model.path, err, sizeof err) != 0, EXIT_INPUT, "train: %s",
+                err);
     size_t n_trainable = 0, n_total = 0;
     int n_tensors = 0;
     for (int i = 0; i < model.n_params; i++) {
@@ -293,13 +307,16 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     /* what this rank holds: the routed experts' share falls as 1/ep */
     double held[2] = {0, 0}; /* MiB: all weights, routed experts */
     for (int i = 0; i < model.n_params; i++)
-        if (model.params[i].data) {
-            double mib = (double)model.params[i].numel * sizeof(float) / 1048576.0;
+        if (param_held(&model.params[i])) {
+            size_t bytes = model.params[i].data_bf16 ? sizeof(uint16_t) : sizeof(float);
+            double mib = (double)model.params[i].numel * bytes / 1048576.0;
             held[0] += mib;
             if (model.params[i].kind == PARAM_EXPERT) held[1] += mib;
         }
     check_mpi(MPI_Allreduce(MPI_IN_PLACE, held, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
-    log_info("train: weights per rank %.2f MiB (fp32), of which routed experts %.2f MiB", held[0],
+    log_info("train: weights per rank %.2f MiB (%s), of which routed experts %.2f MiB", held[0],
+             deck->model.frozen_weights == FROZEN_BF16 ? "frozen matrices bf16, the rest fp32"
+                                                       : "fp32",
              held[1]);
     metrics_write("memory", "\"weights_mib\": %.3f, \"expert_weights_mib\": %.3f", held[0], held[1]);
     struct adamw opt;

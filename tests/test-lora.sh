@@ -5,9 +5,10 @@
 # and the merged model's eval loss is below the base model's; a run stopped at step 4 and
 # resumed writes the uninterrupted run's adapter and merged weights bit for bit; pp 2 (its
 # own gradient path across stages) and the device simulator write the same adapter bit for
-# bit; train_router adds the routers as modules_to_save; routed-expert
-# targets and unknown targets are refused with the reason. The numbers against PEFT
-# itself are test_lora's (golden fixtures).
+# bit; train_router adds the routers as modules_to_save; over bf16 frozen weights
+# (model.frozen_weights) the adapters train and the merged export is refused; routed-expert
+# targets and unknown targets are refused with the reason. The numbers against PEFT itself
+# are test_lora's (golden fixtures).
 set -u
 . "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
 test_begin lora
@@ -78,6 +79,27 @@ expect 0 "lora + routers" "$esft" "$demo" phase=train "run.output_dir=$d/router"
 contains "$d/router/adapter/adapter_config.json" '"model.layers.0.mlp.gate"' "modules_to_save"
 contains "$d/router/adapter/adapter_model.safetensors" 'base_model.model.model.layers.0.mlp.gate.weight' \
     "the router's modules_to_save copy"
+
+# over frozen weights held as bf16 (model.frozen_weights): the adapters stay fp32 and keep
+# their initial A (the storage is laid out again for bf16), so they train: the validation
+# loss falls and ends within 1e-2 (relative) of the fp32 run's; the merged export, which
+# would fold B A into the bf16 weights, is refused before anything is written
+# shellcheck disable=SC2086
+expect 0 "lora, bf16 frozen weights" "$esft" "$demo" phase=train "run.output_dir=$d/bf16" $common \
+    $lora model.frozen_weights=bf16 train.export_merged=false
+m16="$d/bf16/metrics.jsonl"
+first16=$(losses eval "$m16" | head -n 1 | cut -d' ' -f2)
+last16=$(losses eval "$m16" | tail -n 1 | cut -d' ' -f2)
+awk -v a="$first16" -v b="$last16" 'BEGIN { exit !(b < a) }' && ok ||
+    fail "lora over bf16 weights did not lower the validation loss ($first16 -> $last16)"
+awk -v a="$last16" -v b="$last" 'BEGIN { d = (a - b) / b; exit !(d < 1e-2 && d > -1e-2) }' && ok ||
+    fail "lora over bf16 weights: final validation loss $last16, fp32 $last"
+echo "validation loss over bf16 frozen weights: $first16 -> $last16 (fp32: $last)"
+# shellcheck disable=SC2086
+expect 2 "lora, bf16, merged export refused" "$esft" "$demo" phase=train \
+    "run.output_dir=$d/bad" $common $lora model.frozen_weights=bf16
+contains "$tmp/err" "model.frozen_weights bf16 is not supported yet" "bf16 merged export refused"
+absent "$d/bad" "bf16 merged export refused"
 
 # shellcheck disable=SC2086
 expect 2 "routed experts refused" "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common \

@@ -268,4 +268,54 @@ grep -q 'experts key "02" is not a MoE layer' "$tmp/err" && ok || fail "a layer 
 expect 2 "densemixer not yet" "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common train.method=densemixer
 [ -e "$d/bad" ] && fail "a refused train run left $d/bad" || ok
 
+# model.frozen_weights: bf16 on an fp32 checkpoint (so the rounding changes values): the
+# merged export's frozen tensors are the checkpoint's, bit for bit (read again, not their
+# bf16 rounding); 2 ranks (ep 2: experts gathered from the other rank) give the 1-rank
+# curve, and the device simulator the CPU's, bit for bit.
+b="$tmp/bf16"
+expect 0 "fp32 demo model" "$esft" "$demo" phase=init "run.output_dir=$b" "model.path=$b/model" \
+    init.dtype=fp32
+bf16="model.path=$b/model data.path=$d/data.h5 train.expert_config=$d/expert_config.json"
+bf16="$bf16 model.frozen_weights=bf16 train.steps=4 train.global_batch=8 train.eval_every=2"
+# shellcheck disable=SC2086
+expect 0 "bf16 frozen weights" "$esft" "$demo" phase=train "run.output_dir=$b/np1" $bf16 \
+    train.export_merged=true
+cat "$tmp/out" "$tmp/err" | grep -q "frozen matrices bf16" && ok ||
+    fail "bf16 frozen weights: the weights line does not say so"
+expect 0 "bf16 frozen weights: frozen tensors exported unchanged" "$check" frozen "$b/model" \
+    "$b/np1/merged" "$d/trainable_tensors.txt"
+# shellcheck disable=SC2086
+expect 0 "bf16 frozen weights, ep 2" $mpirun 2 "$esft" "$demo" phase=train "run.output_dir=$b/np2" \
+    $bf16 parallel.ep=2 train.export_merged=true
+same_curve "$b/np1/metrics.jsonl" "$b/np2/metrics.jsonl" 1e-5 && ok ||
+    fail "bf16 frozen weights: ep 2 does not give the 1-rank curve"
+expect 0 "bf16 frozen weights, ep 2: frozen tensors exported unchanged" "$check" frozen "$b/model" \
+    "$b/np2/merged" "$d/trainable_tensors.txt"
+# shellcheck disable=SC2086
+expect 0 "bf16 frozen weights, devsim" "$esft" "$demo" phase=train "run.output_dir=$b/sim" $bf16 \
+    run.backend=cpu-devsim
+same_curve "$b/np1/metrics.jsonl" "$b/sim/metrics.jsonl" 0 && ok ||
+    fail "bf16 frozen weights: the device simulator's curve differs from the CPU's"
+# shellcheck disable=SC2086
+expect 0 "fp32 frozen weights, same model" "$esft" "$demo" phase=train "run.output_dir=$b/fp32" \
+    $bf16 model.frozen_weights=fp32
+if same_curve "$b/np1/metrics.jsonl" "$b/fp32/metrics.jsonl" 0; then
+    fail "bf16 frozen weights: the curve is bitwise fp32's on an fp32 checkpoint (bf16 not used?)"
+else
+    ok
+fi
+same_curve "$b/np1/metrics.jsonl" "$b/fp32/metrics.jsonl" 1e-2 && ok ||
+    fail "bf16 frozen weights: the curve is not within 1e-2 of fp32's"
+# eval with the adapter over bf16 frozen weights (the adapter's tensors rounded as the
+# base's): within 1e-2 of the fp32 eval, and not equal to it
+for fw in fp32 bf16; do
+    expect 0 "eval, adapter, $fw frozen weights" "$esft" "$demo" phase=eval \
+        "run.output_dir=$b/eval-$fw" "model.path=$b/model" "data.path=$d/data.h5" \
+        "eval.adapter=$b/np1/adapter/adapter.safetensors" "model.frozen_weights=$fw"
+done
+e32=$(value loss "$b/eval-fp32/eval.json")
+e16=$(value loss "$b/eval-bf16/eval.json")
+awk -v a="$e32" -v b="$e16" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(a != b && d < 1e-2 * a) }' &&
+    ok || fail "eval with bf16 frozen weights: loss $e16, fp32 $e32"
+
 test_end test-train

@@ -581,13 +581,15 @@ static void test_grouped_linear(const struct backend *ops)
     float *x = random_array((size_t)M * I, 1.0), *w = random_array((size_t)E * O * I, 0.3);
     float *g = random_array((size_t)M * O, 1.0), *dw_base = random_array((size_t)E * O * I, 1.0);
     float *dx[2], *dw_buffer[2], *dw[2][E];
+    const float *experts[E];
+    for (int e = 0; e < E; e++) experts[e] = w + (size_t)e * O * I;
     for (int pass = 0; pass < 2; pass++) {
         omp_set_num_threads(pass ? 3 : 1);
         dx[pass] = filled((size_t)M * I, 7.0f);
         dw_buffer[pass] = copy_of(dw_base, (size_t)E * O * I);
         for (int e = 0; e < E; e++)
             dw[pass][e] = e == frozen ? NULL : dw_buffer[pass] + (size_t)e * O * I;
-        ops->grouped_linear_backward(dx[pass], dw[pass], g, x, w, gl_offsets, E, I, O);
+        ops->grouped_linear_backward(dx[pass], dw[pass], g, x, experts, gl_offsets, E, I, O);
     }
     check_threads(op, "dx", dx[0], dx[1], (size_t)M * I);
     check_threads(op, "dw", dw_buffer[0], dw_buffer[1], (size_t)E * O * I);
@@ -610,7 +612,7 @@ static void test_grouped_linear(const struct backend *ops)
     float *all_dw[E], *none = copy_of(dw_base, (size_t)E * O * I), *none_dw[E];
     for (int e = 0; e < E; e++) all_dw[e] = all + (size_t)e * O * I;
     for (int e = 0; e < E; e++) none_dw[e] = none + (size_t)e * O * I;
-    ops->grouped_linear_backward(dx2, all_dw, g, x, w, gl_offsets, E, I, O);
+    ops->grouped_linear_backward(dx2, all_dw, g, x, experts, gl_offsets, E, I, O);
     check_same(op, "dx with an expert frozen", dx2, dx[0], (size_t)M * I * sizeof(float));
     for (int e = 0; e < E; e++)
         if (e != frozen)
@@ -619,11 +621,11 @@ static void test_grouped_linear(const struct backend *ops)
     report(op, "dw[frozen]",
            fd_error(grouped_loss, 1 + frozen, gl.w[frozen], (size_t)O * I, all_dw[frozen],
                     dw_base + (size_t)frozen * O * I));
-    ops->grouped_linear_backward(NULL, none_dw, g, x, w, gl_offsets, E, I, O);
+    ops->grouped_linear_backward(NULL, none_dw, g, x, experts, gl_offsets, E, I, O);
     check_same(op, "dw without dx", none, all, (size_t)E * O * I * sizeof(float));
     /* no experts trained, no dx: nothing to do, nothing touched */
     float *nothing[E] = {NULL, NULL, NULL, NULL};
-    ops->grouped_linear_backward(NULL, nothing, g, x, w, gl_offsets, E, I, O);
+    ops->grouped_linear_backward(NULL, nothing, g, x, experts, gl_offsets, E, I, O);
 
     for (int pass = 0; pass < 2; pass++) free(dx[pass]), free(dw_buffer[pass]);
     for (int e = 0; e < E; e++) free(gl.w[e]);

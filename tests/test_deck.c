@@ -672,6 +672,24 @@ static void test_requirements(void)
               has_error(err, "r.yaml:2:18: ", "model.dtype: tf32 is a mode of the GPU's tensor cores"),
           "%s", err);
     CHECK(finish_count("phase: select\nmodel: {dtype: fp16}\n", err) == 0, "%s", err);
+    /* model.frozen_weights: fp32 (the default) or bf16, on every backend; nothing else */
+    {
+        struct deck fw;
+        CHECK(parse(&fw, "r.yaml", "phase: eval\nmodel: {path: m, frozen_weights: bf16}\n", err) ==
+                      0 &&
+                  fw.model.frozen_weights == FROZEN_BF16,
+              "model.frozen_weights: bf16: %s", err);
+        deck_free(&fw);
+        CHECK(parse(&fw, "r.yaml", "phase: eval\nmodel: {path: m}\n", err) == 0 &&
+                  fw.model.frozen_weights == FROZEN_FP32,
+              "model.frozen_weights defaults to fp32: %s", err);
+        deck_free(&fw);
+        CHECK(parse(&fw, "r.yaml", "phase: eval\nmodel: {path: m, frozen_weights: fp8}\n", err) !=
+                      0 &&
+                  has_error(err, "r.yaml:2:", "model.frozen_weights"),
+              "model.frozen_weights: fp8 refused by file:line: %s", err);
+        deck_free(&fw);
+    }
     CHECK(finish_count("phase: select\nselect: {bootstrap: 100, union_tasks: true}\n", err) == 1 &&
               has_error(err, "", "select.bootstrap with select.union_tasks is not implemented"),
           "%s", err);

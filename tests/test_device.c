@@ -139,6 +139,14 @@ static float *random_floats(struct rng *rng, size_t n, float low, float high)
 
 /* The device buffer d of n floats against want: worst relative error at most bound
  * (bound 0: bit for bit). */
+/* The E matrices of [size] one after the other in block, as a per-expert array. */
+static const float **expert_array(const float *block, int E, size_t size)
+{
+    const float **experts = xcalloc((size_t)E, sizeof *experts);
+    for (int e = 0; e < E; e++) experts[e] = block + (size_t)e * size;
+    return experts;
+}
+
 static void expect_floats(const float *d, const float *want, size_t n, double bound,
                           const char *what)
 {
@@ -600,7 +608,8 @@ static void check_gemm(int N, int I, int O, int E, enum gemm_type type)
     }
     for (int e = 0; e < E; e++) offsets[e + 1] += offsets[e];
     float *ys = xmalloc((size_t)N * O * sizeof(float));
-    cpu->grouped_linear(ys, x, w, offsets, E, I, O);
+    const float **experts = expert_array(w, E, (size_t)O * I);
+    cpu->grouped_linear(ys, x, experts, offsets, E, I, O);
     CHECK(gemm_grouped_linear(ctx, d_y, d_x, d_w, offsets, E, I, O, type, err, sizeof err) == 0, "%s", err);
     expect_floats(d_y, ys, (size_t)N * O, 1e-5, "gemm_grouped_linear");
     float **dws = xcalloc((size_t)E, sizeof *dws), **d_dws = xcalloc((size_t)E, sizeof *d_dws);
@@ -609,7 +618,7 @@ static void check_gemm(int N, int I, int O, int E, enum gemm_type type)
             dws[e] = random_floats(&rng, (size_t)O * I, -1, 1);
             d_dws[e] = to_device(dws[e], (size_t)O * I * sizeof(float));
         }
-    cpu->grouped_linear_backward(dx, dws, dy, x, w, offsets, E, I, O);
+    cpu->grouped_linear_backward(dx, dws, dy, x, experts, offsets, E, I, O);
     CHECK(gemm_grouped_linear_backward(ctx, d_dx, d_dws, d_dy, d_x, d_w, offsets, E, I, O, type, err,
                                        sizeof err) == 0, "%s", err);
     expect_floats(d_dx, dx, (size_t)N * I, 1e-5, "gemm_grouped_linear_backward dx");
@@ -625,13 +634,14 @@ static void check_gemm(int N, int I, int O, int E, enum gemm_type type)
             memcpy(dws[e], again, (size_t)O * I * sizeof(float));
             free(again);
         }
-        cpu->grouped_linear_backward(dx, dws, dy, x, w, offsets, E, I, O);
+        cpu->grouped_linear_backward(dx, dws, dy, x, experts, offsets, E, I, O);
         CHECK(gemm_grouped_linear_backward_batched(ctx, d_dx, d_dws, d_dy, d_x, d_w, offsets, E, I, O,
                                                    type, err, sizeof err) == 0, "%s", err);
         expect_floats(d_dx, dx, (size_t)N * I, 1e-5, "gemm_grouped_linear_backward_batched dx");
         for (int e = 0; e < E; e += 2)
             expect_floats(d_dws[e], dws[e], (size_t)O * I, 1e-5, "grouped batched dw");
     }
+    free((void *)experts);
     printf("cuBLAS GEMMs, N %d I %d O %d E %d, %s operands: compared with the CPU backend\n", N, I, O,
            E, type == GEMM_BF16 ? "bf16" : "fp32");
     for (int e = 0; e < E; e++) free(dws[e]), device_free(d_dws[e]);
@@ -1399,32 +1409,36 @@ struct block {
 static void run_block(const struct backend *ops, struct block *b, int N, int H, int E, int K, int I)
 {
     int M = N * K;
+    const float **w_gate = expert_array(b->w_gate, E, (size_t)I * H);
+    const float **w_up = expert_array(b->w_up, E, (size_t)I * H);
+    const float **w_down = expert_array(b->w_down, E, (size_t)H * I);
     ops->rmsnorm(b->hn, b->rstd, b->x, b->norm_w, N, H, 1e-6f);
     ops->linear(b->logits, b->hn, b->router_w, NULL, N, H, E, false);
     ops->router_topk(b->ids, b->weights, b->probs, b->logits, N, E, K, &SOFTMAX_RENORM);
     ops->router_balance_stats(b->counts, b->prob_sums, b->probs, b->ids, N, E, K);
     ops->permute_by_expert(b->offsets, b->sor, b->ros, b->ids, N, K, E);
     ops->gather_rows(b->xs, b->hn, b->sor, M, K, H);
-    ops->grouped_linear(b->gate, b->xs, b->w_gate, b->offsets, E, H, I);
-    ops->grouped_linear(b->up, b->xs, b->w_up, b->offsets, E, H, I);
+    ops->grouped_linear(b->gate, b->xs, w_gate, b->offsets, E, H, I);
+    ops->grouped_linear(b->up, b->xs, w_up, b->offsets, E, H, I);
     ops->glu(b->act, b->gate, b->up, (size_t)M * I, ACT_SILU);
-    ops->grouped_linear(b->ys, b->act, b->w_down, b->offsets, E, I, H);
+    ops->grouped_linear(b->ys, b->act, w_down, b->offsets, E, I, H);
     ops->combine(b->ffn, b->ys, b->weights, b->ros, N, K, H, false);
     ops->add(b->out, b->x, b->ffn, (size_t)N * H);
     /* backward from dout, through the feed-forward branch */
     ops->combine_backward(b->dys, b->dweights, b->dout, b->ys, b->weights, b->ros, N, K, H);
     float **dw = xcalloc((size_t)E, sizeof *dw);
     dw[0] = b->dw_down0;
-    ops->grouped_linear_backward(b->dact, dw, b->dys, b->act, b->w_down, b->offsets, E, I, H);
+    ops->grouped_linear_backward(b->dact, dw, b->dys, b->act, w_down, b->offsets, E, I, H);
     ops->glu_backward(b->dgate, b->dup, b->dact, b->gate, b->up, (size_t)M * I, ACT_SILU);
-    ops->grouped_linear_backward(b->dxs, NULL, b->dgate, b->xs, b->w_gate, b->offsets, E, H, I);
-    ops->grouped_linear_backward(b->dxs_up, NULL, b->dup, b->xs, b->w_up, b->offsets, E, H, I);
+    ops->grouped_linear_backward(b->dxs, NULL, b->dgate, b->xs, w_gate, b->offsets, E, H, I);
+    ops->grouped_linear_backward(b->dxs_up, NULL, b->dup, b->xs, w_up, b->offsets, E, H, I);
     ops->add(b->dxs, b->dxs, b->dxs_up, (size_t)M * H);
     ops->gather_rows_backward(b->dhn, b->dxs, b->ros, N, K, H, false);
     ops->router_topk_backward(b->dlogits, b->dweights, b->probs, b->ids, N, E, K, &SOFTMAX_RENORM);
     ops->linear_backward(b->dhn, NULL, NULL, b->dlogits, b->hn, b->router_w, N, H, E, true);
     ops->rmsnorm_backward(b->dx, b->dw_norm, b->dhn, b->x, b->norm_w, b->rstd, N, H, false);
     free(dw);
+    free((void *)w_gate), free((void *)w_up), free((void *)w_down);
 }
 
 static void check_cuda_ops(int N, int H, int E, int K, int I)
@@ -1473,6 +1487,110 @@ static void check_cuda_ops(int N, int H, int E, int K, int I)
 #undef RELEASE
     backend_cuda_release();
 }
+/* ---- bf16 weights (model.frozen_weights: bf16) through the op table ------------------- */
+
+/* ||got - want|| / ||want|| over n values, got on the device. */
+static double relative_l2(const float *d_got, const float *want, size_t n)
+{
+    float *got = from_device(d_got, n * sizeof(float));
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < n; i++) {
+        diff += ((double)got[i] - want[i]) * ((double)got[i] - want[i]);
+        norm += (double)want[i] * want[i];
+    }
+    free(got);
+    return norm > 0 ? sqrt(diff / norm) : sqrt(diff);
+}
+
+/* The CUDA backend's GEMMs against weights held as bf16 (backend.h's weight_bf16: a bf16
+ * weight operand, the activation rounded to bf16, fp32 sums) against the CPU backend's
+ * (the weight widened to fp32, the activation exact): linear and its dx, a row block of a
+ * bf16 weight (weight_offset, the chunked lm_head's), and the grouped GEMMs with bf16
+ * experts beside fp32 ones whose dw trains. The CUDA side rounds the activation, so the
+ * bound is bf16's: relative L2 1e-2 (measured on the CPU side of the rounding: ~3e-3). */
+static void check_bf16_weights(int N, int I, int O, int E)
+{
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)N * 31 + (uint64_t)O);
+    const struct backend *cpu = backend_cpu(), *cuda = backend_cuda();
+    size_t wn = (size_t)E * O * I;
+    float *x = random_floats(&rng, (size_t)N * I, -1, 1);
+    float *dy = random_floats(&rng, (size_t)N * O, -1, 1);
+    float *w32 = random_floats(&rng, wn, -0.3f, 0.3f);
+    uint16_t *w16 = xmalloc(wn * sizeof(uint16_t));
+    st_f32_to_bf16_array(w32, w16, wn);
+    float *d_x = to_device(x, (size_t)N * I * sizeof(float));
+    float *d_dy = to_device(dy, (size_t)N * O * sizeof(float));
+    float *d_w32 = to_device(w32, wn * sizeof(float));
+    uint16_t *d_w16 = (uint16_t *)to_device(w16, wn * sizeof(uint16_t));
+    float *y = xcalloc((size_t)N * O, sizeof(float)), *dx = xcalloc((size_t)N * I, sizeof(float));
+    float *d_y = to_device(y, (size_t)N * O * sizeof(float));
+    float *d_dx = to_device(dx, (size_t)N * I * sizeof(float));
+    const float *host_w = weight_bf16(w16), *dev_w = weight_bf16(d_w16);
+    char what[160];
+
+    cpu->linear(y, x, host_w, NULL, N, I, O, false);
+    cuda->linear(d_y, d_x, dev_w, NULL, N, I, O, false);
+    double e = relative_l2(d_y, y, (size_t)N * O);
+    snprintf(what, sizeof what, "bf16 linear N %d I %d O %d", N, I, O);
+    CHECK(e < 1e-2, "%s: relative L2 %.3g", what, e);
+    cpu->linear_backward(dx, NULL, NULL, dy, x, host_w, N, I, O, false);
+    cuda->linear_backward(d_dx, NULL, NULL, d_dy, d_x, dev_w, N, I, O, false);
+    e = relative_l2(d_dx, dx, (size_t)N * I);
+    CHECK(e < 1e-2, "%s: dx relative L2 %.3g", what, e);
+    int half = O / 2; /* rows [half, O): a chunk of the weight as the chunked lm_head reads it */
+    cpu->linear(y, x, weight_offset(host_w, (size_t)half * I), NULL, N, I, O - half, false);
+    cuda->linear(d_y, d_x, weight_offset(dev_w, (size_t)half * I), NULL, N, I, O - half, false);
+    e = relative_l2(d_y, y, (size_t)N * (O - half));
+    CHECK(e < 1e-2, "%s: a row block of the weight: relative L2 %.3g", what, e);
+
+    /* grouped: E experts over the N rows; even experts bf16 (frozen), odd fp32 (trained) */
+    int32_t *offsets = xcalloc((size_t)E + 1, sizeof(int32_t));
+    for (int k = 1; k <= E; k++) offsets[k] = (int)((long long)N * k / E);
+    offsets[E / 2] = offsets[E / 2 - 1 > 0 ? E / 2 - 1 : 0]; /* one expert with no rows */
+    int32_t *d_offsets = (int32_t *)to_device(offsets, ((size_t)E + 1) * sizeof(int32_t));
+    const float **host_experts = xcalloc((size_t)E, sizeof *host_experts);
+    const float **dev_experts = xcalloc((size_t)E, sizeof *dev_experts);
+    float **dw = xcalloc((size_t)E, sizeof *dw), **d_dw = xcalloc((size_t)E, sizeof *d_dw);
+    for (int k = 0; k < E; k++) {
+        size_t at = (size_t)k * O * I;
+        host_experts[k] = k % 2 ? w32 + at : weight_offset(host_w, at);
+        dev_experts[k] = k % 2 ? d_w32 + at : weight_offset(dev_w, at);
+        if (k % 2) {
+            dw[k] = xcalloc((size_t)O * I, sizeof(float));
+            d_dw[k] = to_device(dw[k], (size_t)O * I * sizeof(float));
+        }
+    }
+    cpu->grouped_linear(y, x, host_experts, offsets, E, I, O);
+    cuda->grouped_linear(d_y, d_x, dev_experts, d_offsets, E, I, O);
+    int M = offsets[E];
+    e = relative_l2(d_y, y, (size_t)M * O);
+    snprintf(what, sizeof what, "bf16 grouped_linear M %d I %d O %d E %d", M, I, O, E);
+    CHECK(e < 1e-2, "%s: relative L2 %.3g", what, e);
+    cpu->grouped_linear_backward(dx, dw, dy, x, host_experts, offsets, E, I, O);
+    cuda->grouped_linear_backward(d_dx, d_dw, d_dy, d_x, dev_experts, d_offsets, E, I, O);
+    e = relative_l2(d_dx, dx, (size_t)M * I);
+    CHECK(e < 1e-2, "%s: dx relative L2 %.3g", what, e);
+    for (int k = 1; k < E; k += 2) /* the trained experts' dw: fp32 on both sides */
+        if (offsets[k + 1] > offsets[k])
+            expect_floats(d_dw[k], dw[k], (size_t)O * I, 1e-4, "bf16 grouped: fp32 expert's dw");
+    printf("bf16 weights N %d I %d O %d E %d: cuda against the CPU backend\n", N, I, O, E);
+
+    for (int k = 0; k < E; k++) free(dw[k]), device_free(d_dw[k]);
+    free(dw), free(d_dw), free((void *)host_experts), free((void *)dev_experts), free(offsets);
+    device_free(d_offsets), device_free(d_x), device_free(d_dy), device_free(d_w32);
+    device_free(d_w16), device_free(d_y), device_free(d_dx);
+    free(x), free(dy), free(w32), free(w16), free(y), free(dx);
+    backend_cuda_release();
+}
+
+static void group_bf16_weights(void)
+{
+    check_bf16_weights(1, 16, 8, 2);
+    check_bf16_weights(257, 96, 200, 8);
+    check_bf16_weights(1024, 2048, 768, 8); /* Qwen3-30B-A3B's expert shape */
+}
+
 /* ---- LoRA: the adapter path (lora.h) through the CUDA op table -------------------------- */
 
 /* lora_forward and lora_backward on x [N,I], A [r,I], B [O,r] from dy [N,O], on the CUDA
@@ -1851,6 +1969,7 @@ static const struct group {
     {"attention-flash", group_attention_flash},
     {"gemm", group_gemm},
     {"determinism", check_determinism},
+    {"bf16-weights", group_bf16_weights},
     {"lora", group_lora},
     {"routers", group_routers},
     {"heads", group_heads},

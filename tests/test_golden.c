@@ -56,6 +56,92 @@ static float *read_f32(const struct st_checkpoint *expected, const char *name, s
     return out;
 }
 
+/* The logits[N, V] of the fixture at dir with its frozen weight matrices held as bf16
+ * (model.frozen_weights: bf16; in a forward every tensor is frozen), on ops; NULL after a
+ * failed load. */
+static float *bf16_logits(const char *dir, const char *name, const struct model_config *cfg,
+                          const struct backend *ops, const struct batch *batch, size_t *halves)
+{
+    char err[1024];
+    struct layout_grid grid = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
+    struct layout_coords me = {0, 0, 0};
+    struct model model;
+    model_create(&model, cfg, &grid, me);
+    model_store_frozen_bf16(&model);
+    if (model_load(&model, dir, err, sizeof err) != 0) {
+        CHECK(0, "%s: bf16 weights: %s", name, err);
+        model_free(&model);
+        return NULL;
+    }
+    *halves = model.storage_halves;
+    model_attach(&model, ops);
+    struct forward_workspace *ws = forward_workspace_new(&model, batch->N);
+    forward_workspace_keep(ws, FORWARD_KEEP_LOGITS);
+    struct forward_result result;
+    model_forward(&model, ops, ws, batch, &result);
+    size_t count = (size_t)batch->N * cfg->vocab_size;
+    float *logits = xmalloc(count * sizeof(float));
+    memcpy(logits, result.logits, count * sizeof(float));
+    forward_workspace_free(ws);
+    model_free(&model);
+    return logits;
+}
+
+/* Whether every tensor model_store_frozen_bf16 would round is bf16 already (a bf16
+ * checkpoint, or mxfp4's values): the rounding then changes nothing. */
+static bool bf16_exact(const struct model *m)
+{
+    for (int i = 0; i < m->n_params; i++) {
+        const struct param *p = &m->params[i];
+        if (!p->data || !model_stores_bf16(p)) continue;
+        for (size_t j = 0; j < p->numel; j++)
+            if (st_bf16_to_f32(st_f32_to_bf16(p->data[j])) != p->data[j]) return false;
+    }
+    return true;
+}
+
+/* bf16 frozen weights against the fp32 run's logits (fp32 of the same backend): tensors
+ * were held as bf16; the relative L2 distance within bf16's rounding, and not 0 (the bf16
+ * values were used) unless the checkpoint's values are bf16 already (then within 1e-5:
+ * the same weights, other GEMM blocks); and the device simulator's bits equal the CPU's.
+ * The bound, 2e-2: a weight's relative rounding error is at most 2^-9 ~ 2e-3 (rms ~1.1e-3),
+ * and through 2-3 layers of projections, attention and experts and the lm_head the
+ * fixtures' logits move by 5.4e-3 to 1.0e-2 (measured, 2026-11-26). */
+static void check_bf16_weights(const char *dir, const char *name, const struct model_config *cfg,
+                               const struct backend *ops, const struct batch *batch,
+                               const float *fp32_logits, bool exact)
+{
+    size_t halves = 0;
+    float *logits = bf16_logits(dir, name, cfg, ops, batch, &halves);
+    if (!logits) return;
+    CHECK(halves > 0, "%s: bf16 frozen weights: no tensor held as bf16", name);
+    size_t count = (size_t)batch->N * cfg->vocab_size;
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < count; i++) {
+        double d = (double)logits[i] - fp32_logits[i];
+        diff += d * d;
+        norm += (double)fp32_logits[i] * fp32_logits[i];
+    }
+    double rel = sqrt(diff / (norm > 0 ? norm : 1));
+    printf("%s: bf16 frozen weights: logits relative L2 %.3g from the fp32 run\n", name, rel);
+    CHECK(rel < 2e-2, "%s: bf16 frozen weights: logits relative L2 %.3g from fp32", name, rel);
+    if (exact)
+        CHECK(rel < 1e-5, "%s: bf16 frozen weights of a bf16 checkpoint: logits relative L2 "
+              "%.3g from fp32", name, rel);
+    else
+        CHECK(diff > 0, "%s: bf16 frozen weights: logits bitwise the fp32 run's", name);
+    if (ops == backend_cpu()) {
+        size_t simulated_halves;
+        float *simulated = bf16_logits(dir, name, cfg, backend_devsim(), batch, &simulated_halves);
+        if (simulated)
+            CHECK(memcmp(simulated, logits, count * sizeof(float)) == 0,
+                  "%s: bf16 frozen weights: the device simulator's logits differ from the CPU's",
+                  name);
+        free(simulated);
+    }
+    free(logits);
+}
+
 static void check_fixture(const char *dir, const char *name)
 {
     char err[1024];
@@ -164,6 +250,7 @@ static void check_fixture(const char *dir, const char *name)
         printf("%s: logits max |diff| %.3g, relative %.3g\n", name, max_diff, rel);
         CHECK(rel < 1e-4, "%s: logits relative error %.3g", name, rel);
     }
+    check_bf16_weights(dir, name, &cfg, ops, &batch, result.logits, bf16_exact(&model));
     for (int l = 0; l < cfg.num_layers; l++) {
         if (!cfg.is_moe[l]) continue;
         char tensor[128];

@@ -153,19 +153,28 @@ static void check_against_checkpoint(const char *dir, const char *name)
                     }
             }
             CHECK(wrong == 0, "%s: pp %d ep %d: %d wrong placements", name, pp, ep, wrong);
-            /* per-layer expert blocks: expert e's matrix at block + (e - first) * size */
+            /* per-layer experts: each matrix in its layer's array, each bias at
+             * block + (e - first) * size */
             for (int k = 0; k < n; k++) {
                 const struct model *mk = &models[k];
                 for (int i = 0; i < mk->n_params; i++) {
                     const struct param *p = &mk->params[i];
                     if (p->kind != PARAM_EXPERT || !p->data) continue;
                     const struct layer_weights *w = &mk->layers[p->layer];
-                    const float *block = p->part == MLP_GATE ? w->expert_gate
-                                         : p->part == MLP_UP ? w->expert_up : w->expert_down;
-                    if (p->rank == 1) /* gpt_oss's expert biases: their own blocks */
-                        block = p->part == MLP_GATE ? w->expert_gate_bias
-                                : p->part == MLP_UP ? w->expert_up_bias : w->expert_down_bias;
-                    CHECK(p->data == block + (size_t)(p->expert - mk->first_expert) * p->numel,
+                    int local = p->expert - mk->first_expert;
+                    if (p->rank == 2) { /* matrices: the layer's per-expert arrays */
+                        const float *const *experts = p->part == MLP_GATE ? w->expert_gate
+                                                      : p->part == MLP_UP ? w->expert_up
+                                                                          : w->expert_down;
+                        CHECK(p->data == experts[local], "%s: pp %d ep %d: %s is not its "
+                              "expert's matrix in the layer", name, pp, ep, p->name);
+                        continue;
+                    }
+                    /* gpt_oss's expert biases: one block per part */
+                    const float *block = p->part == MLP_GATE ? w->expert_gate_bias
+                                         : p->part == MLP_UP ? w->expert_up_bias
+                                                             : w->expert_down_bias;
+                    CHECK(p->data == block + (size_t)local * p->numel,
                           "%s: pp %d ep %d: %s is not at its place in the layer's block", name,
                           pp, ep, p->name);
                 }

@@ -133,7 +133,7 @@ static void timed_gather_rows(float *xs, const float *x, const int32_t *slot_of_
     charge(PART_DISPATCH, t);
 }
 
-static void timed_grouped_linear(float *y, const float *x, const float *w,
+static void timed_grouped_linear(float *y, const float *x, const float *const *w,
                                  const int32_t *offsets, int E, int I, int O)
 {
     double t = omp_get_wtime();
