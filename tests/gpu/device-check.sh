@@ -575,14 +575,16 @@ else
         sed 's/.*\(score: \|train: step \)/\1/' | cut -c 1-150 | paste -sd ';' -)"
     # the same score and steps on the tensor cores: tf32, then bf16; then tf32 with the
     # experts' GEMMs one call per expert (ESFT_CUDA_GROUPED=loop), the baseline of the
-    # grouped call; a full fine-tuning step; and the ESFT step with train.recompute
-    for variant in tf32 bf16 tf32-loop tf32-full tf32-recompute; do
+    # grouped call; a full fine-tuning step; the ESFT step with train.recompute; and bf16
+    # mode over frozen weights stored in bf16 (model.frozen_weights: bf16)
+    for variant in tf32 bf16 tf32-loop tf32-full tf32-recompute bf16-store; do
         dtype=${variant%-*}
         grouped=batched
         [ "$variant" = tf32-loop ] && grouped=loop
         phases="'phase=[score,train]'"
         [ "$variant" = tf32-full ] && phases="'phase=[train]' train.method=full"
         [ "$variant" = tf32-recompute ] && phases="'phase=[train]' train.recompute=true"
+        [ "$variant" = bf16-store ] && phases="'phase=[score,train]' model.frozen_weights=bf16"
         eval "esft_bench_${variant//-/_}() {
             e=\"\$work/bench-esft\"
             cd \"\$work\" && ESFT_CUDA_GROUPED=$grouped \"\${esft[@]}\" \"\$b/tests/gpu/bench-esft.yaml\" \
@@ -596,14 +598,16 @@ else
     done
     # where the time goes: the same training under ESFT_CUDA_PROFILE=1 (a device sync
     # before and after each op, each op timed); the table is in the step's output
-    for variant in tf32 bf16 tf32-loop; do
+    for variant in tf32 bf16 tf32-loop bf16-store; do
         dtype=${variant%-*}
         grouped=batched
         [ "$variant" = tf32-loop ] && grouped=loop
+        store=fp32
+        [ "$variant" = bf16-store ] && store=bf16
         eval "esft_profile_${variant//-/_}() {
             e=\"\$work/bench-esft\"
             cd \"\$work\" && ESFT_CUDA_PROFILE=1 ESFT_CUDA_GROUPED=$grouped \"\${esft[@]}\" \
-                \"\$b/tests/gpu/bench-esft.yaml\" 'phase=[train]' model.dtype=$dtype \
+                \"\$b/tests/gpu/bench-esft.yaml\" 'phase=[train]' model.dtype=$dtype model.frozen_weights=$store \
                 \"run.output_dir=\$e/profile-$variant\" \"model.path=\$bench_model\" \
                 \"data.path=\$e/data.h5\" \"train.expert_config=\$e/out/expert_config.json\"
         }"
