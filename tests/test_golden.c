@@ -123,9 +123,17 @@ static void check_bf16_weights(const char *dir, const char *name, const struct m
         norm += (double)fp32_logits[i] * fp32_logits[i];
     }
     double rel = sqrt(diff / (norm > 0 ? norm : 1));
+    /* the CUDA backend multiplies a bf16 weight by the activation rounded to bf16 as well:
+     * on an H100 (2026-11-26) the fixtures' logits moved by 5.6e-3 to 3.7e-2 (olmoe_clip_qkv),
+     * those of bf16 checkpoints included, so neither 2e-2 nor exactness holds there */
+    bool operands_rounded = strcmp(ops->name, "cuda") == 0;
+    double bound = operands_rounded ? 5e-2 : 2e-2;
     printf("%s: bf16 frozen weights: logits relative L2 %.3g from the fp32 run\n", name, rel);
-    CHECK(rel < 2e-2, "%s: bf16 frozen weights: logits relative L2 %.3g from fp32", name, rel);
-    if (exact)
+    CHECK(rel < bound, "%s: bf16 frozen weights: logits relative L2 %.3g from fp32 (bound %.0e)",
+          name, rel, bound);
+    if (operands_rounded)
+        CHECK(diff > 0, "%s: bf16 frozen weights: logits bitwise the fp32 run's", name);
+    else if (exact)
         CHECK(rel < 1e-5, "%s: bf16 frozen weights of a bf16 checkpoint: logits relative L2 "
               "%.3g from fp32", name, rel);
     else
