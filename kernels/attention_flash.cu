@@ -86,6 +86,42 @@ __device__ __forceinline__ void a_from_c(uint32_t a[4], const float c0[4], const
     a[3] = pack_bf16(c1[2], c1[3]);
 }
 
+/* c = A B for the warp's 16 rows: A rows [row0, row0 + 16) of the row-major bf16 tile
+ * a[.][lda] over k = 16 KT, B the n-major bf16 tile b (element (k, n) at b[n * ldb + k]),
+ * NT blocks of 8 output columns. */
+template <int KT, int NT>
+__device__ __forceinline__ void mma_rows(float c[NT][4], const uint16_t *a, int lda, int row0,
+                                         const uint16_t *b, int ldb)
+{
+    for (int j = 0; j < NT; j++) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.0f;
+    for (int kk = 0; kk < KT; kk++) {
+        uint32_t fa[4];
+        load_a(fa, a, lda, row0, kk * 16);
+        for (int j = 0; j < NT; j++) {
+            uint32_t fb[2];
+            load_b(fb, b, ldb, j * 8, kk * 16);
+            mma(c[j], fa, fb);
+        }
+    }
+}
+
+/* c += P B: P the warp's 16 rows over k = 16 KT held as C fragments p[2 KT] (rounded to
+ * bf16 as the A operand), B the n-major bf16 tile b[.][ldb], NT blocks of 8 columns. */
+template <int KT, int NT>
+__device__ __forceinline__ void mma_add_from_c(float c[NT][4], float p[2 * KT][4], const uint16_t *b,
+                                               int ldb)
+{
+    for (int kk = 0; kk < KT; kk++) {
+        uint32_t fa[4];
+        a_from_c(fa, p[2 * kk], p[2 * kk + 1]);
+        for (int n = 0; n < NT; n++) {
+            uint32_t fb[2];
+            load_b(fb, b, ldb, n * 8, kk * 16);
+            mma(c[n], fa, fb);
+        }
+    }
+}
+
 /* Rows [row0, row0 + R) and columns [col, col + D) of a row-major fp32 matrix x[N][width],
  * rounded to bf16: into s[R][ld] when s, and transposed into st[D][ldt] when st. Rows at
  * or past N are zeros. width and col are multiples of 4, so each row is 16-byte aligned
@@ -170,16 +206,7 @@ __global__ void __launch_bounds__(FLASH_THREADS)
 
         /* s = q k^T (16 rows x 64 keys per warp) */
         float s[FLASH_TILE / 8][4];
-        for (int j = 0; j < FLASH_TILE / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-        for (int kk = 0; kk < D / 16; kk++) {
-            uint32_t a[4];
-            load_a(a, sq, S::LD, warp * 16, kk * 16);
-            for (int j = 0; j < FLASH_TILE / 8; j++) {
-                uint32_t b[2];
-                load_b(b, sk, S::LD, j * 8, kk * 16);
-                mma(s[j], a, b);
-            }
-        }
+        mma_rows<D / 16, FLASH_TILE / 8>(s, sq, S::LD, warp * 16, sk, S::LD);
 
         /* the mask, the scale, and each row's largest visible score */
         float tile_max[2] = {-INFINITY, -INFINITY};
@@ -213,16 +240,7 @@ __global__ void __launch_bounds__(FLASH_THREADS)
             }
 
         /* o += p v (16 rows x D per warp), p as the A operand straight from s */
-        if (OUTPUT)
-            for (int kk = 0; kk < FLASH_TILE / 16; kk++) {
-                uint32_t a[4];
-                a_from_c(a, s[2 * kk], s[2 * kk + 1]);
-                for (int n = 0; n < D / 8; n++) {
-                    uint32_t b[2];
-                    load_b(b, svt, S::LDT, n * 8, kk * 16);
-                    mma(o[n], a, b);
-                }
-            }
+        if (OUTPUT) mma_add_from_c<FLASH_TILE / 16, D / 8>(o, s, svt, S::LDT);
     }
 
     for (int r = 0; r < 2; r++) {
@@ -317,20 +335,8 @@ __global__ void __launch_bounds__(FLASH_THREADS)
         __syncthreads();
 
         float s[FLASH_TILE / 8][4], dp[FLASH_TILE / 8][4];
-        for (int j = 0; j < FLASH_TILE / 8; j++)
-            for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.0f;
-        for (int kk = 0; kk < D / 16; kk++) {
-            uint32_t a[4], ado[4];
-            load_a(a, sq, S::LD, warp * 16, kk * 16);
-            load_a(ado, sdo, S::LD, warp * 16, kk * 16);
-            for (int j = 0; j < FLASH_TILE / 8; j++) {
-                uint32_t b[2];
-                load_b(b, sk, S::LD, j * 8, kk * 16);
-                mma(s[j], a, b);
-                load_b(b, sv, S::LD, j * 8, kk * 16);
-                mma(dp[j], ado, b);
-            }
-        }
+        mma_rows<D / 16, FLASH_TILE / 8>(s, sq, S::LD, warp * 16, sk, S::LD);
+        mma_rows<D / 16, FLASH_TILE / 8>(dp, sdo, S::LD, warp * 16, sv, S::LD);
         for (int j = 0; j < FLASH_TILE / 8; j++)
             for (int e = 0; e < 4; e++) {
                 int r = e / 2, key = k0 + j * 8 + 2 * t + e % 2;
@@ -338,15 +344,7 @@ __global__ void __launch_bounds__(FLASH_THREADS)
                 float p = seen ? exp2f(s[j][e] * scale_log2 - row_lse[r]) : 0.0f;
                 s[j][e] = p * (dp[j][e] - row_delta[r]); /* ds */
             }
-        for (int kk = 0; kk < FLASH_TILE / 16; kk++) {
-            uint32_t a[4];
-            a_from_c(a, s[2 * kk], s[2 * kk + 1]);
-            for (int n = 0; n < D / 8; n++) {
-                uint32_t b[2];
-                load_b(b, skt, S::LDT, n * 8, kk * 16);
-                mma(acc[n], a, b);
-            }
-        }
+        mma_add_from_c<FLASH_TILE / 16, D / 8>(acc, s, skt, S::LDT);
     }
 
     for (int r = 0; r < 2; r++) {
@@ -419,16 +417,7 @@ __global__ void __launch_bounds__(FLASH_THREADS)
 
             /* s^T = k q^T (16 keys x Q queries per warp), then p^T */
             float s[Q / 8][4];
-            for (int j = 0; j < Q / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-            for (int kk = 0; kk < D / 16; kk++) {
-                uint32_t a[4];
-                load_a(a, sk, S::LD, warp * 16, kk * 16);
-                for (int j = 0; j < Q / 8; j++) {
-                    uint32_t b[2];
-                    load_b(b, sq, S::LD, j * 8, kk * 16);
-                    mma(s[j], a, b);
-                }
-            }
+            mma_rows<D / 16, Q / 8>(s, sk, S::LD, warp * 16, sq, S::LD);
             for (int j = 0; j < Q / 8; j++)
                 for (int e = 0; e < 4; e++) {
                     int c = j * 8 + 2 * t + e % 2, i = q0 + c, kj = key[e / 2];
@@ -437,28 +426,11 @@ __global__ void __launch_bounds__(FLASH_THREADS)
                 }
 
             /* dv += p^T dout */
-            for (int kk = 0; kk < Q / 16; kk++) {
-                uint32_t a[4];
-                a_from_c(a, s[2 * kk], s[2 * kk + 1]);
-                for (int n = 0; n < D / 8; n++) {
-                    uint32_t b[2];
-                    load_b(b, sdot, S::LDT, n * 8, kk * 16);
-                    mma(acc_v[n], a, b);
-                }
-            }
+            mma_add_from_c<Q / 16, D / 8>(acc_v, s, sdot, S::LDT);
 
             /* dp^T = v dout^T, ds^T = p^T (dp^T - delta) into s */
             float dp[Q / 8][4];
-            for (int j = 0; j < Q / 8; j++) dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.0f;
-            for (int kk = 0; kk < D / 16; kk++) {
-                uint32_t a[4];
-                load_a(a, sv, S::LD, warp * 16, kk * 16);
-                for (int j = 0; j < Q / 8; j++) {
-                    uint32_t b[2];
-                    load_b(b, sdo, S::LD, j * 8, kk * 16);
-                    mma(dp[j], a, b);
-                }
-            }
+            mma_rows<D / 16, Q / 8>(dp, sv, S::LD, warp * 16, sdo, S::LD);
             for (int j = 0; j < Q / 8; j++)
                 for (int e = 0; e < 4; e++) {
                     int c = j * 8 + 2 * t + e % 2;
@@ -466,15 +438,7 @@ __global__ void __launch_bounds__(FLASH_THREADS)
                 }
 
             /* dk += ds^T q */
-            for (int kk = 0; kk < Q / 16; kk++) {
-                uint32_t a[4];
-                a_from_c(a, s[2 * kk], s[2 * kk + 1]);
-                for (int n = 0; n < D / 8; n++) {
-                    uint32_t b[2];
-                    load_b(b, sqt, S::LDT, n * 8, kk * 16);
-                    mma(acc_k[n], a, b);
-                }
-            }
+            mma_add_from_c<Q / 16, D / 8>(acc_k, s, sqt, S::LDT);
         }
 
     for (int r = 0; r < 2; r++) {

@@ -754,33 +754,85 @@ static void check_moe_backward(int N, int E, int K, int H, int I)
                             dout, dys, dweights, dx, dlogits, coef};
     for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
 }
+/* One attention test case: samples of the given lengths packed into one batch, nH query
+ * heads over nKV KV heads of Dh (values Dv), a window and sinks as asked; random inputs
+ * from seed, the CPU backend's forward and backward, and the inputs and outputs on the
+ * device (outputs allocated, not written). */
+struct attention_case {
+    int N, nH, nKV, Dh, Dv;
+    size_t nq, nk, nv, no;
+    float scale;
+    int32_t *start;
+    float *q, *k, *v, *dout, *sink, *dsink, *out, *dq, *dk, *dv;
+    int32_t *d_start;
+    float *d_q, *d_k, *d_v, *d_dout, *d_sink, *d_dsink, *d_out, *d_dq, *d_dk, *d_dv;
+    struct attention_mask mask, d_mask;
+};
+
+static void attention_case_new(struct attention_case *c, const int *lengths, int n_samples, int nH,
+                               int nKV, int Dh, int Dv, int window, bool sinks, uint64_t seed)
+{
+    const struct backend *cpu = backend_cpu();
+    struct rng rng;
+    rng_seed(&rng, seed);
+    int N = 0;
+    for (int s = 0; s < n_samples; s++) N += lengths[s];
+    *c = (struct attention_case){.N = N, .nH = nH, .nKV = nKV, .Dh = Dh, .Dv = Dv};
+    c->start = xmalloc((size_t)N * sizeof(int32_t));
+    for (int s = 0, at = 0; s < n_samples; at += lengths[s], s++)
+        for (int j = 0; j < lengths[s]; j++) c->start[at + j] = at;
+    c->nq = (size_t)N * nH * Dh, c->nk = (size_t)N * nKV * Dh, c->nv = (size_t)N * nKV * Dv,
+    c->no = (size_t)N * nH * Dv;
+    c->q = random_floats(&rng, c->nq, -2, 2), c->k = random_floats(&rng, c->nk, -2, 2);
+    c->v = random_floats(&rng, c->nv, -1, 1), c->dout = random_floats(&rng, c->no, -1, 1);
+    if (sinks) {
+        c->sink = random_floats(&rng, (size_t)nH, -1, 3);
+        c->dsink = random_floats(&rng, (size_t)nH, -1, 1);
+    }
+    c->out = xmalloc(c->no * sizeof(float)), c->dq = xmalloc(c->nq * sizeof(float));
+    c->dk = xmalloc(c->nk * sizeof(float)), c->dv = xmalloc(c->nv * sizeof(float));
+    c->scale = 1.0f / sqrtf((float)Dh);
+    c->d_q = to_device(c->q, c->nq * sizeof(float)), c->d_k = to_device(c->k, c->nk * sizeof(float));
+    c->d_v = to_device(c->v, c->nv * sizeof(float));
+    c->d_dout = to_device(c->dout, c->no * sizeof(float));
+    c->d_start = (int32_t *)to_device(c->start, (size_t)N * sizeof(int32_t));
+    if (sinks) {
+        c->d_sink = to_device(c->sink, (size_t)nH * sizeof(float));
+        c->d_dsink = to_device(c->dsink, (size_t)nH * sizeof(float));
+    }
+    c->d_out = device_alloc(c->no * sizeof(float)), c->d_dq = device_alloc(c->nq * sizeof(float));
+    c->d_dk = device_alloc(c->nk * sizeof(float)), c->d_dv = device_alloc(c->nv * sizeof(float));
+    c->mask = (struct attention_mask){c->start, window, c->sink, c->dsink};
+    c->d_mask = (struct attention_mask){c->d_start, window, c->d_sink, c->d_dsink};
+    cpu->attention(c->out, c->q, c->k, c->v, &c->mask, N, nH, nKV, Dh, Dv, c->scale);
+    cpu->attention_backward(c->dq, c->dk, c->dv, c->dout, c->q, c->k, c->v, c->out, &c->mask, N, nH,
+                            nKV, Dh, Dv, c->scale);
+}
+
+static void attention_case_free(struct attention_case *c)
+{
+    void *device_buffers[] = {c->d_q, c->d_k, c->d_v, c->d_dout, c->d_start, c->d_out, c->d_dq,
+                              c->d_dk, c->d_dv};
+    FREE_ON_DEVICE(device_buffers);
+    if (c->d_sink) device_free(c->d_sink), device_free(c->d_dsink);
+    void *host_buffers[] = {c->start, c->q, c->k, c->v, c->dout, c->sink, c->dsink, c->out, c->dq,
+                            c->dk, c->dv};
+    for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
+}
+
 /* The attention kernels (kernels/attention.h) against the CPU backend: samples of the
  * given lengths packed into one batch, nH query heads over nKV KV heads of Dh. */
 static void check_attention(const int *lengths, int n_samples, int nH, int nKV, int Dh)
 {
-    const struct backend *cpu = backend_cpu();
     char err[256];
-    struct rng rng;
-    rng_seed(&rng, (uint64_t)nH * 1009 + (uint64_t)Dh);
-    int N = 0;
-    for (int s = 0; s < n_samples; s++) N += lengths[s];
-    int32_t *start = xmalloc((size_t)N * sizeof(int32_t));
-    for (int s = 0, at = 0; s < n_samples; at += lengths[s], s++)
-        for (int j = 0; j < lengths[s]; j++) start[at + j] = at;
-    size_t nq = (size_t)N * nH * Dh, nkv = (size_t)N * nKV * Dh;
-    float *q = random_floats(&rng, nq, -2, 2), *k = random_floats(&rng, nkv, -2, 2);
-    float *v = random_floats(&rng, nkv, -1, 1), *dout = random_floats(&rng, nq, -1, 1);
-    float *out = xmalloc(nq * sizeof(float)), *dq = xmalloc(nq * sizeof(float));
-    float *dk = xmalloc(nkv * sizeof(float)), *dv = xmalloc(nkv * sizeof(float));
-    float scale = 1.0f / sqrtf((float)Dh);
-    struct attention_mask mask = {.sample_start = start};
-    cpu->attention(out, q, k, v, &mask, N, nH, nKV, Dh, Dh, scale);
-    cpu->attention_backward(dq, dk, dv, dout, q, k, v, out, &mask, N, nH, nKV, Dh, Dh, scale);
-    float *d_q = to_device(q, nq * sizeof(float)), *d_k = to_device(k, nkv * sizeof(float));
-    float *d_v = to_device(v, nkv * sizeof(float)), *d_dout = to_device(dout, nq * sizeof(float));
-    int32_t *d_start = (int32_t *)to_device(start, (size_t)N * sizeof(int32_t));
-    float *d_out = device_alloc(nq * sizeof(float)), *d_dq = device_alloc(nq * sizeof(float));
-    float *d_dk = device_alloc(nkv * sizeof(float)), *d_dv = device_alloc(nkv * sizeof(float));
+    struct attention_case c;
+    attention_case_new(&c, lengths, n_samples, nH, nKV, Dh, Dh, 0, false, (uint64_t)nH * 1009 + (uint64_t)Dh);
+    int N = c.N;
+    size_t nq = c.nq, nkv = c.nk;
+    float scale = c.scale, *out = c.out, *dq = c.dq, *dk = c.dk, *dv = c.dv;
+    float *d_q = c.d_q, *d_k = c.d_k, *d_v = c.d_v, *d_dout = c.d_dout, *d_out = c.d_out;
+    float *d_dq = c.d_dq, *d_dk = c.d_dk, *d_dv = c.d_dv;
+    int32_t *start = c.start, *d_start = c.d_start;
     void *workspace = device_alloc(attention_backward_workspace(N, nH));
     CHECK(attention_forward(d_out, d_q, d_k, d_v, d_start, N, nH, nKV, Dh, scale, err, sizeof err) == 0,
           "%s", err);
@@ -822,10 +874,9 @@ static void check_attention(const int *lengths, int n_samples, int nH, int nKV, 
     free(starts);
     printf("attention kernels and cuBLAS attention (fp32, tf32), %d tokens in %d samples, %d/%d heads "
            "of %d: compared with the CPU backend\n", N, n_samples, nH, nKV, Dh);
-    void *device_buffers[] = {d_q, d_k, d_v, d_dout, d_start, d_out, d_dq, d_dk, d_dv, workspace, gemm_ws};
+    void *device_buffers[] = {workspace, gemm_ws};
     FREE_ON_DEVICE(device_buffers);
-    void *host_buffers[] = {start, q, k, v, dout, out, dq, dk, dv};
-    for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
+    attention_case_free(&c);
 }
 /* ---- tiled bf16 attention (kernels/attention_flash.h) ------------------------------------ */
 
@@ -880,32 +931,18 @@ static double *reference_lse(const float *q, const float *k, const int32_t *star
  * call; two backward runs must agree bit for bit (no atomics). */
 static void check_flash(const int *lengths, int n_samples, int nH, int nKV, int Dh)
 {
-    const struct backend *cpu = backend_cpu();
     char err[256];
-    struct rng rng;
-    rng_seed(&rng, (uint64_t)nH * 7919 + (uint64_t)Dh * 31 + (uint64_t)n_samples);
-    int N = 0;
-    for (int s = 0; s < n_samples; s++) N += lengths[s];
-    int32_t *start = xmalloc((size_t)N * sizeof(int32_t));
-    for (int s = 0, at = 0; s < n_samples; at += lengths[s], s++)
-        for (int j = 0; j < lengths[s]; j++) start[at + j] = at;
-    size_t nq = (size_t)N * nH * Dh, nkv = (size_t)N * nKV * Dh, nl = (size_t)N * nH;
-    float *q = random_floats(&rng, nq, -2, 2), *k = random_floats(&rng, nkv, -2, 2);
-    float *v = random_floats(&rng, nkv, -1, 1), *dout = random_floats(&rng, nq, -1, 1);
-    float *out = xmalloc(nq * sizeof(float)), *dq = xmalloc(nq * sizeof(float));
-    float *dk = xmalloc(nkv * sizeof(float)), *dv = xmalloc(nkv * sizeof(float));
-    float scale = 1.0f / sqrtf((float)Dh);
-    struct attention_mask mask = {.sample_start = start};
-    cpu->attention(out, q, k, v, &mask, N, nH, nKV, Dh, Dh, scale);
-    cpu->attention_backward(dq, dk, dv, dout, q, k, v, out, &mask, N, nH, nKV, Dh, Dh, scale);
-    double *lse = reference_lse(q, k, start, N, nH, nKV, Dh, scale);
-
-    float *d_q = to_device(q, nq * sizeof(float)), *d_k = to_device(k, nkv * sizeof(float));
-    float *d_v = to_device(v, nkv * sizeof(float)), *d_dout = to_device(dout, nq * sizeof(float));
-    int32_t *d_start = (int32_t *)to_device(start, (size_t)N * sizeof(int32_t));
-    float *d_out = device_alloc(nq * sizeof(float)), *d_lse = device_alloc(nl * sizeof(float));
-    float *d_dq = device_alloc(nq * sizeof(float)), *d_dk = device_alloc(nkv * sizeof(float));
-    float *d_dv = device_alloc(nkv * sizeof(float));
+    struct attention_case c;
+    attention_case_new(&c, lengths, n_samples, nH, nKV, Dh, Dh, 0, false,
+                       (uint64_t)nH * 7919 + (uint64_t)Dh * 31 + (uint64_t)n_samples);
+    int N = c.N;
+    size_t nq = c.nq, nkv = c.nk, nl = (size_t)N * nH;
+    float scale = c.scale, *out = c.out, *dq = c.dq, *dk = c.dk, *dv = c.dv;
+    float *d_q = c.d_q, *d_k = c.d_k, *d_v = c.d_v, *d_dout = c.d_dout, *d_out = c.d_out;
+    float *d_dq = c.d_dq, *d_dk = c.d_dk, *d_dv = c.d_dv;
+    int32_t *d_start = c.d_start;
+    double *lse = reference_lse(c.q, c.k, c.start, N, nH, nKV, Dh, scale);
+    float *d_lse = device_alloc(nl * sizeof(float));
     void *workspace = device_alloc(attention_flash_workspace(N, nH));
     CHECK(device_fill_f32(d_out, nq, NAN, err, sizeof err) == 0, "%s", err);
     CHECK(device_fill_f32(d_lse, nl, NAN, err, sizeof err) == 0, "%s", err);
@@ -950,10 +987,10 @@ static void check_flash(const int *lengths, int n_samples, int nH, int nKV, int 
     printf("flash attention, %d tokens in %d samples, %d/%d heads of %d: relative L2 out %.2e, "
            "dq %.2e, dk %.2e, dv %.2e; lse within %.2e\n", N, n_samples, nH, nKV, Dh, e_out,
            e_grad[0], e_grad[1], e_grad[2], e_lse);
-    void *device_buffers[] = {d_q, d_k, d_v, d_dout, d_start, d_out, d_lse, d_dq, d_dk, d_dv, workspace};
+    void *device_buffers[] = {d_lse, workspace};
     FREE_ON_DEVICE(device_buffers);
-    void *host_buffers[] = {start, q, k, v, dout, out, dq, dk, dv, lse};
-    for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
+    free(lse);
+    attention_case_free(&c);
 }
 
 /* The op table's choice of attention (src/cuda_ops.c): fp32 mode keeps the cuBLAS path
@@ -961,27 +998,15 @@ static void check_flash(const int *lengths, int n_samples, int nH, int nKV, int 
  * the cuBLAS path's bits), ESFT_CUDA_ATTENTION=gemm brings cuBLAS back in tf32 mode. */
 static void check_flash_dispatch(void)
 {
-    const struct backend *cpu = backend_cpu(), *cuda = backend_cuda();
-    int lengths[] = {100, 3, 156}, n_samples = 3, nH = 4, nKV = 2, Dh = 64, N = 259;
-    struct rng rng;
-    rng_seed(&rng, 20);
-    int32_t *start = xmalloc((size_t)N * sizeof(int32_t));
-    for (int s = 0, at = 0; s < n_samples; at += lengths[s], s++)
-        for (int j = 0; j < lengths[s]; j++) start[at + j] = at;
-    size_t nq = (size_t)N * nH * Dh, nkv = (size_t)N * nKV * Dh;
-    float *q = random_floats(&rng, nq, -2, 2), *k = random_floats(&rng, nkv, -2, 2);
-    float *v = random_floats(&rng, nkv, -1, 1), *dout = random_floats(&rng, nq, -1, 1);
-    float *out = xmalloc(nq * sizeof(float)), *dq = xmalloc(nq * sizeof(float));
-    float *dk = xmalloc(nkv * sizeof(float)), *dv = xmalloc(nkv * sizeof(float));
-    float scale = 1.0f / sqrtf((float)Dh);
-    struct attention_mask mask = {.sample_start = start};
-    cpu->attention(out, q, k, v, &mask, N, nH, nKV, Dh, Dh, scale);
-    cpu->attention_backward(dq, dk, dv, dout, q, k, v, out, &mask, N, nH, nKV, Dh, Dh, scale);
-    float *d_q = to_device(q, nq * sizeof(float)), *d_k = to_device(k, nkv * sizeof(float));
-    float *d_v = to_device(v, nkv * sizeof(float)), *d_dout = to_device(dout, nq * sizeof(float));
-    float *d_out = device_alloc(nq * sizeof(float)), *d_dq = device_alloc(nq * sizeof(float));
-    float *d_dk = device_alloc(nkv * sizeof(float)), *d_dv = device_alloc(nkv * sizeof(float));
-    struct attention_mask d_mask = {.sample_start = (int32_t *)to_device(start, (size_t)N * sizeof(int32_t))};
+    const struct backend *cuda = backend_cuda();
+    struct attention_case c;
+    attention_case_new(&c, (const int[]){100, 3, 156}, 3, 4, 2, 64, 64, 0, false, 20);
+    int N = c.N, nH = 4, nKV = 2, Dh = 64;
+    size_t nq = c.nq, nkv = c.nk;
+    float scale = c.scale, *out = c.out, *dq = c.dq, *dk = c.dk, *dv = c.dv;
+    float *d_q = c.d_q, *d_k = c.d_k, *d_v = c.d_v, *d_dout = c.d_dout, *d_out = c.d_out;
+    float *d_dq = c.d_dq, *d_dk = c.d_dk, *d_dv = c.d_dv;
+    struct attention_mask d_mask = c.d_mask;
     float *outs[3];
     for (int mode = 0; mode < 3; mode++) { /* fp32; tf32; tf32 with ESFT_CUDA_ATTENTION=gemm */
         const char *name = mode == 0 ? "fp32" : mode == 1 ? "tf32" : "tf32, ESFT_CUDA_ATTENTION=gemm";
@@ -1009,10 +1034,8 @@ static void check_flash_dispatch(void)
           "op table attention: tf32 mode gave the cuBLAS path's bits (the tiled kernels unused?)");
     printf("cuda op table attention: cuBLAS in fp32 mode and with ESFT_CUDA_ATTENTION=gemm, the "
            "tiled kernels in tf32 mode\n");
-    void *device_buffers[] = {d_q, d_k, d_v, d_dout, d_out, d_dq, d_dk, d_dv, (void *)d_mask.sample_start};
-    FREE_ON_DEVICE(device_buffers);
-    void *host_buffers[] = {start, q, k, v, dout, out, dq, dk, dv, outs[0], outs[1], outs[2]};
-    for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
+    for (int mode = 0; mode < 3; mode++) free(outs[mode]);
+    attention_case_free(&c);
     backend_cuda_release();
 }
 
@@ -1210,34 +1233,16 @@ static void check_heads(int N, int nH, int dn, int dr)
 static void check_attention_mask(const int *lengths, int n_samples, int nH, int nKV, int Dh,
                                  int Dv, int window, bool sinks)
 {
-    const struct backend *cpu = backend_cpu(), *cuda = backend_cuda();
-    struct rng rng;
-    rng_seed(&rng, (uint64_t)nH * 1013 + (uint64_t)Dv * 7 + (uint64_t)window);
-    int N = 0;
-    for (int s = 0; s < n_samples; s++) N += lengths[s];
-    int32_t *start = xmalloc((size_t)N * sizeof(int32_t));
-    for (int s = 0, at = 0; s < n_samples; at += lengths[s], s++)
-        for (int j = 0; j < lengths[s]; j++) start[at + j] = at;
-    size_t nq = (size_t)N * nH * Dh, nk = (size_t)N * nKV * Dh, nv = (size_t)N * nKV * Dv,
-           no = (size_t)N * nH * Dv;
-    float *q = random_floats(&rng, nq, -2, 2), *k = random_floats(&rng, nk, -2, 2);
-    float *v = random_floats(&rng, nv, -1, 1), *dout = random_floats(&rng, no, -1, 1);
-    float *sink = sinks ? random_floats(&rng, (size_t)nH, -1, 3) : NULL;
-    float *dsink = sinks ? random_floats(&rng, (size_t)nH, -1, 1) : NULL;
-    float *out = xmalloc(no * sizeof(float)), *dq = xmalloc(nq * sizeof(float));
-    float *dk = xmalloc(nk * sizeof(float)), *dv = xmalloc(nv * sizeof(float));
-    float scale = 1.0f / sqrtf((float)Dh);
-    float *d_q = to_device(q, nq * sizeof(float)), *d_k = to_device(k, nk * sizeof(float));
-    float *d_v = to_device(v, nv * sizeof(float)), *d_dout = to_device(dout, no * sizeof(float));
-    int32_t *d_start = (int32_t *)to_device(start, (size_t)N * sizeof(int32_t));
-    float *d_sink = sinks ? to_device(sink, (size_t)nH * sizeof(float)) : NULL;
-    float *d_dsink = sinks ? to_device(dsink, (size_t)nH * sizeof(float)) : NULL;
-    float *d_out = device_alloc(no * sizeof(float)), *d_dq = device_alloc(nq * sizeof(float));
-    float *d_dk = device_alloc(nk * sizeof(float)), *d_dv = device_alloc(nv * sizeof(float));
-    struct attention_mask mask = {start, window, sink, dsink};
-    struct attention_mask d_mask = {d_start, window, d_sink, d_dsink};
-    cpu->attention(out, q, k, v, &mask, N, nH, nKV, Dh, Dv, scale);
-    cpu->attention_backward(dq, dk, dv, dout, q, k, v, out, &mask, N, nH, nKV, Dh, Dv, scale);
+    const struct backend *cuda = backend_cuda();
+    struct attention_case c;
+    attention_case_new(&c, lengths, n_samples, nH, nKV, Dh, Dv, window, sinks,
+                       (uint64_t)nH * 1013 + (uint64_t)Dv * 7 + (uint64_t)window);
+    int N = c.N;
+    size_t nq = c.nq, nk = c.nk, nv = c.nv, no = c.no;
+    float scale = c.scale, *out = c.out, *dq = c.dq, *dk = c.dk, *dv = c.dv;
+    float *d_q = c.d_q, *d_k = c.d_k, *d_v = c.d_v, *d_dout = c.d_dout, *d_out = c.d_out;
+    float *d_dq = c.d_dq, *d_dk = c.d_dk, *d_dv = c.d_dv;
+    struct attention_mask d_mask = c.d_mask;
     CHECK(device_fill_f32(d_out, no, NAN, (char[256]){0}, 256) == 0, "fill");
     cuda->attention(d_out, d_q, d_k, d_v, &d_mask, N, nH, nKV, Dh, Dv, scale);
     char what[160];
@@ -1249,14 +1254,10 @@ static void check_attention_mask(const int *lengths, int n_samples, int nH, int 
     expect_floats(d_dq, dq, nq, 1e-4, "attention backward dq");
     expect_floats(d_dk, dk, nk, 1e-4, "attention backward dk");
     expect_floats(d_dv, dv, nv, 1e-5, "attention backward dv");
-    if (sinks) expect_floats(d_dsink, dsink, (size_t)nH, 1e-4, "attention backward dsinks");
+    if (sinks) expect_floats(c.d_dsink, c.dsink, (size_t)nH, 1e-4, "attention backward dsinks");
     printf("%s, %d tokens in %d samples: op table compared with the CPU backend\n", what, N,
            n_samples);
-    void *device_buffers[] = {d_q, d_k, d_v, d_dout, d_start, d_out, d_dq, d_dk, d_dv};
-    FREE_ON_DEVICE(device_buffers);
-    if (sinks) device_free(d_sink), device_free(d_dsink);
-    void *host_buffers[] = {start, q, k, v, dout, sink, dsink, out, dq, dk, dv};
-    for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
+    attention_case_free(&c);
     backend_cuda_release();
 }
 
