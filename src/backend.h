@@ -295,6 +295,11 @@ struct backend {
                               int N, long long *counted, long long *correct);
     void (*ce_chunk_backward)(float *dlogits, const float *logits, const float *state,
                               const int32_t *labels, int N, int C, int v0, float scale);
+    /* Bytes of logits the backend holds at once by choice: 0 takes chunks of
+     * WS_VOCAB_CHUNK ids (the CPU: memory first); otherwise the whole [N, V] block when it
+     * fits, else the largest chunks that do (CUDA: each chunk's logits would be computed
+     * again in the backward, 15% of an ESFT step on an H100). ESFT_VOCAB_CHUNK overrides. */
+    size_t logits_budget;
 
     /* dtable[V,H] += dx[n] at row tokens[n], in token order (deterministic). */
     void (*embedding_backward)(float *dtable, const float *dx, const int32_t *tokens, int N,

@@ -146,13 +146,18 @@ static void alloc_layer(struct forward_workspace *ws, const struct model *m, int
     }
 }
 
-/* Vocabulary ids per chunk: WS_VOCAB_CHUNK, or ESFT_VOCAB_CHUNK from the environment (the
- * tests set it small so that their small vocabularies take the chunked path too). */
-static int vocab_chunk_size(void)
+/* Vocabulary ids per chunk for N tokens: ESFT_VOCAB_CHUNK from the environment (the tests
+ * set it small so that their small vocabularies take the chunked path too); else as many
+ * as the backend's logits budget holds for N tokens (backend.h), in multiples of
+ * WS_VOCAB_CHUNK; else WS_VOCAB_CHUNK. */
+static int vocab_chunk_size(const struct backend *ops, size_t N)
 {
     const char *text = getenv("ESFT_VOCAB_CHUNK");
     long value = text ? strtol(text, NULL, 10) : 0;
-    return value > 0 && value < (1L << 30) ? (int)value : WS_VOCAB_CHUNK;
+    if (value > 0 && value < (1L << 30)) return (int)value;
+    size_t ids = ops->logits_budget / ((N ? N : 1) * sizeof(float));
+    ids -= ids % WS_VOCAB_CHUNK;
+    return ids > WS_VOCAB_CHUNK ? (int)(ids < (1u << 30) ? ids : (1u << 30)) : WS_VOCAB_CHUNK;
 }
 
 static struct forward_workspace *workspace_new(const struct model *m, int max_tokens, bool training,
@@ -195,8 +200,8 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
     /* the logits a vocabulary chunk at a time when the backend can (the [N, V] block is
      * the largest of a training step: 2.4 GB for 4096 tokens of a 151,936 vocabulary) */
     ws->vocab_chunk = c->vocab_size;
-    int chunk = vocab_chunk_size();
     const struct backend *ops = m->ops ? m->ops : backend_cpu(); /* unattached: the CPU's */
+    int chunk = vocab_chunk_size(ops, N);
     if (ops->ce_chunk_update && c->vocab_size > chunk) ws->vocab_chunk = chunk;
     ws->logits = ws_alloc(ws, (last_stage ? N * (size_t)ws->vocab_chunk : 1) * f);
     ws->ce_state = ws_alloc(ws, (last_stage ? N * 4 : 1) * f);
