@@ -711,10 +711,15 @@ void model_set_trainable(struct model *m, const bool *trainable)
     set_backward_floor(m);
 }
 
+/* Where the gradients are: on the backend when attached (the host block is only a
+ * staging copy, overwritten whole by model_download_grads: zeroing it too cost a full
+ * fine-tuning step of 1.9e9 parameters 0.6 s on the host), else on the host. */
 void model_zero_grads(struct model *m)
 {
-    if (m->grad_storage) memset(m->grad_storage, 0, m->grad_floats * sizeof(float));
-    if (m->device_grad_storage) m->ops->zero(m->device_grad_storage, m->grad_floats * sizeof(float));
+    if (m->device_grad_storage)
+        m->ops->zero(m->device_grad_storage, m->grad_floats * sizeof(float));
+    else if (m->grad_storage)
+        memset(m->grad_storage, 0, m->grad_floats * sizeof(float));
 }
 
 /* ---- the compute view on a backend ------------------------------------------------- */
