@@ -149,6 +149,22 @@ extern "C" int gemm_to_bf16(void *out, const float *in, size_t n, char *err, siz
     return cuda_status_failed(cudaGetLastError(), "gemm_to_bf16", err, err_size);
 }
 
+__global__ void from_bf16_kernel(float *out, const __nv_bfloat16 *in, size_t n)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        out[i] = __bfloat162float(in[i]);
+}
+
+extern "C" int gemm_from_bf16(float *out, const void *in, size_t n, char *err, size_t err_size)
+{
+    if (n == 0) return 0;
+    size_t blocks = (n + 255) / 256;
+    from_bf16_kernel<<<(unsigned)(blocks < 65535 * 16 ? blocks : 65535 * 16), 256>>>(
+        out, (const __nv_bfloat16 *)in, n);
+    return cuda_status_failed(cudaGetLastError(), "gemm_from_bf16", err, err_size);
+}
+
 extern "C" void *gemm_cublas(struct gemm_context *ctx)
 {
     return ctx->handle;
@@ -380,4 +396,41 @@ extern "C" int gemm_grouped_linear_backward_batched(struct gemm_context *ctx, fl
             return -1;
     }
     return grouped_run(ctx, type, GEMM_F32, what, err, err_size);
+}
+
+/* The products of gemm_grouped_linear_bf16 (input_grad 0) or gemm_grouped_linear_dx_bf16
+ * (1): one group per expert with rows and a bf16 weight, bf16 output. */
+static int grouped_bf16(struct gemm_context *ctx, int input_grad, void *out, const void *in,
+                        const void *const *w, const int32_t *offsets, int E, int I, int O,
+                        const char *what, char *err, size_t err_size)
+{
+    if (grouped_reserve(&ctx->grouped, E, err, err_size)) return -1;
+    ctx->grouped.count = 0;
+    int in_cols = input_grad ? O : I, out_cols = input_grad ? I : O;
+    for (int e = 0; e < E; e++) {
+        int rows = offsets[e + 1] - offsets[e];
+        if (rows == 0 || !w[e]) continue;
+        struct gemm_plan p = gemm_plan_of(input_grad ? GEMM_INPUT_GRAD : GEMM_FORWARD, rows, I, O);
+        if (grouped_add(ctx, p, w[e], row_of(in, offsets[e], in_cols, GEMM_BF16),
+                        (char *)out + (size_t)offsets[e] * out_cols * 2, 0.0f, GEMM_BF16, what, err,
+                        err_size))
+            return -1;
+    }
+    return grouped_run(ctx, GEMM_BF16, GEMM_BF16, what, err, err_size);
+}
+
+extern "C" int gemm_grouped_linear_bf16(struct gemm_context *ctx, void *y, const void *x,
+                                        const void *const *w, const int32_t *offsets, int E, int I,
+                                        int O, char *err, size_t err_size)
+{
+    return grouped_bf16(ctx, 0, y, x, w, offsets, E, I, O, "gemm_grouped_linear_bf16", err,
+                        err_size);
+}
+
+extern "C" int gemm_grouped_linear_dx_bf16(struct gemm_context *ctx, void *dx, const void *dy,
+                                           const void *const *w, const int32_t *offsets, int E,
+                                           int I, int O, char *err, size_t err_size)
+{
+    return grouped_bf16(ctx, 1, dx, dy, w, offsets, E, I, O, "gemm_grouped_linear_dx_bf16", err,
+                        err_size);
 }

@@ -85,6 +85,20 @@ int gemm_grouped_linear_backward_batched(struct gemm_context *ctx, float *dx, fl
                                          const int32_t *offsets, int E, int I, int O,
                                          enum gemm_type type, char *err, size_t err_size);
 
+/* The frozen experts of bf16 mode in one cuBLAS call, bf16 in and out (the pairing
+ * cublasGemmGroupedBatchedEx is documented for), fp32 accumulation. w[e] is a host array
+ * of E device pointers to bf16 [O, I] matrices; experts whose w[e] is NULL (trained ones,
+ * multiplied in fp32 by the caller) and experts without rows are skipped. I, O > 0.
+ * Forward: y[rows, O] = x[rows, I] w[e]^T. Input gradient: dx[rows, I] = dy[rows, O] w[e]. */
+int gemm_grouped_linear_bf16(struct gemm_context *ctx, void *y, const void *x,
+                             const void *const *w, const int32_t *offsets, int E, int I, int O,
+                             char *err, size_t err_size);
+int gemm_grouped_linear_dx_bf16(struct gemm_context *ctx, void *dx, const void *dy,
+                                const void *const *w, const int32_t *offsets, int E, int I, int O,
+                                char *err, size_t err_size);
+/* out[n] = in[n], bf16 widened to fp32 (exact). */
+int gemm_from_bf16(float *out, const void *in, size_t n, char *err, size_t err_size);
+
 #ifdef __cplusplus
 }
 #endif

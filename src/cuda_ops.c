@@ -59,10 +59,11 @@ static enum op_sync op_sync;
 
 struct op_time {
     const char *op; /* the op's function name: a string literal, compared by address */
-    long long calls;
-    double seconds, fastest; /* in all; the fastest call */
+    long long calls, slowest_call; /* calls; which call (from 1) was the slowest */
+    double seconds, fastest, slowest; /* in all; the fastest and the slowest call */
+    double host_before; /* the host's time between the previous op and this one's calls */
 };
-static struct op_time op_times[96];
+static struct op_time op_times[128];
 static int n_op_times;
 static double last_mark; /* when the previous op or transfer ended */
 
@@ -73,18 +74,26 @@ static double now_seconds(void)
     return t.tv_sec + 1e-9 * t.tv_nsec;
 }
 
-/* Adds one call of `seconds` to op's line of the profile. */
-static void charge(const char *op, double seconds)
+/* op's line of the profile (the last one when the table is full). */
+static struct op_time *op_line(const char *op)
 {
     int i = 0;
     while (i < n_op_times && op_times[i].op != op) i++;
     if (i == n_op_times) {
         if (n_op_times == (int)(sizeof op_times / sizeof op_times[0])) i = n_op_times - 1;
-        else op_times[n_op_times++] = (struct op_time){op, 0, 0, seconds};
+        else op_times[n_op_times++] = (struct op_time){op, 0, 0, 0, INFINITY, 0, 0};
     }
-    op_times[i].calls++;
-    op_times[i].seconds += seconds;
-    if (seconds < op_times[i].fastest) op_times[i].fastest = seconds;
+    return &op_times[i];
+}
+
+/* Adds one call of `seconds` to op's line of the profile. */
+static void charge(const char *op, double seconds)
+{
+    struct op_time *t = op_line(op);
+    t->calls++;
+    t->seconds += seconds;
+    if (seconds < t->fastest) t->fastest = seconds;
+    if (seconds > t->slowest) t->slowest = seconds, t->slowest_call = t->calls;
 }
 
 static enum op_sync sync_mode(void)
@@ -100,15 +109,18 @@ static enum op_sync sync_mode(void)
 }
 
 /* An op begins: under the profile, the time since the previous op ended goes to the
- * host's bucket (model code, MPI, the phases between ops). */
-static void op_begin(void)
+ * host's bucket (model code, MPI, the phases between ops), and to this op's "host
+ * before" column (which op the host's time precedes). */
+static void op_begin_in(const char *op)
 {
     if (sync_mode() != SYNC_PROFILE) return;
     check_cuda(cudaDeviceSynchronize());
     double t = now_seconds();
     charge("(host, between ops)", t - last_mark);
+    op_line(op)->host_before += t - last_mark;
     last_mark = t;
 }
+#define op_begin() op_begin_in(__func__)
 
 /* An op (or transfer) has been issued: report a launch error; under ESFT_CUDA_SYNC or
  * ESFT_CUDA_PROFILE wait for it, and under the profile charge the time since the previous
@@ -141,12 +153,20 @@ static void log_profile(void)
     double total = 0;
     for (int i = 0; i < n_op_times; i++) total += op_times[i].seconds;
     log_info("cuda profile (ESFT_CUDA_PROFILE: a device sync before and after each op): "
-             "%.3f s in all; op, calls, total, mean and fastest call, share", total);
-    for (int i = 0; i < n_op_times; i++)
-        log_info("cuda profile: %-30s %7lld %10.3f ms %9.4f ms %9.4f ms %5.1f%%", op_times[i].op,
-                 op_times[i].calls, 1e3 * op_times[i].seconds,
-                 1e3 * op_times[i].seconds / (double)op_times[i].calls, 1e3 * op_times[i].fastest,
-                 total > 0 ? 100 * op_times[i].seconds / total : 0);
+             "%.3f s in all; op, calls, total, mean, fastest and slowest call (which), share, "
+             "the host's time before the op's calls", total);
+    for (int i = 0; i < n_op_times; i++) {
+        const struct op_time *t = &op_times[i];
+        if (t->calls == 0) { /* an op that ends without a device call (a declaration) */
+            log_info("cuda profile: %-30s no device work, host before %.3f ms", t->op,
+                     1e3 * t->host_before);
+            continue;
+        }
+        log_info("cuda profile: %-30s %7lld %10.3f ms %9.4f ms %9.4f ms %9.4f ms (#%lld) %5.1f%% "
+                 "host before %.3f ms", t->op, t->calls, 1e3 * t->seconds,
+                 1e3 * t->seconds / (double)t->calls, 1e3 * t->fastest, 1e3 * t->slowest,
+                 t->slowest_call, total > 0 ? 100 * t->seconds / total : 0, 1e3 * t->host_before);
+    }
     n_op_times = 0;
 }
 
@@ -227,6 +247,10 @@ static bool bf16_mode;
 static bool tf32_mode;
 static void *operand_buf; /* activations rounded to bf16 */
 static size_t operand_size;
+static void *output_buf; /* the frozen experts' grouped outputs, bf16 */
+static size_t output_size;
+static const void **expert_weights; /* their bf16 weights, NULL for a trained expert */
+static int expert_weights_capacity;
 
 /* Forgets every declared run and frees the copies. */
 static void forget_constants(void)
@@ -287,6 +311,61 @@ static const void *bf16_operand(const float *x, size_t n)
     char err[256];
     ok(gemm_to_bf16(operand_buf, x, n, err, sizeof err), err);
     return operand_buf;
+}
+
+/* A bf16 buffer of n elements for the frozen experts' grouped outputs. */
+static void *bf16_output(size_t n)
+{
+    if (n * 2 > output_size) {
+        if (output_buf) check_cuda(cudaFree(output_buf));
+        check_cuda(cudaMalloc(&output_buf, n * 2));
+        output_size = n * 2;
+    }
+    return output_buf;
+}
+
+/* The bf16 copies of the E expert weights w[e] (O x I each), NULL for a trained expert
+ * (no copy: fp32); NULL when no expert with rows has one. */
+static const void *const *bf16_experts(const float *const *w, const int32_t *host, int E,
+                                       size_t size)
+{
+    if (E > expert_weights_capacity) {
+        expert_weights = realloc(expert_weights, (size_t)E * sizeof *expert_weights);
+        if (!expert_weights) fatal(EXIT_RUNTIME, "cuda backend: out of host memory");
+        expert_weights_capacity = E;
+    }
+    bool any = false;
+    for (int e = 0; e < E; e++) {
+        expert_weights[e] = bf16_weight(w[e], size);
+        any |= expert_weights[e] && host[e + 1] > host[e];
+    }
+    return any ? expert_weights : NULL;
+}
+
+static bool grouped_batched(void);
+
+/* The frozen experts' part of a grouped product in bf16 mode, ahead of the per-expert loop
+ * over the rest: out[rows, cols] (fp32) for every row, the frozen experts' rows from one
+ * grouped bf16 GEMM (bf16 output, widened), the other rows left for the loop to write.
+ * Returns the bf16 weights (NULL: no frozen expert with rows, nothing done). */
+static const void *const *frozen_experts_grouped(float *out, const void *in_bf16,
+                                                 const float *const *w, const int32_t *host,
+                                                 int E, int I, int O, bool input_grad)
+{
+    if (!grouped_batched() || I == 0 || O == 0 || host[E] == host[0]) return NULL;
+    const void *const *wb = bf16_experts(w, host, E, (size_t)O * I);
+    if (!wb) return NULL;
+    char err[256];
+    int cols = input_grad ? I : O;
+    size_t n = (size_t)(host[E] - host[0]) * cols;
+    char *buf = (char *)bf16_output((size_t)host[E] * cols);
+    ok(input_grad ? gemm_grouped_linear_dx_bf16(gemm(), buf, in_bf16, wb, host, E, I, O, err, sizeof err)
+                  : gemm_grouped_linear_bf16(gemm(), buf, in_bf16, wb, host, E, I, O, err, sizeof err),
+       err);
+    ok(gemm_from_bf16(out + (size_t)host[0] * cols, buf + (size_t)host[0] * cols * 2, n, err,
+                      sizeof err),
+       err);
+    return wb;
 }
 
 static void cuda_linear(float *y, const float *x, const float *w, const float *bias, int N, int I,
@@ -491,11 +570,13 @@ static void cuda_grouped_linear(float *y, const float *x, const float *const *w,
     int32_t *host = host_offsets(offsets, E);
     int rc = 0;
     if (bf16_mode || !experts_in_one_block(w, E, (size_t)O * I)) {
-        /* expert by expert: a frozen one on bf16, a trained one on fp32 */
+        /* the frozen ones in one grouped bf16 call (ESFT_CUDA_GROUPED=loop: one by one),
+         * then expert by expert: a frozen one on bf16, a trained one on fp32 */
         const char *xb = host[E] > 0 ? bf16_operand(x, (size_t)host[E] * I) : NULL;
+        const void *const *grouped = frozen_experts_grouped(y, xb, w, host, E, I, O, false);
         for (int e = 0; e < E && rc == 0; e++) {
             int rows = host[e + 1] - host[e];
-            if (rows == 0) continue;
+            if (rows == 0 || (grouped && grouped[e])) continue;
             const float *we = w[e];
             const void *wb = bf16_weight(we, (size_t)O * I);
             float *ye = y + (size_t)host[e] * O;
@@ -684,11 +765,13 @@ static void cuda_grouped_linear_backward(float *dx, float *const *dw, const floa
     int32_t *host = host_offsets(offsets, E);
     int rc = 0;
     if (bf16_mode || !experts_in_one_block(w, E, (size_t)O * I)) {
-        /* expert by expert: dx of a frozen one on bf16; a trained one on fp32 */
+        /* dx of the frozen ones in one grouped bf16 call (ESFT_CUDA_GROUPED=loop: one by
+         * one), then expert by expert: dx of a frozen one on bf16; a trained one on fp32 */
         const char *dyb = dx && host[E] > 0 ? bf16_operand(dy, (size_t)host[E] * O) : NULL;
+        const void *const *grouped = dx ? frozen_experts_grouped(dx, dyb, w, host, E, I, O, true) : NULL;
         for (int e = 0; e < E && rc == 0; e++) {
             int rows = host[e + 1] - host[e];
-            if (rows == 0) continue;
+            if (rows == 0 || (grouped && grouped[e] && !(dw && dw[e]))) continue;
             const float *we = w[e];
             float *dwe = dw ? dw[e] : NULL;
             const void *wb = !dwe && dx ? bf16_weight(we, (size_t)O * I) : NULL;
@@ -900,6 +983,7 @@ static void *cuda_alloc(size_t bytes)
     check_cuda(cudaMemset(p, 0, bytes ? bytes : 1));
     size_t in_use, peak;
     cuda_memory(&in_use, &peak);
+    op_end(__func__);
     return p;
 }
 
@@ -907,6 +991,7 @@ static void cuda_release(void *p)
 {
     op_begin();
     if (p) check_cuda(cudaFree(p));
+    op_end(__func__);
 }
 
 static void cuda_upload(void *dst, const void *host_src, size_t bytes)
@@ -980,6 +1065,7 @@ const struct backend *backend_cuda(void)
         .ce_chunk_update = cuda_ce_chunk_update,
         .ce_chunk_finish = cuda_ce_chunk_finish,
         .ce_chunk_backward = cuda_ce_chunk_backward,
+        .logits_budget = (size_t)4 << 30,
         .embedding_backward = cuda_embedding_backward,
         .adamw = cuda_adamw,
         .sum_squares = cuda_sum_squares,
@@ -1023,6 +1109,12 @@ void backend_cuda_release(void)
     if (operand_buf) check_cuda(cudaFree(operand_buf));
     operand_buf = NULL;
     operand_size = 0;
+    if (output_buf) check_cuda(cudaFree(output_buf));
+    output_buf = NULL;
+    output_size = 0;
+    free(expert_weights);
+    expert_weights = NULL;
+    expert_weights_capacity = 0;
     if (scratch_buf) check_cuda(cudaFree(scratch_buf)); /* a sticky error shows here */
     scratch_buf = NULL;
     scratch_size = 0;

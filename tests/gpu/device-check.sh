@@ -64,6 +64,11 @@
 #                       else the whole program at once)
 #   ESFT_KEEP=1         keep the unpacked bundle (its path is printed)
 #   ESFT_BENCH_KERNELS_ARGS  arguments of bench_kernels (e.g. "--sections attention")
+#   ESFT_BENCH_VARIANTS   esft-bench's variants (default "tf32 bf16 tf32-loop tf32-full
+#                       tf32-recompute bf16-store"; a name is a dtype with any of -loop,
+#                       -full, -recompute, -store, -whole: see variant_settings)
+#   ESFT_PROFILE_VARIANTS the variants trained again under ESFT_CUDA_PROFILE=1 (default
+#                       "tf32 bf16 tf32-loop bf16-store")
 #   ESFT_CHECK_STEPS    the steps to run, by name (test_device test_comm golden-cuda
 #                       phases-cuda bench_kernels torch-qwen3-moe esft-bench; default all):
 #                       a short lease runs the checks and the benchmarks in two calls; the
@@ -573,22 +578,30 @@ else
     run_step esft-bench 200 esft_bench
     record esft-bench "$(verdict)" "$seconds" "$(grep -E 'score: [0-9]+ tokens in|train: step [0-9]+/' "$output" |
         sed 's/.*\(score: \|train: step \)/\1/' | cut -c 1-150 | paste -sd ';' -)"
-    # the same score and steps on the tensor cores: tf32, then bf16; then tf32 with the
-    # experts' GEMMs one call per expert (ESFT_CUDA_GROUPED=loop), the baseline of the
-    # grouped call; a full fine-tuning step; the ESFT step with train.recompute; and bf16
-    # mode over frozen weights stored in bf16 (model.frozen_weights: bf16)
-    for variant in tf32 bf16 tf32-loop tf32-full tf32-recompute bf16-store; do
-        dtype=${variant%-*}
-        grouped=batched
-        [ "$variant" = tf32-loop ] && grouped=loop
+    # the same score and steps on the tensor cores, one variant after another (names in
+    # ESFT_BENCH_VARIANTS; default below): tf32, bf16; tf32 with the experts' GEMMs one call
+    # per expert (ESFT_CUDA_GROUPED=loop), the baseline of the grouped call; a full
+    # fine-tuning step; the ESFT step with train.recompute; bf16 mode over frozen weights
+    # stored in bf16 (model.frozen_weights: bf16); *-whole: the LM head over the whole
+    # vocabulary at once (ESFT_VOCAB_CHUNK=151936, no chunk recomputed in the backward)
+    # variant_settings NAME: dtype, the experts' GEMM form, the deck's extra settings and
+    # the environment of variant NAME
+    variant_settings() {
+        dtype=${1%%-*} grouped=batched chunk=${ESFT_VOCAB_CHUNK:-} store=fp32
         phases="'phase=[score,train]'"
-        [ "$variant" = tf32-full ] && phases="'phase=[train]' train.method=full"
-        [ "$variant" = tf32-recompute ] && phases="'phase=[train]' train.recompute=true"
-        [ "$variant" = bf16-store ] && phases="'phase=[score,train]' model.frozen_weights=bf16"
+        case $1 in *-loop*) grouped=loop ;; esac
+        case $1 in *-full*) phases="'phase=[train]' train.method=full" ;; esac
+        case $1 in *-recompute*) phases="'phase=[train]' train.recompute=true" ;; esac
+        case $1 in *-store*) store=bf16 ;; esac
+        case $1 in *-whole*) chunk=151936 ;; esac
+        env_prefix="ESFT_CUDA_GROUPED=$grouped${chunk:+ ESFT_VOCAB_CHUNK=$chunk}"
+    }
+    for variant in ${ESFT_BENCH_VARIANTS:-tf32 bf16 tf32-loop tf32-full tf32-recompute bf16-store}; do
+        variant_settings "$variant"
         eval "esft_bench_${variant//-/_}() {
             e=\"\$work/bench-esft\"
-            cd \"\$work\" && ESFT_CUDA_GROUPED=$grouped \"\${esft[@]}\" \"\$b/tests/gpu/bench-esft.yaml\" \
-                $phases model.dtype=$dtype \"run.output_dir=\$e/$variant\" \
+            cd \"\$work\" && $env_prefix \"\${esft[@]}\" \"\$b/tests/gpu/bench-esft.yaml\" \
+                $phases model.dtype=$dtype model.frozen_weights=$store \"run.output_dir=\$e/$variant\" \
                 \"model.path=\$bench_model\" \"data.path=\$e/data.h5\" \
                 \"train.expert_config=\$e/out/expert_config.json\"
         }"
@@ -597,23 +610,21 @@ else
             sed 's/.*\(score: \)/\1/' | cut -c 1-80)"
     done
     # where the time goes: the same training under ESFT_CUDA_PROFILE=1 (a device sync
-    # before and after each op, each op timed); the table is in the step's output
-    for variant in tf32 bf16 tf32-loop bf16-store; do
-        dtype=${variant%-*}
-        grouped=batched
-        [ "$variant" = tf32-loop ] && grouped=loop
-        store=fp32
-        [ "$variant" = bf16-store ] && store=bf16
+    # before and after each op, each op timed; variants in ESFT_PROFILE_VARIANTS); the
+    # table is in the step's output
+    for variant in ${ESFT_PROFILE_VARIANTS:-tf32 bf16 tf32-loop bf16-store}; do
+        variant_settings "$variant"
+        phases=$(echo "$phases" | sed "s/score,//")
         eval "esft_profile_${variant//-/_}() {
             e=\"\$work/bench-esft\"
-            cd \"\$work\" && ESFT_CUDA_PROFILE=1 ESFT_CUDA_GROUPED=$grouped \"\${esft[@]}\" \
-                \"\$b/tests/gpu/bench-esft.yaml\" 'phase=[train]' model.dtype=$dtype model.frozen_weights=$store \
+            cd \"\$work\" && ESFT_CUDA_PROFILE=1 $env_prefix \"\${esft[@]}\" \
+                \"\$b/tests/gpu/bench-esft.yaml\" $phases model.dtype=$dtype model.frozen_weights=$store \
                 \"run.output_dir=\$e/profile-$variant\" \"model.path=\$bench_model\" \
                 \"data.path=\$e/data.h5\" \"train.expert_config=\$e/out/expert_config.json\"
         }"
         run_step "esft-profile-$variant" 120 "esft_profile_${variant//-/_}"
         record "esft-profile-$variant" "$(verdict)" "$seconds" "$(grep 'cuda profile' "$output" | sed -n '2,6p' |
-            sed 's/.*cuda profile: *//' | tr -s ' ' | cut -c 1-70 | paste -sd ';' -)"
+            sed 's/.*cuda profile: *//' | tr -s ' ' | cut -c 1-90 | paste -sd ';' -)"
     done
 fi
 
