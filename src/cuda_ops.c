@@ -198,10 +198,31 @@ static void *scratch(size_t bytes)
     return scratch_buf;
 }
 
-/* The experts' offsets[E+1], read back for the per-expert GEMMs. Freed by the caller. */
+/* Host buffers for the values the ops read back, one per use, grown to the largest size
+ * asked and kept (the step loop allocates nothing once it has run a step); freed by
+ * backend_cuda_release. */
+enum staging { STAGE_OFFSETS, STAGE_SAMPLES, STAGE_STARTS, STAGE_CE_STATE, STAGE_CE_BEST,
+               STAGE_CE_LABELS, STAGE_COUNT };
+static struct {
+    void *p;
+    size_t bytes;
+} staging[STAGE_COUNT];
+
+static void *staging_buffer(enum staging which, size_t bytes)
+{
+    if (bytes > staging[which].bytes) {
+        free(staging[which].p);
+        staging[which].p = xmalloc(bytes);
+        staging[which].bytes = bytes;
+    }
+    return staging[which].p;
+}
+
+/* The experts' offsets[E+1], read back for the per-expert GEMMs (a staging buffer: valid
+ * until the next call). */
 static int32_t *host_offsets(const int32_t *offsets, int E)
 {
-    int32_t *host = xmalloc((size_t)(E + 1) * sizeof(int32_t));
+    int32_t *host = staging_buffer(STAGE_OFFSETS, (size_t)(E + 1) * sizeof(int32_t));
     check_cuda(cudaMemcpy(host, offsets, (size_t)(E + 1) * sizeof(int32_t), cudaMemcpyDefault));
     return host;
 }
@@ -403,15 +424,14 @@ static void cuda_rope(float *x, const int32_t *positions, const float *inv_freq,
 }
 
 /* The samples of a batch, from sample_start copied back (N integers): starts[count + 1]
- * and the longest sample; freed by the caller. */
+ * and the longest sample (a staging buffer: valid until the next call). */
 static int *batch_samples(const int32_t *sample_start, int N, int *count, int *longest)
 {
-    int32_t *host = xmalloc((size_t)(N > 0 ? N : 1) * sizeof *host);
-    int *starts = xmalloc((size_t)(N + 1) * sizeof *starts);
+    int32_t *host = staging_buffer(STAGE_SAMPLES, (size_t)(N > 0 ? N : 1) * sizeof *host);
+    int *starts = staging_buffer(STAGE_STARTS, (size_t)(N + 1) * sizeof *starts);
     if (N > 0) check_cuda(cudaMemcpy(host, sample_start, (size_t)N * sizeof *host, cudaMemcpyDeviceToHost));
     backend_count_download((size_t)N * sizeof *host);
     *count = attention_gemm_samples(host, N, starts, longest);
-    free(host);
     return starts;
 }
 
@@ -467,7 +487,6 @@ static void cuda_attention(float *out, const float *q, const float *k, const flo
     ok(attention_gemm_forward(gemm_cublas(gemm()), out, q, k, v, starts, count, nH, nKV, Dh, Dv,
                               scale, &gm, ws, err, sizeof err),
        err);
-    free(starts);
 }
 
 /* copy_columns: a strided 2D copy (cudaMemcpy2D); accumulate by cuBLAS's geam, which
@@ -592,7 +611,6 @@ static void cuda_grouped_linear(float *y, const float *x, const float *const *w,
         rc = gemm_grouped_linear(gemm(), y, x, E ? w[0] : NULL, host, E, I, O, GEMM_F32, err,
                                  sizeof err);
     }
-    free(host);
     ok(rc, err);
 }
 
@@ -619,7 +637,6 @@ static void cuda_grouped_bias(float *y, const float *bias, const int32_t *offset
     char err[256];
     int32_t *host = host_offsets(offsets, E);
     int rows = host[E];
-    free(host);
     ok(moe_grouped_bias(y, bias, offsets, E, O, rows, err, sizeof err), err);
 }
 
@@ -729,7 +746,6 @@ static void cuda_attention_backward(float *dq, float *dk, float *dv, const float
     ok(attention_gemm_backward(gemm_cublas(gemm()), dq, dk, dv, dout, q, k, v, starts, count, nH,
                                nKV, Dh, Dv, scale, &gm, ws, err, sizeof err),
        err);
-    free(starts);
 }
 
 static void cuda_router_topk_backward(float *dlogits, const float *dweights, const float *probs,
@@ -791,7 +807,6 @@ static void cuda_grouped_linear_backward(float *dx, float *const *dw, const floa
         rc = gemm_grouped_linear_backward(gemm(), dx, dw, dy, x, E ? w[0] : NULL, host, E, I, O,
                                           GEMM_F32, err, sizeof err);
     }
-    free(host);
     ok(rc, err);
 }
 
@@ -882,9 +897,9 @@ static double cuda_ce_chunk_finish(const float *state, const int32_t *best, cons
                                    int N, long long *counted, long long *correct)
 {
     op_begin();
-    float *st = xmalloc((size_t)(N > 0 ? N : 1) * 4 * sizeof(float));
-    int32_t *host_best = xmalloc((size_t)(N > 0 ? N : 1) * sizeof(int32_t));
-    int32_t *host_labels = xmalloc((size_t)(N > 0 ? N : 1) * sizeof(int32_t));
+    float *st = staging_buffer(STAGE_CE_STATE, (size_t)(N > 0 ? N : 1) * 4 * sizeof(float));
+    int32_t *host_best = staging_buffer(STAGE_CE_BEST, (size_t)(N > 0 ? N : 1) * sizeof(int32_t));
+    int32_t *host_labels = staging_buffer(STAGE_CE_LABELS, (size_t)(N > 0 ? N : 1) * sizeof(int32_t));
     cuda_download(st, state, (size_t)N * 4 * sizeof(float));
     cuda_download(host_best, best, (size_t)N * sizeof(int32_t));
     cuda_download(host_labels, labels, (size_t)N * sizeof(int32_t));
@@ -896,7 +911,6 @@ static double cuda_ce_chunk_finish(const float *state, const int32_t *best, cons
         count++;
         right += host_best[n] == host_labels[n];
     }
-    free(st), free(host_best), free(host_labels);
     *counted = count;
     *correct = right;
     return total;
@@ -1115,6 +1129,7 @@ void backend_cuda_release(void)
     free(expert_weights);
     expert_weights = NULL;
     expert_weights_capacity = 0;
+    for (int i = 0; i < STAGE_COUNT; i++) free(staging[i].p), staging[i].p = NULL, staging[i].bytes = 0;
     if (scratch_buf) check_cuda(cudaFree(scratch_buf)); /* a sticky error shows here */
     scratch_buf = NULL;
     scratch_size = 0;
