@@ -133,36 +133,36 @@ extern "C" int gemm_set_tf32(struct gemm_context *ctx, int on, char *err, size_t
                          "cublasSetMathMode", err, err_size);
 }
 
-__global__ void to_bf16_kernel(__nv_bfloat16 *out, const float *in, size_t n)
+/* Element conversions: fp32 to bf16 by round-to-nearest-even, bf16 to fp32 (exact). */
+__device__ __forceinline__ void convert(__nv_bfloat16 *out, float in) { *out = __float2bfloat16_rn(in); }
+__device__ __forceinline__ void convert(float *out, __nv_bfloat16 in) { *out = __bfloat162float(in); }
+
+template <typename To, typename From>
+__global__ void convert_kernel(To *out, const From *in, size_t n)
 {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x)
-        out[i] = __float2bfloat16_rn(in[i]);
+        convert(&out[i], in[i]);
+}
+
+template <typename To, typename From>
+static int convert_array(To *out, const From *in, size_t n, const char *what, char *err,
+                         size_t err_size)
+{
+    if (n == 0) return 0;
+    size_t blocks = (n + 255) / 256;
+    convert_kernel<<<(unsigned)(blocks < 65535 * 16 ? blocks : 65535 * 16), 256>>>(out, in, n);
+    return cuda_status_failed(cudaGetLastError(), what, err, err_size);
 }
 
 extern "C" int gemm_to_bf16(void *out, const float *in, size_t n, char *err, size_t err_size)
 {
-    if (n == 0) return 0;
-    size_t blocks = (n + 255) / 256;
-    to_bf16_kernel<<<(unsigned)(blocks < 65535 * 16 ? blocks : 65535 * 16), 256>>>(
-        (__nv_bfloat16 *)out, in, n);
-    return cuda_status_failed(cudaGetLastError(), "gemm_to_bf16", err, err_size);
-}
-
-__global__ void from_bf16_kernel(float *out, const __nv_bfloat16 *in, size_t n)
-{
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x)
-        out[i] = __bfloat162float(in[i]);
+    return convert_array((__nv_bfloat16 *)out, in, n, "gemm_to_bf16", err, err_size);
 }
 
 extern "C" int gemm_from_bf16(float *out, const void *in, size_t n, char *err, size_t err_size)
 {
-    if (n == 0) return 0;
-    size_t blocks = (n + 255) / 256;
-    from_bf16_kernel<<<(unsigned)(blocks < 65535 * 16 ? blocks : 65535 * 16), 256>>>(
-        out, (const __nv_bfloat16 *)in, n);
-    return cuda_status_failed(cudaGetLastError(), "gemm_from_bf16", err, err_size);
+    return convert_array(out, (const __nv_bfloat16 *)in, n, "gemm_from_bf16", err, err_size);
 }
 
 extern "C" void *gemm_cublas(struct gemm_context *ctx)
