@@ -233,19 +233,23 @@ def grads_of(model, loss, aux):
     return grads, dict(zip(rnames, ga))
 
 
-def run_reference(model, inp):
-    """Independent reference: each packed sample is its own forward pass (batch 1, positions 0..n-1)."""
-    cap = Capture(model)
+def per_sample_logits(model, inp, **kwargs):
+    """The batch's logits with each packed sample its own forward pass (batch 1, positions 0..n-1)."""
     rows = []
     for b, segs in enumerate(SEGMENTS):
         pieces = []
         for start, n in segs:
             ids = inp["input_ids"][b:b + 1, start:start + n]
             pos = torch.arange(n)[None]
-            pieces.append(model(input_ids=ids, position_ids=pos, use_cache=False,
-                                output_router_logits=False).logits)
+            pieces.append(model(input_ids=ids, position_ids=pos, use_cache=False, **kwargs).logits)
         rows.append(torch.cat(pieces, 1))
-    logits = torch.cat(rows, 0)
+    return torch.cat(rows, 0)
+
+
+def run_reference(model, inp):
+    """Independent reference: each packed sample is its own forward pass (batch 1, positions 0..n-1)."""
+    cap = Capture(model)
+    logits = per_sample_logits(model, inp, output_router_logits=False)
     routers = cap.take()
     cap.close()
     loss = ce_loss(model, logits, inp["labels"])

@@ -245,16 +245,10 @@ def result(model, logits, routers, labels):
 def run_reference(model, inp):
     """Independent reference: each packed sample is its own forward pass (batch 1, positions 0..n-1)."""
     cap = Capture(model)
-    rows = []
-    for b, segs in enumerate(G.SEGMENTS):
-        pieces = []
-        for start, n in segs:
-            ids = inp["input_ids"][b:b + 1, start:start + n]
-            pieces.append(model(input_ids=ids, position_ids=torch.arange(n)[None], use_cache=False).logits)
-        rows.append(torch.cat(pieces, 1))
+    logits = G.per_sample_logits(model, inp)
     routers = cap.take()
     cap.close()
-    return result(model, torch.cat(rows, 0), routers, inp["labels"])
+    return result(model, logits, routers, inp["labels"])
 
 
 def run_packed(model, inp, mode):

@@ -60,15 +60,7 @@ def peft_name(n):
 
 def reference(model, inp):
     """Each packed sample its own forward (generate.run_reference's way); loss as generate.ce_loss."""
-    rows = []
-    for b, segs in enumerate(G.SEGMENTS):
-        pieces = []
-        for start, n in segs:
-            ids = inp["input_ids"][b:b + 1, start:start + n]
-            pieces.append(model(input_ids=ids, position_ids=torch.arange(n)[None], use_cache=False).logits)
-        rows.append(torch.cat(pieces, 1))
-    logits = torch.cat(rows, 0)
-    return G.ce_loss(model, logits, inp["labels"])
+    return G.ce_loss(model, G.per_sample_logits(model, inp), inp["labels"])
 
 
 def make_fixture(name, spec, index, inp):
