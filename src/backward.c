@@ -49,19 +49,68 @@ static const float *shared_output_gradient_into(const struct backend *ops,
     return ws->dshared_out;
 }
 
+/* DenseMixer (yaof20/DenseMixer; shared/reference/methods-lora-densemixer.md): the
+ * router's gradient sees every expert's output, not only the chosen ones'. Each expert of
+ * the layer runs forward on every token (no gradient flows back through it) and
+ * dots[n,e] = <dy[n], E_e(hn[n])>, dy the gradient of the MoE output: the input of
+ * router_dense_backward. The chosen experts' outputs are recomputed here too, so that all
+ * E dots come from one formula; the expert gradients stay the sparse path's. */
+static void densemixer_dots(const struct model *m, const struct backend *ops,
+                            struct forward_workspace *ws, const struct layer_activations *a,
+                            const float *dy, int N, int l)
+{
+    const struct model_config *c = &m->cfg;
+    const struct layer_weights *w = &m->layers[l];
+    int H = c->hidden_size, E = c->num_experts, I = c->expert_intermediate_size;
+    for (int e = 0; e < E; e++) {
+        ops->linear(ws->dense_gate, a->hn, w->expert_gate[e], NULL, N, H, I, false);
+        ops->linear(ws->dense_up, a->hn, w->expert_up[e], NULL, N, H, I, false);
+        ops->glu(ws->dense_act, ws->dense_gate, ws->dense_up, (size_t)N * I, c->hidden_act);
+        ops->linear(ws->dense_out, ws->dense_act, w->expert_down[e], NULL, N, I, H, false);
+        ops->row_dots(ws->dense_dots + e, E, dy, ws->dense_out, N, H);
+    }
+}
+
+/* The router's share of the MoE backward: d router logits from the routing weights'
+ * gradient (ws->dweights; DenseMixer: from every expert's output) and the balance loss,
+ * then the router's weight gradient (g->router NULL: frozen) and its input gradient,
+ * added to dhn (NULL: not needed). */
+static void router_backward(const struct model *m, const struct backend *ops,
+                            struct forward_workspace *ws, const struct layer_activations *a,
+                            const float *dy, float *dhn, int N, int l, float aux_scale)
+{
+    const struct model_config *c = &m->cfg;
+    const struct layer_weights *w = &m->layers[l];
+    const struct layer_grads *g = &m->grads[l];
+    int H = c->hidden_size, E = c->num_experts, K = c->top_k;
+    struct router_params route = model_router_params(m, l);
+    if (m->densemixer) {
+        densemixer_dots(m, ops, ws, a, dy, N, l);
+        ops->router_dense_backward(ws->drouter, ws->dense_dots, a->probs, ws->topk_ids[l], N, E, K,
+                                   &route);
+    } else {
+        ops->router_topk_backward(ws->drouter, ws->dweights, a->probs, ws->topk_ids[l], N, E, K,
+                                  &route);
+    }
+    if (aux_scale != 0.0f && c->aux == AUX_SEQUENCE)
+        seq_aux_backward(m, ops, ws, l, ws->drouter, a->probs, aux_scale);
+    else if (aux_scale != 0.0f)
+        ops->router_balance_backward(ws->drouter, a->probs, ws->balance_coef, N, E);
+    ops->linear_backward(dhn, g->router, g->router_logit_bias, ws->drouter, a->hn, w->router, N, H,
+                         E, true);
+}
+
 /* MoE backward: dy = d ffn [N,H] -> dhn [N,H] (written). dhn NULL: only the weight
  * gradients (nothing below needs the input gradient: model.h's backward_floor). */
 static void moe_backward(const struct model *m, const struct backend *ops,
                          struct forward_workspace *ws, const struct layer_activations *a,
                          const float *dy, float *dhn, int N, int l, float aux_scale)
 {
-    bool balance = aux_scale != 0.0f;
     const struct model_config *c = &m->cfg;
     const struct layer_weights *w = &m->layers[l];
     const struct layer_grads *g = &m->grads[l];
     int H = c->hidden_size, E = c->num_experts, K = c->top_k, I = c->expert_intermediate_size;
     int M = N * K;
-    struct router_params route = model_router_params(m, l);
     struct mlp_adapters shared_adapters = {m, l, LORA_SHARED_GATE, a->lora_t + LORA_SHARED_GATE,
                                            ws->dlora};
 
@@ -106,6 +155,8 @@ static void moe_backward(const struct model *m, const struct backend *ops,
                                a->shared_up, a->shared_act, ws->dshared_a, ws->dshared_b,
                                ws->dshared_act, N, H, c->shared_expert_intermediate_size,
                                c->hidden_act);
+        /* a router trained in the lowest trainable layer still needs its own gradient */
+        if (g->router) router_backward(m, ops, ws, a, dy, NULL, N, l, aux_scale);
         return;
     }
     ops->add(ws->dxs, ws->dxs, ws->dxs2, (size_t)rows * H);
@@ -117,14 +168,7 @@ static void moe_backward(const struct model *m, const struct backend *ops,
     ops->gather_rows_backward(dhn, dxs, a->row_of_slot, N, K, H, false);
     /* the routing weights' gradient reaches the router input even when the router is
      * frozen (g->router NULL: no weight gradient, the input gradient still flows) */
-    ops->router_topk_backward(ws->drouter, ws->dweights, a->probs, ws->topk_ids[l], N, E, K,
-                              &route);
-    if (balance && c->aux == AUX_SEQUENCE)
-        seq_aux_backward(m, ops, ws, l, ws->drouter, a->probs, aux_scale);
-    else if (balance)
-        ops->router_balance_backward(ws->drouter, a->probs, ws->balance_coef, N, E);
-    ops->linear_backward(dhn, g->router, g->router_logit_bias, ws->drouter, a->hn, w->router, N,
-                         H, E, true);
+    router_backward(m, ops, ws, a, dy, dhn, N, l, aux_scale);
 
     if (w->shared_gate) {
         int S = c->shared_expert_intermediate_size;

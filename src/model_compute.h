@@ -113,6 +113,9 @@ struct forward_workspace {
     float *dq_latent, *dkv_latent, *dk_rope, *dkv; /* MLA: [N,R], [N,C], [N,dr], [N,nH*(dn+dv)] */
     float *dlora;                     /* [N,r] an adapter's scratch (lora_backward) */
     float *dweights, *drouter, *dshared_a, *dshared_b, *dshared_act, *dshared_out, *dgate_logit;
+    /* DenseMixer (model->densemixer): one expert on every token, [N,I] x 3 and [N,H], and
+     * every expert's <d output, E_e(x)>, [N,E] */
+    float *dense_gate, *dense_up, *dense_act, *dense_out, *dense_dots;
     float *ep_rows;                   /* [capacity,H] exchange scratch (ep > 1) */
     float *dye;                       /* [capacity,H] output gradients at the experts (ep > 1) */
     size_t *ep_counts, *ep_offsets;   /* [2 * ep] element counts of one exchange */

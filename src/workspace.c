@@ -288,6 +288,13 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
         ws->dshared_act = ws_alloc(ws, N * wide * f);
         ws->dshared_out = ws_alloc(ws, N * H * f);
         ws->dgate_logit = ws_alloc(ws, N * f);
+        if (m->densemixer && c->num_experts > 0) {
+            ws->dense_gate = ws_alloc(ws, N * I * f);
+            ws->dense_up = ws_alloc(ws, N * I * f);
+            ws->dense_act = ws_alloc(ws, N * I * f);
+            ws->dense_out = ws_alloc(ws, N * H * f);
+            ws->dense_dots = ws_alloc(ws, N * E * f);
+        }
     }
     return ws;
 }
