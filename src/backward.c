@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "densemixer.h"
 #include "model_compute.h"
 
 /* Dense MLP backward: dy [N,H] -> dx (+)= ..., weight gradients where trainable. */
@@ -47,28 +48,6 @@ static const float *shared_output_gradient_into(const struct backend *ops,
     ops->linear_backward(dhn, g->shared_expert_gate, NULL, ws->dgate_logit, a->hn,
                          w->shared_expert_gate, N, H, 1, true);
     return ws->dshared_out;
-}
-
-/* DenseMixer (yaof20/DenseMixer; shared/reference/methods-lora-densemixer.md): the
- * router's gradient sees every expert's output, not only the chosen ones'. Each expert of
- * the layer runs forward on every token (no gradient flows back through it) and
- * dots[n,e] = <dy[n], E_e(hn[n])>, dy the gradient of the MoE output: the input of
- * router_dense_backward. The chosen experts' outputs are recomputed here too, so that all
- * E dots come from one formula; the expert gradients stay the sparse path's. */
-static void densemixer_dots(const struct model *m, const struct backend *ops,
-                            struct forward_workspace *ws, const struct layer_activations *a,
-                            const float *dy, int N, int l)
-{
-    const struct model_config *c = &m->cfg;
-    const struct layer_weights *w = &m->layers[l];
-    int H = c->hidden_size, E = c->num_experts, I = c->expert_intermediate_size;
-    for (int e = 0; e < E; e++) {
-        ops->linear(ws->dense_gate, a->hn, w->expert_gate[e], NULL, N, H, I, false);
-        ops->linear(ws->dense_up, a->hn, w->expert_up[e], NULL, N, H, I, false);
-        ops->glu(ws->dense_act, ws->dense_gate, ws->dense_up, (size_t)N * I, c->hidden_act);
-        ops->linear(ws->dense_out, ws->dense_act, w->expert_down[e], NULL, N, I, H, false);
-        ops->row_dots(ws->dense_dots + e, E, dy, ws->dense_out, N, H);
-    }
 }
 
 /* The router's share of the MoE backward: d router logits from the routing weights'

@@ -191,14 +191,5 @@ int densemixer_check(const struct deck *deck, const struct model_config *cfg, ch
                                                       : "by group-limited top-k");
         return -1;
     }
-    if (deck->parallel.ep > 1) {
-        deck_where(deck, "parallel.ep", where, sizeof where);
-        snprintf(err, err_size,
-                 "%s: DenseMixer with expert parallelism (parallel.ep %d) is not "
-                 "supported yet: its backward runs every expert on every token, which under EP "
-                 "would exchange every token with every rank; use parallel.ep 1 (dp and pp work)",
-                 where, deck->parallel.ep);
-        return -1;
-    }
     return 0;
 }

@@ -54,9 +54,9 @@ void trainable_add_routers(const struct model *model, bool *trainable);
 bool densemixer_enabled(const struct deck_train *tr);
 
 /* 0 when the deck's DenseMixer (none: always) can train cfg: a softmax top-k router
- * (the rule is defined for it: qwen2_moe, qwen3_moe, olmoe, mixtral), not with method
- * lora (its routed-expert adapters would have to join the dense pass), and ep 1 (the
- * dense pass needs every expert on every token). Else -1 with the deck key's place.
+ * (the rule is defined for it: qwen2_moe, qwen3_moe, olmoe, mixtral) and not method
+ * lora (its routed-expert adapters would have to join the dense pass). Else -1 with
+ * the deck key's place.
  * cfg NULL: the deck's own conditions only (before the model exists). */
 int densemixer_check(const struct deck *deck, const struct model_config *cfg, char *err,
                      size_t err_size);

@@ -11,7 +11,12 @@
  *   - the last MoE layer's expert gradients equal the sparse backward's bit for bit (its
  *     output gradient is the same under both rules: only the router's gradient changes);
  *   - the device simulator gives the CPU backend's gradients bit for bit.
- * Usage: test_densemixer [GOLDEN_DIR] */
+ * Under mpirun with PP EP arguments the gradients are compared split over the ranks (grid
+ * pp x 1 x ep, as test_grad does it): EP rank 0 carries the batch, the others pass empty
+ * batches, and each rank's experts still run on rank 0's tokens for the router's dots;
+ * the replicated gradients are summed over the EP group; each rank compares what it
+ * holds against the reference.
+ * Usage: test_densemixer [GOLDEN_DIR [PP EP]] */
 #include <math.h>
 #include <mpi.h>
 #include <stdio.h>
@@ -20,7 +25,9 @@
 
 #include "backend.h"
 #include "check.h"
+#include "comm.h"
 #include "fixture.h"
+#include "layout.h"
 #include "model.h"
 #include "trainable.h"
 
@@ -75,9 +82,79 @@ static double relative_error(const float *got, const float *ref, size_t numel, d
     return *scale > 1e-8 ? diff / *scale : diff;
 }
 
+/* The reference gradient of p, read into a new array (NULL with a failed check). */
+static float *reference_gradient(const struct st_file *ref, const char *name, const struct param *p)
+{
+    char key[PARAM_NAME_MAX + 8], err[256];
+    snprintf(key, sizeof key, "grad.%s", p->name);
+    const struct st_tensor *g = st_file_find(ref, key);
+    CHECK(g && (size_t)g->numel == p->numel, "%s: no %s of %zu values", name, key, p->numel);
+    if (!g || (size_t)g->numel != p->numel) return NULL;
+    float *want = xmalloc(p->numel * sizeof(float));
+    CHECK(st_read_f32(g, want, p->numel, err, sizeof err) == 0, "%s", err);
+    return want;
+}
+
+/* The layout variant: every gradient a rank holds against the reference. */
+static void check_split(const char *dir, const char *name, const struct model_config *cfg,
+                        const struct st_file *ref, const struct batch *batch,
+                        const struct layout *layout)
+{
+    char err[1024];
+    if (cfg->num_experts % layout->grid.ep != 0 ||
+        cfg->num_layers < layout->grid.pp) { /* the layout does not fit this fixture */
+        if (layout->world_rank == 0) printf("%s: not split over this layout\n", name);
+        return;
+    }
+    struct model m;
+    model_create(&m, cfg, &layout->grid, layout->me);
+    m.ep_comm = &layout->ep;
+    m.pp_comm = &layout->pp;
+    CHECK(model_load(&m, dir, err, sizeof err) == 0, "%s", err);
+    bool *all = xcalloc((size_t)m.n_params, sizeof(bool));
+    CHECK(trainable_select(&m, METHOD_DENSEMIXER, NULL, all, err, sizeof err) == 0, "%s", err);
+    model_set_trainable(&m, all);
+    m.densemixer = true;
+    struct forward_workspace *ws = forward_workspace_new_training(&m, batch->N);
+    struct batch mine = *batch;
+    if (layout->me.ep_rank != 0) mine.N = 0; /* EP rank 0 carries the batch */
+    model_zero_grads(&m);
+    struct forward_result r;
+    model_forward(&m, backend_cpu(), ws, &mine, &r);
+    long long count = r.loss_count; /* known on the last stage and EP rank 0: share it */
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &count, 1, MPI_LONG_LONG, MPI_MAX, MPI_COMM_WORLD));
+    model_backward(&m, backend_cpu(), ws, &mine, 1.0f / (float)count, 0.0f);
+    model_wait_sends(ws);
+    int compared = 0;
+    double worst = 0;
+    for (int i = 0; i < m.n_params; i++) {
+        struct param *p = &m.params[i];
+        if (!p->grad) continue;
+        if (p->ep_rank < 0 && layout->ep.size > 1) /* replicated: summed over the EP group */
+            comm_allreduce(&layout->ep, p->grad, p->numel, COMM_F32, COMM_SUM, COMM_HOST);
+        float *want = reference_gradient(ref, name, p);
+        if (!want) continue;
+        double scale, rel = relative_error(p->grad, want, p->numel, &scale);
+        CHECK(rel < 1e-3, "%s pp %d ep %d rank %d: %s: relative error %.3g", name,
+              layout->grid.pp, layout->grid.ep, layout->world_rank, p->name, rel);
+        worst = fmax(worst, rel);
+        compared++;
+        free(want);
+    }
+    int total = compared;
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD));
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &worst, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
+    CHECK(total > 0, "%s: no gradient compared", name);
+    if (layout->world_rank == 0)
+        printf("%s under pp %d ep %d: %d gradients over the ranks, worst relative error %.2e\n",
+               name, layout->grid.pp, layout->grid.ep, total, worst);
+    forward_workspace_free(ws);
+    free(all);
+    model_free(&m);
+}
+
 static void check_fixture(const char *dir, const char *name, void *context)
 {
-    (void)context;
     char err[1024], path[4200];
     struct model_config cfg;
     struct fixture_batch fb;
@@ -88,6 +165,13 @@ static void check_fixture(const char *dir, const char *name, void *context)
     CHECK(ref != NULL, "%s", err);
     if (!ref) return;
     const struct batch *batch = &fb.batch;
+    if (context) {
+        check_split(dir, name, &cfg, ref, batch, context);
+        st_close(ref);
+        st_close(expected);
+        fixture_batch_free(&fb);
+        return;
+    }
     struct pass sparse = run(dir, &cfg, batch, false, backend_cpu());
     struct pass dense = run(dir, &cfg, batch, true, backend_cpu());
     struct pass sim = run(dir, &cfg, batch, true, backend_devsim());
@@ -120,13 +204,8 @@ static void check_fixture(const char *dir, const char *name, void *context)
         const struct param *p = &m.params[i];
         if (!p->grad) continue;
         size_t at = (size_t)(p->grad - m.grad_storage);
-        char key[PARAM_NAME_MAX + 8];
-        snprintf(key, sizeof key, "grad.%s", p->name);
-        const struct st_tensor *g = st_file_find(ref, key);
-        CHECK(g && (size_t)g->numel == p->numel, "%s: no %s of %zu values", name, key, p->numel);
-        if (!g || (size_t)g->numel != p->numel) continue;
-        float *want_grad = xmalloc(p->numel * sizeof(float));
-        CHECK(st_read_f32(g, want_grad, p->numel, err, sizeof err) == 0, "%s", err);
+        float *want_grad = reference_gradient(ref, name, p);
+        if (!want_grad) continue;
         double scale, rel = relative_error(dense.grads + at, want_grad, p->numel, &scale);
         CHECK(rel < 1e-3, "%s: %s: relative error %.3g (max |grad| %.3g)", name, p->name, rel,
               scale);
@@ -193,9 +272,24 @@ int main(int argc, char **argv)
 {
     MPI_Init(&argc, &argv);
     const char *golden = argc > 1 ? argv[1] : "tests/golden";
-    check_reduces_to_sparse();
-    int fixtures = fixture_each(golden, "densemixer_expected.safetensors", check_fixture, NULL);
+    struct layout layout, *split = NULL;
+    if (argc > 3) { /* the layout variant */
+        int world;
+        MPI_Comm_size(MPI_COMM_WORLD, &world);
+        struct layout_grid grid;
+        char err[1024];
+        if (layout_grid_make(world, atoi(argv[2]), atoi(argv[3]), NULL, &grid, err, sizeof err) != 0) {
+            fprintf(stderr, "test_densemixer: %s\n", err);
+            MPI_Abort(MPI_COMM_WORLD, 2);
+        }
+        layout_create(&layout, &grid);
+        split = &layout;
+    } else {
+        check_reduces_to_sparse();
+    }
+    int fixtures = fixture_each(golden, "densemixer_expected.safetensors", check_fixture, split);
     CHECK(fixtures >= 2, "found %d DenseMixer fixtures", fixtures);
+    if (split) layout_destroy(split);
     int status = check_done("test_densemixer");
     MPI_Finalize();
     return status;
