@@ -396,6 +396,44 @@ extern "C" int moe_router_topk_backward(float *dlogits, const float *dweights, c
     return report("moe_router_topk_backward", err, err_size);
 }
 
+__global__ void router_dense_backward_kernel(float *dlogits, const float *dots, const float *probs,
+                                             const int32_t *ids, int N, int E, int K,
+                                             int renormalise, float scaling)
+{
+    int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    router_dense_backward_row(dlogits + (size_t)n * E, dots + (size_t)n * E, probs + (size_t)n * E,
+                              ids + (size_t)n * K, E, K, renormalise, scaling);
+}
+
+extern "C" int moe_router_dense_backward(float *dlogits, const float *dots, const float *probs,
+                                         const int32_t *ids, int N, int E, int K, int renormalise,
+                                         float scaling, char *err, size_t err_size)
+{
+    if (N == 0) return 0;
+    router_dense_backward_kernel<<<(N + THREADS - 1) / THREADS, THREADS>>>(
+        dlogits, dots, probs, ids, N, E, K, renormalise, scaling);
+    return report("moe_router_dense_backward", err, err_size);
+}
+
+__global__ void row_dots_kernel(float *out, int out_ld, const float *x, const float *y, int H)
+{
+    size_t n = blockIdx.x;
+    const float *xr = x + n * H, *yr = y + n * H;
+    float dot = 0.0f;
+    for (int d = threadIdx.x; d < H; d += blockDim.x) dot += xr[d] * yr[d];
+    dot = block_sum(dot);
+    if (threadIdx.x == 0) out[n * out_ld] = dot;
+}
+
+extern "C" int moe_row_dots(float *out, int out_ld, const float *x, const float *y, int N, int H,
+                            char *err, size_t err_size)
+{
+    if (N == 0) return 0;
+    row_dots_kernel<<<(unsigned)N, THREADS>>>(out, out_ld, x, y, H);
+    return report("moe_row_dots", err, err_size);
+}
+
 __global__ void router_balance_backward_kernel(float *dlogits, const float *probs,
                                                const float *coef, int N, int E)
 {

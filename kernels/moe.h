@@ -127,6 +127,16 @@ int moe_router_topk_backward(float *dlogits, const float *dweights, const float 
                              const int32_t *ids, int N, int E, int K, int renormalise,
                              float scaling, char *err, size_t err_size);
 
+/* DenseMixer: dlogits[N,E] (written) from dots[N,E] = <g, E_e(x)> of every expert; one
+ * thread per token running moe_math.h's router_dense_backward_row. */
+int moe_router_dense_backward(float *dlogits, const float *dots, const float *probs,
+                              const int32_t *ids, int N, int E, int K, int renormalise,
+                              float scaling, char *err, size_t err_size);
+
+/* out[n * out_ld] = <x[n], y[n]> for x, y [N,H]. One block per row. */
+int moe_row_dots(float *out, int out_ld, const float *x, const float *y, int N, int H, char *err,
+                 size_t err_size);
+
 /* dlogits[N,E] += the load-balancing loss's gradient through the softmax. */
 int moe_router_balance_backward(float *dlogits, const float *probs, const float *coef, int N, int E,
                                 char *err, size_t err_size);

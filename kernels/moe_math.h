@@ -334,6 +334,32 @@ MOE_HD void router_topk_backward_row(float *dz, const float *dw, const float *p,
     for (int e = 0; e < E; e++) dz[e] = p[e] * (dz[e] - dot);
 }
 
+/* DenseMixer's router backward for one token (softmax then top-k; yaof20/DenseMixer,
+ * shared/reference/methods-lora-densemixer.md): the forward keeps the sparse output, but
+ * the router sees every expert through the dense path sum_e r_e E_e(x), with
+ * dots[e] = <g, E_e(x)> for all E experts. Without renormalise r_e = scaling p_e:
+ * dp_e = scaling dots[e]. With it (S = the sum of the top-k p, "partscale"), r_e =
+ * scaling p_e / S for e in the top-k and scaling p_e / stopgrad(S) off it: dp_e =
+ * scaling (dots[e] / S - [e in top-k] <dots[ids], p[ids]> / S^2). Then the softmax's
+ * dz = p (dp - <p, dp>). dz[E] is written. */
+MOE_HD void router_dense_backward_row(float *dz, const float *dots, const float *p,
+                                      const int32_t *id, int E, int K, int renormalise,
+                                      float scaling)
+{
+    float total = 1.0f, correction = 0.0f;
+    if (renormalise) {
+        total = 0.0f; /* in k order, as the forward summed it */
+        for (int k = 0; k < K; k++) total += p[id[k]];
+        for (int k = 0; k < K; k++) correction += dots[id[k]] * p[id[k]];
+        correction /= total * total;
+    }
+    for (int e = 0; e < E; e++) dz[e] = scaling * (dots[e] / total);
+    for (int k = 0; k < K && renormalise; k++) dz[id[k]] -= scaling * correction;
+    float dot = 0.0f; /* <p, dp> in expert order */
+    for (int e = 0; e < E; e++) dot += p[e] * dz[e];
+    for (int e = 0; e < E; e++) dz[e] = p[e] * (dz[e] - dot);
+}
+
 /* ROUTER_SIGMOID_BIAS's backward for one token: weights_k = scaling s[id_k] / D, D = the
  * sum of the top-k s + 1e-20 when renormalise (else 1): ds[id_k] = scaling (dw_k / D -
  * <dw, s[ids]> / D^2) (without renormalise: scaling dw_k), 0 off the top-k; then the

@@ -223,6 +223,14 @@ struct backend {
                                  const int32_t *ids, int N, int E, int K,
                                  const struct router_params *rp);
 
+    /* DenseMixer's router gradient (moe_math.h's router_dense_backward_row): dlogits[N,E]
+     * (written) from dots[N,E] = <d output, E_e(x)> of every expert e on every token,
+     * through the dense path's weights as probs[N,E], ids[N,K] and rp define them. Only
+     * ROUTER_SOFTMAX_TOPK routers (preflight refuses the others). */
+    void (*router_dense_backward)(float *dlogits, const float *dots, const float *probs,
+                                  const int32_t *ids, int N, int E, int K,
+                                  const struct router_params *rp);
+
     /* The load-balancing loss's gradient through the softmax: with d loss / d probs[n,e]
      * = coef[e] (the same for every token), dlogits[n,e] += p[n,e] * (coef[e] -
      * sum_j p[n,j] coef[j]). */
@@ -259,6 +267,10 @@ struct backend {
     void (*combine_backward)(float *dys, float *dweights, const float *dout, const float *ys,
                              const float *weights, const int32_t *row_of_slot, int N, int K,
                              int H);
+
+    /* out[n * out_ld] = <x[n], y[n]> for the rows of x[N,H] and y[N,H] (summed in fp32;
+     * out_ld lets it fill a column of a wider matrix: DenseMixer's dots). */
+    void (*row_dots)(float *out, int out_ld, const float *x, const float *y, int N, int H);
 
     /* gather_rows: dx[N,H] (+)= sum_k dxs[row_of_slot[n*K+k]] (a gather in k order:
      * deterministic, no atomics). */

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "densemixer.h"
 #include "model_compute.h"
 
 /* Dense MLP backward: dy [N,H] -> dx (+)= ..., weight gradients where trainable. */
@@ -49,19 +50,46 @@ static const float *shared_output_gradient_into(const struct backend *ops,
     return ws->dshared_out;
 }
 
+/* The router's share of the MoE backward: d router logits from the routing weights'
+ * gradient (ws->dweights; DenseMixer: from every expert's output) and the balance loss,
+ * then the router's weight gradient (g->router NULL: frozen) and its input gradient,
+ * added to dhn (NULL: not needed). */
+static void router_backward(const struct model *m, const struct backend *ops,
+                            struct forward_workspace *ws, const struct layer_activations *a,
+                            const float *dy, float *dhn, int N, int l, float aux_scale)
+{
+    const struct model_config *c = &m->cfg;
+    const struct layer_weights *w = &m->layers[l];
+    const struct layer_grads *g = &m->grads[l];
+    int H = c->hidden_size, E = c->num_experts, K = c->top_k;
+    struct router_params route = model_router_params(m, l);
+    if (m->densemixer) {
+        densemixer_dots(m, ops, ws, a, dy, N, l);
+        ops->router_dense_backward(ws->drouter, ws->dense_dots, a->probs, ws->topk_ids[l], N, E, K,
+                                   &route);
+    } else {
+        ops->router_topk_backward(ws->drouter, ws->dweights, a->probs, ws->topk_ids[l], N, E, K,
+                                  &route);
+    }
+    if (aux_scale != 0.0f && c->aux == AUX_SEQUENCE)
+        seq_aux_backward(m, ops, ws, l, ws->drouter, a->probs, aux_scale);
+    else if (aux_scale != 0.0f)
+        ops->router_balance_backward(ws->drouter, a->probs, ws->balance_coef, N, E);
+    ops->linear_backward(dhn, g->router, g->router_logit_bias, ws->drouter, a->hn, w->router, N, H,
+                         E, true);
+}
+
 /* MoE backward: dy = d ffn [N,H] -> dhn [N,H] (written). dhn NULL: only the weight
  * gradients (nothing below needs the input gradient: model.h's backward_floor). */
 static void moe_backward(const struct model *m, const struct backend *ops,
                          struct forward_workspace *ws, const struct layer_activations *a,
                          const float *dy, float *dhn, int N, int l, float aux_scale)
 {
-    bool balance = aux_scale != 0.0f;
     const struct model_config *c = &m->cfg;
     const struct layer_weights *w = &m->layers[l];
     const struct layer_grads *g = &m->grads[l];
     int H = c->hidden_size, E = c->num_experts, K = c->top_k, I = c->expert_intermediate_size;
     int M = N * K;
-    struct router_params route = model_router_params(m, l);
     struct mlp_adapters shared_adapters = {m, l, LORA_SHARED_GATE, a->lora_t + LORA_SHARED_GATE,
                                            ws->dlora};
 
@@ -106,6 +134,8 @@ static void moe_backward(const struct model *m, const struct backend *ops,
                                a->shared_up, a->shared_act, ws->dshared_a, ws->dshared_b,
                                ws->dshared_act, N, H, c->shared_expert_intermediate_size,
                                c->hidden_act);
+        /* a router trained in the lowest trainable layer still needs its own gradient */
+        if (g->router) router_backward(m, ops, ws, a, dy, NULL, N, l, aux_scale);
         return;
     }
     ops->add(ws->dxs, ws->dxs, ws->dxs2, (size_t)rows * H);
@@ -117,14 +147,7 @@ static void moe_backward(const struct model *m, const struct backend *ops,
     ops->gather_rows_backward(dhn, dxs, a->row_of_slot, N, K, H, false);
     /* the routing weights' gradient reaches the router input even when the router is
      * frozen (g->router NULL: no weight gradient, the input gradient still flows) */
-    ops->router_topk_backward(ws->drouter, ws->dweights, a->probs, ws->topk_ids[l], N, E, K,
-                              &route);
-    if (balance && c->aux == AUX_SEQUENCE)
-        seq_aux_backward(m, ops, ws, l, ws->drouter, a->probs, aux_scale);
-    else if (balance)
-        ops->router_balance_backward(ws->drouter, a->probs, ws->balance_coef, N, E);
-    ops->linear_backward(dhn, g->router, g->router_logit_bias, ws->drouter, a->hn, w->router, N,
-                         H, E, true);
+    router_backward(m, ops, ws, a, dy, dhn, N, l, aux_scale);
 
     if (w->shared_gate) {
         int S = c->shared_expert_intermediate_size;

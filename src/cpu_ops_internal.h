@@ -18,7 +18,7 @@ void cpu_rope_backward(float *dx, const int32_t *positions, const float *inv_fre
 void cpu_copy_columns(float *dst, int dst_ld, const float *src, int src_ld, int rows, int cols,
                       bool accumulate);
 
-/* cpu_ops_moe.c: gpt_oss's clamped GLU and per-expert biases */
+/* cpu_ops_moe.c: gpt_oss's clamped GLU and per-expert biases; DenseMixer's row dots */
 void cpu_glu_clamped(float *h, const float *gate, const float *up, size_t count, float alpha,
                      float limit);
 void cpu_glu_clamped_backward(float *dgate, float *dup, const float *dh, const float *gate,
@@ -26,5 +26,6 @@ void cpu_glu_clamped_backward(float *dgate, float *dup, const float *dh, const f
 void cpu_grouped_bias(float *y, const float *bias, const int32_t *offsets, int E, int O);
 void cpu_grouped_bias_backward(float *const *dbias, const float *dy, const int32_t *offsets,
                                int E, int O);
+void cpu_row_dots(float *out, int out_ld, const float *x, const float *y, int N, int H);
 
 #endif

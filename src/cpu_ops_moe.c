@@ -1,5 +1,6 @@
 /* cpu_ops_moe: the CPU backend's ops of gpt_oss's experts (see backend.h): the clamped
- * GLU activation and the per-expert output bias, forward and backward. The element
+ * GLU activation and the per-expert output bias, forward and backward; and DenseMixer's
+ * row dots. The element
  * formulas live in kernels/moe_math.h, shared with the CUDA kernels. Called through
  * cpu_ops.c's op table only. */
 #include <stdlib.h>
@@ -59,5 +60,17 @@ void cpu_grouped_bias_backward(float *const *dbias, const float *dy, const int32
             for (int c = 0; c < columns; c++) sum[c] += dyr[c];
         }
         for (int c = 0; c < columns; c++) dbias[e][first + c] += sum[c];
+    }
+}
+
+/* out[n * out_ld] = <x[n], y[n]>, each row summed in fp32 in column order. */
+void cpu_row_dots(float *out, int out_ld, const float *x, const float *y, int N, int H)
+{
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *xr = x + (size_t)n * H, *yr = y + (size_t)n * H;
+        float sum = 0.0f;
+        for (int h = 0; h < H; h++) sum += xr[h] * yr[h];
+        out[(size_t)n * out_ld] = sum;
     }
 }

@@ -88,3 +88,19 @@ void cpu_router_balance_backward(float *dlogits, const float *probs, const float
     for (int n = 0; n < N; n++)
         router_balance_backward_row(dlogits + (size_t)n * E, probs + (size_t)n * E, coef, E);
 }
+
+void cpu_router_dense_backward(float *dlogits, const float *dots, const float *probs,
+                               const int32_t *ids, int N, int E, int K,
+                               const struct router_params *rp)
+{
+    if (rp->kind != ROUTER_SOFTMAX_TOPK)
+        fatal(EXIT_RUNTIME,
+              "cpu backend: router_dense_backward: router kind %d is not a softmax "
+              "top-k router",
+              (int)rp->kind);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++)
+        router_dense_backward_row(dlogits + (size_t)n * E, dots + (size_t)n * E,
+                                  probs + (size_t)n * E, ids + (size_t)n * K, E, K, rp->renormalise,
+                                  rp->scaling);
+}

@@ -1,5 +1,6 @@
 /* cpu_router: the CPU backend's router ops (backend.h's router_topk, router_balance_stats,
- * router_topk_backward, router_balance_backward), kept apart from cpu_ops.c, whose op
+ * router_topk_backward, router_balance_backward,
+ * router_dense_backward), kept apart from cpu_ops.c, whose op
  * table points at them. Private to the CPU backend. */
 #ifndef ESFT_CPU_ROUTER_H
 #define ESFT_CPU_ROUTER_H
@@ -15,5 +16,8 @@ void cpu_router_topk_backward(float *dlogits, const float *dweights, const float
                               const struct router_params *rp);
 void cpu_router_balance_backward(float *dlogits, const float *probs, const float *coef, int N,
                                  int E);
+void cpu_router_dense_backward(float *dlogits, const float *dots, const float *probs,
+                               const int32_t *ids, int N, int E, int K,
+                               const struct router_params *rp);
 
 #endif

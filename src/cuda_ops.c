@@ -828,6 +828,29 @@ static void cuda_combine_backward(float *dys, float *dweights, const float *dout
        err);
 }
 
+static void cuda_router_dense_backward(float *dlogits, const float *dots, const float *probs,
+                                       const int32_t *ids, int N, int E, int K,
+                                       const struct router_params *rp)
+{
+    op_begin();
+    char err[256];
+    if (rp->kind != ROUTER_SOFTMAX_TOPK)
+        fatal(EXIT_RUNTIME,
+              "cuda backend: router_dense_backward: router kind %d is not a "
+              "softmax top-k router",
+              (int)rp->kind);
+    ok(moe_router_dense_backward(dlogits, dots, probs, ids, N, E, K, rp->renormalise, rp->scaling,
+                                 err, sizeof err),
+       err);
+}
+
+static void cuda_row_dots(float *out, int out_ld, const float *x, const float *y, int N, int H)
+{
+    op_begin();
+    char err[256];
+    ok(moe_row_dots(out, out_ld, x, y, N, H, err, sizeof err), err);
+}
+
 static void cuda_gather_rows_backward(float *dx, const float *dxs, const int32_t *row_of_slot,
                                       int N, int K, int H, bool accumulate)
 {
@@ -1067,12 +1090,14 @@ const struct backend *backend_cuda(void)
         .attention_backward = cuda_attention_backward,
         .router_topk_backward = cuda_router_topk_backward,
         .router_balance_backward = cuda_router_balance_backward,
+        .router_dense_backward = cuda_router_dense_backward,
         .grouped_linear_backward = cuda_grouped_linear_backward,
         .grouped_bias_backward = cuda_grouped_bias_backward,
         .glu_backward = cuda_glu_backward,
         .glu_clamped_backward = cuda_glu_clamped_backward,
         .combine_backward = cuda_combine_backward,
         .gather_rows_backward = cuda_gather_rows_backward,
+        .row_dots = cuda_row_dots,
         .add_sigmoid_gated_backward = cuda_add_sigmoid_gated_backward,
         .clamp_backward = cuda_clamp_backward,
         .cross_entropy_backward = cuda_cross_entropy_backward,

@@ -206,7 +206,8 @@ static const struct key schema[] = {
     {KEY("init.topk_group", KEY_INT, init.topk_group), .def = "1", .bounds = LO | HI, .lo = 1,
      .hi = HFCONFIG_MAX_EXPERTS, .help = "groups a token may route to (at most n_group)"},
     {KEY("init.routed_scaling_factor", KEY_DOUBLE, init.routed_scaling_factor), .def = "1",
-     .bounds = LO | LO_OPEN, .lo = 0, .help = "factor on the routed experts' weights (deepseek, glm)"},
+     .bounds = LO | LO_OPEN, .lo = 0,
+     .help = "factor on the routed experts' weights (deepseek, glm)"},
     {KEY("init.kv_lora_rank", KEY_INT, init.kv_lora_rank), .def = "32", .bounds = LO | HI, .lo = 1,
      .hi = HFCONFIG_MAX_HIDDEN, .help = "compressed key-value width (deepseek MLA)"},
     {KEY("init.q_lora_rank", KEY_INT, init.q_lora_rank), .def = "0", .bounds = LO | HI, .lo = 0,
@@ -214,7 +215,8 @@ static const struct key schema[] = {
     {KEY("init.qk_nope_head_dim", KEY_INT, init.qk_nope_head_dim), .def = "16", .bounds = LO | HI,
      .lo = 0, .hi = HFCONFIG_MAX_HEAD_DIM, .help = "query/key width without RoPE (deepseek MLA)"},
     {KEY("init.qk_rope_head_dim", KEY_INT, init.qk_rope_head_dim), .def = "8", .bounds = LO | HI,
-     .lo = 2, .hi = HFCONFIG_MAX_HEAD_DIM, .help = "query/key width with RoPE (deepseek MLA; even)"},
+     .lo = 2, .hi = HFCONFIG_MAX_HEAD_DIM,
+     .help = "query/key width with RoPE (deepseek MLA; even)"},
     {KEY("init.v_head_dim", KEY_INT, init.v_head_dim), .def = "16", .bounds = LO | HI, .lo = 1,
      .hi = HFCONFIG_MAX_HEAD_DIM, .help = "value width per head (deepseek MLA)"},
     {KEY("init.shared_expert_intermediate_size", KEY_INT, init.shared_expert_intermediate_size),
@@ -301,7 +303,12 @@ static const struct key schema[] = {
 
     /* train */
     {KEY("train.method", KEY_ENUM, train.method), .def = "esft", .names = method_names,
-     .help = "what trains: selected experts (esft), everything, all but routers, LoRA, DenseMixer"},
+     .help = "what trains: selected experts (esft), everything, all but routers, LoRA, "
+             "everything with DenseMixer's router gradient (densemixer)"},
+    {KEY("train.densemixer", KEY_BOOL, train.densemixer), .def = "false",
+     .help = "DenseMixer's router gradient with methods esft, full, frozen_router: the "
+             "backward runs every expert on every token for the router (E/K x the expert "
+             "forward FLOPs); forward and expert gradients unchanged"},
     {KEY("train.expert_config", KEY_STRING, train.expert_config), .required_by = BY(TRAIN),
      .required_if = method_is_esft, .required_why = "method esft",
      .help = "expert_config.json naming the experts to train (method esft); default with "

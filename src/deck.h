@@ -127,6 +127,9 @@ struct deck_train {
     enum bad_steps bad_steps; /* a step without loss-bearing targets or with a non-finite
                                  loss or gradient norm: stop the run, or skip the batch */
     bool export_merged, recompute;
+    /* DenseMixer's router gradient (densemixer.h) with methods esft, full and
+     * frozen_router; method densemixer is full with it */
+    bool densemixer;
     /* method lora (lora.h): rank, alpha, rsLoRA scaling, the adapted modules, and
      * whether the routers train too */
     int lora_rank;

@@ -296,6 +296,20 @@ static void sim_router_topk_backward(float *dlogits, const float *dweights, cons
     cpu->router_topk_backward(U(dlogits), U(dweights), U(probs), U(ids), N, E, K, &host);
 }
 
+static void sim_router_dense_backward(float *dlogits, const float *dots, const float *probs,
+                                      const int32_t *ids, int N, int E, int K,
+                                      const struct router_params *rp)
+{
+    struct router_params host = *rp;
+    host.bias = U(rp->bias);
+    cpu->router_dense_backward(U(dlogits), U(dots), U(probs), U(ids), N, E, K, &host);
+}
+
+static void sim_row_dots(float *out, int out_ld, const float *x, const float *y, int N, int H)
+{
+    cpu->row_dots(U(out), out_ld, U(x), U(y), N, H);
+}
+
 static void sim_router_balance_backward(float *dlogits, const float *probs, const float *coef,
                                         int N, int E)
 {
@@ -447,12 +461,14 @@ const struct backend *backend_devsim(void)
         .attention_backward = sim_attention_backward,
         .router_topk_backward = sim_router_topk_backward,
         .router_balance_backward = sim_router_balance_backward,
+        .router_dense_backward = sim_router_dense_backward,
         .grouped_linear_backward = sim_grouped_linear_backward,
         .grouped_bias_backward = sim_grouped_bias_backward,
         .glu_backward = sim_glu_backward,
         .glu_clamped_backward = sim_glu_clamped_backward,
         .combine_backward = sim_combine_backward,
         .gather_rows_backward = sim_gather_rows_backward,
+        .row_dots = sim_row_dots,
         .add_sigmoid_gated_backward = sim_add_sigmoid_gated_backward,
         .clamp_backward = sim_clamp_backward,
         .cross_entropy_backward = sim_cross_entropy_backward,

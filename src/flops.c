@@ -27,6 +27,15 @@ struct token_flops token_flops(const struct model_config *c, double attended)
     return f;
 }
 
+double token_flops_densemixer(const struct model_config *c)
+{
+    double H = c->hidden_size, extra = 0;
+    for (int l = 0; l < c->num_layers; l++)
+        if (c->is_moe[l])
+            extra += 2.0 * (3.0 * H * c->expert_intermediate_size + H) * c->num_experts;
+    return extra;
+}
+
 double token_flops_trainable(const struct token_flops *f, double trainable_fraction_routed,
                              double trainable_other)
 {

@@ -29,4 +29,9 @@ struct token_flops token_flops(const struct model_config *cfg, double attended);
 double token_flops_trainable(const struct token_flops *f, double trainable_fraction_routed,
                              double trainable_other);
 
+/* DenseMixer's extra FLOPs per token in a training step (backward.c's densemixer_dots):
+ * every routed expert's forward on the token, E/K times the routed experts' forward, and
+ * the E dots with the output gradient, in every MoE layer. */
+double token_flops_densemixer(const struct model_config *cfg);
+
 #endif

@@ -137,6 +137,9 @@ struct model {
      * train, so its attention and the MLP's input gradient are skipped too. */
     int backward_floor;
     bool floor_mlp_only;
+    /* DenseMixer (densemixer.h): the router's gradient sees every expert's output
+     * (backward.c); set before the training workspaces are made, which hold its scratch */
+    bool densemixer;
     float *embedding_grad, *final_norm_grad, *lm_head_grad;
     float *grad_storage;                     /* every gradient of this rank, one allocation */
     size_t grad_floats;

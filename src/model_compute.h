@@ -113,6 +113,14 @@ struct forward_workspace {
     float *dq_latent, *dkv_latent, *dk_rope, *dkv; /* MLA: [N,R], [N,C], [N,dr], [N,nH*(dn+dv)] */
     float *dlora;                     /* [N,r] an adapter's scratch (lora_backward) */
     float *dweights, *drouter, *dshared_a, *dshared_b, *dshared_act, *dshared_out, *dgate_logit;
+    /* DenseMixer (model->densemixer, densemixer.h): one expert on every token of the EP
+     * group, [R,I] x 3 and [R,H] (R = ep N), and every expert's <d output, E_e(x)>,
+     * [N,E]. Under EP also: the group's inputs and output gradients [R,H] x 2, the local
+     * experts' dots [R,E_local], those received [ep N E_local], the tokens of each rank
+     * [ep], and (staged) host copies of what is exchanged. */
+    float *dense_gate, *dense_up, *dense_act, *dense_out, *dense_dots;
+    float *dense_x, *dense_g, *dense_local, *dense_recv, *h_dense_send, *h_dense_recv;
+    int *dense_tokens;
     float *ep_rows;                   /* [capacity,H] exchange scratch (ep > 1) */
     float *dye;                       /* [capacity,H] output gradients at the experts (ep > 1) */
     size_t *ep_counts, *ep_offsets;   /* [2 * ep] element counts of one exchange */

@@ -196,6 +196,8 @@ int preflight_check(const struct deck *deck, const struct layout_grid *grid, cha
                     problem(&p, "train: %s", err);
                 if (mc.ok && train_check_model(deck, &mc.cfg, err, sizeof err) != 0)
                     problem(&p, "train: %s", err);
+                else if (!mc.ok && densemixer_check(deck, NULL, err, sizeof err) != 0)
+                    problem(&p, "train: %s", err); /* what the deck alone tells */
                 bool selected_here = made.expert_config && tr->expert_config &&
                                      strcmp(tr->expert_config, select_output) == 0;
                 if (tr->method == METHOD_ESFT && !selected_here) {

@@ -45,8 +45,8 @@ void resume_hash_inputs(const struct deck *deck, const struct dataset *ds,
  * may not continue a checkpoint whose deck differs in one of them. Decided key by key
  * over deck.c's schema:
  *   compared here: run.seed (the validation split and the shuffles); data.seq_len and
- *     data.pack (the blocks); train.method, lr, lr_schedule, warmup_steps, weight_decay,
- *     beta1, beta2, eps, clip_grad, aux_loss_coef, global_batch, micro_batch (the aux
+ *     data.pack (the blocks); train.method, densemixer, lr, lr_schedule, warmup_steps,
+ * weight_decay, beta1, beta2, eps, clip_grad, aux_loss_coef, global_batch, micro_batch (the aux
  *     loss is taken per micro-batch, and the sums' order follows them), val_fraction
  *     (the split); train.lora.* under method lora (below);
  *   compared by content, not by path, so that a moved file is the same input (below):
@@ -66,22 +66,12 @@ void resume_hash_inputs(const struct deck *deck, const struct dataset *ds,
  *     and eval sections (select's choices reach training only through the
  *     expert_config file, compared by content). */
 static const char *const compared_keys[] = {
-    "run.seed",
-    "data.seq_len",
-    "data.pack",
-    "train.method",
-    "train.lr",
-    "train.lr_schedule",
-    "train.warmup_steps",
-    "train.weight_decay",
-    "train.beta1",
-    "train.beta2",
-    "train.eps",
-    "train.clip_grad",
-    "train.aux_loss_coef",
-    "train.global_batch",
-    "train.micro_batch",
-    "train.val_fraction",
+    "run.seed",          "data.seq_len",        "data.pack",
+    "train.method",      "train.densemixer",    "train.lr",
+    "train.lr_schedule", "train.warmup_steps",  "train.weight_decay",
+    "train.beta1",       "train.beta2",         "train.eps",
+    "train.clip_grad",   "train.aux_loss_coef", "train.global_batch",
+    "train.micro_batch", "train.val_fraction",
 };
 static const char *const lora_keys[] = {"train.lora.r", "train.lora.alpha", "train.lora.rslora",
                                         "train.lora.targets", "train.lora.train_router"};

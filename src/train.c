@@ -183,6 +183,7 @@ static int lora_spec_of(const struct deck *deck, const struct model_config *cfg,
 int train_check_model(const struct deck *deck, const struct model_config *cfg, char *err,
                       size_t err_size)
 {
+    if (densemixer_check(deck, cfg, err, err_size) != 0) return -1;
     struct lora_spec spec;
     if (deck->train.method == METHOD_LORA && lora_spec_of(deck, cfg, &spec, err, err_size) != 0)
         return -1;
@@ -288,6 +289,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         fatal_all(EXIT_INPUT, "train: %s", err);
     if (tr->method == METHOD_LORA && lora.train_router) trainable_add_routers(&model, trainable);
     model_set_trainable(&model, trainable);
+    model.densemixer = densemixer_enabled(tr); /* before the workspaces: they hold its scratch */
     if (deck->model.frozen_weights == FROZEN_BF16) model_store_frozen_bf16(&model);
     fail_if_any(model_load(&model, deck->model.path, err, sizeof err) != 0, EXIT_INPUT, "train: %s",
                 err);
@@ -297,10 +299,11 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         n_total += model.params[i].numel;
         if (trainable[i]) n_trainable += model.params[i].numel, n_tensors++;
     }
-    const char *method = tr->method == METHOD_ESFT   ? "esft"
-                         : tr->method == METHOD_FULL ? "full"
-                         : tr->method == METHOD_LORA ? "lora"
-                                                     : "frozen_router";
+    const char *method = tr->method == METHOD_ESFT         ? "esft"
+                         : tr->method == METHOD_FULL       ? "full"
+                         : tr->method == METHOD_LORA       ? "lora"
+                         : tr->method == METHOD_DENSEMIXER ? "densemixer"
+                                                           : "frozen_router";
     if (n_tensors == 0) /* every rank holds the whole table, so all agree */
         fatal_all(EXIT_INPUT, "train: method %s selects no tensor of %s to train", method,
                   deck->model.path);
@@ -327,6 +330,10 @@ int phase_train(const struct deck *deck, const struct layout *layout)
              "tokens, micro-batch %d, dp %d", method, n_tensors, n_trainable / 1e6, n_total / 1e6,
              100.0 * n_trainable / n_total, n_train, n_val, tr->global_batch, seq_len,
              tr->micro_batch, dp);
+    if (model.densemixer)
+        log_info("train: DenseMixer's router gradient: the backward runs all %d experts of each "
+                 "MoE layer on every token (%d/%d = %.3g x the routed experts' forward FLOPs)",
+                 cfg.num_experts, cfg.num_experts, cfg.top_k, (double)cfg.num_experts / cfg.top_k);
 
     /* the resolved deck, stored in checkpoints */
     char *deck_text = NULL;
@@ -390,6 +397,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
 
     long long planned_epoch = -1;
     double start = wall_time(), tokens_done = 0, flops_done = 0;
+    double dense_flops_done = 0; /* DenseMixer's extra, beside the model FLOPs */
     long long first_step = position.step, last_checkpoint = found ? position.step : -1;
     long long skipped = 0; /* steps whose batch was skipped (train.bad_steps skip) */
     int status = 0;
@@ -419,6 +427,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         /* model FLOPs of the step, full fine-tuning equivalent (flops.h) */
         double attended = counts[1] > 0 ? 2.0 * counts[2] / counts[1] : 0.0;
         flops_done += counts[1] * token_flops(&cfg, attended).training;
+        if (model.densemixer) dense_flops_done += counts[1] * token_flops_densemixer(&cfg);
         float scale = counts[0] > 0 ? (float)(1.0 / counts[0]) : 0.0f;
 
         /* d loss / d aux of one micro-batch: the coefficient over the step's micro-batches */
@@ -514,6 +523,10 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         double peak_mib = peak[0];
         char device_peak[64] = "";
         if (ops->memory) snprintf(device_peak, sizeof device_peak, ", %.0f MiB on %s", peak[1], ops->name);
+        char dense_cost[64] = ""; /* what DenseMixer adds to the model FLOPs */
+        if (model.densemixer && flops_done > 0)
+            snprintf(dense_cost, sizeof dense_cost, " (+%.0f%% DenseMixer)",
+                     100.0 * dense_flops_done / flops_done);
         tokens_done += counts[1];
         double elapsed = wall_time() - start;
         double rate = tokens_done / elapsed, tflops = flops_done / elapsed / 1e12;
@@ -523,11 +536,11 @@ int phase_train(const struct deck *deck, const struct layout *layout)
                         (epoch_plan.n_blocks ? (double)epoch_plan.first[position.block] / (double)n_train : 0);
         if (position.step % tr->log_every == 0 || position.step == tr->steps)
             log_info("train: step %lld/%d (%.0f%%)  loss %.6f  acc %.4f  aux %.4f  lr %.3g  grad "
-                     "norm %.4g  epoch %.2f  %.0f tokens/s  %.3g TFLOP/s  %.0f MiB peak%s  %s "
-                     "elapsed, %s left", position.step, tr->steps,
-                     100.0 * (double)position.step / tr->steps, loss, accuracy, aux, lr, norm,
-                     epochs, rate, tflops, peak_mib, device_peak, duration_text(elapsed).text,
-                     duration_text(eta).text);
+                     "norm %.4g  epoch %.2f  %.0f tokens/s  %.3g TFLOP/s%s  %.0f MiB peak%s  %s "
+                     "elapsed, %s left",
+                     position.step, tr->steps, 100.0 * (double)position.step / tr->steps, loss,
+                     accuracy, aux, lr, norm, epochs, rate, tflops, dense_cost, peak_mib,
+                     device_peak, duration_text(elapsed).text, duration_text(eta).text);
         metrics_write("step", "\"step\": %lld, \"loss\": %.17g, \"accuracy\": %.9g, "
                       "\"aux_loss\": %.17g, \"aux_loss_coef\": %.6g, \"lr\": %.6g, "
                       "\"grad_norm\": %.6g, \"epoch\": %.6f, \"tokens\": %.0f, "

@@ -116,9 +116,8 @@ done:
 
 int trainable_method_available(enum train_method method, char *err, size_t err_size)
 {
-    if (method == METHOD_DENSEMIXER) {
-        snprintf(err, err_size, "train.method densemixer is not available yet (esft, full, "
-                 "frozen_router, lora are)");
+    if ((unsigned)method > METHOD_DENSEMIXER) {
+        snprintf(err, err_size, "train.method %d is not a method", (int)method);
         return -1;
     }
     return 0;
@@ -136,7 +135,10 @@ int trainable_select(const struct model *m, enum train_method method,
         const struct param *p = &m->params[i];
         bool on;
         switch (method) {
-        case METHOD_FULL: on = p->kind != PARAM_LORA; break;
+        case METHOD_FULL:
+        case METHOD_DENSEMIXER:
+            on = p->kind != PARAM_LORA;
+            break;
         case METHOD_FROZEN_ROUTER: on = p->kind != PARAM_ROUTER; break;
         case METHOD_LORA: on = p->kind == PARAM_LORA; break;
         default: /* esft */
@@ -156,4 +158,38 @@ void trainable_add_routers(const struct model *m, bool *trainable)
 {
     for (int i = 0; i < m->n_params; i++)
         if (m->params[i].kind == PARAM_ROUTER && !m->params[i].buffer) trainable[i] = true;
+}
+
+bool densemixer_enabled(const struct deck_train *tr)
+{
+    return tr->method == METHOD_DENSEMIXER || tr->densemixer;
+}
+
+int densemixer_check(const struct deck *deck, const struct model_config *cfg, char *err,
+                     size_t err_size)
+{
+    const struct deck_train *tr = &deck->train;
+    if (!densemixer_enabled(tr)) return 0;
+    const char *key = tr->method == METHOD_DENSEMIXER ? "train.method" : "train.densemixer";
+    char where[4200];
+    deck_where(deck, key, where, sizeof where);
+    if (tr->method == METHOD_LORA) {
+        snprintf(err, err_size,
+                 "%s: DenseMixer with train.method lora is not supported (use "
+                 "it with esft, full, frozen_router, or train.method densemixer)",
+                 where);
+        return -1;
+    }
+    if (cfg && (cfg->num_experts == 0 || cfg->router != ROUTER_SOFTMAX_TOPK)) {
+        snprintf(err, err_size,
+                 "%s: DenseMixer's router gradient is defined for softmax top-k "
+                 "routers (qwen2_moe, qwen3_moe, olmoe, mixtral); %s (%s) routes %s",
+                 where, deck->model.path, hfconfig_family_name(cfg->family),
+                 cfg->num_experts == 0                ? "no tokens: it has no experts"
+                 : cfg->router == ROUTER_SIGMOID_BIAS ? "by bias-corrected sigmoid scores"
+                 : cfg->router == ROUTER_TOPK_SOFTMAX ? "by a softmax over the top-k logits"
+                                                      : "by group-limited top-k");
+        return -1;
+    }
+    return 0;
 }

@@ -8,7 +8,9 @@
  *   frozen_router  everything but the routers
  *   lora           the LoRA adapters (lora.h) only, the base frozen; with
  *                  train.lora.train_router the routers too (trainable_add_routers)
- * densemixer is refused until it exists. */
+ *   densemixer     everything, routers included, as full: the method differs in the
+ *                  router's gradient only (densemixer.h), as the DenseMixer comparison
+ *                  trains the whole model (methods-lora-densemixer.md) */
 #ifndef ESFT_TRAINABLE_H
 #define ESFT_TRAINABLE_H
 
@@ -46,5 +48,17 @@ int trainable_select(const struct model *model, enum train_method method,
 
 /* Marks every router trainable (method lora with train.lora.train_router). */
 void trainable_add_routers(const struct model *model, bool *trainable);
+
+/* Whether a run trains with DenseMixer's router gradient: method densemixer, or
+ * train.densemixer with another method. */
+bool densemixer_enabled(const struct deck_train *tr);
+
+/* 0 when the deck's DenseMixer (none: always) can train cfg: a softmax top-k router
+ * (the rule is defined for it: qwen2_moe, qwen3_moe, olmoe, mixtral) and not method
+ * lora (its routed-expert adapters would have to join the dense pass). Else -1 with
+ * the deck key's place.
+ * cfg NULL: the deck's own conditions only (before the model exists). */
+int densemixer_check(const struct deck *deck, const struct model_config *cfg, char *err,
+                     size_t err_size);
 
 #endif

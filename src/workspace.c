@@ -293,6 +293,26 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
         ws->dshared_act = ws_alloc(ws, N * wide * f);
         ws->dshared_out = ws_alloc(ws, N * H * f);
         ws->dgate_logit = ws_alloc(ws, N * f);
+        if (m->densemixer && c->num_experts > 0) { /* densemixer.h */
+            size_t ep = (size_t)m->grid.ep, R = ep * N, L = E / ep;
+            ws->dense_gate = ws_alloc(ws, R * I * f);
+            ws->dense_up = ws_alloc(ws, R * I * f);
+            ws->dense_act = ws_alloc(ws, R * I * f);
+            ws->dense_out = ws_alloc(ws, R * H * f);
+            ws->dense_dots = ws_alloc(ws, N * E * f);
+            if (ep > 1) {
+                ws->dense_x = ws_alloc(ws, R * H * f);
+                ws->dense_g = ws_alloc(ws, R * H * f);
+                ws->dense_local = ws_alloc(ws, R * L * f);
+                ws->dense_recv = ws_alloc(ws, N * E * f);
+                ws->dense_tokens = ws_host(ws, ep * sizeof(int));
+                if (ws->staged) {
+                    size_t most = R * (H > L ? H : L); /* sent: N H or R L; received: R H or N E */
+                    ws->h_dense_send = ws_host(ws, most * f);
+                    ws->h_dense_recv = ws_host(ws, (R * H > N * E ? R * H : N * E) * f);
+                }
+            }
+        }
     }
     return ws;
 }

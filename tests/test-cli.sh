@@ -80,16 +80,17 @@ n=$(grep -c "problems with deck" "$tmp/err")
 [ "$n" = 1 ] && ok || fail "input/train.yaml on 4 ranks: refusal printed $n times"
 
 # Phases refused at the start, not after the earlier phases of the list did their work:
-# a demo pipeline that ends with an unavailable method writes nothing at all.
+# a demo pipeline that ends with an unsupported combination (DenseMixer under method lora)
+# writes nothing at all.
 late="$tmp/late"
-expect 2 "densemixer at the end of a pipeline" "$esft" "$src/input/demo.yaml" "run.output_dir=$late" \
+expect 2 "lora + densemixer at the end of a pipeline" "$esft" "$src/input/demo.yaml" "run.output_dir=$late" \
     "model.path=$late/model" "prepare.output=$late/data.h5" "data.path=$late/data.h5" \
-    "prepare.inputs=[$src/input/data/demo.jsonl]" train.method=densemixer
-contains "$tmp/err" "train: train.method densemixer is not available yet" "densemixer at the end of a pipeline"
-absent "$late" "densemixer at the end of a pipeline"
-expect 2 "dry run, densemixer" "$esft" --dry-run "$src/input/demo.yaml" "run.output_dir=$late" \
-    "model.path=$late/model" train.method=densemixer
-absent "$late" "dry run, densemixer"
+    "prepare.inputs=[$src/input/data/demo.jsonl]" train.method=lora train.densemixer=true
+contains "$tmp/err" "DenseMixer with train.method lora is not supported" "lora + densemixer at the end of a pipeline"
+absent "$late" "lora + densemixer at the end of a pipeline"
+expect 2 "dry run, lora + densemixer" "$esft" --dry-run "$src/input/demo.yaml" "run.output_dir=$late" \
+    "model.path=$late/model" train.method=lora train.densemixer=true
+absent "$late" "dry run, lora + densemixer"
 
 # Overrides: applied after the deck, shown in the resolved deck; a bad one refused.
 # (the demo deck's own paths are relative to where it is run: these runs point them at

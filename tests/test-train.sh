@@ -264,8 +264,6 @@ printf '{"experts": {"2": [1], "02": [3]}}\n' >"$tmp/twice.json"
 expect 2 "a layer spelled twice" "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common \
     "train.expert_config=$tmp/twice.json"
 grep -q 'experts key "02" is not a MoE layer' "$tmp/err" && ok || fail "a layer spelled twice message"
-# shellcheck disable=SC2086
-expect 2 "densemixer not yet" "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common train.method=densemixer
 [ -e "$d/bad" ] && fail "a refused train run left $d/bad" || ok
 
 # model.frozen_weights: bf16 on an fp32 checkpoint (so the rounding changes values): the

@@ -15,7 +15,8 @@
  * error 1e-2 forward, 2e-2 gradients), its outputs poisoned with NaN, its backward bit
  * for bit the same twice, and the op table's choice between it and cuBLAS; the CUDA op table (src/cuda_ops.c) on
  * a MoE block, forward and backward, against the CPU op table; LoRA's adapter path
- * (lora.h: linear, scale, linear_backward of the op table) against the CPU's. The router's probabilities
+ * (lora.h: linear, scale, linear_backward of the op table) against the CPU's; DenseMixer's
+ * row_dots and router_dense_backward ("densemixer"). The router's probabilities
  * are held to a double reference within a bound derived from the kernel's order of
  * summation; router rows with NaN logits must route as the CPU does; a determinism group
  * runs a chain of reducing kernels twice and wants the same bits. The op table's variants
@@ -1890,6 +1891,53 @@ static void group_lora(void)
     check_lora(77, 96, 200, 8, 4.0f);
 }
 
+/* DenseMixer's ops through the CUDA op table against the CPU's: row_dots into one column
+ * of a wider matrix (the other columns untouched; 1e-5: a block reduction against the
+ * CPU's running sum), and router_dense_backward from the CPU's routing, renormalised
+ * (qwen3_moe's partscale) and not (olmoe), with a scaling (1e-5: the same row function,
+ * another compiler's float order). */
+static void check_densemixer(int N, int E, int K, int H)
+{
+    const struct backend *cpu = backend_cpu(), *cuda = backend_cuda();
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)N * 13 + (uint64_t)E);
+    size_t NH = (size_t)N * H, NE = (size_t)N * E, M = (size_t)N * K;
+    float *x = random_floats(&rng, NH, -1, 1), *y = random_floats(&rng, NH, -1, 1);
+    float *dots = random_floats(&rng, NE, -1, 1), *logits = random_floats(&rng, NE, -3, 3);
+    float *d_x = to_device(x, NH * 4), *d_y = to_device(y, NH * 4), *d_dots = to_device(dots, NE * 4);
+    cpu->row_dots(dots + E / 2, E, x, y, N, H);
+    cuda->row_dots(d_dots + E / 2, E, d_x, d_y, N, H);
+    expect_floats(d_dots, dots, NE, 1e-5, "densemixer: row_dots");
+    float *probs = xmalloc(NE * 4), *weights = xmalloc(M * 4), *dlogits = xmalloc(NE * 4);
+    int32_t *ids = xmalloc(M * sizeof(int32_t));
+    float *d_probs = device_alloc(NE * 4), *d_dlogits = device_alloc(NE * 4);
+    int32_t *d_ids = device_alloc(M * sizeof(int32_t));
+    CHECK(device_copy_to_device(d_dots, dots, NE * 4) == 0, "densemixer: upload"); /* the CPU's */
+    for (int renormalise = 0; renormalise < 2; renormalise++) {
+        struct router_params rp = {ROUTER_SOFTMAX_TOPK, renormalise, 1.5f, 1, 1, NULL};
+        cpu->router_topk(ids, weights, probs, logits, N, E, K, &rp);
+        CHECK(device_copy_to_device(d_probs, probs, NE * 4) == 0 &&
+                  device_copy_to_device(d_ids, ids, M * sizeof(int32_t)) == 0,
+              "densemixer: upload");
+        cpu->router_dense_backward(dlogits, dots, probs, ids, N, E, K, &rp);
+        cuda->router_dense_backward(d_dlogits, d_dots, d_probs, d_ids, N, E, K, &rp);
+        expect_floats(d_dlogits, dlogits, NE, 1e-5,
+                      renormalise ? "densemixer: router_dense_backward, renormalised"
+                                  : "densemixer: router_dense_backward");
+    }
+    void *buffers[] = {d_x, d_y, d_dots, d_probs, d_dlogits, d_ids};
+    FREE_ON_DEVICE(buffers);
+    free(x), free(y), free(dots), free(logits), free(probs), free(weights), free(dlogits), free(ids);
+}
+
+/* qwen3_moe's shape (128 experts, top-8, hidden 2048), olmoe's (64, top-8), a small odd one */
+static void group_densemixer(void)
+{
+    check_densemixer(300, 128, 8, 2048);
+    check_densemixer(77, 64, 8, 1000);
+    check_densemixer(5, 7, 2, 36);
+}
+
 /* deepseek_v2's group-limited greedy (160 experts in 8 groups, keep 3: DeepSeek-V2's;
  * scaling 16 as its routed_scaling_factor) and plain greedy; deepseek_v3's sigmoid router
  * (256 in 8 groups, keep 4, 2.5), glm4_moe's (128, one group), one not renormalised;
@@ -1972,6 +2020,7 @@ static const struct group {
     {"determinism", check_determinism},
     {"bf16-weights", group_bf16_weights},
     {"lora", group_lora},
+    {"densemixer", group_densemixer},
     {"routers", group_routers},
     {"heads", group_heads},
     {"attention-mask", group_attention_mask},
