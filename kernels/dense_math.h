@@ -106,6 +106,7 @@ struct adamw_coef {
     float b1, one_minus_b1, b2, one_minus_b2, eps;
     float step_size;    /* lr / (1 - b1^t) */
     float bias2_sqrt;   /* sqrt(1 - b2^t) */
+    float grad_scale;   /* the gradient's factor (clipping); 1: none (g * 1 is g exactly) */
 };
 
 /* The step's coefficients for step t (1-based), formed in double as torch forms them:
@@ -123,13 +124,16 @@ static inline struct adamw_coef adamw_coefficients(double lr, double beta1, doub
     c.eps = (float)eps;
     c.step_size = (float)(lr / (1.0 - pow(beta1, (double)t)));
     c.bias2_sqrt = (float)sqrt(1.0 - pow(beta2, (double)t));
+    c.grad_scale = 1.0f;
     return c;
 }
 
-/* One element: p *= decay; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+/* One element, g first scaled by grad_scale (in float, as a separate clipping pass
+ * would): p *= decay; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
  * p -= step_size m / (sqrt(v) / sqrt(1 - b2^t) + eps). */
 DENSE_HD void adamw_update(float *p, float *m, float *v, float g, const struct adamw_coef *c)
 {
+    g *= c->grad_scale;
     float data = *p * c->decay;
     float mt = c->b1 * *m + c->one_minus_b1 * g;
     float vt = c->b2 * *v + c->one_minus_b2 * g * g;

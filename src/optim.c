@@ -50,11 +50,12 @@ void adamw_free(struct adamw *opt)
     memset(opt, 0, sizeof *opt);
 }
 
-void adamw_step(struct adamw *opt, struct model *model, double lr)
+void adamw_step(struct adamw *opt, struct model *model, double lr, float grad_factor)
 {
     opt->step++;
     struct adamw_coef coef = adamw_coefficients(lr, opt->beta1, opt->beta2, opt->eps,
                                                 opt->weight_decay, opt->step);
+    coef.grad_scale = grad_factor;
     size_t offset = 0;
     for (int i = 0; i < model->n_params; i++) {
         struct param *p = &model->params[i];

@@ -31,10 +31,12 @@ void adamw_free(struct adamw *opt);
 void adamw_attach(struct adamw *opt, const struct model *model);
 void adamw_download(struct adamw *opt);
 
-/* One step at learning rate lr on every trainable tensor, in torch.optim.AdamW's order:
+/* One step at learning rate lr on every trainable tensor, in torch.optim.AdamW's order,
+ * with g the gradient times grad_factor (the clipping factor, 1 for none: the same bits
+ * as grad_scale and then a step at 1, without a pass of its own over the gradients):
  * p *= 1 - lr * weight_decay; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
  * p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps). */
-void adamw_step(struct adamw *opt, struct model *model, double lr);
+void adamw_step(struct adamw *opt, struct model *model, double lr, float grad_factor);
 
 /* The learning rate of step `step` (0-based) of `total`: linear warmup over
  * warmup_steps from lr/warmup to lr, then constant, linear to 0, or cosine to 0. */

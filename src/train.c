@@ -505,9 +505,11 @@ int phase_train(const struct deck *deck, const struct layout *layout)
             metrics_write("bad_step", "\"step\": %lld, \"reason\": \"%s\", \"skipped\": true",
                           before.step + 1, bad);
         } else {
-            if (tr->clip_grad > 0 && norm > tr->clip_grad)
-                grad_scale(&model, (float)(tr->clip_grad / (norm + 1e-6)));
-            adamw_step(&opt, &model, lr);
+            /* clipping folded into the step: factor clip / (norm + 1e-6) on every gradient */
+            float factor = tr->clip_grad > 0 && norm > tr->clip_grad
+                               ? (float)(tr->clip_grad / (norm + 1e-6))
+                               : 1.0f;
+            adamw_step(&opt, &model, lr, factor);
         }
         position.step++;
 

@@ -63,11 +63,11 @@ int main(int argc, char **argv)
     CHECK(opt.n == 2, "optimizer state for %zu values, 2 trainable", opt.n);
     norm->data[0] = 1.0f, norm->data[1] = -2.0f;
     norm->grad[0] = 0.5f, norm->grad[1] = 0.125f;
-    adamw_step(&opt, &m, 0.1);
+    adamw_step(&opt, &m, 0.1, 1.0f);
     CHECK(fabs(norm->data[0] - 0.890000002) < 2e-7 && fabs(norm->data[1] + 2.07999999) < 2e-7,
           "AdamW step 1: %.9g %.9g", norm->data[0], norm->data[1]);
     norm->grad[0] = -0.25f, norm->grad[1] = 0.0f;
-    adamw_step(&opt, &m, 0.1);
+    adamw_step(&opt, &m, 0.1, 1.0f);
     CHECK(fabs(norm->data[0] - 0.854466299) < 2e-7 && fabs(norm->data[1] + 2.12620581) < 2e-7,
           "AdamW step 2: %.9g %.9g", norm->data[0], norm->data[1]);
 
@@ -77,6 +77,26 @@ int main(int argc, char **argv)
     grad_scale(&m, (float)(1.0 / (5.0 + 1e-6)));
     CHECK(fabs(norm->grad[0] - 0.6f) < 1e-6 && fabs(norm->grad[1] - 0.8f) < 1e-6, "clipped %g %g",
           norm->grad[0], norm->grad[1]);
+    /* the clipping folded into the step: the bits of a scaling pass and a step at 1 */
+    struct adamw twin;
+    adamw_init(&twin, &m, &tr);
+    float start[2] = {norm->data[0], norm->data[1]}, clipped[2], *moments[2] = {opt.m, opt.v};
+    float saved[2][2] = {{opt.m[0], opt.m[1]}, {opt.v[0], opt.v[1]}};
+    adamw_step(&opt, &m, 0.1, 1.0f); /* gradients already scaled above */
+    clipped[0] = norm->data[0], clipped[1] = norm->data[1];
+    norm->data[0] = start[0], norm->data[1] = start[1];
+    norm->grad[0] = 3.0f, norm->grad[1] = 4.0f;
+    for (int k = 0; k < 2; k++) memcpy(k ? twin.v : twin.m, saved[k], sizeof saved[k]);
+    twin.step = opt.step - 1;
+    adamw_step(&twin, &m, 0.1, (float)(1.0 / (5.0 + 1e-6)));
+    CHECK(memcmp(&norm->data[0], &clipped[0], sizeof(float)) == 0 &&
+              memcmp(&norm->data[1], &clipped[1], sizeof(float)) == 0 &&
+              memcmp(twin.m, moments[0], 2 * sizeof(float)) == 0 &&
+              memcmp(twin.v, moments[1], 2 * sizeof(float)) == 0,
+          "clipping in the step: %.9g %.9g, against a scaling pass: %.9g %.9g", norm->data[0],
+          norm->data[1], clipped[0], clipped[1]);
+    CHECK(norm->grad[0] == 3.0f && norm->grad[1] == 4.0f, "the step scaled the gradients in place");
+    adamw_free(&twin);
     /* frozen tensors: no gradient buffer */
     for (int i = 0; i < m.n_params; i++)
         CHECK((m.params[i].grad != NULL) == trainable[i], "%s", m.params[i].name);
