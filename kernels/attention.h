@@ -60,8 +60,8 @@ int attention_backward(float *dq, float *dk, float *dv, const float *dout, const
  * [N * nH] (device memory) and summed per head in token order (in double), so the sum
  * does not depend on the launch.
  *
- * The value width, windows and sinks came later and have not run on a GPU yet
- * (test_device group attention-mask).
+ * The value width, windows and sinks came later and passed test_device's comparison with
+ * the CPU backend on an H100 on 2026-11-26 (group attention-mask).
  *
  * Samples in HOST memory: attention_gemm_samples turns sample_start[N] (copied back)
  * into starts[count + 1] (starts[count] = N; room for N + 1) and the longest length. */

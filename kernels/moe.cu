@@ -232,9 +232,8 @@ extern "C" int moe_glu(float *h, const float *gate, const float *up, size_t coun
     return report("moe_glu", err, err_size);
 }
 
-/* counts[e] = slots that chose e (one thread per expert, over the slots in order: an
- * exact count); prob_sums[e] = sum over tokens, in token order, in double, of probs[n,e]. */
-/* One block per expert: its threads stride over the tokens (the probability column, summed
+/* counts[e] = slots that chose e (an exact count); prob_sums[e] = sum over tokens, in
+ * double, of probs[n,e]. One block per expert: its threads stride over the tokens (the probability column, summed
  * in double) and over the N K choices (the count), then sum in block_reduce's fixed order.
  * (A thread per expert scanning everything took 1 ms at N = 4096, E = 128, K = 8 on an H100,
  * 2026-11-26; this is a few microseconds.) */

@@ -4,9 +4,9 @@
  * Index math shared with the host: moe_math.h.
  *
  * STATUS: ran on an NVIDIA H200 on 2026-11-26, where tests/test_device.c's comparison
- * with the CPU backend passed; it runs that comparison wherever a GPU is visible
- * The row routers (moe_router_rows*), the clamped GLU and the grouped bias came later and
- * have not run on a GPU yet (test_device groups routers, gpt-oss-experts). */
+ * with the CPU backend passed; it runs that comparison wherever a GPU is visible. The
+ * row routers (moe_router_rows*), the clamped GLU and the grouped bias, which came later,
+ * passed it on an H100 the same day (test_device groups routers, gpt-oss-experts). */
 #ifndef ESFT_KERNELS_MOE_H
 #define ESFT_KERNELS_MOE_H
 

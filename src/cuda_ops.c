@@ -11,9 +11,19 @@
  * ESFT_CUDA_SYNC=1 restores a device synchronisation after every op (a kernel's fault
  * then names its op); ESFT_CUDA_PROFILE=1 does too, and times each op (the table is
  * logged at backend_cuda_release). The grouped GEMMs read the experts' offsets back to
- * the host (E + 1 integers). Scratch
- * for the ops that need it is one device buffer, grown on demand and kept; the ops are
- * called from one thread.
+ * the host (E + 1 integers). Device buffers for the ops (scratch, bf16 operands, the
+ * frozen experts' bf16 outputs) and host buffers for the values read back grow on demand
+ * and are kept: a step allocates only where it needs more than any step before it (a
+ * longer sample, more rows received under EP). The ops are called from one thread.
+ *
+ * Modes: fp32 (cuBLAS fp32 compute); tf32 (backend_cuda_set_tf32: TF32 tensor-core
+ * products); bf16 (backend_cuda_set_bf16: GEMMs against frozen weights on bf16 operands).
+ * In tf32 and bf16 modes attention with heads of 64 or 128 takes the tiled kernels of
+ * attention_flash.cu, whose operands are bf16 (about 1e-2 relative L2 against fp32;
+ * ESFT_CUDA_ATTENTION=gemm keeps cuBLAS). Weights stored as bf16
+ * (model.frozen_weights: bf16) are multiplied on bf16 operands in every mode: the
+ * activation or output gradient is rounded to bf16 too, where the CPU backend widens the
+ * weight and keeps them fp32 (test_golden holds cuda to 5e-2 there).
  *
  * Routers: softmax top-k (qwen2/3-MoE, OLMoE, Mixtral) by one warp per token; the
  * grouped (deepseek_v2), sigmoid (deepseek_v3, glm4_moe) and top-k-then-softmax (gpt_oss)
@@ -21,15 +31,13 @@
  * Attention takes MLA's value width, gpt_oss's sliding window and sinks (attention_gemm.cu).
  *
  * Memory: cudaMalloc'd buffers (zeroed), synchronous copies counted as transfers
- * (backend_traffic). The phases run on it with run.backend: cuda (model_attach); on an
- * NVIDIA H200 (2026-11-26) the golden fixtures' forward, gradients, eval and score and
- * the demo's curve matched the CPU backend to fp32 rounding (tests/gpu/device-check.sh).
- * tests/test_device.c runs a MoE block through it against the CPU backend. The ops of
- * deepseek_v2/v3, glm4_moe and gpt_oss (the row routers, interleaved RoPE, MLA's value
- * width, windows and sinks, the clamped GLU, per-expert biases) and the chunked
- * cross-entropy came later: test_device's groups routers, heads, attention-mask,
- * gpt-oss-experts and ce-chunks hold them to the CPU op table, but they have not run on a
- * GPU yet. */
+ * (backend_traffic). The phases run on it with run.backend: cuda (model_attach).
+ * STATUS: on an NVIDIA H200 and an H100 (2026-11-26) the golden fixtures' forward,
+ * gradients, eval and score (every family) and the demo's curve matched the CPU backend
+ * to fp32 rounding in fp32 mode (tests/gpu/device-check.sh), and every test_device group
+ * passed (the ops of deepseek_v2/v3, glm4_moe and gpt_oss and the chunked cross-entropy
+ * included). Not yet run on a GPU: DenseMixer's ops (row_dots, router_dense_backward;
+ * test_device group densemixer). */
 #include "cuda_ops.h"
 
 #include <cublas_v2.h>
@@ -223,7 +231,8 @@ static void *staging_buffer(enum staging which, size_t bytes)
 static int32_t *host_offsets(const int32_t *offsets, int E)
 {
     int32_t *host = staging_buffer(STAGE_OFFSETS, (size_t)(E + 1) * sizeof(int32_t));
-    check_cuda(cudaMemcpy(host, offsets, (size_t)(E + 1) * sizeof(int32_t), cudaMemcpyDefault));
+    check_cuda(cudaMemcpy(host, offsets, (size_t)(E + 1) * sizeof(int32_t), cudaMemcpyDeviceToHost));
+    backend_count_download((size_t)(E + 1) * sizeof(int32_t));
     return host;
 }
 
