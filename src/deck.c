@@ -153,7 +153,8 @@ static const struct key schema[] = {
      .help = "how the frozen weight matrices are held (score, train, eval; every backend): fp32, "
              "or bf16 (half their memory: attention, expert, shared and dense MLP matrices and an "
              "untied lm_head that do not train are rounded to bf16 and multiplied as such with "
-             "fp32 sums; norms, biases, routers, the embedding and trainable tensors stay fp32)"},
+             "fp32 sums, against fp32 activations on the CPU and bf16-rounded ones on cuda; "
+             "norms, biases, routers, the embedding and trainable tensors stay fp32)"},
 
     /* data */
     {KEY("data.path", KEY_STRING, data.path), .required_by = BY(SCORE) | BY(TRAIN) | BY(EVAL),
