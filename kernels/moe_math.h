@@ -223,6 +223,33 @@ MOE_HD void router_select_row(int32_t *id, const float *c, unsigned char *taken,
     }
 }
 
+/* C2R, collaboration-constrained routing (shared/reference/esft-semantics.md section 5):
+ * id[0] = the largest of c[E]; id[1..K) = the K-1 largest of c over id[0]'s collaborators
+ * collaborators[id[0] * T .. + T) (C2R's top-T collaborative list), in descending order;
+ * ties to the lower id (strict >), as router_select_row. T >= K - 1 (the caller checks).
+ * taken[E] is scratch. */
+MOE_HD void router_select_c2r_row(int32_t *id, const float *c, const int32_t *collaborators, int T,
+                                  unsigned char *taken, int E, int K)
+{
+    int first = 0;
+    for (int e = 1; e < E; e++)
+        if (c[e] > c[first]) first = e;
+    for (int e = 0; e < E; e++) taken[e] = 0;
+    taken[first] = 1;
+    id[0] = first;
+    const int32_t *list = collaborators + (size_t)first * T;
+    for (int k = 1; k < K; k++) {
+        int best = -1;
+        for (int t = 0; t < T; t++) {
+            int e = list[t];
+            if (!taken[e] && (best < 0 || c[e] > c[best] || (c[e] == c[best] && e < best)))
+                best = e;
+        }
+        taken[best] = 1;
+        id[k] = best;
+    }
+}
+
 /* w[K] = v[id] (divided by their sum, taken in k order, plus epsilon when renormalise),
  * times scaling. */
 MOE_HD void router_weights_row(float *w, const float *v, const int32_t *id, int K, int renormalise,

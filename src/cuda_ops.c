@@ -189,6 +189,9 @@ static int32_t *host_offsets(const int32_t *offsets, int E)
 /* The row kernels' description of a router (moe.h), from the op table's. */
 static struct moe_router row_router(const struct router_params *rp)
 {
+    if (rp->collaborators) /* preflight refuses model.routing: c2r on cuda first */
+        fatal(EXIT_RUNTIME, "cuda backend: C2R routing (model.routing: c2r) is not implemented "
+                            "on cuda; use run.backend: cpu");
     struct moe_router r = {MOE_ROUTER_SOFTMAX, rp->renormalise, rp->scaling, 1, 1, rp->bias};
     if (rp->kind == ROUTER_SIGMOID_BIAS)
         r.kind = MOE_ROUTER_SIGMOID_BIAS;
@@ -421,7 +424,7 @@ static void cuda_router_topk(int32_t *ids, float *weights, float *probs, const f
 {
     op_begin();
     char err[256];
-    if (rp->kind == ROUTER_SOFTMAX_TOPK) {
+    if (rp->kind == ROUTER_SOFTMAX_TOPK && !rp->collaborators) {
         ok(moe_router_topk(ids, weights, probs, logits, N, E, K, rp->renormalise, rp->scaling, err,
                            sizeof err),
            err);

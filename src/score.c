@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "backend.h"
+#include "c2r.h"
 #include "dataset.h"
 #include "files.h"
 #include "hfconfig.h"
@@ -160,6 +161,7 @@ int phase_score(const struct deck *deck, const struct layout *layout)
                 err);
     const struct backend *ops = phase_backend(deck, "score");
     model_attach(&model, ops);
+    c2r_phase_setup(deck, &model, "score", 0);
 
     /* Buffers sized once for the longest sample of this rank. */
     struct forward_workspace *ws = forward_workspace_new(&model, (int)longest);

@@ -63,9 +63,9 @@
 
 /* The softmax top-k router of the warp kernel (the other routers: group_routers). */
 static const struct router_params
-    SOFTMAX_RENORM = {ROUTER_SOFTMAX_TOPK, true, 1.0f, 1, 1, NULL},
-    SOFTMAX_RENORM_X25 = {ROUTER_SOFTMAX_TOPK, true, 2.5f, 1, 1, NULL},
-    SOFTMAX_PLAIN_X25 = {ROUTER_SOFTMAX_TOPK, false, 2.5f, 1, 1, NULL};
+    SOFTMAX_RENORM = {ROUTER_SOFTMAX_TOPK, true, 1.0f, 1, 1, NULL, NULL, 0},
+    SOFTMAX_RENORM_X25 = {ROUTER_SOFTMAX_TOPK, true, 2.5f, 1, 1, NULL, NULL, 0},
+    SOFTMAX_PLAIN_X25 = {ROUTER_SOFTMAX_TOPK, false, 2.5f, 1, 1, NULL, NULL, 0};
 
 static float *to_device(const void *host, size_t bytes)
 {
@@ -1896,23 +1896,23 @@ static void group_lora(void)
 static void group_routers(void)
 {
     check_router_variant("group-limited greedy", 1000, 160, 6,
-                         (struct router_params){ROUTER_GROUPED_GREEDY, false, 16.0f, 8, 3, NULL});
+                         (struct router_params){ROUTER_GROUPED_GREEDY, false, 16.0f, 8, 3, NULL, NULL, 0});
     check_router_variant("group-limited greedy, renormalised", 333, 64, 6,
-                         (struct router_params){ROUTER_GROUPED_GREEDY, true, 1.0f, 8, 3, NULL});
+                         (struct router_params){ROUTER_GROUPED_GREEDY, true, 1.0f, 8, 3, NULL, NULL, 0});
     check_router_variant("greedy", 200, 64, 6,
-                         (struct router_params){ROUTER_GROUPED_GREEDY, false, 1.0f, 1, 1, NULL});
+                         (struct router_params){ROUTER_GROUPED_GREEDY, false, 1.0f, 1, 1, NULL, NULL, 0});
     check_router_variant("sigmoid with bias, grouped", 1000, 256, 8,
-                         (struct router_params){ROUTER_SIGMOID_BIAS, true, 2.5f, 8, 4, NULL});
+                         (struct router_params){ROUTER_SIGMOID_BIAS, true, 2.5f, 8, 4, NULL, NULL, 0});
     check_router_variant("sigmoid with bias", 500, 128, 8,
-                         (struct router_params){ROUTER_SIGMOID_BIAS, true, 1.0f, 1, 1, NULL});
+                         (struct router_params){ROUTER_SIGMOID_BIAS, true, 1.0f, 1, 1, NULL, NULL, 0});
     check_router_variant("sigmoid with bias, not renormalised", 300, 64, 6,
-                         (struct router_params){ROUTER_SIGMOID_BIAS, false, 2.5f, 4, 2, NULL});
+                         (struct router_params){ROUTER_SIGMOID_BIAS, false, 2.5f, 4, 2, NULL, NULL, 0});
     check_router_variant("top-k then softmax", 1000, 32, 4,
-                         (struct router_params){ROUTER_TOPK_SOFTMAX, false, 1.0f, 1, 1, NULL});
+                         (struct router_params){ROUTER_TOPK_SOFTMAX, false, 1.0f, 1, 1, NULL, NULL, 0});
     check_router_variant("top-k then softmax", 77, 60, 4,
-                         (struct router_params){ROUTER_TOPK_SOFTMAX, false, 1.0f, 1, 1, NULL});
+                         (struct router_params){ROUTER_TOPK_SOFTMAX, false, 1.0f, 1, 1, NULL, NULL, 0});
     check_router_variant("sigmoid with bias, one token", 1, 16, 2,
-                         (struct router_params){ROUTER_SIGMOID_BIAS, true, 1.0f, 4, 2, NULL});
+                         (struct router_params){ROUTER_SIGMOID_BIAS, true, 1.0f, 4, 2, NULL, NULL, 0});
 }
 
 /* MLA's head layout (DeepSeek-V2's 128 + 64 and a small one) and a partial rotary. */
