@@ -2,7 +2,9 @@
  * greedy expert placement (see c2r.h). */
 #include "c2r.h"
 
+#include <inttypes.h>
 #include <jansson.h>
+#include <mpi.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,6 +12,7 @@
 
 #include "backend.h"
 #include "files.h"
+#include "layout.h"
 #include "log.h"
 #include "model.h"
 
@@ -248,7 +251,7 @@ void c2r_phase_setup(const struct deck *deck, struct model *m, const char *phase
 
 void c2r_placement_contiguous(int E, int ep, int32_t *rank_of_expert)
 {
-    for (int e = 0; e < E; e++) rank_of_expert[e] = e / (E / ep);
+    for (int e = 0; e < E; e++) rank_of_expert[e] = layout_expert_owner(E, ep, e);
 }
 
 struct pair {
@@ -313,4 +316,128 @@ uint64_t c2r_destinations(const int32_t *ids, int N, int K, const int32_t *rank_
             total += !repeated;
         }
     return total;
+}
+
+/* ---- the score phase's placement report ------------------------------------------- */
+
+void c2r_kept_init(struct c2r_kept *kept, int n_moe_layers, int top_k)
+{
+    int Lm = n_moe_layers > 0 ? n_moe_layers : 1;
+    *kept = (struct c2r_kept){.n_moe_layers = n_moe_layers, .top_k = top_k,
+                              .ids = xcalloc((size_t)Lm, sizeof(int32_t *)),
+                              .tokens = xcalloc((size_t)Lm, sizeof(size_t)),
+                              .capacity = xcalloc((size_t)Lm, sizeof(size_t))};
+}
+
+void c2r_kept_add(struct c2r_kept *kept, int m, const int32_t *ids, int N)
+{
+    size_t K = (size_t)kept->top_k, need = kept->tokens[m] + (size_t)N;
+    if (need > kept->capacity[m]) {
+        size_t capacity = kept->capacity[m] ? kept->capacity[m] : 1024;
+        while (capacity < need) capacity *= 2;
+        int32_t *grown = realloc(kept->ids[m], capacity * K * sizeof(int32_t));
+        if (!grown) fatal(EXIT_RUNTIME, "score: out of memory keeping the routing of %zu tokens "
+                          "(parallel.expert_placement: c2r)", need);
+        kept->ids[m] = grown;
+        kept->capacity[m] = capacity;
+    }
+    memcpy(kept->ids[m] + kept->tokens[m] * K, ids, (size_t)N * K * sizeof(int32_t));
+    kept->tokens[m] = need;
+}
+
+void c2r_kept_free(struct c2r_kept *kept)
+{
+    for (int m = 0; m < kept->n_moe_layers; m++) free(kept->ids[m]);
+    free(kept->ids);
+    free(kept->tokens);
+    free(kept->capacity);
+    memset(kept, 0, sizeof *kept);
+}
+
+static int write_placement(const char *path, int ep, const struct model_config *cfg,
+                           const int32_t *moe_layers, int Lm, const int32_t *rank_of_expert,
+                           char *err, size_t err_size)
+{
+    json_t *layers = json_array();
+    for (int l = 0, m = 0; l < cfg->num_layers; l++) {
+        json_t *layer = json_array();
+        if (m < Lm && moe_layers[m] == l) {
+            for (int e = 0; e < cfg->num_experts; e++)
+                json_array_append_new(layer, json_integer(rank_of_expert[(size_t)m * cfg->num_experts + e]));
+            m++;
+        }
+        json_array_append_new(layers, layer);
+    }
+    json_t *root = json_object();
+    json_object_set_new(root, "ep", json_integer(ep));
+    json_object_set_new(root, "placement", json_string("c2r"));
+    json_object_set_new(root, "rank_of_expert", layers);
+    char *text = json_dumps(root, JSON_COMPACT);
+    json_decref(root);
+    if (!text) {
+        snprintf(err, err_size, "%s: cannot encode the placement", path);
+        return -1;
+    }
+    int rc = file_write_atomically(path, write_text, text, err, err_size);
+    free(text);
+    return rc;
+}
+
+void c2r_placement_report(const struct deck *deck, const struct layout *layout,
+                          const struct model_config *cfg, const int32_t *moe_layers,
+                          const uint64_t *coact, const struct c2r_kept *kept)
+{
+    int E = cfg->num_experts, K = cfg->top_k, Lm = kept->n_moe_layers, ep = layout->grid.ep;
+    size_t LE = (size_t)Lm * E;
+    int32_t *greedy = xcalloc(LE ? LE : 1, sizeof *greedy), *contiguous = xmalloc((size_t)E * sizeof *contiguous);
+    if (layout->world_rank == 0)
+        for (int m = 0; m < Lm; m++)
+            c2r_placement_greedy(coact + (size_t)m * E * E, E, ep, greedy + (size_t)m * E);
+    check_mpi(MPI_Bcast(greedy, (int)LE, MPI_INT32_T, 0, MPI_COMM_WORLD));
+    c2r_placement_contiguous(E, ep, contiguous);
+    /* per layer: tokens, destination ranks (contiguous), destination ranks (c2r) */
+    uint64_t *counts = xcalloc((size_t)(3 * (Lm ? Lm : 1)), sizeof *counts);
+    for (int m = 0; m < Lm; m++) {
+        int N = (int)kept->tokens[m];
+        counts[3 * m] = (uint64_t)N;
+        counts[3 * m + 1] = c2r_destinations(kept->ids[m], N, K, contiguous);
+        counts[3 * m + 2] = c2r_destinations(kept->ids[m], N, K, greedy + (size_t)m * E);
+    }
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, counts, 3 * Lm, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD));
+    /* bytes of one step: per token, D (1 - 1/ep) remote rows (K (1 - 1/ep) one row per slot) */
+    double step_tokens = (double)deck->train.global_batch * deck->data.seq_len;
+    double row = (double)cfg->hidden_size * sizeof(float), remote = 1.0 - 1.0 / ep;
+    double per_slot = 0, by_contiguous = 0, by_c2r = 0;
+    for (int m = 0; m < Lm; m++) {
+        double tokens = counts[3 * m] ? (double)counts[3 * m] : 1.0;
+        per_slot += K * remote;
+        by_contiguous += counts[3 * m + 1] / tokens * remote;
+        by_c2r += counts[3 * m + 2] / tokens * remote;
+    }
+    double scale = 4.0 * step_tokens * row / 1048576.0; /* dispatch + combine, fwd + bwd, MiB */
+    char path[4200], err[1024];
+    int rc = 0;
+    if (layout->world_rank == 0) {
+        log_info("score: all-to-all per training step, ep %d (%d x %d tokens, %d MoE layers, rows "
+                 "of %d fp32, dispatch and combine forward and backward): one row per (token, "
+                 "expert) as esft sends %.2f MiB; one row per destination rank: contiguous "
+                 "placement %.2f MiB, c2r placement %.2f MiB (%.1f%% less), from the routing of "
+                 "%" PRIu64 " scored tokens", ep, deck->train.global_batch, deck->data.seq_len, Lm,
+                 cfg->hidden_size, per_slot * scale, by_contiguous * scale, by_c2r * scale,
+                 by_contiguous > 0 ? 100.0 * (1.0 - by_c2r / by_contiguous) : 0.0,
+                 Lm ? counts[0] : 0);
+        metrics_write("expert_placement",
+                      "\"ep\": %d, \"step_tokens\": %.0f, \"per_slot_mib\": %.6f, "
+                      "\"contiguous_mib\": %.6f, \"c2r_mib\": %.6f",
+                      ep, step_tokens, per_slot * scale, by_contiguous * scale, by_c2r * scale);
+        rc = path_join(path, sizeof path, deck->run.output_dir, "expert_placement.json", err,
+                       sizeof err);
+        if (rc == 0)
+            rc = write_placement(path, ep, cfg, moe_layers, Lm, greedy, err, sizeof err);
+        if (rc == 0) log_info("score: c2r expert placement -> %s", path);
+    }
+    fail_if_any(rc != 0, EXIT_RUNTIME, "score: %s", err);
+    free(counts);
+    free(greedy);
+    free(contiguous);
 }

@@ -83,4 +83,27 @@ void c2r_placement_greedy(const uint64_t *coact, int E, int ep, int32_t *rank_of
 /* The sum over N tokens of the distinct ranks among each token's K experts ids [N, K]. */
 uint64_t c2r_destinations(const int32_t *ids, int N, int K, const int32_t *rank_of_expert);
 
+/* The score phase's report for parallel.expert_placement: c2r. Each rank keeps the routing
+ * of the tokens it scores (c2r_kept_add, per MoE layer; K int32 per token per layer),
+ * then c2r_placement_report (collective over MPI_COMM_WORLD; coact [Lm, E, E] complete on
+ * world rank 0) computes each layer's greedy placement for the deck's parallel.ep on rank
+ * 0, counts every kept token's destination ranks under it and under the contiguous
+ * placement, logs the all-to-all bytes of a training step under each (train.global_batch
+ * x data.seq_len tokens, rows of H fp32, dispatch and combine in the forward and the
+ * backward) and writes the placement to run.output_dir/expert_placement.json:
+ *   {"ep": ep, "placement": "c2r", "rank_of_expert": [per decoder layer: [] or E ranks]} */
+struct c2r_kept {
+    int n_moe_layers, top_k;
+    int32_t **ids;  /* [Lm] -> [tokens, K] */
+    size_t *tokens; /* [Lm] */
+    size_t *capacity;
+};
+void c2r_kept_init(struct c2r_kept *kept, int n_moe_layers, int top_k);
+void c2r_kept_add(struct c2r_kept *kept, int m, const int32_t *ids, int N);
+void c2r_kept_free(struct c2r_kept *kept);
+struct layout;
+void c2r_placement_report(const struct deck *deck, const struct layout *layout,
+                          const struct model_config *cfg, const int32_t *moe_layers,
+                          const uint64_t *coact, const struct c2r_kept *kept);
+
 #endif
