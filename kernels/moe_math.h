@@ -267,6 +267,28 @@ MOE_HD void router_weights_row(float *w, const float *v, const int32_t *id, int 
     }
 }
 
+/* C2R over a row a router has just routed (the CPU backend's and the device kernel's):
+ * the choice again by router_select_c2r_row on c[E], the scores the router chose by,
+ * then the router's weights over the new K: with softmax_of_chosen (gpt_oss) the softmax
+ * of z over the chosen (id[0], the largest, first; as router_topk_softmax_row), else
+ * v[id] as router_weights_row (renormalise, epsilon, scaling). */
+MOE_HD void router_c2r_row(int32_t *id, float *w, const float *c, const float *v, const float *z,
+                           const int32_t *collaborators, int T, unsigned char *taken, int E, int K,
+                           int softmax_of_chosen, int renormalise, float epsilon, float scaling)
+{
+    router_select_c2r_row(id, c, collaborators, T, taken, E, K);
+    if (!softmax_of_chosen) {
+        router_weights_row(w, v, id, K, renormalise, epsilon, scaling);
+        return;
+    }
+    float max = z[id[0]], sum = 0.0f;
+    for (int k = 0; k < K; k++) {
+        w[k] = expf(z[id[k]] - max);
+        sum += w[k];
+    }
+    for (int k = 0; k < K; k++) w[k] /= sum;
+}
+
 /* One token through a softmax router: ROUTER_SOFTMAX_TOPK (n_group = topk_group = 1) or
  * ROUTER_GROUPED_GREEDY (DeepseekV2TopkRouter's group_limited_greedy: the probabilities
  * outside the kept groups become 0 for the choice). p[E] = softmax(z) is written;

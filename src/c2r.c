@@ -234,9 +234,6 @@ void c2r_phase_setup(const struct deck *deck, struct model *m, const char *phase
                   "contiguous); the score phase reports what the c2r placement would save",
                   phase, phase);
     if (deck->model.routing != ROUTING_C2R) return;
-    if (strcmp(m->ops->name, "cuda") == 0)
-        fatal_all(EXIT_INPUT, "%s: model.routing c2r is not implemented on the cuda backend; "
-                  "use run.backend: cpu", phase);
     char err[1024];
     struct c2r_lists lists;
     fail_if_any(c2r_read_config(deck->model.c2r_config, &m->cfg, &lists, err, sizeof err) != 0,

@@ -71,7 +71,7 @@ void c2r_attach(struct model *m, const struct c2r_lists *lists);
 
 /* What a phase does with model.routing and parallel.expert_placement after model_attach:
  * with routing c2r, reads model.c2r_config and attaches it (ending every rank with a
- * message on a bad file, or on the cuda backend, which has no C2R yet); refuses
+ * message on a bad file); refuses
  * expert_placement c2r when refuse_placement (train, eval). */
 void c2r_phase_setup(const struct deck *deck, struct model *m, const char *phase,
                      int refuse_placement);

@@ -4,7 +4,6 @@
  * depends on that token alone, so the bits do not change with the thread count. */
 #include "cpu_router.h"
 
-#include <math.h>
 #include <stdbool.h>
 #include <string.h>
 
@@ -23,30 +22,19 @@ static void check_kind(const struct router_params *rp, const char *op)
               (int)rp->kind);
 }
 
-/* C2R over a row the router has just routed: the choice again, by router_select_c2r_row
- * on the scores the router chose by (left in p, choice or z), then the router's weights
- * over the new K. The masking and the probabilities do not change, only the choice. */
+/* C2R over a row the router has just routed: the scores it chose by are left in p, choice
+ * (masked) or z (gpt_oss); the masking and the probabilities do not change, only the
+ * choice and so the weights. */
 static void c2r_row(int32_t *id, float *w, const float *p, const float *choice,
                     unsigned char *taken, const float *z, int E, int K,
                     const struct router_params *rp)
 {
     bool masked = rp->kind == ROUTER_SIGMOID_BIAS ||
                   (rp->kind == ROUTER_GROUPED_GREEDY && rp->topk_group < rp->n_group);
-    const float *c = rp->kind == ROUTER_TOPK_SOFTMAX ? z : masked ? choice : p;
-    router_select_c2r_row(id, c, rp->collaborators, rp->top_t, taken, E, K);
-    if (rp->kind == ROUTER_SIGMOID_BIAS) {
-        router_weights_row(w, p, id, K, rp->renormalise, 1e-20f, rp->scaling);
-    } else if (rp->kind == ROUTER_TOPK_SOFTMAX) { /* as router_topk_softmax_row: id[0] is the
-                                                     largest logit */
-        float max = z[id[0]], sum = 0.0f;
-        for (int k = 0; k < K; k++) {
-            w[k] = expf(z[id[k]] - max);
-            sum += w[k];
-        }
-        for (int k = 0; k < K; k++) w[k] /= sum;
-    } else {
-        router_weights_row(w, p, id, K, rp->renormalise, 0.0f, rp->scaling);
-    }
+    bool logits = rp->kind == ROUTER_TOPK_SOFTMAX;
+    const float *c = logits ? z : masked ? choice : p;
+    router_c2r_row(id, w, c, p, z, rp->collaborators, rp->top_t, taken, E, K, logits,
+                   rp->renormalise, rp->kind == ROUTER_SIGMOID_BIAS ? 1e-20f : 0.0f, rp->scaling);
 }
 
 void cpu_router_topk(int32_t *ids, float *weights, float *probs, const float *logits, int N, int E,

@@ -189,10 +189,8 @@ static int32_t *host_offsets(const int32_t *offsets, int E)
 /* The row kernels' description of a router (moe.h), from the op table's. */
 static struct moe_router row_router(const struct router_params *rp)
 {
-    if (rp->collaborators) /* preflight refuses model.routing: c2r on cuda first */
-        fatal(EXIT_RUNTIME, "cuda backend: C2R routing (model.routing: c2r) is not implemented "
-                            "on cuda; use run.backend: cpu");
-    struct moe_router r = {MOE_ROUTER_SOFTMAX, rp->renormalise, rp->scaling, 1, 1, rp->bias};
+    struct moe_router r = {MOE_ROUTER_SOFTMAX, rp->renormalise, rp->scaling, 1, 1, rp->bias,
+                           rp->collaborators, rp->top_t};
     if (rp->kind == ROUTER_SIGMOID_BIAS)
         r.kind = MOE_ROUTER_SIGMOID_BIAS;
     else if (rp->kind == ROUTER_TOPK_SOFTMAX)

@@ -169,7 +169,7 @@ static const struct key schema[] = {
     {KEY("model.routing", KEY_ENUM, model.routing), .def = "topk", .names = routing_names,
      .help = "how the routers choose (score, train, eval): topk (the family's own), or c2r "
              "(collaboration-constrained: the first expert by the router, the other k-1 among "
-             "its top-T collaborators of model.c2r_config; cpu and cpu-devsim only)"},
+             "its top-T collaborators of model.c2r_config)"},
     {KEY("model.c2r_config", KEY_STRING, model.c2r_config),
      .required_by = BY(SCORE) | BY(TRAIN) | BY(EVAL), .required_if = routing_is_c2r,
      .required_why = "model.routing c2r",

@@ -116,7 +116,7 @@ static void check_data(const struct deck *deck, const struct produced *made,
 }
 
 /* model.routing c2r: a readable C2R configuration for this model (or select writing one
- * earlier in the deck), on a backend that has C2R; parallel.expert_placement c2r: only the
+ * earlier in the deck); parallel.expert_placement c2r: only the
  * score phase's report, which needs an EP group and the co-activation counts. */
 static void check_c2r(const struct deck *deck, const struct layout_grid *grid,
                       const struct produced *made, const struct model_check *mc, enum phase phase,
@@ -135,9 +135,6 @@ static void check_c2r(const struct deck *deck, const struct layout_grid *grid,
                     grid->ep);
     }
     if (deck->model.routing != ROUTING_C2R) return;
-    if (deck->run.backend == BACKEND_CUDA)
-        problem(p, "%s: model.routing c2r is not implemented on the cuda backend; use "
-                "run.backend: cpu", phase_name(phase));
     const char *path = deck->model.c2r_config;
     if (!path || made->c2r_config) return;
     if (!is_regular_file(path)) {

@@ -78,8 +78,6 @@ same_curve "$tmp/cpu/metrics.jsonl" "$tmp/topk/metrics.jsonl" 0 &&
 expect 2 "placement c2r in train" "$esft" "$tmp/deck.yaml" $common parallel.expert_placement=c2r run.output_dir="$tmp/no1"
 contains "$tmp/err" "parallel.expert_placement c2r is not implemented for train" "placement c2r in train"
 absent "$tmp/no1" "placement c2r in train"
-expect 2 "c2r on cuda" "$esft" "$tmp/deck.yaml" $common model.routing=c2r run.backend=cuda run.output_dir="$tmp/no2"
-contains "$tmp/err" "model.routing c2r is not implemented on the cuda backend" "c2r on cuda"
 printf '{"top_t": 1, "collaborative_list": [[], []]}\n' >"$tmp/bad.json"
 expect 2 "bad c2r_config" "$esft" "$tmp/deck.yaml" phase=[train] model.routing=c2r model.c2r_config="$tmp/bad.json" parallel.ep=1 parallel.expert_placement=contiguous run.output_dir="$tmp/no3"
 contains "$tmp/err" "collaborative_list[0] must hold 8 lists" "bad c2r_config"

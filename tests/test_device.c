@@ -20,7 +20,8 @@
  * summation; router rows with NaN logits must route as the CPU does; a determinism group
  * runs a chain of reducing kernels twice and wants the same bits. The op table's variants
  * of deepseek_v2/v3, glm4_moe and gpt_oss, each against the CPU op table: the grouped,
- * sigmoid and top-k-then-softmax routers forward and backward, with NaN rows ("routers");
+ * sigmoid and top-k-then-softmax routers forward and backward, with NaN rows ("routers"),
+ * and the same with C2R's collaborative lists ("c2r");
  * RoPE in both pair layouts with a head stride, and copy_columns ("heads"); attention with
  * a value width, sliding windows and sinks, forward and backward ("attention-mask");
  * the clamped GLU and the per-expert bias ("gpt-oss-experts"); the chunked cross-entropy
@@ -1079,6 +1080,11 @@ static void check_router_variant(const char *what, int N, int E, int K, struct r
     host_rp.bias = bias;
     float *d_bias = bias ? to_device(bias, (size_t)E * sizeof(float)) : NULL;
     dev_rp.bias = d_bias;
+    /* C2R: rp.collaborators are the host's lists; the device reads its copy */
+    size_t list_bytes = (size_t)E * (size_t)rp.top_t * sizeof(int32_t);
+    int32_t *d_collaborators =
+        rp.collaborators ? (int32_t *)to_device(rp.collaborators, list_bytes) : NULL;
+    dev_rp.collaborators = d_collaborators;
     float *logits = random_floats(&rng, NE, -4, 4), *d_logits = to_device(logits, NE * sizeof(float));
     int32_t *ids = xmalloc((size_t)M * sizeof(int32_t)), *d_ids = device_alloc((size_t)M * sizeof(int32_t));
     float *weights = xmalloc((size_t)M * sizeof(float)), *probs = xmalloc(NE * sizeof(float));
@@ -1146,6 +1152,7 @@ static void check_router_variant(const char *what, int N, int E, int K, struct r
                               d_dweights, d_cpu_probs, d_dlogits, d_cpu_ids};
     FREE_ON_DEVICE(device_buffers);
     if (d_bias) device_free(d_bias);
+    if (d_collaborators) device_free(d_collaborators);
     void *host_buffers[] = {bias, logits, ids, weights, probs, g_ids, g_weights, g_ids2,
                             g_weights2, g_weights1, dweights, dlogits};
     for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
@@ -1915,6 +1922,47 @@ static void group_routers(void)
                          (struct router_params){ROUTER_SIGMOID_BIAS, true, 1.0f, 4, 2, NULL, NULL, 0});
 }
 
+/* C2R (src/c2r.h) on every router kind: collaborative lists of T random other experts per
+ * expert, the kernel's choice and weights against the CPU backend's, forward and
+ * backward (check_router_variant). */
+static void check_c2r_variant(const char *what, int N, int E, int K, int T, struct router_params rp)
+{
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)E * 131 + (uint64_t)T);
+    int32_t *lists = xmalloc((size_t)E * T * sizeof(int32_t)), *others = xmalloc((size_t)E * sizeof(int32_t));
+    for (int e = 0; e < E; e++) {
+        int n = 0;
+        for (int j = 0; j < E; j++)
+            if (j != e) others[n++] = j;
+        for (int t = 0; t < T; t++) { /* a partial Fisher-Yates draw of T of the others */
+            int pick = t + (int)rng_below(&rng, (uint64_t)(n - t));
+            int32_t swap = others[t];
+            others[t] = others[pick];
+            others[pick] = swap;
+            lists[(size_t)e * T + t] = others[t];
+        }
+    }
+    rp.collaborators = lists;
+    rp.top_t = T;
+    check_router_variant(what, N, E, K, rp);
+    free(lists);
+    free(others);
+}
+
+static void group_c2r(void)
+{
+    check_c2r_variant("c2r softmax top-k", 1000, 64, 6, 8,
+                      (struct router_params){ROUTER_SOFTMAX_TOPK, true, 1.0f, 1, 1, NULL, NULL, 0});
+    check_c2r_variant("c2r softmax top-k, plain", 300, 60, 8, 7,
+                      (struct router_params){ROUTER_SOFTMAX_TOPK, false, 1.0f, 1, 1, NULL, NULL, 0});
+    check_c2r_variant("c2r group-limited greedy", 500, 160, 6, 10,
+                      (struct router_params){ROUTER_GROUPED_GREEDY, false, 16.0f, 8, 3, NULL, NULL, 0});
+    check_c2r_variant("c2r sigmoid with bias, grouped", 500, 256, 8, 16,
+                      (struct router_params){ROUTER_SIGMOID_BIAS, true, 2.5f, 8, 4, NULL, NULL, 0});
+    check_c2r_variant("c2r top-k then softmax", 300, 32, 4, 5,
+                      (struct router_params){ROUTER_TOPK_SOFTMAX, false, 1.0f, 1, 1, NULL, NULL, 0});
+}
+
 /* MLA's head layout (DeepSeek-V2's 128 + 64 and a small one) and a partial rotary. */
 static void group_heads(void)
 {
@@ -1972,6 +2020,7 @@ static const struct group {
     {"bf16-weights", group_bf16_weights},
     {"lora", group_lora},
     {"routers", group_routers},
+    {"c2r", group_c2r},
     {"heads", group_heads},
     {"attention-mask", group_attention_mask},
     {"gpt-oss-experts", group_gpt_oss_experts},
