@@ -492,6 +492,14 @@ __global__ void router_rows_kernel(int32_t *ids, float *weights, float *probs, c
         else
             router_softmax_topk_row(id, w, p, choice, group_score, taken, z, E, K, r.n_group,
                                     r.topk_group, r.renormalise, r.scaling);
+        if (r.collaborators) { /* C2R: the scores chosen by are in p, choice (masked) or z */
+            bool logits = r.kind == MOE_ROUTER_TOPK_SOFTMAX;
+            bool masked = r.kind == MOE_ROUTER_SIGMOID_BIAS ||
+                          (r.kind == MOE_ROUTER_SOFTMAX && r.topk_group < r.n_group);
+            router_c2r_row(id, w, logits ? z : masked ? choice : p, p, z, r.collaborators,
+                           r.top_t, taken, E, K, logits, r.renormalise,
+                           r.kind == MOE_ROUTER_SIGMOID_BIAS ? 1e-20f : 0.0f, r.scaling);
+        }
     }
 }
 

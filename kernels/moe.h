@@ -29,7 +29,9 @@ int moe_router_topk(int32_t *ids, float *weights, float *probs, const float *log
  * libm's expf against CUDA's and by nvcc's fused multiply-adds. kind: MOE_ROUTER_SOFTMAX
  * (softmax top-k, group-limited greedy when topk_group < n_group: deepseek_v2),
  * MOE_ROUTER_SIGMOID_BIAS (deepseek_v3, glm4_moe), MOE_ROUTER_TOPK_SOFTMAX (gpt_oss; no
- * renormalisation or scaling). bias[E] in device memory or NULL. */
+ * renormalisation or scaling). bias[E] in device memory or NULL. collaborators[E, top_t]
+ * in device memory, or NULL: C2R (src/c2r.h), the choice made again by moe_math.h's
+ * router_c2r_row after the router's own, as the CPU backend does. */
 enum moe_router_kind { MOE_ROUTER_SOFTMAX, MOE_ROUTER_SIGMOID_BIAS, MOE_ROUTER_TOPK_SOFTMAX };
 struct moe_router {
     enum moe_router_kind kind;
@@ -37,6 +39,8 @@ struct moe_router {
     float scaling;
     int n_group, topk_group;
     const float *bias;
+    const int32_t *collaborators;
+    int top_t;
 };
 
 /* ids[N,K], weights[N,K], probs[N,E] (may be NULL: the row's own scratch holds them) from

@@ -223,6 +223,33 @@ MOE_HD void router_select_row(int32_t *id, const float *c, unsigned char *taken,
     }
 }
 
+/* C2R, collaboration-constrained routing (shared/reference/esft-semantics.md section 5):
+ * id[0] = the largest of c[E]; id[1..K) = the K-1 largest of c over id[0]'s collaborators
+ * collaborators[id[0] * T .. + T) (C2R's top-T collaborative list), in descending order;
+ * ties to the lower id (strict >), as router_select_row. T >= K - 1 (the caller checks).
+ * taken[E] is scratch. */
+MOE_HD void router_select_c2r_row(int32_t *id, const float *c, const int32_t *collaborators, int T,
+                                  unsigned char *taken, int E, int K)
+{
+    int first = 0;
+    for (int e = 1; e < E; e++)
+        if (c[e] > c[first]) first = e;
+    for (int e = 0; e < E; e++) taken[e] = 0;
+    taken[first] = 1;
+    id[0] = first;
+    const int32_t *list = collaborators + (size_t)first * T;
+    for (int k = 1; k < K; k++) {
+        int best = -1;
+        for (int t = 0; t < T; t++) {
+            int e = list[t];
+            if (!taken[e] && (best < 0 || c[e] > c[best] || (c[e] == c[best] && e < best)))
+                best = e;
+        }
+        taken[best] = 1;
+        id[k] = best;
+    }
+}
+
 /* w[K] = v[id] (divided by their sum, taken in k order, plus epsilon when renormalise),
  * times scaling. */
 MOE_HD void router_weights_row(float *w, const float *v, const int32_t *id, int K, int renormalise,
@@ -238,6 +265,28 @@ MOE_HD void router_weights_row(float *w, const float *v, const int32_t *id, int 
         if (renormalise) w[k] /= total;
         w[k] *= scaling;
     }
+}
+
+/* C2R over a row a router has just routed (the CPU backend's and the device kernel's):
+ * the choice again by router_select_c2r_row on c[E], the scores the router chose by,
+ * then the router's weights over the new K: with softmax_of_chosen (gpt_oss) the softmax
+ * of z over the chosen (id[0], the largest, first; as router_topk_softmax_row), else
+ * v[id] as router_weights_row (renormalise, epsilon, scaling). */
+MOE_HD void router_c2r_row(int32_t *id, float *w, const float *c, const float *v, const float *z,
+                           const int32_t *collaborators, int T, unsigned char *taken, int E, int K,
+                           int softmax_of_chosen, int renormalise, float epsilon, float scaling)
+{
+    router_select_c2r_row(id, c, collaborators, T, taken, E, K);
+    if (!softmax_of_chosen) {
+        router_weights_row(w, v, id, K, renormalise, epsilon, scaling);
+        return;
+    }
+    float max = z[id[0]], sum = 0.0f;
+    for (int k = 0; k < K; k++) {
+        w[k] = expf(z[id[k]] - max);
+        sum += w[k];
+    }
+    for (int k = 0; k < K; k++) w[k] /= sum;
 }
 
 /* One token through a softmax router: ROUTER_SOFTMAX_TOPK (n_group = topk_group = 1) or

@@ -43,13 +43,19 @@ struct attention_mask {
  * Glm4MoeTopkRouter): s = sigmoid(logits), c = s + bias; a group's score is the sum of
  * its two largest c; c outside the kept groups becomes -inf; top-k of c; the weights
  * are s[id], divided by (their sum + 1e-20) when renormalising. Every router then
- * multiplies the weights by scaling. */
+ * multiplies the weights by scaling.
+ * C2R (model.routing: c2r; c2r.h): with collaborators set, every router makes its choice
+ * by moe_math.h's router_select_c2r_row instead of a plain top-k, on the same selection
+ * scores (the probabilities, group-masked where the router masks; c = s + bias, masked;
+ * gpt_oss's logits); the weights follow the router's own rule over the chosen K. */
 struct router_params {
     enum hf_router_kind kind;
     bool renormalise;        /* divide the top-k weights by their sum */
     float scaling;           /* routed_scaling_factor */
     int n_group, topk_group; /* 1 and 1 when ungrouped */
     const float *bias;       /* [E] backend buffer: e_score_correction_bias (sigmoid), or NULL */
+    const int32_t *collaborators; /* [E, top_t] backend buffer: C2R's lists, or NULL */
+    int top_t;                    /* collaborators per expert (C2R's T) */
 };
 
 /* Weights stored as bf16 (model.frozen_weights: bf16): a frozen weight matrix kept as

@@ -4,6 +4,7 @@
  * depends on that token alone, so the bits do not change with the thread count. */
 #include "cpu_router.h"
 
+#include <stdbool.h>
 #include <string.h>
 
 #include "log.h"
@@ -19,6 +20,21 @@ static void check_kind(const struct router_params *rp, const char *op)
         rp->kind != ROUTER_SIGMOID_BIAS && rp->kind != ROUTER_TOPK_SOFTMAX)
         fatal(EXIT_RUNTIME, "cpu backend: %s: router kind %d is not implemented", op,
               (int)rp->kind);
+}
+
+/* C2R over a row the router has just routed: the scores it chose by are left in p, choice
+ * (masked) or z (gpt_oss); the masking and the probabilities do not change, only the
+ * choice and so the weights. */
+static void c2r_row(int32_t *id, float *w, const float *p, const float *choice,
+                    unsigned char *taken, const float *z, int E, int K,
+                    const struct router_params *rp)
+{
+    bool masked = rp->kind == ROUTER_SIGMOID_BIAS ||
+                  (rp->kind == ROUTER_GROUPED_GREEDY && rp->topk_group < rp->n_group);
+    bool logits = rp->kind == ROUTER_TOPK_SOFTMAX;
+    const float *c = logits ? z : masked ? choice : p;
+    router_c2r_row(id, w, c, p, z, rp->collaborators, rp->top_t, taken, E, K, logits,
+                   rp->renormalise, rp->kind == ROUTER_SIGMOID_BIAS ? 1e-20f : 0.0f, rp->scaling);
 }
 
 void cpu_router_topk(int32_t *ids, float *weights, float *probs, const float *logits, int N, int E,
@@ -45,6 +61,7 @@ void cpu_router_topk(int32_t *ids, float *weights, float *probs, const float *lo
         else
             router_softmax_topk_row(id, w, p, choice, group_score, taken, z, E, K, n_group,
                                     topk_group, rp->renormalise, rp->scaling);
+        if (rp->collaborators) c2r_row(id, w, p, choice, taken, z, E, K, rp);
     }
 }
 

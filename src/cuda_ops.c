@@ -239,7 +239,8 @@ static int32_t *host_offsets(const int32_t *offsets, int E)
 /* The row kernels' description of a router (moe.h), from the op table's. */
 static struct moe_router row_router(const struct router_params *rp)
 {
-    struct moe_router r = {MOE_ROUTER_SOFTMAX, rp->renormalise, rp->scaling, 1, 1, rp->bias};
+    struct moe_router r = {MOE_ROUTER_SOFTMAX, rp->renormalise, rp->scaling, 1, 1, rp->bias,
+                           rp->collaborators, rp->top_t};
     if (rp->kind == ROUTER_SIGMOID_BIAS)
         r.kind = MOE_ROUTER_SIGMOID_BIAS;
     else if (rp->kind == ROUTER_TOPK_SOFTMAX)
@@ -528,7 +529,7 @@ static void cuda_router_topk(int32_t *ids, float *weights, float *probs, const f
 {
     op_begin();
     char err[256];
-    if (rp->kind == ROUTER_SOFTMAX_TOPK) {
+    if (rp->kind == ROUTER_SOFTMAX_TOPK && !rp->collaborators) {
         ok(moe_router_topk(ids, weights, probs, logits, N, E, K, rp->renormalise, rp->scaling, err,
                            sizeof err),
            err);

@@ -48,6 +48,8 @@ static const char *const bad_rows_names[] = {"abort", "skip", NULL};
 static const char *const prepare_format_names[] = {"template", "esft_reference", NULL};
 static const char *const bad_steps_names[] = {"stop", "skip", NULL};
 static const char *const frozen_weights_names[] = {"fp32", "bf16", NULL};
+static const char *const routing_names[] = {"topk", "c2r", NULL};
+static const char *const placement_names[] = {"contiguous", "c2r", NULL};
 
 #define N_NAMES(array) (sizeof(array) / sizeof((array)[0]) - 1)
 _Static_assert(N_NAMES(phase_names) == PHASE_COUNT, "phase names");
@@ -55,6 +57,8 @@ _Static_assert(N_NAMES(backend_names) == BACKEND_DEVSIM + 1, "backend names");
 _Static_assert(N_NAMES(dtype_names) == DTYPE_FP16 + 1, "dtype names");
 _Static_assert(N_NAMES(compute_names) == DTYPE_TF32 + 1, "compute dtype names");
 _Static_assert(N_NAMES(frozen_weights_names) == FROZEN_BF16 + 1, "frozen weight dtype names");
+_Static_assert(N_NAMES(routing_names) == ROUTING_C2R + 1, "routing names");
+_Static_assert(N_NAMES(placement_names) == PLACEMENT_C2R + 1, "placement names");
 _Static_assert(N_NAMES(score_tokens_names) == SCORE_TOKENS_LOSS + 1, "score.tokens names");
 _Static_assert(N_NAMES(score_function_names) == SCORE_FUNCTION_GATE + 1, "score function names");
 _Static_assert(N_NAMES(method_names) == METHOD_DENSEMIXER + 1, "method names");
@@ -123,6 +127,13 @@ static bool method_is_esft(const struct deck *deck)
     return deck->train.method == METHOD_ESFT && !phase_listed(deck, PHASE_SELECT);
 }
 
+/* model.c2r_config is needed by C2R routing, unless select runs in the same deck: then
+ * it defaults to the C2R configuration select writes (deck_finish fills it in). */
+static bool routing_is_c2r(const struct deck *deck)
+{
+    return deck->model.routing == ROUTING_C2R && !phase_listed(deck, PHASE_SELECT);
+}
+
 static const struct key schema[] = {
     {KEY("phase", KEY_PHASES, phases), COUNT(n_phases), .names = phase_names,
      .help = "phase or list of phases to run, in order (required)"},
@@ -156,6 +167,16 @@ static const struct key schema[] = {
              "fp32 sums, against fp32 activations on the CPU and bf16-rounded ones on cuda; "
              "norms, biases, routers, the embedding and trainable tensors stay fp32)"},
 
+    {KEY("model.routing", KEY_ENUM, model.routing), .def = "topk", .names = routing_names,
+     .help = "how the routers choose (score, train, eval): topk (the family's own), or c2r "
+             "(collaboration-constrained: the first expert by the router, the other k-1 among "
+             "its top-T collaborators of model.c2r_config)"},
+    {KEY("model.c2r_config", KEY_STRING, model.c2r_config),
+     .required_by = BY(SCORE) | BY(TRAIN) | BY(EVAL), .required_if = routing_is_c2r,
+     .required_why = "model.routing c2r",
+     .help = "config.json holding C2R's top_t and collaborative_list (select writes one with "
+             "select.c2r_top_t); default with select in the phase list: select's"},
+
     /* data */
     {KEY("data.path", KEY_STRING, data.path), .required_by = BY(SCORE) | BY(TRAIN) | BY(EVAL),
      .help = "token dataset (HDF5, written by the prepare phase)"},
@@ -171,6 +192,11 @@ static const struct key schema[] = {
      .help = "expert-parallel group size (ranks sharing one layer's experts)"},
     {KEY("parallel.stage_layers", KEY_LIST, parallel.stage_layers), COUNT(parallel.n_stage_layers),
      .help = "decoder layers of each pipeline stage, e.g. [13, 11]; empty: balanced by cost"},
+    {KEY("parallel.expert_placement", KEY_ENUM, parallel.expert_placement), .def = "contiguous",
+     .names = placement_names,
+     .help = "which EP rank holds which expert: contiguous blocks; c2r (score only: the "
+             "placement from the co-activation counts and the all-to-all bytes it would save "
+             "are reported, the exchange itself stays contiguous; train and eval refuse it)"},
 
     /* init: the random model the init phase writes */
     {KEY("init.family", KEY_CHOICE, init.family), .def = "qwen3_moe", .names = family_names,
@@ -301,6 +327,11 @@ static const struct key schema[] = {
     {KEY("select.stability_target", KEY_DOUBLE, select.stability_target), .def = "0.9",
      .bounds = LO | LO_OPEN | HI, .lo = 0, .hi = 1,
      .help = "mean Jaccard similarity at which enough tokens were scored"},
+    {KEY("select.c2r_top_t", KEY_INT, select.c2r_top_t), .def = "0", .bounds = LO | HI, .lo = 0,
+     .hi = HFCONFIG_MAX_EXPERTS - 1,
+     .help = "C2R: also write c2r_config.json (the model's config.json plus top_t and each "
+             "MoE layer's collaborative_list: every expert's top_t most co-activated experts) "
+             "in run.output_dir; 0: none"},
 
     /* train */
     {KEY("train.method", KEY_ENUM, train.method), .def = "esft", .names = method_names,
@@ -1660,6 +1691,12 @@ int deck_finish(struct deck *deck, char *err, size_t err_size)
     if (strstr(deck->run.output_dir, "{name}")) {
         deck_where(deck, "run.output_dir", where, sizeof where);
         errors_add(&errors, "%s: run.output_dir may hold {name} once", where);
+    }
+    if (deck->model.routing == ROUTING_C2R && !deck->model.c2r_config &&
+        phase_listed(deck, PHASE_SELECT)) {
+        size_t size = strlen(deck->run.output_dir) + sizeof "/c2r_config.json";
+        deck->model.c2r_config = xmalloc(size);
+        snprintf(deck->model.c2r_config, size, "%s/c2r_config.json", deck->run.output_dir);
     }
     if (deck->train.method == METHOD_ESFT && !deck->train.expert_config &&
         phase_listed(deck, PHASE_SELECT)) {

@@ -43,11 +43,17 @@ struct deck_run {
 
 /* How the frozen weight matrices are held (model.frozen_weights; model_store_frozen_bf16). */
 enum frozen_weights_choice { FROZEN_FP32, FROZEN_BF16 };
+/* How the routers choose (model.routing): their own top-k, or C2R (c2r.h). */
+enum routing_choice { ROUTING_TOPK, ROUTING_C2R };
+/* Which EP rank holds which expert (parallel.expert_placement; c2r.h). */
+enum expert_placement_choice { PLACEMENT_CONTIGUOUS, PLACEMENT_C2R };
 
 struct deck_model {
     char *path; /* Hugging Face checkpoint directory (read; `init` writes it) */
     enum dtype_choice dtype; /* compute dtype: fp32 (auto), or tf32 on cuda */
     enum frozen_weights_choice frozen_weights; /* fp32, or bf16 (half the memory) */
+    enum routing_choice routing;
+    char *c2r_config; /* config.json with C2R's top_t and collaborative_list (routing c2r) */
 };
 
 struct deck_data {
@@ -62,6 +68,7 @@ struct deck_parallel {
     int dp; /* derived: world / (pp * ep); not a key */
     char *stage_layers[DECK_MAX_LIST]; /* decoder layers per stage; empty: balanced by cost */
     int n_stage_layers;
+    enum expert_placement_choice expert_placement;
 };
 
 struct deck_init {
@@ -113,6 +120,7 @@ struct deck_select {
     char *output; /* expert_config.json, relative to run.output_dir */
     int bootstrap;           /* resamples for the stability figures; 0: none */
     double stability_target; /* mean Jaccard that counts as stable */
+    int c2r_top_t;           /* C2R collaborators per expert written (c2r_config.json); 0: none */
 };
 
 struct deck_train {

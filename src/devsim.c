@@ -170,6 +170,7 @@ static void sim_router_topk(int32_t *ids, float *weights, float *probs, const fl
 {
     struct router_params host = *rp;
     host.bias = U(rp->bias);
+    host.collaborators = U(rp->collaborators);
     cpu->router_topk(U(ids), U(weights), U(probs), U(logits), N, E, K, &host);
 }
 

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "c2r.h"
 #include "blocks.h"
 #include "dataset.h"
 #include "files.h"
@@ -104,6 +105,7 @@ int phase_eval(const struct deck *deck, const struct layout *layout)
                     EXIT_INPUT, "eval: %s", err);
     const struct backend *ops = phase_backend(deck, "eval");
     model_attach(&model, ops);
+    c2r_phase_setup(deck, &model, "eval", 1);
 
     uint64_t *order = xmalloc(ds.n_samples * sizeof *order);
     for (uint64_t i = 0; i < ds.n_samples; i++) order[i] = i;

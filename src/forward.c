@@ -42,7 +42,12 @@ struct router_params model_router_params(const struct model *m, int l)
                                   .scaling = (float)c->routed_scaling_factor,
                                   .n_group = c->n_group,
                                   .topk_group = c->topk_group,
-                                  .bias = m->layers[l].router_bias};
+                                  .bias = m->layers[l].router_bias,
+                                  .collaborators = m->c2r_collaborators
+                                                       ? m->c2r_collaborators +
+                                                             (size_t)l * c->num_experts * m->c2r_top_t
+                                                       : NULL,
+                                  .top_t = m->c2r_top_t};
 }
 
 /* The batch as the ops read it: the caller's host arrays, or (staged) the workspace's

@@ -524,6 +524,9 @@ void model_free(struct model *m)
         m->ops->release(m->device_storage);
         m->ops->release(m->device_grad_storage);
         m->ops->release(m->device_inv_freq);
+        m->ops->release(m->c2r_collaborators);
+    } else {
+        free(m->c2r_collaborators);
     }
     free(m->stage_first);
     if (m->grads)

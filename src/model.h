@@ -158,6 +158,11 @@ struct model {
     int lora_rank;
     float lora_scale;
     struct layer_lora *lora, *lora_grads;
+    /* C2R routing (c2r.h's c2r_attach): every decoder layer's collaborative lists
+     * [cfg.num_layers, E, c2r_top_t] in the compute view (a dense layer's rows unused);
+     * NULL under plain top-k routing */
+    int32_t *c2r_collaborators;
+    int c2r_top_t;
 };
 
 /* The forward cost of decoder layer l per token (multiply-adds of its projections and

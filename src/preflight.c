@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "c2r.h"
 #include "dataset.h"
 #include "files.h"
 #include "hfconfig.h"
@@ -41,7 +42,7 @@ static void problem(struct problems *p, const char *fmt, ...)
 
 /* The files the phases before `upto` in the deck's list write (as the phases name them). */
 struct produced {
-    bool model, data, stats, expert_config, adapter;
+    bool model, data, stats, expert_config, adapter, c2r_config;
     /* the dataset prepare writes in this run: its tokenizer's identity */
     char data_tokenizer[4200], data_checksum[17];
     uint64_t data_vocab_size;
@@ -114,6 +115,40 @@ static void check_data(const struct deck *deck, const struct produced *made,
     dataset_close(&ds);
 }
 
+/* model.routing c2r: a readable C2R configuration for this model (or select writing one
+ * earlier in the deck); parallel.expert_placement c2r: only the
+ * score phase's report, which needs an EP group and the co-activation counts. */
+static void check_c2r(const struct deck *deck, const struct layout_grid *grid,
+                      const struct produced *made, const struct model_check *mc, enum phase phase,
+                      struct problems *p)
+{
+    char err[1024];
+    if (deck->parallel.expert_placement == PLACEMENT_C2R) {
+        if (phase != PHASE_SCORE)
+            problem(p, "%s: parallel.expert_placement c2r is not implemented for %s: the EP "
+                    "exchange holds experts in contiguous blocks; the score phase reports what "
+                    "the c2r placement would save (run score with it, the other phases with "
+                    "parallel.expert_placement: contiguous)", phase_name(phase), phase_name(phase));
+        else if (grid->ep < 2 || !deck->score.coactivation)
+            problem(p, "score: parallel.expert_placement c2r needs parallel.ep above 1 (the EP "
+                    "group it places experts over; here %d) and score.coactivation: true",
+                    grid->ep);
+    }
+    if (deck->model.routing != ROUTING_C2R) return;
+    const char *path = deck->model.c2r_config;
+    if (!path || made->c2r_config) return;
+    if (!is_regular_file(path)) {
+        problem(p, "%s: model.c2r_config: %s is not a file (select writes one with "
+                "select.c2r_top_t)", phase_name(phase), path);
+    } else if (mc->ok) {
+        struct c2r_lists lists;
+        if (c2r_read_config(path, &mc->cfg, &lists, err, sizeof err) != 0)
+            problem(p, "%s: model.c2r_config: %s", phase_name(phase), err);
+        else
+            c2r_lists_free(&lists);
+    }
+}
+
 int preflight_check(const struct deck *deck, const struct layout_grid *grid, char *messages,
                     size_t size)
 {
@@ -175,6 +210,7 @@ int preflight_check(const struct deck *deck, const struct layout_grid *grid, cha
                 problem(&p, "%s: %s ties lm_head to the embedding (tie_word_embeddings); "
                         "pipeline parallelism (parallel.pp %d) does not support tied "
                         "embeddings yet", phase_name(phase), deck->model.path, grid->pp);
+            check_c2r(deck, grid, &made, &mc, phase, &p);
             if (phase == PHASE_SCORE) {
                 if (mc.ok && mc.cfg.num_experts <= 0)
                     problem(&p, "score: %s has no MoE layers", deck->model.path);
@@ -234,6 +270,7 @@ int preflight_check(const struct deck *deck, const struct layout_grid *grid, cha
                 }
             }
             made.expert_config = true;
+            made.c2r_config = deck->select.c2r_top_t > 0;
             break;
         default:
             break;

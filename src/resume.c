@@ -48,7 +48,8 @@ void resume_hash_inputs(const struct deck *deck, const struct dataset *ds,
  *     data.pack (the blocks); train.method, densemixer, lr, lr_schedule, warmup_steps,
  * weight_decay, beta1, beta2, eps, clip_grad, aux_loss_coef, global_batch, micro_batch (the aux
  *     loss is taken per micro-batch, and the sums' order follows them), val_fraction
- *     (the split); train.lora.* under method lora (below);
+ *     (the split); model.routing (C2R routes to other experts); train.lora.* under
+ *     method lora (below);
  *   compared by content, not by path, so that a moved file is the same input (below):
  *     model.path (the config.json hash the checkpoint records; checkpoint_read also
  *     checks every trainable tensor's shape against the model), data.path (the dataset's
@@ -62,16 +63,17 @@ void resume_hash_inputs(const struct deck *deck, const struct dataset *ds,
  *     (only the trainable tensors and their moments are checkpointed, fp32 either way;
  *     the frozen ones are read from model.path again), parallel.* (checkpoints do
  *     not depend on the layout), train.checkpoint_every, keep_checkpoints, eval_every,
- *     log_every, resume, export_merged, recompute, and the init, prepare, score, select
- *     and eval sections (select's choices reach training only through the
+ *     log_every, resume, export_merged, recompute, model.c2r_config (not compared yet:
+ *     other lists under the same routing are taken as they are), and the init, prepare,
+ *     score, select and eval sections (select's choices reach training only through the
  *     expert_config file, compared by content). */
 static const char *const compared_keys[] = {
     "run.seed",          "data.seq_len",        "data.pack",
-    "train.method",      "train.densemixer",    "train.lr",
-    "train.lr_schedule", "train.warmup_steps",  "train.weight_decay",
-    "train.beta1",       "train.beta2",         "train.eps",
-    "train.clip_grad",   "train.aux_loss_coef", "train.global_batch",
-    "train.micro_batch", "train.val_fraction",
+    "train.method",      "train.densemixer",    "model.routing",
+    "train.lr",          "train.lr_schedule",   "train.warmup_steps",
+    "train.weight_decay", "train.beta1",        "train.beta2",
+    "train.eps",         "train.clip_grad",     "train.aux_loss_coef",
+    "train.global_batch", "train.micro_batch",  "train.val_fraction",
 };
 static const char *const lora_keys[] = {"train.lora.r", "train.lora.alpha", "train.lora.rslora",
                                         "train.lora.targets", "train.lora.train_router"};

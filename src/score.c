@@ -17,6 +17,8 @@
 #include <string.h>
 
 #include "backend.h"
+#include "c2r.h"
+#include "c2r.h"
 #include "dataset.h"
 #include "files.h"
 #include "hfconfig.h"
@@ -105,6 +107,11 @@ int phase_score(const struct deck *deck, const struct layout *layout)
     if (dataset_check_model(&ds, deck->model.path, cfg.vocab_size, err, sizeof err) != 0)
         fatal_all(EXIT_INPUT, "score: %s", err);
 
+    if (deck->parallel.expert_placement == PLACEMENT_C2R &&
+        (grid->ep < 2 || !deck->score.coactivation))
+        fatal_all(EXIT_INPUT, "score: parallel.expert_placement c2r needs parallel.ep above 1 "
+                  "(the EP group it places experts over; here %d) and score.coactivation: true",
+                  grid->ep);
     if (grid->pp > 1 && cfg.tie_word_embeddings)
         fatal_all(EXIT_INPUT, "score: %s ties lm_head to the embedding (tie_word_embeddings); "
                   "pipeline parallelism (parallel.pp %d) does not support tied embeddings yet",
@@ -160,6 +167,7 @@ int phase_score(const struct deck *deck, const struct layout *layout)
                 err);
     const struct backend *ops = phase_backend(deck, "score");
     model_attach(&model, ops);
+    c2r_phase_setup(deck, &model, "score", 0);
 
     /* Buffers sized once for the longest sample of this rank. */
     struct forward_workspace *ws = forward_workspace_new(&model, (int)longest);
@@ -175,6 +183,9 @@ int phase_score(const struct deck *deck, const struct layout *layout)
     uint64_t *my_sample_tokens = xcalloc(mine ? mine : 1, sizeof *my_sample_tokens);
     uint64_t *coact = deck->score.coactivation ? xcalloc(LE * E, sizeof *coact) : NULL;
     uint64_t *layer_tokens = xcalloc((size_t)Lm, sizeof *layer_tokens);
+    bool placement = deck->parallel.expert_placement == PLACEMENT_C2R;
+    struct c2r_kept kept; /* every scored token's routing, for the placement report */
+    c2r_kept_init(&kept, placement ? Lm : 0, K);
 
     double start = wall_time(), last_report = start;
     uint64_t done_tokens = 0;
@@ -198,6 +209,9 @@ int phase_score(const struct deck *deck, const struct layout *layout)
                    deck->score.tokens == SCORE_TOKENS_LOSS ? mask : NULL, my_count + j * LE,
                    my_gate + j * LE, coact, layer_tokens);
         my_sample_tokens[j] = Lm ? layer_tokens[0] - before : 0;
+        for (int m = 0; placement && m < Lm; m++)
+            if (result.topk_ids[moe_layers[m]])
+                c2r_kept_add(&kept, m, result.topk_ids[moe_layers[m]], N);
         done_tokens += (uint64_t)N;
         double now = wall_time();
         if (now - last_report >= 10.0 || j + 1 == mine) {
@@ -344,6 +358,9 @@ int phase_score(const struct deck *deck, const struct layout *layout)
     metrics_write("score", "\"samples\": %" PRIu64 ", \"tokens\": %" PRIu64 ", \"seconds\": %.3f, "
                   "\"tokens_per_second\": %.1f, \"output\": \"%s\"", draw.n, total_tokens, slowest,
                   slowest > 0 ? total_tokens / slowest : 0.0, path);
+
+    if (placement) c2r_placement_report(deck, layout, &cfg, moe_layers, coact, &kept);
+    c2r_kept_free(&kept);
 
     if (layout->world_rank == 0) {
         free(all.deck);

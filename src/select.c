@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "c2r.h"
 #include "checksum.h"
 #include "config.h"
 #include "files.h"
@@ -787,6 +788,21 @@ static int select_on_rank0(const struct deck *deck, char *err, size_t err_size)
     names = select_tensor_names(&selection, have_model ? &model : NULL, in->train_shared_experts,
                                 in->train_non_expert_modules, &n_names);
 
+    /* C2R's lists need the co-activation counts of every file */
+    if (in->c2r_top_t > 0) {
+        if (in->c2r_top_t > stats[0].num_experts - 1) {
+            snprintf(err, err_size, "select.c2r_top_t (%d) must be at most %d (the experts of "
+                     "a layer but one)", in->c2r_top_t, stats[0].num_experts - 1);
+            goto done;
+        }
+        for (int i = 0; i < n_stats; i++)
+            if (!stats[i].coact) {
+                snprintf(err, err_size, "%s has no co-activation counts (/totals/coact), which "
+                         "select.c2r_top_t needs: score with score.coactivation: true", paths[i]);
+                goto done;
+            }
+    }
+
     /* every check passed: now the outputs */
     status = EXIT_RUNTIME;
     char config_path[4200], svg_path[4300], names_path[4200], dir[4200];
@@ -835,6 +851,12 @@ static int select_on_rank0(const struct deck *deck, char *err, size_t err_size)
     if (have_tasks) snprintf(tasks_svg, sizeof tasks_svg, "%.*s_tasks.svg", stem, config_path);
     if (rc == 0 && have_tasks) rc = overlap_write_svg(tasks_svg, &tasks, err, err_size);
     if (rc == 0) rc = select_write_names(names_path, names, n_names, err, err_size);
+    char c2r_path[4200] = "";
+    if (rc == 0 && in->c2r_top_t > 0) {
+        join_path(c2r_path, sizeof c2r_path, deck->run.output_dir, C2R_CONFIG_NAME);
+        rc = c2r_write_config(c2r_path, report.model_path, views, paths, n_stats, in->c2r_top_t,
+                              err, err_size);
+    }
     free(sources);
     if (rc != 0) goto done;
 
@@ -886,6 +908,9 @@ static int select_on_rank0(const struct deck *deck, char *err, size_t err_size)
         overlap_log(&tasks);
         log_info("select: tasks picture -> %s", tasks_svg);
     }
+    if (c2r_path[0])
+        log_info("select: C2R: each expert's top %d collaborators -> %s", in->c2r_top_t,
+                 c2r_path);
     int chosen = select_count(&selection), total = selection.n_moe_layers * E;
     log_info("select: %d of %d experts (%.1f%%) -> %s, %s, %s (%d tensors)", chosen, total,
              100.0 * chosen / total, config_path, svg_path, names_path, n_names);

@@ -34,6 +34,7 @@
 #include <sys/resource.h>
 
 #include "backend.h"
+#include "c2r.h"
 #include "blocks.h"
 #include "checkpoint.h"
 #include "export.h"
@@ -356,6 +357,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     /* the weights as loaded (and restored) go to the backend: the steps run there */
     const struct backend *ops = phase_backend(deck, "train");
     model_attach(&model, ops);
+    c2r_phase_setup(deck, &model, "train", 1);
     adamw_attach(&opt, &model); /* the steps run where the weights are */
 
     if (position.step >= tr->steps)

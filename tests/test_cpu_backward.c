@@ -527,10 +527,10 @@ static void test_router(const struct backend *ops)
     for (int renormalise = 0; renormalise < 2; renormalise++)
         for (int scaled = 0; scaled < 2; scaled++) {
             float scaling = scaled ? 2.5f : 1.0f;
-            struct router_params softmax = {ROUTER_SOFTMAX_TOPK, renormalise, scaling, 1, 1, NULL};
+            struct router_params softmax = {ROUTER_SOFTMAX_TOPK, renormalise, scaling, 1, 1, NULL, NULL, 0};
             struct router_params grouped = {
-                ROUTER_GROUPED_GREEDY, renormalise, scaling, 4, 2, NULL};
-            struct router_params sigmoid = {ROUTER_SIGMOID_BIAS, renormalise, scaling, 4, 2, bias};
+                ROUTER_GROUPED_GREEDY, renormalise, scaling, 4, 2, NULL, NULL, 0};
+            struct router_params sigmoid = {ROUTER_SIGMOID_BIAS, renormalise, scaling, 4, 2, bias, NULL, 0};
             test_router_case(ops, "softmax", 7, 2, &softmax);
             test_router_case(ops, "grouped", 8, 3, &grouped);
             test_router_case(ops, "sigmoid", 8, 3, &sigmoid);

@@ -343,7 +343,7 @@ static void test_grouped_routers(const struct backend *ops)
     for (int e = 0; e < 8; e++) logits[e] = (float)log(raw[e]);
     int32_t ids[3];
     float weights[3], probs[8];
-    struct router_params v2 = {ROUTER_GROUPED_GREEDY, false, 2.0f, 4, 2, NULL};
+    struct router_params v2 = {ROUTER_GROUPED_GREEDY, false, 2.0f, 4, 2, NULL, NULL, 0};
     ops->router_topk(ids, weights, probs, logits, 1, 8, 3, &v2);
     CHECK(ids[0] == 0 && ids[1] == 2 && ids[2] == 1, "grouped greedy ids %d %d %d, want 0 2 1",
           ids[0], ids[1], ids[2]);
@@ -362,7 +362,7 @@ static void test_grouped_routers(const struct backend *ops)
     const double s[8] = {.9, .1, .8, .7, .6, .55, .95, .05};
     float bias[8] = {0, 0, 0, 0, 0, 0, -0.5f, 0};
     for (int e = 0; e < 8; e++) logits[e] = logit_of(s[e]);
-    struct router_params v3 = {ROUTER_SIGMOID_BIAS, true, 2.5f, 4, 2, bias};
+    struct router_params v3 = {ROUTER_SIGMOID_BIAS, true, 2.5f, 4, 2, bias, NULL, 0};
     ops->router_topk(ids, weights, probs, logits, 1, 8, 3, &v3);
     CHECK(ids[0] == 2 && ids[1] == 3 && ids[2] == 4, "sigmoid ids %d %d %d, want 2 3 4", ids[0],
           ids[1], ids[2]);
@@ -379,7 +379,7 @@ static void test_grouped_routers(const struct backend *ops)
     /* every corrected score negative (bias -2): the groups masked with -inf, not 0, so the
      * kept groups still win: ids 2 3 4, the same weights, unnormalised: s x 2.5 */
     for (int e = 0; e < 8; e++) bias[e] = -2.0f;
-    v3 = (struct router_params){ROUTER_SIGMOID_BIAS, false, 2.5f, 4, 2, bias};
+    v3 = (struct router_params){ROUTER_SIGMOID_BIAS, false, 2.5f, 4, 2, bias, NULL, 0};
     ops->router_topk(ids, weights, probs, logits, 1, 8, 3, &v3);
     CHECK(ids[0] == 2 && ids[1] == 3 && ids[2] == 4, "negative scores: ids %d %d %d, want 2 3 4",
           ids[0], ids[1], ids[2]);
@@ -396,25 +396,25 @@ static void test_grouped_routers(const struct backend *ops)
         int E, K;
         struct router_params rp;
     } cases[] = {
-        {"softmax top-k renormalised x1", 16, 4, {ROUTER_SOFTMAX_TOPK, true, 1.0f, 1, 1, NULL}},
-        {"group_limited_greedy 8/3 x2.5", 64, 6, {ROUTER_GROUPED_GREEDY, false, 2.5f, 8, 3, NULL}},
-        {"group_limited_greedy 4/1 x1", 16, 3, {ROUTER_GROUPED_GREEDY, false, 1.0f, 4, 1, NULL}},
+        {"softmax top-k renormalised x1", 16, 4, {ROUTER_SOFTMAX_TOPK, true, 1.0f, 1, 1, NULL, NULL, 0}},
+        {"group_limited_greedy 8/3 x2.5", 64, 6, {ROUTER_GROUPED_GREEDY, false, 2.5f, 8, 3, NULL, NULL, 0}},
+        {"group_limited_greedy 4/1 x1", 16, 3, {ROUTER_GROUPED_GREEDY, false, 1.0f, 4, 1, NULL, NULL, 0}},
         {"sigmoid bias 8/4 renormalised x2.5",
          64,
          8,
-         {ROUTER_SIGMOID_BIAS, true, 2.5f, 8, 4, random_bias}},
+         {ROUTER_SIGMOID_BIAS, true, 2.5f, 8, 4, random_bias, NULL, 0}},
         {"sigmoid bias 8/4 plain x2.5",
          64,
          8,
-         {ROUTER_SIGMOID_BIAS, false, 2.5f, 8, 4, random_bias}},
+         {ROUTER_SIGMOID_BIAS, false, 2.5f, 8, 4, random_bias, NULL, 0}},
         {"sigmoid bias 1/1 renormalised x1",
          64,
          8,
-         {ROUTER_SIGMOID_BIAS, true, 1.0f, 1, 1, random_bias}},
+         {ROUTER_SIGMOID_BIAS, true, 1.0f, 1, 1, random_bias, NULL, 0}},
         {"sigmoid bias 32/1 (groups of 2) x1",
          64,
          2,
-         {ROUTER_SIGMOID_BIAS, true, 1.0f, 32, 1, random_bias}},
+         {ROUTER_SIGMOID_BIAS, true, 1.0f, 32, 1, random_bias, NULL, 0}},
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
         check_router_against_naive(ops, cases[c].what, N, cases[c].E, cases[c].K, &cases[c].rp);

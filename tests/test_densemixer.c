@@ -253,7 +253,7 @@ static void check_reduces_to_sparse(void)
     for (int i = 0; i < N * E; i++) logits[i] = (float)sin(1.7 * i);
     for (int i = 0; i < N * K; i++) dweights[i] = (float)cos(0.9 * i);
     for (int renormalise = 0; renormalise < 2; renormalise++) {
-        struct router_params rp = {ROUTER_SOFTMAX_TOPK, renormalise, 1.5f, 1, 1, NULL};
+        struct router_params rp = {ROUTER_SOFTMAX_TOPK, renormalise, 1.5f, 1, 1, NULL, NULL, 0};
         cpu->router_topk(ids, weights, probs, logits, N, E, K, &rp);
         memset(dots, 0, sizeof dots);
         for (int n = 0; n < N; n++)

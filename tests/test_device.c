@@ -21,7 +21,8 @@
  * summation; router rows with NaN logits must route as the CPU does; a determinism group
  * runs a chain of reducing kernels twice and wants the same bits. The op table's variants
  * of deepseek_v2/v3, glm4_moe and gpt_oss, each against the CPU op table: the grouped,
- * sigmoid and top-k-then-softmax routers forward and backward, with NaN rows ("routers");
+ * sigmoid and top-k-then-softmax routers forward and backward, with NaN rows ("routers"),
+ * and the same with C2R's collaborative lists ("c2r");
  * RoPE in both pair layouts with a head stride, and copy_columns ("heads"); attention with
  * a value width, sliding windows and sinks, forward and backward ("attention-mask");
  * the clamped GLU and the per-expert bias ("gpt-oss-experts"); the chunked cross-entropy
@@ -64,9 +65,9 @@
 
 /* The softmax top-k router of the warp kernel (the other routers: group_routers). */
 static const struct router_params
-    SOFTMAX_RENORM = {ROUTER_SOFTMAX_TOPK, true, 1.0f, 1, 1, NULL},
-    SOFTMAX_RENORM_X25 = {ROUTER_SOFTMAX_TOPK, true, 2.5f, 1, 1, NULL},
-    SOFTMAX_PLAIN_X25 = {ROUTER_SOFTMAX_TOPK, false, 2.5f, 1, 1, NULL};
+    SOFTMAX_RENORM = {ROUTER_SOFTMAX_TOPK, true, 1.0f, 1, 1, NULL, NULL, 0},
+    SOFTMAX_RENORM_X25 = {ROUTER_SOFTMAX_TOPK, true, 2.5f, 1, 1, NULL, NULL, 0},
+    SOFTMAX_PLAIN_X25 = {ROUTER_SOFTMAX_TOPK, false, 2.5f, 1, 1, NULL, NULL, 0};
 
 static float *to_device(const void *host, size_t bytes)
 {
@@ -1103,6 +1104,11 @@ static void check_router_variant(const char *what, int N, int E, int K, struct r
     host_rp.bias = bias;
     float *d_bias = bias ? to_device(bias, (size_t)E * sizeof(float)) : NULL;
     dev_rp.bias = d_bias;
+    /* C2R: rp.collaborators are the host's lists; the device reads its copy */
+    size_t list_bytes = (size_t)E * (size_t)rp.top_t * sizeof(int32_t);
+    int32_t *d_collaborators =
+        rp.collaborators ? (int32_t *)to_device(rp.collaborators, list_bytes) : NULL;
+    dev_rp.collaborators = d_collaborators;
     float *logits = random_floats(&rng, NE, -4, 4), *d_logits = to_device(logits, NE * sizeof(float));
     int32_t *ids = xmalloc((size_t)M * sizeof(int32_t)), *d_ids = device_alloc((size_t)M * sizeof(int32_t));
     float *weights = xmalloc((size_t)M * sizeof(float)), *probs = xmalloc(NE * sizeof(float));
@@ -1170,6 +1176,7 @@ static void check_router_variant(const char *what, int N, int E, int K, struct r
                               d_dweights, d_cpu_probs, d_dlogits, d_cpu_ids};
     FREE_ON_DEVICE(device_buffers);
     if (d_bias) device_free(d_bias);
+    if (d_collaborators) device_free(d_collaborators);
     void *host_buffers[] = {bias, logits, ids, weights, probs, g_ids, g_weights, g_ids2,
                             g_weights2, g_weights1, dweights, dlogits};
     for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
@@ -1914,7 +1921,7 @@ static void check_densemixer(int N, int E, int K, int H)
     int32_t *d_ids = device_alloc(M * sizeof(int32_t));
     CHECK(device_copy_to_device(d_dots, dots, NE * 4) == 0, "densemixer: upload"); /* the CPU's */
     for (int renormalise = 0; renormalise < 2; renormalise++) {
-        struct router_params rp = {ROUTER_SOFTMAX_TOPK, renormalise, 1.5f, 1, 1, NULL};
+        struct router_params rp = {ROUTER_SOFTMAX_TOPK, renormalise, 1.5f, 1, 1, NULL, NULL, 0};
         cpu->router_topk(ids, weights, probs, logits, N, E, K, &rp);
         CHECK(device_copy_to_device(d_probs, probs, NE * 4) == 0 &&
                   device_copy_to_device(d_ids, ids, M * sizeof(int32_t)) == 0,
@@ -1945,23 +1952,64 @@ static void group_densemixer(void)
 static void group_routers(void)
 {
     check_router_variant("group-limited greedy", 1000, 160, 6,
-                         (struct router_params){ROUTER_GROUPED_GREEDY, false, 16.0f, 8, 3, NULL});
+                         (struct router_params){ROUTER_GROUPED_GREEDY, false, 16.0f, 8, 3, NULL, NULL, 0});
     check_router_variant("group-limited greedy, renormalised", 333, 64, 6,
-                         (struct router_params){ROUTER_GROUPED_GREEDY, true, 1.0f, 8, 3, NULL});
+                         (struct router_params){ROUTER_GROUPED_GREEDY, true, 1.0f, 8, 3, NULL, NULL, 0});
     check_router_variant("greedy", 200, 64, 6,
-                         (struct router_params){ROUTER_GROUPED_GREEDY, false, 1.0f, 1, 1, NULL});
+                         (struct router_params){ROUTER_GROUPED_GREEDY, false, 1.0f, 1, 1, NULL, NULL, 0});
     check_router_variant("sigmoid with bias, grouped", 1000, 256, 8,
-                         (struct router_params){ROUTER_SIGMOID_BIAS, true, 2.5f, 8, 4, NULL});
+                         (struct router_params){ROUTER_SIGMOID_BIAS, true, 2.5f, 8, 4, NULL, NULL, 0});
     check_router_variant("sigmoid with bias", 500, 128, 8,
-                         (struct router_params){ROUTER_SIGMOID_BIAS, true, 1.0f, 1, 1, NULL});
+                         (struct router_params){ROUTER_SIGMOID_BIAS, true, 1.0f, 1, 1, NULL, NULL, 0});
     check_router_variant("sigmoid with bias, not renormalised", 300, 64, 6,
-                         (struct router_params){ROUTER_SIGMOID_BIAS, false, 2.5f, 4, 2, NULL});
+                         (struct router_params){ROUTER_SIGMOID_BIAS, false, 2.5f, 4, 2, NULL, NULL, 0});
     check_router_variant("top-k then softmax", 1000, 32, 4,
-                         (struct router_params){ROUTER_TOPK_SOFTMAX, false, 1.0f, 1, 1, NULL});
+                         (struct router_params){ROUTER_TOPK_SOFTMAX, false, 1.0f, 1, 1, NULL, NULL, 0});
     check_router_variant("top-k then softmax", 77, 60, 4,
-                         (struct router_params){ROUTER_TOPK_SOFTMAX, false, 1.0f, 1, 1, NULL});
+                         (struct router_params){ROUTER_TOPK_SOFTMAX, false, 1.0f, 1, 1, NULL, NULL, 0});
     check_router_variant("sigmoid with bias, one token", 1, 16, 2,
-                         (struct router_params){ROUTER_SIGMOID_BIAS, true, 1.0f, 4, 2, NULL});
+                         (struct router_params){ROUTER_SIGMOID_BIAS, true, 1.0f, 4, 2, NULL, NULL, 0});
+}
+
+/* C2R (src/c2r.h) on every router kind: collaborative lists of T random other experts per
+ * expert, the kernel's choice and weights against the CPU backend's, forward and
+ * backward (check_router_variant). */
+static void check_c2r_variant(const char *what, int N, int E, int K, int T, struct router_params rp)
+{
+    struct rng rng;
+    rng_seed(&rng, (uint64_t)E * 131 + (uint64_t)T);
+    int32_t *lists = xmalloc((size_t)E * T * sizeof(int32_t)), *others = xmalloc((size_t)E * sizeof(int32_t));
+    for (int e = 0; e < E; e++) {
+        int n = 0;
+        for (int j = 0; j < E; j++)
+            if (j != e) others[n++] = j;
+        for (int t = 0; t < T; t++) { /* a partial Fisher-Yates draw of T of the others */
+            int pick = t + (int)rng_below(&rng, (uint64_t)(n - t));
+            int32_t swap = others[t];
+            others[t] = others[pick];
+            others[pick] = swap;
+            lists[(size_t)e * T + t] = others[t];
+        }
+    }
+    rp.collaborators = lists;
+    rp.top_t = T;
+    check_router_variant(what, N, E, K, rp);
+    free(lists);
+    free(others);
+}
+
+static void group_c2r(void)
+{
+    check_c2r_variant("c2r softmax top-k", 1000, 64, 6, 8,
+                      (struct router_params){ROUTER_SOFTMAX_TOPK, true, 1.0f, 1, 1, NULL, NULL, 0});
+    check_c2r_variant("c2r softmax top-k, plain", 300, 60, 8, 7,
+                      (struct router_params){ROUTER_SOFTMAX_TOPK, false, 1.0f, 1, 1, NULL, NULL, 0});
+    check_c2r_variant("c2r group-limited greedy", 500, 160, 6, 10,
+                      (struct router_params){ROUTER_GROUPED_GREEDY, false, 16.0f, 8, 3, NULL, NULL, 0});
+    check_c2r_variant("c2r sigmoid with bias, grouped", 500, 256, 8, 16,
+                      (struct router_params){ROUTER_SIGMOID_BIAS, true, 2.5f, 8, 4, NULL, NULL, 0});
+    check_c2r_variant("c2r top-k then softmax", 300, 32, 4, 5,
+                      (struct router_params){ROUTER_TOPK_SOFTMAX, false, 1.0f, 1, 1, NULL, NULL, 0});
 }
 
 /* MLA's head layout (DeepSeek-V2's 128 + 64 and a small one) and a partial rotary. */
@@ -2022,6 +2070,7 @@ static const struct group {
     {"lora", group_lora},
     {"densemixer", group_densemixer},
     {"routers", group_routers},
+    {"c2r", group_c2r},
     {"heads", group_heads},
     {"attention-mask", group_attention_mask},
     {"gpt-oss-experts", group_gpt_oss_experts},

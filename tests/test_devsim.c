@@ -130,9 +130,9 @@ static void check_router_ops(void)
     sim->upload(d_logits, logits, sizeof logits);
     sim->upload(d_bias, bias, sizeof bias);
     sim->upload(d_dweights, dweights, sizeof dweights);
-    const struct router_params kinds[3] = {{ROUTER_SOFTMAX_TOPK, true, 1.0f, 1, 1, NULL},
-                                           {ROUTER_GROUPED_GREEDY, false, 2.5f, 8, 3, NULL},
-                                           {ROUTER_SIGMOID_BIAS, true, 2.5f, 8, 4, bias}};
+    const struct router_params kinds[3] = {{ROUTER_SOFTMAX_TOPK, true, 1.0f, 1, 1, NULL, NULL, 0},
+                                           {ROUTER_GROUPED_GREEDY, false, 2.5f, 8, 3, NULL, NULL, 0},
+                                           {ROUTER_SIGMOID_BIAS, true, 2.5f, 8, 4, bias, NULL, 0}};
     for (int r = 0; r < 3; r++) {
         static int32_t ids[2][N * K];
         static float weights[2][N * K], probs[2][N * E], dlogits[2][N * E];

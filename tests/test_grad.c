@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "backend.h"
+#include "c2r.h"
 #include "check.h"
 #include "fixture.h"
 #include "hfconfig.h"
@@ -311,6 +312,85 @@ static void check_seq_aux(const char *name, const char *dir, struct model *m,
     st_close(want);
 }
 
+/* C2R routing (c2r.h) against the hand-written PyTorch C2R router of
+ * tests/golden/c2r_reference.py (the fixture's c2r.safetensors, with the lists of its
+ * c2r_config.json read as model.c2r_config is): every MoE layer's chosen ids exactly,
+ * their weights, the loss, and the gradient of the loss on every weight. */
+static void check_c2r(const char *name, const char *dir, struct model *m, const struct batch *batch)
+{
+    char path[4200], config[4200], err[1024];
+    snprintf(path, sizeof path, "%s/c2r.safetensors", dir);
+    snprintf(config, sizeof config, "%s/c2r_config.json", dir);
+    if (access(path, R_OK) != 0) return;
+    struct st_file *want = st_open(path, err, sizeof err);
+    CHECK(want != NULL, "%s", err);
+    struct c2r_lists lists;
+    int read = c2r_read_config(config, &m->cfg, &lists, err, sizeof err);
+    CHECK(read == 0, "%s", err);
+    if (!want || read != 0) {
+        if (want) st_close(want);
+        return;
+    }
+    /* the CPU backend reads the model's host memory: the lists as c2r_attach keeps them */
+    m->c2r_collaborators = lists.collaborators;
+    m->c2r_top_t = lists.top_t;
+    struct forward_result result;
+    struct forward_workspace *ws = forward_all_trainable(m, batch, &result);
+    int K = m->cfg.top_k, N = batch->N, layers = 0;
+    double worst_weight = 0;
+    for (int l = 0; l < m->cfg.num_layers; l++) {
+        if (!m->cfg.is_moe[l]) continue;
+        char key[64];
+        snprintf(key, sizeof key, "c2r.%d.topk_ids", l);
+        const struct st_tensor *ids = st_file_find(want, key);
+        snprintf(key, sizeof key, "c2r.%d.topk_weights", l);
+        const struct st_tensor *weights = st_file_find(want, key);
+        CHECK(ids && ids->dtype == ST_I32 && ids->numel == (int64_t)N * K && weights &&
+                  weights->numel == (int64_t)N * K, "%s: c2r.%d missing", name, l);
+        if (!ids || !weights || ids->dtype != ST_I32 || ids->numel != (int64_t)N * K ||
+            weights->numel != (int64_t)N * K)
+            continue;
+        int32_t *want_ids = xmalloc((size_t)N * K * sizeof(int32_t));
+        memcpy(want_ids, ids->data, (size_t)N * K * sizeof(int32_t)); /* maybe unaligned */
+        float *want_weights = xmalloc((size_t)N * K * sizeof(float));
+        CHECK(st_read_f32(weights, want_weights, (size_t)N * K, err, sizeof err) == 0, "%s", err);
+        int wrong = 0;
+        for (int s = 0; s < N * K; s++) {
+            wrong += result.topk_ids[l][s] != want_ids[s];
+            worst_weight = fmax(worst_weight, fabs(result.topk_weights[l][s] - want_weights[s]));
+        }
+        CHECK(wrong == 0, "%s: layer %d: %d of %d C2R choices differ from the PyTorch router's",
+              name, l, wrong, N * K);
+        free(want_weights);
+        free(want_ids);
+        layers++;
+    }
+    CHECK(worst_weight < 1e-5, "%s: C2R weights differ by %.3g", name, worst_weight);
+    float loss = read_scalar(want, "loss");
+    double mine = result.loss_sum / (double)result.loss_count;
+    CHECK(fabs(mine - loss) <= 1e-5 * fabs(loss), "%s: C2R loss %.9g, PyTorch %.9g", name, mine,
+          loss);
+    model_backward(m, backend_cpu(), ws, batch, 1.0f / (float)result.loss_count, 0.0f);
+    double worst = 0;
+    int compared = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        const struct param *p = &m->params[i];
+        if (!p->grad || p->buffer) continue;
+        double scale, rel = gradient_error(want, "grad", &m->cfg, p, &scale);
+        CHECK(rel < 1e-3, "%s: C2R grad.%s: relative error %.3g", name, p->name, rel);
+        worst = fmax(worst, rel);
+        compared++;
+    }
+    printf("%s C2R: ids of %d MoE layers equal, weights within %.1e, loss %.7f (PyTorch %.7f), "
+           "%d gradients, worst relative error %.2e\n",
+           name, layers, worst_weight, mine, loss, compared, worst);
+    forward_workspace_free(ws);
+    m->c2r_collaborators = NULL;
+    m->c2r_top_t = 0;
+    c2r_lists_free(&lists);
+    st_close(want);
+}
+
 /* The layout variant (see the top): returns the number of gradients compared here. */
 /* top_only: only the routed experts of the last MoE layer train, so the backward stops
  * there (model.h's backward_floor): the stages below it do no backward, and that layer's
@@ -442,6 +522,7 @@ static void check_fixture(const char *dir, const char *name, void *context)
     check_method(name, "full", &m, trainable, expected, &batch);
     check_aux(name, &m, expected, &batch);
     check_seq_aux(name, dir, &m, expected, &batch);
+    check_c2r(name, dir, &m, &batch);
     CHECK(trainable_select(&m, METHOD_FROZEN_ROUTER, NULL, trainable, err, sizeof err) == 0, "%s", err);
     for (int i = 0; i < m.n_params; i++)
         CHECK(trainable[i] == (m.params[i].kind != PARAM_ROUTER), "frozen_router: %s", m.params[i].name);
