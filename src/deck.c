@@ -399,8 +399,9 @@ static const struct section {
     {"run", "identity of the run and where it writes", 0},
     {"model", "the model read (or written by init)", BY(SCORE) | BY(TRAIN) | BY(EVAL)},
     {"data", "the token dataset", BY(SCORE) | BY(TRAIN) | BY(EVAL)},
-    {"parallel", "process layout; dp is derived: world size / (pp * ep)",
-     BY(INIT) | BY(SCORE) | BY(TRAIN) | BY(EVAL)},
+    /* the layout changes how a phase computes, not its result (statistics and
+     * checkpoints do not depend on it) */
+    {"parallel", "process layout; dp is derived: world size / (pp * ep)", 0},
     {"init", "the random model written by the init phase", BY(INIT)},
     {"prepare", "jsonl conversations -> token dataset", BY(PREPARE)},
     {"score", "routing statistics of the model on the data", BY(SCORE)},
@@ -472,13 +473,15 @@ static int count_c(const struct deck *deck, const struct key *key)
     return *(const int *)((const char *)deck + key->count_offset);
 }
 
-unsigned deck_key_readers(const char *path)
+int deck_key_readers(const char *path, unsigned *readers)
 {
     int i = find_key(path);
-    if (i < 0) return 0;
-    if (schema[i].type == KEY_PHASES) return (1u << PHASE_COUNT) - 1;
+    if (i < 0) return -1;
     int s = section_of(&schema[i]);
-    return (s >= 0 ? sections[s].read_by : 0) | schema[i].also_read_by;
+    *readers = schema[i].type == KEY_PHASES
+                   ? (1u << PHASE_COUNT) - 1
+                   : (s >= 0 ? sections[s].read_by : 0) | schema[i].also_read_by;
+    return 0;
 }
 
 /* ---------------------------------------------------------------------------------- */

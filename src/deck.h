@@ -197,10 +197,11 @@ void deck_print(const struct deck *deck, FILE *out);
 int deck_value_text(const struct deck *deck, const char *key, char *buf, size_t size);
 
 /* The phases (bit 1 << phase) whose result the key such as "select.top_p" changes, from
- * the schema: its section's phases and the row's own additions (score.output is read by
- * select, select.output by train, run.seed by init, score, select and train). 0 for a
- * key the schema does not have. For sweeps (sweep.h). */
-unsigned deck_key_readers(const char *path);
+ * the schema, into *readers: its section's phases and the row's own additions
+ * (score.output is read by select, select.output by train, run.seed by init, score,
+ * select and train; the layout by none). 0, or -1 for a key the schema does not have.
+ * For sweeps (sweep.h). */
+int deck_key_readers(const char *path, unsigned *readers);
 
 /* The top-level section a deck may hold beside the schema's: the sweep block, read by
  * sweep.c; deck_parse passes over it. */

@@ -137,6 +137,9 @@ static const char *not_sweepable(const char *path)
     if (strcmp(path, "phase") == 0)
         return "phase cannot be swept: the sweep splits the deck's phases into shared and "
                "per-point ones itself";
+    if (strncmp(path, "parallel.", 9) == 0)
+        return "the layout is the launcher's (jobs/esft-sweep --pp, --ep), the same for every "
+               "point";
     if (strcmp(path, "run.name") == 0 || strcmp(path, "run.output_dir") == 0)
         return "each point's run.name and run.output_dir are the sweep's (RUN.OUTPUT_DIR/sweep/"
                "NAME, named by its values)";
@@ -179,11 +182,11 @@ static void read_block(struct sweep *sw, struct reader *r, struct errors *e)
             int k = -1;
             for (int i = 0; i < sw->n_keys; i++)
                 if (strcmp(sw->keys[i].path, name) == 0) k = i;
-            if (deck_key_readers(name) == 0) {
+            if (why) {
+                add_error(e, "%s:%d:%d: sweep: %s", file, line, col, why);
+            } else if (deck_key_readers(name, &(unsigned){0}) != 0) {
                 add_error(e, "%s:%d:%d: sweep: %s is not a deck key (keys are written in full, "
                           "select.top_p; see esft --help-deck)", file, line, col, name);
-            } else if (why) {
-                add_error(e, "%s:%d:%d: sweep: %s", file, line, col, why);
             } else if (k >= 0) {
                 add_error(e, "%s:%d:%d: sweep: %s is swept twice (first at %d:%d)", file, line,
                           col, name, sw->keys[k].line, sw->keys[k].col);
@@ -464,7 +467,11 @@ int sweep_plan(struct sweep *sw, const struct deck *deck, char *err, size_t err_
 
     /* the first phase that reads a swept key, and every one after it, run per point */
     unsigned read = 0;
-    for (int k = 0; k < sw->n_keys; k++) read |= deck_key_readers(sw->keys[k].path);
+    for (int k = 0; k < sw->n_keys; k++) {
+        unsigned readers = 0;
+        deck_key_readers(sw->keys[k].path, &readers); /* sweep_read checked the key */
+        read |= readers;
+    }
     int first = deck->n_phases;
     for (int i = 0; i < deck->n_phases && first == deck->n_phases; i++)
         if (read & (1u << deck->phases[i])) first = i;
@@ -534,7 +541,7 @@ void sweep_list(const struct sweep *sw, FILE *out)
 
 /* The lines of a resolved deck (deck_print) that the phases in `read` read: section
  * headers, comments and `phase` stay; a key line `  KEY: value` of section SECTION goes
- * unless deck_key_readers(SECTION.KEY) meets `read`. */
+ * unless deck_key_readers(SECTION.KEY) meets `read`; deck_print's `# default` marks go. */
 static void keep_read_keys(const char *printed, unsigned read, FILE *out)
 {
     char section[64] = "", path[256];
@@ -546,9 +553,14 @@ static void keep_read_keys(const char *printed, unsigned read, FILE *out)
         } else if (line[0] == ' ' && line[1] == ' ' && line[2] != ' ' && line[2] != '#') {
             size_t key = strcspn(line + 2, ":\n");
             snprintf(path, sizeof path, "%s.%.*s", section, (int)key, line + 2);
-            keep = (deck_key_readers(path) & read) != 0;
+            unsigned readers = 0;
+            keep = deck_key_readers(path, &readers) != 0 || (readers & read) != 0;
         }
-        if (keep) fprintf(out, "%.*s\n", (int)n, line);
+        /* whether a value is the default or was written out is no difference */
+        size_t length = n;
+        if (length >= 9 && strncmp(line + length - 9, "# default", 9) == 0) length -= 9;
+        while (length > 0 && line[length - 1] == ' ') length--;
+        if (keep) fprintf(out, "%.*s\n", (int)length, line);
         line += n + (line[n] == '\n');
     }
 }
