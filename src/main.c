@@ -335,6 +335,10 @@ static int sweep_setup(struct sweep *sw, struct deck *deck, const struct options
             return 0;
         }
         *shared_text = sweep_shared_text(sw);
+    } else if (role < 0 && (opt->dry_run || opt->inspect >= 0)) {
+        log_info("sweep: %d points; this is the deck without its sweep (--sweep shared or "
+                 "--sweep-point N: the deck of a role)", sw->n_points);
+        return -1;
     } else if (role < 0) {
         fatal_all(EXIT_INPUT, "%s holds a sweep of %d points: run its shared phases with "
                   "--sweep shared, then each point with --sweep-point N (--sweep list names "

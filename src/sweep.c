@@ -91,8 +91,14 @@ static bool skip_node(struct reader *r)
     return false;
 }
 
-static int mark_line(const yaml_event_t *ev) { return (int)ev->start_mark.line + 1; }
-static int mark_col(const yaml_event_t *ev) { return (int)ev->start_mark.column + 1; }
+static int mark_line(const yaml_event_t *ev)
+{
+    return (int)ev->start_mark.line + 1;
+}
+static int mark_col(const yaml_event_t *ev)
+{
+    return (int)ev->start_mark.column + 1;
+}
 
 static const char *scalar_text(const yaml_event_t *ev)
 {
@@ -174,8 +180,10 @@ static void read_block(struct sweep *sw, struct reader *r, struct errors *e)
             else if (strcmp(mode, "zip") == 0)
                 sw->mode = SWEEP_ZIP;
             else
-                add_error(e, "%s:%d:%d: sweep: mode must be grid (every combination) or zip (the "
-                          "i-th value of every key together)", file, mark_line(v), mark_col(v));
+                add_error(e,
+                          "%s:%d:%d: sweep: mode must be grid (every combination) or zip (the "
+                          "i-th value of every key together)",
+                          file, mark_line(v), mark_col(v));
             if (v->type != YAML_SCALAR_EVENT && !skip_node(r)) break;
         } else {
             const char *why = not_sweepable(name);
@@ -185,14 +193,15 @@ static void read_block(struct sweep *sw, struct reader *r, struct errors *e)
             if (why) {
                 add_error(e, "%s:%d:%d: sweep: %s", file, line, col, why);
             } else if (deck_key_readers(name, &(unsigned){0}) != 0) {
-                add_error(e, "%s:%d:%d: sweep: %s is not a deck key (keys are written in full, "
-                          "select.top_p; see esft --help-deck)", file, line, col, name);
+                add_error(e,
+                          "%s:%d:%d: sweep: %s is not a deck key (keys are written in full, "
+                          "select.top_p; see esft --help-deck)",
+                          file, line, col, name);
             } else if (k >= 0) {
-                add_error(e, "%s:%d:%d: sweep: %s is swept twice (first at %d:%d)", file, line,
-                          col, name, sw->keys[k].line, sw->keys[k].col);
+                add_error(e, "%s:%d:%d: sweep: %s is swept twice (first at %d:%d)", file, line, col,
+                          name, sw->keys[k].line, sw->keys[k].col);
             } else if (sw->n_keys == SWEEP_MAX_KEYS) {
-                add_error(e, "%s:%d:%d: sweep: more than %d keys", file, line, col,
-                          SWEEP_MAX_KEYS);
+                add_error(e, "%s:%d:%d: sweep: more than %d keys", file, line, col, SWEEP_MAX_KEYS);
             } else {
                 k = sw->n_keys++;
                 sw->keys[k] = (struct sweep_key){.path = xstrdup(name), .line = line, .col = col};
@@ -206,7 +215,8 @@ static void read_block(struct sweep *sw, struct reader *r, struct errors *e)
                         if (key) add_value(key, &r->event, file, e);
                         continue;
                     }
-                    add_error(e, "%s:%d:%d: sweep: %s: each value must be a single value (a "
+                    add_error(e,
+                              "%s:%d:%d: sweep: %s: each value must be a single value (a "
                               "list-valued key is swept as a quoted flow list, \"[a, b]\")",
                               file, mark_line(&r->event), mark_col(&r->event), name);
                     if (!skip_node(r)) break;
@@ -257,8 +267,10 @@ int sweep_read(struct sweep *sw, const char *file, const char *text, size_t leng
             if (r.event.type == YAML_MAPPING_START_EVENT) {
                 read_block(sw, &r, &e);
             } else {
-                add_error(&e, "%s:%d:%d: sweep: expected a mapping of deck keys to lists of "
-                          "values (select.top_p: [0.1, 0.2])", file, line, col);
+                add_error(&e,
+                          "%s:%d:%d: sweep: expected a mapping of deck keys to lists of "
+                          "values (select.top_p: [0.1, 0.2])",
+                          file, line, col);
                 if (!skip_node(&r)) break;
             }
         }
@@ -275,9 +287,11 @@ int sweep_read(struct sweep *sw, const char *file, const char *text, size_t leng
         if (sw->mode == SWEEP_GRID) {
             n *= sw->keys[k].n_values;
         } else if (sw->keys[k].n_values != n) {
-            add_error(&e, "%s:%d:%d: sweep: mode zip pairs the i-th values of every key: %s has "
-                      "%d values, %s has %lld", file, sw->keys[k].line, sw->keys[k].col,
-                      sw->keys[k].path, sw->keys[k].n_values, sw->keys[0].path, n);
+            add_error(&e,
+                      "%s:%d:%d: sweep: mode zip pairs the i-th values of every key: %s has "
+                      "%d values, %s has %lld",
+                      file, sw->keys[k].line, sw->keys[k].col, sw->keys[k].path,
+                      sw->keys[k].n_values, sw->keys[0].path, n);
         }
         if (n > SWEEP_MAX_POINTS) break;
     }
@@ -318,8 +332,8 @@ static void point_name(const struct sweep *sw, int point, char *buf, size_t size
             other = other ? other + 1 : sw->keys[j].path;
             if (j != k && strcmp(leaf, other) == 0) leaf = sw->keys[k].path;
         }
-        used += (size_t)snprintf(buf + used, used < size ? size - used : 0, "%s%s-",
-                                 k ? "_" : "", leaf);
+        used += (size_t)snprintf(buf + used, used < size ? size - used : 0, "%s%s-", k ? "_" : "",
+                                 leaf);
         for (const char *c = sw->keys[k].values[index[k]]; *c && used + 1 < size; c++) {
             bool keep = (*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
                         (*c >= '0' && *c <= '9') || *c == '.' || *c == '+' || *c == '-';
@@ -401,8 +415,8 @@ int sweep_deck(const struct sweep *sw, int point, struct deck *deck, char *err, 
     int n_phases = point == SWEEP_SHARED ? sw->n_shared : sw->n_per_point;
     size_t used = (size_t)snprintf(assignment, sizeof assignment, "phase=[");
     for (int i = 0; i < n_phases; i++)
-        used += (size_t)snprintf(assignment + used, sizeof assignment - used, "%s%s",
-                                 i ? ", " : "", phase_name(phases[i]));
+        used += (size_t)snprintf(assignment + used, sizeof assignment - used, "%s%s", i ? ", " : "",
+                                 phase_name(phases[i]));
     snprintf(assignment + used, sizeof assignment - used, "]");
     apply(deck, assignment, sw, 1, 1, &e);
 
@@ -483,9 +497,10 @@ int sweep_plan(struct sweep *sw, const struct deck *deck, char *err, size_t err_
             sw->per_point[sw->n_per_point++] = deck->phases[i];
     }
     if (sw->n_per_point == 0) {
-        add_error(&e, "%s:%d:%d: sweep: no phase of this deck (phase: %d listed) reads a swept "
-                  "key: every point would be the same run", sw->file, sw->keys[0].line,
-                  sw->keys[0].col, deck->n_phases);
+        add_error(&e,
+                  "%s:%d:%d: sweep: no phase of this deck (phase: %d listed) reads a swept "
+                  "key: every point would be the same run",
+                  sw->file, sw->keys[0].line, sw->keys[0].col, deck->n_phases);
         return e.count;
     }
 
@@ -494,14 +509,18 @@ int sweep_plan(struct sweep *sw, const struct deck *deck, char *err, size_t err_
     for (int p = 0; p < sw->n_points; p++) {
         point_name(sw, p, name, sizeof name);
         if (strlen(name) > MAX_NAME) {
-            add_error(&e, "%s: sweep: point %d's name, made of its values, is longer than %d "
-                      "bytes: %.60s...", sw->file, p, MAX_NAME, name);
+            add_error(&e,
+                      "%s: sweep: point %d's name, made of its values, is longer than %d "
+                      "bytes: %.60s...",
+                      sw->file, p, MAX_NAME, name);
             return e.count;
         }
         for (int q = 0; q < p; q++)
             if (strcmp(sw->names[q], name) == 0) {
-                add_error(&e, "%s: sweep: points %d and %d get the same name %s (values that "
-                          "differ only in characters a name cannot hold)", sw->file, q, p, name);
+                add_error(&e,
+                          "%s: sweep: points %d and %d get the same name %s (values that "
+                          "differ only in characters a name cannot hold)",
+                          sw->file, q, p, name);
                 return e.count;
             }
         sw->names[p] = xstrdup(name);
@@ -581,8 +600,10 @@ char *sweep_shared_text(const struct sweep *sw)
     fclose(out);
     out = open_memstream(&text, &size);
     if (!out) fatal(EXIT_RUNTIME, "open_memstream: %s", strerror(errno));
-    fprintf(out, "# the shared phases of the sweep of %s ran to the end as this deck (the keys\n"
-            "# they read; the points compare theirs with it)\n", sw->file);
+    fprintf(out,
+            "# the shared phases of the sweep of %s ran to the end as this deck (the keys\n"
+            "# they read; the points compare theirs with it)\n",
+            sw->file);
     keep_read_keys(printed, read, out);
     fclose(out);
     free(printed);
@@ -594,7 +615,10 @@ static void shared_path(const struct sweep *sw, char *buf, size_t size)
     snprintf(buf, size, "%s/sweep/shared.yaml", sw->base_dir);
 }
 
-static void write_text(FILE *out, const void *text) { fputs(text, out); }
+static void write_text(FILE *out, const void *text)
+{
+    fputs(text, out);
+}
 
 int sweep_mark_shared(const struct sweep *sw, const char *shared_text, char *err, size_t err_size)
 {
@@ -624,10 +648,12 @@ int sweep_check_shared(const struct sweep *sw, char *err, size_t err_size)
     size_t length = 0;
     char *found = file_read(path, 16 << 20, &length, why, sizeof why);
     if (!found) {
-        snprintf(err, err_size, "the shared phases of this sweep have not run to the end (%s: "
-                 "%s)\nhint: esft %s --sweep shared runs them once for every point (jobs/esft-sweep "
-                 "submits it before the points)", path, errno == ENOENT ? "not there" : why,
-                 sw->file);
+        snprintf(
+            err, err_size,
+            "the shared phases of this sweep have not run to the end (%s: "
+            "%s)\nhint: esft %s --sweep shared runs them once for every point (jobs/esft-sweep "
+            "submits it before the points)",
+            path, errno == ENOENT ? "not there" : why, sw->file);
         return -1;
     }
     char *expected = sweep_shared_text(sw);
@@ -637,12 +663,13 @@ int sweep_check_shared(const struct sweep *sw, char *err, size_t err_size)
         const char *a = found, *b = expected;
         while (*a && *a == *b) a++, b++;
         while (a > found && a[-1] != '\n') a--, b--;
-        snprintf(err, err_size, "%s was written by the shared phases of another deck (or "
+        snprintf(err, err_size,
+                 "%s was written by the shared phases of another deck (or "
                  "other overrides) than this one: the points would mix its outputs with this "
                  "deck's; first difference:\n  %s: %.*s\n  this deck: %.*s\nhint: run esft %s "
                  "--sweep shared again (it replaces the shared outputs), or give this deck "
-                 "another run.output_dir", path, path, (int)strcspn(a, "\n"), a,
-                 (int)strcspn(b, "\n"), b, sw->file);
+                 "another run.output_dir",
+                 path, path, (int)strcspn(a, "\n"), a, (int)strcspn(b, "\n"), b, sw->file);
         status = -1;
     }
     free(found);

@@ -62,7 +62,7 @@ struct sweep {
     /* set by sweep_plan, from the deck without its sweep */
     enum phase shared[PHASE_COUNT], per_point[PHASE_COUNT];
     int n_shared, n_per_point;
-    char *base_name, *base_dir; /* run.name, run.output_dir (resolved) */
+    char *base_name, *base_dir;    /* run.name, run.output_dir (resolved) */
     char *names[SWEEP_MAX_POINTS]; /* each point's name */
 };
 
@@ -80,8 +80,7 @@ int sweep_plan(struct sweep *sw, const struct deck *deck, char *err, size_t err_
 
 /* The deck of a point (0 .. n_points-1) or of SWEEP_SHARED, checked by deck_finish, into
  * a deck from deck_defaults. Returns the number of errors (messages as sweep_read). */
-int sweep_deck(const struct sweep *sw, int point, struct deck *deck, char *err,
-               size_t err_size);
+int sweep_deck(const struct sweep *sw, int point, struct deck *deck, char *err, size_t err_size);
 
 /* Point `point`'s value index of each key (grid: the last key varies fastest). */
 void sweep_point_values(const struct sweep *sw, int point, int index[SWEEP_MAX_KEYS]);
@@ -95,8 +94,7 @@ void sweep_list(const struct sweep *sw, FILE *out);
 /* The resolved deck of the shared phases, as sweep/shared.yaml holds it (malloc'd). */
 char *sweep_shared_text(const struct sweep *sw);
 /* After the shared phases succeeded: writes RUN.OUTPUT_DIR/sweep/shared.yaml. 0, or -1. */
-int sweep_mark_shared(const struct sweep *sw, const char *shared_text, char *err,
-                      size_t err_size);
+int sweep_mark_shared(const struct sweep *sw, const char *shared_text, char *err, size_t err_size);
 /* Before the shared phases run: removes that file (points refuse to start meanwhile). */
 void sweep_unmark_shared(const struct sweep *sw);
 /* Before a point runs: 0 when the shared phases ran, to the end, from this deck; else

@@ -60,7 +60,9 @@ static void read_metrics(const char *dir, struct result *r, bool *seen)
             r->state = RUNNING;
         } else if (strcmp(event, "end") == 0) {
             r->exit_status = (int)number(o, "status");
-            r->state = r->exit_status == 0 ? DONE : r->exit_status == EXIT_STOPPED ? STOPPED : FAILED;
+            r->state = r->exit_status == 0              ? DONE
+                       : r->exit_status == EXIT_STOPPED ? STOPPED
+                                                        : FAILED;
         } else if (strcmp(event, "select") == 0) {
             r->experts_chosen = (int)number(o, "experts_chosen");
             r->experts_total = (int)number(o, "experts_total");
@@ -77,8 +79,7 @@ static void read_metrics(const char *dir, struct result *r, bool *seen)
     fclose(file);
 }
 
-static void read_point(const struct sweep *sw, int p, const struct result *shared,
-                       struct result *r)
+static void read_point(const struct sweep *sw, int p, const struct result *shared, struct result *r)
 {
     *r = (struct result){NOT_STARTED, 0, -1, -1, 0, 0, NAN, NAN, NAN, NAN, -1, NAN, NAN, NAN};
     char dir[8400];
@@ -95,7 +96,8 @@ static void read_point(const struct sweep *sw, int p, const struct result *share
         if (train.n > 0 && !isfinite(r->final_loss)) r->final_loss = train.loss[train.n - 1];
         if (val.n > 0) r->final_val = val.loss[val.n - 1];
         for (int i = 0; i < val.n; i++)
-            if (!(val.loss[i] >= r->best_val)) r->best_val = val.loss[i], r->best_step = val.step[i];
+            if (!(val.loss[i] >= r->best_val))
+                r->best_val = val.loss[i], r->best_step = val.step[i];
     }
     curve_free(&train);
     curve_free(&val);
@@ -113,11 +115,17 @@ static void read_point(const struct sweep *sw, int p, const struct result *share
 static const char *state_text(const struct result *r, char *buf, size_t size)
 {
     switch (r->state) {
-    case NOT_STARTED: return "not started";
-    case RUNNING: return "running"; /* or killed without a word: the table cannot tell */
-    case DONE: return "done";
-    case STOPPED: return "stopped (resumable)";
-    case FAILED: snprintf(buf, size, "failed (status %d)", r->exit_status); return buf;
+    case NOT_STARTED:
+        return "not started";
+    case RUNNING:
+        return "running"; /* or killed without a word: the table cannot tell */
+    case DONE:
+        return "done";
+    case STOPPED:
+        return "stopped (resumable)";
+    case FAILED:
+        snprintf(buf, size, "failed (status %d)", r->exit_status);
+        return buf;
     }
     return "?";
 }
@@ -154,7 +162,8 @@ static void write_row(FILE *out, bool csv, const struct sweep *sw, int p, const 
     if (isfinite(r->best_val))
         snprintf(best_val, sizeof best_val, csv ? "%.6g" : "%.6g (step %lld)", r->best_val,
                  r->best_step);
-    fprintf(out, "%s%d%s%s%s", csv ? "" : "| ", p, sep, sw->names[p], best && !csv ? " **best**" : "");
+    fprintf(out, "%s%d%s%s%s", csv ? "" : "| ", p, sep, sw->names[p],
+            best && !csv ? " **best**" : "");
     for (int k = 0; k < sw->n_keys; k++) {
         const char *v = sw->keys[k].values[index[k]];
         if (csv && strpbrk(v, ",\"\n")) { /* RFC 4180 quoting */
@@ -169,7 +178,9 @@ static void write_row(FILE *out, bool csv, const struct sweep *sw, int p, const 
     if (csv) fprintf(out, "%s%d", sep, r->experts_total);
     fprintf(out, "%s%s%s%s%s%s%s%s", sep, share, sep, cell(r->final_loss, 6, b[0], 64), sep,
             cell(r->final_val, 6, b[1], 64), sep, best_val);
-    if (csv) fprintf(out, "%s%s", sep, r->best_step >= 0 ? cell((double)r->best_step, 12, b[2], 64) : "");
+    if (csv)
+        fprintf(out, "%s%s", sep,
+                r->best_step >= 0 ? cell((double)r->best_step, 12, b[2], 64) : "");
     fprintf(out, "%s%s%s%s%s%s%s%s%s\n", sep, cell(r->eval_loss, 6, b[3], 64), sep,
             cell(r->eval_perplexity, 6, b[4], 64), sep, cell(r->eval_accuracy, 4, b[5], 64), sep,
             cell(r->step_seconds, 3, b[6], 64), csv ? "" : " |");
@@ -184,10 +195,12 @@ static void write_table(FILE *out, bool csv, const struct sweep *sw, const struc
     if (csv)
         fputs(",status,experts_chosen,experts_total,trained_share,final_loss,final_val_loss,"
               "best_val_loss,best_val_step,eval_loss,eval_perplexity,eval_accuracy,"
-              "step_seconds\n", out);
+              "step_seconds\n",
+              out);
     else
         fputs(" | status | experts | trained | final loss | final val loss | best val loss | "
-              "eval loss | eval ppl | eval acc | step (s) |\n", out);
+              "eval loss | eval ppl | eval acc | step (s) |\n",
+              out);
     if (!csv) {
         fputs("|---|---|", out);
         for (int k = 0; k < sw->n_keys; k++) fputs("---|", out);
@@ -254,10 +267,11 @@ static int write_picture(const struct sweep *sw, const struct result *results, b
     char labels[SWEEP_MAX_VALUES][160];
     for (int s = 0; s < n_series; s++) {
         if (grid2)
-            snprintf(labels[s], sizeof labels[s], "%s = %s", sw->keys[1].path, sw->keys[1].values[s]);
+            snprintf(labels[s], sizeof labels[s], "%s = %s", sw->keys[1].path,
+                     sw->keys[1].values[s]);
         else
-            snprintf(labels[s], sizeof labels[s], "%s", validated ? "best validation loss" :
-                                                                    "final training loss");
+            snprintf(labels[s], sizeof labels[s], "%s",
+                     validated ? "best validation loss" : "final training loss");
         series[s] = (struct plot_series){labels[s], x, y + (size_t)s * n_x, n_x, true};
     }
     const char *x_labels[SWEEP_MAX_VALUES];
@@ -282,7 +296,7 @@ static int write_picture(const struct sweep *sw, const struct result *results, b
 int sweep_summary(const struct sweep *sw, FILE *out, char *err, size_t err_size)
 {
     /* the shared run's directory: select's line when select ran once for all */
-    struct result shared = {.experts_chosen = -1, .experts_total = -1};
+    struct result shared = {.state = NOT_STARTED, .experts_chosen = -1, .experts_total = -1};
     bool seen;
     read_metrics(sw->base_dir, &shared, &seen);
     struct result *results = xcalloc((size_t)sw->n_points, sizeof *results);
@@ -319,9 +333,18 @@ int sweep_summary(const struct sweep *sw, FILE *out, char *err, size_t err_size)
     if (status == 0) {
         int counts[FAILED + 1] = {0};
         for (int p = 0; p < sw->n_points; p++) counts[results[p].state]++;
-        fprintf(out, "# Sweep of %s: %d points (%d done, %d running, %d stopped, %d failed, %d "
-                "not started)\n\n", sw->file, sw->n_points, counts[DONE], counts[RUNNING],
-                counts[STOPPED], counts[FAILED], counts[NOT_STARTED]);
+        fprintf(out,
+                "# Sweep of %s: %d points (%d done, %d running, %d stopped, %d failed, %d "
+                "not started)\n\n",
+                sw->file, sw->n_points, counts[DONE], counts[RUNNING], counts[STOPPED],
+                counts[FAILED], counts[NOT_STARTED]);
+        if (sw->n_shared > 0) {
+            char state[64];
+            fprintf(out, "shared phases (");
+            for (int i = 0; i < sw->n_shared; i++)
+                fprintf(out, "%s%s", i ? ", " : "", phase_name(sw->shared[i]));
+            fprintf(out, ") in %s: %s\n\n", sw->base_dir, state_text(&shared, state, sizeof state));
+        }
         write_table(out, false, sw, results, best);
         if (best >= 0)
             fprintf(out, "\nbest: point %d, %s (%s %.6g)\n", best, sw->names[best],

@@ -49,6 +49,10 @@ EOF
 expect 0 "--sweep list, train only" "$esft" --sweep list "$tmp/train-only.yaml" "$@"
 contains "$tmp/out" "in $out: init prepare score select" "a train-only sweep shares select"
 
+# --dry-run without a role checks the deck without its sweep
+expect 0 "--dry-run of a sweep deck" "$esft" --dry-run "$deck" "$@"
+contains "$tmp/out" "this is the deck without its sweep" "--dry-run of a sweep deck"
+
 # --- refusals
 expect 2 "a deck with a sweep run plainly" "$esft" "$deck" "$@"
 contains "$tmp/err" "holds a sweep of 8 points" "plain run of a sweep deck"
@@ -198,6 +202,7 @@ for f in summary.md summary.csv summary.svg; do
     [ -s "$out/sweep/$f" ] && ok || fail "summary: $f not written"
 done
 contains "$tmp/summary.txt" "8 points (8 done, 0 running, 0 stopped, 0 failed, 0 not started)" "summary counts"
+contains "$tmp/summary.txt" "shared phases (init, prepare, score) in $out: done" "summary: the shared run"
 n=$(grep -c ',done,' "$out/sweep/summary.csv")
 [ "$n" = 8 ] && ok || fail "summary.csv: $n points done, expected 8"
 # the best point, by the CSV's best_val_loss column (12th), as the summary names it
