@@ -96,6 +96,10 @@ contains "$tmp/out" "score.n_sample_tokens=2048 --sweep=shared" "the shared job'
 contains "$tmp/out" "sbatch --parsable --job-name=esft-sweep --nodes=1 --array=0-7%3 --dependency=afterok:SHARED_JOB_ID $src/jobs/esft.sbatch $deck --pp 1 --ep 1 run.output_dir=$out" \
     "the job array after the shared job, at most 3 at once"
 contains "$tmp/out" "score.n_sample_tokens=2048 --sweep-point=array" "each task its point"
+expect 0 "esft-sweep echo, Slurm, GPUs per node" env ESFT_LAUNCH_ECHO=1 ESFT_SWEEP_LAUNCH=slurm \
+    ESFT="$esft" "$sweep" -N 2 -G 4 "$deck" "$@"
+contains "$tmp/out" "sbatch --parsable --job-name=esft-sweep --nodes=2 --gpus-per-node=4 --ntasks-per-node=4 --array=0-7 --dependency" \
+    "-N and -G given to sbatch, no concurrency limit"
 expect 0 "esft-sweep echo, local" env ESFT_LAUNCH_ECHO=1 ESFT_SWEEP_LAUNCH=local ESFT="$esft" \
     "$sweep" "$deck" "$@"
 [ "$(wc -l <"$tmp/out")" = 10 ] && ok || fail "esft-sweep local echo: $(wc -l <"$tmp/out") lines"
