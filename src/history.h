@@ -1,6 +1,7 @@
 /* history: the training history of an output directory, read back from its
  * metrics.jsonl, and drawn (loss.svg), for the loss picture and the run summary of the
- * train phase.
+ * train phase; its line chart (plot_lines) also draws the sweep summary's picture
+ * (sweep_summary.c).
  *
  * A training that was stopped and resumed appends one segment per run to the same
  * metrics file. Each segment opens with a "train_start" line naming the step it starts
