@@ -103,6 +103,7 @@ struct key {
     unsigned bounds;
     double lo, hi;
     unsigned required_by; /* phases (bit 1 << phase) that need this key set */
+    unsigned also_read_by; /* phases beyond its section's read_by that read it (sweep.c) */
     bool (*required_if)(const struct deck *deck); /* narrows required_by; NULL: always */
     const char *required_why;                     /* the condition, for the message */
     const char *help;
@@ -140,12 +141,16 @@ static const struct key schema[] = {
 
     /* run */
     {KEY("run.name", KEY_STRING, run.name), .def = "esft",
+     .also_read_by = BY(INIT) | BY(PREPARE) | BY(SCORE) | BY(SELECT) | BY(TRAIN) | BY(EVAL),
      .help = "run name, used in file names and log lines"},
     {KEY("run.output_dir", KEY_STRING, run.output_dir), .def = "out/{name}",
+     .also_read_by = BY(INIT) | BY(PREPARE) | BY(SCORE) | BY(SELECT) | BY(TRAIN) | BY(EVAL),
      .help = "directory for every file the run writes; {name} stands for run.name"},
     {KEY("run.seed", KEY_INT64, run.seed), .def = "5934875", .bounds = LO, .lo = 0,
+     .also_read_by = BY(INIT) | BY(SCORE) | BY(SELECT) | BY(TRAIN),
      .help = "seed of every random choice (init, sampling, shuffling); ESFT reference value"},
     {KEY("run.backend", KEY_ENUM, run.backend), .def = "auto", .names = backend_names,
+     .also_read_by = BY(SCORE) | BY(TRAIN) | BY(EVAL),
      .help = "compute backend: cpu, cuda (one GPU per rank), cpu-devsim (the CPU ops on "
              "buffers the host cannot read: a test of the GPU path without a GPU); auto: "
              "the ESFT_BACKEND environment variable if set, else cpu"},
@@ -153,6 +158,7 @@ static const struct key schema[] = {
     /* model */
     {KEY("model.path", KEY_STRING, model.path),
      .required_by = BY(INIT) | BY(SCORE) | BY(TRAIN) | BY(EVAL),
+     .also_read_by = BY(INIT) | BY(PREPARE) | BY(SELECT),
      .help = "Hugging Face checkpoint directory (read; the init phase writes it)"},
     {KEY("model.dtype", KEY_ENUM, model.dtype), .def = "auto", .names = compute_names,
      .help = "compute dtype: fp32 (auto); with run.backend cuda also tf32 (fp32 weights and "
@@ -302,6 +308,7 @@ static const struct key schema[] = {
     {KEY("score.coactivation", KEY_BOOL, score.coactivation), .def = "true",
      .help = "also record expert co-activation counts (L x E x E)"},
     {KEY("score.output", KEY_STRING, score.output), .def = "routing_stats.h5",
+     .also_read_by = BY(SELECT),
      .help = "routing statistics file (HDF5), relative to run.output_dir"},
 
     /* select */
@@ -319,6 +326,7 @@ static const struct key schema[] = {
     {KEY("select.union_tasks", KEY_BOOL, select.union_tasks), .def = "false",
      .help = "with several statistics files: one config, the union of each task's experts"},
     {KEY("select.output", KEY_STRING, select.output), .def = "expert_config.json",
+     .also_read_by = BY(TRAIN),
      .help = "expert configuration written, relative to run.output_dir"},
     {KEY("select.bootstrap", KEY_INT, select.bootstrap), .def = "0", .bounds = LO | HI, .lo = 0,
      .hi = 100000,
@@ -422,17 +430,23 @@ static const struct key schema[] = {
  * section is. */
 static const struct section {
     const char *name, *help;
+    /* The phases whose result a key of the section changes (bit 1 << phase), beyond
+     * those a row names in also_read_by. A sweep (sweep.c) runs a phase once for every
+     * point when it reads a swept key, once for all of them when it does not. */
+    unsigned read_by;
 } sections[] = {
-    {"run", "identity of the run and where it writes"},
-    {"model", "the model read (or written by init)"},
-    {"data", "the token dataset"},
-    {"parallel", "process layout; dp is derived: world size / (pp * ep)"},
-    {"init", "the random model written by the init phase"},
-    {"prepare", "jsonl conversations -> token dataset"},
-    {"score", "routing statistics of the model on the data"},
-    {"select", "statistics -> expert configuration"},
-    {"train", "fine-tuning"},
-    {"eval", "loss, perplexity and token accuracy"},
+    {"run", "identity of the run and where it writes", 0},
+    {"model", "the model read (or written by init)", BY(SCORE) | BY(TRAIN) | BY(EVAL)},
+    {"data", "the token dataset", BY(SCORE) | BY(TRAIN) | BY(EVAL)},
+    /* the layout changes how a phase computes, not its result (statistics and
+     * checkpoints do not depend on it) */
+    {"parallel", "process layout; dp is derived: world size / (pp * ep)", 0},
+    {"init", "the random model written by the init phase", BY(INIT)},
+    {"prepare", "jsonl conversations -> token dataset", BY(PREPARE)},
+    {"score", "routing statistics of the model on the data", BY(SCORE)},
+    {"select", "statistics -> expert configuration", BY(SELECT)},
+    {"train", "fine-tuning", BY(TRAIN)},
+    {"eval", "loss, perplexity and token accuracy", BY(EVAL)},
 };
 
 #define N_SECTIONS ((int)(sizeof sections / sizeof sections[0]))
@@ -496,6 +510,17 @@ static int *count_field(struct deck *deck, const struct key *key)
 static int count_c(const struct deck *deck, const struct key *key)
 {
     return *(const int *)((const char *)deck + key->count_offset);
+}
+
+int deck_key_readers(const char *path, unsigned *readers)
+{
+    int i = find_key(path);
+    if (i < 0) return -1;
+    int s = section_of(&schema[i]);
+    *readers = schema[i].type == KEY_PHASES
+                   ? (1u << PHASE_COUNT) - 1
+                   : (s >= 0 ? sections[s].read_by : 0) | schema[i].also_read_by;
+    return 0;
 }
 
 /* ---------------------------------------------------------------------------------- */
@@ -1443,6 +1468,8 @@ static void read_deck(struct deck *deck, const struct node *root, const struct s
             read_key(deck, phase_row, k, v, src, first);
             continue;
         }
+        if (strcmp(k->text, DECK_SWEEP_SECTION) == 0) /* sweep.c reads and checks it */
+            continue;
         int s = find_section(k->text);
         if (s < 0) {
             report_unknown(src, k->pos, k->text);

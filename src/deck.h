@@ -207,6 +207,17 @@ void deck_print(const struct deck *deck, FILE *out);
  * for messages that compare two decks. 0, or -1 for a key the schema does not have. */
 int deck_value_text(const struct deck *deck, const char *key, char *buf, size_t size);
 
+/* The phases (bit 1 << phase) whose result the key such as "select.top_p" changes, from
+ * the schema, into *readers: its section's phases and the row's own additions
+ * (score.output is read by select, select.output by train, run.seed by init, score,
+ * select and train; the layout by none). 0, or -1 for a key the schema does not have.
+ * For sweeps (sweep.h). */
+int deck_key_readers(const char *path, unsigned *readers);
+
+/* The top-level section a deck may hold beside the schema's: the sweep block, read by
+ * sweep.c; deck_parse passes over it. */
+#define DECK_SWEEP_SECTION "sweep"
+
 /* Every key with its type, default and help line (for --help-deck). */
 void deck_print_keys(FILE *out);
 

@@ -118,35 +118,32 @@ static void axis_range(double *lo, double *hi, double *spacing, bool integral)
     *hi = ceil(*hi / *spacing) * *spacing;
 }
 
-struct chart {
-    const char *title;
-    const long long *steps;
-    const double *loss;
-    int n;
-    const long long *eval_steps;
-    const double *eval_loss;
-    int n_eval;
-};
+/* Series colours: the loss chart's training (blue) and validation (red) first. */
+static const char *const palette[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e",
+                                      "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"};
+#define N_COLOURS ((int)(sizeof palette / sizeof palette[0]))
 
-static void chart_body(FILE *out, const struct chart *c)
+static void chart_body(FILE *out, const struct plot *c)
 {
     const int width = 760, height = 460, left = 72, right = 24, top = 56, bottom = 56;
     const int plot_w = width - left - right, plot_h = height - top - bottom;
-    /* data ranges over both series, finite losses only */
+    bool categorical = c->n_x_labels > 0;
+    /* data ranges over every series, finite values only */
     double x_lo = INFINITY, x_hi = -INFINITY, y_lo = INFINITY, y_hi = -INFINITY;
-    for (int s = 0; s < 2; s++) {
-        const long long *steps = s ? c->eval_steps : c->steps;
-        const double *loss = s ? c->eval_loss : c->loss;
-        int n = s ? c->n_eval : c->n;
-        for (int i = 0; i < n; i++) {
-            if (!isfinite(loss[i])) continue;
-            x_lo = fmin(x_lo, (double)steps[i]);
-            x_hi = fmax(x_hi, (double)steps[i]);
-            y_lo = fmin(y_lo, loss[i]);
-            y_hi = fmax(y_hi, loss[i]);
+    for (int s = 0; s < c->n_series; s++) {
+        const struct plot_series *series = &c->series[s];
+        for (int i = 0; i < series->n; i++) {
+            if (!isfinite(series->y[i]) || !isfinite(series->x[i])) continue;
+            x_lo = fmin(x_lo, series->x[i]);
+            x_hi = fmax(x_hi, series->x[i]);
+            y_lo = fmin(y_lo, series->y[i]);
+            y_hi = fmax(y_hi, series->y[i]);
         }
     }
-    if (x_lo > x_hi) { /* nothing to draw: an empty unit chart */
+    if (categorical) { /* the categories at 0 .. n-1, half a slot of margin either side */
+        x_lo = -0.5;
+        x_hi = c->n_x_labels - 0.5;
+    } else if (x_lo > x_hi) { /* nothing to draw: an empty unit chart */
         x_lo = 0;
         x_hi = 1;
     }
@@ -154,8 +151,8 @@ static void chart_body(FILE *out, const struct chart *c)
         y_lo = 0;
         y_hi = 1;
     }
-    double x_tick, y_tick;
-    axis_range(&x_lo, &x_hi, &x_tick, true);
+    double x_tick = 1, y_tick;
+    if (!categorical) axis_range(&x_lo, &x_hi, &x_tick, c->integral_x);
     axis_range(&y_lo, &y_hi, &y_tick, false);
 #define X_OF(v) (left + ((v)-x_lo) / (x_hi - x_lo) * plot_w)
 #define Y_OF(v) (top + plot_h - ((v)-y_lo) / (y_hi - y_lo) * plot_h)
@@ -179,61 +176,62 @@ static void chart_body(FILE *out, const struct chart *c)
                 left, y, left + plot_w, y, left - 4, y, left, y, left - 7, y,
                 fabs(v) < y_tick * 1e-6 ? 0.0 : v);
     }
-    for (int i = 0; i <= 40; i++) {
-        double v = x_lo + i * x_tick;
-        if (v > x_hi + x_tick * 1e-6) break;
+    int n_x_ticks = categorical ? c->n_x_labels : 41;
+    for (int i = 0; i < n_x_ticks; i++) {
+        double v = categorical ? i : x_lo + i * x_tick;
+        if (!categorical && v > x_hi + x_tick * 1e-6) break;
         double x = X_OF(v);
         fprintf(out,
                 "<line x1=\"%.2f\" y1=\"%d\" x2=\"%.2f\" y2=\"%d\" stroke=\"#e4e4e4\"/>\n"
                 "<line x1=\"%.2f\" y1=\"%d\" x2=\"%.2f\" y2=\"%d\" stroke=\"#444\"/>\n"
-                "<text x=\"%.2f\" y=\"%d\" text-anchor=\"middle\">%.10g</text>\n",
-                x, top, x, top + plot_h, x, top + plot_h, x, top + plot_h + 4, x, top + plot_h + 16,
-                v);
+                "<text x=\"%.2f\" y=\"%d\" text-anchor=\"middle\">",
+                x, top, x, top + plot_h, x, top + plot_h, x, top + plot_h + 4, x, top + plot_h + 16);
+        if (categorical)
+            xml_write_text(out, c->x_labels[i]);
+        else
+            fprintf(out, "%.10g", v);
+        fputs("</text>\n", out);
     }
     fputs("</g>\n", out);
     fprintf(out,
             "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"#444\"/>\n",
             left, top, plot_w, plot_h);
-    fprintf(out, "<text x=\"%d\" y=\"%d\" font-size=\"12\" text-anchor=\"middle\">step</text>\n",
+    fprintf(out, "<text x=\"%d\" y=\"%d\" font-size=\"12\" text-anchor=\"middle\">",
             left + plot_w / 2, height - 16);
+    xml_write_text(out, c->x_label ? c->x_label : "step");
     fprintf(out,
-            "<text x=\"18\" y=\"%d\" font-size=\"12\" text-anchor=\"middle\" "
-            "transform=\"rotate(-90 18 %d)\">loss</text>\n",
+            "</text>\n<text x=\"18\" y=\"%d\" font-size=\"12\" text-anchor=\"middle\" "
+            "transform=\"rotate(-90 18 %d)\">",
             top + plot_h / 2, top + plot_h / 2);
+    xml_write_text(out, c->y_label ? c->y_label : "loss");
+    fputs("</text>\n", out);
 
-    /* training loss: one polyline (a lone point also gets a dot, which a polyline of
-     * one vertex does not draw) */
-    fputs("<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"", out);
-    int drawn = 0;
-    for (int i = 0; i < c->n; i++) {
-        if (!isfinite(c->loss[i])) continue;
-        fprintf(out, "%s%.2f,%.2f", drawn++ ? " " : "", X_OF((double)c->steps[i]),
-                Y_OF(c->loss[i]));
-    }
-    fputs("\"/>\n", out);
-    if (drawn == 1)
-        for (int i = 0; i < c->n; i++)
-            if (isfinite(c->loss[i]))
-                fprintf(out, "<circle cx=\"%.2f\" cy=\"%.2f\" r=\"2.5\" fill=\"#1f77b4\"/>\n",
-                        X_OF((double)c->steps[i]), Y_OF(c->loss[i]));
-
-    /* evaluation loss: points joined by a line */
-    if (c->n_eval > 0) {
-        fputs("<polyline fill=\"none\" stroke=\"#d62728\" stroke-width=\"1.5\" points=\"", out);
-        drawn = 0;
-        for (int i = 0; i < c->n_eval; i++) {
-            if (!isfinite(c->eval_loss[i])) continue;
-            fprintf(out, "%s%.2f,%.2f", drawn++ ? " " : "", X_OF((double)c->eval_steps[i]),
-                    Y_OF(c->eval_loss[i]));
+    /* each series: one polyline; its points as dots when asked (with their values on
+     * hover), and a lone point always (a polyline of one vertex draws nothing) */
+    for (int s = 0; s < c->n_series; s++) {
+        const struct plot_series *series = &c->series[s];
+        const char *colour = palette[s % N_COLOURS];
+        fprintf(out, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"1.5\" points=\"",
+                colour);
+        int drawn = 0;
+        for (int i = 0; i < series->n; i++) {
+            if (!isfinite(series->y[i]) || !isfinite(series->x[i])) continue;
+            fprintf(out, "%s%.2f,%.2f", drawn++ ? " " : "", X_OF(series->x[i]),
+                    Y_OF(series->y[i]));
         }
-        fputs("\"/>\n<g fill=\"#d62728\">\n", out);
-        for (int i = 0; i < c->n_eval; i++) {
-            if (!isfinite(c->eval_loss[i])) continue;
-            fprintf(out,
-                    "<circle cx=\"%.2f\" cy=\"%.2f\" r=\"3.5\"><title>step %lld: %.6g"
-                    "</title></circle>\n",
-                    X_OF((double)c->eval_steps[i]), Y_OF(c->eval_loss[i]), c->eval_steps[i],
-                    c->eval_loss[i]);
+        fputs("\"/>\n", out);
+        if (!series->markers && drawn != 1) continue;
+        fprintf(out, "<g fill=\"%s\">\n", colour);
+        for (int i = 0; i < series->n; i++) {
+            if (!isfinite(series->y[i]) || !isfinite(series->x[i])) continue;
+            fprintf(out, "<circle cx=\"%.2f\" cy=\"%.2f\" r=\"%s\"><title>", X_OF(series->x[i]),
+                    Y_OF(series->y[i]), series->markers ? "3.5" : "2.5");
+            if (categorical && series->x[i] >= 0 && series->x[i] < c->n_x_labels &&
+                series->x[i] == floor(series->x[i]))
+                xml_write_text(out, c->x_labels[(int)series->x[i]]);
+            else
+                fprintf(out, "%s %.10g", c->x_label ? c->x_label : "step", series->x[i]);
+            fprintf(out, ": %.6g</title></circle>\n", series->y[i]);
         }
         fputs("</g>\n", out);
     }
@@ -241,24 +239,56 @@ static void chart_body(FILE *out, const struct chart *c)
 #undef Y_OF
 
     /* legend, top right inside the plot */
-    int lx = left + plot_w - 150, ly = top + 10;
-    fprintf(out,
-            "<rect x=\"%d\" y=\"%d\" width=\"140\" height=\"%d\" fill=\"white\" "
-            "fill-opacity=\"0.85\" stroke=\"#bbb\"/>\n",
-            lx, ly, c->n_eval > 0 ? 46 : 26);
-    fprintf(out,
-            "<line x1=\"%d\" y1=\"%d\" x2=\"%d\" y2=\"%d\" stroke=\"#1f77b4\" "
-            "stroke-width=\"1.5\"/>\n<text x=\"%d\" y=\"%d\" font-size=\"11\" "
-            "dominant-baseline=\"central\">training loss</text>\n",
-            lx + 8, ly + 13, lx + 32, ly + 13, lx + 40, ly + 13);
-    if (c->n_eval > 0)
+    int legend_w = 140;
+    for (int s = 0; s < c->n_series; s++) {
+        int w = 52 + 6 * (int)strlen(c->series[s].label ? c->series[s].label : "");
+        if (w > legend_w) legend_w = w < plot_w - 20 ? w : plot_w - 20;
+    }
+    int lx = left + plot_w - legend_w - 10, ly = top + 10;
+    if (c->n_series > 0)
         fprintf(out,
-                "<line x1=\"%d\" y1=\"%d\" x2=\"%d\" y2=\"%d\" stroke=\"#d62728\" "
-                "stroke-width=\"1.5\"/>\n<circle cx=\"%d\" cy=\"%d\" r=\"3.5\" "
-                "fill=\"#d62728\"/>\n<text x=\"%d\" y=\"%d\" font-size=\"11\" "
-                "dominant-baseline=\"central\">evaluation loss</text>\n",
-                lx + 8, ly + 33, lx + 32, ly + 33, lx + 20, ly + 33, lx + 40, ly + 33);
+                "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"white\" "
+                "fill-opacity=\"0.85\" stroke=\"#bbb\"/>\n",
+                lx, ly, legend_w, 6 + 20 * c->n_series);
+    for (int s = 0; s < c->n_series; s++) {
+        const char *colour = palette[s % N_COLOURS];
+        int y = ly + 13 + 20 * s;
+        fprintf(out,
+                "<line x1=\"%d\" y1=\"%d\" x2=\"%d\" y2=\"%d\" stroke=\"%s\" "
+                "stroke-width=\"1.5\"/>\n",
+                lx + 8, y, lx + 32, y, colour);
+        if (c->series[s].markers)
+            fprintf(out, "<circle cx=\"%d\" cy=\"%d\" r=\"3.5\" fill=\"%s\"/>\n", lx + 20, y,
+                    colour);
+        fprintf(out, "<text x=\"%d\" y=\"%d\" font-size=\"11\" dominant-baseline=\"central\">",
+                lx + 40, y);
+        xml_write_text(out, c->series[s].label ? c->series[s].label : "");
+        fputs("</text>\n", out);
+    }
     fputs("</svg>\n", out);
+}
+
+int plot_lines(const char *path, const struct plot *plot, char *err, size_t err_size)
+{
+    for (int s = 0; s < plot->n_series; s++)
+        if (plot->series[s].n < 0 || (plot->series[s].n > 0 && (!plot->series[s].x ||
+                                                                 !plot->series[s].y))) {
+            snprintf(err, err_size, "%s: plot: no data arrays for series %d (%d points)", path, s,
+                     plot->series[s].n);
+            return -1;
+        }
+    char tmp[4200];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp) {
+        snprintf(err, err_size, "%s: path too long", path);
+        return -1;
+    }
+    FILE *out = fopen(tmp, "w");
+    if (!out) {
+        snprintf(err, err_size, "%s: cannot create: %s", tmp, strerror(errno));
+        return -1;
+    }
+    chart_body(out, plot);
+    return file_commit(out, tmp, path, err, err_size);
 }
 
 int plot_loss_curve(const char *path, const char *title, const long long *steps, const double *loss,
@@ -271,17 +301,17 @@ int plot_loss_curve(const char *path, const char *title, const long long *steps,
                  n_eval);
         return -1;
     }
-    char tmp[4200];
-    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp) {
-        snprintf(err, err_size, "%s: path too long", path);
-        return -1;
-    }
-    FILE *out = fopen(tmp, "w");
-    if (!out) {
-        snprintf(err, err_size, "%s: cannot create: %s", tmp, strerror(errno));
-        return -1;
-    }
-    struct chart chart = {title, steps, loss, n, eval_steps, eval_loss, n_eval};
-    chart_body(out, &chart);
-    return file_commit(out, tmp, path, err, err_size);
+    /* the steps as the chart's x values */
+    double *x = xmalloc(((size_t)n + (size_t)n_eval + 1) * sizeof *x);
+    for (int i = 0; i < n; i++) x[i] = (double)steps[i];
+    for (int i = 0; i < n_eval; i++) x[n + i] = (double)eval_steps[i];
+    struct plot_series series[2] = {
+        {"training loss", x, loss, n, false},
+        {"evaluation loss", x + n, eval_loss, n_eval, true},
+    };
+    struct plot plot = {.title = title, .x_label = "step", .y_label = "loss", .integral_x = true,
+                        .series = series, .n_series = n_eval > 0 ? 2 : 1};
+    int status = plot_lines(path, &plot, err, err_size);
+    free(x);
+    return status;
 }

@@ -24,6 +24,7 @@
 #include "log.h"
 #include "phases.h"
 #include "preflight.h"
+#include "sweep.h"
 #include "threads.h"
 #include "version.h"
 
@@ -37,6 +38,8 @@ struct options {
     bool dry_run;
     long long inspect; /* --inspect N: show sample N as prepare makes it; -1: not asked */
     int ranks; /* --ranks N: plan the layout for N ranks (dry run only); 0 = world size */
+    enum { SWEEP_NONE, SWEEP_LIST, SWEEP_SUMMARY, SWEEP_SHARED_PHASES } sweep; /* --sweep X */
+    int sweep_point; /* --sweep-point N; -1: not asked */
 };
 
 static void print_usage(FILE *out)
@@ -57,6 +60,12 @@ static void print_usage(FILE *out)
             "  --inspect N    print sample N (from 0) as prepare makes it from the deck's\n"
             "                 prepare.inputs: its text with the loss-bearing tokens marked\n"
             "                 [[ ]], and its token ids; write nothing\n"
+            "  --sweep list   a deck with a sweep block: print its points, their names and\n"
+            "                 output directories, and which phases run once for all\n"
+            "  --sweep shared run the sweep's shared phases (once, before the points)\n"
+            "  --sweep-point N  run point N of the sweep (its per-point phases)\n"
+            "  --sweep summary  write the table (markdown, CSV) and picture of the points'\n"
+            "                 results into RUN.OUTPUT_DIR/sweep and print the table\n"
             "  --help-deck    list every deck key with its type, default and meaning\n"
             "  --help         this text\n"
             "  --version      version, backends and library versions\n"
@@ -73,6 +82,7 @@ static int parse_options(int argc, char **argv, struct options *opt, int rank)
 {
     memset(opt, 0, sizeof *opt);
     opt->inspect = -1;
+    opt->sweep_point = -1;
     for (int i = 1; i < argc; i++) {
         const char *arg = argv[i];
         if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
@@ -106,6 +116,31 @@ static int parse_options(int argc, char **argv, struct options *opt, int rank)
                 return EXIT_INPUT;
             }
             opt->inspect = n;
+        } else if (strcmp(arg, "--sweep") == 0 || strncmp(arg, "--sweep=", 8) == 0) {
+            const char *value = arg[7] == '=' ? arg + 8 : (i + 1 < argc ? argv[++i] : "");
+            if (strcmp(value, "list") == 0) {
+                opt->sweep = SWEEP_LIST;
+            } else if (strcmp(value, "summary") == 0) {
+                opt->sweep = SWEEP_SUMMARY;
+            } else if (strcmp(value, "shared") == 0) {
+                opt->sweep = SWEEP_SHARED_PHASES;
+            } else {
+                if (rank == 0)
+                    fprintf(stderr, "esft: --sweep needs list, shared or summary, got '%s'\n",
+                            value);
+                return EXIT_INPUT;
+            }
+        } else if (strcmp(arg, "--sweep-point") == 0 || strncmp(arg, "--sweep-point=", 14) == 0) {
+            const char *value = arg[13] == '=' ? arg + 14 : (i + 1 < argc ? argv[++i] : "");
+            char *end = NULL;
+            long n = strtol(value, &end, 10);
+            if (!*value || *end || n < 0 || n >= SWEEP_MAX_POINTS) {
+                if (rank == 0)
+                    fprintf(stderr, "esft: --sweep-point needs a point number >= 0, got '%s'\n",
+                            value);
+                return EXIT_INPUT;
+            }
+            opt->sweep_point = (int)n;
         } else if (arg[0] == '-' && arg[1] != '\0') {
             if (rank == 0)
                 fprintf(stderr, "esft: unknown option '%s' (see esft --help)\n", arg);
@@ -130,6 +165,10 @@ static int parse_options(int argc, char **argv, struct options *opt, int rank)
             fprintf(stderr, "esft: no deck given\n");
             print_usage(stderr);
         }
+        return EXIT_INPUT;
+    }
+    if (opt->sweep && opt->sweep_point >= 0) {
+        if (rank == 0) fprintf(stderr, "esft: --sweep and --sweep-point are separate runs\n");
         return EXIT_INPUT;
     }
     if (opt->ranks && !opt->dry_run) {
@@ -249,6 +288,79 @@ static int run_phase(enum phase phase, const struct deck *deck, const struct lay
     }
 }
 
+/* A deck with a sweep block (sweep.h) runs one role of its sweep: the shared phases or
+ * one point, whose deck replaces *deck; or, for --sweep list and summary, rank 0 writes
+ * and every rank leaves. Returns -1 to go on running *deck, else the exit status.
+ * *shared_text: the mark the shared phases leave when they succeed (NULL for a point). */
+static int sweep_setup(struct sweep *sw, struct deck *deck, const struct options *opt,
+                       char *messages, char **shared_text)
+{
+    *shared_text = NULL;
+    if (!sw->present) {
+        if (opt->sweep || opt->sweep_point >= 0)
+            fatal_all(EXIT_INPUT, "%s has no sweep block (sweep: {select.top_p: [0.1, 0.2], "
+                      "...}); see README, Sweeps", opt->deck_file);
+        return -1;
+    }
+    fail_on_deck_errors(sweep_plan(sw, deck, messages, ERROR_BUFFER), messages, opt->deck_file);
+    if (opt->sweep == SWEEP_LIST || opt->sweep == SWEEP_SUMMARY) {
+        int status = 0;
+        if (log_rank() == 0) {
+            if (opt->sweep == SWEEP_LIST)
+                sweep_list(sw, stdout);
+            else if (sweep_summary(sw, stdout, messages, ERROR_BUFFER) != 0)
+                status = EXIT_RUNTIME;
+            fflush(stdout);
+        }
+        check_mpi(MPI_Bcast(&status, 1, MPI_INT, 0, MPI_COMM_WORLD));
+        if (status) fatal_all(status, "sweep summary: %s", messages);
+        return 0;
+    }
+    int role = opt->sweep_point;
+    if (opt->sweep == SWEEP_SHARED_PHASES) {
+        role = SWEEP_SHARED;
+        if (sw->n_shared == 0) {
+            log_info("sweep: every phase reads a swept key: nothing is shared, each point runs "
+                     "them all");
+            return 0;
+        }
+        /* run once: again only when the deck's shared part changed (init never overwrites
+         * a model, so a second run of the same deck would be refused anyway) */
+        int done = log_rank() == 0 && !opt->dry_run &&
+                   sweep_check_shared(sw, messages, ERROR_BUFFER) == 0;
+        check_mpi(MPI_Bcast(&done, 1, MPI_INT, 0, MPI_COMM_WORLD));
+        if (done) {
+            log_info("sweep: the shared phases already ran from this deck (%s/sweep/shared.yaml); "
+                     "nothing to do", sw->base_dir);
+            return 0;
+        }
+        *shared_text = sweep_shared_text(sw);
+    } else if (role < 0 && (opt->dry_run || opt->inspect >= 0)) {
+        log_info("sweep: %d points; this is the deck without its sweep (--sweep shared or "
+                 "--sweep-point N: the deck of a role)", sw->n_points);
+        return -1;
+    } else if (role < 0) {
+        fatal_all(EXIT_INPUT, "%s holds a sweep of %d points: run its shared phases with "
+                  "--sweep shared, then each point with --sweep-point N (--sweep list names "
+                  "them), or all of them with jobs/esft-sweep", opt->deck_file, sw->n_points);
+    } else if (role >= sw->n_points) {
+        fatal_all(EXIT_INPUT, "--sweep-point %d: the sweep of %s has %d points (0 to %d)", role,
+                  opt->deck_file, sw->n_points, sw->n_points - 1);
+    }
+    deck_free(deck);
+    fail_on_deck_errors(sweep_deck(sw, role, deck, messages, ERROR_BUFFER), messages,
+                        opt->deck_file);
+    if (role >= 0 && !opt->dry_run) { /* the shared phases ran, from this deck */
+        int status = log_rank() == 0 ? sweep_check_shared(sw, messages, ERROR_BUFFER) : 0;
+        check_mpi(MPI_Bcast(&status, 1, MPI_INT, 0, MPI_COMM_WORLD));
+        if (status) fatal_all(EXIT_INPUT, "sweep point %d (%s): %s", role, sw->names[role],
+                              messages);
+        log_info("sweep point %d of %d: %s -> %s", role, sw->n_points, sw->names[role],
+                 deck->run.output_dir);
+    }
+    return -1;
+}
+
 int main(int argc, char **argv)
 {
     threads_set_wait_policy(argv); /* may start the program again, before MPI */
@@ -280,6 +392,20 @@ int main(int argc, char **argv)
     }
     fail_on_deck_errors(n_errors, messages, opt.deck_file);
     fail_on_deck_errors(deck_finish(&deck, messages, ERROR_BUFFER), messages, opt.deck_file);
+    struct sweep sweep;
+    char *shared_text = NULL;
+    fail_on_deck_errors(sweep_read(&sweep, opt.deck_file, text, length, opt.overrides,
+                                   opt.n_overrides, messages, ERROR_BUFFER),
+                        messages, opt.deck_file);
+    status = sweep_setup(&sweep, &deck, &opt, messages, &shared_text);
+    if (status >= 0) {
+        sweep_free(&sweep);
+        deck_free(&deck);
+        free(text);
+        free(messages);
+        MPI_Finalize();
+        return status;
+    }
     free(text);
     /* model.path: a hub id becomes its snapshot in the Hugging Face cache; config.json (or
      * the init section) is checked now, --dry-run included; model_absent says why it is
@@ -370,6 +496,8 @@ int main(int argc, char **argv)
         }
         if (n_problems > 0) /* after the printout, so that a refused deck can be read too */
             fail_on_deck_errors(n_problems, messages, opt.deck_file);
+        free(shared_text);
+        sweep_free(&sweep);
         deck_free(&deck);
         free(messages);
         MPI_Finalize();
@@ -383,11 +511,21 @@ int main(int argc, char **argv)
     metrics_open(deck.run.output_dir);
     metrics_write("start", "\"deck\": \"%s\", \"world\": %d, \"pp\": %d, \"dp\": %d, \"ep\": %d, "
                   "\"threads\": %d", opt.deck_file, grid.world, grid.pp, grid.dp, grid.ep, threads);
+    /* the sweep's shared phases: their mark goes while they rewrite what the points read,
+     * and comes back when they have all succeeded */
+    if (shared_text && world_rank == 0) sweep_unmark_shared(&sweep);
     for (int i = 0; i < deck.n_phases; i++) {
         log_info("phase %s", phase_name(deck.phases[i]));
         status = run_phase(deck.phases[i], &deck, &layout);
         if (status != 0) break;
     }
+    if (shared_text && status == 0) {
+        int failed = world_rank == 0 &&
+                     sweep_mark_shared(&sweep, shared_text, messages, ERROR_BUFFER) != 0;
+        fail_if_any(failed, EXIT_RUNTIME, "sweep: %s", messages);
+    }
+    free(shared_text);
+    sweep_free(&sweep);
     metrics_write("end", "\"status\": %d", status);
     metrics_close();
     layout_destroy(&layout);

@@ -636,11 +636,13 @@ int phase_train(const struct deck *deck, const struct layout *layout)
                  n_trainable / 1e6, 100.0 * n_trainable / n_total);
         metrics_write("train", "\"steps\": %lld, \"steps_this_run\": %lld, \"skipped_steps\": "
                       "%lld, \"final_loss\": %.9g, \"best_eval_loss\": %.9g, \"best_eval_step\": "
-                      "%lld, \"seconds\": %.3f, \"tokens\": %.0f, \"trainable_parameters\": %zu",
+                      "%lld, \"seconds\": %.3f, \"tokens\": %.0f, \"trainable_parameters\": %zu, "
+                      "\"parameters\": %zu",
                       position.step, position.step - first_step, skipped,
                       losses.n ? losses.loss[losses.n - 1] : NAN,
                       best >= 0 ? eval_losses.loss[best] : NAN,
-                      best >= 0 ? eval_losses.step[best] : -1LL, seconds, tokens_done, n_trainable);
+                      best >= 0 ? eval_losses.step[best] : -1LL, seconds, tokens_done, n_trainable,
+                      n_total);
     }
     curve_free(&losses), curve_free(&eval_losses);
 done:

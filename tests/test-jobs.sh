@@ -139,7 +139,7 @@ else
     fail "make install prefix=$prefix in $build: $(tail -n 3 "$tmp/install.log")"
 fi
 installed="$prefix/share/esft/esft.sbatch"
-for file in "$prefix/bin/esft" "$prefix/bin/esft-run" "$installed"; do
+for file in "$prefix/bin/esft" "$prefix/bin/esft-run" "$prefix/bin/esft-sweep" "$installed"; do
     if [ -f "$file" ]; then ok; else fail "make install did not write $file"; fi
 done
 batch "$installed"

@@ -337,6 +337,41 @@ static void test_phases(void)
     CHECK(strcmp(phase_name(PHASE_EVAL), "eval") == 0, "phase_name eval");
 }
 
+/* Which phases each key changes the result of (sweeps share the phases that read no
+ * swept key), and the sweep block, which the deck's parser passes over for sweep.c. */
+static void test_readers(void)
+{
+    unsigned r = 0;
+    CHECK(deck_key_readers("select.top_p", &r) == 0 && r == 1u << PHASE_SELECT,
+          "select.top_p read by select alone: %#x", r);
+    CHECK(deck_key_readers("train.lr", &r) == 0 && r == 1u << PHASE_TRAIN, "train.lr: %#x", r);
+    CHECK(deck_key_readers("score.output", &r) == 0 &&
+              r == ((1u << PHASE_SCORE) | (1u << PHASE_SELECT)),
+          "score.output read by score and select: %#x", r);
+    CHECK(deck_key_readers("select.output", &r) == 0 &&
+              r == ((1u << PHASE_SELECT) | (1u << PHASE_TRAIN)),
+          "select.output read by select and train: %#x", r);
+    CHECK(deck_key_readers("run.seed", &r) == 0 && (r & (1u << PHASE_INIT)) &&
+              (r & (1u << PHASE_TRAIN)) && !(r & (1u << PHASE_PREPARE)),
+          "run.seed: %#x", r);
+    CHECK(deck_key_readers("data.seq_len", &r) == 0 &&
+              r == ((1u << PHASE_SCORE) | (1u << PHASE_TRAIN) | (1u << PHASE_EVAL)),
+          "data.seq_len: %#x", r);
+    CHECK(deck_key_readers("parallel.ep", &r) == 0 && r == 0, "the layout: %#x", r);
+    CHECK(deck_key_readers("phase", &r) == 0 && r == (1u << PHASE_COUNT) - 1, "phase: %#x", r);
+    CHECK(deck_key_readers("train.lora.r", &r) == 0 && r == 1u << PHASE_TRAIN, "lora.r: %#x", r);
+    CHECK(deck_key_readers("select.top", &r) == -1, "unknown key");
+    CHECK(deck_key_readers("sweep.mode", &r) == -1, "the sweep block is no key of the deck");
+
+    struct deck d;
+    char err[ERR_SIZE];
+    CHECK(parse(&d, "s.yaml", "phase: select\nsweep:\n  select.top_p: [0.1, 0.2]\n  "
+                "nonsense: {a: b}\nselect: {top_p: 0.3}\n", err) == 0,
+          "a sweep block is passed over: %s", err);
+    CHECK(d.select.top_p == 0.3, "the deck's own value stays: %g", d.select.top_p);
+    deck_free(&d);
+}
+
 /* One small bad deck, one expected error at an exact position. */
 static void expect_error(const char *text, const char *prefix, const char *message)
 {
@@ -1078,6 +1113,7 @@ int main(int argc, char **argv)
     test_full_deck();
     test_defaults();
     test_phases();
+    test_readers();
     test_errors();
     test_many_errors();
     test_overrides();
