@@ -66,13 +66,16 @@ int c2r_write_config(const char *path, const char *model_dir,
     const struct routing_stats *first = stats[0];
     int E = first->num_experts, Lm = first->n_moe_layers;
     if (T < 1 || T > E - 1) {
-        snprintf(err, err_size, "select.c2r_top_t (%d) must be in [1, %d] (the experts of a "
-                 "layer but one)", T, E - 1);
+        snprintf(err, err_size,
+                 "select.c2r_top_t (%d) must be in [1, %d] (the experts of a "
+                 "layer but one)",
+                 T, E - 1);
         return -1;
     }
     for (int i = 0; i < n_stats; i++)
         if (!stats[i]->coact) {
-            snprintf(err, err_size, "%s has no co-activation counts (/totals/coact), which "
+            snprintf(err, err_size,
+                     "%s has no co-activation counts (/totals/coact), which "
                      "select.c2r_top_t needs: score with score.coactivation: true",
                      stats_paths[i]);
             return -1;
@@ -142,15 +145,19 @@ int c2r_read_config(const char *path, const struct model_config *cfg, struct c2r
     int low = K - 1 > 1 ? K - 1 : 1;
     if (!json_is_integer(top_t) || json_integer_value(top_t) < low ||
         json_integer_value(top_t) > E - 1) {
-        snprintf(err, err_size, "%s: top_t must be an integer in [%d, %d] (at least top-k - 1 "
-                 "collaborators of the %d experts)", path, low, E - 1, E);
+        snprintf(err, err_size,
+                 "%s: top_t must be an integer in [%d, %d] (at least top-k - 1 "
+                 "collaborators of the %d experts)",
+                 path, low, E - 1, E);
         json_decref(root);
         return -1;
     }
     int T = (int)json_integer_value(top_t);
     if (!json_is_array(all) || (int)json_array_size(all) != L) {
-        snprintf(err, err_size, "%s: collaborative_list must be a list of %d entries, one per "
-                 "decoder layer of the model", path, L);
+        snprintf(err, err_size,
+                 "%s: collaborative_list must be a list of %d entries, one per "
+                 "decoder layer of the model",
+                 path, L);
         json_decref(root);
         return -1;
     }
@@ -164,23 +171,29 @@ int c2r_read_config(const char *path, const struct model_config *cfg, struct c2r
         if (!cfg->is_moe[l]) {
             for (size_t x = 0; x < (size_t)E * T; x++) out[x] = -1;
             if (!json_is_array(layer) || json_array_size(layer) != 0) {
-                snprintf(err, err_size, "%s: collaborative_list[%d]: decoder layer %d is dense: "
-                         "its entry must be []", path, l, l);
+                snprintf(err, err_size,
+                         "%s: collaborative_list[%d]: decoder layer %d is dense: "
+                         "its entry must be []",
+                         path, l, l);
                 rc = -1;
             }
             continue;
         }
         if (!json_is_array(layer) || (int)json_array_size(layer) != E) {
-            snprintf(err, err_size, "%s: collaborative_list[%d] must hold %d lists, one per "
-                     "expert", path, l, E);
+            snprintf(err, err_size,
+                     "%s: collaborative_list[%d] must hold %d lists, one per "
+                     "expert",
+                     path, l, E);
             rc = -1;
             break;
         }
         for (int e = 0; e < E && rc == 0; e++) {
             json_t *row = json_array_get(layer, (size_t)e);
             if (!json_is_array(row) || (int)json_array_size(row) != T) {
-                snprintf(err, err_size, "%s: collaborative_list[%d][%d] must hold top_t (%d) "
-                         "expert ids", path, l, e, T);
+                snprintf(err, err_size,
+                         "%s: collaborative_list[%d][%d] must hold top_t (%d) "
+                         "expert ids",
+                         path, l, e, T);
                 rc = -1;
                 break;
             }
@@ -189,8 +202,10 @@ int c2r_read_config(const char *path, const struct model_config *cfg, struct c2r
                 json_t *v = json_array_get(row, (size_t)t);
                 json_int_t id = json_is_integer(v) ? json_integer_value(v) : -1;
                 if (id < 0 || id >= E || id == e || seen[id]) {
-                    snprintf(err, err_size, "%s: collaborative_list[%d][%d][%d]: an expert id "
-                             "in [0, %d), not %d itself and not repeated", path, l, e, t, E, e);
+                    snprintf(err, err_size,
+                             "%s: collaborative_list[%d][%d][%d]: an expert id "
+                             "in [0, %d), not %d itself and not repeated",
+                             path, l, e, t, E, e);
                     rc = -1;
                     break;
                 }
@@ -229,7 +244,8 @@ void c2r_phase_setup(const struct deck *deck, struct model *m, const char *phase
                      int refuse_placement)
 {
     if (refuse_placement && deck->parallel.expert_placement == PLACEMENT_C2R)
-        fatal_all(EXIT_INPUT, "%s: parallel.expert_placement c2r is not implemented for %s: the "
+        fatal_all(EXIT_INPUT,
+                  "%s: parallel.expert_placement c2r is not implemented for %s: the "
                   "EP exchange holds experts in contiguous blocks (parallel.expert_placement: "
                   "contiguous); the score phase reports what the c2r placement would save",
                   phase, phase);
@@ -240,7 +256,8 @@ void c2r_phase_setup(const struct deck *deck, struct model *m, const char *phase
                 EXIT_INPUT, "%s: model.c2r_config: %s", phase, err);
     c2r_attach(m, &lists);
     log_info("%s: C2R routing, the other %d experts among the first one's top %d "
-             "collaborators (%s)", phase, m->cfg.top_k - 1, lists.top_t, deck->model.c2r_config);
+             "collaborators (%s)",
+             phase, m->cfg.top_k - 1, lists.top_t, deck->model.c2r_config);
     c2r_lists_free(&lists);
 }
 
@@ -320,7 +337,8 @@ uint64_t c2r_destinations(const int32_t *ids, int N, int K, const int32_t *rank_
 void c2r_kept_init(struct c2r_kept *kept, int n_moe_layers, int top_k)
 {
     int Lm = n_moe_layers > 0 ? n_moe_layers : 1;
-    *kept = (struct c2r_kept){.n_moe_layers = n_moe_layers, .top_k = top_k,
+    *kept = (struct c2r_kept){.n_moe_layers = n_moe_layers,
+                              .top_k = top_k,
                               .ids = xcalloc((size_t)Lm, sizeof(int32_t *)),
                               .tokens = xcalloc((size_t)Lm, sizeof(size_t)),
                               .capacity = xcalloc((size_t)Lm, sizeof(size_t))};
@@ -333,8 +351,11 @@ void c2r_kept_add(struct c2r_kept *kept, int m, const int32_t *ids, int N)
         size_t capacity = kept->capacity[m] ? kept->capacity[m] : 1024;
         while (capacity < need) capacity *= 2;
         int32_t *grown = realloc(kept->ids[m], capacity * K * sizeof(int32_t));
-        if (!grown) fatal(EXIT_RUNTIME, "score: out of memory keeping the routing of %zu tokens "
-                          "(parallel.expert_placement: c2r)", need);
+        if (!grown)
+            fatal(EXIT_RUNTIME,
+                  "score: out of memory keeping the routing of %zu tokens "
+                  "(parallel.expert_placement: c2r)",
+                  need);
         kept->ids[m] = grown;
         kept->capacity[m] = capacity;
     }
@@ -360,7 +381,8 @@ static int write_placement(const char *path, int ep, const struct model_config *
         json_t *layer = json_array();
         if (m < Lm && moe_layers[m] == l) {
             for (int e = 0; e < cfg->num_experts; e++)
-                json_array_append_new(layer, json_integer(rank_of_expert[(size_t)m * cfg->num_experts + e]));
+                json_array_append_new(
+                    layer, json_integer(rank_of_expert[(size_t)m * cfg->num_experts + e]));
             m++;
         }
         json_array_append_new(layers, layer);
@@ -386,7 +408,8 @@ void c2r_placement_report(const struct deck *deck, const struct layout *layout,
 {
     int E = cfg->num_experts, K = cfg->top_k, Lm = kept->n_moe_layers, ep = layout->grid.ep;
     size_t LE = (size_t)Lm * E;
-    int32_t *greedy = xcalloc(LE ? LE : 1, sizeof *greedy), *contiguous = xmalloc((size_t)E * sizeof *contiguous);
+    int32_t *greedy = xcalloc(LE ? LE : 1, sizeof *greedy),
+            *contiguous = xmalloc((size_t)E * sizeof *contiguous);
     if (layout->world_rank == 0)
         for (int m = 0; m < Lm; m++)
             c2r_placement_greedy(coact + (size_t)m * E * E, E, ep, greedy + (size_t)m * E);
@@ -419,8 +442,9 @@ void c2r_placement_report(const struct deck *deck, const struct layout *layout,
                  "of %d fp32, dispatch and combine forward and backward): one row per (token, "
                  "expert) as esft sends %.2f MiB; one row per destination rank: contiguous "
                  "placement %.2f MiB, c2r placement %.2f MiB (%.1f%% less), from the routing of "
-                 "%" PRIu64 " scored tokens", ep, deck->train.global_batch, deck->data.seq_len, Lm,
-                 cfg->hidden_size, per_slot * scale, by_contiguous * scale, by_c2r * scale,
+                 "%" PRIu64 " scored tokens",
+                 ep, deck->train.global_batch, deck->data.seq_len, Lm, cfg->hidden_size,
+                 per_slot * scale, by_contiguous * scale, by_c2r * scale,
                  by_contiguous > 0 ? 100.0 * (1.0 - by_c2r / by_contiguous) : 0.0,
                  Lm ? counts[0] : 0);
         metrics_write("expert_placement",
@@ -429,8 +453,7 @@ void c2r_placement_report(const struct deck *deck, const struct layout *layout,
                       ep, step_tokens, per_slot * scale, by_contiguous * scale, by_c2r * scale);
         rc = path_join(path, sizeof path, deck->run.output_dir, "expert_placement.json", err,
                        sizeof err);
-        if (rc == 0)
-            rc = write_placement(path, ep, cfg, moe_layers, Lm, greedy, err, sizeof err);
+        if (rc == 0) rc = write_placement(path, ep, cfg, moe_layers, Lm, greedy, err, sizeof err);
         if (rc == 0) log_info("score: c2r expert placement -> %s", path);
     }
     fail_if_any(rc != 0, EXIT_RUNTIME, "score: %s", err);

@@ -21,12 +21,12 @@
  * E/ep experts: take the expert pairs by descending coact (ties to the lower pair); two
  * unplaced experts open a new group together while fewer than ep groups are open, else
  * join the first group with room for both; an unplaced expert joins its placed partner's
- * group while that group has room; pairs of two placed experts are skipped. Experts still unplaced then fill the groups with room
- * in id order. Group g is EP rank g. What it saves: a token whose experts live on D
- * distinct EP ranks needs one copy of its row per remote rank when rows are sent once
- * per destination (C2R's scheme); from a source rank drawn uniformly, D (1 - 1/ep)
- * remote copies on average. esft's exchange sends one row per (token, expert) slot,
- * K (1 - 1/ep) on average whatever the placement. */
+ * group while that group has room; pairs of two placed experts are skipped. Experts still unplaced
+ * then fill the groups with room in id order. Group g is EP rank g. What it saves: a token whose
+ * experts live on D distinct EP ranks needs one copy of its row per remote rank when rows are sent
+ * once per destination (C2R's scheme); from a source rank drawn uniformly, D (1 - 1/ep) remote
+ * copies on average. esft's exchange sends one row per (token, expert) slot, K (1 - 1/ep) on
+ * average whatever the placement. */
 #ifndef ESFT_C2R_H
 #define ESFT_C2R_H
 

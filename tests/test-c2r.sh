@@ -3,9 +3,10 @@
 # model: score (2 ranks, ep 2) with parallel.expert_placement c2r reports the all-to-all
 # bytes of both placements and writes the c2r placement; select with select.c2r_top_t
 # writes c2r_config.json (config.json plus top_t and collaborative_list); train with
-# model.routing c2r runs, its losses differ from top-k routing, and the device simulator
-# gives the CPU's losses bit for bit; what is not implemented is refused before anything
-# runs. (test_grad holds C2R's routing and gradients to PyTorch; test_c2r the pure parts.)
+# model.routing c2r runs, its losses differ from top-k routing, the device simulator
+# gives the CPU's losses bit for bit and ep 2 the one-rank curve; what is not implemented
+# is refused before anything runs. (test_grad holds C2R's routing and gradients to
+# PyTorch; test_c2r the pure parts.)
 set -u
 . "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
 test_begin c2r
@@ -71,6 +72,9 @@ expect 0 "train, c2r, devsim" "$esft" "$tmp/deck.yaml" $common model.routing=c2r
 expect 0 "train, top-k" "$esft" "$tmp/deck.yaml" $common run.output_dir="$tmp/topk" run.backend=cpu
 same_curve "$tmp/cpu/metrics.jsonl" "$tmp/devsim/metrics.jsonl" 0 && ok ||
     fail "c2r: the device simulator's losses differ from the CPU's"
+expect 0 "train, c2r, ep 2" $mpirun 2 "$esft" "$tmp/deck.yaml" $common model.routing=c2r parallel.ep=2 run.output_dir="$tmp/ep2" run.backend=cpu
+same_curve "$tmp/cpu/metrics.jsonl" "$tmp/ep2/metrics.jsonl" 1e-6 && ok ||
+    fail "c2r: ep 2 gives another loss curve than one rank"
 same_curve "$tmp/cpu/metrics.jsonl" "$tmp/topk/metrics.jsonl" 0 &&
     fail "c2r: the same losses as top-k routing" || ok
 

@@ -22,7 +22,8 @@ static void test_lists(void)
     int32_t lists[4 * 3];
     c2r_layer_lists(coact, 4, 3, lists);
     const int32_t want[12] = {3, 1, 2, /**/ 0, 2, 3, /**/ 0, 3, 1, /**/ 0, 2, 1};
-    for (int i = 0; i < 12; i++) CHECK(lists[i] == want[i], "list entry %d: %d, want %d", i, lists[i], want[i]);
+    for (int i = 0; i < 12; i++)
+        CHECK(lists[i] == want[i], "list entry %d: %d, want %d", i, lists[i], want[i]);
     int32_t two[4 * 1];
     c2r_layer_lists(coact, 4, 1, two);
     CHECK(two[0] == 3 && two[1] == 0 && two[2] == 0 && two[3] == 0, "top_t 1");
@@ -49,26 +50,30 @@ static void test_config(void)
     write_text(path, "{\"top_t\": 2, \"collaborative_list\": [[], [[1,2],[0,3],[3,0],[2,1]]]}");
     CHECK(c2r_read_config(path, &cfg, &lists, err, sizeof err) == 0, "%s", err);
     CHECK(lists.top_t == 2 && lists.collaborators[0] == -1 && lists.collaborators[8] == 1 &&
-              lists.collaborators[15] == 1, "read lists");
+              lists.collaborators[15] == 1,
+          "read lists");
     c2r_lists_free(&lists);
     struct {
         const char *text, *message;
     } bad[] = {
         {"{\"top_t\": 0, \"collaborative_list\": [[], [[],[],[],[]]]}", "top_t must be"},
-        {"{\"top_t\": 4, \"collaborative_list\": [[], [[1,2],[0,3],[3,0],[2,1]]]}", "top_t must be"},
+        {"{\"top_t\": 4, \"collaborative_list\": [[], [[1,2],[0,3],[3,0],[2,1]]]}",
+         "top_t must be"},
         {"{\"top_t\": 2, \"collaborative_list\": [[[1,2],[0,3],[3,0],[2,1]]]}", "2 entries"},
         {"{\"top_t\": 2, \"collaborative_list\": [[1], [[1,2],[0,3],[3,0],[2,1]]]}", "is dense"},
         {"{\"top_t\": 2, \"collaborative_list\": [[], [[1,2],[0,3],[3,0]]]}", "4 lists"},
         {"{\"top_t\": 2, \"collaborative_list\": [[], [[1,1],[0,3],[3,0],[2,1]]]}", "[1][0][1]"},
         {"{\"top_t\": 2, \"collaborative_list\": [[], [[1,2],[1,3],[3,0],[2,1]]]}", "not 1 itself"},
         {"{\"top_t\": 2, \"collaborative_list\": [[], [[1,2],[0,3],[3,4],[2,1]]]}", "in [0, 4)"},
-        {"{\"top_t\": 2, \"collaborative_list\": [[], [[1,2],[0,3],[3,0],[2]]]}", "[1][3] must hold"},
+        {"{\"top_t\": 2, \"collaborative_list\": [[], [[1,2],[0,3],[3,0],[2]]]}",
+         "[1][3] must hold"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         write_text(path, bad[i].text);
         err[0] = '\0';
         CHECK(c2r_read_config(path, &cfg, &lists, err, sizeof err) != 0, "bad %zu accepted", i);
-        CHECK(strstr(err, bad[i].message) != NULL, "bad %zu: '%s' lacks '%s'", i, err, bad[i].message);
+        CHECK(strstr(err, bad[i].message) != NULL, "bad %zu: '%s' lacks '%s'", i, err,
+              bad[i].message);
     }
     unlink(path);
 }
@@ -97,7 +102,8 @@ static void test_placement(void)
         if (rng_below(&rng, 10) < 8)
             b = (a + E / 2) % E;
         else
-            do b = (int)rng_below(&rng, E); while (b == a);
+            do b = (int)rng_below(&rng, E);
+            while (b == a);
         ids[n * K] = a, ids[n * K + 1] = b;
         coact[a * E + b]++, coact[b * E + a]++;
     }
@@ -107,7 +113,8 @@ static void test_placement(void)
         CHECK(greedy[e] >= 0 && greedy[e] < EP, "expert %d on rank %d", e, greedy[e]);
         if (greedy[e] >= 0 && greedy[e] < EP) members[greedy[e]]++;
     }
-    for (int r = 0; r < EP; r++) CHECK(members[r] == E / EP, "rank %d holds %d experts", r, members[r]);
+    for (int r = 0; r < EP; r++)
+        CHECK(members[r] == E / EP, "rank %d holds %d experts", r, members[r]);
     for (int e = 0; e < E / 2; e++)
         CHECK(greedy[e] == greedy[e + E / 2], "experts %d and %d apart", e, e + E / 2);
     uint64_t by_contiguous = 0, by_greedy = 0;
@@ -120,8 +127,8 @@ static void test_placement(void)
     CHECK(by_greedy < by_contiguous * 3 / 4, "greedy %llu destinations, contiguous %llu",
           (unsigned long long)by_greedy, (unsigned long long)by_contiguous);
     printf("skewed routing, %d tokens, top-%d of %d experts over ep %d: %llu destination ranks "
-           "contiguous, %llu c2r\n", N, K, E, EP, (unsigned long long)by_contiguous,
-           (unsigned long long)by_greedy);
+           "contiguous, %llu c2r\n",
+           N, K, E, EP, (unsigned long long)by_contiguous, (unsigned long long)by_greedy);
     /* one expert per rank: nothing to group */
     int32_t single[4];
     c2r_placement_greedy(coact, 4, 4, single);
