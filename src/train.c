@@ -104,11 +104,72 @@ static void state_to_host(struct model *m, struct adamw *opt)
     adamw_download(opt);
 }
 
+/* The process's peak before the last reset of the kernel's counter (checkpoint_peaks):
+ * ru_maxrss restarts from the resident size then, the run's peak does not. */
+static double peak_before_reset_mib;
+
 /* Peak resident memory of this process in MiB (Linux: ru_maxrss is in KiB). */
 static double peak_rss_mib(void)
 {
     struct rusage usage;
-    return getrusage(RUSAGE_SELF, &usage) == 0 ? usage.ru_maxrss / 1024.0 : 0.0;
+    double now = getrusage(RUSAGE_SELF, &usage) == 0 ? usage.ru_maxrss / 1024.0 : 0.0;
+    return now > peak_before_reset_mib ? now : peak_before_reset_mib;
+}
+
+/* VmHWM of /proc/self/status in MiB (Linux); 0 when unknown. */
+static double vm_hwm_mib(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return 0;
+    char line[256];
+    double kib = 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "VmHWM: %lf kB", &kib) == 1) break;
+    fclose(f);
+    return kib / 1024.0;
+}
+
+/* checkpoint_write, with each rank's peak resident memory during the write: the kernel's
+ * peak (VmHWM) is reset to the resident size before (writing 5 to /proc/self/clear_refs)
+ * and read after. Logged, and recorded in metrics.jsonl ("checkpoint": rank 0's peak and
+ * the largest and smallest of the other ranks'), so that what the write costs each rank
+ * is seen: rank 0 holds no more than the others. Where the reset is not allowed the
+ * figures are the run's peaks so far, and say so (checkpoint_peak: false). */
+static int write_checkpoint(const char *output_dir, const struct model *model,
+                            const struct adamw *opt, const struct train_position *position,
+                            const struct checkpoint_run *run, int keep, char *err,
+                            size_t err_size)
+{
+    peak_before_reset_mib = peak_rss_mib();
+    FILE *refs = fopen("/proc/self/clear_refs", "w");
+    int reset = refs && fputs("5", refs) >= 0;
+    if (refs && fclose(refs) != 0) reset = 0;
+    int rc = checkpoint_write(output_dir, model, opt, position, run, keep, MPI_COMM_WORLD, err,
+                              err_size);
+    int rank, size;
+    check_mpi(MPI_Comm_rank(MPI_COMM_WORLD, &rank));
+    check_mpi(MPI_Comm_size(MPI_COMM_WORLD, &size));
+    double mine[2] = {vm_hwm_mib(), reset};
+    double *all = rank == 0 ? xmalloc(2 * (size_t)size * sizeof *all) : NULL;
+    check_mpi(MPI_Gather(mine, 2, MPI_DOUBLE, all, 2, MPI_DOUBLE, 0, MPI_COMM_WORLD));
+    if (rank == 0 && rc == 0) {
+        double most = size > 1 ? all[2] : all[0], least = most;
+        int every_reset = 1;
+        for (int r = 0; r < size; r++) {
+            every_reset &= all[2 * r + 1] != 0;
+            if (r == 0) continue;
+            most = all[2 * r] > most ? all[2 * r] : most;
+            least = all[2 * r] < least ? all[2 * r] : least;
+        }
+        log_info("train: checkpoint at step %lld: peak memory %.1f MiB on rank 0, %.1f to %.1f "
+                 "MiB on the other ranks%s", position->step, all[0], least, most,
+                 every_reset ? "" : " (the run's peaks: the counter could not be reset)");
+        metrics_write("checkpoint", "\"step\": %lld, \"rank0_peak_rss_mib\": %.1f, "
+                      "\"others_peak_rss_mib\": [%.1f, %.1f], \"checkpoint_peak\": %s",
+                      position->step, all[0], least, most, every_reset ? "true" : "false");
+    }
+    free(all);
+    return rc;
 }
 
 /* ---- the phase ----------------------------------------------------------------------- */
@@ -479,8 +540,8 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         if (bad && tr->bad_steps == BAD_STEPS_STOP) {
             state_to_host(&model, &opt);
             if (before.step > last_checkpoint &&
-                checkpoint_write(deck->run.output_dir, &model, &opt, &before, &run,
-                                 tr->keep_checkpoints, MPI_COMM_WORLD, err, sizeof err) != 0)
+                write_checkpoint(deck->run.output_dir, &model, &opt, &before, &run,
+                                 tr->keep_checkpoints, err, sizeof err) != 0)
                 fatal_all(EXIT_RUNTIME, "train: %s", err);
             metrics_write("bad_step", "\"step\": %lld, \"reason\": \"%s\", \"loss\": %.17g, "
                           "\"grad_norm\": %.17g", before.step + 1, bad, loss, norm);
@@ -547,11 +608,10 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         bool periodic = tr->checkpoint_every > 0 && position.step % tr->checkpoint_every == 0;
         if (periodic || last || stop) {
             state_to_host(&model, &opt);
-            if (checkpoint_write(deck->run.output_dir, &model, &opt, &position, &run,
-                                 tr->keep_checkpoints, MPI_COMM_WORLD, err, sizeof err) != 0)
+            if (write_checkpoint(deck->run.output_dir, &model, &opt, &position, &run,
+                                 tr->keep_checkpoints, err, sizeof err) != 0)
                 fatal_all(EXIT_RUNTIME, "train: %s", err);
             last_checkpoint = position.step;
-            log_info("train: checkpoint at step %lld", position.step);
         }
         if (stop && !last) {
             log_info("train: stopped by signal %d after step %lld; the next run with "
