@@ -19,8 +19,9 @@
  * never values read silently. Older files still read: version 2 (the same without
  * layout and slices: written whole by rank 0), and version 1 (no checksums, no data or
  * expert_config hash) read unverified: checkpoint_info says so.
- * Every rank writes the rows it holds into the one file (parallel HDF5, collective
- * writes): no rank holds more than its own tensors. A checkpoint is written to a
+ * Every rank writes the rows it holds into the one file (parallel HDF5: the metadata
+ * collectively, each rank's rows in its own writes): no rank holds more than its own
+ * tensors. A checkpoint is written to a
  * temporary name, flushed and closed by every rank, fsynced, renamed, and the directory
  * fsynced: a crash leaves the previous checkpoints and at most a stray temporary file,
  * never a torn checkpoint under a real name. */

@@ -2,16 +2,22 @@
  * phase (see checkpoint.h for the file layout; the readers are in checkpoint.c).
  *
  * One HDF5 file per checkpoint, written with parallel HDF5 (the MPI-IO driver) by every
- * rank of the layout at once: the ranks create the attributes, groups and datasets
- * together (HDF5's metadata operations are collective), then each dataset is written by
- * one collective H5Dwrite in which every rank that holds the tensor writes a block of its
- * rows from its own memory and the others select nothing. The holders of a tensor are the
- * ranks of its stage, on every data-parallel slot, with its EP rank (or every EP rank for
- * a tensor they all hold); they hold the same values, so the rows are split evenly among
- * them and no tensor travels between ranks: no rank holds more than its own tensors at
- * any time. The rows each rank wrote are recorded with the dataset (its `slices`), and
- * the writer's layout at the root (`layout`); the dataset's shape is the tensor's global
- * shape, so a checkpoint reads back under any layout.
+ * rank of the layout at once. The ranks create the attributes, groups and datasets
+ * together (HDF5's metadata operations are collective, and its metadata is written
+ * collectively at the flush); then every rank that holds a tensor writes a block of its
+ * rows from its own memory. The holders of a tensor are the ranks of its stage, on every
+ * data-parallel slot, with its EP rank (or every EP rank for a tensor they all hold);
+ * they hold the same values, so the rows are split evenly among them and no tensor
+ * travels between ranks: no rank holds more than its own tensors at any time. The rows
+ * each rank wrote are recorded with the dataset (its `slices`), and the writer's layout
+ * at the root (`layout`); the dataset's shape is the tensor's global shape, so a
+ * checkpoint reads back under any layout.
+ *
+ * The tensors' data goes in independent MPI-IO writes, not collective ones: each is one
+ * contiguous block of rows from one rank (nothing for collective buffering to merge),
+ * and a collective H5Dwrite per dataset made every rank wait for every other once per
+ * tensor: 30 s against 5 s for the 2,529 datasets of the 140M-parameter init model under
+ * ep 4 (4 ranks on 2 cores, 2026-11-26).
  *
  * The checksums are those of version 2: of each tensor's values, computed by its
  * lowest-numbered holder and shared with every rank (attributes are written by all ranks
@@ -39,6 +45,9 @@
 #include "gather.h"
 #include "h5util.h"
 #include "log.h"
+
+/* Bytes of MPI-IO's collective buffer per aggregating rank (the hint cb_buffer_size). */
+#define CHECKPOINT_COLLECTIVE_BUFFER "4194304"
 
 /* ---- attributes --------------------------------------------------------------------- */
 
@@ -244,7 +253,14 @@ static int open_checkpoint(struct checkpoint_out *out, const struct root_attribu
 {
     hid_t fcpl = H5Pcreate(H5P_FILE_CREATE), fapl = checkpoint_file_access();
     hid_t gcpl = H5Pcreate(H5P_GROUP_CREATE);
-    H5Pset_fapl_mpio(fapl, comm, MPI_INFO_NULL);
+    /* MPI-IO's collective buffers (the metadata's collective write, on the ranks that
+     * aggregate it: rank 0 among them) held to 4 MiB: ROMIO's default is 16 MiB, Open
+     * MPI's OMPIO 32 MiB */
+    MPI_Info info;
+    check_mpi(MPI_Info_create(&info));
+    check_mpi(MPI_Info_set(info, "cb_buffer_size", CHECKPOINT_COLLECTIVE_BUFFER));
+    H5Pset_fapl_mpio(fapl, comm, info);
+    check_mpi(MPI_Info_free(&info));
     /* metadata read by one rank and shared, written by all together: fewer small I/Os */
     H5Pset_all_coll_metadata_ops(fapl, 1);
     H5Pset_coll_metadata_write(fapl, 1);
@@ -257,7 +273,7 @@ static int open_checkpoint(struct checkpoint_out *out, const struct root_attribu
     H5Pset_alloc_time(out->dcpl, H5D_ALLOC_TIME_EARLY);
     H5Pset_fill_time(out->dcpl, H5D_FILL_TIME_NEVER);
     out->dxpl = H5Pcreate(H5P_DATASET_XFER);
-    H5Pset_dxpl_mpio(out->dxpl, H5FD_MPIO_COLLECTIVE);
+    H5Pset_dxpl_mpio(out->dxpl, H5FD_MPIO_INDEPENDENT); /* see the banner */
     out->file = H5Fcreate(out->tmp, H5F_ACC_TRUNC, fcpl, fapl);
     int rc = 0;
     if (out->file < 0) {
@@ -279,8 +295,8 @@ static int open_checkpoint(struct checkpoint_out *out, const struct root_attribu
     return rc;
 }
 
-/* /GROUP/<name>: p's global shape, its checksum and slices, and the rows this rank writes
- * (none when `data` is NULL), in one collective write. */
+/* /GROUP/<name>: p's global shape, its checksum and slices (collective), and the rows this
+ * rank writes (none when `data` is NULL or count is 0). */
 static int put_tensor(struct checkpoint_out *out, int g, const struct param *p, const float *data,
                       uint64_t sum, const int64_t *slices, int n_slices, int64_t first,
                       int64_t count, char *err, size_t err_size)
@@ -302,26 +318,21 @@ static int put_tensor(struct checkpoint_out *out, int g, const struct param *p, 
         put_attr(dset, "slices", H5T_STD_I64LE, H5T_NATIVE_INT64, slices, (hsize_t)n_slices, 3,
                  out->tmp, err, err_size))
         rc = -1;
-    /* every rank takes part in the write, those that hold none of the rows with nothing */
-    size_t row_floats = p->numel / (size_t)p->shape[0];
-    hsize_t count_floats = data && count > 0 ? (hsize_t)count * row_floats : 1;
-    hid_t memory_space = H5Screate_simple(1, &count_floats, NULL);
-    float none = 0;
-    const float *from = &none;
+    /* the rows this rank writes, if any (an independent write) */
     if (data && count > 0) {
+        size_t row_floats = p->numel / (size_t)p->shape[0];
+        hsize_t count_floats = (hsize_t)count * row_floats;
         hsize_t start[2] = {(hsize_t)first, 0}, block[2] = {(hsize_t)count, dims[1]};
+        hid_t memory_space = H5Screate_simple(1, &count_floats, NULL);
         H5Sselect_hyperslab(file_space, H5S_SELECT_SET, start, NULL, block, NULL);
-        from = data + (size_t)first * row_floats;
-    } else {
-        H5Sselect_none(file_space);
-        H5Sselect_none(memory_space);
+        if (H5Dwrite(dset, H5T_NATIVE_FLOAT, memory_space, file_space, out->dxpl,
+                     data + (size_t)first * row_floats) < 0 &&
+            rc == 0) {
+            h5_fail(err, err_size, out->tmp, object, "cannot write");
+            rc = -1;
+        }
+        H5Sclose(memory_space);
     }
-    if (H5Dwrite(dset, H5T_NATIVE_FLOAT, memory_space, file_space, out->dxpl, from) < 0 &&
-        rc == 0) {
-        h5_fail(err, err_size, out->tmp, object, "cannot write");
-        rc = -1;
-    }
-    H5Sclose(memory_space);
     H5Dclose(dset);
     H5Sclose(file_space);
     return rc;
