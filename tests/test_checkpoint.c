@@ -1,4 +1,5 @@
-/* test_checkpoint: training checkpoints, the exports and the loss curve (src/checkpoint.c).
+/* test_checkpoint: training checkpoints, the exports and the loss curve (src/checkpoint.c,
+ * src/checkpoint_write.c, src/export.c, src/history.c).
  * An MPI program: run it under any rank count (run-tests uses 1, 2 and 4).
  *   - a tiny qwen3_moe model built in memory, every tensor on every rank (data
  *     parallelism), with a hand-chosen trainable set (experts 1 of layer 0 and 2 of
