@@ -1,20 +1,16 @@
-/* checkpoint: training checkpoints (HDF5), for the train phase (see checkpoint.h for the
- * file layout; the exports are in export.c, the loss chart in history.c).
+/* checkpoint: training checkpoints (HDF5), for the train phase: their names, the listing
+ * of a checkpoint directory and the readers (see checkpoint.h for the file layout; the
+ * writer is checkpoint_write.c, the exports export.c, the loss chart history.c).
  *
- * The files do not depend on the layout: tensors are stored whole under their Hugging
- * Face names. World rank 0 writes them with the serial HDF5 API (or the safetensors
- * writer); a tensor it does not hold comes from its holder on data-parallel slot 0, point
- * to point, one tensor at a time in parameter-table order (gather_to_rank0), and every
- * rank reads back exactly the tensors it holds under its own layout. A checkpoint goes
- * to a dot-file in the checkpoint directory: HDF5 closes it, the bytes are fsynced, the
- * file is renamed to its real name and the directory fsynced. A real name therefore
- * only ever names a complete file. Object timestamps are off, so the same state gives
- * the same bytes under any layout. Every tensor carries the checksum of its values and
- * the root the checksum of the attributes, computed by rank 0 from the values it writes,
- * so that damage done after the write (the disk, a copy, a hand) is found on reading.
- * Readers validate every attribute and the structure before they touch the model, and
- * each tensor's checksum as they read it. */
+ * The files do not depend on the layout that reads them: tensors are stored whole under
+ * their Hugging Face names, and every rank reads back, on its own with the serial HDF5
+ * API, exactly the tensors it holds under its own layout, whatever layout wrote them.
+ * Readers validate every attribute and the structure (in version 3 also that each
+ * tensor's recorded slices cover it exactly) before they touch the model, and each
+ * tensor's checksum as they read it. Versions 2 (gathered to rank 0 by older esft) and 1
+ * (no checksums, read unverified) are still read. */
 #include "checkpoint.h"
+#include "checkpoint_internal.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -38,18 +34,11 @@
 #include "log.h"
 #include "safetensors.h"
 
-#define CHECKPOINT_FORMAT "esft-checkpoint"
-#define CHECKPOINT_VERSION 2
-/* the oldest version still read: 1, without checksums (read unverified) */
-#define CHECKPOINT_VERSION_OLDEST 1
 #define CHECKPOINT_MESSAGE_MAX 8192 /* a message checkpoint_agree carries: resume's refusals list keys */
-#define CHECKPOINT_PATH_MAX 4200
 
 /* ---- HDF5 files ---------------------------------------------------------------------- */
 
-/* File access without HDF5's advisory locks: checkpoints are protected by the rename,
- * and locks fail on some parallel file systems. */
-static hid_t file_access_plist(void)
+hid_t checkpoint_file_access(void)
 {
     hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
 #if (H5_VERS_MAJOR == 1 && H5_VERS_MINOR == 10 && H5_VERS_RELEASE >= 7) || H5_VERSION_GE(1, 12, 1)
@@ -84,21 +73,13 @@ static bool checkpoint_name_step(const char *name, long long *step)
     return true;
 }
 
-/* A temporary file this module leaves when a write dies: ".step-<digits>.h5.tmp". */
-static bool checkpoint_temporary_name(const char *name)
+bool checkpoint_temporary_name(const char *name)
 {
     size_t n = strlen(name);
     return strncmp(name, ".step-", 6) == 0 && n > 13 && strcmp(name + n - 7, ".h5.tmp") == 0;
 }
 
-struct step_list {
-    long long *steps;
-    int n, cap;
-};
-
-/* The steps of the real checkpoint names of dir; 0, -1 with errno on an unreadable
- * directory (ENOENT: none yet). */
-static int list_checkpoints(const char *dir, struct step_list *list)
+int checkpoint_list_steps(const char *dir, struct step_list *list)
 {
     list->steps = NULL;
     list->n = list->cap = 0;
@@ -120,7 +101,7 @@ static int list_checkpoints(const char *dir, struct step_list *list)
     return 0;
 }
 
-static int compare_steps(const void *a, const void *b)
+int checkpoint_compare_steps(const void *a, const void *b)
 {
     long long x = *(const long long *)a, y = *(const long long *)b;
     return (x > y) - (x < y);
@@ -131,79 +112,10 @@ int checkpoint_agree(int status, char *err, size_t err_size, MPI_Comm comm)
     return ranks_agree(status, err, err_size, comm);
 }
 
-/* ---- writing ------------------------------------------------------------------------ */
+const char *const checkpoint_groups[3] = {"tensors", "adam_m", "adam_v"};
 
-static int put_attr_string(hid_t file, const char *name, const char *value, const char *path,
-                           char *err, size_t err_size)
-{
-    size_t n = strlen(value);
-    hid_t type = H5Tcopy(H5T_C_S1);
-    H5Tset_size(type, n > 0 ? n : 1);
-    H5Tset_strpad(type, H5T_STR_NULLTERM);
-    hid_t space = H5Screate(H5S_SCALAR);
-    hid_t attr = H5Acreate2(file, name, type, space, H5P_DEFAULT, H5P_DEFAULT);
-    int rc = 0;
-    if (attr < 0 || H5Awrite(attr, type, n > 0 ? value : "") < 0) {
-        h5_fail(err, err_size, path, name, "cannot write attribute");
-        rc = -1;
-    }
-    if (attr >= 0) H5Aclose(attr);
-    H5Sclose(space);
-    H5Tclose(type);
-    return rc;
-}
-
-/* An attribute of `count` elements (scalar when count is 1). */
-static int put_attr(hid_t file, const char *name, hid_t file_type, hid_t mem_type,
-                    const void *value, hsize_t count, const char *path, char *err, size_t err_size)
-{
-    hid_t space = count == 1 ? H5Screate(H5S_SCALAR) : H5Screate_simple(1, &count, NULL);
-    hid_t attr = H5Acreate2(file, name, file_type, space, H5P_DEFAULT, H5P_DEFAULT);
-    int rc = 0;
-    if (attr < 0 || H5Awrite(attr, mem_type, value) < 0) {
-        h5_fail(err, err_size, path, name, "cannot write attribute");
-        rc = -1;
-    }
-    if (attr >= 0) H5Aclose(attr);
-    H5Sclose(space);
-    return rc;
-}
-
-/* /GROUP/<name> = data as fp32 with p's shape, with the checksum of its bytes. */
-static int put_tensor(hid_t group, const char *group_name, const struct param *p, const float *data,
-                      hid_t dcpl, const char *path, char *err, size_t err_size)
-{
-    hsize_t dims[2] = {(hsize_t)p->shape[0], p->rank > 1 ? (hsize_t)p->shape[1] : 1};
-    hid_t space = H5Screate_simple(p->rank, dims, NULL);
-    hid_t dset = H5Dcreate2(group, p->name, H5T_IEEE_F32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
-    char object[PARAM_NAME_MAX + 32];
-    snprintf(object, sizeof object, "/%s/%s", group_name, p->name);
-    int rc = 0;
-    if (dset < 0 || H5Dwrite(dset, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0) {
-        h5_fail(err, err_size, path, object, "cannot write");
-        rc = -1;
-    }
-    if (rc == 0) {
-        uint64_t sum = checksum64(data, p->numel * sizeof(float));
-        rc = put_attr(dset, "checksum", H5T_STD_U64LE, H5T_NATIVE_UINT64, &sum, 1, path, err,
-                      err_size);
-    }
-    if (dset >= 0) H5Dclose(dset);
-    H5Sclose(space);
-    return rc;
-}
-
-static const char *const checkpoint_groups[3] = {"tensors", "adam_m", "adam_v"};
-
-/* Rank 0's checkpoint while it is written: the temporary file, open, and its real name. */
-struct checkpoint_out {
-    char dir[CHECKPOINT_PATH_MAX], path[CHECKPOINT_PATH_MAX], tmp[CHECKPOINT_PATH_MAX];
-    hid_t file, dcpl, groups[3];
-    struct h5_quiet quiet;
-};
-
-/* The root checksum of a version-2 checkpoint over its attributes (checkpoint.h). */
-static uint64_t attributes_checksum(const struct checkpoint_info *info)
+/* The root checksum of a version-2 or later checkpoint over its attributes (checkpoint.h). */
+uint64_t checkpoint_attributes_checksum(const struct checkpoint_info *info)
 {
     int32_t version = info->version;
     int64_t where[3] = {info->position.step, info->position.epoch, info->position.block};
@@ -221,232 +133,6 @@ static uint64_t attributes_checksum(const struct checkpoint_info *info)
     return checksum_end(&c);
 }
 
-/* The attributes of the checkpoint. */
-static int put_attributes(hid_t file, const char *path, const struct model *model,
-                          const struct adamw *opt, const struct train_position *position,
-                          const struct checkpoint_run *run, char *err, size_t err_size)
-{
-    int32_t version = CHECKPOINT_VERSION;
-    int64_t step = position->step, epoch = position->epoch, block = position->block;
-    int64_t adam_step = opt->step;
-    uint64_t hash = model->cfg.hash;
-    const char *deck_text = run->deck_text ? run->deck_text : "";
-    struct checkpoint_info info = {.version = version,
-                                   .position = *position,
-                                   .adam_step = adam_step,
-                                   .config_hash = hash,
-                                   .method = (char *)run->method,
-                                   .deck_text = (char *)deck_text,
-                                   .data_hash = run->data_hash,
-                                   .expert_config_hash = run->expert_config_hash};
-    uint64_t sum = attributes_checksum(&info);
-    if (put_attr_string(file, "format", CHECKPOINT_FORMAT, path, err, err_size) ||
-        put_attr(file, "version", H5T_STD_I32LE, H5T_NATIVE_INT32, &version, 1, path, err,
-                 err_size) ||
-        put_attr(file, "step", H5T_STD_I64LE, H5T_NATIVE_INT64, &step, 1, path, err, err_size) ||
-        put_attr(file, "epoch", H5T_STD_I64LE, H5T_NATIVE_INT64, &epoch, 1, path, err, err_size) ||
-        put_attr(file, "block", H5T_STD_I64LE, H5T_NATIVE_INT64, &block, 1, path, err, err_size) ||
-        put_attr(file, "rng", H5T_STD_U64LE, H5T_NATIVE_UINT64, position->rng, 4, path, err,
-                 err_size) ||
-        put_attr(file, "adam_step", H5T_STD_I64LE, H5T_NATIVE_INT64, &adam_step, 1, path, err,
-                 err_size) ||
-        put_attr(file, "config_hash", H5T_STD_U64LE, H5T_NATIVE_UINT64, &hash, 1, path, err,
-                 err_size) ||
-        put_attr_string(file, "method", run->method, path, err, err_size) ||
-        put_attr_string(file, "deck", deck_text, path, err, err_size) ||
-        put_attr(file, "data_hash", H5T_STD_U64LE, H5T_NATIVE_UINT64, &run->data_hash, 1, path, err,
-                 err_size) ||
-        put_attr(file, "expert_config_hash", H5T_STD_U64LE, H5T_NATIVE_UINT64,
-                 &run->expert_config_hash, 1, path, err, err_size) ||
-        put_attr(file, "checksum", H5T_STD_U64LE, H5T_NATIVE_UINT64, &sum, 1, path, err, err_size))
-        return -1;
-    return 0;
-}
-
-/* Rank 0: creates the checkpoint directory and the temporary file with its attributes
- * and (empty) groups; the tensors follow. On failure nothing is left open or on disk. */
-static int open_checkpoint(struct checkpoint_out *out, const char *output_dir,
-                           const struct model *model, const struct adamw *opt,
-                           const struct train_position *position, const struct checkpoint_run *run,
-                           char *err, size_t err_size)
-{
-    out->file = out->dcpl = -1;
-    for (int g = 0; g < 3; g++) out->groups[g] = -1;
-    char name[64], tmp_name[64];
-    snprintf(name, sizeof name, "step-%08lld.h5", position->step);
-    snprintf(tmp_name, sizeof tmp_name, ".step-%08lld.h5.tmp", position->step);
-    if (path_join(out->dir, sizeof out->dir, output_dir, "checkpoints", err, err_size) ||
-        path_join(out->path, sizeof out->path, out->dir, name, err, err_size) ||
-        path_join(out->tmp, sizeof out->tmp, out->dir, tmp_name, err, err_size))
-        return -1;
-    struct stat st;
-    int failure = make_directories(out->dir) != 0 || stat(out->dir, &st) != 0 ? errno : 0;
-    if (failure == 0 && !S_ISDIR(st.st_mode)) failure = ENOTDIR; /* a file of that name */
-    if (failure != 0) {
-        snprintf(err, err_size, "%s: cannot create directory: %s", out->dir, strerror(failure));
-        return -1;
-    }
-    h5_quiet_begin(&out->quiet);
-    hid_t fcpl = H5Pcreate(H5P_FILE_CREATE), fapl = file_access_plist();
-    hid_t gcpl = H5Pcreate(H5P_GROUP_CREATE);
-    out->dcpl = H5Pcreate(H5P_DATASET_CREATE);
-    /* no modification times: the same state writes the same bytes */
-    H5Pset_obj_track_times(fcpl, 0);
-    H5Pset_obj_track_times(gcpl, 0);
-    H5Pset_obj_track_times(out->dcpl, 0);
-    out->file = H5Fcreate(out->tmp, H5F_ACC_TRUNC, fcpl, fapl);
-    int rc = 0;
-    if (out->file < 0) {
-        h5_fail(err, err_size, out->tmp, NULL, "cannot create checkpoint");
-        rc = -1;
-    }
-    if (rc == 0) rc = put_attributes(out->file, out->tmp, model, opt, position, run, err, err_size);
-    for (int g = 0; g < 3 && rc == 0; g++) {
-        out->groups[g] =
-            H5Gcreate2(out->file, checkpoint_groups[g], H5P_DEFAULT, gcpl, H5P_DEFAULT);
-        if (out->groups[g] < 0) {
-            h5_fail(err, err_size, out->tmp, checkpoint_groups[g], "cannot create group");
-            rc = -1;
-        }
-    }
-    H5Pclose(fcpl);
-    H5Pclose(fapl);
-    H5Pclose(gcpl);
-    if (rc != 0) {
-        for (int g = 0; g < 3; g++)
-            if (out->groups[g] >= 0) H5Gclose(out->groups[g]);
-        if (out->file >= 0) H5Fclose(out->file);
-        H5Pclose(out->dcpl);
-        h5_quiet_end(&out->quiet);
-        unlink(out->tmp);
-    }
-    return rc;
-}
-
-/* The tensor_sink of checkpoint_write: a tensor and its AdamW m and v into the file. */
-static int put_checkpoint_tensor(const struct param *p, const float *const *parts, void *sink,
-                                 char *err, size_t err_size)
-{
-    struct checkpoint_out *out = sink;
-    for (int g = 0; g < 3; g++)
-        if (put_tensor(out->groups[g], checkpoint_groups[g], p, parts[g], out->dcpl, out->tmp, err,
-                       err_size))
-            return -1;
-    return 0;
-}
-
-/* Deletes the oldest real checkpoints beyond `keep` and stray temporary files. Failures
- * are warnings: the checkpoint just written is complete. */
-static void prune_checkpoints(const char *dir, int keep)
-{
-    struct step_list list;
-    if (list_checkpoints(dir, &list) != 0) {
-        log_warn("cannot list %s to delete old checkpoints: %s", dir, strerror(errno));
-        return;
-    }
-    if (list.n > 1) qsort(list.steps, (size_t)list.n, sizeof *list.steps, compare_steps);
-    char path[CHECKPOINT_PATH_MAX];
-    for (int i = 0; i < list.n - keep; i++) {
-        snprintf(path, sizeof path, "%s/step-%08lld.h5", dir, list.steps[i]);
-        if (unlink(path) != 0 && errno != ENOENT)
-            log_warn("cannot delete old checkpoint %s: %s", path, strerror(errno));
-    }
-    free(list.steps);
-    DIR *d = opendir(dir);
-    if (!d) return;
-    struct dirent *entry;
-    while ((entry = readdir(d)) != NULL) {
-        if (!checkpoint_temporary_name(entry->d_name)) continue;
-        snprintf(path, sizeof path, "%s/%s", dir, entry->d_name);
-        if (unlink(path) != 0 && errno != ENOENT)
-            log_warn("cannot delete stray temporary file %s: %s", path, strerror(errno));
-    }
-    closedir(d);
-}
-
-/* Rank 0: closes the temporary file; when everything went in (rc 0), fsyncs it, renames
- * it to its real name, fsyncs the directory and prunes; otherwise deletes it. */
-static int close_checkpoint(struct checkpoint_out *out, int rc, int keep, char *err,
-                            size_t err_size)
-{
-    for (int g = 0; g < 3; g++) H5Gclose(out->groups[g]);
-    if (H5Fclose(out->file) < 0 && rc == 0) {
-        h5_fail(err, err_size, out->tmp, NULL, "cannot close checkpoint");
-        rc = -1;
-    }
-    H5Pclose(out->dcpl);
-    h5_quiet_end(&out->quiet);
-    if (rc != 0) {
-        unlink(out->tmp);
-        return -1;
-    }
-    if (fsync_path(out->tmp, O_RDONLY) != 0) {
-        snprintf(err, err_size, "%s: fsync failed: %s", out->tmp, strerror(errno));
-        unlink(out->tmp);
-        return -1;
-    }
-    if (rename(out->tmp, out->path) != 0) {
-        snprintf(err, err_size, "cannot rename %s to %s: %s", out->tmp, out->path, strerror(errno));
-        unlink(out->tmp);
-        return -1;
-    }
-    if (fsync_path(out->dir, O_RDONLY | O_DIRECTORY) != 0) {
-        snprintf(err, err_size, "%s: fsync of the directory failed: %s", out->dir, strerror(errno));
-        return -1;
-    }
-    prune_checkpoints(out->dir, keep);
-    return 0;
-}
-
-/* What every rank checks before a write: the model was built for comm, and this rank's
- * optimizer state matches the trainable tensors it holds. */
-static int check_writable(const struct model *model, const struct adamw *opt,
-                          const struct train_position *position, const struct checkpoint_run *run,
-                          MPI_Comm comm, char *err, size_t err_size)
-{
-    if (!run || !run->method || !run->method[0]) {
-        snprintf(err, err_size, "checkpoint_write: no method given");
-        return -1;
-    }
-    if (position->step < 0) {
-        snprintf(err, err_size, "checkpoint_write: negative step %lld", position->step);
-        return -1;
-    }
-    if (gather_check_layout(model, comm, "checkpoint_write", err, err_size)) return -1;
-    size_t held = 0;
-    for (int i = 0; i < model->n_params; i++)
-        if (gather_checkpointed(&model->params[i])) held += model->params[i].numel;
-    if (held != model->grad_floats || opt->n != held || (held > 0 && (!opt->m || !opt->v))) {
-        snprintf(err, err_size,
-                 "checkpoint_write: optimizer state of %zu values for %zu trainable values "
-                 "(adamw_init after model_set_trainable)",
-                 opt->n, held);
-        return -1;
-    }
-    return 0;
-}
-
-int checkpoint_write(const char *output_dir, const struct model *model, const struct adamw *opt,
-                     const struct train_position *position, const struct checkpoint_run *run,
-                     int keep, MPI_Comm comm, char *err, size_t err_size)
-{
-    if (keep < 1) {
-        /* the same argument on every rank: every rank returns here */
-        snprintf(err, err_size, "checkpoint_write: keep must be at least 1, got %d", keep);
-        return -1;
-    }
-    int rank;
-    check_mpi(MPI_Comm_rank(comm, &rank));
-    int rc = check_writable(model, opt, position, run, comm, err, err_size);
-    if (checkpoint_agree(rc, err, err_size, comm)) return -1;
-    struct checkpoint_out out = {.file = -1};
-    if (rank == 0) rc = open_checkpoint(&out, output_dir, model, opt, position, run, err, err_size);
-    if (checkpoint_agree(rc, err, err_size, comm)) return -1;
-    rc = gather_to_rank0(model, opt, true, 3, comm, put_checkpoint_tensor, &out, err, err_size);
-    if (rank == 0) rc = close_checkpoint(&out, rc, keep, err, err_size);
-    return checkpoint_agree(rc, err, err_size, comm);
-}
-
 /* ---- finding and reading -------------------------------------------------------------- */
 
 int checkpoint_list(const char *output_dir, long long **steps, char *err, size_t err_size)
@@ -455,12 +141,12 @@ int checkpoint_list(const char *output_dir, long long **steps, char *err, size_t
     char dir[CHECKPOINT_PATH_MAX];
     if (path_join(dir, sizeof dir, output_dir, "checkpoints", err, err_size)) return -1;
     struct step_list list;
-    if (list_checkpoints(dir, &list) != 0) {
+    if (checkpoint_list_steps(dir, &list) != 0) {
         if (errno == ENOENT) return 0;
         snprintf(err, err_size, "%s: cannot list checkpoints: %s", dir, strerror(errno));
         return -1;
     }
-    if (list.n > 1) qsort(list.steps, (size_t)list.n, sizeof *list.steps, compare_steps);
+    if (list.n > 1) qsort(list.steps, (size_t)list.n, sizeof *list.steps, checkpoint_compare_steps);
     for (int i = 0; i < list.n / 2; i++) { /* newest first */
         long long step = list.steps[i];
         list.steps[i] = list.steps[list.n - 1 - i];
@@ -619,7 +305,7 @@ static int read_info(hid_t file, const char *path, struct checkpoint_info *info,
         return CHECKPOINT_DAMAGED;
     }
     if (info->verified) {
-        uint64_t sum = attributes_checksum(info);
+        uint64_t sum = checkpoint_attributes_checksum(info);
         if (sum != stored_sum) {
             snprintf(err, err_size,
                      "%s: damaged: its attributes (step, data position, random state, AdamW "
@@ -657,9 +343,52 @@ static int check_identity(const struct checkpoint_info *info, const struct model
     return 0;
 }
 
-/* /GROUP/<p->name> exists, is floating point and has p's shape. */
-static int check_tensor(hid_t file, const char *group, const struct param *p, const char *path,
+/* Version 3: the rows each writer wrote (attribute `slices`, [k][3] of writer rank, first
+ * row, row count) cover the tensor's rows exactly, in order, each once. */
+static int check_slices(hid_t dset, const char *group, const struct param *p, const char *path,
                         char *err, size_t err_size)
+{
+    if (H5Aexists(dset, "slices") <= 0) {
+        H5Eclear2(H5E_DEFAULT);
+        snprintf(err, err_size, "%s: damaged: tensor '%s' in /%s has no slices attribute", path,
+                 p->name, group);
+        return CHECKPOINT_DAMAGED;
+    }
+    hid_t attr = H5Aopen(dset, "slices", H5P_DEFAULT);
+    hid_t space = attr >= 0 ? H5Aget_space(attr) : -1, type = attr >= 0 ? H5Aget_type(attr) : -1;
+    hsize_t dims[2] = {0, 0};
+    bool shaped = space >= 0 && H5Sget_simple_extent_ndims(space) == 2 &&
+                  H5Sget_simple_extent_dims(space, dims, NULL) == 2 && dims[1] == 3 &&
+                  dims[0] >= 1 && dims[0] <= (hsize_t)1 << 20 &&
+                  H5Tget_class(type) == H5T_INTEGER;
+    int64_t *slices = shaped ? xmalloc(dims[0] * 3 * sizeof *slices) : NULL;
+    bool read = shaped && H5Aread(attr, H5T_NATIVE_INT64, slices) >= 0;
+    int64_t next = 0; /* the first row not yet covered */
+    for (hsize_t k = 0; read && k < dims[0]; k++) {
+        const int64_t *s = slices + 3 * k;
+        if (s[0] < 0 || s[1] != next || s[2] < 1 || s[2] > p->shape[0] - next) break;
+        next += s[2];
+    }
+    int rc = 0;
+    if (!read || next != p->shape[0]) {
+        H5Eclear2(H5E_DEFAULT);
+        snprintf(err, err_size,
+                 "%s: damaged: the slices recorded for tensor '%s' in /%s do not cover its %lld "
+                 "rows once each",
+                 path, p->name, group, (long long)p->shape[0]);
+        rc = CHECKPOINT_DAMAGED;
+    }
+    free(slices);
+    if (type >= 0) H5Tclose(type);
+    if (space >= 0) H5Sclose(space);
+    if (attr >= 0) H5Aclose(attr);
+    return rc;
+}
+
+/* /GROUP/<p->name> exists, is floating point and has p's shape (and, from version 3,
+ * slices that cover it). */
+static int check_tensor(hid_t file, const char *group, const struct param *p, int version,
+                        const char *path, char *err, size_t err_size)
 {
     char object[PARAM_NAME_MAX + 32];
     snprintf(object, sizeof object, "/%s/%s", group, p->name);
@@ -703,6 +432,8 @@ static int check_tensor(hid_t file, const char *group, const struct param *p, co
                  p->name, group, want, got);
         rc = CHECKPOINT_FOREIGN;
     }
+    if (rc == 0 && version >= CHECKPOINT_VERSION_SHARDED)
+        rc = check_slices(dset, group, p, path, err, err_size);
     H5Tclose(type);
     H5Sclose(space);
     H5Dclose(dset);
@@ -805,7 +536,8 @@ static int read_checkpoint_file(hid_t file, const char *path, struct model *mode
         if (!p->trainable) continue;
         if (gather_checkpointed(p)) held += p->numel;
         for (int g = 0; g < 3; g++)
-            if ((rc = check_tensor(file, checkpoint_groups[g], p, path, err, err_size))) return rc;
+            if ((rc = check_tensor(file, checkpoint_groups[g], p, info.version, path, err,
+                                    err_size))) return rc;
     }
     for (int g = 0; g < 3; g++)
         if ((rc = check_no_extra(file, checkpoint_groups[g], model, path, err, err_size)))
@@ -849,7 +581,7 @@ static int open_checkpoint_file(const char *path, hid_t *file, char *err, size_t
         snprintf(err, err_size, "%s: not an HDF5 file (a damaged or foreign checkpoint)", path);
         return CHECKPOINT_DAMAGED;
     }
-    hid_t fapl = file_access_plist();
+    hid_t fapl = checkpoint_file_access();
     *file = H5Fopen(path, H5F_ACC_RDONLY, fapl);
     /* the reason first: the next HDF5 call clears the error stack */
     if (*file < 0) h5_fail(err, err_size, path, NULL, "cannot open checkpoint");

@@ -2,22 +2,29 @@
  * tensors: export.h).
  *
  * A checkpoint is OUTPUT_DIR/checkpoints/step-NNNNNNNN.h5 holding: attributes format =
- * "esft-checkpoint", version = 2, step, epoch, block (the data position: next block of
+ * "esft-checkpoint", version = 3, step, epoch, block (the data position: next block of
  * the epoch), rng (4 x uint64), adam_step, config_hash (the base model's), method, deck
- * (text), data_hash, expert_config_hash (what the run trained on: struct checkpoint_run)
- * and checksum (of all of these); for every trainable tensor, /tensors/<HF name> (fp32,
- * its shape), /adam_m/<HF name> and /adam_v/<HF name> (fp32), each stored whole whatever
- * the layout (pp, dp, ep) that wrote it, so that a checkpoint resumes under any layout,
- * each with an attribute checksum (checksum64 of its fp32 values' little-endian bytes,
- * checksum.h). The root checksum is checksum64 of, in order: version (int32), step,
- * epoch, block, rng[4], adam_step, config_hash, data_hash, expert_config_hash (8 bytes
- * each), then method and deck, each with its terminating NUL. Readers verify every
- * checksum they come to: a damaged checkpoint is an error naming the file and the tensor
- * (or the attributes), never values read silently. Version 1 checkpoints (no checksums,
- * no data or expert_config hash) are still read, unverified: checkpoint_info says so.
- * A checkpoint is written to a temporary name, flushed and fsynced, renamed, and the
- * directory fsynced: a crash leaves the previous checkpoints and at most a stray
- * temporary file, never a torn checkpoint under a real name. */
+ * (text), data_hash, expert_config_hash (what the run trained on: struct checkpoint_run),
+ * checksum (of all of these) and layout (int32 [3]: the pp, dp and ep of the run that
+ * wrote it); for every trainable tensor, /tensors/<HF name> (fp32), /adam_m/<HF name>
+ * and /adam_v/<HF name> (fp32), each a dataset of the tensor's global shape whatever the
+ * layout that wrote it, so that a checkpoint resumes under any layout, each with the
+ * attributes checksum (checksum64 of its fp32 values' little-endian bytes, checksum.h)
+ * and slices (int64 [k][3]: the world rank that wrote rows, its first row and its row
+ * count, in row order; together they cover the rows once). The root checksum is
+ * checksum64 of, in order: version (int32), step, epoch, block, rng[4], adam_step,
+ * config_hash, data_hash, expert_config_hash (8 bytes each), then method and deck, each
+ * with its terminating NUL. Readers verify every checksum they come to, and the slices:
+ * a damaged checkpoint is an error naming the file and the tensor (or the attributes),
+ * never values read silently. Older files still read: version 2 (the same without
+ * layout and slices: written whole by rank 0), and version 1 (no checksums, no data or
+ * expert_config hash) read unverified: checkpoint_info says so.
+ * Every rank writes the rows it holds into the one file (parallel HDF5: the metadata
+ * collectively, each rank's rows in its own writes): no rank holds more than its own
+ * tensors. A checkpoint is written to a
+ * temporary name, flushed and closed by every rank, fsynced, renamed, and the directory
+ * fsynced: a crash leaves the previous checkpoints and at most a stray temporary file,
+ * never a torn checkpoint under a real name. */
 #ifndef ESFT_CHECKPOINT_H
 #define ESFT_CHECKPOINT_H
 
@@ -54,12 +61,13 @@ struct checkpoint_run {
 };
 
 /* Collective over comm, the communicator the model's layout was made for (its grid has
- * comm's size, and comm's rank r is the grid's rank r: MPI_COMM_WORLD in esft). World
- * rank 0 writes; every trainable tensor it does not hold, with its AdamW m and v, is sent
- * to it by its holder on data-parallel slot 0, one tensor at a time. The file does not
- * depend on the layout. The call returns after the file is complete, with the same
- * status and message on every rank. Keeps the newest `keep` checkpoints of the directory
- * and deletes older ones. 0, or -1 with a message. */
+ * comm's size, and comm's rank r is the grid's rank r: MPI_COMM_WORLD in esft); the
+ * checkpoint directory must be one file system for every rank of comm. Every rank writes
+ * the rows of the trainable tensors it holds, with their AdamW m and v, from its own
+ * memory (the holders of a tensor share its rows); nothing is sent between ranks but
+ * the checksums. The tensors' values do not depend on the layout. The call returns after
+ * the file is complete, with the same status and message on every rank. Keeps the newest
+ * `keep` checkpoints of the directory and deletes older ones. 0, or -1 with a message. */
 int checkpoint_write(const char *output_dir, const struct model *model, const struct adamw *opt,
                      const struct train_position *position, const struct checkpoint_run *run,
                      int keep, MPI_Comm comm, char *err, size_t err_size);
@@ -81,8 +89,8 @@ int checkpoint_path(const char *output_dir, long long step, char *path, size_t p
 
 /* A checkpoint's attributes, read and verified without its tensors. */
 struct checkpoint_info {
-    int version;   /* of the format: 1 (unverified) or 2 */
-    bool verified; /* version 2: the attributes matched their checksum, and the
+    int version;   /* of the format: 1 (unverified), 2 or 3 */
+    bool verified; /* version 2 or 3: the attributes matched their checksum, and the
                       tensors carry theirs; data_hash and expert_config_hash exist */
     struct train_position position;
     long long adam_step;

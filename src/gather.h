@@ -1,6 +1,6 @@
 /* gather: a model's tensors, held across the ranks of any (pp, dp, ep) layout, brought to
- * world rank 0 one at a time, for the writers of layout-free files: checkpoints
- * (checkpoint.c) and exports (export.c). A tensor rank 0 does not hold comes from its
+ * world rank 0 one at a time, for the writers of layout-free files (the exports,
+ * export.c), and the checks the checkpoint writer shares (checkpoint_write.c). A tensor rank 0 does not hold comes from its
  * holder on data-parallel slot 0, point to point, in parameter-table order, so no rank
  * ever holds more than its own tensors and one more. */
 #ifndef ESFT_GATHER_H

@@ -105,11 +105,88 @@ static void state_to_host(struct model *m, struct adamw *opt)
     adamw_download(opt);
 }
 
+/* The process's peak before the last reset of the kernel's counter (checkpoint_peaks):
+ * ru_maxrss restarts from the resident size then, the run's peak does not. */
+static double peak_before_reset_mib;
+
 /* Peak resident memory of this process in MiB (Linux: ru_maxrss is in KiB). */
 static double peak_rss_mib(void)
 {
     struct rusage usage;
-    return getrusage(RUSAGE_SELF, &usage) == 0 ? usage.ru_maxrss / 1024.0 : 0.0;
+    double now = getrusage(RUSAGE_SELF, &usage) == 0 ? usage.ru_maxrss / 1024.0 : 0.0;
+    return now > peak_before_reset_mib ? now : peak_before_reset_mib;
+}
+
+/* A line of /proc/self/status ("VmHWM: %lf kB": the peak, "VmRSS: %lf kB": now) in MiB
+ * (Linux); 0 when unknown. */
+static double proc_status_mib(const char *format)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return 0;
+    char line[256];
+    double kib = 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, format, &kib) == 1) break;
+    fclose(f);
+    return kib / 1024.0;
+}
+
+/* checkpoint_write, with each rank's peak resident memory during the write: the kernel's
+ * peak (VmHWM) is reset to the resident size before (writing 5 to /proc/self/clear_refs)
+ * and read after, beside the resident size before the write. Logged, and recorded in
+ * metrics.jsonl ("checkpoint": rank 0's figures and the smallest and largest of the
+ * other ranks'), so that what the write costs each rank is seen: rank 0 holds no more
+ * than the others. Where the reset is not allowed the
+ * figures are the run's peaks so far, and say so (checkpoint_peak: false). */
+static int write_checkpoint(const char *output_dir, const struct model *model,
+                            const struct adamw *opt, const struct train_position *position,
+                            const struct checkpoint_run *run, int keep, char *err,
+                            size_t err_size)
+{
+    peak_before_reset_mib = peak_rss_mib();
+    double resident = proc_status_mib("VmRSS: %lf kB");
+    FILE *refs = fopen("/proc/self/clear_refs", "w");
+    int reset = refs && fputs("5", refs) >= 0;
+    if (refs && fclose(refs) != 0) reset = 0;
+    double start = wall_time();
+    int rc = checkpoint_write(output_dir, model, opt, position, run, keep, MPI_COMM_WORLD, err,
+                              err_size);
+    double seconds = wall_time() - start;
+    int rank, size;
+    check_mpi(MPI_Comm_rank(MPI_COMM_WORLD, &rank));
+    check_mpi(MPI_Comm_size(MPI_COMM_WORLD, &size));
+    double mine[3] = {proc_status_mib("VmHWM: %lf kB"), resident, reset};
+    double *all = rank == 0 ? xmalloc(3 * (size_t)size * sizeof *all) : NULL;
+    check_mpi(MPI_Gather(mine, 3, MPI_DOUBLE, all, 3, MPI_DOUBLE, 0, MPI_COMM_WORLD));
+    if (rank == 0 && rc == 0) {
+        /* the other ranks' smallest and largest peak, and resident size before */
+        const double *first = size > 1 ? all + 3 : all;
+        double peak[2] = {first[0], first[0]}, before[2] = {first[1], first[1]};
+        int every_reset = 1;
+        for (int r = 0; r < size; r++) {
+            const double *a = all + 3 * r;
+            every_reset &= a[2] != 0;
+            if (r == 0) continue;
+            peak[0] = a[0] < peak[0] ? a[0] : peak[0];
+            peak[1] = a[0] > peak[1] ? a[0] : peak[1];
+            before[0] = a[1] < before[0] ? a[1] : before[0];
+            before[1] = a[1] > before[1] ? a[1] : before[1];
+        }
+        log_info("train: checkpoint at step %lld in %.2f s: peak memory %.1f MiB on rank 0 (%.1f "
+                 "before the write), %.1f to %.1f MiB on the other ranks (%.1f to %.1f before)%s",
+                 position->step, seconds, all[0], all[1], peak[0], peak[1], before[0], before[1],
+                 every_reset ? "" : " (the run's peaks: the counter could not be reset)");
+        metrics_write("checkpoint",
+                      "\"step\": %lld, \"seconds\": %.3f, \"rank0_peak_rss_mib\": %.1f, "
+                      "\"others_peak_rss_mib\": "
+                      "[%.1f, %.1f], \"rank0_rss_before_mib\": %.1f, \"others_rss_before_mib\": "
+                      "[%.1f, %.1f], \"checkpoint_peak\": %s",
+                      position->step, seconds, all[0], peak[0], peak[1], all[1], before[0],
+                      before[1],
+                      every_reset ? "true" : "false");
+    }
+    free(all);
+    return rc;
 }
 
 /* ---- the phase ----------------------------------------------------------------------- */
@@ -490,8 +567,8 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         if (bad && tr->bad_steps == BAD_STEPS_STOP) {
             state_to_host(&model, &opt);
             if (before.step > last_checkpoint &&
-                checkpoint_write(deck->run.output_dir, &model, &opt, &before, &run,
-                                 tr->keep_checkpoints, MPI_COMM_WORLD, err, sizeof err) != 0)
+                write_checkpoint(deck->run.output_dir, &model, &opt, &before, &run,
+                                 tr->keep_checkpoints, err, sizeof err) != 0)
                 fatal_all(EXIT_RUNTIME, "train: %s", err);
             metrics_write("bad_step", "\"step\": %lld, \"reason\": \"%s\", \"loss\": %.17g, "
                           "\"grad_norm\": %.17g", before.step + 1, bad, loss, norm);
@@ -564,11 +641,10 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         bool periodic = tr->checkpoint_every > 0 && position.step % tr->checkpoint_every == 0;
         if (periodic || last || stop) {
             state_to_host(&model, &opt);
-            if (checkpoint_write(deck->run.output_dir, &model, &opt, &position, &run,
-                                 tr->keep_checkpoints, MPI_COMM_WORLD, err, sizeof err) != 0)
+            if (write_checkpoint(deck->run.output_dir, &model, &opt, &position, &run,
+                                 tr->keep_checkpoints, err, sizeof err) != 0)
                 fatal_all(EXIT_RUNTIME, "train: %s", err);
             last_checkpoint = position.step;
-            log_info("train: checkpoint at step %lld", position.step);
         }
         if (stop && !last) {
             log_info("train: stopped by signal %d after step %lld; the next run with "

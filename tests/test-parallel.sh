@@ -6,7 +6,8 @@
 # (2,1,2) and (2,2,1) give the (1,1,1) loss curve within 1e-5, and so does ESFT with the
 # load-balancing loss; on the trained_qwen2_moe golden fixture, ESFT and full fine-tuning
 # under (2,1,1) and (2,2,1) give its 1-rank curve within 1e-5; a checkpoint written at (1,1,2) resumes at (2,1,1) on the
-# uninterrupted curve; the adapter exported under EP and PP names the same tensors;
+# uninterrupted curve, and so do checkpoints written at (1,1,4) and resumed at (2,1,2) and
+# the reverse, rank 0's peak memory during each within 1.3x of the other ranks'; the adapter exported under EP and PP names the same tensors;
 # layouts that do not fit the model are refused before anything is loaded or written.
 set -u
 . "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
@@ -118,6 +119,33 @@ expect 0 "resumed at pp 2" $mpirun 2 "$esft" "$demo" phase=train "run.output_dir
 grep -q "resuming from" "$tmp/out" && ok || fail "the pp 2 run did not resume"
 same_curve "$tmp/esft-1/metrics.jsonl" "$out/metrics.jsonl" 1e-5 && ok ||
     fail "resumed under another layout: not the 1-rank curve: $(paste -d' ' "$tmp/a.txt" "$tmp/b.txt" | head -n 8)"
+
+# Checkpoints written by every rank under (1,1,4) resume under (2,1,2), and the other way
+# round: 5 steps, then to step 10 under the other layout, on the uninterrupted curve.
+# Rank 0's peak memory during the checkpoint written under (1,1,4) (metrics.jsonl: the
+# first of the first pair's, the second of the second's) is within 1.3x of the smallest
+# of the other ranks', which hold the same share: it holds no more than its own tensors.
+for pair in "1 4 2 2 1" "2 2 1 4 2"; do
+    set -- $pair
+    out="$tmp/relayout-$1-$2"
+    # shellcheck disable=SC2086
+    expect 0 "5 steps at pp $1 ep $2" $mpirun 4 "$esft" "$demo" phase=train "run.output_dir=$out" \
+        $common $short train.steps=5 parallel.pp=$1 parallel.ep=$2
+    # shellcheck disable=SC2086
+    expect 0 "resumed at pp $3 ep $4" $mpirun 4 "$esft" "$demo" phase=train "run.output_dir=$out" \
+        $common $short train.resume=auto parallel.pp=$3 parallel.ep=$4
+    grep -q "resuming from" "$tmp/out" && ok || fail "the pp $3 ep $4 run did not resume"
+    same_curve "$tmp/esft-1/metrics.jsonl" "$out/metrics.jsonl" 1e-5 && ok ||
+        fail "written at pp $1 ep $2, resumed at pp $3 ep $4: not the 1-rank curve: $(paste -d' ' "$tmp/a.txt" "$tmp/b.txt" | head -n 8)"
+    grep '"checkpoint"' "$out/metrics.jsonl" | tr -d '[],' | awk -v ep4="$5" '
+        { n++; if (n != ep4) next
+          for (i = 1; i < NF; i++) {
+              if ($i == "\"rank0_peak_rss_mib\":") r0 = $(i + 1)
+              if ($i == "\"others_peak_rss_mib\":") least = $(i + 1) }
+          print "checkpoint peak: rank 0 " r0 " MiB, others from " least " MiB" }
+        END { exit (n != 2 || r0 == "" || r0 > 1.3 * least) }' >"$tmp/peaks.txt" && ok ||
+        fail "ep 4: rank 0's checkpoint memory above 1.3x the others': $(cat "$tmp/peaks.txt")"
+done
 
 # Layouts that do not fit the model: status 2, the reason, nothing written.
 # shellcheck disable=SC2086

@@ -1,4 +1,5 @@
-/* test_checkpoint: training checkpoints, the exports and the loss curve (src/checkpoint.c).
+/* test_checkpoint: training checkpoints, the exports and the loss curve (src/checkpoint.c,
+ * src/checkpoint_write.c, src/export.c, src/history.c).
  * An MPI program: run it under any rank count (run-tests uses 1, 2 and 4).
  *   - a tiny qwen3_moe model built in memory, every tensor on every rank (data
  *     parallelism), with a hand-chosen trainable set (experts 1 of layer 0 and 2 of
@@ -12,7 +13,9 @@
  *     the file (and the tensor), the model left as it was, and the kind (damaged or
  *     foreign);
  *   - checksums: checksum64 against values worked out from its definition (and in any
- *     pieces); the attributes read back (checkpoint_read_info); a tensor, m or v changed
+ *     pieces); the attributes read back (checkpoint_read_info); a version-2 file (the
+ *     gathered format of older esft) reads, verified; slices missing or not covering a
+ *     tensor's rows: damaged; a tensor, m or v changed
  *     behind the checksum's back, a changed attribute, a missing checksum: damaged,
  *     naming the file and the tensor; a version-1 file (no checksums) still reads,
  *     unverified; under a split layout only the rank holding a damaged tensor finds it,
@@ -22,7 +25,8 @@
  *   - layouts: under every (pp, dp, ep) of the world (on 2 ranks (1,2,1), (1,1,2),
  *     (2,1,1)), with tensors spread over every stage and EP rank trainable, and with all
  *     trainable: a checkpoint written under each layout (and by rank 0 alone, a 1-rank
- *     model over MPI_COMM_SELF) is the same bytes, and reads back under every layout and
+ *     model over MPI_COMM_SELF) holds the same tensors and checksums (its slices record
+ *     which rank wrote which rows), and reads back under every layout and
  *     under 1 rank with every held weight, m and v bit for bit and frozen tensors
  *     untouched; the adapter and merged exports under each layout hold every tensor
  *     with its value; errors of one rank (its optimizer state, a model made for another
@@ -543,7 +547,7 @@ static void test_refused(void)
     for (int k = 0; k < 4; k++)
         snprintf(trunc[k], sizeof trunc[k], "%s/truncated-%d.h5", tmpdir, k);
     snprintf(foreign, sizeof foreign, "%s/foreign.h5", tmpdir);
-    snprintf(version, sizeof version, "%s/version3.h5", tmpdir);
+    snprintf(version, sizeof version, "%s/version4.h5", tmpdir);
     snprintf(shape, sizeof shape, "%s/shape.h5", tmpdir);
     snprintf(format, sizeof format, "%s/format.h5", tmpdir);
     if (world_rank == 0) {
@@ -554,7 +558,7 @@ static void test_refused(void)
         copy_prefix(good, format, size);
         hid_t file = H5Fopen(version, H5F_ACC_RDWR, H5P_DEFAULT);
         hid_t attr = H5Aopen(file, "version", H5P_DEFAULT);
-        int v = 3;
+        int v = 4;
         H5Awrite(attr, H5T_NATIVE_INT, &v);
         H5Aclose(attr);
         H5Fclose(file);
@@ -585,7 +589,7 @@ static void test_refused(void)
     }
     expect_refused("foreign file", CHECKPOINT_DAMAGED, foreign, &a, &opt_a, "esft",
                    "not an HDF5 file", NULL);
-    expect_refused("version 3", CHECKPOINT_FOREIGN, version, &a, &opt_a, "esft", "version 3", NULL);
+    expect_refused("version 4", CHECKPOINT_FOREIGN, version, &a, &opt_a, "esft", "version 4", NULL);
     expect_refused("wrong shape", CHECKPOINT_FOREIGN, shape, &a, &opt_a, "esft",
                    "'model.norm.weight'", "expected shape [8], got [3]");
     expect_refused("no format attribute", CHECKPOINT_DAMAGED, format, &a, &opt_a, "esft",
@@ -683,6 +687,62 @@ static void expect_damaged(const char *what, const char *path, const char *part1
     model_free(&m);
 }
 
+/* The root checksum of a version-2 or later file, worked out here from its definition in
+ * checkpoint.h (not with the library's code): checksum64 of version (int32), step, epoch,
+ * block, rng[4], adam_step, config_hash, data_hash, expert_config_hash, then method and
+ * deck with their NULs. */
+static uint64_t root_checksum(int32_t version, const struct checkpoint_info *info)
+{
+    size_t n_deck = strlen(info->deck_text) + 1, n_method = strlen(info->method) + 1;
+    size_t n = 4 + 8 * 11 + n_method + n_deck;
+    unsigned char *bytes = xmalloc(n), *at = bytes;
+    int64_t words[11] = {info->position.step, info->position.epoch, info->position.block};
+    uint64_t *u = (uint64_t *)(words + 3);
+    for (int k = 0; k < 4; k++) u[k] = info->position.rng[k];
+    words[7] = info->adam_step;
+    u[5] = info->config_hash;
+    u[6] = info->data_hash;
+    u[7] = info->expert_config_hash;
+    memcpy(at, &version, 4);
+    at += 4;
+    memcpy(at, words, sizeof words);
+    at += sizeof words;
+    memcpy(at, info->method, n_method);
+    at += n_method;
+    memcpy(at, info->deck_text, n_deck);
+    uint64_t sum = checksum64(bytes, n);
+    free(bytes);
+    return sum;
+}
+
+/* Rewrites a checkpoint in place as the gathered format (version 2) of older esft wrote
+ * it: version 2, no `layout`, no `slices`, its root checksum recomputed. */
+static void rewrite_as_version_2(const char *path, const char *const *names, int n_names)
+{
+    struct checkpoint_info info;
+    char err[2048];
+    CHECK(checkpoint_read_info(path, &info, err, sizeof err) == 0, "%s", err);
+    hid_t file = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    hid_t attr = H5Aopen(file, "version", H5P_DEFAULT);
+    int two = 2;
+    H5Awrite(attr, H5T_NATIVE_INT, &two);
+    H5Aclose(attr);
+    H5Adelete(file, "layout");
+    uint64_t sum = root_checksum(2, &info);
+    attr = H5Aopen(file, "checksum", H5P_DEFAULT);
+    H5Awrite(attr, H5T_NATIVE_UINT64, &sum);
+    H5Aclose(attr);
+    const char *groups[] = {"tensors", "adam_m", "adam_v"};
+    for (int g = 0; g < 3; g++)
+        for (int k = 0; k < n_names; k++) {
+            char object[256];
+            snprintf(object, sizeof object, "/%s/%s", groups[g], names[k]);
+            H5Adelete_by_name(file, object, "slices", H5P_DEFAULT);
+        }
+    H5Fclose(file);
+    checkpoint_info_free(&info);
+}
+
 static void test_damaged(void)
 {
     char good[1300], err[2048];
@@ -705,7 +765,7 @@ static void test_damaged(void)
           "write with hashes: %s", err);
     struct checkpoint_info info;
     int rc = checkpoint_read_info(hashed, &info, err, sizeof err);
-    CHECK(rc == 0 && info.version == 2 && info.verified && info.position.step == 7 &&
+    CHECK(rc == 0 && info.version == 3 && info.verified && info.position.step == 7 &&
               info.position.epoch == 1 && info.position.block == 3 &&
               memcmp(info.position.rng, position_a.rng, sizeof info.position.rng) == 0 &&
               info.adam_step == 5 && info.config_hash == m.cfg.hash &&
@@ -816,6 +876,64 @@ static void test_damaged(void)
     }
     CHECK(rc == 0 && wrong == 0 && position.step == 7, "version 1: %d, %d tensors differ: %s", rc,
           wrong, err);
+
+    /* the gathered format of older esft (version 2) reads, verified, with every value;
+     * version 3's slices are checked: missing or not covering the rows, damaged */
+    char v2[1300], no_slices[1300], gap[1300];
+    snprintf(v2, sizeof v2, "%s/version2.h5", tmpdir);
+    snprintf(no_slices, sizeof no_slices, "%s/no-slices.h5", tmpdir);
+    snprintf(gap, sizeof gap, "%s/slices-gap.h5", tmpdir);
+    if (world_rank == 0) {
+        const char *copies[] = {v2, no_slices, gap};
+        for (int k = 0; k < COUNT(copies); k++) copy_prefix(good, copies[k], size);
+        rewrite_as_version_2(v2, mask_a, COUNT(mask_a));
+        hid_t file = H5Fopen(no_slices, H5F_ACC_RDWR, H5P_DEFAULT);
+        H5Adelete_by_name(file, "/adam_v/model.norm.weight", "slices", H5P_DEFAULT);
+        H5Fclose(file);
+        /* the first writer's rows start at 1: row 0 written by nobody (the attribute
+         * made anew: HDF5 1.10 cannot rewrite one in place there) */
+        const char *object = "/tensors/" EXPERT(0, 1, "up_proj");
+        file = H5Fopen(gap, H5F_ACC_RDWR, H5P_DEFAULT);
+        hid_t attr = H5Aopen_by_name(file, object, "slices", H5P_DEFAULT, H5P_DEFAULT);
+        hid_t space = H5Aget_space(attr);
+        hssize_t n = H5Sget_simple_extent_npoints(space);
+        long long *slices = xcalloc((size_t)n, sizeof *slices);
+        H5Aread(attr, H5T_NATIVE_LLONG, slices);
+        H5Aclose(attr);
+        H5Adelete_by_name(file, object, "slices", H5P_DEFAULT);
+        slices[1] += 1;
+        slices[2] -= 1;
+        attr = H5Acreate_by_name(file, object, "slices", H5T_STD_I64LE, space, H5P_DEFAULT,
+                                 H5P_DEFAULT, H5P_DEFAULT);
+        CHECK(attr >= 0 && H5Awrite(attr, H5T_NATIVE_LLONG, slices) >= 0, "slices rewritten");
+        free(slices);
+        H5Sclose(space);
+        H5Aclose(attr);
+        H5Fclose(file);
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    rc = checkpoint_read_info(v2, &info, err, sizeof err);
+    CHECK(rc == 0 && info.version == 2 && info.verified && info.position.step == 7,
+          "checkpoint_read_info of version 2: %d %s", rc, err);
+    checkpoint_info_free(&info);
+    scramble(&m, &opt, &position);
+    rc = checkpoint_read(v2, &m, &opt, &position, "esft", err, sizeof err);
+    offset = 0;
+    wrong = 0;
+    for (int i = 0; i < m.n_params; i++) {
+        const struct param *p = &m.params[i];
+        if (!p->trainable) continue;
+        size_t at = (size_t)(p->data - m.storage);
+        wrong += memcmp(p->data, want.weights + at, p->numel * sizeof(float)) != 0 ||
+                 memcmp(opt.m + offset, want.m + offset, p->numel * sizeof(float)) != 0 ||
+                 memcmp(opt.v + offset, want.v + offset, p->numel * sizeof(float)) != 0;
+        offset += p->numel;
+    }
+    CHECK(rc == 0 && wrong == 0 && position.step == 7, "version 2: %d, %d tensors differ: %s", rc,
+          wrong, err);
+    expect_damaged("no slices", no_slices, "'model.norm.weight' in /adam_v", "no slices");
+    expect_damaged("slices with a gap", gap, "'" EXPERT(0, 1, "up_proj") "' in /tensors",
+                   "do not cover");
     free_snapshot(&want);
     adamw_free(&opt_a);
     model_free(&a);
@@ -1219,6 +1337,69 @@ static const struct st_tensor *find_in_checkpoint(const void *checkpoint, const 
 /* Writes under every layout of the world and reads under every other (and under one
  * rank, on rank 0); the files are the same bytes whatever the writer's layout. Then the
  * exports under every layout. */
+/* Two checkpoints hold the same datasets in /tensors, /adam_m and /adam_v, with the same
+ * bytes and the same checksum attributes. */
+struct dataset_compare {
+    hid_t other;
+    int n, differ;
+};
+
+static herr_t compare_dataset(hid_t group, const char *name, const H5L_info_t *info, void *data)
+{
+    (void)info;
+    struct dataset_compare *c = data;
+    c->n++;
+    hid_t a = H5Dopen2(group, name, H5P_DEFAULT), b = H5Dopen2(c->other, name, H5P_DEFAULT);
+    hid_t space_a = a >= 0 ? H5Dget_space(a) : -1, space_b = b >= 0 ? H5Dget_space(b) : -1;
+    hssize_t na = space_a >= 0 ? H5Sget_simple_extent_npoints(space_a) : -1;
+    hssize_t nb = space_b >= 0 ? H5Sget_simple_extent_npoints(space_b) : -2;
+    if (space_a >= 0) H5Sclose(space_a);
+    if (space_b >= 0) H5Sclose(space_b);
+    bool same = na == nb && na >= 0;
+    if (same) {
+        float *x = xcalloc((size_t)na + 1, sizeof *x), *y = xcalloc((size_t)na + 1, sizeof *y);
+        uint64_t sa = 0, sb = 1;
+        same = H5Dread(a, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, x) >= 0 &&
+               H5Dread(b, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, y) >= 0 &&
+               memcmp(x, y, (size_t)na * sizeof *x) == 0;
+        hid_t attr_a = H5Aopen(a, "checksum", H5P_DEFAULT);
+        hid_t attr_b = H5Aopen(b, "checksum", H5P_DEFAULT);
+        same = same && attr_a >= 0 && attr_b >= 0 &&
+               H5Aread(attr_a, H5T_NATIVE_UINT64, &sa) >= 0 &&
+               H5Aread(attr_b, H5T_NATIVE_UINT64, &sb) >= 0 && sa == sb;
+        if (attr_a >= 0) H5Aclose(attr_a);
+        if (attr_b >= 0) H5Aclose(attr_b);
+        free(x);
+        free(y);
+    }
+    c->differ += !same;
+    if (a >= 0) H5Dclose(a);
+    if (b >= 0) H5Dclose(b);
+    return 0;
+}
+
+static bool same_tensors(const char *path_a, const char *path_b)
+{
+    hid_t fa = H5Fopen(path_a, H5F_ACC_RDONLY, H5P_DEFAULT);
+    hid_t fb = H5Fopen(path_b, H5F_ACC_RDONLY, H5P_DEFAULT);
+    bool same = fa >= 0 && fb >= 0;
+    const char *groups[] = {"tensors", "adam_m", "adam_v"};
+    for (int g = 0; g < 3 && same; g++) {
+        hid_t ga = H5Gopen2(fa, groups[g], H5P_DEFAULT), gb = H5Gopen2(fb, groups[g], H5P_DEFAULT);
+        H5G_info_t ia, ib;
+        same = ga >= 0 && gb >= 0 && H5Gget_info(ga, &ia) >= 0 && H5Gget_info(gb, &ib) >= 0 &&
+               ia.nlinks == ib.nlinks && ia.nlinks > 0;
+        struct dataset_compare c = {.other = gb};
+        if (same) H5Literate(ga, H5_INDEX_NAME, H5_ITER_INC, NULL, compare_dataset, &c);
+        same = same && c.differ == 0 && (hsize_t)c.n == ia.nlinks;
+        if (ga >= 0) H5Gclose(ga);
+        if (gb >= 0) H5Gclose(gb);
+    }
+    if (fa >= 0) H5Fclose(fa);
+    if (fb >= 0) H5Fclose(fb);
+    return same;
+}
+
 static void test_layouts_with(const char *const *names, int n_names, const char *label)
 {
     struct layout_grid grids[16];
@@ -1256,16 +1437,12 @@ static void test_layouts_with(const char *const *names, int n_names, const char 
         adamw_free(&opt);
         model_free(&m);
         if (!alone) MPI_Barrier(MPI_COMM_WORLD);
-        /* the file does not depend on the layout: the same bytes as the first writer's */
+        /* the tensors do not depend on the layout: the first writer's values and
+         * checksums (the slices and the root's layout record who wrote what) */
         if (world_rank == 0 && w == 0) snprintf(first, sizeof first, "%s", path);
-        if (world_rank == 0 && w > 0) {
-            long n1, n2;
-            char *a = slurp(first, &n1), *b = slurp(path, &n2);
-            CHECK(a && b && n1 == n2 && memcmp(a, b, (size_t)n1) == 0,
-                  "written under %s: not the bytes of %s", writer, first);
-            free(a);
-            free(b);
-        }
+        if (world_rank == 0 && w > 0)
+            CHECK(same_tensors(first, path), "written under %s: not the tensors of %s", writer,
+                  first);
         for (int r = 0; r < n_grids && !alone; r++)
             check_read_under(path, &grids[r], world_rank, names, n_names, writer);
         if (world_rank == 0) check_read_under(path, &one, 0, names, n_names, writer);
