@@ -36,23 +36,6 @@ void c2r_layer_lists(const uint64_t *coact, int E, int T, int32_t *lists)
     free(taken);
 }
 
-static bool reals_fit_15_digits(json_t *v)
-{
-    if (json_is_real(v)) {
-        char text[40];
-        snprintf(text, sizeof text, "%.15g", json_real_value(v));
-        return strtod(text, NULL) == json_real_value(v);
-    }
-    const char *key;
-    json_t *item;
-    size_t i;
-    if (json_is_object(v))
-        json_object_foreach(v, key, item) if (!reals_fit_15_digits(item)) return false;
-    if (json_is_array(v))
-        json_array_foreach(v, i, item) if (!reals_fit_15_digits(item)) return false;
-    return true;
-}
-
 static void write_text(FILE *out, const void *context)
 {
     fputs(context, out);
@@ -115,17 +98,8 @@ int c2r_write_config(const char *path, const char *model_dir,
     free(lists);
     json_object_set_new(config, "top_t", json_integer(T));
     json_object_set_new(config, "collaborative_list", layers);
-    /* written as transformers writes a config: indent 2, sorted keys */
-    size_t flags = JSON_INDENT(2) | JSON_SORT_KEYS | JSON_ENSURE_ASCII |
-                   JSON_REAL_PRECISION(reals_fit_15_digits(config) ? 15 : 17);
-    char *text = json_dumps(config, flags);
+    int rc = hfconfig_write_json(path, config, err, err_size); /* as transformers writes one */
     json_decref(config);
-    if (!text) {
-        snprintf(err, err_size, "%s: cannot encode the configuration", path);
-        return -1;
-    }
-    int rc = file_write_atomically(path, write_text, text, err, err_size);
-    free(text);
     return rc;
 }
 

@@ -217,31 +217,6 @@ static int prepare_merged_directory(const char *dir, const char *base_dir, char 
     return 0;
 }
 
-/* Whether every real number in v prints back to itself with 15 significant digits (the
- * decimals config files hold: 1e-06 stays 1e-06 rather than 9.9999999999999995e-07). */
-static bool reals_fit_15_digits(json_t *v)
-{
-    if (json_is_real(v)) {
-        char text[40];
-        snprintf(text, sizeof text, "%.15g", json_real_value(v));
-        return strtod(text, NULL) == json_real_value(v);
-    }
-    const char *key;
-    json_t *item;
-    size_t i;
-    if (json_is_object(v))
-        json_object_foreach(v, key, item) if (!reals_fit_15_digits(item)) return false;
-    if (json_is_array(v))
-        json_array_foreach(v, i, item) if (!reals_fit_15_digits(item)) return false;
-    return true;
-}
-
-static void write_json_text(FILE *out, const void *context)
-{
-    fputs(context, out);
-    fputc('\n', out);
-}
-
 /* The base model's config.json at `to`: as it is, or, when it declares a
  * quantization_config (DeepSeek-V3's fp8, gpt_oss's mxfp4), without that key, since the merged export's
  * weights are dequantised (the export dtype) and a loader would look for scales that are
@@ -263,16 +238,8 @@ static int copy_base_config(const char *from, const char *to, enum st_dtype dtyp
                  ? "gpt_oss's mxfp4 experts"
                  : "fp8 block quantisation");
     json_object_del(config, "quantization_config");
-    size_t flags = JSON_INDENT(2) | JSON_SORT_KEYS | JSON_ENSURE_ASCII |
-                   JSON_REAL_PRECISION(reals_fit_15_digits(config) ? 15 : 17);
-    char *text = json_dumps(config, flags);
+    int rc = hfconfig_write_json(to, config, err, err_size);
     json_decref(config);
-    if (!text) {
-        snprintf(err, err_size, "%s: cannot encode the configuration", to);
-        return -1;
-    }
-    int rc = file_write_atomically(to, write_json_text, text, err, err_size);
-    free(text);
     if (rc == 0)
         log_info("export_merged: the weights are written dequantised (%s), so %s has no "
                  "quantization_config (the base's %s)",

@@ -229,6 +229,13 @@ double hfconfig_attention_weights(const struct model_config *cfg);
  * a temporary file and rename. 0, or -1 with a message. */
 int hfconfig_write(const char *dir, const struct model_config *cfg, char *err, size_t errsize);
 
+/* Writes the JSON object config (jansson's json_t) to path as transformers writes a
+ * config: indent 2, sorted keys, ASCII, reals with 15 significant digits when every one
+ * prints back to itself (1e-06 stays 1e-06), else 17; via a temporary file and rename.
+ * 0, or -1 with a message. */
+struct json_t;
+int hfconfig_write_json(const char *path, struct json_t *config, char *err, size_t errsize);
+
 /* FNV-1a 64 (for provenance hashes). */
 uint64_t hfconfig_fnv1a64(const void *data, size_t n);
 

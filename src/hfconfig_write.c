@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "files.h"
 #include "hfconfig.h"
 #include "hfconfig_internal.h"
 #include "log.h"
@@ -251,5 +252,43 @@ int hfconfig_write(const char *dir, const struct model_config *cfg, char *err, s
 out:
     free(path);
     free(tmp);
+    return rc;
+}
+
+/* Whether every real number in v prints back to itself with 15 significant digits. */
+static bool reals_fit_15_digits(json_t *v)
+{
+    if (json_is_real(v)) {
+        char text[40];
+        snprintf(text, sizeof text, "%.15g", json_real_value(v));
+        return strtod(text, NULL) == json_real_value(v);
+    }
+    const char *key;
+    json_t *item;
+    size_t i;
+    if (json_is_object(v))
+        json_object_foreach(v, key, item) if (!reals_fit_15_digits(item)) return false;
+    if (json_is_array(v))
+        json_array_foreach(v, i, item) if (!reals_fit_15_digits(item)) return false;
+    return true;
+}
+
+static void write_json_text(FILE *out, const void *context)
+{
+    fputs(context, out);
+    fputc('\n', out);
+}
+
+int hfconfig_write_json(const char *path, json_t *config, char *err, size_t errsize)
+{
+    size_t flags = JSON_INDENT(2) | JSON_SORT_KEYS | JSON_ENSURE_ASCII |
+                   JSON_REAL_PRECISION(reals_fit_15_digits(config) ? 15 : 17);
+    char *text = json_dumps(config, flags);
+    if (!text) {
+        snprintf(err, errsize, "%s: cannot encode the configuration", path);
+        return -1;
+    }
+    int rc = file_write_atomically(path, write_json_text, text, err, errsize);
+    free(text);
     return rc;
 }
