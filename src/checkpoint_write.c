@@ -51,26 +51,6 @@
 
 /* ---- attributes --------------------------------------------------------------------- */
 
-static int put_attr_string(hid_t file, const char *name, const char *value, const char *path,
-                           char *err, size_t err_size)
-{
-    size_t n = strlen(value);
-    hid_t type = H5Tcopy(H5T_C_S1);
-    H5Tset_size(type, n > 0 ? n : 1);
-    H5Tset_strpad(type, H5T_STR_NULLTERM);
-    hid_t space = H5Screate(H5S_SCALAR);
-    hid_t attr = H5Acreate2(file, name, type, space, H5P_DEFAULT, H5P_DEFAULT);
-    int rc = 0;
-    if (attr < 0 || H5Awrite(attr, type, n > 0 ? value : "") < 0) {
-        h5_fail(err, err_size, path, name, "cannot write attribute");
-        rc = -1;
-    }
-    if (attr >= 0) H5Aclose(attr);
-    H5Sclose(space);
-    H5Tclose(type);
-    return rc;
-}
-
 /* An attribute of rows x columns elements (scalar when both are 1, a list when columns is
  * 1). */
 static int put_attr(hid_t object, const char *name, hid_t file_type, hid_t mem_type,
@@ -160,7 +140,7 @@ static int put_attributes(hid_t file, const char *path, const struct root_attrib
     uint64_t sum = checkpoint_attributes_checksum(&info);
 #define PUT(name, ftype, mtype, value, n)                                                          \
     put_attr(file, name, ftype, mtype, value, n, 1, path, err, err_size)
-    if (put_attr_string(file, "format", CHECKPOINT_FORMAT, path, err, err_size) ||
+    if (h5_put_attr_string(file, "format", CHECKPOINT_FORMAT, path, err, err_size) ||
         PUT("version", H5T_STD_I32LE, H5T_NATIVE_INT32, &version, 1) ||
         PUT("step", H5T_STD_I64LE, H5T_NATIVE_INT64, &step, 1) ||
         PUT("epoch", H5T_STD_I64LE, H5T_NATIVE_INT64, &epoch, 1) ||
@@ -168,8 +148,8 @@ static int put_attributes(hid_t file, const char *path, const struct root_attrib
         PUT("rng", H5T_STD_U64LE, H5T_NATIVE_UINT64, root->position.rng, 4) ||
         PUT("adam_step", H5T_STD_I64LE, H5T_NATIVE_INT64, &root->adam_step, 1) ||
         PUT("config_hash", H5T_STD_U64LE, H5T_NATIVE_UINT64, &root->config_hash, 1) ||
-        put_attr_string(file, "method", root->method, path, err, err_size) ||
-        put_attr_string(file, "deck", root->deck_text, path, err, err_size) ||
+        h5_put_attr_string(file, "method", root->method, path, err, err_size) ||
+        h5_put_attr_string(file, "deck", root->deck_text, path, err, err_size) ||
         PUT("data_hash", H5T_STD_U64LE, H5T_NATIVE_UINT64, &root->data_hash, 1) ||
         PUT("expert_config_hash", H5T_STD_U64LE, H5T_NATIVE_UINT64, &root->expert_config_hash, 1) ||
         PUT("checksum", H5T_STD_U64LE, H5T_NATIVE_UINT64, &sum, 1) ||

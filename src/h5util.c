@@ -47,3 +47,23 @@ void h5_fail(char *err, size_t err_size, const char *file, const char *object, c
     else
         snprintf(err, err_size, "%s: %s: %s", file, what, reason);
 }
+
+int h5_put_attr_string(hid_t object, const char *name, const char *value, const char *path,
+                       char *err, size_t err_size)
+{
+    size_t n = strlen(value);
+    hid_t type = H5Tcopy(H5T_C_S1);
+    H5Tset_size(type, n > 0 ? n : 1);
+    H5Tset_strpad(type, H5T_STR_NULLTERM);
+    hid_t space = H5Screate(H5S_SCALAR);
+    hid_t attr = H5Acreate2(object, name, type, space, H5P_DEFAULT, H5P_DEFAULT);
+    int rc = 0;
+    if (attr < 0 || H5Awrite(attr, type, n > 0 ? value : "") < 0) {
+        h5_fail(err, err_size, path, name, "cannot write attribute");
+        rc = -1;
+    }
+    if (attr >= 0) H5Aclose(attr);
+    H5Sclose(space);
+    H5Tclose(type);
+    return rc;
+}

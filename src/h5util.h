@@ -19,4 +19,9 @@ void h5_quiet_end(const struct h5_quiet *q);
  * read from the error stack of the last failed call, which is then cleared. */
 void h5_fail(char *err, size_t err_size, const char *file, const char *object, const char *what);
 
+/* A scalar string attribute name = value (NUL-terminated, fixed length) on object; 0, or
+ * -1 with h5_fail's message (path: the file's name, for it). */
+int h5_put_attr_string(hid_t object, const char *name, const char *value, const char *path,
+                       char *err, size_t err_size);
+
 #endif

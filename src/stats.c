@@ -44,26 +44,6 @@ static int agree(MPI_Comm comm, int failed, char *err, size_t err_size)
     return -1;
 }
 
-static int put_attr_string(hid_t file, const char *name, const char *value, const char *path,
-                           char *err, size_t err_size)
-{
-    size_t n = strlen(value);
-    hid_t type = H5Tcopy(H5T_C_S1);
-    H5Tset_size(type, n > 0 ? n : 1);
-    H5Tset_strpad(type, H5T_STR_NULLTERM);
-    hid_t space = H5Screate(H5S_SCALAR);
-    hid_t attr = H5Acreate2(file, name, type, space, H5P_DEFAULT, H5P_DEFAULT);
-    int rc = 0;
-    if (attr < 0 || H5Awrite(attr, type, n > 0 ? value : "") < 0) {
-        h5_fail(err, err_size, path, name, "cannot write attribute");
-        rc = -1;
-    }
-    if (attr >= 0) H5Aclose(attr);
-    H5Sclose(space);
-    H5Tclose(type);
-    return rc;
-}
-
 static int put_attr(hid_t file, const char *name, hid_t file_type, hid_t mem_type,
                     const void *value, const char *path, char *err, size_t err_size)
 {
@@ -90,24 +70,24 @@ static int put_attributes(hid_t file, const struct routing_stats *id, const char
     int64_t seed = id->seed, n_sample_tokens = id->n_sample_tokens;
     uint8_t norm = id->norm_topk_prob ? 1 : 0;
     uint64_t hash = id->config_hash;
-    if (put_attr_string(file, "format", STATS_FORMAT, path, err, err_size) ||
+    if (h5_put_attr_string(file, "format", STATS_FORMAT, path, err, err_size) ||
         put_attr(file, "version", H5T_STD_I32LE, H5T_NATIVE_INT32, &version, path, err, err_size) ||
-        put_attr_string(file, "model_path", id->model_path, path, err, err_size) ||
-        put_attr_string(file, "model_type", id->model_type, path, err, err_size) ||
+        h5_put_attr_string(file, "model_path", id->model_path, path, err, err_size) ||
+        h5_put_attr_string(file, "model_type", id->model_type, path, err, err_size) ||
         put_attr(file, "config_hash", H5T_STD_U64LE, H5T_NATIVE_UINT64, &hash, path, err,
                  err_size) ||
         put_attr(file, "norm_topk_prob", H5T_STD_U8LE, H5T_NATIVE_UINT8, &norm, path, err,
                  err_size) ||
-        put_attr_string(file, "dataset", id->dataset, path, err, err_size) ||
-        put_attr_string(file, "dataset_checksum", id->dataset_checksum, path, err, err_size) ||
-        put_attr_string(file, "tokenizer", id->tokenizer, path, err, err_size) ||
-        put_attr_string(file, "tokenizer_checksum", id->tokenizer_checksum, path, err,
+        h5_put_attr_string(file, "dataset", id->dataset, path, err, err_size) ||
+        h5_put_attr_string(file, "dataset_checksum", id->dataset_checksum, path, err, err_size) ||
+        h5_put_attr_string(file, "tokenizer", id->tokenizer, path, err, err_size) ||
+        h5_put_attr_string(file, "tokenizer_checksum", id->tokenizer_checksum, path, err,
                         err_size) ||
         put_attr(file, "seed", H5T_STD_I64LE, H5T_NATIVE_INT64, &seed, path, err, err_size) ||
         put_attr(file, "n_sample_tokens", H5T_STD_I64LE, H5T_NATIVE_INT64, &n_sample_tokens, path,
                  err, err_size) ||
-        put_attr_string(file, "tokens_scored", id->tokens_scored, path, err, err_size) ||
-        put_attr_string(file, "deck", deck_text, path, err, err_size))
+        h5_put_attr_string(file, "tokens_scored", id->tokens_scored, path, err, err_size) ||
+        h5_put_attr_string(file, "deck", deck_text, path, err, err_size))
         return -1;
     for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++)
         if (put_attr(file, int_names[i], H5T_STD_I32LE, H5T_NATIVE_INT32, &ints[i], path, err,
