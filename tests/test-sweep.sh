@@ -16,6 +16,7 @@ unset ESFT ESFT_HOME ESFT_LAUNCHER ESFT_LAUNCH_ECHO ESFT_SWEEP_LAUNCH ESFT_SBATC
     ESFT_MAX_REQUEUES SLURM_JOB_ID SLURM_ARRAY_TASK_ID SLURM_RESTART_COUNT SLURM_SUBMIT_DIR \
     SLURM_JOB_NUM_NODES SLURM_GPUS_ON_NODE SLURM_NTASKS_PER_NODE SLURM_CPUS_PER_TASK
 sweep="$src/jobs/esft-sweep"
+jobs=$(cd "$src/jobs" && pwd) # as esft-sweep names its neighbours: without "..", whatever $src is
 out="$tmp/runs"
 
 # The demo deck with a sweep block; the overrides make it tiny and keep its files in $tmp.
@@ -90,10 +91,10 @@ contains "$tmp/out" "1	lr-2_top_p-0.2	" "zip: the i-th values together, names in
 expect 0 "esft-sweep echo, Slurm" env ESFT_LAUNCH_ECHO=1 ESFT_SWEEP_LAUNCH=slurm ESFT="$esft" \
     "$sweep" --max-concurrent 3 --ep 1 "$deck" "$@"
 [ "$(wc -l <"$tmp/out")" = 2 ] && ok || fail "esft-sweep echo: $(cat "$tmp/out")"
-contains "$tmp/out" "sbatch --parsable --job-name=esft-shared --nodes=1 $src/jobs/esft.sbatch $deck --pp 1 --ep 1 run.output_dir=$out" \
+contains "$tmp/out" "sbatch --parsable --job-name=esft-shared --nodes=1 $jobs/esft.sbatch $deck --pp 1 --ep 1 run.output_dir=$out" \
     "the shared job"
 contains "$tmp/out" "score.n_sample_tokens=2048 --sweep=shared" "the shared job's role"
-contains "$tmp/out" "sbatch --parsable --job-name=esft-sweep --nodes=1 --array=0-7%3 --dependency=afterok:SHARED_JOB_ID $src/jobs/esft.sbatch $deck --pp 1 --ep 1 run.output_dir=$out" \
+contains "$tmp/out" "sbatch --parsable --job-name=esft-sweep --nodes=1 --array=0-7%3 --dependency=afterok:SHARED_JOB_ID $jobs/esft.sbatch $deck --pp 1 --ep 1 run.output_dir=$out" \
     "the job array after the shared job, at most 3 at once"
 contains "$tmp/out" "score.n_sample_tokens=2048 --sweep-point=array" "each task its point"
 expect 0 "esft-sweep echo, Slurm, GPUs per node" env ESFT_LAUNCH_ECHO=1 ESFT_SWEEP_LAUNCH=slurm \
@@ -103,7 +104,7 @@ contains "$tmp/out" "sbatch --parsable --job-name=esft-sweep --nodes=2 --gpus-pe
 expect 0 "esft-sweep echo, local" env ESFT_LAUNCH_ECHO=1 ESFT_SWEEP_LAUNCH=local ESFT="$esft" \
     "$sweep" "$deck" "$@"
 [ "$(wc -l <"$tmp/out")" = 10 ] && ok || fail "esft-sweep local echo: $(wc -l <"$tmp/out") lines"
-contains "$tmp/out" "$src/jobs/esft-run -N 1 -G 1 --pp 1 --ep 1 $deck run.output_dir=$out" "local: esft-run"
+contains "$tmp/out" "$jobs/esft-run -N 1 -G 1 --pp 1 --ep 1 $deck run.output_dir=$out" "local: esft-run"
 contains "$tmp/out" "--sweep=shared" "local: shared first"
 contains "$tmp/out" "--sweep-point=7" "local: the last point"
 contains "$tmp/out" "--sweep summary $deck" "local: the summary at the end"
