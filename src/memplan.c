@@ -82,7 +82,7 @@ static double bare_process_peak(void)
 /* Bytes of one layer's activations as workspace.c's alloc_layer makes them (LoRA's
  * adapters aside: method lora is not estimated). */
 static double layer_bytes(const struct model_config *c, const struct layout_grid *grid, double N,
-                          double cap, bool moe, bool training, bool recompute)
+                          double cap, bool moe, bool dense, bool training)
 {
     double H = c->hidden_size, nH = c->num_heads, f = 4;
     double qw, kvw, vw, aw;
@@ -109,7 +109,7 @@ static double layer_bytes(const struct model_config *c, const struct layout_grid
         if (grid->ep > 1) floats += 2 * cap * H + 2 * cap; /* xe, ye; the plan's row lists */
         if (S) floats += (training ? 3 : 2) * N * S + N * H + N;
     }
-    if (!moe || !training || recompute) floats += (training ? 3 : 2) * N * D;
+    if (dense) floats += (training ? 3 : 2) * N * D; /* the dense MLP's part */
     return floats * f;
 }
 
@@ -133,11 +133,14 @@ static double workspace_bytes(const struct model_config *c, const struct layout_
     bool last = stage == grid->pp - 1;
     double bytes = 0;
     if (training && !recompute) {
-        for (int l = l0; l < l1; l++) bytes += layer_bytes(c, grid, N, cap, c->is_moe[l], true, false);
+        for (int l = l0; l < l1; l++)
+            bytes += layer_bytes(c, grid, N, cap, c->is_moe[l], !c->is_moe[l], true);
     } else {
-        bool any_moe = false;
-        for (int l = l0; l < l1; l++) any_moe |= c->is_moe[l] != 0;
-        bytes += layer_bytes(c, grid, N, cap, any_moe, training, recompute);
+        /* one set for every layer, with the dense MLP's part (written, so resident on the
+         * CPU, only when the stage has a dense layer) */
+        bool any_moe = false, any_dense = false;
+        for (int l = l0; l < l1; l++) any_moe |= c->is_moe[l] != 0, any_dense |= !c->is_moe[l];
+        bytes += layer_bytes(c, grid, N, cap, any_moe, device || any_dense, training);
         if (recompute) bytes += (double)(l1 - l0 - 1) * N * H * f;
     }
     double floats = 2 * N * H + N + M * H; /* x_final, xn_final, rstd_final; xs */
@@ -223,8 +226,10 @@ static void estimate(const struct deck *deck, const struct model_config *cfg,
     bool dense_mixer = densemixer_enabled(tr);
     double ws = n_ws * workspace_bytes(cfg, grid, m->stage_first, m->me.pp_rank, m->n_local_experts,
                                        N, true, tr->recompute, dense_mixer, device);
-    ws += workspace_bytes(cfg, grid, m->stage_first, m->me.pp_rank, m->n_local_experts,
-                          deck->data.seq_len, false, false, false, device);
+    /* the validation workspace: allocated always, written only when validation runs */
+    if (device || (tr->eval_every > 0 && tr->val_fraction > 0))
+        ws += workspace_bytes(cfg, grid, m->stage_first, m->me.pp_rank, m->n_local_experts,
+                              deck->data.seq_len, false, false, false, device);
     /* gradients summed over ranks: a scratch of their size (train.c's reduce_gradients),
      * on the host in both cases */
     bool reduced = grid->dp * grid->ep > 1;
