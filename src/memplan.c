@@ -95,14 +95,17 @@ static double layer_bytes(const struct model_config *c, const struct layout_grid
     }
     double K = c->top_k > 0 ? c->top_k : 1, E = c->num_experts > 0 ? c->num_experts : 1;
     double M = N * K, I = c->expert_intermediate_size ? c->expert_intermediate_size : 1;
-    double S = c->shared_expert_intermediate_size, D = c->intermediate_size ? c->intermediate_size : 1;
-    double floats = 5 * N * H + 2 * N + N * (qw + kvw + vw + aw); /* x xn h hn ffn, rstds, qkv attn */
+    double S = c->shared_expert_intermediate_size,
+           D = c->intermediate_size ? c->intermediate_size : 1;
+    double floats =
+        5 * N * H + 2 * N + N * (qw + kvw + vw + aw); /* x xn h hn ffn, rstds, qkv attn */
     if (c->qk_norm != QK_NORM_NONE) floats += N * (qw + kvw + nH + c->num_kv_heads);
     if (c->clip_qkv > 0 && training) floats += N * (qw + kvw);
     if (c->attention == ATTENTION_MLA) {
         double R = c->q_lora_rank, C = c->kv_lora_rank;
         if (R > 0) floats += 2 * N * R + N;
-        floats += 2 * N * C + N + N * c->qk_rope_head_dim + N * nH * (c->qk_nope_head_dim + c->v_head_dim);
+        floats += 2 * N * C + N + N * c->qk_rope_head_dim +
+                  N * nH * (c->qk_nope_head_dim + c->v_head_dim);
     }
     if (moe) {
         floats += N * E + (E + 1) + 2 * M + (training ? 3 : 2) * cap * I + M * H;
@@ -263,7 +266,8 @@ static void print_table(FILE *out, const struct deck *deck, const struct model_c
 {
     /* one row per (stage, EP rank): the data-parallel copies hold the same */
     int rows = grid->pp * grid->ep;
-    struct rank_memory *cpu = xcalloc((size_t)rows, sizeof *cpu), *dev = xcalloc((size_t)rows, sizeof *dev);
+    struct rank_memory *cpu = xcalloc((size_t)rows, sizeof *cpu),
+                       *dev = xcalloc((size_t)rows, sizeof *dev);
     double most = 0, trained_share = 0, params = 0;
     for (int s = 0; s < grid->pp; s++)
         for (int e = 0; e < grid->ep; e++) {
@@ -295,31 +299,36 @@ static void print_table(FILE *out, const struct deck *deck, const struct model_c
     const char *assumed = as == AS_NO_EXPERT      ? "lower bound: no routed expert trains"
                           : as == AS_EVERY_EXPERT ? "upper bound: every routed expert trains"
                                                   : "the deck's trainable set";
-    fprintf(out, "# memory per rank for training (%s: %.4g%% of %.4gM parameters train), %s;\n"
-                 "# micro-batch %d x %d tokens, %s\n",
-            assumed, params > 0 ? 100.0 * trained_share / params : 0.0, params / 1e6, unit_name,
+    fprintf(out,
+            "# memory per rank for training (%s: %.4g%% of %.4g%s parameters train), %s;\n"
+            "# micro-batch %d x %d tokens, %s\n",
+            assumed, params > 0 ? 100.0 * trained_share / params : 0.0,
+            params >= 1e9 ? params / 1e9 : params / 1e6, params >= 1e9 ? "B" : "M", unit_name,
             deck->train.micro_batch, deck->data.seq_len,
             deck->train.recompute ? "train.recompute: one layer's activations kept"
                                   : "every layer's activations kept");
     fprintf(out, "# %-5s %-7s | %9s %9s %9s %9s %9s %9s %9s | %9s %9s %9s %9s %9s\n", "stage",
-            "ep_rank", "cpu:wts", "grads", "adamw", "activ", "export", "baseline", "total", "dev:wts",
-            "grads", "adamw", "activ", "total");
+            "ep_rank", "cpu:wts", "grads", "adamw", "activ", "export", "baseline", "total",
+            "dev:wts", "grads", "adamw", "activ", "total");
     for (int s = 0; s < grid->pp; s++)
         for (int e = 0; e < grid->ep; e++) {
             const struct rank_memory *c = &cpu[s * grid->ep + e], *d = &dev[s * grid->ep + e];
-            fprintf(out, "  %-5d %-7d | %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f | %9.1f %9.1f %9.1f %9.1f %9.1f\n",
+            fprintf(out,
+                    "  %-5d %-7d | %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f | %9.1f %9.1f %9.1f "
+                    "%9.1f %9.1f\n",
                     s, e, in_unit(c->weights, unit), in_unit(c->gradients, unit),
-                    in_unit(c->adamw, unit), in_unit(c->activations, unit), in_unit(c->export, unit),
-                    in_unit(baseline, unit),
-                    in_unit(c->total, unit), in_unit(d->weights, unit), in_unit(d->gradients, unit),
-                    in_unit(d->adamw, unit), in_unit(d->activations, unit), in_unit(d->total, unit));
+                    in_unit(c->adamw, unit), in_unit(c->activations, unit),
+                    in_unit(c->export, unit), in_unit(baseline, unit), in_unit(c->total, unit),
+                    in_unit(d->weights, unit), in_unit(d->gradients, unit), in_unit(d->adamw, unit),
+                    in_unit(d->activations, unit), in_unit(d->total, unit));
         }
     free(cpu);
     free(dev);
 }
 
 /* The model's config: the init section when init runs in this deck, else model.path's. */
-static int load_config(const struct deck *deck, struct model_config *cfg, char *err, size_t err_size)
+static int load_config(const struct deck *deck, struct model_config *cfg, char *err,
+                       size_t err_size)
 {
     for (int i = 0; i < deck->n_phases; i++)
         if (deck->phases[i] == PHASE_INIT) return init_config(deck, cfg, err, err_size);
@@ -345,9 +354,11 @@ void memplan_print(FILE *out, const struct deck *deck, const struct layout_grid 
         return;
     }
     double floor = bare_process_peak();
-    fprintf(out, "\n# memory: baseline %.1f MiB is this dry run's own resident set (VmRSS: "
-                 "libraries, MPI, the deck);\n# a bare esft process peaks at %.1f MiB (as it "
-                 "ends), the floor of the cpu total\n", baseline / 1048576.0, floor / 1048576.0);
+    fprintf(out,
+            "\n# memory: baseline %.1f MiB is this dry run's own resident set (VmRSS: "
+            "libraries, MPI, the deck);\n# a bare esft process peaks at %.1f MiB (as it "
+            "ends), the floor of the cpu total\n",
+            baseline / 1048576.0, floor / 1048576.0);
     if (deck->train.method != METHOD_ESFT) {
         print_table(out, deck, &cfg, grid, AS_DECK, NULL, baseline, floor);
         return;
@@ -366,9 +377,10 @@ void memplan_print(FILE *out, const struct deck *deck, const struct layout_grid 
         expert_config_free(&ec);
         return;
     }
-    fprintf(out, "# %s is not there yet: the estimate is bounded by no routed expert and every "
-                 "one training (shared experts and non-expert modules frozen, as an expert "
-                 "configuration says unless its flags are set)\n",
+    fprintf(out,
+            "# %s is not there yet: the estimate is bounded by no routed expert and every "
+            "one training (shared experts and non-expert modules frozen, as an expert "
+            "configuration says unless its flags are set)\n",
             path ? path : "train.expert_config");
     print_table(out, deck, &cfg, grid, AS_NO_EXPERT, NULL, baseline, floor);
     print_table(out, deck, &cfg, grid, AS_EVERY_EXPERT, NULL, baseline, floor);

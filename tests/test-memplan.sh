@@ -24,6 +24,7 @@ column() { awk -v c="$2" '/^  [0-9]+ +[0-9]+ +\|/ { if ($c > m) m = $c } END { p
 timer=/usr/bin/time
 [ -x "$timer" ] && "$timer" -f %M true >/dev/null 2>&1 || timer=""
 for layout in "1 1" "2 1" "2 2"; do
+    # shellcheck disable=SC2086 # two words: ranks and ep
     set -- $layout
     n=$1 ep=$2
     o="$d/run-$n-$ep"
