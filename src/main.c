@@ -22,6 +22,7 @@
 #include "inspect.h"
 #include "modelpath.h"
 #include "log.h"
+#include "memplan.h"
 #include "phases.h"
 #include "preflight.h"
 #include "sweep.h"
@@ -492,6 +493,7 @@ int main(int argc, char **argv)
                 model.stage_first = split;
             }
             layout_print(stdout, &grid, model_known ? &model : NULL);
+            memplan_print(stdout, &deck, &grid);
             fflush(stdout);
         }
         if (n_problems > 0) /* after the printout, so that a refused deck can be read too */
