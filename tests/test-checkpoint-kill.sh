@@ -33,11 +33,16 @@ show() { # FILE: its last lines, indented
     [ -f "$1" ] && sed 's/^/    /' "$1" | tail -n 12
 }
 
-# A random delay of 0.000 to 0.299 seconds.
+# A random delay of 0 to SPAN - 1 milliseconds, in seconds.
 random_delay() {
     n=$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')
-    printf '0.%03d' $((n % 300))
+    ms=$((n % $1))
+    printf '%d.%03d' $((ms / 1000)) $((ms % 1000))
 }
+# The kills land within span ms of the writer's start: 300 at first, doubled (up to 9600)
+# after each round while no checkpoint has been completed yet, so that a slow build (the
+# sanitizers' writes take longer than 300 ms) still completes some.
+span=300
 
 round=1
 while [ $round -le "$rounds" ]; do
@@ -60,7 +65,7 @@ while [ $round -le "$rounds" ]; do
         break
     fi
     pid=$(cat "$tmp/out/pid")
-    delay=$(random_delay)
+    delay=$(random_delay $span)
     sleep "$delay"
     kill -9 "$pid"
     wait $launcher 2>/dev/null
@@ -74,6 +79,9 @@ while [ $round -le "$rounds" ]; do
     else
         fail "round $round: killed after ${delay}s: a checkpoint under a real name does not read back"
         show "$tmp/verify.log"
+    fi
+    if [ -z "$(find "$tmp/out/checkpoints" -name 'step-*.h5' 2>/dev/null)" ] && [ $span -lt 9600 ]; then
+        span=$((span * 2))
     fi
     round=$((round + 1))
 done
