@@ -1,7 +1,7 @@
 #!/bin/sh
 # test-apply-adapter: esft --apply-adapter on the golden fixtures' ESFT adapters
 # (tests/golden/<fixture>/esft_adapter/, made by esft_adapter_reference.py): each merged
-# checkpoint keeps the base's config.json and, loaded as a plain model, gives the logits
+# checkpoint (gpt_oss's in transformers' fused layout) keeps the base's config.json and, loaded as a plain model, gives the logits
 # of transformers with the adapter applied (test_apply_adapter with MERGED_ROOT); on 2
 # ranks (pp 2, dp 2) the merged checkpoint is the same bit for bit; an adapter given as
 # its directory is taken; the user's mistakes are refused with status 2 and nothing
@@ -13,7 +13,7 @@ test_begin apply-adapter
 
 golden="$src/tests/golden"
 deck="$src/input/demo.yaml"
-for fixture in qwen2_moe qwen3_moe olmoe mixtral; do
+for fixture in qwen2_moe qwen3_moe olmoe mixtral gpt_oss; do
     expect 0 "$fixture: --apply-adapter" "$esft" --apply-adapter \
         "$golden/$fixture/esft_adapter/adapter.safetensors" "$deck" "model.path=$golden/$fixture" \
         "run.output_dir=$tmp/$fixture"

@@ -14,7 +14,8 @@ tests/golden/<name>/esft_adapter/:
                           and `logits`: the transformers model with the adapter applied by
                           apply_esft_adapter, each packed sample its own forward pass
                           (generate.py's reference)
-and checks, before writing, that
+and, for gpt_oss (which apply_esft_adapter refuses), the same files with the adapter put
+by hand into transformers' fused layout (gpt_oss_fixture); and checks, before writing, that
   - those logits equal (within 1e-5) the logits of transformers loading, with its own
     from_pretrained, a merged checkpoint made by overwriting the base checkpoint's
     tensors with the adapter's (so the function is checked against transformers' loader);
@@ -115,14 +116,7 @@ def make_fixture(name, index, inp, write=True):
               f"from_pretrained(merged) {diff:.1e}, vs the base model {moved:.2f}")
         return
 
-    out = os.path.join(d, "esft_adapter")
-    os.makedirs(out, exist_ok=True)
-    save_file(adapter, os.path.join(out, "adapter.safetensors"), metadata={"format": "pt"})
-    t = {k: inp[k].contiguous() for k in ("input_ids", "position_ids", "segment_ids", "labels")}
-    t["logits"] = logits.float().contiguous()
-    save_file(t, os.path.join(out, "expected.safetensors"), metadata={"fixture": name})
-    for f in os.listdir(out):
-        os.chmod(os.path.join(out, f), 0o644)
+    write_fixture(d, adapter, logits, inp)
     print(f"{name}: seed {seed}, {applied} adapter tensors, router margin {margin:.2e}; logits vs "
           f"from_pretrained(merged) {diff:.1e}, vs the base model {moved:.2f}")
 
@@ -133,6 +127,61 @@ def apply_esft_adapter_from(model, adapter):
         path = os.path.join(tmp, "adapter.safetensors")
         save_file(adapter, path, metadata={"format": "pt"})
         return apply_esft_adapter(model, path)
+
+
+def gpt_oss_fixture(inp):
+    """gpt_oss, which apply_esft_adapter refuses: the same adapter choice (experts and their
+    gate, up, down matrices as esft names them, [I, H], [I, H], [H, I]; bf16 values, the
+    base checkpoint's dtype, as esft writes them) put by hand into transformers' fused
+    layout (gate_up_proj [E, H, 2I], gate columns even and up odd; down_proj [E, I, H]),
+    for esft --apply-adapter's merged checkpoint to match; no router perturbed."""
+    import generate_gpt_oss as GO
+    d = os.path.join(HERE, "gpt_oss")
+    with torch.no_grad():
+        base_logits = G.per_sample_logits(load(d), inp)
+    for attempt in range(50):
+        seed = SEED + 900 + attempt
+        g = torch.Generator().manual_seed(seed)
+        model = load(d)
+        adapter = {}
+        with torch.no_grad():
+            for l, layer in enumerate(model.model.layers):
+                fused = layer.mlp.experts
+                experts = fused.gate_up_proj.shape[0]
+                for e in [(2 * l + 1) % experts, (2 * l + 4) % experts]:
+                    pre = f"model.layers.{l}.mlp.experts.{e}"
+                    old = {"gate": fused.gate_up_proj[e][:, ::2].T, "up": fused.gate_up_proj[e][:, 1::2].T,
+                           "down": fused.down_proj[e].T}
+                    new = {k: (v + STD * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in old.items()}
+                    for k, v in new.items():
+                        adapter[f"{pre}.{k}_proj.weight"] = v.contiguous()
+                    fused.gate_up_proj[e][:, ::2] = new["gate"].float().T
+                    fused.gate_up_proj[e][:, 1::2] = new["up"].float().T
+                    fused.down_proj[e] = new["down"].float().T
+        margin, _ = GO.probe(model, inp)
+        if margin > G.MIN_MARGIN:
+            break
+        print(f"  gpt_oss: adapter seed {seed} has a router near-tie ({margin:.2e}), reseeding")
+    else:
+        raise RuntimeError("gpt_oss: no adapter seed without router near-ties")
+    with torch.no_grad():
+        logits = G.per_sample_logits(model, inp)
+    moved = G.maxdiff(logits, base_logits)
+    assert moved > 1e-2, f"gpt_oss: the adapter moved the logits by only {moved}"
+    write_fixture(d, adapter, logits, inp)
+    print(f"gpt_oss: seed {seed}, {len(adapter)} adapter tensors (by hand into the fused layout), "
+          f"router logit margin {margin:.2e}; vs the base model {moved:.2f}")
+
+
+def write_fixture(d, adapter, logits, inp):
+    out = os.path.join(d, "esft_adapter")
+    os.makedirs(out, exist_ok=True)
+    save_file(adapter, os.path.join(out, "adapter.safetensors"), metadata={"format": "pt"})
+    t = {k: inp[k].contiguous() for k in ("input_ids", "position_ids", "segment_ids", "labels")}
+    t["logits"] = logits.float().contiguous()
+    save_file(t, os.path.join(out, "expected.safetensors"), metadata={"fixture": os.path.basename(d)})
+    for f in os.listdir(out):
+        os.chmod(os.path.join(out, f), 0o644)
 
 
 def check_refusal():
@@ -155,6 +204,7 @@ def main():
         make_fixture(name, index, inp)
     for index, name in enumerate(CHECK_ONLY):
         make_fixture(name, len(FIXTURES) + index, inp, write=False)
+    gpt_oss_fixture(inp)
     check_refusal()
 
 
