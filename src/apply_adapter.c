@@ -35,7 +35,8 @@ static int adapter_file(const char *adapter, char *path, size_t size, char *err,
     if (path_join(path, size, adapter, "adapter.safetensors", err, err_size)) return -1;
     if (path_exists(path)) return 0;
     char lora[4200];
-    if (path_join(lora, sizeof lora, adapter, "adapter_model.safetensors", err, err_size)) return -1;
+    if (path_join(lora, sizeof lora, adapter, "adapter_model.safetensors", err, err_size))
+        return -1;
     snprintf(err, err_size, "--apply-adapter %s: no adapter.safetensors there%s", adapter,
              path_exists(lora) ? " (adapter_model.safetensors is a LoRA adapter in PEFT's "
                                  "format: its merged model is train.export_merged's)"
@@ -48,11 +49,14 @@ int phase_apply_adapter(const struct deck *deck, const struct layout *layout, co
     const struct layout_grid *grid = &layout->grid;
     char err[4096], path[4200], dir[4200], config[4300];
     int rc = adapter_file(adapter, path, sizeof path, err, sizeof err);
-    if (rc == 0) rc = path_join(dir, sizeof dir, deck->run.output_dir, "merged", err, sizeof err);
-    if (rc == 0 && (rc = path_join(config, sizeof config, dir, "config.json", err, sizeof err)) == 0 &&
-        path_exists(config)) {
-        snprintf(err, sizeof err, "%s already holds a checkpoint (config.json); remove it or "
-                 "choose another run.output_dir", dir);
+    if (rc == 0 && (path_join(dir, sizeof dir, deck->run.output_dir, "merged", err, sizeof err) ||
+                    path_join(config, sizeof config, dir, "config.json", err, sizeof err)))
+        rc = -1;
+    if (rc == 0 && path_exists(config)) {
+        snprintf(err, sizeof err,
+                 "%s already holds a checkpoint (config.json); remove it or "
+                 "choose another run.output_dir",
+                 dir);
         rc = -1;
     }
     fail_if_any(rc != 0, EXIT_INPUT, "apply-adapter: %s", err);

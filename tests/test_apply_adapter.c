@@ -63,7 +63,8 @@ static void check_logits(const char *what, const float *logits, const float *exp
     if (!logits) return;
     double worst = check_worst_relative(logits, expected, n);
     printf("%s: logits max |esft - transformers| / max |transformers| %.2e\n", what, worst);
-    CHECK(worst < 1e-4, "%s: logits %.3g from transformers' (relative to the largest)", what, worst);
+    CHECK(worst < 1e-4, "%s: logits %.3g from transformers' (relative to the largest)", what,
+          worst);
 }
 
 static void check_fixture(const char *dir, const char *name, void *context)
