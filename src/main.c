@@ -436,7 +436,10 @@ int main(int argc, char **argv)
      * the init section) is checked now, --dry-run included; model_absent says why it is
      * not there, when there is more to say */
     char model_absent[8192];
-    modelpath_prepare(&deck, opt.dry_run, model_absent, sizeof model_absent);
+    if (opt.apply_adapter)
+        modelpath_prepare_read(&deck, model_absent, sizeof model_absent);
+    else
+        modelpath_prepare(&deck, opt.dry_run, model_absent, sizeof model_absent);
     if (opt.inspect >= 0) { /* rank 0 looks; every rank leaves with its status */
         char *why_not = xcalloc(8192, 1);
         int inspected = world_rank == 0 ? inspect_sample(&deck, (uint64_t)opt.inspect, stdout,
