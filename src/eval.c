@@ -24,48 +24,6 @@
 #include "log.h"
 #include "model.h"
 #include "phases.h"
-#include "safetensors.h"
-
-/* Puts the adapter's tensors over the base weights this rank holds. Every rank checks
- * every tensor (names and shapes from the header), so all agree on an error. 0, or -1
- * with a message naming the file and tensor. */
-static int apply_adapter(struct model *m, const char *path, int *applied, char *err, size_t err_size)
-{
-    struct st_file *file = st_open(path, err, err_size);
-    if (!file) return -1;
-    int rc = 0;
-    *applied = 0;
-    for (int i = 0; i < file->n_tensors && rc == 0; i++) {
-        const struct st_tensor *t = &file->tensors[i];
-        struct param *p = model_find_param(m, t->name);
-        if (!p) {
-            snprintf(err, err_size, "%s: tensor '%s' is not a tensor of the model (%s)", path,
-                     t->name, m->cfg.model_type);
-            rc = -1;
-            break;
-        }
-        bool same = t->rank == p->rank && t->shape[0] == p->shape[0] &&
-                    (p->rank == 1 || t->shape[1] == p->shape[1]);
-        if (!same) {
-            snprintf(err, err_size, "%s: tensor '%s' has shape [%lld%s%lld], the model's is "
-                     "[%lld%s%lld]", path, t->name, (long long)t->shape[0], t->rank > 1 ? ", " : "",
-                     t->rank > 1 ? (long long)t->shape[1] : 0LL, (long long)p->shape[0],
-                     p->rank > 1 ? ", " : "", p->rank > 1 ? (long long)p->shape[1] : 0LL);
-            rc = -1;
-            break;
-        }
-        if (p->data) rc = st_read_f32(t, p->data, p->numel, err, err_size);
-        if (p->data_bf16) { /* held as bf16 (model.frozen_weights): rounded as the base was */
-            float *values = xmalloc(p->numel * sizeof(float));
-            rc = st_read_f32(t, values, p->numel, err, err_size);
-            if (rc == 0) st_f32_to_bf16_array(values, p->data_bf16, p->numel);
-            free(values);
-        }
-        (*applied)++;
-    }
-    st_close(file);
-    return rc;
-}
 
 int phase_eval(const struct deck *deck, const struct layout *layout)
 {
@@ -101,7 +59,7 @@ int phase_eval(const struct deck *deck, const struct layout *layout)
                 err);
     int applied = 0;
     if (deck->eval.adapter)
-        fail_if_any(apply_adapter(&model, deck->eval.adapter, &applied, err, sizeof err) != 0,
+        fail_if_any(model_apply_adapter(&model, deck->eval.adapter, &applied, err, sizeof err) != 0,
                     EXIT_INPUT, "eval: %s", err);
     const struct backend *ops = phase_backend(deck, "eval");
     model_attach(&model, ops);

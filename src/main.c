@@ -41,6 +41,7 @@ struct options {
     int ranks; /* --ranks N: plan the layout for N ranks (dry run only); 0 = world size */
     enum { SWEEP_NONE, SWEEP_LIST, SWEEP_SUMMARY, SWEEP_SHARED_PHASES } sweep; /* --sweep X */
     int sweep_point; /* --sweep-point N; -1: not asked */
+    const char *apply_adapter; /* --apply-adapter PATH, or NULL */
 };
 
 static void print_usage(FILE *out)
@@ -48,6 +49,7 @@ static void print_usage(FILE *out)
     fprintf(out,
             "usage: esft [options] DECK.yaml [key.path=value ...]\n"
             "       mpirun -np N esft DECK.yaml [key.path=value ...]\n"
+            "       esft --apply-adapter ADAPTER DECK.yaml [key.path=value ...]\n"
             "\n"
             "Expert-Specialized Fine-Tuning of Mixture-of-Experts models. The deck's `phase`\n"
             "selects what runs: init, prepare, score, select, train, eval (one or a list).\n"
@@ -67,6 +69,10 @@ static void print_usage(FILE *out)
             "  --sweep-point N  run point N of the sweep (its per-point phases)\n"
             "  --sweep summary  write the table (markdown, CSV) and picture of the points'\n"
             "                 results into RUN.OUTPUT_DIR/sweep and print the table\n"
+            "  --apply-adapter ADAPTER  instead of the deck's phases: model.path's checkpoint\n"
+            "                 with the ESFT adapter ADAPTER (adapter.safetensors, or the\n"
+            "                 train phase's adapter directory) put over it, written as a\n"
+            "                 complete checkpoint in RUN.OUTPUT_DIR/merged\n"
             "  --help-deck    list every deck key with its type, default and meaning\n"
             "  --help         this text\n"
             "  --version      version, backends and library versions\n"
@@ -142,6 +148,16 @@ static int parse_options(int argc, char **argv, struct options *opt, int rank)
                 return EXIT_INPUT;
             }
             opt->sweep_point = (int)n;
+        } else if (strcmp(arg, "--apply-adapter") == 0 ||
+                   strncmp(arg, "--apply-adapter=", 16) == 0) {
+            const char *value = arg[15] == '=' ? arg + 16 : (i + 1 < argc ? argv[++i] : "");
+            if (!*value) {
+                if (rank == 0)
+                    fprintf(stderr, "esft: --apply-adapter needs the adapter (its "
+                            "adapter.safetensors or the directory holding it)\n");
+                return EXIT_INPUT;
+            }
+            opt->apply_adapter = value;
         } else if (arg[0] == '-' && arg[1] != '\0') {
             if (rank == 0)
                 fprintf(stderr, "esft: unknown option '%s' (see esft --help)\n", arg);
@@ -170,6 +186,13 @@ static int parse_options(int argc, char **argv, struct options *opt, int rank)
     }
     if (opt->sweep && opt->sweep_point >= 0) {
         if (rank == 0) fprintf(stderr, "esft: --sweep and --sweep-point are separate runs\n");
+        return EXIT_INPUT;
+    }
+    if (opt->apply_adapter && (opt->dry_run || opt->inspect >= 0 || opt->sweep ||
+                               opt->sweep_point >= 0)) {
+        if (rank == 0)
+            fprintf(stderr, "esft: --apply-adapter is a run of its own; it does not combine "
+                    "with --dry-run, --inspect, --sweep or --sweep-point\n");
         return EXIT_INPUT;
     }
     if (opt->ranks && !opt->dry_run) {
@@ -336,7 +359,7 @@ static int sweep_setup(struct sweep *sw, struct deck *deck, const struct options
             return 0;
         }
         *shared_text = sweep_shared_text(sw);
-    } else if (role < 0 && (opt->dry_run || opt->inspect >= 0)) {
+    } else if (role < 0 && (opt->dry_run || opt->inspect >= 0 || opt->apply_adapter)) {
         log_info("sweep: %d points; this is the deck without its sweep (--sweep shared or "
                  "--sweep-point N: the deck of a role)", sw->n_points);
         return -1;
@@ -393,6 +416,8 @@ int main(int argc, char **argv)
     }
     fail_on_deck_errors(n_errors, messages, opt.deck_file);
     fail_on_deck_errors(deck_finish(&deck, messages, ERROR_BUFFER), messages, opt.deck_file);
+    if (opt.apply_adapter) /* the deck gives the model, the layout and the output directory */
+        deck.n_phases = 0;
     struct sweep sweep;
     char *shared_text = NULL;
     fail_on_deck_errors(sweep_read(&sweep, opt.deck_file, text, length, opt.overrides,
@@ -412,7 +437,10 @@ int main(int argc, char **argv)
      * the init section) is checked now, --dry-run included; model_absent says why it is
      * not there, when there is more to say */
     char model_absent[8192];
-    modelpath_prepare(&deck, opt.dry_run, model_absent, sizeof model_absent);
+    if (opt.apply_adapter)
+        modelpath_prepare_read(&deck, model_absent, sizeof model_absent);
+    else
+        modelpath_prepare(&deck, opt.dry_run, model_absent, sizeof model_absent);
     if (opt.inspect >= 0) { /* rank 0 looks; every rank leaves with its status */
         char *why_not = xcalloc(8192, 1);
         int inspected = world_rank == 0 ? inspect_sample(&deck, (uint64_t)opt.inspect, stdout,
@@ -431,7 +459,7 @@ int main(int argc, char **argv)
     char why[4096] = "";
     bool model_known = model_shape(&deck, &model, why, sizeof why);
     if (!model_known && model_absent[0]) snprintf(why, sizeof why, "%s", model_absent);
-    bool needs_model = false;
+    bool needs_model = opt.apply_adapter != NULL;
     for (int i = 0; i < deck.n_phases; i++) needs_model |= phase_reads_model(deck.phases[i]);
     /* a model that init writes later in this deck is known from the init section */
     if (!model_known && needs_model && !opt.dry_run)
@@ -516,6 +544,7 @@ int main(int argc, char **argv)
     /* the sweep's shared phases: their mark goes while they rewrite what the points read,
      * and comes back when they have all succeeded */
     if (shared_text && world_rank == 0) sweep_unmark_shared(&sweep);
+    if (opt.apply_adapter) status = phase_apply_adapter(&deck, &layout, opt.apply_adapter);
     for (int i = 0; i < deck.n_phases; i++) {
         log_info("phase %s", phase_name(deck.phases[i]));
         status = run_phase(deck.phases[i], &deck, &layout);

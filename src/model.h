@@ -198,6 +198,20 @@ void model_free(struct model *model);
  * message naming the file and tensor. */
 int model_load(struct model *model, const char *dir, char *err, size_t err_size);
 
+/* An ESFT adapter (the train phase's adapter.safetensors: tensors under the model's
+ * Hugging Face names, routed experts one tensor per matrix) checked against the
+ * parameter table from its header alone: every tensor a tensor of the model, with its
+ * shape and a floating-point dtype. *n_tensors: how many it holds. 0, or -1 with a
+ * message naming the file and the first tensor that does not fit (and what the file
+ * looks like instead: a LoRA adapter, the ESFT reference's layout). */
+int model_check_adapter(struct model *model, const char *path, int *n_tensors, char *err,
+                        size_t err_size);
+/* Puts the adapter's tensors over the weights this rank holds, after
+ * model_check_adapter's checks (every rank checks every tensor, so all agree on an
+ * error); a tensor held as bf16 is rounded as the base was. 0, or -1 with a message. */
+int model_apply_adapter(struct model *model, const char *path, int *n_tensors, char *err,
+                        size_t err_size);
+
 /* What model_load will find, known before model_create allocates for it: every tensor the
  * rank at coords holds under grid is in the checkpoint at dir, with the shape cfg gives
  * and a floating-point dtype. Reads the safetensors headers only. Returns 0, or -1 with a

@@ -586,3 +586,95 @@ int model_read_original(const struct model *m, const struct st_checkpoint *ckpt,
     if (rc == 0) rc = read_range_f32(&src, p->numel, out, err, err_size);
     return rc;
 }
+
+/* ---- adapters ------------------------------------------------------------------------ */
+
+/* Why an adapter tensor is not the model's, when the file is another kind of adapter:
+ * PEFT's (keys base_model.model.*), or the ESFT reference's layout (esft_reference/, keys
+ * without "model."). */
+static const char *adapter_hint(struct model *m, const char *name)
+{
+    if (strncmp(name, "base_model.model.", 17) == 0)
+        return "; this is a LoRA adapter in PEFT's format (adapter_model.safetensors), not an "
+               "ESFT adapter: its merged model is train.export_merged's";
+    char prefixed[PARAM_NAME_MAX + 8];
+    snprintf(prefixed, sizeof prefixed, "model.%s", name);
+    if (model_find_param(m, prefixed))
+        return "; this is the ESFT reference's layout (esft_reference/adapter.safetensors, "
+               "names without \"model.\"): give the adapter.safetensors beside esft_reference/";
+    return "";
+}
+
+/* The parameter an adapter tensor replaces, after checking its name, shape and dtype;
+ * NULL with a message. */
+static struct param *adapter_target(struct model *m, const char *path, const struct st_tensor *t,
+                                    char *err, size_t err_size)
+{
+    struct param *p = model_find_param(m, t->name);
+    if (!p || p->kind == PARAM_LORA) {
+        snprintf(err, err_size, "%s: tensor '%s' is not a tensor of the model (%s)%s", path,
+                 t->name, m->cfg.model_type, adapter_hint(m, t->name));
+        return NULL;
+    }
+    bool same = t->rank == p->rank && t->shape[0] == p->shape[0] &&
+                (p->rank == 1 || t->shape[1] == p->shape[1]);
+    if (!same) {
+        snprintf(err, err_size, "%s: tensor '%s' has shape [%lld%s%lld], the model's is "
+                 "[%lld%s%lld]", path, t->name, (long long)t->shape[0], t->rank > 1 ? ", " : "",
+                 t->rank > 1 ? (long long)t->shape[1] : 0LL, (long long)p->shape[0],
+                 p->rank > 1 ? ", " : "", p->rank > 1 ? (long long)p->shape[1] : 0LL);
+        return NULL;
+    }
+    if (!is_float_dtype(t->dtype)) {
+        snprintf(err, err_size, "%s: tensor '%s': dtype %s is not a floating-point weight%s",
+                 path, t->name, st_dtype_name(t->dtype),
+                 is_fp8_dtype(t->dtype) ? " (an adapter is written in bf16, f16 or f32)" : "");
+        return NULL;
+    }
+    return p;
+}
+
+static int check_adapter_file(struct model *m, const struct st_file *file, char *err,
+                              size_t err_size)
+{
+    if (file->n_tensors == 0) {
+        snprintf(err, err_size, "%s: the adapter holds no tensor", file->path);
+        return -1;
+    }
+    for (int i = 0; i < file->n_tensors; i++)
+        if (!adapter_target(m, file->path, &file->tensors[i], err, err_size)) return -1;
+    return 0;
+}
+
+int model_check_adapter(struct model *m, const char *path, int *n_tensors, char *err,
+                        size_t err_size)
+{
+    struct st_file *file = st_open(path, err, err_size);
+    if (!file) return -1;
+    int rc = check_adapter_file(m, file, err, err_size);
+    *n_tensors = file->n_tensors;
+    st_close(file);
+    return rc;
+}
+
+int model_apply_adapter(struct model *m, const char *path, int *n_tensors, char *err,
+                        size_t err_size)
+{
+    struct st_file *file = st_open(path, err, err_size);
+    if (!file) return -1;
+    int rc = check_adapter_file(m, file, err, err_size);
+    *n_tensors = file->n_tensors;
+    for (int i = 0; i < file->n_tensors && rc == 0; i++) {
+        const struct st_tensor *t = &file->tensors[i];
+        struct param *p = model_find_param(m, t->name);
+        if (p->data) rc = st_read_f32(t, p->data, p->numel, err, err_size);
+        if (p->data_bf16) { /* held as bf16 (model.frozen_weights): rounded as the base was */
+            float *values = xmalloc(p->numel * sizeof(float));
+            rc = st_read_f32(t, values, p->numel, err, err_size);
+            if (rc == 0) st_f32_to_bf16_array(values, p->data_bf16, p->numel);
+            free(values);
+        }
+    }
+    st_close(file);
+    return rc;
+}

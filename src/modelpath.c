@@ -168,10 +168,10 @@ static void look(const struct deck *deck, bool dry_run, struct verdict *v)
         v->status = 2;
 }
 
-void modelpath_prepare(struct deck *deck, bool dry_run, char *why, size_t why_size)
+static void prepare(struct deck *deck, bool dry_run, bool reads, char *why, size_t why_size)
 {
     why[0] = '\0';
-    bool inits = false, reads = false;
+    bool inits = false;
     for (int i = 0; i < deck->n_phases; i++) {
         enum phase p = deck->phases[i];
         inits |= p == PHASE_INIT;
@@ -195,4 +195,14 @@ void modelpath_prepare(struct deck *deck, bool dry_run, char *why, size_t why_si
     }
     if (v->status == 1) snprintf(why, why_size, "%s", v->message);
     free(v);
+}
+
+void modelpath_prepare(struct deck *deck, bool dry_run, char *why, size_t why_size)
+{
+    prepare(deck, dry_run, false, why, why_size);
+}
+
+void modelpath_prepare_read(struct deck *deck, char *why, size_t why_size)
+{
+    prepare(deck, false, true, why, why_size);
 }

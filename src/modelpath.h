@@ -37,5 +37,8 @@ enum modelpath_found modelpath_resolve(const char *path, char *out, size_t out_s
  * is more to say than that config.json cannot be opened (a hub id: how to download it),
  * else it is "". */
 void modelpath_prepare(struct deck *deck, bool dry_run, char *why, size_t why_size);
+/* modelpath_prepare for a run that reads model.path whatever the deck's phases
+ * (esft --apply-adapter) */
+void modelpath_prepare_read(struct deck *deck, char *why, size_t why_size);
 
 #endif

@@ -31,6 +31,12 @@ int train_check_model(const struct deck *deck, const struct model_config *cfg, c
                       size_t err_size);
 int phase_eval(const struct deck *deck, const struct layout *layout);
 
+/* esft --apply-adapter: model.path with the ESFT adapter at `adapter` (its
+ * adapter.safetensors, or a directory holding one) put over it, written as a merged
+ * checkpoint in RUN.OUTPUT_DIR/merged (apply_adapter.c). Not one of the deck's phases:
+ * main runs it instead of them. */
+int phase_apply_adapter(const struct deck *deck, const struct layout *layout, const char *adapter);
+
 /* The backend of the deck's run.backend for a phase that computes (score, train, eval),
  * named in the log; a backend that cannot be had (cuda without a build or device for
  * it) ends every rank with the reason. */

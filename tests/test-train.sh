@@ -5,7 +5,8 @@
 # curve (global batch 8); a run stopped by SIGUSR1, or killed with SIGKILL mid-run,
 # resumes to the uninterrupted run's curve bit for bit; a damaged checkpoint is refused by
 # name and passed over by train.resume: auto (back on the curve); a checkpoint of another
-# deck (lr, data) is refused unless forced; bad settings are refused.
+# deck (lr, data) is refused unless forced; bad settings are refused; esft --apply-adapter
+# rebuilds the merged export from the adapter.
 set -u
 . "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
 test_begin train
@@ -52,6 +53,12 @@ merged=$(value loss "$d/eval-merged/eval.json")
 [ -n "$adapted" ] && [ "$adapted" = "$merged" ] && ok || fail "eval: adapter $adapted, merged $merged"
 awk -v a="$adapted" -v b="$base" 'BEGIN { exit !(a < b) }' && ok || fail "eval: trained $adapted, base $base"
 echo "eval loss: base $base, trained $adapted"
+# esft --apply-adapter: the adapter over the base model, written as a checkpoint, is the
+# train phase's merged export byte for byte
+expect 0 "apply-adapter" "$esft" --apply-adapter "$d/esft/adapter" "$demo" "model.path=$d/model" \
+    "run.output_dir=$d/applied"
+cmp -s "$d/esft/merged/model.safetensors" "$d/applied/merged/model.safetensors" && ok ||
+    fail "apply-adapter: not the train phase's merged checkpoint"
 for layout in "2 1" "1 2"; do
     set -- $layout
     # shellcheck disable=SC2086
