@@ -88,9 +88,11 @@ static void place_down(float *down_e, const float *w, size_t H, size_t I)
         for (size_t i = 0; i < I; i++) down_e[i * H + h] = w[h * I + i];
 }
 
-static int hand_over(struct gpt_oss_fuser *f, int l, char *err, size_t err_size)
+/* Layer l's fused tensors, in turn, to sink: their values (layer's buffers), or none
+ * (layer NULL: the names and shapes only). */
+static int each_fused_tensor(const struct gpt_oss_fuser *f, int l, const struct fused_layer *layer,
+                             gpt_oss_fused_sink sink, void *context, char *err, size_t err_size)
 {
-    struct fused_layer *layer = &f->layers[l];
     int64_t E = f->E, H = f->H, I = f->I;
     char name[PARAM_NAME_MAX + 32];
     struct {
@@ -99,22 +101,37 @@ static int hand_over(struct gpt_oss_fuser *f, int l, char *err, size_t err_size)
         int64_t shape[3];
         const float *data;
     } tensors[4] = {
-        {"gate_up_proj", 3, {E, H, 2 * I}, layer->gate_up},
-        {"down_proj", 3, {E, I, H}, layer->down},
-        {"gate_up_proj_bias", 2, {E, 2 * I}, layer->gate_up_bias},
-        {"down_proj_bias", 2, {E, H}, layer->down_bias},
+        {"gate_up_proj", 3, {E, H, 2 * I}, layer ? layer->gate_up : NULL},
+        {"down_proj", 3, {E, I, H}, layer ? layer->down : NULL},
+        {"gate_up_proj_bias", 2, {E, 2 * I}, layer ? layer->gate_up_bias : NULL},
+        {"down_proj_bias", 2, {E, H}, layer ? layer->down_bias : NULL},
     };
     int rc = 0;
     for (int t = 0; t < (f->bias ? 4 : 2) && rc == 0; t++) {
         size_t numel = 1;
         for (int d = 0; d < tensors[t].rank; d++) numel *= (size_t)tensors[t].shape[d];
         snprintf(name, sizeof name, "model.layers.%d.mlp.experts.%s", l, tensors[t].suffix);
-        rc = f->sink(name, tensors[t].rank, tensors[t].shape, tensors[t].data, numel, f->context,
-                     err, err_size);
+        rc = sink(name, tensors[t].rank, tensors[t].shape, tensors[t].data, numel, context, err,
+                  err_size);
     }
+    return rc;
+}
+
+static int hand_over(struct gpt_oss_fuser *f, int l, char *err, size_t err_size)
+{
+    struct fused_layer *layer = &f->layers[l];
+    int rc = each_fused_tensor(f, l, layer, f->sink, f->context, err, err_size);
     layer->done = true;
     free_layer(layer);
     return rc;
+}
+
+int gpt_oss_fuser_list(const struct gpt_oss_fuser *f, gpt_oss_fused_sink sink, void *context,
+                       char *err, size_t err_size)
+{
+    for (int l = 0; l < f->L; l++)
+        if (each_fused_tensor(f, l, NULL, sink, context, err, err_size) != 0) return -1;
+    return 0;
 }
 
 int gpt_oss_fuser_take(struct gpt_oss_fuser *f, const struct param *p, const float *data, char *err,

@@ -27,7 +27,7 @@
 #include "model.h"
 
 /* Receives one fused tensor (fp32, row-major, `numel` values) of one layer; data is only
- * valid during the call. 0, or -1 with a message. */
+ * valid during the call (NULL from gpt_oss_fuser_list). 0, or -1 with a message. */
 typedef int (*gpt_oss_fused_sink)(const char *name, int rank, const int64_t *shape,
                                   const float *data, size_t numel, void *context, char *err,
                                   size_t err_size);
@@ -47,6 +47,12 @@ bool gpt_oss_fuser_takes(const struct gpt_oss_fuser *fuser, const struct param *
  * layer's last expert tensor, hands the four fused tensors to the sink and frees the
  * layer's buffers. 0, or -1 with a message (a tensor given twice, the sink's failure). */
 int gpt_oss_fuser_take(struct gpt_oss_fuser *fuser, const struct param *p, const float *data,
+                       char *err, size_t err_size);
+
+/* Every fused tensor the fuser will hand over, in turn, to sink with data NULL: their
+ * names and shapes, known before any tensor arrives (a writer that places each tensor in
+ * its file as it comes declares them first). 0, or the sink's -1. */
+int gpt_oss_fuser_list(const struct gpt_oss_fuser *fuser, gpt_oss_fused_sink sink, void *context,
                        char *err, size_t err_size);
 
 /* 0 when every layer's fused tensors were handed over; -1 naming the first layer that
