@@ -113,9 +113,8 @@ static int open_export(struct export_out *out, const struct model *model, bool f
     for (int i = 0; i < model->n_params; i++) {
         const struct param *p = &model->params[i];
         char name[PARAM_NAME_MAX + 32];
-        if (export_name(out, p, name) &&
-            st_stream_declare(out->reference, p->name + 6, out->dtype, p->rank, p->shape, err,
-                              err_size))
+        if (export_name(out, p, name) && st_stream_declare(out->reference, p->name + 6, out->dtype,
+                                                           p->rank, p->shape, err, err_size))
             return -1;
     }
     return st_stream_open_file(out->reference, reference_path, 1, err, err_size);
@@ -174,7 +173,8 @@ static int finish_reference_layout(const char *sub, const struct export_out *out
 {
     if (out->outside[0]) {
         log_warn("train: no ESFT-reference layout of the adapter: %s is outside the model's "
-                 "inner module, which the reference loads the adapter into", out->outside);
+                 "inner module, which the reference loads the adapter into",
+                 out->outside);
         return 0;
     }
     char path[4300];
@@ -259,8 +259,8 @@ static int prepare_merged_directory(const char *dir, const char *base_dir, char 
 }
 
 /* The base model's config.json at `to`: as it is, or, when it declares a
- * quantization_config (DeepSeek-V3's fp8, gpt_oss's mxfp4), without that key, since the merged export's
- * weights are dequantised (the export dtype) and a loader would look for scales that are
+ * quantization_config (DeepSeek-V3's fp8, gpt_oss's mxfp4), without that key, since the merged
+ * export's weights are dequantised (the export dtype) and a loader would look for scales that are
  * not there. Rewritten as transformers writes a config (to_json_string: indent 2, sorted
  * keys, ASCII); the other keys and values are kept. */
 static int copy_base_config(const char *from, const char *to, enum st_dtype dtype, char *err,
@@ -272,7 +272,8 @@ static int copy_base_config(const char *from, const char *to, enum st_dtype dtyp
         json_decref(config);
         return copy_file(from, to, err, err_size);
     }
-    json_t *method = json_object_get(json_object_get(config, "quantization_config"), "quant_method");
+    json_t *method =
+        json_object_get(json_object_get(config, "quantization_config"), "quant_method");
     char quantisation[64];
     snprintf(quantisation, sizeof quantisation, "%s",
              json_is_string(method) && strcmp(json_string_value(method), "mxfp4") == 0

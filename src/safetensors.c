@@ -791,11 +791,10 @@ static const struct st_entry **sorted_entries(const struct st_writer *w, char *e
     return order;
 }
 
-/* The entries through a stream: declared, the files opened by `open_files` (dir or path),
- * each entry's bytes written, finished. */
+/* The entries through a stream: declared, the files opened (one file at path, or a
+ * checkpoint directory at path), each entry's bytes written, finished. */
 static int write_through_stream(const struct st_writer *w, const char *path, int with_metadata,
-                                size_t max_shard_bytes, bool checkpoint, char *err,
-                                size_t errsize)
+                                size_t max_shard_bytes, bool checkpoint, char *err, size_t errsize)
 {
     struct st_stream *s = st_stream_new();
     int rc = 0;

@@ -24,9 +24,9 @@ struct stream_tensor {
     int64_t shape[ST_MAX_RANK];
     int64_t numel;
     size_t nbytes;
-    int file;        /* index into files */
-    size_t offset;   /* of its first byte in the file (header included) */
-    size_t written;  /* bytes written so far */
+    int file;       /* index into files */
+    size_t offset;  /* of its first byte in the file (header included) */
+    size_t written; /* bytes written so far */
 };
 
 struct stream_file {
@@ -265,8 +265,8 @@ static int write_header(struct st_stream *s, int first, int last, int file, int 
 }
 
 /* Opens the files: [first[k], first[k+1]) the tensors of file k, at paths[k]. */
-static int open_files(struct st_stream *s, int n_files, const int *first, char **paths,
-                      char *err, size_t errsize)
+static int open_files(struct st_stream *s, int n_files, const int *first, char **paths, char *err,
+                      size_t errsize)
 {
     s->opened = true;
     s->files = xcalloc((size_t)n_files, sizeof *s->files);
