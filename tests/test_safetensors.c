@@ -792,7 +792,8 @@ static void test_stream(void)
               contains(err, "0 of its 8 bytes"),
           "unfinished stream: %s", err);
     st_stream_free(s);
-    CHECK(access(path, F_OK) != 0 && access(path_in(tmpdir, "unfinished.safetensors.tmp"), F_OK) != 0,
+    CHECK(access(path, F_OK) != 0 &&
+              access(path_in(tmpdir, "unfinished.safetensors.tmp"), F_OK) != 0,
           "an unfinished stream left a file");
 
     /* a tensor converted in several pieces (more than a million values) and a sharded
