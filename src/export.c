@@ -74,8 +74,8 @@ static int declare_fused_tensor(const char *name, int rank, const int64_t *shape
     return st_stream_declare(out->stream, name, out->dtype, rank, shape, err, err_size);
 }
 
-static int add_fused_tensor(const char *name, int rank, const int64_t *shape, const float *data,
-                            size_t numel, void *sink, char *err, size_t err_size);
+static int add_fused_slice(const char *name, size_t first, const float *data, size_t count,
+                           void *sink, char *err, size_t err_size);
 
 /* Rank 0: every tensor the export writes declared, then the files opened at `path` (one
  * file) or `dir` (a checkpoint directory, shards of at most max_shard_bytes); fuse:
@@ -88,7 +88,7 @@ static int open_export(struct export_out *out, const struct model *model, bool f
 {
     out->stream = st_stream_new();
     if (fuse && model->cfg.family == HF_GPT_OSS)
-        out->fuser = gpt_oss_fuser_new(&model->cfg, add_fused_tensor, out);
+        out->fuser = gpt_oss_fuser_new_sliced(&model->cfg, add_fused_slice, out);
     for (int i = 0; i < model->n_params; i++) {
         const struct param *p = &model->params[i];
         char name[PARAM_NAME_MAX + 32];
@@ -136,21 +136,19 @@ static int add_export_tensor(const struct param *p, const float *const *parts, v
         return gpt_oss_fuser_take(out->fuser, p, parts[0], err, err_size);
     char name[PARAM_NAME_MAX + 32];
     if (!export_name(out, p, name)) return 0;
-    if (out->reference && st_stream_write_f32(out->reference, p->name + 6, parts[0],
+    if (out->reference && st_stream_write_f32(out->reference, p->name + 6, 0, parts[0],
                                               (size_t)p->numel, err, err_size) != 0)
         return -1;
-    return st_stream_write_f32(out->stream, name, parts[0], (size_t)p->numel, err, err_size);
+    return st_stream_write_f32(out->stream, name, 0, parts[0], (size_t)p->numel, err, err_size);
 }
 
-/* The gpt_oss fuser's sink: one fused tensor (fp32, valid during the call) written in the
- * export dtype. */
-static int add_fused_tensor(const char *name, int rank, const int64_t *shape, const float *data,
-                            size_t numel, void *sink, char *err, size_t err_size)
+/* The sliced gpt_oss fuser's sink: one expert's part of a fused tensor (fp32, valid
+ * during the call) written at its place in the export dtype. */
+static int add_fused_slice(const char *name, size_t first, const float *data, size_t count,
+                           void *sink, char *err, size_t err_size)
 {
-    (void)rank;
-    (void)shape;
     struct export_out *out = sink;
-    return st_stream_write_f32(out->stream, name, data, numel, err, err_size);
+    return st_stream_write_f32(out->stream, name, first, data, count, err, err_size);
 }
 
 /* Rank 0: the files of an export finished (every tensor written: the temporary files

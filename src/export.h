@@ -26,8 +26,8 @@ int export_adapter(const char *dir, const struct model *model, const char *exper
 /* A complete Hugging Face checkpoint of the trained model: every tensor, sharded
  * safetensors (+ index when sharded, shards of at most max_shard_bytes), config.json,
  * and the base directory's tokenizer and generation files copied. Collective over comm
- * like export_adapter: streamed, rank 0 holds no more than its own tensors, the one
- * arriving and (gpt_oss) one layer's fused experts. 0, or -1. */
+ * like export_adapter: streamed, rank 0 holds no more than its own tensors and the one
+ * arriving (gpt_oss's routed experts are written fused, an expert's rows at a time). 0, or -1. */
 int export_merged(const char *dir, const struct model *model, const char *base_dir,
                   size_t max_shard_bytes, MPI_Comm comm, char *err, size_t err_size);
 

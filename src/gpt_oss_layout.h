@@ -40,6 +40,18 @@ struct gpt_oss_fuser *gpt_oss_fuser_new(const struct model_config *cfg, gpt_oss_
                                         void *context);
 void gpt_oss_fuser_free(struct gpt_oss_fuser *fuser);
 
+/* Receives expert e's part of one fused tensor: its values [first, first + count) (fp32,
+ * the fused tensor's row-major order; data valid during the call). 0, or -1 + message. */
+typedef int (*gpt_oss_slice_sink)(const char *name, size_t first, const float *data, size_t count,
+                                  void *context, char *err, size_t err_size);
+
+/* A fuser that hands each expert's part of the fused tensors to sink as soon as it is
+ * complete (its gate and up both arrived: they interleave), rather than whole layers:
+ * it holds one expert's rows at most, for a writer that places values at their offsets
+ * (the merged export). gpt_oss_fuser_list still names the whole fused tensors. */
+struct gpt_oss_fuser *gpt_oss_fuser_new_sliced(const struct model_config *cfg,
+                                               gpt_oss_slice_sink sink, void *context);
+
 /* Whether the fuser takes p (a routed expert's matrix or bias of a gpt_oss model). */
 bool gpt_oss_fuser_takes(const struct gpt_oss_fuser *fuser, const struct param *p);
 

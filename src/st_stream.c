@@ -365,26 +365,27 @@ int st_stream_write(struct st_stream *s, const char *name, size_t at, const void
     return 0;
 }
 
-int st_stream_write_f32(struct st_stream *s, const char *name, const float *values, size_t count,
-                        char *err, size_t errsize)
+int st_stream_write_f32(struct st_stream *s, const char *name, size_t first, const float *values,
+                        size_t count, char *err, size_t errsize)
 {
     struct stream_tensor *t = s->opened ? find_tensor(s, name) : NULL;
     if (!t) return fail(err, errsize, "tensor '%s' is not one of the stream's", name);
-    if (count != (size_t)t->numel)
-        return fail(err, errsize, "tensor '%s': %zu values for %lld", name, count,
-                    (long long)t->numel);
     size_t size = st_dtype_size(t->dtype);
-    if (t->dtype == ST_F32) return st_stream_write(s, name, 0, values, count * size, err, errsize);
+    if (t->dtype == ST_F32)
+        return st_stream_write(s, name, first * size, values, count * size, err, errsize);
     if (t->dtype != ST_BF16 && t->dtype != ST_F16)
         return fail(err, errsize, "tensor '%s': fp32 values cannot be written as %s", name,
                     st_dtype_name(t->dtype));
+    if (first > (size_t)t->numel || count > (size_t)t->numel - first)
+        return fail(err, errsize, "tensor '%s': values [%zu, %zu) outside its %lld", name, first,
+                    first + count, (long long)t->numel);
     size_t piece = count < CONVERT_PIECE ? count : CONVERT_PIECE;
     void *converted = xmalloc(piece ? piece * size : 1);
     int rc = 0;
     for (size_t at = 0; at < count && rc == 0; at += piece) {
         size_t k = count - at < piece ? count - at : piece;
         st_f32_to_dtype_array(values + at, converted, k, t->dtype);
-        rc = st_stream_write(s, name, at * size, converted, k * size, err, errsize);
+        rc = st_stream_write(s, name, (first + at) * size, converted, k * size, err, errsize);
     }
     free(converted);
     return rc;

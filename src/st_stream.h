@@ -41,10 +41,11 @@ int st_stream_open_checkpoint(struct st_stream *s, const char *dir, size_t max_s
  * outside the tensor, a failed write. */
 int st_stream_write(struct st_stream *s, const char *name, size_t at, const void *data, size_t n,
                     char *err, size_t errsize);
-/* The whole of tensor `name` from fp32 values (count: its numel), converted to its dtype
- * (BF16, F16 rounded as st_f32_to_dtype_array; F32 as is) a bounded piece at a time. */
-int st_stream_write_f32(struct st_stream *s, const char *name, const float *values, size_t count,
-                        char *err, size_t errsize);
+/* Values [first, first + count) of tensor `name` (in elements) from fp32 values, converted
+ * to its dtype (BF16, F16 rounded as st_f32_to_dtype_array; F32 as is) a bounded piece at
+ * a time. */
+int st_stream_write_f32(struct st_stream *s, const char *name, size_t first, const float *values,
+                        size_t count, char *err, size_t errsize);
 
 /* Every tensor written in full: each file fsynced and renamed, the directory fsynced, the
  * index (when sharded) written last. 0, or -1 + err (the temporary files removed). */

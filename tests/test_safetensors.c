@@ -752,7 +752,7 @@ static void test_stream(void)
     CHECK(st_stream_open_file(s, path, 1, err, sizeof err) == 0, "%s", err);
     const float b[2] = {1.0f, -2.0f}, a[3] = {1.0f, 0.5f, -3.0f};
     CHECK(st_stream_write(s, "b", 4, &b[1], 4, err, sizeof err) == 0, "%s", err);
-    CHECK(st_stream_write_f32(s, "a", a, 3, err, sizeof err) == 0, "%s", err);
+    CHECK(st_stream_write_f32(s, "a", 0, a, 3, err, sizeof err) == 0, "%s", err);
     CHECK(st_stream_write(s, "b", 4, &b[0], 8, err, sizeof err) != 0 && contains(err, "outside"),
           "a range past the tensor: %s", err);
     CHECK(st_stream_write(s, "c", 0, &b[0], 4, err, sizeof err) != 0 && contains(err, "'c'"),
@@ -810,8 +810,8 @@ static void test_stream(void)
     st_stream_declare(s, "big", ST_BF16, 2, (int64_t[]){BIG, 1}, err, sizeof err);
     st_stream_declare(s, "small", ST_F32, 1, (int64_t[]){2}, err, sizeof err);
     CHECK(st_stream_open_checkpoint(s, dir, 1000, err, sizeof err) == 0, "%s", err);
-    CHECK(st_stream_write_f32(s, "small", b, 2, err, sizeof err) == 0, "%s", err);
-    CHECK(st_stream_write_f32(s, "big", values, BIG, err, sizeof err) == 0, "%s", err);
+    CHECK(st_stream_write_f32(s, "small", 0, b, 2, err, sizeof err) == 0, "%s", err);
+    CHECK(st_stream_write_f32(s, "big", 0, values, BIG, err, sizeof err) == 0, "%s", err);
     CHECK(st_stream_finish(s, err, sizeof err) == 0, "%s", err);
     st_stream_free(s);
     struct st_checkpoint *c = st_checkpoint_open(dir, err, sizeof err);
