@@ -15,7 +15,9 @@
  *
  * The tensors may arrive in any order (export_merged receives them one at a time from
  * their holders): the fuser collects a layer's per-expert tensors into fp32 buffers and
- * hands the four fused tensors to a sink once the layer's last one has arrived. */
+ * hands the four fused tensors to a sink once the layer's last one has arrived; the
+ * sliced fuser (export_merged's, which writes values at their offsets) hands over each
+ * expert's rows of them instead, as soon as they are complete. */
 #ifndef ESFT_GPT_OSS_LAYOUT_H
 #define ESFT_GPT_OSS_LAYOUT_H
 
