@@ -1,6 +1,8 @@
-/* export: the trained tensors as files other tools load (see export.h). Rank 0 writes
- * them with the safetensors writer, in the base checkpoint's dtype; the tensors it does
- * not hold arrive one at a time from their holders (gather.h). */
+/* export: the trained tensors as files other tools load (see export.h). Rank 0 declares
+ * every tensor up front from the parameter table (every rank holds it: names, shapes),
+ * opens the files with their headers (st_stream), and writes each tensor at its place as
+ * it arrives from its holder (gather.h), converted to the export dtype a bounded piece at
+ * a time: rank 0 never holds more than its own tensors and the one arriving. */
 #include "export.h"
 
 #include <errno.h>
@@ -17,6 +19,7 @@
 #include "hfconfig.h"
 #include "log.h"
 #include "safetensors.h"
+#include "st_stream.h"
 
 static enum st_dtype export_dtype(const struct model_config *cfg)
 {
@@ -30,116 +33,149 @@ static enum st_dtype export_dtype(const struct model_config *cfg)
     }
 }
 
-/* Rank 0's safetensors output while the tensors arrive: the writer and the copies it
- * borrows (converted to the export dtype, or received from another rank). */
+/* Rank 0's safetensors output while the tensors arrive. */
 struct export_out {
-    struct st_writer *writer;
+    struct st_stream *stream;
     enum st_dtype dtype;
-    char *copies;
-    size_t used;
+    bool trainable_only;
     /* the ESFT reference's layout of the same tensors (NULL: not written): the keys of
      * its DeepseekV2Model, i.e. the names without "model."; outside names the first
      * tensor it cannot hold */
-    struct st_writer *reference;
+    struct st_stream *reference;
     char outside[PARAM_NAME_MAX];
     /* the merged export of a gpt_oss model: its routed experts in transformers' fused
      * layout (NULL otherwise, and for the adapter, which keeps esft's per-expert names) */
     struct gpt_oss_fuser *fuser;
     bool drop_adapters; /* the merged export: LoRA adapters are folded in, not written */
+    bool peft_names;    /* the LoRA adapter: a trained router as base_model.model.<name> */
 };
 
-/* The bytes of p's copy on rank 0: none for an fp32 tensor rank 0 holds (the weights
- * themselves are written), unless it is fused into another (fused). */
-static size_t export_copy_bytes(const struct param *p, enum st_dtype dtype, bool fused)
+/* The name p is written under, into name[PARAM_NAME_MAX + 32]; false when p is not
+ * written as itself (left out, or fused into another tensor). */
+static bool export_name(const struct export_out *out, const struct param *p, char *name)
 {
-    return dtype == ST_F32 && p->data && !fused ? 0 : p->numel * st_dtype_size(dtype);
+    if (out->trainable_only && !p->trainable) return false;
+    if (out->drop_adapters && p->kind == PARAM_LORA) return false; /* merged into their bases */
+    if (gpt_oss_fuser_takes(out->fuser, p)) return false;
+    if (out->peft_names && p->kind != PARAM_LORA)
+        snprintf(name, PARAM_NAME_MAX + 32, "base_model.model.%s", p->name);
+    else
+        snprintf(name, PARAM_NAME_MAX + 32, "%s", p->name);
+    return true;
 }
 
-static int add_fused_tensor(const char *name, int rank, const int64_t *shape, const float *data,
-                            size_t numel, void *sink, char *err, size_t err_size);
-
-/* fuse: write gpt_oss's routed experts in transformers' fused layout (the merged export) */
-static void open_export(struct export_out *out, const struct model *model, bool trainable_only,
-                        bool fuse, enum st_dtype dtype)
+/* gpt_oss_fuser_list's sink: a fused tensor declared in the export dtype. */
+static int declare_fused_tensor(const char *name, int rank, const int64_t *shape, const float *data,
+                                size_t numel, void *sink, char *err, size_t err_size)
 {
-    out->writer = st_writer_new();
-    out->dtype = dtype;
+    (void)data;
+    (void)numel;
+    struct export_out *out = sink;
+    return st_stream_declare(out->stream, name, out->dtype, rank, shape, err, err_size);
+}
+
+static int add_fused_slice(const char *name, size_t first, const float *data, size_t count,
+                           void *sink, char *err, size_t err_size);
+
+/* Rank 0: every tensor the export writes declared, then the files opened at `path` (one
+ * file) or `dir` (a checkpoint directory, shards of at most max_shard_bytes); fuse:
+ * gpt_oss's routed experts in transformers' fused layout (the merged export). With a
+ * reference_dir, the ESFT reference's layout too (reference_dir/adapter.safetensors),
+ * unless a tensor lies outside it (out->outside names it). 0, or -1 + err. */
+static int open_export(struct export_out *out, const struct model *model, bool fuse,
+                       const char *path, const char *dir, size_t max_shard_bytes,
+                       const char *reference_dir, char *err, size_t err_size)
+{
+    out->stream = st_stream_new();
     if (fuse && model->cfg.family == HF_GPT_OSS)
-        out->fuser = gpt_oss_fuser_new(&model->cfg, add_fused_tensor, out);
-    size_t total = 0;
+        out->fuser = gpt_oss_fuser_new_sliced(&model->cfg, add_fused_slice, out);
     for (int i = 0; i < model->n_params; i++) {
         const struct param *p = &model->params[i];
-        if (p->trainable || !trainable_only)
-            total += export_copy_bytes(p, out->dtype, gpt_oss_fuser_takes(out->fuser, p));
+        char name[PARAM_NAME_MAX + 32];
+        if (!export_name(out, p, name)) continue;
+        if (st_stream_declare(out->stream, name, out->dtype, p->rank, p->shape, err, err_size))
+            return -1;
+        if (reference_dir && !out->outside[0] && strncmp(p->name, "model.", 6) != 0)
+            snprintf(out->outside, sizeof out->outside, "%s", p->name);
     }
-    out->copies = xmalloc(total ? total : 1);
-    out->used = 0;
+    if (out->fuser && gpt_oss_fuser_list(out->fuser, declare_fused_tensor, out, err, err_size))
+        return -1;
+    int rc = path ? st_stream_open_file(out->stream, path, 1, err, err_size)
+                  : st_stream_open_checkpoint(out->stream, dir, max_shard_bytes, err, err_size);
+    if (rc != 0 || !reference_dir || out->outside[0]) return rc;
+    if (make_directories(reference_dir) != 0) {
+        snprintf(err, err_size, "%s: cannot create directory: %s", reference_dir, strerror(errno));
+        return -1;
+    }
+    char reference_path[4300];
+    snprintf(reference_path, sizeof reference_path, "%s/adapter.safetensors", reference_dir);
+    out->reference = st_stream_new();
+    for (int i = 0; i < model->n_params; i++) {
+        const struct param *p = &model->params[i];
+        char name[PARAM_NAME_MAX + 32];
+        if (export_name(out, p, name) && st_stream_declare(out->reference, p->name + 6, out->dtype,
+                                                           p->rank, p->shape, err, err_size))
+            return -1;
+    }
+    return st_stream_open_file(out->reference, reference_path, 1, err, err_size);
 }
 
 static void close_export(struct export_out *out)
 {
-    st_writer_free(out->writer);
-    if (out->reference) st_writer_free(out->reference);
+    st_stream_free(out->stream);
+    st_stream_free(out->reference);
     gpt_oss_fuser_free(out->fuser);
-    free(out->copies);
 }
 
-/* The tensor_sink of the exports: one tensor into the writer, in the export dtype. */
+/* The tensor_sink of the exports: one tensor written at its place, in the export dtype. */
 static int add_export_tensor(const struct param *p, const float *const *parts, void *sink,
                              char *err, size_t err_size)
 {
     struct export_out *out = sink;
-    if (out->drop_adapters && p->kind == PARAM_LORA) return 0; /* merged into their bases */
     if (gpt_oss_fuser_takes(out->fuser, p))
         return gpt_oss_fuser_take(out->fuser, p, parts[0], err, err_size);
-    size_t bytes = export_copy_bytes(p, out->dtype, false);
-    void *copy = out->copies + out->used;
-    out->used += bytes;
-    if (bytes > 0) st_f32_to_dtype_array(parts[0], copy, p->numel, out->dtype);
-    const void *data = bytes > 0 ? copy : parts[0];
-    if (out->reference && !out->outside[0]) {
-        if (strncmp(p->name, "model.", 6) != 0)
-            snprintf(out->outside, sizeof out->outside, "%s", p->name);
-        else if (st_writer_add(out->reference, p->name + 6, out->dtype, p->rank, p->shape, data,
-                               err, err_size) != 0)
-            return -1;
-    }
-    return st_writer_add(out->writer, p->name, out->dtype, p->rank, p->shape, data, err, err_size);
+    char name[PARAM_NAME_MAX + 32];
+    if (!export_name(out, p, name)) return 0;
+    if (out->reference && st_stream_write_f32(out->reference, p->name + 6, 0, parts[0],
+                                              (size_t)p->numel, err, err_size) != 0)
+        return -1;
+    return st_stream_write_f32(out->stream, name, 0, parts[0], (size_t)p->numel, err, err_size);
 }
 
-/* The gpt_oss fuser's sink: one fused tensor (fp32, valid during the call) copied into
- * the export dtype, then into the writer. */
-static int add_fused_tensor(const char *name, int rank, const int64_t *shape, const float *data,
-                            size_t numel, void *sink, char *err, size_t err_size)
+/* The sliced gpt_oss fuser's sink: one expert's part of a fused tensor (fp32, valid
+ * during the call) written at its place in the export dtype. */
+static int add_fused_slice(const char *name, size_t first, const float *data, size_t count,
+                           void *sink, char *err, size_t err_size)
 {
     struct export_out *out = sink;
-    void *copy = out->copies + out->used;
-    out->used += numel * st_dtype_size(out->dtype);
-    st_f32_to_dtype_array(data, copy, numel, out->dtype);
-    return st_writer_add(out->writer, name, out->dtype, rank, shape, copy, err, err_size);
+    return st_stream_write_f32(out->stream, name, first, data, count, err, err_size);
+}
+
+/* Rank 0: the files of an export finished (every tensor written: the temporary files
+ * renamed), the fuser's layers all handed over. */
+static int finish_export(struct export_out *out, char *err, size_t err_size)
+{
+    if (out->fuser && gpt_oss_fuser_finish(out->fuser, err, err_size)) return -1;
+    if (st_stream_finish(out->stream, err, err_size)) return -1;
+    return out->reference ? st_stream_finish(out->reference, err, err_size) : 0;
 }
 
 /* The ESFT reference's adapter directory (deepseek-ai/ESFT esft.py, load_esft_model /
  * add_adapter): expert_cfg.json, and safetensors files whose keys are those of the
  * model's inner module (model.model.load_state_dict, strict): the trained tensors' names
  * without "model.". A tensor outside the inner module (lm_head) has no place there: the
- * layout is then left out, with a warning naming it. */
-static int write_reference_layout(const char *dir, const struct export_out *out,
-                                  const char *expert_config, char *err, size_t err_size)
+ * layout is then left out, with a warning naming it. Its tensors are written by
+ * open_export / finish_export; here the rest. */
+static int finish_reference_layout(const char *sub, const struct export_out *out,
+                                   const char *expert_config, char *err, size_t err_size)
 {
     if (out->outside[0]) {
         log_warn("train: no ESFT-reference layout of the adapter: %s is outside the model's "
-                 "inner module, which the reference loads the adapter into", out->outside);
+                 "inner module, which the reference loads the adapter into",
+                 out->outside);
         return 0;
     }
-    char sub[4200], path[4300];
-    if (path_join(sub, sizeof sub, dir, "esft_reference", err, err_size)) return -1;
-    if (make_directories(sub) != 0) {
-        snprintf(err, err_size, "%s: cannot create directory: %s", sub, strerror(errno));
-        return -1;
-    }
-    snprintf(path, sizeof path, "%s/adapter.safetensors", sub);
-    if (st_writer_write(out->reference, path, 1, err, err_size) != 0) return -1;
+    char path[4300];
     snprintf(path, sizeof path, "%s/expert_cfg.json", sub);
     return copy_file(expert_config, path, err, err_size);
 }
@@ -149,11 +185,12 @@ int export_adapter(const char *dir, const struct model *model, const char *exper
 {
     int rank;
     check_mpi(MPI_Comm_rank(comm, &rank));
-    char path[4200], config_path[4200];
+    char path[4200], config_path[4200], reference_dir[4200];
     int rc = gather_check_layout(model, comm, "export_adapter", err, err_size);
     if (rc == 0 &&
         (path_join(path, sizeof path, dir, "adapter.safetensors", err, err_size) ||
-         path_join(config_path, sizeof config_path, dir, "expert_config.json", err, err_size)))
+         path_join(config_path, sizeof config_path, dir, "expert_config.json", err, err_size) ||
+         path_join(reference_dir, sizeof reference_dir, dir, "esft_reference", err, err_size)))
         rc = -1;
     int n_trainable = 0;
     for (int i = 0; i < model->n_params; i++) n_trainable += model->params[i].trainable;
@@ -165,20 +202,22 @@ int export_adapter(const char *dir, const struct model *model, const char *exper
         snprintf(err, err_size, "%s: cannot create directory: %s", dir, strerror(errno));
         rc = -1;
     }
-    if (ranks_agree(rc, err, err_size, comm)) return -1;
-    struct export_out out = {.writer = NULL};
-    if (rank == 0) {
-        open_export(&out, model, true, false, export_dtype(&model->cfg));
-        if (expert_config) out.reference = st_writer_new();
+    struct export_out out = {.dtype = export_dtype(&model->cfg), .trainable_only = true};
+    if (rc == 0 && rank == 0)
+        rc = open_export(&out, model, false, path, NULL, 0, expert_config ? reference_dir : NULL,
+                         err, err_size);
+    if (ranks_agree(rc, err, err_size, comm)) {
+        close_export(&out);
+        return -1;
     }
     rc = gather_to_rank0(model, NULL, true, 1, comm, add_export_tensor, &out, err, err_size);
     if (rank == 0) {
-        if (rc == 0) rc = st_writer_write(out.writer, path, 1, err, err_size);
+        if (rc == 0) rc = finish_export(&out, err, err_size);
         if (rc == 0 && expert_config) rc = copy_file(expert_config, config_path, err, err_size);
         if (rc == 0 && expert_config)
-            rc = write_reference_layout(dir, &out, expert_config, err, err_size);
-        close_export(&out);
+            rc = finish_reference_layout(reference_dir, &out, expert_config, err, err_size);
     }
+    close_export(&out);
     return ranks_agree(rc, err, err_size, comm);
 }
 
@@ -218,8 +257,8 @@ static int prepare_merged_directory(const char *dir, const char *base_dir, char 
 }
 
 /* The base model's config.json at `to`: as it is, or, when it declares a
- * quantization_config (DeepSeek-V3's fp8, gpt_oss's mxfp4), without that key, since the merged export's
- * weights are dequantised (the export dtype) and a loader would look for scales that are
+ * quantization_config (DeepSeek-V3's fp8, gpt_oss's mxfp4), without that key, since the merged
+ * export's weights are dequantised (the export dtype) and a loader would look for scales that are
  * not there. Rewritten as transformers writes a config (to_json_string: indent 2, sorted
  * keys, ASCII); the other keys and values are kept. */
 static int copy_base_config(const char *from, const char *to, enum st_dtype dtype, char *err,
@@ -231,7 +270,8 @@ static int copy_base_config(const char *from, const char *to, enum st_dtype dtyp
         json_decref(config);
         return copy_file(from, to, err, err_size);
     }
-    json_t *method = json_object_get(json_object_get(config, "quantization_config"), "quant_method");
+    json_t *method =
+        json_object_get(json_object_get(config, "quantization_config"), "quant_method");
     char quantisation[64];
     snprintf(quantisation, sizeof quantisation, "%s",
              json_is_string(method) && strcmp(json_string_value(method), "mxfp4") == 0
@@ -286,35 +326,23 @@ int export_merged(const char *dir, const struct model *model, const char *base_d
     check_mpi(MPI_Comm_rank(comm, &rank));
     int rc = gather_check_layout(model, comm, "export_merged", err, err_size);
     if (rc == 0 && rank == 0) rc = prepare_merged_directory(dir, base_dir, err, err_size);
-    if (ranks_agree(rc, err, err_size, comm)) return -1;
-    struct export_out out = {.writer = NULL};
-    if (rank == 0) {
-        open_export(&out, model, false, true, export_dtype(&model->cfg));
-        out.drop_adapters = true;
+    struct export_out out = {.dtype = export_dtype(&model->cfg), .drop_adapters = true};
+    if (rc == 0 && rank == 0)
+        rc = open_export(&out, model, true, NULL, dir, max_shard_bytes, NULL, err, err_size);
+    if (ranks_agree(rc, err, err_size, comm)) {
+        close_export(&out);
+        return -1;
     }
     rc = gather_to_rank0(model, NULL, false, 1, comm, add_export_tensor, &out, err, err_size);
     if (rank == 0) {
-        if (rc == 0 && out.fuser) rc = gpt_oss_fuser_finish(out.fuser, err, err_size);
-        if (rc == 0)
-            rc = st_writer_write_checkpoint(out.writer, dir, max_shard_bytes, err, err_size);
-        close_export(&out);
+        if (rc == 0) rc = finish_export(&out, err, err_size);
         if (rc == 0) rc = finish_merged_directory(dir, model, base_dir, err, err_size);
     }
+    close_export(&out);
     return ranks_agree(rc, err, err_size, comm);
 }
 
 /* ---- the LoRA adapter in PEFT's format -------------------------------------------------- */
-
-/* export_lora_adapter's sink: adapters under their own (PEFT) names; a trained router
- * as PEFT saves a modules_to_save copy, base_model.model.<name>. */
-static int add_lora_tensor(const struct param *p, const float *const *parts, void *sink, char *err,
-                           size_t err_size)
-{
-    if (p->kind == PARAM_LORA) return add_export_tensor(p, parts, sink, err, err_size);
-    struct param renamed = *p;
-    snprintf(renamed.name, sizeof renamed.name, "base_model.model.%s", p->name);
-    return add_export_tensor(&renamed, parts, sink, err, err_size);
-}
 
 /* adapter_config.json as PEFT (0.17 and later) reads it: target_modules the exact module
  * paths (PEFT matches a list entry by equality or a ".entry" suffix), routers trained in
@@ -380,14 +408,20 @@ int export_lora_adapter(const char *dir, const struct model *model, const struct
         snprintf(err, err_size, "%s: cannot create directory: %s", dir, strerror(errno));
         rc = -1;
     }
-    if (ranks_agree(rc, err, err_size, comm)) return -1;
-    struct export_out out = {.writer = NULL};
-    if (rank == 0) open_export(&out, model, true, false, ST_F32); /* adapters kept in fp32 */
-    rc = gather_to_rank0(model, NULL, true, 1, comm, add_lora_tensor, &out, err, err_size);
-    if (rank == 0) {
-        if (rc == 0) rc = st_writer_write(out.writer, path, 1, err, err_size);
-        if (rc == 0) rc = write_adapter_config(config_path, model, spec, base_path, err, err_size);
+    /* adapters kept in fp32; a trained router as PEFT saves a modules_to_save copy,
+     * base_model.model.<name> */
+    struct export_out out = {.dtype = ST_F32, .trainable_only = true, .peft_names = true};
+    if (rc == 0 && rank == 0)
+        rc = open_export(&out, model, false, path, NULL, 0, NULL, err, err_size);
+    if (ranks_agree(rc, err, err_size, comm)) {
         close_export(&out);
+        return -1;
     }
+    rc = gather_to_rank0(model, NULL, true, 1, comm, add_export_tensor, &out, err, err_size);
+    if (rank == 0) {
+        if (rc == 0) rc = finish_export(&out, err, err_size);
+        if (rc == 0) rc = write_adapter_config(config_path, model, spec, base_path, err, err_size);
+    }
+    close_export(&out);
     return ranks_agree(rc, err, err_size, comm);
 }

@@ -17,14 +17,19 @@ struct fused_layer {
     unsigned char *seen; /* [E * 6]: which of expert e's six tensors arrived */
     int arrived;
     bool done;
+    /* sliced: expert e's rows of gate_up_proj [H, 2I] and gate_up_proj_bias [2I] while
+     * one of gate and up has arrived (NULL before and after) */
+    float **expert_gate_up, **expert_gate_up_bias; /* [E] */
 };
 
 struct gpt_oss_fuser {
     int L, E, H, I;
     bool bias; /* cfg.expert_bias: six tensors an expert, else three */
     gpt_oss_fused_sink sink;
+    gpt_oss_slice_sink slice_sink; /* sliced: each expert's part handed over alone */
     void *context;
     struct fused_layer *layers; /* [L] */
+    float *down_e;              /* sliced: one expert's down_proj [I, H] */
 };
 
 struct gpt_oss_fuser *gpt_oss_fuser_new(const struct model_config *cfg, gpt_oss_fused_sink sink,
@@ -42,8 +47,23 @@ struct gpt_oss_fuser *gpt_oss_fuser_new(const struct model_config *cfg, gpt_oss_
     return f;
 }
 
-static void free_layer(struct fused_layer *layer)
+struct gpt_oss_fuser *gpt_oss_fuser_new_sliced(const struct model_config *cfg,
+                                               gpt_oss_slice_sink sink, void *context)
 {
+    struct gpt_oss_fuser *f = gpt_oss_fuser_new(cfg, NULL, context);
+    f->slice_sink = sink;
+    return f;
+}
+
+static void free_layer(struct gpt_oss_fuser *f, struct fused_layer *layer)
+{
+    for (int e = 0; layer->expert_gate_up && e < f->E; e++) {
+        free(layer->expert_gate_up[e]);
+        free(layer->expert_gate_up_bias[e]);
+    }
+    free(layer->expert_gate_up);
+    free(layer->expert_gate_up_bias);
+    layer->expert_gate_up = layer->expert_gate_up_bias = NULL;
     free(layer->gate_up);
     free(layer->gate_up_bias);
     free(layer->down);
@@ -56,8 +76,9 @@ static void free_layer(struct fused_layer *layer)
 void gpt_oss_fuser_free(struct gpt_oss_fuser *f)
 {
     if (!f) return;
-    for (int l = 0; l < f->L; l++) free_layer(&f->layers[l]);
+    for (int l = 0; l < f->L; l++) free_layer(f, &f->layers[l]);
     free(f->layers);
+    free(f->down_e);
     free(f);
 }
 
@@ -88,9 +109,11 @@ static void place_down(float *down_e, const float *w, size_t H, size_t I)
         for (size_t i = 0; i < I; i++) down_e[i * H + h] = w[h * I + i];
 }
 
-static int hand_over(struct gpt_oss_fuser *f, int l, char *err, size_t err_size)
+/* Layer l's fused tensors, in turn, to sink: their values (layer's buffers), or none
+ * (layer NULL: the names and shapes only). */
+static int each_fused_tensor(const struct gpt_oss_fuser *f, int l, const struct fused_layer *layer,
+                             gpt_oss_fused_sink sink, void *context, char *err, size_t err_size)
 {
-    struct fused_layer *layer = &f->layers[l];
     int64_t E = f->E, H = f->H, I = f->I;
     char name[PARAM_NAME_MAX + 32];
     struct {
@@ -99,21 +122,102 @@ static int hand_over(struct gpt_oss_fuser *f, int l, char *err, size_t err_size)
         int64_t shape[3];
         const float *data;
     } tensors[4] = {
-        {"gate_up_proj", 3, {E, H, 2 * I}, layer->gate_up},
-        {"down_proj", 3, {E, I, H}, layer->down},
-        {"gate_up_proj_bias", 2, {E, 2 * I}, layer->gate_up_bias},
-        {"down_proj_bias", 2, {E, H}, layer->down_bias},
+        {"gate_up_proj", 3, {E, H, 2 * I}, layer ? layer->gate_up : NULL},
+        {"down_proj", 3, {E, I, H}, layer ? layer->down : NULL},
+        {"gate_up_proj_bias", 2, {E, 2 * I}, layer ? layer->gate_up_bias : NULL},
+        {"down_proj_bias", 2, {E, H}, layer ? layer->down_bias : NULL},
     };
     int rc = 0;
     for (int t = 0; t < (f->bias ? 4 : 2) && rc == 0; t++) {
         size_t numel = 1;
         for (int d = 0; d < tensors[t].rank; d++) numel *= (size_t)tensors[t].shape[d];
         snprintf(name, sizeof name, "model.layers.%d.mlp.experts.%s", l, tensors[t].suffix);
-        rc = f->sink(name, tensors[t].rank, tensors[t].shape, tensors[t].data, numel, f->context,
-                     err, err_size);
+        rc = sink(name, tensors[t].rank, tensors[t].shape, tensors[t].data, numel, context, err,
+                  err_size);
     }
+    return rc;
+}
+
+static int hand_over(struct gpt_oss_fuser *f, int l, char *err, size_t err_size)
+{
+    struct fused_layer *layer = &f->layers[l];
+    int rc = each_fused_tensor(f, l, layer, f->sink, f->context, err, err_size);
     layer->done = true;
-    free_layer(layer);
+    free_layer(f, layer);
+    return rc;
+}
+
+int gpt_oss_fuser_list(const struct gpt_oss_fuser *f, gpt_oss_fused_sink sink, void *context,
+                       char *err, size_t err_size)
+{
+    for (int l = 0; l < f->L; l++)
+        if (each_fused_tensor(f, l, NULL, sink, context, err, err_size) != 0) return -1;
+    return 0;
+}
+
+/* The sliced fuser's take: expert e's rows of the fused tensors handed over as soon as
+ * they are complete (gate_up_proj[e] once both gate and up arrived, down_proj[e] at once,
+ * the biases likewise), so no more than one expert's rows are held. */
+static int take_slice(struct gpt_oss_fuser *f, const struct param *p, const float *data, int slot,
+                      char *err, size_t err_size)
+{
+    size_t E = (size_t)f->E, H = (size_t)f->H, I = (size_t)f->I, e = (size_t)p->expert;
+    struct fused_layer *layer = &f->layers[p->layer];
+    if (!layer->seen) {
+        layer->seen = xcalloc(E * 6, 1);
+        layer->expert_gate_up = xcalloc(E, sizeof(float *));
+        layer->expert_gate_up_bias = xcalloc(E, sizeof(float *));
+    }
+    if (layer->seen[e * 6 + (size_t)slot]) {
+        snprintf(err, err_size, "gpt_oss fused layout: tensor %s given twice", p->name);
+        return -1;
+    }
+    layer->seen[e * 6 + (size_t)slot] = 1;
+    char name[PARAM_NAME_MAX + 32];
+    int rc = 0;
+    switch (slot) {
+    case 0: /* gate [I, H] */
+    case 1: /* up [I, H] */
+        if (!layer->expert_gate_up[e])
+            layer->expert_gate_up[e] = xmalloc(H * 2 * I * sizeof(float));
+        place_gate_up(layer->expert_gate_up[e], data, I, H, (size_t)slot);
+        if (layer->seen[e * 6] && layer->seen[e * 6 + 1]) {
+            snprintf(name, sizeof name, "model.layers.%d.mlp.experts.gate_up_proj", p->layer);
+            rc = f->slice_sink(name, e * H * 2 * I, layer->expert_gate_up[e], H * 2 * I, f->context,
+                               err, err_size);
+            free(layer->expert_gate_up[e]);
+            layer->expert_gate_up[e] = NULL;
+        }
+        break;
+    case 2: /* down [H, I] */
+        if (!f->down_e) f->down_e = xmalloc(I * H * sizeof(float));
+        place_down(f->down_e, data, H, I);
+        snprintf(name, sizeof name, "model.layers.%d.mlp.experts.down_proj", p->layer);
+        rc = f->slice_sink(name, e * I * H, f->down_e, I * H, f->context, err, err_size);
+        break;
+    case 3: /* gate bias [I] -> gate_up_proj_bias[e][2i] */
+    case 4: /* up bias [I] -> gate_up_proj_bias[e][2i + 1] */
+        if (!layer->expert_gate_up_bias[e])
+            layer->expert_gate_up_bias[e] = xmalloc(2 * I * sizeof(float));
+        for (size_t i = 0; i < I; i++)
+            layer->expert_gate_up_bias[e][2 * i + (size_t)(slot - 3)] = data[i];
+        if (layer->seen[e * 6 + 3] && layer->seen[e * 6 + 4]) {
+            snprintf(name, sizeof name, "model.layers.%d.mlp.experts.gate_up_proj_bias", p->layer);
+            rc = f->slice_sink(name, e * 2 * I, layer->expert_gate_up_bias[e], 2 * I, f->context,
+                               err, err_size);
+            free(layer->expert_gate_up_bias[e]);
+            layer->expert_gate_up_bias[e] = NULL;
+        }
+        break;
+    default: /* down bias [H] */
+        snprintf(name, sizeof name, "model.layers.%d.mlp.experts.down_proj_bias", p->layer);
+        rc = f->slice_sink(name, e * H, data, H, f->context, err, err_size);
+        break;
+    }
+    if (++layer->arrived == (int)E * (f->bias ? 6 : 3)) {
+        layer->done = true;
+        free_layer(f, layer);
+    }
     return rc;
 }
 
@@ -131,6 +235,7 @@ int gpt_oss_fuser_take(struct gpt_oss_fuser *f, const struct param *p, const flo
                  p->name, p->layer);
         return -1;
     }
+    if (f->slice_sink) return take_slice(f, p, data, slot, err, err_size);
     if (!layer->seen) {
         layer->seen = xcalloc(E * 6, 1);
         layer->gate_up = xmalloc(E * H * 2 * I * sizeof(float));

@@ -15,7 +15,9 @@
  *
  * The tensors may arrive in any order (export_merged receives them one at a time from
  * their holders): the fuser collects a layer's per-expert tensors into fp32 buffers and
- * hands the four fused tensors to a sink once the layer's last one has arrived. */
+ * hands the four fused tensors to a sink once the layer's last one has arrived; the
+ * sliced fuser (export_merged's, which writes values at their offsets) hands over each
+ * expert's rows of them instead, as soon as they are complete. */
 #ifndef ESFT_GPT_OSS_LAYOUT_H
 #define ESFT_GPT_OSS_LAYOUT_H
 
@@ -27,7 +29,7 @@
 #include "model.h"
 
 /* Receives one fused tensor (fp32, row-major, `numel` values) of one layer; data is only
- * valid during the call. 0, or -1 with a message. */
+ * valid during the call (NULL from gpt_oss_fuser_list). 0, or -1 with a message. */
 typedef int (*gpt_oss_fused_sink)(const char *name, int rank, const int64_t *shape,
                                   const float *data, size_t numel, void *context, char *err,
                                   size_t err_size);
@@ -40,6 +42,18 @@ struct gpt_oss_fuser *gpt_oss_fuser_new(const struct model_config *cfg, gpt_oss_
                                         void *context);
 void gpt_oss_fuser_free(struct gpt_oss_fuser *fuser);
 
+/* Receives expert e's part of one fused tensor: its values [first, first + count) (fp32,
+ * the fused tensor's row-major order; data valid during the call). 0, or -1 + message. */
+typedef int (*gpt_oss_slice_sink)(const char *name, size_t first, const float *data, size_t count,
+                                  void *context, char *err, size_t err_size);
+
+/* A fuser that hands each expert's part of the fused tensors to sink as soon as it is
+ * complete (its gate and up both arrived: they interleave), rather than whole layers:
+ * it holds one expert's rows at most, for a writer that places values at their offsets
+ * (the merged export). gpt_oss_fuser_list still names the whole fused tensors. */
+struct gpt_oss_fuser *gpt_oss_fuser_new_sliced(const struct model_config *cfg,
+                                               gpt_oss_slice_sink sink, void *context);
+
 /* Whether the fuser takes p (a routed expert's matrix or bias of a gpt_oss model). */
 bool gpt_oss_fuser_takes(const struct gpt_oss_fuser *fuser, const struct param *p);
 
@@ -47,6 +61,12 @@ bool gpt_oss_fuser_takes(const struct gpt_oss_fuser *fuser, const struct param *
  * layer's last expert tensor, hands the four fused tensors to the sink and frees the
  * layer's buffers. 0, or -1 with a message (a tensor given twice, the sink's failure). */
 int gpt_oss_fuser_take(struct gpt_oss_fuser *fuser, const struct param *p, const float *data,
+                       char *err, size_t err_size);
+
+/* Every fused tensor the fuser will hand over, in turn, to sink with data NULL: their
+ * names and shapes, known before any tensor arrives (a writer that places each tensor in
+ * its file as it comes declares them first). 0, or the sink's -1. */
+int gpt_oss_fuser_list(const struct gpt_oss_fuser *fuser, gpt_oss_fused_sink sink, void *context,
                        char *err, size_t err_size);
 
 /* 0 when every layer's fused tensors were handed over; -1 naming the first layer that

@@ -1,12 +1,14 @@
 /* safetensors: see safetensors.h. Reading maps a file, checks the whole header against
  * the file before any view is made, and keeps views sorted by name for binary search;
- * writing builds the header with jansson and replaces the target file atomically. */
+ * writing hands the entries to st_stream (the header, the shard split, the atomic
+ * replacement of the target files). */
 #include "safetensors.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,6 +17,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "st_stream.h"
 
 /* safetensors data is little-endian; the f32/f64 paths below copy bytes straight. */
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -788,138 +791,33 @@ static const struct st_entry **sorted_entries(const struct st_writer *w, char *e
     return order;
 }
 
-static int write_all(int fd, const void *buf, size_t n)
+/* The entries through a stream: declared, the files opened (one file at path, or a
+ * checkpoint directory at path), each entry's bytes written, finished. */
+static int write_through_stream(const struct st_writer *w, const char *path, int with_metadata,
+                                size_t max_shard_bytes, bool checkpoint, char *err, size_t errsize)
 {
-    const char *p = buf;
-    while (n > 0) {
-        ssize_t k = write(fd, p, n);
-        if (k < 0) {
-            if (errno == EINTR) continue;
-            return -1;
-        }
-        p += k;
-        n -= (size_t)k;
+    struct st_stream *s = st_stream_new();
+    int rc = 0;
+    for (int i = 0; i < w->n && rc == 0; i++) {
+        const struct st_entry *e = &w->entries[i];
+        rc = st_stream_declare(s, e->name, e->dtype, e->rank, e->shape, err, errsize);
     }
-    return 0;
-}
-
-/* fsync of the directory makes the rename itself durable. */
-static void sync_parent_dir(const char *path)
-{
-    const char *slash = strrchr(path, '/');
-    char *dir = slash ? strndup(path, (size_t)(slash - path) + (slash == path)) : strdup(".");
-    if (!dir) return;
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd >= 0) {
-        fsync(fd);
-        close(fd);
+    if (rc == 0)
+        rc = checkpoint ? st_stream_open_checkpoint(s, path, max_shard_bytes, err, errsize)
+                        : st_stream_open_file(s, path, with_metadata, err, errsize);
+    for (int i = 0; i < w->n && rc == 0; i++) {
+        const struct st_entry *e = &w->entries[i];
+        rc = st_stream_write(s, e->name, 0, e->data, e->nbytes, err, errsize);
     }
-    free(dir);
-}
-
-/* Writes chunks to PATH.tmp, fsyncs, renames to PATH. */
-static int write_atomic(const char *path, int n_chunks, const void *const *chunks,
-                        const size_t *sizes, char *err, size_t errsize)
-{
-    size_t n = strlen(path) + 5;
-    char *tmp = xmalloc(n);
-    snprintf(tmp, n, "%s.tmp", path);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        fail(err, errsize, "%s: cannot create: %s", tmp, strerror(errno));
-        free(tmp);
-        return -1;
-    }
-    for (int i = 0; i < n_chunks; i++)
-        if (write_all(fd, chunks[i], sizes[i]) != 0) {
-            fail(err, errsize, "%s: write failed: %s", tmp, strerror(errno));
-            goto fail_open;
-        }
-    if (fsync(fd) != 0) {
-        fail(err, errsize, "%s: fsync failed: %s", tmp, strerror(errno));
-        goto fail_open;
-    }
-    if (close(fd) != 0) {
-        fail(err, errsize, "%s: close failed: %s", tmp, strerror(errno));
-        unlink(tmp);
-        free(tmp);
-        return -1;
-    }
-    if (rename(tmp, path) != 0) {
-        fail(err, errsize, "%s: cannot rename to %s: %s", tmp, path, strerror(errno));
-        unlink(tmp);
-        free(tmp);
-        return -1;
-    }
-    sync_parent_dir(path);
-    free(tmp);
-    return 0;
-fail_open:
-    close(fd);
-    unlink(tmp);
-    free(tmp);
-    return -1;
-}
-
-/* One file from entries already in name order. */
-static int write_file(const struct st_entry *const *entries, int n, const char *path,
-                      int with_metadata, char *err, size_t errsize)
-{
-    json_t *header = json_object();
-    if (with_metadata) {
-        json_t *meta = json_object();
-        json_object_set_new(meta, "format", json_string("pt"));
-        json_object_set_new(header, "__metadata__", meta);
-    }
-    size_t offset = 0;
-    for (int i = 0; i < n; i++) {
-        const struct st_entry *e = entries[i];
-        json_t *shape = json_array();
-        for (int d = 0; d < e->rank; d++) json_array_append_new(shape, json_integer(e->shape[d]));
-        json_t *t = json_object();
-        json_object_set_new(t, "dtype", json_string(st_dtype_name(e->dtype)));
-        json_object_set_new(t, "shape", shape);
-        json_object_set_new(
-            t, "data_offsets",
-            json_pack("[II]", (json_int_t)offset, (json_int_t)(offset + e->nbytes)));
-        json_object_set_new(header, e->name, t);
-        offset += e->nbytes;
-    }
-    char *text = json_dumps(header, JSON_COMPACT | JSON_PRESERVE_ORDER);
-    json_decref(header);
-    if (!text) return fail(err, errsize, "%s: cannot encode the header", path);
-    /* pad with spaces so the data area starts 8-byte aligned (as the reference writer) */
-    size_t len = strlen(text);
-    size_t padded = (len + 7) / 8 * 8;
-    unsigned char *head = xmalloc(8 + padded);
-    for (int i = 0; i < 8; i++) head[i] = (unsigned char)((uint64_t)padded >> (8 * i));
-    memcpy(head + 8, text, len);
-    memset(head + 8 + len, ' ', padded - len);
-    free(text);
-
-    const void **chunks = xmalloc((size_t)(n + 1) * sizeof *chunks);
-    size_t *sizes = xmalloc((size_t)(n + 1) * sizeof *sizes);
-    chunks[0] = head;
-    sizes[0] = 8 + padded;
-    for (int i = 0; i < n; i++) {
-        chunks[i + 1] = entries[i]->data;
-        sizes[i + 1] = entries[i]->nbytes;
-    }
-    int rc = write_atomic(path, n + 1, chunks, sizes, err, errsize);
-    free(chunks);
-    free(sizes);
-    free(head);
+    if (rc == 0) rc = st_stream_finish(s, err, errsize);
+    st_stream_free(s);
     return rc;
 }
 
 int st_writer_write(const struct st_writer *w, const char *path, int with_metadata, char *err,
                     size_t errsize)
 {
-    const struct st_entry **order = sorted_entries(w, err, errsize);
-    if (!order) return -1;
-    int rc = write_file(order, w->n, path, with_metadata, err, errsize);
-    free(order);
-    return rc;
+    return write_through_stream(w, path, with_metadata, 0, false, err, errsize);
 }
 
 void st_shard_name(int index, int count, char *buf, size_t bufsize)
@@ -973,63 +871,5 @@ size_t st_writer_shard_limit(const struct st_writer *w, int n_shards)
 int st_writer_write_checkpoint(const struct st_writer *w, const char *dir, size_t max_shard_bytes,
                                char *err, size_t errsize)
 {
-    const struct st_entry **order = sorted_entries(w, err, errsize);
-    if (!order) return -1;
-    /* shard[i]: the shard of entry i; a shard closes when the next tensor would pass the
-     * limit (a tensor larger than the limit gets a shard of its own) */
-    int *shard = xmalloc((w->n ? w->n : 1) * sizeof *shard);
-    int n_shards = 1;
-    size_t used = 0, total_size = 0;
-    int64_t total_parameters = 0;
-    for (int i = 0; i < w->n; i++) {
-        if (max_shard_bytes && used > 0 && used + order[i]->nbytes > max_shard_bytes) {
-            n_shards++;
-            used = 0;
-        }
-        used += order[i]->nbytes;
-        shard[i] = n_shards - 1;
-        total_size += order[i]->nbytes;
-        total_parameters += order[i]->numel;
-    }
-    int rc = 0;
-    if (n_shards == 1) {
-        char *path = join_path(dir, "model.safetensors");
-        rc = write_file(order, w->n, path, 1, err, errsize);
-        free(path);
-        goto done;
-    }
-    json_t *weight_map = json_object();
-    for (int s = 0, first = 0; s < n_shards && rc == 0; s++) {
-        int last = first;
-        while (last < w->n && shard[last] == s) last++;
-        char name[64];
-        st_shard_name(s + 1, n_shards, name, sizeof name);
-        char *path = join_path(dir, name);
-        rc = write_file(order + first, last - first, path, 1, err, errsize);
-        free(path);
-        for (int i = first; i < last; i++)
-            json_object_set_new(weight_map, order[i]->name, json_string(name));
-        first = last;
-    }
-    if (rc == 0) {
-        /* what transformers 5.23 save_pretrained writes (checked by saving a model) */
-        json_t *index = json_object();
-        json_object_set_new(index, "metadata",
-                            json_pack("{sIsI}", "total_parameters", (json_int_t)total_parameters,
-                                      "total_size", (json_int_t)total_size));
-        json_object_set(index, "weight_map", weight_map);
-        char *text = json_dumps(index, JSON_INDENT(2) | JSON_SORT_KEYS);
-        json_decref(index);
-        char *path = join_path(dir, "model.safetensors.index.json");
-        const void *chunks[2] = {text, "\n"};
-        size_t sizes[2] = {strlen(text), 1};
-        rc = write_atomic(path, 2, chunks, sizes, err, errsize);
-        free(path);
-        free(text);
-    }
-    json_decref(weight_map);
-done:
-    free(shard);
-    free(order);
-    return rc;
+    return write_through_stream(w, dir, 1, max_shard_bytes, true, err, errsize);
 }

@@ -131,61 +131,119 @@ static double proc_status_mib(const char *format)
     return kib / 1024.0;
 }
 
-/* checkpoint_write, with each rank's peak resident memory during the write: the kernel's
- * peak (VmHWM) is reset to the resident size before (writing 5 to /proc/self/clear_refs)
- * and read after, beside the resident size before the write. Logged, and recorded in
- * metrics.jsonl ("checkpoint": rank 0's figures and the smallest and largest of the
- * other ranks'), so that what the write costs each rank is seen: rank 0 holds no more
- * than the others. Where the reset is not allowed the
- * figures are the run's peaks so far, and say so (checkpoint_peak: false). */
+/* Each rank's peak resident memory over a write (a checkpoint, the merged export): the
+ * kernel's peak (VmHWM) is reset to the resident size at the start (writing 5 to
+ * /proc/self/clear_refs) and read at the end, beside the resident size at the start.
+ * Where the reset is not allowed the figures are the run's peaks so far. */
+struct peak_window {
+    double resident, start;
+    int reset;
+};
+
+static struct peak_window peak_window_open(void)
+{
+    peak_before_reset_mib = peak_rss_mib();
+    struct peak_window w = {.resident = proc_status_mib("VmRSS: %lf kB")};
+    FILE *refs = fopen("/proc/self/clear_refs", "w");
+    w.reset = refs && fputs("5", refs) >= 0;
+    if (refs && fclose(refs) != 0) w.reset = 0;
+    w.start = wall_time();
+    return w;
+}
+
+/* The figures of every rank on rank 0 (collective over MPI_COMM_WORLD): rank 0's peak and
+ * resident size at the start, the other ranks' smallest and largest peak and resident
+ * size; the seconds since the start; whether every rank's counter was reset. */
+struct peak_figures {
+    double rank0_peak, rank0_before, others_peak[2], others_before[2], seconds;
+    int every_reset;
+};
+
+static struct peak_figures peak_window_close(const struct peak_window *w)
+{
+    struct peak_figures f = {.seconds = wall_time() - w->start, .every_reset = 1};
+    int rank, size;
+    check_mpi(MPI_Comm_rank(MPI_COMM_WORLD, &rank));
+    check_mpi(MPI_Comm_size(MPI_COMM_WORLD, &size));
+    double mine[3] = {proc_status_mib("VmHWM: %lf kB"), w->resident, w->reset};
+    double *all = rank == 0 ? xmalloc(3 * (size_t)size * sizeof *all) : NULL;
+    check_mpi(MPI_Gather(mine, 3, MPI_DOUBLE, all, 3, MPI_DOUBLE, 0, MPI_COMM_WORLD));
+    if (rank == 0) {
+        const double *first = size > 1 ? all + 3 : all;
+        f.rank0_peak = all[0];
+        f.rank0_before = all[1];
+        f.others_peak[0] = f.others_peak[1] = first[0];
+        f.others_before[0] = f.others_before[1] = first[1];
+        for (int r = 0; r < size; r++) {
+            const double *a = all + 3 * r;
+            f.every_reset &= a[2] != 0;
+            if (r == 0) continue;
+            f.others_peak[0] = a[0] < f.others_peak[0] ? a[0] : f.others_peak[0];
+            f.others_peak[1] = a[0] > f.others_peak[1] ? a[0] : f.others_peak[1];
+            f.others_before[0] = a[1] < f.others_before[0] ? a[1] : f.others_before[0];
+            f.others_before[1] = a[1] > f.others_before[1] ? a[1] : f.others_before[1];
+        }
+    }
+    free(all);
+    return f;
+}
+
+/* checkpoint_write inside a peak window: logged, and recorded in metrics.jsonl
+ * ("checkpoint": rank 0's figures and the smallest and largest of the other ranks'), so
+ * that what the write costs each rank is seen: rank 0 holds no more than the others
+ * (checkpoint_peak: false when the figures are the run's peaks). */
 static int write_checkpoint(const char *output_dir, const struct model *model,
                             const struct adamw *opt, const struct train_position *position,
                             const struct checkpoint_run *run, int keep, char *err,
                             size_t err_size)
 {
-    peak_before_reset_mib = peak_rss_mib();
-    double resident = proc_status_mib("VmRSS: %lf kB");
-    FILE *refs = fopen("/proc/self/clear_refs", "w");
-    int reset = refs && fputs("5", refs) >= 0;
-    if (refs && fclose(refs) != 0) reset = 0;
-    double start = wall_time();
+    struct peak_window window = peak_window_open();
     int rc = checkpoint_write(output_dir, model, opt, position, run, keep, MPI_COMM_WORLD, err,
                               err_size);
-    double seconds = wall_time() - start;
-    int rank, size;
+    struct peak_figures f = peak_window_close(&window);
+    int rank;
     check_mpi(MPI_Comm_rank(MPI_COMM_WORLD, &rank));
-    check_mpi(MPI_Comm_size(MPI_COMM_WORLD, &size));
-    double mine[3] = {proc_status_mib("VmHWM: %lf kB"), resident, reset};
-    double *all = rank == 0 ? xmalloc(3 * (size_t)size * sizeof *all) : NULL;
-    check_mpi(MPI_Gather(mine, 3, MPI_DOUBLE, all, 3, MPI_DOUBLE, 0, MPI_COMM_WORLD));
     if (rank == 0 && rc == 0) {
-        /* the other ranks' smallest and largest peak, and resident size before */
-        const double *first = size > 1 ? all + 3 : all;
-        double peak[2] = {first[0], first[0]}, before[2] = {first[1], first[1]};
-        int every_reset = 1;
-        for (int r = 0; r < size; r++) {
-            const double *a = all + 3 * r;
-            every_reset &= a[2] != 0;
-            if (r == 0) continue;
-            peak[0] = a[0] < peak[0] ? a[0] : peak[0];
-            peak[1] = a[0] > peak[1] ? a[0] : peak[1];
-            before[0] = a[1] < before[0] ? a[1] : before[0];
-            before[1] = a[1] > before[1] ? a[1] : before[1];
-        }
         log_info("train: checkpoint at step %lld in %.2f s: peak memory %.1f MiB on rank 0 (%.1f "
                  "before the write), %.1f to %.1f MiB on the other ranks (%.1f to %.1f before)%s",
-                 position->step, seconds, all[0], all[1], peak[0], peak[1], before[0], before[1],
-                 every_reset ? "" : " (the run's peaks: the counter could not be reset)");
+                 position->step, f.seconds, f.rank0_peak, f.rank0_before, f.others_peak[0],
+                 f.others_peak[1], f.others_before[0], f.others_before[1],
+                 f.every_reset ? "" : " (the run's peaks: the counter could not be reset)");
         metrics_write("checkpoint",
                       "\"step\": %lld, \"seconds\": %.3f, \"rank0_peak_rss_mib\": %.1f, "
                       "\"others_peak_rss_mib\": "
                       "[%.1f, %.1f], \"rank0_rss_before_mib\": %.1f, \"others_rss_before_mib\": "
                       "[%.1f, %.1f], \"checkpoint_peak\": %s",
-                      position->step, seconds, all[0], peak[0], peak[1], all[1], before[0],
-                      before[1],
-                      every_reset ? "true" : "false");
+                      position->step, f.seconds, f.rank0_peak, f.others_peak[0], f.others_peak[1],
+                      f.rank0_before, f.others_before[0], f.others_before[1],
+                      f.every_reset ? "true" : "false");
     }
-    free(all);
+    return rc;
+}
+
+/* export_merged inside a peak window, logged and recorded like a checkpoint
+ * ("export_merged" in metrics.jsonl). */
+static int write_merged(const char *dir, const struct model *model, const char *base_dir,
+                        char *err, size_t err_size)
+{
+    struct peak_window window = peak_window_open();
+    int rc = export_merged(dir, model, base_dir, (size_t)5 << 30, MPI_COMM_WORLD, err, err_size);
+    struct peak_figures f = peak_window_close(&window);
+    int rank;
+    check_mpi(MPI_Comm_rank(MPI_COMM_WORLD, &rank));
+    if (rank == 0 && rc == 0) {
+        log_info("train: merged export in %.2f s: peak memory %.1f MiB on rank 0 (%.1f before "
+                 "the write), %.1f to %.1f MiB on the other ranks (%.1f to %.1f before)%s",
+                 f.seconds, f.rank0_peak, f.rank0_before, f.others_peak[0], f.others_peak[1],
+                 f.others_before[0], f.others_before[1],
+                 f.every_reset ? "" : " (the run's peaks: the counter could not be reset)");
+        metrics_write("export_merged",
+                      "\"seconds\": %.3f, \"rank0_peak_rss_mib\": %.1f, \"others_peak_rss_mib\": "
+                      "[%.1f, %.1f], \"rank0_rss_before_mib\": %.1f, \"others_rss_before_mib\": "
+                      "[%.1f, %.1f], \"export_peak\": %s",
+                      f.seconds, f.rank0_peak, f.others_peak[0], f.others_peak[1], f.rank0_before,
+                      f.others_before[0], f.others_before[1], f.every_reset ? "true" : "false");
+    }
     return rc;
 }
 
@@ -675,8 +733,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     if (status == 0 && tr->export_merged) {
         snprintf(dir, sizeof dir, "%s/merged", deck->run.output_dir);
         model_merge_lora(&model); /* W += scale B A; the adapters then drop out of the export */
-        if (export_merged(dir, &model, deck->model.path, (size_t)5 << 30, MPI_COMM_WORLD, err,
-                          sizeof err) != 0)
+        if (write_merged(dir, &model, deck->model.path, err, sizeof err) != 0)
             status = EXIT_RUNTIME;
         else
             log_info("train: merged checkpoint -> %s", dir);

@@ -33,6 +33,7 @@
 #include "gpt_oss_layout.h"
 #include "model.h"
 #include "safetensors.h"
+#include "st_stream.h"
 
 static char tmp[256];
 
@@ -419,6 +420,79 @@ static int add_fused_bf16(const char *name, int rank, const int64_t *shape, cons
     return st_writer_add(out->writer, name, ST_BF16, rank, shape, copy, err, err_size);
 }
 
+/* The sliced fuser's sinks of the gpt_oss test: the fused tensors declared, then each
+ * expert's part written at its place (bf16), as the merged export does. */
+static int declare_fused_bf16(const char *name, int rank, const int64_t *shape, const float *data,
+                              size_t numel, void *context, char *err, size_t err_size)
+{
+    (void)data;
+    (void)numel;
+    return st_stream_declare(context, name, ST_BF16, rank, shape, err, err_size);
+}
+
+static int write_slice_bf16(const char *name, size_t first, const float *data, size_t count,
+                            void *context, char *err, size_t err_size)
+{
+    return st_stream_write_f32(context, name, first, data, count, err, err_size);
+}
+
+/* gpt_oss: the per-expert tensors, given in reverse order (an expert's up before its
+ * gate), through the sliced fuser into a stream: the fused tensors are transformers'
+ * bytes. */
+static void test_gpt_oss_sliced_writer(const char *golden)
+{
+    char fixture[512], path[600], err[1024];
+    snprintf(fixture, sizeof fixture, "%s/gpt_oss", golden);
+    struct model a;
+    if (load_weights(fixture, &a, err, sizeof err) != 0) {
+        CHECK(0, "gpt_oss fixture: %s", err);
+        return;
+    }
+    struct st_stream *s = st_stream_new();
+    struct gpt_oss_fuser *fuser = gpt_oss_fuser_new_sliced(&a.cfg, write_slice_bf16, s);
+    int rc = 0;
+    for (int i = 0; i < a.n_params && rc == 0; i++) {
+        const struct param *p = &a.params[i];
+        if (!gpt_oss_fuser_takes(fuser, p))
+            rc = st_stream_declare(s, p->name, ST_BF16, p->rank, p->shape, err, sizeof err);
+    }
+    if (rc == 0) rc = gpt_oss_fuser_list(fuser, declare_fused_bf16, s, err, sizeof err);
+    snprintf(path, sizeof path, "%s/gpt_oss_sliced.safetensors", tmp);
+    if (rc == 0) rc = st_stream_open_file(s, path, 1, err, sizeof err);
+    for (int i = a.n_params - 1; i >= 0 && rc == 0; i--) {
+        const struct param *p = &a.params[i];
+        rc = gpt_oss_fuser_takes(fuser, p)
+                 ? gpt_oss_fuser_take(fuser, p, p->data, err, sizeof err)
+                 : st_stream_write_f32(s, p->name, 0, p->data, (size_t)p->numel, err, sizeof err);
+    }
+    CHECK(rc == 0 && gpt_oss_fuser_finish(fuser, err, sizeof err) == 0 &&
+              st_stream_finish(s, err, sizeof err) == 0,
+          "gpt_oss sliced fuse: %s", err);
+    gpt_oss_fuser_free(fuser);
+    st_stream_free(s);
+    struct st_checkpoint *theirs = st_checkpoint_open(fixture, err, sizeof err);
+    struct st_file *ours = st_open(path, err, sizeof err);
+    CHECK(theirs && ours, "%s", err);
+    int compared = 0;
+    for (int l = 0; theirs && ours && l < a.cfg.num_layers; l++) {
+        static const char *const fused[] = {"gate_up_proj", "gate_up_proj_bias", "down_proj",
+                                            "down_proj_bias"};
+        for (int t = 0; t < 4; t++) {
+            char name[128];
+            snprintf(name, sizeof name, "model.layers.%d.mlp.experts.%s", l, fused[t]);
+            const struct st_tensor *x = st_find(theirs, name), *y = st_file_find(ours, name);
+            CHECK(x && y && x->dtype == y->dtype && x->nbytes == y->nbytes &&
+                      memcmp(x->data, y->data, x->nbytes) == 0,
+                  "gpt_oss sliced: %s differs from transformers'", name);
+            compared++;
+        }
+    }
+    CHECK(compared == 4 * a.cfg.num_layers, "gpt_oss sliced: %d fused tensors compared", compared);
+    if (theirs) st_checkpoint_close(theirs);
+    if (ours) st_close(ours);
+    model_free(&a);
+}
+
 /* gpt_oss: load the fixture, write its per-expert tensors through the fuser in bf16 (its
  * dtype), compare the fused tensors with transformers' bytes, then load the written
  * checkpoint and compare every tensor with the first load. */
@@ -645,6 +719,7 @@ int main(int argc, char **argv)
     test_fp8(golden);
     test_mxfp4(golden);
     test_gpt_oss_fused_writer(golden);
+    test_gpt_oss_sliced_writer(golden);
 
     for (int l = 0; l < 2 * cfg.num_layers; l++) free(stacks[l]);
     free(stacks);

@@ -4,7 +4,8 @@
  * the safetensors format description, not taken from the program's output. Malformed
  * files are crafted byte by byte in a temporary directory. With a directory argument
  * (default tests/golden, or $ESFT_TOP_SRCDIR/tests/golden) every fixture checkpoint
- * produced by transformers must open and convert.
+ * produced by transformers must open and convert. The streaming writer (st_stream) is
+ * held to a file whose bytes are written out here by hand.
  *
  * Usage: test_safetensors [GOLDEN_DIR] */
 #include <dirent.h>
@@ -17,6 +18,7 @@
 #include <unistd.h>
 
 #include "../src/safetensors.h"
+#include "../src/st_stream.h"
 #include "check.h"
 
 static char tmpdir[64];
@@ -724,6 +726,105 @@ static void test_golden(const char *golden)
     printf("test_safetensors: %d golden fixtures opened from %s\n", fixtures, golden);
 }
 
+/* ---- the streaming writer ---------------------------------------------------------- */
+
+static unsigned char *read_file_bytes(const char *path, size_t *n)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    unsigned char *bytes = malloc(size > 0 ? (size_t)size : 1);
+    *n = fread(bytes, 1, (size_t)size, f);
+    fclose(f);
+    return bytes;
+}
+
+static void test_stream(void)
+{
+    char err[1024];
+    /* tensors declared out of name order, written in pieces, out of order */
+    struct st_stream *s = st_stream_new();
+    CHECK(st_stream_declare(s, "b", ST_F32, 1, (int64_t[]){2}, err, sizeof err) == 0, "%s", err);
+    CHECK(st_stream_declare(s, "a", ST_BF16, 1, (int64_t[]){3}, err, sizeof err) == 0, "%s", err);
+    char *path = path_in(tmpdir, "stream.safetensors");
+    CHECK(st_stream_open_file(s, path, 1, err, sizeof err) == 0, "%s", err);
+    const float b[2] = {1.0f, -2.0f}, a[3] = {1.0f, 0.5f, -3.0f};
+    CHECK(st_stream_write(s, "b", 4, &b[1], 4, err, sizeof err) == 0, "%s", err);
+    CHECK(st_stream_write_f32(s, "a", 0, a, 3, err, sizeof err) == 0, "%s", err);
+    CHECK(st_stream_write(s, "b", 4, &b[0], 8, err, sizeof err) != 0 && contains(err, "outside"),
+          "a range past the tensor: %s", err);
+    CHECK(st_stream_write(s, "c", 0, &b[0], 4, err, sizeof err) != 0 && contains(err, "'c'"),
+          "an unknown tensor: %s", err);
+    CHECK(st_stream_write(s, "b", 0, &b[0], 4, err, sizeof err) == 0, "%s", err);
+    CHECK(access(path, F_OK) != 0, "the file is there before the finish");
+    CHECK(st_stream_finish(s, err, sizeof err) == 0, "%s", err);
+    st_stream_free(s);
+    /* the expected bytes: header (name order, padded with spaces to 8), then a's bf16
+     * (1.0 = 0x3F80, 0.5 = 0x3F00, -3.0 = 0xC040) and b's f32, little-endian */
+    const char *json = "{\"__metadata__\":{\"format\":\"pt\"},"
+                       "\"a\":{\"dtype\":\"BF16\",\"shape\":[3],\"data_offsets\":[0,6]},"
+                       "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[6,14]}}";
+    size_t len = strlen(json), padded = (len + 7) / 8 * 8;
+    unsigned char want[512];
+    for (int i = 0; i < 8; i++) want[i] = (unsigned char)(padded >> (8 * i));
+    memcpy(want + 8, json, len);
+    memset(want + 8 + len, ' ', padded - len);
+    const unsigned char data[14] = {0x80, 0x3F, 0x00, 0x3F, 0x40, 0xC0, 0x00,
+                                    0x00, 0x80, 0x3F, 0x00, 0x00, 0x00, 0xC0};
+    memcpy(want + 8 + padded, data, sizeof data);
+    size_t n = 0;
+    unsigned char *got = read_file_bytes(path, &n);
+    CHECK(got && n == 8 + padded + sizeof data && memcmp(got, want, n) == 0,
+          "stream file: %zu bytes, expected %zu, or different bytes", n, 8 + padded + sizeof data);
+    free(got);
+    CHECK(access(path_in(tmpdir, "stream.safetensors.tmp"), F_OK) != 0, "tmp file left behind");
+
+    /* a tensor left unwritten: the finish fails naming it, and nothing is left */
+    s = st_stream_new();
+    st_stream_declare(s, "x", ST_F32, 1, (int64_t[]){2}, err, sizeof err);
+    st_stream_declare(s, "y", ST_F32, 1, (int64_t[]){2}, err, sizeof err);
+    path = path_in(tmpdir, "unfinished.safetensors");
+    CHECK(st_stream_open_file(s, path, 1, err, sizeof err) == 0, "%s", err);
+    CHECK(st_stream_write(s, "x", 0, b, 8, err, sizeof err) == 0, "%s", err);
+    CHECK(st_stream_finish(s, err, sizeof err) != 0 && contains(err, "'y'") &&
+              contains(err, "0 of its 8 bytes"),
+          "unfinished stream: %s", err);
+    st_stream_free(s);
+    CHECK(access(path, F_OK) != 0 &&
+              access(path_in(tmpdir, "unfinished.safetensors.tmp"), F_OK) != 0,
+          "an unfinished stream left a file");
+
+    /* a tensor converted in several pieces (more than a million values) and a sharded
+     * directory: the values read back as the whole array converted at once */
+    enum { BIG = 1500007 };
+    float *values = malloc(BIG * sizeof *values);
+    uint16_t *bf16 = malloc(BIG * sizeof *bf16);
+    for (int i = 0; i < BIG; i++) values[i] = (float)(i % 1000) * 0.001f - 0.25f;
+    st_f32_to_bf16_array(values, bf16, BIG);
+    char dir[600];
+    snprintf(dir, sizeof dir, "%s/streamed", tmpdir);
+    mkdir(dir, 0755);
+    s = st_stream_new();
+    st_stream_declare(s, "big", ST_BF16, 2, (int64_t[]){BIG, 1}, err, sizeof err);
+    st_stream_declare(s, "small", ST_F32, 1, (int64_t[]){2}, err, sizeof err);
+    CHECK(st_stream_open_checkpoint(s, dir, 1000, err, sizeof err) == 0, "%s", err);
+    CHECK(st_stream_write_f32(s, "small", 0, b, 2, err, sizeof err) == 0, "%s", err);
+    CHECK(st_stream_write_f32(s, "big", 0, values, BIG, err, sizeof err) == 0, "%s", err);
+    CHECK(st_stream_finish(s, err, sizeof err) == 0, "%s", err);
+    st_stream_free(s);
+    struct st_checkpoint *c = st_checkpoint_open(dir, err, sizeof err);
+    CHECK(c && c->n_files == 2, "streamed checkpoint: %s", err);
+    const struct st_tensor *t = c ? st_find(c, "big") : NULL;
+    CHECK(t && t->nbytes == BIG * 2 && memcmp(t->data, bf16, t->nbytes) == 0 &&
+              contains(t->file, "model-00001-of-00002.safetensors"),
+          "big tensor's bytes");
+    if (c) st_checkpoint_close(c);
+    free(values);
+    free(bf16);
+}
+
 int main(int argc, char **argv)
 {
     snprintf(tmpdir, sizeof tmpdir, "/tmp/esft-test-st-XXXXXX");
@@ -736,6 +837,7 @@ int main(int argc, char **argv)
     test_f8();
     test_round_trip();
     test_sharded();
+    test_stream();
     test_malformed_files();
     test_malformed_index();
 
