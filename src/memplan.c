@@ -240,17 +240,20 @@ static void estimate(const struct deck *deck, const struct model_config *cfg,
     out->gradients = 4 * trained * (device || !reduced ? 1 : 2);
     out->adamw = 8 * trained;
     out->activations = ws;
-    /* the export at the end gathers the trained tensors (every tensor with
-     * train.export_merged) to rank 0, converted to the checkpoint's dtype (export.c's
-     * open_export: no copy of an fp32 tensor rank 0 holds) while the rest is still held */
+    /* the export at the end streams the trained tensors (every tensor with
+     * train.export_merged) to rank 0's writer one at a time (export.c, st_stream.h): a
+     * tensor rank 0 does not hold arrives whole in fp32, and the conversion to the
+     * checkpoint's dtype goes through pieces of at most 2 MiB */
     out->export = 0;
     if (!device && m->me.pp_rank == 0 && m->me.ep_rank == 0) {
-        double size = cfg->dtype == HF_DTYPE_BF16 || cfg->dtype == HF_DTYPE_F16 ? 2 : 4;
+        double largest = 0;
         for (int i = 0; i < m->n_params; i++) {
             const struct param *p = &m->params[i];
-            if ((p->trainable || tr->export_merged) && !(size == 4 && model_holds(p, m->me)))
-                out->export += size * (double)p->numel;
+            if ((p->trainable || tr->export_merged) && !model_holds(p, m->me) &&
+                4.0 * (double)p->numel > largest)
+                largest = 4.0 * (double)p->numel;
         }
+        out->export = largest + 2.0 * 1048576.0;
     }
     out->total = out->weights + out->gradients + out->adamw + out->activations + out->export;
 }

@@ -40,7 +40,10 @@ for layout in "1 1" "2 1" "2 2"; do
     wts=$(column "$tmp/plan" 4)
     if [ -n "$timer" ]; then
         # shellcheck disable=SC2086
-        expect 0 "training, $n ranks, ep $ep" $mpirun "$n" "$timer" -f "maxrss %M" "$esft" "$demo" \
+        # each rank's line appended to a file of its own: in the forwarded stderr two ranks'
+        # lines can run together
+        rm -f "$tmp/rss"
+        expect 0 "training, $n ranks, ep $ep" $mpirun "$n" "$timer" -a -o "$tmp/rss" -f "maxrss %M" "$esft" "$demo" \
             $common $train "run.output_dir=$o" "parallel.ep=$ep"
     else
         # shellcheck disable=SC2086
@@ -52,7 +55,7 @@ for layout in "1 1" "2 1" "2 2"; do
     awk -v a="$wts" -v b="$reported" 'BEGIN { d = a - b; exit !(b > 0 && d < 0.06 && d > -0.06) }' &&
         ok || fail "estimated weights $wts MiB, train reports $reported MiB ($n ranks, ep $ep)"
     if [ -n "$timer" ]; then
-        peak=$(awk '/^maxrss/ { if ($2 > m) m = $2 } END { print m / 1024 }' "$tmp/log")
+        peak=$(awk '/^maxrss/ { if ($2 > m) m = $2 } END { print m / 1024 }' "$tmp/rss")
         awk -v e="$estimate" -v p="$peak" 'BEGIN { exit !(p > 0 && e / p > 0.75 && e / p < 1.25) }' &&
             ok || fail "estimate $estimate MiB, measured peak $peak MiB ($n ranks, ep $ep)"
         echo "$n ranks, ep $ep: estimate $estimate MiB, measured peak $peak MiB"
