@@ -1,17 +1,17 @@
-/* cpu_ops: the fp32 CPU backend (see backend.h): OpenBLAS for the GEMMs, OpenMP over
+/* cpu_ops: the fp32 CPU backend (see backend.h): a CBLAS (blas.h) for the GEMMs, OpenMP over
  * tokens, heads or rows for the rest. It is the reference the CUDA backend is tested
  * against, so every op computes in the order transformers does (softmax and norms in
  * fp32, as the Hugging Face modeling code does).
  *
- * Threads: OpenMP owns every thread. OpenBLAS is kept single-threaded and called from
- * inside OpenMP loops over blocks of rows, experts or (sample, head) pairs; a threaded
- * OpenBLAS beside OpenMP's pool made the two spin against each other (measured: expert
+ * Threads: OpenMP owns every thread. The BLAS (OpenBLAS by default, blas.h) is kept
+ * single-threaded and called from inside OpenMP loops over blocks of rows, experts or
+ * (sample, head) pairs; a threaded OpenBLAS beside OpenMP's pool made the two spin against each other (measured: expert
  * GEMMs 1.3x faster on 2 cores when only one pool runs). Work is cut into blocks whose
  * shapes depend only on the problem's sizes, so results do not change with the thread
  * count (OpenBLAS's bits for an element depend on the shape of the call). */
 #include <cblas.h>
-/* OpenBLAS's cblas.h pulls in <complex.h>, whose macro I would replace the conventional
- * name of the input width. */
+/* OpenBLAS's and BLIS's cblas.h pull in <complex.h>, whose macro I would replace the
+ * conventional name of the input width. */
 #undef I
 #include <math.h>
 #include <omp.h>
@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "backend.h"
+#include "blas.h"
 #include "cpu_router.h"
 #include "dense_math.h"
 #include "log.h"
@@ -1027,8 +1028,8 @@ static void cpu_zero(void *p, size_t bytes)
 
 const struct backend *backend_cpu(void)
 {
-    /* OpenBLAS runs single-threaded inside OpenMP's loops (see the banner). */
-    openblas_set_num_threads(1);
+    /* the BLAS runs single-threaded inside OpenMP's loops (see the banner) */
+    blas_use_one_thread();
     static const struct backend cpu = {
         .name = "cpu",
         .embedding = cpu_embedding,

@@ -3,7 +3,6 @@
  * it really loaded. */
 #include "version.h"
 
-#include <cblas.h>
 #include <hdf5.h>
 #include <jansson.h>
 #include <mpi.h>
@@ -12,13 +11,12 @@
 #include <string.h>
 #include <yaml.h>
 
+#include "blas.h"
 #include "config.h"
 #ifdef HAVE_CUDA
 #include "device.h"
 #endif
 
-/* OpenBLAS's own query; declared here because not every cblas.h declares it. */
-char *openblas_get_config(void);
 
 void version_print(FILE *out)
 {
@@ -46,7 +44,7 @@ void version_print(FILE *out)
     );
     fprintf(out, "libyaml: %s\n", yaml_get_version_string());
     fprintf(out, "jansson: %s\n", jansson_version_str());
-    fprintf(out, "OpenBLAS: %s\n", openblas_get_config());
+    fprintf(out, "BLAS: %s\n", blas_description());
     const char *policy = getenv("OMP_WAIT_POLICY"), *spins = getenv("GOMP_SPINCOUNT");
     fprintf(out, "OpenMP: up to %d threads, wait policy %s%s%s\n", omp_get_max_threads(),
             policy ? policy : "default", spins ? ", GOMP_SPINCOUNT " : "", spins ? spins : "");

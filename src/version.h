@@ -5,7 +5,7 @@
 #include <stdio.h>
 
 /* Program version, backend and the run-time versions of MPI, HDF5, libyaml, jansson,
- * OpenBLAS and, in the CUDA build, the CUDA runtime, driver and visible devices. */
+ * the BLAS and, in the CUDA build, the CUDA runtime, driver and visible devices. */
 void version_print(FILE *out);
 
 #endif
