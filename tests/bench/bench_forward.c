@@ -20,12 +20,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "backend.h"
+#include "blas.h"
+#include "flops.h"
 #include "hfconfig.h"
 #include "layout.h"
 #include "log.h"
 #include "model.h"
+#include "threads.h"
 
 /* ---- the timed op table ---------------------------------------------------------- */
 
@@ -263,6 +267,7 @@ static int int_arg(int argc, char **argv, int *i, int min)
 
 int main(int argc, char **argv)
 {
+    threads_set_wait_policy(argv); /* the wait policy esft itself runs with (threads.h) */
     MPI_Init(&argc, &argv);
     const char *dir = NULL;
     int B = 8, T = 512, iters = 5, warmup = 1, seed = 1234, breakdown = 1;
@@ -346,7 +351,17 @@ int main(int argc, char **argv)
     printf("loss: %.6f\n", loss);
     printf("median seconds per iteration: %.4f\n", median);
     printf("min seconds per iteration: %.4f\n", seconds[0]);
+    printf("max seconds per iteration: %.4f\n", seconds[iters - 1]);
     printf("tokens per second: %.1f\n", N / median);
+    /* model FLOPs (flops.h): one causal document of T tokens per row, T + 1 = twice the
+     * mean number of keys a token attends to */
+    printf("model flops per iteration: %.6g\n", N * token_flops(&cfg, T + 1.0).forward);
+    struct rusage usage;
+    getrusage(RUSAGE_SELF, &usage);
+    printf("peak rss mib: %.1f\n", usage.ru_maxrss / 1024.0);
+    printf("blas: %s\n", blas_description());
+    const char *policy = getenv("OMP_WAIT_POLICY");
+    printf("wait policy: %s\n", policy ? policy : "default");
 
     if (breakdown > 0) {
         struct backend timed = timed_backend(ops, &cfg);
