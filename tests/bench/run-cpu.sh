@@ -24,7 +24,7 @@
 # once: init, prepare, score, select). The programs: ESFT (default ./esft), BENCH_FORWARD
 # (tests/bench/bench_forward), GEMM_PEAK (tests/bench/gemm_peak), BENCH_CPU_HF (default
 # "$PYTHON tests/bench/bench_cpu_hf.py", PYTHON default python3). Every run's output is
-# kept in out/bench-cpu[-quick]/runs/.
+# kept in out/bench-cpu[-quick]/runs/ (BENCH_CPU_OUT: another directory).
 #
 # The columns: the median seconds of the runs and their range, the ratio (transformers'
 # median over esft's: > 1 when esft is faster), tokens/s, achieved GFLOP/s (model FLOPs as
@@ -74,7 +74,7 @@ done
 
 deck=tests/bench/bench-cpu.yaml
 if [ "$quick" = yes ]; then
-    out=out/bench-cpu-quick
+    out=${BENCH_CPU_OUT:-out/bench-cpu-quick}
     batch=2 seq=64 reps=1 peak_size=256
     # a model of seconds: 2 layers, hidden 64, 8 experts top-2
     shape="init.hidden_size=64 init.num_layers=2 init.num_heads=4 init.num_kv_heads=2
@@ -82,7 +82,7 @@ if [ "$quick" = yes ]; then
         init.moe_intermediate_size=32 init.num_experts=8 init.top_k=2 data.seq_len=64
         score.n_sample_tokens=256"
 else
-    out=out/bench-cpu
+    out=${BENCH_CPU_OUT:-out/bench-cpu}
     batch=8 seq=512 peak_size=1536
     shape=""
 fi
