@@ -104,7 +104,8 @@ print_table() {
         hf_forward_experts=$(sed -n 's/^implementation: .*, experts \([^,]*\),.*/\1/p' "$runs/r1.forward.hf.txt")
         hf_train_experts=$(sed -n 's/^implementation: .*, experts \([^,]*\),.*/\1/p' "$runs/r1.full.hf.txt")
     fi
-    reps=$(ls "$runs"/r*.forward.esft.txt | wc -l)
+    set -- "$runs"/r*.forward.esft.txt
+    reps=$#
     selected=$(awk '/"experts"/ { on = 1; next } on && /}/ { exit }
         on { sub(/^[^:]*:/, ""); n += gsub(/[0-9]+/, "&") } END { print n + 0 }' "$out/expert_config.json")
     layers=$(sed -n 's/.*"num_hidden_layers": *\([0-9]*\).*/\1/p' "$out/model/config.json")
@@ -126,7 +127,7 @@ print_table() {
         -v reps="$reps" -v hf="$hf" -v hf_name="$hf_name" -v quick="$quick" \
         -v experts_fwd="$hf_forward_experts" -v experts_train="$hf_train_experts" \
         -v batch="$batch" -v seq="$seq" -v selected="$selected" \
-        -v date="$(date -u '+%Y-%m-%d %H:%M UTC')" -v load="$(cut -d' ' -f1-3 /proc/loadavg)" '
+        -v date="$(cat "$runs/date.txt")" -v load="$(cat "$runs/load-start.txt") at the start, $(cat "$runs/load-end.txt") at the end" '
         function median(key,   n, i, j, v, tmp) {
             n = count[key]
             for (i = 1; i <= n; i++) v[i] = value[key, i]
@@ -144,7 +145,7 @@ print_table() {
             title["esft"] = "ESFT train step 1 x " seq
             tokens["full"] = tokens["esft"] = seq
             if (!tokens["forward"]) tokens["forward"] = batch * seq
-            printf "CPU benchmark%s, %s: %s, %s threads (OpenMP wait policy %s), load average %s at the end\n",
+            printf "CPU benchmark%s, %s: %s, %s threads (OpenMP wait policy %s), load average %s\n",
                 (quick == "yes" ? " (--quick: a toy model, not for figures)" : ""), date, cpu, threads, policy, load
             printf "esft BLAS: %s; fp32 GEMM peak %.1f GFLOP/s (%s threads, gemm_peak)\n", blas, peak, threads
             if (hf == "yes")
@@ -209,7 +210,7 @@ fi
 # shellcheck disable=SC2086
 if [ ! -f "$out/expert_config.json" ]; then
     echo "run-cpu: preparing the data and selecting the experts ($out)" >&2
-    "$esft" "$deck" phase=[prepare,score,select] $paths $shape >>"$runs/setup.log" 2>&1
+    "$esft" "$deck" "phase=[prepare,score,select]" $paths $shape >>"$runs/setup.log" 2>&1
 fi
 
 if [ "$hf" = yes ] && ! $python -c 'import torch, transformers' 2>/dev/null; then
@@ -219,6 +220,9 @@ if [ "$hf" = yes ] && ! $python -c 'import torch, transformers' 2>/dev/null; the
     }
 fi
 
+# the 1-, 5- and 15-minute load averages at the start and at the end: other processes
+# on the machine show there
+cut -d' ' -f1-3 /proc/loadavg >"$runs/load-start.txt"
 "$gemm_peak" --size "$peak_size" --repeats 3 >"$runs/gemm-peak.txt"
 "$esft" --version >"$runs/esft-version.txt"
 
@@ -292,4 +296,6 @@ while [ "$r" -le "$reps" ]; do
 done
 
 
+cut -d' ' -f1-3 /proc/loadavg >"$runs/load-end.txt"
+date -u '+%Y-%m-%d %H:%M UTC' >"$runs/date.txt"
 print_table
