@@ -45,6 +45,11 @@ import resource
 import statistics
 import time
 
+import torch
+import transformers
+from torch.nn.utils import parametrize
+from transformers import AutoConfig, AutoModelForCausalLM
+
 MASK64 = (1 << 64) - 1
 
 
@@ -73,15 +78,12 @@ def default_threads():
 
 
 def load(model_dir, experts):
-    import torch
-    from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="sdpa",
         experts_implementation=experts)
 
 
 def make_adamw(params):
-    import torch
     kwargs = dict(lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     try:
         opt = torch.optim.AdamW(params, fused=True, **kwargs)
@@ -90,31 +92,25 @@ def make_adamw(params):
         return torch.optim.AdamW(params, foreach=True, **kwargs), "foreach"
 
 
-class SelectedExperts:
-    """The frozen [E, ...] weight with the trainable [k, ...] slices of `ids` put in."""
+class SelectedExperts(torch.nn.Module):
+    """Parametrization of a fused [E, ...] expert weight: the frozen weight with the
+    trainable [k, ...] slices of experts `ids` put in."""
 
-    def __new__(cls, full, ids):
-        import torch
+    def __init__(self, full, ids):
+        super().__init__()
+        self.register_buffer("frozen", full.detach().clone())
+        self.register_buffer("ids", torch.tensor(ids, dtype=torch.long))
 
-        class Module(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.register_buffer("frozen", full.detach().clone())
-                self.register_buffer("ids", torch.tensor(ids, dtype=torch.long))
+    def forward(self, selected):
+        return self.frozen.index_copy(0, self.ids, selected)
 
-            def forward(self, selected):
-                return self.frozen.index_copy(0, self.ids, selected)
-
-            def right_inverse(self, weight):
-                return weight.index_select(0, self.ids)
-
-        return Module()
+    def right_inverse(self, weight):
+        return weight.index_select(0, self.ids)
 
 
 def make_esft(model, expert_config):
     """Freezes the model and makes only the selected experts' slices trainable; returns
     (trainable parameters, count of selected experts)."""
-    from torch.nn.utils import parametrize
     with open(expert_config) as f:
         selected = {int(k): v for k, v in json.load(f)["experts"].items()}
     for p in model.parameters():
@@ -159,7 +155,6 @@ def print_timings(seconds, tokens, extra):
 
 
 def time_forward(model, input_ids, warmup, iters):
-    import torch
     model.eval()
     seconds = []
     with torch.inference_mode():
@@ -185,11 +180,6 @@ def main():
     parser.add_argument("--text", help="jsonl of {\"text\": ...} rows (full, esft)")
     parser.add_argument("--expert-config", help="esft's expert_config.json (esft)")
     args = parser.parse_args()
-
-    import torch
-    import transformers
-    from torch.nn.utils import parametrize
-    from transformers import AutoConfig
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
