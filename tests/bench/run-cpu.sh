@@ -97,6 +97,7 @@ print_table() {
     cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)
     blas=$(sed -n 's/^BLAS: //p' "$runs/esft-version.txt")
     policy=$(sed -n 's/^OpenMP: .*wait policy //p' "$runs/esft-version.txt")
+    threads=$(sed -n 's/^threads: //p' "$runs/gemm-peak.txt") # the run's, for --report
     hf=no hf_name="" hf_forward_experts="" hf_train_experts=""
     if [ -f "$runs/r1.forward.hf.txt" ]; then
         hf=yes
@@ -269,12 +270,18 @@ while [ "$r" -le "$reps" ]; do
         file=$runs/r$r.$phase
         if [ "$phase" = forward ]; then
             "$bench_forward" "$out/model" --batch "$batch" --seq "$seq" --iters 1 \
-                --warmup "$warmup" --breakdown 0 >"$file.esft.txt" 2>"$file.esft.log"
+                --warmup "$warmup" --breakdown 0 >"$file.esft.txt" 2>"$file.esft.log" || {
+                echo "run-cpu: bench_forward failed; see $file.esft.log" >&2
+                exit 1
+            }
         else
             dir=$runs/r$r.$phase.esft
             # shellcheck disable=SC2086
             "$esft" "$deck" phase=train train.method="$phase" train.steps=$((warmup + 1)) \
-                $paths $shape run.output_dir="$dir" >"$file.esft.log" 2>&1
+                $paths $shape run.output_dir="$dir" >"$file.esft.log" 2>&1 || {
+                echo "run-cpu: esft failed; see $file.esft.log" >&2
+                exit 1
+            }
             esft_step_lines "$dir/metrics.jsonl" "$warmup" >"$file.esft.txt"
             cp "$dir/metrics.jsonl" "$file.esft.metrics.jsonl"
             rm -rf "$dir" # checkpoints: up to GBs each
