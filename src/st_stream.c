@@ -35,6 +35,7 @@ struct stream_tensor {
 struct stream_file {
     char *path, *tmp;
     int fd;
+    bool created;           /* by this process: removed when the stream is freed unfinished */
     unsigned char *head;    /* the header (its length, the JSON, the padding) until created */
     size_t head_size, size; /* the header's bytes and the whole file's */
 };
@@ -47,7 +48,7 @@ struct st_stream {
     char *index_path, *index_text; /* a sharded directory's index, written last */
     bool opened, finished;
     /* shared: every rank of comm writes (MPI_COMM_NULL: this process alone); creator:
-     * this process made the temporary files (it renames them, or removes them unfinished) */
+     * this process made the temporary files (it renames them) */
     MPI_Comm comm;
     bool creator;
 };
@@ -70,7 +71,7 @@ void st_stream_free(struct st_stream *s)
     for (int i = 0; i < s->n_files; i++) {
         struct stream_file *f = &s->files[i];
         if (f->fd >= 0) close(f->fd);
-        if (!s->finished && s->creator && f->tmp) unlink(f->tmp);
+        if (!s->finished && f->created && f->tmp) unlink(f->tmp);
         free(f->path);
         free(f->tmp);
         free(f->head);
@@ -190,6 +191,7 @@ static int create_file(struct stream_file *f, char *err, size_t errsize)
 {
     f->fd = open(f->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (f->fd < 0) return st_fail(err, errsize, "%s: cannot create: %s", f->tmp, strerror(errno));
+    f->created = true;
     if (write_all(f->fd, f->head, f->head_size) != 0)
         return st_fail(err, errsize, "%s: write failed: %s", f->tmp, strerror(errno));
     if (ftruncate(f->fd, (off_t)f->size) != 0)

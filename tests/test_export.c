@@ -45,6 +45,7 @@
 #include "lora.h"
 #include "model.h"
 #include "safetensors.h"
+#include "tiny_model.h"
 
 static int world_rank, world_size;
 
@@ -66,27 +67,6 @@ static uint16_t to_bf16(float f)
 }
 
 /* ---- the models -------------------------------------------------------------------- */
-
-static void tiny_config(enum hf_family family, enum hf_dtype dtype, struct model_config *cfg)
-{
-    char err[512];
-    hfconfig_defaults(family, cfg);
-    cfg->hidden_size = 8;
-    cfg->num_layers = 2;
-    cfg->num_heads = 2;
-    cfg->num_kv_heads = 1;
-    cfg->head_dim = 4;
-    cfg->vocab_size = 11;
-    cfg->intermediate_size = family == HF_GPT_OSS ? 5 : 6;
-    cfg->expert_intermediate_size = 5;
-    cfg->num_experts = 4;
-    cfg->top_k = 2;
-    cfg->dtype = dtype;
-    if (hfconfig_finish(cfg, "tiny", err, sizeof err) != 0) {
-        fprintf(stderr, "tiny config: %s\n", err);
-        MPI_Abort(MPI_COMM_WORLD, 1);
-    }
-}
 
 /* Every tensor this rank holds in fp32 set to value(); with `trained`, the tensors it
  * names (a NULL-ended list of substrings, or those of kind PARAM_LORA when lora) marked
@@ -339,7 +319,7 @@ static const char *const esft_trained[] = {"layers.0.mlp.experts.1.",
 static void test_esft(const char *out, const struct layout_grid *grid)
 {
     struct model_config cfg;
-    tiny_config(HF_QWEN3_MOE, HF_DTYPE_BF16, &cfg);
+    tiny_model_config(HF_QWEN3_MOE, HF_DTYPE_BF16, &cfg);
     struct model m, whole;
     make_models(&cfg, grid, NULL, &m, &whole);
     prepare_model(&m, esft_trained, false);
@@ -408,7 +388,7 @@ static void test_esft(const char *out, const struct layout_grid *grid)
 static void test_lora(const char *out, const struct layout_grid *grid)
 {
     struct model_config cfg;
-    tiny_config(HF_QWEN3_MOE, HF_DTYPE_BF16, &cfg);
+    tiny_model_config(HF_QWEN3_MOE, HF_DTYPE_BF16, &cfg);
     char err[2048], dir[1200], path[1300];
     char *targets[] = {"attention"};
     struct lora_spec spec = {.r = 2, .alpha = 4, .train_router = true};
@@ -438,7 +418,7 @@ static void test_lora(const char *out, const struct layout_grid *grid)
 static void test_gpt_oss(const char *out, const struct layout_grid *grid)
 {
     struct model_config cfg;
-    tiny_config(HF_GPT_OSS, HF_DTYPE_BF16, &cfg);
+    tiny_model_config(HF_GPT_OSS, HF_DTYPE_BF16, &cfg);
     struct model m, whole;
     make_models(&cfg, grid, NULL, &m, &whole);
     prepare_model(&m, NULL, false);
@@ -456,7 +436,7 @@ static void test_gpt_oss(const char *out, const struct layout_grid *grid)
 static void test_frozen_bf16(const char *out, const struct layout_grid *grid)
 {
     struct model_config cfg;
-    tiny_config(HF_QWEN3_MOE, HF_DTYPE_F32, &cfg);
+    tiny_model_config(HF_QWEN3_MOE, HF_DTYPE_F32, &cfg);
     struct model m, whole;
     make_models(&cfg, grid, NULL, &m, &whole);
     const char *const trained[] = {"layers.1.mlp.experts.2.", NULL};
