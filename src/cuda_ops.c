@@ -201,6 +201,7 @@ static void *scratch(size_t bytes)
         if (scratch_buf) check_cuda(cudaFree(scratch_buf));
         scratch_buf = NULL;
         check_cuda(cudaMalloc(&scratch_buf, bytes));
+        alloc_watch_note(0, __FILE__, __LINE__);
         scratch_size = bytes;
     }
     return scratch_buf;
@@ -210,7 +211,7 @@ static void *scratch(size_t bytes)
  * asked and kept (the step loop allocates nothing once it has run a step); freed by
  * backend_cuda_release. */
 enum staging { STAGE_OFFSETS, STAGE_SAMPLES, STAGE_STARTS, STAGE_CE_STATE, STAGE_CE_BEST,
-               STAGE_CE_LABELS, STAGE_COUNT };
+               STAGE_CE_LABELS, STAGE_ROW_LOSS, STAGE_ROW_LABELS, STAGE_NORM, STAGE_COUNT };
 static struct {
     void *p;
     size_t bytes;
@@ -324,6 +325,7 @@ static const void *bf16_weight(const float *w, size_t n)
         if (!r->bf16) {
             char err[256];
             check_cuda(cudaMalloc(&r->bf16, r->n * 2));
+            alloc_watch_note(0, __FILE__, __LINE__);
             ok(gemm_to_bf16(r->bf16, r->p, r->n, err, sizeof err), err);
         }
         return (const char *)r->bf16 + (size_t)(w - r->p) * 2;
@@ -337,6 +339,7 @@ static const void *bf16_operand(const float *x, size_t n)
     if (n * 2 > operand_size) {
         if (operand_buf) check_cuda(cudaFree(operand_buf));
         check_cuda(cudaMalloc(&operand_buf, n * 2));
+        alloc_watch_note(0, __FILE__, __LINE__);
         operand_size = n * 2;
     }
     char err[256];
@@ -350,6 +353,7 @@ static void *bf16_output(size_t n)
     if (n * 2 > output_size) {
         if (output_buf) check_cuda(cudaFree(output_buf));
         check_cuda(cudaMalloc(&output_buf, n * 2));
+        alloc_watch_note(0, __FILE__, __LINE__);
         output_size = n * 2;
     }
     return output_buf;
@@ -686,7 +690,10 @@ static double cuda_cross_entropy_sum(const float *logits, const int32_t *labels,
     char err[256];
     double *row_loss = scratch((size_t)(N > 0 ? N : 1) * sizeof(double)), total = 0;
     ok(dense_cross_entropy(row_loss, NULL, logits, labels, N, V, 0.0f, err, sizeof err), err);
-    ok(dense_sum_rows(&total, counted, row_loss, labels, N, err, sizeof err), err);
+    double *host_loss = staging_buffer(STAGE_ROW_LOSS, (size_t)(N > 0 ? N : 1) * sizeof(double));
+    int32_t *host_labels = staging_buffer(STAGE_ROW_LABELS, (size_t)(N > 0 ? N : 1) * sizeof(int32_t));
+    ok(dense_sum_rows(&total, counted, row_loss, labels, N, host_loss, host_labels, err, sizeof err),
+       err);
     return total;
 }
 
@@ -979,7 +986,10 @@ static double cuda_sum_squares(const float *x, size_t n)
     op_begin();
     char err[256];
     double sum = 0;
-    ok(optim_sum_squares(&sum, x, n, scratch(optim_sum_squares_workspace(n)), err, sizeof err), err);
+    size_t bytes = optim_sum_squares_workspace(n);
+    ok(optim_sum_squares(&sum, x, n, scratch(bytes), staging_buffer(STAGE_NORM, bytes), err,
+                         sizeof err),
+       err);
     backend_count_download(sizeof sum);
     return sum;
 }
@@ -1019,6 +1029,7 @@ static void *cuda_alloc(size_t bytes)
 {
     op_begin();
     void *p = NULL;
+    alloc_watch_note(bytes, __FILE__, __LINE__);
     cudaError_t status = cudaMalloc(&p, bytes ? bytes : 1);
     if (status != cudaSuccess) {
         size_t free_bytes = 0, total = 0;
