@@ -546,11 +546,14 @@ static void cpu_ce_chunk_update(float *state, int32_t *best, const float *logits
         }
         int label = labels[n] - v0;
         if (label >= 0 && label < C) st[2] = z[label];
-        for (int v = 0; v < C; v++)
-            if (z[v] > st[3]) {
-                st[3] = z[v];
-                best[n] = v0 + v;
-            }
+        /* the argmax: the chunk's first logit equal to its maximum, when that beats the
+         * earlier chunks' (ties keep the lower id); no third pass over the chunk */
+        if (chunk_max > st[3]) {
+            int v = 0;
+            while (z[v] != chunk_max) v++;
+            st[3] = chunk_max;
+            best[n] = v0 + v;
+        }
     }
 }
 
