@@ -27,11 +27,14 @@ static uint64_t clipped_length(const struct dataset *ds, uint64_t sample, int se
 void plan_blocks(const struct dataset *ds, const uint64_t *samples, uint64_t n, int seq_len,
                         bool pack, struct block_plan *plan)
 {
-    free(plan->first);
-    free(plan->order);
-    plan->order = xmalloc((n ? n : 1) * sizeof *plan->order);
+    if (!plan->order || n > plan->capacity) {
+        free(plan->first);
+        free(plan->order);
+        plan->order = xmalloc((n ? n : 1) * sizeof *plan->order);
+        plan->first = xmalloc((n + 1) * sizeof *plan->first);
+        plan->capacity = n;
+    }
     memcpy(plan->order, samples, n * sizeof *samples);
-    plan->first = xmalloc((n + 1) * sizeof *plan->first);
     plan->n_blocks = 0;
     uint64_t used = 0;
     for (uint64_t i = 0; i < n; i++) {

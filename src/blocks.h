@@ -15,9 +15,11 @@ struct block_plan {
     int n_blocks;
     int *first;    /* [n_blocks + 1]: block b packs order[first[b] .. first[b+1]) */
     uint64_t *order; /* sample indices in packing order */
+    uint64_t capacity; /* samples the arrays hold */
 };
 
-/* Packs samples (in the given order) into plan (its arrays replaced). */
+/* Packs samples (in the given order) into plan (its arrays grown only when n is larger
+ * than any plan before: a new epoch of the same samples allocates nothing). */
 void plan_blocks(const struct dataset *ds, const uint64_t *samples, uint64_t n, int seq_len,
                  bool pack, struct block_plan *plan);
 

@@ -157,8 +157,42 @@ void check_mpi_failed(int err, const char *call, const char *file, int line)
     fatal(EXIT_RUNTIME, "%s:%d: %s failed: %s", file, line, call, message);
 }
 
+/* The allocation watch (log.h): a count of the checked allocations made while it is on,
+ * the first places named when ESFT_ALLOC_TRACE is set. Atomic: ops allocate inside
+ * OpenMP regions. */
+static bool watch_on;
+static bool watch_trace;
+static long long watch_count;
+
+void alloc_watch_start(void)
+{
+    const char *trace = getenv("ESFT_ALLOC_TRACE");
+    watch_trace = trace && *trace && strcmp(trace, "0") != 0;
+    __atomic_store_n(&watch_count, 0, __ATOMIC_RELAXED);
+    watch_on = true;
+}
+
+long long alloc_watch_stop(void)
+{
+    watch_on = false;
+    return __atomic_load_n(&watch_count, __ATOMIC_RELAXED);
+}
+
+static void watch(size_t bytes, const char *file, int line)
+{
+    if (!watch_on) return;
+    long long n = __atomic_fetch_add(&watch_count, 1, __ATOMIC_RELAXED);
+    if (watch_trace && n < 64) log_info("allocation in the step loop: %zu bytes at %s:%d", bytes, file, line);
+}
+
+void alloc_watch_note(size_t bytes, const char *file, int line)
+{
+    watch(bytes, file, line);
+}
+
 void *xmalloc_at(size_t size, const char *file, int line)
 {
+    watch(size, file, line);
     void *p = malloc(size ? size : 1);
     if (!p) fatal(EXIT_RUNTIME, "%s:%d: out of memory allocating %zu bytes", file, line, size);
     return p;
@@ -166,10 +200,28 @@ void *xmalloc_at(size_t size, const char *file, int line)
 
 void *xcalloc_at(size_t count, size_t size, const char *file, int line)
 {
+    watch(count * size, file, line);
     void *p = calloc(count ? count : 1, size ? size : 1);
     if (!p)
         fatal(EXIT_RUNTIME, "%s:%d: out of memory allocating %zu x %zu bytes", file, line,
               count, size);
+    return p;
+}
+
+void *kept_buffer_at(struct kept *k, size_t bytes, const char *file, int line)
+{
+    if (bytes > k->bytes || !k->p) {
+        free(k->p);
+        k->p = xmalloc_at(bytes, file, line);
+        k->bytes = bytes;
+    }
+    return k->p;
+}
+
+void *kept_zeroed_at(struct kept *k, size_t bytes, const char *file, int line)
+{
+    void *p = kept_buffer_at(k, bytes, file, line);
+    memset(p, 0, bytes);
     return p;
 }
 

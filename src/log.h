@@ -66,6 +66,27 @@ char *xstrdup_at(const char *s, const char *file, int line);
 #define xcalloc(count, size) xcalloc_at((count), (size), __FILE__, __LINE__)
 #define xstrdup(s) xstrdup_at((s), __FILE__, __LINE__)
 
+/* A host buffer kept between calls and grown to the largest size asked, so that a loop
+ * allocates only when a call needs more than any call before it (its first). For the
+ * scratch of code called from one thread at a time; kept_zeroed also zeroes the bytes. */
+struct kept {
+    void *p;
+    size_t bytes;
+};
+#define kept_buffer(k, bytes) kept_buffer_at((k), (bytes), __FILE__, __LINE__)
+#define kept_zeroed(k, bytes) kept_zeroed_at((k), (bytes), __FILE__, __LINE__)
+void *kept_buffer_at(struct kept *k, size_t bytes, const char *file, int line);
+void *kept_zeroed_at(struct kept *k, size_t bytes, const char *file, int line);
+
+/* The allocation watch: between alloc_watch_start and alloc_watch_stop (the train step
+ * loop's body), every xmalloc / xcalloc / xstrdup and every backend buffer allocation
+ * (alloc_watch_note) is counted; alloc_watch_stop returns the count. With ESFT_ALLOC_TRACE=1
+ * the first 64 are logged with their file and line. STYLE.md: the step loop allocates
+ * nothing, and the step events of metrics.jsonl carry the count to show it. */
+void alloc_watch_start(void);
+long long alloc_watch_stop(void);
+void alloc_watch_note(size_t bytes, const char *file, int line);
+
 /* Metrics: one JSON object per line in OUTPUT_DIR/metrics.jsonl, written by rank 0
  * only (other ranks' calls do nothing). metrics_open creates output_dir if needed. */
 void metrics_open(const char *output_dir);

@@ -540,6 +540,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     int status = 0;
     while (position.step < tr->steps) {
         struct train_position before = position; /* the last good step, should this one fail */
+        alloc_watch_start(); /* the step's body allocates nothing (counted in "allocations") */
         /* gather this step's blocks: block j of the step goes to rank j mod dp */
         for (int i = 0; i < micro_batches; i++) micro[i].N = 0, micro[i].targets_counted = 0;
         for (int j = 0; j < tr->global_batch; j++) {
@@ -648,17 +649,18 @@ int phase_train(const struct deck *deck, const struct layout *layout)
                                : 1.0f;
             adamw_step(&opt, &model, lr, factor);
         }
+        long long step_allocations = alloc_watch_stop();
         position.step++;
 
         /* the largest over the ranks: host memory, and the backend's buffers (its own
          * count; the device's whole use for cuda) where it keeps them apart */
-        double peak[2] = {peak_rss_mib(), 0};
+        double peak[3] = {peak_rss_mib(), 0, (double)step_allocations};
         if (ops->memory) {
             size_t in_use, most;
             ops->memory(&in_use, &most);
             peak[1] = (double)most / 1048576.0;
         }
-        check_mpi(MPI_Allreduce(MPI_IN_PLACE, peak, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
+        check_mpi(MPI_Allreduce(MPI_IN_PLACE, peak, 3, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
         double peak_mib = peak[0];
         char device_peak[64] = "";
         if (ops->memory) snprintf(device_peak, sizeof device_peak, ", %.0f MiB on %s", peak[1], ops->name);
@@ -684,9 +686,9 @@ int phase_train(const struct deck *deck, const struct layout *layout)
                       "\"aux_loss\": %.17g, \"aux_loss_coef\": %.6g, \"lr\": %.6g, "
                       "\"grad_norm\": %.6g, \"epoch\": %.6f, \"tokens\": %.0f, "
                       "\"tokens_per_second\": %.1f, \"model_tflops\": %.6g, \"peak_rss_mib\": %.1f, "
-                      "\"backend_peak_mib\": %.1f, \"skipped\": %s", position.step, loss, accuracy,
-                      aux, tr->aux_loss_coef, lr, norm, epochs, counts[1], rate, tflops, peak_mib,
-                      peak[1], bad ? "true" : "false");
+                      "\"backend_peak_mib\": %.1f, \"allocations\": %.0f, \"skipped\": %s",
+                      position.step, loss, accuracy, aux, tr->aux_loss_coef, lr, norm, epochs,
+                      counts[1], rate, tflops, peak_mib, peak[1], peak[2], bad ? "true" : "false");
 
         bool last = position.step == tr->steps;
         if (validate && (position.step % tr->eval_every == 0 || last)) {
