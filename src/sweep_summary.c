@@ -29,11 +29,11 @@
 #include "log.h"
 #include "sweep.h"
 
-/* GONE: a start without an end whose process, on this host, is no longer there (killed,
- * or its node lost): failed, though it could not say so. */
 #define SUMMARY_MAX_EXTRA 8 /* extra datasets with a column of their own */
 #define SUMMARY_MAX_CURVES 32 /* points whose curves the picture draws */
 
+/* GONE: a start without an end whose process, on this host, is no longer there (killed,
+ * or its node lost): failed, though it could not say so. */
 enum point_state { NOT_STARTED, RUNNING, DONE, STOPPED, FAILED, GONE };
 
 struct result {
