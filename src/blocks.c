@@ -1,6 +1,7 @@
 /* blocks: packing a dataset's samples into blocks of tokens (see blocks.h). */
 #include "blocks.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -16,6 +17,15 @@ void blocks_shuffle(uint64_t *a, uint64_t n, uint64_t seed)
         a[i - 1] = a[j];
         a[j] = t;
     }
+}
+
+uint64_t blocks_split(uint64_t *order, uint64_t n, double val_fraction, long long seed)
+{
+    for (uint64_t i = 0; i < n; i++) order[i] = i;
+    blocks_shuffle(order, n, (uint64_t)seed ^ 0x5eedULL);
+    uint64_t n_val = (uint64_t)ceil(val_fraction * (double)n);
+    if (n_val >= n) n_val = n > 0 ? n - 1 : 0;
+    return n - n_val;
 }
 
 static uint64_t clipped_length(const struct dataset *ds, uint64_t sample, int seq_len)

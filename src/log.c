@@ -19,6 +19,7 @@ static int world_rank = 0;
 static int world_size = 1;
 static FILE *metrics_file = NULL;
 static double metrics_start = 0.0;
+static void metrics_end(int status);
 
 void log_init(int rank, int size)
 {
@@ -80,7 +81,7 @@ void fatal(int code, const char *fmt, ...)
     fputc('\n', stderr);
     fflush(stderr);
     va_end(args);
-    if (metrics_file) fflush(metrics_file);
+    metrics_end(code); /* this rank's file, if it writes one (rank 0) */
     if (mpi_active() && world_size > 1) MPI_Abort(MPI_COMM_WORLD, code);
     if (mpi_active()) MPI_Finalize();
     exit(code);
@@ -98,6 +99,7 @@ void fatal_all(int code, const char *fmt, ...)
         fflush(stderr);
         va_end(args);
     }
+    metrics_end(code);
     metrics_close();
     if (mpi_active()) MPI_Finalize();
     exit(code);
@@ -389,6 +391,42 @@ void metrics_write(const char *event, const char *fields_fmt, ...)
     fputs(line, metrics_file);
     fflush(metrics_file);
     free(line);
+}
+
+/* The "end" line of a run that fails: written only where the file exists (a run refused
+ * before its first event leaves none), so that a clean failure never reads as a run
+ * still going (sweep summaries). */
+static void metrics_end(int status)
+{
+    if (!metrics_file) return;
+    metrics_write("end", "\"status\": %d", status);
+    fflush(metrics_file);
+}
+
+void host_name(char *buf, size_t size)
+{
+    if (size == 0) return;
+    if (gethostname(buf, size) != 0) buf[0] = '\0';
+    buf[size - 1] = '\0';
+    for (char *c = buf; *c; c++) /* kept as plain JSON string content */
+        if (*c == '"' || *c == '\\' || (unsigned char)*c < 0x20) *c = '-';
+}
+
+int process_start_ticks(long pid, unsigned long long *ticks)
+{
+    char path[64], text[1024];
+    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    FILE *file = fopen(path, "r");
+    if (!file) return -1;
+    size_t n = fread(text, 1, sizeof text - 1, file);
+    fclose(file);
+    text[n] = '\0';
+    /* field 2 is the command in parentheses (it may hold spaces): count after its end */
+    const char *field = strrchr(text, ')');
+    if (!field) return -1;
+    for (int i = 2; i < 22 && field; i++) field = strchr(field + 1, ' ');
+    if (!field || sscanf(field, " %llu", ticks) != 1) return -1;
+    return 0;
 }
 
 void metrics_close(void)

@@ -97,6 +97,14 @@ void metrics_open(const char *output_dir);
 void metrics_write(const char *event, const char *fields_fmt, ...)
     __attribute__((format(printf, 2, 3)));
 void metrics_close(void);
+/* This host's name (gethostname; "" when unknown), with the bytes a JSON string would
+ * need escaped replaced by '-', as metrics start lines write it. */
+void host_name(char *buf, size_t size);
+/* The start time of process pid (field 22 of /proc/PID/stat: clock ticks after boot),
+ * which with the pid names one process for as long as the machine runs. 0, or -1 when no
+ * such process is there (or no /proc). For the start line's process identity, which
+ * sweep summaries check to tell a killed run from a running one. */
+int process_start_ticks(long pid, unsigned long long *ticks);
 /* This run's id (rank 0; empty elsewhere): UTC start time and process id. */
 const char *metrics_run(void);
 /* A copy of text (to free) with printf's nan, -nan, inf, -inf outside JSON strings

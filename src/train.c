@@ -385,11 +385,8 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     /* validation / training split, fixed for the run */
     uint64_t S = ds.n_samples;
     uint64_t *all = xmalloc((S ? S : 1) * sizeof *all);
-    for (uint64_t i = 0; i < S; i++) all[i] = i;
-    blocks_shuffle(all, S, (uint64_t)deck->run.seed ^ 0x5eedULL);
-    uint64_t n_val = (uint64_t)ceil(tr->val_fraction * (double)S);
-    if (n_val >= S) n_val = S > 0 ? S - 1 : 0;
-    uint64_t n_train = S - n_val;
+    uint64_t n_train = blocks_split(all, S, tr->val_fraction, deck->run.seed);
+    uint64_t n_val = S - n_train;
     if (n_train == 0) fatal_all(EXIT_INPUT, "train: %s holds no training sample", deck->data.path);
     uint64_t n_cut = 0; /* samples longer than a block: cut to data.seq_len */
     for (uint64_t i = 0; i < S; i++) n_cut += dataset_sample_length(&ds, i) > (uint64_t)seq_len;
@@ -753,7 +750,13 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     }
     check_mpi(MPI_Bcast(&status, 1, MPI_INT, 0, MPI_COMM_WORLD));
     if (status != 0) fatal_all(status, "train: %s", err);
+    /* AdamW's state as held: two fp32 moments per trainable element a rank holds, summed
+     * over the ranks (data-parallel replicas each hold their own) */
+    double optimizer_bytes = 2.0 * sizeof(float) * (double)opt.n;
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &optimizer_bytes, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
     if (layout->world_rank == 0) {
+        char method[32];
+        deck_value_text(deck, "train.method", method, sizeof method);
         int best = -1;
         for (int i = 0; i < eval_losses.n; i++)
             if (best < 0 || eval_losses.loss[i] < eval_losses.loss[best]) best = i;
@@ -772,12 +775,12 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         metrics_write("train", "\"steps\": %lld, \"steps_this_run\": %lld, \"skipped_steps\": "
                       "%lld, \"final_loss\": %.9g, \"best_eval_loss\": %.9g, \"best_eval_step\": "
                       "%lld, \"seconds\": %.3f, \"tokens\": %.0f, \"trainable_parameters\": %zu, "
-                      "\"parameters\": %zu",
+                      "\"parameters\": %zu, \"optimizer_bytes\": %.0f, \"method\": \"%s\"",
                       position.step, position.step - first_step, skipped,
                       losses.n ? losses.loss[losses.n - 1] : NAN,
                       best >= 0 ? eval_losses.loss[best] : NAN,
                       best >= 0 ? eval_losses.step[best] : -1LL, seconds, tokens_done, n_trainable,
-                      n_total);
+                      n_total, optimizer_bytes, method);
     }
     curve_free(&losses), curve_free(&eval_losses);
 done:
