@@ -755,8 +755,6 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     double optimizer_bytes = 2.0 * sizeof(float) * (double)opt.n;
     check_mpi(MPI_Allreduce(MPI_IN_PLACE, &optimizer_bytes, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
     if (layout->world_rank == 0) {
-        char method[32];
-        deck_value_text(deck, "train.method", method, sizeof method);
         int best = -1;
         for (int i = 0; i < eval_losses.n; i++)
             if (best < 0 || eval_losses.loss[i] < eval_losses.loss[best]) best = i;
