@@ -9,6 +9,17 @@
 
 #include "hfconfig.h"
 
+struct attention_mask; /* backend.h */
+
+/* cpu_attention.c: attention and its backward, tiled over the keys */
+void cpu_attention(float *out, const float *q, const float *k, const float *v,
+                   const struct attention_mask *mask, int N, int nH, int nKV, int Dh, int Dv,
+                   float scale);
+void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q,
+                            const float *k, const float *v, const float *out,
+                            const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
+                            int Dv, float scale);
+
 /* cpu_ops_heads.c: RoPE in both pair layouts, and the strided copy of columns */
 void cpu_rope(float *x, const int32_t *positions, const float *inv_freq, float attention_scaling,
               int N, int n_heads, int Dh, int rotary_dim, enum hf_rope_layout layout);

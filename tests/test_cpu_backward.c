@@ -421,6 +421,24 @@ static void test_attention_case(const struct backend *ops, const char *op, int n
     check_threads(op, "dk", dk[0], dk[1], nk);
     check_threads(op, "dv", dv[0], dv[1], nv);
     if (sinks) check_threads(op, "dsinks", dsink[0], dsink[1], (size_t)nH);
+    /* the log-sum-exp kept by the forward (mask.lse) gives the bits of the backward that
+     * recomputes it, and the forward's output does not change for keeping it */
+    {
+        float *lse = filled((size_t)nH * N, 7.0f), *out_kept = xmalloc(nout * sizeof(float));
+        float *dq_kept = filled(nq, 7.0f), *dk_kept = filled(nk, 7.0f), *dv_kept = filled(nv, 7.0f);
+        float *dsink_kept = sinks ? filled((size_t)nH, 7.0f) : NULL;
+        struct attention_mask kept = mask;
+        kept.lse = lse, kept.dsinks = dsink_kept;
+        ops->attention(out_kept, q, k, v, &kept, N, nH, nKV, Dh, Dv, scale);
+        ops->attention_backward(dq_kept, dk_kept, dv_kept, g, q, k, v, out, &kept, N, nH, nKV, Dh,
+                                Dv, scale);
+        check_same(op, "out with lse", out, out_kept, nout * sizeof(float));
+        check_same(op, "dq with lse", dq[0], dq_kept, nq * sizeof(float));
+        check_same(op, "dk with lse", dk[0], dk_kept, nk * sizeof(float));
+        check_same(op, "dv with lse", dv[0], dv_kept, nv * sizeof(float));
+        if (sinks) check_same(op, "dsinks with lse", dsink[0], dsink_kept, (size_t)nH * sizeof(float));
+        free(lse), free(out_kept), free(dq_kept), free(dk_kept), free(dv_kept), free(dsink_kept);
+    }
     att.N = N, att.nH = nH, att.nKV = nKV, att.Dh = Dh, att.Dv = Dv, att.scale = scale;
     att.starts = starts, att.window = window;
     att.q = to_double(q, nq), att.k = to_double(k, nk), att.v = to_double(v, nv);

@@ -804,8 +804,8 @@ static void attention_case_new(struct attention_case *c, const int *lengths, int
     }
     c->d_out = device_alloc(c->no * sizeof(float)), c->d_dq = device_alloc(c->nq * sizeof(float));
     c->d_dk = device_alloc(c->nk * sizeof(float)), c->d_dv = device_alloc(c->nv * sizeof(float));
-    c->mask = (struct attention_mask){c->start, window, c->sink, c->dsink};
-    c->d_mask = (struct attention_mask){c->d_start, window, c->d_sink, c->d_dsink};
+    c->mask = (struct attention_mask){c->start, window, c->sink, c->dsink, NULL};
+    c->d_mask = (struct attention_mask){c->d_start, window, c->d_sink, c->d_dsink, NULL};
     cpu->attention(c->out, c->q, c->k, c->v, &c->mask, N, nH, nKV, Dh, Dv, c->scale);
     cpu->attention_backward(c->dq, c->dk, c->dv, c->dout, c->q, c->k, c->v, c->out, &c->mask, N, nH,
                             nKV, Dh, Dv, c->scale);
