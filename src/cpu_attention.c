@@ -27,7 +27,7 @@
 #include "cpu_ops_internal.h"
 #include "log.h"
 
-enum { QUERY_BLOCK = 64, KEY_TILE = 64 };
+enum { QUERY_BLOCK = 64, KEY_TILE = 128 };
 
 /* Per-thread scratch of QUERY_BLOCK x (KEY_TILE + max(KEY_TILE, Dv)) floats: the tile's
  * scores and the block's output (forward) or its score gradients (backward). Grown when a
@@ -157,6 +157,23 @@ static void block_log_sum_exp(float *lse, float *S, const float *qb, int q_strid
     for (int r = 0; r < b.rows; r++) lse[r] = log_sum_exp(max[r], sum[r]);
 }
 
+/* One row of a tile in the backward, VLANES at a time: p = e^(s - lse) in place of the scores
+ * s, and dS = p (dP - D) in place of dP. */
+static void probability_gradients(float *p, float *dp, int n, float lse, float D)
+{
+    int i = 0;
+    for (; i + VLANES <= n; i += VLANES) {
+        vfloat e = vexp_nonpositive(vload(p + i) - lse);
+        vstore(p + i, e);
+        vstore(dp + i, e * (vload(dp + i) - D));
+    }
+    if (i < n) {
+        vfloat e = vexp_nonpositive(vload_part(p + i, n - i) - lse);
+        vstore_part(p + i, e, n - i);
+        vstore_part(dp + i, e * (vload_part(dp + i, n - i) - D), n - i);
+    }
+}
+
 /* Items (sample, head, query block), each computing its block's output rows alone. */
 void cpu_attention(float *out, const float *q, const float *k, const float *v,
                    const struct attention_mask *mask, int N, int nH, int nKV, int Dh, int Dv,
@@ -196,8 +213,7 @@ void cpu_attention(float *out, const float *q, const float *k, const float *v,
                             Dh, scale);
                 online_softmax_tile(S, factor, max, sum, b.rows, width, b.first, k0, mask->window);
                 for (int r = 0; r < b.rows; r++)
-                    if (factor[r] != 1.0f)
-                        for (int d = 0; d < Dv; d++) O[(size_t)r * Dv + d] *= factor[r];
+                    if (factor[r] != 1.0f) scale_row(O + (size_t)r * Dv, (size_t)Dv, factor[r]);
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, b.rows, Dv, width, 1.0f, S,
                             width, vs + (size_t)k0 * v_stride, v_stride, 1.0f, O, Dv);
             }
@@ -283,10 +299,7 @@ void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, 
                             int begin, end;
                             visible_in_tile(&begin, &end, b.first + r, k0, width, mask->window);
                             for (int j = 0; j < begin; j++) pr[j] = sr[j] = 0.0f;
-                            for (int j = begin; j < end; j++) {
-                                pr[j] = exp_nonpositive(pr[j] - lse[r]);
-                                sr[j] = pr[j] * (sr[j] - D[r]);
-                            }
+                            probability_gradients(pr + begin, sr + begin, end - begin, lse[r], D[r]);
                             for (int j = end; j < width; j++) pr[j] = sr[j] = 0.0f;
                         }
                         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, width, Dv, b.rows, 1.0f,

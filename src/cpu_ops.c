@@ -227,12 +227,33 @@ static void cpu_grouped_linear(float *y, const float *x, const float *const *w,
                         weight_bf16_data(w[e]), offsets[e + 1] - offsets[e], I, O, false);
 }
 
+/* Elements per OpenMP item of the element-wise SIMD loops: a multiple of VLANES, so that
+ * only the array's end takes the partial vector. */
+enum { ELEMENT_CHUNK = 1 << 14 };
+
+/* h = silu(g) u, VLANES at a time. */
+static void silu_glu_chunk(float *h, const float *g, const float *u, size_t n)
+{
+    size_t i = 0;
+    for (; i + VLANES <= n; i += VLANES) vstore(h + i, vsilu(vload(g + i)) * vload(u + i));
+    int rest = (int)(n - i);
+    if (rest) vstore_part(h + i, vsilu(vload_part(g + i, rest)) * vload_part(u + i, rest), rest);
+}
+
+/* SwiGLU's SiLU by cpu_math.h's SIMD silu (within 5.5 ulp; moe_math.h's
+ * silu_glu, which the CUDA kernels keep, calls glibc's expf per element); GELU by
+ * moe_math.h's erf form. */
 static void cpu_glu(float *h, const float *gate, const float *up, size_t count,
                     enum hf_activation act)
 {
     if (act == ACT_SILU) {
+        size_t chunks = (count + ELEMENT_CHUNK - 1) / ELEMENT_CHUNK;
 #pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < count; i++) h[i] = silu_glu(gate[i], up[i]);
+        for (size_t c = 0; c < chunks; c++) {
+            size_t first = c * ELEMENT_CHUNK;
+            size_t n = count - first < ELEMENT_CHUNK ? count - first : ELEMENT_CHUNK;
+            silu_glu_chunk(h + first, gate + first, up + first, n);
+        }
     } else {
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < count; i++) h[i] = gelu_glu(gate[i], up[i]);
@@ -315,7 +336,7 @@ static void cpu_ce_chunk_update(float *state, int32_t *best, const float *logits
             best[n] = -1;
         } else {
             float max = chunk_max > st[0] ? chunk_max : st[0];
-            st[1] = st[1] * expf(st[0] - max) + row_exp_sum(z, C, max);
+            st[1] = st[1] * exp_nonpositive(st[0] - max) + row_exp_sum(z, C, max);
             st[0] = max;
         }
         int label = labels[n] - v0;
@@ -357,9 +378,10 @@ static void cpu_ce_chunk_backward(float *dlogits, const float *logits, const flo
             continue;
         }
         const float *st = state + (size_t)n * 4;
-        float max = st[0], factor = scale / st[1];
-        for (int v = 0; v < C; v++)
-            g[v] = cross_entropy_dlogit(expf(z[v] - max), factor, v0 + v == labels[n], scale);
+        /* cross_entropy_dlogit's e * factor, then its label's - scale, a vector at a time */
+        exp_shifted_scaled(g, z, C, st[0], scale / st[1]);
+        int label = labels[n] - v0;
+        if (label >= 0 && label < C) g[label] -= scale;
     }
 }
 
@@ -545,14 +567,46 @@ static void cpu_grouped_linear_backward(float *dx, float *const *dw, const float
                                  weight_bf16_data(w[e]), offsets[e + 1] - offsets[e], I, O, false);
 }
 
+/* SwiGLU's gradients, VLANES at a time: dg = d u silu'(g), du = d silu(g), with silu' =
+ * s (1 + g (1 - s)), s = sigmoid(g) (moe_math.h's silu_glu_backward with cpu_math.h's
+ * functions: silu(g) as the forward formed it). */
+static vfloat silu_glu_dgate(vfloat d, vfloat g, vfloat u)
+{
+    vfloat s = vsigmoid(g);
+    return d * u * (s * (1.0f + g * (1.0f - s)));
+}
+
+static void silu_glu_backward_chunk(float *dg, float *du, const float *dh, const float *g,
+                                    const float *u, size_t n)
+{
+    size_t i = 0;
+    for (; i + VLANES <= n; i += VLANES) {
+        vfloat d = vload(dh + i), gi = vload(g + i);
+        vstore(du + i, d * vsilu(gi));
+        vstore(dg + i, silu_glu_dgate(d, gi, vload(u + i)));
+    }
+    int rest = (int)(n - i);
+    if (rest) {
+        vfloat d = vload_part(dh + i, rest), gi = vload_part(g + i, rest);
+        vstore_part(du + i, d * vsilu(gi), rest);
+        vstore_part(dg + i, silu_glu_dgate(d, gi, vload_part(u + i, rest)), rest);
+    }
+}
+
 /* h = act(g) * u: dg = dh * u * act'(g), du = dh * act(g), act(g) as the forward forms it.
- * The element formulas: moe_math.h (silu_glu_backward, gelu_glu_backward). */
+ * GELU: moe_math.h's gelu_glu_backward. */
 static void cpu_glu_backward(float *dgate, float *dup, const float *dh, const float *gate,
                              const float *up, size_t count, enum hf_activation act)
 {
     if (act == ACT_SILU) {
+        size_t chunks = (count + ELEMENT_CHUNK - 1) / ELEMENT_CHUNK;
 #pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < count; i++) silu_glu_backward(&dgate[i], &dup[i], dh[i], gate[i], up[i]);
+        for (size_t c = 0; c < chunks; c++) {
+            size_t first = c * ELEMENT_CHUNK;
+            size_t n = count - first < ELEMENT_CHUNK ? count - first : ELEMENT_CHUNK;
+            silu_glu_backward_chunk(dgate + first, dup + first, dh + first, gate + first,
+                                    up + first, n);
+        }
     } else {
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < count; i++) gelu_glu_backward(&dgate[i], &dup[i], dh[i], gate[i], up[i]);
@@ -632,8 +686,9 @@ static void cpu_cross_entropy_backward(float *dlogits, const float *logits, cons
         const float *z = logits + (size_t)n * V;
         if (g != z) memcpy(g, z, (size_t)V * sizeof(float));
         float sum = row_exp_store_sum(g, V, row_max(g, V));
-        float factor = scale / sum;
-        for (int v = 0; v < V; v++) g[v] = cross_entropy_dlogit(g[v], factor, v == labels[n], scale);
+        /* cross_entropy_dlogit's e * factor, then the label's - scale, a vector at a time */
+        scale_row(g, (size_t)V, scale / sum);
+        g[labels[n]] -= scale;
     }
 }
 
