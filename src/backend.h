@@ -27,12 +27,17 @@ struct adamw_coef; /* dense_math.h */
  * and drops its probability: p_ij = e^(s_ij - m) / (sum_j' e^(s_ij' - m) + e^(sinks[h] - m)),
  * m the row's largest score or sink (transformers' gpt_oss eager_attention_forward).
  * attention_backward adds d loss / d sinks[h] = -sum_i P_sink(i) <dO_i, O_i> over head h's
- * queries to dsinks[h]. A zeroed struct's window, sinks and dsinks mean none. */
+ * queries to dsinks[h]. lse, when set, carries each query row's log-sum-exp from the
+ * forward to the backward (log of the softmax's denominator, the sink's term included):
+ * attention may write it, attention_backward may read it, and a backend that does neither
+ * recomputes what it needs; the same buffer must reach both ops of one step. A zeroed
+ * struct's window, sinks, dsinks and lse mean none. */
 struct attention_mask {
     const int32_t *sample_start; /* [N] */
     int window;                  /* 0: no window; W > 0: keys i - W < j <= i */
     const float *sinks;          /* [nH] backend buffer, or NULL: no sinks */
     float *dsinks;               /* [nH] backend buffer, ADDED to (backward), or NULL */
+    float *lse;                  /* [nH, N] backend buffer, or NULL: not kept */
 };
 
 /* How one MoE layer routes (hfconfig.h's enum hf_router_kind; transformers 5.24's

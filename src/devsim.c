@@ -160,7 +160,8 @@ static void sim_attention(float *out, const float *q, const float *k, const floa
     struct attention_mask host = {.sample_start = U(mask->sample_start),
                                   .window = mask->window,
                                   .sinks = U(mask->sinks),
-                                  .dsinks = U(mask->dsinks)};
+                                  .dsinks = U(mask->dsinks),
+                                  .lse = U(mask->lse)};
     cpu->attention(U(out), U(q), U(k), U(v), &host, N, nH, nKV, Dh, Dv, scale);
 }
 
@@ -289,7 +290,8 @@ static void sim_attention_backward(float *dq, float *dk, float *dv, const float 
     struct attention_mask host = {.sample_start = U(mask->sample_start),
                                   .window = mask->window,
                                   .sinks = U(mask->sinks),
-                                  .dsinks = U(mask->dsinks)};
+                                  .dsinks = U(mask->dsinks),
+                                  .lse = U(mask->lse)};
     cpu->attention_backward(U(dq), U(dk), U(dv), U(dout), U(q), U(k), U(v), U(out), &host, N, nH,
                             nKV, Dh, Dv, scale);
 }

@@ -102,6 +102,7 @@ static double layer_bytes(const struct model_config *c, const struct layout_grid
         5 * N * H + 2 * N + N * (qw + kvw + vw + aw); /* x xn h hn ffn, rstds, qkv attn */
     if (c->qk_norm != QK_NORM_NONE) floats += N * (qw + kvw + nH + c->num_kv_heads);
     if (c->clip_qkv > 0 && training) floats += N * (qw + kvw);
+    if (training) floats += N * nH; /* attention's log-sum-exp */
     if (c->attention == ATTENTION_MLA) {
         double R = c->q_lora_rank, C = c->kv_lora_rank;
         if (R > 0) floats += 2 * N * R + N;

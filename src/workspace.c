@@ -110,6 +110,7 @@ static void alloc_layer(struct forward_workspace *ws, const struct model *m, int
     }
     a->v = ws_alloc(ws, N * vw * f);
     a->attn = ws_alloc(ws, N * aw * f);
+    if (ws->training) a->attn_lse = ws_alloc(ws, N * (size_t)c->num_heads * f);
     if (c->attention == ATTENTION_MLA) alloc_mla(ws, c, (size_t)N, a);
     a->h = ws_alloc(ws, N * H * f);
     a->hn = ws_alloc(ws, N * H * f);
