@@ -150,27 +150,42 @@ MOE_HD float gate_sigmoid(float logit) { return 1.0f / (1.0f + expf(-logit)); }
  * caller passes the scratch rows (the CPU keeps them on its stack, sized by
  * HFCONFIG_MAX_EXPERTS). */
 
+/* The routers' exponentials of a row, p[E] = e^(z - max) (max >= every z) and s[E] =
+ * sigmoid(z) = 1 / (1 + e^-z), by expf, unless the includer names its own row functions
+ * before including this header (the CPU router, cpu_router.c: cpu_math.h's SIMD ones).
+ * The device kernels keep these. */
+#ifndef MOE_ROUTER_EXP_ROW
+MOE_HD void router_exp_row(float *p, const float *z, float max, int E)
+{
+    for (int e = 0; e < E; e++) p[e] = expf(z[e] - max);
+}
+#define MOE_ROUTER_EXP_ROW router_exp_row
+#endif
+#ifndef MOE_ROUTER_SIGMOID_ROW
+MOE_HD void router_sigmoid_values(float *s, const float *z, int E)
+{
+    for (int e = 0; e < E; e++) s[e] = 1.0f / (1.0f + expf(-z[e]));
+}
+#define MOE_ROUTER_SIGMOID_ROW router_sigmoid_values
+#endif
+
 /* p[E] = softmax(z[E]) in fp32: the maximum, e^(z - max) summed in index order, then
  * divided (torch's softmax(dtype=float32) up to rounding). */
 MOE_HD void router_softmax_row(float *p, const float *z, int E)
 {
     float max = -INFINITY;
     for (int e = 0; e < E; e++) max = z[e] > max ? z[e] : max;
+    MOE_ROUTER_EXP_ROW(p, z, max, E);
     float sum = 0.0f;
-    for (int e = 0; e < E; e++) {
-        p[e] = expf(z[e] - max);
-        sum += p[e];
-    }
+    for (int e = 0; e < E; e++) sum += p[e];
     for (int e = 0; e < E; e++) p[e] /= sum;
 }
 
 /* s[E] = sigmoid(z[E]) and the selection scores c[E] = s + bias[E] (bias NULL: c = s). */
 MOE_HD void router_sigmoid_row(float *s, float *c, const float *z, const float *bias, int E)
 {
-    for (int e = 0; e < E; e++) {
-        s[e] = 1.0f / (1.0f + expf(-z[e]));
-        c[e] = bias ? s[e] + bias[e] : s[e];
-    }
+    MOE_ROUTER_SIGMOID_ROW(s, z, E);
+    for (int e = 0; e < E; e++) c[e] = bias ? s[e] + bias[e] : s[e];
 }
 
 /* The score of the group c[first .. first + size): its largest value, or with top_two the

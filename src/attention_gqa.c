@@ -10,16 +10,18 @@
 
 /* Who sees whom in layer l: causal within each packed sample, the sliding window on the
  * layers that slide (gpt_oss: every other layer), the layer's sink logits (gpt_oss:
- * GptOssAttention.sinks, one extra softmax column per head), and where their gradient
- * goes (dsinks NULL: frozen or no sinks). */
+ * GptOssAttention.sinks, one extra softmax column per head), where their gradient goes
+ * (dsinks NULL: frozen or no sinks), and the rows' log-sum-exp the forward keeps for the
+ * backward (lse NULL outside training). */
 static struct attention_mask layer_mask(const struct model *m, const struct batch *batch, int l,
-                                        float *dsinks)
+                                        float *dsinks, float *lse)
 {
     const struct model_config *c = &m->cfg;
     return (struct attention_mask){.sample_start = batch->sample_start,
                                    .window = c->is_sliding[l] ? c->sliding_window : 0,
                                    .sinks = m->layers[l].sinks,
-                                   .dsinks = dsinks};
+                                   .dsinks = dsinks,
+                                   .lse = lse};
 }
 
 void gqa_forward(const struct model *m, const struct backend *ops, struct layer_activations *a,
@@ -62,7 +64,7 @@ void gqa_forward(const struct model *m, const struct backend *ops, struct layer_
               Dh, c->rope.rotary_dim, c->rope.layout);
     ops->rope(a->k, batch->positions, model_inv_freq(m), (float)c->rope.attention_scaling, N, nKV,
               Dh, c->rope.rotary_dim, c->rope.layout);
-    struct attention_mask mask = layer_mask(m, batch, l, NULL);
+    struct attention_mask mask = layer_mask(m, batch, l, NULL, a->attn_lse);
     ops->attention(a->attn, a->q, a->k, a->v, &mask, N, nH, nKV, Dh, Dh, 1.0f / sqrtf((float)Dh));
     ops->linear(a->h, a->attn, w->o, w->o_bias, N, q_width, H, false);
     lora_adapt_forward(m, ops, l, LORA_O, a->h, a->lora_t[LORA_O], a->attn, N, q_width, H);
@@ -77,7 +79,7 @@ void gqa_backward(const struct model *m, const struct backend *ops, struct forwa
     const struct layer_grads *g = &m->grads[l];
     int N = batch->N, H = c->hidden_size, Dh = c->head_dim;
     int nH = c->num_heads, nKV = c->num_kv_heads, q_width = nH * Dh, kv_width = nKV * Dh;
-    struct attention_mask mask = layer_mask(m, batch, l, g->sinks);
+    struct attention_mask mask = layer_mask(m, batch, l, g->sinks, a->attn_lse);
 
     /* h = x + o(attn) */
     ops->linear_backward(ws->dattn, g->o, g->o_bias, dy, a->attn, w->o, N, q_width, H, false);

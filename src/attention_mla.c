@@ -91,7 +91,7 @@ void mla_forward(const struct model *m, const struct backend *ops, struct layer_
         ops->copy_columns(a->k + (size_t)h * qk + dn, nH * qk, a->k_rope, dr, N, dr, false);
     ops->copy_columns(a->v, dv, a->kv + dn, dn + dv, N * nH, dv, false);
 
-    struct attention_mask mask = {.sample_start = batch->sample_start};
+    struct attention_mask mask = {.sample_start = batch->sample_start, .lse = a->attn_lse};
     ops->attention(a->attn, a->q, a->k, a->v, &mask, N, nH, nH, qk, dv, mla_softmax_scale(c));
     ops->linear(a->h, a->attn, w->o, w->o_bias, N, nH * dv, H, false);
 }
@@ -109,7 +109,7 @@ void mla_backward(const struct model *m, const struct backend *ops, struct forwa
     int qk = dn + dr;
     const float *inv_freq = model_inv_freq(m);
     float rope_scaling = (float)c->rope.attention_scaling;
-    struct attention_mask mask = {.sample_start = batch->sample_start};
+    struct attention_mask mask = {.sample_start = batch->sample_start, .lse = a->attn_lse};
 
     /* o_proj, then the attention: dq, dk [N, nH, dn + dr], dv [N, nH, dv] */
     ops->linear_backward(ws->dattn, g->o, g->o_bias, dy, a->attn, w->o, N, nH * dv, H, false);

@@ -27,12 +27,17 @@ struct adamw_coef; /* dense_math.h */
  * and drops its probability: p_ij = e^(s_ij - m) / (sum_j' e^(s_ij' - m) + e^(sinks[h] - m)),
  * m the row's largest score or sink (transformers' gpt_oss eager_attention_forward).
  * attention_backward adds d loss / d sinks[h] = -sum_i P_sink(i) <dO_i, O_i> over head h's
- * queries to dsinks[h]. A zeroed struct's window, sinks and dsinks mean none. */
+ * queries to dsinks[h]. lse, when set, carries each query row's log-sum-exp from the
+ * forward to the backward (log of the softmax's denominator, the sink's term included):
+ * attention may write it, attention_backward may read it, and a backend that does neither
+ * recomputes what it needs; the same buffer must reach both ops of one step. A zeroed
+ * struct's window, sinks, dsinks and lse mean none. */
 struct attention_mask {
     const int32_t *sample_start; /* [N] */
     int window;                  /* 0: no window; W > 0: keys i - W < j <= i */
     const float *sinks;          /* [nH] backend buffer, or NULL: no sinks */
     float *dsinks;               /* [nH] backend buffer, ADDED to (backward), or NULL */
+    float *lse;                  /* [nH, N] backend buffer, or NULL: not kept */
 };
 
 /* How one MoE layer routes (hfconfig.h's enum hf_router_kind; transformers 5.24's
@@ -356,6 +361,13 @@ struct backend {
      * declaration (the model that made them is freed, and its memory may be handed out
      * again). May be NULL: nothing kept. */
     void (*constant)(const float *p, size_t count);
+    /* From now on no op is given more than `tokens` tokens (an attention's samples
+     * included) or `rows` rows of any other kind (the experts' token-slot rows under EP):
+     * a backend that keeps scratch between calls sizes it for these at its first use, so
+     * that the train step loop allocates nothing after its first step (workspace creation
+     * calls it with the workspace's capacities; the largest over calls holds). May be
+     * NULL. */
+    void (*reserve)(size_t tokens, size_t rows);
     /* Bytes the backend's buffers take now and at most so far (for the progress line). */
     void (*memory)(size_t *in_use, size_t *peak);
 };

@@ -24,85 +24,32 @@
 #include "dense_math.h"
 #include "log.h"
 #include "moe_math.h"
+#include "cpu_math.h"
 #include "cpu_ops_internal.h"
 
-/* e^x for x <= 0, the arguments of a softmax after its maximum is subtracted, written so
- * that loops over it vectorise (libm's expf does not). x = n ln2 + r with |r| <= ln2/2;
- * e^r by its Taylor polynomial to degree 6 (remainder < 1.3e-7 relative); 2^n built in
- * the exponent bits. Below -87 the result would leave the normal range: clamped there
- * (e^-87 ~ 1.6e-38 counts as nothing next to the row maximum's e^0 = 1). */
-static inline float exp_nonpositive(float x)
+/* The most tokens and rows the ops will be given (backend.h, reserve; cpu_ops_internal.h). */
+static size_t reserved_tokens, reserved_rows;
+
+static void cpu_reserve(size_t tokens, size_t rows)
 {
-    x = x < -87.0f ? -87.0f : x;
-    const float round = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    union {
-        float f;
-        uint32_t u;
-    } shifted = {.f = x * 1.44269504088896341f + round}, scale;
-    float n = shifted.f - round;
-    float r = x - n * 0.693145751953125f; /* ln 2 in two parts, so n * ln2 is exact */
-    r = r - n * 1.42860682030941723e-6f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.66666672e-1f + r * (4.16666679e-2f +
-                                                   r * (8.33333377e-3f + r * 1.38888892e-3f)))));
-    /* 2^n from the integer n in the low mantissa bits of n + 1.5 * 2^23 (bits 0x4B400000
-     * + n), in unsigned arithmetic: a NaN x (a diverged model) gives a NaN p and so a NaN
-     * result, never a float-to-int conversion out of range */
-    scale.u = (shifted.u - 0x4B400000u + 127u) << 23;
-    return p * scale.f;
+    if (tokens > reserved_tokens) reserved_tokens = tokens;
+    if (rows > reserved_rows) reserved_rows = rows;
 }
 
-/* Row reductions of the softmaxes, with eight running partial results so that gcc
- * vectorises them at -O2 (it does not reorder a single accumulator). The summation
- * order is fixed, so results are the same on every run. The exponential sums accumulate
- * in double: over a real vocabulary (151936 terms, about 19k per lane) fp32 totals near
- * 1e3 drop every term below half their ulp, which left each row's sum about 1.8e-5 low
- * and biased the loss by as much (tests/test_cpu_ops.c holds this). The exponentials stay
- * fp32, as transformers' fp32 softmax forms them. */
-enum { LANES = 8 };
-
-static float row_max(const float *x, int n)
+size_t cpu_most_tokens(size_t n)
 {
-    float lane[LANES];
-    for (int l = 0; l < LANES; l++) lane[l] = -INFINITY;
-    int i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int l = 0; l < LANES; l++) lane[l] = x[i + l] > lane[l] ? x[i + l] : lane[l];
-    float max = -INFINITY;
-    for (; i < n; i++) max = x[i] > max ? x[i] : max;
-    for (int l = 0; l < LANES; l++) max = lane[l] > max ? lane[l] : max;
-    return max;
+    return n > reserved_tokens ? n : reserved_tokens;
 }
 
-/* sum of e^(x[i] - max) */
-static float row_exp_sum(const float *x, int n, float max)
+size_t cpu_most_rows(size_t n)
 {
-    double lane[LANES] = {0};
-    int i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int l = 0; l < LANES; l++) lane[l] += exp_nonpositive(x[i + l] - max);
-    double sum = 0.0;
-    for (; i < n; i++) sum += exp_nonpositive(x[i] - max);
-    for (int l = 0; l < LANES; l++) sum += lane[l];
-    return (float)sum;
+    return n > reserved_rows ? n : reserved_rows;
 }
 
-/* x[i] = e^(x[i] - max) in place; returns their sum */
-static float row_exp_store_sum(float *x, int n, float max)
+void *cpu_op_scratch(struct kept *k, size_t bytes, size_t most)
 {
-    double lane[LANES] = {0};
-    int i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int l = 0; l < LANES; l++) {
-            x[i + l] = exp_nonpositive(x[i + l] - max);
-            lane[l] += x[i + l];
-        }
-    double sum = 0.0;
-    for (; i < n; i++) {
-        x[i] = exp_nonpositive(x[i] - max);
-        sum += x[i];
-    }
-    for (int l = 0; l < LANES; l++) sum += lane[l];
-    return (float)sum;
+    if (bytes > k->bytes || !k->p) kept_buffer(k, most > bytes ? most : bytes);
+    return k->p;
 }
 
 static void cpu_embedding(float *x, const int32_t *tokens, const float *table, int N, int H)
@@ -249,122 +196,6 @@ static void cpu_rmsnorm(float *y, float *rstd, const float *x, const float *w, i
     }
 }
 
-/* Scratch of the attention scores, one per thread, grown when a longer sample comes. */
-static _Thread_local float *attention_scratch = NULL;
-static _Thread_local size_t attention_scratch_size = 0;
-
-enum { QUERY_BLOCK = 64 };
-
-/* The keys a block of queries first .. last (within the sample) reads: from the first
- * query's earliest visible key (0 without a window) to the last query. */
-static int block_first_key(const struct attention_mask *mask, int first)
-{
-    return mask->window && first - mask->window + 1 > 0 ? first - mask->window + 1 : 0;
-}
-
-/* The keys query i (within the sample) sees, as [*begin, *end) of a block's keys lo .. */
-static void visible_keys(int *begin, int *end, int i, int lo, int window)
-{
-    *begin = window && i - window + 1 > lo ? i - window + 1 - lo : 0;
-    *end = i + 1 - lo;
-}
-
-/* S[rows, keys] (scaled scores of queries first .. first+rows-1 of a sample against its
- * keys lo .. lo+keys-1) -> probabilities in place: query i = first + r sees keys
- * max(lo, i - window + 1) .. i (window 0: lo = 0 and all keys up to i), the rest 0. With
- * a sink (its logit: *sink), the row's max and denominator include it, and sink_prob[r]
- * gets its probability (which out drops). The forward and the backward (which recomputes
- * P) share it, so both see the same P. */
-static void causal_softmax_block(float *S, float *sink_prob, int rows, int keys, int first,
-                                 int lo, int window, const float *sink)
-{
-    for (int r = 0; r < rows; r++) {
-        float *row = S + (size_t)r * keys;
-        int begin, end;
-        visible_keys(&begin, &end, first + r, lo, window);
-        int visible = end - begin;
-        float max = row_max(row + begin, visible);
-        if (sink && *sink > max) max = *sink;
-        float sum = row_exp_store_sum(row + begin, visible, max);
-        float sink_exp = sink ? exp_nonpositive(*sink - max) : 0.0f;
-        if (sink) sum += sink_exp;
-        float inverse = 1.0f / sum;
-        if (sink_prob) sink_prob[r] = sink_exp * inverse;
-        for (int j = 0; j < begin; j++) row[j] = 0.0f;
-        for (int j = begin; j < end; j++) row[j] *= inverse;
-        for (int j = end; j < keys; j++) row[j] = 0.0f;
-    }
-}
-
-/* Per (sample, head, block of QUERY_BLOCK queries): S = Q K^T * scale over the keys up to
- * the block's last query (from its first query's window start with a window; one GEMM),
- * causal softmax per row in fp32, O = P V (one GEMM). Keys past a query's own position or
- * before its window get probability 0; keys of other samples are never touched, which is
- * the per-sample mask of packed batches. */
-static void cpu_attention(float *out, const float *q, const float *k, const float *v,
-                          const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
-                          int Dv, float scale)
-{
-    int group = nH / nKV;
-    int q_stride = nH * Dh, kv_stride = nKV * Dh, v_stride = nKV * Dv, out_stride = nH * Dv;
-    /* samples are runs of tokens: token i starts one when sample_start[i] == i */
-    int n_items = 0, longest = 0;
-    for (int i = 0; i < N; i++) {
-        if (mask->sample_start[i] != i) continue;
-        int end = i + 1;
-        while (end < N && mask->sample_start[end] == i) end++;
-        if (end - i > longest) longest = end - i;
-        n_items += nH * ((end - i + QUERY_BLOCK - 1) / QUERY_BLOCK);
-    }
-    int32_t *items = xmalloc((size_t)n_items * 3 * sizeof(int32_t)); /* start, length, head*blocks */
-    int at = 0;
-    for (int i = 0; i < N; i++) {
-        if (mask->sample_start[i] != i) continue;
-        int end = i + 1;
-        while (end < N && mask->sample_start[end] == i) end++;
-        int blocks = (end - i + QUERY_BLOCK - 1) / QUERY_BLOCK;
-        for (int h = 0; h < nH; h++)
-            for (int b = 0; b < blocks; b++) {
-                items[3 * at] = i;
-                items[3 * at + 1] = end - i;
-                items[3 * at + 2] = h * blocks + b;
-                at++;
-            }
-    }
-#pragma omp parallel
-    {
-        size_t need = (size_t)QUERY_BLOCK * (size_t)longest;
-        if (attention_scratch_size < need) {
-            free(attention_scratch);
-            attention_scratch = xmalloc(need * sizeof(float));
-            attention_scratch_size = need;
-        }
-        float *S = attention_scratch;
-#pragma omp for schedule(dynamic, 1)
-        for (int it = 0; it < n_items; it++) {
-            int start = items[3 * it], length = items[3 * it + 1];
-            int blocks = (length + QUERY_BLOCK - 1) / QUERY_BLOCK;
-            int h = items[3 * it + 2] / blocks, b = items[3 * it + 2] % blocks;
-            int kv = h / group;
-            int first = b * QUERY_BLOCK; /* first query of the block, within the sample */
-            int rows = length - first < QUERY_BLOCK ? length - first : QUERY_BLOCK;
-            int lo = block_first_key(mask, first);
-            int keys = first + rows - lo; /* keys lo .. last query of the block */
-            const float *qb = q + (size_t)(start + first) * q_stride + (size_t)h * Dh;
-            const float *ks = k + (size_t)(start + lo) * kv_stride + (size_t)kv * Dh;
-            const float *vs = v + (size_t)(start + lo) * v_stride + (size_t)kv * Dv;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, Dh, scale, qb,
-                        q_stride, ks, kv_stride, 0.0f, S, keys);
-            causal_softmax_block(S, NULL, rows, keys, first, lo, mask->window,
-                                 mask->sinks ? mask->sinks + h : NULL);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, Dv, keys, 1.0f, S, keys,
-                        vs, v_stride, 0.0f, out + (size_t)(start + first) * out_stride + (size_t)h * Dv,
-                        out_stride);
-        }
-    }
-    free(items);
-}
-
 static void cpu_permute_by_expert(int32_t *expert_offsets, int32_t *slot_of_row,
                                   int32_t *row_of_slot, const int32_t *ids, int N, int K, int E)
 {
@@ -372,14 +203,14 @@ static void cpu_permute_by_expert(int32_t *expert_offsets, int32_t *slot_of_row,
     for (int e = 0; e <= E; e++) expert_offsets[e] = 0;
     for (int s = 0; s < M; s++) expert_offsets[ids[s] + 1]++;
     for (int e = 0; e < E; e++) expert_offsets[e + 1] += expert_offsets[e];
-    int32_t *next = xmalloc((size_t)E * sizeof(int32_t));
+    static struct kept next_kept;
+    int32_t *next = kept_buffer(&next_kept, (size_t)E * sizeof(int32_t));
     memcpy(next, expert_offsets, (size_t)E * sizeof(int32_t));
     for (int s = 0; s < M; s++) {
         int row = next[ids[s]]++;
         slot_of_row[row] = s;
         row_of_slot[s] = row;
     }
-    free(next);
 }
 
 static void cpu_gather_rows(float *xs, const float *x, const int32_t *slot_of_row, int M, int K,
@@ -422,12 +253,33 @@ static void cpu_grouped_linear(float *y, const float *x, const float *const *w,
                         weight_bf16_data(w[e]), offsets[e + 1] - offsets[e], I, O, false);
 }
 
+/* Elements per OpenMP item of the element-wise SIMD loops: a multiple of VLANES, so that
+ * only the array's end takes the partial vector. */
+enum { ELEMENT_CHUNK = 1 << 14 };
+
+/* h = silu(g) u, VLANES at a time. */
+static void silu_glu_chunk(float *h, const float *g, const float *u, size_t n)
+{
+    size_t i = 0;
+    for (; i + VLANES <= n; i += VLANES) vstore(h + i, vsilu(vload(g + i)) * vload(u + i));
+    int rest = (int)(n - i);
+    if (rest) vstore_part(h + i, vsilu(vload_part(g + i, rest)) * vload_part(u + i, rest), rest);
+}
+
+/* SwiGLU's SiLU by cpu_math.h's SIMD silu (within 5.5 ulp; moe_math.h's
+ * silu_glu, which the CUDA kernels keep, calls glibc's expf per element); GELU by
+ * moe_math.h's erf form. */
 static void cpu_glu(float *h, const float *gate, const float *up, size_t count,
                     enum hf_activation act)
 {
     if (act == ACT_SILU) {
+        size_t chunks = (count + ELEMENT_CHUNK - 1) / ELEMENT_CHUNK;
 #pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < count; i++) h[i] = silu_glu(gate[i], up[i]);
+        for (size_t c = 0; c < chunks; c++) {
+            size_t first = c * ELEMENT_CHUNK;
+            size_t n = count - first < ELEMENT_CHUNK ? count - first : ELEMENT_CHUNK;
+            silu_glu_chunk(h + first, gate + first, up + first, n);
+        }
     } else {
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < count; i++) h[i] = gelu_glu(gate[i], up[i]);
@@ -510,16 +362,19 @@ static void cpu_ce_chunk_update(float *state, int32_t *best, const float *logits
             best[n] = -1;
         } else {
             float max = chunk_max > st[0] ? chunk_max : st[0];
-            st[1] = st[1] * expf(st[0] - max) + row_exp_sum(z, C, max);
+            st[1] = st[1] * exp_nonpositive(st[0] - max) + row_exp_sum(z, C, max);
             st[0] = max;
         }
         int label = labels[n] - v0;
         if (label >= 0 && label < C) st[2] = z[label];
-        for (int v = 0; v < C; v++)
-            if (z[v] > st[3]) {
-                st[3] = z[v];
-                best[n] = v0 + v;
-            }
+        /* the argmax: the chunk's first logit equal to its maximum, when that beats the
+         * earlier chunks' (ties keep the lower id); no third pass over the chunk */
+        if (chunk_max > st[3]) {
+            int v = 0;
+            while (z[v] != chunk_max) v++;
+            st[3] = chunk_max;
+            best[n] = v0 + v;
+        }
     }
 }
 
@@ -552,9 +407,10 @@ static void cpu_ce_chunk_backward(float *dlogits, const float *logits, const flo
             continue;
         }
         const float *st = state + (size_t)n * 4;
-        float max = st[0], factor = scale / st[1];
-        for (int v = 0; v < C; v++)
-            g[v] = cross_entropy_dlogit(expf(z[v] - max), factor, v0 + v == labels[n], scale);
+        /* cross_entropy_dlogit's e * factor, then its label's - scale, a vector at a time */
+        exp_shifted_scaled(g, z, C, st[0], scale / st[1]);
+        int label = labels[n] - v0;
+        if (label >= 0 && label < C) g[label] -= scale;
     }
 }
 
@@ -583,7 +439,11 @@ static void add_partial_sums(float *sum, const float *partial, int chunks, int D
 static void add_column_sums(float *sum, const float *x, int R, int D)
 {
     int chunks = (R + SUM_CHUNK - 1) / SUM_CHUNK;
-    float *partial = xcalloc((size_t)chunks * D, sizeof(float));
+    static struct kept partial_kept;
+    size_t most_chunks = (cpu_most_rows((size_t)R) + SUM_CHUNK - 1) / SUM_CHUNK;
+    float *partial = cpu_op_scratch(&partial_kept, (size_t)chunks * D * sizeof(float),
+                                most_chunks * D * sizeof(float));
+    memset(partial, 0, (size_t)chunks * D * sizeof(float));
 #pragma omp parallel for schedule(static)
     for (int c = 0; c < chunks; c++) {
         int end = (c + 1) * SUM_CHUNK < R ? (c + 1) * SUM_CHUNK : R;
@@ -592,7 +452,6 @@ static void add_column_sums(float *sum, const float *x, int R, int D)
             for (int d = 0; d < D; d++) p[d] += x[(size_t)r * D + d];
     }
     add_partial_sums(sum, partial, chunks, D);
-    free(partial);
 }
 
 /* Rows per block when a GEMM is split over its output rows in the backward: fixed by the
@@ -654,7 +513,12 @@ static void cpu_rmsnorm_backward(float *dx, float *dw, const float *dy, const fl
                                  bool accumulate_dx)
 {
     int chunks = (R + SUM_CHUNK - 1) / SUM_CHUNK;
-    float *partial = dw ? xcalloc((size_t)chunks * D, sizeof(float)) : NULL;
+    static struct kept partial_kept;
+    size_t most_chunks = (cpu_most_rows((size_t)R) + SUM_CHUNK - 1) / SUM_CHUNK;
+    float *partial = dw ? cpu_op_scratch(&partial_kept, (size_t)chunks * D * sizeof(float),
+                                     most_chunks * D * sizeof(float))
+                        : NULL;
+    if (partial) memset(partial, 0, (size_t)chunks * D * sizeof(float));
 #pragma omp parallel for schedule(static)
     for (int c = 0; c < chunks; c++) {
         int end = (c + 1) * SUM_CHUNK < R ? (c + 1) * SUM_CHUNK : R;
@@ -676,120 +540,7 @@ static void cpu_rmsnorm_backward(float *dx, float *dw, const float *dy, const fl
             }
         }
     }
-    if (partial) {
-        add_partial_sums(dw, partial, chunks, D);
-        free(partial);
-    }
-}
-
-static _Thread_local float *attention_backward_scratch = NULL;
-static _Thread_local size_t attention_backward_scratch_size = 0;
-
-/* Per (sample, KV head): for each query head of its group and each block of QUERY_BLOCK
- * queries, P is recomputed exactly as the forward did, then (Dao, FlashAttention-2, alg. 2)
- *   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - D) with D_i = <dO_i, O_i>,
- *   dQ = scale dS K,  dK += scale dS^T Q.
- * A sink adds a column with no value, so dS keeps its form, and d sink = -sum_i
- * P_sink(i) D_i (the sink's own dS). One work item owns its sample's dK and dV rows of
- * that KV head, so the sums over the group's query heads and the blocks run in a fixed
- * order, without races; the sinks' sums are kept per item and added in sample order. */
-static void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout,
-                                   const float *q, const float *k, const float *v, const float *out,
-                                   const struct attention_mask *mask, int N, int nH, int nKV,
-                                   int Dh, int Dv, float scale)
-{
-    int group = nH / nKV;
-    int q_stride = nH * Dh, kv_stride = nKV * Dh, v_stride = nKV * Dv, out_stride = nH * Dv;
-    int n_items = 0, longest = 0;
-    for (int i = 0; i < N; i++)
-        if (mask->sample_start[i] == i) n_items += nKV;
-    int32_t *items = xmalloc((size_t)n_items * 3 * sizeof(int32_t)); /* start, length, kv */
-    int at = 0;
-    for (int i = 0; i < N; i++) {
-        if (mask->sample_start[i] != i) continue;
-        int end = i + 1;
-        while (end < N && mask->sample_start[end] == i) end++;
-        if (end - i > longest) longest = end - i;
-        for (int kv = 0; kv < nKV; kv++) {
-            items[3 * at] = i;
-            items[3 * at + 1] = end - i;
-            items[3 * at + 2] = kv;
-            at++;
-        }
-    }
-    /* per item, per query head of its group: the item's share of d sinks */
-    double *dsink_parts = mask->sinks && mask->dsinks
-                              ? xcalloc((size_t)n_items * group, sizeof(double)) : NULL;
-#pragma omp parallel
-    {
-        size_t need = (2 * (size_t)longest + 1) * QUERY_BLOCK;
-        if (attention_backward_scratch_size < need) {
-            free(attention_backward_scratch);
-            attention_backward_scratch = xmalloc(need * sizeof(float));
-            attention_backward_scratch_size = need;
-        }
-        float *P = attention_backward_scratch;
-        float *dS = P + (size_t)QUERY_BLOCK * longest;
-        float *sink_prob = dS + (size_t)QUERY_BLOCK * longest;
-#pragma omp for schedule(dynamic, 1)
-        for (int it = 0; it < n_items; it++) {
-            int start = items[3 * it], length = items[3 * it + 1], kv = items[3 * it + 2];
-            int blocks = (length + QUERY_BLOCK - 1) / QUERY_BLOCK;
-            const float *ks = k + (size_t)start * kv_stride + (size_t)kv * Dh;
-            const float *vs = v + (size_t)start * v_stride + (size_t)kv * Dv;
-            float *dks = dk + (size_t)start * kv_stride + (size_t)kv * Dh;
-            float *dvs = dv + (size_t)start * v_stride + (size_t)kv * Dv;
-            for (int j = 0; j < length; j++) {
-                memset(dks + (size_t)j * kv_stride, 0, (size_t)Dh * sizeof(float));
-                memset(dvs + (size_t)j * v_stride, 0, (size_t)Dv * sizeof(float));
-            }
-            for (int h = kv * group; h < (kv + 1) * group; h++)
-                for (int b = 0; b < blocks; b++) {
-                    int first = b * QUERY_BLOCK;
-                    int rows = length - first < QUERY_BLOCK ? length - first : QUERY_BLOCK;
-                    int lo = block_first_key(mask, first), keys = first + rows - lo;
-                    size_t offset = (size_t)(start + first) * q_stride + (size_t)h * Dh;
-                    size_t out_offset = (size_t)(start + first) * out_stride + (size_t)h * Dv;
-                    const float *qb = q + offset, *dob = dout + out_offset, *ob = out + out_offset;
-                    const float *kb = ks + (size_t)lo * kv_stride, *vb = vs + (size_t)lo * v_stride;
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, Dh, scale, qb,
-                                q_stride, kb, kv_stride, 0.0f, P, keys);
-                    causal_softmax_block(P, sink_prob, rows, keys, first, lo, mask->window,
-                                         mask->sinks ? mask->sinks + h : NULL);
-                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, Dv, rows, 1.0f, P,
-                                keys, dob, out_stride, 1.0f, dvs + (size_t)lo * v_stride, v_stride);
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, Dv, 1.0f, dob,
-                                out_stride, vb, v_stride, 0.0f, dS, keys);
-                    for (int r = 0; r < rows; r++) {
-                        const float *dor = dob + (size_t)r * out_stride,
-                                    *orow = ob + (size_t)r * out_stride;
-                        float D = 0.0f;
-                        for (int d = 0; d < Dv; d++) D += dor[d] * orow[d];
-                        float *pr = P + (size_t)r * keys, *sr = dS + (size_t)r * keys;
-                        int begin, end;
-                        visible_keys(&begin, &end, first + r, lo, mask->window);
-                        for (int j = 0; j < begin; j++) sr[j] = 0.0f;
-                        for (int j = begin; j < end; j++) sr[j] = pr[j] * (sr[j] - D);
-                        for (int j = end; j < keys; j++) sr[j] = 0.0f;
-                        if (dsink_parts)
-                            dsink_parts[(size_t)it * group + h - kv * group] -= (double)sink_prob[r] * D;
-                    }
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, Dh, keys, scale,
-                                dS, keys, kb, kv_stride, 0.0f, dq + offset, q_stride);
-                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, Dh, rows, scale, dS,
-                                keys, qb, q_stride, 1.0f, dks + (size_t)lo * kv_stride, kv_stride);
-                }
-        }
-    }
-    free(items);
-    if (!dsink_parts) return;
-    for (int h = 0; h < nH; h++) { /* items: sample by sample, KV heads in order */
-        double total = 0.0;
-        for (int it = h / group; it < n_items; it += nKV)
-            total += dsink_parts[(size_t)it * group + h % group];
-        mask->dsinks[h] += (float)total;
-    }
-    free(dsink_parts);
+    if (partial) add_partial_sums(dw, partial, chunks, D);
 }
 
 /* Per expert e: dx[rows] = dy[rows] @ w[e] (items: expert x block of ROW_BLOCK rows, as the
@@ -810,7 +561,13 @@ static void cpu_grouped_linear_backward(float *dx, float *const *dw, const float
         if (dx) row_items += (fp32_rows(w, offsets, e) + ROW_BLOCK - 1) / ROW_BLOCK;
         if (dw && dw[e] && rows > 0) weight_items += weight_blocks;
     }
-    int32_t *items = xmalloc(((size_t)row_items + weight_items) * 2 * sizeof(int32_t));
+    static struct kept items_kept;
+    /* at most every row's block plus one partial block an expert, and every expert's
+     * weight blocks */
+    size_t most_items = cpu_most_rows((size_t)offsets[E]) / ROW_BLOCK + 2 * (size_t)E +
+                        (size_t)E * (size_t)weight_blocks;
+    int32_t *items = cpu_op_scratch(&items_kept, ((size_t)row_items + weight_items) * 2 * sizeof(int32_t),
+                                most_items * 2 * sizeof(int32_t));
     int at = 0; /* (expert, block) pairs: first the fp32 dx blocks, then the dw blocks */
     for (int e = 0; e < E && dx; e++)
         for (int b = 0; b < (fp32_rows(w, offsets, e) + ROW_BLOCK - 1) / ROW_BLOCK; b++) {
@@ -843,21 +600,52 @@ static void cpu_grouped_linear_backward(float *dx, float *const *dw, const float
                         dw[e] + (size_t)first * I, I);
         }
     }
-    free(items);
     for (int e = 0; e < E && dx; e++)
         if (weight_is_bf16(w[e]) && offsets[e + 1] > offsets[e])
             linear_backward_bf16(dx + (size_t)offsets[e] * I, dy + (size_t)offsets[e] * O,
                                  weight_bf16_data(w[e]), offsets[e + 1] - offsets[e], I, O, false);
 }
 
+/* SwiGLU's gradients, VLANES at a time: dg = d u silu'(g), du = d silu(g), with silu' =
+ * s (1 + g (1 - s)), s = sigmoid(g) (moe_math.h's silu_glu_backward with cpu_math.h's
+ * functions: silu(g) as the forward formed it). */
+static vfloat silu_glu_dgate(vfloat d, vfloat g, vfloat u)
+{
+    vfloat s = vsigmoid(g);
+    return d * u * (s * (1.0f + g * (1.0f - s)));
+}
+
+static void silu_glu_backward_chunk(float *dg, float *du, const float *dh, const float *g,
+                                    const float *u, size_t n)
+{
+    size_t i = 0;
+    for (; i + VLANES <= n; i += VLANES) {
+        vfloat d = vload(dh + i), gi = vload(g + i);
+        vstore(du + i, d * vsilu(gi));
+        vstore(dg + i, silu_glu_dgate(d, gi, vload(u + i)));
+    }
+    int rest = (int)(n - i);
+    if (rest) {
+        vfloat d = vload_part(dh + i, rest), gi = vload_part(g + i, rest);
+        vstore_part(du + i, d * vsilu(gi), rest);
+        vstore_part(dg + i, silu_glu_dgate(d, gi, vload_part(u + i, rest)), rest);
+    }
+}
+
 /* h = act(g) * u: dg = dh * u * act'(g), du = dh * act(g), act(g) as the forward forms it.
- * The element formulas: moe_math.h (silu_glu_backward, gelu_glu_backward). */
+ * GELU: moe_math.h's gelu_glu_backward. */
 static void cpu_glu_backward(float *dgate, float *dup, const float *dh, const float *gate,
                              const float *up, size_t count, enum hf_activation act)
 {
     if (act == ACT_SILU) {
+        size_t chunks = (count + ELEMENT_CHUNK - 1) / ELEMENT_CHUNK;
 #pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < count; i++) silu_glu_backward(&dgate[i], &dup[i], dh[i], gate[i], up[i]);
+        for (size_t c = 0; c < chunks; c++) {
+            size_t first = c * ELEMENT_CHUNK;
+            size_t n = count - first < ELEMENT_CHUNK ? count - first : ELEMENT_CHUNK;
+            silu_glu_backward_chunk(dgate + first, dup + first, dh + first, gate + first,
+                                    up + first, n);
+        }
     } else {
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < count; i++) gelu_glu_backward(&dgate[i], &dup[i], dh[i], gate[i], up[i]);
@@ -937,8 +725,9 @@ static void cpu_cross_entropy_backward(float *dlogits, const float *logits, cons
         const float *z = logits + (size_t)n * V;
         if (g != z) memcpy(g, z, (size_t)V * sizeof(float));
         float sum = row_exp_store_sum(g, V, row_max(g, V));
-        float factor = scale / sum;
-        for (int v = 0; v < V; v++) g[v] = cross_entropy_dlogit(g[v], factor, v == labels[n], scale);
+        /* cross_entropy_dlogit's e * factor, then the label's - scale, a vector at a time */
+        scale_row(g, (size_t)V, scale / sum);
+        g[labels[n]] -= scale;
     }
 }
 
@@ -971,7 +760,8 @@ static void cpu_adamw(float *data, float *m, float *v, const float *grad, size_t
 static double cpu_sum_squares(const float *x, size_t n)
 {
     size_t chunks = (n + NORM_CHUNK - 1) / NORM_CHUNK;
-    double *partial = xmalloc((chunks ? chunks : 1) * sizeof(double));
+    static struct kept partial_kept;
+    double *partial = kept_buffer(&partial_kept, (chunks ? chunks : 1) * sizeof(double));
 #pragma omp parallel for schedule(static)
     for (size_t c = 0; c < chunks; c++) {
         size_t end = (c + 1) * NORM_CHUNK < n ? (c + 1) * NORM_CHUNK : n;
@@ -981,7 +771,6 @@ static double cpu_sum_squares(const float *x, size_t n)
     }
     double sum = 0;
     for (size_t c = 0; c < chunks; c++) sum += partial[c];
-    free(partial);
     return sum;
 }
 
@@ -1077,6 +866,7 @@ const struct backend *backend_cpu(void)
         .scale = cpu_scale,
         .count_correct = cpu_count_correct,
         .host_visible = true,
+        .reserve = cpu_reserve,
         .alloc = cpu_alloc,
         .release = cpu_release,
         .upload = cpu_transfer,

@@ -8,6 +8,26 @@
 #include <stdint.h>
 
 #include "hfconfig.h"
+#include "log.h"
+
+struct attention_mask; /* backend.h */
+
+/* The ops' kept scratch (log.h's struct kept), sized at its first growth for the most
+ * tokens and rows backend.h's reserve announced: cpu_most_tokens(n) and cpu_most_rows(n)
+ * are the larger of n and those; cpu_op_scratch returns k's buffer of at least `bytes`,
+ * grown to `most` bytes when it grows. */
+size_t cpu_most_tokens(size_t n);
+size_t cpu_most_rows(size_t n);
+void *cpu_op_scratch(struct kept *k, size_t bytes, size_t most);
+
+/* cpu_attention.c: attention and its backward, tiled over the keys */
+void cpu_attention(float *out, const float *q, const float *k, const float *v,
+                   const struct attention_mask *mask, int N, int nH, int nKV, int Dh, int Dv,
+                   float scale);
+void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q,
+                            const float *k, const float *v, const float *out,
+                            const struct attention_mask *mask, int N, int nH, int nKV, int Dh,
+                            int Dv, float scale);
 
 /* cpu_ops_heads.c: RoPE in both pair layouts, and the strided copy of columns */
 void cpu_rope(float *x, const int32_t *positions, const float *inv_freq, float attention_scaling,

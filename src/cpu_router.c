@@ -2,6 +2,12 @@
  * token with moe_math.h's row functions, which the CUDA kernels share; and the
  * load-balancing loss's statistics and gradient. OpenMP over tokens; each token's result
  * depends on that token alone, so the bits do not change with the thread count. */
+/* moe_math.h's routers take cpu_math.h's SIMD exp and sigmoid rows here (cpu_math.h's
+ * table gives their errors) */
+#include "cpu_math.h"
+#define MOE_ROUTER_EXP_ROW(p, z, max, E) exp_shifted_scaled(p, z, E, max, 1.0f)
+#define MOE_ROUTER_SIGMOID_ROW sigmoid_row
+
 #include "cpu_router.h"
 
 #include <stdbool.h>

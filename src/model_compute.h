@@ -44,6 +44,7 @@ struct layer_activations {
                                 * [N, nH*(dn+dr)], v [N, nH*dv] */
     float *q_clamped, *k_clamped; /* clip_qkv (training): q, k after the clamp, before RoPE */
     float *attn;               /* [N, nH*Dh] attention output (MLA: [N, nH*dv]) */
+    float *attn_lse;           /* [nH, N] its rows' log-sum-exp for the backward (training) */
     /* multi-head latent attention (attention_mla.c): R q_lora_rank, C kv_lora_rank */
     float *q_latent, *q_latent_norm, *q_latent_rstd;    /* [N,R] q_a(xn), its norm, [N] */
     float *kv_latent, *kv_latent_norm, *kv_latent_rstd; /* [N,C] kv_a's latent, its norm, [N] */

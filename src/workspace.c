@@ -110,6 +110,7 @@ static void alloc_layer(struct forward_workspace *ws, const struct model *m, int
     }
     a->v = ws_alloc(ws, N * vw * f);
     a->attn = ws_alloc(ws, N * aw * f);
+    if (ws->training) a->attn_lse = ws_alloc(ws, N * (size_t)c->num_heads * f);
     if (c->attention == ATTENTION_MLA) alloc_mla(ws, c, (size_t)N, a);
     a->h = ws_alloc(ws, N * H * f);
     a->hn = ws_alloc(ws, N * H * f);
@@ -169,6 +170,10 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
     size_t K = (size_t)(c->top_k > 0 ? c->top_k : 1), E = (size_t)(c->num_experts > 0 ? c->num_experts : 1);
     size_t M = N * K, I = (size_t)(c->expert_intermediate_size ? c->expert_intermediate_size : 1);
     size_t cap = ws_row_capacity(m, max_tokens);
+    if (m->ops && m->ops->reserve) { /* the ops' kept scratch: per-head rows (q/k norms) too */
+        size_t heads = (size_t)(c->num_heads > c->num_kv_heads ? c->num_heads : c->num_kv_heads);
+        m->ops->reserve(N, cap > N * heads ? cap : N * heads);
+    }
     ws->max_tokens = max_tokens;
     ws->n_layers = c->num_layers;
     ws->training = training;

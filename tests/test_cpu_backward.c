@@ -390,15 +390,19 @@ static double attention_loss(int tensor, size_t index)
     return attention_loss_region(j, end, c * group, (c + 1) * group);
 }
 
-/* window 0: none; sinks: gpt_oss's per-head sink logits, with their gradient */
-static void test_attention_case(const struct backend *ops, const char *op, int nH, int nKV, int Dh,
-                                int Dv, int window, bool sinks)
+/* window 0: none; sinks: gpt_oss's per-head sink logits, with their gradient. The samples:
+ * 70, 1 and 33 tokens, or with long_sample, one of 200 before them (key tiles of 128: its
+ * last query blocks read two) */
+static void test_attention_long_case(const struct backend *ops, const char *op, int nH, int nKV,
+                                     int Dh, int Dv, int window, bool sinks, bool long_sample)
 {
-    enum { N = 104 };
-    const int lengths[3] = {70, 1, 33};
-    int32_t starts[N];
-    for (int s = 0, at = 0; s < 3; at += lengths[s++])
-        for (int i = 0; i < lengths[s]; i++) starts[at + i] = at;
+    const int lengths[4] = {200, 70, 1, 33};
+    const int *sample = long_sample ? lengths : lengths + 1, n_samples = long_sample ? 4 : 3;
+    int N = 0;
+    for (int s = 0; s < n_samples; s++) N += sample[s];
+    int32_t *starts = xmalloc((size_t)N * sizeof(int32_t));
+    for (int s = 0, at = 0; s < n_samples; at += sample[s++])
+        for (int i = 0; i < sample[s]; i++) starts[at + i] = at;
     size_t nq = (size_t)N * nH * Dh, nk = (size_t)N * nKV * Dh, nv = (size_t)N * nKV * Dv;
     size_t nout = (size_t)N * nH * Dv;
     float *q = random_array(nq, 1.0), *k = random_array(nk, 1.0), *v = random_array(nv, 1.0);
@@ -421,6 +425,24 @@ static void test_attention_case(const struct backend *ops, const char *op, int n
     check_threads(op, "dk", dk[0], dk[1], nk);
     check_threads(op, "dv", dv[0], dv[1], nv);
     if (sinks) check_threads(op, "dsinks", dsink[0], dsink[1], (size_t)nH);
+    /* the log-sum-exp kept by the forward (mask.lse) gives the bits of the backward that
+     * recomputes it, and the forward's output does not change for keeping it */
+    {
+        float *lse = filled((size_t)nH * N, 7.0f), *out_kept = xmalloc(nout * sizeof(float));
+        float *dq_kept = filled(nq, 7.0f), *dk_kept = filled(nk, 7.0f), *dv_kept = filled(nv, 7.0f);
+        float *dsink_kept = sinks ? filled((size_t)nH, 7.0f) : NULL;
+        struct attention_mask kept = mask;
+        kept.lse = lse, kept.dsinks = dsink_kept;
+        ops->attention(out_kept, q, k, v, &kept, N, nH, nKV, Dh, Dv, scale);
+        ops->attention_backward(dq_kept, dk_kept, dv_kept, g, q, k, v, out, &kept, N, nH, nKV, Dh,
+                                Dv, scale);
+        check_same(op, "out with lse", out, out_kept, nout * sizeof(float));
+        check_same(op, "dq with lse", dq[0], dq_kept, nq * sizeof(float));
+        check_same(op, "dk with lse", dk[0], dk_kept, nk * sizeof(float));
+        check_same(op, "dv with lse", dv[0], dv_kept, nv * sizeof(float));
+        if (sinks) check_same(op, "dsinks with lse", dsink[0], dsink_kept, (size_t)nH * sizeof(float));
+        free(lse), free(out_kept), free(dq_kept), free(dk_kept), free(dv_kept), free(dsink_kept);
+    }
     att.N = N, att.nH = nH, att.nKV = nKV, att.Dh = Dh, att.Dv = Dv, att.scale = scale;
     att.starts = starts, att.window = window;
     att.q = to_double(q, nq), att.k = to_double(k, nk), att.v = to_double(v, nv);
@@ -435,9 +457,15 @@ static void test_attention_case(const struct backend *ops, const char *op, int n
     }
     for (int pass = 0; pass < 2; pass++)
         free(dq[pass]), free(dk[pass]), free(dv[pass]), free(dsink[pass]);
-    free(q), free(k), free(v), free(g), free(out), free(sink);
+    free(q), free(k), free(v), free(g), free(out), free(sink), free(starts);
     free(att.q), free(att.k), free(att.v), free(att.g), free(att.sinks);
     att.window = 0, att.sinks = NULL;
+}
+
+static void test_attention_case(const struct backend *ops, const char *op, int nH, int nKV, int Dh,
+                                int Dv, int window, bool sinks)
+{
+    test_attention_long_case(ops, op, nH, nKV, Dh, Dv, window, sinks, false);
 }
 
 static void test_attention(const struct backend *ops)
@@ -445,6 +473,10 @@ static void test_attention(const struct backend *ops)
     test_attention_case(ops, "attention_backward", 6, 2, 10, 10, 0, false);
     /* MLA's shape: as many KV heads as query heads, values narrower than the keys */
     test_attention_case(ops, "attention_backward Dv 6 != Dh 10", 3, 3, 10, 6, 0, false);
+    /* a sample longer than two key tiles: the online softmax over tiles, dQ summed over them */
+    test_attention_long_case(ops, "attention_backward 200 tokens", 2, 1, 4, 3, 0, false, true);
+    test_attention_long_case(ops, "attention_backward 200, w 150+sinks", 2, 1, 4, 3, 150, true,
+                             true);
 }
 
 /* gpt_oss: sliding windows (1: a token sees itself only; 5 and 20: bands that start past

@@ -1,12 +1,13 @@
 /* bench_forward: throughput of esft's CPU forward pass on one checkpoint, for the
- * comparison with transformers (bench_forward_hf.py, run side by side by run-forward.sh).
+ * comparison with transformers (tests/bench/bench_cpu_hf.py, run side by side by
+ * run-cpu.sh) and, with --breakdown, where its time goes.
  *
  * Usage: bench_forward MODEL_DIR [--batch B] [--seq T] [--iters n] [--warmup w]
  *                                [--seed s] [--breakdown n]
  *
  * The batch is B rows of T tokens, one sample per row (sample_start = row start,
  * positions 0..T-1, targets = the next token of the row, the last one not counted), the
- * tokens drawn by splitmix64 so bench_forward_hf.py draws the very same ones:
+ * tokens drawn by splitmix64 so bench_cpu_hf.py draws the very same ones:
  *   token[i] = splitmix64(seed + (i + 1) * 0x9E3779B97F4A7C15) mod V.
  * The loss is printed as a check that both programs computed the same thing.
  *
