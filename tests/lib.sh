@@ -55,6 +55,19 @@ same_curve() {
         { d = $2 - $3; if (d < 0) d = -d; s = $2 < 0 ? -$2 : $2; if (d > tol * s) bad++; count++ }
         END { exit (bad > 0 || count != n) }'
 }
+# demo_data: the demo model and data made under $tmp/demo (one check); sets demo (the
+# deck), d (the directory) and common (the overrides that point a deck at them).
+demo_data() {
+    demo="$src/input/demo.yaml"
+    d="$tmp/demo"
+    common="model.path=$d/model prepare.output=$d/data.h5 data.path=$d/data.h5 prepare.inputs=[$src/input/data/demo.jsonl]"
+    # shellcheck disable=SC2086 # $common is a list of overrides
+    expect 0 "demo model and data" "$esft" "$demo" "phase=[init,prepare]" "run.output_dir=$d" $common
+}
+# demo_experts FILE: an expert_config.json for the demo model (8 of its 4 x 8 experts)
+demo_experts() {
+    printf '{"experts": {"0": [1, 5], "1": [0, 2, 7], "2": [3], "3": [4, 6]}, "shared_experts": false, "non_expert_modules": false}\n' >"$1"
+}
 test_end() {
     echo "$1: $passed checks passed, $failed failed"
     [ "$failed" = 0 ]

@@ -11,12 +11,8 @@ set -u
 . "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
 test_begin densemixer
 
-demo="$src/input/demo.yaml"
-d="$tmp/demo"
-common="model.path=$d/model prepare.output=$d/data.h5 data.path=$d/data.h5 prepare.inputs=[$src/input/data/demo.jsonl]"
+demo_data
 short="train.steps=6 train.global_batch=8 train.micro_batch=2 train.eval_every=3 train.checkpoint_every=100 train.lr=1.0e-3"
-# shellcheck disable=SC2086 # $common and $short are lists of overrides
-expect 0 "demo model and data" "$esft" "$demo" "phase=[init,prepare]" "run.output_dir=$d" $common
 
 # shellcheck disable=SC2086
 expect 0 "densemixer training" "$esft" "$demo" phase=train "run.output_dir=$d/dm" $common $short \

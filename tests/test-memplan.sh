@@ -9,12 +9,8 @@ set -u
 . "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
 test_begin memplan
 
-demo="$src/input/demo.yaml"
-d="$tmp/demo"
-common="model.path=$d/model prepare.output=$d/data.h5 data.path=$d/data.h5 prepare.inputs=[$src/input/data/demo.jsonl]"
-# shellcheck disable=SC2086 # $common is a list of overrides
-expect 0 "demo model and data" "$esft" "$demo" "phase=[init,prepare]" "run.output_dir=$d" $common
-printf '{"experts": {"0": [1, 5], "1": [0, 2, 7], "2": [3], "3": [4, 6]}, "shared_experts": false, "non_expert_modules": false}\n' >"$tmp/experts.json"
+demo_data
+demo_experts "$tmp/experts.json"
 train="phase=train train.expert_config=$tmp/experts.json train.steps=2 train.eval_every=0 train.checkpoint_every=2 train.resume=never"
 
 # the largest of a column over the table's rows ("  stage ep_rank | ..."): $4 cpu
