@@ -18,6 +18,7 @@
 #include "gpt_oss_layout.h"
 #include "hfconfig.h"
 #include "log.h"
+#include "lora_experts.h"
 #include "safetensors.h"
 #include "st_stream.h"
 
@@ -48,6 +49,8 @@ struct export_out {
     struct gpt_oss_fuser *fuser;
     bool drop_adapters; /* the merged export: LoRA adapters are folded in, not written */
     bool peft_names;    /* the LoRA adapter: a trained router as base_model.model.<name> */
+    /* the LoRA adapter: the experts' pairs in PEFT's fused form (NULL: none) */
+    struct lora_experts_fuser *expert_pairs;
 };
 
 /* The name p is written under, into name[PARAM_NAME_MAX + 32]; false when p is not
@@ -57,11 +60,27 @@ static bool export_name(const struct export_out *out, const struct param *p, cha
     if (out->trainable_only && !p->trainable) return false;
     if (out->drop_adapters && p->kind == PARAM_LORA) return false; /* merged into their bases */
     if (gpt_oss_fuser_takes(out->fuser, p)) return false;
+    if (lora_experts_is(p)) return false; /* fused (the adapter) or merged */
     if (out->peft_names && p->kind != PARAM_LORA)
         snprintf(name, PARAM_NAME_MAX + 32, "base_model.model.%s", p->name);
     else
         snprintf(name, PARAM_NAME_MAX + 32, "%s", p->name);
     return true;
+}
+
+/* The expert pairs' fuser's sinks: a fused tensor declared, then written whole. */
+static int declare_expert_pairs(const char *name, const int64_t *shape, void *sink, char *err,
+                                size_t err_size)
+{
+    struct export_out *out = sink;
+    return st_stream_declare(out->stream, name, out->dtype, 2, shape, err, err_size);
+}
+
+static int write_expert_pairs(const char *name, const float *data, size_t numel, void *sink,
+                              char *err, size_t err_size)
+{
+    struct export_out *out = sink;
+    return st_stream_write_f32(out->stream, name, 0, data, numel, err, err_size);
 }
 
 /* gpt_oss_fuser_list's sink: a fused tensor declared in the export dtype. */
@@ -100,6 +119,8 @@ static int open_export(struct export_out *out, const struct model *model, bool f
     }
     if (out->fuser && gpt_oss_fuser_list(out->fuser, declare_fused_tensor, out, err, err_size))
         return -1;
+    if (lora_experts_fuser_declare(out->expert_pairs, declare_expert_pairs, out, err, err_size))
+        return -1;
     int rc = path ? st_stream_open_file(out->stream, path, 1, err, err_size)
                   : st_stream_open_checkpoint(out->stream, dir, max_shard_bytes, err, err_size);
     if (rc != 0 || !reference_dir || out->outside[0]) return rc;
@@ -125,6 +146,7 @@ static void close_export(struct export_out *out)
     st_stream_free(out->stream);
     st_stream_free(out->reference);
     gpt_oss_fuser_free(out->fuser);
+    lora_experts_fuser_free(out->expert_pairs);
 }
 
 /* The tensor_sink of the exports: one tensor written at its place, in the export dtype. */
@@ -134,6 +156,10 @@ static int add_export_tensor(const struct param *p, const float *const *parts, v
     struct export_out *out = sink;
     if (gpt_oss_fuser_takes(out->fuser, p))
         return gpt_oss_fuser_take(out->fuser, p, parts[0], err, err_size);
+    if (out->expert_pairs && lora_experts_is(p)) {
+        lora_experts_fuser_take(out->expert_pairs, p, parts[0]);
+        return 0;
+    }
     char name[PARAM_NAME_MAX + 32];
     if (!export_name(out, p, name)) return 0;
     if (out->reference && st_stream_write_f32(out->reference, p->name + 6, 0, parts[0],
@@ -156,6 +182,8 @@ static int add_fused_slice(const char *name, size_t first, const float *data, si
 static int finish_export(struct export_out *out, char *err, size_t err_size)
 {
     if (out->fuser && gpt_oss_fuser_finish(out->fuser, err, err_size)) return -1;
+    if (lora_experts_fuser_write(out->expert_pairs, write_expert_pairs, out, err, err_size))
+        return -1;
     if (st_stream_finish(out->stream, err, err_size)) return -1;
     return out->reference ? st_stream_finish(out->reference, err, err_size) : 0;
 }
@@ -355,6 +383,7 @@ static int write_adapter_config(const char *path, const struct model *model,
     for (int i = 0; i < model->n_params; i++) {
         const struct param *p = &model->params[i];
         const char *prefix = "base_model.model.", *suffix = ".lora_A.weight";
+        if (lora_experts_is(p)) continue; /* target_parameters */
         if (p->kind == PARAM_LORA && !p->lora_b) {
             size_t n = strlen(p->name) - strlen(prefix) - strlen(suffix);
             char module[PARAM_NAME_MAX];
@@ -385,7 +414,14 @@ static int write_adapter_config(const char *path, const struct model *model,
     json_object_set_new(root, "alpha_pattern", json_object());
     json_object_set_new(root, "modules_to_save", json_array_size(save) ? save : json_null());
     if (!json_array_size(save)) json_decref(save);
-    json_object_set_new(root, "target_parameters", json_null());
+    if (model->expert_lora) { /* every MoE layer's fused expert parameters (lora_experts.h) */
+        json_t *params = json_array();
+        json_array_append_new(params, json_string("mlp.experts.gate_up_proj"));
+        json_array_append_new(params, json_string("mlp.experts.down_proj"));
+        json_object_set_new(root, "target_parameters", params);
+    } else {
+        json_object_set_new(root, "target_parameters", json_null());
+    }
     json_object_set_new(root, "inference_mode", json_true());
     int rc = json_dump_file(root, path, JSON_INDENT(2) | JSON_SORT_KEYS);
     json_decref(root);
@@ -411,6 +447,7 @@ int export_lora_adapter(const char *dir, const struct model *model, const struct
     /* adapters kept in fp32; a trained router as PEFT saves a modules_to_save copy,
      * base_model.model.<name> */
     struct export_out out = {.dtype = ST_F32, .trainable_only = true, .peft_names = true};
+    if (rank == 0) out.expert_pairs = lora_experts_fuser_new(model);
     if (rc == 0 && rank == 0)
         rc = open_export(&out, model, false, path, NULL, 0, NULL, err, err_size);
     if (ranks_agree(rc, err, err_size, comm)) {

@@ -15,7 +15,8 @@ float lora_scale(const struct lora_spec *spec)
 
 #define BIT(t) (1u << (t))
 
-int lora_parse_targets(char *const *names, int n, unsigned *targets, char *err, size_t err_size)
+int lora_parse_targets(char *const *names, int n, unsigned *targets, enum lora_experts *experts,
+                       char *err, size_t err_size)
 {
     static const struct {
         const char *name;
@@ -33,28 +34,30 @@ int lora_parse_targets(char *const *names, int n, unsigned *targets, char *err, 
         {"shared_experts", BIT(LORA_SHARED_GATE) | BIT(LORA_SHARED_UP) | BIT(LORA_SHARED_DOWN)},
     };
     *targets = 0;
+    *experts = LORA_EXPERTS_NONE;
     for (int i = 0; i < n; i++) {
         bool found = false;
         for (size_t k = 0; k < sizeof known / sizeof known[0]; k++)
             if (strcmp(names[i], known[k].name) == 0) *targets |= known[k].bits, found = true;
         if (found) continue;
-        if (strcmp(names[i], "experts") == 0 || strcmp(names[i], "selected") == 0) {
-            snprintf(err, err_size,
-                     "train.lora.targets: '%s' (routed experts) is not available yet: "
-                     "transformers 5 fuses a layer's experts into gate_up_proj / down_proj "
-                     "parameters, which PEFT adapts only through target_parameters, a form "
-                     "esft does not write yet; use attention projections, dense_mlp or "
-                     "shared_experts",
-                     names[i]);
-            return -1;
+        bool all = strcmp(names[i], "experts") == 0, selected = strcmp(names[i], "selected") == 0;
+        if (all || selected) {
+            enum lora_experts want = all ? LORA_EXPERTS_ALL : LORA_EXPERTS_SELECTED;
+            if (*experts != LORA_EXPERTS_NONE && *experts != want) {
+                snprintf(err, err_size, "train.lora.targets: name experts or selected, not both");
+                return -1;
+            }
+            *experts = want;
+            continue;
         }
         snprintf(err, err_size,
                  "train.lora.targets: unknown target '%s' (q_proj, k_proj, v_proj, o_proj, "
-                 "attention, gate_proj, up_proj, down_proj, dense_mlp, shared_experts)",
+                 "attention, gate_proj, up_proj, down_proj, dense_mlp, shared_experts, "
+                 "experts, selected)",
                  names[i]);
         return -1;
     }
-    if (*targets == 0) {
+    if (*targets == 0 && *experts == LORA_EXPERTS_NONE) {
         snprintf(err, err_size, "train.lora.targets: empty: name the modules to adapt");
         return -1;
     }

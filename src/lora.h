@@ -35,12 +35,20 @@ enum lora_target {
     LORA_TARGET_COUNT
 };
 
+/* Which routed experts get pairs (lora_experts.h). */
+enum lora_experts {
+    LORA_EXPERTS_NONE,
+    LORA_EXPERTS_ALL,      /* experts: every routed expert */
+    LORA_EXPERTS_SELECTED, /* selected: only those of train.expert_config train */
+};
+
 /* What the deck asks for (train.lora.*). */
 struct lora_spec {
     int r;
     double alpha;
     bool rslora;
     unsigned targets; /* bit (1 << enum lora_target) */
+    enum lora_experts experts;
     bool train_router;
 };
 
@@ -54,13 +62,13 @@ struct layer_lora {
 /* The factor of B A in the forward. */
 float lora_scale(const struct lora_spec *spec);
 
-/* Reads train.lora.targets' names into spec->targets: q_proj, k_proj, v_proj, o_proj,
- * attention (the four), gate_proj, up_proj, down_proj, dense_mlp (the three, non-MoE
- * layers), shared_experts (their gate, up and down). experts and selected (routed
- * experts) are refused: transformers 5 fuses them into gate_up_proj / down_proj
- * parameters, and esft does not yet write PEFT's target_parameters form for them. 0, or -1
- * with a message naming the entry. */
-int lora_parse_targets(char *const *names, int n, unsigned *targets, char *err, size_t err_size);
+/* Reads train.lora.targets' names into targets and experts: q_proj, k_proj, v_proj,
+ * o_proj, attention (the four), gate_proj, up_proj, down_proj, dense_mlp (the three,
+ * non-MoE layers), shared_experts (their gate, up and down); experts (every routed
+ * expert's gate_up_proj and down_proj) or selected (only train.expert_config's experts
+ * train). 0, or -1 with a message naming the entry. */
+int lora_parse_targets(char *const *names, int n, unsigned *targets, enum lora_experts *experts,
+                       char *err, size_t err_size);
 
 /* Which target a Hugging Face base weight name (model.layers.L....weight) is for a given
  * spec, or -1. */

@@ -158,6 +158,9 @@ struct model {
     int lora_rank;
     float lora_scale;
     struct layer_lora *lora, *lora_grads;
+    /* the routed experts' pairs (lora_experts.h) and their gradients, [cfg.num_layers]
+     * of n_local_experts each; NULL without expert targets */
+    struct expert_lora *expert_lora, *expert_lora_grads;
     /* C2R routing (c2r.h's c2r_attach): every decoder layer's collaborative lists
      * [cfg.num_layers, E, c2r_top_t] in the compute view (a dense layer's rows unused);
      * NULL under plain top-k routing */

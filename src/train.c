@@ -298,8 +298,8 @@ static int lora_spec_of(const struct deck *deck, const struct model_config *cfg,
     char where[4200];
     deck_where(deck, "train.lora.targets", where, sizeof where);
     char why[1024];
-    if (lora_parse_targets(tr->lora_targets, tr->n_lora_targets, &spec->targets, why,
-                           sizeof why) != 0) {
+    if (lora_parse_targets(tr->lora_targets, tr->n_lora_targets, &spec->targets, &spec->experts,
+                           why, sizeof why) != 0) {
         snprintf(err, err_size, "%s: %s", where, why);
         return -1;
     }
@@ -310,7 +310,28 @@ static int lora_spec_of(const struct deck *deck, const struct model_config *cfg,
                  deck->model.path, hfconfig_family_name(cfg->family));
         return -1;
     }
+    if (spec->experts != LORA_EXPERTS_NONE && (cfg->num_experts == 0 || cfg->family == HF_GPT_OSS)) {
+        snprintf(err, err_size, "%s: %s (%s) %s; name attention, dense_mlp or shared_experts",
+                 where, deck->model.path, hfconfig_family_name(cfg->family),
+                 cfg->num_experts == 0 ? "has no routed experts"
+                                       : "keeps its experts transposed with interleaved gate and "
+                                         "up columns, a form esft's expert adapters do not write");
+        return -1;
+    }
+    if (spec->experts == LORA_EXPERTS_SELECTED && (!tr->expert_config || !tr->expert_config[0])) {
+        snprintf(err, err_size, "%s: selected adapts the experts of train.expert_config, which is "
+                 "not set (select writes it: expert_config.json)", where);
+        return -1;
+    }
     return 0;
+}
+
+/* Whether train.lora.targets names selected (the adapted experts are expert_config's). */
+static bool lora_selects_experts(const struct deck_train *tr)
+{
+    for (int i = 0; i < tr->n_lora_targets; i++)
+        if (strcmp(tr->lora_targets[i], "selected") == 0) return true;
+    return false;
 }
 
 /* The balance loss esft adds is the family's (hfconfig.h, enum hf_aux_kind). The sigmoid
@@ -378,7 +399,8 @@ int phase_train(const struct deck *deck, const struct layout *layout)
                   "pipeline parallelism (parallel.pp %d) does not support tied embeddings yet",
                   deck->model.path, grid->pp);
     struct expert_config ec = {0};
-    if (tr->method == METHOD_ESFT &&
+    bool selected_lora = tr->method == METHOD_LORA && lora_selects_experts(tr);
+    if ((tr->method == METHOD_ESFT || selected_lora) &&
         expert_config_read(tr->expert_config, &cfg, &ec, err, sizeof err) != 0)
         fatal_all(EXIT_INPUT, "train: %s", err);
 
@@ -420,7 +442,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     /* what trains is known from the table alone, before the weights are read: the frozen
      * ones may then be held as bf16 from the start (model.frozen_weights) */
     bool *trainable = xcalloc((size_t)model.n_params, sizeof(bool));
-    if (trainable_select(&model, tr->method, tr->method == METHOD_ESFT ? &ec : NULL, trainable,
+    if (trainable_select(&model, tr->method, tr->method == METHOD_ESFT || selected_lora ? &ec : NULL, trainable,
                          err, sizeof err) != 0)
         fatal_all(EXIT_INPUT, "train: %s", err);
     if (tr->method == METHOD_LORA && lora.train_router) trainable_add_routers(&model, trainable);

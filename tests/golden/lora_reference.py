@@ -14,6 +14,15 @@ tests/golden/<name>/lora_expected.safetensors:
                                         base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
     grad.<PEFT name>                    d loss / d adapter, loss = mean CE over the labels
     loss                                that loss
+and, for each fixture in EXPERT_FIXTURES, tests/golden/<name>/lora_experts_expected.safetensors,
+the same with the routed experts adapted too (esft's targets [attention, dense_mlp,
+shared_experts, experts]): PEFT's target_parameters on mlp.experts.gate_up_proj [E, 2I, H]
+and mlp.experts.down_proj [E, H, I], saved as PEFT saves them,
+    base_model.model.model.layers.L.mlp.experts.base_layer.lora_A.weight  [E r, H]  (gate_up)
+    base_model.model.model.layers.L.mlp.experts.base_layer.lora_B.weight  [2I, r E]
+    base_model.model.model.layers.L.mlp.experts.lora_A.weight             [E r, I]  (down)
+    base_model.model.model.layers.L.mlp.experts.lora_B.weight             [H, r E]
+with their gradients under grad.<name>.
 
     python3 tests/golden/lora_reference.py --check-adapter ADAPTER_DIR BASE_DIR DATA_JSON
 loads an adapter esft wrote (adapter_model.safetensors + adapter_config.json) with
@@ -45,6 +54,12 @@ FIXTURES = {
 # esft's train.lora.targets [attention, dense_mlp, shared_experts] as module paths
 TARGETS = r".*\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|mlp\.shared_experts?\.(gate|up|down)_proj)"
 A_STD, B_STD, SEED = 0.2, 0.1, 4242
+# the routed experts too (transformers 5's fused expert parameters)
+EXPERT_FIXTURES = {
+    "qwen2_moe": dict(r=2, alpha=6.0, rslora=False),
+    "mixtral": dict(r=3, alpha=4.0, rslora=True),
+}
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 torch.set_num_threads(1)
 
@@ -63,10 +78,11 @@ def reference(model, inp):
     return G.ce_loss(model, G.per_sample_logits(model, inp), inp["labels"])
 
 
-def make_fixture(name, spec, index, inp):
+def make_fixture(name, spec, index, inp, experts=False):
     d = os.path.join(HERE, name)
     cfg = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], use_rslora=spec["rslora"], lora_dropout=0.0,
-                     target_modules=TARGETS, bias="none", task_type="CAUSAL_LM")
+                     target_modules=TARGETS, bias="none", task_type="CAUSAL_LM",
+                     target_parameters=EXPERT_PARAMETERS if experts else None)
     model = get_peft_model(load(d), cfg)
     g = torch.Generator().manual_seed(SEED + index)
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
@@ -80,7 +96,8 @@ def make_fixture(name, spec, index, inp):
     for (n, p), gr in zip(lora.items(), grads):
         out[peft_name(n)] = p.detach().contiguous()
         out["grad." + peft_name(n)] = gr.contiguous()
-    save_file(out, os.path.join(d, "lora_expected.safetensors"), metadata={"format": "pt"})
+    out_name = "lora_experts_expected.safetensors" if experts else "lora_expected.safetensors"
+    save_file(out, os.path.join(d, out_name), metadata={"format": "pt"})
     print(f"{name}: {len(lora)} adapter tensors, loss {loss.item():.6f}")
 
 
@@ -106,8 +123,12 @@ def main():
         check_adapter(*sys.argv[2:5])
         return
     inp = G.make_inputs()
+    only = sys.argv[1:] == ["--experts"]
     for index, (name, spec) in enumerate(FIXTURES.items()):
-        make_fixture(name, spec, index, inp)
+        if not only:
+            make_fixture(name, spec, index, inp)
+    for index, (name, spec) in enumerate(EXPERT_FIXTURES.items()):
+        make_fixture(name, spec, 10 + index, inp, experts=True)
 
 
 if __name__ == "__main__":
