@@ -6,9 +6,14 @@
 # resumed writes the uninterrupted run's adapter and merged weights bit for bit; pp 2 (its
 # own gradient path across stages) and the device simulator write the same adapter bit for
 # bit; train_router adds the routers as modules_to_save; over bf16 frozen weights
-# (model.frozen_weights) the adapters train and the merged export is refused; routed-expert
-# targets and unknown targets are refused with the reason. The numbers against PEFT itself
-# are test_lora's (golden fixtures).
+# (model.frozen_weights) the adapters train and the merged export is refused; unknown
+# targets are refused with the reason. Routed experts (targets experts, selected): the
+# adapter holds PEFT's fused target_parameters tensors, the loss falls, the merged model's
+# eval loss is below the base's, a resumed run and the device simulator write the same
+# adapter bit for bit, ep 2 ends at the 1-rank run's validation loss (1e-6 relative; the
+# rows of an expert are summed in another order), and selected trains only
+# expert_config's experts. The numbers against PEFT itself are test_lora's (golden
+# fixtures).
 set -u
 . "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
 test_begin lora
@@ -101,12 +106,58 @@ expect 2 "lora, bf16, merged export refused" "$esft" "$demo" phase=train \
 contains "$tmp/err" "model.frozen_weights bf16 is not supported yet" "bf16 merged export refused"
 absent "$d/bad" "bf16 merged export refused"
 
+# routed experts: every expert's gate_up_proj and down_proj pair
+ex="train.method=lora train.lora.r=4 train.lora.alpha=8 train.lora.targets=[attention,experts] train.steps=4 train.eval_every=4 train.checkpoint_every=2 train.lr=1.0e-2"
 # shellcheck disable=SC2086
-expect 2 "routed experts refused" "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common \
-    train.method=lora "train.lora.targets=[attention, experts]"
-contains "$tmp/err" "routed experts" "routed experts refused"
-contains "$tmp/err" "target_parameters" "routed experts refused"
-absent "$d/bad" "routed experts refused"
+expect 0 "lora on experts" "$esft" "$demo" phase=train "run.output_dir=$d/ex" $common $ex \
+    train.export_merged=true
+mx="$d/ex/metrics.jsonl"
+firstx=$(losses eval "$mx" | head -n 1 | cut -d' ' -f2)
+lastx=$(losses eval "$mx" | tail -n 1 | cut -d' ' -f2)
+awk -v a="$firstx" -v b="$lastx" 'BEGIN { exit !(b < a) }' && ok ||
+    fail "lora on experts did not lower the validation loss ($firstx -> $lastx)"
+contains "$d/ex/adapter/adapter_config.json" '"mlp.experts.gate_up_proj"' "target_parameters"
+contains "$d/ex/adapter/adapter_model.safetensors" \
+    'base_model.model.model.layers.1.mlp.experts.base_layer.lora_B.weight' "fused expert pairs"
+expect 0 "eval, merged experts" "$esft" "$demo" phase=eval "run.output_dir=$d/eval-ex" \
+    "model.path=$d/ex/merged" "data.path=$d/data.h5"
+mergedx=$(value loss "$d/eval-ex/eval.json")
+awk -v a="$mergedx" -v b="$base" 'BEGIN { exit !(a < b) }' && ok ||
+    fail "eval: merged experts $mergedx, base $base"
+echo "lora on experts: validation loss $firstx -> $lastx; eval: base $base, merged $mergedx"
+# shellcheck disable=SC2086
+expect 0 "lora on experts, 2 steps" "$esft" "$demo" phase=train "run.output_dir=$d/ex-resumed" \
+    $common $ex train.steps=2 train.export_merged=false
+# shellcheck disable=SC2086
+expect 0 "lora on experts, resumed" "$esft" "$demo" phase=train "run.output_dir=$d/ex-resumed" \
+    $common $ex train.export_merged=false
+cmp -s "$d/ex/adapter/adapter_model.safetensors" "$d/ex-resumed/adapter/adapter_model.safetensors" &&
+    ok || fail "lora on experts, resumed: the adapter differs"
+# shellcheck disable=SC2086
+expect 0 "lora on experts, cpu-devsim" "$esft" "$demo" phase=train "run.output_dir=$d/ex-devsim" \
+    $common $ex run.backend=cpu-devsim train.export_merged=false
+cmp -s "$d/ex/adapter/adapter_model.safetensors" "$d/ex-devsim/adapter/adapter_model.safetensors" &&
+    ok || fail "lora on experts, cpu-devsim: the adapter differs from the CPU backend's"
+# shellcheck disable=SC2086
+expect 0 "lora on experts, ep 2" $mpirun 2 "$esft" "$demo" phase=train "run.output_dir=$d/ex-ep2" \
+    $common $ex parallel.ep=2 train.export_merged=false
+lastep=$(losses eval "$d/ex-ep2/metrics.jsonl" | tail -n 1 | cut -d' ' -f2)
+awk -v a="$lastep" -v b="$lastx" 'BEGIN { d = (a - b) / b; exit !(d < 1e-6 && d > -1e-6) }' && ok ||
+    fail "lora on experts, ep 2: final validation loss $lastep, 1 rank $lastx"
+# selected: only expert_config's experts train (4 of the 4 x 8)
+printf '%s\n' '{"experts": {"0": [2], "1": [5, 6], "2": [], "3": [3]},' \
+    '"shared_experts": false, "non_expert_modules": false}' > "$d/ec.json"
+# shellcheck disable=SC2086
+expect 0 "lora on selected experts" "$esft" "$demo" phase=train "run.output_dir=$d/sel" $common \
+    $ex "train.lora.targets=[selected]" "train.expert_config=$d/ec.json" train.steps=2 \
+    train.export_merged=false
+# each pair r (H + 2I) + r (I + H) = 4 (64 + 64) + 4 (32 + 64) = 896
+contains "$d/sel/metrics.jsonl" '"trainable_parameters": 3584,' "selected: 4 experts' pairs train"
+# shellcheck disable=SC2086
+expect 2 "selected without expert_config" "$esft" "$demo" phase=train "run.output_dir=$d/bad" \
+    $common train.method=lora "train.lora.targets=[selected]"
+contains "$tmp/err" "train.expert_config, which is not set" "selected without expert_config"
+absent "$d/bad" "selected without expert_config"
 # shellcheck disable=SC2086
 expect 2 "unknown target refused" "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common \
     train.method=lora "train.lora.targets=[w1]"

@@ -29,7 +29,8 @@ loads an adapter esft wrote (adapter_model.safetensors + adapter_config.json) wi
 PeftModel.from_pretrained on BASE_DIR and prints the mean cross-entropy over the samples
 of DATA_JSON ({"samples": [{"tokens": [...], "loss_mask": [...]}, ...]}, one forward per
 sample, target t+1 counted when loss_mask[t+1] is 1), which the test compares with esft's
-eval loss of the merged model on the same samples.
+eval loss of the merged model on the same samples. DATA may also be esft's prepared
+data.h5 (its tokens, offsets and loss_mask datasets; needs h5py).
 """
 
 import json
@@ -101,10 +102,20 @@ def make_fixture(name, spec, index, inp, experts=False):
     print(f"{name}: {len(lora)} adapter tensors, loss {loss.item():.6f}")
 
 
+def read_samples(path):
+    if not path.endswith(".h5"):
+        return json.load(open(path))["samples"]
+    import h5py
+    with h5py.File(path, "r") as f:
+        tokens, offsets, mask = f["tokens"][:], f["offsets"][:], f["loss_mask"][:]
+    return [{"tokens": tokens[a:b].tolist(), "loss_mask": mask[a:b].tolist()}
+            for a, b in zip(offsets[:-1], offsets[1:])]
+
+
 def check_adapter(adapter_dir, base_dir, data_json):
     model = PeftModel.from_pretrained(load(base_dir), adapter_dir).eval()
     loaded = sum(1 for n, _ in model.named_parameters() if "lora_" in n)
-    samples = json.load(open(data_json))["samples"]
+    samples = read_samples(data_json)
     total, count = 0.0, 0
     with torch.no_grad():
         for s in samples:
