@@ -372,6 +372,18 @@ int export_merged(const char *dir, const struct model *model, const char *base_d
 
 /* ---- the LoRA adapter in PEFT's format -------------------------------------------------- */
 
+/* Whether PEFT (0.21) on transformers 5 re-targets this model's modules named gate_proj,
+ * up_proj, down_proj: for the model types transformers maps onto qwen2_moe's v4
+ * conversion (qwen3_moe, olmoe, deepseek_v2/v3, glm4_moe; qwen2_moe itself is not in the
+ * map), its _convert_peft_config_moe (peft/utils/transformers_weight_conversion.py) turns
+ * every target_modules entry ending in one of those names into target_parameters on the
+ * fused experts, so a dense MLP's or shared expert's adapter is not loaded as trained. */
+static bool peft_retargets_mlp(const struct model_config *c)
+{
+    return c->family == HF_QWEN3_MOE || c->family == HF_OLMOE || c->family == HF_DEEPSEEK_V2 ||
+           c->family == HF_DEEPSEEK_V3 || c->family == HF_GLM4_MOE;
+}
+
 /* adapter_config.json as PEFT (0.17 and later) reads it: target_modules the exact module
  * paths (PEFT matches a list entry by equality or a ".entry" suffix), routers trained in
  * full as modules_to_save. */
@@ -398,6 +410,16 @@ static int write_adapter_config(const char *path, const struct model *model,
                 json_array_append_new(save, json_string(module));
         }
     }
+    for (int i = 0; peft_retargets_mlp(&model->cfg) && i < model->n_params; i++)
+        if (model->params[i].kind == PARAM_LORA && !lora_experts_is(&model->params[i]) &&
+            !LORA_IS_ATTENTION(model->params[i].lora_target)) {
+            log_warn("train: %s: PEFT 0.21 on transformers 5 turns %s's targets named "
+                     "gate_proj / up_proj / down_proj into its fused experts' target_parameters, "
+                     "so it will not load the dense-MLP or shared-expert adapters as trained; "
+                     "the merged checkpoint holds them",
+                     path, hfconfig_family_name(model->cfg.family));
+            break;
+        }
     json_object_set_new(root, "peft_type", json_string("LORA"));
     json_object_set_new(root, "task_type", json_string("CAUSAL_LM"));
     json_object_set_new(root, "base_model_name_or_path", json_string(base_path));

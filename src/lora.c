@@ -26,7 +26,12 @@ int lora_parse_targets(char *const *names, int n, unsigned *targets, enum lora_e
         {"k_proj", BIT(LORA_K)},
         {"v_proj", BIT(LORA_V)},
         {"o_proj", BIT(LORA_O)},
-        {"attention", BIT(LORA_Q) | BIT(LORA_K) | BIT(LORA_V) | BIT(LORA_O)},
+        {"q_a_proj", BIT(LORA_Q_A)},
+        {"q_b_proj", BIT(LORA_Q_B)},
+        {"kv_a_proj_with_mqa", BIT(LORA_KV_A)},
+        {"kv_b_proj", BIT(LORA_KV_B)},
+        {"attention", BIT(LORA_Q) | BIT(LORA_K) | BIT(LORA_V) | BIT(LORA_O) | BIT(LORA_Q_A) |
+                          BIT(LORA_Q_B) | BIT(LORA_KV_A) | BIT(LORA_KV_B)},
         {"gate_proj", BIT(LORA_MLP_GATE)},
         {"up_proj", BIT(LORA_MLP_UP)},
         {"down_proj", BIT(LORA_MLP_DOWN)},
@@ -52,7 +57,7 @@ int lora_parse_targets(char *const *names, int n, unsigned *targets, enum lora_e
         }
         snprintf(err, err_size,
                  "train.lora.targets: unknown target '%s' (q_proj, k_proj, v_proj, o_proj, "
-                 "attention, gate_proj, up_proj, down_proj, dense_mlp, shared_experts, "
+                 "q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, attention, gate_proj, up_proj, down_proj, dense_mlp, shared_experts, "
                  "experts, selected)",
                  names[i]);
         return -1;
@@ -81,6 +86,10 @@ int lora_target_of(const char *name, unsigned targets)
         {".self_attn.k_proj.weight", LORA_K},
         {".self_attn.v_proj.weight", LORA_V},
         {".self_attn.o_proj.weight", LORA_O},
+        {".self_attn.q_a_proj.weight", LORA_Q_A},
+        {".self_attn.q_b_proj.weight", LORA_Q_B},
+        {".self_attn.kv_a_proj_with_mqa.weight", LORA_KV_A},
+        {".self_attn.kv_b_proj.weight", LORA_KV_B},
         /* the shared expert (qwen2_moe: shared_expert, deepseek: shared_experts) before
          * the dense MLP, whose suffix is a shorter form of the same */
         {".shared_expert.gate_proj.weight", LORA_SHARED_GATE},

@@ -26,6 +26,10 @@ enum lora_target {
     LORA_K,
     LORA_V,
     LORA_O,
+    LORA_Q_A, /* multi-head latent attention (deepseek): q_a_proj, q_b_proj, */
+    LORA_Q_B,
+    LORA_KV_A, /* kv_a_proj_with_mqa, kv_b_proj (q_proj and o_proj: LORA_Q, LORA_O) */
+    LORA_KV_B,
     LORA_MLP_GATE, /* dense (non-MoE) layers' MLP */
     LORA_MLP_UP,
     LORA_MLP_DOWN,
@@ -59,11 +63,15 @@ struct layer_lora {
     float *b[LORA_TARGET_COUNT]; /* [out, r] */
 };
 
+/* Whether a target is one of the attention's projections (the rest are MLPs'). */
+#define LORA_IS_ATTENTION(t) ((t) <= LORA_KV_B)
+
 /* The factor of B A in the forward. */
 float lora_scale(const struct lora_spec *spec);
 
 /* Reads train.lora.targets' names into targets and experts: q_proj, k_proj, v_proj,
- * o_proj, attention (the four), gate_proj, up_proj, down_proj, dense_mlp (the three,
+ * o_proj, q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj (multi-head latent
+ * attention), attention (all of these a model has), gate_proj, up_proj, down_proj, dense_mlp (the three,
  * non-MoE layers), shared_experts (their gate, up and down); experts (every routed
  * expert's gate_up_proj and down_proj) or selected (only train.expert_config's experts
  * train). 0, or -1 with a message naming the entry. */

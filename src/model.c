@@ -705,7 +705,7 @@ static void set_backward_floor(struct model *m)
         const struct param *p = &m->params[i];
         if (p->trainable && p->layer == floor &&
             (p->kind == PARAM_ATTENTION || p->kind == PARAM_NORM ||
-             (p->kind == PARAM_LORA && p->lora_target <= LORA_O)))
+             (p->kind == PARAM_LORA && LORA_IS_ATTENTION(p->lora_target))))
             m->floor_mlp_only = false;
     }
 }

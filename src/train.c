@@ -287,8 +287,7 @@ static void log_eval(long long step, double loss, int n_blocks)
 }
 
 /* Method lora: the adapters the deck asks for, and whether this model's modules take
- * them (multi-head latent attention has no q/k/v/o projections of the GQA form esft
- * adapts). */
+ * them (gpt_oss's experts do not; selected needs train.expert_config). */
 static int lora_spec_of(const struct deck *deck, const struct model_config *cfg,
                         struct lora_spec *spec, char *err, size_t err_size)
 {
@@ -301,13 +300,6 @@ static int lora_spec_of(const struct deck *deck, const struct model_config *cfg,
     if (lora_parse_targets(tr->lora_targets, tr->n_lora_targets, &spec->targets, &spec->experts,
                            why, sizeof why) != 0) {
         snprintf(err, err_size, "%s: %s", where, why);
-        return -1;
-    }
-    unsigned attention = (1u << LORA_Q) | (1u << LORA_K) | (1u << LORA_V) | (1u << LORA_O);
-    if (cfg->attention == ATTENTION_MLA && (spec->targets & attention)) {
-        snprintf(err, err_size, "%s: %s (%s) uses multi-head latent attention, whose projections "
-                 "esft does not adapt yet; name dense_mlp or shared_experts", where,
-                 deck->model.path, hfconfig_family_name(cfg->family));
         return -1;
     }
     if (spec->experts != LORA_EXPERTS_NONE && (cfg->num_experts == 0 || cfg->family == HF_GPT_OSS)) {

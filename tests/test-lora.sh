@@ -12,8 +12,9 @@
 # eval loss is below the base's, a resumed run and the device simulator write the same
 # adapter bit for bit, ep 2 ends at the 1-rank run's validation loss (1e-6 relative; the
 # rows of an expert are summed in another order), and selected trains only
-# expert_config's experts. The numbers against PEFT itself are test_lora's (golden
-# fixtures).
+# expert_config's experts. Latent attention (deepseek_v3): its five projections adapted,
+# the loss falls, the device simulator bit for bit. The numbers against PEFT itself are
+# test_lora's (golden fixtures).
 set -u
 . "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
 test_begin lora
@@ -158,6 +159,31 @@ expect 2 "selected without expert_config" "$esft" "$demo" phase=train "run.outpu
     $common train.method=lora "train.lora.targets=[selected]"
 contains "$tmp/err" "train.expert_config, which is not set" "selected without expert_config"
 absent "$d/bad" "selected without expert_config"
+
+# multi-head latent attention (deepseek_v3 with q_lora_rank): q_a_proj, q_b_proj,
+# kv_a_proj_with_mqa, kv_b_proj and o_proj adapted; the device simulator writes the CPU's
+# adapter bit for bit
+dsc="model.path=$d/ds prepare.output=$d/data.h5 data.path=$d/data.h5 prepare.inputs=[$src/input/data/demo.jsonl]"
+# shellcheck disable=SC2086
+expect 0 "deepseek_v3 demo model" "$esft" "$demo" phase=init "run.output_dir=$d" $dsc \
+    init.family=deepseek_v3 init.q_lora_rank=16
+mla="train.method=lora train.lora.r=4 train.lora.alpha=8 train.lora.targets=[attention] train.steps=4 train.eval_every=4 train.lr=1.0e-2 train.export_merged=false"
+# shellcheck disable=SC2086
+expect 0 "lora on latent attention" "$esft" "$demo" phase=train "run.output_dir=$d/mla" $dsc $mla
+firstm=$(losses eval "$d/mla/metrics.jsonl" | head -n 1 | cut -d' ' -f2)
+lastm=$(losses eval "$d/mla/metrics.jsonl" | tail -n 1 | cut -d' ' -f2)
+awk -v a="$firstm" -v b="$lastm" 'BEGIN { exit !(b < a) }' && ok ||
+    fail "lora on latent attention did not lower the validation loss ($firstm -> $lastm)"
+for module in q_a_proj q_b_proj kv_a_proj_with_mqa kv_b_proj o_proj; do
+    contains "$d/mla/adapter/adapter_config.json" "\"model.layers.1.self_attn.$module\"" \
+        "latent attention targets"
+done
+# shellcheck disable=SC2086
+expect 0 "lora on latent attention, cpu-devsim" "$esft" "$demo" phase=train \
+    "run.output_dir=$d/mla-devsim" $dsc $mla run.backend=cpu-devsim
+cmp -s "$d/mla/adapter/adapter_model.safetensors" "$d/mla-devsim/adapter/adapter_model.safetensors" &&
+    ok || fail "lora on latent attention, cpu-devsim: the adapter differs from the CPU backend's"
+echo "lora on latent attention: validation loss $firstm -> $lastm"
 # shellcheck disable=SC2086
 expect 2 "unknown target refused" "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common \
     train.method=lora "train.lora.targets=[w1]"

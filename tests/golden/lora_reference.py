@@ -10,6 +10,7 @@ random values (B nonzero, so that A has a gradient), runs the golden batch as
 generate.py's reference does (each packed sample its own forward pass) and writes
 tests/golden/<name>/lora_expected.safetensors:
     lora.r, lora.alpha, lora.rslora     scalars (float32)
+    lora.attention_only                 1: only the attention's projections adapted
     <PEFT name>                         the adapter, e.g.
                                         base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
     grad.<PEFT name>                    d loss / d adapter, loss = mean CE over the labels
@@ -51,9 +52,17 @@ FIXTURES = {
     "qwen2_moe": dict(r=4, alpha=8.0, rslora=False),
     "qwen3_moe": dict(r=3, alpha=5.0, rslora=True),
     "olmoe": dict(r=4, alpha=16.0, rslora=False),
+    # multi-head latent attention: q_proj (q_lora_rank null) and q_a_proj / q_b_proj; the
+    # attention alone (lora.attention_only 1): on deepseek (and qwen3_moe, olmoe, glm4_moe)
+    # PEFT 0.21 on transformers 5 turns every target named gate_proj / up_proj / down_proj
+    # into target_parameters on the fused experts (peft/utils/transformers_weight_conversion.py,
+    # _convert_peft_config_moe), so it cannot adapt their dense MLP or shared experts
+    "deepseek_v2": dict(r=3, alpha=6.0, rslora=False, attention_only=True),
+    "deepseek_v3": dict(r=2, alpha=3.0, rslora=True, attention_only=True),
 }
 # esft's train.lora.targets [attention, dense_mlp, shared_experts] as module paths
-TARGETS = r".*\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|mlp\.shared_experts?\.(gate|up|down)_proj)"
+ATTENTION = r"self_attn\.([qkvo]|q_a|q_b|kv_b)_proj|self_attn\.kv_a_proj_with_mqa"
+TARGETS = rf".*\.({ATTENTION}|mlp\.(gate|up|down)_proj|mlp\.shared_experts?\.(gate|up|down)_proj)"
 A_STD, B_STD, SEED = 0.2, 0.1, 4242
 # the routed experts too (transformers 5's fused expert parameters)
 EXPERT_FIXTURES = {
@@ -82,7 +91,8 @@ def reference(model, inp):
 def make_fixture(name, spec, index, inp, experts=False):
     d = os.path.join(HERE, name)
     cfg = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], use_rslora=spec["rslora"], lora_dropout=0.0,
-                     target_modules=TARGETS, bias="none", task_type="CAUSAL_LM",
+                     target_modules=rf".*\.({ATTENTION})" if spec.get("attention_only") else TARGETS,
+                     bias="none", task_type="CAUSAL_LM",
                      target_parameters=EXPERT_PARAMETERS if experts else None)
     model = get_peft_model(load(d), cfg)
     g = torch.Generator().manual_seed(SEED + index)
@@ -93,7 +103,8 @@ def make_fixture(name, spec, index, inp, experts=False):
     loss = reference(model.base_model.model, inp)
     grads = torch.autograd.grad(loss, list(lora.values()))
     out = {"lora.r": torch.tensor(float(spec["r"])), "lora.alpha": torch.tensor(float(spec["alpha"])),
-           "lora.rslora": torch.tensor(1.0 if spec["rslora"] else 0.0), "loss": loss.detach().reshape(())}
+           "lora.rslora": torch.tensor(1.0 if spec["rslora"] else 0.0), "loss": loss.detach().reshape(()),
+           "lora.attention_only": torch.tensor(1.0 if spec.get("attention_only") else 0.0)}
     for (n, p), gr in zip(lora.items(), grads):
         out[peft_name(n)] = p.detach().contiguous()
         out["grad." + peft_name(n)] = gr.contiguous()
@@ -134,12 +145,13 @@ def main():
         check_adapter(*sys.argv[2:5])
         return
     inp = G.make_inputs()
-    only = sys.argv[1:] == ["--experts"]
+    names = sys.argv[1:]  # only these fixtures (default: all); --experts: the expert ones
     for index, (name, spec) in enumerate(FIXTURES.items()):
-        if not only:
+        if not names or name in names:
             make_fixture(name, spec, index, inp)
     for index, (name, spec) in enumerate(EXPERT_FIXTURES.items()):
-        make_fixture(name, spec, 10 + index, inp, experts=True)
+        if not names or "--experts" in names:
+            make_fixture(name, spec, 10 + index, inp, experts=True)
 
 
 if __name__ == "__main__":
