@@ -411,8 +411,10 @@ static const struct key schema[] = {
      .help = "rank-stabilised LoRA: scale by alpha / sqrt(r) instead (PEFT's use_rslora)"},
     {KEY("train.lora.targets", KEY_LIST, train.lora_targets), COUNT(train.n_lora_targets),
      .def = "[q_proj, k_proj, v_proj, o_proj]",
-     .help = "modules that get adapters: q_proj, k_proj, v_proj, o_proj, attention, "
-             "gate_proj, up_proj, down_proj, dense_mlp (non-MoE layers), shared_experts"},
+     .help = "modules that get adapters: q_proj, k_proj, v_proj, o_proj, q_a_proj, q_b_proj, "
+             "kv_a_proj_with_mqa, kv_b_proj, attention, gate_proj, up_proj, down_proj, "
+             "dense_mlp (non-MoE layers), shared_experts, experts (every routed expert), "
+             "selected (train.expert_config's experts)"},
     {KEY("train.lora.train_router", KEY_BOOL, train.lora_train_router), .def = "false",
      .help = "method lora: train the MoE routers too (in full; PEFT modules_to_save)"},
 
