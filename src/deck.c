@@ -420,7 +420,9 @@ static const struct key schema[] = {
 
     /* eval */
     {KEY("eval.adapter", KEY_STRING, eval.adapter),
-     .help = "trained-tensor safetensors applied on the base model; unset: the base model"},
+     .help = "trained-tensor safetensors applied on the base model, or a LoRA adapter "
+             "directory (adapter_config.json + adapter_model.safetensors) folded in; unset: "
+             "the base model"},
     {KEY("eval.batch", KEY_INT, eval.batch), .def = "1", .bounds = LO, .lo = 1,
      .help = "blocks per forward pass on one rank"},
 };

@@ -1,6 +1,6 @@
 /* eval: the `eval` phase: loss, perplexity and next-token accuracy of a model, with the
  * trained tensors of an adapter (eval.adapter: the train phase's adapter.safetensors)
- * put over the base weights, on a prepared dataset, under any rank layout.
+ * put over the base weights, or a LoRA adapter directory folded in (peft_adapter.h), on a prepared dataset, under any rank layout.
  *
  * Every sample of data.path is evaluated once, in dataset order, packed into blocks of
  * data.seq_len tokens as the train phase packs them (data.pack); eval.batch blocks form
@@ -23,6 +23,7 @@
 #include "hfconfig.h"
 #include "log.h"
 #include "model.h"
+#include "peft_adapter.h"
 #include "phases.h"
 
 int phase_eval(const struct deck *deck, const struct layout *layout)
@@ -58,7 +59,10 @@ int phase_eval(const struct deck *deck, const struct layout *layout)
     fail_if_any(model_load(&model, deck->model.path, err, sizeof err) != 0, EXIT_INPUT, "eval: %s",
                 err);
     int applied = 0;
-    if (deck->eval.adapter)
+    if (deck->eval.adapter && peft_adapter_is(deck->eval.adapter)) /* LoRA: W + scale B A */
+        fail_if_any(peft_adapter_apply(&model, deck->eval.adapter, &applied, err, sizeof err) != 0,
+                    EXIT_INPUT, "eval: %s", err);
+    else if (deck->eval.adapter)
         fail_if_any(model_apply_adapter(&model, deck->eval.adapter, &applied, err, sizeof err) != 0,
                     EXIT_INPUT, "eval: %s", err);
     const struct backend *ops = phase_backend(deck, "eval");

@@ -15,6 +15,7 @@
 #include "files.h"
 #include "hfconfig.h"
 #include "log.h"
+#include "peft_adapter.h"
 #include "phases.h"
 #include "prepare.h"
 #include "tokenizer.h"
@@ -218,8 +219,9 @@ int preflight_check(const struct deck *deck, const struct layout_grid *grid, cha
             }
             if (phase == PHASE_EVAL && deck->eval.adapter &&
                 !(made.adapter && strcmp(deck->eval.adapter, adapter) == 0) &&
-                !is_regular_file(deck->eval.adapter))
-                problem(&p, "eval: eval.adapter: %s is not a file", deck->eval.adapter);
+                !is_regular_file(deck->eval.adapter) && !peft_adapter_is(deck->eval.adapter))
+                problem(&p, "eval: eval.adapter: %s is neither a file nor a LoRA adapter "
+                        "directory (adapter_config.json)", deck->eval.adapter);
             if (phase != PHASE_TRAIN) break;
             {
                 const struct deck_train *tr = &deck->train;

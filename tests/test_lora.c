@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "backend.h"
 #include "check.h"
@@ -20,6 +21,7 @@
 #include "lora.h"
 #include "lora_experts.h"
 #include "model.h"
+#include "peft_adapter.h"
 #include "trainable.h"
 
 static char tmp[64] = "/tmp/esft-lora.XXXXXX";
@@ -220,6 +222,29 @@ static void check_fixture(const char *dir, const char *name, void *context)
            name, d2, scale);
     free(adapted), free(merged_here), free(merged);
     model_free(&plain);
+
+    /* the adapter as PEFT saved it, folded in (eval.adapter, --apply-adapter): the logits
+     * of PEFT's merge_and_unload model */
+    char adapter[4200];
+    snprintf(adapter, sizeof adapter, "%s/%s", dir, lc->experts ? "lora_experts_adapter" : "lora_adapter");
+    const struct st_tensor *peft_logits = st_file_find(ref, "merged.logits");
+    CHECK(peft_adapter_is(adapter) && peft_logits, "%s: %s and merged.logits", name, adapter);
+    if (peft_adapter_is(adapter) && peft_logits && (size_t)peft_logits->numel == n) {
+        struct model folded;
+        model_create(&folded, &cfg, &grid, (struct layout_coords){0, 0, 0});
+        CHECK(model_load(&folded, dir, err, sizeof err) == 0, "%s", err);
+        int tensors = 0;
+        CHECK(peft_adapter_apply(&folded, adapter, &tensors, err, sizeof err) == 0, "%s", err);
+        float *got = logits_of(&folded, &fb.batch), *want_logits = xmalloc(n * sizeof(float));
+        CHECK(st_read_f32(peft_logits, want_logits, n, err, sizeof err) == 0, "%s", err);
+        double d3 = max_diff(got, want_logits, n, &scale);
+        CHECK(d3 < 1e-4 * scale, "%s: PEFT's adapter folded in: logits differ from PEFT's merged "
+              "model's by %.3g (max |logit| %.3g)", name, d3, scale);
+        printf("%s: PEFT's adapter folded in (%d tensors) vs PEFT's merged logits: max difference "
+               "%.2e\n", name, tensors, d3);
+        free(got), free(want_logits);
+        model_free(&folded);
+    }
     free(trainable);
     model_free(&m);
     st_close(ref);
@@ -293,12 +318,62 @@ static void check_init(const char *golden)
           "scale alpha/r, rsLoRA alpha/sqrt(r)");
 }
 
+/* A LoRA adapter directory esft does not fold is refused with the file and the key (or
+ * the tensor): here configs written by hand, and another model's adapter. */
+static void check_peft_refusals(const char *golden)
+{
+    char dir[4200], err[1024], path[4300], command[8800];
+    snprintf(dir, sizeof dir, "%s/qwen2_moe", golden);
+    struct model_config cfg;
+    CHECK(hfconfig_load(dir, &cfg, err, sizeof err) == 0, "%s", err);
+    struct layout_grid one = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
+    struct model m;
+    model_create(&m, &cfg, &one, (struct layout_coords){0, 0, 0});
+    CHECK(model_load(&m, dir, err, sizeof err) == 0, "%s", err);
+    static const struct {
+        const char *config, *key;
+    } cases[] = {
+        {"{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8, \"use_dora\": true}", "'use_dora'"},
+        {"{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8, \"rank_pattern\": {\"q\": 8}}",
+         "'rank_pattern'"},
+        {"{\"peft_type\": \"LOHA\", \"r\": 4, \"lora_alpha\": 8}", "'peft_type'"},
+        {"{\"peft_type\": \"LORA\", \"r\": 0, \"lora_alpha\": 8}", "'r'"},
+        {"{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8, \"bias\": \"all\"}", "'bias'"},
+        {"{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8, \"target_parameters\": "
+         "[\"mlp.experts.w1\"]}", "'target_parameters'"},
+    };
+    char adapter[128];
+    snprintf(adapter, sizeof adapter, "%s/refused", tmp);
+    CHECK(mkdir(adapter, 0755) == 0, "mkdir %s", adapter);
+    snprintf(path, sizeof path, "%s/adapter_config.json", adapter);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        FILE *f = fopen(path, "w");
+        CHECK(f != NULL, "%s", path);
+        if (!f) return;
+        fputs(cases[i].config, f);
+        fclose(f);
+        int n = 0;
+        CHECK(peft_adapter_apply(&m, adapter, &n, err, sizeof err) != 0 &&
+                  strstr(err, "adapter_config.json: key ") && strstr(err, cases[i].key),
+              "refused naming the file and %s: %s", cases[i].key, err);
+    }
+    /* olmoe's adapter over qwen2_moe: its shapes are another model's */
+    snprintf(command, sizeof command, "cp '%s/olmoe/lora_adapter/'* '%s'", golden, adapter);
+    CHECK(system(command) == 0, "%s", command);
+    int n = 0;
+    CHECK(peft_adapter_apply(&m, adapter, &n, err, sizeof err) != 0 &&
+              strstr(err, "adapter_model.safetensors: tensor '"),
+          "another model's adapter refused naming the tensor: %s", err);
+    model_free(&m);
+}
+
 int main(int argc, char **argv)
 {
     MPI_Init(&argc, &argv);
     const char *golden = argc > 1 ? argv[1] : "tests/golden";
     CHECK(mkdtemp(tmp) != NULL, "mkdtemp");
     check_init(golden);
+    check_peft_refusals(golden);
     struct lora_case modules = {"lora_expected.safetensors", LORA_EXPERTS_NONE};
     struct lora_case experts = {"lora_experts_expected.safetensors", LORA_EXPERTS_ALL};
     int fixtures = fixture_each(golden, modules.file, check_fixture, &modules);

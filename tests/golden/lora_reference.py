@@ -15,6 +15,9 @@ tests/golden/<name>/lora_expected.safetensors:
                                         base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
     grad.<PEFT name>                    d loss / d adapter, loss = mean CE over the labels
     loss                                that loss
+    merged.logits                       [N, V] PEFT's merge_and_unload model on the batch
+and the adapter itself as PEFT saves it (save_pretrained) in tests/golden/<name>/lora_adapter/
+(lora_experts_adapter/ for the expert fixtures below).
 and, for each fixture in EXPERT_FIXTURES, tests/golden/<name>/lora_experts_expected.safetensors,
 the same with the routed experts adapted too (esft's targets [attention, dense_mlp,
 shared_experts, experts]): PEFT's target_parameters on mlp.experts.gate_up_proj [E, 2I, H]
@@ -108,6 +111,19 @@ def make_fixture(name, spec, index, inp, experts=False):
     for (n, p), gr in zip(lora.items(), grads):
         out[peft_name(n)] = p.detach().contiguous()
         out["grad." + peft_name(n)] = gr.contiguous()
+    # the adapter as PEFT saves it, and the logits of PEFT's merged model (merge_and_unload)
+    # on the batch: what esft's eval.adapter folds in must give them
+    adapter_dir = os.path.join(d, "lora_experts_adapter" if experts else "lora_adapter")
+    model.save_pretrained(adapter_dir)
+    os.remove(os.path.join(adapter_dir, "README.md"))  # PEFT's model card, not needed
+    config_path = os.path.join(adapter_dir, "adapter_config.json")
+    config = json.load(open(config_path))
+    config["base_model_name_or_path"] = f"tests/golden/{name}"  # not this checkout's path
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    with torch.no_grad():
+        merged = model.merge_and_unload()
+        out["merged.logits"] = G.per_sample_logits(merged, inp).reshape(-1, merged.config.vocab_size)
     out_name = "lora_experts_expected.safetensors" if experts else "lora_expected.safetensors"
     save_file(out, os.path.join(d, out_name), metadata={"format": "pt"})
     print(f"{name}: {len(lora)} adapter tensors, loss {loss.item():.6f}")
