@@ -11,7 +11,9 @@
 # adapter holds PEFT's fused target_parameters tensors, the loss falls, the merged model's
 # eval loss is below the base's, a resumed run and the device simulator write the same
 # adapter bit for bit, ep 2 ends at the 1-rank run's validation loss (1e-6 relative; the
-# rows of an expert are summed in another order), and selected trains only
+# rows of an expert are summed in another order), --apply-adapter of the adapter
+# directory writes the merged export's bytes and eval.adapter gives its loss, and
+# selected trains only
 # expert_config's experts. Latent attention (deepseek_v3): its five projections adapted,
 # the loss falls, the device simulator bit for bit. The numbers against PEFT itself are
 # test_lora's (golden fixtures).
@@ -126,6 +128,19 @@ mergedx=$(value loss "$d/eval-ex/eval.json")
 awk -v a="$mergedx" -v b="$base" 'BEGIN { exit !(a < b) }' && ok ||
     fail "eval: merged experts $mergedx, base $base"
 echo "lora on experts: validation loss $firstx -> $lastx; eval: base $base, merged $mergedx"
+# the adapter directory read back: --apply-adapter folds it into the base as the merged
+# export did (the same bytes), eval.adapter gives the merged model's loss (1e-4: the
+# merged checkpoint is rounded to the demo's bf16, the fold is not)
+expect 0 "--apply-adapter of the expert pairs" "$esft" --apply-adapter "$d/ex/adapter" "$demo" \
+    "model.path=$d/model" "run.output_dir=$d/ex-applied"
+cmp -s "$d/ex/merged/model.safetensors" "$d/ex-applied/merged/model.safetensors" && ok ||
+    fail "--apply-adapter of a LoRA adapter: not train.export_merged's checkpoint"
+expect 0 "eval.adapter, expert pairs" "$esft" "$demo" phase=eval "run.output_dir=$d/eval-exad" \
+    "model.path=$d/model" "data.path=$d/data.h5" "eval.adapter=$d/ex/adapter"
+folded=$(value loss "$d/eval-exad/eval.json")
+awk -v a="$folded" -v b="$mergedx" 'BEGIN { d = (a - b) / b; exit !(d < 1e-4 && d > -1e-4) }' &&
+    ok || fail "eval.adapter: loss $folded, the merged checkpoint's $mergedx"
+echo "eval.adapter (LoRA directory): $folded, merged checkpoint $mergedx"
 # shellcheck disable=SC2086
 expect 0 "lora on experts, 2 steps" "$esft" "$demo" phase=train "run.output_dir=$d/ex-resumed" \
     $common $ex train.steps=2 train.export_merged=false
