@@ -108,6 +108,17 @@ int lora_target_of(const char *name, unsigned targets)
     return -1;
 }
 
+void lora_fold(float *w, const float *b, const float *a, int64_t rows, int64_t in, int64_t r,
+               float scale)
+{
+    for (int64_t o = 0; o < rows; o++)
+        for (int64_t j = 0; j < in; j++) {
+            double sum = 0;
+            for (int64_t k = 0; k < r; k++) sum += (double)b[o * r + k] * (double)a[k * in + j];
+            w[o * in + j] += (float)(scale * sum);
+        }
+}
+
 void lora_init_a(float *a, int r, int in, uint64_t seed, int table_index)
 {
     struct rng rng;

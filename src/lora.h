@@ -82,6 +82,11 @@ int lora_parse_targets(char *const *names, int n, unsigned *targets, enum lora_e
  * spec, or -1. */
 int lora_target_of(const char *name, unsigned targets);
 
+/* The merge of one adapter: w[rows, in] += scale b[rows, r] a[r, in] (sums in double;
+ * host memory). */
+void lora_fold(float *w, const float *b, const float *a, int64_t rows, int64_t in, int64_t r,
+               float scale);
+
 /* PEFT's init of one adapter: A [r, in] Kaiming-uniform(a = sqrt(5)) from the project's
  * xoshiro256** seeded with seed mixed with the tensor's index in the parameter table
  * (so every rank and layout draws the same values), B zero. Host memory. */

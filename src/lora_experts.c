@@ -135,25 +135,8 @@ void lora_experts_gate_up_backward(const struct model *m, const struct backend *
 /* The held expert weight of (layer, expert, part), or NULL. */
 static struct param *expert_weight(struct model *m, int layer, int expert, enum mlp_part part)
 {
-    for (int i = 0; i < m->n_params; i++) {
-        struct param *p = &m->params[i];
-        if (p->kind == PARAM_EXPERT && p->rank == 2 && p->layer == layer && p->expert == expert &&
-            p->part == part)
-            return p->data ? p : NULL;
-    }
-    return NULL;
-}
-
-/* w[out, in] += scale b[out, r] a[r, in] */
-static void add_product(float *w, const float *b, const float *a, int64_t out, int64_t in,
-                        int64_t r, float scale)
-{
-    for (int64_t o = 0; o < out; o++)
-        for (int64_t j = 0; j < in; j++) {
-            double sum = 0;
-            for (int64_t k = 0; k < r; k++) sum += (double)b[o * r + k] * (double)a[k * in + j];
-            w[o * in + j] += (float)(scale * sum);
-        }
+    struct param *p = model_find_expert(m, layer, expert, part);
+    return p && p->data ? p : NULL;
 }
 
 void lora_experts_merge(struct model *m)
@@ -168,12 +151,12 @@ void lora_experts_merge(struct model *m)
             if (!gate || !up)
                 fatal(EXIT_RUNTIME, "lora_experts_merge: %s without its experts", a->name);
             int64_t I = gate->shape[0];
-            add_product(gate->data, b->data, a->data, I, in, r, m->lora_scale);
-            add_product(up->data, b->data + I * r, a->data, I, in, r, m->lora_scale);
+            lora_fold(gate->data, b->data, a->data, I, in, r, m->lora_scale);
+            lora_fold(up->data, b->data + I * r, a->data, I, in, r, m->lora_scale);
         } else {
             struct param *down = expert_weight(m, a->layer, a->expert, MLP_DOWN);
             if (!down) fatal(EXIT_RUNTIME, "lora_experts_merge: %s without its expert", a->name);
-            add_product(down->data, b->data, a->data, down->shape[0], in, r, m->lora_scale);
+            lora_fold(down->data, b->data, a->data, down->shape[0], in, r, m->lora_scale);
         }
         memset(b->data, 0, b->numel * sizeof(float)); /* its update is in W now */
     }

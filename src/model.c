@@ -598,6 +598,17 @@ struct param *model_find_param(struct model *m, const char *name)
     return NULL;
 }
 
+struct param *model_find_expert(struct model *m, int layer, int expert, enum mlp_part part)
+{
+    for (int i = 0; i < m->n_params; i++) {
+        struct param *p = &m->params[i];
+        if (p->kind == PARAM_EXPERT && p->rank == 2 && p->layer == layer && p->expert == expert &&
+            p->part == part)
+            return p;
+    }
+    return NULL;
+}
+
 /* ---- gradients ---------------------------------------------------------------------- */
 
 /* The field of struct layer_grads (or the model's own) that holds a parameter's
@@ -946,14 +957,7 @@ void model_merge_lora(struct model *m)
         struct param *w = model_find_param(m, name);
         if (!w || !w->data || !b->lora_b)
             fatal(EXIT_RUNTIME, "model_merge_lora: no base weight %s held with %s", name, a->name);
-        int64_t out = w->shape[0], in = w->shape[1], r = a->shape[0];
-        for (int64_t o = 0; o < out; o++)
-            for (int64_t j = 0; j < in; j++) {
-                double sum = 0;
-                for (int64_t k = 0; k < r; k++)
-                    sum += (double)b->data[o * r + k] * (double)a->data[k * in + j];
-                w->data[o * in + j] += (float)(m->lora_scale * sum);
-            }
+        lora_fold(w->data, b->data, a->data, w->shape[0], w->shape[1], a->shape[0], m->lora_scale);
         memset(b->data, 0, b->numel * sizeof(float)); /* its update is in W now */
     }
     lora_experts_merge(m);

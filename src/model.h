@@ -263,6 +263,8 @@ void model_merge_lora(struct model *model);
 
 /* The entry for a Hugging Face name, or NULL. */
 struct param *model_find_param(struct model *model, const char *name);
+/* The 2-D weight of a routed expert's part (gate, up or down), or NULL. */
+struct param *model_find_expert(struct model *model, int layer, int expert, enum mlp_part part);
 
 /* Marks the trainable tensors (trainable[i] for params[i]) and allocates zeroed gradient
  * buffers for those this rank holds, in one allocation; frozen tensors get none. Call

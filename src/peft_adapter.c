@@ -109,10 +109,13 @@ static int read_config(const char *path, struct peft_config *c, char *err, size_
             refuse_key(path, "target_parameters", "must be a list", err, err_size);
             goto done;
         }
-        json_array_foreach(v, i, e) {
+        json_array_foreach(v, i, e)
+        {
             const char *name = json_string_value(e);
-            if (name && ends_with(name, "experts.gate_up_proj")) c->gate_up = true;
-            else if (name && ends_with(name, "experts.down_proj")) c->down = true;
+            if (name && ends_with(name, "experts.gate_up_proj"))
+                c->gate_up = true;
+            else if (name && ends_with(name, "experts.down_proj"))
+                c->down = true;
             else {
                 refuse_key(path, "target_parameters",
                            "only the routed experts' gate_up_proj and down_proj are read", err,
@@ -142,22 +145,11 @@ static int fused_part(const char *module, const struct peft_config *c, int *laye
     return c->gate_up ? LORA_EXPERT_GATE_UP : c->down ? LORA_EXPERT_DOWN : -1;
 }
 
-static struct param *expert_param(struct model *m, int layer, int expert, enum mlp_part part)
-{
-    for (int i = 0; i < m->n_params; i++) {
-        struct param *p = &m->params[i];
-        if (p->kind == PARAM_EXPERT && p->rank == 2 && p->layer == layer && p->expert == expert &&
-            p->part == part)
-            return p;
-    }
-    return NULL;
-}
-
 /* One adapted weight and the factors that fold into it. */
 struct fold {
-    struct param *w;     /* [out, in] (the gate_up pair: the gate; up next) */
-    struct param *up;    /* the gate_up pair's up projection, or NULL */
-    int expert;          /* the expert of a fused pair, or -1 */
+    struct param *w;  /* [out, in] (the gate_up pair: the gate; up next) */
+    struct param *up; /* the gate_up pair's up projection, or NULL */
+    int expert;       /* the expert of a fused pair, or -1 */
     const struct st_tensor *a, *b;
 };
 
@@ -166,8 +158,8 @@ static int bad_shape(const char *path, const struct st_tensor *t, long long d0, 
 {
     if (t->rank == 2 && t->shape[0] == d0 && t->shape[1] == d1) return 0;
     snprintf(err, err_size, "%s: tensor '%s' has shape [%lld, %lld], the model needs [%lld, %lld]",
-             path, t->name, (long long)t->shape[0], t->rank > 1 ? (long long)t->shape[1] : 0LL,
-             d0, d1);
+             path, t->name, (long long)t->shape[0], t->rank > 1 ? (long long)t->shape[1] : 0LL, d0,
+             d1);
     return -1;
 }
 
@@ -194,8 +186,10 @@ static int plan_tensor(struct model *m, const struct st_file *f, const struct pe
     if (!ends_with(name, ".lora_A.weight")) { /* a modules_to_save copy */
         struct param *p = model_find_param(m, name + strlen(PREFIX));
         if (!p || p->kind == PARAM_LORA) {
-            snprintf(err, err_size, "%s: tensor '%s' is neither a LoRA factor nor a tensor of the "
-                     "model (%s)", f->path, name, m->cfg.model_type);
+            snprintf(err, err_size,
+                     "%s: tensor '%s' is neither a LoRA factor nor a tensor of the "
+                     "model (%s)",
+                     f->path, name, m->cfg.model_type);
             return -1;
         }
         if (t->rank == p->rank && t->shape[0] == p->shape[0] &&
@@ -218,14 +212,15 @@ static int plan_tensor(struct model *m, const struct st_file *f, const struct pe
     int r = c->r;
     if (part >= 0) { /* the routed experts' fused pair */
         int E = m->cfg.num_experts;
-        struct param *w0 = layer >= 0 && layer < m->cfg.num_layers
-                               ? expert_param(m, layer, 0, part == LORA_EXPERT_DOWN ? MLP_DOWN
-                                                                                    : MLP_GATE)
-                               : NULL;
+        struct param *w0 =
+            layer >= 0 && layer < m->cfg.num_layers
+                ? model_find_expert(m, layer, 0, part == LORA_EXPERT_DOWN ? MLP_DOWN : MLP_GATE)
+                : NULL;
         if (!w0 || m->cfg.family == HF_GPT_OSS) {
-            snprintf(err, err_size, "%s: tensor '%s': layer %d of the model (%s) has no routed "
-                     "experts of the fused form the adapter's target_parameters name", f->path,
-                     name, layer, m->cfg.model_type);
+            snprintf(err, err_size,
+                     "%s: tensor '%s': layer %d of the model (%s) has no routed "
+                     "experts of the fused form the adapter's target_parameters name",
+                     f->path, name, layer, m->cfg.model_type);
             return -1;
         }
         long long out = part == LORA_EXPERT_DOWN ? w0->shape[0] : 2 * w0->shape[0];
@@ -237,9 +232,11 @@ static int plan_tensor(struct model *m, const struct st_file *f, const struct pe
         for (int e = 0; e < E; e++) {
             enum mlp_part first = part == LORA_EXPERT_DOWN ? MLP_DOWN : MLP_GATE;
             (*list)[(*n)++] = (struct fold){
-                .w = expert_param(m, layer, e, first),
-                .up = part == LORA_EXPERT_DOWN ? NULL : expert_param(m, layer, e, MLP_UP),
-                .expert = e, .a = t, .b = b};
+                .w = model_find_expert(m, layer, e, first),
+                .up = part == LORA_EXPERT_DOWN ? NULL : model_find_expert(m, layer, e, MLP_UP),
+                .expert = e,
+                .a = t,
+                .b = b};
         }
         return 0;
     }
@@ -247,8 +244,10 @@ static int plan_tensor(struct model *m, const struct st_file *f, const struct pe
     snprintf(weight, sizeof weight, "%s.weight", module);
     struct param *w = model_find_param(m, weight);
     if (!w || w->kind == PARAM_LORA || w->rank != 2) {
-        snprintf(err, err_size, "%s: tensor '%s' adapts '%s', which is not a linear weight of the "
-                 "model (%s)", f->path, name, module, m->cfg.model_type);
+        snprintf(err, err_size,
+                 "%s: tensor '%s' adapts '%s', which is not a linear weight of the "
+                 "model (%s)",
+                 f->path, name, module, m->cfg.model_type);
         return -1;
     }
     if (bad_shape(f->path, t, r, w->shape[1], err, err_size) ||
@@ -265,19 +264,12 @@ static int plan_tensor(struct model *m, const struct st_file *f, const struct pe
 static void add_to(struct param *p, const float *b, const float *a, int64_t row0, int64_t rows,
                    int64_t r, float scale)
 {
-    int64_t in = p->shape[1];
     float *w = p->data;
     if (!w) { /* bf16: widened, added to, rounded again */
         w = xmalloc(p->numel * sizeof(float));
         for (size_t i = 0; i < p->numel; i++) w[i] = st_bf16_to_f32(p->data_bf16[i]);
     }
-    for (int64_t o = 0; o < rows; o++)
-        for (int64_t j = 0; j < in; j++) {
-            double sum = 0;
-            for (int64_t k = 0; k < r; k++)
-                sum += (double)b[(row0 + o) * r + k] * (double)a[k * in + j];
-            w[o * in + j] += (float)(scale * sum);
-        }
+    lora_fold(w, b + row0 * r, a, rows, p->shape[1], r, scale);
     if (!p->data) {
         st_f32_to_bf16_array(w, p->data_bf16, p->numel);
         free(w);
@@ -314,8 +306,7 @@ static int apply_fold(struct model *m, const struct fold *f, int r, float scale,
     return rc ? -1 : 0;
 }
 
-int peft_adapter_apply(struct model *m, const char *dir, int *n_tensors, char *err,
-                       size_t err_size)
+int peft_adapter_apply(struct model *m, const char *dir, int *n_tensors, char *err, size_t err_size)
 {
     char config_path[4200], weights_path[4200];
     if (path_join(config_path, sizeof config_path, dir, "adapter_config.json", err, err_size) ||

@@ -114,11 +114,8 @@ ex="train.method=lora train.lora.r=4 train.lora.alpha=8 train.lora.targets=[atte
 # shellcheck disable=SC2086
 expect 0 "lora on experts" "$esft" "$demo" phase=train "run.output_dir=$d/ex" $common $ex \
     train.export_merged=true
-mx="$d/ex/metrics.jsonl"
-firstx=$(losses eval "$mx" | head -n 1 | cut -d' ' -f2)
-lastx=$(losses eval "$mx" | tail -n 1 | cut -d' ' -f2)
-awk -v a="$firstx" -v b="$lastx" 'BEGIN { exit !(b < a) }' && ok ||
-    fail "lora on experts did not lower the validation loss ($firstx -> $lastx)"
+eval_loss_falls "$d/ex/metrics.jsonl" "lora on experts"
+firstx=$first_eval lastx=$last_eval
 contains "$d/ex/adapter/adapter_config.json" '"mlp.experts.gate_up_proj"' "target_parameters"
 contains "$d/ex/adapter/adapter_model.safetensors" \
     'base_model.model.model.layers.1.mlp.experts.base_layer.lora_B.weight' "fused expert pairs"
@@ -185,10 +182,7 @@ expect 0 "deepseek_v3 demo model" "$esft" "$demo" phase=init "run.output_dir=$d"
 mla="train.method=lora train.lora.r=4 train.lora.alpha=8 train.lora.targets=[attention] train.steps=4 train.eval_every=4 train.lr=1.0e-2 train.export_merged=false"
 # shellcheck disable=SC2086
 expect 0 "lora on latent attention" "$esft" "$demo" phase=train "run.output_dir=$d/mla" $dsc $mla
-firstm=$(losses eval "$d/mla/metrics.jsonl" | head -n 1 | cut -d' ' -f2)
-lastm=$(losses eval "$d/mla/metrics.jsonl" | tail -n 1 | cut -d' ' -f2)
-awk -v a="$firstm" -v b="$lastm" 'BEGIN { exit !(b < a) }' && ok ||
-    fail "lora on latent attention did not lower the validation loss ($firstm -> $lastm)"
+eval_loss_falls "$d/mla/metrics.jsonl" "lora on latent attention"
 for module in q_a_proj q_b_proj kv_a_proj_with_mqa kv_b_proj o_proj; do
     contains "$d/mla/adapter/adapter_config.json" "\"model.layers.1.self_attn.$module\"" \
         "latent attention targets"
@@ -198,7 +192,7 @@ expect 0 "lora on latent attention, cpu-devsim" "$esft" "$demo" phase=train \
     "run.output_dir=$d/mla-devsim" $dsc $mla run.backend=cpu-devsim
 cmp -s "$d/mla/adapter/adapter_model.safetensors" "$d/mla-devsim/adapter/adapter_model.safetensors" &&
     ok || fail "lora on latent attention, cpu-devsim: the adapter differs from the CPU backend's"
-echo "lora on latent attention: validation loss $firstm -> $lastm"
+echo "lora on latent attention: validation loss $first_eval -> $last_eval"
 # shellcheck disable=SC2086
 expect 2 "unknown target refused" "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common \
     train.method=lora "train.lora.targets=[w1]"
