@@ -121,6 +121,14 @@ static bool phase_listed(const struct deck *deck, enum phase phase)
     return false;
 }
 
+bool deck_lora_selects_experts(const struct deck *deck)
+{
+    if (deck->train.method != METHOD_LORA) return false;
+    for (int i = 0; i < deck->train.n_lora_targets; i++)
+        if (strcmp(deck->train.lora_targets[i], "selected") == 0) return true;
+    return false;
+}
+
 /* train.expert_config is needed by method esft, unless select runs in the same deck:
  * then it defaults to select's output (deck_finish fills it in). */
 static bool method_is_esft(const struct deck *deck)
@@ -351,8 +359,8 @@ static const struct key schema[] = {
              "forward FLOPs); forward and expert gradients unchanged"},
     {KEY("train.expert_config", KEY_STRING, train.expert_config), .required_by = BY(TRAIN),
      .required_if = method_is_esft, .required_why = "method esft",
-     .help = "expert_config.json naming the experts to train (method esft); default with "
-             "select in the phase list: select's output"},
+     .help = "expert_config.json naming the experts to train (method esft, and method lora "
+             "with targets selected); default with select in the phase list: select's output"},
     {KEY("train.lr", KEY_DOUBLE, train.lr), .def = "1e-5", .bounds = LO, .lo = 0,
      .help = "peak learning rate"},
     {KEY("train.weight_decay", KEY_DOUBLE, train.weight_decay), .def = "0.1", .bounds = LO, .lo = 0,
@@ -1729,8 +1737,8 @@ int deck_finish(struct deck *deck, char *err, size_t err_size)
         deck->model.c2r_config = xmalloc(size);
         snprintf(deck->model.c2r_config, size, "%s/c2r_config.json", deck->run.output_dir);
     }
-    if (deck->train.method == METHOD_ESFT && !deck->train.expert_config &&
-        phase_listed(deck, PHASE_SELECT)) {
+    if ((deck->train.method == METHOD_ESFT || deck_lora_selects_experts(deck)) &&
+        !deck->train.expert_config && phase_listed(deck, PHASE_SELECT)) {
         size_t size = strlen(deck->run.output_dir) + strlen(deck->select.output) + 2;
         deck->train.expert_config = xmalloc(size);
         if (deck->select.output[0] == '/')

@@ -238,7 +238,8 @@ int preflight_check(const struct deck *deck, const struct layout_grid *grid, cha
                     problem(&p, "train: %s", err); /* what the deck alone tells */
                 bool selected_here = made.expert_config && tr->expert_config &&
                                      strcmp(tr->expert_config, select_output) == 0;
-                if (tr->method == METHOD_ESFT && !selected_here) {
+                if ((tr->method == METHOD_ESFT || deck_lora_selects_experts(deck)) &&
+                    !selected_here && tr->expert_config) {
                     if (!is_regular_file(tr->expert_config)) {
                         problem(&p, "train: train.expert_config: %s is not a file%s%s%s",
                                 tr->expert_config,

@@ -318,14 +318,6 @@ static int lora_spec_of(const struct deck *deck, const struct model_config *cfg,
     return 0;
 }
 
-/* Whether train.lora.targets names selected (the adapted experts are expert_config's). */
-static bool lora_selects_experts(const struct deck_train *tr)
-{
-    for (int i = 0; i < tr->n_lora_targets; i++)
-        if (strcmp(tr->lora_targets[i], "selected") == 0) return true;
-    return false;
-}
-
 /* The balance loss esft adds is the family's (hfconfig.h, enum hf_aux_kind). The sigmoid
  * routers of deepseek_v3 and glm4_moe have none in transformers (5.24), and the ESFT
  * reference trains DeepSeek-V2 only: a coefficient would train a term nobody defines. */
@@ -391,7 +383,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
                   "pipeline parallelism (parallel.pp %d) does not support tied embeddings yet",
                   deck->model.path, grid->pp);
     struct expert_config ec = {0};
-    bool selected_lora = tr->method == METHOD_LORA && lora_selects_experts(tr);
+    bool selected_lora = deck_lora_selects_experts(deck);
     if ((tr->method == METHOD_ESFT || selected_lora) &&
         expert_config_read(tr->expert_config, &cfg, &ec, err, sizeof err) != 0)
         fatal_all(EXIT_INPUT, "train: %s", err);

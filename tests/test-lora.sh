@@ -171,6 +171,11 @@ expect 2 "selected without expert_config" "$esft" "$demo" phase=train "run.outpu
     $common train.method=lora "train.lora.targets=[selected]"
 contains "$tmp/err" "train.expert_config, which is not set" "selected without expert_config"
 absent "$d/bad" "selected without expert_config"
+# shellcheck disable=SC2086
+expect 2 "selected, expert_config missing" "$esft" "$demo" phase=train "run.output_dir=$d/bad" \
+    $common train.method=lora "train.lora.targets=[selected]" "train.expert_config=$d/none.json"
+contains "$tmp/err" "train.expert_config: $d/none.json is not a file" "expert_config missing"
+absent "$d/bad" "selected, expert_config missing"
 
 # multi-head latent attention (deepseek_v3 with q_lora_rank): q_a_proj, q_b_proj,
 # kv_a_proj_with_mqa, kv_b_proj and o_proj adapted; the device simulator writes the CPU's
