@@ -369,24 +369,18 @@ extern "C" int dense_ce_chunk_backward(float *dlogits, const float *logits, cons
 }
 
 extern "C" int dense_sum_rows(double *total, long long *counted, const double *row_loss,
-                              const int32_t *labels, int N, char *err, size_t err_size)
+                              const int32_t *labels, int N, double *loss, int32_t *lab,
+                              char *err, size_t err_size)
 {
     *total = 0;
     *counted = 0;
     if (N == 0) return 0;
-    double *loss = (double *)malloc((size_t)N * sizeof(double));
-    int32_t *lab = (int32_t *)malloc((size_t)N * sizeof(int32_t));
-    cudaError_t status = cudaErrorMemoryAllocation;
-    if (loss && lab) {
-        status = cudaMemcpy(loss, row_loss, (size_t)N * sizeof(double), cudaMemcpyDeviceToHost);
-        if (status == cudaSuccess)
-            status = cudaMemcpy(lab, labels, (size_t)N * sizeof(int32_t), cudaMemcpyDeviceToHost);
-    }
+    cudaError_t status = cudaMemcpy(loss, row_loss, (size_t)N * sizeof(double), cudaMemcpyDeviceToHost);
+    if (status == cudaSuccess)
+        status = cudaMemcpy(lab, labels, (size_t)N * sizeof(int32_t), cudaMemcpyDeviceToHost);
     if (status == cudaSuccess)
         for (int n = 0; n < N; n++)
             if (lab[n] >= 0) *total += loss[n], ++*counted;
-    free(loss);
-    free(lab);
     if (status != cudaSuccess) {
         snprintf(err, err_size, "dense_sum_rows: %s", cudaGetErrorString(status));
         return -1;

@@ -72,10 +72,12 @@ int dense_cross_entropy(double *row_loss, float *dlogits, const float *logits,
                         const int32_t *labels, int N, int V, float scale, char *err,
                         size_t err_size);
 
-/* Host side of the loss: downloads row_loss[N] and labels[N], returns the sum of the
- * counted rows in row order (the CPU backend's sum) and their count. -1 on a copy error. */
+/* Host side of the loss: downloads row_loss[N] and labels[N] into host_loss[N] and
+ * host_labels[N] (the caller's host memory), returns the sum of the counted rows in row
+ * order (the CPU backend's sum) and their count. -1 on a copy error. */
 int dense_sum_rows(double *total, long long *counted, const double *row_loss,
-                   const int32_t *labels, int N, char *err, size_t err_size);
+                   const int32_t *labels, int N, double *host_loss, int32_t *host_labels,
+                   char *err, size_t err_size);
 
 /* The vocabulary-chunked cross-entropy of backend.h (ce_chunk_update, ce_chunk_backward):
  * state[N, 4] (running max, running sum of exp(z - max), the label's logit, the best

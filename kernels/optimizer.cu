@@ -51,7 +51,7 @@ extern "C" size_t optim_sum_squares_workspace(size_t n)
 }
 
 extern "C" int optim_sum_squares(double *sum, const float *grad, size_t n, void *workspace,
-                                 char *err, size_t err_size)
+                                 double *host, char *err, size_t err_size)
 {
     *sum = 0.0;
     size_t chunks = norm_chunks(n);
@@ -60,15 +60,9 @@ extern "C" int optim_sum_squares(double *sum, const float *grad, size_t n, void 
     sum_squares_kernel<<<(unsigned)((chunks + THREADS - 1) / THREADS), THREADS>>>(partial, grad, n,
                                                                                   chunks);
     if (report("optim_sum_squares", err, err_size) != 0) return -1;
-    double *host = (double *)malloc(chunks * sizeof(double));
-    if (!host) {
-        snprintf(err, err_size, "optim_sum_squares: out of host memory for %zu sums", chunks);
-        return -1;
-    }
     cudaError_t status = cudaMemcpy(host, partial, chunks * sizeof(double), cudaMemcpyDeviceToHost);
     if (status == cudaSuccess)
         for (size_t c = 0; c < chunks; c++) *sum += host[c];
-    free(host);
     if (status != cudaSuccess) {
         snprintf(err, err_size, "optim_sum_squares: %s", cudaGetErrorString(status));
         return -1;

@@ -23,10 +23,11 @@ int optim_adamw(float *data, float *m, float *v, const float *grad, size_t n,
 /* Sum of grad[i]^2 over n elements, in double: a partial sum per chunk of NORM_CHUNK
  * elements (in element order within a chunk), then the chunks' sums added in chunk order
  * on the host. The chunking depends on n alone, so the value is the same on any GPU and
- * any run. workspace: optim_sum_squares_workspace(n) bytes of device memory. */
+ * any run. workspace: optim_sum_squares_workspace(n) bytes of device memory, host as
+ * many bytes of host memory (the chunks' sums are read back into it). */
 size_t optim_sum_squares_workspace(size_t n);
-int optim_sum_squares(double *sum, const float *grad, size_t n, void *workspace, char *err,
-                      size_t err_size);
+int optim_sum_squares(double *sum, const float *grad, size_t n, void *workspace, double *host,
+                      char *err, size_t err_size);
 
 /* grad[i] *= factor (clipping). */
 int optim_scale(float *grad, size_t n, float factor, char *err, size_t err_size);

@@ -356,6 +356,13 @@ struct backend {
      * declaration (the model that made them is freed, and its memory may be handed out
      * again). May be NULL: nothing kept. */
     void (*constant)(const float *p, size_t count);
+    /* From now on no op is given more than `tokens` tokens (an attention's samples
+     * included) or `rows` rows of any other kind (the experts' token-slot rows under EP):
+     * a backend that keeps scratch between calls sizes it for these at its first use, so
+     * that the train step loop allocates nothing after its first step (workspace creation
+     * calls it with the workspace's capacities; the largest over calls holds). May be
+     * NULL. */
+    void (*reserve)(size_t tokens, size_t rows);
     /* Bytes the backend's buffers take now and at most so far (for the progress line). */
     void (*memory)(size_t *in_use, size_t *peak);
 };

@@ -1,6 +1,7 @@
 /* blocks: packing a dataset's samples into blocks of tokens (see blocks.h). */
 #include "blocks.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -18,6 +19,15 @@ void blocks_shuffle(uint64_t *a, uint64_t n, uint64_t seed)
     }
 }
 
+uint64_t blocks_split(uint64_t *order, uint64_t n, double val_fraction, long long seed)
+{
+    for (uint64_t i = 0; i < n; i++) order[i] = i;
+    blocks_shuffle(order, n, (uint64_t)seed ^ 0x5eedULL);
+    uint64_t n_val = (uint64_t)ceil(val_fraction * (double)n);
+    if (n_val >= n) n_val = n > 0 ? n - 1 : 0;
+    return n - n_val;
+}
+
 static uint64_t clipped_length(const struct dataset *ds, uint64_t sample, int seq_len)
 {
     uint64_t n = dataset_sample_length(ds, sample);
@@ -27,11 +37,14 @@ static uint64_t clipped_length(const struct dataset *ds, uint64_t sample, int se
 void plan_blocks(const struct dataset *ds, const uint64_t *samples, uint64_t n, int seq_len,
                         bool pack, struct block_plan *plan)
 {
-    free(plan->first);
-    free(plan->order);
-    plan->order = xmalloc((n ? n : 1) * sizeof *plan->order);
+    if (!plan->order || n > plan->capacity) {
+        free(plan->first);
+        free(plan->order);
+        plan->order = xmalloc((n ? n : 1) * sizeof *plan->order);
+        plan->first = xmalloc((n + 1) * sizeof *plan->first);
+        plan->capacity = n;
+    }
     memcpy(plan->order, samples, n * sizeof *samples);
-    plan->first = xmalloc((n + 1) * sizeof *plan->first);
     plan->n_blocks = 0;
     uint64_t used = 0;
     for (uint64_t i = 0; i < n; i++) {

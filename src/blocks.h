@@ -15,14 +15,22 @@ struct block_plan {
     int n_blocks;
     int *first;    /* [n_blocks + 1]: block b packs order[first[b] .. first[b+1]) */
     uint64_t *order; /* sample indices in packing order */
+    uint64_t capacity; /* samples the arrays hold */
 };
 
-/* Packs samples (in the given order) into plan (its arrays replaced). */
+/* Packs samples (in the given order) into plan (its arrays grown only when n is larger
+ * than any plan before: a new epoch of the same samples allocates nothing). */
 void plan_blocks(const struct dataset *ds, const uint64_t *samples, uint64_t n, int seq_len,
                  bool pack, struct block_plan *plan);
 
 /* Fisher-Yates shuffle of a[n] by the project's xoshiro256** seeded with seed. */
 void blocks_shuffle(uint64_t *a, uint64_t n, uint64_t seed);
+
+/* The split of n samples into training and validation ones that train makes and eval's
+ * split validation repeats: order[] becomes a permutation of 0 .. n-1 drawn with seed,
+ * whose first (returned) count are the training samples and the rest, ceil(val_fraction
+ * x n) but at most n - 1, the validation ones. */
+uint64_t blocks_split(uint64_t *order, uint64_t n, double val_fraction, long long seed);
 
 /* Token buffers of up to `capacity` tokens: a micro-batch of blocks laid end to end. */
 struct token_batch {

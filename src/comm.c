@@ -414,7 +414,8 @@ void comm_send_start(const struct comm *c, const void *buf, size_t count, enum c
     check_tag(tag, "comm_send_start");
     size_t element = comm_type_size(type), limit = chunk_limit;
     size_t pieces = count == 0 ? 1 : (count + limit - 1) / limit;
-    request->pieces = xmalloc(pieces * sizeof *request->pieces);
+    request->pieces = pieces <= COMM_REQUEST_INLINE ? request->inline_pieces
+                                                    : xmalloc(pieces * sizeof *request->pieces);
     const char *bytes = buf;
     size_t done = 0;
     do { /* the same pieces as comm_send, so comm_recv takes either */
@@ -429,7 +430,7 @@ void comm_wait(struct comm_request *request)
 {
     if (request->n > 0)
         check_mpi(MPI_Waitall(request->n, request->pieces, MPI_STATUSES_IGNORE));
-    free(request->pieces);
+    if (request->pieces != request->inline_pieces) free(request->pieces);
     request->pieces = NULL;
     request->n = 0;
 }

@@ -61,9 +61,12 @@ void comm_recv(const struct comm *c, void *buf, size_t count, enum comm_type typ
  * returns, NCCL ordering sends by call order). buf must stay untouched until
  * comm_wait(request). Lets a pipeline schedule post its sends and go on to its next
  * receive, so no two stages wait on each other's sends. */
+enum { COMM_REQUEST_INLINE = 4 };
 struct comm_request {
-    MPI_Request *pieces; /* one per chunk of at most the chunk limit */
+    MPI_Request *pieces; /* one per chunk of at most the chunk limit: inline, or allocated
+                          * for a message of more than COMM_REQUEST_INLINE chunks */
     int n;
+    MPI_Request inline_pieces[COMM_REQUEST_INLINE];
 };
 void comm_send_start(const struct comm *c, const void *buf, size_t count, enum comm_type type,
                      int peer, int tag, enum comm_memory memory, struct comm_request *request);

@@ -104,6 +104,35 @@ static float row_exp_store_sum(float *x, int n, float max)
     return (float)sum;
 }
 
+/* The most tokens and rows the ops will be given (backend.h, reserve): the scratch the
+ * ops keep between calls is sized for them at its first use, so a later call with a
+ * longer sample or more expert rows finds it large enough. */
+static size_t reserved_tokens, reserved_rows;
+
+static void cpu_reserve(size_t tokens, size_t rows)
+{
+    if (tokens > reserved_tokens) reserved_tokens = tokens;
+    if (rows > reserved_rows) reserved_rows = rows;
+}
+
+static size_t most_tokens(size_t n)
+{
+    return n > reserved_tokens ? n : reserved_tokens;
+}
+
+static size_t most_rows(size_t n)
+{
+    return n > reserved_rows ? n : reserved_rows;
+}
+
+/* A kept buffer of `bytes`, grown to `most` bytes (what the reserved sizes need) when it
+ * grows at all. */
+static void *op_scratch(struct kept *k, size_t bytes, size_t most)
+{
+    if (bytes > k->bytes || !k->p) kept_buffer(k, most > bytes ? most : bytes);
+    return k->p;
+}
+
 static void cpu_embedding(float *x, const int32_t *tokens, const float *table, int N, int H)
 {
 #pragma omp parallel for schedule(static)
@@ -315,7 +344,10 @@ static void cpu_attention(float *out, const float *q, const float *k, const floa
         if (end - i > longest) longest = end - i;
         n_items += nH * ((end - i + QUERY_BLOCK - 1) / QUERY_BLOCK);
     }
-    int32_t *items = xmalloc((size_t)n_items * 3 * sizeof(int32_t)); /* start, length, head*blocks */
+    static struct kept items_kept; /* start, length, head*blocks */
+    size_t most_items = (size_t)nH * (most_tokens((size_t)N) * (QUERY_BLOCK + 1) / QUERY_BLOCK + 1);
+    int32_t *items = op_scratch(&items_kept, (size_t)n_items * 3 * sizeof(int32_t),
+                                most_items * 3 * sizeof(int32_t));
     int at = 0;
     for (int i = 0; i < N; i++) {
         if (mask->sample_start[i] != i) continue;
@@ -334,6 +366,7 @@ static void cpu_attention(float *out, const float *q, const float *k, const floa
     {
         size_t need = (size_t)QUERY_BLOCK * (size_t)longest;
         if (attention_scratch_size < need) {
+            need = (size_t)QUERY_BLOCK * most_tokens((size_t)longest);
             free(attention_scratch);
             attention_scratch = xmalloc(need * sizeof(float));
             attention_scratch_size = need;
@@ -361,7 +394,6 @@ static void cpu_attention(float *out, const float *q, const float *k, const floa
                         out_stride);
         }
     }
-    free(items);
 }
 
 static void cpu_permute_by_expert(int32_t *expert_offsets, int32_t *slot_of_row,
@@ -371,14 +403,14 @@ static void cpu_permute_by_expert(int32_t *expert_offsets, int32_t *slot_of_row,
     for (int e = 0; e <= E; e++) expert_offsets[e] = 0;
     for (int s = 0; s < M; s++) expert_offsets[ids[s] + 1]++;
     for (int e = 0; e < E; e++) expert_offsets[e + 1] += expert_offsets[e];
-    int32_t *next = xmalloc((size_t)E * sizeof(int32_t));
+    static struct kept next_kept;
+    int32_t *next = kept_buffer(&next_kept, (size_t)E * sizeof(int32_t));
     memcpy(next, expert_offsets, (size_t)E * sizeof(int32_t));
     for (int s = 0; s < M; s++) {
         int row = next[ids[s]]++;
         slot_of_row[row] = s;
         row_of_slot[s] = row;
     }
-    free(next);
 }
 
 static void cpu_gather_rows(float *xs, const float *x, const int32_t *slot_of_row, int M, int K,
@@ -514,11 +546,14 @@ static void cpu_ce_chunk_update(float *state, int32_t *best, const float *logits
         }
         int label = labels[n] - v0;
         if (label >= 0 && label < C) st[2] = z[label];
-        for (int v = 0; v < C; v++)
-            if (z[v] > st[3]) {
-                st[3] = z[v];
-                best[n] = v0 + v;
-            }
+        /* the argmax: the chunk's first logit equal to its maximum, when that beats the
+         * earlier chunks' (ties keep the lower id); no third pass over the chunk */
+        if (chunk_max > st[3]) {
+            int v = 0;
+            while (z[v] != chunk_max) v++;
+            st[3] = chunk_max;
+            best[n] = v0 + v;
+        }
     }
 }
 
@@ -582,7 +617,11 @@ static void add_partial_sums(float *sum, const float *partial, int chunks, int D
 static void add_column_sums(float *sum, const float *x, int R, int D)
 {
     int chunks = (R + SUM_CHUNK - 1) / SUM_CHUNK;
-    float *partial = xcalloc((size_t)chunks * D, sizeof(float));
+    static struct kept partial_kept;
+    size_t most_chunks = (most_rows((size_t)R) + SUM_CHUNK - 1) / SUM_CHUNK;
+    float *partial = op_scratch(&partial_kept, (size_t)chunks * D * sizeof(float),
+                                most_chunks * D * sizeof(float));
+    memset(partial, 0, (size_t)chunks * D * sizeof(float));
 #pragma omp parallel for schedule(static)
     for (int c = 0; c < chunks; c++) {
         int end = (c + 1) * SUM_CHUNK < R ? (c + 1) * SUM_CHUNK : R;
@@ -591,7 +630,6 @@ static void add_column_sums(float *sum, const float *x, int R, int D)
             for (int d = 0; d < D; d++) p[d] += x[(size_t)r * D + d];
     }
     add_partial_sums(sum, partial, chunks, D);
-    free(partial);
 }
 
 /* Rows per block when a GEMM is split over its output rows in the backward: fixed by the
@@ -653,7 +691,12 @@ static void cpu_rmsnorm_backward(float *dx, float *dw, const float *dy, const fl
                                  bool accumulate_dx)
 {
     int chunks = (R + SUM_CHUNK - 1) / SUM_CHUNK;
-    float *partial = dw ? xcalloc((size_t)chunks * D, sizeof(float)) : NULL;
+    static struct kept partial_kept;
+    size_t most_chunks = (most_rows((size_t)R) + SUM_CHUNK - 1) / SUM_CHUNK;
+    float *partial = dw ? op_scratch(&partial_kept, (size_t)chunks * D * sizeof(float),
+                                     most_chunks * D * sizeof(float))
+                        : NULL;
+    if (partial) memset(partial, 0, (size_t)chunks * D * sizeof(float));
 #pragma omp parallel for schedule(static)
     for (int c = 0; c < chunks; c++) {
         int end = (c + 1) * SUM_CHUNK < R ? (c + 1) * SUM_CHUNK : R;
@@ -675,10 +718,7 @@ static void cpu_rmsnorm_backward(float *dx, float *dw, const float *dy, const fl
             }
         }
     }
-    if (partial) {
-        add_partial_sums(dw, partial, chunks, D);
-        free(partial);
-    }
+    if (partial) add_partial_sums(dw, partial, chunks, D);
 }
 
 static _Thread_local float *attention_backward_scratch = NULL;
@@ -702,7 +742,9 @@ static void cpu_attention_backward(float *dq, float *dk, float *dv, const float 
     int n_items = 0, longest = 0;
     for (int i = 0; i < N; i++)
         if (mask->sample_start[i] == i) n_items += nKV;
-    int32_t *items = xmalloc((size_t)n_items * 3 * sizeof(int32_t)); /* start, length, kv */
+    static struct kept items_kept; /* start, length, kv */
+    int32_t *items = op_scratch(&items_kept, (size_t)n_items * 3 * sizeof(int32_t),
+                                (size_t)nKV * most_tokens((size_t)N) * 3 * sizeof(int32_t));
     int at = 0;
     for (int i = 0; i < N; i++) {
         if (mask->sample_start[i] != i) continue;
@@ -717,12 +759,17 @@ static void cpu_attention_backward(float *dq, float *dk, float *dv, const float 
         }
     }
     /* per item, per query head of its group: the item's share of d sinks */
+    static struct kept dsink_kept;
     double *dsink_parts = mask->sinks && mask->dsinks
-                              ? xcalloc((size_t)n_items * group, sizeof(double)) : NULL;
+                              ? op_scratch(&dsink_kept, (size_t)n_items * group * sizeof(double),
+                                           (size_t)nKV * most_tokens((size_t)N) * group * sizeof(double))
+                              : NULL;
+    if (dsink_parts) memset(dsink_parts, 0, (size_t)n_items * group * sizeof(double));
 #pragma omp parallel
     {
         size_t need = (2 * (size_t)longest + 1) * QUERY_BLOCK;
         if (attention_backward_scratch_size < need) {
+            need = (2 * most_tokens((size_t)longest) + 1) * QUERY_BLOCK;
             free(attention_backward_scratch);
             attention_backward_scratch = xmalloc(need * sizeof(float));
             attention_backward_scratch_size = need;
@@ -780,7 +827,6 @@ static void cpu_attention_backward(float *dq, float *dk, float *dv, const float 
                 }
         }
     }
-    free(items);
     if (!dsink_parts) return;
     for (int h = 0; h < nH; h++) { /* items: sample by sample, KV heads in order */
         double total = 0.0;
@@ -788,7 +834,6 @@ static void cpu_attention_backward(float *dq, float *dk, float *dv, const float 
             total += dsink_parts[(size_t)it * group + h % group];
         mask->dsinks[h] += (float)total;
     }
-    free(dsink_parts);
 }
 
 /* Per expert e: dx[rows] = dy[rows] @ w[e] (items: expert x block of ROW_BLOCK rows, as the
@@ -809,7 +854,13 @@ static void cpu_grouped_linear_backward(float *dx, float *const *dw, const float
         if (dx) row_items += (fp32_rows(w, offsets, e) + ROW_BLOCK - 1) / ROW_BLOCK;
         if (dw && dw[e] && rows > 0) weight_items += weight_blocks;
     }
-    int32_t *items = xmalloc(((size_t)row_items + weight_items) * 2 * sizeof(int32_t));
+    static struct kept items_kept;
+    /* at most every row's block plus one partial block an expert, and every expert's
+     * weight blocks */
+    size_t most_items = most_rows((size_t)offsets[E]) / ROW_BLOCK + 2 * (size_t)E +
+                        (size_t)E * (size_t)weight_blocks;
+    int32_t *items = op_scratch(&items_kept, ((size_t)row_items + weight_items) * 2 * sizeof(int32_t),
+                                most_items * 2 * sizeof(int32_t));
     int at = 0; /* (expert, block) pairs: first the fp32 dx blocks, then the dw blocks */
     for (int e = 0; e < E && dx; e++)
         for (int b = 0; b < (fp32_rows(w, offsets, e) + ROW_BLOCK - 1) / ROW_BLOCK; b++) {
@@ -842,7 +893,6 @@ static void cpu_grouped_linear_backward(float *dx, float *const *dw, const float
                         dw[e] + (size_t)first * I, I);
         }
     }
-    free(items);
     for (int e = 0; e < E && dx; e++)
         if (weight_is_bf16(w[e]) && offsets[e + 1] > offsets[e])
             linear_backward_bf16(dx + (size_t)offsets[e] * I, dy + (size_t)offsets[e] * O,
@@ -970,7 +1020,8 @@ static void cpu_adamw(float *data, float *m, float *v, const float *grad, size_t
 static double cpu_sum_squares(const float *x, size_t n)
 {
     size_t chunks = (n + NORM_CHUNK - 1) / NORM_CHUNK;
-    double *partial = xmalloc((chunks ? chunks : 1) * sizeof(double));
+    static struct kept partial_kept;
+    double *partial = kept_buffer(&partial_kept, (chunks ? chunks : 1) * sizeof(double));
 #pragma omp parallel for schedule(static)
     for (size_t c = 0; c < chunks; c++) {
         size_t end = (c + 1) * NORM_CHUNK < n ? (c + 1) * NORM_CHUNK : n;
@@ -980,7 +1031,6 @@ static double cpu_sum_squares(const float *x, size_t n)
     }
     double sum = 0;
     for (size_t c = 0; c < chunks; c++) sum += partial[c];
-    free(partial);
     return sum;
 }
 
@@ -1076,6 +1126,7 @@ const struct backend *backend_cpu(void)
         .scale = cpu_scale,
         .count_correct = cpu_count_correct,
         .host_visible = true,
+        .reserve = cpu_reserve,
         .alloc = cpu_alloc,
         .release = cpu_release,
         .upload = cpu_transfer,

@@ -13,8 +13,11 @@
  * logged at backend_cuda_release). The grouped GEMMs read the experts' offsets back to
  * the host (E + 1 integers). Device buffers for the ops (scratch, bf16 operands, the
  * frozen experts' bf16 outputs) and host buffers for the values read back grow on demand
- * and are kept: a step allocates only where it needs more than any step before it (a
- * longer sample, more rows received under EP). The ops are called from one thread.
+ * and are kept. The scratch and the host buffers sized by tokens or rows grow at once to
+ * what the reserved sizes need (backend.h, reserve: the workspace's capacities), so after
+ * the first step a step allocates nothing there; the bf16 operand and output buffers
+ * still grow when a step needs more than any before it, and the bf16 copies of frozen
+ * weights are made at first use (step 1). The ops are called from one thread.
  *
  * Modes: fp32 (cuBLAS fp32 compute); tf32 (backend_cuda_set_tf32: TF32 tensor-core
  * products); bf16 (backend_cuda_set_bf16: GEMMs against frozen weights on bf16 operands).
@@ -195,35 +198,78 @@ static struct gemm_context *gemm(void)
     return gemm_ctx;
 }
 
-static void *scratch(size_t bytes)
+/* The most tokens and rows the ops will be given (backend.h, reserve): the scratch and
+ * the staging buffers grow to what these need at their first growth, so a later step
+ * with a longer sample or more expert rows finds them large enough. */
+static size_t reserved_tokens, reserved_rows;
+
+static void cuda_reserve(size_t tokens, size_t rows)
+{
+    if (tokens > reserved_tokens) reserved_tokens = tokens;
+    if (rows > reserved_rows) reserved_rows = rows;
+}
+
+static int most_tokens(int n)
+{
+    return (size_t)n > reserved_tokens ? n : (int)reserved_tokens;
+}
+
+static int most_rows(int n)
+{
+    return (size_t)n > reserved_rows ? n : (int)reserved_rows;
+}
+
+/* The ops' device scratch: `bytes` now, `most` (the reserved sizes' need) when it grows. */
+static void *scratch_most(size_t bytes, size_t most)
 {
     if (bytes > scratch_size) {
+        if (most > bytes) bytes = most;
         if (scratch_buf) check_cuda(cudaFree(scratch_buf));
         scratch_buf = NULL;
         check_cuda(cudaMalloc(&scratch_buf, bytes));
+        alloc_watch_note(0, __FILE__, __LINE__);
         scratch_size = bytes;
     }
     return scratch_buf;
+}
+
+static void *scratch(size_t bytes)
+{
+    return scratch_most(bytes, bytes);
 }
 
 /* Host buffers for the values the ops read back, one per use, grown to the largest size
  * asked and kept (the step loop allocates nothing once it has run a step); freed by
  * backend_cuda_release. */
 enum staging { STAGE_OFFSETS, STAGE_SAMPLES, STAGE_STARTS, STAGE_CE_STATE, STAGE_CE_BEST,
-               STAGE_CE_LABELS, STAGE_COUNT };
+               STAGE_CE_LABELS, STAGE_ROW_LOSS, STAGE_ROW_LABELS, STAGE_NORM, STAGE_COUNT };
 static struct {
     void *p;
     size_t bytes;
 } staging[STAGE_COUNT];
 
-static void *staging_buffer(enum staging which, size_t bytes)
+static void *staging_most(enum staging which, size_t bytes, size_t most)
 {
     if (bytes > staging[which].bytes) {
+        if (most > bytes) bytes = most;
         free(staging[which].p);
         staging[which].p = xmalloc(bytes);
         staging[which].bytes = bytes;
     }
     return staging[which].p;
+}
+
+static void *staging_buffer(enum staging which, size_t bytes)
+{
+    return staging_most(which, bytes, bytes);
+}
+
+/* A staging buffer of `width` bytes a token for N tokens (at least 1), grown for the
+ * reserved tokens. */
+static void *staging_tokens(enum staging which, int N, size_t width)
+{
+    return staging_most(which, (size_t)(N > 0 ? N : 1) * width,
+                        (size_t)most_tokens(N > 0 ? N : 1) * width);
 }
 
 /* The experts' offsets[E+1], read back for the per-expert GEMMs (a staging buffer: valid
@@ -324,6 +370,7 @@ static const void *bf16_weight(const float *w, size_t n)
         if (!r->bf16) {
             char err[256];
             check_cuda(cudaMalloc(&r->bf16, r->n * 2));
+            alloc_watch_note(0, __FILE__, __LINE__);
             ok(gemm_to_bf16(r->bf16, r->p, r->n, err, sizeof err), err);
         }
         return (const char *)r->bf16 + (size_t)(w - r->p) * 2;
@@ -337,6 +384,7 @@ static const void *bf16_operand(const float *x, size_t n)
     if (n * 2 > operand_size) {
         if (operand_buf) check_cuda(cudaFree(operand_buf));
         check_cuda(cudaMalloc(&operand_buf, n * 2));
+        alloc_watch_note(0, __FILE__, __LINE__);
         operand_size = n * 2;
     }
     char err[256];
@@ -350,6 +398,7 @@ static void *bf16_output(size_t n)
     if (n * 2 > output_size) {
         if (output_buf) check_cuda(cudaFree(output_buf));
         check_cuda(cudaMalloc(&output_buf, n * 2));
+        alloc_watch_note(0, __FILE__, __LINE__);
         output_size = n * 2;
     }
     return output_buf;
@@ -437,8 +486,8 @@ static void cuda_rope(float *x, const int32_t *positions, const float *inv_freq,
  * and the longest sample (a staging buffer: valid until the next call). */
 static int *batch_samples(const int32_t *sample_start, int N, int *count, int *longest)
 {
-    int32_t *host = staging_buffer(STAGE_SAMPLES, (size_t)(N > 0 ? N : 1) * sizeof *host);
-    int *starts = staging_buffer(STAGE_STARTS, (size_t)(N + 1) * sizeof *starts);
+    int32_t *host = staging_tokens(STAGE_SAMPLES, N, sizeof *host);
+    int *starts = staging_tokens(STAGE_STARTS, N + 1, sizeof *starts);
     if (N > 0) check_cuda(cudaMemcpy(host, sample_start, (size_t)N * sizeof *host, cudaMemcpyDeviceToHost));
     backend_count_download((size_t)N * sizeof *host);
     *count = attention_gemm_samples(host, N, starts, longest);
@@ -451,8 +500,11 @@ static void *attention_scratch(const struct attention_mask *mask, struct attenti
                                int longest, int N, int nH, int nKV, bool backward)
 {
     size_t blocks = attention_gemm_workspace(longest, nH, nKV);
+    size_t most_blocks = attention_gemm_workspace(most_tokens(longest), nH, nKV);
     bool terms = backward && mask->sinks && mask->dsinks;
-    char *ws = scratch(blocks + (terms ? (size_t)N * nH * sizeof(float) : 0));
+    size_t term_bytes = terms ? (size_t)N * nH * sizeof(float) : 0;
+    size_t most_terms = terms ? (size_t)most_tokens(N) * nH * sizeof(float) : 0;
+    char *ws = scratch_most(blocks + term_bytes, most_blocks + most_terms);
     *gm = (struct attention_gemm_mask){mask->window, mask->sinks, backward ? mask->dsinks : NULL,
                                        terms ? (float *)(ws + blocks) : NULL};
     return ws;
@@ -537,7 +589,9 @@ static void cuda_router_topk(int32_t *ids, float *weights, float *probs, const f
     }
     struct moe_router r = row_router(rp);
     ok(moe_router_rows(ids, weights, probs, logits, N, E, K, &r,
-                       scratch(moe_router_rows_workspace(N, E, r.n_group)), err, sizeof err),
+                       scratch_most(moe_router_rows_workspace(N, E, r.n_group),
+                                    moe_router_rows_workspace(most_tokens(N), E, r.n_group)),
+                       err, sizeof err),
        err);
 }
 
@@ -556,7 +610,9 @@ static void cuda_permute_by_expert(int32_t *expert_offsets, int32_t *slot_of_row
     char err[256];
     int M = N * K;
     ok(moe_permute_by_expert(expert_offsets, slot_of_row, row_of_slot, ids, M, E,
-                             scratch(moe_permute_workspace(M, E)), err, sizeof err),
+                             scratch_most(moe_permute_workspace(M, E),
+                                          moe_permute_workspace(most_rows(M), E)),
+                             err, sizeof err),
        err);
 }
 
@@ -684,9 +740,14 @@ static double cuda_cross_entropy_sum(const float *logits, const int32_t *labels,
 {
     op_begin();
     char err[256];
-    double *row_loss = scratch((size_t)(N > 0 ? N : 1) * sizeof(double)), total = 0;
+    double *row_loss = scratch_most((size_t)(N > 0 ? N : 1) * sizeof(double),
+                                    (size_t)most_tokens(N > 0 ? N : 1) * sizeof(double));
+    double total = 0;
     ok(dense_cross_entropy(row_loss, NULL, logits, labels, N, V, 0.0f, err, sizeof err), err);
-    ok(dense_sum_rows(&total, counted, row_loss, labels, N, err, sizeof err), err);
+    double *host_loss = staging_tokens(STAGE_ROW_LOSS, N, sizeof(double));
+    int32_t *host_labels = staging_tokens(STAGE_ROW_LABELS, N, sizeof(int32_t));
+    ok(dense_sum_rows(&total, counted, row_loss, labels, N, host_loss, host_labels, err, sizeof err),
+       err);
     return total;
 }
 
@@ -706,7 +767,9 @@ static void cuda_linear_backward(float *dx, float *dw, float *dbias, const float
            err);
         return;
     }
-    void *workspace = dbias ? scratch(gemm_bias_workspace(N, O)) : NULL;
+    void *workspace = dbias ? scratch_most(gemm_bias_workspace(N, O),
+                                           gemm_bias_workspace(most_rows(N), O))
+                            : NULL;
     ok(gemm_linear_backward(gemm(), dx, dw, dbias, dy, x, w, N, I, O, accumulate_dx, GEMM_F32,
                             workspace, err, sizeof err),
        err);
@@ -718,7 +781,9 @@ static void cuda_rmsnorm_backward(float *dx, float *dw, const float *dy, const f
 {
     op_begin();
     char err[256];
-    void *workspace = dw ? scratch(dense_rmsnorm_workspace(R, D)) : NULL;
+    void *workspace = dw ? scratch_most(dense_rmsnorm_workspace(R, D),
+                                        dense_rmsnorm_workspace(most_rows(R), D))
+                         : NULL;
     ok(dense_rmsnorm_backward(dx, dw, dy, x, w, rstd, R, D, accumulate_dx, workspace, err,
                               sizeof err),
        err);
@@ -743,9 +808,10 @@ static void cuda_attention_backward(float *dq, float *dk, float *dv, const float
     op_begin();
     char err[256];
     if (use_flash(mask, Dh, Dv)) { /* the log-sum-exp recomputed: the op table has no slot */
+        void *ws = scratch_most(attention_flash_workspace(N, nH),
+                                attention_flash_workspace(most_tokens(N), nH));
         ok(attention_flash_backward(dq, dk, dv, dout, q, k, v, out, NULL, mask->sample_start, N,
-                                    nH, nKV, Dh, scale, scratch(attention_flash_workspace(N, nH)),
-                                    err, sizeof err),
+                                    nH, nKV, Dh, scale, ws, err, sizeof err),
            err);
         return;
     }
@@ -912,7 +978,8 @@ static void cuda_cross_entropy_backward(float *dlogits, const float *logits, con
 {
     op_begin();
     char err[256];
-    double *row_loss = scratch((size_t)(N > 0 ? N : 1) * sizeof(double));
+    double *row_loss = scratch_most((size_t)(N > 0 ? N : 1) * sizeof(double),
+                                    (size_t)most_tokens(N > 0 ? N : 1) * sizeof(double));
     ok(dense_cross_entropy(row_loss, dlogits, logits, labels, N, V, scale, err, sizeof err), err);
 }
 
@@ -930,9 +997,9 @@ static double cuda_ce_chunk_finish(const float *state, const int32_t *best, cons
                                    int N, long long *counted, long long *correct)
 {
     op_begin();
-    float *st = staging_buffer(STAGE_CE_STATE, (size_t)(N > 0 ? N : 1) * 4 * sizeof(float));
-    int32_t *host_best = staging_buffer(STAGE_CE_BEST, (size_t)(N > 0 ? N : 1) * sizeof(int32_t));
-    int32_t *host_labels = staging_buffer(STAGE_CE_LABELS, (size_t)(N > 0 ? N : 1) * sizeof(int32_t));
+    float *st = staging_tokens(STAGE_CE_STATE, N, 4 * sizeof(float));
+    int32_t *host_best = staging_tokens(STAGE_CE_BEST, N, sizeof(int32_t));
+    int32_t *host_labels = staging_tokens(STAGE_CE_LABELS, N, sizeof(int32_t));
     cuda_download(st, state, (size_t)N * 4 * sizeof(float));
     cuda_download(host_best, best, (size_t)N * sizeof(int32_t));
     cuda_download(host_labels, labels, (size_t)N * sizeof(int32_t));
@@ -979,7 +1046,10 @@ static double cuda_sum_squares(const float *x, size_t n)
     op_begin();
     char err[256];
     double sum = 0;
-    ok(optim_sum_squares(&sum, x, n, scratch(optim_sum_squares_workspace(n)), err, sizeof err), err);
+    size_t bytes = optim_sum_squares_workspace(n);
+    ok(optim_sum_squares(&sum, x, n, scratch(bytes), staging_buffer(STAGE_NORM, bytes), err,
+                         sizeof err),
+       err);
     backend_count_download(sizeof sum);
     return sum;
 }
@@ -1019,6 +1089,7 @@ static void *cuda_alloc(size_t bytes)
 {
     op_begin();
     void *p = NULL;
+    alloc_watch_note(bytes, __FILE__, __LINE__);
     cudaError_t status = cudaMalloc(&p, bytes ? bytes : 1);
     if (status != cudaSuccess) {
         size_t free_bytes = 0, total = 0;
@@ -1129,6 +1200,7 @@ const struct backend *backend_cuda(void)
         .zero = cuda_zero,
         .memory = cuda_memory,
         .constant = cuda_constant,
+        .reserve = cuda_reserve,
     };
     return &cuda;
 }

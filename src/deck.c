@@ -50,6 +50,7 @@ static const char *const bad_steps_names[] = {"stop", "skip", NULL};
 static const char *const frozen_weights_names[] = {"fp32", "bf16", NULL};
 static const char *const routing_names[] = {"topk", "c2r", NULL};
 static const char *const placement_names[] = {"contiguous", "c2r", NULL};
+static const char *const eval_split_names[] = {"all", "validation", NULL};
 
 #define N_NAMES(array) (sizeof(array) / sizeof((array)[0]) - 1)
 _Static_assert(N_NAMES(phase_names) == PHASE_COUNT, "phase names");
@@ -66,6 +67,7 @@ _Static_assert(N_NAMES(lr_schedule_names) == LR_COSINE + 1, "lr schedule names")
 _Static_assert(N_NAMES(bad_rows_names) == BAD_ROWS_SKIP + 1, "bad_rows names");
 _Static_assert(N_NAMES(prepare_format_names) == FORMAT_ESFT_REFERENCE + 1, "format names");
 _Static_assert(N_NAMES(bad_steps_names) == BAD_STEPS_SKIP + 1, "bad_steps names");
+_Static_assert(N_NAMES(eval_split_names) == EVAL_SPLIT_VALIDATION + 1, "eval.split names");
 /* Enum fields are written through an int pointer. */
 _Static_assert(sizeof(enum train_method) == sizeof(int), "enum size");
 _Static_assert(sizeof(enum phase) == sizeof(int), "enum size");
@@ -155,7 +157,7 @@ static const struct key schema[] = {
      .also_read_by = BY(INIT) | BY(PREPARE) | BY(SCORE) | BY(SELECT) | BY(TRAIN) | BY(EVAL),
      .help = "directory for every file the run writes; {name} stands for run.name"},
     {KEY("run.seed", KEY_INT64, run.seed), .def = "5934875", .bounds = LO, .lo = 0,
-     .also_read_by = BY(INIT) | BY(SCORE) | BY(SELECT) | BY(TRAIN),
+     .also_read_by = BY(INIT) | BY(SCORE) | BY(SELECT) | BY(TRAIN) | BY(EVAL),
      .help = "seed of every random choice (init, sampling, shuffling); ESFT reference value"},
     {KEY("run.backend", KEY_ENUM, run.backend), .def = "auto", .names = backend_names,
      .also_read_by = BY(SCORE) | BY(TRAIN) | BY(EVAL),
@@ -305,6 +307,12 @@ static const struct key schema[] = {
      .help = "name=value variables for the chat template (enable_thinking=false, ...)"},
     {KEY("prepare.date", KEY_STRING, prepare.date),
      .help = "YYYY-MM-DD the template's strftime_now gives; unset: today"},
+    {KEY("prepare.extra_inputs", KEY_LIST, prepare.extra_inputs), COUNT(prepare.n_extra_inputs),
+     .help = "jsonl files of a second dataset, prepared beside the first with the same "
+             "tokenizer and format into prepare.extra_output (a general set for "
+             "eval.extra_data); empty: none"},
+    {KEY("prepare.extra_output", KEY_STRING, prepare.extra_output),
+     .help = "the second dataset written (HDF5); needed with prepare.extra_inputs"},
     {KEY("prepare.bad_rows", KEY_ENUM, prepare.bad_rows), .def = "abort", .names = bad_rows_names,
      .help = "what a malformed jsonl row does: abort the run, or skip it with a warning"},
 
@@ -398,7 +406,9 @@ static const struct key schema[] = {
      .help = "steps between progress lines and metrics records"},
     {KEY("train.val_fraction", KEY_DOUBLE, train.val_fraction), .def = "0.02",
      .bounds = LO | HI | HI_OPEN, .lo = 0, .hi = 1,
-     .help = "fraction of the samples held out for validation"},
+     .also_read_by = BY(EVAL),
+     .help = "fraction of the samples held out for validation (eval.split validation "
+             "evaluates them)"},
     {KEY("train.resume", KEY_STRING, train.resume), .def = "auto",
      .help = "auto (the newest intact checkpoint in run.output_dir, if any), force (the same, "
              "even if its deck differs), never, or a checkpoint path"},
@@ -428,9 +438,20 @@ static const struct key schema[] = {
 
     /* eval */
     {KEY("eval.adapter", KEY_STRING, eval.adapter),
-     .help = "trained-tensor safetensors applied on the base model, or a LoRA adapter "
-             "directory (adapter_config.json + adapter_model.safetensors) folded in; unset: "
-             "the base model"},
+     .help = "trained-tensor safetensors applied on the model, or a LoRA adapter directory "
+             "(adapter_config.json + adapter_model.safetensors) folded in; unset: with train earlier in "
+             "the phase list, what it trained (run.output_dir/adapter/adapter.safetensors; "
+             "method lora: eval.model is its merged checkpoint instead), else none; none: "
+             "the model as it is"},
+    {KEY("eval.model", KEY_STRING, eval.model),
+     .help = "checkpoint directory evaluated instead of model.path (a merged export); unset: "
+             "model.path, or run.output_dir/merged after a train of method lora"},
+    {KEY("eval.split", KEY_ENUM, eval.split), .def = "all", .names = eval_split_names,
+     .help = "samples of data.path evaluated: all, or validation (those train holds out: "
+             "train.val_fraction of them, drawn with run.seed)"},
+    {KEY("eval.extra_data", KEY_LIST, eval.extra_data), COUNT(eval.n_extra_data),
+     .help = "more token datasets (HDF5), each evaluated whole beside data.path (eval.json's "
+             "extra); empty: none"},
     {KEY("eval.batch", KEY_INT, eval.batch), .def = "1", .bounds = LO, .lo = 1,
      .help = "blocks per forward pass on one rank"},
 };
@@ -1591,9 +1612,50 @@ void deck_where(const struct deck *deck, const char *key, char *buf, size_t size
         snprintf(buf, size, "%s", deck->file ? deck->file : "command line");
 }
 
+const char *deck_eval_adapter(const struct deck *deck)
+{
+    const char *adapter = deck->eval.adapter;
+    return adapter && strcmp(adapter, "none") != 0 ? adapter : NULL;
+}
+
+const char *deck_eval_model(const struct deck *deck)
+{
+    return deck->eval.model ? deck->eval.model : deck->model.path;
+}
+
 const char *deck_backend_name(enum backend_choice choice)
 {
     return backend_names[choice];
+}
+
+/* eval after train in the same deck evaluates what that train made, as train reads what
+ * select wrote: the trained tensors it exports over model.path, or, for method lora
+ * (whose adapter is PEFT's, which eval does not read), its merged checkpoint. A deck
+ * names eval.adapter (none: the model as it is) or eval.model to evaluate something
+ * else. */
+static void derive_eval_model(struct deck *deck, struct errors *errors)
+{
+    int train = -1, eval = -1;
+    for (int i = 0; i < deck->n_phases; i++) {
+        if (deck->phases[i] == PHASE_TRAIN && train < 0) train = i;
+        if (deck->phases[i] == PHASE_EVAL) eval = i;
+    }
+    if (train < 0 || eval < train || deck->eval.adapter || deck->eval.model) return;
+    const char *dir = deck->run.output_dir;
+    size_t size = strlen(dir) + sizeof "/adapter/adapter.safetensors";
+    if (deck->train.method != METHOD_LORA) {
+        deck->eval.adapter = xmalloc(size);
+        snprintf(deck->eval.adapter, size, "%s/adapter/adapter.safetensors", dir);
+    } else if (deck->train.export_merged) {
+        deck->eval.model = xmalloc(size);
+        snprintf(deck->eval.model, size, "%s/merged", dir);
+    } else {
+        char where[4200];
+        deck_where(deck, "train.method", where, sizeof where);
+        errors_add(errors, "%s: eval after a train of method lora evaluates its merged "
+                   "checkpoint (eval reads no PEFT adapter): set train.export_merged: true, or "
+                   "eval.adapter: none to evaluate model.path as it is", where);
+    }
 }
 
 int deck_finish(struct deck *deck, char *err, size_t err_size)
@@ -1699,6 +1761,15 @@ int deck_finish(struct deck *deck, char *err, size_t err_size)
                        in->top_k, in->num_experts);
         }
     }
+    if ((selected & BY(PREPARE)) &&
+        (deck->prepare.n_extra_inputs > 0) != (deck->prepare.extra_output != NULL)) {
+        bool inputs = deck->prepare.n_extra_inputs > 0;
+        deck_where(deck, inputs ? "prepare.extra_inputs" : "prepare.extra_output", where,
+                   sizeof where);
+        errors_add(&errors, "%s: prepare.%s needs prepare.%s (the second dataset's %s)", where,
+                   inputs ? "extra_inputs" : "extra_output",
+                   inputs ? "extra_output" : "extra_inputs", inputs ? "file" : "rows");
+    }
     if (selected & BY(TRAIN)) {
         const struct deck_train *tr = &deck->train;
         if (tr->micro_batch > tr->global_batch) {
@@ -1737,6 +1808,7 @@ int deck_finish(struct deck *deck, char *err, size_t err_size)
         deck->model.c2r_config = xmalloc(size);
         snprintf(deck->model.c2r_config, size, "%s/c2r_config.json", deck->run.output_dir);
     }
+    derive_eval_model(deck, &errors);
     if ((deck->train.method == METHOD_ESFT || deck_lora_selects_experts(deck)) &&
         !deck->train.expert_config && phase_listed(deck, PHASE_SELECT)) {
         size_t size = strlen(deck->run.output_dir) + strlen(deck->select.output) + 2;

@@ -27,6 +27,7 @@ enum lr_schedule { LR_CONSTANT, LR_LINEAR, LR_COSINE };
 enum bad_rows { BAD_ROWS_ABORT, BAD_ROWS_SKIP };
 enum prepare_format { FORMAT_TEMPLATE, FORMAT_ESFT_REFERENCE };
 enum bad_steps { BAD_STEPS_STOP, BAD_STEPS_SKIP };
+enum eval_split { EVAL_SPLIT_ALL, EVAL_SPLIT_VALIDATION };
 enum backend_choice { BACKEND_AUTO, BACKEND_CPU, BACKEND_CUDA, BACKEND_DEVSIM };
 /* The deck name of a backend choice ("auto", "cpu", "cuda", "cpu-devsim"). */
 const char *deck_backend_name(enum backend_choice choice);
@@ -101,6 +102,9 @@ struct deck_prepare {
     char *template_kwargs[DECK_MAX_LIST]; /* "name=value" passed to the chat template */
     int n_template_kwargs;
     char *date; /* YYYY-MM-DD that strftime_now formats; unset: today */
+    char *extra_inputs[DECK_MAX_LIST]; /* jsonl files of a second dataset ... */
+    int n_extra_inputs;
+    char *extra_output; /* ... written here, with the same tokenizer (unset: none) */
     enum bad_rows bad_rows;
 };
 
@@ -148,7 +152,12 @@ struct deck_train {
 };
 
 struct deck_eval {
-    char *adapter; /* optional trained-tensor safetensors applied on the base model */
+    char *adapter; /* trained-tensor safetensors applied on the model; "none": none (unset:
+                      derived by deck_finish from a train earlier in the deck) */
+    char *model;   /* checkpoint evaluated instead of model.path (unset: model.path) */
+    enum eval_split split;
+    char *extra_data[DECK_MAX_LIST]; /* more datasets, each evaluated whole */
+    int n_extra_data;
     int batch;
 };
 
@@ -221,6 +230,11 @@ int deck_key_readers(const char *path, unsigned *readers);
 /* The top-level section a deck may hold beside the schema's: the sweep block, read by
  * sweep.c; deck_parse passes over it. */
 #define DECK_SWEEP_SECTION "sweep"
+
+/* The adapter eval applies, NULL for none (eval.adapter unset or "none"). */
+const char *deck_eval_adapter(const struct deck *deck);
+/* The checkpoint eval reads: eval.model, else model.path. */
+const char *deck_eval_model(const struct deck *deck);
 
 /* Every key with its type, default and help line (for --help-deck). */
 void deck_print_keys(FILE *out);

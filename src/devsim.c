@@ -115,6 +115,11 @@ static void sim_zero(void *p, size_t bytes)
     if (bytes) memset(U(p), 0, bytes);
 }
 
+static void sim_reserve(size_t tokens, size_t rows)
+{
+    cpu->reserve(tokens, rows);
+}
+
 static void sim_memory(size_t *in_use, size_t *peak)
 {
     *in_use = devsim_in_use;
@@ -192,10 +197,12 @@ static void sim_gather_rows(float *xs, const float *x, const int32_t *slot_of_ro
     cpu->gather_rows(U(xs), U(x), U(slot_of_row), M, K, H);
 }
 
-/* The host addresses of a host array of E expert weights (their bf16 bit kept). */
+/* The host addresses of a host array of E expert weights (their bf16 bit kept), in a
+ * buffer kept for the next call. */
 static const float **host_weights(const float *const *w, int E, const char *op)
 {
-    const float **host = xmalloc((size_t)(E > 0 ? E : 1) * sizeof *host);
+    static struct kept kept;
+    const float **host = kept_buffer(&kept, (size_t)(E > 0 ? E : 1) * sizeof *host);
     for (int e = 0; e < E; e++) host[e] = host_of(w[e], op);
     return host;
 }
@@ -205,7 +212,6 @@ static void sim_grouped_linear(float *y, const float *x, const float *const *w,
 {
     const float **host_w = host_weights(w, E, __func__);
     cpu->grouped_linear(U(y), U(x), host_w, U(offsets), E, I, O);
-    free(host_w);
 }
 
 static void sim_grouped_bias(float *y, const float *bias, const int32_t *offsets, int E, int O)
@@ -322,23 +328,22 @@ static void sim_grouped_linear_backward(float *dx, float *const *dw, const float
                                         const int32_t *offsets, int E, int I, int O)
 {
     /* dw is a host array of buffers (one per expert, NULL when frozen), w one of weights */
-    float **host_dw = xmalloc((size_t)(E > 0 ? E : 1) * sizeof *host_dw);
+    static struct kept kept;
+    float **host_dw = kept_buffer(&kept, (size_t)(E > 0 ? E : 1) * sizeof *host_dw);
     for (int e = 0; e < E; e++) host_dw[e] = dw ? U(dw[e]) : NULL;
     const float **host_w = host_weights(w, E, __func__);
     cpu->grouped_linear_backward(U(dx), dw ? host_dw : NULL, U(dy), U(x), host_w, U(offsets), E,
                                  I, O);
-    free(host_dw);
-    free(host_w);
 }
 
 static void sim_grouped_bias_backward(float *const *dbias, const float *dy,
                                       const int32_t *offsets, int E, int O)
 {
     /* dbias is a host array of buffers (one per expert, NULL when frozen) */
-    float **host_dbias = xmalloc((size_t)(E > 0 ? E : 1) * sizeof *host_dbias);
+    static struct kept kept;
+    float **host_dbias = kept_buffer(&kept, (size_t)(E > 0 ? E : 1) * sizeof *host_dbias);
     for (int e = 0; e < E; e++) host_dbias[e] = U(dbias[e]);
     cpu->grouped_bias_backward(host_dbias, U(dy), U(offsets), E, O);
-    free(host_dbias);
 }
 
 static void sim_glu_backward(float *dgate, float *dup, const float *dh, const float *gate,
@@ -482,6 +487,7 @@ const struct backend *backend_devsim(void)
         .scale = sim_scale,
         .count_correct = sim_count_correct,
         .host_visible = false,
+        .reserve = sim_reserve,
         .alloc = sim_alloc,
         .release = sim_release,
         .upload = sim_upload,

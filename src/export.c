@@ -1,8 +1,8 @@
-/* export: the trained tensors as files other tools load (see export.h). Rank 0 declares
- * every tensor up front from the parameter table (every rank holds it: names, shapes),
- * opens the files with their headers (st_stream), and writes each tensor at its place as
- * it arrives from its holder (gather.h), converted to the export dtype a bounded piece at
- * a time: rank 0 never holds more than its own tensors and the one arriving. */
+/* export: the trained tensors as files other tools load (see export.h). Every rank
+ * declares every tensor up front from the parameter table (every rank holds it: names,
+ * shapes), rank 0 creates the files with their headers and sizes (st_stream, shared), and
+ * each rank writes the tensors it provides (gather.h: one holder of each) at their places,
+ * converted to the export dtype a bounded piece at a time: no tensor leaves its rank. */
 #include "export.h"
 
 #include <errno.h>
@@ -34,7 +34,7 @@ static enum st_dtype export_dtype(const struct model_config *cfg)
     }
 }
 
-/* Rank 0's safetensors output while the tensors arrive. */
+/* An export's files, as each rank writes its share of them. */
 struct export_out {
     struct st_stream *stream;
     enum st_dtype dtype;
@@ -49,8 +49,7 @@ struct export_out {
     struct gpt_oss_fuser *fuser;
     bool drop_adapters; /* the merged export: LoRA adapters are folded in, not written */
     bool peft_names;    /* the LoRA adapter: a trained router as base_model.model.<name> */
-    /* the LoRA adapter: the experts' pairs in PEFT's fused form (NULL: none) */
-    struct lora_experts_fuser *expert_pairs;
+    bool expert_pairs;  /* the LoRA adapter: the experts' pairs in PEFT's fused form */
 };
 
 /* The name p is written under, into name[PARAM_NAME_MAX + 32]; false when p is not
@@ -68,19 +67,12 @@ static bool export_name(const struct export_out *out, const struct param *p, cha
     return true;
 }
 
-/* The expert pairs' fuser's sinks: a fused tensor declared, then written whole. */
+/* lora_experts_declare's sink: a fused tensor of the experts' pairs declared. */
 static int declare_expert_pairs(const char *name, const int64_t *shape, void *sink, char *err,
                                 size_t err_size)
 {
     struct export_out *out = sink;
     return st_stream_declare(out->stream, name, out->dtype, 2, shape, err, err_size);
-}
-
-static int write_expert_pairs(const char *name, const float *data, size_t numel, void *sink,
-                              char *err, size_t err_size)
-{
-    struct export_out *out = sink;
-    return st_stream_write_f32(out->stream, name, 0, data, numel, err, err_size);
 }
 
 /* gpt_oss_fuser_list's sink: a fused tensor declared in the export dtype. */
@@ -96,18 +88,22 @@ static int declare_fused_tensor(const char *name, int rank, const int64_t *shape
 static int add_fused_slice(const char *name, size_t first, const float *data, size_t count,
                            void *sink, char *err, size_t err_size);
 
-/* Rank 0: every tensor the export writes declared, then the files opened at `path` (one
- * file) or `dir` (a checkpoint directory, shards of at most max_shard_bytes); fuse:
- * gpt_oss's routed experts in transformers' fused layout (the merged export). With a
- * reference_dir, the ESFT reference's layout too (reference_dir/adapter.safetensors),
- * unless a tensor lies outside it (out->outside names it). 0, or -1 + err. */
+/* Collective over comm: every tensor the export writes declared, then the files opened
+ * at `path` (one file) or `dir` (a checkpoint directory, shards of at most
+ * max_shard_bytes); fuse: gpt_oss's routed experts in transformers' fused layout (the
+ * merged export). With a reference_dir, the ESFT reference's layout too
+ * (reference_dir/adapter.safetensors), unless a tensor lies outside it (out->outside
+ * names it). 0, or -1 + err, the same on every rank. */
 static int open_export(struct export_out *out, const struct model *model, bool fuse,
                        const char *path, const char *dir, size_t max_shard_bytes,
-                       const char *reference_dir, char *err, size_t err_size)
+                       const char *reference_dir, MPI_Comm comm, char *err, size_t err_size)
 {
-    out->stream = st_stream_new();
+    int rank;
+    check_mpi(MPI_Comm_rank(comm, &rank));
+    out->stream = st_stream_new_shared(comm);
     if (fuse && model->cfg.family == HF_GPT_OSS)
         out->fuser = gpt_oss_fuser_new_sliced(&model->cfg, add_fused_slice, out);
+    /* the declarations follow from the parameter table alone: every rank fails alike */
     for (int i = 0; i < model->n_params; i++) {
         const struct param *p = &model->params[i];
         char name[PARAM_NAME_MAX + 32];
@@ -119,18 +115,20 @@ static int open_export(struct export_out *out, const struct model *model, bool f
     }
     if (out->fuser && gpt_oss_fuser_list(out->fuser, declare_fused_tensor, out, err, err_size))
         return -1;
-    if (lora_experts_fuser_declare(out->expert_pairs, declare_expert_pairs, out, err, err_size))
+    if (out->expert_pairs &&
+        lora_experts_declare(model, declare_expert_pairs, out, err, err_size))
         return -1;
     int rc = path ? st_stream_open_file(out->stream, path, 1, err, err_size)
                   : st_stream_open_checkpoint(out->stream, dir, max_shard_bytes, err, err_size);
     if (rc != 0 || !reference_dir || out->outside[0]) return rc;
-    if (make_directories(reference_dir) != 0) {
+    if (rank == 0 && make_directories(reference_dir) != 0) {
         snprintf(err, err_size, "%s: cannot create directory: %s", reference_dir, strerror(errno));
-        return -1;
+        rc = -1;
     }
+    if (ranks_agree(rc, err, err_size, comm)) return -1;
     char reference_path[4300];
     snprintf(reference_path, sizeof reference_path, "%s/adapter.safetensors", reference_dir);
-    out->reference = st_stream_new();
+    out->reference = st_stream_new_shared(comm);
     for (int i = 0; i < model->n_params; i++) {
         const struct param *p = &model->params[i];
         char name[PARAM_NAME_MAX + 32];
@@ -146,26 +144,21 @@ static void close_export(struct export_out *out)
     st_stream_free(out->stream);
     st_stream_free(out->reference);
     gpt_oss_fuser_free(out->fuser);
-    lora_experts_fuser_free(out->expert_pairs);
 }
 
 /* The tensor_sink of the exports: one tensor written at its place, in the export dtype. */
-static int add_export_tensor(const struct param *p, const float *const *parts, void *sink,
-                             char *err, size_t err_size)
+static int add_export_tensor(const struct param *p, const float *values, void *sink, char *err,
+                             size_t err_size)
 {
     struct export_out *out = sink;
     if (gpt_oss_fuser_takes(out->fuser, p))
-        return gpt_oss_fuser_take(out->fuser, p, parts[0], err, err_size);
-    if (out->expert_pairs && lora_experts_is(p)) {
-        lora_experts_fuser_take(out->expert_pairs, p, parts[0]);
-        return 0;
-    }
+        return gpt_oss_fuser_take(out->fuser, p, values, err, err_size);
     char name[PARAM_NAME_MAX + 32];
     if (!export_name(out, p, name)) return 0;
-    if (out->reference && st_stream_write_f32(out->reference, p->name + 6, 0, parts[0],
+    if (out->reference && st_stream_write_f32(out->reference, p->name + 6, 0, values,
                                               (size_t)p->numel, err, err_size) != 0)
         return -1;
-    return st_stream_write_f32(out->stream, name, 0, parts[0], (size_t)p->numel, err, err_size);
+    return st_stream_write_f32(out->stream, name, 0, values, (size_t)p->numel, err, err_size);
 }
 
 /* The sliced gpt_oss fuser's sink: one expert's part of a fused tensor (fp32, valid
@@ -177,13 +170,24 @@ static int add_fused_slice(const char *name, size_t first, const float *data, si
     return st_stream_write_f32(out->stream, name, first, data, count, err, err_size);
 }
 
-/* Rank 0: the files of an export finished (every tensor written: the temporary files
- * renamed), the fuser's layers all handed over. */
-static int finish_export(struct export_out *out, char *err, size_t err_size)
+/* Whether this rank writes p (gather.h). */
+static bool provides(const struct model *model, const struct param *p)
 {
-    if (out->fuser && gpt_oss_fuser_finish(out->fuser, err, err_size)) return -1;
-    if (lora_experts_fuser_write(out->expert_pairs, write_expert_pairs, out, err, err_size))
-        return -1;
+    return gather_provider(model, p) == layout_rank_of(&model->grid, model->me);
+}
+
+/* Collective over comm: each rank writes the tensors it provides (the trainable ones, or
+ * all), then the files are finished (every byte written by some rank: the temporary
+ * files renamed). A gpt_oss layer's fused experts come from several ranks (their EP
+ * ranks): the bytes all ranks wrote, summed, say that each is complete. 0, or -1 + err,
+ * the same on every rank. */
+static int write_export(struct export_out *out, const struct model *model, bool trainable_only,
+                        MPI_Comm comm, char *err, size_t err_size)
+{
+    int rc = gather_each_provided(model, trainable_only, add_export_tensor, out, err, err_size);
+    if (rc == 0 && out->expert_pairs)
+        rc = lora_experts_write(model, provides, add_fused_slice, out, err, err_size);
+    if (ranks_agree(rc, err, err_size, comm)) return -1;
     if (st_stream_finish(out->stream, err, err_size)) return -1;
     return out->reference ? st_stream_finish(out->reference, err, err_size) : 0;
 }
@@ -193,7 +197,7 @@ static int finish_export(struct export_out *out, char *err, size_t err_size)
  * model's inner module (model.model.load_state_dict, strict): the trained tensors' names
  * without "model.". A tensor outside the inner module (lm_head) has no place there: the
  * layout is then left out, with a warning naming it. Its tensors are written by
- * open_export / finish_export; here the rest. */
+ * open_export / write_export; here the rest. */
 static int finish_reference_layout(const char *sub, const struct export_out *out,
                                    const char *expert_config, char *err, size_t err_size)
 {
@@ -230,19 +234,14 @@ int export_adapter(const char *dir, const struct model *model, const char *exper
         snprintf(err, err_size, "%s: cannot create directory: %s", dir, strerror(errno));
         rc = -1;
     }
+    if (ranks_agree(rc, err, err_size, comm)) return -1;
     struct export_out out = {.dtype = export_dtype(&model->cfg), .trainable_only = true};
-    if (rc == 0 && rank == 0)
-        rc = open_export(&out, model, false, path, NULL, 0, expert_config ? reference_dir : NULL,
-                         err, err_size);
-    if (ranks_agree(rc, err, err_size, comm)) {
-        close_export(&out);
-        return -1;
-    }
-    rc = gather_to_rank0(model, NULL, true, 1, comm, add_export_tensor, &out, err, err_size);
-    if (rank == 0) {
-        if (rc == 0) rc = finish_export(&out, err, err_size);
-        if (rc == 0 && expert_config) rc = copy_file(expert_config, config_path, err, err_size);
-        if (rc == 0 && expert_config)
+    rc = open_export(&out, model, false, path, NULL, 0, expert_config ? reference_dir : NULL, comm,
+                     err, err_size);
+    if (rc == 0) rc = write_export(&out, model, true, comm, err, err_size);
+    if (rc == 0 && rank == 0 && expert_config) {
+        rc = copy_file(expert_config, config_path, err, err_size);
+        if (rc == 0)
             rc = finish_reference_layout(reference_dir, &out, expert_config, err, err_size);
     }
     close_export(&out);
@@ -354,18 +353,11 @@ int export_merged(const char *dir, const struct model *model, const char *base_d
     check_mpi(MPI_Comm_rank(comm, &rank));
     int rc = gather_check_layout(model, comm, "export_merged", err, err_size);
     if (rc == 0 && rank == 0) rc = prepare_merged_directory(dir, base_dir, err, err_size);
+    if (ranks_agree(rc, err, err_size, comm)) return -1;
     struct export_out out = {.dtype = export_dtype(&model->cfg), .drop_adapters = true};
-    if (rc == 0 && rank == 0)
-        rc = open_export(&out, model, true, NULL, dir, max_shard_bytes, NULL, err, err_size);
-    if (ranks_agree(rc, err, err_size, comm)) {
-        close_export(&out);
-        return -1;
-    }
-    rc = gather_to_rank0(model, NULL, false, 1, comm, add_export_tensor, &out, err, err_size);
-    if (rank == 0) {
-        if (rc == 0) rc = finish_export(&out, err, err_size);
-        if (rc == 0) rc = finish_merged_directory(dir, model, base_dir, err, err_size);
-    }
+    rc = open_export(&out, model, true, NULL, dir, max_shard_bytes, NULL, comm, err, err_size);
+    if (rc == 0) rc = write_export(&out, model, false, comm, err, err_size);
+    if (rc == 0 && rank == 0) rc = finish_merged_directory(dir, model, base_dir, err, err_size);
     close_export(&out);
     return ranks_agree(rc, err, err_size, comm);
 }
@@ -468,19 +460,13 @@ int export_lora_adapter(const char *dir, const struct model *model, const struct
     }
     /* adapters kept in fp32; a trained router as PEFT saves a modules_to_save copy,
      * base_model.model.<name> */
-    struct export_out out = {.dtype = ST_F32, .trainable_only = true, .peft_names = true};
-    if (rank == 0) out.expert_pairs = lora_experts_fuser_new(model);
+    if (ranks_agree(rc, err, err_size, comm)) return -1;
+    struct export_out out = {.dtype = ST_F32, .trainable_only = true, .peft_names = true,
+                             .expert_pairs = model->expert_lora != NULL};
+    rc = open_export(&out, model, false, path, NULL, 0, NULL, comm, err, err_size);
+    if (rc == 0) rc = write_export(&out, model, true, comm, err, err_size);
     if (rc == 0 && rank == 0)
-        rc = open_export(&out, model, false, path, NULL, 0, NULL, err, err_size);
-    if (ranks_agree(rc, err, err_size, comm)) {
-        close_export(&out);
-        return -1;
-    }
-    rc = gather_to_rank0(model, NULL, true, 1, comm, add_export_tensor, &out, err, err_size);
-    if (rank == 0) {
-        if (rc == 0) rc = finish_export(&out, err, err_size);
-        if (rc == 0) rc = write_adapter_config(config_path, model, spec, base_path, err, err_size);
-    }
+        rc = write_adapter_config(config_path, model, spec, base_path, err, err_size);
     close_export(&out);
     return ranks_agree(rc, err, err_size, comm);
 }

@@ -15,19 +15,22 @@
  * reference's layout in DIR/esft_reference/: expert_cfg.json and adapter.safetensors
  * keyed as the reference's loader (deepseek-ai/ESFT esft.py) loads them into the model's
  * inner module: the names without "model." (left out, with a warning, when a trained
- * tensor lies outside it). Collective over comm (as for
- * checkpoint_write): world rank 0 writes, the tensors it does not hold sent to it one
- * at a time, each written at its place in the file as it arrives (st_stream.h: the
- * headers are written first, from the parameter table), so rank 0 holds its own tensors
- * and one more, never the whole set; the same status and message on every rank. 0, or -1. */
+ * tensor lies outside it). Collective over comm (as for checkpoint_write): rank 0
+ * creates the files with their headers (from the parameter table: every tensor's name,
+ * dtype and shape), then every rank writes the tensors it holds at their places
+ * (st_stream.h, shared; a tensor several ranks hold is written by one of them,
+ * gather_provider), converted a bounded piece at a time, so no tensor leaves its rank;
+ * DIR must be on a file system every rank sees. The same status and message on every
+ * rank; a safetensors file is never left unfinished under its own name. 0, or -1. */
 int export_adapter(const char *dir, const struct model *model, const char *expert_config,
                    MPI_Comm comm, char *err, size_t err_size);
 
 /* A complete Hugging Face checkpoint of the trained model: every tensor, sharded
  * safetensors (+ index when sharded, shards of at most max_shard_bytes), config.json,
  * and the base directory's tokenizer and generation files copied. Collective over comm
- * like export_adapter: streamed, rank 0 holds no more than its own tensors and the one
- * arriving (gpt_oss's routed experts are written fused, an expert's rows at a time). 0, or -1. */
+ * like export_adapter: each rank writes its own tensors into the shared files (gpt_oss's
+ * routed experts are written fused by their EP ranks, an expert's rows at a time). 0, or
+ * -1. */
 int export_merged(const char *dir, const struct model *model, const char *base_dir,
                   size_t max_shard_bytes, MPI_Comm comm, char *err, size_t err_size);
 

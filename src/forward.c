@@ -280,11 +280,12 @@ static void moe_block(const struct model *m, const struct backend *ops,
 /* The load-balancing sums up to the end of this stage, in layer order, in double:
  * the earlier stages' (received; zero on the first stage), then this stage's layers.
  * [2E + 1]: counts, prob sums, then the sequence-level aux (deepseek_v2) of the layers so
- * far. Freed by the caller. */
+ * far. In a buffer kept for the next call: valid until then. */
 static double *balance_sums(const struct model *m, const struct forward_workspace *ws)
 {
     int E = m->cfg.num_experts;
-    double *sums = xmalloc((2 * (size_t)(E > 0 ? E : 1) + 1) * sizeof *sums);
+    static struct kept kept;
+    double *sums = kept_buffer(&kept, (2 * (size_t)(E > 0 ? E : 1) + 1) * sizeof *sums);
     memcpy(sums, ws->balance_before, (2 * (size_t)E + 1) * sizeof *sums);
     sums[2 * E] += seq_aux_stage_sum(ws);
     for (int l = m->first_layer; l < m->first_layer + m->n_layers; l++) {
@@ -315,7 +316,6 @@ double ws_balance_loss(const struct model *m, const struct forward_workspace *ws
         if (c->aux == AUX_SEQUENCE && moe_layers > 0) {
             double *sums = balance_sums(m, ws);
             aux = sums[2 * E];
-            free(sums);
         }
         if (coef)
             for (int e = 0; e < E; e++) coef[e] = 0.0f;
@@ -328,7 +328,6 @@ double ws_balance_loss(const struct model *m, const struct forward_workspace *ws
         aux += (count / R) * (prob / R);
         if (coef) coef[e] = (float)(scale * (double)E * count / (R * R));
     }
-    free(sums);
     return (double)E * aux;
 }
 
@@ -411,7 +410,6 @@ void model_forward(const struct model *m, const struct backend *ops, struct forw
     if (!last_stage) { /* on to the next stage, without waiting for it */
         double *sums = balance_sums(m, ws);
         memcpy(ws->balance_before, sums, (2 * (size_t)E + 1) * sizeof(double)); /* the sent copy */
-        free(sums);
         ws_stage_send_start(m, ws, ws->x_final, (size_t)N * H, stage + 1, TAG_ACTIVATION, &ws->sends[0]);
         comm_send_start(m->pp_comm, ws->balance_before, 2 * (size_t)E + 1, COMM_F64, stage + 1,
                         TAG_BALANCE, COMM_HOST, &ws->sends[1]);

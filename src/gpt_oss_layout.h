@@ -13,11 +13,12 @@
  *   gate_up_proj[e][h][2i] = gate[i][h],  gate_up_proj[e][h][2i+1] = up[i][h],
  *   down_proj[e][i][h] = down[h][i].
  *
- * The tensors may arrive in any order (export_merged receives them one at a time from
- * their holders): the fuser collects a layer's per-expert tensors into fp32 buffers and
- * hands the four fused tensors to a sink once the layer's last one has arrived; the
- * sliced fuser (export_merged's, which writes values at their offsets) hands over each
- * expert's rows of them instead, as soon as they are complete. */
+ * The tensors may arrive in any order: the fuser collects a layer's per-expert tensors
+ * into fp32 buffers and hands the four fused tensors to a sink once the layer's last one
+ * has arrived; the sliced fuser (export_merged's, where each EP rank writes its own
+ * experts' values at their offsets in the shared file) hands over each expert's rows of
+ * them instead, as soon as they are complete (an expert's tensors are all on one rank),
+ * and a rank's sliced fuser sees only its own experts. */
 #ifndef ESFT_GPT_OSS_LAYOUT_H
 #define ESFT_GPT_OSS_LAYOUT_H
 
@@ -70,7 +71,8 @@ int gpt_oss_fuser_list(const struct gpt_oss_fuser *fuser, gpt_oss_fused_sink sin
                        char *err, size_t err_size);
 
 /* 0 when every layer's fused tensors were handed over; -1 naming the first layer that
- * still misses expert tensors. */
+ * still misses expert tensors. (Not for a sliced fuser that sees one rank's experts:
+ * the merged export checks instead that the ranks together wrote every byte.) */
 int gpt_oss_fuser_finish(const struct gpt_oss_fuser *fuser, char *err, size_t err_size);
 
 /* The values the fused tensors of every layer hold (as many as the per-expert entries

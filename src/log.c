@@ -19,6 +19,7 @@ static int world_rank = 0;
 static int world_size = 1;
 static FILE *metrics_file = NULL;
 static double metrics_start = 0.0;
+static void metrics_end(int status);
 
 void log_init(int rank, int size)
 {
@@ -80,7 +81,7 @@ void fatal(int code, const char *fmt, ...)
     fputc('\n', stderr);
     fflush(stderr);
     va_end(args);
-    if (metrics_file) fflush(metrics_file);
+    metrics_end(code); /* this rank's file, if it writes one (rank 0) */
     if (mpi_active() && world_size > 1) MPI_Abort(MPI_COMM_WORLD, code);
     if (mpi_active()) MPI_Finalize();
     exit(code);
@@ -98,6 +99,7 @@ void fatal_all(int code, const char *fmt, ...)
         fflush(stderr);
         va_end(args);
     }
+    metrics_end(code);
     metrics_close();
     if (mpi_active()) MPI_Finalize();
     exit(code);
@@ -157,8 +159,42 @@ void check_mpi_failed(int err, const char *call, const char *file, int line)
     fatal(EXIT_RUNTIME, "%s:%d: %s failed: %s", file, line, call, message);
 }
 
+/* The allocation watch (log.h): a count of the checked allocations made while it is on,
+ * the first places named when ESFT_ALLOC_TRACE is set. Atomic: ops allocate inside
+ * OpenMP regions. */
+static bool watch_on;
+static bool watch_trace;
+static long long watch_count;
+
+void alloc_watch_start(void)
+{
+    const char *trace = getenv("ESFT_ALLOC_TRACE");
+    watch_trace = trace && *trace && strcmp(trace, "0") != 0;
+    __atomic_store_n(&watch_count, 0, __ATOMIC_RELAXED);
+    watch_on = true;
+}
+
+long long alloc_watch_stop(void)
+{
+    watch_on = false;
+    return __atomic_load_n(&watch_count, __ATOMIC_RELAXED);
+}
+
+static void watch(size_t bytes, const char *file, int line)
+{
+    if (!watch_on) return;
+    long long n = __atomic_fetch_add(&watch_count, 1, __ATOMIC_RELAXED);
+    if (watch_trace && n < 64) log_info("allocation in the step loop: %zu bytes at %s:%d", bytes, file, line);
+}
+
+void alloc_watch_note(size_t bytes, const char *file, int line)
+{
+    watch(bytes, file, line);
+}
+
 void *xmalloc_at(size_t size, const char *file, int line)
 {
+    watch(size, file, line);
     void *p = malloc(size ? size : 1);
     if (!p) fatal(EXIT_RUNTIME, "%s:%d: out of memory allocating %zu bytes", file, line, size);
     return p;
@@ -166,10 +202,28 @@ void *xmalloc_at(size_t size, const char *file, int line)
 
 void *xcalloc_at(size_t count, size_t size, const char *file, int line)
 {
+    watch(count * size, file, line);
     void *p = calloc(count ? count : 1, size ? size : 1);
     if (!p)
         fatal(EXIT_RUNTIME, "%s:%d: out of memory allocating %zu x %zu bytes", file, line,
               count, size);
+    return p;
+}
+
+void *kept_buffer_at(struct kept *k, size_t bytes, const char *file, int line)
+{
+    if (bytes > k->bytes || !k->p) {
+        free(k->p);
+        k->p = xmalloc_at(bytes, file, line);
+        k->bytes = bytes;
+    }
+    return k->p;
+}
+
+void *kept_zeroed_at(struct kept *k, size_t bytes, const char *file, int line)
+{
+    void *p = kept_buffer_at(k, bytes, file, line);
+    memset(p, 0, bytes);
     return p;
 }
 
@@ -337,6 +391,42 @@ void metrics_write(const char *event, const char *fields_fmt, ...)
     fputs(line, metrics_file);
     fflush(metrics_file);
     free(line);
+}
+
+/* The "end" line of a run that fails: written only where the file exists (a run refused
+ * before its first event leaves none), so that a clean failure never reads as a run
+ * still going (sweep summaries). */
+static void metrics_end(int status)
+{
+    if (!metrics_file) return;
+    metrics_write("end", "\"status\": %d", status);
+    fflush(metrics_file);
+}
+
+void host_name(char *buf, size_t size)
+{
+    if (size == 0) return;
+    if (gethostname(buf, size) != 0) buf[0] = '\0';
+    buf[size - 1] = '\0';
+    for (char *c = buf; *c; c++) /* kept as plain JSON string content */
+        if (*c == '"' || *c == '\\' || (unsigned char)*c < 0x20) *c = '-';
+}
+
+int process_start_ticks(long pid, unsigned long long *ticks)
+{
+    char path[64], text[1024];
+    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    FILE *file = fopen(path, "r");
+    if (!file) return -1;
+    size_t n = fread(text, 1, sizeof text - 1, file);
+    fclose(file);
+    text[n] = '\0';
+    /* field 2 is the command in parentheses (it may hold spaces): count after its end */
+    const char *field = strrchr(text, ')');
+    if (!field) return -1;
+    for (int i = 2; i < 22 && field; i++) field = strchr(field + 1, ' ');
+    if (!field || sscanf(field, " %llu", ticks) != 1) return -1;
+    return 0;
 }
 
 void metrics_close(void)

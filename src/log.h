@@ -66,6 +66,27 @@ char *xstrdup_at(const char *s, const char *file, int line);
 #define xcalloc(count, size) xcalloc_at((count), (size), __FILE__, __LINE__)
 #define xstrdup(s) xstrdup_at((s), __FILE__, __LINE__)
 
+/* A host buffer kept between calls and grown to the largest size asked, so that a loop
+ * allocates only when a call needs more than any call before it (its first). For the
+ * scratch of code called from one thread at a time; kept_zeroed also zeroes the bytes. */
+struct kept {
+    void *p;
+    size_t bytes;
+};
+#define kept_buffer(k, bytes) kept_buffer_at((k), (bytes), __FILE__, __LINE__)
+#define kept_zeroed(k, bytes) kept_zeroed_at((k), (bytes), __FILE__, __LINE__)
+void *kept_buffer_at(struct kept *k, size_t bytes, const char *file, int line);
+void *kept_zeroed_at(struct kept *k, size_t bytes, const char *file, int line);
+
+/* The allocation watch: between alloc_watch_start and alloc_watch_stop (the train step
+ * loop's body), every xmalloc / xcalloc / xstrdup and every backend buffer allocation
+ * (alloc_watch_note) is counted; alloc_watch_stop returns the count. With ESFT_ALLOC_TRACE=1
+ * the first 64 are logged with their file and line. STYLE.md: the step loop allocates
+ * nothing, and the step events of metrics.jsonl carry the count to show it. */
+void alloc_watch_start(void);
+long long alloc_watch_stop(void);
+void alloc_watch_note(size_t bytes, const char *file, int line);
+
 /* Metrics: one JSON object per line in OUTPUT_DIR/metrics.jsonl, written by rank 0
  * only (other ranks' calls do nothing). metrics_open creates output_dir if needed. */
 void metrics_open(const char *output_dir);
@@ -76,6 +97,14 @@ void metrics_open(const char *output_dir);
 void metrics_write(const char *event, const char *fields_fmt, ...)
     __attribute__((format(printf, 2, 3)));
 void metrics_close(void);
+/* This host's name (gethostname; "" when unknown), with the bytes a JSON string would
+ * need escaped replaced by '-', as metrics start lines write it. */
+void host_name(char *buf, size_t size);
+/* The start time of process pid (field 22 of /proc/PID/stat: clock ticks after boot),
+ * which with the pid names one process for as long as the machine runs. 0, or -1 when no
+ * such process is there (or no /proc). For the start line's process identity, which
+ * sweep summaries check to tell a killed run from a running one. */
+int process_start_ticks(long pid, unsigned long long *ticks);
 /* This run's id (rank 0; empty elsewhere): UTC start time and process id. */
 const char *metrics_run(void);
 /* A copy of text (to free) with printf's nan, -nan, inf, -inf outside JSON strings

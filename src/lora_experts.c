@@ -170,82 +170,71 @@ void lora_experts_fused_name(char *name, size_t size, const char *module, int wh
              which == LORA_EXPERT_GATE_UP ? "base_layer." : "", b ? 'B' : 'A');
 }
 
-/* One fused tensor: A [E r, in] or B [out, r E]. */
-struct fused {
-    char name[PARAM_NAME_MAX + 32];
-    int64_t shape[2];
-    float *data;
-};
-
-struct lora_experts_fuser {
-    int E, r;
-    int n; /* 4 per layer with pairs */
-    struct fused *tensors;
-    int *first; /* [num_layers]: the layer's first tensor, or -1 */
-};
-
-struct lora_experts_fuser *lora_experts_fuser_new(const struct model *m)
+/* The fused tensor's name of p's pair (name[PARAM_NAME_MAX + 64]). */
+static void fused_name_of(const struct param *p, char *name, size_t size)
 {
-    if (!m->expert_lora) return NULL;
-    struct lora_experts_fuser *f = xcalloc(1, sizeof *f);
-    f->E = m->cfg.num_experts;
-    f->r = m->lora_rank;
-    int L = m->cfg.num_layers;
-    f->first = xmalloc((size_t)L * sizeof(int));
-    f->tensors = xcalloc((size_t)L * 4, sizeof *f->tensors);
-    for (int l = 0; l < L; l++) f->first[l] = -1;
+    char module[64];
+    snprintf(module, sizeof module, "model.layers.%d.mlp.experts", p->layer);
+    lora_experts_fused_name(name, size, module, p->lora_target, p->lora_b);
+}
+
+int lora_experts_declare(const struct model *m, fused_declare declare, void *sink, char *err,
+                         size_t err_size)
+{
+    int64_t E = m->cfg.num_experts, r = m->lora_rank;
     for (int i = 0; i < m->n_params; i++) { /* expert 0's pairs give the shapes */
         const struct param *p = &m->params[i];
         if (!lora_experts_is(p) || p->expert != 0) continue;
-        if (f->first[p->layer] < 0) f->first[p->layer] = f->n, f->n += 4;
-        /* gate_up A, gate_up B, down A, down B */
-        struct fused *t =
-            &f->tensors[f->first[p->layer] + 2 * (p->lora_target == LORA_EXPERT_DOWN) + p->lora_b];
-        char module[PARAM_NAME_MAX];
-        snprintf(module, sizeof module, "model.layers.%d.mlp.experts", p->layer);
-        lora_experts_fused_name(t->name, sizeof t->name, module, p->lora_target, p->lora_b);
-        t->shape[0] = p->lora_b ? p->shape[0] : (int64_t)f->E * f->r;
-        t->shape[1] = p->lora_b ? (int64_t)f->r * f->E : p->shape[1];
-        t->data = xcalloc((size_t)(t->shape[0] * t->shape[1]), sizeof(float));
-    }
-    return f;
-}
-
-int lora_experts_fuser_declare(const struct lora_experts_fuser *f, fused_declare declare,
-                               void *sink, char *err, size_t err_size)
-{
-    for (int i = 0; f && i < f->n; i++)
-        if (declare(f->tensors[i].name, f->tensors[i].shape, sink, err, err_size)) return -1;
-    return 0;
-}
-
-void lora_experts_fuser_take(struct lora_experts_fuser *f, const struct param *p, const float *data)
-{
-    struct fused *t =
-        &f->tensors[f->first[p->layer] + 2 * (p->lora_target == LORA_EXPERT_DOWN) + p->lora_b];
-    int64_t E = f->E, r = f->r, e = p->expert;
-    if (!p->lora_b) { /* A_e: rows [e r, e r + r) */
-        memcpy(t->data + e * r * t->shape[1], data, p->numel * sizeof(float));
-        return;
-    }
-    for (int64_t o = 0; o < t->shape[0]; o++) /* B_e[o, k] = lora_B[o, k E + e] */
-        for (int64_t k = 0; k < r; k++) t->data[o * r * E + k * E + e] = data[o * r + k];
-}
-
-int lora_experts_fuser_write(const struct lora_experts_fuser *f, fused_write write, void *sink,
-                             char *err, size_t err_size)
-{
-    for (int i = 0; f && i < f->n; i++) {
-        const struct fused *t = &f->tensors[i];
-        if (write(t->name, t->data, (size_t)(t->shape[0] * t->shape[1]), sink, err, err_size))
-            return -1;
+        char name[PARAM_NAME_MAX + 64];
+        fused_name_of(p, name, sizeof name);
+        int64_t shape[2] = {p->lora_b ? p->shape[0] : E * r, p->lora_b ? r * E : p->shape[1]};
+        if (declare(name, shape, sink, err, err_size)) return -1;
     }
     return 0;
 }
 
-void lora_experts_fuser_free(struct lora_experts_fuser *f)
+int lora_experts_write(const struct model *m,
+                       bool (*provided)(const struct model *m, const struct param *p),
+                       fused_slice write, void *sink, char *err, size_t err_size)
 {
-    if (!f) return;
-    for (int i = 0; i < f->n; i++) free(f->tensors[i].data);
-    free(f->tensors), free(f->first), free(f);
+    int64_t E = m->cfg.num_experts, r = m->lora_rank;
+    int64_t n = m->n_local_experts > 0 ? m->n_local_experts : 1, e0 = m->first_expert;
+    float *zeros = NULL, *run = NULL;
+    size_t zeros_size = 0, run_size = 0;
+    int rc = 0;
+    for (int i = 0; i < m->n_params && rc == 0; i++) {
+        const struct param *p = &m->params[i];
+        if (!lora_experts_is(p) || !p->data || !provided(m, p)) continue;
+        const float *values = p->data;
+        if (!p->trainable) { /* frozen (not selected): no update */
+            if (zeros_size < p->numel) {
+                free(zeros);
+                zeros = xmalloc((zeros_size = p->numel) * sizeof(float));
+            }
+            memset(zeros, 0, p->numel * sizeof(float));
+            values = zeros;
+        }
+        char name[PARAM_NAME_MAX + 64];
+        fused_name_of(p, name, sizeof name);
+        if (!p->lora_b) { /* A_e: rows [e r, e r + r) */
+            rc = write(name, (size_t)(p->expert * r * p->shape[1]), values, p->numel, sink, err,
+                       err_size);
+            continue;
+        }
+        /* B_e[o, k] = lora_B[o, k E + e]: gathered over the rank's experts (in table order,
+         * ascending), written as runs of n when the last has come */
+        int64_t out = p->shape[0], k0 = p->expert - e0;
+        if (run_size < (size_t)(out * r * n)) {
+            free(run);
+            run = xmalloc((run_size = (size_t)(out * r * n)) * sizeof(float));
+        }
+        for (int64_t o = 0; o < out; o++)
+            for (int64_t k = 0; k < r; k++) run[(o * r + k) * n + k0] = values[o * r + k];
+        for (int64_t o = 0; k0 == n - 1 && o < out && rc == 0; o++)
+            for (int64_t k = 0; k < r && rc == 0; k++)
+                rc = write(name, (size_t)(o * r * E + k * E + e0), run + (o * r + k) * n, (size_t)n,
+                           sink, err, err_size);
+    }
+    free(zeros), free(run);
+    return rc;
 }

@@ -14,8 +14,8 @@
  * esft holds the pairs per expert, as entries of the parameter table (kind PARAM_LORA,
  * lora_target LORA_EXPERT_GATE_UP or LORA_EXPERT_DOWN, the expert's index: its EP rank
  * holds them), so gradients, AdamW, checkpoints and EP/PP/DP treat them like any expert
- * tensor; the adapter export fuses them into PEFT's two tensors per layer (the fuser
- * below). PEFT's form has no way to adapt only some experts: with `selected` every expert
+ * tensor; the adapter export writes them into PEFT's fused tensors, each rank its own
+ * experts' share (lora_experts_write). PEFT's form has no way to adapt only some experts: with `selected` every expert
  * has a pair, the unselected ones frozen, written as zero A and B (no update). */
 #ifndef ESFT_LORA_EXPERTS_H
 #define ESFT_LORA_EXPERTS_H
@@ -97,25 +97,24 @@ void lora_experts_merge(struct model *m);
  * (…mlp.experts.base_layer.lora_A.weight), whatever the order in target_parameters. */
 void lora_experts_fused_name(char *name, size_t size, const char *module, int which, bool b);
 
-struct lora_experts_fuser;
-
-/* What a fused tensor is written through: declare (name, shape [2]) before the file
- * opens, then write (the whole tensor, fp32) at the end. */
+/* What the fused tensors are written through: declare (name, shape [2]) before the file
+ * opens, then slices (count fp32 values at element `first`). */
 typedef int (*fused_declare)(const char *name, const int64_t *shape, void *sink, char *err,
                              size_t err_size);
-typedef int (*fused_write)(const char *name, const float *data, size_t numel, void *sink, char *err,
-                           size_t err_size);
+typedef int (*fused_slice)(const char *name, size_t first, const float *data, size_t count,
+                           void *sink, char *err, size_t err_size);
 
-/* NULL when the model has no expert pairs. Holds each fused tensor of every layer (zero
- * until its experts' pairs arrive: an expert not handed over stays zero). */
-struct lora_experts_fuser *lora_experts_fuser_new(const struct model *m);
-int lora_experts_fuser_declare(const struct lora_experts_fuser *f, fused_declare declare,
-                               void *sink, char *err, size_t err_size);
-/* Puts one expert's A or B (p, data fp32) at its place. */
-void lora_experts_fuser_take(struct lora_experts_fuser *f, const struct param *p,
-                             const float *data);
-int lora_experts_fuser_write(const struct lora_experts_fuser *f, fused_write write, void *sink,
-                             char *err, size_t err_size);
-void lora_experts_fuser_free(struct lora_experts_fuser *f);
+/* Declares PEFT's four fused tensors of every MoE layer (from the table: every rank the
+ * same). 0, or -1 with a message. */
+int lora_experts_declare(const struct model *m, fused_declare declare, void *sink, char *err,
+                         size_t err_size);
+
+/* Writes this rank's share of them: the pairs it holds and `provided` says it writes (a
+ * frozen pair, an expert `selected` leaves out, as zeros), A_e as one slice, B_e as runs
+ * of the rank's local experts (columns k E + e0 .. k E + e0 + n - 1 of each row and k).
+ * 0, or -1 with a message. */
+int lora_experts_write(const struct model *m, bool (*provided)(const struct model *m,
+                                                                const struct param *p),
+                       fused_slice write, void *sink, char *err, size_t err_size);
 
 #endif

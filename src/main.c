@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "config.h"
 #include "deck.h"
@@ -539,8 +540,16 @@ int main(int argc, char **argv)
     layout_create(&layout, &grid);
     int threads = threads_choose(MPI_COMM_WORLD);
     metrics_open(deck.run.output_dir);
+    /* who runs: host, pid and the pid's start time, so that a reader can tell a run that
+     * is still going from one killed without an end line (sweep summaries) */
+    char host[256];
+    unsigned long long pid_start = 0;
+    host_name(host, sizeof host);
+    if (process_start_ticks((long)getpid(), &pid_start) != 0) pid_start = 0; /* unknown */
     metrics_write("start", "\"deck\": \"%s\", \"world\": %d, \"pp\": %d, \"dp\": %d, \"ep\": %d, "
-                  "\"threads\": %d", opt.deck_file, grid.world, grid.pp, grid.dp, grid.ep, threads);
+                  "\"threads\": %d, \"host\": \"%s\", \"pid\": %ld, \"pid_start\": %llu",
+                  opt.deck_file, grid.world, grid.pp, grid.dp, grid.ep, threads, host,
+                  (long)getpid(), pid_start);
     /* the sweep's shared phases: their mark goes while they rewrite what the points read,
      * and comes back when they have all succeeded */
     if (shared_text && world_rank == 0) sweep_unmark_shared(&sweep);

@@ -10,6 +10,7 @@
 #include <sys/resource.h>
 #include <sys/wait.h>
 
+#include "gather.h"
 #include "hfconfig.h"
 #include "log.h"
 #include "model.h"
@@ -24,7 +25,7 @@
 /* What a rank holds, in bytes. */
 struct rank_memory {
     double weights, gradients, adamw, activations, total;
-    double export; /* rank 0 on the CPU: the copies of the exported tensors */
+    double export; /* on the CPU: what writing this rank's share of the exports holds */
 };
 
 /* The trainable set the estimate assumes. */
@@ -240,20 +241,24 @@ static void estimate(const struct deck *deck, const struct model_config *cfg,
     out->gradients = 4 * trained * (device || !reduced ? 1 : 2);
     out->adamw = 8 * trained;
     out->activations = ws;
-    /* the export at the end streams the trained tensors (every tensor with
-     * train.export_merged) to rank 0's writer one at a time (export.c, st_stream.h): a
-     * tensor rank 0 does not hold arrives whole in fp32, and the conversion to the
-     * checkpoint's dtype goes through pieces of at most 2 MiB */
+    /* the exports at the end: each rank writes the tensors it provides (every tensor with
+     * train.export_merged) into the shared files from where they are (export.c, gather.h,
+     * st_stream.h), converted to the checkpoint's dtype through pieces of at most 2 MiB; a
+     * tensor held as bf16 is read again from the checkpoint, in fp32 (the largest such
+     * tensor the rank writes) */
     out->export = 0;
-    if (!device && m->me.pp_rank == 0 && m->me.ep_rank == 0) {
-        double largest = 0;
+    if (!device) {
+        int me = layout_rank_of(grid, m->me);
+        bool writes = false;
+        double reread = 0;
         for (int i = 0; i < m->n_params; i++) {
             const struct param *p = &m->params[i];
-            if ((p->trainable || tr->export_merged) && !model_holds(p, m->me) &&
-                4.0 * (double)p->numel > largest)
-                largest = 4.0 * (double)p->numel;
+            if (!(p->trainable || tr->export_merged) || gather_provider(m, p) != me) continue;
+            writes = true;
+            if (bf16_store && model_stores_bf16(p) && 4.0 * (double)p->numel > reread)
+                reread = 4.0 * (double)p->numel;
         }
-        out->export = largest + 2.0 * 1048576.0;
+        if (writes) out->export = reread + 2.0 * 1048576.0;
     }
     out->total = out->weights + out->gradients + out->adamw + out->activations + out->export;
 }

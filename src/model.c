@@ -773,6 +773,9 @@ void model_set_trainable(struct model *m, const bool *trainable)
  * fine-tuning step of 1.9e9 parameters 0.6 s on the host), else on the host. */
 void model_zero_grads(struct model *m)
 {
+    bool zeroed = m->grads_zeroed;
+    m->grads_zeroed = false; /* the backward is about to write them */
+    if (zeroed) return;
     if (m->device_grad_storage)
         m->ops->zero(m->device_grad_storage, m->grad_floats * sizeof(float));
     else if (m->grad_storage)

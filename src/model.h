@@ -143,6 +143,8 @@ struct model {
     float *embedding_grad, *final_norm_grad, *lm_head_grad;
     float *grad_storage;                     /* every gradient of this rank, one allocation */
     size_t grad_floats;
+    bool grads_zeroed; /* grad_storage is all zero already (the host AdamW step clears
+                        * each gradient as it reads it): model_zero_grads skips its pass */
     /* model_attach: the backend, and its copies of storage, grad_storage and inv_freq
      * (NULL when it is host-visible or the model is not attached: host memory) */
     const struct backend *ops;

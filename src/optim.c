@@ -68,9 +68,16 @@ void adamw_step(struct adamw *opt, struct model *model, double lr, float grad_fa
             continue;
         }
         float *m = opt->m + at, *v = opt->v + at;
+        float *g = p->grad;
+        /* each gradient cleared as it is read, for the next step (one pass fewer) */
 #pragma omp parallel for schedule(static)
-        for (size_t j = 0; j < p->numel; j++) adamw_update(&p->data[j], &m[j], &v[j], p->grad[j], &coef);
+        for (size_t j = 0; j < p->numel; j++) {
+            adamw_update(&p->data[j], &m[j], &v[j], g[j], &coef);
+            g[j] = 0.0f;
+        }
     }
+    /* on the host, every gradient of the rank was a trained tensor's and is zero now */
+    if (!opt->device_m) model->grads_zeroed = true;
 }
 
 double lr_at(const struct deck_train *train, long long step)

@@ -43,7 +43,7 @@ static void problem(struct problems *p, const char *fmt, ...)
 
 /* The files the phases before `upto` in the deck's list write (as the phases name them). */
 struct produced {
-    bool model, data, stats, expert_config, adapter, c2r_config;
+    bool model, data, stats, expert_config, adapter, merged, extra_data, c2r_config;
     /* the dataset prepare writes in this run: its tokenizer's identity */
     char data_tokenizer[4200], data_checksum[17];
     uint64_t data_vocab_size;
@@ -114,6 +114,37 @@ static void check_data(const struct deck *deck, const struct produced *made,
     else if (ds.n_samples == 0)
         problem(p, "%s: %s holds no sample", phase_name(phase), deck->data.path);
     dataset_close(&ds);
+}
+
+/* eval: its adapter, its model (eval.model) and its extra datasets are there, or an
+ * earlier phase of the deck writes them. */
+static void check_eval(const struct deck *deck, const struct produced *made, const char *adapter,
+                       struct problems *p)
+{
+    const char *eval_adapter = deck_eval_adapter(deck);
+    if (eval_adapter && !(made->adapter && strcmp(eval_adapter, adapter) == 0) &&
+        !is_regular_file(eval_adapter) && !peft_adapter_is(eval_adapter))
+        problem(p, "eval: eval.adapter: %s is not a file (nor a LoRA adapter directory with "
+                "adapter_config.json)", eval_adapter);
+    char config[4200], merged[4200];
+    snprintf(merged, sizeof merged, "%s/merged", deck->run.output_dir);
+    if (deck->eval.model && !(made->merged && strcmp(deck->eval.model, merged) == 0)) {
+        snprintf(config, sizeof config, "%s/config.json", deck->eval.model);
+        if (!is_regular_file(config))
+            problem(p, "eval: eval.model: %s holds no config.json", deck->eval.model);
+    }
+    for (int i = 0; i < deck->eval.n_extra_data; i++) {
+        const char *path = deck->eval.extra_data[i];
+        if (made->extra_data && strcmp(path, deck->prepare.extra_output) == 0) continue;
+        char err[4096];
+        struct dataset ds;
+        if (dataset_open(&ds, path, err, sizeof err) != 0) {
+            problem(p, "eval: eval.extra_data: %s", err);
+            continue;
+        }
+        if (ds.n_samples == 0) problem(p, "eval: eval.extra_data: %s holds no sample", path);
+        dataset_close(&ds);
+    }
 }
 
 /* model.routing c2r: a readable C2R configuration for this model (or select writing one
@@ -198,8 +229,19 @@ int preflight_check(const struct deck *deck, const struct layout_grid *grid, cha
                 made.data_vocab_size = tok.vocab_size;
                 tokenizer_close(&tok);
             }
+            for (int k = 0; k < deck->prepare.n_extra_inputs; k++) {
+                const char *input = deck->prepare.extra_inputs[k];
+                struct stat st;
+                if (stat(input, &st) != 0 || access(input, R_OK) != 0)
+                    problem(&p, "prepare: prepare.extra_inputs: %s: cannot open input: %s", input,
+                            strerror(errno));
+                else if (S_ISDIR(st.st_mode))
+                    problem(&p, "prepare: prepare.extra_inputs: %s: is a directory, not a jsonl "
+                            "file", input);
+            }
             if (deck->data.path && strcmp(deck->data.path, deck->prepare.output) == 0)
                 made.data = true;
+            made.extra_data = deck->prepare.extra_output != NULL;
             break;
         }
         case PHASE_SCORE:
@@ -217,11 +259,7 @@ int preflight_check(const struct deck *deck, const struct layout_grid *grid, cha
                     problem(&p, "score: %s has no MoE layers", deck->model.path);
                 made.stats = true;
             }
-            if (phase == PHASE_EVAL && deck->eval.adapter &&
-                !(made.adapter && strcmp(deck->eval.adapter, adapter) == 0) &&
-                !is_regular_file(deck->eval.adapter) && !peft_adapter_is(deck->eval.adapter))
-                problem(&p, "eval: eval.adapter: %s is neither a file nor a LoRA adapter "
-                        "directory (adapter_config.json)", deck->eval.adapter);
+            if (phase == PHASE_EVAL) check_eval(deck, &made, adapter, &p);
             if (phase != PHASE_TRAIN) break;
             {
                 const struct deck_train *tr = &deck->train;
@@ -256,6 +294,7 @@ int preflight_check(const struct deck *deck, const struct layout_grid *grid, cha
                     }
                 }
                 made.adapter = true;
+                made.merged = tr->export_merged;
             }
             break;
         case PHASE_SELECT:

@@ -508,9 +508,9 @@ int prepare_open_tokenizer(const struct deck *deck, bool model_made, struct toke
     return -1;
 }
 
-int phase_prepare(const struct deck *deck, const struct layout *layout)
+/* prepare.inputs into prepare.output. */
+static void prepare_dataset(const struct deck *deck)
 {
-    (void)layout;
     struct tokenizer tok;
     char err[4096];
     /* Every rank reads the same deck and files, so every rank reaches this verdict. */
@@ -558,5 +558,18 @@ int phase_prepare(const struct deck *deck, const struct layout *layout)
     free(sh);
     free(message);
     tokenizer_close(&tok);
+}
+
+int phase_prepare(const struct deck *deck, const struct layout *layout)
+{
+    (void)layout;
+    prepare_dataset(deck);
+    if (deck->prepare.n_extra_inputs == 0) return 0;
+    /* the second dataset: the same tokenizer, format and template over other rows */
+    struct deck extra = *deck;
+    memcpy(extra.prepare.inputs, deck->prepare.extra_inputs, sizeof extra.prepare.inputs);
+    extra.prepare.n_inputs = deck->prepare.n_extra_inputs;
+    extra.prepare.output = deck->prepare.extra_output;
+    prepare_dataset(&extra);
     return 0;
 }

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "safetensors_internal.h"
 #include "st_stream.h"
 
 /* safetensors data is little-endian; the f32/f64 paths below copy bytes straight. */
@@ -24,9 +25,7 @@
 #error "esft's safetensors reader assumes a little-endian host"
 #endif
 
-static int fail(char *err, size_t errsize, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static int fail(char *err, size_t errsize, const char *fmt, ...)
+int st_fail(char *err, size_t errsize, const char *fmt, ...)
 {
     if (err && errsize) {
         va_list args;
@@ -37,7 +36,7 @@ static int fail(char *err, size_t errsize, const char *fmt, ...)
     return -1;
 }
 
-static char *join_path(const char *dir, const char *name)
+char *st_join_path(const char *dir, const char *name)
 {
     size_t n = strlen(dir) + strlen(name) + 2;
     char *path = xmalloc(n);
@@ -251,68 +250,68 @@ static int parse_entry(const struct st_file *f, const char *name, json_t *entry,
 {
     const char *path = f->path;
     if (!json_is_object(entry))
-        return fail(err, errsize, "%s: tensor '%s': entry is %s, expected an object", path, name,
-                    json_kind(entry));
+        return st_fail(err, errsize, "%s: tensor '%s': entry is %s, expected an object", path, name,
+                       json_kind(entry));
 
     json_t *dtype = json_object_get(entry, "dtype");
-    if (!dtype) return fail(err, errsize, "%s: tensor '%s': no 'dtype'", path, name);
+    if (!dtype) return st_fail(err, errsize, "%s: tensor '%s': no 'dtype'", path, name);
     if (!json_is_string(dtype))
-        return fail(err, errsize, "%s: tensor '%s': 'dtype' is %s, expected a string", path, name,
-                    json_kind(dtype));
+        return st_fail(err, errsize, "%s: tensor '%s': 'dtype' is %s, expected a string", path,
+                       name, json_kind(dtype));
     if (st_dtype_parse(json_string_value(dtype), &t->dtype) != 0) {
         char list[160];
         supported_dtypes(list, sizeof list);
-        return fail(err, errsize, "%s: tensor '%s': dtype '%s' is not supported (supported: %s)",
-                    path, name, json_string_value(dtype), list);
+        return st_fail(err, errsize, "%s: tensor '%s': dtype '%s' is not supported (supported: %s)",
+                       path, name, json_string_value(dtype), list);
     }
 
     json_t *shape = json_object_get(entry, "shape");
-    if (!shape) return fail(err, errsize, "%s: tensor '%s': no 'shape'", path, name);
+    if (!shape) return st_fail(err, errsize, "%s: tensor '%s': no 'shape'", path, name);
     if (!json_is_array(shape))
-        return fail(err, errsize, "%s: tensor '%s': 'shape' is %s, expected an array", path, name,
-                    json_kind(shape));
+        return st_fail(err, errsize, "%s: tensor '%s': 'shape' is %s, expected an array", path,
+                       name, json_kind(shape));
     size_t rank = json_array_size(shape);
     if (rank > ST_MAX_RANK)
-        return fail(err, errsize, "%s: tensor '%s': rank %zu exceeds the supported %d", path, name,
-                    rank, ST_MAX_RANK);
+        return st_fail(err, errsize, "%s: tensor '%s': rank %zu exceeds the supported %d", path,
+                       name, rank, ST_MAX_RANK);
     t->rank = (int)rank;
     t->numel = 1;
     for (size_t i = 0; i < rank; i++) {
         json_t *d = json_array_get(shape, i);
         if (!json_is_integer(d))
-            return fail(err, errsize, "%s: tensor '%s': shape[%zu] is %s, expected an integer",
-                        path, name, i, json_kind(d));
+            return st_fail(err, errsize, "%s: tensor '%s': shape[%zu] is %s, expected an integer",
+                           path, name, i, json_kind(d));
         json_int_t v = json_integer_value(d);
         if (v < 0)
-            return fail(err, errsize, "%s: tensor '%s': shape[%zu] is negative (%lld)", path, name,
-                        i, (long long)v);
+            return st_fail(err, errsize, "%s: tensor '%s': shape[%zu] is negative (%lld)", path,
+                           name, i, (long long)v);
         t->shape[i] = (int64_t)v;
         if (v != 0 && t->numel > INT64_MAX / v)
-            return fail(err, errsize, "%s: tensor '%s': shape product overflows", path, name);
+            return st_fail(err, errsize, "%s: tensor '%s': shape product overflows", path, name);
         t->numel *= (int64_t)v;
     }
     size_t esize = st_dtype_size(t->dtype);
     if ((uint64_t)t->numel > (uint64_t)SIZE_MAX / esize)
-        return fail(err, errsize, "%s: tensor '%s': byte size overflows", path, name);
+        return st_fail(err, errsize, "%s: tensor '%s': byte size overflows", path, name);
     size_t expected = (size_t)t->numel * esize;
 
     json_t *offsets = json_object_get(entry, "data_offsets");
-    if (!offsets) return fail(err, errsize, "%s: tensor '%s': no 'data_offsets'", path, name);
+    if (!offsets) return st_fail(err, errsize, "%s: tensor '%s': no 'data_offsets'", path, name);
     if (!json_is_array(offsets) || json_array_size(offsets) != 2 ||
         !json_is_integer(json_array_get(offsets, 0)) ||
         !json_is_integer(json_array_get(offsets, 1)))
-        return fail(err, errsize, "%s: tensor '%s': 'data_offsets' is not [begin, end] integers",
-                    path, name);
+        return st_fail(err, errsize, "%s: tensor '%s': 'data_offsets' is not [begin, end] integers",
+                       path, name);
     json_int_t begin = json_integer_value(json_array_get(offsets, 0));
     json_int_t end = json_integer_value(json_array_get(offsets, 1));
     if (begin < 0 || end < 0)
-        return fail(err, errsize, "%s: tensor '%s': data_offsets [%lld, %lld] are negative", path,
-                    name, (long long)begin, (long long)end);
+        return st_fail(err, errsize, "%s: tensor '%s': data_offsets [%lld, %lld] are negative",
+                       path, name, (long long)begin, (long long)end);
     if (begin > end)
-        return fail(err, errsize, "%s: tensor '%s': data_offsets [%lld, %lld] begin after end",
-                    path, name, (long long)begin, (long long)end);
+        return st_fail(err, errsize, "%s: tensor '%s': data_offsets [%lld, %lld] begin after end",
+                       path, name, (long long)begin, (long long)end);
     if ((unsigned long long)end > f->data_size)
-        return fail(
+        return st_fail(
             err, errsize,
             "%s: tensor '%s': data_offsets [%lld, %lld] end beyond the data area (%zu bytes)", path,
             name, (long long)begin, (long long)end, f->data_size);
@@ -323,11 +322,11 @@ static int parse_entry(const struct st_file *f, const char *name, json_t *entry,
         for (int i = 0; i < t->rank && used < sizeof dims; i++)
             used += (size_t)snprintf(dims + used, sizeof dims - used, "%s%lld", i ? ", " : "",
                                      (long long)t->shape[i]);
-        return fail(err, errsize,
-                    "%s: tensor '%s': data_offsets [%lld, %lld] hold %lld bytes, but %s [%s] "
-                    "needs %zu",
-                    path, name, (long long)begin, (long long)end, (long long)(end - begin),
-                    st_dtype_name(t->dtype), dims, expected);
+        return st_fail(err, errsize,
+                       "%s: tensor '%s': data_offsets [%lld, %lld] hold %lld bytes, but %s [%s] "
+                       "needs %zu",
+                       path, name, (long long)begin, (long long)end, (long long)(end - begin),
+                       st_dtype_name(t->dtype), dims, expected);
     }
     t->data = f->data_area + begin;
     t->nbytes = expected;
@@ -338,8 +337,8 @@ static int parse_entry(const struct st_file *f, const char *name, json_t *entry,
 static int parse_metadata(struct st_file *f, json_t *meta, char *err, size_t errsize)
 {
     if (!json_is_object(meta))
-        return fail(err, errsize, "%s: '__metadata__' is %s, expected an object of strings",
-                    f->path, json_kind(meta));
+        return st_fail(err, errsize, "%s: '__metadata__' is %s, expected an object of strings",
+                       f->path, json_kind(meta));
     size_t n = json_object_size(meta);
     f->metadata_keys = xcalloc(n ? n : 1, sizeof(char *));
     f->metadata_values = xcalloc(n ? n : 1, sizeof(char *));
@@ -348,8 +347,8 @@ static int parse_metadata(struct st_file *f, json_t *meta, char *err, size_t err
     json_object_foreach(meta, key, value)
     {
         if (!json_is_string(value))
-            return fail(err, errsize, "%s: '__metadata__' key '%s' is %s, expected a string",
-                        f->path, key, json_kind(value));
+            return st_fail(err, errsize, "%s: '__metadata__' key '%s' is %s, expected a string",
+                           f->path, key, json_kind(value));
         f->metadata_keys[f->n_metadata] = xstrdup(key);
         f->metadata_values[f->n_metadata] = xstrdup(json_string_value(value));
         f->n_metadata++;
@@ -363,11 +362,11 @@ static int parse_header(struct st_file *f, char *err, size_t errsize)
     uint64_t header_len = 0;
     for (int i = 7; i >= 0; i--) header_len = (header_len << 8) | bytes[i];
     if (header_len > f->map_size - 8)
-        return fail(err, errsize, "%s: header length %llu exceeds the file (%zu bytes)", f->path,
-                    (unsigned long long)header_len, f->map_size);
+        return st_fail(err, errsize, "%s: header length %llu exceeds the file (%zu bytes)", f->path,
+                       (unsigned long long)header_len, f->map_size);
     if (header_len > ST_MAX_HEADER_BYTES)
-        return fail(err, errsize, "%s: header length %llu exceeds the limit of %llu bytes", f->path,
-                    (unsigned long long)header_len, ST_MAX_HEADER_BYTES);
+        return st_fail(err, errsize, "%s: header length %llu exceeds the limit of %llu bytes",
+                       f->path, (unsigned long long)header_len, ST_MAX_HEADER_BYTES);
     f->data_area = bytes + 8 + header_len;
     f->data_size = f->map_size - 8 - (size_t)header_len;
 
@@ -375,12 +374,12 @@ static int parse_header(struct st_file *f, char *err, size_t errsize)
     json_t *root =
         json_loadb((const char *)bytes + 8, (size_t)header_len, JSON_REJECT_DUPLICATES, &jerr);
     if (!root)
-        return fail(err, errsize, "%s: header is not valid JSON: %s (at byte %d)", f->path,
-                    jerr.text, jerr.position);
+        return st_fail(err, errsize, "%s: header is not valid JSON: %s (at byte %d)", f->path,
+                       jerr.text, jerr.position);
     int rc = 0;
     if (!json_is_object(root)) {
-        rc = fail(err, errsize, "%s: header is %s, expected a JSON object", f->path,
-                  json_kind(root));
+        rc = st_fail(err, errsize, "%s: header is %s, expected a JSON object", f->path,
+                     json_kind(root));
         goto done;
     }
     size_t n = json_object_size(root);
@@ -409,8 +408,8 @@ static int parse_header(struct st_file *f, char *err, size_t errsize)
     for (int i = 0; i < n_order && rc == 0; i++) {
         const unsigned char *begin = order[i]->data;
         if (furthest && begin < (const unsigned char *)furthest->data + furthest->nbytes)
-            rc = fail(err, errsize, "%s: tensor '%s' overlaps tensor '%s' in the data area",
-                      f->path, order[i]->name, furthest->name);
+            rc = st_fail(err, errsize, "%s: tensor '%s' overlaps tensor '%s' in the data area",
+                         f->path, order[i]->name, furthest->name);
         if (!furthest ||
             begin + order[i]->nbytes > (const unsigned char *)furthest->data + furthest->nbytes)
             furthest = order[i];
@@ -426,23 +425,23 @@ struct st_file *st_open(const char *path, char *err, size_t errsize)
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        fail(err, errsize, "%s: cannot open: %s", path, strerror(errno));
+        st_fail(err, errsize, "%s: cannot open: %s", path, strerror(errno));
         return NULL;
     }
     struct stat sb;
     if (fstat(fd, &sb) != 0) {
-        fail(err, errsize, "%s: cannot stat: %s", path, strerror(errno));
+        st_fail(err, errsize, "%s: cannot stat: %s", path, strerror(errno));
         close(fd);
         return NULL;
     }
     if (!S_ISREG(sb.st_mode)) {
-        fail(err, errsize, "%s: not a regular file", path);
+        st_fail(err, errsize, "%s: not a regular file", path);
         close(fd);
         return NULL;
     }
     if (sb.st_size < 8) {
-        fail(err, errsize, "%s: file is %lld bytes, shorter than the 8-byte header length", path,
-             (long long)sb.st_size);
+        st_fail(err, errsize, "%s: file is %lld bytes, shorter than the 8-byte header length", path,
+                (long long)sb.st_size);
         close(fd);
         return NULL;
     }
@@ -450,7 +449,7 @@ struct st_file *st_open(const char *path, char *err, size_t errsize)
     int map_errno = errno;
     close(fd);
     if (map == MAP_FAILED) {
-        fail(err, errsize, "%s: cannot mmap: %s", path, strerror(map_errno));
+        st_fail(err, errsize, "%s: cannot mmap: %s", path, strerror(map_errno));
         return NULL;
     }
     struct st_file *f = xcalloc(1, sizeof *f);
@@ -522,21 +521,21 @@ static int open_index(struct st_checkpoint *c, const char *index_path, char *err
     json_error_t jerr;
     json_t *root = json_load_file(index_path, JSON_REJECT_DUPLICATES, &jerr);
     if (!root)
-        return fail(err, errsize, "%s: not valid JSON: %s (line %d, column %d)", index_path,
-                    jerr.text, jerr.line, jerr.column);
+        return st_fail(err, errsize, "%s: not valid JSON: %s (line %d, column %d)", index_path,
+                       jerr.text, jerr.line, jerr.column);
     int rc = 0;
     json_t *map = json_is_object(root) ? json_object_get(root, "weight_map") : NULL;
     if (!json_is_object(root)) {
-        rc = fail(err, errsize, "%s: expected a JSON object", index_path);
+        rc = st_fail(err, errsize, "%s: expected a JSON object", index_path);
         goto done;
     }
     if (!map) {
-        rc = fail(err, errsize, "%s: no 'weight_map'", index_path);
+        rc = st_fail(err, errsize, "%s: no 'weight_map'", index_path);
         goto done;
     }
     if (!json_is_object(map)) {
-        rc = fail(err, errsize, "%s: 'weight_map' is %s, expected an object", index_path,
-                  json_kind(map));
+        rc = st_fail(err, errsize, "%s: 'weight_map' is %s, expected an object", index_path,
+                     json_kind(map));
         goto done;
     }
     size_t n = json_object_size(map);
@@ -548,28 +547,28 @@ static int open_index(struct st_checkpoint *c, const char *index_path, char *err
     json_object_foreach(map, key, value)
     {
         if (!json_is_string(value)) {
-            rc = fail(err, errsize, "%s: weight_map['%s'] is %s, expected a file name", index_path,
-                      key, json_kind(value));
+            rc = st_fail(err, errsize, "%s: weight_map['%s'] is %s, expected a file name",
+                         index_path, key, json_kind(value));
             break;
         }
         const char *shard = json_string_value(value);
         /* shards live in the checkpoint directory itself */
         if (shard[0] == '\0' || strchr(shard, '/') || strcmp(shard, ".") == 0 ||
             strcmp(shard, "..") == 0) {
-            rc = fail(err, errsize, "%s: weight_map['%s'] = '%s' is not a file name in %s",
-                      index_path, key, shard, c->dir);
+            rc = st_fail(err, errsize, "%s: weight_map['%s'] = '%s' is not a file name in %s",
+                         index_path, key, shard, c->dir);
             break;
         }
         int s = 0;
         while (s < c->n_files && strcmp(names[s], shard) != 0) s++;
         if (s == c->n_files) {
-            char *path = join_path(c->dir, shard);
+            char *path = st_join_path(c->dir, shard);
             char inner[768];
             c->files[s] = st_open(path, inner, sizeof inner);
             free(path);
             if (!c->files[s]) {
-                rc = fail(err, errsize, "%s: shard '%s' (tensor '%s'): %s", index_path, shard, key,
-                          inner);
+                rc = st_fail(err, errsize, "%s: shard '%s' (tensor '%s'): %s", index_path, shard,
+                             key, inner);
                 break;
             }
             names[s] = xstrdup(shard);
@@ -577,8 +576,8 @@ static int open_index(struct st_checkpoint *c, const char *index_path, char *err
         }
         const struct st_tensor *t = st_file_find(c->files[s], key);
         if (!t) {
-            rc = fail(err, errsize, "%s: tensor '%s' is mapped to %s, which has no such tensor",
-                      index_path, key, c->files[s]->path);
+            rc = st_fail(err, errsize, "%s: tensor '%s' is mapped to %s, which has no such tensor",
+                         index_path, key, c->files[s]->path);
             break;
         }
         c->tensors[c->n_tensors++] = *t;
@@ -595,8 +594,8 @@ struct st_checkpoint *st_checkpoint_open(const char *dir, char *err, size_t errs
 {
     struct st_checkpoint *c = xcalloc(1, sizeof *c);
     c->dir = xstrdup(dir);
-    char *single = join_path(dir, "model.safetensors");
-    char *index = join_path(dir, "model.safetensors.index.json");
+    char *single = st_join_path(dir, "model.safetensors");
+    char *index = st_join_path(dir, "model.safetensors.index.json");
     int rc = 0;
     /* transformers looks for the single file first, then the index */
     if (file_exists(single)) {
@@ -613,7 +612,7 @@ struct st_checkpoint *st_checkpoint_open(const char *dir, char *err, size_t errs
     } else if (file_exists(index)) {
         rc = open_index(c, index, err, errsize);
     } else {
-        rc = fail(err, errsize, "%s: no model.safetensors or model.safetensors.index.json", dir);
+        rc = st_fail(err, errsize, "%s: no model.safetensors or model.safetensors.index.json", dir);
     }
     free(single);
     free(index);
@@ -643,7 +642,7 @@ const struct st_tensor *st_get(const struct st_checkpoint *c, const char *name, 
                                size_t errsize)
 {
     const struct st_tensor *t = st_find(c, name);
-    if (!t) fail(err, errsize, "%s: tensor '%s' not found in the checkpoint", c->dir, name);
+    if (!t) st_fail(err, errsize, "%s: tensor '%s' not found in the checkpoint", c->dir, name);
     return t;
 }
 
@@ -652,8 +651,8 @@ const struct st_tensor *st_get(const struct st_checkpoint *c, const char *name, 
 int st_read_f32(const struct st_tensor *t, float *out, size_t count, char *err, size_t errsize)
 {
     if (count != (size_t)t->numel)
-        return fail(err, errsize, "%s: tensor '%s': asked for %zu values, it holds %lld", t->file,
-                    t->name, count, (long long)t->numel);
+        return st_fail(err, errsize, "%s: tensor '%s': asked for %zu values, it holds %lld",
+                       t->file, t->name, count, (long long)t->numel);
     const unsigned char *p = t->data;
     switch (t->dtype) {
     case ST_F32:
@@ -676,13 +675,13 @@ int st_read_f32(const struct st_tensor *t, float *out, size_t count, char *err, 
         return 0;
     case ST_F8_E4M3:
     case ST_F8_E5M2:
-        return fail(err, errsize,
-                    "%s: tensor '%s': dtype %s is block-quantised: its values need their "
-                    "weight_scale_inv tensor (only model weights are read that way)",
-                    t->file, t->name, st_dtype_name(t->dtype));
+        return st_fail(err, errsize,
+                       "%s: tensor '%s': dtype %s is block-quantised: its values need their "
+                       "weight_scale_inv tensor (only model weights are read that way)",
+                       t->file, t->name, st_dtype_name(t->dtype));
     default:
-        return fail(err, errsize, "%s: tensor '%s': dtype %s is not a floating-point type", t->file,
-                    t->name, st_dtype_name(t->dtype));
+        return st_fail(err, errsize, "%s: tensor '%s': dtype %s is not a floating-point type",
+                       t->file, t->name, st_dtype_name(t->dtype));
     }
 }
 
@@ -704,8 +703,8 @@ int st_check_shape(const struct st_tensor *t, int rank, const int64_t *dims, cha
     char want[200], got[200];
     format_dims(want, sizeof want, rank, dims);
     format_dims(got, sizeof got, t->rank, t->shape);
-    return fail(err, errsize, "%s: tensor '%s': expected shape %s, got %s", t->file, t->name, want,
-                got);
+    return st_fail(err, errsize, "%s: tensor '%s': expected shape %s, got %s", t->file, t->name,
+                   want, got);
 }
 
 /* ---- writing ----------------------------------------------------------------------- */
@@ -742,23 +741,23 @@ int st_writer_add(struct st_writer *w, const char *name, enum st_dtype dtype, in
                   const int64_t *shape, const void *data, char *err, size_t errsize)
 {
     if ((unsigned)dtype >= ST_DTYPE_COUNT)
-        return fail(err, errsize, "tensor '%s': invalid dtype %d", name, (int)dtype);
+        return st_fail(err, errsize, "tensor '%s': invalid dtype %d", name, (int)dtype);
     if (rank < 0 || rank > ST_MAX_RANK)
-        return fail(err, errsize, "tensor '%s': rank %d outside 0..%d", name, rank, ST_MAX_RANK);
+        return st_fail(err, errsize, "tensor '%s': rank %d outside 0..%d", name, rank, ST_MAX_RANK);
     if (strcmp(name, "__metadata__") == 0 || name[0] == '\0')
-        return fail(err, errsize, "tensor name '%s' is reserved", name);
+        return st_fail(err, errsize, "tensor name '%s' is reserved", name);
     struct st_entry e = {.dtype = dtype, .rank = rank, .data = data, .numel = 1};
     for (int i = 0; i < rank; i++) {
         if (shape[i] < 0)
-            return fail(err, errsize, "tensor '%s': shape[%d] is negative (%lld)", name, i,
-                        (long long)shape[i]);
+            return st_fail(err, errsize, "tensor '%s': shape[%d] is negative (%lld)", name, i,
+                           (long long)shape[i]);
         if (shape[i] != 0 && e.numel > INT64_MAX / shape[i])
-            return fail(err, errsize, "tensor '%s': shape product overflows", name);
+            return st_fail(err, errsize, "tensor '%s': shape product overflows", name);
         e.shape[i] = shape[i];
         e.numel *= shape[i];
     }
     e.nbytes = (size_t)e.numel * st_dtype_size(dtype);
-    if (e.nbytes && !data) return fail(err, errsize, "tensor '%s': no data", name);
+    if (e.nbytes && !data) return st_fail(err, errsize, "tensor '%s': no data", name);
     if (w->n == w->capacity) {
         w->capacity = w->capacity ? 2 * w->capacity : 64;
         struct st_entry *grown = realloc(w->entries, (size_t)w->capacity * sizeof *grown);
@@ -784,7 +783,7 @@ static const struct st_entry **sorted_entries(const struct st_writer *w, char *e
     qsort(order, (size_t)w->n, sizeof *order, entry_ptr_by_name);
     for (int i = 1; i < w->n; i++)
         if (strcmp(order[i - 1]->name, order[i]->name) == 0) {
-            fail(err, errsize, "tensor '%s' added twice", order[i]->name);
+            st_fail(err, errsize, "tensor '%s' added twice", order[i]->name);
             free(order);
             return NULL;
         }

@@ -126,11 +126,10 @@ static void add_value(struct sweep_key *key, const yaml_event_t *ev, const char 
                   key->path);
         return;
     }
-    for (int i = 0; i < key->n_values; i++)
-        if (strcmp(key->values[i], text) == 0) {
-            add_error(e, "%s:%d:%d: sweep: %s lists %s twice", file, mark_line(ev), mark_col(ev),
-                      key->path, text);
-            return;
+    for (int i = 0; i < key->n_values && !key->repeat_line; i++)
+        if (strcmp(key->values[i], text) == 0) { /* an error in grid mode (sweep_read) */
+            key->repeat_line = mark_line(ev), key->repeat_col = mark_col(ev);
+            key->repeated = key->n_values;
         }
     key->quoted[key->n_values] = scalar_quoted(ev);
     key->values[key->n_values++] = xstrdup(text);
@@ -281,6 +280,13 @@ int sweep_read(struct sweep *sw, const char *file, const char *text, size_t leng
 
     if (sw->n_keys == 0 && e.count == 0)
         add_error(&e, "%s:%d:%d: sweep: no keys to sweep", file, line, col);
+    /* a value listed twice makes two equal points in a grid; in zip mode the other keys'
+     * values tell its points apart (two equal points get equal names: sweep_plan) */
+    for (int k = 0; k < sw->n_keys && sw->mode == SWEEP_GRID; k++)
+        if (sw->keys[k].repeat_line)
+            add_error(&e, "%s:%d:%d: sweep: %s lists %s twice", file, sw->keys[k].repeat_line,
+                      sw->keys[k].repeat_col, sw->keys[k].path,
+                      sw->keys[k].values[sw->keys[k].repeated]);
     if (e.count) return e.count;
     long long n = sw->mode == SWEEP_ZIP ? sw->keys[0].n_values : 1;
     for (int k = 0; k < sw->n_keys; k++) {
@@ -458,6 +464,19 @@ int sweep_deck(const struct sweep *sw, int point, struct deck *deck, char *err, 
             snprintf(assignment, sizeof assignment, "train.expert_config=%s", value);
             apply(deck, assignment, sw, 1, 1, &e);
         }
+        /* A per-point eval after a shared train evaluates what that train wrote (after a
+         * per-point train, deck_finish points eval at the point's own output). */
+        if (has_phase(sw->per_point, sw->n_per_point, PHASE_EVAL) &&
+            has_phase(sw->shared, sw->n_shared, PHASE_TRAIN) && !deck->eval.adapter &&
+            !deck->eval.model && (deck->train.method != METHOD_LORA || deck->train.export_merged)) {
+            bool merged = deck->train.method == METHOD_LORA;
+            beside(sw->base_dir, merged ? "merged" : "adapter/adapter.safetensors", path,
+                   sizeof path);
+            quote(path, value, sizeof value);
+            snprintf(assignment, sizeof assignment, "eval.%s=%s", merged ? "model" : "adapter",
+                     value);
+            apply(deck, assignment, sw, 1, 1, &e);
+        }
     }
     if (e.count == 0) {
         int m = deck_finish(deck, messages, 16384);
@@ -518,8 +537,8 @@ int sweep_plan(struct sweep *sw, const struct deck *deck, char *err, size_t err_
         for (int q = 0; q < p; q++)
             if (strcmp(sw->names[q], name) == 0) {
                 add_error(&e,
-                          "%s: sweep: points %d and %d get the same name %s (values that "
-                          "differ only in characters a name cannot hold)",
+                          "%s: sweep: points %d and %d get the same name %s (the same values, "
+                          "or values that differ only in characters a name cannot hold)",
                           sw->file, q, p, name);
                 return e.count;
             }

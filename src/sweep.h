@@ -21,9 +21,13 @@
  * file is there and equal to its own deck's shared part (outputs of another deck, or of
  * a shared run that failed or still runs, are never mixed into a point).
  *
+ * A per-point eval after a per-point train evaluates the point's own trained result
+ * (deck_finish derives eval.adapter, or eval.model for method lora, from the point's
+ * output directory); after a shared train, the shared run's (sweep_deck).
+ *
  * `esft --sweep summary DECK` reads each point's directory back (metrics.jsonl,
- * eval.json) into RUN.OUTPUT_DIR/sweep/summary.md, summary.csv and summary.svg
- * (sweep_summary.c). */
+ * eval.json) into RUN.OUTPUT_DIR/sweep/summary.md, summary.csv, summary.svg and
+ * curves.svg (sweep_summary.c). */
 #ifndef ESFT_SWEEP_H
 #define ESFT_SWEEP_H
 
@@ -46,6 +50,8 @@ struct sweep_key {
     bool quoted[SWEEP_MAX_VALUES];  /* written in quotes: a string, whatever it looks like */
     int n_values;
     int line, col; /* of the key in the deck, 1-based */
+    /* the first value listed a second time (refused in grid mode): where, and which */
+    int repeat_line, repeat_col, repeated;
 };
 
 struct sweep {

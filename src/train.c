@@ -391,11 +391,8 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     /* validation / training split, fixed for the run */
     uint64_t S = ds.n_samples;
     uint64_t *all = xmalloc((S ? S : 1) * sizeof *all);
-    for (uint64_t i = 0; i < S; i++) all[i] = i;
-    blocks_shuffle(all, S, (uint64_t)deck->run.seed ^ 0x5eedULL);
-    uint64_t n_val = (uint64_t)ceil(tr->val_fraction * (double)S);
-    if (n_val >= S) n_val = S > 0 ? S - 1 : 0;
-    uint64_t n_train = S - n_val;
+    uint64_t n_train = blocks_split(all, S, tr->val_fraction, deck->run.seed);
+    uint64_t n_val = S - n_train;
     if (n_train == 0) fatal_all(EXIT_INPUT, "train: %s holds no training sample", deck->data.path);
     uint64_t n_cut = 0; /* samples longer than a block: cut to data.seq_len */
     for (uint64_t i = 0; i < S; i++) n_cut += dataset_sample_length(&ds, i) > (uint64_t)seq_len;
@@ -546,6 +543,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     int status = 0;
     while (position.step < tr->steps) {
         struct train_position before = position; /* the last good step, should this one fail */
+        alloc_watch_start(); /* the step's body allocates nothing (counted in "allocations") */
         /* gather this step's blocks: block j of the step goes to rank j mod dp */
         for (int i = 0; i < micro_batches; i++) micro[i].N = 0, micro[i].targets_counted = 0;
         for (int j = 0; j < tr->global_batch; j++) {
@@ -654,17 +652,18 @@ int phase_train(const struct deck *deck, const struct layout *layout)
                                : 1.0f;
             adamw_step(&opt, &model, lr, factor);
         }
+        long long step_allocations = alloc_watch_stop();
         position.step++;
 
         /* the largest over the ranks: host memory, and the backend's buffers (its own
          * count; the device's whole use for cuda) where it keeps them apart */
-        double peak[2] = {peak_rss_mib(), 0};
+        double peak[3] = {peak_rss_mib(), 0, (double)step_allocations};
         if (ops->memory) {
             size_t in_use, most;
             ops->memory(&in_use, &most);
             peak[1] = (double)most / 1048576.0;
         }
-        check_mpi(MPI_Allreduce(MPI_IN_PLACE, peak, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
+        check_mpi(MPI_Allreduce(MPI_IN_PLACE, peak, 3, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
         double peak_mib = peak[0];
         char device_peak[64] = "";
         if (ops->memory) snprintf(device_peak, sizeof device_peak, ", %.0f MiB on %s", peak[1], ops->name);
@@ -690,9 +689,9 @@ int phase_train(const struct deck *deck, const struct layout *layout)
                       "\"aux_loss\": %.17g, \"aux_loss_coef\": %.6g, \"lr\": %.6g, "
                       "\"grad_norm\": %.6g, \"epoch\": %.6f, \"tokens\": %.0f, "
                       "\"tokens_per_second\": %.1f, \"model_tflops\": %.6g, \"peak_rss_mib\": %.1f, "
-                      "\"backend_peak_mib\": %.1f, \"skipped\": %s", position.step, loss, accuracy,
-                      aux, tr->aux_loss_coef, lr, norm, epochs, counts[1], rate, tflops, peak_mib,
-                      peak[1], bad ? "true" : "false");
+                      "\"backend_peak_mib\": %.1f, \"allocations\": %.0f, \"skipped\": %s",
+                      position.step, loss, accuracy, aux, tr->aux_loss_coef, lr, norm, epochs,
+                      counts[1], rate, tflops, peak_mib, peak[1], peak[2], bad ? "true" : "false");
 
         bool last = position.step == tr->steps;
         if (validate && (position.step % tr->eval_every == 0 || last)) {
@@ -757,6 +756,10 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     }
     check_mpi(MPI_Bcast(&status, 1, MPI_INT, 0, MPI_COMM_WORLD));
     if (status != 0) fatal_all(status, "train: %s", err);
+    /* AdamW's state as held: two fp32 moments per trainable element a rank holds, summed
+     * over the ranks (data-parallel replicas each hold their own) */
+    double optimizer_bytes = 2.0 * sizeof(float) * (double)opt.n;
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, &optimizer_bytes, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
     if (layout->world_rank == 0) {
         int best = -1;
         for (int i = 0; i < eval_losses.n; i++)
@@ -776,12 +779,12 @@ int phase_train(const struct deck *deck, const struct layout *layout)
         metrics_write("train", "\"steps\": %lld, \"steps_this_run\": %lld, \"skipped_steps\": "
                       "%lld, \"final_loss\": %.9g, \"best_eval_loss\": %.9g, \"best_eval_step\": "
                       "%lld, \"seconds\": %.3f, \"tokens\": %.0f, \"trainable_parameters\": %zu, "
-                      "\"parameters\": %zu",
+                      "\"parameters\": %zu, \"optimizer_bytes\": %.0f, \"method\": \"%s\"",
                       position.step, position.step - first_step, skipped,
                       losses.n ? losses.loss[losses.n - 1] : NAN,
                       best >= 0 ? eval_losses.loss[best] : NAN,
                       best >= 0 ? eval_losses.step[best] : -1LL, seconds, tokens_done, n_trainable,
-                      n_total);
+                      n_total, optimizer_bytes, method);
     }
     curve_free(&losses), curve_free(&eval_losses);
 done:

@@ -171,6 +171,10 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
     size_t K = (size_t)(c->top_k > 0 ? c->top_k : 1), E = (size_t)(c->num_experts > 0 ? c->num_experts : 1);
     size_t M = N * K, I = (size_t)(c->expert_intermediate_size ? c->expert_intermediate_size : 1);
     size_t cap = ws_row_capacity(m, max_tokens);
+    if (m->ops && m->ops->reserve) { /* the ops' kept scratch: per-head rows (q/k norms) too */
+        size_t heads = (size_t)(c->num_heads > c->num_kv_heads ? c->num_heads : c->num_kv_heads);
+        m->ops->reserve(N, cap > N * heads ? cap : N * heads);
+    }
     ws->max_tokens = max_tokens;
     ws->n_layers = c->num_layers;
     ws->training = training;

@@ -43,7 +43,7 @@ done
 
 # Every example deck prints its resolved deck and a layout (planned for 4 ranks), from a
 # directory that has input/ and nothing else. The decks whose phases make their own
-# inputs (init, prepare, the demo pipeline, the benchmark model) pass; those that read
+# inputs (init, prepare, the demo pipeline and comparison, the benchmark model) pass; those that read
 # a real model, dataset or earlier phase's output that is not here are refused with
 # status 2, each missing file named, before anything is written.
 mkdir -p "$tmp/fresh"
@@ -51,7 +51,7 @@ ln -s "$src/input" "$tmp/fresh/input"
 for deck in "$src"/input/*.yaml; do
     name=$(basename "$deck" .yaml)
     case $name in
-    demo | demo-deepseek | demo-gpt-oss | init | prepare | bench-100m) want=0 ;;
+    demo | demo-deepseek | demo-gpt-oss | compare | init | prepare | bench-100m) want=0 ;;
     *) want=2 ;;
     esac
     (cd "$tmp/fresh" && "$esft" --dry-run --ranks 4 "input/$name.yaml" >"$tmp/out" 2>"$tmp/err")

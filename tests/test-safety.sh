@@ -131,6 +131,6 @@ expect 0 "2 ranks, threads not set" env -u OMP_NUM_THREADS $mpirun 2 "$esft" "$d
 cores=$(nproc)
 want=$((cores / 2))
 [ "$want" -lt 1 ] && want=1
-contains "$d/threads2/metrics.jsonl" "\"threads\": $want}" "2 ranks share the node's $cores cores"
+contains "$d/threads2/metrics.jsonl" "\"threads\": $want, \"host\"" "2 ranks share the node's $cores cores"
 
 test_end test-safety

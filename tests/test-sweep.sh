@@ -226,8 +226,30 @@ rm -rf "$out/sweep/top_p-0.4_score_function-gate_lr-3.0e-3"
 echo '{"event": "start"}' >>"$out/sweep/top_p-0.4_score_function-gate_lr-1.0e-3/metrics.jsonl"
 printf '{"event": "start"}\n{"event": "end", "status": 1}\n' \
     >>"$out/sweep/top_p-0.4_score_function-token_lr-3.0e-3/metrics.jsonl"
+# Start lines that name their process: one still there (this host), one gone (its pid
+# ended), one on another host (not checked from here).
+sleep 300 &
+alive=$!
+alive_start=$(sed 's/.*) //' "/proc/$alive/stat" | cut -d' ' -f20)
+gone=$(sh -c 'echo $$')
+host=$(hostname)
+printf '{"event": "start", "host": "%s", "pid": %s, "pid_start": %s}\n' "$host" "$alive" \
+    "$alive_start" >>"$out/sweep/top_p-0.2_score_function-gate_lr-3.0e-3/metrics.jsonl"
+printf '{"event": "start", "host": "%s", "pid": %s, "pid_start": 1}\n' "$host" "$gone" \
+    >>"$out/sweep/top_p-0.2_score_function-gate_lr-1.0e-3/metrics.jsonl"
+printf '{"event": "start", "host": "elsewhere.invalid", "pid": 1, "pid_start": 1}\n' \
+    >>"$out/sweep/top_p-0.2_score_function-token_lr-3.0e-3/metrics.jsonl"
 expect 0 "--sweep summary, some points unfinished" "$esft" --sweep summary "$deck" "$@"
-contains "$tmp/out" "8 points (5 done, 1 running, 0 stopped, 1 failed, 1 not started)" "summary states"
+kill "$alive"
+contains "$tmp/out" "8 points (2 done, 3 running, 0 stopped, 2 failed, 1 not started)" "summary states"
+contains "$tmp/out" "| running (pid $alive on $host) |" "a running point's process"
+contains "$tmp/out" "| failed (no end; pid $gone on $host is gone) |" "a killed point"
+contains "$tmp/out" "| running (pid 1 on elsewhere.invalid) |" "a point on another host"
+# the pid of a gone point reused by another process: still gone
+printf '{"event": "start", "host": "%s", "pid": %s, "pid_start": 1}\n' "$host" "$$" \
+    >>"$out/sweep/top_p-0.2_score_function-token_lr-3.0e-3/metrics.jsonl"
+expect 0 "--sweep summary, a reused pid" "$esft" --sweep summary "$deck" "$@"
+contains "$tmp/out" "| failed (no end; pid $$ on $host is gone) |" "a reused pid"
 contains "$tmp/out" "| 7 | top_p-0.4_score_function-gate_lr-3.0e-3 | 0.4 | gate | 3.0e-3 | not started |" "not started"
 contains "$tmp/out" "| running |" "running"
 contains "$tmp/out" "| failed (status 1) |" "failed"

@@ -62,6 +62,7 @@
 #include "model.h"
 #include "optim.h"
 #include "safetensors.h"
+#include "tiny_model.h"
 
 static int world_rank, world_size;
 static char tmpdir[1024];
@@ -123,26 +124,10 @@ static void copy_prefix(const char *src, const char *dst, long size)
 
 /* ---- the models ------------------------------------------------------------------------ */
 
-/* The tiny qwen3_moe of the unit tests: H 8, L 2, nH 2, nKV 1, Dh 4, V 11, I 5, E 4, K 2. */
+/* The tiny qwen3_moe of the unit tests (tiny_model.h), bf16. */
 static void tiny_config(struct model_config *cfg)
 {
-    char err[512];
-    hfconfig_defaults(HF_QWEN3_MOE, cfg);
-    cfg->hidden_size = 8;
-    cfg->num_layers = 2;
-    cfg->num_heads = 2;
-    cfg->num_kv_heads = 1;
-    cfg->head_dim = 4;
-    cfg->vocab_size = 11;
-    cfg->intermediate_size = 6;
-    cfg->expert_intermediate_size = 5;
-    cfg->num_experts = 4;
-    cfg->top_k = 2;
-    cfg->dtype = HF_DTYPE_BF16;
-    if (hfconfig_finish(cfg, "tiny", err, sizeof err) != 0) {
-        fprintf(stderr, "tiny config: %s\n", err);
-        MPI_Abort(MPI_COMM_WORLD, 1);
-    }
+    tiny_model_config(HF_QWEN3_MOE, HF_DTYPE_BF16, cfg);
     cfg->hash = 0x0123456789abcdefULL; /* as if read from a config.json */
 }
 

@@ -220,6 +220,52 @@ static void test_cross_entropy_vocabulary(const struct backend *ops)
     free(z), free(g);
 }
 
+/* The vocabulary-chunked cross-entropy (ce_chunk_update over chunks, ce_chunk_finish)
+ * against a naive count of argmax hits and a long-double loss: logits drawn from few
+ * values so that a row's maximum repeats, within a chunk and across chunks (the lower id
+ * wins, as count_correct's naive scan says), labels placed on the first, a later and no
+ * copy of the maximum, and an ignored row. */
+static void test_cross_entropy_chunks(const struct backend *ops)
+{
+    enum { N = 9, V = 50, C = 16 };
+    float z[N * V], logits[N * C], state[N * 4];
+    int32_t labels[N], best[N];
+    for (int i = 0; i < N * V; i++) z[i] = (float)rng_below(&rng, 4) - 2.0f;
+    long double ref = 0;
+    long long want_right = 0, want_counted = 0;
+    for (int n = 0; n < N; n++) {
+        const float *row = z + (size_t)n * V;
+        int first = 0, last = 0;
+        for (int v = 1; v < V; v++) {
+            if (row[v] > row[first]) first = v;
+            if (row[v] >= row[first]) last = v;
+        }
+        labels[n] = n % 3 == 0 ? first : n % 3 == 1 ? last : (int32_t)rng_below(&rng, V);
+        if (n == N - 1) labels[n] = -100;
+        if (labels[n] < 0) continue;
+        float max = row[first];
+        long double sum = 0;
+        for (int v = 0; v < V; v++) sum += expl((long double)row[v] - max);
+        ref += logl(sum) + max - row[labels[n]];
+        want_counted++;
+        want_right += labels[n] == first;
+    }
+    for (int v0 = 0; v0 < V; v0 += C) {
+        int width = V - v0 < C ? V - v0 : C;
+        for (int n = 0; n < N; n++)
+            memcpy(logits + (size_t)n * width, z + (size_t)n * V + v0, (size_t)width * sizeof(float));
+        ops->ce_chunk_update(state, best, logits, labels, N, width, v0);
+    }
+    long long counted = 0, right = 0;
+    double got = ops->ce_chunk_finish(state, best, labels, N, &counted, &right);
+    CHECK(counted == want_counted && right == want_right,
+          "chunked cross-entropy: %lld counted, %lld right; naive %lld and %lld", counted, right,
+          want_counted, want_right);
+    CHECK(fabsl(got - ref) <= 1e-5L * N, "chunked cross-entropy %.9g, long double %.9Lg", got, ref);
+    CHECK(ops->count_correct(z, labels, N, V) == want_right, "count_correct %lld, naive %lld",
+          ops->count_correct(z, labels, N, V), want_right);
+}
+
 static void test_router(const struct backend *ops)
 {
     /* hand-worked: logits ln(1), ln(2), ln(3), ln(4) -> probabilities .1 .2 .3 .4; top-2
@@ -673,6 +719,7 @@ int main(int argc, char **argv)
     test_linear(ops);
     test_cross_entropy(ops);
     test_cross_entropy_vocabulary(ops);
+    test_cross_entropy_chunks(ops);
     test_router(ops);
     test_grouped_routers(ops);
     test_thread_independence(ops);

@@ -484,11 +484,14 @@ static void check_dense(int N, int H, int V, int n_heads, int Dh, int rotary_dim
     float *d_logits = to_device(logits, NV * sizeof(float)), *d_dlogits = device_alloc(NV * sizeof(float));
     int32_t *d_labels = (int32_t *)to_device(labels, (size_t)N * sizeof(int32_t));
     double *d_row_loss = device_alloc((size_t)N * sizeof(double));
+    double *host_loss = xmalloc((size_t)N * sizeof(double));
+    int32_t *host_labels = xmalloc((size_t)N * sizeof(int32_t));
     for (int in_place = 0; in_place < 2; in_place++) {
         float *target = in_place ? d_logits : d_dlogits;
         CHECK(dense_cross_entropy(d_row_loss, target, d_logits, d_labels, N, V, 0.125f, err,
                                   sizeof err) == 0, "%s", err);
-        CHECK(dense_sum_rows(&total, &counted, d_row_loss, d_labels, N, err, sizeof err) == 0, "%s", err);
+        CHECK(dense_sum_rows(&total, &counted, d_row_loss, d_labels, N, host_loss, host_labels, err,
+                         sizeof err) == 0, "%s", err);
         CHECK(counted == want_counted && cross_entropy_close(total, want_total, want_counted),
               "cross-entropy: %.9g over %lld rows, the CPU %.9g over %lld", total, counted,
               want_total, want_counted);
@@ -500,7 +503,8 @@ static void check_dense(int N, int H, int V, int n_heads, int Dh, int rotary_dim
     CHECK(dense_cross_entropy(d_row_loss, NULL, d_logits, d_labels, N, V, 0.125f, err,
                               sizeof err) == 0,
           "%s", err);
-    CHECK(dense_sum_rows(&total, &counted, d_row_loss, d_labels, N, err, sizeof err) == 0, "%s",
+    CHECK(dense_sum_rows(&total, &counted, d_row_loss, d_labels, N, host_loss, host_labels, err,
+                         sizeof err) == 0, "%s",
           err);
     CHECK(counted == want_counted && cross_entropy_close(total, want_total, want_counted),
           "cross-entropy without gradient: %.9g over %lld rows, the CPU %.9g over %lld", total,
@@ -512,7 +516,7 @@ static void check_dense(int N, int H, int V, int n_heads, int Dh, int rotary_dim
                               d_q, d_positions, d_inv_freq, d_logits, d_dlogits, d_labels, d_row_loss};
     FREE_ON_DEVICE(device_buffers);
     void *host_buffers[] = {tokens, table, x, dx, w, y, rstd, dy, dw, positions, inv_freq, q, sum,
-                            logits, dlogits, labels};
+                            logits, dlogits, labels, host_loss, host_labels};
     for (size_t i = 0; i < sizeof host_buffers / sizeof host_buffers[0]; i++) free(host_buffers[i]);
 }
 
@@ -542,7 +546,9 @@ static void check_optim(size_t n)
         want += part;
     }
     void *workspace = device_alloc(optim_sum_squares_workspace(n));
-    CHECK(optim_sum_squares(&got, d_grad, n, workspace, err, sizeof err) == 0, "%s", err);
+    double *host_sums = xmalloc(optim_sum_squares_workspace(n));
+    CHECK(optim_sum_squares(&got, d_grad, n, workspace, host_sums, err, sizeof err) == 0, "%s", err);
+    free(host_sums);
     CHECK(got == want, "squared-gradient sum %.17g, the host's %.17g", got, want);
     for (size_t i = 0; i < n; i++) grad[i] *= 0.375f;
     CHECK(optim_scale(d_grad, n, 0.375f, err, sizeof err) == 0, "%s", err);
@@ -1758,8 +1764,11 @@ static struct results kernel_chain(void)
     /* the squared sum of the gradient norm */
     double squares = 0;
     void *squares_workspace = device_alloc(optim_sum_squares_workspace((size_t)N * H));
-    CHECK(optim_sum_squares(&squares, d_dy, (size_t)N * H, squares_workspace, err, sizeof err) == 0,
+    double *squares_host = xmalloc(optim_sum_squares_workspace((size_t)N * H));
+    CHECK(optim_sum_squares(&squares, d_dy, (size_t)N * H, squares_workspace, squares_host, err,
+                            sizeof err) == 0,
           "%s", err);
+    free(squares_host);
     memcpy(grow(&r, sizeof squares), &squares, sizeof squares);
     void *device_buffers[] = {d_logits,
                               d_ids,

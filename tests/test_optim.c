@@ -95,7 +95,14 @@ int main(int argc, char **argv)
               memcmp(twin.v, moments[1], 2 * sizeof(float)) == 0,
           "clipping in the step: %.9g %.9g, against a scaling pass: %.9g %.9g", norm->data[0],
           norm->data[1], clipped[0], clipped[1]);
-    CHECK(norm->grad[0] == 3.0f && norm->grad[1] == 4.0f, "the step scaled the gradients in place");
+    /* the step reads each gradient once and leaves it zero for the next step, so the
+     * next model_zero_grads has nothing to do */
+    CHECK(norm->grad[0] == 0.0f && norm->grad[1] == 0.0f && m.grads_zeroed,
+          "after the step: gradients %g %g, not cleared", norm->grad[0], norm->grad[1]);
+    norm->grad[0] = 1.0f;
+    m.grads_zeroed = false;
+    model_zero_grads(&m);
+    CHECK(norm->grad[0] == 0.0f, "model_zero_grads left %g", norm->grad[0]);
     adamw_free(&twin);
     /* frozen tensors: no gradient buffer */
     for (int i = 0; i < m.n_params; i++)
