@@ -157,6 +157,12 @@ expect 0 "lora on experts, ep 2" $mpirun 2 "$esft" "$demo" phase=train "run.outp
 lastep=$(losses eval "$d/ex-ep2/metrics.jsonl" | tail -n 1 | cut -d' ' -f2)
 awk -v a="$lastep" -v b="$lastx" 'BEGIN { d = (a - b) / b; exit !(d < 1e-6 && d > -1e-6) }' && ok ||
     fail "lora on experts, ep 2: final validation loss $lastep, 1 rank $lastx"
+# its adapter, each rank writing its experts' share of the fused tensors, read back
+expect 0 "eval.adapter, ep 2's adapter" "$esft" "$demo" phase=eval "run.output_dir=$d/eval-ep2" \
+    "model.path=$d/model" "data.path=$d/data.h5" "eval.adapter=$d/ex-ep2/adapter"
+foldedep=$(value loss "$d/eval-ep2/eval.json")
+awk -v a="$foldedep" -v b="$folded" 'BEGIN { d = (a - b) / b; exit !(d < 1e-6 && d > -1e-6) }' &&
+    ok || fail "eval.adapter of ep 2's adapter: loss $foldedep, 1 rank's $folded"
 # selected: only expert_config's experts train (4 of the 4 x 8)
 printf '%s\n' '{"experts": {"0": [2], "1": [5, 6], "2": [], "3": [3]},' \
     '"shared_experts": false, "non_expert_modules": false}' > "$d/ec.json"
