@@ -18,7 +18,12 @@
  * Layout here: kv_a is applied as two products over its row blocks (the first C rows
  * give c, the last dr rows k_pe), so that c and k_pe are contiguous; RoPE turns q_pe in
  * place inside q (stride dn + dr); the keys and values are assembled with copy_columns
- * into the [N, nH, dn + dr] and [N, nH, dv] blocks the attention op reads. */
+ * into the [N, nH, dn + dr] and [N, nH, dv] blocks the attention op reads.
+ *
+ * LoRA (lora.h) adds scale B (A x) beside each projection the targets name: q_proj or
+ * q_a_proj / q_b_proj, kv_a_proj_with_mqa (one A on xn; B's first C rows feed c, its last
+ * dr rows k_pe, as the weight's), kv_b_proj and o_proj, before the norms and RoPE that
+ * follow them, as PEFT's wrapped nn.Linear does. */
 #include <math.h>
 
 #include "model_compute.h"
@@ -52,6 +57,39 @@ static float *offset_or_null(float *p, size_t offset)
     return p ? p + offset : NULL;
 }
 
+/* kv_a_proj_with_mqa's adapter: t = scale A xn [N, r], then kv_latent += t B[0:C]^T and
+ * k_rope += t B[C:C+dr]^T (B's rows split as the weight's). */
+static void kv_a_lora_forward(const struct model *m, const struct backend *ops,
+                              struct layer_activations *a, int l, int N, int H, int C, int dr)
+{
+    if (!m->lora || !m->lora[l].a[LORA_KV_A]) return;
+    int r = m->lora_rank;
+    const float *A = m->lora[l].a[LORA_KV_A], *B = m->lora[l].b[LORA_KV_A];
+    float *t = a->lora_t[LORA_KV_A];
+    ops->linear(t, a->xn, A, NULL, N, H, r, false);
+    ops->scale(t, (size_t)N * r, m->lora_scale);
+    ops->linear(a->kv_latent, t, B, NULL, N, r, C, true);
+    ops->linear(a->k_rope, t, B + (size_t)C * r, NULL, N, r, dr, true);
+}
+
+/* Its backward from dkv_latent [N, C] and dk_rope [N, dr]: dB, dA accumulated, dxn +=. */
+static void kv_a_lora_backward(const struct model *m, const struct backend *ops,
+                               struct forward_workspace *ws, const struct layer_activations *a,
+                               int l, float *dxn, int N, int H, int C, int dr)
+{
+    if (!m->lora || !m->lora[l].a[LORA_KV_A]) return;
+    int r = m->lora_rank;
+    const float *A = m->lora[l].a[LORA_KV_A], *B = m->lora[l].b[LORA_KV_A];
+    float *dA = m->lora_grads ? m->lora_grads[l].a[LORA_KV_A] : NULL;
+    float *dB = m->lora_grads ? m->lora_grads[l].b[LORA_KV_A] : NULL;
+    const float *t = a->lora_t[LORA_KV_A];
+    ops->linear_backward(ws->dlora, dB, NULL, ws->dkv_latent, t, B, N, r, C, false);
+    ops->linear_backward(ws->dlora, dB ? dB + (size_t)C * r : NULL, NULL, ws->dk_rope, t,
+                         B + (size_t)C * r, N, r, dr, true);
+    ops->scale(ws->dlora, (size_t)N * r, m->lora_scale);
+    ops->linear_backward(dxn, dA, NULL, ws->dlora, a->xn, A, N, H, r, true);
+}
+
 void mla_forward(const struct model *m, const struct backend *ops, struct layer_activations *a,
                  const struct batch *batch, int l)
 {
@@ -67,11 +105,15 @@ void mla_forward(const struct model *m, const struct backend *ops, struct layer_
     /* queries [N, nH, dn + dr]; RoPE on each head's last dr dims */
     if (R > 0) {
         ops->linear(a->q_latent, a->xn, w->q_a, w->q_a_bias, N, H, R, false);
+        lora_adapt_forward(m, ops, l, LORA_Q_A, a->q_latent, a->lora_t[LORA_Q_A], a->xn, N, H, R);
         ops->rmsnorm(a->q_latent_norm, a->q_latent_rstd, a->q_latent, w->q_a_norm, N, R,
                      MLA_LATENT_NORM_EPS);
         ops->linear(a->q, a->q_latent_norm, w->q_b, NULL, N, R, nH * qk, false);
+        lora_adapt_forward(m, ops, l, LORA_Q_B, a->q, a->lora_t[LORA_Q_B], a->q_latent_norm, N, R,
+                           nH * qk);
     } else {
         ops->linear(a->q, a->xn, w->q, NULL, N, H, nH * qk, false);
+        lora_adapt_forward(m, ops, l, LORA_Q, a->q, a->lora_t[LORA_Q], a->xn, N, H, nH * qk);
     }
     ops->rope(a->q + dn, batch->positions, inv_freq, rope_scaling, N, nH, qk, dr, c->rope.layout);
 
@@ -80,10 +122,13 @@ void mla_forward(const struct model *m, const struct backend *ops, struct layer_
     ops->linear(a->kv_latent, a->xn, w->kv_a, w->kv_a_bias, N, H, C, false);
     ops->linear(a->k_rope, a->xn, weight_offset(w->kv_a, (size_t)C * H),
                 offset_or_null(w->kv_a_bias, C), N, H, dr, false);
+    kv_a_lora_forward(m, ops, a, l, N, H, C, dr);
     ops->rope(a->k_rope, batch->positions, inv_freq, rope_scaling, N, 1, dr, dr, c->rope.layout);
     ops->rmsnorm(a->kv_latent_norm, a->kv_latent_rstd, a->kv_latent, w->kv_a_norm, N, C,
                  MLA_LATENT_NORM_EPS);
     ops->linear(a->kv, a->kv_latent_norm, w->kv_b, NULL, N, C, nH * (dn + dv), false);
+    lora_adapt_forward(m, ops, l, LORA_KV_B, a->kv, a->lora_t[LORA_KV_B], a->kv_latent_norm, N, C,
+                       nH * (dn + dv));
 
     /* keys [N, nH, dn + dr] = [k_nope_h, k_rope]; values [N, nH, dv] */
     ops->copy_columns(a->k, qk, a->kv, dn + dv, N * nH, dn, false);
@@ -94,6 +139,7 @@ void mla_forward(const struct model *m, const struct backend *ops, struct layer_
     struct attention_mask mask = {.sample_start = batch->sample_start, .lse = a->attn_lse};
     ops->attention(a->attn, a->q, a->k, a->v, &mask, N, nH, nH, qk, dv, mla_softmax_scale(c));
     ops->linear(a->h, a->attn, w->o, w->o_bias, N, nH * dv, H, false);
+    lora_adapt_forward(m, ops, l, LORA_O, a->h, a->lora_t[LORA_O], a->attn, N, nH * dv, H);
 }
 
 void mla_backward(const struct model *m, const struct backend *ops, struct forward_workspace *ws,
@@ -113,6 +159,8 @@ void mla_backward(const struct model *m, const struct backend *ops, struct forwa
 
     /* o_proj, then the attention: dq, dk [N, nH, dn + dr], dv [N, nH, dv] */
     ops->linear_backward(ws->dattn, g->o, g->o_bias, dy, a->attn, w->o, N, nH * dv, H, false);
+    lora_adapt_backward(m, ops, l, LORA_O, ws->dattn, ws->dlora, dy, a->attn, a->lora_t[LORA_O],
+                        N, nH * dv, H);
     ops->attention_backward(ws->dq, ws->dk, ws->dv, ws->dattn, a->q, a->k, a->v, a->attn, &mask, N,
                             nH, nH, qk, dv, mla_softmax_scale(c));
 
@@ -122,12 +170,18 @@ void mla_backward(const struct model *m, const struct backend *ops, struct forwa
     if (R > 0) {
         ops->linear_backward(ws->dq_latent, g->q_b, NULL, ws->dq, a->q_latent_norm, w->q_b, N, R,
                              nH * qk, false);
+        lora_adapt_backward(m, ops, l, LORA_Q_B, ws->dq_latent, ws->dlora, ws->dq,
+                            a->q_latent_norm, a->lora_t[LORA_Q_B], N, R, nH * qk);
         ops->rmsnorm_backward(ws->dq_latent, g->q_a_norm, ws->dq_latent, a->q_latent, w->q_a_norm,
                               a->q_latent_rstd, N, R, false);
         ops->linear_backward(dxn, g->q_a, g->q_a_bias, ws->dq_latent, a->xn, w->q_a, N, H, R,
                              accumulate_dxn);
+        lora_adapt_backward(m, ops, l, LORA_Q_A, dxn, ws->dlora, ws->dq_latent, a->xn,
+                            a->lora_t[LORA_Q_A], N, H, R);
     } else {
         ops->linear_backward(dxn, g->q, NULL, ws->dq, a->xn, w->q, N, H, nH * qk, accumulate_dxn);
+        lora_adapt_backward(m, ops, l, LORA_Q, dxn, ws->dlora, ws->dq, a->xn, a->lora_t[LORA_Q], N,
+                            H, nH * qk);
     }
 
     /* kv_b's output gradient [N, nH, dn + dv] from the keys' nope part and the values */
@@ -142,10 +196,13 @@ void mla_backward(const struct model *m, const struct backend *ops, struct forwa
     /* kv_b, the latent norm, then kv_a's two row blocks down to xn */
     ops->linear_backward(ws->dkv_latent, g->kv_b, NULL, ws->dkv, a->kv_latent_norm, w->kv_b, N, C,
                          nH * (dn + dv), false);
+    lora_adapt_backward(m, ops, l, LORA_KV_B, ws->dkv_latent, ws->dlora, ws->dkv,
+                        a->kv_latent_norm, a->lora_t[LORA_KV_B], N, C, nH * (dn + dv));
     ops->rmsnorm_backward(ws->dkv_latent, g->kv_a_norm, ws->dkv_latent, a->kv_latent, w->kv_a_norm,
                           a->kv_latent_rstd, N, C, false);
     ops->linear_backward(dxn, g->kv_a, g->kv_a_bias, ws->dkv_latent, a->xn, w->kv_a, N, H, C, true);
     ops->linear_backward(dxn, offset_or_null(g->kv_a, (size_t)C * H),
                          offset_or_null(g->kv_a_bias, C), ws->dk_rope, a->xn,
                          weight_offset(w->kv_a, (size_t)C * H), N, H, dr, true);
+    kv_a_lora_backward(m, ops, ws, a, l, dxn, N, H, C, dr);
 }

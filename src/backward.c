@@ -6,6 +6,7 @@
 
 #include "log.h"
 #include "densemixer.h"
+#include "lora_experts.h"
 #include "model_compute.h"
 
 /* Dense MLP backward: dy [N,H] -> dx (+)= ..., weight gradients where trainable. */
@@ -109,6 +110,8 @@ static void moe_backward(const struct model *m, const struct backend *ops,
     if (w->expert_down_bias) ops->grouped_bias_backward(g->expert_down_bias, dye, offsets, local, H);
     ops->grouped_linear_backward(ws->dact, g->expert_down, dye, a->act, w->expert_down, offsets,
                                  local, I, H);
+    lora_experts_down_backward(m, ops, l, ws->dact, ws->expert_lora_dt[0], ws->expert_lora_scratch,
+                               dye, a->act, a->expert_lora_t[1], offsets, local, rows, I, H);
     if (c->clamped_swiglu)
         ops->glu_clamped_backward(ws->dgate, ws->dup, ws->dact, a->gate, a->up, (size_t)rows * I,
                                   (float)c->swiglu_alpha, (float)c->swiglu_limit);
@@ -123,6 +126,9 @@ static void moe_backward(const struct model *m, const struct backend *ops,
                                  w->expert_gate, offsets, local, H, I);
     ops->grouped_linear_backward(dhn ? ws->dxs2 : NULL, g->expert_up, ws->dup, xe, w->expert_up,
                                  offsets, local, H, I);
+    lora_experts_gate_up_backward(m, ops, l, dhn ? ws->dxs : NULL, ws->expert_lora_dt[0],
+                                  ws->expert_lora_dt[1], ws->expert_lora_scratch, ws->dgate,
+                                  ws->dup, xe, a->expert_lora_t[0], offsets, local, rows, H, I);
     if (!dhn) { /* the weight gradients are all that is needed */
         if (w->shared_gate)
             dense_mlp_backward(ops, &shared_adapters, NULL, false,

@@ -123,6 +123,14 @@ static bool phase_listed(const struct deck *deck, enum phase phase)
     return false;
 }
 
+bool deck_lora_selects_experts(const struct deck *deck)
+{
+    if (deck->train.method != METHOD_LORA) return false;
+    for (int i = 0; i < deck->train.n_lora_targets; i++)
+        if (strcmp(deck->train.lora_targets[i], "selected") == 0) return true;
+    return false;
+}
+
 /* train.expert_config is needed by method esft, unless select runs in the same deck:
  * then it defaults to select's output (deck_finish fills it in). */
 static bool method_is_esft(const struct deck *deck)
@@ -359,8 +367,8 @@ static const struct key schema[] = {
              "forward FLOPs); forward and expert gradients unchanged"},
     {KEY("train.expert_config", KEY_STRING, train.expert_config), .required_by = BY(TRAIN),
      .required_if = method_is_esft, .required_why = "method esft",
-     .help = "expert_config.json naming the experts to train (method esft); default with "
-             "select in the phase list: select's output"},
+     .help = "expert_config.json naming the experts to train (method esft, and method lora "
+             "with targets selected); default with select in the phase list: select's output"},
     {KEY("train.lr", KEY_DOUBLE, train.lr), .def = "1e-5", .bounds = LO, .lo = 0,
      .help = "peak learning rate"},
     {KEY("train.weight_decay", KEY_DOUBLE, train.weight_decay), .def = "0.1", .bounds = LO, .lo = 0,
@@ -421,14 +429,17 @@ static const struct key schema[] = {
      .help = "rank-stabilised LoRA: scale by alpha / sqrt(r) instead (PEFT's use_rslora)"},
     {KEY("train.lora.targets", KEY_LIST, train.lora_targets), COUNT(train.n_lora_targets),
      .def = "[q_proj, k_proj, v_proj, o_proj]",
-     .help = "modules that get adapters: q_proj, k_proj, v_proj, o_proj, attention, "
-             "gate_proj, up_proj, down_proj, dense_mlp (non-MoE layers), shared_experts"},
+     .help = "modules that get adapters: q_proj, k_proj, v_proj, o_proj, q_a_proj, q_b_proj, "
+             "kv_a_proj_with_mqa, kv_b_proj, attention, gate_proj, up_proj, down_proj, "
+             "dense_mlp (non-MoE layers), shared_experts, experts (every routed expert), "
+             "selected (train.expert_config's experts)"},
     {KEY("train.lora.train_router", KEY_BOOL, train.lora_train_router), .def = "false",
      .help = "method lora: train the MoE routers too (in full; PEFT modules_to_save)"},
 
     /* eval */
     {KEY("eval.adapter", KEY_STRING, eval.adapter),
-     .help = "trained-tensor safetensors applied on the model; unset: with train earlier in "
+     .help = "trained-tensor safetensors applied on the model, or a LoRA adapter directory "
+             "(adapter_config.json + adapter_model.safetensors) folded in; unset: with train earlier in "
              "the phase list, what it trained (run.output_dir/adapter/adapter.safetensors; "
              "method lora: eval.model is its merged checkpoint instead), else none; none: "
              "the model as it is"},
@@ -1798,8 +1809,8 @@ int deck_finish(struct deck *deck, char *err, size_t err_size)
         snprintf(deck->model.c2r_config, size, "%s/c2r_config.json", deck->run.output_dir);
     }
     derive_eval_model(deck, &errors);
-    if (deck->train.method == METHOD_ESFT && !deck->train.expert_config &&
-        phase_listed(deck, PHASE_SELECT)) {
+    if ((deck->train.method == METHOD_ESFT || deck_lora_selects_experts(deck)) &&
+        !deck->train.expert_config && phase_listed(deck, PHASE_SELECT)) {
         size_t size = strlen(deck->run.output_dir) + strlen(deck->select.output) + 2;
         deck->train.expert_config = xmalloc(size);
         if (deck->select.output[0] == '/')

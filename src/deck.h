@@ -208,6 +208,10 @@ int deck_finish(struct deck *deck, char *err, size_t err_size);
  * a key such as "parallel.ep", to prefix messages of checks made elsewhere. */
 void deck_where(const struct deck *deck, const char *key, char *buf, size_t size);
 
+/* Whether the deck trains with method lora on the experts of train.expert_config
+ * (train.lora.targets names selected). */
+bool deck_lora_selects_experts(const struct deck *deck);
+
 /* The resolved deck as YAML that deck_parse reads back to the same struct; keys left at
  * their default are marked with a `# default` comment. */
 void deck_print(const struct deck *deck, FILE *out);

@@ -1,6 +1,7 @@
 /* eval: the `eval` phase: loss, perplexity and next-token accuracy of a model, with the
  * trained tensors of an adapter (eval.adapter: the train phase's adapter.safetensors)
- * put over its weights, on prepared datasets, under any rank layout.
+ * put over its weights, or a LoRA adapter directory folded in (peft_adapter.h), on
+ * prepared datasets, under any rank layout.
  *
  * The model is eval.model (a merged checkpoint) or model.path; after a train in the same
  * deck, deck_finish points eval.adapter (or eval.model) at what that train wrote. The
@@ -30,6 +31,7 @@
 #include "hfconfig.h"
 #include "log.h"
 #include "model.h"
+#include "peft_adapter.h"
 #include "phases.h"
 
 /* What one dataset gave. */
@@ -162,7 +164,10 @@ int phase_eval(const struct deck *deck, const struct layout *layout)
     if (deck->model.frozen_weights == FROZEN_BF16) model_store_frozen_bf16(&model); /* all frozen */
     fail_if_any(model_load(&model, model_dir, err, sizeof err) != 0, EXIT_INPUT, "eval: %s", err);
     int applied = 0;
-    if (adapter)
+    if (adapter && peft_adapter_is(adapter)) /* LoRA: W + scale B A */
+        fail_if_any(peft_adapter_apply(&model, adapter, &applied, err, sizeof err) != 0,
+                    EXIT_INPUT, "eval: %s", err);
+    else if (adapter)
         fail_if_any(model_apply_adapter(&model, adapter, &applied, err, sizeof err) != 0,
                     EXIT_INPUT, "eval: %s", err);
     log_info("eval: model %s%s%s", model_dir, adapter ? ", adapter " : "", adapter ? adapter : "");

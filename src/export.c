@@ -18,6 +18,7 @@
 #include "gpt_oss_layout.h"
 #include "hfconfig.h"
 #include "log.h"
+#include "lora_experts.h"
 #include "safetensors.h"
 #include "st_stream.h"
 
@@ -48,6 +49,7 @@ struct export_out {
     struct gpt_oss_fuser *fuser;
     bool drop_adapters; /* the merged export: LoRA adapters are folded in, not written */
     bool peft_names;    /* the LoRA adapter: a trained router as base_model.model.<name> */
+    bool expert_pairs;  /* the LoRA adapter: the experts' pairs in PEFT's fused form */
 };
 
 /* The name p is written under, into name[PARAM_NAME_MAX + 32]; false when p is not
@@ -57,11 +59,20 @@ static bool export_name(const struct export_out *out, const struct param *p, cha
     if (out->trainable_only && !p->trainable) return false;
     if (out->drop_adapters && p->kind == PARAM_LORA) return false; /* merged into their bases */
     if (gpt_oss_fuser_takes(out->fuser, p)) return false;
+    if (lora_experts_is(p)) return false; /* fused (the adapter) or merged */
     if (out->peft_names && p->kind != PARAM_LORA)
         snprintf(name, PARAM_NAME_MAX + 32, "base_model.model.%s", p->name);
     else
         snprintf(name, PARAM_NAME_MAX + 32, "%s", p->name);
     return true;
+}
+
+/* lora_experts_declare's sink: a fused tensor of the experts' pairs declared. */
+static int declare_expert_pairs(const char *name, const int64_t *shape, void *sink, char *err,
+                                size_t err_size)
+{
+    struct export_out *out = sink;
+    return st_stream_declare(out->stream, name, out->dtype, 2, shape, err, err_size);
 }
 
 /* gpt_oss_fuser_list's sink: a fused tensor declared in the export dtype. */
@@ -103,6 +114,9 @@ static int open_export(struct export_out *out, const struct model *model, bool f
             snprintf(out->outside, sizeof out->outside, "%s", p->name);
     }
     if (out->fuser && gpt_oss_fuser_list(out->fuser, declare_fused_tensor, out, err, err_size))
+        return -1;
+    if (out->expert_pairs &&
+        lora_experts_declare(model, declare_expert_pairs, out, err, err_size))
         return -1;
     int rc = path ? st_stream_open_file(out->stream, path, 1, err, err_size)
                   : st_stream_open_checkpoint(out->stream, dir, max_shard_bytes, err, err_size);
@@ -156,6 +170,12 @@ static int add_fused_slice(const char *name, size_t first, const float *data, si
     return st_stream_write_f32(out->stream, name, first, data, count, err, err_size);
 }
 
+/* Whether this rank writes p (gather.h). */
+static bool provides(const struct model *model, const struct param *p)
+{
+    return gather_provider(model, p) == layout_rank_of(&model->grid, model->me);
+}
+
 /* Collective over comm: each rank writes the tensors it provides (the trainable ones, or
  * all), then the files are finished (every byte written by some rank: the temporary
  * files renamed). A gpt_oss layer's fused experts come from several ranks (their EP
@@ -165,6 +185,8 @@ static int write_export(struct export_out *out, const struct model *model, bool 
                         MPI_Comm comm, char *err, size_t err_size)
 {
     int rc = gather_each_provided(model, trainable_only, add_export_tensor, out, err, err_size);
+    if (rc == 0 && out->expert_pairs)
+        rc = lora_experts_write(model, provides, add_fused_slice, out, err, err_size);
     if (ranks_agree(rc, err, err_size, comm)) return -1;
     if (st_stream_finish(out->stream, err, err_size)) return -1;
     return out->reference ? st_stream_finish(out->reference, err, err_size) : 0;
@@ -342,6 +364,18 @@ int export_merged(const char *dir, const struct model *model, const char *base_d
 
 /* ---- the LoRA adapter in PEFT's format -------------------------------------------------- */
 
+/* Whether PEFT (0.21) on transformers 5 re-targets this model's modules named gate_proj,
+ * up_proj, down_proj: for the model types transformers maps onto qwen2_moe's v4
+ * conversion (qwen3_moe, olmoe, deepseek_v2/v3, glm4_moe; qwen2_moe itself is not in the
+ * map), its _convert_peft_config_moe (peft/utils/transformers_weight_conversion.py) turns
+ * every target_modules entry ending in one of those names into target_parameters on the
+ * fused experts, so a dense MLP's or shared expert's adapter is not loaded as trained. */
+static bool peft_retargets_mlp(const struct model_config *c)
+{
+    return c->family == HF_QWEN3_MOE || c->family == HF_OLMOE || c->family == HF_DEEPSEEK_V2 ||
+           c->family == HF_DEEPSEEK_V3 || c->family == HF_GLM4_MOE;
+}
+
 /* adapter_config.json as PEFT (0.17 and later) reads it: target_modules the exact module
  * paths (PEFT matches a list entry by equality or a ".entry" suffix), routers trained in
  * full as modules_to_save. */
@@ -353,6 +387,7 @@ static int write_adapter_config(const char *path, const struct model *model,
     for (int i = 0; i < model->n_params; i++) {
         const struct param *p = &model->params[i];
         const char *prefix = "base_model.model.", *suffix = ".lora_A.weight";
+        if (lora_experts_is(p)) continue; /* target_parameters */
         if (p->kind == PARAM_LORA && !p->lora_b) {
             size_t n = strlen(p->name) - strlen(prefix) - strlen(suffix);
             char module[PARAM_NAME_MAX];
@@ -367,6 +402,16 @@ static int write_adapter_config(const char *path, const struct model *model,
                 json_array_append_new(save, json_string(module));
         }
     }
+    for (int i = 0; peft_retargets_mlp(&model->cfg) && i < model->n_params; i++)
+        if (model->params[i].kind == PARAM_LORA && !lora_experts_is(&model->params[i]) &&
+            !LORA_IS_ATTENTION(model->params[i].lora_target)) {
+            log_warn("train: %s: PEFT 0.21 on transformers 5 turns %s's targets named "
+                     "gate_proj / up_proj / down_proj into its fused experts' target_parameters, "
+                     "so it will not load the dense-MLP or shared-expert adapters as trained; "
+                     "the merged checkpoint holds them",
+                     path, hfconfig_family_name(model->cfg.family));
+            break;
+        }
     json_object_set_new(root, "peft_type", json_string("LORA"));
     json_object_set_new(root, "task_type", json_string("CAUSAL_LM"));
     json_object_set_new(root, "base_model_name_or_path", json_string(base_path));
@@ -383,7 +428,14 @@ static int write_adapter_config(const char *path, const struct model *model,
     json_object_set_new(root, "alpha_pattern", json_object());
     json_object_set_new(root, "modules_to_save", json_array_size(save) ? save : json_null());
     if (!json_array_size(save)) json_decref(save);
-    json_object_set_new(root, "target_parameters", json_null());
+    if (model->expert_lora) { /* every MoE layer's fused expert parameters (lora_experts.h) */
+        json_t *params = json_array();
+        json_array_append_new(params, json_string("mlp.experts.gate_up_proj"));
+        json_array_append_new(params, json_string("mlp.experts.down_proj"));
+        json_object_set_new(root, "target_parameters", params);
+    } else {
+        json_object_set_new(root, "target_parameters", json_null());
+    }
     json_object_set_new(root, "inference_mode", json_true());
     int rc = json_dump_file(root, path, JSON_INDENT(2) | JSON_SORT_KEYS);
     json_decref(root);
@@ -409,7 +461,8 @@ int export_lora_adapter(const char *dir, const struct model *model, const struct
     /* adapters kept in fp32; a trained router as PEFT saves a modules_to_save copy,
      * base_model.model.<name> */
     if (ranks_agree(rc, err, err_size, comm)) return -1;
-    struct export_out out = {.dtype = ST_F32, .trainable_only = true, .peft_names = true};
+    struct export_out out = {.dtype = ST_F32, .trainable_only = true, .peft_names = true,
+                             .expert_pairs = model->expert_lora != NULL};
     rc = open_export(&out, model, false, path, NULL, 0, NULL, comm, err, err_size);
     if (rc == 0) rc = write_export(&out, model, true, comm, err, err_size);
     if (rc == 0 && rank == 0)

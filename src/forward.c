@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "lora_experts.h"
 #include "model_compute.h"
 
 /* A dense SwiGLU-style MLP: out[N,H] = down(act(gate(x)) * up(x)), width W; with layer
@@ -245,6 +246,8 @@ static void moe_block(const struct model *m, const struct backend *ops,
     }
     ops->grouped_linear(a->gate, xe, w->expert_gate, offsets, local, H, I);
     ops->grouped_linear(a->up, xe, w->expert_up, offsets, local, H, I);
+    lora_experts_gate_up_forward(m, ops, l, a->gate, a->up, a->expert_lora_t[0],
+                                 ws->expert_lora_scratch, xe, offsets, local, rows, H, I);
     if (w->expert_gate_bias) { /* gpt_oss: gate_up_proj_bias */
         ops->grouped_bias(a->gate, w->expert_gate_bias, offsets, local, I);
         ops->grouped_bias(a->up, w->expert_up_bias, offsets, local, I);
@@ -255,6 +258,8 @@ static void moe_block(const struct model *m, const struct backend *ops,
     else
         ops->glu(a->act, a->gate, a->up, (size_t)rows * I, c->hidden_act);
     ops->grouped_linear(ye, a->act, w->expert_down, offsets, local, I, H);
+    lora_experts_down_forward(m, ops, l, ye, a->expert_lora_t[1], ws->expert_lora_scratch, a->act,
+                              offsets, local, rows, I, H);
     if (w->expert_down_bias) ops->grouped_bias(ye, w->expert_down_bias, offsets, local, H);
     if (a->plan) ws_ep_return(m, ops, ws, a->plan, a->ye, a->ys, H);
     ops->combine(a->ffn, a->ys, ws->topk_weights[l], a->row_of_slot, N, K, H, false);

@@ -15,7 +15,8 @@ float lora_scale(const struct lora_spec *spec)
 
 #define BIT(t) (1u << (t))
 
-int lora_parse_targets(char *const *names, int n, unsigned *targets, char *err, size_t err_size)
+int lora_parse_targets(char *const *names, int n, unsigned *targets, enum lora_experts *experts,
+                       char *err, size_t err_size)
 {
     static const struct {
         const char *name;
@@ -25,7 +26,12 @@ int lora_parse_targets(char *const *names, int n, unsigned *targets, char *err, 
         {"k_proj", BIT(LORA_K)},
         {"v_proj", BIT(LORA_V)},
         {"o_proj", BIT(LORA_O)},
-        {"attention", BIT(LORA_Q) | BIT(LORA_K) | BIT(LORA_V) | BIT(LORA_O)},
+        {"q_a_proj", BIT(LORA_Q_A)},
+        {"q_b_proj", BIT(LORA_Q_B)},
+        {"kv_a_proj_with_mqa", BIT(LORA_KV_A)},
+        {"kv_b_proj", BIT(LORA_KV_B)},
+        {"attention", BIT(LORA_Q) | BIT(LORA_K) | BIT(LORA_V) | BIT(LORA_O) | BIT(LORA_Q_A) |
+                          BIT(LORA_Q_B) | BIT(LORA_KV_A) | BIT(LORA_KV_B)},
         {"gate_proj", BIT(LORA_MLP_GATE)},
         {"up_proj", BIT(LORA_MLP_UP)},
         {"down_proj", BIT(LORA_MLP_DOWN)},
@@ -33,28 +39,30 @@ int lora_parse_targets(char *const *names, int n, unsigned *targets, char *err, 
         {"shared_experts", BIT(LORA_SHARED_GATE) | BIT(LORA_SHARED_UP) | BIT(LORA_SHARED_DOWN)},
     };
     *targets = 0;
+    *experts = LORA_EXPERTS_NONE;
     for (int i = 0; i < n; i++) {
         bool found = false;
         for (size_t k = 0; k < sizeof known / sizeof known[0]; k++)
             if (strcmp(names[i], known[k].name) == 0) *targets |= known[k].bits, found = true;
         if (found) continue;
-        if (strcmp(names[i], "experts") == 0 || strcmp(names[i], "selected") == 0) {
-            snprintf(err, err_size,
-                     "train.lora.targets: '%s' (routed experts) is not available yet: "
-                     "transformers 5 fuses a layer's experts into gate_up_proj / down_proj "
-                     "parameters, which PEFT adapts only through target_parameters, a form "
-                     "esft does not write yet; use attention projections, dense_mlp or "
-                     "shared_experts",
-                     names[i]);
-            return -1;
+        bool all = strcmp(names[i], "experts") == 0, selected = strcmp(names[i], "selected") == 0;
+        if (all || selected) {
+            enum lora_experts want = all ? LORA_EXPERTS_ALL : LORA_EXPERTS_SELECTED;
+            if (*experts != LORA_EXPERTS_NONE && *experts != want) {
+                snprintf(err, err_size, "train.lora.targets: name experts or selected, not both");
+                return -1;
+            }
+            *experts = want;
+            continue;
         }
         snprintf(err, err_size,
                  "train.lora.targets: unknown target '%s' (q_proj, k_proj, v_proj, o_proj, "
-                 "attention, gate_proj, up_proj, down_proj, dense_mlp, shared_experts)",
+                 "q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, attention, gate_proj, up_proj, down_proj, dense_mlp, shared_experts, "
+                 "experts, selected)",
                  names[i]);
         return -1;
     }
-    if (*targets == 0) {
+    if (*targets == 0 && *experts == LORA_EXPERTS_NONE) {
         snprintf(err, err_size, "train.lora.targets: empty: name the modules to adapt");
         return -1;
     }
@@ -78,6 +86,10 @@ int lora_target_of(const char *name, unsigned targets)
         {".self_attn.k_proj.weight", LORA_K},
         {".self_attn.v_proj.weight", LORA_V},
         {".self_attn.o_proj.weight", LORA_O},
+        {".self_attn.q_a_proj.weight", LORA_Q_A},
+        {".self_attn.q_b_proj.weight", LORA_Q_B},
+        {".self_attn.kv_a_proj_with_mqa.weight", LORA_KV_A},
+        {".self_attn.kv_b_proj.weight", LORA_KV_B},
         /* the shared expert (qwen2_moe: shared_expert, deepseek: shared_experts) before
          * the dense MLP, whose suffix is a shorter form of the same */
         {".shared_expert.gate_proj.weight", LORA_SHARED_GATE},
@@ -94,6 +106,17 @@ int lora_target_of(const char *name, unsigned targets)
         if (ends_with(name, modules[k].suffix))
             return targets & BIT(modules[k].target) ? (int)modules[k].target : -1;
     return -1;
+}
+
+void lora_fold(float *w, const float *b, const float *a, int64_t rows, int64_t in, int64_t r,
+               float scale)
+{
+    for (int64_t o = 0; o < rows; o++)
+        for (int64_t j = 0; j < in; j++) {
+            double sum = 0;
+            for (int64_t k = 0; k < r; k++) sum += (double)b[o * r + k] * (double)a[k * in + j];
+            w[o * in + j] += (float)(scale * sum);
+        }
 }
 
 void lora_init_a(float *a, int r, int in, uint64_t seed, int table_index)

@@ -26,6 +26,10 @@ enum lora_target {
     LORA_K,
     LORA_V,
     LORA_O,
+    LORA_Q_A, /* multi-head latent attention (deepseek): q_a_proj, q_b_proj, */
+    LORA_Q_B,
+    LORA_KV_A, /* kv_a_proj_with_mqa, kv_b_proj (q_proj and o_proj: LORA_Q, LORA_O) */
+    LORA_KV_B,
     LORA_MLP_GATE, /* dense (non-MoE) layers' MLP */
     LORA_MLP_UP,
     LORA_MLP_DOWN,
@@ -35,12 +39,20 @@ enum lora_target {
     LORA_TARGET_COUNT
 };
 
+/* Which routed experts get pairs (lora_experts.h). */
+enum lora_experts {
+    LORA_EXPERTS_NONE,
+    LORA_EXPERTS_ALL,      /* experts: every routed expert */
+    LORA_EXPERTS_SELECTED, /* selected: only those of train.expert_config train */
+};
+
 /* What the deck asks for (train.lora.*). */
 struct lora_spec {
     int r;
     double alpha;
     bool rslora;
     unsigned targets; /* bit (1 << enum lora_target) */
+    enum lora_experts experts;
     bool train_router;
 };
 
@@ -51,20 +63,29 @@ struct layer_lora {
     float *b[LORA_TARGET_COUNT]; /* [out, r] */
 };
 
+/* Whether a target is one of the attention's projections (the rest are MLPs'). */
+#define LORA_IS_ATTENTION(t) ((t) <= LORA_KV_B)
+
 /* The factor of B A in the forward. */
 float lora_scale(const struct lora_spec *spec);
 
-/* Reads train.lora.targets' names into spec->targets: q_proj, k_proj, v_proj, o_proj,
- * attention (the four), gate_proj, up_proj, down_proj, dense_mlp (the three, non-MoE
- * layers), shared_experts (their gate, up and down). experts and selected (routed
- * experts) are refused: transformers 5 fuses them into gate_up_proj / down_proj
- * parameters, and esft does not yet write PEFT's target_parameters form for them. 0, or -1
- * with a message naming the entry. */
-int lora_parse_targets(char *const *names, int n, unsigned *targets, char *err, size_t err_size);
+/* Reads train.lora.targets' names into targets and experts: q_proj, k_proj, v_proj,
+ * o_proj, q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj (multi-head latent
+ * attention), attention (all of these a model has), gate_proj, up_proj, down_proj, dense_mlp (the three,
+ * non-MoE layers), shared_experts (their gate, up and down); experts (every routed
+ * expert's gate_up_proj and down_proj) or selected (only train.expert_config's experts
+ * train). 0, or -1 with a message naming the entry. */
+int lora_parse_targets(char *const *names, int n, unsigned *targets, enum lora_experts *experts,
+                       char *err, size_t err_size);
 
 /* Which target a Hugging Face base weight name (model.layers.L....weight) is for a given
  * spec, or -1. */
 int lora_target_of(const char *name, unsigned targets);
+
+/* The merge of one adapter: w[rows, in] += scale b[rows, r] a[r, in] (sums in double;
+ * host memory). */
+void lora_fold(float *w, const float *b, const float *a, int64_t rows, int64_t in, int64_t r,
+               float scale);
 
 /* PEFT's init of one adapter: A [r, in] Kaiming-uniform(a = sqrt(5)) from the project's
  * xoshiro256** seeded with seed mixed with the tensor's index in the parameter table

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "lora_experts.h"
 #include "model_internal.h"
 
 const char *param_kind_name(enum param_kind kind)
@@ -71,7 +72,8 @@ static struct param *add_param(struct table_builder *b, float **slot, enum param
     } else {
         p->stage = kind == PARAM_EMBEDDING ? 0 : m->grid.pp - 1;
     }
-    if (kind == PARAM_EXPERT) p->ep_rank = layout_expert_owner(m->cfg.num_experts, m->grid.ep, expert);
+    if (expert >= 0) /* an expert's tensors, and its LoRA pair, live on its EP rank */
+        p->ep_rank = layout_expert_owner(m->cfg.num_experts, m->grid.ep, expert);
     b->slots[m->n_params] = slot;
     m->n_params++;
     return p;
@@ -395,6 +397,8 @@ static void publish_weights(struct model *m)
         }
     }
     if (m->cfg.tie_word_embeddings) m->lm_head = m->embedding;
+    lora_experts_refresh(m->expert_lora, m->cfg.num_layers, m->n_local_experts,
+                         m->cfg.expert_intermediate_size, m->lora_rank);
 }
 
 /* Hands out the fp32 and bf16 blocks to the tensors this rank holds, in table order
@@ -436,6 +440,33 @@ static void lay_out_storage(struct model *m, bool bf16)
     publish_weights(m);
 }
 
+/* The routed experts' pairs (lora_experts.h): for each expert of each MoE layer, gate_up's
+ * A [r, H] and B [2I, r], then down's A [r, I] and B [H, r], on its EP rank. */
+static void add_expert_adapters(struct table_builder *b, const struct lora_spec *spec, int n_base)
+{
+    struct model *m = b->model;
+    int local = m->n_local_experts > 0 ? m->n_local_experts : 1;
+    m->expert_lora = lora_experts_new(m->cfg.num_layers, local);
+    for (int i = 0; i < n_base; i++) {
+        const struct param *w = &m->params[i];
+        if (w->kind != PARAM_EXPERT || w->rank != 2 || w->part == MLP_UP) continue;
+        int which = w->part == MLP_GATE ? LORA_EXPERT_GATE_UP : LORA_EXPERT_DOWN;
+        int layer = w->layer, e = w->expert, k = e - m->first_expert;
+        bool here = k >= 0 && k < local;
+        int64_t out = which == LORA_EXPERT_GATE_UP ? 2 * w->shape[0] : w->shape[0];
+        const char *proj = which == LORA_EXPERT_GATE_UP ? "gate_up_proj" : "down_proj";
+        for (int is_b = 0; is_b < 2; is_b++) {
+            float **slot = here ? lora_experts_slot(m->expert_lora, layer, which, is_b, k) : NULL;
+            struct param *p = add_param(b, slot, PARAM_LORA, MLP_NONE, layer, e,
+                                        is_b ? out : spec->r, is_b ? spec->r : w->shape[1],
+                                        "base_model.model.model.layers.%d.mlp.experts.%d.%s.lora_%c.weight",
+                                        layer, e, proj, is_b ? 'B' : 'A');
+            p->lora_target = which;
+            p->lora_b = is_b;
+        }
+    }
+}
+
 /* The adapters of spec after the base tensors: for each base weight a target names, A
  * [r, in] then B [out, r], named as PEFT saves them, on the stage of their base (and
  * every EP rank of it, as the base). */
@@ -463,6 +494,7 @@ static void add_adapters(struct table_builder *b, const struct lora_spec *spec)
         bp->lora_target = target;
         bp->lora_b = true;
     }
+    if (spec->experts != LORA_EXPERTS_NONE) add_expert_adapters(b, spec, n_base);
 }
 
 static void create(struct model *m, const struct model_config *cfg, const struct layout_grid *grid,
@@ -541,6 +573,8 @@ void model_free(struct model *m)
     free(m->grads);
     free(m->lora);
     free(m->lora_grads);
+    lora_experts_free(m->expert_lora, m->cfg.num_layers);
+    lora_experts_free(m->expert_lora_grads, m->cfg.num_layers);
     free(m->grad_storage);
     free(m->params);
     for (int l = 0; m->layers && l < m->cfg.num_layers; l++) {
@@ -564,6 +598,17 @@ struct param *model_find_param(struct model *m, const char *name)
     return NULL;
 }
 
+struct param *model_find_expert(struct model *m, int layer, int expert, enum mlp_part part)
+{
+    for (int i = 0; i < m->n_params; i++) {
+        struct param *p = &m->params[i];
+        if (p->kind == PARAM_EXPERT && p->rank == 2 && p->layer == layer && p->expert == expert &&
+            p->part == part)
+            return p;
+    }
+    return NULL;
+}
+
 /* ---- gradients ---------------------------------------------------------------------- */
 
 /* The field of struct layer_grads (or the model's own) that holds a parameter's
@@ -572,6 +617,11 @@ static void publish_grad(struct model *m, const struct param *p)
 {
     if (!p->data) return; /* held by another rank (stage or EP rank) */
     if (p->buffer) return;  /* e_score_correction_bias: never trained, no gradient slot */
+    if (lora_experts_is(p)) {
+        *lora_experts_slot(m->expert_lora_grads, p->layer, p->lora_target, p->lora_b,
+                           p->expert - m->first_expert) = p->grad;
+        return;
+    }
     if (p->kind == PARAM_LORA) {
         struct layer_lora *g = &m->lora_grads[p->layer];
         *(p->lora_b ? &g->b[p->lora_target] : &g->a[p->lora_target]) = p->grad;
@@ -666,7 +716,7 @@ static void set_backward_floor(struct model *m)
         const struct param *p = &m->params[i];
         if (p->trainable && p->layer == floor &&
             (p->kind == PARAM_ATTENTION || p->kind == PARAM_NORM ||
-             (p->kind == PARAM_LORA && p->lora_target <= LORA_O)))
+             (p->kind == PARAM_LORA && LORA_IS_ATTENTION(p->lora_target))))
             m->floor_mlp_only = false;
     }
 }
@@ -690,6 +740,8 @@ void model_set_trainable(struct model *m, const bool *trainable)
     }
     if (m->lora && !m->lora_grads)
         m->lora_grads = xcalloc((size_t)m->cfg.num_layers, sizeof *m->lora_grads);
+    if (m->expert_lora && !m->expert_lora_grads)
+        m->expert_lora_grads = lora_experts_new(m->cfg.num_layers, m->n_local_experts > 0 ? m->n_local_experts : 1);
     size_t total = 0;
     for (int i = 0; i < m->n_params; i++) {
         if (trainable[i] && m->params[i].data_bf16)
@@ -711,6 +763,8 @@ void model_set_trainable(struct model *m, const bool *trainable)
         }
         publish_grad(m, p);
     }
+    lora_experts_refresh(m->expert_lora_grads, m->cfg.num_layers, m->n_local_experts,
+                         m->cfg.expert_intermediate_size, m->lora_rank);
     set_backward_floor(m);
 }
 
@@ -798,6 +852,16 @@ void model_attach(struct model *m, const struct backend *ops)
             m->lora[l].a[t] = moved_weight(m, m->lora[l].a[t]);
             m->lora[l].b[t] = moved_weight(m, m->lora[l].b[t]);
         }
+    for (int l = 0; m->expert_lora && l < m->cfg.num_layers; l++)
+        for (int e = 0; e < local_experts; e++) {
+            struct expert_lora *x = &m->expert_lora[l];
+            x->a_gate_up[e] = moved_weight(m, x->a_gate_up[e]);
+            x->b_gate_up[e] = moved_weight(m, x->b_gate_up[e]);
+            x->a_down[e] = moved_weight(m, x->a_down[e]);
+            x->b_down[e] = moved_weight(m, x->b_down[e]);
+        }
+    lora_experts_refresh(m->expert_lora, m->cfg.num_layers, m->n_local_experts,
+                         m->cfg.expert_intermediate_size, m->lora_rank);
     if (ops->constant) /* the frozen fp32 weights, as the backend may keep them */
         for (int i = 0; i < m->n_params; i++)
             if (m->params[i].data && !m->params[i].trainable)
@@ -836,7 +900,16 @@ void model_attach(struct model *m, const struct backend *ops)
             g->expert_up_bias[e] = moved(g->expert_up_bias[e], m->grad_storage, G, gdev);
             g->expert_down_bias[e] = moved(g->expert_down_bias[e], m->grad_storage, G, gdev);
         }
+        for (int e = 0; m->expert_lora_grads && e < local; e++) {
+            struct expert_lora *x = &m->expert_lora_grads[l];
+            x->a_gate_up[e] = moved(x->a_gate_up[e], m->grad_storage, G, gdev);
+            x->b_gate_up[e] = moved(x->b_gate_up[e], m->grad_storage, G, gdev);
+            x->a_down[e] = moved(x->a_down[e], m->grad_storage, G, gdev);
+            x->b_down[e] = moved(x->b_down[e], m->grad_storage, G, gdev);
+        }
     }
+    lora_experts_refresh(m->expert_lora_grads, m->cfg.num_layers, m->n_local_experts,
+                         m->cfg.expert_intermediate_size, m->lora_rank);
 }
 
 void model_download_grads(struct model *m)
@@ -880,21 +953,15 @@ void model_merge_lora(struct model *m)
     const char *prefix = "base_model.model.", *suffix = ".lora_A.weight";
     for (int i = 0; i + 1 < m->n_params; i++) {
         struct param *a = &m->params[i], *b = &m->params[i + 1]; /* add_adapters: A, then B */
-        if (a->kind != PARAM_LORA || a->lora_b || !a->data) continue;
+        if (a->kind != PARAM_LORA || a->lora_b || !a->data || lora_experts_is(a)) continue;
         char name[PARAM_NAME_MAX];
         size_t n = strlen(a->name) - strlen(prefix) - strlen(suffix);
         snprintf(name, sizeof name, "%.*s.weight", (int)n, a->name + strlen(prefix));
         struct param *w = model_find_param(m, name);
         if (!w || !w->data || !b->lora_b)
             fatal(EXIT_RUNTIME, "model_merge_lora: no base weight %s held with %s", name, a->name);
-        int64_t out = w->shape[0], in = w->shape[1], r = a->shape[0];
-        for (int64_t o = 0; o < out; o++)
-            for (int64_t j = 0; j < in; j++) {
-                double sum = 0;
-                for (int64_t k = 0; k < r; k++)
-                    sum += (double)b->data[o * r + k] * (double)a->data[k * in + j];
-                w->data[o * in + j] += (float)(m->lora_scale * sum);
-            }
+        lora_fold(w->data, b->data, a->data, w->shape[0], w->shape[1], a->shape[0], m->lora_scale);
         memset(b->data, 0, b->numel * sizeof(float)); /* its update is in W now */
     }
+    lora_experts_merge(m);
 }

@@ -160,6 +160,9 @@ struct model {
     int lora_rank;
     float lora_scale;
     struct layer_lora *lora, *lora_grads;
+    /* the routed experts' pairs (lora_experts.h) and their gradients, [cfg.num_layers]
+     * of n_local_experts each; NULL without expert targets */
+    struct expert_lora *expert_lora, *expert_lora_grads;
     /* C2R routing (c2r.h's c2r_attach): every decoder layer's collaborative lists
      * [cfg.num_layers, E, c2r_top_t] in the compute view (a dense layer's rows unused);
      * NULL under plain top-k routing */
@@ -262,6 +265,8 @@ void model_merge_lora(struct model *model);
 
 /* The entry for a Hugging Face name, or NULL. */
 struct param *model_find_param(struct model *model, const char *name);
+/* The 2-D weight of a routed expert's part (gate, up or down), or NULL. */
+struct param *model_find_expert(struct model *model, int layer, int expert, enum mlp_part part);
 
 /* Marks the trainable tensors (trainable[i] for params[i]) and allocates zeroed gradient
  * buffers for those this rank holds, in one allocation; frozen tensors get none. Call

@@ -63,6 +63,8 @@ struct layer_activations {
     float *mlp_gate, *mlp_up, *mlp_act; /* dense layer */
     float *ffn;                /* [N,H] feed-forward output */
     float *lora_t[LORA_TARGET_COUNT]; /* [N,r] scale * A x of each adapter (lora.h), or NULL */
+    float *expert_lora_t[2]; /* [rows,r] the experts' gate_up and down pairs' scale A x
+                              * (lora_experts.h), or NULL */
 };
 
 /* Vocabulary ids per chunk of the chunked lm_head and cross-entropy. */
@@ -113,6 +115,9 @@ struct forward_workspace {
     float *dx, *dxn, *dq, *dk, *dv, *dattn, *dxs, *dxs2, *dys, *dact, *dgate, *dup;
     float *dq_latent, *dkv_latent, *dk_rope, *dkv; /* MLA: [N,R], [N,C], [N,dr], [N,nH*(dn+dv)] */
     float *dlora;                     /* [N,r] an adapter's scratch (lora_backward) */
+    /* the experts' pairs (lora_experts.h): [rows, max(H, I)] scratch (forward and
+     * backward), [rows, r] twice (backward) */
+    float *expert_lora_scratch, *expert_lora_dt[2];
     float *dweights, *drouter, *dshared_a, *dshared_b, *dshared_act, *dshared_out, *dgate_logit;
     /* DenseMixer (model->densemixer, densemixer.h): one expert on every token of the EP
      * group, [R,I] x 3 and [R,H] (R = ep N), and every expert's <d output, E_e(x)>,

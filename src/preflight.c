@@ -15,6 +15,7 @@
 #include "files.h"
 #include "hfconfig.h"
 #include "log.h"
+#include "peft_adapter.h"
 #include "phases.h"
 #include "prepare.h"
 #include "tokenizer.h"
@@ -122,8 +123,9 @@ static void check_eval(const struct deck *deck, const struct produced *made, con
 {
     const char *eval_adapter = deck_eval_adapter(deck);
     if (eval_adapter && !(made->adapter && strcmp(eval_adapter, adapter) == 0) &&
-        !is_regular_file(eval_adapter))
-        problem(p, "eval: eval.adapter: %s is not a file", eval_adapter);
+        !is_regular_file(eval_adapter) && !peft_adapter_is(eval_adapter))
+        problem(p, "eval: eval.adapter: %s is not a file (nor a LoRA adapter directory with "
+                "adapter_config.json)", eval_adapter);
     char config[4200], merged[4200];
     snprintf(merged, sizeof merged, "%s/merged", deck->run.output_dir);
     if (deck->eval.model && !(made->merged && strcmp(deck->eval.model, merged) == 0)) {
@@ -274,7 +276,8 @@ int preflight_check(const struct deck *deck, const struct layout_grid *grid, cha
                     problem(&p, "train: %s", err); /* what the deck alone tells */
                 bool selected_here = made.expert_config && tr->expert_config &&
                                      strcmp(tr->expert_config, select_output) == 0;
-                if (tr->method == METHOD_ESFT && !selected_here) {
+                if ((tr->method == METHOD_ESFT || deck_lora_selects_experts(deck)) &&
+                    !selected_here && tr->expert_config) {
                     if (!is_regular_file(tr->expert_config)) {
                         problem(&p, "train: train.expert_config: %s is not a file%s%s%s",
                                 tr->expert_config,

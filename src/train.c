@@ -287,8 +287,7 @@ static void log_eval(long long step, double loss, int n_blocks)
 }
 
 /* Method lora: the adapters the deck asks for, and whether this model's modules take
- * them (multi-head latent attention has no q/k/v/o projections of the GQA form esft
- * adapts). */
+ * them (gpt_oss's experts do not; selected needs train.expert_config). */
 static int lora_spec_of(const struct deck *deck, const struct model_config *cfg,
                         struct lora_spec *spec, char *err, size_t err_size)
 {
@@ -298,16 +297,22 @@ static int lora_spec_of(const struct deck *deck, const struct model_config *cfg,
     char where[4200];
     deck_where(deck, "train.lora.targets", where, sizeof where);
     char why[1024];
-    if (lora_parse_targets(tr->lora_targets, tr->n_lora_targets, &spec->targets, why,
-                           sizeof why) != 0) {
+    if (lora_parse_targets(tr->lora_targets, tr->n_lora_targets, &spec->targets, &spec->experts,
+                           why, sizeof why) != 0) {
         snprintf(err, err_size, "%s: %s", where, why);
         return -1;
     }
-    unsigned attention = (1u << LORA_Q) | (1u << LORA_K) | (1u << LORA_V) | (1u << LORA_O);
-    if (cfg->attention == ATTENTION_MLA && (spec->targets & attention)) {
-        snprintf(err, err_size, "%s: %s (%s) uses multi-head latent attention, whose projections "
-                 "esft does not adapt yet; name dense_mlp or shared_experts", where,
-                 deck->model.path, hfconfig_family_name(cfg->family));
+    if (spec->experts != LORA_EXPERTS_NONE && (cfg->num_experts == 0 || cfg->family == HF_GPT_OSS)) {
+        snprintf(err, err_size, "%s: %s (%s) %s; name attention, dense_mlp or shared_experts",
+                 where, deck->model.path, hfconfig_family_name(cfg->family),
+                 cfg->num_experts == 0 ? "has no routed experts"
+                                       : "keeps its experts transposed with interleaved gate and "
+                                         "up columns, a form esft's expert adapters do not write");
+        return -1;
+    }
+    if (spec->experts == LORA_EXPERTS_SELECTED && (!tr->expert_config || !tr->expert_config[0])) {
+        snprintf(err, err_size, "%s: selected adapts the experts of train.expert_config, which is "
+                 "not set (select writes it: expert_config.json)", where);
         return -1;
     }
     return 0;
@@ -378,7 +383,8 @@ int phase_train(const struct deck *deck, const struct layout *layout)
                   "pipeline parallelism (parallel.pp %d) does not support tied embeddings yet",
                   deck->model.path, grid->pp);
     struct expert_config ec = {0};
-    if (tr->method == METHOD_ESFT &&
+    bool selected_lora = deck_lora_selects_experts(deck);
+    if ((tr->method == METHOD_ESFT || selected_lora) &&
         expert_config_read(tr->expert_config, &cfg, &ec, err, sizeof err) != 0)
         fatal_all(EXIT_INPUT, "train: %s", err);
 
@@ -417,7 +423,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
     /* what trains is known from the table alone, before the weights are read: the frozen
      * ones may then be held as bf16 from the start (model.frozen_weights) */
     bool *trainable = xcalloc((size_t)model.n_params, sizeof(bool));
-    if (trainable_select(&model, tr->method, tr->method == METHOD_ESFT ? &ec : NULL, trainable,
+    if (trainable_select(&model, tr->method, tr->method == METHOD_ESFT || selected_lora ? &ec : NULL, trainable,
                          err, sizeof err) != 0)
         fatal_all(EXIT_INPUT, "train: %s", err);
     if (tr->method == METHOD_LORA && lora.train_router) trainable_add_routers(&model, trainable);

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "lora_experts.h"
 
 void expert_config_free(struct expert_config *ec)
 {
@@ -140,7 +141,10 @@ int trainable_select(const struct model *m, enum train_method method,
             on = p->kind != PARAM_LORA;
             break;
         case METHOD_FROZEN_ROUTER: on = p->kind != PARAM_ROUTER; break;
-        case METHOD_LORA: on = p->kind == PARAM_LORA; break;
+        case METHOD_LORA: /* with ec (targets: selected), only its experts' pairs */
+            on = p->kind == PARAM_LORA &&
+                 (!ec || !lora_experts_is(p) || expert_config_has(ec, p->layer, p->expert));
+            break;
         default: /* esft */
             if (p->kind == PARAM_EXPERT)
                 on = expert_config_has(ec, p->layer, p->expert);

@@ -41,7 +41,8 @@ bool expert_config_has(const struct expert_config *ec, int layer, int expert);
 /* 0 when this version trains with the method, else -1 with a message. */
 int trainable_method_available(enum train_method method, char *err, size_t err_size);
 
-/* trainable[i] for model->params[i] under a method (ec used by METHOD_ESFT only).
+/* trainable[i] for model->params[i] under a method (ec: METHOD_ESFT's experts, or
+ * METHOD_LORA's with targets selected: only those experts' pairs train; else NULL).
  * Returns 0, or -1 with a message when the method is not available. */
 int trainable_select(const struct model *model, enum train_method method,
                      const struct expert_config *ec, bool *trainable, char *err, size_t err_size);

@@ -140,6 +140,8 @@ static void alloc_layer(struct forward_workspace *ws, const struct model *m, int
     }
     for (int t = 0; m->lora && t < LORA_TARGET_COUNT; t++) /* N x r each, every target */
         a->lora_t[t] = ws_alloc(ws, N * (size_t)m->lora_rank * f);
+    for (int t = 0; moe && m->expert_lora && t < 2; t++)
+        a->expert_lora_t[t] = ws_alloc(ws, cap * (size_t)m->lora_rank * f);
     if (!moe || !ws->training || ws->recompute) { /* a shared set may serve dense layers */
         a->mlp_gate = ws_alloc(ws, N * (D ? D : 1) * f);
         a->mlp_up = ws_alloc(ws, N * (D ? D : 1) * f);
@@ -213,6 +215,7 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
     ws->ce_best = ws_alloc(ws, (last_stage ? N : 1) * sizeof(int32_t));
     ws->balance_before = ws_host(ws, (2 * E + 1) * sizeof(double)); /* + the sequence aux */
     ws->xs = ws_alloc(ws, M * H * f);
+    if (m->expert_lora) ws->expert_lora_scratch = ws_alloc(ws, cap * (H > I ? H : I) * f);
     if (m->grid.ep > 1) {
         ws->ep_rows = ws_alloc(ws, cap * H * f);
         ws->ep_counts = ws_host(ws, 2 * (size_t)m->grid.ep * sizeof(size_t));
@@ -291,6 +294,8 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
         ws->dup = ws_alloc(ws, cap * I * f);
         if (m->grid.ep > 1) ws->dye = ws_alloc(ws, cap * H * f);
         if (m->lora) ws->dlora = ws_alloc(ws, N * (size_t)m->lora_rank * f);
+        for (int t = 0; m->expert_lora && t < 2; t++)
+            ws->expert_lora_dt[t] = ws_alloc(ws, cap * (size_t)m->lora_rank * f);
         ws->dweights = ws_alloc(ws, M * f);
         ws->drouter = ws_alloc(ws, N * E * f);
         ws->dshared_a = ws_alloc(ws, N * wide * f);

@@ -45,6 +45,14 @@ losses() {
     sed -n "s/.*\"event\": \"$1\", \"step\": \([0-9]*\), \"loss\": \([^,}]*\).*/\1 \2/p" "$2" |
         awk '{ loss[$1] = $2 } END { for (s in loss) print s, loss[s] }' | sort -n
 }
+# eval_loss_falls METRICS WHAT: the first and last validation losses of a run (set as
+# first_eval, last_eval); a failure unless the last is below the first.
+eval_loss_falls() {
+    first_eval=$(losses eval "$1" | head -n 1 | cut -d' ' -f2)
+    last_eval=$(losses eval "$1" | tail -n 1 | cut -d' ' -f2)
+    awk -v a="$first_eval" -v b="$last_eval" 'BEGIN { exit !(b < a) }' && ok ||
+        fail "$2 did not lower the validation loss ($first_eval -> $last_eval)"
+}
 same_curve() {
     last_step=${4:-1000000000}
     losses step "$1" | awk -v m="$last_step" '$1 <= m' >"$tmp/a.txt"

@@ -4,9 +4,11 @@
 # checkpoint (gpt_oss's in transformers' fused layout) keeps the base's config.json and, loaded as a plain model, gives the logits
 # of transformers with the adapter applied (test_apply_adapter with MERGED_ROOT); on 2
 # ranks (pp 2, dp 2) the merged checkpoint is the same bit for bit; an adapter given as
-# its directory is taken; the user's mistakes are refused with status 2 and nothing
-# written: a missing adapter, another family's adapter, a PEFT adapter directory, an
-# output that holds a checkpoint already, --dry-run with --apply-adapter.
+# its directory is taken; a LoRA adapter directory as PEFT saved it (expert pairs on
+# mixtral) is folded in, pp 2 writing 1 rank's bytes; the user's mistakes are refused with
+# status 2 and nothing written: a missing adapter, another family's adapter, a PEFT
+# adapter file without its adapter_config.json, a DoRA adapter, an output that holds a
+# checkpoint already, --dry-run with --apply-adapter.
 set -u
 . "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
 test_begin apply-adapter
@@ -40,6 +42,24 @@ expect 0 "dp 2" $mpirun 2 "$esft" --apply-adapter "$q/esft_adapter" "$deck" "mod
 cmp -s "$tmp/qwen3_moe/merged/model.safetensors" "$tmp/dp2/merged/model.safetensors" && ok ||
     fail "dp 2: the merged checkpoint differs from 1 rank's"
 
+# a LoRA adapter directory as PEFT saved it (tests/golden/lora_reference.py) folded in;
+# pp 2 writes 1 rank's bytes; test_lora holds the fold to PEFT's merged logits
+m="$golden/mixtral"
+expect 0 "LoRA adapter with expert pairs" "$esft" --apply-adapter "$m/lora_experts_adapter" \
+    "$deck" "model.path=$m" "run.output_dir=$tmp/lora"
+contains "$tmp/out" "36 tensors of $m/lora_experts_adapter over" "LoRA adapter folded in"
+expect 0 "LoRA adapter, pp 2" $mpirun 2 "$esft" --apply-adapter "$m/lora_experts_adapter" \
+    "$deck" "model.path=$m" "run.output_dir=$tmp/lora-pp2" parallel.pp=2
+cmp -s "$tmp/lora/merged/model.safetensors" "$tmp/lora-pp2/merged/model.safetensors" && ok ||
+    fail "LoRA adapter, pp 2: the merged checkpoint differs from 1 rank's"
+mkdir "$tmp/dora" && cp "$m/lora_experts_adapter/adapter_model.safetensors" "$tmp/dora/" &&
+    sed 's/"use_dora": false/"use_dora": true/' "$m/lora_experts_adapter/adapter_config.json" \
+        >"$tmp/dora/adapter_config.json"
+expect 2 "DoRA adapter refused" "$esft" --apply-adapter "$tmp/dora" "$deck" "model.path=$m" \
+    "run.output_dir=$tmp/bad"
+contains "$tmp/err" "adapter_config.json: key 'use_dora'" "DoRA adapter refused"
+absent "$tmp/bad/merged" "DoRA adapter refused"
+
 # refusals: status 2, the reason, nothing written
 expect 2 "missing adapter" "$esft" --apply-adapter "$tmp/none.safetensors" "$deck" "model.path=$q" \
     "run.output_dir=$tmp/bad"
@@ -52,7 +72,7 @@ absent "$tmp/bad/merged" "another family's adapter"
 mkdir "$tmp/peft" && cp "$q/esft_adapter/adapter.safetensors" "$tmp/peft/adapter_model.safetensors"
 expect 2 "PEFT adapter directory" "$esft" --apply-adapter "$tmp/peft" "$deck" "model.path=$q" \
     "run.output_dir=$tmp/bad"
-contains "$tmp/err" "LoRA adapter in PEFT's format" "PEFT adapter directory"
+contains "$tmp/err" "without adapter_config.json" "PEFT adapter directory"
 absent "$tmp/bad/merged" "PEFT adapter directory"
 expect 2 "output holds a checkpoint" "$esft" --apply-adapter "$q/esft_adapter" "$deck" \
     "model.path=$q" "run.output_dir=$tmp/qwen3_moe"

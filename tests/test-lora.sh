@@ -6,9 +6,17 @@
 # resumed writes the uninterrupted run's adapter and merged weights bit for bit; pp 2 (its
 # own gradient path across stages) and the device simulator write the same adapter bit for
 # bit; train_router adds the routers as modules_to_save; over bf16 frozen weights
-# (model.frozen_weights) the adapters train and the merged export is refused; routed-expert
-# targets and unknown targets are refused with the reason. The numbers against PEFT itself
-# are test_lora's (golden fixtures).
+# (model.frozen_weights) the adapters train and the merged export is refused; unknown
+# targets are refused with the reason. Routed experts (targets experts, selected): the
+# adapter holds PEFT's fused target_parameters tensors, the loss falls, the merged model's
+# eval loss is below the base's, a resumed run and the device simulator write the same
+# adapter bit for bit, ep 2 ends at the 1-rank run's validation loss (1e-6 relative; the
+# rows of an expert are summed in another order), --apply-adapter of the adapter
+# directory writes the merged export's bytes and eval.adapter gives its loss, and
+# selected trains only
+# expert_config's experts. Latent attention (deepseek_v3): its five projections adapted,
+# the loss falls, the device simulator bit for bit. The numbers against PEFT itself are
+# test_lora's (golden fixtures).
 set -u
 . "${ESFT_TOP_SRCDIR:-.}/tests/lib.sh"
 test_begin lora
@@ -101,12 +109,101 @@ expect 2 "lora, bf16, merged export refused" "$esft" "$demo" phase=train \
 contains "$tmp/err" "model.frozen_weights bf16 is not supported yet" "bf16 merged export refused"
 absent "$d/bad" "bf16 merged export refused"
 
+# routed experts: every expert's gate_up_proj and down_proj pair
+ex="train.method=lora train.lora.r=4 train.lora.alpha=8 train.lora.targets=[attention,experts] train.steps=4 train.eval_every=4 train.checkpoint_every=2 train.lr=1.0e-2"
 # shellcheck disable=SC2086
-expect 2 "routed experts refused" "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common \
-    train.method=lora "train.lora.targets=[attention, experts]"
-contains "$tmp/err" "routed experts" "routed experts refused"
-contains "$tmp/err" "target_parameters" "routed experts refused"
-absent "$d/bad" "routed experts refused"
+expect 0 "lora on experts" "$esft" "$demo" phase=train "run.output_dir=$d/ex" $common $ex \
+    train.export_merged=true
+eval_loss_falls "$d/ex/metrics.jsonl" "lora on experts"
+firstx=$first_eval lastx=$last_eval
+contains "$d/ex/adapter/adapter_config.json" '"mlp.experts.gate_up_proj"' "target_parameters"
+contains "$d/ex/adapter/adapter_model.safetensors" \
+    'base_model.model.model.layers.1.mlp.experts.base_layer.lora_B.weight' "fused expert pairs"
+expect 0 "eval, merged experts" "$esft" "$demo" phase=eval "run.output_dir=$d/eval-ex" \
+    "model.path=$d/ex/merged" "data.path=$d/data.h5"
+mergedx=$(value loss "$d/eval-ex/eval.json")
+awk -v a="$mergedx" -v b="$base" 'BEGIN { exit !(a < b) }' && ok ||
+    fail "eval: merged experts $mergedx, base $base"
+echo "lora on experts: validation loss $firstx -> $lastx; eval: base $base, merged $mergedx"
+# the adapter directory read back: --apply-adapter folds it into the base as the merged
+# export did (the same bytes), eval.adapter gives the merged model's loss (1e-4: the
+# merged checkpoint is rounded to the demo's bf16, the fold is not)
+expect 0 "--apply-adapter of the expert pairs" "$esft" --apply-adapter "$d/ex/adapter" "$demo" \
+    "model.path=$d/model" "run.output_dir=$d/ex-applied"
+cmp -s "$d/ex/merged/model.safetensors" "$d/ex-applied/merged/model.safetensors" && ok ||
+    fail "--apply-adapter of a LoRA adapter: not train.export_merged's checkpoint"
+expect 0 "eval.adapter, expert pairs" "$esft" "$demo" phase=eval "run.output_dir=$d/eval-exad" \
+    "model.path=$d/model" "data.path=$d/data.h5" "eval.adapter=$d/ex/adapter"
+folded=$(value loss "$d/eval-exad/eval.json")
+awk -v a="$folded" -v b="$mergedx" 'BEGIN { d = (a - b) / b; exit !(d < 1e-4 && d > -1e-4) }' &&
+    ok || fail "eval.adapter: loss $folded, the merged checkpoint's $mergedx"
+echo "eval.adapter (LoRA directory): $folded, merged checkpoint $mergedx"
+# shellcheck disable=SC2086
+expect 0 "lora on experts, 2 steps" "$esft" "$demo" phase=train "run.output_dir=$d/ex-resumed" \
+    $common $ex train.steps=2 train.export_merged=false
+# shellcheck disable=SC2086
+expect 0 "lora on experts, resumed" "$esft" "$demo" phase=train "run.output_dir=$d/ex-resumed" \
+    $common $ex train.export_merged=false
+cmp -s "$d/ex/adapter/adapter_model.safetensors" "$d/ex-resumed/adapter/adapter_model.safetensors" &&
+    ok || fail "lora on experts, resumed: the adapter differs"
+# shellcheck disable=SC2086
+expect 0 "lora on experts, cpu-devsim" "$esft" "$demo" phase=train "run.output_dir=$d/ex-devsim" \
+    $common $ex run.backend=cpu-devsim train.export_merged=false
+cmp -s "$d/ex/adapter/adapter_model.safetensors" "$d/ex-devsim/adapter/adapter_model.safetensors" &&
+    ok || fail "lora on experts, cpu-devsim: the adapter differs from the CPU backend's"
+# shellcheck disable=SC2086
+expect 0 "lora on experts, ep 2" $mpirun 2 "$esft" "$demo" phase=train "run.output_dir=$d/ex-ep2" \
+    $common $ex parallel.ep=2 train.export_merged=false
+lastep=$(losses eval "$d/ex-ep2/metrics.jsonl" | tail -n 1 | cut -d' ' -f2)
+awk -v a="$lastep" -v b="$lastx" 'BEGIN { d = (a - b) / b; exit !(d < 1e-6 && d > -1e-6) }' && ok ||
+    fail "lora on experts, ep 2: final validation loss $lastep, 1 rank $lastx"
+# its adapter, each rank writing its experts' share of the fused tensors, read back
+expect 0 "eval.adapter, ep 2's adapter" "$esft" "$demo" phase=eval "run.output_dir=$d/eval-ep2" \
+    "model.path=$d/model" "data.path=$d/data.h5" "eval.adapter=$d/ex-ep2/adapter"
+foldedep=$(value loss "$d/eval-ep2/eval.json")
+awk -v a="$foldedep" -v b="$folded" 'BEGIN { d = (a - b) / b; exit !(d < 1e-6 && d > -1e-6) }' &&
+    ok || fail "eval.adapter of ep 2's adapter: loss $foldedep, 1 rank's $folded"
+# selected: only expert_config's experts train (4 of the 4 x 8)
+printf '%s\n' '{"experts": {"0": [2], "1": [5, 6], "2": [], "3": [3]},' \
+    '"shared_experts": false, "non_expert_modules": false}' > "$d/ec.json"
+# shellcheck disable=SC2086
+expect 0 "lora on selected experts" "$esft" "$demo" phase=train "run.output_dir=$d/sel" $common \
+    $ex "train.lora.targets=[selected]" "train.expert_config=$d/ec.json" train.steps=2 \
+    train.export_merged=false
+# each pair r (H + 2I) + r (I + H) = 4 (64 + 64) + 4 (32 + 64) = 896
+contains "$d/sel/metrics.jsonl" '"trainable_parameters": 3584,' "selected: 4 experts' pairs train"
+# shellcheck disable=SC2086
+expect 2 "selected without expert_config" "$esft" "$demo" phase=train "run.output_dir=$d/bad" \
+    $common train.method=lora "train.lora.targets=[selected]"
+contains "$tmp/err" "train.expert_config, which is not set" "selected without expert_config"
+absent "$d/bad" "selected without expert_config"
+# shellcheck disable=SC2086
+expect 2 "selected, expert_config missing" "$esft" "$demo" phase=train "run.output_dir=$d/bad" \
+    $common train.method=lora "train.lora.targets=[selected]" "train.expert_config=$d/none.json"
+contains "$tmp/err" "train.expert_config: $d/none.json is not a file" "expert_config missing"
+absent "$d/bad" "selected, expert_config missing"
+
+# multi-head latent attention (deepseek_v3 with q_lora_rank): q_a_proj, q_b_proj,
+# kv_a_proj_with_mqa, kv_b_proj and o_proj adapted; the device simulator writes the CPU's
+# adapter bit for bit
+dsc="model.path=$d/ds prepare.output=$d/data.h5 data.path=$d/data.h5 prepare.inputs=[$src/input/data/demo.jsonl]"
+# shellcheck disable=SC2086
+expect 0 "deepseek_v3 demo model" "$esft" "$demo" phase=init "run.output_dir=$d" $dsc \
+    init.family=deepseek_v3 init.q_lora_rank=16
+mla="train.method=lora train.lora.r=4 train.lora.alpha=8 train.lora.targets=[attention] train.steps=4 train.eval_every=4 train.lr=1.0e-2 train.export_merged=false"
+# shellcheck disable=SC2086
+expect 0 "lora on latent attention" "$esft" "$demo" phase=train "run.output_dir=$d/mla" $dsc $mla
+eval_loss_falls "$d/mla/metrics.jsonl" "lora on latent attention"
+for module in q_a_proj q_b_proj kv_a_proj_with_mqa kv_b_proj o_proj; do
+    contains "$d/mla/adapter/adapter_config.json" "\"model.layers.1.self_attn.$module\"" \
+        "latent attention targets"
+done
+# shellcheck disable=SC2086
+expect 0 "lora on latent attention, cpu-devsim" "$esft" "$demo" phase=train \
+    "run.output_dir=$d/mla-devsim" $dsc $mla run.backend=cpu-devsim
+cmp -s "$d/mla/adapter/adapter_model.safetensors" "$d/mla-devsim/adapter/adapter_model.safetensors" &&
+    ok || fail "lora on latent attention, cpu-devsim: the adapter differs from the CPU backend's"
+echo "lora on latent attention: validation loss $first_eval -> $last_eval"
 # shellcheck disable=SC2086
 expect 2 "unknown target refused" "$esft" "$demo" phase=train "run.output_dir=$d/bad" $common \
     train.method=lora "train.lora.targets=[w1]"

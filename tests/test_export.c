@@ -392,7 +392,8 @@ static void test_lora(const char *out, const struct layout_grid *grid)
     char err[2048], dir[1200], path[1300];
     char *targets[] = {"attention"};
     struct lora_spec spec = {.r = 2, .alpha = 4, .train_router = true};
-    CHECK(lora_parse_targets(targets, 1, &spec.targets, err, sizeof err) == 0, "%s", err);
+    CHECK(lora_parse_targets(targets, 1, &spec.targets, &spec.experts, err, sizeof err) == 0, "%s",
+          err);
     struct model m, whole;
     make_models(&cfg, grid, &spec, &m, &whole);
     const char *const router[] = {"layers.0.mlp.gate.weight", NULL};

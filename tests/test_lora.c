@@ -12,13 +12,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "backend.h"
 #include "check.h"
 #include "export.h"
 #include "fixture.h"
 #include "lora.h"
+#include "lora_experts.h"
 #include "model.h"
+#include "peft_adapter.h"
 #include "trainable.h"
 
 static char tmp[64] = "/tmp/esft-lora.XXXXXX";
@@ -59,31 +62,75 @@ static double max_diff(const float *a, const float *b, size_t n, double *scale)
     return d;
 }
 
+/* One expert's A or B (p) out of PEFT's fused tensor of its layer in f (lora_experts.h:
+ * A_e rows [e r, e r + r) of [E r, in]; B_e[o, k] = B[o, k E + e] of [out, r E]); prefix
+ * "" or "grad.". Also the largest |value| of the whole fused tensor in *scale. */
+static bool unfuse(const struct st_file *f, const char *prefix, const struct param *p, int E,
+                   float *out, double *scale)
+{
+    char module[64], name[PARAM_NAME_MAX + 64], full[PARAM_NAME_MAX + 80], err[256];
+    snprintf(module, sizeof module, "model.layers.%d.mlp.experts", p->layer);
+    lora_experts_fused_name(name, sizeof name, module, p->lora_target, p->lora_b);
+    snprintf(full, sizeof full, "%s%s", prefix, name);
+    const struct st_tensor *t = st_file_find(f, full);
+    if (!t || (size_t)t->numel != p->numel * (size_t)E) return false;
+    float *all = xmalloc(t->numel * sizeof(float));
+    CHECK(st_read_f32(t, all, t->numel, err, sizeof err) == 0, "%s", err);
+    int64_t r = p->lora_b ? p->shape[1] : p->shape[0], e = p->expert;
+    *scale = 0;
+    for (size_t i = 0; i < (size_t)t->numel; i++) *scale = fmax(*scale, fabs((double)all[i]));
+    if (!p->lora_b)
+        memcpy(out, all + e * r * p->shape[1], p->numel * sizeof(float));
+    else
+        for (int64_t o = 0; o < p->shape[0]; o++)
+            for (int64_t k = 0; k < r; k++) out[o * r + k] = all[o * r * E + k * E + e];
+    free(all);
+    return true;
+}
+
+/* Which reference a fixture pass reads. */
+struct lora_case {
+    const char *file;
+    enum lora_experts experts;
+};
+
 static void check_fixture(const char *dir, const char *name, void *context)
 {
-    (void)context;
+    const struct lora_case *lc = context;
     char err[1024], path[4200];
     struct model_config cfg;
     struct fixture_batch fb;
     struct st_file *expected = fixture_open(dir, &cfg, &fb);
     if (!expected) return;
-    snprintf(path, sizeof path, "%s/lora_expected.safetensors", dir);
+    snprintf(path, sizeof path, "%s/%s", dir, lc->file);
     struct st_file *ref = st_open(path, err, sizeof err);
     CHECK(ref != NULL, "%s", err);
     if (!ref) return;
     struct lora_spec spec = {.r = (int)scalar(ref, "lora.r"),
                              .alpha = scalar(ref, "lora.alpha"),
                              .rslora = scalar(ref, "lora.rslora") != 0,
-                             .targets = ALL_TARGETS};
+                             .targets = ALL_TARGETS,
+                             .experts = lc->experts};
+    /* the deepseek fixtures adapt the attention only (lora_reference.py says why) */
+    if (st_file_find(ref, "lora.attention_only") && scalar(ref, "lora.attention_only") != 0)
+        for (int t = 0; t < LORA_TARGET_COUNT; t++)
+            if (!LORA_IS_ATTENTION(t)) spec.targets &= ~(1u << t);
     struct layout_grid grid = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
     struct model m;
     model_create_lora(&m, &cfg, &grid, (struct layout_coords){0, 0, 0}, &spec, 7);
     CHECK(model_load(&m, dir, err, sizeof err) == 0, "%s", err);
     /* the adapters PEFT made, and no other */
-    int adapters = 0;
+    int adapters = 0, expert_pairs = 0;
     for (int i = 0; i < m.n_params; i++) {
         struct param *p = &m.params[i];
         if (p->kind != PARAM_LORA) continue;
+        if (lora_experts_is(p)) {
+            double scale;
+            CHECK(unfuse(ref, "", p, cfg.num_experts, p->data, &scale), "%s: %s not in PEFT's fused "
+                  "expert adapter", name, p->name);
+            expert_pairs++;
+            continue;
+        }
         adapters++;
         const struct st_tensor *t = st_file_find(ref, p->name);
         CHECK(t && (size_t)t->numel == p->numel && t->rank == 2 && t->shape[0] == p->shape[0],
@@ -96,8 +143,9 @@ static void check_fixture(const char *dir, const char *name, void *context)
     for (int i = 0; i < ref->n_tensors; i++)
         in_file += strstr(ref->tensors[i].name, ".lora_") &&
                    strncmp(ref->tensors[i].name, "grad.", 5) != 0;
-    CHECK(adapters == in_file && adapters > 0, "%s: %d adapters, PEFT has %d", name, adapters,
-          in_file);
+    int fused = lc->experts ? 4 * expert_pairs / (4 * cfg.num_experts) : 0; /* per layer: 4 */
+    CHECK(adapters + fused == in_file && adapters > 0 && (expert_pairs > 0) == (lc->experts != 0),
+          "%s: %d adapters + %d fused expert tensors, PEFT has %d", name, adapters, fused, in_file);
 
     bool *trainable = xcalloc((size_t)m.n_params, sizeof(bool));
     CHECK(trainable_select(&m, METHOD_LORA, NULL, trainable, err, sizeof err) == 0, "%s", err);
@@ -116,6 +164,19 @@ static void check_fixture(const char *dir, const char *name, void *context)
         CHECK((p->grad != NULL) == (p->kind == PARAM_LORA), "%s: %s %s a gradient", name, p->name,
               p->grad ? "has" : "lacks");
         if (!p->grad) continue;
+        if (lora_experts_is(p)) { /* relative to the whole fused gradient: an expert no token
+                                   * reached has none */
+            float *g = xmalloc(p->numel * sizeof(float));
+            double scale;
+            CHECK(unfuse(ref, "grad.", p, cfg.num_experts, g, &scale), "grad of %s", p->name);
+            double d = 0;
+            for (size_t j = 0; j < p->numel; j++) d = fmax(d, fabs((double)p->grad[j] - g[j]));
+            CHECK(scale > 0 && d / scale < 1e-3, "%s: %s: error %.3g of max |grad| %.3g", name,
+                  p->name, d, scale);
+            worst = fmax(worst, scale > 0 ? d / scale : 1);
+            free(g);
+            continue;
+        }
         char gname[PARAM_NAME_MAX + 8];
         snprintf(gname, sizeof gname, "grad.%s", p->name);
         const struct st_tensor *t = st_file_find(ref, gname);
@@ -131,8 +192,9 @@ static void check_fixture(const char *dir, const char *name, void *context)
         worst = fmax(worst, rel);
         free(g);
     }
-    printf("%s: loss %.6f (PEFT %.6f), %d adapter gradients, worst relative error %.2e\n", name,
-           loss, want, adapters, worst);
+    printf("%s%s: loss %.6f (PEFT %.6f), %d adapter + %d expert pair gradients, worst relative "
+           "error %.2e\n", name, lc->experts ? " (experts)" : "", loss, want, adapters, expert_pairs,
+           worst);
 
     /* merged = adapter-applied: W + scale B A written by the merged export, read back as a
      * plain model */
@@ -140,7 +202,7 @@ static void check_fixture(const char *dir, const char *name, void *context)
     model_merge_lora(&m);
     float *merged_here = logits_of(&m, &fb.batch);
     char out[128];
-    snprintf(out, sizeof out, "%s/%s-merged", tmp, name);
+    snprintf(out, sizeof out, "%s/%s-merged%s", tmp, name, lc->experts ? "-experts" : "");
     CHECK(export_merged(out, &m, dir, (size_t)1 << 30, MPI_COMM_WORLD, err, sizeof err) == 0, "%s",
           err);
     struct model_config merged_cfg;
@@ -160,6 +222,29 @@ static void check_fixture(const char *dir, const char *name, void *context)
            name, d2, scale);
     free(adapted), free(merged_here), free(merged);
     model_free(&plain);
+
+    /* the adapter as PEFT saved it, folded in (eval.adapter, --apply-adapter): the logits
+     * of PEFT's merge_and_unload model */
+    char adapter[4200];
+    snprintf(adapter, sizeof adapter, "%s/%s", dir, lc->experts ? "lora_experts_adapter" : "lora_adapter");
+    const struct st_tensor *peft_logits = st_file_find(ref, "merged.logits");
+    CHECK(peft_adapter_is(adapter) && peft_logits, "%s: %s and merged.logits", name, adapter);
+    if (peft_adapter_is(adapter) && peft_logits && (size_t)peft_logits->numel == n) {
+        struct model folded;
+        model_create(&folded, &cfg, &grid, (struct layout_coords){0, 0, 0});
+        CHECK(model_load(&folded, dir, err, sizeof err) == 0, "%s", err);
+        int tensors = 0;
+        CHECK(peft_adapter_apply(&folded, adapter, &tensors, err, sizeof err) == 0, "%s", err);
+        float *got = logits_of(&folded, &fb.batch), *want_logits = xmalloc(n * sizeof(float));
+        CHECK(st_read_f32(peft_logits, want_logits, n, err, sizeof err) == 0, "%s", err);
+        double d3 = max_diff(got, want_logits, n, &scale);
+        CHECK(d3 < 1e-4 * scale, "%s: PEFT's adapter folded in: logits differ from PEFT's merged "
+              "model's by %.3g (max |logit| %.3g)", name, d3, scale);
+        printf("%s: PEFT's adapter folded in (%d tensors) vs PEFT's merged logits: max difference "
+               "%.2e\n", name, tensors, d3);
+        free(got), free(want_logits);
+        model_free(&folded);
+    }
     free(trainable);
     model_free(&m);
     st_close(ref);
@@ -206,14 +291,22 @@ static void check_init(const char *golden)
     model_free(&a), model_free(&b), model_free(&c);
 
     unsigned t;
-    char *ok[] = {"attention", "dense_mlp", "shared_experts"}, *bad[] = {"q_proj", "experts"},
-         *unknown[] = {"w1"};
-    CHECK(lora_parse_targets(ok, 3, &t, err, sizeof err) == 0 && t == ALL_TARGETS, "%s", err);
-    CHECK(lora_parse_targets(bad, 2, &t, err, sizeof err) != 0 && strstr(err, "routed experts") &&
-              strstr(err, "target_parameters"),
-          "experts refused with the reason: %s", err);
-    CHECK(lora_parse_targets(unknown, 1, &t, err, sizeof err) != 0 && strstr(err, "'w1'"), "%s",
-          err);
+    enum lora_experts x;
+    char *ok[] = {"attention", "dense_mlp", "shared_experts"}, *all[] = {"q_proj", "experts"},
+         *selected[] = {"selected"}, *both[] = {"experts", "selected"}, *unknown[] = {"w1"};
+    CHECK(lora_parse_targets(ok, 3, &t, &x, err, sizeof err) == 0 && t == ALL_TARGETS &&
+              x == LORA_EXPERTS_NONE,
+          "%s", err);
+    CHECK(lora_parse_targets(all, 2, &t, &x, err, sizeof err) == 0 && t == 1u << LORA_Q &&
+              x == LORA_EXPERTS_ALL,
+          "%s", err);
+    CHECK(lora_parse_targets(selected, 1, &t, &x, err, sizeof err) == 0 && t == 0 &&
+              x == LORA_EXPERTS_SELECTED,
+          "%s", err);
+    CHECK(lora_parse_targets(both, 2, &t, &x, err, sizeof err) != 0 && strstr(err, "not both"),
+          "experts and selected refused together: %s", err);
+    CHECK(lora_parse_targets(unknown, 1, &t, &x, err, sizeof err) != 0 && strstr(err, "'w1'"),
+          "%s", err);
     CHECK(lora_target_of("model.layers.0.mlp.experts.3.gate_proj.weight", ALL_TARGETS) < 0,
           "routed experts are not dense MLPs");
     CHECK(lora_target_of("model.layers.0.mlp.shared_expert.up_proj.weight", ALL_TARGETS) ==
@@ -225,14 +318,68 @@ static void check_init(const char *golden)
           "scale alpha/r, rsLoRA alpha/sqrt(r)");
 }
 
+/* A LoRA adapter directory esft does not fold is refused with the file and the key (or
+ * the tensor): here configs written by hand, and another model's adapter. */
+static void check_peft_refusals(const char *golden)
+{
+    char dir[4200], err[1024], path[4300], command[8800];
+    snprintf(dir, sizeof dir, "%s/qwen2_moe", golden);
+    struct model_config cfg;
+    CHECK(hfconfig_load(dir, &cfg, err, sizeof err) == 0, "%s", err);
+    struct layout_grid one = {.world = 1, .pp = 1, .dp = 1, .ep = 1};
+    struct model m;
+    model_create(&m, &cfg, &one, (struct layout_coords){0, 0, 0});
+    CHECK(model_load(&m, dir, err, sizeof err) == 0, "%s", err);
+    static const struct {
+        const char *config, *key;
+    } cases[] = {
+        {"{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8, \"use_dora\": true}", "'use_dora'"},
+        {"{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8, \"rank_pattern\": {\"q\": 8}}",
+         "'rank_pattern'"},
+        {"{\"peft_type\": \"LOHA\", \"r\": 4, \"lora_alpha\": 8}", "'peft_type'"},
+        {"{\"peft_type\": \"LORA\", \"r\": 0, \"lora_alpha\": 8}", "'r'"},
+        {"{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8, \"bias\": \"all\"}", "'bias'"},
+        {"{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8, \"target_parameters\": "
+         "[\"mlp.experts.w1\"]}", "'target_parameters'"},
+    };
+    char adapter[128];
+    snprintf(adapter, sizeof adapter, "%s/refused", tmp);
+    CHECK(mkdir(adapter, 0755) == 0, "mkdir %s", adapter);
+    snprintf(path, sizeof path, "%s/adapter_config.json", adapter);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        FILE *f = fopen(path, "w");
+        CHECK(f != NULL, "%s", path);
+        if (!f) return;
+        fputs(cases[i].config, f);
+        fclose(f);
+        int n = 0;
+        CHECK(peft_adapter_apply(&m, adapter, &n, err, sizeof err) != 0 &&
+                  strstr(err, "adapter_config.json: key ") && strstr(err, cases[i].key),
+              "refused naming the file and %s: %s", cases[i].key, err);
+    }
+    /* olmoe's adapter over qwen2_moe: its shapes are another model's */
+    snprintf(command, sizeof command, "cp '%s/olmoe/lora_adapter/'* '%s'", golden, adapter);
+    CHECK(system(command) == 0, "%s", command);
+    int n = 0;
+    CHECK(peft_adapter_apply(&m, adapter, &n, err, sizeof err) != 0 &&
+              strstr(err, "adapter_model.safetensors: tensor '"),
+          "another model's adapter refused naming the tensor: %s", err);
+    model_free(&m);
+}
+
 int main(int argc, char **argv)
 {
     MPI_Init(&argc, &argv);
     const char *golden = argc > 1 ? argv[1] : "tests/golden";
     CHECK(mkdtemp(tmp) != NULL, "mkdtemp");
     check_init(golden);
-    int fixtures = fixture_each(golden, "lora_expected.safetensors", check_fixture, NULL);
+    check_peft_refusals(golden);
+    struct lora_case modules = {"lora_expected.safetensors", LORA_EXPERTS_NONE};
+    struct lora_case experts = {"lora_experts_expected.safetensors", LORA_EXPERTS_ALL};
+    int fixtures = fixture_each(golden, modules.file, check_fixture, &modules);
     CHECK(fixtures >= 2, "found %d LoRA fixtures", fixtures);
+    fixtures = fixture_each(golden, experts.file, check_fixture, &experts);
+    CHECK(fixtures >= 2, "found %d LoRA fixtures with expert pairs", fixtures);
     char command[128];
     snprintf(command, sizeof command, "rm -rf '%s'", tmp);
     CHECK(system(command) == 0, "%s", command);
