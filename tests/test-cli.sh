@@ -51,7 +51,7 @@ ln -s "$src/input" "$tmp/fresh/input"
 for deck in "$src"/input/*.yaml; do
     name=$(basename "$deck" .yaml)
     case $name in
-    demo | demo-deepseek | demo-gpt-oss | compare | init | prepare | bench-100m) want=0 ;;
+    demo | demo-deepseek | demo-gpt-oss | compare | compare-large | init | prepare | bench-100m) want=0 ;;
     *) want=2 ;;
     esac
     (cd "$tmp/fresh" && "$esft" --dry-run --ranks 4 "input/$name.yaml" >"$tmp/out" 2>"$tmp/err")
