@@ -69,8 +69,9 @@ void adamw_step(struct adamw *opt, struct model *model, double lr, float grad_fa
         }
         float *m = opt->m + at, *v = opt->v + at;
         float *g = p->grad;
-        /* each gradient cleared as it is read, for the next step (one pass fewer) */
-#pragma omp parallel for schedule(static)
+        /* each gradient cleared as it is read, for the next step (one pass fewer);
+         * element-wise, so the vector lanes give the scalar loop's bits */
+#pragma omp parallel for simd schedule(simd : static)
         for (size_t j = 0; j < p->numel; j++) {
             adamw_update(&p->data[j], &m[j], &v[j], g[j], &coef);
             g[j] = 0.0f;
