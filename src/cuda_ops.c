@@ -282,7 +282,8 @@ static int32_t *host_offsets(const int32_t *offsets, int E)
     return host;
 }
 
-/* The row kernels' description of a router (moe.h), from the op table's. */
+/* The row kernels' description of a router (moe.h), from the op table's: every kind but
+ * softmax top-k without C2R lists, which has its own kernel (cuda_router_topk). */
 static struct moe_router row_router(const struct router_params *rp)
 {
     struct moe_router r = {MOE_ROUTER_SOFTMAX, rp->renormalise, rp->scaling, 1, 1, rp->bias,
@@ -291,7 +292,7 @@ static struct moe_router row_router(const struct router_params *rp)
         r.kind = MOE_ROUTER_SIGMOID_BIAS;
     else if (rp->kind == ROUTER_TOPK_SOFTMAX)
         r.kind = MOE_ROUTER_TOPK_SOFTMAX;
-    else if (rp->kind != ROUTER_GROUPED_GREEDY)
+    else if (rp->kind != ROUTER_GROUPED_GREEDY && rp->kind != ROUTER_SOFTMAX_TOPK)
         fatal(EXIT_RUNTIME, "cuda backend: router kind %d is not implemented", (int)rp->kind);
     if (rp->kind == ROUTER_GROUPED_GREEDY || rp->kind == ROUTER_SIGMOID_BIAS) {
         r.n_group = rp->n_group; /* softmax top-k and gpt_oss's router ignore the groups */

@@ -7,7 +7,9 @@
 # OUTPUT defaults to .gpu/esft-gpu-bundle.tar.xz in the build directory. The archive holds
 # one folder, esft-gpu/, laid out like the build tree so that the test scripts find
 # everything where they look for it:
-#   esft, tests/test_* (the built test programs), tests/bench/bench_* (built benchmark
+#   esft, tests/test_* (the built test programs; only those named in ESFT_BUNDLE_TESTS,
+#   space-separated, where it is set: the device tool's transfer counts the working tree
+#   and the bundle together against 64 MiB), tests/bench/bench_* (built benchmark
 #   programs) and tests/bench/*.py, tests/gpu/device-check.sh, tests/golden/, tests/decks/,
 #   tests/*.sh (the shell tests and lib.sh), input/ (the demo decks and data);
 #   lib/        every shared library that ldd lists for those programs, for orted and for
@@ -52,6 +54,9 @@ mkdir -p "$root/bin" "$root/lib/cuda-fallback" "$root/lib/openmpi3" "$root/lib/p
 cp "$build/esft" "$root/"
 for f in "$build"/tests/test_*; do
     case $f in *.c | *.o | *.sh) continue ;; esac
+    if [ -n "${ESFT_BUNDLE_TESTS:-}" ]; then
+        case " $ESFT_BUNDLE_TESTS " in *" ${f##*/} "*) ;; *) continue ;; esac
+    fi
     [ -f "$f" ] && [ -x "$f" ] && cp "$f" "$root/tests/"
 done
 for f in "$build"/tests/bench/bench_*; do

@@ -32,6 +32,10 @@
 #                   model, data and (for train) the CPU's expert selection, against the CPU
 #                   reference: the same selection, the train loss curve and the eval loss
 #                   within the bf16 tolerances below
+#   methods-cuda    full fine-tuning, the frozen router, LoRA (attention; attention and
+#                   the routed experts), DenseMixer and ESFT with train.recompute, 5 steps
+#                   each on the CPU and on cuda from the demo's files: the curves within
+#                   fp32's bound
 #   bench_kernels   tests/bench/bench_kernels, where the bundle has it
 #   torch-qwen3-moe tests/bench/torch_qwen3_moe.py (transformers' Qwen3-MoE on the same
 #                   shapes: 2 layers, batch 1 x 4096), where the bundle has it; with the
@@ -70,7 +74,7 @@
 #   ESFT_PROFILE_VARIANTS the variants trained again under ESFT_CUDA_PROFILE=1 (default
 #                       "tf32 bf16 tf32-loop bf16-store")
 #   ESFT_CHECK_STEPS    the steps to run, by name (test_device test_comm golden-cuda
-#                       phases-cuda bench_kernels torch-qwen3-moe esft-bench; default all):
+#                       phases-cuda methods-cuda bench_kernels torch-qwen3-moe esft-bench; default all):
 #                       a short lease runs the checks and the benchmarks in two calls; the
 #                       bundle, libraries, esft-version, cpu-reference and backend-probe
 #                       steps always run
@@ -140,7 +144,7 @@ run_step() {
     s=$(date +%s)
     if declare -F "$1" >/dev/null; then
         # a function of this script: run by a bash that is given it and its variables
-        timeout -k 10 "$t" bash -c "$(declare -p b d work demo_deck esft files short bundle_env bench_model 2>/dev/null)
+        timeout -k 10 "$t" bash -c "$(declare -p b d work demo_deck esft files short bundle_env bench_model variant method_settings 2>/dev/null)
 $(declare -f "$1"); $1" >"$output" 2>&1
     else
         timeout -k 10 "$t" "$@" >"$output" 2>&1
@@ -516,6 +520,50 @@ else
             figures="$figures; eval loss $dtype $(value loss "$d/$dtype/eval.json"), CPU $cpu_eval"
         fi
         record "phases-cuda-$dtype" "$v" "$seconds" "${figures#; }"
+    done
+fi
+# ---- (d2) the other training methods on backend cuda against the CPU ---------------------
+# Each from the demo's files, 5 steps on the CPU and on cuda (fp32): full fine-tuning, the
+# frozen router, LoRA on attention and on the routed experts (their pairs through the
+# grouped ops), DenseMixer, and ESFT with train.recompute; each cuda curve within the
+# fp32 bound of the CPU's.
+method_tolerance=1e-4
+method_variants=(full "train.method=full" frozen_router "train.method=frozen_router"
+    lora-attention "train.method=lora" lora-experts "train.method=lora train.lora.targets=[attention,experts]"
+    densemixer "train.method=densemixer" esft-recompute "train.recompute=true")
+if ! want methods-cuda; then
+    :
+elif [ $device = no ]; then
+    skip_gpu methods-cuda "tolerance: train curve $method_tolerance"
+elif [ $cuda_backend != yes ] || [ $cpu_ok != yes ]; then
+    record methods-cuda "not run: ${cuda_refusal}" 0 ""
+else
+    for ((i = 0; i < ${#method_variants[@]}; i += 2)); do
+        variant=${method_variants[i]}
+        method_settings=${method_variants[i + 1]}
+        method_run() {
+            cd "$work" || return 1
+            for backend in cpu cuda; do
+                # shellcheck disable=SC2086
+                "${esft[@]}" "$demo_deck" "phase=[train]" run.backend=$backend \
+                    "run.output_dir=$d/method-$variant-$backend" "${files[@]}" \
+                    "train.expert_config=$d/cpu/expert_config.json" train.steps=5 train.eval_every=0 \
+                    train.checkpoint_every=0 $method_settings || return 1
+            done
+        }
+        run_step "methods-cuda-$variant" 60 method_run
+        v=$(gpu_verdict)
+        figures=""
+        if [ -s "$d/method-$variant-cuda/metrics.jsonl" ] && [ -s "$d/method-$variant-cpu/metrics.jsonl" ]; then
+            worst=$(join <(curve "$d/method-$variant-cpu/metrics.jsonl") <(curve "$d/method-$variant-cuda/metrics.jsonl") |
+                awk '{ d = $2 - $3; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2); if (r > w) w = r; n++ }
+                     END { printf "%.3g %d", w, n }')
+            figures="$method_settings: ${worst#* } steps, worst relative difference ${worst% *} (tolerance $method_tolerance)"
+            awk -v w="${worst% *}" -v t="$method_tolerance" 'BEGIN { exit !(w <= t) }' ||
+                v="failed: the $variant curve is off the CPU's"
+            [ "${worst#* }" = 5 ] || v="failed: the $variant curves have ${worst#* } common steps, not 5"
+        fi
+        record "methods-cuda-$variant" "$v" "$seconds" "$figures"
     done
 fi
 [ -s "$d/cpu/run/metrics.jsonl" ] && cp "$d/cpu/run/metrics.jsonl" "$extras/metrics-cpu.jsonl"
