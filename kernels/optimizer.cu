@@ -34,15 +34,13 @@ extern "C" int optim_adamw(float *data, float *m, float *v, const float *grad, s
 
 static size_t norm_chunks(size_t n) { return (n + NORM_CHUNK - 1) / NORM_CHUNK; }
 
-/* One thread per chunk: its elements in order, in double. */
+/* One thread per chunk: its squares in double, in dense_math.h's order. */
 __global__ void sum_squares_kernel(double *partial, const float *grad, size_t n, size_t chunks)
 {
     size_t c = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (c >= chunks) return;
     size_t end = (c + 1) * NORM_CHUNK < n ? (c + 1) * NORM_CHUNK : n;
-    double sum = 0.0;
-    for (size_t i = c * NORM_CHUNK; i < end; i++) sum += (double)grad[i] * grad[i];
-    partial[c] = sum;
+    partial[c] = norm_chunk_squares(grad, c * NORM_CHUNK, end);
 }
 
 extern "C" size_t optim_sum_squares_workspace(size_t n)

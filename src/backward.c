@@ -193,7 +193,11 @@ void model_backward(const struct model *m, const struct backend *ops, struct for
         }
         /* loss -> logits (in place) -> final norm */
         float *lm_head_grad = c->tie_word_embeddings ? m->embedding_grad : m->lm_head_grad;
-        if (ws->ce_chunked) { /* each chunk's logits again, then its part of the gradients */
+        if (ws->head_done) { /* the forward took the loss to dxn (forward.c's head_by_rows) */
+            if (ws->head_scale != loss_scale)
+                fatal(EXIT_RUNTIME, "backward: loss_scale %g, but the forward's head used %g",
+                      (double)loss_scale, (double)ws->head_scale);
+        } else if (ws->ce_chunked) { /* each chunk's logits again, then its part of the gradients */
             for (int v0 = 0; v0 < V; v0 += ws->vocab_chunk) {
                 int C = V - v0 < ws->vocab_chunk ? V - v0 : ws->vocab_chunk;
                 const float *w = weight_offset(m->lm_head, (size_t)v0 * H);

@@ -324,20 +324,28 @@ static void cpu_add(float *y, const float *x, const float *r, size_t count)
     for (size_t i = 0; i < count; i++) y[i] = x[i] + r[i];
 }
 
+/* The rows' cross-entropies summed in row order whatever the thread count: each block of
+ * rows computed in parallel into part[], then added one after another. */
 static double cpu_cross_entropy_sum(const float *logits, const int32_t *labels, int N, int V,
                                     long long *counted)
 {
-    double total = 0.0;
+    enum { BLOCK = 256 };
+    double total = 0.0, part[BLOCK];
     long long count = 0;
-#pragma omp parallel for schedule(static) reduction(+ : total, count)
-    for (int n = 0; n < N; n++) {
-        if (labels[n] < 0) continue;
-        const float *z = logits + (size_t)n * V;
-        /* fp32 exponentials as transformers' fp32 log_softmax, the row's log in double */
-        float max = row_max(z, V);
-        float sum = row_exp_sum(z, V, max);
-        total += cross_entropy_row(max, sum, z[labels[n]]);
-        count++;
+    for (int n0 = 0; n0 < N; n0 += BLOCK) {
+        int rows = N - n0 < BLOCK ? N - n0 : BLOCK;
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < rows; i++) {
+            int n = n0 + i;
+            if (labels[n] < 0) continue;
+            const float *z = logits + (size_t)n * V;
+            /* fp32 exponentials as transformers' fp32 log_softmax, the row's log in double */
+            float max = row_max(z, V);
+            float sum = row_exp_sum(z, V, max);
+            part[i] = cross_entropy_row(max, sum, z[labels[n]]);
+        }
+        for (int i = 0; i < rows; i++)
+            if (labels[n0 + i] >= 0) total += part[i], count++;
     }
     *counted = count;
     return total;
@@ -765,9 +773,7 @@ static double cpu_sum_squares(const float *x, size_t n)
 #pragma omp parallel for schedule(static)
     for (size_t c = 0; c < chunks; c++) {
         size_t end = (c + 1) * NORM_CHUNK < n ? (c + 1) * NORM_CHUNK : n;
-        double sum = 0;
-        for (size_t j = c * NORM_CHUNK; j < end; j++) sum += (double)x[j] * x[j];
-        partial[c] = sum;
+        partial[c] = norm_chunk_squares(x, c * NORM_CHUNK, end);
     }
     double sum = 0;
     for (size_t c = 0; c < chunks; c++) sum += partial[c];
@@ -783,6 +789,7 @@ static void cpu_scale(float *x, size_t n, float factor)
 static long long cpu_count_correct(const float *logits, const int32_t *labels, int N, int V)
 {
     long long correct = 0;
+#pragma omp parallel for schedule(static) reduction(+ : correct)
     for (int n = 0; n < N; n++) {
         if (labels[n] < 0) continue;
         const float *row = logits + (size_t)n * V;

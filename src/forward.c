@@ -58,7 +58,7 @@ struct batch ws_ops_batch(const struct forward_workspace *ws, const struct batch
     if (!ws->staged) return *b;
     return (struct batch){.N = b->N, .tokens = ws->tokens, .positions = ws->positions,
                           .sample_start = ws->sample_start,
-                          .targets = b->targets ? ws->targets : NULL};
+                          .targets = b->targets ? ws->targets : NULL, .loss_scale = b->loss_scale};
 }
 
 static void upload_batch(struct forward_workspace *ws, const struct batch *b)
@@ -348,6 +348,36 @@ void ws_layer_forward(const struct model *m, const struct backend *ops,
                   c->intermediate_size, c->hidden_act);
 }
 
+/* lm_head, the loss and the loss's gradient, head_rows token rows at a time: each block's
+ * logits [n, V], its cross-entropy sum and correct targets, then in place its gradient
+ * (softmax - one-hot) * loss_scale, which gives the block's rows of d xn_final and adds
+ * lm_head's gradient. The logits are computed once (the vocabulary chunks compute them
+ * again in the backward) and never held whole. The backward starts at the final norm. */
+static void head_by_rows(const struct model *m, const struct backend *ops,
+                         struct forward_workspace *ws, const struct batch *batch,
+                         struct forward_result *result)
+{
+    const struct model_config *c = &m->cfg;
+    int N = batch->N, H = c->hidden_size, V = c->vocab_size;
+    float *lm_head_grad = c->tie_word_embeddings ? m->embedding_grad : m->lm_head_grad;
+    for (int t0 = 0; t0 < N; t0 += ws->head_rows) {
+        int n = N - t0 < ws->head_rows ? N - t0 : ws->head_rows;
+        const float *xn = ws->xn_final + (size_t)t0 * H;
+        const int32_t *targets = batch->targets + t0;
+        long long counted = 0;
+        ops->linear(ws->head_logits, xn, m->lm_head, NULL, n, H, V, false);
+        result->loss_sum += ops->cross_entropy_sum(ws->head_logits, targets, n, V, &counted);
+        result->loss_count += counted;
+        result->correct += ops->count_correct(ws->head_logits, targets, n, V);
+        ops->cross_entropy_backward(ws->head_logits, ws->head_logits, targets, n, V, batch->loss_scale);
+        ops->linear_backward(ws->dxn + (size_t)t0 * H, lm_head_grad, NULL, ws->head_logits, xn,
+                             m->lm_head, n, H, V, false);
+    }
+    ws->head_done = true;
+    ws->head_scale = batch->loss_scale;
+    result->logits = NULL;
+}
+
 void model_forward(const struct model *m, const struct backend *ops, struct forward_workspace *ws,
                    const struct batch *batch, struct forward_result *result)
 {
@@ -418,6 +448,11 @@ void model_forward(const struct model *m, const struct backend *ops, struct forw
     ops->rmsnorm(ws->xn_final, ws->rstd_final, ws->x_final, m->final_norm, N, H,
                  (float)c->rms_norm_eps);
     result->aux_loss = ws_balance_loss(m, ws, NULL, 0.0f);
+    ws->head_done = false;
+    if (ws->head_rows > 0 && batch->targets && batch->loss_scale > 0.0f) {
+        head_by_rows(m, ops, ws, batch, result);
+        return;
+    }
     ws->ce_chunked = ws->vocab_chunk < V;
     if (ws->ce_chunked) { /* lm_head and the loss a vocabulary chunk at a time */
         result->logits = NULL;

@@ -305,6 +305,11 @@ struct batch {
      * tokens at most, packing samples), host memory; NULL: the batch is one block. The
      * sequence-level balance loss (deepseek_v2) is taken per block. */
     const int32_t *block_start;
+    /* Training: model_backward's loss_scale (1 / loss-bearing targets of the global batch),
+     * known before the forward; with it a workspace that has head_rows (model_compute.h)
+     * takes the loss's gradient through lm_head in the forward, a block of token rows at a
+     * time, so that no logits are computed twice. 0: the backward does it. */
+    float loss_scale;
 };
 
 /* What the forward pass leaves behind: logits, the loss sums and, per MoE layer, the

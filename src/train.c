@@ -589,7 +589,7 @@ int phase_train(const struct deck *deck, const struct layout *layout)
                 struct batch batch = {.N = micro[i].N, .tokens = micro[i].tokens,
                                       .positions = micro[i].positions,
                                       .sample_start = micro[i].sample_start, .targets = micro[i].targets,
-                                      .block_start = micro[i].block_start};
+                                      .block_start = micro[i].block_start, .loss_scale = scale};
                 /* an empty micro-batch still exchanges under EP and PP */
                 if (batch.N == 0 && grid->ep == 1 && grid->pp == 1) continue;
                 struct forward_workspace *w = ws[i % n_ws];

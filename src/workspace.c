@@ -163,6 +163,20 @@ static int vocab_chunk_size(const struct backend *ops, size_t N)
     return ids > WS_VOCAB_CHUNK ? (int)(ids < (1u << 30) ? ids : (1u << 30)) : WS_VOCAB_CHUNK;
 }
 
+/* Token rows of the head's [rows, V] block: ESFT_HEAD_ROWS from the environment (the tests
+ * set it small so that a batch takes several blocks); else as many as 64 MiB of logits
+ * hold, between 16 and 256 (a GEMM of 256 rows runs near the BLAS's peak), at most N. */
+static int head_rows_size(int V, int N)
+{
+    const char *text = getenv("ESFT_HEAD_ROWS");
+    long value = text ? strtol(text, NULL, 10) : 0;
+    long rows = value > 0 ? value : (long)((64u << 20) / ((size_t)(V > 0 ? V : 1) * sizeof(float)));
+    if (value <= 0 && rows > 256) rows = 256;
+    if (value <= 0 && rows < 16) rows = 16;
+    if (rows > N) rows = N > 0 ? N : 1;
+    return (int)rows;
+}
+
 static struct forward_workspace *workspace_new(const struct model *m, int max_tokens, bool training,
                                                bool recompute)
 {
@@ -213,6 +227,12 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
     ws->logits = ws_alloc(ws, (last_stage ? N * (size_t)ws->vocab_chunk : 1) * f);
     ws->ce_state = ws_alloc(ws, (last_stage ? N * 4 : 1) * f);
     ws->ce_best = ws_alloc(ws, (last_stage ? N : 1) * sizeof(int32_t));
+    /* training on a memory-first backend: the head by token rows (model_compute.h); an
+     * explicit ESFT_VOCAB_CHUNK keeps the vocabulary chunks (the tests' way to them) */
+    if (training && last_stage && ops->logits_budget == 0 && !getenv("ESFT_VOCAB_CHUNK")) {
+        ws->head_rows = head_rows_size(c->vocab_size, max_tokens);
+        ws->head_logits = ws_alloc(ws, (size_t)ws->head_rows * (size_t)c->vocab_size * f);
+    }
     ws->balance_before = ws_host(ws, (2 * E + 1) * sizeof(double)); /* + the sequence aux */
     ws->xs = ws_alloc(ws, M * H * f);
     if (m->expert_lora) ws->expert_lora_scratch = ws_alloc(ws, cap * (H > I ? H : I) * f);
@@ -353,6 +373,7 @@ void forward_workspace_keep(struct forward_workspace *ws, unsigned what)
         ws->logits = ws_alloc(ws, N * (size_t)ws->vocab_size * f);
         if (!ws->staged) ws->h_logits = ws->logits;
     }
+    if (added & FORWARD_KEEP_LOGITS) ws->head_rows = 0; /* the rows' logits are not kept */
     if (!ws->staged) return; /* the results are host memory already */
     if ((added & FORWARD_KEEP_LOGITS) && ws->vocab_size)
         ws->h_logits = ws_host(ws, N * (size_t)ws->vocab_size * f);

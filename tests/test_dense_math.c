@@ -102,10 +102,13 @@ static void check_grad_norm(size_t n, struct rng *rng)
     model.grad_storage = random_floats(rng, n, -3, 3);
     double plain = 0, chunked = 0;
     for (size_t i = 0; i < n; i++) plain += (double)model.grad_storage[i] * model.grad_storage[i];
-    for (size_t c = 0; c * NORM_CHUNK < n; c++) { /* sum_squares_kernel's chunks, in order */
-        double part = 0;
-        for (size_t i = c * NORM_CHUNK; i < n && i < (c + 1) * NORM_CHUNK; i++)
-            part += (double)model.grad_storage[i] * model.grad_storage[i];
+    for (size_t c = 0; c * NORM_CHUNK < n; c++) { /* the chunks in order, each by 8 lanes */
+        size_t end = (c + 1) * NORM_CHUNK < n ? (c + 1) * NORM_CHUNK : n, full = end - (end - c * NORM_CHUNK) % 8;
+        double lane[8] = {0}, part = 0;
+        for (size_t i = c * NORM_CHUNK; i < full; i++)
+            lane[(i - c * NORM_CHUNK) % 8] += (double)model.grad_storage[i] * model.grad_storage[i];
+        for (int k = 0; k < 8; k++) part += lane[k];
+        for (size_t i = full; i < end; i++) part += (double)model.grad_storage[i] * model.grad_storage[i];
         chunked += part;
     }
     double norm = grad_norm(&model);

@@ -99,6 +99,18 @@ static double gradient_error(const struct st_file *expected, const char *prefix,
     return *scale > 1e-8 ? diff / *scale : diff;
 }
 
+/* The batch with its loss_scale, 1 / counted targets, as esft's training sets it: a
+ * training workspace then takes the loss through lm_head in the forward (the head by
+ * token rows; ESFT_HEAD_ROWS small: several blocks). */
+static struct batch with_loss_scale(const struct batch *batch)
+{
+    struct batch b = *batch;
+    long long counted = 0;
+    for (int t = 0; t < b.N; t++) counted += b.targets[t] >= 0;
+    b.loss_scale = counted > 0 ? 1.0f / (float)counted : 0.0f;
+    return b;
+}
+
 /* The gradients of one forward and backward (the loss, plus 0.01 x the balance loss),
  * kept activations or recomputed (forward_workspace_new_recompute): a copy of them all. */
 static float *gradients_of(struct model *m, const struct batch *batch, bool recompute)
@@ -107,8 +119,11 @@ static float *gradients_of(struct model *m, const struct batch *batch, bool reco
     struct forward_workspace *ws = recompute ? forward_workspace_new_recompute(m, batch->N)
                                              : forward_workspace_new_training(m, batch->N);
     struct forward_result result;
-    model_forward(m, backend_cpu(), ws, batch, &result);
-    model_backward(m, backend_cpu(), ws, batch, 1.0f / (float)result.loss_count, 0.01f);
+    struct batch scaled = with_loss_scale(batch);
+    model_forward(m, backend_cpu(), ws, &scaled, &result);
+    CHECK(scaled.loss_scale == 1.0f / (float)result.loss_count, "loss_scale %g, %lld targets counted",
+          (double)scaled.loss_scale, result.loss_count);
+    model_backward(m, backend_cpu(), ws, &scaled, scaled.loss_scale, 0.01f);
     forward_workspace_free(ws);
     float *copy = xmalloc((m->grad_floats ? m->grad_floats : 1) * sizeof(float));
     memcpy(copy, m->grad_storage, m->grad_floats * sizeof(float));
@@ -124,8 +139,9 @@ static void check_method(const char *name, const char *what, struct model *m,
     model_zero_grads(m);
     struct forward_workspace *ws = forward_workspace_new_training(m, batch->N);
     struct forward_result result;
-    model_forward(m, backend_cpu(), ws, batch, &result);
-    model_backward(m, backend_cpu(), ws, batch, 1.0f / (float)result.loss_count, 0.0f);
+    struct batch scaled = with_loss_scale(batch);
+    model_forward(m, backend_cpu(), ws, &scaled, &result);
+    model_backward(m, backend_cpu(), ws, &scaled, scaled.loss_scale, 0.0f);
     double worst = 0;
     int compared = 0;
     for (int i = 0; i < m->n_params; i++) {
@@ -433,10 +449,14 @@ static int check_layout(const char *name, const struct model_config *cfg, const 
     for (int pass = 0; pass < passes; pass++) {
         model_zero_grads(&m);
         struct forward_result r;
+        /* the whole batch's scale given to the forward, as esft's training does */
+        mine.loss_scale = pass == 0 ? with_loss_scale(batch).loss_scale : 0.0f;
         model_forward(&m, ops, ws, &mine, &r);
         long long count = r.loss_count; /* known on the last stage and EP rank 0: share it */
         check_mpi(MPI_Allreduce(MPI_IN_PLACE, &count, 1, MPI_LONG_LONG, MPI_MAX, MPI_COMM_WORLD));
-        if (pass == 0) model_backward(&m, ops, ws, &mine, 1.0f / (float)count, 0.0f);
+        CHECK(pass == 1 || mine.loss_scale == 1.0f / (float)count, "%s: loss_scale %g, %lld targets",
+              name, (double)mine.loss_scale, count);
+        if (pass == 0) model_backward(&m, ops, ws, &mine, mine.loss_scale, 0.0f);
         else model_backward(&m, ops, ws, &mine, 0.0f, 1.0f);
         model_wait_sends(ws);
         model_download_grads(&m);
