@@ -539,12 +539,11 @@ static void check_optim(size_t n)
     expect_floats(d_data, data, n, 1e-6, "AdamW parameters");
     expect_floats(d_m, m, n, 1e-6, "AdamW first moments");
     expect_floats(d_v, v, n, 1e-6, "AdamW second moments");
-    double want = 0, got = 0; /* the chunked sum, as src/optim.c's grad_norm forms it */
-    for (size_t c = 0; c * NORM_CHUNK < n; c++) {
-        double part = 0;
-        for (size_t i = c * NORM_CHUNK; i < n && i < (c + 1) * NORM_CHUNK; i++) part += (double)grad[i] * grad[i];
-        want += part;
-    }
+    double want = 0, got = 0; /* the chunked sum, as src/optim.c's grad_norm forms it: each
+                               * chunk by dense_math.h's lanes (test_dense_math checks them
+                               * against a sum of its own) */
+    for (size_t c = 0; c * NORM_CHUNK < n; c++)
+        want += norm_chunk_squares(grad, c * NORM_CHUNK, (c + 1) * NORM_CHUNK < n ? (c + 1) * NORM_CHUNK : n);
     void *workspace = device_alloc(optim_sum_squares_workspace(n));
     double *host_sums = xmalloc(optim_sum_squares_workspace(n));
     CHECK(optim_sum_squares(&got, d_grad, n, workspace, host_sums, err, sizeof err) == 0, "%s", err);
