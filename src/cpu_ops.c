@@ -792,10 +792,13 @@ static long long cpu_count_correct(const float *logits, const int32_t *labels, i
 #pragma omp parallel for schedule(static) reduction(+ : correct)
     for (int n = 0; n < N; n++) {
         if (labels[n] < 0) continue;
+        /* the first id holding the row's max (ties to the lower id): the vectorised max,
+         * then a search that stops there, instead of a compare-and-branch per logit */
         const float *row = logits + (size_t)n * V;
+        float max = row_max(row, V);
         int best = 0;
-        for (int v = 1; v < V; v++)
-            if (row[v] > row[best]) best = v;
+        while (best < V && row[best] != max) best++;
+        if (best == V) best = 0; /* no finite max (NaN rows): as the scalar argmax */
         correct += best == labels[n];
     }
     return correct;
