@@ -41,6 +41,10 @@ lacks() { # FILE TEXT DESCRIPTION
 absent() { # PATH DESCRIPTION
     if [ -e "$1" ]; then fail "$2: $1 exists"; else ok; fi
 }
+# near A B TOL: true when A is within TOL of B, relatively (|A - B| < TOL |B|).
+near() {
+    awk -v a="$1" -v b="$2" -v t="$3" 'BEGIN { d = (a - b) / b; exit !(d < t && d > -t) }'
+}
 losses() {
     sed -n "s/.*\"event\": \"$1\", \"step\": \([0-9]*\), \"loss\": \([^,}]*\).*/\1 \2/p" "$2" |
         awk '{ loss[$1] = $2 } END { for (s in loss) print s, loss[s] }' | sort -n

@@ -100,7 +100,7 @@ first16=$(losses eval "$m16" | head -n 1 | cut -d' ' -f2)
 last16=$(losses eval "$m16" | tail -n 1 | cut -d' ' -f2)
 awk -v a="$first16" -v b="$last16" 'BEGIN { exit !(b < a) }' && ok ||
     fail "lora over bf16 weights did not lower the validation loss ($first16 -> $last16)"
-awk -v a="$last16" -v b="$last" 'BEGIN { d = (a - b) / b; exit !(d < 1e-2 && d > -1e-2) }' && ok ||
+near "$last16" "$last" 1e-2 && ok ||
     fail "lora over bf16 weights: final validation loss $last16, fp32 $last"
 echo "validation loss over bf16 frozen weights: $first16 -> $last16 (fp32: $last)"
 # shellcheck disable=SC2086
@@ -135,7 +135,7 @@ cmp -s "$d/ex/merged/model.safetensors" "$d/ex-applied/merged/model.safetensors"
 expect 0 "eval.adapter, expert pairs" "$esft" "$demo" phase=eval "run.output_dir=$d/eval-exad" \
     "model.path=$d/model" "data.path=$d/data.h5" "eval.adapter=$d/ex/adapter"
 folded=$(value loss "$d/eval-exad/eval.json")
-awk -v a="$folded" -v b="$mergedx" 'BEGIN { d = (a - b) / b; exit !(d < 1e-4 && d > -1e-4) }' &&
+near "$folded" "$mergedx" 1e-4 &&
     ok || fail "eval.adapter: loss $folded, the merged checkpoint's $mergedx"
 echo "eval.adapter (LoRA directory): $folded, merged checkpoint $mergedx"
 # shellcheck disable=SC2086
@@ -155,13 +155,13 @@ cmp -s "$d/ex/adapter/adapter_model.safetensors" "$d/ex-devsim/adapter/adapter_m
 expect 0 "lora on experts, ep 2" $mpirun 2 "$esft" "$demo" phase=train "run.output_dir=$d/ex-ep2" \
     $common $ex parallel.ep=2 train.export_merged=false
 lastep=$(losses eval "$d/ex-ep2/metrics.jsonl" | tail -n 1 | cut -d' ' -f2)
-awk -v a="$lastep" -v b="$lastx" 'BEGIN { d = (a - b) / b; exit !(d < 1e-6 && d > -1e-6) }' && ok ||
+near "$lastep" "$lastx" 1e-6 && ok ||
     fail "lora on experts, ep 2: final validation loss $lastep, 1 rank $lastx"
 # its adapter, each rank writing its experts' share of the fused tensors, read back
 expect 0 "eval.adapter, ep 2's adapter" "$esft" "$demo" phase=eval "run.output_dir=$d/eval-ep2" \
     "model.path=$d/model" "data.path=$d/data.h5" "eval.adapter=$d/ex-ep2/adapter"
 foldedep=$(value loss "$d/eval-ep2/eval.json")
-awk -v a="$foldedep" -v b="$folded" 'BEGIN { d = (a - b) / b; exit !(d < 1e-6 && d > -1e-6) }' &&
+near "$foldedep" "$folded" 1e-6 &&
     ok || fail "eval.adapter of ep 2's adapter: loss $foldedep, 1 rank's $folded"
 # selected: only expert_config's experts train (4 of the 4 x 8)
 printf '%s\n' '{"experts": {"0": [2], "1": [5, 6], "2": [], "3": [3]},' \
