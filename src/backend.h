@@ -301,6 +301,12 @@ struct backend {
      * ignored rows (label -100). scale is 1 / (loss-bearing tokens of the global batch). */
     void (*cross_entropy_backward)(float *dlogits, const float *logits, const int32_t *labels,
                                    int N, int V, float scale);
+    /* The three above on whole rows in one pass over each (optional; a backend with it
+     * takes training's head by token rows, forward.c): returns cross_entropy_sum's loss
+     * sum and count, count_correct's correct targets, and turns logits[N,V] in place into
+     * cross_entropy_backward's gradient, the same values bit for bit. */
+    double (*cross_entropy_rows)(float *logits, const int32_t *labels, int N, int V, float scale,
+                                 long long *counted, long long *correct);
 
     /* lm_head and cross-entropy one vocabulary chunk at a time, so that the [N, V] logits
      * are never held (optional: a backend without them keeps the whole-logits path).

@@ -739,6 +739,52 @@ static void cpu_cross_entropy_backward(float *dlogits, const float *logits, cons
     }
 }
 
+/* The first id holding the row's max (ties to the lower id, as a scalar argmax): the
+ * vectorised max, then a search that stops there, instead of a compare-and-branch per
+ * logit; 0 when none does (a NaN row). */
+static int first_max(const float *row, int V, float max)
+{
+    int best = 0;
+    while (best < V && row[best] != max) best++;
+    return best < V ? best : 0;
+}
+
+/* cross_entropy_sum, count_correct and cross_entropy_backward in one pass per row: the max
+ * (and the first id holding it), the label's logit, then the exponentials stored with
+ * their sum, the loss from them, and the scaling; the sum added in row order as
+ * cross_entropy_sum's. */
+static double cpu_cross_entropy_rows(float *logits, const int32_t *labels, int N, int V,
+                                     float scale, long long *counted, long long *correct)
+{
+    enum { BLOCK = 256 };
+    double total = 0.0, part[BLOCK];
+    long long count = 0, right = 0;
+    for (int n0 = 0; n0 < N; n0 += BLOCK) {
+        int rows = N - n0 < BLOCK ? N - n0 : BLOCK;
+#pragma omp parallel for schedule(static) reduction(+ : right)
+        for (int i = 0; i < rows; i++) {
+            int n = n0 + i;
+            float *z = logits + (size_t)n * V;
+            if (labels[n] < 0) {
+                memset(z, 0, (size_t)V * sizeof(float));
+                continue;
+            }
+            float max = row_max(z, V);
+            right += first_max(z, V, max) == labels[n];
+            float label_logit = z[labels[n]];
+            float sum = row_exp_store_sum(z, V, max);
+            part[i] = cross_entropy_row(max, sum, label_logit);
+            scale_row(z, (size_t)V, scale / sum);
+            z[labels[n]] -= scale;
+        }
+        for (int i = 0; i < rows; i++)
+            if (labels[n0 + i] >= 0) total += part[i], count++;
+    }
+    *counted = count;
+    *correct = right;
+    return total;
+}
+
 /* dtable[tokens[n]] += dx[n], in token order: threads split the columns, never the tokens,
  * so a repeated token's rows are always added in the same order. */
 enum { COLUMN_BLOCK = 64 };
@@ -792,14 +838,8 @@ static long long cpu_count_correct(const float *logits, const int32_t *labels, i
 #pragma omp parallel for schedule(static) reduction(+ : correct)
     for (int n = 0; n < N; n++) {
         if (labels[n] < 0) continue;
-        /* the first id holding the row's max (ties to the lower id): the vectorised max,
-         * then a search that stops there, instead of a compare-and-branch per logit */
         const float *row = logits + (size_t)n * V;
-        float max = row_max(row, V);
-        int best = 0;
-        while (best < V && row[best] != max) best++;
-        if (best == V) best = 0; /* no finite max (NaN rows): as the scalar argmax */
-        correct += best == labels[n];
+        correct += first_max(row, V, row_max(row, V)) == labels[n];
     }
     return correct;
 }
@@ -867,6 +907,7 @@ const struct backend *backend_cpu(void)
         .add_sigmoid_gated_backward = cpu_add_sigmoid_gated_backward,
         .clamp_backward = cpu_clamp_backward,
         .cross_entropy_backward = cpu_cross_entropy_backward,
+        .cross_entropy_rows = cpu_cross_entropy_rows,
         .ce_chunk_update = cpu_ce_chunk_update,
         .ce_chunk_finish = cpu_ce_chunk_finish,
         .ce_chunk_backward = cpu_ce_chunk_backward,

@@ -390,6 +390,12 @@ static void sim_cross_entropy_backward(float *dlogits, const float *logits, cons
     cpu->cross_entropy_backward(U(dlogits), U(logits), U(labels), N, V, scale);
 }
 
+static double sim_cross_entropy_rows(float *logits, const int32_t *labels, int N, int V,
+                                     float scale, long long *counted, long long *correct)
+{
+    return cpu->cross_entropy_rows(U(logits), U(labels), N, V, scale, counted, correct);
+}
+
 static void sim_ce_chunk_update(float *state, int32_t *best, const float *logits,
                                 const int32_t *labels, int N, int C, int v0)
 {
@@ -480,6 +486,7 @@ const struct backend *backend_devsim(void)
         .add_sigmoid_gated_backward = sim_add_sigmoid_gated_backward,
         .clamp_backward = sim_clamp_backward,
         .cross_entropy_backward = sim_cross_entropy_backward,
+        .cross_entropy_rows = sim_cross_entropy_rows,
         .ce_chunk_update = sim_ce_chunk_update,
         .ce_chunk_finish = sim_ce_chunk_finish,
         .ce_chunk_backward = sim_ce_chunk_backward,

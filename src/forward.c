@@ -349,8 +349,9 @@ void ws_layer_forward(const struct model *m, const struct backend *ops,
 }
 
 /* lm_head, the loss and the loss's gradient, head_rows token rows at a time: each block's
- * logits [n, V], its cross-entropy sum and correct targets, then in place its gradient
- * (softmax - one-hot) * loss_scale, which gives the block's rows of d xn_final and adds
+ * logits [n, V], then in one pass (the backend's cross_entropy_rows) its cross-entropy
+ * sum, correct targets and, in place, its gradient (softmax - one-hot) * loss_scale,
+ * which gives the block's rows of d xn_final and adds
  * lm_head's gradient. The logits are computed once (the vocabulary chunks compute them
  * again in the backward) and never held whole. The backward starts at the final norm. */
 static void head_by_rows(const struct model *m, const struct backend *ops,
@@ -364,12 +365,12 @@ static void head_by_rows(const struct model *m, const struct backend *ops,
         int n = N - t0 < ws->head_rows ? N - t0 : ws->head_rows;
         const float *xn = ws->xn_final + (size_t)t0 * H;
         const int32_t *targets = batch->targets + t0;
-        long long counted = 0;
+        long long counted = 0, correct = 0;
         ops->linear(ws->head_logits, xn, m->lm_head, NULL, n, H, V, false);
-        result->loss_sum += ops->cross_entropy_sum(ws->head_logits, targets, n, V, &counted);
+        result->loss_sum += ops->cross_entropy_rows(ws->head_logits, targets, n, V,
+                                                    batch->loss_scale, &counted, &correct);
         result->loss_count += counted;
-        result->correct += ops->count_correct(ws->head_logits, targets, n, V);
-        ops->cross_entropy_backward(ws->head_logits, ws->head_logits, targets, n, V, batch->loss_scale);
+        result->correct += correct;
         ops->linear_backward(ws->dxn + (size_t)t0 * H, lm_head_grad, NULL, ws->head_logits, xn,
                              m->lm_head, n, H, V, false);
     }

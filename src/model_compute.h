@@ -100,8 +100,8 @@ struct forward_workspace {
     int32_t *ce_best;
     int vocab_chunk;
     bool ce_chunked;
-    /* The head by token rows (training workspaces of a backend whose logits_budget is 0,
-     * the CPU's): head_rows rows of all V logits at a time in head_logits; the forward of
+    /* The head by token rows (training workspaces of a backend with cross_entropy_rows:
+     * the CPU and the device simulator): head_rows rows of all V logits at a time in head_logits; the forward of
      * a batch with a loss_scale leaves the gradient of xn_final in dxn and lm_head's added
      * to its buffer, and head_scale, the scale it used (head_done: the backward starts at
      * the final norm). 0 rows: the vocabulary-chunk or whole-logits path. */

@@ -227,9 +227,10 @@ static struct forward_workspace *workspace_new(const struct model *m, int max_to
     ws->logits = ws_alloc(ws, (last_stage ? N * (size_t)ws->vocab_chunk : 1) * f);
     ws->ce_state = ws_alloc(ws, (last_stage ? N * 4 : 1) * f);
     ws->ce_best = ws_alloc(ws, (last_stage ? N : 1) * sizeof(int32_t));
-    /* training on a memory-first backend: the head by token rows (model_compute.h); an
-     * explicit ESFT_VOCAB_CHUNK keeps the vocabulary chunks (the tests' way to them) */
-    if (training && last_stage && ops->logits_budget == 0 && !getenv("ESFT_VOCAB_CHUNK")) {
+    /* training on a backend with cross_entropy_rows: the head by token rows
+     * (model_compute.h); an explicit ESFT_VOCAB_CHUNK keeps the vocabulary chunks (the
+     * tests' way to them) */
+    if (training && last_stage && ops->cross_entropy_rows && !getenv("ESFT_VOCAB_CHUNK")) {
         ws->head_rows = head_rows_size(c->vocab_size, max_tokens);
         ws->head_logits = ws_alloc(ws, (size_t)ws->head_rows * (size_t)c->vocab_size * f);
     }

@@ -264,6 +264,22 @@ static void test_cross_entropy_chunks(const struct backend *ops)
     CHECK(fabsl(got - ref) <= 1e-5L * N, "chunked cross-entropy %.9g, long double %.9Lg", got, ref);
     CHECK(ops->count_correct(z, labels, N, V) == want_right, "count_correct %lld, naive %lld",
           ops->count_correct(z, labels, N, V), want_right);
+    /* cross_entropy_rows: the naive counts and the long-double loss, and bit for bit the
+     * separate ops' sum and gradient */
+    float fused[N * V], grad[N * V];
+    memcpy(fused, z, sizeof fused);
+    long long sum_counted = 0;
+    double separate = ops->cross_entropy_sum(z, labels, N, V, &sum_counted);
+    ops->cross_entropy_backward(grad, z, labels, N, V, 0.25f);
+    counted = right = -1;
+    double rows = ops->cross_entropy_rows(fused, labels, N, V, 0.25f, &counted, &right);
+    CHECK(counted == want_counted && right == want_right,
+          "cross_entropy_rows: %lld counted, %lld right; naive %lld and %lld", counted, right,
+          want_counted, want_right);
+    CHECK(fabsl(rows - ref) <= 1e-5L * N && rows == separate,
+          "cross_entropy_rows %.17g; cross_entropy_sum %.17g, long double %.9Lg", rows, separate, ref);
+    CHECK(memcmp(fused, grad, sizeof grad) == 0,
+          "cross_entropy_rows' gradient is not cross_entropy_backward's");
 }
 
 static void test_router(const struct backend *ops)
